@@ -1,0 +1,46 @@
+# The verbs a newcomer wants.  Everything installs into .venv/ in this tree.
+#
+#   make run     start the standalone agent on an embedded default
+#                (state, dev PKI and logs under .state/, no external services)
+#   make check   install everything the tests need, then run the whole suite
+#   make bench   run the benchmarks in bench/
+#   make rpm     build the noarch RPM (see managedvolume.spec)
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+STATE_DIR ?= .state
+PYTEST_ARGS ?=
+
+.PHONY: venv run check test sysdeps bench rpm clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml requirements/constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip wheel setuptools
+	$(PY) -m pip install -q -c requirements/constraints.txt -e '.[host,engine,test]'
+	touch $@
+
+sysdeps:
+	bash scripts/install-sysdeps.sh
+
+run: venv
+	$(VENV)/bin/managedvolume-agent --state-dir $(STATE_DIR)
+
+check: venv sysdeps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test: check
+
+bench: venv
+	$(PY) bench/attach.py
+	$(PY) bench/rpc.py
+	$(PY) bench/engine.py
+
+rpm:
+	bash scripts/build-rpm.sh
+
+clean:
+	rm -rf $(VENV) $(STATE_DIR) build dist *.egg-info

@@ -1,0 +1,1 @@
+"""Fixtures for the engine tests (see conftest.py)."""

@@ -1,0 +1,1 @@
+"""Fixtures for the host tests (see conftest.py)."""

@@ -1,0 +1,1 @@
+"""Fixtures for the rpc tests (see conftest.py)."""

@@ -1,0 +1,16 @@
+"""vdsm-managedvolume: oVirt Managed Block Storage, host side.
+
+Layers, top to bottom (each module named for one idea):
+
+    stompframe  -> wire: STOMP 1.2 frames over (mutual) TLS
+    agent       -> the standalone server: connections, heart-beats, pool
+    jsonrpc     -> protocol: JSON-RPC 2.0 dispatch against the schema
+    api, schema -> vdsm conventions: schema YAML, API class, return keys
+    service     -> attach / detach / volumes_info logic, locks, journal
+    privileged  -> oslo.privsep daemon running os-brick
+    store       -> the SQLite journal
+
+The engine shim (``engine/``) lives beside them and shares only ``errors``.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,239 @@
+"""Configuration: one INI file holding every path, limit and timeout.
+
+Defaults are vdsm's paths, so that on a vdsm host the package needs no
+configuration at all.  ``--state-dir DIR`` (``with_state_dir``) moves every
+path this package *writes* under DIR: the embedded default used by
+``make run``, the tests and CI, with nothing outside the tree touched.
+
+The file (``/etc/vdsm/managedvolume.conf`` by default) has one section per
+concern; every key is optional::
+
+    [paths]
+    db_path = /var/lib/vdsm/storage/managedvolume.db
+    run_dir = /run/vdsm/managedvolumes
+    ...
+    [volumes]
+    allowed_types = iscsi, fibre_channel, rbd, nvmeof, lightos, local, storpool
+
+Unknown sections or keys are an error naming them: a typo must not silently
+fall back to a default.  ``FIELDS`` below is the one list of keys; the
+shipped ``managedvolume.conf`` and the docs are made from it
+(``managedvolume-tool dump-config``).
+"""
+
+import configparser
+import dataclasses
+import os
+
+from . import errors
+
+DEFAULT_CONFIG_FILE = "/etc/vdsm/managedvolume.conf"
+ENV_CONFIG_FILE = "MANAGEDVOLUME_CONFIG"
+
+DEFAULT_ALLOWED_TYPES = ("iscsi", "fibre_channel", "rbd", "nvmeof", "lightos",
+                         "local", "storpool")
+
+
+@dataclasses.dataclass
+class Config:
+    # [paths]
+    db_path: str = "/var/lib/vdsm/storage/managedvolume.db"
+    run_dir: str = "/run/vdsm/managedvolumes"
+    udev_rules_dir: str = "/etc/udev/rules.d"
+    lock_dir: str = "/run/vdsm/managedvolume/locks"
+    state_run_dir: str = "/run/vdsm/managedvolume"
+    log_dir: str = "/var/log/vdsm"
+    multipath_dir: str = "/dev/mapper"
+    rbd_dir: str = "/dev/rbd"
+
+    # [volumes]
+    allowed_types: tuple = DEFAULT_ALLOWED_TYPES
+    lock_timeout: float = 60.0
+    udev_owner: str = "vdsm:qemu"
+    udevadm: str = "/usr/bin/udevadm"
+    chown: str = "/usr/bin/chown"
+
+    # [privsep]
+    timeout: float = 120.0
+    properties_timeout: float = 30.0
+    connector_info_ttl: float = 300.0
+    helper_command: str = ""
+    root_helper: str = "sudo"
+    connector_override: str = ""
+
+    # [agent]
+    listen: str = "::"
+    port: int = 54321
+    key_file: str = "/etc/pki/vdsm/keys/vdsmkey.pem"
+    cert_file: str = "/etc/pki/vdsm/certs/vdsmcert.pem"
+    ca_file: str = "/etc/pki/vdsm/certs/cacert.pem"
+    workers: int = 8
+    max_queue: int = 64
+    max_frame: int = 1048576
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 120.0
+    shutdown_timeout: float = 30.0
+
+    # [logging]
+    log_level: str = "INFO"
+    log_file: str = ""
+    log_config: str = ""
+
+    # Where this configuration came from (not a key of the file).
+    source: str = ""
+    state_dir: str = ""
+
+    @property
+    def socket_path(self):
+        """The agent's local control socket (the hook reads caps there)."""
+        return os.path.join(self.state_run_dir, "agent.sock")
+
+    @property
+    def connector_info_cache(self):
+        """File holding the last connector_info (the hook's fallback)."""
+        return os.path.join(self.state_run_dir, "connector_info.json")
+
+    @property
+    def privsep_config_file(self):
+        """oslo.config file written for the privsep daemon's argv."""
+        return os.path.join(self.state_run_dir, "privsep.conf")
+
+    @property
+    def brick_lock_dir(self):
+        """os-brick's [oslo_concurrency] lock_path."""
+        return os.path.join(self.lock_dir, "os-brick")
+
+
+SECTIONS = {
+    "paths": ("db_path", "run_dir", "udev_rules_dir", "lock_dir",
+              "state_run_dir", "log_dir", "multipath_dir", "rbd_dir"),
+    "volumes": ("allowed_types", "lock_timeout", "udev_owner", "udevadm",
+                "chown"),
+    "privsep": ("timeout", "properties_timeout", "connector_info_ttl",
+                "helper_command", "root_helper", "connector_override"),
+    "agent": ("listen", "port", "key_file", "cert_file", "ca_file", "workers",
+              "max_queue", "max_frame", "handshake_timeout", "idle_timeout",
+              "shutdown_timeout"),
+    "logging": ("log_level", "log_file", "log_config"),
+}
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def load(path=None, state_dir=None, overrides=None):
+    """Load the configuration.
+
+    path: the INI file; None means ``$MANAGEDVOLUME_CONFIG`` or the default
+        file when it exists (a missing default file means all defaults; a
+        missing explicit file is an error).
+    state_dir: put every written path under this directory.
+    overrides: a mapping of key -> value applied last (command line).
+    """
+    cfg = Config()
+    explicit = path is not None or ENV_CONFIG_FILE in os.environ
+    if path is None:
+        path = os.environ.get(ENV_CONFIG_FILE, DEFAULT_CONFIG_FILE)
+    if os.path.exists(path):
+        _read_file(cfg, path)
+        cfg.source = path
+    elif explicit:
+        raise errors.ConfigError("configuration file {} does not exist"
+                                 .format(path))
+    if state_dir:
+        with_state_dir(cfg, state_dir)
+    for key, value in (overrides or {}).items():
+        _set(cfg, key, value, "override")
+    return cfg
+
+
+def with_state_dir(cfg, state_dir):
+    """Move every path this package writes under ``state_dir``.
+
+    Device paths (multipath_dir, rbd_dir) and PKI files are not moved: PKI
+    goes to ``state_dir/pki`` only where the files are still vdsm's
+    defaults (the agent creates a development PKI there).
+    """
+    d = os.path.abspath(state_dir)
+    cfg.state_dir = d
+    cfg.db_path = os.path.join(d, "lib", "managedvolume.db")
+    cfg.run_dir = os.path.join(d, "run", "managedvolumes")
+    cfg.state_run_dir = os.path.join(d, "run", "managedvolume")
+    cfg.lock_dir = os.path.join(d, "run", "locks")
+    cfg.udev_rules_dir = os.path.join(d, "udev", "rules.d")
+    cfg.log_dir = os.path.join(d, "log")
+    defaults = Config()
+    for name, fname in (("key_file", "vdsmkey.pem"),
+                        ("cert_file", "vdsmcert.pem"),
+                        ("ca_file", "cacert.pem")):
+        if getattr(cfg, name) == getattr(defaults, name):
+            setattr(cfg, name, os.path.join(d, "pki", fname))
+    return cfg
+
+
+def render(cfg=None):
+    """The INI text of ``cfg`` (defaults when None), every key present."""
+    cfg = cfg or Config()
+    lines = ["# vdsm-managedvolume configuration; every key is optional."]
+    for section, keys in SECTIONS.items():
+        lines.append("")
+        lines.append("[{}]".format(section))
+        for key in keys:
+            lines.append("{} = {}".format(key, _format(getattr(cfg, key))))
+    return "\n".join(lines) + "\n"
+
+
+# Private helpers
+
+def _read_file(cfg, path):
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path) as f:
+            parser.read_file(f)
+    except (OSError, configparser.Error) as e:
+        raise errors.ConfigError("cannot read {}: {}".format(path, e))
+    for section in parser.sections():
+        if section not in SECTIONS:
+            raise errors.ConfigError(
+                "{}: unknown section [{}] (known: {})".format(
+                    path, section, ", ".join(SECTIONS)))
+        for key, value in parser.items(section):
+            if key not in SECTIONS[section]:
+                raise errors.ConfigError(
+                    "{}: unknown key {!r} in [{}] (known: {})".format(
+                        path, key, section, ", ".join(SECTIONS[section])))
+            _set(cfg, key, value, "{} [{}]".format(path, section))
+
+
+def _set(cfg, key, value, where):
+    field = FIELDS.get(key)
+    if field is None or key in ("source", "state_dir"):
+        raise errors.ConfigError("{}: unknown key {!r}".format(where, key))
+    default = getattr(Config, key, None)
+    if default is None:
+        default = field.default
+    try:
+        if isinstance(value, str):
+            if isinstance(default, tuple):
+                value = tuple(v.strip() for v in value.split(",")
+                              if v.strip())
+            elif isinstance(default, bool):
+                value = value.strip().lower() in ("1", "true", "yes", "on")
+            elif isinstance(default, int):
+                value = int(value)
+            elif isinstance(default, float):
+                value = float(value)
+    except ValueError:
+        raise errors.ConfigError(
+            "{}: {} = {!r} is not a valid {}".format(
+                where, key, value, type(default).__name__))
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        if value < 0:
+            raise errors.ConfigError(
+                "{}: {} = {!r} must not be negative".format(where, key, value))
+    setattr(cfg, key, value)
+
+
+def _format(value):
+    if isinstance(value, tuple):
+        return ", ".join(value)
+    return str(value)

@@ -1,0 +1,198 @@
+"""Every error this package reports, with its code.
+
+One class per meaning.  Callers raise meaning, not strings: each class has a
+``msg`` template formatted from its own attributes, and a ``code`` that
+reaches the wire unchanged (JSON-RPC ``error.code``, vdsm's status code, the
+client's exit message).
+
+Codes
+-----
+vdsm reserves 925-935 for managed volumes.  925-929 are vdsm's own and keep
+their meaning; 930-935 are ours (documented in the schema YAML too):
+
+    925  NotSupported          os-brick cannot be imported
+    926  HelperFailed          the privileged connector call failed
+    927  AlreadyAttached       same connection_info, device present
+    928  UnsupportedDevice     iscsi/FC attachment without multipath_id
+    929  ConnectionMismatch    record exists with another connection_info
+    930  UnsupportedDriverType driver_volume_type not on the allow-list
+    931  HelperTimeout         the privileged call did not finish in time
+    932  VolumeBusy            another operation holds the volume's lock
+    933  AgentBusy             every worker of the agent is in use
+    934  UnknownAdapter        connection_info.adapter names no installed plug-in
+    935  StoreError            the local journal cannot be read or written
+
+JSON-RPC's own codes (-32700 .. -32603) are here too, so that the protocol
+layer and the API layer speak one vocabulary.
+
+Messages never carry secrets: whatever is formatted into them goes through
+``mask`` first where it may hold connection data.
+"""
+
+
+class Error(Exception):
+    """Base of every error of this package."""
+
+    code = 100
+    msg = "{self.reason}"
+
+    def __init__(self, reason="", **kwargs):
+        self.reason = reason
+        for name, value in kwargs.items():
+            setattr(self, name, value)
+        super().__init__(str(self))
+
+    def __str__(self):
+        try:
+            return self.msg.format(self=self)
+        except (AttributeError, KeyError, IndexError):
+            return "{}: {}".format(type(self).__name__, self.reason)
+
+    def response(self):
+        """The vdsm-style status dict of this error."""
+        return {"code": self.code, "message": str(self)}
+
+
+# JSON-RPC 2.0 standard errors
+
+class ParseError(Error):
+    code = -32700
+    msg = "Parse error: {self.reason}"
+
+
+class InvalidRequest(Error):
+    code = -32600
+    msg = "Invalid request: {self.reason}"
+
+
+class MethodNotFound(Error):
+    code = -32601
+    msg = "Method not found: {self.method}"
+
+
+class InvalidParams(Error):
+    """A parameter is missing, of the wrong type or of a wrong value.
+
+    ``name`` is the parameter's path (``connection_info.data``), ``reason``
+    says what is wrong with it.
+    """
+
+    code = -32602
+    msg = "Invalid parameter {self.name}: {self.reason}"
+
+
+class InternalError(Error):
+    code = -32603
+    msg = "Internal error: {self.reason}"
+
+
+# Managed volume errors (vdsm's 925-929)
+
+class NotSupported(Error):
+    code = 925
+    msg = "Managed volumes are not supported on this host: {self.reason}"
+
+
+class HelperFailed(Error):
+    code = 926
+    msg = "Managed volume helper failed: {self.reason}"
+
+
+class AlreadyAttached(Error):
+    code = 927
+    msg = "Volume {self.vol_id} is already attached at {self.path}"
+
+
+class UnsupportedDevice(Error):
+    code = 928
+    msg = ("Unsupported device for volume {self.vol_id}: a "
+           "{self.driver_volume_type} attachment needs a multipath_id, "
+           "os-brick returned none (is multipathd running?)")
+
+
+class ConnectionMismatch(Error):
+    code = 929
+    msg = ("Volume {self.vol_id} is attached with a different "
+           "connection_info; detach it first")
+
+
+# Ours (930-935)
+
+class UnsupportedDriverType(Error):
+    code = 930
+    msg = ("Unsupported driver_volume_type {self.driver_volume_type!r}: "
+           "allowed are {self.allowed}")
+
+
+class HelperTimeout(Error):
+    code = 931
+    msg = ("Privileged {self.operation} did not finish within "
+           "{self.timeout} seconds")
+
+
+class VolumeBusy(Error):
+    code = 932
+    msg = ("Volume {self.vol_id} is busy: another operation held its lock "
+           "for more than {self.timeout} seconds")
+
+
+class AgentBusy(Error):
+    code = 933
+    msg = ("Agent busy: all {self.workers} workers are in use and "
+           "{self.queued} requests are waiting; retry later")
+
+
+class UnknownAdapter(Error):
+    code = 934
+    msg = ("Unknown adapter {self.adapter!r}: no plug-in in entry point "
+           "group {self.group!r} (installed: {self.installed})")
+
+
+class StoreError(Error):
+    code = 935
+    msg = "Managed volume database error: {self.reason}"
+
+
+# Local errors that never reach the wire as such
+
+class StoreNotFound(StoreError):
+    """No record for a volume (callers usually treat it as "not attached")."""
+    msg = "No record for volume {self.vol_id}"
+
+
+class StoreClosed(StoreError):
+    msg = "The managed volume database is closed"
+
+
+class ConfigError(Error):
+    code = 100
+    msg = "Configuration error: {self.reason}"
+
+
+# Engine shim (the cinderlib client).  ovirt-engine reads only the
+# "error:<text>" line and the exit code, so these carry no wire code of
+# their own; they exist so that the shim, too, raises meaning.
+
+class EngineError(Error):
+    code = 1
+    msg = "{self.reason}"
+
+
+class EngineUsage(EngineError):
+    code = 2
+    msg = "{self.reason}"
+
+
+class EngineNotFound(EngineError):
+    msg = "{self.kind} {self.id} not found"
+
+
+class EngineTimeout(EngineError):
+    msg = "{self.operation} did not finish within {self.timeout} seconds"
+
+
+def to_error(exc):
+    """Return ``exc`` as an ``Error`` (unknown exceptions are internal)."""
+    if isinstance(exc, Error):
+        return exc
+    return InternalError("{}: {}".format(type(exc).__name__, exc))

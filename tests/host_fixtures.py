@@ -1,1 +1,277 @@
-"""Fixtures for the host tests (see conftest.py)."""
+"""Fixtures for the host tests (see conftest.py).
+
+Two kinds of brick, one interface (``privileged.Brick``):
+
+- ``InProcessBrick`` runs the same fake connectors (``tests.fakebrick``)
+  in the test process: fast, for the service's own logic and for races
+  with many processes (one privsep daemon each would cost seconds).
+- ``real_brick`` (session scope) is the real ``privileged.Brick`` with its
+  real privsep daemon, loading ``tests.fakebrick`` inside the daemon
+  (``cfg.connector_override``) and the real os-brick for ``local``.  The
+  daemon costs seconds to start, so one serves the whole session; every
+  test uses its own vol_ids and fake keys.
+
+Fake state lives under ``$MANAGEDVOLUME_FAKEBRICK_DIR``; the session's
+directory is exported before the daemon starts, so both the daemon and the
+in-process connectors see it.
+"""
+
+import os
+import stat
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from vdsm_managedvolume import config
+from vdsm_managedvolume import errors
+
+from . import fakebrick
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+
+
+def make_cfg(base, **overrides):
+    """A Config with every written path under ``base``.
+
+    Device directories (multipath, rbd) are under ``base/dev`` so that the
+    fake connectors can create the device links there; udevadm is a fake
+    that records its argv in ``base/udevadm.log``.
+    """
+    base = str(base)
+    cfg = config.with_state_dir(config.Config(), os.path.join(base, "state"))
+    cfg.multipath_dir = os.path.join(base, "dev", "mapper")
+    cfg.rbd_dir = os.path.join(base, "dev", "rbd")
+    cfg.udevadm = fake_udevadm(base)
+    cfg.connector_override = "tests.fakebrick"
+    cfg.lock_timeout = 30.0
+    cfg.timeout = 30.0
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def fake_udevadm(base, rc=0):
+    path = os.path.join(base, "udevadm")
+    if not os.path.exists(path):
+        os.makedirs(base, exist_ok=True)
+        with open(path, "w") as f:
+            f.write('#!/bin/sh\necho "$@" >> "{}"\nexit {}\n'.format(
+                os.path.join(base, "udevadm.log"), rc))
+        os.chmod(path, 0o755)
+    return path
+
+
+def udevadm_calls(cfg):
+    log = os.path.join(os.path.dirname(cfg.udevadm), "udevadm.log")
+    try:
+        with open(log) as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def iscsi_connection(cfg, key=None, **knobs):
+    """A fake iSCSI connection_info whose device appears in multipath_dir."""
+    key = key or "k-" + uuid.uuid4().hex[:12]
+    data = {
+        "target_iqn": "iqn.2026-11.org.example:" + key,
+        "target_portal": "192.0.2.1:3260",
+        "target_lun": 1,
+        "auth_method": "CHAP",
+        "auth_username": "chapuser",
+        "auth_password": "chap-secret-" + key,
+        "fake_key": key,
+        "fake_dev_dir": cfg.multipath_dir,
+    }
+    data.update(knobs)
+    return {"driver_volume_type": "iscsi", "data": data}
+
+
+def rbd_connection(cfg, name=None, **knobs):
+    name = name or "pool/volume-" + uuid.uuid4().hex[:12]
+    data = {"name": name, "hosts": ["192.0.2.2"], "ports": ["6789"],
+            "auth_username": "admin",
+            "keyring": "[client.admin]\n\tkey = AQBsecret==",
+            "fake_dev_dir": cfg.rbd_dir}
+    data.update(knobs)
+    return {"driver_volume_type": "rbd", "data": data}
+
+
+def new_id():
+    return str(uuid.uuid4())
+
+
+def connected(key):
+    return key in fakebrick.connected()
+
+
+class InProcessBrick:
+    """privileged.Brick's interface, running tests.fakebrick in-process.
+
+    ``local`` connections are handled like os-brick's LocalConnector
+    ({'type': 'local', 'path': data['device_path']}, nothing to undo).
+    """
+
+    def __init__(self, adapters=()):
+        self.adapters = set(adapters)
+        self.calls = []
+        self.properties = {"initiator": "iqn.1994-05.com.redhat:test",
+                           "host": "test", "multipath": True,
+                           "wwpns": ["1000"]}
+        self.unsupported = False
+        self.fail_properties = False
+
+    def connector_properties(self):
+        self.calls.append(("connector_properties",))
+        if self.unsupported:
+            raise errors.NotSupported("os-brick cannot be imported")
+        if self.fail_properties:
+            raise errors.HelperFailed("properties failed")
+        return dict(self.properties)
+
+    def connect(self, connection_info):
+        self.calls.append(("connect", connection_info))
+        conn = self._connector(connection_info)
+        if conn is None:
+            return {"type": "local",
+                    "path": connection_info["data"]["device_path"]}
+        try:
+            return conn.connect_volume(dict(connection_info["data"]))
+        except fakebrick.FakeConnectorError as e:
+            raise errors.HelperFailed(str(e))
+
+    def disconnect(self, connection_info, attachment):
+        self.calls.append(("disconnect", connection_info, attachment))
+        conn = self._connector(connection_info)
+        if conn is None:
+            return
+        try:
+            conn.disconnect_volume(dict(connection_info["data"]), attachment)
+        except fakebrick.FakeConnectorError as e:
+            raise errors.HelperFailed(str(e))
+
+    def check_adapter(self, adapter):
+        if adapter is not None and adapter not in self.adapters:
+            raise errors.UnknownAdapter(adapter=adapter, group="test",
+                                        installed="")
+
+    def stop(self):
+        pass
+
+    def daemon_pid(self):
+        return None
+
+    def _connector(self, connection_info):
+        return fakebrick.get_connector(
+            connection_info["driver_volume_type"], connection_info, "sudo")
+
+
+@pytest.fixture
+def fakebrick_dir(tmp_path, monkeypatch):
+    """A private fake-connector state dir (in-process brick tests)."""
+    d = tmp_path / "fakebrick"
+    d.mkdir()
+    monkeypatch.setenv(fakebrick.ENV_DIR, str(d))
+    return str(d)
+
+
+@pytest.fixture
+def host_cfg(tmp_path):
+    return make_cfg(tmp_path)
+
+
+@pytest.fixture
+def inproc_brick(fakebrick_dir):
+    return InProcessBrick()
+
+
+@pytest.fixture
+def inproc_service(host_cfg, inproc_brick):
+    """A started Service over the in-process fake brick."""
+    from vdsm_managedvolume import service
+    svc = service.Service(host_cfg, brick=inproc_brick)
+    svc.start()
+    yield svc
+    svc.close()
+
+
+# The real privsep daemon (one per session)
+
+@pytest.fixture(scope="session")
+def session_fakebrick_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("fakebrick"))
+    old = os.environ.get(fakebrick.ENV_DIR)
+    os.environ[fakebrick.ENV_DIR] = d
+    yield d
+    if old is None:
+        os.environ.pop(fakebrick.ENV_DIR, None)
+    else:
+        os.environ[fakebrick.ENV_DIR] = old
+
+
+@pytest.fixture(scope="session")
+def real_brick_cfg(tmp_path_factory, session_fakebrick_dir):
+    return make_cfg(tmp_path_factory.mktemp("brick"))
+
+
+@pytest.fixture(scope="session")
+def real_brick(real_brick_cfg):
+    """The real privileged.Brick and its privsep daemon (as root)."""
+    if os.geteuid() != 0:
+        pytest.skip("the privsep daemon needs root")
+    from vdsm_managedvolume import privileged
+    brick = privileged.Brick(real_brick_cfg)
+    yield brick
+    brick.stop()
+
+
+@pytest.fixture
+def real_fakebrick_dir(session_fakebrick_dir, monkeypatch):
+    # The in-process helpers (fakebrick.connected) read the env too.
+    monkeypatch.setenv(fakebrick.ENV_DIR, session_fakebrick_dir)
+    return session_fakebrick_dir
+
+
+@pytest.fixture
+def real_service(tmp_path, real_brick, real_fakebrick_dir):
+    """A started Service with its own paths over the session's daemon."""
+    from vdsm_managedvolume import service
+    cfg = make_cfg(tmp_path)
+    svc = service.Service(cfg, brick=real_brick)
+    svc.start()
+    yield svc
+    svc.close()
+
+
+# Loop devices (as root)
+
+class LoopDevice:
+
+    def __init__(self, backing, size=4 * 1024 * 1024):
+        with open(backing, "wb") as f:
+            f.truncate(size)
+        self.backing = backing
+        self.path = subprocess.check_output(
+            ["losetup", "--find", "--show", backing]).decode().strip()
+
+    def detach(self):
+        subprocess.run(["losetup", "-d", self.path], check=False)
+
+
+@pytest.fixture
+def loop_device(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("loop devices need root")
+    dev = LoopDevice(str(tmp_path / "backing.img"))
+    yield dev
+    dev.detach()
+
+
+def is_symlink(path):
+    try:
+        return stat.S_ISLNK(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False

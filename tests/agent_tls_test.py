@@ -1,0 +1,145 @@
+"""Mutual TLS: the development PKI, and who the agent lets in."""
+
+import os
+import socket
+import ssl
+import stat
+
+import pytest
+
+from vdsm_managedvolume import pki
+from vdsm_managedvolume import stompclient
+
+from . import agentutil
+from .agentutil import Raw, request
+
+
+@pytest.fixture
+def state(tmp_path):
+    cfg = agentutil.make_config(tmp_path / "state")
+    pki.ensure_dev_pki(cfg)
+    return cfg
+
+
+@pytest.fixture
+def tls(state, tmp_path):
+    state.handshake_timeout = 1.0
+    run = agentutil.Running(state, agentutil.StubDispatcher(), tls=True)
+    yield run
+    run.stop()
+
+
+def _mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_dev_pki_has_every_file_keys_private(state):
+    d = os.path.join(state.state_dir, "pki")
+    assert state.key_file == os.path.join(d, "vdsmkey.pem")
+    assert state.cert_file == os.path.join(d, "vdsmcert.pem")
+    assert state.ca_file == os.path.join(d, "cacert.pem")
+    for name in ("vdsmkey.pem", "client-key.pem", "cakey.pem"):
+        assert _mode(os.path.join(d, name)) == 0o600
+    for name in ("vdsmcert.pem", "client-cert.pem", "cacert.pem"):
+        assert _mode(os.path.join(d, name)) == 0o644
+
+
+def test_dev_pki_is_kept_across_restarts(state):
+    with open(state.cert_file, "rb") as f:
+        before = f.read()
+    pki.ensure_dev_pki(state)
+    with open(state.cert_file, "rb") as f:
+        assert f.read() == before
+
+
+def test_missing_server_cert_is_reissued_by_the_same_ca(state):
+    with open(state.ca_file, "rb") as f:
+        ca = f.read()
+    os.unlink(state.cert_file)
+    pki.ensure_dev_pki(state)
+    assert os.path.exists(state.cert_file)
+    with open(state.ca_file, "rb") as f:
+        assert f.read() == ca
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])
+def test_client_with_dev_cert_verifies_server_name(tls, host):
+    with stompclient.Client(host, tls.address[1], tls.client_context,
+                            timeout=10) as c:
+        assert c.call("echo", {"a": 1})["params"] == {"a": 1}
+
+
+def test_ipv6_loopback_with_tls(state):
+    state.listen = "::1"
+    try:
+        run = agentutil.Running(state, agentutil.StubDispatcher(), tls=True)
+    except Exception as e:          # no IPv6 on this machine
+        pytest.skip("no IPv6 loopback: {}".format(e))
+    try:
+        with stompclient.Client("::1", run.address[1], run.client_context,
+                                timeout=10) as c:
+            assert c.call("echo", {})["params"] == {}
+    finally:
+        run.stop()
+
+
+def _refused(address, ctx):
+    """Connect and try one round trip; return the exception raised."""
+    with pytest.raises((ssl.SSLError, OSError, stompclient.ClientError)) \
+            as e:
+        with stompclient.Client("localhost", address[1], ctx,
+                                timeout=10) as c:
+            c.call("echo", {})
+    return e.value
+
+
+def test_client_without_certificate_is_refused(tls, state):
+    ctx = pki.client_context(state.ca_file)
+    _refused(tls.address, ctx)
+    assert tls.dispatcher.bodies == []
+
+
+def test_client_with_foreign_ca_certificate_is_refused(tls, state,
+                                                       tmp_path):
+    ca_key, ca_cert = pki.create_ca("evil CA")
+    key, cert = pki.create_cert(ca_key, ca_cert, "intruder", server=False)
+    pki.write_key(str(tmp_path / "k.pem"), key)
+    pki.write_cert(str(tmp_path / "c.pem"), cert)
+    ctx = pki.client_context(state.ca_file, str(tmp_path / "c.pem"),
+                             str(tmp_path / "k.pem"))
+    _refused(tls.address, ctx)
+    assert tls.dispatcher.bodies == []
+    # The agent still serves the right clients.
+    with tls.raw() as c:
+        c.connect()
+        c.subscribe()
+        assert c.call(request("echo", {}, "ok"))[1]["id"] == "ok"
+
+
+def test_client_refuses_server_of_another_ca(tls, tmp_path):
+    ca_key, ca_cert = pki.create_ca("other CA")
+    pki.write_cert(str(tmp_path / "ca.pem"), ca_cert)
+    cert, key, _ = pki.client_files(tls.cfg)
+    ctx = pki.client_context(str(tmp_path / "ca.pem"), cert, key)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        stompclient.Client("localhost", tls.address[1], ctx, timeout=10)
+
+
+def test_plain_stomp_on_tls_port_is_dropped(tls):
+    with Raw(tls.address) as c:
+        c.send(agentutil.VDSM_CONNECT)
+        assert c.eof(timeout=20) == []
+
+
+def test_silent_client_is_dropped_after_handshake_timeout(tls):
+    with socket.create_connection(tls.address, timeout=30) as s:
+        # handshake_timeout is 1 s: the agent closes, we read EOF.
+        assert s.recv(100) == b""
+
+
+def test_handshake_in_progress_does_not_block_other_clients(tls):
+    with socket.create_connection(tls.address, timeout=30):
+        with tls.raw() as c:
+            c.connect()
+            c.subscribe()
+            assert c.call(request("echo", {}, "x"))[1]["id"] == "x"

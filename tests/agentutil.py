@@ -1,0 +1,201 @@
+"""Helpers for the wire tests: a raw STOMP peer, a stub dispatcher, a
+running in-process agent.  (Not a fixtures file: the agent tests import
+what they need.)"""
+
+import json
+import logging
+import socket
+import threading
+import time
+
+from vdsm_managedvolume import agent
+from vdsm_managedvolume import config
+from vdsm_managedvolume import log as logmod
+from vdsm_managedvolume import pki
+from vdsm_managedvolume import stompframe
+
+# The bytes vdsm-client sends (CONTRACT.md section 2).
+VDSM_CONNECT = b"CONNECT\naccept-version:1.2\nheart-beat:0,24000\n\n\0"
+
+
+def subscribe_bytes(destination, sub_id):
+    return ("SUBSCRIBE\ndestination:{}\nack:auto\nid:{}\n\n\0"
+            .format(destination, sub_id)).encode()
+
+
+def send_bytes(body, reply_to, flow_id=None,
+               destination="jms.topic.vdsm_requests"):
+    if isinstance(body, str):
+        body = body.encode()
+    head = ("SEND\ndestination:{}\ncontent-type:application/json\n"
+            "reply-to:{}\n".format(destination, reply_to))
+    if flow_id:
+        head += "ovirtCorrelationId:{}\n".format(flow_id)
+    head += "content-length:{}\n\n".format(len(body))
+    return head.encode() + body + b"\0"
+
+
+def request(method, params=None, request_id="req-1"):
+    return json.dumps([{"jsonrpc": "2.0", "method": method,
+                        "params": params or {}, "id": request_id}])
+
+
+class Raw:
+    """A STOMP peer on a plain or TLS socket, sending whatever it is told.
+    """
+
+    def __init__(self, address, ssl_context=None, timeout=10):
+        sock = socket.create_connection(address, timeout=timeout)
+        if ssl_context is not None:
+            sock = ssl_context.wrap_socket(sock, server_hostname="localhost")
+        self.sock = sock
+        self.parser = stompframe.Parser(
+            max_frame=64 * 1024 * 1024, commands=stompframe.SERVER_COMMANDS)
+        self.frames = []
+        self.timeout = timeout
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def frame(self, timeout=None):
+        """The next frame; None on EOF."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while not self.frames:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("no frame within {}s".format(
+                    timeout or self.timeout))
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(65536)
+            except ConnectionResetError:
+                return None
+            if not data:
+                return None
+            self.frames.extend(self.parser.feed(data))
+        return self.frames.pop(0)
+
+    def eof(self, timeout=None):
+        """Read until EOF, return the frames seen before it."""
+        seen = []
+        while True:
+            frame = self.frame(timeout)
+            if frame is None:
+                return seen
+            seen.append(frame)
+
+    def connect(self, heartbeat="0,24000"):
+        self.send("CONNECT\naccept-version:1.2\nheart-beat:{}\n\n\0"
+                  .format(heartbeat).encode())
+        frame = self.frame()
+        assert frame.command == "CONNECTED", frame
+        return frame
+
+    def subscribe(self, destination="reply-queue", sub_id="sub-1"):
+        self.send(subscribe_bytes(destination, sub_id))
+
+    def call(self, body, reply_to="reply-queue", flow_id=None):
+        self.send(send_bytes(body, reply_to, flow_id))
+        frame = self.frame()
+        assert frame.command == "MESSAGE", frame
+        return frame, json.loads(frame.body)
+
+    def close(self):
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class StubDispatcher:
+    """Answers like jsonrpc.Dispatcher, without a service.
+
+    Methods: ``echo`` returns its params and the flow id; ``big`` returns
+    params["size"] bytes; ``sleep`` sleeps
+    params["seconds"]; ``wait`` blocks until ``release`` is set; ``fail``
+    returns error params["code"]; ``boom`` raises; a body that is not JSON
+    gets a parse error with id null.
+    """
+
+    def __init__(self):
+        self.bodies = []
+        self.release = threading.Event()
+        self.started = threading.Semaphore(0)
+        self.log = logging.getLogger("tests.stub")
+
+    def handle(self, body, flow_id=None):
+        self.bodies.append(body)
+        self.log.info("handling %d bytes", len(body))
+        try:
+            message = json.loads(body)
+        except ValueError as e:
+            return _encode({"jsonrpc": "2.0", "id": None, "error": {
+                "code": -32700, "message": "Parse error: {}".format(e)}})
+        req = message[0] if isinstance(message, list) else message
+        method = req.get("method")
+        params = req.get("params") or {}
+        if method == "echo":
+            result = {"params": params, "flow": logmod.current_flow(),
+                      "flow_arg": flow_id}
+        elif method == "big":
+            result = "x" * params["size"]
+        elif method == "sleep":
+            time.sleep(params["seconds"])
+            result = True
+        elif method == "wait":
+            self.started.release()
+            self.release.wait(30)
+            result = True
+        elif method == "fail":
+            return _encode({"jsonrpc": "2.0", "id": req.get("id"), "error": {
+                "code": params["code"], "message": params["message"]}})
+        elif method == "boom":
+            raise RuntimeError("stub exploded")
+        else:
+            return _encode({"jsonrpc": "2.0", "id": req.get("id"), "error": {
+                "code": -32601, "message": "Method not found: " + method}})
+        if "id" not in req:
+            return None
+        return _encode({"jsonrpc": "2.0", "id": req["id"], "result": result})
+
+
+def make_config(state_dir, **overrides):
+    cfg = config.Config()
+    config.with_state_dir(cfg, str(state_dir))
+    cfg.listen = "127.0.0.1"
+    cfg.port = 0
+    for name, value in overrides.items():
+        setattr(cfg, name, value)
+    return cfg
+
+
+class Running:
+    """An in-process agent serving in a thread."""
+
+    def __init__(self, cfg, dispatcher, tls=False, connector_info=None):
+        self.cfg = cfg
+        self.dispatcher = dispatcher
+        self.tls = tls
+        if tls:
+            pki.ensure_dev_pki(cfg)
+            ctx = pki.server_context(cfg)
+            self.client_context = pki.dev_client_context(cfg)
+        else:
+            ctx = None
+            self.client_context = None
+        self.server = agent.Server(cfg, dispatcher, ctx,
+                                   connector_info=connector_info)
+        self.address = self.server.start()
+
+    def raw(self, **kw):
+        return Raw(self.address, self.client_context, **kw)
+
+    def stop(self):
+        self.server.stop(timeout=30)
+
+
+def _encode(obj):
+    return json.dumps(obj).encode()

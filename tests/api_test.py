@@ -1,0 +1,215 @@
+"""The vdsm-convention API classes, the return-key table, caps, register."""
+
+import inspect
+import logging
+import types
+
+import pytest
+
+from vdsm_managedvolume import __version__
+from vdsm_managedvolume import api
+from vdsm_managedvolume import errors
+from vdsm_managedvolume import mask
+from vdsm_managedvolume import schema
+
+from tests.rpc_fixtures import (
+    BLANK_UUID, CONNECTOR_INFO, ISCSI_CONNECTION, SD_ID, SECRET, VOL_ID,
+    FakeService)
+
+S = schema.load()
+
+
+@pytest.fixture
+def service():
+    svc = FakeService()
+    with api.using(svc):
+        yield svc
+
+
+@pytest.mark.parametrize("name", sorted(S.methods))
+def test_api_signatures_match_schema(name):
+    method = S.method(name)
+    cls = api.NAMESPACES[method.namespace]
+    sig = inspect.signature(getattr(cls, method.verb))
+    params = list(sig.parameters.values())[1:]  # self
+    assert [p.name for p in params] == method.param_names
+    for p, sp in zip(params, method.params):
+        if sp.required:
+            assert p.default is inspect.Parameter.empty, p.name
+        else:
+            # vdsm passes the schema default; ours must agree with it.
+            default = p.default
+            if isinstance(default, tuple):
+                default = list(default)
+            assert default == sp.default, p.name
+
+
+def test_every_api_method_is_in_the_schema():
+    for namespace, cls in api.NAMESPACES.items():
+        for verb, _ in inspect.getmembers(cls, inspect.isfunction):
+            if not verb.startswith("_"):
+                S.method("{}.{}".format(namespace, verb))
+
+
+def test_classes_take_ctor_args():
+    for cls in api.NAMESPACES.values():
+        assert cls.ctorArgs == []
+        cls(*cls.ctorArgs)
+
+
+def test_return_key_table():
+    assert api.RETURN_KEYS["ManagedVolume_attach_volume"] == "result"
+    assert api.RETURN_KEYS["ManagedVolume_volumes_info"] == "result"
+    assert "ManagedVolume_detach_volume" not in api.RETURN_KEYS
+    assert api.command_info() == {
+        "ManagedVolume_attach_volume": {"ret": "result"},
+        "ManagedVolume_volumes_info": {"ret": "result"},
+    }
+
+
+def test_attach_returns_vdsm_response(service):
+    res = api.ManagedVolume().attach_volume(VOL_ID, ISCSI_CONNECTION, SD_ID)
+    assert res["status"] == {"code": 0, "message": "Done"}
+    assert res["result"]["vol_id"] == VOL_ID
+    assert service.calls == [
+        ("attach_volume", VOL_ID, ISCSI_CONNECTION, SD_ID)]
+
+
+def test_detach_returns_status_only(service):
+    res = api.ManagedVolume().detach_volume(VOL_ID)
+    assert res == {"status": {"code": 0, "message": "Done"}}
+    assert service.calls == [("detach_volume", VOL_ID, BLANK_UUID)]
+
+
+def test_service_error_becomes_status(service):
+    service.fail["attach_volume"] = errors.UnsupportedDriverType(
+        driver_volume_type="nfs", allowed="iscsi")
+    res = api.ManagedVolume().attach_volume(VOL_ID, ISCSI_CONNECTION)
+    assert res == {"status": {"code": 930, "message": str(
+        service.fail["attach_volume"])}}
+    assert "result" not in res
+
+
+def test_error_message_is_masked(service):
+    service.fail["attach_volume"] = errors.HelperFailed(
+        "iscsiadm failed: auth_password={}".format(SECRET))
+    res = api.ManagedVolume().attach_volume(VOL_ID, ISCSI_CONNECTION)
+    assert res["status"]["code"] == 926
+    assert SECRET not in res["status"]["message"]
+    assert mask.MASK in res["status"]["message"]
+
+
+def test_unexpected_exception_is_masked_internal_error(service, caplog):
+    service.fail["detach_volume"] = KeyError("password=" + SECRET)
+    with caplog.at_level(logging.ERROR, logger="managedvolume.api"):
+        res = api.ManagedVolume().detach_volume(VOL_ID)
+    status = res["status"]
+    assert status["code"] == -32603
+    assert "KeyError" in status["message"]
+    assert SECRET not in status["message"]
+    assert "Traceback" not in status["message"]
+    # The traceback is for the log.
+    assert any(r.exc_info for r in caplog.records)
+
+
+def test_volumes_info_masks_secrets_by_default(service):
+    api.ManagedVolume().attach_volume(VOL_ID, ISCSI_CONNECTION)
+    res = api.ManagedVolume().volumes_info()
+    assert res["status"]["code"] == 0
+    [info] = res["result"]
+    assert info["connection_info"]["data"]["auth_password"] == mask.MASK
+    assert service.calls[-1] == ("volumes_info", [], False)
+
+
+def test_volumes_info_include_secrets(service):
+    api.ManagedVolume().attach_volume(VOL_ID, ISCSI_CONNECTION)
+    res = api.ManagedVolume().volumes_info([VOL_ID], True)
+    [info] = res["result"]
+    assert info["connection_info"]["data"]["auth_password"] == SECRET
+    assert service.calls[-1] == ("volumes_info", [VOL_ID], True)
+
+
+def test_results_are_masked(service):
+    # Whatever the service returns, secrets do not leave in a result.
+    service.attach_volume = lambda *a: {"vol_id": VOL_ID, "path": "/dev/x",
+                                        "attachment": {"keyring": SECRET},
+                                        "managed_path": "/run/x"}
+    res = api.ManagedVolume().attach_volume(VOL_ID, ISCSI_CONNECTION)
+    assert res["result"]["attachment"]["keyring"] == mask.MASK
+
+
+def test_call_log_masks_params(service, caplog):
+    with caplog.at_level(logging.DEBUG, logger="managedvolume.api"):
+        api.ManagedVolume().attach_volume(VOL_ID, ISCSI_CONNECTION)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "START ManagedVolume.attach_volume" in text
+    assert "FINISH ManagedVolume.attach_volume ok" in text
+    assert VOL_ID in text
+    assert SECRET not in text
+
+
+def test_get_caps_has_connector_info_and_self(service):
+    res = api.Host().getCapabilities()
+    assert res["status"]["code"] == 0
+    assert res["info"] == {
+        "connector_info": CONNECTOR_INFO,
+        "managedvolume": {"version": __version__,
+                          "allowed_types": list(service.cfg.allowed_types)},
+    }
+
+
+@pytest.mark.parametrize("error", [
+    errors.NotSupported("No module named 'os_brick'"),
+    errors.HelperTimeout(operation="connector_properties", timeout=30),
+])
+def test_get_caps_without_connector_info_is_not_an_error(service, error):
+    service.fail["caps"] = error
+    caps = api.get_caps(service)
+    assert "connector_info" not in caps
+    assert caps["managedvolume"]["version"] == __version__
+
+
+def test_get_caps_when_service_reports_none(service):
+    service.fail["connector_info"] = errors.NotSupported("no os_brick")
+    assert "connector_info" not in api.get_caps(service)
+
+
+def test_injected_service_is_used_without_binding():
+    svc = FakeService()
+    api.set_service(svc)
+    try:
+        api.ManagedVolume().detach_volume(VOL_ID)
+    finally:
+        api.set_service(None)
+    assert svc.calls == [("detach_volume", VOL_ID, BLANK_UUID)]
+
+
+def test_register_into_vdsm_modules():
+    """What the bootstrap does inside vdsm, against stand-ins of vdsm's
+    API module, Bridge module and Schema instance."""
+    vdsm_api = types.SimpleNamespace(ManagedVolume=object, Global=object)
+    bridge = types.SimpleNamespace(command_info={
+        "Host_getCapabilities": {"ret": "info"}})
+    vdsm_schema = types.SimpleNamespace(
+        _types={"UUID": {"type": "alias"}, "VmParams": {}},
+        _methods={"Host.getCapabilities": {"vdsm": True},
+                  "ManagedVolume.attach_volume": {"old": True}})
+
+    api.register(vdsm_api, bridge, vdsm_schema)
+
+    assert vdsm_api.ManagedVolume is api.ManagedVolume
+    assert vdsm_api.Global is object
+    assert bridge.command_info["ManagedVolume_attach_volume"] == {
+        "ret": "result"}
+    assert bridge.command_info["Host_getCapabilities"] == {"ret": "info"}
+    assert "ManagedVolume_detach_volume" not in bridge.command_info
+    # vdsm's own getCapabilities stays; ours replace the ManagedVolume ones.
+    assert vdsm_schema._methods["Host.getCapabilities"] == {"vdsm": True}
+    attach = vdsm_schema._methods["ManagedVolume.attach_volume"]
+    assert [p["name"] for p in attach["params"]] == [
+        "vol_id", "connection_info", "sd_id"]
+    info = vdsm_schema._methods["ManagedVolume.volumes_info"]
+    # vdsm's spelling of a list default, resolved by vdsm's DEFAULT_VALUES.
+    assert info["params"][0]["defaultvalue"] == "[]"
+    assert "VmParams" in vdsm_schema._types
+    assert "ManagedVolumeConnection" in vdsm_schema._types

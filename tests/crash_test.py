@@ -1,0 +1,202 @@
+"""Kill -9 at every crash point; the next start must converge.
+
+Each case runs attach (or attach + detach) in a child process with the
+real ``privileged.Brick``, its real privsep daemon and the fake iSCSI
+connector (so "connected" is visible in $MANAGEDVOLUME_FAKEBRICK_DIR),
+with ``MANAGEDVOLUME_CRASH_AT`` naming one point.  Service points kill the
+child; daemon points (``privsep.*``) kill the daemon under the child,
+which then sees HelperFailed.  Then a fresh Service starts (start()
+reconciles) and we check that nothing is left: no fake connection, no row,
+no link, no rule, and that reconcile() has nothing more to do.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from vdsm_managedvolume import errors
+from vdsm_managedvolume import faults
+from vdsm_managedvolume import privileged  # noqa: F401 (daemon points)
+from vdsm_managedvolume import service
+from vdsm_managedvolume import udev
+
+from . import fakebrick
+from .host_fixtures import REPO, iscsi_connection, make_cfg, new_id
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+RUNNER = """
+import json, sys
+from tests.host_fixtures import make_cfg
+from vdsm_managedvolume import errors, service
+base, mode, vol_id, ci = sys.argv[1], sys.argv[2], sys.argv[3], \
+    json.loads(sys.argv[4])
+svc = service.Service(make_cfg(base))
+svc.start()
+try:
+    res = svc.attach_volume(vol_id, ci)
+    if mode == "detach":
+        svc.detach_volume(vol_id)
+except errors.Error as e:
+    print(json.dumps({"error": e.code}), flush=True)
+    sys.exit(3)
+finally:
+    svc.close()
+print(json.dumps({"ok": True}), flush=True)
+"""
+
+ATTACH_POINTS = sorted(p for p in faults.POINTS
+                       if p.startswith(("attach.", "privsep.connect.")))
+DETACH_POINTS = sorted(p for p in faults.POINTS
+                       if p.startswith(("detach.", "privsep.disconnect.")))
+
+
+def test_every_crash_point_is_covered():
+    assert set(ATTACH_POINTS) | set(DETACH_POINTS) == faults.POINTS
+    for name in ("attach.after_record", "attach.after_connect",
+                 "attach.after_attachment", "attach.after_udev",
+                 "attach.after_link", "detach.after_record",
+                 "detach.after_unlink", "detach.after_rule",
+                 "detach.after_disconnect", "privsep.connect.after"):
+        assert name in faults.POINTS
+
+
+def run_child(base, mode, vol_id, ci, crash_at):
+    env = dict(os.environ)
+    env[faults.ENV] = crash_at
+    env["PYTHONPATH"] = REPO
+    return subprocess.run(
+        [sys.executable, "-c", RUNNER, base, mode, vol_id, json.dumps(ci)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        timeout=120)
+
+
+def assert_converged(cfg, brick, key):
+    svc = service.Service(cfg, brick=brick)
+    svc.start()
+    try:
+        assert key not in fakebrick.connected()
+        assert svc._db().volumes() == []
+        assert [n for n in os.listdir(cfg.run_dir)] == []
+        assert udev.list_rules(cfg) == []
+        assert udev.list_temp_files(cfg) == []
+        assert svc.reconcile() == []
+        assert svc.reconcile(apply=False) == []
+    finally:
+        svc.close()
+
+
+@pytest.mark.parametrize("point", ATTACH_POINTS + DETACH_POINTS)
+def test_crash_at_point_converges_on_next_start(point, tmp_path, real_brick,
+                                                real_fakebrick_dir):
+    base = str(tmp_path)
+    cfg = make_cfg(base)
+    ci = iscsi_connection(cfg)
+    key = ci["data"]["fake_key"]
+    mode = "attach" if point in ATTACH_POINTS else "detach"
+    res = run_child(base, mode, new_id(), ci, point)
+    if point.startswith("privsep."):
+        # The daemon died under the child; the child saw an error (or, for
+        # a death after the disconnect, a device already gone: success).
+        assert res.returncode in (0, 3), res.stderr.decode()[-2000:]
+        if res.returncode == 3:
+            assert json.loads(res.stdout) == {"error": 926}
+    else:
+        assert res.returncode == -signal.SIGKILL, \
+            res.stderr.decode()[-2000:]
+        if point.startswith("attach.") and point != "attach.after_record":
+            # Died holding a connection: something to converge.
+            assert key in fakebrick.connected()
+    assert_converged(cfg, real_brick, key)
+
+
+def test_reconcile_is_idempotent_after_an_interrupted_attach(
+        tmp_path, real_brick, real_fakebrick_dir):
+    base = str(tmp_path)
+    cfg = make_cfg(base)
+    ci = iscsi_connection(cfg)
+    vol_id = new_id()
+    res = run_child(base, "attach", vol_id, ci, "attach.after_udev")
+    assert res.returncode == -signal.SIGKILL
+    svc = service.Service(cfg, brick=real_brick)
+    svc._store = service.store.open(cfg.db_path)   # open without reconcile
+    try:
+        plan = svc.reconcile(apply=False)
+        assert [e["action"] for e in plan] == ["rollback"]
+        assert svc.reconcile(apply=False) == plan     # dry run changes nothing
+        assert svc.reconcile()[0]["result"] == "done"
+        assert svc.reconcile() == []
+        assert svc.reconcile() == []
+    finally:
+        svc.close()
+    assert ci["data"]["fake_key"] not in fakebrick.connected()
+
+
+def _private_brick(base, **overrides):
+    cfg = make_cfg(base, **overrides)
+    return cfg, privileged.Brick(cfg)
+
+
+def test_daemon_killed_mid_connect_rolls_back_and_restarts(
+        tmp_path, real_fakebrick_dir):
+    cfg, brick = _private_brick(str(tmp_path))
+    svc = service.Service(cfg, brick=brick)
+    svc.start()
+    try:
+        brick.connector_properties()          # the daemon is up
+        old_pid = brick.daemon_pid()
+        vol_id = new_id()
+        ci = iscsi_connection(cfg, fake_sleep=60)
+        outcome = {}
+
+        def attach():
+            try:
+                svc.attach_volume(vol_id, ci)
+            except Exception as e:
+                outcome["error"] = e
+
+        t = threading.Thread(target=attach)
+        t.start()
+        deadline = time.monotonic() + 30
+        while not svc._db().volumes([vol_id]):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.3)                        # inside the fake's sleep
+        os.kill(old_pid, signal.SIGKILL)
+        t.join(60)
+        assert isinstance(outcome.get("error"), errors.HelperFailed)
+        assert "died" in str(outcome["error"])
+        assert svc._db().volumes() == []
+        assert ci["data"]["fake_key"] not in fakebrick.connected()
+        # The rollback's disconnect started a new daemon.
+        assert brick.daemon_pid() not in (None, old_pid)
+        assert svc.reconcile() == []
+    finally:
+        svc.close()
+        brick.stop()
+
+
+def test_connect_timeout_rolls_back_and_leaves_nothing(
+        tmp_path, real_fakebrick_dir):
+    cfg, brick = _private_brick(str(tmp_path), timeout=1.0)
+    svc = service.Service(cfg, brick=brick)
+    svc.start()
+    try:
+        ci = iscsi_connection(cfg, fake_sleep=5)
+        with pytest.raises(errors.HelperTimeout) as e:
+            svc.attach_volume(new_id(), ci)
+        assert e.value.code == 931
+        assert svc._db().volumes() == []
+        # The daemon was killed at the deadline: the slow connect can never
+        # complete behind our back.
+        time.sleep(0.5)
+        assert ci["data"]["fake_key"] not in fakebrick.connected()
+    finally:
+        svc.close()
+        brick.stop()

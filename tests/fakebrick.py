@@ -1,0 +1,252 @@
+"""Fake os-brick connectors for what this kernel cannot do.
+
+Loaded INSIDE the privsep daemon when ``cfg.connector_override =
+"tests.fakebrick"``: the daemon asks ``get_connector()`` first and falls
+back to os-brick's own factory when it returns None, so ``local`` (and
+anything not faked here) stays the real os-brick connector.
+
+Faked protocols and what ``connect_volume`` returns (os-brick's shapes):
+
+    iscsi, fibre_channel
+        {"type": "block", "scsi_wwn": "36001405<hex>",
+         "multipath_id": "36001405<hex>", "path": "/dev/dm-<N>"}
+    rbd (data.name = "pool/volume")
+        {"type": "block", "path": "/dev/rbd/<pool>/<volume>"}
+
+State (so that tests can see what is "connected") lives under
+``$MANAGEDVOLUME_FAKEBRICK_DIR`` (required):
+
+    connected/<key>     JSON of the attachment while connected
+    devices/<key>       an empty file standing in for the block device
+    calls.log           one line per event: "connect-start <key>" (before
+                        any sleep or failure), "connect <key>",
+                        "connect-failed <key>", "disconnect <key>",
+                        "disconnect-failed <key>"
+
+``<key>`` is ``data["fake_key"]`` when given, else derived from the target
+(iscsi: target_iqn + target_lun, fc: target_wwn + target_lun, rbd: name,
+"/" replaced by "_").
+
+Device node stand-ins: when ``data["fake_dev_dir"]`` is given, connect
+creates a symlink where the service will look for the device, pointing
+to ``data["fake_device"]`` (e.g. a real loop device) or to
+``devices/<key>``; disconnect removes it:
+
+    iscsi/fc: <fake_dev_dir>/<multipath_id>  (point cfg.multipath_dir here)
+    rbd:      <fake_dev_dir>/<pool>/<volume>  (point cfg.rbd_dir here)
+
+Knobs in ``connection_info["data"]`` (all optional):
+
+    fake_no_multipath   true: no multipath_id; path is "/dev/sd<x>" (928)
+    fake_no_wwn         true: no scsi_wwn either
+    fake_wwn            use this WWN (and multipath_id) instead of a hash
+    fake_fail           raise FakeConnectorError at connect; a string is
+                        the message, true means a message quoting
+                        data["auth_password"] (to prove masking)
+    fake_fail_disconnect  the same at disconnect
+    fake_sleep          seconds to sleep in connect before connecting
+                        (-> HelperTimeout with a short cfg.timeout)
+    fake_sleep_disconnect  the same for disconnect
+    fake_key            the state key (see above)
+
+Disconnect is idempotent: disconnecting what is not connected succeeds,
+as os-brick's connectors mostly do.
+"""
+
+import hashlib
+import json
+import os
+import time
+
+ENV_DIR = "MANAGEDVOLUME_FAKEBRICK_DIR"
+
+FAKED = ("iscsi", "fibre_channel", "rbd")
+
+
+class FakeConnectorError(Exception):
+    """What a failing fake connector raises (like os-brick's errors)."""
+
+
+def get_connector(protocol, connection_info, root_helper, **kw):
+    """Return a fake connector for ``protocol``, or None to use os-brick."""
+    protocol = (protocol or "").lower()
+    if protocol in ("iscsi", "fibre_channel"):
+        return FakeSCSIConnector(protocol)
+    if protocol == "rbd":
+        return FakeRBDConnector()
+    return None
+
+
+def state_dir():
+    d = os.environ.get(ENV_DIR)
+    if not d:
+        raise FakeConnectorError(
+            "{} is not set in the privsep daemon's environment"
+            .format(ENV_DIR))
+    return d
+
+
+def connected(directory=None):
+    """The keys currently "connected" (for tests, in the test process)."""
+    d = os.path.join(directory or state_dir(), "connected")
+    try:
+        return sorted(os.listdir(d))
+    except FileNotFoundError:
+        return []
+
+
+def calls(directory=None):
+    """The lines of calls.log (for tests)."""
+    try:
+        with open(os.path.join(directory or state_dir(), "calls.log")) as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+class FakeConnector:
+
+    protocol = None
+
+    def connect_volume(self, data):
+        key = self.key(data)
+        _record("connect-start", key)
+        _sleep(data.get("fake_sleep"))
+        if data.get("fake_fail"):
+            _record("connect-failed", key)
+            raise FakeConnectorError(_failure(data, "fake_fail", "Login"))
+        attachment = self.attachment(data, key)
+        d = state_dir()
+        os.makedirs(os.path.join(d, "connected"), exist_ok=True)
+        os.makedirs(os.path.join(d, "devices"), exist_ok=True)
+        device = os.path.join(d, "devices", key)
+        open(device, "a").close()
+        link = self.link(data, attachment)
+        if link:
+            os.makedirs(os.path.dirname(link), exist_ok=True)
+            _silent_remove(link)
+            os.symlink(data.get("fake_device") or device, link)
+        with open(os.path.join(d, "connected", key), "w") as f:
+            json.dump(attachment, f)
+        _record("connect", key)
+        return attachment
+
+    def disconnect_volume(self, data, device_info, force=False,
+                          ignore_errors=False):
+        key = self.key(data)
+        _sleep(data.get("fake_sleep_disconnect"))
+        if data.get("fake_fail_disconnect"):
+            _record("disconnect-failed", key)
+            raise FakeConnectorError(
+                _failure(data, "fake_fail_disconnect", "Logout"))
+        d = state_dir()
+        path = os.path.join(d, "connected", key)
+        try:
+            with open(path) as f:
+                attachment = json.load(f)
+        except FileNotFoundError:
+            attachment = device_info or {}
+        link = self.link(data, attachment)
+        if link:
+            _silent_remove(link)
+        _silent_remove(path)
+        _silent_remove(os.path.join(d, "devices", key))
+        _record("disconnect", key)
+
+    def key(self, data):
+        return data.get("fake_key") or self._key(data).replace("/", "_")
+
+
+class FakeSCSIConnector(FakeConnector):
+    """iSCSI / Fibre Channel with multipath, as os-brick reports them."""
+
+    def __init__(self, protocol):
+        self.protocol = protocol
+
+    def _key(self, data):
+        if self.protocol == "iscsi":
+            target = data.get("target_iqn") or data.get("target_iqns")
+        else:
+            target = data.get("target_wwn")
+        return "{}-{}-{}".format(self.protocol, _flat(target),
+                                 data.get("target_lun", 0))
+
+    def attachment(self, data, key):
+        digest = hashlib.sha1(key.encode()).hexdigest()
+        wwn = data.get("fake_wwn") or "36001405" + digest[:24]
+        if data.get("fake_no_multipath"):
+            att = {"type": "block",
+                   "path": "/dev/sd" + chr(ord("a") + int(digest, 16) % 26)}
+            if not data.get("fake_no_wwn"):
+                att["scsi_wwn"] = wwn
+            return att
+        att = {"type": "block",
+               "multipath_id": wwn,
+               "path": "/dev/dm-{}".format(int(digest[:6], 16) % 1000)}
+        if not data.get("fake_no_wwn"):
+            att["scsi_wwn"] = wwn
+        return att
+
+    def link(self, data, attachment):
+        dev_dir = data.get("fake_dev_dir")
+        mpath = attachment.get("multipath_id")
+        if dev_dir and mpath:
+            return os.path.join(dev_dir, mpath)
+        return None
+
+
+class FakeRBDConnector(FakeConnector):
+    """RBD with do_local_attach: the kernel's /dev/rbd/<pool>/<volume>."""
+
+    protocol = "rbd"
+
+    def _key(self, data):
+        return "rbd-" + str(data.get("name", ""))
+
+    def attachment(self, data, key):
+        return {"type": "block",
+                "path": "/dev/rbd/{}".format(data.get("name", ""))}
+
+    def link(self, data, attachment):
+        dev_dir = data.get("fake_dev_dir")
+        name = data.get("name")
+        if dev_dir and name:
+            return os.path.join(dev_dir, *name.split("/"))
+        return None
+
+
+# Private helpers
+
+def _flat(value):
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _failure(data, knob, what):
+    value = data.get(knob)
+    if isinstance(value, str):
+        return value
+    return ("{} failed for target {}: authentication with "
+            "auth_username={} auth_password={} refused".format(
+                what, data.get("target_iqn") or data.get("name"),
+                data.get("auth_username"), data.get("auth_password")))
+
+
+def _sleep(seconds):
+    if seconds:
+        time.sleep(float(seconds))
+
+
+def _record(what, key):
+    d = state_dir()
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "calls.log"), "a") as f:
+        f.write("{} {}\n".format(what, key))
+
+
+def _silent_remove(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,89 @@
+"""The real thing: os-brick's local connector, through the real privsep
+daemon, on a real loop device."""
+
+import os
+
+import pytest
+
+from vdsm_managedvolume import service
+from vdsm_managedvolume import udev
+
+from .host_fixtures import is_symlink, make_cfg, new_id
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+SD = "7a0f54c5-0d43-4a0c-8a0e-3a1c54d3e4a9"
+BLOCK = 4096
+
+
+@pytest.fixture
+def local_service(tmp_path, real_brick, real_fakebrick_dir):
+    # The real udevadm: a change event on a real loop device.
+    cfg = make_cfg(tmp_path, udevadm="/usr/bin/udevadm")
+    svc = service.Service(cfg, brick=real_brick)
+    svc.start()
+    yield svc
+    svc.close()
+
+
+def test_local_attach_write_through_managed_path_and_detach(
+        local_service, loop_device):
+    svc = local_service
+    vol_id = new_id()
+    ci = {"driver_volume_type": "local",
+          "data": {"device_path": loop_device.path}}
+
+    res = svc.attach_volume(vol_id, ci, SD)
+
+    assert res["path"] == loop_device.path
+    assert res["attachment"]["type"] == "local"
+    assert res["attachment"]["path"] == loop_device.path
+    link = os.path.join(svc.cfg.run_dir, "{}_{}".format(SD, vol_id))
+    assert res["managed_path"] == link
+    assert os.readlink(link) == loop_device.path
+    rule = udev.rule_path(svc.cfg.udev_rules_dir, SD, vol_id)
+    with open(rule) as f:
+        assert f.read() == 'KERNEL=="{}", RUN+="/usr/bin/chown vdsm:qemu ' \
+            '$env{{DEVNAME}}"\n'.format(os.path.basename(loop_device.path))
+    info, = svc.volumes_info([vol_id])
+    assert info["exists"] is True
+
+    pattern = os.urandom(BLOCK) * 4
+    fd = os.open(res["managed_path"], os.O_WRONLY)
+    try:
+        os.pwrite(fd, pattern, BLOCK)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fd = os.open(loop_device.path, os.O_RDONLY)
+    try:
+        assert os.pread(fd, len(pattern), BLOCK) == pattern
+    finally:
+        os.close(fd)
+    with open(loop_device.backing, "rb") as f:
+        f.seek(BLOCK)
+        assert f.read(len(pattern)) == pattern
+
+    svc.detach_volume(vol_id, SD)
+
+    assert not is_symlink(link)
+    assert not os.path.exists(rule)
+    assert svc.volumes_info([vol_id]) == []
+    # The local connector does not own the device: it is still there.
+    assert os.path.exists(loop_device.path)
+
+
+def test_local_attach_twice_is_927_and_reattach_after_reboot_works(
+        local_service, loop_device):
+    from vdsm_managedvolume import errors
+    svc = local_service
+    vol_id = new_id()
+    ci = {"driver_volume_type": "local",
+          "data": {"device_path": loop_device.path}}
+    first = svc.attach_volume(vol_id, ci)
+    with pytest.raises(errors.AlreadyAttached):
+        svc.attach_volume(vol_id, ci)
+    os.unlink(first["managed_path"])     # the run dir is a tmpfs
+    assert svc.attach_volume(vol_id, ci) == first
+    svc.detach_volume(vol_id)
+    assert svc.volumes_info() == []

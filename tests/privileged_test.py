@@ -1,0 +1,535 @@
+"""The privileged boundary, through a real privsep daemon as root.
+
+One daemon serves the whole module (starting one costs seconds); tests
+that need a fresh one (environment, broken helper) make their own Brick.
+Connectors this kernel cannot drive are faked inside the daemon by
+tests/fakebrick.py; ``local`` is os-brick's real LocalConnector on a real
+loop device.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from vdsm_managedvolume import config
+from vdsm_managedvolume import errors
+from vdsm_managedvolume import faults
+from vdsm_managedvolume import log
+from vdsm_managedvolume import mask
+from vdsm_managedvolume import privileged
+
+from tests import fakebrick
+
+pytestmark = pytest.mark.root
+
+SECRET = "s3cr3t-Chap-Pw"
+
+
+@pytest.fixture(scope="module")
+def fake_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fakebrick")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(fakebrick.ENV_DIR, str(d))
+        mp.delenv(faults.ENV, raising=False)
+        yield d
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory, fake_dir):
+    cfg = config.with_state_dir(config.Config(),
+                                str(tmp_path_factory.mktemp("state")))
+    cfg.connector_override = "tests.fakebrick"
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def brick(cfg):
+    b = privileged.Brick(cfg)
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def fresh_cfg(tmp_path, fake_dir):
+    cfg = config.with_state_dir(config.Config(), str(tmp_path / "state"))
+    cfg.connector_override = "tests.fakebrick"
+    return cfg
+
+
+@pytest.fixture
+def loop_device(tmp_path):
+    backing = tmp_path / "backing"
+    with open(backing, "wb") as f:
+        f.truncate(16 * 1024**2)
+    dev = subprocess.check_output(
+        ["losetup", "-f", "--show", str(backing)]).decode().strip()
+    yield dev
+    subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def iscsi(key, dev_dir, **knobs):
+    data = {
+        "target_iqn": "iqn.2003-01.org.example:" + key,
+        "target_portal": "192.0.2.10:3260",
+        "target_lun": 1,
+        "auth_method": "CHAP",
+        "auth_username": "chap-user",
+        "auth_password": SECRET,
+        "fake_key": key,
+        "fake_dev_dir": str(dev_dir),
+    }
+    data.update(knobs)
+    return {"driver_volume_type": "iscsi", "data": data}
+
+
+def no_tuples(obj):
+    if isinstance(obj, tuple):
+        return False
+    if isinstance(obj, dict):
+        return all(no_tuples(v) for v in obj.values())
+    if isinstance(obj, list):
+        return all(no_tuples(v) for v in obj)
+    return True
+
+
+def gone(pid):
+    """Whether ``pid`` has exited (a zombie counts: our init may be slow
+    to reap the daemon, which is not our child)."""
+    try:
+        with open("/proc/{}/stat".format(pid)) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def wait_for(predicate, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in {} s".format(timeout))
+        time.sleep(0.05)
+
+
+# Connector properties
+
+def test_connector_properties_enforce_multipath_as_plain_lists(brick):
+    props = brick.connector_properties()
+    assert props["multipath"] is True
+    assert props["enforce_multipath"] is True
+    assert props["os_type"] == "linux"
+    assert no_tuples(props)
+    assert json.loads(json.dumps(props)) == props
+
+
+def test_daemon_runs_as_root_with_only_the_declared_capabilities(brick):
+    brick.connector_properties()
+    pid = brick.daemon_pid()
+    with open("/proc/{}/status".format(pid)) as f:
+        status = dict(line.split(":", 1) for line in f)
+    assert status["Uid"].split()[0] == "0"
+    eff = int(status["CapEff"], 16)
+    # CAP_DAC_OVERRIDE=1, CAP_DAC_READ_SEARCH=2, CAP_SYS_ADMIN=21
+    assert eff == (1 << 1) | (1 << 2) | (1 << 21)
+
+
+# The real local connector on a real loop device
+
+def test_local_connector_connects_a_real_loop_device(brick, loop_device):
+    info = {"driver_volume_type": "local",
+            "data": {"device_path": loop_device}}
+    attachment = brick.connect(info)
+    assert attachment == {"type": "local", "path": loop_device}
+    assert brick.disconnect(info, attachment) is None
+
+
+def test_calls_share_one_long_lived_daemon(brick, loop_device):
+    info = {"driver_volume_type": "local",
+            "data": {"device_path": loop_device}}
+    brick.connector_properties()
+    pid = brick.daemon_pid()
+    for _ in range(3):
+        brick.disconnect(info, brick.connect(info))
+    assert brick.daemon_pid() == pid
+
+
+# Fake connectors: the shapes os-brick returns
+
+def test_fake_iscsi_returns_multipath_attachment(brick, fake_dir, tmp_path):
+    info = iscsi("shape-iscsi", tmp_path)
+    att = brick.connect(info)
+    assert att["type"] == "block"
+    assert att["multipath_id"] == att["scsi_wwn"]
+    assert att["path"].startswith("/dev/dm-")
+    assert os.path.islink(tmp_path / att["multipath_id"])
+    assert "shape-iscsi" in fakebrick.connected(str(fake_dir))
+
+    brick.disconnect(info, att)
+    assert not os.path.lexists(tmp_path / att["multipath_id"])
+    assert "shape-iscsi" not in fakebrick.connected(str(fake_dir))
+
+
+def test_fake_fibre_channel_returns_multipath_attachment(brick, tmp_path):
+    info = {"driver_volume_type": "fibre_channel",
+            "data": {"target_wwn": ["500a098280feeba5"], "target_lun": 3,
+                     "fake_dev_dir": str(tmp_path)}}
+    att = brick.connect(info)
+    assert set(att) == {"type", "scsi_wwn", "multipath_id", "path"}
+    assert os.path.islink(tmp_path / att["multipath_id"])
+    brick.disconnect(info, att)
+
+
+def test_fake_rbd_returns_dev_rbd_path(brick, tmp_path):
+    info = {"driver_volume_type": "rbd",
+            "data": {"name": "volumes/volume-1", "keyring": SECRET,
+                     "fake_dev_dir": str(tmp_path)}}
+    att = brick.connect(info)
+    assert att == {"type": "block", "path": "/dev/rbd/volumes/volume-1"}
+    assert os.path.islink(tmp_path / "volumes" / "volume-1")
+    brick.disconnect(info, att)
+    assert not os.path.lexists(tmp_path / "volumes" / "volume-1")
+
+
+def test_fake_iscsi_without_multipath_has_no_multipath_id(brick, tmp_path):
+    info = iscsi("no-mpath", tmp_path, fake_no_multipath=True)
+    att = brick.connect(info)
+    assert "multipath_id" not in att
+    assert att["path"].startswith("/dev/sd")
+    brick.disconnect(info, att)
+
+
+def test_disconnect_of_unknown_device_succeeds(brick, tmp_path):
+    brick.disconnect(iscsi("never-connected", tmp_path), None)
+
+
+def test_lists_in_connection_info_reach_the_connector_as_lists(
+        brick, tmp_path):
+    # msgpack turns lists into tuples on the way in too.
+    info = iscsi("lists", tmp_path,
+                 target_iqns=["iqn.a", "iqn.b"], fake_wwn="36001405abc")
+    att = brick.connect(info)
+    assert att["multipath_id"] == "36001405abc"
+    brick.disconnect(info, att)
+
+
+# Errors
+
+def test_connector_error_is_helper_failed_with_secrets_masked(
+        brick, tmp_path, caplog):
+    info = iscsi("fails", tmp_path, fake_fail=True)
+    with pytest.raises(errors.HelperFailed) as e:
+        brick.connect(info)
+    assert e.value.code == 926
+    message = str(e.value)
+    assert "Login failed" in message
+    assert "FakeConnectorError" in message
+    assert SECRET not in message
+    assert mask.MASK in message
+    assert SECRET not in caplog.text
+
+
+def test_secret_quoted_without_its_key_is_masked(brick, tmp_path):
+    info = iscsi("bare-secret", tmp_path,
+                 fake_fail="target refused CHAP secret " + SECRET)
+    with pytest.raises(errors.HelperFailed) as e:
+        brick.connect(info)
+    assert SECRET not in str(e.value)
+    assert "target refused CHAP secret" in str(e.value)
+
+
+def test_daemon_log_lines_carry_the_callers_flow_id(brick, tmp_path,
+                                                    caplog):
+    caplog.set_level("INFO", logger=privileged.DAEMON_LOGGER)
+    with log.flow("flow-priv-1"):
+        with pytest.raises(errors.HelperFailed):
+            brick.connect(iscsi("flow", tmp_path, fake_fail=True))
+    records = [r for r in caplog.records
+               if getattr(r, "flow_id", None) == "flow-priv-1"
+               and r.name == "vdsm_managedvolume.brick"]
+    assert records
+    assert all(SECRET not in r.getMessage() for r in records)
+
+
+def test_missing_driver_volume_type_is_helper_failed(brick):
+    with pytest.raises(errors.HelperFailed):
+        brick.connect({"data": {}})
+
+
+@pytest.mark.slow
+def test_timeout_kills_the_operation_and_next_call_works(
+        brick, cfg, fake_dir, tmp_path, monkeypatch):
+    brick.connector_properties()
+    old_pid = brick.daemon_pid()
+    monkeypatch.setattr(cfg, "timeout", 1.0)
+    info = iscsi("slow", tmp_path, fake_sleep=2)
+    with pytest.raises(errors.HelperTimeout) as e:
+        brick.connect(info)
+    assert e.value.code == 931
+    assert gone(old_pid)
+
+    # The connect was stopped, not abandoned: it never completes.
+    time.sleep(2.5)
+    assert "slow" not in fakebrick.connected(str(fake_dir))
+
+    monkeypatch.setattr(cfg, "timeout", 120.0)
+    att = brick.connect(iscsi("after-timeout", tmp_path))
+    assert brick.daemon_pid() != old_pid
+    brick.disconnect(iscsi("after-timeout", tmp_path), att)
+
+
+@pytest.mark.slow
+def test_properties_timeout_is_helper_timeout(brick, cfg, monkeypatch):
+    brick.connector_properties()
+    monkeypatch.setattr(cfg, "properties_timeout", 0.0)
+    with pytest.raises(errors.HelperTimeout) as e:
+        brick.connector_properties()
+    assert e.value.operation == "connector_properties"
+    monkeypatch.undo()
+    assert brick.connector_properties()["multipath"] is True
+
+
+@pytest.mark.slow
+def test_daemon_killed_mid_call_is_helper_failed_and_next_call_works(
+        brick, fake_dir, tmp_path):
+    brick.connector_properties()
+    pid = brick.daemon_pid()
+    info = iscsi("killed", tmp_path, fake_sleep=30)
+    result = {}
+
+    def connect():
+        try:
+            brick.connect(info)
+        except Exception as e:
+            result["error"] = e
+
+    t = threading.Thread(target=connect)
+    t.start()
+    wait_for(lambda: "connect-start killed" in
+             fakebrick.calls(str(fake_dir)))
+    os.kill(pid, signal.SIGKILL)
+    t.join(30)
+    assert isinstance(result.get("error"), errors.HelperFailed)
+    assert "died" in str(result["error"])
+
+    att = brick.connect(iscsi("after-kill", tmp_path))
+    assert brick.daemon_pid() not in (None, pid)
+    brick.disconnect(iscsi("after-kill", tmp_path), att)
+
+
+def test_daemon_killed_while_idle_is_restarted_transparently(brick):
+    brick.connector_properties()
+    pid = brick.daemon_pid()
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: brick.daemon_pid() is None)
+    assert brick.connector_properties()["multipath"] is True
+    assert brick.daemon_pid() != pid
+
+
+@pytest.mark.slow
+def test_distinct_volumes_connect_in_parallel(brick, fake_dir, tmp_path):
+    keys = ["par-{}".format(i) for i in range(4)]
+    results = {}
+
+    def connect(key):
+        results[key] = brick.connect(iscsi(key, tmp_path, fake_sleep=1))
+
+    threads = [threading.Thread(target=connect, args=(k,)) for k in keys]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(results) == keys
+    events = [line.split()[0] for line in fakebrick.calls(str(fake_dir))
+              if line.split()[1] in keys]
+    # Every call had started before the first one finished.
+    assert events[:4] == ["connect-start"] * 4
+    for key in keys:
+        brick.disconnect(iscsi(key, tmp_path), results[key])
+
+
+# Starting the daemon
+
+def test_unknown_adapter_fails_before_starting_the_daemon(fresh_cfg):
+    b = privileged.Brick(fresh_cfg)
+    info = iscsi("adapter", "/nonexistent")
+    info["adapter"] = "no-such-vendor"
+    with pytest.raises(errors.UnknownAdapter) as e:
+        b.connect(info)
+    assert e.value.code == 934
+    assert "no-such-vendor" in str(e.value)
+    assert b.daemon_pid() is None
+    assert not os.path.exists(fresh_cfg.privsep_config_file)
+
+
+def test_missing_os_brick_is_not_supported_without_a_daemon(
+        fresh_cfg, monkeypatch):
+    real = privileged.importlib.util.find_spec
+    monkeypatch.setattr(
+        privileged.importlib.util, "find_spec",
+        lambda name, *a: None if name == "os_brick" else real(name, *a))
+    b = privileged.Brick(fresh_cfg)
+    with pytest.raises(errors.NotSupported) as e:
+        b.connector_properties()
+    assert e.value.code == 925
+    assert b.daemon_pid() is None
+
+
+@pytest.mark.parametrize("command, expected", [
+    ("/bin/false", "exited with code 1"),
+    ("/bin/true", "exited with code 0 without starting"),
+    ("/nonexistent/privsep-helper", "cannot run privsep helper"),
+])
+def test_helper_that_cannot_start_is_helper_failed(fresh_cfg, command,
+                                                    expected):
+    fresh_cfg.helper_command = command
+    b = privileged.Brick(fresh_cfg)
+    with pytest.raises(errors.HelperFailed) as e:
+        b.connector_properties()
+    assert expected in str(e.value)
+    assert b.daemon_pid() is None
+
+
+def test_helper_that_hangs_is_helper_failed_within_the_start_bound(
+        fresh_cfg):
+    fresh_cfg.helper_command = "sh -c 'exec sleep 60' --"
+    b = privileged.Brick(fresh_cfg)
+    b.start_timeout = 1.0
+    with pytest.raises(errors.HelperFailed) as e:
+        b.connector_properties()
+    assert "did not start the daemon" in str(e.value)
+
+
+def test_helper_output_is_quoted_in_the_error(fresh_cfg):
+    fresh_cfg.helper_command = (
+        "sh -c 'echo helper broken: password=hunter22 >&2; exit 3' --")
+    b = privileged.Brick(fresh_cfg)
+    with pytest.raises(errors.HelperFailed) as e:
+        b.connector_properties()
+    assert "helper broken" in str(e.value)
+    assert "hunter22" not in str(e.value)
+
+
+# Crash points reach the daemon through its environment
+
+def test_privsep_crash_points_are_registered():
+    assert set(privileged.CRASH_POINTS) <= faults.POINTS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point, connected", [
+    ("privsep.connect.before", False),
+    ("privsep.connect.after", True),
+])
+def test_crash_point_in_connect_kills_the_daemon(
+        fresh_cfg, fake_dir, tmp_path, monkeypatch, point, connected):
+    key = "crash-" + point.replace(".", "-")
+    info = iscsi(key, tmp_path)
+    monkeypatch.setenv(faults.ENV, point)
+    b = privileged.Brick(fresh_cfg)
+    try:
+        with pytest.raises(errors.HelperFailed):
+            b.connect(info)
+        assert (key in fakebrick.connected(str(fake_dir))) == connected
+        # The next daemon starts with the environment of its start.
+        monkeypatch.delenv(faults.ENV)
+        b.disconnect(info, None)
+        assert key not in fakebrick.connected(str(fake_dir))
+    finally:
+        b.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["privsep.disconnect.before",
+                                   "privsep.disconnect.after"])
+def test_crash_point_in_disconnect_kills_the_daemon(
+        fresh_cfg, fake_dir, tmp_path, monkeypatch, point):
+    key = "crash-" + point.replace(".", "-")
+    info = iscsi(key, tmp_path)
+    monkeypatch.setenv(faults.ENV, point)
+    b = privileged.Brick(fresh_cfg)
+    try:
+        att = b.connect(info)
+        with pytest.raises(errors.HelperFailed):
+            b.disconnect(info, att)
+        still = point.endswith(".before")
+        assert (key in fakebrick.connected(str(fake_dir))) == still
+        monkeypatch.delenv(faults.ENV)
+        b.disconnect(info, att)
+        assert key not in fakebrick.connected(str(fake_dir))
+    finally:
+        b.stop()
+
+
+# The service process stays free of os-brick
+
+def test_service_process_never_imports_os_brick(fresh_cfg, tmp_path):
+    script = """
+import sys, time
+from vdsm_managedvolume import config, privileged
+cfg = config.with_state_dir(config.Config(), sys.argv[1])
+cfg.connector_override = "tests.fakebrick"
+b = privileged.Brick(cfg)
+sleep = time.sleep
+b.connector_properties()
+b.check_adapter(None)
+assert not [m for m in sys.modules if m.startswith(("os_brick", "eventlet"))]
+assert time.sleep is sleep
+b.stop()
+print("ok")
+"""
+    out = subprocess.check_output(
+        [sys.executable, "-c", script, str(tmp_path / "state")],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.strip().endswith(b"ok")
+
+
+# Helpers without a daemon
+
+def test_config_file_configures_os_brick_and_our_section(fresh_cfg):
+    path = privileged.write_config(fresh_cfg)
+    import configparser
+    parser = configparser.ConfigParser()
+    parser.read(path)
+    assert parser["oslo_concurrency"]["lock_path"] == \
+        fresh_cfg.brick_lock_dir
+    assert os.path.isdir(fresh_cfg.brick_lock_dir)
+    section = parser[privileged.SECTION]
+    assert section["connector_override"] == "tests.fakebrick"
+    assert int(section["thread_pool_size"]) >= fresh_cfg.workers
+
+
+def test_helper_command_as_root_runs_privsep_helper_without_sudo(fresh_cfg):
+    cmd = privileged.helper_command(fresh_cfg, "/tmp/x.sock")
+    assert cmd[0] == os.path.join(os.path.dirname(sys.executable),
+                                  "privsep-helper")
+    assert cmd[1:3] == ["--config-file", fresh_cfg.privsep_config_file]
+    assert cmd[-4:] == ["--privsep_context", privileged.CONTEXT,
+                        "--privsep_sock_path", "/tmp/x.sock"]
+
+
+def test_helper_command_not_root_uses_root_helper(fresh_cfg, monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 36)
+    fresh_cfg.root_helper = "sudo -n"
+    cmd = privileged.helper_command(fresh_cfg, "/tmp/x.sock")
+    assert cmd[:2] == ["sudo", "-n"]
+    assert cmd[2].endswith("privsep-helper")
+
+
+def test_helper_command_option_replaces_the_command(fresh_cfg):
+    fresh_cfg.helper_command = "/usr/bin/my-helper --config-file /etc/x"
+    cmd = privileged.helper_command(fresh_cfg, "/tmp/x.sock")
+    assert cmd[:3] == ["/usr/bin/my-helper", "--config-file", "/etc/x"]
+    assert cmd[3] == "--privsep_context"
+
+
+def test_plain_turns_msgpack_tuples_and_sets_into_lists():
+    value = {"a": (1, (2, 3)), "b": {"c": ({"d": (4,)},)}, 5: {"x"},
+             "e": b"bytes"}
+    assert privileged.plain(value) == {
+        "a": [1, [2, 3]], "b": {"c": [{"d": [4]}]}, "5": ["x"],
+        "e": "bytes"}

@@ -1,0 +1,221 @@
+import json
+import multiprocessing
+import os
+import sqlite3
+import stat
+import threading
+
+import pytest
+
+from vdsm_managedvolume import errors
+from vdsm_managedvolume import store
+
+VOL = "0d4b0fe1-6a69-4a2e-9f63-4c8f3bd6f0a1"
+VOL2 = "1d4b0fe1-6a69-4a2e-9f63-4c8f3bd6f0a1"
+SD = "2d4b0fe1-6a69-4a2e-9f63-4c8f3bd6f0a1"
+CI = {"driver_volume_type": "iscsi", "data": {"target_lun": 1}}
+
+# vdsm's managedvolumedb schema, version 1, as vdsm creates it.
+VDSM_SCHEMA = """
+    CREATE TABLE volumes (
+        vol_id TEXT PRIMARY KEY,
+        path TEXT,
+        connection_info TEXT,
+        attachment TEXT,
+        multipath_id TEXT,
+        updated datetime);
+    CREATE UNIQUE INDEX multipath_id ON volumes (multipath_id);
+    CREATE TABLE versions (
+        version INTEGER PRIMARY KEY,
+        description TEXT,
+        updated datetime
+    );
+    INSERT INTO versions (version, description, updated)
+    VALUES (1, "Initial version", datetime("now"));
+"""
+
+
+@pytest.fixture
+def db(tmp_path):
+    s = store.open(str(tmp_path / "lib" / "mv.db"))
+    yield s
+    s.close()
+
+
+def test_new_database_is_private_wal_and_latest_version(tmp_path):
+    path = tmp_path / "lib" / "mv.db"
+    with store.open(str(path)) as s:
+        s.add_volume(VOL, SD, CI)
+        assert s.version_info()["version"] == store.VERSION
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    for suffix in ("-wal", "-shm"):
+        p = str(path) + suffix
+        if os.path.exists(p):
+            assert stat.S_IMODE(os.stat(p).st_mode) == 0o600
+    conn = sqlite3.connect(str(path))
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+
+
+def test_connection_uses_full_sync_and_busy_timeout(db):
+    assert db._read("PRAGMA synchronous")[0][0] == 2  # FULL
+    assert db._read("PRAGMA busy_timeout")[0][0] == 30000
+
+
+def test_add_get_update_remove_round_trip(db):
+    db.add_volume(VOL, SD, CI)
+    rec = db.get_volume(VOL)
+    assert rec["state"] == "attaching"
+    assert rec["sd_id"] == SD
+    assert rec["connection_info"] == CI
+    assert rec["attachment"] is None and rec["path"] is None
+    assert rec["created"] and rec["updated"]
+
+    att = {"type": "block", "multipath_id": "3600a", "path": "/dev/dm-1"}
+    db.update_volume(VOL, attachment=att, path="/dev/mapper/3600a",
+                     multipath_id="3600a")
+    db.update_volume(VOL, state="attached", managed_path="/run/x")
+    rec = db.get_volume(VOL)
+    assert rec["attachment"] == att
+    assert rec["path"] == "/dev/mapper/3600a"
+    assert rec["managed_path"] == "/run/x"
+    assert rec["state"] == "attached"
+    assert db.owns_multipath("3600a")
+    assert not db.owns_multipath("3600b")
+
+    db.remove_volume(VOL)
+    with pytest.raises(errors.StoreNotFound):
+        db.get_volume(VOL)
+    db.remove_volume(VOL)  # idempotent
+
+
+def test_duplicate_volume_is_a_store_error(db):
+    db.add_volume(VOL, SD, CI)
+    with pytest.raises(errors.StoreError, match="already"):
+        db.add_volume(VOL, SD, CI)
+
+
+def test_update_of_missing_volume_is_not_found(db):
+    with pytest.raises(errors.StoreNotFound):
+        db.update_volume(VOL, state="attached")
+
+
+def test_invalid_state_or_column_is_refused(db):
+    db.add_volume(VOL, SD, CI)
+    with pytest.raises(ValueError):
+        db.update_volume(VOL, state="bogus")
+    with pytest.raises(ValueError):
+        db.update_volume(VOL, created="x")
+
+
+def test_volumes_are_sorted_and_filtered(db):
+    db.add_volume(VOL2, SD, CI)
+    db.add_volume(VOL, SD, CI)
+    assert [v["vol_id"] for v in db.volumes()] == [VOL, VOL2]
+    assert [v["vol_id"] for v in db.volumes([VOL2, "unknown"])] == [VOL2]
+
+
+def test_closed_store_raises_store_closed(tmp_path):
+    s = store.open(str(tmp_path / "mv.db"))
+    s.close()
+    s.close()
+    with pytest.raises(errors.StoreClosed):
+        s.volumes()
+    with pytest.raises(errors.StoreClosed):
+        s.add_volume(VOL, SD, CI)
+
+
+def test_vdsm_database_is_migrated_in_place(tmp_path):
+    path = str(tmp_path / "managedvolume.db")
+    conn = sqlite3.connect(path)
+    conn.executescript(VDSM_SCHEMA)
+    conn.execute(
+        "INSERT INTO volumes (vol_id, path, connection_info, attachment, "
+        "multipath_id, updated) VALUES (?, ?, ?, ?, ?, datetime('now'))",
+        (VOL, "/dev/mapper/3600a", json.dumps(CI).encode("utf-8"),
+         json.dumps({"path": "/dev/dm-1"}).encode("utf-8"), "3600a"))
+    conn.commit()
+    conn.close()
+
+    with store.open(path) as s:
+        assert s.version_info()["version"] == store.VERSION
+        rec = s.get_volume(VOL)
+    assert rec["state"] == "attached"
+    assert rec["sd_id"] == "00000000-0000-0000-0000-000000000000"
+    assert rec["connection_info"] == CI
+    assert rec["attachment"] == {"path": "/dev/dm-1"}
+    assert rec["created"]
+
+    with store.open(path) as s:   # reopening does not migrate again
+        assert s.version_info()["version"] == store.VERSION
+
+
+def test_newer_database_is_refused(tmp_path):
+    path = str(tmp_path / "mv.db")
+    store.open(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("INSERT INTO versions VALUES (?, 'future', 'now')",
+                 (store.VERSION + 1,))
+    conn.commit()
+    conn.close()
+    with pytest.raises(errors.StoreError, match="newer"):
+        store.open(path)
+
+
+def test_corrupt_file_is_a_clear_store_error(tmp_path):
+    path = tmp_path / "mv.db"
+    path.write_bytes(b"this is not a database at all" * 100)
+    with pytest.raises(errors.StoreError) as e:
+        store.open(str(path))
+    assert e.value.code == 935
+    assert str(path) in str(e.value)
+
+
+def test_corrupt_json_in_a_record_is_a_store_error(db):
+    db.add_volume(VOL, SD, CI)
+    db._write("UPDATE volumes SET attachment = '{bad' WHERE vol_id = ?",
+              (VOL,))
+    with pytest.raises(errors.StoreError, match="corrupt"):
+        db.get_volume(VOL)
+
+
+def test_many_threads_share_one_store(db):
+    ids = ["{:08x}-0000-4000-8000-000000000000".format(i) for i in range(40)]
+
+    def work(vol_id):
+        db.add_volume(vol_id, SD, CI)
+        db.update_volume(vol_id, state="attached")
+        db.get_volume(vol_id)
+
+    threads = [threading.Thread(target=work, args=(v,)) for v in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [v["vol_id"] for v in db.volumes()] == ids
+    assert {v["state"] for v in db.volumes()} == {"attached"}
+
+
+def _process_worker(path, first, count):
+    with store.open(path) as s:
+        for i in range(first, first + count):
+            vol_id = "{:08x}-0000-4000-8000-000000000000".format(i)
+            s.add_volume(vol_id, SD, CI)
+            s.update_volume(vol_id, state="attached")
+
+
+def test_many_processes_share_one_database(tmp_path):
+    path = str(tmp_path / "mv.db")
+    store.open(path).close()
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_process_worker, args=(path, i * 20, 20))
+             for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    with store.open(path) as s:
+        vols = s.volumes()
+    assert len(vols) == 80
+    assert {v["state"] for v in vols} == {"attached"}

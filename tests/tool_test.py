@@ -1,0 +1,573 @@
+"""managedvolume-tool: each sub-command run as an admin runs it.
+
+Most tests run the real console entry point in a subprocess (exit codes,
+stdout/stderr as a shell sees them) on a ``--state-dir`` under tmp_path;
+the few that must fake the host (os-brick missing) call ``tool.main``
+in-process.
+"""
+
+import datetime
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+import vdsm_managedvolume
+from vdsm_managedvolume import config
+from vdsm_managedvolume import pki
+from vdsm_managedvolume import store
+from vdsm_managedvolume import tool
+
+VOL_ID = "9f3c1e0a-55b1-4f07-9d6c-2f2f4a9e8f10"
+VOL_ID2 = "0b7e53c4-8f7d-4f7c-9b66-5e0c3f1d2a11"
+SD_ID = "00000000-0000-0000-0000-000000000000"
+SECRET = "s3cr3t-chap-p4ss"
+
+ISCSI = {
+    "driver_volume_type": "iscsi",
+    "data": {
+        "target_portal": "192.0.2.10:3260",
+        "target_iqn": "iqn.2010-10.org.openstack:volume-1",
+        "target_lun": 1,
+        "auth_method": "CHAP",
+        "auth_username": "user",
+        "auth_password": SECRET,
+    },
+}
+
+
+def run(*args, check=None, env=None):
+    """Run managedvolume-tool; return the CompletedProcess."""
+    cmd = [sys.executable, "-m", "vdsm_managedvolume.tool", *args]
+    full_env = dict(os.environ, PYTHONPATH=_repo())
+    full_env.pop("MANAGEDVOLUME_CONFIG", None)
+    full_env.update(env or {})
+    p = subprocess.run(cmd, capture_output=True, text=True, env=full_env,
+                       timeout=120)
+    if check is not None:
+        assert p.returncode == check, (p.stdout, p.stderr)
+    return p
+
+
+@pytest.fixture
+def state(tmp_path):
+    return str(tmp_path / "state")
+
+
+@pytest.fixture
+def cfg(state):
+    return config.with_state_dir(config.Config(), state)
+
+
+@pytest.fixture
+def configured(state, cfg):
+    run("--state-dir", state, "configure", check=0)
+    return cfg
+
+
+# configure
+
+def test_configure_creates_directories_and_database(state, cfg):
+    p = run("--state-dir", state, "configure", check=0)
+
+    for d in (cfg.run_dir, cfg.state_run_dir, cfg.lock_dir,
+              cfg.brick_lock_dir, cfg.udev_rules_dir):
+        assert os.path.isdir(d)
+        assert d in p.stdout
+    assert os.stat(cfg.db_path).st_mode & 0o777 == 0o600
+    with store.open(cfg.db_path) as db:
+        assert db.version_info()["version"] == store.VERSION
+    assert "created" in p.stdout
+
+
+def test_configure_twice_changes_nothing_the_second_time(state, cfg):
+    run("--state-dir", state, "configure", check=0)
+    p = run("--state-dir", state, "--json", "configure", check=0)
+
+    report = json.loads(p.stdout)
+    assert report["ok"] is True
+    assert [a["action"] for a in report["actions"]] == ["opened"]
+    assert report["actions"][0]["version"] == store.VERSION
+
+
+def test_configure_migrates_a_vdsm_database_in_place(state, cfg):
+    # vdsm's managedvolumedb, schema version 1, with one attached volume.
+    os.makedirs(os.path.dirname(cfg.db_path))
+    conn = sqlite3.connect(cfg.db_path)
+    conn.executescript("""
+        CREATE TABLE versions (version INTEGER PRIMARY KEY,
+                               description TEXT, updated datetime);
+        INSERT INTO versions VALUES (1, 'Initial version',
+                                     '2024-01-02 03:04:05.000000');
+        CREATE TABLE volumes (vol_id TEXT PRIMARY KEY, path TEXT,
+                              connection_info TEXT, attachment TEXT,
+                              multipath_id TEXT, updated datetime);
+        CREATE UNIQUE INDEX multipath_id ON volumes (multipath_id);
+    """)
+    conn.execute("INSERT INTO volumes VALUES (?, ?, ?, ?, ?, ?)",
+                 (VOL_ID, "/dev/mapper/3600a", json.dumps(ISCSI),
+                  json.dumps({"path": "/dev/sda", "type": "block"}),
+                  "3600a", "2024-01-02 03:04:05.000000"))
+    conn.commit()
+    conn.close()
+
+    run("--state-dir", state, "configure", check=0)
+
+    with store.open(cfg.db_path) as db:
+        assert db.version_info()["version"] == store.VERSION
+        rec = db.get_volume(VOL_ID)
+    assert rec["state"] == "attached"
+    assert rec["path"] == "/dev/mapper/3600a"
+
+
+@pytest.mark.root
+def test_configure_gives_database_and_run_dirs_to_owner(state, cfg):
+    p = run("--state-dir", state, "--json", "configure",
+            "--owner", "nobody:nogroup", check=0)
+
+    import pwd
+    nobody = pwd.getpwnam("nobody").pw_uid
+    for path in (cfg.db_path, cfg.run_dir, cfg.lock_dir):
+        assert os.stat(path).st_uid == nobody
+    # Not ours: the udev rules directory stays root's.
+    assert os.stat(cfg.udev_rules_dir).st_uid == 0
+    chowned = {a["path"] for a in json.loads(p.stdout)["actions"]
+               if a["action"] == "chown"}
+    assert cfg.db_path in chowned
+
+
+def test_configure_with_unknown_owner_fails_before_touching_anything(
+        state, cfg):
+    p = run("--state-dir", state, "configure", "--owner",
+            "no-such-user-xyz:no-such-group", check=1)
+    assert "no-such-user-xyz" in p.stderr
+    assert not os.path.exists(cfg.db_path)
+
+
+# list
+
+def _add_records(cfg, tmp_path):
+    device = tmp_path / "device"
+    device.write_bytes(b"")
+    with store.open(cfg.db_path) as db:
+        db.add_volume(VOL_ID, SD_ID, ISCSI)
+        db.update_volume(VOL_ID, state="attached", path=str(device),
+                         attachment={"path": str(device), "type": "block"},
+                         managed_path="/run/x")
+        db.add_volume(VOL_ID2, SD_ID, {"driver_volume_type": "rbd",
+                                       "data": {"name": "pool/v",
+                                                "keyring": SECRET}})
+        db.update_volume(VOL_ID2, state="attached",
+                         path=str(tmp_path / "gone"))
+    return device
+
+
+def test_list_without_database_says_nothing_is_recorded(state):
+    p = run("--state-dir", state, "list", check=0)
+    assert "no managed volumes recorded" in p.stdout
+
+
+def test_list_shows_state_type_age_and_path_and_masks_secrets(
+        configured, state, tmp_path):
+    device = _add_records(configured, tmp_path)
+
+    p = run("--state-dir", state, "list", "-l", check=0)
+
+    lines = p.stdout.splitlines()
+    assert lines[0].split() == ["VOL_ID", "STATE", "TYPE", "AGE", "PATH"]
+    row1 = next(line for line in lines if line.startswith(VOL_ID2))
+    row2 = next(line for line in lines if line.startswith(VOL_ID))
+    assert row1.split()[1:3] == ["attached", "rbd"]
+    assert row1.endswith("(missing)")
+    assert row2.split()[1:3] == ["attached", "iscsi"]
+    assert row2.split()[3].endswith("s")        # age in seconds: "0m3s"
+    assert row2.split()[4] == str(device)
+    assert "auth_username" in p.stdout          # -l shows connection_info
+    assert SECRET not in p.stdout + p.stderr
+
+
+def test_list_json_is_masked_and_filterable(configured, state, tmp_path):
+    _add_records(configured, tmp_path)
+
+    p = run("list", VOL_ID, "--json", "--state-dir", state, check=0)
+
+    records = json.loads(p.stdout)
+    assert [r["vol_id"] for r in records] == [VOL_ID]
+    rec = records[0]
+    assert rec["state"] == "attached"
+    assert rec["exists"] is True
+    assert rec["age"] >= 0
+    assert rec["connection_info"]["data"]["auth_password"] == "********"
+    assert rec["connection_info"]["data"]["auth_username"] == "user"
+    assert SECRET not in p.stdout
+
+
+# reconcile
+
+def _orphan_link(cfg):
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    link = os.path.join(cfg.run_dir, "{}_{}".format(SD_ID, VOL_ID))
+    os.symlink("/dev/null", link)
+    return link
+
+
+def test_reconcile_on_a_consistent_host_finds_nothing(configured, state):
+    p = run("--state-dir", state, "reconcile", check=0)
+    assert "nothing to reconcile" in p.stdout
+
+
+def test_reconcile_dry_run_reports_and_changes_nothing(configured, state):
+    link = _orphan_link(configured)
+
+    p = run("--state-dir", state, "reconcile", check=1)
+
+    assert "remove-link" in p.stdout
+    assert "planned" in p.stdout
+    assert "--apply" in p.stdout
+    assert os.path.islink(link)
+
+
+def test_reconcile_apply_removes_a_link_no_record_owns(configured, state):
+    link = _orphan_link(configured)
+
+    p = run("--state-dir", state, "--json", "reconcile", "--apply", check=0)
+
+    report = json.loads(p.stdout)
+    assert report["apply"] is True
+    assert report["failed"] == 0
+    assert [(v["action"], v["result"]) for v in report["volumes"]] == [
+        ("remove-link", "done")]
+    assert not os.path.lexists(link)
+    run("--state-dir", state, "reconcile", check=0)
+
+
+def test_reconcile_reports_a_stale_record_without_failing(
+        configured, state, tmp_path):
+    with store.open(configured.db_path) as db:
+        db.add_volume(VOL_ID, SD_ID, ISCSI, state="attached")
+        db.update_volume(VOL_ID, path=str(tmp_path / "gone"))
+
+    p = run("--state-dir", state, "--json", "reconcile", check=0)
+
+    (entry,) = json.loads(p.stdout)["volumes"]
+    assert (entry["vol_id"], entry["action"], entry["result"]) == (
+        VOL_ID, "stale", "kept")
+    assert SECRET not in p.stdout
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_reconcile_apply_rolls_back_an_interrupted_attach(
+        configured, state, tmp_path):
+    # A crash between "attaching" and "attached": the real privsep daemon
+    # runs the (no-op) local disconnect, then the record goes.
+    local = {"driver_volume_type": "local",
+             "data": {"device_path": str(tmp_path / "dev")}}
+    with store.open(configured.db_path) as db:
+        db.add_volume(VOL_ID, SD_ID, local)
+
+    dry = run("--state-dir", state, "--json", "reconcile", check=1)
+    assert [(v["action"], v["result"])
+            for v in json.loads(dry.stdout)["volumes"]] == [
+        ("rollback", "planned")]
+
+    p = run("--state-dir", state, "--json", "reconcile", "--apply", check=0)
+    assert [(v["action"], v["result"])
+            for v in json.loads(p.stdout)["volumes"]] == [
+        ("rollback", "done")]
+    with store.open(configured.db_path) as db:
+        assert db.volumes() == []
+
+
+# check
+
+def _checks(p):
+    return {c["name"]: c for c in json.loads(p.stdout)["checks"]}
+
+
+def test_check_on_a_configured_state_dir_passes_with_warnings(
+        configured, state):
+    pki.ensure_dev_pki(configured)
+
+    p = run("--state-dir", state, "--json", "check", "--skip-privsep",
+            check=0)
+
+    checks = _checks(p)
+    assert json.loads(p.stdout)["ok"] is True
+    for name in ("config", "os-brick", "oslo.privsep", "lock-dir",
+                 "lock-path", "database", "cert-key", "cert-ca",
+                 "cert-expiry", "ca-expiry", "udevadm", "chown"):
+        assert checks[name]["status"] == "ok", checks[name]
+    assert checks["privsep"]["status"] == "skip"
+    assert "schema version {}".format(store.VERSION) in \
+        checks["database"]["message"]
+
+
+def test_check_human_output_has_one_line_per_check_and_a_summary(
+        configured, state):
+    pki.ensure_dev_pki(configured)
+    p = run("--state-dir", state, "check", "--skip-privsep", check=0)
+    lines = p.stdout.splitlines()
+    assert any(line.split()[:2] == ["ok", "database"] for line in lines)
+    assert lines[-1].startswith("0 problem(s)")
+
+
+def test_check_fails_without_a_database(state):
+    p = run("--state-dir", state, "--json", "check", "--skip-privsep",
+            check=1)
+    checks = _checks(p)
+    assert checks["database"]["status"] == "fail"
+    assert "configure" in checks["database"]["message"]
+    assert checks["run-dir"]["status"] == "fail"
+
+
+def test_check_fails_when_key_does_not_match_certificate(configured, state):
+    pki.ensure_dev_pki(configured)
+    other_key = _new_key()
+    pki.write_key(configured.key_file, other_key)
+
+    p = run("--state-dir", state, "--json", "check", "--skip-privsep",
+            check=1)
+
+    assert _checks(p)["cert-key"]["status"] == "fail"
+
+
+def test_check_fails_when_certificate_is_from_another_ca(configured, state):
+    pki.ensure_dev_pki(configured)
+    ca_key, ca_cert = pki.create_ca("some other CA")
+    pki.write_cert(configured.ca_file, ca_cert)
+
+    p = run("--state-dir", state, "--json", "check", "--skip-privsep",
+            check=1)
+
+    checks = _checks(p)
+    assert checks["cert-ca"]["status"] == "fail"
+    assert checks["cert-key"]["status"] == "ok"
+
+
+def test_check_fails_on_an_expired_certificate(configured, state):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    pki.ensure_dev_pki(configured)
+    ca_key, ca_cert = pki.load_ca(configured.ca_file,
+                                  os.path.join(state, "pki", pki.CA_KEY))
+    key = _new_key()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME,
+                                         "localhost")])
+    cert = (x509.CertificateBuilder()
+            .subject_name(name).issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=30))
+            .not_valid_after(now - datetime.timedelta(days=1))
+            .sign(ca_key, hashes.SHA256()))
+    pki.write_key(configured.key_file, key)
+    pki.write_cert(configured.cert_file, cert)
+
+    p = run("--state-dir", state, "--json", "check", "--skip-privsep",
+            check=1)
+
+    checks = _checks(p)
+    assert checks["cert-expiry"]["status"] == "fail"
+    assert "expired" in checks["cert-expiry"]["message"]
+    assert checks["cert-ca"]["status"] == "ok"
+
+
+def test_check_warns_on_missing_dev_pki_under_state_dir(configured, state):
+    p = run("--state-dir", state, "--json", "check", "--skip-privsep",
+            check=0)
+    assert _checks(p)["certificates"]["status"] == "warn"
+
+
+def test_check_fails_on_missing_pki_on_a_host(configured, tmp_path):
+    conf = tmp_path / "host.conf"
+    conf.write_text("[agent]\nkey_file = {0}/k\ncert_file = {0}/c\n"
+                    "ca_file = {0}/ca\n".format(tmp_path))
+    # A host configuration: explicit paths, no --state-dir.
+    cfg = configured
+    conf.write_text(conf.read_text() + "[paths]\ndb_path = {}\n"
+                    "run_dir = {}\nlock_dir = {}\n".format(
+                        cfg.db_path, cfg.run_dir, cfg.lock_dir))
+
+    p = run("--config", str(conf), "--json", "check", "--skip-privsep",
+            check=1)
+
+    assert _checks(p)["certificates"]["status"] == "fail"
+
+
+def test_check_accepts_a_run_dir_on_tmpfs(tmp_path):
+    if tool._filesystem("/dev/shm")[0] != "tmpfs":
+        pytest.skip("/dev/shm is not tmpfs here")
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+        conf = tmp_path / "c.conf"
+        conf.write_text("[paths]\nrun_dir = {}\n".format(shm))
+        p = run("--config", str(conf), "--json", "check", "--skip-privsep")
+    run_dir = _checks(p)["run-dir"]
+    assert run_dir["status"] == "ok"
+    assert "tmpfs" in run_dir["message"]
+
+
+def test_check_fails_on_a_host_run_dir_that_is_not_tmpfs(tmp_path):
+    conf = tmp_path / "c.conf"
+    conf.write_text("[paths]\nrun_dir = {}\n".format(tmp_path))
+    p = run("--config", str(conf), "--json", "check", "--skip-privsep")
+    if tool._filesystem(str(tmp_path))[0] == "tmpfs":
+        pytest.skip("tmp_path is on tmpfs here")
+    assert _checks(p)["run-dir"]["status"] == "fail"
+
+
+def test_check_reports_missing_os_brick_as_a_failure(
+        configured, monkeypatch, capsys):
+    real = tool.importlib.util.find_spec
+    monkeypatch.setattr(
+        tool.importlib.util, "find_spec",
+        lambda name, *a: None if name == "os_brick" else real(name, *a))
+    monkeypatch.setattr(tool.mvlog, "setup", lambda **kw: None)
+
+    rc = tool.main(["--state-dir", configured.state_dir, "--json", "check"])
+
+    checks = {c["name"]: c for c in
+              json.loads(capsys.readouterr().out)["checks"]}
+    assert rc == tool.EXIT_PROBLEMS
+    assert checks["os-brick"]["status"] == "fail"
+    assert "925" in checks["os-brick"]["message"]
+    assert checks["privsep"]["status"] == "skip"
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_check_starts_the_privsep_daemon(configured, state):
+    pki.ensure_dev_pki(configured)
+    p = run("--state-dir", state, "--json", "check", check=0)
+    privsep = _checks(p)["privsep"]
+    assert privsep["status"] == "ok"
+    assert "daemon started" in privsep["message"]
+
+
+def test_filesystem_finds_the_mount_holding_a_path():
+    assert tool._filesystem("/proc/self")[0] == "proc"
+    assert tool._filesystem("/")[1] == "/"
+
+
+# dump-schema, dump-config
+
+def test_dump_schema_prints_the_shipped_yaml():
+    p = run("dump-schema", check=0)
+    path = os.path.join(_repo(), "vdsm_managedvolume", "schema",
+                        "managedvolume-api.yml")
+    with open(path) as f:
+        assert p.stdout == f.read()
+
+
+def test_dump_schema_json_holds_the_verbs():
+    p = run("dump-schema", "--json", check=0)
+    schema = json.loads(p.stdout)
+    assert "types" in schema
+    for verb in ("attach_volume", "detach_volume", "volumes_info"):
+        assert "ManagedVolume." + verb in schema
+
+
+def test_dump_config_defaults_is_what_config_renders():
+    p = run("dump-config", "--defaults", check=0)
+    assert p.stdout == config.render()
+
+
+def test_dump_config_reads_back_to_the_same_configuration(state, tmp_path):
+    conf = tmp_path / "in.conf"
+    conf.write_text("[volumes]\nallowed_types = iscsi, rbd\n"
+                    "[agent]\nport = 54323\n")
+    p = run("--config", str(conf), "--state-dir", state, "dump-config",
+            check=0)
+    out = tmp_path / "out.conf"
+    out.write_text(p.stdout)
+
+    want = config.load(str(conf), state_dir=state)
+    got = config.load(str(out))
+    for key in config.FIELDS:
+        if key not in ("source", "state_dir"):
+            assert getattr(got, key) == getattr(want, key), key
+
+
+def test_dump_config_json_is_grouped_by_section():
+    p = run("dump-config", "--defaults", "--json", check=0)
+    doc = json.loads(p.stdout)
+    assert set(doc) == set(config.SECTIONS)
+    assert doc["volumes"]["allowed_types"] == list(
+        config.DEFAULT_ALLOWED_TYPES)
+
+
+# usage and exit codes
+
+def test_version_prints_the_package_version():
+    p = run("--version", check=0)
+    assert p.stdout.strip() == "managedvolume-tool " + \
+        vdsm_managedvolume.__version__
+
+
+def test_help_documents_the_exit_codes():
+    p = run("--help", check=0)
+    for code in ("0", "1", "2"):
+        assert "\n  {}  ".format(code) in p.stdout
+
+
+@pytest.mark.parametrize("args", [
+    [],
+    ["no-such-command"],
+    ["list", "--no-such-option"],
+])
+def test_usage_errors_exit_2(args):
+    p = run(*args, check=2)
+    assert "usage:" in p.stderr
+
+
+def test_missing_explicit_config_file_exits_2(tmp_path):
+    p = run("--config", str(tmp_path / "missing.conf"), "list", check=2)
+    assert "does not exist" in p.stderr
+
+
+def test_config_with_unknown_key_exits_2(tmp_path):
+    conf = tmp_path / "bad.conf"
+    conf.write_text("[volumes]\nalowed_types = iscsi\n")
+    p = run("--config", str(conf), "dump-config", check=2)
+    assert "alowed_types" in p.stderr
+
+
+def test_config_from_environment_is_used(tmp_path):
+    conf = tmp_path / "env.conf"
+    conf.write_text("[agent]\nport = 4242\n")
+    p = run("dump-config", "--json", check=0,
+            env={"MANAGEDVOLUME_CONFIG": str(conf)})
+    assert json.loads(p.stdout)["agent"]["port"] == 4242
+
+
+def test_a_corrupt_database_is_a_clear_error_with_exit_1(state, cfg):
+    os.makedirs(os.path.dirname(cfg.db_path))
+    with open(cfg.db_path, "w") as f:
+        f.write("this is not a database\n" * 100)
+
+    p = run("--state-dir", state, "list", check=1)
+
+    assert "code=935" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_format_age_shows_two_largest_units():
+    assert tool._format_age(9) == "9s"
+    assert tool._format_age(312) == "5m12s"
+    assert tool._format_age(3 * 86400 + 4 * 3600 + 5) == "3d4h"
+    assert tool._format_age(None) == "-"
+
+
+def _new_key():
+    from cryptography.hazmat.primitives.asymmetric import ec
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _repo():
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

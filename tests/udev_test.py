@@ -1,0 +1,116 @@
+import logging
+import os
+import stat
+
+import pytest
+
+from vdsm_managedvolume import udev
+
+from .host_fixtures import make_cfg
+
+VOL = "0d4b0fe1-6a69-4a2e-9f63-4c8f3bd6f0a1"
+SD = "2d4b0fe1-6a69-4a2e-9f63-4c8f3bd6f0a1"
+RUN = ' RUN+="/usr/bin/chown vdsm:qemu $env{DEVNAME}"\n'
+
+
+@pytest.mark.parametrize("path, rule", [
+    ("/dev/mapper/20024f4005854000b", 'SYMLINK=="mapper/20024f4005854000b",'),
+    ("/dev/rbd/volumes/volume-d1530bb1",
+     'SYMLINK=="rbd/volumes/volume-d1530bb1",'),
+    ("/dev/nvme0n3", 'KERNEL=="nvme0n3",'),
+])
+def test_rule_text_matches_vdsm(path, rule):
+    assert udev.rule_text(path, "vdsm:qemu", "/usr/bin/chown") == rule + RUN
+
+
+def test_rule_never_sets_owner_group_or_mode():
+    text = udev.rule_text("/dev/mapper/x", "vdsm:qemu", "/usr/bin/chown")
+    for word in ("OWNER", "GROUP", "MODE"):
+        assert word not in text
+
+
+def test_symlink_under_dev_uses_symlink_match(tmp_path):
+    # Any other symlink (e.g. /dev/disk/by-id/...) is matched as a symlink.
+    link = tmp_path / "by-id-x"
+    link.symlink_to("/dev/null")
+    assert udev.rule_text(str(link), "a:b", "/c").startswith("SYMLINK==")
+
+
+def test_configured_device_dirs_are_named_as_udev_sees_them(tmp_path):
+    cfg = make_cfg(tmp_path)
+    path = os.path.join(cfg.multipath_dir, "3600a")
+    udev.add_rule(cfg, SD, VOL, path)
+    with open(udev.rule_path(cfg.udev_rules_dir, SD, VOL)) as f:
+        assert f.read().startswith('SYMLINK=="mapper/3600a",')
+
+
+@pytest.mark.parametrize("path", [
+    '/dev/mapper/x", RUN+="/bin/sh -c evil',
+    "/dev/mapper/x\nKERNEL==\"sda\"",
+    "/dev/sd a",
+])
+def test_path_that_could_inject_a_rule_is_refused(path):
+    with pytest.raises(udev.UnsafePath):
+        udev.rule_text(path, "vdsm:qemu", "/usr/bin/chown")
+
+
+def test_add_writes_atomically_0644_and_remove_is_idempotent(tmp_path):
+    cfg = make_cfg(tmp_path)
+    dst = udev.add_rule(cfg, SD, VOL, "/dev/loop7")
+    assert os.path.basename(dst) == \
+        "99-vdsm-managed_{}_{}.rules".format(SD, VOL)
+    assert stat.S_IMODE(os.stat(dst).st_mode) == 0o644
+    assert os.listdir(cfg.udev_rules_dir) == [os.path.basename(dst)]
+    assert udev.has_rule(cfg, SD, VOL)
+    assert udev.list_rules(cfg) == [(SD, VOL, dst)]
+    assert udev.remove_rule(cfg, SD, VOL) is True
+    assert udev.remove_rule(cfg, SD, VOL) is False
+    assert udev.list_rules(cfg) == []
+
+
+def test_list_ignores_foreign_rules_and_finds_temp_files(tmp_path):
+    cfg = make_cfg(tmp_path)
+    os.makedirs(cfg.udev_rules_dir)
+    for name in ("99-vdsm-foo-bar.rules", "10-other.rules",
+                 "99-vdsm-managed_../x_y.rules"):
+        open(os.path.join(cfg.udev_rules_dir, name.replace("/", "")),
+             "w").close()
+    tmp = os.path.join(cfg.udev_rules_dir,
+                       ".99-vdsm-managed_{}_{}.rules.tmp".format(SD, VOL))
+    open(tmp, "w").close()
+    assert udev.list_rules(cfg) == []
+    assert udev.list_temp_files(cfg) == [tmp]
+
+
+def test_trigger_runs_udevadm_change_on_the_path(tmp_path):
+    cfg = make_cfg(tmp_path)
+    assert udev.trigger(cfg, "/dev/loop7") is True
+    with open(tmp_path / "udevadm.log") as f:
+        assert f.read() == "trigger --action=change /dev/loop7\n"
+
+
+def test_missing_udevadm_is_a_warning(tmp_path, caplog):
+    cfg = make_cfg(tmp_path, udevadm=str(tmp_path / "no-such-udevadm"))
+    with caplog.at_level(logging.WARNING, logger="managedvolume.udev"):
+        assert udev.trigger(cfg, "/dev/loop7") is False
+    assert "not found" in caplog.text
+
+
+def test_failing_udevadm_is_a_warning(tmp_path, caplog):
+    script = tmp_path / "bad-udevadm"
+    script.write_text("#!/bin/sh\necho no such device >&2\nexit 3\n")
+    script.chmod(0o755)
+    cfg = make_cfg(tmp_path, udevadm=str(script))
+    with caplog.at_level(logging.WARNING, logger="managedvolume.udev"):
+        assert udev.trigger(cfg, "/dev/loop7") is False
+    assert "rc=3" in caplog.text and "no such device" in caplog.text
+
+
+def test_hanging_udevadm_is_bounded(tmp_path, caplog):
+    script = tmp_path / "slow-udevadm"
+    script.write_text("#!/bin/sh\nexec sleep 30\n")
+    script.chmod(0o755)
+    cfg = make_cfg(tmp_path, udevadm=str(script))
+    with caplog.at_level(logging.WARNING, logger="managedvolume.udev"):
+        assert udev.trigger(cfg, "/dev/loop7", timeout=0.2) is False
+    assert "did not finish" in caplog.text

@@ -1,0 +1,91 @@
+import pytest
+
+from vdsm_managedvolume import errors
+from vdsm_managedvolume import validate
+
+UUID = "0d4b0fe1-6a69-4a2e-9f63-4c8f3bd6f0a1"
+
+
+def test_uuid_accepts_canonical_form_and_normalises_case():
+    assert validate.uuid("vol_id", UUID) == UUID
+    assert validate.uuid("vol_id", UUID.upper()) == UUID
+
+
+@pytest.mark.parametrize("bad", [
+    "../x",
+    "../../etc/passwd",
+    UUID + "/..",
+    "{" + UUID + "}",
+    "urn:uuid:" + UUID,
+    UUID.replace("-", ""),
+    UUID + "\n",
+    "",
+    UUID[:-1] + "g",
+])
+def test_uuid_rejects_anything_that_is_not_a_canonical_uuid(bad):
+    with pytest.raises(errors.InvalidParams) as e:
+        validate.uuid("vol_id", bad)
+    assert e.value.name == "vol_id"
+    assert e.value.code == -32602
+
+
+@pytest.mark.parametrize("bad", [None, 42, b"x", [UUID]])
+def test_uuid_rejects_non_strings(bad):
+    with pytest.raises(errors.InvalidParams, match="vol_id"):
+        validate.uuid("vol_id", bad)
+
+
+def test_uuid_list_names_the_bad_item():
+    assert validate.uuid_list("vol_ids", None) == []
+    assert validate.uuid_list("vol_ids", (UUID.upper(),)) == [UUID]
+    with pytest.raises(errors.InvalidParams) as e:
+        validate.uuid_list("vol_ids", [UUID, "nope"])
+    assert e.value.name == "vol_ids[1]"
+    with pytest.raises(errors.InvalidParams):
+        validate.uuid_list("vol_ids", UUID)
+
+
+def test_connection_info_returns_a_json_normalised_copy():
+    ci = {"driver_volume_type": "iscsi", "data": {"luns": (1, 2)},
+          "adapter": None}
+    out = validate.connection_info("connection_info", ci)
+    assert out == {"driver_volume_type": "iscsi", "data": {"luns": [1, 2]}}
+    assert out is not ci
+
+
+@pytest.mark.parametrize("bad, name", [
+    ([], "connection_info"),
+    ({}, "connection_info.driver_volume_type"),
+    ({"driver_volume_type": "", "data": {}},
+     "connection_info.driver_volume_type"),
+    ({"driver_volume_type": 3, "data": {}},
+     "connection_info.driver_volume_type"),
+    ({"driver_volume_type": "iscsi"}, "connection_info.data"),
+    ({"driver_volume_type": "iscsi", "data": []}, "connection_info.data"),
+    ({"driver_volume_type": "iscsi", "data": {}, "adapter": 1},
+     "connection_info.adapter"),
+    ({"driver_volume_type": "iscsi", "data": {}, "adapter": "../x"},
+     "connection_info.adapter"),
+    ({"driver_volume_type": "iscsi", "data": {"x": object()}},
+     "connection_info"),
+])
+def test_connection_info_names_the_bad_field(bad, name):
+    with pytest.raises(errors.InvalidParams) as e:
+        validate.connection_info("connection_info", bad)
+    assert e.value.name == name
+
+
+def test_boolean_is_strict():
+    assert validate.boolean("refresh", True) is True
+    with pytest.raises(errors.InvalidParams, match="refresh"):
+        validate.boolean("refresh", "yes")
+
+
+def test_driver_type_not_allowed_is_930():
+    ci = {"driver_volume_type": "nfs", "data": {}}
+    with pytest.raises(errors.UnsupportedDriverType) as e:
+        validate.driver_type(ci, ("iscsi", "rbd"))
+    assert e.value.code == 930
+    assert "nfs" in str(e.value)
+    assert validate.driver_type({"driver_volume_type": "rbd"},
+                                ("iscsi", "rbd")) == "rbd"

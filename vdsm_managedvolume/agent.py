@@ -1,0 +1,1157 @@
+"""The standalone agent: JSON-RPC over STOMP 1.2 over mutual TLS.
+
+``managedvolume-agent`` serves the ManagedVolume verbs on vdsm's port with
+vdsm's wire protocol (CONTRACT.md section 2), so the engine and vdsm-client
+talk to it unchanged.
+
+Design
+------
+One I/O thread owns every socket (a ``selectors`` loop, non-blocking TLS):
+it accepts, handshakes, parses frames (``stompframe``), answers the STOMP
+verbs itself and writes every byte.  Requests go to a bounded pool of worker
+threads running ``Dispatcher.handle()``; a worker never touches a socket,
+it queues its response and wakes the loop.  So
+
+- an attach that takes a minute never stops heart-beats or other clients;
+- only one thread writes to a connection: frames are never interleaved,
+  and an SSL object is never used by two threads at once;
+- when ``workers`` are busy and ``max_queue`` requests wait, a new request
+  is answered at once with error 933 (AgentBusy) instead of piling up.
+
+Connection life::
+
+    accept -> TLS handshake (handshake_timeout)
+           -> CONNECT/STOMP within idle_timeout, accept-version must hold 1.2
+           -> CONNECTED version:1.2 heart-beat:<sx>,<sy>
+           -> SUBSCRIBE / UNSUBSCRIBE / SEND ... / DISCONNECT [receipt]
+
+A malformed frame, an unknown or unsupported command, a frame larger than
+``max_frame``: the connection gets an ERROR frame saying precisely what was
+wrong and is closed, as STOMP asks; other connections are not affected.
+
+Routing: a SEND to ``jms.topic.vdsm_requests`` (or ``...vdsm_requests.<x>``)
+is a request; its response goes as a MESSAGE to the ``reply-to``
+destination, with the ``subscription`` id this connection subscribed it
+with (any connection's subscription when this one has none).  No reply-to,
+no response.  Errors about a request whose id is unknown (unparsable JSON)
+go to ``jms.topic.vdsm_responses`` when the connection subscribed to it.
+The ``ovirtCorrelationId`` header is the flow id of the call
+(``log.flow``): it is in every log line the call writes.
+
+Besides the port, the agent serves a local control socket
+(``cfg.socket_path``): a client connecting there reads one JSON line,
+``{"connector_info": {...}}`` (``{}`` when unknown), which the
+after_get_caps hook adds to vdsm's capabilities.
+
+Signals: SIGTERM/SIGINT stop accepting, let in-flight calls finish (up to
+``shutdown_timeout``) and exit 0; SIGHUP reopens the log file.  Under
+systemd (``NOTIFY_SOCKET``) the agent reports READY=1 and STOPPING=1.
+"""
+
+import argparse
+import collections
+import ipaddress
+import json
+import logging
+import os
+import queue
+import selectors
+import signal
+import socket
+import ssl
+import sys
+import threading
+import time
+
+from . import __version__
+from . import config
+from . import errors
+from . import log as logmod
+from . import pki
+from . import stompframe
+
+log = logging.getLogger("managedvolume.agent")
+
+REQUESTS = "jms.topic.vdsm_requests"
+RESPONSES = "jms.topic.vdsm_responses"
+
+# We never promise heart-beats more often than this (milliseconds), and send
+# them a little earlier than promised, so that a late wake-up stays in time.
+MIN_HEARTBEAT = 1000
+HEARTBEAT_EARLY = 0.8
+# A client that offered heart-beats is dropped after this many silent
+# intervals (STOMP leaves the margin to us).
+HEARTBEAT_GRACE = 3
+
+# After an ERROR frame: how long we keep reading (and discarding) so that
+# closing does not reset the connection before the peer read the error.
+LINGER = 2.0
+# A connection whose unsent output exceeds this is not reading: drop it.
+MAX_OUTPUT = 64 * 1024 * 1024
+# Bound of the connector_info call made for the control socket; the hook
+# reading it gives up after 2 seconds.
+CONTROL_TIMEOUT = 1.0
+
+CHUNK = 65536
+
+
+class ShuttingDown(errors.AgentBusy):
+    """A request that arrived after SIGTERM (same code as AgentBusy)."""
+
+    msg = "Agent is shutting down; retry later"
+
+
+def main(argv=None):
+    """The ``managedvolume-agent`` console script."""
+    args = _parse_args(argv)
+    try:
+        cfg = config.load(args.config, state_dir=args.state_dir)
+        if args.listen:
+            cfg.listen, cfg.port = parse_listen(args.listen)
+    except (errors.ConfigError, ValueError) as e:
+        print("managedvolume-agent: {}".format(e), file=sys.stderr)
+        return 2
+    if args.insecure and not is_loopback(cfg.listen):
+        print("managedvolume-agent: --insecure serves plain TCP without "
+              "authentication and is refused on {!r}: only a loopback "
+              "address (127.0.0.1, ::1, localhost) may be used with it"
+              .format(cfg.listen), file=sys.stderr)
+        return 2
+    if cfg.state_dir and not cfg.log_file and not cfg.log_config:
+        cfg.log_file = os.path.join(cfg.log_dir, "agent.log")
+    logmod.setup(cfg)
+    log.info("vdsm-managedvolume agent %s starting (config %s, state dir "
+             "%s)", __version__, cfg.source or "defaults",
+             cfg.state_dir or "-")
+    try:
+        return _run(cfg, args.insecure)
+    except errors.Error as e:
+        log.error("Cannot start: %s", e)
+        print("managedvolume-agent: {}".format(e), file=sys.stderr)
+        return 1
+
+
+class Server:
+    """The wire server; see the module docstring.
+
+    dispatcher: an object with ``handle(body, flow_id) -> bytes | None``.
+    ssl_context: a server context (mutual TLS), None for plain TCP.
+    connector_info: a callable returning the connector info dict, for the
+        control socket (None: no control socket).
+    """
+
+    def __init__(self, cfg, dispatcher, ssl_context=None,
+                 connector_info=None):
+        self.cfg = cfg
+        self.dispatcher = dispatcher
+        self.ssl_context = ssl_context
+        self.address = None
+        self._selector = selectors.DefaultSelector()
+        self._listener = None
+        self._control = None
+        self._connections = set()
+        self._results = collections.deque()
+        self._again = set()     # connections with decrypted bytes pending
+        self._pool = Pool(cfg.workers, cfg.max_queue)
+        self._caps = (_ConnectorInfo(connector_info)
+                      if connector_info else None)
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._thread = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._on_stopping = []
+
+    def listen(self):
+        """Bind the port (and the control socket); return the address."""
+        self._listener = _bind(self.cfg.listen, self.cfg.port)
+        self.address = self._listener.getsockname()[:2]
+        self._selector.register(self._listener, selectors.EVENT_READ,
+                                self._accept)
+        if self._caps is not None:
+            self._control = _bind_unix(self.cfg.socket_path)
+            self._selector.register(self._control, selectors.EVENT_READ,
+                                    self._accept_control)
+            self._caps.refresh()
+        log.info("Listening on %s (%s)", format_address(self.address),
+                 "mutual TLS" if self.ssl_context else "plain TCP")
+        return self.address
+
+    def serve(self):
+        """Run the I/O loop until ``shutdown()`` and the drain are done."""
+        try:
+            self._loop()
+        finally:
+            self._close_all()
+            self._stopped.set()
+
+    def start(self):
+        """listen() and serve() in a thread (tests, benchmarks)."""
+        if self.address is None:
+            self.listen()
+        self._thread = threading.Thread(target=self.serve, name="agent-io",
+                                        daemon=True)
+        self._thread.start()
+        return self.address
+
+    def shutdown(self):
+        """Begin a graceful stop; safe in a signal handler."""
+        self._stopping.set()
+        self._wake()
+
+    def stop(self, timeout=None):
+        self.shutdown()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        else:
+            self._stopped.wait(timeout)
+
+    def on_stopping(self, callback):
+        """Call ``callback()`` (in the I/O thread) when the stop begins."""
+        self._on_stopping.append(callback)
+
+    @property
+    def connections(self):
+        return len(self._connections)
+
+    # The I/O loop
+
+    def _loop(self):
+        drain_deadline = None
+        final_deadline = None
+        while True:
+            now = time.monotonic()
+            if self._stopping.is_set() and drain_deadline is None:
+                drain_deadline = now + self.cfg.shutdown_timeout
+                self._begin_stop()
+            if drain_deadline is not None and final_deadline is None:
+                pending = self._pool.pending
+                if (pending == 0 and not self._results) or \
+                        now >= drain_deadline:
+                    if pending:
+                        log.warning("%d operations still running after %s "
+                                    "seconds; exiting anyway", pending,
+                                    self.cfg.shutdown_timeout)
+                    final_deadline = now + 1.0
+                    for conn in list(self._connections):
+                        conn.close_after_flush(linger=False)
+            if final_deadline is not None and (
+                    not self._connections or now >= final_deadline):
+                return
+            timeout = self._expire(now)
+            if drain_deadline is not None:
+                timeout = min(timeout, 0.1)
+            for conn in list(self._connections):
+                conn.update()
+            if self._again:
+                timeout = 0
+            for key, events in self._selector.select(timeout):
+                handler = key.data
+                if handler is None:
+                    self._drain_wake()
+                elif isinstance(handler, Connection):
+                    handler.ready(events)
+                else:
+                    handler()
+            again, self._again = self._again, set()
+            for conn in again:
+                conn.ready(selectors.EVENT_READ)
+            self._deliver_results()
+
+    def _expire(self, now):
+        """Act on connection deadlines; return the select timeout."""
+        timeout = 1.0
+        for conn in list(self._connections):
+            deadline = conn.check_deadlines(now)
+            if deadline is not None:
+                timeout = min(timeout, max(0.0, deadline - now))
+        return timeout
+
+    def _begin_stop(self):
+        log.info("Stopping: no new connections; waiting up to %s seconds "
+                 "for %d operations in flight", self.cfg.shutdown_timeout,
+                 self._pool.pending)
+        for callback in self._on_stopping:
+            try:
+                callback()
+            except Exception:
+                log.exception("Stopping callback failed")
+        self._close_listeners()
+
+    def _close_listeners(self):
+        for sock in (self._listener, self._control):
+            if sock is not None:
+                try:
+                    self._selector.unregister(sock)
+                except (KeyError, ValueError):
+                    pass
+                sock.close()
+        if self._control is not None:
+            _silent_unlink(self.cfg.socket_path)
+        self._listener = self._control = None
+
+    def _close_all(self):
+        self._close_listeners()
+        for conn in list(self._connections):
+            conn.close()
+        self._pool.stop()
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _wake(self):
+        try:
+            self._wake_w.send(b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    def _drain_wake(self):
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _accept(self):
+        try:
+            sock, addr = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            log.warning("accept failed: %s", e)
+            return
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context is not None:
+            sock = self.ssl_context.wrap_socket(
+                sock, server_side=True, do_handshake_on_connect=False)
+        conn = Connection(self, sock, format_address(addr))
+        self._connections.add(conn)
+        self._selector.register(sock, selectors.EVENT_READ, conn)
+        log.debug("Connection from %s", conn.peer)
+        if self.ssl_context is None:
+            conn.ready(selectors.EVENT_READ)
+
+    def _accept_control(self):
+        try:
+            sock, _ = self._control.accept()
+        except (BlockingIOError, InterruptedError, OSError):
+            return
+        threading.Thread(target=self._serve_control, args=(sock,),
+                         name="control", daemon=True).start()
+
+    def _serve_control(self, sock):
+        try:
+            info = self._caps.get(CONTROL_TIMEOUT)
+            line = {} if info is None else {"connector_info": info}
+            sock.setblocking(True)
+            sock.settimeout(CONTROL_TIMEOUT)
+            sock.sendall(json.dumps(line).encode("utf-8") + b"\n")
+        except OSError as e:
+            log.debug("Control client went away: %s", e)
+        finally:
+            sock.close()
+
+    # Connections call these (in the I/O thread)
+
+    def forget(self, conn):
+        self._connections.discard(conn)
+        try:
+            self._selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+
+    def again(self, conn):
+        """Run ``conn.ready()`` on the next round, whatever select says."""
+        self._again.add(conn)
+
+    def watch(self, conn, events):
+        try:
+            self._selector.modify(conn.sock, events, conn)
+        except (KeyError, ValueError):
+            pass
+
+    def submit(self, conn, body, reply_to, flow_id):
+        """Queue a request for a worker, or answer 933 at once."""
+        if self._stopping.is_set():
+            self._route(conn, reply_to, flow_id, busy_response(
+                body, ShuttingDown(workers=self._pool.workers, queued=0)))
+            return
+        job = (conn, body, reply_to, flow_id)
+        if not self._pool.submit(lambda: self._handle(job)):
+            with logmod.flow(flow_id):
+                log.warning("Agent busy: refusing a request from %s "
+                            "(%d workers busy, %d waiting)", conn.peer,
+                            self._pool.workers, self._pool.max_queue)
+            self._route(conn, reply_to, flow_id, busy_response(
+                body, errors.AgentBusy(workers=self._pool.workers,
+                                       queued=self._pool.max_queue)))
+
+    def publish(self, conn, destination, frame):
+        """Forward a SEND to a destination that is not ours (broker-like).
+
+        Return whether anybody was subscribed.
+        """
+        targets = self._subscribers(conn, destination)
+        for target, sub_id in targets:
+            headers = {k: v for k, v in frame.headers.items()
+                       if k != "receipt"}
+            headers["subscription"] = sub_id
+            headers["message-id"] = target.next_message_id()
+            target.send(stompframe.encode(stompframe.MESSAGE, headers,
+                                          frame.body))
+        return bool(targets)
+
+    # Private helpers
+
+    def _handle(self, job):
+        """Run one request in a worker thread."""
+        conn, body, reply_to, flow_id = job
+        with logmod.flow(flow_id):
+            log.debug("Request from %s (%d bytes)", conn.peer, len(body))
+            try:
+                response = self.dispatcher.handle(body, flow_id)
+            except Exception as e:
+                log.exception("Dispatcher failed")
+                response = busy_response(body, errors.InternalError(
+                    "{}: {}".format(type(e).__name__, e)))
+        self._results.append((conn, reply_to, flow_id, response))
+        self._wake()
+
+    def _deliver_results(self):
+        while self._results:
+            conn, reply_to, flow_id, response = self._results.popleft()
+            self._route(conn, reply_to, flow_id, response)
+
+    def _route(self, conn, reply_to, flow_id, response):
+        if response is None:
+            return
+        with logmod.flow(flow_id):
+            destination = reply_to
+            if _unknown_id_error(response) and \
+                    RESPONSES in conn.subscriptions.values():
+                destination = RESPONSES
+            if destination is None:
+                log.debug("Request without reply-to: response dropped")
+                return
+            targets = self._subscribers(conn, destination)
+            if not targets:
+                log.warning("No subscription to %s (connection %s %s): "
+                            "response dropped", destination, conn.peer,
+                            "closed" if conn.closed else "open")
+                return
+            for target, sub_id in targets:
+                target.send(stompframe.encode(stompframe.MESSAGE, {
+                    "destination": destination,
+                    "content-type": "application/json",
+                    "subscription": sub_id,
+                    "message-id": target.next_message_id(),
+                }, response))
+            log.debug("Response sent to %s (%d bytes)", destination,
+                      len(response))
+
+    def _subscribers(self, conn, destination):
+        """[(connection, subscription id)]: this connection's, else any."""
+        own = [(conn, sid) for sid, dest in conn.subscriptions.items()
+               if dest == destination] if not conn.closed else []
+        if own:
+            return own
+        return [(c, sid) for c in self._connections if not c.closed
+                for sid, dest in c.subscriptions.items()
+                if dest == destination]
+
+
+class Connection:
+    """One client connection; used only by the I/O thread."""
+
+    HANDSHAKE = "handshake"
+    WAIT_CONNECT = "wait-connect"
+    CONNECTED = "connected"
+    CLOSING = "closing"
+
+    def __init__(self, server, sock, peer):
+        self.server = server
+        self.cfg = server.cfg
+        self.sock = sock
+        self.peer = peer
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.state = self.HANDSHAKE if self.tls else self.WAIT_CONNECT
+        self.parser = stompframe.Parser(
+            max_frame=self.cfg.max_frame,
+            commands=stompframe.CLIENT_COMMANDS)
+        self.subscriptions = {}     # id -> destination
+        self.closed = False
+        now = time.monotonic()
+        self.created = now
+        self.last_recv = now
+        self.last_send = now
+        self.send_interval = 0.0    # seconds between our heart-beats
+        self.recv_timeout = 0.0     # silence after which the peer is dead
+        self._out = bytearray()
+        self._retry_len = 0         # SSL_write must be retried as it was
+        self._want_write = False    # TLS asked to wait for writability
+        self._events = selectors.EVENT_READ
+        self._linger = False
+        self._linger_until = None
+        self._close_deadline = None
+        self._message_id = 0
+
+    # Called by the server
+
+    def ready(self, events):
+        if self.closed:
+            return
+        if self.state == self.HANDSHAKE:
+            self._handshake()
+            if self.state == self.HANDSHAKE or self.closed:
+                return
+        if self._out or self._want_write:
+            self._flush()
+        if not self.closed:
+            self._read()
+        if not self.closed and self._out:
+            self._flush()
+
+    def update(self):
+        """Flush queued output and watch for the events we need."""
+        if self.closed:
+            return
+        if self._out and not self._want_write:
+            self._flush()
+        if self.closed:
+            return
+        if self.state == self.CLOSING and not self._out and \
+                self._linger_until is None:
+            self._finish_close()
+            if self.closed:
+                return
+        events = selectors.EVENT_READ
+        if self._out or self._want_write:
+            events |= selectors.EVENT_WRITE
+        if events != self._events:
+            self._events = events
+            self.server.watch(self, events)
+
+    def check_deadlines(self, now):
+        """Enforce timeouts and send heart-beats; return the next deadline."""
+        if self.closed:
+            return None
+        if self.state == self.HANDSHAKE:
+            deadline = self.created + self.cfg.handshake_timeout
+            if now >= deadline:
+                log.warning("TLS handshake with %s timed out after %s "
+                            "seconds", self.peer, self.cfg.handshake_timeout)
+                self.close()
+                return None
+            return deadline
+        if self.state == self.WAIT_CONNECT:
+            deadline = self.created + self.cfg.idle_timeout
+            if now >= deadline:
+                self.fail("no CONNECT frame within {} seconds".format(
+                    self.cfg.idle_timeout))
+                return None
+            return deadline
+        if self.state == self.CLOSING:
+            deadline = self._close_deadline
+            if self._linger_until is not None:
+                deadline = min(deadline, self._linger_until)
+            if now >= deadline:
+                self.close()
+                return None
+            return deadline
+        deadlines = []
+        if self.recv_timeout:
+            deadline = self.last_recv + self.recv_timeout
+            if now >= deadline:
+                log.warning("No heart-beat from %s for %.1f seconds: "
+                            "closing", self.peer, now - self.last_recv)
+                self.close()
+                return None
+            deadlines.append(deadline)
+        if self.send_interval and not self._out:
+            # (While output is pending we wait for writability instead:
+            # any byte we write counts as a heart-beat.)
+            deadline = self.last_send + self.send_interval
+            if now >= deadline:
+                self._out += stompframe.HEARTBEAT
+                deadline = now + self.send_interval
+            deadlines.append(deadline)
+        return min(deadlines) if deadlines else None
+
+    def send(self, data):
+        """Queue bytes; written by the loop (``update``)."""
+        if self.closed or self.state == self.CLOSING:
+            return
+        if len(self._out) + len(data) > MAX_OUTPUT:
+            log.warning("%s does not read its responses (%d bytes "
+                        "pending): closing", self.peer, len(self._out))
+            self.close()
+            return
+        self._out += data
+
+    def next_message_id(self):
+        self._message_id += 1
+        return str(self._message_id)
+
+    def fail(self, reason, receipt=None):
+        """Send an ERROR frame and close, as STOMP asks."""
+        log.warning("STOMP error from %s: %s", self.peer, reason)
+        headers = {"message": reason[:200], "content-type": "text/plain"}
+        if receipt is not None:
+            headers["receipt-id"] = receipt
+        self.send(stompframe.encode(stompframe.ERROR, headers,
+                                    (reason + "\n").encode("utf-8")))
+        self.close_after_flush()
+
+    def close_after_flush(self, linger=True):
+        if self.closed:
+            return
+        if self.state != self.CLOSING:
+            self.state = self.CLOSING
+            self._linger = linger
+            self._close_deadline = time.monotonic() + LINGER + 5.0
+        elif not linger:
+            self._linger = False
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        self.server.forget(self)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        log.debug("Connection %s closed", self.peer)
+
+    # Private helpers
+
+    def _handshake(self):
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._want_write = False
+            return
+        except ssl.SSLWantWriteError:
+            self._want_write = True
+            return
+        except (ssl.SSLError, OSError) as e:
+            log.warning("TLS handshake with %s failed: %s", self.peer, e)
+            self.close()
+            return
+        self._want_write = False
+        self.state = self.WAIT_CONNECT
+        log.debug("TLS handshake with %s done (%s)", self.peer,
+                  self.sock.version())
+
+    def _read(self):
+        for _ in range(64):
+            try:
+                data = self.sock.recv(CHUNK)
+            except (ssl.SSLWantReadError, BlockingIOError,
+                    InterruptedError):
+                return
+            except ssl.SSLWantWriteError:
+                self._want_write = True
+                return
+            except (ssl.SSLError, OSError) as e:
+                log.debug("Reading from %s failed: %s", self.peer, e)
+                self.close()
+                return
+            if not data:
+                log.debug("%s closed the connection", self.peer)
+                self.close()
+                return
+            self.last_recv = time.monotonic()
+            if self.state == self.CLOSING:
+                continue        # lingering: discard
+            try:
+                frames = self.parser.feed(data)
+            except stompframe.FrameError as e:
+                self.fail(str(e))
+                return
+            for frame in frames:
+                if self.state == self.CLOSING:
+                    break
+                self._on_frame(frame)
+            if self.closed:
+                return
+        # More TLS records may be decrypted already; select() cannot see
+        # them, so come back on the next round.
+        if self.tls and self.sock.pending():
+            self.server.again(self)
+
+    def _flush(self):
+        while self._out:
+            size = self._retry_len or min(len(self._out), CHUNK)
+            try:
+                n = self.sock.send(bytes(self._out[:size]))
+            except (ssl.SSLWantWriteError, BlockingIOError,
+                    InterruptedError):
+                self._retry_len = size if self.tls else 0
+                self._want_write = True
+                return
+            except ssl.SSLWantReadError:
+                self._retry_len = size
+                self._want_write = False
+                return
+            except (ssl.SSLError, OSError) as e:
+                log.debug("Writing to %s failed: %s", self.peer, e)
+                self.close()
+                return
+            self._retry_len = 0
+            self._want_write = False
+            del self._out[:n]
+            self.last_send = time.monotonic()
+
+    def _finish_close(self):
+        """Everything was written: close, or half-close and linger.
+
+        Closing a socket whose receive queue holds unread bytes makes the
+        kernel send RST, and the peer may lose our ERROR frame; so after an
+        error we shut down our side and read until the peer closes (or
+        LINGER seconds).
+        """
+        if not self._linger:
+            self.close()
+            return
+        try:
+            if self.tls:
+                try:
+                    self.sock.unwrap()
+                except (ssl.SSLError, OSError, ValueError):
+                    pass        # close_notify is best effort
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close()
+            return
+        self.tls = False
+        self._linger_until = time.monotonic() + LINGER
+
+    def _on_frame(self, frame):
+        command = frame.command
+        if self.state == self.WAIT_CONNECT:
+            if command not in (stompframe.CONNECT, stompframe.STOMP):
+                self.fail("expected CONNECT or STOMP as the first frame, "
+                          "got {}".format(command))
+                return
+            self._connect(frame)
+            return
+        receipt = frame.headers.get("receipt")
+        handler = {
+            stompframe.SEND: self._on_send,
+            stompframe.SUBSCRIBE: self._on_subscribe,
+            stompframe.UNSUBSCRIBE: self._on_unsubscribe,
+            stompframe.DISCONNECT: self._on_disconnect,
+        }.get(command)
+        if command in (stompframe.CONNECT, stompframe.STOMP):
+            self.fail("already connected: {} sent twice".format(command),
+                      receipt)
+            return
+        if handler is None:
+            self.fail("{} is not supported by this server (no "
+                      "acknowledgements, no transactions)".format(command),
+                      receipt)
+            return
+        try:
+            handler(frame)
+        except stompframe.FrameError as e:
+            self.fail(str(e), receipt)
+            return
+        if receipt is not None and command != stompframe.DISCONNECT:
+            self.send(stompframe.encode(stompframe.RECEIPT,
+                                        {"receipt-id": receipt}))
+
+    def _connect(self, frame):
+        versions = frame.headers.get("accept-version")
+        if versions is None:
+            self.fail("missing accept-version header: this server speaks "
+                      "STOMP 1.2 only")
+            return
+        if "1.2" not in [v.strip() for v in versions.split(",")]:
+            self.fail("unsupported STOMP version {!r}: this server speaks "
+                      "1.2 only".format(versions))
+            return
+        try:
+            cx, cy = stompframe.parse_heartbeat(frame.headers.get(
+                "heart-beat"))
+        except stompframe.FrameError as e:
+            self.fail(str(e))
+            return
+        # We send every max(sx, cy) ms; we expect the client's every cx ms
+        # if it offers them (sy = cx accepts the offer).
+        sx = max(cy, MIN_HEARTBEAT) if cy else 0
+        sy = cx
+        self.send_interval = sx / 1000.0 * HEARTBEAT_EARLY
+        self.recv_timeout = sy / 1000.0 * HEARTBEAT_GRACE
+        self.state = self.CONNECTED
+        self.last_recv = time.monotonic()
+        self.send(stompframe.encode(stompframe.CONNECTED, {
+            "version": "1.2",
+            "heart-beat": "{},{}".format(sx, sy),
+            "server": "vdsm-managedvolume/{}".format(__version__),
+        }))
+        log.debug("STOMP session with %s (heart-beat %s,%s)", self.peer,
+                  sx, sy)
+
+    def _on_subscribe(self, frame):
+        destination = _required(frame, "destination")
+        sub_id = _required(frame, "id")
+        ack = frame.headers.get("ack", "auto")
+        if ack != "auto":
+            raise stompframe.FrameError(
+                "ack mode {!r} is not supported (only auto)".format(ack))
+        if sub_id in self.subscriptions:
+            raise stompframe.FrameError(
+                "subscription id {!r} is already in use".format(sub_id))
+        self.subscriptions[sub_id] = destination
+        log.debug("%s subscribed to %s as %s", self.peer, destination,
+                  sub_id)
+
+    def _on_unsubscribe(self, frame):
+        sub_id = _required(frame, "id")
+        if self.subscriptions.pop(sub_id, None) is None:
+            raise stompframe.FrameError(
+                "no subscription with id {!r}".format(sub_id))
+
+    def _on_send(self, frame):
+        destination = _required(frame, "destination")
+        reply_to = frame.headers.get("reply-to")
+        flow_id = frame.headers.get("ovirtCorrelationId")
+        if destination == REQUESTS or destination.startswith(REQUESTS + "."):
+            self.server.submit(self, frame.body, reply_to, flow_id)
+            return
+        if not self.server.publish(self, destination, frame):
+            raise stompframe.FrameError(
+                "unknown destination {!r}: requests go to {}".format(
+                    destination, REQUESTS))
+
+    def _on_disconnect(self, frame):
+        receipt = frame.headers.get("receipt")
+        if receipt is not None:
+            self.send(stompframe.encode(stompframe.RECEIPT,
+                                        {"receipt-id": receipt}))
+        log.debug("%s disconnected", self.peer)
+        self.close_after_flush()
+
+
+class Pool:
+    """``workers`` threads; at most ``max_queue`` requests wait for one."""
+
+    def __init__(self, workers, max_queue):
+        self.workers = max(1, workers)
+        self.max_queue = max(0, max_queue)
+        self._queue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._threads = [
+            threading.Thread(target=self._run, name="worker-{}".format(i),
+                             daemon=True)
+            for i in range(self.workers)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn):
+        """Queue ``fn``; False when every worker is busy and the queue full.
+        """
+        with self._lock:
+            if self._pending >= self.workers + self.max_queue:
+                return False
+            self._pending += 1
+        self._queue.put(fn)
+        return True
+
+    @property
+    def pending(self):
+        """Requests running or waiting."""
+        return self._pending
+
+    def stop(self):
+        for _ in self._threads:
+            self._queue.put(None)
+
+    def _run(self):
+        while True:
+            fn = self._queue.get()
+            if fn is None:
+                return
+            try:
+                fn()
+            except Exception:
+                log.exception("Worker job failed")
+            finally:
+                with self._lock:
+                    self._pending -= 1
+
+
+def busy_response(body, error):
+    """The JSON-RPC error response to ``body`` without running it.
+
+    Parses the body only to learn the request ids; notifications get no
+    response (None).  An unparsable body gets one error with a null id.
+    """
+    payload = {"code": error.code, "message": str(error)}
+    try:
+        message = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return json.dumps({"jsonrpc": "2.0", "id": None,
+                           "error": payload}).encode("utf-8")
+    requests = message if isinstance(message, list) else [message]
+    responses = [{"jsonrpc": "2.0", "id": r.get("id"), "error": payload}
+                 for r in requests if isinstance(r, dict) and "id" in r]
+    if not responses:
+        return None
+    if isinstance(message, list) and len(message) > 1:
+        return json.dumps(responses).encode("utf-8")
+    return json.dumps(responses[0]).encode("utf-8")
+
+
+def parse_listen(value):
+    """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port)."""
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+        if not sep:
+            raise ValueError("invalid --listen {!r}: expected [ADDRESS]:PORT"
+                             .format(value))
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep:
+            raise ValueError("invalid --listen {!r}: expected HOST:PORT"
+                             .format(value))
+        if ":" in host:
+            raise ValueError("invalid --listen {!r}: write an IPv6 address "
+                             "in brackets, [ADDRESS]:PORT".format(value))
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError("invalid port {!r} in --listen {!r}".format(
+            port, value))
+    return host, int(port)
+
+
+def is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def format_address(addr):
+    if isinstance(addr, tuple):
+        host, port = addr[:2]
+        if ":" in host:
+            return "[{}]:{}".format(host, port)
+        return "{}:{}".format(host, port)
+    return str(addr) or "unix"
+
+
+def sd_notify(message):
+    """Tell systemd ``message`` when NOTIFY_SOCKET is set; never raises."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(address)
+            s.sendall(message.encode("utf-8"))
+        return True
+    except OSError as e:
+        log.warning("sd_notify(%r) failed: %s", message, e)
+        return False
+
+
+# Private helpers
+
+def _parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="managedvolume-agent",
+        description="Serve the ManagedVolume verbs with vdsm's wire "
+                    "protocol (JSON-RPC over STOMP 1.2 over mutual TLS).")
+    parser.add_argument(
+        "--config", metavar="FILE",
+        help="configuration file (default: $MANAGEDVOLUME_CONFIG or "
+             "{})".format(config.DEFAULT_CONFIG_FILE))
+    parser.add_argument(
+        "--state-dir", metavar="DIR",
+        help="keep database, run links, udev rules, locks, logs and a "
+             "development PKI under DIR")
+    parser.add_argument(
+        "--listen", metavar="HOST:PORT",
+        help="address to listen on ([V6]:PORT for IPv6; default from the "
+             "configuration, [::]:54321)")
+    parser.add_argument(
+        "--insecure", action="store_true",
+        help="plain TCP without TLS; only on a loopback address")
+    parser.add_argument("--version", action="version",
+                        version="%(prog)s " + __version__)
+    return parser.parse_args(argv)
+
+
+def _run(cfg, insecure):
+    # Imported here: the service pulls in the privileged layer, which the
+    # codec and the client never need.
+    from . import jsonrpc
+    from . import service as service_module
+
+    ssl_context = None
+    if not insecure:
+        if cfg.state_dir:
+            pki.ensure_dev_pki(cfg)
+        try:
+            ssl_context = pki.server_context(cfg)
+        except (OSError, ssl.SSLError) as e:
+            raise errors.ConfigError(
+                "cannot load TLS files (cert {}, key {}, CA {}): {}".format(
+                    cfg.cert_file, cfg.key_file, cfg.ca_file, e))
+    service = service_module.Service(cfg)
+    # Reconcile the journal before the first request can arrive.
+    service.start()
+    try:
+        dispatcher = jsonrpc.Dispatcher(service)
+        server = Server(cfg, dispatcher, ssl_context,
+                        connector_info=service.connector_info)
+        address = server.listen()
+
+        def terminate(signo, frame):
+            log.info("Received %s", signal.Signals(signo).name)
+            server.shutdown()
+
+        def reopen(signo, frame):
+            logmod.reopen()
+            log.info("Log file reopened (SIGHUP)")
+
+        signal.signal(signal.SIGTERM, terminate)
+        signal.signal(signal.SIGINT, terminate)
+        signal.signal(signal.SIGHUP, reopen)
+        server.on_stopping(lambda: sd_notify("STOPPING=1"))
+        sd_notify("READY=1\nSTATUS=Listening on {}".format(
+            format_address(address)))
+        server.serve()
+    finally:
+        try:
+            service.close()
+        except Exception:
+            log.exception("Closing the service failed")
+    log.info("Agent stopped")
+    return 0
+
+
+def _bind(host, port):
+    if host in ("", "::", "0.0.0.0", "*"):
+        family = socket.AF_INET if host == "0.0.0.0" else socket.AF_INET6
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        if family == socket.AF_INET6:
+            # Dual stack: '::' serves IPv4 clients too, like vdsm.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        addr = ("::" if family == socket.AF_INET6 else "0.0.0.0", port)
+    else:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        family, _, _, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        raise errors.ConfigError("cannot listen on {}: {}".format(
+            format_address((host, port)), e))
+    return sock
+
+
+def _bind_unix(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _silent_unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        # The after_get_caps hook runs as vdsm, not root; connector info
+        # holds no secrets.
+        os.chmod(path, 0o666)
+        sock.listen(16)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        raise errors.ConfigError("cannot listen on {}: {}".format(path, e))
+    return sock
+
+
+def _silent_unlink(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("Cannot remove %s: %s", path, e)
+
+
+def _required(frame, name):
+    value = frame.headers.get(name)
+    if value is None:
+        raise stompframe.FrameError("{} needs a {} header".format(
+            frame.command, name))
+    return value
+
+
+def _unknown_id_error(response):
+    """Whether ``response`` is an error about a request of unknown id."""
+    if len(response) > 4096 or b'"error"' not in response:
+        return False
+    try:
+        message = json.loads(response)
+    except ValueError:
+        return False
+    return isinstance(message, dict) and message.get("id") is None
+
+
+class _ConnectorInfo:
+    """Connector info for the control socket, never blocking long.
+
+    ``get(timeout)`` starts a fetch unless one is running and waits for it
+    at most ``timeout``; it returns the freshest value known (None when no
+    fetch ever succeeded).  The fetch is ``Service.connector_info``: cached
+    there (microseconds) and refreshed there, which also rewrites the cache
+    file the hook falls back to when the agent is down.
+    """
+
+    def __init__(self, fetch):
+        self._fetch = fetch
+        self._lock = threading.Lock()
+        self._running = None        # Event of the fetch in progress
+        self._value = None
+
+    def refresh(self):
+        return self._start()
+
+    def get(self, timeout):
+        done = self._start()
+        done.wait(timeout)
+        return self._value
+
+    def _start(self):
+        with self._lock:
+            if self._running is None:
+                self._running = threading.Event()
+                threading.Thread(target=self._run, args=(self._running,),
+                                 name="connector-info", daemon=True).start()
+            return self._running
+
+    def _run(self, done):
+        try:
+            value = self._fetch()
+        except errors.NotSupported as e:
+            log.info("No connector info: %s", e)
+            value = None
+        except Exception as e:
+            log.warning("Cannot get connector info: %s", e)
+            value = self._value
+        with self._lock:
+            self._value = value
+            self._running = None
+        done.set()

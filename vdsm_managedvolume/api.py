@@ -1,0 +1,273 @@
+"""The API classes, in vdsm's conventions.
+
+vdsm dispatches a verb ``Namespace.verb`` like this (``rpc/Bridge.py``)::
+
+    params = schema params, positional in schema order, missing optional
+             ones taking their defaultvalue
+    api = getattr(API, Namespace)(*ctorArgs)
+    response = getattr(api, verb)(*params)
+    # {'status': {'code': 0, 'message': 'Done'}, <key>: value}
+    if response['status']['code']: -> JSON-RPC error (code, message)
+    result = response[command_info['Namespace_verb']['ret']]  # or None
+
+So this module provides exactly that shape: ``ManagedVolume`` (the verbs),
+``Host`` (``getCapabilities`` for the standalone agent; inside vdsm the
+after_get_caps hook contributes instead, see docs/vdsm-integration.md) and
+``RETURN_KEYS``, the ``Namespace_verb -> key`` table.  ``jsonrpc`` calls the
+very same classes, so the standalone agent and vdsm take one path.
+
+The classes get the service from ``get_service()``: the dispatcher binds
+its own for each call (``using``), a program may inject one for the whole
+process (``set_service``); inside vdsm the first call creates one
+(``Service(config.load())``, started) lazily.
+
+Every method returns a response, never raises: an ``errors.Error`` becomes
+its code and (masked) message, anything else an internal error (-32603)
+whose text is masked and whose traceback goes to the log only.  Results are
+masked too (``mask.mask``) - except ``volumes_info(include_secrets=True)``,
+the one explicit request for them.
+"""
+
+import contextlib
+import contextvars
+import logging
+import threading
+import time
+
+from . import __version__
+from . import errors
+from . import mask
+
+log = logging.getLogger("managedvolume.api")
+
+BLANK_UUID = "00000000-0000-0000-0000-000000000000"
+
+# '<Namespace>_<verb>' -> the response key holding the result; a verb
+# missing here returns None (true on the wire).  The ManagedVolume entries
+# are the ones registered into vdsm's command_info.
+RETURN_KEYS = {
+    "ManagedVolume_attach_volume": "result",
+    "ManagedVolume_volumes_info": "result",
+    "Host_getCapabilities": "info",
+}
+
+DONE = {"code": 0, "message": "Done"}
+
+_service = None
+_service_lock = threading.Lock()
+_current = contextvars.ContextVar("managedvolume_service", default=None)
+
+
+def set_service(service):
+    """Use ``service`` for every API call (the agent, tests)."""
+    global _service
+    with _service_lock:
+        _service = service
+
+
+@contextlib.contextmanager
+def using(service):
+    """Run the block's API calls against ``service`` (the dispatcher binds
+    its own service per call; thread and task local)."""
+    token = _current.set(service)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def get_service():
+    """The service of this call: the one bound by ``using``, else the
+    process's one, created on first use inside vdsm.
+
+    Inside vdsm nobody injects one: the first call loads the configuration
+    (``/etc/vdsm/managedvolume.conf`` or its defaults: vdsm's paths) and
+    starts a Service (opening the journal, reconciling).
+    """
+    global _service
+    bound = _current.get()
+    if bound is not None:
+        return bound
+    with _service_lock:
+        if _service is None:
+            from . import config
+            from . import service as service_module
+            svc = service_module.Service(config.load())
+            svc.start()
+            _service = svc
+        return _service
+
+
+def command_info():
+    """``RETURN_KEYS`` of the ManagedVolume verbs in vdsm's command_info
+    shape (``{'ManagedVolume_attach_volume': {'ret': 'result'}, ...}``)."""
+    return {cmd: {"ret": key} for cmd, key in RETURN_KEYS.items()
+            if cmd.startswith("ManagedVolume_")}
+
+
+def mask_params(params):
+    """``params`` for a log line: values masked, param names kept (no
+    param is a secret by its name; ``include_secrets`` is a boolean)."""
+    if isinstance(params, dict):
+        return {k: mask.mask(v) for k, v in params.items()}
+    return mask.mask(params)
+
+
+def return_key(namespace, verb):
+    return RETURN_KEYS.get("{}_{}".format(namespace, verb))
+
+
+class APIBase:
+    """vdsm's API class shape: constructed with ``*ctorArgs``."""
+
+    ctorArgs = []
+
+    def __init__(self, *args):
+        pass
+
+
+class ManagedVolume(APIBase):
+    """The ``ManagedVolume`` namespace.  Params in schema order, defaults
+    as in the schema (tests/api_test.py checks both)."""
+
+    ctorArgs = []
+
+    def attach_volume(self, vol_id, connection_info, sd_id=BLANK_UUID):
+        return _call("ManagedVolume.attach_volume",
+                     lambda s: s.attach_volume(vol_id, connection_info,
+                                               sd_id),
+                     key="result",
+                     args={"vol_id": vol_id,
+                           "connection_info": connection_info,
+                           "sd_id": sd_id})
+
+    def detach_volume(self, vol_id, sd_id=BLANK_UUID):
+        return _call("ManagedVolume.detach_volume",
+                     lambda s: s.detach_volume(vol_id, sd_id),
+                     key=None,
+                     args={"vol_id": vol_id, "sd_id": sd_id})
+
+    def volumes_info(self, vol_ids=(), include_secrets=False):
+        return _call("ManagedVolume.volumes_info",
+                     lambda s: s.volumes_info(
+                         list(vol_ids or ()), include_secrets),
+                     key="result",
+                     args={"vol_ids": vol_ids,
+                           "include_secrets": include_secrets},
+                     masked=include_secrets is not True)
+
+
+class Host(APIBase):
+    """The ``Host`` namespace of the standalone agent (vdsm has its own)."""
+
+    ctorArgs = []
+
+    def getCapabilities(self):
+        return _call("Host.getCapabilities", get_caps, key="info", args={})
+
+
+# Namespace -> class, for the standalone dispatcher (vdsm uses its API
+# module instead; see register()).
+NAMESPACES = {"ManagedVolume": ManagedVolume, "Host": Host}
+
+
+def get_caps(service):
+    """This package's contribution to the host capabilities.
+
+    ``connector_info``: os-brick's connector properties (the service caches
+    them); absent when os-brick is missing (925) - never an error, as in
+    vdsm - and also when the privileged helper fails or times out, so that
+    getCapabilities always answers.  ``managedvolume``: what the package
+    knows of itself.
+    """
+    caps = {}
+    try:
+        caps.update(service.caps())
+    except errors.NotSupported as e:
+        log.info("No connector_info in capabilities: %s", e)
+    except errors.Error as e:
+        log.warning("No connector_info in capabilities: %s (code %s)",
+                    mask.mask_text(str(e)), e.code)
+    cfg = getattr(service, "cfg", None)
+    if cfg is not None:
+        allowed = list(cfg.allowed_types)
+    else:
+        from . import config
+        allowed = list(config.DEFAULT_ALLOWED_TYPES)
+    caps["managedvolume"] = {"version": __version__,
+                             "allowed_types": allowed}
+    return caps
+
+
+def register(vdsm_api, bridge=None, vdsm_schema=None, schema=None):
+    """Plug the ManagedVolume verbs into a running vdsm, in memory.
+
+    vdsm has no discovery for verbs, so this does by hand what vdsm's build
+    does for its own (no installed file is edited):
+
+    vdsm_api: vdsm's ``vdsm.API`` module; its ``ManagedVolume`` becomes
+        ours.
+    bridge: vdsm's ``vdsm.rpc.Bridge`` module; its ``command_info`` gets
+        our return keys.
+    vdsm_schema: a ``vdsm.api.vdsmapi.Schema`` instance (the bridge's
+        ``_schema``); our types and ManagedVolume methods are merged into
+        its ``_types`` / ``_methods`` (ours win: same names, a superset of
+        vdsm's params).  ``Host.getCapabilities`` stays vdsm's.
+
+    See docs/vdsm-integration.md for where vdsm calls this.
+    """
+    vdsm_api.ManagedVolume = ManagedVolume
+    if bridge is not None:
+        bridge.command_info.update(command_info())
+    if vdsm_schema is not None:
+        if schema is None:
+            from . import schema as schema_module
+            schema = schema_module.load()
+        raw = _raw_schema(schema)
+        vdsm_schema._types.update(raw.pop("types"))
+        vdsm_schema._methods.update(
+            {name: spec for name, spec in raw.items()
+             if name.startswith("ManagedVolume.")})
+
+
+# Private helpers
+
+def _call(name, fn, key, args, masked=True):
+    """Run ``fn(service)`` and return vdsm's response dict."""
+    start = time.monotonic()
+    log.info("START %s(%s)", name, _format_args(args))
+    try:
+        value = fn(get_service())
+    except errors.Error as e:
+        status = {"code": e.code, "message": mask.mask_text(str(e))}
+        log.info("FINISH %s error=%s code=%s (%.3f s)", name,
+                 status["message"], e.code, time.monotonic() - start)
+        return {"status": status}
+    except Exception as e:
+        # The caller sees the kind of failure, never our internals.
+        err = errors.InternalError("{}: {}".format(type(e).__name__,
+                                                   mask.mask_text(str(e))))
+        log.error("FINISH %s internal error (%.3f s)", name,
+                  time.monotonic() - start, exc_info=True)
+        return {"status": {"code": err.code,
+                           "message": mask.mask_text(str(err))}}
+    if masked:
+        value = mask.mask(value)
+    log.info("FINISH %s ok (%.3f s)", name, time.monotonic() - start)
+    log.debug("%s returned %s", name, value if masked else "<unmasked>")
+    response = {"status": dict(DONE)}
+    if key is not None:
+        response[key] = value
+    return response
+
+
+def _format_args(args):
+    return ", ".join("{}={!r}".format(k, v)
+                     for k, v in mask_params(args).items())
+
+
+def _raw_schema(schema):
+    """The schema file as vdsm's Schema holds it (types / methods dicts)."""
+    import yaml
+    with open(schema.path) as f:
+        return yaml.safe_load(f)

@@ -1,0 +1,308 @@
+"""The privileged side: os-brick inside one long-lived privsep daemon.
+
+This module is imported only INSIDE the daemon (``privsep-helper
+--privsep_context vdsm_managedvolume.brick.context``); the unprivileged
+service talks to it through ``privileged.Brick``.  Keeping os-brick here
+matters: importing it costs seconds, and ``os_brick.utils`` replaces
+``time.sleep`` process-wide.
+
+Inside the daemon::
+
+    privsep-helper --config-file <state_run_dir>/privsep.conf
+      cfg.CONF parsed from that file ([oslo_concurrency] lock_path, our
+      [managedvolume_privileged] section); our PrivContext is imported
+      and the daemon forks away from the helper
+    hello()                 first call: configure os-brick (below), pid
+    connector_properties()  \
+    connect_volume()         > each in a thread of the daemon's pool
+    disconnect_volume()     /
+
+os-brick outside OpenStack needs, once, before any connector runs:
+oslo.service's threading backend selected before os_brick is imported
+(else eventlet), ``[oslo_concurrency] lock_path`` (else RequiredOptError on
+iSCSI/FC/NVMe), ``os_brick.setup(conf)``, and os-brick's own PrivContexts
+switched to "server mode" so that its privileged helpers run right here
+instead of spawning a second daemon through sudo.
+
+Deadlines: every entrypoint gets the caller's deadline (time.monotonic(),
+CLOCK_MONOTONIC, the same clock in both processes).  A watchdog kills the
+whole daemon with SIGKILL when the deadline passes: the operation truly
+stops, a "ghost" connect cannot complete after the caller was told it
+failed.  The caller sees EOF after its deadline and reports HelperTimeout;
+the next call starts a fresh daemon.  (oslo.privsep's own
+entrypoint_with_timeout only stops waiting and leaves the call running.)
+
+Results cross the socket as msgpack (lists become tuples, sets fail):
+entrypoints return ``privileged.plain()`` values; every error is a
+``privileged.RemoteError`` holding a masked message, so that the service
+never has to import os-brick's exception classes.
+"""
+
+import importlib
+import logging
+import os
+import signal
+import threading
+import time
+
+from oslo_config import cfg as oslo_cfg
+from oslo_privsep import capabilities as caps
+from oslo_privsep import priv_context
+
+from . import adapters
+from . import errors
+from . import faults
+from . import log
+from . import mask
+from . import privileged
+
+LOG = logging.getLogger(__name__)
+
+# What the daemon keeps of root's powers.  The Python code of os-brick's
+# privileged helpers runs in this process: os-brick's own privsep context
+# asks for CAP_SYS_ADMIN (device-mapper/multipath and block device ioctls,
+# rbd map, mounts) and CAP_DAC_READ_SEARCH (walking /sys, /dev/disk).  We
+# add CAP_DAC_OVERRIDE because the lock directory and the state files may
+# belong to the service's user (vdsm), not to root.  Not needed: CAP_MKNOD
+# (device nodes come from devtmpfs/udev), CAP_SYS_RAWIO (SCSI inquiries run
+# as commands, not in this process), CAP_NET_ADMIN (iscsiadm/nvme run as
+# commands), CAP_CHOWN/CAP_FOWNER (the service owns the udev rules).  Note
+# that commands os-brick runs (iscsiadm, multipath, rbd, nvme) are exec'd
+# by uid 0 and so regain the bounding set: capabilities confine this
+# process' own code, not its children.
+CAPABILITIES = [caps.CAP_SYS_ADMIN, caps.CAP_DAC_OVERRIDE,
+                caps.CAP_DAC_READ_SEARCH]
+
+context = priv_context.PrivContext(
+    "vdsm_managedvolume",
+    cfg_section=privileged.SECTION,
+    pypath=__name__ + ".context",
+    capabilities=CAPABILITIES,
+    logger_name=privileged.DAEMON_LOGGER,
+)
+
+OPTS = [
+    oslo_cfg.StrOpt("connector_override", default="",
+                    help="Module whose get_connector() is asked first "
+                         "(tests: tests.fakebrick)."),
+    oslo_cfg.StrOpt("root_helper", default="sudo",
+                    help="root_helper handed to os-brick connectors."),
+]
+oslo_cfg.CONF.register_opts(OPTS, group=privileged.SECTION)
+
+# Handed to every connector factory, as vdsm's helper does.
+CONNECTOR_KWARGS = {"use_multipath": True, "device_scan_attempts": 3}
+
+
+@context.entrypoint
+def hello():
+    """Configure os-brick; return what the client wants to know."""
+    info = _setup()
+    info["pid"] = os.getpid()
+    return info
+
+
+@context.entrypoint
+def getpid():
+    return os.getpid()
+
+
+@context.entrypoint
+def connector_properties(deadline, flow_id):
+    with _operation("connector_properties", deadline, flow_id, None):
+        from os_brick.initiator import connector
+        props = connector.get_connector_properties(
+            _conf().root_helper, None, multipath=True,
+            enforce_multipath=True, host=None)
+        return privileged.plain(props)
+
+
+@context.entrypoint
+def connect_volume(connection_info, deadline, flow_id):
+    connection_info = privileged.plain(connection_info)
+    with _operation("connect", deadline, flow_id, connection_info):
+        conn = _connector(connection_info)
+        faults.crash_point("privsep.connect.before")
+        attachment = conn.connect_volume(_data(connection_info))
+        faults.crash_point("privsep.connect.after")
+        return privileged.plain(attachment or {})
+
+
+@context.entrypoint
+def disconnect_volume(connection_info, attachment, deadline, flow_id):
+    connection_info = privileged.plain(connection_info)
+    attachment = privileged.plain(attachment)
+    with _operation("disconnect", deadline, flow_id, connection_info):
+        conn = _connector(connection_info)
+        data = _data(connection_info)
+        if (connection_info.get("driver_volume_type") == "rbd"
+                and attachment and attachment.get("path")):
+            # vdsm's rule: os-brick's RBD disconnect finds the mapping by
+            # the device path.
+            data["device_path"] = attachment["path"]
+        faults.crash_point("privsep.disconnect.before")
+        conn.disconnect_volume(data, attachment)
+        faults.crash_point("privsep.disconnect.after")
+        return None
+
+
+# Private helpers
+
+_setup_lock = threading.Lock()
+_setup_info = None
+
+
+def _setup():
+    global _setup_info
+    with _setup_lock:
+        if _setup_info is not None:
+            return dict(_setup_info)
+        # Log lines go to the service over the channel; mask them here
+        # too and tag them with the caller's flow id.
+        for handler in logging.getLogger().handlers:
+            log.install_filter(handler)
+
+        from oslo_service import backend
+        try:
+            backend.init_backend(backend.BackendType.THREADING)
+        except backend.exceptions.BackendAlreadySelected:
+            pass
+
+        try:
+            from oslo_concurrency import lockutils  # noqa: F401 (opts)
+            import os_brick
+            import os_brick.privileged
+            from os_brick.initiator import connector  # noqa: F401
+        except ImportError as e:
+            raise privileged.RemoteError(
+                "unsupported", "os-brick cannot be imported: {}".format(e))
+
+        for ctx in (os_brick.privileged.default,
+                    os_brick.privileged.brick_privsep_hide_output):
+            ctx.set_client_mode(False)
+        os_brick.setup(oslo_cfg.CONF)
+
+        from importlib import metadata
+        try:
+            version = metadata.version("os-brick")
+        except metadata.PackageNotFoundError:
+            version = "unknown"
+        _setup_info = {
+            "os_brick": version,
+            "lock_path": oslo_cfg.CONF.oslo_concurrency.lock_path,
+        }
+        LOG.info("privsep daemon pid %s ready: os-brick %s, lock_path %s",
+                 os.getpid(), version, _setup_info["lock_path"])
+        return dict(_setup_info)
+
+
+class _operation:
+    """Run one privileged operation under its deadline.
+
+    Sets the flow id for the daemon's log lines, arms the watchdog, and
+    turns every exception into a RemoteError with a masked message.
+    """
+
+    def __init__(self, name, deadline, flow_id, connection_info):
+        self.name = name
+        self.deadline = deadline
+        self.flow_id = flow_id
+        self.connection_info = connection_info
+
+    def __enter__(self):
+        _setup()
+        self._flow = log.flow(self.flow_id)
+        self._flow.__enter__()
+        self._timer = threading.Timer(
+            max(0.0, self.deadline - time.monotonic()), _die,
+            args=(self.name, self.flow_id))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def __exit__(self, t, e, tb):
+        self._timer.cancel()
+        try:
+            if e is None or isinstance(e, privileged.RemoteError):
+                return False
+            if isinstance(e, errors.UnknownAdapter):
+                raise privileged.RemoteError(
+                    "unknown_adapter", e.adapter, e.installed) from None
+            message = _scrub("{}: {}".format(t.__name__, e),
+                             self.connection_info)
+            LOG.error("%s failed: %s", self.name, message)
+            raise privileged.RemoteError("failed", message) from None
+        finally:
+            self._flow.__exit__(None, None, None)
+
+
+def _die(operation, flow_id):
+    # The caller stops waiting at its deadline; the operation must stop
+    # too, or it could complete behind its back (a leaked device).  There
+    # is no way to stop one thread: end the process.  Concurrent calls
+    # fail with HelperFailed, the next call starts a fresh daemon.
+    with log.flow(flow_id):
+        LOG.error("%s exceeded its deadline: killing privsep daemon %s",
+                  operation, os.getpid())
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _conf():
+    return oslo_cfg.CONF[privileged.SECTION]
+
+
+def _connector(connection_info):
+    protocol = connection_info.get("driver_volume_type")
+    if not protocol:
+        raise privileged.RemoteError(
+            "failed", "connection_info has no driver_volume_type")
+    root_helper = _conf().root_helper
+    kwargs = dict(CONNECTOR_KWARGS)
+    if protocol == "rbd":
+        # The device must appear as /dev/rbd/<pool>/<volume> for qemu.
+        kwargs["do_local_attach"] = True
+
+    adapter = connection_info.get("adapter")
+    if adapter:
+        factory = adapters.load(adapter)
+        return factory(root_helper, protocol=protocol, **kwargs)
+
+    override = _conf().connector_override
+    if override:
+        module = importlib.import_module(override)
+        conn = module.get_connector(protocol, connection_info, root_helper,
+                                    **kwargs)
+        if conn is not None:
+            return conn
+
+    from os_brick.initiator import connector
+    return connector.InitiatorConnector.factory(protocol, root_helper,
+                                                **kwargs)
+
+
+def _data(connection_info):
+    data = dict(connection_info.get("data") or {})
+    if connection_info.get("driver_volume_type") == "rbd":
+        data.setdefault("do_local_attach", True)
+    return data
+
+
+def _scrub(text, connection_info):
+    """Mask secret shapes, and the secret values themselves wherever they
+    appear (a connector may quote a password without its key)."""
+    text = mask.mask_text(text)
+    for value in _secret_values(connection_info):
+        text = text.replace(value, mask.MASK)
+    return text
+
+
+def _secret_values(obj):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if (mask.is_secret_key(k) and isinstance(v, str)
+                    and len(v) >= 3):
+                yield v
+            else:
+                yield from _secret_values(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _secret_values(v)

@@ -1,0 +1,338 @@
+"""managedvolume-client: vdsm-client for the managed volume verbs.
+
+Same syntax, output, errors and exit codes as vdsm-client, so that what an
+admin types against vdsm works here and back::
+
+    managedvolume-client [-h] [-a HOST] [-p PORT] [--insecure]
+                         [--flow-id ID] [--timeout SEC] [-f FILE|-]
+                         [--cert FILE --key FILE --cacert FILE]
+                         [--state-dir DIR]
+                         Namespace method [name=value ...]
+
+    $ managedvolume-client ManagedVolume detach_volume vol_id=<uuid>
+    true
+    $ managedvolume-client ManagedVolume attach_volume -f params.json
+
+- ``name=value`` values are strings, as in vdsm-client; where the schema
+  says a param is a boolean, a number, a list or an object, the value is
+  read as JSON first (``include_secrets=true``, ``vol_ids=["..."]``) - vdsm
+  would reject the string anyway.  Nested params go in ``-f file.json`` or
+  ``-f -`` (stdin): one JSON object holding every param; not combinable
+  with ``name=value``.
+- Success: ``json.dumps(result, indent=4, sort_keys=True)`` on stdout,
+  exit 0.
+- A failed command: on stderr, exit 1::
+
+      managedvolume-client: Command ManagedVolume.detach_volume with args
+      {'vol_id': 'x'} failed:
+      (code=-32602, message=Invalid parameter vol_id: ...)
+
+  (vdsm-client's shape, with our program name; secrets in the args are
+  masked).  Connection failures and timeouts also exit 1; usage errors
+  exit 2.
+- Help comes from the schema: ``Namespace -h`` lists the verbs,
+  ``Namespace verb -h`` their params with types and defaults.
+
+TLS: mutual, by default with vdsm's PKI files (like vdsm-client, no host
+name check: vdsm's certificate names the host, not "localhost").
+``--state-dir DIR`` uses the development PKI the agent created under
+``DIR/pki`` (client-cert.pem, client-key.pem, cacert.pem; host names
+checked).  ``--cert/--key/--cacert`` name other files.  ``--insecure``
+speaks plain TCP.
+"""
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+
+from . import config
+from . import errors
+from . import mask
+from . import schema as schema_module
+
+PROG = "managedvolume-client"
+
+# JSON-typed params: read name=value values of these as JSON first.
+_STRING_TYPES = ("string",)
+
+
+class UsageError(Exception):
+    """Raised when usage is wrong (exit 2)."""
+
+
+def main(args=None, connect=None):
+    """Run the client; returns nothing, exits with vdsm-client's codes.
+
+    connect: ``connect(host, port, ssl_context, timeout)`` returning an
+        object with ``call(method, params, flow_id)`` and ``close()``;
+        defaults to ``stompclient.Client`` (tests pass a stub).
+    """
+    schema = schema_module.load()
+    parser = option_parser(schema)
+    opts = parser.parse_args(args)
+    try:
+        method = "{}.{}".format(opts.namespace, opts.method)
+        params = request_params(schema, method, opts)
+        ssl_context = tls_context(opts)
+    except UsageError as e:
+        parser.error(str(e))
+
+    if connect is None:
+        from . import stompclient
+        connect = stompclient.Client
+    try:
+        result = _run(connect, opts, ssl_context, method, params)
+    except _Failure as e:
+        _fail(str(e))
+    sys.stdout.write(json.dumps(result, indent=4, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+def option_parser(schema):
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Call the managed volume verbs of a vdsm host or a "
+                    "managedvolume-agent, as vdsm-client does.",
+        epilog="Run '{} NAMESPACE -h' for the verbs of a namespace, "
+               "'{} NAMESPACE VERB -h' for a verb's params.".format(
+                   PROG, PROG))
+    parser.add_argument("-a", "--host", dest="host", default="localhost",
+                        help="host address (default localhost)")
+    parser.add_argument("-p", "--port", dest="port", default=54321,
+                        type=int, help="port (default 54321)")
+    parser.add_argument("--insecure", "--unsecure", dest="use_tls",
+                        action="store_false",
+                        help="plain TCP, no TLS")
+    parser.set_defaults(use_tls=True)
+    parser.add_argument("--flow-id", dest="flow_id", metavar="ID",
+                        help="the flow id (ovirtCorrelationId) of the call: "
+                             "it appears in every log line of the call")
+    parser.add_argument("--timeout", dest="timeout", default=60,
+                        metavar="SEC",
+                        type=float, help="timeout (default 60 seconds)")
+    parser.add_argument("-f", "--file", dest="file", metavar="FILE|-",
+                        help="read method parameters from a JSON file, "
+                             "'-' for standard input")
+    tls = parser.add_argument_group(
+        "TLS", "default: vdsm's PKI ({}, {}, {})".format(
+            config.Config.cert_file, config.Config.key_file,
+            config.Config.ca_file))
+    tls.add_argument("--cert", dest="cert", metavar="FILE",
+                     help="client certificate")
+    tls.add_argument("--key", dest="key", metavar="FILE", help="client key")
+    tls.add_argument("--cacert", dest="cacert", metavar="FILE",
+                     help="CA certificate")
+    tls.add_argument("--state-dir", dest="state_dir", metavar="DIR",
+                     help="use the development PKI of an agent started "
+                          "with --state-dir DIR (DIR/pki)")
+
+    namespaces = parser.add_subparsers(dest="namespace", metavar="Namespace",
+                                       title="namespaces")
+    namespaces.required = True
+    for namespace in schema.namespaces():
+        verbs = schema.verbs(namespace)
+        ns_parser = namespaces.add_parser(
+            namespace, help="{} verbs".format(namespace),
+            description="{} verbs: {}".format(
+                namespace, ", ".join(m.verb for m in verbs)))
+        methods = ns_parser.add_subparsers(dest="method", metavar="method",
+                                           title="verbs")
+        methods.required = True
+        for method in verbs:
+            m_parser = methods.add_parser(
+                method.verb, help=method.summary,
+                description=_wrap(method.description),
+                epilog=_params_help(method),
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+            m_parser.add_argument(
+                "-f", "--file", dest="verb_file", default=argparse.SUPPRESS,
+                metavar="FILE|-",
+                help="read method parameters from a JSON file, '-' for "
+                     "standard input")
+            m_parser.add_argument(
+                "method_args", metavar="name=value", nargs="*",
+                help="method arguments: name1=value1 name2=value2")
+    return parser
+
+
+def request_params(schema, method, opts):
+    """The params dict of the request (UsageError when malformed)."""
+    filename = getattr(opts, "verb_file", None) or opts.file
+    if filename is not None and opts.method_args:
+        raise UsageError(
+            "Conflicting command line parameters: {!r} and file option: "
+            "{!r}".format(opts.method_args, filename))
+    if filename is not None:
+        return parse_file(filename)
+    return parse_params(schema.method(method), opts.method_args)
+
+
+def parse_params(method, args):
+    """["name=value", ...] -> {"name": value, ...}
+
+    Values are strings, except for params the schema types as something
+    else, whose values are read as JSON when they parse.
+    """
+    types = {p.name: p.type for p in method.params}
+    params = {}
+    for arg in args:
+        if "=" not in arg:
+            raise UsageError("Invalid param {!r}".format(arg))
+        name, value = arg.split("=", 1)
+        if name in types and types[name] not in _STRING_TYPES and not (
+                isinstance(types[name], dict) and
+                types[name].get("type") == "alias"):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        params[name] = value
+    return params
+
+
+def parse_file(filename):
+    if filename == "-":
+        data = sys.stdin.read()
+    else:
+        try:
+            with open(filename) as f:
+                data = f.read()
+        except OSError as e:
+            raise UsageError(str(e))
+    if not data.strip():
+        raise UsageError("File is empty")
+    try:
+        params = json.loads(data)
+    except ValueError as e:
+        raise UsageError(str(e))
+    if not isinstance(params, dict):
+        raise UsageError("The file must hold a JSON object of params")
+    return params
+
+
+def tls_context(opts):
+    """The client SSLContext for the options, None with --insecure."""
+    if not opts.use_tls:
+        return None
+    cert, key, ca = tls_files(opts)
+    from . import pki
+    try:
+        return pki.client_context(ca, cert, key,
+                                  check_hostname=bool(opts.state_dir))
+    except (OSError, ValueError) as e:
+        raise UsageError("Cannot use TLS files {}, {}, {}: {}".format(
+            cert, key, ca, e))
+
+
+def tls_files(opts):
+    """(cert, key, cacert) to use: flags, else --state-dir, else vdsm's."""
+    if opts.state_dir:
+        from . import pki
+        cfg = config.with_state_dir(config.Config(), opts.state_dir)
+        cert, key, ca = pki.client_files(cfg)
+    else:
+        defaults = config.Config()
+        cert, key, ca = (defaults.cert_file, defaults.key_file,
+                         defaults.ca_file)
+    if opts.cert or opts.key:
+        if not (opts.cert and opts.key):
+            raise UsageError("--cert and --key go together")
+        cert, key = opts.cert, opts.key
+    if opts.cacert:
+        ca = opts.cacert
+    return cert, key, ca
+
+
+# Private helpers
+
+class _Failure(Exception):
+    """A failure to report on stderr (exit 1)."""
+
+
+def _run(connect, opts, ssl_context, method, params):
+    from . import api
+    shown = api.mask_params(params)
+    try:
+        cli = connect(opts.host, opts.port, ssl_context, opts.timeout)
+    except (OSError, errors.Error) as e:
+        raise _Failure(
+            "Connection to {}:{} with use_tls={}, timeout={} failed: "
+            "{}".format(opts.host, opts.port, opts.use_tls, opts.timeout,
+                        mask.mask_text(str(e))))
+    try:
+        return cli.call(method, params, opts.flow_id)
+    except errors.Error as e:
+        local = _local_error(e)
+        if local == "timeout":
+            raise _Failure("Request {} with args {} timed out after {} "
+                           "seconds".format(method, shown, opts.timeout))
+        if local:
+            raise _Failure("Request {} with args {} failed: {}".format(
+                method, shown, mask.mask_text(str(e))))
+        raise _Failure("Command {} with args {} failed:\n"
+                       "(code={}, message={})".format(
+                           method, shown, e.code, mask.mask_text(str(e))))
+    except OSError as e:
+        raise _Failure("Request {} with args {} failed: {}".format(
+            method, shown, mask.mask_text(str(e))))
+    finally:
+        try:
+            cli.close()
+        except (OSError, errors.Error):
+            pass
+
+
+def _local_error(error):
+    """"timeout" or True when the error happened here (connection lost,
+    no answer in time); False for a JSON-RPC error of the server."""
+    from . import stompclient
+    if isinstance(error, stompclient.Timeout):
+        return "timeout"
+    return isinstance(error, stompclient.ClientError)
+
+
+def _fail(msg):
+    sys.stderr.write("{}: {}\n".format(PROG, msg))
+    sys.exit(1)
+
+
+def _wrap(text):
+    return "\n".join(textwrap.wrap(text, 78))
+
+
+def _params_help(method):
+    if not method.params:
+        return "params: none"
+    lines = ["params:"]
+    for p in method.params:
+        head = "  {} ({}{})".format(
+            p.name, p.type_name,
+            "" if p.required else ", default {}".format(
+                json.dumps(p.default)))
+        lines.append(head)
+        lines.extend(textwrap.wrap(p.description, 74,
+                                   initial_indent="      ",
+                                   subsequent_indent="      "))
+        lines.extend(_properties_help(p.type))
+    return "\n".join(lines)
+
+
+def _properties_help(type_):
+    """One level of an object param's properties (connection_info)."""
+    if not isinstance(type_, dict) or type_.get("type") != "object":
+        return []
+    lines = []
+    for spec in type_.get("properties") or ():
+        prop = schema_module.Param(spec)
+        if prop.name == schema_module.ANY_KEY:
+            continue
+        lines.append("      {} ({}{})".format(
+            prop.name, prop.type_name,
+            "" if prop.required else ", optional"))
+    return lines
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,389 @@
+"""The command line of ovirt-engine's cinderlib client, and ours around it.
+
+ovirt-engine runs, for every storage operation::
+
+    <client> SUB-COMMAND DRIVER_JSON DB_URL CORRELATION_ID [ARGS...]
+
+and that order is fixed (``COMMANDS`` below holds each sub-command's
+arguments, upstream's names and order, plus our optional extras at the end).
+Everything we add goes *before* the sub-command, as ``--options``, so the
+engine's argv keeps its meaning::
+
+    managedvolume-cinderlib-client [--timeout SEC] [--log-file PATH]
+        [--log-level LEVEL] [--locks-dir DIR] [--socket PATH] [--cold]
+        SUB-COMMAND DRIVER_JSON DB_URL CORRELATION_ID [ARGS...]
+    managedvolume-cinderlib-client --serve [--socket PATH] [--log-file PATH]
+
+Secrets need not travel on argv (where any local user can read them in
+/proc/PID/cmdline).  DRIVER_JSON and DB_URL each accept:
+
+    '{"volume_driver": ...}'   inline, as the engine passes them
+    @PATH                      read from a file (0600, say)
+    -                          read from stdin (at most one of the two)
+    env:NAME                   read from environment variable NAME
+    env:                       read from MANAGEDVOLUME_DRIVER_JSON /
+                               MANAGEDVOLUME_DB_URL
+
+For PostgreSQL, a URL without a password plus libpq's own ``PGPASSWORD`` or
+``~/.pgpass`` works too.  Every option has an environment variable
+(``ENV_*`` below), so a wrapper can set them once.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+
+from vdsm_managedvolume import errors
+from vdsm_managedvolume import mask
+
+ENV_DRIVER = "MANAGEDVOLUME_DRIVER_JSON"
+ENV_DB_URL = "MANAGEDVOLUME_DB_URL"
+ENV_TIMEOUT = "MANAGEDVOLUME_ENGINE_TIMEOUT"
+ENV_LOG_FILE = "MANAGEDVOLUME_ENGINE_LOG_FILE"
+ENV_LOG_LEVEL = "MANAGEDVOLUME_ENGINE_LOG_LEVEL"
+ENV_LOCKS_DIR = "MANAGEDVOLUME_ENGINE_LOCKS_DIR"
+ENV_SOCKET = "MANAGEDVOLUME_ENGINE_SOCKET"
+ENV_COLD = "MANAGEDVOLUME_ENGINE_COLD"
+
+# The engine waits 2 minutes (CinderlibCommandTimeoutInMinutes) and then
+# reports only "cinderlib call timed out"; answering a little earlier gives
+# it our clear reason instead.
+DEFAULT_TIMEOUT = 110.0
+
+FILE_DRIVER = "vdsm_managedvolume.engine.filedriver.FileDriver"
+
+# sub-command -> (required arguments, optional arguments), upstream's order.
+# The optional ones are ours: "connector" is a connector JSON object or a
+# host name choosing one connection among several (live migration).
+COMMANDS = {
+    "create_volume": (("volume_id", "size"), ()),
+    "delete_volume": (("volume_id",), ()),
+    "connect_volume": (("volume_id", "connector_info"), ()),
+    "disconnect_volume": (("volume_id",), ("connector",)),
+    "extend_volume": (("volume_id", "size"), ()),
+    "storage_stats": (("refresh",), ()),
+    "save_device": (("volume_id", "device"), ("connector",)),
+    "get_connection_info": (("volume_id",), ("connector",)),
+    "clone_volume": (("volume_id", "cloned_vol_id"), ()),
+    "create_snapshot": (("volume_id",), ()),
+    "remove_snapshot": (("snapshot_id", "volume_id"), ()),
+    "create_volume_from_snapshot": (("volume_id", "snapshot_id"), ("size",)),
+}
+
+USAGE = """\
+usage: managedvolume-cinderlib-client [OPTIONS] SUB-COMMAND DRIVER_JSON DB_URL \
+CORRELATION_ID [ARGS...]
+       managedvolume-cinderlib-client --serve [--socket PATH] [--log-file PATH]
+sub-commands:
+{}
+DRIVER_JSON / DB_URL: inline, @FILE, - (stdin) or env:[NAME]
+options: --timeout SEC --log-file PATH --log-level LEVEL --locks-dir DIR
+         --socket PATH --cold
+""".format("\n".join(
+    "  {} {}".format(name, " ".join(
+        list(req) + ["[{}]".format(o) for o in opt]))
+    for name, (req, opt) in COMMANDS.items()))
+
+
+@dataclasses.dataclass
+class Options:
+    """Settings of one invocation (command line over environment)."""
+
+    timeout: float = DEFAULT_TIMEOUT
+    log_file: str = ""
+    log_level: str = "INFO"
+    locks_dir: str = ""
+    socket: str = ""
+    cold: bool = False
+    serve: bool = False
+
+
+@dataclasses.dataclass
+class Request:
+    """One operation, with everything resolved: what crosses the socket.
+
+    ``driver`` and ``db_url`` hold secrets: ``repr`` masks them, and the
+    request is only ever written to the 0600 socket of the warm service.
+    """
+
+    command: str
+    driver: dict
+    db_url: str
+    correlation_id: str
+    args: dict
+    timeout: float = DEFAULT_TIMEOUT
+    log_file: str = ""
+    log_level: str = "INFO"
+    locks_dir: str = ""
+
+    def __repr__(self):
+        return "Request(command={!r}, correlation_id={!r}, args={!r}, " \
+               "driver={!r}, db_url={!r})".format(
+                   self.command, self.correlation_id, mask.mask(self.args),
+                   mask.mask(self.driver), mask.mask_text(self.db_url))
+
+    def to_json(self):
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text):
+        return cls(**json.loads(text))
+
+    def secrets(self):
+        """Every secret value of this request, to scrub from free text."""
+        found = []
+        _collect_secrets(self.driver, found)
+        password = _url_password(self.db_url)
+        if password:
+            found.append(password)
+        # Longest first, so that a secret containing another is hidden whole.
+        return sorted({s for s in found if len(s) >= 3}, key=len,
+                      reverse=True)
+
+
+def parse(argv, environ=None, stdin=None):
+    """Return ``(Options, Request or None)`` for ``argv`` (without argv[0]).
+
+    Raises ``errors.EngineUsage`` naming what is wrong.
+    """
+    environ = os.environ if environ is None else environ
+    stdin = sys.stdin if stdin is None else stdin
+    opts = _options_from_env(environ)
+    argv = list(argv)
+    while argv and argv[0].startswith("--"):
+        _parse_option(opts, argv)
+    if opts.serve:
+        if argv:
+            raise errors.EngineUsage("--serve takes no arguments, got "
+                                     "{}".format(" ".join(argv)))
+        return opts, None
+    if len(argv) < 4:
+        raise errors.EngineUsage(
+            "expected SUB-COMMAND DRIVER_JSON DB_URL CORRELATION_ID [ARGS...]")
+    command, driver_src, db_src, correlation_id, *rest = argv
+    if command not in COMMANDS:
+        raise errors.EngineUsage("unknown sub-command {!r} (known: {})".format(
+            command, ", ".join(COMMANDS)))
+    if not correlation_id or correlation_id.startswith("error"):
+        # The engine takes the first line starting with "error" or with the
+        # correlation id: an id starting with "error" would be ambiguous.
+        raise errors.EngineUsage(
+            "invalid correlation id {!r}".format(correlation_id))
+    if driver_src == "-" and db_src == "-":
+        raise errors.EngineUsage("only one of DRIVER_JSON and DB_URL may be "
+                                 "read from stdin")
+    driver = _driver(_source("DRIVER_JSON", driver_src, ENV_DRIVER, environ,
+                             stdin))
+    db_url = _source("DB_URL", db_src, ENV_DB_URL, environ, stdin).strip()
+    if not db_url:
+        raise errors.EngineUsage("DB_URL is empty")
+    args = _command_args(command, rest)
+    request = Request(command=command, driver=driver, db_url=db_url,
+                      correlation_id=correlation_id, args=args,
+                      timeout=opts.timeout, log_file=opts.log_file,
+                      log_level=opts.log_level,
+                      locks_dir=opts.locks_dir or default_locks_dir())
+    return opts, request
+
+
+def default_run_dir():
+    """Where the socket and the locks live unless configured.
+
+    Root gets /run; anyone else a private directory in the temp dir (the
+    warm client refuses a socket it does not own, see warm.py).
+    """
+    if os.getuid() == 0:
+        return "/run/managedvolume-engine"
+    return os.path.join(tempfile.gettempdir(),
+                        "managedvolume-engine-{}".format(os.getuid()))
+
+
+def default_locks_dir():
+    return os.path.join(default_run_dir(), "locks")
+
+
+def default_socket():
+    return os.path.join(default_run_dir(), "cinderlib.sock")
+
+
+def parse_bool(name, value):
+    """The engine sends Java's Boolean.toString(): "true" / "false"."""
+    v = str(value).strip().lower()
+    if v in ("true", "1", "yes", "on"):
+        return True
+    if v in ("false", "0", "no", "off", ""):
+        return False
+    raise errors.EngineUsage("{} must be true or false, got {!r}".format(
+        name, value))
+
+
+# Private helpers
+
+def _options_from_env(environ):
+    opts = Options()
+    if environ.get(ENV_TIMEOUT):
+        opts.timeout = _timeout(environ[ENV_TIMEOUT], ENV_TIMEOUT)
+    opts.log_file = environ.get(ENV_LOG_FILE, "")
+    opts.log_level = (environ.get(ENV_LOG_LEVEL) or "INFO").upper()
+    opts.locks_dir = environ.get(ENV_LOCKS_DIR, "")
+    opts.socket = environ.get(ENV_SOCKET, "")
+    opts.cold = parse_bool(ENV_COLD, environ.get(ENV_COLD, ""))
+    return opts
+
+
+_VALUED = {"--timeout", "--log-file", "--log-level", "--locks-dir",
+           "--socket"}
+
+
+def _parse_option(opts, argv):
+    arg = argv.pop(0)
+    name, eq, value = arg.partition("=")
+    if name in ("--cold", "--serve"):
+        if eq:
+            raise errors.EngineUsage("{} takes no value".format(name))
+        setattr(opts, name[2:], True)
+        return
+    if name not in _VALUED:
+        raise errors.EngineUsage("unknown option {}".format(name))
+    if not eq:
+        if not argv:
+            raise errors.EngineUsage("{} needs a value".format(name))
+        value = argv.pop(0)
+    if name == "--timeout":
+        opts.timeout = _timeout(value, name)
+    elif name == "--log-level":
+        opts.log_level = value.upper()
+    else:
+        setattr(opts, name[2:].replace("-", "_"), value)
+
+
+def _timeout(value, name):
+    try:
+        t = float(value)
+    except ValueError:
+        t = 0
+    if not t > 0:
+        raise errors.EngineUsage("{} must be a positive number of seconds, "
+                                 "got {!r}".format(name, value))
+    return t
+
+
+def _source(name, value, default_env, environ, stdin):
+    """Resolve an inline / @FILE / - / env: value (never echoing it)."""
+    if value == "-":
+        return stdin.read()
+    if value.startswith("@"):
+        path = value[1:]
+        try:
+            with open(path) as f:
+                return f.read()
+        except OSError as e:
+            raise errors.EngineUsage("cannot read {} from {}: {}".format(
+                name, path, e.strerror))
+    if value.startswith("env:"):
+        var = value[4:] or default_env
+        if var not in environ:
+            raise errors.EngineUsage("{}: environment variable {} is not "
+                                     "set".format(name, var))
+        return environ[var]
+    return value
+
+
+def _driver(text):
+    try:
+        driver = json.loads(text)
+    except ValueError as e:
+        # Not the text itself: it may hold a password.
+        raise errors.EngineUsage("DRIVER_JSON is not valid JSON ({}: line "
+                                 "{} column {})".format(e.msg, e.lineno,
+                                                        e.colno))
+    if not isinstance(driver, dict):
+        raise errors.EngineUsage("DRIVER_JSON must be a JSON object")
+    # The embedded backend is the default, so that a bare directory is
+    # enough to try the whole chain on one machine.
+    driver.setdefault("volume_driver", FILE_DRIVER)
+    driver.setdefault("volume_backend_name", "file")
+    return driver
+
+
+def _command_args(command, values):
+    required, optional = COMMANDS[command]
+    if not len(required) <= len(values) <= len(required) + len(optional):
+        raise errors.EngineUsage("{} takes {}, got {} argument(s)".format(
+            command, " ".join(list(required) +
+                              ["[{}]".format(o) for o in optional]),
+            len(values)))
+    args = dict(zip(required + optional, values))
+    for name in ("size",):
+        if name in args:
+            args[name] = _size(args[name])
+    if "refresh" in args:
+        args["refresh"] = parse_bool("refresh", args["refresh"])
+    for name in ("connector_info", "device"):
+        if name in args:
+            args[name] = _json_arg(name, args[name], want=dict)
+    if "connector" in args:
+        args["connector"] = _connector_host(args["connector"])
+    return args
+
+
+def _size(value):
+    try:
+        size = int(value)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise errors.EngineUsage(
+            "size must be a positive number of GiB, got {!r}".format(value))
+    return size
+
+
+def _json_arg(name, value, want):
+    if value.startswith("@"):
+        value = _source(name, value, None, {}, None)
+    try:
+        obj = json.loads(value)
+    except ValueError:
+        raise errors.EngineUsage("{} is not valid JSON".format(name))
+    if not isinstance(obj, want):
+        raise errors.EngineUsage("{} must be a JSON object".format(name))
+    return obj
+
+
+def _connector_host(value):
+    """A connector JSON object (its "host") or a plain host name."""
+    if value.lstrip().startswith(("{", "@")):
+        connector = _json_arg("connector", value, want=dict)
+        if not connector.get("host"):
+            raise errors.EngineUsage("connector has no host")
+        return connector["host"]
+    if not value:
+        raise errors.EngineUsage("connector host is empty")
+    return value
+
+
+def _collect_secrets(obj, found):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if mask.is_secret_key(k) and isinstance(v, str) and v:
+                found.append(v)
+            else:
+                _collect_secrets(v, found)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _collect_secrets(v, found)
+
+
+def _url_password(url):
+    # scheme://user:password@host/... without importing SQLAlchemy here.
+    rest = url.partition("://")[2]
+    creds, at, _ = rest.rpartition("@")
+    if not at:
+        return None
+    user, colon, password = creds.partition(":")
+    if not colon or not password:
+        return None
+    from urllib.parse import unquote
+    return unquote(password)

@@ -1,0 +1,226 @@
+"""The twelve operations of the engine's cinderlib client, on cinderlib.
+
+Each function takes a ``cinderlib.Backend`` and the request's parsed
+arguments and returns the payload the engine reads after
+``<correlation_id>:`` (a string), or None when the operation prints nothing.
+What the engine does with the payload decides its shape:
+
+    connect_volume        conn dict {driver_volume_type, data}: sent to the
+                          host's ManagedVolume.attach_volume
+    storage_stats         the backend's stats dict
+    get_connection_info   {conn, connector, device} of one connection
+    create_snapshot       the new snapshot's id (bare, not JSON)
+    create_volume_from_snapshot   the new volume's id (bare)
+
+Where upstream is wrong we differ, and say so here:
+
+- A missing volume or snapshot raises ``errors.EngineNotFound``.  The runner
+  prints it as ``error:...`` and exits 0 only for the removals (delete,
+  remove_snapshot, disconnect: the goal is already reached); upstream also
+  exited 0 for extend, clone, connect..., which the engine took as success.
+- connect_volume reuses the connection of the same connector host (as
+  upstream), disconnect/save_device/get_connection_info take an optional
+  connector host and act on that connection only: during a live migration
+  the volume is connected to two hosts, and upstream always used the first
+  connection (or dropped both).
+- create_volume of an existing id with the same size succeeds (the engine
+  retries after a timeout); with another size it fails.
+- storage_stats parses ``refresh`` ("false" was a true string upstream).
+"""
+
+import json
+import logging
+
+from vdsm_managedvolume import errors
+
+log = logging.getLogger(__name__)
+
+
+def create_volume(backend, args):
+    vol = _find_volume(backend, args["volume_id"], required=False)
+    if vol is not None:
+        if vol.size == args["size"] and vol.status != "error":
+            log.info("Volume %s already exists with size %s GiB",
+                     vol.id, vol.size)
+            return None
+        raise errors.EngineError(
+            "Volume {} already exists (size {} GiB, status {})".format(
+                vol.id, vol.size, vol.status))
+    log.info("Creating volume %s of %s GiB", args["volume_id"], args["size"])
+    backend.create_volume(args["size"], id=args["volume_id"])
+    return None
+
+
+def delete_volume(backend, args):
+    vol = _find_volume(backend, args["volume_id"])
+    log.info("Deleting volume %s", vol.id)
+    vol.delete()
+    return None
+
+
+def connect_volume(backend, args):
+    vol = _find_volume(backend, args["volume_id"])
+    connector = args["connector_info"]
+    host = connector.get("host")
+    for conn in vol.connections:
+        if host is not None and _host(conn) == host:
+            log.info("Volume %s already connected to host %s", vol.id, host)
+            return _dumps(conn.conn_info)
+    log.info("Connecting volume %s to host %s", vol.id, host)
+    conn = vol.connect(connector)
+    return _dumps(conn.connection_info["conn"])
+
+
+def disconnect_volume(backend, args):
+    vol = _find_volume(backend, args["volume_id"])
+    host = args.get("connector")
+    conns = list(vol.connections)
+    if host is not None:
+        conns = [c for c in conns if _host(c) == host]
+        if not conns:
+            log.info("Volume %s has no connection to host %s", vol.id, host)
+    for conn in conns:
+        log.info("Disconnecting volume %s from host %s", vol.id, _host(conn))
+        conn.disconnect()
+    return None
+
+
+def extend_volume(backend, args):
+    vol = _find_volume(backend, args["volume_id"])
+    if args["size"] < vol.size:
+        raise errors.EngineError("Cannot shrink volume {} from {} to {} "
+                                 "GiB".format(vol.id, vol.size, args["size"]))
+    if args["size"] == vol.size:
+        log.info("Volume %s already has %s GiB", vol.id, vol.size)
+        return None
+    log.info("Extending volume %s from %s to %s GiB", vol.id, vol.size,
+             args["size"])
+    vol.extend(args["size"])
+    return None
+
+
+def storage_stats(backend, args):
+    log.info("Fetching backend stats (refresh=%s)", args["refresh"])
+    return _dumps(backend.stats(refresh=args["refresh"]))
+
+
+def save_device(backend, args):
+    vol = _find_volume(backend, args["volume_id"])
+    conn = _pick_connection(vol, args.get("connector"), for_device=True)
+    log.info("Saving device of volume %s on host %s", vol.id, _host(conn))
+    conn.device_attached(args["device"])
+    return None
+
+
+def get_connection_info(backend, args):
+    vol = _find_volume(backend, args["volume_id"])
+    conn = _pick_connection(vol, args.get("connector"))
+    log.info("Fetching connection of volume %s on host %s", vol.id,
+             _host(conn))
+    return _dumps(conn.connection_info)
+
+
+def clone_volume(backend, args):
+    vol = _find_volume(backend, args["volume_id"])
+    log.info("Cloning volume %s to %s", vol.id, args["cloned_vol_id"])
+    vol.clone(id=args["cloned_vol_id"])
+    return None
+
+
+def create_snapshot(backend, args):
+    vol = _find_volume(backend, args["volume_id"])
+    log.info("Creating snapshot of volume %s", vol.id)
+    snap = vol.create_snapshot()
+    log.info("Created snapshot %s of volume %s", snap.id, vol.id)
+    return snap.id
+
+
+def remove_snapshot(backend, args):
+    vol = _find_volume(backend, args["volume_id"])
+    snap = _find_snapshot(vol, args["snapshot_id"])
+    log.info("Removing snapshot %s of volume %s", snap.id, vol.id)
+    snap.delete()
+    return None
+
+
+def create_volume_from_snapshot(backend, args):
+    vol = _find_volume(backend, args["volume_id"])
+    snap = _find_snapshot(vol, args["snapshot_id"])
+    params = {}
+    if args.get("size"):
+        if args["size"] < snap.volume_size:
+            raise errors.EngineError(
+                "Volume from snapshot {} needs at least {} GiB, got {}".format(
+                    snap.id, snap.volume_size, args["size"]))
+        params["size"] = args["size"]
+    log.info("Creating volume from snapshot %s of volume %s", snap.id, vol.id)
+    new = snap.create_volume(**params)
+    log.info("Created volume %s from snapshot %s", new.id, snap.id)
+    return new.id
+
+
+# Removals: when the volume or snapshot is gone, the goal is reached.
+IDEMPOTENT = frozenset(("delete_volume", "remove_snapshot",
+                        "disconnect_volume"))
+
+OPERATIONS = {f.__name__: f for f in (
+    create_volume, delete_volume, connect_volume, disconnect_volume,
+    extend_volume, storage_stats, save_device, get_connection_info,
+    clone_volume, create_snapshot, remove_snapshot,
+    create_volume_from_snapshot)}
+
+
+# Private helpers
+
+def _find_volume(backend, vol_id, required=True):
+    vols = backend.volumes_filtered(volume_id=vol_id)
+    if not vols:
+        if required:
+            raise errors.EngineNotFound(kind="Volume", id=vol_id)
+        return None
+    return vols[0]
+
+
+def _find_snapshot(vol, snap_id):
+    for snap in vol.snapshots:
+        if snap.id == snap_id:
+            return snap
+    raise errors.EngineNotFound(kind="Snapshot", id=snap_id)
+
+
+def _host(conn):
+    return (conn.connector_info or {}).get("host")
+
+
+def _pick_connection(vol, host, for_device=False):
+    """The connection an operation without a connection id means.
+
+    With ``host``: that host's connection.  Without: the only one; with
+    several (a live migration), for save_device the one that has no device
+    yet (the host that just attached), else the newest.
+    """
+    conns = list(vol.connections)
+    if not conns:
+        raise errors.EngineNotFound(kind="Connection of volume", id=vol.id)
+    if host is not None:
+        for conn in conns:
+            if _host(conn) == host:
+                return conn
+        raise errors.EngineNotFound(
+            kind="Connection of volume {} to host".format(vol.id), id=host)
+    if len(conns) == 1:
+        return conns[0]
+    if for_device:
+        fresh = [c for c in conns if not c.device]
+        if len(fresh) == 1:
+            return fresh[0]
+    return max(conns, key=_created)
+
+
+def _created(conn):
+    return (conn.created_at is not None, conn.created_at or 0)
+
+
+def _dumps(obj):
+    # json.dumps' default separators, as upstream: byte-compatible output.
+    return json.dumps(obj)

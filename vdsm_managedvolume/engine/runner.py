@@ -1,0 +1,261 @@
+"""Run one request on cinderlib and say what the engine must read.
+
+Both ways of running an operation end here: in the command's own process
+(cold) and in a child of the warm service.  ``run`` returns an ``Outcome``
+(the exact stdout bytes and the exit code) instead of printing, so the two
+ways are byte-identical by construction.
+
+What the engine reads (ovirt-engine's CinderlibExecutor merges stderr into
+stdout and takes the *first* line starting with ``error`` or with the
+correlation id)::
+
+    success with a result   <correlation_id>:<payload>\\n     exit 0
+    success, nothing to say                                  exit 0
+    already removed         error:Volume <id> not found\\n    exit 0
+    failure                 error:<one line, secrets hidden>\\n exit 1
+    bad command line        error:<what is wrong>\\n          exit 2
+
+Failures never print a traceback (it goes to the log, masked).  The whole
+operation, cinderlib's import and setup included, runs in a worker thread
+under ``request.timeout``; on expiry the caller gets ``error:... did not
+finish within N seconds`` and exits, abandoning the thread.
+
+cinderlib pitfalls handled here (CONTRACT 6):
+
+- ``cl.setup(disable_logs=True)`` disables every logger of the process, ours
+  included: we pass ``disable_logs=False`` and then put our own handler back
+  (oslo.log replaces the root handlers), with cinder's loggers at WARNING.
+- ``file_locks_path`` is always given (cinderlib's default is the cwd).
+- With ``VIRTUAL_ENV`` set, ``cl.setup`` rewrites the venv's
+  ``etc/cinder/rootwrap.conf``; we hide the variable during setup.
+"""
+
+import logging
+import os
+import sys
+import threading
+import traceback
+
+from vdsm_managedvolume import errors
+from vdsm_managedvolume import log as logutil
+from vdsm_managedvolume import mask
+
+log = logging.getLogger("vdsm_managedvolume.engine")
+
+# Third-party loggers kept at WARNING unless the log level is DEBUG: at INFO
+# cinder logs connection info (with CHAP secrets) and every SQL migration.
+NOISY = ("cinder", "cinderlib", "oslo", "oslo_db", "oslo_concurrency",
+         "os_brick", "sqlalchemy", "alembic", "stevedore", "tooz",
+         "urllib3", "py.warnings", "oslo_policy", "oslo.privsep")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class Outcome:
+    """What to print on stdout, and the exit code."""
+
+    def __init__(self, output=b"", exit_code=EXIT_OK):
+        self.output = output
+        self.exit_code = exit_code
+
+    def to_dict(self):
+        return {"output": self.output.decode("utf-8"),
+                "exit_code": self.exit_code}
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(d["output"].encode("utf-8"), int(d["exit_code"]))
+
+    def __repr__(self):
+        return "Outcome(exit_code={}, {} bytes)".format(self.exit_code,
+                                                        len(self.output))
+
+
+def error(text, exit_code=EXIT_FAILED):
+    """An ``error:`` outcome; ``text`` is flattened to one line."""
+    line = " ".join(str(text).split())
+    return Outcome("error:{}\n".format(line).encode("utf-8"), exit_code)
+
+
+def result(correlation_id, payload):
+    return Outcome("{}:{}\n".format(correlation_id, payload).encode("utf-8"))
+
+
+def run(request):
+    """Run ``request`` within its timeout and return its ``Outcome``."""
+    scrub = Scrubber(request.secrets())
+    configure_logging(request, scrub)
+    box = []
+
+    def work():
+        with logutil.flow(request.correlation_id):
+            box.append(_execute(request, scrub))
+
+    worker = threading.Thread(target=work, name="operation", daemon=True)
+    worker.start()
+    worker.join(request.timeout)
+    if worker.is_alive():
+        with logutil.flow(request.correlation_id):
+            log.error("%s did not finish within %s seconds; giving up",
+                      request.command, _seconds(request.timeout))
+        return error(errors.EngineTimeout(
+            operation=request.command, timeout=_seconds(request.timeout)))
+    if not box:
+        return error("internal error: the operation ended without a result")
+    return box[0]
+
+
+def configure_logging(request, scrub=None):
+    """Our handler on the root logger: file or stderr, flow id, masking.
+
+    Safe to call again after something (oslo.log) replaced the handlers.
+    """
+    logutil.setup(level=request.log_level, filename=request.log_file or None,
+                  stream=sys.stderr)
+    root = logging.getLogger()
+    for handler in root.handlers:
+        # A thread a library starts has no flow in its context; in this
+        # process every line belongs to this request anyway.
+        handler.filters.insert(0, _DefaultFlow(request.correlation_id))
+        if scrub is not None:
+            handler.addFilter(scrub)
+    debug = request.log_level == "DEBUG"
+    for name in NOISY:
+        logging.getLogger(name).setLevel(
+            logging.DEBUG if debug else logging.WARNING)
+    log.setLevel(request.log_level)
+    logging.captureWarnings(True)
+
+
+class Scrubber(logging.Filter):
+    """Hides the request's own secret *values* wherever they show up.
+
+    ``mask`` recognizes ``password=...`` shapes; a backend error quoting a
+    password in free text ("login admin/s3cret failed") would slip through,
+    so the values themselves are replaced too, in logs and in error lines.
+    """
+
+    def __init__(self, secrets):
+        super().__init__()
+        self.secrets = list(secrets)
+
+    def text(self, text):
+        text = mask.mask_text(text)
+        for secret in self.secrets:
+            text = text.replace(secret, mask.MASK)
+        return text
+
+    def filter(self, record):
+        if not self.secrets:
+            return True
+        record.msg = self.text(record.getMessage())
+        record.args = None
+        if record.exc_text:
+            record.exc_text = self.text(record.exc_text)
+        elif record.exc_info:
+            record.exc_text = self.text(
+                logging.Formatter().formatException(record.exc_info))
+        return True
+
+
+# Process-wide cinderlib state: set up once, per DB URL.
+
+_state = {"db_url": None, "locks_dir": None}
+
+
+def setup_cinderlib(db_url, locks_dir):
+    """Import cinderlib and point it at ``db_url`` (idempotent).
+
+    The first call runs ``cl.setup``; a later call with another URL only
+    switches the persistence.  The locks directory is the first call's.
+    """
+    import cinderlib as cl
+    if not cl.Backend.global_initialization:
+        os.makedirs(locks_dir, mode=0o700, exist_ok=True)
+        persistence = {"storage": "db", "connection": db_url}
+        venv = os.environ.pop("VIRTUAL_ENV", None)
+        try:
+            cl.setup(file_locks_path=locks_dir,
+                     persistence_config=persistence,
+                     disable_logs=False)
+        finally:
+            if venv is not None:
+                os.environ["VIRTUAL_ENV"] = venv
+        _state.update(db_url=db_url, locks_dir=locks_dir)
+    elif _state["db_url"] != db_url:
+        cl.Backend.set_persistence({"storage": "db", "connection": db_url})
+        _state["db_url"] = db_url
+    return cl
+
+
+def backend(cl, driver):
+    """The cinderlib Backend of this driver config (created once)."""
+    driver = dict(driver)
+    name = driver.pop("volume_backend_name")
+    existing = cl.Backend.backends.get(name)
+    if existing is not None and existing._original_driver_cfg != driver:
+        # Same name, new options (a changed storage domain): start over.
+        del cl.Backend.backends[name]
+    return cl.Backend(name, **driver)
+
+
+# Private helpers
+
+def _execute(request, scrub):
+    from . import ops
+    log.info("Running %s %s", request.command, _describe(request))
+    try:
+        cl = setup_cinderlib(request.db_url, request.locks_dir)
+        # oslo.log just replaced the root handlers: put ours back.
+        configure_logging(request, scrub)
+        be = backend(cl, request.driver)
+        payload = ops.OPERATIONS[request.command](be, request.args)
+    except errors.EngineNotFound as e:
+        log.warning("%s: %s", request.command, e)
+        code = EXIT_OK if request.command in ops.IDEMPOTENT else EXIT_FAILED
+        return error(e, code)
+    except errors.EngineUsage as e:
+        return error(scrub.text(str(e)), EXIT_USAGE)
+    except Exception as e:
+        log.error("%s failed:\n%s", request.command,
+                  scrub.text(traceback.format_exc()))
+        return error("{} failed: {}".format(request.command,
+                                            scrub.text(_reason(e))))
+    log.info("%s done", request.command)
+    if payload is None:
+        return Outcome()
+    return result(request.correlation_id, payload)
+
+
+def _describe(request):
+    parts = ["{}={}".format(k, v) for k, v in request.args.items()
+             if k not in ("connector_info", "device")]
+    parts.append("backend={}".format(request.driver.get("volume_backend_name")))
+    return " ".join(parts)
+
+
+def _reason(exc):
+    text = str(exc) or type(exc).__name__
+    if type(exc).__module__.startswith(("cinder", "cinderlib", "oslo",
+                                        "sqlalchemy", "psycopg2")):
+        return "{}: {}".format(type(exc).__name__, text)
+    return text
+
+
+def _seconds(t):
+    return int(t) if float(t).is_integer() else t
+
+
+class _DefaultFlow(logging.Filter):
+
+    def __init__(self, flow_id):
+        super().__init__()
+        self.flow_id = flow_id
+
+    def filter(self, record):
+        if not hasattr(record, "flow_id"):
+            current = logutil.current_flow()
+            record.flow_id = self.flow_id if current == "-" else current
+        return True

@@ -1,0 +1,196 @@
+"""JSON-RPC 2.0 dispatch, the way vdsm answers it.
+
+One message in (the body of a STOMP SEND), at most one message out::
+
+    {request}                    -> {response}
+    [{request}]                  -> {response}    vdsm's Python client sends
+                                                  a one-element array and
+                                                  expects a single object
+    [{r1}, {r2}, ...]            -> [{resp1}, {resp2}, ...]   a true batch
+    {notification} (no "id")     -> nothing
+    []  / 42 / "x"               -> {"error": -32600, "id": null}
+    not JSON                     -> {"error": -32700, "id": null}
+
+A response carries ``result`` (a null result is sent as ``true``, as vdsm
+does) or ``error: {"code": N, "message": "..."}`` - never a ``data``
+member, never a traceback.  Codes: -32700 parse error, -32600 invalid
+request, -32601 method not found, -32602 invalid params (the message names
+the parameter), -32603 internal error, and ours (925-935, see errors.py
+and the schema).
+
+The verbs are looked up in the schema (``schema.py``), their params bound
+and type-checked there (positional in schema order or named, defaults
+filled), and then called through the vdsm-convention API classes
+(``api.py``) - the same path vdsm takes - which turn service errors into
+status codes and mask secrets in results.  Every call is logged with the
+flow id of the request (``log.flow``); params are masked in the log.
+"""
+
+import json
+import logging
+import time
+
+from . import api
+from . import errors
+from . import log as logmod
+from . import mask
+from . import schema as schema_module
+
+log = logging.getLogger("managedvolume.jsonrpc")
+
+VERSION = "2.0"
+
+
+class Dispatcher:
+    """Answers JSON-RPC messages by calling ``service`` through ``api``.
+
+    Thread safe: the agent calls ``handle`` from several worker threads.
+    """
+
+    def __init__(self, service, schema=None):
+        self.service = service
+        self.schema = schema or schema_module.load()
+
+    def handle(self, data, flow_id=None):
+        """Answer one message; return the response bytes, or None when
+        nothing is to be sent (notifications only)."""
+        with logmod.flow(flow_id):
+            try:
+                message = json.loads(data)
+            except (ValueError, UnicodeDecodeError) as e:
+                log.warning("Invalid JSON message: %s", e)
+                return _encode(_error_response(
+                    None, errors.ParseError(str(e)))).encode("utf-8")
+            if isinstance(message, list):
+                if not message:
+                    return _encode(_error_response(
+                        None, errors.InvalidRequest("empty batch"))).encode(
+                            "utf-8")
+                responses = [r for r in map(self._handle_one, message)
+                             if r is not None]
+                if not responses:
+                    return None
+                if len(message) == 1:
+                    return responses[0].encode("utf-8")
+                return "[{}]".format(", ".join(responses)).encode("utf-8")
+            response = self._handle_one(message)
+            return None if response is None else response.encode("utf-8")
+
+    def handle_parse_error(self, reason):
+        """The response for a body that could not even be read (e.g. not
+        UTF-8, too large); the agent may send it to vdsm_responses."""
+        return _encode(_error_response(
+            None, errors.ParseError(reason))).encode("utf-8")
+
+    # Private helpers
+
+    def _handle_one(self, request):
+        """The encoded response of one request, None for a notification."""
+        try:
+            request_id, method, params = _parse_request(request)
+        except _BadRequest as e:
+            # Answered even without an id: the id could not be trusted.
+            return _encode(_error_response(e.request_id, e.error))
+        notification = "id" not in request
+        start = time.monotonic()
+        try:
+            result = self._call(method, params)
+            response = _encode({"jsonrpc": VERSION, "id": request_id,
+                                "result": True if result is None
+                                else result})
+        except errors.Error as e:
+            log.info("RPC call %s failed (error %s) in %.2f seconds",
+                     method, e.code, time.monotonic() - start)
+            response = _encode(_error_response(request_id, e))
+        except Exception as e:
+            log.error("RPC call %s failed (internal error) in %.2f seconds",
+                      method, time.monotonic() - start, exc_info=True)
+            error = errors.InternalError("{}: {}".format(
+                type(e).__name__, mask.mask_text(str(e))))
+            response = _encode(_error_response(request_id, error))
+        else:
+            log.info("RPC call %s succeeded in %.2f seconds", method,
+                     time.monotonic() - start)
+        if notification:
+            return None
+        return response
+
+    def _call(self, name, params):
+        """Bind params, call the API class, unwrap vdsm's response dict."""
+        method = self.schema.method(name)
+        cls = api.NAMESPACES.get(method.namespace)
+        if cls is None or not hasattr(cls, method.verb):
+            raise errors.MethodNotFound(method=name)
+        log.debug("Calling %s with %s", name, api.mask_params(params))
+        args = self.schema.args(name, params)
+        obj = cls(*[None for _ in cls.ctorArgs])
+        with api.using(self.service):
+            response = getattr(obj, method.verb)(*args)
+        status = response.get("status", {})
+        if status.get("code"):
+            raise _StatusError(status["code"], status.get("message", ""))
+        key = api.return_key(method.namespace, method.verb)
+        return None if key is None else response.get(key)
+
+
+class _BadRequest(Exception):
+
+    def __init__(self, request_id, error):
+        self.request_id = request_id
+        self.error = error
+
+
+def _parse_request(request):
+    """(id, method, params) of a valid request; _BadRequest otherwise."""
+    if not isinstance(request, dict):
+        raise _BadRequest(None, errors.InvalidRequest(
+            "expected an object, got {}".format(_kind(request))))
+    request_id = request.get("id")
+    if not _valid_id(request_id):
+        raise _BadRequest(None, errors.InvalidRequest(
+            "id must be a string, a number or null"))
+    if request.get("jsonrpc") != VERSION:
+        raise _BadRequest(request_id, errors.InvalidRequest(
+            'jsonrpc must be "2.0"'))
+    method = request.get("method")
+    if not isinstance(method, str):
+        raise _BadRequest(request_id, errors.InvalidRequest(
+            "method must be a string"))
+    params = request.get("params")
+    if params is not None and not isinstance(params, (list, dict)):
+        raise _BadRequest(request_id, errors.InvalidRequest(
+            "params must be an object or an array"))
+    return request_id, method, params
+
+
+class _StatusError(errors.Error):
+    """A non-zero vdsm status, passed through as is."""
+
+    msg = "{self.reason}"
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+def _error_response(request_id, error):
+    message = mask.mask_text(str(error))
+    return {"jsonrpc": VERSION, "id": request_id,
+            "error": {"code": error.code, "message": message}}
+
+
+def _encode(obj):
+    """JSON text of a response (tuples become arrays; anything else that
+    JSON cannot hold raises TypeError -> internal error)."""
+    return json.dumps(obj)
+
+
+def _valid_id(value):
+    if isinstance(value, bool):
+        return False
+    return value is None or isinstance(value, (str, int, float))
+
+
+def _kind(value):
+    return {list: "array", str: "string", bool: "boolean",
+            type(None): "null", dict: "object"}.get(type(value), "number")

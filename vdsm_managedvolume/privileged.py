@@ -1,0 +1,656 @@
+"""The privileged boundary: the service's client of one privsep daemon.
+
+vdsm started a fresh helper process per call (2.7-3.6 s each, mostly
+importing os-brick) with no timeout.  Here one long-lived oslo.privsep
+daemon (``brick.py``) runs os-brick as root; a call costs a round trip on
+a unix socket plus the os-brick work (measured: local connect+disconnect
+0.6 ms, connector properties 25-45 ms warm, daemon start 0.4 s idle,
+seconds on a loaded host)::
+
+    service threads ──Brick.connect()──┐
+                                       │ msgpack over a unix socket
+    Brick ── one _Daemon ── channel ───┴──> privsep daemon (root, pool of
+                                             threads, os-brick imported)
+
+Starting the daemon
+-------------------
+On first use (and after the daemon died), under a lock, bounded by
+``Brick.start_timeout``:
+
+- As root: the environment's ``privsep-helper`` (next to sys.executable)
+  directly, no sudo; it inherits our environment (fault injection,
+  fake connectors) and PYTHONPATH is extended so the daemon imports the
+  same code we do.
+- Not root: ``cfg.root_helper`` (default ``sudo``) before it.
+- ``cfg.helper_command``: replaces both entirely (as oslo.privsep's
+  option does; ``--privsep_context`` and ``--privsep_sock_path`` are
+  appended).
+
+The helper reads ``cfg.privsep_config_file``, written here from the
+configuration (os-brick's lock_path, our section's options, log level).
+We do the socket dance ourselves instead of oslo.privsep's
+RootwrapClientChannel because that one waits without a bound for a helper
+that never connects.  A daemon that cannot start is HelperFailed (926)
+quoting the helper's stderr.
+
+Timeouts
+--------
+Every call carries a deadline: ``cfg.timeout`` (connect, disconnect) or
+``cfg.properties_timeout`` (connector properties), counted after the
+daemon is up.  The daemon kills itself when a deadline passes (see
+brick.py), so a timed-out connect cannot complete later and leak a device;
+we then raise HelperTimeout (931) and the next call starts a new daemon.
+Should the daemon's watchdog fail, we kill it ourselves ``KILL_GRACE``
+seconds later (root can; with sudo we cannot and only log).  A timeout
+or crash kills calls running concurrently for other volumes too: they get
+HelperFailed; the service must treat a failed connect as "maybe
+connected" (its journal does).
+
+Errors: os-brick's exceptions never cross as classes (the service must not
+import os-brick): the daemon sends ``RemoteError(kind, message)`` with the
+message masked, which becomes HelperFailed (926), NotSupported (925) or
+UnknownAdapter (934) here.  The daemon dying mid-call is HelperFailed.
+
+os-brick is never imported in this process: ``check_supported`` uses
+importlib's find_spec; importing os_brick.utils would replace time.sleep
+process-wide.
+"""
+
+import collections
+import errno
+import importlib.util
+import logging
+import os
+import select
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from . import adapters
+from . import errors
+from . import faults
+from . import log
+from . import mask
+
+LOG = logging.getLogger(__name__)
+
+# The daemon's oslo.config section and the logger its records arrive on.
+SECTION = "managedvolume_privileged"
+DAEMON_LOGGER = "vdsm_managedvolume.daemon"
+
+CONTEXT = "vdsm_managedvolume.brick.context"
+ENTRYPOINTS = "vdsm_managedvolume.brick."
+
+# Bound for starting the daemon: importing os-brick takes 2-4 s on an idle
+# machine, much more on a loaded one.
+START_TIMEOUT = 60.0
+
+# How long after a deadline we wait for the daemon's own watchdog before
+# killing it from here.
+KILL_GRACE = 2.0
+
+# The daemon runs each call in a thread of a pool; calls beyond its size
+# queue (while their deadline runs).
+THREAD_POOL_SIZE = 16
+
+CRASH_POINTS = (
+    "privsep.connect.before",
+    "privsep.connect.after",
+    "privsep.disconnect.before",
+    "privsep.disconnect.after",
+)
+faults.register(*CRASH_POINTS)
+
+
+class RemoteError(Exception):
+    """An error raised in the daemon: ``(kind, *details)``.
+
+    Crosses the socket by class name (so both sides import this module,
+    never os-brick's exception classes).  Kinds: "failed" (message),
+    "unsupported" (message), "unknown_adapter" (adapter, installed).
+    """
+
+
+class Brick:
+    """os-brick operations, run as root in one long-lived daemon.
+
+    Thread-safe: calls from many threads share the daemon and run in
+    parallel there.  No daemon is started before the first call.
+    """
+
+    start_timeout = START_TIMEOUT
+
+    def __init__(self, cfg):
+        self._cfg = cfg
+        self._lock = threading.Lock()
+        self._daemon = None
+
+    def connector_properties(self):
+        """os-brick's connector properties for this host (multipath and
+        enforce_multipath True), lists not tuples."""
+        return self._call("connector_properties", (),
+                          self._cfg.properties_timeout)
+
+    def connect(self, connection_info):
+        """Connect the volume; return the attachment os-brick returned.
+
+        The connector is the adapter plug-in named by
+        ``connection_info["adapter"]`` (checked here first: 934 without
+        touching the daemon), else os-brick's for ``driver_volume_type``.
+        """
+        self.check_adapter(connection_info.get("adapter"))
+        return self._call("connect_volume", (connection_info,),
+                          self._cfg.timeout, operation="connect")
+
+    def disconnect(self, connection_info, attachment):
+        """Disconnect the volume (``attachment``: what connect returned, or
+        None when unknown)."""
+        self.check_adapter(connection_info.get("adapter"))
+        self._call("disconnect_volume", (connection_info, attachment),
+                   self._cfg.timeout, operation="disconnect")
+
+    def check_adapter(self, adapter):
+        """Raise UnknownAdapter (934) unless ``adapter`` is empty or an
+        installed plug-in.  Needs no daemon."""
+        adapters.check(adapter)
+
+    def check_supported(self):
+        """Raise NotSupported (925) when os-brick is not installed."""
+        check_supported()
+
+    def stop(self):
+        """Stop the daemon (it finishes running calls, bounded); the next
+        call starts a new one."""
+        with self._lock:
+            daemon, self._daemon = self._daemon, None
+        if daemon is not None:
+            daemon.stop()
+
+    def daemon_pid(self):
+        """The daemon's pid, None when none is running."""
+        daemon = self._daemon
+        if daemon is None or not daemon.alive():
+            return None
+        return daemon.pid
+
+    # Private helpers
+
+    def _call(self, name, args, timeout, operation=None):
+        operation = operation or name
+        daemon = self._running_daemon()
+        deadline = time.monotonic() + timeout
+        try:
+            result = daemon.call(ENTRYPOINTS + name,
+                                 args + (deadline, log.current_flow()),
+                                 timeout + KILL_GRACE)
+        except _Timeout:
+            LOG.error("%s: no answer %.1f s after its deadline: killing "
+                      "privsep daemon %s", operation, KILL_GRACE, daemon.pid)
+            self._discard(daemon, kill=True)
+            raise errors.HelperTimeout(operation=operation, timeout=timeout)
+        except _Died as e:
+            self._discard(daemon)
+            if time.monotonic() >= deadline:
+                raise errors.HelperTimeout(operation=operation,
+                                           timeout=timeout)
+            raise errors.HelperFailed(
+                "privsep daemon {} died during {} ({}); the next call "
+                "starts a new one".format(daemon.pid, operation, e))
+        except RemoteError as e:
+            raise _local_error(e) from None
+        return plain(result)
+
+    def _running_daemon(self):
+        with self._lock:
+            daemon = self._daemon
+            if daemon is not None and daemon.alive():
+                return daemon
+            if daemon is not None:
+                LOG.warning("privsep daemon %s is gone: starting a new one",
+                            daemon.pid)
+                daemon.close()
+                self._daemon = None
+            check_supported()
+            self._daemon = _Daemon.start(self._cfg, self.start_timeout)
+            return self._daemon
+
+    def _discard(self, daemon, kill=False):
+        with self._lock:
+            if self._daemon is daemon:
+                self._daemon = None
+        if kill:
+            daemon.kill()
+        daemon.close()
+
+
+def check_supported():
+    """Raise NotSupported (925) when os-brick or oslo.privsep is missing.
+
+    find_spec only: importing os-brick here would cost seconds and replace
+    time.sleep in this process.
+    """
+    for name in ("os_brick", "oslo_privsep"):
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None:
+            raise errors.NotSupported("{} cannot be imported".format(name))
+
+
+def plain(obj):
+    """``obj`` as plain JSON types: tuples and sets become lists (msgpack
+    turns lists into tuples and cannot carry sets), dict keys strings,
+    anything else its str()."""
+    if isinstance(obj, dict):
+        return {k if isinstance(k, str) else str(k): plain(v)
+                for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return sorted((plain(v) for v in obj), key=repr)
+    if obj is None or isinstance(obj, (str, bool, int, float)):
+        return obj
+    if isinstance(obj, bytes):
+        return obj.decode("utf-8", "replace")
+    return str(obj)
+
+
+def write_config(cfg):
+    """Write the daemon's oslo.config file; return its path."""
+    path = cfg.privsep_config_file
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(cfg.brick_lock_dir, exist_ok=True)
+    debug = str(cfg.log_level).upper() == "DEBUG"
+    text = (
+        "# Written by vdsm-managedvolume for its privsep daemon; every\n"
+        "# start rewrites it from managedvolume.conf.\n"
+        "[DEFAULT]\n"
+        "debug = {debug}\n"
+        "\n"
+        "[oslo_concurrency]\n"
+        "lock_path = {lock_path}\n"
+        "\n"
+        "[{section}]\n"
+        "thread_pool_size = {pool}\n"
+        "connector_override = {override}\n"
+        "root_helper = {root_helper}\n"
+    ).format(debug=debug, lock_path=cfg.brick_lock_dir, section=SECTION,
+             pool=max(THREAD_POOL_SIZE, 2 * cfg.workers),
+             override=cfg.connector_override, root_helper=cfg.root_helper)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    return path
+
+
+def helper_command(cfg, sock_path):
+    """The argv starting the daemon (see the module docstring)."""
+    if cfg.helper_command:
+        cmd = shlex.split(cfg.helper_command)
+    else:
+        cmd = [_privsep_helper(), "--config-file", cfg.privsep_config_file]
+        if os.geteuid() != 0:
+            cmd = shlex.split(cfg.root_helper) + cmd
+    return cmd + ["--privsep_context", CONTEXT,
+                  "--privsep_sock_path", sock_path]
+
+
+class _Timeout(Exception):
+    """No reply within the wait."""
+
+
+class _Died(Exception):
+    """The daemon closed the channel (it died) during the call."""
+
+
+class _Daemon:
+    """One running daemon: its channel, pid and stderr."""
+
+    def __init__(self, channel, sock, pid, pidfd, output):
+        self.channel = channel
+        self.sock = sock
+        self.pid = pid
+        self._pidfd = pidfd
+        self._output = output
+
+    @classmethod
+    def start(cls, cfg, timeout):
+        started = time.monotonic()
+        deadline = started + timeout
+        write_config(cfg)
+        tmpdir = tempfile.mkdtemp(prefix="managedvolume-privsep-")
+        sock_path = os.path.join(tmpdir, "privsep.sock")
+        listener = socket.socket(socket.AF_UNIX)
+        proc = None
+        output = None
+        try:
+            listener.bind(sock_path)
+            listener.listen(1)
+            cmd = helper_command(cfg, sock_path)
+            LOG.info("Starting privsep daemon: %s", cmd)
+            try:
+                proc = subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT, env=_daemon_env(cfg),
+                    close_fds=True)
+            except OSError as e:
+                raise errors.HelperFailed(
+                    "cannot run privsep helper {}: {}".format(cmd[0], e))
+            output = _Output(proc.stdout)
+            sock = _accept(listener, proc, deadline, output, cmd)
+        except BaseException:
+            if proc is not None:
+                _silent_kill(proc)
+                proc.wait()
+            raise
+        finally:
+            listener.close()
+            _silent_remove(sock_path)
+            os.rmdir(tmpdir)
+
+        channel = _Channel(sock)
+        daemon = None
+        try:
+            channel.ping(_remaining(deadline))
+            pid = channel.call(ENTRYPOINTS + "getpid", (),
+                               _remaining(deadline))
+            daemon = cls(channel, sock, pid, _pidfd(pid), output)
+            info = channel.call(ENTRYPOINTS + "hello", (),
+                                _remaining(deadline))
+        except (_Timeout, _Died, RemoteError) as e:
+            if daemon is not None:
+                daemon.kill()
+            channel.shutdown()
+            sock.close()
+            if isinstance(e, RemoteError) and e.args[0] == "unsupported":
+                raise errors.NotSupported(e.args[1])
+            raise errors.HelperFailed(
+                "privsep daemon did not become ready within {:.0f} s "
+                "({}: {}){}".format(timeout, type(e).__name__,
+                                    _remote_message(e), output.tail()))
+        finally:
+            _reap(proc, deadline)
+        LOG.info("privsep daemon pid %s ready in %.2f s (os-brick %s)",
+                 pid, time.monotonic() - started, info.get("os_brick"))
+        return daemon
+
+    def call(self, name, args, wait):
+        return self.channel.call(name, args, wait)
+
+    def alive(self):
+        return self.channel.running
+
+    def kill(self):
+        """SIGKILL the daemon and wait (bounded) until it is gone."""
+        if self._pidfd is None:
+            return
+        try:
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            LOG.error("Not allowed to kill privsep daemon %s (not root); "
+                      "its own watchdog must end it", self.pid)
+            return
+        select.select([self._pidfd], [], [], 10)
+
+    def stop(self):
+        """Close the channel: the daemon ends after its running calls."""
+        self.channel.shutdown()
+        self.channel.reader_thread.join(10)
+        if self.channel.reader_thread.is_alive():
+            LOG.warning("privsep daemon %s did not exit: killing it",
+                        self.pid)
+            self.kill()
+        self.close()
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+
+def _import_comm():
+    from oslo_privsep import comm
+    return comm
+
+
+class _Channel:
+    """oslo.privsep's client protocol with bounded waits everywhere.
+
+    Wraps ``oslo_privsep.comm.ClientChannel`` (msgpack framing, reader
+    thread, one mailbox per call); replaces oslo's _ClientChannel, whose
+    start has no bound and which re-raises remote exceptions by importing
+    their classes.
+    """
+
+    def __init__(self, sock):
+        comm = _import_comm()
+        self._comm = comm
+        channel = self
+
+        class Client(comm.ClientChannel):
+            def out_of_band(self, msg):
+                channel._log_record(msg)
+
+        self._client = Client(sock)
+
+    @property
+    def running(self):
+        return self._client.running
+
+    @property
+    def reader_thread(self):
+        return self._client.reader_thread
+
+    def ping(self, wait):
+        reply = self._send((self._comm.Message.PING.value,), wait)
+        if reply[0] != self._comm.Message.PONG:
+            raise _Died("unexpected reply to PING: {!r}".format(reply))
+
+    def call(self, name, args, wait):
+        reply = self._send((self._comm.Message.CALL.value, name, args, {}),
+                           wait)
+        if reply[0] == self._comm.Message.RET:
+            return reply[1]
+        if reply[0] == self._comm.Message.ERR:
+            cls_name, exc_args = reply[1], reply[2]
+            if cls_name.endswith(".PrivsepTimeout"):
+                raise _Timeout("no reply within {:.1f} s".format(wait))
+            if cls_name == __name__ + ".RemoteError":
+                raise RemoteError(*exc_args)
+            # Not raised by our entrypoints' wrapper (bad call, setup).
+            raise RemoteError("failed", mask.mask_text("{}: {}".format(
+                cls_name.rsplit(".", 1)[-1],
+                " ".join(str(a) for a in exc_args))))
+        raise _Died("unexpected reply: {!r}".format(reply[:1]))
+
+    def shutdown(self):
+        try:
+            self._client.writer.close()
+        except OSError:
+            pass
+
+    # Private helpers
+
+    def _send(self, msg, wait):
+        try:
+            return self._client.send_recv(msg, wait)
+        except OSError as e:
+            raise _Died(str(e) or type(e).__name__)
+
+    def _log_record(self, msg):
+        if msg[0] != self._comm.Message.LOG:
+            return
+        data = {(k.decode() if isinstance(k, bytes) else k): v
+                for k, v in msg[1].items()}
+        record = logging.makeLogRecord(data)
+        logger = logging.getLogger(DAEMON_LOGGER)
+        if logger.isEnabledFor(record.levelno):
+            logger.handle(record)
+
+
+class _Output:
+    """Reads the helper's and daemon's stdout/stderr: logs each line and
+    keeps the last ones for error messages."""
+
+    def __init__(self, pipe):
+        self._lines = collections.deque(maxlen=10)
+        self._thread = threading.Thread(target=self._read, args=(pipe,),
+                                        name="privsep-output", daemon=True)
+        self._thread.start()
+
+    def tail(self):
+        lines = list(self._lines)
+        if not lines:
+            return ""
+        return "; output: " + mask.mask_text(" | ".join(lines))
+
+    def _read(self, pipe):
+        with pipe:
+            for raw in pipe:
+                line = raw.decode("utf-8", "replace").rstrip()
+                if line:
+                    self._lines.append(line)
+                    LOG.debug("privsep output: %s", line)
+
+
+def _accept(listener, proc, deadline, output, cmd):
+    """Wait for the helper to connect, bounded; fail early when it exits
+    without connecting."""
+    listener.settimeout(0.1)
+    while True:
+        try:
+            sock, _ = listener.accept()
+            sock.settimeout(None)
+            return sock
+        except socket.timeout:
+            pass
+        rc = proc.poll()
+        if rc is not None:
+            # The helper connects before it exits: one last look.
+            listener.settimeout(0)
+            try:
+                sock, _ = listener.accept()
+                sock.settimeout(None)
+                return sock
+            except (BlockingIOError, socket.timeout):
+                pass
+            time.sleep(0.1)  # let the output reader catch up
+            raise errors.HelperFailed(
+                "privsep helper {} exited with code {} without starting "
+                "the daemon{}".format(cmd[0], rc, output.tail()))
+        if time.monotonic() >= deadline:
+            _silent_kill(proc)
+            raise errors.HelperFailed(
+                "privsep helper {} did not start the daemon within the "
+                "start bound{}".format(cmd[0], output.tail()))
+
+
+def _reap(proc, deadline):
+    # The helper exits right after forking the daemon.
+    if proc is None:
+        return
+    try:
+        proc.wait(max(1.0, _remaining(deadline)))
+    except subprocess.TimeoutExpired:
+        _silent_kill(proc)
+        proc.wait()
+
+
+def _silent_kill(proc):
+    if proc.poll() is not None:
+        return
+    try:
+        proc.kill()
+    except OSError as e:
+        LOG.warning("Cannot kill privsep helper %s: %s", proc.pid, e)
+
+
+def _pidfd(pid):
+    # A pidfd names this process even after its pid is reused.
+    try:
+        return os.pidfd_open(pid)
+    except OSError as e:
+        LOG.warning("Cannot open pidfd of privsep daemon %s: %s", pid, e)
+        return None
+
+
+def _daemon_env(cfg):
+    """Our environment, with PYTHONPATH such that the daemon imports this
+    package (and a connector override) from where we do.  Only effective
+    without sudo, which resets the environment."""
+    env = dict(os.environ)
+    paths = env.get("PYTHONPATH", "").split(os.pathsep) if env.get(
+        "PYTHONPATH") else []
+    for module in (__name__.split(".")[0],
+                   cfg.connector_override.split(".")[0]):
+        root = _import_root(module) if module else None
+        if root and root not in paths:
+            paths.append(root)
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+def _import_root(top_level):
+    try:
+        spec = importlib.util.find_spec(top_level)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or spec.origin in ("built-in",
+                                                          "frozen"):
+        return None
+    path = os.path.dirname(os.path.abspath(spec.origin))
+    if spec.submodule_search_locations is not None:
+        path = os.path.dirname(path)
+    return path
+
+
+def _privsep_helper():
+    path = os.path.join(os.path.dirname(sys.executable), "privsep-helper")
+    if os.access(path, os.X_OK):
+        return path
+    return shutil.which("privsep-helper") or "privsep-helper"
+
+
+def _local_error(e):
+    kind, details = e.args[0], e.args[1:]
+    if kind == "unsupported":
+        return errors.NotSupported(*details)
+    if kind == "unknown_adapter":
+        return errors.UnknownAdapter(adapter=details[0],
+                                     group=adapters.GROUP,
+                                     installed=details[1])
+    return errors.HelperFailed(mask.mask_text(" ".join(details)))
+
+
+def _remaining(deadline):
+    return max(0.01, deadline - time.monotonic())
+
+
+def _remote_message(e):
+    if isinstance(e, RemoteError) and len(e.args) > 1:
+        return e.args[1]
+    return str(e)
+
+
+def _silent_remove(path):
+    try:
+        os.unlink(path)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            LOG.warning("Cannot remove %s: %s", path, e)

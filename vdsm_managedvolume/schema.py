@@ -1,0 +1,325 @@
+"""The API schema: the one source of the verbs, their params and defaults.
+
+``schema/managedvolume-api.yml`` is written in vdsm's ``vdsm-api.yml``
+format, so that the very same file can be merged into vdsm's schema (see
+docs/vdsm-integration.md) and read by the agent, the client's help and the
+docs.  The format, as vdsm reads it::
+
+    types:                        # YAML anchors, referenced as *Name
+        UUID: &UUID {type: alias, sourcetype: string, ...}
+        ManagedVolumeConnection: &ManagedVolumeConnection
+            type: object
+            properties: [{name, type, description, defaultvalue?}, ...]
+    Namespace.verb:               # every other top-level key is a method
+        params: [{name, type, description, defaultvalue?}, ...]
+        return: {type, description}
+
+A type is a primitive name (boolean float int long ulong string uint), a
+one-element list ``[T]`` (a list of T), or a type dict whose ``type`` is
+one of alias (``sourcetype``), enum (``values``), map (``key-type``,
+``value-type``), union (``values``: object types) or object
+(``properties``).  PyYAML resolves the anchors for us: a ``*UUID`` param
+type *is* the UUID dict.
+
+A param (or an object property) is optional iff it has ``defaultvalue``;
+vdsm spells container defaults as the strings ``'[]'``, ``'{}'`` and
+``'()'``.  An object with a property named ``any_string`` is open (vdsm's
+idiom): any other key, of any JSON type, is accepted.
+
+What this module checks is the *shape* of a request: names, presence and
+JSON types.  The *meaning* of values (UUID syntax, the driver-type
+allow-list) is checked by ``validate`` in the service, before any side
+effect; type checks are not repeated there and meaning checks not here.
+"""
+
+import copy
+import functools
+import os
+
+import yaml
+
+from . import errors
+
+SCHEMA_FILE = os.path.join(os.path.dirname(__file__), "schema",
+                           "managedvolume-api.yml")
+
+# vdsm's spelling of container defaults (vdsmapi.DEFAULT_VALUES).
+DEFAULT_VALUES = {"[]": [], "{}": {}, "()": []}
+
+PRIMITIVES = {
+    "boolean": lambda v: isinstance(v, bool),
+    "string": lambda v: isinstance(v, str),
+    "int": lambda v: _is_int(v),
+    "long": lambda v: _is_int(v),
+    "uint": lambda v: _is_int(v) and v >= 0,
+    "ulong": lambda v: _is_int(v) and v >= 0,
+    # JSON does not tell 1 from 1.0.
+    "float": lambda v: _is_int(v) or isinstance(v, float),
+}
+
+# An open object: vdsm's marker property.
+ANY_KEY = "any_string"
+
+
+class Param:
+    """One parameter of a method (or property of an object type)."""
+
+    def __init__(self, spec):
+        self.name = spec["name"]
+        self.type = spec["type"]
+        self.description = _text(spec.get("description", ""))
+        self.required = "defaultvalue" not in spec
+        self._default = spec.get("defaultvalue")
+        self.added = spec.get("added")
+
+    @property
+    def default(self):
+        """The default value, a fresh copy each time (callers may mutate)."""
+        value = self._default
+        if isinstance(value, str) and value in DEFAULT_VALUES:
+            value = DEFAULT_VALUES[value]
+        return copy.deepcopy(value)
+
+    @property
+    def type_name(self):
+        return type_name(self.type)
+
+    def __repr__(self):
+        return "<Param {} {}>".format(self.name, self.type_name)
+
+
+class Method:
+    """One verb: ``Namespace.verb``, its params in schema order, its return."""
+
+    def __init__(self, name, spec):
+        self.name = name
+        self.namespace, self.verb = name.split(".", 1)
+        self.description = _text(spec.get("description", ""))
+        self.added = spec.get("added")
+        self.params = [Param(p) for p in spec.get("params") or ()]
+        self.ret = spec.get("return")
+
+    @property
+    def summary(self):
+        """The first sentence of the description (for listings)."""
+        text = self.description
+        end = text.find(". ")
+        return text if end == -1 else text[:end + 1]
+
+    @property
+    def param_names(self):
+        return [p.name for p in self.params]
+
+    def __repr__(self):
+        return "<Method {}({})>".format(self.name,
+                                        ", ".join(self.param_names))
+
+
+class Schema:
+    """A loaded API schema."""
+
+    def __init__(self, data, path=None):
+        data = dict(data)
+        self.path = path
+        self.types = data.pop("types", None) or {}
+        self.methods = {}
+        for name, spec in data.items():
+            if not isinstance(name, str) or "." not in name:
+                raise errors.ConfigError(
+                    "{}: {!r} is not a Namespace.verb".format(path, name))
+            self.methods[name] = Method(name, spec or {})
+
+    @classmethod
+    def load(cls, path=SCHEMA_FILE):
+        with open(path) as f:
+            data = yaml.safe_load(f)
+        return cls(data, path=path)
+
+    def namespaces(self):
+        return sorted({m.namespace for m in self.methods.values()})
+
+    def verbs(self, namespace):
+        """The methods of ``namespace``, sorted by verb."""
+        return sorted((m for m in self.methods.values()
+                       if m.namespace == namespace), key=lambda m: m.verb)
+
+    def method(self, name):
+        """The method named ``name``; errors.MethodNotFound otherwise."""
+        try:
+            return self.methods[name]
+        except (KeyError, TypeError):
+            raise errors.MethodNotFound(method=name)
+
+    def bind(self, name, params):
+        """Check ``params`` against the method and fill in the defaults.
+
+        params: None, a list (positional, schema order) or a dict (named),
+            as a JSON-RPC request carries them.
+
+        Returns a dict of every param in schema order.  Raises
+        errors.MethodNotFound, or errors.InvalidParams naming the param
+        (``connection_info.data`` for a nested one).
+        """
+        method = self.method(name)
+        if params is None:
+            params = {}
+        if isinstance(params, list):
+            if len(params) > len(method.params):
+                raise errors.InvalidParams(
+                    name="params",
+                    reason="{} takes at most {} params, {} given".format(
+                        name, len(method.params), len(params)))
+            params = {p.name: v for p, v in zip(method.params, params)}
+        elif not isinstance(params, dict):
+            raise errors.InvalidParams(
+                name="params",
+                reason="must be an object or an array, got {}".format(
+                    _json_type(params)))
+        for key in params:
+            if key not in method.param_names:
+                raise errors.InvalidParams(
+                    name=key, reason="unknown parameter of {} (known: {})"
+                    .format(name, ", ".join(method.param_names) or "none"))
+        bound = {}
+        for p in method.params:
+            value = params.get(p.name)
+            if value is None:
+                if p.required:
+                    raise errors.InvalidParams(name=p.name,
+                                               reason="missing")
+                value = p.default
+            else:
+                self.check(p.type, value, p.name)
+            bound[p.name] = value
+        return bound
+
+    def args(self, name, params):
+        """``bind``, as a positional list in schema order (vdsm's call)."""
+        return list(self.bind(name, params).values())
+
+    def check(self, type_, value, name):
+        """Check that ``value`` is of ``type_``; InvalidParams naming it."""
+        if isinstance(type_, str):
+            check = PRIMITIVES.get(type_)
+            if check is None:
+                raise errors.InternalError(
+                    "schema: unknown type {!r} of {}".format(type_, name))
+            if not check(value):
+                _wrong(name, type_, value)
+            return
+        if isinstance(type_, list):
+            if not isinstance(value, list):
+                _wrong(name, type_name(type_), value)
+            for i, item in enumerate(value):
+                self.check(type_[0], item, "{}[{}]".format(name, i))
+            return
+        kind = type_.get("type")
+        if kind == "alias":
+            if not PRIMITIVES[type_["sourcetype"]](value):
+                _wrong(name, "{} ({})".format(type_name(type_),
+                                              type_["sourcetype"]), value)
+        elif kind == "enum":
+            if value not in type_["values"]:
+                raise errors.InvalidParams(
+                    name=name, reason="{!r} is not one of {}".format(
+                        value, ", ".join(str(v) for v in type_["values"])))
+        elif kind == "map":
+            if not isinstance(value, dict):
+                _wrong(name, type_name(type_), value)
+            for k, v in value.items():
+                self.check(type_.get("key-type", "string"), k, name)
+                if "value-type" in type_:
+                    self.check(type_["value-type"], v,
+                               "{}.{}".format(name, k))
+        elif kind == "union":
+            self._check_union(type_, value, name)
+        elif kind == "object":
+            self._check_object(type_, value, name)
+        else:
+            raise errors.InternalError(
+                "schema: unknown type kind {!r} of {}".format(kind, name))
+
+    # Private helpers
+
+    def _check_object(self, type_, value, name):
+        if not isinstance(value, dict):
+            _wrong(name, type_name(type_), value)
+        props = [Param(p) for p in type_.get("properties") or ()]
+        known = {p.name for p in props}
+        if ANY_KEY not in known:
+            for key in value:
+                if key not in known:
+                    raise errors.InvalidParams(
+                        name="{}.{}".format(name, key),
+                        reason="unknown property of {} (known: {})".format(
+                            type_name(type_), ", ".join(sorted(known))))
+        for p in props:
+            if p.name == ANY_KEY:
+                continue
+            path = "{}.{}".format(name, p.name)
+            v = value.get(p.name)
+            if v is None:
+                if p.required:
+                    raise errors.InvalidParams(name=path, reason="missing")
+                continue
+            self.check(p.type, v, path)
+
+    def _check_union(self, type_, value, name):
+        first = None
+        for member in type_.get("values") or ():
+            try:
+                self.check(member, value, name)
+                return
+            except errors.InvalidParams as e:
+                first = first or e
+        raise errors.InvalidParams(
+            name=name, reason="matches none of {} ({})".format(
+                type_name(type_), first.reason if first else "no members"))
+
+
+@functools.lru_cache(maxsize=None)
+def load(path=SCHEMA_FILE):
+    """The schema at ``path``, loaded once per process."""
+    return Schema.load(path)
+
+
+def type_name(type_):
+    """A short display name: ``UUID``, ``[UUID]``, ``boolean``."""
+    if isinstance(type_, str):
+        return type_
+    if isinstance(type_, list):
+        return "[{}]".format(type_name(type_[0]))
+    return type_.get("name") or type_.get("type", "?")
+
+
+# Private helpers
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _json_type(value):
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _wrong(name, expected, value):
+    expected = type_name(expected)
+    raise errors.InvalidParams(
+        name=name, reason="expected {}, got {}".format(
+            expected, _json_type(value)))
+
+
+def _text(text):
+    return " ".join(str(text).split())

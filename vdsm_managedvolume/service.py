@@ -1,0 +1,643 @@
+"""Attach and detach managed volumes: the logic, the locks, the journal.
+
+This is vdsm's ``managedvolume.py`` made safe.  The verbs and their results
+are vdsm's (see CONTRACT §1); what differs is how they get there:
+
+- every input is validated before anything happens on the host
+  (``validate``), the driver type and the adapter included;
+- every operation on a volume holds that volume's lock, across threads and
+  processes (``locking``);
+- every step is announced in the journal (``store``) before it is taken,
+  so that a crash anywhere leaves a record saying what may exist::
+
+    attach:  row 'attaching' -> connect -> record attachment + path
+             -> udev rule -> managed link -> row 'attached'
+    detach:  row 'detaching' -> remove link -> remove rule -> disconnect
+             -> delete row
+
+  and ``reconcile()`` (run by ``start()``) finishes or undoes whatever a
+  crash interrupted: 'attaching' is rolled back, 'detaching' finished,
+  an 'attached' volume whose device is present gets its link and rule
+  back, one whose device is gone is reported 'stale' and kept (attaching
+  it again fixes it), links and rules nobody owns are removed;
+- a stale record (after a reboot: run dir emptied, device gone) no longer
+  blocks a re-attach with 927 (oVirt/vdsm#433): the same connection_info
+  simply attaches again;
+- connector_info is cached and refreshed only when what it is made of
+  changes, so getCapabilities costs microseconds, not a helper process.
+
+The privileged work (os-brick) happens in ``privileged.Brick``'s privsep
+daemon; everything else (links, rules, journal) happens here, as root.
+"""
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+
+from . import errors
+from . import faults
+from . import locking
+from . import mask
+from . import store
+from . import udev
+from . import validate
+
+BLANK_UUID = "00000000-0000-0000-0000-000000000000"
+
+# Where the facts connector_info is made of live.  A change of any of
+# them (or of the host name / addresses) refreshes the cached value.
+CONNECTOR_SOURCES = (
+    "/etc/iscsi/initiatorname.iscsi",
+    "/etc/nvme/hostnqn",
+    "/etc/nvme/hostid",
+)
+ADDRESS_SOURCES = ("/proc/net/fib_trie", "/proc/net/if_inet6")
+
+# How often a cached connector_info looks at its sources (~30 us each).
+FINGERPRINT_INTERVAL = 1.0
+
+faults.register(
+    "attach.after_record",
+    "attach.after_connect",
+    "attach.after_attachment",
+    "attach.after_udev",
+    "attach.after_link",
+    "detach.after_record",
+    "detach.after_unlink",
+    "detach.after_rule",
+    "detach.after_disconnect",
+)
+
+log = logging.getLogger("managedvolume.service")
+
+
+class Service:
+
+    def __init__(self, cfg, brick=None):
+        self.cfg = cfg
+        self._owns_brick = brick is None
+        if brick is None:
+            from . import privileged
+            brick = privileged.Brick(cfg)
+        self._brick = brick
+        self._store = None
+        self._connector = _ConnectorCache(
+            brick, cfg.connector_info_ttl, cfg.connector_info_cache)
+
+    def start(self):
+        """Open (create, migrate) the journal and reconcile the host."""
+        self._store = store.open(self.cfg.db_path)
+        for d in (self.cfg.run_dir, self.cfg.lock_dir):
+            os.makedirs(d, mode=0o755, exist_ok=True)
+        for entry in self.reconcile(apply=True):
+            log.info("Reconcile %(vol_id)s (%(state)s): %(action)s -> "
+                     "%(result)s", entry)
+
+    def close(self):
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        if self._owns_brick:
+            self._brick.stop()
+
+    def attach_volume(self, vol_id, connection_info, sd_id=BLANK_UUID):
+        """Connect a volume; return {vol_id, path, attachment, managed_path}.
+
+        Raises AlreadyAttached (927) when the volume is attached with the
+        same connection_info and its device and managed link exist,
+        ConnectionMismatch (929) when it is attached with another one.
+        A record left by a reboot or a crash does not block: the volume is
+        attached again.  On failure everything done is undone and nothing
+        stays recorded (unless the undo itself failed: then the record
+        stays 'attaching' for reconcile).
+        """
+        vol_id = validate.uuid("vol_id", vol_id)
+        sd_id = validate.uuid("sd_id", sd_id)
+        connection_info = validate.connection_info(
+            "connection_info", connection_info)
+        validate.driver_type(connection_info, self.cfg.allowed_types)
+        self._brick.check_adapter(connection_info.get("adapter"))
+        db = self._db()
+
+        with self._locked(vol_id):
+            rec = self._find(vol_id)
+            if rec is not None:
+                rec = self._reuse(rec, sd_id, connection_info)
+            log.info("Attaching volume %s sd_id=%s connection_info=%s",
+                     vol_id, sd_id, mask.mask(connection_info))
+            if rec is None:
+                db.add_volume(vol_id, sd_id, connection_info)
+            else:
+                db.update_volume(vol_id, state="attaching", sd_id=sd_id,
+                                 managed_path=None)
+            faults.crash_point("attach.after_record")
+            attachment = None
+            try:
+                attachment = self._brick.connect(connection_info)
+                faults.crash_point("attach.after_connect")
+                path = self._resolve_path(vol_id, connection_info,
+                                          attachment)
+                db.update_volume(
+                    vol_id, attachment=attachment, path=path,
+                    multipath_id=attachment.get("multipath_id"))
+                faults.crash_point("attach.after_attachment")
+                self._add_udev_rule(sd_id, vol_id, path)
+                faults.crash_point("attach.after_udev")
+                managed_path = self._add_link(sd_id, vol_id, path)
+                faults.crash_point("attach.after_link")
+                db.update_volume(vol_id, state="attached",
+                                 managed_path=managed_path)
+            except Exception as e:
+                log.error("Attaching volume %s failed: %s", vol_id, e)
+                self._rollback(vol_id, sd_id, connection_info, attachment)
+                raise
+
+        log.info("Attached volume %s path=%s managed_path=%s", vol_id,
+                 path, managed_path)
+        return {"vol_id": vol_id, "path": path, "attachment": attachment,
+                "managed_path": managed_path}
+
+    def detach_volume(self, vol_id, sd_id=BLANK_UUID):
+        """Disconnect a volume and forget it.  Idempotent.
+
+        A volume without a record is already detached: success.  If the
+        disconnect fails while the device is still present, the error is
+        raised and the record stays 'detaching' (detach again, or let
+        reconcile finish it).
+        """
+        vol_id = validate.uuid("vol_id", vol_id)
+        sd_id = validate.uuid("sd_id", sd_id)
+        self._db()
+        with self._locked(vol_id):
+            rec = self._find(vol_id)
+            if rec is None:
+                log.info("Volume %s is not attached, nothing to detach",
+                         vol_id)
+                return
+            if rec["sd_id"] != sd_id:
+                log.warning("Volume %s was attached with sd_id %s, "
+                            "detach asked for %s; using the recorded one",
+                            vol_id, rec["sd_id"], sd_id)
+                self._silent_remove_link(sd_id, vol_id)
+                self._silent_remove_rule(sd_id, vol_id)
+            log.info("Detaching volume %s (%s)", vol_id, rec["state"])
+            self._detach(rec)
+        log.info("Detached volume %s", vol_id)
+
+    def volumes_info(self, vol_ids=(), include_secrets=False):
+        """Records of ``vol_ids`` (all when empty), sorted by vol_id.
+
+        Each is {vol_id, connection_info, path?, attachment?,
+        managed_path?, exists?}; ``exists`` (whether the path exists now)
+        only where a path is recorded.  Secrets in connection_info are
+        masked unless ``include_secrets``.  Unknown ids are skipped.
+        """
+        vol_ids = validate.uuid_list("vol_ids", vol_ids)
+        include_secrets = validate.boolean("include_secrets",
+                                           include_secrets)
+        result = []
+        for rec in self._db().volumes(vol_ids):
+            ci = rec["connection_info"]
+            info = {"vol_id": rec["vol_id"],
+                    "connection_info": ci if include_secrets
+                    else mask.mask(ci)}
+            if rec["path"]:
+                info["path"] = rec["path"]
+                info["exists"] = os.path.exists(rec["path"])
+            if rec["attachment"] is not None:
+                info["attachment"] = rec["attachment"] if include_secrets \
+                    else mask.mask(rec["attachment"])
+            if rec["managed_path"]:
+                info["managed_path"] = rec["managed_path"]
+            result.append(info)
+        return result
+
+    def connector_info(self, refresh=False):
+        """os-brick's connector properties, cached.
+
+        Refreshed when ``refresh``, after ``cfg.connector_info_ttl``, or
+        when a source changed (initiator name, NVMe host NQN/ID, host name,
+        addresses).  Raises NotSupported (925) without os-brick.
+        """
+        return self._connector.get(refresh=validate.boolean(
+            "refresh", refresh))
+
+    def caps(self):
+        """{"connector_info": {...}}, or {} when os-brick is missing.
+
+        Never raises: capabilities must not fail because of us.  When the
+        helper fails, the last known value is reported if there is one.
+        """
+        try:
+            return {"connector_info": self.connector_info()}
+        except errors.NotSupported as e:
+            log.info("Managed volumes not supported: %s", e)
+            return {}
+        except Exception:
+            log.exception("Cannot get connector_info")
+            last = self._connector.last()
+            return {"connector_info": last} if last else {}
+
+    def reconcile(self, apply=True):
+        """Make the host agree with the journal; return what was found.
+
+        Returns [{"vol_id", "state", "action", "result"}] for every volume
+        or file that needed something (healthy volumes are not listed).
+        ``apply=False`` is a dry run: actions are reported as "planned".
+        Volumes whose lock is held (an operation in progress in another
+        process) are skipped with result "busy".
+        """
+        db = self._db()
+        results = []
+        for rec in db.volumes():
+            entry = self._with_lock_now(
+                rec, lambda: self._reconcile_volume(rec["vol_id"], apply))
+            if entry:
+                results.append(entry)
+        results.extend(self._reconcile_links(apply))
+        results.extend(self._reconcile_rules(apply))
+        return results
+
+    # Private helpers
+
+    def _db(self):
+        if self._store is None:
+            raise errors.StoreClosed()
+        return self._store
+
+    def _locked(self, vol_id, timeout=None):
+        if timeout is None:
+            timeout = self.cfg.lock_timeout
+        return locking.volume_lock(self.cfg.lock_dir, vol_id, timeout)
+
+    def _find(self, vol_id):
+        try:
+            return self._db().get_volume(vol_id)
+        except errors.StoreNotFound:
+            return None
+
+    def _reuse(self, rec, sd_id, connection_info):
+        """Decide what an existing record means for a new attach.
+
+        Returns the record to attach over, or None when it was removed.
+        """
+        vol_id = rec["vol_id"]
+        live = rec["state"] == "attached" and _exists(rec["path"])
+        if rec["connection_info"] != connection_info:
+            if live:
+                raise errors.ConnectionMismatch(vol_id=vol_id)
+            log.info("Volume %s has a %s record with another "
+                     "connection_info and no device; removing it first",
+                     vol_id, rec["state"])
+            self._detach(rec)
+            return None
+        if rec["state"] == "detaching":
+            log.info("Volume %s was being detached; finishing that first",
+                     vol_id)
+            self._detach(rec)
+            return None
+        if live and self._link_ok(rec["sd_id"], vol_id, rec["path"]):
+            raise errors.AlreadyAttached(vol_id=vol_id, path=rec["path"])
+        log.info("Volume %s has a %s record but %s; attaching it again",
+                 vol_id, rec["state"],
+                 "no managed link" if live else "no device")
+        if rec["sd_id"] != sd_id:
+            self._silent_remove_link(rec["sd_id"], vol_id)
+            self._silent_remove_rule(rec["sd_id"], vol_id)
+        return rec
+
+    def _resolve_path(self, vol_id, connection_info, attachment):
+        """vdsm's path rule: multipath for iSCSI/FC, /dev/rbd for rbd."""
+        if not isinstance(attachment, dict):
+            raise errors.HelperFailed(
+                "connector returned {!r}, not an attachment".format(
+                    type(attachment).__name__))
+        vol_type = connection_info["driver_volume_type"]
+        if vol_type in ("iscsi", "fibre_channel"):
+            multipath_id = attachment.get("multipath_id")
+            if not multipath_id:
+                raise errors.UnsupportedDevice(
+                    vol_id=vol_id, driver_volume_type=vol_type)
+            return os.path.join(self.cfg.multipath_dir, multipath_id)
+        if vol_type == "rbd":
+            return os.path.join(self.cfg.rbd_dir,
+                                connection_info["data"]["name"])
+        path = attachment.get("path")
+        if not isinstance(path, str) or not path:
+            raise errors.HelperFailed(
+                "connector returned no device path for volume {}".format(
+                    vol_id))
+        return path
+
+    def _detach(self, rec):
+        """Tear down whatever ``rec`` may have on the host, then forget it.
+
+        Used by detach, by reconcile ('attaching', 'detaching') and by a
+        re-attach over a dead record.
+        """
+        vol_id, sd_id = rec["vol_id"], rec["sd_id"]
+        db = self._db()
+        if rec["state"] != "detaching":
+            db.update_volume(vol_id, state="detaching")
+        faults.crash_point("detach.after_record")
+        _remove_link(self._link_path(sd_id, vol_id))
+        faults.crash_point("detach.after_unlink")
+        udev.remove_rule(self.cfg, sd_id, vol_id)
+        faults.crash_point("detach.after_rule")
+        try:
+            self._brick.disconnect(rec["connection_info"], rec["attachment"])
+        except errors.Error as e:
+            if rec["path"] and not _exists(rec["path"]):
+                log.warning("Disconnecting volume %s failed (%s), but its "
+                            "device %s is gone; forgetting it", vol_id, e,
+                            rec["path"])
+            else:
+                raise
+        faults.crash_point("detach.after_disconnect")
+        db.remove_volume(vol_id)
+
+    def _rollback(self, vol_id, sd_id, connection_info, attachment):
+        """Undo a failed attach, logging (not raising) cleanup errors.
+
+        The record goes only if the disconnect worked; otherwise it stays
+        'attaching' and reconcile (or the next attach/detach) retries.
+        """
+        self._silent_remove_link(sd_id, vol_id)
+        self._silent_remove_rule(sd_id, vol_id)
+        if self._silent_disconnect(vol_id, connection_info, attachment):
+            self._silent_remove(vol_id)
+        else:
+            log.warning("Keeping the 'attaching' record of volume %s: "
+                        "reconcile will disconnect it", vol_id)
+
+    def _silent_disconnect(self, vol_id, connection_info, attachment):
+        try:
+            self._brick.disconnect(connection_info, attachment)
+            return True
+        except Exception:
+            log.exception("Failed to disconnect volume %s during cleanup",
+                          vol_id)
+            return False
+
+    def _silent_remove(self, vol_id):
+        try:
+            self._db().remove_volume(vol_id)
+        except Exception:
+            log.exception("Failed to remove volume %s from the journal",
+                          vol_id)
+
+    def _silent_remove_link(self, sd_id, vol_id):
+        try:
+            _remove_link(self._link_path(sd_id, vol_id))
+        except Exception:
+            log.exception("Failed to remove the managed link of volume %s",
+                          vol_id)
+
+    def _silent_remove_rule(self, sd_id, vol_id):
+        try:
+            udev.remove_rule(self.cfg, sd_id, vol_id)
+        except Exception:
+            log.exception("Failed to remove the udev rule of volume %s",
+                          vol_id)
+
+    def _add_udev_rule(self, sd_id, vol_id, path):
+        try:
+            udev.add_rule(self.cfg, sd_id, vol_id, path)
+        except udev.UnsafePath as e:
+            raise errors.HelperFailed(str(e))
+        udev.trigger(self.cfg, path)
+
+    def _link_path(self, sd_id, vol_id):
+        return os.path.join(self.cfg.run_dir, "{}_{}".format(sd_id, vol_id))
+
+    def _add_link(self, sd_id, vol_id, path):
+        """Point <run_dir>/<sd_id>_<vol_id> at ``path`` atomically."""
+        link = self._link_path(sd_id, vol_id)
+        os.makedirs(self.cfg.run_dir, mode=0o755, exist_ok=True)
+        tmp = os.path.join(self.cfg.run_dir,
+                           ".{}_{}.tmp".format(sd_id, vol_id))
+        _remove_link(tmp)
+        os.symlink(path, tmp)
+        os.rename(tmp, link)
+        return link
+
+    def _link_ok(self, sd_id, vol_id, path):
+        try:
+            return os.readlink(self._link_path(sd_id, vol_id)) == path
+        except OSError:
+            return False
+
+    def _with_lock_now(self, rec, func):
+        """Run ``func`` holding the volume's lock, or report "busy"."""
+        try:
+            with self._locked(rec["vol_id"], timeout=0):
+                return func()
+        except errors.VolumeBusy:
+            return {"vol_id": rec["vol_id"], "state": rec.get("state"),
+                    "action": "skip", "result": "busy"}
+
+    def _reconcile_volume(self, vol_id, apply):
+        rec = self._find(vol_id)   # again, now under the lock
+        if rec is None:
+            return None
+        state = rec["state"]
+        if state in ("attaching", "detaching"):
+            action = "rollback" if state == "attaching" else "detach"
+            return self._reconcile_action(rec, action, apply,
+                                          lambda: self._detach(rec))
+        if not _exists(rec["path"]):
+            return {"vol_id": vol_id, "state": state, "action": "stale",
+                    "result": "kept"}
+        missing = []
+        if not self._link_ok(rec["sd_id"], vol_id, rec["path"]):
+            missing.append("link")
+        if not udev.has_rule(self.cfg, rec["sd_id"], vol_id):
+            missing.append("rule")
+        if not missing:
+            return None
+
+        def recreate():
+            self._add_udev_rule(rec["sd_id"], vol_id, rec["path"])
+            link = self._add_link(rec["sd_id"], vol_id, rec["path"])
+            self._db().update_volume(vol_id, managed_path=link)
+
+        return self._reconcile_action(
+            rec, "recreate-" + "+".join(missing), apply, recreate)
+
+    def _reconcile_action(self, rec, action, apply, func):
+        entry = {"vol_id": rec["vol_id"], "state": rec["state"],
+                 "action": action, "result": "planned"}
+        if apply:
+            try:
+                func()
+                entry["result"] = "done"
+            except Exception as e:
+                log.exception("Reconcile of volume %s failed",
+                              rec["vol_id"])
+                entry["result"] = "failed: {}".format(e)
+        return entry
+
+    def _reconcile_links(self, apply):
+        try:
+            names = sorted(os.listdir(self.cfg.run_dir))
+        except FileNotFoundError:
+            return []
+        results = []
+        for name in names:
+            path = os.path.join(self.cfg.run_dir, name)
+            if name.startswith(".") and name.endswith(".tmp"):
+                results.append(self._remove_orphan(
+                    None, path, "remove-temp-link", apply))
+                continue
+            ids = _split_link_name(name)
+            if ids is None:
+                continue
+            sd_id, vol_id = ids
+            results.extend(self._orphan_check(
+                sd_id, vol_id, path, "remove-link", apply))
+        return results
+
+    def _reconcile_rules(self, apply):
+        results = []
+        for path in udev.list_temp_files(self.cfg):
+            results.append(self._remove_orphan(None, path,
+                                               "remove-temp-rule", apply))
+        for sd_id, vol_id, path in udev.list_rules(self.cfg):
+            results.extend(self._orphan_check(
+                sd_id, vol_id, path, "remove-rule", apply))
+        return results
+
+    def _orphan_check(self, sd_id, vol_id, path, action, apply):
+        def check():
+            rec = self._find(vol_id)
+            if rec is not None and rec["sd_id"] == sd_id:
+                return None
+            return self._remove_orphan(vol_id, path, action, apply)
+
+        entry = self._with_lock_now({"vol_id": vol_id, "state": None}, check)
+        return [entry] if entry else []
+
+    def _remove_orphan(self, vol_id, path, action, apply):
+        entry = {"vol_id": vol_id, "state": None, "action": action,
+                 "result": "planned", "path": path}
+        if apply:
+            try:
+                _remove_link(path)
+                entry["result"] = "done"
+            except OSError as e:
+                entry["result"] = "failed: {}".format(e)
+        return entry
+
+
+class _ConnectorCache:
+    """connector_info, cached until what it is made of changes.
+
+    The cached path is a couple of attribute reads and a clock read; once
+    per FINGERPRINT_INTERVAL it also stats the sources (~30 us).  A
+    refresh calls the privileged daemon (~300 ms) and writes the value to
+    ``cache_file`` (0644 JSON) for the after_get_caps hook.
+    """
+
+    def __init__(self, brick, ttl, cache_file):
+        self._brick = brick
+        self._ttl = ttl
+        self._cache_file = cache_file
+        self._lock = threading.Lock()
+        self._value = None
+        self._expires = 0.0
+        self._next_check = 0.0
+        self._fingerprint = None
+
+    def get(self, refresh=False):
+        value = self._value
+        if not refresh and value is not None:
+            now = time.monotonic()
+            if now < self._expires:
+                if now < self._next_check:
+                    return _copy(value)
+                if _fingerprint() == self._fingerprint:
+                    self._next_check = now + FINGERPRINT_INTERVAL
+                    return _copy(value)
+                log.info("connector_info sources changed, refreshing")
+        return _copy(self._refresh(refresh, value))
+
+    def last(self):
+        return _copy(self._value) if self._value is not None else None
+
+    def _refresh(self, forced, seen):
+        with self._lock:
+            if not forced and self._value is not seen:
+                # Another thread refreshed while we waited for the lock.
+                return self._value
+            fingerprint = _fingerprint()
+            value = self._brick.connector_properties()
+            now = time.monotonic()
+            self._fingerprint = fingerprint
+            self._expires = now + self._ttl
+            self._next_check = now + FINGERPRINT_INTERVAL
+            self._value = value
+            _write_json(self._cache_file, value)
+            return value
+
+
+def _fingerprint():
+    """Cheap summary of everything connector_info is derived from."""
+    parts = []
+    for path in CONNECTOR_SOURCES:
+        try:
+            st = os.stat(path)
+            parts.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            parts.append(None)
+    parts.append(socket.gethostname())
+    for path in ADDRESS_SOURCES:
+        try:
+            with open(path, "rb") as f:
+                parts.append(hash(f.read()))
+        except OSError:
+            parts.append(None)
+    return tuple(parts)
+
+
+def _copy(value):
+    # Callers may edit what they get; the cache must not change with it.
+    return {k: list(v) if isinstance(v, list) else v
+            for k, v in value.items()}
+
+
+def _write_json(path, value):
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC |
+                     os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o644)
+            json.dump(value, f, sort_keys=True)
+        os.rename(tmp, path)
+    except OSError as e:
+        log.warning("Cannot write %s: %s", path, e)
+
+
+def _split_link_name(name):
+    sd_id, sep, vol_id = name.partition("_")
+    if not sep:
+        return None
+    try:
+        return (validate.uuid("sd_id", sd_id), validate.uuid("vol_id", vol_id))
+    except errors.InvalidParams:
+        return None
+
+
+def _remove_link(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _exists(path):
+    return bool(path) and os.path.exists(path)

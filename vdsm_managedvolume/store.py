@@ -1,0 +1,352 @@
+"""The journal: one SQLite database recording every managed volume.
+
+The store is what makes attach and detach crash safe.  A row is written
+*before* the side effect it announces, durably (``synchronous=FULL``), so
+that after a crash at any point the next start finds out what may exist on
+the host and finishes or undoes it (see ``service.reconcile``)::
+
+    state       meaning                              reconcile
+    ----------  -----------------------------------  -------------------
+    attaching   a connect may have happened; link    roll back: disconnect,
+                and udev rule may exist               remove link/rule, row
+    attached    connected, path known, link + rule   recreate a missing
+                                                      link/rule; keep stale
+    detaching   link/rule/connection being removed   finish the detach
+
+Schema versions are kept in a ``versions`` table, as vdsm's
+``managedvolumedb`` does; version 1 *is* vdsm's schema, so a database
+written by vdsm is migrated in place (its rows become ``attached``).  A
+database from a newer version of this package, or a file that is not a
+database, is refused with a clear ``StoreError`` rather than guessed at.
+
+This module owns its SQL and its errors: callers see plain dicts and
+``errors.StoreError`` / ``StoreNotFound`` / ``StoreClosed``, never sqlite3.
+One connection per ``Store`` serialised by a lock makes it safe from many
+threads; WAL plus ``busy_timeout`` makes several processes safe.
+"""
+
+import datetime
+import json
+import logging
+import os
+import sqlite3
+import threading
+
+from . import errors
+
+STATES = ("attaching", "attached", "detaching")
+
+# Columns the service may update, and how each is stored.
+_JSON_COLUMNS = ("connection_info", "attachment")
+_COLUMNS = ("sd_id", "state", "connection_info", "attachment", "path",
+            "multipath_id", "managed_path")
+
+BUSY_TIMEOUT = 30.0
+
+log = logging.getLogger("managedvolume.store")
+
+# (version, description, script).  Append only; never edit a released one.
+MIGRATIONS = (
+    (1, "Initial version (vdsm managedvolumedb)", """
+        CREATE TABLE volumes (
+            vol_id TEXT PRIMARY KEY,
+            path TEXT,
+            connection_info TEXT,
+            attachment TEXT,
+            multipath_id TEXT,
+            updated datetime);
+        CREATE UNIQUE INDEX multipath_id ON volumes (multipath_id);
+    """),
+    (2, "Journal states, storage domain, managed path", """
+        ALTER TABLE volumes ADD COLUMN sd_id TEXT
+            NOT NULL DEFAULT '00000000-0000-0000-0000-000000000000';
+        ALTER TABLE volumes ADD COLUMN state TEXT
+            NOT NULL DEFAULT 'attached'
+            CHECK (state IN ('attaching', 'attached', 'detaching'));
+        ALTER TABLE volumes ADD COLUMN managed_path TEXT;
+        ALTER TABLE volumes ADD COLUMN created datetime;
+        UPDATE volumes SET created = updated WHERE created IS NULL;
+    """),
+)
+
+VERSION = MIGRATIONS[-1][0]
+
+
+def open(path, busy_timeout=BUSY_TIMEOUT):
+    """Open (creating and migrating when needed) the store at ``path``."""
+    return Store(path, busy_timeout=busy_timeout)
+
+
+class Store:
+
+    def __init__(self, path, busy_timeout=BUSY_TIMEOUT):
+        self.path = path
+        self._lock = threading.RLock()
+        self._conn = _connect(path, busy_timeout)
+        try:
+            self._migrate()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def close(self):
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # Reading
+
+    def get_volume(self, vol_id):
+        """Return the record of ``vol_id``; raise StoreNotFound."""
+        for vol in self.volumes([vol_id]):
+            return vol
+        raise errors.StoreNotFound(vol_id=vol_id)
+
+    def volumes(self, vol_ids=()):
+        """Records of ``vol_ids`` (all when empty), sorted by vol_id.
+
+        Unknown ids are skipped.  Each record is a dict holding every
+        column; JSON columns are decoded, missing values are None.
+        """
+        sql = ("SELECT vol_id, sd_id, state, connection_info, attachment, "
+               "path, multipath_id, managed_path, created, updated "
+               "FROM volumes")
+        vol_ids = list(vol_ids)
+        if vol_ids:
+            sql += " WHERE vol_id IN ({})".format(
+                ",".join("?" for _ in vol_ids))
+        sql += " ORDER BY vol_id"
+        rows = self._read(sql, vol_ids)
+        return [_record(row) for row in rows]
+
+    def owns_multipath(self, multipath_id):
+        """Whether a managed volume owns this multipath device.
+
+        vdsm's multipath code asks this so it does not treat a managed
+        volume's device as one of its own block storage domains.
+        """
+        rows = self._read(
+            "SELECT EXISTS (SELECT 1 FROM volumes WHERE multipath_id = ?)",
+            (multipath_id,))
+        return rows[0][0] == 1
+
+    def version_info(self):
+        """{"version", "description", "updated"} of the schema."""
+        rows = self._read(
+            "SELECT version, description, updated FROM versions "
+            "ORDER BY version DESC LIMIT 1")
+        return dict(zip(("version", "description", "updated"), rows[0]))
+
+    # Writing (each call is one durable transaction)
+
+    def add_volume(self, vol_id, sd_id, connection_info, state="attaching"):
+        """Insert a new record; StoreError if ``vol_id`` already has one."""
+        _check_state(state)
+        now = _now()
+        try:
+            self._write(
+                "INSERT INTO volumes (vol_id, sd_id, state, connection_info, "
+                "created, updated) VALUES (?, ?, ?, ?, ?, ?)",
+                (vol_id, sd_id, state, _dumps(connection_info), now, now))
+        except sqlite3.IntegrityError:
+            raise errors.StoreError(
+                "volume {} already has a record".format(vol_id))
+        log.debug("Added volume %s state=%s", vol_id, state)
+
+    def update_volume(self, vol_id, **fields):
+        """Set ``fields`` (column=value) of ``vol_id``'s record.
+
+        Raise StoreNotFound if there is no record.
+        """
+        for name in fields:
+            if name not in _COLUMNS:
+                raise ValueError("unknown column {!r}".format(name))
+        if "state" in fields:
+            _check_state(fields["state"])
+        names = list(fields)
+        values = [_dumps(fields[n]) if n in _JSON_COLUMNS else fields[n]
+                  for n in names]
+        sql = "UPDATE volumes SET {}, updated = ? WHERE vol_id = ?".format(
+            ", ".join("{} = ?".format(n) for n in names))
+        try:
+            count = self._write(sql, values + [_now(), vol_id])
+        except sqlite3.IntegrityError as e:
+            raise errors.StoreError(
+                "cannot update volume {}: {}".format(vol_id, e))
+        if count == 0:
+            raise errors.StoreNotFound(vol_id=vol_id)
+        log.debug("Updated volume %s: %s", vol_id, ", ".join(names))
+
+    def remove_volume(self, vol_id):
+        """Delete the record of ``vol_id`` (no record is not an error)."""
+        self._write("DELETE FROM volumes WHERE vol_id = ?", (vol_id,))
+        log.debug("Removed volume %s", vol_id)
+
+    # Private helpers
+
+    def _read(self, sql, args=()):
+        with self._lock:
+            conn = self._checked()
+            try:
+                return conn.execute(sql, args).fetchall()
+            except sqlite3.Error as e:
+                raise errors.StoreError("{}: {}".format(self.path, e))
+
+    def _write(self, sql, args=()):
+        with self._lock:
+            conn = self._checked()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    count = conn.execute(sql, args).rowcount
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.IntegrityError:
+                raise
+            except sqlite3.Error as e:
+                raise errors.StoreError("{}: {}".format(self.path, e))
+            return count
+
+    def _checked(self):
+        if self._conn is None:
+            raise errors.StoreClosed()
+        return self._conn
+
+    def _migrate(self):
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                current = _current_version(conn)
+                if current > VERSION:
+                    raise errors.StoreError(
+                        "{} has schema version {}, newer than this "
+                        "program's {}; refusing to guess".format(
+                            self.path, current, VERSION))
+                for version, description, script in MIGRATIONS:
+                    if version <= current:
+                        continue
+                    log.info("Migrating %s to version %d: %s",
+                             self.path, version, description)
+                    for statement in _statements(script):
+                        conn.execute(statement)
+                    conn.execute(
+                        "INSERT INTO versions (version, description, "
+                        "updated) VALUES (?, ?, ?)",
+                        (version, description, _now()))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            raise errors.StoreError("{}: {}".format(self.path, e))
+
+
+def _connect(path, busy_timeout):
+    """Open ``path``, created 0600 before SQLite ever sees it."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, mode=0o755, exist_ok=True)
+    try:
+        # SQLite creates -wal and -shm with the database file's mode.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+    except OSError as e:
+        raise errors.StoreError("cannot create {}: {}".format(path, e))
+    try:
+        conn = sqlite3.connect(path, timeout=busy_timeout,
+                               isolation_level=None,
+                               check_same_thread=False)
+    except sqlite3.Error as e:
+        raise errors.StoreError("cannot open {}: {}".format(path, e))
+    try:
+        conn.execute("PRAGMA busy_timeout = {:d}".format(
+            int(busy_timeout * 1000)))
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            log.warning("%s: journal_mode is %s, not wal", path, mode)
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        # A file that is not a database fails here, not at first use.
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error as e:
+        conn.close()
+        raise errors.StoreError(
+            "{} is not a usable database: {}".format(path, e))
+    return conn
+
+
+def _current_version(conn):
+    has_versions = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' "
+        "AND name = 'versions'").fetchone()
+    if not has_versions:
+        has_volumes = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' "
+            "AND name = 'volumes'").fetchone()
+        if has_volumes:
+            raise errors.StoreError(
+                "database has a volumes table but no versions table")
+        conn.execute(
+            "CREATE TABLE versions (version INTEGER PRIMARY KEY, "
+            "description TEXT, updated datetime)")
+        return 0
+    row = conn.execute("SELECT max(version) FROM versions").fetchone()
+    return row[0] or 0
+
+
+def _statements(script):
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def _record(row):
+    (vol_id, sd_id, state, connection_info, attachment, path, multipath_id,
+     managed_path, created, updated) = row
+    return {
+        "vol_id": vol_id,
+        "sd_id": sd_id,
+        "state": state,
+        "connection_info": _loads(connection_info),
+        "attachment": _loads(attachment),
+        "path": path,
+        "multipath_id": multipath_id,
+        "managed_path": managed_path,
+        "created": created,
+        "updated": updated,
+    }
+
+
+def _dumps(value):
+    if value is None:
+        return None
+    return json.dumps(value, sort_keys=True)
+
+
+def _loads(text):
+    if text is None:
+        return None
+    if isinstance(text, bytes):
+        # vdsm stored JSON as UTF-8 bytes (BLOB).
+        text = text.decode("utf-8")
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise errors.StoreError("corrupt JSON in a record: {}".format(e))
+
+
+def _check_state(state):
+    if state not in STATES:
+        raise ValueError("invalid state {!r}".format(state))
+
+
+def _now():
+    return datetime.datetime.now(datetime.timezone.utc).strftime(
+        "%Y-%m-%d %H:%M:%S.%f")

@@ -1,0 +1,773 @@
+"""managedvolume-tool: the admin's view of a host's managed volumes.
+
+One console script, one sub-command per question an admin asks::
+
+    configure    make the host ready: directories, database (created or
+                 migrated to this version's schema), ownership
+    list         what the journal holds: state, path, age (secrets masked)
+    reconcile    what a crash or a reboot left behind, and (--apply) fix it
+    check        a doctor: every prerequisite of attach/detach, one line each
+    dump-schema  the API schema YAML (the one source of the verbs)
+    dump-config  the effective configuration, as an INI file
+
+The tool works on the same configuration and the same journal as the agent
+(``--config``, ``--state-dir``), through the same layers: ``store`` for
+records, ``service.Service`` for reconcile, ``privileged.Brick`` for the
+privsep daemon.  It never talks to a running agent; the per-volume locks
+make it safe to run beside one.
+
+Output is for people by default and for scripts with ``--json``.  Exit
+codes mean the same thing for every sub-command::
+
+    0  ok: nothing wrong (check: warnings only; reconcile: nothing to do)
+    1  problems found or an operation failed (check: a check failed;
+       reconcile: work pending in a dry run, or an action failed)
+    2  usage or configuration error (bad option, unreadable config file)
+
+The RPM's %post runs ``managedvolume-tool configure`` on every install and
+upgrade, so it must be idempotent and quiet about what is already right.
+"""
+
+import argparse
+import datetime
+import grp
+import importlib.resources
+import importlib.util
+import json
+import logging
+import os
+import pwd
+import sys
+import tempfile
+import textwrap
+
+import vdsm_managedvolume
+from . import config
+from . import errors
+from . import log as mvlog
+from . import mask
+
+EXIT_OK = 0
+EXIT_PROBLEMS = 1
+EXIT_USAGE = 2
+
+# Owner of what configure creates on a vdsm host: vdsm runs the verbs as
+# this user, the standalone agent runs as root (which needs no ownership).
+DEFAULT_OWNER = "vdsm:kvm"
+
+# Certificates expiring sooner than this are reported as a warning.
+CERT_WARN_DAYS = 30
+
+SCHEMA_FILE = "schema/managedvolume-api.yml"
+
+log = logging.getLogger("managedvolume.tool")
+
+EPILOG = """\
+exit status:
+  0  ok (check: warnings only; reconcile: nothing to do or all fixed)
+  1  problems found or an operation failed (check: a check failed;
+     reconcile: work pending in a dry run, or an action failed)
+  2  usage or configuration error
+
+Global options may be given before or after the sub-command.  See
+managedvolume-tool(8) and managedvolume.conf(5).
+"""
+
+
+def main(argv=None):
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_usage(sys.stderr)
+        print("managedvolume-tool: error: a sub-command is required",
+              file=sys.stderr)
+        return EXIT_USAGE
+    mvlog.setup(level="DEBUG" if args.verbose else "WARNING",
+                stream=sys.stderr)
+    try:
+        cfg = config.load(args.config, state_dir=args.state_dir)
+    except errors.ConfigError as e:
+        print("managedvolume-tool: {}".format(e), file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.func(cfg, args)
+    except errors.Error as e:
+        _fail(args, e)
+        return EXIT_PROBLEMS
+    except KeyboardInterrupt:
+        return EXIT_PROBLEMS
+
+
+# Sub-commands.  Each takes (cfg, args), prints its report and returns the
+# exit code.
+
+def configure(cfg, args):
+    """Create what the package writes, create or migrate the database."""
+    owner = _owner(cfg, args.owner)
+    actions = []
+
+    for path in _runtime_dirs(cfg):
+        if not os.path.isdir(path):
+            os.makedirs(path, mode=0o755, exist_ok=True)
+            actions.append({"action": "created", "path": path})
+        if owner:
+            _chown(path, owner, actions)
+
+    # Not ours (systemd-udev owns it) but attach needs it to exist.
+    if not os.path.isdir(cfg.udev_rules_dir):
+        os.makedirs(cfg.udev_rules_dir, mode=0o755, exist_ok=True)
+        actions.append({"action": "created", "path": cfg.udev_rules_dir})
+
+    from . import store
+    existed = os.path.exists(cfg.db_path)
+    with store.open(cfg.db_path) as db:
+        info = db.version_info()
+    actions.append({
+        "action": "opened" if existed else "created",
+        "path": cfg.db_path,
+        "version": info["version"],
+        "detail": "schema version {} ({})".format(
+            info["version"], info["description"]),
+    })
+    os.chmod(cfg.db_path, 0o600)
+    if owner:
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(cfg.db_path + suffix):
+                _chown(cfg.db_path + suffix, owner, actions)
+
+    if args.json:
+        _print_json({"ok": True, "config": cfg.source or None,
+                     "owner": owner and ":".join(owner[2:]),
+                     "actions": actions})
+    else:
+        for a in actions:
+            detail = a.get("detail") or a.get("owner") or ""
+            print("{:<8} {}{}".format(a["action"], a["path"],
+                                      "  " + detail if detail else ""))
+    return EXIT_OK
+
+
+def list_volumes(cfg, args):
+    """Print the journal's records (no database yet: nothing attached)."""
+    records = []
+    if os.path.exists(cfg.db_path):
+        from . import store
+        with store.open(cfg.db_path) as db:
+            records = db.volumes(args.vol_ids)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    rows = []
+    for rec in records:
+        rec = mask.mask(rec)
+        rec["age"] = _age_seconds(rec.get("created"), now)
+        rec["exists"] = (os.path.exists(rec["path"]) if rec.get("path")
+                         else None)
+        rec["driver_volume_type"] = (rec.get("connection_info") or {}).get(
+            "driver_volume_type")
+        rows.append(rec)
+
+    if args.json:
+        _print_json(rows)
+        return EXIT_OK
+    if not rows:
+        print("no managed volumes recorded in {}".format(cfg.db_path))
+        return EXIT_OK
+    table = [("VOL_ID", "STATE", "TYPE", "AGE", "PATH")]
+    for r in rows:
+        path = r.get("path") or "-"
+        if r["exists"] is False:
+            path += " (missing)"
+        table.append((r["vol_id"], r["state"],
+                      r["driver_volume_type"] or "-",
+                      _format_age(r["age"]), path))
+    _print_table(table)
+    if args.verbose_records:
+        for r in rows:
+            print()
+            print("{}:".format(r["vol_id"]))
+            for key in ("sd_id", "managed_path", "multipath_id", "created",
+                        "updated"):
+                print("  {:<15} {}".format(key, r.get(key) or "-"))
+            print("  {:<15} {}".format("connection_info", json.dumps(
+                r.get("connection_info"), sort_keys=True)))
+            print("  {:<15} {}".format("attachment", json.dumps(
+                r.get("attachment"), sort_keys=True)))
+    return EXIT_OK
+
+
+def reconcile(cfg, args):
+    """Report (and with --apply, fix) what the journal and host disagree on.
+
+    Dry run: the exit code is 1 when anything would be done, so that a
+    monitoring script can run ``managedvolume-tool reconcile`` as a probe.
+    Stale records (attached, device gone) are reported, not counted: the
+    service cannot tell whether the engine still wants them; re-attaching
+    fixes them, detaching removes them.
+    """
+    report = []
+    if os.path.exists(cfg.db_path):
+        svc = _open_service(cfg)
+        try:
+            report = svc.reconcile(apply=args.apply)
+        finally:
+            svc.close()
+    report = [mask.mask(r) for r in report]
+    pending = [r for r in report if r.get("result") == "planned"]
+    failed = [r for r in report if _failed(r.get("result"))]
+
+    if args.json:
+        _print_json({"apply": args.apply, "volumes": report,
+                     "pending": len(pending), "failed": len(failed)})
+    elif not report:
+        print("nothing to reconcile: journal, links and udev rules agree")
+    else:
+        table = [("VOL_ID", "STATE", "ACTION", "RESULT", "PATH")]
+        for r in report:
+            table.append((r.get("vol_id") or "-", r.get("state") or "-",
+                          r.get("action") or "-", r.get("result") or "-",
+                          r.get("path") or ""))
+        _print_table(table)
+        if pending:
+            print("\n{} action(s) planned; run with --apply to act"
+                  .format(len(pending)))
+    if failed or pending:
+        return EXIT_PROBLEMS
+    return EXIT_OK
+
+
+def check(cfg, args):
+    """Run every check; each yields (name, status, message)."""
+    checks = [
+        _check_config,
+        _check_os_brick,
+        _check_privsep,
+        _check_lock_path,
+        _check_database,
+        _check_certificates,
+        _check_udevadm,
+        _check_udev_owner,
+        _check_run_dir,
+    ]
+    results = []
+    for func in checks:
+        try:
+            found = list(func(cfg, args))
+        except Exception as e:
+            name = func.__name__[len("_check_"):].replace("_", "-")
+            found = [(name, "fail", mask.mask_text(
+                "{}: {}".format(type(e).__name__, e)))]
+        results.extend(found)
+
+    failed = [r for r in results if r[1] == "fail"]
+    if args.json:
+        _print_json({"ok": not failed, "checks": [
+            {"name": n, "status": s, "message": m} for n, s, m in results]})
+    else:
+        for name, status, message in results:
+            print("{:<5} {:<13} {}".format(
+                {"ok": "ok", "warn": "WARN", "fail": "FAIL",
+                 "skip": "skip"}[status], name, message))
+        print()
+        warned = sum(1 for r in results if r[1] == "warn")
+        print("{} problem(s), {} warning(s)".format(len(failed), warned))
+    return EXIT_PROBLEMS if failed else EXIT_OK
+
+
+def dump_schema(cfg, args):
+    text = schema_text()
+    if args.json:
+        import yaml
+        _print_json(yaml.safe_load(text))
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def dump_config(cfg, args):
+    if args.defaults:
+        cfg = config.Config()
+    if args.json:
+        _print_json({section: {key: _jsonable(getattr(cfg, key))
+                               for key in keys}
+                     for section, keys in config.SECTIONS.items()})
+    else:
+        sys.stdout.write(config.render(cfg))
+    return EXIT_OK
+
+
+def schema_text():
+    """The API schema YAML shipped in the package."""
+    return (importlib.resources.files(vdsm_managedvolume)
+            .joinpath(SCHEMA_FILE).read_text())
+
+
+# Checks.  Each is a generator of (name, status, message), status one of
+# ok, warn, fail, skip.
+
+def _check_config(cfg, args):
+    if cfg.source:
+        yield "config", "ok", "loaded {}".format(cfg.source)
+    else:
+        yield "config", "ok", "no file ({} absent): defaults".format(
+            config.DEFAULT_CONFIG_FILE)
+    if cfg.state_dir:
+        yield "state-dir", "ok", "every written path under {}".format(
+            cfg.state_dir)
+
+
+def _check_os_brick(cfg, args):
+    # find_spec, not import: importing os-brick costs ~3 s and replaces
+    # time.sleep process-wide; the privsep check imports it where it runs.
+    for module, what in (("os_brick", "os-brick"),
+                         ("oslo_privsep", "oslo.privsep")):
+        spec = importlib.util.find_spec(module)
+        if spec is None:
+            yield what, "fail", ("not importable: attach and detach fail "
+                                 "with 925 (install python3-{})"
+                                 .format(what.replace(".", "-")))
+        else:
+            yield what, "ok", "importable ({}{})".format(
+                os.path.dirname(spec.origin or ""), _dist_version(what))
+
+
+def _check_privsep(cfg, args):
+    if args.skip_privsep:
+        yield "privsep", "skip", "skipped (--skip-privsep)"
+        return
+    if importlib.util.find_spec("os_brick") is None:
+        yield "privsep", "skip", "os-brick missing"
+        return
+    from . import privileged
+    brick = privileged.Brick(cfg)
+    try:
+        props = brick.connector_properties()
+        pid = brick.daemon_pid()
+    finally:
+        brick.stop()
+    yield "privsep", "ok", "daemon started (pid {}); initiator {}".format(
+        pid, props.get("initiator") or "-")
+
+
+def _check_lock_path(cfg, args):
+    for name, path in (("lock-dir", cfg.lock_dir),
+                       ("lock-path", cfg.brick_lock_dir)):
+        status, message = _writable_dir(path)
+        yield name, status, message
+
+
+def _check_database(cfg, args):
+    from . import store
+    path = cfg.db_path
+    if not os.path.exists(path):
+        yield "database", "fail", ("{} does not exist; run "
+                                   "'managedvolume-tool configure'"
+                                   .format(path))
+        return
+    mode = os.stat(path).st_mode & 0o777
+    # Opening brings an older schema to the current one, exactly as the
+    # agent's start and configure would.
+    with store.open(path) as db:
+        info = db.version_info()
+        count = len(db.volumes())
+    if info["version"] != store.VERSION:
+        yield "database", "fail", "{}: schema version {}, expected {}".format(
+            path, info["version"], store.VERSION)
+    else:
+        yield "database", "ok", "{}: schema version {}, {} record(s)".format(
+            path, info["version"], count)
+    if mode & 0o077:
+        yield "database-mode", "warn", (
+            "{} has mode {:04o}: records hold connection secrets, "
+            "expected 0600".format(path, mode))
+
+
+def _check_certificates(cfg, args):
+    paths = {"key": cfg.key_file, "cert": cfg.cert_file, "ca": cfg.ca_file}
+    missing = [p for p in paths.values() if not os.path.exists(p)]
+    if missing:
+        if cfg.state_dir:
+            yield "certificates", "warn", (
+                "missing {}: the agent creates a development PKI under "
+                "--state-dir at first start".format(", ".join(missing)))
+        else:
+            yield "certificates", "fail", (
+                "missing {}: the agent cannot serve TLS".format(
+                    ", ".join(missing)))
+        return
+    yield from _verify_certificates(paths["key"], paths["cert"], paths["ca"])
+
+
+def _check_udevadm(cfg, args):
+    for name, path in (("udevadm", cfg.udevadm), ("chown", cfg.chown)):
+        if os.access(path, os.X_OK):
+            yield name, "ok", path
+        else:
+            yield name, "fail", ("{} is not executable: device ownership "
+                                 "rules cannot be applied".format(path))
+
+
+def _check_udev_owner(cfg, args):
+    user, _, group = cfg.udev_owner.partition(":")
+    unknown = []
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        unknown.append("user " + user)
+    if group:
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            unknown.append("group " + group)
+    if unknown:
+        yield "udev-owner", "warn", (
+            "{} unknown: the udev rules' chown {} will fail (is vdsm "
+            "installed?)".format(", ".join(unknown), cfg.udev_owner))
+    else:
+        yield "udev-owner", "ok", cfg.udev_owner
+
+
+def _check_run_dir(cfg, args):
+    path = cfg.run_dir
+    fstype, mountpoint = _filesystem(path)
+    where = "{} ({} on {})".format(path, fstype or "?", mountpoint or "?")
+    if not os.path.isdir(path):
+        yield "run-dir", "fail", ("{} does not exist; run "
+                                  "'managedvolume-tool configure'"
+                                  .format(path))
+    elif fstype == "tmpfs":
+        yield "run-dir", "ok", where + ": links vanish at reboot"
+    else:
+        # Links on a persistent filesystem survive a reboot and point at
+        # devices that are gone; reconcile copes, but a host should not.
+        yield "run-dir", "warn" if cfg.state_dir else "fail", (
+            where + ": not tmpfs, managed_path links survive reboots")
+
+
+# Private helpers
+
+def _parser():
+    # Global options are accepted before and after the sub-command: the
+    # same definitions on both parsers, SUPPRESS so that the sub-parser
+    # does not overwrite a value given before it with its default.
+    common = argparse.ArgumentParser(add_help=False,
+                                     argument_default=argparse.SUPPRESS)
+    _add_globals(common)
+
+    parser = argparse.ArgumentParser(
+        prog="managedvolume-tool",
+        description=_fill(
+            "Administer managed (cinderlib) volumes on this host: set up, "
+            "inspect, reconcile and diagnose."),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--version", action="version",
+        version="managedvolume-tool " + vdsm_managedvolume.__version__)
+    _add_globals(parser)
+    parser.set_defaults(config=None, state_dir=None, json=False,
+                        verbose=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name, func, help, description=None):
+        p = sub.add_parser(
+            name, parents=[common], help=help,
+            description=_fill(description or help),
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("configure", configure,
+            "create directories, create or migrate the database",
+            "Create the directories the package writes, create the "
+            "database or migrate it to this version's schema, and give "
+            "them to vdsm's user.  Idempotent; the RPM runs it on every "
+            "install and upgrade.")
+    p.add_argument(
+        "--owner", metavar="USER:GROUP",
+        help="owner of the database and run directories (default: {} when "
+             "that user exists, running as root, without --state-dir; "
+             "'' to leave ownership alone)".format(DEFAULT_OWNER))
+
+    p = add("list", list_volumes,
+            "list recorded volumes: state, type, age, path",
+            "List the journal's records: state, driver type, age and path "
+            "(marked missing when the device is gone).  Secrets in "
+            "connection_info are masked.")
+    p.add_argument("vol_ids", nargs="*", metavar="VOL_ID",
+                   help="only these volumes (default: all)")
+    p.add_argument("-l", "--long", dest="verbose_records",
+                   action="store_true",
+                   help="also show sd_id, managed_path, multipath_id, "
+                        "timestamps, connection_info and attachment")
+
+    p = add("reconcile", reconcile,
+            "find (and with --apply fix) what a crash or reboot left",
+            "Compare the journal with the host: half-done attaches are "
+            "rolled back, half-done detaches finished, missing links and "
+            "udev rules of attached volumes recreated, links and rules "
+            "that no record owns removed; attached volumes whose device is "
+            "gone are reported as stale and kept.  Without --apply only "
+            "reports what it would do (exit 1 when anything would be "
+            "done).  The agent does the same at every start.")
+    p.add_argument("--apply", action="store_true",
+                   help="act on what is found (default: dry run)")
+
+    p = add("check", check,
+            "diagnose the host: os-brick, privsep, locks, database, PKI",
+            "Check every prerequisite of attach and detach: os-brick and "
+            "oslo.privsep importable, the privsep daemon starts and answers "
+            "(bounded by properties_timeout), lock directories writable, "
+            "database schema version, certificates (key matches cert, cert "
+            "signed by the CA, none expired), udevadm and chown present, "
+            "run dir on tmpfs.  Exit 1 when a check fails.")
+    p.add_argument("--skip-privsep", action="store_true",
+                   help="do not start the privsep daemon (needs root or "
+                        "the sudoers rule)")
+
+    add("dump-schema", dump_schema,
+        "print the API schema YAML (--json: as JSON)")
+
+    p = add("dump-config", dump_config,
+            "print the effective configuration (--json: as JSON)",
+            "Print the effective configuration as an INI file that "
+            "config.load() reads back: the file, --state-dir and defaults "
+            "applied.  The shipped /etc/vdsm/managedvolume.conf is the "
+            "output of --defaults.")
+    p.add_argument("--defaults", action="store_true",
+                   help="print the built-in defaults instead")
+    return parser
+
+
+def _fill(text):
+    return textwrap.fill(text, 78, break_on_hyphens=False)
+
+
+def _add_globals(parser):
+    parser.add_argument(
+        "--config", metavar="FILE",
+        help="configuration file (default: $MANAGEDVOLUME_CONFIG or {})"
+             .format(config.DEFAULT_CONFIG_FILE))
+    parser.add_argument(
+        "--state-dir", metavar="DIR",
+        help="put every path the package writes under DIR (the embedded "
+             "default of 'make run')")
+    parser.add_argument("--json", action="store_true",
+                        help="machine-readable output")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log debug messages to stderr")
+
+
+def _owner(cfg, spec):
+    """(uid, gid, user, group) to give our files to, or None."""
+    if spec is None:
+        if cfg.state_dir or os.geteuid() != 0:
+            return None
+        try:
+            pwd.getpwnam(DEFAULT_OWNER.split(":")[0])
+        except KeyError:
+            return None
+        spec = DEFAULT_OWNER
+    if not spec:
+        return None
+    user, _, group = spec.partition(":")
+    try:
+        pw = pwd.getpwnam(user)
+        gid = grp.getgrnam(group).gr_gid if group else pw.pw_gid
+    except KeyError as e:
+        raise errors.ConfigError("--owner {}: unknown {}".format(
+            spec, e.args[0]))
+    group = group or grp.getgrgid(gid).gr_name
+    return pw.pw_uid, gid, user, group
+
+
+def _open_service(cfg):
+    """A Service with its journal open but without start()'s reconcile.
+
+    start() reconciles with apply=True; a dry run must not.  Service.open()
+    (journal only) is asked of the service layer; until it exists the
+    store is opened here the way start() opens it.
+    """
+    from . import service
+    svc = service.Service(cfg)
+    if hasattr(svc, "open"):
+        svc.open()
+    else:
+        from . import store
+        svc._store = store.open(cfg.db_path)
+    return svc
+
+
+def _runtime_dirs(cfg):
+    return [os.path.dirname(os.path.abspath(cfg.db_path)), cfg.run_dir,
+            cfg.state_run_dir, cfg.lock_dir, cfg.brick_lock_dir]
+
+
+def _chown(path, owner, actions):
+    uid, gid, user, group = owner
+    st = os.stat(path)
+    if (st.st_uid, st.st_gid) != (uid, gid):
+        os.chown(path, uid, gid)
+        actions.append({"action": "chown", "path": path,
+                        "owner": "{}:{}".format(user, group)})
+
+
+def _writable_dir(path):
+    if not os.path.isdir(path):
+        return "fail", ("{} does not exist; run 'managedvolume-tool "
+                        "configure'".format(path))
+    try:
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".check-"):
+            pass
+    except OSError as e:
+        return "fail", "{} is not writable: {}".format(path, e.strerror)
+    return "ok", "{} writable".format(path)
+
+
+def _verify_certificates(key_path, cert_path, ca_path):
+    """Key matches cert, cert signed by the CA, neither expired."""
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+    except ImportError:
+        yield "certificates", "skip", "python3-cryptography not installed"
+        return
+    try:
+        with open(key_path, "rb") as f:
+            key = serialization.load_pem_private_key(f.read(), password=None)
+        with open(cert_path, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+        with open(ca_path, "rb") as f:
+            ca = x509.load_pem_x509_certificate(f.read())
+    except (OSError, ValueError, TypeError) as e:
+        # Never echo key material: the exception names the problem only.
+        yield "certificates", "fail", "cannot load: {}".format(
+            type(e).__name__ if not isinstance(e, OSError) else e)
+        return
+
+    pem = serialization.PublicFormat.SubjectPublicKeyInfo
+    enc = serialization.Encoding.PEM
+    if key.public_key().public_bytes(enc, pem) != \
+            cert.public_key().public_bytes(enc, pem):
+        yield "cert-key", "fail", "{} does not match {}".format(
+            key_path, cert_path)
+    else:
+        yield "cert-key", "ok", "key matches {}".format(cert_path)
+
+    try:
+        cert.verify_directly_issued_by(ca)
+    except Exception as e:
+        yield "cert-ca", "fail", "{} is not signed by {}: {}".format(
+            cert_path, ca_path, e or type(e).__name__)
+    else:
+        yield "cert-ca", "ok", "signed by {}".format(
+            ca.subject.rfc4514_string())
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    for name, c, path in (("cert-expiry", cert, cert_path),
+                          ("ca-expiry", ca, ca_path)):
+        before, after = _validity(c)
+        if now < before:
+            yield name, "fail", "{} not valid before {}".format(path, before)
+        elif now > after:
+            yield name, "fail", "{} expired on {}".format(path, after)
+        elif after - now < datetime.timedelta(days=CERT_WARN_DAYS):
+            yield name, "warn", "{} expires on {}".format(path, after)
+        else:
+            yield name, "ok", "{} valid until {}".format(path, after)
+
+
+def _validity(cert):
+    try:
+        return cert.not_valid_before_utc, cert.not_valid_after_utc
+    except AttributeError:  # cryptography < 42
+        utc = datetime.timezone.utc
+        return (cert.not_valid_before.replace(tzinfo=utc),
+                cert.not_valid_after.replace(tzinfo=utc))
+
+
+def _filesystem(path):
+    """(fstype, mountpoint) of the mount holding ``path`` (or its parent)."""
+    path = os.path.realpath(path)
+    best = (None, None)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.readlines()
+    except OSError:
+        return best
+    for line in lines:
+        fields = line.split()
+        sep = fields.index("-")
+        mountpoint = fields[4].replace("\\040", " ")
+        fstype = fields[sep + 1]
+        inside = (path == mountpoint or mountpoint == "/" or
+                  path.startswith(mountpoint.rstrip("/") + "/"))
+        # Later lines win on ties: they are mounted on top.
+        if inside and len(mountpoint) >= len(best[1] or ""):
+            best = (fstype, mountpoint)
+    return best
+
+
+def _dist_version(name):
+    from importlib import metadata
+    try:
+        return ", version " + metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+def _age_seconds(timestamp, now):
+    if not timestamp:
+        return None
+    try:
+        then = datetime.datetime.fromisoformat(timestamp)
+    except ValueError:
+        return None
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=datetime.timezone.utc)
+    return max(0, int((now - then).total_seconds()))
+
+
+def _format_age(seconds):
+    """Two largest units, as ps and kubectl show ages: 3d4h, 5m12s, 9s."""
+    if seconds is None:
+        return "-"
+    units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+    for i, (unit, size) in enumerate(units[:-1]):
+        if seconds >= size:
+            rest, rest_size = units[i + 1]
+            return "{}{}{}{}".format(seconds // size, unit,
+                                     seconds % size // rest_size, rest)
+    return "{}s".format(seconds)
+
+
+def _failed(result):
+    return isinstance(result, str) and result.startswith("failed")
+
+
+def _print_table(rows):
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths))
+              .rstrip())
+
+
+def _print_json(obj):
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def _jsonable(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _fail(args, error):
+    message = mask.mask_text(str(error))
+    if args.json:
+        _print_json({"ok": False, "error": {"code": error.code,
+                                            "message": message}})
+    print("managedvolume-tool: {} failed: (code={}, message={})".format(
+        args.command, error.code, message), file=sys.stderr)
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""udev rules giving qemu's user the devices of managed volumes.
+
+A connected device belongs to root; qemu runs as ``qemu`` and needs to open
+it.  Like vdsm, we write one rule file per volume::
+
+    /etc/udev/rules.d/99-vdsm-managed_<sd_id>_<vol_id>.rules
+
+holding one line that matches the device and runs chown on it::
+
+    SYMLINK=="mapper/3600a0b80...", RUN+="/usr/bin/chown vdsm:qemu $env{DEVNAME}"
+    SYMLINK=="rbd/pool/volume-1", RUN+="/usr/bin/chown vdsm:qemu $env{DEVNAME}"
+    KERNEL=="nvme0n3", RUN+="/usr/bin/chown vdsm:qemu $env{DEVNAME}"
+
+``SYMLINK==`` for device-mapper and rbd paths (they are symlinks to
+``dm-N`` / ``rbdN``, whose kernel names change on every connect), and for
+any other path that is a symlink; ``KERNEL==`` for a plain ``/dev/xxx``.
+The value is the path relative to ``/dev``, as udev spells it.
+
+Never ``OWNER``/``GROUP``/``MODE``: udev then resets the SELinux label to
+the default and running VMs pause (https://bugzilla.redhat.com/1147910).
+
+After writing the rule, ``udevadm trigger --action=change <path>`` makes
+udev apply it now.  The trigger is bounded by a timeout, and a missing
+udevadm or a failing trigger is a warning, not a failure: the device is
+connected and correct, only its owner may lag until the next event.
+
+Rules are written atomically (temp file + rename): udev reads rule files
+at any time and must never see half a line.  The temp name does not end
+in ``.rules``, so udev ignores it.
+"""
+
+import logging
+import os
+import re
+import subprocess
+
+log = logging.getLogger("managedvolume.udev")
+
+PREFIX = "99-vdsm-managed_"
+SUFFIX = ".rules"
+TRIGGER_TIMEOUT = 10.0
+
+_RULE_NAME_RE = re.compile(
+    r"99-vdsm-managed_(?P<sd_id>[0-9a-f-]{36})_(?P<vol_id>[0-9a-f-]{36})"
+    r"\.rules\Z")
+
+# Characters allowed in a matched device name: a quote or a newline in a
+# path coming back from a connector must not become a second rule running
+# as root.
+_SAFE_DEVICE_RE = re.compile(r"[A-Za-z0-9/._:+@=,-]+\Z")
+
+
+class UnsafePath(ValueError):
+    """The device path cannot be put in a udev rule safely."""
+
+
+def rule_path(rules_dir, sd_id, vol_id):
+    return os.path.join(rules_dir, "{}{}_{}{}".format(
+        PREFIX, sd_id, vol_id, SUFFIX))
+
+
+def rule_text(path, owner, chown, symlink_dirs=("/dev/mapper", "/dev/rbd")):
+    """The rule line matching ``path`` and chown-ing it to ``owner``.
+
+    ``symlink_dirs``: directories whose entries are always symlinks to a
+    kernel device (configurable so that tests can use a temp directory).
+    """
+    if any(_is_under(path, d) for d in symlink_dirs):
+        key = "SYMLINK"
+    elif os.path.islink(path):
+        key = "SYMLINK"
+    else:
+        key = "KERNEL"
+    device = _udev_name(path, symlink_dirs)
+    for value, what in ((device, "device path"), (owner, "owner"),
+                        (chown, "chown command")):
+        if not _SAFE_DEVICE_RE.match(value or ""):
+            raise UnsafePath("unsafe {} for a udev rule: {!r}".format(
+                what, value))
+    return '{}=="{}", RUN+="{} {} $env{{DEVNAME}}"\n'.format(
+        key, device, chown, owner)
+
+
+def add_rule(cfg, sd_id, vol_id, path):
+    """Write the rule of a volume atomically (mode 0644); return its path."""
+    os.makedirs(cfg.udev_rules_dir, mode=0o755, exist_ok=True)
+    text = rule_text(path, cfg.udev_owner, cfg.chown,
+                     symlink_dirs=(cfg.multipath_dir, cfg.rbd_dir))
+    dst = rule_path(cfg.udev_rules_dir, sd_id, vol_id)
+    tmp = os.path.join(cfg.udev_rules_dir,
+                       ".{}.tmp".format(os.path.basename(dst)))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                 0o644)
+    try:
+        os.fchmod(fd, 0o644)
+        os.write(fd, text.encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, dst)
+    log.debug("Created udev rule %s: %r", dst, text)
+    return dst
+
+
+def remove_rule(cfg, sd_id, vol_id):
+    """Remove the rule of a volume; return whether there was one."""
+    dst = rule_path(cfg.udev_rules_dir, sd_id, vol_id)
+    try:
+        os.unlink(dst)
+    except FileNotFoundError:
+        return False
+    log.debug("Removed udev rule %s", dst)
+    return True
+
+
+def has_rule(cfg, sd_id, vol_id):
+    return os.path.exists(rule_path(cfg.udev_rules_dir, sd_id, vol_id))
+
+
+def list_rules(cfg):
+    """[(sd_id, vol_id, file path)] of every managed volume rule file."""
+    try:
+        names = os.listdir(cfg.udev_rules_dir)
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in sorted(names):
+        m = _RULE_NAME_RE.match(name)
+        if m:
+            found.append((m.group("sd_id"), m.group("vol_id"),
+                          os.path.join(cfg.udev_rules_dir, name)))
+    return found
+
+
+def list_temp_files(cfg):
+    """Leftover temp files of an interrupted ``add_rule``."""
+    try:
+        names = os.listdir(cfg.udev_rules_dir)
+    except FileNotFoundError:
+        return []
+    return [os.path.join(cfg.udev_rules_dir, n) for n in sorted(names)
+            if n.startswith("." + PREFIX) and n.endswith(".tmp")]
+
+
+def trigger(cfg, path, timeout=TRIGGER_TIMEOUT):
+    """Run ``udevadm trigger --action=change <path>``; return success.
+
+    Failures are logged as warnings and reported as False, never raised.
+    """
+    cmd = [cfg.udevadm, "trigger", "--action=change", path]
+    try:
+        res = subprocess.run(cmd, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             timeout=timeout)
+    except FileNotFoundError:
+        log.warning("Cannot trigger udev for %s: %s not found; the device "
+                    "owner may be updated only on the next udev event",
+                    path, cfg.udevadm)
+        return False
+    except subprocess.TimeoutExpired:
+        log.warning("udevadm trigger for %s did not finish within %s "
+                    "seconds", path, timeout)
+        return False
+    except OSError as e:
+        log.warning("Cannot run %s: %s", cfg.udevadm, e)
+        return False
+    if res.returncode != 0:
+        log.warning("udevadm trigger for %s failed (rc=%d): %s", path,
+                    res.returncode, res.stderr.decode("utf-8", "replace")
+                    .strip())
+        return False
+    return True
+
+
+# Private helpers
+
+def _udev_name(path, symlink_dirs):
+    """The name udev matches: the path relative to /dev.
+
+    For a configured multipath/rbd directory outside /dev (tests), the
+    name is taken as if that directory were /dev/mapper or /dev/rbd.
+    """
+    for d, udev_dir in zip(symlink_dirs, ("mapper", "rbd")):
+        if _is_under(path, d):
+            return os.path.join(udev_dir, os.path.relpath(path, d))
+    return os.path.relpath(path, "/dev")
+
+
+def _is_under(path, directory):
+    return os.path.normpath(path).startswith(
+        os.path.normpath(directory) + os.sep)

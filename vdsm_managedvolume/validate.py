@@ -1,0 +1,115 @@
+"""Input validation: one tiny function per kind of input.
+
+Everything a caller sends is checked here before the service touches the
+host: the ids become file names (``<run_dir>/<sd_id>_<vol_id>``, udev rule
+files, lock files), so ``../../etc/x`` must never get that far, and a
+malformed ``connection_info`` must fail before a device is connected, not
+after.
+
+Each function returns the normalised value and raises
+``errors.InvalidParams(name=..., reason=...)`` naming the parameter and
+what is wrong with it.  UUIDs are accepted in any case and normalised to
+lower case, so that ``ABC...`` and ``abc...`` are one volume; only the
+canonical 36-character hyphenated form is accepted (no braces, no urn:,
+no bare hex), because that is what vdsm and the engine send.
+"""
+
+import json
+import re
+import uuid as _uuid
+
+from . import errors
+
+_UUID_RE = re.compile(
+    r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
+
+# Vendor adapter names become a program name and an entry point name.
+_ADAPTER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+
+
+def uuid(name, value):
+    """Return ``value`` as a canonical lower-case UUID string."""
+    if not isinstance(value, str):
+        raise errors.InvalidParams(
+            name=name, reason="expected a UUID string, got {}".format(
+                type(value).__name__))
+    lowered = value.lower()
+    if not _UUID_RE.match(lowered):
+        raise errors.InvalidParams(
+            name=name, reason="{!r} is not a canonical UUID".format(
+                value[:80]))
+    # The regex already guarantees this; parsing documents the intent.
+    return str(_uuid.UUID(lowered))
+
+
+def uuid_list(name, value):
+    """Return a list of canonical UUIDs (None and () mean empty)."""
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise errors.InvalidParams(
+            name=name, reason="expected a list of UUIDs, got {}".format(
+                type(value).__name__))
+    return [uuid("{}[{}]".format(name, i), v) for i, v in enumerate(value)]
+
+
+def boolean(name, value):
+    if not isinstance(value, bool):
+        raise errors.InvalidParams(
+            name=name, reason="expected a boolean, got {!r}".format(value))
+    return value
+
+
+def connection_info(name, value):
+    """Return a JSON-normalised copy of a ManagedVolumeConnection.
+
+    Required: ``driver_volume_type`` (non-empty string) and ``data`` (a
+    mapping).  Optional: ``adapter`` (a vendor name; null means absent).
+    The copy went through JSON, so comparing it to a stored record is
+    comparing like with like (no tuples, no non-string keys).
+    """
+    if not isinstance(value, dict):
+        raise errors.InvalidParams(
+            name=name, reason="expected an object, got {}".format(
+                type(value).__name__))
+    dvt = value.get("driver_volume_type")
+    if not isinstance(dvt, str) or not dvt:
+        raise errors.InvalidParams(
+            name=name + ".driver_volume_type",
+            reason="expected a non-empty string, got {!r}".format(dvt))
+    if not isinstance(value.get("data"), dict):
+        raise errors.InvalidParams(
+            name=name + ".data",
+            reason="expected an object, got {}".format(
+                type(value.get("data")).__name__))
+    if "adapter" in value and value["adapter"] is not None:
+        adapter(name + ".adapter", value["adapter"])
+    try:
+        normalised = json.loads(json.dumps(value))
+    except (TypeError, ValueError) as e:
+        raise errors.InvalidParams(
+            name=name, reason="not JSON serialisable: {}".format(e))
+    if normalised.get("adapter", "") is None:
+        del normalised["adapter"]
+    return normalised
+
+
+def adapter(name, value):
+    if not isinstance(value, str) or not _ADAPTER_RE.match(value):
+        raise errors.InvalidParams(
+            name=name, reason="{!r} is not a valid adapter name".format(
+                value))
+    return value
+
+
+def driver_type(connection_info, allowed):
+    """Raise UnsupportedDriverType (930) unless the type is allowed.
+
+    Checked before connecting: vdsm checked it after the device was
+    already attached.
+    """
+    dvt = connection_info["driver_volume_type"]
+    if dvt not in allowed:
+        raise errors.UnsupportedDriverType(
+            driver_volume_type=dvt, allowed=", ".join(allowed))
+    return dvt

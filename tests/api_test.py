@@ -1,6 +1,7 @@
 """The vdsm-convention API classes, the return-key table, caps, register."""
 
 import inspect
+import sys
 import logging
 import types
 
@@ -213,3 +214,135 @@ def test_register_into_vdsm_modules():
     assert info["params"][0]["defaultvalue"] == "[]"
     assert "VmParams" in vdsm_schema._types
     assert "ManagedVolumeConnection" in vdsm_schema._types
+
+
+# vdsm's side, with a stand-in vdsm package: what the sitecustomize of the
+# systemd drop-in does, then a call dispatched the way vdsm's Bridge does.
+
+FAKE_VDSM = {
+    "vdsm/__init__.py": "",
+    "vdsm/API.py": '''
+class APIBase:
+    ctorArgs = []
+    def __init__(self, *args):
+        pass
+
+class ManagedVolume(APIBase):
+    def attach_volume(self, vol_id, connection_info):
+        return {"status": {"code": 0, "message": "Done"}, "result": "vdsm"}
+''',
+    "vdsm/api/__init__.py": "",
+    "vdsm/api/vdsmapi.py": '''
+DEFAULT_VALUES = {"{}": {}, "()": (), "[]": []}
+
+class Schema:
+    def __init__(self):
+        self._types = {"UUID": {"type": "alias", "sourcetype": "string"}}
+        self._methods = {
+            "Host.getCapabilities": {"vdsm": True},
+            "ManagedVolume.attach_volume": {"params": [
+                {"name": "vol_id"}, {"name": "connection_info"}]},
+        }
+
+    def get_args(self, name):
+        return self._methods[name].get("params", [])
+
+    def get_arg_names(self, name):
+        return [a["name"] for a in self.get_args(name)]
+
+    def get_default_arg_names(self, name):
+        return frozenset(a["name"] for a in self.get_args(name)
+                         if "defaultvalue" in a)
+
+    def get_default_arg_values(self, name):
+        return [DEFAULT_VALUES.get(a["defaultvalue"], a["defaultvalue"])
+                for a in self.get_args(name) if "defaultvalue" in a]
+''',
+    "vdsm/rpc/__init__.py": "",
+    "vdsm/rpc/Bridge.py": '''
+from vdsm import API
+from vdsm.api import vdsmapi
+
+command_info = {"Host_getCapabilities": {"ret": "info"}}
+
+
+class DynamicBridge:
+    def __init__(self):
+        self._schema = vdsmapi.Schema()
+
+    def call(self, className, methodName, argobj):
+        # vdsm's _dynamicMethod, reduced to what matters here.
+        name = className + "." + methodName
+        default_args = self._schema.get_default_arg_names(name)
+        default_values = self._schema.get_default_arg_values(name)
+        args = ()
+        for arg in self._schema.get_arg_names(name):
+            if arg in default_args:
+                if arg in argobj:
+                    args += (argobj[arg],)
+                else:
+                    args += (default_values[0],)
+                default_values = default_values[1:]
+            elif arg in argobj:
+                args += (argobj[arg],)
+        api = getattr(API, className)(*())
+        result = getattr(api, methodName)(*args)
+        if result["status"]["code"]:
+            raise RuntimeError(result["status"])
+        cmd = className + "_" + methodName
+        ret = command_info.get(cmd, {}).get("ret")
+        return None if ret is None else result[ret]
+''',
+}
+
+
+@pytest.fixture
+def fake_vdsm(tmp_path, monkeypatch):
+    for path, text in FAKE_VDSM.items():
+        f = tmp_path / path
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    saved_meta_path = list(sys.meta_path)
+    yield
+    sys.meta_path[:] = saved_meta_path
+    for name in list(sys.modules):
+        if name == "vdsm" or name.startswith("vdsm."):
+            del sys.modules[name]
+
+
+def test_vdsm_hook_registers_when_bridge_is_built(fake_vdsm):
+    api.install_vdsm_hook()
+    api.install_vdsm_hook()  # idempotent
+    import vdsm.API
+    from vdsm.rpc import Bridge
+
+    assert vdsm.API.ManagedVolume is not api.ManagedVolume  # lazy
+    bridge = Bridge.DynamicBridge()
+    assert vdsm.API.ManagedVolume is api.ManagedVolume
+    assert Bridge.command_info["ManagedVolume_volumes_info"] == {
+        "ret": "result"}
+    assert bridge._schema._methods["Host.getCapabilities"] == {"vdsm": True}
+
+    svc = FakeService()
+    with api.using(svc):
+        info = bridge.call("ManagedVolume", "attach_volume", {
+            "vol_id": VOL_ID, "connection_info": ISCSI_CONNECTION})
+        assert info["vol_id"] == VOL_ID
+        assert bridge.call("ManagedVolume", "detach_volume",
+                           {"vol_id": VOL_ID}) is None
+        assert bridge.call("ManagedVolume", "volumes_info", {}) == []
+    assert svc.calls == [
+        ("attach_volume", VOL_ID, ISCSI_CONNECTION, BLANK_UUID),
+        ("detach_volume", VOL_ID, BLANK_UUID),
+        ("volumes_info", [], False)]
+
+
+def test_vdsm_starts_even_if_registration_fails(fake_vdsm, monkeypatch):
+    def broken(*a, **kw):
+        raise RuntimeError("broken package")
+    monkeypatch.setattr(api, "register", broken)
+    api.install_vdsm_hook()
+    from vdsm.rpc import Bridge
+    bridge = Bridge.DynamicBridge()
+    assert "Host.getCapabilities" in bridge._schema._methods

@@ -125,7 +125,7 @@ def test_reconcile_is_idempotent_after_an_interrupted_attach(
     res = run_child(base, "attach", vol_id, ci, "attach.after_udev")
     assert res.returncode == -signal.SIGKILL
     svc = service.Service(cfg, brick=real_brick)
-    svc._store = service.store.open(cfg.db_path)   # open without reconcile
+    svc.open()                                      # no reconcile yet
     try:
         plan = svc.reconcile(apply=False)
         assert [e["action"] for e in plan] == ["rollback"]

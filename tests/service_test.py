@@ -14,9 +14,8 @@ from vdsm_managedvolume import service
 from vdsm_managedvolume import udev
 
 from . import fakebrick
-from .host_fixtures import (InProcessBrick, iscsi_connection, new_id,
-                            rbd_connection, udevadm_calls, is_symlink,
-                            make_cfg)
+from .host_fixtures import (iscsi_connection, is_symlink, new_id,
+                            rbd_connection, udevadm_calls)
 
 SD = "2d4b0fe1-6a69-4a2e-9f63-4c8f3bd6f0a1"
 

@@ -30,7 +30,9 @@ the one explicit request for them.
 
 import contextlib
 import contextvars
+import importlib
 import logging
+import sys
 import threading
 import time
 
@@ -230,7 +232,75 @@ def register(vdsm_api, bridge=None, vdsm_schema=None, schema=None):
              if name.startswith("ManagedVolume.")})
 
 
+def install_vdsm_hook():
+    """Register with vdsm as soon as vdsm builds its JSON-RPC bridge.
+
+    Called from the ``sitecustomize`` that vdsmd's systemd drop-in puts on
+    its PYTHONPATH (docs/vdsm-integration.md).  Nothing is imported now:
+    when vdsm imports ``vdsm.rpc.Bridge``, its ``DynamicBridge.__init__``
+    is wrapped so that, once vdsm loaded its own schema, ``register()``
+    merges ours into that instance.  Any failure is logged and leaves vdsm
+    as it was: vdsm must start even if this package is broken.
+    """
+    if not any(isinstance(f, _BridgeFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _BridgeFinder())
+
+
+def patch_bridge(bridge):
+    """Wrap ``bridge.DynamicBridge.__init__`` to ``register()`` (see
+    install_vdsm_hook)."""
+    cls = bridge.DynamicBridge
+    original = cls.__init__
+    if getattr(original, "_managedvolume", False):
+        return
+
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        try:
+            vdsm_api = importlib.import_module("vdsm.API")
+            register(vdsm_api, bridge, self._schema)
+            log.info("ManagedVolume verbs registered (vdsm-managedvolume "
+                     "%s)", __version__)
+        except Exception:
+            log.exception("Cannot register the ManagedVolume verbs; "
+                          "vdsm keeps its own")
+
+    __init__._managedvolume = True
+    cls.__init__ = __init__
+
+
 # Private helpers
+
+class _BridgeFinder:
+    """Meta path finder: patches vdsm.rpc.Bridge right after it executed."""
+
+    name = "vdsm.rpc.Bridge"
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        spec = None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        if spec is None or spec.loader is None:
+            return spec
+        loader = spec.loader
+        exec_module = loader.exec_module
+
+        def exec_and_patch(module):
+            exec_module(module)
+            try:
+                patch_bridge(module)
+            except Exception:
+                log.exception("Cannot patch %s", fullname)
+
+        loader.exec_module = exec_and_patch
+        return spec
+
 
 def _call(name, fn, key, args, masked=True):
     """Run ``fn(service)`` and return vdsm's response dict."""

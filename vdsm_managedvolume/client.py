@@ -43,7 +43,6 @@ speaks plain TCP.
 
 import argparse
 import json
-import os
 import sys
 import textwrap
 

@@ -195,4 +195,6 @@ def to_error(exc):
     """Return ``exc`` as an ``Error`` (unknown exceptions are internal)."""
     if isinstance(exc, Error):
         return exc
-    return InternalError("{}: {}".format(type(exc).__name__, exc))
+    from . import mask
+    return InternalError(mask.mask_text(
+        "{}: {}".format(type(exc).__name__, exc)))

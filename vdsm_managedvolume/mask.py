@@ -60,8 +60,7 @@ def mask(obj):
     shapes and URL credentials.  Other values are returned as they are.
     """
     if isinstance(obj, dict):
-        return {k: (MASK if is_secret_key(k) and v not in (None, "")
-                    else mask(v))
+        return {k: (MASK if is_secret_key(k) and _is_value(v) else mask(v))
                 for k, v in obj.items()}
     if isinstance(obj, list):
         return [mask(v) for v in obj]
@@ -70,6 +69,12 @@ def mask(obj):
     if isinstance(obj, str):
         return mask_text(obj)
     return obj
+
+
+def _is_value(v):
+    # Flags such as include_secrets=True or auth_enabled=False are no
+    # credentials; empty values hide nothing.
+    return v not in (None, "") and not isinstance(v, bool)
 
 
 def mask_text(text):

@@ -87,11 +87,20 @@ class Service:
         self._connector = _ConnectorCache(
             brick, cfg.connector_info_ttl, cfg.connector_info_cache)
 
-    def start(self):
-        """Open (create, migrate) the journal and reconcile the host."""
-        self._store = store.open(self.cfg.db_path)
+    def open(self):
+        """Open (create, migrate) the journal without touching the host.
+
+        For tools that want a dry-run ``reconcile(apply=False)``; the
+        service itself uses ``start()``.
+        """
+        if self._store is None:
+            self._store = store.open(self.cfg.db_path)
         for d in (self.cfg.run_dir, self.cfg.lock_dir):
             os.makedirs(d, mode=0o755, exist_ok=True)
+
+    def start(self):
+        """Open (create, migrate) the journal and reconcile the host."""
+        self.open()
         for entry in self.reconcile(apply=True):
             log.info("Reconcile %(vol_id)s (%(state)s): %(action)s -> "
                      "%(result)s", entry)
@@ -245,7 +254,14 @@ class Service:
         """Make the host agree with the journal; return what was found.
 
         Returns [{"vol_id", "state", "action", "result"}] for every volume
-        or file that needed something (healthy volumes are not listed).
+        or file that needed something (healthy volumes are not listed;
+        entries about files nobody owns have state None and a "path").
+        Actions: "rollback" ('attaching'), "detach" ('detaching'),
+        "recreate-link", "recreate-rule", "recreate-link+rule", "stale"
+        (device gone; kept), "remove-link", "remove-rule",
+        "remove-temp-link", "remove-temp-rule", "skip" (busy).
+        Results: "planned" (dry run), "done", "kept", "busy",
+        "failed: <why>".
         ``apply=False`` is a dry run: actions are reported as "planned".
         Volumes whose lock is held (an operation in progress in another
         process) are skipped with result "busy".

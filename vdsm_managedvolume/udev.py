@@ -7,8 +7,8 @@ it.  Like vdsm, we write one rule file per volume::
 
 holding one line that matches the device and runs chown on it::
 
-    SYMLINK=="mapper/3600a0b80...", RUN+="/usr/bin/chown vdsm:qemu $env{DEVNAME}"
-    SYMLINK=="rbd/pool/volume-1", RUN+="/usr/bin/chown vdsm:qemu $env{DEVNAME}"
+    SYMLINK=="mapper/3600a0b8", RUN+="/usr/bin/chown vdsm:qemu $env{DEVNAME}"
+    SYMLINK=="rbd/pool/vol-1", RUN+="/usr/bin/chown vdsm:qemu $env{DEVNAME}"
     KERNEL=="nvme0n3", RUN+="/usr/bin/chown vdsm:qemu $env{DEVNAME}"
 
 ``SYMLINK==`` for device-mapper and rbd paths (they are symlinks to

@@ -1,0 +1,508 @@
+"""The real ``managedvolume-agent`` console script, as a process.
+
+Each agent runs with ``--state-dir`` in a temporary directory, its own
+config file (``connector_override = tests.fakebrick``: fake iSCSI volumes
+in the privsep daemon, the real os-brick for ``local``), and a
+NOTIFY_SOCKET on which the test hears READY=1 (with the port) and
+STOPPING=1, as systemd would.  One agent serves most tests of the module
+(its privsep daemon costs seconds); the tests that kill or restart an agent
+start their own.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import types
+import uuid
+
+import pytest
+
+from vdsm_managedvolume import errors
+from vdsm_managedvolume import pki
+from vdsm_managedvolume import stompclient
+
+from . import agentutil
+from . import fakebrick
+from .agentutil import Raw, request, send_bytes
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AGENT = os.path.join(os.path.dirname(sys.executable), "managedvolume-agent")
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0, reason="the agent's privsep daemon needs root")
+
+
+class AgentProcess:
+    """A ``managedvolume-agent`` subprocess with its own state dir."""
+
+    def __init__(self, base, insecure=False, env=None, extra_config=""):
+        self.base = str(base)
+        self.state_dir = os.path.join(self.base, "state")
+        self.fakebrick_dir = os.path.join(self.base, "fakebrick")
+        self.dev = types.SimpleNamespace(
+            multipath_dir=os.path.join(self.base, "dev", "mapper"),
+            rbd_dir=os.path.join(self.base, "dev", "rbd"))
+        os.makedirs(self.fakebrick_dir, exist_ok=True)
+        self.udevadm = os.path.join(self.base, "udevadm")
+        with open(self.udevadm, "w") as f:
+            f.write("#!/bin/sh\nexit 0\n")
+        os.chmod(self.udevadm, 0o755)
+        self.config_file = os.path.join(self.base, "managedvolume.conf")
+        with open(self.config_file, "w") as f:
+            f.write(
+                "[paths]\n"
+                "multipath_dir = {dev.multipath_dir}\n"
+                "rbd_dir = {dev.rbd_dir}\n"
+                "[volumes]\n"
+                "udevadm = {udevadm}\n"
+                "lock_timeout = 60\n"
+                "[privsep]\n"
+                "connector_override = tests.fakebrick\n"
+                "timeout = 60\n"
+                "[agent]\n"
+                "handshake_timeout = 5\n"
+                "idle_timeout = 2\n"
+                "max_frame = 65536\n"
+                "shutdown_timeout = 30\n"
+                "[logging]\n"
+                "log_level = DEBUG\n".format(dev=self.dev,
+                                             udevadm=self.udevadm)
+                + extra_config)
+        self.insecure = insecure
+        self.extra_env = env or {}
+        self.notify_path = os.path.join(self.base, "notify")
+        self.log_file = os.path.join(self.state_dir, "log", "agent.log")
+        self.proc = None
+        self.port = None
+
+    def start(self, timeout=90):
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if os.path.exists(self.notify_path):
+            os.unlink(self.notify_path)
+        self.notify.bind(self.notify_path)
+        env = dict(os.environ)
+        env.update({
+            "NOTIFY_SOCKET": self.notify_path,
+            fakebrick.ENV_DIR: self.fakebrick_dir,
+            "PYTHONPATH": REPO,
+        })
+        env.pop("MANAGEDVOLUME_CONFIG", None)
+        env.update(self.extra_env)
+        cmd = [AGENT, "--config", self.config_file, "--state-dir",
+               self.state_dir, "--listen", "127.0.0.1:0"]
+        if self.insecure:
+            cmd.append("--insecure")
+        self.proc = subprocess.Popen(cmd, env=env, cwd=REPO,
+                                     stderr=subprocess.PIPE)
+        message = self.wait_notify("READY=1", timeout)
+        status = [line for line in message.splitlines()
+                  if line.startswith("STATUS=Listening on ")][0]
+        self.port = int(status.rpartition(":")[2])
+        self.cfg = agentutil.make_config(self.state_dir)
+        return self
+
+    def wait_notify(self, what, timeout=60):
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.proc.poll() is not None:
+                raise AssertionError("agent did not notify {}; rc={} "
+                                     "stderr={}".format(
+                                         what, self.proc.poll(),
+                                         self.stderr()))
+            self.notify.settimeout(min(remaining, 1.0))
+            try:
+                message = self.notify.recv(4096).decode()
+            except socket.timeout:
+                continue
+            if what in message.splitlines():
+                return message
+
+    def stderr(self):
+        if self.proc.poll() is None:
+            return "(running)"
+        return self.proc.stderr.read().decode(errors="replace")[-3000:]
+
+    @property
+    def client_context(self):
+        if self.insecure:
+            return None
+        return pki.dev_client_context(self.cfg)
+
+    def client(self, timeout=60):
+        return stompclient.Client("localhost", self.port,
+                                  self.client_context, timeout=timeout)
+
+    def raw(self):
+        return Raw(("127.0.0.1", self.port), self.client_context)
+
+    def log(self):
+        with open(self.log_file) as f:
+            return f.read()
+
+    def stop(self, signo=signal.SIGTERM, timeout=60):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signo)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self.notify.close()
+        self.proc.stderr.close()
+        return rc
+
+
+@pytest.fixture(scope="module")
+def agent_proc(tmp_path_factory):
+    agent = AgentProcess(tmp_path_factory.mktemp("agent")).start()
+    yield agent
+    assert agent.stop() == 0
+
+
+def new_id():
+    return str(uuid.uuid4())
+
+
+def iscsi(agent, **knobs):
+    return _iscsi_connection(agent.dev, **knobs)
+
+
+def _iscsi_connection(dev, key=None, **knobs):
+    key = key or "k-" + uuid.uuid4().hex[:12]
+    data = {
+        "target_iqn": "iqn.2026-11.org.example:" + key,
+        "target_portal": "192.0.2.1:3260",
+        "target_lun": 1,
+        "auth_method": "CHAP",
+        "auth_username": "chapuser",
+        "auth_password": "chap-secret-" + key,
+        "fake_key": key,
+        "fake_dev_dir": dev.multipath_dir,
+    }
+    data.update(knobs)
+    return {"driver_volume_type": "iscsi", "data": data}
+
+
+def connected_keys(agent):
+    d = os.path.join(agent.fakebrick_dir, "connected")
+    return set(os.listdir(d)) if os.path.isdir(d) else set()
+
+
+def all_volumes(client):
+    return client.call("ManagedVolume.volumes_info", {"vol_ids": []})
+
+
+# The verbs through the real service
+
+def test_attach_info_detach_of_fake_iscsi_volume(agent_proc):
+    vol_id = new_id()
+    conn = iscsi(agent_proc)
+    key = conn["data"]["fake_key"]
+    with agent_proc.client() as c:
+        result = c.call("ManagedVolume.attach_volume",
+                        {"vol_id": vol_id, "connection_info": conn})
+        assert result["vol_id"] == vol_id
+        assert result["path"].startswith(agent_proc.dev.multipath_dir)
+        assert os.path.islink(result["managed_path"])
+        assert key in connected_keys(agent_proc)
+
+        [info] = c.call("ManagedVolume.volumes_info", {"vol_ids": [vol_id]})
+        assert info["path"] == result["path"]
+        assert info["exists"] is True
+        assert info["connection_info"]["data"]["auth_password"] != \
+            conn["data"]["auth_password"]
+
+        with pytest.raises(errors.AlreadyAttached):
+            c.call("ManagedVolume.attach_volume",
+                   {"vol_id": vol_id, "connection_info": conn})
+
+        assert c.call("ManagedVolume.detach_volume",
+                      {"vol_id": vol_id}) is True
+        assert key not in connected_keys(agent_proc)
+        assert c.call("ManagedVolume.volumes_info",
+                      {"vol_ids": [vol_id]}) == []
+        # Detaching what is not attached is success.
+        assert c.call("ManagedVolume.detach_volume",
+                      {"vol_id": vol_id}) is True
+
+
+def test_params_as_array_in_schema_order(agent_proc):
+    vol_id = new_id()
+    with agent_proc.client() as c:
+        c.call("ManagedVolume.attach_volume", [vol_id, iscsi(agent_proc)])
+        assert c.call("ManagedVolume.detach_volume", [vol_id]) is True
+
+
+@pytest.mark.root
+def test_attach_detach_real_local_volume(agent_proc, tmp_path):
+    from .host_fixtures import LoopDevice
+    loop = LoopDevice(str(tmp_path / "backing.img"))
+    try:
+        vol_id = new_id()
+        conn = {"driver_volume_type": "local",
+                "data": {"device_path": loop.path}}
+        with agent_proc.client() as c:
+            result = c.call("ManagedVolume.attach_volume",
+                            {"vol_id": vol_id, "connection_info": conn})
+            assert result["path"] == loop.path
+            assert result["attachment"]["type"] == "local"
+            assert os.path.realpath(result["managed_path"]) == loop.path
+            assert c.call("ManagedVolume.detach_volume",
+                          {"vol_id": vol_id}) is True
+            assert not os.path.lexists(result["managed_path"])
+    finally:
+        loop.detach()
+
+
+def test_flow_id_is_in_the_log_lines_of_the_call_and_secrets_are_not(
+        agent_proc):
+    vol_id = new_id()
+    conn = iscsi(agent_proc)
+    flow = "flow-" + uuid.uuid4().hex[:8]
+    with agent_proc.client() as c:
+        c.call("ManagedVolume.attach_volume",
+               {"vol_id": vol_id, "connection_info": conn}, flow_id=flow)
+        c.call("ManagedVolume.detach_volume", {"vol_id": vol_id},
+               flow_id=flow)
+    text = agent_proc.log()
+    lines = [line for line in text.splitlines() if vol_id in line]
+    assert lines
+    assert all("[flow={}]".format(flow) in line for line in lines), lines
+    assert conn["data"]["auth_password"] not in text
+
+
+def test_caps_reach_the_wire_and_the_control_socket(agent_proc):
+    with agent_proc.client() as c:
+        caps = c.call("Host.getCapabilities", {})
+    assert "initiator" in caps["connector_info"] or \
+        "host" in caps["connector_info"]
+    # The hook's path: one JSON line on the control socket.
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(agent_proc.cfg.socket_path)
+        line = s.makefile().readline()
+    assert json.loads(line) == {"connector_info": caps["connector_info"]}
+
+
+# Bad input: an error each, the agent keeps serving, the store unchanged
+
+def test_bad_input_gets_its_error_and_leaves_the_store_unchanged(
+        agent_proc):
+    vol_id = new_id()
+    with agent_proc.client() as c:
+        c.call("ManagedVolume.attach_volume",
+               {"vol_id": vol_id, "connection_info": iscsi(agent_proc)})
+        before = all_volumes(c)
+
+        with agent_proc.raw() as r:
+            r.send(b"SEND\ndestination:x\n\n\0")        # before CONNECT
+            assert r.eof()[0].command == "ERROR"
+        with agent_proc.raw() as r:
+            r.connect()
+            r.send(b"SUBSCRIBE\ndestination:a\\qb\nid:1\n\n\0")
+            assert "undefined escape" in r.eof()[0].headers["message"]
+        with agent_proc.raw() as r:
+            r.connect()
+            r.send(send_bytes("x" * 70000, "q"))
+            assert "frame too large" in r.eof()[0].headers["message"]
+        with agent_proc.raw() as r:
+            r.connect()
+            r.subscribe()
+            assert r.call("[{oops")[1]["error"]["code"] == -32700
+
+        with pytest.raises(errors.InvalidParams) as e:
+            c.call("ManagedVolume.attach_volume",
+                   {"vol_id": 42, "connection_info": iscsi(agent_proc)})
+        assert "vol_id" in str(e.value)
+        with pytest.raises(errors.InvalidParams) as e:
+            c.call("ManagedVolume.attach_volume",
+                   {"vol_id": new_id(), "connection_info": "nope"})
+        assert "connection_info" in str(e.value)
+        with pytest.raises(errors.InvalidParams):
+            c.call("ManagedVolume.volumes_info", {"vol_ids": "not-a-list"})
+        with pytest.raises(errors.MethodNotFound):
+            c.call("ManagedVolume.format_disk", {})
+
+        assert all_volumes(c) == before
+        assert c.call("ManagedVolume.detach_volume",
+                      {"vol_id": vol_id}) is True
+
+
+def test_client_that_never_sends_connect_is_dropped(agent_proc):
+    with agent_proc.raw() as r:
+        [error] = r.eof(timeout=30)
+    assert "no CONNECT frame" in error.headers["message"]
+
+
+def test_client_without_certificate_is_refused(agent_proc):
+    ctx = pki.client_context(agent_proc.cfg.ca_file)
+    with pytest.raises((OSError, stompclient.ClientError)):
+        with stompclient.Client("localhost", agent_proc.port, ctx,
+                                timeout=10) as c:
+            c.call("ManagedVolume.volumes_info", {})
+
+
+# Concurrency
+
+def test_16_clients_attach_and_detach_distinct_volumes(agent_proc):
+    failures = []
+    vol_ids = [new_id() for _ in range(16)]
+
+    def work(vol_id):
+        try:
+            with agent_proc.client(timeout=120) as c:
+                c.call("ManagedVolume.attach_volume",
+                       {"vol_id": vol_id,
+                        "connection_info": iscsi(agent_proc)})
+                c.call("ManagedVolume.detach_volume", {"vol_id": vol_id})
+        except Exception as e:
+            failures.append((vol_id, e))
+
+    threads = [threading.Thread(target=work, args=(v,)) for v in vol_ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    with agent_proc.client() as c:
+        assert c.call("ManagedVolume.volumes_info",
+                      {"vol_ids": vol_ids}) == []
+
+
+def test_8_clients_racing_on_one_volume_one_wins(agent_proc):
+    vol_id = new_id()
+    conn = iscsi(agent_proc)
+    outcomes = []
+    start = threading.Barrier(8)
+
+    def work():
+        with agent_proc.client(timeout=120) as c:
+            start.wait()
+            try:
+                c.call("ManagedVolume.attach_volume",
+                       {"vol_id": vol_id, "connection_info": conn})
+                outcomes.append("attached")
+            except errors.Error as e:
+                outcomes.append(e.code)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes, key=str) == [927] * 7 + ["attached"]
+    with agent_proc.client() as c:
+        c.call("ManagedVolume.detach_volume", {"vol_id": vol_id})
+
+
+# Life cycle
+
+def test_sigterm_waits_for_in_flight_attach_then_exits_0(tmp_path):
+    agent = AgentProcess(tmp_path, insecure=True).start()
+    vol_id = new_id()
+    result = {}
+
+    def attach():
+        try:
+            with agent.client(timeout=120) as c:
+                result["ok"] = c.call(
+                    "ManagedVolume.attach_volume",
+                    {"vol_id": vol_id,
+                     "connection_info": iscsi(agent, fake_sleep=3)})
+        except Exception as e:
+            result["error"] = e
+
+    t = threading.Thread(target=attach)
+    t.start()
+    try:
+        _wait_for(lambda: "Attaching volume {}".format(vol_id)
+                  in agent.log())
+        agent.proc.send_signal(signal.SIGTERM)
+        agent.wait_notify("STOPPING=1")
+        t.join(120)
+        assert result.get("ok", {}).get("vol_id") == vol_id, result
+        assert agent.proc.wait(60) == 0
+        assert not os.path.exists(agent.cfg.socket_path)
+    finally:
+        agent.stop(signal.SIGKILL)
+
+
+def test_restart_reconciles_before_serving(tmp_path):
+    # The agent dies (SIGKILL, as a crash or fence would) between connect
+    # and the journal update; the next agent must undo the attach before
+    # it answers anybody.
+    agent = AgentProcess(tmp_path, env={
+        "MANAGEDVOLUME_CRASH_AT": "attach.after_connect"}).start()
+    vol_id = new_id()
+    conn = iscsi(agent)
+    key = conn["data"]["fake_key"]
+    try:
+        with pytest.raises((OSError, stompclient.ClientError)):
+            with agent.client(timeout=60) as c:
+                c.call("ManagedVolume.attach_volume",
+                       {"vol_id": vol_id, "connection_info": conn})
+        assert agent.proc.wait(60) == -signal.SIGKILL
+    finally:
+        agent.stop(signal.SIGKILL)
+    assert key in connected_keys(agent)        # the leak vdsm would keep
+
+    agent = AgentProcess(tmp_path).start()
+    try:
+        # READY means serving: the reconcile already happened.
+        assert key not in connected_keys(agent)
+        with agent.client() as c:
+            assert c.call("ManagedVolume.volumes_info",
+                          {"vol_ids": [vol_id]}) == []
+        text = agent.log()
+        assert text.rindex("Reconcile " + vol_id) < \
+            text.rindex("Listening on")
+    finally:
+        assert agent.stop() == 0
+
+
+def test_sighup_reopens_the_log_file(agent_proc):
+    os.rename(agent_proc.log_file, agent_proc.log_file + ".1")
+    agent_proc.proc.send_signal(signal.SIGHUP)
+    _wait_for(lambda: os.path.exists(agent_proc.log_file))
+    _wait_for(lambda: "Log file reopened" in agent_proc.log())
+
+
+# The command line
+
+def test_insecure_is_refused_on_a_non_loopback_address(tmp_path):
+    p = subprocess.run([AGENT, "--state-dir", str(tmp_path), "--insecure",
+                        "--listen", "[::]:0"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 2
+    assert "--insecure" in p.stderr and "loopback" in p.stderr
+
+
+def test_invalid_listen_is_a_usage_error(tmp_path):
+    p = subprocess.run([AGENT, "--state-dir", str(tmp_path), "--listen",
+                        "::1:80"], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 2
+    assert "brackets" in p.stderr
+
+
+def test_version():
+    from vdsm_managedvolume import __version__
+    p = subprocess.run([AGENT, "--version"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0
+    assert __version__ in p.stdout
+
+
+def _wait_for(predicate, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met within {}s".format(
+                timeout))
+        time.sleep(0.05)

@@ -1,0 +1,470 @@
+"""managedvolume-client: vdsm-client's syntax, output, errors, exit codes.
+
+First against a stub transport (parsing, help, formatting), then end to end
+against a real ``managedvolume-agent`` started with ``--state-dir``.
+"""
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from vdsm_managedvolume import client
+from vdsm_managedvolume import config
+from vdsm_managedvolume import mask
+from vdsm_managedvolume import stompclient
+
+from tests.rpc_fixtures import ISCSI_CONNECTION, SECRET, VOL_ID
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENV_BIN = os.path.dirname(sys.executable)
+
+
+class StubTransport:
+    """Stands in for stompclient.Client; records what it was asked."""
+
+    def __init__(self, result=True, error=None, connect_error=None):
+        self.result = result
+        self.error = error
+        self.connect_error = connect_error
+        self.connected = None
+        self.calls = []
+        self.closed = False
+
+    def __call__(self, host, port, ssl_context, timeout):
+        if self.connect_error:
+            raise self.connect_error
+        self.connected = (host, port, ssl_context, timeout)
+        return self
+
+    def call(self, method, params, flow_id):
+        self.calls.append((method, params, flow_id))
+        if self.error:
+            raise self.error
+        return self.result
+
+    def close(self):
+        self.closed = True
+
+
+def run(args, transport=None, stdin=None, monkeypatch=None):
+    """Run main(); return (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    old = sys.stdout, sys.stderr, sys.stdin
+    sys.stdout, sys.stderr = out, err
+    if stdin is not None:
+        sys.stdin = io.StringIO(stdin)
+    try:
+        client.main(args, connect=transport or StubTransport())
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.stdout, sys.stderr, sys.stdin = old
+    return code, out.getvalue(), err.getvalue()
+
+
+# Output
+
+def test_prints_result_like_vdsm_client():
+    result = {"vol_id": VOL_ID, "path": "/dev/x", "b": [1, 2]}
+    code, out, err = run(["--insecure", "ManagedVolume", "attach_volume",
+                          "-f", "-"], StubTransport(result),
+                         stdin=json.dumps({"vol_id": VOL_ID}))
+    assert code == 0
+    assert out == json.dumps(result, indent=4, sort_keys=True) + "\n"
+    assert err == ""
+
+
+def test_true_result():
+    code, out, _ = run(["--insecure", "ManagedVolume", "detach_volume",
+                        "vol_id=" + VOL_ID])
+    assert (code, out) == (0, "true\n")
+
+
+def test_server_error_is_vdsm_client_shape():
+    error = stompclient.remote_error(
+        -32602, "Invalid parameter vol_id: 'x' is not a canonical UUID")
+    code, out, err = run(["--insecure", "ManagedVolume", "detach_volume",
+                          "vol_id=x"], StubTransport(error=error))
+    assert code == 1
+    assert out == ""
+    assert err == (
+        "managedvolume-client: Command ManagedVolume.detach_volume with "
+        "args {'vol_id': 'x'} failed:\n"
+        "(code=-32602, message=Invalid parameter vol_id: 'x' is not a "
+        "canonical UUID)\n")
+
+
+def test_error_args_are_masked():
+    error = stompclient.remote_error(927, "already attached")
+    params = {"vol_id": VOL_ID, "connection_info": ISCSI_CONNECTION}
+    code, _, err = run(["--insecure", "ManagedVolume", "attach_volume",
+                        "-f", "-"], StubTransport(error=error),
+                       stdin=json.dumps(params))
+    assert code == 1
+    assert "(code=927, message=already attached)" in err
+    assert SECRET not in err
+    assert mask.MASK in err
+
+
+def test_connection_failure_exits_1():
+    transport = StubTransport(connect_error=ConnectionRefusedError(
+        111, "Connection refused"))
+    code, _, err = run(["--insecure", "-p", "1", "ManagedVolume",
+                        "volumes_info"], transport)
+    assert code == 1
+    assert err.startswith("managedvolume-client: Connection to "
+                          "localhost:1 with use_tls=False, timeout=60")
+    assert "Connection refused" in err
+
+
+def test_timeout_exits_1():
+    transport = StubTransport(error=stompclient.Timeout(timeout=5.0))
+    code, _, err = run(["--insecure", "--timeout", "5", "ManagedVolume",
+                        "volumes_info"], transport)
+    assert code == 1
+    assert "timed out after 5.0 seconds" in err
+    assert transport.closed
+
+
+# Params
+
+def test_name_value_params_are_strings():
+    transport = StubTransport()
+    run(["--insecure", "ManagedVolume", "detach_volume",
+         "vol_id=" + VOL_ID, "sd_id=123"], transport)
+    assert transport.calls == [("ManagedVolume.detach_volume",
+                                {"vol_id": VOL_ID, "sd_id": "123"}, None)]
+
+
+def test_typed_params_are_read_as_json():
+    transport = StubTransport(result=[])
+    run(["--insecure", "ManagedVolume", "volumes_info",
+         "include_secrets=true", 'vol_ids=["{}"]'.format(VOL_ID)],
+        transport)
+    assert transport.calls[0][1] == {"include_secrets": True,
+                                     "vol_ids": [VOL_ID]}
+
+
+def test_typed_param_that_is_not_json_stays_a_string():
+    transport = StubTransport(result=[])
+    run(["--insecure", "ManagedVolume", "volumes_info",
+         "include_secrets=yes"], transport)
+    assert transport.calls[0][1] == {"include_secrets": "yes"}
+
+
+def test_value_may_hold_equal_signs():
+    transport = StubTransport()
+    run(["--insecure", "ManagedVolume", "detach_volume", "vol_id=a=b"],
+        transport)
+    assert transport.calls[0][1] == {"vol_id": "a=b"}
+
+
+def test_params_from_file(tmp_path):
+    params = {"vol_id": VOL_ID, "connection_info": ISCSI_CONNECTION}
+    path = tmp_path / "params.json"
+    path.write_text(json.dumps(params))
+    for args in (["-f", str(path), "ManagedVolume", "attach_volume"],
+                 ["ManagedVolume", "attach_volume", "-f", str(path)]):
+        transport = StubTransport()
+        code, _, _ = run(["--insecure"] + args, transport)
+        assert code == 0
+        assert transport.calls[0][1] == params
+
+
+def test_flow_id_is_sent():
+    transport = StubTransport()
+    run(["--insecure", "--flow-id", "flow-1", "ManagedVolume",
+         "detach_volume", "vol_id=" + VOL_ID], transport)
+    assert transport.calls[0][2] == "flow-1"
+
+
+@pytest.mark.parametrize("args, stdin, message", [
+    (["ManagedVolume", "detach_volume", "vol_id"], None, "Invalid param"),
+    (["ManagedVolume", "detach_volume", "-f", "-", "vol_id=x"], "{}",
+     "Conflicting command line parameters"),
+    (["ManagedVolume", "detach_volume", "-f", "-"], "", "File is empty"),
+    (["ManagedVolume", "detach_volume", "-f", "-"], "{", "Expecting"),
+    (["ManagedVolume", "detach_volume", "-f", "-"], "[1]", "JSON object"),
+    (["ManagedVolume", "detach_volume", "-f", "/nonexistent"], None,
+     "No such file"),
+    (["ManagedVolume", "nope"], None, "invalid choice"),
+    (["Nope", "verb"], None, "invalid choice"),
+    (["ManagedVolume"], None, "required"),
+    ([], None, "required"),
+])
+def test_usage_errors_exit_2(args, stdin, message):
+    transport = StubTransport()
+    code, out, err = run(["--insecure"] + args, transport, stdin=stdin)
+    assert code == 2
+    assert message in err
+    assert transport.calls == []
+
+
+# Help from the schema
+
+def test_namespace_help_lists_verbs_with_descriptions():
+    code, out, _ = run(["ManagedVolume", "-h"])
+    assert code == 0
+    for verb, text in (("attach_volume", "Attach a managed volume"),
+                       ("detach_volume", "Detach a managed volume"),
+                       ("volumes_info", "Report the managed volumes")):
+        assert verb in out
+        assert text in out
+
+
+def test_verb_help_shows_params_types_defaults():
+    code, out, _ = run(["ManagedVolume", "attach_volume", "-h"])
+    assert code == 0
+    assert "vol_id (UUID)" in out
+    assert "connection_info (ManagedVolumeConnection)" in out
+    assert "driver_volume_type (string)" in out
+    assert ('sd_id (UUID, default "00000000-0000-0000-0000-000000000000")'
+            in out)
+    code, out, _ = run(["ManagedVolume", "volumes_info", "-h"])
+    assert "vol_ids ([UUID], default [])" in out
+    assert "include_secrets (boolean, default false)" in out
+
+
+def test_top_help_lists_namespaces():
+    code, out, _ = run(["-h"])
+    assert code == 0
+    assert "ManagedVolume" in out and "Host" in out
+    assert "--state-dir DIR" in out
+
+
+# TLS files
+
+def opts(*args):
+    return client.option_parser(client.schema_module.load()).parse_args(
+        list(args) + ["ManagedVolume", "volumes_info"])
+
+
+def test_default_tls_files_are_vdsm_pki():
+    assert client.tls_files(opts()) == (
+        "/etc/pki/vdsm/certs/vdsmcert.pem", "/etc/pki/vdsm/keys/vdsmkey.pem",
+        "/etc/pki/vdsm/certs/cacert.pem")
+
+
+def test_state_dir_uses_agent_dev_pki(tmp_path):
+    d = str(tmp_path)
+    assert client.tls_files(opts("--state-dir", d)) == (
+        os.path.join(d, "pki", "client-cert.pem"),
+        os.path.join(d, "pki", "client-key.pem"),
+        os.path.join(d, "pki", "cacert.pem"))
+    # The agent's own view of the same state dir.
+    cfg = config.with_state_dir(config.Config(), d)
+    assert client.tls_files(opts("--state-dir", d))[2] == cfg.ca_file
+
+
+def test_explicit_tls_files_win():
+    assert client.tls_files(opts("--cert", "c", "--key", "k",
+                                 "--cacert", "ca")) == ("c", "k", "ca")
+
+
+def test_cert_without_key_is_usage_error():
+    with pytest.raises(client.UsageError):
+        client.tls_files(opts("--cert", "c"))
+
+
+def test_missing_tls_files_exit_2(tmp_path):
+    code, _, err = run(["--state-dir", str(tmp_path), "ManagedVolume",
+                        "volumes_info"])
+    assert code == 2
+    assert "Cannot use TLS files" in err
+
+
+def test_insecure_has_no_tls():
+    transport = StubTransport(result=[])
+    run(["--insecure", "ManagedVolume", "volumes_info"], transport)
+    assert transport.connected == ("localhost", 54321, None, 60)
+
+
+# End to end, against a real agent
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory):
+    state = tmp_path_factory.mktemp("agent")
+    fake = state / "fakebrick"
+    dev = state / "dev" / "mapper"
+    dev.mkdir(parents=True)
+    conf = state / "managedvolume.conf"
+    conf.write_text(
+        "[paths]\nmultipath_dir = {}\n"
+        "[privsep]\nconnector_override = tests.fakebrick\n".format(dev))
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=ROOT, MANAGEDVOLUME_CONFIG=str(conf),
+               MANAGEDVOLUME_FAKEBRICK_DIR=str(fake))
+    proc = subprocess.Popen(
+        [os.path.join(VENV_BIN, "managedvolume-agent"), "--state-dir",
+         str(state), "--listen", "127.0.0.1:{}".format(port)],
+        env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE)
+    try:
+        _wait_for_port(proc, port)
+        yield Agent(str(state), port, str(dev), env)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Agent:
+
+    def __init__(self, state, port, dev, env):
+        self.state = state
+        self.port = port
+        self.dev = dev
+        self.env = env
+
+    def client(self, *args, stdin=None):
+        """Run the managedvolume-client console script; (rc, out, err)."""
+        cmd = [os.path.join(VENV_BIN, "managedvolume-client"),
+               "--state-dir", self.state, "-p", str(self.port)]
+        p = subprocess.run(cmd + list(args), input=stdin,
+                           capture_output=True, text=True, timeout=120,
+                           env=self.env)
+        return p.returncode, p.stdout, p.stderr
+
+    def log(self):
+        with open(os.path.join(self.state, "log", "agent.log")) as f:
+            return f.read()
+
+
+def test_e2e_volumes_info_empty(agent):
+    assert agent.client("ManagedVolume", "volumes_info") == (0, "[]\n", "")
+
+
+def test_e2e_detach_not_attached_is_true(agent):
+    rc, out, err = agent.client("ManagedVolume", "detach_volume",
+                                "vol_id=" + VOL_ID)
+    assert (rc, out) == (0, "true\n"), err
+
+
+def test_e2e_invalid_uuid(agent):
+    rc, out, err = agent.client("ManagedVolume", "detach_volume",
+                                "vol_id=../../etc")
+    assert rc == 1
+    assert err.startswith(
+        "managedvolume-client: Command ManagedVolume.detach_volume with "
+        "args {'vol_id': '../../etc'} failed:\n(code=-32602, "
+        "message=Invalid parameter vol_id:")
+
+
+def test_e2e_type_error_names_param(agent):
+    rc, _, err = agent.client(
+        "ManagedVolume", "attach_volume", "-f", "-",
+        stdin=json.dumps({"vol_id": VOL_ID, "connection_info": {
+            "driver_volume_type": "iscsi"}}))
+    assert rc == 1
+    assert ("(code=-32602, message=Invalid parameter connection_info.data:"
+            " missing)") in err
+
+
+def test_e2e_driver_type_not_allowed_and_flow_id_logged(agent):
+    rc, _, err = agent.client(
+        "--flow-id", "e2e-flow-930", "ManagedVolume", "attach_volume",
+        "-f", "-", stdin=json.dumps({
+            "vol_id": VOL_ID, "connection_info": {
+                "driver_volume_type": "nfs",
+                "data": {"auth_password": SECRET}}}))
+    assert rc == 1
+    assert "(code=930, message=Unsupported driver_volume_type 'nfs'" in err
+    assert SECRET not in err
+    log = agent.log()
+    assert "[flow=e2e-flow-930]" in log
+    assert SECRET not in log
+
+
+def test_e2e_insecure_client_against_tls_agent_fails(agent):
+    rc, _, err = agent.client("--insecure", "ManagedVolume", "volumes_info")
+    assert rc == 1
+    assert err.startswith("managedvolume-client:")
+
+
+def test_e2e_foreign_ca_is_refused(agent, tmp_path):
+    from vdsm_managedvolume import pki
+    ca_key, ca_cert = pki.create_ca("foreign")
+    key, cert = pki.create_cert(ca_key, ca_cert, "intruder", server=False)
+    pki.write_key(str(tmp_path / "k.pem"), key)
+    pki.write_cert(str(tmp_path / "c.pem"), cert)
+    rc, _, err = agent.client("--cert", str(tmp_path / "c.pem"),
+                              "--key", str(tmp_path / "k.pem"),
+                              "ManagedVolume", "volumes_info")
+    assert rc == 1
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_e2e_attach_info_detach_cycle(agent):
+    connection = {"driver_volume_type": "iscsi", "data": dict(
+        ISCSI_CONNECTION["data"], fake_dev_dir=agent.dev)}
+    rc, out, err = agent.client(
+        "--flow-id", "e2e-attach", "ManagedVolume", "attach_volume", "-f",
+        "-", stdin=json.dumps({"vol_id": VOL_ID,
+                               "connection_info": connection}))
+    assert rc == 0, err
+    info = json.loads(out)
+    assert info["vol_id"] == VOL_ID
+    assert info["path"].startswith(agent.dev + "/")
+
+    rc, out, err = agent.client("ManagedVolume", "volumes_info")
+    assert rc == 0, err
+    [vol] = json.loads(out)
+    assert vol["connection_info"]["data"]["auth_password"] == mask.MASK
+    rc, out, err = agent.client("ManagedVolume", "volumes_info",
+                                "include_secrets=true")
+    [vol] = json.loads(out)
+    assert vol["connection_info"]["data"]["auth_password"] == SECRET
+
+    rc, out, err = agent.client("ManagedVolume", "attach_volume", "-f", "-",
+                                stdin=json.dumps({
+                                    "vol_id": VOL_ID,
+                                    "connection_info": connection}))
+    assert rc == 1
+    assert "(code=927," in err
+
+    rc, out, err = agent.client("ManagedVolume", "detach_volume",
+                                "vol_id=" + VOL_ID)
+    assert (rc, out) == (0, "true\n"), err
+    assert agent.client("ManagedVolume", "volumes_info")[1] == "[]\n"
+    assert SECRET not in agent.log()
+
+
+def test_e2e_get_capabilities(agent):
+    rc, out, err = agent.client("Host", "getCapabilities")
+    assert rc == 0, err
+    caps = json.loads(out)
+    assert caps["managedvolume"]["allowed_types"] == list(
+        config.DEFAULT_ALLOWED_TYPES)
+
+
+# Private helpers
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(proc, port, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("agent exited {}: {}".format(
+                proc.returncode, proc.stderr.read().decode()[-2000:]))
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("agent did not listen on {}".format(port))

@@ -14,8 +14,9 @@
 #   RPM_TOPDIR   rpmbuild's _topdir              (default: build/rpm)
 #   RPM_OUTDIR   where the finished RPMs go      (default: dist)
 #   PYTHON       interpreter that runs pip in %install; it needs pip and
-#                setuptools (default: .venv/bin/python if present, else the
-#                distribution's /usr/bin/python3 on RPM systems, python3)
+#                setuptools (default: /usr/bin/python3 on RPM systems; else
+#                .venv/bin/python when present, else python3 wrapped in a
+#                throwaway venv when its install scheme is not posix_prefix)
 #   RPM_RELEASE  the Release number             (default: 1)
 #
 # Prints the paths of the RPMs it built, one per line, on stdout.
@@ -34,6 +35,9 @@ topdir=$(realpath -m "${RPM_TOPDIR:-build/rpm}")
 outdir=$(realpath -m "${RPM_OUTDIR:-dist}")
 release=${RPM_RELEASE:-1}
 
+rm -rf "$topdir"
+mkdir -p "$topdir"/{SOURCES,SPECS,BUILD,BUILDROOT,RPMS,SRPMS} "$outdir"
+
 # The RPM system's own python3 is the right one there; elsewhere the tree's
 # venv has pip and setuptools of known versions.
 on_rpm_system=0
@@ -48,14 +52,24 @@ else
     python=$(command -v python3)
 fi
 
+# pip installs with --prefix /usr into the interpreter's default scheme.
+# Debian's python3 defaults to /usr/local/lib/.../dist-packages there, an
+# RPM wants /usr/lib/pythonX.Y/site-packages (posix_prefix): a throwaway
+# venv on top of it (system site-packages: pip, setuptools) has that.
+# (On EL, rpmbuild's environment makes the system python do it right.)
+if [ $on_rpm_system = 0 ]; then
+    scheme=$("$python" -c 'import sysconfig; print(sysconfig.get_default_scheme())')
+    if [ "$scheme" != posix_prefix ] && [ "$scheme" != venv ]; then
+        "$python" -m venv --system-site-packages --without-pip "$topdir/venv"
+        python=$topdir/venv/bin/python
+    fi
+fi
+
 version=$("$python" -c 'import ast, sys
 for node in ast.parse(open("vdsm_managedvolume/__init__.py").read()).body:
     if isinstance(node, ast.Assign) and node.targets[0].id == "__version__":
         print(node.value.value)')
 name=vdsm-managedvolume
-
-rm -rf "$topdir"
-mkdir -p "$topdir"/{SOURCES,SPECS,BUILD,BUILDROOT,RPMS,SRPMS} "$outdir"
 
 # The tarball: <name>-<version>/ holding the tree's files.
 stage=$topdir/stage/$name-$version

@@ -28,13 +28,13 @@ from vdsm_managedvolume import stompclient
 
 from . import agentutil
 from . import fakebrick
-from .agentutil import Raw, request, send_bytes
+from .agentutil import Raw, send_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT = os.path.join(os.path.dirname(sys.executable), "managedvolume-agent")
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0, reason="the agent's privsep daemon needs root")
+# The agent's privsep daemon runs as root, without sudo.
+pytestmark = pytest.mark.root
 
 
 class AgentProcess:
@@ -239,7 +239,6 @@ def test_params_as_array_in_schema_order(agent_proc):
         assert c.call("ManagedVolume.detach_volume", [vol_id]) is True
 
 
-@pytest.mark.root
 def test_attach_detach_real_local_volume(agent_proc, tmp_path):
     from .host_fixtures import LoopDevice
     loop = LoopDevice(str(tmp_path / "backing.img"))

@@ -20,7 +20,7 @@ from vdsm_managedvolume import pki
 from vdsm_managedvolume import stompclient
 
 from . import agentutil
-from .agentutil import Raw, request, send_bytes, subscribe_bytes
+from .agentutil import request, send_bytes, subscribe_bytes
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +114,16 @@ def test_receipt_is_sent_for_subscribe(tcp):
         frame = c.frame()
         assert (frame.command, frame.headers) == (
             "RECEIPT", {"receipt-id": "r1"})
+
+
+def test_ack_and_nack_are_accepted_and_ignored(tcp):
+    with tcp.raw() as c:
+        c.connect()
+        c.send(b"SUBSCRIBE\ndestination:d\nid:1\nack:client\n\n\0")
+        c.send(b"ACK\nid:m1\n\n\0NACK\nid:m2\nreceipt:r\n\n\0")
+        frame = c.frame()
+        assert (frame.command, frame.headers) == (
+            "RECEIPT", {"receipt-id": "r"})
 
 
 def test_send_without_reply_to_is_handled_without_response(tcp):
@@ -253,7 +263,7 @@ def test_dispatcher_crash_becomes_internal_error(tcp):
     (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "invalid command"),
     (agentutil.VDSM_CONNECT + b"FOO\n\n\0", "unknown command 'FOO'"),
     (agentutil.VDSM_CONNECT + b"MESSAGE\n\n\0", "unknown command 'MESSAGE'"),
-    (agentutil.VDSM_CONNECT + b"ACK\nid:1\n\n\0", "ACK is not supported"),
+    (agentutil.VDSM_CONNECT + b"ACK\n\n\0", "ACK needs a id header"),
     (agentutil.VDSM_CONNECT + b"BEGIN\ntransaction:t\n\n\0",
      "BEGIN is not supported"),
     (agentutil.VDSM_CONNECT + agentutil.VDSM_CONNECT, "already connected"),
@@ -261,8 +271,8 @@ def test_dispatcher_crash_becomes_internal_error(tcp):
      "SUBSCRIBE needs a destination header"),
     (agentutil.VDSM_CONNECT + b"SUBSCRIBE\ndestination:d\n\n\0",
      "SUBSCRIBE needs a id header"),
-    (agentutil.VDSM_CONNECT + b"SUBSCRIBE\ndestination:d\nid:1\nack:client"
-     b"\n\n\0", "ack mode 'client' is not supported"),
+    (agentutil.VDSM_CONNECT + b"SUBSCRIBE\ndestination:d\nid:1\nack:never"
+     b"\n\n\0", "invalid ack mode 'never'"),
     (agentutil.VDSM_CONNECT + subscribe_bytes("d", "1") +
      subscribe_bytes("e", "1"), "subscription id '1' is already in use"),
     (agentutil.VDSM_CONNECT + b"UNSUBSCRIBE\nid:9\n\n\0",

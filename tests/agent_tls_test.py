@@ -62,6 +62,14 @@ def test_missing_server_cert_is_reissued_by_the_same_ca(state):
         assert f.read() == ca
 
 
+def test_configured_real_pki_is_never_written(tmp_path):
+    cfg = agentutil.make_config(tmp_path / "state")
+    cfg.ca_file = str(tmp_path / "etc" / "cacert.pem")
+    assert pki.ensure_dev_pki(cfg) is False
+    assert not os.path.exists(str(tmp_path / "etc"))
+    assert not os.path.exists(cfg.key_file)
+
+
 @pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])
 def test_client_with_dev_cert_verifies_server_name(tls, host):
     with stompclient.Client(host, tls.address[1], tls.client_context,

@@ -441,6 +441,17 @@ def test_reconcile_recreates_missing_link_and_rule(inproc_service):
     assert svc.reconcile() == []
 
 
+def test_reconcile_rewrites_a_torn_rule(inproc_service):
+    svc = inproc_service
+    vol_id = new_id()
+    svc.attach_volume(vol_id, iscsi_connection(svc.cfg))
+    open(rule_of(svc, vol_id), "w").close()
+    entry, = svc.reconcile()
+    assert entry["action"] == "recreate-rule"
+    with open(rule_of(svc, vol_id)) as f:
+        assert f.read().startswith('SYMLINK=="mapper/')
+
+
 def test_reconcile_removes_orphan_links_rules_and_temp_files(
         inproc_service):
     svc = inproc_service
@@ -461,6 +472,21 @@ def test_reconcile_removes_orphan_links_rules_and_temp_files(
     assert os.listdir(svc.cfg.run_dir) == ["not-ours"]
     assert udev.list_rules(svc.cfg) == []
     assert svc.reconcile() == []
+
+
+def test_reconcile_leaves_temp_files_of_a_running_attach_alone(
+        inproc_service):
+    from vdsm_managedvolume import locking
+    svc = inproc_service
+    vol_id = new_id()
+    tmp_link = os.path.join(svc.cfg.run_dir, ".{}_{}.tmp".format(SD, vol_id))
+    os.symlink("/dev/null", tmp_link)
+    with locking.volume_lock(svc.cfg.lock_dir, vol_id, 1):
+        entry, = svc.reconcile()
+        assert entry["result"] == "busy"
+        assert is_symlink(tmp_link)
+    assert svc.reconcile()[0]["result"] == "done"
+    assert not is_symlink(tmp_link)
 
 
 def test_start_reconciles(host_cfg, inproc_brick):

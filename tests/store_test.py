@@ -219,3 +219,10 @@ def test_many_processes_share_one_database(tmp_path):
         vols = s.volumes()
     assert len(vols) == 80
     assert {v["state"] for v in vols} == {"attached"}
+
+
+def test_unwritable_location_is_a_store_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(errors.StoreError, match="cannot create"):
+        store.open(str(blocker / "lib" / "mv.db"))

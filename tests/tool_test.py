@@ -143,7 +143,7 @@ def test_configure_gives_database_and_run_dirs_to_owner(state, cfg):
 def test_configure_with_unknown_owner_fails_before_touching_anything(
         state, cfg):
     p = run("--state-dir", state, "configure", "--owner",
-            "no-such-user-xyz:no-such-group", check=1)
+            "no-such-user-xyz:no-such-group", check=2)
     assert "no-such-user-xyz" in p.stderr
     assert not os.path.exists(cfg.db_path)
 
@@ -544,6 +544,14 @@ def test_config_from_environment_is_used(tmp_path):
     p = run("dump-config", "--json", check=0,
             env={"MANAGEDVOLUME_CONFIG": str(conf)})
     assert json.loads(p.stdout)["agent"]["port"] == 4242
+
+
+def test_an_unwritable_state_dir_is_a_clear_error_with_exit_1(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    p = run("--state-dir", str(blocker / "state"), "configure", check=1)
+    assert "Not a directory" in p.stderr
+    assert "Traceback" not in p.stderr
 
 
 def test_a_corrupt_database_is_a_clear_error_with_exit_1(state, cfg):

@@ -114,3 +114,14 @@ def test_hanging_udevadm_is_bounded(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="managedvolume.udev"):
         assert udev.trigger(cfg, "/dev/loop7", timeout=0.2) is False
     assert "did not finish" in caplog.text
+
+
+def test_rule_ok_detects_torn_or_stale_rules(tmp_path):
+    cfg = make_cfg(tmp_path)
+    assert not udev.rule_ok(cfg, SD, VOL, "/dev/loop7")
+    dst = udev.add_rule(cfg, SD, VOL, "/dev/loop7")
+    assert udev.rule_ok(cfg, SD, VOL, "/dev/loop7")
+    assert not udev.rule_ok(cfg, SD, VOL, "/dev/loop6")
+    open(dst, "w").close()            # torn by a power loss
+    assert udev.has_rule(cfg, SD, VOL)
+    assert not udev.rule_ok(cfg, SD, VOL, "/dev/loop7")

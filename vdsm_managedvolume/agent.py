@@ -503,11 +503,14 @@ class Connection:
     def ready(self, events):
         if self.closed:
             return
+        # Whatever TLS wanted is retried below; each step says again what
+        # it waits for.
+        self._want_write = False
         if self.state == self.HANDSHAKE:
             self._handshake()
             if self.state == self.HANDSHAKE or self.closed:
                 return
-        if self._out or self._want_write:
+        if self._out:
             self._flush()
         if not self.closed:
             self._read()
@@ -745,6 +748,10 @@ class Connection:
             stompframe.SUBSCRIBE: self._on_subscribe,
             stompframe.UNSUBSCRIBE: self._on_unsubscribe,
             stompframe.DISCONNECT: self._on_disconnect,
+            # Every message is delivered once and needs no acknowledgement;
+            # a client acknowledging anyway is not wrong.
+            stompframe.ACK: self._on_ack,
+            stompframe.NACK: self._on_ack,
         }.get(command)
         if command in (stompframe.CONNECT, stompframe.STOMP):
             self.fail("already connected: {} sent twice".format(command),
@@ -752,8 +759,7 @@ class Connection:
             return
         if handler is None:
             self.fail("{} is not supported by this server (no "
-                      "acknowledgements, no transactions)".format(command),
-                      receipt)
+                      "transactions)".format(command), receipt)
             return
         try:
             handler(frame)
@@ -800,9 +806,10 @@ class Connection:
         destination = _required(frame, "destination")
         sub_id = _required(frame, "id")
         ack = frame.headers.get("ack", "auto")
-        if ack != "auto":
+        if ack not in ("auto", "client", "client-individual"):
             raise stompframe.FrameError(
-                "ack mode {!r} is not supported (only auto)".format(ack))
+                "invalid ack mode {!r} (auto, client or client-individual)"
+                .format(ack))
         if sub_id in self.subscriptions:
             raise stompframe.FrameError(
                 "subscription id {!r} is already in use".format(sub_id))
@@ -815,6 +822,9 @@ class Connection:
         if self.subscriptions.pop(sub_id, None) is None:
             raise stompframe.FrameError(
                 "no subscription with id {!r}".format(sub_id))
+
+    def _on_ack(self, frame):
+        _required(frame, "id")
 
     def _on_send(self, frame):
         destination = _required(frame, "destination")
@@ -1043,7 +1053,14 @@ def _run(cfg, insecure):
 def _bind(host, port):
     if host in ("", "::", "0.0.0.0", "*"):
         family = socket.AF_INET if host == "0.0.0.0" else socket.AF_INET6
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        if family == socket.AF_INET6 and not socket.has_ipv6:
+            family = socket.AF_INET
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:
+            # A kernel without IPv6: all IPv4 addresses, then.
+            family = socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
         if family == socket.AF_INET6:
             # Dual stack: '::' serves IPv4 clients too, like vdsm.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)

@@ -51,11 +51,16 @@ def ensure_dev_pki(cfg):
     Uses the config's key_file / cert_file / ca_file for the server (under
     ``<state_dir>/pki`` after ``config.with_state_dir``).  Existing files
     are kept, so a restart keeps the certificates clients already trust.
-    When the CA has to be created, every certificate is re-issued.
+    When the CA has to be created, every certificate is re-issued.  Files
+    configured elsewhere (a real PKI) are never created or replaced:
+    then nothing is done.  Return whether the development PKI is in use.
     """
     d = pki_dir(cfg)
     if d is None:
         raise ValueError("a development PKI needs a state dir")
+    if not all(os.path.dirname(os.path.abspath(path)) == d
+               for path in (cfg.key_file, cfg.cert_file, cfg.ca_file)):
+        return False
     os.makedirs(d, mode=0o755, exist_ok=True)
     ca_key_file = os.path.join(os.path.dirname(cfg.ca_file), CA_KEY)
     client_cert, client_key, _ = client_files(cfg)
@@ -79,6 +84,7 @@ def ensure_dev_pki(cfg):
                                 server=False)
         write_key(client_key, key)
         write_cert(client_cert, cert)
+    return True
 
 
 def server_context(cfg):

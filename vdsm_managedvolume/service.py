@@ -33,6 +33,7 @@ daemon; everything else (links, rules, journal) happens here, as root.
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -470,7 +471,7 @@ class Service:
         missing = []
         if not self._link_ok(rec["sd_id"], vol_id, rec["path"]):
             missing.append("link")
-        if not udev.has_rule(self.cfg, rec["sd_id"], vol_id):
+        if not udev.rule_ok(self.cfg, rec["sd_id"], vol_id, rec["path"]):
             missing.append("rule")
         if not missing:
             return None
@@ -505,8 +506,8 @@ class Service:
         for name in names:
             path = os.path.join(self.cfg.run_dir, name)
             if name.startswith(".") and name.endswith(".tmp"):
-                results.append(self._remove_orphan(
-                    None, path, "remove-temp-link", apply))
+                results.extend(self._remove_temp(path, "remove-temp-link",
+                                                 apply))
                 continue
             ids = _split_link_name(name)
             if ids is None:
@@ -519,8 +520,8 @@ class Service:
     def _reconcile_rules(self, apply):
         results = []
         for path in udev.list_temp_files(self.cfg):
-            results.append(self._remove_orphan(None, path,
-                                               "remove-temp-rule", apply))
+            results.extend(self._remove_temp(path, "remove-temp-rule",
+                                             apply))
         for sd_id, vol_id, path in udev.list_rules(self.cfg):
             results.extend(self._orphan_check(
                 sd_id, vol_id, path, "remove-rule", apply))
@@ -535,6 +536,18 @@ class Service:
 
         entry = self._with_lock_now({"vol_id": vol_id, "state": None}, check)
         return [entry] if entry else []
+
+    def _remove_temp(self, path, action, apply):
+        """A temp file is a leftover unless its volume is being attached
+        right now (by another thread or process holding the lock)."""
+        m = _TEMP_RE.search(os.path.basename(path))
+        if m is None:
+            return [self._remove_orphan(None, path, action, apply)]
+        vol_id = m.group(1)
+        entry = self._with_lock_now(
+            {"vol_id": vol_id, "state": None},
+            lambda: self._remove_orphan(vol_id, path, action, apply))
+        return [entry]
 
     def _remove_orphan(self, vol_id, path, action, apply):
         entry = {"vol_id": vol_id, "state": None, "action": action,
@@ -636,6 +649,10 @@ def _write_json(path, value):
         os.rename(tmp, path)
     except OSError as e:
         log.warning("Cannot write %s: %s", path, e)
+
+
+# ".<sd_id>_<vol_id>.tmp", ".99-vdsm-managed_<sd_id>_<vol_id>.rules.tmp"
+_TEMP_RE = re.compile(r"_([0-9a-f-]{36})(?:\.rules)?\.tmp\Z")
 
 
 def _split_link_name(name):

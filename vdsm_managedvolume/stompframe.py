@@ -1,4 +1,4 @@
-"""STOMP 1.2 frames: a small, strict codec for the agent and its client.
+r"""STOMP 1.2 frames: a small, strict codec for the agent and its client.
 
 vdsm speaks JSON-RPC inside STOMP 1.2 frames (CONTRACT.md section 2).  No
 maintained Python STOMP *server* library exists, so this module is the whole
@@ -9,12 +9,12 @@ wire format, written from the specification
     EOL     = [CR] LF
     header  = name ":" value            (first occurrence of a name wins)
 
-    CONNECT\\r\\n                  <- command; CR before LF is tolerated
-    accept-version:1.2\\n          <- headers; in CONNECT/CONNECTED taken
-    heart-beat:0,24000\\n             literally, elsewhere unescaped:
-    \\n                               \\\\c -> ":"  \\\\n -> LF  \\\\r -> CR
-    <body>\\0                          \\\\\\\\ -> "\\\\"  (any other escape is an error)
-    \\n\\n                          <- EOLs between frames are heart-beats
+    CONNECT\r\n                 <- command; CR before LF is tolerated
+    accept-version:1.2\n         <- headers: taken literally in CONNECT and
+    heart-beat:0,24000\n            CONNECTED, elsewhere unescaped:
+    \n                              \c -> ":"   \n -> LF   \r -> CR
+    <body>\0                        \\ -> "\"  (any other escape: error)
+    \n\n                         <- EOLs between frames are heart-beats
 
 The body ends at the first NUL, unless ``content-length`` says how many
 octets it has: then it may hold NULs, and the octet after it must be NUL.

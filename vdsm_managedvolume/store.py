@@ -254,8 +254,8 @@ class Store:
 def _connect(path, busy_timeout):
     """Open ``path``, created 0600 before SQLite ever sees it."""
     parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, mode=0o755, exist_ok=True)
     try:
+        os.makedirs(parent, mode=0o755, exist_ok=True)
         # SQLite creates -wal and -shm with the database file's mode.
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         os.close(fd)

@@ -46,6 +46,7 @@ from . import config
 from . import errors
 from . import log as mvlog
 from . import mask
+from . import store
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
@@ -91,8 +92,16 @@ def main(argv=None):
         return EXIT_USAGE
     try:
         return args.func(cfg, args)
+    except errors.ConfigError as e:
+        _fail(args, e)
+        return EXIT_USAGE
     except errors.Error as e:
         _fail(args, e)
+        return EXIT_PROBLEMS
+    except OSError as e:
+        # Permissions, a full disk: the admin needs the path, not a
+        # traceback.
+        _fail(args, errors.Error(str(e)))
         return EXIT_PROBLEMS
     except KeyboardInterrupt:
         return EXIT_PROBLEMS
@@ -106,11 +115,18 @@ def configure(cfg, args):
     owner = _owner(cfg, args.owner)
     actions = []
 
-    for path in _runtime_dirs(cfg):
-        if not os.path.isdir(path):
+    # The database's directory is usually vdsm's (/var/lib/vdsm/storage):
+    # given to the owner only when we created it.  The run directories are
+    # ours.
+    db_dir = os.path.dirname(os.path.abspath(cfg.db_path))
+    for path, ours in ((db_dir, False), (cfg.run_dir, True),
+                       (cfg.state_run_dir, True), (cfg.lock_dir, True),
+                       (cfg.brick_lock_dir, True)):
+        created = not os.path.isdir(path)
+        if created:
             os.makedirs(path, mode=0o755, exist_ok=True)
             actions.append({"action": "created", "path": path})
-        if owner:
+        if owner and (ours or created):
             _chown(path, owner, actions)
 
     # Not ours (systemd-udev owns it) but attach needs it to exist.
@@ -118,7 +134,6 @@ def configure(cfg, args):
         os.makedirs(cfg.udev_rules_dir, mode=0o755, exist_ok=True)
         actions.append({"action": "created", "path": cfg.udev_rules_dir})
 
-    from . import store
     existed = os.path.exists(cfg.db_path)
     with store.open(cfg.db_path) as db:
         info = db.version_info()
@@ -151,7 +166,6 @@ def list_volumes(cfg, args):
     """Print the journal's records (no database yet: nothing attached)."""
     records = []
     if os.path.exists(cfg.db_path):
-        from . import store
         with store.open(cfg.db_path) as db:
             records = db.volumes(args.vol_ids)
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -343,8 +357,10 @@ def _check_privsep(cfg, args):
         pid = brick.daemon_pid()
     finally:
         brick.stop()
-    yield "privsep", "ok", "daemon started (pid {}); initiator {}".format(
-        pid, props.get("initiator") or "-")
+    found = ", ".join("{} {}".format(k, props[k])
+                      for k in ("host", "initiator", "nqn") if props.get(k))
+    yield "privsep", "ok", "daemon started (pid {}), connector: {}".format(
+        pid, found or "{} properties".format(len(props)))
 
 
 def _check_lock_path(cfg, args):
@@ -355,7 +371,6 @@ def _check_lock_path(cfg, args):
 
 
 def _check_database(cfg, args):
-    from . import store
     path = cfg.db_path
     if not os.path.exists(path):
         yield "database", "fail", ("{} does not exist; run "
@@ -581,25 +596,18 @@ def _owner(cfg, spec):
 
 
 def _open_service(cfg):
-    """A Service with its journal open but without start()'s reconcile.
+    """A Service with its journal open, without start()'s reconcile.
 
-    start() reconciles with apply=True; a dry run must not.  Service.open()
-    (journal only) is asked of the service layer; until it exists the
-    store is opened here the way start() opens it.
+    start() reconciles with apply=True; a dry run must not.
     """
     from . import service
     svc = service.Service(cfg)
-    if hasattr(svc, "open"):
+    try:
         svc.open()
-    else:
-        from . import store
-        svc._store = store.open(cfg.db_path)
+    except BaseException:
+        svc.close()
+        raise
     return svc
-
-
-def _runtime_dirs(cfg):
-    return [os.path.dirname(os.path.abspath(cfg.db_path)), cfg.run_dir,
-            cfg.state_run_dir, cfg.lock_dir, cfg.brick_lock_dir]
 
 
 def _chown(path, owner, actions):

@@ -26,7 +26,9 @@ connected and correct, only its owner may lag until the next event.
 
 Rules are written atomically (temp file + rename): udev reads rule files
 at any time and must never see half a line.  The temp name does not end
-in ``.rules``, so udev ignores it.
+in ``.rules``, so udev ignores it.  They are not fsync'ed (it would cost
+more than the rest of the attach's file work): a rule torn by a power
+loss is found by ``rule_ok`` when the service starts and written again.
 """
 
 import logging
@@ -94,7 +96,6 @@ def add_rule(cfg, sd_id, vol_id, path):
     try:
         os.fchmod(fd, 0o644)
         os.write(fd, text.encode("utf-8"))
-        os.fsync(fd)
     finally:
         os.close(fd)
     os.rename(tmp, dst)
@@ -115,6 +116,19 @@ def remove_rule(cfg, sd_id, vol_id):
 
 def has_rule(cfg, sd_id, vol_id):
     return os.path.exists(rule_path(cfg.udev_rules_dir, sd_id, vol_id))
+
+
+def rule_ok(cfg, sd_id, vol_id, path):
+    """Whether the volume's rule exists and is exactly the rule for
+    ``path`` (not torn, not stale, not edited)."""
+    try:
+        with open(rule_path(cfg.udev_rules_dir, sd_id, vol_id)) as f:
+            current = f.read()
+        expected = rule_text(path, cfg.udev_owner, cfg.chown,
+                             symlink_dirs=(cfg.multipath_dir, cfg.rbd_dir))
+    except (OSError, UnsafePath):
+        return False
+    return current == expected
 
 
 def list_rules(cfg):

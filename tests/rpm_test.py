@@ -1,0 +1,539 @@
+"""The RPMs and the files they ship, inspected as an admin (and rpm) would.
+
+The module builds the RPMs once with ``scripts/build-rpm.sh`` (what ``make
+rpm`` runs; a couple of seconds) into a temporary topdir, then queries them
+with ``rpm -qp``, unpacks them with ``rpm2archive`` and runs the packaged
+tool.  Tests of the shipped data files (unit, tmpfiles, config, sudoers,
+logging example, man pages) that need no build come first.
+"""
+
+import configparser
+import fnmatch
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+import vdsm_managedvolume
+from vdsm_managedvolume import config
+from vdsm_managedvolume import privileged
+from vdsm_managedvolume import tool
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VERSION = vdsm_managedvolume.__version__
+HOST = "vdsm-managedvolume-{}-1.noarch.rpm".format(VERSION)
+ENGINE = "vdsm-managedvolume-engine-{}-1.noarch.rpm".format(VERSION)
+VDSM = "vdsm-managedvolume-vdsm-{}-1.noarch.rpm".format(VERSION)
+DROP_IN = "/usr/lib/systemd/system/vdsmd.service.d/50-managedvolume.conf"
+SITE = "/usr/share/vdsm-managedvolume/vdsm-site"
+HOOK = "/usr/libexec/vdsm/hooks/after_get_caps/50_managedvolume"
+SUDOERS = "/etc/sudoers.d/50_vdsm_managedvolume"
+
+# Fedora/CentOS package names of what the host side imports.
+HOST_REQUIRES = ("python3-os-brick", "python3-oslo-privsep",
+                 "python3-oslo-service", "python3-pyyaml")
+
+
+def data(name):
+    return os.path.join(REPO, "data", name)
+
+
+def man_pages():
+    d = os.path.join(REPO, "docs", "man")
+    return sorted(os.path.join(d, n) for n in os.listdir(d))
+
+
+# Shipped files (no build needed)
+
+def test_shipped_config_is_what_config_renders():
+    with open(data("managedvolume.conf")) as f:
+        assert f.read() == config.render(), \
+            "regenerate: managedvolume-tool dump-config --defaults > " \
+            "data/managedvolume.conf"
+
+
+def test_shipped_config_loads_to_the_defaults():
+    cfg = config.load(data("managedvolume.conf"))
+    defaults = config.Config()
+    for key in config.FIELDS:
+        if key not in ("source", "state_dir"):
+            assert getattr(cfg, key) == getattr(defaults, key), key
+
+
+def test_tmpfiles_entry_creates_the_default_run_dirs():
+    entries = {}
+    with open(data("tmpfiles.conf")) as f:
+        for line in f:
+            if line.strip() and not line.startswith("#"):
+                kind, path, mode, user, group, age = line.split()
+                entries[path] = (kind, mode, user, group, age)
+    cfg = config.Config()
+    for path in (cfg.run_dir, cfg.state_run_dir, cfg.lock_dir):
+        # Never cleaned by age: links of attached volumes live there.
+        assert entries[path] == ("d", "0755", "vdsm", "kvm", "-"), path
+
+
+def test_unit_is_notify_and_stops_the_agent_before_its_daemon():
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
+    unit.read(data("managedvolume-agent.service"))
+    service = unit["Service"]
+    assert service["Type"] == "notify"
+    assert service["ExecStart"].split()[0] == "/usr/bin/managedvolume-agent"
+    assert service["KillMode"] == "mixed"
+    assert "HUP" in service["ExecReload"]
+    timeout = config.Config().shutdown_timeout
+    assert float(service["TimeoutStopSec"]) > timeout
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_sudoers_rule_allows_the_command_privileged_runs_for_vdsm(
+        monkeypatch):
+    # vdsm (not root) starting the daemon with the default configuration.
+    monkeypatch.setattr(privileged.os, "geteuid", lambda: 36)
+    monkeypatch.setattr(privileged, "_privsep_helper",
+                        lambda: "/usr/bin/privsep-helper")
+    sock = "/tmp/managedvolume-privsep-a1b2c3/privsep.sock"
+    cmd = privileged.helper_command(config.Config(), sock)
+
+    assert cmd[0] == "sudo"
+    assert _sudoers_allows(" ".join(cmd[1:]))
+    assert not _sudoers_allows(" ".join(cmd[1:]).replace(
+        "vdsm_managedvolume.brick.context", "os_brick.privileged.default"))
+
+
+def test_vdsmd_drop_in_puts_the_shipped_sitecustomize_first(tmp_path):
+    unit = configparser.ConfigParser(interpolation=None)
+    unit.read(data("vdsmd-managedvolume.conf"))
+    assert unit["Service"]["Environment"] == "PYTHONPATH=" + SITE
+
+
+def test_sitecustomize_installs_the_vdsm_hook_without_importing_vdsm():
+    code = ("import sys; "
+            "print('vdsm' in sys.modules, 'sitecustomize' in sys.modules)")
+    p = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True,
+        cwd="/", env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [data("vdsm-site"), REPO])))
+    assert p.returncode == 0
+    assert "not registered" not in p.stderr, p.stderr
+    assert p.stdout.split() == ["False", "True"]
+
+
+def test_sudoers_snippet_is_valid_when_visudo_is_available():
+    visudo = shutil.which("visudo")
+    if visudo is None:
+        pytest.skip("visudo not installed")
+    subprocess.run([visudo, "-c", "-q", "-f", data("sudoers")], check=True)
+
+
+def test_logger_example_logs_to_a_file_with_flow_id_and_masked_secrets(
+        tmp_path):
+    logfile = tmp_path / "managedvolume.log"
+    conf = tmp_path / "logger.conf"
+    with open(data("managedvolume-logger.conf")) as f:
+        conf.write_text(f.read().replace("/var/log/vdsm/managedvolume.log",
+                                         str(logfile)))
+    code = """if True:
+        import logging, os, signal
+        from vdsm_managedvolume import config, log
+        cfg = config.Config(log_config={conf!r})
+        log.setup(cfg)
+        with log.flow("flow-42"):
+            logging.getLogger("managedvolume.service").info(
+                "attach %s", {{"auth_password": "s3cr3t"}})
+            logging.getLogger("managedvolume.service").debug("not shown")
+        os.rename({log!r}, {log!r} + ".1")
+        log.reopen()
+        logging.getLogger("vdsm_managedvolume.brick").warning("after")
+    """.format(conf=str(conf), log=str(logfile))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO,
+                   env=dict(os.environ, PYTHONPATH=REPO))
+
+    rotated = (tmp_path / "managedvolume.log.1").read_text()
+    assert "[flow=flow-42]" in rotated
+    assert "s3cr3t" not in rotated and "********" in rotated
+    assert "not shown" not in rotated
+    assert "after" in logfile.read_text()
+
+
+# Man pages and docs
+
+@pytest.mark.parametrize("page", man_pages(), ids=os.path.basename)
+def test_man_page_renders_without_warnings(page):
+    groff = shutil.which("groff")
+    if groff is None:
+        pytest.skip("groff not installed")
+    p = subprocess.run([groff, "-t", "-man", "-ww", "-z", page],
+                       capture_output=True, text=True)
+    assert p.returncode == 0
+    assert p.stderr == ""
+
+
+def test_config_man_page_and_readme_document_every_key():
+    with open(os.path.join(REPO, "docs", "man",
+                           "managedvolume.conf.5")) as f:
+        man = f.read().replace("\\", "")
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    for section, keys in config.SECTIONS.items():
+        assert "[{}]".format(section) in man
+        for key in keys:
+            assert re.search(r"^\.(TP\n\.)?BR? .*\b{}\b".format(key), man,
+                             re.M), key
+            default = config._format(getattr(config.Config(), key))
+            row = "| {} | `{}` | {} |".format(
+                section, key, "`{}`".format(default) if default
+                else "(empty)")
+            assert row in readme, row
+
+
+def test_tool_man_page_documents_every_command_and_option():
+    with open(os.path.join(REPO, "docs", "man",
+                           "managedvolume-tool.8")) as f:
+        man = f.read().replace("\\-", "-")
+    parser = tool._parser()
+    sub = next(a for a in parser._actions
+               if a.__class__.__name__ == "_SubParsersAction")
+    for name, subparser in sub.choices.items():
+        assert ".SS {}".format(name) in man, name
+        for action in subparser._actions:
+            for opt in action.option_strings:
+                if opt.startswith("--"):
+                    assert opt in man, (name, opt)
+
+
+def test_readme_keeps_the_two_command_quick_start():
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    commands = [line.split("#")[0].strip() for line in quick.splitlines()
+                if line.startswith("    make ")]
+    assert commands == ["make run", "make check"]
+
+
+def test_readme_and_docs_links_point_at_files_in_the_tree():
+    for doc in ["README.md"] + ["docs/" + n for n in os.listdir(
+            os.path.join(REPO, "docs")) if n.endswith(".md")]:
+        with open(os.path.join(REPO, doc)) as f:
+            text = f.read()
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
+            path = os.path.join(REPO, os.path.dirname(doc), target)
+            assert os.path.exists(path), "{}: {}".format(doc, target)
+
+
+def test_readme_troubleshooting_covers_every_error_code():
+    from vdsm_managedvolume import errors
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    codes = {cls.code for cls in vars(errors).values()
+             if isinstance(cls, type) and issubclass(cls, errors.Error)
+             and (925 <= cls.code <= 935 or cls.code < -32000)}
+    assert len(codes) == 16
+    for code in codes:
+        assert "\n| {} | ".format(code) in readme, code
+
+
+def test_spec_version_fallback_is_the_package_version():
+    with open(os.path.join(REPO, "managedvolume.spec")) as f:
+        spec = f.read()
+    assert "%{{!?mv_version: %global mv_version {}}}".format(VERSION) in spec
+    assert re.search(r"^\* .* - {}-\d+$".format(re.escape(VERSION)), spec,
+                     re.M), "add a %changelog entry for " + VERSION
+
+
+# The built RPMs
+
+@pytest.fixture(scope="module")
+def rpms(tmp_path_factory):
+    if not shutil.which("rpmbuild"):
+        pytest.skip("rpmbuild not installed (apt-get install rpm)")
+    top = tmp_path_factory.mktemp("rpm")
+    out = top / "dist"
+    p = subprocess.run(
+        ["bash", os.path.join(REPO, "scripts", "build-rpm.sh")],
+        env=dict(os.environ, RPM_TOPDIR=str(top / "topdir"),
+                 RPM_OUTDIR=str(out)),
+        capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    built = sorted(os.path.basename(line) for line in p.stdout.split())
+    assert built == sorted([HOST, ENGINE, VDSM,
+                            "vdsm-managedvolume-{}-1.src.rpm".format(
+                                VERSION)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def unpacked(rpms, tmp_path_factory):
+    if not shutil.which("rpm2archive"):
+        pytest.skip("rpm2archive not installed")
+    root = tmp_path_factory.mktemp("unpacked")
+    for name in (HOST, ENGINE, VDSM):
+        with open(rpms / name, "rb") as f:
+            archive = subprocess.run(["rpm2archive", "-"], stdin=f,
+                                     capture_output=True, check=True).stdout
+        tgz = root.parent / (name + ".tgz")
+        tgz.write_bytes(archive)
+        with tarfile.open(tgz) as tar:
+            tar.extractall(root, filter="tar")
+    return root
+
+
+def rpmq(rpms, name, *args):
+    return subprocess.run(["rpm", "-qp", *args, str(rpms / name)],
+                          capture_output=True, text=True,
+                          check=True).stdout
+
+
+def files(rpms, name):
+    return set(rpmq(rpms, name, "--qf", "[%{FILENAMES}\n]").split())
+
+
+def sitelib(paths):
+    (lib,) = {p.split("/vdsm_managedvolume/")[0] for p in paths
+              if "/vdsm_managedvolume/" in p}
+    return lib
+
+
+@pytest.mark.slow
+def test_rpms_are_noarch_and_carry_the_package_version(rpms):
+    for name in (HOST, ENGINE):
+        assert rpmq(rpms, name, "--qf", "%{VERSION} %{ARCH}") == \
+            "{} noarch".format(VERSION)
+
+
+@pytest.mark.slow
+def test_host_rpm_holds_package_hook_schema_config_unit_and_man_pages(rpms):
+    got = files(rpms, HOST)
+    lib = sitelib(got)
+    expected = {
+        HOOK, SUDOERS,
+        "/usr/bin/managedvolume-agent", "/usr/bin/managedvolume-client",
+        "/usr/bin/managedvolume-tool",
+        lib + "/vdsm_managedvolume/service.py",
+        lib + "/vdsm_managedvolume/tool.py",
+        lib + "/vdsm_managedvolume/schema/managedvolume-api.yml",
+        "/usr/share/vdsm-managedvolume/managedvolume-api.yml",
+        "/etc/vdsm/managedvolume.conf",
+        "/etc/vdsm/managedvolume-logger.conf",
+        "/usr/lib/systemd/system/managedvolume-agent.service",
+        "/usr/lib/tmpfiles.d/vdsm-managedvolume.conf",
+        "/run/vdsm/managedvolumes", "/run/vdsm/managedvolume",
+        lib + "/vdsm_managedvolume-{}.dist-info/entry_points.txt".format(
+            VERSION),
+    }
+    assert expected <= got, expected - got
+    for page in man_pages():
+        name = os.path.basename(page)
+        if "cinderlib" not in name:
+            section = name.rsplit(".", 1)[1]
+            assert any(f.startswith("/usr/share/man/man{}/{}".format(
+                section, name)) for f in got), name
+    # Every module of the tree is packaged.
+    for module in os.listdir(os.path.join(REPO, "vdsm_managedvolume")):
+        if module.endswith(".py"):
+            assert lib + "/vdsm_managedvolume/" + module in got, module
+    # /etc/udev/rules.d belongs to systemd-udev, required instead.
+    assert "/etc/udev/rules.d" not in got
+
+
+@pytest.mark.slow
+def test_engine_shim_is_in_the_engine_rpm_only(rpms):
+    host, engine = files(rpms, HOST), files(rpms, ENGINE)
+    lib = sitelib(host)
+    assert not any("/vdsm_managedvolume/engine" in f for f in host)
+    assert "/usr/bin/managedvolume-cinderlib-client" not in host
+    assert lib + "/vdsm_managedvolume/engine/__init__.py" in engine
+    assert "/usr/bin/managedvolume-cinderlib-client" in engine
+    assert any("managedvolume-cinderlib-client.1" in f for f in engine)
+
+
+@pytest.mark.slow
+def test_vdsm_registration_is_an_opt_in_package_requiring_vdsm(rpms):
+    assert files(rpms, VDSM) == {
+        os.path.dirname(DROP_IN), DROP_IN, SITE,
+        SITE + "/sitecustomize.py"}
+    assert not files(rpms, HOST) & files(rpms, VDSM)
+    requires = set(rpmq(rpms, VDSM, "--requires").splitlines())
+    assert "vdsm" in requires
+    assert "vdsm-managedvolume = {}-1".format(VERSION) in requires
+    # vdsmd is never restarted by a scriptlet: only reloaded units.
+    scripts = rpmq(rpms, VDSM, "--scripts")
+    assert "daemon-reload" in scripts
+    assert "restart vdsmd" not in scripts.replace(
+        "echo \"vdsm-managedvolume-vdsm: restart vdsmd", "")
+
+
+@pytest.mark.slow
+def test_config_files_are_noreplace_and_sudoers_is_0440(rpms):
+    attrs = {}
+    for line in rpmq(rpms, HOST, "--qf",
+                     "[%{FILEMODES:perms} %{FILEUSERNAME}:%{FILEGROUPNAME} "
+                     "%{FILEFLAGS:fflags} %{FILENAMES}\n]").splitlines():
+        fields = line.split()
+        flags = fields[2] if len(fields) == 4 else ""
+        attrs[fields[-1]] = (fields[0], fields[1], flags)
+    for conf in ("/etc/vdsm/managedvolume.conf",
+                 "/etc/vdsm/managedvolume-logger.conf", SUDOERS):
+        assert attrs[conf][2] == "cn", conf        # %config(noreplace)
+    assert attrs[SUDOERS][:2] == ("-r--r-----", "root:root")
+    assert attrs[HOOK][0] == "-rwxr-xr-x"
+    assert attrs["/usr/bin/managedvolume-tool"][0] == "-rwxr-xr-x"
+    for d in ("/run/vdsm/managedvolumes", "/run/vdsm/managedvolume"):
+        assert attrs[d][:2] == ("drwxr-xr-x", "vdsm:kvm")
+
+
+@pytest.mark.slow
+def test_host_rpm_requires_fedora_names_of_its_dependencies(rpms):
+    requires = set(rpmq(rpms, HOST, "--requires").splitlines())
+    for name in HOST_REQUIRES + ("systemd-udev", "sudo"):
+        assert name in requires, name
+    # No dependency on vdsm itself: the hook dir is owned, not required.
+    assert not any(r.split()[0] in ("vdsm", "vdsm-hook") for r in requires)
+
+
+@pytest.mark.slow
+def test_engine_rpm_requires_cinderlib_and_the_same_host_package(rpms):
+    requires = set(rpmq(rpms, ENGINE, "--requires").splitlines())
+    assert "python3-cinderlib" in requires
+    assert "vdsm-managedvolume = {}-1".format(VERSION) in requires
+
+
+@pytest.mark.slow
+def test_scriptlets_configure_the_database_and_drive_systemd(rpms):
+    scripts = rpmq(rpms, HOST, "--scripts")
+    post = _scriptlet(rpms, "POSTIN")
+    assert "/usr/bin/managedvolume-tool configure" in post
+    assert "systemctl --no-reload preset managedvolume-agent.service" in post
+    assert "systemd-tmpfiles --create vdsm-managedvolume.conf" in post
+    assert "disable --now managedvolume-agent.service" in \
+        _scriptlet(rpms, "PREUN")
+    assert "try-restart managedvolume-agent.service" in \
+        _scriptlet(rpms, "POSTUN")
+    assert "useradd -r -u 36 -g kvm" in _scriptlet(rpms, "PREIN")
+    for kind in ("preinstall", "postinstall", "preuninstall",
+                 "postuninstall"):
+        assert kind + " scriptlet" in scripts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tag", ["PREIN", "POSTIN", "PREUN", "POSTUN"])
+def test_scriptlets_are_valid_shell(rpms, tag, tmp_path):
+    script = tmp_path / "script.sh"
+    script.write_text(_scriptlet(rpms, tag))
+    subprocess.run(["sh", "-n", str(script)], check=True)
+
+
+@pytest.mark.slow
+def test_postun_restarts_only_on_upgrade(rpms, tmp_path):
+    # Run %preun/%postun with a fake systemctl: $1 = 0 is an erase,
+    # $1 = 1 an upgrade.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    calls = tmp_path / "calls"
+    fake = bindir / "systemctl"
+    fake.write_text("#!/bin/sh\necho \"$@\" >> {}\n".format(calls))
+    fake.chmod(0o755)
+    for tag in ("PREUN", "POSTUN"):
+        script = tmp_path / tag
+        script.write_text(_scriptlet(rpms, tag).replace(
+            "/usr/bin/systemctl", str(fake)))
+        for arg in ("0", "1"):
+            subprocess.run(["sh", str(script), arg], check=True)
+    lines = calls.read_text().splitlines()
+    assert lines == [
+        "--no-reload disable --now managedvolume-agent.service",  # erase
+        "daemon-reload",                                          # erase
+        "daemon-reload",                                          # upgrade
+        "try-restart managedvolume-agent.service",                # upgrade
+    ]
+
+
+@pytest.mark.slow
+def test_packaged_files_hold_no_build_paths(unpacked):
+    bad = (REPO.encode(), b"BUILDROOT", sys.prefix.encode())
+    for dirpath, _, names in os.walk(unpacked):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue
+            with open(path, "rb") as f:
+                content = f.read()
+            for b in bad:
+                assert b not in content, (path, b)
+    for script in ("managedvolume-agent", "managedvolume-tool",
+                   "managedvolume-client", "managedvolume-cinderlib-client"):
+        with open(unpacked / "usr" / "bin" / script) as f:
+            assert f.readline() == "#!/usr/bin/python3\n", script
+    with open(str(unpacked) + HOOK) as f:
+        assert f.readline() == "#!/usr/bin/python3\n"
+
+
+@pytest.mark.slow
+def test_packaged_tool_runs_and_ships_its_own_default_config(unpacked):
+    lib = sitelib(str(p)[len(str(unpacked)):]
+                  for p in unpacked.rglob("*.py"))
+    env = dict(os.environ, PYTHONPATH=str(unpacked) + lib)
+    env.pop("MANAGEDVOLUME_CONFIG", None)
+    tool_script = str(unpacked / "usr" / "bin" / "managedvolume-tool")
+
+    p = subprocess.run([sys.executable, tool_script, "--version"], env=env,
+                       capture_output=True, text=True, check=True)
+    assert p.stdout.strip() == "managedvolume-tool " + VERSION
+    p = subprocess.run([sys.executable, tool_script, "dump-config",
+                        "--defaults"], env=env, cwd="/",
+                       capture_output=True, text=True, check=True)
+    with open(unpacked / "etc" / "vdsm" / "managedvolume.conf") as f:
+        assert p.stdout == f.read()
+    p = subprocess.run(
+        [sys.executable, "-c",
+         "import vdsm_managedvolume.tool as t; print(t.__file__)"],
+        env=env, cwd="/", capture_output=True, text=True, check=True)
+    assert p.stdout.startswith(str(unpacked))
+    schema = json.loads(subprocess.run(
+        [sys.executable, tool_script, "dump-schema", "--json"], env=env,
+        cwd="/", capture_output=True, text=True, check=True).stdout)
+    assert "ManagedVolume.attach_volume" in schema
+
+
+@pytest.mark.slow
+def test_rpms_install_together_into_an_empty_root(rpms, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    subprocess.run(["rpm", "--root", str(root), "--initdb"], check=True)
+    p = subprocess.run(
+        ["rpm", "--root", str(root), "-i", "--nodeps", "--noscripts",
+         "--notriggers", str(rpms / HOST), str(rpms / ENGINE),
+         str(rpms / VDSM)],
+        capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert (root / "usr" / "bin" / "managedvolume-cinderlib-client").exists()
+    q = subprocess.run(["rpm", "--root", str(root), "-qf",
+                        str("/etc/vdsm/managedvolume.conf")],
+                       capture_output=True, text=True, check=True)
+    assert q.stdout.strip() == HOST[:-len(".noarch.rpm")] + ".noarch"
+
+
+# Private helpers
+
+def _scriptlet(rpms, tag):
+    return rpmq(rpms, HOST, "--qf", "%{" + tag + "}")
+
+
+def _sudoers_allows(command):
+    """Whether the data/sudoers Cmnd_Alias matches ``command``.
+
+    sudo splits both on white space and matches each argument with
+    fnmatch-style wildcards; that is what this does.
+    """
+    with open(data("sudoers")) as f:
+        text = f.read().replace("\\\n", " ")
+    alias = re.search(r"^Cmnd_Alias MANAGEDVOLUME_PRIVSEP = (.*)$", text,
+                      re.M).group(1).split()
+    args = command.split()
+    return len(args) == len(alias) and all(
+        fnmatch.fnmatchcase(a, pattern) for a, pattern in zip(args, alias))

@@ -364,8 +364,8 @@ def test_vdsm_registration_is_an_opt_in_package_requiring_vdsm(rpms):
     # vdsmd is never restarted by a scriptlet: only reloaded units.
     scripts = rpmq(rpms, VDSM, "--scripts")
     assert "daemon-reload" in scripts
-    assert "restart vdsmd" not in scripts.replace(
-        "echo \"vdsm-managedvolume-vdsm: restart vdsmd", "")
+    assert "systemctl restart" not in scripts
+    assert "try-restart" not in scripts
 
 
 @pytest.mark.slow

@@ -82,17 +82,35 @@ def test_list_ignores_foreign_rules_and_finds_temp_files(tmp_path):
     assert udev.list_temp_files(cfg) == [tmp]
 
 
-def test_trigger_runs_udevadm_change_on_the_path(tmp_path):
+# Not a block device: trigger falls back to running udevadm.
+NOT_BLOCK = "/dev/null"
+
+
+def test_trigger_runs_udevadm_change_on_other_paths(tmp_path):
     cfg = make_cfg(tmp_path)
-    assert udev.trigger(cfg, "/dev/loop7") is True
+    assert udev.trigger(cfg, NOT_BLOCK) is True
     with open(tmp_path / "udevadm.log") as f:
-        assert f.read() == "trigger --action=change /dev/loop7\n"
+        assert f.read() == "trigger --action=change {}\n".format(NOT_BLOCK)
+
+
+@pytest.mark.root
+def test_trigger_of_a_block_device_writes_its_sysfs_uevent(tmp_path):
+    # What "udevadm trigger --action=change" does, without a process.
+    cfg = make_cfg(tmp_path)
+    dev = "/dev/loop0"
+    if not os.path.exists(dev):
+        pytest.skip("no /dev/loop0")
+    st = os.stat(dev)
+    assert udev._sysfs_uevent(dev) == "/sys/dev/block/{}:{}/uevent".format(
+        os.major(st.st_rdev), os.minor(st.st_rdev))
+    assert udev.trigger(cfg, dev) is True
+    assert not (tmp_path / "udevadm.log").exists()
 
 
 def test_missing_udevadm_is_a_warning(tmp_path, caplog):
     cfg = make_cfg(tmp_path, udevadm=str(tmp_path / "no-such-udevadm"))
     with caplog.at_level(logging.WARNING, logger="managedvolume.udev"):
-        assert udev.trigger(cfg, "/dev/loop7") is False
+        assert udev.trigger(cfg, NOT_BLOCK) is False
     assert "not found" in caplog.text
 
 
@@ -102,7 +120,7 @@ def test_failing_udevadm_is_a_warning(tmp_path, caplog):
     script.chmod(0o755)
     cfg = make_cfg(tmp_path, udevadm=str(script))
     with caplog.at_level(logging.WARNING, logger="managedvolume.udev"):
-        assert udev.trigger(cfg, "/dev/loop7") is False
+        assert udev.trigger(cfg, NOT_BLOCK) is False
     assert "rc=3" in caplog.text and "no such device" in caplog.text
 
 
@@ -112,7 +130,7 @@ def test_hanging_udevadm_is_bounded(tmp_path, caplog):
     script.chmod(0o755)
     cfg = make_cfg(tmp_path, udevadm=str(script))
     with caplog.at_level(logging.WARNING, logger="managedvolume.udev"):
-        assert udev.trigger(cfg, "/dev/loop7", timeout=0.2) is False
+        assert udev.trigger(cfg, NOT_BLOCK, timeout=0.2) is False
     assert "did not finish" in caplog.text
 
 

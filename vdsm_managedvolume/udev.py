@@ -19,8 +19,12 @@ The value is the path relative to ``/dev``, as udev spells it.
 Never ``OWNER``/``GROUP``/``MODE``: udev then resets the SELinux label to
 the default and running VMs pause (https://bugzilla.redhat.com/1147910).
 
-After writing the rule, ``udevadm trigger --action=change <path>`` makes
-udev apply it now.  The trigger is bounded by a timeout, and a missing
+After writing the rule, a "change" event for the device makes udev apply
+it now.  For a block device we write ``change`` to its
+``/sys/dev/block/MAJ:MIN/uevent`` ourselves: that is exactly what
+``udevadm trigger --action=change <path>`` does for one device, without
+the ~2 ms fork and exec (it was 40% of an attach).  Anything else (no
+sysfs entry, not a block device) falls back to running udevadm.  The trigger is bounded by a timeout, and a missing
 udevadm or a failing trigger is a warning, not a failure: the device is
 connected and correct, only its owner may lag until the next event.
 
@@ -34,6 +38,7 @@ loss is found by ``rule_ok`` when the service starts and written again.
 import logging
 import os
 import re
+import stat
 import subprocess
 
 log = logging.getLogger("managedvolume.udev")
@@ -157,10 +162,35 @@ def list_temp_files(cfg):
 
 
 def trigger(cfg, path, timeout=TRIGGER_TIMEOUT):
-    """Run ``udevadm trigger --action=change <path>``; return success.
+    """Send a "change" uevent for the device at ``path``; return success.
 
     Failures are logged as warnings and reported as False, never raised.
     """
+    uevent = _sysfs_uevent(path)
+    if uevent is not None:
+        try:
+            with open(uevent, "w") as f:
+                f.write("change")
+            return True
+        except OSError as e:
+            log.debug("Cannot write %s (%s), trying udevadm", uevent, e)
+    return _udevadm_trigger(cfg, path, timeout)
+
+
+def _sysfs_uevent(path):
+    """``/sys/dev/block/MAJ:MIN/uevent`` of a block device, or None."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISBLK(st.st_mode):
+        return None
+    uevent = "/sys/dev/block/{}:{}/uevent".format(
+        os.major(st.st_rdev), os.minor(st.st_rdev))
+    return uevent if os.path.exists(uevent) else None
+
+
+def _udevadm_trigger(cfg, path, timeout):
     cmd = [cfg.udevadm, "trigger", "--action=change", path]
     try:
         res = subprocess.run(cmd, stdin=subprocess.DEVNULL,

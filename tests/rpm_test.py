@@ -311,7 +311,7 @@ def test_host_rpm_holds_package_hook_schema_config_unit_and_man_pages(rpms):
     got = files(rpms, HOST)
     lib = sitelib(got)
     expected = {
-        HOOK, SUDOERS,
+        HOOK,
         "/usr/bin/managedvolume-agent", "/usr/bin/managedvolume-client",
         "/usr/bin/managedvolume-tool",
         lib + "/vdsm_managedvolume/service.py",
@@ -356,11 +356,15 @@ def test_engine_shim_is_in_the_engine_rpm_only(rpms):
 def test_vdsm_registration_is_an_opt_in_package_requiring_vdsm(rpms):
     assert files(rpms, VDSM) == {
         os.path.dirname(DROP_IN), DROP_IN, SITE,
-        SITE + "/sitecustomize.py"}
+        SITE + "/sitecustomize.py", SUDOERS}
     assert not files(rpms, HOST) & files(rpms, VDSM)
     requires = set(rpmq(rpms, VDSM, "--requires").splitlines())
-    assert "vdsm" in requires
+    assert {"vdsm", "sudo"} <= requires
     assert "vdsm-managedvolume = {}-1".format(VERSION) in requires
+    sudoers = rpmq(rpms, VDSM, "--qf",
+                   "[%{FILEMODES:perms} %{FILEUSERNAME}:%{FILEGROUPNAME} "
+                   "%{FILEFLAGS:fflags} %{FILENAMES}\n]")
+    assert "-r--r----- root:root cn {}\n".format(SUDOERS) in sudoers
     # vdsmd is never restarted by a scriptlet: only reloaded units.
     scripts = rpmq(rpms, VDSM, "--scripts")
     assert "daemon-reload" in scripts
@@ -369,7 +373,7 @@ def test_vdsm_registration_is_an_opt_in_package_requiring_vdsm(rpms):
 
 
 @pytest.mark.slow
-def test_config_files_are_noreplace_and_sudoers_is_0440(rpms):
+def test_config_files_are_noreplace_and_run_dirs_belong_to_vdsm(rpms):
     attrs = {}
     for line in rpmq(rpms, HOST, "--qf",
                      "[%{FILEMODES:perms} %{FILEUSERNAME}:%{FILEGROUPNAME} "
@@ -378,9 +382,8 @@ def test_config_files_are_noreplace_and_sudoers_is_0440(rpms):
         flags = fields[2] if len(fields) == 4 else ""
         attrs[fields[-1]] = (fields[0], fields[1], flags)
     for conf in ("/etc/vdsm/managedvolume.conf",
-                 "/etc/vdsm/managedvolume-logger.conf", SUDOERS):
+                 "/etc/vdsm/managedvolume-logger.conf"):
         assert attrs[conf][2] == "cn", conf        # %config(noreplace)
-    assert attrs[SUDOERS][:2] == ("-r--r-----", "root:root")
     assert attrs[HOOK][0] == "-rwxr-xr-x"
     assert attrs["/usr/bin/managedvolume-tool"][0] == "-rwxr-xr-x"
     for d in ("/run/vdsm/managedvolumes", "/run/vdsm/managedvolume"):
@@ -390,7 +393,7 @@ def test_config_files_are_noreplace_and_sudoers_is_0440(rpms):
 @pytest.mark.slow
 def test_host_rpm_requires_fedora_names_of_its_dependencies(rpms):
     requires = set(rpmq(rpms, HOST, "--requires").splitlines())
-    for name in HOST_REQUIRES + ("systemd-udev", "sudo"):
+    for name in HOST_REQUIRES + ("systemd-udev",):
         assert name in requires, name
     # No dependency on vdsm itself: the hook dir is owned, not required.
     assert not any(r.split()[0] in ("vdsm", "vdsm-hook") for r in requires)

@@ -124,6 +124,21 @@ def test_configure_migrates_a_vdsm_database_in_place(state, cfg):
     assert rec["path"] == "/dev/mapper/3600a"
 
 
+def test_configure_needs_neither_os_brick_nor_yaml(state, cfg):
+    # The RPM's %post runs it; it must work with the standard library and
+    # the package alone.
+    code = ("import sys\n"
+            "for m in ('os_brick', 'oslo_privsep', 'oslo_config', 'yaml',"
+            " 'cryptography'):\n"
+            "    sys.modules[m] = None\n"
+            "from vdsm_managedvolume import tool\n"
+            "sys.exit(tool.main(['--state-dir', {!r}, 'configure']))\n"
+            .format(state))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=_repo(),
+                   capture_output=True)
+    assert os.path.exists(cfg.db_path)
+
+
 @pytest.mark.root
 def test_configure_gives_database_and_run_dirs_to_owner(state, cfg):
     p = run("--state-dir", state, "--json", "configure",

@@ -17,6 +17,13 @@ pytest_plugins = [
 IS_ROOT = os.geteuid() == 0
 
 
+def pytest_configure(config):
+    # Privsep daemons fork away from their helper; adopt them so that the
+    # ones the tests kill are reaped here, not left as zombies.
+    from vdsm_managedvolume import privileged
+    privileged.become_subreaper()
+
+
 def pytest_collection_modifyitems(config, items):
     if IS_ROOT:
         return
@@ -24,3 +31,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "root" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_unconfigure(config):
+    # Collect adopted daemons that ended during the session (killed by
+    # crash tests in child processes) before we exit and hand them to a
+    # PID 1 that may not reap.
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return

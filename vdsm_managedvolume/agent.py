@@ -68,6 +68,7 @@ from . import config
 from . import errors
 from . import log as logmod
 from . import pki
+from . import privileged
 from . import stompframe
 
 log = logging.getLogger("managedvolume.agent")
@@ -120,6 +121,7 @@ def main(argv=None):
     if cfg.state_dir and not cfg.log_file and not cfg.log_config:
         cfg.log_file = os.path.join(cfg.log_dir, "agent.log")
     logmod.setup(cfg)
+    privileged.become_subreaper()
     log.info("vdsm-managedvolume agent %s starting (config %s, state dir "
              "%s)", __version__, cfg.source or "defaults",
              cfg.state_dir or "-")

@@ -95,6 +95,11 @@ START_TIMEOUT = 60.0
 # killing it from here.
 KILL_GRACE = 2.0
 
+# How long closing waits for an ended daemon to be collectable.
+REAP_WAIT = 2.0
+
+PR_SET_CHILD_SUBREAPER = 36
+
 # The daemon runs each call in a thread of a pool; calls beyond its size
 # queue (while their deadline runs).
 THREAD_POOL_SIZE = 16
@@ -419,8 +424,34 @@ class _Daemon:
         except OSError:
             pass
         if self._pidfd is not None:
+            # Exited (or exiting): collect it where we are its reaper.
+            select.select([self._pidfd], [], [], REAP_WAIT)
+            _reap_pid(self.pid)
             os.close(self._pidfd)
             self._pidfd = None
+
+
+def become_subreaper():
+    """Adopt our orphaned descendants (the privsep daemon forks away from
+    its helper) so that we, not PID 1, reap them when they end.
+
+    Where PID 1 reaps nothing (containers), killed daemons would otherwise
+    stay zombies until the host reboots.  Long-lived programs (the agent,
+    the test session) call this once; returns whether it took effect.
+    """
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _reap_pid(pid):
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass  # Not our child: its reaper collects it.
 
 
 def _import_comm():

@@ -226,3 +226,21 @@ def test_unwritable_location_is_a_store_error(tmp_path):
     blocker.write_text("")
     with pytest.raises(errors.StoreError, match="cannot create"):
         store.open(str(blocker / "lib" / "mv.db"))
+
+
+def test_inspect_reads_version_without_migrating_or_writing(tmp_path):
+    path = str(tmp_path / "mv.db")
+    with store.open(path):
+        pass
+    before = os.stat(path).st_mtime_ns
+    info = store.inspect(path)
+    assert info == {"version": store.VERSION,
+                    "description": store.MIGRATIONS[-1][1], "records": 0}
+    assert os.stat(path).st_mtime_ns == before
+
+
+def test_inspect_of_a_missing_file_creates_nothing(tmp_path):
+    path = tmp_path / "absent.db"
+    with pytest.raises(errors.StoreError):
+        store.inspect(str(path))
+    assert not path.exists()

@@ -31,6 +31,7 @@ import logging
 import os
 import sqlite3
 import threading
+import urllib.parse
 
 from . import errors
 
@@ -75,6 +76,38 @@ VERSION = MIGRATIONS[-1][0]
 def open(path, busy_timeout=BUSY_TIMEOUT):
     """Open (creating and migrating when needed) the store at ``path``."""
     return Store(path, busy_timeout=busy_timeout)
+
+
+def inspect(path):
+    """Read-only look at a store: {"version", "description", "records"}.
+
+    Never creates, migrates or writes anything (a doctor must not change
+    what it examines): ``version`` 0 means a database without our tables.
+    """
+    uri = "file:{}?mode=ro".format(urllib.parse.quote(os.path.abspath(path)))
+    try:
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+    except sqlite3.Error as e:
+        raise errors.StoreError("cannot open {}: {}".format(path, e))
+    try:
+        tables = {r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        info = {"version": 0, "description": None, "records": 0}
+        if "versions" in tables:
+            row = conn.execute(
+                "SELECT version, description FROM versions "
+                "ORDER BY version DESC LIMIT 1").fetchone()
+            if row:
+                info["version"], info["description"] = row
+        if "volumes" in tables:
+            info["records"] = conn.execute(
+                "SELECT count(*) FROM volumes").fetchone()[0]
+        return info
+    except sqlite3.Error as e:
+        raise errors.StoreError(
+            "{} is not a usable database: {}".format(path, e))
+    finally:
+        conn.close()
 
 
 class Store:

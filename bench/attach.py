@@ -23,7 +23,6 @@ ratios with their targets; it does not assert them.
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ import uuid
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import benchutil  # noqa: E402
 from vdsm_managedvolume import config  # noqa: E402
 from vdsm_managedvolume import service  # noqa: E402
 
@@ -80,21 +80,17 @@ def main():
         sys.exit("bench/attach.py needs root (loop device, privsep daemon)")
 
     tmp = tempfile.mkdtemp(prefix="managedvolume-bench-")
-    backing = os.path.join(tmp, "backing.img")
-    with open(backing, "wb") as f:
-        f.truncate(16 * 1024 * 1024)
-    loop = subprocess.check_output(
-        ["losetup", "--find", "--show", backing]).decode().strip()
     try:
-        cfg = config.with_state_dir(config.Config(), os.path.join(tmp, "s"))
-        svc = service.Service(cfg)
-        svc.start()
-        try:
-            results = run(svc, loop, args)
-        finally:
-            svc.close()
+        with benchutil.loop_device(tmp) as loop:
+            cfg = config.with_state_dir(config.Config(),
+                                        os.path.join(tmp, "s"))
+            svc = service.Service(cfg)
+            svc.start()
+            try:
+                results = run(svc, loop, args)
+            finally:
+                svc.close()
     finally:
-        subprocess.run(["losetup", "-d", loop], check=False)
         shutil.rmtree(tmp, ignore_errors=True)
     report(results, args)
 
@@ -174,13 +170,6 @@ def timed(n, func, verbose=False):
     return times
 
 
-def pct(times, q):
-    s = sorted(times)
-    if len(s) == 1:
-        return s[0]
-    return statistics.quantiles(s, n=100, method="inclusive")[q - 1]
-
-
 def fmt(seconds):
     if seconds >= 1:
         return "{:.2f} s".format(seconds)
@@ -202,14 +191,14 @@ def report(r, args):
             args.info_baseline), r["info_base"]),
     )
     for name, times in rows:
-        print("{:<44} {:>10} {:>10}".format(name, fmt(pct(times, 50)),
-                                            fmt(pct(times, 95))))
+        print("{:<44} {:>10} {:>10}".format(name, fmt(benchutil.percentile(times, 50)),
+                                            fmt(benchutil.percentile(times, 95))))
     print("  of which udevadm trigger (one process): p50 {}".format(
-        fmt(pct(r["udevadm"], 50))))
+        fmt(benchutil.percentile(r["udevadm"], 50))))
     print("connector_info cache fill (privsep daemon): {}".format(
         fmt(r["info_fill"])))
-    pair_ratio = pct(r["pair_base"], 50) / pct(r["pair"], 50)
-    info_ratio = pct(r["info_base"], 50) / pct(r["info"], 50)
+    pair_ratio = benchutil.percentile(r["pair_base"], 50) / benchutil.percentile(r["pair"], 50)
+    info_ratio = benchutil.percentile(r["info_base"], 50) / benchutil.percentile(r["info"], 50)
     print()
     print("attach+detach ratio (p50): {:>12.0f}x  target >= {}x  {}".format(
         pair_ratio, TARGET_PAIR_RATIO,

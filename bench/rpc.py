@@ -22,12 +22,12 @@ production path.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +38,7 @@ import uuid
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import benchutil  # noqa: E402
 from vdsm_managedvolume import config  # noqa: E402
 from vdsm_managedvolume import pki  # noqa: E402
 from vdsm_managedvolume import stompclient  # noqa: E402
@@ -57,15 +58,11 @@ def main():
         sys.exit("bench/rpc.py needs root (loop device, privsep daemon)")
 
     base = tempfile.mkdtemp(prefix="bench-rpc-")
-    loop = None
     agent = None
     service = None
+    loops = contextlib.ExitStack()
     try:
-        backing = os.path.join(base, "backing.img")
-        with open(backing, "wb") as f:
-            f.truncate(16 * 1024 * 1024)
-        loop = subprocess.check_output(
-            ["losetup", "--find", "--show", backing]).decode().strip()
+        loop = loops.enter_context(benchutil.loop_device(base))
         conn = {"driver_volume_type": "local",
                 "data": {"device_path": loop}}
 
@@ -91,8 +88,7 @@ def main():
             agent.stop()
         if service is not None:
             service.close()
-        if loop:
-            subprocess.run(["losetup", "-d", loop], check=False)
+        loops.close()
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -227,10 +223,8 @@ def _report(rows, loop):
 
 
 def _pct(values):
-    values = sorted(values)
-    p50 = statistics.median(values)
-    p95 = values[min(len(values) - 1, int(round(0.95 * (len(values) - 1))))]
-    return p50 * 1000, p95 * 1000
+    return (benchutil.percentile(values, 50) * 1000,
+            benchutil.percentile(values, 95) * 1000)
 
 
 # Set-up

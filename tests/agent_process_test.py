@@ -29,6 +29,7 @@ from vdsm_managedvolume import stompclient
 from . import agentutil
 from . import fakebrick
 from .agentutil import Raw, send_bytes
+from .host_fixtures import iscsi_connection
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT = os.path.join(os.path.dirname(sys.executable), "managedvolume-agent")
@@ -170,23 +171,7 @@ def new_id():
 
 
 def iscsi(agent, **knobs):
-    return _iscsi_connection(agent.dev, **knobs)
-
-
-def _iscsi_connection(dev, key=None, **knobs):
-    key = key or "k-" + uuid.uuid4().hex[:12]
-    data = {
-        "target_iqn": "iqn.2026-11.org.example:" + key,
-        "target_portal": "192.0.2.1:3260",
-        "target_lun": 1,
-        "auth_method": "CHAP",
-        "auth_username": "chapuser",
-        "auth_password": "chap-secret-" + key,
-        "fake_key": key,
-        "fake_dev_dir": dev.multipath_dir,
-    }
-    data.update(knobs)
-    return {"driver_volume_type": "iscsi", "data": data}
+    return iscsi_connection(agent.dev, **knobs)
 
 
 def connected_keys(agent):

@@ -35,6 +35,7 @@ import os
 import sys
 import threading
 import traceback
+import warnings
 
 from vdsm_managedvolume import errors
 from vdsm_managedvolume import log as logutil
@@ -45,6 +46,7 @@ log = logging.getLogger("vdsm_managedvolume.engine")
 # Third-party loggers kept at WARNING unless the log level is DEBUG: at INFO
 # cinder logs connection info (with CHAP secrets) and every SQL migration.
 NOISY = ("cinder", "cinderlib", "oslo", "oslo_db", "oslo_concurrency",
+         "oslo_service", "oslo_config", "oslo_utils", "oslo_log", "futurist",
          "os_brick", "sqlalchemy", "alembic", "stevedore", "tooz",
          "urllib3", "py.warnings", "oslo_policy", "oslo.privsep")
 
@@ -88,15 +90,21 @@ def run(request):
     scrub = Scrubber(request.secrets())
     configure_logging(request, scrub)
     box = []
+    done = threading.Event()
 
     def work():
-        with logutil.flow(request.correlation_id):
-            box.append(_execute(request, scrub))
+        try:
+            with logutil.flow(request.correlation_id):
+                box.append(_execute(request, scrub))
+        finally:
+            done.set()
 
+    # An Event, not Thread.join(): once cinder is imported, a thread's end
+    # no longer releases join()'s lock (eventlet), and join would wait for
+    # the whole timeout.
     worker = threading.Thread(target=work, name="operation", daemon=True)
     worker.start()
-    worker.join(request.timeout)
-    if worker.is_alive():
+    if not done.wait(request.timeout):
         with logutil.flow(request.correlation_id):
             log.error("%s did not finish within %s seconds; giving up",
                       request.command, _seconds(request.timeout))
@@ -171,6 +179,7 @@ def setup_cinderlib(db_url, locks_dir):
     The first call runs ``cl.setup``; a later call with another URL only
     switches the persistence.  The locks directory is the first call's.
     """
+    select_threading_backend()
     import cinderlib as cl
     if not cl.Backend.global_initialization:
         os.makedirs(locks_dir, mode=0o700, exist_ok=True)
@@ -202,6 +211,20 @@ def backend(cl, driver):
 
 
 # Private helpers
+
+def select_threading_backend():
+    """Keep eventlet out: oslo.service's threading backend, no warnings.
+
+    Must run before cinder is imported; harmless afterwards.
+    """
+    warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
+    try:
+        from oslo_service import backend
+        backend.init_backend(backend.BackendType.THREADING)
+    except Exception:
+        # Older oslo.service (no backends) or already selected.
+        pass
+
 
 def _execute(request, scrub):
     from . import ops

@@ -281,6 +281,7 @@ class Server:
         if runner._state["db_url"] == request.db_url:
             return
         box = []
+        done = threading.Event()
 
         def work():
             try:
@@ -289,14 +290,16 @@ class Server:
                 box.append(None)
             except Exception as e:
                 box.append(e)
+            finally:
+                done.set()
 
         t = time.monotonic()
         worker = threading.Thread(target=work, name="setup", daemon=True)
         worker.start()
-        worker.join(SETUP_TIMEOUT)
+        finished = done.wait(SETUP_TIMEOUT)
         # oslo.log replaced the root handlers during cl.setup.
         logutil.setup(level=self.log_level, filename=self.log_file or None)
-        if worker.is_alive():
+        if not finished:
             log.error("cinderlib setup did not finish within %s seconds; "
                       "stopping (commands run cold meanwhile)", SETUP_TIMEOUT)
             self.stopping = True
@@ -338,6 +341,7 @@ def _child(listener, conn, request):
 
 def _preload():
     """Import what every request needs (the cost warm mode exists to avoid)."""
+    runner.select_threading_backend()
     import cinderlib  # noqa: F401
     from . import filedriver  # noqa: F401
     from . import ops  # noqa: F401

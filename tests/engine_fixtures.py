@@ -1,1 +1,311 @@
-"""Fixtures for the engine tests (see conftest.py)."""
+"""Fixtures for the engine shim tests (see conftest.py).
+
+The shim is tested the way ovirt-engine uses it: as a command, in real
+processes, against a real database (SQLite in tmp_path, and a private
+PostgreSQL cluster started by ``scripts/pgcluster.sh``), with the embedded
+FileDriver writing real sparse files.  Nothing of cinder is imported into
+the pytest process (its import has process-wide side effects).
+
+Processes are the expensive part (a cold run imports cinderlib: ~1 s on an
+idle machine, several under load), so:
+
+- ``engine_service`` (session) is ONE warm service shared by every test;
+  each test uses its own database, volume directory and ids;
+- cold runs are kept to the tests that are about cold runs.
+"""
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from urllib.parse import quote
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(os.path.dirname(sys.executable),
+                   "managedvolume-cinderlib-client")
+PGCLUSTER = os.path.join(ROOT, "scripts", "pgcluster.sh")
+
+
+def client_argv():
+    if os.path.exists(BIN):
+        return [BIN]
+    return [sys.executable, "-m", "vdsm_managedvolume.engine.client"]
+
+
+class Result:
+    """A finished command: stdout bytes, stderr text, exit code."""
+
+    def __init__(self, argv, proc, elapsed):
+        self.argv = argv
+        self.stdout = proc.stdout
+        self.stderr = proc.stderr.decode("utf-8", "replace")
+        self.code = proc.returncode
+        self.elapsed = elapsed
+
+    def payload(self, cid):
+        """The text after ``<cid>:`` on the first matching line."""
+        line = self.stdout.decode("utf-8")
+        assert line.startswith(cid + ":"), self.describe()
+        assert line.endswith("\n") and line.count("\n") == 1, self.describe()
+        return line[len(cid) + 1:-1]
+
+    def json(self, cid):
+        return json.loads(self.payload(cid))
+
+    def error(self):
+        line = self.stdout.decode("utf-8")
+        assert line.startswith("error:"), self.describe()
+        assert line.endswith("\n") and line.count("\n") == 1, self.describe()
+        return line[len("error:"):-1]
+
+    def describe(self):
+        return "exit {}\nstdout: {!r}\nstderr:\n{}".format(
+            self.code, self.stdout, self.stderr[-3000:])
+
+
+class Shim:
+    """Runs managedvolume-cinderlib-client the way the engine does."""
+
+    def __init__(self, run_dir, socket_path):
+        self.run_dir = run_dir
+        self.socket_path = socket_path
+        self.env = dict(os.environ)
+        self.env["MANAGEDVOLUME_ENGINE_LOCKS_DIR"] = os.path.join(run_dir,
+                                                                  "locks")
+        # tests.* test drivers must be importable by the shim's processes.
+        self.env["PYTHONPATH"] = ROOT + os.pathsep + self.env.get(
+            "PYTHONPATH", "")
+        for name in ("MANAGEDVOLUME_ENGINE_SOCKET", "MANAGEDVOLUME_DB_URL",
+                     "MANAGEDVOLUME_DRIVER_JSON", "MANAGEDVOLUME_ENGINE_COLD",
+                     "MANAGEDVOLUME_ENGINE_TIMEOUT", "MANAGEDVOLUME_DB_PASSWORD",
+                     "PGPASSWORD"):
+            self.env.pop(name, None)
+
+    def run(self, command, *args, driver, db_url, cid="cid-test",
+            warm=True, options=(), env=None, stdin=None, timeout=120):
+        argv = client_argv() + list(options)
+        argv += ["--socket", self.socket_path] if warm else ["--cold"]
+        if isinstance(driver, dict):
+            driver = json.dumps(driver)
+        argv += [command, driver, db_url, cid] + [str(a) for a in args]
+        full_env = dict(self.env)
+        full_env.update(env or {})
+        start = time.monotonic()
+        proc = subprocess.run(argv, input=stdin, capture_output=True,
+                              env=full_env, cwd=ROOT, timeout=timeout)
+        return Result(argv, proc, time.monotonic() - start)
+
+    def popen(self, command, *args, driver, db_url, cid="cid-test",
+              warm=True, options=(), env=None):
+        argv = client_argv() + list(options)
+        argv += ["--socket", self.socket_path] if warm else ["--cold"]
+        if isinstance(driver, dict):
+            driver = json.dumps(driver)
+        argv += [command, driver, db_url, cid] + [str(a) for a in args]
+        full_env = dict(self.env)
+        full_env.update(env or {})
+        return subprocess.Popen(argv, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=full_env,
+                                cwd=ROOT)
+
+
+class Service:
+    """A running warm service (``--serve``)."""
+
+    def __init__(self, shim, log_file):
+        self.shim = shim
+        self.socket_path = shim.socket_path
+        self.log_file = log_file
+        self.proc = subprocess.Popen(
+            client_argv() + ["--serve", "--socket", self.socket_path,
+                             "--log-file", log_file],
+            env=shim.env, cwd=ROOT, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 90
+        while not _connectable(self.socket_path):
+            if self.proc.poll() is not None:
+                raise RuntimeError("warm service died: {}".format(
+                    self.proc.stderr.read().decode()))
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("warm service did not start")
+            time.sleep(0.05)
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def log(self):
+        with open(self.log_file) as f:
+            return f.read()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.stderr.close()
+
+
+class PgCluster:
+    """The private PostgreSQL cluster: URLs with and without password."""
+
+    def __init__(self, env_lines, password):
+        info = dict(line.split("=", 1) for line in env_lines.splitlines()
+                    if "=" in line)
+        self.dir = info["PGCLUSTER_DIR"]
+        self.port = int(info["PGCLUSTER_PORT"])
+        self.user = info["PGCLUSTER_USER"]
+        self.db = info["PGCLUSTER_DB"]
+        self.password = password
+
+    def url(self, password=True, db=None):
+        creds = self.user
+        if password:
+            creds += ":" + quote(self.password, safe="")
+        return "postgresql+psycopg2://{}@127.0.0.1:{}/{}".format(
+            creds, self.port, db or self.db)
+
+    def psql(self, sql, db=None):
+        """Run ``sql`` as the cluster's user (password through env)."""
+        bindir = subprocess.run(["bash", PGCLUSTER, "bindir"],
+                                capture_output=True, text=True,
+                                check=True).stdout.strip()
+        env = dict(os.environ, PGPASSWORD=self.password)
+        return subprocess.run(
+            [os.path.join(bindir, "psql"), "-h", "127.0.0.1", "-p",
+             str(self.port), "-U", self.user, "-d", db or self.db, "-At", "-c",
+             sql], env=env, capture_output=True, text=True,
+            check=True).stdout
+
+    def new_database(self):
+        """A fresh database of our user, so that tests do not share data."""
+        name = "t_" + uuid.uuid4().hex[:12]
+        self.psql("CREATE DATABASE {}".format(name))
+        return name
+
+
+@pytest.fixture(scope="session")
+def engine_run_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("engine-run"))
+
+
+@pytest.fixture(scope="session")
+def engine_shim(engine_run_dir):
+    return Shim(engine_run_dir, os.path.join(engine_run_dir, "s",
+                                             "cinderlib.sock"))
+
+
+@pytest.fixture(scope="session")
+def engine_service(engine_shim, engine_run_dir):
+    service = Service(engine_shim, os.path.join(engine_run_dir,
+                                                "service.log"))
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def engine_backend(tmp_path):
+    """A FileDriver backend of its own and a SQLite DB of its own."""
+    vols = tmp_path / "vols"
+    return {
+        "driver": {
+            "volume_driver":
+                "vdsm_managedvolume.engine.filedriver.FileDriver",
+            "volume_backend_name": "file",
+            "file_volume_dir": str(vols),
+        },
+        "db_url": "sqlite:///{}".format(tmp_path / "cinderlib.db"),
+        "dir": str(vols),
+    }
+
+
+@pytest.fixture(scope="session")
+def pg_cluster(tmp_path_factory):
+    if subprocess.run(["bash", PGCLUSTER, "bindir"],
+                      capture_output=True).returncode != 0:
+        pytest.skip("postgresql binaries not installed "
+                    "(scripts/install-sysdeps.sh installs them)")
+    # Characters that need quoting in a URL and in SQL, to prove both.
+    password = "pw'{}@:/% x".format(secrets.token_hex(6))
+    # The cluster lives in /tmp/pgcluster.*: user postgres cannot enter
+    # pytest's 0700 temp dirs.  stop removes it.
+    env = dict(os.environ, PGCLUSTER_PASSWORD=password)
+    env.pop("TMPDIR", None)
+    proc = subprocess.run(["bash", PGCLUSTER, "start"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        pytest.fail("pgcluster.sh start failed:\n" + proc.stderr)
+    cluster = PgCluster(proc.stdout, password)
+    yield cluster
+    subprocess.run(["bash", PGCLUSTER, "stop", cluster.dir], timeout=60)
+
+
+def new_id():
+    return str(uuid.uuid4())
+
+
+def files_in(directory):
+    try:
+        return sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+
+
+def loop_devices_under(directory):
+    """Loop devices whose backing file is under ``directory``."""
+    prefix = os.path.realpath(directory) + os.sep
+    found = []
+    for name in os.listdir("/sys/block"):
+        backing = os.path.join("/sys/block", name, "loop", "backing_file")
+        try:
+            with open(backing) as f:
+                if f.read().strip().startswith(prefix):
+                    found.append("/dev/" + name)
+        except OSError:
+            pass
+    return found
+
+
+def process_cmdlines(pids):
+    """The command lines (NUL separated) of ``pids`` and their children."""
+    seen = {}
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        try:
+            with open("/proc/{}/cmdline".format(pid), "rb") as f:
+                seen[pid] = f.read().replace(b"\0", b" ").decode(
+                    "utf-8", "replace")
+        except OSError:
+            continue
+        try:
+            with open("/proc/{0}/task/{0}/children".format(pid)) as f:
+                todo.extend(int(p) for p in f.read().split())
+        except OSError:
+            pass
+    return seen
+
+
+def _connectable(path):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()

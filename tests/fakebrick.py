@@ -47,6 +47,10 @@ Knobs in ``connection_info["data"]`` (all optional):
     fake_sleep          seconds to sleep in connect before connecting
                         (-> HelperTimeout with a short cfg.timeout)
     fake_sleep_disconnect  the same for disconnect
+    fake_log_thread     log "fake thread <key>" (INFO, logger
+                        tests.fakebrick) from a thread spawned the way
+                        os-brick spawns them (os_brick.executor.Thread),
+                        after any fake_sleep: only inside the daemon
     fake_key            the state key (see above)
 
 Disconnect is idempotent: disconnecting what is not connected succeeds,
@@ -55,10 +59,13 @@ as os-brick's connectors mostly do.
 
 import hashlib
 import json
+import logging
 import os
 import time
 
 ENV_DIR = "MANAGEDVOLUME_FAKEBRICK_DIR"
+
+log = logging.getLogger("tests.fakebrick")
 
 FAKED = ("iscsi", "fibre_channel", "rbd")
 
@@ -112,6 +119,8 @@ class FakeConnector:
         key = self.key(data)
         _record("connect-start", key)
         _sleep(data.get("fake_sleep"))
+        if data.get("fake_log_thread"):
+            _log_from_brick_thread(key)
         if data.get("fake_fail"):
             _record("connect-failed", key)
             raise FakeConnectorError(_failure(data, "fake_fail", "Login"))
@@ -231,6 +240,13 @@ def _failure(data, knob, what):
             "auth_username={} auth_password={} refused".format(
                 what, data.get("target_iqn") or data.get("name"),
                 data.get("auth_username"), data.get("auth_password")))
+
+
+def _log_from_brick_thread(key):
+    from os_brick import executor
+    t = executor.Thread(target=log.info, args=("fake thread %s", key))
+    t.start()
+    t.join()
 
 
 def _sleep(seconds):

@@ -113,10 +113,13 @@ class InProcessBrick:
 
     ``local`` connections are handled like os-brick's LocalConnector
     ({'type': 'local', 'path': data['device_path']}, nothing to undo).
+    The udev calls (for a service that is not root) write into
+    ``cfg.udev_rules_dir`` here, checking what the daemon checks.
     """
 
-    def __init__(self, adapters=()):
+    def __init__(self, adapters=(), cfg=None):
         self.adapters = set(adapters)
+        self.cfg = cfg
         self.calls = []
         self.properties = {"initiator": "iqn.1994-05.com.redhat:test",
                            "host": "test", "multipath": True,
@@ -153,6 +156,23 @@ class InProcessBrick:
         except fakebrick.FakeConnectorError as e:
             raise errors.HelperFailed(str(e))
 
+    def add_udev_rule(self, sd_id, vol_id, path):
+        from vdsm_managedvolume import udev
+        self.calls.append(("add_udev_rule", sd_id, vol_id, path))
+        try:
+            udev.check_device_path(path, ("/dev", self.cfg.multipath_dir,
+                                          self.cfg.rbd_dir))
+            dst = udev.add_rule(self.cfg, sd_id, vol_id, path)
+        except udev.UnsafePath as e:
+            raise errors.HelperFailed("UnsafePath: {}".format(e))
+        udev.trigger(self.cfg, path)
+        return dst
+
+    def remove_udev_rule(self, sd_id, vol_id, temp=False):
+        from vdsm_managedvolume import udev
+        self.calls.append(("remove_udev_rule", sd_id, vol_id, temp))
+        return udev.remove_rule(self.cfg, sd_id, vol_id, temp=temp)
+
     def check_adapter(self, adapter):
         if adapter is not None and adapter not in self.adapters:
             raise errors.UnknownAdapter(adapter=adapter, group="test",
@@ -184,8 +204,8 @@ def host_cfg(tmp_path):
 
 
 @pytest.fixture
-def inproc_brick(fakebrick_dir):
-    return InProcessBrick()
+def inproc_brick(fakebrick_dir, host_cfg):
+    return InProcessBrick(cfg=host_cfg)
 
 
 @pytest.fixture
@@ -244,6 +264,16 @@ def real_service(tmp_path, real_brick, real_fakebrick_dir):
     svc.start()
     yield svc
     svc.close()
+
+
+@pytest.fixture
+def flow_records(caplog):
+    """caplog at DEBUG with the flow id set on every record as in
+    production (log.ContextFilter on the handler)."""
+    from vdsm_managedvolume import log
+    caplog.set_level("DEBUG")
+    log.install_filter(caplog.handler)
+    return caplog
 
 
 # Loop devices (as root)

@@ -533,3 +533,114 @@ def test_plain_turns_msgpack_tuples_and_sets_into_lists():
     assert privileged.plain(value) == {
         "a": [1, [2, 3]], "b": {"c": [{"d": [4]}]}, "5": ["x"],
         "e": "bytes"}
+
+
+# Flow ids on the daemon's lines
+
+def test_daemon_start_up_lines_carry_the_flow_of_the_call_that_started_it(
+        fresh_cfg, flow_records):
+    fresh_cfg.log_level = "DEBUG"        # oslo.privsep's own lines too
+    b = privileged.Brick(fresh_cfg)
+    try:
+        with log.flow("flow-start"):
+            b.connector_properties()
+        pid = b.daemon_pid()
+        records = [r for r in flow_records.records
+                   if r.process == pid or r.name == privileged.__name__]
+    finally:
+        b.stop()
+    messages = [r.getMessage() for r in records]
+    # The daemon's own start-up (oslo.privsep), os-brick's set-up and the
+    # reply lines are there...
+    assert any("privsep daemon running as pid" in m for m in messages)
+    assert any("privsep: reply" in m for m in messages)
+    # ...and all of them carry the caller's flow id.
+    assert {r.flow_id for r in records} == {"flow-start"}, [
+        (r.flow_id, r.getMessage()[:80]) for r in records
+        if r.flow_id != "flow-start"]
+
+
+def test_daemon_lines_of_concurrent_calls_carry_each_callers_flow_id(
+        fresh_cfg, fake_dir, tmp_path, flow_records):
+    # Two calls in flight with different flow ids: nothing can be guessed
+    # on the client side, the daemon must tag each line itself - also
+    # the lines of threads os-brick spawns and oslo.privsep's reply line.
+    fresh_cfg.log_level = "DEBUG"
+    b = privileged.Brick(fresh_cfg)
+    try:
+        b.connector_properties()
+        pid = b.daemon_pid()
+        flow_records.clear()
+        infos = {flow: iscsi("flow-" + flow, tmp_path, fake_sleep=0.5,
+                             fake_log_thread=True)
+                 for flow in ("flow-a", "flow-b")}
+        attachments = {}
+
+        def connect(flow):
+            with log.flow(flow):
+                attachments[flow] = b.connect(infos[flow])
+
+        threads = [threading.Thread(target=connect, args=(f,))
+                   for f in infos]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        for flow, info in infos.items():
+            b.disconnect(info, attachments[flow])
+        records = [r for r in flow_records.records if r.process == pid]
+    finally:
+        b.stop()
+    for flow in infos:
+        key = "flow-" + flow
+        thread_lines = [r for r in records
+                        if r.getMessage() == "fake thread " + key]
+        assert [r.flow_id for r in thread_lines] == [flow]
+        assert thread_lines[0].threadName != "MainThread"
+        wwn = attachments[flow]["multipath_id"]
+        replies = [r for r in records if "privsep: reply" in r.getMessage()
+                   and wwn in r.getMessage()]
+        assert [r.flow_id for r in replies] == [flow]
+
+
+# connector_info's ip (os-brick's my_ip)
+
+def test_default_ip_is_the_source_address_of_the_default_route():
+    route = subprocess.run(["ip", "-o", "route", "get", "192.0.2.1"],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    if route.returncode != 0:
+        pytest.skip("no IPv4 route on this host")
+    words = route.stdout.decode().split()
+    assert privileged.default_ip() == words[words.index("src") + 1]
+
+
+def test_default_ip_without_any_route_is_none(monkeypatch):
+    class Unreachable(privileged.socket.socket):
+        def connect(self, address):
+            raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(privileged.socket, "socket", Unreachable)
+    assert privileged.default_ip() is None
+
+
+def test_my_ip_option_wins_over_the_default_route(fresh_cfg):
+    fresh_cfg.my_ip = "2001:DB8::7"
+    assert privileged.my_ip(fresh_cfg) == "2001:db8::7"
+    fresh_cfg.my_ip = ""
+    assert privileged.my_ip(fresh_cfg) == privileged.default_ip()
+
+
+def test_my_ip_that_is_not_an_address_is_config_error(fresh_cfg):
+    fresh_cfg.my_ip = "host.example.com"
+    with pytest.raises(errors.ConfigError, match="my_ip"):
+        privileged.my_ip(fresh_cfg)
+    b = privileged.Brick(fresh_cfg)
+    with pytest.raises(errors.ConfigError):
+        b.connector_properties()
+    assert b.daemon_pid() is None
+
+
+def test_connector_properties_carry_my_ip(brick, cfg, monkeypatch):
+    assert brick.connector_properties()["ip"] == privileged.default_ip()
+    monkeypatch.setattr(cfg, "my_ip", "192.0.2.55")
+    assert brick.connector_properties()["ip"] == "192.0.2.55"

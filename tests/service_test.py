@@ -5,6 +5,8 @@ import json
 import logging
 import os
 import stat
+from time import monotonic as time_now
+from time import sleep as time_sleep
 
 import pytest
 
@@ -555,3 +557,193 @@ def test_secrets_never_in_logs_of_attach_and_failed_attach(real_service):
         assert secret not in text
         assert secret not in str(e.value)
     assert "chapuser" in text
+
+
+# Review of the contract's corners
+
+def test_concurrent_connector_info_callers_share_one_refresh(
+        inproc_service, inproc_brick, monkeypatch):
+    import threading
+    import time
+    real = inproc_brick.connector_properties
+
+    def slow():
+        time.sleep(0.2)
+        return real()
+
+    monkeypatch.setattr(inproc_brick, "connector_properties", slow)
+    results = []
+    threads = [threading.Thread(
+        target=lambda: results.append(inproc_service.connector_info()))
+        for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(results) == 8
+    assert all(r == results[0] for r in results)
+    assert inproc_brick.calls.count(("connector_properties",)) == 1
+    cache_dir = os.path.dirname(inproc_service.cfg.connector_info_cache)
+    assert not [n for n in os.listdir(cache_dir) if n.endswith(".tmp")]
+
+
+def test_close_waits_for_a_running_attach_and_refuses_new_calls(
+        host_cfg, inproc_brick):
+    import threading
+    svc = service.Service(host_cfg, brick=inproc_brick)
+    svc.start()
+    vol_id = new_id()
+    ci = iscsi_connection(host_cfg, fake_sleep=0.5)
+    outcome = {}
+
+    def attach():
+        try:
+            outcome["result"] = svc.attach_volume(vol_id, ci)
+        except Exception as e:
+            outcome["error"] = e
+
+    t = threading.Thread(target=attach)
+    t.start()
+    deadline = time_now() + 10
+    while "connect-start " + ci["data"]["fake_key"] not in fakebrick.calls():
+        assert time_now() < deadline
+        time_sleep(0.01)
+    svc.close()
+    t.join(10)
+    # The attach finished and was recorded before the journal closed.
+    assert "error" not in outcome
+    assert outcome["result"]["vol_id"] == vol_id
+    for call in (lambda: svc.attach_volume(new_id(), ci),
+                 lambda: svc.detach_volume(vol_id),
+                 lambda: svc.volumes_info(),
+                 lambda: svc.reconcile()):
+        with pytest.raises(errors.StoreClosed):
+            call()
+    svc = service.Service(host_cfg, brick=inproc_brick)
+    svc.start()
+    try:
+        rec, = records(svc)
+        assert rec["state"] == "attached"
+    finally:
+        svc.close()
+
+
+def test_close_gives_up_waiting_after_its_timeout(host_cfg, inproc_brick):
+    import threading
+    svc = service.Service(host_cfg, brick=inproc_brick)
+    svc.start()
+    ci = iscsi_connection(host_cfg, fake_sleep=1.0)
+    vol_id = new_id()
+    errors_seen = []
+
+    def attach():
+        try:
+            svc.attach_volume(vol_id, ci)
+        except Exception as e:
+            errors_seen.append(e)
+
+    t = threading.Thread(target=attach)
+    t.start()
+    deadline = time_now() + 10
+    while "connect-start " + ci["data"]["fake_key"] not in fakebrick.calls():
+        assert time_now() < deadline
+        time_sleep(0.01)
+    svc.close(timeout=0.1)
+    t.join(10)
+    # Cut between connect and journal: it failed and its record stays
+    # 'attaching' for reconcile, which disconnects it.
+    assert isinstance(errors_seen[0], errors.StoreClosed)
+    svc = service.Service(host_cfg, brick=inproc_brick)
+    svc.start()
+    try:
+        assert records(svc) == []
+        assert ci["data"]["fake_key"] not in fakebrick.connected()
+    finally:
+        svc.close()
+
+
+def test_detach_of_an_attaching_record_disconnects_and_forgets_it(
+        inproc_service):
+    # A crash between connect and the journal update: the record has no
+    # path, but the device may be connected (vdsm leaked it).
+    svc = inproc_service
+    vol_id, ci = new_id(), iscsi_connection(svc.cfg)
+    fakebrick.get_connector("iscsi", ci, None).connect_volume(ci["data"])
+    svc._db().add_volume(vol_id, SD, ci)
+    assert records(svc)[0]["state"] == "attaching"
+    svc.detach_volume(vol_id, SD)
+    assert ci["data"]["fake_key"] not in fakebrick.connected()
+    assert records(svc) == []
+
+
+def test_detach_with_another_sd_id_cleans_the_recorded_and_given_names(
+        inproc_service):
+    svc = inproc_service
+    vol_id = new_id()
+    ci = iscsi_connection(svc.cfg)
+    res = svc.attach_volume(vol_id, ci, SD)
+    stray = link_of(svc, vol_id)               # blank sd_id
+    os.symlink(res["path"], stray)
+    udev.add_rule(svc.cfg, service.BLANK_UUID, vol_id, res["path"])
+    svc.detach_volume(vol_id)                  # blank sd_id
+    for path in (res["managed_path"], stray):
+        assert not is_symlink(path)
+    assert udev.list_rules(svc.cfg) == []
+    assert ci["data"]["fake_key"] not in fakebrick.connected()
+    assert records(svc) == []
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_connection_info_with_nan_or_infinity_is_invalid_params(
+        inproc_service, inproc_brick, value):
+    # json.dumps would write NaN (not JSON) to the journal and the wire,
+    # and NaN != NaN would turn a repeated attach into 929.
+    ci = iscsi_connection(inproc_service.cfg, target_lun=value)
+    with pytest.raises(errors.InvalidParams) as e:
+        inproc_service.attach_volume(new_id(), ci)
+    assert e.value.name == "connection_info"
+    assert inproc_brick.calls == []
+    assert records(inproc_service) == []
+
+
+def test_connection_info_larger_than_64_kib_is_invalid_params(
+        inproc_service, inproc_brick):
+    ci = iscsi_connection(inproc_service.cfg,
+                          padding="x" * service.MAX_CONNECTION_INFO)
+    with pytest.raises(errors.InvalidParams) as e:
+        inproc_service.attach_volume(new_id(), ci)
+    assert e.value.name == "connection_info"
+    assert str(service.MAX_CONNECTION_INFO) in str(e.value)
+    assert inproc_brick.calls == []
+    assert records(inproc_service) == []
+
+
+def test_connection_info_just_under_the_limit_attaches(inproc_service):
+    ci = iscsi_connection(inproc_service.cfg)
+    size = len(json.dumps(ci).encode())
+    ci["data"]["padding"] = "x" * (
+        service.MAX_CONNECTION_INFO - size - len(', "padding": ""'))
+    assert len(json.dumps(ci).encode()) == service.MAX_CONNECTION_INFO
+    inproc_service.attach_volume(new_id(), ci)
+
+
+@pytest.mark.parametrize("name", [
+    "../../etc/passwd", "pool", "pool/../image", "/pool/image",
+    "pool/image/", "pool/im age", 'pool/x", RUN+="evil', None, 7,
+    "a/b/c/d"])
+def test_rbd_name_that_is_not_pool_slash_image_is_invalid_params(
+        inproc_service, inproc_brick, name):
+    ci = rbd_connection(inproc_service.cfg)
+    ci["data"]["name"] = name
+    with pytest.raises(errors.InvalidParams) as e:
+        inproc_service.attach_volume(new_id(), ci)
+    assert e.value.name == "connection_info.data.name"
+    assert inproc_brick.calls == []
+
+
+def test_rbd_name_with_a_namespace_attaches(inproc_service):
+    ci = rbd_connection(inproc_service.cfg,
+                        name="pool/ns1/volume-" + new_id()[:8])
+    res = inproc_service.attach_volume(new_id(), ci)
+    assert res["path"] == os.path.join(inproc_service.cfg.rbd_dir,
+                                       ci["data"]["name"])

@@ -143,3 +143,54 @@ def test_rule_ok_detects_torn_or_stale_rules(tmp_path):
     open(dst, "w").close()            # torn by a power loss
     assert udev.has_rule(cfg, SD, VOL)
     assert not udev.rule_ok(cfg, SD, VOL, "/dev/loop7")
+
+
+@pytest.mark.parametrize("path", [
+    "/dev/sda", "/dev/mapper/3600a", "/dev/rbd/pool/vol-1",
+    "/dev/disk/by-id/wwn-0x5000c500a1b2c3d4"])
+def test_plain_device_paths_pass_the_daemons_check(path):
+    assert udev.check_device_path(path) == path
+
+
+@pytest.mark.parametrize("path", [
+    "/etc/shadow", "/dev/../etc/shadow", "/dev/./sda", "dev/sda",
+    "/dev/sda/", "/dev", "/devices/x", '/dev/x"', "/dev/a b", "", None, 3])
+def test_other_paths_fail_the_daemons_check(path):
+    with pytest.raises(udev.UnsafePath):
+        udev.check_device_path(path)
+
+
+def test_configured_device_dirs_pass_the_daemons_check(tmp_path):
+    cfg = make_cfg(tmp_path)
+    path = os.path.join(cfg.multipath_dir, "3600a")
+    assert udev.check_device_path(path, ("/dev", cfg.multipath_dir)) == path
+    with pytest.raises(udev.UnsafePath):
+        udev.check_device_path(path)
+
+
+def test_temp_names_parse_back_to_their_ids():
+    name = os.path.basename(udev.temp_path("/x", SD, VOL))
+    assert udev.parse_temp_name(name) == (SD, VOL)
+    assert udev.parse_temp_name(name[1:]) is None
+    assert udev.parse_temp_name(".99-vdsm-managed_junk.tmp") is None
+
+
+def test_remove_of_the_temp_file_leaves_the_rule(tmp_path):
+    cfg = make_cfg(tmp_path)
+    dst = udev.add_rule(cfg, SD, VOL, "/dev/loop7")
+    tmp = udev.temp_path(cfg.udev_rules_dir, SD, VOL)
+    open(tmp, "w").close()
+    assert udev.remove_rule(cfg, SD, VOL, temp=True) is True
+    assert udev.remove_rule(cfg, SD, VOL, temp=True) is False
+    assert os.listdir(cfg.udev_rules_dir) == [os.path.basename(dst)]
+
+
+def test_symlink_planted_at_the_temp_name_is_not_followed(tmp_path):
+    cfg = make_cfg(tmp_path)
+    os.makedirs(cfg.udev_rules_dir)
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    os.symlink(victim, udev.temp_path(cfg.udev_rules_dir, SD, VOL))
+    with pytest.raises(OSError):
+        udev.add_rule(cfg, SD, VOL, "/dev/loop7")
+    assert victim.read_text() == "keep me"

@@ -67,6 +67,7 @@ from . import __version__
 from . import config
 from . import errors
 from . import log as logmod
+from . import mask
 from . import pki
 from . import privileged
 from . import stompframe
@@ -87,8 +88,23 @@ HEARTBEAT_GRACE = 3
 # After an ERROR frame: how long we keep reading (and discarding) so that
 # closing does not reset the connection before the peer read the error.
 LINGER = 2.0
-# A connection whose unsent output exceeds this is not reading: drop it.
-MAX_OUTPUT = 64 * 1024 * 1024
+# Output a connection may have pending.  Above READ_PAUSE we stop reading
+# (and so stop running) its requests until it reads its responses; above
+# MAX_OUTPUT, or when it takes no byte for idle_timeout seconds while
+# output is pending, it is dropped.  Memory per connection stays bounded
+# by about max_frame (input) + MAX_OUTPUT (output).
+READ_PAUSE = 1024 * 1024
+MAX_OUTPUT = 16 * 1024 * 1024
+# Connections at once (each costs a file descriptor, TLS state and up to
+# max_frame of input buffer); more are accepted and closed at once.
+MAX_CONNECTIONS = 512
+# When accept() fails for lack of file descriptors, stop accepting for
+# this long instead of spinning on a listener that stays readable.
+ACCEPT_PAUSE = 1.0
+# Control socket clients served at once (each is a thread).
+MAX_CONTROL_CLIENTS = 16
+# A flow id is copied into log lines: at most this long, printable only.
+MAX_FLOW_ID = 128
 # Bound of the connector_info call made for the control socket; the hook
 # reading it gives up after 2 seconds.
 CONTROL_TIMEOUT = 1.0
@@ -157,6 +173,9 @@ class Server:
         self._pool = Pool(cfg.workers, cfg.max_queue)
         self._caps = (_ConnectorInfo(connector_info)
                       if connector_info else None)
+        self._control_slots = threading.BoundedSemaphore(MAX_CONTROL_CLIENTS)
+        self._paused = {}       # listener -> (handler, resume time)
+        self._refused_logged = 0.0
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._thread = None
@@ -242,7 +261,7 @@ class Server:
             if final_deadline is not None and (
                     not self._connections or now >= final_deadline):
                 return
-            timeout = self._expire(now)
+            timeout = min(self._expire(now), self._resume_accepting(now))
             if drain_deadline is not None:
                 timeout = min(timeout, 0.1)
             for conn in list(self._connections):
@@ -293,6 +312,7 @@ class Server:
         if self._control is not None:
             _silent_unlink(self.cfg.socket_path)
         self._listener = self._control = None
+        self._paused.clear()
 
     def _close_all(self):
         self._close_listeners()
@@ -322,7 +342,16 @@ class Server:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
-            log.warning("accept failed: %s", e)
+            self._pause_accepting(self._listener, self._accept, e)
+            return
+        if len(self._connections) >= MAX_CONNECTIONS:
+            now = time.monotonic()
+            if now - self._refused_logged > 10.0:
+                self._refused_logged = now
+                log.warning("Refusing connection from %s: %d connections "
+                            "already open (the limit)",
+                            format_address(addr), len(self._connections))
+            sock.close()
             return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -339,10 +368,49 @@ class Server:
     def _accept_control(self):
         try:
             sock, _ = self._control.accept()
-        except (BlockingIOError, InterruptedError, OSError):
+        except (BlockingIOError, InterruptedError):
             return
-        threading.Thread(target=self._serve_control, args=(sock,),
-                         name="control", daemon=True).start()
+        except OSError as e:
+            self._pause_accepting(self._control, self._accept_control, e)
+            return
+        # The socket is world-writable (the hook runs as vdsm): a local
+        # user must not be able to make us start unbounded threads.
+        if not self._control_slots.acquire(blocking=False):
+            log.debug("Control socket busy: closing a client")
+            sock.close()
+            return
+        try:
+            threading.Thread(target=self._serve_control, args=(sock,),
+                             name="control", daemon=True).start()
+        except RuntimeError:
+            self._control_slots.release()
+            sock.close()
+
+    def _pause_accepting(self, listener, handler, error):
+        """accept() failed (no file descriptors left...): the listener
+        stays readable, so stop watching it for ACCEPT_PAUSE seconds
+        instead of spinning and logging in a loop."""
+        log.warning("accept failed: %s; not accepting for %s seconds",
+                    error, ACCEPT_PAUSE)
+        try:
+            self._selector.unregister(listener)
+        except (KeyError, ValueError):
+            return
+        self._paused[listener] = (handler, time.monotonic() + ACCEPT_PAUSE)
+
+    def _resume_accepting(self, now):
+        """Watch paused listeners again when due; return the select
+        timeout until the next one."""
+        timeout = 1.0
+        for listener, (handler, when) in list(self._paused.items()):
+            if now >= when:
+                del self._paused[listener]
+                if listener.fileno() != -1:
+                    self._selector.register(listener, selectors.EVENT_READ,
+                                            handler)
+            else:
+                timeout = min(timeout, when - now)
+        return timeout
 
     def _serve_control(self, sock):
         try:
@@ -355,6 +423,7 @@ class Server:
             log.debug("Control client went away: %s", e)
         finally:
             sock.close()
+            self._control_slots.release()
 
     # Connections call these (in the I/O thread)
 
@@ -417,8 +486,7 @@ class Server:
                 response = self.dispatcher.handle(body, flow_id)
             except Exception as e:
                 log.exception("Dispatcher failed")
-                response = busy_response(body, errors.InternalError(
-                    "{}: {}".format(type(e).__name__, e)))
+                response = busy_response(body, errors.to_error(e))
         self._results.append((conn, reply_to, flow_id, response))
         self._wake()
 
@@ -492,6 +560,9 @@ class Connection:
         self.send_interval = 0.0    # seconds between our heart-beats
         self.recv_timeout = 0.0     # silence after which the peer is dead
         self._out = bytearray()
+        self._out_since = None      # output pending without progress since
+        self._frame_since = None    # a frame partly received since
+        self._paused = False        # not reading: too much output pending
         self._retry_len = 0         # SSL_write must be retried as it was
         self._want_write = False    # TLS asked to wait for writability
         self._events = selectors.EVENT_READ
@@ -514,7 +585,7 @@ class Connection:
                 return
         if self._out:
             self._flush()
-        if not self.closed:
+        if not self.closed and not self._reading_paused():
             self._read()
         if not self.closed and self._out:
             self._flush()
@@ -532,9 +603,11 @@ class Connection:
             self._finish_close()
             if self.closed:
                 return
-        events = selectors.EVENT_READ
+        events = 0 if self._reading_paused() else selectors.EVENT_READ
         if self._out or self._want_write:
             events |= selectors.EVENT_WRITE
+        if not events:
+            events = selectors.EVENT_READ
         if events != self._events:
             self._events = events
             self.server.watch(self, events)
@@ -551,6 +624,17 @@ class Connection:
                 self.close()
                 return None
             return deadline
+        if self.state != self.CLOSING and self._out_since is not None:
+            deadline = self._out_since + self.cfg.idle_timeout
+            if now >= deadline:
+                log.warning("%s took no byte of its %d pending bytes for "
+                            "%s seconds: closing", self.peer, len(self._out),
+                            self.cfg.idle_timeout)
+                self.close()
+                return None
+            stall = deadline
+        else:
+            stall = None
         if self.state == self.WAIT_CONNECT:
             deadline = self.created + self.cfg.idle_timeout
             if now >= deadline:
@@ -566,7 +650,17 @@ class Connection:
                 self.close()
                 return None
             return deadline
-        deadlines = []
+        deadlines = [stall] if stall is not None else []
+        if self._frame_since is not None:
+            # Slowloris: a frame trickled byte by byte would hold its
+            # buffer (up to max_frame) forever.
+            deadline = self._frame_since + self.cfg.idle_timeout
+            if now >= deadline:
+                self.fail("incomplete frame: {} bytes received, the rest "
+                          "did not arrive within {} seconds".format(
+                              self.parser.buffered, self.cfg.idle_timeout))
+                return None
+            deadlines.append(deadline)
         if self.recv_timeout:
             deadline = self.last_recv + self.recv_timeout
             if now >= deadline:
@@ -580,7 +674,7 @@ class Connection:
             # any byte we write counts as a heart-beat.)
             deadline = self.last_send + self.send_interval
             if now >= deadline:
-                self._out += stompframe.HEARTBEAT
+                self._queue(stompframe.HEARTBEAT)
                 deadline = now + self.send_interval
             deadlines.append(deadline)
         return min(deadlines) if deadlines else None
@@ -589,12 +683,16 @@ class Connection:
         """Queue bytes; written by the loop (``update``)."""
         if self.closed or self.state == self.CLOSING:
             return
-        if len(self._out) + len(data) > MAX_OUTPUT:
+        if self._out and len(self._out) + len(data) > MAX_OUTPUT:
             log.warning("%s does not read its responses (%d bytes "
                         "pending): closing", self.peer, len(self._out))
             self.close()
             return
-        self._out += data
+        self._queue(data)
+
+    @property
+    def pending_output(self):
+        return len(self._out)
 
     def next_message_id(self):
         self._message_id += 1
@@ -677,12 +775,18 @@ class Connection:
             except stompframe.FrameError as e:
                 self.fail(str(e))
                 return
+            if not self.parser.buffered:
+                self._frame_since = None
+            elif frames or self._frame_since is None:
+                self._frame_since = self.last_recv
             for frame in frames:
                 if self.state == self.CLOSING:
                     break
                 self._on_frame(frame)
             if self.closed:
                 return
+            if self._reading_paused():
+                return      # update() resumes once the peer read enough
         # More TLS records may be decrypted already; select() cannot see
         # them, so come back on the next round.
         if self.tls and self.sock.pending():
@@ -710,6 +814,27 @@ class Connection:
             self._want_write = False
             del self._out[:n]
             self.last_send = time.monotonic()
+            self._out_since = self.last_send if self._out else None
+
+    def _queue(self, data):
+        if not self._out:
+            self._out_since = time.monotonic()
+        self._out += data
+
+    def _reading_paused(self):
+        """Whether we stop reading: the peer does not read its responses
+        (backpressure: its further requests wait in the kernel's buffers,
+        not in ours, and do not run)."""
+        paused = len(self._out) > READ_PAUSE and self.state != self.CLOSING
+        if paused != self._paused:
+            self._paused = paused
+            if paused:
+                log.debug("%s has %d bytes of responses pending: not "
+                          "reading its requests until it reads them",
+                          self.peer, len(self._out))
+            elif self.tls and self.sock.pending():
+                self.server.again(self)
+        return paused
 
     def _finish_close(self):
         """Everything was written: close, or half-close and linger.
@@ -831,7 +956,7 @@ class Connection:
     def _on_send(self, frame):
         destination = _required(frame, "destination")
         reply_to = frame.headers.get("reply-to")
-        flow_id = frame.headers.get("ovirtCorrelationId")
+        flow_id = clean_flow_id(frame.headers.get("ovirtCorrelationId"))
         if destination == REQUESTS or destination.startswith(REQUESTS + "."):
             self.server.submit(self, frame.body, reply_to, flow_id)
             return
@@ -904,20 +1029,42 @@ def busy_response(body, error):
     Parses the body only to learn the request ids; notifications get no
     response (None).  An unparsable body gets one error with a null id.
     """
-    payload = {"code": error.code, "message": str(error)}
+    payload = {"code": error.code, "message": mask.mask_text(str(error))}
     try:
-        message = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        message = json.loads(body, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return json.dumps({"jsonrpc": "2.0", "id": None,
                            "error": payload}).encode("utf-8")
     requests = message if isinstance(message, list) else [message]
-    responses = [{"jsonrpc": "2.0", "id": r.get("id"), "error": payload}
+    responses = [{"jsonrpc": "2.0", "id": _request_id(r), "error": payload}
                  for r in requests if isinstance(r, dict) and "id" in r]
     if not responses:
         return None
     if isinstance(message, list) and len(message) > 1:
         return json.dumps(responses).encode("utf-8")
     return json.dumps(responses[0]).encode("utf-8")
+
+
+def _no_constant(name):
+    raise ValueError("{} is not JSON".format(name))
+
+
+def _request_id(request):
+    value = request.get("id")
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return value
+    return None
+
+
+def clean_flow_id(value):
+    """The flow id as it may appear in a log line: printable, one line,
+    at most MAX_FLOW_ID characters (a header may hold escaped newlines,
+    which would forge log lines)."""
+    if value is None:
+        return None
+    cleaned = "".join(c if c.isprintable() and c not in "[]" else "_"
+                      for c in value[:MAX_FLOW_ID])
+    return cleaned or None
 
 
 def parse_listen(value):

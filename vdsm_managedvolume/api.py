@@ -307,6 +307,11 @@ def _call(name, fn, key, args, masked=True):
     start = time.monotonic()
     log.info("START %s(%s)", name, _format_args(args))
     try:
+        # vdsm parses and type-checks requests with its own schema code:
+        # bound the nesting here too, before anything walks the values.
+        from . import schema
+        for arg_name, arg in args.items():
+            schema.check_depth(arg_name, arg)
         value = fn(get_service())
     except errors.Error as e:
         status = {"code": e.code, "message": mask.mask_text(str(e))}
@@ -331,9 +336,20 @@ def _call(name, fn, key, args, masked=True):
     return response
 
 
+# A log line shows this much of an argument (masked first, then cut).
+MAX_LOGGED_ARG = 2000
+
+
 def _format_args(args):
-    return ", ".join("{}={!r}".format(k, v)
+    return ", ".join("{}={}".format(k, shorten(repr(v)))
                      for k, v in mask_params(args).items())
+
+
+def shorten(text):
+    """``text`` cut to MAX_LOGGED_ARG characters for a log line."""
+    if len(text) <= MAX_LOGGED_ARG:
+        return text
+    return "{}... ({} characters)".format(text[:MAX_LOGGED_ARG], len(text))
 
 
 def _raw_schema(schema):

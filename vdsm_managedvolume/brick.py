@@ -14,8 +14,10 @@ Inside the daemon::
       and the daemon forks away from the helper
     hello()                 first call: configure os-brick (below), pid
     connector_properties()  \
-    connect_volume()         > each in a thread of the daemon's pool
-    disconnect_volume()     /
+    connect_volume()         |
+    disconnect_volume()      > each in a thread of the daemon's pool
+    add_udev_rule()          |
+    remove_udev_rule()      /
 
 os-brick outside OpenStack needs, once, before any connector runs:
 oslo.service's threading backend selected before os_brick is imported
@@ -32,6 +34,24 @@ failed.  The caller sees EOF after its deadline and reports HelperTimeout;
 the next call starts a fresh daemon.  (oslo.privsep's own
 entrypoint_with_timeout only stops waiting and leaves the call running.)
 
+udev rules for an unprivileged service: inside vdsm the service runs as
+user vdsm and cannot write ``/etc/udev/rules.d`` nor a device's sysfs
+``uevent``.  ``add_udev_rule(sd_id, vol_id, path)`` and
+``remove_udev_rule(sd_id, vol_id)`` do it here, and nothing more: the ids
+must be UUIDs, the path a plain device path under /dev (or the configured
+multipath/rbd directories), the rule text is rebuilt here by
+``udev.rule_text`` and the file name from the ids, in the
+``udev_rules_dir`` of this daemon's configuration file.  No entrypoint
+writes a file name or text the caller chose.
+
+Flow ids: each entrypoint gets the caller's flow id and every line logged
+while it runs carries it, including lines of threads os-brick spawns
+(``os_brick.executor.Thread`` copies oslo.context's per-thread context,
+where we keep the flow id) and oslo.privsep's own reply line, logged by
+the worker thread after the entrypoint returned (a thread keeps the flow
+id of its last call).  The client tags what remains (start-up lines; see
+``privileged._Channel``).
+
 Results cross the socket as msgpack (lists become tuples, sets fail):
 entrypoints return ``privileged.plain()`` values; every error is a
 ``privileged.RemoteError`` holding a masked message, so that the service
@@ -39,6 +59,7 @@ never has to import os-brick's exception classes.
 """
 
 import importlib
+import ipaddress
 import logging
 import os
 import signal
@@ -50,11 +71,14 @@ from oslo_privsep import capabilities as caps
 from oslo_privsep import priv_context
 
 from . import adapters
+from . import config
 from . import errors
 from . import faults
 from . import log
 from . import mask
 from . import privileged
+from . import udev
+from . import validate
 
 LOG = logging.getLogger(__name__)
 
@@ -66,7 +90,8 @@ LOG = logging.getLogger(__name__)
 # belong to the service's user (vdsm), not to root.  Not needed: CAP_MKNOD
 # (device nodes come from devtmpfs/udev), CAP_SYS_RAWIO (SCSI inquiries run
 # as commands, not in this process), CAP_NET_ADMIN (iscsiadm/nvme run as
-# commands), CAP_CHOWN/CAP_FOWNER (the service owns the udev rules).  Note
+# commands), CAP_CHOWN/CAP_FOWNER (udev rules and sysfs uevent files
+# belong to root, which the daemon still is; the chown runs in udev).  Note
 # that commands os-brick runs (iscsiadm, multipath, rbd, nvme) are exec'd
 # by uid 0 and so regain the bounding set: capabilities confine this
 # process' own code, not its children.
@@ -87,6 +112,14 @@ OPTS = [
                          "(tests: tests.fakebrick)."),
     oslo_cfg.StrOpt("root_helper", default="sudo",
                     help="root_helper handed to os-brick connectors."),
+    # What add_udev_rule/remove_udev_rule may do, from managedvolume.conf
+    # (never from a call's arguments).
+    oslo_cfg.StrOpt("udev_rules_dir", default=config.Config.udev_rules_dir),
+    oslo_cfg.StrOpt("udev_owner", default=config.Config.udev_owner),
+    oslo_cfg.StrOpt("chown", default=config.Config.chown),
+    oslo_cfg.StrOpt("udevadm", default=config.Config.udevadm),
+    oslo_cfg.StrOpt("multipath_dir", default=config.Config.multipath_dir),
+    oslo_cfg.StrOpt("rbd_dir", default=config.Config.rbd_dir),
 ]
 oslo_cfg.CONF.register_opts(OPTS, group=privileged.SECTION)
 
@@ -95,24 +128,29 @@ CONNECTOR_KWARGS = {"use_multipath": True, "device_scan_attempts": 3}
 
 
 @context.entrypoint
-def hello():
+def hello(flow_id=None):
     """Configure os-brick; return what the client wants to know."""
-    info = _setup()
+    _set_thread_flow(flow_id)
+    with log.flow(flow_id):
+        info = _setup()
     info["pid"] = os.getpid()
     return info
 
 
 @context.entrypoint
 def getpid():
+    _set_thread_flow(None)
     return os.getpid()
 
 
 @context.entrypoint
-def connector_properties(deadline, flow_id):
+def connector_properties(my_ip, deadline, flow_id):
     with _operation("connector_properties", deadline, flow_id, None):
+        if my_ip is not None:
+            my_ip = str(ipaddress.ip_address(my_ip))
         from os_brick.initiator import connector
         props = connector.get_connector_properties(
-            _conf().root_helper, None, multipath=True,
+            _conf().root_helper, my_ip, multipath=True,
             enforce_multipath=True, host=None)
         return privileged.plain(props)
 
@@ -146,7 +184,62 @@ def disconnect_volume(connection_info, attachment, deadline, flow_id):
         return None
 
 
+@context.entrypoint
+def add_udev_rule(sd_id, vol_id, path, deadline, flow_id):
+    """Write the rule giving ``path`` to qemu, trigger it; return the rule
+    file's path.  See the module docstring for what is checked."""
+    with _operation("add_udev_rule", deadline, flow_id, None):
+        cfg = _udev_config()
+        sd_id, vol_id = _volume_ids(sd_id, vol_id)
+        udev.check_device_path(
+            path, ("/dev", cfg.multipath_dir, cfg.rbd_dir))
+        _check_inside(cfg, udev.rule_path(cfg.udev_rules_dir, sd_id, vol_id))
+        dst = udev.add_rule(cfg, sd_id, vol_id, path)
+        udev.trigger(cfg, path)
+        LOG.info("Wrote udev rule %s for %s", dst, path)
+        return dst
+
+
+@context.entrypoint
+def remove_udev_rule(sd_id, vol_id, temp, deadline, flow_id):
+    """Remove the volume's rule (``temp``: its leftover temp file);
+    return whether there was one."""
+    with _operation("remove_udev_rule", deadline, flow_id, None):
+        cfg = _udev_config()
+        sd_id, vol_id = _volume_ids(sd_id, vol_id)
+        _check_inside(cfg, udev.rule_path(cfg.udev_rules_dir, sd_id, vol_id))
+        removed = udev.remove_rule(cfg, sd_id, vol_id, temp=bool(temp))
+        if removed:
+            LOG.info("Removed udev %s of volume %s",
+                     "temp file" if temp else "rule", vol_id)
+        return removed
+
+
 # Private helpers
+
+def _udev_config():
+    conf = _conf()
+    rules_dir = conf.udev_rules_dir
+    if not rules_dir or not os.path.isabs(rules_dir):
+        raise privileged.RemoteError(
+            "failed", "udev_rules_dir {!r} of the privsep configuration is "
+            "not an absolute path".format(rules_dir))
+    return config.Config(
+        udev_rules_dir=os.path.normpath(rules_dir),
+        udev_owner=conf.udev_owner, chown=conf.chown, udevadm=conf.udevadm,
+        multipath_dir=conf.multipath_dir, rbd_dir=conf.rbd_dir)
+
+
+def _volume_ids(sd_id, vol_id):
+    return validate.uuid("sd_id", sd_id), validate.uuid("vol_id", vol_id)
+
+
+def _check_inside(cfg, path):
+    # Belt and braces: names made of two UUIDs cannot leave the directory.
+    if os.path.dirname(path) != cfg.udev_rules_dir:
+        raise privileged.RemoteError(
+            "failed", "{!r} is outside {}".format(path, cfg.udev_rules_dir))
+
 
 _setup_lock = threading.Lock()
 _setup_info = None
@@ -160,6 +253,9 @@ def _setup():
         # Log lines go to the service over the channel; mask them here
         # too and tag them with the caller's flow id.
         for handler in logging.getLogger().handlers:
+            if not any(isinstance(f, _ThreadFlowFilter)
+                       for f in handler.filters):
+                handler.filters.insert(0, _ThreadFlowFilter())
             log.install_filter(handler)
 
         from oslo_service import backend
@@ -210,9 +306,14 @@ class _operation:
         self.connection_info = connection_info
 
     def __enter__(self):
-        _setup()
+        _set_thread_flow(self.flow_id)
         self._flow = log.flow(self.flow_id)
         self._flow.__enter__()
+        try:
+            _setup()
+        except BaseException:
+            self._flow.__exit__(None, None, None)
+            raise
         self._timer = threading.Timer(
             max(0.0, self.deadline - time.monotonic()), _die,
             args=(self.name, self.flow_id))
@@ -227,12 +328,52 @@ class _operation:
             if isinstance(e, errors.UnknownAdapter):
                 raise privileged.RemoteError(
                     "unknown_adapter", e.adapter, e.installed) from None
+            if isinstance(e, errors.InvalidParams):
+                LOG.error("%s refused: %s", self.name, e)
+                raise privileged.RemoteError(
+                    "invalid", e.name, e.reason) from None
             message = _scrub("{}: {}".format(t.__name__, e),
                              self.connection_info)
             LOG.error("%s failed: %s", self.name, message)
             raise privileged.RemoteError("failed", message) from None
         finally:
             self._flow.__exit__(None, None, None)
+
+
+def _set_thread_flow(flow_id):
+    """Remember ``flow_id`` as this thread's, for lines logged outside the
+    call's context (see _ThreadFlowFilter).
+
+    Kept in oslo.context's per-thread request context because
+    os_brick.executor.Thread hands that one to the threads os-brick
+    spawns.  Not cleared when the call ends: oslo.privsep logs its reply
+    in this thread after the entrypoint returned.
+    """
+    try:
+        from oslo_context import context as oslo_context
+    except ImportError:
+        return
+    ctx = oslo_context.RequestContext(overwrite=True)
+    ctx.managedvolume_flow = flow_id or "-"
+
+
+def _thread_flow():
+    try:
+        from oslo_context import context as oslo_context
+    except ImportError:
+        return "-"
+    return getattr(oslo_context.get_current(), "managedvolume_flow", "-")
+
+
+class _ThreadFlowFilter(logging.Filter):
+    """Sets ``flow_id`` of a record logged outside ``log.flow()`` from its
+    thread's last call (runs before log.ContextFilter)."""
+
+    def filter(self, record):
+        if not hasattr(record, "flow_id"):
+            flow = log.current_flow()
+            record.flow_id = flow if flow != "-" else _thread_flow()
+        return True
 
 
 def _die(operation, flow_id):

@@ -52,6 +52,7 @@ class Config:
     udev_owner: str = "vdsm:qemu"
     udevadm: str = "/usr/bin/udevadm"
     chown: str = "/usr/bin/chown"
+    udev_writer: str = "auto"
 
     # [privsep]
     timeout: float = 120.0
@@ -60,6 +61,7 @@ class Config:
     helper_command: str = ""
     root_helper: str = "sudo"
     connector_override: str = ""
+    my_ip: str = ""
 
     # [agent]
     listen: str = "::"
@@ -108,9 +110,10 @@ SECTIONS = {
     "paths": ("db_path", "run_dir", "udev_rules_dir", "lock_dir",
               "state_run_dir", "log_dir", "multipath_dir", "rbd_dir"),
     "volumes": ("allowed_types", "lock_timeout", "udev_owner", "udevadm",
-                "chown"),
+                "chown", "udev_writer"),
     "privsep": ("timeout", "properties_timeout", "connector_info_ttl",
-                "helper_command", "root_helper", "connector_override"),
+                "helper_command", "root_helper", "connector_override",
+                "my_ip"),
     "agent": ("listen", "port", "key_file", "cert_file", "ca_file", "workers",
               "max_queue", "max_frame", "handshake_timeout", "idle_timeout",
               "shutdown_timeout"),

@@ -40,6 +40,17 @@ log = logging.getLogger("managedvolume.jsonrpc")
 
 VERSION = "2.0"
 
+# How deeply a whole message may nest: a batch array, a request, its
+# params and schema.MAX_PARAM_DEPTH levels inside one param.  Checked
+# right after parsing, before anything walks the message recursively.
+MAX_DEPTH = schema_module.MAX_PARAM_DEPTH + 3
+
+# Requests in one batch, at most (each runs in turn in one worker).
+MAX_BATCH = 100
+
+# Error messages quote what was wrong; a 1 MB bad value is not repeated.
+MAX_MESSAGE = 1000
+
 
 class Dispatcher:
     """Answers JSON-RPC messages by calling ``service`` through ``api``.
@@ -53,28 +64,15 @@ class Dispatcher:
 
     def handle(self, data, flow_id=None):
         """Answer one message; return the response bytes, or None when
-        nothing is to be sent (notifications only)."""
+        nothing is to be sent (notifications only).  Never raises."""
         with logmod.flow(flow_id):
             try:
-                message = json.loads(data)
-            except (ValueError, UnicodeDecodeError) as e:
-                log.warning("Invalid JSON message: %s", e)
+                return self._handle(data)
+            except Exception as e:
+                # Never let a request end a worker without an answer.
+                log.exception("Cannot answer a message")
                 return _encode(_error_response(
-                    None, errors.ParseError(str(e)))).encode("utf-8")
-            if isinstance(message, list):
-                if not message:
-                    return _encode(_error_response(
-                        None, errors.InvalidRequest("empty batch"))).encode(
-                            "utf-8")
-                responses = [r for r in map(self._handle_one, message)
-                             if r is not None]
-                if not responses:
-                    return None
-                if len(message) == 1:
-                    return responses[0].encode("utf-8")
-                return "[{}]".format(", ".join(responses)).encode("utf-8")
-            response = self._handle_one(message)
-            return None if response is None else response.encode("utf-8")
+                    None, errors.to_error(e))).encode("utf-8")
 
     def handle_parse_error(self, reason):
         """The response for a body that could not even be read (e.g. not
@@ -83,6 +81,32 @@ class Dispatcher:
             None, errors.ParseError(reason))).encode("utf-8")
 
     # Private helpers
+
+    def _handle(self, data):
+        try:
+            message = parse(data)
+        except errors.Error as e:
+            log.warning("Invalid message: %s", e)
+            return _encode(_error_response(None, e)).encode("utf-8")
+        if isinstance(message, list):
+            if not message:
+                return _encode(_error_response(
+                    None, errors.InvalidRequest("empty batch"))).encode(
+                        "utf-8")
+            if len(message) > MAX_BATCH:
+                return _encode(_error_response(
+                    None, errors.InvalidRequest(
+                        "batch of {} requests; at most {}".format(
+                            len(message), MAX_BATCH)))).encode("utf-8")
+            responses = [r for r in map(self._handle_one, message)
+                         if r is not None]
+            if not responses:
+                return None
+            if len(message) == 1:
+                return responses[0].encode("utf-8")
+            return "[{}]".format(", ".join(responses)).encode("utf-8")
+        response = self._handle_one(message)
+        return None if response is None else response.encode("utf-8")
 
     def _handle_one(self, request):
         """The encoded response of one request, None for a notification."""
@@ -121,7 +145,8 @@ class Dispatcher:
         cls = api.NAMESPACES.get(method.namespace)
         if cls is None or not hasattr(cls, method.verb):
             raise errors.MethodNotFound(method=name)
-        log.debug("Calling %s with %s", name, api.mask_params(params))
+        log.debug("Calling %s with %s", name,
+                  api.shorten(repr(api.mask_params(params))))
         args = self.schema.args(name, params)
         obj = cls(*[None for _ in cls.ctorArgs])
         with api.using(self.service):
@@ -131,6 +156,30 @@ class Dispatcher:
             raise _StatusError(status["code"], status.get("message", ""))
         key = api.return_key(method.namespace, method.verb)
         return None if key is None else response.get(key)
+
+
+def parse(data):
+    """The JSON message in ``data`` (bytes or str).
+
+    Raises ParseError (-32700) for anything that is not strict JSON
+    (invalid UTF-8, NaN/Infinity, nesting beyond the parser's recursion
+    limit) and InvalidRequest (-32600) for nesting beyond MAX_DEPTH.
+    """
+    try:
+        message = json.loads(data, parse_constant=_no_constant)
+    except RecursionError:
+        raise errors.ParseError("nested too deeply (more than {} levels "
+                                "are refused)".format(MAX_DEPTH))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise errors.ParseError(str(e))
+    if schema_module.too_deep(message, MAX_DEPTH):
+        raise errors.InvalidRequest("nested deeper than {} levels".format(
+            MAX_DEPTH))
+    return message
+
+
+def _no_constant(name):
+    raise ValueError("{} is not valid JSON".format(name))
 
 
 class _BadRequest(Exception):
@@ -175,14 +224,18 @@ class _StatusError(errors.Error):
 
 def _error_response(request_id, error):
     message = mask.mask_text(str(error))
+    if len(message) > MAX_MESSAGE:
+        message = message[:MAX_MESSAGE] + "... ({} characters)".format(
+            len(message))
     return {"jsonrpc": VERSION, "id": request_id,
             "error": {"code": error.code, "message": message}}
 
 
 def _encode(obj):
     """JSON text of a response (tuples become arrays; anything else that
-    JSON cannot hold raises TypeError -> internal error)."""
-    return json.dumps(obj)
+    JSON cannot hold raises TypeError or ValueError (NaN) -> internal
+    error)."""
+    return json.dumps(obj, allow_nan=False)
 
 
 def _valid_id(value):

@@ -44,17 +44,38 @@ class ContextFilter(logging.Filter):
     def filter(self, record):
         if not hasattr(record, "flow_id"):
             record.flow_id = _flow_id.get()
+        # Masked once per process (a record may pass several handlers; one
+        # forwarded by the privsep daemon carries the daemon's pid here and
+        # is masked again).
+        if getattr(record, "_managedvolume_masked", None) == os.getpid():
+            return True
+        # Structured arguments first (a dict's secret keys are masked by
+        # name, whatever their values look like), then the whole formatted
+        # message: an exception or any object with a __str__ quoting a
+        # password passes the first step unchanged.
         if record.args:
             if isinstance(record.args, dict):
                 record.args = mask.mask(record.args)
             else:
                 record.args = tuple(mask.mask(a) for a in record.args)
-        if isinstance(record.msg, str):
-            record.msg = mask.mask_text(record.msg)
+        try:
+            message = record.getMessage()
+        except Exception:
+            # A broken format string: keep what we have, masked.
+            message = "{} {!r}".format(record.msg, record.args)
+        record.msg = mask.mask_text(message)
+        record.args = None
+        # Tracebacks may quote connection data: format once, masked.  A
+        # record forwarded by the privsep daemon arrives with exc_text
+        # already formatted (and exc_info gone): mask that too.
         if record.exc_info and not record.exc_text:
-            # Tracebacks may quote connection data: format once, masked.
-            record.exc_text = mask.mask_text(
-                logging.Formatter().formatException(record.exc_info))
+            record.exc_text = logging.Formatter().formatException(
+                record.exc_info)
+        if record.exc_text:
+            record.exc_text = mask.mask_text(record.exc_text)
+        if record.stack_info:
+            record.stack_info = mask.mask_text(record.stack_info)
+        record._managedvolume_masked = os.getpid()
         return True
 
 

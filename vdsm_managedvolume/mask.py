@@ -8,8 +8,27 @@ them at INFO.  Here every log record passes a filter that calls ``mask``
 explicitly, so no caller has to remember.
 
 A key is secret when its lower-cased name contains ``password``, ``secret``,
-``keyring`` or ``token``, or starts with ``auth_`` / ``discovery_auth_`` and
-is not the auth method or user name.
+``keyring``, ``token``, ``credential`` or ``private_key``, or starts with
+``auth_`` / ``discovery_auth_`` and is not the auth method or user name.
+
+Free text (exception messages, command lines, reprs) is scanned for the
+shapes in which such a key meets its value::
+
+    auth_password=s3cret            'auth_password': 's3cret'
+    "auth_password" : "s3cret"      b'auth_password': b's3cret'
+    {\\"auth_password\\": \\"s3cret\\"}   (JSON inside a JSON string)
+    password%3Ds3cret               (URL-encoded)
+    iscsiadm ... -n node.session.auth.password -v s3cret
+    ('-n', 'discovery.sendtargets.auth.password', '-v', 's3cret')
+    postgresql://user:s3cret@host/db
+    key = AQB...==  /  AQ<38 base64 chars>==      (a Ceph keyring)
+
+The text scan runs in linear time: the agent masks every request it logs,
+and a regular expression that backtracks quadratically on a 1 MB string of
+letters froze the whole agent for hours (the ``re`` module holds the GIL).
+Key names are therefore bounded (``_NAME_MAX`` characters around the
+secret word) and values are found by a forward scan, never by
+backtracking.
 """
 
 import re
@@ -23,21 +42,52 @@ _NOT_SECRET = frozenset(("auth_method", "auth_username",
                          "discovery_auth_method", "discovery_auth_username",
                          "auth_enabled", "discovery_auth_enabled"))
 
-# "key": "value" / 'key': 'value' / key=value / key: value in free text.
-_KEY = r"""['"]?[\w-]*(?:password|passwd|secret|keyring|token)[\w-]*['"]?"""
-_TEXT_PATTERNS = (
-    # Quoted values: everything up to the closing quote (keyrings hold
-    # spaces and newlines).
-    re.compile(r"(?P<key>" + _KEY + r"\s*[:=]\s*)(?P<q>['\"])"
-               r"(?P<value>(?:\\.|(?!(?P=q)).)*)(?P=q)",
-               re.IGNORECASE | re.DOTALL),
-    # Bare values: up to white space or a delimiter.
-    re.compile(r"(?P<key>" + _KEY + r"\s*[:=]\s*)(?P<q>)"
-               r"(?P<value>[^'\",\s}\])]+)",
-               re.IGNORECASE),
+# Beyond this depth ``mask`` stops walking (a crafted, deeply nested value
+# must not turn masking into a RecursionError).
+MAX_DEPTH = 100
+TOO_DEEP = "<nested too deeply>"
+
+# Characters of a key name around the secret word, at most.
+_NAME_MAX = 100
+
+_WORDS = "|".join(_SECRET_WORDS)
+# A key: starts where a name starts (the look-behind keeps this linear: a
+# run of name characters is tried once, not at each of its characters),
+# optionally quoted (b'...', '...', "...", \"...\"), then a separator: ':',
+# '=', URL-encoded '=' or '":"', or iscsiadm's "-v" (plain or as the items
+# of a list repr).
+_KEY_RE = re.compile(
+    r"(?<![\w.-])(?:b?\\?['\"])?"
+    r"(?!include_secrets(?![\w.-]))"
+    r"(?:[\w.-]{0,%(n)d}?(?:%(words)s)[\w.-]{0,%(n)d}"
+    r"|(?:discovery_)?auth_(?!(?:method|username|enabled)(?![\w-]))"
+    r"[\w-]{1,%(n)d})"
+    r"(?:\\?['\"])?"
+    r"(?:[ \t]{0,16}[:=][ \t\r\n]{0,16}"
+    r"|%%3[dD]|%%22%%3[aA](?:%%20){0,4}(?:%%22)?|%%3[aA]"
+    r"|[ \t]{0,16},?[ \t]{0,16}['\"]?(?:-v|--value)['\"]?"
+    r"(?:[ \t]{0,16},[ \t]{0,16}|[ \t]{1,16}|=))"
+    % {"n": _NAME_MAX, "words": _WORDS},
+    re.IGNORECASE)
+
+# A quoted value: up to the closing quote, backslash escapes skipped.
+# (The two alternatives never match the same character: linear.)
+_QUOTED = {
+    "'": re.compile(r"(?:\\.|[^\\'])*'", re.DOTALL),
+    '"': re.compile(r'(?:\\.|[^\\"])*"', re.DOTALL),
+}
+# A bare value: up to white space or a delimiter.
+_BARE = re.compile(r"""[^'",\s}\])]+""")
+
+_OTHER_PATTERNS = (
     # URLs with credentials: scheme://user:password@host
-    re.compile(r"(?P<key>\w+(?:\+\w+)?://[^:/@\s]+:)(?P<q>)"
-               r"(?P<value>[^@\s]+)(?=@)"),
+    re.compile(r"(?<![\w+.-])(?P<key>[a-zA-Z][\w+.-]{0,32}://"
+               r"[^:/@\s]{0,256}:)(?P<value>[^/@\s]{1,256})(?=@)"),
+    # A Ceph keyring's "key = <base64>" line, and a Ceph secret anywhere.
+    re.compile(r"(?<![\w.-])(?P<key>key[ \t]{0,16}=[ \t]{0,16})"
+               r"(?P<value>[A-Za-z0-9+/]{8,1024}={0,2})"),
+    re.compile(r"(?<![A-Za-z0-9+/])(?P<key>)"
+               r"(?P<value>AQ[A-Za-z0-9+/]{36}==)"),
 )
 
 
@@ -53,23 +103,39 @@ def is_secret_key(key):
     return k.startswith("auth_") or k.startswith("discovery_auth_")
 
 
-def mask(obj):
+def mask(obj, _depth=0):
     """Return a copy of ``obj`` with every secret value replaced.
 
     Walks dicts, lists and tuples; strings are scanned for ``key=value``
     shapes and URL credentials.  Other values are returned as they are.
+    Structures nested deeper than MAX_DEPTH are replaced by TOO_DEEP.
     """
+    if _depth > MAX_DEPTH and isinstance(obj, (dict, list, tuple)):
+        return TOO_DEEP
     if isinstance(obj, dict):
-        return {k: (MASK if is_secret_key(k) and _is_value(v) else mask(v))
+        return {k: (MASK if is_secret_key(k) and _is_value(v)
+                    else mask(v, _depth + 1))
                 for k, v in obj.items()}
     if isinstance(obj, list):
-        return [mask(v) for v in obj]
+        return [mask(v, _depth + 1) for v in obj]
     if isinstance(obj, tuple):
-        return tuple(mask(v) for v in obj)
+        return tuple(mask(v, _depth + 1) for v in obj)
     if isinstance(obj, str):
         return mask_text(obj)
     return obj
 
+
+def mask_text(text):
+    """Mask ``password=...``-like shapes and URL passwords in free text."""
+    if not text or not isinstance(text, str):
+        return text
+    text = _mask_keys(text)
+    for pattern in _OTHER_PATTERNS:
+        text = pattern.sub(_replace, text)
+    return text
+
+
+# Private helpers
 
 def _is_value(v):
     # Flags such as include_secrets=True or auth_enabled=False are no
@@ -77,16 +143,59 @@ def _is_value(v):
     return v not in (None, "") and not isinstance(v, bool)
 
 
-def mask_text(text):
-    """Mask ``password=...``-like shapes and URL passwords in free text."""
-    if not text:
-        return text
-    for pattern in _TEXT_PATTERNS:
-        text = pattern.sub(_replace, text)
-    return text
+def _mask_keys(text):
+    out = []
+    pos = 0
+    while True:
+        m = _KEY_RE.search(text, pos)
+        if m is None:
+            break
+        start = m.end()
+        end, quote = _value_end(text, start)
+        if end == start:
+            # A key without a value: keep it, look further.
+            out.append(text[pos:start])
+            pos = start
+            continue
+        out.append(text[pos:start])
+        out.append(quote[0] + MASK + quote[1])
+        pos = end
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _value_end(text, start):
+    """(end of the value at ``start``, (opening, closing) quote text)."""
+    n = len(text)
+    if start >= n:
+        return start, ("", "")
+    c = text[start]
+    opening = ""
+    if c == "b" and start + 1 < n and text[start + 1] in "'\"":
+        opening, c = "b", text[start + 1]
+    if c == "\\" and start + 1 < n and text[start + 1] in "'\"":
+        # An escaped quote (JSON inside a string): the value ends at the
+        # same escaped quote.
+        q = text[start:start + 2]
+        close = text.find(q, start + 2)
+        if close == -1:
+            return n, (q, "")
+        return close + 2, (q, q)
+    if c in "'\"":
+        opening += c
+        body = start + len(opening)
+        m = _QUOTED[c].match(text, body)
+        if m is None:
+            # Unclosed (a truncated message): hide everything after it.
+            return n, (opening, "")
+        return m.end(), (opening, c)
+    m = _BARE.match(text, start)
+    if m is None:
+        return start, ("", "")
+    return m.end(), ("", "")
 
 
 def _replace(m):
     if not m.group("value"):
         return m.group(0)
-    return "{}{q}{}{q}".format(m.group("key"), MASK, q=m.group("q"))
+    return m.group("key") + MASK

@@ -59,6 +59,7 @@ process-wide.
 import collections
 import errno
 import importlib.util
+import ipaddress
 import logging
 import os
 import select
@@ -118,7 +119,8 @@ class RemoteError(Exception):
 
     Crosses the socket by class name (so both sides import this module,
     never os-brick's exception classes).  Kinds: "failed" (message),
-    "unsupported" (message), "unknown_adapter" (adapter, installed).
+    "unsupported" (message), "unknown_adapter" (adapter, installed),
+    "invalid" (parameter name, reason).
     """
 
 
@@ -138,8 +140,12 @@ class Brick:
 
     def connector_properties(self):
         """os-brick's connector properties for this host (multipath and
-        enforce_multipath True), lists not tuples."""
-        return self._call("connector_properties", (),
+        enforce_multipath True), lists not tuples.
+
+        ``ip`` is ``cfg.my_ip``, or when that is empty the source address
+        of the default route (``default_ip()``), or None.
+        """
+        return self._call("connector_properties", (my_ip(self._cfg),),
                           self._cfg.properties_timeout)
 
     def connect(self, connection_info):
@@ -159,6 +165,25 @@ class Brick:
         self.check_adapter(connection_info.get("adapter"))
         self._call("disconnect_volume", (connection_info, attachment),
                    self._cfg.timeout, operation="disconnect")
+
+    def add_udev_rule(self, sd_id, vol_id, path):
+        """Have the daemon write the volume's udev rule and trigger a change
+        event for ``path``; return the rule file's path.
+
+        For a service that cannot write ``cfg.udev_rules_dir`` itself (vdsm
+        runs it as user vdsm).  The daemon validates the ids and the path
+        and rebuilds the rule text itself, into the rules directory of
+        its own configuration file: it never writes what or where we say.
+        """
+        return self._call("add_udev_rule", (sd_id, vol_id, path),
+                          self._cfg.timeout, operation="add_udev_rule")
+
+    def remove_udev_rule(self, sd_id, vol_id, temp=False):
+        """Have the daemon remove the volume's udev rule (``temp``: the
+        leftover temp file of an interrupted write); return whether there
+        was one."""
+        return self._call("remove_udev_rule", (sd_id, vol_id, bool(temp)),
+                          self._cfg.timeout, operation="remove_udev_rule")
 
     def check_adapter(self, adapter):
         """Raise UnknownAdapter (934) unless ``adapter`` is empty or an
@@ -190,10 +215,11 @@ class Brick:
         operation = operation or name
         daemon = self._running_daemon()
         deadline = time.monotonic() + timeout
+        flow = log.current_flow()
         try:
             result = daemon.call(ENTRYPOINTS + name,
-                                 args + (deadline, log.current_flow()),
-                                 timeout + KILL_GRACE)
+                                 args + (deadline, flow),
+                                 timeout + KILL_GRACE, flow=flow)
         except _Timeout:
             LOG.error("%s: no answer %.1f s after its deadline: killing "
                       "privsep daemon %s", operation, KILL_GRACE, daemon.pid)
@@ -267,6 +293,45 @@ def plain(obj):
     return str(obj)
 
 
+# A documentation address (RFC 5737 / RFC 3849): never answers, and
+# connecting a UDP socket to it sends nothing.
+_PROBE_ADDRESSES = ((socket.AF_INET, "192.0.2.1"),
+                    (socket.AF_INET6, "2001:db8::1"))
+
+
+def my_ip(cfg):
+    """The ``ip`` of connector_info: ``cfg.my_ip``, else ``default_ip()``.
+
+    Raises ConfigError for a ``my_ip`` that is not an IP address.
+    """
+    if cfg.my_ip:
+        try:
+            return str(ipaddress.ip_address(cfg.my_ip.strip()))
+        except ValueError:
+            raise errors.ConfigError(
+                "my_ip = {!r} is not an IP address".format(cfg.my_ip))
+    return default_ip()
+
+
+def default_ip():
+    """The source address of the default route, or None without one.
+
+    Connecting a UDP socket only asks the kernel for a route: no packet
+    leaves the host.  IPv4 first (what cinder's my_ip usually is), then
+    IPv6.
+    """
+    for family, address in _PROBE_ADDRESSES:
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.connect((address, 9))
+                ip = s.getsockname()[0]
+        except OSError:
+            continue
+        if ip and not ipaddress.ip_address(ip).is_unspecified:
+            return ip
+    return None
+
+
 def write_config(cfg):
     """Write the daemon's oslo.config file; return its path."""
     path = cfg.privsep_config_file
@@ -286,9 +351,17 @@ def write_config(cfg):
         "thread_pool_size = {pool}\n"
         "connector_override = {override}\n"
         "root_helper = {root_helper}\n"
+        "# Where add_udev_rule/remove_udev_rule may write, and what.\n"
+        "udev_rules_dir = {c.udev_rules_dir}\n"
+        "udev_owner = {c.udev_owner}\n"
+        "chown = {c.chown}\n"
+        "udevadm = {c.udevadm}\n"
+        "multipath_dir = {c.multipath_dir}\n"
+        "rbd_dir = {c.rbd_dir}\n"
     ).format(debug=debug, lock_path=cfg.brick_lock_dir, section=SECTION,
              pool=max(THREAD_POOL_SIZE, 2 * cfg.workers),
-             override=cfg.connector_override, root_helper=cfg.root_helper)
+             override=cfg.connector_override, root_helper=cfg.root_helper,
+             c=cfg)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
@@ -331,6 +404,8 @@ class _Daemon:
     def start(cls, cfg, timeout):
         started = time.monotonic()
         deadline = started + timeout
+        # The daemon's start-up lines belong to the call that started it.
+        flow = log.current_flow()
         write_config(cfg)
         tmpdir = tempfile.mkdtemp(prefix="managedvolume-privsep-")
         sock_path = os.path.join(tmpdir, "privsep.sock")
@@ -350,7 +425,7 @@ class _Daemon:
             except OSError as e:
                 raise errors.HelperFailed(
                     "cannot run privsep helper {}: {}".format(cmd[0], e))
-            output = _Output(proc.stdout)
+            output = _Output(proc.stdout, flow)
             sock = _accept(listener, proc, deadline, output, cmd)
         except BaseException:
             if proc is not None:
@@ -362,15 +437,15 @@ class _Daemon:
             _silent_remove(sock_path)
             os.rmdir(tmpdir)
 
-        channel = _Channel(sock)
+        channel = _Channel(sock, startup_flow=flow)
         daemon = None
         try:
             channel.ping(_remaining(deadline))
             pid = channel.call(ENTRYPOINTS + "getpid", (),
-                               _remaining(deadline))
+                               _remaining(deadline), flow=flow)
             daemon = cls(channel, sock, pid, _pidfd(pid), output)
-            info = channel.call(ENTRYPOINTS + "hello", (),
-                                _remaining(deadline))
+            info = channel.call(ENTRYPOINTS + "hello", (flow,),
+                                _remaining(deadline), flow=flow)
         except (_Timeout, _Died, RemoteError) as e:
             if daemon is not None:
                 daemon.kill()
@@ -384,12 +459,14 @@ class _Daemon:
                                     _remote_message(e), output.tail()))
         finally:
             _reap(proc, deadline)
+            channel.startup_flow = None
+            output.flow = None
         LOG.info("privsep daemon pid %s ready in %.2f s (os-brick %s)",
                  pid, time.monotonic() - started, info.get("os_brick"))
         return daemon
 
-    def call(self, name, args, wait):
-        return self.channel.call(name, args, wait)
+    def call(self, name, args, wait, flow="-"):
+        return self.channel.call(name, args, wait, flow=flow)
 
     def alive(self):
         return self.channel.running
@@ -468,9 +545,15 @@ class _Channel:
     their classes.
     """
 
-    def __init__(self, sock):
+    def __init__(self, sock, startup_flow=None):
         comm = _import_comm()
         self._comm = comm
+        # Flow ids of the calls waiting for a reply: flow -> count.
+        self._flows = collections.Counter()
+        self._flows_lock = threading.Lock()
+        # While set (the daemon is starting), records without a flow id
+        # belong to the call that started it.
+        self.startup_flow = startup_flow
         channel = self
 
         class Client(comm.ClientChannel):
@@ -492,9 +575,17 @@ class _Channel:
         if reply[0] != self._comm.Message.PONG:
             raise _Died("unexpected reply to PING: {!r}".format(reply))
 
-    def call(self, name, args, wait):
-        reply = self._send((self._comm.Message.CALL.value, name, args, {}),
-                           wait)
+    def call(self, name, args, wait, flow="-"):
+        with self._flows_lock:
+            self._flows[flow] += 1
+        try:
+            reply = self._send(
+                (self._comm.Message.CALL.value, name, args, {}), wait)
+        finally:
+            with self._flows_lock:
+                self._flows[flow] -= 1
+                if not self._flows[flow]:
+                    del self._flows[flow]
         if reply[0] == self._comm.Message.RET:
             return reply[1]
         if reply[0] == self._comm.Message.ERR:
@@ -523,11 +614,30 @@ class _Channel:
         except OSError as e:
             raise _Died(str(e) or type(e).__name__)
 
+    def _implied_flow(self):
+        """The flow id of a daemon record that has none.
+
+        The daemon tags what it logs inside a call (brick.py); oslo.privsep's
+        own lines around a call (its reply and exception lines, start-up)
+        carry none.  They belong to the call that started the daemon while
+        it starts, else to the calls now waiting for a reply, when these
+        all have one flow id.  With calls of several flows in flight such
+        a line cannot be attributed and keeps "-".
+        """
+        startup = self.startup_flow
+        if startup is not None:
+            return startup
+        with self._flows_lock:
+            flows = list(self._flows)
+        return flows[0] if len(flows) == 1 else "-"
+
     def _log_record(self, msg):
         if msg[0] != self._comm.Message.LOG:
             return
         data = {(k.decode() if isinstance(k, bytes) else k): v
                 for k, v in msg[1].items()}
+        if data.get("flow_id") in (None, "-"):
+            data["flow_id"] = self._implied_flow()
         record = logging.makeLogRecord(data)
         logger = logging.getLogger(DAEMON_LOGGER)
         if logger.isEnabledFor(record.levelno):
@@ -536,9 +646,11 @@ class _Channel:
 
 class _Output:
     """Reads the helper's and daemon's stdout/stderr: logs each line and
-    keeps the last ones for error messages."""
+    keeps the last ones for error messages.  While ``flow`` is set (the
+    daemon is starting) lines carry that flow id."""
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, flow=None):
+        self.flow = flow
         self._lines = collections.deque(maxlen=10)
         self._thread = threading.Thread(target=self._read, args=(pipe,),
                                         name="privsep-output", daemon=True)
@@ -556,7 +668,8 @@ class _Output:
                 line = raw.decode("utf-8", "replace").rstrip()
                 if line:
                     self._lines.append(line)
-                    LOG.debug("privsep output: %s", line)
+                    with log.flow(self.flow):
+                        LOG.debug("privsep output: %s", line)
 
 
 def _accept(listener, proc, deadline, output, cmd):
@@ -662,6 +775,8 @@ def _local_error(e):
     kind, details = e.args[0], e.args[1:]
     if kind == "unsupported":
         return errors.NotSupported(*details)
+    if kind == "invalid":
+        return errors.InvalidParams(name=details[0], reason=details[1])
     if kind == "unknown_adapter":
         return errors.UnknownAdapter(adapter=details[0],
                                      group=adapters.GROUP,

@@ -60,6 +60,13 @@ PRIMITIVES = {
 # An open object: vdsm's marker property.
 ANY_KEY = "any_string"
 
+# How deeply a param's value may nest (objects and arrays).  Cinder's
+# connection data nests a few levels (nvmeof: data.volume_replicas[].
+# portals[][]); a request nested hundreds of levels deep is an attack on
+# every recursive walker after the parser (masking, logging, json.dumps of
+# the stored record) and is refused before any of them runs.
+MAX_PARAM_DEPTH = 24
+
 
 class Param:
     """One parameter of a method (or property of an object type)."""
@@ -180,6 +187,8 @@ class Schema:
                 raise errors.InvalidParams(
                     name=key, reason="unknown parameter of {} (known: {})"
                     .format(name, ", ".join(method.param_names) or "none"))
+        for key, value in params.items():
+            check_depth(key, value)
         bound = {}
         for p in method.params:
             value = params.get(p.name)
@@ -275,6 +284,31 @@ class Schema:
         raise errors.InvalidParams(
             name=name, reason="matches none of {} ({})".format(
                 type_name(type_), first.reason if first else "no members"))
+
+
+def too_deep(value, limit):
+    """Whether ``value`` nests objects/arrays more than ``limit`` levels
+    (a scalar is level 0).  Iterative: safe on any input."""
+    stack = [(value, 1)]
+    while stack:
+        obj, level = stack.pop()
+        if isinstance(obj, dict):
+            children = obj.values()
+        elif isinstance(obj, (list, tuple)):
+            children = obj
+        else:
+            continue
+        if level > limit:
+            return True
+        stack.extend((child, level + 1) for child in children)
+    return False
+
+
+def check_depth(name, value, limit=MAX_PARAM_DEPTH):
+    """Raise InvalidParams naming ``name`` when ``value`` is too deep."""
+    if too_deep(value, limit):
+        raise errors.InvalidParams(
+            name=name, reason="nested deeper than {} levels".format(limit))
 
 
 @functools.lru_cache(maxsize=None)

@@ -27,14 +27,22 @@ are vdsm's (see CONTRACT §1); what differs is how they get there:
   changes, so getCapabilities costs microseconds, not a helper process.
 
 The privileged work (os-brick) happens in ``privileged.Brick``'s privsep
-daemon; everything else (links, rules, journal) happens here, as root.
+daemon; the journal, the locks and the managed links (in ``run_dir``,
+which belongs to the service's user) happen here.  The udev rules need
+root: a root service writes them itself; a service that is not root (vdsm
+runs it as user vdsm) or cannot write ``udev_rules_dir`` asks the daemon
+(``[volumes] udev_writer``, see ``udev_writer()``), whose narrow
+entrypoints rebuild each rule from the ids and the device path.
 """
+
+import contextlib
 
 import json
 import logging
 import os
 import re
 import socket
+import tempfile
 import threading
 import time
 
@@ -47,6 +55,18 @@ from . import udev
 from . import validate
 
 BLANK_UUID = "00000000-0000-0000-0000-000000000000"
+
+# The largest connection_info accepted, as JSON.  Real ones are a few
+# hundred bytes (an iSCSI multipath one with 8 portals ~2 KiB); the
+# journal stores it and every volumes_info returns it.
+MAX_CONNECTION_INFO = 64 * 1024
+
+# "pool/image" or "pool/namespace/image": it becomes /dev/rbd/<name>, a
+# managed link target and a udev rule match.
+_RBD_NAME_RE = re.compile(
+    r"[A-Za-z0-9_.:+@=,-]+(/[A-Za-z0-9_.:+@=,-]+){1,2}\Z")
+
+UDEV_WRITERS = ("auto", "service", "daemon")
 
 # Where the facts connector_info is made of live.  A change of any of
 # them (or of the host name / addresses) refreshes the cached value.
@@ -85,8 +105,17 @@ class Service:
             brick = privileged.Brick(cfg)
         self._brick = brick
         self._store = None
+        # Calls using the journal now, and whether close() was asked.
+        self._calls = 0
+        self._closing = False
+        self._calls_cond = threading.Condition()
         self._connector = _ConnectorCache(
             brick, cfg.connector_info_ttl, cfg.connector_info_cache)
+        self.udev_writer = udev_writer(cfg)
+        if self.udev_writer == "daemon":
+            self._rules = _DaemonRules(brick)
+        else:
+            self._rules = _ServiceRules(cfg)
 
     def open(self):
         """Open (create, migrate) the journal without touching the host.
@@ -94,10 +123,14 @@ class Service:
         For tools that want a dry-run ``reconcile(apply=False)``; the
         service itself uses ``start()``.
         """
-        if self._store is None:
-            self._store = store.open(self.cfg.db_path)
+        with self._calls_cond:
+            if self._store is None:
+                self._store = store.open(self.cfg.db_path)
+            self._closing = False
         for d in (self.cfg.run_dir, self.cfg.lock_dir):
             os.makedirs(d, mode=0o755, exist_ok=True)
+        log.info("udev rules are written by the %s", "privsep daemon"
+                 if self.udev_writer == "daemon" else "service")
 
     def start(self):
         """Open (create, migrate) the journal and reconcile the host."""
@@ -106,10 +139,30 @@ class Service:
             log.info("Reconcile %(vol_id)s (%(state)s): %(action)s -> "
                      "%(result)s", entry)
 
-    def close(self):
-        if self._store is not None:
-            self._store.close()
-            self._store = None
+    def close(self, timeout=None):
+        """Refuse new calls, let running ones finish, close the journal.
+
+        New calls fail with StoreClosed (935) at once.  Calls already
+        running get up to ``timeout`` seconds (``cfg.shutdown_timeout``)
+        to finish, so that an attach is not cut between its connect and
+        its journal update; one still running after that fails at its
+        next journal write and leaves its record for reconcile.
+        """
+        if timeout is None:
+            timeout = self.cfg.shutdown_timeout
+        deadline = time.monotonic() + timeout
+        with self._calls_cond:
+            self._closing = True
+            while self._calls:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    log.warning("Closing the journal with %d calls still "
+                                "running", self._calls)
+                    break
+                self._calls_cond.wait(remaining)
+            db, self._store = self._store, None
+        if db is not None:
+            db.close()
         if self._owns_brick:
             self._brick.stop()
 
@@ -118,7 +171,10 @@ class Service:
 
         Raises AlreadyAttached (927) when the volume is attached with the
         same connection_info and its device and managed link exist,
-        ConnectionMismatch (929) when it is attached with another one.
+        ConnectionMismatch (929) when it is attached with another one,
+        InvalidParams when connection_info is larger than
+        MAX_CONNECTION_INFO as JSON, holds NaN or infinities, or (rbd)
+        its data.name is not "pool/image".
         A record left by a reboot or a crash does not block: the volume is
         attached again.  On failure everything done is undone and nothing
         stays recorded (unless the undo itself failed: then the record
@@ -128,11 +184,11 @@ class Service:
         sd_id = validate.uuid("sd_id", sd_id)
         connection_info = validate.connection_info(
             "connection_info", connection_info)
+        _check_connection_info(connection_info)
         validate.driver_type(connection_info, self.cfg.allowed_types)
         self._brick.check_adapter(connection_info.get("adapter"))
-        db = self._db()
 
-        with self._locked(vol_id):
+        with self._call() as db, self._locked(vol_id):
             rec = self._find(vol_id)
             if rec is not None:
                 rec = self._reuse(rec, sd_id, connection_info)
@@ -176,12 +232,20 @@ class Service:
         A volume without a record is already detached: success.  If the
         disconnect fails while the device is still present, the error is
         raised and the record stays 'detaching' (detach again, or let
-        reconcile finish it).
+        reconcile finish it).  A record in any state is detached: an
+        'attaching' one (a crashed or failed attach) may hold a
+        connection, so it is disconnected too.
+
+        ``sd_id`` differing from the recorded one: vdsm (which records no
+        sd_id) builds the link and rule names from the given sd_id and so
+        leaks the real ones.  Here the record wins: the link and rule
+        named with the recorded sd_id are removed, and any named with the
+        given sd_id as well (a vol_id has one record, so those can only
+        be leftovers).
         """
         vol_id = validate.uuid("vol_id", vol_id)
         sd_id = validate.uuid("sd_id", sd_id)
-        self._db()
-        with self._locked(vol_id):
+        with self._call(), self._locked(vol_id):
             rec = self._find(vol_id)
             if rec is None:
                 log.info("Volume %s is not attached, nothing to detach",
@@ -209,7 +273,9 @@ class Service:
         include_secrets = validate.boolean("include_secrets",
                                            include_secrets)
         result = []
-        for rec in self._db().volumes(vol_ids):
+        with self._call() as db:
+            records = db.volumes(vol_ids)
+        for rec in records:
             ci = rec["connection_info"]
             info = {"vol_id": rec["vol_id"],
                     "connection_info": ci if include_secrets
@@ -267,23 +333,39 @@ class Service:
         Volumes whose lock is held (an operation in progress in another
         process) are skipped with result "busy".
         """
-        db = self._db()
         results = []
-        for rec in db.volumes():
-            entry = self._with_lock_now(
-                rec, lambda: self._reconcile_volume(rec["vol_id"], apply))
-            if entry:
-                results.append(entry)
-        results.extend(self._reconcile_links(apply))
-        results.extend(self._reconcile_rules(apply))
+        with self._call() as db:
+            for rec in db.volumes():
+                entry = self._with_lock_now(
+                    rec, lambda: self._reconcile_volume(rec["vol_id"], apply))
+                if entry:
+                    results.append(entry)
+            results.extend(self._reconcile_links(apply))
+            results.extend(self._reconcile_rules(apply))
         return results
 
     # Private helpers
 
     def _db(self):
-        if self._store is None:
+        db = self._store
+        if db is None:
             raise errors.StoreClosed()
-        return self._store
+        return db
+
+    @contextlib.contextmanager
+    def _call(self):
+        """Count a call using the journal (close() waits for it)."""
+        with self._calls_cond:
+            if self._store is None or self._closing:
+                raise errors.StoreClosed()
+            self._calls += 1
+            db = self._store
+        try:
+            yield db
+        finally:
+            with self._calls_cond:
+                self._calls -= 1
+                self._calls_cond.notify_all()
 
     def _locked(self, vol_id, timeout=None):
         if timeout is None:
@@ -362,7 +444,7 @@ class Service:
         faults.crash_point("detach.after_record")
         _remove_link(self._link_path(sd_id, vol_id))
         faults.crash_point("detach.after_unlink")
-        udev.remove_rule(self.cfg, sd_id, vol_id)
+        self._rules.remove(sd_id, vol_id)
         faults.crash_point("detach.after_rule")
         try:
             self._brick.disconnect(rec["connection_info"], rec["attachment"])
@@ -415,17 +497,13 @@ class Service:
 
     def _silent_remove_rule(self, sd_id, vol_id):
         try:
-            udev.remove_rule(self.cfg, sd_id, vol_id)
+            self._rules.remove(sd_id, vol_id)
         except Exception:
             log.exception("Failed to remove the udev rule of volume %s",
                           vol_id)
 
     def _add_udev_rule(self, sd_id, vol_id, path):
-        try:
-            udev.add_rule(self.cfg, sd_id, vol_id, path)
-        except udev.UnsafePath as e:
-            raise errors.HelperFailed(str(e))
-        udev.trigger(self.cfg, path)
+        self._rules.add(sd_id, vol_id, path)
 
     def _link_path(self, sd_id, vol_id):
         return os.path.join(self.cfg.run_dir, "{}_{}".format(sd_id, vol_id))
@@ -520,43 +598,53 @@ class Service:
     def _reconcile_rules(self, apply):
         results = []
         for path in udev.list_temp_files(self.cfg):
-            results.extend(self._remove_temp(path, "remove-temp-rule",
-                                             apply))
+            results.extend(self._remove_temp(
+                path, "remove-temp-rule", apply,
+                lambda path=path: self._rules.remove_temp(path)))
         for sd_id, vol_id, path in udev.list_rules(self.cfg):
             results.extend(self._orphan_check(
-                sd_id, vol_id, path, "remove-rule", apply))
+                sd_id, vol_id, path, "remove-rule", apply,
+                lambda sd_id=sd_id, vol_id=vol_id:
+                    self._rules.remove(sd_id, vol_id)))
         return results
 
-    def _orphan_check(self, sd_id, vol_id, path, action, apply):
+    def _orphan_check(self, sd_id, vol_id, path, action, apply,
+                      remove=None):
         def check():
             rec = self._find(vol_id)
             if rec is not None and rec["sd_id"] == sd_id:
                 return None
-            return self._remove_orphan(vol_id, path, action, apply)
+            return self._remove_orphan(vol_id, path, action, apply, remove)
 
         entry = self._with_lock_now({"vol_id": vol_id, "state": None}, check)
         return [entry] if entry else []
 
-    def _remove_temp(self, path, action, apply):
+    def _remove_temp(self, path, action, apply, remove=None):
         """A temp file is a leftover unless its volume is being attached
         right now (by another thread or process holding the lock)."""
         m = _TEMP_RE.search(os.path.basename(path))
         if m is None:
-            return [self._remove_orphan(None, path, action, apply)]
+            return [self._remove_orphan(None, path, action, apply, remove)]
         vol_id = m.group(1)
         entry = self._with_lock_now(
             {"vol_id": vol_id, "state": None},
-            lambda: self._remove_orphan(vol_id, path, action, apply))
+            lambda: self._remove_orphan(vol_id, path, action, apply,
+                                        remove))
         return [entry]
 
-    def _remove_orphan(self, vol_id, path, action, apply):
+    def _remove_orphan(self, vol_id, path, action, apply, remove=None):
+        """Remove ``path`` (by ``remove()`` when given: rules may need the
+        daemon)."""
         entry = {"vol_id": vol_id, "state": None, "action": action,
                  "result": "planned", "path": path}
         if apply:
             try:
-                _remove_link(path)
+                if remove is None:
+                    _remove_link(path)
+                else:
+                    remove()
                 entry["result"] = "done"
-            except OSError as e:
+            except (OSError, errors.Error) as e:
                 entry["result"] = "failed: {}".format(e)
         return entry
 
@@ -612,6 +700,108 @@ class _ConnectorCache:
             return value
 
 
+def udev_writer(cfg):
+    """Who writes the udev rules: "service" or "daemon".
+
+    ``cfg.udev_writer``: "service" and "daemon" force it; "auto" (the
+    default) is "service" when this process is root and may write
+    ``udev_rules_dir`` (the standalone agent), else "daemon" (inside
+    vdsmd, user vdsm: rule files and sysfs uevents need root).
+    """
+    mode = (cfg.udev_writer or "auto").strip().lower()
+    if mode not in UDEV_WRITERS:
+        raise errors.ConfigError(
+            "udev_writer = {!r}: expected one of {}".format(
+                cfg.udev_writer, ", ".join(UDEV_WRITERS)))
+    if mode != "auto":
+        return mode
+    if os.geteuid() == 0 and _writable(cfg.udev_rules_dir):
+        return "service"
+    return "daemon"
+
+
+class _ServiceRules:
+    """udev rules written by this process (root)."""
+
+    def __init__(self, cfg):
+        self._cfg = cfg
+
+    def add(self, sd_id, vol_id, path):
+        try:
+            udev.add_rule(self._cfg, sd_id, vol_id, path)
+        except udev.UnsafePath as e:
+            raise errors.HelperFailed(str(e))
+        udev.trigger(self._cfg, path)
+
+    def remove(self, sd_id, vol_id):
+        udev.remove_rule(self._cfg, sd_id, vol_id)
+
+    def remove_temp(self, path):
+        _remove_link(path)
+
+
+class _DaemonRules:
+    """udev rules written by the privsep daemon (the service is not root).
+
+    The daemon writes into the rules directory of its own configuration
+    (written from the same managedvolume.conf), so reading them here
+    (rule_ok, list_rules) sees what it wrote.
+    """
+
+    def __init__(self, brick):
+        self._brick = brick
+
+    def add(self, sd_id, vol_id, path):
+        self._brick.add_udev_rule(sd_id, vol_id, path)
+
+    def remove(self, sd_id, vol_id):
+        self._brick.remove_udev_rule(sd_id, vol_id)
+
+    def remove_temp(self, path):
+        ids = udev.parse_temp_name(os.path.basename(path))
+        if ids is None:
+            raise errors.HelperFailed(
+                "{} is not a temp file of ours; not asking the privsep "
+                "daemon to remove it".format(path))
+        self._brick.remove_udev_rule(*ids, temp=True)
+
+
+def _writable(path):
+    """Whether we may create files in ``path`` (or in the nearest existing
+    parent, which makedirs would create it in)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def _check_connection_info(connection_info):
+    """What validate.connection_info leaves open: size, strict JSON, and
+    the rbd name that becomes a path."""
+    try:
+        text = json.dumps(connection_info, allow_nan=False)
+    except ValueError as e:
+        raise errors.InvalidParams(
+            name="connection_info", reason="not strict JSON: {}".format(e))
+    size = len(text.encode("utf-8"))
+    if size > MAX_CONNECTION_INFO:
+        raise errors.InvalidParams(
+            name="connection_info",
+            reason="{} bytes as JSON, more than the {} allowed".format(
+                size, MAX_CONNECTION_INFO))
+    if connection_info["driver_volume_type"] == "rbd":
+        name = connection_info["data"].get("name")
+        if (not isinstance(name, str) or not _RBD_NAME_RE.match(name)
+                or any(p in (".", "..") for p in name.split("/"))):
+            raise errors.InvalidParams(
+                name="connection_info.data.name",
+                reason="expected \"pool/image\", got {!r}".format(
+                    name if not isinstance(name, str) else name[:80]))
+
+
 def _fingerprint():
     """Cheap summary of everything connector_info is derived from."""
     parts = []
@@ -638,17 +828,20 @@ def _copy(value):
 
 
 def _write_json(path, value):
+    # A temp name of its own: the agent and a tool may refresh at once.
+    tmp = None
     try:
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-        tmp = path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC |
-                     os.O_CLOEXEC, 0o644)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path),
+                                   prefix=".connector_info.", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             os.fchmod(f.fileno(), 0o644)
             json.dump(value, f, sort_keys=True)
         os.rename(tmp, path)
     except OSError as e:
         log.warning("Cannot write %s: %s", path, e)
+        if tmp is not None:
+            _remove_link(tmp)
 
 
 # ".<sd_id>_<vol_id>.tmp", ".99-vdsm-managed_<sd_id>_<vol_id>.rules.tmp"

@@ -299,6 +299,11 @@ class Parser:
             if "\r" in line:
                 raise FrameError("header {!r} holds a bare CR".format(
                     line[:80]))
+            if "\0" in line:
+                # NUL ends a frame: in a header it can only be an attempt
+                # to smuggle one (and it would reach log lines).
+                raise FrameError("header {!r} holds a NUL".format(
+                    line[:80]))
             name, sep, value = line.partition(":")
             if not sep:
                 raise FrameError("header line {!r} has no ':'".format(

@@ -28,6 +28,12 @@ sysfs entry, not a block device) falls back to running udevadm.  The trigger is 
 udevadm or a failing trigger is a warning, not a failure: the device is
 connected and correct, only its owner may lag until the next event.
 
+Who calls this module: the service itself when it is root; otherwise
+(inside vdsm, user vdsm) the privsep daemon, through its narrow
+``add_udev_rule`` / ``remove_udev_rule`` entrypoints (brick.py), which
+check the ids and the path (``check_device_path``) first.  Reading rules
+(``rule_ok``, ``list_rules``) needs no privilege.
+
 Rules are written atomically (temp file + rename): udev reads rule files
 at any time and must never see half a line.  The temp name does not end
 in ``.rules``, so udev ignores it.  They are not fsync'ed (it would cost
@@ -50,6 +56,9 @@ TRIGGER_TIMEOUT = 10.0
 _RULE_NAME_RE = re.compile(
     r"99-vdsm-managed_(?P<sd_id>[0-9a-f-]{36})_(?P<vol_id>[0-9a-f-]{36})"
     r"\.rules\Z")
+_TEMP_NAME_RE = re.compile(
+    r"\.99-vdsm-managed_(?P<sd_id>[0-9a-f-]{36})_(?P<vol_id>[0-9a-f-]{36})"
+    r"\.rules\.tmp\Z")
 
 # Characters allowed in a matched device name: a quote or a newline in a
 # path coming back from a connector must not become a second rule running
@@ -88,16 +97,48 @@ def rule_text(path, owner, chown, symlink_dirs=("/dev/mapper", "/dev/rbd")):
         key, device, chown, owner)
 
 
+def temp_path(rules_dir, sd_id, vol_id):
+    """Where ``add_rule`` writes the rule before renaming it."""
+    return os.path.join(rules_dir, ".{}.tmp".format(
+        os.path.basename(rule_path(rules_dir, sd_id, vol_id))))
+
+
+def parse_temp_name(name):
+    """(sd_id, vol_id) of a temp file name written by ``add_rule``, or
+    None for any other name."""
+    m = _TEMP_NAME_RE.match(name)
+    return (m.group("sd_id"), m.group("vol_id")) if m else None
+
+
+def check_device_path(path, device_dirs=("/dev",)):
+    """Raise UnsafePath unless ``path`` is a normalised absolute path under
+    one of ``device_dirs``, in characters a rule can hold.
+
+    The privileged daemon writes rules for an unprivileged caller: this is
+    what keeps it to rules about devices (no ``..``, no ``/etc/shadow``).
+    """
+    if (not isinstance(path, str) or not os.path.isabs(path)
+            or os.path.normpath(path) != path
+            or not _SAFE_DEVICE_RE.match(path)):
+        raise UnsafePath("unsafe device path for a udev rule: {!r}".format(
+            path))
+    if not any(_is_under(path, d) for d in device_dirs):
+        raise UnsafePath("device path {!r} is not under {}".format(
+            path, ", ".join(device_dirs)))
+    return path
+
+
 def add_rule(cfg, sd_id, vol_id, path):
     """Write the rule of a volume atomically (mode 0644); return its path."""
     os.makedirs(cfg.udev_rules_dir, mode=0o755, exist_ok=True)
     text = rule_text(path, cfg.udev_owner, cfg.chown,
                      symlink_dirs=(cfg.multipath_dir, cfg.rbd_dir))
     dst = rule_path(cfg.udev_rules_dir, sd_id, vol_id)
-    tmp = os.path.join(cfg.udev_rules_dir,
-                       ".{}.tmp".format(os.path.basename(dst)))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                 0o644)
+    tmp = temp_path(cfg.udev_rules_dir, sd_id, vol_id)
+    # O_NOFOLLOW: a symlink planted under the temp name must not make us
+    # (root) truncate its target.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+                 | os.O_NOFOLLOW, 0o644)
     try:
         os.fchmod(fd, 0o644)
         os.write(fd, text.encode("utf-8"))
@@ -108,9 +149,13 @@ def add_rule(cfg, sd_id, vol_id, path):
     return dst
 
 
-def remove_rule(cfg, sd_id, vol_id):
-    """Remove the rule of a volume; return whether there was one."""
-    dst = rule_path(cfg.udev_rules_dir, sd_id, vol_id)
+def remove_rule(cfg, sd_id, vol_id, temp=False):
+    """Remove the rule of a volume (``temp``: the leftover temp file of
+    an interrupted ``add_rule`` instead); return whether there was one."""
+    if temp:
+        dst = temp_path(cfg.udev_rules_dir, sd_id, vol_id)
+    else:
+        dst = rule_path(cfg.udev_rules_dir, sd_id, vol_id)
     try:
         os.unlink(dst)
     except FileNotFoundError:

@@ -24,22 +24,22 @@ Secrets need not travel on argv (where any local user can read them in
     env:                       read from MANAGEDVOLUME_DRIVER_JSON /
                                MANAGEDVOLUME_DB_URL
 
-For PostgreSQL, a URL without a password plus libpq's own ``PGPASSWORD`` or
-``~/.pgpass`` works too.  Every option has an environment variable
-(``ENV_*`` below), so a wrapper can set them once.
+A DB_URL naming a user but no password takes it from
+``MANAGEDVOLUME_DB_PASSWORD`` (or libpq's ``PGPASSWORD``), so the URL itself
+may stay on argv.  Every option has an environment variable (``ENV_*``
+below), so a wrapper can set them once.
 """
 
-import dataclasses
 import json
 import os
 import sys
-import tempfile
 
 from vdsm_managedvolume import errors
 from vdsm_managedvolume import mask
 
 ENV_DRIVER = "MANAGEDVOLUME_DRIVER_JSON"
 ENV_DB_URL = "MANAGEDVOLUME_DB_URL"
+ENV_DB_PASSWORD = "MANAGEDVOLUME_DB_PASSWORD"
 ENV_TIMEOUT = "MANAGEDVOLUME_ENGINE_TIMEOUT"
 ENV_LOG_FILE = "MANAGEDVOLUME_ENGINE_LOG_FILE"
 ENV_LOG_LEVEL = "MANAGEDVOLUME_ENGINE_LOG_LEVEL"
@@ -87,20 +87,19 @@ options: --timeout SEC --log-file PATH --log-level LEVEL --locks-dir DIR
     for name, (req, opt) in COMMANDS.items()))
 
 
-@dataclasses.dataclass
 class Options:
     """Settings of one invocation (command line over environment)."""
 
-    timeout: float = DEFAULT_TIMEOUT
-    log_file: str = ""
-    log_level: str = "INFO"
-    locks_dir: str = ""
-    socket: str = ""
-    cold: bool = False
-    serve: bool = False
+    def __init__(self):
+        self.timeout = DEFAULT_TIMEOUT
+        self.log_file = ""
+        self.log_level = "INFO"
+        self.locks_dir = ""
+        self.socket = ""
+        self.cold = False
+        self.serve = False
 
 
-@dataclasses.dataclass
 class Request:
     """One operation, with everything resolved: what crosses the socket.
 
@@ -108,15 +107,21 @@ class Request:
     request is only ever written to the 0600 socket of the warm service.
     """
 
-    command: str
-    driver: dict
-    db_url: str
-    correlation_id: str
-    args: dict
-    timeout: float = DEFAULT_TIMEOUT
-    log_file: str = ""
-    log_level: str = "INFO"
-    locks_dir: str = ""
+    FIELDS = ("command", "driver", "db_url", "correlation_id", "args",
+              "timeout", "log_file", "log_level", "locks_dir")
+
+    def __init__(self, command, driver, db_url, correlation_id, args,
+                 timeout=DEFAULT_TIMEOUT, log_file="", log_level="INFO",
+                 locks_dir=""):
+        self.command = command
+        self.driver = driver
+        self.db_url = db_url
+        self.correlation_id = correlation_id
+        self.args = args
+        self.timeout = timeout
+        self.log_file = log_file
+        self.log_level = log_level
+        self.locks_dir = locks_dir
 
     def __repr__(self):
         return "Request(command={!r}, correlation_id={!r}, args={!r}, " \
@@ -125,7 +130,7 @@ class Request:
                    mask.mask(self.driver), mask.mask_text(self.db_url))
 
     def to_json(self):
-        return json.dumps(dataclasses.asdict(self))
+        return json.dumps({name: getattr(self, name) for name in self.FIELDS})
 
     @classmethod
     def from_json(cls, text):
@@ -179,6 +184,7 @@ def parse(argv, environ=None, stdin=None):
     db_url = _source("DB_URL", db_src, ENV_DB_URL, environ, stdin).strip()
     if not db_url:
         raise errors.EngineUsage("DB_URL is empty")
+    db_url = _with_password(db_url, environ)
     args = _command_args(command, rest)
     request = Request(command=command, driver=driver, db_url=db_url,
                       correlation_id=correlation_id, args=args,
@@ -196,7 +202,7 @@ def default_run_dir():
     """
     if os.getuid() == 0:
         return "/run/managedvolume-engine"
-    return os.path.join(tempfile.gettempdir(),
+    return os.path.join(os.environ.get("TMPDIR") or "/tmp",
                         "managedvolume-engine-{}".format(os.getuid()))
 
 
@@ -362,6 +368,25 @@ def _connector_host(value):
     if not value:
         raise errors.EngineUsage("connector host is empty")
     return value
+
+
+def _with_password(url, environ):
+    """Put $MANAGEDVOLUME_DB_PASSWORD (or libpq's $PGPASSWORD) in ``url``.
+
+    Only into a URL that names a user but no password.  Done here, not left
+    to libpq, so that the warm service (which has not the command's
+    environment) connects the same way a cold run does.
+    """
+    password = environ.get(ENV_DB_PASSWORD) or environ.get("PGPASSWORD")
+    if not password or _url_password(url) is not None:
+        return url
+    scheme, sep, rest = url.partition("://")
+    creds, at, hostpart = rest.rpartition("@")
+    if not sep or not at or ":" in creds:
+        return url
+    from urllib.parse import quote
+    return "{}://{}:{}@{}".format(scheme, creds, quote(password, safe=""),
+                                  hostpart)
 
 
 def _collect_secrets(obj, found):

@@ -11,13 +11,13 @@ module is only the process around an operation:
    original stdout at the very end;
 2. inline secrets on argv are hidden from /proc/PID/cmdline as early as
    possible (setproctitle), for the rest of the process's life;
-3. the request goes to the warm service when one is running (``warm``),
-   else runs here (``runner``): same bytes, same exit code;
+3. the request goes to the warm service when one is running
+   (``forward``), else runs here (``runner``): same bytes, same exit code;
+   only the latter loads anything heavy;
 4. the process ends with ``os._exit`` right after flushing: no second of
    interpreter and cinderlib teardown per operation.
 """
 
-import logging
 import os
 import sys
 
@@ -25,10 +25,8 @@ from vdsm_managedvolume import errors
 from vdsm_managedvolume import mask
 
 from . import args
-from . import runner
-from . import warm
-
-log = logging.getLogger("vdsm_managedvolume.engine")
+from . import forward
+from . import outcome
 
 
 def main(argv=None):
@@ -37,26 +35,31 @@ def main(argv=None):
     try:
         _hide_secrets_from_cmdline(argv)
         if argv[:1] in (["-h"], ["--help"]):
-            _finish(out, runner.Outcome(args.USAGE.encode("utf-8")))
+            _finish(out, outcome.Outcome(args.USAGE.encode("utf-8")))
         try:
             opts, request = args.parse(argv)
         except errors.EngineUsage as e:
-            _finish(out, runner.error(e, runner.EXIT_USAGE))
+            _finish(out, outcome.error(e, outcome.EXIT_USAGE))
         socket_path = opts.socket or args.default_socket()
         if opts.serve:
+            from . import warm
             _exit(warm.serve(socket_path, opts.log_file, opts.log_level))
-        outcome = None
+        result = None
         if not opts.cold:
-            outcome = warm.forward(request, socket_path)
-        if outcome is None:
-            outcome = runner.run(request)
-        _finish(out, outcome)
+            result = forward.forward(request, socket_path)
+        if result is None:
+            # Only now the heavy part: logging setup, threads, cinderlib.
+            from . import runner
+            result = runner.run(request)
+        _finish(out, result)
     except BaseException as e:
         if isinstance(e, SystemExit):
             raise
         # The traceback goes to the log (stderr by default), never stdout.
-        log.exception("Unexpected error")
-        _finish(out, runner.error("internal error: {}: {}".format(
+        import logging
+        logging.getLogger("vdsm_managedvolume.engine").exception(
+            "Unexpected error")
+        _finish(out, outcome.error("internal error: {}: {}".format(
             type(e).__name__, mask.mask_text(str(e)))))
 
 
@@ -83,19 +86,24 @@ def _hide_secrets_from_cmdline(argv):
         ["managedvolume-cinderlib-client"] + masked))
 
 
-def _finish(out, outcome):
-    data = outcome.output
+def _finish(out, result):
+    data = result.output
     try:
         while data:
             data = data[os.write(out, data):]
     except OSError:
         pass    # the reader went away; the exit code still tells
-    _exit(outcome.exit_code)
+    _exit(result.exit_code)
 
 
 def _exit(code):
     try:
-        logging.shutdown()
+        if "logging" in sys.modules:
+            sys.modules["logging"].shutdown()
         sys.stderr.flush()
     finally:
         os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -2,18 +2,8 @@
 
 Both ways of running an operation end here: in the command's own process
 (cold) and in a child of the warm service.  ``run`` returns an ``Outcome``
-(the exact stdout bytes and the exit code) instead of printing, so the two
-ways are byte-identical by construction.
-
-What the engine reads (ovirt-engine's CinderlibExecutor merges stderr into
-stdout and takes the *first* line starting with ``error`` or with the
-correlation id)::
-
-    success with a result   <correlation_id>:<payload>\\n     exit 0
-    success, nothing to say                                  exit 0
-    already removed         error:Volume <id> not found\\n    exit 0
-    failure                 error:<one line, secrets hidden>\\n exit 1
-    bad command line        error:<what is wrong>\\n          exit 2
+(the exact stdout bytes and the exit code, see ``outcome``) instead of
+printing, so the two ways are byte-identical by construction.
 
 Failures never print a traceback (it goes to the log, masked).  The whole
 operation, cinderlib's import and setup included, runs in a worker thread
@@ -41,6 +31,13 @@ from vdsm_managedvolume import errors
 from vdsm_managedvolume import log as logutil
 from vdsm_managedvolume import mask
 
+from .outcome import EXIT_FAILED
+from .outcome import EXIT_OK
+from .outcome import EXIT_USAGE
+from .outcome import Outcome
+from .outcome import error
+from .outcome import result
+
 log = logging.getLogger("vdsm_managedvolume.engine")
 
 # Third-party loggers kept at WARNING unless the log level is DEBUG: at INFO
@@ -50,45 +47,11 @@ NOISY = ("cinder", "cinderlib", "oslo", "oslo_db", "oslo_concurrency",
          "os_brick", "sqlalchemy", "alembic", "stevedore", "tooz",
          "urllib3", "py.warnings", "oslo_policy", "oslo.privsep")
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-
-
-class Outcome:
-    """What to print on stdout, and the exit code."""
-
-    def __init__(self, output=b"", exit_code=EXIT_OK):
-        self.output = output
-        self.exit_code = exit_code
-
-    def to_dict(self):
-        return {"output": self.output.decode("utf-8"),
-                "exit_code": self.exit_code}
-
-    @classmethod
-    def from_dict(cls, d):
-        return cls(d["output"].encode("utf-8"), int(d["exit_code"]))
-
-    def __repr__(self):
-        return "Outcome(exit_code={}, {} bytes)".format(self.exit_code,
-                                                        len(self.output))
-
-
-def error(text, exit_code=EXIT_FAILED):
-    """An ``error:`` outcome; ``text`` is flattened to one line."""
-    line = " ".join(str(text).split())
-    return Outcome("error:{}\n".format(line).encode("utf-8"), exit_code)
-
-
-def result(correlation_id, payload):
-    return Outcome("{}:{}\n".format(correlation_id, payload).encode("utf-8"))
-
-
 def run(request):
     """Run ``request`` within its timeout and return its ``Outcome``."""
     scrub = Scrubber(request.secrets())
-    configure_logging(request, scrub)
+    configure_logging(request.log_level, request.log_file,
+                      request.correlation_id, scrub)
     box = []
     done = threading.Event()
 
@@ -107,33 +70,35 @@ def run(request):
     if not done.wait(request.timeout):
         with logutil.flow(request.correlation_id):
             log.error("%s did not finish within %s seconds; giving up",
-                      request.command, _seconds(request.timeout))
+                      request.command, seconds(request.timeout))
         return error(errors.EngineTimeout(
-            operation=request.command, timeout=_seconds(request.timeout)))
+            operation=request.command, timeout=seconds(request.timeout)))
     if not box:
         return error("internal error: the operation ended without a result")
     return box[0]
 
 
-def configure_logging(request, scrub=None):
+def configure_logging(level="INFO", filename="", flow_id=None, scrub=None):
     """Our handler on the root logger: file or stderr, flow id, masking.
 
     Safe to call again after something (oslo.log) replaced the handlers.
+    ``flow_id`` is the default flow of every line (a process or a warm
+    child serves one request), ``scrub`` hides the request's secret values.
     """
-    logutil.setup(level=request.log_level, filename=request.log_file or None,
-                  stream=sys.stderr)
+    level = level.upper()
+    logutil.setup(level=level, filename=filename or None, stream=sys.stderr)
     root = logging.getLogger()
     for handler in root.handlers:
-        # A thread a library starts has no flow in its context; in this
-        # process every line belongs to this request anyway.
-        handler.filters.insert(0, _DefaultFlow(request.correlation_id))
+        if flow_id is not None:
+            # A thread a library starts has no flow in its context; in this
+            # process every line belongs to this request anyway.
+            handler.filters.insert(0, _DefaultFlow(flow_id))
         if scrub is not None:
             handler.addFilter(scrub)
-    debug = request.log_level == "DEBUG"
+    debug = level == "DEBUG"
     for name in NOISY:
         logging.getLogger(name).setLevel(
             logging.DEBUG if debug else logging.WARNING)
-    log.setLevel(request.log_level)
     logging.captureWarnings(True)
 
 
@@ -194,6 +159,14 @@ def setup_cinderlib(db_url, locks_dir):
                 os.environ["VIRTUAL_ENV"] = venv
         _state.update(db_url=db_url, locks_dir=locks_dir)
     elif _state["db_url"] != db_url:
+        # cinderlib reconfigures oslo.db's global transaction factory, which
+        # refuses once started: give it a fresh one (the old one's pool was
+        # disposed by the warm service before forking).
+        from cinder.db.sqlalchemy import api as sqla_api
+        from oslo_db.sqlalchemy import enginefacade
+        sqla_api.main_context_manager._root_factory = \
+            enginefacade._TransactionFactory()
+        _state["db_url"] = None
         cl.Backend.set_persistence({"storage": "db", "connection": db_url})
         _state["db_url"] = db_url
     return cl
@@ -232,7 +205,8 @@ def _execute(request, scrub):
     try:
         cl = setup_cinderlib(request.db_url, request.locks_dir)
         # oslo.log just replaced the root handlers: put ours back.
-        configure_logging(request, scrub)
+        configure_logging(request.log_level, request.log_file,
+                          request.correlation_id, scrub)
         be = backend(cl, request.driver)
         payload = ops.OPERATIONS[request.command](be, request.args)
     except errors.EngineNotFound as e:
@@ -267,7 +241,8 @@ def _reason(exc):
     return text
 
 
-def _seconds(t):
+def seconds(t):
+    """A timeout as people write it: 3, not 3.0."""
     return int(t) if float(t).is_integer() else t
 
 

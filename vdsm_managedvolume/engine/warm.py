@@ -6,7 +6,8 @@ operation that often takes 20 ms.  The warm service pays once::
 
     managedvolume-cinderlib-client --serve [--socket PATH] [--log-file PATH]
 
-and every later command forwards its request to it instead of running it::
+and every later command forwards its request to it (``forward.py``) instead
+of running it::
 
     command ── request (JSON line, secrets included) ──> service
             <── {"output": ..., "exit_code": N} ───────  (then close)
@@ -45,6 +46,7 @@ answer is an ``error:`` line, not a retry.
 """
 
 import errno
+import gc
 import json
 import logging
 import os
@@ -56,63 +58,37 @@ import struct
 import threading
 import time
 
+from vdsm_managedvolume import errors
 from vdsm_managedvolume import log as logutil
 from vdsm_managedvolume import mask
 
 from . import args as argsmod
+from . import outcome
 from . import runner
+from .forward import KILL_GRACE
+from .forward import READ_TIMEOUT
 
 log = logging.getLogger("vdsm_managedvolume.engine.warm")
 
 MAX_REQUEST = 4 * 1024 * 1024
 MAX_CHILDREN = 32
-# Extra time for a child over its request's own timeout before it is killed
-# (the child normally answers "did not finish" itself at its timeout).
-KILL_GRACE = 10.0
 # How long the parent may spend in cl.setup for a new DB URL.
 SETUP_TIMEOUT = 60.0
-READ_TIMEOUT = 10.0
-
-
-def forward(request, socket_path):
-    """Have the warm service at ``socket_path`` run ``request``.
-
-    Returns its ``runner.Outcome``, or None when no usable service listens
-    there (run the request in-process then).
-    """
-    if not _trusted_socket(socket_path):
-        return None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(READ_TIMEOUT)
-        try:
-            sock.connect(socket_path)
-            sock.sendall(request.to_json().encode("utf-8") + b"\n")
-        except OSError:
-            # Stale socket file, or a service going away: nothing was run.
-            return None
-        sock.settimeout(request.timeout + KILL_GRACE + 5)
-        try:
-            data = _read_all(sock)
-        except OSError as e:
-            data = b""
-            reason = e.strerror or type(e).__name__
-        else:
-            reason = "connection closed"
-        if not data:
-            return runner.error(
-                "warm service at {} lost the request ({}); it may or may "
-                "not have run".format(socket_path, reason))
-        return runner.Outcome.from_dict(json.loads(data))
-    finally:
-        sock.close()
 
 
 def serve(socket_path, log_file="", log_level="INFO"):
     """Run the warm service until SIGTERM/SIGINT; returns an exit code."""
-    logutil.setup(level=log_level, filename=log_file or None)
+    runner.configure_logging(log_level, log_file)
     server = Server(socket_path, log_file=log_file, log_level=log_level)
-    return server.run()
+    try:
+        return server.run()
+    except AlreadyServing as e:
+        log.error("%s", e)
+        return 1
+
+
+class AlreadyServing(Exception):
+    pass
 
 
 class Server:
@@ -128,6 +104,9 @@ class Server:
         self._inode = None
 
     def run(self):
+        if _connectable(self.socket_path):
+            raise AlreadyServing("a service already listens on {}".format(
+                self.socket_path))
         t = time.monotonic()
         _preload()
         log.info("cinderlib loaded in %.2f seconds", time.monotonic() - t)
@@ -155,17 +134,11 @@ class Server:
         directory = os.path.dirname(os.path.abspath(self.socket_path))
         os.makedirs(directory, mode=0o700, exist_ok=True)
         if os.path.exists(self.socket_path):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(self.socket_path)
-            except OSError:
-                log.info("Removing stale socket %s", self.socket_path)
-                os.unlink(self.socket_path)
-            else:
-                raise RuntimeError("a service already listens on {}".format(
-                    self.socket_path))
-            finally:
-                probe.close()
+            if _connectable(self.socket_path):
+                raise AlreadyServing("a service already listens on "
+                                     "{}".format(self.socket_path))
+            log.info("Removing stale socket %s", self.socket_path)
+            os.unlink(self.socket_path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)   # 0600 from birth: no window for others
         try:
@@ -207,13 +180,15 @@ class Server:
             request = self._read_request(conn)
             if request is None:
                 return
+            if not self._prepare(request):
+                # What a cold run stuck in the same setup would have said.
+                _answer(conn, outcome.error(_timeout_error(request)))
+                return
             while len(self.children) >= MAX_CHILDREN:
                 self._reap(block=True)
             self._fork(conn, request)
         finally:
             conn.close()
-        # After the fork: this request's child does not wait for it.
-        self._prepare(request)
 
     def _allowed(self, conn):
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
@@ -243,6 +218,10 @@ class Server:
     def _fork(self, conn, request):
         pid = os.fork()
         if pid == 0:
+            if not request.log_file:
+                # The command would have logged to its stderr; the
+                # service's log is the closest thing a child has.
+                request.log_file = self.log_file
             _child(self.sock, conn, request)   # never returns
         self.children[pid] = (time.monotonic() + request.timeout +
                               KILL_GRACE)
@@ -273,45 +252,56 @@ class Server:
                 self.children[pid] = float("inf")
 
     def _prepare(self, request):
-        """cl.setup for ``request``'s DB URL, so that the next child need not.
+        """Run cl.setup for ``request``'s DB URL here, before forking.
 
-        Runs in a thread so that a hang is bounded; the parent is left with
-        exactly one thread again afterwards, as forking needs.
+        Then the child (and every later one for this URL) starts set up;
+        doing it in both would race on a fresh database's migrations.  A
+        setup error is left for the child to meet and report exactly as a
+        cold run would.  Runs in a thread, bounded by the request's timeout;
+        returns False if it hung (the parent then stops: its cinderlib
+        state is unknown and it has a second thread it cannot fork with).
         """
         if runner._state["db_url"] == request.db_url:
-            return
+            return True
         box = []
         done = threading.Event()
 
         def work():
             try:
-                runner.setup_cinderlib(request.db_url, request.locks_dir)
-                _release_parent_resources()
+                cl = runner.setup_cinderlib(request.db_url, request.locks_dir)
+                _warm_up_queries(cl)
                 box.append(None)
             except Exception as e:
                 box.append(e)
             finally:
-                done.set()
+                try:
+                    _release_parent_resources()
+                finally:
+                    done.set()
 
         t = time.monotonic()
         worker = threading.Thread(target=work, name="setup", daemon=True)
         worker.start()
-        finished = done.wait(SETUP_TIMEOUT)
+        finished = done.wait(min(request.timeout, SETUP_TIMEOUT))
         # oslo.log replaced the root handlers during cl.setup.
-        logutil.setup(level=self.log_level, filename=self.log_file or None)
-        if not finished:
-            log.error("cinderlib setup did not finish within %s seconds; "
-                      "stopping (commands run cold meanwhile)", SETUP_TIMEOUT)
-            self.stopping = True
-            self.exit_code = 1
-        elif box[0] is not None:
-            scrub = runner.Scrubber(request.secrets())
-            log.warning("cinderlib setup failed, children will set up "
-                        "themselves: %s", scrub.text(str(box[0])))
-        else:
-            log.info("cinderlib set up for %s in %.2f seconds",
-                     mask.mask_text(request.db_url),
-                     time.monotonic() - t)
+        runner.configure_logging(self.log_level, self.log_file)
+        with logutil.flow(request.correlation_id):
+            if not finished:
+                log.error("cinderlib setup did not finish within %s "
+                          "seconds; stopping (commands run cold meanwhile)",
+                          min(request.timeout, SETUP_TIMEOUT))
+                self.stopping = True
+                self.exit_code = 1
+                return False
+            if box[0] is not None:
+                scrub = runner.Scrubber(request.secrets())
+                log.warning("cinderlib setup failed, the child will meet "
+                            "it: %s", scrub.text(str(box[0])))
+            else:
+                log.info("cinderlib set up for %s in %.2f seconds",
+                         mask.mask_text(request.db_url),
+                         time.monotonic() - t)
+        return True
 
 
 def _child(listener, conn, request):
@@ -322,9 +312,7 @@ def _child(listener, conn, request):
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         listener.close()
         _release_inherited_resources()
-        outcome = runner.run(request)
-        conn.settimeout(30)
-        conn.sendall(json.dumps(outcome.to_dict()).encode("utf-8"))
+        _answer(conn, runner.run(request))
         conn.shutdown(socket.SHUT_WR)
         code = 0
     except BaseException:
@@ -339,6 +327,19 @@ def _child(listener, conn, request):
             os._exit(code)
 
 
+def _answer(conn, outcome):
+    try:
+        conn.settimeout(READ_TIMEOUT)
+        conn.sendall(json.dumps(outcome.to_dict()).encode("utf-8"))
+    except OSError:
+        pass
+
+
+def _timeout_error(request):
+    return errors.EngineTimeout(operation=request.command,
+                                timeout=runner.seconds(request.timeout))
+
+
 def _preload():
     """Import what every request needs (the cost warm mode exists to avoid)."""
     runner.select_threading_backend()
@@ -347,16 +348,35 @@ def _preload():
     from . import ops  # noqa: F401
 
 
+def _warm_up_queries(cl):
+    """Run the queries every operation runs, once, in the parent.
+
+    SQLAlchemy compiles and caches each statement shape on first use;
+    compiled here, the cache is inherited by every child (~15 ms each).
+    """
+    nil = "00000000-0000-0000-0000-000000000000"
+    persistence = cl.Backend.persistence
+    persistence.get_volumes(volume_id=nil, backend_name="-")
+    persistence.get_snapshots(volume_id=nil)
+    persistence.get_connections(volume_id=nil)
+
+
 def _release_parent_resources():
     """After setup in the parent: no pooled connection, no extra thread."""
     from cinder import coordination
     from cinder.db.sqlalchemy import api
-    api.get_engine().dispose()
+    try:
+        api.get_engine().dispose()
+    except Exception as e:
+        log.debug("No engine to dispose: %s", e)
     coordinator = coordination.COORDINATOR.coordinator
     heart = getattr(coordinator, "heart", None)
     if heart is not None and heart.is_alive():
         heart.stop()
         heart.wait()
+    # Children would otherwise walk (and so copy, page by page) the whole
+    # inherited heap at their first garbage collection.
+    gc.freeze()
 
 
 def _release_inherited_resources():
@@ -367,26 +387,12 @@ def _release_inherited_resources():
     api.get_engine().dispose(close=False)
 
 
-def _trusted_socket(path):
+def _connectable(path):
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        st = os.stat(path)
+        probe.connect(path)
+        return True
     except OSError:
         return False
-    if not stat.S_ISSOCK(st.st_mode):
-        log.warning("%s is not a socket; not forwarding", path)
-        return False
-    if st.st_uid != os.getuid() or st.st_mode & 0o077:
-        log.warning("Socket %s is not private to uid %d (owner %d, mode "
-                    "%o); not forwarding secrets to it", path, os.getuid(),
-                    st.st_uid, stat.S_IMODE(st.st_mode))
-        return False
-    return True
-
-
-def _read_all(sock):
-    chunks = []
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
+    finally:
+        probe.close()

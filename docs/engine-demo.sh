@@ -1,0 +1,110 @@
+#!/bin/bash
+# The whole Managed Block Storage chain on one machine, from a shell:
+# engine side (managedvolume-cinderlib-client on the embedded FileDriver,
+# loop devices, SQLite) and host side (managedvolume-agent over vdsm's wire
+# protocol, managedvolume-client as vdsm-client).  See docs/engine.md.
+#
+#   sudo docs/engine-demo.sh [DB_URL]      (root: loop devices, privsep)
+#
+# Everything lives in a temp dir and is removed at the end; no file, record
+# or loop device is left behind.  tests/engine_e2e_test.py runs the same
+# chain with assertions.
+set -eu
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+BIN=$REPO/.venv/bin
+WORK=$(mktemp -d /tmp/engine-demo.XXXXXX)
+PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+export MANAGEDVOLUME_ENGINE_LOCKS_DIR=$WORK/locks
+export MANAGEDVOLUME_ENGINE_SOCKET=$WORK/run/cinderlib.sock
+export MANAGEDVOLUME_ENGINE_LOG_FILE=$WORK/engine.log
+
+# The driver JSON and DB URL go in files: no secret on any command line.
+cat > "$WORK/driver.json" <<EOF
+{"volume_driver": "vdsm_managedvolume.engine.filedriver.FileDriver",
+ "volume_backend_name": "demo",
+ "file_volume_dir": "$WORK/volumes",
+ "file_volume_use_loop": true}
+EOF
+echo "${1:-sqlite:///$WORK/cinderlib.db}" > "$WORK/db_url"
+chmod 600 "$WORK/driver.json" "$WORK/db_url"
+
+cleanup() {
+    [ -n "${AGENT_PID:-}" ] && kill "$AGENT_PID" 2>/dev/null && wait "$AGENT_PID" || true
+    [ -n "${SHIM_PID:-}" ] && kill "$SHIM_PID" 2>/dev/null && wait "$SHIM_PID" || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+shim() {   # shim SUB-COMMAND ARGS... -> prints the payload, fails on error
+    local out
+    out=$("$BIN/managedvolume-cinderlib-client" "$1" "@$WORK/driver.json" \
+          "@$WORK/db_url" demo "${@:2}")
+    case "$out" in
+        error:*) echo "$1 failed: ${out#error:}" >&2; return 1 ;;
+        demo:*) echo "${out#demo:}" ;;
+    esac
+}
+host() {   # host Namespace.verb [JSON params]
+    local ns=${1%%.*} verb=${1#*.}
+    echo "${2:-{\}}" | "$BIN/managedvolume-client" --insecure -a 127.0.0.1 \
+        -p "$PORT" --flow-id demo -f - "$ns" "$verb"
+}
+step() { printf '\n== %s\n' "$*"; }
+
+step "start the host agent (127.0.0.1:$PORT) and the engine's warm service"
+"$BIN/managedvolume-agent" --state-dir "$WORK/agent" \
+    --listen "127.0.0.1:$PORT" --insecure 2>"$WORK/agent.err" &
+AGENT_PID=$!
+"$BIN/managedvolume-cinderlib-client" --serve --log-file "$WORK/service.log" &
+SHIM_PID=$!
+for _ in $(seq 100); do
+    [ -S "$MANAGEDVOLUME_ENGINE_SOCKET" ] && \
+        python3 -c "import socket; socket.create_connection(('127.0.0.1', $PORT)).close()" 2>/dev/null && break
+    sleep 0.2
+done
+
+VOL=$(python3 -c 'import uuid; print(uuid.uuid4())')
+CLONE=$(python3 -c 'import uuid; print(uuid.uuid4())')
+
+step "engine: create_volume $VOL (1 GiB)"
+shim create_volume "$VOL" 1
+
+step "host: Host.getCapabilities -> connector_info"
+CONNECTOR=$(host Host.getCapabilities | python3 -c 'import json, sys; print(json.dumps(json.load(sys.stdin)["connector_info"]))')
+echo "$CONNECTOR"
+
+step "engine: connect_volume for that host"
+CONN=$(shim connect_volume "$VOL" "$CONNECTOR")
+echo "$CONN"
+
+step "host: ManagedVolume.attach_volume"
+INFO=$(host ManagedVolume.attach_volume "{\"vol_id\": \"$VOL\", \"connection_info\": $CONN}")
+echo "$INFO"
+MANAGED=$(echo "$INFO" | python3 -c 'import json, sys; print(json.load(sys.stdin)["managed_path"])')
+
+step "I/O through $MANAGED"
+echo "hello from the demo" | dd of="$MANAGED" bs=512 seek=1024 conv=notrunc,fsync status=none
+dd if="$MANAGED" bs=512 skip=1024 count=1 status=none | head -c 19; echo
+
+step "engine: save_device, get_connection_info"
+shim save_device "$VOL" "$(echo "$INFO" | python3 -c 'import json, sys; print(json.dumps(json.load(sys.stdin)))')"
+shim get_connection_info "$VOL"
+
+step "host: detach_volume; engine: disconnect_volume"
+host ManagedVolume.detach_volume "{\"vol_id\": \"$VOL\"}"
+shim disconnect_volume "$VOL" "$CONNECTOR"
+
+step "engine: extend to 2 GiB, snapshot, volume from snapshot (3 GiB), clone"
+shim extend_volume "$VOL" 2
+SNAP=$(shim create_snapshot "$VOL"); echo "snapshot $SNAP"
+FROM=$(shim create_volume_from_snapshot "$VOL" "$SNAP" 3); echo "volume $FROM"
+shim clone_volume "$VOL" "$CLONE"; echo "clone $CLONE"
+ls -ls "$WORK/volumes"
+shim storage_stats true
+
+step "engine: delete everything"
+shim remove_snapshot "$SNAP" "$VOL"
+for v in "$FROM" "$CLONE" "$VOL"; do shim delete_volume "$v"; done
+echo "volumes left: $(ls "$WORK/volumes" | wc -l)"
+echo "loop devices left: $(losetup -j "$WORK/volumes" 2>/dev/null | wc -l)"

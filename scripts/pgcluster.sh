@@ -1,0 +1,107 @@
+#!/bin/bash
+# A private, throw-away PostgreSQL cluster for the engine shim's tests.
+#
+#   pgcluster.sh start [PORT]   print PGCLUSTER_DIR=..., PGCLUSTER_PORT=...,
+#                               PGCLUSTER_USER=..., PGCLUSTER_DB=...
+#   pgcluster.sh stop DIR       stop it and remove DIR
+#
+# The cluster listens on 127.0.0.1 only, at PORT or a free port, with its
+# unix socket in a directory of its own (never /var/run/postgresql), and
+# lives entirely under a fresh temp directory.  It has a role
+# $PGCLUSTER_USER (default "cinder", allowed to create databases: one per
+# test) owning database $PGCLUSTER_DB (default "cinder"), whose password is
+# read from the environment variable PGCLUSTER_PASSWORD, never from argv.
+# TCP connections need that password (scram-sha-256), so the tests exercise
+# DB passwords for real.
+#
+# Installs nothing: scripts/install-sysdeps.sh installs Debian's postgresql.
+# As root, the server runs as user postgres (it refuses to run as root).
+set -eu
+
+die() { echo "pgcluster: $*" >&2; exit 1; }
+
+bindir() {
+    local d
+    for d in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r); do
+        [ -x "$d/initdb" ] && { echo "$d"; return; }
+    done
+    command -v initdb >/dev/null && { dirname "$(command -v initdb)"; return; }
+    die "postgresql binaries (initdb) not found; run scripts/install-sysdeps.sh"
+}
+
+as_owner() {
+    if [ "$(id -u)" = 0 ]; then
+        runuser -u postgres -- "$@"
+    else
+        "$@"
+    fi
+}
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+start() {
+    local port=${1:-$(free_port)}
+    local user=${PGCLUSTER_USER:-cinder}
+    local db=${PGCLUSTER_DB:-cinder}
+    [ -n "${PGCLUSTER_PASSWORD:-}" ] || die "set PGCLUSTER_PASSWORD"
+    local bin; bin=$(bindir)
+    local dir; dir=$(mktemp -d "${TMPDIR:-/tmp}/pgcluster.XXXXXX")
+    chmod 0755 "$dir"
+    mkdir -m 0700 "$dir/data"
+    mkdir -m 0755 "$dir/socket"
+    if [ "$(id -u)" = 0 ]; then
+        chown postgres: "$dir/data" "$dir/socket"
+    fi
+    # Local (unix socket) connections are trusted: only the owner of this
+    # private socket dir gets there.  TCP needs the password.
+    as_owner "$bin/initdb" -D "$dir/data" -U postgres -A trust \
+        --auth-host=scram-sha-256 -E UTF8 --no-sync >"$dir/initdb.log" 2>&1 \
+        || { cat "$dir/initdb.log" >&2; rm -rf "$dir"; die "initdb failed"; }
+    cat >>"$dir/data/postgresql.conf" <<EOF
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = '$dir/socket'
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+max_connections = 100
+shared_buffers = 16MB
+EOF
+    as_owner "$bin/pg_ctl" -D "$dir/data" -l "$dir/data/server.log" -w \
+        -t 60 start >/dev/null \
+        || { cat "$dir/data/server.log" >&2; stop "$dir"; die "start failed"; }
+    # The password goes through stdin (a here-document), never argv.
+    local quoted=${PGCLUSTER_PASSWORD//\'/\'\'}
+    as_owner "$bin/psql" -h "$dir/socket" -p "$port" -U postgres -d postgres \
+        -q -v ON_ERROR_STOP=1 -v user="$user" -v db="$db" -f - >/dev/null <<EOF
+CREATE ROLE :"user" LOGIN CREATEDB PASSWORD '$quoted';
+CREATE DATABASE :"db" OWNER :"user";
+EOF
+    echo "PGCLUSTER_DIR=$dir"
+    echo "PGCLUSTER_PORT=$port"
+    echo "PGCLUSTER_USER=$user"
+    echo "PGCLUSTER_DB=$db"
+}
+
+stop() {
+    local dir=${1:?usage: pgcluster.sh stop DIR}
+    case "$dir" in
+        */pgcluster.*) ;;
+        *) die "refusing to remove $dir (not made by pgcluster.sh start)" ;;
+    esac
+    local bin; bin=$(bindir)
+    if [ -f "$dir/data/postmaster.pid" ]; then
+        as_owner "$bin/pg_ctl" -D "$dir/data" -m immediate -w stop \
+            >/dev/null 2>&1 || true
+    fi
+    rm -rf "$dir"
+}
+
+case "${1:-}" in
+    start) shift; start "$@" ;;
+    stop) shift; stop "$@" ;;
+    bindir) bindir ;;
+    *) echo "usage: $0 start [PORT] | stop DIR | bindir" >&2; exit 2 ;;
+esac

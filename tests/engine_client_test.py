@@ -1,0 +1,441 @@
+"""The command line contract ovirt-engine depends on (CONTRACT 5), and the
+ways ours is better than upstream's.
+
+Most tests go through the session's warm service (fast); the tests about
+cold runs, and the cold/warm comparison, start real cold processes.
+"""
+
+import hashlib
+import json
+import os
+import re
+import time
+import uuid
+
+import pytest
+
+from .engine_fixtures import files_in
+from .engine_fixtures import new_id
+
+SECRET = "s3cr3t-Backend-pw"
+
+
+def __getattr__(name):
+    """Test drivers, built on first use (inside the shim's processes).
+
+    cinderlib imports ``tests.engine_client_test.SlowDriver`` by name; the
+    classes are made lazily so that collecting this module does not import
+    cinder into pytest.
+    """
+    if name not in ("SlowDriver", "LeakyDriver"):
+        raise AttributeError(name)
+    from cinder import exception
+    from vdsm_managedvolume.engine.filedriver import FileDriver
+
+    class SlowDriver(FileDriver):
+        def create_volume(self, volume):
+            time.sleep(120)
+
+    class LeakyDriver(FileDriver):
+        # A backend whose error quotes the password in free text.
+        def create_volume(self, volume):
+            raise exception.VolumeBackendAPIException(
+                data="login admin/{} refused".format(
+                    self.configuration.safe_get("san_password")))
+
+    return locals()[name]
+
+
+def test_every_sub_command_prints_what_the_engine_parses(
+        engine_service, engine_shim, engine_backend):
+    be = engine_backend
+
+    def run(*args, **kw):
+        return engine_shim.run(*args, driver=be["driver"],
+                               db_url=be["db_url"], **kw)
+
+    vol = new_id()
+    r = run("create_volume", vol, 1, cid="c-create")
+    assert (r.stdout, r.code) == (b"", 0), r.describe()
+    assert files_in(be["dir"]) == ["volume-" + vol]
+
+    connector = {"host": "host-1", "initiator": "iqn.1994-05.com.redhat:h1"}
+    r = run("connect_volume", vol, json.dumps(connector), cid="c-connect")
+    assert r.code == 0, r.describe()
+    conn = r.json("c-connect")
+    device_path = os.path.join(be["dir"], "volume-" + vol)
+    assert conn == {"driver_volume_type": "local",
+                    "data": {"device_path": device_path,
+                             "access_mode": "rw"}}
+
+    # Same host again: the same connection, not a second one.
+    r = run("connect_volume", vol, json.dumps(connector), cid="c-again")
+    assert r.json("c-again") == conn
+
+    device = {"vol_id": vol, "path": device_path,
+              "attachment": {"path": device_path, "type": "local"},
+              "managed_path": "/run/vdsm/managedvolumes/x_" + vol}
+    r = run("save_device", vol, json.dumps(device), cid="c-save")
+    assert (r.stdout, r.code) == (b"", 0), r.describe()
+
+    r = run("get_connection_info", vol, cid="c-info")
+    assert r.json("c-info") == {"conn": conn, "connector": connector,
+                                "device": device}
+
+    r = run("extend_volume", vol, 2, cid="c-extend")
+    assert (r.stdout, r.code) == (b"", 0), r.describe()
+    assert os.path.getsize(device_path) == 2 * 1024**3
+
+    r = run("storage_stats", "true", cid="c-stats")
+    stats = r.json("c-stats")
+    assert stats["volume_backend_name"] == "file"
+    assert stats["pools"][0]["provisioned_capacity_gb"] == 2.0
+
+    r = run("create_snapshot", vol, cid="c-snap")
+    snap = r.payload("c-snap")
+    assert uuid.UUID(snap)      # bare id, not JSON
+    assert "snapshot-" + snap in files_in(be["dir"])
+
+    # Optional size (ours): the new volume grows beyond the snapshot's 2.
+    r = run("create_volume_from_snapshot", vol, snap, 3, cid="c-from")
+    from_snap = r.payload("c-from")
+    assert os.path.getsize(os.path.join(be["dir"], "volume-" + from_snap)) \
+        == 3 * 1024**3
+
+    clone = new_id()
+    r = run("clone_volume", vol, clone, cid="c-clone")
+    assert (r.stdout, r.code) == (b"", 0), r.describe()
+    assert os.path.getsize(os.path.join(be["dir"], "volume-" + clone)) \
+        == 2 * 1024**3
+
+    r = run("remove_snapshot", snap, vol, cid="c-rmsnap")
+    assert (r.stdout, r.code) == (b"", 0), r.describe()
+
+    r = run("disconnect_volume", vol, cid="c-disconnect")
+    assert (r.stdout, r.code) == (b"", 0), r.describe()
+    r = run("get_connection_info", vol, cid="c-info2")
+    assert r.code == 1 and "not found" in r.error()
+
+    for v in (vol, from_snap, clone):
+        r = run("delete_volume", v, cid="c-delete")
+        assert (r.stdout, r.code) == (b"", 0), r.describe()
+    assert files_in(be["dir"]) == []
+
+
+def test_cold_and_warm_runs_print_the_same_bytes_and_exit_codes(
+        engine_service, engine_shim, engine_backend, tmp_path):
+    be = engine_backend
+    vol = new_id()
+    missing = new_id()
+    r = engine_shim.run("create_volume", vol, 1, driver=be["driver"],
+                        db_url=be["db_url"], cid="c-prep")
+    assert r.code == 0, r.describe()
+    h1 = json.dumps({"host": "h1"})
+    assert engine_shim.run("connect_volume", vol, h1, driver=be["driver"],
+                           db_url=be["db_url"], cid="c-prep").code == 0
+
+    cases = [
+        ("connect_volume", vol, h1),                 # existing connection
+        ("get_connection_info", vol),
+        ("get_connection_info", vol, "h1"),
+        ("get_connection_info", vol, "nowhere"),     # exit 1
+        ("create_volume", vol, 1),                   # exists, same size
+        ("create_volume", vol, 5),                   # exists, other size
+        ("extend_volume", vol, 1),                   # already that size
+        ("extend_volume", missing, 2),               # not found: exit 1
+        ("delete_volume", missing),                  # not found: exit 0
+        ("remove_snapshot", missing, vol),           # not found: exit 0
+        ("disconnect_volume", vol, "nowhere"),       # nothing to do
+        ("create_volume", vol, "ten"),               # usage: exit 2
+        ("no_such_command", vol),                    # usage: exit 2
+    ]
+    for case in cases:
+        cid = "cid-" + case[0]
+        warm = engine_shim.run(*case, driver=be["driver"],
+                               db_url=be["db_url"], cid=cid)
+        cold = engine_shim.run(*case, driver=be["driver"],
+                               db_url=be["db_url"], cid=cid, warm=False)
+        assert (warm.stdout, warm.code) == (cold.stdout, cold.code), \
+            "{}\nwarm: {}\ncold: {}".format(case, warm.describe(),
+                                            cold.describe())
+        assert warm.stdout.count(b"\n") <= 1
+        assert warm.stdout == b"" or warm.stdout.startswith(
+            (cid.encode() + b":", b"error:"))
+    codes = {case: engine_shim.run(*case, driver=be["driver"],
+                                   db_url=be["db_url"]).code
+             for case in cases[3:5] + cases[7:9] + cases[11:]}
+    assert codes == {cases[3]: 1, cases[4]: 0, cases[7]: 1, cases[8]: 0,
+                     cases[11]: 2, cases[12]: 2}
+
+
+def test_not_found_is_success_only_for_removals(
+        engine_service, engine_shim, engine_backend):
+    be = engine_backend
+    missing = new_id()
+    expected = {
+        ("delete_volume", missing): 0,
+        ("remove_snapshot", new_id(), missing): 0,
+        ("disconnect_volume", missing): 0,
+        ("extend_volume", missing, 2): 1,
+        ("connect_volume", missing, '{"host": "h"}'): 1,
+        ("clone_volume", missing, new_id()): 1,
+        ("create_snapshot", missing): 1,
+        ("save_device", missing, "{}"): 1,
+        ("get_connection_info", missing): 1,
+        ("create_volume_from_snapshot", missing, new_id()): 1,
+    }
+    for case, code in expected.items():
+        r = engine_shim.run(*case, driver=be["driver"], db_url=be["db_url"])
+        assert r.code == code, r.describe()
+        # Formatted, unlike upstream's literal "Volume '%s' not found".
+        assert r.error() == "Volume {} not found".format(missing)
+
+
+def test_live_migration_acts_on_the_named_host_connection_only(
+        engine_service, engine_shim, engine_backend):
+    be = engine_backend
+
+    def run(*args):
+        r = engine_shim.run(*args, driver=be["driver"], db_url=be["db_url"],
+                            cid="cid")
+        assert r.code == 0, r.describe()
+        return r
+
+    vol = new_id()
+    run("create_volume", vol, 1)
+    run("connect_volume", vol, json.dumps({"host": "src"}))
+    run("save_device", vol, json.dumps({"path": "/dev/src-path"}))
+    # Migration: the destination connects while the source keeps its own.
+    run("connect_volume", vol, json.dumps({"host": "dst"}))
+    # Without a host, save_device picks the connection that has no device
+    # yet (upstream overwrote the source's, the first one).
+    run("save_device", vol, json.dumps({"path": "/dev/dst-path"}))
+    src = run("get_connection_info", vol, "src").json("cid")
+    dst = run("get_connection_info", vol,
+              json.dumps({"host": "dst", "ip": "10.0.0.2"})).json("cid")
+    assert src["device"] == {"path": "/dev/src-path"}
+    assert dst["device"] == {"path": "/dev/dst-path"}
+
+    # The migration is done: drop the source's connection only.
+    run("disconnect_volume", vol, "src")
+    only = run("get_connection_info", vol).json("cid")
+    assert only["connector"] == {"host": "dst"}
+    assert only["device"] == {"path": "/dev/dst-path"}
+
+    run("disconnect_volume", vol)       # upstream's form: every connection
+    r = engine_shim.run("get_connection_info", vol, driver=be["driver"],
+                        db_url=be["db_url"])
+    assert r.code == 1
+    run("delete_volume", vol)
+
+
+def test_secrets_may_come_from_file_stdin_or_environment(
+        engine_service, engine_shim, engine_backend, tmp_path):
+    be = engine_backend
+    driver_file = tmp_path / "driver.json"
+    driver_file.write_text(json.dumps(be["driver"]))
+    url_file = tmp_path / "db_url"
+    url_file.write_text(be["db_url"] + "\n")
+    vol = new_id()
+
+    r = engine_shim.run("create_volume", vol, 1, driver="@" + str(driver_file),
+                        db_url="@" + str(url_file))
+    assert r.code == 0, r.describe()
+    r = engine_shim.run("connect_volume", vol, '{"host": "h"}', driver="-",
+                        db_url="env:", stdin=json.dumps(be["driver"]).encode(),
+                        env={"MANAGEDVOLUME_DB_URL": be["db_url"]}, cid="c1")
+    assert r.json("c1")["data"]["device_path"].endswith(vol)
+    r = engine_shim.run("get_connection_info", vol, driver="env:MY_DRIVER",
+                        db_url="-", stdin=be["db_url"].encode(), cid="c2",
+                        env={"MY_DRIVER": json.dumps(be["driver"])})
+    assert r.json("c2")["connector"] == {"host": "h"}
+
+    r = engine_shim.run("delete_volume", vol, driver="env:UNSET_VAR",
+                        db_url=be["db_url"])
+    assert r.code == 2
+    assert r.error() == ("DRIVER_JSON: environment variable UNSET_VAR is "
+                         "not set")
+    r = engine_shim.run("delete_volume", vol, driver="-", db_url="-")
+    assert r.code == 2 and "stdin" in r.error()
+
+    r = engine_shim.run("disconnect_volume", vol, driver=be["driver"],
+                        db_url=be["db_url"])
+    r = engine_shim.run("delete_volume", vol, driver=be["driver"],
+                        db_url=be["db_url"])
+    assert (r.stdout, r.code) == (b"", 0), r.describe()
+
+
+def test_usage_errors_are_one_error_line_and_never_echo_the_driver(
+        engine_shim, engine_backend):
+    be = engine_backend
+    secret_json = '{"san_password": "%s", broken' % SECRET
+    cases = [
+        ((), "expected SUB-COMMAND DRIVER_JSON DB_URL CORRELATION_ID"),
+        (("create_volume", secret_json, be["db_url"], "cid", new_id(), "1"),
+         "DRIVER_JSON is not valid JSON"),
+        (("create_volume", "[1]", be["db_url"], "cid", new_id(), "1"),
+         "DRIVER_JSON must be a JSON object"),
+        (("create_volume", "{}", be["db_url"], "cid", new_id()),
+         "create_volume takes volume_id size, got 1 argument(s)"),
+        (("storage_stats", "{}", be["db_url"], "cid", "maybe"),
+         "refresh must be true or false"),
+        (("--timeout", "0", "storage_stats", "{}", be["db_url"], "cid",
+          "true"), "--timeout must be a positive number"),
+        (("--bogus", "storage_stats"), "unknown option --bogus"),
+        (("storage_stats", "{}", be["db_url"], "error-1", "true"),
+         "invalid correlation id"),
+    ]
+    import subprocess
+    from .engine_fixtures import client_argv
+    for argv, message in cases:
+        proc = subprocess.run(client_argv() + list(argv), capture_output=True,
+                              env=engine_shim.env, timeout=60)
+        out = proc.stdout.decode()
+        assert proc.returncode == 2, (argv, out, proc.stderr)
+        assert out.startswith("error:" + message), (argv, out)
+        assert out.count("\n") == 1
+        assert SECRET not in out + proc.stderr.decode()
+
+
+def test_inline_secrets_are_hidden_in_output_logs_and_cmdline(
+        engine_shim, tmp_path):
+    log_file = tmp_path / "engine.log"
+    driver = {"volume_driver": "tests.engine_client_test.LeakyDriver",
+              "volume_backend_name": "leaky",
+              "file_volume_dir": str(tmp_path / "vols"),
+              "san_password": SECRET}
+    db_url = "sqlite:///{}".format(tmp_path / "db.sqlite")
+    r = engine_shim.run("create_volume", new_id(), 1, driver=driver,
+                        db_url=db_url, cid="c-leak", warm=False,
+                        options=["--log-file", str(log_file)])
+    assert r.code == 1
+    assert r.error().endswith("login admin/******** refused")
+    text = log_file.read_text()
+    assert "login admin/******** refused" in text
+    for where in (r.stdout.decode(), r.stderr, text):
+        assert SECRET not in where
+
+    # While a (slow) operation runs, /proc/PID/cmdline shows it masked.
+    driver["volume_driver"] = "tests.engine_client_test.SlowDriver"
+    proc = engine_shim.popen("create_volume", new_id(), 1, driver=driver,
+                             db_url=db_url, warm=False,
+                             options=["--timeout", "20"])
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            with open("/proc/{}/cmdline".format(proc.pid), "rb") as f:
+                cmdline = f.read().decode()
+            if "********" in cmdline or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        assert "********" in cmdline
+        assert SECRET not in cmdline
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def test_timeout_gives_a_clear_error_cold_and_warm(
+        engine_service, engine_shim, tmp_path):
+    driver = {"volume_driver": "tests.engine_client_test.SlowDriver",
+              "volume_backend_name": "slow",
+              "file_volume_dir": str(tmp_path / "vols")}
+    db_url = "sqlite:///{}".format(tmp_path / "db.sqlite")
+    for warm in (True, False):
+        r = engine_shim.run("create_volume", new_id(), 1, driver=driver,
+                            db_url=db_url, warm=warm,
+                            options=["--timeout", "3"])
+        assert r.code == 1, r.describe()
+        assert r.stdout == b"error:create_volume did not finish within 3 " \
+                           b"seconds\n"
+        assert "Traceback" not in r.stdout.decode()
+        assert r.elapsed < 60
+
+
+def test_logs_carry_the_correlation_id_and_survive_cinderlib_setup(
+        engine_service, engine_shim, engine_backend, tmp_path):
+    be = engine_backend
+    # A venv whose rootwrap.conf cinderlib would rewrite (CONTRACT 6).
+    venv = tmp_path / "venv"
+    (venv / "etc" / "cinder").mkdir(parents=True)
+    rootwrap = venv / "etc" / "cinder" / "rootwrap.conf"
+    rootwrap.write_text("[DEFAULT]\nfilters_path=/etc/cinder/rootwrap.d\n"
+                        "exec_dirs=/sbin,/usr/sbin,/bin,/usr/bin\n")
+    before = hashlib.sha256(rootwrap.read_bytes()).hexdigest()
+
+    for warm in (False, True):
+        log_file = tmp_path / "engine-{}.log".format(warm)
+        vol = new_id()
+        cid = "flow-{}".format(uuid.uuid4().hex[:8])
+        r = engine_shim.run("create_volume", vol, 1, driver=be["driver"],
+                            db_url=be["db_url"], cid=cid, warm=warm,
+                            options=["--log-file", str(log_file)],
+                            env={"VIRTUAL_ENV": str(venv)})
+        assert r.code == 0, r.describe()
+        lines = log_file.read_text().splitlines()
+        # Lines written after cl.setup: cinderlib did not silence us.
+        assert any("Creating volume {}".format(vol) in line
+                   for line in lines), lines
+        assert any("create_volume done" in line for line in lines), lines
+        records = [line for line in lines if re.match(r"\d{4}-\d\d-\d\d ",
+                                                      line)]
+        assert records and all("[flow={}]".format(cid) in line
+                               for line in records), records
+        # Nothing on stderr when logging to a file.
+        assert r.stderr == "", r.stderr
+
+    assert hashlib.sha256(rootwrap.read_bytes()).hexdigest() == before
+
+
+def test_engine_style_invocation_without_options_uses_the_environment(
+        engine_service, engine_shim, engine_backend):
+    """ovirt-engine passes no options: the environment carries ours."""
+    import subprocess
+    from .engine_fixtures import client_argv
+    be = engine_backend
+    env = dict(engine_shim.env,
+               MANAGEDVOLUME_ENGINE_SOCKET=engine_service.socket_path)
+    cid = "engine-" + uuid.uuid4().hex[:8]
+    proc = subprocess.run(
+        client_argv() + ["storage_stats", json.dumps(be["driver"]),
+                         be["db_url"], cid, "false"],
+        capture_output=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(cid.encode() + b":{")
+    # Answered by the warm service.
+    assert "[flow={}] Forked child".format(cid) in engine_service.log()
+
+
+def test_help_lists_every_sub_command(engine_shim):
+    import subprocess
+    from .engine_fixtures import client_argv
+    proc = subprocess.run(client_argv() + ["--help"], capture_output=True,
+                          env=engine_shim.env, timeout=60)
+    assert proc.returncode == 0
+    from vdsm_managedvolume.engine import args
+    for name in args.COMMANDS:
+        assert name.encode() in proc.stdout
+    assert len(args.COMMANDS) == 12
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("true", True), ("True", True), ("false", False), ("FALSE", False),
+    ("1", True), ("0", False)])
+def test_refresh_parses_javas_boolean_strings(value, expected):
+    from vdsm_managedvolume.engine import args
+    _, request = args.parse(["storage_stats", "{}", "sqlite://", "c",
+                             value], environ={})
+    assert request.args["refresh"] is expected
+
+
+def test_request_repr_and_secrets_hide_passwords():
+    from vdsm_managedvolume.engine import args
+    _, request = args.parse(
+        ["connect_volume", json.dumps({"san_password": SECRET,
+                                       "nested": {"chap_secret": "x" * 8}}),
+         "postgresql+psycopg2://u:p%40ss%3Aword@h/db", "c", new_id(),
+         '{"host": "h"}'], environ={})
+    text = repr(request)
+    assert SECRET not in text and "p%40ss" not in text
+    assert request.secrets() == sorted([SECRET, "p@ss:word", "x" * 8],
+                                       key=len, reverse=True)

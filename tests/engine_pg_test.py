@@ -1,0 +1,103 @@
+"""The shim on a real PostgreSQL server (a private cluster on loopback,
+started by scripts/pgcluster.sh), with a password-protected role."""
+
+import json
+
+import pytest
+
+from .engine_fixtures import files_in
+from .engine_fixtures import new_id
+from .engine_fixtures import process_cmdlines
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def pg_backend(pg_cluster, tmp_path):
+    db = pg_cluster.new_database()
+    return {
+        "driver": {"volume_backend_name": "file",
+                   "file_volume_dir": str(tmp_path / "vols")},
+        "db": db,
+        "url": pg_cluster.url(db=db),
+        "url_without_password": pg_cluster.url(password=False, db=db),
+        "dir": str(tmp_path / "vols"),
+    }
+
+
+def test_lifecycle_on_postgresql_cold_and_warm_keeps_the_password_secret(
+        engine_service, engine_shim, pg_cluster, pg_backend, tmp_path):
+    be = pg_backend
+    url_file = tmp_path / "db_url"
+    url_file.write_text(be["url"])
+    url_file.chmod(0o600)
+    log_file = tmp_path / "engine.log"
+    opts = ["--log-file", str(log_file)]
+    outputs = []
+
+    def run(*args, warm=True, db_url="@" + str(url_file), env=None):
+        r = engine_shim.run(*args, driver=be["driver"], db_url=db_url,
+                            warm=warm, options=opts, env=env, cid="cid")
+        assert r.code == 0, r.describe()
+        outputs.append(r.stdout.decode() + r.stderr)
+        return r
+
+    vol = new_id()
+    # Cold on a fresh database: cinderlib creates its schema.
+    run("create_volume", vol, 1, warm=False)
+    # The URL without password, the password from the environment.
+    conn = run("connect_volume", vol, json.dumps({"host": "h"}),
+               db_url=be["url_without_password"],
+               env={"MANAGEDVOLUME_DB_PASSWORD": pg_cluster.password}
+               ).json("cid")
+    assert conn["data"]["device_path"].endswith(vol)
+    run("save_device", vol, json.dumps({"path": "/dev/x"}), warm=False,
+        db_url=be["url_without_password"],
+        env={"PGPASSWORD": pg_cluster.password})
+    assert run("get_connection_info", vol).json("cid")["device"] == \
+        {"path": "/dev/x"}
+    run("extend_volume", vol, 2)
+    snap = run("create_snapshot", vol).payload("cid")
+    from_snap = run("create_volume_from_snapshot", vol, snap).payload("cid")
+    clone = new_id()
+    run("clone_volume", vol, clone)
+    assert pg_cluster.psql(
+        "SELECT count(*) FROM volumes WHERE deleted = false",
+        db=be["db"]) == "3\n"
+
+    # While the service holds cinderlib set up for this database, neither
+    # its command line nor its children's show the password.
+    cmdlines = process_cmdlines([engine_service.pid])
+    assert cmdlines
+    for cmdline in cmdlines.values():
+        assert pg_cluster.password not in cmdline
+
+    run("remove_snapshot", snap, vol)
+    run("disconnect_volume", vol)
+    for v in (vol, from_snap, clone):
+        run("delete_volume", v, warm=(v != vol))
+    assert files_in(be["dir"]) == []
+    assert pg_cluster.psql(
+        "SELECT count(*) FROM volumes WHERE deleted = false",
+        db=be["db"]) == "0\n"
+    assert pg_cluster.psql(
+        "SELECT count(*) FROM volume_attachment WHERE deleted = false",
+        db=be["db"]) == "0\n"
+
+    text = log_file.read_text() + engine_service.log() + "".join(outputs)
+    for form in (pg_cluster.password, be["url"].split("@")[0].split(":")[-1]):
+        assert form not in text
+
+
+def test_a_wrong_db_password_is_an_error_line_without_the_password(
+        engine_service, engine_shim, pg_cluster, pg_backend):
+    be = pg_backend
+    wrong = "Wrong-pw-{}".format(new_id()[:8])
+    url = be["url_without_password"].replace(
+        pg_cluster.user + "@", "{}:{}@".format(pg_cluster.user, wrong))
+    for warm in (True, False):
+        r = engine_shim.run("storage_stats", "false", driver=be["driver"],
+                            db_url=url, warm=warm)
+        assert r.code == 1, r.describe()
+        assert "password authentication failed" in r.error()
+        assert wrong not in r.stdout.decode() + r.stderr

@@ -1,0 +1,172 @@
+"""The warm service: trust, fallback to cold runs, isolation, parallelism.
+
+The byte-for-byte equality of cold and warm runs is proven in
+engine_client_test.py; here is what is special to the service.
+"""
+
+import json
+import os
+import signal
+import socket
+import stat
+import threading
+
+import pytest
+
+from vdsm_managedvolume.engine import args as argsmod
+from vdsm_managedvolume.engine import forward
+
+from .engine_fixtures import Service
+from .engine_fixtures import Shim
+from .engine_fixtures import new_id
+from .engine_fixtures import process_cmdlines
+
+SECRET = "Warm-s3cret-pw"
+
+
+@pytest.fixture
+def own_service(tmp_path):
+    """A service of its own, for the tests that stop or tamper with it."""
+    shim = Shim(str(tmp_path), str(tmp_path / "run" / "cinderlib.sock"))
+    service = Service(shim, str(tmp_path / "service.log"))
+    yield service
+    service.stop()
+
+
+def test_socket_is_private_and_no_secret_is_on_any_command_line(
+        engine_service, engine_shim, engine_backend):
+    st = os.stat(engine_service.socket_path)
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(
+        engine_service.socket_path)).st_mode) == 0o700
+
+    be = engine_backend
+    driver = dict(be["driver"], san_password=SECRET)
+    # Secrets cross the socket: the command itself reads them from stdin.
+    proc = engine_shim.popen("create_volume", new_id(), 1, driver="-",
+                             db_url=be["db_url"])
+    seen = process_cmdlines([engine_service.pid, proc.pid])
+    out, err = proc.communicate(json.dumps(driver).encode(), timeout=60)
+    assert proc.returncode == 0, err
+    for cmdline in seen.values():
+        assert SECRET not in cmdline
+    assert SECRET not in engine_service.log()
+
+
+def test_no_service_or_a_stale_socket_means_a_cold_run(engine_shim,
+                                                       engine_backend,
+                                                       tmp_path):
+    be = engine_backend
+    stale = str(tmp_path / "stale.sock")
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(stale)
+    s.close()       # the file stays, nobody listens
+    os.chmod(stale, 0o600)
+    for path in (str(tmp_path / "absent.sock"), stale):
+        shim = Shim(engine_shim.run_dir, path)
+        r = shim.run("create_volume", new_id(), 1, driver=be["driver"],
+                     db_url=be["db_url"])
+        assert (r.stdout, r.code) == (b"", 0), r.describe()
+
+
+def test_a_socket_others_could_use_gets_no_request(own_service, engine_backend):
+    be = engine_backend
+    os.chmod(own_service.socket_path, 0o666)
+    cid = "cid-" + new_id()[:8]
+    r = own_service.shim.run("create_volume", new_id(), 1, cid=cid,
+                             driver=be["driver"], db_url=be["db_url"])
+    assert (r.stdout, r.code) == (b"", 0), r.describe()   # ran cold
+    assert cid not in own_service.log()
+    assert "not private" in r.stderr
+
+
+def test_forward_refuses_a_socket_owned_by_someone_else(tmp_path):
+    path = str(tmp_path / "s")
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(path)
+    s.listen(1)
+    try:
+        os.chmod(path, 0o600)
+        os.chown(path, 4242, 4242) if os.geteuid() == 0 else None
+        request = argsmod.Request("storage_stats", {}, "sqlite://", "c",
+                                  {"refresh": False})
+        if os.geteuid() == 0:
+            assert forward.forward(request, path) is None
+        # Not a socket at all:
+        regular = tmp_path / "regular"
+        regular.write_text("")
+        regular.chmod(0o600)
+        assert forward.forward(request, str(regular)) is None
+    finally:
+        s.close()
+
+
+def test_one_service_serves_several_databases_without_mixing_them(
+        engine_service, engine_shim, tmp_path):
+    backends = []
+    for name in ("a", "b"):
+        backends.append({
+            "driver": {"volume_backend_name": "file",
+                       "file_volume_dir": str(tmp_path / name)},
+            "db_url": "sqlite:///{}".format(tmp_path / (name + ".db")),
+        })
+    vols = {0: new_id(), 1: new_id()}
+    for i in (0, 1, 0, 1):
+        be = backends[i]
+        r = engine_shim.run("create_volume", vols[i], 1, **be)
+        assert r.code == 0, r.describe()
+    for i, be in enumerate(backends):
+        r = engine_shim.run("get_connection_info", vols[1 - i], **be)
+        assert r.error() == "Volume {} not found".format(vols[1 - i])
+        r = engine_shim.run("delete_volume", vols[i], **be)
+        assert (r.stdout, r.code) == (b"", 0), r.describe()
+
+
+def test_requests_run_in_parallel(engine_service, engine_shim,
+                                  engine_backend):
+    be = engine_backend
+    vols = [new_id() for _ in range(4)]
+    results = {}
+
+    def create(vol):
+        results[vol] = engine_shim.run("create_volume", vol, 1,
+                                       driver=be["driver"],
+                                       db_url=be["db_url"])
+
+    # The database exists before the burst (a fresh schema is created once).
+    engine_shim.run("storage_stats", "false", driver=be["driver"],
+                    db_url=be["db_url"])
+    threads = [threading.Thread(target=create, args=(v,)) for v in vols]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for vol in vols:
+        assert (results[vol].stdout, results[vol].code) == (b"", 0), \
+            results[vol].describe()
+    assert sorted(os.listdir(be["dir"])) == sorted("volume-" + v
+                                                   for v in vols)
+
+
+def test_sigterm_stops_the_service_and_removes_its_socket(own_service):
+    own_service.proc.send_signal(signal.SIGTERM)
+    assert own_service.proc.wait(30) == 0
+    assert not os.path.exists(own_service.socket_path)
+
+
+def test_a_second_service_on_the_same_socket_refuses_to_start(own_service):
+    import subprocess
+    from .engine_fixtures import client_argv
+    proc = subprocess.run(
+        client_argv() + ["--serve", "--socket", own_service.socket_path],
+        env=own_service.shim.env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "a service already listens on" in proc.stderr
+    # The first one still serves.
+    base = own_service.shim.run_dir
+    r = own_service.shim.run("storage_stats", "false", cid="c",
+                             driver={"file_volume_dir": base + "/vols"},
+                             db_url="sqlite:///{}/db".format(base))
+    assert r.code == 0, r.describe()
+    assert "[flow=c] Forked child" in own_service.log()

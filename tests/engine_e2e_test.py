@@ -17,8 +17,6 @@ import sqlite3
 
 import pytest
 
-from vdsm_managedvolume import stompclient
-
 from .engine_fixtures import files_in
 from .engine_fixtures import loop_devices_under
 from .engine_fixtures import new_id

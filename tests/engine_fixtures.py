@@ -84,8 +84,8 @@ class Shim:
             "PYTHONPATH", "")
         for name in ("MANAGEDVOLUME_ENGINE_SOCKET", "MANAGEDVOLUME_DB_URL",
                      "MANAGEDVOLUME_DRIVER_JSON", "MANAGEDVOLUME_ENGINE_COLD",
-                     "MANAGEDVOLUME_ENGINE_TIMEOUT", "MANAGEDVOLUME_DB_PASSWORD",
-                     "PGPASSWORD"):
+                     "MANAGEDVOLUME_ENGINE_TIMEOUT",
+                     "MANAGEDVOLUME_DB_PASSWORD", "PGPASSWORD"):
             self.env.pop(name, None)
 
     def run(self, command, *args, driver, db_url, cid="cid-test",

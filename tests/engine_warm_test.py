@@ -70,7 +70,8 @@ def test_no_service_or_a_stale_socket_means_a_cold_run(engine_shim,
         assert (r.stdout, r.code) == (b"", 0), r.describe()
 
 
-def test_a_socket_others_could_use_gets_no_request(own_service, engine_backend):
+def test_a_socket_others_could_use_gets_no_request(own_service,
+                                                    engine_backend):
     be = engine_backend
     os.chmod(own_service.socket_path, 0o666)
     cid = "cid-" + new_id()[:8]

@@ -73,9 +73,10 @@ COMMANDS = {
 }
 
 USAGE = """\
-usage: managedvolume-cinderlib-client [OPTIONS] SUB-COMMAND DRIVER_JSON DB_URL \
-CORRELATION_ID [ARGS...]
-       managedvolume-cinderlib-client --serve [--socket PATH] [--log-file PATH]
+usage: managedvolume-cinderlib-client [OPTIONS] SUB-COMMAND DRIVER_JSON \
+DB_URL CORRELATION_ID [ARGS...]
+       managedvolume-cinderlib-client --serve [--socket PATH] \
+[--log-file PATH]
 sub-commands:
 {}
 DRIVER_JSON / DB_URL: inline, @FILE, - (stdin) or env:[NAME]

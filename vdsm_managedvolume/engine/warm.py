@@ -53,7 +53,6 @@ import os
 import select
 import signal
 import socket
-import stat
 import struct
 import threading
 import time

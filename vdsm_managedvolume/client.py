@@ -53,6 +53,15 @@ from . import schema as schema_module
 
 PROG = "managedvolume-client"
 
+# Every user of the host can read a process's arguments (/proc/PID/cmdline,
+# ps) and the shell keeps them in its history.
+SECRETS_HELP = (
+    "Secrets (CHAP passwords, keyrings, any connection_info) do not belong "
+    "on the command line: name=value arguments are visible to every user "
+    "of the host in /proc/<pid>/cmdline and stay in the shell history. "
+    "Pass them with -f FILE (a file readable by you only) or -f - "
+    "(standard input) instead.")
+
 # JSON-typed params: read name=value values of these as JSON first.
 _STRING_TYPES = ("string",)
 
@@ -77,6 +86,10 @@ def main(args=None, connect=None):
         ssl_context = tls_context(opts)
     except UsageError as e:
         parser.error(str(e))
+    if opts.method_args and mask.mask(params) != params:
+        sys.stderr.write("{}: warning: a secret was passed as name=value; "
+                         "it is visible in /proc and the shell history "
+                         "(use -f FILE or -f -)\n".format(PROG))
 
     if connect is None:
         from . import stompclient
@@ -95,8 +108,8 @@ def option_parser(schema):
         description="Call the managed volume verbs of a vdsm host or a "
                     "managedvolume-agent, as vdsm-client does.",
         epilog="Run '{} NAMESPACE -h' for the verbs of a namespace, "
-               "'{} NAMESPACE VERB -h' for a verb's params.".format(
-                   PROG, PROG))
+               "'{} NAMESPACE VERB -h' for a verb's params. {}".format(
+                   PROG, PROG, SECRETS_HELP))
     parser.add_argument("-a", "--host", dest="host", default="localhost",
                         help="host address (default localhost)")
     parser.add_argument("-p", "--port", dest="port", default=54321,
@@ -113,7 +126,8 @@ def option_parser(schema):
                         type=float, help="timeout (default 60 seconds)")
     parser.add_argument("-f", "--file", dest="file", metavar="FILE|-",
                         help="read method parameters from a JSON file, "
-                             "'-' for standard input")
+                             "'-' for standard input (the way to pass "
+                             "secrets: never as name=value)")
     tls = parser.add_argument_group(
         "TLS", "default: vdsm's PKI ({}, {}, {})".format(
             config.Config.cert_file, config.Config.key_file,
@@ -143,7 +157,8 @@ def option_parser(schema):
             m_parser = methods.add_parser(
                 method.verb, help=method.summary,
                 description=_wrap(method.description),
-                epilog=_params_help(method),
+                epilog=_params_help(method) + "\n\n" + _wrap(
+                    SECRETS_HELP),
                 formatter_class=argparse.RawDescriptionHelpFormatter)
             m_parser.add_argument(
                 "-f", "--file", dest="verb_file", default=argparse.SUPPRESS,

@@ -161,11 +161,14 @@ class Dispatcher:
 def parse(data):
     """The JSON message in ``data`` (bytes or str).
 
-    Raises ParseError (-32700) for anything that is not strict JSON
-    (invalid UTF-8, NaN/Infinity, nesting beyond the parser's recursion
+    Raises ParseError (-32700) for anything that is not strict JSON in
+    UTF-8 (other encodings, invalid UTF-8, NaN/Infinity, nesting beyond the parser's recursion
     limit) and InvalidRequest (-32600) for nesting beyond MAX_DEPTH.
     """
     try:
+        if isinstance(data, (bytes, bytearray)):
+            # UTF-8 only (json.loads would guess UTF-16 and UTF-32 too).
+            data = data.decode("utf-8")
         message = json.loads(data, parse_constant=_no_constant)
     except RecursionError:
         raise errors.ParseError("nested too deeply (more than {} levels "

@@ -13,8 +13,12 @@ With ``--state-dir DIR`` (``make run``, tests, CI) there is no engine CA, so
     client-cert.pem / client-key.pem   a client (managedvolume-client,
                                   tests, benchmarks)
 
-Keys are written 0600, certificates 0644.  Everything is signed by the CA,
-so a client certificate from any other CA is refused at the handshake.
+Keys are written 0600 (never through a link planted at the temporary
+name), certificates 0644, the directory is 0700.  Everything is signed by
+the CA, so a client certificate from any other CA is refused at the
+handshake.  The server accepts TLS 1.2 and later only, without compression
+(CRIME) or renegotiation (a cheap way to make the server do expensive
+handshakes), with Python's default cipher list.
 """
 
 import datetime
@@ -61,7 +65,9 @@ def ensure_dev_pki(cfg):
     if not all(os.path.dirname(os.path.abspath(path)) == d
                for path in (cfg.key_file, cfg.cert_file, cfg.ca_file)):
         return False
-    os.makedirs(d, mode=0o755, exist_ok=True)
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    # The CA key signs anything: nobody but us may even list the files.
+    os.chmod(d, 0o700)
     ca_key_file = os.path.join(os.path.dirname(cfg.ca_file), CA_KEY)
     client_cert, client_key, _ = client_files(cfg)
     if os.path.exists(cfg.ca_file) and os.path.exists(ca_key_file):
@@ -91,6 +97,7 @@ def server_context(cfg):
     """An SSLContext requiring a client certificate signed by the CA."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
     ctx.load_verify_locations(cfg.ca_file)
     ctx.verify_mode = ssl.CERT_REQUIRED
@@ -231,7 +238,12 @@ def _write(path, data, mode):
     """Write atomically with ``mode`` from the start (no readable window)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.unlink(tmp)      # a leftover, or a link planted to steal a key
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
+                 os.O_CLOEXEC, mode)
     try:
         os.fchmod(fd, mode)
         os.write(fd, data)

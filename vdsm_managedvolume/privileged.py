@@ -46,6 +46,18 @@ or crash kills calls running concurrently for other volumes too: they get
 HelperFailed; the service must treat a failed connect as "maybe
 connected" (its journal does).
 
+Besides os-brick, the daemon writes udev rules for a service that is not
+root (``add_udev_rule``, ``remove_udev_rule``; see brick.py for what it
+checks).  ``write_config`` hands it the rule settings (rules directory,
+owner, chown, udevadm, device directories): the calls carry only ids and
+a device path.  Note that the daemon trusts its configuration file: with
+sudo, point ``helper_command`` at a root-owned copy for the boundary to
+hold against the service's own user.
+
+Flow ids: every call carries the caller's flow id and the daemon tags
+its lines with it; lines it cannot tag (its start-up, oslo.privsep's own)
+are tagged here by ``_Channel`` when the call they belong to is known.
+
 Errors: os-brick's exceptions never cross as classes (the service must not
 import os-brick): the daemon sends ``RemoteError(kind, message)`` with the
 message masked, which becomes HelperFailed (926), NotSupported (925) or

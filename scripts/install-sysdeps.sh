@@ -3,6 +3,7 @@
 #   postgresql  - a private cluster for the engine shim's PostgreSQL tests
 #   rpm         - rpmbuild/rpm for building and inspecting managedvolume.spec
 #   udev        - udevadm, to trigger the ownership rules we write
+#   sudo        - visudo, to check the shipped sudoers rule
 # Runs only as root (CI and developers' machines here are root); otherwise it
 # says what is missing and lets the tests that need it skip.
 set -eu
@@ -12,6 +13,7 @@ command -v losetup >/dev/null || need+=(mount)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v rpmbuild >/dev/null || need+=(rpm)
 command -v udevadm >/dev/null || need+=(udev)
+command -v visudo >/dev/null || need+=(sudo)
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0

@@ -1,4 +1,7 @@
+import json
 import logging
+
+import pytest
 
 from vdsm_managedvolume import log
 from vdsm_managedvolume import mask
@@ -65,3 +68,78 @@ def test_log_lines_carry_flow_id_and_never_secrets(caplog):
         for s in SECRETS:
             assert s not in r
     del handler
+
+
+SECRET = "Zq9-s3cr3t"
+
+# Every shape in which a credential meets its name in free text: reprs,
+# JSON (also inside a JSON string), URLs, os-brick's iscsiadm command lines
+# (processutils logs them at DEBUG and quotes them in errors), Ceph
+# keyrings.
+LEAKY_TEXTS = [
+    "auth_password=" + SECRET,
+    "auth_password = " + SECRET,
+    "'auth_password': '%s'" % SECRET,
+    '"auth_password" : "%s"' % SECRET,
+    "b'auth_password': b'%s'" % SECRET,
+    json.dumps(json.dumps({"auth_password": SECRET})),
+    "{'auth_password': 'it\\'s-%s'}" % SECRET,
+    "PASSWORD: " + SECRET,
+    "san_password=%s, san_login=admin" % SECRET,
+    "{'auth_key': '%s'}" % SECRET,
+    "dhchap_secret=" + SECRET,
+    "X-Auth-Token: " + SECRET,
+    'ServerPassword="%s"' % SECRET,
+    "https://host/api?password%3D" + SECRET,
+    "%22auth_password%22%3A%22" + SECRET + "%22",
+    "iscsiadm -m node -T iqn.x -p 192.0.2.1:3260 --op update "
+    "-n node.session.auth.password -v " + SECRET,
+    "iscsiadm -m discoverydb -t sendtargets --op update "
+    "-n discovery.sendtargets.auth.password -v " + SECRET,
+    "iscsiadm ('--op', 'update', '-n', 'node.session.auth.password', "
+    "'-v', '%s'): stdout= stderr=" % SECRET,
+    '["-n", "node.session.auth.password_in", "-v", "%s"]' % SECRET,
+    "-n node.session.auth.password --value=" + SECRET,
+    "node.session.auth.password_in = " + SECRET,
+    "postgresql://engine:%s@db.example/engine" % SECRET,
+    "auth_password='" + SECRET,     # a message cut after the opening quote
+]
+
+
+@pytest.mark.parametrize("text", LEAKY_TEXTS)
+def test_mask_text_hides_the_secret_in_every_known_shape(text):
+    masked = mask.mask_text(text)
+    assert SECRET not in masked
+    assert mask.MASK in masked
+
+
+# A Ceph secret: 16 bytes of header and key, base64, 40 characters.
+CEPH_KEY = "AQBsgnVjAAAAABAA" + "k" * 22 + "=="
+
+
+@pytest.mark.parametrize("text", [
+    "[client.admin]\n\tkey = " + CEPH_KEY + "\n",
+    "rbd map failed: --key " + CEPH_KEY,
+    "[client.admin]\n\tkey = AQBshortkey==",
+])
+def test_mask_text_hides_ceph_keys_wherever_they_appear(text):
+    masked = mask.mask_text(text)
+    assert CEPH_KEY not in masked and "AQBshortkey" not in masked
+
+
+@pytest.mark.parametrize("text", [
+    "auth_username=chapuser auth_method=CHAP target_iqn=iqn.x",
+    "Invalid parameter include_secrets: expected boolean, got number",
+    "include_secrets=True",
+    "target_portal=192.0.2.1:3260 target_lun=1",
+    "auth_password=",
+])
+def test_mask_text_keeps_what_is_no_secret(text):
+    assert mask.mask_text(text) == text
+
+
+def test_mask_keeps_the_key_and_quotes_around_the_masked_value():
+    assert mask.mask_text("'auth_password': 'x1'") == \
+        "'auth_password': '********'"
+    assert mask.mask_text("-n node.session.auth.password -v x1") == \
+        "-n node.session.auth.password -v ********"

@@ -34,7 +34,6 @@ from vdsm_managedvolume import jsonrpc
 from vdsm_managedvolume import log as logmod
 from vdsm_managedvolume import mask
 from vdsm_managedvolume import pki
-from vdsm_managedvolume import stompclient
 from vdsm_managedvolume import stompframe
 
 from . import agentutil
@@ -558,6 +557,8 @@ def test_client_that_never_reads_is_paused_then_dropped(agent):
         s.sendall(send_bytes(body, "q") * 60)
         # Meanwhile everybody else is served...
         assert len(still_serving(agent)) >= 4
+        # ...its further requests are not read while it does not read...
+        _wait_for(lambda: "not reading its requests" in agent.log())
         # ...and the reader that stalls is dropped after idle_timeout.
         _wait_for(lambda: "took no byte of its" in agent.log())
         s.close()
@@ -693,6 +694,7 @@ def test_server_requires_tls12_client_certs_and_no_compression(dev_pki):
     assert ctx.options & ssl.OP_NO_RENEGOTIATION
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_tls11_client_is_refused(dev_pki):
     server = agentutil.Running(dev_pki, agentutil.StubDispatcher(), tls=True)
     try:

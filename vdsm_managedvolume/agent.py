@@ -29,6 +29,15 @@ A malformed frame, an unknown or unsupported command, a frame larger than
 ``max_frame``: the connection gets an ERROR frame saying precisely what was
 wrong and is closed, as STOMP asks; other connections are not affected.
 
+What one peer can cost us is bounded (tests/security_test.py attacks each):
+a frame must arrive whole within ``idle_timeout`` of its first byte
+(slowloris); at most MAX_CONNECTIONS connections (more are closed at once;
+out of file descriptors, accepting pauses instead of spinning); a peer that
+does not read its responses is not read from either once READ_PAUSE bytes
+wait for it, and is dropped when it takes no byte for ``idle_timeout`` or
+MAX_OUTPUT bytes pile up; the control socket serves MAX_CONTROL_CLIENTS at
+once; a flow id reaches the log printable and at most MAX_FLOW_ID long.
+
 Routing: a SEND to ``jms.topic.vdsm_requests`` (or ``...vdsm_requests.<x>``)
 is a request; its response goes as a MESSAGE to the ``reply-to``
 destination, with the ``subscription`` id this connection subscribed it

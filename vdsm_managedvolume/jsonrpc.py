@@ -162,8 +162,9 @@ def parse(data):
     """The JSON message in ``data`` (bytes or str).
 
     Raises ParseError (-32700) for anything that is not strict JSON in
-    UTF-8 (other encodings, invalid UTF-8, NaN/Infinity, nesting beyond the parser's recursion
-    limit) and InvalidRequest (-32600) for nesting beyond MAX_DEPTH.
+    UTF-8 (other encodings, invalid UTF-8, NaN/Infinity, nesting beyond
+    the parser's recursion limit) and InvalidRequest (-32600) for nesting
+    beyond MAX_DEPTH.
     """
     try:
         if isinstance(data, (bytes, bytearray)):

@@ -143,3 +143,14 @@ def test_mask_keeps_the_key_and_quotes_around_the_masked_value():
         "'auth_password': '********'"
     assert mask.mask_text("-n node.session.auth.password -v x1") == \
         "-n node.session.auth.password -v ********"
+
+
+def test_log_file_is_created_0640(tmp_path):
+    path = tmp_path / "agent.log"
+    handler = log.ReopenableFileHandler(str(path))
+    try:
+        handler.emit(logging.makeLogRecord({"msg": "hello", "flow_id": "-"}))
+        handler.reopen()
+    finally:
+        handler.close()
+    assert (path.stat().st_mode & 0o777) == 0o640

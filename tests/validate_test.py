@@ -89,3 +89,19 @@ def test_driver_type_not_allowed_is_930():
     assert "nfs" in str(e.value)
     assert validate.driver_type({"driver_volume_type": "rbd"},
                                 ("iscsi", "rbd")) == "rbd"
+
+
+def test_bad_values_are_quoted_but_bounded():
+    huge = "x" * 100000
+    for call in (lambda: validate.uuid("vol_id", huge),
+                 lambda: validate.adapter("connection_info.adapter", huge),
+                 lambda: validate.connection_info(
+                     "connection_info",
+                     {"driver_volume_type": 7, "data": {}})):
+        with pytest.raises(errors.InvalidParams) as e:
+            call()
+        assert len(str(e.value)) < 200
+    with pytest.raises(errors.UnsupportedDriverType) as e:
+        validate.driver_type({"driver_volume_type": huge, "data": {}},
+                             ("iscsi",))
+    assert len(str(e.value)) < 200

@@ -45,6 +45,7 @@ class Config:
     log_dir: str = "/var/log/vdsm"
     multipath_dir: str = "/dev/mapper"
     rbd_dir: str = "/dev/rbd"
+    privsep_config: str = "/etc/vdsm/managedvolume-privsep.conf"
 
     # [volumes]
     allowed_types: tuple = DEFAULT_ALLOWED_TYPES
@@ -97,8 +98,25 @@ class Config:
 
     @property
     def privsep_config_file(self):
-        """oslo.config file written for the privsep daemon's argv."""
-        return os.path.join(self.state_run_dir, "privsep.conf")
+        """The privsep daemon's oslo.config file (``privsep_config``).
+
+        Root-owned: root reads it, so the service's user must not write
+        it (see privileged.py).
+        """
+        return self.privsep_config
+
+    @property
+    def privsep_sock_path(self):
+        """Where the privsep helper connects back to us: a fixed path,
+        named in the sudoers rule."""
+        return os.path.join(self.state_run_dir, "privsep.sock")
+
+    @property
+    def privsep_lock_file(self):
+        """flock'ed by whoever binds ``privsep_sock_path`` until the
+        helper connected (vdsmd and managedvolume-tool may both start a
+        daemon)."""
+        return os.path.join(self.state_run_dir, "privsep.lock")
 
     @property
     def brick_lock_dir(self):
@@ -108,7 +126,8 @@ class Config:
 
 SECTIONS = {
     "paths": ("db_path", "run_dir", "udev_rules_dir", "lock_dir",
-              "state_run_dir", "log_dir", "multipath_dir", "rbd_dir"),
+              "state_run_dir", "log_dir", "multipath_dir", "rbd_dir",
+              "privsep_config"),
     "volumes": ("allowed_types", "lock_timeout", "udev_owner", "udevadm",
                 "chown", "udev_writer"),
     "privsep": ("timeout", "properties_timeout", "connector_info_ttl",
@@ -154,7 +173,9 @@ def with_state_dir(cfg, state_dir):
 
     Device paths (multipath_dir, rbd_dir) and PKI files are not moved: PKI
     goes to ``state_dir/pki`` only where the files are still vdsm's
-    defaults (the agent creates a development PKI there).
+    defaults (the agent creates a development PKI there).  The same for
+    the privsep daemon's configuration: ``state_run_dir/privsep.conf``
+    unless the file names one.
     """
     d = os.path.abspath(state_dir)
     cfg.state_dir = d
@@ -165,6 +186,8 @@ def with_state_dir(cfg, state_dir):
     cfg.udev_rules_dir = os.path.join(d, "udev", "rules.d")
     cfg.log_dir = os.path.join(d, "log")
     defaults = Config()
+    if cfg.privsep_config == defaults.privsep_config:
+        cfg.privsep_config = os.path.join(cfg.state_run_dir, "privsep.conf")
     for name, fname in (("key_file", "vdsmkey.pem"),
                         ("cert_file", "vdsmcert.pem"),
                         ("ca_file", "cacert.pem")):

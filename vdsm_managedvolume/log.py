@@ -124,6 +124,15 @@ def reopen():
 
 
 class ReopenableFileHandler(logging.FileHandler):
+    """A log file created 0640 (masked content still describes the host's
+    storage), reopened on SIGHUP after logrotate moved it."""
+
+    def _open(self):
+        fd = os.open(self.baseFilename,
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                     0o640)
+        return os.fdopen(fd, self.mode.replace("w", "a"),
+                         encoding=self.encoding, errors=self.errors)
 
     def reopen(self):
         with self.lock:

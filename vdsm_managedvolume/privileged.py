@@ -15,23 +15,56 @@ seconds on a loaded host)::
 Starting the daemon
 -------------------
 On first use (and after the daemon died), under a lock, bounded by
-``Brick.start_timeout``:
+``Brick.start_timeout``::
+
+    privsep-helper --config-file <privsep_config>
+                   --privsep_context vdsm_managedvolume.brick.context
+                   --privsep_sock_path <state_run_dir>/privsep.sock
 
 - As root: the environment's ``privsep-helper`` (next to sys.executable)
   directly, no sudo; it inherits our environment (fault injection,
   fake connectors) and PYTHONPATH is extended so the daemon imports the
   same code we do.
-- Not root: ``cfg.root_helper`` (default ``sudo``) before it.
+- Not root (vdsm): ``cfg.root_helper`` (default ``sudo``) before it.  The
+  argv is exactly the sudoers rule's command (data/sudoers): no
+  wildcard, because in sudoers a ``*`` also matches spaces, that is extra
+  arguments, and privsep-helper acts on extra arguments (a second
+  ``--config-file``, ``--config-dir``, oslo.log's ``--log-config-append``
+  and ``--log-file``) before any code of ours runs.
 - ``cfg.helper_command``: replaces both entirely (as oslo.privsep's
   option does; ``--privsep_context`` and ``--privsep_sock_path`` are
   appended).
 
-The helper reads ``cfg.privsep_config_file``, written here from the
-configuration (os-brick's lock_path, our section's options, log level).
+Who may write what root reads
+-----------------------------
+The daemon is root; everything it acts on must come from root.
+
+- Its configuration file, ``cfg.privsep_config``
+  (``/etc/vdsm/managedvolume-privsep.conf``), holds os-brick's lock_path,
+  the udev rule settings (where the daemon writes) and the connector
+  override (what it imports).  A root service rewrites it from
+  managedvolume.conf at every start (``write_config``).  A service that
+  is not root never writes it: it must exist, belong to root and not be
+  writable by group or others, else HelperFailed asking the admin to run
+  ``managedvolume-tool configure`` as root (the RPM's %post does).
+- The daemon checks the same before it serves (brick.py): exactly the
+  three arguments above, that file and its directory root's, and under
+  sudo no connector override.  It refuses and exits otherwise.
+- The socket: a fixed path in ``state_run_dir`` (the service user's
+  directory), bound with mode 0600 (fchmod before bind: no window), so
+  only our user and root can connect; we accept only a root peer.
+  vdsmd and managedvolume-tool may start daemons at the same time: the
+  path is taken under an flock on ``state_run_dir/privsep.lock`` held
+  from bind until the helper connected, and unlinked before the lock is
+  released, so a start never takes over another's socket.  The
+  directory is opened without following a symlink and every name in it
+  is used relative to it: a root service never creates or unlinks files
+  where the directory's owner points it.
+
 We do the socket dance ourselves instead of oslo.privsep's
 RootwrapClientChannel because that one waits without a bound for a helper
 that never connects.  A daemon that cannot start is HelperFailed (926)
-quoting the helper's stderr.
+quoting the helper's output (the daemon's reason for refusing).
 
 Timeouts
 --------
@@ -48,11 +81,9 @@ connected" (its journal does).
 
 Besides os-brick, the daemon writes udev rules for a service that is not
 root (``add_udev_rule``, ``remove_udev_rule``; see brick.py for what it
-checks).  ``write_config`` hands it the rule settings (rules directory,
-owner, chown, udevadm, device directories): the calls carry only ids and
-a device path.  Note that the daemon trusts its configuration file: with
-sudo, point ``helper_command`` at a root-owned copy for the boundary to
-hold against the service's own user.
+checks).  Its configuration file holds the rule settings (rules
+directory, owner, chown, udevadm, device directories): the calls carry
+only ids and a device path.
 
 Flow ids: every call carries the caller's flow id and the daemon tags
 its lines with it; lines it cannot tag (its start-up, oslo.privsep's own)
@@ -70,6 +101,7 @@ process-wide.
 
 import collections
 import errno
+import fcntl
 import importlib.util
 import ipaddress
 import logging
@@ -80,6 +112,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import stat
 import sys
 import tempfile
 import threading
@@ -345,14 +378,41 @@ def default_ip():
 
 
 def write_config(cfg):
-    """Write the daemon's oslo.config file; return its path."""
-    path = cfg.privsep_config_file
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    """Write the daemon's oslo.config file (root only); return its path.
+
+    Root-owned, mode 0644, replaced atomically.  A process that is not
+    root must not call this (see ``prepare_config``).
+    """
+    path = cfg.privsep_config
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        os.makedirs(directory, mode=0o755, exist_ok=True)
     os.makedirs(cfg.brick_lock_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".privsep-",
+                               suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(config_text(cfg))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        _silent_remove(tmp)
+        raise
+    return path
+
+
+def config_text(cfg):
+    """The daemon's oslo.config file made from ``cfg``.
+
+    Nothing here may come from a call: only from managedvolume.conf.  No
+    oslo.log option either (``log_config_append`` would run code as root).
+    """
     debug = str(cfg.log_level).upper() == "DEBUG"
-    text = (
-        "# Written by vdsm-managedvolume for its privsep daemon; every\n"
-        "# start rewrites it from managedvolume.conf.\n"
+    return (
+        "# Written by vdsm-managedvolume from managedvolume.conf for its\n"
+        "# privsep daemon, which runs as root: keep it root's, mode 0644.\n"
+        "# 'managedvolume-tool configure' rewrites it (a service running\n"
+        "# as root at every daemon start).\n"
         "[DEFAULT]\n"
         "debug = {debug}\n"
         "\n"
@@ -374,20 +434,98 @@ def write_config(cfg):
              pool=max(THREAD_POOL_SIZE, 2 * cfg.workers),
              override=cfg.connector_override, root_helper=cfg.root_helper,
              c=cfg)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+
+
+def prepare_config(cfg):
+    """Make sure the daemon's configuration file can be used; return its
+    path.
+
+    Root writes it.  Anyone else only checks it: HelperFailed when it is
+    missing or not safe for root to read (``unsafe_config``), a warning
+    when it differs from what managedvolume.conf says now.
+    """
+    path = cfg.privsep_config
+    if os.geteuid() == 0:
+        return write_config(cfg)
+    reason = unsafe_config(path)
+    if reason:
+        raise errors.HelperFailed(
+            "cannot start the privsep daemon: its configuration {} {}; "
+            "run 'managedvolume-tool configure' as root to write it"
+            .format(path, reason))
+    try:
+        with open(path) as f:
+            current = f.read()
+    except OSError as e:
+        raise errors.HelperFailed(
+            "cannot read the privsep daemon's configuration {}: {}"
+            .format(path, e.strerror))
+    if current != config_text(cfg):
+        LOG.warning("%s does not match %s: run 'managedvolume-tool "
+                    "configure' as root to update it", path,
+                    cfg.source or "the configuration")
     return path
 
 
-def helper_command(cfg, sock_path):
-    """The argv starting the daemon (see the module docstring)."""
+def unsafe_config(path, ancestors=False):
+    """Why root must not read the configuration file ``path``, or None.
+
+    Safe: a regular file (not a symlink) owned by root, not writable by
+    group or others, in a directory owned by root and not writable by
+    group or others (else its owner could swap the file by a rename).
+    ``ancestors``: also every directory above it owned by root and not
+    writable by group or others unless sticky (/tmp).
+    """
+    if not os.path.isabs(path):
+        return "is not an absolute path"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as e:
+        return "cannot be examined ({})".format(e.strerror)
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    reason = _unsafe_owner(st, "file", sticky_ok=False)
+    if reason:
+        return reason
+    directory = os.path.dirname(os.path.normpath(path))
+    dirs = [directory]
+    if ancestors:
+        d = directory
+        while d != os.path.dirname(d):
+            d = os.path.dirname(d)
+            dirs.append(d)
+    for i, d in enumerate(dirs):
+        try:
+            st = os.lstat(d)
+        except OSError as e:
+            return "has a directory {} that cannot be examined ({})".format(
+                d, e.strerror)
+        if stat.S_ISLNK(st.st_mode) and i == 0:
+            return "is in a directory reached by a symlink ({})".format(d)
+        if stat.S_ISLNK(st.st_mode):
+            st = os.stat(d)
+        reason = _unsafe_owner(st, "directory " + d, sticky_ok=i > 0)
+        if reason:
+            return "is in a " + reason[len("belongs to a "):] \
+                if reason.startswith("belongs to a ") else \
+                "has an unsafe " + reason
+    return None
+
+
+def helper_command(cfg, sock_path=None):
+    """The argv starting the daemon (see the module docstring).
+
+    ``sock_path``: where the helper connects; ``cfg.privsep_sock_path``
+    (the path of the sudoers rule) by default.
+    """
+    if sock_path is None:
+        sock_path = cfg.privsep_sock_path
     if cfg.helper_command:
         cmd = shlex.split(cfg.helper_command)
     else:
-        cmd = [_privsep_helper(), "--config-file", cfg.privsep_config_file]
+        cmd = [_privsep_helper(), "--config-file", cfg.privsep_config]
         if os.geteuid() != 0:
             cmd = shlex.split(cfg.root_helper) + cmd
     return cmd + ["--privsep_context", CONTEXT,

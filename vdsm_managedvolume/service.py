@@ -572,7 +572,7 @@ class Service:
             except Exception as e:
                 log.exception("Reconcile of volume %s failed",
                               rec["vol_id"])
-                entry["result"] = "failed: {}".format(e)
+                entry["result"] = "failed: {}".format(mask.mask_text(str(e)))
         return entry
 
     def _reconcile_links(self, apply):
@@ -645,7 +645,7 @@ class Service:
                     remove()
                 entry["result"] = "done"
             except (OSError, errors.Error) as e:
-                entry["result"] = "failed: {}".format(e)
+                entry["result"] = "failed: {}".format(mask.mask_text(str(e)))
         return entry
 
 

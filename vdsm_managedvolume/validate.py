@@ -36,8 +36,8 @@ def uuid(name, value):
     lowered = value.lower()
     if not _UUID_RE.match(lowered):
         raise errors.InvalidParams(
-            name=name, reason="{!r} is not a canonical UUID".format(
-                value[:80]))
+            name=name, reason="{} is not a canonical UUID".format(
+                _shown(value)))
     # The regex already guarantees this; parsing documents the intent.
     return str(_uuid.UUID(lowered))
 
@@ -76,7 +76,7 @@ def connection_info(name, value):
     if not isinstance(dvt, str) or not dvt:
         raise errors.InvalidParams(
             name=name + ".driver_volume_type",
-            reason="expected a non-empty string, got {!r}".format(dvt))
+            reason="expected a non-empty string, got {}".format(_shown(dvt)))
     if not isinstance(value.get("data"), dict):
         raise errors.InvalidParams(
             name=name + ".data",
@@ -97,8 +97,8 @@ def connection_info(name, value):
 def adapter(name, value):
     if not isinstance(value, str) or not _ADAPTER_RE.match(value):
         raise errors.InvalidParams(
-            name=name, reason="{!r} is not a valid adapter name".format(
-                value))
+            name=name, reason="{} is not a valid adapter name".format(
+                _shown(value)))
     return value
 
 
@@ -111,5 +111,19 @@ def driver_type(connection_info, allowed):
     dvt = connection_info["driver_volume_type"]
     if dvt not in allowed:
         raise errors.UnsupportedDriverType(
-            driver_volume_type=dvt, allowed=", ".join(allowed))
+            driver_volume_type=dvt[:_SHOWN_MAX], allowed=", ".join(allowed))
     return dvt
+
+
+# Private helpers
+
+# Bad values are quoted in errors so that the caller sees what was wrong,
+# but never more than this: a 1 MB "vol_id" must not come back in full.
+_SHOWN_MAX = 80
+
+
+def _shown(value):
+    text = repr(value)
+    if len(text) > _SHOWN_MAX:
+        text = text[:_SHOWN_MAX] + "..."
+    return text

@@ -1198,6 +1198,7 @@ def _run(cfg, insecure):
         server.on_stopping(lambda: sd_notify("STOPPING=1"))
         sd_notify("READY=1\nSTATUS=Listening on {}".format(
             format_address(address)))
+        _announce(cfg, address, insecure)
         server.serve()
     finally:
         try:
@@ -1206,6 +1207,28 @@ def _run(cfg, insecure):
             log.exception("Closing the service failed")
     log.info("Agent stopped")
     return 0
+
+
+def _announce(cfg, address, insecure):
+    """Tell a person at a terminal where we are, when the log does not."""
+    if not cfg.log_file:
+        return  # The log goes to stderr (or journald) already.
+    hint = ["managedvolume-client"]
+    if cfg.state_dir:
+        hint += ["--state-dir", cfg.state_dir]
+    if insecure:
+        hint.append("--insecure")
+    host, port = address[:2]
+    if host not in ("::", "0.0.0.0"):
+        hint += ["-a", host]
+    if port != 54321:
+        hint += ["-p", str(port)]
+    print("managedvolume-agent: listening on {} ({}); log: {}\n"
+          "  try: {} Host getCapabilities\n"
+          "  stop: Ctrl-C or SIGTERM".format(
+              format_address(address),
+              "plain TCP" if insecure else "mutual TLS", cfg.log_file,
+              " ".join(hint)), file=sys.stderr, flush=True)
 
 
 def _bind(host, port):

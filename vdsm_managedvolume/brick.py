@@ -8,10 +8,11 @@ matters: importing it costs seconds, and ``os_brick.utils`` replaces
 
 Inside the daemon::
 
-    privsep-helper --config-file <state_run_dir>/privsep.conf
+    privsep-helper --config-file <privsep_config> --privsep_context ...
       cfg.CONF parsed from that file ([oslo_concurrency] lock_path, our
-      [managedvolume_privileged] section); our PrivContext is imported
-      and the daemon forks away from the helper
+      [managedvolume_privileged] section); this module is imported:
+      check_start() refuses an unsafe start (below); the helper
+      connects to the client's socket and the daemon forks away from it
     hello()                 first call: configure os-brick (below), pid
     connector_properties()  \
     connect_volume()         |
@@ -52,6 +53,24 @@ the worker thread after the entrypoint returned (a thread keeps the flow
 id of its last call).  The client tags what remains (start-up lines; see
 ``privileged._Channel``).
 
+Refusing to start (``check_start``, run when this module is imported by
+privsep-helper, before it connects to the client): the helper's arguments
+must be exactly ``--config-file F --privsep_context <ours>
+--privsep_sock_path S`` (no second config file, no ``--config-dir``, no
+oslo.log option), oslo.config must have read F alone (no default config
+directory), F a regular file owned by root and not writable by group or
+others, in a directory of the same kind; under sudo (``SUDO_UID`` set)
+also every directory above it, no ``OS_<GROUP>__<OPT>`` variable (oslo's
+environment source), no ``connector_override`` (test-only: it makes root
+import a module), and the socket must be the caller's.  Otherwise we log
+why, print it on stderr (the client quotes it in its HelperFailed) and
+exit with EXIT_REFUSED: the daemon never serves.  This is defence in
+depth: oslo.privsep parsed the arguments and set up logging before any
+code of ours ran, so an argument like ``--log-config-append`` has done its
+harm by then.  The sudoers rule's exact command (no wildcard) is what
+keeps such arguments out; this check catches a broken installation or a
+loosened rule.
+
 Results cross the socket as msgpack (lists become tuples, sets fail):
 entrypoints return ``privileged.plain()`` values; every error is a
 ``privileged.RemoteError`` holding a masked message, so that the service
@@ -63,6 +82,8 @@ import ipaddress
 import logging
 import os
 import signal
+import stat
+import sys
 import threading
 import time
 
@@ -122,6 +143,79 @@ OPTS = [
     oslo_cfg.StrOpt("rbd_dir", default=config.Config.rbd_dir),
 ]
 oslo_cfg.CONF.register_opts(OPTS, group=privileged.SECTION)
+
+# Exit code of a helper refusing to start (sysexits' EX_CONFIG).
+EXIT_REFUSED = 78
+
+# The only arguments privsep-helper may get (see check_start).
+HELPER_OPTIONS = ("--config-file", "--privsep_context",
+                  "--privsep_sock_path")
+
+
+def check_start(argv=None, environ=None, conf=None):
+    """Refuse to serve when started unsafely: log why, print it on
+    stderr and exit with EXIT_REFUSED (see the module docstring).
+
+    Does nothing outside privsep-helper (a process importing this module
+    for another reason).
+    """
+    conf = oslo_cfg.CONF if conf is None else conf
+    try:
+        context_name = conf.privsep_context
+    except (oslo_cfg.NoSuchOptError, oslo_cfg.Error):
+        return
+    if context_name is None:
+        return
+    problem = start_problem(sys.argv[1:] if argv is None else argv,
+                            os.environ if environ is None else environ,
+                            conf)
+    if problem is None:
+        return
+    message = ("vdsm-managedvolume privsep daemon refuses to start: "
+               + mask.mask_text(problem))
+    LOG.critical("%s", message)
+    try:
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(EXIT_REFUSED)
+
+
+def start_problem(argv, environ, conf):
+    """What makes this start unsafe, or None (see check_start)."""
+    args, problem = _helper_args(argv)
+    if problem:
+        return problem
+    if args["--privsep_context"] != privileged.CONTEXT:
+        return "--privsep_context {!r} is not {}".format(
+            args["--privsep_context"], privileged.CONTEXT)
+    path = args["--config-file"]
+    if list(conf.config_file or ()) != [path]:
+        return "configuration read from {} (exactly {} allowed)".format(
+            ", ".join(conf.config_file or ()) or "nothing", path)
+    if conf.config_dir:
+        dirs = conf.config_dir
+        if isinstance(dirs, str):
+            dirs = [dirs]
+        return "configuration directories read: {} (none allowed)".format(
+            ", ".join(dirs))
+    sudo = "SUDO_UID" in environ
+    reason = privileged.unsafe_config(path, ancestors=sudo)
+    if reason:
+        return "configuration file {} {}".format(path, reason)
+    if not sudo:
+        return None
+    env_opts = sorted(k for k in environ
+                      if k.startswith("OS_") and "__" in k)
+    if env_opts:
+        return "environment variables set options: {}".format(
+            ", ".join(env_opts))
+    if conf[privileged.SECTION].connector_override:
+        return ("connector_override = {} under sudo (test-only: it makes "
+                "root import a module)".format(
+                    conf[privileged.SECTION].connector_override))
+    return _sock_problem(args["--privsep_sock_path"], environ["SUDO_UID"])
+
 
 # Handed to every connector factory, as vdsm's helper does.
 CONNECTOR_KWARGS = {"use_multipath": True, "device_scan_attempts": 3}
@@ -215,7 +309,53 @@ def remove_udev_rule(sd_id, vol_id, temp, deadline, flow_id):
         return removed
 
 
+check_start()
+
+
 # Private helpers
+
+def _helper_args(argv):
+    """``{option: value}`` of privsep-helper's argv, or a problem: each of
+    HELPER_OPTIONS exactly once (``--opt value`` or ``--opt=value``),
+    nothing else."""
+    args = {}
+    i = 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        if name not in HELPER_OPTIONS:
+            return None, "unexpected argument {!r} (allowed: {})".format(
+                argv[i], ", ".join(HELPER_OPTIONS))
+        if not eq:
+            i += 1
+            if i == len(argv):
+                return None, "{} without a value".format(name)
+            value = argv[i]
+        if name in args:
+            return None, "{} given more than once".format(name)
+        args[name] = value
+        i += 1
+    missing = [o for o in HELPER_OPTIONS if o not in args]
+    if missing:
+        return None, "missing {}".format(", ".join(missing))
+    return args, None
+
+
+def _sock_problem(path, sudo_uid):
+    # The socket is the sudo caller's: bound by its client in its own
+    # directory.  (That directory is the caller's, so this narrows, not
+    # closes, a swap before the helper connects; the helper then only
+    # talks to some socket the caller chose, which it could anyway.)
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        return "socket {}: {}".format(path, e.strerror)
+    if not stat.S_ISSOCK(st.st_mode):
+        return "{} is not a socket".format(path)
+    if str(st.st_uid) != str(sudo_uid):
+        return "socket {} belongs to uid {}, not to the sudo caller {}" \
+            .format(path, st.st_uid, sudo_uid)
+    return None
+
 
 def _udev_config():
     conf = _conf()

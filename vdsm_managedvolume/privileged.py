@@ -113,6 +113,7 @@ import signal
 import socket
 import subprocess
 import stat
+import struct
 import sys
 import tempfile
 import threading
@@ -486,7 +487,7 @@ def unsafe_config(path, ancestors=False):
         return "cannot be examined ({})".format(e.strerror)
     if not stat.S_ISREG(st.st_mode):
         return "is not a regular file"
-    reason = _unsafe_owner(st, "file", sticky_ok=False)
+    reason = _unsafe_owner(st, sticky_ok=False)
     if reason:
         return reason
     directory = os.path.dirname(os.path.normpath(path))
@@ -497,20 +498,19 @@ def unsafe_config(path, ancestors=False):
             d = os.path.dirname(d)
             dirs.append(d)
     for i, d in enumerate(dirs):
+        where = "in" if i == 0 else "under"
         try:
             st = os.lstat(d)
+            if stat.S_ISLNK(st.st_mode):
+                if i == 0:
+                    return "is in {}, a symlink".format(d)
+                st = os.stat(d)
         except OSError as e:
-            return "has a directory {} that cannot be examined ({})".format(
-                d, e.strerror)
-        if stat.S_ISLNK(st.st_mode) and i == 0:
-            return "is in a directory reached by a symlink ({})".format(d)
-        if stat.S_ISLNK(st.st_mode):
-            st = os.stat(d)
-        reason = _unsafe_owner(st, "directory " + d, sticky_ok=i > 0)
+            return "is {} {}, which cannot be examined ({})".format(
+                where, d, e.strerror)
+        reason = _unsafe_owner(st, sticky_ok=i > 0)
         if reason:
-            return "is in a " + reason[len("belongs to a "):] \
-                if reason.startswith("belongs to a ") else \
-                "has an unsafe " + reason
+            return "is {} directory {}, which {}".format(where, d, reason)
     return None
 
 
@@ -556,36 +556,29 @@ class _Daemon:
         deadline = started + timeout
         # The daemon's start-up lines belong to the call that started it.
         flow = log.current_flow()
-        write_config(cfg)
-        tmpdir = tempfile.mkdtemp(prefix="managedvolume-privsep-")
-        sock_path = os.path.join(tmpdir, "privsep.sock")
-        listener = socket.socket(socket.AF_UNIX)
+        prepare_config(cfg)
+        cmd = helper_command(cfg)
         proc = None
         output = None
-        try:
-            listener.bind(sock_path)
-            listener.listen(1)
-            cmd = helper_command(cfg, sock_path)
-            LOG.info("Starting privsep daemon: %s", cmd)
+        with _SocketPlace(cfg, deadline) as place:
             try:
-                proc = subprocess.Popen(
-                    cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT, env=_daemon_env(cfg),
-                    close_fds=True)
-            except OSError as e:
-                raise errors.HelperFailed(
-                    "cannot run privsep helper {}: {}".format(cmd[0], e))
-            output = _Output(proc.stdout, flow)
-            sock = _accept(listener, proc, deadline, output, cmd)
-        except BaseException:
-            if proc is not None:
-                _silent_kill(proc)
-                proc.wait()
-            raise
-        finally:
-            listener.close()
-            _silent_remove(sock_path)
-            os.rmdir(tmpdir)
+                listener = place.listen()
+                LOG.info("Starting privsep daemon: %s", cmd)
+                try:
+                    proc = subprocess.Popen(
+                        cmd, stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                        env=_daemon_env(cfg), close_fds=True)
+                except OSError as e:
+                    raise errors.HelperFailed(
+                        "cannot run privsep helper {}: {}".format(cmd[0], e))
+                output = _Output(proc.stdout, flow)
+                sock = _accept(listener, proc, deadline, output, cmd)
+            except BaseException:
+                if proc is not None:
+                    _silent_kill(proc)
+                    proc.wait()
+                raise
 
         channel = _Channel(sock, startup_flow=flow)
         daemon = None
@@ -822,15 +815,117 @@ class _Output:
                         LOG.debug("privsep output: %s", line)
 
 
+class _SocketPlace:
+    """The fixed socket path the helper connects to, ours while the
+    context lasts.
+
+    Entering takes an flock on ``privsep.lock`` in ``state_run_dir``
+    (waiting at most until ``deadline``: another process may be starting
+    its daemon); ``listen()`` binds the path with mode 0600; leaving
+    closes the listener, unlinks the path and releases the lock.  Names
+    are used relative to the directory, opened without following a
+    symlink.
+    """
+
+    SOCK = "privsep.sock"
+    LOCK = "privsep.lock"
+
+    def __init__(self, cfg, deadline):
+        self._cfg = cfg
+        self._deadline = deadline
+        self._dirfd = None
+        self._lockfd = None
+        self._listener = None
+
+    def __enter__(self):
+        path = self._cfg.privsep_sock_path
+        # The daemon connects to the full path (sockaddr_un: 108 bytes).
+        if len(os.fsencode(path)) > 107:
+            raise errors.HelperFailed(
+                "privsep socket path {} is too long for a unix socket; "
+                "use a shorter state_run_dir".format(path))
+        directory = self._cfg.state_run_dir
+        if os.geteuid() == 0 and not os.path.lexists(directory):
+            os.makedirs(directory, mode=0o755, exist_ok=True)
+        try:
+            self._dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY
+                                  | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # Read-only: the file may be root's or vdsm's; flock needs
+            # no write access.
+            self._lockfd = os.open(
+                self.LOCK, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW
+                | os.O_CLOEXEC, 0o644, dir_fd=self._dirfd)
+        except OSError as e:
+            self._close_fds()
+            raise errors.HelperFailed(
+                "cannot use {} for the privsep socket: {}; run "
+                "'managedvolume-tool configure' as root".format(
+                    directory, e.strerror))
+        try:
+            self._lock()
+        except BaseException:
+            self._close_fds()
+            raise
+        return self
+
+    def listen(self):
+        # A socket left by a start that crashed: ours now, under the lock.
+        _silent_remove(self.SOCK, dir_fd=self._dirfd)
+        listener = socket.socket(socket.AF_UNIX)
+        self._listener = listener
+        # The mode of the inode bound is the socket's own (Linux): set it
+        # before bind, so that no other user can ever connect.
+        os.fchmod(listener.fileno(), 0o600)
+        # Through the directory fd: no symlink swapped in since we opened
+        # it is followed, and the path length is not ours to worry about.
+        listener.bind("/proc/self/fd/{}/{}".format(self._dirfd, self.SOCK))
+        listener.listen(1)
+        return listener
+
+    def __exit__(self, t, e, tb):
+        try:
+            if self._listener is not None:
+                self._listener.close()
+                _silent_remove(self.SOCK, dir_fd=self._dirfd)
+        finally:
+            self._close_fds()
+
+    def _lock(self):
+        waited = False
+        while True:
+            try:
+                fcntl.flock(self._lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            if not waited:
+                LOG.info("Waiting for another process starting a privsep "
+                         "daemon (%s)", self._cfg.privsep_lock_file)
+                waited = True
+            if time.monotonic() >= self._deadline:
+                raise errors.HelperFailed(
+                    "another process held {} during the whole start bound"
+                    .format(self._cfg.privsep_lock_file))
+            time.sleep(0.05)
+
+    def _close_fds(self):
+        # Closing the lock's fd releases the flock.
+        for name in ("_lockfd", "_dirfd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
+
+
 def _accept(listener, proc, deadline, output, cmd):
     """Wait for the helper to connect, bounded; fail early when it exits
     without connecting."""
     listener.settimeout(0.1)
     while True:
         try:
-            sock, _ = listener.accept()
-            sock.settimeout(None)
-            return sock
+            sock = _accept_root(listener)
+            if sock is not None:
+                return sock
         except socket.timeout:
             pass
         rc = proc.poll()
@@ -838,9 +933,9 @@ def _accept(listener, proc, deadline, output, cmd):
             # The helper connects before it exits: one last look.
             listener.settimeout(0)
             try:
-                sock, _ = listener.accept()
-                sock.settimeout(None)
-                return sock
+                sock = _accept_root(listener)
+                if sock is not None:
+                    return sock
             except (BlockingIOError, socket.timeout):
                 pass
             time.sleep(0.1)  # let the output reader catch up
@@ -852,6 +947,26 @@ def _accept(listener, proc, deadline, output, cmd):
             raise errors.HelperFailed(
                 "privsep helper {} did not start the daemon within the "
                 "start bound{}".format(cmd[0], output.tail()))
+
+
+def _accept_root(listener):
+    """The next connection if its peer is root (the helper), else None.
+
+    We send it connection info with its secrets: only root may be it.
+    The socket's mode already keeps other users out; this keeps out our
+    own user's other processes too.
+    """
+    sock, _ = listener.accept()
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                            struct.calcsize("3i"))
+    pid, uid, _ = struct.unpack("3i", creds)
+    if uid != 0:
+        LOG.warning("Refused a connection to the privsep socket from pid "
+                    "%s (uid %s): not root", pid, uid)
+        sock.close()
+        return None
+    sock.settimeout(None)
+    return sock
 
 
 def _reap(proc, deadline):
@@ -914,6 +1029,15 @@ def _import_root(top_level):
     return path
 
 
+def _unsafe_owner(st, sticky_ok):
+    if st.st_uid != 0:
+        return "belongs to uid {}, not root".format(st.st_uid)
+    if st.st_mode & 0o022 and not (sticky_ok and st.st_mode & stat.S_ISVTX):
+        return "is writable by group or others (mode {:04o})".format(
+            stat.S_IMODE(st.st_mode))
+    return None
+
+
 def _privsep_helper():
     path = os.path.join(os.path.dirname(sys.executable), "privsep-helper")
     if os.access(path, os.X_OK):
@@ -944,9 +1068,9 @@ def _remote_message(e):
     return str(e)
 
 
-def _silent_remove(path):
+def _silent_remove(path, dir_fd=None):
     try:
-        os.unlink(path)
+        os.unlink(path, dir_fd=dir_fd)
     except OSError as e:
         if e.errno != errno.ENOENT:
             LOG.warning("Cannot remove %s: %s", path, e)

@@ -403,7 +403,7 @@ def test_engine_style_invocation_without_options_uses_the_environment(
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(cid.encode() + b":{")
     # Answered by the warm service.
-    assert "[flow={}] Forked child".format(cid) in engine_service.log()
+    assert "[flow={}] Child ".format(cid) in engine_service.log()
 
 
 def test_help_lists_every_sub_command(engine_shim):

@@ -170,4 +170,4 @@ def test_a_second_service_on_the_same_socket_refuses_to_start(own_service):
                              driver={"file_volume_dir": base + "/vols"},
                              db_url="sqlite:///{}/db".format(base))
     assert r.code == 0, r.describe()
-    assert "[flow=c] Forked child" in own_service.log()
+    assert "[flow=c] Child " in own_service.log()

@@ -19,7 +19,11 @@ What is proven here, and how:
   does through sudo, with a root helper: here a small broker in the test
   process (root) that runs ``privsep-helper`` for it, handing the helper
   the child's stdout (no sudoers rule is installed on the test machine).
-  What this does not prove: the packaged sudoers rule itself.
+  The daemon's configuration is root's, written by the test (as
+  ``managedvolume-tool configure`` would): the child never writes it,
+  and refuses to start a daemon when it is missing or its own.
+  What this does not prove: the packaged sudoers rule itself (see
+  tests/sudo_boundary_test.py for the pieces of that).
 """
 
 import json
@@ -403,16 +407,28 @@ def test_unprivileged_service_attaches_and_detaches_through_the_daemon(
         os.chmod(client, 0o755)
         rules_dir = os.path.join(base, "rules.d")   # root's, 0755
         os.makedirs(rules_dir, mode=0o755)
+        # The daemon's configuration, root's in a root directory.
+        etc = os.path.join(base, "etc")
+        os.makedirs(etc, mode=0o755)
+        privsep_config = os.path.join(etc, "privsep.conf")
+        with open(privsep_config, "w") as f:
+            f.write(privileged.config_text(make_cfg(
+                base, udev_rules_dir=rules_dir,
+                privsep_config=privsep_config)))
         os.chown(base, NOBODY, NOBODY)
 
         env = dict(os.environ, PYTHONPATH=REPO)
         env[fakebrick.ENV_DIR] = fake_dir
+        # Not sudo: the fake connectors are refused under sudo.
+        for name in ("SUDO_UID", "SUDO_GID", "SUDO_USER", "SUDO_COMMAND"):
+            env.pop(name, None)
         broker = Broker(os.path.join(base, "spool"), env,
                         os.path.join(str(tmp_path), "helper.out"))
         sd_id, vol_id = new_id(), new_id()
 
         def child():
-            cfg = make_cfg(base, udev_rules_dir=rules_dir)
+            cfg = make_cfg(base, udev_rules_dir=rules_dir,
+                           privsep_config=privsep_config)
             # As vdsm's would be: "sudo privsep-helper --config-file X".
             cfg.helper_command = shlex.join(
                 [client, broker.spool, "--config-file",
@@ -457,6 +473,13 @@ def test_unprivileged_service_attaches_and_detaches_through_the_daemon(
         assert os.listdir(rules_dir) == []
         assert out["key"] not in fakebrick.connected(fake_dir)
         assert len(broker.started) == 1       # one long-lived daemon
+        assert broker.started[0][1:] == [
+            "--config-file", privsep_config,
+            "--privsep_context", privileged.CONTEXT,
+            "--privsep_sock_path", os.path.join(
+                base, "state", "run", "managedvolume", "privsep.sock")]
+        st = os.stat(privsep_config)        # never rewritten by the child
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o644)
         with open(os.path.join(base, "udevadm.log")) as f:
             assert f.read() == "trigger --action=change {}\n".format(
                 out["attach"]["path"])

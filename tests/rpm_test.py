@@ -97,13 +97,15 @@ def test_sudoers_rule_allows_the_command_privileged_runs_for_vdsm(
     monkeypatch.setattr(privileged.os, "geteuid", lambda: 36)
     monkeypatch.setattr(privileged, "_privsep_helper",
                         lambda: "/usr/bin/privsep-helper")
-    sock = "/tmp/managedvolume-privsep-a1b2c3/privsep.sock"
-    cmd = privileged.helper_command(config.Config(), sock)
+    cmd = privileged.helper_command(config.Config())
 
     assert cmd[0] == "sudo"
     assert _sudoers_allows(" ".join(cmd[1:]))
     assert not _sudoers_allows(" ".join(cmd[1:]).replace(
         "vdsm_managedvolume.brick.context", "os_brick.privileged.default"))
+    # No wildcard: not one argument more (tests/sudo_boundary_test.py).
+    assert not _sudoers_allows(" ".join(cmd[1:] + [
+        "--log-config-append", "/home/x.conf"]))
 
 
 def test_vdsmd_drop_in_puts_the_shipped_sitecustomize_first(tmp_path):
@@ -384,6 +386,10 @@ def test_config_files_are_noreplace_and_run_dirs_belong_to_vdsm(rpms):
     for conf in ("/etc/vdsm/managedvolume.conf",
                  "/etc/vdsm/managedvolume-logger.conf"):
         assert attrs[conf][2] == "cn", conf        # %config(noreplace)
+    # Written by configure in %post, root's; owned so that it goes with
+    # the package.
+    assert attrs["/etc/vdsm/managedvolume-privsep.conf"] == (
+        "-rw-r--r--", "root:root", "g")
     assert attrs[HOOK][0] == "-rwxr-xr-x"
     assert attrs["/usr/bin/managedvolume-tool"][0] == "-rwxr-xr-x"
     for d in ("/run/vdsm/managedvolumes", "/run/vdsm/managedvolume"):

@@ -309,9 +309,6 @@ def remove_udev_rule(sd_id, vol_id, temp, deadline, flow_id):
         return removed
 
 
-check_start()
-
-
 # Private helpers
 
 def _helper_args(argv):
@@ -587,3 +584,8 @@ def _secret_values(obj):
     elif isinstance(obj, (list, tuple)):
         for v in obj:
             yield from _secret_values(v)
+
+
+# Last, so that everything it uses is defined; privsep-helper imports this
+# module before it connects to the client.
+check_start()

@@ -448,6 +448,11 @@ def prepare_config(cfg):
     path = cfg.privsep_config
     if os.geteuid() == 0:
         return write_config(cfg)
+    try:
+        # os-brick's lock_path; configure creates it on a vdsm host.
+        os.makedirs(cfg.brick_lock_dir, exist_ok=True)
+    except OSError as e:
+        LOG.warning("Cannot create %s: %s", cfg.brick_lock_dir, e.strerror)
     reason = unsafe_config(path)
     if reason:
         raise errors.HelperFailed(
@@ -845,9 +850,9 @@ class _SocketPlace:
                 "privsep socket path {} is too long for a unix socket; "
                 "use a shorter state_run_dir".format(path))
         directory = self._cfg.state_run_dir
-        if os.geteuid() == 0 and not os.path.lexists(directory):
-            os.makedirs(directory, mode=0o755, exist_ok=True)
         try:
+            if not os.path.lexists(directory):
+                os.makedirs(directory, mode=0o755, exist_ok=True)
             self._dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY
                                   | os.O_NOFOLLOW | os.O_CLOEXEC)
             # Read-only: the file may be root's or vdsm's; flock needs
@@ -1001,8 +1006,16 @@ def _pidfd(pid):
 def _daemon_env(cfg):
     """Our environment, with PYTHONPATH such that the daemon imports this
     package (and a connector override) from where we do.  Only effective
-    without sudo, which resets the environment."""
+    without sudo, which resets the environment.
+
+    As root, without sudo's variables: they tell the daemon that a user
+    who is not root started it (brick.check_start), which is not so even
+    when root's session began with sudo (``sudo make check``).
+    """
     env = dict(os.environ)
+    if os.geteuid() == 0:
+        for name in ("SUDO_UID", "SUDO_GID", "SUDO_USER", "SUDO_COMMAND"):
+            env.pop(name, None)
     paths = env.get("PYTHONPATH", "").split(os.pathsep) if env.get(
         "PYTHONPATH") else []
     for module in (__name__.split(".")[0],

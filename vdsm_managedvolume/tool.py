@@ -3,7 +3,8 @@
 One console script, one sub-command per question an admin asks::
 
     configure    make the host ready: directories, database (created or
-                 migrated to this version's schema), ownership
+                 migrated to this version's schema), ownership, the
+                 privsep daemon's root-owned configuration
     list         what the journal holds: state, path, age (secrets masked)
     reconcile    what a crash or a reboot left behind, and (--apply) fix it
     check        a doctor: every prerequisite of attach/detach, one line each
@@ -128,6 +129,13 @@ def configure(cfg, args):
             actions.append({"action": "created", "path": path})
         if owner and (ours or created):
             _chown(path, owner, actions)
+
+    # The privsep daemon's configuration: root reads it, so root writes
+    # it, from this configuration (a service not running as root only
+    # checks it).  Before the database: it needs nothing but the file.
+    action = _write_privsep_config(cfg)
+    if action:
+        actions.append(action)
 
     # Not ours (systemd-udev owns it) but attach needs it to exist.
     if not os.path.isdir(cfg.udev_rules_dir):
@@ -493,8 +501,10 @@ def _parser():
             "create directories, create or migrate the database",
             "Create the directories the package writes, create the "
             "database or migrate it to this version's schema, and give "
-            "them to vdsm's user.  Idempotent; the RPM runs it on every "
-            "install and upgrade.")
+            "them to vdsm's user; as root, write the privsep daemon's "
+            "configuration (privsep_config) from this configuration.  "
+            "Idempotent; the RPM runs it on every install and upgrade: "
+            "run it again after changing managedvolume.conf.")
     p.add_argument(
         "--owner", metavar="USER:GROUP",
         help="owner of the database and run directories (default: {} when "
@@ -606,6 +616,31 @@ def _open_service(cfg):
         svc.close()
         raise
     return svc
+
+
+def _write_privsep_config(cfg):
+    """Write the privsep daemon's configuration when it is missing, stale
+    or not safely root's; return the action, None when it was right."""
+    # privileged needs only the standard library at import (configure
+    # runs in %post without os-brick).
+    from . import privileged
+    path = cfg.privsep_config
+    if os.geteuid() != 0:
+        return {"action": "skipped", "path": path,
+                "detail": "not root: the privsep daemon's configuration "
+                          "must be root's"}
+    try:
+        with open(path) as f:
+            old = f.read()
+    except FileNotFoundError:
+        old = None
+    if (old == privileged.config_text(cfg)
+            and privileged.unsafe_config(path) is None):
+        return None
+    privileged.write_config(cfg)
+    return {"action": "created" if old is None else "updated",
+            "path": path,
+            "detail": "privsep daemon configuration (root's, 0644)"}
 
 
 def _chown(path, owner, actions):

@@ -35,7 +35,6 @@ import os
 import sys
 
 from vdsm_managedvolume import errors
-from vdsm_managedvolume import mask
 
 ENV_DRIVER = "MANAGEDVOLUME_DRIVER_JSON"
 ENV_DB_URL = "MANAGEDVOLUME_DB_URL"
@@ -125,6 +124,9 @@ class Request:
         self.locks_dir = locks_dir
 
     def __repr__(self):
+        # Imported here, as in secrets(): a command forwarding a request
+        # without secrets on argv never needs the masker (see client.py).
+        from vdsm_managedvolume import mask
         return "Request(command={!r}, correlation_id={!r}, args={!r}, " \
                "driver={!r}, db_url={!r})".format(
                    self.command, self.correlation_id, mask.mask(self.args),
@@ -391,6 +393,7 @@ def _with_password(url, environ):
 
 
 def _collect_secrets(obj, found):
+    from vdsm_managedvolume import mask
     if isinstance(obj, dict):
         for k, v in obj.items():
             if mask.is_secret_key(k) and isinstance(v, str) and v:

@@ -2,7 +2,8 @@
 
 The command's side of warm mode (the service is ``warm.py``).  This runs
 in every command, so it imports nothing heavy: when the service answers,
-the command never loads logging configuration, threads or cinderlib.
+the command never loads logging configuration, threads or cinderlib (the
+whole forwarding command loads a dozen small modules; see client.py).
 
 Requests carry backend and database passwords.  A request is only sent to
 a socket that is a socket, owned by our uid, with no group or other
@@ -11,9 +12,9 @@ listening, means "run it yourself".  Once a request was sent it is never
 run a second time: a lost answer is an ``error:`` line, not a retry.
 """
 
+import _socket
 import json
 import os
-import socket
 import stat
 
 from . import outcome
@@ -32,7 +33,9 @@ def forward(request, socket_path):
     """
     if not _trusted_socket(socket_path):
         return None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # The C module: ``socket`` builds its enums at import, ~1 ms of every
+    # command's life, for nothing this needs.
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.settimeout(READ_TIMEOUT)
         try:

@@ -203,10 +203,12 @@ def _execute(request, scrub):
     from . import ops
     log.info("Running %s %s", request.command, _describe(request))
     try:
+        set_up = _state["db_url"] == request.db_url
         cl = setup_cinderlib(request.db_url, request.locks_dir)
-        # oslo.log just replaced the root handlers: put ours back.
-        configure_logging(request.log_level, request.log_file,
-                          request.correlation_id, scrub)
+        if not set_up:
+            # oslo.log just replaced the root handlers: put ours back.
+            configure_logging(request.log_level, request.log_file,
+                              request.correlation_id, scrub)
         be = backend(cl, request.driver)
         payload = ops.OPERATIONS[request.command](be, request.args)
     except errors.EngineNotFound as e:

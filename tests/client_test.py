@@ -468,3 +468,13 @@ def _wait_for_port(proc, port, timeout=60):
         except OSError:
             time.sleep(0.1)
     raise RuntimeError("agent did not listen on {}".format(port))
+
+
+def test_version_names_the_program_and_package_version(capsys):
+    from vdsm_managedvolume import __version__
+    from vdsm_managedvolume import client
+    with pytest.raises(SystemExit) as e:
+        client.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == \
+        "managedvolume-client " + __version__

@@ -46,6 +46,7 @@ import json
 import sys
 import textwrap
 
+from . import __version__
 from . import config
 from . import errors
 from . import mask
@@ -110,6 +111,8 @@ def option_parser(schema):
         epilog="Run '{} NAMESPACE -h' for the verbs of a namespace, "
                "'{} NAMESPACE VERB -h' for a verb's params. {}".format(
                    PROG, PROG, SECRETS_HELP))
+    parser.add_argument("--version", action="version",
+                        version="{} {}".format(PROG, __version__))
     parser.add_argument("-a", "--host", dest="host", default="localhost",
                         help="host address (default localhost)")
     parser.add_argument("-p", "--port", dest="port", default=54321,

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from vdsm_managedvolume import errors
 from vdsm_managedvolume import service
 from vdsm_managedvolume import udev
 
@@ -87,3 +88,20 @@ def test_local_attach_twice_is_927_and_reattach_after_reboot_works(
     assert svc.attach_volume(vol_id, ci) == first
     svc.detach_volume(vol_id)
     assert svc.volumes_info() == []
+
+
+def test_local_attach_of_a_missing_device_fails_and_records_nothing(
+        local_service, tmp_path):
+    # os-brick's local connector returns whatever path it is given.
+    svc = local_service
+    vol_id = new_id()
+    missing = str(tmp_path / "no-such-device")
+    ci = {"driver_volume_type": "local", "data": {"device_path": missing}}
+
+    with pytest.raises(errors.HelperFailed, match="does not exist"):
+        svc.attach_volume(vol_id, ci, SD)
+
+    assert svc.volumes_info([vol_id]) == []
+    assert os.listdir(svc.cfg.run_dir) == []
+    assert not os.path.exists(
+        udev.rule_path(svc.cfg.udev_rules_dir, SD, vol_id))

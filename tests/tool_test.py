@@ -183,7 +183,8 @@ def _add_records(cfg, tmp_path):
 
 def test_list_without_database_says_nothing_is_recorded(state):
     p = run("--state-dir", state, "list", check=0)
-    assert "no managed volumes recorded" in p.stdout
+    assert "no database at {}/lib/managedvolume.db: nothing was ever " \
+        "attached here".format(state) in p.stdout
 
 
 def test_list_shows_state_type_age_and_path_and_masks_secrets(

@@ -65,6 +65,7 @@ import logging
 import os
 import queue
 import selectors
+import shutil
 import signal
 import socket
 import ssl
@@ -1213,7 +1214,11 @@ def _announce(cfg, address, insecure):
     """Tell a person at a terminal where we are, when the log does not."""
     if not cfg.log_file:
         return  # The log goes to stderr (or journald) already.
-    hint = ["managedvolume-client"]
+    client = "managedvolume-client"
+    beside = os.path.join(os.path.dirname(sys.executable), client)
+    if shutil.which(client) != beside and os.path.exists(beside):
+        client = beside  # A virtualenv not on PATH (make run).
+    hint = [client]
     if cfg.state_dir:
         hint += ["--state-dir", cfg.state_dir]
     if insecure:

@@ -47,6 +47,7 @@ import sys
 import textwrap
 
 from . import __version__
+from . import cli
 from . import config
 from . import errors
 from . import mask
@@ -71,6 +72,7 @@ class UsageError(Exception):
     """Raised when usage is wrong (exit 2)."""
 
 
+@cli.entry_point
 def main(args=None, connect=None):
     """Run the client; returns nothing, exits with vdsm-client's codes.
 

@@ -172,6 +172,8 @@ class Service:
         Raises AlreadyAttached (927) when the volume is attached with the
         same connection_info and its device and managed link exist,
         ConnectionMismatch (929) when it is attached with another one,
+        HelperFailed (926) when the connector succeeded but the device
+        path does not exist (the connection is undone),
         InvalidParams when connection_info is larger than
         MAX_CONNECTION_INFO as JSON, holds NaN or infinities, or (rbd)
         its data.name is not "pool/image".
@@ -206,6 +208,12 @@ class Service:
                 faults.crash_point("attach.after_connect")
                 path = self._resolve_path(vol_id, connection_info,
                                           attachment)
+                if not os.path.exists(path):
+                    # os-brick's local connector returns any path it is
+                    # given; a VM would fail on it much later.
+                    raise errors.HelperFailed(
+                        "the connector reported success but device {} "
+                        "does not exist".format(path))
                 db.update_volume(
                     vol_id, attachment=attachment, path=path,
                     multipath_id=attachment.get("multipath_id"))

@@ -43,6 +43,7 @@ import tempfile
 import textwrap
 
 import vdsm_managedvolume
+from . import cli
 from . import config
 from . import errors
 from . import log as mvlog
@@ -76,6 +77,7 @@ managedvolume-tool(8) and managedvolume.conf(5).
 """
 
 
+@cli.entry_point
 def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
@@ -99,6 +101,8 @@ def main(argv=None):
     except errors.Error as e:
         _fail(args, e)
         return EXIT_PROBLEMS
+    except BrokenPipeError:
+        raise  # The reader went away: cli.entry_point ends quietly.
     except OSError as e:
         # Permissions, a full disk: the admin needs the path, not a
         # traceback.
@@ -191,7 +195,8 @@ def list_volumes(cfg, args):
         _print_json(rows)
         return EXIT_OK
     if not rows:
-        print("no managed volumes recorded in {}".format(cfg.db_path))
+        print(_no_db_yet(cfg) or "no managed volumes recorded in {}".format(
+            cfg.db_path))
         return EXIT_OK
     table = [("VOL_ID", "STATE", "TYPE", "AGE", "PATH")]
     for r in rows:
@@ -240,7 +245,8 @@ def reconcile(cfg, args):
         _print_json({"apply": args.apply, "volumes": report,
                      "pending": len(pending), "failed": len(failed)})
     elif not report:
-        print("nothing to reconcile: journal, links and udev rules agree")
+        print(_no_db_yet(cfg) or "nothing to reconcile: journal, links and "
+              "udev rules agree")
     else:
         table = [("VOL_ID", "STATE", "ACTION", "RESULT", "PATH")]
         for r in report:
@@ -601,6 +607,16 @@ def _owner(cfg, spec):
             spec, e.args[0]))
     group = group or grp.getgrgid(gid).gr_name
     return pw.pw_uid, gid, user, group
+
+
+# A missing database is no error (nothing was ever attached; the service
+# creates it on first use), but it may also mean a wrong --config or
+# --state-dir: say which file was looked at.
+def _no_db_yet(cfg):
+    if os.path.exists(cfg.db_path):
+        return None
+    return ("no database at {}: nothing was ever attached here "
+            "('managedvolume-tool configure' creates it)".format(cfg.db_path))
 
 
 def _open_service(cfg):

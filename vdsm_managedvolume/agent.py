@@ -59,6 +59,7 @@ systemd (``NOTIFY_SOCKET``) the agent reports READY=1 and STOPPING=1.
 
 import argparse
 import collections
+import errno
 import ipaddress
 import json
 import logging
@@ -1263,8 +1264,12 @@ def _bind(host, port):
         sock.setblocking(False)
     except OSError as e:
         sock.close()
-        raise errors.ConfigError("cannot listen on {}: {}".format(
-            format_address((host, port)), e))
+        hint = ""
+        if e.errno == errno.EADDRINUSE:
+            hint = (" (another managedvolume-agent, or vdsmd, holds the "
+                    "port; choose another with --listen HOST:PORT)")
+        raise errors.ConfigError("cannot listen on {}: {}{}".format(
+            format_address((host, port)), e, hint))
     return sock
 
 

@@ -43,6 +43,7 @@ speaks plain TCP.
 
 import argparse
 import json
+import ssl
 import sys
 import textwrap
 
@@ -278,8 +279,8 @@ def _run(connect, opts, ssl_context, method, params):
     except (OSError, errors.Error) as e:
         raise _Failure(
             "Connection to {}:{} with use_tls={}, timeout={} failed: "
-            "{}".format(opts.host, opts.port, opts.use_tls, opts.timeout,
-                        mask.mask_text(str(e))))
+            "{}{}".format(opts.host, opts.port, opts.use_tls, opts.timeout,
+                          mask.mask_text(str(e)), _hint(opts, e)))
     try:
         return cli.call(method, params, opts.flow_id)
     except errors.Error as e:
@@ -301,6 +302,19 @@ def _run(connect, opts, ssl_context, method, params):
             cli.close()
         except (OSError, errors.Error):
             pass
+
+
+def _hint(opts, error):
+    """A likely cause of a failed connection, for the admin."""
+    if isinstance(error, ConnectionRefusedError):
+        return " (is managedvolume-agent or vdsmd running on that port?)"
+    if not opts.use_tls and isinstance(error, (ConnectionResetError,
+                                               BrokenPipeError)):
+        return " (the server requires TLS? drop --insecure)"
+    if opts.use_tls and isinstance(error, ssl.SSLError):
+        return (" (a server without TLS needs --insecure; a TLS server "
+                "must trust our certificate and we its CA)")
+    return ""
 
 
 def _local_error(error):

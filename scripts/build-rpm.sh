@@ -1,5 +1,5 @@
 #!/bin/bash
-# Builds the noarch RPMs (vdsm-managedvolume, vdsm-managedvolume-engine) and
+# Builds the noarch RPMs (vdsm-managedvolume, -common, -engine, -vdsm) and
 # the source RPM from this tree with rpmbuild.  `make rpm` calls it.
 #
 # Works on Fedora/EL and on Debian's `rpm` package (no python or systemd

@@ -439,3 +439,30 @@ def test_request_repr_and_secrets_hide_passwords():
     assert SECRET not in text and "p%40ss" not in text
     assert request.secrets() == sorted([SECRET, "p@ss:word", "x" * 8],
                                        key=len, reverse=True)
+
+
+def test_only_arguments_that_may_hold_a_secret_load_the_masker():
+    """The forwarding command skips ``mask`` for arguments it would not
+    change; every shape ``mask`` hides must therefore count as "may"."""
+    from vdsm_managedvolume import mask
+    from vdsm_managedvolume.engine import client
+    shapes = ['{{"{}": "v4lue"}}'.format(word.upper())
+              for word in mask._SECRET_WORDS]
+    shapes += ["auth_x=v4lue", '{"discovery_auth_pw": "v4lue"}',
+               "postgresql+psycopg2://user:v4lue@host/db",
+               "key = AQBw5ExlAAAAABAAm0IySNT0tDMWb6IAN+Wksw==",
+               "AQBw5ExlAAAAABAAm0IySNT0tDMWb6IAN+Wksw==",
+               "iscsiadm -n node.session.auth.password -v v4lue",
+               "PASSWORD%3Dv4lue"]
+    for text in shapes:
+        assert mask.mask_text(text) != text, text
+        assert client._may_hold_secret(text), text
+    # What the engine passes for a backend without credentials, a connector
+    # and a device: nothing to hide, nothing loaded.
+    for text in ('{"volume_backend_name": "file", "file_volume_dir": '
+                 '"/var/lib/managedvolume-file"}',
+                 "sqlite:////var/lib/engine/cinderlib.db",
+                 '{"host": "host1", "initiator": "iqn.1994-05.com.redhat:1",'
+                 ' "multipath": true}', '{"path": "/dev/dm-3"}', new_id()):
+        assert mask.mask_text(text) == text
+        assert not client._may_hold_secret(text), text

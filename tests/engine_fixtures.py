@@ -300,6 +300,25 @@ def process_cmdlines(pids):
     return seen
 
 
+def children_of(pid):
+    """The pids of ``pid``'s live (not zombie) children."""
+    try:
+        with open("/proc/{0}/task/{0}/children".format(pid)) as f:
+            pids = [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+    return [p for p in pids if process_state(p) not in (None, "Z")]
+
+
+def process_state(pid):
+    """The state letter of ``pid`` (R, S, Z...), None when it is gone."""
+    try:
+        with open("/proc/{}/stat".format(pid)) as f:
+            return f.read().rpartition(")")[2].split()[0]
+    except OSError:
+        return None
+
+
 def _connectable(path):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

@@ -6,10 +6,12 @@ engine_client_test.py; here is what is special to the service.
 
 import json
 import os
+import re
 import signal
 import socket
 import stat
 import threading
+import time
 
 import pytest
 
@@ -18,8 +20,10 @@ from vdsm_managedvolume.engine import forward
 
 from .engine_fixtures import Service
 from .engine_fixtures import Shim
+from .engine_fixtures import children_of
 from .engine_fixtures import new_id
 from .engine_fixtures import process_cmdlines
+from .engine_fixtures import process_state
 
 SECRET = "Warm-s3cret-pw"
 
@@ -171,3 +175,53 @@ def test_a_second_service_on_the_same_socket_refuses_to_start(own_service):
                              db_url="sqlite:///{}/db".format(base))
     assert r.code == 0, r.describe()
     assert "[flow=c] Child " in own_service.log()
+
+
+def test_a_spare_child_serves_one_request_and_is_replaced(own_service,
+                                                          engine_backend):
+    be = engine_backend
+    shim = own_service.shim
+    # The first request of a DB URL gets a child of its own; then the
+    # service forks a spare for that URL, which warms up while nobody waits.
+    r = shim.run("create_volume", new_id(), 1, driver=be["driver"],
+                 db_url=be["db_url"])
+    assert r.code == 0, r.describe()
+    served = []
+    for attempt in range(5):
+        time.sleep(0.5)     # the spare warms up in ~15 ms on an idle host
+        cid = "spare-{}".format(attempt)
+        r = shim.run("storage_stats", "false", cid=cid, driver=be["driver"],
+                     db_url=be["db_url"])
+        assert r.code == 0, r.describe()
+        m = re.search(r"\[flow={}\] Child (\d+) runs storage_stats "
+                      r"\(pre-forked\)".format(cid), own_service.log())
+        if m:
+            served.append(int(m.group(1)))
+        if len(served) == 2:
+            break
+    # Two requests, two processes: a spare serves once and exits.
+    assert len(served) == 2 and served[0] != served[1], own_service.log()
+    deadline = time.monotonic() + 10
+    while process_state(served[0]) not in (None, "Z"):
+        assert time.monotonic() < deadline, "spare child did not exit"
+        time.sleep(0.05)
+
+
+def test_a_spare_child_exits_with_its_service(own_service, engine_backend):
+    be = engine_backend
+    r = own_service.shim.run("storage_stats", "false", driver=be["driver"],
+                             db_url=be["db_url"])
+    assert r.code == 0, r.describe()
+    deadline = time.monotonic() + 10
+    while not children_of(own_service.pid):
+        assert time.monotonic() < deadline, "no spare child was forked"
+        time.sleep(0.05)
+    spares = children_of(own_service.pid)
+    # Killed without a chance to clean up: the spare reads EOF and exits
+    # instead of lingering with the service's state.
+    own_service.proc.kill()
+    own_service.proc.wait()
+    deadline = time.monotonic() + 10
+    while any(process_state(pid) not in (None, "Z") for pid in spares):
+        assert time.monotonic() < deadline, "spare child outlived the service"
+        time.sleep(0.05)

@@ -7,6 +7,7 @@ tool.  Tests of the shipped data files (unit, tmpfiles, config, sudoers,
 logging example, man pages) that need no build come first.
 """
 
+import ast
 import configparser
 import fnmatch
 import json
@@ -15,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tarfile
 
 import pytest
@@ -27,8 +29,10 @@ from vdsm_managedvolume import tool
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VERSION = vdsm_managedvolume.__version__
 HOST = "vdsm-managedvolume-{}-1.noarch.rpm".format(VERSION)
+COMMON = "vdsm-managedvolume-common-{}-1.noarch.rpm".format(VERSION)
 ENGINE = "vdsm-managedvolume-engine-{}-1.noarch.rpm".format(VERSION)
 VDSM = "vdsm-managedvolume-vdsm-{}-1.noarch.rpm".format(VERSION)
+BINARY = (HOST, COMMON, ENGINE, VDSM)
 DROP_IN = "/usr/lib/systemd/system/vdsmd.service.d/50-managedvolume.conf"
 SITE = "/usr/share/vdsm-managedvolume/vdsm-site"
 HOOK = "/usr/libexec/vdsm/hooks/after_get_caps/50_managedvolume"
@@ -165,15 +169,32 @@ def test_logger_example_logs_to_a_file_with_flow_id_and_masked_secrets(
 
 # Man pages and docs
 
+@pytest.mark.parametrize("device", ["ps", "utf8"])
 @pytest.mark.parametrize("page", man_pages(), ids=os.path.basename)
-def test_man_page_renders_without_warnings(page):
+def test_man_page_renders_without_warnings(page, device):
+    # utf8 is a terminal (78 columns, continuous rendering): where a table
+    # too wide for 80 columns warns.
     groff = shutil.which("groff")
     if groff is None:
         pytest.skip("groff not installed")
-    p = subprocess.run([groff, "-t", "-man", "-ww", "-z", page],
-                       capture_output=True, text=True)
+    p = subprocess.run([groff, "-t", "-man", "-T" + device, "-ww", "-z",
+                        page], capture_output=True, text=True)
     assert p.returncode == 0
     assert p.stderr == ""
+
+
+@pytest.mark.parametrize("page", man_pages(), ids=os.path.basename)
+def test_man_page_reads_in_80_columns_without_warnings(page):
+    # What an admin runs; man-db adds its own preprocessing and widths.
+    man = shutil.which("man")
+    if man is None:
+        pytest.skip("man not installed")
+    p = subprocess.run([man, "-l", page], capture_output=True, text=True,
+                       env=dict(os.environ, MANWIDTH="80", MANPAGER="cat",
+                                PAGER="cat"))
+    assert p.returncode == 0
+    assert p.stderr == ""
+    assert p.stdout.strip()
 
 
 def test_config_man_page_and_readme_document_every_key():
@@ -240,6 +261,25 @@ def test_readme_troubleshooting_covers_every_error_code():
         assert "\n| {} | ".format(code) in readme, code
 
 
+def test_operations_guide_lists_every_package_and_what_common_holds():
+    with open(os.path.join(REPO, "managedvolume.spec")) as f:
+        spec = f.read()
+    with open(os.path.join(REPO, "docs", "operations.md")) as f:
+        guide = f.read()
+    packages = ["vdsm-managedvolume"] + [
+        "vdsm-managedvolume-" + sub
+        for sub in re.findall(r"^%package (\S+)$", spec, re.M)]
+    rows = dict(re.findall(r"^\| `(vdsm-managedvolume[\w-]*)` \|(.*)$",
+                           guide, re.M))
+    assert sorted(rows) == sorted(packages)
+    modules = re.search(r"^%global common_modules (\S+)$", spec,
+                        re.M).group(1)
+    assert set(modules.split(",")) == _shim_imports()
+    assert "`vdsm_managedvolume/{{{}}}.py`".format(modules) in \
+        rows["vdsm-managedvolume-common"]
+    assert "not the host package" in rows["vdsm-managedvolume-engine"]
+
+
 def test_spec_version_fallback_is_the_package_version():
     with open(os.path.join(REPO, "managedvolume.spec")) as f:
         spec = f.read()
@@ -263,9 +303,8 @@ def rpms(tmp_path_factory):
         capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     built = sorted(os.path.basename(line) for line in p.stdout.split())
-    assert built == sorted([HOST, ENGINE, VDSM,
-                            "vdsm-managedvolume-{}-1.src.rpm".format(
-                                VERSION)])
+    assert built == sorted(BINARY + (
+        "vdsm-managedvolume-{}-1.src.rpm".format(VERSION),))
     return out
 
 
@@ -274,7 +313,7 @@ def unpacked(rpms, tmp_path_factory):
     if not shutil.which("rpm2archive"):
         pytest.skip("rpm2archive not installed")
     root = tmp_path_factory.mktemp("unpacked")
-    for name in (HOST, ENGINE, VDSM):
+    for name in BINARY:
         with open(rpms / name, "rb") as f:
             archive = subprocess.run(["rpm2archive", "-"], stdin=f,
                                      capture_output=True, check=True).stdout
@@ -295,6 +334,13 @@ def files(rpms, name):
     return set(rpmq(rpms, name, "--qf", "[%{FILENAMES}\n]").split())
 
 
+def modes(rpms, name):
+    """{path: "drwxr-xr-x"-style mode} of the files ``name`` holds."""
+    return dict(line.split(" ", 1)[::-1] for line in rpmq(
+        rpms, name, "--qf",
+        "[%{FILEMODES:perms} %{FILENAMES}\n]").splitlines())
+
+
 def sitelib(paths):
     (lib,) = {p.split("/vdsm_managedvolume/")[0] for p in paths
               if "/vdsm_managedvolume/" in p}
@@ -303,7 +349,7 @@ def sitelib(paths):
 
 @pytest.mark.slow
 def test_rpms_are_noarch_and_carry_the_package_version(rpms):
-    for name in (HOST, ENGINE):
+    for name in BINARY:
         assert rpmq(rpms, name, "--qf", "%{VERSION} %{ARCH}") == \
             "{} noarch".format(VERSION)
 
@@ -325,8 +371,7 @@ def test_host_rpm_holds_package_hook_schema_config_unit_and_man_pages(rpms):
         "/usr/lib/systemd/system/managedvolume-agent.service",
         "/usr/lib/tmpfiles.d/vdsm-managedvolume.conf",
         "/run/vdsm/managedvolumes", "/run/vdsm/managedvolume",
-        lib + "/vdsm_managedvolume-{}.dist-info/entry_points.txt".format(
-            VERSION),
+        "/usr/share/doc/vdsm-managedvolume/vdsm-integration.md",
     }
     assert expected <= got, expected - got
     for page in man_pages():
@@ -335,10 +380,12 @@ def test_host_rpm_holds_package_hook_schema_config_unit_and_man_pages(rpms):
             section = name.rsplit(".", 1)[1]
             assert any(f.startswith("/usr/share/man/man{}/{}".format(
                 section, name)) for f in got), name
-    # Every module of the tree is packaged.
+    # Every module of the tree is packaged: here, or in -common.
+    shared = _shim_imports()
     for module in os.listdir(os.path.join(REPO, "vdsm_managedvolume")):
         if module.endswith(".py"):
-            assert lib + "/vdsm_managedvolume/" + module in got, module
+            path = lib + "/vdsm_managedvolume/" + module
+            assert (path in got) == (module[:-3] not in shared), module
     # /etc/udev/rules.d belongs to systemd-udev, required instead.
     assert "/etc/udev/rules.d" not in got
 
@@ -406,10 +453,88 @@ def test_host_rpm_requires_fedora_names_of_its_dependencies(rpms):
 
 
 @pytest.mark.slow
-def test_engine_rpm_requires_cinderlib_and_the_same_host_package(rpms):
+def test_common_rpm_holds_exactly_the_modules_the_engine_shim_imports(rpms):
+    got = files(rpms, COMMON)
+    lib = sitelib(got)
+    pkg = lib + "/vdsm_managedvolume/"
+    shared = _shim_imports()
+    assert shared == {"__init__", "errors", "log", "mask"}, \
+        "the shim imports another module: add it to common_modules " \
+        "in managedvolume.spec and to docs/operations.md"
+    python = {f for f in got if f.endswith((".py", ".pyc"))}
+    assert {f for f in python if f.endswith(".py")} == {
+        pkg + m + ".py" for m in shared}
+    for m in shared:
+        assert any(re.fullmatch(re.escape(pkg + "__pycache__/" + m) +
+                                r"\.cpython-\d+(\.opt-\d)?\.pyc", f)
+                   for f in python), m
+    assert len(python) == 2 * len(shared), python
+    # The distribution's metadata (both sides' console scripts) and the
+    # license, which the other packages get through their Requires.
+    dist_info = lib + "/vdsm_managedvolume-{}.dist-info/".format(VERSION)
+    assert dist_info + "entry_points.txt" in got
+    assert dist_info + "METADATA" in got
+    assert "/usr/share/licenses/vdsm-managedvolume-common/LICENSE" in got
+    assert not any(f.startswith("/usr/bin/") for f in got)
+
+
+@pytest.mark.slow
+def test_no_file_belongs_to_two_packages(rpms):
+    owners = {}
+    for name in BINARY:
+        for path, mode in modes(rpms, name).items():
+            owners.setdefault(path, []).append((name, mode))
+    shared = {path: owned for path, owned in owners.items()
+              if len(owned) > 1}
+    for path, owned in shared.items():
+        assert all(mode.startswith("d") for _, mode in owned), (path, owned)
+    # Only the Python package's directories: -common owns them for the
+    # engine machine, the host package lists its modules in them.
+    lib = sitelib(files(rpms, COMMON))
+    assert set(shared) == {lib + "/vdsm_managedvolume",
+                           lib + "/vdsm_managedvolume/__pycache__"}
+
+
+@pytest.mark.slow
+def test_engine_rpm_requires_common_and_cinderlib_not_the_host_package(
+        rpms):
     requires = set(rpmq(rpms, ENGINE, "--requires").splitlines())
     assert "python3-cinderlib" in requires
-    assert "vdsm-managedvolume = {}-1".format(VERSION) in requires
+    assert "vdsm-managedvolume-common = {}-1".format(VERSION) in requires
+    assert not any(r.split()[0] in ("vdsm-managedvolume", "vdsm")
+                   for r in requires), requires
+    host = set(rpmq(rpms, HOST, "--requires").splitlines())
+    assert "vdsm-managedvolume-common = {}-1".format(VERSION) in host
+    # Nothing runs on the engine machine at install: no user vdsm, no
+    # database, no unit.
+    for name in (ENGINE, COMMON):
+        assert rpmq(rpms, name, "--scripts") == "", name
+
+
+@pytest.mark.slow
+def test_engine_rpm_ships_its_guide_next_to_its_man_page(rpms):
+    got = files(rpms, ENGINE)
+    assert "/usr/share/doc/vdsm-managedvolume-engine/engine.md" in got
+    assert "/usr/share/man/man1/managedvolume-cinderlib-client.1" in {
+        f.rsplit(".gz", 1)[0] for f in got}
+
+
+@pytest.mark.slow
+def test_man_pages_cite_doc_files_their_own_package_ships(rpms):
+    contents = {name: files(rpms, name) for name in BINARY}
+    cited = 0
+    for page in man_pages():
+        name = os.path.basename(page)
+        section = name.rsplit(".", 1)[1]
+        (owner,) = [rpm for rpm, got in contents.items() if any(
+            f.startswith("/usr/share/man/man{}/{}".format(section, name))
+            for f in got)]
+        with open(page) as f:
+            text = re.sub(r"\\[%&]", "", f.read())
+        for path in re.findall(r"/usr/share/doc/[^\s)]+[^\s).,;]", text):
+            assert path in contents[owner], (name, path, owner)
+            cited += 1
+    assert cited >= 2
 
 
 @pytest.mark.slow
@@ -516,18 +641,129 @@ def test_rpms_install_together_into_an_empty_root(rpms, tmp_path):
     subprocess.run(["rpm", "--root", str(root), "--initdb"], check=True)
     p = subprocess.run(
         ["rpm", "--root", str(root), "-i", "--nodeps", "--noscripts",
-         "--notriggers", str(rpms / HOST), str(rpms / ENGINE),
-         str(rpms / VDSM)],
+         "--notriggers"] + [str(rpms / name) for name in BINARY],
         capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert (root / "usr" / "bin" / "managedvolume-cinderlib-client").exists()
-    q = subprocess.run(["rpm", "--root", str(root), "-qf",
-                        str("/etc/vdsm/managedvolume.conf")],
-                       capture_output=True, text=True, check=True)
-    assert q.stdout.strip() == HOST[:-len(".noarch.rpm")] + ".noarch"
+    for path, rpm in (("/etc/vdsm/managedvolume.conf", HOST),
+                      ("/usr/bin/managedvolume-cinderlib-client", ENGINE),
+                      (sitelib(files(rpms, COMMON)) +
+                       "/vdsm_managedvolume/mask.py", COMMON)):
+        q = subprocess.run(["rpm", "--root", str(root), "-qf", path],
+                           capture_output=True, text=True, check=True)
+        assert q.stdout.strip() == rpm[:-len(".noarch.rpm")] + ".noarch"
+    # Both sides depend on -common: it cannot go while they are there.
+    e = subprocess.run(["rpm", "--root", str(root), "--test", "-e",
+                        "vdsm-managedvolume-common"],
+                       capture_output=True, text=True)
+    assert e.returncode != 0
+    assert "vdsm-managedvolume-engine" in e.stderr
+    assert "vdsm-managedvolume-{}".format(VERSION) in e.stderr
+
+
+@pytest.mark.slow
+def test_engine_and_common_alone_install_and_run_a_cinderlib_operation(
+        rpms, tmp_path):
+    # An engine machine: only -common and -engine, scriptlets enabled (the
+    # root has no shell: any scriptlet would fail the transaction).
+    root = tmp_path / "root"
+    root.mkdir()
+    subprocess.run(["rpm", "--root", str(root), "--initdb"], check=True)
+    p = subprocess.run(
+        ["rpm", "--root", str(root), "-i", "--nodeps",
+         str(rpms / COMMON), str(rpms / ENGINE)],
+        capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    installed = subprocess.run(
+        ["rpm", "--root", str(root), "-qa", "--qf", "%{NAME}\n"],
+        capture_output=True, text=True, check=True).stdout.split()
+    assert sorted(installed) == ["vdsm-managedvolume-common",
+                                 "vdsm-managedvolume-engine"]
+    lib = sitelib(files(rpms, COMMON))
+    pkg = str(root) + lib + "/vdsm_managedvolume"
+    assert os.path.exists(pkg + "/engine/client.py")
+    assert not os.path.exists(pkg + "/config.py")
+    assert not (root / "etc").exists()
+    assert not (root / "usr" / "lib" / "systemd").exists()
+
+    # The installed command, on the installed package and the venv's
+    # cinderlib: -S keeps the venv's editable install of this tree (a .pth
+    # finder) off the path, so nothing can come from the tree.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MANAGEDVOLUME_")}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(root) + lib, sysconfig.get_paths()["purelib"]])
+    env["MANAGEDVOLUME_ENGINE_LOCKS_DIR"] = str(tmp_path / "locks")
+    python = [sys.executable, "-S"]
+    host_only = subprocess.run(
+        python + ["-c", "import vdsm_managedvolume.config"], env=env,
+        cwd="/", capture_output=True, text=True)
+    assert "No module named 'vdsm_managedvolume.config'" in \
+        host_only.stderr, host_only.stderr
+
+    command = python + [str(root / "usr" / "bin" /
+                            "managedvolume-cinderlib-client")]
+    usage = subprocess.run(command, env=env, cwd="/", capture_output=True,
+                           text=True, timeout=120)
+    assert usage.returncode == 2, usage.stderr
+    assert usage.stdout.startswith("error:expected SUB-COMMAND")
+
+    driver = json.dumps({
+        "volume_driver": "vdsm_managedvolume.engine.filedriver.FileDriver",
+        "volume_backend_name": "file",
+        "file_volume_dir": str(tmp_path / "vols")})
+    db_url = "sqlite:///{}".format(tmp_path / "cinderlib.db")
+    vol_id = "9f3c1e0a-55b1-4f07-9d6c-2f2f4a9e8f10"
+    run = subprocess.run(
+        command + ["--cold", "create_volume", driver, db_url, "flow-1",
+                   vol_id, "1"],
+        env=env, cwd="/", capture_output=True, text=True, timeout=240)
+    assert (run.returncode, run.stdout) == (0, ""), run.stderr[-3000:]
+    assert any(vol_id in name for name in os.listdir(tmp_path / "vols"))
 
 
 # Private helpers
+
+def _shim_imports():
+    """The modules of vdsm_managedvolume (outside engine/) the shim needs.
+
+    Every import in vdsm_managedvolume/engine/*.py, static or inside a
+    function, closed over what those modules import in turn; always the
+    package's ``__init__``.
+    """
+    pkg = os.path.join(REPO, "vdsm_managedvolume")
+    todo = [os.path.join(pkg, "engine", n)
+            for n in os.listdir(os.path.join(pkg, "engine"))
+            if n.endswith(".py")]
+    found = {"__init__"}
+    while todo:
+        path = todo.pop()
+        in_engine = os.path.basename(os.path.dirname(path)) == "engine"
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = ("vdsm_managedvolume.engine" if in_engine
+                              else "vdsm_managedvolume")
+                    for _ in range(node.level - 1):
+                        parent = parent.rsplit(".", 1)[0]
+                    base = parent + ("." + base if base else "")
+                names = [base + "." + a.name for a in node.names] + [base]
+            for name in names:
+                parts = name.split(".")
+                if (parts[0] == "vdsm_managedvolume" and len(parts) > 1
+                        and parts[1] != "engine"):
+                    module = os.path.join(pkg, parts[1] + ".py")
+                    if os.path.exists(module) and parts[1] not in found:
+                        found.add(parts[1])
+                        todo.append(module)
+    return found
+
 
 def _scriptlet(rpms, tag):
     return rpmq(rpms, HOST, "--qf", "%{" + tag + "}")

@@ -95,10 +95,14 @@ def configure_logging(level="INFO", filename="", flow_id=None, scrub=None):
             handler.filters.insert(0, _DefaultFlow(flow_id))
         if scrub is not None:
             handler.addFilter(scrub)
-    debug = level == "DEBUG"
+    wanted = logging.DEBUG if level == "DEBUG" else logging.WARNING
     for name in NOISY:
-        logging.getLogger(name).setLevel(
-            logging.DEBUG if debug else logging.WARNING)
+        logger = logging.getLogger(name)
+        # setLevel clears the cache of every logger (hundreds, once cinder
+        # is imported): in a warm child, whose parent set the same levels,
+        # that would only copy their pages.
+        if logger.level != wanted:
+            logger.setLevel(wanted)
     logging.captureWarnings(True)
 
 

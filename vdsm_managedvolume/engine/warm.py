@@ -41,10 +41,11 @@ reads) is copied on that first write, and an operation touches thousands
 of them (~2 us each here).  So the parent keeps one *spare* child, forked
 for its current DB URL while nobody waits, that warms itself up: it runs
 the lookups operations start with (for a nil id: no row, no request's
-data), sets up logging, starts and ends a thread, then closes its
-database connection and says "ready" (~15 ms).  The parent, for its part,
-has run every query shape of the operations once (``_warm_up_queries``),
-so that no child compiles them again.
+data), sets up logging, starts and ends a thread, builds and forgets a
+backend of the embedded driver on an empty temporary directory, closes
+its database connection and says "ready" (~15-25 ms).  The parent, for
+its part, has run every query shape of the operations once
+(``_warm_up_queries``), so that no child compiles them again.
 
 A request for that URL is handed to the spare -- the request's bytes and
 the command's connection (SCM_RIGHTS) over a private socketpair -- and the
@@ -106,6 +107,8 @@ READY = b"R"
 SPARE_WAIT = 0.015
 # The id of no volume, snapshot or attachment: what warm-up queries ask for.
 NIL = "00000000-0000-0000-0000-000000000000"
+# The name of the throwaway backend a spare builds (see _warm_up_backend).
+WARM_UP_BACKEND = "managedvolume-warm-up"
 
 
 def serve(socket_path, log_file="", log_level="INFO"):
@@ -161,6 +164,9 @@ class Server:
                     self._spare_spoke()
                 if self.sock in ready:
                     self._accept()
+                    # Here, not in _accept: the spare's copy of the parent
+                    # must not hold that request in a live frame.
+                    self._fork_spare()
         finally:
             self._close()
         log.info("Stopped")
@@ -228,7 +234,6 @@ class Server:
                 while len(self.children) >= MAX_CHILDREN:
                     self._reap(block=True)
                 self._fork(conn, request)
-            self._fork_spare()
         finally:
             conn.close()
 
@@ -615,8 +620,9 @@ def _warm_up_child(log_file, log_level):
     It runs code a request runs, on nothing of any request: the lookups
     operations start with (a volume with its type, extra specs and
     attachments; its snapshots; its connections) for a nil id, the
-    service's own logging set-up, a thread that does nothing.  ~15 ms,
-    once per spare, while nobody waits; the request then runs ~5 ms faster.
+    service's own logging set-up, a thread that does nothing, a throwaway
+    backend.  ~15-25 ms, once per spare, while nobody waits; the request
+    then runs ~7 ms faster.
     (All of ``_warm_up_queries`` would save a little more than it costs
     only on an idle machine: a spare must be ready when the next command
     comes.)  Then the database connection is closed: the request opens its
@@ -638,6 +644,25 @@ def _warm_up_child(log_file, log_level):
     done = threading.Event()
     threading.Thread(target=done.set, name="warm-up", daemon=True).start()
     done.wait(1)
+    _warm_up_backend(cl)
+
+
+def _warm_up_backend(cl):
+    """Build a Backend of the embedded driver on an empty directory, and
+    forget it: what cinderlib and cinder do for any backend (its options
+    group, the driver's init and setup, the capabilities) then costs the
+    request's own Backend ~1 ms instead of ~2.5.  Nothing of it is kept."""
+    import shutil
+    import tempfile
+    directory = tempfile.mkdtemp(prefix="managedvolume-warm-up-")
+    try:
+        cl.Backend(WARM_UP_BACKEND, volume_driver=argsmod.FILE_DRIVER,
+                   file_volume_dir=directory)
+    except Exception as e:
+        log.debug("Warm-up backend failed: %s", type(e).__name__)
+    finally:
+        cl.Backend.backends.pop(WARM_UP_BACKEND, None)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _release_inherited_resources():

@@ -365,12 +365,18 @@ def _check_privsep(cfg, args):
         yield "privsep", "skip", "os-brick missing"
         return
     from . import privileged
+    # os-brick's warnings about what this host lacks (no iSCSI initiator
+    # name, no nvme CLI) are not problems of ours; -v shows them.
+    daemon_log = logging.getLogger(privileged.DAEMON_LOGGER)
+    if not args.verbose:
+        daemon_log.setLevel(logging.ERROR)
     brick = privileged.Brick(cfg)
     try:
         props = brick.connector_properties()
         pid = brick.daemon_pid()
     finally:
         brick.stop()
+        daemon_log.setLevel(logging.NOTSET)
     found = ", ".join("{} {}".format(k, props[k])
                       for k in ("host", "initiator", "nqn") if props.get(k))
     yield "privsep", "ok", "daemon started (pid {}), connector: {}".format(

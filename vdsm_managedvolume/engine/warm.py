@@ -269,6 +269,10 @@ class Server:
     def _fork(self, conn, request):
         pid = os.fork()
         if pid == 0:
+            if self.spare is not None:
+                # Only the parent may talk to the spare (and its EOF must
+                # tell the spare that the parent is gone).
+                self.spare.channel.close()
             _child(self.sock, conn, request, self.log_file)  # never returns
         self._started(pid, request, "forked")
 

@@ -405,7 +405,7 @@ def test_sigterm_waits_for_in_flight_attach_then_exits_0(tmp_path):
     t = threading.Thread(target=attach)
     t.start()
     try:
-        _wait_for(lambda: "Attaching volume {}".format(vol_id)
+        agentutil.wait_for(lambda: "Attaching volume {}".format(vol_id)
                   in agent.log())
         agent.proc.send_signal(signal.SIGTERM)
         agent.wait_notify("STOPPING=1")
@@ -453,8 +453,8 @@ def test_restart_reconciles_before_serving(tmp_path):
 def test_sighup_reopens_the_log_file(agent_proc):
     os.rename(agent_proc.log_file, agent_proc.log_file + ".1")
     agent_proc.proc.send_signal(signal.SIGHUP)
-    _wait_for(lambda: os.path.exists(agent_proc.log_file))
-    _wait_for(lambda: "Log file reopened" in agent_proc.log())
+    agentutil.wait_for(lambda: os.path.exists(agent_proc.log_file))
+    agentutil.wait_for(lambda: "Log file reopened" in agent_proc.log())
 
 
 # The command line
@@ -481,12 +481,3 @@ def test_version():
                        text=True, timeout=60)
     assert p.returncode == 0
     assert __version__ in p.stdout
-
-
-def _wait_for(predicate, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met within {}s".format(
-                timeout))
-        time.sleep(0.05)

@@ -199,3 +199,13 @@ class Running:
 
 def _encode(obj):
     return json.dumps(obj).encode()
+
+
+def wait_for(predicate, timeout=60):
+    """Poll ``predicate`` until true; AssertionError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met within {}s".format(
+                timeout))
+        time.sleep(0.05)

@@ -6,7 +6,11 @@ are registered here so that every test module sees them.
 
 import os
 
+import logging
+
 import pytest
+
+from vdsm_managedvolume import log
 
 pytest_plugins = [
     "tests.host_fixtures",
@@ -44,3 +48,25 @@ def pytest_unconfigure(config):
             return
         if pid == 0:
             return
+
+
+@pytest.fixture
+def log_lines():
+    """(logger, lines): a logger whose formatted lines, passed through
+    the package's filter (flow id, masking), are collected in lines."""
+    lines = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(self.format(record))
+
+    keep = Keep()
+    keep.setFormatter(logging.Formatter(log.FORMAT))
+    log.install_filter(keep)
+    logger = logging.getLogger("tests.log_lines")
+    logger.addHandler(keep)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    yield logger, lines
+    logger.removeHandler(keep)
+    logger.propagate = True

@@ -38,36 +38,20 @@ def test_mask_text_handles_reprs_urls_and_key_value():
     assert "chapuser" in text
 
 
-def test_log_lines_carry_flow_id_and_never_secrets(caplog):
-    handler = logging.StreamHandler()
-    records = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            records.append(self.format(record))
-
-    keep = Keep()
-    keep.setFormatter(logging.Formatter(log.FORMAT))
-    log.install_filter(keep)
-    logger = logging.getLogger("test.mask")
-    logger.addHandler(keep)
-    logger.setLevel(logging.DEBUG)
-    try:
-        with log.flow("flow-42"):
-            logger.info("attaching %s", CONN)
-            logger.info("raw %r", CONN["data"])
-            try:
-                raise RuntimeError("iscsiadm failed: password=%s" %
-                                   CONN["data"]["auth_password"])
-            except RuntimeError:
-                logger.exception("connect failed")
-    finally:
-        logger.removeHandler(keep)
+def test_log_lines_carry_flow_id_and_never_secrets(log_lines):
+    logger, records = log_lines
+    with log.flow("flow-42"):
+        logger.info("attaching %s", CONN)
+        logger.info("raw %r", CONN["data"])
+        try:
+            raise RuntimeError("iscsiadm failed: password=%s" %
+                               CONN["data"]["auth_password"])
+        except RuntimeError:
+            logger.exception("connect failed")
     assert records and all("flow=flow-42" in r for r in records)
     for r in records:
         for s in SECRETS:
             assert s not in r
-    del handler
 
 
 SECRET = "Zq9-s3cr3t"

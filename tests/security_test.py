@@ -31,7 +31,6 @@ import pytest
 from vdsm_managedvolume import api
 from vdsm_managedvolume import errors
 from vdsm_managedvolume import jsonrpc
-from vdsm_managedvolume import log as logmod
 from vdsm_managedvolume import mask
 from vdsm_managedvolume import pki
 from vdsm_managedvolume import stompframe
@@ -216,26 +215,6 @@ def test_nul_in_a_header_is_a_frame_error():
 
 
 # Secrets in log records, whatever shape they take
-
-@pytest.fixture
-def log_lines():
-    lines = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            lines.append(self.format(record))
-
-    keep = Keep()
-    keep.setFormatter(logging.Formatter(logmod.FORMAT))
-    logmod.install_filter(keep)
-    logger = logging.getLogger("tests.security")
-    logger.addHandler(keep)
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False
-    yield logger, lines
-    logger.removeHandler(keep)
-    logger.propagate = True
-
 
 def test_exception_passed_as_log_argument_is_masked(log_lines):
     logger, lines = log_lines
@@ -558,9 +537,9 @@ def test_client_that_never_reads_is_paused_then_dropped(agent):
         # Meanwhile everybody else is served...
         assert len(still_serving(agent)) >= 4
         # ...its further requests are not read while it does not read...
-        _wait_for(lambda: "not reading its requests" in agent.log())
+        agentutil.wait_for(lambda: "not reading its requests" in agent.log())
         # ...and the reader that stalls is dropped after idle_timeout.
-        _wait_for(lambda: "took no byte of its" in agent.log())
+        agentutil.wait_for(lambda: "took no byte of its" in agent.log())
         s.close()
     finally:
         with agent.client(timeout=60) as c:
@@ -728,13 +707,4 @@ def test_dev_pki_key_write_does_not_follow_a_planted_link(dev_pki, tmp_path):
     pki.write_key(dev_pki.key_file, key)
     assert not target.exists()
     assert stat.S_IMODE(os.stat(dev_pki.key_file).st_mode) == 0o600
-
-
-def _wait_for(predicate, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met within {}s".format(
-                timeout))
-        time.sleep(0.1)
 

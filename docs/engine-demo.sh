@@ -13,6 +13,13 @@ set -eu
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 BIN=$REPO/.venv/bin
+for cmd in managedvolume-cinderlib-client managedvolume-agent \
+           managedvolume-client; do
+    if [ ! -x "$BIN/$cmd" ]; then
+        echo "engine-demo: $BIN/$cmd not found: run 'make venv' first" >&2
+        exit 1
+    fi
+done
 WORK=$(mktemp -d /tmp/engine-demo.XXXXXX)
 PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 export MANAGEDVOLUME_ENGINE_LOCKS_DIR=$WORK/locks
@@ -29,9 +36,15 @@ EOF
 echo "${1:-sqlite:///$WORK/cinderlib.db}" > "$WORK/db_url"
 chmod 600 "$WORK/driver.json" "$WORK/db_url"
 
+loops_left() {   # the loop devices backed by a file of this demo
+    losetup --list --noheadings --output NAME,BACK-FILE 2>/dev/null |
+        grep -F " $WORK/volumes/" || true
+}
 cleanup() {
     [ -n "${AGENT_PID:-}" ] && kill "$AGENT_PID" 2>/dev/null && wait "$AGENT_PID" || true
     [ -n "${SHIM_PID:-}" ] && kill "$SHIM_PID" 2>/dev/null && wait "$SHIM_PID" || true
+    # A failed run may have left a loop device: never leak one.
+    loops_left | while read -r dev _; do losetup -d "$dev" || true; done
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -58,11 +71,23 @@ step "start the host agent (127.0.0.1:$PORT) and the engine's warm service"
 AGENT_PID=$!
 "$BIN/managedvolume-cinderlib-client" --serve --log-file "$WORK/service.log" &
 SHIM_PID=$!
-for _ in $(seq 100); do
-    [ -S "$MANAGEDVOLUME_ENGINE_SOCKET" ] && \
-        python3 -c "import socket; socket.create_connection(('127.0.0.1', $PORT)).close()" 2>/dev/null && break
+ready=
+for _ in $(seq 300); do
+    if ! kill -0 "$AGENT_PID" 2>/dev/null || ! kill -0 "$SHIM_PID" 2>/dev/null; then
+        break
+    fi
+    if [ -S "$MANAGEDVOLUME_ENGINE_SOCKET" ] && \
+        python3 -c "import socket; socket.create_connection(('127.0.0.1', $PORT)).close()" 2>/dev/null; then
+        ready=1
+        break
+    fi
     sleep 0.2
 done
+if [ -z "$ready" ]; then
+    echo "engine-demo: the agent or the warm service did not start:" >&2
+    tail -n 20 "$WORK/agent.err" "$WORK/service.log" >&2 2>/dev/null || true
+    exit 1
+fi
 
 VOL=$(python3 -c 'import uuid; print(uuid.uuid4())')
 CLONE=$(python3 -c 'import uuid; print(uuid.uuid4())')
@@ -106,5 +131,14 @@ shim storage_stats true
 step "engine: delete everything"
 shim remove_snapshot "$SNAP" "$VOL"
 for v in "$FROM" "$CLONE" "$VOL"; do shim delete_volume "$v"; done
-echo "volumes left: $(ls "$WORK/volumes" | wc -l)"
-echo "loop devices left: $(losetup -j "$WORK/volumes" 2>/dev/null | wc -l)"
+VOLUMES_LEFT=$(ls "$WORK/volumes" | wc -l)
+LOOPS_LEFT=$(loops_left)
+echo "volumes left: $VOLUMES_LEFT"
+echo "loop devices left: $(printf '%s' "$LOOPS_LEFT" | grep -c . || true)"
+if [ "$VOLUMES_LEFT" != 0 ] || [ -n "$LOOPS_LEFT" ]; then
+    echo "engine-demo: FAILED, left behind:" >&2
+    ls "$WORK/volumes" >&2
+    printf '%s\n' "$LOOPS_LEFT" >&2
+    exit 1
+fi
+echo "demo done: nothing left behind"

@@ -466,3 +466,171 @@ def test_only_arguments_that_may_hold_a_secret_load_the_masker():
                  ' "multipath": true}', '{"path": "/dev/dm-3"}', new_id()):
         assert mask.mask_text(text) == text
         assert not client._may_hold_secret(text), text
+
+
+def _log_records(text):
+    return [line for line in text.splitlines()
+            if re.match(r"\d{4}-\d\d-\d\d ", line)]
+
+
+def test_expected_errors_are_one_log_line_and_a_traceback_only_at_debug(
+        engine_service, engine_shim, engine_backend, tmp_path):
+    """The default log is stderr, which the engine captures with stdout:
+    an ordinary failure must not bury its reason in a traceback."""
+    be = engine_backend
+    vol = new_id()
+    r = engine_shim.run("create_volume", vol, 1, driver=be["driver"],
+                        db_url=be["db_url"], warm=False)
+    assert r.code == 0, r.describe()
+    missing_dir_db = "sqlite:///{}".format(tmp_path / "no-such-dir" / "db")
+    cases = [
+        # An EngineError of ours: the volume exists with another size.
+        (("create_volume", vol, 2), be["db_url"], "already exists"),
+        # The database's own error (oslo.db / SQLAlchemy).
+        (("create_volume", new_id(), 1), missing_dir_db,
+         "unable to open database file"),
+    ]
+    for case, db_url, reason in cases:
+        r = engine_shim.run(*case, driver=be["driver"], db_url=db_url,
+                            warm=False)
+        assert r.code == 1, r.describe()
+        assert reason in r.error()
+        assert "Traceback" not in r.stderr, r.stderr
+        errors = [line for line in _log_records(r.stderr)
+                  if " ERROR " in line]
+        assert len(errors) == 1 and reason in errors[0], r.stderr
+        # Every line of the log is a record: nothing else on stderr.
+        assert _log_records(r.stderr) == r.stderr.splitlines(), r.stderr
+
+        r = engine_shim.run(*case, driver=be["driver"], db_url=db_url,
+                            warm=False, options=["--log-level", "DEBUG"])
+        assert r.code == 1
+        assert "Traceback" in r.stderr
+
+    # Warm: the same one line in the request's log file.
+    log_file = tmp_path / "warm.log"
+    r = engine_shim.run("create_volume", vol, 2, driver=be["driver"],
+                        db_url=be["db_url"],
+                        options=["--log-file", str(log_file)])
+    assert r.code == 1, r.describe()
+    text = log_file.read_text()
+    assert "Traceback" not in text
+    assert len([line for line in _log_records(text)
+                if " ERROR " in line]) == 1, text
+    assert "[flow=cid-test] Child " in engine_service.log()     # was warm
+
+
+def test_an_unexpected_error_is_one_log_line_and_a_traceback_at_debug(
+        engine_shim, engine_backend, tmp_path):
+    """A bug (here: a "service" answering garbage) still prints its
+    ``error:`` line; the log gets one ERROR line, the traceback at DEBUG."""
+    import socket
+    import threading
+    be = engine_backend
+    path = str(tmp_path / "garbage.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    os.chmod(path, 0o600)
+    server.listen(4)
+
+    def answer_garbage():
+        for _ in range(2):
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"this is not JSON")
+
+    thread = threading.Thread(target=answer_garbage, daemon=True)
+    thread.start()
+    try:
+        from .engine_fixtures import Shim
+        shim = Shim(engine_shim.run_dir, path)
+        r = shim.run("storage_stats", "true", driver=be["driver"],
+                     db_url=be["db_url"])
+        assert r.code == 1, r.describe()
+        assert r.error().startswith("internal error: JSONDecodeError: ")
+        assert "Traceback" not in r.stderr
+        errors = [line for line in _log_records(r.stderr)
+                  if " ERROR " in line]
+        assert len(errors) == 1 and "JSONDecodeError" in errors[0], r.stderr
+        assert _log_records(r.stderr) == r.stderr.splitlines(), r.stderr
+
+        r = shim.run("storage_stats", "true", driver=be["driver"],
+                     db_url=be["db_url"], options=["--log-level", "DEBUG"])
+        assert r.code == 1
+        assert "Traceback" in r.stderr and "JSONDecodeError" in r.stderr
+    finally:
+        thread.join(30)
+        server.close()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["create_volume", "not-a-uuid", "1"],
+     "volume_id must be a UUID, got 'not-a-uuid'"),
+    (["delete_volume", "../etc"], "volume_id must be a UUID, got '../etc'"),
+    (["clone_volume", "VOL", "x" * 200],
+     "cloned_vol_id must be a UUID, got '{}'...".format("x" * 80)),
+    (["remove_snapshot", "snap", "VOL"],
+     "snapshot_id must be a UUID, got 'snap'"),
+    (["create_volume_from_snapshot", "VOL", ""],
+     "snapshot_id must be a UUID, got ''"),
+    # Forms uuid.UUID() would take: one volume under several names.
+    (["delete_volume", "{12345678-1234-1234-1234-123456789abc}"],
+     "volume_id must be a UUID"),
+    (["delete_volume", "12345678123412341234123456789abc"],
+     "volume_id must be a UUID"),
+    (["delete_volume", "12345678-1234-1234-1234-123456789abc\n"],
+     "volume_id must be a UUID"),
+])
+def test_volume_and_snapshot_ids_must_be_uuids(argv, message):
+    from vdsm_managedvolume import errors
+    from vdsm_managedvolume.engine import args
+    argv = [a.replace("VOL", new_id()) for a in argv]
+    with pytest.raises(errors.EngineUsage) as e:
+        args.parse([argv[0], "{}", "sqlite://", "c"] + argv[1:], environ={})
+    # Exact where the whole message is given; quoting at most 80
+    # characters of the value, on one line.
+    assert str(e.value).startswith(message)
+    assert len(str(e.value)) < 130 and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("value", [
+    "0", "-1", "1.5", "+1", " 1", "1_0", "\u0661", "ten", "", "1e3"])
+def test_sizes_must_be_positive_whole_numbers_of_gib(value):
+    from vdsm_managedvolume import errors
+    from vdsm_managedvolume.engine import args
+    with pytest.raises(errors.EngineUsage) as e:
+        args.parse(["extend_volume", "{}", "sqlite://", "c", new_id(),
+                    value], environ={})
+    assert str(e.value) == "size must be a positive whole number of GiB, " \
+                           "got {!r}".format(value)
+    _, request = args.parse(["create_volume_from_snapshot", "{}",
+                             "sqlite://", "c", new_id(), new_id(), "3"],
+                            environ={})
+    assert request.args["size"] == 3
+
+
+def test_a_bad_id_is_a_usage_error_and_creates_nothing(
+        engine_shim, engine_backend):
+    be = engine_backend
+    for warm in (False, True):
+        r = engine_shim.run("create_volume", "not-a-uuid", 1, warm=warm,
+                            driver=be["driver"], db_url=be["db_url"])
+        assert r.code == 2, r.describe()
+        assert r.stdout == b"error:volume_id must be a UUID, got " \
+                           b"'not-a-uuid'\n"
+    # Refused before cinderlib: no volume file, not even a database.
+    assert files_in(be["dir"]) == []
+    assert not os.path.exists(be["db_url"][len("sqlite:///"):])
+
+
+def test_a_cold_run_creates_its_locks_directories_private(
+        engine_shim, engine_backend, tmp_path):
+    be = engine_backend
+    locks = tmp_path / "new" / "run" / "locks"
+    r = engine_shim.run("storage_stats", "false", driver=be["driver"],
+                        db_url=be["db_url"], warm=False,
+                        options=["--locks-dir", str(locks)])
+    assert r.code == 0, r.describe()
+    for path in (locks, locks.parent, locks.parent.parent):
+        assert oct(path.stat().st_mode & 0o777) == oct(0o700), path

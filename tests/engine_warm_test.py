@@ -225,3 +225,76 @@ def test_a_spare_child_exits_with_its_service(own_service, engine_backend):
     while any(process_state(pid) not in (None, "Z") for pid in spares):
         assert time.monotonic() < deadline, "spare child outlived the service"
         time.sleep(0.05)
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    """A stand-in for the default run directory (/run/... for root)."""
+    path = tmp_path / "default-run"
+    monkeypatch.setattr(argsmod, "default_run_dir", lambda: str(path))
+    return path
+
+
+def _mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def _listen(socket_path):
+    from vdsm_managedvolume.engine import warm
+    server = warm.Server(str(socket_path))
+    server._listen()
+    return server
+
+
+def test_the_service_creates_its_socket_directories_private(tmp_path,
+                                                            run_dir):
+    sock = tmp_path / "a" / "b" / "cinderlib.sock"
+    server = _listen(sock)
+    try:
+        assert _mode(sock) == 0o600
+        assert _mode(sock.parent) == 0o700
+        assert _mode(sock.parent.parent) == 0o700
+    finally:
+        server._close()
+    assert not sock.exists()
+
+
+def test_a_default_run_dir_a_cold_run_made_0755_is_made_private(run_dir):
+    # What an older cold run left: the run dir 0755, its locks/ 0700.
+    (run_dir / "locks").mkdir(parents=True)
+    run_dir.chmod(0o755)
+    server = _listen(run_dir / "cinderlib.sock")
+    try:
+        assert _mode(run_dir) == 0o700
+        assert _mode(run_dir / "cinderlib.sock") == 0o600
+    finally:
+        server._close()
+    # A cold run's locks dir under it does the same.
+    run_dir.chmod(0o755)
+    assert argsmod.private_dirs(str(run_dir / "locks")) == [str(run_dir)]
+    assert _mode(run_dir) == 0o700
+
+
+def test_an_existing_directory_the_admin_named_is_left_alone(tmp_path,
+                                                             run_dir):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o755)
+    server = _listen(shared / "cinderlib.sock")
+    try:
+        assert _mode(shared) == 0o755
+        assert _mode(shared / "cinderlib.sock") == 0o600
+    finally:
+        server._close()
+
+
+@pytest.mark.root
+def test_a_default_run_dir_of_another_uid_is_refused(run_dir):
+    from vdsm_managedvolume import errors
+    if os.geteuid() != 0:
+        pytest.skip("needs root to chown")
+    run_dir.mkdir(mode=0o700)
+    os.chown(run_dir, 4242, 4242)
+    with pytest.raises(errors.EngineError, match="owned by uid 0"):
+        _listen(run_dir / "cinderlib.sock")
+    assert not (run_dir / "cinderlib.sock").exists()

@@ -32,6 +32,8 @@ below), so a wrapper can set them once.
 
 import json
 import os
+import re
+import stat
 import sys
 
 from vdsm_managedvolume import errors
@@ -70,6 +72,15 @@ COMMANDS = {
     "remove_snapshot": (("snapshot_id", "volume_id"), ()),
     "create_volume_from_snapshot": (("volume_id", "snapshot_id"), ("size",)),
 }
+
+# Arguments naming a volume or snapshot: ovirt-engine always passes UUIDs
+# (its own disk and snapshot ids), and cinder stores them as the ids (the
+# FileDriver names files after them).  Anything else is a bad command line,
+# refused before anything is created.
+IDS = ("volume_id", "snapshot_id", "cloned_vol_id")
+_UUID = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+# How much of a bad value an error line quotes.
+QUOTE_MAX = 80
 
 USAGE = """\
 usage: managedvolume-cinderlib-client [OPTIONS] SUB-COMMAND DRIVER_JSON \
@@ -209,6 +220,46 @@ def default_run_dir():
                         "managedvolume-engine-{}".format(os.getuid()))
 
 
+def private_dirs(path):
+    """Make sure directory ``path`` exists; create what is missing 0700.
+
+    Every level created here is 0700 (``os.makedirs(mode=)`` gives only the
+    leaf that mode, the parents 0777 minus umask).  A directory that
+    already exists is left as it is -- an admin may name a socket in /tmp
+    or /run -- except the default run directory: it is ours whoever created
+    it (a cold run of an older version made it 0755), so it must be a
+    directory of our uid and is made 0700.  Returns the paths whose mode
+    was changed, for the caller to log.
+    """
+    target = os.path.abspath(path)
+    missing = []
+    path = target
+    while not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for p in reversed(missing):
+        try:
+            os.mkdir(p, 0o700)
+        except FileExistsError:
+            if not os.path.isdir(p):
+                raise
+            continue    # a concurrent run made it (with this very code)
+        os.chmod(p, 0o700)     # a umask such as 0277 aside
+    fixed = []
+    run_dir = default_run_dir()
+    if os.path.commonpath([target, run_dir]) == run_dir:
+        st = os.lstat(run_dir)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            raise errors.EngineError(
+                "{} must be a directory owned by uid {} (found mode {:o}, "
+                "uid {})".format(run_dir, os.getuid(), st.st_mode,
+                                 st.st_uid))
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            os.chmod(run_dir, 0o700)
+            fixed.append(run_dir)
+    return fixed
+
+
 def default_locks_dir():
     return os.path.join(default_run_dir(), "locks")
 
@@ -325,9 +376,11 @@ def _command_args(command, values):
                               ["[{}]".format(o) for o in optional]),
             len(values)))
     args = dict(zip(required + optional, values))
-    for name in ("size",):
+    for name in IDS:
         if name in args:
-            args[name] = _size(args[name])
+            _check_uuid(name, args[name])
+    if "size" in args:
+        args["size"] = _size(args["size"])
     if "refresh" in args:
         args["refresh"] = parse_bool("refresh", args["refresh"])
     for name in ("connector_info", "device"):
@@ -338,15 +391,30 @@ def _command_args(command, values):
     return args
 
 
+def _check_uuid(name, value):
+    # The canonical 8-4-4-4-12 form only (uuid.UUID would also take braces,
+    # "urn:uuid:" and 32 bare digits: one volume under several names).
+    # The value is passed on as given: no second spelling of an id is made.
+    if not _UUID.fullmatch(value):
+        raise errors.EngineUsage("{} must be a UUID, got {}".format(
+            name, _quoted(value)))
+
+
 def _size(value):
-    try:
-        size = int(value)
-    except ValueError:
-        size = 0
-    if size <= 0:
+    # ASCII digits only: int() would also take "+5", " 5", "1_0" and
+    # other scripts' digits.
+    if not (value.isascii() and value.isdigit()) or int(value) <= 0:
         raise errors.EngineUsage(
-            "size must be a positive number of GiB, got {!r}".format(value))
-    return size
+            "size must be a positive whole number of GiB, got {}".format(
+                _quoted(value)))
+    return int(value)
+
+
+def _quoted(value):
+    """``value`` quoted for an error line: at most QUOTE_MAX characters."""
+    if len(value) > QUOTE_MAX:
+        return "{!r}...".format(value[:QUOTE_MAX])
+    return repr(value)
 
 
 def _json_arg(name, value, want):

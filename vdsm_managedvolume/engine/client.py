@@ -45,6 +45,7 @@ SECRET_HINTS = ("passw", "secret", "key", "token", "credential", "auth",
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     out = _reserve_stdout()
+    opts = None
     try:
         _hide_secrets_from_cmdline(argv)
         if argv[:1] in (["-h"], ["--help"]):
@@ -68,13 +69,10 @@ def main(argv=None):
     except BaseException as e:
         if isinstance(e, SystemExit):
             raise
-        # The traceback goes to the log (stderr by default), never stdout.
-        import logging
-        logging.getLogger("vdsm_managedvolume.engine").exception(
-            "Unexpected error")
         from vdsm_managedvolume import mask
-        _finish(out, outcome.error("internal error: {}: {}".format(
-            type(e).__name__, mask.mask_text(str(e)))))
+        reason = "{}: {}".format(type(e).__name__, mask.mask_text(str(e)))
+        _log_unexpected(reason, opts)
+        _finish(out, outcome.error("internal error: " + reason))
 
 
 # Private helpers
@@ -107,6 +105,26 @@ def _hide_secrets_from_cmdline(argv):
         return
     setproctitle.setproctitle(" ".join(
         ["managedvolume-cinderlib-client"] + masked))
+
+
+def _log_unexpected(reason, opts):
+    """One ERROR line in the log (stderr by default), never on stdout; the
+    traceback only at DEBUG, as the runner does for failed operations."""
+    import logging
+    from . import runner
+    if opts is None:
+        level = os.environ.get(args.ENV_LOG_LEVEL) or "INFO"
+        filename = os.environ.get(args.ENV_LOG_FILE, "")
+    else:
+        level, filename = opts.log_level, opts.log_file
+    try:
+        runner.configure_logging(level, filename)
+    except Exception:
+        pass    # a bad level or log file: logging's last resort (stderr)
+    log = logging.getLogger("vdsm_managedvolume.engine")
+    log.error("Unexpected error: %s (the traceback is logged at DEBUG)",
+              " ".join(reason.split()))
+    log.debug("Unexpected error", exc_info=True)
 
 
 def _finish(out, result):

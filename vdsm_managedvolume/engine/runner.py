@@ -5,10 +5,13 @@ Both ways of running an operation end here: in the command's own process
 (the exact stdout bytes and the exit code, see ``outcome``) instead of
 printing, so the two ways are byte-identical by construction.
 
-Failures never print a traceback (it goes to the log, masked).  The whole
-operation, cinderlib's import and setup included, runs in a worker thread
-under ``request.timeout``; on expiry the caller gets ``error:... did not
-finish within N seconds`` and exits, abandoning the thread.
+Failures never print a traceback on stdout.  The log gets one ERROR line
+per failure (the log is stderr by default, and ovirt-engine captures
+stderr with stdout: admins read it), the traceback only at DEBUG
+(``--log-level DEBUG``), masked.  The whole operation, cinderlib's import
+and setup included, runs in a worker thread under ``request.timeout``; on
+expiry the caller gets ``error:... did not finish within N seconds`` and
+exits, abandoning the thread.
 
 cinderlib pitfalls handled here (CONTRACT 6):
 
@@ -31,6 +34,7 @@ from vdsm_managedvolume import errors
 from vdsm_managedvolume import log as logutil
 from vdsm_managedvolume import mask
 
+from . import args as argsmod
 from .outcome import EXIT_FAILED
 from .outcome import EXIT_OK
 from .outcome import EXIT_USAGE
@@ -151,7 +155,9 @@ def setup_cinderlib(db_url, locks_dir):
     select_threading_backend()
     import cinderlib as cl
     if not cl.Backend.global_initialization:
-        os.makedirs(locks_dir, mode=0o700, exist_ok=True)
+        # 0700 at every level we create (and the default run directory,
+        # shared with the warm service's socket, 0700 even if it exists).
+        argsmod.private_dirs(locks_dir)
         persistence = {"storage": "db", "connection": db_url}
         venv = os.environ.pop("VIRTUAL_ENV", None)
         try:
@@ -222,7 +228,14 @@ def _execute(request, scrub):
     except errors.EngineUsage as e:
         return error(scrub.text(str(e)), EXIT_USAGE)
     except Exception as e:
-        log.error("%s failed:\n%s", request.command,
+        reason = " ".join(scrub.text(_reason(e)).split())
+        if _expected(e):
+            log.error("%s failed: %s", request.command, reason)
+        else:
+            log.error("%s failed unexpectedly: %s: %s (the traceback is "
+                      "logged at DEBUG)", request.command,
+                      type(e).__name__, reason)
+        log.debug("%s failed:\n%s", request.command,
                   scrub.text(traceback.format_exc()))
         return error("{} failed: {}".format(request.command,
                                             scrub.text(_reason(e))))
@@ -237,6 +250,24 @@ def _describe(request):
              if k not in ("connector_info", "device")]
     parts.append("backend={}".format(request.driver.get("volume_backend_name")))
     return " ".join(parts)
+
+
+# Where the errors an operation meets in normal life come from: the
+# database (missing, unreachable, wrong password), cinder and its drivers
+# (the backend refused), os-brick.  Their message says it all; a traceback
+# of the library's insides would only bury it in the log the engine
+# captures (stderr by default).
+EXPECTED_MODULES = ("cinder", "cinderlib", "os_brick", "oslo_db",
+                    "sqlalchemy", "psycopg2")
+
+
+def _expected(exc):
+    """True for an error worth one log line; False for a bug somewhere."""
+    if isinstance(exc, (errors.EngineError, OSError)):
+        return True
+    module = type(exc).__module__
+    return any(module == m or module.startswith(m + ".")
+               for m in EXPECTED_MODULES)
 
 
 def _reason(exc):

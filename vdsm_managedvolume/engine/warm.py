@@ -59,7 +59,8 @@ went away reads EOF and exits.
 Trust
 -----
 Requests carry backend and database passwords, so the socket is created
-0600 inside a 0700 directory, the service serves only its own uid (and
+0600, inside a 0700 directory unless the admin named an existing one
+(``args.private_dirs``), the service serves only its own uid (and
 root, checked with SO_PEERCRED), and the command refuses to send anything
 to a socket that is not a socket owned by its uid with no group/other
 permissions.  If the socket is absent or dead, the command runs the request
@@ -117,8 +118,11 @@ def serve(socket_path, log_file="", log_level="INFO"):
     server = Server(socket_path, log_file=log_file, log_level=log_level)
     try:
         return server.run()
-    except AlreadyServing as e:
-        log.error("%s", e)
+    except (AlreadyServing, errors.EngineError, OSError) as e:
+        # Another service, a run directory not ours, a path we cannot
+        # create: one line says it (the traceback at DEBUG).
+        log.error("Cannot serve on %s: %s", socket_path, e)
+        log.debug("Cannot serve", exc_info=True)
         return 1
 
 
@@ -175,8 +179,13 @@ class Server:
     # Private helpers
 
     def _listen(self):
+        # Missing levels are created 0700, the default run directory made
+        # 0700 even if a cold run created it first; a directory the admin
+        # named (--socket /tmp/x.sock) is left alone: the socket is 0600
+        # whatever its directory, and the command checks it (forward.py).
         directory = os.path.dirname(os.path.abspath(self.socket_path))
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        for path in argsmod.private_dirs(directory):
+            log.info("Made %s private (0700)", path)
         if os.path.exists(self.socket_path):
             if _connectable(self.socket_path):
                 raise AlreadyServing("a service already listens on "

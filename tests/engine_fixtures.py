@@ -88,8 +88,9 @@ class Shim:
                      "MANAGEDVOLUME_DB_PASSWORD", "PGPASSWORD"):
             self.env.pop(name, None)
 
-    def run(self, command, *args, driver, db_url, cid="cid-test",
-            warm=True, options=(), env=None, stdin=None, timeout=120):
+    def command(self, command, *args, driver, db_url, cid="cid-test",
+                warm=True, options=(), env=None):
+        """(argv, environment) of one run of the client."""
         argv = client_argv() + list(options)
         argv += ["--socket", self.socket_path] if warm else ["--cold"]
         if isinstance(driver, dict):
@@ -97,6 +98,13 @@ class Shim:
         argv += [command, driver, db_url, cid] + [str(a) for a in args]
         full_env = dict(self.env)
         full_env.update(env or {})
+        return argv, full_env
+
+    def run(self, command, *args, driver, db_url, cid="cid-test",
+            warm=True, options=(), env=None, stdin=None, timeout=120):
+        argv, full_env = self.command(
+            command, *args, driver=driver, db_url=db_url, cid=cid,
+            warm=warm, options=options, env=env)
         start = time.monotonic()
         proc = subprocess.run(argv, input=stdin, capture_output=True,
                               env=full_env, cwd=ROOT, timeout=timeout)
@@ -104,13 +112,9 @@ class Shim:
 
     def popen(self, command, *args, driver, db_url, cid="cid-test",
               warm=True, options=(), env=None):
-        argv = client_argv() + list(options)
-        argv += ["--socket", self.socket_path] if warm else ["--cold"]
-        if isinstance(driver, dict):
-            driver = json.dumps(driver)
-        argv += [command, driver, db_url, cid] + [str(a) for a in args]
-        full_env = dict(self.env)
-        full_env.update(env or {})
+        argv, full_env = self.command(
+            command, *args, driver=driver, db_url=db_url, cid=cid,
+            warm=warm, options=options, env=env)
         return subprocess.Popen(argv, stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, env=full_env,

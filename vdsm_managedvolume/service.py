@@ -46,6 +46,7 @@ import tempfile
 import threading
 import time
 
+from . import devices
 from . import errors
 from . import faults
 from . import locking
@@ -172,6 +173,8 @@ class Service:
         Raises AlreadyAttached (927) when the volume is attached with the
         same connection_info and its device and managed link exist,
         ConnectionMismatch (929) when it is attached with another one,
+        InvalidParams when a ``local`` device_path is a block device the
+        host itself uses (mounted, swap, held by dm/LVM/md),
         HelperFailed (926) when the connector succeeded but the device
         path does not exist (the connection is undone),
         InvalidParams when connection_info is larger than
@@ -189,6 +192,7 @@ class Service:
         _check_connection_info(connection_info)
         validate.driver_type(connection_info, self.cfg.allowed_types)
         self._brick.check_adapter(connection_info.get("adapter"))
+        _check_local_device(connection_info)
 
         with self._call() as db, self._locked(vol_id):
             rec = self._find(vol_id)
@@ -784,6 +788,21 @@ def _writable(path):
             break
         path = parent
     return os.access(path, os.W_OK | os.X_OK)
+
+
+def _check_local_device(connection_info):
+    """Refuse to give a VM a block device the host itself uses."""
+    if connection_info["driver_volume_type"] != "local":
+        return
+    path = connection_info["data"].get("device_path")
+    if not isinstance(path, str):
+        return  # The connector reports what it is missing.
+    reason = devices.in_use(path)
+    if reason:
+        raise errors.InvalidParams(
+            name="connection_info.data.device_path",
+            reason="{}: the host uses it, it cannot be given to a VM"
+            .format(reason))
 
 
 def _check_connection_info(connection_info):

@@ -1,0 +1,80 @@
+"""A block device the host uses is never handed to a VM (real loop
+devices, real mounts, real swap)."""
+
+import os
+import subprocess
+
+import pytest
+
+from vdsm_managedvolume import devices
+from vdsm_managedvolume import errors
+
+from .host_fixtures import new_id
+
+pytestmark = pytest.mark.root
+
+SD = "0c6f5a8e-2b1d-4c3e-9f4a-5b6c7d8e9f01"
+
+
+def run(*cmd):
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def mounted(loop_device, tmp_path):
+    run("mkfs.ext4", "-q", "-F", loop_device.path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run("mount", loop_device.path, str(mnt))
+    yield loop_device, str(mnt)
+    run("umount", str(mnt))
+
+
+def test_unused_loop_device_is_free(loop_device):
+    assert devices.in_use(loop_device.path) is None
+
+
+def test_mounted_device_is_in_use(mounted):
+    dev, mnt = mounted
+    reason = devices.in_use(dev.path)
+    assert reason == "{} is mounted at {}".format(
+        os.path.basename(dev.path), mnt)
+
+
+def test_active_swap_is_in_use(loop_device):
+    run("mkswap", loop_device.path)
+    try:
+        run("swapon", loop_device.path)
+    except subprocess.CalledProcessError:
+        pytest.skip("swapon not permitted here")
+    try:
+        assert devices.in_use(loop_device.path) == \
+            "{} is an active swap area".format(
+                os.path.basename(loop_device.path))
+    finally:
+        run("swapoff", loop_device.path)
+
+
+def test_paths_that_are_not_block_devices_are_not_judged(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert devices.in_use(str(f)) is None
+    assert devices.in_use(str(tmp_path / "missing")) is None
+
+
+def test_local_attach_of_a_mounted_device_is_refused_and_nothing_changes(
+        mounted, inproc_service):
+    svc = inproc_service
+    dev, mnt = mounted
+    vol_id = new_id()
+    ci = {"driver_volume_type": "local", "data": {"device_path": dev.path}}
+    before = sorted(os.listdir(svc.cfg.run_dir))
+
+    with pytest.raises(errors.InvalidParams) as e:
+        svc.attach_volume(vol_id, ci, SD)
+
+    assert "connection_info.data.device_path" in str(e.value)
+    assert "mounted at {}".format(mnt) in str(e.value)
+    assert svc.volumes_info([vol_id]) == []
+    assert sorted(os.listdir(svc.cfg.run_dir)) == before

@@ -228,21 +228,26 @@ def _execute(request, scrub):
     except errors.EngineUsage as e:
         return error(scrub.text(str(e)), EXIT_USAGE)
     except Exception as e:
-        reason = " ".join(scrub.text(_reason(e)).split())
-        if _expected(e):
-            log.error("%s failed: %s", request.command, reason)
-        else:
-            log.error("%s failed unexpectedly: %s: %s (the traceback is "
-                      "logged at DEBUG)", request.command,
-                      type(e).__name__, reason)
-        log.debug("%s failed:\n%s", request.command,
-                  scrub.text(traceback.format_exc()))
-        return error("{} failed: {}".format(request.command,
-                                            scrub.text(_reason(e))))
+        return failure(request, scrub, e)
     log.info("%s done", request.command)
     if payload is None:
         return Outcome()
     return result(request.correlation_id, payload)
+
+
+def failure(request, scrub, exc):
+    """The Outcome of ``request`` failing with ``exc`` (logged once)."""
+    reason = " ".join(scrub.text(_reason(exc)).split())
+    if _expected(exc):
+        log.error("%s failed: %s", request.command, reason)
+    else:
+        log.error("%s failed unexpectedly: %s: %s (the traceback is "
+                  "logged at DEBUG)", request.command,
+                  type(exc).__name__, reason)
+    log.debug("%s failed:\n%s", request.command, scrub.text(
+        "".join(traceback.format_exception(exc))))
+    return error("{} failed: {}".format(request.command,
+                                        scrub.text(_reason(exc))))
 
 
 def _describe(request):

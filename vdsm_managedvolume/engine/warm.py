@@ -235,10 +235,21 @@ class Server:
             if request is None:
                 return
             if not self._hand_off(conn, data, request):
-                if not self._prepare(request):
+                prepared = self._prepare(request)
+                if prepared is False:
                     # What a cold run stuck in the same setup would have
                     # said.
                     _answer(conn, outcome.error(_timeout_error(request)))
+                    return
+                if isinstance(prepared, Exception):
+                    # Our cinderlib is half set up for this URL: a child
+                    # forked now would inherit that (one hung in its own
+                    # connect, in CI).  Answer from the same error, as the
+                    # child and a cold run would.
+                    scrub = runner.Scrubber(request.secrets())
+                    with logutil.flow(request.correlation_id):
+                        _answer(conn, runner.failure(request, scrub,
+                                                     prepared))
                     return
                 while len(self.children) >= MAX_CHILDREN:
                     self._reap(block=True)
@@ -413,10 +424,13 @@ class Server:
 
         Then the child (and every later one for this URL) starts set up;
         doing it in both would race on a fresh database's migrations.  A
-        setup error is left for the child to meet and report exactly as a
-        cold run would.  Runs in a thread, bounded by the request's timeout;
+        setup error is reported here with the error formatting of a cold
+        run (``runner.failure``).  Runs in a thread, bounded by the
+        request's timeout;
         returns False if it hung (the parent then stops: its cinderlib
-        state is unknown and it has a second thread it cannot fork with).
+        state is unknown and it has a second thread it cannot fork with),
+        the exception if the setup failed (the request is answered with it,
+        no child is forked).
         """
         if runner._state["db_url"] == request.db_url:
             return True
@@ -451,9 +465,7 @@ class Server:
                 self.exit_code = 1
                 return False
             if box[0] is not None:
-                scrub = runner.Scrubber(request.secrets())
-                log.warning("cinderlib setup failed, the child will meet "
-                            "it: %s", scrub.text(str(box[0])))
+                return box[0]
             else:
                 log.info("cinderlib set up for %s in %.2f seconds",
                          mask.mask_text(request.db_url),

@@ -31,7 +31,9 @@ stops tooz's heartbeat thread, so it has no other thread.
 The parent runs ``cl.setup`` for a request's DB URL before forking its
 child (once per URL; another URL switches the persistence).  A setup that
 hangs (database unreachable) makes the parent exit: its cinderlib state is
-unknown, and the commands fall back to cold runs.
+unknown, and the commands fall back to cold runs.  A setup that fails (a
+wrong password) is answered by the parent itself, formatted as a cold run
+formats it; no child is forked from a half set-up cinderlib.
 
 A spare child, forked ahead
 ---------------------------

@@ -18,7 +18,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ import uuid
 from urllib.parse import quote
 
 import pytest
+
+from vdsm_managedvolume.engine import warm as warm_service
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(os.path.dirname(sys.executable),
@@ -134,7 +135,7 @@ class Service:
             env=shim.env, cwd=ROOT, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE)
         deadline = time.monotonic() + 90
-        while not _connectable(self.socket_path):
+        while not warm_service._connectable(self.socket_path):
             if self.proc.poll() is not None:
                 raise RuntimeError("warm service died: {}".format(
                     self.proc.stderr.read().decode()))
@@ -321,14 +322,3 @@ def process_state(pid):
             return f.read().rpartition(")")[2].split()[0]
     except OSError:
         return None
-
-
-def _connectable(path):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()

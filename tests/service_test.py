@@ -14,6 +14,7 @@ from vdsm_managedvolume import errors
 from vdsm_managedvolume import log as mvlog
 from vdsm_managedvolume import service
 from vdsm_managedvolume import udev
+from vdsm_managedvolume import validate
 
 from . import fakebrick
 from .host_fixtures import (iscsi_connection, is_symlink, new_id,
@@ -709,11 +710,11 @@ def test_connection_info_with_nan_or_infinity_is_invalid_params(
 def test_connection_info_larger_than_64_kib_is_invalid_params(
         inproc_service, inproc_brick):
     ci = iscsi_connection(inproc_service.cfg,
-                          padding="x" * service.MAX_CONNECTION_INFO)
+                          padding="x" * validate.MAX_CONNECTION_INFO)
     with pytest.raises(errors.InvalidParams) as e:
         inproc_service.attach_volume(new_id(), ci)
     assert e.value.name == "connection_info"
-    assert str(service.MAX_CONNECTION_INFO) in str(e.value)
+    assert str(validate.MAX_CONNECTION_INFO) in str(e.value)
     assert inproc_brick.calls == []
     assert records(inproc_service) == []
 
@@ -722,8 +723,8 @@ def test_connection_info_just_under_the_limit_attaches(inproc_service):
     ci = iscsi_connection(inproc_service.cfg)
     size = len(json.dumps(ci).encode())
     ci["data"]["padding"] = "x" * (
-        service.MAX_CONNECTION_INFO - size - len(', "padding": ""'))
-    assert len(json.dumps(ci).encode()) == service.MAX_CONNECTION_INFO
+        validate.MAX_CONNECTION_INFO - size - len(', "padding": ""'))
+    assert len(json.dumps(ci).encode()) == validate.MAX_CONNECTION_INFO
     inproc_service.attach_volume(new_id(), ci)
 
 

@@ -57,16 +57,6 @@ from . import validate
 
 BLANK_UUID = "00000000-0000-0000-0000-000000000000"
 
-# The largest connection_info accepted, as JSON.  Real ones are a few
-# hundred bytes (an iSCSI multipath one with 8 portals ~2 KiB); the
-# journal stores it and every volumes_info returns it.
-MAX_CONNECTION_INFO = 64 * 1024
-
-# "pool/image" or "pool/namespace/image": it becomes /dev/rbd/<name>, a
-# managed link target and a udev rule match.
-_RBD_NAME_RE = re.compile(
-    r"[A-Za-z0-9_.:+@=,-]+(/[A-Za-z0-9_.:+@=,-]+){1,2}\Z")
-
 UDEV_WRITERS = ("auto", "service", "daemon")
 
 # Where the facts connector_info is made of live.  A change of any of
@@ -178,8 +168,8 @@ class Service:
         HelperFailed (926) when the connector succeeded but the device
         path does not exist (the connection is undone),
         InvalidParams when connection_info is larger than
-        MAX_CONNECTION_INFO as JSON, holds NaN or infinities, or (rbd)
-        its data.name is not "pool/image".
+        validate.MAX_CONNECTION_INFO as JSON, holds NaN or infinities,
+        or (rbd) its data.name is not "pool/image".
         A record left by a reboot or a crash does not block: the volume is
         attached again.  On failure everything done is undone and nothing
         stays recorded (unless the undo itself failed: then the record
@@ -189,7 +179,6 @@ class Service:
         sd_id = validate.uuid("sd_id", sd_id)
         connection_info = validate.connection_info(
             "connection_info", connection_info)
-        _check_connection_info(connection_info)
         validate.driver_type(connection_info, self.cfg.allowed_types)
         self._brick.check_adapter(connection_info.get("adapter"))
         _check_local_device(connection_info)
@@ -803,30 +792,6 @@ def _check_local_device(connection_info):
             name="connection_info.data.device_path",
             reason="{}: the host uses it, it cannot be given to a VM"
             .format(reason))
-
-
-def _check_connection_info(connection_info):
-    """What validate.connection_info leaves open: size, strict JSON, and
-    the rbd name that becomes a path."""
-    try:
-        text = json.dumps(connection_info, allow_nan=False)
-    except ValueError as e:
-        raise errors.InvalidParams(
-            name="connection_info", reason="not strict JSON: {}".format(e))
-    size = len(text.encode("utf-8"))
-    if size > MAX_CONNECTION_INFO:
-        raise errors.InvalidParams(
-            name="connection_info",
-            reason="{} bytes as JSON, more than the {} allowed".format(
-                size, MAX_CONNECTION_INFO))
-    if connection_info["driver_volume_type"] == "rbd":
-        name = connection_info["data"].get("name")
-        if (not isinstance(name, str) or not _RBD_NAME_RE.match(name)
-                or any(p in (".", "..") for p in name.split("/"))):
-            raise errors.InvalidParams(
-                name="connection_info.data.name",
-                reason="expected \"pool/image\", got {!r}".format(
-                    name if not isinstance(name, str) else name[:80]))
 
 
 def _fingerprint():

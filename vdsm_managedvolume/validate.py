@@ -23,6 +23,14 @@ from . import errors
 _UUID_RE = re.compile(
     r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 
+# The largest connection_info accepted, as JSON.  Real ones are a few
+# hundred bytes (an iSCSI multipath one with 8 portals ~2 KiB); the
+# journal stores it and every volumes_info returns it.
+MAX_CONNECTION_INFO = 64 * 1024
+
+_RBD_NAME_RE = re.compile(
+    r"[A-Za-z0-9_.:+@=,-]+(/[A-Za-z0-9_.:+@=,-]+){1,2}\Z")
+
 # Vendor adapter names become a program name and an entry point name.
 _ADAPTER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
@@ -85,13 +93,37 @@ def connection_info(name, value):
     if "adapter" in value and value["adapter"] is not None:
         adapter(name + ".adapter", value["adapter"])
     try:
-        normalised = json.loads(json.dumps(value))
-    except (TypeError, ValueError) as e:
+        text = json.dumps(value, allow_nan=False)
+    except TypeError as e:
         raise errors.InvalidParams(
             name=name, reason="not JSON serialisable: {}".format(e))
+    except ValueError as e:
+        # NaN and infinities: not JSON; they would reach the journal and
+        # the wire as invalid JSON.
+        raise errors.InvalidParams(
+            name=name, reason="not strict JSON: {}".format(e))
+    size = len(text.encode("utf-8"))
+    if size > MAX_CONNECTION_INFO:
+        raise errors.InvalidParams(
+            name=name, reason="{} bytes as JSON, more than the {} "
+            "allowed".format(size, MAX_CONNECTION_INFO))
+    normalised = json.loads(text)
     if normalised.get("adapter", "") is None:
         del normalised["adapter"]
+    if normalised["driver_volume_type"] == "rbd":
+        rbd_name(name + ".data.name", normalised["data"].get("name"))
     return normalised
+
+
+def rbd_name(name, value):
+    """An rbd image name, "pool/image" or "pool/namespace/image": it
+    becomes /dev/rbd/<value>, a link target and a udev rule match."""
+    if (not isinstance(value, str) or not _RBD_NAME_RE.match(value)
+            or any(p in (".", "..") for p in value.split("/"))):
+        raise errors.InvalidParams(
+            name=name, reason="expected \"pool/image\", got {}".format(
+                _shown(value)))
+    return value
 
 
 def adapter(name, value):

@@ -12,6 +12,9 @@ Faked protocols and what ``connect_volume`` returns (os-brick's shapes):
          "multipath_id": "36001405<hex>", "path": "/dev/dm-<N>"}
     rbd (data.name = "pool/volume")
         {"type": "block", "path": "/dev/rbd/<pool>/<volume>"}
+    nvmeof (data.target_nqn)
+        {"type": "block", "path": "<fake_dev_dir>/nvme-<key>"} (or
+        "/dev/nvme0n1" without fake_dev_dir)
 
 State (so that tests can see what is "connected") lives under
 ``$MANAGEDVOLUME_FAKEBRICK_DIR`` (required):
@@ -25,7 +28,7 @@ State (so that tests can see what is "connected") lives under
 
 ``<key>`` is ``data["fake_key"]`` when given, else derived from the target
 (iscsi: target_iqn + target_lun, fc: target_wwn + target_lun, rbd: name,
-"/" replaced by "_").
+nvmeof: target_nqn, "/" replaced by "_").
 
 Device node stand-ins: when ``data["fake_dev_dir"]`` is given, connect
 creates a symlink where the service will look for the device, pointing
@@ -67,7 +70,7 @@ ENV_DIR = "MANAGEDVOLUME_FAKEBRICK_DIR"
 
 log = logging.getLogger("tests.fakebrick")
 
-FAKED = ("iscsi", "fibre_channel", "rbd")
+FAKED = ("iscsi", "fibre_channel", "rbd", "nvmeof")
 
 
 class FakeConnectorError(Exception):
@@ -81,6 +84,8 @@ def get_connector(protocol, connection_info, root_helper, **kw):
         return FakeSCSIConnector(protocol)
     if protocol == "rbd":
         return FakeRBDConnector()
+    if protocol == "nvmeof":
+        return FakeNVMeConnector()
     return None
 
 
@@ -221,6 +226,26 @@ class FakeRBDConnector(FakeConnector):
         name = data.get("name")
         if dev_dir and name:
             return os.path.join(dev_dir, *name.split("/"))
+        return None
+
+
+class FakeNVMeConnector(FakeConnector):
+    """NVMe-oF: os-brick returns the namespace's block device path."""
+
+    protocol = "nvmeof"
+
+    def _key(self, data):
+        return "nvmeof-" + str(data.get("target_nqn", ""))
+
+    def attachment(self, data, key):
+        dev_dir = data.get("fake_dev_dir")
+        path = (os.path.join(dev_dir, "nvme-" + key) if dev_dir
+                else "/dev/nvme0n1")
+        return {"type": "block", "path": path}
+
+    def link(self, data, attachment):
+        if data.get("fake_dev_dir"):
+            return attachment["path"]
         return None
 
 

@@ -26,6 +26,7 @@ import pytest
 
 from vdsm_managedvolume import config
 from vdsm_managedvolume import errors
+from vdsm_managedvolume import privileged
 
 from . import fakebrick
 
@@ -137,6 +138,7 @@ class InProcessBrick:
 
     def connect(self, connection_info):
         self.calls.append(("connect", connection_info))
+        privileged.check_sendable("connect", (connection_info,))
         conn = self._connector(connection_info)
         if conn is None:
             return {"type": "local",
@@ -144,17 +146,18 @@ class InProcessBrick:
         try:
             return conn.connect_volume(dict(connection_info["data"]))
         except fakebrick.FakeConnectorError as e:
-            raise errors.HelperFailed(str(e))
+            raise errors.ConnectorFailed(str(e))
 
     def disconnect(self, connection_info, attachment):
         self.calls.append(("disconnect", connection_info, attachment))
+        privileged.check_sendable("disconnect", (connection_info, attachment))
         conn = self._connector(connection_info)
         if conn is None:
             return
         try:
             conn.disconnect_volume(dict(connection_info["data"]), attachment)
         except fakebrick.FakeConnectorError as e:
-            raise errors.HelperFailed(str(e))
+            raise errors.ConnectorFailed(str(e))
 
     def add_udev_rule(self, sd_id, vol_id, path):
         from vdsm_managedvolume import udev

@@ -320,3 +320,26 @@ def test_dispatchers_do_not_share_services():
     call(db, "ManagedVolume.detach_volume", {"vol_id": VOL_ID2})
     assert a.calls == [("detach_volume", VOL_ID, BLANK_UUID)]
     assert b.calls == [("detach_volume", VOL_ID2, BLANK_UUID)]
+
+
+def test_id_too_large_for_a_double_is_invalid_request(dispatcher):
+    # 1e400 parses as infinity, which no response can carry back.
+    res = dispatcher.handle(b'{"jsonrpc": "2.0", "method": '
+                            b'"Host.getCapabilities", "id": 1e400}')
+    msg = assert_error(json.loads(res), -32600, id=None)
+    assert "id" in msg and "finite" in msg
+
+
+def test_wire_values_cannot_forge_log_lines(dispatcher, logged):
+    # The method name goes to the log as the client sent it: a newline,
+    # a CR, a NUL or a bidi override must not start or disguise a line.
+    method = "Host.x\nINFO forged line\r\x00\u202eevil"
+    call(dispatcher, method, flow_id="flow\nforged")
+    lines = [logged.handler.format(r) for r in logged.records]
+    text = "\n".join(lines)
+    assert "\nINFO forged" not in text
+    assert "\r" not in text and "\x00" not in text
+    assert "\u202e" not in text
+    assert "Host.x\\nINFO forged line\\r\\x00\\u202eevil" in text
+    assert all("flow\\nforged" == r.flow_id for r in logged.records
+               if r.name.startswith("managedvolume."))

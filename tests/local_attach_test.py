@@ -92,16 +92,46 @@ def test_local_attach_twice_is_927_and_reattach_after_reboot_works(
 
 def test_local_attach_of_a_missing_device_fails_and_records_nothing(
         local_service, tmp_path):
-    # os-brick's local connector returns whatever path it is given.
+    # os-brick's local connector returns whatever path it is given: the
+    # path is checked before anything happens.
     svc = local_service
     vol_id = new_id()
     missing = str(tmp_path / "no-such-device")
     ci = {"driver_volume_type": "local", "data": {"device_path": missing}}
 
-    with pytest.raises(errors.HelperFailed, match="does not exist"):
+    with pytest.raises(errors.InvalidParams, match="does not exist") as e:
         svc.attach_volume(vol_id, ci, SD)
+    assert e.value.name == "connection_info.data.device_path"
 
     assert svc.volumes_info([vol_id]) == []
     assert os.listdir(svc.cfg.run_dir) == []
     assert not os.path.exists(
         udev.rule_path(svc.cfg.udev_rules_dir, SD, vol_id))
+
+
+def test_failed_fc_connect_whose_disconnect_fails_too_leaves_no_record(
+        local_service):
+    # Through the real daemon: os-brick's error comes back answered (the
+    # connect returned), so a rollback that fails the same way forgets.
+    svc = local_service
+    vol_id = new_id()
+    ci = {"driver_volume_type": "fibre_channel",
+          "data": {"target_wwn": ["500143802426baf4"], "target_lun": 1,
+                   "fake_key": "fc-" + vol_id[:8],
+                   "fake_fail": "No FC HBA found",
+                   "fake_fail_disconnect": "No FC HBA found"}}
+    with pytest.raises(errors.HelperFailed, match="No FC HBA found"):
+        svc.attach_volume(vol_id, ci, SD)
+    assert svc.volumes_info([vol_id]) == []
+    svc.detach_volume(vol_id, SD)
+
+
+def test_record_the_channel_cannot_carry_is_forgotten_by_detach(
+        local_service):
+    svc = local_service
+    vol_id = new_id()
+    ci = {"driver_volume_type": "fibre_channel",
+          "data": {"target_wwn": ["5001438\udc80"], "target_lun": 2 ** 64}}
+    svc._db().add_volume(vol_id, SD, ci)
+    svc.detach_volume(vol_id, SD)
+    assert svc.volumes_info([vol_id]) == []

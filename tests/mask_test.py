@@ -138,3 +138,40 @@ def test_log_file_is_created_0640(tmp_path):
     finally:
         handler.close()
     assert (path.stat().st_mode & 0o777) == 0o640
+
+
+@pytest.mark.parametrize("text, kept", [
+    # os-brick's trace at DEBUG prints its arguments' repr.
+    ("{'extra_passwords': ['pw-one', 'pw-two'], 'lun': 1}", ", 'lun': 1}"),
+    ('{"extra_passwords": ["pw-one", "pw-two"], "lun": 1}', ', "lun": 1}'),
+    ("extra_passwords=('pw-one', 'pw-two') lun=1", " lun=1"),
+    ("'secrets': {'a': 'pw-one', 'b': {'c': 'pw-two'}}, 'lun': 1",
+     ", 'lun': 1"),
+    ("'secrets': ['pw-one', 'pw-two'", ""),
+])
+def test_mask_text_hides_a_secret_keys_list_or_mapping_whole(text, kept):
+    masked = mask.mask_text(text)
+    assert "pw-one" not in masked and "pw-two" not in masked
+    assert masked.endswith(mask.MASK + kept)
+
+
+def test_mask_hides_secrets_named_by_key_anywhere_in_lists():
+    obj = {"trace": [{"extra_passwords": ["pw-one"]},
+                     ("auth_password", "pw-two"),
+                     ["iscsiadm", "-n", "node.session.auth.password",
+                      "-v", "pw-three"]],
+           "pair": ["target_lun", 1]}
+    masked = mask.mask(obj)
+    assert "pw-" not in repr(masked)
+    assert masked["trace"][1] == ("auth_password", mask.MASK)
+    assert masked["trace"][2][:4] == ["iscsiadm", "-n",
+                                      "node.session.auth.password", "-v"]
+    assert masked["pair"] == ["target_lun", 1]
+
+
+def test_log_line_of_a_list_of_passwords_is_masked(log_lines):
+    logger, lines = log_lines
+    logger.debug("==> connect_volume: call %s",
+                 "{'self': <X>, 'extra_passwords': ['pw-one', 'pw-two']}")
+    logger.debug("args %r", {"conn": [{"extra_passwords": ["pw-three"]}]})
+    assert lines and not any("pw-" in line for line in lines)

@@ -402,7 +402,20 @@ def raw_call(agent, body, timeout=30):
      + b"9" * 5000 + b"}]", -32700, "digits"),
     (b"[]", -32600, "empty batch"),
     (b'"just a string"', -32600, "expected an object"),
-], ids=["deep", "nan", "latin1", "digits", "empty", "string"])
+    (b'[{"jsonrpc": "2.0", "method": "Host.getCapabilities", '
+     b'"id": 1e400}]', -32600, "id must be a string, a finite number"),
+    (b'[{"jsonrpc": "2.0", "method": "ManagedVolume.attach_volume", '
+     b'"params": {"vol_id": "11111111-2222-3333-4444-555555555555", '
+     b'"connection_info": {"driver_volume_type": "iscsi", "data": '
+     b'{"target_lun": 1e400}}}, "id": "1"}]', -32602,
+     "connection_info.data.target_lun: inf is not a finite number"),
+    (b'[{"jsonrpc": "2.0", "method": "ManagedVolume.attach_volume", '
+     b'"params": {"vol_id": "11111111-2222-3333-4444-555555555555", '
+     b'"connection_info": {"driver_volume_type": "local", "data": '
+     b'{"device_path": "/dev/x\\u0000"}}}, "id": "1"}]', -32602,
+     "connection_info.data.device_path: value holds a NUL"),
+], ids=["deep", "nan", "latin1", "digits", "empty", "string", "id-1e400",
+        "param-1e400", "nul-path"])
 def test_bad_json_over_the_wire_gets_its_error(agent, unchanged, body, code,
                                                expected):
     res = raw_call(agent, body)
@@ -454,8 +467,20 @@ BAD_PARAMS = (
             "connection_info.driver_volume_type: missing"),
            ({"driver_volume_type": "nfs", "data": {}}, 930, "'nfs'"),
            ({"driver_volume_type": "ISCSI", "data": {}}, 930, "'ISCSI'"),
-           ({"driver_volume_type": "iscsi\0", "data": {}}, 930,
-            "'iscsi\\x00'"),
+           ({"driver_volume_type": "iscsi\0", "data": {}}, -32602,
+            "driver_volume_type: value holds a NUL character"),
+           ({"driver_volume_type": "local",
+             "data": {"device_path": "/dev/loop0\0"}}, -32602,
+            "connection_info.data.device_path: value holds a NUL"),
+           ({"driver_volume_type": "local",
+             "data": {"device_path": "/etc/shadow"}}, -32602,
+            "/etc/shadow is not a block device"),
+           ({"driver_volume_type": "iscsi",
+             "data": {"target_iqn": "iqn\ud800"}}, -32602,
+            "connection_info.data.target_iqn: value holds a lone UTF-16"),
+           ({"driver_volume_type": "iscsi",
+             "data": {"target_lun": 2 ** 64}}, -32602,
+            "connection_info.data.target_lun: integer"),
            ({"driver_volume_type": "", "data": {}}, -32602,
             "driver_volume_type"),
            ({"driver_volume_type": "iscsi", "data": {},

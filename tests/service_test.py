@@ -69,14 +69,13 @@ def test_attach_rbd_uses_pool_and_volume_name(inproc_service):
     assert os.path.exists(res["managed_path"])
 
 
-def test_attach_local_uses_the_attachment_path(inproc_service, tmp_path):
+def test_attach_local_uses_the_attachment_path(inproc_service, loop_device):
     svc = inproc_service
-    dev = tmp_path / "device"
-    dev.write_bytes(b"")
-    ci = {"driver_volume_type": "local", "data": {"device_path": str(dev)}}
+    ci = {"driver_volume_type": "local",
+          "data": {"device_path": loop_device.path}}
     res = svc.attach_volume(new_id(), ci)
-    assert res["path"] == str(dev)
-    assert os.readlink(res["managed_path"]) == str(dev)
+    assert res["path"] == loop_device.path
+    assert os.readlink(res["managed_path"]) == loop_device.path
 
 
 def test_uppercase_ids_are_normalised(inproc_service):
@@ -702,7 +701,7 @@ def test_connection_info_with_nan_or_infinity_is_invalid_params(
     ci = iscsi_connection(inproc_service.cfg, target_lun=value)
     with pytest.raises(errors.InvalidParams) as e:
         inproc_service.attach_volume(new_id(), ci)
-    assert e.value.name == "connection_info"
+    assert e.value.name == "connection_info.data.target_lun"
     assert inproc_brick.calls == []
     assert records(inproc_service) == []
 
@@ -748,3 +747,200 @@ def test_rbd_name_with_a_namespace_attaches(inproc_service):
     res = inproc_service.attach_volume(new_id(), ci)
     assert res["path"] == os.path.join(inproc_service.cfg.rbd_dir,
                                        ci["data"]["name"])
+
+
+# Records nothing can clear (issue: surrogates, 64-bit, failed FC connects)
+
+def test_failed_connect_whose_disconnect_fails_too_leaves_no_record(
+        inproc_service, fakebrick_dir):
+    # A host without FC HBAs (or an NVMe initiator) fails the connect and
+    # the rollback's disconnect alike, forever: the connect returned an
+    # error, nothing is known to be connected, nothing is kept.
+    svc = inproc_service
+    for dvt, target in (("fibre_channel", {"target_wwn": ["50014380"],
+                                           "target_lun": 1}),
+                        ("nvmeof", {"target_nqn": "nqn.2026-11.x:" +
+                                    new_id()})):
+        ci = {"driver_volume_type": dvt,
+              "data": dict(target, fake_fail="no HBA found",
+                           fake_fail_disconnect="no HBA found")}
+        vol_id = new_id()
+        with pytest.raises(errors.HelperFailed, match="no HBA found") as e:
+            svc.attach_volume(vol_id, ci)
+        assert e.value.code == 926
+        assert svc.volumes_info([vol_id]) == []
+        svc.detach_volume(vol_id)
+        assert svc.reconcile() == []
+
+
+def test_timed_out_connect_whose_disconnect_fails_keeps_its_record(
+        inproc_service, inproc_brick, monkeypatch):
+    # A connect that timed out may have connected: the record stays for
+    # reconcile (and for reconcile --apply --force).
+    svc = inproc_service
+    vol_id = new_id()
+    ci = iscsi_connection(svc.cfg, fake_fail_disconnect="logout failed")
+
+    def timeout(connection_info):
+        raise errors.HelperTimeout(operation="connect", timeout=1)
+
+    monkeypatch.setattr(inproc_brick, "connect", timeout)
+    with pytest.raises(errors.HelperTimeout):
+        svc.attach_volume(vol_id, ci)
+    rec, = records(svc)
+    assert rec["state"] == "attaching"
+
+    entry, = svc.reconcile(apply=True)
+    assert entry["result"].startswith("failed: ")
+    entry, = svc.reconcile(apply=True, force=True)
+    assert entry["action"] == "detach"
+    assert entry["result"] == "forgotten: " + entry["result"][11:]
+    assert "logout failed" in entry["result"]
+    assert records(svc) == []
+
+
+def test_record_whose_connection_info_cannot_be_sent_is_forgotten(
+        inproc_service, caplog):
+    # Journaled before validation refused lone surrogates: the privsep
+    # channel cannot carry it, so its connect never reached the daemon
+    # and nothing is connected.  Detach forgets it with a warning.
+    svc = inproc_service
+    vol_id = new_id()
+    ci = iscsi_connection(svc.cfg)
+    ci["data"]["target_iqn"] = "iqn.2026-11.x:\ud800"
+    svc._db().add_volume(vol_id, service.BLANK_UUID, ci)
+
+    with caplog.at_level(logging.WARNING):
+        svc.detach_volume(vol_id)
+    assert records(svc) == []
+    assert "cannot be sent to the privsep daemon" in caplog.text
+
+    svc._db().add_volume(vol_id, service.BLANK_UUID, ci)
+    entry, = svc.reconcile(apply=True)
+    assert (entry["action"], entry["result"]) == ("rollback", "done")
+    assert records(svc) == []
+
+
+@pytest.mark.parametrize("data, field", [
+    ({"target_iqn": "iqn\ud800"}, "connection_info.data.target_iqn"),
+    ({"target_lun": 2 ** 64}, "connection_info.data.target_lun"),
+    ({"target_lun": float("inf")}, "connection_info.data.target_lun"),
+])
+def test_attach_of_what_the_channel_cannot_carry_changes_nothing(
+        inproc_service, inproc_brick, data, field):
+    svc = inproc_service
+    ci = iscsi_connection(svc.cfg)
+    ci["data"].update(data)
+    with pytest.raises(errors.InvalidParams) as e:
+        svc.attach_volume(new_id(), ci)
+    assert e.value.code == -32602 and e.value.name == field
+    assert records(svc) == []
+    assert inproc_brick.calls == []
+
+
+# Local devices: only block devices in local_devices the host does not use
+
+@pytest.mark.parametrize("path, reason", [
+    ("/etc/shadow", "is not a block device"),
+    ("/dev/console", "is not a block device"),
+    ("/dev/kmsg", "is not a block device"),
+    ("/dev/tty", "is not a block device"),
+    ("/dev/null", "is not a block device"),
+    ("/", "is not a block device"),
+    ("/proc/self/fd/0", "is not a block device"),
+    ("/sys/block", "is not a block device"),
+    ("/dev/no-such-device", "does not exist"),
+    ("dev/loop0", "is not an absolute path"),
+    ("/dev/../etc/passwd", "is not a normalised path"),
+    ("/dev/loop0\0", "NUL"),
+    (None, "expected a device path"),
+])
+def test_local_attach_refuses_what_is_not_a_block_device(
+        inproc_service, inproc_brick, path, reason):
+    svc = inproc_service
+    vol_id = new_id()
+    data = {} if path is None else {"device_path": path}
+    with pytest.raises(errors.InvalidParams) as e:
+        svc.attach_volume(vol_id, {"driver_volume_type": "local",
+                                   "data": data}, SD)
+    assert e.value.name == "connection_info.data.device_path"
+    assert reason in str(e.value)
+    assert inproc_brick.calls == [] and records(svc) == []
+    assert not os.path.exists(rule_of(svc, vol_id, SD))
+    assert not is_symlink(link_of(svc, vol_id, SD))
+
+
+def test_local_attach_refuses_a_link_to_a_file(inproc_service, tmp_path):
+    link = tmp_path / "disk"
+    link.symlink_to("/etc/passwd")
+    with pytest.raises(errors.InvalidParams,
+                       match=r"-> /etc/passwd\) is not a block device"):
+        inproc_service.attach_volume(new_id(), {
+            "driver_volume_type": "local",
+            "data": {"device_path": str(link)}})
+
+
+@pytest.mark.root
+def test_local_block_device_outside_local_devices_is_refused(
+        host_cfg, inproc_brick, loop_device, tmp_path):
+    # Outside --state-dir mode loop devices are not allowed by default;
+    # a link in an allowed directory to one is allowed once configured.
+    host_cfg.state_dir = ""
+    svc = service.Service(host_cfg, brick=inproc_brick)
+    svc.start()
+    try:
+        ci = {"driver_volume_type": "local",
+              "data": {"device_path": loop_device.path}}
+        with pytest.raises(errors.InvalidParams,
+                           match="local_devices allows /dev/drbd"):
+            svc.attach_volume(new_id(), ci)
+        assert records(svc) == []
+
+        by_res = tmp_path / "by-res" / "r0"
+        by_res.mkdir(parents=True)
+        (by_res / "0").symlink_to(loop_device.path)
+        host_cfg.local_devices = (str(tmp_path / "by-res") + "/*",)
+        ci["data"]["device_path"] = str(by_res / "0")
+        res = svc.attach_volume(new_id(), ci)
+        assert os.path.realpath(res["path"]) == loop_device.path
+    finally:
+        svc.close()
+
+
+# One device, one volume
+
+@pytest.mark.root
+def test_second_volume_on_an_attached_device_is_927(
+        inproc_service, loop_device):
+    svc = inproc_service
+    first, second = new_id(), new_id()
+    ci = {"driver_volume_type": "local",
+          "data": {"device_path": loop_device.path}}
+    svc.attach_volume(first, ci)
+    with pytest.raises(errors.AlreadyAttached) as e:
+        svc.attach_volume(second, ci)
+    assert e.value.code == 927
+    assert first in str(e.value) and "shared_devices" in str(e.value)
+    assert [r["vol_id"] for r in records(svc)] == [first]
+
+    svc.cfg.shared_devices = True
+    svc.attach_volume(second, ci)
+    assert len(records(svc)) == 2
+
+
+@pytest.mark.root
+def test_device_found_by_another_connect_is_not_disconnected(
+        inproc_service, loop_device):
+    # Two iSCSI connections leading to one device: the second attach is
+    # refused and must not disconnect what the first volume uses.
+    svc = inproc_service
+    first, second = new_id(), new_id()
+    ci1 = iscsi_connection(svc.cfg, fake_device=loop_device.path)
+    ci2 = iscsi_connection(svc.cfg, fake_device=loop_device.path)
+    svc.attach_volume(first, ci1)
+    with pytest.raises(errors.DeviceAttached):
+        svc.attach_volume(second, ci2)
+    assert ci1["data"]["fake_key"] in fakebrick.connected()
+    assert not any(c.startswith("disconnect") for c in fakebrick.calls())
+    assert [r["vol_id"] for r in records(svc)] == [first]
+    assert os.path.exists(svc.volumes_info([first])[0]["path"])

@@ -222,7 +222,31 @@ def test_list_json_is_masked_and_filterable(configured, state, tmp_path):
     assert SECRET not in p.stdout
 
 
+def test_list_of_an_invalid_id_says_so(configured, state):
+    p = run("--state-dir", state, "list", "not-a-uuid", check=2)
+    assert "VOL_ID[0]" in p.stderr and "'not-a-uuid' is not a canonical " \
+        "UUID" in p.stderr
+    assert p.stdout == ""
+
+
 # reconcile
+
+def test_reconcile_forgets_a_record_the_channel_cannot_carry(
+        configured, state):
+    # Journaled before attach refused lone surrogates: its connect could
+    # never be sent, so nothing is connected; no daemon is needed.
+    ci = {"driver_volume_type": "iscsi",
+          "data": {"target_iqn": "iqn.x:\ud800", "target_lun": 1}}
+    with store.open(configured.db_path) as db:
+        db.add_volume(VOL_ID, SD_ID, ci)
+    p = run("--state-dir", state, "--json", "reconcile", "--apply", check=0)
+    assert [(v["action"], v["result"])
+            for v in json.loads(p.stdout)["volumes"]] == [
+        ("rollback", "done")]
+    assert "cannot be sent to the privsep daemon" in p.stderr
+    with store.open(configured.db_path) as db:
+        assert db.volumes() == []
+
 
 def _orphan_link(cfg):
     os.makedirs(cfg.run_dir, exist_ok=True)

@@ -67,7 +67,7 @@ def test_connection_info_returns_a_json_normalised_copy():
     ({"driver_volume_type": "iscsi", "data": {}, "adapter": "../x"},
      "connection_info.adapter"),
     ({"driver_volume_type": "iscsi", "data": {"x": object()}},
-     "connection_info"),
+     "connection_info.data.x"),
 ])
 def test_connection_info_names_the_bad_field(bad, name):
     with pytest.raises(errors.InvalidParams) as e:
@@ -105,3 +105,55 @@ def test_bad_values_are_quoted_but_bounded():
         validate.driver_type({"driver_volume_type": huge, "data": {}},
                              ("iscsi",))
     assert len(str(e.value)) < 200
+
+
+@pytest.mark.parametrize("data, name, reason", [
+    # What the privsep channel (msgpack) cannot carry: such a record
+    # could be journaled but never connected nor disconnected.
+    ({"target_iqn": "iqn\ud800"}, "connection_info.data.target_iqn",
+     "lone UTF-16 surrogate"),
+    ({"\udfff": 1}, "connection_info.data", "lone UTF-16 surrogate"),
+    ({"luns": [1, 2 ** 64]}, "connection_info.data.luns[1]",
+     "outside the signed 64-bit range"),
+    ({"lun": -(2 ** 63) - 1}, "connection_info.data.lun",
+     "outside the signed 64-bit range"),
+    ({"x": {"y z": float("inf")}}, "connection_info.data.x['y z']",
+     "not a finite number"),
+    ({"device_path": "/dev/loop0\0"}, "connection_info.data.device_path",
+     "NUL"),
+])
+def test_values_the_channel_cannot_carry_are_refused_naming_the_field(
+        data, name, reason):
+    ci = {"driver_volume_type": "iscsi", "data": data}
+    with pytest.raises(errors.InvalidParams) as e:
+        validate.connection_info("connection_info", ci)
+    assert e.value.name == name
+    assert reason in str(e.value)
+
+
+def test_64_bit_integers_and_other_unicode_pass():
+    data = {"lun": 2 ** 63 - 1, "min": -(2 ** 63), "name": "\u00e9\U0001f600"}
+    ci = {"driver_volume_type": "iscsi", "data": data}
+    assert validate.connection_info("connection_info", ci)["data"] == data
+
+
+@pytest.mark.parametrize("path, reason", [
+    (None, "expected a device path"),
+    ("", "expected a device path"),
+    ("dev/loop0", "not an absolute path"),
+    ("/dev/../etc/shadow", "not a normalised path"),
+    ("/dev//loop0", "not a normalised path"),
+    ("//dev/loop0", "not a normalised path"),
+    ("/dev/loop0/", "not a normalised path"),
+    ("/dev/loop0\0x", "NUL"),
+])
+def test_device_path_must_be_absolute_normalised_text(path, reason):
+    with pytest.raises(errors.InvalidParams) as e:
+        validate.device_path("connection_info.data.device_path", path)
+    assert e.value.name == "connection_info.data.device_path"
+    assert reason in str(e.value)
+
+
+def test_device_path_accepts_a_plain_absolute_path():
+    assert validate.device_path("p", "/dev/drbd/by-res/r0/0") == \
+        "/dev/drbd/by-res/r0/0"

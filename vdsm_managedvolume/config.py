@@ -33,6 +33,15 @@ ENV_CONFIG_FILE = "MANAGEDVOLUME_CONFIG"
 DEFAULT_ALLOWED_TYPES = ("iscsi", "fibre_channel", "rbd", "nvmeof", "lightos",
                          "local", "storpool")
 
+# What a ``local`` attach may hand to a VM (shell patterns, ``*`` crossing
+# "/"): what LINSTOR/DRBD, the vendor known to use the local connector,
+# hands out (``/dev/drbd/by-res/<resource>/<volume>``, ``/dev/drbdN``).
+DEFAULT_LOCAL_DEVICES = ("/dev/drbd/by-res/*", "/dev/drbd/by-disk/*",
+                         "/dev/drbd[0-9]*")
+
+# Added in --state-dir mode (make run, tests): loop devices.
+STATE_DIR_LOCAL_DEVICES = ("/dev/loop[0-9]*",)
+
 
 @dataclasses.dataclass
 class Config:
@@ -54,6 +63,8 @@ class Config:
     udevadm: str = "/usr/bin/udevadm"
     chown: str = "/usr/bin/chown"
     udev_writer: str = "auto"
+    local_devices: tuple = DEFAULT_LOCAL_DEVICES
+    shared_devices: bool = False
 
     # [privsep]
     timeout: float = 120.0
@@ -119,6 +130,15 @@ class Config:
         return os.path.join(self.state_run_dir, "privsep.lock")
 
     @property
+    def local_device_patterns(self):
+        """``local_devices``, plus loop devices in --state-dir mode."""
+        if self.state_dir:
+            return self.local_devices + tuple(
+                p for p in STATE_DIR_LOCAL_DEVICES
+                if p not in self.local_devices)
+        return self.local_devices
+
+    @property
     def brick_lock_dir(self):
         """os-brick's [oslo_concurrency] lock_path."""
         return os.path.join(self.lock_dir, "os-brick")
@@ -129,7 +149,7 @@ SECTIONS = {
               "state_run_dir", "log_dir", "multipath_dir", "rbd_dir",
               "privsep_config"),
     "volumes": ("allowed_types", "lock_timeout", "udev_owner", "udevadm",
-                "chown", "udev_writer"),
+                "chown", "udev_writer", "local_devices", "shared_devices"),
     "privsep": ("timeout", "properties_timeout", "connector_info_ttl",
                 "helper_command", "root_helper", "connector_override",
                 "my_ip"),
@@ -260,6 +280,8 @@ def _set(cfg, key, value, where):
 
 
 def _format(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, tuple):
         return ", ".join(value)
     return str(value)

@@ -1,35 +1,92 @@
-"""Whether a block device is in use by the host itself.
+"""Which block devices a ``local`` attach may hand to a VM.
 
 os-brick's ``local`` connector hands over whatever ``device_path`` it is
-given, and attach then gives the device to qemu's user with a udev rule.
-A request naming ``/dev/sda`` (the host's root disk) or a mounted loop
-device would give a VM the host's own data.  Before a ``local`` attach the
-service asks ``in_use(path)``; a device is in use when it, or any of its
-partitions:
+given, and attach then gives the device to qemu's user with a udev rule
+(and a ``managed_path`` link to it).  Any holder of the engine's
+certificate can call attach, so a request naming ``/etc/shadow``,
+``/dev/console`` or ``/dev/sda`` (the host's root disk) must fail before
+anything happens.  ``check_local(path, patterns)`` allows a path only
+when:
+
+- it exists and, after resolving links, is a block device (not a file,
+  a directory, a character device such as a tty, /proc or /sys entries);
+- the path as given or the device it resolves to matches one of the
+  configured patterns (``[volumes] local_devices``; by default what
+  LINSTOR/DRBD hands out, ``/dev/drbd/by-res/...`` and ``/dev/drbdN``;
+  loop devices too in ``--state-dir`` mode);
+- the host does not use it (``in_use``).
+
+A device is in use when it, or any of its partitions:
 
 - holds a mounted filesystem (``/proc/self/mountinfo``, by MAJ:MIN),
 - is an active swap area (``/proc/swaps``),
 - has holders (``/sys/dev/block/MAJ:MIN/holders``: device-mapper, LVM,
   md RAID built on it).
 
-Only block devices are examined; other paths are the connector's business
-(and attach refuses a path that does not exist after connecting).
+``in_use`` examines only block devices.
 """
 
+import errno
+import fnmatch
 import os
 import stat
+
+from . import errors
+
+
+def check_local(name, path, patterns):
+    """Return the block device ``path`` resolves to, or raise
+    InvalidParams (named ``name``) saying why a VM may not have it.
+
+    ``path`` was checked by ``validate.device_path`` (absolute,
+    normalised, no NUL).
+    """
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError as e:
+        raise errors.InvalidParams(
+            name=name, reason="{} {}".format(
+                _named(path, real), "does not exist"
+                if e.errno == errno.ENOENT else "cannot be examined ({})"
+                .format(e.strerror)))
+    if not stat.S_ISBLK(st.st_mode):
+        raise errors.InvalidParams(
+            name=name, reason="{} is not a block device".format(
+                _named(path, real)))
+    if not any(fnmatch.fnmatchcase(p, pattern)
+               for pattern in patterns for p in (path, real)):
+        raise errors.InvalidParams(
+            name=name, reason="{} is not an allowed local device: "
+            "[volumes] local_devices allows {}".format(
+                _named(path, real), ", ".join(patterns) or "none"))
+    reason = in_use(real)
+    if reason:
+        raise errors.InvalidParams(
+            name=name, reason="{}: the host uses it, it cannot be given "
+            "to a VM".format(reason))
+    return real
+
+
+def device_number(path):
+    """(major, minor) of the block device at ``path``, None when it is
+    missing or not a block device."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    if not stat.S_ISBLK(st.st_mode):
+        return None
+    return os.major(st.st_rdev), os.minor(st.st_rdev)
 
 
 def in_use(path):
     """A sentence saying how the host uses the device at ``path``, or None
     when it is not a block device or the host does not use it."""
-    try:
-        st = os.stat(path)
-    except OSError:
+    number = device_number(path)
+    if number is None:
         return None
-    if not stat.S_ISBLK(st.st_mode):
-        return None
-    devices = [(os.major(st.st_rdev), os.minor(st.st_rdev))]
+    devices = [number]
     devices += _partitions(*devices[0])
     mounts = _mounted()
     swaps = _swaps()
@@ -47,6 +104,12 @@ def in_use(path):
 
 
 # Private helpers
+
+def _named(path, real):
+    if real == path:
+        return path
+    return "{} (-> {})".format(path, real)
+
 
 def _sys(major, minor, *names):
     return os.path.join("/sys/dev/block/{}:{}".format(major, minor), *names)

@@ -98,9 +98,35 @@ class HelperFailed(Error):
     msg = "Managed volume helper failed: {self.reason}"
 
 
+class ConnectorFailed(HelperFailed):
+    """The daemon ran the connector and it raised: the call ended (it
+    neither hung nor died), with os-brick's error."""
+
+
+class CannotSend(HelperFailed):
+    """The call's arguments cannot be encoded for the privsep channel, so
+    the daemon never saw them (nothing was done)."""
+
+    msg = ("Managed volume helper failed: the {self.operation} arguments "
+           "cannot be sent to the privsep daemon: {self.reason}")
+
+
 class AlreadyAttached(Error):
     code = 927
     msg = "Volume {self.vol_id} is already attached at {self.path}"
+
+
+class DeviceAttached(AlreadyAttached):
+    """The device a connect found is recorded for another volume.
+
+    927 as well: the device is already attached, under another vol_id
+    (two vol_ids on one device would give two VMs one disk).
+    ``[volumes] shared_devices = true`` allows it.
+    """
+
+    msg = ("Device {self.path} ({self.major}:{self.minor}) is already "
+           "attached as volume {self.other}; not attaching it as volume "
+           "{self.vol_id} too ([volumes] shared_devices allows sharing)")
 
 
 class UnsupportedDevice(Error):

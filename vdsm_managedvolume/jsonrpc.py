@@ -28,6 +28,7 @@ flow id of the request (``log.flow``); params are masked in the log.
 
 import json
 import logging
+import math
 import time
 
 from . import api
@@ -201,7 +202,7 @@ def _parse_request(request):
     request_id = request.get("id")
     if not _valid_id(request_id):
         raise _BadRequest(None, errors.InvalidRequest(
-            "id must be a string, a number or null"))
+            "id must be a string, a finite number or null"))
     if request.get("jsonrpc") != VERSION:
         raise _BadRequest(request_id, errors.InvalidRequest(
             'jsonrpc must be "2.0"'))
@@ -245,7 +246,10 @@ def _encode(obj):
 def _valid_id(value):
     if isinstance(value, bool):
         return False
-    return value is None or isinstance(value, (str, int, float))
+    if isinstance(value, float):
+        # 1e400 parses as infinity, which no response can carry back.
+        return math.isfinite(value)
+    return value is None or isinstance(value, (str, int))
 
 
 def _kind(value):

@@ -6,6 +6,16 @@ the privileged daemon.  ``flow(id)`` sets it for the current thread (a
 contextvar), and the ``ContextFilter`` installed on every handler writes it
 into ``%(flow_id)s`` and masks secrets in the message and its arguments
 (``mask.mask``), so no caller has to remember either.
+
+The same filter makes every string argument and the flow id
+``printable``: a value from the wire (a JSON-RPC method name, a STOMP
+header such as ``reply-to`` or ``ovirtCorrelationId``, a destination)
+cannot start a forged log line with a newline or carriage return, hide
+text with a NUL, reorder a line with a bidi override, or break the log
+file's encoding with a lone surrogate.  Such characters appear escaped,
+as a backslash and n, r or t, or a backslash and their hex code point
+(``x00``, ``u202e``).  One line per record: multi-line
+text belongs in the traceback, not in an argument.
 """
 
 import contextlib
@@ -13,6 +23,7 @@ import contextvars
 import logging
 import logging.config
 import os
+import re
 import sys
 
 from . import mask
@@ -22,6 +33,34 @@ FORMAT = ("%(asctime)s %(levelname)-7s (%(threadName)s) [%(name)s] "
 JOURNAL_FORMAT = "[%(name)s] [flow=%(flow_id)s] %(message)s"
 
 _flow_id = contextvars.ContextVar("flow_id", default="-")
+
+# C0 and C1 controls (newline, CR, NUL, ESC...), DEL, the line and
+# paragraph separators, bidi marks, embeddings, overrides and isolates,
+# and lone surrogates.
+_UNPRINTABLE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e"
+    "\u2066-\u2069\ud800-\udfff]")
+
+
+def printable(text):
+    r"""``text`` with every character that could forge or disguise a log
+    line escaped (``\n``, ``\r``, ``\t``, else ``\xNN``/``\uNNNN``).
+
+    The one sanitiser for values from the wire that reach a log line;
+    the log filter applies it to every string argument."""
+    if not isinstance(text, str) or not _UNPRINTABLE.search(text):
+        return text
+    return _UNPRINTABLE.sub(_escape, text)
+
+
+def _escape(m):
+    c = m.group()
+    special = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(c)
+    if special:
+        return special
+    code = ord(c)
+    return "\\x{:02x}".format(code) if code < 0x100 \
+        else "\\u{:04x}".format(code)
 
 
 def current_flow():
@@ -44,6 +83,7 @@ class ContextFilter(logging.Filter):
     def filter(self, record):
         if not hasattr(record, "flow_id"):
             record.flow_id = _flow_id.get()
+        record.flow_id = printable(record.flow_id)
         # Masked once per process (a record may pass several handlers; one
         # forwarded by the privsep daemon carries the daemon's pid here and
         # is masked again).
@@ -55,9 +95,11 @@ class ContextFilter(logging.Filter):
         # password passes the first step unchanged.
         if record.args:
             if isinstance(record.args, dict):
-                record.args = mask.mask(record.args)
+                record.args = {k: _printable_arg(v) for k, v in
+                               mask.mask(record.args).items()}
             else:
-                record.args = tuple(mask.mask(a) for a in record.args)
+                record.args = tuple(_printable_arg(mask.mask(a))
+                                    for a in record.args)
         try:
             message = record.getMessage()
         except Exception:
@@ -77,6 +119,14 @@ class ContextFilter(logging.Filter):
             record.stack_info = mask.mask_text(record.stack_info)
         record._managedvolume_masked = os.getpid()
         return True
+
+
+def _printable_arg(value):
+    # Exceptions carry wire values in their text (a method name in
+    # MethodNotFound) and are formatted with %s: escape that text too.
+    if isinstance(value, BaseException):
+        return printable(str(value))
+    return printable(value)
 
 
 def setup(cfg=None, level=None, stream=None, filename=None):

@@ -106,8 +106,11 @@ def is_secret_key(key):
 def mask(obj, _depth=0):
     """Return a copy of ``obj`` with every secret value replaced.
 
-    Walks dicts, lists and tuples; strings are scanned for ``key=value``
-    shapes and URL credentials.  Other values are returned as they are.
+    Walks dicts, lists and tuples at any depth: a secret key's value is
+    masked whole (a string, a list of passwords, a mapping), and so is
+    the value a list names by key (a ``(key, value)`` pair, an argv's
+    ``KEY -v VALUE``); strings are scanned for ``key=value`` shapes
+    (bracketed values included) and URL credentials.  Other values are returned as they are.
     Structures nested deeper than MAX_DEPTH are replaced by TOO_DEEP.
     """
     if _depth > MAX_DEPTH and isinstance(obj, (dict, list, tuple)):
@@ -116,10 +119,11 @@ def mask(obj, _depth=0):
         return {k: (MASK if is_secret_key(k) and _is_value(v)
                     else mask(v, _depth + 1))
                 for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [mask(v, _depth + 1) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(mask(v, _depth + 1) for v in obj)
+    if isinstance(obj, (list, tuple)):
+        items = [mask(v, _depth + 1) for v in obj]
+        for i in _secret_items(obj):
+            items[i] = MASK
+        return items if isinstance(obj, list) else tuple(items)
     if isinstance(obj, str):
         return mask_text(obj)
     return obj
@@ -136,6 +140,24 @@ def mask_text(text):
 
 
 # Private helpers
+
+def _secret_items(seq):
+    """Indexes of the items of a list or tuple that are secrets named by
+    a key before them: a (key, value) pair, or an argv naming the key
+    and giving the value after ``-v`` (iscsiadm's ``-n
+    node.session.auth.password -v s3cret``)."""
+    found = []
+    for i, item in enumerate(seq):
+        if not (isinstance(item, str) and is_secret_key(
+                item.rsplit(".", 1)[-1])):
+            continue
+        if (i + 2 < len(seq) and seq[i + 1] in ("-v", "--value")
+                and _is_value(seq[i + 2])):
+            found.append(i + 2)
+        elif len(seq) == 2 and i == 0 and _is_value(seq[1]):
+            found.append(1)
+    return found
+
 
 def _is_value(v):
     # Flags such as include_secrets=True or auth_enabled=False are no
@@ -181,6 +203,10 @@ def _value_end(text, start):
         if close == -1:
             return n, (q, "")
         return close + 2, (q, q)
+    if c in _OPENERS and not opening:
+        # A list, tuple or mapping of secrets ('extra_passwords':
+        # ['pw1', 'pw2']): the whole bracketed value.
+        return _bracket_end(text, start), ("", "")
     if c in "'\"":
         opening += c
         body = start + len(opening)
@@ -193,6 +219,35 @@ def _value_end(text, start):
     if m is None:
         return start, ("", "")
     return m.end(), ("", "")
+
+
+_OPENERS = {"[": "]", "(": ")", "{": "}"}
+
+
+def _bracket_end(text, start):
+    """The end of the bracketed value opening at ``start`` (nested
+    brackets and quoted strings skipped; unclosed: the end of the text).
+    One forward pass: linear."""
+    closing = []
+    quote = None
+    i, n = start, len(text)
+    while i < n:
+        c = text[i]
+        if quote:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = None
+        elif c in "'\"":
+            quote = c
+        elif c in _OPENERS:
+            closing.append(_OPENERS[c])
+        elif closing and c == closing[-1]:
+            closing.pop()
+            if not closing:
+                return i + 1
+        i += 1
+    return n
 
 
 def _replace(m):

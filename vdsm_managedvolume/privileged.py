@@ -259,6 +259,7 @@ class Brick:
 
     def _call(self, name, args, timeout, operation=None):
         operation = operation or name
+        check_sendable(operation, args)
         daemon = self._running_daemon()
         deadline = time.monotonic() + timeout
         flow = log.current_flow()
@@ -304,6 +305,20 @@ class Brick:
         if kill:
             daemon.kill()
         daemon.close()
+
+
+def check_sendable(operation, args):
+    """Raise CannotSend when ``args`` cannot cross the channel (a lone
+    surrogate, an integer beyond 64 bits: msgpack refuses them), before
+    any daemon is started or anything is sent.  Encoded as the channel
+    encodes (oslo_privsep.comm.Serializer)."""
+    import msgpack
+    try:
+        msgpack.packb(args, use_bin_type=True,
+                      unicode_errors="surrogateescape")
+    except (ValueError, TypeError, OverflowError) as e:
+        raise errors.CannotSend(operation=operation, reason=mask.mask_text(
+            "{}: {}".format(type(e).__name__, e)))
 
 
 def check_supported():
@@ -1068,7 +1083,7 @@ def _local_error(e):
         return errors.UnknownAdapter(adapter=details[0],
                                      group=adapters.GROUP,
                                      installed=details[1])
-    return errors.HelperFailed(mask.mask_text(" ".join(details)))
+    return errors.ConnectorFailed(mask.mask_text(" ".join(details)))
 
 
 def _remaining(deadline):

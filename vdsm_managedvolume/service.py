@@ -181,7 +181,7 @@ class Service:
             "connection_info", connection_info)
         validate.driver_type(connection_info, self.cfg.allowed_types)
         self._brick.check_adapter(connection_info.get("adapter"))
-        _check_local_device(connection_info)
+        _check_local_device(self.cfg, connection_info)
 
         with self._call() as db, self._locked(vol_id):
             rec = self._find(vol_id)
@@ -207,6 +207,7 @@ class Service:
                     raise errors.HelperFailed(
                         "the connector reported success but device {} "
                         "does not exist".format(path))
+                self._check_not_shared(vol_id, path)
                 db.update_volume(
                     vol_id, attachment=attachment, path=path,
                     multipath_id=attachment.get("multipath_id"))
@@ -219,7 +220,8 @@ class Service:
                                  managed_path=managed_path)
             except Exception as e:
                 log.error("Attaching volume %s failed: %s", vol_id, e)
-                self._rollback(vol_id, sd_id, connection_info, attachment)
+                self._rollback(vol_id, sd_id, connection_info, attachment,
+                               e)
                 raise
 
         log.info("Attached volume %s path=%s managed_path=%s", vol_id,
@@ -318,7 +320,7 @@ class Service:
             last = self._connector.last()
             return {"connector_info": last} if last else {}
 
-    def reconcile(self, apply=True):
+    def reconcile(self, apply=True, force=False):
         """Make the host agree with the journal; return what was found.
 
         Returns [{"vol_id", "state", "action", "result"}] for every volume
@@ -333,12 +335,18 @@ class Service:
         ``apply=False`` is a dry run: actions are reported as "planned".
         Volumes whose lock is held (an operation in progress in another
         process) are skipped with result "busy".
+        ``force`` (with ``apply``): a rollback or detach whose disconnect
+        fails is ended anyway: the record is forgotten with a warning
+        (result "forgotten: <why>"), whatever may be left on the host is
+        the admin's to check.  Without it such a record stays and every
+        reconcile retries it.
         """
         results = []
         with self._call() as db:
             for rec in db.volumes():
                 entry = self._with_lock_now(
-                    rec, lambda: self._reconcile_volume(rec["vol_id"], apply))
+                    rec, lambda: self._reconcile_volume(rec["vol_id"], apply,
+                                                        force))
                 if entry:
                     results.append(entry)
             results.extend(self._reconcile_links(apply))
@@ -449,6 +457,13 @@ class Service:
         faults.crash_point("detach.after_rule")
         try:
             self._brick.disconnect(rec["connection_info"], rec["attachment"])
+        except errors.CannotSend as e:
+            # The same arguments could not have reached the daemon for the
+            # connect either (a record journaled before validation refused
+            # such values): nothing was connected.
+            log.warning("Volume %s: %s; its connect could not have been "
+                        "sent either, so nothing is connected: forgetting "
+                        "it", vol_id, e)
         except errors.Error as e:
             if rec["path"] and not _exists(rec["path"]):
                 log.warning("Disconnecting volume %s failed (%s), but its "
@@ -459,28 +474,67 @@ class Service:
         faults.crash_point("detach.after_disconnect")
         db.remove_volume(vol_id)
 
-    def _rollback(self, vol_id, sd_id, connection_info, attachment):
-        """Undo a failed attach, logging (not raising) cleanup errors.
+    def _rollback(self, vol_id, sd_id, connection_info, attachment,
+                  error=None):
+        """Undo a failed attach (``error``: why it failed), logging (not
+        raising) cleanup errors.
 
-        The record goes only if the disconnect worked; otherwise it stays
+        The record goes if the disconnect worked, or when nothing can be
+        connected: the device was another volume's (DeviceAttached: not
+        disconnected, it is in use), or the connect itself ended with
+        the connector's error (ConnectorFailed: it returned, it did not
+        hang or die; os-brick cleans up after a failed connect) and the
+        disconnect fails the same way (a host without FC HBAs or an NVMe
+        initiator fails both, forever).  Otherwise (a connect that timed
+        out or whose daemon died may have connected) the record stays
         'attaching' and reconcile (or the next attach/detach) retries.
         """
         self._silent_remove_link(sd_id, vol_id)
         self._silent_remove_rule(sd_id, vol_id)
-        if self._silent_disconnect(vol_id, connection_info, attachment):
+        if isinstance(error, errors.DeviceAttached):
+            log.warning("Not disconnecting volume %s: its device belongs "
+                        "to volume %s", vol_id, error.other)
+            self._silent_remove(vol_id)
+            return
+        failure = self._silent_disconnect(vol_id, connection_info,
+                                          attachment)
+        if failure is None:
+            self._silent_remove(vol_id)
+        elif (isinstance(error, errors.ConnectorFailed)
+              and isinstance(failure, errors.ConnectorFailed)):
+            log.warning("Forgetting volume %s: its connect failed (%s) and "
+                        "so does its disconnect (%s); nothing is known to "
+                        "be connected", vol_id, error, failure)
             self._silent_remove(vol_id)
         else:
             log.warning("Keeping the 'attaching' record of volume %s: "
                         "reconcile will disconnect it", vol_id)
 
     def _silent_disconnect(self, vol_id, connection_info, attachment):
+        """None when the disconnect worked, else its error."""
         try:
             self._brick.disconnect(connection_info, attachment)
-            return True
-        except Exception:
+            return None
+        except Exception as e:
             log.exception("Failed to disconnect volume %s during cleanup",
                           vol_id)
-            return False
+            return e
+
+    def _check_not_shared(self, vol_id, path):
+        """Raise DeviceAttached when the device at ``path`` (by
+        major:minor) is recorded for another volume whose device is
+        there, unless ``cfg.shared_devices``."""
+        if self.cfg.shared_devices:
+            return
+        number = devices.device_number(path)
+        if number is None:
+            return  # Not a block device (a fake in tests): no number.
+        for rec in self._db().volumes():
+            if (rec["vol_id"] != vol_id and rec["path"]
+                    and devices.device_number(rec["path"]) == number):
+                raise errors.DeviceAttached(
+                    path=path, major=number[0], minor=number[1],
+                    other=rec["vol_id"], vol_id=vol_id)
 
     def _silent_remove(self, vol_id):
         try:
@@ -535,15 +589,23 @@ class Service:
             return {"vol_id": rec["vol_id"], "state": rec.get("state"),
                     "action": "skip", "result": "busy"}
 
-    def _reconcile_volume(self, vol_id, apply):
+    def _reconcile_volume(self, vol_id, apply, force=False):
         rec = self._find(vol_id)   # again, now under the lock
         if rec is None:
             return None
         state = rec["state"]
         if state in ("attaching", "detaching"):
             action = "rollback" if state == "attaching" else "detach"
-            return self._reconcile_action(rec, action, apply,
-                                          lambda: self._detach(rec))
+            entry = self._reconcile_action(rec, action, apply,
+                                           lambda: self._detach(rec))
+            if force and entry["result"].startswith("failed"):
+                log.warning("Forgetting volume %s although its %s failed "
+                            "(--force): whatever it connected may still be "
+                            "on the host", vol_id, action)
+                self._db().remove_volume(vol_id)
+                entry["result"] = "forgotten: " + entry["result"][
+                    len("failed: "):]
+            return entry
         if not _exists(rec["path"]):
             return {"vol_id": vol_id, "state": state, "action": "stale",
                     "result": "kept"}
@@ -779,19 +841,16 @@ def _writable(path):
     return os.access(path, os.W_OK | os.X_OK)
 
 
-def _check_local_device(connection_info):
-    """Refuse to give a VM a block device the host itself uses."""
+def _check_local_device(cfg, connection_info):
+    """A ``local`` device_path must name a block device in
+    ``cfg.local_device_patterns`` that the host does not use (see
+    devices.py): else InvalidParams, before anything is recorded."""
     if connection_info["driver_volume_type"] != "local":
         return
-    path = connection_info["data"].get("device_path")
-    if not isinstance(path, str):
-        return  # The connector reports what it is missing.
-    reason = devices.in_use(path)
-    if reason:
-        raise errors.InvalidParams(
-            name="connection_info.data.device_path",
-            reason="{}: the host uses it, it cannot be given to a VM"
-            .format(reason))
+    name = "connection_info.data.device_path"
+    path = validate.device_path(
+        name, connection_info["data"].get("device_path"))
+    devices.check_local(name, path, cfg.local_device_patterns)
 
 
 def _fingerprint():

@@ -49,6 +49,7 @@ from . import errors
 from . import log as mvlog
 from . import mask
 from . import store
+from . import validate
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
@@ -177,9 +178,14 @@ def configure(cfg, args):
 def list_volumes(cfg, args):
     """Print the journal's records (no database yet: nothing attached)."""
     records = []
+    try:
+        vol_ids = validate.uuid_list("VOL_ID", args.vol_ids)
+    except errors.InvalidParams as e:
+        print("managedvolume-tool: list: {}".format(e), file=sys.stderr)
+        return EXIT_USAGE
     if os.path.exists(cfg.db_path):
         with store.open(cfg.db_path) as db:
-            records = db.volumes(args.vol_ids)
+            records = db.volumes(vol_ids)
     now = datetime.datetime.now(datetime.timezone.utc)
     rows = []
     for rec in records:
@@ -234,7 +240,8 @@ def reconcile(cfg, args):
     if os.path.exists(cfg.db_path):
         svc = _open_service(cfg)
         try:
-            report = svc.reconcile(apply=args.apply)
+            report = svc.reconcile(apply=args.apply,
+                                   force=args.apply and args.force)
         finally:
             svc.close()
     report = [mask.mask(r) for r in report]
@@ -546,6 +553,10 @@ def _parser():
             "done).  The agent does the same at every start.")
     p.add_argument("--apply", action="store_true",
                    help="act on what is found (default: dry run)")
+    p.add_argument("--force", action="store_true",
+                   help="with --apply: forget a record whose rollback or "
+                        "detach fails (result 'forgotten'), with a warning; "
+                        "check the host for what it may have left")
 
     p = add("check", check,
             "diagnose the host: os-brick, privsep, locks, database, PKI",

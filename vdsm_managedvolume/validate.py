@@ -15,6 +15,8 @@ no bare hex), because that is what vdsm and the engine send.
 """
 
 import json
+import math
+import os
 import re
 import uuid as _uuid
 
@@ -30,6 +32,16 @@ MAX_CONNECTION_INFO = 64 * 1024
 
 _RBD_NAME_RE = re.compile(
     r"[A-Za-z0-9_.:+@=,-]+(/[A-Za-z0-9_.:+@=,-]+){1,2}\Z")
+
+# What the privsep channel (msgpack) and every consumer of the journal
+# can carry: integers of 64 bits, strings of Unicode scalar values.  A
+# lone UTF-16 surrogate ("\ud800" in JSON) or a 400-digit integer parses
+# as JSON and fits in SQLite's text, but cannot be sent to the daemon:
+# refused here, before anything is journaled.
+MIN_INT = -(2 ** 63)
+MAX_INT = 2 ** 63 - 1
+
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 # Vendor adapter names become a program name and an entry point name.
 _ADAPTER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
@@ -92,6 +104,7 @@ def connection_info(name, value):
                 type(value.get("data")).__name__))
     if "adapter" in value and value["adapter"] is not None:
         adapter(name + ".adapter", value["adapter"])
+    transportable(name, value)
     try:
         text = json.dumps(value, allow_nan=False)
     except TypeError as e:
@@ -113,6 +126,76 @@ def connection_info(name, value):
     if normalised["driver_volume_type"] == "rbd":
         rbd_name(name + ".data.name", normalised["data"].get("name"))
     return normalised
+
+
+def transportable(name, value):
+    """Raise InvalidParams naming the first value inside ``value`` that
+    the privsep channel or the journal cannot carry.
+
+    Refused: strings (keys too) holding a lone surrogate or a NUL
+    character (no storage protocol uses them; a NUL cannot reach a path
+    or an argument), integers outside the signed 64-bit range, NaN and
+    infinities (``1e400`` parses as infinity), and anything that is not
+    a JSON type.  Iterative: depth is the schema's business, not a
+    reason to hit Python's recursion limit here.
+    """
+    stack = [(name, value)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, dict):
+            for k, item in v.items():
+                if not isinstance(k, str):
+                    raise errors.InvalidParams(
+                        name=path, reason="key {} is not a string".format(
+                            _shown(k)))
+                _check_text(path, k, "key " + _shown(k))
+                stack.append((_child(path, k), item))
+        elif isinstance(v, (list, tuple)):
+            for i, item in enumerate(v):
+                stack.append(("{}[{}]".format(path, i), item))
+        elif isinstance(v, str):
+            _check_text(path, v, "value")
+        elif isinstance(v, bool) or v is None:
+            pass
+        elif isinstance(v, int):
+            if not MIN_INT <= v <= MAX_INT:
+                raise errors.InvalidParams(
+                    name=path, reason="integer {} is outside the signed "
+                    "64-bit range".format(_shown(v)))
+        elif isinstance(v, float):
+            if not math.isfinite(v):
+                raise errors.InvalidParams(
+                    name=path, reason="{} is not a finite number (a JSON "
+                    "number too large for a double, such as 1e400, reads "
+                    "as infinity)".format(v))
+        else:
+            raise errors.InvalidParams(
+                name=path, reason="{} is not a JSON type".format(
+                    type(v).__name__))
+    return value
+
+
+def device_path(name, value):
+    """A ``local`` device path: an absolute, normalised path without NUL.
+
+    Only the text is checked here; what the path names (a block device
+    in the configured directories, not used by the host) is
+    ``devices.check_local``'s.
+    """
+    if not isinstance(value, str) or not value:
+        raise errors.InvalidParams(
+            name=name, reason="expected a device path, got {}".format(
+                _shown(value)))
+    _check_text(name, value, "path")
+    if not os.path.isabs(value):
+        raise errors.InvalidParams(
+            name=name, reason="{} is not an absolute path".format(
+                _shown(value)))
+    if os.path.normpath(value) != value or value.startswith("//"):
+        raise errors.InvalidParams(
+            name=name, reason="{} is not a normalised path (no '.', '..', "
+            "'//' or trailing '/')".format(_shown(value)))
+    return value
 
 
 def rbd_name(name, value):
@@ -152,6 +235,24 @@ def driver_type(connection_info, allowed):
 # Bad values are quoted in errors so that the caller sees what was wrong,
 # but never more than this: a 1 MB "vol_id" must not come back in full.
 _SHOWN_MAX = 80
+
+
+def _check_text(path, text, what):
+    if "\0" in text:
+        raise errors.InvalidParams(
+            name=path, reason="{} holds a NUL character".format(what))
+    m = _SURROGATE_RE.search(text)
+    if m:
+        raise errors.InvalidParams(
+            name=path, reason="{} holds a lone UTF-16 surrogate "
+            "(\\u{:04x}), which is not a Unicode character".format(
+                what, ord(m.group())))
+
+
+def _child(path, key):
+    if re.match(r"[A-Za-z_][A-Za-z0-9_-]{0,63}\Z", key):
+        return "{}.{}".format(path, key)
+    return "{}[{}]".format(path, _shown(key))
 
 
 def _shown(value):

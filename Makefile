@@ -2,7 +2,8 @@
 #
 #   make run     start the standalone agent on an embedded default
 #                (state, dev PKI and logs under .state/, no external services)
-#   make check   install everything the tests need, then run the whole suite
+#   make check   install everything the tests need, lint, then run the whole suite
+#   make lint    ruff (pyflakes, pycodestyle) and vermin (Python 3.9) only
 #   make bench   run the benchmarks in bench/
 #   make rpm     build the noarch RPM (see managedvolume.spec)
 
@@ -13,7 +14,7 @@ STAMP := $(VENV)/.installed
 STATE_DIR ?= .state
 PYTEST_ARGS ?=
 
-.PHONY: venv run check test sysdeps bench rpm clean
+.PHONY: venv run lint check test sysdeps bench rpm clean
 
 venv: $(STAMP)
 
@@ -29,7 +30,12 @@ sysdeps:
 run: venv
 	$(VENV)/bin/managedvolume-agent --state-dir $(STATE_DIR)
 
-check: venv sysdeps
+# Settings: [tool.ruff] in pyproject.toml, [vermin] in setup.cfg.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/vermin vdsm_managedvolume hooks
+
+check: venv sysdeps lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test: check

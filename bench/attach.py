@@ -191,14 +191,17 @@ def report(r, args):
             args.info_baseline), r["info_base"]),
     )
     for name, times in rows:
-        print("{:<44} {:>10} {:>10}".format(name, fmt(benchutil.percentile(times, 50)),
-                                            fmt(benchutil.percentile(times, 95))))
+        print("{:<44} {:>10} {:>10}".format(
+            name, fmt(benchutil.percentile(times, 50)),
+            fmt(benchutil.percentile(times, 95))))
     print("  of which udevadm trigger (one process): p50 {}".format(
         fmt(benchutil.percentile(r["udevadm"], 50))))
     print("connector_info cache fill (privsep daemon): {}".format(
         fmt(r["info_fill"])))
-    pair_ratio = benchutil.percentile(r["pair_base"], 50) / benchutil.percentile(r["pair"], 50)
-    info_ratio = benchutil.percentile(r["info_base"], 50) / benchutil.percentile(r["info"], 50)
+    pair_ratio = (benchutil.percentile(r["pair_base"], 50)
+                  / benchutil.percentile(r["pair"], 50))
+    info_ratio = (benchutil.percentile(r["info_base"], 50)
+                  / benchutil.percentile(r["info"], 50))
     print()
     print("attach+detach ratio (p50): {:>12.0f}x  target >= {}x  {}".format(
         pair_ratio, TARGET_PAIR_RATIO,

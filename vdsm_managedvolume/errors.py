@@ -19,7 +19,7 @@ their meaning; 930-935 are ours (documented in the schema YAML too):
     931  HelperTimeout         the privileged call did not finish in time
     932  VolumeBusy            another operation holds the volume's lock
     933  AgentBusy             every worker of the agent is in use
-    934  UnknownAdapter        connection_info.adapter names no installed plug-in
+    934  UnknownAdapter        connection_info.adapter: no installed plug-in
     935  StoreError            the local journal cannot be read or written
 
 JSON-RPC's own codes (-32700 .. -32603) are here too, so that the protocol

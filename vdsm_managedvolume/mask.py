@@ -110,7 +110,8 @@ def mask(obj, _depth=0):
     masked whole (a string, a list of passwords, a mapping), and so is
     the value a list names by key (a ``(key, value)`` pair, an argv's
     ``KEY -v VALUE``); strings are scanned for ``key=value`` shapes
-    (bracketed values included) and URL credentials.  Other values are returned as they are.
+    (bracketed values included) and URL credentials.  Other values are
+    returned as they are.
     Structures nested deeper than MAX_DEPTH are replaced by TOO_DEEP.
     """
     if _depth > MAX_DEPTH and isinstance(obj, (dict, list, tuple)):

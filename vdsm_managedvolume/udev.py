@@ -24,9 +24,10 @@ it now.  For a block device we write ``change`` to its
 ``/sys/dev/block/MAJ:MIN/uevent`` ourselves: that is exactly what
 ``udevadm trigger --action=change <path>`` does for one device, without
 the ~2 ms fork and exec (it was 40% of an attach).  Anything else (no
-sysfs entry, not a block device) falls back to running udevadm.  The trigger is bounded by a timeout, and a missing
-udevadm or a failing trigger is a warning, not a failure: the device is
-connected and correct, only its owner may lag until the next event.
+sysfs entry, not a block device) falls back to running udevadm.  The
+trigger is bounded by a timeout, and a missing udevadm or a failing
+trigger is a warning, not a failure: the device is connected and
+correct, only its owner may lag until the next event.
 
 Who calls this module: the service itself when it is root; otherwise
 (inside vdsm, user vdsm) the privsep daemon, through its narrow

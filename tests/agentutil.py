@@ -14,7 +14,7 @@ from vdsm_managedvolume import log as logmod
 from vdsm_managedvolume import pki
 from vdsm_managedvolume import stompframe
 
-# The bytes vdsm-client sends (CONTRACT.md section 2).
+# The bytes vdsm-client sends (docs/dependencies.md, "vdsm's wire").
 VDSM_CONNECT = b"CONNECT\naccept-version:1.2\nheart-beat:0,24000\n\n\0"
 
 

@@ -1,5 +1,5 @@
-"""The command line contract ovirt-engine depends on (CONTRACT 5), and the
-ways ours is better than upstream's.
+"""The command line contract ovirt-engine depends on (docs/engine.md, "The
+contract"), and the ways ours is better than upstream's.
 
 Most tests go through the session's warm service (fast); the tests about
 cold runs, and the cold/warm comparison, start real cold processes.
@@ -355,7 +355,8 @@ def test_timeout_gives_a_clear_error_cold_and_warm(
 def test_logs_carry_the_correlation_id_and_survive_cinderlib_setup(
         engine_service, engine_shim, engine_backend, tmp_path):
     be = engine_backend
-    # A venv whose rootwrap.conf cinderlib would rewrite (CONTRACT 6).
+    # A venv whose rootwrap.conf cinderlib would rewrite
+    # (docs/dependencies.md, "cinderlib").
     venv = tmp_path / "venv"
     (venv / "etc" / "cinder").mkdir(parents=True)
     rootwrap = venv / "etc" / "cinder" / "rootwrap.conf"

@@ -1,7 +1,8 @@
 """The standalone agent: JSON-RPC over STOMP 1.2 over mutual TLS.
 
 ``managedvolume-agent`` serves the ManagedVolume verbs on vdsm's port with
-vdsm's wire protocol (CONTRACT.md section 2), so the engine and vdsm-client
+vdsm's wire protocol (docs/dependencies.md, "vdsm's wire"), so the engine
+and vdsm-client
 talk to it unchanged.
 
 Design

@@ -1,7 +1,7 @@
 """Attach and detach managed volumes: the logic, the locks, the journal.
 
 This is vdsm's ``managedvolume.py`` made safe.  The verbs and their results
-are vdsm's (see CONTRACT §1); what differs is how they get there:
+are vdsm's (README, "Verbs"); what differs is how they get there:
 
 - every input is validated before anything happens on the host
   (``validate``), the driver type and the adapter included;

@@ -1,7 +1,7 @@
 """A JSON-RPC over STOMP client that sends exactly what vdsm-client sends.
 
 Used by ``managedvolume-client``, the tests and the benchmarks.  The bytes
-on the wire are vdsm's (CONTRACT.md section 2)::
+on the wire are vdsm's (docs/dependencies.md, "vdsm's wire")::
 
     CONNECT      accept-version:1.2, heart-beat:0,24000
     SUBSCRIBE    destination:<uuid>, ack:auto, id:<uuid>

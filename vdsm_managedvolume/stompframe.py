@@ -1,6 +1,6 @@
 r"""STOMP 1.2 frames: a small, strict codec for the agent and its client.
 
-vdsm speaks JSON-RPC inside STOMP 1.2 frames (CONTRACT.md section 2).  No
+vdsm speaks JSON-RPC inside STOMP 1.2 frames (docs/dependencies.md).  No
 maintained Python STOMP *server* library exists, so this module is the whole
 wire format, written from the specification
 (https://stomp.github.io/stomp-specification-1.2.html)::

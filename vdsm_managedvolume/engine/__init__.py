@@ -2,7 +2,8 @@
 
 The provisioning half of Managed Block Storage, beside the host side and
 sharing nothing with it but the error conventions.  ovirt-engine runs
-``managedvolume-cinderlib-client`` once per storage operation (CONTRACT 5):
+``managedvolume-cinderlib-client`` once per storage operation (the
+contract: docs/engine.md):
 
     client.py      the process: stdout discipline, fast exit, forwarding
     args.py        the command line (upstream's order) and our options

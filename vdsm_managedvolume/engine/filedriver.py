@@ -124,8 +124,9 @@ class FileDriver(driver.VolumeDriver):
         volumefile.remove(self._snapshot_path(snapshot))
 
     def create_volume_from_snapshot(self, volume, snapshot):
-        # cinderlib leaves growing to the driver (CONTRACT 6): the new
-        # volume may be larger than the snapshot's volume was.
+        # cinderlib leaves growing to the driver (docs/dependencies.md,
+        # "cinderlib"): the new volume may be larger than the snapshot's
+        # volume was.
         dst = self._volume_path(volume)
         volumefile.copy(self._snapshot_path(snapshot), dst)
         volumefile.grow(dst, volume.size * GiB)

@@ -13,7 +13,7 @@ and setup included, runs in a worker thread under ``request.timeout``; on
 expiry the caller gets ``error:... did not finish within N seconds`` and
 exits, abandoning the thread.
 
-cinderlib pitfalls handled here (CONTRACT 6):
+cinderlib pitfalls handled here (docs/dependencies.md, "cinderlib"):
 
 - ``cl.setup(disable_logs=True)`` disables every logger of the process, ours
   included: we pass ``disable_logs=False`` and then put our own handler back

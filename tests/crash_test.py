@@ -138,6 +138,23 @@ def test_reconcile_is_idempotent_after_an_interrupted_attach(
     assert ci["data"]["fake_key"] not in fakebrick.connected()
 
 
+def _wait_gone(pid, bound=30):
+    """Wait until process ``pid`` has ended (a zombie counts: it runs no
+    more code); fail after ``bound`` seconds."""
+    deadline = time.monotonic() + bound
+    while True:
+        try:
+            with open("/proc/{}/stat".format(pid)) as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        if state in ("Z", "X"):
+            return
+        assert time.monotonic() < deadline, "process {} still {}".format(
+            pid, state)
+        time.sleep(0.05)
+
+
 def _private_brick(base, **overrides):
     cfg = make_cfg(base, **overrides)
     return cfg, privileged.Brick(cfg)
@@ -188,15 +205,23 @@ def test_connect_timeout_rolls_back_and_leaves_nothing(
     svc = service.Service(cfg, brick=brick)
     svc.start()
     try:
+        brick.connector_properties()          # the daemon is up
+        old_pid = brick.daemon_pid()
         ci = iscsi_connection(cfg, fake_sleep=5)
+        key = ci["data"]["fake_key"]
         with pytest.raises(errors.HelperTimeout) as e:
             svc.attach_volume(new_id(), ci)
         assert e.value.code == 931
         assert svc._db().volumes() == []
-        # The daemon was killed at the deadline: the slow connect can never
-        # complete behind our back.
-        time.sleep(0.5)
-        assert ci["data"]["fake_key"] not in fakebrick.connected()
+        # The connect started in that daemon, and the daemon was killed at
+        # the deadline: once its process is gone, the slow connect can
+        # never complete behind our back ("connect <key>" is what the fake
+        # records after its sleep).
+        assert "connect-start " + key in fakebrick.calls()
+        _wait_gone(old_pid)
+        assert "connect " + key not in fakebrick.calls()
+        assert key not in fakebrick.connected()
+        assert brick.daemon_pid() != old_pid
     finally:
         svc.close()
         brick.stop()

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from vdsm_managedvolume import errors
@@ -157,3 +159,59 @@ def test_device_path_must_be_absolute_normalised_text(path, reason):
 def test_device_path_accepts_a_plain_absolute_path():
     assert validate.device_path("p", "/dev/drbd/by-res/r0/0") == \
         "/dev/drbd/by-res/r0/0"
+
+
+def _padded(size):
+    """An iscsi connection_info whose JSON is exactly ``size`` bytes."""
+    ci = {"driver_volume_type": "iscsi", "data": {"pad": ""}}
+    base = len(json.dumps(ci))
+    ci["data"]["pad"] = "x" * (size - base)
+    assert len(json.dumps(ci).encode()) == size
+    return ci
+
+
+def test_connection_info_is_bounded_in_size_as_json():
+    limit = validate.MAX_CONNECTION_INFO
+    assert validate.connection_info("connection_info", _padded(limit))
+    with pytest.raises(errors.InvalidParams) as e:
+        validate.connection_info("connection_info", _padded(limit + 1))
+    assert e.value.name == "connection_info"
+    assert str(limit + 1) in str(e.value)
+    assert len(str(e.value)) < 200
+
+
+@pytest.mark.parametrize("bad, name", [
+    (float("nan"), "connection_info.data.target_lun"),
+    (float("-inf"), "connection_info.data.target_lun"),
+    ([1, float("nan")], "connection_info.data.target_lun[1]")])
+def test_connection_info_refuses_nan_and_infinities(bad, name):
+    ci = {"driver_volume_type": "iscsi", "data": {"target_lun": bad}}
+    with pytest.raises(errors.InvalidParams) as e:
+        validate.connection_info("connection_info", ci)
+    assert e.value.name == name
+    assert "not a finite number" in str(e.value)
+
+
+@pytest.mark.parametrize("good", [
+    "pool/image", "pool/namespace/image", "rbd-pool.1/volume-0d4b0fe1",
+    "p:x/v@snap"])
+def test_rbd_name_accepts_pool_image_and_pool_namespace_image(good):
+    ci = {"driver_volume_type": "rbd", "data": {"name": good}}
+    assert validate.connection_info(
+        "connection_info", ci)["data"]["name"] == good
+
+
+@pytest.mark.parametrize("bad", [
+    None, 7, "", "image", "pool/", "/image", "pool//image", "a/b/c/d",
+    "pool/..", "../image", "pool/./image", "pool/im age", "pool/im\nage",
+    "pool/image/"])
+def test_rbd_name_is_checked_before_it_becomes_a_device_path(bad):
+    ci = {"driver_volume_type": "rbd", "data": {"name": bad}}
+    with pytest.raises(errors.InvalidParams) as e:
+        validate.connection_info("connection_info", ci)
+    assert e.value.name == "connection_info.data.name"
+
+
+def test_rbd_name_is_not_required_of_other_types():
+    ci = {"driver_volume_type": "iscsi", "data": {"name": "../x"}}
+    assert validate.connection_info("connection_info", ci) == ci

@@ -8,6 +8,7 @@ driven through the ``managedvolume-agent`` process in agent_process_test.py.
 import json
 import os
 import socket
+import ssl
 import threading
 import time
 
@@ -18,6 +19,7 @@ from vdsm_managedvolume import agent
 from vdsm_managedvolume import errors
 from vdsm_managedvolume import pki
 from vdsm_managedvolume import stompclient
+from vdsm_managedvolume import stompframe
 
 from . import agentutil
 from .agentutil import request, send_bytes, subscribe_bytes
@@ -255,7 +257,8 @@ def test_dispatcher_crash_becomes_internal_error(tcp):
 # Protocol errors: an ERROR frame, the connection closed, others unharmed
 
 @pytest.mark.parametrize("frames,message", [
-    (b"SEND\ndestination:x\n\n\0", "expected CONNECT or STOMP"),
+    # Served before CONNECT (see below), so checked like any frame.
+    (b"SEND\ndestination:x\n\n\0", "unknown destination 'x'"),
     (b"CONNECT\nheart-beat:0,0\n\n\0", "missing accept-version"),
     (b"CONNECT\naccept-version:1.0,1.1\n\n\0", "unsupported STOMP version"),
     (b"CONNECT\naccept-version:1.2\nheart-beat:x\n\n\0",
@@ -275,8 +278,6 @@ def test_dispatcher_crash_becomes_internal_error(tcp):
      b"\n\n\0", "invalid ack mode 'never'"),
     (agentutil.VDSM_CONNECT + subscribe_bytes("d", "1") +
      subscribe_bytes("e", "1"), "subscription id '1' is already in use"),
-    (agentutil.VDSM_CONNECT + b"UNSUBSCRIBE\nid:9\n\n\0",
-     "no subscription with id '9'"),
     (agentutil.VDSM_CONNECT + b"SEND\n\n\0",
      "SEND needs a destination header"),
     (agentutil.VDSM_CONNECT + b"SEND\ndestination:/queue/nobody\n\n\0",
@@ -389,6 +390,144 @@ def test_tiny_heartbeat_request_is_raised_to_our_minimum(tcp):
     with tcp.raw() as c:
         frame = c.connect(heartbeat="0,10")
         assert frame.headers["heart-beat"] == "1000,0"
+
+
+# What ovirt-engine's client (vdsm-jsonrpc-java) needs from the wire, as
+# vdsm's server does it (docs/interop.md); tests/enginejava_test.py drives
+# the agent with that client itself.
+
+@pytest.mark.parametrize("version", ["TLSv1_2", "TLSv1_3"])
+def test_tls_each_frame_is_written_in_tls_records_of_its_own(
+        version, pki_dir, tmp_path):
+    # The engine's TLS reader parses one frame per record it reads: frames
+    # packed into one record stayed unparsed and concurrent calls wedged.
+    run = _start("tls", pki_dir, tmp_path)
+    ctx = pki.dev_client_context(run.cfg)
+    ctx.minimum_version = ctx.maximum_version = getattr(
+        ssl.TLSVersion, version)
+    try:
+        with agentutil.TlsRecords(run.address, ctx) as c:
+            # One write: the agent answers all of it in one round (the
+            # CONNECTED and RECEIPT frames at once, the responses as the
+            # workers finish).
+            c.send(agentutil.VDSM_CONNECT +
+                   b"SUBSCRIBE\ndestination:reply-queue\nid:s\nreceipt:r1"
+                   b"\n\n\0" +
+                   b"SUBSCRIBE\ndestination:other\nid:t\nreceipt:r2\n\n\0" +
+                   b"".join(send_bytes(request("echo", {}, str(i)),
+                                       "reply-queue") for i in range(8)))
+            records = c.frames(11)
+    finally:
+        run.stop()
+    for data, frames in records:
+        assert len(frames) == 1 or (data == b"\n" and not frames), (
+            "one TLS record holds {}".format(data[:300]))
+    commands = [f.command for _, frames in records for f in frames]
+    assert commands[:3] == ["CONNECTED", "RECEIPT", "RECEIPT"]
+    assert sorted(commands[3:]) == ["MESSAGE"] * 8
+
+
+def test_tls_heartbeat_is_a_tls_record_of_its_own(pki_dir, tmp_path):
+    run = _start("tls", pki_dir, tmp_path)
+    try:
+        with agentutil.TlsRecords(run.address,
+                                  pki.dev_client_context(run.cfg)) as c:
+            c.send(b"CONNECT\naccept-version:1.2\nheart-beat:0,1000\n\n\0")
+            [(_, [connected])] = c.frames(1)
+            assert connected.headers["heart-beat"] == "1000,0"
+            assert c.record() == b"\n"
+    finally:
+        run.stop()
+
+
+def test_heartbeat_is_queued_when_due_even_while_output_is_pending(
+        pki_dir, tmp_path):
+    # The heart-beat schedule counts from the last byte written; output
+    # waiting for a slow reader does not suppress it, and it is queued as
+    # an item of its own (its own write), never appended to a frame.
+    class Owner:
+        cfg = agentutil.make_config(pki_dir)
+
+        def forget(self, conn):
+            pass
+
+        def watch(self, conn, events):
+            pass
+
+        def again(self, conn):
+            pass
+
+    ours, peer = socket.socketpair()
+    try:
+        ours.setblocking(False)
+        conn = agent.Connection(Owner(), ours, "test")
+        conn.state = conn.CONNECTED
+        conn.send_interval = 1.0
+        frame = stompframe.encode("MESSAGE", {"destination": "d"}, b"x")
+        conn.send(frame)
+        assert conn.pending_output == len(frame)
+        conn.check_deadlines(conn.last_send + 1.5)
+        assert conn.pending_output == len(frame) + 1
+        # Due again later: one heart-beat waiting is enough.
+        conn.check_deadlines(conn.last_send + 3.0)
+        assert conn.pending_output == len(frame) + 1
+        conn.update()
+        peer.settimeout(10)
+        data = b""
+        while len(data) < len(frame) + 1:
+            data += peer.recv(65536)
+        assert data == frame + b"\n"
+        conn.close()
+    finally:
+        ours.close()
+        peer.close()
+
+
+def test_subscribe_before_connect_is_served_as_vdsm_does(running):
+    # ovirt-engine's plain client sends SUBSCRIBE before CONNECT on about
+    # half of its new connections.
+    with running.raw() as c:
+        c.send(subscribe_bytes("reply-queue", "early"))
+        frame = c.connect(heartbeat="0,5000")
+        assert frame.headers["heart-beat"] == "5000,0"
+        frame, response = c.call(request("echo", {}, "after"))
+    assert frame.headers["subscription"] == "early"
+    assert response["id"] == "after"
+
+
+def test_request_before_connect_is_answered_without_heartbeats(tcp):
+    with tcp.raw() as c:
+        c.subscribe()
+        frame, response = c.call(request("echo", {}, "first"))
+        assert response["id"] == "first"
+        # Until CONNECT, vdsm's defaults: no heart-beats either way.
+        assert c.parser.heartbeats == 0
+        frame = c.connect(heartbeat="0,1000")
+        assert frame.headers["heart-beat"] == "1000,0"
+        c.sock.settimeout(20)
+        assert c.sock.recv(100) == b"\n"
+
+
+def test_connect_after_frames_is_still_refused_twice(tcp):
+    with tcp.raw() as c:
+        c.subscribe()
+        c.connect()
+        c.send(agentutil.VDSM_CONNECT)
+        [error] = c.eof()
+    assert "already connected" in error.headers["message"]
+
+
+def test_unsubscribe_of_unknown_id_is_ignored_as_vdsm_does(running):
+    # ovirt-engine's client sends such UNSUBSCRIBEs while it closes.
+    with running.raw() as c:
+        c.connect()
+        c.send(b"UNSUBSCRIBE\nid:never-subscribed\nreceipt:u\n\n\0")
+        frame = c.frame()
+        assert (frame.command, frame.headers) == (
+            "RECEIPT", {"receipt-id": "u"})
+        c.subscribe()
+        frame, response = c.call(request("echo", {}, "alive"))
+    assert response["id"] == "alive"
 
 
 # The worker pool

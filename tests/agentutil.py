@@ -5,6 +5,7 @@ what they need.)"""
 import json
 import logging
 import socket
+import ssl
 import threading
 import time
 
@@ -108,6 +109,99 @@ class Raw:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class TlsRecords:
+    """A TLS client that sees record boundaries: it feeds its TLS object
+    one record at a time, so ``record()`` returns the plaintext of exactly
+    one application-data record as the server wrote it (records that
+    carry no data, such as TLS 1.3 session tickets, are skipped)."""
+
+    def __init__(self, address, ssl_context, timeout=10):
+        self.sock = socket.create_connection(address, timeout=timeout)
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self.tls = ssl_context.wrap_bio(self._in, self._out,
+                                        server_hostname="localhost")
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._push()
+                self._in.write(self._raw_record())
+        self._push()
+
+    def send(self, data):
+        self.tls.write(data)
+        self._push()
+
+    def record(self):
+        """The plaintext of the next application-data record (b"" on
+        close)."""
+        while True:
+            raw = self._raw_record()
+            if not raw:
+                return b""
+            self._in.write(raw)
+            try:
+                data = self.tls.read(1 << 20)
+            except ssl.SSLWantReadError:
+                self._push()
+                continue        # a record without data (e.g. a ticket)
+            except ssl.SSLZeroReturnError:
+                return b""
+            self._push()
+            return data
+
+    def frames(self, count):
+        """The next ``count`` frames, one list per record read:
+        [(record_plaintext, [frames parsed from it alone])]."""
+        seen = []
+        total = 0
+        while total < count:
+            data = self.record()
+            if not data:
+                raise EOFError("closed after {} frames".format(total))
+            parser = stompframe.Parser(commands=stompframe.SERVER_COMMANDS)
+            frames = parser.feed(data)
+            assert parser.buffered == 0, (
+                "a record ends inside a frame: {!r}".format(data[:200]))
+            seen.append((data, frames))
+            total += len(frames)
+        return seen
+
+    def close(self):
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _push(self):
+        data = self._out.read()
+        if data:
+            self.sock.sendall(data)
+
+    def _raw_record(self):
+        header = self._exactly(5)
+        if not header:
+            return b""
+        length = int.from_bytes(header[3:5], "big")
+        return header + self._exactly(length)
+
+    def _exactly(self, n):
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                if data:
+                    raise EOFError("TLS record cut short")
+                return b""
+            data += chunk
+        return data
 
 
 class StubDispatcher:

@@ -26,6 +26,12 @@ Connection life::
            -> CONNECTED version:1.2 heart-beat:<sx>,<sy>
            -> SUBSCRIBE / UNSUBSCRIBE / SEND ... / DISCONNECT [receipt]
 
+As in vdsm, SUBSCRIBE, SEND, UNSUBSCRIBE... before CONNECT are served
+(no heart-beats until CONNECT), and UNSUBSCRIBE of an unknown id is
+ignored.  Every frame we send, heart-beats too, is written by a send() of
+its own: over TLS each is in records of its own, which ovirt-engine's
+client needs (docs/interop.md).
+
 A malformed frame, an unknown or unsupported command, a frame larger than
 ``max_frame``: the connection gets an ERROR frame saying precisely what was
 wrong and is closed, as STOMP asks; other connections are not affected.
@@ -571,7 +577,11 @@ class Connection:
         self.last_send = now
         self.send_interval = 0.0    # seconds between our heart-beats
         self.recv_timeout = 0.0     # silence after which the peer is dead
-        self._out = bytearray()
+        # Output: one item per frame (or heart-beat EOL), written one item
+        # per send(); see _flush().
+        self._out = collections.deque()
+        self._out_len = 0           # bytes pending in _out
+        self._out_off = 0           # bytes of _out[0] already written
         self._out_since = None      # output pending without progress since
         self._frame_since = None    # a frame partly received since
         self._paused = False        # not reading: too much output pending
@@ -582,6 +592,7 @@ class Connection:
         self._linger_until = None
         self._close_deadline = None
         self._message_id = 0
+        self._connect_seen = False  # CONNECT/STOMP received
 
     # Called by the server
 
@@ -640,7 +651,7 @@ class Connection:
             deadline = self._out_since + self.cfg.idle_timeout
             if now >= deadline:
                 log.warning("%s took no byte of its %d pending bytes for "
-                            "%s seconds: closing", self.peer, len(self._out),
+                            "%s seconds: closing", self.peer, self._out_len,
                             self.cfg.idle_timeout)
                 self.close()
                 return None
@@ -681,12 +692,14 @@ class Connection:
                 self.close()
                 return None
             deadlines.append(deadline)
-        if self.send_interval and not self._out:
-            # (While output is pending we wait for writability instead:
-            # any byte we write counts as a heart-beat.)
+        if self.send_interval:
+            # Due from the last byte written, whatever is queued: a
+            # heart-beat is an item of its own (its own TLS record), queued
+            # unless one already waits.
             deadline = self.last_send + self.send_interval
             if now >= deadline:
-                self._queue(stompframe.HEARTBEAT)
+                if not self._out or self._out[-1] != stompframe.HEARTBEAT:
+                    self._queue(stompframe.HEARTBEAT)
                 deadline = now + self.send_interval
             deadlines.append(deadline)
         return min(deadlines) if deadlines else None
@@ -695,16 +708,16 @@ class Connection:
         """Queue bytes; written by the loop (``update``)."""
         if self.closed or self.state == self.CLOSING:
             return
-        if self._out and len(self._out) + len(data) > MAX_OUTPUT:
+        if self._out and self._out_len + len(data) > MAX_OUTPUT:
             log.warning("%s does not read its responses (%d bytes "
-                        "pending): closing", self.peer, len(self._out))
+                        "pending): closing", self.peer, self._out_len)
             self.close()
             return
         self._queue(data)
 
     @property
     def pending_output(self):
-        return len(self._out)
+        return self._out_len
 
     def next_message_id(self):
         self._message_id += 1
@@ -805,10 +818,21 @@ class Connection:
             self.server.again(self)
 
     def _flush(self):
+        # One send() never crosses a frame boundary: each STOMP frame (and
+        # each heart-beat) goes in TLS records of its own, as vdsm writes
+        # them (yajsonrpc/stomp.py, AsyncDispatcher.handle_write sends one
+        # frame per send).  ovirt-engine's client (vdsm-jsonrpc-java,
+        # SSLClient) decodes one frame per TLS record it reads: frames
+        # packed into one record stayed unparsed until more bytes arrived,
+        # and 40 concurrent calls wedged its connection.  Plain TCP is
+        # written the same way: batching frames there measured no gain
+        # (docs/interop.md).
         while self._out:
-            size = self._retry_len or min(len(self._out), CHUNK)
+            item = self._out[0]
+            off = self._out_off
+            size = self._retry_len or min(len(item) - off, CHUNK)
             try:
-                n = self.sock.send(bytes(self._out[:size]))
+                n = self.sock.send(item[off:off + size])
             except (ssl.SSLWantWriteError, BlockingIOError,
                     InterruptedError):
                 self._retry_len = size if self.tls else 0
@@ -824,26 +848,32 @@ class Connection:
                 return
             self._retry_len = 0
             self._want_write = False
-            del self._out[:n]
+            self._out_len -= n
+            if off + n == len(item):
+                self._out.popleft()
+                self._out_off = 0
+            else:
+                self._out_off = off + n
             self.last_send = time.monotonic()
             self._out_since = self.last_send if self._out else None
 
     def _queue(self, data):
         if not self._out:
             self._out_since = time.monotonic()
-        self._out += data
+        self._out.append(bytes(data))
+        self._out_len += len(data)
 
     def _reading_paused(self):
         """Whether we stop reading: the peer does not read its responses
         (backpressure: its further requests wait in the kernel's buffers,
         not in ours, and do not run)."""
-        paused = len(self._out) > READ_PAUSE and self.state != self.CLOSING
+        paused = self._out_len > READ_PAUSE and self.state != self.CLOSING
         if paused != self._paused:
             self._paused = paused
             if paused:
                 log.debug("%s has %d bytes of responses pending: not "
                           "reading its requests until it reads them",
-                          self.peer, len(self._out))
+                          self.peer, self._out_len)
             elif self.tls and self.sock.pending():
                 self.server.again(self)
         return paused
@@ -874,13 +904,20 @@ class Connection:
 
     def _on_frame(self, frame):
         command = frame.command
-        if self.state == self.WAIT_CONNECT:
-            if command not in (stompframe.CONNECT, stompframe.STOMP):
-                self.fail("expected CONNECT or STOMP as the first frame, "
-                          "got {}".format(command))
-                return
+        if command in (stompframe.CONNECT, stompframe.STOMP) and \
+                not self._connect_seen:
             self._connect(frame)
             return
+        if self.state == self.WAIT_CONNECT:
+            # A frame before CONNECT is served like any other, as vdsm's
+            # server does (yajsonrpc/stompserver.py: StompAdapterImpl.
+            # handle_frame dispatches every command whatever came first):
+            # ovirt-engine's plain TCP client (vdsm-jsonrpc-java) sends its
+            # SUBSCRIBE before its CONNECT on about half of its new
+            # connections.  Until CONNECT arrives the session has vdsm's
+            # defaults: no heart-beats either way.
+            log.debug("%s sent %s before CONNECT", self.peer, command)
+            self.state = self.CONNECTED
         receipt = frame.headers.get("receipt")
         handler = {
             stompframe.SEND: self._on_send,
@@ -932,6 +969,7 @@ class Connection:
         self.send_interval = sx / 1000.0 * HEARTBEAT_EARLY
         self.recv_timeout = sy / 1000.0 * HEARTBEAT_GRACE
         self.state = self.CONNECTED
+        self._connect_seen = True
         self.last_recv = time.monotonic()
         self.send(stompframe.encode(stompframe.CONNECTED, {
             "version": "1.2",
@@ -959,8 +997,10 @@ class Connection:
     def _on_unsubscribe(self, frame):
         sub_id = _required(frame, "id")
         if self.subscriptions.pop(sub_id, None) is None:
-            raise stompframe.FrameError(
-                "no subscription with id {!r}".format(sub_id))
+            # Ignored, as vdsm does (yajsonrpc/stompserver.py:
+            # StompAdapterImpl._cmd_unsubscribe); ovirt-engine's client
+            # sends such UNSUBSCRIBEs while it closes.
+            log.debug("%s unsubscribed unknown id %r", self.peer, sub_id)
 
     def _on_ack(self, frame):
         _required(frame, "id")

@@ -5,6 +5,8 @@
 #   make check   install everything the tests need, lint, then run the whole suite
 #   make lint    ruff (pyflakes, pycodestyle) and vermin (Python 3.9) only
 #   make bench   run the benchmarks in bench/
+#   make interop drive the agent with ovirt-engine's own JSON-RPC client,
+#                every scenario (docs/interop.md; the suite runs a quick set)
 #   make rpm     build the noarch RPM (see managedvolume.spec)
 
 PYTHON ?= python3
@@ -14,7 +16,7 @@ STAMP := $(VENV)/.installed
 STATE_DIR ?= .state
 PYTEST_ARGS ?=
 
-.PHONY: venv run lint check test sysdeps bench rpm clean
+.PHONY: venv run lint check test sysdeps bench interop rpm clean
 
 venv: $(STAMP)
 
@@ -44,6 +46,10 @@ bench: venv
 	$(PY) bench/attach.py
 	$(PY) bench/rpc.py
 	$(PY) bench/engine.py
+	$(PY) bench/enginejava.py
+
+interop: venv
+	$(PY) scripts/enginejava.py --full
 
 rpm:
 	bash scripts/build-rpm.sh

@@ -4,6 +4,9 @@
 #   rpm         - rpmbuild/rpm for building and inspecting managedvolume.spec
 #   udev        - udevadm, to trigger the ownership rules we write
 #   sudo        - visudo, to check the shipped sudoers rule
+#   a JDK and the jars vdsm-jsonrpc-java imports - to build ovirt-engine's
+#                 JSON-RPC client and drive the agent with it
+#                 (tests/enginejava_test.py, scripts/enginejava.py)
 # Runs only as root (CI and developers' machines here are root); otherwise it
 # says what is missing and lets the tests that need it skip.
 set -eu
@@ -14,6 +17,12 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v rpmbuild >/dev/null || need+=(rpm)
 command -v udevadm >/dev/null || need+=(udev)
 command -v visudo >/dev/null || need+=(sudo)
+command -v javac >/dev/null || need+=(default-jdk-headless)
+[ -e /usr/share/java/jackson-databind.jar ] || need+=(libjackson2-databind-java)
+[ -e /usr/share/java/jackson-core.jar ] || need+=(libjackson2-core-java)
+[ -e /usr/share/java/jackson-annotations.jar ] || need+=(libjackson2-annotations-java)
+[ -e /usr/share/java/slf4j-jdk14.jar ] || need+=(libslf4j-java)
+[ -e /usr/share/java/commons-lang3.jar ] || need+=(libcommons-lang3-java)
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0

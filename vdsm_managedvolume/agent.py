@@ -822,9 +822,10 @@ class Connection:
         # each heart-beat) goes in TLS records of its own, as vdsm writes
         # them (yajsonrpc/stomp.py, AsyncDispatcher.handle_write sends one
         # frame per send).  ovirt-engine's client (vdsm-jsonrpc-java,
-        # SSLClient) decodes one frame per TLS record it reads: frames
-        # packed into one record stayed unparsed until more bytes arrived,
-        # and 40 concurrent calls wedged its connection.  Plain TCP is
+        # SSLEngineNioHelper.read) decrypts one TLS record per reactor
+        # round and takes one frame from it: frames packed into one record
+        # stayed unparsed until more bytes arrived, and 40 concurrent calls
+        # wedged its connection.  Plain TCP is
         # written the same way: batching frames there measured no gain
         # (docs/interop.md).
         while self._out:

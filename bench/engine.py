@@ -66,7 +66,8 @@ def main():
 
     base = tempfile.mkdtemp(prefix="bench-engine-")
     env = dict(os.environ,
-               MANAGEDVOLUME_ENGINE_LOCKS_DIR=os.path.join(base, "locks"))
+               MANAGEDVOLUME_ENGINE_LOCKS_DIR=os.path.join(base, "locks"),
+               MANAGEDVOLUME_ENGINE_LOG_FILE=os.path.join(base, "engine.log"))
     if not args.from_source:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env["PYTHONPYCACHEPREFIX"] = os.path.join(base, "pycache")
@@ -76,7 +77,9 @@ def main():
         timings = {"cold": {}, "warm": {}}
         for side in ("cold", "warm"):
             db_url = args.db_url or "sqlite:///{}/{}.db".format(base, side)
-            driver = json.dumps({"volume_backend_name": "bench-" + side,
+            driver = json.dumps({"volume_driver": "vdsm_managedvolume.engine."
+                                 "filedriver.FileDriver",
+                                 "volume_backend_name": "bench-" + side,
                                  "file_volume_dir":
                                      os.path.join(base, side + "-vols")})
             options = ["--cold"] if side == "cold" else ["--socket", sock]
@@ -123,7 +126,8 @@ def sequence(options, env, driver, db_url):
     yield op, t
     for step in [("clone_volume", vol, clone),
                  ("remove_snapshot", snap, vol),
-                 ("disconnect_volume", vol),
+                 # Named: "bench-host" is no host to ask (see hosts.py).
+                 ("disconnect_volume", vol, "bench-host"),
                  ("delete_volume", vol),
                  ("delete_volume", clone),
                  ("delete_volume", from_snap)]:

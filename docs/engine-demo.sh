@@ -116,9 +116,17 @@ step "engine: save_device, get_connection_info"
 shim save_device "$VOL" "$(echo "$INFO" | python3 -c 'import json, sys; print(json.dumps(json.load(sys.stdin)))')"
 shim get_connection_info "$VOL"
 
-step "host: detach_volume; engine: disconnect_volume"
+step "host: detach_volume; engine: disconnect_volume (asks the host)"
 host ManagedVolume.detach_volume "{\"vol_id\": \"$VOL\"}"
-shim disconnect_volume "$VOL" "$CONNECTOR"
+# As ovirt-engine: no host named.  The shim asks every connected host
+# (ManagedVolume.volumes_info) and ends the connections of those that no
+# longer have the volume.  This demo's agent listens on 127.0.0.1 without
+# TLS; an engine's hosts are at their connector's address, with its PKI.
+HOSTNAME_=$(echo "$CONNECTOR" | python3 -c 'import json, sys; print(json.load(sys.stdin)["host"])')
+MANAGEDVOLUME_ENGINE_HOST_ADDRESSES="$HOSTNAME_=127.0.0.1:$PORT" \
+MANAGEDVOLUME_ENGINE_HOST_TLS=false \
+    shim disconnect_volume "$VOL"
+grep -hF "no longer has volume $VOL" "$WORK/engine.log"
 
 step "engine: extend to 2 GiB, snapshot, volume from snapshot (3 GiB), clone"
 shim extend_volume "$VOL" 2

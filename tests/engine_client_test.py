@@ -18,6 +18,9 @@ from .engine_fixtures import files_in
 from .engine_fixtures import new_id
 
 SECRET = "s3cr3t-Backend-pw"
+# A driver JSON as args.parse requires it (the class is only named here).
+FILE_JSON = json.dumps({"volume_driver": "vdsm_managedvolume.engine."
+                                        "filedriver.FileDriver"})
 
 
 def __getattr__(name):
@@ -27,7 +30,7 @@ def __getattr__(name):
     classes are made lazily so that collecting this module does not import
     cinder into pytest.
     """
-    if name not in ("SlowDriver", "LeakyDriver"):
+    if name not in ("SlowDriver", "LeakyDriver", "PausingDriver"):
         raise AttributeError(name)
     from cinder import exception
     from vdsm_managedvolume.engine.filedriver import FileDriver
@@ -35,6 +38,13 @@ def __getattr__(name):
     class SlowDriver(FileDriver):
         def create_volume(self, volume):
             time.sleep(120)
+
+    class PausingDriver(FileDriver):
+        # Slower than nothing: proves the paths of a request without a
+        # timeout (cold thread wait, warm child deadline, forwarding).
+        def create_volume(self, volume):
+            time.sleep(2)
+            return super().create_volume(volume)
 
     class LeakyDriver(FileDriver):
         # A backend whose error quotes the password in free text.
@@ -111,7 +121,9 @@ def test_every_sub_command_prints_what_the_engine_parses(
     r = run("remove_snapshot", snap, vol, cid="c-rmsnap")
     assert (r.stdout, r.code) == (b"", 0), r.describe()
 
-    r = run("disconnect_volume", vol, cid="c-disconnect")
+    # host-1 is not a real host to ask (engine_migration_test.py asks real
+    # ones): name it.
+    r = run("disconnect_volume", vol, "host-1", cid="c-disconnect")
     assert (r.stdout, r.code) == (b"", 0), r.describe()
     r = run("get_connection_info", vol, cid="c-info2")
     assert r.code == 1 and "not found" in r.error()
@@ -222,7 +234,14 @@ def test_live_migration_acts_on_the_named_host_connection_only(
     assert only["connector"] == {"host": "dst"}
     assert only["device"] == {"path": "/dev/dst-path"}
 
-    run("disconnect_volume", vol)       # upstream's form: every connection
+    # The engine's form, without a host: "dst" cannot be asked (no such
+    # host), so its connection stays (engine_migration_test.py has hosts).
+    run("disconnect_volume", vol)
+    assert "Keeping the connection of volume {} to host dst".format(vol) \
+        in engine_service.log()
+    assert run("get_connection_info", vol).json("cid")["connector"] == \
+        {"host": "dst"}
+    run("disconnect_volume", vol, "dst")
     r = engine_shim.run("get_connection_info", vol, driver=be["driver"],
                         db_url=be["db_url"])
     assert r.code == 1
@@ -279,11 +298,15 @@ def test_usage_errors_are_one_error_line_and_never_echo_the_driver(
          "create_volume takes volume_id size, got 1 argument(s)"),
         (("storage_stats", "{}", be["db_url"], "cid", "maybe"),
          "refresh must be true or false"),
-        (("--timeout", "0", "storage_stats", "{}", be["db_url"], "cid",
+        (("--timeout", "-1", "storage_stats", "{}", be["db_url"], "cid",
           "true"), "--timeout must be a positive number"),
         (("--bogus", "storage_stats"), "unknown option --bogus"),
-        (("storage_stats", "{}", be["db_url"], "error-1", "true"),
+        (("storage_stats", "{}", be["db_url"], "", "true"),
          "invalid correlation id"),
+        (("--host-port", "99999", "storage_stats", "{}", be["db_url"], "c",
+          "true"), "--host-port must be a port number"),
+        (("--host-addresses", "h1", "storage_stats", "{}", be["db_url"], "c",
+          "true"), "--host-addresses: expected HOST=ADDRESS[:PORT]"),
     ]
     import subprocess
     from .engine_fixtures import client_argv
@@ -424,7 +447,7 @@ def test_help_lists_every_sub_command(engine_shim):
     ("1", True), ("0", False)])
 def test_refresh_parses_javas_boolean_strings(value, expected):
     from vdsm_managedvolume.engine import args
-    _, request = args.parse(["storage_stats", "{}", "sqlite://", "c",
+    _, request = args.parse(["storage_stats", FILE_JSON, "sqlite://", "c",
                              value], environ={})
     assert request.args["refresh"] is expected
 
@@ -432,7 +455,8 @@ def test_refresh_parses_javas_boolean_strings(value, expected):
 def test_request_repr_and_secrets_hide_passwords():
     from vdsm_managedvolume.engine import args
     _, request = args.parse(
-        ["connect_volume", json.dumps({"san_password": SECRET,
+        ["connect_volume", json.dumps({"volume_driver": "x.Driver",
+                                       "san_password": SECRET,
                                        "nested": {"chap_secret": "x" * 8}}),
          "postgresql+psycopg2://u:p%40ss%3Aword@h/db", "c", new_id(),
          '{"host": "h"}'], environ={})
@@ -588,7 +612,7 @@ def test_volume_and_snapshot_ids_must_be_uuids(argv, message):
     from vdsm_managedvolume.engine import args
     argv = [a.replace("VOL", new_id()) for a in argv]
     with pytest.raises(errors.EngineUsage) as e:
-        args.parse([argv[0], "{}", "sqlite://", "c"] + argv[1:], environ={})
+        args.parse([argv[0], FILE_JSON, "sqlite://", "c"] + argv[1:], environ={})
     # Exact where the whole message is given; quoting at most 80
     # characters of the value, on one line.
     assert str(e.value).startswith(message)
@@ -601,11 +625,11 @@ def test_sizes_must_be_positive_whole_numbers_of_gib(value):
     from vdsm_managedvolume import errors
     from vdsm_managedvolume.engine import args
     with pytest.raises(errors.EngineUsage) as e:
-        args.parse(["extend_volume", "{}", "sqlite://", "c", new_id(),
+        args.parse(["extend_volume", FILE_JSON, "sqlite://", "c", new_id(),
                     value], environ={})
     assert str(e.value) == "size must be a positive whole number of GiB, " \
                            "got {!r}".format(value)
-    _, request = args.parse(["create_volume_from_snapshot", "{}",
+    _, request = args.parse(["create_volume_from_snapshot", FILE_JSON,
                              "sqlite://", "c", new_id(), new_id(), "3"],
                             environ={})
     assert request.args["size"] == 3
@@ -635,3 +659,201 @@ def test_a_cold_run_creates_its_locks_directories_private(
     assert r.code == 0, r.describe()
     for path in (locks, locks.parent, locks.parent.parent):
         assert oct(path.stat().st_mode & 0o777) == oct(0o700), path
+
+
+# The shim as ovirt-engine runs it (ManagedBlockExecutor)
+
+def engine_reads(merged, cid):
+    """What ManagedBlockExecutor.getOutput returns from the merged output:
+    the first line starting with "error" (minus 6 characters) or with the
+    correlation id (minus the id and one character)."""
+    for line in merged.decode("utf-8").splitlines():
+        if line.startswith("error"):
+            return line[len("error") + 1:]
+        if line.startswith(cid):
+            return line[len(cid) + 1:]
+    return ""
+
+
+def run_as_engine(engine_shim, *args, driver, db_url, cid, warm=True,
+                  env=None):
+    """Run the client with stderr merged into stdout, as the engine does,
+    with the engine's environment (no log option: the defaults)."""
+    import subprocess
+    argv, full_env = engine_shim.command(*args, driver=driver, db_url=db_url,
+                                         cid=cid, warm=warm)
+    full_env.pop("MANAGEDVOLUME_ENGINE_LOG_FILE")
+    full_env.update(env or {})
+    proc = subprocess.run(argv, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, env=full_env, timeout=240)
+    return proc.returncode, proc.stdout
+
+
+@pytest.mark.parametrize("cid", ["error-4f1c", "2026-11-30 22:00:01,123 x",
+                                 "e2b8c1d4-flow"])
+def test_the_engine_reads_the_answer_whatever_the_correlation_id(
+        engine_service, engine_shim, engine_backend, tmp_path, cid):
+    be = engine_backend
+    env = {"ENGINE_LOG": str(tmp_path / "log")}
+    vol = new_id()
+    code, out = run_as_engine(engine_shim, "create_volume", vol, 1,
+                              driver=be["driver"], db_url=be["db_url"],
+                              cid=cid, env=env)
+    assert (code, out) == (0, b"")
+    connector = json.dumps({"host": "h1"})
+    answers = []
+    for warm in (True, False):
+        code, out = run_as_engine(
+            engine_shim, "connect_volume", vol, connector,
+            driver=be["driver"], db_url=be["db_url"], cid=cid, warm=warm,
+            env=env)
+        assert code == 0, out
+        # Only the answer: the log went to the engine's log directory.
+        assert out.count(b"\n") == 1, out
+        answers.append(json.loads(engine_reads(out, cid)))
+    assert answers[0] == answers[1]
+    assert answers[0]["data"]["device_path"].endswith(vol)
+    if cid.startswith("error"):
+        assert out.startswith(b"error:{")
+    with open(tmp_path / "log" / "managedblock" / "managedvolume.log") as f:
+        assert "[flow={}] connect_volume done".format(cid) in f.read()
+
+
+def test_logs_go_to_the_engines_log_dir_never_to_stderr_unless_asked(
+        engine_shim, engine_backend, tmp_path):
+    be = engine_backend
+
+    def run(env, options=()):
+        argv, full_env = engine_shim.command(
+            "storage_stats", "false", driver=be["driver"],
+            db_url=be["db_url"], cid="logs", warm=False, options=options)
+        full_env.pop("MANAGEDVOLUME_ENGINE_LOG_FILE")
+        full_env.update(env)
+        import subprocess
+        return subprocess.run(argv, capture_output=True, env=full_env,
+                              timeout=240)
+
+    p = run({"ENGINE_LOG": str(tmp_path / "log")})
+    assert (p.returncode, p.stderr) == (0, b""), p.stderr
+    log = tmp_path / "log" / "managedblock" / "managedvolume.log"
+    assert "[flow=logs] storage_stats done" in log.read_text()
+    assert oct(log.stat().st_mode & 0o777) == oct(0o640)
+
+    # A log directory that cannot be written: the private run directory's
+    # file instead, still nothing on stderr.
+    (tmp_path / "not-a-dir").write_text("")
+    p = run({"ENGINE_LOG": str(tmp_path / "not-a-dir"),
+             "ENGINE_TMP": str(tmp_path / "etmp")})
+    assert (p.returncode, p.stderr) == (0, b""), p.stderr
+    fallback = tmp_path / "etmp" / "managedvolume-engine" / "managedvolume.log"
+    text = fallback.read_text()
+    assert "Cannot write the log file {}".format(
+        tmp_path / "not-a-dir" / "managedblock" / "managedvolume.log") in text
+    assert "[flow=logs] storage_stats done" in text
+
+    # Asked for: stderr.
+    p = run({}, options=["--log-file", "-"])
+    assert p.returncode == 0
+    assert b"[flow=logs] storage_stats done" in p.stderr
+
+
+def test_a_driver_config_without_a_driver_that_imports_is_an_error(
+        engine_service, engine_shim, tmp_path):
+    db_url = "sqlite:///{}".format(tmp_path / "db.sqlite")
+    vols = tmp_path / "vols"
+    vol = new_id()
+    for driver, message in [
+            ({"file_volume_dir": str(vols)},
+             "DRIVER_JSON has no volume_driver (the cinder driver class, "
+             "e.g. vdsm_managedvolume.engine.filedriver.FileDriver)"),
+            ({"volume_driver": "cinder.volume.drivers.nope.NopeDriver",
+              "file_volume_dir": str(vols)},
+             "volume_driver cinder.volume.drivers.nope.NopeDriver cannot be "
+             "imported"),
+            ({"volume_driver": "vdsm_managedvolume.engine.filedriver.Nope",
+              "file_volume_dir": str(vols)},
+             "module vdsm_managedvolume.engine.filedriver has no Nope")]:
+        for warm in (True, False):
+            r = engine_shim.run("create_volume", vol, 1, driver=driver,
+                                db_url=db_url, warm=warm)
+            assert r.code == 1, r.describe()
+            assert message in r.error()
+    assert files_in(str(vols)) == []
+    # The engine's "adapter" key is ovirt-engine's, not the driver's.
+    r = engine_shim.run("create_volume", vol, 1, db_url=db_url, driver={
+        "adapter": "managedvolume", "file_volume_dir": str(vols),
+        "volume_driver": "vdsm_managedvolume.engine.filedriver.FileDriver"})
+    assert (r.code, r.stdout) == (0, b""), r.describe()
+    assert files_in(str(vols)) == ["volume-" + vol]
+
+
+def test_no_timeout_by_default_and_an_abandoned_operation_never_succeeds(
+        engine_service, engine_shim, tmp_path):
+    from vdsm_managedvolume.engine import args
+    base = ["storage_stats", FILE_JSON, "sqlite://", "c", "true"]
+    assert args.parse(base, environ={})[1].timeout is None
+    assert args.parse(["--timeout", "0"] + base, environ={})[1].timeout \
+        is None
+    assert args.parse(base, environ={args.ENV_TIMEOUT: "7"})[1].timeout == 7
+
+    db_url = "sqlite:///{}".format(tmp_path / "db.sqlite")
+    pausing = {"volume_driver": "tests.engine_client_test.PausingDriver",
+               "volume_backend_name": "slow",
+               "file_volume_dir": str(tmp_path / "vols")}
+    for warm in (True, False):
+        r = engine_shim.run("create_volume", new_id(), 1, driver=pausing,
+                            db_url=db_url, warm=warm)
+        assert (r.code, r.stdout) == (0, b""), r.describe()
+
+    # A run that gives up says so (exit 1), and the operation it abandoned
+    # does not finish later behind the engine's back: the process that ran
+    # it is gone (PausingDriver would have made the file after 2 s).
+    for warm in (True, False):
+        vol = new_id()
+        r = engine_shim.run("create_volume", vol, 1, driver=pausing,
+                            db_url=db_url, warm=warm,
+                            options=["--timeout", "0.5"])
+        assert r.code == 1, r.describe()
+        assert r.error() == "create_volume did not finish within 0.5 " \
+                            "seconds"
+        time.sleep(3)
+        assert "volume-" + vol not in files_in(str(tmp_path / "vols"))
+        r = engine_shim.run("get_connection_info", vol, driver=pausing,
+                            db_url=db_url)
+        assert "Volume {} not found".format(vol) == r.error()
+
+
+@pytest.mark.root
+def test_engine_tmp_holds_the_run_dir_and_another_users_is_refused(
+        engine_shim, engine_backend, tmp_path):
+    be = engine_backend
+    env = dict(engine_shim.env)
+    env.pop("MANAGEDVOLUME_ENGINE_LOCKS_DIR")
+
+    def run(engine_tmp):
+        import subprocess
+        argv, _ = engine_shim.command("storage_stats", "false",
+                                      driver=be["driver"],
+                                      db_url=be["db_url"], cid="tmp",
+                                      warm=False)
+        env["ENGINE_TMP"] = str(engine_tmp)
+        return subprocess.run(argv, capture_output=True, env=env,
+                              timeout=240)
+
+    mine = tmp_path / "engine-tmp"
+    mine.mkdir()
+    p = run(mine)
+    assert p.returncode == 0, p
+    run_dir = mine / "managedvolume-engine"
+    assert oct(run_dir.stat().st_mode & 0o777) == oct(0o700)
+    assert (run_dir / "locks").is_dir()
+
+    theirs = tmp_path / "shared-tmp"
+    (theirs / "managedvolume-engine").mkdir(parents=True)
+    os.chown(str(theirs / "managedvolume-engine"), 65534, 65534)
+    p = run(theirs)
+    assert p.returncode == 1
+    assert p.stdout.decode().startswith("error:")
+    assert "must be a directory owned by uid {}".format(os.getuid()) in \
+        p.stdout.decode()
+    assert os.listdir(str(theirs / "managedvolume-engine")) == []

@@ -86,8 +86,12 @@ class Shim:
         for name in ("MANAGEDVOLUME_ENGINE_SOCKET", "MANAGEDVOLUME_DB_URL",
                      "MANAGEDVOLUME_DRIVER_JSON", "MANAGEDVOLUME_ENGINE_COLD",
                      "MANAGEDVOLUME_ENGINE_TIMEOUT",
-                     "MANAGEDVOLUME_DB_PASSWORD", "PGPASSWORD"):
+                     "MANAGEDVOLUME_DB_PASSWORD", "PGPASSWORD",
+                     "ENGINE_TMP", "ENGINE_LOG"):
             self.env.pop(name, None)
+        # The tests read the log on stderr (asked for: the default is the
+        # engine's log directory, see engine_logging_test.py).
+        self.env["MANAGEDVOLUME_ENGINE_LOG_FILE"] = "-"
 
     def command(self, command, *args, driver, db_url, cid="cid-test",
                 warm=True, options=(), env=None):

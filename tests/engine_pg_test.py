@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+from vdsm_managedvolume.engine.args import FILE_DRIVER
+
 from .engine_fixtures import files_in
 from .engine_fixtures import new_id
 from .engine_fixtures import process_cmdlines
@@ -16,7 +18,8 @@ pytestmark = pytest.mark.postgres
 def pg_backend(pg_cluster, tmp_path):
     db = pg_cluster.new_database()
     return {
-        "driver": {"volume_backend_name": "file",
+        "driver": {"volume_driver": FILE_DRIVER,
+                   "volume_backend_name": "file",
                    "file_volume_dir": str(tmp_path / "vols")},
         "db": db,
         "url": pg_cluster.url(db=db),

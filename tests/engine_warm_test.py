@@ -16,6 +16,7 @@ import time
 import pytest
 
 from vdsm_managedvolume.engine import args as argsmod
+from vdsm_managedvolume.engine.args import FILE_DRIVER
 from vdsm_managedvolume.engine import forward
 
 from .engine_fixtures import Service
@@ -112,7 +113,8 @@ def test_one_service_serves_several_databases_without_mixing_them(
     backends = []
     for name in ("a", "b"):
         backends.append({
-            "driver": {"volume_backend_name": "file",
+            "driver": {"volume_driver": FILE_DRIVER,
+                       "volume_backend_name": "file",
                        "file_volume_dir": str(tmp_path / name)},
             "db_url": "sqlite:///{}".format(tmp_path / (name + ".db")),
         })
@@ -171,7 +173,8 @@ def test_a_second_service_on_the_same_socket_refuses_to_start(own_service):
     # The first one still serves.
     base = own_service.shim.run_dir
     r = own_service.shim.run("storage_stats", "false", cid="c",
-                             driver={"file_volume_dir": base + "/vols"},
+                             driver={"volume_driver": FILE_DRIVER,
+                                     "file_volume_dir": base + "/vols"},
                              db_url="sqlite:///{}/db".format(base))
     assert r.code == 0, r.describe()
     assert "[flow=c] Child " in own_service.log()

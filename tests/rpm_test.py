@@ -37,6 +37,8 @@ DROP_IN = "/usr/lib/systemd/system/vdsmd.service.d/50-managedvolume.conf"
 SITE = "/usr/share/vdsm-managedvolume/vdsm-site"
 HOOK = "/usr/libexec/vdsm/hooks/after_get_caps/50_managedvolume"
 SUDOERS = "/etc/sudoers.d/50_vdsm_managedvolume"
+ADAPTER = "/usr/share/ovirt-engine/managedblock/managedvolume-adapter"
+ADAPTER_CONF = "/etc/ovirt-engine/managedvolume-adapter.conf"
 
 # Fedora/CentOS package names of what the host side imports.
 HOST_REQUIRES = ("python3-os-brick", "python3-oslo-privsep",
@@ -399,6 +401,21 @@ def test_engine_shim_is_in_the_engine_rpm_only(rpms):
     assert lib + "/vdsm_managedvolume/engine/__init__.py" in engine
     assert "/usr/bin/managedvolume-cinderlib-client" in engine
     assert any("managedvolume-cinderlib-client.1" in f for f in engine)
+    # Where ovirt-engine looks for the domain's "adapter": "managedvolume".
+    assert modes(rpms, ENGINE)[ADAPTER] == "-rwxr-xr-x"
+    assert not any(ADAPTER in f or ADAPTER_CONF in f for f in host)
+
+
+@pytest.mark.slow
+def test_engine_rpm_ships_the_adapter_running_the_installed_client(
+        rpms, unpacked):
+    with open(str(unpacked) + ADAPTER) as f:
+        script = f.read()
+    assert script.startswith("#!/bin/sh\n")
+    assert "\nclient=/usr/bin/managedvolume-cinderlib-client\n" in script
+    assert 'exec "$client" "$@"' in script
+    flags = rpmq(rpms, ENGINE, "--qf", "[%{FILEFLAGS:fflags} %{FILENAMES}\n]")
+    assert "cn {}\n".format(ADAPTER_CONF) in flags    # %config(noreplace)
 
 
 @pytest.mark.slow
@@ -458,7 +475,8 @@ def test_common_rpm_holds_exactly_the_modules_the_engine_shim_imports(rpms):
     lib = sitelib(got)
     pkg = lib + "/vdsm_managedvolume/"
     shared = _shim_imports()
-    assert shared == {"__init__", "errors", "log", "mask"}, \
+    assert shared == {"__init__", "errors", "log", "mask", "stompclient",
+                      "stompframe"}, \
         "the shim imports another module: add it to common_modules " \
         "in managedvolume.spec and to docs/operations.md"
     python = {f for f in got if f.endswith((".py", ".pyc"))}
@@ -683,7 +701,10 @@ def test_engine_and_common_alone_install_and_run_a_cinderlib_operation(
     pkg = str(root) + lib + "/vdsm_managedvolume"
     assert os.path.exists(pkg + "/engine/client.py")
     assert not os.path.exists(pkg + "/config.py")
-    assert not (root / "etc").exists()
+    # Only the adapter's settings (commented defaults) under /etc.
+    etc = [os.path.relpath(os.path.join(d, n), str(root))
+           for d, _, names in os.walk(str(root / "etc")) for n in names]
+    assert etc == [ADAPTER_CONF.lstrip("/")]
     assert not (root / "usr" / "lib" / "systemd").exists()
 
     # The installed command, on the installed package and the venv's
@@ -694,6 +715,7 @@ def test_engine_and_common_alone_install_and_run_a_cinderlib_operation(
     env["PYTHONPATH"] = os.pathsep.join(
         [str(root) + lib, sysconfig.get_paths()["purelib"]])
     env["MANAGEDVOLUME_ENGINE_LOCKS_DIR"] = str(tmp_path / "locks")
+    env["ENGINE_LOG"] = str(tmp_path / "log")    # not /var/log/ovirt-engine
     python = [sys.executable, "-S"]
     host_only = subprocess.run(
         python + ["-c", "import vdsm_managedvolume.config"], env=env,
@@ -718,8 +740,10 @@ def test_engine_and_common_alone_install_and_run_a_cinderlib_operation(
         command + ["--cold", "create_volume", driver, db_url, "flow-1",
                    vol_id, "1"],
         env=env, cwd="/", capture_output=True, text=True, timeout=240)
-    assert (run.returncode, run.stdout) == (0, ""), run.stderr[-3000:]
+    assert (run.returncode, run.stdout, run.stderr) == (0, "", "")
     assert any(vol_id in name for name in os.listdir(tmp_path / "vols"))
+    with open(tmp_path / "log" / "managedblock" / "managedvolume.log") as f:
+        assert "[flow=flow-1] create_volume done" in f.read()
 
 
 # Private helpers

@@ -11,6 +11,9 @@ engine's argv keeps its meaning::
 
     managedvolume-cinderlib-client [--timeout SEC] [--log-file PATH]
         [--log-level LEVEL] [--locks-dir DIR] [--socket PATH] [--cold]
+        [--host-port N] [--host-cert PATH] [--host-key PATH]
+        [--host-ca PATH] [--host-timeout SEC] [--host-tls BOOL]
+        [--host-addresses HOST=ADDRESS[:PORT],...]
         SUB-COMMAND DRIVER_JSON DB_URL CORRELATION_ID [ARGS...]
     managedvolume-cinderlib-client --serve [--socket PATH] [--log-file PATH]
 
@@ -47,11 +50,31 @@ ENV_LOG_LEVEL = "MANAGEDVOLUME_ENGINE_LOG_LEVEL"
 ENV_LOCKS_DIR = "MANAGEDVOLUME_ENGINE_LOCKS_DIR"
 ENV_SOCKET = "MANAGEDVOLUME_ENGINE_SOCKET"
 ENV_COLD = "MANAGEDVOLUME_ENGINE_COLD"
+ENV_HOST_PORT = "MANAGEDVOLUME_ENGINE_HOST_PORT"
+ENV_HOST_CERT = "MANAGEDVOLUME_ENGINE_HOST_CERT"
+ENV_HOST_KEY = "MANAGEDVOLUME_ENGINE_HOST_KEY"
+ENV_HOST_CA = "MANAGEDVOLUME_ENGINE_HOST_CA"
+ENV_HOST_TIMEOUT = "MANAGEDVOLUME_ENGINE_HOST_TIMEOUT"
+ENV_HOST_TLS = "MANAGEDVOLUME_ENGINE_HOST_TLS"
+ENV_HOST_ADDRESSES = "MANAGEDVOLUME_ENGINE_HOST_ADDRESSES"
+# What ovirt-engine puts in the environment of the commands it runs
+# (ovirt-engine.py: ENGINE_TMP, its private temp dir; ENGINE_LOG).
+ENV_ENGINE_TMP = "ENGINE_TMP"
+ENV_ENGINE_LOG = "ENGINE_LOG"
+ENGINE_LOG_DIR = "/var/log/ovirt-engine"
 
-# The engine waits 2 minutes (CinderlibCommandTimeoutInMinutes) and then
-# reports only "cinderlib call timed out"; answering a little earlier gives
-# it our clear reason instead.
-DEFAULT_TIMEOUT = 110.0
+# No timeout unless configured: ovirt-engine reads the command's output
+# until its answer line or EOF without a limit (ManagedBlockExecutor; its
+# ManagedBlockCommandTimeoutInMinutes applies only after that), so a slow
+# clone upstream finishes must not be abandoned half done here.
+DEFAULT_TIMEOUT = None
+
+# --log-file value meaning "stderr" (asked for; never the default: the
+# engine merges stderr into the output it parses).
+LOG_STDERR = "-"
+
+# vdsm's port (the engine's VdsPort); see hosts.py.
+DEFAULT_HOST_PORT = 54321
 
 FILE_DRIVER = "vdsm_managedvolume.engine.filedriver.FileDriver"
 
@@ -90,8 +113,10 @@ DB_URL CORRELATION_ID [ARGS...]
 sub-commands:
 {}
 DRIVER_JSON / DB_URL: inline, @FILE, - (stdin) or env:[NAME]
-options: --timeout SEC --log-file PATH --log-level LEVEL --locks-dir DIR
-         --socket PATH --cold
+options: --timeout SEC --log-file PATH|- --log-level LEVEL --locks-dir DIR
+         --socket PATH --cold --host-port N --host-cert PATH --host-key PATH
+         --host-ca PATH --host-timeout SEC --host-tls BOOL
+         --host-addresses HOST=ADDRESS[:PORT],...
 """.format("\n".join(
     "  {} {}".format(name, " ".join(
         list(req) + ["[{}]".format(o) for o in opt]))
@@ -109,6 +134,7 @@ class Options:
         self.socket = ""
         self.cold = False
         self.serve = False
+        self.hosts = {}      # hosts.Settings fields set by options/env
 
 
 class Request:
@@ -119,11 +145,11 @@ class Request:
     """
 
     FIELDS = ("command", "driver", "db_url", "correlation_id", "args",
-              "timeout", "log_file", "log_level", "locks_dir")
+              "timeout", "log_file", "log_level", "locks_dir", "hosts")
 
     def __init__(self, command, driver, db_url, correlation_id, args,
                  timeout=DEFAULT_TIMEOUT, log_file="", log_level="INFO",
-                 locks_dir=""):
+                 locks_dir="", hosts=None):
         self.command = command
         self.driver = driver
         self.db_url = db_url
@@ -133,6 +159,8 @@ class Request:
         self.log_file = log_file
         self.log_level = log_level
         self.locks_dir = locks_dir
+        # How disconnect_volume reaches the hosts (hosts.Settings fields).
+        self.hosts = dict(hosts or {})
 
     def __repr__(self):
         # Imported here, as in secrets(): a command forwarding a request
@@ -185,9 +213,9 @@ def parse(argv, environ=None, stdin=None):
     if command not in COMMANDS:
         raise errors.EngineUsage("unknown sub-command {!r} (known: {})".format(
             command, ", ".join(COMMANDS)))
-    if not correlation_id or correlation_id.startswith("error"):
-        # The engine takes the first line starting with "error" or with the
-        # correlation id: an id starting with "error" would be ambiguous.
+    if not correlation_id or "\n" in correlation_id:
+        # Every line would start with an empty id.  (An id starting with
+        # "error" is fine: see outcome.result.)
         raise errors.EngineUsage(
             "invalid correlation id {!r}".format(correlation_id))
     if driver_src == "-" and db_src == "-":
@@ -200,24 +228,53 @@ def parse(argv, environ=None, stdin=None):
         raise errors.EngineUsage("DB_URL is empty")
     db_url = _with_password(db_url, environ)
     args = _command_args(command, rest)
+    _check_volume_driver(driver)
     request = Request(command=command, driver=driver, db_url=db_url,
                       correlation_id=correlation_id, args=args,
-                      timeout=opts.timeout, log_file=opts.log_file,
+                      timeout=opts.timeout,
+                      log_file=resolve_log_file(opts.log_file, environ),
                       log_level=opts.log_level,
-                      locks_dir=opts.locks_dir or default_locks_dir())
+                      locks_dir=opts.locks_dir or default_locks_dir(),
+                      hosts=opts.hosts)
     return opts, request
 
 
 def default_run_dir():
     """Where the socket and the locks live unless configured.
 
-    Root gets /run; anyone else a private directory in the temp dir (the
-    warm client refuses a socket it does not own, see warm.py).
+    Under ``$ENGINE_TMP`` when set (ovirt-engine gives the commands it runs
+    its private temp dir there); else root gets /run, anyone else a
+    directory in the temp dir.  Whoever made it, it must be a directory of
+    our uid (``private_dirs``): one another user pre-created is refused.
     """
+    engine_tmp = os.environ.get(ENV_ENGINE_TMP)
+    if engine_tmp:
+        return os.path.join(os.path.abspath(engine_tmp),
+                            "managedvolume-engine")
     if os.getuid() == 0:
         return "/run/managedvolume-engine"
     return os.path.join(os.environ.get("TMPDIR") or "/tmp",
                         "managedvolume-engine-{}".format(os.getuid()))
+
+
+def default_log_file(environ=None):
+    """The engine's log directory: ``$ENGINE_LOG/managedblock/``."""
+    environ = os.environ if environ is None else environ
+    return os.path.join(environ.get(ENV_ENGINE_LOG) or ENGINE_LOG_DIR,
+                        "managedblock", "managedvolume.log")
+
+
+def fallback_log_file():
+    """Where logs go when the log file cannot be opened: the private run
+    directory (never stderr, which the engine parses)."""
+    return os.path.join(default_run_dir(), "managedvolume.log")
+
+
+def resolve_log_file(value, environ=None):
+    """--log-file as the runner takes it: a path, or "" for stderr."""
+    if value == LOG_STDERR:
+        return ""
+    return value or default_log_file(environ)
 
 
 def private_dirs(path):
@@ -232,6 +289,11 @@ def private_dirs(path):
     was changed, for the caller to log.
     """
     target = os.path.abspath(path)
+    run_dir = default_run_dir()
+    mine = os.path.commonpath([target, run_dir]) == run_dir
+    if mine and os.path.lexists(run_dir):
+        # Checked before anything is created in it.
+        _check_run_dir(run_dir)
     missing = []
     path = target
     while not os.path.isdir(path):
@@ -246,18 +308,21 @@ def private_dirs(path):
             continue    # a concurrent run made it (with this very code)
         os.chmod(p, 0o700)     # a umask such as 0277 aside
     fixed = []
-    run_dir = default_run_dir()
-    if os.path.commonpath([target, run_dir]) == run_dir:
-        st = os.lstat(run_dir)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-            raise errors.EngineError(
-                "{} must be a directory owned by uid {} (found mode {:o}, "
-                "uid {})".format(run_dir, os.getuid(), st.st_mode,
-                                 st.st_uid))
+    if mine:
+        st = _check_run_dir(run_dir)
         if stat.S_IMODE(st.st_mode) != 0o700:
             os.chmod(run_dir, 0o700)
             fixed.append(run_dir)
     return fixed
+
+
+def _check_run_dir(run_dir):
+    st = os.lstat(run_dir)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise errors.EngineError(
+            "{} must be a directory owned by uid {} (found mode {:o}, "
+            "uid {})".format(run_dir, os.getuid(), st.st_mode, st.st_uid))
+    return st
 
 
 def default_locks_dir():
@@ -279,22 +344,96 @@ def parse_bool(name, value):
         name, value))
 
 
+def split_address(value, default_port):
+    """(address, port) of "ADDRESS", "ADDRESS:PORT", "[V6]:PORT" or "V6"."""
+    if value.startswith("["):
+        address, _, rest = value[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif value.count(":") == 1:
+        address, _, port = value.partition(":")
+    else:
+        address, port = value, ""
+    return address, int(port) if port else default_port
+
+
+def parse_addresses(text):
+    """``HOST=ADDRESS[:PORT],...`` -> {host: address}; ValueError names
+    the bad entry."""
+    addresses = {}
+    for entry in text.replace(";", ",").split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        host, eq, address = entry.partition("=")
+        host, address = host.strip(), address.strip()
+        if not eq or not host or not address:
+            raise ValueError("expected HOST=ADDRESS[:PORT], got {!r}".format(
+                entry))
+        try:
+            _, port = split_address(address, DEFAULT_HOST_PORT)
+        except ValueError:
+            port = 0
+        if not 0 < port < 65536:
+            raise ValueError("bad port in {!r}".format(entry))
+        addresses[host] = address
+    return addresses
+
+
 # Private helpers
 
 def _options_from_env(environ):
     opts = Options()
     if environ.get(ENV_TIMEOUT):
-        opts.timeout = _timeout(environ[ENV_TIMEOUT], ENV_TIMEOUT)
+        opts.timeout = _timeout(environ[ENV_TIMEOUT], ENV_TIMEOUT,
+                                zero_means_none=True)
     opts.log_file = environ.get(ENV_LOG_FILE, "")
     opts.log_level = (environ.get(ENV_LOG_LEVEL) or "INFO").upper()
     opts.locks_dir = environ.get(ENV_LOCKS_DIR, "")
     opts.socket = environ.get(ENV_SOCKET, "")
     opts.cold = parse_bool(ENV_COLD, environ.get(ENV_COLD, ""))
+    for option, env in _HOST_OPTIONS.items():
+        if environ.get(env):
+            _host_option(opts, option, environ[env], env)
     return opts
 
 
+# --host-* option -> its environment variable.
+_HOST_OPTIONS = {
+    "--host-port": ENV_HOST_PORT,
+    "--host-cert": ENV_HOST_CERT,
+    "--host-key": ENV_HOST_KEY,
+    "--host-ca": ENV_HOST_CA,
+    "--host-timeout": ENV_HOST_TIMEOUT,
+    "--host-tls": ENV_HOST_TLS,
+    "--host-addresses": ENV_HOST_ADDRESSES,
+}
+
+
+def _host_option(opts, option, value, name):
+    """Check one --host-* value and store it as a hosts.Settings field."""
+    if option == "--host-port":
+        if not (value.isascii() and value.isdigit()) or \
+                not 0 < int(value) < 65536:
+            raise errors.EngineUsage("{} must be a port number, got "
+                                     "{}".format(name, _quoted(value)))
+        opts.hosts["port"] = int(value)
+    elif option == "--host-timeout":
+        opts.hosts["timeout"] = _timeout(value, name)
+    elif option == "--host-tls":
+        opts.hosts["tls"] = parse_bool(name, value)
+    elif option == "--host-addresses":
+        try:
+            opts.hosts["addresses"] = parse_addresses(value)
+        except ValueError as e:
+            raise errors.EngineUsage("{}: {}".format(name, e))
+    else:
+        if not value:
+            raise errors.EngineUsage("{} is empty".format(name))
+        opts.hosts[option[len("--host-"):] + "_file"] = value
+
+
 _VALUED = {"--timeout", "--log-file", "--log-level", "--locks-dir",
-           "--socket"}
+           "--socket"} | set(_HOST_OPTIONS)
 
 
 def _parse_option(opts, argv):
@@ -312,21 +451,28 @@ def _parse_option(opts, argv):
             raise errors.EngineUsage("{} needs a value".format(name))
         value = argv.pop(0)
     if name == "--timeout":
-        opts.timeout = _timeout(value, name)
+        opts.timeout = _timeout(value, name, zero_means_none=True)
+    elif name in _HOST_OPTIONS:
+        _host_option(opts, name, value, name)
     elif name == "--log-level":
         opts.log_level = value.upper()
     else:
         setattr(opts, name[2:].replace("-", "_"), value)
 
 
-def _timeout(value, name):
+def _timeout(value, name, zero_means_none=False):
+    """Seconds > 0; with ``zero_means_none``, 0 or "none" is no timeout."""
+    if zero_means_none and value.strip().lower() in ("0", "none"):
+        return None
     try:
         t = float(value)
     except ValueError:
         t = 0
-    if not t > 0:
-        raise errors.EngineUsage("{} must be a positive number of seconds, "
-                                 "got {!r}".format(name, value))
+    if not 0 < t < float("inf"):
+        raise errors.EngineUsage("{} must be a positive number of seconds{}, "
+                                 "got {!r}".format(
+                                     name, " (0: none)" if zero_means_none
+                                     else "", value))
     return t
 
 
@@ -361,11 +507,23 @@ def _driver(text):
                                                         e.colno))
     if not isinstance(driver, dict):
         raise errors.EngineUsage("DRIVER_JSON must be a JSON object")
-    # The embedded backend is the default, so that a bare directory is
-    # enough to try the whole chain on one machine.
-    driver.setdefault("volume_driver", FILE_DRIVER)
+    # ovirt-engine's: which client to run (ManagedBlockExecutor picks
+    # /usr/share/ovirt-engine/managedblock/<adapter>-adapter by it); not an
+    # option of the cinder driver.
+    driver.pop("adapter", None)
     driver.setdefault("volume_backend_name", "file")
     return driver
+
+
+def _check_volume_driver(driver):
+    # No default driver: a storage domain without one is a mistake, and
+    # the embedded FileDriver serves only when named.  (Not a usage error:
+    # the command line is right, the configuration is not.)
+    volume_driver = driver.get("volume_driver")
+    if not volume_driver or not isinstance(volume_driver, str):
+        raise errors.EngineError(
+            "DRIVER_JSON has no volume_driver (the cinder driver class, "
+            "e.g. {})".format(FILE_DRIVER))
 
 
 def _command_args(command, values):

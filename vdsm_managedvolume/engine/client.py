@@ -54,10 +54,18 @@ def main(argv=None):
             opts, request = args.parse(argv)
         except errors.EngineUsage as e:
             _finish(out, outcome.error(e, outcome.EXIT_USAGE))
+        except errors.EngineError as e:
+            # A command line that is well formed but cannot work (a driver
+            # configuration without volume_driver).
+            _finish(out, outcome.error(e, outcome.EXIT_FAILED))
         socket_path = opts.socket or args.default_socket()
         if opts.serve:
             from . import warm
-            _exit(warm.serve(socket_path, opts.log_file, opts.log_level))
+            # The service's own log: stderr (the journal) unless a file is
+            # named; the requests it runs log where each request says.
+            service_log = "" if opts.log_file == args.LOG_STDERR else \
+                opts.log_file
+            _exit(warm.serve(socket_path, service_log, opts.log_level))
         result = None
         if not opts.cold:
             result = forward.forward(request, socket_path)
@@ -108,8 +116,8 @@ def _hide_secrets_from_cmdline(argv):
 
 
 def _log_unexpected(reason, opts):
-    """One ERROR line in the log (stderr by default), never on stdout; the
-    traceback only at DEBUG, as the runner does for failed operations."""
+    """One ERROR line in the log (never stdout, stderr only when asked);
+    the traceback only at DEBUG, as the runner does for failed operations."""
     import logging
     from . import runner
     if opts is None:
@@ -117,6 +125,7 @@ def _log_unexpected(reason, opts):
         filename = os.environ.get(args.ENV_LOG_FILE, "")
     else:
         level, filename = opts.log_level, opts.log_file
+    filename = args.resolve_log_file(filename)
     try:
         runner.configure_logging(level, filename)
     except Exception:

@@ -44,7 +44,10 @@ def forward(request, socket_path):
         except OSError:
             # Stale socket file, or a service going away: nothing was run.
             return None
-        sock.settimeout(request.timeout + KILL_GRACE + 5)
+        # No timeout, no limit: the service answers when the operation ends
+        # (or kills the child of a timed request and closes the socket).
+        sock.settimeout(None if request.timeout is None else
+                        request.timeout + KILL_GRACE + 5)
         try:
             data = _read_all(sock)
         except OSError as e:

@@ -19,12 +19,17 @@ Where upstream is wrong we differ, and say so here:
   remove_snapshot, disconnect: the goal is already reached); upstream also
   exited 0 for extend, clone, connect..., which the engine took as success.
 - connect_volume reuses the connection of the same connector host (as
-  upstream), disconnect/save_device/get_connection_info take an optional
-  connector host and act on that connection only: during a live migration
-  the volume is connected to two hosts, and upstream always used the first
-  connection (or dropped both).
-- create_volume of an existing id with the same size succeeds (the engine
-  retries after a timeout); with another size it fails.
+  upstream, forgetting its old device), disconnect/save_device/
+  get_connection_info take an optional connector host and act on that
+  connection only: during a live migration the volume is connected to two
+  hosts, and upstream always used the first connection (or dropped both).
+- disconnect_volume without a host (the engine's only form) ends only the
+  connections of hosts that say they no longer have the volume
+  (``hosts``); upstream ended every connection, cutting the disk of the
+  host still running the VM.
+- create_volume of an existing id with the same size succeeds when that
+  volume is available or in use (the engine retries after a timeout); with
+  another size, or still "creating" (an abandoned run), it fails.
 - storage_stats parses ``refresh`` ("false" was a true string upstream).
 """
 
@@ -39,7 +44,10 @@ log = logging.getLogger(__name__)
 def create_volume(backend, args):
     vol = _find_volume(backend, args["volume_id"], required=False)
     if vol is not None:
-        if vol.size == args["size"] and vol.status != "error":
+        # Only a finished volume: one in "error", or still "creating" in
+        # another run, is not a success to report to the engine's retry.
+        if vol.size == args["size"] and vol.status in ("available",
+                                                       "in-use"):
             log.info("Volume %s already exists with size %s GiB",
                      vol.id, vol.size)
             return None
@@ -53,6 +61,13 @@ def create_volume(backend, args):
 
 def delete_volume(backend, args):
     vol = _find_volume(backend, args["volume_id"])
+    # The engine deletes only disks no VM uses: a connection still here is
+    # one a disconnect kept because its host could not be asked.  Ended
+    # first (cinder refuses to delete a volume with attachments).
+    for conn in list(vol.connections):
+        log.info("Disconnecting volume %s from host %s before deleting it",
+                 vol.id, _host(conn))
+        conn.disconnect()
     log.info("Deleting volume %s", vol.id)
     vol.delete()
     return None
@@ -65,6 +80,12 @@ def connect_volume(backend, args):
     for conn in vol.connections:
         if host is not None and _host(conn) == host:
             log.info("Volume %s already connected to host %s", vol.id, host)
+            if conn.device:
+                # The engine connects before every attach: the device
+                # saved for this host's earlier attach is gone or about to
+                # be replaced, and save_device must find this connection
+                # again as the one without a device.
+                conn.device_attached(None)
             return _dumps(conn.conn_info)
     log.info("Connecting volume %s to host %s", vol.id, host)
     conn = vol.connect(connector)
@@ -72,6 +93,14 @@ def connect_volume(backend, args):
 
 
 def disconnect_volume(backend, args):
+    """End the connections of the hosts that no longer use the volume.
+
+    With a host: that host's connection.  Without (how ovirt-engine always
+    calls it, after the host's detach_volume): every connected host is
+    asked (``hosts``) and only those that answered that they no longer have
+    the volume lose their connection; a host that cannot be asked keeps
+    its connection (logged).
+    """
     vol = _find_volume(backend, args["volume_id"])
     host = args.get("connector")
     conns = list(vol.connections)
@@ -79,6 +108,8 @@ def disconnect_volume(backend, args):
         conns = [c for c in conns if _host(c) == host]
         if not conns:
             log.info("Volume %s has no connection to host %s", vol.id, host)
+    elif conns:
+        conns = _released(vol, conns, args)
     for conn in conns:
         log.info("Disconnecting volume %s from host %s", vol.id, _host(conn))
         conn.disconnect()
@@ -179,6 +210,29 @@ def _find_volume(backend, vol_id, required=True):
             raise errors.EngineNotFound(kind="Volume", id=vol_id)
         return None
     return vols[0]
+
+
+def _released(vol, conns, args):
+    """The connections whose hosts said they no longer have ``vol``."""
+    from . import hosts
+    settings = hosts.Settings.from_dict(args.get("hosts"))
+    answers = hosts.ask(settings, vol.id, [c.connector_info for c in conns],
+                        flow_id=args.get("correlation_id"))
+    released = []
+    for conn, answer in zip(conns, answers):
+        if answer.attached is None:
+            log.warning("Keeping the connection of volume %s to %s: the "
+                        "host cannot be asked whether it still uses it "
+                        "(%s); disconnect_volume %s %s ends it once you "
+                        "know it does not", vol.id, answer.where(),
+                        answer.reason, vol.id, answer.host)
+        elif answer.attached:
+            log.info("Keeping the connection of volume %s to %s: the "
+                     "volume is attached there", vol.id, answer.where())
+        else:
+            log.info("%s no longer has volume %s", answer.where(), vol.id)
+            released.append(conn)
+    return released
 
 
 def _find_snapshot(vol, snap_id):

@@ -6,12 +6,14 @@ Both ways of running an operation end here: in the command's own process
 printing, so the two ways are byte-identical by construction.
 
 Failures never print a traceback on stdout.  The log gets one ERROR line
-per failure (the log is stderr by default, and ovirt-engine captures
-stderr with stdout: admins read it), the traceback only at DEBUG
-(``--log-level DEBUG``), masked.  The whole operation, cinderlib's import
-and setup included, runs in a worker thread under ``request.timeout``; on
-expiry the caller gets ``error:... did not finish within N seconds`` and
-exits, abandoning the thread.
+per failure, the traceback only at DEBUG (``--log-level DEBUG``), masked.
+The log is a file (the engine's log directory by default, see
+``args.resolve_log_file``); stderr only when asked (``--log-file -``):
+ovirt-engine merges stderr into the output it parses.  The whole
+operation, cinderlib's import and setup included, runs in a worker thread;
+with a timeout configured (none by default), on expiry the caller gets
+``error:... did not finish within N seconds``, exit 1, and the process
+exits, abandoning the operation: never reported as success.
 
 cinderlib pitfalls handled here (docs/dependencies.md, "cinderlib"):
 
@@ -90,7 +92,13 @@ def configure_logging(level="INFO", filename="", flow_id=None, scrub=None):
     child serves one request), ``scrub`` hides the request's secret values.
     """
     level = level.upper()
-    logutil.setup(level=level, filename=filename or None, stream=sys.stderr)
+    unusable = None
+    try:
+        logutil.setup(level=level, filename=filename or None,
+                      stream=sys.stderr)
+    except OSError as e:
+        unusable = e
+        _fallback_logging(level)
     root = logging.getLogger()
     for handler in root.handlers:
         if flow_id is not None:
@@ -108,6 +116,26 @@ def configure_logging(level="INFO", filename="", flow_id=None, scrub=None):
         if logger.level != wanted:
             logger.setLevel(wanted)
     logging.captureWarnings(True)
+    if unusable is not None:
+        log.warning("Cannot write the log file %s (%s); logging to %s",
+                    filename, unusable.strerror or unusable,
+                    _handler_target())
+
+
+def _fallback_logging(level):
+    """The private run directory's log file; never stderr."""
+    fallback = argsmod.fallback_log_file()
+    try:
+        argsmod.private_dirs(os.path.dirname(fallback))
+        logutil.setup(level=level, filename=fallback)
+    except (OSError, errors.Error):
+        logutil.setup(level=level, stream=open(os.devnull, "w"))
+
+
+def _handler_target():
+    for handler in logging.getLogger().handlers:
+        return getattr(handler, "baseFilename", os.devnull)
+    return os.devnull
 
 
 class Scrubber(logging.Filter):
@@ -193,6 +221,23 @@ def backend(cl, driver):
     return cl.Backend(name, **driver)
 
 
+def check_driver(driver):
+    """The driver class must import: no falling back to anything else."""
+    import importlib
+    path = driver.get("volume_driver", "")
+    module, _, name = path.rpartition(".")
+    try:
+        if not module:
+            raise ImportError("not a module.Class path")
+        cls = getattr(importlib.import_module(module), name, None)
+        if cls is None:
+            raise ImportError("module {} has no {}".format(module, name))
+    except Exception as e:
+        raise errors.EngineError(
+            "volume_driver {} cannot be imported: {}".format(
+                path, str(e) or type(e).__name__))
+
+
 # Private helpers
 
 def select_threading_backend():
@@ -219,8 +264,12 @@ def _execute(request, scrub):
             # oslo.log just replaced the root handlers: put ours back.
             configure_logging(request.log_level, request.log_file,
                               request.correlation_id, scrub)
+        check_driver(request.driver)
         be = backend(cl, request.driver)
-        payload = ops.OPERATIONS[request.command](be, request.args)
+        # What disconnect_volume needs to ask the hosts.
+        op_args = dict(request.args, hosts=request.hosts,
+                       correlation_id=request.correlation_id)
+        payload = ops.OPERATIONS[request.command](be, op_args)
     except errors.EngineNotFound as e:
         log.warning("%s: %s", request.command, e)
         code = EXIT_OK if request.command in ops.IDEMPOTENT else EXIT_FAILED

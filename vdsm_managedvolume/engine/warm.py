@@ -299,7 +299,10 @@ class Server:
         self._started(pid, request, "forked")
 
     def _started(self, pid, request, how):
-        self.children[pid] = (time.monotonic() + request.timeout +
+        # No timeout (the default): the child runs as long as its
+        # operation does, as a cold run would.
+        self.children[pid] = (time.monotonic() + (
+            float("inf") if request.timeout is None else request.timeout) +
                               KILL_GRACE)
         with logutil.flow(request.correlation_id):
             log.info("Child %d runs %s (%s)", pid, request.command, how)
@@ -455,14 +458,14 @@ class Server:
         t = time.monotonic()
         worker = threading.Thread(target=work, name="setup", daemon=True)
         worker.start()
-        finished = done.wait(min(request.timeout, SETUP_TIMEOUT))
+        finished = done.wait(_setup_limit(request))
         # oslo.log replaced the root handlers during cl.setup.
         runner.configure_logging(self.log_level, self.log_file)
         with logutil.flow(request.correlation_id):
             if not finished:
                 log.error("cinderlib setup did not finish within %s "
                           "seconds; stopping (commands run cold meanwhile)",
-                          min(request.timeout, SETUP_TIMEOUT))
+                          _setup_limit(request))
                 self.stopping = True
                 self.exit_code = 1
                 return False
@@ -581,9 +584,17 @@ def _answer(conn, outcome):
         pass
 
 
+def _setup_limit(request):
+    """How long cl.setup may take in the parent for ``request``."""
+    if request.timeout is None:
+        return SETUP_TIMEOUT
+    return min(request.timeout, SETUP_TIMEOUT)
+
+
 def _timeout_error(request):
-    return errors.EngineTimeout(operation=request.command,
-                                timeout=runner.seconds(request.timeout))
+    return errors.EngineTimeout(
+        operation="cinderlib setup for " + request.command,
+        timeout=runner.seconds(_setup_limit(request)))
 
 
 def _preload():

@@ -1,0 +1,94 @@
+"""data/managedvolume-adapter: what ovirt-engine runs for the storage
+domains whose driver options hold ``"adapter": "managedvolume"``.
+
+ManagedBlockExecutor resolves the domain's adapter to
+``<ENGINE_USR>/managedblock/<adapter>-adapter`` and runs it with its
+cinderlib client's arguments, from that directory, stderr merged into
+stdout.  The RPM installs the script there with ``client=`` pointing at
+the installed command (tests/rpm_test.py); here the script from the tree
+runs this tree's command.
+"""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from .engine_fixtures import client_argv
+from .engine_fixtures import new_id
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ADAPTER = os.path.join(ROOT, "data", "managedvolume-adapter")
+CONF = os.path.join(ROOT, "data", "managedvolume-adapter.conf")
+
+
+@pytest.fixture
+def adapter(tmp_path):
+    """The adapter in its own 'managedblock' directory, running this
+    tree's client, reading a settings file of the test's."""
+    managedblock = tmp_path / "managedblock"
+    managedblock.mkdir()
+    client = tmp_path / "client"
+    client.write_text("#!/bin/sh\nexec {} \"$@\"\n".format(
+        " ".join(client_argv())))
+    client.chmod(0o755)
+    with open(ADAPTER) as f:
+        script = f.read()
+    path = managedblock / "managedvolume-adapter"
+    path.write_text(script.replace(
+        "\nclient=/usr/bin/managedvolume-cinderlib-client\n",
+        "\nclient={}\n".format(client)))
+    path.chmod(0o755)
+    return path
+
+
+def engine_env(tmp_path, conf):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MANAGEDVOLUME_")}
+    env.update(PYTHONPATH=ROOT, MANAGEDVOLUME_ADAPTER_CONF=str(conf),
+               ENGINE_TMP=str(tmp_path / "engine-tmp"),
+               ENGINE_LOG=str(tmp_path / "engine-log"))
+    return env
+
+
+def test_the_adapter_runs_the_shim_with_its_settings_file(adapter,
+                                                          tmp_path):
+    conf = tmp_path / "managedvolume-adapter.conf"
+    conf.write_text("MANAGEDVOLUME_ENGINE_LOG_FILE={}\n"
+                    "MANAGEDVOLUME_ENGINE_COLD=1\n".format(
+                        tmp_path / "adapter.log"))
+    driver = json.dumps({
+        "adapter": "managedvolume",
+        "volume_driver": "vdsm_managedvolume.engine.filedriver.FileDriver",
+        "volume_backend_name": "file",
+        "file_volume_dir": str(tmp_path / "vols")})
+    db_url = "sqlite:///{}".format(tmp_path / "cinderlib.db")
+    vol = new_id()
+    for argv in (["create_volume", driver, db_url, "flow-a", vol, "1"],
+                 ["connect_volume", driver, db_url, "flow-b", vol,
+                  json.dumps({"host": "h1"})]):
+        # As ManagedBlockExecutor: the adapter's directory, merged output.
+        p = subprocess.run([str(adapter)] + argv, cwd=str(adapter.parent),
+                           env=engine_env(tmp_path, conf),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           timeout=240)
+        assert p.returncode == 0, p.stdout
+    assert p.stdout.startswith(b"flow-b:{") and p.stdout.count(b"\n") == 1
+    log = (tmp_path / "adapter.log").read_text()
+    assert "[flow=flow-a] create_volume done" in log
+    assert "[flow=flow-b] connect_volume done" in log
+
+
+def test_the_shipped_settings_file_sets_nothing_and_parses(adapter,
+                                                           tmp_path):
+    # Every line is a comment: the defaults apply, and sh reads it.
+    with open(CONF) as f:
+        lines = [line for line in f.read().splitlines()
+                 if line and not line.startswith("#")]
+    assert lines == []
+    p = subprocess.run([str(adapter)], env=engine_env(tmp_path, CONF),
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       timeout=240)
+    assert p.returncode == 2
+    assert p.stdout.startswith(b"error:expected SUB-COMMAND")

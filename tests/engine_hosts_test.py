@@ -1,0 +1,258 @@
+"""Live migration and its rollback through the shim, with real hosts.
+
+ovirt-engine never names a host in ``disconnect_volume``: after a
+completed migration it means the source, after a failed one the
+destination (docs/engine.md, "How ovirt-engine drives the shim").  Here
+two real managedvolume-agents (own state dirs, one CA as an engine's
+hosts share) attach the same volume of the embedded FileDriver (a real
+loop device), the shim (warm service) is driven in the engine's order, and
+it asks the hosts over vdsm's protocol with the engine's certificate which
+connection to end.
+"""
+
+import json
+import os
+import shutil
+import socket
+
+import pytest
+
+from .engine_fixtures import loop_devices_under
+from .engine_fixtures import new_id
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+DATA = b"still readable on the host that runs the VM"
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    from .agent_process_test import AgentProcess
+    a = AgentProcess(tmp_path_factory.mktemp("host-a")).start()
+    b = None
+    try:
+        # One CA for both hosts and the engine, as in an oVirt setup: B
+        # starts with A's development PKI (kept, not re-created).
+        b_base = str(tmp_path_factory.mktemp("host-b"))
+        shutil.copytree(os.path.join(a.state_dir, "pki"),
+                        os.path.join(b_base, "state", "pki"))
+        b = AgentProcess(b_base).start()
+        yield {"host-a": a, "host-b": b}
+    finally:
+        for agent in (a, b):
+            if agent is not None:
+                agent.stop()
+
+
+class Engine:
+    """The engine's side of one disk: the shim and the hosts' verbs."""
+
+    def __init__(self, shim, hosts, tmp_path, addresses=None, port=None):
+        self.shim = shim
+        self.hosts = hosts
+        self.vols = str(tmp_path / "vols")
+        self.driver = {
+            "volume_driver":
+                "vdsm_managedvolume.engine.filedriver.FileDriver",
+            "volume_backend_name": "migration",
+            "file_volume_dir": self.vols,
+            "file_volume_use_loop": True,
+        }
+        self.db_url = "sqlite:///{}".format(tmp_path / "cinderlib.db")
+        cert, key, ca = _engine_pki(hosts["host-a"])
+        if addresses is None:
+            addresses = {name: "127.0.0.1:{}".format(agent.port)
+                         for name, agent in hosts.items()}
+        self.options = ["--host-cert", cert, "--host-key", key,
+                        "--host-ca", ca, "--host-timeout", "10"]
+        if addresses:
+            self.options += ["--host-addresses", ",".join(
+                "{}={}".format(h, a) for h, a in addresses.items())]
+        if port is not None:
+            self.options += ["--host-port", str(port)]
+        self.vol = new_id()
+
+    def run(self, *args, cid="flow"):
+        r = self.shim.run(*args, driver=self.driver, db_url=self.db_url,
+                          cid=cid, options=self.options)
+        assert r.code == 0, r.describe()
+        return r
+
+    def connector(self, name, **extra):
+        with self.hosts[name].client() as client:
+            connector = client.call("Host.getCapabilities")["connector_info"]
+        # Both agents run on this machine: give each its own host name.
+        connector.update(host=name, **extra)
+        return connector
+
+    def attach(self, name, **extra):
+        """ManagedBlockStorageCommandUtil.saveDevices on host ``name``:
+        connect_volume, the host's attach_volume, save_device."""
+        conn = self.run("connect_volume", self.vol,
+                        json.dumps(self.connector(name, **extra)),
+                        cid="c").json("c")
+        with self.hosts[name].client() as client:
+            info = client.call("ManagedVolume.attach_volume",
+                               {"vol_id": self.vol, "connection_info": conn})
+        self.run("save_device", self.vol, json.dumps(info))
+        return info
+
+    def detach(self, name):
+        """The host's half of DisconnectManagedBlockStorageDeviceCommand."""
+        with self.hosts[name].client() as client:
+            assert client.call("ManagedVolume.detach_volume",
+                               {"vol_id": self.vol}) is True
+
+    def attached_on(self, name):
+        with self.hosts[name].client() as client:
+            return [i["vol_id"] for i in client.call(
+                "ManagedVolume.volumes_info", {"vol_ids": [self.vol]})]
+
+    def connections(self):
+        """{host: saved device path} of the shim's connections."""
+        found = {}
+        for name in self.hosts:
+            r = self.shim.run("get_connection_info", self.vol, name,
+                              driver=self.driver, db_url=self.db_url,
+                              cid="i", options=self.options)
+            if r.code == 0:
+                found[name] = (r.json("i")["device"] or {}).get("path")
+        return found
+
+    def cleanup(self):
+        for name in self.hosts:
+            if self.attached_on(name):
+                self.detach(name)
+        self.shim.run("delete_volume", self.vol, driver=self.driver,
+                      db_url=self.db_url, options=self.options)
+        leaked = loop_devices_under(self.vols)
+        for dev in leaked:
+            os.system("losetup -d {}".format(dev))
+        return leaked
+
+
+@pytest.fixture
+def engine(engine_service, engine_shim, hosts, tmp_path):
+    made = []
+
+    def make(**kw):
+        e = Engine(engine_shim, hosts, tmp_path, **kw)
+        e.run("create_volume", e.vol, 1)
+        made.append(e)
+        return e
+    yield make
+    for e in made:
+        assert e.cleanup() == []
+
+
+def _engine_pki(agent):
+    """The engine's certificate, key and CA: signed by the hosts' CA."""
+    d = os.path.join(agent.state_dir, "pki")
+    return (os.path.join(d, "client-cert.pem"),
+            os.path.join(d, "client-key.pem"),
+            os.path.join(d, "cacert.pem"))
+
+
+def _write_and_read(path):
+    with open(path, "r+b") as f:
+        f.seek(4096)
+        f.write(DATA)
+        f.flush()
+        os.fsync(f.fileno())
+    with open(path, "rb") as f:
+        f.seek(4096)
+        return f.read(len(DATA))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_completed_migration_ends_the_source_connection_only(
+        engine, engine_service):
+    e = engine()
+    src = e.attach("host-a")
+    dst = e.attach("host-b")
+    assert e.connections() == {"host-a": src["path"], "host-b": dst["path"]}
+
+    # MigrateVmCommand.reportCompleted: the source detaches, then
+    # disconnect_volume without a host.
+    e.detach("host-a")
+    e.run("disconnect_volume", e.vol)
+
+    assert e.connections() == {"host-b": dst["path"]}
+    assert e.attached_on("host-b") == [e.vol]
+    assert _write_and_read(dst["managed_path"]) == DATA
+    log = engine_service.log()
+    assert "host host-a (127.0.0.1:{}) no longer has volume {}".format(
+        e.hosts["host-a"].port, e.vol) in log
+    assert "Keeping the connection of volume {} to host host-b".format(
+        e.vol) in log
+
+    # Stop VM (ProcessDownVmCommand): the last host detaches, the last
+    # connection ends, the loop device goes with it.
+    e.detach("host-b")
+    e.run("disconnect_volume", e.vol)
+    assert e.connections() == {}
+    assert loop_devices_under(e.vols) == []
+
+
+def test_failed_migration_ends_the_destination_connection_only(
+        engine, hosts):
+    # host-b is reached through its connector's ip and --host-port, as
+    # without --host-addresses; host-a through the configured address.
+    e = engine(addresses={"host-a": "127.0.0.1:{}".format(
+        hosts["host-a"].port)}, port=hosts["host-b"].port)
+    src = e.attach("host-a")
+    e.attach("host-b", ip="127.0.0.1")
+
+    # MigrateVmCommand.runningFailed: the destination detaches, then
+    # disconnect_volume without a host, while the VM runs on the source.
+    e.detach("host-b")
+    e.run("disconnect_volume", e.vol)
+
+    assert e.connections() == {"host-a": src["path"]}
+    assert e.attached_on("host-a") == [e.vol]
+    assert _write_and_read(src["managed_path"]) == DATA
+
+    # Migrating again after the rollback: host-b connects anew and
+    # save_device finds its connection (the one without a device).
+    dst = e.attach("host-b", ip="127.0.0.1")
+    assert e.connections() == {"host-a": src["path"], "host-b": dst["path"]}
+
+
+def test_a_host_that_cannot_be_asked_keeps_its_connection(
+        engine, engine_service, hosts):
+    e = engine()
+    e.attach("host-a")
+    dst = e.attach("host-b")
+    # host-b stops answering (nothing listens on its address any more).
+    closed = _free_port()
+    e.options[e.options.index("--host-addresses") + 1] = \
+        "host-a=127.0.0.1:{},host-b=127.0.0.1:{}".format(
+            hosts["host-a"].port, closed)
+
+    e.detach("host-a")
+    e.run("disconnect_volume", e.vol)
+
+    assert e.connections() == {"host-b": dst["path"]}
+    assert "Keeping the connection of volume {} to host host-b: the host " \
+        "cannot be asked".format(e.vol) in engine_service.log()
+    assert "127.0.0.1:{}".format(closed) in engine_service.log()
+
+
+def test_without_the_engines_certificate_no_connection_ends(
+        engine, engine_service, tmp_path):
+    e = engine()
+    e.attach("host-a")
+    e.detach("host-a")
+    missing = str(tmp_path / "no-such-engine.cer")
+    e.options[e.options.index("--host-cert") + 1] = missing
+
+    e.run("disconnect_volume", e.vol)
+
+    assert list(e.connections()) == ["host-a"]
+    assert "cannot load the engine's certificate, key or CA" in \
+        engine_service.log()

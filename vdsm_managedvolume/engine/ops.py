@@ -22,11 +22,11 @@ Where upstream is wrong we differ, and say so here:
   upstream, forgetting its old device), disconnect/save_device/
   get_connection_info take an optional connector host and act on that
   connection only: during a live migration the volume is connected to two
-  hosts, and upstream always used the first connection (or dropped both).
+  hosts, and upstream always used the first connection.
 - disconnect_volume without a host (the engine's only form) ends only the
   connections of hosts that say they no longer have the volume
-  (``hosts``); upstream ended every connection, cutting the disk of the
-  host still running the VM.
+  (``hosts``); upstream ended the first (oldest) one, cutting the disk of
+  the source still running the VM after a failed migration.
 - create_volume of an existing id with the same size succeeds when that
   volume is available or in use (the engine retries after a timeout); with
   another size, or still "creating" (an abandoned run), it fails.

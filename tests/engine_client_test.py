@@ -612,7 +612,8 @@ def test_volume_and_snapshot_ids_must_be_uuids(argv, message):
     from vdsm_managedvolume.engine import args
     argv = [a.replace("VOL", new_id()) for a in argv]
     with pytest.raises(errors.EngineUsage) as e:
-        args.parse([argv[0], FILE_JSON, "sqlite://", "c"] + argv[1:], environ={})
+        args.parse([argv[0], FILE_JSON, "sqlite://", "c"] + argv[1:],
+                   environ={})
     # Exact where the whole message is given; quoting at most 80
     # characters of the value, on one line.
     assert str(e.value).startswith(message)

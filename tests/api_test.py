@@ -61,9 +61,11 @@ def test_classes_take_ctor_args():
 def test_return_key_table():
     assert api.RETURN_KEYS["ManagedVolume_attach_volume"] == "result"
     assert api.RETURN_KEYS["ManagedVolume_volumes_info"] == "result"
+    assert api.RETURN_KEYS["ManagedVolume_extend_volume"] == "result"
     assert "ManagedVolume_detach_volume" not in api.RETURN_KEYS
     assert api.command_info() == {
         "ManagedVolume_attach_volume": {"ret": "result"},
+        "ManagedVolume_extend_volume": {"ret": "result"},
         "ManagedVolume_volumes_info": {"ret": "result"},
     }
 
@@ -80,6 +82,25 @@ def test_detach_returns_status_only(service):
     res = api.ManagedVolume().detach_volume(VOL_ID)
     assert res == {"status": {"code": 0, "message": "Done"}}
     assert service.calls == [("detach_volume", VOL_ID, BLANK_UUID)]
+
+
+def test_extend_returns_result_with_size(service):
+    api.ManagedVolume().attach_volume(VOL_ID, ISCSI_CONNECTION, SD_ID)
+    res = api.ManagedVolume().extend_volume(VOL_ID, SD_ID, 2 * 1024**3)
+    assert res["status"] == {"code": 0, "message": "Done"}
+    assert res["result"] == {"vol_id": VOL_ID,
+                             "path": "/dev/mapper/fake-" + VOL_ID[:8],
+                             "size": 2 * 1024**3}
+    assert service.calls[-1] == ("extend_volume", VOL_ID, SD_ID,
+                                 2 * 1024**3)
+
+
+def test_extend_of_unknown_volume_is_invalid_vol_id(service):
+    res = api.ManagedVolume().extend_volume(VOL_ID)
+    assert res["status"]["code"] == -32602
+    assert "vol_id" in res["status"]["message"]
+    assert "not attached on this host" in res["status"]["message"]
+    assert service.calls == [("extend_volume", VOL_ID, BLANK_UUID, None)]
 
 
 def test_service_error_becomes_status(service):

@@ -35,35 +35,46 @@ RUNNER = """
 import json, sys
 from tests.host_fixtures import make_cfg
 from vdsm_managedvolume import errors, service
+from tests import fakebrick
 base, mode, vol_id, ci = sys.argv[1], sys.argv[2], sys.argv[3], \
     json.loads(sys.argv[4])
 svc = service.Service(make_cfg(base))
 svc.start()
 try:
+    if mode == "extend":
+        fakebrick.set_array_size(ci["data"]["fake_key"], %(small)d)
     res = svc.attach_volume(vol_id, ci)
     if mode == "detach":
         svc.detach_volume(vol_id)
+    if mode == "extend":
+        fakebrick.set_array_size(ci["data"]["fake_key"], %(large)d)
+        svc.extend_volume(vol_id)
 except errors.Error as e:
     print(json.dumps({"error": e.code}), flush=True)
     sys.exit(3)
 finally:
     svc.close()
 print(json.dumps({"ok": True}), flush=True)
-"""
+""" % {"small": 1024**2, "large": 2 * 1024**2}
 
 ATTACH_POINTS = sorted(p for p in faults.POINTS
                        if p.startswith(("attach.", "privsep.connect.")))
 DETACH_POINTS = sorted(p for p in faults.POINTS
                        if p.startswith(("detach.", "privsep.disconnect.")))
+EXTEND_POINTS = sorted(p for p in faults.POINTS
+                       if p.startswith(("extend.", "privsep.extend.")))
 
 
 def test_every_crash_point_is_covered():
-    assert set(ATTACH_POINTS) | set(DETACH_POINTS) == faults.POINTS
+    assert set(ATTACH_POINTS) | set(DETACH_POINTS) | set(EXTEND_POINTS) \
+        == faults.POINTS
     for name in ("attach.after_record", "attach.after_connect",
                  "attach.after_attachment", "attach.after_udev",
                  "attach.after_link", "detach.after_record",
                  "detach.after_unlink", "detach.after_rule",
-                 "detach.after_disconnect", "privsep.connect.after"):
+                 "detach.after_disconnect", "privsep.connect.after",
+                 "extend.after_record", "extend.after_rescan",
+                 "privsep.extend.before", "privsep.extend.after"):
         assert name in faults.POINTS
 
 
@@ -114,6 +125,69 @@ def test_crash_at_point_converges_on_next_start(point, tmp_path, real_brick,
             # Died holding a connection: something to converge.
             assert key in fakebrick.connected()
     assert_converged(cfg, real_brick, key)
+
+
+@pytest.mark.parametrize("point", EXTEND_POINTS)
+def test_crash_during_extend_keeps_the_volume_and_records_its_size(
+        point, tmp_path, real_brick, real_fakebrick_dir):
+    base = str(tmp_path)
+    cfg = make_cfg(base)
+    ci = iscsi_connection(cfg)
+    key = ci["data"]["fake_key"]
+    vol_id = new_id()
+    res = run_child(base, "extend", vol_id, ci, point)
+    if point.startswith("privsep."):
+        # The daemon died under the child: HelperFailed, handled there.
+        assert res.returncode == 3, res.stderr.decode()[-2000:]
+        assert json.loads(res.stdout) == {"error": 926}
+    else:
+        assert res.returncode == -signal.SIGKILL, \
+            res.stderr.decode()[-2000:]
+    rescanned = point in ("privsep.extend.after", "extend.after_rescan")
+    svc = service.Service(cfg, brick=real_brick)
+    svc.start()
+    try:
+        rec, = svc._db().volumes()
+        # Still attached, with the size its device shows (the rescan done
+        # or not), never a mark left over.
+        assert (rec["state"], rec["extending"]) == ("attached", None)
+        assert rec["size"] == (2 if rescanned else 1) * 1024**2
+        assert svc.reconcile() == []
+        # Extending again converges to the storage's size.
+        assert svc.extend_volume(vol_id)["size"] == 2 * 1024**2
+        svc.detach_volume(vol_id)
+    finally:
+        svc.close()
+    assert key not in fakebrick.connected()
+    assert_converged(cfg, real_brick, key)
+
+
+def test_extend_timeout_kills_the_rescan_and_keeps_the_volume(
+        tmp_path, real_fakebrick_dir):
+    cfg, brick = _private_brick(str(tmp_path), timeout=1.0)
+    svc = service.Service(cfg, brick=brick)
+    svc.start()
+    try:
+        ci = iscsi_connection(cfg, fake_sleep_extend=5)
+        key = ci["data"]["fake_key"]
+        vol_id = new_id()
+        fakebrick.set_array_size(key, 1024**2)
+        svc.attach_volume(vol_id, ci)
+        fakebrick.set_array_size(key, 2 * 1024**2)
+        with pytest.raises(errors.HelperTimeout) as e:
+            svc.extend_volume(vol_id)
+        assert e.value.code == 931
+        assert "extend" in str(e.value)
+        rec, = svc._db().volumes()
+        assert (rec["state"], rec["size"], rec["extending"]) == (
+            "attached", 1024**2, None)
+        # The daemon died at the deadline: the slow rescan never finished.
+        time.sleep(0.5)
+        assert "extend " + key not in fakebrick.calls()
+        svc.detach_volume(vol_id)
+    finally:
+        svc.close()
+        brick.stop()
 
 
 def test_reconcile_is_idempotent_after_an_interrupted_attach(

@@ -63,6 +63,28 @@ def test_paths_that_are_not_block_devices_are_not_judged(tmp_path):
     assert devices.in_use(str(tmp_path / "missing")) is None
 
 
+def test_size_of_a_loop_device_follows_its_capacity(loop_device):
+    size = os.path.getsize(loop_device.backing)
+    assert devices.size(loop_device.path) == size
+    with open(loop_device.backing, "r+b") as f:
+        f.truncate(3 * size)
+    # The kernel sees nothing until the capacity is re-read.
+    assert devices.size(loop_device.path) == size
+    run("losetup", "-c", loop_device.path)
+    assert devices.size(loop_device.path) == 3 * size
+
+
+def test_size_of_a_file_a_link_and_what_has_none(tmp_path):
+    f = tmp_path / "f"
+    f.write_bytes(b"x" * 1234)
+    link = tmp_path / "link"
+    link.symlink_to(f)
+    assert devices.size(str(f)) == 1234
+    assert devices.size(str(link)) == 1234
+    assert devices.size(str(tmp_path / "missing")) is None
+    assert devices.size("/dev/null") is None      # a character device
+
+
 def test_local_attach_of_a_mounted_device_is_refused_and_nothing_changes(
         mounted, inproc_service):
     svc = inproc_service

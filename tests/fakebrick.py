@@ -16,15 +16,26 @@ Faked protocols and what ``connect_volume`` returns (os-brick's shapes):
         {"type": "block", "path": "<fake_dev_dir>/nvme-<key>"} (or
         "/dev/nvme0n1" without fake_dev_dir)
 
+``extend_volume`` (os-brick's rescan) makes the device what the storage
+holds: the test grows the "LUN" with ``set_array_size(key, size)``
+(``array/<key>``), as the engine's extend makes the array grow it, and the
+device stand-in (``devices/<key>``, a sparse file) takes that length at
+connect and at extend, not before.  It returns the device's size in
+bytes, as os-brick's connectors do.  With ``fake_device`` (a real block
+device) the size is that device's.
+
 State (so that tests can see what is "connected") lives under
 ``$MANAGEDVOLUME_FAKEBRICK_DIR`` (required):
 
     connected/<key>     JSON of the attachment while connected
-    devices/<key>       an empty file standing in for the block device
+    devices/<key>       a file standing in for the block device (empty
+                        unless array/<key> gives a size)
+    array/<key>         the size the storage gives the volume (bytes)
     calls.log           one line per event: "connect-start <key>" (before
                         any sleep or failure), "connect <key>",
                         "connect-failed <key>", "disconnect <key>",
-                        "disconnect-failed <key>"
+                        "disconnect-failed <key>", "extend-start <key>",
+                        "extend <key>", "extend-failed <key>"
 
 ``<key>`` is ``data["fake_key"]`` when given, else derived from the target
 (iscsi: target_iqn + target_lun, fc: target_wwn + target_lun, rbd: name,
@@ -50,6 +61,8 @@ Knobs in ``connection_info["data"]`` (all optional):
     fake_sleep          seconds to sleep in connect before connecting
                         (-> HelperTimeout with a short cfg.timeout)
     fake_sleep_disconnect  the same for disconnect
+    fake_fail_extend    the same as fake_fail, at extend
+    fake_sleep_extend   the same as fake_sleep, at extend
     fake_log_thread     log "fake thread <key>" (INFO, logger
                         tests.fakebrick) from a thread spawned the way
                         os-brick spawns them (os_brick.executor.Thread),
@@ -107,6 +120,15 @@ def connected(directory=None):
         return []
 
 
+def set_array_size(key, size, directory=None):
+    """Grow (or set) the storage's size of volume ``key`` (for tests): the
+    host sees it after its next connect or extend."""
+    d = os.path.join(directory or state_dir(), "array")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, key), "w") as f:
+        f.write(str(int(size)))
+
+
 def calls(directory=None):
     """The lines of calls.log (for tests)."""
     try:
@@ -135,6 +157,7 @@ class FakeConnector:
         os.makedirs(os.path.join(d, "devices"), exist_ok=True)
         device = os.path.join(d, "devices", key)
         open(device, "a").close()
+        _rescan(device, key)
         link = self.link(data, attachment)
         if link:
             os.makedirs(os.path.dirname(link), exist_ok=True)
@@ -166,6 +189,28 @@ class FakeConnector:
         _silent_remove(path)
         _silent_remove(os.path.join(d, "devices", key))
         _record("disconnect", key)
+
+    def extend_volume(self, data):
+        key = self.key(data)
+        _record("extend-start", key)
+        _sleep(data.get("fake_sleep_extend"))
+        if data.get("fake_fail_extend"):
+            _record("extend-failed", key)
+            raise FakeConnectorError(
+                _failure(data, "fake_fail_extend", "Rescan"))
+        d = state_dir()
+        if not os.path.exists(os.path.join(d, "connected", key)):
+            _record("extend-failed", key)
+            raise FakeConnectorError(
+                "Couldn't find any volume paths on the host to extend "
+                "volume {}".format(key))
+        if data.get("fake_device"):
+            from vdsm_managedvolume import devices
+            size = devices.size(data["fake_device"])
+        else:
+            size = _rescan(os.path.join(d, "devices", key), key)
+        _record("extend", key)
+        return size
 
     def key(self, data):
         return data.get("fake_key") or self._key(data).replace("/", "_")
@@ -272,6 +317,19 @@ def _log_from_brick_thread(key):
     t = executor.Thread(target=log.info, args=("fake thread %s", key))
     t.start()
     t.join()
+
+
+def _rescan(device, key):
+    """Give the device stand-in the storage's size (when one is set);
+    return its size."""
+    try:
+        with open(os.path.join(state_dir(), "array", key)) as f:
+            size = int(f.read())
+    except FileNotFoundError:
+        return os.path.getsize(device)
+    with open(device, "r+b") as f:
+        f.truncate(size)
+    return size
 
 
 def _sleep(seconds):

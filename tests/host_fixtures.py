@@ -159,6 +159,19 @@ class InProcessBrick:
         except fakebrick.FakeConnectorError as e:
             raise errors.ConnectorFailed(str(e))
 
+    def extend(self, connection_info):
+        """os-brick's extend_volume: the fake's rescan; ``local`` runs
+        nothing and reports the device's size, as LocalConnector does."""
+        self.calls.append(("extend", connection_info))
+        conn = self._connector(connection_info)
+        if conn is None:
+            from vdsm_managedvolume import devices
+            return devices.size(connection_info["data"]["device_path"])
+        try:
+            return conn.extend_volume(dict(connection_info["data"]))
+        except fakebrick.FakeConnectorError as e:
+            raise errors.HelperFailed(str(e))
+
     def add_udev_rule(self, sd_id, vol_id, path):
         from vdsm_managedvolume import udev
         self.calls.append(("add_udev_rule", sd_id, vol_id, path))

@@ -61,6 +61,25 @@ def test_positional_params_in_schema_order(dispatcher, fake_service):
         ("detach_volume", VOL_ID, SD_ID)]
 
 
+def test_extend_positional_and_named_with_the_optional_new_size(
+        dispatcher, fake_service):
+    call(dispatcher, "ManagedVolume.attach_volume",
+         [VOL_ID, ISCSI_CONNECTION])
+    res = call(dispatcher, "ManagedVolume.extend_volume", [VOL_ID])
+    assert res["result"]["size"] == 1024**3
+    res = call(dispatcher, "ManagedVolume.extend_volume",
+               {"vol_id": VOL_ID, "new_size": 2 * 1024**3})
+    assert res["result"] == {"vol_id": VOL_ID, "size": 2 * 1024**3,
+                             "path": "/dev/mapper/fake-" + VOL_ID[:8]}
+    assert fake_service.calls[1:] == [
+        ("extend_volume", VOL_ID, BLANK_UUID, None),
+        ("extend_volume", VOL_ID, BLANK_UUID, 2 * 1024**3)]
+    res = call(dispatcher, "ManagedVolume.extend_volume",
+               {"vol_id": VOL_ID, "new_size": "2G"})
+    assert res["error"]["code"] == -32602
+    assert "new_size" in res["error"]["message"]
+
+
 def test_params_may_be_omitted(dispatcher, fake_service):
     res = call(dispatcher, "ManagedVolume.volumes_info")
     assert res["result"] == []

@@ -2,6 +2,7 @@
 daemon, on a real loop device."""
 
 import os
+import subprocess
 
 import pytest
 
@@ -135,3 +136,52 @@ def test_record_the_channel_cannot_carry_is_forgotten_by_detach(
     svc._db().add_volume(vol_id, SD, ci)
     svc.detach_volume(vol_id, SD)
     assert svc.volumes_info([vol_id]) == []
+
+
+def test_local_extend_sees_the_grown_loop_device_and_keeps_the_data(
+        local_service, loop_device):
+    svc = local_service
+    vol_id = new_id()
+    ci = {"driver_volume_type": "local",
+          "data": {"device_path": loop_device.path}}
+    old = os.path.getsize(loop_device.backing)
+    res = svc.attach_volume(vol_id, ci, SD)
+    assert svc.volumes_info([vol_id])[0]["size"] == old
+
+    pattern = os.urandom(BLOCK)
+    fd = os.open(res["managed_path"], os.O_RDWR)
+    try:
+        os.pwrite(fd, pattern, old - BLOCK)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+    # What the storage does: grow the backing file, make the loop device
+    # see it (the file driver's extend_volume does the same).
+    with open(loop_device.backing, "r+b") as f:
+        f.truncate(2 * old)
+    subprocess.run(["losetup", "-c", loop_device.path], check=True)
+
+    # os-brick's LocalConnector.extend_volume runs blockdev --getsize64
+    # in the daemon; the service reads the device's size itself.
+    out = svc.extend_volume(vol_id, SD, 2 * old)
+    assert out == {"vol_id": vol_id, "path": loop_device.path,
+                   "size": 2 * old}
+    assert svc.volumes_info([vol_id])[0]["size"] == 2 * old
+
+    fd = os.open(res["managed_path"], os.O_RDWR)
+    try:
+        assert os.pread(fd, BLOCK, old - BLOCK) == pattern
+        past = os.urandom(BLOCK)
+        os.pwrite(fd, past, old + BLOCK)
+        os.fsync(fd)
+        assert os.pread(fd, BLOCK, old + BLOCK) == past
+    finally:
+        os.close(fd)
+
+    # Asking for more than the storage gave: 926 naming both sizes.
+    with pytest.raises(errors.ExtendIncomplete) as e:
+        svc.extend_volume(vol_id, SD, 3 * old)
+    assert str(2 * old) in str(e.value) and str(3 * old) in str(e.value)
+    assert svc.volumes_info([vol_id])[0]["size"] == 2 * old
+    svc.detach_volume(vol_id, SD)

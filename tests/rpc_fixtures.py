@@ -82,6 +82,14 @@ class FakeService:
         self._called("detach_volume", vol_id, sd_id)
         self.volumes.pop(vol_id, None)
 
+    def extend_volume(self, vol_id, sd_id=BLANK_UUID, new_size=None):
+        self._called("extend_volume", vol_id, sd_id, new_size)
+        if vol_id not in self.volumes:
+            raise errors.NotAttached(vol_id=vol_id, reason="no record")
+        v = self.volumes[vol_id]
+        v["size"] = new_size or v.get("size") or 1024**3
+        return {"vol_id": vol_id, "path": v["path"], "size": v["size"]}
+
     def volumes_info(self, vol_ids=(), include_secrets=False):
         self._called("volumes_info", list(vol_ids), include_secrets)
         wanted = set(vol_ids) or set(self.volumes)

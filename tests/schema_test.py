@@ -47,6 +47,7 @@ def test_verbs_are_the_contract_ones():
         "Host.getCapabilities",
         "ManagedVolume.attach_volume",
         "ManagedVolume.detach_volume",
+        "ManagedVolume.extend_volume",
         "ManagedVolume.volumes_info",
     ]
 
@@ -59,6 +60,10 @@ def test_verbs_are_the_contract_ones():
     ("ManagedVolume.detach_volume", [
         ("vol_id", "UUID", True, None),
         ("sd_id", "UUID", False, BLANK_UUID)]),
+    ("ManagedVolume.extend_volume", [
+        ("vol_id", "UUID", True, None),
+        ("sd_id", "UUID", False, BLANK_UUID),
+        ("new_size", "long", False, None)]),
     ("ManagedVolume.volumes_info", [
         ("vol_ids", "[UUID]", False, []),
         ("include_secrets", "boolean", False, False)]),
@@ -94,7 +99,7 @@ def test_error_codes_documented_match_errors_module():
 def test_namespaces_and_verbs_listing():
     assert S.namespaces() == ["Host", "ManagedVolume"]
     assert [m.verb for m in S.verbs("ManagedVolume")] == [
-        "attach_volume", "detach_volume", "volumes_info"]
+        "attach_volume", "detach_volume", "extend_volume", "volumes_info"]
     assert S.method("ManagedVolume.detach_volume").summary.startswith(
         "Detach a managed volume")
 

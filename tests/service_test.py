@@ -306,6 +306,199 @@ def test_detach_of_vanished_device_succeeds_even_if_disconnect_fails(
     assert records(svc) == []
 
 
+# Extend
+
+GiB = 1024**3
+
+
+def fc_connection(cfg, key):
+    return {"driver_volume_type": "fibre_channel",
+            "data": {"target_wwn": ["500a0981" + key[-8:]], "target_lun": 2,
+                     "fake_key": key, "fake_dev_dir": cfg.multipath_dir}}
+
+
+def attached_at(svc, make, size):
+    """Attach a fake volume the storage gives ``size`` bytes; return
+    (vol_id, connection_info, fake key, attach result)."""
+    vol_id = new_id()
+    ci = make(svc.cfg)
+    key = fakebrick.get_connector(
+        ci["driver_volume_type"], ci, "sudo").key(ci["data"])
+    fakebrick.set_array_size(key, size)
+    return vol_id, ci, key, svc.attach_volume(vol_id, ci, SD)
+
+
+@pytest.mark.parametrize("make", [
+    iscsi_connection,
+    lambda cfg: fc_connection(cfg, "k-" + new_id()[:12]),
+    rbd_connection,
+], ids=["iscsi", "fibre_channel", "rbd"])
+def test_extend_rescans_and_records_the_size_the_device_now_has(
+        inproc_service, inproc_brick, make):
+    svc = inproc_service
+    vol_id, ci, key, res = attached_at(svc, make, GiB)
+    info, = svc.volumes_info([vol_id])
+    assert info["size"] == GiB                # read at attach
+    fakebrick.set_array_size(key, 2 * GiB)    # the storage grew it
+    assert os.path.getsize(res["path"]) == GiB  # not seen before a rescan
+    out = svc.extend_volume(vol_id, SD, 2 * GiB)
+    assert out == {"vol_id": vol_id, "path": res["path"], "size": 2 * GiB}
+    assert os.path.getsize(res["path"]) == 2 * GiB
+    assert inproc_brick.calls[-1] == ("extend", ci)
+    assert "extend " + key in fakebrick.calls()
+    info, = svc.volumes_info([vol_id])
+    assert info["size"] == 2 * GiB
+    rec, = records(svc)
+    assert (rec["state"], rec["size"], rec["extending"]) == (
+        "attached", 2 * GiB, None)
+    assert svc.reconcile() == []
+
+
+def test_extend_without_new_size_reports_whatever_the_device_has(
+        inproc_service):
+    svc = inproc_service
+    vol_id, _, key, res = attached_at(svc, iscsi_connection, GiB)
+    assert svc.extend_volume(vol_id)["size"] == GiB
+    fakebrick.set_array_size(key, 3 * GiB)
+    assert svc.extend_volume(vol_id)["size"] == 3 * GiB
+    # Idempotent: again is the same answer.
+    assert svc.extend_volume(vol_id)["size"] == 3 * GiB
+
+
+def test_extend_still_smaller_than_new_size_is_926_naming_both_sizes(
+        inproc_service):
+    svc = inproc_service
+    vol_id, _, key, res = attached_at(svc, iscsi_connection, GiB)
+    fakebrick.set_array_size(key, GiB + 4096)    # grown, not enough
+    with pytest.raises(errors.ExtendIncomplete) as e:
+        svc.extend_volume(vol_id, new_size=2 * GiB)
+    assert e.value.code == 926
+    msg = str(e.value)
+    assert str(GiB + 4096) in msg and str(2 * GiB) in msg
+    assert vol_id in msg and res["path"] in msg
+    rec, = records(svc)
+    # The journal keeps the last size seen; the volume stays attached.
+    assert (rec["state"], rec["size"], rec["extending"]) == (
+        "attached", GiB + 4096, None)
+
+
+def test_extend_of_unknown_volume_is_not_attached_and_rescans_nothing(
+        inproc_service, inproc_brick):
+    vol_id = new_id()
+    with pytest.raises(errors.NotAttached) as e:
+        inproc_service.extend_volume(vol_id, new_size=GiB)
+    assert e.value.code == -32602
+    assert "vol_id" in str(e.value) and vol_id in str(e.value)
+    assert "not attached on this host (no record)" in str(e.value)
+    assert inproc_brick.calls == []
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("reboot", "managed link is missing"),
+    ("device", "is gone"),
+    ("attaching", "'attaching'"),
+    ("detaching", "'detaching'"),
+])
+def test_extend_of_a_volume_not_live_here_rescans_nothing(
+        inproc_service, inproc_brick, damage, reason):
+    svc = inproc_service
+    vol_id, _, key, res = attached_at(svc, iscsi_connection, GiB)
+    if damage == "reboot":
+        # tmpfs run dir emptied: the record is from another boot, the
+        # same path may name another device now.
+        os.unlink(res["managed_path"])
+    elif damage == "device":
+        os.unlink(res["path"])
+    else:
+        svc._db().update_volume(vol_id, state=damage)
+    del inproc_brick.calls[:]
+    with pytest.raises(errors.NotAttached, match=reason):
+        svc.extend_volume(vol_id, SD)
+    assert inproc_brick.calls == []
+    assert "extend-start " + key not in fakebrick.calls()
+    rec, = records(svc)
+    assert rec["extending"] is None and rec["size"] == GiB
+
+
+def test_extend_failure_records_the_size_seen_and_clears_the_mark(
+        inproc_service):
+    svc = inproc_service
+    vol_id = new_id()
+    ci = iscsi_connection(svc.cfg, fake_fail_extend="rescan refused")
+    svc.attach_volume(vol_id, ci)
+    with pytest.raises(errors.HelperFailed, match="rescan refused"):
+        svc.extend_volume(vol_id)
+    rec, = records(svc)
+    assert (rec["state"], rec["size"], rec["extending"]) == (
+        "attached", 0, None)
+
+
+def test_extend_validates_params_before_anything(inproc_service,
+                                                 inproc_brick):
+    svc = inproc_service
+    vol_id, _, _, _ = attached_at(svc, iscsi_connection, GiB)
+    del inproc_brick.calls[:]
+    for kwargs, name in [({"vol_id": "../x"}, "vol_id"),
+                         ({"sd_id": "x"}, "sd_id"),
+                         ({"new_size": 0}, "new_size"),
+                         ({"new_size": -1}, "new_size"),
+                         ({"new_size": True}, "new_size"),
+                         ({"new_size": "2G"}, "new_size"),
+                         ({"new_size": 2**63}, "new_size")]:
+        args = dict({"vol_id": vol_id}, **kwargs)
+        with pytest.raises(errors.InvalidParams) as e:
+            svc.extend_volume(**args)
+        assert e.value.name == name
+    assert inproc_brick.calls == []
+
+
+def test_extend_with_another_sd_id_uses_the_record(inproc_service):
+    svc = inproc_service
+    vol_id, _, key, res = attached_at(svc, iscsi_connection, GiB)
+    fakebrick.set_array_size(key, 2 * GiB)
+    assert svc.extend_volume(vol_id)["size"] == 2 * GiB   # blank sd_id
+    assert os.readlink(link_of(svc, vol_id, SD)) == res["path"]
+
+
+def test_reconcile_records_the_size_after_an_interrupted_extend(
+        inproc_service):
+    svc = inproc_service
+    vol_id, _, key, res = attached_at(svc, iscsi_connection, GiB)
+    # As a crash between the rescan and the journal update leaves it.
+    svc._db().update_volume(vol_id, extending=2 * GiB)
+    fakebrick.set_array_size(key, 2 * GiB)
+    fakebrick.get_connector("iscsi", None, "sudo").extend_volume(
+        iscsi_connection(svc.cfg, key=key)["data"])
+    plan = svc.reconcile(apply=False)
+    assert plan == [{"vol_id": vol_id, "state": "attached",
+                     "action": "record-size", "result": "planned"}]
+    assert records(svc)[0]["extending"] == 2 * GiB
+    assert svc.reconcile()[0]["result"] == "done"
+    rec, = records(svc)
+    assert (rec["size"], rec["extending"]) == (2 * GiB, None)
+    assert svc.reconcile() == []
+
+
+def test_reconcile_after_an_interrupted_extend_of_a_gone_device_keeps_size(
+        inproc_service):
+    svc = inproc_service
+    vol_id, _, _, res = attached_at(svc, iscsi_connection, GiB)
+    svc._db().update_volume(vol_id, extending=0)
+    os.unlink(res["path"])
+    assert [e["action"] for e in svc.reconcile()] == ["stale"]
+    rec, = records(svc)
+    assert (rec["size"], rec["extending"]) == (GiB, None)
+
+
+def test_reattach_reads_the_size_again(inproc_service):
+    svc = inproc_service
+    vol_id, ci, key, res = attached_at(svc, iscsi_connection, GiB)
+    os.unlink(res["managed_path"])            # after a reboot
+    fakebrick.set_array_size(key, 5 * GiB)
+    svc.attach_volume(vol_id, ci, SD)
+    assert svc.volumes_info([vol_id])[0]["size"] == 5 * GiB
+
+
 # volumes_info
 
 def test_volumes_info_masks_secrets_unless_asked(inproc_service):
@@ -321,7 +514,7 @@ def test_volumes_info_masks_secrets_unless_asked(inproc_service):
     assert "AQBsecret" not in json.dumps(info)
     assert info[1]["connection_info"]["data"]["auth_username"] == "chapuser"
     assert set(info[1]) == {"vol_id", "connection_info", "path",
-                            "attachment", "managed_path", "exists"}
+                            "attachment", "managed_path", "exists", "size"}
     assert info[1]["exists"] is True
     full = svc.volumes_info([b], include_secrets=True)
     assert full[0]["connection_info"] == ci
@@ -517,7 +710,8 @@ def test_closed_service_refuses_calls(host_cfg, inproc_brick):
 
 @pytest.mark.root
 @pytest.mark.slow
-def test_secrets_never_in_logs_of_attach_and_failed_attach(real_service):
+def test_secrets_never_in_logs_of_attach_extend_and_their_failures(
+        real_service):
     svc = real_service
     lines = []
 
@@ -542,20 +736,30 @@ def test_secrets_never_in_logs_of_attach_and_failed_attach(real_service):
             ci = iscsi_connection(svc.cfg)
             vol_id = new_id()
             svc.attach_volume(vol_id, ci)
+            svc.extend_volume(vol_id)
             svc.volumes_info()
             svc.detach_volume(vol_id)
             bad = iscsi_connection(svc.cfg, fake_fail=True)
             with pytest.raises(errors.HelperFailed) as e:
                 svc.attach_volume(new_id(), bad)
+            bad_extend = iscsi_connection(svc.cfg, fake_fail_extend=True)
+            vol_id = new_id()
+            svc.attach_volume(vol_id, bad_extend)
+            with pytest.raises(errors.HelperFailed) as e2:
+                svc.extend_volume(vol_id)
+            svc.detach_volume(vol_id)
     finally:
         root.removeHandler(filtered)
         root.setLevel(old_level)
         logging.getLogger("managedvolume").removeHandler(plain)
     text = "\n".join(lines)
     assert "Attaching volume" in text
-    for secret in (ci["data"]["auth_password"], bad["data"]["auth_password"]):
+    assert "Extending volume" in text and "Rescan failed" in text
+    for secret in (ci["data"]["auth_password"], bad["data"]["auth_password"],
+                   bad_extend["data"]["auth_password"]):
         assert secret not in text
         assert secret not in str(e.value)
+        assert secret not in str(e2.value)
     assert "chapuser" in text
 
 

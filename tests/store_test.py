@@ -150,6 +150,30 @@ def test_vdsm_database_is_migrated_in_place(tmp_path):
         assert s.version_info()["version"] == store.VERSION
 
 
+def test_version_2_database_gains_size_and_extending(tmp_path):
+    path = str(tmp_path / "mv.db")
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE versions (version INTEGER PRIMARY KEY, "
+                 "description TEXT, updated datetime)")
+    for version, description, script in store.MIGRATIONS[:2]:
+        conn.executescript(script)
+        conn.execute("INSERT INTO versions VALUES (?, ?, 'now')",
+                     (version, description))
+    conn.execute("INSERT INTO volumes (vol_id, path, connection_info) "
+                 "VALUES (?, '/dev/mapper/3600a', ?)", (VOL, json.dumps(CI)))
+    conn.commit()
+    conn.close()
+
+    with store.open(path) as s:
+        assert s.version_info()["version"] == store.VERSION
+        rec = s.get_volume(VOL)
+        assert (rec["state"], rec["size"], rec["extending"]) == (
+            "attached", None, None)
+        s.update_volume(VOL, size=2 * 1024**3, extending=0)
+        rec = s.get_volume(VOL)
+        assert (rec["size"], rec["extending"]) == (2 * 1024**3, 0)
+
+
 def test_newer_database_is_refused(tmp_path):
     path = str(tmp_path / "mv.db")
     store.open(path).close()

@@ -172,7 +172,7 @@ def _add_records(cfg, tmp_path):
         db.add_volume(VOL_ID, SD_ID, ISCSI)
         db.update_volume(VOL_ID, state="attached", path=str(device),
                          attachment={"path": str(device), "type": "block"},
-                         managed_path="/run/x")
+                         managed_path="/run/x", size=1073741824)
         db.add_volume(VOL_ID2, SD_ID, {"driver_volume_type": "rbd",
                                        "data": {"name": "pool/v",
                                                 "keyring": SECRET}})
@@ -203,6 +203,7 @@ def test_list_shows_state_type_age_and_path_and_masks_secrets(
     assert row2.split()[3].endswith("s")        # age in seconds: "0m3s"
     assert row2.split()[4] == str(device)
     assert "auth_username" in p.stdout          # -l shows connection_info
+    assert "  size            1073741824" in lines
     assert SECRET not in p.stdout + p.stderr
 
 

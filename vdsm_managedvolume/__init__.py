@@ -6,7 +6,8 @@ Layers, top to bottom (each module named for one idea):
     agent       -> the standalone server: connections, heart-beats, pool
     jsonrpc     -> protocol: JSON-RPC 2.0 dispatch against the schema
     api, schema -> vdsm conventions: schema YAML, API class, return keys
-    service     -> attach / detach / volumes_info logic, locks, journal
+    service     -> attach / detach / extend / volumes_info logic, locks,
+                   journal
     privileged  -> oslo.privsep daemon running os-brick
     store       -> the SQLite journal
 

@@ -50,6 +50,7 @@ BLANK_UUID = "00000000-0000-0000-0000-000000000000"
 RETURN_KEYS = {
     "ManagedVolume_attach_volume": "result",
     "ManagedVolume_volumes_info": "result",
+    "ManagedVolume_extend_volume": "result",
     "Host_getCapabilities": "info",
 }
 
@@ -148,6 +149,13 @@ class ManagedVolume(APIBase):
                      lambda s: s.detach_volume(vol_id, sd_id),
                      key=None,
                      args={"vol_id": vol_id, "sd_id": sd_id})
+
+    def extend_volume(self, vol_id, sd_id=BLANK_UUID, new_size=None):
+        return _call("ManagedVolume.extend_volume",
+                     lambda s: s.extend_volume(vol_id, sd_id, new_size),
+                     key="result",
+                     args={"vol_id": vol_id, "sd_id": sd_id,
+                           "new_size": new_size})
 
     def volumes_info(self, vol_ids=(), include_secrets=False):
         return _call("ManagedVolume.volumes_info",

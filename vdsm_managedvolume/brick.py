@@ -17,6 +17,7 @@ Inside the daemon::
     connector_properties()  \
     connect_volume()         |
     disconnect_volume()      > each in a thread of the daemon's pool
+    extend_volume()          |
     add_udev_rule()          |
     remove_udev_rule()      /
 
@@ -276,6 +277,28 @@ def disconnect_volume(connection_info, attachment, deadline, flow_id):
         conn.disconnect_volume(data, attachment)
         faults.crash_point("privsep.disconnect.after")
         return None
+
+
+@context.entrypoint
+def extend_volume(connection_info, deadline, flow_id):
+    """Make this host see the volume's new size; return os-brick's answer
+    (the new size in bytes, or None when the connector does not know).
+
+    os-brick's ``connector.extend_volume(connection_properties)``, as Nova
+    (LibvirtDriver.extend_volume through its volume drivers) and Ember-CSI
+    (NodeExpandVolume, through cinderlib's Connection.extend) call it:
+    iSCSI/FC rescan every path (``echo 1 > .../rescan``) then ``multipathd
+    resize map``; NVMe-oF rescans the controller; RBD reads the mapped
+    image's size (the kernel refreshes it itself); local runs ``blockdev
+    --getsize64`` on device_path and rescans nothing.
+    """
+    connection_info = privileged.plain(connection_info)
+    with _operation("extend", deadline, flow_id, connection_info):
+        conn = _connector(connection_info)
+        faults.crash_point("privsep.extend.before")
+        size = conn.extend_volume(_data(connection_info))
+        faults.crash_point("privsep.extend.after")
+        return size if isinstance(size, int) else None
 
 
 @context.entrypoint

@@ -1,4 +1,5 @@
-"""Which block devices a ``local`` attach may hand to a VM.
+"""Which block devices a ``local`` attach may hand to a VM, and how big a
+device is (``size``, read after attach and extend).
 
 os-brick's ``local`` connector hands over whatever ``device_path`` it is
 given, and attach then gives the device to qemu's user with a udev rule
@@ -101,6 +102,33 @@ def in_use(path):
         if holders:
             return "{} is held by {}".format(name, ", ".join(holders))
     return None
+
+
+def size(path):
+    """The size in bytes of the device at ``path`` as the kernel sees it
+    now, or None when it cannot be read.
+
+    A block device's size is read from sysfs (``/sys/dev/block/MAJ:MIN/
+    size``, in 512-byte sectors whatever the logical block size), which
+    every user may read: no need to open the device, which belongs to
+    qemu's user.  After a rescan (SCSI ``rescan``, ``multipathd resize
+    map``, ``losetup -c``) it is the new size.  A regular file (the test
+    connectors' stand-ins) is its length.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if stat.S_ISREG(st.st_mode):
+        return st.st_size
+    if not stat.S_ISBLK(st.st_mode):
+        return None
+    try:
+        with open(_sys(os.major(st.st_rdev), os.minor(st.st_rdev),
+                       "size")) as f:
+            return int(f.read().strip()) * 512
+    except (OSError, ValueError):
+        return None
 
 
 # Private helpers

@@ -12,6 +12,8 @@ their meaning; 930-935 are ours (documented in the schema YAML too):
 
     925  NotSupported          os-brick cannot be imported
     926  HelperFailed          the privileged connector call failed
+         ExtendIncomplete      (926) the device is still smaller than the
+                               new_size asked for after an extend
     927  AlreadyAttached       same connection_info, device present
     928  UnsupportedDevice     iscsi/FC attachment without multipath_id
     929  ConnectionMismatch    record exists with another connection_info
@@ -23,7 +25,8 @@ their meaning; 930-935 are ours (documented in the schema YAML too):
     935  StoreError            the local journal cannot be read or written
 
 JSON-RPC's own codes (-32700 .. -32603) are here too, so that the protocol
-layer and the API layer speak one vocabulary.
+layer and the API layer speak one vocabulary (NotAttached is a -32602
+naming vol_id).
 
 Messages never carry secrets: whatever is formatted into them goes through
 ``mask`` first where it may hold connection data.
@@ -81,6 +84,22 @@ class InvalidParams(Error):
     msg = "Invalid parameter {self.name}: {self.reason}"
 
 
+class NotAttached(InvalidParams):
+    """``vol_id`` names no volume attached on this host now: no record, a
+    record of an attach or detach in progress or interrupted, a record
+    from a previous boot, or a device that is gone.
+
+    A verb that acts on an attached device (extend_volume) refuses rather
+    than touch a device that may not be this volume's.  -32602, not a
+    managed volume code: every code of vdsm's 925-935 range has a meaning
+    already and none says "not attached"; the parameter is what is wrong.
+    """
+
+    name = "vol_id"
+    msg = ("Invalid parameter vol_id: volume {self.vol_id} is not attached "
+           "on this host ({self.reason})")
+
+
 class InternalError(Error):
     code = -32603
     msg = "Internal error: {self.reason}"
@@ -109,6 +128,18 @@ class CannotSend(HelperFailed):
 
     msg = ("Managed volume helper failed: the {self.operation} arguments "
            "cannot be sent to the privsep daemon: {self.reason}")
+
+
+class ExtendIncomplete(HelperFailed):
+    """The rescan ran, the device is still smaller than asked for.
+
+    926 (the privileged host step did not do what was asked): the storage
+    has not grown the LUN yet, or the host did not see it.
+    """
+
+    msg = ("Volume {self.vol_id}: device {self.path} is {self.size} bytes "
+           "after the rescan, smaller than the requested {self.new_size} "
+           "bytes (has the storage grown it?)")
 
 
 class AlreadyAttached(Error):

@@ -68,9 +68,9 @@ quoting the helper's output (the daemon's reason for refusing).
 
 Timeouts
 --------
-Every call carries a deadline: ``cfg.timeout`` (connect, disconnect) or
-``cfg.properties_timeout`` (connector properties), counted after the
-daemon is up.  The daemon kills itself when a deadline passes (see
+Every call carries a deadline: ``cfg.timeout`` (connect, disconnect,
+extend) or ``cfg.properties_timeout`` (connector properties), counted
+after the daemon is up.  The daemon kills itself when a deadline passes (see
 brick.py), so a timed-out connect cannot complete later and leak a device;
 we then raise HelperTimeout (931) and the next call starts a new daemon.
 Should the daemon's watchdog fail, we kill it ourselves ``KILL_GRACE``
@@ -156,6 +156,8 @@ CRASH_POINTS = (
     "privsep.connect.after",
     "privsep.disconnect.before",
     "privsep.disconnect.after",
+    "privsep.extend.before",
+    "privsep.extend.after",
 )
 faults.register(*CRASH_POINTS)
 
@@ -211,6 +213,18 @@ class Brick:
         self.check_adapter(connection_info.get("adapter"))
         self._call("disconnect_volume", (connection_info, attachment),
                    self._cfg.timeout, operation="disconnect")
+
+    def extend(self, connection_info):
+        """Have os-brick rescan the volume's device (connector.extend_volume)
+        so this host sees the size the storage now gives it; return
+        os-brick's new size in bytes, or None when it reports none.
+
+        Bounded like connect (``cfg.timeout``): a rescan stuck on a dead
+        path is killed with the daemon at its deadline (HelperTimeout).
+        """
+        self.check_adapter(connection_info.get("adapter"))
+        return self._call("extend_volume", (connection_info,),
+                          self._cfg.timeout, operation="extend")
 
     def add_udev_rule(self, sd_id, vol_id, path):
         """Have the daemon write the volume's udev rule and trigger a change

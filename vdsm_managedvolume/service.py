@@ -14,12 +14,15 @@ are vdsm's (README, "Verbs"); what differs is how they get there:
              -> udev rule -> managed link -> row 'attached'
     detach:  row 'detaching' -> remove link -> remove rule -> disconnect
              -> delete row
+    extend:  row 'extending' set -> rescan (os-brick extend_volume)
+             -> size read from the device recorded, 'extending' cleared
 
   and ``reconcile()`` (run by ``start()``) finishes or undoes whatever a
   crash interrupted: 'attaching' is rolled back, 'detaching' finished,
   an 'attached' volume whose device is present gets its link and rule
-  back, one whose device is gone is reported 'stale' and kept (attaching
-  it again fixes it), links and rules nobody owns are removed;
+  back (and, after an interrupted extend, its size recorded), one whose
+  device is gone is reported 'stale' and kept (attaching it again fixes
+  it), links and rules nobody owns are removed;
 - a stale record (after a reboot: run dir emptied, device gone) no longer
   blocks a re-attach with 927 (oVirt/vdsm#433): the same connection_info
   simply attaches again;
@@ -81,6 +84,8 @@ faults.register(
     "detach.after_unlink",
     "detach.after_rule",
     "detach.after_disconnect",
+    "extend.after_record",
+    "extend.after_rescan",
 )
 
 log = logging.getLogger("managedvolume.service")
@@ -193,7 +198,8 @@ class Service:
                 db.add_volume(vol_id, sd_id, connection_info)
             else:
                 db.update_volume(vol_id, state="attaching", sd_id=sd_id,
-                                 managed_path=None)
+                                 managed_path=None, size=None,
+                                 extending=None)
             faults.crash_point("attach.after_record")
             attachment = None
             try:
@@ -210,7 +216,8 @@ class Service:
                 self._check_not_shared(vol_id, path)
                 db.update_volume(
                     vol_id, attachment=attachment, path=path,
-                    multipath_id=attachment.get("multipath_id"))
+                    multipath_id=attachment.get("multipath_id"),
+                    size=devices.size(path))
                 faults.crash_point("attach.after_attachment")
                 self._add_udev_rule(sd_id, vol_id, path)
                 faults.crash_point("attach.after_udev")
@@ -264,13 +271,73 @@ class Service:
             self._detach(rec)
         log.info("Detached volume %s", vol_id)
 
+    def extend_volume(self, vol_id, sd_id=BLANK_UUID, new_size=None):
+        """Make this host see the size the storage now gives an attached
+        volume; return {vol_id, path, size}.
+
+        The storage side grows first (the engine's extend_volume through
+        cinderlib); this is the host step Nova's LibvirtDriver.extend_volume
+        and Ember-CSI's NodeExpandVolume take: os-brick's
+        ``connector.extend_volume`` in the privsep daemon (SCSI rescan and
+        multipath resize, NVMe rescan, ...).  ``size`` is the device's
+        size in bytes read after the rescan (``devices.size``), and is
+        recorded.  The running VM still sees its old size until libvirt's
+        blockResize is called on its drive (docs/engine.md).
+
+        Raises NotAttached (-32602 naming vol_id) unless the volume is
+        attached here now (record 'attached', device and managed link
+        present): nothing is rescanned then.  With ``new_size`` (bytes), a
+        device still smaller after the rescan is ExtendIncomplete (926,
+        naming both sizes); the size seen is recorded all the same.
+        ``sd_id`` differing from the recorded one is logged; the record
+        wins, as in detach.  Idempotent: extending again rescans again.
+        """
+        vol_id = validate.uuid("vol_id", vol_id)
+        sd_id = validate.uuid("sd_id", sd_id)
+        new_size = validate.size("new_size", new_size)
+        with self._call() as db, self._locked(vol_id):
+            rec = self._find(vol_id)
+            why = self._not_attached(rec)
+            if why:
+                raise errors.NotAttached(vol_id=vol_id, reason=why)
+            if rec["sd_id"] != sd_id:
+                log.warning("Volume %s was attached with sd_id %s, extend "
+                            "asked for %s; using the recorded one",
+                            vol_id, rec["sd_id"], sd_id)
+            path = rec["path"]
+            log.info("Extending volume %s path=%s size=%s new_size=%s",
+                     vol_id, path, rec["size"], new_size)
+            db.update_volume(vol_id, extending=new_size or 0)
+            faults.crash_point("extend.after_record")
+            try:
+                reported = self._brick.extend(rec["connection_info"])
+                faults.crash_point("extend.after_rescan")
+            except Exception as e:
+                log.error("Extending volume %s failed: %s", vol_id, e)
+                self._silent_record_size(vol_id, path)
+                raise
+            size = devices.size(path)
+            if size is None:
+                size = reported
+            if reported is not None and reported != size:
+                log.info("Volume %s: os-brick reported %s bytes, device %s "
+                         "has %s", vol_id, reported, path, size)
+            db.update_volume(vol_id, size=size, extending=None)
+        if new_size and (size is None or size < new_size):
+            raise errors.ExtendIncomplete(vol_id=vol_id, path=path,
+                                          size=size, new_size=new_size)
+        log.info("Extended volume %s path=%s size=%s", vol_id, path, size)
+        return {"vol_id": vol_id, "path": path, "size": size}
+
     def volumes_info(self, vol_ids=(), include_secrets=False):
         """Records of ``vol_ids`` (all when empty), sorted by vol_id.
 
         Each is {vol_id, connection_info, path?, attachment?,
-        managed_path?, exists?}; ``exists`` (whether the path exists now)
-        only where a path is recorded.  Secrets in connection_info are
-        masked unless ``include_secrets``.  Unknown ids are skipped.
+        managed_path?, exists?, size?}; ``exists`` (whether the path
+        exists now) only where a path is recorded, ``size`` (bytes, when
+        attach or extend last read it) only where one is recorded.
+        Secrets in connection_info are masked unless ``include_secrets``.
+        Unknown ids are skipped.
         """
         vol_ids = validate.uuid_list("vol_ids", vol_ids)
         include_secrets = validate.boolean("include_secrets",
@@ -291,6 +358,8 @@ class Service:
                     else mask.mask(rec["attachment"])
             if rec["managed_path"]:
                 info["managed_path"] = rec["managed_path"]
+            if rec["size"] is not None:
+                info["size"] = rec["size"]
             result.append(info)
         return result
 
@@ -327,7 +396,9 @@ class Service:
         or file that needed something (healthy volumes are not listed;
         entries about files nobody owns have state None and a "path").
         Actions: "rollback" ('attaching'), "detach" ('detaching'),
-        "recreate-link", "recreate-rule", "recreate-link+rule", "stale"
+        "recreate-link", "recreate-rule", "recreate-link+rule",
+        "record-size" (an interrupted extend; combined with the others as
+        "record-size+recreate-link"...), "stale"
         (device gone; kept), "remove-link", "remove-rule",
         "remove-temp-link", "remove-temp-rule", "skip" (busy).
         Results: "planned" (dry run), "done", "kept", "busy",
@@ -416,6 +487,36 @@ class Service:
             self._silent_remove_link(rec["sd_id"], vol_id)
             self._silent_remove_rule(rec["sd_id"], vol_id)
         return rec
+
+    def _not_attached(self, rec):
+        """Why ``rec`` is not a volume attached here now, or None.
+
+        A verb acting on the device (extend) must never act on one that
+        may be another's: after a reboot the same path can name another
+        device.  The managed link lives on tmpfs (``run_dir``), so a
+        record whose link is missing is from a previous boot (vdsm's rule
+        since its PR #483) or was damaged; reconcile repairs the latter.
+        """
+        if rec is None:
+            return "no record"
+        if rec["state"] != "attached":
+            return "its record is '{}': an attach or detach is in " \
+                "progress or was interrupted".format(rec["state"])
+        if not _exists(rec["path"]):
+            return "its device {} is gone".format(rec["path"])
+        if not self._link_ok(rec["sd_id"], rec["vol_id"], rec["path"]):
+            return "its managed link is missing: the record is from a " \
+                "previous boot or was damaged; attach it again"
+        return None
+
+    def _silent_record_size(self, vol_id, path):
+        """After a failed extend: record what the device shows, clear the
+        'extending' mark (logging, not raising, a journal error)."""
+        try:
+            self._db().update_volume(vol_id, size=devices.size(path),
+                                     extending=None)
+        except Exception:
+            log.exception("Failed to record the size of volume %s", vol_id)
 
     def _resolve_path(self, vol_id, connection_info, attachment):
         """vdsm's path rule: multipath for iSCSI/FC, /dev/rbd for rbd."""
@@ -607,6 +708,9 @@ class Service:
                     len("failed: "):]
             return entry
         if not _exists(rec["path"]):
+            if apply and rec["extending"] is not None:
+                # Nothing to measure: the last size seen stays recorded.
+                self._db().update_volume(vol_id, extending=None)
             return {"vol_id": vol_id, "state": state, "action": "stale",
                     "result": "kept"}
         missing = []
@@ -614,16 +718,26 @@ class Service:
             missing.append("link")
         if not udev.rule_ok(self.cfg, rec["sd_id"], vol_id, rec["path"]):
             missing.append("rule")
-        if not missing:
+        actions = []
+        if rec["extending"] is not None:
+            actions.append("record-size")
+        if missing:
+            actions.append("recreate-" + "+".join(missing))
+        if not actions:
             return None
 
-        def recreate():
-            self._add_udev_rule(rec["sd_id"], vol_id, rec["path"])
-            link = self._add_link(rec["sd_id"], vol_id, rec["path"])
-            self._db().update_volume(vol_id, managed_path=link)
+        def repair():
+            if rec["extending"] is not None:
+                # A rescan may or may not have happened: what the device
+                # shows now is the truth (extend again to rescan).
+                self._db().update_volume(
+                    vol_id, size=devices.size(rec["path"]), extending=None)
+            if missing:
+                self._add_udev_rule(rec["sd_id"], vol_id, rec["path"])
+                link = self._add_link(rec["sd_id"], vol_id, rec["path"])
+                self._db().update_volume(vol_id, managed_path=link)
 
-        return self._reconcile_action(
-            rec, "recreate-" + "+".join(missing), apply, recreate)
+        return self._reconcile_action(rec, "+".join(actions), apply, repair)
 
     def _reconcile_action(self, rec, action, apply, func):
         entry = {"vol_id": rec["vol_id"], "state": rec["state"],

@@ -13,6 +13,12 @@ the host and finishes or undoes it (see ``service.reconcile``)::
                                                       link/rule; keep stale
     detaching   link/rule/connection being removed   finish the detach
 
+Beside the state, ``size`` is the device's size in bytes when it was last
+looked at (attach, extend), and ``extending`` is set (to the size asked
+for, 0 for "whatever the storage has now") while an extend runs: a
+rescan may have happened, the size recorded may be old; reconcile
+records the size the device has and clears it.
+
 Schema versions are kept in a ``versions`` table, as vdsm's
 ``managedvolumedb`` does; version 1 *is* vdsm's schema, so a database
 written by vdsm is migrated in place (its rows become ``attached``).  A
@@ -40,7 +46,7 @@ STATES = ("attaching", "attached", "detaching")
 # Columns the service may update, and how each is stored.
 _JSON_COLUMNS = ("connection_info", "attachment")
 _COLUMNS = ("sd_id", "state", "connection_info", "attachment", "path",
-            "multipath_id", "managed_path")
+            "multipath_id", "managed_path", "size", "extending")
 
 BUSY_TIMEOUT = 30.0
 
@@ -67,6 +73,10 @@ MIGRATIONS = (
         ALTER TABLE volumes ADD COLUMN managed_path TEXT;
         ALTER TABLE volumes ADD COLUMN created datetime;
         UPDATE volumes SET created = updated WHERE created IS NULL;
+    """),
+    (3, "Device size, extend in progress", """
+        ALTER TABLE volumes ADD COLUMN size INTEGER;
+        ALTER TABLE volumes ADD COLUMN extending INTEGER;
     """),
 )
 
@@ -149,7 +159,8 @@ class Store:
         column; JSON columns are decoded, missing values are None.
         """
         sql = ("SELECT vol_id, sd_id, state, connection_info, attachment, "
-               "path, multipath_id, managed_path, created, updated "
+               "path, multipath_id, managed_path, size, extending, "
+               "created, updated "
                "FROM volumes")
         vol_ids = list(vol_ids)
         if vol_ids:
@@ -342,7 +353,7 @@ def _statements(script):
 
 def _record(row):
     (vol_id, sd_id, state, connection_info, attachment, path, multipath_id,
-     managed_path, created, updated) = row
+     managed_path, size, extending, created, updated) = row
     return {
         "vol_id": vol_id,
         "sd_id": sd_id,
@@ -352,6 +363,8 @@ def _record(row):
         "path": path,
         "multipath_id": multipath_id,
         "managed_path": managed_path,
+        "size": size,
+        "extending": extending,
         "created": created,
         "updated": updated,
     }

@@ -217,9 +217,13 @@ def list_volumes(cfg, args):
         for r in rows:
             print()
             print("{}:".format(r["vol_id"]))
-            for key in ("sd_id", "managed_path", "multipath_id", "created",
-                        "updated"):
+            for key in ("sd_id", "managed_path", "multipath_id", "size",
+                        "created", "updated"):
                 print("  {:<15} {}".format(key, r.get(key) or "-"))
+            if r.get("extending") is not None:
+                print("  {:<15} {}".format(
+                    "extending", "interrupted (to {} bytes); reconcile "
+                    "records the size".format(r["extending"] or "any")))
             print("  {:<15} {}".format("connection_info", json.dumps(
                 r.get("connection_info"), sort_keys=True)))
             print("  {:<15} {}".format("attachment", json.dumps(

@@ -73,6 +73,21 @@ def uuid_list(name, value):
     return [uuid("{}[{}]".format(name, i), v) for i, v in enumerate(value)]
 
 
+def size(name, value):
+    """Return a size in bytes: a positive integer, or None (not given)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise errors.InvalidParams(
+            name=name, reason="expected a size in bytes, got {}".format(
+                type(value).__name__))
+    if not 0 < value <= MAX_INT:
+        raise errors.InvalidParams(
+            name=name, reason="{} is not a size in bytes between 1 and "
+            "{}".format(value, MAX_INT))
+    return value
+
+
 def boolean(name, value):
     if not isinstance(value, bool):
         raise errors.InvalidParams(

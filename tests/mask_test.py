@@ -175,3 +175,26 @@ def test_log_line_of_a_list_of_passwords_is_masked(log_lines):
                  "{'self': <X>, 'extra_passwords': ['pw-one', 'pw-two']}")
     logger.debug("args %r", {"conn": [{"extra_passwords": ["pw-three"]}]})
     assert lines and not any("pw-" in line for line in lines)
+
+
+def test_mask_params_masks_values_and_keeps_param_names():
+    params = {"vol_id": "v", "connection_info": {
+        "driver_volume_type": "iscsi",
+        "data": {"auth_password": "s3cret", "target_lun": 1}}}
+    shown = mask.mask_params(params)
+    assert shown["vol_id"] == "v"
+    assert shown["connection_info"]["data"] == {
+        "auth_password": mask.MASK, "target_lun": 1}
+    assert params["connection_info"]["data"]["auth_password"] == "s3cret"
+    # Positional params (a list) are masked the same way.
+    assert "s3cret" not in repr(mask.mask_params(
+        ["v", {"data": {"auth_password": "s3cret"}}]))
+
+
+def test_shorten_cuts_long_text_and_says_how_long_it_was():
+    assert mask.shorten("abc") == "abc"
+    exact = "x" * mask.MAX_LOGGED_ARG
+    assert mask.shorten(exact) == exact
+    cut = mask.shorten("y" * (mask.MAX_LOGGED_ARG + 5))
+    assert cut.startswith("y" * mask.MAX_LOGGED_ARG + "...")
+    assert cut.endswith("({} characters)".format(mask.MAX_LOGGED_ARG + 5))

@@ -108,14 +108,6 @@ def command_info():
             if cmd.startswith("ManagedVolume_")}
 
 
-def mask_params(params):
-    """``params`` for a log line: values masked, param names kept (no
-    param is a secret by its name; ``include_secrets`` is a boolean)."""
-    if isinstance(params, dict):
-        return {k: mask.mask(v) for k, v in params.items()}
-    return mask.mask(params)
-
-
 def return_key(namespace, verb):
     return RETURN_KEYS.get("{}_{}".format(namespace, verb))
 
@@ -344,20 +336,9 @@ def _call(name, fn, key, args, masked=True):
     return response
 
 
-# A log line shows this much of an argument (masked first, then cut).
-MAX_LOGGED_ARG = 2000
-
-
 def _format_args(args):
-    return ", ".join("{}={}".format(k, shorten(repr(v)))
-                     for k, v in mask_params(args).items())
-
-
-def shorten(text):
-    """``text`` cut to MAX_LOGGED_ARG characters for a log line."""
-    if len(text) <= MAX_LOGGED_ARG:
-        return text
-    return "{}... ({} characters)".format(text[:MAX_LOGGED_ARG], len(text))
+    return ", ".join("{}={}".format(k, mask.shorten(repr(v)))
+                     for k, v in mask.mask_params(args).items())
 
 
 def _raw_schema(schema):

@@ -272,8 +272,7 @@ class _Failure(Exception):
 
 
 def _run(connect, opts, ssl_context, method, params):
-    from . import api
-    shown = api.mask_params(params)
+    shown = mask.mask_params(params)
     try:
         cli = connect(opts.host, opts.port, ssl_context, opts.timeout)
     except (OSError, errors.Error) as e:

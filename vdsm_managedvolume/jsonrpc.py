@@ -146,8 +146,9 @@ class Dispatcher:
         cls = api.NAMESPACES.get(method.namespace)
         if cls is None or not hasattr(cls, method.verb):
             raise errors.MethodNotFound(method=name)
-        log.debug("Calling %s with %s", name,
-                  api.shorten(repr(api.mask_params(params))))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("Calling %s with %s", name,
+                      mask.shorten(repr(mask.mask_params(params))))
         args = self.schema.args(name, params)
         obj = cls(*[None for _ in cls.ctorArgs])
         with api.using(self.service):

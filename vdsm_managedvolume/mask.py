@@ -140,6 +140,25 @@ def mask_text(text):
     return text
 
 
+def mask_params(params):
+    """``params`` of a call for a log line or an error: values masked,
+    param names kept (no param is a secret by its name)."""
+    if isinstance(params, dict):
+        return {k: mask(v) for k, v in params.items()}
+    return mask(params)
+
+
+# A log line shows this much of an argument (masked first, then cut).
+MAX_LOGGED_ARG = 2000
+
+
+def shorten(text):
+    """``text`` cut to MAX_LOGGED_ARG characters for a log line."""
+    if len(text) <= MAX_LOGGED_ARG:
+        return text
+    return "{}... ({} characters)".format(text[:MAX_LOGGED_ARG], len(text))
+
+
 # Private helpers
 
 def _secret_items(seq):

@@ -222,10 +222,10 @@ def register(vdsm_api, bridge=None, vdsm_schema=None, schema=None):
     if bridge is not None:
         bridge.command_info.update(command_info())
     if vdsm_schema is not None:
+        from . import schema as schema_module
         if schema is None:
-            from . import schema as schema_module
             schema = schema_module.load()
-        raw = _raw_schema(schema)
+        raw = schema_module.read(schema.path)
         vdsm_schema._types.update(raw.pop("types"))
         vdsm_schema._methods.update(
             {name: spec for name, spec in raw.items()
@@ -339,10 +339,3 @@ def _call(name, fn, key, args, masked=True):
 def _format_args(args):
     return ", ".join("{}={}".format(k, mask.shorten(repr(v)))
                      for k, v in mask.mask_params(args).items())
-
-
-def _raw_schema(schema):
-    """The schema file as vdsm's Schema holds it (types / methods dicts)."""
-    import yaml
-    with open(schema.path) as f:
-        return yaml.safe_load(f)

@@ -138,9 +138,7 @@ class Schema:
 
     @classmethod
     def load(cls, path=SCHEMA_FILE):
-        with open(path) as f:
-            data = yaml.safe_load(f)
-        return cls(data, path=path)
+        return cls(read(path), path=path)
 
     def namespaces(self):
         return sorted({m.namespace for m in self.methods.values()})
@@ -309,6 +307,19 @@ def check_depth(name, value, limit=MAX_PARAM_DEPTH):
     if too_deep(value, limit):
         raise errors.InvalidParams(
             name=name, reason="nested deeper than {} levels".format(limit))
+
+
+def read_text(path=SCHEMA_FILE):
+    """The schema file as written (``managedvolume-tool dump-schema``)."""
+    with open(path) as f:
+        return f.read()
+
+
+def read(path=SCHEMA_FILE):
+    """The schema file as plain data, the shape vdsm's own Schema holds:
+    ``types`` and one ``Namespace.verb`` key per method.  A fresh copy on
+    every call (callers may take it apart)."""
+    return yaml.safe_load(read_text(path))
 
 
 @functools.lru_cache(maxsize=None)

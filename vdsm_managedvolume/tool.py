@@ -32,7 +32,6 @@ upgrade, so it must be idempotent and quiet about what is already right.
 import argparse
 import datetime
 import grp
-import importlib.resources
 import importlib.util
 import json
 import logging
@@ -61,8 +60,6 @@ DEFAULT_OWNER = "vdsm:kvm"
 
 # Certificates expiring sooner than this are reported as a warning.
 CERT_WARN_DAYS = 30
-
-SCHEMA_FILE = "schema/managedvolume-api.yml"
 
 log = logging.getLogger("managedvolume.tool")
 
@@ -312,12 +309,11 @@ def check(cfg, args):
 
 
 def dump_schema(cfg, args):
-    text = schema_text()
+    from . import schema
     if args.json:
-        import yaml
-        _print_json(yaml.safe_load(text))
+        _print_json(schema.read())
     else:
-        sys.stdout.write(text)
+        sys.stdout.write(schema.read_text())
     return EXIT_OK
 
 
@@ -331,12 +327,6 @@ def dump_config(cfg, args):
     else:
         sys.stdout.write(config.render(cfg))
     return EXIT_OK
-
-
-def schema_text():
-    """The API schema YAML shipped in the package."""
-    return (importlib.resources.files(vdsm_managedvolume)
-            .joinpath(SCHEMA_FILE).read_text())
 
 
 # Checks.  Each is a generator of (name, status, message), status one of

@@ -17,7 +17,6 @@ import pytest
 
 from vdsm_managedvolume.engine import args as argsmod
 from vdsm_managedvolume.engine.args import FILE_DRIVER
-from vdsm_managedvolume.engine import forward
 
 from .engine_fixtures import Service
 from .engine_fixtures import Shim
@@ -85,27 +84,6 @@ def test_a_socket_others_could_use_gets_no_request(own_service,
     assert (r.stdout, r.code) == (b"", 0), r.describe()   # ran cold
     assert cid not in own_service.log()
     assert "not private" in r.stderr
-
-
-def test_forward_refuses_a_socket_owned_by_someone_else(tmp_path):
-    path = str(tmp_path / "s")
-    s = socket.socket(socket.AF_UNIX)
-    s.bind(path)
-    s.listen(1)
-    try:
-        os.chmod(path, 0o600)
-        os.chown(path, 4242, 4242) if os.geteuid() == 0 else None
-        request = argsmod.Request("storage_stats", {}, "sqlite://", "c",
-                                  {"refresh": False})
-        if os.geteuid() == 0:
-            assert forward.forward(request, path) is None
-        # Not a socket at all:
-        regular = tmp_path / "regular"
-        regular.write_text("")
-        regular.chmod(0o600)
-        assert forward.forward(request, str(regular)) is None
-    finally:
-        s.close()
 
 
 def test_one_service_serves_several_databases_without_mixing_them(

@@ -15,7 +15,7 @@ judged (docs/interop.md says what they are and why).
 
 Without --full: the quick set that tests/enginejava_test.py runs in CI.
 ``make interop`` runs --full (idle periods of 60 s, every scenario, more
-repetitions; about 6 minutes).  Needs root (the engine sequence attaches a
+repetitions; 6-8 minutes).  Needs root (the engine sequence attaches a
 loop device).  Packages: see PACKAGES (scripts/install-sysdeps.sh installs
 them).
 """
@@ -270,8 +270,9 @@ def run_scenario(classpath, scenario, agent, device, out):
         ok = refused == 0 and len(failures) <= lost
     else:
         ok = not failures
-    for name, steps in failures:
-        detail.append("{} failed: {}".format(name, steps))
+    if not ok:
+        for name, steps in failures:
+            detail.append("{} failed: {}".format(name, steps))
     detail.extend(notes)
     if latencies:
         s = sorted(latencies)

@@ -92,3 +92,17 @@ def test_the_shipped_settings_file_sets_nothing_and_parses(adapter,
                        timeout=240)
     assert p.returncode == 2
     assert p.stdout.startswith(b"error:expected SUB-COMMAND")
+
+
+def test_every_setting_is_in_the_man_page_and_host_ones_in_the_file():
+    from vdsm_managedvolume.engine import args
+    names = {v for k, v in vars(args).items() if k.startswith("ENV_")}
+    with open(os.path.join(ROOT, "docs", "man",
+                           "managedvolume-cinderlib-client.1")) as f:
+        man = f.read().replace("\\", "")
+    with open(CONF) as f:
+        conf = f.read()
+    for name in names:
+        assert name in man, name
+        if name.startswith("MANAGEDVOLUME_ENGINE_HOST_"):
+            assert "#{}=".format(name) in conf, name

@@ -858,3 +858,22 @@ def test_engine_tmp_holds_the_run_dir_and_another_users_is_refused(
     assert "must be a directory owned by uid {}".format(os.getuid()) in \
         p.stdout.decode()
     assert os.listdir(str(theirs / "managedvolume-engine")) == []
+
+
+def test_host_addresses_take_ports_and_ipv6_and_the_connector_decides_order():
+    from vdsm_managedvolume.engine import args, hosts
+    addresses = args.parse_addresses(
+        "a.example=192.0.2.1, b=[2001:db8::2]:5432;c=2001:db8::3,d=h:1")
+    assert addresses == {"a.example": "192.0.2.1", "b": "[2001:db8::2]:5432",
+                         "c": "2001:db8::3", "d": "h:1"}
+    for bad in ("a", "=x", "a=", "a=h:0", "a=h:99999", "a=h:port"):
+        with pytest.raises(ValueError):
+            args.parse_addresses(bad)
+    s = hosts.Settings(port=7, addresses=addresses)
+    assert s.endpoints({"host": "b", "ip": "10.0.0.9"}) == [
+        ("2001:db8::2", 5432)]
+    assert s.endpoints({"host": "c"}) == [("2001:db8::3", 7)]
+    # Not configured: the connector's ip, then its host name.
+    assert s.endpoints({"host": "e", "ip": "10.0.0.5"}) == [
+        ("10.0.0.5", 7), ("e", 7)]
+    assert s.endpoints({}) == []

@@ -479,6 +479,21 @@ def test_reconcile_records_the_size_after_an_interrupted_extend(
     assert svc.reconcile() == []
 
 
+def test_reconcile_records_the_size_and_recreates_a_lost_link_at_once(
+        inproc_service):
+    svc = inproc_service
+    vol_id, _, _, res = attached_at(svc, iscsi_connection, GiB)
+    svc._db().update_volume(vol_id, extending=0)
+    os.unlink(res["managed_path"])
+    plan = svc.reconcile(apply=False)
+    assert [e["action"] for e in plan] == ["record-size+recreate-link"]
+    assert svc.reconcile()[0]["result"] == "done"
+    rec, = records(svc)
+    assert (rec["size"], rec["extending"]) == (GiB, None)
+    assert os.readlink(res["managed_path"]) == res["path"]
+    assert svc.reconcile() == []
+
+
 def test_reconcile_after_an_interrupted_extend_of_a_gone_device_keeps_size(
         inproc_service):
     svc = inproc_service

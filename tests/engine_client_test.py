@@ -30,7 +30,8 @@ def __getattr__(name):
     classes are made lazily so that collecting this module does not import
     cinder into pytest.
     """
-    if name not in ("SlowDriver", "LeakyDriver", "PausingDriver"):
+    if name not in ("SlowDriver", "LeakyDriver", "PausingDriver",
+                    "ChattyDriver"):
         raise AttributeError(name)
     from cinder import exception
     from vdsm_managedvolume.engine.filedriver import FileDriver
@@ -44,6 +45,17 @@ def __getattr__(name):
         # timeout (cold thread wait, warm child deadline, forwarding).
         def create_volume(self, volume):
             time.sleep(2)
+            return super().create_volume(volume)
+
+    class ChattyDriver(FileDriver):
+        # A library that prints, to both streams and straight to fd 2.
+        def create_volume(self, volume):
+            import sys
+            print("error: printed by a library")
+            print(volume.id + ": printed to stderr", file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.write(2, b"error: written to fd 2 by C code\n")
             return super().create_volume(volume)
 
     class LeakyDriver(FileDriver):
@@ -877,3 +889,24 @@ def test_host_addresses_take_ports_and_ipv6_and_the_connector_decides_order():
     assert s.endpoints({"host": "e", "ip": "10.0.0.5"}) == [
         ("10.0.0.5", 7), ("e", 7)]
     assert s.endpoints({}) == []
+
+
+def test_what_a_library_prints_never_reaches_the_engine(
+        engine_service, engine_shim, tmp_path):
+    driver = {"volume_driver": "tests.engine_client_test.ChattyDriver",
+              "volume_backend_name": "chatty",
+              "file_volume_dir": str(tmp_path / "vols")}
+    db_url = "sqlite:///{}".format(tmp_path / "db.sqlite")
+    log = tmp_path / "log" / "managedblock" / "managedvolume.log"
+    vol = new_id()
+    # Cold: the command's own stdout and stderr (merged, as the engine
+    # reads them) carry nothing; what was printed is in the log file.
+    code, out = run_as_engine(engine_shim, "create_volume", vol, 1,
+                              driver=driver, db_url=db_url, cid=vol,
+                              warm=False,
+                              env={"ENGINE_LOG": str(tmp_path / "log")})
+    assert (code, out) == (0, b"")
+    text = log.read_text()
+    assert "error: printed by a library" in text
+    assert "{}: printed to stderr".format(vol) in text
+    assert "error: written to fd 2 by C code" in text

@@ -8,7 +8,9 @@ module is only the process around an operation:
 1. stdout is reserved for the one line the engine parses: file descriptor
    1 is pointed at stderr for everything else (a library's print(), a C
    library's warning), and the answer is written to a private copy of the
-   original stdout at the very end;
+   original stdout at the very end.  The engine merges stderr into stdout,
+   so once the command line is read, both go to the log file (or
+   /dev/null) unless logging to stderr was asked for (``_quiet_stderr``);
 2. inline secrets on argv are hidden from /proc/PID/cmdline as early as
    possible (setproctitle), for the rest of the process's life;
 3. the request goes to the warm service when one is running
@@ -58,6 +60,8 @@ def main(argv=None):
             # A command line that is well formed but cannot work (a driver
             # configuration without volume_driver).
             _finish(out, outcome.error(e, outcome.EXIT_FAILED))
+        if request is not None:
+            _quiet_stderr(request.log_file)
         socket_path = opts.socket or args.default_socket()
         if opts.serve:
             from . import warm
@@ -92,6 +96,26 @@ def _reserve_stdout():
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     return out
+
+
+def _quiet_stderr(log_file):
+    """Point fds 1 and 2 at the log file: nothing but the answer may reach
+    the engine (a library's print, a C library's warning, logging's last
+    resort).  ``log_file`` "" means stderr was asked for: left alone.  A
+    log file that cannot be opened here: /dev/null (the runner's logging
+    falls back to the run directory's file on its own)."""
+    if not log_file:
+        return
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(log_file)),
+                    exist_ok=True)
+        fd = os.open(log_file, flags, 0o640)
+    except OSError:
+        fd = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(fd, 2)
+    os.dup2(fd, 1)
+    os.close(fd)
 
 
 def _may_hold_secret(text):

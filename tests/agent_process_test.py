@@ -11,6 +11,7 @@ start their own.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -33,6 +34,7 @@ from .host_fixtures import iscsi_connection
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT = os.path.join(os.path.dirname(sys.executable), "managedvolume-agent")
+BLANK = "00000000-0000-0000-0000-000000000000"
 
 # The agent's privsep daemon runs as root, without sudo.
 pytestmark = pytest.mark.root
@@ -448,6 +450,90 @@ def test_restart_reconciles_before_serving(tmp_path):
             text.rindex("Listening on")
     finally:
         assert agent.stop() == 0
+
+
+def kill_agent_and_daemon(agent):
+    """SIGKILL the agent and its privsep daemon, as a fence would."""
+    pids = [int(p) for p in re.findall(r"privsep daemon pid (\d+) ready",
+                                        agent.log())]
+    agent.stop(signal.SIGKILL)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for pid in pids:
+        agentutil.wait_for(lambda: not os.path.exists(
+            "/proc/{}/status".format(pid)) or "State:\tZ" in open(
+                "/proc/{}/status".format(pid)).read(), timeout=30)
+
+
+def test_fence_reboot_reattach_is_a_first_attach_detach_leaves_nothing(
+        tmp_path):
+    # oVirt/vdsm#433 with the real agent, privsep daemon and os-brick's
+    # local connector on a real loop device that "came back at boot".
+    from vdsm_managedvolume import boot
+    from vdsm_managedvolume import udev
+    from .host_fixtures import LoopDevice
+    boot_file = tmp_path / "boot_id"
+    boot_file.write_text(new_id() + "\n")
+    env = {boot.ENV_FILE: str(boot_file)}
+    base = tmp_path / "host"
+    loop = LoopDevice(str(tmp_path / "volume.img"))
+    vol_id = new_id()
+    attach = {"vol_id": vol_id, "connection_info": {
+        "driver_volume_type": "local", "data": {"device_path": loop.path}}}
+    agent = AgentProcess(base, env=env).start()
+    try:
+        with agent.client() as c:
+            first = c.call("ManagedVolume.attach_volume", attach)
+        rule = udev.rule_path(agent.cfg.udev_rules_dir, BLANK, vol_id)
+        link = first["managed_path"]
+
+        # Same boot (agent killed and restarted): link kept, 927.
+        kill_agent_and_daemon(agent)
+        agent = AgentProcess(base, env=env).start()
+        with agent.client() as c:
+            info, = c.call("ManagedVolume.volumes_info", [[vol_id]])
+            assert info["stale"] is False
+            assert os.readlink(link) == loop.path
+            with pytest.raises(errors.AlreadyAttached):
+                c.call("ManagedVolume.attach_volume", attach)
+
+        # Fenced and rebooted: both processes die, /run is emptied, a new
+        # boot id; the loop device is back.
+        kill_agent_and_daemon(agent)
+        run_dir = os.path.dirname(link)
+        for name in os.listdir(run_dir):
+            os.unlink(os.path.join(run_dir, name))
+        boot_file.write_text(new_id() + "\n")
+        agent = AgentProcess(base, env=env).start()
+        assert "remove-stale-rule -> done (made in another boot)" in \
+            agent.log()
+        assert not os.path.lexists(link) and not os.path.exists(rule)
+        with agent.client() as c:
+            info, = c.call("ManagedVolume.volumes_info", [[vol_id]])
+            assert (info["stale"], info["stale_reason"]) == (
+                True, "made in another boot")
+
+            second = c.call("ManagedVolume.attach_volume", attach)
+
+            assert second == first
+            assert os.readlink(link) == loop.path
+            assert os.path.exists(rule)
+            info, = c.call("ManagedVolume.volumes_info", [[vol_id]])
+            assert info["stale"] is False
+
+            assert c.call("ManagedVolume.detach_volume",
+                          {"vol_id": vol_id}) is True
+            assert c.call("ManagedVolume.volumes_info", [[]]) == []
+        assert not os.path.lexists(link)
+        assert not os.path.exists(rule)
+        assert udev.list_rules(agent.cfg) == []
+        assert os.listdir(run_dir) == []
+    finally:
+        agent.stop()
+        loop.detach()
 
 
 def test_sighup_reopens_the_log_file(agent_proc):

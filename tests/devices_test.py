@@ -100,3 +100,60 @@ def test_local_attach_of_a_mounted_device_is_refused_and_nothing_changes(
     assert "mounted at {}".format(mnt) in str(e.value)
     assert svc.volumes_info([vol_id]) == []
     assert sorted(os.listdir(svc.cfg.run_dir)) == before
+
+
+# Identity: what the device at a path is
+
+def test_identity_of_a_loop_device_names_its_dev_diskseq_and_backing_file(
+        loop_device):
+    ident = devices.identity(loop_device.path)
+    st = os.stat(loop_device.path)
+    assert ident["dev"] == "{}:{}".format(os.major(st.st_rdev),
+                                          os.minor(st.st_rdev))
+    assert ident["backing"] == loop_device.backing
+    assert int(ident["diskseq"]) > 0
+    assert "wwn" not in ident
+
+
+def test_identity_of_what_is_not_a_block_device_is_none(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("")
+    assert devices.identity(str(f)) is None
+    assert devices.identity(str(tmp_path / "missing")) is None
+
+
+def test_a_loop_minor_given_another_file_is_another_device(
+        loop_device, tmp_path):
+    before = devices.identity(loop_device.path)
+    run("losetup", "-d", loop_device.path)
+    other = tmp_path / "other.img"
+    other.write_bytes(b"\0" * 4096 * 256)
+    run("losetup", loop_device.path, str(other))
+    after = devices.identity(loop_device.path)
+    assert after["dev"] == before["dev"]
+    assert devices.changed(before, after, same_boot=True) == \
+        "backing {} (recorded {})".format(other, loop_device.backing)
+    # The backing file is a fact of every boot.
+    assert devices.changed(before, after, same_boot=False)
+
+
+@pytest.mark.parametrize("recorded, current, same_boot, differs", [
+    # Persistent facts decide alone, in any boot.
+    ({"dev": "8:0", "wwn": "naa.1"}, {"dev": "8:16", "wwn": "naa.1"},
+     True, None),
+    ({"dev": "8:0", "wwn": "naa.1"}, {"dev": "8:0", "wwn": "naa.2"},
+     False, "wwn naa.2 (recorded naa.1)"),
+    ({"dev": "8:0", "serial": "S1"}, {"dev": "8:0"},
+     True, "serial none (recorded S1)"),
+    # Without them, MAJ:MIN and diskseq, within the recording boot only.
+    ({"dev": "252:0", "diskseq": "9"}, {"dev": "252:0", "diskseq": "12"},
+     True, "diskseq 12 (recorded 9)"),
+    ({"dev": "252:0", "diskseq": "9"}, {"dev": "252:1", "diskseq": "3"},
+     False, None),
+    # Nothing recorded, or nothing there: nothing to tell.
+    (None, {"dev": "8:0"}, True, None),
+    ({"dev": "8:0"}, None, True, None),
+])
+def test_changed_compares_the_facts_that_hold(recorded, current, same_boot,
+                                              differs):
+    assert devices.changed(recorded, current, same_boot) == differs

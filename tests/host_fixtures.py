@@ -46,12 +46,28 @@ def make_cfg(base, **overrides):
     cfg.multipath_dir = os.path.join(base, "dev", "mapper")
     cfg.rbd_dir = os.path.join(base, "dev", "rbd")
     cfg.udevadm = fake_udevadm(base)
+    cfg.boot_id_file = os.path.join(base, "boot_id")
+    if not os.path.exists(cfg.boot_id_file):
+        new_boot(cfg)
     cfg.connector_override = "tests.fakebrick"
     cfg.lock_timeout = 30.0
     cfg.timeout = 30.0
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg
+
+
+def new_boot(cfg, empty_run_dir=False):
+    """"Reboot" the host of ``cfg``: a new boot id; ``empty_run_dir``: the
+    tmpfs run dir (managed links) is emptied, as a real boot does.
+    Returns the new boot id."""
+    boot_id = str(uuid.uuid4())
+    with open(cfg.boot_id_file, "w") as f:
+        f.write(boot_id + "\n")
+    if empty_run_dir and os.path.isdir(cfg.run_dir):
+        for name in os.listdir(cfg.run_dir):
+            os.unlink(os.path.join(cfg.run_dir, name))
+    return boot_id
 
 
 def fake_udevadm(base, rc=0):

@@ -185,3 +185,39 @@ def test_local_extend_sees_the_grown_loop_device_and_keeps_the_data(
     assert str(2 * old) in str(e.value) and str(3 * old) in str(e.value)
     assert svc.volumes_info([vol_id])[0]["size"] == 2 * old
     svc.detach_volume(vol_id, SD)
+
+
+def test_loop_minor_reused_for_another_file_is_never_reattached_or_chowned(
+        local_service, loop_device, tmp_path):
+    # The class of Nova's OSSA-2023-003: the name stays, the device is
+    # another one.
+    import subprocess
+    svc = local_service
+    vol_id = new_id()
+    ci = {"driver_volume_type": "local",
+          "data": {"device_path": loop_device.path}}
+    res = svc.attach_volume(vol_id, ci, SD)
+    rule = udev.rule_path(svc.cfg.udev_rules_dir, SD, vol_id)
+    other = str(tmp_path / "other.img")
+    with open(other, "wb") as f:
+        f.truncate(4 * 1024 * 1024)
+    subprocess.check_call(["losetup", "-d", loop_device.path])
+    subprocess.check_call(["losetup", loop_device.path, other])
+
+    info, = svc.volumes_info([vol_id])
+    assert info["stale"] is True
+    assert other in info["stale_reason"]
+    with pytest.raises(errors.DeviceChanged):
+        svc.attach_volume(vol_id, ci, SD)
+    entry, = svc.reconcile()
+    assert entry["action"] == "remove-stale-link+rule"
+    assert not os.path.exists(rule)
+    assert not is_symlink(res["managed_path"])
+
+    svc.detach_volume(vol_id, SD)
+
+    assert svc.volumes_info() == []
+    assert not os.path.exists(rule)
+    with open("/sys/block/{}/loop/backing_file".format(
+            os.path.basename(loop_device.path))) as f:
+        assert f.read().strip() == other

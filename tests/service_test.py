@@ -17,8 +17,8 @@ from vdsm_managedvolume import udev
 from vdsm_managedvolume import validate
 
 from . import fakebrick
-from .host_fixtures import (iscsi_connection, is_symlink, new_id,
-                            rbd_connection, udevadm_calls)
+from .host_fixtures import (LoopDevice, iscsi_connection, is_symlink,
+                            new_boot, new_id, rbd_connection, udevadm_calls)
 
 SD = "2d4b0fe1-6a69-4a2e-9f63-4c8f3bd6f0a1"
 
@@ -177,8 +177,11 @@ def test_reattach_after_device_vanished_reconnects(inproc_service):
     assert not os.path.exists(first["path"])
     assert svc.reconcile(apply=False) == [
         {"vol_id": vol_id, "state": "attached", "action": "stale",
-         "result": "kept"}]
-    assert svc.volumes_info([vol_id])[0]["exists"] is False
+         "result": "kept", "reason": "device gone"}]
+    info, = svc.volumes_info([vol_id])
+    assert info["exists"] is False
+    assert info["stale"] is True
+    assert info["stale_reason"] == "device gone"
     second = svc.attach_volume(vol_id, ci)
     assert os.path.exists(second["path"])
     assert ci["data"]["fake_key"] in fakebrick.connected()
@@ -529,8 +532,10 @@ def test_volumes_info_masks_secrets_unless_asked(inproc_service):
     assert "AQBsecret" not in json.dumps(info)
     assert info[1]["connection_info"]["data"]["auth_username"] == "chapuser"
     assert set(info[1]) == {"vol_id", "connection_info", "path",
-                            "attachment", "managed_path", "exists", "size"}
+                            "attachment", "managed_path", "exists", "size",
+                            "stale"}
     assert info[1]["exists"] is True
+    assert info[1]["stale"] is False
     full = svc.volumes_info([b], include_secrets=True)
     assert full[0]["connection_info"] == ci
     assert svc.volumes_info([new_id()]) == []
@@ -540,9 +545,10 @@ def test_volumes_info_of_attaching_row_has_no_path(inproc_service):
     svc = inproc_service
     vol_id = new_id()
     svc._db().add_volume(vol_id, SD, {"driver_volume_type": "iscsi",
-                                      "data": {}})
+                                      "data": {}}, boot_id=svc._boot())
     info, = svc.volumes_info([vol_id])
-    assert set(info) == {"vol_id", "connection_info"}
+    assert info == {"vol_id": vol_id, "connection_info": {
+        "driver_volume_type": "iscsi", "data": {}}, "stale": False}
 
 
 def test_volumes_info_validates_ids(inproc_service):
@@ -631,6 +637,354 @@ def test_caps_fall_back_to_last_value_when_the_helper_fails(
     assert inproc_service.caps() == {"connector_info": known}
     with pytest.raises(errors.HelperFailed):
         inproc_service.connector_info(refresh=True)
+
+
+# Boots: a record from another boot is never attached (oVirt/vdsm#433)
+
+def calls_named(brick, name):
+    return [c for c in brick.calls if c[0] == name]
+
+
+def test_records_carry_the_boot_they_were_made_in(inproc_service):
+    svc = inproc_service
+    vol_id = new_id()
+    svc.attach_volume(vol_id, iscsi_connection(svc.cfg))
+    rec, = records(svc)
+    with open(svc.cfg.boot_id_file) as f:
+        assert rec["boot_id"] == f.read().strip()
+
+
+def test_restart_in_the_same_boot_keeps_links_and_a_second_attach_is_927(
+        host_cfg, inproc_brick):
+    svc = service.Service(host_cfg, brick=inproc_brick)
+    svc.start()
+    vol_id, ci = new_id(), iscsi_connection(host_cfg)
+    first = svc.attach_volume(vol_id, ci, SD)
+    svc.close()
+    svc = service.Service(host_cfg, brick=inproc_brick)
+    svc.start()                          # agent or vdsmd restarted
+    try:
+        assert svc.reconcile(apply=False) == []
+        assert os.readlink(first["managed_path"]) == first["path"]
+        assert svc.volumes_info([vol_id])[0]["stale"] is False
+        with pytest.raises(errors.AlreadyAttached):
+            svc.attach_volume(vol_id, ci, SD)
+    finally:
+        svc.close()
+
+
+def test_record_of_another_boot_is_stale_and_its_link_and_rule_go(
+        inproc_service):
+    # The device came back at boot (DRBD, FC, a local disk): vdsm#433.
+    svc = inproc_service
+    vol_id, ci = new_id(), iscsi_connection(svc.cfg)
+    first = svc.attach_volume(vol_id, ci, SD)
+    new_boot(svc.cfg)                    # a run dir that is not tmpfs
+    info, = svc.volumes_info([vol_id])
+    assert info["exists"] is True
+    assert info["stale"] is True
+    assert info["stale_reason"] == "made in another boot"
+
+    assert svc.reconcile(apply=False) == [
+        {"vol_id": vol_id, "state": "attached",
+         "action": "remove-stale-link+rule", "result": "planned",
+         "reason": "made in another boot"}]
+    assert svc.reconcile()[0]["result"] == "done"
+    assert not is_symlink(first["managed_path"])
+    assert not os.path.exists(rule_of(svc, vol_id, SD))
+    # Reported, never recreated; the record waits for the engine.
+    assert svc.reconcile() == [
+        {"vol_id": vol_id, "state": "attached", "action": "stale",
+         "result": "kept", "reason": "made in another boot"}]
+    assert not is_symlink(first["managed_path"])
+    assert [r["vol_id"] for r in records(svc)] == [vol_id]
+
+
+def test_start_after_a_reboot_does_not_recreate_links_of_the_old_boot(
+        host_cfg, inproc_brick):
+    svc = service.Service(host_cfg, brick=inproc_brick)
+    svc.start()
+    vol_id, ci = new_id(), iscsi_connection(host_cfg)
+    first = svc.attach_volume(vol_id, ci, SD)
+    svc.close()
+    new_boot(host_cfg, empty_run_dir=True)
+    os.unlink(rule_of(svc, vol_id, SD))
+    svc = service.Service(host_cfg, brick=inproc_brick)
+    svc.start()
+    try:
+        assert not is_symlink(first["managed_path"])
+        assert not os.path.exists(rule_of(svc, vol_id, SD))
+    finally:
+        svc.close()
+
+
+def test_reattach_over_a_record_of_another_boot_is_a_first_attach(
+        inproc_service, inproc_brick):
+    svc = inproc_service
+    vol_id, ci = new_id(), iscsi_connection(svc.cfg)
+    first = svc.attach_volume(vol_id, ci, SD)
+    boot_id = new_boot(svc.cfg, empty_run_dir=True)
+    svc.reconcile()
+    del inproc_brick.calls[:]
+
+    second = svc.attach_volume(vol_id, ci, SD)
+
+    assert second == first
+    assert [c[0] for c in inproc_brick.calls
+            if c[0] in ("connect", "disconnect")] == ["connect"]
+    assert os.readlink(second["managed_path"]) == second["path"]
+    assert os.path.exists(rule_of(svc, vol_id, SD))
+    rec, = records(svc)
+    assert (rec["boot_id"], rec["state"]) == (boot_id, "attached")
+    assert svc.volumes_info([vol_id])[0]["stale"] is False
+    with pytest.raises(errors.AlreadyAttached):
+        svc.attach_volume(vol_id, ci, SD)
+
+
+def test_reattach_over_another_boot_forgets_the_old_attachment_first(
+        inproc_service, inproc_brick):
+    # If the attach fails and its undo too, the 'attaching' record left
+    # for reconcile must not name the old boot's devices (another volume
+    # may have them now).
+    svc = inproc_service
+    vol_id, ci = new_id(), iscsi_connection(svc.cfg)
+    svc.attach_volume(vol_id, ci)
+    new_boot(svc.cfg, empty_run_dir=True)
+
+    def fail(*args):
+        raise errors.HelperFailed("storage unreachable")
+
+    inproc_brick.connect = inproc_brick.disconnect = fail
+    with pytest.raises(errors.HelperFailed):
+        svc.attach_volume(vol_id, ci)
+    rec, = records(svc)
+    assert rec["state"] == "attaching"
+    assert (rec["attachment"], rec["path"], rec["identity"]) == (
+        None, None, None)
+    assert rec["boot_id"] == svc._boot()
+
+
+def test_detach_of_a_record_of_another_boot_replays_its_disconnect(
+        inproc_service, inproc_brick):
+    svc = inproc_service
+    vol_id, ci = new_id(), iscsi_connection(svc.cfg)
+    first = svc.attach_volume(vol_id, ci, SD)
+    new_boot(svc.cfg, empty_run_dir=True)
+    svc.detach_volume(vol_id, SD)
+    disconnect, = calls_named(inproc_brick, "disconnect")
+    assert disconnect[2] == first["attachment"]
+    assert fakebrick.connected() == []
+    assert records(svc) == []
+    assert not os.path.exists(rule_of(svc, vol_id, SD))
+
+
+def test_record_without_a_boot_is_of_this_boot_while_its_link_exists(
+        inproc_service):
+    # Rows from vdsm or an older version: judged as vdsm PR #483 does.
+    svc = inproc_service
+    kept, lost = sorted([new_id(), new_id()])
+    res = {}
+    for vol_id in (kept, lost):
+        res[vol_id] = svc.attach_volume(vol_id, iscsi_connection(svc.cfg))
+        svc._db().update_volume(vol_id, boot_id=None, identity=None)
+    os.unlink(res[lost]["managed_path"])
+    os.unlink(rule_of(svc, kept))
+    assert [i["stale"] for i in svc.volumes_info()] == [False, True]
+    plan = svc.reconcile(apply=False)
+    assert [(e["vol_id"], e["action"]) for e in plan] == [
+        (kept, "adopt+recreate-rule"), (lost, "remove-stale-rule")]
+    svc.reconcile()
+    rec = {r["vol_id"]: r for r in records(svc)}
+    assert os.path.exists(rule_of(svc, kept))
+    assert rec[kept]["boot_id"] == svc._boot()
+    assert rec[kept]["identity"] is None        # a file, not a device
+    assert rec[lost]["boot_id"] is None
+    assert svc.reconcile() == [
+        {"vol_id": lost, "state": "attached", "action": "stale",
+         "result": "kept", "reason": "made in an unknown boot (recorded "
+         "before boots were) and its managed link is gone"}]
+
+
+def test_unreadable_boot_id_fails_the_start_naming_the_file(
+        host_cfg, inproc_brick):
+    host_cfg.boot_id_file = os.path.join(host_cfg.state_dir, "no-such")
+    svc = service.Service(host_cfg, brick=inproc_brick)
+    with pytest.raises(errors.ConfigError, match="no-such.*boot_id_file"):
+        svc.start()
+
+
+# Device identity: never disconnect or chown another device (the class of
+# Nova's OSSA-2023-003).  Fake iSCSI volumes whose "device" is a real loop
+# device, and a fake sysfs tree for WWNs.
+
+@pytest.fixture
+def loop(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("loop devices need root")
+    dev = LoopDevice(str(tmp_path / "a.img"))
+    yield dev
+    dev.detach()
+
+
+def reuse_minor(loop, backing):
+    """Detach ``loop`` and attach ``backing`` on the same minor."""
+    import subprocess
+    subprocess.check_call(["losetup", "-d", loop.path])
+    with open(backing, "wb") as f:
+        f.truncate(4 * 1024 * 1024)
+    subprocess.check_call(["losetup", loop.path, backing])
+
+
+def loop_iscsi(cfg, loop):
+    return iscsi_connection(cfg, fake_device=loop.path)
+
+
+@pytest.mark.root
+def test_attach_records_the_device_identity(inproc_service, loop):
+    svc = inproc_service
+    vol_id = new_id()
+    svc.attach_volume(vol_id, loop_iscsi(svc.cfg, loop))
+    rec, = records(svc)
+    st = os.stat(loop.path)
+    assert rec["identity"]["dev"] == "{}:{}".format(
+        os.major(st.st_rdev), os.minor(st.st_rdev))
+    assert rec["identity"]["backing"] == loop.backing
+
+
+@pytest.mark.root
+def test_detach_never_disconnects_a_loop_minor_reused_for_another_file(
+        inproc_service, inproc_brick, loop, tmp_path, caplog):
+    svc = inproc_service
+    vol_id, ci = new_id(), loop_iscsi(svc.cfg, loop)
+    res = svc.attach_volume(vol_id, ci, SD)
+    reuse_minor(loop, str(tmp_path / "b.img"))
+    info, = svc.volumes_info([vol_id])
+    assert info["stale"] is True
+    assert info["stale_reason"].startswith("device changed: backing ")
+    del inproc_brick.calls[:]
+
+    with caplog.at_level(logging.ERROR, logger="managedvolume.service"):
+        svc.detach_volume(vol_id, SD)
+
+    assert calls_named(inproc_brick, "disconnect") == []
+    assert ci["data"]["fake_key"] in fakebrick.connected()
+    assert records(svc) == []
+    assert not is_symlink(res["managed_path"])
+    assert not os.path.exists(rule_of(svc, vol_id, SD))
+    msg, = [r.getMessage() for r in caplog.records]
+    assert "Not disconnecting volume {}".format(vol_id) in msg
+    assert str(tmp_path / "b.img") in msg and "end it by hand" in msg
+
+
+@pytest.mark.root
+def test_reattach_over_a_changed_device_is_929_and_touches_nothing(
+        inproc_service, inproc_brick, loop, tmp_path):
+    svc = inproc_service
+    vol_id, ci = new_id(), loop_iscsi(svc.cfg, loop)
+    res = svc.attach_volume(vol_id, ci, SD)
+    reuse_minor(loop, str(tmp_path / "b.img"))
+    del inproc_brick.calls[:]
+    before = records(svc)
+
+    with pytest.raises(errors.DeviceChanged) as e:
+        svc.attach_volume(vol_id, ci, SD)
+
+    assert e.value.code == 929
+    assert "detach the volume" in str(e.value).lower()
+    assert inproc_brick.calls == []
+    assert records(svc) == before
+    # Detach forgets it without touching the device; attach works again.
+    svc.detach_volume(vol_id, SD)
+    assert calls_named(inproc_brick, "disconnect") == []
+    assert svc.attach_volume(vol_id, ci, SD)["path"] == res["path"]
+
+
+@pytest.mark.root
+def test_reconcile_does_not_rewrite_the_rule_of_a_changed_device(
+        inproc_service, loop, tmp_path):
+    svc = inproc_service
+    vol_id = new_id()
+    res = svc.attach_volume(vol_id, loop_iscsi(svc.cfg, loop), SD)
+    reuse_minor(loop, str(tmp_path / "b.img"))
+    os.unlink(rule_of(svc, vol_id, SD))       # udev would chown with it
+    entry, = svc.reconcile()
+    assert (entry["action"], entry["result"]) == (
+        "remove-stale-link", "done")
+    assert entry["reason"].startswith("device changed")
+    assert not os.path.exists(rule_of(svc, vol_id, SD))
+    assert not is_symlink(res["managed_path"])
+
+
+@pytest.mark.root
+def test_a_loop_minor_reused_in_another_boot_is_told_by_its_backing_file(
+        inproc_service, inproc_brick, loop, tmp_path):
+    svc = inproc_service
+    vol_id, ci = new_id(), loop_iscsi(svc.cfg, loop)
+    svc.attach_volume(vol_id, ci)
+    new_boot(svc.cfg, empty_run_dir=True)
+    reuse_minor(loop, str(tmp_path / "b.img"))
+    with pytest.raises(errors.DeviceChanged):
+        svc.attach_volume(vol_id, ci)
+    svc.detach_volume(vol_id)
+    assert calls_named(inproc_brick, "disconnect") == []
+
+
+@pytest.fixture
+def fake_sys(tmp_path, monkeypatch):
+    """A sysfs tree for block devices: write(dev, name, value)."""
+    from vdsm_managedvolume import devices
+    root = tmp_path / "sys-dev-block"
+    monkeypatch.setattr(devices, "SYS_DEV_BLOCK", str(root))
+
+    def write(path, name, value):
+        st = os.stat(path)
+        f = root / "{}:{}".format(os.major(st.st_rdev), os.minor(st.st_rdev))
+        (f / os.path.dirname(name)).mkdir(parents=True, exist_ok=True)
+        (f / name).write_text(value + "\n")
+    return write
+
+
+@pytest.mark.root
+def test_wwn_tells_a_reused_device_apart_in_any_boot(
+        inproc_service, inproc_brick, loop, fake_sys):
+    svc = inproc_service
+    vol_id, ci = new_id(), loop_iscsi(svc.cfg, loop)
+    fake_sys(loop.path, "device/wwid", "naa.6001405aaaaaaaaaaaaaaaaaaaaaaaaa")
+    svc.attach_volume(vol_id, ci, SD)
+    assert records(svc)[0]["identity"]["wwn"] == \
+        "naa.6001405aaaaaaaaaaaaaaaaaaaaaaaaa"
+
+    # Another boot, same LUN back (its dm/sd numbers may differ): taken
+    # over as a first attach.
+    new_boot(svc.cfg, empty_run_dir=True)
+    svc.attach_volume(vol_id, ci, SD)
+
+    # Same boot, another LUN behind the name: not disconnected.
+    fake_sys(loop.path, "device/wwid", "naa.6001405bbbbbbbbbbbbbbbbbbbbbbbbb")
+    del inproc_brick.calls[:]
+    with pytest.raises(errors.DeviceChanged, match="wwn naa.6001405bbb"):
+        svc.attach_volume(vol_id, ci, SD)
+    svc.detach_volume(vol_id, SD)
+    assert calls_named(inproc_brick, "disconnect") == []
+    assert ci["data"]["fake_key"] in fakebrick.connected()
+
+
+@pytest.mark.root
+def test_detach_leaves_alone_a_device_attached_as_another_volume(
+        inproc_service, inproc_brick, loop):
+    # Before a reboot volume A had the loop device; after it volume B.
+    svc = inproc_service
+    a, b = new_id(), new_id()
+    local = {"driver_volume_type": "local",
+             "data": {"device_path": loop.path}}
+    svc.attach_volume(a, local)
+    new_boot(svc.cfg, empty_run_dir=True)
+    svc.attach_volume(b, local)
+    del inproc_brick.calls[:]
+    svc.detach_volume(a)
+    assert calls_named(inproc_brick, "disconnect") == []
+    assert [r["vol_id"] for r in records(svc)] == [b]
+    assert os.path.exists(rule_of(svc, b))
 
 
 # Reconcile

@@ -145,6 +145,7 @@ def test_vdsm_database_is_migrated_in_place(tmp_path):
     assert rec["connection_info"] == CI
     assert rec["attachment"] == {"path": "/dev/dm-1"}
     assert rec["created"]
+    assert (rec["boot_id"], rec["identity"]) == (None, None)  # unknown boot
 
     with store.open(path) as s:   # reopening does not migrate again
         assert s.version_info()["version"] == store.VERSION
@@ -268,3 +269,31 @@ def test_inspect_of_a_missing_file_creates_nothing(tmp_path):
     with pytest.raises(errors.StoreError):
         store.inspect(str(path))
     assert not path.exists()
+
+
+def test_version_2_rows_migrate_to_an_unknown_boot(tmp_path):
+    path = str(tmp_path / "mv.db")
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE versions (version INTEGER PRIMARY KEY, "
+                 "description TEXT, updated datetime)")
+    for version, description, script in store.MIGRATIONS[:2]:
+        conn.executescript(script)
+        conn.execute("INSERT INTO versions VALUES (?, ?, 'now')",
+                     (version, description))
+    conn.execute("INSERT INTO volumes (vol_id, path, connection_info, "
+                 "state) VALUES (?, '/dev/loop3', ?, 'attached')",
+                 (VOL, json.dumps(CI)))
+    conn.commit()
+    conn.close()
+    with store.open(path) as s:
+        rec = s.get_volume(VOL)
+        assert (rec["path"], rec["boot_id"], rec["identity"]) == (
+            "/dev/loop3", None, None)
+        s.update_volume(VOL, boot_id="b1", identity={"dev": "7:3"})
+        rec = s.get_volume(VOL)
+    assert (rec["boot_id"], rec["identity"]) == ("b1", {"dev": "7:3"})
+
+
+def test_add_volume_records_its_boot(db):
+    db.add_volume(VOL, SD, CI, boot_id="boot-1")
+    assert db.get_volume(VOL)["boot_id"] == "boot-1"

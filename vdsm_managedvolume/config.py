@@ -55,6 +55,7 @@ class Config:
     multipath_dir: str = "/dev/mapper"
     rbd_dir: str = "/dev/rbd"
     privsep_config: str = "/etc/vdsm/managedvolume-privsep.conf"
+    boot_id_file: str = "/proc/sys/kernel/random/boot_id"
 
     # [volumes]
     allowed_types: tuple = DEFAULT_ALLOWED_TYPES
@@ -147,7 +148,7 @@ class Config:
 SECTIONS = {
     "paths": ("db_path", "run_dir", "udev_rules_dir", "lock_dir",
               "state_run_dir", "log_dir", "multipath_dir", "rbd_dir",
-              "privsep_config"),
+              "privsep_config", "boot_id_file"),
     "volumes": ("allowed_types", "lock_timeout", "udev_owner", "udevadm",
                 "chown", "udev_writer", "local_devices", "shared_devices"),
     "privsep": ("timeout", "properties_timeout", "connector_info_ttl",

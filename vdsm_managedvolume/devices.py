@@ -25,6 +25,28 @@ A device is in use when it, or any of its partitions:
   md RAID built on it).
 
 ``in_use`` examines only block devices.
+
+The device's identity (``identity``, ``changed``): names under /dev are
+reused.  A loop device is detached and another file attached on the same
+minor, a SCSI LUN number is given to another volume, ``dm-N`` and ``rbdN``
+are numbered afresh at each boot.  Disconnecting or chown-ing "whatever is
+at the recorded path" then hits a device that belongs to something else
+(the class of Nova's OSSA-2023-003, where a reused LUN was flushed and
+removed under another instance).  So attach records what the device *is*,
+read from sysfs, and detach and re-attach compare it before touching it::
+
+    wwn       the SCSI/NVMe WWN (sysfs ``wwid``, ``device/wwid``, or the
+              multipath map's ``dm/uuid``): the same in every boot
+    serial    the disk's serial (``serial``, ``device/serial``), likewise
+    backing   a loop device's backing file
+    dev       MAJ:MIN, and
+    diskseq   the kernel's per-boot sequence number of the disk (Linux
+              5.15+; a new one at each loop attach, each SCSI rescan):
+              both only meaningful within the boot that recorded them
+
+The persistent facts decide when they were recorded; otherwise, within the
+recording boot, ``dev`` and ``diskseq`` do.  A record from another boot
+without persistent facts cannot be compared, and is not claimed to differ.
 """
 
 import errno
@@ -33,6 +55,13 @@ import os
 import stat
 
 from . import errors
+
+# Where the kernel describes block devices by MAJ:MIN (tests point it at a
+# fake tree to give a fake device a WWN).
+SYS_DEV_BLOCK = "/sys/dev/block"
+
+# Identity facts that name the same device in every boot.
+PERSISTENT = ("wwn", "serial", "backing")
 
 
 def check_local(name, path, patterns):
@@ -131,6 +160,55 @@ def size(path):
         return None
 
 
+def identity(path):
+    """What the block device at ``path`` is: {"dev", "diskseq"?, "wwn"?,
+    "serial"?, "backing"?}; None when nothing, or no block device, is
+    there."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISBLK(st.st_mode):
+        return None
+    major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    ident = {"dev": "{}:{}".format(major, minor)}
+    facts = (
+        ("diskseq", ("diskseq",)),
+        ("wwn", ("wwid", "device/wwid", "dm/uuid")),
+        ("serial", ("serial", "device/serial")),
+        ("backing", ("loop/backing_file",)),
+    )
+    for key, names in facts:
+        for name in names:
+            value = _read_sys(major, minor, name)
+            if value:
+                ident[key] = value
+                break
+    return ident
+
+
+def changed(recorded, current, same_boot):
+    """Why ``current`` (an ``identity``) is not the device ``recorded``,
+    or None when it is (or when nothing allows telling).
+
+    ``same_boot``: whether ``recorded`` was taken in the current boot
+    (only then do MAJ:MIN and diskseq mean anything).
+    """
+    if not recorded or not current:
+        return None
+    persistent = [k for k in PERSISTENT if recorded.get(k)]
+    if persistent:
+        keys = persistent
+    elif same_boot:
+        keys = [k for k in ("dev", "diskseq") if recorded.get(k)]
+    else:
+        return None
+    diffs = ["{} {} (recorded {})".format(
+        k, current.get(k) or "none", recorded[k])
+        for k in keys if current.get(k) != recorded[k]]
+    return ", ".join(diffs) or None
+
+
 # Private helpers
 
 def _named(path, real):
@@ -140,7 +218,15 @@ def _named(path, real):
 
 
 def _sys(major, minor, *names):
-    return os.path.join("/sys/dev/block/{}:{}".format(major, minor), *names)
+    return os.path.join(SYS_DEV_BLOCK, "{}:{}".format(major, minor), *names)
+
+
+def _read_sys(major, minor, name):
+    try:
+        with open(_sys(major, minor, name)) as f:
+            return f.read(4096).strip()
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _kernel_name(major, minor):

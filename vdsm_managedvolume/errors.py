@@ -17,6 +17,7 @@ their meaning; 930-935 are ours (documented in the schema YAML too):
     927  AlreadyAttached       same connection_info, device present
     928  UnsupportedDevice     iscsi/FC attachment without multipath_id
     929  ConnectionMismatch    record exists with another connection_info
+         (DeviceChanged: or its device is no longer the one attached)
     930  UnsupportedDriverType driver_volume_type not on the allow-list
     931  HelperTimeout         the privileged call did not finish in time
     932  VolumeBusy            another operation holds the volume's lock
@@ -171,6 +172,16 @@ class ConnectionMismatch(Error):
     code = 929
     msg = ("Volume {self.vol_id} is attached with a different "
            "connection_info; detach it first")
+
+
+class DeviceChanged(ConnectionMismatch):
+    """The record's device is no longer the one attached: 929, whose
+    remedy (detach first) is this one's too."""
+    msg = ("Volume {self.vol_id}: the device at {self.path} is not the one "
+           "recorded at its attach ({self.reason}); it may belong to "
+           "something else now and was not touched. Detach the volume "
+           "(this forgets the record and leaves the device alone), then "
+           "attach it again")
 
 
 # Ours (930-935)

@@ -19,13 +19,25 @@ are vdsm's (README, "Verbs"); what differs is how they get there:
 
   and ``reconcile()`` (run by ``start()``) finishes or undoes whatever a
   crash interrupted: 'attaching' is rolled back, 'detaching' finished,
-  an 'attached' volume whose device is present gets its link and rule
-  back (and, after an interrupted extend, its size recorded), one whose
-  device is gone is reported 'stale' and kept (attaching it again fixes
-  it), links and rules nobody owns are removed;
-- a stale record (after a reboot: run dir emptied, device gone) no longer
-  blocks a re-attach with 927 (oVirt/vdsm#433): the same connection_info
-  simply attaches again;
+  an 'attached' volume of this boot whose device is present gets its
+  link and rule back (and, after an interrupted extend, its size
+  recorded), one whose device is gone is reported 'stale' and kept
+  (attaching it again fixes it), links and rules nobody owns are removed;
+- every record carries the boot it was made in (``boot``).  A record from
+  another boot is never a live attachment, even when a device of the same
+  name came back at boot (oVirt/vdsm#433: DRBD, StorPool, FC LUNs, local
+  disks): volumes_info says ``stale``, reconcile removes its link and udev
+  rule instead of recreating them, a re-attach starts afresh as a first
+  attach (connect, link, rule, this boot), a detach still disconnects.
+  Within one boot (agent or vdsmd restarted) links are kept and a second
+  attach is 927, as in vdsm;
+- before disconnecting, or attaching over a record, the device at the
+  recorded path must still be the one recorded (``devices.identity``:
+  WWN, serial, loop backing file, MAJ:MIN + diskseq within a boot).  A
+  device that now belongs to something else is never disconnected nor
+  given to qemu's user (the class of Nova's OSSA-2023-003): detach then
+  forgets the record and leaves the device alone, re-attach is refused
+  with 929 (``DeviceChanged``), and the log says what the admin does;
 - connector_info is cached and refreshed only when what it is made of
   changes, so getCapabilities costs microseconds, not a helper process.
 
@@ -49,6 +61,7 @@ import tempfile
 import threading
 import time
 
+from . import boot
 from . import devices
 from . import errors
 from . import faults
@@ -121,6 +134,7 @@ class Service:
         """
         with self._calls_cond:
             if self._store is None:
+                boot.current(self.cfg)      # an unreadable boot id fails here
                 self._store = store.open(self.cfg.db_path)
             self._closing = False
         for d in (self.cfg.run_dir, self.cfg.lock_dir):
@@ -132,8 +146,10 @@ class Service:
         """Open (create, migrate) the journal and reconcile the host."""
         self.open()
         for entry in self.reconcile(apply=True):
-            log.info("Reconcile %(vol_id)s (%(state)s): %(action)s -> "
-                     "%(result)s", entry)
+            log.info("Reconcile %s (%s): %s -> %s%s", entry["vol_id"],
+                     entry["state"], entry["action"], entry["result"],
+                     " ({})".format(entry["reason"]) if entry.get("reason")
+                     else "")
 
     def close(self, timeout=None):
         """Refuse new calls, let running ones finish, close the journal.
@@ -175,8 +191,12 @@ class Service:
         InvalidParams when connection_info is larger than
         validate.MAX_CONNECTION_INFO as JSON, holds NaN or infinities,
         or (rbd) its data.name is not "pool/image".
-        A record left by a reboot or a crash does not block: the volume is
-        attached again.  On failure everything done is undone and nothing
+        A record left by a reboot (another boot) or a crash does not
+        block: the volume is attached again, from another boot as a first
+        attach.  DeviceChanged (929) when the device at the recorded path
+        is no longer the one recorded (``devices.changed``): it may belong
+        to something else, nothing is touched.
+        On failure everything done is undone and nothing
         stays recorded (unless the undo itself failed: then the record
         stays 'attaching' for reconcile).
         """
@@ -189,17 +209,29 @@ class Service:
         _check_local_device(self.cfg, connection_info)
 
         with self._call() as db, self._locked(vol_id):
+            boot_id = self._boot()
             rec = self._find(vol_id)
+            fresh = True
             if rec is not None:
-                rec = self._reuse(rec, sd_id, connection_info)
+                rec, fresh = self._reuse(rec, sd_id, connection_info,
+                                         boot_id)
             log.info("Attaching volume %s sd_id=%s connection_info=%s",
                      vol_id, sd_id, mask.mask(connection_info))
             if rec is None:
-                db.add_volume(vol_id, sd_id, connection_info)
+                db.add_volume(vol_id, sd_id, connection_info,
+                              boot_id=boot_id)
+            elif fresh:
+                # What the record says about another boot's connection
+                # must not be disconnected by a rollback.
+                db.update_volume(vol_id, state="attaching", sd_id=sd_id,
+                                 boot_id=boot_id, managed_path=None,
+                                 attachment=None, path=None,
+                                 multipath_id=None, identity=None,
+                                 size=None, extending=None)
             else:
                 db.update_volume(vol_id, state="attaching", sd_id=sd_id,
-                                 managed_path=None, size=None,
-                                 extending=None)
+                                 boot_id=boot_id, managed_path=None,
+                                 size=None, extending=None)
             faults.crash_point("attach.after_record")
             attachment = None
             try:
@@ -217,7 +249,8 @@ class Service:
                 db.update_volume(
                     vol_id, attachment=attachment, path=path,
                     multipath_id=attachment.get("multipath_id"),
-                    size=devices.size(path))
+                    size=devices.size(path),
+                    identity=devices.identity(path))
                 faults.crash_point("attach.after_attachment")
                 self._add_udev_rule(sd_id, vol_id, path)
                 faults.crash_point("attach.after_udev")
@@ -252,6 +285,11 @@ class Service:
         named with the recorded sd_id are removed, and any named with the
         given sd_id as well (a vol_id has one record, so those can only
         be leftovers).
+
+        A record from another boot is detached too (its disconnect is
+        replayed).  Whatever the record, the device at its path is not
+        disconnected when it is no longer the device recorded, or is
+        attached as another volume in this boot (see ``_detach``).
         """
         vol_id = validate.uuid("vol_id", vol_id)
         sd_id = validate.uuid("sd_id", sd_id)
@@ -333,9 +371,12 @@ class Service:
         """Records of ``vol_ids`` (all when empty), sorted by vol_id.
 
         Each is {vol_id, connection_info, path?, attachment?,
-        managed_path?, exists?, size?}; ``exists`` (whether the path
-        exists now) only where a path is recorded, ``size`` (bytes, when
-        attach or extend last read it) only where one is recorded.
+        managed_path?, exists?, size?, stale, stale_reason?}; ``exists``
+        (whether the path exists now) only where a path is recorded,
+        ``size`` (bytes, when attach or extend last read it) only where
+        one is recorded; ``stale`` whether the record is not a live
+        attachment (``_stale_reason``: made in another boot, its device
+        gone or changed), and why.
         Secrets in connection_info are masked unless ``include_secrets``.
         Unknown ids are skipped.
         """
@@ -345,6 +386,7 @@ class Service:
         result = []
         with self._call() as db:
             records = db.volumes(vol_ids)
+        boot_id = self._boot()
         for rec in records:
             ci = rec["connection_info"]
             info = {"vol_id": rec["vol_id"],
@@ -360,6 +402,10 @@ class Service:
                 info["managed_path"] = rec["managed_path"]
             if rec["size"] is not None:
                 info["size"] = rec["size"]
+            reason = self._stale_reason(rec, boot_id)
+            info["stale"] = reason is not None
+            if reason is not None:
+                info["stale_reason"] = reason
             result.append(info)
         return result
 
@@ -399,8 +445,18 @@ class Service:
         "recreate-link", "recreate-rule", "recreate-link+rule",
         "record-size" (an interrupted extend; combined with the others as
         "record-size+recreate-link"...), "stale"
-        (device gone; kept), "remove-link", "remove-rule",
-        "remove-temp-link", "remove-temp-rule", "skip" (busy).
+        (not a live attachment: made in another boot, device gone or
+        changed; the record is kept for the engine's detach or
+        re-attach), "remove-stale-link", "remove-stale-rule",
+        "remove-stale-link+rule" (a record of another boot, or whose
+        device changed: its link and rule would point at, or chown, a
+        device that is not the volume's; the record is kept), "adopt" (a
+        record written before boots were recorded whose managed link
+        proves it is of this boot: the boot and device identity are
+        recorded; "adopt+recreate-rule" when its rule is missing too),
+        "remove-link", "remove-rule", "remove-temp-link",
+        "remove-temp-rule", "skip" (busy).
+        Stale entries carry a "reason".
         Results: "planned" (dry run), "done", "kept", "busy",
         "failed: <why>".
         ``apply=False`` is a dry run: actions are reported as "planned".
@@ -458,26 +514,51 @@ class Service:
         except errors.StoreNotFound:
             return None
 
-    def _reuse(self, rec, sd_id, connection_info):
+    def _reuse(self, rec, sd_id, connection_info, boot_id):
         """Decide what an existing record means for a new attach.
 
-        Returns the record to attach over, or None when it was removed.
+        Returns (record to attach over or None when it was removed,
+        whether the attach starts afresh: the record is from another
+        boot, so nothing it says about a connection holds any more).
         """
         vol_id = rec["vol_id"]
-        live = rec["state"] == "attached" and _exists(rec["path"])
+        same_boot = self._same_boot(rec, boot_id)
+        changed = self._device_changed(rec, boot_id)
+        live = (same_boot and rec["state"] == "attached"
+                and _exists(rec["path"]) and not changed)
         if rec["connection_info"] != connection_info:
             if live:
                 raise errors.ConnectionMismatch(vol_id=vol_id)
             log.info("Volume %s has a %s record with another "
-                     "connection_info and no device; removing it first",
-                     vol_id, rec["state"])
+                     "connection_info that is not attached (%s); removing "
+                     "it first", vol_id, rec["state"],
+                     self._stale_reason(rec, boot_id) or "no device")
             self._detach(rec)
-            return None
+            return None, True
         if rec["state"] == "detaching":
             log.info("Volume %s was being detached; finishing that first",
                      vol_id)
             self._detach(rec)
-            return None
+            return None, True
+        if changed:
+            log.error("Not attaching volume %s: the device at %s is not "
+                      "the one recorded at its attach: %s. It may belong "
+                      "to something else now; it was not touched. Check "
+                      "what it holds, detach the volume (that forgets the "
+                      "record and leaves the device alone), then attach "
+                      "again", vol_id, rec["path"], changed)
+            raise errors.DeviceChanged(vol_id=vol_id, path=rec["path"],
+                                       reason=changed)
+        if not same_boot:
+            log.warning("Volume %s has a record (%s) from %s: its "
+                        "connection ended with that boot; attaching it as "
+                        "a first attach", vol_id, rec["state"],
+                        "another boot" if rec["boot_id"]
+                        else "an unknown boot")
+            # Its rule names a device, and names are reused across boots.
+            self._silent_remove_link(rec["sd_id"], vol_id)
+            self._silent_remove_rule(rec["sd_id"], vol_id)
+            return rec, True
         if live and self._link_ok(rec["sd_id"], vol_id, rec["path"]):
             raise errors.AlreadyAttached(vol_id=vol_id, path=rec["path"])
         log.info("Volume %s has a %s record but %s; attaching it again",
@@ -486,7 +567,71 @@ class Service:
         if rec["sd_id"] != sd_id:
             self._silent_remove_link(rec["sd_id"], vol_id)
             self._silent_remove_rule(rec["sd_id"], vol_id)
-        return rec
+        return rec, False
+
+    def _boot(self):
+        return boot.current(self.cfg)
+
+    def _same_boot(self, rec, boot_id):
+        """Whether ``rec`` was made in the current boot.
+
+        A record written before boots were recorded (boot_id NULL: vdsm's
+        rows, or an older version of this package) is judged as vdsm PR
+        #483 judges every row (``managedvolume._add_volume``): its managed
+        link lives on tmpfs, so a link pointing at its path proves this
+        boot; no link, another boot.
+        """
+        if rec["boot_id"] is not None:
+            return rec["boot_id"] == boot_id
+        return bool(rec["path"]) and self._link_ok(
+            rec["sd_id"], rec["vol_id"], rec["path"])
+
+    def _device_changed(self, rec, boot_id):
+        """Why the device now at ``rec``'s path is not the one recorded at
+        its attach, or None (same, gone, or nothing to compare)."""
+        if not rec["identity"] or not rec["path"]:
+            return None
+        return devices.changed(rec["identity"],
+                               devices.identity(rec["path"]),
+                               self._same_boot(rec, boot_id))
+
+    def _stale_reason(self, rec, boot_id):
+        """Why ``rec`` is not a live attachment, or None when it is (or
+        is an attach or detach of this boot in progress)."""
+        if not self._same_boot(rec, boot_id):
+            if rec["boot_id"]:
+                return "made in another boot"
+            return ("made in an unknown boot (recorded before boots were) "
+                    "and its managed link is gone")
+        if rec["state"] != "attached":
+            return None
+        if not _exists(rec["path"]):
+            return "device gone"
+        changed = self._device_changed(rec, boot_id)
+        if changed:
+            return "device changed: " + changed
+        return None
+
+    def _foreign_device(self, rec, boot_id):
+        """Why the device at ``rec``'s path must not be disconnected for
+        it, or None."""
+        changed = self._device_changed(rec, boot_id)
+        if changed:
+            return "it is not the device recorded at attach ({})".format(
+                changed)
+        current = devices.identity(rec["path"]) if rec["path"] else None
+        if current is None:
+            return None
+        for other in self._db().volumes():
+            ident = other["identity"] or {}
+            if (other["vol_id"] != rec["vol_id"]
+                    and other["state"] == "attached"
+                    and other["boot_id"] == boot_id
+                    and ident.get("dev") == current["dev"]
+                    and not devices.changed(ident, current, True)):
+                return "it is attached as volume {} in this boot".format(
+                    other["vol_id"])
+        return None
 
     def _not_attached(self, rec):
         """Why ``rec`` is not a volume attached here now, or None.
@@ -504,6 +649,9 @@ class Service:
                 "progress or was interrupted".format(rec["state"])
         if not _exists(rec["path"]):
             return "its device {} is gone".format(rec["path"])
+        stale = self._stale_reason(rec, self._boot())
+        if stale:
+            return "its record is stale ({}); attach it again".format(stale)
         if not self._link_ok(rec["sd_id"], rec["vol_id"], rec["path"]):
             return "its managed link is missing: the record is from a " \
                 "previous boot or was damaged; attach it again"
@@ -556,6 +704,19 @@ class Service:
         faults.crash_point("detach.after_unlink")
         self._rules.remove(sd_id, vol_id)
         faults.crash_point("detach.after_rule")
+        foreign = self._foreign_device(rec, self._boot())
+        if foreign:
+            log.error("Not disconnecting volume %s: the device at %s now "
+                      "belongs to something else: %s. The volume's record, "
+                      "managed link and udev rule are removed and that "
+                      "device is left alone. If the volume's own "
+                      "connection still exists on this host, end it by "
+                      "hand (iscsiadm, multipath -f, rbd unmap, losetup "
+                      "-d) after checking which device it is", vol_id,
+                      rec["path"], foreign)
+            faults.crash_point("detach.after_disconnect")
+            db.remove_volume(vol_id)
+            return
         try:
             self._brick.disconnect(rec["connection_info"], rec["attachment"])
         except errors.CannotSend as e:
@@ -624,15 +785,18 @@ class Service:
     def _check_not_shared(self, vol_id, path):
         """Raise DeviceAttached when the device at ``path`` (by
         major:minor) is recorded for another volume whose device is
-        there, unless ``cfg.shared_devices``."""
+        there, unless ``cfg.shared_devices``.  A stale record (another
+        boot's, or whose device changed) holds no device."""
         if self.cfg.shared_devices:
             return
         number = devices.device_number(path)
         if number is None:
             return  # Not a block device (a fake in tests): no number.
+        boot_id = self._boot()
         for rec in self._db().volumes():
             if (rec["vol_id"] != vol_id and rec["path"]
-                    and devices.device_number(rec["path"]) == number):
+                    and devices.device_number(rec["path"]) == number
+                    and self._stale_reason(rec, boot_id) is None):
                 raise errors.DeviceAttached(
                     path=path, major=number[0], minor=number[1],
                     other=rec["vol_id"], vol_id=vol_id)
@@ -707,18 +871,22 @@ class Service:
                 entry["result"] = "forgotten: " + entry["result"][
                     len("failed: "):]
             return entry
-        if not _exists(rec["path"]):
+        boot_id = self._boot()
+        reason = self._stale_reason(rec, boot_id)
+        if reason is not None:
             if apply and rec["extending"] is not None:
                 # Nothing to measure: the last size seen stays recorded.
                 self._db().update_volume(vol_id, extending=None)
-            return {"vol_id": vol_id, "state": state, "action": "stale",
-                    "result": "kept"}
+            return self._reconcile_stale(rec, reason, boot_id, apply)
+        # Written before boots were recorded, yet its link proves this
+        # boot (see _same_boot): record the boot and the device.
+        adopt = rec["boot_id"] is None
         missing = []
         if not self._link_ok(rec["sd_id"], vol_id, rec["path"]):
             missing.append("link")
         if not udev.rule_ok(self.cfg, rec["sd_id"], vol_id, rec["path"]):
             missing.append("rule")
-        actions = []
+        actions = ["adopt"] if adopt else []
         if rec["extending"] is not None:
             actions.append("record-size")
         if missing:
@@ -727,6 +895,10 @@ class Service:
             return None
 
         def repair():
+            if adopt:
+                self._db().update_volume(
+                    vol_id, boot_id=boot_id,
+                    identity=devices.identity(rec["path"]))
             if rec["extending"] is not None:
                 # A rescan may or may not have happened: what the device
                 # shows now is the truth (extend again to rescan).
@@ -739,9 +911,36 @@ class Service:
 
         return self._reconcile_action(rec, "+".join(actions), apply, repair)
 
-    def _reconcile_action(self, rec, action, apply, func):
+    def _reconcile_stale(self, rec, reason, boot_id, apply):
+        """A record that is not a live attachment: kept for the engine's
+        detach or re-attach; its link and udev rule are removed unless it
+        is of this boot and its device is simply gone (then they name
+        only the volume's own device, which may come back)."""
+        vol_id, sd_id = rec["vol_id"], rec["sd_id"]
+        leftovers = []
+        if not (self._same_boot(rec, boot_id) and reason == "device gone"):
+            if os.path.lexists(self._link_path(sd_id, vol_id)):
+                leftovers.append("link")
+            if udev.has_rule(self.cfg, sd_id, vol_id):
+                leftovers.append("rule")
+        if not leftovers:
+            return {"vol_id": vol_id, "state": rec["state"],
+                    "action": "stale", "result": "kept", "reason": reason}
+
+        def remove():
+            _remove_link(self._link_path(sd_id, vol_id))
+            self._rules.remove(sd_id, vol_id)
+            self._db().update_volume(vol_id, managed_path=None)
+
+        return self._reconcile_action(
+            rec, "remove-stale-" + "+".join(leftovers), apply, remove,
+            reason=reason)
+
+    def _reconcile_action(self, rec, action, apply, func, reason=None):
         entry = {"vol_id": rec["vol_id"], "state": rec["state"],
                  "action": action, "result": "planned"}
+        if reason is not None:
+            entry["reason"] = reason
         if apply:
             try:
                 func()

@@ -19,6 +19,11 @@ for, 0 for "whatever the storage has now") while an extend runs: a
 rescan may have happened, the size recorded may be old; reconcile
 records the size the device has and clears it.
 
+Each record also carries the boot it was made in (``boot_id``; NULL for
+rows written before version 4: "unknown boot") and what its device was
+(``identity``, see ``devices.identity``).  A record from another boot is
+never a live attachment (see ``service``).
+
 Schema versions are kept in a ``versions`` table, as vdsm's
 ``managedvolumedb`` does; version 1 *is* vdsm's schema, so a database
 written by vdsm is migrated in place (its rows become ``attached``).  A
@@ -44,9 +49,10 @@ from . import errors
 STATES = ("attaching", "attached", "detaching")
 
 # Columns the service may update, and how each is stored.
-_JSON_COLUMNS = ("connection_info", "attachment")
+_JSON_COLUMNS = ("connection_info", "attachment", "identity")
 _COLUMNS = ("sd_id", "state", "connection_info", "attachment", "path",
-            "multipath_id", "managed_path", "size", "extending")
+            "multipath_id", "managed_path", "size", "extending",
+            "boot_id", "identity")
 
 BUSY_TIMEOUT = 30.0
 
@@ -77,6 +83,13 @@ MIGRATIONS = (
     (3, "Device size, extend in progress", """
         ALTER TABLE volumes ADD COLUMN size INTEGER;
         ALTER TABLE volumes ADD COLUMN extending INTEGER;
+    """),
+    # boot_id NULL: a row written before boots were recorded ("unknown
+    # boot", see service._same_boot).  identity: devices.identity() of
+    # the device at path, taken when the volume was attached.
+    (4, "Boot of each record, device identity", """
+        ALTER TABLE volumes ADD COLUMN boot_id TEXT;
+        ALTER TABLE volumes ADD COLUMN identity TEXT;
     """),
 )
 
@@ -160,6 +173,7 @@ class Store:
         """
         sql = ("SELECT vol_id, sd_id, state, connection_info, attachment, "
                "path, multipath_id, managed_path, size, extending, "
+               "boot_id, identity, "
                "created, updated "
                "FROM volumes")
         vol_ids = list(vol_ids)
@@ -190,15 +204,17 @@ class Store:
 
     # Writing (each call is one durable transaction)
 
-    def add_volume(self, vol_id, sd_id, connection_info, state="attaching"):
+    def add_volume(self, vol_id, sd_id, connection_info, state="attaching",
+                   boot_id=None):
         """Insert a new record; StoreError if ``vol_id`` already has one."""
         _check_state(state)
         now = _now()
         try:
             self._write(
                 "INSERT INTO volumes (vol_id, sd_id, state, connection_info, "
-                "created, updated) VALUES (?, ?, ?, ?, ?, ?)",
-                (vol_id, sd_id, state, _dumps(connection_info), now, now))
+                "boot_id, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (vol_id, sd_id, state, _dumps(connection_info), boot_id,
+                 now, now))
         except sqlite3.IntegrityError:
             raise errors.StoreError(
                 "volume {} already has a record".format(vol_id))
@@ -353,7 +369,8 @@ def _statements(script):
 
 def _record(row):
     (vol_id, sd_id, state, connection_info, attachment, path, multipath_id,
-     managed_path, size, extending, created, updated) = row
+     managed_path, size, extending, boot_id, identity, created,
+     updated) = row
     return {
         "vol_id": vol_id,
         "sd_id": sd_id,
@@ -365,6 +382,8 @@ def _record(row):
         "managed_path": managed_path,
         "size": size,
         "extending": extending,
+        "boot_id": boot_id,
+        "identity": _loads(identity),
         "created": created,
         "updated": updated,
     }

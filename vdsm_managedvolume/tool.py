@@ -233,9 +233,10 @@ def reconcile(cfg, args):
 
     Dry run: the exit code is 1 when anything would be done, so that a
     monitoring script can run ``managedvolume-tool reconcile`` as a probe.
-    Stale records (attached, device gone) are reported, not counted: the
-    service cannot tell whether the engine still wants them; re-attaching
-    fixes them, detaching removes them.
+    Stale records (made in another boot, device gone or changed) are
+    reported with their reason, not counted: the service cannot tell
+    whether the engine still wants them; re-attaching fixes them,
+    detaching removes them.
     """
     report = []
     if os.path.exists(cfg.db_path):
@@ -256,11 +257,11 @@ def reconcile(cfg, args):
         print(_no_db_yet(cfg) or "nothing to reconcile: journal, links and "
               "udev rules agree")
     else:
-        table = [("VOL_ID", "STATE", "ACTION", "RESULT", "PATH")]
+        table = [("VOL_ID", "STATE", "ACTION", "RESULT", "DETAIL")]
         for r in report:
             table.append((r.get("vol_id") or "-", r.get("state") or "-",
                           r.get("action") or "-", r.get("result") or "-",
-                          r.get("path") or ""))
+                          r.get("path") or r.get("reason") or ""))
         _print_table(table)
         if pending:
             print("\n{} action(s) planned; run with --apply to act"
@@ -540,9 +541,12 @@ def _parser():
             "find (and with --apply fix) what a crash or reboot left",
             "Compare the journal with the host: half-done attaches are "
             "rolled back, half-done detaches finished, missing links and "
-            "udev rules of attached volumes recreated, links and rules "
-            "that no record owns removed; attached volumes whose device is "
-            "gone are reported as stale and kept.  Without --apply only "
+            "udev rules of attached volumes of this boot recreated, links "
+            "and rules that no record owns removed; stale records (made in "
+            "another boot, device gone, or the device at their path no "
+            "longer the one attached) are reported with the reason and "
+            "kept, the links and rules of those from another boot or "
+            "with a changed device removed.  Without --apply only "
             "reports what it would do (exit 1 when anything would be "
             "done).  The agent does the same at every start.")
     p.add_argument("--apply", action="store_true",

@@ -125,14 +125,13 @@ def test_identity_of_what_is_not_a_block_device_is_none(tmp_path):
 def test_a_loop_minor_given_another_file_is_another_device(
         loop_device, tmp_path):
     before = devices.identity(loop_device.path)
-    run("losetup", "-d", loop_device.path)
+    first = loop_device.backing
     other = tmp_path / "other.img"
-    other.write_bytes(b"\0" * 4096 * 256)
-    run("losetup", loop_device.path, str(other))
+    loop_device.reattach(str(other))
     after = devices.identity(loop_device.path)
     assert after["dev"] == before["dev"]
     assert devices.changed(before, after, same_boot=True) == \
-        "backing {} (recorded {})".format(other, loop_device.backing)
+        "backing {} (recorded {})".format(other, first)
     # The backing file is a fact of every boot.
     assert devices.changed(before, after, same_boot=False)
 

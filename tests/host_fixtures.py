@@ -320,7 +320,33 @@ class LoopDevice:
             ["losetup", "--find", "--show", backing]).decode().strip()
 
     def detach(self):
-        subprocess.run(["losetup", "-d", self.path], check=False)
+        # Loop devices are shared by the machine: never detach a minor
+        # that someone else attached since (see reattach).
+        if self.current_backing() == self.backing:
+            subprocess.run(["losetup", "-d", self.path], check=False)
+
+    def current_backing(self):
+        name = os.path.basename(self.path)
+        try:
+            with open("/sys/block/{}/loop/backing_file".format(name)) as f:
+                return f.read().strip()
+        except OSError:
+            return None
+
+    def reattach(self, backing):
+        """Detach, then attach ``backing`` on the same minor (another
+        device behind the same name).  Skips the test if another process
+        took the minor in between."""
+        with open(backing, "wb") as f:
+            f.truncate(4 * 1024 * 1024)
+        subprocess.check_call(["losetup", "-d", self.path])
+        res = subprocess.run(["losetup", self.path, backing],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        if res.returncode != 0:
+            self.backing = None
+            pytest.skip("another process took {} between detach and "
+                        "attach: {}".format(self.path, res.stdout.decode()))
+        self.backing = backing
 
 
 @pytest.fixture

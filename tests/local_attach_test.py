@@ -191,7 +191,6 @@ def test_loop_minor_reused_for_another_file_is_never_reattached_or_chowned(
         local_service, loop_device, tmp_path):
     # The class of Nova's OSSA-2023-003: the name stays, the device is
     # another one.
-    import subprocess
     svc = local_service
     vol_id = new_id()
     ci = {"driver_volume_type": "local",
@@ -199,10 +198,7 @@ def test_loop_minor_reused_for_another_file_is_never_reattached_or_chowned(
     res = svc.attach_volume(vol_id, ci, SD)
     rule = udev.rule_path(svc.cfg.udev_rules_dir, SD, vol_id)
     other = str(tmp_path / "other.img")
-    with open(other, "wb") as f:
-        f.truncate(4 * 1024 * 1024)
-    subprocess.check_call(["losetup", "-d", loop_device.path])
-    subprocess.check_call(["losetup", loop_device.path, other])
+    loop_device.reattach(other)
 
     info, = svc.volumes_info([vol_id])
     assert info["stale"] is True
@@ -218,6 +214,4 @@ def test_loop_minor_reused_for_another_file_is_never_reattached_or_chowned(
 
     assert svc.volumes_info() == []
     assert not os.path.exists(rule)
-    with open("/sys/block/{}/loop/backing_file".format(
-            os.path.basename(loop_device.path))) as f:
-        assert f.read().strip() == other
+    assert loop_device.current_backing() == other

@@ -828,11 +828,7 @@ def loop(tmp_path):
 
 def reuse_minor(loop, backing):
     """Detach ``loop`` and attach ``backing`` on the same minor."""
-    import subprocess
-    subprocess.check_call(["losetup", "-d", loop.path])
-    with open(backing, "wb") as f:
-        f.truncate(4 * 1024 * 1024)
-    subprocess.check_call(["losetup", loop.path, backing])
+    loop.reattach(backing)
 
 
 def loop_iscsi(cfg, loop):

@@ -398,6 +398,7 @@ def test_extend_of_unknown_volume_is_not_attached_and_rescans_nothing(
 
 @pytest.mark.parametrize("damage, reason", [
     ("reboot", "managed link is missing"),
+    ("new-boot", r"stale \(made in another boot\)"),
     ("device", "is gone"),
     ("attaching", "'attaching'"),
     ("detaching", "'detaching'"),
@@ -410,6 +411,8 @@ def test_extend_of_a_volume_not_live_here_rescans_nothing(
         # tmpfs run dir emptied: the record is from another boot, the
         # same path may name another device now.
         os.unlink(res["managed_path"])
+    elif damage == "new-boot":
+        new_boot(svc.cfg)           # even with a link left behind
     elif damage == "device":
         os.unlink(res["path"])
     else:

@@ -271,12 +271,12 @@ def test_inspect_of_a_missing_file_creates_nothing(tmp_path):
     assert not path.exists()
 
 
-def test_version_2_rows_migrate_to_an_unknown_boot(tmp_path):
+def test_version_3_rows_migrate_to_an_unknown_boot(tmp_path):
     path = str(tmp_path / "mv.db")
     conn = sqlite3.connect(path)
     conn.execute("CREATE TABLE versions (version INTEGER PRIMARY KEY, "
                  "description TEXT, updated datetime)")
-    for version, description, script in store.MIGRATIONS[:2]:
+    for version, description, script in store.MIGRATIONS[:3]:
         conn.executescript(script)
         conn.execute("INSERT INTO versions VALUES (?, ?, 'now')",
                      (version, description))

@@ -43,8 +43,12 @@ pytestmark = pytest.mark.root
 class AgentProcess:
     """A ``managedvolume-agent`` subprocess with its own state dir."""
 
-    def __init__(self, base, insecure=False, env=None, extra_config=""):
+    def __init__(self, base, insecure=False, env=None, extra_config="",
+                 argv_prefix=()):
         self.base = str(base)
+        # Runs the agent under another command (flowengine: its own
+        # hostname in a UTS namespace).
+        self.argv_prefix = list(argv_prefix)
         self.state_dir = os.path.join(self.base, "state")
         self.fakebrick_dir = os.path.join(self.base, "fakebrick")
         self.dev = types.SimpleNamespace(
@@ -96,7 +100,7 @@ class AgentProcess:
         })
         env.pop("MANAGEDVOLUME_CONFIG", None)
         env.update(self.extra_env)
-        cmd = [AGENT, "--config", self.config_file, "--state-dir",
+        cmd = self.argv_prefix + [AGENT, "--config", self.config_file, "--state-dir",
                self.state_dir, "--listen", "127.0.0.1:0"]
         if self.insecure:
             cmd.append("--insecure")

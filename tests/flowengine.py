@@ -1,0 +1,749 @@
+"""A small ovirt-engine for the flow tests: real shim, real hosts.
+
+ovirt-engine's Managed Block Storage flows are several calls, in a fixed
+order, across the engine's cinderlib client (our shim) and several hosts.
+This module replays those orders against real parts (no mock of ours):
+
+- ``Shim``: ``managedvolume-cinderlib-client``, one process per operation
+  as ManagedBlockExecutor runs it (through the suite's warm service), on
+  the embedded FileDriver with real loop devices, on SQLite or PostgreSQL;
+- ``Host``: a real ``managedvolume-agent`` process (tests.agent_process_test
+  .AgentProcess) with its own state dir, port, boot-id file, privsep
+  daemon and certificate, and its own host name: each agent runs in a UTS
+  namespace, so os-brick's connector_info says ``host-a``, ``host-b``...
+  All certificates (hosts' and the engine's) come from one CA, as oVirt's
+  engine CA signs every host's;
+- ``Engine``: what ovirt-engine does, step by step.  Each method names the
+  ovirt-engine class whose order it replays (read in oVirt/ovirt-engine,
+  backend/manager/modules/bll):
+
+  ManagedBlockStorageCommandUtil.attachManagedBlockStorageDisks /
+  saveDevices: per disk, ConnectManagedBlockStorageDeviceCommand
+  (``connect_volume`` with the host's connector_info), the host's
+  ``ManagedVolume.attach_volume`` (AttachManagedBlockStorageVolumeVDSCommand),
+  then the VM device's spec params record the host (ATTACHED_VDS_ID, or
+  DEST_VDS_ID during a live migration), then
+  SaveManagedBlockStorageDiskDeviceCommand (``save_device``).  The disks
+  are walked with ``allMatch``: the first failure stops the walk.
+
+  disconnectManagedBlockStorageDisk: the host is DEST_VDS_ID when removing
+  the destination (a failed migration), else ATTACHED_VDS_ID; no host
+  recorded: nothing to do.  DisconnectManagedBlockStorageDeviceCommand
+  first detaches on that host (DetachManagedBlockStorageVolumeVDSCommand);
+  only when that succeeded it runs ``disconnect_volume`` with the disk id
+  alone (never a host); only when both succeeded are the spec params
+  saved (ATTACHED := DEST after a completed migration, DEST removed).
+
+  RunVmCommand.runVm: attach the disks, then create the VM.
+  ProcessDownVmCommand (a VM went down: stopped, crashed, or its host
+  fenced): disconnect the disks.
+  MigrateVmCommand.perform: attach the disks to the destination
+  (isLiveMigration), then migrate; any failure -> runningFailed, which
+  disconnects the disks with removeDest.  reportCompleted (the migration
+  succeeded): disconnect the disks (the source).
+  ExtendManagedBlockStorageDiskSizeCommand, CreateManagedBlockStorage-
+  DiskSnapshotCommand, CloneSingleManagedBlockDiskCommand: one shim call.
+
+``check(engine)`` is the one check every flow ends with: each host's
+journal (``volumes_info``), managed_path links, udev rules, the loop
+devices and the shim's connections agree with what the engine believes,
+and nothing else exists.  docs/flows.md draws each flow.
+"""
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import threading
+import time
+import uuid
+
+from vdsm_managedvolume import pki
+from vdsm_managedvolume import stompclient
+
+from .agent_process_test import AgentProcess
+from .engine_fixtures import loop_devices_under
+
+FILE_DRIVER = "vdsm_managedvolume.engine.filedriver.FileDriver"
+
+# The branches whose features some flows need; a flow marked with one
+# flips to passing when it lands (see flows_test.py).
+NEEDS_SHIM = "needs shim9 (disconnect_volume asks the hosts)"
+NEEDS_BOOT = "needs boot9 (boot-aware journal)"
+NEEDS_EXTEND = "needs extend11 (ManagedVolume.extend_volume)"
+
+
+class StepFailed(Exception):
+    """A call of a flow failed, the way the engine sees it."""
+
+
+# Hosts
+
+class Cluster:
+    """The CA and the engine's certificate, shared by all hosts."""
+
+    def __init__(self, base):
+        self.base = str(base)
+        self.pki_dir = os.path.join(self.base, "engine-pki")
+        os.makedirs(self.pki_dir, mode=0o700, exist_ok=True)
+        self.ca_key, self.ca_cert = pki.create_ca("flows engine CA")
+        self.ca_file = os.path.join(self.pki_dir, "ca.pem")
+        pki.write_cert(self.ca_file, self.ca_cert)
+        key, cert = pki.create_cert(self.ca_key, self.ca_cert, "engine",
+                                    server=False)
+        self.cert_file = os.path.join(self.pki_dir, "engine.cer")
+        self.key_file = os.path.join(self.pki_dir, "engine_id_rsa")
+        pki.write_key(self.key_file, key)
+        pki.write_cert(self.cert_file, cert)
+        self.hosts = {}
+
+    def context(self):
+        return pki.client_context(self.ca_file, self.cert_file,
+                                  self.key_file)
+
+    def add_host(self, name):
+        host = Host(self, name, os.path.join(self.base, name))
+        self.hosts[name] = host
+        return host
+
+    def stop(self):
+        for host in self.hosts.values():
+            host.stop()
+
+
+class Host:
+    """A hypervisor: one managedvolume-agent, its daemon, its boot id."""
+
+    def __init__(self, cluster, name, base):
+        self.cluster = cluster
+        self.name = name
+        self.base = base
+        os.makedirs(base, exist_ok=True)
+        self.boot_id_file = os.path.join(base, "boot_id")
+        self.new_boot_id()
+        # The host's PKI: its own key and certificate, the cluster's CA
+        # (the agent issues the rest from the CA key at its first start).
+        pki_dir = os.path.join(base, "state", "pki")
+        os.makedirs(pki_dir, mode=0o700, exist_ok=True)
+        pki.write_cert(os.path.join(pki_dir, pki.CA_CERT), cluster.ca_cert)
+        pki.write_key(os.path.join(pki_dir, pki.CA_KEY), cluster.ca_key)
+        self.agent = AgentProcess(
+            base, env={"MANAGEDVOLUME_BOOT_ID_FILE": self.boot_id_file},
+            argv_prefix=["unshare", "--uts", "sh", "-c",
+                         'hostname "$0" && exec "$@"', name])
+        self.connector = None
+        self.up = False
+
+    # Life cycle
+
+    def start(self):
+        self.agent.start()
+        self.up = True
+        self.connector = self.call("Host.getCapabilities")["connector_info"]
+        assert self.connector["host"] == self.name, self.connector
+        return self
+
+    def stop(self):
+        if self.up:
+            self.agent.stop()
+            self.up = False
+
+    def crash(self):
+        """kill -9 the agent and its privsep daemon (power cut, fence)."""
+        daemons = self.daemon_pids()
+        self.agent.proc.send_signal(signal.SIGKILL)
+        for pid in daemons:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.agent.stop()
+        _wait_gone(daemons)
+        self.up = False
+
+    def boot(self):
+        """Power on after a crash: tmpfs is empty, the boot id is new.
+
+        The journal and the udev rules (both on disk) stay, and so does the
+        device: DRBD, FC LUNs, a local disk come back at boot (here: the
+        loop device is the backend's, it never went away)."""
+        assert not self.up
+        shutil.rmtree(os.path.join(self.agent.state_dir, "run"),
+                      ignore_errors=True)
+        self.new_boot_id()
+        return self.start()
+
+    def new_boot_id(self):
+        self.boot_id = str(uuid.uuid4())
+        with open(self.boot_id_file, "w") as f:
+            f.write(self.boot_id + "\n")
+
+    def daemon_pids(self):
+        marker = self.agent.state_dir + "/run/managedvolume/privsep"
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open("/proc/{}/cmdline".format(entry), "rb") as f:
+                    cmdline = f.read().decode("utf-8", "replace")
+            except OSError:
+                continue
+            if "privsep-helper" in cmdline and marker in cmdline:
+                pids.append(int(entry))
+        return pids
+
+    # Calls, as the engine makes them (mutual TLS, the engine's cert)
+
+    def call(self, method, params=None, flow_id=None):
+        if not self.up:
+            raise StepFailed("{} is not reachable".format(self.name))
+        with stompclient.Client("localhost", self.agent.port,
+                                self.cluster.context(),
+                                timeout=120) as client:
+            return client.call(method, params or {}, flow_id=flow_id)
+
+    # What the host holds
+
+    @property
+    def address(self):
+        return "127.0.0.1:{}".format(self.agent.port)
+
+    def volumes_info(self):
+        return self.call("ManagedVolume.volumes_info", {"vol_ids": []})
+
+    def links(self):
+        d = os.path.join(self.agent.state_dir, "run", "managedvolumes")
+        try:
+            names = sorted(os.listdir(d))
+        except FileNotFoundError:
+            return {}
+        return {n: os.path.realpath(os.path.join(d, n)) for n in names}
+
+    def rules(self):
+        d = os.path.join(self.agent.state_dir, "udev", "rules.d")
+        try:
+            return sorted(n for n in os.listdir(d) if n.endswith(".rules"))
+        except FileNotFoundError:
+            return []
+
+
+def _wait_gone(pids, timeout=30):
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while os.path.exists("/proc/{}".format(pid)):
+            try:
+                with open("/proc/{}/stat".format(pid)) as f:
+                    if f.read().rpartition(")")[2].split()[0] == "Z":
+                        break
+            except OSError:
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError("process {} did not die".format(pid))
+            time.sleep(0.02)
+
+
+# The engine's side
+
+class Backend:
+    """A FileDriver backend with loop devices and its database."""
+
+    def __init__(self, base, db_url, live_rows):
+        self.dir = os.path.join(str(base), "volumes")
+        self.driver = {"volume_driver": FILE_DRIVER,
+                       "volume_backend_name": "flows",
+                       "file_volume_dir": self.dir,
+                       "file_volume_use_loop": True}
+        self.db_url = db_url
+        # live_rows(sql) -> rows of the shim's database
+        self.live_rows = live_rows
+
+    def connections(self):
+        """{(volume_id, connector host)} of the live connections."""
+        rows = self.live_rows(
+            "SELECT volume_id, connection_info FROM volume_attachment "
+            "WHERE deleted = {}".format(self.false))
+        found = set()
+        for vol_id, info in rows:
+            info = json.loads(info or "{}")
+            found.add((vol_id, (info.get("connector") or {}).get("host")))
+        return found
+
+    def live_volumes(self):
+        rows = self.live_rows("SELECT id FROM volumes WHERE deleted = "
+                              "{}".format(self.false))
+        return {r[0] for r in rows}
+
+    def loop_devices(self):
+        return loop_devices_under(self.dir)
+
+    false = "0"
+
+
+def sqlite_backend(base):
+    path = os.path.join(str(base), "cinderlib.db")
+
+    def rows(sql):
+        if not os.path.exists(path):
+            return []
+        with sqlite3.connect(path) as db:
+            return db.execute(sql).fetchall()
+    return Backend(base, "sqlite:///" + path, rows)
+
+
+def postgres_backend(base, pg):
+    db = pg.new_database()
+
+    def rows(sql):
+        out = pg.psql(sql, db=db)
+        return [tuple(line.split("|", 1)) for line in out.splitlines()
+                if line]
+    backend = Backend(base, pg.url(db=db), rows)
+    backend.false = "false"
+    return backend
+
+
+class Disk:
+    """A Managed Block Storage disk and its VM device's spec params."""
+
+    def __init__(self, label, vol_id, size):
+        self.label = label
+        self.vol_id = vol_id
+        self.size = size
+        self.attached = None     # ATTACHED_VDS_ID
+        self.dest = None         # DEST_VDS_ID
+
+    def hosts(self):
+        return {h for h in (self.attached, self.dest) if h}
+
+
+class Vm:
+
+    def __init__(self, name, disks):
+        self.name = name
+        self.disks = disks
+        self.status = "down"
+        self.run_on = None
+
+
+class Engine:
+    """ovirt-engine's Managed Block Storage orders, one call at a time."""
+
+    def __init__(self, shim, backend, hosts, sd_id=None, say=None,
+                 shim_env=None):
+        self.shim_runner = shim
+        self.backend = backend
+        self.hosts = dict(hosts)
+        self.sd_id = sd_id or str(uuid.uuid4())
+        self.say = say or (lambda line: None)
+        self.shim_env = dict(shim_env or {})
+        self.disks = {}
+        self.vms = {}
+        self.trace = []
+        # (vol_id, host) connections the engine's own flow leaves in the
+        # shim (ovirt-engine behaviour, see docs/flows.md): expected, and
+        # cleaned by the next disconnect_volume of that volume.
+        self.leaked = set()
+        self.faults = {}        # (where, step) -> calls to let pass
+        self._lock = threading.Lock()
+
+    # Plumbing
+
+    def note(self, actor, target, what, outcome):
+        line = "{:<7} -> {:<7} {:<52} {}".format(actor, target, what,
+                                                 outcome)
+        with self._lock:
+            self.trace.append((actor, target, what, outcome))
+        self.say(line)
+
+    def shim(self, command, *args, label=""):
+        """Run one sub-command; the payload, or StepFailed."""
+        what = "{} {}".format(command, label).strip()
+        if self._fault("shim", command):
+            # The backend cannot be reached: the command fails for real.
+            driver = dict(self.backend.driver,
+                          file_volume_dir=self.backend.dir + "-unreachable")
+            db_url = self.backend.db_url
+            if command == "save_device":
+                db_url = "sqlite:////nonexistent/engine-db-down.db"
+        else:
+            driver, db_url = self.backend.driver, self.backend.db_url
+        cid = "flow-" + uuid.uuid4().hex[:8]
+        r = self.shim_runner.run(command, *args, driver=driver,
+                                 db_url=db_url, cid=cid, env=self.shim_env)
+        line = r.stdout.decode("utf-8", "replace")
+        if r.code != 0 or line.startswith("error"):
+            self.note("engine", "shim", what, "FAILED " + line.strip()[:60])
+            raise StepFailed("{}: {}".format(command, r.describe()))
+        payload = line[len(cid) + 1:].rstrip("\n") if line else ""
+        self.note("engine", "shim", what, "ok")
+        return payload
+
+    def host_call(self, host, verb, params, label=""):
+        what = "{} {}".format(verb.split(".")[1], label).strip()
+        if self._fault(host, verb):
+            # A device the host cannot attach: the agent refuses for real.
+            params = dict(params, connection_info={
+                "driver_volume_type": "local",
+                "data": {"device_path": "/dev/flows-missing-device"}})
+        try:
+            result = self.hosts[host].call(verb, params)
+        except Exception as e:
+            self.note("engine", host, what, "FAILED {}".format(e)[:70])
+            raise StepFailed("{} on {}: {}".format(verb, host, e))
+        self.note("engine", host, what, "ok")
+        return result
+
+    def fail_next(self, where, step, skip=0):
+        """Make a ``step`` (a sub-command when ``where`` is "shim", else a
+        verb of that host) fail for real, after ``skip`` calls passed."""
+        self.faults[(where, step)] = skip
+
+    def _fault(self, where, step):
+        with self._lock:
+            skip = self.faults.get((where, step))
+            if skip is None:
+                return False
+            if skip > 0:
+                self.faults[(where, step)] = skip - 1
+                return False
+            del self.faults[(where, step)]
+            return True
+
+    # Disks
+
+    def add_disk(self, label, size=1):
+        disk = Disk(label, str(uuid.uuid4()), size)
+        self.shim("create_volume", disk.vol_id, size, label=label)
+        self.disks[label] = disk
+        return disk
+
+    def remove_disk(self, label):
+        disk = self.disks.pop(label)
+        assert not disk.hosts(), "remove an attached disk"
+        self.shim("delete_volume", disk.vol_id, label=label)
+
+    def extend_disk(self, label, size):
+        """ExtendManagedBlockStorageDiskSizeCommand: extend_volume."""
+        disk = self.disks[label]
+        self.shim("extend_volume", disk.vol_id, size, label=label)
+        disk.size = size
+
+    def snapshot_disk(self, label):
+        """CreateManagedBlockStorageDiskSnapshotCommand: the snapshot id."""
+        return self.shim("create_snapshot", self.disks[label].vol_id,
+                         label=label)
+
+    def remove_snapshot(self, label, snap_id):
+        self.shim("remove_snapshot", snap_id, self.disks[label].vol_id,
+                  label=label)
+
+    def clone_disk(self, label, new_label):
+        """CloneSingleManagedBlockDiskCommand: clone_volume."""
+        src = self.disks[label]
+        disk = Disk(new_label, str(uuid.uuid4()), src.size)
+        self.shim("clone_volume", src.vol_id, disk.vol_id,
+                  label="{} -> {}".format(label, new_label))
+        self.disks[new_label] = disk
+        return disk
+
+    # VMs
+
+    def add_vm(self, name, *disk_labels):
+        vm = Vm(name, [self.disks[d] for d in disk_labels])
+        self.vms[name] = vm
+        return vm
+
+    def run_vm(self, name, host):
+        """RunVmCommand.runVm: attach the disks, then create the VM; a
+        failure ends in ProcessDownVmCommand on that host."""
+        vm = self.vms[name]
+        try:
+            self._attach_disks(vm, host, live_migration=False)
+        except StepFailed:
+            self.note("engine", "engine", "run {} on {} failed".format(
+                name, host), "VM down")
+            self._process_down(vm)
+            raise
+        vm.status = "up"
+        vm.run_on = host
+
+    def stop_vm(self, name):
+        """StopVmCommand, then the VM's down event: ProcessDownVmCommand
+        disconnects its disks."""
+        vm = self.vms[name]
+        self.note("engine", vm.run_on, "destroy {}".format(name), "ok")
+        vm.status = "down"
+        vm.run_on = None
+        return self._process_down(vm)
+
+    def host_down(self, host):
+        """The host was fenced (or confirmed rebooted): every VM that ran
+        on it goes down (ClearNonResponsiveVdsVmsCommand /
+        RestartVdsVmsOperation -> ProcessDownVmCommand)."""
+        for vm in self.vms.values():
+            if vm.run_on == host:
+                vm.status = "down"
+                vm.run_on = None
+                self._process_down(vm)
+
+    def migrate(self, name, dest, fail_at=None):
+        """MigrateVmCommand: perform, then reportCompleted or runningFailed.
+
+        ``fail_at``: None (success), ``connect_volume``, ``attach_volume``,
+        ``save_device`` (the real call fails) or ``migrate`` (vdsm's
+        migration itself fails, before or after it started).
+        """
+        vm = self.vms[name]
+        src = vm.run_on
+        if fail_at in ("connect_volume", "save_device"):
+            self.fail_next("shim", fail_at)
+        elif fail_at == "attach_volume":
+            self.fail_next(dest, "ManagedVolume.attach_volume")
+        vm.status = "migrating"
+        try:
+            self._attach_disks(vm, dest, live_migration=True)
+            if fail_at == "migrate":
+                self.note("engine", src, "migrate {} to {}".format(
+                    name, dest), "FAILED (vdsm)")
+                raise StepFailed("migration failed")
+            self.note("engine", src, "migrate {} to {}".format(name, dest),
+                      "ok")
+        except StepFailed:
+            self._running_failed(vm)
+            vm.status = "up"
+            return False
+        # reportCompleted: the VM runs on dest; disconnect the source.
+        vm.run_on = dest
+        vm.status = "up"
+        self._disconnect_disks(vm, remove_dest=False)
+        return True
+
+    def _running_failed(self, vm):
+        """MigrateVmCommand.runningFailed: disconnect from the dest."""
+        if not self._disconnect_disks(vm, remove_dest=True):
+            self.note("engine", "engine", "detach from destination",
+                      "not all disks")
+
+    def _process_down(self, vm):
+        return self._disconnect_disks(vm, remove_dest=False)
+
+    # ManagedBlockStorageCommandUtil
+
+    def _attach_disks(self, vm, host, live_migration):
+        for disk in vm.disks:                     # allMatch: stop at first
+            self._save_devices(disk, host, live_migration)
+
+    def _save_devices(self, disk, host, live_migration):
+        connector = self.hosts[host].connector
+        conn = json.loads(self.shim("connect_volume", disk.vol_id,
+                                    json.dumps(connector),
+                                    label="{} for {}".format(disk.label,
+                                                             host)))
+        try:
+            device = self.host_call(
+                host, "ManagedVolume.attach_volume",
+                {"vol_id": disk.vol_id, "connection_info": conn,
+                 "sd_id": self.sd_id}, label=disk.label)
+        except StepFailed:
+            # Nothing records the host: the connection the shim just made
+            # is left for the next disconnect_volume of this volume.
+            self.leaked.add((disk.vol_id, host))
+            raise
+        if live_migration:
+            disk.dest = host
+        else:
+            disk.attached = host
+        self.shim("save_device", disk.vol_id, json.dumps(device),
+                  label=disk.label)
+
+    def _disconnect_disks(self, vm, remove_dest):
+        for disk in vm.disks:
+            if not self._disconnect_disk(disk, remove_dest):
+                return False
+        return True
+
+    def _disconnect_disk(self, disk, remove_dest):
+        host = disk.dest if remove_dest else disk.attached
+        if host is None:
+            return False                   # "attach has likely failed"
+        try:
+            self.host_call(host, "ManagedVolume.detach_volume",
+                           {"vol_id": disk.vol_id, "sd_id": self.sd_id},
+                           label=disk.label)
+            self.shim("disconnect_volume", disk.vol_id, label=disk.label)
+        except StepFailed:
+            # The spec params are not saved: a later attach elsewhere
+            # overwrites them and this host's connection is forgotten.
+            self.leaked.add((disk.vol_id, host))
+            return False
+        if disk.dest is None:
+            disk.attached = None
+        else:
+            if not remove_dest:
+                disk.attached = disk.dest
+            disk.dest = None
+        # The shim ended every connection no host uses any more.
+        self.leaked = {(v, h) for v, h in self.leaked if v != disk.vol_id}
+        return True
+
+    # What the engine believes
+
+    def expected(self):
+        """{host: {vol_id}} of the disks the engine has on each host."""
+        found = {name: set() for name in self.hosts}
+        for disk in self.disks.values():
+            for host in disk.hosts():
+                found[host].add(disk.vol_id)
+        return found
+
+    def cleanup(self):
+        """Stop every VM and delete every disk (the end of a flow)."""
+        for name, vm in self.vms.items():
+            if vm.status != "down":
+                self.stop_vm(name)
+        for label in list(self.disks):
+            self.remove_disk(label)
+
+
+# The check every flow ends with
+
+def check(engine):
+    """Every host, the loop devices and the shim agree with the engine.
+
+    Per host: volumes_info lists exactly the engine's disks on that host,
+    each attached in this boot with its device present; exactly those
+    managed_path links exist, each pointing at the recorded path; exactly
+    those udev rules exist.  The shim holds exactly one connection per
+    (disk, host) the engine believes in (plus the connections ovirt-engine
+    itself is known to leave, ``Engine.leaked``), each one's device (when
+    saved) is that host's; a loop device exists exactly for the volumes
+    with a connection, and it is the path every host uses.
+    """
+    problems = []
+    expected = engine.expected()
+    volumes = {d.vol_id: d for d in engine.disks.values()}
+    loops = engine.backend.loop_devices()
+    for name, host in engine.hosts.items():
+        if not host.up:
+            continue
+        want = expected[name]
+        infos = {i["vol_id"]: i for i in host.volumes_info()}
+        if set(infos) != want:
+            problems.append("{}: volumes_info has {}, engine believes {}"
+                            .format(name, _labels(engine, infos),
+                                    _labels(engine, want)))
+        for vol_id in want & set(infos):
+            info = infos[vol_id]
+            label = volumes[vol_id].label
+            if info.get("stale"):
+                problems.append("{}: {} is stale".format(name, label))
+            if not info.get("exists"):
+                problems.append("{}: {} has no device ({})".format(
+                    name, label, info.get("path")))
+            elif info.get("path") not in loops:
+                problems.append("{}: {} path {} is no loop device of the "
+                                "backend {}".format(name, label,
+                                                    info.get("path"), loops))
+        links = host.links()
+        want_links = {"{}_{}".format(engine.sd_id, v) for v in want}
+        if set(links) != want_links:
+            problems.append("{}: links {}, expected {}".format(
+                name, sorted(links), sorted(want_links)))
+        for link, target in links.items():
+            vol_id = link.split("_", 1)[1]
+            if vol_id in infos and infos[vol_id].get("path") != target:
+                problems.append("{}: link of {} -> {}, journal says {}"
+                                .format(name, vol_id, target,
+                                        infos[vol_id].get("path")))
+        want_rules = {"99-vdsm-managed_{}_{}.rules".format(engine.sd_id, v)
+                      for v in want}
+        if set(host.rules()) != want_rules:
+            problems.append("{}: udev rules {}, expected {}".format(
+                name, host.rules(), sorted(want_rules)))
+
+    pairs = {(v, h) for h, vols in expected.items() for v in vols}
+    connections = engine.backend.connections()
+    if connections != pairs | engine.leaked:
+        problems.append("shim connections {}, engine believes {} (+ known "
+                        "leaks {})".format(sorted(connections), sorted(pairs),
+                                           sorted(engine.leaked)))
+    for vol_id, host in sorted(pairs & connections):
+        info = json.loads(engine.shim("get_connection_info", vol_id, host,
+                                      label=volumes[vol_id].label))
+        device = info.get("device") or {}
+        conn_path = info["conn"]["data"]["device_path"]
+        if conn_path not in loops:
+            problems.append("shim: connection of {} to {} names {}, not a "
+                            "loop device".format(vol_id, host, conn_path))
+        if device and device.get("path") != conn_path:
+            problems.append("shim: saved device of {} on {} is {}".format(
+                vol_id, host, device.get("path")))
+    connected = {v for v, _ in connections}
+    if len(loops) != len(connected):
+        problems.append("loop devices {} for {} connected volumes".format(
+            loops, len(connected)))
+    live = engine.backend.live_volumes()
+    if live != set(volumes):
+        problems.append("shim volumes {}, engine has {}".format(
+            sorted(live), sorted(volumes)))
+    files = sorted(n for n in _listdir(engine.backend.dir)
+                   if n.startswith("volume-"))
+    if files != sorted("volume-" + v for v in volumes):
+        problems.append("volume files {}".format(files))
+    assert not problems, "\n".join(problems)
+
+
+def journals(engine):
+    """{host: [(label, stale)]}: what each journal holds (docs, demo)."""
+    labels = {d.vol_id: d.label for d in engine.disks.values()}
+    return {name: [(labels.get(i["vol_id"], i["vol_id"]),
+                    bool(i.get("stale")))
+                   for i in host.volumes_info()]
+            for name, host in engine.hosts.items() if host.up}
+
+
+def _labels(engine, vol_ids):
+    labels = {d.vol_id: d.label for d in engine.disks.values()}
+    return sorted(labels.get(v, v) for v in vol_ids)
+
+
+def _listdir(d):
+    try:
+        return os.listdir(d)
+    except FileNotFoundError:
+        return []
+
+
+def write_through(host, engine, label, data):
+    """Write ``data`` at 1 MiB into the disk through the host's
+    managed_path (what the VM's qemu opens); return what reads back."""
+    disk = engine.disks[label]
+    path = os.path.join(host.agent.state_dir, "run", "managedvolumes",
+                        "{}_{}".format(engine.sd_id, disk.vol_id))
+    if data is not None:
+        with open(path, "r+b") as f:
+            f.seek(1024 * 1024)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    with open(path, "rb") as f:
+        f.seek(1024 * 1024)
+        return f.read(len(data) if data else 64)
+
+
+
+
+def device_size(host, engine, label):
+    """The size of the disk's device as the host's managed_path shows it."""
+    disk = engine.disks[label]
+    path = os.path.join(host.agent.state_dir, "run", "managedvolumes",
+                        "{}_{}".format(engine.sd_id, disk.vol_id))
+    with open(path, "rb") as f:
+        return f.seek(0, os.SEEK_END)
+
+
+def shim_env(cluster):
+    """The shim's environment for this cluster (none needed yet)."""
+    return {}

@@ -1,0 +1,266 @@
+"""oVirt's Managed Block Storage flows end to end (tests/flowengine.py).
+
+Three real agents (host-a, host-b, host-c: own state dirs, ports,
+certificates, boot ids, host names) serve the whole module; each flow gets
+its own backend (FileDriver with loop devices) and database, SQLite or
+PostgreSQL, and ends with ``flowengine.check``: every host's journal,
+links and udev rules, the loop devices and the shim's connections agree
+with what the engine believes.  docs/flows.md draws each flow.
+
+A flow whose feature is not on main yet is marked
+``xfail(strict=True, reason=flowengine.NEEDS_...)``: it fails today, and
+the mark goes when the feature lands (strict: a pass is an error, so the
+mark cannot outlive the fix).
+"""
+
+import concurrent.futures
+import os
+import subprocess
+
+import pytest
+
+from . import flowengine
+from .flowengine import NEEDS_BOOT, NEEDS_SHIM, StepFailed, check
+
+pytestmark = pytest.mark.root
+
+HOSTS = ("host-a", "host-b", "host-c")
+DATA = b"written by the VM before it moved"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("agents, loop devices and UTS namespaces need root")
+    cluster = flowengine.Cluster(tmp_path_factory.mktemp("flows"))
+    hosts = [cluster.add_host(name) for name in HOSTS]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(hosts)) as pool:
+            list(pool.map(lambda h: h.start(), hosts))
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _backend(request, tmp_path):
+    if getattr(request, "param", "sqlite") == "postgresql":
+        return flowengine.postgres_backend(
+            tmp_path, request.getfixturevalue("pg_cluster"))
+    return flowengine.sqlite_backend(tmp_path)
+
+
+@pytest.fixture
+def backend(request, tmp_path):
+    return _backend(request, tmp_path)
+
+
+@pytest.fixture
+def engine(cluster, backend, engine_service, engine_shim):
+    for host in cluster.hosts.values():
+        if not host.up:
+            host.boot()
+    eng = flowengine.Engine(engine_shim, backend, cluster.hosts,
+                            shim_env=flowengine.shim_env(cluster))
+    yield eng
+    _clean_up(eng, cluster, backend)
+
+
+def _clean_up(eng, cluster, backend):
+    """Leave the module's hosts as a flow found them, pass or fail."""
+    try:
+        eng.cleanup()
+    except Exception:
+        pass
+    for host in cluster.hosts.values():
+        if not host.up:
+            host.boot()
+        for info in host.volumes_info():
+            host.call("ManagedVolume.detach_volume",
+                      {"vol_id": info["vol_id"], "sd_id": eng.sd_id})
+    for dev in backend.loop_devices():
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+both_databases = pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgresql",
+                                       marks=pytest.mark.postgres)],
+    indirect=True)
+
+
+# Run, stop
+
+@both_databases
+def test_run_vm_attaches_every_disk_and_stop_vm_leaves_nothing(engine):
+    engine.add_disk("os")
+    engine.add_disk("data")
+    engine.add_vm("vm1", "os", "data")
+
+    engine.run_vm("vm1", "host-a")
+    check(engine)
+    a = engine.hosts["host-a"]
+    assert flowengine.write_through(a, engine, "data", DATA) == DATA
+
+    engine.stop_vm("vm1")
+    check(engine)
+    engine.cleanup()
+    check(engine)
+
+
+def test_a_failed_run_detaches_what_was_attached(engine):
+    engine.add_disk("os")
+    engine.add_disk("data")
+    engine.add_vm("vm1", "os", "data")
+    # The second disk's attach fails on the host: the VM goes down and
+    # ProcessDownVmCommand disconnects the disk that was attached; the
+    # shim keeps the failed disk's connection until its next disconnect.
+    engine.fail_next("host-a", "ManagedVolume.attach_volume", skip=1)
+    with pytest.raises(StepFailed):
+        engine.run_vm("vm1", "host-a")
+    check(engine)
+
+    engine.run_vm("vm1", "host-a")
+    check(engine)
+    engine.stop_vm("vm1")
+    check(engine)
+
+
+# Live migration
+
+@both_databases
+@pytest.mark.xfail(strict=True, reason=NEEDS_SHIM)
+def test_live_migration_keeps_the_disk_on_the_destination(engine):
+    engine.add_disk("os")
+    engine.add_vm("vm1", "os")
+    engine.run_vm("vm1", "host-a")
+    flowengine.write_through(engine.hosts["host-a"], engine, "os", DATA)
+
+    assert engine.migrate("vm1", "host-b")
+    check(engine)
+    b = engine.hosts["host-b"]
+    assert flowengine.write_through(b, engine, "os", None)[:len(DATA)] == DATA
+
+    engine.stop_vm("vm1")
+    check(engine)
+
+
+ROLLBACK_NEEDS_SHIM = pytest.mark.xfail(strict=True, reason=NEEDS_SHIM)
+
+
+@pytest.mark.parametrize("fail_at", [
+    "connect_volume",
+    "attach_volume",
+    pytest.param("save_device", marks=ROLLBACK_NEEDS_SHIM),
+    pytest.param("migrate", marks=ROLLBACK_NEEDS_SHIM),
+])
+def test_a_failed_live_migration_leaves_the_vm_running_on_the_source(
+        engine, fail_at):
+    engine.add_disk("os")
+    engine.add_disk("data")
+    engine.add_vm("vm1", "os", "data")
+    engine.run_vm("vm1", "host-a")
+    a = engine.hosts["host-a"]
+    flowengine.write_through(a, engine, "data", DATA)
+
+    assert not engine.migrate("vm1", "host-b", fail_at=fail_at)
+    assert engine.vms["vm1"].run_on == "host-a"
+    check(engine)
+    assert flowengine.write_through(a, engine, "data", None)[:len(DATA)] \
+        == DATA
+
+    engine.stop_vm("vm1")
+    check(engine)
+
+
+# Fence, reboot
+
+@both_databases
+@pytest.mark.xfail(strict=True, reason=NEEDS_BOOT + "; " + NEEDS_SHIM)
+def test_fence_a_restart_on_b_then_migrate_back_to_a(engine):
+    engine.add_disk("os")
+    engine.add_vm("vm1", "os")
+    engine.run_vm("vm1", "host-a")
+    a = engine.hosts["host-a"]
+
+    a.crash()                          # fenced: power off
+    engine.host_down("host-a")         # its VMs down; detach on A fails
+    engine.run_vm("vm1", "host-b")     # HA restart
+    check(engine)
+
+    a.boot()                           # same devices, new boot id
+    assert engine.migrate("vm1", "host-a")
+    check(engine)
+    engine.stop_vm("vm1")
+    check(engine)
+
+
+@both_databases
+@pytest.mark.xfail(strict=True, reason=NEEDS_BOOT)
+def test_a_host_rebooted_with_its_vms_down_runs_them_again(engine):
+    """oVirt/vdsm#433: the device came back at boot, the journal still
+    holds its record; the engine's next attach must not get 927."""
+    for i in (1, 2):
+        engine.add_disk("disk{}".format(i))
+        engine.add_vm("vm{}".format(i), "disk{}".format(i))
+        engine.run_vm("vm{}".format(i), "host-a")
+    a = engine.hosts["host-a"]
+
+    a.crash()
+    engine.host_down("host-a")
+    a.boot()
+    for i in (1, 2):
+        engine.run_vm("vm{}".format(i), "host-a")
+    check(engine)
+    for i in (1, 2):
+        engine.stop_vm("vm{}".format(i))
+    check(engine)
+
+
+# Disk operations while attached
+
+def test_clone_snapshot_and_extend_while_attached(engine):
+    engine.add_disk("os")
+    engine.add_vm("vm1", "os")
+    engine.run_vm("vm1", "host-a")
+    a = engine.hosts["host-a"]
+    flowengine.write_through(a, engine, "os", DATA)
+
+    snap = engine.snapshot_disk("os")
+    engine.clone_disk("os", "os-clone")
+    engine.extend_disk("os", 2)
+    check(engine)
+    # The running VM sees the new size through its managed_path.
+    assert flowengine.device_size(a, engine, "os") == 2 * 1024**3
+
+    # The clone is a disk of its own: a second VM runs it on host-b.
+    engine.add_vm("vm2", "os-clone")
+    engine.run_vm("vm2", "host-b")
+    b = engine.hosts["host-b"]
+    assert flowengine.write_through(b, engine, "os-clone", None)[
+        :len(DATA)] == DATA
+    check(engine)
+
+    engine.remove_snapshot("os", snap)
+    engine.stop_vm("vm2")
+    engine.stop_vm("vm1")
+    check(engine)
+
+
+# Many VMs
+
+@pytest.mark.slow
+def test_32_vms_started_at_once_on_one_host(engine):
+    labels = ["disk{:02d}".format(i) for i in range(32)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        disks = list(pool.map(engine.add_disk, labels))
+    assert len(disks) == 32
+    for label in labels:
+        engine.add_vm("vm-" + label, label)
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        list(pool.map(lambda l: engine.run_vm("vm-" + l, "host-c"), labels))
+    check(engine)
+    assert len(engine.backend.loop_devices()) == 32
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        list(pool.map(lambda l: engine.stop_vm("vm-" + l), labels))
+    check(engine)

@@ -282,6 +282,7 @@ class Backend:
 
 
 def sqlite_backend(base):
+    os.makedirs(str(base), exist_ok=True)
     path = os.path.join(str(base), "cinderlib.db")
 
     def rows(sql):

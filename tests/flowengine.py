@@ -338,7 +338,8 @@ class Engine:
         self.hosts = dict(hosts)
         self.sd_id = sd_id or str(uuid.uuid4())
         self.say = say or (lambda line: None)
-        self.shim_env = dict(shim_env or {})
+        # {name: value}, or a callable returning it at each call
+        self.shim_env = shim_env or {}
         self.disks = {}
         self.vms = {}
         self.trace = []
@@ -371,8 +372,11 @@ class Engine:
         else:
             driver, db_url = self.backend.driver, self.backend.db_url
         cid = "flow-" + uuid.uuid4().hex[:8]
+        env = self.shim_env
+        if callable(env):
+            env = env()
         r = self.shim_runner.run(command, *args, driver=driver,
-                                 db_url=db_url, cid=cid, env=self.shim_env)
+                                 db_url=db_url, cid=cid, env=env)
         line = r.stdout.decode("utf-8", "replace")
         if r.code != 0 or line.startswith("error"):
             self.note("engine", "shim", what, "FAILED " + line.strip()[:60])
@@ -746,5 +750,17 @@ def device_size(host, engine, label):
 
 
 def shim_env(cluster):
-    """The shim's environment for this cluster (none needed yet)."""
-    return {}
+    """How the shim reaches the cluster's hosts (a callable: a rebooted
+    host listens on a new port).  Names of the shim's host settings
+    (args.ENV_HOST_*); a shim without them ignores them."""
+    def env():
+        return {
+            "MANAGEDVOLUME_ENGINE_HOST_CERT": cluster.cert_file,
+            "MANAGEDVOLUME_ENGINE_HOST_KEY": cluster.key_file,
+            "MANAGEDVOLUME_ENGINE_HOST_CA": cluster.ca_file,
+            "MANAGEDVOLUME_ENGINE_HOST_ADDRESSES": ",".join(
+                "{}={}".format(name, host.address)
+                for name, host in sorted(cluster.hosts.items())
+                if host.up),
+        }
+    return env

@@ -100,8 +100,9 @@ class AgentProcess:
         })
         env.pop("MANAGEDVOLUME_CONFIG", None)
         env.update(self.extra_env)
-        cmd = self.argv_prefix + [AGENT, "--config", self.config_file, "--state-dir",
-               self.state_dir, "--listen", "127.0.0.1:0"]
+        cmd = self.argv_prefix + [AGENT, "--config", self.config_file,
+                                  "--state-dir", self.state_dir,
+                                  "--listen", "127.0.0.1:0"]
         if self.insecure:
             cmd.append("--insecure")
         self.proc = subprocess.Popen(cmd, env=env, cwd=REPO,

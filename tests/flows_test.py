@@ -262,10 +262,10 @@ def test_32_vms_started_at_once_on_one_host(engine):
         engine.add_vm("vm-" + label, label)
 
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
-        list(pool.map(lambda l: engine.run_vm("vm-" + l, "host-c"), labels))
+        list(pool.map(lambda d: engine.run_vm("vm-" + d, "host-c"), labels))
     check(engine)
     assert len(engine.backend.loop_devices()) == 32
 
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
-        list(pool.map(lambda l: engine.stop_vm("vm-" + l), labels))
+        list(pool.map(lambda d: engine.stop_vm("vm-" + d), labels))
     check(engine)

@@ -11,7 +11,6 @@ import subprocess
 import pytest
 
 from .engine_fixtures import ROOT
-from .flowengine import NEEDS_SHIM
 
 DEMO = os.path.join(ROOT, "docs", "flow-demo.sh")
 
@@ -28,7 +27,6 @@ def test_demo_without_a_venv_stops_at_once_saying_make_venv(tmp_path):
 
 @pytest.mark.root
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=NEEDS_SHIM)
 def test_demo_migrates_a_vm_and_leaves_no_loop_device():
     if os.geteuid() != 0:
         pytest.skip("the demo needs root (loop devices)")

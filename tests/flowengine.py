@@ -67,10 +67,6 @@ from .engine_fixtures import loop_devices_under
 
 FILE_DRIVER = "vdsm_managedvolume.engine.filedriver.FileDriver"
 
-# The branches whose features some flows need; a flow marked with one
-# flips to passing when it lands (see flows_test.py).
-NEEDS_BOOT = "needs boot9 (boot-aware journal)"
-
 
 class StepFailed(Exception):
     """A call of a flow failed, the way the engine sees it."""

@@ -7,10 +7,10 @@ PostgreSQL, and ends with ``flowengine.check``: every host's journal,
 links and udev rules, the loop devices and the shim's connections agree
 with what the engine believes.  docs/flows.md draws each flow.
 
-A flow whose feature is not on main yet is marked
-``xfail(strict=True, reason=flowengine.NEEDS_...)``: it fails today, and
-the mark goes when the feature lands (strict: a pass is an error, so the
-mark cannot outlive the fix).
+A flow written before its feature lands is marked
+``xfail(strict=True, reason="needs <branch>")``: strict, so the mark must
+go the moment the feature makes it pass (the migration, fence and reboot
+flows went through that).
 """
 
 import concurrent.futures
@@ -20,7 +20,7 @@ import subprocess
 import pytest
 
 from . import flowengine
-from .flowengine import NEEDS_BOOT, StepFailed, check
+from .flowengine import StepFailed, check
 
 pytestmark = pytest.mark.root
 
@@ -166,7 +166,6 @@ def test_a_failed_live_migration_leaves_the_vm_running_on_the_source(
 # Fence, reboot
 
 @both_databases
-@pytest.mark.xfail(strict=True, reason=NEEDS_BOOT)
 def test_fence_a_restart_on_b_then_migrate_back_to_a(engine):
     engine.add_disk("os")
     engine.add_vm("vm1", "os")
@@ -179,6 +178,7 @@ def test_fence_a_restart_on_b_then_migrate_back_to_a(engine):
     check(engine)
 
     a.boot()                           # same devices, new boot id
+    assert flowengine.journals(engine)["host-a"] == [("os", True)]
     assert engine.migrate("vm1", "host-a")
     check(engine)
     engine.stop_vm("vm1")
@@ -186,7 +186,6 @@ def test_fence_a_restart_on_b_then_migrate_back_to_a(engine):
 
 
 @both_databases
-@pytest.mark.xfail(strict=True, reason=NEEDS_BOOT)
 def test_a_host_rebooted_with_its_vms_down_runs_them_again(engine):
     """oVirt/vdsm#433: the device came back at boot, the journal still
     holds its record; the engine's next attach must not get 927."""
@@ -199,6 +198,9 @@ def test_a_host_rebooted_with_its_vms_down_runs_them_again(engine):
     a.crash()
     engine.host_down("host-a")
     a.boot()
+    # The records of the previous boot are stale, not attached.
+    assert sorted(flowengine.journals(engine)["host-a"]) == [
+        ("disk1", True), ("disk2", True)]
     for i in (1, 2):
         engine.run_vm("vm{}".format(i), "host-a")
     check(engine)

@@ -23,11 +23,11 @@ from .host_fixtures import (LoopDevice, iscsi_connection, is_symlink,
 SD = "2d4b0fe1-6a69-4a2e-9f63-4c8f3bd6f0a1"
 
 
-def link_of(svc, vol_id, sd_id=service.BLANK_UUID):
+def link_of(svc, vol_id, sd_id=validate.BLANK_UUID):
     return os.path.join(svc.cfg.run_dir, "{}_{}".format(sd_id, vol_id))
 
 
-def rule_of(svc, vol_id, sd_id=service.BLANK_UUID):
+def rule_of(svc, vol_id, sd_id=validate.BLANK_UUID):
     return udev.rule_path(svc.cfg.udev_rules_dir, sd_id, vol_id)
 
 
@@ -1256,7 +1256,7 @@ def test_detach_with_another_sd_id_cleans_the_recorded_and_given_names(
     res = svc.attach_volume(vol_id, ci, SD)
     stray = link_of(svc, vol_id)               # blank sd_id
     os.symlink(res["path"], stray)
-    udev.add_rule(svc.cfg, service.BLANK_UUID, vol_id, res["path"])
+    udev.add_rule(svc.cfg, validate.BLANK_UUID, vol_id, res["path"])
     svc.detach_volume(vol_id)                  # blank sd_id
     for path in (res["managed_path"], stray):
         assert not is_symlink(path)
@@ -1380,14 +1380,14 @@ def test_record_whose_connection_info_cannot_be_sent_is_forgotten(
     vol_id = new_id()
     ci = iscsi_connection(svc.cfg)
     ci["data"]["target_iqn"] = "iqn.2026-11.x:\ud800"
-    svc._db().add_volume(vol_id, service.BLANK_UUID, ci)
+    svc._db().add_volume(vol_id, validate.BLANK_UUID, ci)
 
     with caplog.at_level(logging.WARNING):
         svc.detach_volume(vol_id)
     assert records(svc) == []
     assert "cannot be sent to the privsep daemon" in caplog.text
 
-    svc._db().add_volume(vol_id, service.BLANK_UUID, ci)
+    svc._db().add_volume(vol_id, validate.BLANK_UUID, ci)
     entry, = svc.reconcile(apply=True)
     assert (entry["action"], entry["result"]) == ("rollback", "done")
     assert records(svc) == []

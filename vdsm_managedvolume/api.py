@@ -39,10 +39,9 @@ import time
 from . import __version__
 from . import errors
 from . import mask
+from . import validate
 
 log = logging.getLogger("managedvolume.api")
-
-BLANK_UUID = "00000000-0000-0000-0000-000000000000"
 
 # '<Namespace>_<verb>' -> the response key holding the result; a verb
 # missing here returns None (true on the wire).  The ManagedVolume entries
@@ -127,7 +126,8 @@ class ManagedVolume(APIBase):
 
     ctorArgs = []
 
-    def attach_volume(self, vol_id, connection_info, sd_id=BLANK_UUID):
+    def attach_volume(self, vol_id, connection_info,
+                      sd_id=validate.BLANK_UUID):
         return _call("ManagedVolume.attach_volume",
                      lambda s: s.attach_volume(vol_id, connection_info,
                                                sd_id),
@@ -136,13 +136,13 @@ class ManagedVolume(APIBase):
                            "connection_info": connection_info,
                            "sd_id": sd_id})
 
-    def detach_volume(self, vol_id, sd_id=BLANK_UUID):
+    def detach_volume(self, vol_id, sd_id=validate.BLANK_UUID):
         return _call("ManagedVolume.detach_volume",
                      lambda s: s.detach_volume(vol_id, sd_id),
                      key=None,
                      args={"vol_id": vol_id, "sd_id": sd_id})
 
-    def extend_volume(self, vol_id, sd_id=BLANK_UUID, new_size=None):
+    def extend_volume(self, vol_id, sd_id=validate.BLANK_UUID, new_size=None):
         return _call("ManagedVolume.extend_volume",
                      lambda s: s.extend_volume(vol_id, sd_id, new_size),
                      key="result",

@@ -71,8 +71,6 @@ from . import store
 from . import udev
 from . import validate
 
-BLANK_UUID = "00000000-0000-0000-0000-000000000000"
-
 UDEV_WRITERS = ("auto", "service", "daemon")
 
 # Where the facts connector_info is made of live.  A change of any of
@@ -178,7 +176,8 @@ class Service:
         if self._owns_brick:
             self._brick.stop()
 
-    def attach_volume(self, vol_id, connection_info, sd_id=BLANK_UUID):
+    def attach_volume(self, vol_id, connection_info,
+                      sd_id=validate.BLANK_UUID):
         """Connect a volume; return {vol_id, path, attachment, managed_path}.
 
         Raises AlreadyAttached (927) when the volume is attached with the
@@ -269,7 +268,7 @@ class Service:
         return {"vol_id": vol_id, "path": path, "attachment": attachment,
                 "managed_path": managed_path}
 
-    def detach_volume(self, vol_id, sd_id=BLANK_UUID):
+    def detach_volume(self, vol_id, sd_id=validate.BLANK_UUID):
         """Disconnect a volume and forget it.  Idempotent.
 
         A volume without a record is already detached: success.  If the
@@ -309,7 +308,7 @@ class Service:
             self._detach(rec)
         log.info("Detached volume %s", vol_id)
 
-    def extend_volume(self, vol_id, sd_id=BLANK_UUID, new_size=None):
+    def extend_volume(self, vol_id, sd_id=validate.BLANK_UUID, new_size=None):
         """Make this host see the size the storage now gives an attached
         volume; return {vol_id, path, size}.
 

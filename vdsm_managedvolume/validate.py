@@ -22,6 +22,10 @@ import uuid as _uuid
 
 from . import errors
 
+# The sd_id of a volume that belongs to no storage domain: vdsm's default
+# for the optional sd_id param (its defaultvalue in the schema YAML).
+BLANK_UUID = "00000000-0000-0000-0000-000000000000"
+
 _UUID_RE = re.compile(
     r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 

@@ -109,14 +109,16 @@ class Engine:
                 "ManagedVolume.volumes_info", {"vol_ids": [self.vol]})]
 
     def connections(self):
-        """{host: saved device path} of the shim's connections."""
+        """{host: saved managed_path} of the shim's connections (the
+        managed_path names the agent's own run dir: which host's device)."""
         found = {}
         for name in self.hosts:
             r = self.shim.run("get_connection_info", self.vol, name,
                               driver=self.driver, db_url=self.db_url,
                               cid="i", options=self.options)
             if r.code == 0:
-                found[name] = (r.json("i")["device"] or {}).get("path")
+                found[name] = (r.json("i")["device"] or {}).get(
+                    "managed_path")
         return found
 
     def cleanup(self):
@@ -175,14 +177,15 @@ def test_completed_migration_ends_the_source_connection_only(
     e = engine()
     src = e.attach("host-a")
     dst = e.attach("host-b")
-    assert e.connections() == {"host-a": src["path"], "host-b": dst["path"]}
+    assert e.connections() == {"host-a": src["managed_path"],
+                               "host-b": dst["managed_path"]}
 
     # MigrateVmCommand.reportCompleted: the source detaches, then
     # disconnect_volume without a host.
     e.detach("host-a")
     e.run("disconnect_volume", e.vol)
 
-    assert e.connections() == {"host-b": dst["path"]}
+    assert e.connections() == {"host-b": dst["managed_path"]}
     assert e.attached_on("host-b") == [e.vol]
     assert _write_and_read(dst["managed_path"]) == DATA
     log = engine_service.log()
@@ -213,14 +216,15 @@ def test_failed_migration_ends_the_destination_connection_only(
     e.detach("host-b")
     e.run("disconnect_volume", e.vol)
 
-    assert e.connections() == {"host-a": src["path"]}
+    assert e.connections() == {"host-a": src["managed_path"]}
     assert e.attached_on("host-a") == [e.vol]
     assert _write_and_read(src["managed_path"]) == DATA
 
     # Migrating again after the rollback: host-b connects anew and
     # save_device finds its connection (the one without a device).
     dst = e.attach("host-b", ip="127.0.0.1")
-    assert e.connections() == {"host-a": src["path"], "host-b": dst["path"]}
+    assert e.connections() == {"host-a": src["managed_path"],
+                               "host-b": dst["managed_path"]}
 
 
 def test_a_host_that_cannot_be_asked_keeps_its_connection(
@@ -237,7 +241,7 @@ def test_a_host_that_cannot_be_asked_keeps_its_connection(
     e.detach("host-a")
     e.run("disconnect_volume", e.vol)
 
-    assert e.connections() == {"host-b": dst["path"]}
+    assert e.connections() == {"host-b": dst["managed_path"]}
     assert "Keeping the connection of volume {} to host host-b: the host " \
         "cannot be asked".format(e.vol) in engine_service.log()
     assert "127.0.0.1:{}".format(closed) in engine_service.log()
@@ -256,3 +260,31 @@ def test_without_the_engines_certificate_no_connection_ends(
     assert list(e.connections()) == ["host-a"]
     assert "cannot load the engine's certificate, key or CA" in \
         engine_service.log()
+
+
+def test_migrating_back_to_a_host_whose_connection_was_kept(
+        engine, hosts):
+    e = engine()
+    e.attach("host-a")
+    e.attach("host-b")
+    reachable = e.options[e.options.index("--host-addresses") + 1]
+    # The migration A -> B completes while A cannot be asked: A's
+    # connection (with A's old device) is kept.
+    e.options[e.options.index("--host-addresses") + 1] = \
+        "host-a=127.0.0.1:{},host-b=127.0.0.1:{}".format(
+            _free_port(), hosts["host-b"].port)
+    e.detach("host-a")
+    e.run("disconnect_volume", e.vol)
+    assert set(e.connections()) == {"host-a", "host-b"}
+
+    # Back to A: connect_volume reuses A's connection and forgets its old
+    # device, so save_device (no host) stores A's new device on A's
+    # connection, not on B's (the newest).
+    e.options[e.options.index("--host-addresses") + 1] = reachable
+    b_path = e.connections()["host-b"]
+    a = e.attach("host-a")
+    assert e.connections() == {"host-a": a["managed_path"], "host-b": b_path}
+    e.detach("host-b")
+    e.run("disconnect_volume", e.vol)
+    assert e.connections() == {"host-a": a["managed_path"]}
+    assert e.attached_on("host-a") == [e.vol]

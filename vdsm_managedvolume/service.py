@@ -32,12 +32,15 @@ are vdsm's (README, "Verbs"); what differs is how they get there:
   Within one boot (agent or vdsmd restarted) links are kept and a second
   attach is 927, as in vdsm;
 - before disconnecting, or attaching over a record, the device at the
-  recorded path must still be the one recorded (``devices.identity``:
-  WWN, serial, loop backing file, MAJ:MIN + diskseq within a boot).  A
+  recorded path must still be the one recorded (the transport's
+  ``identity``: WWN, serial, loop backing file, MAJ:MIN + diskseq within
+  a boot).  A
   device that now belongs to something else is never disconnected nor
   given to qemu's user (the class of Nova's OSSA-2023-003): detach then
   forgets the record and leaves the device alone, re-attach is refused
   with 929 (``DeviceChanged``), and the log says what the admin does;
+- what differs between driver types (the path after connect, checks of
+  their own, the device's identity) is asked of ``transports``;
 - connector_info is cached and refreshed only when what it is made of
   changes, so getCapabilities costs microseconds, not a helper process.
 
@@ -68,6 +71,7 @@ from . import faults
 from . import locking
 from . import mask
 from . import store
+from . import transports
 from . import udev
 from . import validate
 
@@ -205,7 +209,8 @@ class Service:
             "connection_info", connection_info)
         validate.driver_type(connection_info, self.cfg.allowed_types)
         self._brick.check_adapter(connection_info.get("adapter"))
-        _check_local_device(self.cfg, connection_info)
+        transport = transports.get(connection_info["driver_volume_type"])
+        transport.check(self.cfg, connection_info)
 
         with self._call() as db, self._locked(vol_id):
             boot_id = self._boot()
@@ -236,8 +241,8 @@ class Service:
             try:
                 attachment = self._brick.connect(connection_info)
                 faults.crash_point("attach.after_connect")
-                path = self._resolve_path(vol_id, connection_info,
-                                          attachment)
+                path = self._resolve_path(transport, vol_id,
+                                          connection_info, attachment)
                 if not os.path.exists(path):
                     # os-brick's local connector returns any path it is
                     # given; a VM would fail on it much later.
@@ -249,7 +254,7 @@ class Service:
                     vol_id, attachment=attachment, path=path,
                     multipath_id=attachment.get("multipath_id"),
                     size=devices.size(path),
-                    identity=devices.identity(path))
+                    identity=transport.identity(path))
                 faults.crash_point("attach.after_attachment")
                 self._add_udev_rule(sd_id, vol_id, path)
                 faults.crash_point("attach.after_udev")
@@ -585,13 +590,22 @@ class Service:
         return bool(rec["path"]) and self._link_ok(
             rec["sd_id"], rec["vol_id"], rec["path"])
 
+    def _identity(self, rec):
+        """What the device now at ``rec``'s path is, as its transport
+        tells (None without a path or a block device)."""
+        if not rec["path"]:
+            return None
+        ci = rec["connection_info"] or {}
+        return transports.get(ci.get("driver_volume_type")).identity(
+            rec["path"])
+
     def _device_changed(self, rec, boot_id):
         """Why the device now at ``rec``'s path is not the one recorded at
         its attach, or None (same, gone, or nothing to compare)."""
         if not rec["identity"] or not rec["path"]:
             return None
         return devices.changed(rec["identity"],
-                               devices.identity(rec["path"]),
+                               self._identity(rec),
                                self._same_boot(rec, boot_id))
 
     def _stale_reason(self, rec, boot_id):
@@ -618,7 +632,7 @@ class Service:
         if changed:
             return "it is not the device recorded at attach ({})".format(
                 changed)
-        current = devices.identity(rec["path"]) if rec["path"] else None
+        current = self._identity(rec)
         if current is None:
             return None
         for other in self._db().volumes():
@@ -665,28 +679,14 @@ class Service:
         except Exception:
             log.exception("Failed to record the size of volume %s", vol_id)
 
-    def _resolve_path(self, vol_id, connection_info, attachment):
-        """vdsm's path rule: multipath for iSCSI/FC, /dev/rbd for rbd."""
+    def _resolve_path(self, transport, vol_id, connection_info,
+                      attachment):
+        """The device path after connect (``transports``: vdsm's rule)."""
         if not isinstance(attachment, dict):
             raise errors.HelperFailed(
                 "connector returned {!r}, not an attachment".format(
                     type(attachment).__name__))
-        vol_type = connection_info["driver_volume_type"]
-        if vol_type in ("iscsi", "fibre_channel"):
-            multipath_id = attachment.get("multipath_id")
-            if not multipath_id:
-                raise errors.UnsupportedDevice(
-                    vol_id=vol_id, driver_volume_type=vol_type)
-            return os.path.join(self.cfg.multipath_dir, multipath_id)
-        if vol_type == "rbd":
-            return os.path.join(self.cfg.rbd_dir,
-                                connection_info["data"]["name"])
-        path = attachment.get("path")
-        if not isinstance(path, str) or not path:
-            raise errors.HelperFailed(
-                "connector returned no device path for volume {}".format(
-                    vol_id))
-        return path
+        return transport.path(self.cfg, vol_id, connection_info, attachment)
 
     def _detach(self, rec):
         """Tear down whatever ``rec`` may have on the host, then forget it.
@@ -897,7 +897,7 @@ class Service:
             if adopt:
                 self._db().update_volume(
                     vol_id, boot_id=boot_id,
-                    identity=devices.identity(rec["path"]))
+                    identity=self._identity(rec))
             if rec["extending"] is not None:
                 # A rescan may or may not have happened: what the device
                 # shows now is the truth (extend again to rescan).
@@ -1151,18 +1151,6 @@ def _writable(path):
             break
         path = parent
     return os.access(path, os.W_OK | os.X_OK)
-
-
-def _check_local_device(cfg, connection_info):
-    """A ``local`` device_path must name a block device in
-    ``cfg.local_device_patterns`` that the host does not use (see
-    devices.py): else InvalidParams, before anything is recorded."""
-    if connection_info["driver_volume_type"] != "local":
-        return
-    name = "connection_info.data.device_path"
-    path = validate.device_path(
-        name, connection_info["data"].get("device_path"))
-    devices.check_local(name, path, cfg.local_device_patterns)
 
 
 def _fingerprint():

@@ -1,0 +1,23 @@
+"""A block device already on the host (DRBD/LINSTOR, a loop device).
+
+os-brick's local connector returns whatever ``device_path`` it is given,
+and the udev rule would then give that device to qemu's user: the path
+must name an allowed block device the host does not use
+(``devices.check_local``, ``[volumes] local_devices``) before anything
+happens.
+"""
+
+from .. import devices
+from .. import validate
+from . import base
+
+FIELD = "connection_info.data.device_path"
+
+
+class Local(base.Transport):
+    name = "local"
+
+    def check(self, cfg, connection_info):
+        path = validate.device_path(
+            FIELD, connection_info["data"].get("device_path"))
+        devices.check_local(FIELD, path, cfg.local_device_patterns)

@@ -628,17 +628,19 @@ class Service:
     def _foreign_device(self, rec, boot_id):
         """Why the device at ``rec``'s path must not be disconnected for
         it, or None."""
-        changed = self._device_changed(rec, boot_id)
-        if changed:
-            return "it is not the device recorded at attach ({})".format(
-                changed)
         current = self._identity(rec)
         if current is None:
             return None
+        changed = devices.changed(rec["identity"], current,
+                                  self._same_boot(rec, boot_id))
+        if changed:
+            return "it is not the device recorded at attach ({})".format(
+                changed)
         for other in self._db().volumes():
+            if other["vol_id"] == rec["vol_id"]:
+                continue
             ident = other["identity"] or {}
-            if (other["vol_id"] != rec["vol_id"]
-                    and other["state"] == "attached"
+            if (other["state"] == "attached"
                     and other["boot_id"] == boot_id
                     and ident.get("dev") == current["dev"]
                     and not devices.changed(ident, current, True)):

@@ -591,8 +591,11 @@ class Engine:
             if not remove_dest:
                 disk.attached = disk.dest
             disk.dest = None
-        # The shim ended every connection no host uses any more.
-        self.leaked = {(v, h) for v, h in self.leaked if v != disk.vol_id}
+        # The shim ended every connection no host uses any more, except
+        # those of hosts it could not ask (it keeps them: a leaked export
+        # is recoverable, a cut disk is not).
+        self.leaked = {(v, h) for v, h in self.leaked
+                       if v != disk.vol_id or not self.hosts[h].up}
         return True
 
     # What the engine believes

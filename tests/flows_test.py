@@ -163,6 +163,32 @@ def test_a_failed_live_migration_leaves_the_vm_running_on_the_source(
     check(engine)
 
 
+def test_a_host_the_shim_cannot_ask_keeps_its_connection_until_asked(
+        engine):
+    engine.add_disk("os")
+    engine.add_vm("vm1", "os")
+    engine.run_vm("vm1", "host-a")
+    # A migration whose attach fails on B leaves B's connection (nothing
+    # records B), then B goes down.
+    assert not engine.migrate("vm1", "host-b", fail_at="attach_volume")
+    b = engine.hosts["host-b"]
+    b.crash()
+
+    # Stopping the VM disconnects: the shim asks A (detached) and cannot
+    # ask B, so it ends A's connection only.
+    engine.stop_vm("vm1")
+    vol = engine.disks["os"].vol_id
+    assert engine.backend.connections() == {(vol, "host-b")}
+    check(engine)
+
+    # B is back; the next disconnect of the disk asks it, and it ends.
+    b.boot()
+    engine.run_vm("vm1", "host-a")
+    engine.stop_vm("vm1")
+    assert engine.backend.connections() == set()
+    check(engine)
+
+
 # Fence, reboot
 
 @both_databases

@@ -44,7 +44,7 @@ class AgentProcess:
     """A ``managedvolume-agent`` subprocess with its own state dir."""
 
     def __init__(self, base, insecure=False, env=None, extra_config="",
-                 argv_prefix=()):
+                 argv_prefix=(), shutdown_timeout=30, new_session=False):
         self.base = str(base)
         # Runs the agent under another command (flowengine: its own
         # hostname in a UTS namespace).
@@ -75,12 +75,16 @@ class AgentProcess:
                 "handshake_timeout = 5\n"
                 "idle_timeout = 2\n"
                 "max_frame = 65536\n"
-                "shutdown_timeout = 30\n"
+                "shutdown_timeout = {shutdown_timeout}\n"
                 "[logging]\n"
-                "log_level = DEBUG\n".format(dev=self.dev,
-                                             udevadm=self.udevadm)
+                "log_level = DEBUG\n".format(
+                    dev=self.dev, udevadm=self.udevadm,
+                    shutdown_timeout=shutdown_timeout)
                 + extra_config)
         self.insecure = insecure
+        # A process group of its own, as a shell gives a foreground job:
+        # the test may signal the group as a terminal's Ctrl-C does.
+        self.new_session = new_session
         self.extra_env = env or {}
         self.notify_path = os.path.join(self.base, "notify")
         self.log_file = os.path.join(self.state_dir, "log", "agent.log")
@@ -106,7 +110,8 @@ class AgentProcess:
         if self.insecure:
             cmd.append("--insecure")
         self.proc = subprocess.Popen(cmd, env=env, cwd=REPO,
-                                     stderr=subprocess.PIPE)
+                                     stderr=subprocess.PIPE,
+                                     start_new_session=self.new_session)
         message = self.wait_notify("READY=1", timeout)
         status = [line for line in message.splitlines()
                   if line.startswith("STATUS=Listening on ")][0]
@@ -420,6 +425,79 @@ def test_sigterm_waits_for_in_flight_attach_then_exits_0(tmp_path):
         assert result.get("ok", {}).get("vol_id") == vol_id, result
         assert agent.proc.wait(60) == 0
         assert not os.path.exists(agent.cfg.socket_path)
+    finally:
+        agent.stop(signal.SIGKILL)
+
+
+def test_sigterm_with_a_stuck_call_exits_within_shutdown_timeout(tmp_path):
+    # The drain and the service's close share one bound: the documented
+    # shutdown_timeout, not twice it (plus the daemon's own wait).  The
+    # stuck attach stays recorded for the next start's reconcile.
+    agent = AgentProcess(tmp_path, insecure=True, shutdown_timeout=3)
+    agent.start()
+    vol_id = new_id()
+    conn = iscsi(agent, fake_sleep=120)
+
+    def attach():
+        try:
+            with agent.client(timeout=120) as c:
+                c.call("ManagedVolume.attach_volume",
+                       {"vol_id": vol_id, "connection_info": conn})
+        except Exception:
+            pass
+
+    t = threading.Thread(target=attach, daemon=True)
+    t.start()
+    try:
+        agentutil.wait_for(lambda: "connect-start " + conn["data"][
+            "fake_key"] in fakebrick.calls(agent.fakebrick_dir))
+        agent.proc.send_signal(signal.SIGTERM)
+        # Liveness, not a measurement: before, this took 3 + 3 + 10 s.
+        assert agent.proc.wait(12) == 0
+        text = agent.log()
+        assert "1 operations still running after 3.0 seconds; exiting " \
+            "anyway" in text
+        assert "Agent stopped" in text
+    finally:
+        agent.stop(signal.SIGKILL)
+
+    agent = AgentProcess(tmp_path, insecure=True).start()
+    try:
+        assert "Reconcile {} (attaching): rollback -> done".format(
+            vol_id) in agent.log()
+    finally:
+        assert agent.stop() == 0
+
+
+def test_second_agent_on_the_same_state_refuses_naming_the_first(
+        agent_proc):
+    p = subprocess.run(
+        [AGENT, "--config", agent_proc.config_file, "--state-dir",
+         agent_proc.state_dir, "--listen", "127.0.0.1:0"],
+        capture_output=True, text=True, timeout=60,
+        env=dict(os.environ, PYTHONPATH=REPO))
+    assert p.returncode == 1
+    assert "another managedvolume-agent (pid {}) is running".format(
+        agent_proc.proc.pid) in p.stderr
+    # It never got far enough to touch the first one's socket.
+    assert os.path.exists(agent_proc.cfg.socket_path)
+    with agent_proc.client() as c:
+        assert isinstance(c.call("ManagedVolume.volumes_info", {}), list)
+
+
+def test_ctrl_c_at_the_terminal_stops_agent_and_daemon_cleanly(tmp_path):
+    # make run, then Ctrl-C: the terminal sends SIGINT to the whole
+    # foreground process group.  The privsep daemon must not die of it
+    # (a CRITICAL KeyboardInterrupt traceback); the agent stops it.
+    agent = AgentProcess(tmp_path, new_session=True).start()
+    try:
+        agentutil.wait_for(lambda: "privsep daemon pid" in agent.log()
+                           and "ready in" in agent.log())
+        os.killpg(agent.proc.pid, signal.SIGINT)
+        assert agent.proc.wait(60) == 0
+        text = agent.log()
+        assert "Received SIGINT" in text and "Agent stopped" in text
+        assert "CRITICAL" not in text and "KeyboardInterrupt" not in text
     finally:
         agent.stop(signal.SIGKILL)
 

@@ -363,6 +363,23 @@ def test_client_that_never_sends_connect_is_dropped(pki_dir, tmp_path):
         run.stop()
 
 
+def test_connected_client_that_sends_no_heartbeats_may_stay_silent(
+        pki_dir, tmp_path):
+    # As vdsm does: the engine keeps its connection between calls and
+    # sends heart-beat:0,N (no heart-beats from it).  idle_timeout bounds
+    # the wait for CONNECT, a partial frame and unread output only.
+    run = _start("tcp", pki_dir, tmp_path, idle_timeout=0.5)
+    try:
+        with run.raw() as c:
+            c.connect(heartbeat="0,0")
+            c.subscribe()
+            time.sleep(1.5)
+            frame, response = c.call(request("echo", {}, "later"))
+            assert response["id"] == "later"
+    finally:
+        run.stop()
+
+
 # Heart-beats
 
 def test_idle_client_hears_heartbeats(running):

@@ -321,6 +321,66 @@ def test_daemon_killed_mid_call_is_helper_failed_and_next_call_works(
     brick.disconnect(iscsi("after-kill", tmp_path), att)
 
 
+@pytest.mark.slow
+def test_daemon_killed_with_calls_in_flight_fails_each_with_helper_failed(
+        brick, fake_dir, tmp_path):
+    # Every waiting call fails at once with the same clear error (they
+    # all discard the dead daemon: no raw OSError from that race).
+    brick.connector_properties()
+    pid = brick.daemon_pid()
+    keys = ["inflight-{}".format(i) for i in range(4)]
+    results = {}
+
+    def connect(key):
+        try:
+            brick.connect(iscsi(key, tmp_path, fake_sleep=60))
+        except Exception as e:
+            results[key] = e
+
+    threads = [threading.Thread(target=connect, args=(k,)) for k in keys]
+    for t in threads:
+        t.start()
+    wait_for(lambda: all("connect-start " + k in
+                         fakebrick.calls(str(fake_dir)) for k in keys))
+    os.kill(pid, signal.SIGKILL)
+    for t in threads:
+        t.join(45)
+    assert not any(t.is_alive() for t in threads)
+    assert sorted(results) == keys
+    for e in results.values():
+        assert type(e) is errors.HelperFailed, repr(e)
+        assert "privsep daemon {} died during connect".format(pid) in str(e)
+    assert brick.connector_properties()["multipath"] is True
+    assert brick.daemon_pid() not in (None, pid)
+
+
+def test_reset_channel_fails_waiting_calls_at_once_not_at_their_deadline():
+    # A daemon killed with a request unread in its socket resets the
+    # connection (ECONNRESET, not EOF): oslo's reader thread died of it
+    # and every call waited for its whole deadline, then reported 931.
+    import socket
+    ours, daemons = socket.socketpair()
+    channel = privileged._Channel(ours)
+    result = {}
+
+    def call():
+        try:
+            channel.call("x", (), 600)
+        except Exception as e:
+            result["error"] = e
+
+    t = threading.Thread(target=call)
+    t.start()
+    wait_for(lambda: channel._client.outstanding_msgs)
+    daemons.close()      # our request is still unread there: a reset
+    t.join(30)
+    assert not t.is_alive()
+    assert isinstance(result["error"], privileged._Died)
+    assert "ConnectionResetError" in str(result["error"])
+    assert not channel.running
+    ours.close()
+
+
 def test_daemon_killed_while_idle_is_restarted_transparently(brick):
     brick.connector_properties()
     pid = brick.daemon_pid()

@@ -67,6 +67,7 @@ systemd (``NOTIFY_SOCKET``) the agent reports READY=1 and STOPPING=1.
 import argparse
 import collections
 import errno
+import fcntl
 import ipaddress
 import json
 import logging
@@ -1204,6 +1205,17 @@ def _parse_args(argv):
 
 
 def _run(cfg, insecure):
+    # Held until the agent stopped: a second agent on this state would
+    # reconcile under the first one's calls and, on exit, remove its
+    # control socket.
+    lock_fd = _lock_agent(cfg)
+    try:
+        return _serve(cfg, insecure)
+    finally:
+        os.close(lock_fd)
+
+
+def _serve(cfg, insecure):
     # Imported here: the service pulls in the privileged layer, which the
     # codec and the client never need.
     from . import jsonrpc
@@ -1220,6 +1232,9 @@ def _run(cfg, insecure):
                 "cannot load TLS files (cert {}, key {}, CA {}): {}".format(
                     cfg.cert_file, cfg.key_file, cfg.ca_file, e))
     service = service_module.Service(cfg)
+    # One bound for the whole stop: what the server's drain left of
+    # shutdown_timeout is the service's (and its daemon's) to close.
+    stop_began = []
     # Reconcile the journal before the first request can arrive.
     service.start()
     try:
@@ -1240,17 +1255,51 @@ def _run(cfg, insecure):
         signal.signal(signal.SIGINT, terminate)
         signal.signal(signal.SIGHUP, reopen)
         server.on_stopping(lambda: sd_notify("STOPPING=1"))
+        server.on_stopping(lambda: stop_began.append(time.monotonic()))
         sd_notify("READY=1\nSTATUS=Listening on {}".format(
             format_address(address)))
         _announce(cfg, address, insecure)
         server.serve()
     finally:
+        timeout = None
+        if stop_began:
+            timeout = max(0.0, stop_began[0] + cfg.shutdown_timeout
+                          - time.monotonic())
         try:
-            service.close()
+            service.close(timeout)
         except Exception:
             log.exception("Closing the service failed")
     log.info("Agent stopped")
     return 0
+
+
+def _lock_agent(cfg):
+    """Take ``state_run_dir/agent.lock`` for this process's life (the fd
+    is returned and must stay open); ConfigError naming the process that
+    holds it."""
+    path = os.path.join(cfg.state_run_dir, "agent.lock")
+    try:
+        os.makedirs(cfg.state_run_dir, mode=0o755, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise errors.ConfigError("cannot open {}: {}".format(
+            path, e.strerror))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            other = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+        finally:
+            os.close(fd)
+        raise errors.ConfigError(
+            "another managedvolume-agent (pid {}) is running on {} (it "
+            "holds {}); stop it first, or give this one another "
+            "--state-dir".format(other or "unknown", cfg.state_run_dir,
+                                 path))
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, "{}\n".format(os.getpid()).encode(), 0)
+    return fd
 
 
 def _announce(cfg, address, insecure):

@@ -92,7 +92,11 @@ are tagged here by ``_Channel`` when the call they belong to is known.
 Errors: os-brick's exceptions never cross as classes (the service must not
 import os-brick): the daemon sends ``RemoteError(kind, message)`` with the
 message masked, which becomes HelperFailed (926), NotSupported (925) or
-UnknownAdapter (934) here.  The daemon dying mid-call is HelperFailed.
+UnknownAdapter (934) here.  The daemon dying mid-call (``kill -9``, an
+OOM kill) is HelperFailed for every call in flight at once, whether the
+channel ends with EOF or with a reset (``_Channel``); the next call starts
+a new daemon.  Arguments the channel cannot encode are CannotSend (926),
+raised before anything is sent.
 
 os-brick is never imported in this process: ``check_supported`` uses
 importlib's find_spec; importing os_brick.utils would replace time.sleep
@@ -141,6 +145,9 @@ START_TIMEOUT = 60.0
 # How long after a deadline we wait for the daemon's own watchdog before
 # killing it from here.
 KILL_GRACE = 2.0
+
+# How long stopping waits for the daemon's running calls before killing it.
+STOP_WAIT = 10.0
 
 # How long closing waits for an ended daemon to be collectable.
 REAP_WAIT = 2.0
@@ -254,13 +261,13 @@ class Brick:
         """Raise NotSupported (925) when os-brick is not installed."""
         check_supported()
 
-    def stop(self):
-        """Stop the daemon (it finishes running calls, bounded); the next
-        call starts a new one."""
+    def stop(self, wait=STOP_WAIT):
+        """Stop the daemon: it finishes running calls within ``wait``
+        seconds, else it is killed; the next call starts a new one."""
         with self._lock:
             daemon, self._daemon = self._daemon, None
         if daemon is not None:
-            daemon.stop()
+            daemon.stop(wait)
 
     def daemon_pid(self):
         """The daemon's pid, None when none is running."""
@@ -583,6 +590,8 @@ class _Daemon:
         self.pid = pid
         self._pidfd = pidfd
         self._output = output
+        # Calls failing together (the daemon died) discard it together.
+        self._close_lock = threading.Lock()
 
     @classmethod
     def start(cls, cfg, timeout):
@@ -599,10 +608,15 @@ class _Daemon:
                 listener = place.listen()
                 LOG.info("Starting privsep daemon: %s", cmd)
                 try:
+                    # A session of its own: Ctrl-C at the terminal of
+                    # ``make run`` signals our process group, and the
+                    # daemon would die of it with a CRITICAL traceback
+                    # before we stop it cleanly.
                     proc = subprocess.Popen(
                         cmd, stdin=subprocess.DEVNULL,
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                        env=_daemon_env(cfg), close_fds=True)
+                        env=_daemon_env(cfg), close_fds=True,
+                        start_new_session=True)
                 except OSError as e:
                     raise errors.HelperFailed(
                         "cannot run privsep helper {}: {}".format(cmd[0], e))
@@ -650,22 +664,24 @@ class _Daemon:
 
     def kill(self):
         """SIGKILL the daemon and wait (bounded) until it is gone."""
-        if self._pidfd is None:
-            return
-        try:
-            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        except PermissionError:
-            LOG.error("Not allowed to kill privsep daemon %s (not root); "
-                      "its own watchdog must end it", self.pid)
-            return
-        select.select([self._pidfd], [], [], 10)
+        with self._close_lock:
+            if self._pidfd is None:
+                return
+            try:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                return
+            except PermissionError:
+                LOG.error("Not allowed to kill privsep daemon %s (not "
+                          "root); its own watchdog must end it", self.pid)
+                return
+            select.select([self._pidfd], [], [], 10)
 
-    def stop(self):
-        """Close the channel: the daemon ends after its running calls."""
+    def stop(self, wait=STOP_WAIT):
+        """Close the channel: the daemon ends after its running calls,
+        killed after ``wait`` seconds."""
         self.channel.shutdown()
-        self.channel.reader_thread.join(10)
+        self.channel.reader_thread.join(wait)
         if self.channel.reader_thread.is_alive():
             LOG.warning("privsep daemon %s did not exit: killing it",
                         self.pid)
@@ -673,16 +689,19 @@ class _Daemon:
         self.close()
 
     def close(self):
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-        if self._pidfd is not None:
-            # Exited (or exiting): collect it where we are its reaper.
-            select.select([self._pidfd], [], [], REAP_WAIT)
-            _reap_pid(self.pid)
-            os.close(self._pidfd)
-            self._pidfd = None
+        """Close the socket and collect the daemon.  Idempotent: every
+        call that saw the daemon die closes it."""
+        with self._close_lock:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            if self._pidfd is not None:
+                # Exited (or exiting): collect it where we are its reaper.
+                select.select([self._pidfd], [], [], REAP_WAIT)
+                _reap_pid(self.pid)
+                os.close(self._pidfd)
+                self._pidfd = None
 
 
 def become_subreaper():
@@ -736,6 +755,25 @@ class _Channel:
         class Client(comm.ClientChannel):
             def out_of_band(self, msg):
                 channel._log_record(msg)
+
+            def _reader_main(self, reader):
+                # oslo's reader fails the waiting calls at EOF only.  A
+                # daemon killed with a request still unread in its
+                # socket resets the connection instead: recv raises
+                # ECONNRESET, the reader thread dies, and every call in
+                # flight would wait for its whole deadline (then be
+                # reported as a timeout).  Any end of the reader is the
+                # daemon's end: fail them all at once.
+                try:
+                    super()._reader_main(reader)
+                except Exception as e:
+                    LOG.warning("privsep channel broken: %s", e)
+                    exc = OSError("privsep daemon gone ({}: {})".format(
+                        type(e).__name__, e))
+                    with self.lock:
+                        for mbox in self.outstanding_msgs.values():
+                            mbox.set_exception(exc)
+                        self.running = False
 
         self._client = Client(sock)
 

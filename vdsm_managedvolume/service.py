@@ -160,7 +160,10 @@ class Service:
         running get up to ``timeout`` seconds (``cfg.shutdown_timeout``)
         to finish, so that an attach is not cut between its connect and
         its journal update; one still running after that fails at its
-        next journal write and leaves its record for reconcile.
+        next journal write and leaves its record for reconcile.  The
+        privsep daemon (when this service started it) gets what is left
+        of ``timeout`` for its running calls, then it is killed: closing
+        takes ``timeout`` at most.
         """
         if timeout is None:
             timeout = self.cfg.shutdown_timeout
@@ -178,7 +181,7 @@ class Service:
         if db is not None:
             db.close()
         if self._owns_brick:
-            self._brick.stop()
+            self._brick.stop(max(0.0, deadline - time.monotonic()))
 
     def attach_volume(self, vol_id, connection_info,
                       sd_id=validate.BLANK_UUID):

@@ -7,9 +7,11 @@
 #   sudo docs/engine-demo.sh [DB_URL]      (root: loop devices, privsep)
 #
 # Everything lives in a temp dir and is removed at the end; no file, record
-# or loop device is left behind.  tests/engine_e2e_test.py runs the same
-# chain with assertions.
-set -eu
+# or loop device is left behind.  On a failure the script says which step
+# failed and why, detaches its loop devices and keeps the temp dir with
+# the logs (agent, engine shim, warm service) for you to read.
+# tests/engine_e2e_test.py runs the same chain with assertions.
+set -Eeu
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 BIN=$REPO/.venv/bin
@@ -41,22 +43,42 @@ loops_left() {   # the loop devices backed by a file of this demo
         grep -F " $WORK/volumes/" || true
 }
 cleanup() {
+    local status=$?
     [ -n "${AGENT_PID:-}" ] && kill "$AGENT_PID" 2>/dev/null && wait "$AGENT_PID" || true
     [ -n "${SHIM_PID:-}" ] && kill "$SHIM_PID" 2>/dev/null && wait "$SHIM_PID" || true
     # A failed run may have left a loop device: never leak one.
     loops_left | while read -r dev _; do losetup -d "$dev" || true; done
-    rm -rf "$WORK"
+    if [ "$status" = 0 ]; then
+        rm -rf "$WORK"
+    else
+        rm -rf "$WORK/volumes"
+        echo "engine-demo: FAILED (exit $status); logs kept in $WORK:" >&2
+        ls "$WORK"/*.log "$WORK"/*.err "$WORK"/agent/log/*.log 2>/dev/null |
+            sed 's/^/    /' >&2 || true
+    fi
 }
 trap cleanup EXIT
+trap '[ -n "${REPORTED:-}" ] ||
+      echo "engine-demo: failed at line $LINENO: $BASH_COMMAND" >&2' ERR
 
 shim() {   # shim SUB-COMMAND ARGS... -> prints the payload, fails on error
-    local out
+    # As ovirt-engine reads it: stderr merged, the first line starting
+    # with "error" or "<correlation id>:" is the answer.
+    local out line rc=0
     out=$("$BIN/managedvolume-cinderlib-client" "$1" "@$WORK/driver.json" \
-          "@$WORK/db_url" demo "${@:2}")
-    case "$out" in
-        error:*) echo "$1 failed: ${out#error:}" >&2; return 1 ;;
-        demo:*) echo "${out#demo:}" ;;
-    esac
+          "@$WORK/db_url" demo "${@:2}" 2>&1) || rc=$?
+    line=$(printf '%s\n' "$out" | grep -m1 -E '^(error|demo:)' || true)
+    if [ "$rc" = 0 ]; then
+        case "$line" in
+            demo:*) echo "${line#demo:}"; return 0 ;;
+            "") return 0 ;;     # a sub-command without a result
+        esac
+    fi
+    echo "engine-demo: $1 failed (exit $rc): ${line:-no answer line}" >&2
+    printf '%s\n' "$out" | grep -v -x -F -e "$line" | tail -n 20 |
+        sed 's/^/    /' >&2 || true
+    REPORTED=1
+    return 1
 }
 host() {   # host Namespace.verb [JSON params]
     local ns=${1%%.*} verb=${1#*.}

@@ -133,6 +133,47 @@ def test_timeout_exits_1():
     assert transport.closed
 
 
+def test_timeout_says_the_call_may_still_complete_and_how_to_see_it():
+    transport = StubTransport(error=stompclient.Timeout(timeout=5.0))
+    code, _, err = run(["--insecure", "--timeout", "5", "ManagedVolume",
+                        "detach_volume", "vol_id=" + VOL_ID], transport)
+    assert code == 1
+    assert "is not cancelled: it may still complete on the host" in err
+    assert "managedvolume-client ManagedVolume volumes_info " \
+        "vol_ids='[\"{}\"]'".format(VOL_ID) in err
+
+
+def test_ctrl_c_during_a_call_says_it_may_still_complete(capsys):
+    transport = StubTransport(error=KeyboardInterrupt())
+    code = client.main(["--insecure", "ManagedVolume", "detach_volume",
+                        "vol_id=" + VOL_ID], connect=transport)
+    err = capsys.readouterr().err
+    assert code == 130
+    assert "interrupted: the call was sent and is not cancelled" in err
+    assert transport.closed
+
+
+def test_without_state_dir_a_running_dev_agent_nearby_is_named(
+        tmp_path, monkeypatch):
+    # vdsm's PKI is missing on a development machine; make run's agent
+    # holds .state/run/managedvolume/agent.lock.
+    import fcntl
+    if os.path.exists(config.Config.ca_file):
+        pytest.skip("vdsm's PKI exists on this host")
+    run_dir = tmp_path / ".state" / "run" / "managedvolume"
+    run_dir.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(["ManagedVolume", "volumes_info"], StubTransport())
+    assert code == 2 and "an agent is running" not in err   # none: no hint
+    with open(run_dir / "agent.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        code, _, err = run(["ManagedVolume", "volumes_info"],
+                           StubTransport())
+    assert code == 2
+    assert "an agent is running with --state-dir .state here: did you " \
+        "mean 'managedvolume-client --state-dir .state ...'?" in err
+
+
 # Params
 
 def test_name_value_params_are_strings():
@@ -154,9 +195,21 @@ def test_typed_params_are_read_as_json():
 
 def test_typed_param_that_is_not_json_stays_a_string():
     transport = StubTransport(result=[])
-    run(["--insecure", "ManagedVolume", "volumes_info",
-         "include_secrets=yes"], transport)
+    _, _, err = run(["--insecure", "ManagedVolume", "volumes_info",
+                     "include_secrets=yes"], transport)
     assert transport.calls[0][1] == {"include_secrets": "yes"}
+    # A flag asking for secrets is no secret on argv.
+    assert "warning" not in err
+
+
+def test_list_typed_bare_after_the_shell_ate_its_quotes_gets_a_hint():
+    # The user typed vol_ids=["<uuid>"]; the shell passed vol_ids=[<uuid>].
+    transport = StubTransport(result=[])
+    code, _, err = run(["--insecure", "ManagedVolume", "volumes_info",
+                        "vol_ids=[{}]".format(VOL_ID)], transport)
+    assert code == 2
+    assert transport.calls == []
+    assert "quote the whole argument: vol_ids='[\"<uuid>\", ...]'" in err
 
 
 def test_value_may_hold_equal_signs():

@@ -449,9 +449,24 @@ def test_help_lists_every_sub_command(engine_shim):
                           env=engine_shim.env, timeout=60)
     assert proc.returncode == 0
     from vdsm_managedvolume.engine import args
-    for name in args.COMMANDS:
-        assert name.encode() in proc.stdout
+    for name, (required, optional) in args.COMMANDS.items():
+        assert "  {} {}".format(name, " ".join(
+            list(required) + ["[{}]".format(o) for o in optional])).encode() \
+            in proc.stdout
     assert len(args.COMMANDS) == 12
+    assert b'the first line starting with "error" or\n"CORRELATION_ID:"' \
+        in proc.stdout
+
+
+def test_version_prints_the_package_version(engine_shim):
+    import subprocess
+    from vdsm_managedvolume import __version__
+    from .engine_fixtures import client_argv
+    proc = subprocess.run(client_argv() + ["--version"], capture_output=True,
+                          env=engine_shim.env, timeout=60)
+    assert proc.returncode == 0
+    assert proc.stdout == "managedvolume-cinderlib-client {}\n".format(
+        __version__).encode()
 
 
 def test_only_arguments_that_may_hold_a_secret_load_the_masker():

@@ -42,3 +42,34 @@ def test_demo_runs_the_whole_chain_and_leaves_no_loop_device():
     assert "hello from the demo" in proc.stdout
     assert "volumes left: 0\nloop devices left: 0\n" in proc.stdout
     assert proc.stdout.endswith("demo done: nothing left behind\n")
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_demo_failure_says_why_and_keeps_its_logs():
+    # set -e used to end the script inside $(...) before its error line,
+    # and the cleanup deleted the log that said why.
+    if os.geteuid() != 0:
+        pytest.skip("the demo needs root (loop devices)")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MANAGEDVOLUME_")}
+    proc = subprocess.run(["bash", DEMO, "postgresql://nobody@127.0.0.1:1/x"],
+                          capture_output=True, text=True, env=env,
+                          timeout=600)
+    kept = [line for line in proc.stderr.splitlines()
+            if "logs kept in" in line]
+    try:
+        assert proc.returncode != 0
+        assert "engine-demo: create_volume failed (exit 1): error:" in \
+            proc.stderr, proc.stderr[-3000:]
+        assert "127.0.0.1" in proc.stderr     # the reason: that database
+        assert kept, proc.stderr[-3000:]
+        work = kept[0].split("logs kept in ")[1].rstrip(":")
+        for log in ("service.log", "agent/log/agent.log"):
+            assert os.path.isfile(os.path.join(work, log))
+            assert os.path.join(work, log) in proc.stderr
+        assert not os.path.exists(os.path.join(work, "volumes"))
+    finally:
+        for line in kept:
+            shutil.rmtree(line.split("logs kept in ")[1].rstrip(":"),
+                          ignore_errors=True)

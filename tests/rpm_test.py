@@ -199,6 +199,32 @@ def test_man_page_reads_in_80_columns_without_warnings(page):
     assert p.stdout.strip()
 
 
+def test_readme_shows_how_to_read_every_man_page_from_the_tree():
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    for page in man_pages():
+        assert "man -l {}".format(os.path.relpath(page, REPO)) in readme
+
+
+def test_tool_man_page_json_and_file_locations_render_as_written():
+    # A word starting with a double quote is groff's argument quoting:
+    # the JSON example lost its quotes; the privsep configuration was
+    # said to be in /run.
+    man = shutil.which("man")
+    if man is None:
+        pytest.skip("man not installed")
+    page = os.path.join(REPO, "docs", "man", "managedvolume-tool.8")
+    out = subprocess.run([man, "-l", page], capture_output=True, text=True,
+                         env=dict(os.environ, MANWIDTH="200",
+                                  MANPAGER="cat", PAGER="cat")).stdout
+    text = " ".join(out.split())
+    assert '{"ok": false, "error": {"code": ..., "message": ...}}' in text
+    assert "/etc/vdsm/managedvolume-privsep.conf The privsep daemon's " \
+        "configuration" in text
+    assert "privsep daemon's configuration." not in text.split(
+        "/run/vdsm/managedvolume ")[1][:200]
+
+
 def test_config_man_page_and_readme_document_every_key():
     with open(os.path.join(REPO, "docs", "man",
                            "managedvolume.conf.5")) as f:

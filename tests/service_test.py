@@ -1516,3 +1516,21 @@ def test_device_found_by_another_connect_is_not_disconnected(
     assert not any(c.startswith("disconnect") for c in fakebrick.calls())
     assert [r["vol_id"] for r in records(svc)] == [first]
     assert os.path.exists(svc.volumes_info([first])[0]["path"])
+
+
+def test_failed_connect_names_the_missing_initiator_command(
+        inproc_service, tmp_path, monkeypatch):
+    # os-brick without iscsiadm says "Unable to find target portal"; the
+    # cause is the missing command.
+    from vdsm_managedvolume import hosttools
+    monkeypatch.setattr(hosttools, "SEARCH_PATH", (str(tmp_path),))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    svc = inproc_service
+    ci = iscsi_connection(svc.cfg, fake_fail="Unable to find target portal")
+    with pytest.raises(errors.HelperFailed) as e:
+        svc.attach_volume(new_id(), ci)
+    assert e.value.code == 926
+    assert "Unable to find target portal (iscsiadm, multipath, multipathd " \
+        "not installed on this host (iscsi needs them: install " \
+        "iscsi-initiator-utils or open-iscsi" in str(e.value)
+    assert records(svc) == []

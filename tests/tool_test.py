@@ -620,3 +620,49 @@ def _new_key():
 
 def _repo():
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_without_state_dir_a_running_dev_agent_nearby_is_named(tmp_path):
+    import fcntl
+    cfg = config.Config()
+    if os.path.exists(cfg.db_path) or os.path.exists(
+            config.DEFAULT_CONFIG_FILE):
+        pytest.skip("this host has vdsm's paths")
+    run_dir = tmp_path / ".state" / "run" / "managedvolume"
+    run_dir.mkdir(parents=True)
+    env = dict(os.environ, PYTHONPATH=_repo())
+    env.pop("MANAGEDVOLUME_CONFIG", None)
+    cmd = [sys.executable, "-m", "vdsm_managedvolume.tool", "list"]
+    with open(run_dir / "agent.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                           cwd=str(tmp_path), timeout=60)
+    assert "an agent is running with --state-dir .state here: did you " \
+        "mean 'managedvolume-tool --state-dir .state ...'?" in p.stderr
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                       cwd=str(tmp_path), timeout=60)
+    assert "an agent is running" not in p.stderr
+
+
+def test_check_warns_for_each_allowed_type_whose_host_tools_are_missing(
+        configured, state, tmp_path, monkeypatch, capsys):
+    from vdsm_managedvolume import hosttools
+    bin_dir = tmp_path / "sbin"
+    bin_dir.mkdir()
+    (bin_dir / "nvme").write_text("#!/bin/sh\n")
+    (bin_dir / "nvme").chmod(0o755)
+    monkeypatch.setattr(hosttools, "SEARCH_PATH", (str(bin_dir),))
+    monkeypatch.setenv("PATH", str(bin_dir))
+    tool.main(["--state-dir", state, "--json", "check", "--skip-privsep"])
+    checks = [c for c in json.loads(capsys.readouterr().out)["checks"]
+              if c["name"] == "tools"]
+    by_type = {c["message"].split(":")[0]: c for c in checks}
+    assert set(by_type) == {"iscsi", "fibre_channel", "rbd", "nvmeof"}
+    assert by_type["nvmeof"]["status"] == "ok"
+    iscsi = by_type["iscsi"]
+    assert iscsi["status"] == "warn"
+    assert "iscsiadm, multipath, multipathd not installed" in \
+        iscsi["message"]
+    assert "iscsi-initiator-utils or open-iscsi" in iscsi["message"]
+    assert by_type["rbd"]["message"].startswith(
+        "rbd: rbd not installed on this host")

@@ -28,8 +28,11 @@ admin types against vdsm works here and back::
       (code=-32602, message=Invalid parameter vol_id: ...)
 
   (vdsm-client's shape, with our program name; secrets in the args are
-  masked).  Connection failures and timeouts also exit 1; usage errors
-  exit 2.
+  masked).  Connection failures and timeouts also exit 1, Ctrl-C 130:
+  both only stop the waiting, the call goes on on the host, and the
+  message says so with the command that shows the outcome.  Usage errors
+  exit 2 (a list typed bare, ``vol_ids=[<uuid>]`` after the shell ate
+  its quotes, among them).
 - Help comes from the schema: ``Namespace -h`` lists the verbs,
   ``Namespace verb -h`` their params with types and defaults.
 
@@ -38,7 +41,9 @@ name check: vdsm's certificate names the host, not "localhost").
 ``--state-dir DIR`` uses the development PKI the agent created under
 ``DIR/pki`` (client-cert.pem, client-key.pem, cacert.pem; host names
 checked).  ``--cert/--key/--cacert`` name other files.  ``--insecure``
-speaks plain TCP.
+speaks plain TCP.  Without any of them, on a development machine where
+vdsm's files are missing, the error names the ``.state`` of a running
+``make run`` agent nearby (``config.state_dir_hint``).
 """
 
 import argparse
@@ -207,7 +212,13 @@ def parse_params(method, args):
             try:
                 value = json.loads(value)
             except ValueError:
-                pass
+                if value.startswith(("[", "{")):
+                    # vol_ids=["..."] typed bare: the shell ate the quotes.
+                    raise UsageError(
+                        "{}={} is not JSON: the shell removed the quotes "
+                        "around the strings in it; quote the whole "
+                        "argument: {}='[\"<uuid>\", ...]'".format(
+                            name, value, name))
         params[name] = value
     return params
 
@@ -242,8 +253,11 @@ def tls_context(opts):
         return pki.client_context(ca, cert, key,
                                   check_hostname=bool(opts.state_dir))
     except (OSError, ValueError) as e:
-        raise UsageError("Cannot use TLS files {}, {}, {}: {}".format(
-            cert, key, ca, e))
+        hint = ""
+        if not (opts.state_dir or opts.cert or opts.cacert):
+            hint = config.state_dir_hint(PROG)
+        raise UsageError("Cannot use TLS files {}, {}, {}: {}{}".format(
+            cert, key, ca, e, "; " + hint if hint else ""))
 
 
 def tls_files(opts):
@@ -282,11 +296,18 @@ def _run(connect, opts, ssl_context, method, params):
                           mask.mask_text(str(e)), _hint(opts, e)))
     try:
         return cli.call(method, params, opts.flow_id)
+    except KeyboardInterrupt:
+        sys.stderr.write("{}: Request {} with args {} interrupted: {}\n"
+                         .format(PROG, method, shown,
+                                 _still_running(method, params)))
+        raise
     except errors.Error as e:
         local = _local_error(e)
         if local == "timeout":
             raise _Failure("Request {} with args {} timed out after {} "
-                           "seconds".format(method, shown, opts.timeout))
+                           "seconds: {}".format(
+                               method, shown, opts.timeout,
+                               _still_running(method, params)))
         if local:
             raise _Failure("Request {} with args {} failed: {}".format(
                 method, shown, mask.mask_text(str(e))))
@@ -301,6 +322,19 @@ def _run(connect, opts, ssl_context, method, params):
             cli.close()
         except (OSError, errors.Error):
             pass
+
+
+def _still_running(method, params):
+    """What a client that stopped waiting should know: the call goes on."""
+    vol_id = params.get("vol_id") if isinstance(params, dict) else None
+    if method.startswith("ManagedVolume.") and isinstance(vol_id, str):
+        see = ("{} ManagedVolume volumes_info vol_ids='[\"{}\"]'".format(
+            PROG, vol_id))
+    else:
+        see = "{} ManagedVolume volumes_info".format(PROG)
+    return ("the call was sent and is not cancelled: it may still "
+            "complete on the host; see the outcome with: {} (or "
+            "managedvolume-tool list on the host)".format(see))
 
 
 def _hint(opts, error):

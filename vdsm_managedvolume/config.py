@@ -23,7 +23,9 @@ shipped ``managedvolume.conf`` and the docs are made from it
 
 import configparser
 import dataclasses
+import fcntl
 import os
+import sys
 
 from . import errors
 
@@ -215,6 +217,50 @@ def with_state_dir(cfg, state_dir):
         if getattr(cfg, name) == getattr(defaults, name):
             setattr(cfg, name, os.path.join(d, "pki", fname))
     return cfg
+
+
+def nearby_state_dirs():
+    """The ``.state`` directories near here (the current directory's, the
+    source tree's whose virtualenv runs us) that a running agent uses.
+
+    For hints: on a development machine ``make run`` serves ``.state``,
+    and a command run without ``--state-dir`` looks at vdsm's paths.
+    A running agent holds ``run/managedvolume/agent.lock`` (flock).
+    """
+    tree = os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(sys.executable))))
+    found = []
+    for base in (os.getcwd(), tree):
+        d = os.path.join(base, ".state")
+        if d in found:
+            continue
+        lock = os.path.join(with_state_dir(Config(), d).state_run_dir,
+                            "agent.lock")
+        try:
+            fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            found.append(d)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return found
+
+
+def state_dir_hint(program):
+    """A sentence pointing at a running development agent's state dir, or
+    "" when there is none near."""
+    dirs = nearby_state_dirs()
+    if not dirs:
+        return ""
+    shown = os.path.relpath(dirs[0]) if dirs[0].startswith(
+        os.getcwd() + os.sep) else dirs[0]
+    return ("an agent is running with --state-dir {0} here: did you mean "
+            "'{1} --state-dir {0} ...'?".format(shown, program))
 
 
 def render(cfg=None):

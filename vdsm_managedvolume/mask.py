@@ -37,10 +37,12 @@ MASK = "********"
 
 _SECRET_WORDS = ("password", "passwd", "secret", "keyring", "token",
                  "private_key", "credential")
-# Auth fields that are not credentials themselves.
+# Auth fields that are not credentials themselves, and volumes_info's
+# flag asking for secrets (a flag, whatever value a user typed).
 _NOT_SECRET = frozenset(("auth_method", "auth_username",
                          "discovery_auth_method", "discovery_auth_username",
-                         "auth_enabled", "discovery_auth_enabled"))
+                         "auth_enabled", "discovery_auth_enabled",
+                         "include_secrets"))
 
 # Beyond this depth ``mask`` stops walking (a crafted, deeply nested value
 # must not turn masking into a RecursionError).

@@ -68,6 +68,7 @@ from . import boot
 from . import devices
 from . import errors
 from . import faults
+from . import hosttools
 from . import locking
 from . import mask
 from . import store
@@ -266,6 +267,13 @@ class Service:
                 db.update_volume(vol_id, state="attached",
                                  managed_path=managed_path)
             except Exception as e:
+                if isinstance(e, errors.ConnectorFailed):
+                    # The cause may be a missing initiator command, far
+                    # below os-brick's message about the storage.
+                    missing = hosttools.explain(
+                        connection_info["driver_volume_type"])
+                    if missing:
+                        e.reason = "{} ({})".format(e.reason, missing)
                 log.error("Attaching volume %s failed: %s", vol_id, e)
                 self._rollback(vol_id, sd_id, connection_info, attachment,
                                e)

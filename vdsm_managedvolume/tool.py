@@ -91,6 +91,7 @@ def main(argv=None):
     except errors.ConfigError as e:
         print("managedvolume-tool: {}".format(e), file=sys.stderr)
         return EXIT_USAGE
+    _hint_state_dir(cfg, args)
     try:
         return args.func(cfg, args)
     except errors.ConfigError as e:
@@ -281,6 +282,7 @@ def check(cfg, args):
         _check_database,
         _check_certificates,
         _check_udevadm,
+        _check_host_tools,
         _check_udev_owner,
         _check_run_dir,
     ]
@@ -438,6 +440,26 @@ def _check_udevadm(cfg, args):
         else:
             yield name, "fail", ("{} is not executable: device ownership "
                                  "rules cannot be applied".format(path))
+
+
+def _check_host_tools(cfg, args):
+    """A warning per allowed driver type whose initiator commands are
+    missing (its attaches would fail with 926)."""
+    from . import hosttools
+    checked = False
+    for dvt in cfg.allowed_types:
+        if dvt not in hosttools.TOOLS:
+            continue
+        checked = True
+        reason = hosttools.explain(dvt)
+        if reason:
+            yield "tools", "warn", "{}: {}; its attaches fail with 926" \
+                .format(dvt, reason)
+        else:
+            yield "tools", "ok", "{}: {}".format(
+                dvt, ", ".join(hosttools.TOOLS[dvt]))
+    if not checked:
+        yield "tools", "ok", "no allowed type needs a host command"
 
 
 def _check_udev_owner(cfg, args):
@@ -627,6 +649,18 @@ def _owner(cfg, spec):
 # A missing database is no error (nothing was ever attached; the service
 # creates it on first use), but it may also mean a wrong --config or
 # --state-dir: say which file was looked at.
+def _hint_state_dir(cfg, args):
+    """On a development machine, vdsm's paths are empty and ``make run``'s
+    agent uses ``.state``: say so before reporting on the wrong host."""
+    if args.state_dir or cfg.source or os.path.exists(cfg.db_path):
+        return
+    hint = config.state_dir_hint("managedvolume-tool")
+    if hint:
+        print("managedvolume-tool: note: nothing at the default paths ({} "
+              "does not exist); {}".format(cfg.db_path, hint),
+              file=sys.stderr)
+
+
 def _no_db_yet(cfg):
     if os.path.exists(cfg.db_path):
         return None

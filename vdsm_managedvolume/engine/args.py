@@ -110,6 +110,7 @@ usage: managedvolume-cinderlib-client [OPTIONS] SUB-COMMAND DRIVER_JSON \
 DB_URL CORRELATION_ID [ARGS...]
        managedvolume-cinderlib-client --serve [--socket PATH] \
 [--log-file PATH]
+       managedvolume-cinderlib-client -h|--help|--version
 sub-commands:
 {}
 DRIVER_JSON / DB_URL: inline, @FILE, - (stdin) or env:[NAME]
@@ -117,6 +118,9 @@ options: --timeout SEC --log-file PATH|- --log-level LEVEL --locks-dir DIR
          --socket PATH --cold --host-port N --host-cert PATH --host-key PATH
          --host-ca PATH --host-timeout SEC --host-tls BOOL
          --host-addresses HOST=ADDRESS[:PORT],...
+output (ovirt-engine's contract): the first line starting with "error" or
+"CORRELATION_ID:" is the answer ("CORRELATION_ID:<JSON>" is a result);
+exit 0 is success.  See managedvolume-cinderlib-client(1).
 """.format("\n".join(
     "  {} {}".format(name, " ".join(
         list(req) + ["[{}]".format(o) for o in opt]))

@@ -52,6 +52,10 @@ def main(argv=None):
         _hide_secrets_from_cmdline(argv)
         if argv[:1] in (["-h"], ["--help"]):
             _finish(out, outcome.Outcome(args.USAGE.encode("utf-8")))
+        if argv[:1] == ["--version"]:
+            from vdsm_managedvolume import __version__
+            _finish(out, outcome.Outcome("managedvolume-cinderlib-client "
+                                         "{}\n".format(__version__).encode()))
         try:
             opts, request = args.parse(argv)
         except errors.EngineUsage as e:

@@ -230,7 +230,10 @@ def _pct(values):
 # Set-up
 
 def _settings(state_dir):
+    # The concurrent callers attach distinct vol_ids on the one loop
+    # device at once: sharing it must be allowed.
     return ("[volumes]\nudevadm = /bin/true\nlock_timeout = 120\n"
+            "shared_devices = true\n"
             "[privsep]\ntimeout = 120\n"
             "[agent]\nworkers = 8\nmax_queue = 64\n"
             "[logging]\nlog_level = WARNING\n")

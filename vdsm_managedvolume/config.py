@@ -230,7 +230,9 @@ def nearby_state_dirs():
     tree = os.path.dirname(os.path.dirname(os.path.dirname(
         os.path.abspath(sys.executable))))
     found = []
-    for base in (os.getcwd(), tree):
+    for base in (_cwd(), tree):
+        if not base:
+            continue
         d = os.path.join(base, ".state")
         if d in found:
             continue
@@ -257,8 +259,9 @@ def state_dir_hint(program):
     dirs = nearby_state_dirs()
     if not dirs:
         return ""
-    shown = os.path.relpath(dirs[0]) if dirs[0].startswith(
-        os.getcwd() + os.sep) else dirs[0]
+    cwd = _cwd()
+    shown = os.path.relpath(dirs[0], cwd) if cwd and dirs[0].startswith(
+        cwd + os.sep) else dirs[0]
     return ("an agent is running with --state-dir {0} here: did you mean "
             "'{1} --state-dir {0} ...'?".format(shown, program))
 
@@ -276,6 +279,14 @@ def render(cfg=None):
 
 
 # Private helpers
+
+def _cwd():
+    # The current directory may have been removed under us.
+    try:
+        return os.getcwd()
+    except OSError:
+        return ""
+
 
 def _read_file(cfg, path):
     parser = configparser.ConfigParser(interpolation=None)

@@ -110,6 +110,12 @@ def device_number(path):
     return os.major(st.st_rdev), os.minor(st.st_rdev)
 
 
+def sysfs_path(major, minor, *names):
+    """``/sys/dev/block/MAJ:MIN[/names...]``: the kernel's directory of a
+    block device, by number."""
+    return os.path.join(SYS_DEV_BLOCK, "{}:{}".format(major, minor), *names)
+
+
 def in_use(path):
     """A sentence saying how the host uses the device at ``path``, or None
     when it is not a block device or the host does not use it."""
@@ -153,7 +159,7 @@ def size(path):
     if not stat.S_ISBLK(st.st_mode):
         return None
     try:
-        with open(_sys(os.major(st.st_rdev), os.minor(st.st_rdev),
+        with open(sysfs_path(os.major(st.st_rdev), os.minor(st.st_rdev),
                        "size")) as f:
             return int(f.read().strip()) * 512
     except (OSError, ValueError):
@@ -164,13 +170,10 @@ def identity(path):
     """What the block device at ``path`` is: {"dev", "diskseq"?, "wwn"?,
     "serial"?, "backing"?}; None when nothing, or no block device, is
     there."""
-    try:
-        st = os.stat(path)
-    except OSError:
+    number = device_number(path)
+    if number is None:
         return None
-    if not stat.S_ISBLK(st.st_mode):
-        return None
-    major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    major, minor = number
     ident = {"dev": "{}:{}".format(major, minor)}
     facts = (
         ("diskseq", ("diskseq",)),
@@ -217,13 +220,9 @@ def _named(path, real):
     return "{} (-> {})".format(path, real)
 
 
-def _sys(major, minor, *names):
-    return os.path.join(SYS_DEV_BLOCK, "{}:{}".format(major, minor), *names)
-
-
 def _read_sys(major, minor, name):
     try:
-        with open(_sys(major, minor, name)) as f:
+        with open(sysfs_path(major, minor, name)) as f:
             return f.read(4096).strip()
     except (OSError, UnicodeDecodeError):
         return None
@@ -231,7 +230,7 @@ def _read_sys(major, minor, name):
 
 def _kernel_name(major, minor):
     try:
-        return os.path.basename(os.path.realpath(_sys(major, minor)))
+        return os.path.basename(os.path.realpath(sysfs_path(major, minor)))
     except OSError:
         return "{}:{}".format(major, minor)
 
@@ -239,7 +238,7 @@ def _kernel_name(major, minor):
 def _partitions(major, minor):
     """(major, minor) of every partition of a disk."""
     found = []
-    top = _sys(major, minor)
+    top = sysfs_path(major, minor)
     try:
         names = os.listdir(top)
     except OSError:
@@ -286,6 +285,6 @@ def _swaps():
 
 def _holders(major, minor):
     try:
-        return sorted(os.listdir(_sys(major, minor, "holders")))
+        return sorted(os.listdir(sysfs_path(major, minor, "holders")))
     except OSError:
         return []

@@ -45,8 +45,9 @@ loss is found by ``rule_ok`` when the service starts and written again.
 import logging
 import os
 import re
-import stat
 import subprocess
+
+from . import devices
 
 log = logging.getLogger("managedvolume.udev")
 
@@ -225,14 +226,10 @@ def trigger(cfg, path, timeout=TRIGGER_TIMEOUT):
 
 def _sysfs_uevent(path):
     """``/sys/dev/block/MAJ:MIN/uevent`` of a block device, or None."""
-    try:
-        st = os.stat(path)
-    except OSError:
+    number = devices.device_number(path)
+    if number is None:
         return None
-    if not stat.S_ISBLK(st.st_mode):
-        return None
-    uevent = "/sys/dev/block/{}:{}/uevent".format(
-        os.major(st.st_rdev), os.minor(st.st_rdev))
+    uevent = devices.sysfs_path(*number, "uevent")
     return uevent if os.path.exists(uevent) else None
 
 

@@ -277,6 +277,18 @@ def test_readme_and_docs_links_point_at_files_in_the_tree():
             assert os.path.exists(path), "{}: {}".format(doc, target)
 
 
+def test_readme_files_table_names_every_module_and_only_those():
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    table = readme.split("### Files", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`([\w/]+\.py)`", table))
+    modules = {n for _, _, names in os.walk(
+        os.path.join(REPO, "vdsm_managedvolume"))
+        for n in names if n.endswith(".py") and n != "__init__.py"}
+    assert modules <= named, modules - named
+    assert named <= modules, named - modules
+
+
 def test_readme_troubleshooting_covers_every_error_code():
     from vdsm_managedvolume import errors
     with open(os.path.join(REPO, "README.md")) as f:

@@ -34,3 +34,29 @@ def test_ruff_finds_nothing():
 
 def test_package_and_hook_need_nothing_newer_than_python_3_9():
     _run("vermin", "vdsm_managedvolume", "hooks")
+
+
+def test_no_file_cites_a_note_outside_the_tree():
+    """Comments and docs state a fact or cite docs/ (dependencies.md holds
+    what the code relies on), never a note a maintainer does not have."""
+    word = "CONTRACT"      # spelled apart so that this file does not match
+    found = []
+    for top in ("vdsm_managedvolume", "tests", "docs", "hooks", "bench",
+                "scripts", "data"):
+        for base, dirs, names in os.walk(os.path.join(REPO, top)):
+            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            for name in names:
+                path = os.path.join(base, name)
+                if path == os.path.abspath(__file__):
+                    continue
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        text = f.read()
+                except (UnicodeDecodeError, OSError):
+                    continue
+                if word in text:
+                    found.append(os.path.relpath(path, REPO))
+    with open(os.path.join(REPO, "README.md")) as f:
+        if word in f.read():
+            found.append("README.md")
+    assert found == []

@@ -63,6 +63,11 @@ Knobs in ``connection_info["data"]`` (all optional):
     fake_sleep_disconnect  the same for disconnect
     fake_fail_extend    the same as fake_fail, at extend
     fake_sleep_extend   the same as fake_sleep, at extend
+    fake_wait           a path: connect, after "connect-start", waits
+                        until that file exists (at most WAIT_LIMIT s):
+                        a barrier a test opens by creating the file,
+                        so that it knows calls are in the connector
+                        without guessing how long they take
     fake_log_thread     log "fake thread <key>" (INFO, logger
                         tests.fakebrick) from a thread spawned the way
                         os-brick spawns them (os_brick.executor.Thread),
@@ -84,6 +89,8 @@ ENV_DIR = "MANAGEDVOLUME_FAKEBRICK_DIR"
 log = logging.getLogger("tests.fakebrick")
 
 FAKED = ("iscsi", "fibre_channel", "rbd", "nvmeof")
+
+WAIT_LIMIT = 60.0
 
 
 class FakeConnectorError(Exception):
@@ -145,6 +152,7 @@ class FakeConnector:
     def connect_volume(self, data):
         key = self.key(data)
         _record("connect-start", key)
+        _wait_for_file(data.get("fake_wait"))
         _sleep(data.get("fake_sleep"))
         if data.get("fake_log_thread"):
             _log_from_brick_thread(key)
@@ -335,6 +343,14 @@ def _rescan(device, key):
 def _sleep(seconds):
     if seconds:
         time.sleep(float(seconds))
+
+
+def _wait_for_file(path):
+    if not path:
+        return
+    deadline = time.monotonic() + WAIT_LIMIT
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _record(what, key):

@@ -5,6 +5,7 @@ import logging
 
 import pytest
 
+from vdsm_managedvolume import api
 from vdsm_managedvolume import errors
 from vdsm_managedvolume import jsonrpc
 from vdsm_managedvolume import log as logmod
@@ -362,3 +363,20 @@ def test_wire_values_cannot_forge_log_lines(dispatcher, logged):
     assert "Host.x\\nINFO forged line\\r\\x00\\u202eevil" in text
     assert all("flow\\nforged" == r.flow_id for r in logged.records
                if r.name.startswith("managedvolume."))
+
+
+@pytest.mark.parametrize("body, operation", [
+    (b'[{"jsonrpc": "2.0", "method": "ManagedVolume.attach_volume"}]', True),
+    (b'{"method": "ManagedVolume.detach_volume", "id": 1}', True),
+    # JSON may spell the letters of a method name as \u escapes.
+    (b'{"method": "ManagedVolume.\\u0061ttach_volume", "id": 1}', True),
+    (b'{"method": "Host.getCapabilities", "id": 1}', False),
+    (b'{"method": "ManagedVolume.volumes_info", "id": 1}', False),
+    (b'not json at all', False),
+])
+def test_is_operation_never_misses_an_operation(body, operation):
+    assert jsonrpc.is_operation(body) is operation
+    if operation:
+        message = jsonrpc.parse(body)
+        request = message[0] if isinstance(message, list) else message
+        assert request["method"] in api.OPERATIONS

@@ -17,6 +17,7 @@ from vdsm_managedvolume import udev
 from vdsm_managedvolume import validate
 
 from . import fakebrick
+from .agentutil import wait_for
 from .host_fixtures import (LoopDevice, iscsi_connection, is_symlink,
                             new_boot, new_id, rbd_connection, udevadm_calls)
 
@@ -1534,3 +1535,41 @@ def test_failed_connect_names_the_missing_initiator_command(
         "not installed on this host (iscsi needs them: install " \
         "iscsi-initiator-utils or open-iscsi" in str(e.value)
     assert records(svc) == []
+
+
+def test_caps_serve_a_stale_connector_info_while_a_slow_refresh_runs(
+        inproc_service, inproc_brick, monkeypatch):
+    import threading
+    known = inproc_service.connector_info()
+    entered = threading.Event()
+    release = threading.Event()
+    real = inproc_brick.connector_properties
+
+    def blocked():
+        entered.set()
+        release.wait(30)
+        return dict(real(), initiator="iqn.refreshed")
+
+    monkeypatch.setattr(inproc_brick, "connector_properties", blocked)
+    inproc_service._connector._expires = 0          # stale now
+    try:
+        assert inproc_service.caps() == {"connector_info": known}
+        assert entered.wait(30)
+        # The refresh is stuck in the helper: caps still answer, with
+        # the age of what they serve.
+        assert inproc_service.caps() == {"connector_info": known}
+        assert inproc_service.connector_info_age() >= 0
+    finally:
+        release.set()
+    wait_for(lambda: inproc_service.caps()["connector_info"]["initiator"]
+             == "iqn.refreshed")
+
+
+def test_caps_keep_the_stale_value_when_the_background_refresh_fails(
+        inproc_service, inproc_brick):
+    known = inproc_service.connector_info()
+    inproc_brick.fail_properties = True
+    inproc_service._connector._expires = 0
+    assert inproc_service.caps() == {"connector_info": known}
+    wait_for(lambda: inproc_service._connector._background is None)
+    assert inproc_service.caps() == {"connector_info": known}

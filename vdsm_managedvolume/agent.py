@@ -9,15 +9,33 @@ Design
 ------
 One I/O thread owns every socket (a ``selectors`` loop, non-blocking TLS):
 it accepts, handshakes, parses frames (``stompframe``), answers the STOMP
-verbs itself and writes every byte.  Requests go to a bounded pool of worker
-threads running ``Dispatcher.handle()``; a worker never touches a socket,
-it queues its response and wakes the loop.  So
+verbs itself and writes every byte.  Requests run in worker threads
+(``Dispatcher.handle()``); a worker never touches a socket, it queues its
+response and wakes the loop.  Two planes, two bounded pools::
 
+    SEND --(I/O thread: Dispatcher.is_operation(body)?)--+
+         |                                               |
+         no: control plane                               yes: data plane
+         getCapabilities, volumes_info, errors           attach, detach
+         ``workers`` threads + ``max_queue`` waiting     ``max_operations``
+                                                         threads, no queue
+
+After a host failure the engine starts dozens of VMs on the survivors at
+once, each attach taking seconds at the array, while it keeps polling
+getCapabilities: a host that does not answer is fenced.  So
+
+- attaches and detaches of distinct volumes run at once, up to
+  ``max_operations`` (one thread each, started when first needed; the
+  privsep daemon's pool is sized to match); one more is refused at once
+  with 933 (TooManyOperations), never queued without bound;
+- they can never take the threads of the control plane: getCapabilities
+  and volumes_info answer in microseconds whatever the data plane does
+  (the service serves a cached connector_info, stale rather than late);
 - an attach that takes a minute never stops heart-beats or other clients;
 - only one thread writes to a connection: frames are never interleaved,
   and an SSL object is never used by two threads at once;
-- when ``workers`` are busy and ``max_queue`` requests wait, a new request
-  is answered at once with error 933 (AgentBusy) instead of piling up.
+- when ``workers`` are busy and ``max_queue`` requests wait, a new control
+  request is answered at once with error 933 (AgentBusy) as well.
 
 Connection life::
 
@@ -189,7 +207,9 @@ class Server:
         self._connections = set()
         self._results = collections.deque()
         self._again = set()     # connections with decrypted bytes pending
-        self._pool = Pool(cfg.workers, cfg.max_queue)
+        self._pool = Pool(cfg.workers, cfg.max_queue, name="worker")
+        self._operations = Pool(cfg.max_operations, 0, name="operation")
+        self._is_operation = getattr(dispatcher, "is_operation", None)
         self._caps = (_ConnectorInfo(connector_info)
                       if connector_info else None)
         self._control_slots = threading.BoundedSemaphore(MAX_CONTROL_CLIENTS)
@@ -267,7 +287,7 @@ class Server:
                 drain_deadline = now + self.cfg.shutdown_timeout
                 self._begin_stop()
             if drain_deadline is not None and final_deadline is None:
-                pending = self._pool.pending
+                pending = self._pool.pending + self._operations.pending
                 if (pending == 0 and not self._results) or \
                         now >= drain_deadline:
                     if pending:
@@ -312,7 +332,7 @@ class Server:
     def _begin_stop(self):
         log.info("Stopping: no new connections; waiting up to %s seconds "
                  "for %d operations in flight", self.cfg.shutdown_timeout,
-                 self._pool.pending)
+                 self._pool.pending + self._operations.pending)
         for callback in self._on_stopping:
             try:
                 callback()
@@ -338,6 +358,7 @@ class Server:
         for conn in list(self._connections):
             conn.close()
         self._pool.stop()
+        self._operations.stop()
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -464,20 +485,25 @@ class Server:
             pass
 
     def submit(self, conn, body, reply_to, flow_id):
-        """Queue a request for a worker, or answer 933 at once."""
+        """Hand a request to its plane's pool, or answer 933 at once."""
         if self._stopping.is_set():
             self._route(conn, reply_to, flow_id, busy_response(
                 body, ShuttingDown(workers=self._pool.workers, queued=0)))
             return
         job = (conn, body, reply_to, flow_id)
-        if not self._pool.submit(lambda: self._handle(job)):
-            with logmod.flow(flow_id):
-                log.warning("Agent busy: refusing a request from %s "
-                            "(%d workers busy, %d waiting)", conn.peer,
-                            self._pool.workers, self._pool.max_queue)
-            self._route(conn, reply_to, flow_id, busy_response(
-                body, errors.AgentBusy(workers=self._pool.workers,
-                                       queued=self._pool.max_queue)))
+        operation = self._is_operation is not None and \
+            self._is_operation(body)
+        pool = self._operations if operation else self._pool
+        if pool.submit(lambda: self._handle(job)):
+            return
+        if operation:
+            error = errors.TooManyOperations(running=pool.workers)
+        else:
+            error = errors.AgentBusy(workers=pool.workers,
+                                     queued=pool.max_queue)
+        with logmod.flow(flow_id):
+            log.warning("Refusing a request from %s: %s", conn.peer, error)
+        self._route(conn, reply_to, flow_id, busy_response(body, error))
 
     def publish(self, conn, destination, frame):
         """Forward a SEND to a destination that is not ours (broker-like).
@@ -1029,20 +1055,20 @@ class Connection:
 
 
 class Pool:
-    """``workers`` threads; at most ``max_queue`` requests wait for one."""
+    """Up to ``workers`` threads, started when first needed and kept; at
+    most ``max_queue`` requests wait for one (0: a request runs at once or
+    is refused)."""
 
-    def __init__(self, workers, max_queue):
+    def __init__(self, workers, max_queue, name="worker"):
         self.workers = max(1, workers)
         self.max_queue = max(0, max_queue)
+        self.name = name
         self._queue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._pending = 0
-        self._threads = [
-            threading.Thread(target=self._run, name="worker-{}".format(i),
-                             daemon=True)
-            for i in range(self.workers)]
-        for t in self._threads:
-            t.start()
+        self._idle = 0          # threads waiting for a job, not reserved
+        self._waiting = 0       # jobs queued that no thread is reserved for
+        self._threads = []
 
     def submit(self, fn):
         """Queue ``fn``; False when every worker is busy and the queue full.
@@ -1051,6 +1077,16 @@ class Pool:
             if self._pending >= self.workers + self.max_queue:
                 return False
             self._pending += 1
+            if self._idle:
+                self._idle -= 1     # that thread takes this job
+            elif len(self._threads) < self.workers:
+                thread = threading.Thread(
+                    target=self._run, daemon=True,
+                    name="{}-{}".format(self.name, len(self._threads)))
+                self._threads.append(thread)
+                thread.start()
+            else:
+                self._waiting += 1
         self._queue.put(fn)
         return True
 
@@ -1059,8 +1095,15 @@ class Pool:
         """Requests running or waiting."""
         return self._pending
 
+    @property
+    def threads(self):
+        """Threads started so far."""
+        return len(self._threads)
+
     def stop(self):
-        for _ in self._threads:
+        with self._lock:
+            count = len(self._threads)
+        for _ in range(count):
             self._queue.put(None)
 
     def _run(self):
@@ -1075,6 +1118,10 @@ class Pool:
             finally:
                 with self._lock:
                     self._pending -= 1
+                    if self._waiting:
+                        self._waiting -= 1  # the next get() takes it
+                    else:
+                        self._idle += 1
 
 
 def busy_response(body, error):
@@ -1240,7 +1287,8 @@ def _serve(cfg, insecure):
     try:
         dispatcher = jsonrpc.Dispatcher(service)
         server = Server(cfg, dispatcher, ssl_context,
-                        connector_info=service.connector_info)
+                        connector_info=lambda: service.connector_info(
+                            stale_ok=True))
         address = server.listen()
 
         def terminate(signo, frame):

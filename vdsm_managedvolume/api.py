@@ -55,6 +55,11 @@ RETURN_KEYS = {
 
 DONE = {"code": 0, "message": "Done"}
 
+# The verbs that act on the host (the data plane): they may take seconds
+# at the storage, so the agent runs them apart from everything else and
+# bounds how many run at once ([agent] max_operations).
+OPERATIONS = ("ManagedVolume.attach_volume", "ManagedVolume.detach_volume")
+
 _service = None
 _service_lock = threading.Lock()
 _current = contextvars.ContextVar("managedvolume_service", default=None)
@@ -180,7 +185,9 @@ def get_caps(service):
     them); absent when os-brick is missing (925) - never an error, as in
     vdsm - and also when the privileged helper fails or times out, so that
     getCapabilities always answers.  ``managedvolume``: what the package
-    knows of itself.
+    knows of itself, with ``connector_info_age``: seconds since
+    connector_info was fetched (a stale value is served while it is
+    refreshed, rather than making the engine wait).
     """
     caps = {}
     try:
@@ -198,6 +205,10 @@ def get_caps(service):
         allowed = list(config.DEFAULT_ALLOWED_TYPES)
     caps["managedvolume"] = {"version": __version__,
                              "allowed_types": allowed}
+    age = getattr(service, "connector_info_age", None)
+    age = age() if age is not None and "connector_info" in caps else None
+    if age is not None:
+        caps["managedvolume"]["connector_info_age"] = round(age, 1)
     return caps
 
 

@@ -86,6 +86,7 @@ class Config:
     ca_file: str = "/etc/pki/vdsm/certs/cacert.pem"
     workers: int = 8
     max_queue: int = 64
+    max_operations: int = 64
     max_frame: int = 1048576
     handshake_timeout: float = 10.0
     idle_timeout: float = 120.0
@@ -157,8 +158,8 @@ SECTIONS = {
                 "helper_command", "root_helper", "connector_override",
                 "my_ip"),
     "agent": ("listen", "port", "key_file", "cert_file", "ca_file", "workers",
-              "max_queue", "max_frame", "handshake_timeout", "idle_timeout",
-              "shutdown_timeout"),
+              "max_queue", "max_operations", "max_frame",
+              "handshake_timeout", "idle_timeout", "shutdown_timeout"),
     "logging": ("log_level", "log_file", "log_config"),
 }
 

@@ -21,7 +21,8 @@ their meaning; 930-935 are ours (documented in the schema YAML too):
     930  UnsupportedDriverType driver_volume_type not on the allow-list
     931  HelperTimeout         the privileged call did not finish in time
     932  VolumeBusy            another operation holds the volume's lock
-    933  AgentBusy             every worker of the agent is in use
+    933  AgentBusy             every worker of the agent is in use, or
+                               max_operations attaches/detaches run
     934  UnknownAdapter        connection_info.adapter: no installed plug-in
     935  StoreError            the local journal cannot be read or written
 
@@ -208,6 +209,14 @@ class AgentBusy(Error):
     code = 933
     msg = ("Agent busy: all {self.workers} workers are in use and "
            "{self.queued} requests are waiting; retry later")
+
+
+class TooManyOperations(AgentBusy):
+    """Attaches and detaches running at once reached ``[agent]
+    max_operations``: the next one is refused, never queued."""
+
+    msg = ("Agent busy: {self.running} attach/detach operations are "
+           "running, the limit ([agent] max_operations); retry later")
 
 
 class UnknownAdapter(Error):

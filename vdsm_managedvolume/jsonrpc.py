@@ -75,6 +75,11 @@ class Dispatcher:
                 return _encode(_error_response(
                     None, errors.to_error(e))).encode("utf-8")
 
+    def is_operation(self, data):
+        """Whether the message ``data`` may hold an operation (a verb of
+        ``api.OPERATIONS``); see ``is_operation``."""
+        return is_operation(data)
+
     def handle_parse_error(self, reason):
         """The response for a body that could not even be read (e.g. not
         UTF-8, too large); the agent may send it to vdsm_responses."""
@@ -158,6 +163,29 @@ class Dispatcher:
             raise _StatusError(status["code"], status.get("message", ""))
         key = api.return_key(method.namespace, method.verb)
         return None if key is None else response.get(key)
+
+
+# A method name is ASCII; JSON can spell its letters only as themselves or
+# as \u escapes.  A body holding neither verb name nor any \u escape
+# therefore holds no operation.
+_OPERATION_MARKERS = tuple(
+    name.rpartition(".")[2].encode("ascii") for name in api.OPERATIONS
+) + (b"\\u",)
+
+
+def is_operation(data):
+    """Whether the message ``data`` (bytes) may call an operation.
+
+    The agent asks this in its I/O thread for every request, to choose
+    the pool: a substring scan (microseconds even for a large body), never
+    a parse.  It errs one way only: a message that calls an operation is
+    always recognised; one that merely mentions a verb name (or holds a
+    \\u escape) is counted as an operation too, which costs it nothing
+    but a data-plane slot.
+    """
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogatepass")
+    return any(marker in data for marker in _OPERATION_MARKERS)
 
 
 def parse(data):

@@ -155,8 +155,12 @@ REAP_WAIT = 2.0
 PR_SET_CHILD_SUBREAPER = 36
 
 # The daemon runs each call in a thread of a pool; calls beyond its size
-# queue (while their deadline runs).
+# queue (while their deadline runs).  oslo.privsep's default is the CPU
+# count: two attaches at once on this kind of host.  We size it for every
+# operation the agent may run at once ([agent] max_operations), plus room
+# for a connector_info refresh and a rollback, and never below this.
 THREAD_POOL_SIZE = 16
+THREAD_POOL_SPARE = 4
 
 CRASH_POINTS = (
     "privsep.connect.before",
@@ -468,9 +472,14 @@ def config_text(cfg):
         "multipath_dir = {c.multipath_dir}\n"
         "rbd_dir = {c.rbd_dir}\n"
     ).format(debug=debug, lock_path=cfg.brick_lock_dir, section=SECTION,
-             pool=max(THREAD_POOL_SIZE, 2 * cfg.workers),
+             pool=thread_pool_size(cfg),
              override=cfg.connector_override, root_helper=cfg.root_helper,
              c=cfg)
+
+
+def thread_pool_size(cfg):
+    """The daemon's ``thread_pool_size``: calls it runs at once."""
+    return max(THREAD_POOL_SIZE, cfg.max_operations + THREAD_POOL_SPARE)
 
 
 def prepare_config(cfg):

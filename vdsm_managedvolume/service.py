@@ -424,24 +424,28 @@ class Service:
             result.append(info)
         return result
 
-    def connector_info(self, refresh=False):
+    def connector_info(self, refresh=False, stale_ok=False):
         """os-brick's connector properties, cached.
 
         Refreshed when ``refresh``, after ``cfg.connector_info_ttl``, or
         when a source changed (initiator name, NVMe host NQN/ID, host name,
-        addresses).  Raises NotSupported (925) without os-brick.
+        addresses); ``stale_ok``: a stale value is returned at once and
+        refreshed in the background (see ``caps()``).  Raises NotSupported
+        (925) without os-brick.
         """
-        return self._connector.get(refresh=validate.boolean(
-            "refresh", refresh))
+        return self._connector.get(
+            refresh=validate.boolean("refresh", refresh), stale_ok=stale_ok)
 
     def caps(self):
         """{"connector_info": {...}}, or {} when os-brick is missing.
 
-        Never raises: capabilities must not fail because of us.  When the
-        helper fails, the last known value is reported if there is one.
+        Never raises: capabilities must not fail because of us.  Never
+        waits once a value is known: a stale one is reported (see
+        ``connector_info_age()``) while a background thread refreshes it,
+        and when the helper fails the last known value stays.
         """
         try:
-            return {"connector_info": self.connector_info()}
+            return {"connector_info": self.connector_info(stale_ok=True)}
         except errors.NotSupported as e:
             log.info("Managed volumes not supported: %s", e)
             return {}
@@ -449,6 +453,10 @@ class Service:
             log.exception("Cannot get connector_info")
             last = self._connector.last()
             return {"connector_info": last} if last else {}
+
+    def connector_info_age(self):
+        """Seconds since connector_info was fetched (None: never)."""
+        return self._connector.age()
 
     def reconcile(self, apply=True, force=False):
         """Make the host agree with the journal; return what was found.
@@ -1055,8 +1063,18 @@ class _ConnectorCache:
         self._expires = 0.0
         self._next_check = 0.0
         self._fingerprint = None
+        self._fetched = 0.0
+        self._background = None     # the refresh thread running, if any
 
-    def get(self, refresh=False):
+    def get(self, refresh=False, stale_ok=False):
+        """The value; refreshed first when ``refresh``, when there is none
+        yet, or when it is stale (ttl passed, a source changed).
+
+        ``stale_ok``: a stale value is returned at once and refreshed in a
+        background thread (one at a time) instead: what the control plane
+        (getCapabilities) wants, since a slow or restarting privsep daemon
+        must never make a healthy host look dead to the engine.
+        """
         value = self._value
         if not refresh and value is not None:
             now = time.monotonic()
@@ -1066,8 +1084,20 @@ class _ConnectorCache:
                 if _fingerprint() == self._fingerprint:
                     self._next_check = now + FINGERPRINT_INTERVAL
                     return _copy(value)
-                log.info("connector_info sources changed, refreshing")
+                stale = "its sources changed"
+            else:
+                stale = "older than connector_info_ttl"
+            if stale_ok:
+                self._refresh_in_background(value, stale)
+                return _copy(value)
+            log.info("connector_info is stale (%s), refreshing", stale)
         return _copy(self._refresh(refresh, value))
+
+    def age(self):
+        """Seconds since the value was fetched; None when there is none."""
+        if self._value is None:
+            return None
+        return time.monotonic() - self._fetched
 
     def last(self):
         return _copy(self._value) if self._value is not None else None
@@ -1081,11 +1111,35 @@ class _ConnectorCache:
             value = self._brick.connector_properties()
             now = time.monotonic()
             self._fingerprint = fingerprint
+            self._fetched = now
             self._expires = now + self._ttl
             self._next_check = now + FINGERPRINT_INTERVAL
             self._value = value
             _write_json(self._cache_file, value)
             return value
+
+
+    def _refresh_in_background(self, seen, why):
+        with self._lock:
+            if self._background is not None or self._value is not seen:
+                return
+            log.info("connector_info is stale (%s): serving the value of "
+                     "%.0f seconds ago while refreshing it", why,
+                     time.monotonic() - self._fetched)
+            self._background = threading.Thread(
+                target=self._background_refresh, args=(seen,),
+                name="connector-info", daemon=True)
+            self._background.start()
+
+    def _background_refresh(self, seen):
+        try:
+            self._refresh(False, seen)
+        except Exception as e:
+            # The stale value stays; the next caller tries again.
+            log.warning("Cannot refresh connector_info: %s", e)
+        finally:
+            with self._lock:
+                self._background = None
 
 
 def udev_writer(cfg):

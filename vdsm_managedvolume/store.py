@@ -32,8 +32,9 @@ database, is refused with a clear ``StoreError`` rather than guessed at.
 
 This module owns its SQL and its errors: callers see plain dicts and
 ``errors.StoreError`` / ``StoreNotFound`` / ``StoreClosed``, never sqlite3.
-One connection per ``Store`` serialised by a lock makes it safe from many
-threads; WAL plus ``busy_timeout`` makes several processes safe.
+Two connections per ``Store``, each serialised by a lock, make it safe
+from many threads: one writes, one reads (so a read never waits behind a
+commit); WAL plus ``busy_timeout`` makes several processes safe.
 """
 
 import datetime
@@ -139,17 +140,27 @@ class Store:
         self.path = path
         self._lock = threading.RLock()
         self._conn = _connect(path, busy_timeout)
+        self._reader = None
         try:
             self._migrate()
+            # Reads have their own connection: in WAL mode a reader sees
+            # the last commit and never waits for a writer (its fsync, or
+            # another process holding the write lock), so volumes_info
+            # answers while attaches commit.
+            self._reader = _connect(path, busy_timeout)
         except BaseException:
             self._conn.close()
             raise
+        self._read_lock = threading.Lock()
 
     def close(self):
-        with self._lock:
+        with self._lock, self._read_lock:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
 
     def __enter__(self):
         return self
@@ -252,8 +263,10 @@ class Store:
     # Private helpers
 
     def _read(self, sql, args=()):
-        with self._lock:
-            conn = self._checked()
+        with self._read_lock:
+            conn = self._reader
+            if conn is None:
+                raise errors.StoreClosed()
             try:
                 return conn.execute(sql, args).fetchall()
             except sqlite3.Error as e:

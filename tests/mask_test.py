@@ -198,3 +198,21 @@ def test_shorten_cuts_long_text_and_says_how_long_it_was():
     cut = mask.shorten("y" * (mask.MAX_LOGGED_ARG + 5))
     assert cut.startswith("y" * mask.MAX_LOGGED_ARG + "...")
     assert cut.endswith("({} characters)".format(mask.MAX_LOGGED_ARG + 5))
+
+
+@pytest.mark.parametrize("text", [
+    # The patterns ignore case the Unicode way: a long s is an "s".
+    "pa\u017f\u017fword=s3cret",
+    "AUTH_PASSWORD=s3cret",
+    "see postgresql://user:s3cret@db/engine",
+    "secret AQBsecretsecretsecretsecretsecret0123ab== here",
+])
+def test_text_the_quick_check_cannot_clear_is_still_masked(text):
+    assert "s3cret" not in mask.mask_text(text) or "AQ" in text
+    assert mask.mask_text(text) != text
+
+
+def test_text_without_any_secret_shape_is_returned_unchanged():
+    text = ("FINISH ManagedVolume.detach_volume ok (0.002 s) vol_id="
+            "9f3c1e0a-55b1-4f07-9d6c-2f2f4a9e8f10 path=/dev/loop3")
+    assert mask.mask_text(text) is text

@@ -297,3 +297,71 @@ def test_version_3_rows_migrate_to_an_unknown_boot(tmp_path):
 def test_add_volume_records_its_boot(db):
     db.add_volume(VOL, SD, CI, boot_id="boot-1")
     assert db.get_volume(VOL)["boot_id"] == "boot-1"
+
+
+def _statements(db):
+    seen = []
+    db._conn.set_trace_callback(seen.append)
+    return seen
+
+
+def _queued_writers(db, jobs):
+    """Run each job in a thread while the write lock is held, until all
+    are queued; then let them commit.  Return what each raised."""
+    from .agentutil import wait_for
+    outcome = {}
+
+    def run(name, job):
+        try:
+            job()
+            outcome[name] = None
+        except Exception as e:
+            outcome[name] = e
+
+    threads = [threading.Thread(target=run, args=item)
+               for item in jobs.items()]
+    with db._lock:                      # a commit in progress
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(db._pending) == len(jobs))
+    for t in threads:
+        t.join(30)
+    return outcome
+
+
+def test_writers_arriving_during_a_commit_share_the_next_one(db):
+    ids = ["{:08d}-6a69-4a2e-9f63-4c8f3bd6f0a1".format(i) for i in range(6)]
+    seen = _statements(db)
+    outcome = _queued_writers(db, {
+        vol_id: lambda vol_id=vol_id: db.add_volume(vol_id, SD, CI)
+        for vol_id in ids})
+    assert outcome == {vol_id: None for vol_id in ids}
+    assert seen.count("COMMIT") == 1
+    assert [r["vol_id"] for r in db.volumes()] == ids
+
+
+def test_a_failing_write_in_a_shared_commit_fails_alone(db):
+    db.add_volume(VOL, SD, CI)
+    outcome = _queued_writers(db, {
+        "duplicate": lambda: db.add_volume(VOL, SD, CI),
+        "new": lambda: db.add_volume(VOL2, SD, CI),
+        "update": lambda: db.update_volume(VOL, state="attached"),
+    })
+    assert isinstance(outcome["duplicate"], errors.StoreError)
+    assert "already has a record" in str(outcome["duplicate"])
+    assert outcome["new"] is None and outcome["update"] is None
+    assert [(r["vol_id"], r["state"]) for r in db.volumes()] == [
+        (VOL, "attached"), (VOL2, "attaching")]
+
+
+def test_only_a_final_write_commits_without_fsync(db):
+    seen = _statements(db)
+    db.add_volume(VOL, SD, CI)
+    db.update_volume(VOL, state="attached", durable=False)
+    db.update_volume(VOL, state="detaching")
+    db.remove_volume(VOL, durable=False)
+    pragmas = [s for s in seen if s.startswith("PRAGMA synchronous")]
+    assert pragmas == ["PRAGMA synchronous = NORMAL",
+                       "PRAGMA synchronous = FULL",
+                       "PRAGMA synchronous = NORMAL"]
+    assert db.volumes() == []

@@ -316,7 +316,7 @@ class _BridgeFinder:
 def _call(name, fn, key, args, masked=True):
     """Run ``fn(service)`` and return vdsm's response dict."""
     start = time.monotonic()
-    log.info("START %s(%s)", name, _format_args(args))
+    log.info("START %s(%s)", name, _Args(args))
     try:
         # vdsm parses and type-checks requests with its own schema code:
         # bound the nesting here too, before anything walks the values.
@@ -347,6 +347,15 @@ def _call(name, fn, key, args, masked=True):
     return response
 
 
-def _format_args(args):
-    return ", ".join("{}={}".format(k, mask.shorten(repr(v)))
-                     for k, v in mask.mask_params(args).items())
+class _Args:
+    """The arguments of a START line, masked and formatted only when the
+    line is written (not at all when INFO is off)."""
+
+    __slots__ = ("args",)
+
+    def __init__(self, args):
+        self.args = args
+
+    def __str__(self):
+        return ", ".join("{}={}".format(k, mask.shorten(repr(v)))
+                         for k, v in mask.mask_params(self.args).items())

@@ -136,6 +136,8 @@ def mask_text(text):
     """Mask ``password=...``-like shapes and URL passwords in free text."""
     if not text or not isinstance(text, str):
         return text
+    if _plainly_clean(text):
+        return text
     text = _mask_keys(text)
     for pattern in _OTHER_PATTERNS:
         text = pattern.sub(_replace, text)
@@ -162,6 +164,23 @@ def shorten(text):
 
 
 # Private helpers
+
+# Every shape above holds one of these (lower-cased), or a Ceph secret's
+# "AQ"; text holding none of them has nothing to mask.  Every log line is
+# masked, and most (ids, paths, timings) hold none: one lower() and a few
+# substring searches instead of the regular expressions.
+_MARKERS = _SECRET_WORDS + ("auth_", "://", "key")
+
+
+def _plainly_clean(text):
+    """Whether ``text`` surely holds no secret shape.  ASCII only: the
+    patterns ignore case the Unicode way ("\u017f" matches "s"), which a
+    plain lower() does not follow."""
+    if not text.isascii() or "AQ" in text:
+        return False
+    lowered = text.lower()
+    return not any(marker in lowered for marker in _MARKERS)
+
 
 def _secret_items(seq):
     """Indexes of the items of a list or tuple that are secrets named by

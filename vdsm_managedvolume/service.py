@@ -264,8 +264,10 @@ class Service:
                 faults.crash_point("attach.after_udev")
                 managed_path = self._add_link(sd_id, vol_id, path)
                 faults.crash_point("attach.after_link")
+                # The last step: no side effect follows, so no fsync
+                # (see store.py; the next durable commit syncs it).
                 db.update_volume(vol_id, state="attached",
-                                 managed_path=managed_path)
+                                 managed_path=managed_path, durable=False)
             except Exception as e:
                 if isinstance(e, errors.ConnectorFailed):
                     # The cause may be a missing initiator command, far
@@ -754,7 +756,9 @@ class Service:
             else:
                 raise
         faults.crash_point("detach.after_disconnect")
-        db.remove_volume(vol_id)
+        # The last step (see store.py): after a host crash a record still
+        # 'detaching' is detached again, idempotently.
+        db.remove_volume(vol_id, durable=False)
 
     def _rollback(self, vol_id, sd_id, connection_info, attachment,
                   error=None):

@@ -1,0 +1,509 @@
+"""A host under load: what the engine sees of managedvolume-agent during a
+mass VM start, with an independent STOMP client (raw sockets, written
+here: not this package's client library).
+
+Figures, each printed beside its baselines in one run:
+
+    mass start      N concurrent attaches (N = 32, 64), each held 2 s in the
+                    connector (the fake iSCSI connector's ``fake_sleep``:
+                    a slow array), one connection per attach: wall time
+                    from the first request to the last answer
+    control plane   Host.getCapabilities, polled from another connection
+                    during the 64-attach mass start: p50 and p99
+    one caller      attach+detach over the wire, os-brick's real ``local``
+                    connector on a loop device, plain TCP (--insecure) and
+                    mutual TLS: p50
+    many callers    attach+detach throughput of 32 callers on distinct
+                    volumes (one loop device, [volumes] shared_devices) vs
+                    one caller's
+    memory          the agent's RSS with 64 operations in flight and 200
+                    idle STOMP connections (peak while the mass start runs)
+
+Baselines:
+
+    today   the figures the issue measured before this work (constants)
+    vdsm    vdsm's design: a fresh helper process per call (importing
+            os-brick), at most 8 calls at once ([rpc] worker_threads = 8
+            in vdsm's lib/vdsm/common/config.py.in, used by
+            rpc/bindingjsonrpc.py).  Measured here: one attach+detach
+            pair of helper processes, one round of 8 concurrent helpers
+            importing os-brick then taking the same 2 s, and one helper
+            running get_connector_properties; a mass start of N is
+            ceil(N / 8) rounds.
+
+Needs root (loop device, privsep daemon).  Two agents run side by side
+(``--insecure`` and mutual TLS), each with its own state directory,
+privsep daemon and the fake connector (``tests.fakebrick``) for iSCSI;
+udevadm is /bin/true (no udevd here), everything else is the production
+path, logging at INFO into the state directory.
+
+    .venv/bin/python bench/load.py [--rounds N] [--quick]
+
+It prints; it asserts nothing.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import attach as attach_bench  # noqa: E402
+import benchutil  # noqa: E402
+from vdsm_managedvolume import config  # noqa: E402
+from vdsm_managedvolume import pki  # noqa: E402
+
+AGENT = os.path.join(os.path.dirname(sys.executable), "managedvolume-agent")
+
+# What the issue measured before this work (same machine, same kind of
+# client): the "today" column.
+TODAY = {
+    "mass32": 8.2,          # s: 8 RPC workers, 4 rounds of 2 s
+    "mass64": 16.4,         # s: the same design, 8 rounds
+    "caps": 8.0,            # s: getCapabilities queued behind attaches
+    "pair_plain": 6.3e-3,   # s: attach+detach p50, one caller
+    "pair_tls": 6.3e-3,
+    "scale": 1.0,           # 32 callers' throughput / one caller's
+}
+TARGETS = {
+    "mass64": "<= 3 s",
+    "caps": "p99 <= 50 ms",
+    "pair_plain": "p50 <= 2.5 ms",
+    "pair_tls": "p50 <= 3 ms",
+    "scale": ">= 2x",
+}
+VDSM_WORKERS = 8
+
+# A vdsm helper process for one slow attach: import os-brick, then the
+# array takes its time.
+VDSM_SLOW_ATTACH = """
+import sys, time
+from os_brick.initiator import connector
+time.sleep(float(sys.argv[1]))
+"""
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=300,
+                        help="attach+detach pairs measured with one caller")
+    parser.add_argument("--callers", type=int, default=32)
+    parser.add_argument("--per-caller", type=int, default=20,
+                        help="pairs per caller in the throughput run")
+    parser.add_argument("--sleep", type=float, default=2.0,
+                        help="seconds the fake array takes per attach")
+    parser.add_argument("--idle", type=int, default=200,
+                        help="idle connections held during the mass start")
+    parser.add_argument("--quick", action="store_true",
+                        help="skip the vdsm-design measurements (~20 s)")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench/load.py needs root (loop device, privsep daemon)")
+
+    base = tempfile.mkdtemp(prefix="bench-load-")
+    agents = []
+    try:
+        with benchutil.loop_device(base) as loop:
+            fake_dir = os.path.join(base, "fakebrick")
+            os.makedirs(fake_dir)
+            plain = _Agent(os.path.join(base, "plain"), fake_dir, tls=False)
+            agents.append(plain.start())
+            tls = _Agent(os.path.join(base, "tls"), fake_dir, tls=True)
+            agents.append(tls.start())
+            r = run(plain, tls, loop, args)
+    finally:
+        for agent in agents:
+            agent.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    report(r, args)
+
+
+def run(plain, tls, loop, args):
+    local = {"driver_volume_type": "local", "data": {"device_path": loop}}
+    r = {}
+    for agent in (plain, tls):
+        _log("warming up the {} agent (starts its privsep daemon)".format(
+            agent.kind))
+        with agent.client() as c:
+            _pair(c, local)
+    r["rss_idle"] = plain.rss()
+
+    for name, agent in (("pair_plain", plain), ("pair_tls", tls)):
+        _log("one caller, {}: {} attach+detach pairs".format(
+            agent.kind, args.rounds))
+        with agent.client() as c:
+            r[name] = _timed(args.rounds, lambda: _pair(c, local))
+
+    _log("throughput: 1 caller, then {} callers on distinct volumes".format(
+        args.callers))
+    r["tput1"] = _throughput(plain, local, 1, args.per_caller * 4)
+    r["tputN"] = _throughput(plain, local, args.callers, args.per_caller)
+
+    for n in (32, 64):
+        _log("mass start: {} attaches at once, {} s each{}".format(
+            n, args.sleep, ", getCapabilities polled, {} idle connections"
+            .format(args.idle) if n == 64 else ""))
+        r["mass{}".format(n)], caps, rss = _mass_start(
+            plain, n, args.sleep, idle=args.idle if n == 64 else 0)
+        if n == 64:
+            r["caps"], r["rss_load"] = caps, rss
+    r["rss_hwm"] = plain.rss("VmHWM")
+
+    if not args.quick:
+        _log("vdsm's design: a helper process per call")
+        r["vdsm_pair"] = _timed(3, lambda: attach_bench.baseline_pair(loop))
+        r["vdsm_props"] = _timed(2, attach_bench.baseline_properties)
+        start = time.perf_counter()
+        procs = [subprocess.Popen([sys.executable, "-c", VDSM_SLOW_ATTACH,
+                                   str(args.sleep)])
+                 for _ in range(VDSM_WORKERS)]
+        for p in procs:
+            p.wait()
+        r["vdsm_round"] = time.perf_counter() - start
+    return r
+
+
+# The figures
+
+def _pair(client, connection_info):
+    vol_id = str(uuid.uuid4())
+    client.call("ManagedVolume.attach_volume",
+                {"vol_id": vol_id, "connection_info": connection_info})
+    client.call("ManagedVolume.detach_volume", {"vol_id": vol_id})
+
+
+def _throughput(agent, connection_info, callers, pairs):
+    """attach+detach pairs per second of ``callers`` at once."""
+    clients = [agent.client() for _ in range(callers)]
+    try:
+        elapsed = _together(
+            [lambda c=c: [_pair(c, connection_info) for _ in range(pairs)]
+             for c in clients])
+    finally:
+        for c in clients:
+            c.close()
+    return callers * pairs / elapsed
+
+
+def _mass_start(agent, n, sleep, idle):
+    """(wall seconds, getCapabilities latencies, peak RSS) of ``n``
+    concurrent slow attaches."""
+    idle_clients = [agent.client() for _ in range(idle)]
+    clients = [agent.client() for _ in range(n)]
+    volumes = [(str(uuid.uuid4()), agent.iscsi(sleep)) for _ in range(n)]
+    done = threading.Event()
+    caps = []
+    peak = [agent.rss()]
+
+    def poll_caps():
+        with agent.client() as c:
+            while not done.is_set():
+                start = time.perf_counter()
+                c.call("Host.getCapabilities", {})
+                caps.append(time.perf_counter() - start)
+                peak[0] = max(peak[0], agent.rss())
+                done.wait(0.02)
+
+    poller = threading.Thread(target=poll_caps)
+    try:
+        poller.start()
+        elapsed = _together(
+            [lambda c=c, v=v: c.call("ManagedVolume.attach_volume",
+                                     {"vol_id": v[0],
+                                      "connection_info": v[1]})
+             for c, v in zip(clients, volumes)])
+        done.set()
+        poller.join()
+        _together([lambda c=c, v=v: c.call("ManagedVolume.detach_volume",
+                                           {"vol_id": v[0]})
+                   for c, v in zip(clients, volumes)])
+    finally:
+        done.set()
+        for c in clients + idle_clients:
+            c.close()
+    return elapsed, caps, peak[0]
+
+
+def _together(jobs):
+    """Run each job in its own thread, released at once; the wall time
+    until the last one ended.  Raises the first failure."""
+    barrier = threading.Barrier(len(jobs) + 1)
+    failures = []
+
+    def run(job):
+        barrier.wait()
+        try:
+            job()
+        except Exception as e:
+            failures.append(e)
+
+    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    if failures:
+        raise failures[0]
+    return elapsed
+
+
+def _timed(n, func):
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        func()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+# The report
+
+def report(r, args):
+    p50 = lambda v: benchutil.percentile(v, 50)  # noqa: E731
+    p99 = lambda v: benchutil.percentile(v, 99)  # noqa: E731
+    vdsm = {}
+    if "vdsm_round" in r:
+        rnd = r["vdsm_round"]
+        vdsm = {
+            "mass32": math.ceil(32 / VDSM_WORKERS) * rnd,
+            "mass64": math.ceil(64 / VDSM_WORKERS) * rnd,
+            # At best: its own helper process (vdsm also queues it behind
+            # the attaches in the same 8 workers).
+            "caps": p50(r["vdsm_props"]),
+            "pair_plain": p50(r["vdsm_pair"]),
+            "pair_tls": p50(r["vdsm_pair"]),
+        }
+    scale = r["tputN"] / r["tput1"]
+    rows = [
+        ("mass32", "32 attaches at once, {:.0f} s each: wall".format(
+            args.sleep), r["mass32"], "s"),
+        ("mass64", "64 attaches at once, {:.0f} s each: wall".format(
+            args.sleep), r["mass64"], "s"),
+        ("caps", "getCapabilities during the 64 (p99; p50 {})".format(
+            _fmt(p50(r["caps"]))), p99(r["caps"]), "s"),
+        ("pair_plain", "attach+detach, 1 caller, plain TCP (p50)",
+         p50(r["pair_plain"]), "s"),
+        ("pair_tls", "attach+detach, 1 caller, mutual TLS (p50)",
+         p50(r["pair_tls"]), "s"),
+        ("scale", "{} callers / 1 caller, pairs per second".format(
+            args.callers), scale, "x"),
+    ]
+    print()
+    head = "{:<46} {:>10} {:>10} {:>10} {:>9} {:>9}  {}"
+    print(head.format("figure", "vdsm", "today", "now", "vs vdsm",
+                      "vs today", "target"))
+    for key, label, now, unit in rows:
+        base_vdsm = vdsm.get(key)
+        today = TODAY[key]
+        if unit == "x":
+            cells = ("-" if base_vdsm is None else "{:.1f}x".format(
+                base_vdsm), "{:.1f}x".format(today), "{:.1f}x".format(now),
+                "-", "{:.1f}x".format(now / today))
+        else:
+            cells = ("-" if base_vdsm is None else _fmt(base_vdsm),
+                     _fmt(today), _fmt(now),
+                     "-" if base_vdsm is None else _ratio(base_vdsm, now),
+                     _ratio(today, now))
+        print(head.format(label, *cells, TARGETS.get(key, "")))
+    print()
+    print("pairs per second: 1 caller {:.0f}, {} callers {:.0f}; one "
+          "caller p95 plain {}, TLS {}".format(
+              r["tput1"], args.callers, r["tputN"],
+              _fmt(benchutil.percentile(r["pair_plain"], 95)),
+              _fmt(benchutil.percentile(r["pair_tls"], 95))))
+    print("agent RSS: idle {:.1f} MiB; 64 operations in flight + {} idle "
+          "connections {:.1f} MiB (peak seen {:.1f} MiB, VmHWM {:.1f} MiB)"
+          .format(r["rss_idle"] / 1024, args.idle, r["rss_load"] / 1024,
+                  r["rss_load"] / 1024, r["rss_hwm"] / 1024))
+    if vdsm:
+        print("vdsm design measured: helper pair {}, properties helper {}, "
+              "one round of {} slow helpers {}".format(
+                  _fmt(p50(r["vdsm_pair"])), _fmt(p50(r["vdsm_props"])),
+                  VDSM_WORKERS, _fmt(r["vdsm_round"])))
+
+
+def _fmt(seconds):
+    if seconds >= 1:
+        return "{:.2f} s".format(seconds)
+    if seconds >= 1e-3:
+        return "{:.2f} ms".format(seconds * 1e3)
+    return "{:.0f} us".format(seconds * 1e6)
+
+
+def _ratio(baseline, now):
+    return "{:.1f}x".format(baseline / now) if now else "-"
+
+
+def _log(text):
+    print(text, file=sys.stderr, flush=True)
+
+
+# An independent STOMP 1.2 client: blocking, one request at a time
+
+class StompError(Exception):
+    pass
+
+
+class Client:
+
+    def __init__(self, address, ssl_context=None, timeout=300):
+        sock = socket.create_connection(address, timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if ssl_context is not None:
+            sock = ssl_context.wrap_socket(sock, server_hostname="localhost")
+        self._sock = sock
+        self._buf = b""
+        self._ids = 0
+        self._reply = "bench-" + uuid.uuid4().hex
+        self._sock.sendall(
+            b"CONNECT\naccept-version:1.2\nheart-beat:0,0\n\n\0")
+        command, _, _ = self._frame()
+        if command != "CONNECTED":
+            raise StompError("expected CONNECTED, got " + command)
+        self._sock.sendall("SUBSCRIBE\ndestination:{0}\nid:{0}\nack:auto"
+                           "\n\n\0".format(self._reply).encode())
+
+    def call(self, method, params):
+        self._ids += 1
+        body = json.dumps([{"jsonrpc": "2.0", "method": method,
+                            "params": params, "id": str(self._ids)}]
+                          ).encode()
+        self._sock.sendall(
+            "SEND\ndestination:jms.topic.vdsm_requests\nreply-to:{}\n"
+            "content-type:application/json\ncontent-length:{}\n\n".format(
+                self._reply, len(body)).encode() + body + b"\0")
+        command, headers, body = self._frame()
+        if command != "MESSAGE":
+            raise StompError("{}: {}".format(command, headers))
+        response = json.loads(body)
+        if "error" in response:
+            raise StompError("{} failed: {}".format(method,
+                                                    response["error"]))
+        return response["result"]
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _frame(self):
+        while True:
+            self._buf = self._buf.lstrip(b"\r\n")       # heart-beats
+            end = self._buf.find(b"\n\n")
+            if end != -1:
+                head = self._buf[:end].decode().split("\n")
+                headers = dict(line.split(":", 1) for line in head[1:])
+                start = end + 2
+                if "content-length" in headers:
+                    stop = start + int(headers["content-length"])
+                else:
+                    stop = self._buf.find(b"\0", start)
+                if stop != -1 and len(self._buf) > stop:
+                    body = self._buf[start:stop]
+                    self._buf = self._buf[stop + 1:]
+                    return head[0], headers, body
+            data = self._sock.recv(65536)
+            if not data:
+                raise StompError("connection closed")
+            self._buf += data
+
+
+# The agents
+
+class _Agent:
+
+    def __init__(self, base, fake_dir, tls):
+        self.base = base
+        self.fake_dir = fake_dir
+        self.tls = tls
+        self.kind = "mutual TLS" if tls else "plain TCP"
+        self.state_dir = os.path.join(base, "state")
+        self.dev_dir = os.path.join(base, "dev", "mapper")
+        os.makedirs(self.dev_dir)
+        self.config_file = os.path.join(base, "managedvolume.conf")
+        with open(self.config_file, "w") as f:
+            f.write("[paths]\nmultipath_dir = {}\n"
+                    "[volumes]\nudevadm = /bin/true\nlock_timeout = 120\n"
+                    "shared_devices = true\n"
+                    "[privsep]\ntimeout = 120\n"
+                    "connector_override = tests.fakebrick\n"
+                    "[logging]\nlog_level = INFO\n".format(self.dev_dir))
+
+    def start(self):
+        notify_path = os.path.join(self.base, "notify")
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(notify_path)
+        self.notify.settimeout(120)
+        env = dict(os.environ, NOTIFY_SOCKET=notify_path,
+                   MANAGEDVOLUME_FAKEBRICK_DIR=self.fake_dir,
+                   PYTHONPATH=REPO)
+        argv = [AGENT, "--config", self.config_file, "--state-dir",
+                self.state_dir, "--listen", "127.0.0.1:0"]
+        if not self.tls:
+            argv.append("--insecure")
+        self.proc = subprocess.Popen(argv, env=env, cwd=REPO,
+                                     stderr=subprocess.DEVNULL)
+        while True:
+            message = self.notify.recv(4096).decode()
+            if "READY=1" in message.splitlines():
+                break
+        status = [line for line in message.splitlines()
+                  if line.startswith("STATUS=")][0]
+        self.address = ("127.0.0.1", int(status.rpartition(":")[2]))
+        self.ctx = None
+        if self.tls:
+            cfg = config.with_state_dir(config.Config(), self.state_dir)
+            self.ctx = pki.dev_client_context(cfg)
+        return self
+
+    def client(self):
+        return Client(self.address, self.ctx)
+
+    def iscsi(self, sleep):
+        key = "bench-" + uuid.uuid4().hex[:12]
+        return {"driver_volume_type": "iscsi", "data": {
+            "target_portal": "192.0.2.1:3260",
+            "target_iqn": "iqn.2026-11.org.example:" + key,
+            "target_lun": 1, "fake_key": key, "fake_sleep": sleep,
+            "fake_dev_dir": self.dev_dir}}
+
+    def rss(self, field="VmRSS"):
+        """The agent's ``field`` from /proc/PID/status, KiB."""
+        with open("/proc/{}/status".format(self.proc.pid)) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        return 0
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.notify.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -47,6 +47,7 @@ bench: venv
 	$(PY) bench/rpc.py
 	$(PY) bench/engine.py
 	$(PY) bench/enginejava.py
+	$(PY) bench/load.py
 
 interop: venv
 	$(PY) scripts/enginejava.py --full

@@ -17,7 +17,8 @@ Figures, each printed beside its baselines in one run:
                     volumes (one loop device, [volumes] shared_devices) vs
                     one caller's
     memory          the agent's RSS with 64 operations in flight and 200
-                    idle STOMP connections (peak while the mass start runs)
+                    idle STOMP connections (peak while the mass start runs),
+                    plain and TLS (the privsep daemon is another process)
 
 Baselines:
 
@@ -138,7 +139,9 @@ def run(plain, tls, loop, args):
             agent.kind))
         with agent.client() as c:
             _pair(c, local)
+    r["commit"] = _commit_floor(plain.base)
     r["rss_idle"] = plain.rss()
+    r["rss_idle_tls"] = tls.rss()
 
     for name, agent in (("pair_plain", plain), ("pair_tls", tls)):
         _log("one caller, {}: {} attach+detach pairs".format(
@@ -151,15 +154,18 @@ def run(plain, tls, loop, args):
     r["tput1"] = _throughput(plain, local, 1, args.per_caller * 4)
     r["tputN"] = _throughput(plain, local, args.callers, args.per_caller)
 
-    for n in (32, 64):
-        _log("mass start: {} attaches at once, {} s each{}".format(
-            n, args.sleep, ", getCapabilities polled, {} idle connections"
-            .format(args.idle) if n == 64 else ""))
-        r["mass{}".format(n)], caps, rss = _mass_start(
-            plain, n, args.sleep, idle=args.idle if n == 64 else 0)
+    for n, agent, suffix in ((32, plain, ""), (64, plain, ""),
+                             (64, tls, "_tls")):
+        _log("mass start, {}: {} attaches at once, {} s each{}".format(
+            agent.kind, n, args.sleep,
+            ", getCapabilities polled, {} idle connections".format(
+                args.idle) if n == 64 else ""))
+        r["mass{}{}".format(n, suffix)], caps, rss = _mass_start(
+            agent, n, args.sleep, idle=args.idle if n == 64 else 0)
         if n == 64:
-            r["caps"], r["rss_load"] = caps, rss
+            r["caps" + suffix], r["rss_load" + suffix] = caps, rss
     r["rss_hwm"] = plain.rss("VmHWM")
+    r["rss_hwm_tls"] = tls.rss("VmHWM")
 
     if not args.quick:
         _log("vdsm's design: a helper process per call")
@@ -176,6 +182,22 @@ def run(plain, tls, loop, args):
 
 
 # The figures
+
+def _commit_floor(directory, n=200):
+    """Latencies of a durable SQLite commit (WAL, synchronous=FULL) here
+    and now: an attach+detach needs three, so this says how far the
+    machine's disk is from the floor the targets assume (0.24 ms)."""
+    import sqlite3
+    path = os.path.join(directory, "floor.db")
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("CREATE TABLE t (x)")
+        return _timed(n, lambda: conn.execute("INSERT INTO t VALUES (1)"))
+    finally:
+        conn.close()
+
 
 def _pair(client, connection_info):
     vol_id = str(uuid.uuid4())
@@ -326,10 +348,18 @@ def report(r, args):
               r["tput1"], args.callers, r["tputN"],
               _fmt(benchutil.percentile(r["pair_plain"], 95)),
               _fmt(benchutil.percentile(r["pair_tls"], 95))))
-    print("agent RSS: idle {:.1f} MiB; 64 operations in flight + {} idle "
-          "connections {:.1f} MiB (peak seen {:.1f} MiB, VmHWM {:.1f} MiB)"
-          .format(r["rss_idle"] / 1024, args.idle, r["rss_load"] / 1024,
-                  r["rss_load"] / 1024, r["rss_hwm"] / 1024))
+    print("this machine now: a durable SQLite commit p50 {} (p95 {}); an "
+          "attach+detach makes three; the targets assume 0.24 ms".format(
+              _fmt(p50(r["commit"])),
+              _fmt(benchutil.percentile(r["commit"], 95))))
+    print("mutual TLS: 64 attaches at once {}, getCapabilities p99 {}"
+          .format(_fmt(r["mass64_tls"]), _fmt(p99(r["caps_tls"]))))
+    for kind, suffix in (("plain TCP", ""), ("mutual TLS", "_tls")):
+        print("agent RSS, {}: idle {:.1f} MiB; peak with 64 operations in "
+              "flight and {} idle connections {:.1f} MiB (VmHWM {:.1f} MiB)"
+              .format(kind, r["rss_idle" + suffix] / 1024, args.idle,
+                      r["rss_load" + suffix] / 1024,
+                      r["rss_hwm" + suffix] / 1024))
     if vdsm:
         print("vdsm design measured: helper pair {}, properties helper {}, "
               "one round of {} slow helpers {}".format(

@@ -11,18 +11,18 @@ by creating the file, so nothing depends on how fast this machine is.
 
 import json
 import os
+import socket
+import threading
 
 import pytest
 
+from vdsm_managedvolume import agent
 from vdsm_managedvolume import errors
 from vdsm_managedvolume import jsonrpc
 
 from . import agentutil
 from . import fakebrick
 from .host_fixtures import iscsi_connection, new_id
-
-pytestmark = pytest.mark.root
-
 
 @pytest.fixture
 def serve(tmp_path, real_service):
@@ -31,7 +31,10 @@ def serve(tmp_path, real_service):
 
     def start(**overrides):
         cfg = agentutil.make_config(tmp_path / "agent", **overrides)
-        run = agentutil.Running(cfg, jsonrpc.Dispatcher(real_service))
+        run = agentutil.Running(
+            cfg, jsonrpc.Dispatcher(real_service),
+            connector_info=lambda: real_service.connector_info(
+                stale_ok=True))
         started.append(run)
         return run
 
@@ -40,6 +43,7 @@ def serve(tmp_path, real_service):
         run.stop()
 
 
+@pytest.mark.root
 def test_attaches_of_distinct_volumes_run_at_once_while_control_answers(
         serve, real_service, tmp_path):
     run = serve(workers=2, max_operations=16)
@@ -60,9 +64,16 @@ def test_attaches_of_distinct_volumes_run_at_once_while_control_answers(
         control.send(b"SUBSCRIBE\ndestination:other\nid:sub-2\n"
                      b"receipt:r-1\n\n\0")
         assert control.frame().headers["receipt-id"] == "r-1"
+    # And the after_get_caps hook's control socket.
+    with socket.socket(socket.AF_UNIX) as hook:
+        hook.settimeout(10)
+        hook.connect(run.cfg.socket_path)
+        line = json.loads(hook.makefile("rb").readline())
+    assert line["connector_info"] == caps["result"]["connector_info"]
     _release_and_check(volumes, release)
 
 
+@pytest.mark.root
 def test_an_operation_beyond_max_operations_is_refused_at_once(
         serve, real_service, tmp_path):
     run = serve(workers=2, max_operations=2)
@@ -104,6 +115,7 @@ def test_an_operation_beyond_max_operations_is_refused_at_once(
         assert detached["result"] is True
 
 
+@pytest.mark.root
 def test_a_second_operation_on_one_volume_waits_for_its_lock(
         serve, real_service, tmp_path):
     run = serve(max_operations=8)
@@ -125,6 +137,54 @@ def test_a_second_operation_on_one_volume_waits_for_its_lock(
     assert replies[vol_id]["result"]["vol_id"] == vol_id
     assert replies["detach"]["result"] is True
     assert key not in fakebrick.connected()
+
+
+def test_pool_starts_threads_when_needed_and_refuses_beyond_its_bound():
+    pool = agent.Pool(4, 0, name="test")
+    release = threading.Event()
+    started = threading.Semaphore(0)
+
+    def job():
+        started.release()
+        release.wait(30)
+
+    try:
+        assert pool.threads == 0
+        for _ in range(4):
+            assert pool.submit(job)
+        for _ in range(4):      # all four run at once
+            assert started.acquire(timeout=30)
+        assert pool.threads == 4
+        assert not pool.submit(job)     # refused, not queued
+        release.set()
+        agentutil.wait_for(lambda: pool.pending == 0)
+        release.clear()
+        assert pool.submit(job)
+        assert started.acquire(timeout=30)
+        assert pool.threads == 4        # an idle thread took it
+    finally:
+        release.set()
+        pool.stop()
+
+
+def test_pool_queues_at_most_max_queue_behind_its_workers():
+    pool = agent.Pool(1, 2, name="test")
+    release = threading.Event()
+    ran = []
+
+    def job():
+        release.wait(30)
+        ran.append(1)
+
+    try:
+        assert [pool.submit(job) for _ in range(4)] == [True, True, True,
+                                                        False]
+        release.set()
+        agentutil.wait_for(lambda: len(ran) == 3)
+        assert pool.threads == 1
+    finally:
+        release.set()
+        pool.stop()
 
 
 # Private helpers

@@ -368,6 +368,7 @@ def test_wire_values_cannot_forge_log_lines(dispatcher, logged):
 @pytest.mark.parametrize("body, operation", [
     (b'[{"jsonrpc": "2.0", "method": "ManagedVolume.attach_volume"}]', True),
     (b'{"method": "ManagedVolume.detach_volume", "id": 1}', True),
+    (b'{"method": "ManagedVolume.extend_volume", "id": 1}', True),
     # JSON may spell the letters of a method name as \u escapes.
     (b'{"method": "ManagedVolume.\\u0061ttach_volume", "id": 1}', True),
     (b'{"method": "Host.getCapabilities", "id": 1}', False),

@@ -16,7 +16,8 @@ response and wakes the loop.  Two planes, two bounded pools::
     SEND --(I/O thread: Dispatcher.is_operation(body)?)--+
          |                                               |
          no: control plane                               yes: data plane
-         getCapabilities, volumes_info, errors           attach, detach
+         getCapabilities, volumes_info, errors           attach, detach,
+                                                         extend
          ``workers`` threads + ``max_queue`` waiting     ``max_operations``
                                                          threads, no queue
 

@@ -58,7 +58,8 @@ DONE = {"code": 0, "message": "Done"}
 # The verbs that act on the host (the data plane): they may take seconds
 # at the storage, so the agent runs them apart from everything else and
 # bounds how many run at once ([agent] max_operations).
-OPERATIONS = ("ManagedVolume.attach_volume", "ManagedVolume.detach_volume")
+OPERATIONS = ("ManagedVolume.attach_volume", "ManagedVolume.detach_volume",
+              "ManagedVolume.extend_volume")
 
 _service = None
 _service_lock = threading.Lock()

@@ -212,10 +212,10 @@ class AgentBusy(Error):
 
 
 class TooManyOperations(AgentBusy):
-    """Attaches and detaches running at once reached ``[agent]
+    """Attaches, detaches and extends running at once reached ``[agent]
     max_operations``: the next one is refused, never queued."""
 
-    msg = ("Agent busy: {self.running} attach/detach operations are "
+    msg = ("Agent busy: {self.running} attach/detach/extend operations are "
            "running, the limit ([agent] max_operations); retry later")
 
 

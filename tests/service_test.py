@@ -1543,11 +1543,14 @@ def test_caps_serve_a_stale_connector_info_while_a_slow_refresh_runs(
     known = inproc_service.connector_info()
     entered = threading.Event()
     release = threading.Event()
+    released = []
     real = inproc_brick.connector_properties
 
     def blocked():
         entered.set()
-        release.wait(30)
+        # Released by the test only after caps answered: a caps call
+        # waiting for this refresh would leave it to the timeout.
+        released.append(release.wait(60))
         return dict(real(), initiator="iqn.refreshed")
 
     monkeypatch.setattr(inproc_brick, "connector_properties", blocked)
@@ -1559,10 +1562,17 @@ def test_caps_serve_a_stale_connector_info_while_a_slow_refresh_runs(
         # the age of what they serve.
         assert inproc_service.caps() == {"connector_info": known}
         assert inproc_service.connector_info_age() >= 0
+        # Nor do they wait for a refresh someone else asked for.
+        asked = threading.Thread(
+            target=lambda: inproc_service.connector_info(refresh=True))
+        asked.start()
+        assert inproc_service.caps() == {"connector_info": known}
     finally:
         release.set()
+    asked.join(60)
     wait_for(lambda: inproc_service.caps()["connector_info"]["initiator"]
              == "iqn.refreshed")
+    assert released == [True] * len(released) and released
 
 
 def test_caps_keep_the_stale_value_when_the_background_refresh_fails(

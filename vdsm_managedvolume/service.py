@@ -1068,7 +1068,10 @@ class _ConnectorCache:
         self._next_check = 0.0
         self._fingerprint = None
         self._fetched = 0.0
-        self._background = None     # the refresh thread running, if any
+        # The background refresh running, if any; its own lock, never held
+        # while the daemon is asked (self._lock is, by _refresh).
+        self._background = None
+        self._background_lock = threading.Lock()
 
     def get(self, refresh=False, stale_ok=False):
         """The value; refreshed first when ``refresh``, when there is none
@@ -1124,7 +1127,7 @@ class _ConnectorCache:
 
 
     def _refresh_in_background(self, seen, why):
-        with self._lock:
+        with self._background_lock:
             if self._background is not None or self._value is not seen:
                 return
             log.info("connector_info is stale (%s): serving the value of "
@@ -1142,7 +1145,7 @@ class _ConnectorCache:
             # The stale value stays; the next caller tries again.
             log.warning("Cannot refresh connector_info: %s", e)
         finally:
-            with self._lock:
+            with self._background_lock:
                 self._background = None
 
 

@@ -355,6 +355,10 @@ class Store:
                 job.error = e
         finally:
             for job in batch:
+                if job.count is None and job.error is None:
+                    # Interrupted (BaseException): not known committed.
+                    job.error = errors.StoreError(
+                        "{}: the commit was interrupted".format(self.path))
                 job.done = True
 
     def _execute_alone(self, conn, job):

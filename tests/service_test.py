@@ -1583,3 +1583,32 @@ def test_caps_keep_the_stale_value_when_the_background_refresh_fails(
     assert inproc_service.caps() == {"connector_info": known}
     wait_for(lambda: inproc_service._connector._background is None)
     assert inproc_service.caps() == {"connector_info": known}
+
+
+def test_a_restarted_service_serves_the_cached_file_while_it_refreshes(
+        host_cfg, inproc_brick):
+    first = service.Service(host_cfg, brick=inproc_brick)
+    known = first.connector_info()
+    first.close()
+    inproc_brick.properties["initiator"] = "iqn.after-restart"
+    calls = inproc_brick.calls.count(("connector_properties",))
+    again = service.Service(host_cfg, brick=inproc_brick)
+    try:
+        # At once, from the file, with its age; refreshed behind it.
+        assert again.caps() == {"connector_info": known}
+        assert again.connector_info_age() >= 0
+        wait_for(lambda: again.caps()["connector_info"]["initiator"]
+                 == "iqn.after-restart")
+        assert inproc_brick.calls.count(("connector_properties",)) == \
+            calls + 1
+    finally:
+        again.close()
+
+
+def test_caps_drop_a_stale_value_once_os_brick_is_gone(
+        inproc_service, inproc_brick):
+    inproc_service.connector_info()
+    inproc_brick.unsupported = True
+    inproc_service._connector._expires = 0
+    inproc_service.caps()
+    wait_for(lambda: inproc_service.caps() == {})

@@ -1056,6 +1056,12 @@ class _ConnectorCache:
     per FINGERPRINT_INTERVAL it also stats the sources (~30 us).  A
     refresh calls the privileged daemon (~300 ms) and writes the value to
     ``cache_file`` (0644 JSON) for the after_get_caps hook.
+
+    A new cache starts from that file when it exists (an agent restarted:
+    the file is on tmpfs, so it is from this boot), as a stale value of
+    the file's age: getCapabilities answers at once while the privsep
+    daemon starts, and the first such call refreshes it in the
+    background.
     """
 
     def __init__(self, brick, ttl, cache_file):
@@ -1072,6 +1078,7 @@ class _ConnectorCache:
         # while the daemon is asked (self._lock is, by _refresh).
         self._background = None
         self._background_lock = threading.Lock()
+        self._load(cache_file)
 
     def get(self, refresh=False, stale_ok=False):
         """The value; refreshed first when ``refresh``, when there is none
@@ -1126,6 +1133,18 @@ class _ConnectorCache:
             return value
 
 
+    def _load(self, path):
+        """Start from the value a previous process wrote, stale."""
+        try:
+            with open(path) as f:
+                value = json.load(f)
+            age = max(0.0, time.time() - os.stat(path).st_mtime)
+        except (OSError, ValueError):
+            return
+        if isinstance(value, dict) and value:
+            self._value = value
+            self._fetched = time.monotonic() - age  # _expires 0: stale
+
     def _refresh_in_background(self, seen, why):
         with self._background_lock:
             if self._background is not None or self._value is not seen:
@@ -1141,6 +1160,12 @@ class _ConnectorCache:
     def _background_refresh(self, seen):
         try:
             self._refresh(False, seen)
+        except errors.NotSupported as e:
+            # os-brick is gone: caps must say so, not serve the old value.
+            log.warning("Cannot refresh connector_info: %s", e)
+            with self._lock:
+                if self._value is seen:
+                    self._value = None
         except Exception as e:
             # The stale value stays; the next caller tries again.
             log.warning("Cannot refresh connector_info: %s", e)

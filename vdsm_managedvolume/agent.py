@@ -533,8 +533,15 @@ class Server:
             except Exception as e:
                 log.exception("Dispatcher failed")
                 response = busy_response(body, errors.to_error(e))
-        self._results.append((conn, reply_to, flow_id, response))
-        self._wake()
+
+        def deliver():
+            # Run by the pool once this job's slot is free: a client that
+            # sends its next operation on reading this answer must find
+            # the slot free, not a spurious 933.
+            self._results.append((conn, reply_to, flow_id, response))
+            self._wake()
+
+        return deliver
 
     def _deliver_results(self):
         while self._results:
@@ -1058,7 +1065,8 @@ class Connection:
 class Pool:
     """Up to ``workers`` threads, started when first needed and kept; at
     most ``max_queue`` requests wait for one (0: a request runs at once or
-    is refused)."""
+    is refused).  A job may return a callable: it runs after the job's
+    slot was given back (delivering the answer)."""
 
     def __init__(self, workers, max_queue, name="worker"):
         self.workers = max(1, workers)
@@ -1112,8 +1120,9 @@ class Pool:
             fn = self._queue.get()
             if fn is None:
                 return
+            after = None
             try:
-                fn()
+                after = fn()
             except Exception:
                 log.exception("Worker job failed")
             finally:
@@ -1123,6 +1132,11 @@ class Pool:
                         self._waiting -= 1  # the next get() takes it
                     else:
                         self._idle += 1
+            if callable(after):
+                try:
+                    after()
+                except Exception:
+                    log.exception("Worker job failed")
 
 
 def busy_response(body, error):

@@ -123,17 +123,10 @@ def connection_info(name, value):
                 type(value.get("data")).__name__))
     if "adapter" in value and value["adapter"] is not None:
         adapter(name + ".adapter", value["adapter"])
+    # transportable() refuses, naming the field, everything json.dumps
+    # would (types that are not JSON, NaN and infinities) and more.
     transportable(name, value)
-    try:
-        text = json.dumps(value, allow_nan=False)
-    except TypeError as e:
-        raise errors.InvalidParams(
-            name=name, reason="not JSON serialisable: {}".format(e))
-    except ValueError as e:
-        # NaN and infinities: not JSON; they would reach the journal and
-        # the wire as invalid JSON.
-        raise errors.InvalidParams(
-            name=name, reason="not strict JSON: {}".format(e))
+    text = json.dumps(value, allow_nan=False)
     size = len(text.encode("utf-8"))
     if size > MAX_CONNECTION_INFO:
         raise errors.InvalidParams(

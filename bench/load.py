@@ -49,7 +49,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -66,7 +65,6 @@ import benchutil  # noqa: E402
 from vdsm_managedvolume import config  # noqa: E402
 from vdsm_managedvolume import pki  # noqa: E402
 
-AGENT = os.path.join(os.path.dirname(sys.executable), "managedvolume-agent")
 
 # What the issue measured before this work (same machine, same kind of
 # client): the "today" column.
@@ -480,26 +478,15 @@ class _Agent:
                     "[logging]\nlog_level = INFO\n".format(self.dev_dir))
 
     def start(self):
-        notify_path = os.path.join(self.base, "notify")
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(notify_path)
-        self.notify.settimeout(120)
-        env = dict(os.environ, NOTIFY_SOCKET=notify_path,
-                   MANAGEDVOLUME_FAKEBRICK_DIR=self.fake_dir,
-                   PYTHONPATH=REPO)
-        argv = [AGENT, "--config", self.config_file, "--state-dir",
-                self.state_dir, "--listen", "127.0.0.1:0"]
+        argv = ["--config", self.config_file, "--state-dir", self.state_dir]
         if not self.tls:
             argv.append("--insecure")
-        self.proc = subprocess.Popen(argv, env=env, cwd=REPO,
-                                     stderr=subprocess.DEVNULL)
-        while True:
-            message = self.notify.recv(4096).decode()
-            if "READY=1" in message.splitlines():
-                break
-        status = [line for line in message.splitlines()
-                  if line.startswith("STATUS=")][0]
-        self.address = ("127.0.0.1", int(status.rpartition(":")[2]))
+        self.process = benchutil.AgentProcess(
+            self.base, argv, env={"MANAGEDVOLUME_FAKEBRICK_DIR":
+                                  self.fake_dir, "PYTHONPATH": REPO},
+            cwd=REPO, stderr=subprocess.DEVNULL).start()
+        self.proc = self.process.proc
+        self.address = ("127.0.0.1", self.process.port)
         self.ctx = None
         if self.tls:
             cfg = config.with_state_dir(config.Config(), self.state_dir)
@@ -526,13 +513,7 @@ class _Agent:
         return 0
 
     def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.notify.close()
+        self.process.stop()
 
 
 if __name__ == "__main__":

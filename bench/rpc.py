@@ -26,9 +26,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -43,7 +40,6 @@ from vdsm_managedvolume import config  # noqa: E402
 from vdsm_managedvolume import pki  # noqa: E402
 from vdsm_managedvolume import stompclient  # noqa: E402
 
-AGENT = os.path.join(os.path.dirname(sys.executable), "managedvolume-agent")
 
 
 def main():
@@ -262,21 +258,10 @@ class _Agent:
             f.write(_settings(self.state_dir))
 
     def start(self):
-        notify_path = os.path.join(self.base, "notify")
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(notify_path)
-        self.notify.settimeout(120)
-        env = dict(os.environ, NOTIFY_SOCKET=notify_path)
-        self.proc = subprocess.Popen(
-            [AGENT, "--config", self.config_file, "--state-dir",
-             self.state_dir, "--listen", "127.0.0.1:0"], env=env)
-        while True:
-            message = self.notify.recv(4096).decode()
-            if "READY=1" in message.splitlines():
-                break
-        status = [line for line in message.splitlines()
-                  if line.startswith("STATUS=")][0]
-        self.port = int(status.rpartition(":")[2])
+        self.process = benchutil.AgentProcess(
+            self.base, ["--config", self.config_file, "--state-dir",
+                        self.state_dir]).start()
+        self.port = self.process.port
         cfg = config.with_state_dir(config.Config(), self.state_dir)
         self.ctx = pki.dev_client_context(cfg)
         return self
@@ -286,13 +271,7 @@ class _Agent:
                                   timeout=300)
 
     def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.notify.close()
+        self.process.stop()
 
 
 if __name__ == "__main__":

@@ -1340,7 +1340,7 @@ def _lock_agent(cfg):
     """Take ``state_run_dir/agent.lock`` for this process's life (the fd
     is returned and must stay open); ConfigError naming the process that
     holds it."""
-    path = os.path.join(cfg.state_run_dir, "agent.lock")
+    path = cfg.agent_lock_file
     try:
         os.makedirs(cfg.state_run_dir, mode=0o755, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW

@@ -134,6 +134,12 @@ class Config:
         return os.path.join(self.state_run_dir, "privsep.lock")
 
     @property
+    def agent_lock_file(self):
+        """flock'ed by the running agent for its whole life: one agent per
+        state dir, and how ``nearby_state_dirs`` sees one running."""
+        return os.path.join(self.state_run_dir, "agent.lock")
+
+    @property
     def local_device_patterns(self):
         """``local_devices``, plus loop devices in --state-dir mode."""
         if self.state_dir:
@@ -237,8 +243,7 @@ def nearby_state_dirs():
         d = os.path.join(base, ".state")
         if d in found:
             continue
-        lock = os.path.join(with_state_dir(Config(), d).state_run_dir,
-                            "agent.lock")
+        lock = with_state_dir(Config(), d).agent_lock_file
         try:
             fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:

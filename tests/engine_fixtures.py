@@ -43,12 +43,11 @@ def client_argv():
 class Result:
     """A finished command: stdout bytes, stderr text, exit code."""
 
-    def __init__(self, argv, proc, elapsed):
+    def __init__(self, argv, proc):
         self.argv = argv
         self.stdout = proc.stdout
         self.stderr = proc.stderr.decode("utf-8", "replace")
         self.code = proc.returncode
-        self.elapsed = elapsed
 
     def payload(self, cid):
         """The text after ``<cid>:`` on the first matching line."""
@@ -110,10 +109,9 @@ class Shim:
         argv, full_env = self.command(
             command, *args, driver=driver, db_url=db_url, cid=cid,
             warm=warm, options=options, env=env)
-        start = time.monotonic()
         proc = subprocess.run(argv, input=stdin, capture_output=True,
                               env=full_env, cwd=ROOT, timeout=timeout)
-        return Result(argv, proc, time.monotonic() - start)
+        return Result(argv, proc)
 
     def popen(self, command, *args, driver, db_url, cid="cid-test",
               warm=True, options=(), env=None):
@@ -317,6 +315,31 @@ def children_of(pid):
     except OSError:
         return []
     return [p for p in pids if process_state(p) not in (None, "Z")]
+
+
+def start_time(pid):
+    """The start time of process ``pid`` (clock ticks after boot), or None
+    when there is no such process (or only its zombie)."""
+    try:
+        with open("/proc/{}/stat".format(pid)) as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return None
+    # The command name (field 2) may hold spaces: split after it.
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] == "Z":
+        return None
+    return int(fields[19])
+
+
+def wait_until_ended(pid, started):
+    """Wait (bounded) until process ``pid`` started at ``started`` has
+    ended (a reused pid is another process)."""
+    deadline = time.monotonic() + 30
+    while start_time(pid) == started:
+        assert time.monotonic() < deadline, \
+            "process {} still runs".format(pid)
+        time.sleep(0.05)
 
 
 def process_state(pid):

@@ -134,15 +134,11 @@ OPTS = [
                          "(tests: tests.fakebrick)."),
     oslo_cfg.StrOpt("root_helper", default="sudo",
                     help="root_helper handed to os-brick connectors."),
+] + [
     # What add_udev_rule/remove_udev_rule may do, from managedvolume.conf
     # (never from a call's arguments).
-    oslo_cfg.StrOpt("udev_rules_dir", default=config.Config.udev_rules_dir),
-    oslo_cfg.StrOpt("udev_owner", default=config.Config.udev_owner),
-    oslo_cfg.StrOpt("chown", default=config.Config.chown),
-    oslo_cfg.StrOpt("udevadm", default=config.Config.udevadm),
-    oslo_cfg.StrOpt("multipath_dir", default=config.Config.multipath_dir),
-    oslo_cfg.StrOpt("rbd_dir", default=config.Config.rbd_dir),
-]
+    oslo_cfg.StrOpt(key, default=getattr(config.Config, key))
+    for key in privileged.UDEV_KEYS]
 oslo_cfg.CONF.register_opts(OPTS, group=privileged.SECTION)
 
 # Exit code of a helper refusing to start (sysexits' EX_CONFIG).
@@ -384,10 +380,9 @@ def _udev_config():
         raise privileged.RemoteError(
             "failed", "udev_rules_dir {!r} of the privsep configuration is "
             "not an absolute path".format(rules_dir))
-    return config.Config(
-        udev_rules_dir=os.path.normpath(rules_dir),
-        udev_owner=conf.udev_owner, chown=conf.chown, udevadm=conf.udevadm,
-        multipath_dir=conf.multipath_dir, rbd_dir=conf.rbd_dir)
+    values = {key: getattr(conf, key) for key in privileged.UDEV_KEYS}
+    values["udev_rules_dir"] = os.path.normpath(rules_dir)
+    return config.Config(**values)
 
 
 def _volume_ids(sd_id, vol_id):

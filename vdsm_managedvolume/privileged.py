@@ -442,6 +442,14 @@ def write_config(cfg):
     return path
 
 
+# The managedvolume.conf settings the daemon's udev entrypoints use
+# (brick.add_udev_rule / remove_udev_rule): written into its configuration
+# file here, declared as its options and read back by brick.py.  Never
+# taken from a call's arguments.
+UDEV_KEYS = ("udev_rules_dir", "udev_owner", "chown", "udevadm",
+             "multipath_dir", "rbd_dir")
+
+
 def config_text(cfg):
     """The daemon's oslo.config file made from ``cfg``.
 
@@ -465,16 +473,12 @@ def config_text(cfg):
         "connector_override = {override}\n"
         "root_helper = {root_helper}\n"
         "# Where add_udev_rule/remove_udev_rule may write, and what.\n"
-        "udev_rules_dir = {c.udev_rules_dir}\n"
-        "udev_owner = {c.udev_owner}\n"
-        "chown = {c.chown}\n"
-        "udevadm = {c.udevadm}\n"
-        "multipath_dir = {c.multipath_dir}\n"
-        "rbd_dir = {c.rbd_dir}\n"
+        "{udev}"
     ).format(debug=debug, lock_path=cfg.brick_lock_dir, section=SECTION,
              pool=thread_pool_size(cfg),
              override=cfg.connector_override, root_helper=cfg.root_helper,
-             c=cfg)
+             udev="".join("{} = {}\n".format(key, getattr(cfg, key))
+                          for key in UDEV_KEYS))
 
 
 def thread_pool_size(cfg):

@@ -39,6 +39,8 @@ import pytest
 from vdsm_managedvolume import errors
 from vdsm_managedvolume import log
 from vdsm_managedvolume import privileged
+from vdsm_managedvolume import privsep
+from vdsm_managedvolume import privsepconfig
 from vdsm_managedvolume import service
 from vdsm_managedvolume import udev
 
@@ -338,7 +340,7 @@ class Broker:
             argv = f.read().splitlines()
         os.unlink(req + ".ready")
         rc = 126
-        if argv[argv.index("--privsep_context") + 1] == privileged.CONTEXT:
+        if argv[argv.index("--privsep_context") + 1] == privsep.CONTEXT:
             cmd = [privileged._privsep_helper()] + argv
             self.started.append(cmd)
             with open(self.output, "ab") as out:
@@ -412,7 +414,7 @@ def test_unprivileged_service_attaches_and_detaches_through_the_daemon(
         os.makedirs(etc, mode=0o755)
         privsep_config = os.path.join(etc, "privsep.conf")
         with open(privsep_config, "w") as f:
-            f.write(privileged.config_text(make_cfg(
+            f.write(privsepconfig.config_text(make_cfg(
                 base, udev_rules_dir=rules_dir,
                 privsep_config=privsep_config)))
         os.chown(base, NOBODY, NOBODY)
@@ -475,7 +477,7 @@ def test_unprivileged_service_attaches_and_detaches_through_the_daemon(
         assert len(broker.started) == 1       # one long-lived daemon
         assert broker.started[0][1:] == [
             "--config-file", privsep_config,
-            "--privsep_context", privileged.CONTEXT,
+            "--privsep_context", privsep.CONTEXT,
             "--privsep_sock_path", os.path.join(
                 base, "state", "run", "managedvolume", "privsep.sock")]
         st = os.stat(privsep_config)        # never rewritten by the child

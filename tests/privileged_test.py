@@ -23,6 +23,7 @@ from vdsm_managedvolume import faults
 from vdsm_managedvolume import log
 from vdsm_managedvolume import mask
 from vdsm_managedvolume import privileged
+from vdsm_managedvolume import privsep
 
 from tests import fakebrick
 
@@ -244,7 +245,7 @@ def test_secret_quoted_without_its_key_is_masked(brick, tmp_path):
 
 def test_daemon_log_lines_carry_the_callers_flow_id(brick, tmp_path,
                                                     caplog):
-    caplog.set_level("INFO", logger=privileged.DAEMON_LOGGER)
+    caplog.set_level("INFO", logger=privsep.DAEMON_LOGGER)
     with log.flow("flow-priv-1"):
         with pytest.raises(errors.HelperFailed):
             brick.connect(iscsi("flow", tmp_path, fake_fail=True))
@@ -476,10 +477,6 @@ def test_helper_output_is_quoted_in_the_error(fresh_cfg):
 
 # Crash points reach the daemon through its environment
 
-def test_privsep_crash_points_are_registered():
-    assert set(privileged.CRASH_POINTS) <= faults.POINTS
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("point, connected", [
     ("privsep.connect.before", False),
@@ -550,27 +547,12 @@ print("ok")
 
 # Helpers without a daemon
 
-def test_config_file_configures_os_brick_and_our_section(fresh_cfg):
-    path = privileged.write_config(fresh_cfg)
-    import configparser
-    parser = configparser.ConfigParser()
-    parser.read(path)
-    assert parser["oslo_concurrency"]["lock_path"] == \
-        fresh_cfg.brick_lock_dir
-    assert os.path.isdir(fresh_cfg.brick_lock_dir)
-    section = parser[privileged.SECTION]
-    assert section["connector_override"] == "tests.fakebrick"
-    # Every operation the agent may run at once has a daemon thread
-    # (oslo.privsep's default would be the CPU count).
-    assert int(section["thread_pool_size"]) > fresh_cfg.max_operations
-
-
 def test_helper_command_as_root_runs_privsep_helper_without_sudo(fresh_cfg):
     cmd = privileged.helper_command(fresh_cfg, "/tmp/x.sock")
     assert cmd[0] == os.path.join(os.path.dirname(sys.executable),
                                   "privsep-helper")
     assert cmd[1:3] == ["--config-file", fresh_cfg.privsep_config_file]
-    assert cmd[-4:] == ["--privsep_context", privileged.CONTEXT,
+    assert cmd[-4:] == ["--privsep_context", privsep.CONTEXT,
                         "--privsep_sock_path", "/tmp/x.sock"]
 
 
@@ -587,14 +569,6 @@ def test_helper_command_option_replaces_the_command(fresh_cfg):
     cmd = privileged.helper_command(fresh_cfg, "/tmp/x.sock")
     assert cmd[:3] == ["/usr/bin/my-helper", "--config-file", "/etc/x"]
     assert cmd[3] == "--privsep_context"
-
-
-def test_plain_turns_msgpack_tuples_and_sets_into_lists():
-    value = {"a": (1, (2, 3)), "b": {"c": ({"d": (4,)},)}, 5: {"x"},
-             "e": b"bytes"}
-    assert privileged.plain(value) == {
-        "a": [1, [2, 3]], "b": {"c": [{"d": [4]}]}, "5": ["x"],
-        "e": "bytes"}
 
 
 # Flow ids on the daemon's lines

@@ -40,13 +40,14 @@ import pytest
 from vdsm_managedvolume import config
 from vdsm_managedvolume import errors
 from vdsm_managedvolume import privileged
+from vdsm_managedvolume import privsep
+from vdsm_managedvolume import privsepconfig
 
 from .host_fixtures import REPO
 
 pytestmark = pytest.mark.root
 
 SUDOERS = os.path.join(REPO, "data", "sudoers")
-EXIT_REFUSED = 78   # brick.EXIT_REFUSED (brick is imported in the daemon only)
 NOBODY = 65534
 
 
@@ -68,7 +69,7 @@ def root_env():
 @pytest.fixture
 def state(tmp_path):
     cfg = config.with_state_dir(config.Config(), str(tmp_path / "state"))
-    privileged.write_config(cfg)
+    privsepconfig.write_config(cfg)
     return cfg
 
 
@@ -94,7 +95,7 @@ def test_sudoers_names_the_default_paths():
     assert cmd[cmd.index("--config-file") + 1] == cfg.privsep_config
     assert cmd[cmd.index("--privsep_sock_path") + 1] == \
         "/run/vdsm/managedvolume/privsep.sock" == cfg.privsep_sock_path
-    assert cmd[cmd.index("--privsep_context") + 1] == privileged.CONTEXT
+    assert cmd[cmd.index("--privsep_context") + 1] == privsep.CONTEXT
 
 
 def test_vdsm_python_finds_the_helper_the_rule_names(monkeypatch):
@@ -135,7 +136,7 @@ class Helper:
 
     def argv(self, config_file):
         return [privileged._privsep_helper(), "--config-file", config_file,
-                "--privsep_context", privileged.CONTEXT,
+                "--privsep_context", privsep.CONTEXT,
                 "--privsep_sock_path", self.sock_path]
 
     def run(self, argv, env=None):
@@ -169,7 +170,7 @@ def helper(tmp_path):
 def refused(helper, argv, env=None):
     rc, out, served = helper.run(argv, env)
     assert not served, out
-    assert rc == EXIT_REFUSED, out
+    assert rc == privsep.EXIT_REFUSED, out
     return out.split("refuses to start: ", 1)[1].splitlines()[0]
 
 
@@ -252,7 +253,7 @@ def test_log_file_argument_acts_before_the_daemon_can_refuse(
 
 def test_daemon_refuses_connector_override_under_sudo(helper, state):
     state.connector_override = "tests.fakebrick"
-    privileged.write_config(state)
+    privsepconfig.write_config(state)
     argv = helper.argv(state.privsep_config)
     # SUDO_UID 0: the caller owns the socket (this test, root).
     assert "connector_override = tests.fakebrick under sudo" in refused(
@@ -277,13 +278,13 @@ def test_daemon_refuses_a_socket_of_another_user_under_sudo(helper, state):
 
 def test_brick_reports_the_daemons_reason(state, monkeypatch):
     # Root rewrites the file at each start: keep the spoiled one.
-    monkeypatch.setattr(privileged, "write_config",
+    monkeypatch.setattr(privsepconfig, "write_config",
                         lambda cfg: cfg.privsep_config)
     os.chmod(state.privsep_config, 0o666)
     with pytest.raises(errors.HelperFailed) as e:
         privileged.Brick(state).connector_properties()
     message = str(e.value)
-    assert "exited with code {}".format(EXIT_REFUSED) in message
+    assert "exited with code {}".format(privsep.EXIT_REFUSED) in message
     assert "refuses to start: configuration file {} is writable by group " \
         "or others (mode 0666)".format(state.privsep_config) in message
 
@@ -524,7 +525,7 @@ def test_nobody_starts_the_daemon_through_real_sudo_with_the_shipped_rule(
         cfg = config.with_state_dir(config.Config(),
                                     os.path.join(base, "state"))
         cfg.privsep_config = os.path.join(base, "etc", "privsep.conf")
-        privileged.write_config(cfg)
+        privsepconfig.write_config(cfg)
         for d in (os.path.join(base, "state"),
                   os.path.dirname(cfg.state_run_dir), cfg.state_run_dir,
                   cfg.lock_dir, cfg.brick_lock_dir):

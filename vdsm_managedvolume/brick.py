@@ -4,7 +4,9 @@ This module is imported only INSIDE the daemon (``privsep-helper
 --privsep_context vdsm_managedvolume.brick.context``); the unprivileged
 service talks to it through ``privileged.Brick``.  Keeping os-brick here
 matters: importing it costs seconds, and ``os_brick.utils`` replaces
-``time.sleep`` process-wide.
+``time.sleep`` process-wide.  The two sides never import each other: what
+they agree on is ``privsep`` (names, the values and the error crossing the
+socket) and ``privsepconfig`` (this daemon's configuration file).
 
 Inside the daemon::
 
@@ -65,16 +67,16 @@ also every directory above it, no ``OS_<GROUP>__<OPT>`` variable (oslo's
 environment source), no ``connector_override`` (test-only: it makes root
 import a module), and the socket must be the caller's.  Otherwise we log
 why, print it on stderr (the client quotes it in its HelperFailed) and
-exit with EXIT_REFUSED: the daemon never serves.  This is defence in
-depth: oslo.privsep parsed the arguments and set up logging before any
-code of ours ran, so an argument like ``--log-config-append`` has done its
-harm by then.  The sudoers rule's exact command (no wildcard) is what
-keeps such arguments out; this check catches a broken installation or a
-loosened rule.
+exit with ``privsep.EXIT_REFUSED``: the daemon never serves.  This is
+defence in depth: oslo.privsep parsed the arguments and set up logging
+before any code of ours ran, so an argument like ``--log-config-append``
+has done its harm by then.  The sudoers rule's exact command (no
+wildcard) is what keeps such arguments out; this check catches a broken
+installation or a loosened rule.
 
 Results cross the socket as msgpack (lists become tuples, sets fail):
-entrypoints return ``privileged.plain()`` values; every error is a
-``privileged.RemoteError`` holding a masked message, so that the service
+entrypoints return ``privsep.plain()`` values; every error is a
+``privsep.RemoteError`` holding a masked message, so that the service
 never has to import os-brick's exception classes.
 """
 
@@ -98,7 +100,8 @@ from . import errors
 from . import faults
 from . import log
 from . import mask
-from . import privileged
+from . import privsep
+from . import privsepconfig
 from . import udev
 from . import validate
 
@@ -122,10 +125,10 @@ CAPABILITIES = [caps.CAP_SYS_ADMIN, caps.CAP_DAC_OVERRIDE,
 
 context = priv_context.PrivContext(
     "vdsm_managedvolume",
-    cfg_section=privileged.SECTION,
+    cfg_section=privsepconfig.SECTION,
     pypath=__name__ + ".context",
     capabilities=CAPABILITIES,
-    logger_name=privileged.DAEMON_LOGGER,
+    logger_name=privsep.DAEMON_LOGGER,
 )
 
 OPTS = [
@@ -138,20 +141,12 @@ OPTS = [
     # What add_udev_rule/remove_udev_rule may do, from managedvolume.conf
     # (never from a call's arguments).
     oslo_cfg.StrOpt(key, default=getattr(config.Config, key))
-    for key in privileged.UDEV_KEYS]
-oslo_cfg.CONF.register_opts(OPTS, group=privileged.SECTION)
-
-# Exit code of a helper refusing to start (sysexits' EX_CONFIG).
-EXIT_REFUSED = 78
-
-# The only arguments privsep-helper may get (see check_start).
-HELPER_OPTIONS = ("--config-file", "--privsep_context",
-                  "--privsep_sock_path")
-
+    for key in privsepconfig.UDEV_KEYS]
+oslo_cfg.CONF.register_opts(OPTS, group=privsepconfig.SECTION)
 
 def check_start(argv=None, environ=None, conf=None):
     """Refuse to serve when started unsafely: log why, print it on
-    stderr and exit with EXIT_REFUSED (see the module docstring).
+    stderr and exit with privsep.EXIT_REFUSED (see the module docstring).
 
     Does nothing outside privsep-helper (a process importing this module
     for another reason).
@@ -175,7 +170,7 @@ def check_start(argv=None, environ=None, conf=None):
         sys.stderr.write(message + "\n")
         sys.stderr.flush()
     finally:
-        os._exit(EXIT_REFUSED)
+        os._exit(privsep.EXIT_REFUSED)
 
 
 def start_problem(argv, environ, conf):
@@ -183,9 +178,9 @@ def start_problem(argv, environ, conf):
     args, problem = _helper_args(argv)
     if problem:
         return problem
-    if args["--privsep_context"] != privileged.CONTEXT:
+    if args["--privsep_context"] != privsep.CONTEXT:
         return "--privsep_context {!r} is not {}".format(
-            args["--privsep_context"], privileged.CONTEXT)
+            args["--privsep_context"], privsep.CONTEXT)
     path = args["--config-file"]
     if list(conf.config_file or ()) != [path]:
         return "configuration read from {} (exactly {} allowed)".format(
@@ -197,7 +192,7 @@ def start_problem(argv, environ, conf):
         return "configuration directories read: {} (none allowed)".format(
             ", ".join(dirs))
     sudo = "SUDO_UID" in environ
-    reason = privileged.unsafe_config(path, ancestors=sudo)
+    reason = privsepconfig.unsafe_config(path, ancestors=sudo)
     if reason:
         return "configuration file {} {}".format(path, reason)
     if not sudo:
@@ -207,10 +202,10 @@ def start_problem(argv, environ, conf):
     if env_opts:
         return "environment variables set options: {}".format(
             ", ".join(env_opts))
-    if conf[privileged.SECTION].connector_override:
+    if conf[privsepconfig.SECTION].connector_override:
         return ("connector_override = {} under sudo (test-only: it makes "
                 "root import a module)".format(
-                    conf[privileged.SECTION].connector_override))
+                    conf[privsepconfig.SECTION].connector_override))
     return _sock_problem(args["--privsep_sock_path"], environ["SUDO_UID"])
 
 
@@ -243,24 +238,24 @@ def connector_properties(my_ip, deadline, flow_id):
         props = connector.get_connector_properties(
             _conf().root_helper, my_ip, multipath=True,
             enforce_multipath=True, host=None)
-        return privileged.plain(props)
+        return privsep.plain(props)
 
 
 @context.entrypoint
 def connect_volume(connection_info, deadline, flow_id):
-    connection_info = privileged.plain(connection_info)
+    connection_info = privsep.plain(connection_info)
     with _operation("connect", deadline, flow_id, connection_info):
         conn = _connector(connection_info)
         faults.crash_point("privsep.connect.before")
         attachment = conn.connect_volume(_data(connection_info))
         faults.crash_point("privsep.connect.after")
-        return privileged.plain(attachment or {})
+        return privsep.plain(attachment or {})
 
 
 @context.entrypoint
 def disconnect_volume(connection_info, attachment, deadline, flow_id):
-    connection_info = privileged.plain(connection_info)
-    attachment = privileged.plain(attachment)
+    connection_info = privsep.plain(connection_info)
+    attachment = privsep.plain(attachment)
     with _operation("disconnect", deadline, flow_id, connection_info):
         conn = _connector(connection_info)
         data = _data(connection_info)
@@ -288,7 +283,7 @@ def extend_volume(connection_info, deadline, flow_id):
     image's size (the kernel refreshes it itself); local runs ``blockdev
     --getsize64`` on device_path and rescans nothing.
     """
-    connection_info = privileged.plain(connection_info)
+    connection_info = privsep.plain(connection_info)
     with _operation("extend", deadline, flow_id, connection_info):
         conn = _connector(connection_info)
         faults.crash_point("privsep.extend.before")
@@ -331,16 +326,16 @@ def remove_udev_rule(sd_id, vol_id, temp, deadline, flow_id):
 # Private helpers
 
 def _helper_args(argv):
-    """``{option: value}`` of privsep-helper's argv, or a problem: each of
-    HELPER_OPTIONS exactly once (``--opt value`` or ``--opt=value``),
-    nothing else."""
+    """``{option: value}`` of privsep-helper's argv, or a problem: each
+    of privsep.HELPER_OPTIONS exactly once (``--opt value`` or
+    ``--opt=value``), nothing else."""
     args = {}
     i = 0
     while i < len(argv):
         name, eq, value = argv[i].partition("=")
-        if name not in HELPER_OPTIONS:
+        if name not in privsep.HELPER_OPTIONS:
             return None, "unexpected argument {!r} (allowed: {})".format(
-                argv[i], ", ".join(HELPER_OPTIONS))
+                argv[i], ", ".join(privsep.HELPER_OPTIONS))
         if not eq:
             i += 1
             if i == len(argv):
@@ -350,7 +345,7 @@ def _helper_args(argv):
             return None, "{} given more than once".format(name)
         args[name] = value
         i += 1
-    missing = [o for o in HELPER_OPTIONS if o not in args]
+    missing = [o for o in privsep.HELPER_OPTIONS if o not in args]
     if missing:
         return None, "missing {}".format(", ".join(missing))
     return args, None
@@ -377,10 +372,10 @@ def _udev_config():
     conf = _conf()
     rules_dir = conf.udev_rules_dir
     if not rules_dir or not os.path.isabs(rules_dir):
-        raise privileged.RemoteError(
+        raise privsep.RemoteError(
             "failed", "udev_rules_dir {!r} of the privsep configuration is "
             "not an absolute path".format(rules_dir))
-    values = {key: getattr(conf, key) for key in privileged.UDEV_KEYS}
+    values = {key: getattr(conf, key) for key in privsepconfig.UDEV_KEYS}
     values["udev_rules_dir"] = os.path.normpath(rules_dir)
     return config.Config(**values)
 
@@ -392,7 +387,7 @@ def _volume_ids(sd_id, vol_id):
 def _check_inside(cfg, path):
     # Belt and braces: names made of two UUIDs cannot leave the directory.
     if os.path.dirname(path) != cfg.udev_rules_dir:
-        raise privileged.RemoteError(
+        raise privsep.RemoteError(
             "failed", "{!r} is outside {}".format(path, cfg.udev_rules_dir))
 
 
@@ -425,7 +420,7 @@ def _setup():
             import os_brick.privileged
             from os_brick.initiator import connector  # noqa: F401
         except ImportError as e:
-            raise privileged.RemoteError(
+            raise privsep.RemoteError(
                 "unsupported", "os-brick cannot be imported: {}".format(e))
 
         for ctx in (os_brick.privileged.default,
@@ -478,19 +473,19 @@ class _operation:
     def __exit__(self, t, e, tb):
         self._timer.cancel()
         try:
-            if e is None or isinstance(e, privileged.RemoteError):
+            if e is None or isinstance(e, privsep.RemoteError):
                 return False
             if isinstance(e, errors.UnknownAdapter):
-                raise privileged.RemoteError(
+                raise privsep.RemoteError(
                     "unknown_adapter", e.adapter, e.installed) from None
             if isinstance(e, errors.InvalidParams):
                 LOG.error("%s refused: %s", self.name, e)
-                raise privileged.RemoteError(
+                raise privsep.RemoteError(
                     "invalid", e.name, e.reason) from None
             message = _scrub("{}: {}".format(t.__name__, e),
                              self.connection_info)
             LOG.error("%s failed: %s", self.name, message)
-            raise privileged.RemoteError("failed", message) from None
+            raise privsep.RemoteError("failed", message) from None
         finally:
             self._flow.__exit__(None, None, None)
 
@@ -543,13 +538,13 @@ def _die(operation, flow_id):
 
 
 def _conf():
-    return oslo_cfg.CONF[privileged.SECTION]
+    return oslo_cfg.CONF[privsepconfig.SECTION]
 
 
 def _connector(connection_info):
     protocol = connection_info.get("driver_volume_type")
     if not protocol:
-        raise privileged.RemoteError(
+        raise privsep.RemoteError(
             "failed", "connection_info has no driver_volume_type")
     root_helper = _conf().root_helper
     kwargs = dict(CONNECTOR_KWARGS)

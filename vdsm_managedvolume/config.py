@@ -116,7 +116,7 @@ class Config:
         """The privsep daemon's oslo.config file (``privsep_config``).
 
         Root-owned: root reads it, so the service's user must not write
-        it (see privileged.py).
+        it (see privsepconfig.py).
         """
         return self.privsep_config
 

@@ -39,17 +39,13 @@ Who may write what root reads
 -----------------------------
 The daemon is root; everything it acts on must come from root.
 
-- Its configuration file, ``cfg.privsep_config``
-  (``/etc/vdsm/managedvolume-privsep.conf``), holds os-brick's lock_path,
-  the udev rule settings (where the daemon writes) and the connector
-  override (what it imports).  A root service rewrites it from
-  managedvolume.conf at every start (``write_config``).  A service that
-  is not root never writes it: it must exist, belong to root and not be
-  writable by group or others, else HelperFailed asking the admin to run
-  ``managedvolume-tool configure`` as root (the RPM's %post does).
+- Its configuration file (``privsepconfig``): written from
+  managedvolume.conf by a root service at every start, only checked by
+  one that is not root (``privsepconfig.prepare_config``).
 - The daemon checks the same before it serves (brick.py): exactly the
-  three arguments above, that file and its directory root's, and under
-  sudo no connector override.  It refuses and exits otherwise.
+  three arguments above (``privsep.HELPER_OPTIONS``), that file and its
+  directory root's, and under sudo no connector override.  It refuses
+  and exits otherwise (``privsep.EXIT_REFUSED``).
 - The socket: a fixed path in ``state_run_dir`` (the service user's
   directory), bound with mode 0600 (fchmod before bind: no window), so
   only our user and root can connect; we accept only a root peer.
@@ -81,18 +77,21 @@ connected" (its journal does).
 
 Besides os-brick, the daemon writes udev rules for a service that is not
 root (``add_udev_rule``, ``remove_udev_rule``; see brick.py for what it
-checks).  Its configuration file holds the rule settings (rules
-directory, owner, chown, udevadm, device directories): the calls carry
-only ids and a device path.
+checks).  Its configuration file holds the rule settings
+(``privsepconfig.UDEV_KEYS``): the calls carry only ids and a device
+path.
+
+What the client and the daemon agree on (names, the values and the error
+crossing the socket) is ``privsep``; neither side imports the other.
 
 Flow ids: every call carries the caller's flow id and the daemon tags
 its lines with it; lines it cannot tag (its start-up, oslo.privsep's own)
 are tagged here by ``_Channel`` when the call they belong to is known.
 
 Errors: os-brick's exceptions never cross as classes (the service must not
-import os-brick): the daemon sends ``RemoteError(kind, message)`` with the
-message masked, which becomes HelperFailed (926), NotSupported (925) or
-UnknownAdapter (934) here.  The daemon dying mid-call (``kill -9``, an
+import os-brick): the daemon sends ``privsep.RemoteError(kind, message)``
+with the message masked, which becomes HelperFailed (926), NotSupported
+(925) or UnknownAdapter (934) here.  The daemon dying mid-call (``kill -9``, an
 OOM kill) is HelperFailed for every call in flight at once, whether the
 channel ends with EOF or with a reset (``_Channel``); the next call starts
 a new daemon.  Arguments the channel cannot encode are CannotSend (926),
@@ -116,27 +115,19 @@ import shutil
 import signal
 import socket
 import subprocess
-import stat
 import struct
 import sys
-import tempfile
 import threading
 import time
 
 from . import adapters
 from . import errors
-from . import faults
 from . import log
 from . import mask
+from . import privsep
+from . import privsepconfig
 
 LOG = logging.getLogger(__name__)
-
-# The daemon's oslo.config section and the logger its records arrive on.
-SECTION = "managedvolume_privileged"
-DAEMON_LOGGER = "vdsm_managedvolume.daemon"
-
-CONTEXT = "vdsm_managedvolume.brick.context"
-ENTRYPOINTS = "vdsm_managedvolume.brick."
 
 # Bound for starting the daemon: importing os-brick takes 2-4 s on an idle
 # machine, much more on a loaded one.
@@ -153,34 +144,6 @@ STOP_WAIT = 10.0
 REAP_WAIT = 2.0
 
 PR_SET_CHILD_SUBREAPER = 36
-
-# The daemon runs each call in a thread of a pool; calls beyond its size
-# queue (while their deadline runs).  oslo.privsep's default is the CPU
-# count: two attaches at once on this kind of host.  We size it for every
-# operation the agent may run at once ([agent] max_operations), plus room
-# for a connector_info refresh and a rollback, and never below this.
-THREAD_POOL_SIZE = 16
-THREAD_POOL_SPARE = 4
-
-CRASH_POINTS = (
-    "privsep.connect.before",
-    "privsep.connect.after",
-    "privsep.disconnect.before",
-    "privsep.disconnect.after",
-    "privsep.extend.before",
-    "privsep.extend.after",
-)
-faults.register(*CRASH_POINTS)
-
-
-class RemoteError(Exception):
-    """An error raised in the daemon: ``(kind, *details)``.
-
-    Crosses the socket by class name (so both sides import this module,
-    never os-brick's exception classes).  Kinds: "failed" (message),
-    "unsupported" (message), "unknown_adapter" (adapter, installed),
-    "invalid" (parameter name, reason).
-    """
 
 
 class Brick:
@@ -289,7 +252,7 @@ class Brick:
         deadline = time.monotonic() + timeout
         flow = log.current_flow()
         try:
-            result = daemon.call(ENTRYPOINTS + name,
+            result = daemon.call(privsep.ENTRYPOINTS + name,
                                  args + (deadline, flow),
                                  timeout + KILL_GRACE, flow=flow)
         except _Timeout:
@@ -305,9 +268,9 @@ class Brick:
             raise errors.HelperFailed(
                 "privsep daemon {} died during {} ({}); the next call "
                 "starts a new one".format(daemon.pid, operation, e))
-        except RemoteError as e:
+        except privsep.RemoteError as e:
             raise _local_error(e) from None
-        return plain(result)
+        return privsep.plain(result)
 
     def _running_daemon(self):
         with self._lock:
@@ -361,24 +324,6 @@ def check_supported():
             raise errors.NotSupported("{} cannot be imported".format(name))
 
 
-def plain(obj):
-    """``obj`` as plain JSON types: tuples and sets become lists (msgpack
-    turns lists into tuples and cannot carry sets), dict keys strings,
-    anything else its str()."""
-    if isinstance(obj, dict):
-        return {k if isinstance(k, str) else str(k): plain(v)
-                for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [plain(v) for v in obj]
-    if isinstance(obj, (set, frozenset)):
-        return sorted((plain(v) for v in obj), key=repr)
-    if obj is None or isinstance(obj, (str, bool, int, float)):
-        return obj
-    if isinstance(obj, bytes):
-        return obj.decode("utf-8", "replace")
-    return str(obj)
-
-
 # A documentation address (RFC 5737 / RFC 3849): never answers, and
 # connecting a UDP socket to it sends nothing.
 _PROBE_ADDRESSES = ((socket.AF_INET, "192.0.2.1"),
@@ -418,156 +363,6 @@ def default_ip():
     return None
 
 
-def write_config(cfg):
-    """Write the daemon's oslo.config file (root only); return its path.
-
-    Root-owned, mode 0644, replaced atomically.  A process that is not
-    root must not call this (see ``prepare_config``).
-    """
-    path = cfg.privsep_config
-    directory = os.path.dirname(path)
-    if not os.path.isdir(directory):
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-    os.makedirs(cfg.brick_lock_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".privsep-",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(config_text(cfg))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        _silent_remove(tmp)
-        raise
-    return path
-
-
-# The managedvolume.conf settings the daemon's udev entrypoints use
-# (brick.add_udev_rule / remove_udev_rule): written into its configuration
-# file here, declared as its options and read back by brick.py.  Never
-# taken from a call's arguments.
-UDEV_KEYS = ("udev_rules_dir", "udev_owner", "chown", "udevadm",
-             "multipath_dir", "rbd_dir")
-
-
-def config_text(cfg):
-    """The daemon's oslo.config file made from ``cfg``.
-
-    Nothing here may come from a call: only from managedvolume.conf.  No
-    oslo.log option either (``log_config_append`` would run code as root).
-    """
-    debug = str(cfg.log_level).upper() == "DEBUG"
-    return (
-        "# Written by vdsm-managedvolume from managedvolume.conf for its\n"
-        "# privsep daemon, which runs as root: keep it root's, mode 0644.\n"
-        "# 'managedvolume-tool configure' rewrites it (a service running\n"
-        "# as root at every daemon start).\n"
-        "[DEFAULT]\n"
-        "debug = {debug}\n"
-        "\n"
-        "[oslo_concurrency]\n"
-        "lock_path = {lock_path}\n"
-        "\n"
-        "[{section}]\n"
-        "thread_pool_size = {pool}\n"
-        "connector_override = {override}\n"
-        "root_helper = {root_helper}\n"
-        "# Where add_udev_rule/remove_udev_rule may write, and what.\n"
-        "{udev}"
-    ).format(debug=debug, lock_path=cfg.brick_lock_dir, section=SECTION,
-             pool=thread_pool_size(cfg),
-             override=cfg.connector_override, root_helper=cfg.root_helper,
-             udev="".join("{} = {}\n".format(key, getattr(cfg, key))
-                          for key in UDEV_KEYS))
-
-
-def thread_pool_size(cfg):
-    """The daemon's ``thread_pool_size``: calls it runs at once."""
-    return max(THREAD_POOL_SIZE, cfg.max_operations + THREAD_POOL_SPARE)
-
-
-def prepare_config(cfg):
-    """Make sure the daemon's configuration file can be used; return its
-    path.
-
-    Root writes it.  Anyone else only checks it: HelperFailed when it is
-    missing or not safe for root to read (``unsafe_config``), a warning
-    when it differs from what managedvolume.conf says now.
-    """
-    path = cfg.privsep_config
-    if os.geteuid() == 0:
-        return write_config(cfg)
-    try:
-        # os-brick's lock_path; configure creates it on a vdsm host.
-        os.makedirs(cfg.brick_lock_dir, exist_ok=True)
-    except OSError as e:
-        LOG.warning("Cannot create %s: %s", cfg.brick_lock_dir, e.strerror)
-    reason = unsafe_config(path)
-    if reason:
-        raise errors.HelperFailed(
-            "cannot start the privsep daemon: its configuration {} {}; "
-            "run 'managedvolume-tool configure' as root to write it"
-            .format(path, reason))
-    try:
-        with open(path) as f:
-            current = f.read()
-    except OSError as e:
-        raise errors.HelperFailed(
-            "cannot read the privsep daemon's configuration {}: {}"
-            .format(path, e.strerror))
-    if current != config_text(cfg):
-        LOG.warning("%s does not match %s: run 'managedvolume-tool "
-                    "configure' as root to update it", path,
-                    cfg.source or "the configuration")
-    return path
-
-
-def unsafe_config(path, ancestors=False):
-    """Why root must not read the configuration file ``path``, or None.
-
-    Safe: a regular file (not a symlink) owned by root, not writable by
-    group or others, in a directory owned by root and not writable by
-    group or others (else its owner could swap the file by a rename).
-    ``ancestors``: also every directory above it owned by root and not
-    writable by group or others unless sticky (/tmp).
-    """
-    if not os.path.isabs(path):
-        return "is not an absolute path"
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return "does not exist"
-    except OSError as e:
-        return "cannot be examined ({})".format(e.strerror)
-    if not stat.S_ISREG(st.st_mode):
-        return "is not a regular file"
-    reason = _unsafe_owner(st, sticky_ok=False)
-    if reason:
-        return reason
-    directory = os.path.dirname(os.path.normpath(path))
-    dirs = [directory]
-    if ancestors:
-        d = directory
-        while d != os.path.dirname(d):
-            d = os.path.dirname(d)
-            dirs.append(d)
-    for i, d in enumerate(dirs):
-        where = "in" if i == 0 else "under"
-        try:
-            st = os.lstat(d)
-            if stat.S_ISLNK(st.st_mode):
-                if i == 0:
-                    return "is in {}, a symlink".format(d)
-                st = os.stat(d)
-        except OSError as e:
-            return "is {} {}, which cannot be examined ({})".format(
-                where, d, e.strerror)
-        reason = _unsafe_owner(st, sticky_ok=i > 0)
-        if reason:
-            return "is {} directory {}, which {}".format(where, d, reason)
-    return None
-
-
 def helper_command(cfg, sock_path=None):
     """The argv starting the daemon (see the module docstring).
 
@@ -582,7 +377,7 @@ def helper_command(cfg, sock_path=None):
         cmd = [_privsep_helper(), "--config-file", cfg.privsep_config]
         if os.geteuid() != 0:
             cmd = shlex.split(cfg.root_helper) + cmd
-    return cmd + ["--privsep_context", CONTEXT,
+    return cmd + ["--privsep_context", privsep.CONTEXT,
                   "--privsep_sock_path", sock_path]
 
 
@@ -612,7 +407,7 @@ class _Daemon:
         deadline = started + timeout
         # The daemon's start-up lines belong to the call that started it.
         flow = log.current_flow()
-        prepare_config(cfg)
+        privsepconfig.prepare_config(cfg)
         cmd = helper_command(cfg)
         proc = None
         output = None
@@ -645,17 +440,18 @@ class _Daemon:
         daemon = None
         try:
             channel.ping(_remaining(deadline))
-            pid = channel.call(ENTRYPOINTS + "getpid", (),
+            pid = channel.call(privsep.ENTRYPOINTS + "getpid", (),
                                _remaining(deadline), flow=flow)
             daemon = cls(channel, sock, pid, _pidfd(pid), output)
-            info = channel.call(ENTRYPOINTS + "hello", (flow,),
+            info = channel.call(privsep.ENTRYPOINTS + "hello", (flow,),
                                 _remaining(deadline), flow=flow)
-        except (_Timeout, _Died, RemoteError) as e:
+        except (_Timeout, _Died, privsep.RemoteError) as e:
             if daemon is not None:
                 daemon.kill()
             channel.shutdown()
             sock.close()
-            if isinstance(e, RemoteError) and e.args[0] == "unsupported":
+            if (isinstance(e, privsep.RemoteError)
+                    and e.args[0] == "unsupported"):
                 raise errors.NotSupported(e.args[1])
             raise errors.HelperFailed(
                 "privsep daemon did not become ready within {:.0f} s "
@@ -820,12 +616,13 @@ class _Channel:
             cls_name, exc_args = reply[1], reply[2]
             if cls_name.endswith(".PrivsepTimeout"):
                 raise _Timeout("no reply within {:.1f} s".format(wait))
-            if cls_name == __name__ + ".RemoteError":
-                raise RemoteError(*exc_args)
+            if cls_name == privsep.REMOTE_ERROR:
+                raise privsep.RemoteError(*exc_args)
             # Not raised by our entrypoints' wrapper (bad call, setup).
-            raise RemoteError("failed", mask.mask_text("{}: {}".format(
-                cls_name.rsplit(".", 1)[-1],
-                " ".join(str(a) for a in exc_args))))
+            raise privsep.RemoteError(
+                "failed", mask.mask_text("{}: {}".format(
+                    cls_name.rsplit(".", 1)[-1],
+                    " ".join(str(a) for a in exc_args))))
         raise _Died("unexpected reply: {!r}".format(reply[:1]))
 
     def shutdown(self):
@@ -867,7 +664,7 @@ class _Channel:
         if data.get("flow_id") in (None, "-"):
             data["flow_id"] = self._implied_flow()
         record = logging.makeLogRecord(data)
-        logger = logging.getLogger(DAEMON_LOGGER)
+        logger = logging.getLogger(privsep.DAEMON_LOGGER)
         if logger.isEnabledFor(record.levelno):
             logger.handle(record)
 
@@ -1122,15 +919,6 @@ def _import_root(top_level):
     return path
 
 
-def _unsafe_owner(st, sticky_ok):
-    if st.st_uid != 0:
-        return "belongs to uid {}, not root".format(st.st_uid)
-    if st.st_mode & 0o022 and not (sticky_ok and st.st_mode & stat.S_ISVTX):
-        return "is writable by group or others (mode {:04o})".format(
-            stat.S_IMODE(st.st_mode))
-    return None
-
-
 def _privsep_helper():
     path = os.path.join(os.path.dirname(sys.executable), "privsep-helper")
     if os.access(path, os.X_OK):
@@ -1156,7 +944,7 @@ def _remaining(deadline):
 
 
 def _remote_message(e):
-    if isinstance(e, RemoteError) and len(e.args) > 1:
+    if isinstance(e, privsep.RemoteError) and len(e.args) > 1:
         return e.args[1]
     return str(e)
 

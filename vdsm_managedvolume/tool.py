@@ -369,9 +369,10 @@ def _check_privsep(cfg, args):
         yield "privsep", "skip", "os-brick missing"
         return
     from . import privileged
+    from . import privsep
     # os-brick's warnings about what this host lacks (no iSCSI initiator
     # name, no nvme CLI) are not problems of ours; -v shows them.
-    daemon_log = logging.getLogger(privileged.DAEMON_LOGGER)
+    daemon_log = logging.getLogger(privsep.DAEMON_LOGGER)
     if not args.verbose:
         daemon_log.setLevel(logging.ERROR)
     brick = privileged.Brick(cfg)
@@ -686,9 +687,9 @@ def _open_service(cfg):
 def _write_privsep_config(cfg):
     """Write the privsep daemon's configuration when it is missing, stale
     or not safely root's; return the action, None when it was right."""
-    # privileged needs only the standard library at import (configure
+    # privsepconfig needs only the standard library at import (configure
     # runs in %post without os-brick).
-    from . import privileged
+    from . import privsepconfig
     path = cfg.privsep_config
     if os.geteuid() != 0:
         return {"action": "skipped", "path": path,
@@ -699,10 +700,10 @@ def _write_privsep_config(cfg):
             old = f.read()
     except FileNotFoundError:
         old = None
-    if (old == privileged.config_text(cfg)
-            and privileged.unsafe_config(path) is None):
+    if (old == privsepconfig.config_text(cfg)
+            and privsepconfig.unsafe_config(path) is None):
         return None
-    privileged.write_config(cfg)
+    privsepconfig.write_config(cfg)
     return {"action": "created" if old is None else "updated",
             "path": path,
             "detail": "privsep daemon configuration (root's, 0644)"}

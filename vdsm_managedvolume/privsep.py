@@ -1,0 +1,93 @@
+"""What the privsep client and the privsep daemon agree on.
+
+Two processes run this package on either side of one unix socket::
+
+    service (not root)                         privsep daemon (root)
+    privileged.py  ── msgpack over a socket ──> brick.py
+         \\                                      /
+          `──── privsep.py (this module) ──────'
+          `──── privsepconfig.py (its file) ───'
+
+Neither imports the other: the client (``privileged``) must never import
+os-brick nor oslo.config's daemon options, the daemon (``brick``) has no
+use for the client's start-up and channel code.  What both must agree on
+lives here:
+
+- the names: the privsep context privsep-helper is told to load
+  (``CONTEXT``), the prefix of the entrypoints the client calls
+  (``ENTRYPOINTS``), the logger the daemon's records arrive on
+  (``DAEMON_LOGGER``), the crash points inside the daemon
+  (``CRASH_POINTS``), the only options privsep-helper may get
+  (``HELPER_OPTIONS``) and the exit code of a daemon refusing an unsafe
+  start (``EXIT_REFUSED``);
+- the values crossing the socket: msgpack turns lists into tuples and
+  cannot carry sets, so both sides hand over ``plain()`` values;
+- the error: os-brick's exception classes never cross (the client must
+  not import them).  The daemon raises ``RemoteError(kind, *details)``
+  with a masked message; oslo.privsep sends an exception by its class's
+  qualified name (``REMOTE_ERROR``), which the client turns back into our
+  errors (HelperFailed, NotSupported, UnknownAdapter, InvalidParams).
+
+The daemon's configuration file (what it may do, from managedvolume.conf)
+is the other shared piece: ``privsepconfig``.
+"""
+
+from . import faults
+
+# The privsep context privsep-helper loads (``--privsep_context``), and
+# the module path every entrypoint name starts with.
+CONTEXT = "vdsm_managedvolume.brick.context"
+ENTRYPOINTS = "vdsm_managedvolume.brick."
+
+# The logger the daemon's records are logged on in the client's process.
+DAEMON_LOGGER = "vdsm_managedvolume.daemon"
+
+# The only arguments privsep-helper may get (the client's argv, checked
+# again by the daemon before it serves).
+HELPER_OPTIONS = ("--config-file", "--privsep_context",
+                  "--privsep_sock_path")
+
+# Exit code of a daemon refusing an unsafe start (sysexits' EX_CONFIG).
+EXIT_REFUSED = 78
+
+CRASH_POINTS = (
+    "privsep.connect.before",
+    "privsep.connect.after",
+    "privsep.disconnect.before",
+    "privsep.disconnect.after",
+    "privsep.extend.before",
+    "privsep.extend.after",
+)
+faults.register(*CRASH_POINTS)
+
+
+class RemoteError(Exception):
+    """An error raised in the daemon: ``(kind, *details)``.
+
+    Crosses the socket by class name (``REMOTE_ERROR``), so both sides
+    import this module, never os-brick's exception classes.  Kinds:
+    "failed" (message), "unsupported" (message), "unknown_adapter"
+    (adapter, installed), "invalid" (parameter name, reason).
+    """
+
+
+# The name oslo.privsep sends a RemoteError by (module and class).
+REMOTE_ERROR = "{}.{}".format(RemoteError.__module__, RemoteError.__name__)
+
+
+def plain(obj):
+    """``obj`` as plain JSON types: tuples and sets become lists (msgpack
+    turns lists into tuples and cannot carry sets), dict keys strings,
+    anything else its str()."""
+    if isinstance(obj, dict):
+        return {k if isinstance(k, str) else str(k): plain(v)
+                for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return sorted((plain(v) for v in obj), key=repr)
+    if obj is None or isinstance(obj, (str, bool, int, float)):
+        return obj
+    if isinstance(obj, bytes):
+        return obj.decode("utf-8", "replace")
+    return str(obj)

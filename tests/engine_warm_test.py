@@ -24,6 +24,8 @@ from .engine_fixtures import children_of
 from .engine_fixtures import new_id
 from .engine_fixtures import process_cmdlines
 from .engine_fixtures import process_state
+from .engine_fixtures import start_time
+from .engine_fixtures import wait_until_ended
 
 SECRET = "Warm-s3cret-pw"
 
@@ -206,6 +208,72 @@ def test_a_spare_child_exits_with_its_service(own_service, engine_backend):
     while any(process_state(pid) not in (None, "Z") for pid in spares):
         assert time.monotonic() < deadline, "spare child outlived the service"
         time.sleep(0.05)
+
+
+SLOW_DRIVER = "tests.engine_client_test.SlowDriver"
+
+
+def start_slow_request(service, tmp_path):
+    """A warm create_volume that runs (120 s) in a child of ``service``:
+    (the command's Popen, the child's pid and start time)."""
+    vols = tmp_path / "slow-vols"
+    vol = new_id()
+    proc = service.shim.popen(
+        "create_volume", vol, 1,
+        driver={"volume_driver": SLOW_DRIVER, "file_volume_dir": str(vols)},
+        db_url="sqlite:///{}".format(tmp_path / "slow.sqlite"))
+    pid_file = vols / "slow-{}.pid".format(vol)
+    deadline = time.monotonic() + 60
+    while not pid_file.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.05)
+    pid, started = (int(v) for v in pid_file.read_text().split())
+    return proc, pid, started
+
+
+def test_a_service_killed_with_sigkill_takes_its_children_with_it(
+        own_service, tmp_path):
+    proc, pid, started = start_slow_request(own_service, tmp_path)
+    try:
+        # The request's child, and the spare forked after it.
+        deadline = time.monotonic() + 30
+        while len(children_of(own_service.pid)) < 2:
+            assert time.monotonic() < deadline, "no spare child was forked"
+            time.sleep(0.05)
+        children = [(p, start_time(p)) for p in children_of(own_service.pid)]
+        assert pid in dict(children)
+        own_service.proc.kill()
+        own_service.proc.wait()
+        # No orphan left to PID 1: the one running a request ends too.
+        for child, child_started in children:
+            wait_until_ended(child, child_started)
+        out, _ = proc.communicate(timeout=60)
+        assert out.startswith(b"error:warm service at "), out
+        assert b"lost the request" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_sigterm_ends_the_requests_still_running_after_the_grace(
+        own_service, tmp_path):
+    proc, pid, started = start_slow_request(own_service, tmp_path)
+    try:
+        own_service.stop()
+        assert own_service.proc.returncode == 0
+        # Ended (and reaped) by the service itself, not left behind.
+        assert start_time(pid) is None
+        log = own_service.log()
+        assert "Child {} still running at stop, killing it".format(pid) \
+            in log
+        out, _ = proc.communicate(timeout=60)
+        assert out.startswith(b"error:warm service at "), out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 @pytest.fixture

@@ -58,6 +58,16 @@ request, nothing of a request outlives it.  When no ready spare is there
 the parent forks a child for the request as before.  A spare whose parent
 went away reads EOF and exits.
 
+No child outlives its service
+-----------------------------
+Every child asks the kernel for SIGKILL when the service dies
+(``PR_SET_PDEATHSIG``, set first thing after the fork; a service that died
+before that is seen by ``getppid``), so a service killed with SIGKILL
+takes its children with it, a child in the middle of a request included,
+instead of leaving them to PID 1 (seen after a killed test run).  On
+SIGTERM the service retires its spare at once, gives running requests
+``STOP_GRACE`` seconds to answer, then kills and reaps what is left.
+
 Trust
 -----
 Requests carry backend and database passwords, so the socket is created
@@ -103,6 +113,12 @@ SETUP_TIMEOUT = 60.0
 # a spare that does not take it in this time is killed, and the request
 # goes to a freshly forked child.
 HANDOFF_TIMEOUT = 5.0
+# On SIGTERM, how long running requests may take to answer before the
+# service kills them and exits.
+STOP_GRACE = 5.0
+# prctl(2) option: the signal a process gets when its parent dies.
+PR_SET_PDEATHSIG = 1
+_libc_prctl = None
 # What a spare says when it has warmed up, and how long a request waits
 # for a spare still warming up before it gets a child of its own (forking
 # one, ~5 ms, and its slower start cost about as much).
@@ -149,6 +165,7 @@ class Server:
         if _connectable(self.socket_path):
             raise AlreadyServing("a service already listens on {}".format(
                 self.socket_path))
+        _prctl()     # loaded here, once: a child must not import ctypes
         t = time.monotonic()
         _preload()
         log.info("cinderlib loaded in %.2f seconds", time.monotonic() - t)
@@ -213,11 +230,27 @@ class Server:
                 os.unlink(self.socket_path)
         except FileNotFoundError:
             pass
-        # Children finish (or time out) on their own; reap what is done.
-        deadline = time.monotonic() + 5
+        # Running requests may still answer; then no child outlives us.
+        deadline = time.monotonic() + STOP_GRACE
         while self.children and time.monotonic() < deadline:
             self._reap()
             time.sleep(0.05)
+        self._end_children()
+
+    def _end_children(self):
+        """Kill and reap every child left (the service is stopping)."""
+        for pid in list(self.children):
+            log.warning("Child %d still running at stop, killing it", pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid in list(self.children):
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+            self.children.pop(pid, None)
 
     def _stop(self, signo, frame):
         log.info("Got signal %d, stopping", signo)
@@ -289,8 +322,10 @@ class Server:
             return data, None
 
     def _fork(self, conn, request):
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:
+            _die_with(parent)
             if self.spare is not None:
                 # Only the parent may talk to the spare (and its EOF must
                 # tell the spare that the parent is gone).
@@ -360,8 +395,10 @@ class Server:
             return
         parent_end, child_end = socket.socketpair(socket.AF_UNIX,
                                                   socket.SOCK_STREAM)
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:
+            _die_with(parent)
             parent_end.close()
             _spare(self.sock, child_end, self.log_file,
                    self.log_level)     # never returns
@@ -539,6 +576,26 @@ def _spare(listener, channel, log_file, log_level):
         _log_failure()
     finally:
         _end(code)
+
+
+def _die_with(parent):
+    """In a child, first thing: be killed when ``parent`` dies.
+
+    Already dead (between the fork and the prctl) shows as another parent:
+    then exit at once.
+    """
+    _prctl()(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _prctl():
+    """libc's prctl(2) (ctypes), loaded once."""
+    global _libc_prctl
+    if _libc_prctl is None:
+        import ctypes
+        _libc_prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return _libc_prctl
 
 
 def _become_child(listener):

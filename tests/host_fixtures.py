@@ -189,11 +189,11 @@ class InProcessBrick:
             raise errors.HelperFailed(str(e))
 
     def add_udev_rule(self, sd_id, vol_id, path):
+        from vdsm_managedvolume import transports
         from vdsm_managedvolume import udev
         self.calls.append(("add_udev_rule", sd_id, vol_id, path))
         try:
-            udev.check_device_path(path, ("/dev", self.cfg.multipath_dir,
-                                          self.cfg.rbd_dir))
+            udev.check_device_path(path, transports.device_dirs(self.cfg))
             dst = udev.add_rule(self.cfg, sd_id, vol_id, path)
         except udev.UnsafePath as e:
             raise errors.HelperFailed("UnsafePath: {}".format(e))

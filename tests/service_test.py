@@ -119,6 +119,29 @@ def test_invalid_params_fail_before_any_side_effect(
     assert not os.path.exists(inproc_service.cfg.udev_rules_dir)
 
 
+@pytest.mark.parametrize("dvt, data, name", [
+    ("iscsi", {"target_iqn": "iqn.2026-11.org.example:v", "target_lun": 1},
+     "connection_info.data.target_portal"),
+    ("fibre_channel", {"target_lun": 1}, "connection_info.data.target_wwn"),
+    ("nvmeof", {"target_nqn": "nqn.2026-11.x:v",
+                "portals": [["192.0.2.3", 4420]]},
+     "connection_info.data.portals[0]"),
+    ("lightos", {"subsysnqn": "nqn.x"}, "connection_info.data.uuid"),
+    ("storpool", {"client_id": 1, "volume": "v", "access_mode": "rwx"},
+     "connection_info.data.access_mode"),
+    ("rbd", {"name": "../../etc/passwd"}, "connection_info.data.name"),
+])
+def test_fields_the_connector_needs_are_checked_before_any_side_effect(
+        inproc_service, inproc_brick, dvt, data, name):
+    with pytest.raises(errors.InvalidParams) as e:
+        inproc_service.attach_volume(
+            new_id(), {"driver_volume_type": dvt, "data": data}, SD)
+    assert e.value.name == name
+    assert inproc_brick.calls == []
+    assert records(inproc_service) == []
+    assert not os.path.exists(inproc_service.cfg.udev_rules_dir)
+
+
 def test_disallowed_driver_type_is_930_before_connecting(
         inproc_service, inproc_brick):
     inproc_service.cfg.allowed_types = ("rbd",)
@@ -1333,7 +1356,9 @@ def test_failed_connect_whose_disconnect_fails_too_leaves_no_record(
     for dvt, target in (("fibre_channel", {"target_wwn": ["50014380"],
                                            "target_lun": 1}),
                         ("nvmeof", {"target_nqn": "nqn.2026-11.x:" +
-                                    new_id()})):
+                                    new_id(),
+                                    "portals": [["192.0.2.3", 4420,
+                                                 "tcp"]]})):
         ci = {"driver_volume_type": dvt,
               "data": dict(target, fake_fail="no HBA found",
                            fake_fail_disconnect="no HBA found")}

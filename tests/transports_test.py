@@ -1,5 +1,6 @@
-"""One class per driver_volume_type: the factory, vdsm's path rules, the
-local device check."""
+"""One class per driver_volume_type: the factory, vdsm's path rules, how
+udev matches a device, what the connector is handed, the fields each type
+needs, the local device check."""
 
 import os
 
@@ -19,12 +20,13 @@ def cfg(tmp_path):
 
 
 def test_each_type_with_a_rule_of_its_own_has_a_class():
-    assert transports.names() == ["fibre_channel", "iscsi", "local", "rbd"]
+    assert transports.names() == ["fibre_channel", "iscsi", "lightos",
+                                  "local", "nvmeof", "rbd", "storpool"]
     for name in transports.names():
         assert transports.get(name).name == name
 
 
-@pytest.mark.parametrize("name", ["nvmeof", "lightos", "storpool", "x"])
+@pytest.mark.parametrize("name", ["x", "scaleio", "", None])
 def test_other_types_get_the_default_transport(name):
     assert type(transports.get(name)) is base.Transport
 
@@ -74,11 +76,216 @@ def test_local_refuses_what_is_not_a_block_device_naming_the_field(
 
 
 def test_other_types_have_no_checks_of_their_own(cfg):
-    transports.get("iscsi").check(
-        cfg, {"driver_volume_type": "iscsi", "data": {}})
+    transports.get("x").check(cfg, {"driver_volume_type": "x", "data": {}})
 
 
 def test_identity_of_a_file_is_none(tmp_path):
     f = tmp_path / "file"
     f.write_text("")
     assert transports.get("iscsi").identity(str(f)) is None
+
+
+# How udev matches the device: from the path, by the transports' table
+
+@pytest.mark.parametrize("path, match", [
+    ("/dev/mapper/3600a", ("SYMLINK", "mapper/3600a")),
+    ("/dev/rbd/pool/vol-1", ("SYMLINK", "rbd/pool/vol-1")),
+    ("/dev/rbd/pool/ns/vol-1", ("SYMLINK", "rbd/pool/ns/vol-1")),
+    ("/dev/nvme0n3", ("KERNEL", "nvme0n3")),
+    ("/dev/loop7", ("KERNEL", "loop7")),
+])
+def test_udev_match_of_default_paths(path, match):
+    assert transports.udev_match(path) == match
+
+
+def test_udev_match_names_configured_dirs_as_udev_sees_them(cfg):
+    assert transports.udev_match(
+        os.path.join(cfg.multipath_dir, "3600a"), cfg) == \
+        ("SYMLINK", "mapper/3600a")
+    assert transports.udev_match(
+        os.path.join(cfg.rbd_dir, "pool", "v"), cfg) == \
+        ("SYMLINK", "rbd/pool/v")
+
+
+def test_udev_match_of_another_symlink_is_the_link(tmp_path):
+    link = tmp_path / "by-id-x"
+    link.symlink_to("/dev/null")
+    assert transports.udev_match(str(link))[0] == "SYMLINK"
+
+
+def test_stable_link_dirs_come_from_the_transports(cfg):
+    assert transports.link_dirs(cfg) == [(cfg.multipath_dir, "mapper"),
+                                         (cfg.rbd_dir, "rbd")]
+    assert transports.device_dirs(cfg) == ("/dev", cfg.multipath_dir,
+                                           cfg.rbd_dir)
+    assert transports.device_dirs() == ("/dev", "/dev/mapper", "/dev/rbd")
+
+
+# What the privsep daemon hands os-brick's connector
+
+def test_rbd_connector_maps_the_image_on_this_host():
+    rbd = transports.get("rbd")
+    assert rbd.connector_kwargs == {"do_local_attach": True}
+    ci = {"driver_volume_type": "rbd", "data": {"name": "p/v"}}
+    assert rbd.connector_data(ci) == {"name": "p/v",
+                                      "do_local_attach": True}
+    assert rbd.connector_data(ci, {"path": "/dev/rbd/p/v"}) == {
+        "name": "p/v", "do_local_attach": True, "device_path": "/dev/rbd/p/v"}
+    assert ci["data"] == {"name": "p/v"}
+
+
+@pytest.mark.parametrize("name", ["iscsi", "nvmeof", "local", "x"])
+def test_other_connectors_get_a_copy_of_data(name):
+    ci = {"driver_volume_type": name, "data": {"a": 1}}
+    t = transports.get(name)
+    assert t.connector_kwargs == {}
+    data = t.connector_data(ci, {"path": "/dev/sdb"})
+    assert data == {"a": 1} and data is not ci["data"]
+
+
+# Fields: what os-brick's connector would certainly fail on, named
+
+GOOD = [
+    ("iscsi", {"target_portal": "192.0.2.1:3260",
+               "target_iqn": "iqn.2026-11.org.example:v", "target_lun": 1}),
+    ("iscsi", {"target_portal": "192.0.2.1:3260",
+               "target_iqn": "iqn.2026-11.org.example:v", "target_lun": 0}),
+    ("iscsi", {"target_portals": ["192.0.2.1:3260", "192.0.2.2:3260"],
+               "target_iqns": ["iqn.x:a", "iqn.x:b"],
+               "target_luns": [1, 1]}),
+    ("iscsi", {"target_portals": ["192.0.2.1:3260"],
+               "target_iqns": ["iqn.x:a"], "target_lun": 3}),
+    # Single-portal keys beside the lists, as Cinder sends them.
+    ("iscsi", {"target_portal": "192.0.2.1:3260", "target_iqn": "iqn.x:a",
+               "target_lun": 1, "target_portals": ["192.0.2.1:3260"],
+               "target_iqns": ["iqn.x:a"], "target_luns": [1]}),
+    ("fibre_channel", {"target_wwn": "500a0981", "target_lun": 1}),
+    ("fibre_channel", {"target_wwn": ["500a0981", "500a0982"],
+                       "target_lun": 1}),
+    ("fibre_channel", {"target_wwn": ["500a0981", "500a0982"],
+                       "target_luns": [1, 2]}),
+    ("fibre_channel", {"target_wwns": ["500a0981"], "target_luns": [4]}),
+    ("fibre_channel", {"target_wwn": "500a0981"}),
+    ("nvmeof", {"target_nqn": "nqn.x", "portals": [["192.0.2.3", 4420,
+                                                    "tcp"]]}),
+    ("nvmeof", {"nqn": "nqn.x", "target_portal": "192.0.2.3",
+                "target_port": 4420, "transport_type": "tcp"}),
+    ("nvmeof", {"vol_uuid": "0d4b0fe16a694a2e9f634c8f3bd6f0a1",
+                "replica_count": None, "volume_replicas": [
+                    {"target_nqn": "nqn.x", "portals": [["192.0.2.3", "4420",
+                                                         "RoCEv2"]]}]}),
+    ("lightos", {"uuid": "u-1", "subsysnqn": "nqn.x", "lightos_nodes": {
+        "192.0.2.4": {"transport_type": "tcp", "target_portal": "192.0.2.4",
+                      "target_port": 8009}}}),
+    ("storpool", {"client_id": 1, "volume": "v-1", "access_mode": "rw"}),
+    ("storpool", {"client_id": 1, "volume": "v-1", "access_mode": "ro"}),
+    ("rbd", {"name": "pool/image"}),
+    ("rbd", {"name": "pool/namespace/image"}),
+]
+
+
+@pytest.mark.parametrize("dvt, data", GOOD)
+def test_shapes_the_connector_accepts_pass(cfg, dvt, data):
+    transports.get(dvt).check(cfg, {"driver_volume_type": dvt,
+                                    "data": data})
+
+
+BAD = [
+    ("iscsi", {"target_iqn": "iqn.x:a", "target_lun": 1}, "target_portal"),
+    ("iscsi", {"target_portal": "192.0.2.1:3260", "target_lun": 1},
+     "target_iqn"),
+    ("iscsi", {"target_portal": "192.0.2.1:3260", "target_iqn": "iqn.x:a"},
+     "target_lun"),
+    ("iscsi", {"target_portal": ["192.0.2.1:3260"], "target_iqn": "iqn.x:a",
+               "target_lun": 1}, "target_portal"),
+    ("iscsi", {"target_portals": "192.0.2.1:3260", "target_iqns": ["i"],
+               "target_lun": 1}, "target_portals"),
+    ("iscsi", {"target_portals": ["192.0.2.1:3260"], "target_iqns": [],
+               "target_lun": 1}, "target_iqns"),
+    ("iscsi", {"target_portals": ["192.0.2.1:3260"], "target_iqns": [7],
+               "target_lun": 1}, "target_iqns[0]"),
+    ("iscsi", {"target_portal": "192.0.2.1:3260", "target_iqn": "iqn.x:a",
+               "target_lun": None}, "target_lun"),
+    ("fibre_channel", {"target_lun": 1}, "target_wwn"),
+    ("fibre_channel", {"target_wwn": 5000, "target_lun": 1}, "target_wwn"),
+    ("fibre_channel", {"target_wwn": ["500a", 7], "target_lun": 1},
+     "target_wwn[1]"),
+    ("fibre_channel", {"target_wwn": "500a", "target_lun": "1"},
+     "target_lun"),
+    ("fibre_channel", {"target_wwn": ["500a", "500b"],
+                       "target_luns": [1, 2, 3]}, "target_luns"),
+    ("nvmeof", {"target_nqn": "nqn.x"}, "portals"),
+    ("nvmeof", {"target_nqn": "nqn.x", "portals": []}, "portals"),
+    ("nvmeof", {"target_nqn": "nqn.x", "portals": [["a", 1]]},
+     "portals[0]"),
+    ("nvmeof", {"target_nqn": 7, "portals": [["a", 1, "tcp"]]},
+     "target_nqn"),
+    ("nvmeof", {"nqn": "nqn.x", "target_portal": "a", "target_port": 1},
+     "transport_type"),
+    ("nvmeof", {"volume_replicas": [{"target_nqn": "n",
+                                     "portals": [["a", 1, "tcp"]]}],
+                "replica_count": 1}, "vol_uuid"),
+    ("nvmeof", {"volume_replicas": [{"target_nqn": "n",
+                                     "portals": [["a", 1, "tcp"]]}],
+                "replica_count": 1, "vol_uuid": "x"}, "vol_uuid"),
+    ("nvmeof", {"volume_replicas": [{"target_nqn": "n",
+                                     "portals": [["a", 1, "tcp"]]}],
+                "vol_uuid": "0d4b0fe1-6a69-4a2e-9f63-4c8f3bd6f0a1"},
+     "replica_count"),
+    ("nvmeof", {"volume_replicas": [{"portals": [["a", 1, "tcp"]]}],
+                "replica_count": 1,
+                "vol_uuid": "0d4b0fe1-6a69-4a2e-9f63-4c8f3bd6f0a1"},
+     "volume_replicas[0].target_nqn"),
+    ("lightos", {"subsysnqn": "nqn.x"}, "uuid"),
+    ("lightos", {"uuid": "u", "lightos_nodes": ["192.0.2.4"]},
+     "lightos_nodes"),
+    ("storpool", {"volume": "v", "access_mode": "rw"}, "client_id"),
+    ("storpool", {"client_id": 1, "access_mode": "rw"}, "volume"),
+    ("storpool", {"client_id": 1, "volume": "v"}, "access_mode"),
+    ("storpool", {"client_id": 1, "volume": "v", "access_mode": "RW"},
+     "access_mode"),
+]
+
+
+@pytest.mark.parametrize("dvt, data, field", BAD)
+def test_what_the_connector_would_fail_on_is_refused_naming_the_field(
+        cfg, dvt, data, field):
+    with pytest.raises(errors.InvalidParams) as e:
+        transports.get(dvt).check(cfg, {"driver_volume_type": dvt,
+                                        "data": data})
+    assert e.value.name == "connection_info.data." + field
+
+
+@pytest.mark.parametrize("dvt, data, field", BAD)
+def test_a_vendor_adapter_reads_its_own_fields(cfg, dvt, data, field):
+    transports.get(dvt).check(cfg, {"driver_volume_type": dvt,
+                                    "adapter": "acme", "data": data})
+
+
+@pytest.mark.parametrize("bad", [
+    None, 7, "", "image", "pool/", "/image", "pool//image", "a/b/c/d",
+    "pool/..", "../image", "pool/./image", "pool/im age", "pool/im\nage",
+    "pool/image/"])
+def test_rbd_name_is_checked_before_it_becomes_a_device_path(cfg, bad):
+    for adapter in (None, "acme"):
+        ci = {"driver_volume_type": "rbd", "data": {"name": bad},
+              "adapter": adapter}
+        with pytest.raises(errors.InvalidParams) as e:
+            transports.get("rbd").check(cfg, ci)
+        assert e.value.name == "connection_info.data.name"
+
+
+def test_rbd_name_is_not_required_of_other_types(cfg):
+    data = dict(GOOD[0][1], name="../x")
+    transports.get("iscsi").check(cfg, {"driver_volume_type": "iscsi",
+                                        "data": data})
+
+
+def test_the_daemon_is_configured_with_every_stable_link_dir():
+    # The privsep daemon writes rules from its own configuration file:
+    # a transport's link directory must be among the keys it gets.
+    from vdsm_managedvolume import privsepconfig
+    for name in transports.names():
+        links = transports.get(name).stable_links
+        if links is not None:
+            assert links[0] in privsepconfig.UDEV_KEYS

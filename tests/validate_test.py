@@ -196,9 +196,7 @@ def test_connection_info_refuses_nan_and_infinities(bad, name):
     "pool/image", "pool/namespace/image", "rbd-pool.1/volume-0d4b0fe1",
     "p:x/v@snap"])
 def test_rbd_name_accepts_pool_image_and_pool_namespace_image(good):
-    ci = {"driver_volume_type": "rbd", "data": {"name": good}}
-    assert validate.connection_info(
-        "connection_info", ci)["data"]["name"] == good
+    assert validate.rbd_name("connection_info.data.name", good) == good
 
 
 @pytest.mark.parametrize("bad", [
@@ -206,12 +204,12 @@ def test_rbd_name_accepts_pool_image_and_pool_namespace_image(good):
     "pool/..", "../image", "pool/./image", "pool/im age", "pool/im\nage",
     "pool/image/"])
 def test_rbd_name_is_checked_before_it_becomes_a_device_path(bad):
-    ci = {"driver_volume_type": "rbd", "data": {"name": bad}}
+    # Applied to rbd's data.name by transports.rbd (transports_test).
     with pytest.raises(errors.InvalidParams) as e:
-        validate.connection_info("connection_info", ci)
+        validate.rbd_name("connection_info.data.name", bad)
     assert e.value.name == "connection_info.data.name"
 
 
-def test_rbd_name_is_not_required_of_other_types():
+def test_connection_info_leaves_the_fields_of_a_type_to_its_transport():
     ci = {"driver_volume_type": "iscsi", "data": {"name": "../x"}}
     assert validate.connection_info("connection_info", ci) == ci

@@ -43,8 +43,8 @@ user vdsm and cannot write ``/etc/udev/rules.d`` nor a device's sysfs
 ``uevent``.  ``add_udev_rule(sd_id, vol_id, path)`` and
 ``remove_udev_rule(sd_id, vol_id)`` do it here, and nothing more: the ids
 must be UUIDs, the path a plain device path under /dev (or the configured
-multipath/rbd directories), the rule text is rebuilt here by
-``udev.rule_text`` and the file name from the ids, in the
+multipath/rbd directories, ``transports.device_dirs``), the rule text is
+rebuilt here by ``udev.rule_text`` and the file name from the ids, in the
 ``udev_rules_dir`` of this daemon's configuration file.  No entrypoint
 writes a file name or text the caller chose.
 
@@ -102,6 +102,7 @@ from . import log
 from . import mask
 from . import privsep
 from . import privsepconfig
+from . import transports
 from . import udev
 from . import validate
 
@@ -258,12 +259,7 @@ def disconnect_volume(connection_info, attachment, deadline, flow_id):
     attachment = privsep.plain(attachment)
     with _operation("disconnect", deadline, flow_id, connection_info):
         conn = _connector(connection_info)
-        data = _data(connection_info)
-        if (connection_info.get("driver_volume_type") == "rbd"
-                and attachment and attachment.get("path")):
-            # vdsm's rule: os-brick's RBD disconnect finds the mapping by
-            # the device path.
-            data["device_path"] = attachment["path"]
+        data = _data(connection_info, attachment)
         faults.crash_point("privsep.disconnect.before")
         conn.disconnect_volume(data, attachment)
         faults.crash_point("privsep.disconnect.after")
@@ -277,11 +273,9 @@ def extend_volume(connection_info, deadline, flow_id):
 
     os-brick's ``connector.extend_volume(connection_properties)``, as Nova
     (LibvirtDriver.extend_volume through its volume drivers) and Ember-CSI
-    (NodeExpandVolume, through cinderlib's Connection.extend) call it:
-    iSCSI/FC rescan every path (``echo 1 > .../rescan``) then ``multipathd
-    resize map``; NVMe-oF rescans the controller; RBD reads the mapped
-    image's size (the kernel refreshes it itself); local runs ``blockdev
-    --getsize64`` on device_path and rescans nothing.
+    (NodeExpandVolume, through cinderlib's Connection.extend) call it;
+    what each connector does is told in its transport's module
+    (vdsm_managedvolume/transports/).
     """
     connection_info = privsep.plain(connection_info)
     with _operation("extend", deadline, flow_id, connection_info):
@@ -299,8 +293,7 @@ def add_udev_rule(sd_id, vol_id, path, deadline, flow_id):
     with _operation("add_udev_rule", deadline, flow_id, None):
         cfg = _udev_config()
         sd_id, vol_id = _volume_ids(sd_id, vol_id)
-        udev.check_device_path(
-            path, ("/dev", cfg.multipath_dir, cfg.rbd_dir))
+        udev.check_device_path(path, transports.device_dirs(cfg))
         _check_inside(cfg, udev.rule_path(cfg.udev_rules_dir, sd_id, vol_id))
         dst = udev.add_rule(cfg, sd_id, vol_id, path)
         udev.trigger(cfg, path)
@@ -548,9 +541,7 @@ def _connector(connection_info):
             "failed", "connection_info has no driver_volume_type")
     root_helper = _conf().root_helper
     kwargs = dict(CONNECTOR_KWARGS)
-    if protocol == "rbd":
-        # The device must appear as /dev/rbd/<pool>/<volume> for qemu.
-        kwargs["do_local_attach"] = True
+    kwargs.update(transports.get(protocol).connector_kwargs)
 
     adapter = connection_info.get("adapter")
     if adapter:
@@ -570,11 +561,10 @@ def _connector(connection_info):
                                                 **kwargs)
 
 
-def _data(connection_info):
-    data = dict(connection_info.get("data") or {})
-    if connection_info.get("driver_volume_type") == "rbd":
-        data.setdefault("do_local_attach", True)
-    return data
+def _data(connection_info, attachment=None):
+    return transports.get(
+        connection_info.get("driver_volume_type")).connector_data(
+            connection_info, attachment)
 
 
 def _scrub(text, connection_info):

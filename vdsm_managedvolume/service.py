@@ -197,7 +197,8 @@ class Service:
         path does not exist (the connection is undone),
         InvalidParams when connection_info is larger than
         validate.MAX_CONNECTION_INFO as JSON, holds NaN or infinities,
-        or (rbd) its data.name is not "pool/image".
+        lacks a field its connector needs or holds one of the wrong type
+        (``transports``: rbd's data.name is "pool/image").
         A record left by a reboot (another boot) or a crash does not
         block: the volume is attached again, from another boot as a first
         attach.  DeviceChanged (929) when the device at the recorded path

@@ -11,10 +11,13 @@ holding one line that matches the device and runs chown on it::
     SYMLINK=="rbd/pool/vol-1", RUN+="/usr/bin/chown vdsm:qemu $env{DEVNAME}"
     KERNEL=="nvme0n3", RUN+="/usr/bin/chown vdsm:qemu $env{DEVNAME}"
 
-``SYMLINK==`` for device-mapper and rbd paths (they are symlinks to
-``dm-N`` / ``rbdN``, whose kernel names change on every connect), and for
-any other path that is a symlink; ``KERNEL==`` for a plain ``/dev/xxx``.
-The value is the path relative to ``/dev``, as udev spells it.
+How the device is matched is the transports' business
+(``transports.udev_match``, from the path alone): ``SYMLINK==`` for
+device-mapper and rbd paths (they are symlinks to ``dm-N`` / ``rbdN``,
+whose kernel names change on every connect), and for any other path that
+is a symlink; ``KERNEL==`` for a plain ``/dev/xxx``.  The value is the
+path relative to ``/dev``, as udev spells it.  This module keeps the
+file: its name, its one line, how it is written, checked and removed.
 
 Never ``OWNER``/``GROUP``/``MODE``: udev then resets the SELinux label to
 the default and running VMs pause (https://bugzilla.redhat.com/1147910).
@@ -48,6 +51,7 @@ import re
 import subprocess
 
 from . import devices
+from . import transports
 
 log = logging.getLogger("managedvolume.udev")
 
@@ -77,19 +81,13 @@ def rule_path(rules_dir, sd_id, vol_id):
         PREFIX, sd_id, vol_id, SUFFIX))
 
 
-def rule_text(path, owner, chown, symlink_dirs=("/dev/mapper", "/dev/rbd")):
+def rule_text(path, owner, chown, cfg=None):
     """The rule line matching ``path`` and chown-ing it to ``owner``.
 
-    ``symlink_dirs``: directories whose entries are always symlinks to a
-    kernel device (configurable so that tests can use a temp directory).
+    How the device is matched is ``transports.udev_match`` (``cfg``'s
+    multipath and rbd directories; None: the defaults under /dev).
     """
-    if any(_is_under(path, d) for d in symlink_dirs):
-        key = "SYMLINK"
-    elif os.path.islink(path):
-        key = "SYMLINK"
-    else:
-        key = "KERNEL"
-    device = _udev_name(path, symlink_dirs)
+    key, device = transports.udev_match(path, cfg)
     for value, what in ((device, "device path"), (owner, "owner"),
                         (chown, "chown command")):
         if not _SAFE_DEVICE_RE.match(value or ""):
@@ -133,8 +131,7 @@ def check_device_path(path, device_dirs=("/dev",)):
 def add_rule(cfg, sd_id, vol_id, path):
     """Write the rule of a volume atomically (mode 0644); return its path."""
     os.makedirs(cfg.udev_rules_dir, mode=0o755, exist_ok=True)
-    text = rule_text(path, cfg.udev_owner, cfg.chown,
-                     symlink_dirs=(cfg.multipath_dir, cfg.rbd_dir))
+    text = rule_text(path, cfg.udev_owner, cfg.chown, cfg)
     dst = rule_path(cfg.udev_rules_dir, sd_id, vol_id)
     tmp = temp_path(cfg.udev_rules_dir, sd_id, vol_id)
     # O_NOFOLLOW: a symlink planted under the temp name must not make us
@@ -176,8 +173,7 @@ def rule_ok(cfg, sd_id, vol_id, path):
     try:
         with open(rule_path(cfg.udev_rules_dir, sd_id, vol_id)) as f:
             current = f.read()
-        expected = rule_text(path, cfg.udev_owner, cfg.chown,
-                             symlink_dirs=(cfg.multipath_dir, cfg.rbd_dir))
+        expected = rule_text(path, cfg.udev_owner, cfg.chown, cfg)
     except (OSError, UnsafePath):
         return False
     return current == expected
@@ -260,18 +256,6 @@ def _udevadm_trigger(cfg, path, timeout):
 
 
 # Private helpers
-
-def _udev_name(path, symlink_dirs):
-    """The name udev matches: the path relative to /dev.
-
-    For a configured multipath/rbd directory outside /dev (tests), the
-    name is taken as if that directory were /dev/mapper or /dev/rbd.
-    """
-    for d, udev_dir in zip(symlink_dirs, ("mapper", "rbd")):
-        if _is_under(path, d):
-            return os.path.join(udev_dir, os.path.relpath(path, d))
-    return os.path.relpath(path, "/dev")
-
 
 def _is_under(path, directory):
     return os.path.normpath(path).startswith(

@@ -104,6 +104,8 @@ def connection_info(name, value):
 
     Required: ``driver_volume_type`` (non-empty string) and ``data`` (a
     mapping).  Optional: ``adapter`` (a vendor name; null means absent).
+    The fields of ``data`` each type needs are its transport's to check
+    (``transports``).
     The copy went through JSON, so comparing it to a stored record is
     comparing like with like (no tuples, no non-string keys).
     """
@@ -135,8 +137,6 @@ def connection_info(name, value):
     normalised = json.loads(text)
     if normalised.get("adapter", "") is None:
         del normalised["adapter"]
-    if normalised["driver_volume_type"] == "rbd":
-        rbd_name(name + ".data.name", normalised["data"].get("name"))
     return normalised
 
 
@@ -212,7 +212,8 @@ def device_path(name, value):
 
 def rbd_name(name, value):
     """An rbd image name, "pool/image" or "pool/namespace/image": it
-    becomes /dev/rbd/<value>, a link target and a udev rule match."""
+    becomes /dev/rbd/<value>, a link target and a udev rule match
+    (checked by ``transports.rbd``)."""
     if (not isinstance(value, str) or not _RBD_NAME_RE.match(value)
             or any(p in (".", "..") for p in value.split("/"))):
         raise errors.InvalidParams(

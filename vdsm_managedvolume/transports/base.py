@@ -3,16 +3,48 @@
 from .. import devices
 from .. import errors
 
+# How fields of connection_info["data"] are named in errors.
+DATA = "connection_info.data"
+
 
 class Transport:
-    """The default: os-brick's attachment path, sysfs identity, no checks
-    of its own (nvmeof, lightos, storpool and any other type)."""
+    """The default: os-brick's attachment path, matched by its kernel name
+    in the udev rule, sysfs identity, no checks of its own (any type
+    without a class of its own)."""
 
     name = None
 
+    # The directory of this type's stable links (a Config attribute) and
+    # its name under /dev as udev spells it, or None: the device is then
+    # matched by the path os-brick returned (its kernel name, or the link
+    # when that path is a symlink).  See ``transports.udev_match``.
+    stable_links = None
+
+    # Keywords of this type for os-brick's connector factory, beside
+    # use_multipath and device_scan_attempts (daemon side).
+    connector_kwargs = {}
+
     def check(self, cfg, connection_info):
-        """Raise InvalidParams if ``connection_info`` cannot be attached
-        on this host; nothing has happened yet."""
+        """Raise InvalidParams, naming the field, if ``connection_info``
+        cannot be attached on this host; nothing has happened yet.
+
+        The default checks the fields os-brick's connector reads
+        (``fields``), unless a vendor adapter connects the volume: its
+        connector reads what it likes.
+        """
+        if not connection_info.get("adapter"):
+            self.fields(connection_info["data"])
+
+    def fields(self, data):
+        """Raise InvalidParams when os-brick's connector would certainly
+        fail on ``data`` (a required key missing, a value of the wrong
+        type); shapes the connector accepts all pass."""
+
+    def connector_data(self, connection_info, attachment=None):
+        """The ``data`` handed to the connector's connect, disconnect
+        (with the ``attachment`` connect returned) and extend (daemon
+        side): a copy of connection_info["data"]."""
+        return dict(connection_info.get("data") or {})
 
     def path(self, cfg, vol_id, connection_info, attachment):
         """The device path after connect (``attachment`` is what the
@@ -28,3 +60,54 @@ class Transport:
         """What the device at ``path`` is (``devices.identity``), None
         when there is no block device."""
         return devices.identity(path)
+
+
+# Helpers for fields(): each raises InvalidParams naming the field.
+
+def field_name(key, *more):
+    """``connection_info.data.<key>[i]...``"""
+    name = "{}.{}".format(DATA, key)
+    for index in more:
+        name += "[{}]".format(index)
+    return name
+
+
+def required(data, key, kind=None):
+    """``data[key]``, present and not null (of ``kind`` when given)."""
+    if data.get(key) is None:
+        raise errors.InvalidParams(
+            name=field_name(key),
+            reason="missing (os-brick's connector needs it)")
+    if kind is not None:
+        of_kind(field_name(key), data[key], kind)
+    return data[key]
+
+
+def of_kind(name, value, kind):
+    """Raise InvalidParams unless ``value`` is of ``kind`` (str, list,
+    dict or int)."""
+    if not isinstance(value, kind):
+        raise errors.InvalidParams(
+            name=name, reason="expected {}, got {}".format(
+                _KIND_NAMES[kind], type(value).__name__))
+    return value
+
+
+def list_of(name, value, kind, length=None):
+    """A non-empty list of ``kind`` values (each of ``length`` items
+    when ``kind`` is list and ``length`` given)."""
+    of_kind(name, value, list)
+    if not value:
+        raise errors.InvalidParams(name=name, reason="expected a non-empty "
+                                   "list")
+    for i, item in enumerate(value):
+        of_kind("{}[{}]".format(name, i), item, kind)
+        if length is not None and len(item) != length:
+            raise errors.InvalidParams(
+                name="{}[{}]".format(name, i), reason="expected {} items, "
+                "got {}".format(length, len(item)))
+    return value
+
+
+_KIND_NAMES = {str: "a string", list: "a list", dict: "an object",
+               int: "an integer"}

@@ -4,14 +4,20 @@ os-brick's local connector returns whatever ``device_path`` it is given,
 and the udev rule would then give that device to qemu's user: the path
 must name an allowed block device the host does not use
 (``devices.check_local``, ``[volumes] local_devices``) before anything
-happens.
+happens, even with a vendor adapter.  The rule matches the device by its
+kernel name (or by the link, when ``device_path`` is one).
+
+Size refresh (os-brick's ``extend_volume``): nothing is rescanned; the
+connector reads the device's size (``blockdev --getsize64``).  A device
+that must be told its new size does it itself (DRBD), or is told by
+whoever grew it (``losetup -c`` for a loop device's grown file).
 """
 
 from .. import devices
 from .. import validate
 from . import base
 
-FIELD = "connection_info.data.device_path"
+FIELD = base.field_name("device_path")
 
 
 class Local(base.Transport):

@@ -2,17 +2,47 @@
 
 The kernel names the device ``/dev/rbdN`` (N changes at every map) and
 udev links it as ``<rbd_dir>/<pool>/<volume>``: that stable link is the
-path, from ``data.name`` ("pool/volume", checked by
-``validate.connection_info``).
+path, from ``data.name``, and what the udev rule matches (``SYMLINK==
+"rbd/<pool>/<volume>"``).
+
+Special cases, all here:
+
+- the connector is created, and every call's data carries,
+  ``do_local_attach``: the image is mapped on this host (``rbd map``),
+  as vdsm's managedvolume-helper does with its own RBD connector,
+  instead of being opened by librbd inside qemu;
+- disconnect also hands the connector the device path connect returned,
+  as ``data.device_path``, for connectors that find the mapping by it;
+- ``data.name`` must be "pool/image" or "pool/namespace/image"
+  (``validate.rbd_name``) before anything happens, even with a vendor
+  adapter: it becomes a path, a link target and a udev rule.
+
+Size refresh (os-brick's ``extend_volume``): nothing to rescan, the
+kernel refreshes a mapped image's size itself; the connector reads it.
 """
 
 import os
 
+from .. import validate
 from . import base
 
 
 class RBD(base.Transport):
     name = "rbd"
+    stable_links = ("rbd_dir", "rbd")
+    connector_kwargs = {"do_local_attach": True}
+
+    def check(self, cfg, connection_info):
+        validate.rbd_name(base.field_name("name"),
+                          connection_info["data"].get("name"))
+        super().check(cfg, connection_info)
+
+    def connector_data(self, connection_info, attachment=None):
+        data = super().connector_data(connection_info)
+        data.setdefault("do_local_attach", True)
+        if attachment and attachment.get("path"):
+            data["device_path"] = attachment["path"]
+        return data
 
     def path(self, cfg, vol_id, connection_info, attachment):
         return os.path.join(cfg.rbd_dir, connection_info["data"]["name"])

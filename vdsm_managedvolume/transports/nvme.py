@@ -1,0 +1,76 @@
+"""NVMe over Fabrics and LightOS (NVMe/TCP): os-brick's path, as is.
+
+The connector returns the namespace's block device (``/dev/nvmeXnY``),
+matched in the udev rule by its kernel name: vdsm's rule for every type
+without a stable link of its own.
+
+Size refresh (os-brick's ``extend_volume``): nvmeof rescans the
+subsystem's namespaces (``nvme ns-rescan``) unless the target already
+told the host, waits for the new size and grows a replicated volume's
+RAID; LightOS only reads the size its target already gave the device.
+
+Fields, as os-brick 7's connectors read them (``NVMeOFConnProps``,
+``LightOSConnector``); only what they certainly fail on is refused:
+
+    nvmeof   one of three shapes: volume_replicas (a list of targets) with
+             vol_uuid and replica_count (replicated); target_nqn with
+             portals (one target); or the old nqn, target_portal,
+             target_port and transport_type.  A target has target_nqn
+             (a string) and portals, a non-empty list of
+             [address, port, transport] lists.
+    lightos  uuid (a string); lightos_nodes, when given, an object of
+             nodes.
+"""
+
+import uuid as _uuid
+
+from .. import errors
+from . import base
+from .base import field_name
+
+
+class NVMeOF(base.Transport):
+    name = "nvmeof"
+
+    def fields(self, data):
+        if "volume_replicas" in data:
+            replicas = base.list_of(field_name("volume_replicas"),
+                                    data["volume_replicas"], dict)
+            vol_uuid = base.required(data, "vol_uuid", str)
+            try:
+                _uuid.UUID(vol_uuid)
+            except ValueError:
+                raise errors.InvalidParams(
+                    name=field_name("vol_uuid"),
+                    reason="not a UUID") from None
+            if "replica_count" not in data:
+                base.required(data, "replica_count")
+            for i, target in enumerate(replicas):
+                self._target(target, "volume_replicas[{}].".format(i))
+        elif "target_nqn" in data:
+            self._target(data, "")
+        else:
+            for key in ("nqn", "target_portal", "target_port",
+                        "transport_type"):
+                base.required(data, key)
+
+    def _target(self, target, prefix):
+        for key, kind in (("target_nqn", str), ("portals", list)):
+            name = field_name(prefix + key)
+            if target.get(key) is None:
+                raise errors.InvalidParams(
+                    name=name, reason="missing (os-brick's connector "
+                    "needs it)")
+            base.of_kind(name, target[key], kind)
+        base.list_of(field_name(prefix + "portals"), target["portals"],
+                     list, length=3)
+
+
+class LightOS(base.Transport):
+    name = "lightos"
+
+    def fields(self, data):
+        base.required(data, "uuid", str)
+        nodes = data.get("lightos_nodes")
+        if nodes is not None:
+            base.of_kind(field_name("lightos_nodes"), nodes, dict)

@@ -1,6 +1,6 @@
 """Helpers for the wire tests: a raw STOMP peer, a stub dispatcher, a
-running in-process agent.  (Not a fixtures file: the agent tests import
-what they need.)"""
+running in-process server (with the agent's control socket).  (Not a
+fixtures file: the wire tests import what they need.)"""
 
 import json
 import logging
@@ -11,9 +11,11 @@ import time
 
 from vdsm_managedvolume import agent
 from vdsm_managedvolume import config
+from vdsm_managedvolume import jsonrpc
 from vdsm_managedvolume import log as logmod
 from vdsm_managedvolume import pki
 from vdsm_managedvolume import stompframe
+from vdsm_managedvolume import stompserver
 
 # The bytes vdsm-client sends (docs/dependencies.md, "vdsm's wire").
 VDSM_CONNECT = b"CONNECT\naccept-version:1.2\nheart-beat:0,24000\n\n\0"
@@ -214,6 +216,11 @@ class StubDispatcher:
     gets a parse error with id null.
     """
 
+    # Refusals (933) and the routing of unknown-id errors are the real
+    # dispatcher's.
+    refuse = staticmethod(jsonrpc.refuse)
+    is_unknown_id_error = staticmethod(jsonrpc.is_unknown_id_error)
+
     def __init__(self):
         self.bodies = []
         self.release = threading.Event()
@@ -267,7 +274,9 @@ def make_config(state_dir, **overrides):
 
 
 class Running:
-    """An in-process agent serving in a thread."""
+    """An in-process server serving in a thread, wired as the agent
+    process wires it: the port bound by ``agent.bind``, the control socket
+    (when ``connector_info`` is given) served in its loop."""
 
     def __init__(self, cfg, dispatcher, tls=False, connector_info=None):
         self.cfg = cfg
@@ -280,8 +289,11 @@ class Running:
         else:
             ctx = None
             self.client_context = None
-        self.server = agent.Server(cfg, dispatcher, ctx,
-                                   connector_info=connector_info)
+        self.server = stompserver.Server(cfg, dispatcher, ctx)
+        self.server.listen(agent.bind(cfg.listen, cfg.port))
+        if connector_info is not None:
+            agent.ControlSocket(cfg.socket_path,
+                                connector_info).serve_in(self.server)
         self.address = self.server.start()
 
     def raw(self, **kw):

@@ -272,12 +272,6 @@ def test_null_id_is_answered(dispatcher):
     assert res == {"jsonrpc": "2.0", "id": None, "result": []}
 
 
-def test_handle_parse_error():
-    d = jsonrpc.Dispatcher(FakeService())
-    res = json.loads(d.handle_parse_error("frame too large"))
-    assert_error(res, -32700, id=None)
-
-
 # Logging
 
 @pytest.fixture
@@ -381,3 +375,43 @@ def test_is_operation_never_misses_an_operation(body, operation):
         message = jsonrpc.parse(body)
         request = message[0] if isinstance(message, list) else message
         assert request["method"] in api.OPERATIONS
+
+
+# Refusing without running (the agent's 933)
+
+@pytest.mark.parametrize("body,expected", [
+    ('[{"jsonrpc": "2.0", "method": "m", "id": "a"}]',
+     {"jsonrpc": "2.0", "id": "a", "error": {"code": 933, "message": "M"}}),
+    ('{"jsonrpc": "2.0", "method": "m", "id": 7}',
+     {"jsonrpc": "2.0", "id": 7, "error": {"code": 933, "message": "M"}}),
+    ('[{"id": "a"}, {"method": "n"}, {"id": "b"}]',
+     [{"jsonrpc": "2.0", "id": "a", "error": {"code": 933, "message": "M"}},
+      {"jsonrpc": "2.0", "id": "b", "error": {"code": 933, "message": "M"}}]),
+    ('{"jsonrpc": "2.0", "method": "m"}', None),
+    ("{oops", {"jsonrpc": "2.0", "id": None,
+               "error": {"code": 933, "message": "M"}}),
+])
+def test_refuse_answers_every_request_id(body, expected):
+    class Busy(errors.AgentBusy):
+        msg = "M"
+    data = jsonrpc.refuse(body.encode(), Busy())
+    assert (json.loads(data) if data else None) == expected
+    # The bytes on the wire: one JSON text, as the agent has always sent.
+    if expected is not None:
+        assert data == json.dumps(expected).encode()
+
+
+@pytest.mark.parametrize("body", [b"{oops", b"[]", b"[1]", b"42"])
+def test_errors_about_unknown_ids_are_told_apart(dispatcher, body):
+    assert jsonrpc.is_unknown_id_error(dispatcher.handle(body))
+
+
+def test_errors_and_results_of_known_ids_are_not_unknown_id_errors(
+        dispatcher):
+    ok = dispatcher.handle(json.dumps(
+        {"jsonrpc": "2.0", "method": "Host.getCapabilities", "id": "1"}))
+    bad = dispatcher.handle(json.dumps(
+        {"jsonrpc": "2.0", "method": "No.such", "id": "1"}))
+    assert b'"result"' in ok and b'"error"' in bad
+    assert not jsonrpc.is_unknown_id_error(ok)
+    assert not jsonrpc.is_unknown_id_error(bad)

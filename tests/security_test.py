@@ -31,6 +31,7 @@ import pytest
 from vdsm_managedvolume import api
 from vdsm_managedvolume import errors
 from vdsm_managedvolume import jsonrpc
+from vdsm_managedvolume import log as logmod
 from vdsm_managedvolume import mask
 from vdsm_managedvolume import pki
 from vdsm_managedvolume import stompframe
@@ -167,9 +168,8 @@ def test_dispatcher_never_raises_even_when_the_service_explodes(rpc):
 
 def test_busy_response_survives_the_bodies_that_break_json():
     error = errors.AgentBusy(workers=1, queued=0)
-    from vdsm_managedvolume import agent
     for body in (b"[" * 100000, b'{"id": NaN}', b"\xff"):
-        res = json.loads(agent.busy_response(body, error))
+        res = json.loads(jsonrpc.refuse(body, error))
         assert res == {"jsonrpc": "2.0", "id": None,
                        "error": {"code": 933, "message": str(error)}}
 
@@ -202,10 +202,9 @@ def test_masking_walks_no_deeper_than_its_limit():
 
 
 def test_flow_id_cannot_forge_log_lines():
-    from vdsm_managedvolume import agent
-    assert agent.clean_flow_id("a\nFAKE ERROR line") == "a_FAKE ERROR line"
-    assert agent.clean_flow_id("x" * 1000) == "x" * agent.MAX_FLOW_ID
-    assert agent.clean_flow_id("flow] [x") == "flow_ _x"
+    assert logmod.clean_flow_id("a\nFAKE ERROR line") == "a_FAKE ERROR line"
+    assert logmod.clean_flow_id("x" * 1000) == "x" * logmod.MAX_FLOW_ID
+    assert logmod.clean_flow_id("flow] [x") == "flow_ _x"
 
 
 def test_nul_in_a_header_is_a_frame_error():

@@ -80,11 +80,15 @@ class Dispatcher:
         ``api.OPERATIONS``); see ``is_operation``."""
         return is_operation(data)
 
-    def handle_parse_error(self, reason):
-        """The response for a body that could not even be read (e.g. not
-        UTF-8, too large); the agent may send it to vdsm_responses."""
-        return _encode(_error_response(
-            None, errors.ParseError(reason))).encode("utf-8")
+    def refuse(self, data, error):
+        """The response refusing every request of ``data`` with ``error``,
+        running none; see ``refuse``."""
+        return refuse(data, error)
+
+    def is_unknown_id_error(self, response):
+        """Whether ``response`` answers a request of unknown id; see
+        ``is_unknown_id_error``."""
+        return is_unknown_id_error(response)
 
     # Private helpers
 
@@ -188,6 +192,48 @@ def is_operation(data):
     if isinstance(data, str):
         data = data.encode("utf-8", "surrogatepass")
     return any(marker in data for marker in _OPERATION_MARKERS)
+
+
+def refuse(data, error):
+    """The response (bytes) refusing every request of the message ``data``
+    with ``error`` (an errors.Error), running none: the agent's answer
+    when it is busy or stopping.
+
+    The message is parsed only for its request ids, as ``handle`` would
+    answer them: one response per request with an id (a single object for
+    a message of one), None when there is none (notifications); a message
+    that is not JSON gets one error with a null id.
+    """
+    try:
+        message = json.loads(data, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return _encode(_error_response(None, error)).encode("utf-8")
+    requests = message if isinstance(message, list) else [message]
+    responses = [
+        _encode(_error_response(
+            r["id"] if _valid_id(r["id"]) else None, error))
+        for r in requests if isinstance(r, dict) and "id" in r]
+    if not responses:
+        return None
+    if isinstance(message, list) and len(message) > 1:
+        return "[{}]".format(", ".join(responses)).encode("utf-8")
+    return responses[0].encode("utf-8")
+
+
+def is_unknown_id_error(response):
+    """Whether the response bytes are an error whose id is null: the
+    answer to a message whose request id could not be read (not JSON, not
+    a request).  The agent sends it to ``jms.topic.vdsm_responses`` when
+    the client subscribed there, as vdsm does with a response whose id it
+    cannot map to a reply-to (yajsonrpc/stompserver.py, StompServer.send).
+    """
+    if len(response) > 4096 or b'"error"' not in response:
+        return False
+    try:
+        message = json.loads(response)
+    except ValueError:
+        return False
+    return isinstance(message, dict) and message.get("id") is None
 
 
 def parse(data):

@@ -32,6 +32,10 @@ FORMAT = ("%(asctime)s %(levelname)-7s (%(threadName)s) [%(name)s] "
           "[flow=%(flow_id)s] %(message)s")
 JOURNAL_FORMAT = "[%(name)s] [flow=%(flow_id)s] %(message)s"
 
+# A flow id from the wire is copied into every log line of its call: at
+# most this long.
+MAX_FLOW_ID = 128
+
 _flow_id = contextvars.ContextVar("flow_id", default="-")
 
 # C0 and C1 controls (newline, CR, NUL, ESC...), DEL, the line and
@@ -51,6 +55,21 @@ def printable(text):
     if not isinstance(text, str) or not _UNPRINTABLE.search(text):
         return text
     return _UNPRINTABLE.sub(_escape, text)
+
+
+def clean_flow_id(value):
+    """The flow id from the wire (``ovirtCorrelationId``) as every log line
+    of its call shows it: at most MAX_FLOW_ID characters, one line, and
+    each character that is not printable or is a bracket (which would
+    close ``[flow=...]`` early) replaced by ``_``; None for none.
+
+    Stricter than ``printable``, which escapes: the flow id is also what
+    an admin greps for, so it stays one plain word."""
+    if value is None:
+        return None
+    cleaned = "".join(c if c.isprintable() and c not in "[]" else "_"
+                      for c in value[:MAX_FLOW_ID])
+    return cleaned or None
 
 
 def _escape(m):

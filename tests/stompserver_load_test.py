@@ -1,7 +1,7 @@
-"""The agent under load: the data plane runs operations at once, bounded,
+"""The server under load: the data plane runs operations at once, bounded,
 and never holds up the control plane.
 
-Real parts: the agent's server, the JSON-RPC dispatcher, the service and
+Real parts: the STOMP server, the JSON-RPC dispatcher, the service and
 its journal, the session's privsep daemon running the fake iSCSI
 connector (tests/fakebrick.py).  Each blocked attach waits in the
 connector on a barrier file (``fake_wait``): the tests learn that calls
@@ -16,9 +16,9 @@ import threading
 
 import pytest
 
-from vdsm_managedvolume import agent
 from vdsm_managedvolume import errors
 from vdsm_managedvolume import jsonrpc
+from vdsm_managedvolume import stompserver
 
 from . import agentutil
 from . import fakebrick
@@ -140,7 +140,7 @@ def test_a_second_operation_on_one_volume_waits_for_its_lock(
 
 
 def test_pool_starts_threads_when_needed_and_refuses_beyond_its_bound():
-    pool = agent.Pool(4, 0, name="test")
+    pool = stompserver.Pool(4, 0, name="test")
     release = threading.Event()
     started = threading.Semaphore(0)
 
@@ -168,7 +168,7 @@ def test_pool_starts_threads_when_needed_and_refuses_beyond_its_bound():
 
 
 def test_pool_queues_at_most_max_queue_behind_its_workers():
-    pool = agent.Pool(1, 2, name="test")
+    pool = stompserver.Pool(1, 2, name="test")
     release = threading.Event()
     ran = []
 

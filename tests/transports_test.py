@@ -289,3 +289,15 @@ def test_the_daemon_is_configured_with_every_stable_link_dir():
         links = transports.get(name).stable_links
         if links is not None:
             assert links[0] in privsepconfig.UDEV_KEYS
+
+
+def test_host_commands_each_connector_runs():
+    tools = {name: [cmd for cmd, _ in transports.get(name).host_tools]
+             for name in transports.names()}
+    assert tools == {"iscsi": ["iscsiadm", "multipath", "multipathd"],
+                     "fibre_channel": ["multipath", "multipathd"],
+                     "nvmeof": ["nvme"], "rbd": ["rbd"], "lightos": [],
+                     "storpool": [], "local": []}
+    for name in transports.names():
+        for cmd, package in transports.get(name).host_tools:
+            assert package

@@ -7,36 +7,25 @@ The service adds the missing command to a failed connect's error (926)
 and ``managedvolume-tool check`` warns, for each allowed driver type,
 about the commands it lacks.
 
-What os-brick runs, per ``driver_volume_type`` (EL package / Debian
-package):
-
-    iscsi          iscsiadm (iscsi-initiator-utils / open-iscsi),
-                   multipath and multipathd (device-mapper-multipath /
-                   multipath-tools: vdsm's path is /dev/mapper/<id>)
-    fibre_channel  multipath and multipathd (as above)
-    nvmeof         nvme (nvme-cli)
-    rbd            rbd (ceph-common), for the kernel RBD mapping
-
+What os-brick runs, per ``driver_volume_type``, is each transport's
+``host_tools`` (vdsm_managedvolume/transports/): iscsiadm, multipath and
+multipathd for iSCSI (vdsm's path is /dev/mapper/<id>), multipath and
+multipathd for FC, nvme for NVMe-oF, rbd for the kernel RBD mapping.
 Other types (local, lightos, storpool, vendor adapters) need no command
 known here.
 """
 
 import os
 
-TOOLS = {
-    "iscsi": ("iscsiadm", "multipath", "multipathd"),
-    "fibre_channel": ("multipath", "multipathd"),
-    "nvmeof": ("nvme",),
-    "rbd": ("rbd",),
-}
+from . import transports
 
-PACKAGES = {
-    "iscsiadm": "iscsi-initiator-utils or open-iscsi",
-    "multipath": "device-mapper-multipath or multipath-tools",
-    "multipathd": "device-mapper-multipath or multipath-tools",
-    "nvme": "nvme-cli",
-    "rbd": "ceph-common",
-}
+# {driver_volume_type: its commands}, {command: EL package or Debian
+# package}, from the transports.
+TOOLS = {name: tuple(cmd for cmd, _ in transports.get(name).host_tools)
+         for name in transports.names() if transports.get(name).host_tools}
+
+PACKAGES = {cmd: package for name in transports.names()
+            for cmd, package in transports.get(name).host_tools}
 
 # Where root (the privsep daemon) finds them, whatever our own PATH is.
 SEARCH_PATH = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")

@@ -23,6 +23,8 @@ links, rules) and the privsep daemon the calls to os-brick, and both ask
                                     the device path after connect
     stable_links                    how the udev rule matches that path
                                     (``udev_match`` below)
+    host_tools                      the commands its connector runs
+                                    (``hosttools``: which are missing)
     identity(path)                  what the device at that path is,
                                     recorded at attach and compared before
                                     a disconnect or a re-attach

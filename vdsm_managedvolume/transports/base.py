@@ -20,6 +20,11 @@ class Transport:
     # when that path is a symlink).  See ``transports.udev_match``.
     stable_links = None
 
+    # The host commands os-brick's connector runs, as (command, the EL
+    # package or the Debian package holding it): ``hosttools`` names the
+    # missing ones in a failed connect's error and in the tool's check.
+    host_tools = ()
+
     # Keywords of this type for os-brick's connector factory, beside
     # use_multipath and device_scan_attempts (daemon side).
     connector_kwargs = {}

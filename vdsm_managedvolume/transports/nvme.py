@@ -4,6 +4,8 @@ The connector returns the namespace's block device (``/dev/nvmeXnY``),
 matched in the udev rule by its kernel name: vdsm's rule for every type
 without a stable link of its own.
 
+Host command: nvme (nvmeof; LightOS needs no command known here).
+
 Size refresh (os-brick's ``extend_volume``): nvmeof rescans the
 subsystem's namespaces (``nvme ns-rescan``) unless the target already
 told the host, waits for the new size and grows a replicated volume's
@@ -31,6 +33,7 @@ from .base import field_name
 
 class NVMeOF(base.Transport):
     name = "nvmeof"
+    host_tools = (("nvme", "nvme-cli"),)
 
     def fields(self, data):
         if "volume_replicas" in data:

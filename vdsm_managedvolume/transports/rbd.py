@@ -17,6 +17,8 @@ Special cases, all here:
   (``validate.rbd_name``) before anything happens, even with a vendor
   adapter: it becomes a path, a link target and a udev rule.
 
+Host command: rbd (``rbd map``, ``rbd showmapped``, ``rbd unmap``).
+
 Size refresh (os-brick's ``extend_volume``): nothing to rescan, the
 kernel refreshes a mapped image's size itself; the connector reads it.
 """
@@ -31,6 +33,7 @@ class RBD(base.Transport):
     name = "rbd"
     stable_links = ("rbd_dir", "rbd")
     connector_kwargs = {"do_local_attach": True}
+    host_tools = (("rbd", "ceph-common"),)
 
     def check(self, cfg, connection_info):
         validate.rbd_name(base.field_name("name"),

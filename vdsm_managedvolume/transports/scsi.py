@@ -8,6 +8,8 @@ stable link to ``dm-N`` that the udev rule matches (``SYMLINK==
 blacklisted) the volume is refused with 928 and disconnected again by
 the service's rollback.
 
+Host commands: iscsiadm (iSCSI), multipath and multipathd (both).
+
 Size refresh (os-brick's ``extend_volume``): every path of the LUN is
 rescanned (``echo 1 > /sys/.../rescan``), then ``multipathd resize map``.
 
@@ -33,9 +35,14 @@ from . import base
 from .base import field_name
 
 
+MULTIPATH = (("multipath", "device-mapper-multipath or multipath-tools"),
+             ("multipathd", "device-mapper-multipath or multipath-tools"))
+
+
 class _Multipath(base.Transport):
 
     stable_links = ("multipath_dir", "mapper")
+    host_tools = MULTIPATH
 
     def path(self, cfg, vol_id, connection_info, attachment):
         multipath_id = attachment.get("multipath_id")
@@ -47,6 +54,8 @@ class _Multipath(base.Transport):
 
 class ISCSI(_Multipath):
     name = "iscsi"
+    host_tools = (("iscsiadm", "iscsi-initiator-utils or open-iscsi"),
+                  ) + MULTIPATH
 
     def fields(self, data):
         if "target_portals" in data and "target_iqns" in data:

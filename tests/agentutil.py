@@ -290,17 +290,22 @@ class Running:
             ctx = None
             self.client_context = None
         self.server = stompserver.Server(cfg, dispatcher, ctx)
-        self.server.listen(agent.bind(cfg.listen, cfg.port))
+        self.address = self.server.listen(agent.bind(cfg.listen, cfg.port))
         if connector_info is not None:
             agent.ControlSocket(cfg.socket_path,
                                 connector_info).serve_in(self.server)
-        self.address = self.server.start()
+        self._thread = threading.Thread(target=self.server.serve,
+                                        name="server-io", daemon=True)
+        self._thread.start()
 
     def raw(self, **kw):
         return Raw(self.address, self.client_context, **kw)
 
-    def stop(self):
-        self.server.stop(timeout=30)
+    def stop(self, timeout=30):
+        """Stop as the agent does on SIGTERM: ``shutdown()``, then wait
+        for the drain to end ``serve()``."""
+        self.server.shutdown()
+        self._thread.join(timeout)
 
 
 def _encode(obj):

@@ -140,7 +140,7 @@ def test_a_second_operation_on_one_volume_waits_for_its_lock(
 
 
 def test_pool_starts_threads_when_needed_and_refuses_beyond_its_bound():
-    pool = stompserver.Pool(4, 0, name="test")
+    pool = stompserver.Pool(4, 0, name="lazy-pool")
     release = threading.Event()
     started = threading.Semaphore(0)
 
@@ -149,26 +149,26 @@ def test_pool_starts_threads_when_needed_and_refuses_beyond_its_bound():
         release.wait(30)
 
     try:
-        assert pool.threads == 0
+        assert _threads("lazy-pool") == 0
         for _ in range(4):
             assert pool.submit(job)
         for _ in range(4):      # all four run at once
             assert started.acquire(timeout=30)
-        assert pool.threads == 4
+        assert _threads("lazy-pool") == 4
         assert not pool.submit(job)     # refused, not queued
         release.set()
         agentutil.wait_for(lambda: pool.pending == 0)
         release.clear()
         assert pool.submit(job)
         assert started.acquire(timeout=30)
-        assert pool.threads == 4        # an idle thread took it
+        assert _threads("lazy-pool") == 4   # an idle thread took it
     finally:
         release.set()
         pool.stop()
 
 
 def test_pool_queues_at_most_max_queue_behind_its_workers():
-    pool = stompserver.Pool(1, 2, name="test")
+    pool = stompserver.Pool(1, 2, name="queue-pool")
     release = threading.Event()
     ran = []
 
@@ -181,13 +181,19 @@ def test_pool_queues_at_most_max_queue_behind_its_workers():
                                                         False]
         release.set()
         agentutil.wait_for(lambda: len(ran) == 3)
-        assert pool.threads == 1
+        assert _threads("queue-pool") == 1
     finally:
         release.set()
         pool.stop()
 
 
 # Private helpers
+
+def _threads(name):
+    """The live threads of the pool named ``name``."""
+    return len([t for t in threading.enumerate()
+                if t.name.startswith(name + "-") and t.is_alive()])
+
 
 def _blocked_attaches(run, service, release, count):
     """Start ``count`` attaches held in the connector until ``release``

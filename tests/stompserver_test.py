@@ -649,7 +649,7 @@ def test_shutdown_lets_in_flight_calls_finish(tcp):
         frame = c.frame(timeout=20)
         assert json.loads(frame.body)["id"] == "inflight"
         assert c.eof(timeout=20) == []
-    tcp.server.stop(timeout=20)
+    tcp.stop(timeout=20)
     with pytest.raises(OSError):
         socket.create_connection(tcp.address, timeout=5)
 

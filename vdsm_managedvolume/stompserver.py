@@ -140,7 +140,8 @@ class Server:
     ssl_context: a server context (mutual TLS), None for plain TCP.
 
     The process hands it listening sockets: ``listen(sock)`` for STOMP,
-    ``add_listener()`` for any other served in the same I/O loop.
+    ``add_listener()`` for any other served in the same I/O loop; then
+    ``serve()`` runs the loop in the calling thread until ``shutdown()``.
     """
 
     def __init__(self, cfg, dispatcher, ssl_context=None):
@@ -159,8 +160,6 @@ class Server:
         self._paused = {}       # listener -> resume time
         self._refused_logged = 0.0
         self._stopping = threading.Event()
-        self._stopped = threading.Event()
-        self._thread = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -193,34 +192,15 @@ class Server:
             self._loop()
         finally:
             self._close_all()
-            self._stopped.set()
-
-    def start(self):
-        """serve() in a thread (tests, benchmarks); after listen()."""
-        self._thread = threading.Thread(target=self.serve, name="agent-io",
-                                        daemon=True)
-        self._thread.start()
-        return self.address
 
     def shutdown(self):
         """Begin a graceful stop; safe in a signal handler."""
         self._stopping.set()
         self._wake()
 
-    def stop(self, timeout=None):
-        self.shutdown()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        else:
-            self._stopped.wait(timeout)
-
     def on_stopping(self, callback):
         """Call ``callback()`` (in the I/O thread) when the stop begins."""
         self._on_stopping.append(callback)
-
-    @property
-    def connections(self):
-        return len(self._connections)
 
     # The I/O loop
 
@@ -1017,11 +997,6 @@ class Pool:
     def pending(self):
         """Requests running or waiting."""
         return self._pending
-
-    @property
-    def threads(self):
-        """Threads started so far."""
-        return len(self._threads)
 
     def stop(self):
         with self._lock:

@@ -525,8 +525,10 @@ def test_300_connections_at_once_and_the_agent_still_serves(agent,
     try:
         for _ in range(300):
             s = socket.create_connection(("127.0.0.1", agent.port), 30)
-            socks.append(ctx.wrap_socket(s, server_hostname="localhost"))
-        for s in socks:
+            s = ctx.wrap_socket(s, server_hostname="localhost")
+            socks.append(s)
+            # CONNECT at once: idle_timeout is 2 s here, and 300 TLS
+            # handshakes on a loaded machine take longer than that.
             s.sendall(agentutil.VDSM_CONNECT)
         for s in socks[:10]:
             s.settimeout(30)

@@ -219,6 +219,12 @@ class TooManyOperations(AgentBusy):
            "running, the limit ([agent] max_operations); retry later")
 
 
+class ShuttingDown(AgentBusy):
+    """A request that arrived after SIGTERM, while the agent drains."""
+
+    msg = "Agent is shutting down; retry later"
+
+
 class UnknownAdapter(Error):
     code = 934
     msg = ("Unknown adapter {self.adapter!r}: no plug-in in entry point "

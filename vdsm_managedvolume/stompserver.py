@@ -123,12 +123,6 @@ ACCEPT_PAUSE = 1.0
 CHUNK = 65536
 
 
-class ShuttingDown(errors.AgentBusy):
-    """A request that arrived after SIGTERM (same code as AgentBusy)."""
-
-    msg = "Agent is shutting down; retry later"
-
-
 class Server:
     """The wire server; see the module docstring.
 
@@ -385,7 +379,7 @@ class Server:
         """Hand a request to its plane's pool, or answer 933 at once."""
         if self._stopping.is_set():
             self._route(conn, reply_to, flow_id, self.dispatcher.refuse(
-                body, ShuttingDown(workers=self._pool.workers, queued=0)))
+                body, errors.ShuttingDown()))
             return
         job = (conn, body, reply_to, flow_id)
         operation = self._is_operation is not None and \

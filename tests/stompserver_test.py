@@ -9,6 +9,8 @@ driven through the ``managedvolume-agent`` process in agent_process_test.py.
 import json
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 
@@ -674,3 +676,18 @@ def test_request_during_shutdown_is_refused_with_933(pki_dir, tmp_path):
     finally:
         run.dispatcher.release.set()
         run.stop()
+
+
+# Layers
+
+def test_the_wire_server_imports_no_layer_above_or_below_it():
+    # It is handed a dispatcher: the protocol (jsonrpc), the API, the
+    # service and the privileged layer stay out of its imports.
+    code = ("import sys, vdsm_managedvolume.stompserver; print(' '.join("
+            "m for m in sys.modules if m.startswith('vdsm_managedvolume')))")
+    out = subprocess.run([sys.executable, "-c", code], check=True,
+                         capture_output=True, text=True).stdout.split()
+    assert "vdsm_managedvolume.stompserver" in out
+    for layer in ("jsonrpc", "api", "schema", "service", "privileged",
+                  "agent"):
+        assert "vdsm_managedvolume." + layer not in out

@@ -106,3 +106,65 @@ def test_every_setting_is_in_the_man_page_and_host_ones_in_the_file():
         assert name in man, name
         if name.startswith("MANAGEDVOLUME_ENGINE_HOST_"):
             assert "#{}=".format(name) in conf, name
+
+
+def test_the_packaged_warm_service_serves_the_adapter_once_enabled(
+        adapter, tmp_path):
+    """What an admin does: start managedvolume-cinderlib.service (its
+    ExecStart line, as its user) and uncomment the socket line of the
+    shipped settings file; the engine's commands are then served warm."""
+    import configparser
+    import signal
+    import time
+
+    from vdsm_managedvolume.engine import warm
+
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
+    unit.read(os.path.join(ROOT, "data", "managedvolume-cinderlib.service"))
+    service = unit["Service"]
+    # systemd makes RuntimeDirectory= with its mode; here under tmp_path.
+    runtime = "/run/" + service["RuntimeDirectory"]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=int(service["RuntimeDirectoryMode"], 8))
+    argv = service["ExecStart"].replace(runtime, str(run_dir)).split()
+    assert argv[0] == "/usr/bin/managedvolume-cinderlib-client"
+    socket_path = argv[argv.index("--socket") + 1]
+
+    with open(CONF) as f:
+        shipped = f.read()
+    line = "#MANAGEDVOLUME_ENGINE_SOCKET={}/".format(runtime)
+    conf = tmp_path / "managedvolume-adapter.conf"
+    conf.write_text(shipped.replace(line, line[1:]).replace(
+        runtime, str(run_dir)))
+    env = engine_env(tmp_path, conf)
+    proc = subprocess.Popen(client_argv() + argv[1:], env=env, cwd="/",
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while not warm._connectable(socket_path):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "service did not start"
+            time.sleep(0.05)
+        driver = json.dumps({
+            "adapter": "managedvolume",
+            "volume_driver":
+                "vdsm_managedvolume.engine.filedriver.FileDriver",
+            "volume_backend_name": "file",
+            "file_volume_dir": str(tmp_path / "vols")})
+        db_url = "sqlite:///{}".format(tmp_path / "cinderlib.db")
+        p = subprocess.run(
+            [str(adapter), "create_volume", driver, db_url, "flow-warm",
+             new_id(), "1"], cwd=str(adapter.parent), env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=240)
+        assert p.returncode == 0, p.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        service_log = proc.communicate(timeout=60)[1].decode()
+    # The service logs to stderr (the journal, under systemd); the request
+    # to the engine's log directory, as a cold run would.
+    assert "[flow=flow-warm] Child " in service_log, service_log
+    log = (tmp_path / "engine-log" / "managedblock" /
+           "managedvolume.log").read_text()
+    assert "[flow=flow-warm] create_volume done" in log
+    assert proc.returncode == 0 and not os.path.exists(socket_path)

@@ -39,6 +39,7 @@ HOOK = "/usr/libexec/vdsm/hooks/after_get_caps/50_managedvolume"
 SUDOERS = "/etc/sudoers.d/50_vdsm_managedvolume"
 ADAPTER = "/usr/share/ovirt-engine/managedblock/managedvolume-adapter"
 ADAPTER_CONF = "/etc/ovirt-engine/managedvolume-adapter.conf"
+WARM_UNIT = "/usr/lib/systemd/system/managedvolume-cinderlib.service"
 
 # Fedora/CentOS package names of what the host side imports.
 HOST_REQUIRES = ("python3-os-brick", "python3-oslo-privsep",
@@ -94,6 +95,31 @@ def test_unit_is_notify_and_stops_the_agent_before_its_daemon():
     assert "HUP" in service["ExecReload"]
     timeout = config.Config().shutdown_timeout
     assert float(service["TimeoutStopSec"]) > timeout
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_warm_unit_serves_the_engine_user_on_the_adapter_confs_socket():
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
+    unit.read(data("managedvolume-cinderlib.service"))
+    service = unit["Service"]
+    argv = service["ExecStart"].split()
+    assert argv[:2] == ["/usr/bin/managedvolume-cinderlib-client", "--serve"]
+    socket_path = argv[argv.index("--socket") + 1]
+    # Its own runtime directory, private to the user the engine runs as.
+    assert service["User"] == "ovirt"
+    assert os.path.dirname(socket_path) == "/run/" + service[
+        "RuntimeDirectory"]
+    assert service["RuntimeDirectoryMode"] == "0700"
+    # Not a directory the cold runs use as their own.
+    from vdsm_managedvolume.engine import args
+    assert not socket_path.startswith("/run/managedvolume-engine/")
+    # The adapter's settings name that socket, for the admin to uncomment.
+    with open(data("managedvolume-adapter.conf")) as f:
+        assert "\n#{}={}\n".format(args.ENV_SOCKET, socket_path) in f.read()
+    # SIGTERM to the service only; its grace fits the stop timeout.
+    from vdsm_managedvolume.engine import warm
+    assert service["KillMode"] == "mixed"
+    assert float(service["TimeoutStopSec"]) > warm.STOP_GRACE
     assert unit["Install"]["WantedBy"] == "multi-user.target"
 
 
@@ -442,6 +468,7 @@ def test_engine_shim_is_in_the_engine_rpm_only(rpms):
     # Where ovirt-engine looks for the domain's "adapter": "managedvolume".
     assert modes(rpms, ENGINE)[ADAPTER] == "-rwxr-xr-x"
     assert not any(ADAPTER in f or ADAPTER_CONF in f for f in host)
+    assert WARM_UNIT in engine and WARM_UNIT not in host
 
 
 @pytest.mark.slow
@@ -561,10 +588,20 @@ def test_engine_rpm_requires_common_and_cinderlib_not_the_host_package(
                    for r in requires), requires
     host = set(rpmq(rpms, HOST, "--requires").splitlines())
     assert "vdsm-managedvolume-common = {}-1".format(VERSION) in host
-    # Nothing runs on the engine machine at install: no user vdsm, no
-    # database, no unit.
-    for name in (ENGINE, COMMON):
-        assert rpmq(rpms, name, "--scripts") == "", name
+    # Nothing of the host's runs on the engine machine at install: no user
+    # vdsm, no database, no agent; the engine package only tells systemd
+    # about its optional warm service (preset, which leaves it disabled;
+    # disabled on erase; restarted on upgrade when running).
+    assert rpmq(rpms, COMMON, "--scripts") == ""
+    scripts = rpmq(rpms, ENGINE, "--scripts")
+    for word in ("useradd", "managedvolume-tool", "managedvolume-agent",
+                 "tmpfiles"):
+        assert word not in scripts
+    unit = "managedvolume-cinderlib.service"
+    assert "--no-reload preset " + unit in _scriptlet(rpms, "POSTIN",
+                                                      ENGINE)
+    assert "disable --now " + unit in _scriptlet(rpms, "PREUN", ENGINE)
+    assert "try-restart " + unit in _scriptlet(rpms, "POSTUN", ENGINE)
 
 
 @pytest.mark.slow
@@ -743,7 +780,10 @@ def test_engine_and_common_alone_install_and_run_a_cinderlib_operation(
     etc = [os.path.relpath(os.path.join(d, n), str(root))
            for d, _, names in os.walk(str(root / "etc")) for n in names]
     assert etc == [ADAPTER_CONF.lstrip("/")]
-    assert not (root / "usr" / "lib" / "systemd").exists()
+    units = [os.path.relpath(os.path.join(d, n), str(root))
+             for d, _, names in os.walk(str(root / "usr" / "lib" / "systemd"))
+             for n in names]
+    assert units == [WARM_UNIT.lstrip("/")]
 
     # The installed command, on the installed package and the venv's
     # cinderlib: -S keeps the venv's editable install of this tree (a .pth
@@ -827,8 +867,8 @@ def _shim_imports():
     return found
 
 
-def _scriptlet(rpms, tag):
-    return rpmq(rpms, HOST, "--qf", "%{" + tag + "}")
+def _scriptlet(rpms, tag, name=HOST):
+    return rpmq(rpms, name, "--qf", "%{" + tag + "}")
 
 
 def _sudoers_allows(command):

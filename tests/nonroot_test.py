@@ -97,32 +97,6 @@ def daemon_service(tmp_path, daemon_cfg, daemon_brick, rules_dir,
 
 # Who writes the rules
 
-def test_udev_writer_auto_is_the_service_for_root(host_cfg):
-    assert service.udev_writer(host_cfg) == "service"
-
-
-def test_udev_writer_auto_is_the_daemon_when_not_root(host_cfg,
-                                                      monkeypatch):
-    monkeypatch.setattr(service.os, "geteuid", lambda: 36)
-    assert service.udev_writer(host_cfg) == "daemon"
-
-
-def test_udev_writer_auto_is_the_daemon_when_rules_dir_is_not_writable(
-        host_cfg, monkeypatch):
-    real = os.access
-    monkeypatch.setattr(
-        service.os, "access",
-        lambda p, mode: False if mode & os.W_OK else real(p, mode))
-    assert service.udev_writer(host_cfg) == "daemon"
-
-
-@pytest.mark.parametrize("value, expected", [
-    ("service", "service"), ("daemon", "daemon"), ("Daemon", "daemon")])
-def test_udev_writer_can_be_forced(host_cfg, value, expected):
-    host_cfg.udev_writer = value
-    assert service.udev_writer(host_cfg) == expected
-
-
 def test_udev_writer_typo_is_a_config_error(host_cfg):
     host_cfg.udev_writer = "deamon"
     with pytest.raises(errors.ConfigError, match="udev_writer"):

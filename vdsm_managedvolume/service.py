@@ -42,29 +42,27 @@ are vdsm's (README, "Verbs"); what differs is how they get there:
 - what differs between driver types (the path after connect, checks of
   their own, the device's identity) is asked of ``transports``;
 - connector_info is cached and refreshed only when what it is made of
-  changes, so getCapabilities costs microseconds, not a helper process.
+  changes (``connectorinfo``), so getCapabilities costs microseconds,
+  not a helper process.
 
 The privileged work (os-brick) happens in ``privileged.Brick``'s privsep
 daemon; the journal, the locks and the managed links (in ``run_dir``,
 which belongs to the service's user) happen here.  The udev rules need
 root: a root service writes them itself; a service that is not root (vdsm
 runs it as user vdsm) or cannot write ``udev_rules_dir`` asks the daemon
-(``[volumes] udev_writer``, see ``udev_writer()``), whose narrow
+(``[volumes] udev_writer``, see ``udevwriter``), whose narrow
 entrypoints rebuild each rule from the ids and the device path.
 """
 
 import contextlib
-
-import json
 import logging
 import os
 import re
-import socket
-import tempfile
 import threading
 import time
 
 from . import boot
+from . import connectorinfo
 from . import devices
 from . import errors
 from . import faults
@@ -74,21 +72,8 @@ from . import mask
 from . import store
 from . import transports
 from . import udev
+from . import udevwriter
 from . import validate
-
-UDEV_WRITERS = ("auto", "service", "daemon")
-
-# Where the facts connector_info is made of live.  A change of any of
-# them (or of the host name / addresses) refreshes the cached value.
-CONNECTOR_SOURCES = (
-    "/etc/iscsi/initiatorname.iscsi",
-    "/etc/nvme/hostnqn",
-    "/etc/nvme/hostid",
-)
-ADDRESS_SOURCES = ("/proc/net/fib_trie", "/proc/net/if_inet6")
-
-# How often a cached connector_info looks at its sources (~30 us each).
-FINGERPRINT_INTERVAL = 1.0
 
 faults.register(
     "attach.after_record",
@@ -121,13 +106,13 @@ class Service:
         self._calls = 0
         self._closing = False
         self._calls_cond = threading.Condition()
-        self._connector = _ConnectorCache(
+        self._connector = connectorinfo.Cache(
             brick, cfg.connector_info_ttl, cfg.connector_info_cache)
-        self.udev_writer = udev_writer(cfg)
+        self.udev_writer = udevwriter.choose(cfg)
         if self.udev_writer == "daemon":
-            self._rules = _DaemonRules(brick)
+            self._rules = udevwriter.DaemonRules(brick)
         else:
-            self._rules = _ServiceRules(cfg)
+            self._rules = udevwriter.ServiceRules(cfg)
 
     def open(self):
         """Open (create, migrate) the journal without touching the host.
@@ -1048,251 +1033,6 @@ class Service:
             except (OSError, errors.Error) as e:
                 entry["result"] = "failed: {}".format(mask.mask_text(str(e)))
         return entry
-
-
-class _ConnectorCache:
-    """connector_info, cached until what it is made of changes.
-
-    The cached path is a couple of attribute reads and a clock read; once
-    per FINGERPRINT_INTERVAL it also stats the sources (~30 us).  A
-    refresh calls the privileged daemon (~300 ms) and writes the value to
-    ``cache_file`` (0644 JSON) for the after_get_caps hook.
-
-    A new cache starts from that file when it exists (an agent restarted:
-    the file is on tmpfs, so it is from this boot), as a stale value of
-    the file's age: getCapabilities answers at once while the privsep
-    daemon starts, and the first such call refreshes it in the
-    background.
-    """
-
-    def __init__(self, brick, ttl, cache_file):
-        self._brick = brick
-        self._ttl = ttl
-        self._cache_file = cache_file
-        self._lock = threading.Lock()
-        self._value = None
-        self._expires = 0.0
-        self._next_check = 0.0
-        self._fingerprint = None
-        self._fetched = 0.0
-        # The background refresh running, if any; its own lock, never held
-        # while the daemon is asked (self._lock is, by _refresh).
-        self._background = None
-        self._background_lock = threading.Lock()
-        self._load(cache_file)
-
-    def get(self, refresh=False, stale_ok=False):
-        """The value; refreshed first when ``refresh``, when there is none
-        yet, or when it is stale (ttl passed, a source changed).
-
-        ``stale_ok``: a stale value is returned at once and refreshed in a
-        background thread (one at a time) instead: what the control plane
-        (getCapabilities) wants, since a slow or restarting privsep daemon
-        must never make a healthy host look dead to the engine.
-        """
-        value = self._value
-        if not refresh and value is not None:
-            now = time.monotonic()
-            if now < self._expires:
-                if now < self._next_check:
-                    return _copy(value)
-                if _fingerprint() == self._fingerprint:
-                    self._next_check = now + FINGERPRINT_INTERVAL
-                    return _copy(value)
-                stale = "its sources changed"
-            else:
-                stale = "older than connector_info_ttl"
-            if stale_ok:
-                self._refresh_in_background(value, stale)
-                return _copy(value)
-            log.info("connector_info is stale (%s), refreshing", stale)
-        return _copy(self._refresh(refresh, value))
-
-    def age(self):
-        """Seconds since the value was fetched; None when there is none."""
-        if self._value is None:
-            return None
-        return time.monotonic() - self._fetched
-
-    def last(self):
-        return _copy(self._value) if self._value is not None else None
-
-    def _refresh(self, forced, seen):
-        with self._lock:
-            if not forced and self._value is not seen:
-                # Another thread refreshed while we waited for the lock.
-                return self._value
-            fingerprint = _fingerprint()
-            value = self._brick.connector_properties()
-            now = time.monotonic()
-            self._fingerprint = fingerprint
-            self._fetched = now
-            self._expires = now + self._ttl
-            self._next_check = now + FINGERPRINT_INTERVAL
-            self._value = value
-            _write_json(self._cache_file, value)
-            return value
-
-
-    def _load(self, path):
-        """Start from the value a previous process wrote, stale."""
-        try:
-            with open(path) as f:
-                value = json.load(f)
-            age = max(0.0, time.time() - os.stat(path).st_mtime)
-        except (OSError, ValueError):
-            return
-        if isinstance(value, dict) and value:
-            self._value = value
-            self._fetched = time.monotonic() - age  # _expires 0: stale
-
-    def _refresh_in_background(self, seen, why):
-        with self._background_lock:
-            if self._background is not None or self._value is not seen:
-                return
-            log.info("connector_info is stale (%s): serving the value of "
-                     "%.0f seconds ago while refreshing it", why,
-                     time.monotonic() - self._fetched)
-            self._background = threading.Thread(
-                target=self._background_refresh, args=(seen,),
-                name="connector-info", daemon=True)
-            self._background.start()
-
-    def _background_refresh(self, seen):
-        try:
-            self._refresh(False, seen)
-        except errors.NotSupported as e:
-            # os-brick is gone: caps must say so, not serve the old value.
-            log.warning("Cannot refresh connector_info: %s", e)
-            with self._lock:
-                if self._value is seen:
-                    self._value = None
-        except Exception as e:
-            # The stale value stays; the next caller tries again.
-            log.warning("Cannot refresh connector_info: %s", e)
-        finally:
-            with self._background_lock:
-                self._background = None
-
-
-def udev_writer(cfg):
-    """Who writes the udev rules: "service" or "daemon".
-
-    ``cfg.udev_writer``: "service" and "daemon" force it; "auto" (the
-    default) is "service" when this process is root and may write
-    ``udev_rules_dir`` (the standalone agent), else "daemon" (inside
-    vdsmd, user vdsm: rule files and sysfs uevents need root).
-    """
-    mode = (cfg.udev_writer or "auto").strip().lower()
-    if mode not in UDEV_WRITERS:
-        raise errors.ConfigError(
-            "udev_writer = {!r}: expected one of {}".format(
-                cfg.udev_writer, ", ".join(UDEV_WRITERS)))
-    if mode != "auto":
-        return mode
-    if os.geteuid() == 0 and _writable(cfg.udev_rules_dir):
-        return "service"
-    return "daemon"
-
-
-class _ServiceRules:
-    """udev rules written by this process (root)."""
-
-    def __init__(self, cfg):
-        self._cfg = cfg
-
-    def add(self, sd_id, vol_id, path):
-        try:
-            udev.add_rule(self._cfg, sd_id, vol_id, path)
-        except udev.UnsafePath as e:
-            raise errors.HelperFailed(str(e))
-        udev.trigger(self._cfg, path)
-
-    def remove(self, sd_id, vol_id):
-        udev.remove_rule(self._cfg, sd_id, vol_id)
-
-    def remove_temp(self, path):
-        _remove_link(path)
-
-
-class _DaemonRules:
-    """udev rules written by the privsep daemon (the service is not root).
-
-    The daemon writes into the rules directory of its own configuration
-    (written from the same managedvolume.conf), so reading them here
-    (rule_ok, list_rules) sees what it wrote.
-    """
-
-    def __init__(self, brick):
-        self._brick = brick
-
-    def add(self, sd_id, vol_id, path):
-        self._brick.add_udev_rule(sd_id, vol_id, path)
-
-    def remove(self, sd_id, vol_id):
-        self._brick.remove_udev_rule(sd_id, vol_id)
-
-    def remove_temp(self, path):
-        ids = udev.parse_temp_name(os.path.basename(path))
-        if ids is None:
-            raise errors.HelperFailed(
-                "{} is not a temp file of ours; not asking the privsep "
-                "daemon to remove it".format(path))
-        self._brick.remove_udev_rule(*ids, temp=True)
-
-
-def _writable(path):
-    """Whether we may create files in ``path`` (or in the nearest existing
-    parent, which makedirs would create it in)."""
-    path = os.path.abspath(path)
-    while not os.path.exists(path):
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    return os.access(path, os.W_OK | os.X_OK)
-
-
-def _fingerprint():
-    """Cheap summary of everything connector_info is derived from."""
-    parts = []
-    for path in CONNECTOR_SOURCES:
-        try:
-            st = os.stat(path)
-            parts.append((st.st_ino, st.st_size, st.st_mtime_ns))
-        except OSError:
-            parts.append(None)
-    parts.append(socket.gethostname())
-    for path in ADDRESS_SOURCES:
-        try:
-            with open(path, "rb") as f:
-                parts.append(hash(f.read()))
-        except OSError:
-            parts.append(None)
-    return tuple(parts)
-
-
-def _copy(value):
-    # Callers may edit what they get; the cache must not change with it.
-    return {k: list(v) if isinstance(v, list) else v
-            for k, v in value.items()}
-
-
-def _write_json(path, value):
-    # A temp name of its own: the agent and a tool may refresh at once.
-    tmp = None
-    try:
-        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path),
-                                   prefix=".connector_info.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), 0o644)
-            json.dump(value, f, sort_keys=True)
-        os.rename(tmp, path)
-    except OSError as e:
-        log.warning("Cannot write %s: %s", path, e)
-        if tmp is not None:
-            _remove_link(tmp)
 
 
 # ".<sd_id>_<vol_id>.tmp", ".99-vdsm-managed_<sd_id>_<vol_id>.rules.tmp"

@@ -15,6 +15,7 @@ from vdsm_managedvolume import adapters
 from vdsm_managedvolume import config
 from vdsm_managedvolume import errors
 from vdsm_managedvolume import privileged
+from vdsm_managedvolume import service
 
 from tests import fakebrick
 
@@ -157,6 +158,28 @@ def test_adapter_error_is_helper_failed_with_secret_masked(brick, tmp_path):
         brick.connect(acme(tmp_path, fail=True, password=SECRET))
     assert "acme login failed" in str(e.value)
     assert SECRET not in str(e.value)
+
+
+@pytest.mark.root
+def test_unknown_adapter_fails_before_starting_the_daemon(tmp_path):
+    cfg = config.with_state_dir(config.Config(), str(tmp_path / "state"))
+    cfg.connector_override = "tests.fakebrick"
+    b = privileged.Brick(cfg)
+    svc = service.Service(cfg, brick=b)
+    svc.open()
+    info = {"driver_volume_type": "iscsi", "adapter": "no-such-vendor",
+            "data": {"fake_key": "adapter"}}
+    try:
+        with pytest.raises(errors.UnknownAdapter) as e:
+            svc.attach_volume("9f3c1e0a-55b1-4f07-9d6c-2f2f4a9e8f10", info)
+    finally:
+        svc.close()
+        pid = b.daemon_pid()
+        b.stop()
+    assert e.value.code == 934
+    assert "no-such-vendor" in str(e.value)
+    assert pid is None
+    assert not os.path.exists(cfg.privsep_config_file)
 
 
 @pytest.mark.root

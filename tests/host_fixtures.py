@@ -134,8 +134,7 @@ class InProcessBrick:
     ``cfg.udev_rules_dir`` here, checking what the daemon checks.
     """
 
-    def __init__(self, adapters=(), cfg=None):
-        self.adapters = set(adapters)
+    def __init__(self, cfg=None):
         self.cfg = cfg
         self.calls = []
         self.properties = {"initiator": "iqn.1994-05.com.redhat:test",
@@ -204,11 +203,6 @@ class InProcessBrick:
         from vdsm_managedvolume import udev
         self.calls.append(("remove_udev_rule", sd_id, vol_id, temp))
         return udev.remove_rule(self.cfg, sd_id, vol_id, temp=temp)
-
-    def check_adapter(self, adapter):
-        if adapter is not None and adapter not in self.adapters:
-            raise errors.UnknownAdapter(adapter=adapter, group="test",
-                                        installed="")
 
     def stop(self):
         pass

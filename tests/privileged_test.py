@@ -415,18 +415,6 @@ def test_distinct_volumes_connect_in_parallel(brick, fake_dir, tmp_path):
 
 # Starting the daemon
 
-def test_unknown_adapter_fails_before_starting_the_daemon(fresh_cfg):
-    b = privileged.Brick(fresh_cfg)
-    info = iscsi("adapter", "/nonexistent")
-    info["adapter"] = "no-such-vendor"
-    with pytest.raises(errors.UnknownAdapter) as e:
-        b.connect(info)
-    assert e.value.code == 934
-    assert "no-such-vendor" in str(e.value)
-    assert b.daemon_pid() is None
-    assert not os.path.exists(fresh_cfg.privsep_config_file)
-
-
 def test_missing_os_brick_is_not_supported_without_a_daemon(
         fresh_cfg, monkeypatch):
     real = privileged.importlib.util.find_spec
@@ -527,13 +515,13 @@ def test_crash_point_in_disconnect_kills_the_daemon(
 def test_service_process_never_imports_os_brick(fresh_cfg, tmp_path):
     script = """
 import sys, time
-from vdsm_managedvolume import config, privileged
+from vdsm_managedvolume import adapters, config, privileged
 cfg = config.with_state_dir(config.Config(), sys.argv[1])
 cfg.connector_override = "tests.fakebrick"
 b = privileged.Brick(cfg)
 sleep = time.sleep
 b.connector_properties()
-b.check_adapter(None)
+adapters.check(None)
 assert not [m for m in sys.modules if m.startswith(("os_brick", "eventlet"))]
 assert time.sleep is sleep
 b.stop()

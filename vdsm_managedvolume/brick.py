@@ -545,6 +545,10 @@ def _connector(connection_info):
 
     adapter = connection_info.get("adapter")
     if adapter:
+        # The service checked the name already (service.attach_volume);
+        # this side is root and takes no name on its caller's word: it
+        # loads only a plug-in installed in its own environment (which
+        # sudo may make differ from the caller's), 934 otherwise.
         factory = adapters.load(adapter)
         return factory(root_helper, protocol=protocol, **kwargs)
 

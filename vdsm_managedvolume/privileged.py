@@ -174,17 +174,16 @@ class Brick:
         """Connect the volume; return the attachment os-brick returned.
 
         The connector is the adapter plug-in named by
-        ``connection_info["adapter"]`` (checked here first: 934 without
-        touching the daemon), else os-brick's for ``driver_volume_type``.
+        ``connection_info["adapter"]`` (the service checked that it is
+        installed; the daemon loads it, UnknownAdapter (934) when it has
+        none by that name), else os-brick's for ``driver_volume_type``.
         """
-        self.check_adapter(connection_info.get("adapter"))
         return self._call("connect_volume", (connection_info,),
                           self._cfg.timeout, operation="connect")
 
     def disconnect(self, connection_info, attachment):
         """Disconnect the volume (``attachment``: what connect returned, or
         None when unknown)."""
-        self.check_adapter(connection_info.get("adapter"))
         self._call("disconnect_volume", (connection_info, attachment),
                    self._cfg.timeout, operation="disconnect")
 
@@ -196,7 +195,6 @@ class Brick:
         Bounded like connect (``cfg.timeout``): a rescan stuck on a dead
         path is killed with the daemon at its deadline (HelperTimeout).
         """
-        self.check_adapter(connection_info.get("adapter"))
         return self._call("extend_volume", (connection_info,),
                           self._cfg.timeout, operation="extend")
 
@@ -218,11 +216,6 @@ class Brick:
         was one."""
         return self._call("remove_udev_rule", (sd_id, vol_id, bool(temp)),
                           self._cfg.timeout, operation="remove_udev_rule")
-
-    def check_adapter(self, adapter):
-        """Raise UnknownAdapter (934) unless ``adapter`` is empty or an
-        installed plug-in.  Needs no daemon."""
-        adapters.check(adapter)
 
     def check_supported(self):
         """Raise NotSupported (925) when os-brick is not installed."""

@@ -61,6 +61,7 @@ import re
 import threading
 import time
 
+from . import adapters
 from . import boot
 from . import connectorinfo
 from . import devices
@@ -198,7 +199,12 @@ class Service:
         connection_info = validate.connection_info(
             "connection_info", connection_info)
         validate.driver_type(connection_info, self.cfg.allowed_types)
-        self._brick.check_adapter(connection_info.get("adapter"))
+        # The one check on the service's side that the adapter is an
+        # installed plug-in (934 before anything is recorded or started).
+        # detach, extend and reconcile use the recorded connection_info,
+        # which passed it; the daemon loads the plug-in by name from its
+        # own environment (brick._connector), 934 again if it is gone.
+        adapters.check(connection_info.get("adapter"))
         transport = transports.get(connection_info["driver_volume_type"])
         transport.check(self.cfg, connection_info)
 

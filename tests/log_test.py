@@ -6,6 +6,7 @@ import pytest
 
 from vdsm_managedvolume import errors
 from vdsm_managedvolume import log
+from vdsm_managedvolume import mask
 
 
 @pytest.mark.parametrize("raw, shown", [
@@ -56,3 +57,38 @@ def test_a_lone_surrogate_does_not_break_a_utf8_log_file(tmp_path):
         logger.removeHandler(handler)
         handler.close()
     assert "method x\\ud800y" in path.read_text(encoding="utf-8")
+
+
+def test_masked_argument_is_masked_once_and_only_when_logged(
+        log_lines, monkeypatch):
+    logger, lines = log_lines
+    ci = {"driver_volume_type": "iscsi",
+          "data": {"auth_username": "chapuser", "auth_password": "pw-77x"}}
+    calls = []
+    real = mask.mask
+
+    def counting(obj, _depth=0):
+        if obj is ci:
+            calls.append(obj)
+        return real(obj, _depth)
+
+    monkeypatch.setattr(mask, "mask", counting)
+    logger.setLevel(logging.INFO)
+    logger.debug("not written %s", mask.Masked(ci))
+    assert calls == [] and lines == []
+    logger.info("attaching %s auth_method=%s", mask.Masked(ci), "CHAP")
+    logger.info("as repr %r", mask.Masked(ci))
+    assert len(calls) == 2
+    assert "pw-77x" not in "\n".join(lines)
+    assert "'auth_password': '********'" in lines[0]
+    assert "'auth_username': 'chapuser'" in lines[1]
+
+
+def test_masked_argument_is_masked_without_the_filter(caplog):
+    # vdsm's handlers do not have our filter.
+    ci = {"data": {"auth_password": "pw-88y"}}
+    with caplog.at_level(logging.INFO, logger="tests.unfiltered"):
+        logging.getLogger("tests.unfiltered").info(
+            "attaching %s", mask.Masked(ci))
+    assert "pw-88y" not in caplog.text
+    assert mask.MASK in caplog.text

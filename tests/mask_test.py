@@ -216,3 +216,35 @@ def test_text_without_any_secret_shape_is_returned_unchanged():
     text = ("FINISH ManagedVolume.detach_volume ok (0.002 s) vol_id="
             "9f3c1e0a-55b1-4f07-9d6c-2f2f4a9e8f10 path=/dev/loop3")
     assert mask.mask_text(text) is text
+
+
+def count_masking(monkeypatch, value):
+    """The number of times ``mask.mask`` is asked to mask ``value``."""
+    calls = []
+    real = mask.mask
+
+    def counting(obj, _depth=0):
+        if obj is value:
+            calls.append(obj)
+        return real(obj, _depth)
+
+    monkeypatch.setattr(mask, "mask", counting)
+    return calls
+
+
+def test_masked_value_is_masked_when_formatted_not_before(monkeypatch):
+    calls = count_masking(monkeypatch, CONN)
+    value = mask.Masked(CONN)
+    assert calls == []
+    text = str(value)
+    assert len(calls) == 1
+    for s in SECRETS:
+        assert s not in text
+    assert "chapuser" in text and repr(value) == text
+
+
+def test_masked_params_are_shortened_when_asked():
+    params = {"connection_info": CONN, "blob": "x" * 3 * mask.MAX_LOGGED_ARG}
+    text = str(mask.Masked(params, params=True, short=True))
+    assert len(text) < 2 * mask.MAX_LOGGED_ARG
+    assert "chap-secret-1" not in text

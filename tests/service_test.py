@@ -11,6 +11,7 @@ import pytest
 
 from vdsm_managedvolume import errors
 from vdsm_managedvolume import log as mvlog
+from vdsm_managedvolume import mask
 from vdsm_managedvolume import service
 from vdsm_managedvolume import udev
 from vdsm_managedvolume import validate
@@ -1014,6 +1015,29 @@ def test_closed_service_refuses_calls(host_cfg, inproc_brick):
 
 
 # Secrets never reach the logs (real daemon: its errors and log lines too)
+
+def test_attach_masks_connection_info_once_and_only_for_a_line_written(
+        inproc_service, monkeypatch, caplog):
+    masked = []
+    real = mask.mask
+
+    def counting(obj, _depth=0):
+        if _depth == 0 and isinstance(obj, dict) and \
+                "driver_volume_type" in obj:
+            masked.append(obj)
+        return real(obj, _depth)
+
+    monkeypatch.setattr(mask, "mask", counting)
+    with caplog.at_level(logging.WARNING, logger="managedvolume"):
+        inproc_service.attach_volume(
+            new_id(), iscsi_connection(inproc_service.cfg))
+    assert masked == []
+    with caplog.at_level(logging.INFO, logger="managedvolume"):
+        inproc_service.attach_volume(
+            new_id(), iscsi_connection(inproc_service.cfg))
+    assert len(masked) == 1
+    assert "Attaching volume" in caplog.text
+
 
 @pytest.mark.root
 @pytest.mark.slow

@@ -24,8 +24,9 @@ process (``set_service``); inside vdsm the first call creates one
 Every method returns a response, never raises: an ``errors.Error`` becomes
 its code and (masked) message, anything else an internal error (-32603)
 whose text is masked and whose traceback goes to the log only.  Results are
-masked too (``mask.mask``) - except ``volumes_info(include_secrets=True)``,
-the one explicit request for them.
+masked too (``mask.mask``); volumes_info's by the service itself, which
+returns them masked unless ``include_secrets`` (the one explicit request
+for them).
 """
 
 import contextlib
@@ -162,7 +163,7 @@ class ManagedVolume(APIBase):
                      key="result",
                      args={"vol_ids": vol_ids,
                            "include_secrets": include_secrets},
-                     masked=include_secrets is not True)
+                     masked=include_secrets is not True, masks=False)
 
 
 class Host(APIBase):
@@ -314,8 +315,12 @@ class _BridgeFinder:
         return spec
 
 
-def _call(name, fn, key, args, masked=True):
-    """Run ``fn(service)`` and return vdsm's response dict."""
+def _call(name, fn, key, args, masked=True, masks=True):
+    """Run ``fn(service)`` and return vdsm's response dict.
+
+    ``masked``: the result may be logged (False: it holds secrets);
+    ``masks``: it is masked here (False: the service returned it masked).
+    """
     start = time.monotonic()
     log.info("START %s(%s)", name, _Args(args))
     try:
@@ -338,7 +343,7 @@ def _call(name, fn, key, args, masked=True):
                   time.monotonic() - start, exc_info=True)
         return {"status": {"code": err.code,
                            "message": mask.mask_text(str(err))}}
-    if masked:
+    if masked and masks:
         value = mask.mask(value)
     log.info("FINISH %s ok (%.3f s)", name, time.monotonic() - start)
     log.debug("%s returned %s", name, value if masked else "<unmasked>")
@@ -348,15 +353,15 @@ def _call(name, fn, key, args, masked=True):
     return response
 
 
-class _Args:
+class _Args(mask.Masked):
     """The arguments of a START line, masked and formatted only when the
     line is written (not at all when INFO is off)."""
 
-    __slots__ = ("args",)
+    __slots__ = ()
 
     def __init__(self, args):
-        self.args = args
+        super().__init__(args, params=True)
 
-    def __str__(self):
+    def _format(self):
         return ", ".join("{}={}".format(k, mask.shorten(repr(v)))
-                         for k, v in mask.mask_params(self.args).items())
+                         for k, v in mask.mask_params(self.value).items())

@@ -157,9 +157,8 @@ class Dispatcher:
         cls = api.NAMESPACES.get(method.namespace)
         if cls is None or not hasattr(cls, method.verb):
             raise errors.MethodNotFound(method=name)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("Calling %s with %s", name,
-                      mask.shorten(repr(mask.mask_params(params))))
+        log.debug("Calling %s with %s", name,
+                  mask.Masked(params, params=True, short=True))
         args = self.schema.args(name, params)
         obj = cls(*[None for _ in cls.ctorArgs])
         with api.using(self.service):

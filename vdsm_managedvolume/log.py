@@ -119,12 +119,7 @@ class ContextFilter(logging.Filter):
             else:
                 record.args = tuple(_printable_arg(mask.mask(a))
                                     for a in record.args)
-        try:
-            message = record.getMessage()
-        except Exception:
-            # A broken format string: keep what we have, masked.
-            message = "{} {!r}".format(record.msg, record.args)
-        record.msg = mask.mask_text(message)
+        record.msg = _masked_message(record)
         record.args = None
         # Tracebacks may quote connection data: format once, masked.  A
         # record forwarded by the privsep daemon arrives with exc_text
@@ -138,6 +133,57 @@ class ContextFilter(logging.Filter):
             record.stack_info = mask.mask_text(record.stack_info)
         record._managedvolume_masked = os.getpid()
         return True
+
+
+def _masked_message(record):
+    """The record's message, masked: the text of each ``mask.Masked``
+    argument as it masked itself (once), the rest of the line by one
+    pass of ``mask_text``."""
+    args = record.args
+    values = args.values() if isinstance(args, dict) else args or ()
+    texts = {}
+
+    def hold(value):
+        if not isinstance(value, mask.Masked):
+            return value
+        # NUL cannot come from a printable argument nor a template of ours.
+        key = "\x00{}\x00".format(len(texts))
+        texts[key] = printable(str(value))
+        return _Placeholder(key)
+
+    if any(isinstance(v, mask.Masked) for v in values):
+        held = ({k: hold(v) for k, v in args.items()}
+                if isinstance(args, dict) else tuple(hold(a) for a in args))
+        try:
+            line = mask.mask_text(str(record.msg) % held)
+        except Exception:
+            line = None
+        # A placeholder eaten by the masking (a template quoting a secret
+        # shape around it): mask the whole line, as for any other record.
+        if line is not None and all(line.count(k) == 1 for k in texts):
+            for key, text in texts.items():
+                line = line.replace(key, text)
+            return line
+    try:
+        message = record.getMessage()
+    except Exception:
+        # A broken format string: keep what we have, masked.
+        message = "{} {!r}".format(record.msg, record.args)
+    return mask.mask_text(message)
+
+
+class _Placeholder:
+    """Where a Masked argument's text goes, for %s and %r alike."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key):
+        self.key = key
+
+    def __str__(self):
+        return self.key
+
+    __repr__ = __str__
 
 
 def _printable_arg(value):

@@ -5,7 +5,9 @@ Connection info carries credentials: iSCSI CHAP (``auth_password``,
 (``san_password``), DB URLs (``postgresql://user:pw@host/db``).  vdsm logged
 them at INFO.  Here every log record passes a filter that calls ``mask``
 (see ``log.py``) and every response that may hold connection data calls it
-explicitly, so no caller has to remember.
+explicitly, so no caller has to remember.  Connection data logged as an
+argument is wrapped in ``Masked``: masked once, and only when the line is
+written, also by handlers without that filter (vdsm's).
 
 A key is secret when its lower-cased name contains ``password``, ``secret``,
 ``keyring``, ``token``, ``credential`` or ``private_key``, or starts with
@@ -161,6 +163,39 @@ def shorten(text):
     if len(text) <= MAX_LOGGED_ARG:
         return text
     return "{}... ({} characters)".format(text[:MAX_LOGGED_ARG], len(text))
+
+
+class Masked:
+    """``value`` as a log line shows it: masked when the line is written.
+
+    ``log.info("... %s", mask.Masked(connection_info))`` costs nothing
+    when the line is not logged, masks the value once when it is (through
+    any handler: vdsm's have no filter of ours), and log.py's filter does
+    not scan that text again.  ``params``: the value is a call's
+    parameters (``mask_params``); ``short``: the text is cut to
+    MAX_LOGGED_ARG characters.
+    """
+
+    __slots__ = ("value", "params", "short", "_text")
+
+    def __init__(self, value, params=False, short=False):
+        self.value = value
+        self.params = params
+        self.short = short
+        self._text = None
+
+    def __str__(self):
+        # Kept: every handler formats the record on its own.
+        if self._text is None:
+            self._text = self._format()
+        return self._text
+
+    __repr__ = __str__
+
+    def _format(self):
+        value = mask_params(self.value) if self.params else mask(self.value)
+        text = str(value)
+        return shorten(text) if self.short else text
 
 
 # Private helpers

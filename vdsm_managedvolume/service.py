@@ -216,7 +216,7 @@ class Service:
                 rec, fresh = self._reuse(rec, sd_id, connection_info,
                                          boot_id)
             log.info("Attaching volume %s sd_id=%s connection_info=%s",
-                     vol_id, sd_id, mask.mask(connection_info))
+                     vol_id, sd_id, mask.Masked(connection_info))
             if rec is None:
                 db.add_volume(vol_id, sd_id, connection_info,
                               boot_id=boot_id)

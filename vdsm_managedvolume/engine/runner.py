@@ -169,6 +169,12 @@ class Scrubber(logging.Filter):
         return True
 
 
+# SQLite (the default database): how long a transaction waits for the
+# write lock another shim process holds before failing with "database is
+# locked" (pysqlite's own default is 5 s); see _queue_sqlite_writers.
+SQLITE_BUSY_TIMEOUT = 60.0
+
+
 # Process-wide cinderlib state: set up once, per DB URL.
 
 _state = {"db_url": None, "locks_dir": None}
@@ -183,6 +189,7 @@ def setup_cinderlib(db_url, locks_dir):
     select_threading_backend()
     import cinderlib as cl
     if not cl.Backend.global_initialization:
+        _queue_sqlite_writers()
         # 0700 at every level we create (and the default run directory,
         # shared with the warm service's socket, 0700 even if it exists).
         argsmod.private_dirs(locks_dir)
@@ -208,6 +215,49 @@ def setup_cinderlib(db_url, locks_dir):
         cl.Backend.set_persistence({"storage": "db", "connection": db_url})
         _state["db_url"] = db_url
     return cl
+
+
+def _queue_sqlite_writers():
+    """Make SQLite transactions wait for each other instead of failing.
+
+    Every shim process (a cold run, a warm child) is a client of its own
+    of one SQLite file, and the engine runs operations concurrently.
+    oslo.db begins each transaction with a plain (deferred) ``BEGIN``
+    (``oslo_db.sqlalchemy.engines._init_events``), which takes the write
+    lock only at the first write, after the reads.  A transaction that
+    has read and then finds another process holding the write lock gets
+    "database is locked" at once, whatever the busy timeout: SQLite does
+    not wait there, as waiting could deadlock (sqlite3_busy_handler(3)).
+    So a SQLite transaction here begins with ``BEGIN IMMEDIATE`` (the
+    write lock first, waited for) and waits up to SQLITE_BUSY_TIMEOUT.
+    Read-only transactions queue too: they are short.  Other databases
+    are left alone.  Registered on the classes, once per process (a warm
+    service's children inherit it), before cinderlib creates its engine.
+    """
+    import sqlalchemy
+    if sqlalchemy.event.contains(sqlalchemy.pool.Pool, "connect",
+                                 _sqlite_connected):
+        return
+    sqlalchemy.event.listen(sqlalchemy.pool.Pool, "connect",
+                            _sqlite_connected)
+    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "begin",
+                            _sqlite_begin)
+
+
+def _sqlite_connected(dbapi_connection, connection_record):
+    import sqlite3
+    if isinstance(dbapi_connection, sqlite3.Connection):
+        dbapi_connection.execute("PRAGMA busy_timeout = {:d}".format(
+            int(SQLITE_BUSY_TIMEOUT * 1000)))
+
+
+def _sqlite_begin(conn):
+    # Runs before oslo.db's own "begin" listener (class-level listeners
+    # come first), which emits BEGIN unless its "in_transaction" mark says
+    # a transaction is open.
+    if conn.dialect.name == "sqlite" and "in_transaction" not in conn.info:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.info["in_transaction"] = True
 
 
 def backend(cl, driver):

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+import uuid
 
 import pytest
 
@@ -27,8 +28,7 @@ DATA = b"still readable on the host that runs the VM"
 
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory):
-    from .agent_process_test import AgentProcess
-    a = AgentProcess(tmp_path_factory.mktemp("host-a")).start()
+    a = _agent(str(tmp_path_factory.mktemp("host-a"))).start()
     b = None
     try:
         # One CA for both hosts and the engine, as in an oVirt setup: B
@@ -36,12 +36,38 @@ def hosts(tmp_path_factory):
         b_base = str(tmp_path_factory.mktemp("host-b"))
         shutil.copytree(os.path.join(a.state_dir, "pki"),
                         os.path.join(b_base, "state", "pki"))
-        b = AgentProcess(b_base).start()
+        b = _agent(b_base).start()
         yield {"host-a": a, "host-b": b}
     finally:
         for agent in (a, b):
             if agent is not None:
                 agent.stop()
+
+
+def _agent(base):
+    """An agent whose boot id is a file of its own (see _reboot)."""
+    from .agent_process_test import AgentProcess
+    boot_id_file = os.path.join(base, "boot_id")
+    _new_boot_id(boot_id_file)
+    agent = AgentProcess(base, env={"MANAGEDVOLUME_BOOT_ID_FILE":
+                                    boot_id_file})
+    agent.boot_id_file = boot_id_file
+    return agent
+
+
+def _new_boot_id(path):
+    with open(path, "w") as f:
+        f.write(str(uuid.uuid4()) + "\n")
+
+
+def _reboot(agent):
+    """The host reboots: its tmpfs (run dir: managed links) is empty, the
+    boot id is new; the journal and udev rules on disk stay.  The agent
+    listens on a new port."""
+    agent.stop()
+    shutil.rmtree(os.path.join(agent.state_dir, "run"), ignore_errors=True)
+    _new_boot_id(agent.boot_id_file)
+    agent.start()
 
 
 class Engine:
@@ -102,6 +128,17 @@ class Engine:
         with self.hosts[name].client() as client:
             assert client.call("ManagedVolume.detach_volume",
                                {"vol_id": self.vol}) is True
+
+    def reach(self, hosts):
+        """Ask the hosts at their current ports (after a reboot)."""
+        self.options[self.options.index("--host-addresses") + 1] = \
+            ",".join("{}=127.0.0.1:{}".format(name, hosts[name].port)
+                     for name in sorted(hosts))
+
+    def volumes_info(self, name):
+        with self.hosts[name].client() as client:
+            return client.call("ManagedVolume.volumes_info",
+                               {"vol_ids": [self.vol]})
 
     def attached_on(self, name):
         with self.hosts[name].client() as client:
@@ -288,3 +325,32 @@ def test_migrating_back_to_a_host_whose_connection_was_kept(
     e.run("disconnect_volume", e.vol)
     assert e.connections() == {"host-a": a["managed_path"]}
     assert e.attached_on("host-a") == [e.vol]
+
+
+def test_a_rebooted_hosts_leftover_connection_is_ended(
+        engine, engine_service, hosts):
+    e = engine()
+    e.attach("host-a")
+    # host-a is fenced while the VM runs there: its detach_volume fails,
+    # so ProcessDownVmCommand runs no disconnect_volume and the shim keeps
+    # host-a's connection.  HA restarts the VM on host-b.
+    dst = e.attach("host-b")
+    _reboot(hosts["host-a"])
+    e.reach(hosts)
+    # host-a's journal still holds the volume, from its previous boot.
+    info, = e.volumes_info("host-a")
+    assert (info["vol_id"], info["stale"], info["stale_reason"]) == \
+        (e.vol, True, "made in another boot")
+
+    # The next disconnect_volume of the disk asks both hosts: host-a's
+    # stale record is no attachment, its connection ends; host-b runs the
+    # VM and keeps its own, the device under it untouched.
+    e.run("disconnect_volume", e.vol)
+
+    assert e.connections() == {"host-b": dst["managed_path"]}
+    assert _write_and_read(dst["managed_path"]) == DATA
+    log = engine_service.log()
+    assert "host host-a (127.0.0.1:{}) no longer has volume {}".format(
+        hosts["host-a"].port, e.vol) in log
+    assert "Keeping the connection of volume {} to host host-b".format(
+        e.vol) in log

@@ -159,7 +159,7 @@ class InProcessBrick:
             return {"type": "local",
                     "path": connection_info["data"]["device_path"]}
         try:
-            return conn.connect_volume(dict(connection_info["data"]))
+            return conn.connect_volume(_data(connection_info))
         except fakebrick.FakeConnectorError as e:
             raise errors.ConnectorFailed(str(e))
 
@@ -170,7 +170,8 @@ class InProcessBrick:
         if conn is None:
             return
         try:
-            conn.disconnect_volume(dict(connection_info["data"]), attachment)
+            conn.disconnect_volume(_data(connection_info, attachment),
+                                   attachment)
         except fakebrick.FakeConnectorError as e:
             raise errors.ConnectorFailed(str(e))
 
@@ -183,7 +184,7 @@ class InProcessBrick:
             from vdsm_managedvolume import devices
             return devices.size(connection_info["data"]["device_path"])
         try:
-            return conn.extend_volume(dict(connection_info["data"]))
+            return conn.extend_volume(_data(connection_info))
         except fakebrick.FakeConnectorError as e:
             raise errors.HelperFailed(str(e))
 
@@ -357,3 +358,11 @@ def is_symlink(path):
         return stat.S_ISLNK(os.lstat(path).st_mode)
     except FileNotFoundError:
         return False
+
+
+def _data(connection_info, attachment=None):
+    """What the daemon hands the connector (brick._data): the
+    transport's connector_data."""
+    from vdsm_managedvolume import transports
+    return transports.get(connection_info["driver_volume_type"]) \
+        .connector_data(connection_info, attachment)

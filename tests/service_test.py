@@ -1440,6 +1440,35 @@ def test_second_volume_on_an_attached_device_is_927(
 
 
 @pytest.mark.root
+def test_detaching_one_of_two_volumes_sharing_a_device_is_no_error(
+        inproc_service, inproc_brick, loop_device, caplog):
+    # [volumes] shared_devices: the device stays connected for the other
+    # volume, and that is what the log says (not that it belongs to
+    # something else); the last volume's detach disconnects it.
+    svc = inproc_service
+    svc.cfg.shared_devices = True
+    first, second = new_id(), new_id()
+    ci = {"driver_volume_type": "local",
+          "data": {"device_path": loop_device.path}}
+    svc.attach_volume(first, ci)
+    svc.attach_volume(second, ci)
+    del inproc_brick.calls[:]
+    with caplog.at_level(logging.INFO, logger="managedvolume.service"):
+        svc.detach_volume(first)
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert "belongs to something else" not in caplog.text
+    assert "Not disconnecting volume {}: its device {} is shared with " \
+        "volume {}".format(first, loop_device.path, second) in caplog.text
+    assert calls_named(inproc_brick, "disconnect") == []
+    assert [r["vol_id"] for r in records(svc)] == [second]
+    assert os.path.exists(rule_of(svc, second))
+
+    svc.detach_volume(second)
+    assert len(calls_named(inproc_brick, "disconnect")) == 1
+    assert records(svc) == []
+
+
+@pytest.mark.root
 def test_device_found_by_another_connect_is_not_disconnected(
         inproc_service, loop_device):
     # Two iSCSI connections leading to one device: the second attach is

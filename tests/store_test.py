@@ -294,6 +294,49 @@ def test_version_3_rows_migrate_to_an_unknown_boot(tmp_path):
     assert (rec["boot_id"], rec["identity"]) == ("b1", {"dev": "7:3"})
 
 
+def test_version_4_rows_get_their_device_indexed(tmp_path):
+    path = str(tmp_path / "mv.db")
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE versions (version INTEGER PRIMARY KEY, "
+                 "description TEXT, updated datetime)")
+    for version, description, script in store.MIGRATIONS[:4]:
+        conn.executescript(script)
+        conn.execute("INSERT INTO versions VALUES (?, ?, 'now')",
+                     (version, description))
+    conn.execute("INSERT INTO volumes (vol_id, path, connection_info, "
+                 "state, boot_id, identity) VALUES (?, '/dev/loop3', ?, "
+                 "'attached', 'b1', ?)",
+                 (VOL, json.dumps(CI), json.dumps({"dev": "7:3"})))
+    conn.execute("INSERT INTO volumes (vol_id, connection_info, state) "
+                 "VALUES (?, ?, 'attaching')", (VOL2, json.dumps(CI)))
+    conn.commit()
+    conn.close()
+    with store.open(path) as s:
+        assert [r["vol_id"] for r in s.volumes_on_device("7:3")] == [VOL]
+        assert s.volumes_on_device("7:4") == []
+
+
+def test_volumes_on_device_follows_the_recorded_identity(db):
+    third = "3d4b0fe1-6a69-4a2e-9f63-4c8f3bd6f0a1"
+    for vol_id in (VOL, VOL2, third):
+        db.add_volume(vol_id, SD, CI)
+    db.update_volume(VOL, path="/dev/loop3", identity={"dev": "7:3"})
+    db.update_volume(VOL2, path="/dev/loop3", identity={"dev": "7:3"})
+    # A path without a recorded device (not a block device, or written
+    # before devices were): the caller must look at it.
+    db.update_volume(third, path="/tmp/file", identity=None)
+    assert [r["vol_id"] for r in db.volumes_on_device("7:3")] == [
+        VOL, VOL2, third]
+    assert db.volumes_on_device("7:3")[0] == db.get_volume(VOL)
+    db.update_volume(VOL2, identity={"dev": "7:4"})
+    assert [r["vol_id"] for r in db.volumes_on_device("7:3")] == [
+        VOL, third]
+    db.remove_volume(VOL)
+    db.update_volume(third, path=None)
+    assert db.volumes_on_device("7:3") == []
+    assert [r["vol_id"] for r in db.volumes_on_device("7:4")] == [VOL2]
+
+
 def test_add_volume_records_its_boot(db):
     db.add_volume(VOL, SD, CI, boot_id="boot-1")
     assert db.get_volume(VOL)["boot_id"] == "boot-1"

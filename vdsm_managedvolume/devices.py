@@ -110,6 +110,12 @@ def device_number(path):
     return os.major(st.st_rdev), os.minor(st.st_rdev)
 
 
+def device_number_of(identity):
+    """(major, minor) of an ``identity``'s "dev"."""
+    major, minor = identity["dev"].split(":")
+    return int(major), int(minor)
+
+
 def sysfs_path(major, minor, *names):
     """``/sys/dev/block/MAJ:MIN[/names...]``: the kernel's directory of a
     block device, by number."""

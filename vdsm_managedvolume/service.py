@@ -245,12 +245,12 @@ class Service:
                     raise errors.HelperFailed(
                         "the connector reported success but device {} "
                         "does not exist".format(path))
-                self._check_not_shared(vol_id, path)
+                identity = transport.identity(path)
+                self._check_not_shared(vol_id, path, identity, boot_id)
                 db.update_volume(
                     vol_id, attachment=attachment, path=path,
                     multipath_id=attachment.get("multipath_id"),
-                    size=devices.size(path),
-                    identity=transport.identity(path))
+                    size=devices.size(path), identity=identity)
                 faults.crash_point("attach.after_attachment")
                 self._add_udev_rule(sd_id, vol_id, path)
                 faults.crash_point("attach.after_udev")
@@ -640,7 +640,9 @@ class Service:
 
     def _foreign_device(self, rec, boot_id):
         """Why the device at ``rec``'s path must not be disconnected for
-        it, or None."""
+        it: (reason, the vol_id it is shared with when ``[volumes]
+        shared_devices`` allows that, else None), or None when it may
+        be."""
         current = self._identity(rec)
         if current is None:
             return None
@@ -648,17 +650,38 @@ class Service:
                                   self._same_boot(rec, boot_id))
         if changed:
             return "it is not the device recorded at attach ({})".format(
-                changed)
-        for other in self._db().volumes():
-            if other["vol_id"] == rec["vol_id"]:
+                changed), None
+        other = self._device_holder(rec["vol_id"], current, boot_id,
+                                    states=("attached",))
+        if other is None:
+            return None
+        return "it is attached as volume {} in this boot".format(
+            other), other if self.cfg.shared_devices else None
+
+    def _device_holder(self, vol_id, current, boot_id, states=store.STATES):
+        """The vol_id of a live record of this boot, other than
+        ``vol_id``'s and in one of ``states``, holding the device whose
+        identity (``devices.identity``) is ``current``; None when none
+        does.
+
+        A record holds a device when its path names that device now
+        (same MAJ:MIN), it is not stale (``_stale_reason``: of this boot;
+        when attached, its device as recorded, ``devices.changed``).
+        Only records whose recorded device is that MAJ:MIN (and those
+        recorded without one) are looked at: an index lookup in the
+        journal (``store.volumes_on_device``), whatever its size.
+        """
+        number = devices.device_number_of(current)
+        for rec in self._db().volumes_on_device(current["dev"]):
+            if (rec["vol_id"] == vol_id or rec["state"] not in states
+                    or not rec["path"]
+                    or devices.device_number(rec["path"]) != number
+                    or not self._same_boot(rec, boot_id)):
                 continue
-            ident = other["identity"] or {}
-            if (other["state"] == "attached"
-                    and other["boot_id"] == boot_id
-                    and ident.get("dev") == current["dev"]
-                    and not devices.changed(ident, current, True)):
-                return "it is attached as volume {} in this boot".format(
-                    other["vol_id"])
+            if (rec["state"] == "attached" and rec["identity"]
+                    and devices.changed(rec["identity"], current, True)):
+                continue    # stale: its device changed
+            return rec["vol_id"]
         return None
 
     def _not_attached(self, rec):
@@ -720,14 +743,20 @@ class Service:
         faults.crash_point("detach.after_rule")
         foreign = self._foreign_device(rec, self._boot())
         if foreign:
-            log.error("Not disconnecting volume %s: the device at %s now "
-                      "belongs to something else: %s. The volume's record, "
-                      "managed link and udev rule are removed and that "
-                      "device is left alone. If the volume's own "
-                      "connection still exists on this host, end it by "
-                      "hand (iscsiadm, multipath -f, rbd unmap, losetup "
-                      "-d) after checking which device it is", vol_id,
-                      rec["path"], foreign)
+            reason, shared_with = foreign
+            if shared_with:
+                log.info("Not disconnecting volume %s: its device %s is "
+                         "shared with volume %s, still attached ([volumes] "
+                         "shared_devices)", vol_id, rec["path"], shared_with)
+            else:
+                log.error("Not disconnecting volume %s: the device at %s "
+                          "now belongs to something else: %s. The "
+                          "volume's record, managed link and udev rule are "
+                          "removed and that device is left alone. If the "
+                          "volume's own connection still exists on this "
+                          "host, end it by hand (iscsiadm, multipath -f, "
+                          "rbd unmap, losetup -d) after checking which "
+                          "device it is", vol_id, rec["path"], reason)
             faults.crash_point("detach.after_disconnect")
             db.remove_volume(vol_id)
             return
@@ -798,24 +827,19 @@ class Service:
                           vol_id)
             return e
 
-    def _check_not_shared(self, vol_id, path):
-        """Raise DeviceAttached when the device at ``path`` (by
-        major:minor) is recorded for another volume whose device is
-        there, unless ``cfg.shared_devices``.  A stale record (another
-        boot's, or whose device changed) holds no device."""
-        if self.cfg.shared_devices:
+    def _check_not_shared(self, vol_id, path, identity, boot_id):
+        """Raise DeviceAttached when the device at ``path`` (``identity``)
+        is held by another volume's live record (``_device_holder``),
+        unless ``cfg.shared_devices``.  A stale record (another boot's,
+        or whose device changed) holds no device."""
+        if self.cfg.shared_devices or identity is None:
             return
-        number = devices.device_number(path)
-        if number is None:
-            return  # Not a block device (a fake in tests): no number.
-        boot_id = self._boot()
-        for rec in self._db().volumes():
-            if (rec["vol_id"] != vol_id and rec["path"]
-                    and devices.device_number(rec["path"]) == number
-                    and self._stale_reason(rec, boot_id) is None):
-                raise errors.DeviceAttached(
-                    path=path, major=number[0], minor=number[1],
-                    other=rec["vol_id"], vol_id=vol_id)
+        other = self._device_holder(vol_id, identity, boot_id)
+        if other is not None:
+            major, minor = devices.device_number_of(identity)
+            raise errors.DeviceAttached(
+                path=path, major=major, minor=minor, other=other,
+                vol_id=vol_id)
 
     def _silent_remove(self, vol_id):
         try:

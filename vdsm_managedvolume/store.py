@@ -22,7 +22,10 @@ records the size the device has and clears it.
 Each record also carries the boot it was made in (``boot_id``; NULL for
 rows written before version 4: "unknown boot") and what its device was
 (``identity``, see ``devices.identity``).  A record from another boot is
-never a live attachment (see ``service``).
+never a live attachment (see ``service``).  The identity's MAJ:MIN is
+also kept in an indexed column of its own (``dev``, written with
+``identity``): which records hold a device (``volumes_on_device``) is
+asked at every attach and detach, and must not decode every record.
 
 Commits and fsyncs
 ------------------
@@ -78,6 +81,11 @@ _COLUMNS = ("sd_id", "state", "connection_info", "attachment", "path",
 
 BUSY_TIMEOUT = 30.0
 
+# A record: every column but dev (identity holds it too).
+_SELECT = ("SELECT vol_id, sd_id, state, connection_info, attachment, "
+           "path, multipath_id, managed_path, size, extending, boot_id, "
+           "identity, created, updated FROM volumes")
+
 log = logging.getLogger("managedvolume.store")
 
 # (version, description, script).  Append only; never edit a released one.
@@ -112,6 +120,13 @@ MIGRATIONS = (
     (4, "Boot of each record, device identity", """
         ALTER TABLE volumes ADD COLUMN boot_id TEXT;
         ALTER TABLE volumes ADD COLUMN identity TEXT;
+    """),
+    # dev: identity's MAJ:MIN, kept in step with identity by
+    # update_volume, so that "which record holds this device" is an
+    # index lookup, not a decode of every record (see volumes_on_device).
+    (5, "Device number of each record, indexed", """
+        ALTER TABLE volumes ADD COLUMN dev TEXT;
+        CREATE INDEX volumes_dev ON volumes (dev);
     """),
 )
 
@@ -208,11 +223,7 @@ class Store:
         Unknown ids are skipped.  Each record is a dict holding every
         column; JSON columns are decoded, missing values are None.
         """
-        sql = ("SELECT vol_id, sd_id, state, connection_info, attachment, "
-               "path, multipath_id, managed_path, size, extending, "
-               "boot_id, identity, "
-               "created, updated "
-               "FROM volumes")
+        sql = _SELECT
         vol_ids = list(vol_ids)
         if vol_ids:
             sql += " WHERE vol_id IN ({})".format(
@@ -231,6 +242,19 @@ class Store:
             "SELECT EXISTS (SELECT 1 FROM volumes WHERE multipath_id = ?)",
             (multipath_id,))
         return rows[0][0] == 1
+
+    def volumes_on_device(self, dev):
+        """Records whose device, as recorded at attach, is ``dev``
+        ("MAJ:MIN"), and those with a path but no recorded device
+        (written before devices were recorded, or whose path is no block
+        device): the caller looks at their path.  Sorted by vol_id.
+
+        An index lookup: asking which record holds a device costs the
+        same with one record or a thousand.
+        """
+        rows = self._read(_SELECT + " WHERE dev = ? OR (dev IS NULL AND "
+                          "path IS NOT NULL) ORDER BY vol_id", (dev,))
+        return [_record(row) for row in rows]
 
     def version_info(self):
         """{"version", "description", "updated"} of the schema."""
@@ -272,6 +296,9 @@ class Store:
         names = list(fields)
         values = [_dumps(fields[n]) if n in _JSON_COLUMNS else fields[n]
                   for n in names]
+        if "identity" in fields:
+            names.append("dev")
+            values.append(_dev(fields["identity"]))
         sql = "UPDATE volumes SET {}, updated = ? WHERE vol_id = ?".format(
             ", ".join("{} = ?".format(n) for n in names))
         try:
@@ -282,7 +309,7 @@ class Store:
                 "cannot update volume {}: {}".format(vol_id, e))
         if count == 0:
             raise errors.StoreNotFound(vol_id=vol_id)
-        log.debug("Updated volume %s: %s", vol_id, ", ".join(names))
+        log.debug("Updated volume %s: %s", vol_id, ", ".join(fields))
 
     def remove_volume(self, vol_id, durable=True):
         """Delete the record of ``vol_id`` (no record is not an error).
@@ -400,6 +427,8 @@ class Store:
                              self.path, version, description)
                     for statement in _statements(script):
                         conn.execute(statement)
+                    if version in _MIGRATION_STEPS:
+                        _MIGRATION_STEPS[version](conn)
                     conn.execute(
                         "INSERT INTO versions (version, description, "
                         "updated) VALUES (?, ?, ?)",
@@ -520,6 +549,31 @@ def _loads(text):
         return json.loads(text)
     except ValueError as e:
         raise errors.StoreError("corrupt JSON in a record: {}".format(e))
+
+
+def _dev(identity):
+    """The indexed ``dev`` of a record with this ``identity``."""
+    if isinstance(identity, dict) and isinstance(identity.get("dev"), str):
+        return identity["dev"]
+    return None
+
+
+def _fill_dev(conn):
+    """Version 5: ``dev`` of the records written before it."""
+    rows = conn.execute("SELECT vol_id, identity FROM volumes "
+                        "WHERE identity IS NOT NULL").fetchall()
+    for vol_id, identity in rows:
+        try:
+            dev = _dev(_loads(identity))
+        except errors.StoreError:
+            continue    # reported when the record is read
+        conn.execute("UPDATE volumes SET dev = ? WHERE vol_id = ?",
+                     (dev, vol_id))
+
+
+# What a migration computes beyond its SQL: version -> function(conn), run
+# in the same transaction after that version's script.
+_MIGRATION_STEPS = {5: _fill_dev}
 
 
 def _check_state(state):

@@ -56,6 +56,36 @@ def test_active_swap_is_in_use(loop_device):
         run("swapoff", loop_device.path)
 
 
+def test_a_partition_in_use_makes_its_disk_in_use(
+        loop_device, tmp_path, monkeypatch):
+    # A sysfs tree as the kernel lays it out: /sys/dev/block/MAJ:MIN links
+    # to the device's directory, a partition is a directory named after
+    # its disk beside the disk's attribute files.
+    st = os.stat(loop_device.path)
+    disk = os.path.basename(loop_device.path)
+    number = "{}:{}".format(os.major(st.st_rdev), os.minor(st.st_rdev))
+    top = tmp_path / "block" / disk
+    for name in ("holders", "queue", "power", "mq"):
+        (top / name).mkdir(parents=True)
+    for name in ("size", "uevent", "ro", "removable"):
+        (top / name).write_text("0\n")
+    for part, minor, holder in (("p1", 901, None), ("p2", 902, "dm-7")):
+        d = top / (disk + part)
+        (d / "holders").mkdir(parents=True)
+        (d / "partition").write_text(part[1:] + "\n")
+        (d / "dev").write_text("259:{}\n".format(minor))
+        if holder:
+            (d / "holders" / holder).write_text("")
+    by_number = tmp_path / "dev-block"
+    by_number.mkdir()
+    (by_number / number).symlink_to(top)
+    (by_number / "259:901").symlink_to(top / (disk + "p1"))
+    (by_number / "259:902").symlink_to(top / (disk + "p2"))
+    monkeypatch.setattr(devices, "SYS_DEV_BLOCK", str(by_number))
+    assert devices.in_use(loop_device.path) == \
+        "{}p2 is held by dm-7".format(disk)
+
+
 def test_paths_that_are_not_block_devices_are_not_judged(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")

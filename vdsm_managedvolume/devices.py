@@ -129,7 +129,7 @@ def in_use(path):
     if number is None:
         return None
     devices = [number]
-    devices += _partitions(*devices[0])
+    devices += _partitions(number[0], number[1], _kernel_name(*number))
     mounts = _mounted()
     swaps = _swaps()
     for major, minor in devices:
@@ -241,8 +241,14 @@ def _kernel_name(major, minor):
         return "{}:{}".format(major, minor)
 
 
-def _partitions(major, minor):
-    """(major, minor) of every partition of a disk."""
+def _partitions(major, minor, disk):
+    """(major, minor) of every partition of the disk named ``disk``.
+
+    The kernel names a partition after its disk (``sda1``, ``loop0p1``,
+    ``nvme0n1p1``: block/partitions/core.c, add_partition), and lists it
+    as a directory of that name in the disk's sysfs directory: only those
+    names are looked at, not the disk's two dozen attribute files.
+    """
     found = []
     top = sysfs_path(major, minor)
     try:
@@ -250,10 +256,12 @@ def _partitions(major, minor):
     except OSError:
         return found
     for name in names:
-        dev = os.path.join(top, name, "dev")
-        if os.path.exists(os.path.join(top, name, "partition")):
+        if not name.startswith(disk) or name == disk:
+            continue
+        part = top + "/" + name
+        if os.path.exists(part + "/partition"):
             try:
-                with open(dev) as f:
+                with open(part + "/dev") as f:
                     ma, mi = f.read().strip().split(":")
                 found.append((int(ma), int(mi)))
             except (OSError, ValueError):

@@ -1,5 +1,6 @@
 """The boot id: from the config key, overridden by the environment, read
-at each use."""
+at each use (the kernel's once: it cannot change while a process
+lives)."""
 
 import pytest
 
@@ -14,6 +15,19 @@ def test_default_is_the_kernels_boot_id(monkeypatch):
     assert cfg.boot_id_file == "/proc/sys/kernel/random/boot_id"
     with open("/proc/sys/kernel/random/boot_id") as f:
         assert boot.current(cfg) == f.read().strip()
+
+
+def test_the_kernels_boot_id_is_read_once(monkeypatch):
+    monkeypatch.delenv(boot.ENV_FILE, raising=False)
+    monkeypatch.setattr(boot, "_kernel_boot_id", None)
+    cfg = config.Config()
+    first = boot.current(cfg)
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda *a, **k: (
+        opened.append(a[0]), real_open(*a, **k))[1])
+    assert boot.current(cfg) == first
+    assert opened == []
 
 
 def test_config_key_is_read_at_each_use(tmp_path, monkeypatch):

@@ -16,8 +16,10 @@ for records written before the boot was recorded (vdsm's, or an older
 version of this package).
 
 The file is ``[paths] boot_id_file``, or ``$MANAGEDVOLUME_BOOT_ID_FILE``
-when set, and it is read at each use (a few microseconds): a test reboots a
-host by writing a new id there and restarting the agent.
+when set.  The kernel's file is read once per process (its value cannot
+change while a process lives: every attach and detach asks); any other
+file is read at each use (a few microseconds): a test reboots a host by
+writing a new id there and restarting the agent.
 """
 
 import os
@@ -30,6 +32,10 @@ ENV_FILE = "MANAGEDVOLUME_BOOT_ID_FILE"
 # that tests may use readable names.
 MAX_LENGTH = 64
 
+# The kernel's boot id, fixed for the life of the process.
+KERNEL_FILE = "/proc/sys/kernel/random/boot_id"
+_kernel_boot_id = None
+
 
 def id_file(cfg):
     """The file naming the current boot."""
@@ -38,7 +44,10 @@ def id_file(cfg):
 
 def current(cfg):
     """The current boot id; ConfigError naming the file when unreadable."""
+    global _kernel_boot_id
     path = id_file(cfg)
+    if path == KERNEL_FILE and _kernel_boot_id is not None:
+        return _kernel_boot_id
     try:
         with open(path) as f:
             value = f.read(MAX_LENGTH + 1).strip()
@@ -50,4 +59,6 @@ def current(cfg):
         raise errors.ConfigError(
             "{} (boot_id_file, ${}) does not hold a boot id".format(
                 path, ENV_FILE))
+    if path == KERNEL_FILE:
+        _kernel_boot_id = value
     return value

@@ -32,7 +32,8 @@ instead of spawning a second daemon through sudo.
 
 Deadlines: every entrypoint gets the caller's deadline (time.monotonic(),
 CLOCK_MONOTONIC, the same clock in both processes).  A watchdog kills the
-whole daemon with SIGKILL when the deadline passes: the operation truly
+whole daemon with SIGKILL when the deadline passes (one thread watches
+every call's deadline, ``watchdog.Watchdog``): the operation truly
 stops, a "ghost" connect cannot complete after the caller was told it
 failed.  The caller sees EOF after its deadline and reports HelperTimeout;
 the next call starts a fresh daemon.  (oslo.privsep's own
@@ -88,7 +89,6 @@ import signal
 import stat
 import sys
 import threading
-import time
 
 from oslo_config import cfg as oslo_cfg
 from oslo_privsep import capabilities as caps
@@ -105,6 +105,7 @@ from . import privsepconfig
 from . import transports
 from . import udev
 from . import validate
+from . import watchdog
 
 LOG = logging.getLogger(__name__)
 
@@ -457,14 +458,10 @@ class _operation:
         except BaseException:
             self._flow.__exit__(None, None, None)
             raise
-        self._timer = threading.Timer(
-            max(0.0, self.deadline - time.monotonic()), _die,
-            args=(self.name, self.flow_id))
-        self._timer.daemon = True
-        self._timer.start()
+        self._token = _watchdog.arm(self.deadline, self.name, self.flow_id)
 
     def __exit__(self, t, e, tb):
-        self._timer.cancel()
+        _watchdog.disarm(self._token)
         try:
             if e is None or isinstance(e, privsep.RemoteError):
                 return False
@@ -528,6 +525,9 @@ def _die(operation, flow_id):
         LOG.error("%s exceeded its deadline: killing privsep daemon %s",
                   operation, os.getpid())
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+_watchdog = watchdog.Watchdog(_die)
 
 
 def _conf():

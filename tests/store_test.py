@@ -313,7 +313,7 @@ def test_version_4_rows_get_their_device_indexed(tmp_path):
     conn.close()
     with store.open(path) as s:
         assert [r["vol_id"] for r in s.volumes_on_device("7:3")] == [VOL]
-        assert s.volumes_on_device("7:4") == []
+        assert list(s.volumes_on_device("7:4")) == []
 
 
 def test_volumes_on_device_follows_the_recorded_identity(db):
@@ -327,13 +327,16 @@ def test_volumes_on_device_follows_the_recorded_identity(db):
     db.update_volume(third, path="/tmp/file", identity=None)
     assert [r["vol_id"] for r in db.volumes_on_device("7:3")] == [
         VOL, VOL2, third]
-    assert db.volumes_on_device("7:3")[0] == db.get_volume(VOL)
+    rec = db.get_volume(VOL)
+    assert next(db.volumes_on_device("7:3")) == {
+        k: rec[k] for k in ("vol_id", "sd_id", "state", "path", "boot_id",
+                            "identity")}
     db.update_volume(VOL2, identity={"dev": "7:4"})
     assert [r["vol_id"] for r in db.volumes_on_device("7:3")] == [
         VOL, third]
     db.remove_volume(VOL)
     db.update_volume(third, path=None)
-    assert db.volumes_on_device("7:3") == []
+    assert list(db.volumes_on_device("7:3")) == []
     assert [r["vol_id"] for r in db.volumes_on_device("7:4")] == [VOL2]
 
 

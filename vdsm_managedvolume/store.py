@@ -249,12 +249,18 @@ class Store:
         (written before devices were recorded, or whose path is no block
         device): the caller looks at their path.  Sorted by vol_id.
 
-        An index lookup: asking which record holds a device costs the
-        same with one record or a thousand.
+        Each is {vol_id, sd_id, state, path, boot_id, identity}, decoded
+        as the caller iterates (it usually stops at the first): an index
+        lookup, whatever the number of records, and no connection_info
+        decoded.
         """
-        rows = self._read(_SELECT + " WHERE dev = ? OR (dev IS NULL AND "
-                          "path IS NOT NULL) ORDER BY vol_id", (dev,))
-        return [_record(row) for row in rows]
+        rows = self._read(
+            "SELECT vol_id, sd_id, state, path, boot_id, identity "
+            "FROM volumes WHERE dev = ? OR (dev IS NULL AND path IS NOT "
+            "NULL) ORDER BY vol_id", (dev,))
+        keys = ("vol_id", "sd_id", "state", "path", "boot_id")
+        return (dict(zip(keys, row), identity=_loads(row[5]))
+                for row in rows)
 
     def version_info(self):
         """{"version", "description", "updated"} of the schema."""

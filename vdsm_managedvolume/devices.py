@@ -128,12 +128,13 @@ def in_use(path):
     number = device_number(path)
     if number is None:
         return None
-    devices = [number]
-    devices += _partitions(number[0], number[1], _kernel_name(*number))
+    disk = _kernel_name(*number)
+    devices = [(number, disk)]
+    devices += [(part, None) for part in _partitions(*number, disk)]
     mounts = _mounted()
     swaps = _swaps()
-    for major, minor in devices:
-        name = _kernel_name(major, minor)
+    for (major, minor), name in devices:
+        name = name or _kernel_name(major, minor)
         where = mounts.get((major, minor))
         if where:
             return "{} is mounted at {}".format(name, where)
@@ -235,8 +236,14 @@ def _read_sys(major, minor, name):
 
 
 def _kernel_name(major, minor):
+    # /sys/dev/block/MAJ:MIN links to the device's directory, named for it.
+    path = sysfs_path(major, minor)
     try:
-        return os.path.basename(os.path.realpath(sysfs_path(major, minor)))
+        return os.path.basename(os.readlink(path))
+    except OSError:
+        pass
+    try:
+        return os.path.basename(os.path.realpath(path))
     except OSError:
         return "{}:{}".format(major, minor)
 

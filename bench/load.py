@@ -15,7 +15,9 @@ Figures, each printed beside its baselines in one run:
                     mutual TLS: p50
     many callers    attach+detach throughput of 32 callers on distinct
                     volumes (one loop device, [volumes] shared_devices) vs
-                    one caller's
+                    one caller's, and the agent's CPU time per pair (user,
+                    system) in both runs: what bounds the 32 callers, and
+                    a figure that other load on the machine moves less
     memory          the agent's RSS with 64 operations in flight and 200
                     idle STOMP connections (peak while the mass start runs),
                     plain and TLS (the privsep daemon is another process)
@@ -40,7 +42,9 @@ path, logging at INFO into the state directory.
 
     .venv/bin/python bench/load.py [--rounds N] [--quick]
 
-It prints; it asserts nothing.
+It prints; it asserts nothing.  The load average before and after is
+printed too: on a 2-core machine shared with other work, latencies grow
+with it.
 """
 
 import argparse
@@ -121,7 +125,9 @@ def main():
             agents.append(plain.start())
             tls = _Agent(os.path.join(base, "tls"), fake_dir, tls=True)
             agents.append(tls.start())
+            load_before = os.getloadavg()
             r = run(plain, tls, loop, args)
+            r["load_before"], r["load_after"] = load_before, os.getloadavg()
     finally:
         for agent in agents:
             agent.stop()
@@ -149,8 +155,10 @@ def run(plain, tls, loop, args):
 
     _log("throughput: 1 caller, then {} callers on distinct volumes".format(
         args.callers))
-    r["tput1"] = _throughput(plain, local, 1, args.per_caller * 4)
-    r["tputN"] = _throughput(plain, local, args.callers, args.per_caller)
+    r["tput1"], r["cpu1"] = _throughput(plain, local, 1,
+                                        args.per_caller * 4)
+    r["tputN"], r["cpuN"] = _throughput(plain, local, args.callers,
+                                        args.per_caller)
 
     for n, agent, suffix in ((32, plain, ""), (64, plain, ""),
                              (64, tls, "_tls")):
@@ -205,16 +213,20 @@ def _pair(client, connection_info):
 
 
 def _throughput(agent, connection_info, callers, pairs):
-    """attach+detach pairs per second of ``callers`` at once."""
+    """(attach+detach pairs per second of ``callers`` at once, the agent's
+    CPU seconds per pair: user, system)."""
     clients = [agent.client() for _ in range(callers)]
     try:
+        before = agent.cpu()
         elapsed = _together(
             [lambda c=c: [_pair(c, connection_info) for _ in range(pairs)]
              for c in clients])
+        after = agent.cpu()
     finally:
         for c in clients:
             c.close()
-    return callers * pairs / elapsed
+    n = callers * pairs
+    return n / elapsed, tuple((a - b) / n for a, b in zip(after, before))
 
 
 def _mass_start(agent, n, sleep, idle):
@@ -346,6 +358,13 @@ def report(r, args):
               r["tput1"], args.callers, r["tputN"],
               _fmt(benchutil.percentile(r["pair_plain"], 95)),
               _fmt(benchutil.percentile(r["pair_tls"], 95))))
+    print("agent CPU per attach+detach (user + system): 1 caller {} + "
+          "{}, {} callers {} + {}".format(
+              _fmt(r["cpu1"][0]), _fmt(r["cpu1"][1]), args.callers,
+              _fmt(r["cpuN"][0]), _fmt(r["cpuN"][1])))
+    print("load average: {} before the run, {} after (2 cores: above 2, "
+          "other work competes for the CPU)".format(
+              _load(r["load_before"]), _load(r["load_after"])))
     print("this machine now: a durable SQLite commit p50 {} (p95 {}); an "
           "attach+detach makes three; the targets assume 0.24 ms".format(
               _fmt(p50(r["commit"])),
@@ -371,6 +390,10 @@ def _fmt(seconds):
     if seconds >= 1e-3:
         return "{:.2f} ms".format(seconds * 1e3)
     return "{:.0f} us".format(seconds * 1e6)
+
+
+def _load(avg):
+    return "/".join("{:.1f}".format(v) for v in avg)
 
 
 def _ratio(baseline, now):
@@ -503,6 +526,13 @@ class _Agent:
             "target_iqn": "iqn.2026-11.org.example:" + key,
             "target_lun": 1, "fake_key": key, "fake_sleep": sleep,
             "fake_dev_dir": self.dev_dir}}
+
+    def cpu(self):
+        """The agent's (user, system) CPU seconds so far."""
+        with open("/proc/{}/stat".format(self.proc.pid)) as f:
+            fields = f.read().rpartition(")")[2].split()
+        tick = os.sysconf("SC_CLK_TCK")
+        return int(fields[11]) / tick, int(fields[12]) / tick
 
     def rss(self, field="VmRSS"):
         """The agent's ``field`` from /proc/PID/status, KiB."""

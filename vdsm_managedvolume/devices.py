@@ -166,10 +166,9 @@ def size(path):
     if not stat.S_ISBLK(st.st_mode):
         return None
     try:
-        with open(sysfs_path(os.major(st.st_rdev), os.minor(st.st_rdev),
-                       "size")) as f:
-            return int(f.read().strip()) * 512
-    except (OSError, ValueError):
+        return int(_read_sys(os.major(st.st_rdev), os.minor(st.st_rdev),
+                             "size")) * 512
+    except (TypeError, ValueError):
         return None
 
 
@@ -228,11 +227,19 @@ def _named(path, real):
 
 
 def _read_sys(major, minor, name):
+    # os.read, not open(): no buffered text file (and its isatty ioctl)
+    # for each of the few bytes of a sysfs attribute.
     try:
-        with open(sysfs_path(major, minor, name)) as f:
-            return f.read(4096).strip()
+        fd = os.open(sysfs_path(major, minor, name),
+                     os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 4096).decode("utf-8").strip()
     except (OSError, UnicodeDecodeError):
         return None
+    finally:
+        os.close(fd)
 
 
 def _kernel_name(major, minor):

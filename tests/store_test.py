@@ -400,6 +400,19 @@ def test_a_failing_write_in_a_shared_commit_fails_alone(db):
         (VOL, "attached"), (VOL2, "attaching")]
 
 
+def test_a_lone_write_is_one_statement_and_fails_whole(db):
+    db.add_volume(VOL, SD, CI)
+    seen = _statements(db)
+    db.update_volume(VOL, state="detaching")
+    assert [s.split()[0] for s in seen] == ["UPDATE"]
+    with pytest.raises(errors.StoreError, match="already has a record"):
+        db.add_volume(VOL, SD, CI)
+    assert [(r["vol_id"], r["state"]) for r in db.volumes()] == [
+        (VOL, "detaching")]
+    db.add_volume(VOL2, SD, CI)             # no transaction left open
+    assert len(db.volumes()) == 2
+
+
 def test_only_a_final_write_commits_without_fsync(db):
     seen = _statements(db)
     db.add_volume(VOL, SD, CI)

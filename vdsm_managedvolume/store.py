@@ -364,14 +364,17 @@ class Store:
             conn = self._checked()
             self._set_synchronous(conn, "FULL" if any(
                 job.durable for job in batch) else "NORMAL")
+            if len(batch) == 1:
+                # A lone write is its own transaction (autocommit: one
+                # statement instead of BEGIN, the write, COMMIT); it
+                # commits, or fails and changes nothing, the same way.
+                batch[0].count = conn.execute(
+                    batch[0].sql, batch[0].args).rowcount
+                return
             conn.execute("BEGIN IMMEDIATE")
             try:
-                if len(batch) == 1:
-                    batch[0].count = conn.execute(
-                        batch[0].sql, batch[0].args).rowcount
-                else:
-                    for job in batch:
-                        self._execute_alone(conn, job)
+                for job in batch:
+                    self._execute_alone(conn, job)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")

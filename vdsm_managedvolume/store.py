@@ -591,5 +591,6 @@ def _check_state(state):
 
 
 def _now():
-    return datetime.datetime.now(datetime.timezone.utc).strftime(
-        "%Y-%m-%d %H:%M:%S.%f")
+    # "YYYY-MM-DD HH:MM:SS.ffffff", UTC (isoformat: half strftime's cost).
+    return datetime.datetime.now(datetime.timezone.utc).replace(
+        tzinfo=None).isoformat(" ", "microseconds")

@@ -470,6 +470,9 @@ def test_heartbeat_is_queued_when_due_even_while_output_is_pending(
         def forget(self, conn):
             pass
 
+        def touch(self, conn):
+            pass
+
         def watch(self, conn, events):
             pass
 
@@ -676,6 +679,51 @@ def test_request_during_shutdown_is_refused_with_933(pki_dir, tmp_path):
     finally:
         run.dispatcher.release.set()
         run.stop()
+
+
+def test_a_request_costs_the_loop_only_the_connections_it_touches(pki_dir):
+    # Each round of the I/O loop looks at the connections with something
+    # new (events, output, a close) and at all of them only when the
+    # earliest deadline comes (at least once a second): idle connections
+    # do not slow every request down.
+    server = stompserver.Server(agentutil.make_config(pki_dir), None)
+    looked = []
+
+    class Idle:
+        closed = False
+
+        def __init__(self, name, deadline=None):
+            self.name = name
+            self.deadline = deadline
+
+        def check_deadlines(self, now):
+            looked.append(self.name)
+            return self.deadline
+
+        def update(self):
+            pass
+
+    conns = [Idle(i) for i in range(100)]
+    server._connections.update(conns)
+    now = time.monotonic()
+    assert server._expire(now) == pytest.approx(1.0)  # all of them
+    assert sorted(looked) == list(range(100))
+    del looked[:]
+    server.touch(conns[7])
+    server._expire(now + 0.25)
+    assert looked == [7]
+    del looked[:]
+    # A touched connection's deadline is the next round's, before the
+    # others' second comes.
+    conns[9].deadline = now + 0.5
+    server.touch(conns[9])
+    assert server._expire(now + 0.3) == pytest.approx(0.2)
+    assert looked == [9]
+    del looked[:]
+    server._expire(now + 0.5)
+    assert sorted(looked) == list(range(100))
+    server._wake_r.close()
+    server._wake_w.close()
 
 
 # Layers

@@ -148,6 +148,11 @@ class Server:
         self._connections = set()
         self._results = collections.deque()
         self._again = set()     # connections with decrypted bytes pending
+        # Connections whose state may have changed since the loop last
+        # looked at them (see _loop), and when it must look at all of them
+        # (no connection's deadline comes earlier).
+        self._touched = set()
+        self._sweep_at = 0.0
         self._pool = Pool(cfg.workers, cfg.max_queue, name="worker")
         self._operations = Pool(cfg.max_operations, 0, name="operation")
         self._is_operation = getattr(dispatcher, "is_operation", None)
@@ -223,8 +228,6 @@ class Server:
             timeout = min(self._expire(now), self._resume_accepting(now))
             if drain_deadline is not None:
                 timeout = min(timeout, 0.1)
-            for conn in list(self._connections):
-                conn.update()
             if self._again:
                 timeout = 0
             for key, events in self._selector.select(timeout):
@@ -233,21 +236,46 @@ class Server:
                     self._drain_wake()
                 elif isinstance(handler, Connection):
                     handler.ready(events)
+                    self._touched.add(handler)
                 else:
                     handler()
             again, self._again = self._again, set()
             for conn in again:
                 conn.ready(selectors.EVENT_READ)
+            self._touched.update(again)
             self._deliver_results()
 
     def _expire(self, now):
-        """Act on connection deadlines; return the select timeout."""
-        timeout = 1.0
-        for conn in list(self._connections):
+        """Act on connection deadlines and flush what they queued; return
+        the select timeout.
+
+        Only the connections touched since the last round (events, output
+        queued, a close begun, new) are looked at, unless the earliest
+        deadline known (``_sweep_at``: at most a second away) has come:
+        then every one is.  A request costs the same with 3 connections
+        open or 300.  A connection's deadlines only move earlier when it
+        is touched (its output queued, a frame begun, its state changed),
+        so ``_sweep_at`` never passes one.
+        """
+        if now >= self._sweep_at:
+            conns = list(self._connections)
+            self._sweep_at = now + 1.0
+        else:
+            conns = [c for c in self._touched if not c.closed]
+        self._touched = set()
+        for conn in conns:
             deadline = conn.check_deadlines(now)
-            if deadline is not None:
-                timeout = min(timeout, max(0.0, deadline - now))
-        return timeout
+            if deadline is not None and deadline < self._sweep_at:
+                self._sweep_at = deadline
+        for conn in conns:
+            conn.update()
+        if self._touched:
+            return 0.0      # touched meanwhile (a deadline closed it)
+        return max(0.0, self._sweep_at - now)
+
+    def touch(self, conn):
+        """``conn`` has something for the loop (output, a close)."""
+        self._touched.add(conn)
 
     def _begin_stop(self):
         log.info("Stopping: no new connections; waiting up to %s seconds "
@@ -324,6 +352,7 @@ class Server:
                 sock, server_side=True, do_handshake_on_connect=False)
         conn = Connection(self, sock, format_address(addr))
         self._connections.add(conn)
+        self._touched.add(conn)
         self._selector.register(sock, selectors.EVENT_READ, conn)
         log.debug("Connection from %s", conn.peer)
         if self.ssl_context is None:
@@ -640,6 +669,7 @@ class Connection:
             self.close()
             return
         self._queue(data)
+        self.server.touch(self)
 
     def next_message_id(self):
         self._message_id += 1
@@ -658,6 +688,7 @@ class Connection:
     def close_after_flush(self, linger=True):
         if self.closed:
             return
+        self.server.touch(self)
         if self.state != self.CLOSING:
             self.state = self.CLOSING
             self._linger = linger

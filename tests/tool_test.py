@@ -17,6 +17,7 @@ import tempfile
 import pytest
 
 import vdsm_managedvolume
+from vdsm_managedvolume import boot
 from vdsm_managedvolume import config
 from vdsm_managedvolume import pki
 from vdsm_managedvolume import store
@@ -194,11 +195,12 @@ def test_list_shows_state_type_age_and_path_and_masks_secrets(
     p = run("--state-dir", state, "list", "-l", check=0)
 
     lines = p.stdout.splitlines()
-    assert lines[0].split() == ["VOL_ID", "STATE", "TYPE", "AGE", "PATH"]
+    assert lines[0].split() == ["VOL_ID", "STATE", "TYPE", "AGE", "PATH",
+                                "STALE"]
     row1 = next(line for line in lines if line.startswith(VOL_ID2))
     row2 = next(line for line in lines if line.startswith(VOL_ID))
     assert row1.split()[1:3] == ["attached", "rbd"]
-    assert row1.endswith("(missing)")
+    assert row1.split()[5] == "(missing)"
     assert row2.split()[1:3] == ["attached", "iscsi"]
     assert row2.split()[3].endswith("s")        # age in seconds: "0m3s"
     assert row2.split()[4] == str(device)
@@ -221,6 +223,80 @@ def test_list_json_is_masked_and_filterable(configured, state, tmp_path):
     assert rec["connection_info"]["data"]["auth_password"] == "********"
     assert rec["connection_info"]["data"]["auth_username"] == "user"
     assert SECRET not in p.stdout
+
+
+def test_list_shows_which_records_are_stale_and_why(configured, state,
+                                                    tmp_path):
+    device = tmp_path / "device"
+    device.write_bytes(b"")
+    this_boot = boot.current(configured)
+    with store.open(configured.db_path) as db:
+        # Attached in this boot, its device there: live.
+        db.add_volume(VOL_ID, SD_ID, ISCSI, boot_id=this_boot)
+        db.update_volume(VOL_ID, state="attached", path=str(device))
+        # Attached before the host rebooted.
+        db.add_volume(VOL_ID2, SD_ID, ISCSI, boot_id="an-earlier-boot")
+        db.update_volume(VOL_ID2, state="attached", path=str(device))
+
+    p = run("--state-dir", state, "list", check=0)
+    rows = {line.split()[0]: line for line in p.stdout.splitlines()[1:]}
+    assert rows[VOL_ID].endswith("  -")
+    assert rows[VOL_ID2].endswith("  made in another boot")
+
+    p = run("--state-dir", state, "list", "--json", check=0)
+    records = {r["vol_id"]: r for r in json.loads(p.stdout)}
+    assert records[VOL_ID]["stale"] is False
+    assert "stale_reason" not in records[VOL_ID]
+    assert records[VOL_ID2]["stale"] is True
+    assert records[VOL_ID2]["stale_reason"] == "made in another boot"
+
+
+def _journal_content(cfg):
+    """The database file's bytes and its write-ahead log's (a reader may
+    create the log empty, as SQLite does for any reader of WAL)."""
+    content = []
+    for path in (cfg.db_path, cfg.db_path + "-wal"):
+        try:
+            with open(path, "rb") as f:
+                content.append(f.read())
+        except FileNotFoundError:
+            content.append(b"")
+    return content
+
+
+def test_list_reads_the_journal_without_changing_it(configured, state,
+                                                    tmp_path):
+    _add_records(configured, tmp_path)
+    before = _journal_content(configured)
+
+    run("--state-dir", state, "list", "-l", check=0)
+
+    assert _journal_content(configured) == before
+
+
+@pytest.mark.parametrize("version", [1, store.VERSION + 1])
+def test_list_of_a_journal_of_another_schema_fails_and_leaves_it(
+        state, cfg, version):
+    # Version 1 is vdsm's own schema: configure (or the agent) migrates
+    # it; a newer one is another version's.  list only reads.
+    os.makedirs(os.path.dirname(cfg.db_path))
+    with sqlite3.connect(cfg.db_path) as db:
+        db.executescript(store.MIGRATIONS[0][2])
+        db.execute("CREATE TABLE versions (version INTEGER PRIMARY KEY, "
+                   "description TEXT, updated datetime)")
+        db.execute("INSERT INTO versions VALUES (?, 'test', NULL)",
+                   (version,))
+    db.close()
+
+    p = run("--state-dir", state, "list", check=1)
+
+    assert "code=935" in p.stderr
+    assert "schema version {}, {} this program's {}".format(
+        version, "older than" if version == 1 else "newer than",
+        store.VERSION) in p.stderr
+    assert ("managedvolume-tool configure' migrates it" in p.stderr) == (
+        version == 1)
+    assert store.inspect(cfg.db_path)["version"] == version
 
 
 def test_list_of_an_invalid_id_says_so(configured, state):

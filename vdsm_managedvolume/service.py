@@ -418,6 +418,13 @@ class Service:
             result.append(info)
         return result
 
+    def stale_reason(self, rec):
+        """Why the journal record ``rec`` is not a live attachment, or
+        None: what volumes_info reports as ``stale_reason``.  Looks at the
+        host only (boot id, links, devices), not at the journal: for tools
+        holding records of their own (managedvolume-tool list)."""
+        return self._stale_reason(rec, self._boot())
+
     def connector_info(self, refresh=False, stale_ok=False):
         """os-brick's connector properties, cached.
 

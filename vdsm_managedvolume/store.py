@@ -138,27 +138,33 @@ def open(path, busy_timeout=BUSY_TIMEOUT):
     return Store(path, busy_timeout=busy_timeout)
 
 
+def open_read_only(path, busy_timeout=BUSY_TIMEOUT):
+    """Open the store at ``path`` to read it only.
+
+    Nothing is created, migrated or written (a write is a StoreError), so
+    a tool that only looks (``managedvolume-tool list``) never changes the
+    journal under a running agent or vdsm (SQLite may create the empty
+    -wal and -shm files any reader of a WAL database needs).  The schema
+    must be this program's, as vdsm's own tools require of its database:
+    an older one (migrated by ``managedvolume-tool configure`` or the
+    agent's start), a newer one or a missing file is a StoreError saying
+    which.
+    """
+    return _ReadOnlyStore(path, busy_timeout)
+
+
 def inspect(path):
     """Read-only look at a store: {"version", "description", "records"}.
 
     Never creates, migrates or writes anything (a doctor must not change
     what it examines): ``version`` 0 means a database without our tables.
     """
-    uri = "file:{}?mode=ro".format(urllib.parse.quote(os.path.abspath(path)))
-    try:
-        conn = sqlite3.connect(uri, uri=True, isolation_level=None)
-    except sqlite3.Error as e:
-        raise errors.StoreError("cannot open {}: {}".format(path, e))
+    conn = _connect_read_only(path)
     try:
         tables = {r[0] for r in conn.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table'")}
         info = {"version": 0, "description": None, "records": 0}
-        if "versions" in tables:
-            row = conn.execute(
-                "SELECT version, description FROM versions "
-                "ORDER BY version DESC LIMIT 1").fetchone()
-            if row:
-                info["version"], info["description"] = row
+        info["version"], info["description"] = _schema(conn, tables)
         if "volumes" in tables:
             info["records"] = conn.execute(
                 "SELECT count(*) FROM volumes").fetchone()[0]
@@ -450,6 +456,34 @@ class Store:
             raise errors.StoreError("{}: {}".format(self.path, e))
 
 
+class _ReadOnlyStore(Store):
+    """``open_read_only``: one read-only connection, no writer."""
+
+    def __init__(self, path, busy_timeout=BUSY_TIMEOUT):
+        self.path = path
+        self._lock = threading.RLock()
+        self._read_lock = threading.Lock()
+        self._conn = None
+        self._reader = _connect_read_only(path, busy_timeout)
+        try:
+            version, _ = _schema(self._reader)
+        except sqlite3.Error as e:
+            self._reader.close()
+            raise errors.StoreError(
+                "{} is not a usable database: {}".format(path, e))
+        if version != VERSION:
+            self._reader.close()
+            raise errors.StoreError(
+                "{} has schema version {}, {} this program's {}{}".format(
+                    path, version,
+                    "older than" if version < VERSION else "newer than",
+                    VERSION, "; 'managedvolume-tool configure' migrates it"
+                    if version < VERSION else ""))
+
+    def _write(self, sql, args=(), durable=True):
+        raise errors.StoreError("{} is open read-only".format(self.path))
+
+
 class _Job:
     """One write waiting for its commit."""
 
@@ -495,6 +529,29 @@ def _connect(path, busy_timeout):
         raise errors.StoreError(
             "{} is not a usable database: {}".format(path, e))
     return conn
+
+
+def _connect_read_only(path, busy_timeout=BUSY_TIMEOUT):
+    """``path`` opened read-only (never created)."""
+    uri = "file:{}?mode=ro".format(urllib.parse.quote(os.path.abspath(path)))
+    try:
+        return sqlite3.connect(uri, uri=True, timeout=busy_timeout,
+                               isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as e:
+        raise errors.StoreError("cannot open {}: {}".format(path, e))
+
+
+def _schema(conn, tables=None):
+    """(version, description) of the schema, reading only; version 0 for
+    a database without our versions table."""
+    if tables is None:
+        tables = {r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "versions" not in tables:
+        return 0, None
+    row = conn.execute("SELECT version, description FROM versions "
+                       "ORDER BY version DESC LIMIT 1").fetchone()
+    return tuple(row) if row else (0, None)
 
 
 def _current_version(conn):

@@ -5,7 +5,8 @@ One console script, one sub-command per question an admin asks::
     configure    make the host ready: directories, database (created or
                  migrated to this version's schema), ownership, the
                  privsep daemon's root-owned configuration
-    list         what the journal holds: state, path, age (secrets masked)
+    list         what the journal holds: state, path, age, stale (secrets
+                 masked; read-only)
     reconcile    what a crash or a reboot left behind, and (--apply) fix it
     check        a doctor: every prerequisite of attach/detach, one line each
     dump-schema  the API schema YAML (the one source of the verbs)
@@ -174,7 +175,12 @@ def configure(cfg, args):
 
 
 def list_volumes(cfg, args):
-    """Print the journal's records (no database yet: nothing attached)."""
+    """Print the journal's records (no database yet: nothing attached).
+
+    The journal is opened read-only (never migrated: a schema not this
+    program's is an error); each record says whether it is stale and why,
+    as volumes_info does.
+    """
     records = []
     try:
         vol_ids = validate.uuid_list("VOL_ID", args.vol_ids)
@@ -182,12 +188,16 @@ def list_volumes(cfg, args):
         print("managedvolume-tool: list: {}".format(e), file=sys.stderr)
         return EXIT_USAGE
     if os.path.exists(cfg.db_path):
-        with store.open(cfg.db_path) as db:
+        with store.open_read_only(cfg.db_path) as db:
             records = db.volumes(vol_ids)
+    reasons = _stale_reasons(cfg, records)
     now = datetime.datetime.now(datetime.timezone.utc)
     rows = []
-    for rec in records:
+    for rec, reason in zip(records, reasons):
         rec = mask.mask(rec)
+        rec["stale"] = reason is not None
+        if reason is not None:
+            rec["stale_reason"] = reason
         rec["age"] = _age_seconds(rec.get("created"), now)
         rec["exists"] = (os.path.exists(rec["path"]) if rec.get("path")
                          else None)
@@ -202,14 +212,15 @@ def list_volumes(cfg, args):
         print(_no_db_yet(cfg) or "no managed volumes recorded in {}".format(
             cfg.db_path))
         return EXIT_OK
-    table = [("VOL_ID", "STATE", "TYPE", "AGE", "PATH")]
+    table = [("VOL_ID", "STATE", "TYPE", "AGE", "PATH", "STALE")]
     for r in rows:
         path = r.get("path") or "-"
         if r["exists"] is False:
             path += " (missing)"
         table.append((r["vol_id"], r["state"],
                       r["driver_volume_type"] or "-",
-                      _format_age(r["age"]), path))
+                      _format_age(r["age"]), path,
+                      r.get("stale_reason") or "-"))
     _print_table(table)
     if args.verbose_records:
         for r in rows:
@@ -549,9 +560,12 @@ def _parser():
              "'' to leave ownership alone)".format(DEFAULT_OWNER))
 
     p = add("list", list_volumes,
-            "list recorded volumes: state, type, age, path",
-            "List the journal's records: state, driver type, age and path "
-            "(marked missing when the device is gone).  Secrets in "
+            "list recorded volumes: state, type, age, path, stale",
+            "List the journal's records: state, driver type, age, path "
+            "(marked missing when the device is gone) and why a record is "
+            "stale (made in another boot, device gone or changed), as "
+            "volumes_info says.  Read-only: the journal is never migrated "
+            "(a schema of another version is an error).  Secrets in "
             "connection_info are masked.")
     p.add_argument("vol_ids", nargs="*", metavar="VOL_ID",
                    help="only these volumes (default: all)")
@@ -667,6 +681,18 @@ def _no_db_yet(cfg):
         return None
     return ("no database at {}: nothing was ever attached here "
             "('managedvolume-tool configure' creates it)".format(cfg.db_path))
+
+
+def _stale_reasons(cfg, records):
+    """service.Service's stale_reason of each record (None: live)."""
+    if not records:
+        return []
+    from . import service
+    svc = service.Service(cfg)
+    try:
+        return [svc.stale_reason(rec) for rec in records]
+    finally:
+        svc.close()
 
 
 def _open_service(cfg):

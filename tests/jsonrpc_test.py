@@ -214,6 +214,28 @@ def test_internal_error_is_masked_and_has_no_traceback(dispatcher,
     assert "RuntimeError" in msg
 
 
+def test_service_error_reaches_the_wire_masked_once(dispatcher, fake_service,
+                                                   monkeypatch):
+    fake_service.fail["attach_volume"] = errors.HelperFailed(
+        "login failed with auth_password=" + SECRET)
+    texts = []
+    real = mask.mask_text
+
+    def counting(text):
+        if isinstance(text, str) and SECRET in text:
+            texts.append(text)
+        return real(text)
+
+    monkeypatch.setattr(mask, "mask_text", counting)
+    res = call(dispatcher, "ManagedVolume.attach_volume",
+               {"vol_id": VOL_ID, "connection_info": ISCSI_CONNECTION})
+    msg = assert_error(res, errors.HelperFailed.code)
+    assert SECRET not in msg and "login failed" in msg
+    # The API layer masks it building its status; the log lines and the
+    # JSON-RPC error only ever see that masked text.
+    assert len(texts) == 1
+
+
 def test_unserializable_result_is_internal_error(dispatcher, fake_service):
     fake_service.volumes_info = lambda *a: [{1, 2}]
     msg = assert_error(call(dispatcher, "ManagedVolume.volumes_info"),

@@ -248,3 +248,9 @@ def test_masked_params_are_shortened_when_asked():
     text = str(mask.Masked(params, params=True, short=True))
     assert len(text) < 2 * mask.MAX_LOGGED_ARG
     assert "chap-secret-1" not in text
+
+
+def test_masked_object_that_is_no_json_value_is_masked_as_text():
+    error = RuntimeError("login failed: auth_password=chap-secret-1")
+    text = str(mask.Masked(error))
+    assert "chap-secret-1" not in text and "login failed" in text

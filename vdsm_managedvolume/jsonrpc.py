@@ -304,7 +304,10 @@ class _StatusError(errors.Error):
 
 
 def _error_response(request_id, error):
-    message = mask.mask_text(str(error))
+    # A status of the API layer was masked there (api._call); every other
+    # error is masked here.
+    message = str(error) if isinstance(error, _StatusError) \
+        else mask.mask_text(str(error))
     if len(message) > MAX_MESSAGE:
         message = message[:MAX_MESSAGE] + "... ({} characters)".format(
             len(message))

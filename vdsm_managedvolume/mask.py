@@ -173,7 +173,9 @@ class Masked:
     any handler: vdsm's have no filter of ours), and log.py's filter does
     not scan that text again.  ``params``: the value is a call's
     parameters (``mask_params``); ``short``: the text is cut to
-    MAX_LOGGED_ARG characters.
+    MAX_LOGGED_ARG characters.  For JSON values (connection_info, a
+    call's parameters): inside a dict or a list only strings are scanned,
+    so the text of another object there would not be.
     """
 
     __slots__ = ("value", "params", "short", "_text")
@@ -195,6 +197,9 @@ class Masked:
     def _format(self):
         value = mask_params(self.value) if self.params else mask(self.value)
         text = str(value)
+        if not isinstance(value, (dict, list, tuple, str)):
+            # mask() returns other objects (an exception) as they are.
+            text = mask_text(text)
         return shorten(text) if self.short else text
 
 

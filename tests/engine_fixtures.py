@@ -124,6 +124,27 @@ class Shim:
                                 cwd=ROOT)
 
 
+# Runs first in a service the tests start: SIGTERM when the process that
+# started it dies (prctl PR_SET_PDEATHSIG, kept across exec), then the
+# service itself, same pid.  A killed test run leaves no service behind
+# (the service's own children die with it).  Not preexec_fn: the test
+# process may have threads.
+DIE_WITH_STARTER = """\
+import ctypes, os, signal, sys
+ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def dying_with_us(argv):
+    """``argv`` run so that it gets SIGTERM when this thread's process
+    dies (PR_SET_PDEATHSIG is about the thread that started it: start it
+    from a thread that lives as long as it should)."""
+    return [sys.executable, "-c", DIE_WITH_STARTER, str(os.getpid())] + argv
+
+
 class Service:
     """A running warm service (``--serve``)."""
 
@@ -132,8 +153,9 @@ class Service:
         self.socket_path = shim.socket_path
         self.log_file = log_file
         self.proc = subprocess.Popen(
-            client_argv() + ["--serve", "--socket", self.socket_path,
-                             "--log-file", log_file],
+            dying_with_us(client_argv() + [
+                "--serve", "--socket", self.socket_path,
+                "--log-file", log_file]),
             env=shim.env, cwd=ROOT, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE)
         deadline = time.monotonic() + 90

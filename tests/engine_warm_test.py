@@ -10,6 +10,8 @@ import re
 import signal
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
 
@@ -18,6 +20,7 @@ import pytest
 from vdsm_managedvolume.engine import args as argsmod
 from vdsm_managedvolume.engine.args import FILE_DRIVER
 
+from .engine_fixtures import ROOT
 from .engine_fixtures import Service
 from .engine_fixtures import Shim
 from .engine_fixtures import children_of
@@ -274,6 +277,38 @@ def test_sigterm_ends_the_requests_still_running_after_the_grace(
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_a_killed_test_run_leaves_no_service_behind(tmp_path):
+    # A stand-in for the test session: it starts a service as the
+    # fixtures do, then is killed with SIGKILL (no fixture teardown).
+    session = subprocess.Popen(
+        [sys.executable, "-c", KILLED_SESSION, str(tmp_path)],
+        stdout=subprocess.PIPE, cwd=ROOT)
+    pid = started = None
+    try:
+        pid = int(session.stdout.readline())
+        started = start_time(pid)
+        session.kill()
+        session.wait()
+        wait_until_ended(pid, started)
+    finally:
+        if session.poll() is None:
+            session.kill()
+            session.wait()
+        session.stdout.close()
+        if pid is not None and start_time(pid) == started:
+            os.kill(pid, signal.SIGKILL)
+
+
+KILLED_SESSION = """\
+import sys, time
+from tests.engine_fixtures import Service, Shim
+base = sys.argv[1]
+service = Service(Shim(base, base + "/run/s.sock"), base + "/service.log")
+print(service.pid, flush=True)
+time.sleep(300)
+"""
 
 
 @pytest.fixture

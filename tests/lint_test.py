@@ -60,3 +60,25 @@ def test_no_file_cites_a_note_outside_the_tree():
         if word in f.read():
             found.append("README.md")
     assert found == []
+
+
+def test_tree_tracks_no_venv_state_or_build_output():
+    """A worktree's ``.venv`` symlink once got committed (``.venv/`` in
+    .gitignore matches only a directory): checking it out replaced the
+    venv of every other checkout with a link.  Nothing local is tracked."""
+    if not os.path.exists(os.path.join(REPO, ".git")):
+        pytest.skip("not a git checkout")
+    res = subprocess.run(["git", "ls-files"], cwd=REPO,
+                         stdout=subprocess.PIPE, universal_newlines=True,
+                         check=True)
+    local = (".venv", ".state", "build", "dist", ".pytest_cache",
+             ".ruff_cache")
+    tracked = [p for p in res.stdout.splitlines()
+               if p.split("/")[0] in local or p.endswith(".pyc")
+               or "/__pycache__/" in "/" + p]
+    assert tracked == []
+    for name in (".venv", ".state"):
+        res = subprocess.run(["git", "check-ignore", "-q", "--no-index",
+                              name], cwd=REPO, check=False)
+        assert res.returncode == 0, ".gitignore must ignore a {} link".format(
+            name)

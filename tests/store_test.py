@@ -3,6 +3,8 @@ import multiprocessing
 import os
 import sqlite3
 import stat
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -244,6 +246,29 @@ def test_many_processes_share_one_database(tmp_path):
         vols = s.volumes()
     assert len(vols) == 80
     assert {v["state"] for v in vols} == {"attached"}
+
+
+def test_another_process_closing_the_journal_loses_none_of_our_writes(
+        db):
+    """`managedvolume-tool list` while the agent runs: the tool's close
+    must not take itself for the journal's last user and delete the WAL
+    the agent still writes to (the agent's later commits would be lost,
+    and other processes would read the old state)."""
+    db.add_volume(VOL, SD, CI)
+    db.add_volume(VOL2, SD, CI)
+    subprocess.run([sys.executable, "-c",
+                    "import sys; from vdsm_managedvolume import store; "
+                    "store.open(sys.argv[1]).close()", db.path],
+                   check=True, timeout=60)
+    db.remove_volume(VOL, durable=False)
+    db.update_volume(VOL2, state="attached")
+    assert os.path.exists(db.path + "-wal")
+    conn = sqlite3.connect(db.path)
+    try:
+        rows = conn.execute("SELECT vol_id, state FROM volumes").fetchall()
+    finally:
+        conn.close()
+    assert rows == [(VOL2, "attached")]
 
 
 def test_unwritable_location_is_a_store_error(tmp_path):

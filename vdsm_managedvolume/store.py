@@ -504,8 +504,17 @@ def _connect(path, busy_timeout):
     try:
         os.makedirs(parent, mode=0o755, exist_ok=True)
         # SQLite creates -wal and -shm with the database file's mode.
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Only a new file is opened here: closing a descriptor of a file
+        # drops every POSIX lock this process holds on it, and without the
+        # SHARED lock of a connection already open (Store's writer, when
+        # its reader is opened) another process closing the journal takes
+        # itself for the last user and deletes the WAL that connection
+        # still writes to: its later commits would be lost.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                     0o600)
         os.close(fd)
+    except FileExistsError:
+        pass
     except OSError as e:
         raise errors.StoreError("cannot create {}: {}".format(path, e))
     try:

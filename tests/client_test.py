@@ -163,6 +163,10 @@ def test_without_state_dir_a_running_dev_agent_nearby_is_named(
     run_dir = tmp_path / ".state" / "run" / "managedvolume"
     run_dir.mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
+    # The source tree is the one whose venv runs us: not this one, where
+    # a developer's own `make run` may be serving .state.
+    monkeypatch.setattr(sys, "executable",
+                        str(tmp_path / "tree" / ".venv" / "bin" / "python"))
     code, _, err = run(["ManagedVolume", "volumes_info"], StubTransport())
     assert code == 2 and "an agent is running" not in err   # none: no hint
     with open(run_dir / "agent.lock", "w") as lock:

@@ -1,7 +1,9 @@
 # The verbs a newcomer wants.  Everything installs into .venv/ in this tree.
 #
 #   make run     start the standalone agent on an embedded default
-#                (state, dev PKI and logs under .state/, no external services)
+#                (state, dev PKI and logs under .state/, no external services;
+#                more options: make run AGENT_ARGS='--listen 127.0.0.1:54321
+#                --insecure')
 #   make check   install everything the tests need, lint, then run the whole suite
 #   make lint    ruff (pyflakes, pycodestyle) and vermin (Python 3.9) only
 #   make bench   run the benchmarks in bench/
@@ -15,6 +17,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 STATE_DIR ?= .state
 PYTEST_ARGS ?=
+AGENT_ARGS ?=
 
 .PHONY: venv run lint check test sysdeps bench interop rpm clean
 
@@ -30,7 +33,7 @@ sysdeps:
 	bash scripts/install-sysdeps.sh
 
 run: venv
-	$(VENV)/bin/managedvolume-agent --state-dir $(STATE_DIR)
+	$(VENV)/bin/managedvolume-agent --state-dir $(STATE_DIR) $(AGENT_ARGS)
 
 # Settings: [tool.ruff] in pyproject.toml, [vermin] in setup.cfg.
 lint: venv

@@ -109,3 +109,19 @@ def test_parse_listen_refuses_garbage(value):
 ])
 def test_is_loopback(host, expected):
     assert agent.is_loopback(host) is expected
+
+
+def test_help_says_how_to_stop_it_and_shows_examples(capsys):
+    with pytest.raises(SystemExit) as e:
+        agent._parse_args(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if len(line) > 79] == []
+    for option in ("--config", "--state-dir", "--listen", "--insecure"):
+        assert option in out
+    assert "SIGTERM or Ctrl-C" in out and "SIGHUP" in out
+    examples = [line.split("#")[0].split()[1:] for line in out.splitlines()
+                if line.startswith("  managedvolume-agent ")]
+    assert len(examples) >= 2
+    for argv in examples:
+        agent._parse_args(argv)     # each example is valid syntax

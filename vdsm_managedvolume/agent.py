@@ -242,13 +242,27 @@ def sd_notify(message):
         return False
 
 
+AGENT_EPILOG = """\
+It runs in the foreground until SIGTERM or Ctrl-C (in-flight calls
+finish, within [agent] shutdown_timeout); SIGHUP reopens the log file.
+
+examples:
+  managedvolume-agent --state-dir .state       # what make run starts
+  managedvolume-agent --state-dir /tmp/mv --listen 127.0.0.1:54329 --insecure
+  managedvolume-agent --config /etc/vdsm/managedvolume.conf   # the service
+
+See managedvolume-agent(8) and managedvolume.conf(5)."""
+
+
 # Private helpers
 
 def _parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="managedvolume-agent",
         description="Serve the ManagedVolume verbs with vdsm's wire "
-                    "protocol (JSON-RPC over STOMP 1.2 over mutual TLS).")
+                    "protocol\n(JSON-RPC over STOMP 1.2 over mutual TLS).",
+        epilog=AGENT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--config", metavar="FILE",
         help="configuration file (default: $MANAGEDVOLUME_CONFIG or "

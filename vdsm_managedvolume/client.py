@@ -73,6 +73,16 @@ SECRETS_HELP = (
 # JSON-typed params: read name=value values of these as JSON first.
 _STRING_TYPES = ("string",)
 
+EXAMPLES = """\
+examples:
+  {0} -a host1 Host getCapabilities
+  {0} ManagedVolume volumes_info vol_ids='["<vol_id>"]'
+  {0} -f attach.json ManagedVolume attach_volume
+  {0} ManagedVolume detach_volume vol_id=<vol_id>
+  {0} --flow-id flow-1 -p 54323 ManagedVolume volumes_info
+  {0} --state-dir .state Host getCapabilities   # make run's""".format(
+    PROG)
+
 
 class UsageError(Exception):
     """Raised when usage is wrong (exit 2)."""
@@ -114,11 +124,13 @@ def main(args=None, connect=None):
 def option_parser(schema):
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Call the managed volume verbs of a vdsm host or a "
-                    "managedvolume-agent, as vdsm-client does.",
-        epilog="Run '{} NAMESPACE -h' for the verbs of a namespace, "
-               "'{} NAMESPACE VERB -h' for a verb's params. {}".format(
-                   PROG, PROG, SECRETS_HELP))
+        description=_wrap("Call the managed volume verbs of a vdsm host "
+                          "or a managedvolume-agent, as vdsm-client does."),
+        epilog=EXAMPLES + "\n\n" + _wrap(
+            "Run '{} NAMESPACE -h' for the verbs of a namespace, "
+            "'{} NAMESPACE VERB -h' for a verb's params. {} See "
+            "managedvolume-client(1).".format(PROG, PROG, SECRETS_HELP)),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version",
                         version="{} {}".format(PROG, __version__))
     parser.add_argument("-a", "--host", dest="host", default="localhost",
@@ -133,16 +145,18 @@ def option_parser(schema):
                         help="the flow id (ovirtCorrelationId) of the call: "
                              "it appears in every log line of the call")
     parser.add_argument("--timeout", dest="timeout", default=60,
-                        metavar="SEC",
-                        type=float, help="timeout (default 60 seconds)")
+                        metavar="SEC", type=float,
+                        help="seconds to wait for the response (default "
+                             "60); the call is not cancelled and may still "
+                             "complete on the host")
     parser.add_argument("-f", "--file", dest="file", metavar="FILE|-",
                         help="read method parameters from a JSON file, "
                              "'-' for standard input (the way to pass "
                              "secrets: never as name=value)")
     tls = parser.add_argument_group(
-        "TLS", "default: vdsm's PKI ({}, {}, {})".format(
+        "TLS", textwrap.fill("default: vdsm's PKI ({}, {}, {})".format(
             config.Config.cert_file, config.Config.key_file,
-            config.Config.ca_file))
+            config.Config.ca_file), 76, subsequent_indent="  "))
     tls.add_argument("--cert", dest="cert", metavar="FILE",
                      help="client certificate")
     tls.add_argument("--key", dest="key", metavar="FILE", help="client key")
@@ -168,8 +182,8 @@ def option_parser(schema):
             m_parser = methods.add_parser(
                 method.verb, help=method.summary,
                 description=_wrap(method.description),
-                epilog=_params_help(method) + "\n\n" + _wrap(
-                    SECRETS_HELP),
+                epilog=_params_help(method) + "\n\n" + _example(method)
+                + "\n\n" + _wrap(SECRETS_HELP),
                 formatter_class=argparse.RawDescriptionHelpFormatter)
             m_parser.add_argument(
                 "-f", "--file", dest="verb_file", default=argparse.SUPPRESS,
@@ -362,6 +376,32 @@ def _local_error(error):
 def _fail(msg):
     sys.stderr.write("{}: {}\n".format(PROG, msg))
     sys.exit(1)
+
+
+def _example(method):
+    """An example call of ``method``, built from its schema: its required
+    params (else its first optional one) as name=value, or -f FILE when
+    one is an object (connection_info)."""
+    params = [p for p in method.params if p.required] or method.params[:1]
+    call = "  {} {} {}".format(PROG, method.namespace, method.verb)
+    if any(isinstance(p.type, dict) and p.type.get("type") == "object"
+           for p in params):
+        return ("example (params.json: a JSON object holding {}):\n"
+                "{} -f params.json".format(
+                    ", ".join(p.name for p in params), call))
+    args = []
+    for p in params:
+        if isinstance(p.type, list):
+            value = "'[\"<{}>\"]'".format(schema_module.type_name(
+                p.type[0]))
+        elif p.type == "boolean":
+            value = "true"
+        elif p.type in ("int", "long"):
+            value = "<{}>".format(p.name)
+        else:
+            value = "<{}>".format(p.type_name)
+        args.append("{}={}".format(p.name, value))
+    return "example:\n" + " ".join([call] + args)
 
 
 def _wrap(text):

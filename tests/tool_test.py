@@ -744,3 +744,17 @@ def test_check_warns_for_each_allowed_type_whose_host_tools_are_missing(
     assert "iscsi-initiator-utils or open-iscsi" in iscsi["message"]
     assert by_type["rbd"]["message"].startswith(
         "rbd: rbd not installed on this host")
+
+
+def test_help_shows_examples_that_parse_and_fits_80_columns(capsys):
+    with pytest.raises(SystemExit) as e:
+        tool._parser().parse_args(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if len(line) > 79] == []
+    examples = [line.split("#")[0].split("|")[0].split()[1:]
+                for line in out.splitlines()
+                if line.startswith("  managedvolume-tool ")]
+    assert len(examples) >= 4
+    for argv in examples:
+        assert tool._parser().parse_args(argv).func

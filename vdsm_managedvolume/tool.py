@@ -64,6 +64,17 @@ CERT_WARN_DAYS = 30
 
 log = logging.getLogger("managedvolume.tool")
 
+EXAMPLES = """\
+examples:
+  managedvolume-tool check                    # after installing; any doubt
+  managedvolume-tool list -l 9f3c1e0a-55b1-4f07-9d6c-2f2f4a9e8f10
+  managedvolume-tool reconcile                # dry run: what would be done
+  managedvolume-tool reconcile --apply
+  managedvolume-tool --state-dir .state list  # make run's agent
+  managedvolume-tool check --json --skip-privsep | jq -e .ok
+
+"""
+
 EPILOG = """\
 exit status:
   0  ok (check: warnings only; reconcile: nothing to do or all fixed)
@@ -526,7 +537,7 @@ def _parser():
         description=_fill(
             "Administer managed (cinderlib) volumes on this host: set up, "
             "inspect, reconcile and diagnose."),
-        epilog=EPILOG,
+        epilog=EXAMPLES + EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--version", action="version",

@@ -347,7 +347,7 @@ def test_every_help_has_examples_that_run_and_fits_80_columns(
             helps.append(out)
     for argv in examples:
         if "--state-dir" in argv:
-            continue        # needs an agent's PKI: README's loop example
+            continue        # needs make run's PKI (tests/readme_test.py)
         code, err, transport = _run_example(argv, tmp_path)
         assert code == 0, (argv, err)
         method = [a for a in argv if a in ("Host", "ManagedVolume")][0]

@@ -388,11 +388,23 @@ def test_cert_without_key_is_usage_error():
         client.tls_files(opts("--cert", "c"))
 
 
-def test_missing_tls_files_exit_2(tmp_path):
+def test_missing_tls_files_exit_2_naming_them_and_what_makes_them(
+        tmp_path):
     code, _, err = run(["--state-dir", str(tmp_path), "ManagedVolume",
                         "volumes_info"])
     assert code == 2
-    assert "Cannot use TLS files" in err
+    assert "TLS files not found: {}".format(
+        tmp_path / "pki" / "client-cert.pem") in err
+    assert "the agent started with --state-dir {} creates its " \
+        "development PKI".format(tmp_path) in err
+    (tmp_path / "ca.pem").write_text("not a certificate")
+    code, _, err = run(["--cacert", str(tmp_path / "ca.pem"),
+                        "--cert", str(tmp_path / "c"),
+                        "--key", str(tmp_path / "k"),
+                        "ManagedVolume", "volumes_info"])
+    assert code == 2
+    assert "TLS files not found: {}, {}\n".format(
+        tmp_path / "c", tmp_path / "k") in err
 
 
 def test_insecure_has_no_tls():

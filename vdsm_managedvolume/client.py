@@ -48,6 +48,7 @@ vdsm's files are missing, the error names the ``.state`` of a running
 
 import argparse
 import json
+import os
 import ssl
 import sys
 import textwrap
@@ -267,11 +268,24 @@ def tls_context(opts):
         return pki.client_context(ca, cert, key,
                                   check_hostname=bool(opts.state_dir))
     except (OSError, ValueError) as e:
-        hint = ""
-        if not (opts.state_dir or opts.cert or opts.cacert):
-            hint = config.state_dir_hint(PROG)
-        raise UsageError("Cannot use TLS files {}, {}, {}: {}{}".format(
-            cert, key, ca, e, "; " + hint if hint else ""))
+        missing = [f for f in (cert, key, ca) if not os.path.exists(f)]
+        if missing:
+            problem = "TLS files not found: {}".format(", ".join(missing))
+        else:
+            problem = "Cannot use TLS files {}, {}, {}: {}".format(
+                cert, key, ca, e)
+        if opts.state_dir:
+            hint = ("the agent started with --state-dir {} creates its "
+                    "development PKI in {} at first start".format(
+                        opts.state_dir, os.path.join(opts.state_dir, "pki")))
+        elif opts.cert or opts.cacert:
+            hint = ""
+        else:
+            hint = config.state_dir_hint(PROG) or (
+                "vdsm's PKI is used unless --cert, --key and --cacert, or "
+                "--state-dir DIR (an agent's development PKI) say "
+                "otherwise")
+        raise UsageError(problem + ("; " + hint if hint else ""))
 
 
 def tls_files(opts):

@@ -470,6 +470,34 @@ def test_help_lists_every_sub_command(engine_shim):
     assert len(args.COMMANDS) == 12
     assert b'the first line starting with "error" or\n"CORRELATION_ID:"' \
         in proc.stdout
+    # It teaches: what it is, each option, an example; in 80 columns.
+    text = proc.stdout.decode()
+    assert "ovirt-engine's cinderlib client" in text
+    for option in sorted(args._VALUED | {"--cold", "--serve"}):
+        assert option + " " in text, option
+    assert "\nexample" in text
+    assert [line for line in text.splitlines() if len(line) > 80] == []
+    # No line of the help reads as an answer to the engine.
+    assert not [line for line in text.splitlines()
+                if line.startswith("error")]
+
+
+def test_the_help_example_creates_a_volume(engine_shim, tmp_path):
+    import subprocess
+    from .engine_fixtures import client_argv
+    text = subprocess.run(client_argv() + ["--help"], capture_output=True,
+                          env=engine_shim.env, timeout=60,
+                          universal_newlines=True).stdout
+    lines = text[text.index("\nexample"):].splitlines()[2:]
+    example = "\n".join(lines[:lines.index("")])
+    example = example.replace("/tmp/", str(tmp_path) + "/").replace(
+        "managedvolume-cinderlib-client", " ".join(client_argv()), 1)
+    env = dict(engine_shim.env, MANAGEDVOLUME_ENGINE_COLD="1")
+    proc = subprocess.run(["bash", "-e", "-c", example], capture_output=True,
+                          env=env, timeout=240)
+    assert (proc.returncode, proc.stdout) == (0, b""), proc.stderr
+    assert os.listdir(str(tmp_path / "vols")) == [
+        "volume-9f3c1e0a-55b1-4f07-9d6c-2f2f4a9e8f10"]
 
 
 def test_version_prints_the_package_version(engine_shim):

@@ -106,21 +106,51 @@ _UUID = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
 QUOTE_MAX = 80
 
 USAGE = """\
-usage: managedvolume-cinderlib-client [OPTIONS] SUB-COMMAND DRIVER_JSON \
-DB_URL CORRELATION_ID [ARGS...]
+usage: managedvolume-cinderlib-client [OPTIONS] SUB-COMMAND DRIVER_JSON DB_URL
+                                      CORRELATION_ID [ARGS...]
        managedvolume-cinderlib-client --serve [--socket PATH] \
 [--log-file PATH]
        managedvolume-cinderlib-client -h|--help|--version
+
+ovirt-engine's cinderlib client (its cinderlib-client.py, same command
+line and output): provisions and connects Managed Block Storage volumes
+through cinderlib, with the domain's driver options and persistence.
+
 sub-commands:
 {}
-DRIVER_JSON / DB_URL: inline, @FILE, - (stdin) or env:[NAME]
-options: --timeout SEC --log-file PATH|- --log-level LEVEL --locks-dir DIR
-         --socket PATH --cold --host-port N --host-cert PATH --host-key PATH
-         --host-ca PATH --host-timeout SEC --host-tls BOOL
-         --host-addresses HOST=ADDRESS[:PORT],...
+DRIVER_JSON: the storage domain's driver options (JSON); DB_URL: cinderlib's
+persistence (sqlite:///FILE or postgresql://...); each inline, @FILE,
+- (stdin) or env:[NAME], the way to keep secrets off the command line.
+
+options (before the sub-command; each also an environment variable):
+  --timeout SEC        give up after SEC seconds (default 0: no limit)
+  --log-file PATH|-    log file, - for stderr (default
+                       $ENGINE_LOG/managedblock/managedvolume.log)
+  --log-level LEVEL    DEBUG, INFO (default), WARNING, ERROR
+  --locks-dir DIR      cinderlib's file locks (default: the run directory)
+  --socket PATH        the warm service's socket; --serve runs the service
+  --cold               never forward to the warm service
+  --host-port N        vdsm's port on the hosts (default 54321)
+  --host-cert PATH --host-key PATH --host-ca PATH
+                       the engine's TLS files for asking hosts
+                       (disconnect_volume; default ovirt-engine's PKI)
+  --host-timeout SEC   how long to wait for one host (default 10)
+  --host-tls BOOL      false: hosts without TLS (development only)
+  --host-addresses HOST=ADDRESS[:PORT],...
+                       where a connector's host is reached
+
 output (ovirt-engine's contract): the first line starting with "error" or
 "CORRELATION_ID:" is the answer ("CORRELATION_ID:<JSON>" is a result);
-exit 0 is success.  See managedvolume-cinderlib-client(1).
+exit 0 is success.
+
+example (the embedded file-backed driver, SQLite; prints nothing, exit 0):
+  managedvolume-cinderlib-client create_volume \\
+    '{{"volume_driver": "vdsm_managedvolume.engine.filedriver.FileDriver",
+      "volume_backend_name": "file", "file_volume_dir": "/tmp/vols"}}' \\
+    sqlite:////tmp/cinderlib.db flow-1 \\
+    9f3c1e0a-55b1-4f07-9d6c-2f2f4a9e8f10 1
+
+See managedvolume-cinderlib-client(1) and docs/engine.md.
 """.format("\n".join(
     "  {} {}".format(name, " ".join(
         list(req) + ["[{}]".format(o) for o in opt]))

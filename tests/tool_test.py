@@ -299,6 +299,14 @@ def test_list_of_a_journal_of_another_schema_fails_and_leaves_it(
     assert store.inspect(cfg.db_path)["version"] == version
 
 
+def test_list_of_an_unrecorded_volume_names_it(configured, state,
+                                               tmp_path):
+    _add_records(configured, tmp_path)
+    other = "1f3c1e0a-55b1-4f07-9d6c-2f2f4a9e8f10"
+    p = run("--state-dir", state, "list", other, check=0)
+    assert p.stdout.startswith("no record of {} in ".format(other))
+
+
 def test_list_of_an_invalid_id_says_so(configured, state):
     p = run("--state-dir", state, "list", "not-a-uuid", check=2)
     assert "VOL_ID[0]" in p.stderr and "'not-a-uuid' is not a canonical " \

@@ -220,8 +220,9 @@ def list_volumes(cfg, args):
         _print_json(rows)
         return EXIT_OK
     if not rows:
-        print(_no_db_yet(cfg) or "no managed volumes recorded in {}".format(
-            cfg.db_path))
+        print(_no_db_yet(cfg) or "no {} in {}".format(
+            "record of " + ", ".join(vol_ids) if vol_ids
+            else "managed volumes recorded", cfg.db_path))
         return EXIT_OK
     table = [("VOL_ID", "STATE", "TYPE", "AGE", "PATH", "STALE")]
     for r in rows:

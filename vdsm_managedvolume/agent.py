@@ -42,6 +42,7 @@ import time
 from . import __version__
 from . import config
 from . import errors
+from . import fileutil
 from . import log as logmod
 from . import pki
 from . import privileged
@@ -104,8 +105,9 @@ class ControlSocket:
         """Bind the socket and serve it in ``server``'s I/O loop; it is
         closed and removed when the server stops."""
         sock = bind_unix(self.path)
-        server.add_listener(sock, self._accept,
-                            on_close=lambda: _silent_unlink(self.path))
+        server.add_listener(
+            sock, self._accept,
+            on_close=lambda: fileutil.rm_file(self.path, log=log))
         self._caps.refresh()
 
     # Private helpers
@@ -210,7 +212,7 @@ def bind_unix(path):
     """A listening unix socket at ``path`` (replacing a stale one),
     world-writable; ConfigError when it cannot be bound."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    _silent_unlink(path)
+    fileutil.rm_file(path, log=log)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
@@ -406,15 +408,6 @@ def _announce(cfg, address, insecure):
               stompserver.format_address(address),
               "plain TCP" if insecure else "mutual TLS", cfg.log_file,
               " ".join(hint)), file=sys.stderr, flush=True)
-
-
-def _silent_unlink(path):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        log.warning("Cannot remove %s: %s", path, e)
 
 
 class _ConnectorInfo:

@@ -20,6 +20,7 @@ import threading
 import time
 
 from . import errors
+from . import fileutil
 
 # Where the facts connector_info is made of live.  A change of any of
 # them (or of the host name / addresses) refreshes the cached value.
@@ -202,11 +203,4 @@ def _write_json(path, value):
     except OSError as e:
         log.warning("Cannot write %s: %s", path, e)
         if tmp is not None:
-            _silent_remove(tmp)
-
-
-def _silent_remove(path):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+            fileutil.rm_file(tmp)

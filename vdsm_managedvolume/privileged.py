@@ -103,7 +103,6 @@ process-wide.
 """
 
 import collections
-import errno
 import fcntl
 import importlib.util
 import ipaddress
@@ -122,6 +121,7 @@ import time
 
 from . import adapters
 from . import errors
+from . import fileutil
 from . import log
 from . import mask
 from . import privsep
@@ -745,7 +745,7 @@ class _SocketPlace:
 
     def listen(self):
         # A socket left by a start that crashed: ours now, under the lock.
-        _silent_remove(self.SOCK, dir_fd=self._dirfd)
+        fileutil.rm_file(self.SOCK, dir_fd=self._dirfd, log=LOG)
         listener = socket.socket(socket.AF_UNIX)
         self._listener = listener
         # The mode of the inode bound is the socket's own (Linux): set it
@@ -761,7 +761,7 @@ class _SocketPlace:
         try:
             if self._listener is not None:
                 self._listener.close()
-                _silent_remove(self.SOCK, dir_fd=self._dirfd)
+                fileutil.rm_file(self.SOCK, dir_fd=self._dirfd, log=LOG)
         finally:
             self._close_fds()
 
@@ -940,11 +940,3 @@ def _remote_message(e):
     if isinstance(e, privsep.RemoteError) and len(e.args) > 1:
         return e.args[1]
     return str(e)
-
-
-def _silent_remove(path, dir_fd=None):
-    try:
-        os.unlink(path, dir_fd=dir_fd)
-    except OSError as e:
-        if e.errno != errno.ENOENT:
-            LOG.warning("Cannot remove %s: %s", path, e)

@@ -28,13 +28,13 @@ The file is ``cfg.privsep_config`` (``/etc/vdsm/managedvolume-privsep.conf``).
   root run code.
 """
 
-import errno
 import logging
 import os
 import stat
 import tempfile
 
 from . import errors
+from . import fileutil
 
 LOG = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def write_config(cfg):
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
-        _silent_remove(tmp)
+        fileutil.rm_file(tmp, log=LOG)
         raise
     return path
 
@@ -209,12 +209,3 @@ def _unsafe_owner(st, sticky_ok):
         return "is writable by group or others (mode {:04o})".format(
             stat.S_IMODE(st.st_mode))
     return None
-
-
-def _silent_remove(path, dir_fd=None):
-    try:
-        os.unlink(path, dir_fd=dir_fd)
-    except OSError as e:
-        if e.errno != errno.ENOENT:
-            LOG.warning("Cannot remove %s: %s", path, e)
-

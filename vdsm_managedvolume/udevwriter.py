@@ -13,6 +13,7 @@ calls, so the service does not care which it has.
 import os
 
 from . import errors
+from . import fileutil
 from . import udev
 
 WRITERS = ("auto", "service", "daemon")
@@ -55,7 +56,7 @@ class ServiceRules:
         udev.remove_rule(self._cfg, sd_id, vol_id)
 
     def remove_temp(self, path):
-        _silent_remove(path)
+        fileutil.rm_file(path)
 
 
 class DaemonRules:
@@ -96,10 +97,3 @@ def _writable(path):
             break
         path = parent
     return os.access(path, os.W_OK | os.X_OK)
-
-
-def _silent_remove(path):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

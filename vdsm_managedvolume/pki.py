@@ -26,6 +26,8 @@ import ipaddress
 import os
 import ssl
 
+from . import fileutil
+
 CA_CERT = "cacert.pem"
 CA_KEY = "cakey.pem"
 CLIENT_CERT = "client-cert.pem"
@@ -244,10 +246,7 @@ def _write(path, data, mode):
     """Write atomically with ``mode`` from the start (no readable window)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
-    try:
-        os.unlink(tmp)      # a leftover, or a link planted to steal a key
-    except FileNotFoundError:
-        pass
+    fileutil.rm_file(tmp)   # a leftover, or a link planted to steal a key
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
                  os.O_CLOEXEC, mode)
     try:

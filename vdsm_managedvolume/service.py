@@ -67,6 +67,7 @@ from . import connectorinfo
 from . import devices
 from . import errors
 from . import faults
+from . import fileutil
 from . import hosttools
 from . import locking
 from . import mask
@@ -744,7 +745,7 @@ class Service:
         if rec["state"] != "detaching":
             db.update_volume(vol_id, state="detaching")
         faults.crash_point("detach.after_record")
-        _remove_link(self._link_path(sd_id, vol_id))
+        fileutil.rm_file(self._link_path(sd_id, vol_id))
         faults.crash_point("detach.after_unlink")
         self._rules.remove(sd_id, vol_id)
         faults.crash_point("detach.after_rule")
@@ -857,7 +858,7 @@ class Service:
 
     def _silent_remove_link(self, sd_id, vol_id):
         try:
-            _remove_link(self._link_path(sd_id, vol_id))
+            fileutil.rm_file(self._link_path(sd_id, vol_id))
         except Exception:
             log.exception("Failed to remove the managed link of volume %s",
                           vol_id)
@@ -881,7 +882,7 @@ class Service:
         os.makedirs(self.cfg.run_dir, mode=0o755, exist_ok=True)
         tmp = os.path.join(self.cfg.run_dir,
                            ".{}_{}.tmp".format(sd_id, vol_id))
-        _remove_link(tmp)
+        fileutil.rm_file(tmp)
         os.symlink(path, tmp)
         os.rename(tmp, link)
         return link
@@ -975,7 +976,7 @@ class Service:
                     "action": "stale", "result": "kept", "reason": reason}
 
         def remove():
-            _remove_link(self._link_path(sd_id, vol_id))
+            fileutil.rm_file(self._link_path(sd_id, vol_id))
             self._rules.remove(sd_id, vol_id)
             self._db().update_volume(vol_id, managed_path=None)
 
@@ -1063,7 +1064,7 @@ class Service:
         if apply:
             try:
                 if remove is None:
-                    _remove_link(path)
+                    fileutil.rm_file(path)
                 else:
                     remove()
                 entry["result"] = "done"
@@ -1084,13 +1085,6 @@ def _split_link_name(name):
         return (validate.uuid("sd_id", sd_id), validate.uuid("vol_id", vol_id))
     except errors.InvalidParams:
         return None
-
-
-def _remove_link(path):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _exists(path):

@@ -36,3 +36,11 @@ def test_rm_file_raises_other_errors_or_logs_them_given_a_logger(
         fileutil.rm_file(str(directory), log=log)
     assert "Cannot remove {}".format(directory) in caplog.text
     assert directory.is_dir()
+
+
+def test_is_under_compares_normalised_names_not_prefixes():
+    assert fileutil.is_under("/dev/mapper/x", "/dev/mapper")
+    assert fileutil.is_under("/dev/mapper/../mapper/x", "/dev/mapper/")
+    assert not fileutil.is_under("/dev/mapper", "/dev/mapper")
+    assert not fileutil.is_under("/dev/mapperx/y", "/dev/mapper")
+    assert not fileutil.is_under("/dev/mapper/../sda", "/dev/mapper")

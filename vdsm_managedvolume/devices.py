@@ -129,12 +129,10 @@ def in_use(path):
     if number is None:
         return None
     disk = _kernel_name(*number)
-    devices = [(number, disk)]
-    devices += [(part, None) for part in _partitions(*number, disk)]
+    devices = [(number, disk)] + _partitions(*number, disk)
     mounts = _mounted()
     swaps = _swaps()
     for (major, minor), name in devices:
-        name = name or _kernel_name(major, minor)
         where = mounts.get((major, minor))
         if where:
             return "{} is mounted at {}".format(name, where)
@@ -248,15 +246,12 @@ def _kernel_name(major, minor):
     try:
         return os.path.basename(os.readlink(path))
     except OSError:
-        pass
-    try:
-        return os.path.basename(os.path.realpath(path))
-    except OSError:
         return "{}:{}".format(major, minor)
 
 
 def _partitions(major, minor, disk):
-    """(major, minor) of every partition of the disk named ``disk``.
+    """((major, minor), name) of every partition of the disk named
+    ``disk``.
 
     The kernel names a partition after its disk (``sda1``, ``loop0p1``,
     ``nvme0n1p1``: block/partitions/core.c, add_partition), and lists it
@@ -277,7 +272,7 @@ def _partitions(major, minor, disk):
             try:
                 with open(part + "/dev") as f:
                     ma, mi = f.read().strip().split(":")
-                found.append((int(ma), int(mi)))
+                found.append(((int(ma), int(mi)), name))
             except (OSError, ValueError):
                 continue
     return found

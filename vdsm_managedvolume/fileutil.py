@@ -19,3 +19,10 @@ def rm_file(path, dir_fd=None, log=None):
         if log is None:
             raise
         log.warning("Cannot remove %s: %s", path, e)
+
+
+def is_under(path, directory):
+    """Whether ``path`` names something inside ``directory`` (by name,
+    normalised, no symlink resolved; ``directory`` itself is not)."""
+    return os.path.normpath(path).startswith(
+        os.path.normpath(directory) + os.sep)

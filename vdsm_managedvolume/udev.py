@@ -51,6 +51,7 @@ import re
 import subprocess
 
 from . import devices
+from . import fileutil
 from . import transports
 
 log = logging.getLogger("managedvolume.udev")
@@ -122,7 +123,7 @@ def check_device_path(path, device_dirs=("/dev",)):
             or not _SAFE_DEVICE_RE.match(path)):
         raise UnsafePath("unsafe device path for a udev rule: {!r}".format(
             path))
-    if not any(_is_under(path, d) for d in device_dirs):
+    if not any(fileutil.is_under(path, d) for d in device_dirs):
         raise UnsafePath("device path {!r} is not under {}".format(
             path, ", ".join(device_dirs)))
     return path
@@ -256,7 +257,3 @@ def _udevadm_trigger(cfg, path, timeout):
 
 
 # Private helpers
-
-def _is_under(path, directory):
-    return os.path.normpath(path).startswith(
-        os.path.normpath(directory) + os.sep)

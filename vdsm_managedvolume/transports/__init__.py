@@ -52,6 +52,7 @@ a line in ``_CLASSES``, and its test (tests/transports_test.py).
 import os
 
 from .. import config
+from .. import fileutil
 from . import base
 from . import local
 from . import nvme
@@ -108,13 +109,9 @@ def udev_match(path, cfg=None):
     relative to /dev (``nvme0n3``).
     """
     for directory, udev_dir in link_dirs(cfg):
-        if _is_under(path, directory):
+        if fileutil.is_under(path, directory):
             return "SYMLINK", os.path.join(
                 udev_dir, os.path.relpath(path, directory))
     key = "SYMLINK" if os.path.islink(path) else "KERNEL"
     return key, os.path.relpath(path, "/dev")
 
-
-def _is_under(path, directory):
-    return os.path.normpath(path).startswith(
-        os.path.normpath(directory) + os.sep)

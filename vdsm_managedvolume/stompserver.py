@@ -473,8 +473,10 @@ class Server:
             return
         with logmod.flow(flow_id):
             destination = reply_to
-            if self.dispatcher.is_unknown_id_error(response) and \
-                    RESPONSES in conn.subscriptions.values():
+            # The cheap tests first: the last one parses the response.
+            if reply_to != RESPONSES and \
+                    RESPONSES in conn.subscriptions.values() and \
+                    self.dispatcher.is_unknown_id_error(response):
                 destination = RESPONSES
             if destination is None:
                 log.debug("Request without reply-to: response dropped")
@@ -855,6 +857,9 @@ class Connection:
             return
         self.tls = False
         self._linger_until = time.monotonic() + LINGER
+        # A deadline set, maybe from update() after this round's
+        # check_deadlines: the loop must learn it (``Server._expire``).
+        self.server.touch(self)
 
     def _on_frame(self, frame):
         command = frame.command

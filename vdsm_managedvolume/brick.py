@@ -521,10 +521,14 @@ def _die(operation, flow_id):
     # too, or it could complete behind its back (a leaked device).  There
     # is no way to stop one thread: end the process.  Concurrent calls
     # fail with HelperFailed, the next call starts a fresh daemon.
-    with log.flow(flow_id):
-        LOG.error("%s exceeded its deadline: killing privsep daemon %s",
-                  operation, os.getpid())
-    os.kill(os.getpid(), signal.SIGKILL)
+    # The kill must happen whatever logging does: an error here would end
+    # the one watchdog thread, and no later deadline would be kept.
+    try:
+        with log.flow(flow_id):
+            LOG.error("%s exceeded its deadline: killing privsep daemon %s",
+                      operation, os.getpid())
+    finally:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 _watchdog = watchdog.Watchdog(_die)

@@ -203,4 +203,4 @@ def _write_json(path, value):
     except OSError as e:
         log.warning("Cannot write %s: %s", path, e)
         if tmp is not None:
-            fileutil.rm_file(tmp)
+            fileutil.rm_file(tmp, log=log)

@@ -304,10 +304,10 @@ class _StatusError(errors.Error):
 
 
 def _error_response(request_id, error):
-    # A status of the API layer was masked there (api._call); every other
-    # error is masked here.
-    message = str(error) if isinstance(error, _StatusError) \
-        else mask.mask_text(str(error))
+    # Every error is masked here, whatever raised it (a status the API
+    # layer built is masked there already: masking it again is harmless,
+    # and no error reaches the wire unmasked however it was made).
+    message = mask.mask_text(str(error))
     if len(message) > MAX_MESSAGE:
         message = message[:MAX_MESSAGE] + "... ({} characters)".format(
             len(message))

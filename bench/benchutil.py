@@ -9,8 +9,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 AGENT = os.path.join(os.path.dirname(sys.executable), "managedvolume-agent")
+# Seconds an agent may take to say READY=1 (it starts its privsep daemon).
+START_TIMEOUT = 120
 
 
 @contextlib.contextmanager
@@ -56,28 +59,51 @@ class AgentProcess:
         self.port = None
 
     def start(self):
+        """Start the agent and wait for READY=1; an agent that exits or
+        does not get ready in START_TIMEOUT seconds is stopped and the
+        error raised (no agent is ever left running by a failed start)."""
         notify_path = os.path.join(self.base, "notify")
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(notify_path)
-        self.notify.settimeout(120)
+        self.notify.settimeout(1)
         env = dict(os.environ, NOTIFY_SOCKET=notify_path, **self.env)
         self.proc = subprocess.Popen(
             [AGENT, "--listen", "127.0.0.1:0"] + self.argv, env=env,
             **self.popen)
-        while True:
-            message = self.notify.recv(4096).decode()
-            if "READY=1" in message.splitlines():
-                break
-        status = [line for line in message.splitlines()
-                  if line.startswith("STATUS=")][0]
-        self.port = int(status.rpartition(":")[2])
+        try:
+            message = self._wait_ready()
+            status = [line for line in message.splitlines()
+                      if line.startswith("STATUS=")][0]
+            self.port = int(status.rpartition(":")[2])
+        except BaseException:
+            self.stop()
+            raise
         return self
 
+    def _wait_ready(self):
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                message = self.notify.recv(4096).decode()
+            except socket.timeout:
+                if self.proc.poll() is not None:
+                    raise RuntimeError("the agent exited with {} before it "
+                                       "was ready".format(
+                                           self.proc.returncode))
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the agent was not ready in {} "
+                                       "seconds".format(START_TIMEOUT))
+                continue
+            if "READY=1" in message.splitlines():
+                return message
+
     def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.notify.close()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.notify is not None:
+            self.notify.close()

@@ -412,10 +412,7 @@ class Service:
                 info["managed_path"] = rec["managed_path"]
             if rec["size"] is not None:
                 info["size"] = rec["size"]
-            reason = self._stale_reason(rec, boot_id)
-            info["stale"] = reason is not None
-            if reason is not None:
-                info["stale_reason"] = reason
+            info.update(stale_fields(self._stale_reason(rec, boot_id)))
             result.append(info)
         return result
 
@@ -1071,6 +1068,14 @@ class Service:
             except (OSError, errors.Error) as e:
                 entry["result"] = "failed: {}".format(mask.mask_text(str(e)))
         return entry
+
+
+def stale_fields(reason):
+    """volumes_info's ``stale`` and (when stale) ``stale_reason`` of a
+    record, from ``Service.stale_reason``'s answer."""
+    if reason is None:
+        return {"stale": False}
+    return {"stale": True, "stale_reason": reason}
 
 
 # ".<sd_id>_<vol_id>.tmp", ".99-vdsm-managed_<sd_id>_<vol_id>.rules.tmp"

@@ -201,14 +201,12 @@ def list_volumes(cfg, args):
     if os.path.exists(cfg.db_path):
         with store.open_read_only(cfg.db_path) as db:
             records = db.volumes(vol_ids)
-    reasons = _stale_reasons(cfg, records)
+    stale = _stale_fields(cfg, records)
     now = datetime.datetime.now(datetime.timezone.utc)
     rows = []
-    for rec, reason in zip(records, reasons):
+    for rec, fields in zip(records, stale):
         rec = mask.mask(rec)
-        rec["stale"] = reason is not None
-        if reason is not None:
-            rec["stale_reason"] = reason
+        rec.update(fields)
         rec["age"] = _age_seconds(rec.get("created"), now)
         rec["exists"] = (os.path.exists(rec["path"]) if rec.get("path")
                          else None)
@@ -695,14 +693,16 @@ def _no_db_yet(cfg):
             "('managedvolume-tool configure' creates it)".format(cfg.db_path))
 
 
-def _stale_reasons(cfg, records):
-    """service.Service's stale_reason of each record (None: live)."""
+def _stale_fields(cfg, records):
+    """volumes_info's ``stale`` (and ``stale_reason``) of each record,
+    from service.Service's stale_reason."""
     if not records:
         return []
     from . import service
     svc = service.Service(cfg)
     try:
-        return [svc.stale_reason(rec) for rec in records]
+        return [service.stale_fields(svc.stale_reason(rec))
+                for rec in records]
     finally:
         svc.close()
 

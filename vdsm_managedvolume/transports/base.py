@@ -77,14 +77,16 @@ def field_name(key, *more):
     return name
 
 
-def required(data, key, kind=None):
-    """``data[key]``, present and not null (of ``kind`` when given)."""
+def required(data, key, kind=None, prefix=""):
+    """``data[key]``, present and not null (of ``kind`` when given).
+    ``prefix`` names where ``data`` sits in connection_info["data"] when
+    it is nested ("volume_replicas[0].")."""
+    name = field_name(prefix + key)
     if data.get(key) is None:
         raise errors.InvalidParams(
-            name=field_name(key),
-            reason="missing (os-brick's connector needs it)")
+            name=name, reason="missing (os-brick's connector needs it)")
     if kind is not None:
-        of_kind(field_name(key), data[key], kind)
+        of_kind(name, data[key], kind)
     return data[key]
 
 

@@ -46,8 +46,14 @@ class NVMeOF(base.Transport):
                 raise errors.InvalidParams(
                     name=field_name("vol_uuid"),
                     reason="not a UUID") from None
+            # os-brick reads conn_props["replica_count"] or the number
+            # of replicas (NVMeOFConnProps.__init__): the key must be
+            # there, but null is a value it takes.
             if "replica_count" not in data:
-                base.required(data, "replica_count")
+                raise errors.InvalidParams(
+                    name=field_name("replica_count"),
+                    reason="missing (os-brick's connector needs it; null "
+                    "means one per replica)")
             for i, target in enumerate(replicas):
                 self._target(target, "volume_replicas[{}].".format(i))
         elif "target_nqn" in data:
@@ -58,14 +64,9 @@ class NVMeOF(base.Transport):
                 base.required(data, key)
 
     def _target(self, target, prefix):
-        for key, kind in (("target_nqn", str), ("portals", list)):
-            name = field_name(prefix + key)
-            if target.get(key) is None:
-                raise errors.InvalidParams(
-                    name=name, reason="missing (os-brick's connector "
-                    "needs it)")
-            base.of_kind(name, target[key], kind)
-        base.list_of(field_name(prefix + "portals"), target["portals"],
+        base.required(target, "target_nqn", str, prefix=prefix)
+        base.list_of(field_name(prefix + "portals"),
+                     base.required(target, "portals", list, prefix=prefix),
                      list, length=3)
 
 

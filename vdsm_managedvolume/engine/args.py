@@ -75,6 +75,8 @@ LOG_STDERR = "-"
 
 # vdsm's port (the engine's VdsPort); see hosts.py.
 DEFAULT_HOST_PORT = 54321
+# Seconds to wait for one host's answer (hosts.py).
+DEFAULT_HOST_TIMEOUT = 10.0
 
 FILE_DRIVER = "vdsm_managedvolume.engine.filedriver.FileDriver"
 
@@ -117,7 +119,7 @@ line and output): provisions and connects Managed Block Storage volumes
 through cinderlib, with the domain's driver options and persistence.
 
 sub-commands:
-{}
+{commands}
 DRIVER_JSON: the storage domain's driver options (JSON); DB_URL: cinderlib's
 persistence (sqlite:///FILE or postgresql://...); each inline, @FILE,
 - (stdin) or env:[NAME], the way to keep secrets off the command line.
@@ -130,11 +132,11 @@ options (before the sub-command; each also an environment variable):
   --locks-dir DIR      cinderlib's file locks (default: the run directory)
   --socket PATH        the warm service's socket; --serve runs the service
   --cold               never forward to the warm service
-  --host-port N        vdsm's port on the hosts (default 54321)
+  --host-port N        vdsm's port on the hosts (default {port})
   --host-cert PATH --host-key PATH --host-ca PATH
                        the engine's TLS files for asking hosts
                        (disconnect_volume; default ovirt-engine's PKI)
-  --host-timeout SEC   how long to wait for one host (default 10)
+  --host-timeout SEC   how long to wait for one host (default {host_timeout:g})
   --host-tls BOOL      false: hosts without TLS (development only)
   --host-addresses HOST=ADDRESS[:PORT],...
                        where a connector's host is reached
@@ -145,16 +147,19 @@ exit 0 is success.
 
 example (the embedded file-backed driver, SQLite; prints nothing, exit 0):
   managedvolume-cinderlib-client create_volume \\
-    '{{"volume_driver": "vdsm_managedvolume.engine.filedriver.FileDriver",
+    '{{"volume_driver": "{file_driver}",
       "volume_backend_name": "file", "file_volume_dir": "/tmp/vols"}}' \\
     sqlite:////tmp/cinderlib.db flow-1 \\
     9f3c1e0a-55b1-4f07-9d6c-2f2f4a9e8f10 1
 
 See managedvolume-cinderlib-client(1) and docs/engine.md.
-""".format("\n".join(
-    "  {} {}".format(name, " ".join(
-        list(req) + ["[{}]".format(o) for o in opt]))
-    for name, (req, opt) in COMMANDS.items()))
+""".format(
+    commands="\n".join(
+        "  {} {}".format(name, " ".join(
+            list(req) + ["[{}]".format(o) for o in opt]))
+        for name, (req, opt) in COMMANDS.items()),
+    port=DEFAULT_HOST_PORT, host_timeout=DEFAULT_HOST_TIMEOUT,
+    file_driver=FILE_DRIVER)
 
 
 class Options:

@@ -41,7 +41,7 @@ DEFAULT_CERT = "/etc/pki/ovirt-engine/certs/engine.cer"
 DEFAULT_KEY = "/etc/pki/ovirt-engine/keys/engine_id_rsa"
 DEFAULT_CA = "/etc/pki/ovirt-engine/ca.pem"
 DEFAULT_PORT = argsmod.DEFAULT_HOST_PORT
-DEFAULT_TIMEOUT = 10.0
+DEFAULT_TIMEOUT = argsmod.DEFAULT_HOST_TIMEOUT
 
 VOLUMES_INFO = "ManagedVolume.volumes_info"
 

@@ -180,7 +180,6 @@ GOOD = [
     ("storpool", {"client_id": 1, "volume": "v-1", "access_mode": "rw"}),
     ("storpool", {"client_id": 1, "volume": "v-1", "access_mode": "ro"}),
     ("rbd", {"name": "pool/image"}),
-    ("rbd", {"name": "pool/namespace/image"}),
 ]
 
 
@@ -244,6 +243,8 @@ BAD = [
     ("storpool", {"client_id": 1, "volume": "v"}, "access_mode"),
     ("storpool", {"client_id": 1, "volume": "v", "access_mode": "RW"},
      "access_mode"),
+    # os-brick 7's RBDConnector: pool, volume = name.split('/').
+    ("rbd", {"name": "pool/namespace/image"}, "name"),
 ]
 
 

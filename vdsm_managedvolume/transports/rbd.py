@@ -15,7 +15,9 @@ Special cases, all here:
   as ``data.device_path``, for connectors that find the mapping by it;
 - ``data.name`` must be "pool/image" or "pool/namespace/image"
   (``validate.rbd_name``) before anything happens, even with a vendor
-  adapter: it becomes a path, a link target and a udev rule.
+  adapter: it becomes a path, a link target and a udev rule.  Without
+  an adapter only "pool/image": os-brick 7's connector splits the name
+  into exactly two parts.
 
 Host command: rbd (``rbd map``, ``rbd showmapped``, ``rbd unmap``).
 
@@ -25,6 +27,7 @@ kernel refreshes a mapped image's size itself; the connector reads it.
 
 import os
 
+from .. import errors
 from .. import validate
 from . import base
 
@@ -39,6 +42,17 @@ class RBD(base.Transport):
         validate.rbd_name(base.field_name("name"),
                           connection_info["data"].get("name"))
         super().check(cfg, connection_info)
+
+    def fields(self, data):
+        # os-brick 7's RBDConnector splits data.name into exactly two
+        # parts (pool, volume = name.split('/')) at connect, showmapped
+        # and disconnect: a namespace would fail there, so it is refused
+        # here unless a vendor adapter's connector does the mapping.
+        if data["name"].count("/") != 1:
+            raise errors.InvalidParams(
+                name=base.field_name("name"), reason="os-brick's RBD "
+                "connector takes only \"pool/image\" (no namespace), got "
+                "{!r}".format(data["name"]))
 
     def connector_data(self, connection_info, attachment=None):
         data = super().connector_data(connection_info)

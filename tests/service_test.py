@@ -1250,12 +1250,18 @@ def test_rbd_name_that_is_not_pool_slash_image_is_invalid_params(
     assert inproc_brick.calls == []
 
 
-def test_rbd_name_with_a_namespace_attaches(inproc_service):
+def test_rbd_name_with_a_namespace_is_refused_before_anything_happens(
+        inproc_service, inproc_brick):
+    # os-brick 7's RBDConnector splits data.name into exactly two parts at
+    # connect and at disconnect: refused at the door, nothing recorded.
     ci = rbd_connection(inproc_service.cfg,
                         name="pool/ns1/volume-" + new_id()[:8])
-    res = inproc_service.attach_volume(new_id(), ci)
-    assert res["path"] == os.path.join(inproc_service.cfg.rbd_dir,
-                                       ci["data"]["name"])
+    vol_id = new_id()
+    with pytest.raises(errors.InvalidParams) as e:
+        inproc_service.attach_volume(vol_id, ci)
+    assert e.value.name == "connection_info.data.name"
+    assert inproc_service.volumes_info([vol_id]) == []
+    assert inproc_brick.calls == []
 
 
 # Records nothing can clear (issue: surrogates, 64-bit, failed FC connects)

@@ -139,6 +139,44 @@ def test_a_second_operation_on_one_volume_waits_for_its_lock(
     assert key not in fakebrick.connected()
 
 
+def test_operations_run_one_at_a_time_and_control_never_waits_for_them(
+        tmp_path):
+    # An operation holding its run slot (``gate``) while it computes
+    # (the stub's "wait" gives nothing back) holds up the next operation,
+    # never a control request.
+    class Stub(agentutil.StubDispatcher):
+        def is_operation(self, body):
+            return b'"sleep"' not in body
+
+    stub = Stub()
+    cfg = agentutil.make_config(tmp_path / "agent", max_operations=4)
+    run = agentutil.Running(cfg, stub)
+    try:
+        with run.raw() as first, run.raw() as second, \
+                run.raw() as control:
+            for client in (first, second, control):
+                client.connect()
+                client.subscribe()
+            first.send(agentutil.send_bytes(agentutil.request("wait"),
+                                            "reply-queue"))
+            assert stub.started.acquire(timeout=30)
+            second.send(agentutil.send_bytes(agentutil.request(
+                "echo", {"n": 2}), "reply-queue"))
+            agentutil.wait_for(lambda: run.server._operations.pending == 2)
+            _, answer = control.call(agentutil.request(
+                "sleep", {"seconds": 0}))
+            assert answer["result"] is True
+            # The second operation has not started: it waits for the slot.
+            assert len(stub.bodies) == 2
+            stub.release.set()
+            assert json.loads(first.frame().body)["result"] is True
+            reply = json.loads(second.frame().body)
+            assert reply["result"]["params"] == {"n": 2}
+    finally:
+        stub.release.set()
+        run.stop()
+
+
 def test_pool_starts_threads_when_needed_and_refuses_beyond_its_bound():
     pool = stompserver.Pool(4, 0, name="lazy-pool")
     release = threading.Event()

@@ -29,6 +29,7 @@ import threading
 import time
 
 from . import errors
+from . import gate
 
 # Polling bounds for the flock part (another process holds the lock).
 _MIN_DELAY = 0.001
@@ -70,8 +71,12 @@ def _acquire_thread_lock(path, vol_id, timeout):
     with _registry_lock:
         entry = _thread_locks.setdefault(path, [threading.Lock(), 0])
         entry[1] += 1
-    acquired = entry[0].acquire(timeout=timeout) if timeout > 0 \
-        else entry[0].acquire(blocking=False)
+    acquired = entry[0].acquire(blocking=False)
+    if not acquired and timeout > 0:
+        # Its holder may wait for a run slot (``gate``): never wait
+        # holding one.
+        with gate.released():
+            acquired = entry[0].acquire(timeout=timeout)
     if not acquired:
         _forget(path, entry)
         raise errors.VolumeBusy(vol_id=vol_id, timeout=timeout)
@@ -94,18 +99,25 @@ def _acquire_file_lock(path, vol_id, timeout, deadline):
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        delay = _MIN_DELAY
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except BlockingIOError:
-                pass
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise errors.VolumeBusy(vol_id=vol_id, timeout=timeout)
-            time.sleep(min(delay, remaining))
-            delay = min(delay * 2, _MAX_DELAY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            pass
+        # Another process holds it: poll without a run slot (``gate``).
+        with gate.released():
+            delay = _MIN_DELAY
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise errors.VolumeBusy(vol_id=vol_id, timeout=timeout)
+                time.sleep(min(delay, remaining))
+                delay = min(delay * 2, _MAX_DELAY)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return fd
+                except BlockingIOError:
+                    pass
     except BaseException:
         os.close(fd)
         raise

@@ -122,6 +122,7 @@ import time
 from . import adapters
 from . import errors
 from . import fileutil
+from . import gate
 from . import log
 from . import mask
 from . import privsep
@@ -239,6 +240,13 @@ class Brick:
     # Private helpers
 
     def _call(self, name, args, timeout, operation=None):
+        # The whole call without a run slot (``gate``): it waits for the
+        # daemon's answer, and maybe for ``_lock``, which another
+        # operation thread holds while it starts a daemon.
+        with gate.released():
+            return self._daemon_call(name, args, timeout, operation)
+
+    def _daemon_call(self, name, args, timeout, operation):
         operation = operation or name
         check_sendable(operation, args)
         daemon = self._running_daemon()

@@ -87,6 +87,7 @@ import time
 
 from . import __version__
 from . import errors
+from . import gate
 from . import log as logmod
 from . import stompframe
 
@@ -154,7 +155,9 @@ class Server:
         self._touched = set()
         self._sweep_at = 0.0
         self._pool = Pool(cfg.workers, cfg.max_queue, name="worker")
-        self._operations = Pool(cfg.max_operations, 0, name="operation")
+        # The data plane's threads run Python one at a time (``gate``).
+        self._operations = Pool(cfg.max_operations, 0, name="operation",
+                                gate=gate.Gate())
         self._is_operation = getattr(dispatcher, "is_operation", None)
         self._paused = {}       # listener -> resume time
         self._refused_logged = 0.0
@@ -990,12 +993,14 @@ class Pool:
     """Up to ``workers`` threads, started when first needed and kept; at
     most ``max_queue`` requests wait for one (0: a request runs at once or
     is refused).  A job may return a callable: it runs after the job's
-    slot was given back (delivering the answer)."""
+    slot was given back (delivering the answer).  With a ``gate``
+    (``gate.Gate``), each job runs holding one of its slots."""
 
-    def __init__(self, workers, max_queue, name="worker"):
+    def __init__(self, workers, max_queue, name="worker", gate=None):
         self.workers = max(1, workers)
         self.max_queue = max(0, max_queue)
         self.name = name
+        self._gate = gate
         self._queue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._pending = 0
@@ -1041,7 +1046,11 @@ class Pool:
                 return
             after = None
             try:
-                after = fn()
+                if self._gate is None:
+                    after = fn()
+                else:
+                    with self._gate.hold():
+                        after = fn()
             except Exception:
                 log.exception("Worker job failed")
             finally:

@@ -70,6 +70,7 @@ import threading
 import urllib.parse
 
 from . import errors
+from . import gate
 
 STATES = ("attaching", "attached", "detaching")
 
@@ -355,7 +356,9 @@ class Store:
         job = _Job(sql, args, durable)
         with self._pending_lock:
             self._pending.append(job)
-        with self._lock:
+        # The lock wait and the commit (an fsync) without a run slot:
+        # others run meanwhile, and the group committer needs none.
+        with gate.released(), self._lock:
             if not job.done:
                 with self._pending_lock:
                     batch, self._pending = self._pending, []

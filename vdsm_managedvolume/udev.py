@@ -52,6 +52,7 @@ import subprocess
 
 from . import devices
 from . import fileutil
+from . import gate
 from . import transports
 
 log = logging.getLogger("managedvolume.udev")
@@ -233,9 +234,10 @@ def _sysfs_uevent(path):
 def _udevadm_trigger(cfg, path, timeout):
     cmd = [cfg.udevadm, "trigger", "--action=change", path]
     try:
-        res = subprocess.run(cmd, stdin=subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             timeout=timeout)
+        with gate.released():
+            res = subprocess.run(cmd, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, timeout=timeout)
     except FileNotFoundError:
         log.warning("Cannot trigger udev for %s: %s not found; the device "
                     "owner may be updated only on the next udev event",

@@ -1,6 +1,7 @@
 """The log filter: flow ids, masking, and no forged lines."""
 
 import logging
+import os
 
 import pytest
 
@@ -92,3 +93,114 @@ def test_masked_argument_is_masked_without_the_filter(caplog):
             "attaching %s", mask.Masked(ci))
     assert "pw-88y" not in caplog.text
     assert mask.MASK in caplog.text
+
+
+# The filter's fast path: a line of plain arguments (str, numbers, None,
+# mask.Masked) without any secret marker is written as formatted.  Every
+# other line takes the full path: each argument masked (by key, by shape)
+# and escaped, then the line.
+
+SECRET = "s3cr3t-Fast-Pw"
+CEPH_KEY = "AQBsgnVjAAAAABAA" + "k" * 22 + "=="
+
+
+@pytest.mark.parametrize("msg, args", [
+    ("running %s", ("iscsiadm -n node.session.auth.password -v " + SECRET,)),
+    ("login password=%s", (SECRET,)),
+    ("%s", ("pa\u017f\u017fword=" + SECRET,)),
+    ("map %s", ("--key " + CEPH_KEY,)),
+    ("db %s", ("postgresql://engine:" + SECRET + "@db/engine",)),
+    ("%(cmd)s failed", ({"cmd": "auth_password=" + SECRET},)),
+    ("%s=%r", ("token", SECRET)),
+])
+def test_plain_arguments_holding_a_secret_shape_are_masked(
+        log_lines, msg, args):
+    logger, lines = log_lines
+    logger.info(msg, *args)
+    assert SECRET not in lines[0] and CEPH_KEY not in lines[0]
+    assert mask.MASK in lines[0]
+
+
+def test_a_mapping_that_prints_no_keys_is_still_masked_by_key(log_lines):
+    # Its text shows no secret marker: only its keys say what is secret.
+    class Hiding(dict):
+        def __repr__(self):
+            return " ".join(str(v) for v in self.values())
+
+        __str__ = __repr__
+
+    logger, lines = log_lines
+    logger.info("volume %s connection %s", "v1", Hiding(auth_password=SECRET))
+    logger.info("connection %s", Hiding(auth_password=SECRET, lun=1))
+    logger.info("%(auth_password)s", Hiding(auth_password=SECRET))
+    assert len(lines) == 3
+    assert all(SECRET not in line and mask.MASK in line for line in lines)
+
+
+@pytest.mark.parametrize("raw, shown", [
+    ("x\x1b[2Jy", "x\\x1b[2Jy"),
+    ("nul\x00", "nul\\x00"),
+    ("del\x7f", "del\\x7f"),
+    ("a\nINFO forged", "a\\nINFO forged"),
+])
+def test_plain_arguments_are_escaped_on_a_clean_line(log_lines, raw, shown):
+    logger, lines = log_lines
+    logger.info("volume %s detached", raw)
+    assert lines[0].endswith("volume {} detached".format(shown))
+
+
+def test_a_clean_line_is_written_as_formatted_without_masking_each_argument(
+        log_lines, monkeypatch):
+    logger, lines = log_lines
+    calls = []
+    real = mask.mask
+
+    def counting(obj, _depth=0):
+        calls.append(obj)
+        return real(obj, _depth)
+
+    monkeypatch.setattr(mask, "mask", counting)
+    logger.info("Attached volume %s path=%s size=%d %s", "9f3c1e0a",
+                "/dev/loop3", 1024, mask.Masked({"device_path": "/dev/x"}))
+    assert lines[0].endswith(
+        "Attached volume 9f3c1e0a path=/dev/loop3 size=1024 "
+        "{'device_path': '/dev/x'}")
+    # Only the Masked argument, by itself: no argument a second time.
+    assert calls == [{"device_path": "/dev/x"}, "/dev/x"]
+
+
+def test_a_forked_child_masks_records_its_parent_had_masked():
+    # A record marked as masked by another process (a forwarded one) is
+    # masked again: the child must not take its parent's pid for its own.
+    record = logging.LogRecord("x", logging.INFO, __file__, 1,
+                               "auth_password=%s", (SECRET,), None)
+    record._managedvolume_masked = os.getpid()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            log.ContextFilter().filter(record)
+            os.write(w, record.getMessage().encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        shown = f.read().decode()
+    os.waitpid(pid, 0)
+    assert shown == "auth_password=" + mask.MASK
+
+
+@pytest.mark.parametrize("created", [
+    1764547200.0, 1764547200.999, 1764547201.0005, 1764547259.5,
+])
+@pytest.mark.parametrize("datefmt", [None, "%H:%M:%S"])
+def test_formatter_shows_the_time_as_logging_does(created, datefmt):
+    ours, stdlib = log.Formatter(datefmt=datefmt), logging.Formatter(
+        datefmt=datefmt)
+    for t in (created - 1, created, created):
+        record = logging.LogRecord("x", logging.INFO, __file__, 1, "m",
+                                   None, None)
+        record.created = t
+        record.msecs = int((t - int(t)) * 1000) + 0.0
+        assert ours.formatTime(record, datefmt) == \
+            stdlib.formatTime(record, datefmt)

@@ -254,3 +254,35 @@ def test_masked_object_that_is_no_json_value_is_masked_as_text():
     error = RuntimeError("login failed: auth_password=chap-secret-1")
     text = str(mask.Masked(error))
     assert "chap-secret-1" not in text and "login failed" in text
+
+
+# plainly_clean: the log filter writes a line as formatted when it holds
+# no secret marker, so it must never clear text that mask_text changes.
+
+@pytest.mark.parametrize("text", LEAKY_TEXTS + [
+    "[client.admin]\n\tkey = " + CEPH_KEY, "rbd --key " + CEPH_KEY,
+    "pa\u017f\u017fword=s3cret", "AUTH_PASSWORD=s3cret",
+    "{'extra_passwords': ['a', 'b']}"])
+def test_text_mask_text_changes_is_never_plainly_clean(text):
+    assert mask.mask_text(text) != text
+    assert not mask.plainly_clean(text)
+
+
+@pytest.mark.parametrize("key", [
+    "auth_password", "discovery_auth_password", "auth_x", "Keyring",
+    "X_TOKEN", "private_key", "credentials", "passwd", "db_secret",
+    "discovery_auth_whatever", "p" * 70 + "_password",
+])
+def test_a_secret_key_is_never_plainly_clean(key):
+    # A mapping's secret key is masked by name: its name must keep the
+    # line it is printed in off the fast path.
+    assert mask.is_secret_key(key)
+    assert not mask.plainly_clean(key)
+
+
+@pytest.mark.parametrize("key, secret", [
+    ("auth_username", False), ("AUTH_METHOD", False), ("lun", False),
+    ("x" * 100, False), ("x" * 100 + "token", True), ("Auth_Password", True),
+])
+def test_is_secret_key_the_same_however_often_and_however_long(key, secret):
+    assert [mask.is_secret_key(key) for _ in range(3)] == [secret] * 3

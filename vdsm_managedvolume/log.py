@@ -16,6 +16,14 @@ file's encoding with a lone surrogate.  Such characters appear escaped,
 as a backslash and n, r or t, or a backslash and their hex code point
 (``x00``, ``u202e``).  One line per record: multi-line
 text belongs in the traceback, not in an argument.
+
+Most lines hold nothing to mask or escape (ids, paths, states, timings)
+and the agent writes several per call: when every argument is a plain
+value (a string, a number, None, a ``mask.Masked``) and the formatted
+line is ASCII, printable and holds none of the words a secret's shape
+needs (``mask.plainly_clean``), the line is written as formatted.  Any
+other line has each argument masked and escaped, then the whole line
+masked.
 """
 
 import contextlib
@@ -25,6 +33,7 @@ import logging.config
 import os
 import re
 import sys
+import time
 
 from . import mask
 
@@ -37,6 +46,18 @@ JOURNAL_FORMAT = "[%(name)s] [flow=%(flow_id)s] %(message)s"
 MAX_FLOW_ID = 128
 
 _flow_id = contextvars.ContextVar("flow_id", default="-")
+
+# This process's pid, for the filter (os.getpid() is a system call, and
+# the filter runs on every record).
+_pid = os.getpid()
+
+
+def _forked():
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 # C0 and C1 controls (newline, CR, NUL, ESC...), DEL, the line and
 # paragraph separators, bidi marks, embeddings, overrides and isolates,
@@ -106,8 +127,15 @@ class ContextFilter(logging.Filter):
         # Masked once per process (a record may pass several handlers; one
         # forwarded by the privsep daemon carries the daemon's pid here and
         # is masked again).
-        if getattr(record, "_managedvolume_masked", None) == os.getpid():
+        if getattr(record, "_managedvolume_masked", None) == _pid:
             return True
+        if not (record.exc_info or record.exc_text or record.stack_info):
+            line = _plain_line(record)
+            if line is not None:
+                record.msg = line
+                record.args = None
+                record._managedvolume_masked = _pid
+                return True
         # Structured arguments first (a dict's secret keys are masked by
         # name, whatever their values look like), then the whole formatted
         # message: an exception or any object with a __str__ quoting a
@@ -131,8 +159,49 @@ class ContextFilter(logging.Filter):
             record.exc_text = mask.mask_text(record.exc_text)
         if record.stack_info:
             record.stack_info = mask.mask_text(record.stack_info)
-        record._managedvolume_masked = os.getpid()
+        record._managedvolume_masked = _pid
         return True
+
+
+# Arguments whose text is all a line shows of them: a secret among them
+# can only be in that text.  Exact types: a subclass may print something
+# else than its value (a dict subclass hiding its keys would keep its
+# secret values from the key check that mask.mask does on dicts).
+_PLAIN_TYPES = frozenset((str, int, float, bool, type(None)))
+
+
+def _plain_line(record):
+    """The record's line, when it is its final text already: the fast
+    path taken by nearly every line (ids, paths, states, timings).
+
+    When the template is a string and every argument a string, a number,
+    None or a ``mask.Masked`` (whose text is masked by key already), the
+    formatted line holds every character an argument could add; when that
+    line is ASCII, printable and holds no secret's marker
+    (``mask.plainly_clean``), neither does any argument, so masking and
+    escaping each argument, then the line, would change nothing.  None
+    otherwise: the filter's full path decides."""
+    if type(record.msg) is not str:
+        return None
+    args = record.args
+    if args:
+        if type(args) is dict:
+            values = args.values()
+        elif type(args) is tuple:
+            values = args
+        else:
+            return None
+        for value in values:
+            if type(value) not in _PLAIN_TYPES and \
+                    not isinstance(value, mask.Masked):
+                return None
+    try:
+        line = record.getMessage()
+    except Exception:
+        return None
+    if not mask.plainly_clean(line) or _UNPRINTABLE.search(line):
+        return None
+    return line
 
 
 def _masked_message(record):
@@ -200,7 +269,9 @@ def setup(cfg=None, level=None, stream=None, filename=None):
     A ``log_config`` file (logging.config.fileConfig format) wins; else one
     handler: ``filename`` / ``cfg.log_file`` when given, stderr otherwise
     (under systemd, with ``JOURNAL_STREAM`` set, without timestamps since
-    journald adds its own).
+    journald adds its own).  Our formats show no pid nor process name:
+    then no record asks for them (a system call per record; a record
+    forwarded by the privsep daemon keeps the daemon's pid).
     """
     root = logging.getLogger()
     if cfg is not None and cfg.log_config:
@@ -214,16 +285,38 @@ def setup(cfg=None, level=None, stream=None, filename=None):
     if filename:
         os.makedirs(os.path.dirname(os.path.abspath(filename)), exist_ok=True)
         handler = ReopenableFileHandler(filename)
-        handler.setFormatter(logging.Formatter(FORMAT))
+        handler.setFormatter(Formatter(FORMAT))
     else:
         handler = logging.StreamHandler(stream or sys.stderr)
         fmt = JOURNAL_FORMAT if os.environ.get("JOURNAL_STREAM") else FORMAT
-        handler.setFormatter(logging.Formatter(fmt))
+        handler.setFormatter(Formatter(fmt))
     install_filter(handler)
     for h in list(root.handlers):
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+
+
+class Formatter(logging.Formatter):
+    """logging.Formatter, with the time of day formatted once a second
+    (localtime and strftime for every line, for the same text, cost more
+    than the rest of the line's formatting)."""
+
+    _second = (None, None, None)
+
+    def formatTime(self, record, datefmt=None):
+        second = int(record.created)
+        cached_second, cached_datefmt, text = self._second
+        if cached_second != second or cached_datefmt != datefmt:
+            text = time.strftime(datefmt or self.default_time_format,
+                                 self.converter(second))
+            # One tuple: threads formatting at once see one second's text.
+            self._second = (second, datefmt, text)
+        if datefmt or not self.default_msec_format:
+            return text
+        return self.default_msec_format % (text, record.msecs)
 
 
 def install_filter(handler):

@@ -33,6 +33,7 @@ secret word) and values are found by a forward scan, never by
 backtracking.
 """
 
+import functools
 import re
 
 MASK = "********"
@@ -99,12 +100,26 @@ def is_secret_key(key):
     """Whether a mapping key names a credential."""
     if not isinstance(key, str):
         return False
+    if len(key) > _CACHED_NAME_MAX:
+        return _is_secret_name(key)
+    return _is_secret_name_cached(key)
+
+
+def _is_secret_name(key):
     k = key.lower()
     if k in _NOT_SECRET:
         return False
-    if any(word in k for word in _SECRET_WORDS):
-        return True
-    return k.startswith("auth_") or k.startswith("discovery_auth_")
+    for word in _SECRET_WORDS:
+        if word in k:
+            return True
+    return k.startswith(("auth_", "discovery_auth_"))
+
+
+# Every response and logged value is walked key by key, and its keys are
+# few (connection_info's, an attachment's): remembered, up to a bound (keys
+# come from the wire).
+_CACHED_NAME_MAX = 64
+_is_secret_name_cached = functools.lru_cache(maxsize=1024)(_is_secret_name)
 
 
 def mask(obj, _depth=0):
@@ -138,7 +153,7 @@ def mask_text(text):
     """Mask ``password=...``-like shapes and URL passwords in free text."""
     if not text or not isinstance(text, str):
         return text
-    if _plainly_clean(text):
+    if plainly_clean(text):
         return text
     text = _mask_keys(text)
     for pattern in _OTHER_PATTERNS:
@@ -208,18 +223,26 @@ class Masked:
 # Every shape above holds one of these (lower-cased), or a Ceph secret's
 # "AQ"; text holding none of them has nothing to mask.  Every log line is
 # masked, and most (ids, paths, timings) hold none: one lower() and a few
-# substring searches instead of the regular expressions.
+# substring searches instead of the regular expressions.  (A word holding
+# another marker, "keyring" holding "key", needs no search of its own.)
 _MARKERS = _SECRET_WORDS + ("auth_", "://", "key")
+_MARKERS = tuple(m for m in _MARKERS
+                 if not any(o != m and o in m for o in _MARKERS))
 
 
-def _plainly_clean(text):
-    """Whether ``text`` surely holds no secret shape.  ASCII only: the
-    patterns ignore case the Unicode way ("\u017f" matches "s"), which a
-    plain lower() does not follow."""
+def plainly_clean(text):
+    """Whether the string ``text`` surely holds no secret shape: then
+    ``mask_text`` returns it unchanged (False says nothing: it may).
+
+    ASCII only: the patterns ignore case the Unicode way ("\u017f"
+    matches "s"), which a plain lower() does not follow."""
     if not text.isascii() or "AQ" in text:
         return False
     lowered = text.lower()
-    return not any(marker in lowered for marker in _MARKERS)
+    for marker in _MARKERS:
+        if marker in lowered:
+            return False
+    return True
 
 
 def _secret_items(seq):

@@ -170,6 +170,31 @@ def test_call_log_masks_params(service, caplog):
     assert SECRET not in text
 
 
+def test_start_line_masks_connection_info_once_and_only_when_written(
+        service, monkeypatch, caplog):
+    calls = []
+    real = mask.mask
+
+    def counting(obj, _depth=0):
+        if obj is ISCSI_CONNECTION:
+            calls.append(obj)
+        return real(obj, _depth)
+
+    monkeypatch.setattr(mask, "mask", counting)
+    with caplog.at_level(logging.WARNING, logger="managedvolume.api"):
+        api.ManagedVolume().attach_volume(VOL_ID, ISCSI_CONNECTION)
+    assert calls == []
+    with caplog.at_level(logging.INFO, logger="managedvolume.api"):
+        api.ManagedVolume().attach_volume(VOL_ID, ISCSI_CONNECTION)
+    assert len(calls) == 1
+    [start] = [r.getMessage() for r in caplog.records
+               if r.getMessage().startswith("START ")]
+    assert start.startswith(
+        "START ManagedVolume.attach_volume(vol_id='{}', ".format(VOL_ID))
+    assert "'auth_password': '{}'".format(mask.MASK) in start
+    assert SECRET not in start
+
+
 def test_get_caps_has_connector_info_and_self(service):
     res = api.Host().getCapabilities()
     assert res["status"]["code"] == 0

@@ -1016,8 +1016,10 @@ def test_closed_service_refuses_calls(host_cfg, inproc_brick):
 
 # Secrets never reach the logs (real daemon: its errors and log lines too)
 
-def test_attach_masks_connection_info_once_and_only_for_a_line_written(
+def test_attach_and_detach_lines_name_volume_and_path_not_connection_info(
         inproc_service, monkeypatch, caplog):
+    # connection_info is in the call's START line (api.py), masked once
+    # there: the service's lines do not mask or repeat it.
     masked = []
     real = mask.mask
 
@@ -1028,15 +1030,21 @@ def test_attach_masks_connection_info_once_and_only_for_a_line_written(
         return real(obj, _depth)
 
     monkeypatch.setattr(mask, "mask", counting)
-    with caplog.at_level(logging.WARNING, logger="managedvolume"):
-        inproc_service.attach_volume(
-            new_id(), iscsi_connection(inproc_service.cfg))
-    assert masked == []
+    ci = iscsi_connection(inproc_service.cfg)
+    vol_id = new_id()
     with caplog.at_level(logging.INFO, logger="managedvolume"):
-        inproc_service.attach_volume(
-            new_id(), iscsi_connection(inproc_service.cfg))
-    assert len(masked) == 1
-    assert "Attaching volume" in caplog.text
+        res = inproc_service.attach_volume(vol_id, ci)
+        inproc_service.detach_volume(vol_id)
+    assert masked == []
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "Attaching volume {} sd_id={}".format(vol_id, validate.BLANK_UUID),
+        "Attached volume {} path={} managed_path={}".format(
+            vol_id, res["path"], res["managed_path"]),
+        "Detaching volume {} (attached)".format(vol_id),
+        "Detached volume {} path={}".format(vol_id, res["path"]),
+    ]
+    assert ci["data"]["target_iqn"] not in caplog.text
 
 
 @pytest.mark.root

@@ -359,9 +359,6 @@ class _Args(mask.Masked):
 
     __slots__ = ()
 
-    def __init__(self, args):
-        super().__init__(args, params=True)
-
     def _format(self):
         return ", ".join("{}={}".format(k, mask.shorten(repr(v)))
                          for k, v in mask.mask_params(self.value).items())

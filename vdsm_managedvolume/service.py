@@ -216,8 +216,8 @@ class Service:
             if rec is not None:
                 rec, fresh = self._reuse(rec, sd_id, connection_info,
                                          boot_id)
-            log.info("Attaching volume %s sd_id=%s connection_info=%s",
-                     vol_id, sd_id, mask.Masked(connection_info))
+            # connection_info is in the call's START line (api.py), masked.
+            log.info("Attaching volume %s sd_id=%s", vol_id, sd_id)
             if rec is None:
                 db.add_volume(vol_id, sd_id, connection_info,
                               boot_id=boot_id)
@@ -317,7 +317,7 @@ class Service:
                 self._silent_remove_rule(sd_id, vol_id)
             log.info("Detaching volume %s (%s)", vol_id, rec["state"])
             self._detach(rec)
-        log.info("Detached volume %s", vol_id)
+        log.info("Detached volume %s path=%s", vol_id, rec["path"])
 
     def extend_volume(self, vol_id, sd_id=validate.BLANK_UUID, new_size=None):
         """Make this host see the size the storage now gives an attached

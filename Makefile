@@ -51,6 +51,7 @@ bench: venv
 	$(PY) bench/engine.py
 	$(PY) bench/enginejava.py
 	$(PY) bench/load.py
+	$(PY) bench/logcost.py
 
 interop: venv
 	$(PY) scripts/enginejava.py --full

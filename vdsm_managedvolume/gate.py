@@ -21,12 +21,18 @@ to a wait that can be long or that depends on another thread::
                                      volume lock wait, udevadm
                        .. takes a slot again .. released() ... end
 
-The other operations sleep on the gate, not on the GIL: the thread that
-runs keeps the GIL across its system calls (only the I/O thread, the
-control plane's workers and the privsep reply reader compete for it),
-and while it waits, another operation takes its slot.  The waits still
+The other operations sleep on the gate, not on the GIL: when the thread
+that runs makes a system call, few threads want the GIL meanwhile (the
+I/O thread, the control plane's workers, the privsep reply reader,
+operations just back from a wait), so it gets it back without queueing
+behind 31 others; while it waits, another operation takes its slot.  The waits still
 overlap: 64 attaches that take 2 s each at the storage still take 2 s
 together.
+
+What an operation does holding its slot never waits on the storage:
+sizes and identities come from sysfs, the device itself is never
+opened (``devices``), so a hung device holds up its own operation, in
+its privsep call, not the others.
 
 Only the data plane's threads hold a slot (``stompserver`` wraps each of
 their jobs in ``hold()``).  ``released()`` is a no-op for a thread that
@@ -35,7 +41,7 @@ control socket) never waits for the gate, and neither does vdsm calling
 the API in its own threads, or ``managedvolume-tool``.
 
 One slot: measured against two (docs/operations.md, "Under load"), one
-gives the most pairs per second and the least CPU per pair on this
+gives the most pairs per second and the least CPU per pair on a
 2-core machine; a second slot brings part of the convoy back.
 
 No deadlock

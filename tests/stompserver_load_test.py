@@ -143,14 +143,15 @@ def test_operations_run_one_at_a_time_and_control_never_waits_for_them(
         tmp_path):
     # An operation holding its run slot (``gate``) while it computes
     # (the stub's "wait" gives nothing back) holds up the next operation,
-    # never a control request.
+    # never a control request nor the hook's control socket.
     class Stub(agentutil.StubDispatcher):
         def is_operation(self, body):
             return b'"sleep"' not in body
 
     stub = Stub()
     cfg = agentutil.make_config(tmp_path / "agent", max_operations=4)
-    run = agentutil.Running(cfg, stub)
+    run = agentutil.Running(cfg, stub,
+                            connector_info=lambda: {"initiator": "iqn.x"})
     try:
         with run.raw() as first, run.raw() as second, \
                 run.raw() as control:
@@ -166,6 +167,12 @@ def test_operations_run_one_at_a_time_and_control_never_waits_for_them(
             _, answer = control.call(agentutil.request(
                 "sleep", {"seconds": 0}))
             assert answer["result"] is True
+            # Nor does the after_get_caps hook's control socket wait.
+            with socket.socket(socket.AF_UNIX) as hook:
+                hook.settimeout(10)
+                hook.connect(run.cfg.socket_path)
+                line = json.loads(hook.makefile("rb").readline())
+            assert line["connector_info"] == {"initiator": "iqn.x"}
             # The second operation has not started: it waits for the slot.
             assert len(stub.bodies) == 2
             stub.release.set()

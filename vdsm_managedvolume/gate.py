@@ -25,9 +25,9 @@ The other operations sleep on the gate, not on the GIL: when the thread
 that runs makes a system call, few threads want the GIL meanwhile (the
 I/O thread, the control plane's workers, the privsep reply reader,
 operations just back from a wait), so it gets it back without queueing
-behind 31 others; while it waits, another operation takes its slot.  The waits still
-overlap: 64 attaches that take 2 s each at the storage still take 2 s
-together.
+behind 31 others; while it waits, another operation takes its slot.
+The waits still overlap: 64 attaches that take 2 s each at the storage
+still take 2 s together.
 
 What an operation does holding its slot never waits on the storage:
 sizes and identities come from sysfs, the device itself is never

@@ -1,9 +1,8 @@
 """Benchmark: the CPU one INFO line costs the agent, through the handler
 ``log.setup`` installs (a log file, the masking filter, the formatter).
 
-An attach+detach writes eight INFO lines (each call's START and FINISH,
-the service's Attaching/Attached/Detaching/Detached).  Kinds of line
-measured:
+An attach+detach writes six INFO lines (each call's START and FINISH,
+the service's Attached and Detached).  Kinds of line measured:
 
     plain       ids, paths, states ("Attached volume ... path=..."): the
                 filter's fast path (no argument masked one by one)

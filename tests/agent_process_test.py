@@ -402,6 +402,7 @@ def test_8_clients_racing_on_one_volume_one_wins(agent_proc):
 def test_sigterm_waits_for_in_flight_attach_then_exits_0(tmp_path):
     agent = AgentProcess(tmp_path, insecure=True).start()
     vol_id = new_id()
+    conn = iscsi(agent, fake_sleep=3)
     result = {}
 
     def attach():
@@ -409,16 +410,15 @@ def test_sigterm_waits_for_in_flight_attach_then_exits_0(tmp_path):
             with agent.client(timeout=120) as c:
                 result["ok"] = c.call(
                     "ManagedVolume.attach_volume",
-                    {"vol_id": vol_id,
-                     "connection_info": iscsi(agent, fake_sleep=3)})
+                    {"vol_id": vol_id, "connection_info": conn})
         except Exception as e:
             result["error"] = e
 
     t = threading.Thread(target=attach)
     t.start()
     try:
-        agentutil.wait_for(lambda: "Attaching volume {}".format(vol_id)
-                  in agent.log())
+        agentutil.wait_for(lambda: "connect-start " + conn["data"][
+            "fake_key"] in fakebrick.calls(agent.fakebrick_dir))
         agent.proc.send_signal(signal.SIGTERM)
         agent.wait_notify("STOPPING=1")
         t.join(120)

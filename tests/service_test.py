@@ -1016,7 +1016,7 @@ def test_closed_service_refuses_calls(host_cfg, inproc_brick):
 
 # Secrets never reach the logs (real daemon: its errors and log lines too)
 
-def test_attach_and_detach_lines_name_volume_and_path_not_connection_info(
+def test_attach_and_detach_outcomes_name_volume_and_path_not_connection_info(
         inproc_service, monkeypatch, caplog):
     # connection_info is in the call's START line (api.py), masked once
     # there: the service's lines do not mask or repeat it.
@@ -1032,17 +1032,20 @@ def test_attach_and_detach_lines_name_volume_and_path_not_connection_info(
     monkeypatch.setattr(mask, "mask", counting)
     ci = iscsi_connection(inproc_service.cfg)
     vol_id = new_id()
-    with caplog.at_level(logging.INFO, logger="managedvolume"):
+    with caplog.at_level(logging.DEBUG, logger="managedvolume.service"):
         res = inproc_service.attach_volume(vol_id, ci)
         inproc_service.detach_volume(vol_id)
     assert masked == []
-    lines = [r.getMessage() for r in caplog.records]
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records
+             if vol_id in r.getMessage()]
     assert lines == [
-        "Attaching volume {} sd_id={}".format(vol_id, validate.BLANK_UUID),
-        "Attached volume {} path={} managed_path={}".format(
-            vol_id, res["path"], res["managed_path"]),
-        "Detaching volume {} (attached)".format(vol_id),
-        "Detached volume {} path={}".format(vol_id, res["path"]),
+        ("DEBUG", "Attaching volume {} sd_id={}".format(
+            vol_id, validate.BLANK_UUID)),
+        ("INFO", "Attached volume {} path={} managed_path={}".format(
+            vol_id, res["path"], res["managed_path"])),
+        ("DEBUG", "Detaching volume {} (attached)".format(vol_id)),
+        ("INFO", "Detached volume {} path={} (was attached)".format(
+            vol_id, res["path"])),
     ]
     assert ci["data"]["target_iqn"] not in caplog.text
 

@@ -216,8 +216,11 @@ class Service:
             if rec is not None:
                 rec, fresh = self._reuse(rec, sd_id, connection_info,
                                          boot_id)
-            # connection_info is in the call's START line (api.py), masked.
-            log.info("Attaching volume %s sd_id=%s", vol_id, sd_id)
+            # At INFO, the call's START line (api.py) says this (with
+            # connection_info, masked) and the Attached line the outcome;
+            # progress is DEBUG, as in vdsm (storage/managedvolume.py:
+            # attach_volume and detach_volume log their start at DEBUG).
+            log.debug("Attaching volume %s sd_id=%s", vol_id, sd_id)
             if rec is None:
                 db.add_volume(vol_id, sd_id, connection_info,
                               boot_id=boot_id)
@@ -315,9 +318,10 @@ class Service:
                             vol_id, rec["sd_id"], sd_id)
                 self._silent_remove_link(sd_id, vol_id)
                 self._silent_remove_rule(sd_id, vol_id)
-            log.info("Detaching volume %s (%s)", vol_id, rec["state"])
+            log.debug("Detaching volume %s (%s)", vol_id, rec["state"])
             self._detach(rec)
-        log.info("Detached volume %s path=%s", vol_id, rec["path"])
+        log.info("Detached volume %s path=%s (was %s)", vol_id, rec["path"],
+                 rec["state"])
 
     def extend_volume(self, vol_id, sd_id=validate.BLANK_UUID, new_size=None):
         """Make this host see the size the storage now gives an attached

@@ -9,6 +9,7 @@ loop device.
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -359,6 +360,7 @@ def test_reset_channel_fails_waiting_calls_at_once_not_at_their_deadline():
     # A daemon killed with a request unread in its socket resets the
     # connection (ECONNRESET, not EOF): oslo's reader thread died of it
     # and every call waited for its whole deadline, then reported 931.
+    # The calling thread reads its reply itself: it must see the reset.
     import socket
     ours, daemons = socket.socketpair()
     channel = privileged._Channel(ours)
@@ -372,7 +374,7 @@ def test_reset_channel_fails_waiting_calls_at_once_not_at_their_deadline():
 
     t = threading.Thread(target=call)
     t.start()
-    wait_for(lambda: channel._client.outstanding_msgs)
+    select.select([daemons], [], [], 30)     # our request was sent
     daemons.close()      # our request is still unread there: a reset
     t.join(30)
     assert not t.is_alive()

@@ -493,8 +493,13 @@ def _set_thread_flow(flow_id):
         from oslo_context import context as oslo_context
     except ImportError:
         return
-    ctx = oslo_context.RequestContext(overwrite=True)
-    ctx.managedvolume_flow = flow_id or "-"
+    flow_id = flow_id or "-"
+    # A context of its own per call (threads os-brick spawned for an
+    # earlier call keep theirs); its request id given, so that no uuid4
+    # is drawn (a getrandom call) for an id nothing reads.
+    ctx = oslo_context.RequestContext(overwrite=True,
+                                      request_id="req-" + flow_id)
+    ctx.managedvolume_flow = flow_id
 
 
 def _thread_flow():

@@ -106,6 +106,7 @@ import collections
 import fcntl
 import importlib.util
 import ipaddress
+import itertools
 import logging
 import os
 import select
@@ -491,8 +492,7 @@ class _Daemon:
         """Close the channel: the daemon ends after its running calls,
         killed after ``wait`` seconds."""
         self.channel.shutdown()
-        self.channel.reader_thread.join(wait)
-        if self.channel.reader_thread.is_alive():
+        if not self.channel.wait_closed(wait):
             LOG.warning("privsep daemon %s did not exit: killing it",
                         self.pid)
             self.kill()
@@ -542,58 +542,87 @@ def _import_comm():
     return comm
 
 
-class _Channel:
-    """oslo.privsep's client protocol with bounded waits everywhere.
+class _Waiter:
+    """One call waiting for its reply (see _Channel)."""
 
-    Wraps ``oslo_privsep.comm.ClientChannel`` (msgpack framing, reader
-    thread, one mailbox per call); replaces oslo's _ClientChannel, whose
-    start has no bound and which re-raises remote exceptions by importing
-    their classes.
+    __slots__ = ("reply", "error", "asleep", "wake")
+
+    def __init__(self):
+        self.reply = None
+        self.error = None
+        self.asleep = False
+        # Held while nobody woke the waiter: sleeping is acquiring it.
+        self.wake = threading.Lock()
+        self.wake.acquire()
+
+
+class _Channel:
+    """oslo.privsep's client protocol, with bounded waits everywhere and
+    no thread of its own.
+
+    The wire is oslo_privsep.comm's, unchanged (the daemon is oslo's):
+    a stream of msgpack objects (``comm.Serializer``/``Deserializer``
+    options), each request ``(msgid, (Message.CALL, name, args, kwargs))``
+    or ``(msgid, (Message.PING,))``, each reply ``(msgid, (Message.RET,
+    value))`` or ``(msgid, (Message.ERR, class name, args, traceback))``,
+    and the daemon's log records ``(None, (Message.LOG, record dict))``
+    in between.  The daemon only echoes msgid back: ours are short
+    counters, not oslo's uuid4 strings.
+
+    Why not ``oslo_privsep.comm.ClientChannel``: its ``privsep_reader``
+    thread reads every reply and hands it to the caller through a
+    ``comm.Future`` (a Condition), so that each call costs two thread
+    hand-offs in this process (caller -> reader woken by the reply ->
+    caller), each a GIL transfer that, with many busy threads in the
+    service, waits its turn.  Here the callers read the socket
+    themselves, one at a time (leader/follower): the caller holding the
+    reader role reads until its own reply has come, delivering the
+    replies of other calls to their waiters and handling log records on
+    its way; when it leaves, it hands the role to a caller still
+    waiting.  With one call in flight, the caller sends and reads its
+    own reply: no other thread is involved.  (oslo's ``_ClientChannel``
+    is not used either: its start has no bound and it re-raises remote
+    exceptions by importing their classes.)
+
+    With no call in flight nobody reads: ``running`` looks for an end of
+    the daemon (and reads log records sent meanwhile) without waiting,
+    so a daemon that died while idle is noticed before the next call is
+    sent to it.
     """
 
     def __init__(self, sock, startup_flow=None):
-        comm = _import_comm()
-        self._comm = comm
+        import msgpack
+        self._comm = _import_comm()
+        self._sock = sock
+        # The unpacker and the reader role belong to one caller at a time
+        # (``_reading``); ``_lock`` guards the waiters and the role.
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._waiters = {}
+        self._reading = False
+        self._ids = itertools.count()
+        self._running = True
+        self._broken = None
+        self._packer = msgpack.Packer(use_bin_type=True,
+                                      unicode_errors="surrogateescape")
+        self._unpacker = msgpack.Unpacker(
+            use_list=False, raw=False, strict_map_key=False,
+            unicode_errors="surrogateescape",
+            max_buffer_size=100 * 1024 * 1024)
+        self._poll = select.poll()
+        self._poll.register(sock.fileno(), select.POLLIN)
         # Flow ids of the calls waiting for a reply: flow -> count.
         self._flows = collections.Counter()
-        self._flows_lock = threading.Lock()
         # While set (the daemon is starting), records without a flow id
         # belong to the call that started it.
         self.startup_flow = startup_flow
-        channel = self
-
-        class Client(comm.ClientChannel):
-            def out_of_band(self, msg):
-                channel._log_record(msg)
-
-            def _reader_main(self, reader):
-                # oslo's reader fails the waiting calls at EOF only.  A
-                # daemon killed with a request still unread in its
-                # socket resets the connection instead: recv raises
-                # ECONNRESET, the reader thread dies, and every call in
-                # flight would wait for its whole deadline (then be
-                # reported as a timeout).  Any end of the reader is the
-                # daemon's end: fail them all at once.
-                try:
-                    super()._reader_main(reader)
-                except Exception as e:
-                    LOG.warning("privsep channel broken: %s", e)
-                    exc = OSError("privsep daemon gone ({}: {})".format(
-                        type(e).__name__, e))
-                    with self.lock:
-                        for mbox in self.outstanding_msgs.values():
-                            mbox.set_exception(exc)
-                        self.running = False
-
-        self._client = Client(sock)
 
     @property
     def running(self):
-        return self._client.running
-
-    @property
-    def reader_thread(self):
-        return self._client.reader_thread
+        """False once the daemon closed the channel (it ended)."""
+        if self._running:
+            self._read_idle()
+        return self._running
 
     def ping(self, wait):
         reply = self._send((self._comm.Message.PING.value,), wait)
@@ -601,22 +630,12 @@ class _Channel:
             raise _Died("unexpected reply to PING: {!r}".format(reply))
 
     def call(self, name, args, wait, flow="-"):
-        with self._flows_lock:
-            self._flows[flow] += 1
-        try:
-            reply = self._send(
-                (self._comm.Message.CALL.value, name, args, {}), wait)
-        finally:
-            with self._flows_lock:
-                self._flows[flow] -= 1
-                if not self._flows[flow]:
-                    del self._flows[flow]
+        reply = self._send(
+            (self._comm.Message.CALL.value, name, args, {}), wait, flow)
         if reply[0] == self._comm.Message.RET:
             return reply[1]
         if reply[0] == self._comm.Message.ERR:
             cls_name, exc_args = reply[1], reply[2]
-            if cls_name.endswith(".PrivsepTimeout"):
-                raise _Timeout("no reply within {:.1f} s".format(wait))
             if cls_name == privsep.REMOTE_ERROR:
                 raise privsep.RemoteError(*exc_args)
             # Not raised by our entrypoints' wrapper (bad call, setup).
@@ -627,18 +646,192 @@ class _Channel:
         raise _Died("unexpected reply: {!r}".format(reply[:1]))
 
     def shutdown(self):
+        """Close our sending half: the daemon ends after its running calls
+        (oslo's Daemon.loop ends at EOF)."""
         try:
-            self._client.writer.close()
+            self._sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
 
+    def wait_closed(self, wait):
+        """Read until the daemon closes the channel, at most ``wait``
+        seconds; return whether it did."""
+        deadline = time.monotonic() + wait
+        waiter = _Waiter()
+        key = object()      # never a msgid: no reply is delivered to it
+        with self._lock:
+            self._waiters[key] = waiter
+        try:
+            while True:
+                with self._lock:
+                    while self._running and self._reading:
+                        if not self._sleep(waiter, deadline):
+                            return False
+                    if not self._running:
+                        return True
+                    if time.monotonic() >= deadline:
+                        self._promote()
+                        return False
+                    self._reading = True
+                try:
+                    self._read(waiter, deadline)
+                finally:
+                    self._leave()
+        finally:
+            with self._lock:
+                del self._waiters[key]
+
     # Private helpers
 
-    def _send(self, msg, wait):
+    def _send(self, msg, wait, flow="-"):
+        deadline = time.monotonic() + wait
+        msgid = "{:x}".format(next(self._ids))
+        data = self._packer.pack((msgid, msg))
+        waiter = _Waiter()
+        with self._lock:
+            if not self._running:
+                raise _Died(self._broken)
+            self._waiters[msgid] = waiter
+            self._flows[flow] += 1
         try:
-            return self._client.send_recv(msg, wait)
+            try:
+                with self._send_lock:
+                    self._sock.sendall(data)
+            except OSError as e:
+                raise _Died(str(e) or type(e).__name__)
+            return self._wait(waiter, deadline, wait)
+        finally:
+            with self._lock:
+                del self._waiters[msgid]
+                self._flows[flow] -= 1
+                if not self._flows[flow]:
+                    del self._flows[flow]
+
+    def _wait(self, waiter, deadline, wait):
+        """The reply of ``waiter``'s call: as the reader, or woken by
+        the reader with the reply or the reader role."""
+        while True:
+            with self._lock:
+                while (waiter.reply is None and waiter.error is None
+                       and self._reading):
+                    if not self._sleep(waiter, deadline):
+                        break
+                if waiter.reply is not None:
+                    return waiter.reply
+                if waiter.error is not None:
+                    raise _Died(waiter.error)
+                if self._reading or time.monotonic() >= deadline:
+                    if not self._reading:
+                        self._promote()     # we may have been offered it
+                    raise _Timeout("no reply within {:.1f} s".format(wait))
+                self._reading = True
+            try:
+                self._read(waiter, deadline)
+            finally:
+                self._leave()
+
+    def _sleep(self, waiter, deadline):
+        """Wait (``_lock`` held, released meanwhile) until woken or
+        ``deadline``; return False at the deadline."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        waiter.asleep = True
+        self._lock.release()
+        try:
+            woken = waiter.wake.acquire(timeout=remaining)
+        finally:
+            self._lock.acquire()
+        if waiter.asleep:
+            waiter.asleep = False   # nobody woke us: the deadline
+        elif not woken:
+            waiter.wake.acquire()   # woken just after the deadline
+        return True
+
+    def _wake(self, waiter):
+        # _lock held.
+        if waiter.asleep:
+            waiter.asleep = False
+            waiter.wake.release()
+
+    def _leave(self):
+        """Give up the reader role: to a caller still waiting, if any."""
+        with self._lock:
+            self._reading = False
+            self._promote()
+
+    def _promote(self):
+        # _lock held, nobody reading: offer the role to a sleeping caller.
+        for waiter in self._waiters.values():
+            if waiter.asleep:
+                self._wake(waiter)
+                return
+
+    def _read(self, waiter, deadline):
+        """As the reader: handle what arrives until ``waiter`` has its
+        reply, the channel ended or ``deadline`` passed."""
+        while True:
+            self._handle_buffered()
+            if waiter.reply is not None or not self._running:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            if not self._poll.poll(min(remaining, 86400) * 1000 + 1):
+                continue
+            self._receive()
+
+    def _read_idle(self):
+        """Read what the daemon sent while no call was in flight (log
+        records, or its end), without waiting."""
+        with self._lock:
+            if self._reading or not self._running:
+                return
+            self._reading = True
+        try:
+            while self._running and self._poll.poll(0):
+                self._receive()
+                self._handle_buffered()
+        finally:
+            self._leave()
+
+    def _receive(self):
+        try:
+            data = self._sock.recv(65536)
         except OSError as e:
-            raise _Died(str(e) or type(e).__name__)
+            # A daemon killed with a request still unread in its socket
+            # resets the connection (ECONNRESET) instead of closing it:
+            # any end of the channel is the daemon's end, and every call
+            # in flight fails at once, not at its deadline.
+            LOG.warning("privsep channel broken: %s", e)
+            self._fail("privsep daemon gone ({}: {})".format(
+                type(e).__name__, e))
+            return
+        if not data:
+            LOG.debug("EOF on the privsep channel")
+            self._fail("privsep daemon gone (end of file)")
+            return
+        self._unpacker.feed(data)
+
+    def _handle_buffered(self):
+        for msgid, msg in self._unpacker:
+            if msgid is None:
+                self._log_record(msg)
+                continue
+            with self._lock:
+                waiter = self._waiters.get(msgid)
+                if waiter is None:
+                    continue    # its caller stopped waiting (deadline)
+                waiter.reply = msg
+                self._wake(waiter)
+
+    def _fail(self, reason):
+        with self._lock:
+            self._running = False
+            self._broken = reason
+            for waiter in self._waiters.values():
+                waiter.error = reason
+                self._wake(waiter)
 
     def _implied_flow(self):
         """The flow id of a daemon record that has none.
@@ -653,7 +846,7 @@ class _Channel:
         startup = self.startup_flow
         if startup is not None:
             return startup
-        with self._flows_lock:
+        with self._lock:
             flows = list(self._flows)
         return flows[0] if len(flows) == 1 else "-"
 

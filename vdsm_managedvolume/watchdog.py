@@ -6,9 +6,17 @@ cannot complete behind its caller's back.  A thread per call
 (threading.Timer) cost a thread start and, at the end of the call, waking
 that thread to cancel it: a third of the daemon's CPU for a fast call.
 Here arming adds a heap entry and wakes the watching thread only when the
-new deadline is the earliest; disarming forgets the call, and its entry
-is dropped when the thread meets it (or when the heap holds mostly such
-entries).
+new deadline comes before the time the thread sleeps until; disarming
+forgets the call, and its entry is dropped when the thread meets it (or
+when the heap holds mostly such entries).
+
+The thread sleeps until the earliest entry's deadline even when that
+call has ended: dropping it at once, when the thread wakes up for a new
+call that has ended meanwhile (a fast call ends before the woken thread
+gets to run), leaves the heap empty, so that the next call wakes the
+thread again, and the one after: a wake-up (two GIL hand-offs) per call.
+Ended calls are dropped when a deadline passes, so the thread wakes about
+twice per call timeout however many calls run.
 
 Standard library only: the test process imports it without the daemon's
 oslo.privsep and os-brick.
@@ -31,6 +39,7 @@ class Watchdog:
         self._armed = {}        # token -> (name, flow_id)
         self._tokens = itertools.count()
         self._thread = None
+        self._wake_at = None    # when the thread wakes (None: notified)
 
     def arm(self, deadline, name, flow_id):
         """Watch ``deadline``; return the token that disarms it."""
@@ -42,7 +51,7 @@ class Watchdog:
                 self._thread = threading.Thread(
                     target=self._run, name="watchdog", daemon=True)
                 self._thread.start()
-            elif self._heap[0][1] == token:
+            elif self._wake_at is None or deadline < self._wake_at:
                 self._cond.notify()
         return token
 
@@ -50,8 +59,7 @@ class Watchdog:
         with self._cond:
             self._armed.pop(token, None)
             if len(self._heap) > 64 + 2 * len(self._armed):
-                self._heap = [e for e in self._heap if e[1] in self._armed]
-                heapq.heapify(self._heap)
+                self._drop_disarmed()
 
     def _run(self):
         while True:
@@ -62,15 +70,17 @@ class Watchdog:
     def _wait_expired(self):
         """(name, flow_id) of the next armed deadline once it passed."""
         while True:
-            while self._heap and self._heap[0][1] not in self._armed:
-                heapq.heappop(self._heap)
-            if not self._heap:
-                self._cond.wait()
-                continue
-            deadline, token = self._heap[0]
-            remaining = deadline - time.monotonic()
-            if remaining > 0:
-                self._cond.wait(remaining)
-                continue
-            heapq.heappop(self._heap)
-            return self._armed.pop(token)
+            now = time.monotonic()
+            if self._heap and self._heap[0][0] <= now:
+                while self._heap and self._heap[0][0] <= now:
+                    _, token = heapq.heappop(self._heap)
+                    if token in self._armed:
+                        return self._armed.pop(token)
+                self._drop_disarmed()
+            self._wake_at = self._heap[0][0] if self._heap else None
+            self._cond.wait(None if self._wake_at is None
+                            else self._wake_at - now)
+
+    def _drop_disarmed(self):
+        self._heap = [e for e in self._heap if e[1] in self._armed]
+        heapq.heapify(self._heap)

@@ -384,6 +384,115 @@ def test_reset_channel_fails_waiting_calls_at_once_not_at_their_deadline():
     ours.close()
 
 
+# The channel's callers read their own replies (no reader thread): a fake
+# daemon on a socketpair speaks oslo.privsep's wire (msgpack objects,
+# requests (msgid, (CALL, name, args, kwargs)), replies (msgid, (RET,
+# value)), log records (None, (LOG, record))).
+
+class FakeDaemon:
+    def __init__(self, sock):
+        import msgpack
+        self.sock = sock
+        self.unpacker = msgpack.Unpacker(use_list=False, raw=False)
+
+    def requests(self, n):
+        got = []
+        while len(got) < n:
+            got.extend(self.unpacker)
+            if len(got) < n:
+                self.unpacker.feed(self.sock.recv(65536))
+        return got
+
+    def send(self, *objs):
+        import msgpack
+        self.sock.sendall(b"".join(
+            msgpack.packb(o, use_bin_type=True) for o in objs))
+
+    def reply(self, msgid, value):
+        self.send((msgid, (4, value)))     # comm.Message.RET
+
+    def log(self, message):
+        self.send((None, (6, {"name": privsep.DAEMON_LOGGER,   # LOG
+                              "levelno": 20, "levelname": "INFO",
+                              "msg": message, "args": (),
+                              "flow_id": "flow-d"})))
+
+
+def calls_in_threads(channel, waits):
+    """Start a call per wait (args: its index); return the threads and
+    {index: result or exception}."""
+    results = {}
+
+    def call(i, wait):
+        try:
+            results[i] = channel.call("f", (i,), wait)
+        except Exception as e:
+            results[i] = e
+    threads = [threading.Thread(target=call, args=(i, w))
+               for i, w in enumerate(waits)]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
+def test_concurrent_calls_each_get_their_own_reply_in_any_order():
+    import socket
+    ours, theirs = socket.socketpair()
+    channel = privileged._Channel(ours)
+    daemon = FakeDaemon(theirs)
+    threads, results = calls_in_threads(channel, [30] * 8)
+    requests = daemon.requests(8)
+    daemon.log("between replies")
+    for msgid, (_, name, args, kwargs) in reversed(requests):
+        daemon.reply(msgid, args[0] * 10)
+    for t in threads:
+        t.join(30)
+    assert results == {i: i * 10 for i in range(8)}
+    assert channel.running
+    ours.close()
+    theirs.close()
+
+
+def test_a_call_past_its_deadline_hands_reading_to_the_calls_waiting():
+    # The first call reads (nobody else is); it gives up at its deadline
+    # and a call still waiting must take over, or it would never see
+    # its reply.
+    import socket
+    ours, theirs = socket.socketpair()
+    channel = privileged._Channel(ours)
+    daemon = FakeDaemon(theirs)
+    [first], results = calls_in_threads(channel, [0.3])
+    [(msgid0, _)] = daemon.requests(1)
+    wait_for(lambda: channel._reading)
+    [second], more = calls_in_threads(channel, [30])
+    [(msgid1, _)] = daemon.requests(1)
+    first.join(30)
+    assert isinstance(results[0], privileged._Timeout)
+    daemon.reply(msgid0, "too late")    # dropped: nobody waits for it
+    daemon.reply(msgid1, "second")
+    second.join(30)
+    assert more[0] == "second"
+    ours.close()
+    theirs.close()
+
+
+def test_records_and_end_sent_while_idle_are_read_by_running(
+        flow_records):
+    import socket
+    ours, theirs = socket.socketpair()
+    channel = privileged._Channel(ours)
+    daemon = FakeDaemon(theirs)
+    daemon.log("while idle")
+    assert channel.running
+    assert [(r.getMessage(), r.flow_id) for r in flow_records.records
+            if r.name == privsep.DAEMON_LOGGER] == [("while idle", "flow-d")]
+    theirs.close()
+    assert not channel.running
+    with pytest.raises(privileged._Died):
+        channel.call("f", (), 30)
+    ours.close()
+
+
 def test_daemon_killed_while_idle_is_restarted_transparently(brick):
     brick.connector_properties()
     pid = brick.daemon_pid()

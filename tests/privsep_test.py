@@ -44,3 +44,13 @@ def test_client_and_daemon_never_import_each_other():
         os.path.join(PACKAGE, "brick.py"))
     assert "brick" not in imported_modules(
         os.path.join(PACKAGE, "privileged.py"))
+
+
+def test_helper_args_give_each_helper_option_once_in_order():
+    args = privsep.helper_args("/etc/x.conf", "/run/x.sock")
+    assert args[::2] == list(privsep.HELPER_OPTIONS)
+    assert args[1::2] == ["/etc/x.conf", privsep.CONTEXT, "/run/x.sock"]
+    # A helper command names its configuration file itself.
+    assert privsep.helper_args(None, "/run/x.sock") == [
+        "--privsep_context", privsep.CONTEXT,
+        "--privsep_sock_path", "/run/x.sock"]

@@ -374,13 +374,13 @@ def helper_command(cfg, sock_path=None):
     if sock_path is None:
         sock_path = cfg.privsep_sock_path
     if cfg.helper_command:
-        cmd = shlex.split(cfg.helper_command)
-    else:
-        cmd = [_privsep_helper(), "--config-file", cfg.privsep_config]
-        if os.geteuid() != 0:
-            cmd = shlex.split(cfg.root_helper) + cmd
-    return cmd + ["--privsep_context", privsep.CONTEXT,
-                  "--privsep_sock_path", sock_path]
+        return (shlex.split(cfg.helper_command)
+                + privsep.helper_args(None, sock_path))
+    cmd = [_privsep_helper()] + privsep.helper_args(cfg.privsep_config,
+                                                    sock_path)
+    if os.geteuid() != 0:
+        cmd = shlex.split(cfg.root_helper) + cmd
+    return cmd
 
 
 class _Timeout(Exception):

@@ -42,8 +42,8 @@ ENTRYPOINTS = "vdsm_managedvolume.brick."
 # The logger the daemon's records are logged on in the client's process.
 DAEMON_LOGGER = "vdsm_managedvolume.daemon"
 
-# The only arguments privsep-helper may get (the client's argv, checked
-# again by the daemon before it serves).
+# The only arguments privsep-helper may get (the client's argv, built by
+# helper_args; checked again by the daemon before it serves).
 HELPER_OPTIONS = ("--config-file", "--privsep_context",
                   "--privsep_sock_path")
 
@@ -59,6 +59,15 @@ CRASH_POINTS = (
     "privsep.extend.after",
 )
 faults.register(*CRASH_POINTS)
+
+
+def helper_args(config_file, sock_path):
+    """privsep-helper's arguments: each of HELPER_OPTIONS with its value
+    (``config_file`` None: without ``--config-file``, for a helper
+    command that names its configuration itself)."""
+    values = (config_file, CONTEXT, sock_path)
+    return [arg for option, value in zip(HELPER_OPTIONS, values)
+            if value is not None for arg in (option, value)]
 
 
 class RemoteError(Exception):

@@ -502,6 +502,21 @@ def test_daemon_killed_while_idle_is_restarted_transparently(brick):
     assert brick.daemon_pid() != pid
 
 
+def test_daemon_ended_while_idle_is_replaced_by_the_next_call_itself(
+        brick, caplog):
+    # Nothing polls the channel before a call: the send finds the daemon
+    # gone, nothing of the call reached it, and a new daemon gets it.
+    brick.connector_properties()
+    pid = brick.daemon_pid()
+    sock = brick._daemon.sock
+    os.kill(pid, signal.SIGKILL)
+    # Its end closed (the end of file is there to read, unread).
+    wait_for(lambda: select.select([sock], [], [], 0)[0])
+    assert brick.connector_properties()["multipath"] is True
+    assert brick.daemon_pid() not in (None, pid)
+    assert "privsep daemon {} is gone".format(pid) in caplog.text
+
+
 @pytest.mark.slow
 def test_distinct_volumes_connect_in_parallel(brick, fake_dir, tmp_path):
     keys = ["par-{}".format(i) for i in range(4)]

@@ -108,6 +108,7 @@ import importlib.util
 import ipaddress
 import itertools
 import logging
+import math
 import os
 import select
 import shlex
@@ -250,13 +251,26 @@ class Brick:
     def _daemon_call(self, name, args, timeout, operation):
         operation = operation or name
         check_sendable(operation, args)
-        daemon = self._running_daemon()
-        deadline = time.monotonic() + timeout
         flow = log.current_flow()
+        daemon = self._running_daemon()
         try:
-            result = daemon.call(privsep.ENTRYPOINTS + name,
-                                 args + (deadline, flow),
-                                 timeout + KILL_GRACE, flow=flow)
+            for attempt in range(2):
+                deadline = time.monotonic() + timeout
+                try:
+                    result = daemon.call(privsep.ENTRYPOINTS + name,
+                                         args + (deadline, flow),
+                                         timeout + KILL_GRACE, flow=flow)
+                    break
+                except _Unsent:
+                    # It ended while idle, seen by this send (nothing is
+                    # polled before a call): nothing reached it, so a new
+                    # daemon gets the call.
+                    if attempt:
+                        raise
+                    LOG.warning("privsep daemon %s is gone: starting a new "
+                                "one", daemon.pid)
+                    self._discard(daemon)
+                    daemon = self._running_daemon()
         except _Timeout:
             LOG.error("%s: no answer %.1f s after its deadline: killing "
                       "privsep daemon %s", operation, KILL_GRACE, daemon.pid)
@@ -277,7 +291,7 @@ class Brick:
     def _running_daemon(self):
         with self._lock:
             daemon = self._daemon
-            if daemon is not None and daemon.alive():
+            if daemon is not None and daemon.usable():
                 return daemon
             if daemon is not None:
                 LOG.warning("privsep daemon %s is gone: starting a new one",
@@ -391,6 +405,11 @@ class _Died(Exception):
     """The daemon closed the channel (it died) during the call."""
 
 
+class _Unsent(_Died):
+    """The daemon had ended before the call was sent: nothing of it
+    reached the daemon."""
+
+
 class _Daemon:
     """One running daemon: its channel, pid and stderr."""
 
@@ -471,7 +490,12 @@ class _Daemon:
         return self.channel.call(name, args, wait, flow=flow)
 
     def alive(self):
+        """Whether the daemon runs (reads what it sent while idle)."""
         return self.channel.running
+
+    def usable(self):
+        """Whether calls may be sent (no I/O: see _Channel.open)."""
+        return self.channel.open
 
     def kill(self):
         """SIGKILL the daemon and wait (bounded) until it is gone."""
@@ -611,6 +635,9 @@ class _Channel:
             max_buffer_size=100 * 1024 * 1024)
         self._poll = select.poll()
         self._poll.register(sock.fileno(), select.POLLIN)
+        # The socket's receive timeout (SO_RCVTIMEO): how long a reader's
+        # recv blocks at most; none yet.
+        self._recv_bound = math.inf
         # Flow ids of the calls waiting for a reply: flow -> count.
         self._flows = collections.Counter()
         # While set (the daemon is starting), records without a flow id
@@ -619,9 +646,16 @@ class _Channel:
 
     @property
     def running(self):
-        """False once the daemon closed the channel (it ended)."""
+        """False once the daemon closed the channel (it ended): reads
+        what it sent while no call was in flight."""
         if self._running:
             self._read_idle()
+        return self._running
+
+    @property
+    def open(self):
+        """False once this channel saw the daemon end (no I/O: a daemon
+        that ended while idle is seen by the next call's send, _Unsent)."""
         return self._running
 
     def ping(self, wait):
@@ -698,7 +732,13 @@ class _Channel:
                 with self._send_lock:
                     self._sock.sendall(data)
             except OSError as e:
-                raise _Died(str(e) or type(e).__name__)
+                # The daemon ended (EPIPE: it closed its end) before it
+                # had the whole request: it cannot have acted on it.
+                reason = "privsep daemon gone ({}: {})".format(
+                    type(e).__name__, e)
+                self._read_idle()       # its last records, if any
+                self._fail(reason)
+                raise _Unsent(reason)
             return self._wait(waiter, deadline, wait)
         finally:
             with self._lock:
@@ -777,8 +817,7 @@ class _Channel:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
-            if not self._poll.poll(min(remaining, 86400) * 1000 + 1):
-                continue
+            self._bound_recv(remaining)
             self._receive()
 
     def _read_idle(self):
@@ -795,9 +834,27 @@ class _Channel:
         finally:
             self._leave()
 
+    def _bound_recv(self, remaining):
+        """Make a blocking recv return within ``remaining`` seconds.
+
+        SO_RCVTIMEO instead of a poll before each recv (a second system
+        call, and one more release of the GIL, per reply).  Changed only
+        when it is too long for this wait or far shorter than needed, so
+        that calls with the same timeout set it once.
+        """
+        if self._recv_bound > remaining or self._recv_bound < remaining / 4:
+            bound = max(remaining / 2, 0.001)
+            sec = int(bound)
+            self._sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                struct.pack("ll", sec, int((bound - sec) * 1e6)))
+            self._recv_bound = bound
+
     def _receive(self):
         try:
             data = self._sock.recv(65536)
+        except BlockingIOError:
+            return      # SO_RCVTIMEO: nothing yet
         except OSError as e:
             # A daemon killed with a request still unread in its socket
             # resets the connection (ECONNRESET) instead of closing it:

@@ -52,6 +52,7 @@ bench: venv
 	$(PY) bench/enginejava.py
 	$(PY) bench/load.py
 	$(PY) bench/logcost.py
+	$(PY) bench/privsep_rt.py
 
 interop: venv
 	$(PY) scripts/enginejava.py --full

@@ -30,6 +30,16 @@ iSCSI/FC/NVMe), ``os_brick.setup(conf)``, and os-brick's own PrivContexts
 switched to "server mode" so that its privileged helpers run right here
 instead of spawning a second daemon through sudo.
 
+Threads: oslo.privsep's loop (``oslo_privsep.daemon.Daemon.loop``) reads
+every request on the main thread and runs it in the pool
+(``thread_pool_size``), one hand-off per call.  Kept as it is: running a
+call on the reading thread would save that hand-off, but while it runs
+nothing reads, and no call is known to be fast (a connect waiting for
+its device, a command hung on a dead path, os-brick's per-connector
+lock): every other call, and the end of the channel, would wait for its
+deadline.  What was cut instead: the watchdog no longer wakes up per
+call (watchdog.py), and a call's request context draws no uuid4.
+
 Deadlines: every entrypoint gets the caller's deadline (time.monotonic(),
 CLOCK_MONOTONIC, the same clock in both processes).  A watchdog kills the
 whole daemon with SIGKILL when the deadline passes (one thread watches

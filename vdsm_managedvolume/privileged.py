@@ -4,7 +4,7 @@ vdsm started a fresh helper process per call (2.7-3.6 s each, mostly
 importing os-brick) with no timeout.  Here one long-lived oslo.privsep
 daemon (``brick.py``) runs os-brick as root; a call costs a round trip on
 a unix socket plus the os-brick work (measured: local connect+disconnect
-0.6 ms, connector properties 25-45 ms warm, daemon start 0.4 s idle,
+0.3-0.4 ms, connector properties 25-45 ms warm, daemon start 0.4 s idle,
 seconds on a loaded host)::
 
     service threads ──Brick.connect()──┐
@@ -94,8 +94,16 @@ with the message masked, which becomes HelperFailed (926), NotSupported
 (925) or UnknownAdapter (934) here.  The daemon dying mid-call (``kill -9``, an
 OOM kill) is HelperFailed for every call in flight at once, whether the
 channel ends with EOF or with a reset (``_Channel``); the next call starts
-a new daemon.  Arguments the channel cannot encode are CannotSend (926),
-raised before anything is sent.
+a new daemon.  A daemon that ended while no call was in flight is seen
+by the next call's send, which then cannot have reached it: that call
+goes to a new daemon.  Arguments the channel cannot encode are
+CannotSend (926), raised before anything is sent.
+
+The channel has no thread of its own: the calling threads read the
+socket in turn (``_Channel``), so a call with no other in flight is one
+send and one receive in the calling thread, no hand-off to another
+thread (oslo.privsep's client hands every reply from its reader thread
+to the caller).  The wire is oslo.privsep's, unchanged.
 
 os-brick is never imported in this process: ``check_supported`` uses
 importlib's find_spec; importing os_brick.utils would replace time.sleep

@@ -23,8 +23,9 @@ to a wait that can be long or that depends on another thread::
 
 The other operations sleep on the gate, not on the GIL: when the thread
 that runs makes a system call, few threads want the GIL meanwhile (the
-I/O thread, the control plane's workers, the privsep reply reader,
-operations just back from a wait), so it gets it back without queueing
+I/O thread, the control plane's workers, operations just back from a
+wait; the privsep channel has no thread of its own: its callers read
+the replies, in ``released()``), so it gets it back without queueing
 behind 31 others; while it waits, another operation takes its slot.
 The waits still overlap: 64 attaches that take 2 s each at the storage
 still take 2 s together.

@@ -423,6 +423,53 @@ def test_refuse_answers_every_request_id(body, expected):
         assert data == json.dumps(expected).encode()
 
 
+class _Busy(errors.AgentBusy):
+    msg = "M"
+
+
+_REFUSED_WHOLE = {"jsonrpc": "2.0", "id": None,
+                  "error": {"code": 933, "message": "M"}}
+
+
+@pytest.mark.parametrize("body", [
+    b"[]",
+    json.dumps([{"jsonrpc": "2.0", "method": "m", "id": i}
+                for i in range(jsonrpc.MAX_BATCH + 1)]).encode(),
+    # What ``handle`` refuses to parse is refused whole, not read for ids
+    # another way: UTF-16, nesting deeper than MAX_DEPTH.
+    '{"jsonrpc": "2.0", "method": "m", "id": 1}'.encode("utf-16"),
+    b'{"jsonrpc": "2.0", "method": "m", "id": 1, "params": ' +
+    b"[" * (jsonrpc.MAX_DEPTH + 1) + b"]" * (jsonrpc.MAX_DEPTH + 1) + b"}",
+], ids=["empty", "over-max-batch", "utf-16", "too-deep"])
+def test_refuse_answers_a_message_handle_refuses_whole_with_one_error(
+        dispatcher, body):
+    # One error with a null id, never one per entry: refuse runs in the
+    # agent's I/O thread while the pools are full.
+    assert json.loads(jsonrpc.refuse(body, _Busy())) == _REFUSED_WHOLE
+    answer = json.loads(dispatcher.handle(body))
+    assert answer["id"] is None and answer["error"]["code"] in (-32600,
+                                                                -32700)
+
+
+def test_refuse_answers_the_ids_handle_answers(dispatcher):
+    batch = [{"jsonrpc": "2.0", "method": "Host.getCapabilities", "id": 1},
+             {"jsonrpc": "2.0", "method": "Host.getCapabilities"},
+             {"jsonrpc": "2.0", "method": "No.such", "id": "x"}]
+    for message in (batch, batch[:1], batch[0], batch[1]):
+        body = json.dumps(message).encode()
+        handled, refused = dispatcher.handle(body), jsonrpc.refuse(
+            body, _Busy())
+        if handled is None:
+            assert refused is None
+            continue
+        handled, refused = json.loads(handled), json.loads(refused)
+        assert type(handled) is type(refused)
+        ids = [r["id"] for r in (handled if isinstance(handled, list)
+                                 else [handled])]
+        assert ids == [r["id"] for r in (
+            refused if isinstance(refused, list) else [refused])]
+
+
 @pytest.mark.parametrize("body", [b"{oops", b"[]", b"[1]", b"42"])
 def test_errors_about_unknown_ids_are_told_apart(dispatcher, body):
     assert jsonrpc.is_unknown_id_error(dispatcher.handle(body))

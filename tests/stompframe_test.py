@@ -55,6 +55,19 @@ def test_crlf_line_ends_are_accepted():
                                       "heart-beat": "0,24000"})
 
 
+def test_crlf_head_end_is_found_before_a_body_starting_with_lf():
+    # The head ends at its first empty line, CRLF or LF, whichever comes
+    # first: here the body's own LF must not be taken for the end.
+    data = b"SEND\r\ndestination:d\r\n\r\n\nbody\0"
+    [frame] = parse_all(data)
+    assert frame == Frame("SEND", {"destination": "d"}, b"\nbody")
+    parser = Parser()
+    frames = []
+    for i in range(len(data)):
+        frames.extend(parser.feed(data[i:i + 1]))
+    assert frames == [frame]
+
+
 def test_content_length_body_may_hold_nuls():
     body = b"a\0b\0\0c"
     [frame] = parse_all(stompframe.encode("SEND", {"destination": "d"},
@@ -102,6 +115,8 @@ def test_header_value_may_hold_colons_in_connect():
     (b"SEND\nname:\xff\n\n\0", "not UTF-8"),
     (b"\rSEND\n\n\0", "CR not followed by LF"),
     (b"SEND\nbad\rheader:x\n\n\0", "bare CR"),
+    (b"SEND\nh:v\r\r\n\n\0", "bare CR"),
+    (b"SEND\nh:a\0b\n\n\0", "holds a NUL"),
 ])
 def test_malformed_frames_are_refused_with_a_precise_reason(data, message):
     with pytest.raises(FrameError) as e:

@@ -633,6 +633,55 @@ def test_our_client_calls_concurrently_from_many_connections(running):
         (i, j) for i in range(8) for j in range(5)]
 
 
+def test_a_worker_writes_its_response_without_waking_the_loop(running):
+    # One thread hand-off per request: the I/O thread hands the request
+    # to a worker, which writes the response itself when its connection
+    # has nothing else queued; the loop is not woken to do it.
+    wakes = []
+    wake = running.server._wake
+    running.server._wake = lambda: (wakes.append(1), wake())
+    with running.raw() as c:
+        c.connect()
+        c.subscribe()
+        ids = []
+        for i in range(20):
+            frame, response = c.call(request("echo", {"i": i}, str(i)))
+            assert response["id"] == str(i)
+            assert response["result"]["params"] == {"i": i}
+            assert frame.headers["subscription"] == "sub-1"
+            assert frame.headers["destination"] == "reply-queue"
+            ids.append(int(frame.headers["message-id"]))
+    assert wakes == []
+    assert ids == sorted(set(ids))
+
+
+def test_responses_to_a_peer_not_reading_yet_arrive_whole_and_once(
+        running):
+    # Workers writing at once meet a full socket: what it does not take
+    # is queued as the loop queues it (TLS: to be retried as it was), and
+    # the loop writes it once the peer reads.
+    count, size = 64, 60000     # frames just under one send() each
+    with running.raw(timeout=60) as c:
+        c.connect()
+        c.subscribe()
+        # Small socket buffers both ends: the first responses fill them.
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        [conn] = running.server._connections
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        c.send(b"".join(
+            send_bytes(request("big", {"size": size}, str(i)), "reply-queue")
+            for i in range(count)))
+        time.sleep(0.5)     # let the socket buffers fill
+        results = {}
+        for _ in range(count):
+            frame = c.frame()
+            assert frame.command == "MESSAGE", frame
+            response = json.loads(frame.body)
+            assert response["id"] not in results
+            results[response["id"]] = response["result"]
+    assert results == {str(i): "x" * size for i in range(count)}
+
+
 def test_large_response_arrives_whole(running):
     # Responses are not bound by max_frame (that limits what we accept).
     size = 3 * 1024 * 1024

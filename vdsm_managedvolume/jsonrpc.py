@@ -98,25 +98,7 @@ class Dispatcher:
         except errors.Error as e:
             log.warning("Invalid message: %s", e)
             return _encode(_error_response(None, e)).encode("utf-8")
-        if isinstance(message, list):
-            if not message:
-                return _encode(_error_response(
-                    None, errors.InvalidRequest("empty batch"))).encode(
-                        "utf-8")
-            if len(message) > MAX_BATCH:
-                return _encode(_error_response(
-                    None, errors.InvalidRequest(
-                        "batch of {} requests; at most {}".format(
-                            len(message), MAX_BATCH)))).encode("utf-8")
-            responses = [r for r in map(self._handle_one, message)
-                         if r is not None]
-            if not responses:
-                return None
-            if len(message) == 1:
-                return responses[0].encode("utf-8")
-            return "[{}]".format(", ".join(responses)).encode("utf-8")
-        response = self._handle_one(message)
-        return None if response is None else response.encode("utf-8")
+        return _answer(message, self._handle_one)
 
     def _handle_one(self, request):
         """The encoded response of one request, None for a notification."""
@@ -198,25 +180,27 @@ def refuse(data, error):
     with ``error`` (an errors.Error), running none: the agent's answer
     when it is busy or stopping.
 
-    The message is parsed only for its request ids, as ``handle`` would
-    answer them: one response per request with an id (a single object for
-    a message of one), None when there is none (notifications); a message
-    that is not JSON gets one error with a null id.
+    The message is parsed (``parse``) only for its request ids, and
+    answered as ``handle`` would answer it: one response per request with
+    an id (a single object for a message of one), None when there is none
+    (notifications).  A message ``handle`` would refuse whole (not JSON,
+    nested too deeply, an empty batch, a batch of more than MAX_BATCH
+    requests) gets one error with a null id, never one per entry: this
+    runs in the agent's I/O thread.
     """
     try:
-        message = json.loads(data, parse_constant=_no_constant)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        message = parse(data)
+    except errors.Error:
         return _encode(_error_response(None, error)).encode("utf-8")
-    requests = message if isinstance(message, list) else [message]
-    responses = [
-        _encode(_error_response(
-            r["id"] if _valid_id(r["id"]) else None, error))
-        for r in requests if isinstance(r, dict) and "id" in r]
-    if not responses:
-        return None
-    if isinstance(message, list) and len(message) > 1:
-        return "[{}]".format(", ".join(responses)).encode("utf-8")
-    return responses[0].encode("utf-8")
+
+    def refuse_one(request):
+        if not isinstance(request, dict) or "id" not in request:
+            return None
+        request_id = request["id"]
+        return _encode(_error_response(
+            request_id if _valid_id(request_id) else None, error))
+
+    return _answer(message, refuse_one, whole=error)
 
 
 def is_unknown_id_error(response):
@@ -235,6 +219,33 @@ def is_unknown_id_error(response):
     return isinstance(message, dict) and message.get("id") is None
 
 
+def _answer(message, answer_one, whole=None):
+    """The response bytes to the parsed ``message``, None when it has
+    nothing to answer: ``answer_one(request)`` is the encoded response of
+    one request (None for a notification).
+
+    A batch (an array) gets an array of the responses, except a batch of
+    one: vdsm's Python client sends its every request that way and expects
+    a single object.  An empty batch or one of more than MAX_BATCH
+    requests is answered whole with one error, id null: ``whole``, or the
+    InvalidRequest saying why.
+    """
+    if not isinstance(message, list):
+        response = answer_one(message)
+        return None if response is None else response.encode("utf-8")
+    if not message or len(message) > MAX_BATCH:
+        error = whole or errors.InvalidRequest(
+            "batch of {} requests; at most {}".format(
+                len(message), MAX_BATCH) if message else "empty batch")
+        return _encode(_error_response(None, error)).encode("utf-8")
+    responses = [r for r in map(answer_one, message) if r is not None]
+    if not responses:
+        return None
+    if len(message) == 1:
+        return responses[0].encode("utf-8")
+    return "[{}]".format(", ".join(responses)).encode("utf-8")
+
+
 def parse(data):
     """The JSON message in ``data`` (bytes or str).
 
@@ -247,7 +258,11 @@ def parse(data):
         if isinstance(data, (bytes, bytearray)):
             # UTF-8 only (json.loads would guess UTF-16 and UTF-32 too).
             data = data.decode("utf-8")
-        message = json.loads(data, parse_constant=_no_constant)
+        if data.startswith("\ufeff"):
+            # Refused with json.loads' own words (its decoder does not
+            # look for a byte order mark).
+            json.loads(data)
+        message = _DECODER.decode(data)
     except RecursionError:
         raise errors.ParseError("nested too deeply (more than {} levels "
                                 "are refused)".format(MAX_DEPTH))
@@ -261,6 +276,12 @@ def parse(data):
 
 def _no_constant(name):
     raise ValueError("{} is not valid JSON".format(name))
+
+
+# Made once: json.loads and json.dumps build one per call when given any
+# option.
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+_ENCODER = json.JSONEncoder(allow_nan=False)
 
 
 class _BadRequest(Exception):
@@ -319,7 +340,7 @@ def _encode(obj):
     """JSON text of a response (tuples become arrays; anything else that
     JSON cannot hold raises TypeError or ValueError (NaN) -> internal
     error)."""
-    return json.dumps(obj, allow_nan=False)
+    return _ENCODER.encode(obj)
 
 
 def _valid_id(value):

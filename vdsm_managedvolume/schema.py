@@ -105,6 +105,7 @@ class Method:
         self.added = spec.get("added")
         self.params = [Param(p) for p in spec.get("params") or ()]
         self.ret = spec.get("return")
+        self._names = frozenset(p.name for p in self.params)
 
     @property
     def summary(self):
@@ -129,6 +130,9 @@ class Schema:
         data = dict(data)
         self.path = path
         self.types = data.pop("types", None) or {}
+        # id(object type) -> (the type, its properties, their names):
+        # made on first use, not on every request.
+        self._objects = {}
         self.methods = {}
         for name, spec in data.items():
             if not isinstance(name, str) or "." not in name:
@@ -181,7 +185,7 @@ class Schema:
                 reason="must be an object or an array, got {}".format(
                     _json_type(params)))
         for key in params:
-            if key not in method.param_names:
+            if key not in method._names:
                 raise errors.InvalidParams(
                     name=key, reason="unknown parameter of {} (known: {})"
                     .format(name, ", ".join(method.param_names) or "none"))
@@ -251,8 +255,7 @@ class Schema:
     def _check_object(self, type_, value, name):
         if not isinstance(value, dict):
             _wrong(name, type_name(type_), value)
-        props = [Param(p) for p in type_.get("properties") or ()]
-        known = {p.name for p in props}
+        props, known = self._properties(type_)
         if ANY_KEY not in known:
             for key in value:
                 if key not in known:
@@ -270,6 +273,16 @@ class Schema:
                     raise errors.InvalidParams(name=path, reason="missing")
                 continue
             self.check(p.type, v, path)
+
+    def _properties(self, type_):
+        """The properties of the object type ``type_`` ([Param]) and the
+        set of their names."""
+        entry = self._objects.get(id(type_))
+        if entry is None or entry[0] is not type_:
+            props = [Param(p) for p in type_.get("properties") or ()]
+            entry = (type_, props, frozenset(p.name for p in props))
+            self._objects[id(type_)] = entry
+        return entry[1], entry[2]
 
     def _check_union(self, type_, value, name):
         first = None

@@ -260,28 +260,72 @@ class Parser:
         """
         buf = self._buf
         pos = self._scan
-        while True:
-            nl = buf.find(b"\n", pos)
-            if nl == -1:
-                self._scan = pos
-                return None
-            # The line after this LF: empty ("\n" or "\r\n") ends the head.
-            nxt = nl + 1
-            if nxt < len(buf) and buf[nxt] == 0x0A:
-                return nl, nxt + 1
-            if nxt + 1 < len(buf) and buf[nxt] == 0x0D and \
-                    buf[nxt + 1] == 0x0A:
-                return nl, nxt + 2
-            if nxt >= len(buf) or (nxt + 1 >= len(buf) and
-                                   buf[nxt] == 0x0D):
-                # Cannot tell yet; rescan from this LF next time.
-                self._scan = nl
-                return None
-            pos = nxt
+        # The first LF followed by an empty line ("\n" or "\r\n"): two
+        # searches in C, not a Python step per header line.
+        lf = buf.find(b"\n\n", pos)
+        crlf = buf.find(b"\n\r\n", pos, len(buf) if lf == -1 else lf + 2)
+        if crlf != -1:
+            return crlf, crlf + 3
+        if lf != -1:
+            return lf, lf + 2
+        # Not yet: an end begun in the last 2 bytes is found next time.
+        self._scan = max(pos, len(buf) - 2)
+        return None
 
     def _parse_head(self, head, body_start):
         if body_start > self.max_frame:
             raise self._too_large(body_start)
+        parsed = self._parse_plain_head(head)
+        if parsed is None:
+            command, headers = self._parse_any_head(head)
+        else:
+            command, headers = parsed
+        length = None
+        if "content-length" in headers:
+            value = headers["content-length"]
+            if not value.isdigit() or not value.isascii():
+                raise FrameError("invalid content-length {!r}".format(
+                    value[:40]))
+            length = int(value)
+            if body_start + length + 1 > self.max_frame:
+                raise self._too_large(body_start + length + 1)
+        return command, headers, body_start, length
+
+    def _parse_plain_head(self, head):
+        """(command, headers) of a head needing no care (UTF-8, no escape,
+        no NUL, no CR but before LF: every frame a client of ours sends),
+        in a few passes over the whole head; None for any other head,
+        which ``_parse_any_head`` parses (or names what is wrong with it).
+        """
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        if "\\" in text or "\0" in text:
+            return None
+        if "\r" in text:
+            text = text.replace("\r\n", "\n")
+            if text.endswith("\r"):
+                text = text[:-1]
+            if "\r" in text:
+                return None
+        lines = text.split("\n")
+        if len(lines) - 1 > MAX_HEADERS:
+            return None
+        command = lines[0]
+        if not (command.isascii() and command.isalpha() and
+                command.isupper()) or (self.commands is not None and
+                                       command not in self.commands):
+            return None
+        headers = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep or not name:
+                return None
+            headers.setdefault(name, value)
+        return command, headers
+
+    def _parse_any_head(self, head):
         lines = head.split(b"\n")
         lines = [line[:-1] if line.endswith(b"\r") else line
                  for line in lines]
@@ -316,16 +360,7 @@ class Parser:
             # "If a client or a server receives repeated frame header
             # entries, only the first header entry SHOULD be used."
             headers.setdefault(name, value)
-        length = None
-        if "content-length" in headers:
-            value = headers["content-length"]
-            if not value.isdigit() or not value.isascii():
-                raise FrameError("invalid content-length {!r}".format(
-                    value[:40]))
-            length = int(value)
-            if body_start + length + 1 > self.max_frame:
-                raise self._too_large(body_start + length + 1)
-        return command, headers, body_start, length
+        return command, headers
 
     def _parse_command(self, raw):
         try:

@@ -11,9 +11,12 @@ Design
 ------
 One I/O thread owns every socket (a ``selectors`` loop, non-blocking TLS):
 it accepts, handshakes, parses frames (``stompframe``), answers the STOMP
-verbs itself and writes every byte.  Requests run in worker threads
-(``Dispatcher.handle()``); a worker never touches a socket, it queues its
-response and wakes the loop.  Two planes, two bounded pools::
+verbs itself and writes what is queued.  Requests run in worker threads
+(``Dispatcher.handle()``).  A worker writes its response itself when its
+connection has nothing queued (``Connection.write``: one thread hand-off
+per request, the loop is not woken); otherwise, or for whatever the
+socket does not take at once, the loop writes it.  Two planes, two
+bounded pools::
 
     SEND --(I/O thread: Dispatcher.is_operation(body)?)--+
          |                                               |
@@ -35,8 +38,10 @@ getCapabilities: a host that does not answer is fenced.  So
   and volumes_info answer in microseconds whatever the data plane does
   (the service serves a cached connector_info, stale rather than late);
 - an attach that takes a minute never stops heart-beats or other clients;
-- only one thread writes to a connection: frames are never interleaved,
-  and an SSL object is never used by two threads at once;
+- frames are never interleaved: a frame is queued whole, written by one
+  thread, and a worker writes only when nothing is queued before it; an
+  SSL object is never used by two threads at once (each use of a
+  connection's socket holds its lock);
 - when ``workers`` are busy and ``max_queue`` requests wait, a new control
   request is answered at once with error 933 (AgentBusy) as well.
 
@@ -77,6 +82,7 @@ The ``ovirtCorrelationId`` header is the flow id of the call
 """
 
 import collections
+import itertools
 import logging
 import queue
 import selectors
@@ -461,15 +467,47 @@ class Server:
             # Run by the pool once this job's slot is free: a client that
             # sends its next operation on reading this answer must find
             # the slot free, not a spurious 933.
-            self._results.append((conn, reply_to, flow_id, response))
-            self._wake()
+            self._respond(conn, reply_to, flow_id, response)
 
         return deliver
 
+    def _respond(self, conn, reply_to, flow_id, response):
+        """Send a response from the worker that made it (``Connection.
+        write``) when its route is the usual one: the reply-to
+        destination, subscribed once by the request's own connection.
+        Anything else is routed by the I/O thread (``_route``)."""
+        if response is None:
+            return
+        # Read once, whole (a copy made without a thread switch): the I/O
+        # thread may change the subscriptions meanwhile.
+        subscriptions = list(conn.subscriptions.items())
+        sub_ids = [sid for sid, dest in subscriptions if dest == reply_to]
+        if len(sub_ids) != 1 or conn.closed or (
+                reply_to != RESPONSES and
+                any(dest == RESPONSES for _, dest in subscriptions) and
+                self.dispatcher.is_unknown_id_error(response)):
+            self.call_soon(self._route, conn, reply_to, flow_id, response)
+            return
+        conn.write(stompframe.encode(stompframe.MESSAGE, {
+            "destination": reply_to,
+            "content-type": "application/json",
+            "subscription": sub_ids[0],
+            "message-id": conn.next_message_id(),
+        }, response))
+        if log.isEnabledFor(logging.DEBUG):
+            with logmod.flow(flow_id):
+                log.debug("Response sent to %s (%d bytes)", reply_to,
+                          len(response))
+
+    def call_soon(self, fn, *args):
+        """Run ``fn(*args)`` in the I/O thread (from any thread)."""
+        self._results.append((fn, args))
+        self._wake()
+
     def _deliver_results(self):
         while self._results:
-            conn, reply_to, flow_id, response = self._results.popleft()
-            self._route(conn, reply_to, flow_id, response)
+            fn, args = self._results.popleft()
+            fn(*args)
 
     def _route(self, conn, reply_to, flow_id, response):
         if response is None:
@@ -551,8 +589,14 @@ class Connection:
         self._linger = False
         self._linger_until = None
         self._close_deadline = None
-        self._message_id = 0
+        self._message_ids = itertools.count(1)
         self._connect_seen = False  # CONNECT/STOMP received
+        # The socket and the output queue are the I/O thread's, except
+        # that a worker may write its response directly (``write``): this
+        # lock makes each use of the socket (an SSL object must never be
+        # used by two threads at once) and each change of the output
+        # queue whole.  Held only around them, never while waiting.
+        self._lock = threading.Lock()
 
     # Called by the server
 
@@ -658,8 +702,10 @@ class Connection:
             # unless one already waits.
             deadline = self.last_send + self.send_interval
             if now >= deadline:
-                if not self._out or self._out[-1] != stompframe.HEARTBEAT:
-                    self._queue(stompframe.HEARTBEAT)
+                with self._lock:
+                    if not self._out or \
+                            self._out[-1] != stompframe.HEARTBEAT:
+                        self._queue(stompframe.HEARTBEAT)
                 deadline = now + self.send_interval
             deadlines.append(deadline)
         return min(deadlines) if deadlines else None
@@ -668,17 +714,46 @@ class Connection:
         """Queue bytes; written by the loop (``update``)."""
         if self.closed or self.state == self.CLOSING:
             return
-        if self._out and self._out_len + len(data) > MAX_OUTPUT:
+        with self._lock:
+            full = bool(self._out) and \
+                self._out_len + len(data) > MAX_OUTPUT
+            if not full:
+                self._queue(data)
+        if full:
             log.warning("%s does not read its responses (%d bytes "
                         "pending): closing", self.peer, self._out_len)
             self.close()
             return
-        self._queue(data)
         self.server.touch(self)
 
     def next_message_id(self):
-        self._message_id += 1
-        return str(self._message_id)
+        return str(next(self._message_ids))     # atomic: any thread
+
+    def write(self, data):
+        """Send the frame ``data``, from a worker thread.
+
+        When nothing waits to be written before it, the worker writes it
+        itself: the I/O thread is neither woken nor involved, and a
+        request costs one thread hand-off instead of two.  Whatever the
+        socket did not take at once (it is full, TLS wants to wait) is
+        queued as the I/O thread would have queued it and the loop is
+        told to go on writing; a frame that cannot be written now (output
+        queued, a close begun, too large for one send) goes through the
+        loop (``send``), as every frame did before.
+        """
+        if len(data) <= CHUNK:
+            with self._lock:
+                if self.closed or self.state != self.CONNECTED or \
+                        self._out:
+                    done = None
+                else:
+                    done = self._write_locked(data)
+            if done:
+                return
+            if done is not None:
+                self.server.call_soon(self.server.touch, self)
+                return
+        self.server.call_soon(self.send, data)
 
     def fail(self, reason, receipt=None):
         """Send an ERROR frame and close, as STOMP asks."""
@@ -695,7 +770,8 @@ class Connection:
             return
         self.server.touch(self)
         if self.state != self.CLOSING:
-            self.state = self.CLOSING
+            with self._lock:    # no worker writes once CLOSING
+                self.state = self.CLOSING
             self._linger = linger
             self._close_deadline = time.monotonic() + LINGER + 5.0
         elif not linger:
@@ -704,7 +780,11 @@ class Connection:
     def close(self):
         if self.closed:
             return
-        self.closed = True
+        with self._lock:
+            # A worker checks this under the lock before it writes: none
+            # writes to the descriptor after it is closed (and maybe given
+            # to a new connection).
+            self.closed = True
         self.server.forget(self)
         try:
             self.sock.close()
@@ -716,7 +796,8 @@ class Connection:
 
     def _handshake(self):
         try:
-            self.sock.do_handshake()
+            with self._lock:
+                self.sock.do_handshake()
         except ssl.SSLWantReadError:
             self._want_write = False
             return
@@ -735,7 +816,8 @@ class Connection:
     def _read(self):
         for _ in range(64):
             try:
-                data = self.sock.recv(CHUNK)
+                with self._lock:
+                    data = self.sock.recv(CHUNK)
             except (ssl.SSLWantReadError, BlockingIOError,
                     InterruptedError):
                 return
@@ -753,6 +835,10 @@ class Connection:
             self.last_recv = time.monotonic()
             if self.state == self.CLOSING:
                 continue        # lingering: discard
+            # Less than asked: the socket (or TLS record) is drained, and
+            # select() says when more comes; do not pay a recv() that
+            # fails (and an exception) to learn it.
+            drained = len(data) < CHUNK
             try:
                 frames = self.parser.feed(data)
             except stompframe.FrameError as e:
@@ -770,9 +856,11 @@ class Connection:
                 return
             if self._reading_paused():
                 return      # update() resumes once the peer read enough
+            if drained:
+                break
         # More TLS records may be decrypted already; select() cannot see
         # them, so come back on the next round.
-        if self.tls and self.sock.pending():
+        if self.tls and self._pending():
             self.server.again(self)
 
     def _flush(self):
@@ -786,6 +874,15 @@ class Connection:
         # wedged its connection.  Plain TCP is
         # written the same way: batching frames there measured no gain
         # (docs/interop.md).
+        with self._lock:
+            error = self._flush_locked()
+        if error is not None:
+            log.debug("Writing to %s failed: %s", self.peer, error)
+            self.close()
+
+    def _flush_locked(self):
+        """Write queued items; return the error that ends the connection,
+        if any."""
         while self._out:
             item = self._out[0]
             off = self._out_off
@@ -796,15 +893,13 @@ class Connection:
                     InterruptedError):
                 self._retry_len = size if self.tls else 0
                 self._want_write = True
-                return
+                return None
             except ssl.SSLWantReadError:
                 self._retry_len = size
                 self._want_write = False
-                return
+                return None
             except (ssl.SSLError, OSError) as e:
-                log.debug("Writing to %s failed: %s", self.peer, e)
-                self.close()
-                return
+                return e
             self._retry_len = 0
             self._want_write = False
             self._out_len -= n
@@ -815,12 +910,31 @@ class Connection:
                 self._out_off = off + n
             self.last_send = time.monotonic()
             self._out_since = self.last_send if self._out else None
+        return None
+
+    def _write_locked(self, data):
+        """Write the frame ``data`` with nothing queued (a worker, holding
+        the lock); return True when it was written whole, False when
+        (the rest of) it was queued and the loop must go on writing."""
+        self._queue(data)
+        # The loop's own write: a socket that cannot take the frame now
+        # leaves it queued with the state the loop needs to retry (the
+        # same TLS write), an error is met again by the loop, which
+        # closes.
+        self._flush_locked()
+        return not self._out
 
     def _queue(self, data):
+        """Append one item to the output (holding the lock)."""
         if not self._out:
             self._out_since = time.monotonic()
         self._out.append(bytes(data))
         self._out_len += len(data)
+
+    def _pending(self):
+        """Decrypted bytes TLS holds for us."""
+        with self._lock:
+            return self.sock.pending()
 
     def _reading_paused(self):
         """Whether we stop reading: the peer does not read its responses
@@ -833,7 +947,7 @@ class Connection:
                 log.debug("%s has %d bytes of responses pending: not "
                           "reading its requests until it reads them",
                           self.peer, self._out_len)
-            elif self.tls and self.sock.pending():
+            elif self.tls and self._pending():
                 self.server.again(self)
         return paused
 
@@ -849,12 +963,13 @@ class Connection:
             self.close()
             return
         try:
-            if self.tls:
-                try:
-                    self.sock.unwrap()
-                except (ssl.SSLError, OSError, ValueError):
-                    pass        # close_notify is best effort
-            self.sock.shutdown(socket.SHUT_WR)
+            with self._lock:
+                if self.tls:
+                    try:
+                        self.sock.unwrap()
+                    except (ssl.SSLError, OSError, ValueError):
+                        pass        # close_notify is best effort
+                self.sock.shutdown(socket.SHUT_WR)
         except OSError:
             self.close()
             return
@@ -881,16 +996,7 @@ class Connection:
             log.debug("%s sent %s before CONNECT", self.peer, command)
             self.state = self.CONNECTED
         receipt = frame.headers.get("receipt")
-        handler = {
-            stompframe.SEND: self._on_send,
-            stompframe.SUBSCRIBE: self._on_subscribe,
-            stompframe.UNSUBSCRIBE: self._on_unsubscribe,
-            stompframe.DISCONNECT: self._on_disconnect,
-            # Every message is delivered once and needs no acknowledgement;
-            # a client acknowledging anyway is not wrong.
-            stompframe.ACK: self._on_ack,
-            stompframe.NACK: self._on_ack,
-        }.get(command)
+        handler = self._HANDLERS.get(command)
         if command in (stompframe.CONNECT, stompframe.STOMP):
             self.fail("already connected: {} sent twice".format(command),
                       receipt)
@@ -900,7 +1006,7 @@ class Connection:
                       "transactions)".format(command), receipt)
             return
         try:
-            handler(frame)
+            handler(self, frame)
         except stompframe.FrameError as e:
             self.fail(str(e), receipt)
             return
@@ -987,6 +1093,17 @@ class Connection:
                                         {"receipt-id": receipt}))
         log.debug("%s disconnected", self.peer)
         self.close_after_flush()
+
+    _HANDLERS = {
+        stompframe.SEND: _on_send,
+        stompframe.SUBSCRIBE: _on_subscribe,
+        stompframe.UNSUBSCRIBE: _on_unsubscribe,
+        stompframe.DISCONNECT: _on_disconnect,
+        # Every message is delivered once and needs no acknowledgement;
+        # a client acknowledging anyway is not wrong.
+        stompframe.ACK: _on_ack,
+        stompframe.NACK: _on_ack,
+    }
 
 
 class Pool:

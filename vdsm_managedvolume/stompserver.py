@@ -816,7 +816,12 @@ class Connection:
     def _read(self):
         for _ in range(64):
             try:
-                with self._lock:
+                if self.tls:
+                    with self._lock:
+                        data = self.sock.recv(CHUNK)
+                else:
+                    # A plain socket may be read and written at once;
+                    # only this thread closes it.
                     data = self.sock.recv(CHUNK)
             except (ssl.SSLWantReadError, BlockingIOError,
                     InterruptedError):
@@ -888,41 +893,58 @@ class Connection:
             off = self._out_off
             size = self._retry_len or min(len(item) - off, CHUNK)
             try:
-                n = self.sock.send(item[off:off + size])
-            except (ssl.SSLWantWriteError, BlockingIOError,
-                    InterruptedError):
-                self._retry_len = size if self.tls else 0
-                self._want_write = True
-                return None
-            except ssl.SSLWantReadError:
-                self._retry_len = size
-                self._want_write = False
-                return None
+                n = self._send_locked(item[off:off + size])
             except (ssl.SSLError, OSError) as e:
                 return e
-            self._retry_len = 0
-            self._want_write = False
+            if not n:
+                return None
             self._out_len -= n
             if off + n == len(item):
                 self._out.popleft()
                 self._out_off = 0
             else:
                 self._out_off = off + n
-            self.last_send = time.monotonic()
             self._out_since = self.last_send if self._out else None
         return None
+
+    def _send_locked(self, chunk):
+        """One send() of ``chunk``: the bytes written, 0 when the socket
+        cannot take any now (then ``_want_write`` and ``_retry_len`` say
+        how to retry: TLS must retry the same write); an error that ends
+        the connection is raised."""
+        try:
+            n = self.sock.send(chunk)
+        except (ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
+            self._retry_len = len(chunk) if self.tls else 0
+            self._want_write = True
+            return 0
+        except ssl.SSLWantReadError:
+            self._retry_len = len(chunk)
+            self._want_write = False
+            return 0
+        self._retry_len = 0
+        self._want_write = False
+        self.last_send = time.monotonic()
+        return n
 
     def _write_locked(self, data):
         """Write the frame ``data`` with nothing queued (a worker, holding
         the lock); return True when it was written whole, False when
-        (the rest of) it was queued and the loop must go on writing."""
+        (the rest of) it was queued and the loop must go on writing.
+
+        Nothing is queued while the write runs: the I/O thread, which
+        looks at the queue without the lock, does not wait for it.
+        """
+        try:
+            n = self._send_locked(data)
+        except (ssl.SSLError, OSError):
+            n = 0       # queued: the loop's write meets it and closes
+        if n == len(data):
+            return True
         self._queue(data)
-        # The loop's own write: a socket that cannot take the frame now
-        # leaves it queued with the state the loop needs to retry (the
-        # same TLS write), an error is met again by the loop, which
-        # closes.
-        self._flush_locked()
-        return not self._out
+        self._out_off = n
+        self._out_len -= n
+        return False
 
     def _queue(self, data):
         """Append one item to the output (holding the lock)."""

@@ -708,6 +708,36 @@ def test_shutdown_lets_in_flight_calls_finish(tcp):
         socket.create_connection(tcp.address, timeout=5)
 
 
+def test_shutdown_waits_for_an_answer_its_worker_is_delivering(
+        pki_dir, tmp_path):
+    # A worker delivers its answer after giving its pool slot back (so
+    # that the client's next request finds the slot free): the drain must
+    # not close the connection under it.
+    run = _start("tcp", pki_dir, tmp_path)
+    respond = run.server._respond
+
+    def slow_respond(*args):
+        time.sleep(0.5)
+        respond(*args)
+
+    run.server._respond = slow_respond
+    try:
+        with run.raw() as c:
+            c.connect()
+            c.subscribe()
+            c.send(send_bytes(request("wait", {}, "inflight"),
+                              "reply-queue"))
+            assert run.dispatcher.started.acquire(timeout=10)
+            run.server.shutdown()
+            run.dispatcher.release.set()
+            frame = c.frame()
+            assert frame is not None, "closed before the answer"
+            assert json.loads(frame.body)["id"] == "inflight"
+    finally:
+        run.dispatcher.release.set()
+        run.stop()
+
+
 def test_request_during_shutdown_is_refused_with_933(pki_dir, tmp_path):
     run = _start("tcp", pki_dir, tmp_path)
     try:

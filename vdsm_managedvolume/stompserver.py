@@ -154,6 +154,11 @@ class Server:
         self._listeners = {}    # socket -> (handler, on_accept, on_close)
         self._connections = set()
         self._results = collections.deque()
+        # Answers made but maybe not yet written or queued: a worker
+        # delivers after giving its pool slot back, and the stop's drain
+        # must wait for it too.
+        self._delivering = 0
+        self._delivering_lock = threading.Lock()
         self._again = set()     # connections with decrypted bytes pending
         # Connections whose state may have changed since the loop last
         # looked at them (see _loop), and when it must look at all of them
@@ -221,7 +226,8 @@ class Server:
                 drain_deadline = now + self.cfg.shutdown_timeout
                 self._begin_stop()
             if drain_deadline is not None and final_deadline is None:
-                pending = self._pool.pending + self._operations.pending
+                pending = self._pool.pending + self._operations.pending + \
+                    self._delivering
                 if (pending == 0 and not self._results) or \
                         now >= drain_deadline:
                     if pending:
@@ -467,8 +473,14 @@ class Server:
             # Run by the pool once this job's slot is free: a client that
             # sends its next operation on reading this answer must find
             # the slot free, not a spurious 933.
-            self._respond(conn, reply_to, flow_id, response)
+            try:
+                self._respond(conn, reply_to, flow_id, response)
+            finally:
+                with self._delivering_lock:
+                    self._delivering -= 1
 
+        with self._delivering_lock:
+            self._delivering += 1
         return deliver
 
     def _respond(self, conn, reply_to, flow_id, response):

@@ -247,3 +247,23 @@ def test_load_is_cached():
 def _error_classes():
     return [obj for _, obj in inspect.getmembers(errors, inspect.isclass)
             if issubclass(obj, errors.Error)]
+
+
+@pytest.mark.parametrize("value,depth", [
+    (1, 0), ("x", 0), (None, 0), ([], 1), ({}, 1), ((), 1),
+    ([1, {"a": (2, "b")}], 3),
+    ({"a": [{"b": []}], "c": 1}, 4),
+    ([[[]], 1, "x", {}], 3),
+])
+def test_too_deep_counts_the_levels_of_objects_and_arrays(value, depth):
+    assert not schema.too_deep(value, depth)
+    if depth:
+        assert schema.too_deep(value, depth - 1)
+
+
+def test_too_deep_walks_any_depth_without_recursion():
+    value = []
+    for _ in range(200000):
+        value = [value, 1]
+    assert schema.too_deep(value, 24)
+    assert not schema.too_deep(value, 200001)

@@ -299,20 +299,24 @@ class Schema:
 
 def too_deep(value, limit):
     """Whether ``value`` nests objects/arrays more than ``limit`` levels
-    (a scalar is level 0).  Iterative: safe on any input."""
+    (a scalar is level 0).  Iterative: safe on any input.  Only containers
+    are stacked (a request is walked up to four times: the message, each
+    param, each API argument)."""
+    if not isinstance(value, _CONTAINERS):
+        return False
     stack = [(value, 1)]
     while stack:
         obj, level = stack.pop()
-        if isinstance(obj, dict):
-            children = obj.values()
-        elif isinstance(obj, (list, tuple)):
-            children = obj
-        else:
-            continue
         if level > limit:
             return True
-        stack.extend((child, level + 1) for child in children)
+        level += 1
+        for child in obj.values() if isinstance(obj, dict) else obj:
+            if isinstance(child, _CONTAINERS):
+                stack.append((child, level))
     return False
+
+
+_CONTAINERS = (dict, list, tuple)
 
 
 def check_depth(name, value, limit=MAX_PARAM_DEPTH):

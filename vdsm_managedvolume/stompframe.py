@@ -134,7 +134,7 @@ def encode(command, headers=None, body=b""):
     if body:
         lines.append("content-length:{}".format(len(body)))
     head = ("\n".join(lines) + "\n\n").encode("utf-8")
-    return head + body + b"\0"
+    return b"".join((head, body, b"\0"))     # the body copied once
 
 
 def parse_heartbeat(value):

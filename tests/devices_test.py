@@ -86,6 +86,20 @@ def test_a_partition_in_use_makes_its_disk_in_use(
         "{}p2 is held by dm-7".format(disk)
 
 
+def test_mount_point_is_found_by_the_device_number_field_only():
+    lines = ["{} 1 0:{} / /m{} rw - tmpfs t rw".format(i, 100 + i, i)
+             for i in range(2000)]
+    # 7:1 in another field (a root path, a mount point) is not a match.
+    lines.insert(5, "9001 1 8:3 / /srv/ 7:1 rw - ext4 /dev/sda3 rw")
+    lines.append("9002 1 7:1 / /mnt/vol rw - ext4 /dev/loop1 rw")
+    lines.append("9003 1 7:1 / /mnt/again rw - ext4 /dev/loop1 rw")
+    text = "\n".join(lines) + "\n"
+    assert devices._mount_point(text, 7, 1) == "/mnt/vol"
+    assert devices._mount_point(text, 0, 150) == "/m50"
+    assert devices._mount_point(text, 7, 2) is None
+    assert devices._mount_point("", 7, 1) is None
+
+
 def test_paths_that_are_not_block_devices_are_not_judged(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")

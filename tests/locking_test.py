@@ -120,6 +120,16 @@ def test_lock_files_are_never_unlinked(tmp_path):
     assert os.stat(path).st_ino == ino
 
 
+def test_a_missing_lock_dir_is_made_at_the_first_lock_and_again_if_removed(
+        tmp_path):
+    lock_dir = str(tmp_path / "run" / "locks")
+    for _ in range(2):
+        with locking.volume_lock(lock_dir, VOL, 1):
+            assert os.path.exists(locking.lock_path(lock_dir, VOL))
+        os.unlink(locking.lock_path(lock_dir, VOL))
+        os.rmdir(lock_dir)
+
+
 def test_exception_in_block_releases_the_lock(tmp_path):
     with pytest.raises(RuntimeError):
         with locking.volume_lock(str(tmp_path), VOL, 1):

@@ -236,6 +236,24 @@ def test_reattach_with_another_sd_moves_link_and_rule(inproc_service):
     assert os.path.exists(rule_of(svc, vol_id))
 
 
+def test_a_link_pointing_elsewhere_is_replaced_and_a_lost_run_dir_made_again(
+        inproc_service):
+    svc = inproc_service
+    vol_id, ci = new_id(), iscsi_connection(svc.cfg)
+    path = svc.attach_volume(vol_id, ci)["path"]
+    link = link_of(svc, vol_id)
+    os.unlink(link)
+    os.symlink("/dev/null", link)
+    assert svc.attach_volume(vol_id, ci)["managed_path"] == link
+    assert os.readlink(link) == path
+    assert os.listdir(svc.cfg.run_dir) == [os.path.basename(link)]
+
+    svc.detach_volume(vol_id)
+    os.rmdir(svc.cfg.run_dir)
+    other = svc.attach_volume(new_id(), iscsi_connection(svc.cfg))
+    assert os.readlink(other["managed_path"]) == other["path"]
+
+
 def test_connect_failure_rolls_back_and_records_nothing(inproc_service):
     svc = inproc_service
     ci = iscsi_connection(svc.cfg, fake_fail="Login refused")

@@ -63,6 +63,14 @@ SYS_DEV_BLOCK = "/sys/dev/block"
 # Identity facts that name the same device in every boot.
 PERSISTENT = ("wwn", "serial", "backing")
 
+# Where sysfs tells the identity facts of a device that is not a loop
+# device (diskseq and a loop's backing file are read first): the first
+# of each key's attributes that is there.
+_FACTS = (
+    ("wwn", ("wwid", "device/wwid", "dm/uuid")),
+    ("serial", ("serial", "device/serial")),
+)
+
 
 def check_local(name, path, patterns):
     """Return the block device ``path`` resolves to, or raise
@@ -90,7 +98,7 @@ def check_local(name, path, patterns):
             name=name, reason="{} is not an allowed local device: "
             "[volumes] local_devices allows {}".format(
                 _named(path, real), ", ".join(patterns) or "none"))
-    reason = in_use(real)
+    reason = _in_use((os.major(st.st_rdev), os.minor(st.st_rdev)))
     if reason:
         raise errors.InvalidParams(
             name=name, reason="{}: the host uses it, it cannot be given "
@@ -128,20 +136,7 @@ def in_use(path):
     number = device_number(path)
     if number is None:
         return None
-    disk = _kernel_name(*number)
-    devices = [(number, disk)] + _partitions(*number, disk)
-    mounts = _mounted()
-    swaps = _swaps()
-    for (major, minor), name in devices:
-        where = mounts.get((major, minor))
-        if where:
-            return "{} is mounted at {}".format(name, where)
-        if name in swaps:
-            return "{} is an active swap area".format(name)
-        holders = _holders(major, minor)
-        if holders:
-            return "{} is held by {}".format(name, ", ".join(holders))
-    return None
+    return _in_use(number)
 
 
 def size(path):
@@ -179,13 +174,16 @@ def identity(path):
         return None
     major, minor = number
     ident = {"dev": "{}:{}".format(major, minor)}
-    facts = (
-        ("diskseq", ("diskseq",)),
-        ("wwn", ("wwid", "device/wwid", "dm/uuid")),
-        ("serial", ("serial", "device/serial")),
-        ("backing", ("loop/backing_file",)),
-    )
-    for key, names in facts:
+    diskseq = _read_sys(major, minor, "diskseq")
+    if diskseq:
+        ident["diskseq"] = diskseq
+    backing = _read_sys(major, minor, "loop/backing_file")
+    if backing:
+        # A bound loop device: the loop driver's disk has no wwid,
+        # serial, dm or device of its own; nothing more to look for.
+        ident["backing"] = backing
+        return ident
+    for key, names in _FACTS:
         for name in names:
             value = _read_sys(major, minor, name)
             if value:
@@ -217,6 +215,24 @@ def changed(recorded, current, same_boot):
 
 
 # Private helpers
+
+def _in_use(number):
+    """``in_use`` of the block device numbered ``number``."""
+    disk = _kernel_name(*number)
+    devices = [(number, disk)] + _partitions(*number, disk)
+    mountinfo = _read_text("/proc/self/mountinfo")
+    swaps = _swaps()
+    for (major, minor), name in devices:
+        where = _mount_point(mountinfo, major, minor)
+        if where:
+            return "{} is mounted at {}".format(name, where)
+        if name in swaps:
+            return "{} is an active swap area".format(name)
+        holders = _holders(major, minor)
+        if holders:
+            return "{} is held by {}".format(name, ", ".join(holders))
+    return None
+
 
 def _named(path, real):
     if real == path:
@@ -278,32 +294,60 @@ def _partitions(major, minor, disk):
     return found
 
 
-def _mounted():
-    """{(major, minor): mount point} of mounted filesystems."""
-    mounts = {}
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                ma, mi = fields[2].split(":")
-                mounts.setdefault((int(ma), int(mi)), fields[4])
-    except (OSError, ValueError, IndexError):
-        pass
-    return mounts
+def _mount_point(mountinfo, major, minor):
+    """Where the filesystem on device ``major:minor`` is mounted first,
+    from the text of /proc/self/mountinfo (None: not mounted).
+
+    Each line is "ID PARENT MAJ:MIN ROOT MOUNTPOINT ..."
+    (proc_pid_mountinfo(5)): the device's " MAJ:MIN " is searched for in
+    the whole text, and only a line holding it is split, so that a host
+    with thousands of mounts costs one scan, not a split of every line.
+    """
+    needle = " {}:{} ".format(major, minor)
+    start = 0
+    while True:
+        at = mountinfo.find(needle, start)
+        if at < 0:
+            return None
+        line_start = mountinfo.rfind("\n", 0, at) + 1
+        line_end = mountinfo.find("\n", at)
+        if line_end < 0:
+            line_end = len(mountinfo)
+        fields = mountinfo[line_start:line_end].split()
+        if len(fields) > 4 and fields[2] == needle.strip():
+            return fields[4]
+        start = at + 1
 
 
 def _swaps():
     """Kernel names of active swap devices."""
     names = set()
-    try:
-        with open("/proc/swaps") as f:
-            next(f, None)
-            for line in f:
-                path = line.split()[0]
-                names.add(os.path.basename(os.path.realpath(path)))
-    except (OSError, IndexError):
-        pass
+    for line in _read_text("/proc/swaps").splitlines()[1:]:
+        fields = line.split()
+        if fields:
+            names.add(os.path.basename(os.path.realpath(fields[0])))
     return names
+
+
+def _read_text(path):
+    """The whole text of a /proc file ("" when it cannot be read):
+    os.read until the end, no buffered text file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    chunks = []
+    try:
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("utf-8", "replace")
 
 
 def _holders(major, minor):

@@ -96,8 +96,7 @@ def _forget(path, entry):
 
 
 def _acquire_file_lock(path, vol_id, timeout, deadline):
-    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = _open_lock_file(path)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -121,3 +120,17 @@ def _acquire_file_lock(path, vol_id, timeout, deadline):
     except BaseException:
         os.close(fd)
         raise
+
+
+def _open_lock_file(path):
+    """Open (creating) the lock file at ``path``.
+
+    Its directory is made only when it is missing (the first lock, or
+    after someone removed it), not checked at every acquisition.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+    try:
+        return os.open(path, flags, 0o600)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        return os.open(path, flags, 0o600)

@@ -878,9 +878,21 @@ class Service:
         return os.path.join(self.cfg.run_dir, "{}_{}".format(sd_id, vol_id))
 
     def _add_link(self, sd_id, vol_id, path):
-        """Point <run_dir>/<sd_id>_<vol_id> at ``path`` atomically."""
+        """Point <run_dir>/<sd_id>_<vol_id> at ``path`` atomically.
+
+        A new link is made in place (one symlink call: it appears
+        whole); one that exists is replaced through a temp link and a
+        rename.  ``run_dir`` is made at start (``open``), and again here
+        only if it went missing.
+        """
         link = self._link_path(sd_id, vol_id)
-        os.makedirs(self.cfg.run_dir, mode=0o755, exist_ok=True)
+        try:
+            os.symlink(path, link)
+            return link
+        except FileNotFoundError:
+            os.makedirs(self.cfg.run_dir, mode=0o755, exist_ok=True)
+        except FileExistsError:
+            pass
         tmp = os.path.join(self.cfg.run_dir,
                            ".{}_{}.tmp".format(sd_id, vol_id))
         fileutil.rm_file(tmp)

@@ -40,9 +40,20 @@ check the ids and the path (``check_device_path``) first.  Reading rules
 
 Rules are written atomically (temp file + rename): udev reads rule files
 at any time and must never see half a line.  The temp name does not end
-in ``.rules``, so udev ignores it.  They are not fsync'ed (it would cost
-more than the rest of the attach's file work): a rule torn by a power
-loss is found by ``rule_ok`` when the service starts and written again.
+in ``.rules``, so udev ignores it.
+
+They are not fsync'ed, by choice, and the journal write that follows
+them does not wait for them: a rule matters only in the boot that wrote
+it, while its device is connected.  A crash of the agent loses nothing
+(the kernel has the file).  A crash of the host ends the boot and the
+connection with it: at the next start every record is from another boot,
+and reconcile removes its rule (and link) whatever became of the file
+(complete, empty, missing; a torn line is one udev refuses to parse, and
+is removed the same way).  A durable rule would only make a rule of the
+ended boot, naming a device name the new boot may give to another device,
+more likely to be there at the next boot.  Within one boot ``rule_ok``
+finds a rule that is missing or not the expected line, and reconcile
+writes it again.
 """
 
 import logging
@@ -131,15 +142,24 @@ def check_device_path(path, device_dirs=("/dev",)):
 
 
 def add_rule(cfg, sd_id, vol_id, path):
-    """Write the rule of a volume atomically (mode 0644); return its path."""
-    os.makedirs(cfg.udev_rules_dir, mode=0o755, exist_ok=True)
+    """Write the rule of a volume atomically (mode 0644); return its path.
+
+    Five system calls: open the temp file, fchmod (the umask must not
+    decide the mode), one write, close, rename.  The rules directory is
+    made only when it is missing.
+    """
     text = rule_text(path, cfg.udev_owner, cfg.chown, cfg)
     dst = rule_path(cfg.udev_rules_dir, sd_id, vol_id)
     tmp = temp_path(cfg.udev_rules_dir, sd_id, vol_id)
     # O_NOFOLLOW: a symlink planted under the temp name must not make us
     # (root) truncate its target.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-                 | os.O_NOFOLLOW, 0o644)
+    flags = (os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+             | os.O_NOFOLLOW)
+    try:
+        fd = os.open(tmp, flags, 0o644)
+    except FileNotFoundError:
+        os.makedirs(cfg.udev_rules_dir, mode=0o755, exist_ok=True)
+        fd = os.open(tmp, flags, 0o644)
     try:
         os.fchmod(fd, 0o644)
         os.write(fd, text.encode("utf-8"))
@@ -214,21 +234,32 @@ def trigger(cfg, path, timeout=TRIGGER_TIMEOUT):
     uevent = _sysfs_uevent(path)
     if uevent is not None:
         try:
-            with open(uevent, "w") as f:
-                f.write("change")
+            _write_uevent(uevent)
             return True
+        except FileNotFoundError:
+            pass    # no sysfs entry (sysfs not mounted, a container)
         except OSError as e:
             log.debug("Cannot write %s (%s), trying udevadm", uevent, e)
     return _udevadm_trigger(cfg, path, timeout)
 
 
 def _sysfs_uevent(path):
-    """``/sys/dev/block/MAJ:MIN/uevent`` of a block device, or None."""
+    """``/sys/dev/block/MAJ:MIN/uevent`` of a block device, or None.
+    Whether it exists is found by opening it (``_write_uevent``)."""
     number = devices.device_number(path)
     if number is None:
         return None
-    uevent = devices.sysfs_path(*number, "uevent")
-    return uevent if os.path.exists(uevent) else None
+    return devices.sysfs_path(*number, "uevent")
+
+
+def _write_uevent(uevent):
+    """Write "change" to a sysfs ``uevent`` file: open, one write, close
+    (no buffered text file; sysfs must not be created in or truncated)."""
+    fd = os.open(uevent, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, b"change")
+    finally:
+        os.close(fd)
 
 
 def _udevadm_trigger(cfg, path, timeout):

@@ -449,3 +449,40 @@ def test_only_a_final_write_commits_without_fsync(db):
                        "PRAGMA synchronous = FULL",
                        "PRAGMA synchronous = NORMAL"]
     assert db.volumes() == []
+
+
+def test_add_if_new_leaves_a_record_alone_in_one_statement(db):
+    seen = _statements(db)
+    assert db.add_volume(VOL, SD, CI, exist_ok=True) is True
+    db.update_volume(VOL, state="attached")
+    assert db.add_volume(VOL, SD, {"other": 1}, exist_ok=True) is False
+    assert [s.split()[0] for s in seen
+            if not s.startswith("PRAGMA")] == ["INSERT", "UPDATE", "INSERT"]
+    rec = db.get_volume(VOL)
+    assert (rec["state"], rec["connection_info"]) == ("attached", CI)
+    with pytest.raises(errors.StoreError, match="already has a record"):
+        db.add_volume(VOL, SD, CI)
+
+
+def test_a_read_uses_the_free_writer_and_never_waits_for_a_commit(db):
+    db.add_volume(VOL, SD, CI)
+    seen = _statements(db)
+    assert db.get_volume(VOL)["vol_id"] == VOL
+    assert [s.split()[0] for s in seen] == ["SELECT"]
+    del seen[:]
+    held, release = threading.Event(), threading.Event()
+
+    def commit_in_progress():
+        with db._lock:
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=commit_in_progress)
+    t.start()
+    try:
+        held.wait(30)
+        assert db.get_volume(VOL)["vol_id"] == VOL      # the reader's
+        assert seen == []
+    finally:
+        release.set()
+        t.join(30)

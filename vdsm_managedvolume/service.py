@@ -211,7 +211,12 @@ class Service:
 
         with self._call() as db, self._locked(vol_id):
             boot_id = self._boot()
-            rec = self._find(vol_id)
+            # Most attaches find no record: the intent is written at once
+            # (an insert that leaves a record already there alone), and
+            # only a record found is read and judged (_reuse).
+            added = db.add_volume(vol_id, sd_id, connection_info,
+                                  boot_id=boot_id, exist_ok=True)
+            rec = None if added else self._find(vol_id)
             fresh = True
             if rec is not None:
                 rec, fresh = self._reuse(rec, sd_id, connection_info,
@@ -222,8 +227,9 @@ class Service:
             # attach_volume and detach_volume log their start at DEBUG).
             log.debug("Attaching volume %s sd_id=%s", vol_id, sd_id)
             if rec is None:
-                db.add_volume(vol_id, sd_id, connection_info,
-                              boot_id=boot_id)
+                if not added:   # _reuse removed the record it found
+                    db.add_volume(vol_id, sd_id, connection_info,
+                                  boot_id=boot_id)
             elif fresh:
                 # What the record says about another boot's connection
                 # must not be disconnected by a rollback.

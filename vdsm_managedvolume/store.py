@@ -360,12 +360,13 @@ class Store:
 
     def _read(self, sql, args=()):
         """The rows of one query, read on the writer's connection when no
-        commit holds it, else on the reader's: never waiting for a
-        commit.  The writer made the last writes, so its page cache is
-        current; the reader would first read again every page they
-        changed (three preads per read after each attach or detach
-        step)."""
-        if self._lock.acquire(blocking=False):
+        commit holds it and no write waits for it, else on the reader's:
+        never waiting for a commit, never delaying one.  The writer made
+        the last writes, so its page cache is current; the reader would
+        first read again every page they changed (three preads per read
+        after each attach or detach step)."""
+        if (self._conn is not None and not self._pending
+                and self._lock.acquire(blocking=False)):
             try:
                 if self._conn is not None:
                     return self._fetch(self._conn, sql, args)

@@ -257,10 +257,14 @@ class Service:
                         "does not exist".format(path))
                 identity = transport.identity(path)
                 self._check_not_shared(vol_id, path, identity, boot_id)
-                db.update_volume(
-                    vol_id, attachment=attachment, path=path,
-                    multipath_id=attachment.get("multipath_id"),
-                    size=devices.size(path), identity=identity)
+                found = {"attachment": attachment, "path": path,
+                         "size": devices.size(path), "identity": identity}
+                multipath_id = attachment.get("multipath_id")
+                if multipath_id is not None or not added:
+                    # A record inserted by this attach has none yet: not
+                    # setting it spares SQLite a rewrite of its index.
+                    found["multipath_id"] = multipath_id
+                db.update_volume(vol_id, **found)
                 faults.crash_point("attach.after_attachment")
                 self._add_udev_rule(sd_id, vol_id, path)
                 faults.crash_point("attach.after_udev")

@@ -137,6 +137,18 @@ def test_a_mapping_that_prints_no_keys_is_still_masked_by_key(log_lines):
     assert all(SECRET not in line and mask.MASK in line for line in lines)
 
 
+def test_a_secret_named_only_by_its_mapping_key_is_masked(log_lines):
+    # The line shows the value alone, which looks like any word: only the
+    # key says it is a secret.
+    logger, lines = log_lines
+    logger.info("chap %(user)s:%(password)s", {"user": "u",
+                                                "password": "hunter2"})
+    logger.info("%(auth_password)s", {"auth_password": "hunter2"})
+    assert len(lines) == 2
+    assert all("hunter2" not in line and mask.MASK in line
+               for line in lines)
+
+
 @pytest.mark.parametrize("raw, shown", [
     ("x\x1b[2Jy", "x\\x1b[2Jy"),
     ("nul\x00", "nul\\x00"),

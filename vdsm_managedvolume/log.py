@@ -174,8 +174,9 @@ def _plain_line(record):
     """The record's line, when it is its final text already: the fast
     path taken by nearly every line (ids, paths, states, timings).
 
-    When the template is a string and every argument a string, a number,
-    None or a ``mask.Masked`` (whose text is masked by key already), the
+    When the template is a string and every argument (positional: a
+    mapping is masked by its keys) a string, a number, None or a
+    ``mask.Masked`` (whose text is masked by key already), the
     formatted line holds every character an argument could add; when that
     line is ASCII, printable and holds no secret's marker
     (``mask.plainly_clean``), neither does any argument, so masking and
@@ -185,13 +186,12 @@ def _plain_line(record):
         return None
     args = record.args
     if args:
-        if type(args) is dict:
-            values = args.values()
-        elif type(args) is tuple:
-            values = args
-        else:
+        # A mapping's secrets are found by its keys ("%(password)s" puts
+        # only the value in the line, which may look like anything): the
+        # full path masks it with mask.mask.
+        if type(args) is not tuple:
             return None
-        for value in values:
+        for value in args:
             if type(value) not in _PLAIN_TYPES and \
                     not isinstance(value, mask.Masked):
                 return None

@@ -493,6 +493,58 @@ def test_records_and_end_sent_while_idle_are_read_by_running(
     ours.close()
 
 
+def test_a_call_after_shutdown_fails_alone_and_running_calls_finish():
+    # Stopping closes our sending half; a call sent then must not be taken
+    # for the daemon's death, which would fail the calls it still runs.
+    import socket
+    ours, theirs = socket.socketpair()
+    channel = privileged._Channel(ours)
+    daemon = FakeDaemon(theirs)
+    [running], results = calls_in_threads(channel, [30])
+    [(msgid, _)] = daemon.requests(1)
+    channel.shutdown()
+    with pytest.raises(privileged._Stopping):
+        channel.call("f", (), 30)
+    daemon.reply(msgid, "done")
+    running.join(30)
+    assert results == {0: "done"}
+    assert channel.running
+    ours.close()
+    theirs.close()
+
+
+def test_a_frame_that_is_no_reply_ends_the_channel_for_every_call():
+    import socket
+    ours, theirs = socket.socketpair()
+    channel = privileged._Channel(ours)
+    daemon = FakeDaemon(theirs)
+    threads, results = calls_in_threads(channel, [30, 30])
+    daemon.requests(2)
+    daemon.send(7)      # not a (msgid, message) pair
+    for t in threads:
+        t.join(30)
+    assert all(isinstance(results[i], privileged._Died) and
+               "privsep channel broken" in str(results[i]) for i in (0, 1))
+    assert not channel.running
+    ours.close()
+    theirs.close()
+
+
+def test_a_call_on_a_channel_already_ended_is_unsent():
+    # Another caller read the daemon's end after this one chose the
+    # daemon: nothing is sent, and Brick._call gives the call to a new
+    # daemon (_Unsent), as when the send itself finds the end.
+    import socket
+    ours, theirs = socket.socketpair()
+    channel = privileged._Channel(ours)
+    theirs.close()
+    channel._read_idle()        # the end, read by someone else
+    assert not channel.running
+    with pytest.raises(privileged._Unsent):
+        channel.call("f", (), 30)
+    ours.close()
+
+
 def test_daemon_killed_while_idle_is_restarted_transparently(brick):
     brick.connector_properties()
     pid = brick.daemon_pid()

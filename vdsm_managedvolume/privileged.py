@@ -275,15 +275,16 @@ class Brick:
                     # daemon gets the call.
                     if attempt:
                         raise
-                    LOG.warning("privsep daemon %s is gone: starting a new "
-                                "one", daemon.pid)
-                    self._discard(daemon)
                     daemon = self._running_daemon()
         except _Timeout:
             LOG.error("%s: no answer %.1f s after its deadline: killing "
                       "privsep daemon %s", operation, KILL_GRACE, daemon.pid)
             self._discard(daemon, kill=True)
             raise errors.HelperTimeout(operation=operation, timeout=timeout)
+        except _Stopping:
+            raise errors.HelperFailed(
+                "privsep daemon {} is stopping: {} was not sent".format(
+                    daemon.pid, operation)) from None
         except _Died as e:
             self._discard(daemon)
             if time.monotonic() >= deadline:
@@ -411,6 +412,11 @@ class _Timeout(Exception):
 
 class _Died(Exception):
     """The daemon closed the channel (it died) during the call."""
+
+
+class _Stopping(Exception):
+    """The daemon is being stopped: the call was not sent, and the calls
+    still running there are left to finish."""
 
 
 class _Unsent(_Died):
@@ -635,6 +641,9 @@ class _Channel:
         self._ids = itertools.count()
         self._running = True
         self._broken = None
+        # Set by shutdown() (under _send_lock): nothing more is sent, and
+        # a send's EPIPE can then only mean the daemon died.
+        self._shut = False
         self._packer = msgpack.Packer(use_bin_type=True,
                                       unicode_errors="surrogateescape")
         self._unpacker = msgpack.Unpacker(
@@ -689,11 +698,15 @@ class _Channel:
 
     def shutdown(self):
         """Close our sending half: the daemon ends after its running calls
-        (oslo's Daemon.loop ends at EOF)."""
-        try:
-            self._sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        (oslo's Daemon.loop ends at EOF).  A call sent after this fails
+        alone (the daemon is stopping); the running ones get their
+        replies."""
+        with self._send_lock:
+            self._shut = True
+            try:
+                self._sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
 
     def wait_closed(self, wait):
         """Read until the daemon closes the channel, at most ``wait``
@@ -732,12 +745,15 @@ class _Channel:
         waiter = _Waiter()
         with self._lock:
             if not self._running:
-                raise _Died(self._broken)
+                # Ended after the caller chose this daemon: nothing sent.
+                raise _Unsent(self._broken)
             self._waiters[msgid] = waiter
             self._flows[flow] += 1
         try:
             try:
                 with self._send_lock:
+                    if self._shut:
+                        raise _Stopping()
                     self._sock.sendall(data)
             except OSError as e:
                 # The daemon ended (EPIPE: it closed its end) before it
@@ -815,9 +831,7 @@ class _Channel:
                 self._wake(waiter)
                 return
 
-    def _read(self, waiter, deadline):
-        """As the reader: handle what arrives until ``waiter`` has its
-        reply, the channel ended or ``deadline`` passed."""
+    def _read_until(self, waiter, deadline):
         while True:
             self._handle_buffered()
             if waiter.reply is not None or not self._running:
@@ -828,6 +842,11 @@ class _Channel:
             self._bound_recv(remaining)
             self._receive()
 
+    def _read(self, waiter, deadline):
+        """As the reader: handle what arrives until ``waiter`` has its
+        reply, the channel ended or ``deadline`` passed."""
+        self._guarded(self._read_until, waiter, deadline)
+
     def _read_idle(self):
         """Read what the daemon sent while no call was in flight (log
         records, or its end), without waiting."""
@@ -836,11 +855,25 @@ class _Channel:
                 return
             self._reading = True
         try:
-            while self._running and self._poll.poll(0):
-                self._receive()
-                self._handle_buffered()
+            self._guarded(self._drain)
         finally:
             self._leave()
+
+    def _drain(self):
+        while self._running and self._poll.poll(0):
+            self._receive()
+            self._handle_buffered()
+
+    def _guarded(self, read, *args):
+        """Run ``read`` as the reader; anything it cannot make sense of (a
+        frame that is not [msgid, message], a buffer overflow) ends the
+        channel for every call in flight, as a broken socket does."""
+        try:
+            read(*args)
+        except Exception as e:
+            LOG.error("privsep channel broken: %s: %s", type(e).__name__, e)
+            self._fail("privsep channel broken ({}: {})".format(
+                type(e).__name__, e))
 
     def _bound_recv(self, remaining):
         """Make a blocking recv return within ``remaining`` seconds.

@@ -67,9 +67,12 @@ def test_two_slots_let_two_threads_hold_them_at_once_not_three():
     leave = threading.Event()
     third = threading.Event()
 
+    held = threading.Semaphore(0)
+
     def holder():
         with g.hold():
             both.wait()
+            held.release()
             leave.wait(BOUND)
 
     def other():
@@ -79,6 +82,9 @@ def test_two_slots_let_two_threads_hold_them_at_once_not_three():
     threads = [threading.Thread(target=holder) for _ in range(2)]
     for t in threads:
         t.start()
+    # Both slots taken before the third thread asks (else it could get
+    # one first).
+    assert held.acquire(timeout=BOUND) and held.acquire(timeout=BOUND)
     threads.append(threading.Thread(target=other))
     threads[-1].start()
     assert not third.wait(0.2)

@@ -17,6 +17,9 @@ from vdsm_managedvolume import pki
 from vdsm_managedvolume import stompframe
 from vdsm_managedvolume import stompserver
 
+from . import fakebrick
+from .host_fixtures import iscsi_connection, new_id
+
 # The bytes vdsm-client sends (docs/dependencies.md, "vdsm's wire").
 VDSM_CONNECT = b"CONNECT\naccept-version:1.2\nheart-beat:0,24000\n\n\0"
 
@@ -320,3 +323,24 @@ def wait_for(predicate, timeout=60):
             raise AssertionError("condition not met within {}s".format(
                 timeout))
         time.sleep(0.05)
+
+
+def blocked_attaches(run, service, release, count, timeout=60):
+    """Start ``count`` attaches over ``run``'s wire, each held in the fake
+    connector until ``release`` exists; return {fake key: (vol_id, its
+    client)} once all are inside the connector."""
+    volumes = {}
+    for _ in range(count):
+        vol_id = new_id()
+        ci = iscsi_connection(service.cfg, fake_wait=release)
+        client = run.raw(timeout=timeout)
+        client.connect()
+        client.subscribe()
+        client.send(send_bytes(request(
+            "ManagedVolume.attach_volume",
+            {"vol_id": vol_id, "connection_info": ci},
+            request_id=vol_id), "reply-queue"))
+        volumes[ci["data"]["fake_key"]] = (vol_id, client)
+    started = {"connect-start " + key for key in volumes}
+    wait_for(lambda: started <= set(fakebrick.calls()))
+    return volumes

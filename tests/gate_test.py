@@ -306,37 +306,26 @@ def test_agent_stops_with_gated_operations_in_flight(real_service,
     cfg = agentutil.make_config(tmp_path / "agent", max_operations=8)
     run = agentutil.Running(cfg, jsonrpc.Dispatcher(real_service))
     release = str(tmp_path / "release")
-    clients = {}
+    volumes = {}
     try:
-        for _ in range(8):
-            vol_id = new_id()
-            ci = iscsi_connection(real_service.cfg, fake_wait=release)
-            client = run.raw(timeout=BOUND)
-            client.connect()
-            client.subscribe()
-            client.send(agentutil.send_bytes(agentutil.request(
-                "ManagedVolume.attach_volume",
-                {"vol_id": vol_id, "connection_info": ci},
-                request_id=vol_id), "reply-queue"))
-            clients[vol_id] = (ci["data"]["fake_key"], client)
-        started = {"connect-start " + key for key, _ in clients.values()}
-        agentutil.wait_for(lambda: started <= set(fakebrick.calls()))
+        volumes.update(agentutil.blocked_attaches(run, real_service, release,
+                                                  8, timeout=BOUND))
         stopper = threading.Thread(target=run.stop, args=(BOUND,))
         stopper.start()
         agentutil.wait_for(run.server._stopping.is_set)
         with open(release, "w"):
             pass
-        for vol_id, (key, client) in clients.items():
+        for key, (vol_id, client) in volumes.items():
             reply = json.loads(client.frame().body)
             assert reply["result"]["vol_id"] == vol_id
             assert key in fakebrick.connected()
         _join([stopper])
     finally:
-        for _, client in clients.values():
+        for _, client in volumes.values():
             client.close()
         run.stop()
     # In-vdsm mode: this thread holds no slot; the service works as ever.
-    for vol_id, (key, _) in clients.items():
+    for key, (vol_id, _) in volumes.items():
         real_service.detach_volume(vol_id)
         assert key not in fakebrick.connected()
 

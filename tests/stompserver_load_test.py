@@ -48,7 +48,7 @@ def test_attaches_of_distinct_volumes_run_at_once_while_control_answers(
         serve, real_service, tmp_path):
     run = serve(workers=2, max_operations=16)
     release = str(tmp_path / "release")
-    volumes = _blocked_attaches(run, real_service, release, count=12)
+    volumes = agentutil.blocked_attaches(run, real_service, release, count=12)
     # All twelve are inside the connector at the same time: more than the
     # control plane's two workers, more than the CPU count.
     with run.raw() as control:
@@ -78,7 +78,7 @@ def test_an_operation_beyond_max_operations_is_refused_at_once(
         serve, real_service, tmp_path):
     run = serve(workers=2, max_operations=2)
     release = str(tmp_path / "release")
-    volumes = _blocked_attaches(run, real_service, release, count=2)
+    volumes = agentutil.blocked_attaches(run, real_service, release, count=2)
     with run.raw() as other:
         other.connect()
         other.subscribe()
@@ -120,7 +120,7 @@ def test_a_second_operation_on_one_volume_waits_for_its_lock(
         serve, real_service, tmp_path):
     run = serve(max_operations=8)
     release = str(tmp_path / "release")
-    volumes = _blocked_attaches(run, real_service, release, count=1)
+    volumes = agentutil.blocked_attaches(run, real_service, release, count=1)
     (key, (vol_id, client)), = volumes.items()
     client.send(agentutil.send_bytes(agentutil.request(
         "ManagedVolume.detach_volume", {"vol_id": vol_id},
@@ -238,27 +238,6 @@ def _threads(name):
     """The live threads of the pool named ``name``."""
     return len([t for t in threading.enumerate()
                 if t.name.startswith(name + "-") and t.is_alive()])
-
-
-def _blocked_attaches(run, service, release, count):
-    """Start ``count`` attaches held in the connector until ``release``
-    exists; return {fake key: (vol_id, its client)} once all are inside.
-    """
-    volumes = {}
-    for _ in range(count):
-        vol_id = new_id()
-        ci = iscsi_connection(service.cfg, fake_wait=release)
-        client = run.raw(timeout=60)
-        client.connect()
-        client.subscribe()
-        client.send(agentutil.send_bytes(agentutil.request(
-            "ManagedVolume.attach_volume",
-            {"vol_id": vol_id, "connection_info": ci},
-            request_id=vol_id), "reply-queue"))
-        volumes[ci["data"]["fake_key"]] = (vol_id, client)
-    started = {"connect-start " + key for key in volumes}
-    agentutil.wait_for(lambda: started <= set(fakebrick.calls()))
-    return volumes
 
 
 def _release_and_check(volumes, release):

@@ -220,6 +220,34 @@ def test_response_goes_to_the_subscription_of_another_connection(tcp):
     assert json.loads(frame.body)["id"] == "o"
 
 
+def test_a_response_whose_connection_closes_before_the_write_is_routed(
+        tcp, monkeypatch):
+    # The worker saw its connection open, then the I/O thread closed it
+    # before the write: the response goes the loop's way, to another
+    # connection subscribed to the same reply-to (a reconnected engine),
+    # not silently nowhere.
+    write = stompserver.Connection.write
+
+    def closed_first(conn, data):
+        done = threading.Event()
+        tcp.server.call_soon(lambda: (conn.close(), done.set()))
+        assert done.wait(30)
+        return write(conn, data)
+
+    with tcp.raw() as listener, tcp.raw() as sender:
+        listener.connect()
+        listener.send(subscribe_bytes("shared-replies", "L"))
+        listener.send(b"SUBSCRIBE\ndestination:x\nid:sync\nreceipt:s\n\n\0")
+        listener.frame()                      # the receipt: subscribed
+        sender.connect()
+        sender.send(subscribe_bytes("shared-replies", "S"))
+        monkeypatch.setattr(stompserver.Connection, "write", closed_first)
+        sender.send(send_bytes(request("echo", {}, "o"), "shared-replies"))
+        frame = listener.frame()
+    assert frame.headers["subscription"] == "L"
+    assert json.loads(frame.body)["id"] == "o"
+
+
 def test_unsubscribed_destination_gets_no_response(tcp):
     with tcp.raw() as c:
         c.connect()

@@ -128,6 +128,9 @@ MAX_CONNECTIONS = 512
 ACCEPT_PAUSE = 1.0
 
 CHUNK = 65536
+# The most plaintext one TLS record holds (RFC 8446 5.1): a TLS recv
+# returns one record at most.
+TLS_RECORD = 16384
 
 
 class Server:
@@ -497,15 +500,18 @@ class Server:
         if len(sub_ids) != 1 or conn.closed or (
                 reply_to != RESPONSES and
                 any(dest == RESPONSES for _, dest in subscriptions) and
-                self.dispatcher.is_unknown_id_error(response)):
+                self.dispatcher.is_unknown_id_error(response)) or \
+                not conn.write(stompframe.encode(stompframe.MESSAGE, {
+                    "destination": reply_to,
+                    "content-type": "application/json",
+                    "subscription": sub_ids[0],
+                    "message-id": conn.next_message_id(),
+                }, response)):
+            # Not the usual route, or the connection would not take the
+            # frame now (it closed meanwhile: another connection on the
+            # same reply-to gets it, or the drop is logged).
             self.call_soon(self._route, conn, reply_to, flow_id, response)
             return
-        conn.write(stompframe.encode(stompframe.MESSAGE, {
-            "destination": reply_to,
-            "content-type": "application/json",
-            "subscription": sub_ids[0],
-            "message-id": conn.next_message_id(),
-        }, response))
         if log.isEnabledFor(logging.DEBUG):
             with logmod.flow(flow_id):
                 log.debug("Response sent to %s (%d bytes)", reply_to,
@@ -562,7 +568,8 @@ class Server:
 
 
 class Connection:
-    """One client connection; used only by the I/O thread."""
+    """One client connection, driven by the I/O thread; a worker writes
+    its response itself (``write``) under the connection's lock."""
 
     HANDSHAKE = "handshake"
     WAIT_CONNECT = "wait-connect"
@@ -742,30 +749,26 @@ class Connection:
         return str(next(self._message_ids))     # atomic: any thread
 
     def write(self, data):
-        """Send the frame ``data``, from a worker thread.
+        """Send the frame ``data`` from a worker thread; False when it was
+        not taken (the caller routes it through the loop).
 
         When nothing waits to be written before it, the worker writes it
         itself: the I/O thread is neither woken nor involved, and a
         request costs one thread hand-off instead of two.  Whatever the
         socket did not take at once (it is full, TLS wants to wait) is
         queued as the I/O thread would have queued it and the loop is
-        told to go on writing; a frame that cannot be written now (output
-        queued, a close begun, too large for one send) goes through the
-        loop (``send``), as every frame did before.
+        told to go on writing.  A frame that cannot be written now (output
+        queued, a close begun, too large for one send) is not taken.
         """
-        if len(data) <= CHUNK:
-            with self._lock:
-                if self.closed or self.state != self.CONNECTED or \
-                        self._out:
-                    done = None
-                else:
-                    done = self._write_locked(data)
-            if done:
-                return
-            if done is not None:
-                self.server.call_soon(self.server.touch, self)
-                return
-        self.server.call_soon(self.send, data)
+        if len(data) > CHUNK:
+            return False
+        with self._lock:
+            if self.closed or self.state != self.CONNECTED or self._out:
+                return False
+            done = self._write_locked(data)
+        if not done:
+            self.server.call_soon(self.server.touch, self)
+        return True
 
     def fail(self, reason, receipt=None):
         """Send an ERROR frame and close, as STOMP asks."""
@@ -854,8 +857,9 @@ class Connection:
                 continue        # lingering: discard
             # Less than asked: the socket (or TLS record) is drained, and
             # select() says when more comes; do not pay a recv() that
-            # fails (and an exception) to learn it.
-            drained = len(data) < CHUNK
+            # fails (and an exception) to learn it.  A TLS recv returns
+            # one record at most: a full one says more may follow.
+            drained = len(data) < (TLS_RECORD if self.tls else CHUNK)
             try:
                 frames = self.parser.feed(data)
             except stompframe.FrameError as e:
@@ -949,8 +953,10 @@ class Connection:
         """
         try:
             n = self._send_locked(data)
-        except (ssl.SSLError, OSError):
-            n = 0       # queued: the loop's write meets it and closes
+        except (ssl.SSLError, OSError) as e:
+            # Queued: the loop's write meets the error again and closes.
+            log.debug("Writing to %s failed: %s", self.peer, e)
+            n = 0
         if n == len(data):
             return True
         self._queue(data)

@@ -87,6 +87,13 @@ LEAKY_TEXTS = [
     "node.session.auth.password_in = " + SECRET,
     "postgresql://engine:%s@db.example/engine" % SECRET,
     "auth_password='" + SECRET,     # a message cut after the opening quote
+    # A (key, value) pair's repr in free text (mask() masks the pair
+    # itself): a tuple, dict.items(), a list, bytes, pprint's line break.
+    "('auth_password', '%s')" % SECRET,
+    "items: [('lun', 1), ('auth_password', '%s')]" % SECRET,
+    '["discovery_auth_password", "%s"]' % SECRET,
+    "(b'auth_password', b'%s')" % SECRET,
+    "('auth_password',\n '%s')" % SECRET,
 ]
 
 
@@ -117,6 +124,10 @@ def test_mask_text_hides_ceph_keys_wherever_they_appear(text):
     "include_secrets=True",
     "target_portal=192.0.2.1:3260 target_lun=1",
     "auth_password=",
+    "('auth_username', 'chapuser')",
+    "('lun', 1)",
+    "wrong password, 'retrying'",
+    "password, 'x'",
 ])
 def test_mask_text_keeps_what_is_no_secret(text):
     assert mask.mask_text(text) == text
@@ -127,6 +138,8 @@ def test_mask_keeps_the_key_and_quotes_around_the_masked_value():
         "'auth_password': '********'"
     assert mask.mask_text("-n node.session.auth.password -v x1") == \
         "-n node.session.auth.password -v ********"
+    assert mask.mask_text("('auth_password', 'x1')") == \
+        "('auth_password', '********')"
 
 
 def test_log_file_is_created_0640(tmp_path):

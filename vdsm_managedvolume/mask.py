@@ -22,6 +22,7 @@ shapes in which such a key meets its value::
     password%3Ds3cret               (URL-encoded)
     iscsiadm ... -n node.session.auth.password -v s3cret
     ('-n', 'discovery.sendtargets.auth.password', '-v', 's3cret')
+    ('auth_password', 's3cret')     (a pair's repr: dict.items(), a trace)
     postgresql://user:s3cret@host/db
     key = AQB...==  /  AQ<38 base64 chars>==      (a Ceph keyring)
 
@@ -60,9 +61,11 @@ _WORDS = "|".join(_SECRET_WORDS)
 # run of name characters is tried once, not at each of its characters),
 # optionally quoted (b'...', '...', "...", \"...\"), then a separator: ':',
 # '=', URL-encoded '=' or '":"', or iscsiadm's "-v" (plain or as the items
-# of a list repr).
+# of a list repr), or, for a quoted key opening a tuple or list, the comma
+# before a quoted value: a (key, value) pair's repr (``pair`` is set when
+# the key follows "(" or "[").
 _KEY_RE = re.compile(
-    r"(?<![\w.-])(?:b?\\?['\"])?"
+    r"(?<![\w.-])(?:(?<=[(\[])(?P<pair>))?(?:b?\\?['\"])?"
     r"(?!include_secrets(?![\w.-]))"
     r"(?:[\w.-]{0,%(n)d}?(?:%(words)s)[\w.-]{0,%(n)d}"
     r"|(?:discovery_)?auth_(?!(?:method|username|enabled)(?![\w-]))"
@@ -71,7 +74,8 @@ _KEY_RE = re.compile(
     r"(?:[ \t]{0,16}[:=][ \t\r\n]{0,16}"
     r"|%%3[dD]|%%22%%3[aA](?:%%20){0,4}(?:%%22)?|%%3[aA]"
     r"|[ \t]{0,16},?[ \t]{0,16}['\"]?(?:-v|--value)['\"]?"
-    r"(?:[ \t]{0,16},[ \t]{0,16}|[ \t]{1,16}|=))"
+    r"(?:[ \t]{0,16},[ \t]{0,16}|[ \t]{1,16}|=)"
+    r"|(?(pair)(?<=['\"])[ \t]{0,16},[ \t\r\n]{0,16}(?=b?['\"])|(?!)))"
     % {"n": _NAME_MAX, "words": _WORDS},
     re.IGNORECASE)
 

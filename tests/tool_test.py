@@ -356,6 +356,54 @@ def test_reconcile_dry_run_reports_and_changes_nothing(configured, state):
     assert os.path.islink(link)
 
 
+def _journal_files(cfg):
+    """{suffix: bytes} of the journal and its -wal file (a reader of a WAL
+    database may create an empty -wal: the same as none)."""
+    found = {}
+    for suffix in ("", "-wal"):
+        try:
+            with open(cfg.db_path + suffix, "rb") as f:
+                found[suffix] = f.read()
+        except FileNotFoundError:
+            pass
+    return {k: v for k, v in found.items() if v}
+
+
+def test_reconcile_dry_run_opens_the_journal_read_only(configured, state):
+    with store.open(configured.db_path) as db:
+        db.add_volume(VOL_ID, SD_ID, ISCSI)      # an interrupted attach
+    before = _journal_files(configured)
+
+    p = run("--state-dir", state, "--json", "reconcile", check=1)
+
+    assert [(v["action"], v["result"])
+            for v in json.loads(p.stdout)["volumes"]] == [
+        ("rollback", "planned")]
+    assert _journal_files(configured) == before
+
+
+def test_reconcile_dry_run_leaves_a_vdsm_journal_unmigrated(state, cfg):
+    # A dry run on a host where vdsm (or an older agent) owns the journal:
+    # migrating it is configure's job, never a look's.
+    os.makedirs(os.path.dirname(cfg.db_path))
+    with sqlite3.connect(cfg.db_path) as db:
+        db.executescript(store.MIGRATIONS[0][2])
+        db.execute("CREATE TABLE versions (version INTEGER PRIMARY KEY, "
+                   "description TEXT, updated datetime)")
+        db.execute("INSERT INTO versions VALUES (1, 'test', NULL)")
+    db.close()
+    before = _journal_files(cfg)
+
+    p = run("--state-dir", state, "reconcile", check=1)
+
+    assert "code=935" in p.stderr
+    assert "'managedvolume-tool configure' migrates it" in p.stderr
+    assert store.inspect(cfg.db_path)["version"] == 1
+    assert _journal_files(cfg) == before
+    assert not os.path.exists(cfg.run_dir)
+    assert not os.path.exists(cfg.lock_dir)
+
+
 def test_reconcile_apply_removes_a_link_no_record_owns(configured, state):
     link = _orphan_link(configured)
 

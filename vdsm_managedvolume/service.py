@@ -116,17 +116,23 @@ class Service:
         else:
             self._rules = udevwriter.ServiceRules(cfg)
 
-    def open(self):
+    def open(self, read_only=False):
         """Open (create, migrate) the journal without touching the host.
 
         For tools that want a dry-run ``reconcile(apply=False)``; the
-        service itself uses ``start()``.
+        service itself uses ``start()``.  ``read_only`` (a dry run): the
+        journal is opened with ``store.open_read_only`` (nothing created,
+        migrated or written; a journal of another schema version is a
+        StoreError) and no directory is made.
         """
         with self._calls_cond:
             if self._store is None:
                 boot.current(self.cfg)      # an unreadable boot id fails here
-                self._store = store.open(self.cfg.db_path)
+                self._store = (store.open_read_only if read_only
+                               else store.open)(self.cfg.db_path)
             self._closing = False
+        if read_only:
+            return
         for d in (self.cfg.run_dir, self.cfg.lock_dir):
             os.makedirs(d, mode=0o755, exist_ok=True)
         log.info("udev rules are written by the %s", "privsep daemon"

@@ -259,10 +259,13 @@ def reconcile(cfg, args):
     reported with their reason, not counted: the service cannot tell
     whether the engine still wants them; re-attaching fixes them,
     detaching removes them.
+    A dry run opens the journal read-only and changes nothing on disk
+    but the lock file of a volume that never had one (it takes each
+    volume's lock to see whether an operation holds it: "busy").
     """
     report = []
     if os.path.exists(cfg.db_path):
-        svc = _open_service(cfg)
+        svc = _open_service(cfg, read_only=not args.apply)
         try:
             report = svc.reconcile(apply=args.apply,
                                    force=args.apply and args.force)
@@ -707,15 +710,17 @@ def _stale_fields(cfg, records):
         svc.close()
 
 
-def _open_service(cfg):
+def _open_service(cfg, read_only=False):
     """A Service with its journal open, without start()'s reconcile.
 
-    start() reconciles with apply=True; a dry run must not.
+    start() reconciles with apply=True; a dry run must not, and opens the
+    journal read-only: it changes nothing in it, not even an older schema
+    (a running agent or vdsm may own it; ``configure`` migrates).
     """
     from . import service
     svc = service.Service(cfg)
     try:
-        svc.open()
+        svc.open(read_only=read_only)
     except BaseException:
         svc.close()
         raise

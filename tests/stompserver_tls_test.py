@@ -1,14 +1,19 @@
 """Mutual TLS: the development PKI, and who the agent lets in."""
 
 import os
+import select
+import selectors
 import socket
 import ssl
 import stat
+import threading
+import time
 
 import pytest
 
 from vdsm_managedvolume import pki
 from vdsm_managedvolume import stompclient
+from vdsm_managedvolume import stompserver
 
 from . import agentutil
 from .agentutil import Raw, request
@@ -165,3 +170,80 @@ def test_tls13_session_gets_no_session_tickets(tls):
         assert c.call(request("echo", {}, "t"))[1]["id"] == "t"
         assert c.sock.version() == "TLSv1.3"
         assert not c.sock.session.has_ticket
+
+
+def test_client_stuck_inside_the_handshake_is_dropped_at_handshake_timeout(
+        tls):
+    # Part of a real ClientHello, then nothing: the handshake deadline
+    # counts from the accept whatever bytes came (handshake_timeout 1 s).
+    ctx = pki.dev_client_context(tls.cfg)
+    out = ssl.MemoryBIO()
+    first = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        first.do_handshake()
+    client_hello = out.read()
+    with socket.create_connection(tls.address, timeout=30) as s:
+        s.sendall(client_hello[:len(client_hello) // 2])
+        try:
+            assert s.recv(100) == b""
+        except ConnectionResetError:
+            pass
+
+
+class _Owner:
+    """What a Connection needs of its server, for driving one by hand."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def forget(self, conn):
+        pass
+
+    def touch(self, conn):
+        pass
+
+    def watch(self, conn, events):
+        pass
+
+    def again(self, conn):
+        pass
+
+
+def test_connect_window_opens_when_the_handshake_ends_not_at_accept(state):
+    # A handshake that took longer than idle_timeout (within its own,
+    # larger, handshake_timeout) must leave the client its whole CONNECT
+    # window: the accept time is moved back instead of waiting.
+    state.handshake_timeout = 3600.0
+    state.idle_timeout = 60.0
+    ours, peer = socket.socketpair()
+    try:
+        ours.setblocking(False)
+        server_side = pki.server_context(state).wrap_socket(
+            ours, server_side=True, do_handshake_on_connect=False)
+        conn = stompserver.Connection(_Owner(state), server_side, "test")
+        conn.created -= 2 * state.idle_timeout
+        done = threading.Event()
+
+        def client():
+            ctx = pki.dev_client_context(state)
+            with ctx.wrap_socket(peer, server_hostname="localhost"):
+                done.wait(60)
+
+        t = threading.Thread(target=client, daemon=True)
+        t.start()
+        try:
+            deadline = time.monotonic() + 60
+            while conn.state == conn.HANDSHAKE and not conn.closed:
+                assert time.monotonic() < deadline, "handshake hangs"
+                select.select([server_side], [], [], 1)
+                conn.ready(selectors.EVENT_READ)
+            assert conn.state == conn.WAIT_CONNECT
+            now = time.monotonic()
+            assert conn.check_deadlines(now) > now
+            assert conn.state == conn.WAIT_CONNECT and not conn.closed
+        finally:
+            done.set()
+            t.join(60)
+    finally:
+        ours.close()
+        peer.close()

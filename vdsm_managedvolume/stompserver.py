@@ -47,8 +47,9 @@ getCapabilities: a host that does not answer is fenced.  So
 
 Connection life::
 
-    accept -> TLS handshake (handshake_timeout)
-           -> CONNECT/STOMP within idle_timeout, accept-version must hold 1.2
+    accept -> TLS handshake within handshake_timeout of the accept
+           -> CONNECT/STOMP within idle_timeout of the handshake's end (of
+              the accept over plain TCP), accept-version must hold 1.2
            -> CONNECTED version:1.2 heart-beat:<sx>,<sy>
            -> SUBSCRIBE / UNSUBSCRIBE / SEND ... / DISCONNECT [receipt]
 
@@ -63,13 +64,18 @@ A malformed frame, an unknown or unsupported command, a frame larger than
 wrong and is closed, as STOMP asks; other connections are not affected.
 
 What one peer can cost us is bounded (tests/security_test.py attacks each):
-a frame must arrive whole within ``idle_timeout`` of its first byte
-(slowloris); at most MAX_CONNECTIONS connections (more are closed at once;
-out of file descriptors, accepting pauses instead of spinning); a peer that
-does not read its responses is not read from either once READ_PAUSE bytes
-wait for it, and is dropped when it takes no byte for ``idle_timeout`` or
-MAX_OUTPUT bytes pile up; a flow id reaches the log printable and at most
-``log.MAX_FLOW_ID`` long.
+a TLS handshake must end within ``handshake_timeout`` of the accept,
+whatever the peer sends meanwhile (nothing, part of a ClientHello, a
+trickle), as in vdsm (sslutils.SSLHandshakeDispatcher: 10 s from the
+accept; its protocol detector then gets 10 s more); the CONNECT window
+(``idle_timeout``) opens only when the handshake ends, so a slow
+handshake never shortens it; a frame must arrive whole within
+``idle_timeout`` of its first byte (slowloris); at most MAX_CONNECTIONS
+connections (more are closed at once; out of file descriptors, accepting
+pauses instead of spinning); a peer that does not read its responses is
+not read from either once READ_PAUSE bytes wait for it, and is dropped
+when it takes no byte for ``idle_timeout`` or MAX_OUTPUT bytes pile up; a
+flow id reaches the log printable and at most ``log.MAX_FLOW_ID`` long.
 
 Routing: a SEND to ``jms.topic.vdsm_requests`` (or ``...vdsm_requests.<x>``)
 is a request; its response goes as a MESSAGE to the ``reply-to``
@@ -590,6 +596,9 @@ class Connection:
         self.closed = False
         now = time.monotonic()
         self.created = now
+        # When the CONNECT window (idle_timeout) opened: the handshake's
+        # end over TLS, the accept over plain TCP.
+        self.opened = now
         self.last_recv = now
         self.last_send = now
         self.send_interval = 0.0    # seconds between our heart-beats
@@ -682,7 +691,7 @@ class Connection:
         else:
             stall = None
         if self.state == self.WAIT_CONNECT:
-            deadline = self.created + self.cfg.idle_timeout
+            deadline = self.opened + self.cfg.idle_timeout
             if now >= deadline:
                 self.fail("no CONNECT frame within {} seconds".format(
                     self.cfg.idle_timeout))
@@ -825,6 +834,7 @@ class Connection:
             return
         self._want_write = False
         self.state = self.WAIT_CONNECT
+        self.opened = time.monotonic()
         log.debug("TLS handshake with %s done (%s)", self.peer,
                   self.sock.version())
 

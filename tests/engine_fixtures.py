@@ -109,9 +109,44 @@ class Shim:
         argv, full_env = self.command(
             command, *args, driver=driver, db_url=db_url, cid=cid,
             warm=warm, options=options, env=env)
-        proc = subprocess.run(argv, input=stdin, capture_output=True,
-                              env=full_env, cwd=ROOT, timeout=timeout)
-        return Result(argv, proc)
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=full_env,
+                                cwd=ROOT)
+        try:
+            out, err = proc.communicate(stdin, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(self._hung(proc, argv, timeout, warm))
+        return Result(argv, subprocess.CompletedProcess(
+            argv, proc.returncode, out, err))
+
+    def _hung(self, proc, argv, timeout, warm):
+        """What a command that did not end in ``timeout`` seconds was
+        doing: the stacks of every thread of the command (cold) or of the
+        warm service and its children, which log them on SIGUSR1."""
+        pids = [proc.pid] if not warm else [
+            pid for pid, cmdline in process_cmdlines(_all_pids()).items()
+            if "--serve" in cmdline and self.socket_path in cmdline]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+        time.sleep(2)
+        proc.kill()
+        out, err = proc.communicate()
+        text = err.decode("utf-8", "replace")
+        if warm:
+            log_files = {c.split(" --log-file ", 1)[1].split(" ", 1)[0]
+                         for c in process_cmdlines(pids).values()
+                         if " --log-file " in c}
+            for name in log_files:
+                with open(name, errors="replace") as f:
+                    text += "\n--- {} (end)\n{}".format(name,
+                                                        f.read()[-20000:])
+        return "{} did not end within {} s; stacks (SIGUSR1) of {}:\n" \
+               "{}".format(argv[len(client_argv()):][:4], timeout,
+                           pids, text)
 
     def popen(self, command, *args, driver, db_url, cid="cid-test",
               warm=True, options=(), env=None):
@@ -327,6 +362,10 @@ def process_cmdlines(pids):
         except OSError:
             pass
     return seen
+
+
+def _all_pids():
+    return [int(n) for n in os.listdir("/proc") if n.isdigit()]
 
 
 def children_of(pid):

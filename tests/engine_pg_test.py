@@ -2,11 +2,14 @@
 started by scripts/pgcluster.sh), with a password-protected role."""
 
 import json
+import time
 
 import pytest
 
 from vdsm_managedvolume.engine.args import FILE_DRIVER
 
+from .engine_fixtures import Service
+from .engine_fixtures import Shim
 from .engine_fixtures import files_in
 from .engine_fixtures import new_id
 from .engine_fixtures import process_cmdlines
@@ -104,3 +107,33 @@ def test_a_wrong_db_password_is_an_error_line_without_the_password(
         assert r.code == 1, r.describe()
         assert "password authentication failed" in r.error()
         assert wrong not in r.stdout.decode() + r.stderr
+
+
+def test_the_warm_service_holds_no_connection_its_children_would_share(
+        pg_cluster, pg_backend, tmp_path):
+    # A service of its own: its first setup migrates this fresh database,
+    # which starts oslo.db's global engine (cinder's migration
+    # daa98075b90d asks it for the dialect).  That engine's connection
+    # stayed open in the service and every child inherited its socket.
+    be = pg_backend
+    shim = Shim(str(tmp_path), str(tmp_path / "run" / "cinderlib.sock"))
+    service = Service(shim, str(tmp_path / "service.log"))
+    try:
+        r = shim.run("create_volume", new_id(), 1, driver=be["driver"],
+                     db_url=be["url"])
+        assert (r.code, r.stdout) == (0, b""), r.describe()
+
+        def sessions():
+            return int(pg_cluster.psql(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                "'{}'".format(be["db"])))
+
+        # The request's child ends, the spare closes its connection once
+        # warm: then nobody is connected to the database.
+        deadline = time.monotonic() + 60
+        while sessions() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert sessions() == 0
+        assert "Forking with other threads alive" not in service.log()
+    finally:
+        service.stop()

@@ -382,3 +382,66 @@ def test_a_default_run_dir_of_another_uid_is_refused(run_dir):
     with pytest.raises(errors.EngineError, match="owned by uid 0"):
         _listen(run_dir / "cinderlib.sock")
     assert not (run_dir / "cinderlib.sock").exists()
+
+
+def test_the_parent_forks_only_once_its_setup_thread_has_ended(
+        monkeypatch, tmp_path):
+    # The setup thread says "done" and then lingers (here on a gate; in
+    # life in libpq's thread-exit destructors, under OpenSSL's or
+    # Kerberos' locks): a child forked then inherits those locks held and
+    # hangs in its first connect.  The parent must see the thread end, or
+    # take the setup for hung (stop; commands run cold).
+    from vdsm_managedvolume.engine import runner
+    from vdsm_managedvolume.engine import warm
+
+    gate = threading.Event()
+    lingering = threading.Event()
+
+    def setup(db_url, locks_dir):
+        runner._state["db_url"] = db_url
+        return None
+
+    def release():
+        # Trace the return of the thread's work (after its "done").
+        def tracer(frame, event, arg):
+            if event == "return" and frame.f_code.co_name == "work":
+                lingering.set()
+                gate.wait(60)
+            return tracer
+        sys._getframe(1).f_trace = tracer
+        sys.settrace(tracer)
+
+    monkeypatch.setattr(runner, "setup_cinderlib", setup)
+    monkeypatch.setattr(runner, "configure_logging", lambda *a, **k: None)
+    monkeypatch.setattr(runner, "_state", {"db_url": None,
+                                           "locks_dir": None})
+    monkeypatch.setattr(warm, "_warm_up_queries", lambda cl: None)
+    monkeypatch.setattr(warm, "_release_parent_resources", release)
+    server = warm.Server(str(tmp_path / "s.sock"))
+    request = argsmod.Request("storage_stats", {}, "sqlite://", "cid",
+                              {"refresh": False}, timeout=1)
+    try:
+        prepared = server._prepare(request)
+        assert lingering.wait(60)
+        assert prepared is False
+        assert server.stopping
+    finally:
+        gate.set()
+
+
+def test_a_command_that_does_not_end_shows_the_stacks_of_the_service(
+        engine_service, engine_shim, tmp_path):
+    # The test harness's side of a hang: the warm service and its children
+    # log every thread's stack on SIGUSR1 (faulthandler), and Shim.run's
+    # failure quotes them.  PausingDriver outlasts the 1 s given here.
+    pausing = {"volume_driver": "tests.engine_client_test.PausingDriver",
+               "volume_backend_name": "slow",
+               "file_volume_dir": str(tmp_path / "vols")}
+    with pytest.raises(AssertionError) as e:
+        engine_shim.run("create_volume", new_id(), 1, driver=pausing,
+                        db_url="sqlite:///{}".format(tmp_path / "db.sqlite"),
+                        timeout=1)
+    text = str(e.value)
+    assert "did not end within 1 s" in text
+    assert "(most recent call first)" in text
+    assert "vdsm_managedvolume/engine/warm.py" in text

@@ -80,6 +80,7 @@ def main(argv=None):
         if result is None:
             # Only now the heavy part: logging setup, threads, cinderlib.
             from . import runner
+            _dump_stacks_on_signal()
             result = runner.run(request)
         _finish(out, result)
     except BaseException as e:
@@ -120,6 +121,14 @@ def _quiet_stderr(log_file):
     os.dup2(fd, 2)
     os.dup2(fd, 1)
     os.close(fd)
+
+
+def _dump_stacks_on_signal():
+    """A cold run writes its threads' stacks to stderr (the log file, see
+    _quiet_stderr) on SIGUSR1, as the warm service does (warm.py)."""
+    import faulthandler
+    import signal
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def _may_hold_secret(text):

@@ -77,11 +77,23 @@ def run(request):
         with logutil.flow(request.correlation_id):
             log.error("%s did not finish within %s seconds; giving up",
                       request.command, seconds(request.timeout))
+            # Where it hung (a database connect, a driver call, a lock):
+            # the one thing a rerun will not show.
+            log.warning("%s was given up at:\n%s", request.command,
+                        stack_of(worker))
         return error(errors.EngineTimeout(
             operation=request.command, timeout=seconds(request.timeout)))
     if not box:
         return error("internal error: the operation ended without a result")
     return box[0]
+
+
+def stack_of(thread):
+    """The Python stack of a running ``thread``, innermost call last."""
+    frame = sys._current_frames().get(thread.ident)
+    if frame is None:
+        return "(ended)"
+    return "".join(traceback.format_stack(frame)).rstrip()
 
 
 def configure_logging(level="INFO", filename="", flow_id=None, scrub=None):

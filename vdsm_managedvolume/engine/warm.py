@@ -25,8 +25,9 @@ shared between two operations, requests run in parallel (the engine runs
 operations concurrently), a stuck driver is killed without harming the
 service, and nothing of one request (its secrets, a driver's session) lives
 on in the next.  The parent keeps itself fork-safe: it never holds a pooled
-database connection when it forks (the pool is disposed after setup) and
-stops tooz's heartbeat thread, so it has no other thread.
+database connection when it forks (every engine's pool is disposed after
+setup), stops tooz's heartbeat thread, and waits for the setup thread's
+end (``_wait_ended``), so it has no other thread.
 
 The parent runs ``cl.setup`` for a request's DB URL before forking its
 child (once per URL; another URL switches the persistence).  A setup that
@@ -126,6 +127,8 @@ READY = b"R"
 SPARE_WAIT = 0.015
 # The id of no volume, snapshot or attachment: what warm-up queries ask for.
 NIL = "00000000-0000-0000-0000-000000000000"
+# What makes the service and its children log their threads' stacks.
+DUMP_SIGNAL = signal.SIGUSR1
 # The name of the throwaway backend a spare builds (see _warm_up_backend).
 WARM_UP_BACKEND = "managedvolume-warm-up"
 
@@ -133,6 +136,7 @@ WARM_UP_BACKEND = "managedvolume-warm-up"
 def serve(socket_path, log_file="", log_level="INFO"):
     """Run the warm service until SIGTERM/SIGINT; returns an exit code."""
     runner.configure_logging(log_level, log_file)
+    _dump_stacks_on_signal(log_file)
     server = Server(socket_path, log_file=log_file, log_level=log_level)
     try:
         return server.run()
@@ -146,6 +150,29 @@ def serve(socket_path, log_file="", log_level="INFO"):
 
 class AlreadyServing(Exception):
     pass
+
+
+def _dump_stacks_on_signal(log_file):
+    """On DUMP_SIGNAL the service, or any child of it (inherited), writes
+    the Python stack of each of its threads to the service's log.
+
+    faulthandler writes from the signal handler, without the GIL or any
+    lock: a process stuck in C code (a connect waiting on a lock inherited
+    across fork) still answers.  On a descriptor of its own: the log
+    handler's is reopened on SIGHUP.  ``kill -USR1 PID`` for a request that
+    does not end, before killing it.
+    """
+    import faulthandler
+    try:
+        if log_file:
+            fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                         0o640)
+        else:
+            fd = os.dup(2)
+    except OSError as e:
+        log.warning("No stack dumps on signal %d: %s", DUMP_SIGNAL, e)
+        return
+    faulthandler.register(DUMP_SIGNAL, file=fd, all_threads=True)
 
 
 class Server:
@@ -322,6 +349,7 @@ class Server:
             return data, None
 
     def _fork(self, conn, request):
+        _check_alone()
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:
@@ -393,6 +421,7 @@ class Server:
         if (db_url is None or self.stopping or
                 len(self.children) >= MAX_CHILDREN):
             return
+        _check_alone()
         parent_end, child_end = socket.socketpair(socket.AF_UNIX,
                                                   socket.SOCK_STREAM)
         parent = os.getpid()
@@ -493,9 +522,13 @@ class Server:
                     done.set()
 
         t = time.monotonic()
+        deadline = t + _setup_limit(request)
         worker = threading.Thread(target=work, name="setup", daemon=True)
         worker.start()
         finished = done.wait(_setup_limit(request))
+        if finished:
+            # Its end, not only its word: see _wait_ended.
+            finished = _wait_ended(worker, deadline)
         # oslo.log replaced the root handlers during cl.setup.
         runner.configure_logging(self.log_level, self.log_file)
         with logutil.flow(request.correlation_id):
@@ -503,6 +536,9 @@ class Server:
                 log.error("cinderlib setup did not finish within %s "
                           "seconds; stopping (commands run cold meanwhile)",
                           _setup_limit(request))
+                if worker.is_alive():
+                    log.error("The setup was at:\n%s",
+                              runner.stack_of(worker))
                 self.stopping = True
                 self.exit_code = 1
                 return False
@@ -578,6 +614,21 @@ def _spare(listener, channel, log_file, log_level):
         _end(code)
 
 
+def _check_alone():
+    """Say so when the parent forks with another thread (task) alive: the
+    child may inherit a lock that thread holds (see _wait_ended)."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return
+    if len(tasks) > 1:
+        log.error("Forking with other threads alive (tasks %s; Python's: "
+                  "%s): the child may inherit a lock one of them holds",
+                  ", ".join(sorted(tasks)), ", ".join(
+                      t.name for t in threading.enumerate()
+                      if t is not threading.current_thread()) or "none")
+
+
 def _die_with(parent):
     """In a child, first thing: be killed when ``parent`` dies.
 
@@ -641,6 +692,34 @@ def _answer(conn, outcome):
         pass
 
 
+def _wait_ended(thread, deadline):
+    """Wait until ``thread`` has ended, up to ``deadline``; whether it has.
+
+    The parent must fork with no other thread, down to the kernel's
+    task: a thread that used libpq runs, after its last Python line and
+    even after ``join()`` returned (Python's state of it is gone by then),
+    the C libraries' thread-exit destructors, and OpenSSL's takes a
+    process-wide lock (the one RAND_bytes takes, which libpq calls for
+    each SCRAM login).  A fork in that window gives the child that lock
+    held by a thread it does not have: its first PostgreSQL connect waits
+    for it forever (seen under load: a warm child single-threaded in
+    psycopg2.connect, on a futex, for good; reproduced outside the service
+    with a thread that connects, then a fork: ~1 child in 1000 hangs in
+    PQconnectPoll -> RAND_bytes_ex -> CRYPTO_THREAD_write_lock, with the
+    thread joined or not).  So the thread's task must have left
+    /proc/self/task.
+    """
+    thread.join(max(0.0, deadline - time.monotonic()))
+    if thread.is_alive():
+        return False
+    task = "/proc/self/task/{}".format(thread.native_id)
+    while os.path.exists(task):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
 def _setup_limit(request):
     """How long cl.setup may take in the parent for ``request``."""
     if request.timeout is None:
@@ -692,13 +771,20 @@ def _warm_up_queries(cl):
 
 
 def _release_parent_resources():
-    """After setup in the parent: no pooled connection, no extra thread."""
+    """After setup in the parent: no pooled connection, no extra thread.
+
+    Every engine's pool is emptied, not only cinder's: a migration of a
+    fresh database (cinder's daa98075b90d) starts oslo.db's global
+    enginefacade, whose engine kept a PostgreSQL connection open in the
+    parent, inherited by every child (one socket in a dozen processes).
+    """
     from cinder import coordination
     from cinder.db.sqlalchemy import api
     try:
         api.get_engine().dispose()
     except Exception as e:
         log.debug("No engine to dispose: %s", e)
+    _dispose_other_engines()
     coordinator = coordination.COORDINATOR.coordinator
     heart = getattr(coordinator, "heart", None)
     if heart is not None and heart.is_alive():
@@ -707,6 +793,17 @@ def _release_parent_resources():
     # Children would otherwise walk (and so copy, page by page) the whole
     # inherited heap at their first garbage collection.
     gc.freeze()
+
+
+def _dispose_other_engines():
+    """Close the pooled connections of every SQLAlchemy engine alive."""
+    import sqlalchemy.engine
+    for obj in gc.get_objects():
+        if isinstance(obj, sqlalchemy.engine.Engine):
+            try:
+                obj.dispose()
+            except Exception as e:
+                log.debug("Cannot dispose %s: %s", obj, e)
 
 
 def _warm_up_child(log_file, log_level):

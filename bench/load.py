@@ -17,7 +17,15 @@ Figures, each printed beside its baselines in one run:
                     volumes (one loop device, [volumes] shared_devices) vs
                     one caller's, and the agent's CPU time per pair (user,
                     system) in both runs: what bounds the 32 callers, and
-                    a figure that other load on the machine moves less
+                    a figure that other load on the machine moves less.
+                    Beside the ratio, its ceiling when the agent (one
+                    interpreter) is one core busy: one caller's seconds
+                    per pair over the agent's CPU seconds per pair with
+                    32 callers.  On a loop device one caller's pair is
+                    mostly the agent's CPU, so the ceiling is low; the
+                    same two runs with the fake iSCSI connector taking
+                    ``--array-sleep`` (5 ms) per attach show the ratio
+                    when the storage, not the CPU, sets the pace
     memory          the agent's RSS with 64 operations in flight and 200
                     idle STOMP connections (peak while the mass start runs),
                     plain and TLS (the privsep daemon is another process)
@@ -113,6 +121,9 @@ def main():
                         help="pairs per caller in the throughput run")
     parser.add_argument("--sleep", type=float, default=2.0,
                         help="seconds the fake array takes per attach")
+    parser.add_argument("--array-sleep", type=float, default=0.005,
+                        help="seconds the fake array takes per attach in "
+                        "the second throughput run (default 0.005)")
     parser.add_argument("--idle", type=int, default=200,
                         help="idle connections held during the mass start")
     parser.add_argument("--quick", action="store_true",
@@ -169,10 +180,21 @@ def run(plain, tls, loop, args):
 
     _log("throughput: 1 caller, then {} callers on distinct volumes".format(
         args.callers))
-    r["tput1"], r["cpu1"] = _throughput(plain, local, 1,
+    r["tput1"], r["cpu1"] = _throughput(plain, lambda: local, 1,
                                         args.per_caller * 4)
-    r["tputN"], r["cpuN"] = _throughput(plain, local, args.callers,
+    r["tputN"], r["cpuN"] = _throughput(plain, lambda: local, args.callers,
                                         args.per_caller)
+
+    _log("throughput with an array taking {} s per attach (fake iSCSI): "
+         "1 caller, then {} callers".format(args.array_sleep, args.callers))
+
+    def slow():
+        return plain.iscsi(args.array_sleep)
+
+    r["tput1_slow"], r["cpu1_slow"] = _throughput(plain, slow, 1,
+                                                  args.per_caller * 4)
+    r["tputN_slow"], r["cpuN_slow"] = _throughput(plain, slow, args.callers,
+                                                  args.per_caller)
 
     for n, agent, suffix in ((32, plain, ""), (64, plain, ""),
                              (64, tls, "_tls")):
@@ -228,12 +250,13 @@ def _pair(client, connection_info):
 
 def _throughput(agent, connection_info, callers, pairs):
     """(attach+detach pairs per second of ``callers`` at once, the agent's
-    CPU seconds per pair: user, system)."""
+    CPU seconds per pair: user, system).  Each pair attaches a new volume
+    with the connection info ``connection_info()`` returns."""
     clients = [agent.client() for _ in range(callers)]
     try:
         before = agent.cpu()
         elapsed = _together(
-            [lambda c=c: [_pair(c, connection_info) for _ in range(pairs)]
+            [lambda c=c: [_pair(c, connection_info()) for _ in range(pairs)]
              for c in clients])
         after = agent.cpu()
     finally:
@@ -376,6 +399,8 @@ def report(r, args):
           "{}, {} callers {} + {}".format(
               _fmt(r["cpu1"][0]), _fmt(r["cpu1"][1]), args.callers,
               _fmt(r["cpuN"][0]), _fmt(r["cpuN"][1])))
+    for text in _scaling(r, args):
+        print(text)
     print("load average: {} before the run, {} after (2 cores: above 2, "
           "other work competes for the CPU)".format(
               _load(r["load_before"]), _load(r["load_after"])))
@@ -396,6 +421,31 @@ def report(r, args):
               "one round of {} slow helpers {}".format(
                   _fmt(p50(r["vdsm_pair"])), _fmt(p50(r["vdsm_props"])),
                   VDSM_WORKERS, _fmt(r["vdsm_round"])))
+
+
+def _scaling(r, args):
+    """The lines comparing the callers' ratio with its ceiling, on the loop
+    device and with the slow fake array."""
+    lines = []
+    for suffix, what in (("", "loop device"),
+                         ("_slow", "fake array, {} per attach".format(
+                             _fmt(args.array_sleep)))):
+        tput1, tputN = r["tput1" + suffix], r["tputN" + suffix]
+        cpu1, cpuN = r["cpu1" + suffix], r["cpuN" + suffix]
+        ceiling = (1 / tput1) / sum(cpuN) if sum(cpuN) else math.inf
+        lines.append(
+            "{} callers / 1 caller, {}: {:.1f}x measured ({:.0f} vs {:.0f} "
+            "pairs/s), ceiling {:.1f}x with the agent one core busy (one "
+            "caller's {} per pair / the agent's CPU per pair with {} "
+            "callers {}); agent CPU per pair (user + system) 1 caller {} + "
+            "{}, {} callers {} + {}; the agent was {:.2f} cores busy with "
+            "1 caller, {:.2f} with {}".format(
+                args.callers, what, tputN / tput1, tputN, tput1, ceiling,
+                _fmt(1 / tput1), args.callers, _fmt(sum(cpuN)),
+                _fmt(cpu1[0]), _fmt(cpu1[1]), args.callers, _fmt(cpuN[0]),
+                _fmt(cpuN[1]), tput1 * sum(cpu1), tputN * sum(cpuN),
+                args.callers))
+    return lines
 
 
 def _fmt(seconds):

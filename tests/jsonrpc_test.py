@@ -436,11 +436,9 @@ _REFUSED_WHOLE = {"jsonrpc": "2.0", "id": None,
     json.dumps([{"jsonrpc": "2.0", "method": "m", "id": i}
                 for i in range(jsonrpc.MAX_BATCH + 1)]).encode(),
     # What ``handle`` refuses to parse is refused whole, not read for ids
-    # another way: UTF-16, nesting deeper than MAX_DEPTH.
+    # another way: UTF-16.
     '{"jsonrpc": "2.0", "method": "m", "id": 1}'.encode("utf-16"),
-    b'{"jsonrpc": "2.0", "method": "m", "id": 1, "params": ' +
-    b"[" * (jsonrpc.MAX_DEPTH + 1) + b"]" * (jsonrpc.MAX_DEPTH + 1) + b"}",
-], ids=["empty", "over-max-batch", "utf-16", "too-deep"])
+], ids=["empty", "over-max-batch", "utf-16"])
 def test_refuse_answers_a_message_handle_refuses_whole_with_one_error(
         dispatcher, body):
     # One error with a null id, never one per entry: refuse runs in the
@@ -449,6 +447,20 @@ def test_refuse_answers_a_message_handle_refuses_whole_with_one_error(
     answer = json.loads(dispatcher.handle(body))
     assert answer["id"] is None and answer["error"]["code"] in (-32600,
                                                                 -32700)
+
+
+def test_refuse_reads_the_ids_of_a_message_nested_too_deeply_to_run(
+        monkeypatch):
+    # Refusing runs nothing: the ids are read without walking the
+    # nesting (the I/O thread's work while the pools are full).
+    def no_walk(value, limit):
+        raise AssertionError("refuse walked the message")
+    monkeypatch.setattr(jsonrpc.schema_module, "too_deep", no_walk)
+    body = (b'{"jsonrpc": "2.0", "method": "m", "id": 1, "params": ' +
+            b"[" * (jsonrpc.MAX_DEPTH + 1) + b"]" * (jsonrpc.MAX_DEPTH + 1) +
+            b"}")
+    assert json.loads(jsonrpc.refuse(body, _Busy())) == dict(
+        _REFUSED_WHOLE, id=1)
 
 
 def test_refuse_answers_the_ids_handle_answers(dispatcher):
@@ -484,3 +496,21 @@ def test_errors_and_results_of_known_ids_are_not_unknown_id_errors(
     assert b'"result"' in ok and b'"error"' in bad
     assert not jsonrpc.is_unknown_id_error(ok)
     assert not jsonrpc.is_unknown_id_error(bad)
+
+
+def test_params_are_walked_for_their_depth_once_per_request(
+        dispatcher, fake_service, monkeypatch):
+    # schema.bind bounds each param's nesting; the API class it calls
+    # does not walk them again (vdsm's own path does: security_test).
+    walked = []
+    real = jsonrpc.schema_module.check_depth
+
+    def counting(name, value, *args):
+        walked.append(name)
+        return real(name, value, *args)
+
+    monkeypatch.setattr(jsonrpc.schema_module, "check_depth", counting)
+    res = call(dispatcher, "ManagedVolume.attach_volume",
+               {"vol_id": VOL_ID, "connection_info": ISCSI_CONNECTION})
+    assert res["result"]["vol_id"] == VOL_ID
+    assert sorted(walked) == ["connection_info", "vol_id"]

@@ -29,7 +29,6 @@ returns them masked unless ``include_secrets`` (the one explicit request
 for them).
 """
 
-import contextlib
 import contextvars
 import importlib
 import logging
@@ -64,6 +63,7 @@ OPERATIONS = ("ManagedVolume.attach_volume", "ManagedVolume.detach_volume",
 
 _service = None
 _service_lock = threading.Lock()
+# (service, checked) bound by ``using`` for this call, or None.
 _current = contextvars.ContextVar("managedvolume_service", default=None)
 
 
@@ -74,15 +74,29 @@ def set_service(service):
         _service = service
 
 
-@contextlib.contextmanager
-def using(service):
-    """Run the block's API calls against ``service`` (the dispatcher binds
-    its own service per call; thread and task local)."""
-    token = _current.set(service)
-    try:
-        yield
-    finally:
-        _current.reset(token)
+class using:
+    """Context manager: run the block's API calls against ``service``
+    (the dispatcher binds its own service per call; thread and task
+    local).
+
+    checked: the params of the block's calls were bound by the schema
+    (``schema.Schema.bind``, which bounds their nesting): the API layer
+    does not walk them again.  Inside vdsm, whose own code parses the
+    request, nobody says so and every call is checked here.
+    """
+
+    __slots__ = ("_value", "_token")
+
+    def __init__(self, service, checked=False):
+        self._value = (service, checked)
+
+    def __enter__(self):
+        self._token = _current.set(self._value)
+        return self
+
+    def __exit__(self, *exc):
+        _current.reset(self._token)
+        return False
 
 
 def get_service():
@@ -96,7 +110,7 @@ def get_service():
     global _service
     bound = _current.get()
     if bound is not None:
-        return bound
+        return bound[0]
     with _service_lock:
         if _service is None:
             from . import config
@@ -324,11 +338,14 @@ def _call(name, fn, key, args, masked=True, masks=True):
     start = time.monotonic()
     log.info("START %s(%s)", name, _Args(args))
     try:
-        # vdsm parses and type-checks requests with its own schema code:
-        # bound the nesting here too, before anything walks the values.
-        from . import schema
-        for arg_name, arg in args.items():
-            schema.check_depth(arg_name, arg)
+        bound = _current.get()
+        if bound is None or not bound[1]:
+            # vdsm parses and type-checks requests with its own schema
+            # code: bound the nesting here too, before anything walks the
+            # values.
+            from . import schema
+            for arg_name, arg in args.items():
+                schema.check_depth(arg_name, arg)
         value = fn(get_service())
     except errors.Error as e:
         status = {"code": e.code, "message": mask.mask_text(str(e))}

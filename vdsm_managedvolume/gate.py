@@ -107,7 +107,6 @@ class Gate:
     def __init__(self, slots=SLOTS):
         if slots < 1:
             raise ValueError("a gate needs at least one slot")
-        self.slots = slots
         # A plain lock for one slot: cheaper than a Semaphore (no
         # Condition in Python around it).
         self._slots = threading.Lock() if slots == 1 \

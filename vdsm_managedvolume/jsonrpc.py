@@ -143,7 +143,7 @@ class Dispatcher:
                   mask.Masked(params, params=True, short=True))
         args = self.schema.args(name, params)
         obj = cls(*[None for _ in cls.ctorArgs])
-        with api.using(self.service):
+        with api.using(self.service, checked=True):
             response = getattr(obj, method.verb)(*args)
         status = response.get("status", {})
         if status.get("code"):
@@ -180,16 +180,16 @@ def refuse(data, error):
     with ``error`` (an errors.Error), running none: the agent's answer
     when it is busy or stopping.
 
-    The message is parsed (``parse``) only for its request ids, and
-    answered as ``handle`` would answer it: one response per request with
-    an id (a single object for a message of one), None when there is none
-    (notifications).  A message ``handle`` would refuse whole (not JSON,
-    nested too deeply, an empty batch, a batch of more than MAX_BATCH
-    requests) gets one error with a null id, never one per entry: this
-    runs in the agent's I/O thread.
+    The message is decoded only for its request ids (``decode``: no walk
+    of its nesting, which only a request that runs needs), and answered
+    as ``handle`` would answer it: one response per request with an id (a
+    single object for a message of one), None when there is none
+    (notifications).  A message that is not JSON, an empty batch or a
+    batch of more than MAX_BATCH requests gets one error with a null id,
+    never one per entry: this runs in the agent's I/O thread.
     """
     try:
-        message = parse(data)
+        message = decode(data)
     except errors.Error:
         return _encode(_error_response(None, error)).encode("utf-8")
 
@@ -247,12 +247,26 @@ def _answer(message, answer_one, whole=None):
 
 
 def parse(data):
-    """The JSON message in ``data`` (bytes or str).
+    """The JSON message in ``data`` (bytes or str), to run.
 
     Raises ParseError (-32700) for anything that is not strict JSON in
     UTF-8 (other encodings, invalid UTF-8, NaN/Infinity, nesting beyond
     the parser's recursion limit) and InvalidRequest (-32600) for nesting
     beyond MAX_DEPTH.
+    """
+    message = decode(data)
+    if schema_module.too_deep(message, MAX_DEPTH):
+        raise errors.InvalidRequest("nested deeper than {} levels".format(
+            MAX_DEPTH))
+    return message
+
+
+def decode(data):
+    """The JSON message in ``data`` (bytes or str), its nesting not
+    bounded beyond the parser's own recursion limit (``parse`` bounds it).
+
+    Raises ParseError (-32700) for anything that is not strict JSON in
+    UTF-8.
     """
     try:
         if isinstance(data, (bytes, bytearray)):
@@ -268,9 +282,6 @@ def parse(data):
                                 "are refused)".format(MAX_DEPTH))
     except (ValueError, UnicodeDecodeError) as e:
         raise errors.ParseError(str(e))
-    if schema_module.too_deep(message, MAX_DEPTH):
-        raise errors.InvalidRequest("nested deeper than {} levels".format(
-            MAX_DEPTH))
     return message
 
 

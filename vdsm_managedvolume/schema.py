@@ -131,7 +131,8 @@ class Schema:
         self.path = path
         self.types = data.pop("types", None) or {}
         # id(object type) -> (the type, its properties, their names):
-        # made on first use, not on every request.
+        # made on first use, not on every request.  The entry holds the
+        # type, so its id is never reused for another while it is there.
         self._objects = {}
         self.methods = {}
         for name, spec in data.items():
@@ -278,7 +279,7 @@ class Schema:
         """The properties of the object type ``type_`` ([Param]) and the
         set of their names."""
         entry = self._objects.get(id(type_))
-        if entry is None or entry[0] is not type_:
+        if entry is None:
             props = [Param(p) for p in type_.get("properties") or ()]
             entry = (type_, props, frozenset(p.name for p in props))
             self._objects[id(type_)] = entry
@@ -300,8 +301,8 @@ class Schema:
 def too_deep(value, limit):
     """Whether ``value`` nests objects/arrays more than ``limit`` levels
     (a scalar is level 0).  Iterative: safe on any input.  Only containers
-    are stacked (a request is walked up to four times: the message, each
-    param, each API argument)."""
+    are stacked (a request is walked twice: the message, then each param;
+    on vdsm's path the API layer walks each argument instead)."""
     if not isinstance(value, _CONTAINERS):
         return False
     stack = [(value, 1)]

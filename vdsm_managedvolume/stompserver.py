@@ -456,13 +456,9 @@ class Server:
         Return whether anybody was subscribed.
         """
         targets = self._subscribers(conn, destination)
+        headers = {k: v for k, v in frame.headers.items() if k != "receipt"}
         for target, sub_id in targets:
-            headers = {k: v for k, v in frame.headers.items()
-                       if k != "receipt"}
-            headers["subscription"] = sub_id
-            headers["message-id"] = target.next_message_id()
-            target.send(stompframe.encode(stompframe.MESSAGE, headers,
-                                          frame.body))
+            target.send(_message(target, sub_id, headers, frame.body))
         return bool(targets)
 
     # Private helpers
@@ -507,12 +503,8 @@ class Server:
                 reply_to != RESPONSES and
                 any(dest == RESPONSES for _, dest in subscriptions) and
                 self.dispatcher.is_unknown_id_error(response)) or \
-                not conn.write(stompframe.encode(stompframe.MESSAGE, {
-                    "destination": reply_to,
-                    "content-type": "application/json",
-                    "subscription": sub_ids[0],
-                    "message-id": conn.next_message_id(),
-                }, response)):
+                not conn.write(_response(conn, sub_ids[0], reply_to,
+                                         response)):
             # Not the usual route, or the connection would not take the
             # frame now (it closed meanwhile: another connection on the
             # same reply-to gets it, or the drop is logged).
@@ -553,12 +545,8 @@ class Server:
                             "closed" if conn.closed else "open")
                 return
             for target, sub_id in targets:
-                target.send(stompframe.encode(stompframe.MESSAGE, {
-                    "destination": destination,
-                    "content-type": "application/json",
-                    "subscription": sub_id,
-                    "message-id": target.next_message_id(),
-                }, response))
+                target.send(_response(target, sub_id, destination,
+                                      response))
             log.debug("Response sent to %s (%d bytes)", destination,
                       len(response))
 
@@ -1245,6 +1233,22 @@ def format_address(addr):
 
 
 # Private helpers
+
+def _message(target, sub_id, headers, body):
+    """The MESSAGE frame delivering ``body`` (with ``headers``) to the
+    subscription ``sub_id`` of the connection ``target``."""
+    headers = dict(headers)
+    headers["subscription"] = sub_id
+    headers["message-id"] = target.next_message_id()
+    return stompframe.encode(stompframe.MESSAGE, headers, body)
+
+
+def _response(target, sub_id, destination, response):
+    """The MESSAGE frame of a JSON-RPC response sent to ``destination``."""
+    return _message(target, sub_id, {"destination": destination,
+                                     "content-type": "application/json"},
+                    response)
+
 
 def _required(frame, name):
     value = frame.headers.get(name)

@@ -216,3 +216,41 @@ def test_formatter_shows_the_time_as_logging_does(created, datefmt):
         record.msecs = int((t - int(t)) * 1000) + 0.0
         assert ours.formatTime(record, datefmt) == \
             stdlib.formatTime(record, datefmt)
+
+
+def test_setup_looks_up_callers_only_for_a_log_config_that_may_show_them(
+        tmp_path):
+    # Our formats show no file, line or function: each record skips the
+    # caller lookup; a log_config file's format may show them.
+    class Cfg:
+        log_config = ""
+        log_level = "INFO"
+        log_file = str(tmp_path / "agent.log")
+
+    conf = tmp_path / "logger.conf"
+    conf.write_text(
+        "[loggers]\nkeys=root\n[handlers]\nkeys=file\n"
+        "[formatters]\nkeys=plain\n[logger_root]\nlevel=INFO\n"
+        "handlers=file\n[handler_file]\nclass=FileHandler\n"
+        "formatter=plain\nargs=({!r},)\n[formatter_plain]\n"
+        "format=%(funcName)s:%(lineno)d %(message)s\n".format(
+            str(tmp_path / "custom.log")))
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, logging._srcfile
+    try:
+        log.setup(Cfg())
+        logging.getLogger("tests.setup").info("ours")
+        assert logging._srcfile is None     # logging's switch for it
+        Cfg.log_config = str(conf)
+        log.setup(Cfg())
+        logging.getLogger("tests.setup").info("custom")
+    finally:
+        for h in root.handlers:
+            h.close()
+        root.handlers[:], level, logging._srcfile = saved
+        root.setLevel(level)
+    assert "] ours" in (tmp_path / "agent.log").read_text()
+    custom = (tmp_path / "custom.log").read_text()
+    assert custom.startswith(
+        "test_setup_looks_up_callers_only_for_a_log_config_that_may_show_"
+        "them:")

@@ -212,6 +212,24 @@ def test_pool_starts_threads_when_needed_and_refuses_beyond_its_bound():
         pool.stop()
 
 
+def test_pool_job_handed_off_later_runs_only_once_handed():
+    # The I/O thread wakes a worker at the end of its round, not while it
+    # still holds the interpreter lock (Server._hand_off).
+    pool = stompserver.Pool(2, 0, name="handoff-pool")
+    ran = threading.Event()
+    handoff = []
+    try:
+        assert pool.submit(ran.set, handoff)
+        assert pool.pending == 1        # accepted: counted at once
+        assert not ran.wait(0.2)
+        [(put, job)] = handoff
+        put(job)
+        assert ran.wait(30)
+        agentutil.wait_for(lambda: pool.pending == 0)
+    finally:
+        pool.stop()
+
+
 def test_pool_queues_at_most_max_queue_behind_its_workers():
     pool = stompserver.Pool(1, 2, name="queue-pool")
     release = threading.Event()

@@ -510,7 +510,36 @@ def test_params_are_walked_for_their_depth_once_per_request(
         return real(name, value, *args)
 
     monkeypatch.setattr(jsonrpc.schema_module, "check_depth", counting)
+    nested = dict(ISCSI_CONNECTION, data=dict(
+        ISCSI_CONNECTION["data"],
+        deep=json.loads("[" * 20 + "]" * 20)))     # more brackets than 24
+    res = call(dispatcher, "ManagedVolume.attach_volume",
+               {"vol_id": VOL_ID, "connection_info": nested})
+    assert res["result"]["vol_id"] == VOL_ID
+    assert sorted(walked) == ["connection_info", "vol_id"]
+
+
+def test_a_message_with_few_brackets_is_not_walked_for_its_depth(
+        dispatcher, fake_service, monkeypatch):
+    # It cannot nest deeper than it has brackets.
+    def no_walk(*args):
+        raise AssertionError("walked")
+
+    monkeypatch.setattr(jsonrpc.schema_module, "too_deep", no_walk)
+    monkeypatch.setattr(jsonrpc.schema_module, "check_depth", no_walk)
     res = call(dispatcher, "ManagedVolume.attach_volume",
                {"vol_id": VOL_ID, "connection_info": ISCSI_CONNECTION})
     assert res["result"]["vol_id"] == VOL_ID
-    assert sorted(walked) == ["connection_info", "vol_id"]
+
+
+@pytest.mark.parametrize("wrap", [True, False])
+def test_a_param_one_level_too_deep_is_refused_however_few_its_brackets(
+        dispatcher, fake_service, wrap):
+    limit = jsonrpc.schema_module.MAX_PARAM_DEPTH
+    deep = json.loads("[" * (limit + 1) + "]" * (limit + 1))
+    res = call(dispatcher, "ManagedVolume.attach_volume",
+               {"vol_id": VOL_ID, "connection_info": dict(
+                   ISCSI_CONNECTION, data={"x": deep})}, wrap=wrap)
+    assert res["error"]["code"] in (-32600, -32602)
+    assert "nested deeper than" in res["error"]["message"]
+    assert fake_service.calls == []

@@ -94,14 +94,22 @@ class Dispatcher:
 
     def _handle(self, data):
         try:
-            message = parse(data)
+            message, shallow = _parse(data)
         except errors.Error as e:
             log.warning("Invalid message: %s", e)
             return _encode(_error_response(None, e)).encode("utf-8")
+        if shallow:
+            return _answer(message, self._handle_shallow)
         return _answer(message, self._handle_one)
 
-    def _handle_one(self, request):
-        """The encoded response of one request, None for a notification."""
+    def _handle_shallow(self, request):
+        return self._handle_one(request, shallow=True)
+
+    def _handle_one(self, request, shallow=False):
+        """The encoded response of one request, None for a notification.
+
+        shallow: no param can nest more than schema.MAX_PARAM_DEPTH
+        levels (``_parse``): binding need not walk them."""
         try:
             request_id, method, params = _parse_request(request)
         except _BadRequest as e:
@@ -110,10 +118,10 @@ class Dispatcher:
         notification = "id" not in request
         start = time.monotonic()
         try:
-            result = self._call(method, params)
-            response = _encode({"jsonrpc": VERSION, "id": request_id,
-                                "result": True if result is None
-                                else result})
+            result = self._call(method, params, shallow)
+            response = _ENCODER.encode({
+                "jsonrpc": VERSION, "id": request_id,
+                "result": True if result is None else result})
         except errors.Error as e:
             log.info("RPC call %s failed (error %s) in %.2f seconds",
                      method, e.code, time.monotonic() - start)
@@ -127,22 +135,24 @@ class Dispatcher:
         else:
             # DEBUG: the API layer's FINISH line says the same at INFO
             # (each INFO line costs tens of microseconds on every call).
-            log.debug("RPC call %s succeeded in %.2f seconds", method,
-                     time.monotonic() - start)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("RPC call %s succeeded in %.2f seconds", method,
+                          time.monotonic() - start)
         if notification:
             return None
         return response
 
-    def _call(self, name, params):
+    def _call(self, name, params, shallow=False):
         """Bind params, call the API class, unwrap vdsm's response dict."""
         method = self.schema.method(name)
         cls = api.NAMESPACES.get(method.namespace)
         if cls is None or not hasattr(cls, method.verb):
             raise errors.MethodNotFound(method=name)
-        log.debug("Calling %s with %s", name,
-                  mask.Masked(params, params=True, short=True))
-        args = self.schema.args(name, params)
-        obj = cls(*[None for _ in cls.ctorArgs])
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("Calling %s with %s", name,
+                      mask.Masked(params, params=True, short=True))
+        args = self.schema.args(name, params, shallow=shallow)
+        obj = cls(*[None] * len(cls.ctorArgs))
         with api.using(self.service, checked=True):
             response = getattr(obj, method.verb)(*args)
         status = response.get("status", {})
@@ -254,11 +264,27 @@ def parse(data):
     the parser's recursion limit) and InvalidRequest (-32600) for nesting
     beyond MAX_DEPTH.
     """
+    return _parse(data)[0]
+
+
+def _parse(data):
+    """(``parse(data)``, shallow): shallow when no value in the message
+    can nest more than schema.MAX_PARAM_DEPTH levels.
+
+    A message nests at most as deeply as it has opening brackets (in
+    strings too: counted, they only make the count larger): walking it
+    to learn its depth is needed only beyond that.  Nearly every request
+    has a handful, and neither it nor its params are walked.
+    """
     message = decode(data)
-    if schema_module.too_deep(message, MAX_DEPTH):
+    if isinstance(data, str):
+        openers = data.count("[") + data.count("{")
+    else:
+        openers = data.count(b"[") + data.count(b"{")
+    if openers > MAX_DEPTH and schema_module.too_deep(message, MAX_DEPTH):
         raise errors.InvalidRequest("nested deeper than {} levels".format(
             MAX_DEPTH))
-    return message
+    return message, openers <= schema_module.MAX_PARAM_DEPTH
 
 
 def decode(data):

@@ -87,8 +87,11 @@ def clean_flow_id(value):
     an admin greps for, so it stays one plain word."""
     if value is None:
         return None
+    value = value[:MAX_FLOW_ID]
+    if value.isprintable() and "[" not in value and "]" not in value:
+        return value or None        # nearly every flow id: as it came
     cleaned = "".join(c if c.isprintable() and c not in "[]" else "_"
-                      for c in value[:MAX_FLOW_ID])
+                      for c in value)
     return cleaned or None
 
 

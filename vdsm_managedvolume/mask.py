@@ -137,10 +137,14 @@ def mask(obj, _depth=0):
     returned as they are.
     Structures nested deeper than MAX_DEPTH are replaced by TOO_DEEP.
     """
+    if type(obj) is str:
+        return obj if plainly_clean(obj) else mask_text(obj)
     if _depth > MAX_DEPTH and isinstance(obj, (dict, list, tuple)):
         return TOO_DEEP
     if isinstance(obj, dict):
+        # Strings, the most common values, without a call of their own.
         return {k: (MASK if is_secret_key(k) and _is_value(v)
+                    else v if type(v) is str and plainly_clean(v)
                     else mask(v, _depth + 1))
                 for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -160,11 +160,14 @@ class Schema:
         except (KeyError, TypeError):
             raise errors.MethodNotFound(method=name)
 
-    def bind(self, name, params):
+    def bind(self, name, params, shallow=False):
         """Check ``params`` against the method and fill in the defaults.
 
         params: None, a list (positional, schema order) or a dict (named),
             as a JSON-RPC request carries them.
+        shallow: the caller knows that no param nests more than
+            MAX_PARAM_DEPTH levels (``jsonrpc`` counted the brackets of
+            the message): their depth is not walked again.
 
         Returns a dict of every param in schema order.  Raises
         errors.MethodNotFound, or errors.InvalidParams naming the param
@@ -190,8 +193,9 @@ class Schema:
                 raise errors.InvalidParams(
                     name=key, reason="unknown parameter of {} (known: {})"
                     .format(name, ", ".join(method.param_names) or "none"))
-        for key, value in params.items():
-            check_depth(key, value)
+        if not shallow:
+            for key, value in params.items():
+                check_depth(key, value)
         bound = {}
         for p in method.params:
             value = params.get(p.name)
@@ -205,9 +209,9 @@ class Schema:
             bound[p.name] = value
         return bound
 
-    def args(self, name, params):
+    def args(self, name, params, shallow=False):
         """``bind``, as a positional list in schema order (vdsm's call)."""
-        return list(self.bind(name, params).values())
+        return list(self.bind(name, params, shallow).values())
 
     def check(self, type_, value, name):
         """Check that ``value`` is of ``type_``; InvalidParams naming it."""

@@ -209,6 +209,29 @@ def test_pool_jobs_hold_a_slot_and_a_failing_job_gives_it_back():
         pool.stop()
 
 
+def test_pool_delivers_an_answer_holding_the_slot_its_job_held():
+    # Given back before, the operation it woke and this thread writing
+    # the answer would pass the interpreter lock to each other.
+    g = gate.Gate(1)
+    pool = stompserver.Pool(2, 0, name="gated-pool", gate=g)
+    seen = []
+    done = threading.Event()
+
+    def deliver():
+        seen.append((gate.holding(), pool.pending))
+        done.set()
+
+    try:
+        assert pool.submit(lambda: deliver)
+        assert done.wait(BOUND)
+        # The pool's own slot is free already: a client's next operation
+        # sent on reading the answer is not refused.
+        assert seen == [(True, 0)]
+        agentutil.wait_for(lambda: not g._slots.locked())
+    finally:
+        pool.stop()
+
+
 def test_a_gate_needs_a_slot():
     with pytest.raises(ValueError):
         gate.Gate(0)

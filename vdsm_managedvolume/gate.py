@@ -36,10 +36,11 @@ opened (``devices``), so a hung device holds up its own operation, in
 its privsep call, not the others.
 
 Only the data plane's threads hold a slot (``stompserver`` wraps each of
-their jobs in ``hold()``).  ``released()`` is a no-op for a thread that
-holds none: the control plane (getCapabilities, volumes_info, the hook's
-control socket) never waits for the gate, and neither does vdsm calling
-the API in its own threads, or ``managedvolume-tool``.
+their jobs, and the delivery of its answer, in ``hold()``).
+``released()`` is a no-op for a thread that holds none: the control
+plane (getCapabilities, volumes_info, the hook's control socket) never
+waits for the gate, and neither does vdsm calling the API in its own
+threads, or ``managedvolume-tool``.
 
 One slot: measured against two (docs/operations.md, "Under load"), one
 gives the most pairs per second and the least CPU per pair on a
@@ -74,6 +75,10 @@ is safe:
 - the locks of ``logging``'s handlers, ``locking``'s registry, the
   privsep channel's flow counter: held for a few statements, never
   across a wait.
+- ``stompserver``'s connection lock and its pool and delivery counters,
+  taken to deliver an answer: held by the I/O thread or a worker for
+  one non-blocking socket call or a counter update, never across a
+  wait.
 - the import lock: a module imported inside a ``released()`` block is
   imported before the block ends (rule 2); elsewhere its importer runs
   without taking a slot.

@@ -1170,7 +1170,8 @@ class Pool:
     most ``max_queue`` requests wait for one (0: a request runs at once or
     is refused).  A job may return a callable: it runs after the job's
     slot was given back (delivering the answer).  With a ``gate``
-    (``gate.Gate``), each job runs holding one of its slots."""
+    (``gate.Gate``), each job and its callable run holding one of its
+    slots."""
 
     def __init__(self, workers, max_queue, name="worker", gate=None):
         self.workers = max(1, workers)
@@ -1227,27 +1228,35 @@ class Pool:
             fn = self._queue.get()
             if fn is None:
                 return
-            after = None
-            try:
-                if self._gate is None:
-                    after = fn()
+            if self._gate is None:
+                self._run_job(fn)
+            else:
+                # The answer is delivered holding the gate's slot too:
+                # given back first, the next operation woken by it and
+                # this thread writing the answer would pass the
+                # interpreter lock to each other (gate.py: the
+                # connection's lock is held for one send, never waiting).
+                with self._gate.hold():
+                    self._run_job(fn)
+
+    def _run_job(self, fn):
+        after = None
+        try:
+            after = fn()
+        except Exception:
+            log.exception("Worker job failed")
+        finally:
+            with self._lock:
+                self._pending -= 1
+                if self._waiting:
+                    self._waiting -= 1  # the next get() takes it
                 else:
-                    with self._gate.hold():
-                        after = fn()
+                    self._idle += 1
+        if callable(after):
+            try:
+                after()
             except Exception:
                 log.exception("Worker job failed")
-            finally:
-                with self._lock:
-                    self._pending -= 1
-                    if self._waiting:
-                        self._waiting -= 1  # the next get() takes it
-                    else:
-                        self._idle += 1
-            if callable(after):
-                try:
-                    after()
-                except Exception:
-                    log.exception("Worker job failed")
 
 
 def format_address(addr):

@@ -445,3 +445,39 @@ def test_a_command_that_does_not_end_shows_the_stacks_of_the_service(
     assert "did not end within 1 s" in text
     assert "(most recent call first)" in text
     assert "vdsm_managedvolume/engine/warm.py" in text
+
+
+def test_the_parent_waits_for_the_threads_kernel_task_not_only_join():
+    # join() returns once Python is done with a thread; its kernel task
+    # then still runs the C libraries' thread-exit destructors (OpenSSL's
+    # under a process-wide lock).  The parent forks only once the task
+    # has left /proc/self/task.  Here a thread Python calls ended whose
+    # task still runs: a real thread held on a gate.
+    from vdsm_managedvolume.engine import warm
+
+    gate = threading.Event()
+    running = threading.Event()
+
+    def hold():
+        running.set()
+        gate.wait(60)
+
+    real = threading.Thread(target=hold, daemon=True)
+    real.start()
+    running.wait(60)
+
+    class Joined:
+        native_id = real.native_id
+
+        def join(self, timeout=None):
+            pass
+
+        def is_alive(self):
+            return False
+
+    try:
+        assert not warm._wait_ended(Joined(), time.monotonic() + 0.3)
+    finally:
+        gate.set()
+    real.join(60)
+    assert warm._wait_ended(Joined(), time.monotonic() + 60)

@@ -98,6 +98,93 @@ def test_mount_point_is_found_by_the_device_number_field_only():
     assert devices._mount_point(text, 0, 150) == "/m50"
     assert devices._mount_point(text, 7, 2) is None
     assert devices._mount_point("", 7, 1) is None
+    mounts = devices._Mounts(text)
+    assert mounts.get(7, 1) == "/mnt/vol" and mounts.get(7, 2) is None
+    assert mounts.get(7, 1) == "/mnt/vol" and mounts.get(7, 2) is None
+
+
+def test_mounts_and_swaps_are_read_again_only_after_a_change(
+        loop_device, tmp_path, monkeypatch):
+    reads = []
+    read_fd = devices._read_fd
+    monkeypatch.setattr(devices, "_read_fd",
+                        lambda fd: reads.append(fd) or read_fd(fd))
+    monkeypatch.setattr(devices, "_host", devices._HostUse())
+    assert devices.in_use(loop_device.path) is None
+    assert len(reads) == 2                  # mountinfo and swaps, opened
+    # Nothing read while nothing changed (other tests on this host may
+    # mount meanwhile: a read then is right, so look a few times).
+    for _ in range(5):
+        del reads[:]
+        assert devices.in_use(loop_device.path) is None
+        if not reads:
+            break
+    assert reads == []
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    run("mount", "-t", "tmpfs", "none", str(mnt))   # another mount
+    try:
+        assert devices.in_use(loop_device.path) is None
+        assert reads                        # mountinfo again
+    finally:
+        run("umount", str(mnt))
+
+
+def test_a_device_mounted_after_the_mounts_were_read_is_in_use(
+        loop_device, tmp_path):
+    run("mkfs.ext4", "-q", "-F", loop_device.path)
+    assert devices.in_use(loop_device.path) is None     # read and kept
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run("mount", loop_device.path, str(mnt))
+    try:
+        assert devices.in_use(loop_device.path) == \
+            "{} is mounted at {}".format(
+                os.path.basename(loop_device.path), mnt)
+    finally:
+        run("umount", str(mnt))
+    assert devices.in_use(loop_device.path) is None
+
+
+def test_a_device_swapped_on_after_the_swaps_were_read_is_in_use(
+        loop_device):
+    run("mkswap", loop_device.path)
+    assert devices.in_use(loop_device.path) is None     # read and kept
+    try:
+        run("swapon", loop_device.path)
+    except subprocess.CalledProcessError:
+        pytest.skip("swapon not permitted here")
+    try:
+        assert devices.in_use(loop_device.path) == \
+            "{} is an active swap area".format(
+                os.path.basename(loop_device.path))
+    finally:
+        run("swapoff", loop_device.path)
+    assert devices.in_use(loop_device.path) is None
+
+
+def test_a_forked_child_does_not_take_the_parents_change_flag(
+        loop_device, tmp_path):
+    # The flag belongs to the open file, which a child shares with its
+    # parent: a child polling it must not clear it for the parent.
+    devices.in_use(loop_device.path)
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    run("mount", "-t", "tmpfs", "none", str(mnt))
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                devices.in_use(loop_device.path)
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        st = os.stat(str(mnt))
+        mounts, _ = devices._host.now()
+        assert mounts.get(os.major(st.st_dev), os.minor(st.st_dev)) == \
+            str(mnt)
+    finally:
+        run("umount", str(mnt))
 
 
 def test_paths_that_are_not_block_devices_are_not_judged(tmp_path):

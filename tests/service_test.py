@@ -78,6 +78,32 @@ def test_attach_local_uses_the_attachment_path(inproc_service, loop_device):
     assert os.readlink(res["managed_path"]) == loop_device.path
 
 
+def test_attach_stats_the_device_once_after_connect(
+        inproc_service, loop_device, monkeypatch):
+    # One stat before anything (the local in-use check), one after the
+    # connect for its existence, identity, size and the udev trigger.
+    svc = inproc_service
+    ci = {"driver_volume_type": "local",
+          "data": {"device_path": loop_device.path}}
+    stats = []
+    real_stat = os.stat
+
+    def stat(path, *args, **kw):
+        if path == loop_device.path:
+            stats.append(path)
+        return real_stat(path, *args, **kw)
+
+    monkeypatch.setattr(os, "stat", stat)
+    vol_id = new_id()
+    svc.attach_volume(vol_id, ci)
+    assert len(stats) == 2
+    rec = svc._db().get_volume(vol_id)
+    st = real_stat(loop_device.path)
+    assert rec["identity"]["dev"] == "{}:{}".format(
+        os.major(st.st_rdev), os.minor(st.st_rdev))
+    assert rec["size"] == os.path.getsize(loop_device.backing)
+
+
 def test_uppercase_ids_are_normalised(inproc_service):
     svc = inproc_service
     vol_id = new_id()

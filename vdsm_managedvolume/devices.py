@@ -26,6 +26,23 @@ A device is in use when it, or any of its partitions:
 
 ``in_use`` examines only block devices.
 
+Mounts and swaps are read once and read again only when they change.
+Reading and parsing ``/proc/self/mountinfo`` at every attach costs more
+than the rest of the check (a host with many mounts: far more), so both
+files are kept open and ``poll()``-ed first: the kernel flags the open
+file (POLLPRI|POLLERR) after a mount or umount in this mount namespace
+(fs/proc_namespace.c, ``mounts_poll``) and after a swapon or swapoff
+(mm/swapfile.c, ``swaps_poll``), before that system call returns.  So a
+device mounted or swapped on a moment before the check is seen, as when
+the file was read every time.  The flag is the open file's, cleared by
+the poll that reports it: one lock covers the poll and the reading it
+calls for, so that no thread uses the old text after another thread's
+poll saw the change.  A file that is not the kernel's own (``/proc/swaps``
+overlaid by a FUSE file system such as lxcfs in a container: nothing
+flags it) is read at every check, as is one that cannot be kept open;
+a forked child opens its own (the flag is shared with the parent's
+open file).
+
 The device's identity (``identity``, ``changed``): names under /dev are
 reused.  A loop device is detached and another file attached on the same
 minor, a SCSI LUN number is given to another volume, ``dm-N`` and ``rbdN``
@@ -52,7 +69,9 @@ without persistent facts cannot be compared, and is not claimed to differ.
 import errno
 import fnmatch
 import os
+import select
 import stat
+import threading
 
 from . import errors
 
@@ -106,16 +125,31 @@ def check_local(name, path, patterns):
     return real
 
 
+def examine(path):
+    """``os.stat`` of ``path`` (links followed), None when nothing is
+    there or it cannot be examined.
+
+    After a connect the service stats the device once and hands the
+    result to ``identity``, ``size`` and the udev trigger (``number``).
+    """
+    try:
+        return os.stat(path)
+    except (OSError, ValueError):
+        return None
+
+
+def number(st):
+    """(major, minor) of a block device from its ``examine`` result; None
+    when ``st`` is None or not a block device."""
+    if st is None or not stat.S_ISBLK(st.st_mode):
+        return None
+    return os.major(st.st_rdev), os.minor(st.st_rdev)
+
+
 def device_number(path):
     """(major, minor) of the block device at ``path``, None when it is
     missing or not a block device."""
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    if not stat.S_ISBLK(st.st_mode):
-        return None
-    return os.major(st.st_rdev), os.minor(st.st_rdev)
+    return number(examine(path))
 
 
 def device_number_of(identity):
@@ -139,9 +173,10 @@ def in_use(path):
     return _in_use(number)
 
 
-def size(path):
+def size(path, st=None):
     """The size in bytes of the device at ``path`` as the kernel sees it
-    now, or None when it cannot be read.
+    now, or None when it cannot be read (``st``: its ``examine``, when
+    the caller has it).
 
     A block device's size is read from sysfs (``/sys/dev/block/MAJ:MIN/
     size``, in 512-byte sectors whatever the logical block size), which
@@ -150,10 +185,10 @@ def size(path):
     map``, ``losetup -c``) it is the new size.  A regular file (the test
     connectors' stand-ins) is its length.
     """
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
+    if st is None:
+        st = examine(path)
+        if st is None:
+            return None
     if stat.S_ISREG(st.st_mode):
         return st.st_size
     if not stat.S_ISBLK(st.st_mode):
@@ -165,14 +200,14 @@ def size(path):
         return None
 
 
-def identity(path):
+def identity(path, st=None):
     """What the block device at ``path`` is: {"dev", "diskseq"?, "wwn"?,
     "serial"?, "backing"?}; None when nothing, or no block device, is
-    there."""
-    number = device_number(path)
-    if number is None:
+    there (``st``: its ``examine``, when the caller has it)."""
+    found = number(examine(path) if st is None else st)
+    if found is None:
         return None
-    major, minor = number
+    major, minor = found
     ident = {"dev": "{}:{}".format(major, minor)}
     diskseq = _read_sys(major, minor, "diskseq")
     if diskseq:
@@ -220,10 +255,9 @@ def _in_use(number):
     """``in_use`` of the block device numbered ``number``."""
     disk = _kernel_name(*number)
     devices = [(number, disk)] + _partitions(*number, disk)
-    mountinfo = _read_text("/proc/self/mountinfo")
-    swaps = _swaps()
+    mounts, swaps = _host.now()
     for (major, minor), name in devices:
-        where = _mount_point(mountinfo, major, minor)
+        where = mounts.get(major, minor)
         if where:
             return "{} is mounted at {}".format(name, where)
         if name in swaps:
@@ -241,19 +275,13 @@ def _named(path, real):
 
 
 def _read_sys(major, minor, name):
-    # os.read, not open(): no buffered text file (and its isatty ioctl)
-    # for each of the few bytes of a sysfs attribute.
+    """A sysfs attribute of the device, stripped; None when it is absent
+    or unreadable.  An attribute is a page at most: one read."""
+    data = _read_file(sysfs_path(major, minor, name), to_end=False)
     try:
-        fd = os.open(sysfs_path(major, minor, name),
-                     os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+        return None if data is None else data.decode("utf-8").strip()
+    except UnicodeDecodeError:
         return None
-    try:
-        return os.read(fd, 4096).decode("utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    finally:
-        os.close(fd)
 
 
 def _kernel_name(major, minor):
@@ -286,12 +314,31 @@ def _partitions(major, minor, disk):
         part = top + "/" + name
         if os.path.exists(part + "/partition"):
             try:
-                with open(part + "/dev") as f:
-                    ma, mi = f.read().strip().split(":")
+                ma, mi = _read_file(part + "/dev", to_end=False).split(b":")
                 found.append(((int(ma), int(mi)), name))
-            except (OSError, ValueError):
+            except (AttributeError, ValueError):
                 continue
     return found
+
+
+class _Mounts:
+    """Where each device is mounted, from one text of
+    /proc/self/mountinfo: each device's answer is searched for once
+    (``_mount_point``) and remembered with the text."""
+
+    def __init__(self, mountinfo):
+        self._text = mountinfo
+        self._found = {}
+
+    def get(self, major, minor):
+        """Where the filesystem on ``major:minor`` is mounted first, or
+        None."""
+        key = (major, minor)
+        try:
+            return self._found[key]
+        except KeyError:
+            where = self._found[key] = _mount_point(self._text, major, minor)
+            return where
 
 
 def _mount_point(mountinfo, major, minor):
@@ -319,35 +366,124 @@ def _mount_point(mountinfo, major, minor):
         start = at + 1
 
 
-def _swaps():
-    """Kernel names of active swap devices."""
+def _swaps(text):
+    """Kernel names of the active swap devices, from the text of
+    /proc/swaps."""
     names = set()
-    for line in _read_text("/proc/swaps").splitlines()[1:]:
+    for line in text.splitlines()[1:]:
         fields = line.split()
         if fields:
             names.add(os.path.basename(os.path.realpath(fields[0])))
     return names
 
 
-def _read_text(path):
-    """The whole text of a /proc file ("" when it cannot be read):
-    os.read until the end, no buffered text file."""
+class _HostUse:
+    """The host's mounts and swaps, read again only when they change
+    (see the module docstring)."""
+
+    FILES = (("/proc/self/mountinfo", _Mounts), ("/proc/swaps", _swaps))
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._forget()
+        os.register_at_fork(after_in_child=self._forget)
+
+    def now(self):
+        """(mounts, swaps) as they are now: a ``_Mounts`` and ``_swaps``'
+        answer."""
+        with self._lock:
+            if self._poll is None:
+                self._open()
+            elif self._fds:
+                for fd, events in self._poll.poll(0):
+                    if events & select.POLLNVAL:
+                        # Closed under us (its number may be another
+                        # file's by now): start afresh.
+                        self._forget()
+                        self._open()
+                        break
+                    if events & (select.POLLPRI | select.POLLERR):
+                        self._load(fd)
+            return tuple(
+                self._values[path] if path in self._values
+                else parse(_text(_read_file(path)))
+                for path, parse in self.FILES)
+
+    def _forget(self):
+        # A child after fork: its parent's descriptors are not touched
+        # (closing them here would not free the parent's open files).
+        self._poll = None
+        self._fds = {}          # fd -> (path, parse)
+        self._values = {}       # path -> parsed text
+
+    def _open(self):
+        self._poll = select.poll()
+        proc = _st_dev("/proc/self")
+        for path, parse in self.FILES:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue        # read at every check
+            if proc is None or os.fstat(fd).st_dev != proc:
+                os.close(fd)    # not procfs: nothing flags a change
+                continue
+            self._fds[fd] = (path, parse)
+            self._poll.register(fd, select.POLLPRI | select.POLLERR)
+            self._load(fd)
+
+    def _load(self, fd):
+        path, parse = self._fds[fd]
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            text = _text(_read_fd(fd))
+        except OSError:
+            self._poll.unregister(fd)
+            del self._fds[fd]
+            self._values.pop(path, None)
+            os.close(fd)
+            return
+        self._values[path] = parse(text)
+
+
+_host = _HostUse()
+
+
+def _st_dev(path):
+    try:
+        return os.stat(path).st_dev
+    except OSError:
+        return None
+
+
+def _read_file(path, to_end=True):
+    """The bytes of a kernel file (/proc, /sys), None when it cannot be
+    read.  ``to_end`` False: one read (a sysfs attribute)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        return ""
-    chunks = []
+        return None
     try:
-        while True:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
+        return _read_fd(fd) if to_end else os.read(fd, 4096)
     except OSError:
-        return ""
+        return None
     finally:
         os.close(fd)
-    return b"".join(chunks).decode("utf-8", "replace")
+
+
+def _read_fd(fd):
+    """What is left to read at ``fd``: os.read until the end (no buffered
+    file object, and its isatty ioctl, for a few bytes of the kernel's)."""
+    chunks = []
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def _text(data):
+    """/proc text from ``_read_file`` ("" when it could not be read)."""
+    return "" if data is None else data.decode("utf-8", "replace")
 
 
 def _holders(major, minor):

@@ -73,8 +73,9 @@ is safe:
 - ``Service``'s call counter (a Condition): held for a counter update
   only; ``Service.close()`` waits on it from the agent's main thread.
 - the locks of ``logging``'s handlers, ``locking``'s registry, the
-  privsep channel's flow counter: held for a few statements, never
-  across a wait.
+  privsep channel's flow counter, ``devices``' mounts and swaps (a
+  poll, after a change a read of /proc): held for a few statements,
+  never across a wait.
 - ``stompserver``'s connection lock and its pool and delivery counters,
   taken to deliver an answer: held by the I/O thread or a worker for
   one non-blocking socket call or a counter update, never across a

@@ -255,16 +255,20 @@ class Service:
                 faults.crash_point("attach.after_connect")
                 path = self._resolve_path(transport, vol_id,
                                           connection_info, attachment)
-                if not os.path.exists(path):
+                # One stat of the device serves the check that it
+                # exists, its identity, its size and the udev trigger.
+                st = devices.examine(path)
+                if st is None:
                     # os-brick's local connector returns any path it is
                     # given; a VM would fail on it much later.
                     raise errors.HelperFailed(
                         "the connector reported success but device {} "
                         "does not exist".format(path))
-                identity = transport.identity(path)
+                identity = transport.identity(path, st)
                 self._check_not_shared(vol_id, path, identity, boot_id)
                 found = {"attachment": attachment, "path": path,
-                         "size": devices.size(path), "identity": identity}
+                         "size": devices.size(path, st),
+                         "identity": identity}
                 multipath_id = attachment.get("multipath_id")
                 if multipath_id is not None or not added:
                     # A record inserted by this attach has none yet: not
@@ -272,7 +276,8 @@ class Service:
                     found["multipath_id"] = multipath_id
                 db.update_volume(vol_id, **found)
                 faults.crash_point("attach.after_attachment")
-                self._add_udev_rule(sd_id, vol_id, path)
+                self._add_udev_rule(sd_id, vol_id, path,
+                                    devices.number(st))
                 faults.crash_point("attach.after_udev")
                 managed_path = self._add_link(sd_id, vol_id, path)
                 faults.crash_point("attach.after_link")
@@ -887,8 +892,10 @@ class Service:
             log.exception("Failed to remove the udev rule of volume %s",
                           vol_id)
 
-    def _add_udev_rule(self, sd_id, vol_id, path):
-        self._rules.add(sd_id, vol_id, path)
+    def _add_udev_rule(self, sd_id, vol_id, path, number=None):
+        """``number``: the device's (major, minor) when the caller has
+        just read it (``devices.number``), else None."""
+        self._rules.add(sd_id, vol_id, path, number)
 
     def _link_path(self, sd_id, vol_id):
         return os.path.join(self.cfg.run_dir, "{}_{}".format(sd_id, vol_id))

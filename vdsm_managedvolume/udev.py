@@ -226,12 +226,14 @@ def list_temp_files(cfg):
             if n.startswith("." + PREFIX) and n.endswith(".tmp")]
 
 
-def trigger(cfg, path, timeout=TRIGGER_TIMEOUT):
+def trigger(cfg, path, timeout=TRIGGER_TIMEOUT, number=None):
     """Send a "change" uevent for the device at ``path``; return success.
 
+    ``number``: the device's (major, minor) when the caller has just read
+    it (``devices.number``); None: looked up here.
     Failures are logged as warnings and reported as False, never raised.
     """
-    uevent = _sysfs_uevent(path)
+    uevent = _sysfs_uevent(path, number)
     if uevent is not None:
         try:
             _write_uevent(uevent)
@@ -243,12 +245,13 @@ def trigger(cfg, path, timeout=TRIGGER_TIMEOUT):
     return _udevadm_trigger(cfg, path, timeout)
 
 
-def _sysfs_uevent(path):
+def _sysfs_uevent(path, number=None):
     """``/sys/dev/block/MAJ:MIN/uevent`` of a block device, or None.
     Whether it exists is found by opening it (``_write_uevent``)."""
-    number = devices.device_number(path)
     if number is None:
-        return None
+        number = devices.device_number(path)
+        if number is None:
+            return None
     return devices.sysfs_path(*number, "uevent")
 
 

@@ -7,7 +7,9 @@ need root.  The standalone agent runs as root and writes them itself
 the privsep daemon (``DaemonRules``), whose narrow entrypoints rebuild
 each rule from the ids and the device path (brick.py).  ``[volumes]
 udev_writer`` chooses (``choose``); both writers offer the same three
-calls, so the service does not care which it has.
+calls, so the service does not care which it has (``add`` takes the
+device's (major, minor) when the service has just read it: the service's
+writer then triggers it without another stat).
 """
 
 import os
@@ -45,12 +47,12 @@ class ServiceRules:
     def __init__(self, cfg):
         self._cfg = cfg
 
-    def add(self, sd_id, vol_id, path):
+    def add(self, sd_id, vol_id, path, number=None):
         try:
             udev.add_rule(self._cfg, sd_id, vol_id, path)
         except udev.UnsafePath as e:
             raise errors.HelperFailed(str(e))
-        udev.trigger(self._cfg, path)
+        udev.trigger(self._cfg, path, number=number)
 
     def remove(self, sd_id, vol_id):
         udev.remove_rule(self._cfg, sd_id, vol_id)
@@ -70,7 +72,8 @@ class DaemonRules:
     def __init__(self, brick):
         self._brick = brick
 
-    def add(self, sd_id, vol_id, path):
+    def add(self, sd_id, vol_id, path, number=None):
+        # The daemon finds the device's number itself.
         self._brick.add_udev_rule(sd_id, vol_id, path)
 
     def remove(self, sd_id, vol_id):

@@ -25,7 +25,7 @@ links, rules) and the privsep daemon the calls to os-brick, and both ask
                                     (``udev_match`` below)
     host_tools                      the commands its connector runs
                                     (``hosttools``: which are missing)
-    identity(path)                  what the device at that path is,
+    identity(path, st=None)         what the device at that path is,
                                     recorded at attach and compared before
                                     a disconnect or a re-attach
 

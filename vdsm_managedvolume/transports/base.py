@@ -61,10 +61,11 @@ class Transport:
                     vol_id))
         return path
 
-    def identity(self, path):
+    def identity(self, path, st=None):
         """What the device at ``path`` is (``devices.identity``), None
-        when there is no block device."""
-        return devices.identity(path)
+        when there is no block device (``st``: its ``devices.examine``,
+        when the caller has it)."""
+        return devices.identity(path, st)
 
 
 # Helpers for fields(): each raises InvalidParams naming the field.

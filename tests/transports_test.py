@@ -93,6 +93,10 @@ def test_identity_of_a_file_is_none(tmp_path):
     ("/dev/rbd/pool/ns/vol-1", ("SYMLINK", "rbd/pool/ns/vol-1")),
     ("/dev/nvme0n3", ("KERNEL", "nvme0n3")),
     ("/dev/loop7", ("KERNEL", "loop7")),
+    # Named relative to /dev as os.path.relpath names them.
+    ("/dev/disk/../nvme0n4", ("KERNEL", "nvme0n4")),
+    ("/dev//nvme0n5", ("KERNEL", "nvme0n5")),
+    ("/devices/x", ("KERNEL", "../devices/x")),
 ])
 def test_udev_match_of_default_paths(path, match):
     assert transports.udev_match(path) == match

@@ -277,7 +277,7 @@ class Service:
                 db.update_volume(vol_id, **found)
                 faults.crash_point("attach.after_attachment")
                 self._add_udev_rule(sd_id, vol_id, path,
-                                    devices.number(st))
+                                    devices.block_number(st))
                 faults.crash_point("attach.after_udev")
                 managed_path = self._add_link(sd_id, vol_id, path)
                 faults.crash_point("attach.after_link")
@@ -894,7 +894,7 @@ class Service:
 
     def _add_udev_rule(self, sd_id, vol_id, path, number=None):
         """``number``: the device's (major, minor) when the caller has
-        just read it (``devices.number``), else None."""
+        just read it (``devices.block_number``), else None."""
         self._rules.add(sd_id, vol_id, path, number)
 
     def _link_path(self, sd_id, vol_id):

@@ -230,7 +230,7 @@ def trigger(cfg, path, timeout=TRIGGER_TIMEOUT, number=None):
     """Send a "change" uevent for the device at ``path``; return success.
 
     ``number``: the device's (major, minor) when the caller has just read
-    it (``devices.number``); None: looked up here.
+    it (``devices.block_number``); None: looked up here.
     Failures are logged as warnings and reported as False, never raised.
     """
     uevent = _sysfs_uevent(path, number)

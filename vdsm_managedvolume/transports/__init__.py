@@ -113,5 +113,7 @@ def udev_match(path, cfg=None):
             return "SYMLINK", os.path.join(
                 udev_dir, os.path.relpath(path, directory))
     key = "SYMLINK" if os.path.islink(path) else "KERNEL"
+    if path.startswith("/dev/") and os.path.normpath(path) == path:
+        return key, path[5:]    # relpath's answer, a tenth of its cost
     return key, os.path.relpath(path, "/dev")
 

@@ -214,12 +214,17 @@ def run(plain, tls, loop, args):
         r["vdsm_pair"] = _timed(3, lambda: attach_bench.baseline_pair(loop))
         r["vdsm_props"] = _timed(2, attach_bench.baseline_properties)
         start = time.perf_counter()
+        # Their stderr kept (os-brick's import warns that eventlet is
+        # deprecated) and shown only when one fails.
         procs = [subprocess.Popen([sys.executable, "-c", VDSM_SLOW_ATTACH,
-                                   str(args.sleep)])
+                                   str(args.sleep)], stderr=subprocess.PIPE)
                  for _ in range(VDSM_WORKERS)]
-        for p in procs:
-            p.wait()
+        errors = [p.communicate()[1] for p in procs]
         r["vdsm_round"] = time.perf_counter() - start
+        for p, err in zip(procs, errors):
+            if p.returncode != 0:
+                sys.exit("a vdsm-design helper failed ({}): {}".format(
+                    p.returncode, err.decode(errors="replace")[-2000:]))
     return r
 
 

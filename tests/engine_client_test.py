@@ -403,9 +403,10 @@ def test_timeout_gives_a_clear_error_cold_and_warm(
         text = engine_service.log() if warm else r.stderr
         assert "create_volume was given up at:" in text
         pid_file = tmp_path / "vols" / "slow-{}.pid".format(vol)
-        if not warm and not pid_file.exists():
-            # A loaded machine: the cold run's 3 s ran out while it was
-            # still importing cinderlib; nothing reached the driver.
+        if not pid_file.exists():
+            # A loaded machine: the 3 s ran out before the driver was
+            # called (the cold run still importing cinderlib, the warm
+            # child still starting); the log above says where it was.
             continue
         assert "time.sleep(120)" in text
         # The operation ends with its answer: the process that ran the

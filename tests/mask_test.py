@@ -1,5 +1,6 @@
 import json
 import logging
+import pprint
 
 import pytest
 
@@ -94,6 +95,19 @@ LEAKY_TEXTS = [
     '["discovery_auth_password", "%s"]' % SECRET,
     "(b'auth_password', b'%s')" % SECRET,
     "('auth_password',\n '%s')" % SECRET,
+    # pprint aligns a pair's value under its key, however deep it is.
+    pprint.pformat({"connection_info": {"data": {"items": [
+        ("auth_password", "x" * 60 + SECRET)]}}}, width=60),
+    "('auth_password', B'%s')" % SECRET,
+    "( 'auth_password', '%s')" % SECRET,
+    "[('auth_password', '%s'),\n ('lun', 1)]" % SECRET,
+    "('auth_password', '%s'" % SECRET,      # a message cut after the pair
+]
+
+# What mask() masks in a pair that is no string: a number, a list.
+PAIRS_OF_OTHER_VALUES = [
+    ("auth_password", 12345678),
+    ("extra_passwords", ["pw-one", "pw-two"]),
 ]
 
 
@@ -128,9 +142,23 @@ def test_mask_text_hides_ceph_keys_wherever_they_appear(text):
     "('lun', 1)",
     "wrong password, 'retrying'",
     "password, 'x'",
+    # A quoted name opening a sequence of more than two items is no pair
+    # (mask() masks only a pair's value), nor is a pair with no value.
+    "('token', 'a', 'b')",
+    "argv: ['password-reset', '--user', 'admin']",
+    "[\"password-reset\",\n \"--user\", \"admin\"]",
+    "os.environ.get('PGPASSWORD', '')",
+    "('token', None)",
 ])
 def test_mask_text_keeps_what_is_no_secret(text):
     assert mask.mask_text(text) == text
+
+
+@pytest.mark.parametrize("pair", PAIRS_OF_OTHER_VALUES)
+def test_mask_text_masks_what_mask_masks_in_a_pair(pair):
+    assert mask.mask(pair)[1] == mask.MASK
+    masked = mask.mask_text(repr(pair))
+    assert masked == "({!r}, {})".format(pair[0], mask.MASK)
 
 
 def test_mask_keeps_the_key_and_quotes_around_the_masked_value():
@@ -140,6 +168,8 @@ def test_mask_keeps_the_key_and_quotes_around_the_masked_value():
         "-n node.session.auth.password -v ********"
     assert mask.mask_text("('auth_password', 'x1')") == \
         "('auth_password', '********')"
+    assert mask.mask_text("('auth_password', B'x1')") == \
+        "('auth_password', B'********')"
 
 
 def test_log_file_is_created_0640(tmp_path):

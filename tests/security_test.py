@@ -186,8 +186,12 @@ def test_busy_response_survives_the_bodies_that_break_json():
     "auth_" * 200000,
     '\\"password\\": \\"' * 50000,
     "('password', " * 80000,
+    ("('password', " + " " * 250) * 4000,
+    "('password', 'a', " * 60000,
+    "('password', '1'" + " " * 1000000,
 ], ids=["letters", "dashes", "dots", "words", "open-quotes", "spaces",
-        "urls", "auth", "escaped", "pairs"])
+        "urls", "auth", "escaped", "pairs", "indented-pairs", "no-pairs",
+        "pair-then-spaces"])
 def test_masking_a_megabyte_is_linear_not_a_frozen_agent(text):
     # The old patterns backtracked quadratically: 1 MB of letters in a
     # request froze the agent (the re module holds the GIL) for hours.

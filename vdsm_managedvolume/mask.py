@@ -62,10 +62,14 @@ _WORDS = "|".join(_SECRET_WORDS)
 # optionally quoted (b'...', '...', "...", \"...\"), then a separator: ':',
 # '=', URL-encoded '=' or '":"', or iscsiadm's "-v" (plain or as the items
 # of a list repr), or, for a quoted key opening a tuple or list, the comma
-# before a quoted value: a (key, value) pair's repr (``pair`` is set when
-# the key follows "(" or "[").
+# before a value: a (key, value) pair's repr (``pair`` is set when the key
+# follows "(" or "[", white space allowed between; ``pairsep`` when the
+# comma matched: _mask_keys then wants the value to close the pair).  The
+# value of a pair may come after a line break and up to _PAIR_INDENT
+# spaces: pprint aligns it under the key, as deep as the pair is nested.
+_PAIR_INDENT = 256
 _KEY_RE = re.compile(
-    r"(?<![\w.-])(?:(?<=[(\[])(?P<pair>))?(?:b?\\?['\"])?"
+    r"(?<![\w.-])(?:(?<=[(\[])(?P<pair>)[ \t\r\n]{0,16})?(?:b?\\?['\"])?"
     r"(?!include_secrets(?![\w.-]))"
     r"(?:[\w.-]{0,%(n)d}?(?:%(words)s)[\w.-]{0,%(n)d}"
     r"|(?:discovery_)?auth_(?!(?:method|username|enabled)(?![\w-]))"
@@ -75,8 +79,9 @@ _KEY_RE = re.compile(
     r"|%%3[dD]|%%22%%3[aA](?:%%20){0,4}(?:%%22)?|%%3[aA]"
     r"|[ \t]{0,16},?[ \t]{0,16}['\"]?(?:-v|--value)['\"]?"
     r"(?:[ \t]{0,16},[ \t]{0,16}|[ \t]{1,16}|=)"
-    r"|(?(pair)(?<=['\"])[ \t]{0,16},[ \t\r\n]{0,16}(?=b?['\"])|(?!)))"
-    % {"n": _NAME_MAX, "words": _WORDS},
+    r"|(?(pair)(?<=['\"])[ \t]{0,16},(?P<pairsep>)[ \t\r\n]{0,%(indent)d}"
+    r"(?=b?['\"]|[-+]?[0-9]|[\[({])|(?!)))"
+    % {"n": _NAME_MAX, "words": _WORDS, "indent": _PAIR_INDENT},
     re.IGNORECASE)
 
 # A quoted value: up to the closing quote, backslash escapes skipped.
@@ -286,8 +291,11 @@ def _mask_keys(text):
             break
         start = m.end()
         end, quote = _value_end(text, start)
-        if end == start:
-            # A key without a value: keep it, look further.
+        if end == start or (m.group("pairsep") is not None
+                            and not _closes_pair(text, start, end, quote)):
+            # A key without a value (or a quoted name and the item after
+            # it, not a pair: more follow, or no value): keep it, look
+            # further.
             out.append(text[pos:start])
             pos = start
             continue
@@ -298,6 +306,23 @@ def _mask_keys(text):
     return "".join(out)
 
 
+def _closes_pair(text, start, end, quote):
+    """Whether the value of a ``(key, value)`` match ending at ``end`` is
+    the pair's last item: then it is masked, as mask() masks a pair's.
+    Not when another item follows (``('token', 'a', 'b')``, an argv
+    ``['password-reset', '--user', 'admin']``) nor when it is empty
+    (``environ.get('PGPASSWORD', '')``: nothing to hide).  A text that ends
+    there (cut) or white space longer than any indent: masked."""
+    if quote[1] and end - start == len(quote[0]) + len(quote[1]):
+        return False
+    m = _PAIR_END.match(text, end)
+    return m.end() == len(text) or m.end() - end >= _PAIR_INDENT or \
+        text[m.end()] in ")]"
+
+
+_PAIR_END = re.compile(r"[ \t\r\n]{0,%d}" % _PAIR_INDENT)
+
+
 def _value_end(text, start):
     """(end of the value at ``start``, (opening, closing) quote text)."""
     n = len(text)
@@ -305,8 +330,8 @@ def _value_end(text, start):
         return start, ("", "")
     c = text[start]
     opening = ""
-    if c == "b" and start + 1 < n and text[start + 1] in "'\"":
-        opening, c = "b", text[start + 1]
+    if c in "bB" and start + 1 < n and text[start + 1] in "'\"":
+        opening, c = c, text[start + 1]
     if c == "\\" and start + 1 < n and text[start + 1] in "'\"":
         # An escaped quote (JSON inside a string): the value ends at the
         # same escaped quote.

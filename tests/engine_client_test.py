@@ -649,6 +649,72 @@ def test_an_unexpected_error_is_one_log_line_and_a_traceback_at_debug(
         server.close()
 
 
+def test_sigusr1_shows_a_forwarding_command_waiting_and_it_goes_on(
+        engine_shim, engine_backend, tmp_path):
+    """docs/engine.md: ``kill -USR1`` a command that does not end shows
+    where it is.  A command forwarded to the warm service only waits for
+    its answer: the signal must show that wait, not kill the command (the
+    engine would see a failure while the service goes on with the
+    operation)."""
+    import signal
+    import socket
+    import threading
+    from .engine_fixtures import Shim
+    be = engine_backend
+    path = str(tmp_path / "slow.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    os.chmod(path, 0o600)
+    server.listen(1)
+    received = threading.Event()
+    answer = threading.Event()
+
+    def answer_when_told():
+        conn, _ = server.accept()
+        with conn:
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            received.set()
+            answer.wait(120)
+            try:
+                conn.sendall(json.dumps({"output": "forwarded answer\n",
+                                         "exit_code": 0}).encode())
+            except OSError:
+                pass            # the command is gone: the test says so
+
+    thread = threading.Thread(target=answer_when_told, daemon=True)
+    thread.start()
+    proc = Shim(engine_shim.run_dir, path).popen(
+        "storage_stats", "true", driver=be["driver"], db_url=be["db_url"])
+    try:
+        assert received.wait(60)
+        os.kill(proc.pid, signal.SIGUSR1)
+        shown = []
+        for line in proc.stderr:
+            shown.append(line.decode("utf-8", "replace"))
+            if "most recent call first" in line.decode("utf-8", "replace"):
+                break
+        # The dump's first lines: where the command waits.
+        shown += [proc.stderr.readline().decode() for _ in range(3)]
+        assert "most recent call first" in "".join(shown), \
+            (proc.poll(), shown)
+        assert "forward.py" in "".join(shown), shown
+        answer.set()
+        out, _ = proc.communicate(timeout=60)
+        assert (proc.returncode, out) == (0, b"forwarded answer\n")
+    finally:
+        answer.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        thread.join(30)
+        server.close()
+
+
 def test_a_bad_id_is_a_usage_error_and_creates_nothing(
         engine_shim, engine_backend):
     be = engine_backend

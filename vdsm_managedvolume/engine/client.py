@@ -22,7 +22,8 @@ module is only the process around an operation:
 When the warm service answers, this process is most of what the engine
 waits for (~20 ms of Python start-up, then a millisecond of work), so the
 forwarding path loads only this module, ``args``, ``forward``, ``outcome``,
-``errors`` and the standard library's ``json``: no logging, no ``socket``
+``errors``, the standard library's ``json`` and the built-in
+``faulthandler`` (stacks on SIGUSR1): no logging, no ``socket``
 module (``forward`` uses ``_socket``), and the masker only when argv may
 hold a secret at all (``_may_hold_secret``).
 """
@@ -46,6 +47,7 @@ SECRET_HINTS = ("passw", "secret", "key", "token", "credential", "auth",
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    _dump_stacks_on_signal()
     out = _reserve_stdout()
     opts = None
     try:
@@ -80,7 +82,6 @@ def main(argv=None):
         if result is None:
             # Only now the heavy part: logging setup, threads, cinderlib.
             from . import runner
-            _dump_stacks_on_signal()
             result = runner.run(request)
         _finish(out, result)
     except BaseException as e:
@@ -124,11 +125,15 @@ def _quiet_stderr(log_file):
 
 
 def _dump_stacks_on_signal():
-    """A cold run writes its threads' stacks to stderr (the log file, see
-    _quiet_stderr) on SIGUSR1, as the warm service does (warm.py)."""
+    """On SIGUSR1 every command writes its threads' stacks to fd 2 (the
+    log file once _quiet_stderr pointed it there), as the warm service
+    does (warm.py): a cold run shows its operation, a forwarding command
+    its wait for the service.  First thing in main: SIGUSR1's default
+    action would kill a forwarding command while the service goes on with
+    its request.  (``_signal``: ``signal`` builds its enums at import.)"""
+    import _signal
     import faulthandler
-    import signal
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    faulthandler.register(_signal.SIGUSR1, all_threads=True)
 
 
 def _may_hold_secret(text):

@@ -481,3 +481,26 @@ def test_the_parent_waits_for_the_threads_kernel_task_not_only_join():
         gate.set()
     real.join(60)
     assert warm._wait_ended(Joined(), time.monotonic() + 60)
+
+
+@pytest.mark.parametrize("dump_to", ["unopenable-log", "no-stderr"])
+def test_sigusr1_never_kills_the_service_whatever_its_log(tmp_path, dump_to):
+    # The service's stack dumps go to its log file; one it cannot open
+    # sends them to stderr, and without stderr the signal is ignored: the
+    # signal's default action would kill the service and, through
+    # PR_SET_PDEATHSIG, every request running.
+    log_file = str(tmp_path / "missing-dir" / "service.log")
+    code = (
+        "import os, signal, sys\n"
+        "from vdsm_managedvolume.engine import warm\n"
+        "if sys.argv[2] == 'no-stderr':\n"
+        "    os.close(2)\n"
+        "warm._dump_stacks_on_signal(sys.argv[1])\n"
+        "os.kill(os.getpid(), warm.DUMP_SIGNAL)\n"
+        "print('alive', flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", code, log_file, dump_to],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          cwd=ROOT, timeout=120)
+    assert (proc.returncode, proc.stdout) == (0, b"alive\n"), proc
+    if dump_to == "unopenable-log":
+        assert b"most recent call first" in proc.stderr, proc.stderr

@@ -163,14 +163,23 @@ def _dump_stacks_on_signal(log_file):
     does not end, before killing it.
     """
     import faulthandler
-    try:
-        if log_file:
+    fd = None
+    if log_file:
+        try:
             fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
                          0o640)
-        else:
+        except OSError as e:
+            log.warning("Stack dumps on signal %d go to stderr: %s",
+                        DUMP_SIGNAL, e)
+    try:
+        if fd is None:
             fd = os.dup(2)
     except OSError as e:
-        log.warning("No stack dumps on signal %d: %s", DUMP_SIGNAL, e)
+        # Never the default action: it would kill the service, and with
+        # it (PR_SET_PDEATHSIG) every request running.
+        log.warning("No stack dumps on signal %d, ignored: %s",
+                    DUMP_SIGNAL, e)
+        signal.signal(DUMP_SIGNAL, signal.SIG_IGN)
         return
     faulthandler.register(DUMP_SIGNAL, file=fd, all_threads=True)
 

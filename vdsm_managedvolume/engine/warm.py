@@ -158,9 +158,14 @@ def _dump_stacks_on_signal(log_file):
 
     faulthandler writes from the signal handler, without the GIL or any
     lock: a process stuck in C code (a connect waiting on a lock inherited
-    across fork) still answers.  On a descriptor of its own: the log
-    handler's is reopened on SIGHUP.  ``kill -USR1 PID`` for a request that
-    does not end, before killing it.
+    across fork) still answers.  On a descriptor of its own, opened once
+    here (the service's log file, else a copy of stderr): the logging
+    handler's may be closed and replaced under it.  The engine service
+    installs no SIGHUP handler: neither is ever reopened, so a log file
+    that logrotate moves keeps being written in its new name until the
+    service restarts (``copytruncate``; the packaged unit logs to the
+    journal).  ``kill -USR1 PID`` for a request that does not end, before
+    killing it.
     """
     import faulthandler
     fd = None

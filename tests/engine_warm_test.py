@@ -504,3 +504,26 @@ def test_sigusr1_never_kills_the_service_whatever_its_log(tmp_path, dump_to):
     assert (proc.returncode, proc.stdout) == (0, b"alive\n"), proc
     if dump_to == "unopenable-log":
         assert b"most recent call first" in proc.stderr, proc.stderr
+
+
+def test_a_second_setup_disposes_the_engines_the_first_one_froze(tmp_path):
+    # The first setup's _release_parent_resources froze the heap (an
+    # engine holding a pooled connection among it); the next one must
+    # still find that engine.  In a process of its own: the walk disposes
+    # every engine of the process.
+    code = (
+        "import gc, sys, sqlalchemy\n"
+        "from sqlalchemy.pool import QueuePool\n"
+        "from vdsm_managedvolume.engine import warm\n"
+        "engine = sqlalchemy.create_engine('sqlite:///' + sys.argv[1],\n"
+        "                                  poolclass=QueuePool)\n"
+        "engine.connect().close()\n"
+        "assert engine.pool.checkedin() == 1\n"
+        "gc.freeze()\n"
+        "warm._dispose_other_engines()\n"
+        "print(engine.pool.checkedin(), flush=True)\n")
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "db.sqlite")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+        timeout=120)
+    assert (proc.returncode, proc.stdout) == (0, b"0\n"), proc

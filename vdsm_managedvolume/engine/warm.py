@@ -810,8 +810,15 @@ def _release_parent_resources():
 
 
 def _dispose_other_engines():
-    """Close the pooled connections of every SQLAlchemy engine alive."""
+    """Close the pooled connections of every SQLAlchemy engine alive.
+
+    gc.get_objects() does not list frozen objects: an earlier setup's
+    gc.freeze() (in _release_parent_resources) froze its engines, oslo.db's
+    global one among them, which a second setup (another database, a
+    setup after a failed one) must dispose too.  Unfrozen first; the
+    caller freezes again right after."""
     import sqlalchemy.engine
+    gc.unfreeze()
     for obj in gc.get_objects():
         if isinstance(obj, sqlalchemy.engine.Engine):
             try:

@@ -68,9 +68,10 @@ def run(request):
         finally:
             done.set()
 
-    # An Event, not Thread.join(): once cinder is imported, a thread's end
-    # no longer releases join()'s lock (eventlet), and join would wait for
-    # the whole timeout.
+    # Waited for through an Event set when the work is done: the answer
+    # goes out then, without waiting for the thread's end (join() would
+    # do too: nothing cinder or cinderlib import monkey-patches threading,
+    # and warm._wait_ended relies on join()).
     worker = threading.Thread(target=work, name="operation", daemon=True)
     worker.start()
     if not done.wait(request.timeout):

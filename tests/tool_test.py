@@ -9,6 +9,7 @@ in-process.
 import datetime
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -380,6 +381,23 @@ def test_reconcile_dry_run_opens_the_journal_read_only(configured, state):
             for v in json.loads(p.stdout)["volumes"]] == [
         ("rollback", "planned")]
     assert _journal_files(configured) == before
+
+
+def test_reconcile_dry_run_after_a_reboot_makes_no_lock_directory(
+        configured, state):
+    # /run is a tmpfs: after a reboot, before the agent starts, the lock
+    # directory is gone.  No operation can hold a lock in it then: the
+    # dry run plans without one, and makes nothing.
+    with store.open(configured.db_path) as db:
+        db.add_volume(VOL_ID, SD_ID, ISCSI)      # an interrupted attach
+    shutil.rmtree(configured.lock_dir)
+
+    p = run("--state-dir", state, "--json", "reconcile", check=1)
+
+    assert [(v["action"], v["result"])
+            for v in json.loads(p.stdout)["volumes"]] == [
+        ("rollback", "planned")]
+    assert not os.path.exists(configured.lock_dir)
 
 
 def test_reconcile_dry_run_leaves_a_vdsm_journal_unmigrated(state, cfg):

@@ -508,7 +508,9 @@ class Service:
         "failed: <why>".
         ``apply=False`` is a dry run: actions are reported as "planned".
         Volumes whose lock is held (an operation in progress in another
-        process) are skipped with result "busy".
+        process) are skipped with result "busy".  A dry run takes each
+        volume's lock only when the lock directory exists (it creates the
+        lock file of a volume that never had one, nothing else).
         ``force`` (with ``apply``): a rollback or detach whose disconnect
         fails is ended anyway: the record is forgotten with a warning
         (result "forgotten: <why>"), whatever may be left on the host is
@@ -516,11 +518,15 @@ class Service:
         reconcile retries it.
         """
         results = []
+        # A dry run makes no directory: without the lock directory (/run
+        # after a reboot, before the agent made it) no operation can hold
+        # a volume's lock, so none is taken.
+        locked = apply or os.path.isdir(self.cfg.lock_dir)
         with self._call() as db:
             for rec in db.volumes():
                 entry = self._with_lock_now(
                     rec, lambda: self._reconcile_volume(rec["vol_id"], apply,
-                                                        force))
+                                                        force), locked)
                 if entry:
                     results.append(entry)
             results.extend(self._reconcile_links(apply))
@@ -929,8 +935,11 @@ class Service:
         except OSError:
             return False
 
-    def _with_lock_now(self, rec, func):
-        """Run ``func`` holding the volume's lock, or report "busy"."""
+    def _with_lock_now(self, rec, func, locked=True):
+        """Run ``func`` holding the volume's lock, or report "busy".
+        (Without the lock when ``locked`` is False.)"""
+        if not locked:
+            return func()
         try:
             with self._locked(rec["vol_id"], timeout=0):
                 return func()

@@ -261,7 +261,10 @@ def reconcile(cfg, args):
     detaching removes them.
     A dry run opens the journal read-only and changes nothing on disk
     but the lock file of a volume that never had one (it takes each
-    volume's lock to see whether an operation holds it: "busy").
+    volume's lock to see whether an operation holds it: "busy"), and that
+    only in a lock directory that exists: it makes no directory (after a
+    reboot, before the agent starts, /run has none, and then no operation
+    can hold a lock: nothing is busy).
     """
     report = []
     if os.path.exists(cfg.db_path):

@@ -174,20 +174,33 @@ def test_tls13_session_gets_no_session_tickets(tls):
 
 def test_client_stuck_inside_the_handshake_is_dropped_at_handshake_timeout(
         tls):
-    # Part of a real ClientHello, then nothing: the handshake deadline
-    # counts from the accept whatever bytes came (handshake_timeout 1 s).
+    # A real ClientHello trickled a byte every 0.3 s, never complete: the
+    # handshake deadline counts from the accept whatever bytes came
+    # (handshake_timeout 1 s), not from the last byte, so the agent closes
+    # while bytes still come (the test's own bound: ~100 bytes, 30 s).
     ctx = pki.dev_client_context(tls.cfg)
     out = ssl.MemoryBIO()
     first = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname="localhost")
     with pytest.raises(ssl.SSLWantReadError):
         first.do_handshake()
     client_hello = out.read()
+    trickle = client_hello[:min(len(client_hello) - 1, 100)]
     with socket.create_connection(tls.address, timeout=30) as s:
-        s.sendall(client_hello[:len(client_hello) // 2])
-        try:
-            assert s.recv(100) == b""
-        except ConnectionResetError:
-            pass
+        closed = False
+        for i in range(len(trickle)):
+            try:
+                s.sendall(trickle[i:i + 1])
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            if select.select([s], [], [], 0.3)[0]:
+                try:
+                    assert s.recv(100) == b""
+                except ConnectionResetError:
+                    pass
+                closed = True
+                break
+        assert closed, "still open after {} bytes".format(len(trickle))
 
 
 class _Owner:

@@ -18,10 +18,14 @@ Figures, each printed beside its baselines in one run:
                     one caller's, and the agent's CPU time per pair (user,
                     system) in both runs: what bounds the 32 callers, and
                     a figure that other load on the machine moves less.
-                    Beside the ratio, its ceiling when the agent (one
-                    interpreter) is one core busy: one caller's seconds
-                    per pair over the agent's CPU seconds per pair with
-                    32 callers.  On a loop device one caller's pair is
+                    Beside the ratio, an estimate of its ceiling when the
+                    agent (one interpreter) is one core busy: one caller's
+                    seconds per pair over the agent's CPU seconds (user +
+                    system) per pair with 32 callers.  An estimate, not a
+                    bound: the agent's Python runs one run queue slot at
+                    a time (gate.py), and so do most of its system calls
+                    (made holding the slot), but not all of its kernel
+                    time.  On a loop device one caller's pair is
                     mostly the agent's CPU, so the ceiling is low; the
                     same two runs with the fake iSCSI connector taking
                     ``--array-sleep`` (5 ms) per attach show the ratio
@@ -429,8 +433,11 @@ def report(r, args):
 
 
 def _scaling(r, args):
-    """The lines comparing the callers' ratio with its ceiling, on the loop
-    device and with the slow fake array."""
+    """The lines comparing the callers' ratio with its estimated ceiling
+    (the agent's user + system CPU taken as if all of it ran on one core,
+    one after the other: kernel time is only partly serialized, so an
+    estimate, not a bound), on the loop device and with the slow fake
+    array."""
     lines = []
     for suffix, what in (("", "loop device"),
                          ("_slow", "fake array, {} per attach".format(
@@ -440,9 +447,11 @@ def _scaling(r, args):
         ceiling = (1 / tput1) / sum(cpuN) if sum(cpuN) else math.inf
         lines.append(
             "{} callers / 1 caller, {}: {:.1f}x measured ({:.0f} vs {:.0f} "
-            "pairs/s), ceiling {:.1f}x with the agent one core busy (one "
-            "caller's {} per pair / the agent's CPU per pair with {} "
-            "callers {}); agent CPU per pair (user + system) 1 caller {} + "
+            "pairs/s), estimated ceiling {:.1f}x with the agent one core "
+            "busy (an estimate, not a bound: one caller's {} per pair / "
+            "the agent's user + system CPU per pair with {} callers {}, "
+            "though its system time is only partly serialized); agent CPU "
+            "per pair (user + system) 1 caller {} + "
             "{}, {} callers {} + {}; the agent was {:.2f} cores busy with "
             "1 caller, {:.2f} with {}".format(
                 args.callers, what, tputN / tput1, tputN, tput1, ceiling,

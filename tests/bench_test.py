@@ -112,9 +112,11 @@ def test_load_prints_the_callers_ceiling_beside_the_measured_ratio(
     args = argparse.Namespace(callers=32, array_sleep=0.005)
     loop, slow = load._scaling(r, args)
     assert loop.startswith("32 callers / 1 caller, loop device: 3.0x "
-                           "measured (300 vs 100 pairs/s), ceiling 4.0x ")
+                           "measured (300 vs 100 pairs/s), estimated "
+                           "ceiling 4.0x ")
     assert "the agent was 0.30 cores busy with 1 caller, 0.75 with 32" \
         in loop
+    assert "(an estimate, not a bound: " in loop
     assert slow.startswith("32 callers / 1 caller, fake array, 5.00 ms per "
                            "attach: 5.0x measured (250 vs 50 pairs/s), "
-                           "ceiling 5.0x ")
+                           "estimated ceiling 5.0x ")

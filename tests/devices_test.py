@@ -1,7 +1,9 @@
 """A block device the host uses is never handed to a VM (real loop
 devices, real mounts, real swap)."""
 
+import errno
 import os
+import stat
 import subprocess
 
 import pytest
@@ -287,3 +289,209 @@ def test_a_loop_minor_given_another_file_is_another_device(
 def test_changed_compares_the_facts_that_hold(recorded, current, same_boot,
                                               differs):
     assert devices.changed(recorded, current, same_boot) == differs
+
+
+# The kept descriptors of mountinfo and swaps (devices._HostUse)
+
+def proc_fds():
+    """The descriptors of this process open on a mountinfo or swaps."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink("/proc/self/fd/" + name)
+        except OSError:
+            continue
+        if target.endswith("/mountinfo") or target == "/proc/swaps":
+            found.add(int(name))
+    return found
+
+
+def fd_of(host, path):
+    return next(fd for fd, kept in host._fds.items() if kept[0] == path)
+
+
+def is_open(fd):
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture
+def host(monkeypatch, loop_device):
+    """A fresh cache of mounts and swaps, read once."""
+    h = devices._HostUse()
+    monkeypatch.setattr(devices, "_host", h)
+    assert devices.in_use(loop_device.path) is None
+    assert len(h._fds) == 2
+    yield h
+    for fd in list(h._fds):
+        if fd in proc_fds():
+            os.close(fd)
+    h._forget()         # its after-fork handler lives on
+
+
+def test_a_kept_number_given_to_a_regular_file_is_not_trusted(
+        host, loop_device, tmp_path):
+    run("mkfs.ext4", "-q", "-F", loop_device.path)
+    fd = fd_of(host, "/proc/self/mountinfo")
+    os.close(fd)                            # some other code closes it
+    other = os.open(str(tmp_path / "f"), os.O_RDWR | os.O_CREAT)
+    try:
+        if other != fd:
+            pytest.skip("another thread took the number")
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        run("mount", loop_device.path, str(mnt))
+        try:
+            assert devices.in_use(loop_device.path) == \
+                "{} is mounted at {}".format(
+                    os.path.basename(loop_device.path), mnt)
+        finally:
+            run("umount", str(mnt))
+        assert os.fstat(other).st_ino == os.stat(str(tmp_path / "f")).st_ino
+        assert other not in host._fds and len(host._fds) == 2
+    finally:
+        os.close(other)
+
+
+def test_a_kept_number_given_to_a_broken_pipe_is_left_to_its_owner(
+        host, loop_device):
+    fd = fd_of(host, "/proc/self/mountinfo")
+    r, w = os.pipe()
+    os.dup2(w, fd)                          # closes ours, the pipe's now
+    os.close(w)
+    os.close(r)                             # the write end: POLLERR
+    try:
+        assert devices.in_use(loop_device.path) is None
+        assert is_open(fd) and fd not in host._fds and len(host._fds) == 2
+        # Nor does a failed read close a descriptor that is not ours.
+        host._fds[fd] = ("/proc/self/mountinfo", devices._Mounts,
+                         host._fds[fd_of(host, "/proc/self/mountinfo")][2])
+        host._poll.register(fd, 0)
+        host._load(fd)
+        assert is_open(fd) and fd not in host._fds
+    finally:
+        os.close(fd)
+
+
+def test_a_kept_descriptor_closed_under_us_leaks_nothing(host, loop_device):
+    before = proc_fds()
+    kept = set(host._fds)
+    os.close(fd_of(host, "/proc/self/mountinfo"))   # POLLNVAL
+    assert devices.in_use(loop_device.path) is None
+    assert len(host._fds) == 2
+    # The swaps descriptor, still open, was closed before opening anew.
+    assert proc_fds() == (before - kept) | set(host._fds)
+
+
+def test_a_failed_read_falls_back_to_reading_at_every_check(
+        host, loop_device, tmp_path, monkeypatch):
+    run("mkfs.ext4", "-q", "-F", loop_device.path)
+    fd = fd_of(host, "/proc/self/mountinfo")
+    read_fd = devices._read_fd
+    failed = []
+
+    def fail_once(n):
+        if n == fd and not failed:
+            failed.append(n)
+            raise OSError(errno.EIO, "I/O error")
+        return read_fd(n)
+
+    monkeypatch.setattr(devices, "_read_fd", fail_once)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run("mount", loop_device.path, str(mnt))    # flags it: read again
+    try:
+        expected = "{} is mounted at {}".format(
+            os.path.basename(loop_device.path), mnt)
+        assert devices.in_use(loop_device.path) == expected
+        assert failed and list(host._fds.values())[0][0] == "/proc/swaps"
+        assert len(host._fds) == 1 and not is_open(fd)
+        assert devices.in_use(loop_device.path) == expected
+    finally:
+        run("umount", str(mnt))
+    assert devices.in_use(loop_device.path) is None
+
+
+def test_a_child_forked_while_the_lock_is_held_checks_and_closes_ours(
+        host, loop_device):
+    inherited = list(host._fds)
+    with host._lock:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                if not any(is_open(fd) for fd in inherited) and \
+                        host._lock.acquire(blocking=False):
+                    host._lock.release()
+                    if devices.in_use(loop_device.path) is None and \
+                            len(host._fds) == 2:
+                        code = 0
+            finally:
+                os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert all(is_open(fd) for fd in inherited)
+    assert devices.in_use(loop_device.path) is None
+
+
+# Swap areas by device number
+
+def swap_on(node):
+    try:
+        run("swapon", node)
+    except subprocess.CalledProcessError:
+        pytest.skip("swapon not permitted here")
+
+
+def test_a_device_swapped_on_through_a_node_of_another_name_is_in_use(
+        loop_device, tmp_path):
+    st = os.stat(loop_device.path)
+    node = str(tmp_path / "myswap")
+    os.mknod(node, 0o600 | stat.S_IFBLK, st.st_rdev)
+    run("mkswap", loop_device.path)
+    assert devices.in_use(loop_device.path) is None     # read and kept
+    swap_on(node)
+    try:
+        assert devices.in_use(loop_device.path) == \
+            "{} is an active swap area".format(
+                os.path.basename(loop_device.path))
+    finally:
+        run("swapoff", node)
+    assert devices.in_use(loop_device.path) is None
+
+
+def test_a_device_swapped_on_through_a_removed_node_is_in_use(
+        loop_device, tmp_path):
+    # /proc/swaps then says "/x/loop3\040(deleted)": the number is lost,
+    # the name is the kernel's.
+    st = os.stat(loop_device.path)
+    name = os.path.basename(loop_device.path)
+    (tmp_path / "x y").mkdir()
+    node = str(tmp_path / "x y" / name)
+    os.mknod(node, 0o600 | stat.S_IFBLK, st.st_rdev)
+    run("mkswap", loop_device.path)
+    swap_on(node)
+    try:
+        os.unlink(node)
+        with open("/proc/swaps") as f:
+            assert "\\040(deleted)" in f.read()
+        assert devices.in_use(loop_device.path) == \
+            "{} is an active swap area".format(name)
+    finally:
+        run("swapoff", loop_device.path)
+    assert devices.in_use(loop_device.path) is None
+
+
+def test_swaps_are_known_by_number_and_escaped_names_are_read():
+    text = ("Filename\tType\tSize\tUsed\tPriority\n"
+            "/nonexistent/a\\040b/loop9\\040(deleted)  partition\t8\t0\t-2\n"
+            "/nonexistent/swapfile  file\t8\t0\t-3\n"
+            "/dev/null  partition\t8\t0\t-4\n")
+    swaps = devices._Swaps(text)
+    assert swaps.holds((7, 99), "loop9")
+    assert not swaps.holds((7, 99), "loop9 (deleted)")
+    assert not swaps.holds((7, 98), "loop8")
+    assert devices._unescape("a\\040b\\011c\\134d") == "a b\tc\\d"

@@ -20,7 +20,8 @@ when:
 A device is in use when it, or any of its partitions:
 
 - holds a mounted filesystem (``/proc/self/mountinfo``, by MAJ:MIN),
-- is an active swap area (``/proc/swaps``),
+- is an active swap area (``/proc/swaps``, by MAJ:MIN of the path
+  swapon was given, whatever its name: ``_Swaps``),
 - has holders (``/sys/dev/block/MAJ:MIN/holders``: device-mapper, LVM,
   md RAID built on it).
 
@@ -39,9 +40,19 @@ the poll that reports it: one lock covers the poll and the reading it
 calls for, so that no thread uses the old text after another thread's
 poll saw the change.  A file that is not the kernel's own (``/proc/swaps``
 overlaid by a FUSE file system such as lxcfs in a container: nothing
-flags it) is read at every check, as is one that cannot be kept open;
-a forked child opens its own (the flag is shared with the parent's
-open file).
+flags it) is read at every check, as is one that cannot be kept open.
+A descriptor number is not trusted for ever: other code in the process
+may close it and the number go to another file (a regular file is never
+flagged, and the old text would be used for ever; a pipe in error state
+is flagged at every poll).  So each check fstat()s the kept descriptors
+(two system calls) and compares (st_dev, st_ino) with what they were at
+open; on a difference, or a descriptor poll says is closed, both files
+are opened afresh, and only a descriptor that is still the file opened
+is closed (never another component's).  A forked child opens its own
+(the flag is shared with the parent's open file), closes the inherited
+ones that are still ours and takes a new lock (a parent's thread may
+have held it at fork).  Another open of the very same /proc file given
+the number would pass the comparison; nothing short of kcmp(2) tells.
 
 The device's identity (``identity``, ``changed``): names under /dev are
 reused.  A loop device is detached and another file attached on the same
@@ -69,6 +80,7 @@ without persistent facts cannot be compared, and is not claimed to differ.
 import errno
 import fnmatch
 import os
+import re
 import select
 import stat
 import threading
@@ -262,7 +274,7 @@ def _in_use(number):
         where = mounts.get(major, minor)
         if where:
             return "{} is mounted at {}".format(name, where)
-        if name in swaps:
+        if swaps.holds((major, minor), name):
             return "{} is an active swap area".format(name)
         holders = _holders(major, minor)
         if holders:
@@ -368,55 +380,116 @@ def _mount_point(mountinfo, major, minor):
         start = at + 1
 
 
-def _swaps(text):
-    """Kernel names of the active swap devices, from the text of
-    /proc/swaps."""
-    names = set()
-    for line in text.splitlines()[1:]:
-        fields = line.split()
-        if fields:
-            names.add(os.path.basename(os.path.realpath(fields[0])))
-    return names
+class _Swaps:
+    """The active swap devices, from one text of /proc/swaps.
+
+    Each line's first field is the path swapon was given, as the kernel
+    prints it (seq_file_path: a space, tab, newline or backslash as
+    ``\\ooo``; " (deleted)" after the name of a removed node).  A device
+    is known by its number, whatever node it was swapped on through
+    (``mknod /x/myswap b 7 3; swapon /x/myswap`` is loop3): each path is
+    stat'ed once, when the text is read.  A path that cannot be stat'ed
+    (a removed node, another mount namespace's) is known by its name
+    only, as the kernel would name the device: a node of another name
+    that is gone since cannot be told.  A path that is not a block
+    device (a swap file) is known by its name too, which names no disk.
+    """
+
+    def __init__(self, text):
+        self.numbers = set()
+        self.names = set()
+        for line in text.splitlines()[1:]:
+            fields = line.split()
+            if not fields:
+                continue
+            path = _unescape(fields[0])
+            deleted = path.endswith(_DELETED)
+            if deleted:
+                path = path[:-len(_DELETED)]
+            number = device_number(path)
+            if number is not None:
+                self.numbers.add(number)
+            if number is None or deleted:
+                self.names.add(os.path.basename(os.path.realpath(path)))
+
+    def holds(self, number, name):
+        """Whether the device ``number``, named ``name`` by the kernel,
+        is an active swap area."""
+        return number in self.numbers or name in self.names
+
+
+_DELETED = " (deleted)"
+
+
+def _unescape(field):
+    """A path as seq_file_path printed it, its ``\\ooo`` escapes undone."""
+    if "\\" not in field:
+        return field
+    return re.sub(r"\\([0-7]{3})",
+                  lambda m: chr(int(m.group(1), 8)), field)
 
 
 class _HostUse:
     """The host's mounts and swaps, read again only when they change
     (see the module docstring)."""
 
-    FILES = (("/proc/self/mountinfo", _Mounts), ("/proc/swaps", _swaps))
+    FILES = (("/proc/self/mountinfo", _Mounts), ("/proc/swaps", _Swaps))
 
     def __init__(self):
         self._lock = threading.Lock()
         self._forget()
-        os.register_at_fork(after_in_child=self._forget)
+        os.register_at_fork(after_in_child=self._after_fork)
 
     def now(self):
-        """(mounts, swaps) as they are now: a ``_Mounts`` and ``_swaps``'
-        answer."""
+        """(mounts, swaps) as they are now: a ``_Mounts`` and a
+        ``_Swaps``."""
         with self._lock:
             if self._poll is None:
                 self._open()
             elif self._fds:
-                for fd, events in self._poll.poll(0):
-                    if events & select.POLLNVAL:
-                        # Closed under us (its number may be another
-                        # file's by now): start afresh.
-                        self._forget()
-                        self._open()
-                        break
-                    if events & (select.POLLPRI | select.POLLERR):
-                        self._load(fd)
+                if not all(_file_id(fd) == fid
+                           for fd, (_, _, fid) in self._fds.items()):
+                    # A number closed under us and given to another
+                    # file: nothing would flag a change any more.
+                    self._reopen()
+                else:
+                    for fd, events in self._poll.poll(0):
+                        if events & select.POLLNVAL:
+                            # Closed under us: start afresh.
+                            self._reopen()
+                            break
+                        if events & (select.POLLPRI | select.POLLERR):
+                            self._load(fd)
             return tuple(
                 self._values[path] if path in self._values
                 else parse(_text(_read_file(path)))
                 for path, parse in self.FILES)
 
     def _forget(self):
-        # A child after fork: its parent's descriptors are not touched
-        # (closing them here would not free the parent's open files).
         self._poll = None
-        self._fds = {}          # fd -> (path, parse)
+        self._fds = {}          # fd -> (path, parse, _file_id at open)
         self._values = {}       # path -> parsed text
+
+    def _close_ours(self):
+        """Close the descriptors that are still the files we opened (a
+        number closed under us may be another component's file by now:
+        that one is left alone), and forget them all."""
+        for fd, (_, _, fid) in list(self._fds.items()):
+            if _file_id(fd) == fid:
+                os.close(fd)
+        self._forget()
+
+    def _reopen(self):
+        self._close_ours()
+        self._open()
+
+    def _after_fork(self):
+        # A child: the flag is shared with the parent's open files, so it
+        # opens its own; the inherited descriptors are its own references
+        # (closing them leaves the parent's alone).  The lock may have
+        # been held by a parent's thread that the child does not have.
+        self._lock = threading.Lock()
+        self._close_ours()
 
     def _open(self):
         self._poll = select.poll()
@@ -426,25 +499,37 @@ class _HostUse:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError:
                 continue        # read at every check
-            if proc is None or os.fstat(fd).st_dev != proc:
+            fid = _file_id(fd)
+            if proc is None or fid is None or fid[0] != proc:
                 os.close(fd)    # not procfs: nothing flags a change
                 continue
-            self._fds[fd] = (path, parse)
+            self._fds[fd] = (path, parse, fid)
             self._poll.register(fd, select.POLLPRI | select.POLLERR)
             self._load(fd)
 
     def _load(self, fd):
-        path, parse = self._fds[fd]
+        path, parse, fid = self._fds[fd]
         try:
             os.lseek(fd, 0, os.SEEK_SET)
             text = _text(_read_fd(fd))
         except OSError:
+            # Read at every check from now on.
             self._poll.unregister(fd)
             del self._fds[fd]
             self._values.pop(path, None)
-            os.close(fd)
+            if _file_id(fd) == fid:
+                os.close(fd)
             return
         self._values[path] = parse(text)
+
+
+def _file_id(fd):
+    """(st_dev, st_ino) of the file open at ``fd``, None when none is."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 _host = _HostUse()

@@ -248,6 +248,45 @@ def test_a_response_whose_connection_closes_before_the_write_is_routed(
     assert json.loads(frame.body)["id"] == "o"
 
 
+def test_a_worker_finding_the_connection_lock_taken_leaves_it_to_the_loop(
+        running, monkeypatch):
+    # An operation's answer is written holding the data plane's only
+    # slot (gate.py): the worker never waits for the connection's lock,
+    # whose holder (the I/O thread flushing, a control-plane worker
+    # writing) needs the interpreter lock to let it go.  The frame is
+    # not taken and the loop delivers it once the lock is free.
+    write = stompserver.Connection.write
+    taken = []
+
+    def lock_held(conn, data):
+        held, release = threading.Event(), threading.Event()
+
+        def holder():
+            with conn._lock:
+                held.set()
+                release.wait(30)
+
+        thread = threading.Thread(target=holder)
+        thread.start()
+        assert held.wait(30)
+        try:
+            taken.append(write(conn, data))
+        finally:
+            release.set()
+            thread.join()
+        return taken[-1]
+
+    with running.raw() as c:
+        c.connect()
+        c.subscribe()
+        monkeypatch.setattr(stompserver.Connection, "write", lock_held)
+        frame, response = c.call(request("echo", {"i": 1}, "1"))
+    assert taken == [False]
+    assert response["id"] == "1"
+    assert response["result"]["params"] == {"i": 1}
+    assert frame.headers["subscription"] == "sub-1"
+
+
 def test_unsubscribed_destination_gets_no_response(tcp):
     with tcp.raw() as c:
         c.connect()

@@ -76,10 +76,16 @@ is safe:
   privsep channel's flow counter, ``devices``' mounts and swaps (a
   poll, after a change a read of /proc): held for a few statements,
   never across a wait.
-- ``stompserver``'s connection lock and its pool and delivery counters,
-  taken to deliver an answer: held by the I/O thread or a worker for
-  one non-blocking socket call or a counter update, never across a
-  wait.
+- ``stompserver``'s pool and delivery counters, taken to deliver an
+  answer: held for a counter update, never across a wait.
+- ``stompserver``'s connection lock: a slot holder only tries it
+  (``Connection.write``) and never waits for it.  Its other holders
+  (the I/O thread reading, or flushing queued frames until the socket
+  is full; a control-plane worker writing an answer of up to 64 KiB)
+  hold it across several socket calls and need the interpreter lock to
+  finish, so an operation waiting for it would stop the data plane
+  behind them; when the lock is taken the answer goes through the I/O
+  loop instead.
 - the import lock: a module imported inside a ``released()`` block is
   imported before the block ends (rule 2); elsewhere its importer runs
   without taking a slot.

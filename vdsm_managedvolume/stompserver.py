@@ -776,14 +776,27 @@ class Connection:
         socket did not take at once (it is full, TLS wants to wait) is
         queued as the I/O thread would have queued it and the loop is
         told to go on writing.  A frame that cannot be written now (output
-        queued, a close begun, too large for one send) is not taken.
+        queued, a close begun, too large for one send, the connection's
+        lock held by another thread) is not taken.
+
+        The lock is never waited for: its holder (the I/O thread flushing
+        queued frames until the socket is full, a control-plane worker
+        writing an answer of up to 64 KiB) needs the interpreter lock to
+        let it go, and an operation's answer is written holding the data
+        plane's only slot (``gate``): waiting here would stop every
+        operation behind another thread's writes on the engine's one
+        connection.  The loop delivers the frame instead.
         """
         if len(data) > CHUNK:
             return False
-        with self._lock:
+        if not self._lock.acquire(False):
+            return False
+        try:
             if self.closed or self.state != self.CONNECTED or self._out:
                 return False
             done = self._write_locked(data)
+        finally:
+            self._lock.release()
         if not done:
             self.server.call_soon(self.server.touch, self)
         return True
@@ -1235,7 +1248,7 @@ class Pool:
                 # given back first, the next operation woken by it and
                 # this thread writing the answer would pass the
                 # interpreter lock to each other (gate.py: the
-                # connection's lock is held for one send, never waiting).
+                # connection's lock is never waited for, Connection.write).
                 with self._gate.hold():
                     self._run_job(fn)
 

@@ -406,7 +406,9 @@ def test_is_operation_never_misses_an_operation(body, operation):
      {"jsonrpc": "2.0", "id": "a", "error": {"code": 933, "message": "M"}}),
     ('{"jsonrpc": "2.0", "method": "m", "id": 7}',
      {"jsonrpc": "2.0", "id": 7, "error": {"code": 933, "message": "M"}}),
-    ('[{"id": "a"}, {"method": "n"}, {"id": "b"}]',
+    ('[{"jsonrpc": "2.0", "method": "m", "id": "a"}, '
+     '{"jsonrpc": "2.0", "method": "n"}, '
+     '{"jsonrpc": "2.0", "method": "m", "id": "b"}]',
      [{"jsonrpc": "2.0", "id": "a", "error": {"code": 933, "message": "M"}},
       {"jsonrpc": "2.0", "id": "b", "error": {"code": 933, "message": "M"}}]),
     ('{"jsonrpc": "2.0", "method": "m"}', None),
@@ -480,6 +482,35 @@ def test_refuse_answers_the_ids_handle_answers(dispatcher):
                                  else [handled])]
         assert ids == [r["id"] for r in (
             refused if isinstance(refused, list) else [refused])]
+
+
+@pytest.mark.parametrize("message", [
+    42,
+    [42],
+    [42, "x", None, {"jsonrpc": "2.0", "method": "m", "id": 1}],
+    [{"id": "a"}, {"method": "n"}, {"jsonrpc": "2.0", "id": [1]},
+     {"jsonrpc": "2.0", "method": 3, "id": "b"},
+     {"jsonrpc": "2.0", "method": "m", "params": 1, "id": "c"},
+     {"jsonrpc": "1.0", "method": "m"},
+     {"jsonrpc": "2.0", "method": "Host.getCapabilities", "id": 2}],
+], ids=["lone-number", "batch-of-a-number", "non-objects", "invalid"])
+def test_refuse_gives_invalid_requests_the_error_handle_gives(
+        dispatcher, message):
+    # A busy agent answers what is not a valid request as handle does
+    # (-32600, a null id when the id cannot be trusted), and refuses the
+    # valid requests with an id.
+    body = json.dumps(message).encode()
+    handled = json.loads(dispatcher.handle(body))
+    refused = json.loads(jsonrpc.refuse(body, _Busy()))
+    if not isinstance(handled, list):
+        handled, refused = [handled], [refused]
+    assert len(refused) == len(handled)
+    for h, r in zip(handled, refused):
+        assert r["id"] == h["id"]
+        if "error" in h and h["error"]["code"] == -32600:
+            assert r == h
+        else:
+            assert r == dict(_REFUSED_WHOLE, id=h["id"])
 
 
 @pytest.mark.parametrize("body", [b"{oops", b"[]", b"[1]", b"42"])

@@ -194,9 +194,14 @@ def refuse(data, error):
     of its nesting, which only a request that runs needs), and answered
     as ``handle`` would answer it: one response per request with an id (a
     single object for a message of one), None when there is none
-    (notifications).  A message that is not JSON, an empty batch or a
-    batch of more than MAX_BATCH requests gets one error with a null id,
-    never one per entry: this runs in the agent's I/O thread.
+    (notifications).  What ``handle`` answers without running anything
+    gets the same answer: an entry that is not a valid request (not an
+    object, a bad id, no jsonrpc "2.0", no method name, params neither
+    an object nor an array) gets its -32600 error, with a null id when
+    the id could not be trusted, a notification included.  A message
+    that is not JSON, an empty batch or a batch of more than MAX_BATCH
+    requests gets one error with a null id, never one per entry: this
+    runs in the agent's I/O thread.
     """
     try:
         message = decode(data)
@@ -204,11 +209,13 @@ def refuse(data, error):
         return _encode(_error_response(None, error)).encode("utf-8")
 
     def refuse_one(request):
-        if not isinstance(request, dict) or "id" not in request:
+        try:
+            request_id = _parse_request(request)[0]
+        except _BadRequest as e:
+            return _encode(_error_response(e.request_id, e.error))
+        if "id" not in request:
             return None
-        request_id = request["id"]
-        return _encode(_error_response(
-            request_id if _valid_id(request_id) else None, error))
+        return _encode(_error_response(request_id, error))
 
     return _answer(message, refuse_one, whole=error)
 

@@ -212,6 +212,26 @@ def test_flow_id_cannot_forge_log_lines():
     assert logmod.clean_flow_id("flow] [x") == "flow_ _x"
 
 
+@pytest.mark.parametrize("flow_id", [
+    "password=s3cret user:pw@host",
+    "rbd://admin:s3cret@mon/pool",
+    "x auth_key=s3cret [y]",
+])
+def test_a_flow_id_holding_a_secret_is_logged_masked(log_lines, flow_id):
+    # The flow id is any text the client chose, and it is in every line
+    # of its call: from the wire (clean_flow_id) or set in process.
+    logger, lines = log_lines
+    cleaned = logmod.clean_flow_id(flow_id)
+    assert "s3cret" not in cleaned
+    assert "[" not in cleaned and "]" not in cleaned
+    for value in (cleaned, flow_id):
+        with logmod.flow(value):
+            logger.info("attaching")
+    assert len(lines) == 2
+    assert not [line for line in lines if "s3cret" in line]
+    assert all("[flow=" + cleaned + "]" in line for line in lines[:1])
+
+
 def test_nul_in_a_header_is_a_frame_error():
     parser = stompframe.Parser(commands=stompframe.CLIENT_COMMANDS)
     with pytest.raises(stompframe.FrameError, match="holds a NUL"):

@@ -79,15 +79,19 @@ def printable(text):
 
 def clean_flow_id(value):
     """The flow id from the wire (``ovirtCorrelationId``) as every log line
-    of its call shows it: at most MAX_FLOW_ID characters, one line, and
-    each character that is not printable or is a bracket (which would
-    close ``[flow=...]`` early) replaced by ``_``; None for none.
+    of its call shows it: at most MAX_FLOW_ID characters, one line, a
+    secret's shape masked (``mask.mask_text``: a flow id is any text the
+    client chose), and each character that is not printable or is a
+    bracket (which would close ``[flow=...]`` early) replaced by ``_``;
+    None for none.
 
     Stricter than ``printable``, which escapes: the flow id is also what
     an admin greps for, so it stays one plain word."""
     if value is None:
         return None
     value = value[:MAX_FLOW_ID]
+    if not mask.plainly_clean(value):
+        value = mask.mask_text(value)[:MAX_FLOW_ID]
     if value.isprintable() and "[" not in value and "]" not in value:
         return value or None        # nearly every flow id: as it came
     cleaned = "".join(c if c.isprintable() and c not in "[]" else "_"
@@ -111,12 +115,15 @@ def current_flow():
 
 class flow:
     """Context manager: run the block with ``flow_id`` in every log line
-    it writes.  (A class: a generator's context manager costs several
-    times more, and a request enters two.)"""
+    it writes, a secret's shape in it masked (``mask.mask_text``).  (A
+    class: a generator's context manager costs several times more, and a
+    request enters two.)"""
 
     __slots__ = ("_value", "_token")
 
     def __init__(self, flow_id):
+        if isinstance(flow_id, str) and not mask.plainly_clean(flow_id):
+            flow_id = mask.mask_text(flow_id)
         self._value = flow_id or "-"
 
     def __enter__(self):

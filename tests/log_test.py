@@ -219,10 +219,10 @@ def test_formatter_shows_the_time_as_logging_does(created, datefmt):
             stdlib.formatTime(record, datefmt)
 
 
-def test_setup_looks_up_callers_only_for_a_log_config_that_may_show_them(
-        tmp_path):
-    # Our formats show no file, line or function: each record skips the
-    # caller lookup; a log_config file's format may show them.
+def test_setup_keeps_the_stack_and_the_caller_of_every_record(tmp_path):
+    # logging's caller lookup is process-wide: turned off, stack_info=True
+    # printed no stack and a handler showing %(lineno)d got 0, whatever
+    # configured it.
     class Cfg:
         log_config = ""
         log_level = "INFO"
@@ -238,20 +238,33 @@ def test_setup_looks_up_callers_only_for_a_log_config_that_may_show_them(
             str(tmp_path / "custom.log")))
     root = logging.getLogger()
     saved = root.handlers[:], root.level, logging._srcfile
+    other = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            other.append((record.funcName, record.lineno))
+
+    keep = Keep()
+    logger = logging.getLogger("tests.setup")
+    logger.addHandler(keep)
     try:
         log.setup(Cfg())
-        logging.getLogger("tests.setup").info("ours")
-        assert logging._srcfile is None     # logging's switch for it
+        logger.warning("ours", stack_info=True)
         Cfg.log_config = str(conf)
         log.setup(Cfg())
-        logging.getLogger("tests.setup").info("custom")
+        logger.info("custom")
     finally:
+        logger.removeHandler(keep)
         for h in root.handlers:
             h.close()
         root.handlers[:], level, logging._srcfile = saved
         root.setLevel(level)
-    assert "] ours" in (tmp_path / "agent.log").read_text()
+    ours = (tmp_path / "agent.log").read_text()
+    assert "] ours\nStack (most recent call last):\n" in ours
+    assert "in test_setup_keeps_the_stack_and_the_caller_of_every_record" \
+        in ours
+    name = "test_setup_keeps_the_stack_and_the_caller_of_every_record"
+    assert [f for f, _ in other] == [name, name]
+    assert all(line > 0 for _, line in other)
     custom = (tmp_path / "custom.log").read_text()
-    assert custom.startswith(
-        "test_setup_looks_up_callers_only_for_a_log_config_that_may_show_"
-        "them:")
+    assert custom.startswith(name + ":")

@@ -280,9 +280,6 @@ def _printable_arg(value):
     return printable(value)
 
 
-_SRCFILE = logging._srcfile
-
-
 def setup(cfg=None, level=None, stream=None, filename=None):
     """Configure the root logger for a program of this package.
 
@@ -295,7 +292,6 @@ def setup(cfg=None, level=None, stream=None, filename=None):
     """
     root = logging.getLogger()
     if cfg is not None and cfg.log_config:
-        logging._srcfile = _SRCFILE
         logging.config.fileConfig(cfg.log_config,
                                   disable_existing_loggers=False)
         for handler in root.handlers:
@@ -312,11 +308,10 @@ def setup(cfg=None, level=None, stream=None, filename=None):
         fmt = JOURNAL_FORMAT if os.environ.get("JOURNAL_STREAM") else FORMAT
         handler.setFormatter(Formatter(fmt))
     install_filter(handler)
-    # Our formats show no source file, line or function: the caller's
-    # frame is not looked up for each record (logging's own switch; about
-    # a sixth of a line's CPU).  A log_config file may show them: kept
-    # there.
-    logging._srcfile = None
+    # The caller's frame is looked up for each record although our formats
+    # show no file, line or function (1-2 us a record): logging's switch
+    # for it (logging._srcfile) is process-wide, and turned off it drops
+    # the stack of stack_info=True and shows line 0 in any other handler.
     for h in list(root.handlers):
         root.removeHandler(h)
     root.addHandler(handler)

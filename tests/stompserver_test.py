@@ -700,10 +700,15 @@ def test_our_client_calls_concurrently_from_many_connections(running):
         (i, j) for i in range(8) for j in range(5)]
 
 
-def test_a_worker_writes_its_response_without_waking_the_loop(running):
+def test_a_worker_writes_its_response_without_waking_the_loop(
+        running, monkeypatch):
     # One thread hand-off per request: the I/O thread hands the request
     # to a worker, which writes the response itself when its connection
-    # has nothing else queued; the loop is not woken to do it.
+    # has nothing else queued; the loop is not woken to do it.  (Handed
+    # off at the round's end, however slowly a loaded machine runs it:
+    # handed off earlier, the worker may find the connection's lock held
+    # by the I/O thread and leave its response to the loop.)
+    monkeypatch.setattr(stompserver, "HANDOFF_AFTER", 3600.0)
     wakes = []
     wake = running.server._wake
     running.server._wake = lambda: (wakes.append(1), wake())
@@ -720,6 +725,73 @@ def test_a_worker_writes_its_response_without_waking_the_loop(running):
             ids.append(int(frame.headers["message-id"]))
     assert wakes == []
     assert ids == sorted(set(ids))
+
+
+def test_a_long_round_of_the_loop_wakes_the_workers_before_it_ends(
+        tcp, monkeypatch):
+    # The workers of the jobs a round accepts are woken when it ends,
+    # unless it has run for HANDOFF_AFTER (or accepted HANDOFF_JOBS):
+    # here the read that accepted the request takes longer than that, and
+    # the request runs before the round's end (_deliver_results).
+    dispatcher = tcp.dispatcher
+    server = tcp.server
+    ready = stompserver.Connection.ready
+    rounds = []
+
+    def slow_ready(conn, events):
+        ready(conn, events)
+        if server._pool.pending and not rounds:     # the request taken
+            rounds.append("long")
+            time.sleep(stompserver.HANDOFF_AFTER * 5)
+
+    deliver = server._deliver_results
+
+    def round_end():
+        if rounds == ["long"]:
+            rounds.append(dispatcher.started.acquire(timeout=10))
+            dispatcher.release.set()
+        deliver()
+
+    with tcp.raw() as c:
+        c.connect()
+        c.subscribe()
+        monkeypatch.setattr(stompserver.Connection, "ready", slow_ready)
+        monkeypatch.setattr(server, "_deliver_results", round_end)
+        try:
+            frame, response = c.call(request("wait", {}, "w"))
+        finally:
+            dispatcher.release.set()
+    assert response == {"jsonrpc": "2.0", "id": "w", "result": True}
+    assert rounds == ["long", True]
+
+
+def test_a_round_accepting_many_requests_wakes_their_workers_before_it_ends(
+        tcp, monkeypatch):
+    # HANDOFF_JOBS requests read at once are handed to their workers
+    # after that read, not at the round's end.
+    dispatcher = tcp.dispatcher
+    server = tcp.server
+    count = stompserver.HANDOFF_JOBS
+    monkeypatch.setattr(stompserver, "HANDOFF_AFTER", 3600.0)
+    started = []
+    deliver = server._deliver_results
+
+    def round_end():
+        if not started and server._pool.pending == count:
+            started.append(all(dispatcher.started.acquire(timeout=10)
+                               for _ in range(count)))
+            dispatcher.release.set()
+        deliver()
+
+    with tcp.raw() as c:
+        c.connect()
+        c.subscribe()
+        monkeypatch.setattr(server, "_deliver_results", round_end)
+        c.send(b"".join(send_bytes(request("wait", {}, str(i)),
+                                   "reply-queue") for i in range(count)))
+        ids = {json.loads(c.frame().body)["id"] for _ in range(count)}
+    assert ids == {str(i) for i in range(count)}
+    assert started == [True]
 
 
 def test_responses_to_a_peer_not_reading_yet_arrive_whole_and_once(

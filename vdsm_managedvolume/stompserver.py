@@ -18,7 +18,8 @@ per request, the loop is not woken); otherwise, or for whatever the
 socket does not take at once, the loop writes it.  The workers of the
 requests one round of the loop read are woken at the end of the round,
 just before the loop waits and lets the interpreter lock go
-(``Server._hand_off``), not each while the loop still holds it.  Two
+(``Server._hand_off``), not each while the loop still holds it; in a
+long round, once it has run HANDOFF_AFTER or taken HANDOFF_JOBS.  Two
 planes, two bounded pools::
 
     SEND --(I/O thread: Dispatcher.is_operation(body)?)--+
@@ -137,6 +138,14 @@ MAX_CONNECTIONS = 512
 ACCEPT_PAUSE = 1.0
 
 CHUNK = 65536
+# The jobs a round of the I/O loop accepts wait for the round to end
+# before their workers are woken (Server._hand_off), unless the round has
+# already accepted this many or run this long (seconds): a long round
+# (64 full reads per connection, large frames parsed, refusals, flushes)
+# must not hold back every request it took.
+HANDOFF_JOBS = 8
+HANDOFF_AFTER = 0.001
+
 # The most plaintext one TLS record holds (RFC 8446 5.1): a TLS recv
 # returns one record at most.
 TLS_RECORD = 16384
@@ -180,6 +189,7 @@ class Server:
         # Jobs accepted in this round of the loop, handed to their
         # workers just before the loop waits (see _loop).
         self._handoff = []
+        self._round_start = 0.0     # when select() last returned
         self._pool = Pool(cfg.workers, cfg.max_queue, name="worker")
         # The data plane's threads run Python one at a time (``gate``).
         self._operations = Pool(cfg.max_operations, 0, name="operation",
@@ -255,6 +265,8 @@ class Server:
             if final_deadline is not None and (
                     not self._connections or now >= final_deadline):
                 return
+            if self._handoff:
+                self._hand_off_early(now)   # before _expire's flushes
             timeout = min(self._expire(now), self._resume_accepting(now))
             if drain_deadline is not None:
                 timeout = min(timeout, 0.1)
@@ -262,18 +274,24 @@ class Server:
                 timeout = 0
             if self._handoff:
                 self._hand_off()
-            for key, events in self._selector.select(timeout):
+            events = self._selector.select(timeout)
+            self._round_start = time.monotonic()
+            for key, ready in events:
                 handler = key.data
                 if handler is None:
                     self._drain_wake()
                 elif isinstance(handler, Connection):
-                    handler.ready(events)
+                    handler.ready(ready)
                     self._touched.add(handler)
+                    if self._handoff:
+                        self._hand_off_early()
                 else:
                     handler()
             again, self._again = self._again, set()
             for conn in again:
                 conn.ready(selectors.EVENT_READ)
+                if self._handoff:
+                    self._hand_off_early()
             self._touched.update(again)
             self._deliver_results()
 
@@ -350,10 +368,23 @@ class Server:
         lock go): a worker woken at once would find the lock held by
         this thread and sleep again until the round ends (on 2 cores,
         about 4 more futex calls and 2 more context switches per
-        request)."""
+        request); earlier only in a long round (``_hand_off_early``)."""
         handoff, self._handoff = self._handoff, []
         for put, job in handoff:
             put(job)
+
+    def _hand_off_early(self, now=None):
+        """Wake the workers now if this round has accepted HANDOFF_JOBS
+        jobs or run for HANDOFF_AFTER seconds: a long round (many full
+        reads, large frames, refusals, flushes) would delay every request
+        it accepted by its whole length."""
+        if len(self._handoff) >= HANDOFF_JOBS:
+            self._hand_off()
+            return
+        if now is None:
+            now = time.monotonic()
+        if now - self._round_start > HANDOFF_AFTER:
+            self._hand_off()
 
     def _wake(self):
         try:
@@ -907,6 +938,11 @@ class Connection:
                 self._on_frame(frame)
             if self.closed:
                 return
+            if self.server._handoff:
+                # Up to 64 full reads here: the requests this round took
+                # (this connection's or another's) are not held back
+                # for all of them.
+                self.server._hand_off_early()
             if self._reading_paused():
                 return      # update() resumes once the peer read enough
             if drained:

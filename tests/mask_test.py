@@ -102,6 +102,7 @@ LEAKY_TEXTS = [
     "( 'auth_password', '%s')" % SECRET,
     "[('auth_password', '%s'),\n ('lun', 1)]" % SECRET,
     "('auth_password', '%s'" % SECRET,      # a message cut after the pair
+    json.dumps(json.dumps({"items": [["auth_password", SECRET], ["lun", 1]]})),
 ]
 
 # What mask() masks in a pair that is no string: a number, a list.
@@ -149,6 +150,7 @@ def test_mask_text_hides_ceph_keys_wherever_they_appear(text):
     "[\"password-reset\",\n \"--user\", \"admin\"]",
     "os.environ.get('PGPASSWORD', '')",
     "('token', None)",
+    json.dumps(json.dumps(["password-reset", "--user", "admin"])),
 ])
 def test_mask_text_keeps_what_is_no_secret(text):
     assert mask.mask_text(text) == text

@@ -344,3 +344,23 @@ def blocked_attaches(run, service, release, count, timeout=60):
     started = {"connect-start " + key for key in volumes}
     wait_for(lambda: started <= set(fakebrick.calls()))
     return volumes
+
+
+class ConnectionOwner:
+    """What a stompserver.Connection needs of its server, for driving one
+    by hand: a configuration and the callbacks, which do nothing."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def forget(self, conn):
+        pass
+
+    def touch(self, conn):
+        pass
+
+    def watch(self, conn, events):
+        pass
+
+    def again(self, conn):
+        pass

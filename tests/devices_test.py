@@ -1,6 +1,7 @@
 """A block device the host uses is never handed to a VM (real loop
 devices, real mounts, real swap)."""
 
+import contextlib
 import errno
 import os
 import stat
@@ -33,6 +34,27 @@ def mounted(loop_device, tmp_path):
     run("umount", str(mnt))
 
 
+@contextlib.contextmanager
+def swapped_on(device, node=None):
+    """``device`` made a swap area and swapped on for the block, through
+    ``node`` (another name of the same device) when given; the test is
+    skipped where swapon is not permitted."""
+    run("mkswap", device)
+    try:
+        run("swapon", node or device)
+    except subprocess.CalledProcessError:
+        pytest.skip("swapon not permitted here")
+    try:
+        yield
+    finally:
+        run("swapoff", device)
+
+
+def swap_reason(device):
+    """What ``in_use`` says of ``device`` while it is an active swap."""
+    return "{} is an active swap area".format(os.path.basename(device))
+
+
 def test_unused_loop_device_is_free(loop_device):
     assert devices.in_use(loop_device.path) is None
 
@@ -45,17 +67,9 @@ def test_mounted_device_is_in_use(mounted):
 
 
 def test_active_swap_is_in_use(loop_device):
-    run("mkswap", loop_device.path)
-    try:
-        run("swapon", loop_device.path)
-    except subprocess.CalledProcessError:
-        pytest.skip("swapon not permitted here")
-    try:
+    with swapped_on(loop_device.path):
         assert devices.in_use(loop_device.path) == \
-            "{} is an active swap area".format(
-                os.path.basename(loop_device.path))
-    finally:
-        run("swapoff", loop_device.path)
+            swap_reason(loop_device.path)
 
 
 def test_a_partition_in_use_makes_its_disk_in_use(
@@ -150,18 +164,10 @@ def test_a_device_mounted_after_the_mounts_were_read_is_in_use(
 
 def test_a_device_swapped_on_after_the_swaps_were_read_is_in_use(
         loop_device):
-    run("mkswap", loop_device.path)
     assert devices.in_use(loop_device.path) is None     # read and kept
-    try:
-        run("swapon", loop_device.path)
-    except subprocess.CalledProcessError:
-        pytest.skip("swapon not permitted here")
-    try:
+    with swapped_on(loop_device.path):
         assert devices.in_use(loop_device.path) == \
-            "{} is an active swap area".format(
-                os.path.basename(loop_device.path))
-    finally:
-        run("swapoff", loop_device.path)
+            swap_reason(loop_device.path)
     assert devices.in_use(loop_device.path) is None
 
 
@@ -439,11 +445,6 @@ def test_a_child_forked_while_the_lock_is_held_checks_and_closes_ours(
 
 # Swap areas by device number
 
-def swap_on(node):
-    try:
-        run("swapon", node)
-    except subprocess.CalledProcessError:
-        pytest.skip("swapon not permitted here")
 
 
 def test_a_device_swapped_on_through_a_node_of_another_name_is_in_use(
@@ -451,15 +452,10 @@ def test_a_device_swapped_on_through_a_node_of_another_name_is_in_use(
     st = os.stat(loop_device.path)
     node = str(tmp_path / "myswap")
     os.mknod(node, 0o600 | stat.S_IFBLK, st.st_rdev)
-    run("mkswap", loop_device.path)
     assert devices.in_use(loop_device.path) is None     # read and kept
-    swap_on(node)
-    try:
+    with swapped_on(loop_device.path, node):
         assert devices.in_use(loop_device.path) == \
-            "{} is an active swap area".format(
-                os.path.basename(loop_device.path))
-    finally:
-        run("swapoff", node)
+            swap_reason(loop_device.path)
     assert devices.in_use(loop_device.path) is None
 
 
@@ -472,16 +468,12 @@ def test_a_device_swapped_on_through_a_removed_node_is_in_use(
     (tmp_path / "x y").mkdir()
     node = str(tmp_path / "x y" / name)
     os.mknod(node, 0o600 | stat.S_IFBLK, st.st_rdev)
-    run("mkswap", loop_device.path)
-    swap_on(node)
-    try:
+    with swapped_on(loop_device.path, node):
         os.unlink(node)
         with open("/proc/swaps") as f:
             assert "\\040(deleted)" in f.read()
         assert devices.in_use(loop_device.path) == \
-            "{} is an active swap area".format(name)
-    finally:
-        run("swapoff", loop_device.path)
+            swap_reason(loop_device.path)
     assert devices.in_use(loop_device.path) is None
 
 

@@ -531,25 +531,11 @@ def test_heartbeat_is_queued_when_due_even_while_output_is_pending(
     # The heart-beat schedule counts from the last byte written; output
     # waiting for a slow reader does not suppress it, and it is queued as
     # an item of its own (its own write), never appended to a frame.
-    class Owner:
-        cfg = agentutil.make_config(pki_dir)
-
-        def forget(self, conn):
-            pass
-
-        def touch(self, conn):
-            pass
-
-        def watch(self, conn, events):
-            pass
-
-        def again(self, conn):
-            pass
-
     ours, peer = socket.socketpair()
     try:
         ours.setblocking(False)
-        conn = stompserver.Connection(Owner(), ours, "test")
+        owner = agentutil.ConnectionOwner(agentutil.make_config(pki_dir))
+        conn = stompserver.Connection(owner, ours, "test")
         conn.state = conn.CONNECTED
         conn.send_interval = 1.0
         frame = stompframe.encode("MESSAGE", {"destination": "d"}, b"x")

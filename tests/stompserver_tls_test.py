@@ -203,25 +203,6 @@ def test_client_stuck_inside_the_handshake_is_dropped_at_handshake_timeout(
         assert closed, "still open after {} bytes".format(len(trickle))
 
 
-class _Owner:
-    """What a Connection needs of its server, for driving one by hand."""
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-
-    def forget(self, conn):
-        pass
-
-    def touch(self, conn):
-        pass
-
-    def watch(self, conn, events):
-        pass
-
-    def again(self, conn):
-        pass
-
-
 def test_connect_window_opens_when_the_handshake_ends_not_at_accept(state):
     # A handshake that took longer than idle_timeout (within its own,
     # larger, handshake_timeout) must leave the client its whole CONNECT
@@ -233,7 +214,8 @@ def test_connect_window_opens_when_the_handshake_ends_not_at_accept(state):
         ours.setblocking(False)
         server_side = pki.server_context(state).wrap_socket(
             ours, server_side=True, do_handshake_on_connect=False)
-        conn = stompserver.Connection(_Owner(state), server_side, "test")
+        conn = stompserver.Connection(agentutil.ConnectionOwner(state),
+                                      server_side, "test")
         conn.created -= 2 * state.idle_timeout
         done = threading.Event()
 

@@ -285,12 +285,13 @@ def _is_value(v):
 def _mask_keys(text):
     out = []
     pos = 0
+    brackets = _Brackets(text)
     while True:
         m = _KEY_RE.search(text, pos)
         if m is None:
             break
         start = m.end()
-        end, quote = _value_end(text, start)
+        end, quote = _value_end(text, start, brackets)
         if end == start or (m.group("pairsep") is not None
                             and not _closes_pair(text, start, end, quote)):
             # A key without a value (or a quoted name and the item after
@@ -323,8 +324,9 @@ def _closes_pair(text, start, end, quote):
 _PAIR_END = re.compile(r"[ \t\r\n]{0,%d}" % _PAIR_INDENT)
 
 
-def _value_end(text, start):
-    """(end of the value at ``start``, (opening, closing) quote text)."""
+def _value_end(text, start, brackets):
+    """(end of the value at ``start``, (opening, closing) quote text);
+    ``brackets``: the text's ``_Brackets``."""
     n = len(text)
     if start >= n:
         return start, ("", "")
@@ -343,7 +345,7 @@ def _value_end(text, start):
     if c in _OPENERS and not opening:
         # A list, tuple or mapping of secrets ('extra_passwords':
         # ['pw1', 'pw2']): the whole bracketed value.
-        return _bracket_end(text, start), ("", "")
+        return brackets.end(start), ("", "")
     if c in "'\"":
         opening += c
         body = start + len(opening)
@@ -361,30 +363,59 @@ def _value_end(text, start):
 _OPENERS = {"[": "]", "(": ")", "{": "}"}
 
 
-def _bracket_end(text, start):
-    """The end of the bracketed value opening at ``start`` (nested
-    brackets and quoted strings skipped; unclosed: the end of the text).
-    One forward pass: linear."""
-    closing = []
-    quote = None
-    i, n = start, len(text)
-    while i < n:
-        c = text[i]
-        if quote:
-            if c == "\\":
-                i += 1
-            elif c == quote:
-                quote = None
-        elif c in "'\"":
-            quote = c
-        elif c in _OPENERS:
-            closing.append(_OPENERS[c])
-        elif closing and c == closing[-1]:
-            closing.pop()
-            if not closing:
-                return i + 1
-        i += 1
-    return n
+class _Brackets:
+    """Where the bracketed values of one text end.
+
+    A pair's bracketed value that does not close its pair is searched
+    again from inside (it may hold pairs of its own), so the same
+    brackets are asked for again and again: each scan records the end of
+    every bracket it passes, later questions are lookups, and the scans
+    of one text may read at most a few times its length in all; past
+    that (only a text made to defeat the lookups gets there) a value
+    runs to the end of the text: masked, never left out.  Without this a
+    nested ``('password', [('password', [...`` took quadratic time: a
+    1 MB method name held the agent for minutes.
+    """
+
+    def __init__(self, text):
+        self._text = text
+        self._ends = {}
+        self._budget = 4 * len(text) + 4096
+
+    def end(self, start):
+        """The end of the bracketed value opening at ``start`` (nested
+        brackets and quoted strings skipped; unclosed: the end of the
+        text)."""
+        ends = self._ends
+        if start in ends:
+            return ends[start]
+        text = self._text
+        n = len(text)
+        if self._budget <= 0:
+            return n
+        opened = []         # (position, closing character)
+        quote = None
+        i = start
+        while i < n:
+            c = text[i]
+            if quote:
+                if c == "\\":
+                    i += 1
+                elif c == quote:
+                    quote = None
+            elif c in "'\"":
+                quote = c
+            elif c in _OPENERS:
+                opened.append((i, _OPENERS[c]))
+            elif opened and c == opened[-1][1]:
+                ends[opened.pop()[0]] = i + 1
+                if not opened:
+                    break
+            i += 1
+        self._budget -= i - start + 1
+        for position, _ in opened:
+            ends[position] = n
+        return ends[start]
 
 
 def _replace(m):

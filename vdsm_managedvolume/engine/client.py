@@ -133,7 +133,14 @@ def _dump_stacks_on_signal():
     its request.  (``_signal``: ``signal`` builds its enums at import.)"""
     import _signal
     import faulthandler
-    faulthandler.register(_signal.SIGUSR1, all_threads=True)
+    # Ignored first (this cannot fail): without a usable fd 2 (started
+    # with stderr closed) faulthandler refuses, and the command must
+    # still run, as it did before it dumped stacks.
+    _signal.signal(_signal.SIGUSR1, _signal.SIG_IGN)
+    try:
+        faulthandler.register(_signal.SIGUSR1, all_threads=True)
+    except (RuntimeError, ValueError, OSError):
+        pass
 
 
 def _may_hold_secret(text):

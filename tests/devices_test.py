@@ -487,3 +487,16 @@ def test_swaps_are_known_by_number_and_escaped_names_are_read():
     assert not swaps.holds((7, 99), "loop9 (deleted)")
     assert not swaps.holds((7, 98), "loop8")
     assert devices._unescape("a\\040b\\011c\\134d") == "a b\tc\\d"
+
+
+def test_a_swap_entry_is_known_by_its_name_even_when_it_stats_as_a_device(
+        loop_device):
+    # Stat'ed in the agent's view of /dev, the swapper's path may name
+    # another number (a container's remapped nodes): its name still
+    # refuses the device the kernel calls so.
+    text = ("Filename\tType\tSize\tUsed\tPriority\n"
+            "{}  partition\t8\t0\t-2\n".format(loop_device.path))
+    swaps = devices._Swaps(text)
+    st = os.stat(loop_device.path)
+    assert swaps.holds((os.major(st.st_rdev), os.minor(st.st_rdev)), "x")
+    assert swaps.holds((999, 999), os.path.basename(loop_device.path))

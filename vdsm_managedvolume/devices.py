@@ -391,8 +391,9 @@ class _Swaps:
     stat'ed once, when the text is read.  A path that cannot be stat'ed
     (a removed node, another mount namespace's) is known by its name
     only, as the kernel would name the device: a node of another name
-    that is gone since cannot be told.  A path that is not a block
-    device (a swap file) is known by its name too, which names no disk.
+    that is gone since cannot be told.  Every entry is known by its name
+    as well (a swap file's names no disk): the path is stat'ed in this
+    process's view of /dev, which may differ from the swapper's.
     """
 
     def __init__(self, text):
@@ -409,8 +410,11 @@ class _Swaps:
             number = device_number(path)
             if number is not None:
                 self.numbers.add(number)
-            if number is None or deleted:
-                self.names.add(os.path.basename(os.path.realpath(path)))
+            # The name too, always: the path is the swapper's, stat'ed
+            # from this process's view of /dev, which may map the name to
+            # another number (a container's remapped nodes); a name that
+            # matches wrongly only refuses a device, the safe side.
+            self.names.add(os.path.basename(os.path.realpath(path)))
 
     def holds(self, number, name):
         """Whether the device ``number``, named ``name`` by the kernel,

@@ -795,18 +795,21 @@ def _release_parent_resources():
     from cinder import coordination
     from cinder.db.sqlalchemy import api
     try:
-        api.get_engine().dispose()
-    except Exception as e:
-        log.debug("No engine to dispose: %s", e)
-    _dispose_other_engines()
-    coordinator = coordination.COORDINATOR.coordinator
-    heart = getattr(coordinator, "heart", None)
-    if heart is not None and heart.is_alive():
-        heart.stop()
-        heart.wait()
-    # Children would otherwise walk (and so copy, page by page) the whole
-    # inherited heap at their first garbage collection.
-    gc.freeze()
+        try:
+            api.get_engine().dispose()
+        except Exception as e:
+            log.debug("No engine to dispose: %s", e)
+        _dispose_other_engines()
+        coordinator = coordination.COORDINATOR.coordinator
+        heart = getattr(coordinator, "heart", None)
+        if heart is not None and heart.is_alive():
+            heart.stop()
+            heart.wait()
+    finally:
+        # Children would otherwise walk (and so copy, page by page) the
+        # whole inherited heap at their first garbage collection; frozen
+        # again however the above ended (_dispose_other_engines unfreezes).
+        gc.freeze()
 
 
 def _dispose_other_engines():

@@ -23,6 +23,7 @@ from vdsm_managedvolume import config
 from vdsm_managedvolume import pki
 from vdsm_managedvolume import store
 from vdsm_managedvolume import tool
+from vdsm_managedvolume import udev
 
 VOL_ID = "9f3c1e0a-55b1-4f07-9d6c-2f2f4a9e8f10"
 VOL_ID2 = "0b7e53c4-8f7d-4f7c-9b66-5e0c3f1d2a11"
@@ -391,12 +392,18 @@ def test_reconcile_dry_run_after_a_reboot_makes_no_lock_directory(
     with store.open(configured.db_path) as db:
         db.add_volume(VOL_ID, SD_ID, ISCSI)      # an interrupted attach
     shutil.rmtree(configured.lock_dir)
+    # udev rules are on disk: they outlive the reboot, a leftover's too.
+    other = "3c0e7a6e-57f8-4bd4-9a8f-6f4c3d1b2a10"
+    os.makedirs(configured.udev_rules_dir, exist_ok=True)
+    with open(udev.rule_path(configured.udev_rules_dir, SD_ID, other),
+              "w") as f:
+        f.write("# a leftover\n")
 
     p = run("--state-dir", state, "--json", "reconcile", check=1)
 
     assert [(v["action"], v["result"])
             for v in json.loads(p.stdout)["volumes"]] == [
-        ("rollback", "planned")]
+        ("rollback", "planned"), ("remove-rule", "planned")]
     assert not os.path.exists(configured.lock_dir)
 
 

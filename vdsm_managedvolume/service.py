@@ -518,15 +518,11 @@ class Service:
         reconcile retries it.
         """
         results = []
-        # A dry run makes no directory: without the lock directory (/run
-        # after a reboot, before the agent made it) no operation can hold
-        # a volume's lock, so none is taken.
-        locked = apply or os.path.isdir(self.cfg.lock_dir)
         with self._call() as db:
             for rec in db.volumes():
                 entry = self._with_lock_now(
                     rec, lambda: self._reconcile_volume(rec["vol_id"], apply,
-                                                        force), locked)
+                                                        force), apply)
                 if entry:
                     results.append(entry)
             results.extend(self._reconcile_links(apply))
@@ -935,10 +931,14 @@ class Service:
         except OSError:
             return False
 
-    def _with_lock_now(self, rec, func, locked=True):
+    def _with_lock_now(self, rec, func, apply):
         """Run ``func`` holding the volume's lock, or report "busy".
-        (Without the lock when ``locked`` is False.)"""
-        if not locked:
+
+        A dry run (``apply`` False) makes no directory: without the lock
+        directory (/run after a reboot, before the agent made it) no
+        operation can hold a volume's lock, so none is taken; looked at
+        for each lock, so that an agent starting meanwhile is seen."""
+        if not apply and not os.path.isdir(self.cfg.lock_dir):
             return func()
         try:
             with self._locked(rec["vol_id"], timeout=0):
@@ -1085,7 +1085,8 @@ class Service:
                 return None
             return self._remove_orphan(vol_id, path, action, apply, remove)
 
-        entry = self._with_lock_now({"vol_id": vol_id, "state": None}, check)
+        entry = self._with_lock_now({"vol_id": vol_id, "state": None}, check,
+                                    apply)
         return [entry] if entry else []
 
     def _remove_temp(self, path, action, apply, remove=None):
@@ -1098,7 +1099,7 @@ class Service:
         entry = self._with_lock_now(
             {"vol_id": vol_id, "state": None},
             lambda: self._remove_orphan(vol_id, path, action, apply,
-                                        remove))
+                                        remove), apply)
         return [entry]
 
     def _remove_orphan(self, vol_id, path, action, apply, remove=None):

@@ -331,3 +331,23 @@ def test_a_secret_key_is_never_plainly_clean(key):
 ])
 def test_is_secret_key_the_same_however_often_and_however_long(key, secret):
     assert [mask.is_secret_key(key) for _ in range(3)] == [secret] * 3
+
+
+@pytest.mark.parametrize("value", [
+    {"items": [("auth_password", "a long secret " * 6 + "TAILSECRET")]},
+    {"auth_password": "a long secret " * 6 + "TAILSECRET"},
+], ids=["pair", "dict"])
+def test_a_value_pprint_splits_into_pieces_is_hidden_whole(value):
+    # pprint writes a long string as adjacent literals, one per line.
+    text = pprint.pformat({"connection_info": {"data": value}}, width=60)
+    assert text.count("'\n") >= 3     # in pieces
+    masked = mask.mask_text(text)
+    assert "secret" not in masked and "TAILSECRET" not in masked
+
+
+def test_a_bytes_value_inside_a_json_string_is_hidden():
+    for value in (("auth_password", b"s3c'ret"),
+                  {"auth_password": b"s3c'ret"}):
+        text = json.dumps(repr(value))
+        assert '\\"s3c' in text
+        assert "s3c" not in mask.mask_text(text)

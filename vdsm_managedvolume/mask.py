@@ -331,33 +331,45 @@ def _value_end(text, start, brackets):
     if start >= n:
         return start, ("", "")
     c = text[start]
-    opening = ""
-    if c in "bB" and start + 1 < n and text[start + 1] in "'\"":
-        opening, c = c, text[start + 1]
-    if c == "\\" and start + 1 < n and text[start + 1] in "'\"":
+    prefix = ""
+    if c in "bB" and start + 1 < n and (
+            text[start + 1] in "'\"" or (text[start + 1] == "\\" and
+                                         text[start + 2:start + 3] in
+                                         ("'", '"'))):
+        # A bytes value: b'...', or b\"...\" inside a JSON string.
+        prefix, c = c, text[start + 1]
+    at = start + len(prefix)
+    if c == "\\" and at + 1 < n and text[at + 1] in "'\"":
         # An escaped quote (JSON inside a string): the value ends at the
         # same escaped quote.
-        q = text[start:start + 2]
-        close = text.find(q, start + 2)
+        q = text[at:at + 2]
+        close = text.find(q, at + 2)
         if close == -1:
-            return n, (q, "")
-        return close + 2, (q, q)
-    if c in _OPENERS and not opening:
+            return n, (prefix + q, "")
+        return close + 2, (prefix + q, q)
+    if c in _OPENERS and not prefix:
         # A list, tuple or mapping of secrets ('extra_passwords':
         # ['pw1', 'pw2']): the whole bracketed value.
         return brackets.end(start), ("", "")
     if c in "'\"":
-        opening += c
-        body = start + len(opening)
-        m = _QUOTED[c].match(text, body)
-        if m is None:
-            # Unclosed (a truncated message): hide everything after it.
-            return n, (opening, "")
-        return m.end(), (opening, c)
+        m = _QUOTED[c].match(text, at + 1)
+        while m is not None:
+            # pprint writes a long string as adjacent pieces ('a b '
+            # <line break, indent> 'c d'): one value, all of it hidden.
+            piece = _NEXT_PIECE.match(text, m.end())
+            if piece is None:
+                return m.end(), (prefix + text[at], text[m.end() - 1])
+            m = _QUOTED[text[piece.end() - 1]].match(text, piece.end())
+        # Unclosed (a truncated message): hide everything after it.
+        return n, (prefix + text[at], "")
     m = _BARE.match(text, start)
     if m is None:
         return start, ("", "")
     return m.end(), ("", "")
+
+
+# White space, then the next adjacent piece of a string value.
+_NEXT_PIECE = re.compile(r"[ \t\r\n]{1,%d}[bB]?['\"]" % _PAIR_INDENT)
 
 
 _OPENERS = {"[": "]", "(": ")", "{": "}"}

@@ -50,6 +50,18 @@ def swapped_on(device, node=None):
         run("swapoff", device)
 
 
+@contextlib.contextmanager
+def mounted_at(device, mnt):
+    """``device`` (a file system on it) mounted at ``mnt`` for the block,
+    which is given what ``in_use`` then says of it."""
+    mnt.mkdir()
+    run("mount", device, str(mnt))
+    try:
+        yield "{} is mounted at {}".format(os.path.basename(device), mnt)
+    finally:
+        run("umount", str(mnt))
+
+
 def swap_reason(device):
     """What ``in_use`` says of ``device`` while it is an active swap."""
     return "{} is an active swap area".format(os.path.basename(device))
@@ -150,15 +162,8 @@ def test_a_device_mounted_after_the_mounts_were_read_is_in_use(
         loop_device, tmp_path):
     run("mkfs.ext4", "-q", "-F", loop_device.path)
     assert devices.in_use(loop_device.path) is None     # read and kept
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    run("mount", loop_device.path, str(mnt))
-    try:
-        assert devices.in_use(loop_device.path) == \
-            "{} is mounted at {}".format(
-                os.path.basename(loop_device.path), mnt)
-    finally:
-        run("umount", str(mnt))
+    with mounted_at(loop_device.path, tmp_path / "mnt") as reason:
+        assert devices.in_use(loop_device.path) == reason
     assert devices.in_use(loop_device.path) is None
 
 
@@ -347,15 +352,8 @@ def test_a_kept_number_given_to_a_regular_file_is_not_trusted(
     try:
         if other != fd:
             pytest.skip("another thread took the number")
-        mnt = tmp_path / "mnt"
-        mnt.mkdir()
-        run("mount", loop_device.path, str(mnt))
-        try:
-            assert devices.in_use(loop_device.path) == \
-                "{} is mounted at {}".format(
-                    os.path.basename(loop_device.path), mnt)
-        finally:
-            run("umount", str(mnt))
+        with mounted_at(loop_device.path, tmp_path / "mnt") as reason:
+            assert devices.in_use(loop_device.path) == reason
         assert os.fstat(other).st_ino == os.stat(str(tmp_path / "f")).st_ino
         assert other not in host._fds and len(host._fds) == 2
     finally:

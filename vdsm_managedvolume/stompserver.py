@@ -265,8 +265,7 @@ class Server:
             if final_deadline is not None and (
                     not self._connections or now >= final_deadline):
                 return
-            if self._handoff:
-                self._hand_off_early(now)   # before _expire's flushes
+            self._hand_off_early(now)   # before _expire's flushes
             timeout = min(self._expire(now), self._resume_accepting(now))
             if drain_deadline is not None:
                 timeout = min(timeout, 0.1)
@@ -283,15 +282,13 @@ class Server:
                 elif isinstance(handler, Connection):
                     handler.ready(ready)
                     self._touched.add(handler)
-                    if self._handoff:
-                        self._hand_off_early()
+                    self._hand_off_early()
                 else:
                     handler()
             again, self._again = self._again, set()
             for conn in again:
                 conn.ready(selectors.EVENT_READ)
-                if self._handoff:
-                    self._hand_off_early()
+                self._hand_off_early()
             self._touched.update(again)
             self._deliver_results()
 
@@ -377,7 +374,10 @@ class Server:
         """Wake the workers now if this round has accepted HANDOFF_JOBS
         jobs or run for HANDOFF_AFTER seconds: a long round (many full
         reads, large frames, refusals, flushes) would delay every request
-        it accepted by its whole length."""
+        it accepted by its whole length.  Nothing to do (no clock read)
+        when the round has accepted none."""
+        if not self._handoff:
+            return
         if len(self._handoff) >= HANDOFF_JOBS:
             self._hand_off()
             return
@@ -938,11 +938,10 @@ class Connection:
                 self._on_frame(frame)
             if self.closed:
                 return
-            if self.server._handoff:
-                # Up to 64 full reads here: the requests this round took
-                # (this connection's or another's) are not held back
-                # for all of them.
-                self.server._hand_off_early()
+            # Up to 64 full reads here: the requests this round took
+            # (this connection's or another's) are not held back for all
+            # of them.
+            self.server._hand_off_early()
             if self._reading_paused():
                 return      # update() resumes once the peer read enough
             if drained:

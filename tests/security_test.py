@@ -236,6 +236,16 @@ def test_a_flow_id_holding_a_secret_is_logged_masked(log_lines, flow_id):
     assert all("[flow=" + cleaned + "]" in line for line in lines[:1])
 
 
+@pytest.mark.parametrize("flow_id", ["password\n=s3cret",
+                                     "password\x00=s3cret"])
+def test_a_wire_flow_id_is_masked_as_it_will_be_shown(flow_id):
+    # clean_flow_id turns the control character into '_' first: only
+    # then is 'password_=s3cret' a secret's shape mask_text knows.
+    cleaned = logmod.clean_flow_id(flow_id)
+    assert "s3cret" not in cleaned
+    assert cleaned == "password_=********"
+
+
 def test_nul_in_a_header_is_a_frame_error():
     parser = stompframe.Parser(commands=stompframe.CLIENT_COMMANDS)
     with pytest.raises(stompframe.FrameError, match="holds a NUL"):

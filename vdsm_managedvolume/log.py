@@ -90,13 +90,14 @@ def clean_flow_id(value):
     if value is None:
         return None
     value = value[:MAX_FLOW_ID]
+    if not (value.isprintable() and "[" not in value and "]" not in value):
+        value = "".join(c if c.isprintable() and c not in "[]" else "_"
+                        for c in value)
+    # Masked last, on the text as logged: 'password\n=s3cret' is only a
+    # secret's shape once the line break is a '_'.
     if not mask.plainly_clean(value):
         value = mask.mask_text(value)[:MAX_FLOW_ID]
-    if value.isprintable() and "[" not in value and "]" not in value:
-        return value or None        # nearly every flow id: as it came
-    cleaned = "".join(c if c.isprintable() and c not in "[]" else "_"
-                      for c in value)
-    return cleaned or None
+    return value or None        # nearly every flow id: as it came
 
 
 def _escape(m):

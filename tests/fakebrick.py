@@ -179,6 +179,7 @@ class FakeConnector:
     def disconnect_volume(self, data, device_info, force=False,
                           ignore_errors=False):
         key = self.key(data)
+        _record("disconnect-start", key)
         _sleep(data.get("fake_sleep_disconnect"))
         if data.get("fake_fail_disconnect"):
             _record("disconnect-failed", key)

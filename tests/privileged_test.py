@@ -285,6 +285,65 @@ def test_timeout_kills_the_operation_and_next_call_works(
 
 
 @pytest.mark.slow
+def test_calls_cut_by_another_calls_deadline(
+        brick, cfg, fake_dir, tmp_path, monkeypatch, caplog):
+    # One LUN hangs past the timeout while other volumes' calls run: the
+    # daemon is killed at its deadline (brick._die).  A disconnect cut
+    # there runs again on a new daemon and succeeds; a connect cut there
+    # fails, saying why, and is not run again (RERUN_AFTER_KILL).
+    brick.connector_properties()
+    old_pid = brick.daemon_pid()
+    timeout = 6.0
+    monkeypatch.setattr(cfg, "timeout", timeout)
+    bystander = iscsi("cut-disconnect", tmp_path, fake_sleep_disconnect=3)
+    att = brick.connect(bystander)
+    results = {}
+
+    def run(name, func, *args):
+        try:
+            results[name] = func(*args)
+        except Exception as e:
+            results[name] = e
+
+    hung = threading.Thread(target=run, args=(
+        "hung", brick.connect, iscsi("hung", tmp_path, fake_sleep=60)))
+    hung.start()
+    wait_for(lambda: "connect-start hung" in fakebrick.calls(str(fake_dir)))
+    started = time.monotonic()
+    # Each starts 4.5 s into the hung call's 6 s and takes 3 s: cut at
+    # its deadline with 4.5 s of its own left, more than it needs.
+    time.sleep(4.5)
+    others = [
+        threading.Thread(target=run, args=(
+            "disconnect", brick.disconnect, bystander, att)),
+        threading.Thread(target=run, args=(
+            "connect", brick.connect,
+            iscsi("cut-connect", tmp_path, fake_sleep=3)))]
+    for t in others:
+        t.start()
+    for t in [hung] + others:
+        t.join(60)
+    assert time.monotonic() - started < 30
+
+    assert isinstance(results["hung"], errors.HelperTimeout)
+    assert gone(old_pid)
+    calls = fakebrick.calls(str(fake_dir))
+    assert results["disconnect"] is None
+    assert calls.count("disconnect-start cut-disconnect") == 2
+    assert "cut-disconnect" not in fakebrick.connected(str(fake_dir))
+    error = results["connect"]
+    assert type(error) is errors.HelperFailed
+    assert ("privsep daemon {} was killed at the deadline of "
+            "connect_volume while connect ran: connect was cut and not "
+            "run again".format(old_pid)) in str(error)
+    assert calls.count("connect-start cut-connect") == 1
+    assert "connect cut-connect" not in calls
+    assert any("disconnect was cut when privsep daemon {} was killed"
+               .format(old_pid) in r.getMessage() for r in caplog.records)
+    assert brick.daemon_pid() not in (None, old_pid)
+
+
+@pytest.mark.slow
 def test_properties_timeout_is_helper_timeout(brick, cfg, monkeypatch):
     brick.connector_properties()
     monkeypatch.setattr(cfg, "properties_timeout", 0.0)

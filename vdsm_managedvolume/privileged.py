@@ -71,9 +71,13 @@ brick.py), so a timed-out connect cannot complete later and leak a device;
 we then raise HelperTimeout (931) and the next call starts a new daemon.
 Should the daemon's watchdog fail, we kill it ourselves ``KILL_GRACE``
 seconds later (root can; with sudo we cannot and only log).  A timeout
-or crash kills calls running concurrently for other volumes too: they get
-HelperFailed; the service must treat a failed connect as "maybe
-connected" (its journal does).
+or crash kills calls running concurrently for other volumes too.  After
+a kill at another call's deadline, a disconnect, extend, connector
+properties or udev rule call whose own deadline has not passed runs
+again on a new daemon, within that deadline (``RERUN_AFTER_KILL`` says
+why those and not connect); other cut calls, and every call cut by a
+crash, get HelperFailed, and the service treats a failed connect as
+"maybe connected" (its journal does).
 
 Besides os-brick, the daemon writes udev rules for a service that is not
 root (``add_udev_rule``, ``remove_udev_rule``; see brick.py for what it
@@ -147,6 +151,18 @@ START_TIMEOUT = 60.0
 # How long after a deadline we wait for the daemon's own watchdog before
 # killing it from here.
 KILL_GRACE = 2.0
+
+# The operations run again on a new daemon when the daemon was killed at
+# another call's deadline (brick._die) while they ran, their own deadline
+# not passed: each may run twice with no harm (os-brick's disconnect and
+# extend are idempotent: a disconnect of what is gone, a rescan; ours
+# write or remove one file; the properties only read).  Not connect: a
+# cut connect may have left a process of its own running (``rbd map``,
+# ``iscsiadm``: the daemon's children outlive it), and a second connect
+# racing it could map the volume twice; it fails, the service undoes it
+# (a disconnect, which runs again if cut) and the engine may retry.
+RERUN_AFTER_KILL = frozenset(("disconnect", "extend", "connector_properties",
+                              "add_udev_rule", "remove_udev_rule"))
 
 # How long stopping waits for the daemon's running calls before killing it.
 STOP_WAIT = 10.0
@@ -261,21 +277,45 @@ class Brick:
         check_sendable(operation, args)
         flow = log.current_flow()
         daemon = self._running_daemon()
+        unsent = rerun = False
+        deadline = time.monotonic() + timeout
         try:
-            for attempt in range(2):
-                deadline = time.monotonic() + timeout
+            while True:
                 try:
-                    result = daemon.call(privsep.ENTRYPOINTS + name,
-                                         args + (deadline, flow),
-                                         timeout + KILL_GRACE, flow=flow)
+                    result = daemon.call(
+                        privsep.ENTRYPOINTS + name, args + (deadline, flow),
+                        deadline - time.monotonic() + KILL_GRACE, flow=flow,
+                        deadline=deadline)
                     break
                 except _Unsent:
                     # It ended while idle, seen by this send (nothing is
                     # polled before a call): nothing reached it, so a new
-                    # daemon gets the call.
-                    if attempt:
+                    # daemon gets the call, with the whole timeout.
+                    if unsent:
                         raise
+                    unsent = True
                     daemon = self._running_daemon()
+                    deadline = time.monotonic() + timeout
+                except _Died:
+                    now = time.monotonic()
+                    victim = daemon.deadline_passed(now)
+                    if (rerun or now >= deadline or victim is None
+                            or operation not in RERUN_AFTER_KILL):
+                        raise
+                    # Killed at another call's deadline, ours not passed:
+                    # the same call again on a new daemon, with what was
+                    # left of our deadline counted once it is up (as the
+                    # first attempt's was).
+                    rerun = True
+                    left = deadline - now
+                    LOG.warning(
+                        "%s was cut when privsep daemon %s was killed at "
+                        "the deadline of %s: running it again on a new "
+                        "daemon (%.1f s left)", operation, daemon.pid,
+                        victim, left)
+                    self._discard(daemon)
+                    daemon = self._running_daemon()
+                    deadline = time.monotonic() + left
         except _Timeout:
             LOG.error("%s: no answer %.1f s after its deadline: killing "
                       "privsep daemon %s", operation, KILL_GRACE, daemon.pid)
@@ -287,9 +327,18 @@ class Brick:
                     daemon.pid, operation)) from None
         except _Died as e:
             self._discard(daemon)
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= deadline:
                 raise errors.HelperTimeout(operation=operation,
                                            timeout=timeout)
+            victim = daemon.deadline_passed(now)
+            if victim is not None:
+                raise errors.HelperFailed(
+                    "privsep daemon {} was killed at the deadline of {} "
+                    "while {} ran: {} was cut{}; the next call starts a "
+                    "new daemon".format(
+                        daemon.pid, victim, operation, operation,
+                        " again" if rerun else " and not run again"))
             raise errors.HelperFailed(
                 "privsep daemon {} died during {} ({}); the next call "
                 "starts a new one".format(daemon.pid, operation, e))
@@ -435,6 +484,9 @@ class _Daemon:
         self._output = output
         # Calls failing together (the daemon died) discard it together.
         self._close_lock = threading.Lock()
+        # The deadline and operation of each call sent and not answered.
+        self._deadlines = {}
+        self._deadlines_lock = threading.Lock()
 
     @classmethod
     def start(cls, cfg, timeout):
@@ -500,8 +552,41 @@ class _Daemon:
                  pid, time.monotonic() - started, info.get("os_brick"))
         return daemon
 
-    def call(self, name, args, wait, flow="-"):
-        return self.channel.call(name, args, wait, flow=flow)
+    def call(self, name, args, wait, flow="-", deadline=None):
+        """The call's reply (see _Channel.call).  ``deadline``: the one the
+        daemon's watchdog keeps for it (monotonic time, the same clock in
+        both processes), known here while it runs, and kept when the
+        daemon dies or no answer comes, for ``deadline_passed``."""
+        if deadline is None:
+            return self.channel.call(name, args, wait, flow=flow)
+        key = object()
+        with self._deadlines_lock:
+            self._deadlines[key] = (deadline, name.rpartition(".")[2])
+        try:
+            reply = self.channel.call(name, args, wait, flow=flow)
+        except (_Timeout, _Died) as e:
+            if isinstance(e, _Unsent):
+                self._forget(key)
+            raise
+        except BaseException:
+            self._forget(key)
+            raise
+        self._forget(key)
+        return reply
+
+    def deadline_passed(self, now):
+        """The operation of a call sent to this daemon that had no answer
+        and whose deadline is past at ``now`` (the daemon's watchdog kills
+        the daemon then: brick._die), or None."""
+        with self._deadlines_lock:
+            for deadline, operation in self._deadlines.values():
+                if deadline <= now:
+                    return operation
+        return None
+
+    def _forget(self, key):
+        with self._deadlines_lock:
+            self._deadlines.pop(key, None)
 
     def alive(self):
         """Whether the daemon runs (reads what it sent while idle)."""

@@ -377,7 +377,7 @@ def test_wire_values_cannot_forge_log_lines(dispatcher, logged):
     assert "\r" not in text and "\x00" not in text
     assert "\u202e" not in text
     assert "Host.x\\nINFO forged line\\r\\x00\\u202eevil" in text
-    assert all("flow\\nforged" == r.flow_id for r in logged.records
+    assert all("flow_forged" == r.flow_id for r in logged.records
                if r.name.startswith("managedvolume."))
 
 

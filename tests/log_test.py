@@ -41,7 +41,7 @@ def test_wire_values_in_arguments_stay_on_one_line(log_lines):
         "\\r\\u202e (connection 7)")
     assert lines[1].endswith("Host.x\\nforged failed")
     assert lines[2].endswith("ManagedVolume.x\\nforged")
-    assert "[flow=flow\\nforged]" in lines[3]
+    assert "[flow=flow_forged]" in lines[3]
 
 
 def test_a_lone_surrogate_does_not_break_a_utf8_log_file(tmp_path):

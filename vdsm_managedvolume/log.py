@@ -78,15 +78,18 @@ def printable(text):
 
 
 def clean_flow_id(value):
-    """The flow id from the wire (``ovirtCorrelationId``) as every log line
-    of its call shows it: at most MAX_FLOW_ID characters, one line, a
-    secret's shape masked (``mask.mask_text``: a flow id is any text the
-    client chose), and each character that is not printable or is a
-    bracket (which would close ``[flow=...]`` early) replaced by ``_``;
-    None for none.
+    """A flow id as every log line of its call shows it, whether it came
+    from the wire (``ovirtCorrelationId``) or is set in process
+    (``flow()``, the engine's correlation id): at most MAX_FLOW_ID
+    characters, one line, each character that is not printable or is a
+    bracket (which would close ``[flow=...]`` early) replaced by ``_``,
+    then a secret's shape masked (``mask.mask_text``: a flow id is any
+    text the client chose); None for none.
 
     Stricter than ``printable``, which escapes: the flow id is also what
-    an admin greps for, so it stays one plain word."""
+    an admin greps for, so it stays one plain word.  Every flow id that
+    reaches a line passes here: merely escaped, ``password\\n=s3cret``
+    would be written as no shape mask_text knows."""
     if value is None:
         return None
     value = value[:MAX_FLOW_ID]
@@ -116,15 +119,15 @@ def current_flow():
 
 class flow:
     """Context manager: run the block with ``flow_id`` in every log line
-    it writes, a secret's shape in it masked (``mask.mask_text``).  (A
-    class: a generator's context manager costs several times more, and a
-    request enters two.)"""
+    it writes, as ``clean_flow_id`` shows it (one plain word, a secret's
+    shape masked).  (A class: a generator's context manager costs several
+    times more, and a request enters two.)"""
 
     __slots__ = ("_value", "_token")
 
     def __init__(self, flow_id):
-        if isinstance(flow_id, str) and not mask.plainly_clean(flow_id):
-            flow_id = mask.mask_text(flow_id)
+        if isinstance(flow_id, str):
+            flow_id = clean_flow_id(flow_id)
         self._value = flow_id or "-"
 
     def __enter__(self):

@@ -404,7 +404,9 @@ class _DefaultFlow(logging.Filter):
 
     def __init__(self, flow_id):
         super().__init__()
-        self.flow_id = flow_id
+        # Shown as log.flow() shows it (the correlation id is any text the
+        # engine chose).
+        self.flow_id = logutil.clean_flow_id(flow_id) or "-"
 
     def filter(self, record):
         if not hasattr(record, "flow_id"):

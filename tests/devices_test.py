@@ -368,16 +368,76 @@ def test_a_kept_number_given_to_a_broken_pipe_is_left_to_its_owner(
     os.close(w)
     os.close(r)                             # the write end: POLLERR
     try:
+        # Its read fails (a pipe has no offset to pread at): neither that
+        # nor the reopening closes it.
         assert devices.in_use(loop_device.path) is None
         assert is_open(fd) and fd not in host._fds and len(host._fds) == 2
-        # Nor does a failed read close a descriptor that is not ours.
-        host._fds[fd] = ("/proc/self/mountinfo", devices._Mounts,
-                         host._fds[fd_of(host, "/proc/self/mountinfo")][2])
-        host._poll.register(fd, 0)
-        host._load(fd)
-        assert is_open(fd) and fd not in host._fds
     finally:
         os.close(fd)
+
+
+class PollThen:
+    """A kept poll object whose next poll first runs ``action``: what
+    other code may do between the check's start and its poll."""
+
+    def __init__(self, poll, action):
+        self._poll = poll
+        self._action = action
+
+    def poll(self, timeout):
+        self._action()
+        return self._poll.poll(timeout)
+
+    def register(self, *args):
+        self._poll.register(*args)
+
+    def unregister(self, fd):
+        self._poll.unregister(fd)
+
+
+def test_a_kept_number_given_to_another_file_just_before_the_poll_is_seen(
+        host, loop_device, tmp_path):
+    # Checked before the poll, the number was still ours; polled, it was
+    # a regular file's (never flagged): the mount went unseen.
+    run("mkfs.ext4", "-q", "-F", loop_device.path)
+    fd = fd_of(host, "/proc/self/mountinfo")
+    other = os.open(str(tmp_path / "f"), os.O_RDWR | os.O_CREAT)
+
+    def take_the_number():
+        os.dup2(other, fd)      # closes ours (its flag with it)
+
+    host._poll = PollThen(host._poll, take_the_number)
+    try:
+        with mounted_at(loop_device.path, tmp_path / "mnt") as reason:
+            assert devices.in_use(loop_device.path) == reason
+        assert is_open(fd) and fd not in host._fds and len(host._fds) == 2
+        assert os.fstat(fd).st_ino == os.fstat(other).st_ino
+    finally:
+        os.close(other)
+        if fd not in host._fds:
+            os.close(fd)
+
+
+def test_reading_a_kept_number_leaves_the_files_offset_alone(
+        host, loop_device, tmp_path):
+    # Another open of mountinfo that took the number passes the identity
+    # check (module docstring): its owner's offset is not moved.
+    fd = fd_of(host, "/proc/self/mountinfo")
+    other = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+    os.read(other, 10)
+    os.dup2(other, fd)
+    os.close(other)
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    run("mount", "-t", "tmpfs", "none", str(mnt))   # flags it: read
+    try:
+        st = os.stat(str(mnt))
+        mounts, _ = devices._host.now()
+        assert mounts.get(os.major(st.st_dev), os.minor(st.st_dev)) == \
+            str(mnt)
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 10
+    finally:
+        run("umount", str(mnt))
 
 
 def test_a_kept_descriptor_closed_under_us_leaks_nothing(host, loop_device):
@@ -470,6 +530,22 @@ def test_a_device_swapped_on_through_a_removed_node_is_in_use(
         os.unlink(node)
         with open("/proc/swaps") as f:
             assert "\\040(deleted)" in f.read()
+        assert devices.in_use(loop_device.path) == \
+            swap_reason(loop_device.path)
+    assert devices.in_use(loop_device.path) is None
+
+
+def test_a_device_swapped_on_through_a_name_that_is_not_utf8_is_in_use(
+        loop_device, tmp_path):
+    # Decoded with "replace", the path could not be stat'ed again: the
+    # device was known by neither its number nor its name.
+    st = os.stat(loop_device.path)
+    node = os.path.join(str(tmp_path), os.fsdecode(b"swap\xff\xfe"))
+    os.mknod(node, 0o600 | stat.S_IFBLK, st.st_rdev)
+    assert devices.in_use(loop_device.path) is None     # read and kept
+    with swapped_on(loop_device.path, node):
+        with open("/proc/swaps", "rb") as f:
+            assert b"swap\xff\xfe" in f.read()
         assert devices.in_use(loop_device.path) == \
             swap_reason(loop_device.path)
     assert devices.in_use(loop_device.path) is None

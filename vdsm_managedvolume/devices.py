@@ -45,14 +45,21 @@ A descriptor number is not trusted for ever: other code in the process
 may close it and the number go to another file (a regular file is never
 flagged, and the old text would be used for ever; a pipe in error state
 is flagged at every poll).  So each check fstat()s the kept descriptors
-(two system calls) and compares (st_dev, st_ino) with what they were at
-open; on a difference, or a descriptor poll says is closed, both files
-are opened afresh, and only a descriptor that is still the file opened
-is closed (never another component's).  A forked child opens its own
-(the flag is shared with the parent's open file), closes the inherited
-ones that are still ours and takes a new lock (a parent's thread may
-have held it at fork).  Another open of the very same /proc file given
-the number would pass the comparison; nothing short of kcmp(2) tells.
+and compares (st_dev, st_ino) with what they were at open, *after* the
+poll and the reads it called for, not before: a number closed under us
+never is our open file again, so one that is ours after them was ours
+for them (checked before, the number could change hands in between, and
+the poll or the read be another file's).  Three system calls when
+nothing changed (poll, two fstat), as many as when the fstat came first.
+The reads are pread()s from offset 0: no lseek, and a file that took the
+number keeps its owner's offset.  On a difference, or a descriptor poll
+says is closed, both files are opened afresh and what was read is
+dropped, and only a descriptor that is still the file opened is closed
+(never another component's).  A forked child opens its own (the flag is
+shared with the parent's open file), closes the inherited ones that are
+still ours and takes a new lock (a parent's thread may have held it at
+fork).  Another open of the very same /proc file given the number would
+pass the comparison; nothing short of kcmp(2) tells.
 
 The device's identity (``identity``, ``changed``): names under /dev are
 reused.  A loop device is detached and another file attached on the same
@@ -344,6 +351,11 @@ class _Mounts:
         self._text = mountinfo
         self._found = {}
 
+    @classmethod
+    def of(cls, data):
+        """From the bytes of /proc/self/mountinfo (None: unreadable)."""
+        return cls(_text(data))
+
     def get(self, major, minor):
         """Where the filesystem on ``major:minor`` is mounted first, or
         None."""
@@ -385,7 +397,9 @@ class _Swaps:
 
     Each line's first field is the path swapon was given, as the kernel
     prints it (seq_file_path: a space, tab, newline or backslash as
-    ``\\ooo``; " (deleted)" after the name of a removed node).  A device
+    ``\\ooo``; " (deleted)" after the name of a removed node; other bytes
+    as they are, UTF-8 or not: ``of`` decodes them as ``os.fsdecode``
+    does, so that a path that is not UTF-8 is still stat'ed).  A device
     is known by its number, whatever node it was swapped on through
     (``mknod /x/myswap b 7 3; swapon /x/myswap`` is loop3): each path is
     stat'ed once, when the text is read.  A path that cannot be stat'ed
@@ -416,6 +430,11 @@ class _Swaps:
             # matches wrongly only refuses a device, the safe side.
             self.names.add(os.path.basename(os.path.realpath(path)))
 
+    @classmethod
+    def of(cls, data):
+        """From the bytes of /proc/swaps (None: unreadable)."""
+        return cls("" if data is None else os.fsdecode(data))
+
     def holds(self, number, name):
         """Whether the device ``number``, named ``name`` by the kernel,
         is an active swap area."""
@@ -437,7 +456,7 @@ class _HostUse:
     """The host's mounts and swaps, read again only when they change
     (see the module docstring)."""
 
-    FILES = (("/proc/self/mountinfo", _Mounts), ("/proc/swaps", _Swaps))
+    FILES = (("/proc/self/mountinfo", _Mounts.of), ("/proc/swaps", _Swaps.of))
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -451,23 +470,33 @@ class _HostUse:
             if self._poll is None:
                 self._open()
             elif self._fds:
-                if not all(_file_id(fd) == fid
-                           for fd, (_, _, fid) in self._fds.items()):
-                    # A number closed under us and given to another
-                    # file: nothing would flag a change any more.
-                    self._reopen()
-                else:
-                    for fd, events in self._poll.poll(0):
-                        if events & select.POLLNVAL:
-                            # Closed under us: start afresh.
-                            self._reopen()
-                            break
-                        if events & (select.POLLPRI | select.POLLERR):
-                            self._load(fd)
+                self._check()
             return tuple(
                 self._values[path] if path in self._values
-                else parse(_text(_read_file(path)))
+                else parse(_read_file(path))
                 for path, parse in self.FILES)
+
+    def _check(self):
+        """Read again the kept files poll says changed, then make sure
+        every kept number is still our file (see the module docstring:
+        after, not before) before taking what was read."""
+        read = []
+        for fd, events in self._poll.poll(0):
+            if events & select.POLLNVAL:
+                # Closed under us: start afresh.
+                self._reopen()
+                return
+            if events & (select.POLLPRI | select.POLLERR):
+                read.append((fd, _read_kept(fd)))
+        for fd, (_, _, fid) in self._fds.items():
+            if _file_id(fd) != fid:
+                # A number closed under us and given to another file:
+                # nothing would flag a change any more, and what poll
+                # said or a read returned may be that file's.
+                self._reopen()
+                return
+        for fd, data in read:
+            self._take(fd, data)
 
     def _forget(self):
         self._poll = None
@@ -503,28 +532,28 @@ class _HostUse:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError:
                 continue        # read at every check
-            fid = _file_id(fd)
+            data = _read_kept(fd)
+            fid = _file_id(fd)      # after the read, as in _check
             if proc is None or fid is None or fid[0] != proc:
-                os.close(fd)    # not procfs: nothing flags a change
+                if fid is not None:
+                    os.close(fd)    # not procfs: nothing flags a change
                 continue
             self._fds[fd] = (path, parse, fid)
             self._poll.register(fd, select.POLLPRI | select.POLLERR)
-            self._load(fd)
+            self._take(fd, data)
 
-    def _load(self, fd):
-        path, parse, fid = self._fds[fd]
-        try:
-            os.lseek(fd, 0, os.SEEK_SET)
-            text = _text(_read_fd(fd))
-        except OSError:
-            # Read at every check from now on.
+    def _take(self, fd, data):
+        """Keep what was read from ``fd``, a number just checked to be
+        our file; None (a failed read): close it, and read that file at
+        every check from now on."""
+        path, parse, _ = self._fds[fd]
+        if data is None:
             self._poll.unregister(fd)
             del self._fds[fd]
             self._values.pop(path, None)
-            if _file_id(fd) == fid:
-                os.close(fd)
+            os.close(fd)
             return
-        self._values[path] = parse(text)
+        self._values[path] = parse(data)
 
 
 def _file_id(fd):
@@ -561,19 +590,32 @@ def _read_file(path, to_end=True):
         os.close(fd)
 
 
+def _read_kept(fd):
+    """The bytes of a kept file, None when it cannot be read."""
+    try:
+        return _read_fd(fd)
+    except OSError:
+        return None
+
+
 def _read_fd(fd):
-    """What is left to read at ``fd``: os.read until the end (no buffered
-    file object, and its isatty ioctl, for a few bytes of the kernel's)."""
+    """The bytes of the file at ``fd`` from its start: os.pread until the
+    end (no buffered file object, and its isatty ioctl, for a few bytes
+    of the kernel's; no lseek, and the file's offset left alone)."""
     chunks = []
+    offset = 0
     while True:
-        chunk = os.read(fd, 65536)
+        chunk = os.pread(fd, 65536, offset)
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)
+        offset += len(chunk)
 
 
 def _text(data):
-    """/proc text from ``_read_file`` ("" when it could not be read)."""
+    """/proc text from ``_read_file`` ("" when it could not be read); a
+    byte that is not UTF-8 shown as U+FFFD (a mount point, in a
+    message)."""
     return "" if data is None else data.decode("utf-8", "replace")
 
 

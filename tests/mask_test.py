@@ -103,6 +103,11 @@ LEAKY_TEXTS = [
     "[('auth_password', '%s'),\n ('lun', 1)]" % SECRET,
     "('auth_password', '%s'" % SECRET,      # a message cut after the pair
     json.dumps(json.dumps({"items": [["auth_password", SECRET], ["lun", 1]]})),
+    # user:password@host without a scheme, alone or in a message.
+    "admin:%s@10.0.0.1:3260" % SECRET,
+    "login to chap.user-1:%s@[fe80::1]:3260 failed" % SECRET,
+    "portal='admin:%s@san.example'" % SECRET,
+    "target=admin:pa:%s@host" % SECRET,
 ]
 
 # What mask() masks in a pair that is no string: a number, a list.
@@ -151,6 +156,12 @@ def test_mask_text_hides_ceph_keys_wherever_they_appear(text):
     "os.environ.get('PGPASSWORD', '')",
     "('token', None)",
     json.dumps(json.dumps(["password-reset", "--user", "admin"])),
+    # No user:password@host: a time, no password, an e-mail address,
+    # git's scp-like address, a user name starting with a digit.
+    "meet at 12:30@noon",
+    "git@github.com:org/repo.git",
+    "mail admin@example.org: 3 errors",
+    "10.0.0.1:3260@tcp",
 ])
 def test_mask_text_keeps_what_is_no_secret(text):
     assert mask.mask_text(text) == text

@@ -192,10 +192,15 @@ def test_busy_response_survives_the_bodies_that_break_json():
     "('password', [" * 24000 + "], 'x')" * 24000,
     ("('password', [" * 300 + "], 'x')" * 300) * 160,
     "password='a'" + " 'b'" * 250000,
+    "a:b@" * 250000,
+    " a:" + "b:" * 500000,
+    "!a:bbbbbbbb" * 90000,
+    " a" * 500000 + ":b",
 ], ids=["letters", "dashes", "dots", "words", "open-quotes", "spaces",
         "urls", "auth", "escaped", "pairs", "indented-pairs", "no-pairs",
         "pair-then-spaces", "nested-pair-brackets", "nested-pairs-repeated",
-        "string-pieces"])
+        "string-pieces", "user-passwords", "user-colons", "user-runs",
+        "user-names"])
 def test_masking_a_megabyte_is_linear_not_a_frozen_agent(text):
     # The old patterns backtracked quadratically: 1 MB of letters in a
     # request froze the agent (the re module holds the GIL) for hours.

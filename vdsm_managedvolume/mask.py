@@ -24,6 +24,7 @@ shapes in which such a key meets its value::
     ('-n', 'discovery.sendtargets.auth.password', '-v', 's3cret')
     ('auth_password', 's3cret')     (a pair's repr: dict.items(), a trace)
     postgresql://user:s3cret@host/db
+    admin:s3cret@10.0.0.1:3260      (user:password@host, no scheme)
     key = AQB...==  /  AQ<38 base64 chars>==      (a Ceph keyring)
 
 The text scan runs in linear time: the agent masks every request it logs,
@@ -93,10 +94,23 @@ _QUOTED = {
 # A bare value: up to white space or a delimiter.
 _BARE = re.compile(r"""[^'",\s}\])]+""")
 
+# Where a user:password@host without a scheme may start and what its
+# password may not hold: white space, the URL delimiters, quotes, brackets
+# and the separators of a list or a key=value.  A password holding one
+# (a URL would percent-encode it) is not seen as one.
+_USERINFO_END = r"""\s/@'"<>()\[\]{},;="""
+
 _OTHER_PATTERNS = (
     # URLs with credentials: scheme://user:password@host
     re.compile(r"(?<![\w+.-])(?P<key>[a-zA-Z][\w+.-]{0,32}://"
                r"[^:/@\s]{0,256}:)(?P<value>[^/@\s]{1,256})(?=@)"),
+    # The same without a scheme: admin:s3cret@10.0.0.1:3260.  The user
+    # name starts with a letter (not 12:30@noon) and the match only
+    # right after one of _USERINFO_END, which neither part holds: each
+    # character is scanned for one candidate at most (linear).
+    re.compile(r"(?<![^%(end)s])(?P<key>[a-zA-Z][\w.+-]{0,255}:)"
+               r"(?P<value>[^%(end)s]{1,256})(?=@[\w\[])"
+               % {"end": _USERINFO_END}),
     # A Ceph keyring's "key = <base64>" line, and a Ceph secret anywhere.
     re.compile(r"(?<![\w.-])(?P<key>key[ \t]{0,16}=[ \t]{0,16})"
                r"(?P<value>[A-Za-z0-9+/]{8,1024}={0,2})"),
@@ -238,7 +252,8 @@ class Masked:
 # masked, and most (ids, paths, timings) hold none: one lower() and a few
 # substring searches instead of the regular expressions.  (A word holding
 # another marker, "keyring" holding "key", needs no search of its own.)
-_MARKERS = _SECRET_WORDS + ("auth_", "://", "key")
+# (Every user:password@host, with a scheme or not, holds its "@".)
+_MARKERS = _SECRET_WORDS + ("auth_", "@", "key")
 _MARKERS = tuple(m for m in _MARKERS
                  if not any(o != m and o in m for o in _MARKERS))
 

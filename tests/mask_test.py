@@ -108,12 +108,35 @@ LEAKY_TEXTS = [
     "login to chap.user-1:%s@[fe80::1]:3260 failed" % SECRET,
     "portal='admin:%s@san.example'" % SECRET,
     "target=admin:pa:%s@host" % SECRET,
+    # An object's repr as the value: a call, or <...>.
+    "password=SecretStr('%s')" % SECRET,
+    "('auth_password', SecretStr('%s'))" % SECRET,
+    "('auth_password', creds.Password(\n    '%s'))" % SECRET,
+    "{'password': <Secret value='%s'>, 'lun': 1}" % SECRET,
+    "('auth_password', <Secret %s>)" % SECRET,
+    "password=<Secret %s> (a < b)" % SECRET,
 ]
 
-# What mask() masks in a pair that is no string: a number, a list.
+class Secret:
+    """A value whose repr quotes it, as a call (as a dataclass's does)
+    or in <...>."""
+
+    def __init__(self, value, angle=False):
+        self.value = value
+        self.angle = angle
+
+    def __repr__(self):
+        form = "<Secret {!r}>" if self.angle else "Secret({!r})"
+        return form.format(self.value)
+
+
+# What mask() masks in a pair that is no string: a number, a list, an
+# object.
 PAIRS_OF_OTHER_VALUES = [
     ("auth_password", 12345678),
     ("extra_passwords", ["pw-one", "pw-two"]),
+    ("auth_password", Secret("pw-one")),
+    ("auth_password", Secret("pw-one", angle=True)),
 ]
 
 

@@ -196,11 +196,15 @@ def test_busy_response_survives_the_bodies_that_break_json():
     " a:" + "b:" * 500000,
     "!a:bbbbbbbb" * 90000,
     " a" * 500000 + ":b",
+    "password=<" * 100000,
+    ("('password', <" * 300 + ">, 'x')" * 300) * 160,
+    ("('password', f(" * 300 + "), 'x')" * 300) * 160,
 ], ids=["letters", "dashes", "dots", "words", "open-quotes", "spaces",
         "urls", "auth", "escaped", "pairs", "indented-pairs", "no-pairs",
         "pair-then-spaces", "nested-pair-brackets", "nested-pairs-repeated",
         "string-pieces", "user-passwords", "user-colons", "user-runs",
-        "user-names"])
+        "user-names", "angle-values", "nested-angle-values",
+        "nested-call-values"])
 def test_masking_a_megabyte_is_linear_not_a_frozen_agent(text):
     # The old patterns backtracked quadratically: 1 MB of letters in a
     # request froze the agent (the re module holds the GIL) for hours.

@@ -23,6 +23,8 @@ shapes in which such a key meets its value::
     iscsiadm ... -n node.session.auth.password -v s3cret
     ('-n', 'discovery.sendtargets.auth.password', '-v', 's3cret')
     ('auth_password', 's3cret')     (a pair's repr: dict.items(), a trace)
+    password=SecretStr('s3cret')    ('password', <Secret 's3cret'>)
+                                    (an object's repr as the value)
     postgresql://user:s3cret@host/db
     admin:s3cret@10.0.0.1:3260      (user:password@host, no scheme)
     key = AQB...==  /  AQ<38 base64 chars>==      (a Ceph keyring)
@@ -81,7 +83,7 @@ _KEY_RE = re.compile(
     r"|[ \t]{0,16},?[ \t]{0,16}['\"]?(?:-v|--value)['\"]?"
     r"(?:[ \t]{0,16},[ \t]{0,16}|[ \t]{1,16}|=)"
     r"|(?(pair)(?<=['\"])[ \t]{0,16},(?P<pairsep>)[ \t\r\n]{0,%(indent)d}"
-    r"(?=b?\\?['\"]|[-+]?[0-9]|[\[({])|(?!)))"
+    r"(?=b?\\?['\"]|[-+]?[0-9]|[\[({<]|[A-Za-z_][\w.]{0,%(n)d}\()|(?!)))"
     % {"n": _NAME_MAX, "words": _WORDS, "indent": _PAIR_INDENT},
     re.IGNORECASE)
 
@@ -362,9 +364,10 @@ def _value_end(text, start, brackets):
         if close == -1:
             return n, (prefix + q, "")
         return close + 2, (prefix + q, q)
-    if c in _OPENERS and not prefix:
+    if c in _OPENERS and not prefix or c == "<":
         # A list, tuple or mapping of secrets ('extra_passwords':
-        # ['pw1', 'pw2']): the whole bracketed value.
+        # ['pw1', 'pw2']), or an object's <...> repr: the whole
+        # bracketed value.
         return brackets.end(start), ("", "")
     if c in "'\"":
         m = _QUOTED[c].match(text, at + 1)
@@ -377,10 +380,18 @@ def _value_end(text, start, brackets):
             m = _QUOTED[text[piece.end() - 1]].match(text, piece.end())
         # Unclosed (a truncated message): hide everything after it.
         return n, (prefix + text[at], "")
+    m = _CALL.match(text, start)
+    if m is not None:
+        # An object's repr written as a call (SecretStr('s3cret')): its
+        # name and the whole bracketed arguments.
+        return brackets.end(m.end()), ("", "")
     m = _BARE.match(text, start)
     if m is None:
         return start, ("", "")
     return m.end(), ("", "")
+
+
+_CALL = re.compile(r"[A-Za-z_][\w.]{0,%d}(?=\()" % _NAME_MAX)
 
 
 # White space, then the next adjacent piece of a string value.
@@ -412,7 +423,8 @@ class _Brackets:
     def end(self, start):
         """The end of the bracketed value opening at ``start`` (nested
         brackets and quoted strings skipped; unclosed: the end of the
-        text)."""
+        text).  A ``<`` opens a value there only (an object's repr:
+        ``<`` inside any value is no bracket, as in ``a < b``)."""
         ends = self._ends
         if start in ends:
             return ends[start]
@@ -423,6 +435,9 @@ class _Brackets:
         opened = []         # (position, closing character)
         quote = None
         i = start
+        if text[start] == "<":
+            opened.append((start, ">"))
+            i += 1
         while i < n:
             c = text[i]
             if quote:

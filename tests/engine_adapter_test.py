@@ -15,6 +15,7 @@ import subprocess
 
 import pytest
 
+from .engine_fixtures import Drain
 from .engine_fixtures import client_argv
 from .engine_fixtures import new_id
 
@@ -140,10 +141,11 @@ def test_the_packaged_warm_service_serves_the_adapter_once_enabled(
     proc = subprocess.Popen(client_argv() + argv[1:], env=env, cwd="/",
                             stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
+    stderr = Drain(proc.stderr)         # its log: read all along
     try:
         deadline = time.monotonic() + 90
         while not warm._connectable(socket_path):
-            assert proc.poll() is None, proc.stderr.read()
+            assert proc.poll() is None, stderr.text(wait=10)
             assert time.monotonic() < deadline, "service did not start"
             time.sleep(0.05)
         driver = json.dumps({
@@ -160,7 +162,8 @@ def test_the_packaged_warm_service_serves_the_adapter_once_enabled(
         assert p.returncode == 0, p.stdout
     finally:
         proc.send_signal(signal.SIGTERM)
-        service_log = proc.communicate(timeout=60)[1].decode()
+        proc.wait(60)
+        service_log = stderr.text(wait=30)
     # The service logs to stderr (the journal, under systemd); the request
     # to the engine's log directory, as a cold run would.
     assert "[flow=flow-warm] Child " in service_log, service_log

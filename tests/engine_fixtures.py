@@ -20,6 +20,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from urllib.parse import quote
@@ -140,7 +141,7 @@ class Shim:
             log_files = {c.split(" --log-file ", 1)[1].split(" ", 1)[0]
                          for c in process_cmdlines(pids).values()
                          if " --log-file " in c}
-            for name in log_files:
+            for name in log_files - {"-"}:     # "-": stderr
                 with open(name, errors="replace") as f:
                     text += "\n--- {} (end)\n{}".format(name,
                                                         f.read()[-20000:])
@@ -180,8 +181,41 @@ def dying_with_us(argv):
     return [sys.executable, "-c", DIE_WITH_STARTER, str(os.getpid())] + argv
 
 
+class Drain:
+    """Reads a pipe to its end in a thread of its own and keeps what
+    came.  A process whose stderr is a pipe nobody reads blocks once it
+    has written what the pipe holds (64 KiB): the warm service in the
+    middle of a request, or of a stack dump in its signal handler."""
+
+    def __init__(self, pipe):
+        self._pipe = pipe
+        self._chunks = []
+        self._thread = threading.Thread(target=self._read, daemon=True,
+                                        name="drain-{}".format(
+                                            pipe.fileno()))
+        self._thread.start()
+
+    def text(self, wait=0):
+        """What was read so far, after waiting up to ``wait`` seconds
+        for the end (every writer gone)."""
+        if wait:
+            self._thread.join(wait)
+        return b"".join(list(self._chunks)).decode("utf-8", "replace")
+
+    def _read(self):
+        # The pipe is closed here, at its end, never under a read.
+        with self._pipe:
+            fd = self._pipe.fileno()
+            while True:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    return
+                self._chunks.append(chunk)
+
+
 class Service:
-    """A running warm service (``--serve``)."""
+    """A running warm service (``--serve``); ``log_file`` "-": it logs
+    to its stderr (``stderr()``)."""
 
     def __init__(self, shim, log_file):
         self.shim = shim
@@ -193,11 +227,12 @@ class Service:
                 "--log-file", log_file]),
             env=shim.env, cwd=ROOT, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE)
+        self._stderr = Drain(self.proc.stderr)
         deadline = time.monotonic() + 90
         while not warm_service._connectable(self.socket_path):
             if self.proc.poll() is not None:
                 raise RuntimeError("warm service died: {}".format(
-                    self.proc.stderr.read().decode()))
+                    self._stderr.text(wait=10)))
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError("warm service did not start")
@@ -211,6 +246,11 @@ class Service:
         with open(self.log_file) as f:
             return f.read()
 
+    def stderr(self, wait=0):
+        """What the service wrote to its stderr so far (see
+        ``Drain.text``)."""
+        return self._stderr.text(wait)
+
     def stop(self):
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -219,7 +259,8 @@ class Service:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.proc.stderr.close()
+        # Its children, which share that stderr, end with it.
+        self._stderr.text(wait=15)
 
 
 class PgCluster:

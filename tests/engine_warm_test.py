@@ -163,6 +163,27 @@ def test_a_second_service_on_the_same_socket_refuses_to_start(own_service):
     assert "[flow=c] Child " in own_service.log()
 
 
+def test_a_service_that_wrote_more_than_a_pipe_holds_to_stderr_serves(
+        tmp_path, engine_backend):
+    # The fixture's service writes to a pipe: unread, its 65 KiB'th byte
+    # of stack dumps (SIGUSR1) or log lines blocked the service for good.
+    shim = Shim(str(tmp_path), str(tmp_path / "run" / "cinderlib.sock"))
+    service = Service(shim, "-")            # logs and dumps to stderr
+    try:
+        for _ in range(400):                # ~370 bytes each
+            os.kill(service.pid, signal.SIGUSR1)
+            time.sleep(0.002)
+        be = engine_backend
+        r = shim.run("storage_stats", "false", cid="after-dumps",
+                     driver=be["driver"], db_url=be["db_url"], timeout=30)
+        assert r.code == 0, r.describe()
+    finally:
+        service.stop()
+    text = service.stderr()
+    assert len(text) > 2 * 65536, text[-3000:]
+    assert "[flow=after-dumps] Child " in text
+
+
 def test_a_spare_child_serves_one_request_and_is_replaced(own_service,
                                                           engine_backend):
     be = engine_backend

@@ -468,6 +468,87 @@ def test_a_command_that_does_not_end_shows_the_stacks_of_the_service(
     assert "vdsm_managedvolume/engine/warm.py" in text
 
 
+def wait_for(what, check, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_the_service_log_and_its_stack_dumps_follow_a_moved_log_file(
+        own_service, engine_backend):
+    # logrotate without copytruncate: the file is renamed (then
+    # compressed and deleted); the service went on writing to it.
+    log_file = own_service.log_file
+    moved = log_file + ".1"
+    os.rename(log_file, moved)
+    wait_for("a new log file", lambda: os.path.exists(log_file))
+    os.kill(own_service.pid, signal.SIGUSR1)
+    wait_for("the parent's stacks in the new log file",
+             lambda: "most recent call first" in own_service.log())
+    be = engine_backend
+    r = own_service.shim.run("storage_stats", "false", cid="moved",
+                             driver=be["driver"], db_url=be["db_url"])
+    assert r.code == 0, r.describe()
+    assert "was moved: writing to the new one" in own_service.log()
+    with open(moved) as f:
+        assert "most recent call first" not in f.read()
+
+
+def open_on(pid, path):
+    """Whether process ``pid`` has a descriptor open on ``path``."""
+    fds = "/proc/{}/fd".format(pid)
+    for name in os.listdir(fds):
+        try:
+            if os.readlink(os.path.join(fds, name)) == path:
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def test_a_spare_forked_before_the_log_file_moved_writes_to_the_new_one(
+        own_service, tmp_path):
+    # Its stack dump descriptor is a copy of the parent's at fork: the
+    # spare follows the move itself before it runs a request.
+    shim = own_service.shim
+    pausing = {"volume_driver": "tests.engine_client_test.PausingDriver",
+               "volume_backend_name": "slow",
+               "file_volume_dir": str(tmp_path / "vols")}
+    db_url = "sqlite:///{}".format(tmp_path / "db.sqlite")
+    r = shim.run("storage_stats", "false", driver=pausing, db_url=db_url)
+    assert r.code == 0, r.describe()
+    time.sleep(2)       # a spare for db_url forks and warms up (~20 ms)
+    log_file = own_service.log_file
+    moved = log_file + ".1"
+    os.rename(log_file, moved)
+    wait_for("the service on the new log file",
+             lambda: os.path.exists(log_file) and
+             "was moved" in own_service.log())
+    proc = shim.popen("create_volume", new_id(), 1, cid="after-move",
+                      driver=pausing, db_url=db_url)
+    try:
+        found = []
+        wait_for("the spare running the request", lambda: found.extend(
+            re.findall(r"\[flow=after-move\] Child (\d+) runs "
+                       r"create_volume \((.*?)\)", own_service.log()))
+            or found)
+        pid, how = int(found[0][0]), found[0][1]
+        assert how == "pre-forked"
+        # PausingDriver holds the request for 2 s.
+        wait_for("no descriptor of the spare on the moved file",
+                 lambda: not open_on(pid, moved) or
+                 process_state(pid) in (None, "Z"), timeout=10)
+        assert process_state(pid) not in (None, "Z")
+        assert open_on(pid, log_file)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, (out, err)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def test_the_parent_waits_for_the_threads_kernel_task_not_only_join():
     # join() returns once Python is done with a thread; its kernel task
     # then still runs the C libraries' thread-exit destructors (OpenSSL's

@@ -158,15 +158,12 @@ def _dump_stacks_on_signal(log_file):
 
     faulthandler writes from the signal handler, without the GIL or any
     lock: a process stuck in C code (a connect waiting on a lock inherited
-    across fork) still answers.  On a descriptor of its own, opened once
-    here (the service's log file, else a copy of stderr): the logging
-    handler's may be closed and replaced under it.  The engine service
-    installs no SIGHUP handler: neither is ever reopened, so a log file
-    that logrotate moves keeps being written in its new name until the
-    service restarts (``copytruncate``; the packaged unit logs to the
-    journal).  ``kill -USR1 PID`` for a request that does not end, before
-    killing it.
+    across fork) still answers.  On a descriptor of its own (the service's
+    log file, else a copy of stderr): the logging handler's may be closed
+    and replaced under it.  Both follow log rotation (``_follow_log_file``).
+    ``kill -USR1 PID`` for a request that does not end, before killing it.
     """
+    global _dump_fd
     import faulthandler
     fd = None
     if log_file:
@@ -179,6 +176,8 @@ def _dump_stacks_on_signal(log_file):
     try:
         if fd is None:
             fd = os.dup(2)
+        else:
+            _dump_fd = fd
     except OSError as e:
         # Never the default action: it would kill the service, and with
         # it (PR_SET_PDEATHSIG) every request running.
@@ -187,6 +186,51 @@ def _dump_stacks_on_signal(log_file):
         signal.signal(DUMP_SIGNAL, signal.SIG_IGN)
         return
     faulthandler.register(DUMP_SIGNAL, file=fd, all_threads=True)
+
+
+# The descriptor stack dumps go to when it is the service's log file.
+_dump_fd = None
+
+
+def _follow_log_file(log_file):
+    """Write the log and the stack dumps to the file at ``log_file`` when
+    logrotate moved the one they were written to; True when it did.
+
+    ``copytruncate`` needs nothing (both descriptors append: after the
+    truncation, at the start of the same file).  A rename (``create`` or
+    not) leaves them on the moved file, compressed and deleted later: the
+    parent compares the file at the path with the dump descriptor's at
+    each turn of its loop (half a second at most, two system calls),
+    and so does a child before it runs a request (forked or spare, its
+    copy of that descriptor may predate the move); then it opens the
+    path and puts the new file in place of the old under the same
+    descriptor number (dup2: a dump meanwhile goes whole to one or the
+    other), and reopens the logging handlers.  A child already running
+    its request when the file moves dumps to the moved file.
+    """
+    fd = _dump_fd
+    if fd is None or not log_file:
+        return False
+    try:
+        now = os.fstat(fd)
+        st = os.stat(log_file)
+        if (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
+            return False
+    except FileNotFoundError:
+        pass            # moved and no new one made yet: made here
+    except OSError:
+        return False
+    try:
+        new = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                      0o640)
+    except OSError:
+        return False    # the moved file it is, until next time
+    try:
+        os.dup2(new, fd, inheritable=False)
+    finally:
+        os.close(new)
+    logutil.reopen()
+    return True
 
 
 class Server:
@@ -217,6 +261,9 @@ class Server:
         try:
             while not self.stopping:
                 self._reap()
+                if _follow_log_file(self.log_file):
+                    log.info("Log file %s was moved: writing to the new "
+                             "one", self.log_file)
                 waiting = [self.sock]
                 if self.spare is not None and not self.spare.ready:
                     waiting.append(self.spare.channel)
@@ -671,6 +718,7 @@ def _become_child(listener):
 
 
 def _run_one(conn, request, log_file):
+    _follow_log_file(log_file)
     if not request.log_file:
         # The command would have logged to its stderr; the service's log
         # is the closest thing a child has.

@@ -15,7 +15,10 @@ text with a NUL, reorder a line with a bidi override, or break the log
 file's encoding with a lone surrogate.  Such characters appear escaped,
 as a backslash and n, r or t, or a backslash and their hex code point
 (``x00``, ``u202e``).  One line per record: multi-line
-text belongs in the traceback, not in an argument.
+text belongs in the traceback, not in an argument.  The flow id is
+stricter still, whether from the wire or set in process: such
+characters and brackets become ``_`` before it is masked
+(``clean_flow_id``).
 
 Most lines hold nothing to mask or escape (ids, paths, states, timings)
 and the agent writes several per call: when every argument is a plain

@@ -48,6 +48,11 @@ to ``data["fake_device"]`` (e.g. a real loop device) or to
 
     iscsi/fc: <fake_dev_dir>/<multipath_id>  (point cfg.multipath_dir here)
     rbd:      <fake_dev_dir>/<pool>/<volume>  (point cfg.rbd_dir here)
+    nvmeof:   <fake_dev_dir>/nvme-<key>, or with ``fake_kernel_name``
+              <fake_dev_dir>/<kernel name of fake_device>: a name given
+              at each connect, as /dev/nvmeXnY is (fake_device may be
+              a link the test points at another device, as a namespace
+              comes back under another name after a reboot)
 
 Knobs in ``connection_info["data"]`` (all optional):
 
@@ -293,8 +298,13 @@ class FakeNVMeConnector(FakeConnector):
 
     def attachment(self, data, key):
         dev_dir = data.get("fake_dev_dir")
-        path = (os.path.join(dev_dir, "nvme-" + key) if dev_dir
-                else "/dev/nvme0n1")
+        if dev_dir and data.get("fake_kernel_name"):
+            path = os.path.join(dev_dir, os.path.basename(
+                os.path.realpath(data["fake_device"])))
+        elif dev_dir:
+            path = os.path.join(dev_dir, "nvme-" + key)
+        else:
+            path = "/dev/nvme0n1"
         return {"type": "block", "path": path}
 
     def link(self, data, attachment):

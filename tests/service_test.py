@@ -901,15 +901,88 @@ def test_reconcile_does_not_rewrite_the_rule_of_a_changed_device(
 @pytest.mark.root
 def test_a_loop_minor_reused_in_another_boot_is_told_by_its_backing_file(
         inproc_service, inproc_brick, loop, tmp_path):
+    # After a reboot what is at the recorded path is not judged (a kernel
+    # name may be another volume's by now): the volume is connected, and
+    # the device the connect returns is compared.  Here that is the
+    # reused minor, another file: never linked, chowned nor disconnected.
     svc = inproc_service
     vol_id, ci = new_id(), loop_iscsi(svc.cfg, loop)
-    svc.attach_volume(vol_id, ci)
+    res = svc.attach_volume(vol_id, ci, SD)
     new_boot(svc.cfg, empty_run_dir=True)
     reuse_minor(loop, str(tmp_path / "b.img"))
-    with pytest.raises(errors.DeviceChanged):
-        svc.attach_volume(vol_id, ci)
-    svc.detach_volume(vol_id)
+    del inproc_brick.calls[:]
+    with pytest.raises(errors.DeviceChanged,
+                       match="backing " + str(tmp_path / "b.img")):
+        svc.attach_volume(vol_id, ci, SD)
+    assert len(calls_named(inproc_brick, "connect")) == 1
     assert calls_named(inproc_brick, "disconnect") == []
+    assert not os.path.exists(rule_of(svc, vol_id, SD))
+    assert not is_symlink(res["managed_path"])
+    info, = svc.volumes_info([vol_id])
+    assert info["stale_reason"].startswith("device changed: backing ")
+    # Refused until the admin's detach, which leaves the device alone.
+    with pytest.raises(errors.DeviceChanged):
+        svc.attach_volume(vol_id, ci, SD)
+    svc.detach_volume(vol_id, SD)
+    assert len(calls_named(inproc_brick, "connect")) == 1
+    assert calls_named(inproc_brick, "disconnect") == []
+    assert records(svc) == []
+    assert loop.current_backing() == str(tmp_path / "b.img")
+
+
+def nvme_by_kernel_name(cfg, nqn, namespace):
+    """An NVMe-oF connection whose (fake) device path is a kernel name
+    given at connect: the name of the loop device the link ``namespace``
+    points at then (fakebrick's ``fake_kernel_name``)."""
+    return {"driver_volume_type": "nvmeof",
+            "data": {"target_nqn": nqn,
+                     "portals": [["192.0.2.9", "4420", "tcp"]],
+                     "fake_dev_dir": os.path.join(
+                         os.path.dirname(cfg.multipath_dir), "nvme"),
+                     "fake_device": namespace, "fake_kernel_name": True}}
+
+
+@pytest.mark.root
+def test_nvme_reattach_after_reboot_when_its_old_name_was_reused(
+        inproc_service, inproc_brick, loop, tmp_path):
+    # A fence and an HA restart: in the new boot the namespace that
+    # connects first takes the kernel name (/dev/nvmeXnY) another
+    # volume's record holds; that volume's re-attach is a first attach.
+    svc = inproc_service
+    ns_a, ns_b = str(tmp_path / "ns-a"), str(tmp_path / "ns-b")
+    os.symlink(loop.path, ns_a)
+    a, b = new_id(), new_id()
+    ci_a = nvme_by_kernel_name(svc.cfg, "nqn.2026-12.io.example:a", ns_a)
+    ci_b = nvme_by_kernel_name(svc.cfg, "nqn.2026-12.io.example:b", ns_b)
+    old = svc.attach_volume(a, ci_a, SD)
+    backing_a = loop.backing
+    new_boot(svc.cfg, empty_run_dir=True)
+    reuse_minor(loop, str(tmp_path / "b.img"))      # namespace B
+    os.symlink(loop.path, ns_b)
+    moved = LoopDevice(backing_a)                   # namespace A
+    try:
+        os.unlink(ns_a)
+        os.symlink(moved.path, ns_a)
+        assert svc.attach_volume(b, ci_b, SD)["path"] == old["path"]
+        del inproc_brick.calls[:]
+
+        new = svc.attach_volume(a, ci_a, SD)
+
+        assert new["path"] == os.path.join(
+            os.path.dirname(old["path"]), os.path.basename(moved.path))
+        assert os.readlink(new["managed_path"]) == new["path"]
+        assert calls_named(inproc_brick, "disconnect") == []
+        info = {i["vol_id"]: i for i in svc.volumes_info()}
+        assert not info[a]["stale"] and not info[b]["stale"]
+        rec = {r["vol_id"]: r for r in records(svc)}
+        assert rec[a]["identity"]["backing"] == backing_a
+        assert os.path.exists(rule_of(svc, b, SD))
+        svc.detach_volume(a, SD)
+        assert loop.current_backing() == str(tmp_path / "b.img")
+        assert [r["vol_id"] for r in records(svc)] == [b]
+        svc.detach_volume(b, SD)
+    finally:
+        moved.detach()
 
 
 @pytest.fixture

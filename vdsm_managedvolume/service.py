@@ -31,14 +31,21 @@ are vdsm's (README, "Verbs"); what differs is how they get there:
   attach (connect, link, rule, this boot), a detach still disconnects.
   Within one boot (agent or vdsmd restarted) links are kept and a second
   attach is 927, as in vdsm;
-- before disconnecting, or attaching over a record, the device at the
-  recorded path must still be the one recorded (the transport's
-  ``identity``: WWN, serial, loop backing file, MAJ:MIN + diskseq within
-  a boot).  A
-  device that now belongs to something else is never disconnected nor
-  given to qemu's user (the class of Nova's OSSA-2023-003): detach then
-  forgets the record and leaves the device alone, re-attach is refused
-  with 929 (``DeviceChanged``), and the log says what the admin does;
+- before disconnecting, or attaching over a record of this boot, the
+  device at the recorded path must still be the one recorded (the
+  transport's ``identity``: WWN, serial, loop backing file, MAJ:MIN +
+  diskseq within a boot); a re-attach over any record compares the
+  device its connect returned with the recorded one (WWN, serial, loop
+  backing file).  A record of another boot is not judged by what is at
+  its path now: a kernel name (NVMe's ``/dev/nvmeXnY``) is given anew in
+  connect order at each boot, so it may be another volume's while this
+  one comes back under another name (vdsm's ``managedvolume._add_volume``
+  looks at the recorded path too, for its 927; its ``attach_volume``
+  then takes the path the connect returned).  A device that now belongs
+  to something else is never disconnected nor given to qemu's user (the
+  class of Nova's OSSA-2023-003): detach then forgets the record and
+  leaves the device alone, re-attach is refused with 929
+  (``DeviceChanged``), and the log says what the admin does;
 - what differs between driver types (the path after connect, checks of
   their own, the device's identity) is asked of ``transports``;
 - connector_info is cached and refreshed only when what it is made of
@@ -195,8 +202,11 @@ class Service:
         A record left by a reboot (another boot) or a crash does not
         block: the volume is attached again, from another boot as a first
         attach.  DeviceChanged (929) when the device at the recorded path
-        is no longer the one recorded (``devices.changed``): it may belong
-        to something else, nothing is touched.
+        of a record of this boot is no longer the one recorded
+        (``devices.changed``), or when the device the connect returned is
+        not the one recorded (its WWN, serial or loop backing file;
+        ``_check_recorded``): it may belong to something else, it is not
+        disconnected nor given to qemu's user.
         On failure everything done is undone and nothing
         stays recorded (unless the undo itself failed: then the record
         stays 'attaching' for reconcile).
@@ -224,7 +234,11 @@ class Service:
                                   boot_id=boot_id, exist_ok=True)
             rec = None if added else self._find(vol_id)
             fresh = True
+            # What the volume's device was at its last attach: the device
+            # this connect returns must be it (``_check_recorded``).
+            recorded = None
             if rec is not None:
+                recorded = rec["identity"]
                 rec, fresh = self._reuse(rec, sd_id, connection_info,
                                          boot_id)
             # At INFO, the call's START line (api.py) says this (with
@@ -266,6 +280,9 @@ class Service:
                         "does not exist".format(path))
                 identity = transport.identity(path, st)
                 self._check_not_shared(vol_id, path, identity, boot_id)
+                if rec is not None:
+                    self._check_recorded(vol_id, path, attachment,
+                                         identity, recorded)
                 found = {"attachment": attachment, "path": path,
                          "size": devices.size(path, st),
                          "identity": identity}
@@ -589,7 +606,7 @@ class Service:
                      vol_id)
             self._detach(rec)
             return None, True
-        if changed:
+        if changed and same_boot:
             log.error("Not attaching volume %s: the device at %s is not "
                       "the one recorded at its attach: %s. It may belong "
                       "to something else now; it was not touched. Check "
@@ -599,6 +616,12 @@ class Service:
             raise errors.DeviceChanged(vol_id=vol_id, path=rec["path"],
                                        reason=changed)
         if not same_boot:
+            # Whatever is at its recorded path now is not compared: a
+            # kernel name (NVMe's /dev/nvmeXnY, /dev/sdX) is given anew
+            # at each boot in connect order, so it may be another
+            # volume's device while this one comes back under another
+            # name.  The connect tells where the volume is, and the
+            # device it returns is compared (``_check_recorded``).
             log.warning("Volume %s has a record (%s) from %s: its "
                         "connection ended with that boot; attaching it as "
                         "a first attach", vol_id, rec["state"],
@@ -827,9 +850,19 @@ class Service:
         initiator fails both, forever).  Otherwise (a connect that timed
         out or whose daemon died may have connected) the record stays
         'attaching' and reconcile (or the next attach/detach) retries.
+        A connect that returned a device other than the one recorded
+        (DeviceChanged) is not disconnected either, and its record stays
+        as ``_check_recorded`` wrote it.
         """
         self._silent_remove_link(sd_id, vol_id)
         self._silent_remove_rule(sd_id, vol_id)
+        if isinstance(error, errors.DeviceChanged):
+            # Raised after the connect by _check_recorded only, which
+            # kept the record.
+            log.warning("Not disconnecting volume %s: its connect "
+                        "returned a device that is not the volume's",
+                        vol_id)
+            return
         if isinstance(error, errors.DeviceAttached):
             log.warning("Not disconnecting volume %s: its device belongs "
                         "to volume %s", vol_id, error.other)
@@ -872,6 +905,42 @@ class Service:
             raise errors.DeviceAttached(
                 path=path, major=major, minor=minor, other=other,
                 vol_id=vol_id)
+
+    def _check_recorded(self, vol_id, path, attachment, identity,
+                        recorded):
+        """Raise DeviceChanged (929) when the device a re-attach's connect
+        returned (at ``path``, ``identity``) is not the device recorded
+        at the volume's last attach (``recorded``), by the facts that
+        hold in every boot (WWN, serial, loop backing file: a reconnect
+        in this boot may change MAJ:MIN and diskseq too).
+
+        Before that, the record is made the one a device changed in this
+        boot leaves: attached here, at ``path``, with the ``recorded``
+        identity.  So, as for that one (``_reuse``, ``_detach``), the
+        device is never disconnected, linked or chowned for this volume
+        (the rollback leaves it: ``_rollback``), every re-attach is 929
+        until the admin's detach forgets the record, and volumes_info
+        and reconcile report it "device changed".
+        """
+        changed = devices.changed(recorded, identity, same_boot=False)
+        if not changed:
+            return
+        log.error("Not attaching volume %s: the device its connect "
+                  "returned at %s is not the one recorded at its last "
+                  "attach: %s. It may belong to something else; it was "
+                  "not disconnected nor given to qemu's user. Check what "
+                  "it holds, detach the volume (that forgets the record "
+                  "and leaves the device alone), then attach again",
+                  vol_id, path, changed)
+        try:
+            self._db().update_volume(
+                vol_id, state="attached", path=path, attachment=attachment,
+                multipath_id=attachment.get("multipath_id"),
+                identity=recorded)
+        except Exception:
+            log.exception("Failed to record the changed device of volume "
+                          "%s", vol_id)
+        raise errors.DeviceChanged(vol_id=vol_id, path=path, reason=changed)
 
     def _silent_remove(self, vol_id):
         try:

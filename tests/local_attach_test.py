@@ -45,8 +45,9 @@ def test_local_attach_write_through_managed_path_and_detach(
     assert os.readlink(link) == loop_device.path
     rule = udev.rule_path(svc.cfg.udev_rules_dir, SD, vol_id)
     with open(rule) as f:
-        assert f.read() == 'KERNEL=="{}", RUN+="/usr/bin/chown vdsm:qemu ' \
-            '$env{{DEVNAME}}"\n'.format(os.path.basename(loop_device.path))
+        assert f.read() == 'KERNEL=="{}", ATTR{{loop/backing_file}}=="{}", ' \
+            'RUN+="/usr/bin/chown vdsm:qemu $env{{DEVNAME}}"\n'.format(
+                os.path.basename(loop_device.path), loop_device.backing)
     info, = svc.volumes_info([vol_id])
     assert info["exists"] is True
 

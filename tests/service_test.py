@@ -4,6 +4,7 @@ secret-masking proof over the real privsep daemon."""
 import json
 import logging
 import os
+import stat
 from time import monotonic as time_now
 from time import sleep as time_sleep
 
@@ -18,7 +19,8 @@ from vdsm_managedvolume import validate
 
 from . import fakebrick
 from .host_fixtures import (LoopDevice, iscsi_connection, is_symlink,
-                            new_boot, new_id, rbd_connection, udevadm_calls)
+                            make_cfg, new_boot, new_id, rbd_connection,
+                            udevadm_calls)
 
 SD = "2d4b0fe1-6a69-4a2e-9f63-4c8f3bd6f0a1"
 
@@ -1044,6 +1046,39 @@ def test_detach_leaves_alone_a_device_attached_as_another_volume(
 
 
 # Reconcile
+
+@pytest.mark.root
+def test_reconcile_removes_the_kernel_name_rule_of_a_vanished_device(
+        tmp_path, inproc_brick, loop):
+    # A KERNEL== rule names whatever the kernel calls that next (NVMe's
+    # nvmeXnY); a SYMLINK== one (test_reattach_after_device_vanished_
+    # reconnects) names the volume's own link and is kept.
+    node = "/dev/mvtest-" + new_id()[:8]
+    cfg = make_cfg(tmp_path, local_devices=(node,))
+    svc = service.Service(cfg, brick=inproc_brick)
+    svc.start()
+    st = os.stat(loop.path)
+    os.mknod(node, 0o600 | stat.S_IFBLK, st.st_rdev)
+    try:
+        vol_id = new_id()
+        res = svc.attach_volume(vol_id, {"driver_volume_type": "local",
+                                         "data": {"device_path": node}}, SD)
+        with open(rule_of(svc, vol_id, SD)) as f:
+            assert f.read().startswith('KERNEL=="{}", '.format(node[5:]))
+        os.unlink(node)                         # the device is gone
+        assert svc.volumes_info([vol_id])[0]["stale_reason"] == \
+            "device gone"
+        entry, = svc.reconcile()
+        assert (entry["action"], entry["result"], entry["reason"]) == (
+            "remove-stale-rule", "done", "device gone")
+        assert not os.path.exists(rule_of(svc, vol_id, SD))
+        assert os.readlink(res["managed_path"]) == node
+        assert records(svc)[0]["state"] == "attached"
+    finally:
+        if os.path.lexists(node):
+            os.unlink(node)
+        svc.close()
+
 
 def test_reconcile_recreates_missing_link_and_rule(inproc_service):
     svc = inproc_service

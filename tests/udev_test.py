@@ -1,9 +1,12 @@
 import logging
 import os
 import stat
+import subprocess
+import uuid
 
 import pytest
 
+from vdsm_managedvolume import devices
 from vdsm_managedvolume import udev
 
 from .host_fixtures import make_cfg
@@ -21,6 +24,77 @@ RUN = ' RUN+="/usr/bin/chown vdsm:qemu $env{DEVNAME}"\n'
 ])
 def test_rule_text_matches_vdsm(path, rule):
     assert udev.rule_text(path, "vdsm:qemu", "/usr/bin/chown") == rule + RUN
+
+
+@pytest.mark.parametrize("attrs, guard", [
+    ({"wwid": "eui.0025385b71b07e2f", "diskseq": "9"},
+     'ATTR{wwid}=="eui.0025385b71b07e2f", '),
+    # A value a rule cannot hold (a space, a quote) is passed over.
+    ({"wwid": "t10.ATA     X\"", "serial": "S3Z9NB0K", "diskseq": "9"},
+     'ATTR{serial}=="S3Z9NB0K", '),
+    ({"loop/backing_file": "/var/a b.img (deleted)", "diskseq": "9"},
+     'ATTR{diskseq}=="9", '),
+    ({"loop/backing_file": "/var/a.img", "diskseq": "9"},
+     'ATTR{loop/backing_file}=="/var/a.img", '),
+    ({}, ""),
+])
+def test_kernel_name_rule_is_guarded_by_the_first_attribute_it_can_hold(
+        tmp_path, monkeypatch, attrs, guard):
+    monkeypatch.setattr(devices, "SYS_DEV_BLOCK", str(tmp_path))
+    for name, value in attrs.items():
+        (tmp_path / "259:3" / name).parent.mkdir(parents=True,
+                                                 exist_ok=True)
+        (tmp_path / "259:3" / name).write_text(value + "\n")
+    assert udev.rule_text("/dev/nvme0n3", "vdsm:qemu", "/usr/bin/chown",
+                          number=(259, 3)) == \
+        'KERNEL=="nvme0n3", ' + guard + RUN[1:]
+
+
+def udev_applies(rule_file, path):
+    """Whether udev (``udevadm test``, no daemon needed) applies the rule
+    in ``rule_file`` to the device at ``path`` on a change event.  The
+    rule is read from a copy in /run/udev/rules.d whose RUN is
+    /bin/true: nothing is chowned even where a udevd runs."""
+    with open(rule_file) as f:
+        text = f.read()
+    copy = "/run/udev/rules.d/99-mv-test-{}.rules".format(uuid.uuid4())
+    os.makedirs(os.path.dirname(copy), exist_ok=True)
+    with open(copy, "w") as f:
+        f.write(text.replace("/usr/bin/chown", "/bin/true"))
+    try:
+        major, minor = devices.device_number(path)
+        res = subprocess.run(
+            ["udevadm", "test", "--action=change",
+             "/sys/dev/block/{}:{}".format(major, minor)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+    except FileNotFoundError:
+        pytest.skip("no udevadm")
+    finally:
+        os.unlink(copy)
+    out = res.stdout.decode("utf-8", "replace")
+    assert "Reading rules file: " + copy in out, out
+    return "{}:1 RUN".format(copy) in out
+
+
+@pytest.mark.root
+def test_kernel_name_rule_chowns_only_the_device_it_was_written_for(
+        tmp_path, loop_device):
+    # The kernel gives a name to the next device that comes (a loop minor
+    # when its file is detached; NVMe's nvmeXnY at every boot): a rule
+    # outliving its device must not give that one to qemu.
+    cfg = make_cfg(tmp_path)
+    dst = udev.add_rule(cfg, SD, VOL, loop_device.path)
+    with open(dst) as f:
+        assert f.read() == 'KERNEL=="{}", ATTR{{loop/backing_file}}=="{}",' \
+            .format(os.path.basename(loop_device.path),
+                    loop_device.backing) + RUN
+    assert udev.rule_ok(cfg, SD, VOL, loop_device.path)
+    assert udev_applies(dst, loop_device.path)
+
+    loop_device.reattach(str(tmp_path / "other.img"))
+
+    assert not udev_applies(dst, loop_device.path)
+    assert not udev.rule_ok(cfg, SD, VOL, loop_device.path)
 
 
 def test_rule_never_sets_owner_group_or_mode():

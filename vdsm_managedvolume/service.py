@@ -514,7 +514,9 @@ class Service:
         re-attach), "remove-stale-link", "remove-stale-rule",
         "remove-stale-link+rule" (a record of another boot, or whose
         device changed: its link and rule would point at, or chown, a
-        device that is not the volume's; the record is kept), "adopt" (a
+        device that is not the volume's; and the rule matching a kernel
+        name of a record whose device is gone; the record is kept),
+        "adopt" (a
         record written before boots were recorded whose managed link
         proves it is of this boot: the boot and device identity are
         recorded; "adopt+recreate-rule" when its rule is missing too),
@@ -1077,22 +1079,30 @@ class Service:
         """A record that is not a live attachment: kept for the engine's
         detach or re-attach; its link and udev rule are removed unless it
         is of this boot and its device is simply gone (then they name
-        only the volume's own device, which may come back)."""
+        only the volume's own device, which may come back).  A rule
+        matching a kernel name (``KERNEL==``, see ``udev``) is removed
+        then too: the kernel gives the name to the next device that
+        comes, and a rule whose device had nothing to guard it by would
+        give that one to qemu's user."""
         vol_id, sd_id = rec["vol_id"], rec["sd_id"]
         leftovers = []
-        if not (self._same_boot(rec, boot_id) and reason == "device gone"):
+        gone = self._same_boot(rec, boot_id) and reason == "device gone"
+        if not gone:
             if os.path.lexists(self._link_path(sd_id, vol_id)):
                 leftovers.append("link")
-            if udev.has_rule(self.cfg, sd_id, vol_id):
-                leftovers.append("rule")
+        if (udev.rule_by_kernel_name(self.cfg, sd_id, vol_id) if gone
+                else udev.has_rule(self.cfg, sd_id, vol_id)):
+            leftovers.append("rule")
         if not leftovers:
             return {"vol_id": vol_id, "state": rec["state"],
                     "action": "stale", "result": "kept", "reason": reason}
 
         def remove():
-            fileutil.rm_file(self._link_path(sd_id, vol_id))
+            if not gone:    # a gone device's link is kept (above)
+                fileutil.rm_file(self._link_path(sd_id, vol_id))
             self._rules.remove(sd_id, vol_id)
-            self._db().update_volume(vol_id, managed_path=None)
+            if not gone:
+                self._db().update_volume(vol_id, managed_path=None)
 
         return self._reconcile_action(
             rec, "remove-stale-" + "+".join(leftovers), apply, remove,

@@ -11,6 +11,9 @@ holding one line that matches the device and runs chown on it::
     SYMLINK=="rbd/pool/vol-1", RUN+="/usr/bin/chown vdsm:qemu $env{DEVNAME}"
     KERNEL=="nvme0n3", RUN+="/usr/bin/chown vdsm:qemu $env{DEVNAME}"
 
+(the last one, since ours, with a guard: ``KERNEL=="nvme0n3",
+ATTR{wwid}=="eui.0025385b71b07e2f", RUN+=...``, see below)
+
 How the device is matched is the transports' business
 (``transports.udev_match``, from the path alone): ``SYMLINK==`` for
 device-mapper and rbd paths (they are symlinks to ``dm-N`` / ``rbdN``,
@@ -18,6 +21,33 @@ whose kernel names change on every connect), and for any other path that
 is a symlink; ``KERNEL==`` for a plain ``/dev/xxx``.  The value is the
 path relative to ``/dev``, as udev spells it.  This module keeps the
 file: its name, its one line, how it is written, checked and removed.
+
+A kernel name is not the volume's: the kernel gives it to the next
+device that comes (NVMe's ``nvmeXnY`` in connect order at each boot, a
+loop minor when its file is detached), and a rule outlives its device
+(a vanished device's record is kept, and files in /etc/udev/rules.d
+survive a reboot: udev's coldplug applies them before the agent starts
+and reconciles).  A bare ``KERNEL==`` rule (vdsm's) then gives whatever
+device takes the name to qemu's user (the class of OSSA-2023-003).  So a
+``KERNEL==`` rule also matches a sysfs attribute of the device the rule
+was written for (``ATTR{...}``, read by udev from the same sysfs file):
+the first the device has (``GUARDS``) in a value a rule can hold (no
+quote, space or glob character): its loop backing file, its WWID
+(NVMe's ``wwid``: the same namespace in every boot), its serial, and
+only then its ``diskseq`` (Linux 5.15+), never given twice within a
+boot but counted afresh at each one (so a rule of an ended boot
+guarded by it alone may still match by chance at coldplug, until
+reconcile removes it).  A device with none of them (an older kernel, a
+device without an identity) gets vdsm's bare rule.
+This guard was chosen over removing rules once their device is seen
+gone: the rule fires on the udev event of the device that takes the
+name, and at coldplug, before anything of ours can see the old device
+gone; the guard makes a leftover rule match nothing else whenever it
+runs.  (Reconcile also removes the ``KERNEL==`` rule of a record whose
+device is gone: ``service``.)  The file name is vdsm's and the contract's,
+and the match still starts with ``KERNEL==``.  ``SYMLINK==`` rules need
+no guard: the link is the volume's own name (a multipath WWID, the rbd
+pool/image, StorPool's global id).
 
 Never ``OWNER``/``GROUP``/``MODE``: udev then resets the SELinux label to
 the default and running VMs pause (https://bugzilla.redhat.com/1147910).
@@ -51,7 +81,9 @@ and reconcile removes its rule (and link) whatever became of the file
 (complete, empty, missing; a torn line is one udev refuses to parse, and
 is removed the same way).  A durable rule would only make a rule of the
 ended boot, naming a device name the new boot may give to another device,
-more likely to be there at the next boot.  Within one boot ``rule_ok``
+more likely to be there at the next boot (at coldplug, before that
+reconcile: the ``KERNEL==`` guard above is what keeps such a rule to its
+own device).  Within one boot ``rule_ok``
 finds a rule that is missing or not the expected line, and reconcile
 writes it again.
 """
@@ -84,6 +116,10 @@ _TEMP_NAME_RE = re.compile(
 # as root.
 _SAFE_DEVICE_RE = re.compile(r"[A-Za-z0-9/._:+@=,-]+\Z")
 
+# The sysfs attributes (of /sys/dev/block/MAJ:MIN) a KERNEL== rule also
+# matches, the first one the device has (see the module docstring).
+GUARDS = ("loop/backing_file", "wwid", "serial", "diskseq")
+
 
 class UnsafePath(ValueError):
     """The device path cannot be put in a udev rule safely."""
@@ -94,11 +130,14 @@ def rule_path(rules_dir, sd_id, vol_id):
         PREFIX, sd_id, vol_id, SUFFIX))
 
 
-def rule_text(path, owner, chown, cfg=None):
+def rule_text(path, owner, chown, cfg=None, number=None):
     """The rule line matching ``path`` and chown-ing it to ``owner``.
 
     How the device is matched is ``transports.udev_match`` (``cfg``'s
-    multipath and rbd directories; None: the defaults under /dev).
+    multipath and rbd directories; None: the defaults under /dev); a
+    ``KERNEL==`` match is guarded by an attribute of the device now at
+    ``path`` (``guard``; ``number``: its (major, minor) when the caller
+    has just read it).
     """
     key, device = transports.udev_match(path, cfg)
     for value, what in ((device, "device path"), (owner, "owner"),
@@ -106,8 +145,25 @@ def rule_text(path, owner, chown, cfg=None):
         if not _SAFE_DEVICE_RE.match(value or ""):
             raise UnsafePath("unsafe {} for a udev rule: {!r}".format(
                 what, value))
-    return '{}=="{}", RUN+="{} {} $env{{DEVNAME}}"\n'.format(
-        key, device, chown, owner)
+    return '{}=="{}", {}RUN+="{} {} $env{{DEVNAME}}"\n'.format(
+        key, device, guard(path, number) if key == "KERNEL" else "",
+        chown, owner)
+
+
+def guard(path, number=None):
+    """``ATTR{name}=="value", `` of the first of ``GUARDS`` the block
+    device at ``path`` has in a value a rule can hold; "" when there is
+    no block device or none of them (``number``: its (major, minor)
+    when the caller has just read it)."""
+    if number is None:
+        number = devices.device_number(path)
+        if number is None:
+            return ""
+    for name in GUARDS:
+        value = _read_attr(devices.sysfs_path(*number, name))
+        if value and _SAFE_DEVICE_RE.match(value):
+            return 'ATTR{{{}}}=="{}", '.format(name, value)
+    return ""
 
 
 def temp_path(rules_dir, sd_id, vol_id):
@@ -141,14 +197,16 @@ def check_device_path(path, device_dirs=("/dev",)):
     return path
 
 
-def add_rule(cfg, sd_id, vol_id, path):
+def add_rule(cfg, sd_id, vol_id, path, number=None):
     """Write the rule of a volume atomically (mode 0644); return its path.
 
     Five system calls: open the temp file, fchmod (the umask must not
-    decide the mode), one write, close, rename.  The rules directory is
-    made only when it is missing.
+    decide the mode), one write, close, rename (and, for a ``KERNEL==``
+    rule, the reads of its guard).  The rules directory is made only
+    when it is missing.  ``number``: the device's (major, minor) when
+    the caller has just read it.
     """
-    text = rule_text(path, cfg.udev_owner, cfg.chown, cfg)
+    text = rule_text(path, cfg.udev_owner, cfg.chown, cfg, number)
     dst = rule_path(cfg.udev_rules_dir, sd_id, vol_id)
     tmp = temp_path(cfg.udev_rules_dir, sd_id, vol_id)
     # O_NOFOLLOW: a symlink planted under the temp name must not make us
@@ -187,6 +245,16 @@ def remove_rule(cfg, sd_id, vol_id, temp=False):
 
 def has_rule(cfg, sd_id, vol_id):
     return os.path.exists(rule_path(cfg.udev_rules_dir, sd_id, vol_id))
+
+
+def rule_by_kernel_name(cfg, sd_id, vol_id):
+    """Whether the volume has a rule and it matches a kernel name
+    (``KERNEL==``, guarded or not)."""
+    try:
+        with open(rule_path(cfg.udev_rules_dir, sd_id, vol_id)) as f:
+            return f.read(8) == "KERNEL=="
+    except OSError:
+        return False
 
 
 def rule_ok(cfg, sd_id, vol_id, path):
@@ -293,3 +361,18 @@ def _udevadm_trigger(cfg, path, timeout):
 
 
 # Private helpers
+
+def _read_attr(path):
+    """A sysfs attribute, stripped (udev ignores trailing whitespace
+    too); None when it is absent or unreadable.  One read: an attribute
+    is a page at most."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 4096).decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    finally:
+        os.close(fd)

@@ -49,7 +49,7 @@ class ServiceRules:
 
     def add(self, sd_id, vol_id, path, number=None):
         try:
-            udev.add_rule(self._cfg, sd_id, vol_id, path)
+            udev.add_rule(self._cfg, sd_id, vol_id, path, number)
         except udev.UnsafePath as e:
             raise errors.HelperFailed(str(e))
         udev.trigger(self._cfg, path, number=number)

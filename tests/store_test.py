@@ -451,6 +451,62 @@ def test_only_a_final_write_commits_without_fsync(db):
     assert db.volumes() == []
 
 
+def test_a_final_write_keeps_the_run_slot_unless_it_must_wait(db):
+    # A write without fsync finding the write lock free commits holding
+    # the caller's run slot (gate): giving it back and taking it again
+    # cost more.  A durable write gives it back for its fsync, and so
+    # does any write that must wait for the lock (another commit).
+    from vdsm_managedvolume import gate
+    g = gate.Gate(1)
+    db.add_volume(VOL, SD, CI)
+    slot_free = []
+    real_commit = db._commit
+
+    def commit(batch):
+        slot_free.append(not g._slots.locked())
+        return real_commit(batch)
+
+    db._commit = commit
+    with g.hold():
+        db.update_volume(VOL, state="attached", durable=False)
+        db.update_volume(VOL, state="detaching")
+    assert slot_free == [False, True]
+    assert db.get_volume(VOL)["state"] == "detaching"
+
+    del slot_free[:]
+    held, release = threading.Event(), threading.Event()
+
+    def commit_in_progress():
+        with db._lock:
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=commit_in_progress)
+    t.start()
+    held.wait(30)
+    done = threading.Event()
+
+    def final_write():
+        with g.hold():
+            db.remove_volume(VOL, durable=False)
+        done.set()
+
+    writer = threading.Thread(target=final_write)
+    writer.start()
+    try:
+        from .agentutil import wait_for
+        wait_for(lambda: db._pending)
+        # Waiting for the lock, the writer holds no slot: another runs.
+        with g.hold():
+            assert not done.is_set()
+    finally:
+        release.set()
+        t.join(30)
+        writer.join(30)
+    assert done.is_set() and slot_free == [True]
+    assert db.volumes() == []
+
+
 def test_add_if_new_leaves_a_record_alone_in_one_statement(db):
     seen = _statements(db)
     assert db.add_volume(VOL, SD, CI, exist_ok=True) is True

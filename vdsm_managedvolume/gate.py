@@ -66,10 +66,11 @@ let it go.  Two rules make that so:
 The locks an operation thread takes while holding a slot, and why each
 is safe:
 
-- ``store``'s read lock, and its write lock when a read finds it free
-  (``store._read`` never waits for it): held for one SELECT by a slot
-  holder or a control-plane thread, neither of which needs a slot to
-  finish it.
+- ``store``'s read lock, and its write lock when a read, or a write
+  without fsync, finds it free (``store._read`` and such a
+  ``store._write`` try it, never wait for it): held for one SELECT or
+  one commit with no fsync by a slot holder or a control-plane thread,
+  neither of which needs a slot to finish it.
 - ``Service``'s call counter (a Condition): held for a counter update
   only; ``Service.close()`` waits on it from the agent's main thread.
 - the locks of ``logging``'s handlers, ``locking``'s registry, the

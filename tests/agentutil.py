@@ -364,3 +364,6 @@ class ConnectionOwner:
 
     def again(self, conn):
         pass
+
+    def proven(self, conn):
+        pass

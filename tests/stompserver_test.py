@@ -943,3 +943,29 @@ def test_the_wire_server_imports_no_layer_above_or_below_it():
     for layer in ("jsonrpc", "api", "schema", "service", "privileged",
                   "agent"):
         assert "vdsm_managedvolume." + layer not in out
+
+
+def test_plain_connections_without_a_frame_give_their_place_to_new_ones(
+        pki_dir, tmp_path, monkeypatch):
+    # Over plain TCP a connection is proven by its first frame (a
+    # SUBSCRIBE before CONNECT counts, as vdsm serves it); until then it
+    # is the first to be closed when a new one needs a place.
+    monkeypatch.setattr(stompserver, "MAX_UNPROVEN", 2)
+    run = _start("tcp", pki_dir, tmp_path, idle_timeout=3600.0)
+    silent = []
+    try:
+        with run.raw() as early:
+            early.send(subscribe_bytes("reply-queue", "sub-1"))
+            agentutil.wait_for(lambda: not run.server._unproven)
+            for _ in range(4):
+                silent.append(socket.create_connection(run.address, 30))
+            agentutil.wait_for(lambda: len(run.server._connections) == 3)
+            for s in silent[:2]:
+                s.settimeout(20)
+                assert s.recv(10) == b""
+            early.connect()
+            assert early.call(request("echo", {}, "e"))[1]["id"] == "e"
+    finally:
+        for s in silent:
+            s.close()
+        run.stop()

@@ -158,6 +158,71 @@ def test_handshake_in_progress_does_not_block_other_clients(tls):
             assert c.call(request("echo", {}, "x"))[1]["id"] == "x"
 
 
+def _closed_by_peer(sock, timeout=20):
+    ready, _, _ = select.select([sock], [], [], timeout)
+    if not ready:
+        return False
+    try:
+        return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
+def _still_open(sock):
+    ready, _, _ = select.select([sock], [], [], 0.2)
+    return not ready
+
+
+def test_connections_never_finishing_a_handshake_cannot_lock_clients_out(
+        state, monkeypatch):
+    # A peer opens connections and never starts TLS (no certificate
+    # needed), renewing them within handshake_timeout: they used to hold
+    # every place (MAX_CONNECTIONS) and the engine was refused.  Now a
+    # new connection takes the place of the oldest unproven one.
+    monkeypatch.setattr(stompserver, "MAX_UNPROVEN", 4)
+    monkeypatch.setattr(stompserver, "MAX_CONNECTIONS", 6)
+    state.handshake_timeout = 3600.0
+    run = agentutil.Running(state, agentutil.StubDispatcher(), tls=True)
+    silent = []
+    try:
+        with run.raw() as proven:        # proven: stays whatever comes
+            proven.connect()
+            proven.subscribe()
+            for _ in range(10):
+                silent.append(socket.create_connection(run.address, 30))
+            agentutil.wait_for(lambda: len(run.server._unproven) == 4
+                               and _closed_by_peer(silent[5], 0))
+            assert all(_closed_by_peer(s) for s in silent[:6])
+            assert all(_still_open(s) for s in silent[6:])
+            with run.raw() as late:
+                late.connect()
+                late.subscribe()
+                assert late.call(request("echo", {}, "late"))[1]["id"] \
+                    == "late"
+            assert proven.call(request("echo", {}, "p"))[1]["id"] == "p"
+    finally:
+        for s in silent:
+            s.close()
+        run.stop()
+
+
+def test_when_every_connection_is_proven_a_new_one_is_refused(
+        state, monkeypatch):
+    monkeypatch.setattr(stompserver, "MAX_CONNECTIONS", 2)
+    run = agentutil.Running(state, agentutil.StubDispatcher(), tls=True)
+    try:
+        with run.raw() as a, run.raw() as b:
+            for c in (a, b):
+                c.connect()
+                c.subscribe()
+            agentutil.wait_for(lambda: not run.server._unproven)
+            with socket.create_connection(run.address, 30) as extra:
+                assert _closed_by_peer(extra)
+            assert a.call(request("echo", {}, "a"))[1]["id"] == "a"
+    finally:
+        run.stop()
+
+
 def test_tls13_session_gets_no_session_tickets(tls):
     # Tickets are records after the handshake; ovirt-engine's client
     # decodes one record per reactor round, so they delayed its first

@@ -75,8 +75,13 @@ accept; its protocol detector then gets 10 s more); the CONNECT window
 (``idle_timeout``) opens only when the handshake ends, so a slow
 handshake never shortens it; a frame must arrive whole within
 ``idle_timeout`` of its first byte (slowloris); at most MAX_CONNECTIONS
-connections (more are closed at once; out of file descriptors, accepting
-pauses instead of spinning); a peer that does not read its responses is
+connections, of which at most MAX_UNPROVEN not yet proven (a TLS
+handshake not finished, or over plain TCP no frame yet): a new
+connection takes the place of the oldest unproven one when either bound
+is reached, and is closed at once only when all MAX_CONNECTIONS are
+proven, so connections that never finish a handshake cannot lock the
+engine out; out of file descriptors, accepting pauses instead of
+spinning; a peer that does not read its responses is
 not read from either once READ_PAUSE bytes wait for it, and is dropped
 when it takes no byte for ``idle_timeout`` or MAX_OUTPUT bytes pile up; a
 flow id reaches the log printable and at most ``log.MAX_FLOW_ID`` long.
@@ -133,6 +138,14 @@ MAX_OUTPUT = 16 * 1024 * 1024
 # Connections at once (each costs a file descriptor, TLS state and up to
 # max_frame of input buffer); more are accepted and closed at once.
 MAX_CONNECTIONS = 512
+# Of those, connections not yet proven (TLS: the handshake, which checks
+# the client's certificate, not finished; plain TCP: no frame yet).  When
+# a new connection finds MAX_UNPROVEN of them, or MAX_CONNECTIONS in all,
+# the oldest unproven one is closed to make room: a peer opening
+# connections it never completes (~51 a second renews 512 slots within
+# handshake_timeout) must not refuse the engine.  It would now need more
+# than MAX_UNPROVEN new connections during one client's handshake.
+MAX_UNPROVEN = 128
 # When accept() fails for lack of file descriptors, stop accepting for
 # this long instead of spinning on a listener that stays readable.
 ACCEPT_PAUSE = 1.0
@@ -174,6 +187,9 @@ class Server:
         self._selector = selectors.DefaultSelector()
         self._listeners = {}    # socket -> (handler, on_accept, on_close)
         self._connections = set()
+        # Connections not yet proven (see MAX_UNPROVEN), oldest first.
+        self._unproven = collections.OrderedDict()
+        self._evicted_logged = 0.0
         self._results = collections.deque()
         # Answers made but maybe not yet written or queued: a worker
         # delivers after giving its pool slot back, and the stop's drain
@@ -412,6 +428,9 @@ class Server:
 
     def _add_connection(self, sock, addr):
         """A new client on the STOMP listener."""
+        if self._unproven and (len(self._unproven) >= MAX_UNPROVEN or
+                               len(self._connections) >= MAX_CONNECTIONS):
+            self._evict_unproven(addr)
         if len(self._connections) >= MAX_CONNECTIONS:
             now = time.monotonic()
             if now - self._refused_logged > 10.0:
@@ -428,11 +447,30 @@ class Server:
                 sock, server_side=True, do_handshake_on_connect=False)
         conn = Connection(self, sock, format_address(addr))
         self._connections.add(conn)
+        self._unproven[conn] = None
         self._touched.add(conn)
         self._selector.register(sock, selectors.EVENT_READ, conn)
         log.debug("Connection from %s", conn.peer)
         if self.ssl_context is None:
             conn.ready(selectors.EVENT_READ)
+
+    def _evict_unproven(self, addr):
+        """Close the oldest connection not yet proven, for a new one from
+        ``addr`` (see MAX_UNPROVEN)."""
+        conn, _ = self._unproven.popitem(last=False)
+        now = time.monotonic()
+        if now - self._evicted_logged > 10.0:
+            self._evicted_logged = now
+            log.warning("Closing the connection from %s (open %.1f s, %s) "
+                        "for one from %s: %d connections open, %d not yet "
+                        "proven (limits %d and %d); more are closed the "
+                        "same way, logged every 10 s", conn.peer,
+                        now - conn.created, "TLS handshake not finished"
+                        if conn.state == conn.HANDSHAKE else "no frame yet",
+                        format_address(addr), len(self._connections),
+                        len(self._unproven) + 1, MAX_CONNECTIONS,
+                        MAX_UNPROVEN)
+        conn.close()
 
     def _pause_accepting(self, listener, error):
         """accept() failed (no file descriptors left...): the listener
@@ -465,10 +503,16 @@ class Server:
 
     def forget(self, conn):
         self._connections.discard(conn)
+        self._unproven.pop(conn, None)
         try:
             self._selector.unregister(conn.sock)
         except (KeyError, ValueError):
             pass
+
+    def proven(self, conn):
+        """``conn`` finished its TLS handshake (over plain TCP: sent a
+        frame): it no longer gives its place to a new connection."""
+        self._unproven.pop(conn, None)
 
     def again(self, conn):
         """Run ``conn.ready()`` on the next round, whatever select says."""
@@ -634,6 +678,9 @@ class Connection:
             commands=stompframe.CLIENT_COMMANDS)
         self.subscriptions = {}     # id -> destination
         self.closed = False
+        # TLS handshake finished, or (plain TCP) a frame received: see
+        # MAX_UNPROVEN.
+        self.proven = False
         now = time.monotonic()
         self.created = now
         # When the CONNECT window (idle_timeout) opened: the handshake's
@@ -871,6 +918,10 @@ class Connection:
 
     # Private helpers
 
+    def _prove(self):
+        self.proven = True
+        self.server.proven(self)
+
     def _handshake(self):
         try:
             with self._lock:
@@ -888,6 +939,7 @@ class Connection:
         self._want_write = False
         self.state = self.WAIT_CONNECT
         self.opened = time.monotonic()
+        self._prove()
         log.debug("TLS handshake with %s done (%s)", self.peer,
                   self.sock.version())
 
@@ -932,6 +984,8 @@ class Connection:
                 self._frame_since = None
             elif frames or self._frame_since is None:
                 self._frame_since = self.last_recv
+            if frames and not self.proven:
+                self._prove()
             for frame in frames:
                 if self.state == self.CLOSING:
                     break

@@ -77,6 +77,9 @@ Knobs in ``connection_info["data"]`` (all optional):
                         tests.fakebrick) from a thread spawned the way
                         os-brick spawns them (os_brick.executor.Thread),
                         after any fake_sleep: only inside the daemon
+    fake_brick_lock     true: connect takes os-brick's external lock
+                        "connect_volume" as its iSCSI connector does
+                        (os-brick-connect_volume in lock_path)
     fake_key            the state key (see above)
 
 Disconnect is idempotent: disconnecting what is not connected succeeds,
@@ -161,6 +164,10 @@ class FakeConnector:
         _sleep(data.get("fake_sleep"))
         if data.get("fake_log_thread"):
             _log_from_brick_thread(key)
+        if data.get("fake_brick_lock"):
+            from os_brick.initiator.connectors import base
+            base.synchronized("connect_volume", external=True)(
+                lambda: None)()
         if data.get("fake_fail"):
             _record("connect-failed", key)
             raise FakeConnectorError(_failure(data, "fake_fail", "Login"))

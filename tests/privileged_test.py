@@ -140,6 +140,26 @@ def test_daemon_runs_as_root_with_only_the_declared_capabilities(brick):
     assert eff == (1 << 1) | (1 << 2) | (1 << 21)
 
 
+def test_daemon_files_and_children_are_nobody_elses_to_write(
+        brick, cfg, fake_dir, tmp_path):
+    # oslo.privsep's Daemon.run() sets umask 0: os-brick's external lock
+    # files were 0666 (any user could lockf one and hang every attach),
+    # and every command the daemon ran inherited it.
+    info = iscsi("umask", tmp_path, fake_brick_lock=True)
+    att = brick.connect(info)
+    try:
+        with open("/proc/{}/status".format(brick.daemon_pid())) as f:
+            status = dict(line.split(":", 1) for line in f)
+        assert status["Umask"].strip() == "0022"
+        lock = os.path.join(cfg.brick_lock_dir, "os-brick-connect_volume")
+        assert os.stat(lock).st_mode & 0o022 == 0
+        device = os.path.join(str(fake_dir), "devices", "umask")
+        assert os.stat(device).st_mode & 0o022 == 0
+        assert os.stat(cfg.brick_lock_dir).st_mode & 0o777 == 0o700
+    finally:
+        brick.disconnect(info, att)
+
+
 # The real local connector on a real loop device
 
 def test_local_connector_connects_a_real_loop_device(brick, loop_device):

@@ -40,3 +40,14 @@ def test_config_file_holds_every_udev_setting_the_daemon_reads(cfg):
     section = read(privsepconfig.write_config(cfg))[privsepconfig.SECTION]
     for key in privsepconfig.UDEV_KEYS:
         assert section[key] == getattr(cfg, key)
+
+
+def test_os_brick_lock_path_is_made_and_kept_0700(cfg):
+    # Anyone who can open an os-brick lock file can lock it (a shared
+    # lock needs read access only) and hang every attach of its kind.
+    privsepconfig.write_config(cfg)
+    assert os.stat(cfg.brick_lock_dir).st_mode & 0o777 == 0o700
+    os.chmod(cfg.brick_lock_dir, 0o755)
+    privsepconfig.write_config(cfg)
+    assert os.stat(cfg.brick_lock_dir).st_mode & 0o777 == 0o700
+    assert privsepconfig.private_dir(cfg.brick_lock_dir) is False

@@ -87,6 +87,18 @@ def test_configure_creates_directories_and_database(state, cfg):
     assert "created" in p.stdout
 
 
+def test_configure_makes_os_brick_lock_path_its_owners_alone(state, cfg):
+    run("--state-dir", state, "configure", check=0)
+    assert os.stat(cfg.brick_lock_dir).st_mode & 0o777 == 0o700
+    os.chmod(cfg.brick_lock_dir, 0o755)     # made by an older version
+
+    p = run("--state-dir", state, "--json", "configure", check=0)
+
+    assert os.stat(cfg.brick_lock_dir).st_mode & 0o777 == 0o700
+    assert {"action": "chmod", "path": cfg.brick_lock_dir,
+            "detail": "0700"} in json.loads(p.stdout)["actions"]
+
+
 def test_configure_twice_changes_nothing_the_second_time(state, cfg):
     run("--state-dir", state, "configure", check=0)
     p = run("--state-dir", state, "--json", "configure", check=0)
@@ -497,12 +509,43 @@ def test_check_on_a_configured_state_dir_passes_with_warnings(
     checks = _checks(p)
     assert json.loads(p.stdout)["ok"] is True
     for name in ("config", "os-brick", "oslo.privsep", "lock-dir",
-                 "lock-path", "database", "cert-key", "cert-ca",
+                 "lock-path", "lock-files", "database", "key-mode",
+                 "cert-key", "cert-ca",
                  "cert-expiry", "ca-expiry", "udevadm", "chown"):
         assert checks[name]["status"] == "ok", checks[name]
     assert checks["privsep"]["status"] == "skip"
     assert "schema version {}".format(store.VERSION) in \
         checks["database"]["message"]
+
+
+def test_check_flags_os_brick_lock_files_others_could_lock(
+        configured, state):
+    # A privsep daemon running with umask 0 made them 0666: any local
+    # user could lockf one and hang every attach and detach.
+    pki.ensure_dev_pki(configured)
+    lock = os.path.join(configured.brick_lock_dir, "os-brick-connect_volume")
+    with open(lock, "w"):
+        pass
+    os.chmod(lock, 0o666)
+    p = run("--state-dir", state, "--json", "check", "--skip-privsep",
+            check=0)
+    found = _checks(p)["lock-files"]
+    assert found["status"] == "warn"    # lock_path 0700: nobody reaches it
+    assert "os-brick-connect_volume (0666)" in found["message"]
+
+    os.chmod(configured.brick_lock_dir, 0o755)
+    p = run("--state-dir", state, "--json", "check", "--skip-privsep",
+            check=1)
+    found = _checks(p)["lock-files"]
+    assert found["status"] == "fail"
+    assert "0755" in found["message"]
+    assert "os-brick-connect_volume (0666)" in found["message"]
+
+    os.unlink(lock)
+    run("--state-dir", state, "configure", check=0)
+    p = run("--state-dir", state, "--json", "check", "--skip-privsep",
+            check=0)
+    assert _checks(p)["lock-files"]["status"] == "ok"
 
 
 def test_check_human_output_has_one_line_per_check_and_a_summary(
@@ -532,6 +575,22 @@ def test_check_fails_when_key_does_not_match_certificate(configured, state):
             check=1)
 
     assert _checks(p)["cert-key"]["status"] == "fail"
+
+
+def test_check_fails_when_the_private_key_is_readable_by_others(
+        configured, state):
+    pki.ensure_dev_pki(configured)
+    p = run("--state-dir", state, "--json", "check", "--skip-privsep",
+            check=0)
+    assert _checks(p)["key-mode"]["status"] == "ok"
+    for mode in (0o644, 0o640):
+        os.chmod(configured.key_file, mode)
+        p = run("--state-dir", state, "--json", "check", "--skip-privsep",
+                check=1)
+        found = _checks(p)["key-mode"]
+        assert found["status"] == "fail"
+        assert "{:04o}".format(mode) in found["message"]
+        assert configured.key_file in found["message"]
 
 
 def test_check_fails_when_certificate_is_from_another_ca(configured, state):

@@ -15,7 +15,11 @@ Inside the daemon::
       [managedvolume_privileged] section); this module is imported:
       check_start() refuses an unsafe start (below); the helper
       connects to the client's socket and the daemon forks away from it
-    hello()                 first call: configure os-brick (below), pid
+    oslo.privsep's Daemon.run(): chdir /, umask 0 (!), drop capabilities
+    getpid()                first call: umask 022 (UMASK), pid
+    hello()                 umask 022 again, configure os-brick (below);
+                            any other call does both first if it comes
+                            first (_setup)
     connector_properties()  \
     connect_volume()         |
     disconnect_volume()      > each in a thread of the daemon's pool
@@ -237,6 +241,9 @@ def hello(flow_id=None):
 
 @context.entrypoint
 def getpid():
+    # The client's first call (privileged._Daemon.start): the earliest
+    # point our code runs after oslo.privsep set umask 0 (see _setup).
+    os.umask(UMASK)
     _set_thread_flow(None)
     return os.getpid()
 
@@ -399,11 +406,23 @@ _setup_lock = threading.Lock()
 _setup_info = None
 
 
+# The daemon's file creation mask.  oslo.privsep's Daemon.run() sets
+# umask 0 after importing this module and before its first call: every
+# file the daemon and its children (iscsiadm, multipath, nvme, rbd) made
+# would be writable by anyone, os-brick's external lock files
+# (oslo.concurrency, in lock_path) included, which any local user could
+# then lockf to hang every iSCSI/FC/NVMe attach and detach.
+UMASK = 0o022
+
+
 def _setup():
     global _setup_info
     with _setup_lock:
         if _setup_info is not None:
             return dict(_setup_info)
+        # First, before anything makes a file or a child: every call
+        # runs this (hello, _operation) and waits for it under the lock.
+        os.umask(UMASK)
         # Log lines go to the service over the channel; mask them here
         # too and tag them with the caller's flow id.
         for handler in logging.getLogger().handlers:

@@ -68,7 +68,7 @@ def write_config(cfg):
     directory = os.path.dirname(path)
     if not os.path.isdir(directory):
         os.makedirs(directory, mode=0o755, exist_ok=True)
-    os.makedirs(cfg.brick_lock_dir, exist_ok=True)
+    private_dir(cfg.brick_lock_dir)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".privsep-",
                                suffix=".tmp")
     try:
@@ -132,7 +132,7 @@ def prepare_config(cfg):
         return write_config(cfg)
     try:
         # os-brick's lock_path; configure creates it on a vdsm host.
-        os.makedirs(cfg.brick_lock_dir, exist_ok=True)
+        private_dir(cfg.brick_lock_dir)
     except OSError as e:
         LOG.warning("Cannot create %s: %s", cfg.brick_lock_dir, e.strerror)
     reason = unsafe_config(path)
@@ -153,6 +153,38 @@ def prepare_config(cfg):
                     "configure' as root to update it", path,
                     cfg.source or "the configuration")
     return path
+
+
+def private_dir(path):
+    """Make directory ``path`` (os-brick's lock_path) its owner's alone,
+    mode 0700; return whether it was made or its mode changed.
+
+    os-brick's external locks are lockf'ed files in it: anyone who can
+    open one can lock it (a shared lock needs only read access) and hang
+    every attach and detach of its kind.  The daemon reaches it as root
+    (CAP_DAC_OVERRIDE) whoever owns it.  An existing directory with
+    looser permissions is tightened when it is ours to chmod (an
+    OSError otherwise).
+    """
+    try:
+        os.mkdir(path, 0o700)
+        return True
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        try:
+            os.mkdir(path, 0o700)
+            return True
+        except FileExistsError:
+            pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(20, "not a directory", path)
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(path, 0o700)
+        return True
+    return False
 
 
 def unsafe_config(path, ancestors=False):

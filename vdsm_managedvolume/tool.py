@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import pwd
+import stat
 import sys
 import tempfile
 import textwrap
@@ -139,8 +140,15 @@ def configure(cfg, args):
                        (cfg.state_run_dir, True), (cfg.lock_dir, True),
                        (cfg.brick_lock_dir, True)):
         created = not os.path.isdir(path)
-        if created:
+        if path == cfg.brick_lock_dir:
+            # os-brick's lock files: nobody else's to lock (0700).
+            from . import privsepconfig
+            if privsepconfig.private_dir(path) and not created:
+                actions.append({"action": "chmod", "path": path,
+                                "detail": "0700"})
+        elif created:
             os.makedirs(path, mode=0o755, exist_ok=True)
+        if created:
             actions.append({"action": "created", "path": path})
         if owner and (ours or created):
             _chown(path, owner, actions)
@@ -420,6 +428,60 @@ def _check_lock_path(cfg, args):
                        ("lock-path", cfg.brick_lock_dir)):
         status, message = _writable_dir(path)
         yield name, status, message
+    yield from _check_lock_files(cfg)
+
+
+def _check_lock_files(cfg):
+    """os-brick's lock files (and lock_path itself) must be nobody
+    else's to open for writing: an external lock file writable by group
+    or others, which a privsep daemon running with umask 0 made, lets
+    any local user lockf it and hang every attach and detach of its
+    kind.  Lock files are recreated on demand: removing them, with no
+    operation running, is the fix (and so is lock_path mode 0700)."""
+    path = cfg.brick_lock_dir
+    try:
+        st = os.stat(path)
+        names = sorted(os.listdir(path))
+    except FileNotFoundError:
+        return      # _writable_dir said so
+    except OSError as e:
+        yield "lock-files", "fail", "cannot list {}: {}".format(
+            path, e.strerror)
+        return
+    problems = []
+    open_dir = stat.S_IMODE(st.st_mode) & 0o077
+    if open_dir:
+        problems.append("{} has mode {:04o} (expected 0700)".format(
+            path, stat.S_IMODE(st.st_mode)))
+    loose = []
+    for name in names:
+        try:
+            mode = os.lstat(os.path.join(path, name)).st_mode
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(mode) and mode & 0o022:
+            loose.append("{} ({:04o})".format(name, stat.S_IMODE(mode)))
+    if loose:
+        shown = ", ".join(loose[:5]) + (
+            " and {} more".format(len(loose) - 5) if len(loose) > 5 else "")
+        problems.append("lock files writable by group or others: {}"
+                        .format(shown))
+    if open_dir:
+        yield "lock-files", "fail", (
+            "{}: other local users could lock os-brick's lock files and "
+            "hang every attach and detach; run 'managedvolume-tool "
+            "configure' (lock_path 0700){}".format(
+                "; ".join(problems), "; with no operation running, remove "
+                "the lock files" if loose else ""))
+    elif problems:
+        # Only root and lock_path's owner can reach them now.
+        yield "lock-files", "warn", (
+            "{} in {} (made by a privsep daemon running with umask 0); "
+            "with no operation running, remove them".format(
+                problems[0], path))
+    else:
+        yield "lock-files", "ok", "{}: mode 0700, {} lock file(s), none " \
+            "writable by group or others".format(path, len(names))
 
 
 def _check_database(cfg, args):
@@ -458,7 +520,22 @@ def _check_certificates(cfg, args):
                 "missing {}: the agent cannot serve TLS".format(
                     ", ".join(missing)))
         return
+    yield from _check_key_mode(paths["key"])
     yield from _verify_certificates(paths["key"], paths["cert"], paths["ca"])
+
+
+def _check_key_mode(path):
+    """The TLS private key must be its owner's alone: anyone reading it
+    can pose as this host (vdsm's vdsm-gencerts makes it under umask
+    077)."""
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o077:
+        yield "key-mode", "fail", (
+            "{} has mode {:04o}: the TLS private key is readable or "
+            "writable by group or others; chmod 0600 (or 0400) it"
+            .format(path, mode))
+    else:
+        yield "key-mode", "ok", "{} mode {:04o}".format(path, mode)
 
 
 def _check_udevadm(cfg, args):

@@ -165,6 +165,8 @@ def test_mask_text_hides_ceph_keys_wherever_they_appear(text):
     "auth_username=chapuser auth_method=CHAP target_iqn=iqn.x",
     "Invalid parameter include_secrets: expected boolean, got number",
     "include_secrets=True",
+    "rbd: secret_type=ceph secret_uuid=b0e8d3a6-2c4f-4d2e-9d3b-6f1a2c3d4e5f",
+    "{'secret_type': 'ceph', 'secret_uuid': 'b0e8d3a6'}",
     "target_portal=192.0.2.1:3260 target_lun=1",
     "auth_password=",
     "('auth_username', 'chapuser')",
@@ -385,3 +387,12 @@ def test_a_bytes_value_inside_a_json_string_is_hidden():
         text = json.dumps(repr(value))
         assert '\\"s3c' in text
         assert "s3c" not in mask.mask_text(text)
+
+
+def test_rbd_secret_type_and_uuid_are_names_not_secrets():
+    # A libvirt secret's type and id: "ceph" masked garbled RBD errors.
+    data = {"secret_type": "ceph", "secret_uuid": "b0e8", "keyring": "k3y"}
+    assert not mask.is_secret_key("secret_type")
+    assert not mask.is_secret_key("secret_uuid")
+    assert mask.mask(data) == {"secret_type": "ceph", "secret_uuid": "b0e8",
+                               "keyring": mask.MASK}

@@ -264,6 +264,34 @@ def test_secret_quoted_without_its_key_is_masked(brick, tmp_path):
     assert "target refused CHAP secret" in str(e.value)
 
 
+def test_a_secret_starting_with_another_is_masked_whole(brick, tmp_path):
+    longer = SECRET + "XYZtail"
+    info = iscsi("prefix-secret", tmp_path, discovery_auth_password=longer,
+                 fake_fail="discovery refused " + longer)
+    with pytest.raises(errors.HelperFailed) as e:
+        brick.connect(info)
+    assert "XYZtail" not in str(e.value)
+    assert "discovery refused " + mask.MASK in str(e.value)
+
+
+def test_rbd_secret_type_and_uuid_are_not_masked(brick, tmp_path):
+    # secret_type ("ceph") and secret_uuid name a libvirt secret; "ceph"
+    # masked garbled every RBD error ("******** cluster").
+    uuid = "b0e8d3a6-2c4f-4d2e-9d3b-6f1a2c3d4e5f"
+    info = {"driver_volume_type": "rbd",
+            "data": {"name": "volumes/volume-2", "keyring": SECRET,
+                     "secret_type": "ceph", "secret_uuid": uuid,
+                     "auth_username": "cinder",
+                     "fake_fail": "rbd map volumes/volume-2 on ceph cluster "
+                                  "failed: secret_uuid={} key {}".format(
+                                      uuid, SECRET)}}
+    with pytest.raises(errors.HelperFailed) as e:
+        brick.connect(info)
+    message = str(e.value)
+    assert "on ceph cluster failed: secret_uuid=" + uuid in message
+    assert SECRET not in message
+
+
 def test_daemon_log_lines_carry_the_callers_flow_id(brick, tmp_path,
                                                     caplog):
     caplog.set_level("INFO", logger=privsep.DAEMON_LOGGER)

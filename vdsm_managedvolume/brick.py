@@ -613,7 +613,10 @@ def _scrub(text, connection_info):
     """Mask secret shapes, and the secret values themselves wherever they
     appear (a connector may quote a password without its key)."""
     text = mask.mask_text(text)
-    for value in _secret_values(connection_info):
+    # Longest first: a secret that starts with a shorter one would leave
+    # its tail behind ("abc123" before "abc123XYZ": "********XYZ").
+    for value in sorted(set(_secret_values(connection_info)), key=len,
+                        reverse=True):
         text = text.replace(value, mask.MASK)
     return text
 

@@ -44,12 +44,14 @@ MASK = "********"
 
 _SECRET_WORDS = ("password", "passwd", "secret", "keyring", "token",
                  "private_key", "credential")
-# Auth fields that are not credentials themselves, and volumes_info's
-# flag asking for secrets (a flag, whatever value a user typed).
+# Auth fields that are not credentials themselves, RBD's names of a
+# libvirt secret (its type, "ceph", and its UUID: masking "ceph" garbled
+# every RBD error), and volumes_info's flag asking for secrets (a flag,
+# whatever value a user typed).
 _NOT_SECRET = frozenset(("auth_method", "auth_username",
                          "discovery_auth_method", "discovery_auth_username",
                          "auth_enabled", "discovery_auth_enabled",
-                         "include_secrets"))
+                         "secret_type", "secret_uuid", "include_secrets"))
 
 # Beyond this depth ``mask`` stops walking (a crafted, deeply nested value
 # must not turn masking into a RecursionError).
@@ -73,7 +75,7 @@ _WORDS = "|".join(_SECRET_WORDS)
 _PAIR_INDENT = 256
 _KEY_RE = re.compile(
     r"(?<![\w.-])(?:(?<=[(\[])(?P<pair>)[ \t\r\n]{0,16})?(?:b?\\?['\"])?"
-    r"(?!include_secrets(?![\w.-]))"
+    r"(?!(?:include_secrets|secret_type|secret_uuid)(?![\w.-]))"
     r"(?:[\w.-]{0,%(n)d}?(?:%(words)s)[\w.-]{0,%(n)d}"
     r"|(?:discovery_)?auth_(?!(?:method|username|enabled)(?![\w-]))"
     r"[\w-]{1,%(n)d})"

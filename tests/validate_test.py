@@ -213,3 +213,24 @@ def test_rbd_name_is_checked_before_it_becomes_a_device_path(bad):
 def test_connection_info_leaves_the_fields_of_a_type_to_its_transport():
     ci = {"driver_volume_type": "iscsi", "data": {"name": "../x"}}
     assert validate.connection_info("connection_info", ci) == ci
+
+
+@pytest.mark.parametrize("data, name", [
+    ({"auth_password": 99999999999999999999999}, "data.auth_password"),
+    ({"auth_password": -99999999999999999999999}, "data.auth_password"),
+    ({"keyring": {"inner": 99999999999999999999999}}, "data.keyring[...]"),
+    ({"keyring": {"AQBsecretkeyname==": 1e400}}, "data.keyring[...]"),
+    ({"discovery_auth_password": [float("nan")]},
+     "data.discovery_auth_password[0]"),
+])
+def test_a_value_under_a_secret_key_is_never_shown_in_the_error(data, name):
+    # The error reaches the caller and the log (which masked only the
+    # word after "auth_password: ", leaving the number).
+    with pytest.raises(errors.InvalidParams) as e:
+        validate.connection_info(
+            "connection_info", {"driver_volume_type": "iscsi", "data": data})
+    reason = e.value.reason
+    assert e.value.name == "connection_info." + name
+    for shown in ("99999", "inf ", "nan", "AQBsecretkeyname"):
+        assert shown not in reason
+    assert "not shown" in reason

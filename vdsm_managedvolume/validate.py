@@ -20,6 +20,7 @@ import os
 import re
 
 from . import errors
+from . import mask
 
 # The sd_id of a volume that belongs to no storage domain: vdsm's default
 # for the optional sd_id param (its defaultvalue in the schema YAML).
@@ -150,21 +151,28 @@ def transportable(name, value):
     infinities (``1e400`` parses as infinity), and anything that is not
     a JSON type.  Iterative: depth is the schema's business, not a
     reason to hit Python's recursion limit here.
+
+    Nothing under a secret key (``mask.is_secret_key``: auth_password,
+    keyring...) is ever shown in the error, neither a value nor a key:
+    the error reaches the caller and the log.
     """
-    stack = [(name, value)]
+    stack = [(name, value, mask.is_secret_key(name.rpartition(".")[2]))]
     while stack:
-        path, v = stack.pop()
+        path, v, secret = stack.pop()
         if isinstance(v, dict):
             for k, item in v.items():
+                shown = "(not shown)" if secret else _shown(k)
                 if not isinstance(k, str):
                     raise errors.InvalidParams(
                         name=path, reason="key {} is not a string".format(
-                            _shown(k)))
-                _check_text(path, k, "key " + _shown(k))
-                stack.append((_child(path, k), item))
+                            shown))
+                _check_text(path, k, "key " + shown)
+                stack.append((_child(path, k) if not secret
+                              else path + "[...]", item,
+                              secret or mask.is_secret_key(k)))
         elif isinstance(v, (list, tuple)):
             for i, item in enumerate(v):
-                stack.append(("{}[{}]".format(path, i), item))
+                stack.append(("{}[{}]".format(path, i), item, secret))
         elif isinstance(v, str):
             _check_text(path, v, "value")
         elif isinstance(v, bool) or v is None:
@@ -172,14 +180,17 @@ def transportable(name, value):
         elif isinstance(v, int):
             if not MIN_INT <= v <= MAX_INT:
                 raise errors.InvalidParams(
-                    name=path, reason="integer {} is outside the signed "
-                    "64-bit range".format(_shown(v)))
+                    name=path, reason="integer {}is outside the signed "
+                    "64-bit range{}".format(
+                        "" if secret else _shown(v) + " ",
+                        _HIDDEN if secret else ""))
         elif isinstance(v, float):
             if not math.isfinite(v):
                 raise errors.InvalidParams(
                     name=path, reason="{} is not a finite number (a JSON "
                     "number too large for a double, such as 1e400, reads "
-                    "as infinity)".format(v))
+                    "as infinity){}".format("value" if secret else v,
+                                             _HIDDEN if secret else ""))
         else:
             raise errors.InvalidParams(
                 name=path, reason="{} is not a JSON type".format(
@@ -248,6 +259,9 @@ def driver_type(connection_info, allowed):
 # Bad values are quoted in errors so that the caller sees what was wrong,
 # but never more than this: a 1 MB "vol_id" must not come back in full.
 _SHOWN_MAX = 80
+
+# What an error says instead of a value under a secret key.
+_HIDDEN = " (a secret's value: not shown)"
 
 
 def _check_text(path, text, what):

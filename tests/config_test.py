@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from vdsm_managedvolume import config
@@ -38,6 +40,10 @@ def test_file_values_are_typed(tmp_path):
     ("[agent]\nworker = 1\n", "unknown key 'worker' in \\[agent\\]"),
     ("[agent]\nworkers = many\n", "workers = 'many' is not a valid int"),
     ("[agent]\nworkers = -1\n", "must not be negative"),
+    ("[logging]\nlog_level = NOPE\n",
+     "log_level = 'NOPE' is not a log level \\(allowed: DEBUG, INFO, "
+     "WARNING, ERROR, CRITICAL"),
+    ("[logging]\nlog_level =\n", "log_level = '' is not a log level"),
 ])
 def test_bad_file_names_the_key(tmp_path, text, match):
     path = tmp_path / "mv.conf"
@@ -51,3 +57,8 @@ def test_render_round_trips(tmp_path):
     path.write_text(config.render())
     assert config.load(path=str(path)).allowed_types == \
         config.DEFAULT_ALLOWED_TYPES
+
+
+def test_log_level_is_taken_in_any_case():
+    cfg = config.load(path=os.devnull, overrides={"log_level": " debug"})
+    assert cfg.log_level == "DEBUG"

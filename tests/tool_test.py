@@ -707,6 +707,18 @@ def test_check_starts_the_privsep_daemon(configured, state):
     assert "daemon started" in privsep["message"]
 
 
+@pytest.mark.parametrize("command", ["check", "dump-config"])
+def test_an_invalid_log_level_is_a_configuration_error(tmp_path, command):
+    # The agent died of a ValueError traceback at start; check and
+    # dump-config took it.
+    conf = tmp_path / "c.conf"
+    conf.write_text("[logging]\nlog_level = NOPE\n")
+    p = run("--config", str(conf), command, check=2)
+    assert "log_level = 'NOPE' is not a log level" in p.stderr
+    assert "DEBUG, INFO, WARNING, ERROR, CRITICAL" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
 def test_filesystem_finds_the_mount_holding_a_path():
     assert tool._filesystem("/proc/self")[0] == "proc"
     assert tool._filesystem("/")[1] == "/"

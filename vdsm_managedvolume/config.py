@@ -30,6 +30,9 @@ import sys
 from . import errors
 
 DEFAULT_CONFIG_FILE = "/etc/vdsm/managedvolume.conf"
+
+# [logging] log_level: the names logging knows, as the file may spell them.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 ENV_CONFIG_FILE = "MANAGEDVOLUME_CONFIG"
 
 DEFAULT_ALLOWED_TYPES = ("iscsi", "fibre_channel", "rbd", "nvmeof", "lightos",
@@ -340,7 +343,20 @@ def _set(cfg, key, value, where):
         if value < 0:
             raise errors.ConfigError(
                 "{}: {} = {!r} must not be negative".format(where, key, value))
+    if key == "log_level":
+        value = _log_level(value, where)
     setattr(cfg, key, value)
+
+
+def _log_level(value, where):
+    # Checked here, not when logging is set up: the agent died of a
+    # ValueError traceback there, and dump-config and check said nothing.
+    level = value.strip().upper() if isinstance(value, str) else value
+    if level not in LOG_LEVELS:
+        raise errors.ConfigError(
+            "{}: log_level = {!r} is not a log level (allowed: {}, in any "
+            "case)".format(where, value, ", ".join(LOG_LEVELS)))
+    return level
 
 
 def _format(value):

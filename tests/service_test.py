@@ -1671,3 +1671,52 @@ def test_failed_connect_names_the_missing_initiator_command(
         "not installed on this host (iscsi needs them: install " \
         "iscsi-initiator-utils or open-iscsi" in str(e.value)
     assert records(svc) == []
+
+
+# A corrupt record (store._decoded)
+
+@pytest.mark.parametrize("column, text", [
+    ("connection_info", "{not json"), ("connection_info", '"str"'),
+    ("attachment", '"str"'), ("identity", "[1]")])
+def test_a_corrupt_record_is_stale_refused_clearly_and_start_goes_on(
+        host_cfg, inproc_brick, column, text):
+    # It stopped the agent from starting ("corrupt JSON in a record",
+    # naming no volume); JSON of the wrong type made detach -32603.
+    svc = service.Service(host_cfg, brick=inproc_brick)
+    svc.start()
+    bad, good = new_id(), new_id()
+    first = svc.attach_volume(bad, iscsi_connection(host_cfg), SD)
+    svc.attach_volume(good, iscsi_connection(host_cfg), SD)
+    svc._db()._write("UPDATE volumes SET {} = ? WHERE vol_id = ?".format(
+        column), (text, bad))
+    svc.close()
+
+    svc = service.Service(host_cfg, brick=inproc_brick)
+    svc.start()                          # the agent starts
+    try:
+        infos = {i["vol_id"]: i for i in svc.volumes_info()}
+        assert infos[good]["stale"] is False
+        assert infos[bad]["stale"] is True
+        assert infos[bad]["stale_reason"].startswith(
+            "corrupt record: " + column)
+        for call in (lambda: svc.detach_volume(bad, SD),
+                     lambda: svc.attach_volume(
+                         bad, iscsi_connection(host_cfg), SD)):
+            with pytest.raises(errors.CorruptRecord) as e:
+                call()
+            assert e.value.code == 935
+            assert bad in str(e.value) and column in str(e.value)
+            assert "reconcile --apply --force" in str(e.value)
+        with pytest.raises(errors.NotAttached, match="corrupt record"):
+            svc.extend_volume(bad, SD)
+        assert [r["vol_id"] for r in records(svc)] == sorted([bad, good])
+
+        entry, = svc.reconcile(apply=True, force=True)
+        assert (entry["vol_id"], entry["action"], entry["result"]) == (
+            bad, "forget", "forgotten: corrupt record")
+        assert [r["vol_id"] for r in records(svc)] == [good]
+        assert not is_symlink(first["managed_path"])
+        assert not os.path.exists(rule_of(svc, bad, SD))
+        svc.detach_volume(bad, SD)       # nothing recorded: done
+    finally:
+        svc.close()

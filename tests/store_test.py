@@ -198,12 +198,33 @@ def test_corrupt_file_is_a_clear_store_error(tmp_path):
     assert str(path) in str(e.value)
 
 
-def test_corrupt_json_in_a_record_is_a_store_error(db):
+@pytest.mark.parametrize("column, text, why", [
+    ("attachment", "{bad", "attachment: undecodable JSON (Expecting"),
+    ("connection_info", "{bad", "connection_info: undecodable JSON"),
+    ("connection_info", '"str"', "connection_info is JSON str, not an "
+     "object"),
+    ("connection_info", "[]", "connection_info is JSON list"),
+    ("connection_info", '{"data": {}}',
+     "connection_info has no driver_volume_type string"),
+    ("connection_info", '{"driver_volume_type": "iscsi", "data": 1}',
+     "connection_info has no data object"),
+    ("attachment", "1", "attachment is JSON int, not an object"),
+    ("identity", "[1]", "identity is JSON list, not an object"),
+    ("identity", "[" * 100000, "identity: undecodable JSON (RecursionError"),
+])
+def test_a_corrupt_record_is_read_saying_why_and_others_stay_sound(
+        db, column, text, why):
+    # It made every read fail: the agent could not start, no tool could
+    # list or clear it.
     db.add_volume(VOL, SD, CI)
-    db._write("UPDATE volumes SET attachment = '{bad' WHERE vol_id = ?",
-              (VOL,))
-    with pytest.raises(errors.StoreError, match="corrupt"):
-        db.get_volume(VOL)
+    db.add_volume(VOL2, SD, CI)
+    db._write("UPDATE volumes SET {} = ? WHERE vol_id = ?".format(column),
+              (text, VOL))
+    bad, good = db.volumes()
+    assert bad["vol_id"] == VOL and bad[column] is None
+    assert why in bad["corrupt"]
+    assert "corrupt" not in good and good["connection_info"] == CI
+    assert db.get_volume(VOL)["corrupt"] == bad["corrupt"]
 
 
 def test_many_threads_share_one_store(db):

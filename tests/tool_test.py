@@ -328,6 +328,50 @@ def test_list_of_an_invalid_id_says_so(configured, state):
     assert p.stdout == ""
 
 
+@pytest.mark.parametrize("column, text", [
+    ("connection_info", "{not json"),
+    ("connection_info", '"str"'),
+    ("attachment", "[1, 2]"),
+    ("identity", "{not json"),
+])
+def test_one_corrupt_record_is_listed_stale_and_forgotten_only_by_force(
+        configured, state, tmp_path, column, text):
+    # It failed every list and reconcile (a traceback for JSON of the
+    # wrong type), and the agent could not start.
+    _add_records(configured, tmp_path)
+    with sqlite3.connect(configured.db_path) as db:
+        db.execute("UPDATE volumes SET {} = ? WHERE vol_id = ?".format(
+            column), (text, VOL_ID))
+    db.close()
+
+    p = run("--state-dir", state, "list", check=0)
+    rows = {line.split()[0]: line for line in p.stdout.splitlines()[1:]}
+    assert "corrupt record: {}".format(column) in rows[VOL_ID]
+    assert "reconcile --apply --force' forgets it" in rows[VOL_ID]
+    assert VOL_ID2 in rows
+    assert "Traceback" not in p.stderr
+    p = run("--state-dir", state, "list", "--json", check=0)
+    records = {r["vol_id"]: r for r in json.loads(p.stdout)}
+    assert records[VOL_ID]["stale"] is True
+    assert records[VOL_ID]["corrupt"].startswith(column)
+
+    for args in (["reconcile"], ["reconcile", "--apply"]):
+        p = run("--state-dir", state, "--json", *args, check=0)
+        entry, = [v for v in json.loads(p.stdout)["volumes"]
+                  if v["vol_id"] == VOL_ID]
+        assert (entry["action"], entry["result"]) == ("stale", "kept")
+        assert entry["reason"].startswith("corrupt record: " + column)
+
+    p = run("--state-dir", state, "--json", "reconcile", "--apply",
+            "--force", check=0)
+    entry, = [v for v in json.loads(p.stdout)["volumes"]
+              if v["vol_id"] == VOL_ID]
+    assert (entry["action"], entry["result"]) == (
+        "forget", "forgotten: corrupt record")
+    with store.open(configured.db_path) as db:
+        assert [r["vol_id"] for r in db.volumes()] == [VOL_ID2]
+
+
 # reconcile
 
 def test_reconcile_forgets_a_record_the_channel_cannot_carry(

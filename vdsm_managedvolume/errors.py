@@ -243,6 +243,16 @@ class StoreNotFound(StoreError):
     msg = "No record for volume {self.vol_id}"
 
 
+class CorruptRecord(StoreError):
+    """A volume's journal record cannot be decoded (undecodable JSON, or
+    JSON of the wrong type, in connection_info, attachment or identity):
+    nothing it says can be acted on (store.py)."""
+    msg = ("Volume {self.vol_id}: its journal record is corrupt "
+           "({self.reason}): it cannot be used to attach or detach; "
+           "'managedvolume-tool reconcile --apply --force' forgets it (then "
+           "check the host for a connection it may have left)")
+
+
 class StoreClosed(StoreError):
     msg = "The managed volume database is closed"
 

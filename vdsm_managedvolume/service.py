@@ -590,6 +590,8 @@ class Service:
         boot, so nothing it says about a connection holds any more).
         """
         vol_id = rec["vol_id"]
+        if rec.get("corrupt"):
+            raise errors.CorruptRecord(vol_id=vol_id, reason=rec["corrupt"])
         same_boot = self._same_boot(rec, boot_id)
         changed = self._device_changed(rec, boot_id)
         live = (same_boot and rec["state"] == "attached"
@@ -681,6 +683,9 @@ class Service:
     def _stale_reason(self, rec, boot_id):
         """Why ``rec`` is not a live attachment, or None when it is (or
         is an attach or detach of this boot in progress)."""
+        if rec.get("corrupt"):
+            return "corrupt record: {}; 'managedvolume-tool reconcile " \
+                "--apply --force' forgets it".format(rec["corrupt"])
         if not self._same_boot(rec, boot_id):
             if rec["boot_id"]:
                 return "made in another boot"
@@ -731,7 +736,7 @@ class Service:
         number = devices.device_number_of(current)
         for rec in self._db().volumes_on_device(current["dev"]):
             if (rec["vol_id"] == vol_id or rec["state"] not in states
-                    or not rec["path"]
+                    or not rec["path"] or rec.get("corrupt")
                     or devices.device_number(rec["path"]) != number
                     or not self._same_boot(rec, boot_id)):
                 continue
@@ -790,6 +795,9 @@ class Service:
         re-attach over a dead record.
         """
         vol_id, sd_id = rec["vol_id"], rec["sd_id"]
+        if rec.get("corrupt"):
+            # Nothing it says can be disconnected: not an internal error.
+            raise errors.CorruptRecord(vol_id=vol_id, reason=rec["corrupt"])
         db = self._db()
         if rec["state"] != "detaching":
             db.update_volume(vol_id, state="detaching")
@@ -1022,6 +1030,8 @@ class Service:
         rec = self._find(vol_id)   # again, now under the lock
         if rec is None:
             return None
+        if rec.get("corrupt"):
+            return self._reconcile_corrupt(rec, apply, force)
         state = rec["state"]
         if state in ("attaching", "detaching"):
             action = "rollback" if state == "attaching" else "detach"
@@ -1074,6 +1084,36 @@ class Service:
                 self._db().update_volume(vol_id, managed_path=link)
 
         return self._reconcile_action(rec, "+".join(actions), apply, repair)
+
+    def _reconcile_corrupt(self, rec, apply, force):
+        """A record that cannot be decoded (store._decoded): reported
+        stale and kept; with ``force`` (and ``apply``) forgotten, with
+        its link and udev rule: what it may have connected cannot be
+        known, let alone disconnected."""
+        vol_id, sd_id = rec["vol_id"], rec["sd_id"]
+        reason = self._stale_reason(rec, None)
+        if not force:
+            return {"vol_id": vol_id, "state": rec["state"],
+                    "action": "stale", "result": "kept", "reason": reason}
+
+        def forget():
+            log.warning("Forgetting volume %s: its record is corrupt (%s) "
+                        "(--force): whatever it connected may still be on "
+                        "the host", vol_id, rec["corrupt"])
+            try:
+                validate.uuid("sd_id", sd_id)
+            except errors.InvalidParams:
+                pass    # no link or rule can be named after it
+            else:
+                fileutil.rm_file(self._link_path(sd_id, vol_id))
+                self._rules.remove(sd_id, vol_id)
+            self._db().remove_volume(vol_id)
+
+        entry = self._reconcile_action(rec, "forget", apply, forget,
+                                       reason=reason)
+        if entry["result"] == "done":
+            entry["result"] = "forgotten: corrupt record"
+        return entry
 
     def _reconcile_stale(self, rec, reason, boot_id, apply):
         """A record that is not a live attachment: kept for the engine's

@@ -53,6 +53,13 @@ once, holding its slot (a few page writes; giving the slot back and
 taking it again cost more: with 32 callers, py-spy saw a third of the
 agent's interpreter time in the slot releases of ``_write``).
 
+A record whose JSON column cannot be decoded, or decodes to the wrong
+type (a hand edit, a disk error, another program), is still read: that
+column is None and the record's ``corrupt`` says why (``_decoded``).  One
+bad row must not stop the agent from starting nor every tool from
+reading the journal; the service reports it stale and acts on it only
+when told to forget it (``reconcile --apply --force``).
+
 Schema versions are kept in a ``versions`` table, as vdsm's
 ``managedvolumedb`` does; version 1 *is* vdsm's schema, so a database
 written by vdsm is migrated in place (its rows become ``attached``).  A
@@ -280,7 +287,7 @@ class Store:
             "FROM volumes WHERE dev = ? OR (dev IS NULL AND path IS NOT "
             "NULL) ORDER BY vol_id", (dev,))
         keys = ("vol_id", "sd_id", "state", "path", "boot_id")
-        return (dict(zip(keys, row), identity=_loads(row[5]))
+        return (_decoded(dict(zip(keys, row)), (("identity", row[5]),))
                 for row in rows)
 
     def version_info(self):
@@ -647,22 +654,73 @@ def _record(row):
     (vol_id, sd_id, state, connection_info, attachment, path, multipath_id,
      managed_path, size, extending, boot_id, identity, created,
      updated) = row
-    return {
+    return _decoded({
         "vol_id": vol_id,
         "sd_id": sd_id,
         "state": state,
-        "connection_info": _loads(connection_info),
-        "attachment": _loads(attachment),
         "path": path,
         "multipath_id": multipath_id,
         "managed_path": managed_path,
         "size": size,
         "extending": extending,
         "boot_id": boot_id,
-        "identity": _loads(identity),
         "created": created,
         "updated": updated,
-    }
+    }, (("connection_info", connection_info), ("attachment", attachment),
+        ("identity", identity)))
+
+
+def _decoded(rec, columns):
+    """``rec`` with its JSON ``columns`` ((name, text), ...) decoded.
+
+    One corrupt record must not make every read fail (the agent could
+    not start, no tool could list or clear it): a column that is not
+    JSON, or JSON of the wrong type (``_JSON_TYPES``), is None and the
+    record says why in ``corrupt`` (absent from a sound record).  The
+    service treats such a record as stale (``service._stale_reason``) and
+    refuses to act on it (errors.CorruptRecord); ``reconcile --apply
+    --force`` forgets it.
+    """
+    problems = []
+    for name, text in columns:
+        value = None
+        if text is not None:
+            try:
+                value = _loads(text)
+            except errors.StoreError as e:
+                problems.append("{}: {}".format(name, e.reason))
+            else:
+                wrong = _JSON_TYPES[name](value)
+                if wrong:
+                    problems.append("{} {}".format(name, wrong))
+                    value = None
+        rec[name] = value
+    if problems:
+        rec["corrupt"] = "; ".join(problems)
+    return rec
+
+
+def _connection_type(value):
+    if not isinstance(value, dict):
+        return "is JSON {}, not an object".format(type(value).__name__)
+    if not isinstance(value.get("driver_volume_type"), str):
+        return "has no driver_volume_type string"
+    if not isinstance(value.get("data"), dict):
+        return "has no data object"
+    return None
+
+
+def _object_type(value):
+    if value is None or isinstance(value, dict):
+        return None
+    return "is JSON {}, not an object".format(type(value).__name__)
+
+
+# What each JSON column must decode to: a function returning what is
+# wrong with a value, None when nothing is.
+_JSON_TYPES = {"connection_info": _connection_type,
+               "attachment": _object_type,
+               "identity": _object_type}
 
 
 def _dumps(value):
@@ -676,11 +734,15 @@ def _loads(text):
         return None
     if isinstance(text, bytes):
         # vdsm stored JSON as UTF-8 bytes (BLOB).
-        text = text.decode("utf-8")
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise errors.StoreError("not UTF-8 ({})".format(e.reason))
     try:
         return json.loads(text)
-    except ValueError as e:
-        raise errors.StoreError("corrupt JSON in a record: {}".format(e))
+    except (ValueError, RecursionError) as e:
+        raise errors.StoreError("undecodable JSON ({})".format(
+            type(e).__name__ if isinstance(e, RecursionError) else e))
 
 
 def _dev(identity):

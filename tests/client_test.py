@@ -264,6 +264,57 @@ def test_usage_errors_exit_2(args, stdin, message):
     assert transport.calls == []
 
 
+DEEP = "[" * 10000 + "]" * 10000
+
+
+@pytest.mark.parametrize("timeout", [
+    "nan", "inf", "-inf", "-1", "0", "1e300", "86401", "soon"])
+def test_a_timeout_that_is_no_sane_number_of_seconds_is_a_usage_error(
+        timeout):
+    transport = StubTransport()
+    code, out, err = run(["--insecure", "--timeout=" + timeout,
+                          "ManagedVolume", "volumes_info"], transport)
+    assert code == 2
+    assert "invalid timeout" in err
+    assert "Traceback" not in err
+    assert transport.calls == []
+
+
+def test_a_timeout_up_to_a_day_is_taken():
+    transport = StubTransport()
+    code, out, err = run(["--insecure", "--timeout", "86400",
+                          "ManagedVolume", "volumes_info"], transport)
+    assert code == 0, err
+    assert transport.connected[3] == 86400.0
+
+
+@pytest.mark.parametrize("args, stdin", [
+    (["-f", "-"], '{"vol_ids": ' + DEEP + "}"),
+    (["-f", "-"], '{"vol_ids": ' + "[" * 101 + "]" * 101 + "}"),
+    (["vol_ids=" + DEEP], None),
+    (["vol_ids=" + "[" * 150 + "]" * 150], None),
+])
+def test_deeply_nested_json_params_are_a_usage_error(args, stdin):
+    # 10,000 levels ended in a RecursionError traceback.
+    transport = StubTransport()
+    code, out, err = run(["--insecure", "ManagedVolume", "volumes_info"]
+                         + args, transport, stdin=stdin)
+    assert code == 2
+    assert "nested more than {} levels".format(client.MAX_NESTING) in err
+    assert "Traceback" not in err
+    assert transport.calls == []
+
+
+def test_json_params_nested_up_to_the_limit_are_sent():
+    transport = StubTransport()
+    deep = "[" * client.MAX_NESTING + "]" * client.MAX_NESTING
+    code, out, err = run(["--insecure", "ManagedVolume", "volumes_info",
+                          "-f", "-"], transport,
+                         stdin='{"vol_ids": ' + deep[1:-1] + "}")
+    assert code == 0, err
+    assert len(transport.calls) == 1
+
+
 # Help from the schema
 
 def test_namespace_help_lists_verbs_with_descriptions():

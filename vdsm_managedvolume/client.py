@@ -85,8 +85,31 @@ examples:
     PROG)
 
 
+# --timeout: seconds, finite, above zero and at most a day (a socket
+# timeout or a wait of 1e300 s overflows: a traceback, not an answer).
+MAX_TIMEOUT = 86400.0
+
+# Params nested deeper than this are refused (no verb's are deeper than
+# a few levels; 10,000 levels ended in a RecursionError traceback).
+MAX_NESTING = mask.MAX_DEPTH
+
+
 class UsageError(Exception):
     """Raised when usage is wrong (exit 2)."""
+
+
+def timeout_arg(text):
+    """argparse type of --timeout (a usage error otherwise: exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            "invalid timeout {!r}: not a number".format(text))
+    if not (0 < value <= MAX_TIMEOUT):   # NaN fails every comparison
+        raise argparse.ArgumentTypeError(
+            "invalid timeout {!r}: seconds above 0 and at most {:.0f}"
+            .format(text, MAX_TIMEOUT))
+    return value
 
 
 @cli.entry_point
@@ -146,10 +169,10 @@ def option_parser(schema):
                         help="the flow id (ovirtCorrelationId) of the call: "
                              "it appears in every log line of the call")
     parser.add_argument("--timeout", dest="timeout", default=60,
-                        metavar="SEC", type=float,
+                        metavar="SEC", type=timeout_arg,
                         help="seconds to wait for the response (default "
-                             "60); the call is not cancelled and may still "
-                             "complete on the host")
+                             "60, at most 86400); the call is not cancelled "
+                             "and may still complete on the host")
     parser.add_argument("-f", "--file", dest="file", metavar="FILE|-",
                         help="read method parameters from a JSON file, "
                              "'-' for standard input (the way to pass "
@@ -225,7 +248,7 @@ def parse_params(method, args):
                 isinstance(types[name], dict) and
                 types[name].get("type") == "alias"):
             try:
-                value = json.loads(value)
+                value = _json(value, name)
             except ValueError:
                 if value.startswith(("[", "{")):
                     # vol_ids=["..."] typed bare: the shell ate the quotes.
@@ -250,7 +273,7 @@ def parse_file(filename):
     if not data.strip():
         raise UsageError("File is empty")
     try:
-        params = json.loads(data)
+        params = _json(data, filename)
     except ValueError as e:
         raise UsageError(str(e))
     if not isinstance(params, dict):
@@ -308,6 +331,38 @@ def tls_files(opts):
 
 
 # Private helpers
+
+def _json(text, where):
+    """``json.loads(text)``; UsageError when nested deeper than
+    MAX_NESTING (ValueError when it is no JSON)."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        value = None
+        too_deep = True
+    else:
+        too_deep = _depth_over(value, MAX_NESTING)
+    if too_deep:
+        raise UsageError("{}: JSON nested more than {} levels deep".format(
+            where, MAX_NESTING))
+    return value
+
+
+def _depth_over(value, limit):
+    """Whether lists and objects in ``value`` nest deeper than ``limit``
+    (iterative: no recursion limit)."""
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict):
+            v = list(v.values())
+        elif not isinstance(v, list):
+            continue
+        if depth >= limit:
+            return True
+        stack.extend((item, depth + 1) for item in v)
+    return False
+
 
 class _Failure(Exception):
     """A failure to report on stderr (exit 1)."""

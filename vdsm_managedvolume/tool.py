@@ -525,15 +525,18 @@ def _check_certificates(cfg, args):
 
 
 def _check_key_mode(path):
-    """The TLS private key must be its owner's alone: anyone reading it
-    can pose as this host (vdsm's vdsm-gencerts makes it under umask
-    077)."""
+    """Only its owner may write the TLS private key, and no one but its
+    owner and group may read it: anyone reading it can pose as this host.
+    Its group may read it: ovirt-engine's host deploy installs vdsm's key
+    vdsm:kvm 0440 (role ovirt-host-deploy-vdsm-certificates, "Add vdsm
+    key files"); vdsm-gencerts makes it under umask 077."""
     mode = stat.S_IMODE(os.stat(path).st_mode)
-    if mode & 0o077:
+    if mode & 0o027:
         yield "key-mode", "fail", (
-            "{} has mode {:04o}: the TLS private key is readable or "
-            "writable by group or others; chmod 0600 (or 0400) it"
-            .format(path, mode))
+            "{} has mode {:04o}: the TLS private key is {}; chmod 0440 "
+            "(as ovirt-engine's host deploy sets vdsm's key) or 0600 it"
+            .format(path, mode, "readable or writable by others"
+                    if mode & 0o007 else "writable by its group"))
     else:
         yield "key-mode", "ok", "{} mode {:04o}".format(path, mode)
 

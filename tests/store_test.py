@@ -1,3 +1,4 @@
+import contextlib
 import json
 import multiprocessing
 import os
@@ -472,6 +473,27 @@ def test_only_a_final_write_commits_without_fsync(db):
     assert db.volumes() == []
 
 
+@contextlib.contextmanager
+def _commit_in_progress(db):
+    """Hold the store's write lock in another thread for the block, as a
+    commit in progress does."""
+    held, release = threading.Event(), threading.Event()
+
+    def commit():
+        with db._lock:
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=commit)
+    t.start()
+    try:
+        assert held.wait(30)
+        yield
+    finally:
+        release.set()
+        t.join(30)
+
+
 def test_a_final_write_keeps_the_run_slot_unless_it_must_wait(db):
     # A write without fsync finding the write lock free commits holding
     # the caller's run slot (gate): giving it back and taking it again
@@ -495,16 +517,6 @@ def test_a_final_write_keeps_the_run_slot_unless_it_must_wait(db):
     assert db.get_volume(VOL)["state"] == "detaching"
 
     del slot_free[:]
-    held, release = threading.Event(), threading.Event()
-
-    def commit_in_progress():
-        with db._lock:
-            held.set()
-            release.wait(30)
-
-    t = threading.Thread(target=commit_in_progress)
-    t.start()
-    held.wait(30)
     done = threading.Event()
 
     def final_write():
@@ -513,16 +525,16 @@ def test_a_final_write_keeps_the_run_slot_unless_it_must_wait(db):
         done.set()
 
     writer = threading.Thread(target=final_write)
-    writer.start()
     try:
-        from .agentutil import wait_for
-        wait_for(lambda: db._pending)
-        # Waiting for the lock, the writer holds no slot: another runs.
-        with g.hold():
-            assert not done.is_set()
+        with _commit_in_progress(db):
+            writer.start()
+            from .agentutil import wait_for
+            wait_for(lambda: db._pending)
+            # Waiting for the lock, the writer holds no slot: another
+            # runs.
+            with g.hold():
+                assert not done.is_set()
     finally:
-        release.set()
-        t.join(30)
         writer.join(30)
     assert done.is_set() and slot_free == [True]
     assert db.volumes() == []
@@ -547,19 +559,6 @@ def test_a_read_uses_the_free_writer_and_never_waits_for_a_commit(db):
     assert db.get_volume(VOL)["vol_id"] == VOL
     assert [s.split()[0] for s in seen] == ["SELECT"]
     del seen[:]
-    held, release = threading.Event(), threading.Event()
-
-    def commit_in_progress():
-        with db._lock:
-            held.set()
-            release.wait(30)
-
-    t = threading.Thread(target=commit_in_progress)
-    t.start()
-    try:
-        held.wait(30)
+    with _commit_in_progress(db):
         assert db.get_volume(VOL)["vol_id"] == VOL      # the reader's
         assert seen == []
-    finally:
-        release.set()
-        t.join(30)

@@ -958,6 +958,37 @@ def test_host_addresses_take_ports_and_ipv6_and_the_connector_decides_order():
     assert s.endpoints({}) == []
 
 
+def test_a_host_holds_a_volume_unless_its_records_are_of_an_earlier_boot():
+    from vdsm_managedvolume.engine import hosts
+    vol = new_id()
+
+    def rec(**fields):
+        return dict({"vol_id": vol, "connection_info": {}}, **fields)
+
+    assert not hosts.holds([], vol)
+    assert not hosts.holds([rec(vol_id=new_id(), stale=False,
+                                this_boot=True)], vol)
+    assert hosts.holds([rec(stale=False, this_boot=True)], vol)
+    # Stale in this boot (a path that blinked): not detached by the
+    # engine, the VM may run there.
+    assert hosts.holds([rec(stale=True, stale_reason="device gone",
+                            this_boot=True)], vol)
+    assert hosts.holds([rec(stale=True, stale_reason="device changed: "
+                            "serial a -> b", this_boot=True)], vol)
+    assert not hosts.holds([rec(stale=True, stale_reason="made in another "
+                                "boot", this_boot=False)], vol)
+    # Agents without this_boot: told by the reason; anything else holds.
+    assert not hosts.holds([rec(stale=True, stale_reason="made in another "
+                                "boot")], vol)
+    assert not hosts.holds([rec(stale=True, stale_reason="made in an "
+                                "unknown boot (...)")], vol)
+    assert hosts.holds([rec(stale=True, stale_reason="device gone")], vol)
+    assert hosts.holds([rec(stale=True)], vol)
+    assert hosts.holds([rec()], vol)
+    assert hosts.holds(["junk", rec(stale=True, stale_reason="device gone")],
+                       vol)
+
+
 def test_what_a_library_prints_never_reaches_the_engine(
         engine_service, engine_shim, tmp_path):
     driver = {"volume_driver": "tests.engine_client_test.ChattyDriver",

@@ -339,8 +339,8 @@ def test_a_rebooted_hosts_leftover_connection_is_ended(
     e.reach(hosts)
     # host-a's journal still holds the volume, from its previous boot.
     info, = e.volumes_info("host-a")
-    assert (info["vol_id"], info["stale"], info["stale_reason"]) == \
-        (e.vol, True, "made in another boot")
+    assert (info["vol_id"], info["stale"], info["stale_reason"],
+            info["this_boot"]) == (e.vol, True, "made in another boot", False)
 
     # The next disconnect_volume of the disk asks both hosts: host-a's
     # stale record is no attachment, its connection ends; host-b runs the
@@ -354,3 +354,44 @@ def test_a_rebooted_hosts_leftover_connection_is_ended(
         hosts["host-a"].port, e.vol) in log
     assert "Keeping the connection of volume {} to host host-b".format(
         e.vol) in log
+
+
+def test_a_host_whose_device_blinked_keeps_its_connection(
+        engine, engine_service, hosts, tmp_path):
+    """The VM runs on host-a, whose device is gone for a moment (an NVMe
+    controller reconnecting, an iSCSI session dropped) when the rollback
+    of a failed migration to host-b disconnects: host-a's record is
+    stale in this boot ("device gone"), not released, and its
+    connection stays."""
+    e = engine()
+    # host-a reaches the loop device through a link of its own, which
+    # can vanish without taking host-b's device with it.
+    conn = e.run("connect_volume", e.vol,
+                 json.dumps(e.connector("host-a")), cid="c").json("c")
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    link = str(dev / "nvme0n1")
+    loop = conn["data"]["device_path"]
+    os.symlink(loop, link)
+    conn["data"]["device_path"] = link
+    with hosts["host-a"].client() as client:
+        src = client.call("ManagedVolume.attach_volume",
+                          {"vol_id": e.vol, "connection_info": conn})
+    e.run("save_device", e.vol, json.dumps(src))
+    e.attach("host-b")
+
+    os.unlink(link)                                 # the device blinks
+    info, = e.volumes_info("host-a")
+    assert (info["stale"], info["stale_reason"], info["this_boot"]) == \
+        (True, "device gone", True)
+    # MigrateVmCommand.runningFailed: host-b detaches, then
+    # disconnect_volume without a host.
+    e.detach("host-b")
+    e.run("disconnect_volume", e.vol)
+    os.symlink(loop, link)                          # ... and is back
+
+    assert list(e.connections()) == ["host-a"]
+    assert e.attached_on("host-a") == [e.vol]
+    assert _write_and_read(src["managed_path"]) == DATA
+    assert "Keeping the connection of volume {} to host host-a".format(
+        e.vol) in engine_service.log()

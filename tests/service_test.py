@@ -233,6 +233,7 @@ def test_reattach_after_device_vanished_reconnects(inproc_service):
     assert info["exists"] is False
     assert info["stale"] is True
     assert info["stale_reason"] == "device gone"
+    assert info["this_boot"] is True     # still the engine's attachment
     second = svc.attach_volume(vol_id, ci)
     assert os.path.exists(second["path"])
     assert ci["data"]["fake_key"] in fakebrick.connected()
@@ -605,9 +606,10 @@ def test_volumes_info_masks_secrets_unless_asked(inproc_service):
     assert info[1]["connection_info"]["data"]["auth_username"] == "chapuser"
     assert set(info[1]) == {"vol_id", "connection_info", "path",
                             "attachment", "managed_path", "exists", "size",
-                            "stale"}
+                            "stale", "this_boot"}
     assert info[1]["exists"] is True
     assert info[1]["stale"] is False
+    assert info[1]["this_boot"] is True
     full = svc.volumes_info([b], include_secrets=True)
     assert full[0]["connection_info"] == ci
     assert svc.volumes_info([new_id()]) == []
@@ -620,7 +622,8 @@ def test_volumes_info_of_attaching_row_has_no_path(inproc_service):
                                       "data": {}}, boot_id=svc._boot())
     info, = svc.volumes_info([vol_id])
     assert info == {"vol_id": vol_id, "connection_info": {
-        "driver_volume_type": "iscsi", "data": {}}, "stale": False}
+        "driver_volume_type": "iscsi", "data": {}}, "stale": False,
+        "this_boot": True}
 
 
 def test_volumes_info_validates_ids(inproc_service):
@@ -673,6 +676,7 @@ def test_record_of_another_boot_is_stale_and_its_link_and_rule_go(
     assert info["exists"] is True
     assert info["stale"] is True
     assert info["stale_reason"] == "made in another boot"
+    assert info["this_boot"] is False
 
     assert svc.reconcile(apply=False) == [
         {"vol_id": vol_id, "state": "attached",

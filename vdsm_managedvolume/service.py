@@ -423,12 +423,17 @@ class Service:
         """Records of ``vol_ids`` (all when empty), sorted by vol_id.
 
         Each is {vol_id, connection_info, path?, attachment?,
-        managed_path?, exists?, size?, stale, stale_reason?}; ``exists``
-        (whether the path exists now) only where a path is recorded,
-        ``size`` (bytes, when attach or extend last read it) only where
-        one is recorded; ``stale`` whether the record is not a live
-        attachment (``_stale_reason``: made in another boot, its device
-        gone or changed), and why.
+        managed_path?, exists?, size?, stale, stale_reason?, this_boot};
+        ``exists`` (whether the path exists now) only where a path is
+        recorded, ``size`` (bytes, when attach or extend last read it)
+        only where one is recorded; ``stale`` whether the record is not a
+        live attachment (``_stale_reason``: made in another boot, its
+        device gone or changed), and why; ``this_boot`` whether the
+        record was made in the host's current boot (``_same_boot``): the
+        engine shim ends a host's connection only when every record of
+        the volume there is of another boot (engine/hosts.py), never for
+        a device gone or changed in this boot, which the engine has not
+        detached.
         Secrets in connection_info are masked unless ``include_secrets``.
         Unknown ids are skipped.
         """
@@ -455,6 +460,7 @@ class Service:
             if rec["size"] is not None:
                 info["size"] = rec["size"]
             info.update(stale_fields(self._stale_reason(rec, boot_id)))
+            info["this_boot"] = self._same_boot(rec, boot_id)
             result.append(info)
         return result
 

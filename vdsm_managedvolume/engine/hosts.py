@@ -14,10 +14,13 @@ So ``disconnect_volume`` without a host asks every connected host, the way
 the engine talks to vdsm (JSON-RPC over STOMP over mutual TLS, the
 engine's certificate; ``vdsm_managedvolume.stompclient``), and ends only
 the connections of hosts that answered and no longer have the volume (or
-have only a record from an earlier boot, ``stale``).  A host that cannot
-be asked keeps its connection, logged: a leaked export is recoverable (a
-later disconnect asks again, ``disconnect_volume VOL HOST`` ends it at
-once), a cut disk pauses a running VM.
+have only records from an earlier boot: ``this_boot`` false, ``holds``).
+A record stale in this boot (its device gone or changed: a path that
+blinked) is still an attachment the engine has not detached, and keeps
+the connection.  A host that cannot be asked keeps its connection,
+logged: a leaked export is recoverable (a later disconnect asks again,
+``disconnect_volume VOL HOST`` ends it at once), a cut disk pauses a
+running VM.
 
 Where a host is reached: the address configured for its connector's
 ``host`` name (``addresses``), else the connector's ``ip``, then its
@@ -158,8 +161,30 @@ def _ask_one(settings, ctx, vol_id, answer, flow_id):
                 address, port, str(e) or type(e).__name__))
             continue
         answer.endpoint = (address, port)
-        answer.attached = any(
-            isinstance(i, dict) and i.get("vol_id") == vol_id and
-            not i.get("stale") for i in infos or ())
+        answer.attached = holds(infos, vol_id)
         return
     answer.reason = "; ".join(reasons)
+
+
+def holds(infos, vol_id):
+    """Whether a host whose ``volumes_info`` answered ``infos`` still has
+    ``vol_id``: it has a record of it that is not of an earlier boot.
+
+    A record stale in this boot (``device gone``: an iSCSI or NVMe path
+    that blinked; ``device changed``) is still the engine's attachment:
+    the engine has not detached it, the VM may run there, and ending
+    the connection would unexport the volume from under it."""
+    return any(isinstance(i, dict) and i.get("vol_id") == vol_id and
+               not _of_an_earlier_boot(i) for i in infos or ())
+
+
+def _of_an_earlier_boot(info):
+    """Whether a ``volumes_info`` record was made in an earlier boot of
+    the host (or an unknown one whose managed link is gone): its
+    connection ended with that boot.  ``this_boot`` says it; agents
+    before it only said why a record is stale ("made in another boot",
+    "made in an unknown boot ...")."""
+    if "this_boot" in info:
+        return info["this_boot"] is False
+    return bool(info.get("stale")) and str(
+        info.get("stale_reason") or "").startswith("made in ")

@@ -204,10 +204,31 @@ def test_fence_a_restart_on_b_then_migrate_back_to_a(engine):
     check(engine)
 
     a.boot()                           # same devices, new boot id
-    assert flowengine.journals(engine)["host-a"] == [("os", True)]
+    # Its agent detached the record of the earlier boot at start.
+    assert flowengine.journals(engine)["host-a"] == []
     assert engine.migrate("vm1", "host-a")
     check(engine)
     engine.stop_vm("vm1")
+    check(engine)
+
+
+def test_fence_a_restart_on_b_then_stop_on_b(engine):
+    """The VM never goes back to A: ovirt-engine detaches only on the
+    host the VM device names (B now), so A's agent must drop its record
+    of the fenced boot by itself, and the shim ends A's connection."""
+    engine.add_disk("os")
+    engine.add_vm("vm1", "os")
+    engine.run_vm("vm1", "host-a")
+    a = engine.hosts["host-a"]
+    a.crash()
+    engine.host_down("host-a")
+    engine.run_vm("vm1", "host-b")
+    a.boot()
+    assert flowengine.journals(engine) == {
+        "host-a": [], "host-b": [("os", False)], "host-c": []}
+    check(engine)
+    engine.stop_vm("vm1")
+    assert engine.backend.connections() == set()
     check(engine)
 
 
@@ -224,9 +245,9 @@ def test_a_host_rebooted_with_its_vms_down_runs_them_again(engine):
     a.crash()
     engine.host_down("host-a")
     a.boot()
-    # The records of the previous boot are stale, not attached.
-    assert sorted(flowengine.journals(engine)["host-a"]) == [
-        ("disk1", True), ("disk2", True)]
+    # The records of the previous boot were detached at start: nothing
+    # blocks the attach (no 927), nothing waits for a detach.
+    assert flowengine.journals(engine)["host-a"] == []
     for i in (1, 2):
         engine.run_vm("vm{}".format(i), "host-a")
     check(engine)

@@ -665,9 +665,11 @@ def test_restart_in_the_same_boot_keeps_links_and_a_second_attach_is_927(
         svc.close()
 
 
-def test_record_of_another_boot_is_stale_and_its_link_and_rule_go(
-        inproc_service):
+def test_record_of_another_boot_is_stale_and_reconcile_detaches_it(
+        inproc_service, inproc_brick):
     # The device came back at boot (DRBD, FC, a local disk): vdsm#433.
+    # The engine detaches only on the host its VM device names: after a
+    # fence and a restart elsewhere, never here.
     svc = inproc_service
     vol_id, ci = new_id(), iscsi_connection(svc.cfg)
     first = svc.attach_volume(vol_id, ci, SD)
@@ -679,18 +681,59 @@ def test_record_of_another_boot_is_stale_and_its_link_and_rule_go(
     assert info["this_boot"] is False
 
     assert svc.reconcile(apply=False) == [
-        {"vol_id": vol_id, "state": "attached",
-         "action": "remove-stale-link+rule", "result": "planned",
-         "reason": "made in another boot"}]
-    assert svc.reconcile()[0]["result"] == "done"
+        {"vol_id": vol_id, "state": "attached", "action": "detach-stale",
+         "result": "planned", "reason": "made in another boot"}]
+    assert calls_named(inproc_brick, "disconnect") == []
+    assert svc.reconcile() == [
+        {"vol_id": vol_id, "state": "attached", "action": "detach-stale",
+         "result": "done", "reason": "made in another boot"}]
+    disconnect, = calls_named(inproc_brick, "disconnect")
+    assert disconnect[2] == first["attachment"]
+    assert fakebrick.connected() == []
+    assert records(svc) == []
     assert not is_symlink(first["managed_path"])
     assert not os.path.exists(rule_of(svc, vol_id, SD))
-    # Reported, never recreated; the record waits for the engine.
-    assert svc.reconcile() == [
-        {"vol_id": vol_id, "state": "attached", "action": "stale",
-         "result": "kept", "reason": "made in another boot"}]
-    assert not is_symlink(first["managed_path"])
+    assert svc.reconcile() == []
+
+
+def test_a_record_of_another_boot_whose_detach_fails_stays_attachable(
+        inproc_service, inproc_brick):
+    svc = inproc_service
+    vol_id, ci = new_id(), iscsi_connection(svc.cfg)
+    first = svc.attach_volume(vol_id, ci, SD)
+    new_boot(svc.cfg, empty_run_dir=True)
+    disconnect = inproc_brick.disconnect
+
+    def fail(*args):
+        raise errors.HelperFailed("map in use")
+
+    inproc_brick.disconnect = fail
+    entry, = svc.reconcile()
+    assert (entry["action"], entry["result"]) == (
+        "detach-stale", "failed: Managed volume helper failed: map in use")
+    # Kept as it was: stale, of its boot, without its link and rule.
+    rec, = records(svc)
+    assert (rec["state"], rec["managed_path"]) == ("attached", None)
+    assert rec["boot_id"] != svc._boot()
+    assert not os.path.exists(rule_of(svc, vol_id, SD))
+    # The engine starts the VM here: a first attach, as before.
+    del inproc_brick.calls[:]
+    assert svc.attach_volume(vol_id, ci, SD) == first
+    assert [c[0] for c in inproc_brick.calls] == ["connect"]
+    assert svc.volumes_info([vol_id])[0]["stale"] is False
+
+    # Not attached again: the next reconcile tries again; --force forgets.
+    inproc_brick.disconnect = disconnect
+    svc.detach_volume(vol_id, SD)
+    svc.attach_volume(vol_id, ci, SD)
+    new_boot(svc.cfg, empty_run_dir=True)
+    inproc_brick.disconnect = fail
+    assert svc.reconcile()[0]["result"].startswith("failed: ")
     assert [r["vol_id"] for r in records(svc)] == [vol_id]
+    entry, = svc.reconcile(force=True)
+    assert (entry["action"], entry["result"]) == (
+        "detach-stale", "forgotten: Managed volume helper failed: map in use")
+    assert records(svc) == []
 
 
 def test_start_after_a_reboot_does_not_recreate_links_of_the_old_boot(
@@ -707,6 +750,7 @@ def test_start_after_a_reboot_does_not_recreate_links_of_the_old_boot(
     try:
         assert not is_symlink(first["managed_path"])
         assert not os.path.exists(rule_of(svc, vol_id, SD))
+        assert records(svc) == []        # detached at start
     finally:
         svc.close()
 
@@ -717,9 +761,9 @@ def test_reattach_over_a_record_of_another_boot_is_a_first_attach(
     vol_id, ci = new_id(), iscsi_connection(svc.cfg)
     first = svc.attach_volume(vol_id, ci, SD)
     boot_id = new_boot(svc.cfg, empty_run_dir=True)
-    svc.reconcile()
     del inproc_brick.calls[:]
 
+    # The engine is first (reconcile would have detached the record).
     second = svc.attach_volume(vol_id, ci, SD)
 
     assert second == first
@@ -989,6 +1033,20 @@ def test_nvme_reattach_after_reboot_when_its_old_name_was_reused(
         svc.detach_volume(b, SD)
     finally:
         moved.detach()
+
+
+@pytest.mark.root
+def test_reconcile_never_disconnects_a_reused_device_of_another_boot(
+        inproc_service, inproc_brick, loop, tmp_path):
+    svc = inproc_service
+    vol_id, ci = new_id(), loop_iscsi(svc.cfg, loop)
+    svc.attach_volume(vol_id, ci)
+    new_boot(svc.cfg, empty_run_dir=True)
+    reuse_minor(loop, str(tmp_path / "b.img"))
+    entry, = svc.reconcile()
+    assert (entry["action"], entry["result"]) == ("detach-stale", "done")
+    assert calls_named(inproc_brick, "disconnect") == []
+    assert records(svc) == []
 
 
 @pytest.fixture

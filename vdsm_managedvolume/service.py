@@ -26,11 +26,12 @@ are vdsm's (README, "Verbs"); what differs is how they get there:
 - every record carries the boot it was made in (``boot``).  A record from
   another boot is never a live attachment, even when a device of the same
   name came back at boot (oVirt/vdsm#433: DRBD, StorPool, FC LUNs, local
-  disks): volumes_info says ``stale``, reconcile removes its link and udev
-  rule instead of recreating them, a re-attach starts afresh as a first
-  attach (connect, link, rule, this boot), a detach still disconnects.
-  Within one boot (agent or vdsmd restarted) links are kept and a second
-  attach is 927, as in vdsm;
+  disks): volumes_info says ``stale``, reconcile (at every start)
+  detaches it as detach_volume would (ovirt-engine never will when the
+  VM was restarted on another host), a re-attach before that starts
+  afresh as a first attach (connect, link, rule, this boot), a detach
+  disconnects.  Within one boot (agent or vdsmd restarted) links are
+  kept and a second attach is 927, as in vdsm;
 - before disconnecting, or attaching over a record of this boot, the
   device at the recorded path must still be the one recorded (the
   transport's ``identity``: WWN, serial, loop backing file, MAJ:MIN +
@@ -514,15 +515,18 @@ class Service:
         Actions: "rollback" ('attaching'), "detach" ('detaching'),
         "recreate-link", "recreate-rule", "recreate-link+rule",
         "record-size" (an interrupted extend; combined with the others as
-        "record-size+recreate-link"...), "stale"
-        (not a live attachment: made in another boot, device gone or
-        changed; the record is kept for the engine's detach or
-        re-attach), "remove-stale-link", "remove-stale-rule",
-        "remove-stale-link+rule" (a record of another boot, or whose
-        device changed: its link and rule would point at, or chown, a
-        device that is not the volume's; and the rule matching a kernel
-        name of a record whose device is gone; the record is kept),
-        "adopt" (a
+        "record-size+recreate-link"...), "detach-stale" (an attached
+        record of another boot, its boot id recorded: detached as
+        detach_volume would, never disconnecting a device that is not
+        the one recorded; kept as it was when the detach fails, forgotten
+        then with ``force``), "stale" (not a live attachment: device gone
+        or changed in this boot, or made in an unknown boot; the record is
+        kept for the engine's detach or re-attach), "remove-stale-link",
+        "remove-stale-rule", "remove-stale-link+rule" (a record of an
+        unknown boot, or whose device changed: its link and rule would
+        point at, or chown, a device that is not the volume's; and the
+        rule matching a kernel name of a record whose device is gone; the
+        record is kept), "adopt" (a
         record written before boots were recorded whose managed link
         proves it is of this boot: the boot and device identity are
         recorded; "adopt+recreate-rule" when its rule is missing too),
@@ -536,11 +540,11 @@ class Service:
         process) are skipped with result "busy".  A dry run takes each
         volume's lock only when the lock directory exists (it creates the
         lock file of a volume that never had one, nothing else).
-        ``force`` (with ``apply``): a rollback or detach whose disconnect
-        fails is ended anyway: the record is forgotten with a warning
-        (result "forgotten: <why>"), whatever may be left on the host is
-        the admin's to check.  Without it such a record stays and every
-        reconcile retries it.
+        ``force`` (with ``apply``): a rollback or detach (detach-stale
+        included) whose disconnect fails is ended anyway: the record is
+        forgotten with a warning (result "forgotten: <why>"), whatever
+        may be left on the host is the admin's to check.  Without it such
+        a record stays and every reconcile retries it.
         """
         results = []
         with self._call() as db:
@@ -1043,20 +1047,17 @@ class Service:
             action = "rollback" if state == "attaching" else "detach"
             entry = self._reconcile_action(rec, action, apply,
                                            lambda: self._detach(rec))
-            if force and entry["result"].startswith("failed"):
-                log.warning("Forgetting volume %s although its %s failed "
-                            "(--force): whatever it connected may still be "
-                            "on the host", vol_id, action)
-                self._db().remove_volume(vol_id)
-                entry["result"] = "forgotten: " + entry["result"][
-                    len("failed: "):]
-            return entry
+            return self._forget_if_forced(entry, force)
         boot_id = self._boot()
         reason = self._stale_reason(rec, boot_id)
         if reason is not None:
             if apply and rec["extending"] is not None:
                 # Nothing to measure: the last size seen stays recorded.
                 self._db().update_volume(vol_id, extending=None)
+            if rec["boot_id"] and rec["boot_id"] != boot_id:
+                return self._forget_if_forced(
+                    self._detach_of_another_boot(rec, reason, apply,
+                                                 keep=not force), force)
             return self._reconcile_stale(rec, reason, boot_id, apply)
         # Written before boots were recorded, yet its link proves this
         # boot (see _same_boot): record the boot and the device.
@@ -1121,15 +1122,72 @@ class Service:
             entry["result"] = "forgotten: corrupt record"
         return entry
 
+    def _forget_if_forced(self, entry, force):
+        """With ``force``, a rollback or detach that failed forgets its
+        record all the same (``reconcile``)."""
+        if force and entry["result"].startswith("failed"):
+            log.warning("Forgetting volume %s although its %s failed "
+                        "(--force): whatever it connected may still be "
+                        "on the host", entry["vol_id"], entry["action"])
+            self._db().remove_volume(entry["vol_id"])
+            entry["result"] = "forgotten: " + entry["result"][
+                len("failed: "):]
+        return entry
+
+    def _detach_of_another_boot(self, rec, reason, apply, keep=True):
+        """A record made in an earlier boot (its boot id recorded, and
+        not this one's) is detached as detach_volume would (``_detach``:
+        never disconnecting a device that is no longer the one recorded).
+
+        ovirt-engine detaches a volume only from the host its VM device
+        names (ManagedBlockStorageCommandUtil's
+        disconnectManagedBlockStorageDisk: ATTACHED_VDS_ID or
+        DEST_VDS_ID).  When the host was fenced, its detach failed, and
+        the VM's restart on another host made that one ATTACHED_VDS_ID:
+        nothing will ever detach the volume here, while the record keeps
+        what came back at boot (an iSCSI node logging in at every boot,
+        a multipath map) and the engine shim ends the host's connection
+        (engine/hosts.py: a record of an earlier boot holds nothing).
+        vdsm (storage/managedvolume.py) keeps such rows until the engine
+        detaches.  A start of the VM here later is a first attach either
+        way.
+
+        A failed detach (the storage unreachable, a map held open) keeps
+        the record as it was (``keep``): stale, re-attached as a first
+        attach, detached again at the next reconcile; without ``keep``
+        (--force) it is left for ``_forget_if_forced``."""
+        def detach():
+            try:
+                self._detach(rec)
+            except Exception:
+                if keep:
+                    self._silent_keep(rec)
+                raise
+
+        return self._reconcile_action(rec, "detach-stale", apply, detach,
+                                      reason=reason)
+
+    def _silent_keep(self, rec):
+        """Put back the state of ``rec`` (an attached record of another
+        boot whose detach failed), without its managed link, which the
+        detach removed."""
+        try:
+            self._db().update_volume(rec["vol_id"], state=rec["state"],
+                                     managed_path=None)
+        except Exception:
+            log.exception("Failed to keep the record of volume %s",
+                          rec["vol_id"])
+
     def _reconcile_stale(self, rec, reason, boot_id, apply):
-        """A record that is not a live attachment: kept for the engine's
-        detach or re-attach; its link and udev rule are removed unless it
-        is of this boot and its device is simply gone (then they name
-        only the volume's own device, which may come back).  A rule
-        matching a kernel name (``KERNEL==``, see ``udev``) is removed
-        then too: the kernel gives the name to the next device that
-        comes, and a rule whose device had nothing to guard it by would
-        give that one to qemu's user."""
+        """A record that is not a live attachment, of this boot or of an
+        unknown one (``_detach_of_another_boot`` takes those of another):
+        kept for the engine's detach or re-attach; its link and udev rule
+        are removed unless it is of this boot and its device is simply
+        gone (then they name only the volume's own device, which may come
+        back).  A rule matching a kernel name (``KERNEL==``, see ``udev``)
+        is removed then too: the kernel gives the name to the next device
+        that comes, and a rule whose device had nothing to guard it by
+        would give that one to qemu's user."""
         vol_id, sd_id = rec["vol_id"], rec["sd_id"]
         leftovers = []
         gone = self._same_boot(rec, boot_id) and reason == "device gone"

@@ -263,10 +263,11 @@ def reconcile(cfg, args):
 
     Dry run: the exit code is 1 when anything would be done, so that a
     monitoring script can run ``managedvolume-tool reconcile`` as a probe.
-    Stale records (made in another boot, device gone or changed) are
-    reported with their reason, not counted: the service cannot tell
-    whether the engine still wants them; re-attaching fixes them,
-    detaching removes them.
+    Stale records of this boot (device gone or changed) or of an unknown
+    one are reported with their reason, not counted: the service cannot
+    tell whether the engine still wants them; re-attaching fixes them,
+    detaching removes them.  Those made in another boot are detached
+    (``detach-stale``).
     A dry run opens the journal read-only and changes nothing on disk
     but the lock file of a volume that never had one (it takes each
     volume's lock to see whether an operation holds it: "busy"), and that
@@ -675,11 +676,12 @@ def _parser():
             "Compare the journal with the host: half-done attaches are "
             "rolled back, half-done detaches finished, missing links and "
             "udev rules of attached volumes of this boot recreated, links "
-            "and rules that no record owns removed; stale records (made in "
-            "another boot, device gone, or the device at their path no "
-            "longer the one attached) are reported with the reason and "
-            "kept, the links and rules of those from another boot or "
-            "with a changed device removed.  Without --apply only "
+            "and rules that no record owns removed; records made in another "
+            "boot detached (detach-stale); other stale records (device "
+            "gone, or the device at their path no longer the one "
+            "attached, or an unknown boot) are reported with the reason "
+            "and kept, the links and rules of those of an unknown boot "
+            "or with a changed device removed.  Without --apply only "
             "reports what it would do (exit 1 when anything would be "
             "done).  The agent does the same at every start.")
     p.add_argument("--apply", action="store_true",

@@ -4,6 +4,7 @@ secret-masking proof over the real privsep daemon."""
 import json
 import logging
 import os
+import re
 import stat
 from time import monotonic as time_now
 from time import sleep as time_sleep
@@ -1110,11 +1111,15 @@ def test_detach_leaves_alone_a_device_attached_as_another_volume(
 # Reconcile
 
 @pytest.mark.root
-def test_reconcile_removes_the_kernel_name_rule_of_a_vanished_device(
-        tmp_path, inproc_brick, loop):
-    # A KERNEL== rule names whatever the kernel calls that next (NVMe's
-    # nvmeXnY); a SYMLINK== one (test_reattach_after_device_vanished_
-    # reconnects) names the volume's own link and is kept.
+@pytest.mark.parametrize("guarded", [True, False])
+def test_reconcile_removes_the_bare_kernel_name_rule_of_a_vanished_device(
+        tmp_path, inproc_brick, loop, guarded):
+    # A bare KERNEL== rule (vdsm's) names whatever the kernel calls that
+    # next (NVMe's nvmeXnY): removed.  Ours is guarded by the device's
+    # own attribute (udev.py): kept, so that when the device comes back
+    # it gets its owner again, and re-attach (927) finds it.  A SYMLINK==
+    # one (test_reattach_after_device_vanished_reconnects) names the
+    # volume's own link and is kept.
     node = "/dev/mvtest-" + new_id()[:8]
     cfg = make_cfg(tmp_path, local_devices=(node,))
     svc = service.Service(cfg, brick=inproc_brick)
@@ -1125,17 +1130,32 @@ def test_reconcile_removes_the_kernel_name_rule_of_a_vanished_device(
         vol_id = new_id()
         res = svc.attach_volume(vol_id, {"driver_volume_type": "local",
                                          "data": {"device_path": node}}, SD)
-        with open(rule_of(svc, vol_id, SD)) as f:
-            assert f.read().startswith('KERNEL=="{}", '.format(node[5:]))
+        rule = rule_of(svc, vol_id, SD)
+        with open(rule) as f:
+            text = f.read()
+        assert text.startswith('KERNEL=="{}", ATTR{{'.format(node[5:]))
+        if not guarded:                 # as vdsm writes it
+            with open(rule, "w") as f:
+                f.write(re.sub(r'ATTR\{[^}]*\}=="[^"]*", ', "", text))
         os.unlink(node)                         # the device is gone
         assert svc.volumes_info([vol_id])[0]["stale_reason"] == \
             "device gone"
         entry, = svc.reconcile()
-        assert (entry["action"], entry["result"], entry["reason"]) == (
-            "remove-stale-rule", "done", "device gone")
-        assert not os.path.exists(rule_of(svc, vol_id, SD))
         assert os.readlink(res["managed_path"]) == node
         assert records(svc)[0]["state"] == "attached"
+        if not guarded:
+            assert (entry["action"], entry["result"], entry["reason"]) == (
+                "remove-stale-rule", "done", "device gone")
+            assert not os.path.exists(rule)
+            return
+        assert (entry["action"], entry["result"], entry["reason"]) == (
+            "stale", "kept", "device gone")
+        os.mknod(node, 0o600 | stat.S_IFBLK, st.st_rdev)     # back
+        with pytest.raises(errors.AlreadyAttached):
+            svc.attach_volume(vol_id, {"driver_volume_type": "local",
+                                       "data": {"device_path": node}}, SD)
+        with open(rule) as f:
+            assert f.read() == text
     finally:
         if os.path.lexists(node):
             os.unlink(node)

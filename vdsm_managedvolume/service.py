@@ -1184,17 +1184,19 @@ class Service:
         kept for the engine's detach or re-attach; its link and udev rule
         are removed unless it is of this boot and its device is simply
         gone (then they name only the volume's own device, which may come
-        back).  A rule matching a kernel name (``KERNEL==``, see ``udev``)
-        is removed then too: the kernel gives the name to the next device
-        that comes, and a rule whose device had nothing to guard it by
-        would give that one to qemu's user."""
+        back, and its rule gives it back its owner when it does).  A rule
+        matching a kernel name with no guard (a bare ``KERNEL==``, see
+        ``udev``) is removed then too: the kernel gives the name to the
+        next device that comes, and the rule would give that one to
+        qemu's user; a guarded one matches only the volume's device and
+        is kept."""
         vol_id, sd_id = rec["vol_id"], rec["sd_id"]
         leftovers = []
         gone = self._same_boot(rec, boot_id) and reason == "device gone"
         if not gone:
             if os.path.lexists(self._link_path(sd_id, vol_id)):
                 leftovers.append("link")
-        if (udev.rule_by_kernel_name(self.cfg, sd_id, vol_id) if gone
+        if (udev.bare_kernel_rule(self.cfg, sd_id, vol_id) if gone
                 else udev.has_rule(self.cfg, sd_id, vol_id)):
             leftovers.append("rule")
         if not leftovers:

@@ -43,11 +43,12 @@ This guard was chosen over removing rules once their device is seen
 gone: the rule fires on the udev event of the device that takes the
 name, and at coldplug, before anything of ours can see the old device
 gone; the guard makes a leftover rule match nothing else whenever it
-runs.  (Reconcile also removes the ``KERNEL==`` rule of a record whose
-device is gone: ``service``.)  The file name is vdsm's and the contract's,
-and the match still starts with ``KERNEL==``.  ``SYMLINK==`` rules need
-no guard: the link is the volume's own name (a multipath WWID, the rbd
-pool/image, StorPool's global id).
+runs.  (Reconcile also removes a bare ``KERNEL==`` rule of a record
+whose device is gone, and keeps a guarded one, which can only ever give
+that device back its owner: ``service``.)  The file name is vdsm's and
+the contract's, and the match still starts with ``KERNEL==``.
+``SYMLINK==`` rules need no guard: the link is the volume's own name (a
+multipath WWID, the rbd pool/image, StorPool's global id).
 
 Never ``OWNER``/``GROUP``/``MODE``: udev then resets the SELinux label to
 the default and running VMs pause (https://bugzilla.redhat.com/1147910).
@@ -247,14 +248,16 @@ def has_rule(cfg, sd_id, vol_id):
     return os.path.exists(rule_path(cfg.udev_rules_dir, sd_id, vol_id))
 
 
-def rule_by_kernel_name(cfg, sd_id, vol_id):
-    """Whether the volume has a rule and it matches a kernel name
-    (``KERNEL==``, guarded or not)."""
+def bare_kernel_rule(cfg, sd_id, vol_id):
+    """Whether the volume has a rule matching a kernel name with no guard
+    (``KERNEL==`` and no ``ATTR{...}``: vdsm's rule, or ours for a device
+    with nothing to guard it by)."""
     try:
         with open(rule_path(cfg.udev_rules_dir, sd_id, vol_id)) as f:
-            return f.read(8) == "KERNEL=="
+            text = f.read(4096)     # one line: the rule is ours
     except OSError:
         return False
+    return text.startswith("KERNEL==") and "ATTR{" not in text
 
 
 def rule_ok(cfg, sd_id, vol_id, path):

@@ -59,6 +59,15 @@ def test_render_round_trips(tmp_path):
         config.DEFAULT_ALLOWED_TYPES
 
 
+@pytest.mark.parametrize("name, level", [
+    ("warn", "WARNING"), ("FATAL", "CRITICAL"), ("NOTSET", "DEBUG")])
+def test_log_level_names_logging_took_still_start_the_agent(name, level):
+    # A configuration that worked before log_level was checked (logging's
+    # setLevel took these) must not stop the agent after an upgrade.
+    cfg = config.load(path=os.devnull, overrides={"log_level": name})
+    assert cfg.log_level == level
+
+
 def test_log_level_is_taken_in_any_case():
     cfg = config.load(path=os.devnull, overrides={"log_level": " debug"})
     assert cfg.log_level == "DEBUG"

@@ -348,10 +348,18 @@ def _set(cfg, key, value, where):
     setattr(cfg, key, value)
 
 
+# The other names logging's setLevel takes (logging._nameToLevel), which
+# a configuration may hold from before log_level was checked.
+_LOG_LEVEL_ALIASES = {"WARN": "WARNING", "FATAL": "CRITICAL",
+                      "NOTSET": "DEBUG"}
+
+
 def _log_level(value, where):
     # Checked here, not when logging is set up: the agent died of a
     # ValueError traceback there, and dump-config and check said nothing.
     level = value.strip().upper() if isinstance(value, str) else value
+    # What logging itself took before this check, by their usual names.
+    level = _LOG_LEVEL_ALIASES.get(level, level)
     if level not in LOG_LEVELS:
         raise errors.ConfigError(
             "{}: log_level = {!r} is not a log level (allowed: {}, in any "

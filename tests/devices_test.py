@@ -288,6 +288,13 @@ def test_a_loop_minor_given_another_file_is_another_device(
      False, "wwn naa.2 (recorded naa.1)"),
     ({"dev": "8:0", "serial": "S1"}, {"dev": "8:0"},
      True, "serial none (recorded S1)"),
+    # The WWN before the serial (an NVMe serial is the controller's: a
+    # target re-creating its subsystem gives the namespace a new one).
+    ({"dev": "259:0", "wwn": "eui.1", "serial": "S1"},
+     {"dev": "259:3", "wwn": "eui.1", "serial": "S2"}, False, None),
+    ({"dev": "259:0", "wwn": "eui.1", "serial": "S1"},
+     {"dev": "259:0", "wwn": "eui.2", "serial": "S1"}, True,
+     "wwn eui.2 (recorded eui.1)"),
     # Without them, MAJ:MIN and diskseq, within the recording boot only.
     ({"dev": "252:0", "diskseq": "9"}, {"dev": "252:0", "diskseq": "12"},
      True, "diskseq 12 (recorded 9)"),

@@ -257,7 +257,11 @@ def changed(recorded, current, same_boot):
     """
     if not recorded or not current:
         return None
-    persistent = [k for k in PERSISTENT if recorded.get(k)]
+    # The most specific persistent fact recorded decides alone: a WWN
+    # names the LU or namespace, while an NVMe serial is its
+    # controller's, which a target re-creating its subsystem (Linux
+    # nvmet draws it at random) changes for the same namespace.
+    persistent = [k for k in PERSISTENT if recorded.get(k)][:1]
     if persistent:
         keys = persistent
     elif same_boot:

@@ -115,6 +115,10 @@ LEAKY_TEXTS = [
     "{'password': <Secret value='%s'>, 'lun': 1}" % SECRET,
     "('auth_password', <Secret %s>)" % SECRET,
     "password=<Secret %s> (a < b)" % SECRET,
+    # cinder options marked secret=True without any other secret word.
+    "zadara_access_key=" + SECRET,
+    '{"synology_one_time_pass": "%s"}' % SECRET,
+    "'ACCESS_KEY': '%s'" % SECRET,
 ]
 
 class Secret:
@@ -396,3 +400,16 @@ def test_rbd_secret_type_and_uuid_are_names_not_secrets():
     assert not mask.is_secret_key("secret_uuid")
     assert mask.mask(data) == {"secret_type": "ceph", "secret_uuid": "b0e8",
                                "keyring": mask.MASK}
+
+
+def test_cinders_other_secret_options_are_masked_by_key():
+    # zadara_access_key, synology_one_time_pass: secret=True in cinder.
+    driver = {"zadara_access_key": SECRET, "synology_one_time_pass": SECRET,
+              "zadara_vpsa_host": "vpsa.example", "synology_username": "u"}
+    masked = mask.mask(driver)
+    assert SECRET not in repr(masked)
+    assert masked["zadara_vpsa_host"] == "vpsa.example"
+    assert masked["synology_username"] == "u"
+    for key in ("zadara_access_key", "synology_one_time_pass"):
+        assert mask.is_secret_key(key)
+        assert not mask.plainly_clean(key)

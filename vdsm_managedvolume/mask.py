@@ -10,8 +10,9 @@ argument is wrapped in ``Masked``: masked once, and only when the line is
 written, also by handlers without that filter (vdsm's).
 
 A key is secret when its lower-cased name contains ``password``, ``secret``,
-``keyring``, ``token``, ``credential`` or ``private_key``, or starts with
-``auth_`` / ``discovery_auth_`` and is not the auth method or user name.
+``keyring``, ``token``, ``credential``, ``private_key``, ``access_key`` or
+``one_time_pass``, or starts with ``auth_`` / ``discovery_auth_`` and is not
+the auth method or user name.
 
 Free text (exception messages, command lines, reprs) is scanned for the
 shapes in which such a key meets its value::
@@ -42,8 +43,10 @@ import re
 
 MASK = "********"
 
+# (access_key, one_time_pass: cinder options marked secret=True that hold
+# no other word, zadara_access_key and synology_one_time_pass.)
 _SECRET_WORDS = ("password", "passwd", "secret", "keyring", "token",
-                 "private_key", "credential")
+                 "private_key", "credential", "access_key", "one_time_pass")
 # Auth fields that are not credentials themselves, RBD's names of a
 # libvirt secret (its type, "ceph", and its UUID: masking "ceph" garbled
 # every RBD error), and volumes_info's flag asking for secrets (a flag,

@@ -42,7 +42,7 @@ from . import outcome
 # ``key =`` or ``AQ...==``); an argument without any has nothing to hide.
 # tests/engine_client_test.py keeps the list in step with ``mask``.
 SECRET_HINTS = ("passw", "secret", "key", "token", "credential", "auth",
-                "@", "aq")
+                "one_time_pass", "@", "aq")
 
 
 def main(argv=None):

@@ -1021,3 +1021,32 @@ def test_a_command_started_without_stderr_still_runs():
         preexec_fn=lambda: os.close(2), timeout=120)
     assert r.returncode == 0
     assert r.stdout.startswith(b"managedvolume-cinderlib-client ")
+
+
+
+def test_the_sqlite_database_is_created_private_and_a_loose_one_logged(
+        engine_service, engine_shim, engine_backend, tmp_path):
+    # It holds the backends' CHAP passwords (each connection's info):
+    # SQLite created it with the umask (0644, readable by everyone).
+    be = engine_backend
+    path = tmp_path / "cinderlib.db"
+    assert be["db_url"] == "sqlite:///{}".format(path)
+    old = os.umask(0o022)
+    try:
+        r = engine_shim.run("create_volume", new_id(), 1,
+                            driver=be["driver"], db_url=be["db_url"])
+    finally:
+        os.umask(old)
+    assert (r.stdout, r.code) == (b"", 0), r.describe()
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    # One that exists is left alone, but said (in the log, never stdout).
+    loose = tmp_path / "loose.db"
+    loose.write_bytes(b"")
+    loose.chmod(0o644)
+    r = engine_shim.run("storage_stats", "false", driver=be["driver"],
+                        db_url="sqlite:///{}".format(loose), warm=False)
+    assert r.code == 0, r.describe()
+    assert "The cinderlib database {} is mode 0644".format(loose) in \
+        r.stderr, r.describe()
+    assert r.stdout.startswith(b"cid-test:")
+    assert os.stat(loose).st_mode & 0o777 == 0o644

@@ -201,6 +201,8 @@ def setup_cinderlib(db_url, locks_dir):
     """
     select_threading_backend()
     import cinderlib as cl
+    if _state["db_url"] != db_url:
+        private_sqlite_file(db_url)
     if not cl.Backend.global_initialization:
         _queue_sqlite_writers()
         # 0700 at every level we create (and the default run directory,
@@ -228,6 +230,79 @@ def setup_cinderlib(db_url, locks_dir):
         cl.Backend.set_persistence({"storage": "db", "connection": db_url})
         _state["db_url"] = db_url
     return cl
+
+
+def sqlite_path(db_url):
+    """The file a SQLite ``db_url`` opens, as pysqlite opens it, or None
+    (another database, or SQLite in memory: ``sqlite://``,
+    ``sqlite:///:memory:``, a ``file:`` URI with ``mode=memory``)."""
+    from urllib.parse import parse_qs
+    from urllib.parse import unquote
+    from urllib.parse import urlsplit
+
+    from sqlalchemy.engine import url as sa_url
+    try:
+        url = sa_url.make_url(db_url)
+    except Exception:
+        return None     # cl.setup says what is wrong with it
+    if url.get_backend_name() != "sqlite":
+        return None
+    database = url.database or ""
+    if str(url.query.get("uri", "")).lower() in ("true", "1") and \
+            database.startswith("file:"):
+        # A SQLite URI filename (SQLAlchemy's ?uri=true): file:PATH or
+        # file://[localhost]/PATH, %-escaped, with its own options.
+        parts = urlsplit(database)
+        if "memory" in parse_qs(parts.query).get("mode", []) or \
+                url.query.get("mode") == "memory":
+            return None
+        database = unquote(parts.path)
+    if database in ("", ":memory:"):
+        return None
+    return os.path.abspath(database)
+
+
+def private_sqlite_file(db_url):
+    """Create a SQLite database file 0600 before SQLite creates it.
+
+    cinderlib's database holds the backends' CHAP passwords and keyrings
+    (in each connection's info); SQLite would create the file with the
+    process's umask (0644: readable by every local user).  An empty file
+    is an empty database to SQLite, and its journal files take the
+    database file's mode.  An existing file is left as it is (an admin
+    may have reasons), but one others may read or write is logged.
+    Nothing here fails the operation: a path SQLite cannot open either is
+    for cl.setup to report.
+    """
+    path = sqlite_path(db_url)
+    if path is None:
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL |
+                     os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        _check_private_file(path)
+        return
+    except OSError as e:
+        log.debug("Cannot create %s 0600 (%s); left to SQLite", path, e)
+        return
+    try:
+        os.fchmod(fd, 0o600)      # a umask such as 0277 aside
+    finally:
+        os.close(fd)
+    log.info("Created the cinderlib database file %s (0600)", path)
+
+
+def _check_private_file(path):
+    import stat
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return
+    if mode & 0o077:
+        log.warning("The cinderlib database %s is mode %04o: other users "
+                    "may read the backends' secrets in it (chmod 600 %s)",
+                    path, mode, path)
 
 
 def _queue_sqlite_writers():

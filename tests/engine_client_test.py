@@ -1050,3 +1050,30 @@ def test_the_sqlite_database_is_created_private_and_a_loose_one_logged(
         r.stderr, r.describe()
     assert r.stdout.startswith(b"cid-test:")
     assert os.stat(loose).st_mode & 0o777 == 0o644
+
+
+def test_secrets_left_on_argv_without_setproctitle_are_logged(
+        engine_service, engine_shim, engine_backend, tmp_path):
+    # Hiding them from /proc/PID/cmdline silently did nothing.
+    blocker = tmp_path / "no-setproctitle"
+    blocker.mkdir()
+    (blocker / "setproctitle.py").write_text(
+        "raise ImportError('not installed here')\n")
+    env = {"PYTHONPATH": str(blocker) + os.pathsep +
+           engine_shim.env["PYTHONPATH"]}
+    log_file = tmp_path / "engine.log"
+    driver = dict(engine_backend["driver"], san_password=SECRET)
+    r = engine_shim.run("storage_stats", "false", driver=driver,
+                        db_url=engine_backend["db_url"], env=env,
+                        options=["--log-file", str(log_file)])
+    assert r.code == 0, r.describe()
+    text = log_file.read_text()
+    assert "setproctitle is not installed: the secrets on this command " \
+           "line stay readable" in text
+    assert SECRET not in text + r.stderr + r.stdout.decode()
+    # With it, nothing to say.
+    r = engine_shim.run("storage_stats", "false", driver=driver,
+                        db_url=engine_backend["db_url"],
+                        options=["--log-file", str(log_file)])
+    assert r.code == 0, r.describe()
+    assert log_file.read_text().count("setproctitle is not installed") == 1

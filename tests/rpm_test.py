@@ -357,6 +357,19 @@ def test_spec_version_fallback_is_the_package_version():
                      re.M), "add a %changelog entry for " + VERSION
 
 
+def test_the_engine_shim_declares_setproctitle_in_both_packagings():
+    # It hides the secrets the engine passes on argv from /proc: without
+    # it that silently did nothing.
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(REPO, "setup.cfg"))
+    extra = cfg["options.extras_require"]["engine"].split()
+    assert "setproctitle" in extra
+    with open(os.path.join(REPO, "managedvolume.spec")) as f:
+        spec = f.read()
+    engine = spec.split("%package engine", 1)[1].split("%description", 1)[0]
+    assert re.search(r"^Requires:\s+python3-setproctitle$", engine, re.M)
+
+
 # The built RPMs
 
 @pytest.fixture(scope="module")
@@ -586,6 +599,7 @@ def test_engine_rpm_requires_common_and_cinderlib_not_the_host_package(
         rpms):
     requires = set(rpmq(rpms, ENGINE, "--requires").splitlines())
     assert "python3-cinderlib" in requires
+    assert "python3-setproctitle" in requires
     assert "vdsm-managedvolume-common = {}-1".format(VERSION) in requires
     assert not any(r.split()[0] in ("vdsm-managedvolume", "vdsm")
                    for r in requires), requires

@@ -51,7 +51,7 @@ def main(argv=None):
     out = _reserve_stdout()
     opts = None
     try:
-        _hide_secrets_from_cmdline(argv)
+        exposed = _hide_secrets_from_cmdline(argv)
         if argv[:1] in (["-h"], ["--help"]):
             _finish(out, outcome.Outcome(args.USAGE.encode("utf-8")))
         if argv[:1] == ["--version"]:
@@ -68,6 +68,8 @@ def main(argv=None):
             _finish(out, outcome.error(e, outcome.EXIT_FAILED))
         if request is not None:
             _quiet_stderr(request.log_file)
+            if exposed:
+                _warn_exposed(request)
         socket_path = opts.socket or args.default_socket()
         if opts.serve:
             from . import warm
@@ -150,18 +152,40 @@ def _may_hold_secret(text):
 
 
 def _hide_secrets_from_cmdline(argv):
+    """Rewrite /proc/PID/cmdline masked; True when argv holds a secret
+    that cannot be hidden (setproctitle is missing)."""
     if not any(_may_hold_secret(a) for a in argv):
-        return
+        return False
     from vdsm_managedvolume import mask
     masked = [mask.mask_text(a) for a in argv]
     if masked == argv:
-        return
+        return False
     try:
         import setproctitle
     except ImportError:
-        return
+        return True
     setproctitle.setproctitle(" ".join(
         ["managedvolume-cinderlib-client"] + masked))
+    return False
+
+
+def _warn_exposed(request):
+    """Say in the log (never on stdout) that the secrets on this command
+    line stayed visible: without setproctitle (a dependency of the
+    package; missing only from a broken install) that happened silently.
+    Only then is logging loaded by a forwarding command."""
+    import logging
+    from . import runner
+    try:
+        runner.configure_logging(request.log_level, request.log_file,
+                                 request.correlation_id)
+    except Exception:
+        return
+    logging.getLogger("vdsm_managedvolume.engine").warning(
+        "setproctitle is not installed: the secrets on this command line "
+        "stay readable by every local user in /proc/%d/cmdline (install "
+        "python3-setproctitle, or pass DRIVER_JSON and DB_URL as @FILE, - "
+        "or env:)", os.getpid())
 
 
 def _log_unexpected(reason, opts):

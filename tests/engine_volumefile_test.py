@@ -33,6 +33,16 @@ def test_create_makes_a_sparse_file_of_the_size(tmp_path):
         volumefile.create(path, GiB)
 
 
+def test_a_file_create_could_not_size_is_removed(tmp_path):
+    # Left behind, it made every retry of the volume fail "File exists".
+    path = str(tmp_path / "v")
+    with pytest.raises(OverflowError):
+        volumefile.create(path, 2 ** 63)      # more than off_t holds
+    assert not os.path.exists(path)
+    volumefile.create(path, GiB)
+    assert os.path.getsize(path) == GiB
+
+
 def test_grow_never_shrinks(tmp_path):
     path = str(tmp_path / "v")
     volumefile.create(path, 2 * GiB)

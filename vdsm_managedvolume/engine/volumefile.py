@@ -51,9 +51,18 @@ class CommandFailed(Exception):
 
 
 def create(path, size):
-    """Create a new sparse file of ``size`` bytes (fails if it exists)."""
+    """Create a new sparse file of ``size`` bytes (fails if it exists).
+
+    A file this call created but could not size (too large for the
+    filesystem: EFBIG; no space) is removed: left behind, it made every
+    retry of the same volume fail with "File exists".
+    """
     with open(path, "xb") as f:
-        os.ftruncate(f.fileno(), size)
+        try:
+            os.ftruncate(f.fileno(), size)
+        except BaseException:
+            remove(path)
+            raise
 
 
 def grow(path, size):

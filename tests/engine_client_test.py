@@ -327,6 +327,22 @@ def test_usage_errors_are_one_error_line_and_never_echo_the_driver(
           "true"), "--host-port must be a port number"),
         (("--host-addresses", "h1", "storage_stats", "{}", be["db_url"], "c",
           "true"), "--host-addresses: expected HOST=ADDRESS[:PORT]"),
+        # The engine's argv without its sub-command: the driver JSON first.
+        (('{"san_password": "%s"}' % SECRET, be["db_url"], "cid", new_id()),
+         "unknown sub-command '{\"san_password\": \"********\"}'"),
+        (("--log-level", "NOPE", "storage_stats", "{}", be["db_url"], "c",
+          "true"), "--log-level must be one of DEBUG, INFO"),
+        (("--timeout", "1e10", "storage_stats", "{}", be["db_url"], "c",
+          "true"), "--timeout must be a positive number of seconds up to"),
+        (("storage_stats", "{}", be["db_url"], "c\rd", "true"),
+         "invalid correlation id 'c\\rd'"),
+        (("connect_volume", "{}", be["db_url"], "c", new_id(),
+          "[" * 100000), "connector_info is nested more than"),
+        (("connect_volume", "{}", be["db_url"], "c", new_id(),
+          '{"host": ["h1"]}'), "connector_info has no host"),
+        (("storage_stats", "{}",
+          "postgresql://engine:DB@%s@127.0.0.1:1/ovirt" % SECRET, "c",
+          "true"), "DB_URL holds more than one '@'"),
     ]
     import subprocess
     from .engine_fixtures import client_argv
@@ -1023,7 +1039,6 @@ def test_a_command_started_without_stderr_still_runs():
     assert r.stdout.startswith(b"managedvolume-cinderlib-client ")
 
 
-
 def test_the_sqlite_database_is_created_private_and_a_loose_one_logged(
         engine_service, engine_shim, engine_backend, tmp_path):
     # It holds the backends' CHAP passwords (each connection's info):
@@ -1077,3 +1092,28 @@ def test_secrets_left_on_argv_without_setproctitle_are_logged(
                         options=["--log-file", str(log_file)])
     assert r.code == 0, r.describe()
     assert log_file.read_text().count("setproctitle is not installed") == 1
+
+
+def test_a_bad_log_level_is_answered_by_the_warm_service_not_lost(
+        engine_service, engine_shim, engine_backend):
+    # A request another version of the command sent unchecked: its child
+    # died in the logging set-up and the command read "lost the request".
+    from vdsm_managedvolume.engine import args, forward
+    be = engine_backend
+    request = args.Request(command="storage_stats", driver=be["driver"],
+                           db_url=be["db_url"], correlation_id="c-level",
+                           args={"refresh": False}, log_level="NOPE",
+                           locks_dir=engine_shim.env[args.ENV_LOCKS_DIR])
+    answer = forward.forward(request, engine_shim.socket_path)
+    assert answer.exit_code == 2
+    assert answer.output.startswith(b"error:log level must be one of")
+    # The service goes on serving.
+    r = engine_shim.run("storage_stats", "false", driver=be["driver"],
+                        db_url=be["db_url"])
+    assert r.code == 0 and r.stdout.startswith(b"cid-test:"), r.describe()
+    # The environment variable as the option: a usage error, exit 2.
+    r = engine_shim.run("storage_stats", "false", driver=be["driver"],
+                        db_url=be["db_url"],
+                        env={args.ENV_LOG_LEVEL: "verbose"})
+    assert r.code == 2, r.describe()
+    assert r.error().startswith(args.ENV_LOG_LEVEL + " must be one of")

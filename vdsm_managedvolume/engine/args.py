@@ -106,6 +106,21 @@ IDS = ("volume_id", "snapshot_id", "cloned_vol_id")
 _UUID = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
 # How much of a bad value an error line quotes.
 QUOTE_MAX = 80
+# The largest size in GiB: cinder's volumes.size column is an INTEGER
+# (PostgreSQL's int4).  A larger one overflowed it after the driver had
+# made the volume: a backend volume without a record, which no delete
+# finds and which blocks a retry of the same id.
+MAX_SIZE = 2 ** 31 - 1
+# The longest --timeout / --host-timeout, in seconds (a week): larger ones
+# overflow the waits they end up in (threading's, select's, a socket's).
+# No limit at all is 0.
+MAX_TIMEOUT = 7 * 24 * 3600
+# How deep a JSON argument may nest (a connector, a device, the driver
+# options are a few levels deep): deeper ones fail the recursive code
+# that masks, copies and logs them.
+MAX_DEPTH = 32
+# The log levels --log-level takes (logging's names).
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL")
 
 USAGE = """\
 usage: managedvolume-cinderlib-client [OPTIONS] SUB-COMMAND DRIVER_JSON DB_URL
@@ -125,10 +140,11 @@ persistence (sqlite:///FILE or postgresql://...); each inline, @FILE,
 - (stdin) or env:[NAME], the way to keep secrets off the command line.
 
 options (before the sub-command; each also an environment variable):
-  --timeout SEC        give up after SEC seconds (default 0: no limit)
+  --timeout SEC        give up after SEC seconds, at most 604800 (default
+                       0: no limit)
   --log-file PATH|-    log file, - for stderr (default
                        $ENGINE_LOG/managedblock/managedvolume.log)
-  --log-level LEVEL    DEBUG, INFO (default), WARNING, ERROR
+  --log-level LEVEL    DEBUG, INFO (default), WARNING, ERROR, CRITICAL
   --locks-dir DIR      cinderlib's file locks (default: the run directory)
   --socket PATH        the warm service's socket; --serve runs the service
   --cold               never forward to the warm service
@@ -250,13 +266,12 @@ def parse(argv, environ=None, stdin=None):
             "expected SUB-COMMAND DRIVER_JSON DB_URL CORRELATION_ID [ARGS...]")
     command, driver_src, db_src, correlation_id, *rest = argv
     if command not in COMMANDS:
-        raise errors.EngineUsage("unknown sub-command {!r} (known: {})".format(
-            command, ", ".join(COMMANDS)))
-    if not correlation_id or "\n" in correlation_id:
-        # Every line would start with an empty id.  (An id starting with
-        # "error" is fine: see outcome.result.)
-        raise errors.EngineUsage(
-            "invalid correlation id {!r}".format(correlation_id))
+        # Masked and cut short: without its sub-command, the engine's
+        # argv starts with the driver JSON, passwords and all.
+        from vdsm_managedvolume import mask
+        raise errors.EngineUsage("unknown sub-command {} (known: {})".format(
+            _quoted(mask.mask_text(command)), ", ".join(COMMANDS)))
+    _check_correlation_id(correlation_id)
     if driver_src == "-" and db_src == "-":
         raise errors.EngineUsage("only one of DRIVER_JSON and DB_URL may be "
                                  "read from stdin")
@@ -265,6 +280,7 @@ def parse(argv, environ=None, stdin=None):
     db_url = _source("DB_URL", db_src, ENV_DB_URL, environ, stdin).strip()
     if not db_url:
         raise errors.EngineUsage("DB_URL is empty")
+    _check_url_userinfo(db_url)
     db_url = _with_password(db_url, environ)
     args = _command_args(command, rest)
     _check_volume_driver(driver)
@@ -383,6 +399,20 @@ def parse_bool(name, value):
         name, value))
 
 
+def log_level(value, name="--log-level"):
+    """A log level name (any case; empty: INFO), upper-cased.
+
+    Checked here, before anything runs: logging refuses an unknown one
+    with a ValueError deep in the run (an internal error; in the warm
+    service, a lost request).
+    """
+    level = (value or "INFO").strip().upper()
+    if level not in LOG_LEVELS:
+        raise errors.EngineUsage("{} must be one of {}, got {}".format(
+            name, ", ".join(LOG_LEVELS), _quoted(value)))
+    return level
+
+
 def split_address(value, default_port):
     """(address, port) of "ADDRESS", "ADDRESS:PORT", "[V6]:PORT" or "V6"."""
     if value.startswith("["):
@@ -426,7 +456,7 @@ def _options_from_env(environ):
         opts.timeout = _timeout(environ[ENV_TIMEOUT], ENV_TIMEOUT,
                                 zero_means_none=True)
     opts.log_file = environ.get(ENV_LOG_FILE, "")
-    opts.log_level = (environ.get(ENV_LOG_LEVEL) or "INFO").upper()
+    opts.log_level = log_level(environ.get(ENV_LOG_LEVEL, ""), ENV_LOG_LEVEL)
     opts.locks_dir = environ.get(ENV_LOCKS_DIR, "")
     opts.socket = environ.get(ENV_SOCKET, "")
     opts.cold = parse_bool(ENV_COLD, environ.get(ENV_COLD, ""))
@@ -494,7 +524,7 @@ def _parse_option(opts, argv):
     elif name in _HOST_OPTIONS:
         _host_option(opts, name, value, name)
     elif name == "--log-level":
-        opts.log_level = value.upper()
+        opts.log_level = log_level(value, name)
     else:
         setattr(opts, name[2:].replace("-", "_"), value)
 
@@ -507,11 +537,12 @@ def _timeout(value, name, zero_means_none=False):
         t = float(value)
     except ValueError:
         t = 0
-    if not 0 < t < float("inf"):
-        raise errors.EngineUsage("{} must be a positive number of seconds{}, "
-                                 "got {!r}".format(
-                                     name, " (0: none)" if zero_means_none
-                                     else "", value))
+    if not 0 < t <= MAX_TIMEOUT:
+        raise errors.EngineUsage("{} must be a positive number of seconds "
+                                 "up to {}{}, got {}".format(
+                                     name, MAX_TIMEOUT,
+                                     " (0: none)" if zero_means_none
+                                     else "", _quoted(value)))
     return t
 
 
@@ -544,6 +575,9 @@ def _driver(text):
         raise errors.EngineUsage("DRIVER_JSON is not valid JSON ({}: line "
                                  "{} column {})".format(e.msg, e.lineno,
                                                         e.colno))
+    except RecursionError:
+        raise _too_deep("DRIVER_JSON")
+    _check_depth("DRIVER_JSON", driver)
     if not isinstance(driver, dict):
         raise errors.EngineUsage("DRIVER_JSON must be a JSON object")
     # ovirt-engine's: which client to run (ManagedBlockExecutor picks
@@ -583,6 +617,11 @@ def _command_args(command, values):
     for name in ("connector_info", "device"):
         if name in args:
             args[name] = _json_arg(name, args[name], want=dict)
+    if "connector_info" in args:
+        # What connect_volume matches connections by, and what
+        # disconnect_volume and the hosts are asked by: a connection
+        # without it could never be named again.
+        _check_host(args["connector_info"].get("host"), "connector_info")
     if "connector" in args:
         args["connector"] = _connector_host(args["connector"])
     return args
@@ -600,11 +639,17 @@ def _check_uuid(name, value):
 def _size(value):
     # ASCII digits only: int() would also take "+5", " 5", "1_0" and
     # other scripts' digits.
-    if not (value.isascii() and value.isdigit()) or int(value) <= 0:
+    # int() of more than 4300 digits raises (Python 3.11): counted first.
+    digits = value.lstrip("0")
+    if not (value.isascii() and value.isdigit()) or not digits:
         raise errors.EngineUsage(
             "size must be a positive whole number of GiB, got {}".format(
                 _quoted(value)))
-    return int(value)
+    if len(digits) > len(str(MAX_SIZE)) or int(digits) > MAX_SIZE:
+        raise errors.EngineUsage(
+            "size must be at most {} GiB, got {}".format(MAX_SIZE,
+                                                         _quoted(value)))
+    return int(digits)
 
 
 def _quoted(value):
@@ -621,6 +666,9 @@ def _json_arg(name, value, want):
         obj = json.loads(value)
     except ValueError:
         raise errors.EngineUsage("{} is not valid JSON".format(name))
+    except RecursionError:
+        raise _too_deep(name)
+    _check_depth(name, obj)
     if not isinstance(obj, want):
         raise errors.EngineUsage("{} must be a JSON object".format(name))
     return obj
@@ -630,12 +678,75 @@ def _connector_host(value):
     """A connector JSON object (its "host") or a plain host name."""
     if value.lstrip().startswith(("{", "@")):
         connector = _json_arg("connector", value, want=dict)
-        if not connector.get("host"):
-            raise errors.EngineUsage("connector has no host")
+        _check_host(connector.get("host"), "connector")
         return connector["host"]
     if not value:
         raise errors.EngineUsage("connector host is empty")
     return value
+
+
+def _check_host(host, name):
+    if not isinstance(host, str) or not host.strip():
+        raise errors.EngineUsage("{} has no host (a non-empty string "
+                                 "naming the host)".format(name))
+
+
+def _check_depth(name, obj):
+    """Refuse JSON nested deeper than MAX_DEPTH (walked level by level:
+    no recursion here)."""
+    level = [obj] if isinstance(obj, (dict, list)) else []
+    for _ in range(MAX_DEPTH):
+        nested = []
+        for o in level:
+            values = o.values() if isinstance(o, dict) else o
+            nested.extend(v for v in values if isinstance(v, (dict, list)))
+        if not nested:
+            return
+        level = nested
+    if level:
+        raise _too_deep(name)
+
+
+def _too_deep(name):
+    return errors.EngineUsage("{} is nested more than {} levels deep".format(
+        name, MAX_DEPTH))
+
+
+def _check_correlation_id(correlation_id):
+    """The engine's id prefixes the answer line it reads with Java's
+    readLine: a line break (\n, \r) in it splits that line, and the
+    answer is written as UTF-8.  Refused before anything runs (it did
+    run, and then failed to print its answer)."""
+    ok = bool(correlation_id) and correlation_id.isprintable()
+    if ok:
+        try:
+            correlation_id.encode("utf-8")
+        except UnicodeEncodeError:
+            ok = False
+    if not ok:
+        # An id starting with "error" is fine: see outcome.result.
+        raise errors.EngineUsage(
+            "invalid correlation id {} (it must be printable UTF-8 "
+            "text)".format(_quoted(correlation_id)))
+
+
+def _check_url_userinfo(url):
+    """Refuse a raw '@' in a DB URL's user name or password.
+
+    SQLAlchemy ends the password at the first '@' and takes the rest for
+    the host, which its errors then print ("could not translate host name
+    "SECRET@127.0.0.1""), and which our own masking (up to the last '@')
+    did not read as SQLAlchemy does.  '%40' is the way to write it (for
+    the engine: in its MANAGEDBLOCK_DB_PASSWORD, which it puts in the URL
+    as it is).  SQLite URLs have no user: their paths may hold '@'.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower().startswith("sqlite"):
+        return
+    if rest.count("@") > 1:
+        raise errors.EngineUsage(
+            "DB_URL holds more than one '@': percent-encode '@' in its "
+            "user name and password as %40")
 
 
 def _with_password(url, environ):

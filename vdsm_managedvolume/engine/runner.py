@@ -55,6 +55,14 @@ NOISY = ("cinder", "cinderlib", "oslo", "oslo_db", "oslo_concurrency",
 
 def run(request):
     """Run ``request`` within its timeout and return its ``Outcome``."""
+    try:
+        # The command checked it; a request from another version of the
+        # command, forwarded to a warm service, may not have been: an
+        # answer, not a child dying in configure_logging.
+        request.log_level = argsmod.log_level(request.log_level,
+                                              "log level")
+    except errors.EngineUsage as e:
+        return error(e, EXIT_USAGE)
     scrub = Scrubber(request.secrets())
     configure_logging(request.log_level, request.log_file,
                       request.correlation_id, scrub)

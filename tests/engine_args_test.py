@@ -136,7 +136,8 @@ def test_a_log_level_that_is_no_level_is_a_usage_error(option):
     message = _usage_error(argv, {args.ENV_LOG_LEVEL: "NOPE"})
     assert message.startswith(args.ENV_LOG_LEVEL + " must be one of")
     for value, level in (("debug", "DEBUG"), ("Warning", "WARNING"),
-                         ("", "INFO")):
+                         ("", "INFO"), ("warn", "WARNING"),
+                         ("FATAL", "CRITICAL"), ("NOTSET", "DEBUG")):
         opts, request = args.parse(["--log-level", value] + argv,
                                    environ={})
         assert opts.log_level == request.log_level == level

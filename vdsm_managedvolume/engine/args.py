@@ -119,8 +119,12 @@ MAX_TIMEOUT = 7 * 24 * 3600
 # options are a few levels deep): deeper ones fail the recursive code
 # that masks, copies and logs them.
 MAX_DEPTH = 32
-# The log levels --log-level takes (logging's names).
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL")
+# The log levels --log-level takes (logging's names), and the other names
+# logging's setLevel took before they were checked, read as the agent's
+# configuration reads them (config.py).
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_LEVEL_ALIASES = {"WARN": "WARNING", "FATAL": "CRITICAL",
+                     "NOTSET": "DEBUG"}
 
 USAGE = """\
 usage: managedvolume-cinderlib-client [OPTIONS] SUB-COMMAND DRIVER_JSON DB_URL
@@ -407,6 +411,7 @@ def log_level(value, name="--log-level"):
     service, a lost request).
     """
     level = (value or "INFO").strip().upper()
+    level = LOG_LEVEL_ALIASES.get(level, level)
     if level not in LOG_LEVELS:
         raise errors.EngineUsage("{} must be one of {}, got {}".format(
             name, ", ".join(LOG_LEVELS), _quoted(value)))

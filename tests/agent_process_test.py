@@ -591,10 +591,12 @@ def test_fence_reboot_reattach_is_a_first_attach_detach_leaves_nothing(
             os.unlink(os.path.join(run_dir, name))
         boot_file.write_text(new_id() + "\n")
         # The start detaches the record of the earlier boot (nothing else
-        # would if the engine restarted the VM elsewhere): os-brick's
-        # local connector leaves the device alone.
+        # would if the engine restarted the VM elsewhere), in a thread once
+        # the agent serves (Service.start): os-brick's local connector
+        # leaves the device alone.
         agent = AgentProcess(base, env=env).start()
-        assert "detach-stale -> done (made in another boot)" in agent.log()
+        agentutil.wait_for(lambda: "detach-stale -> done (made in another "
+                           "boot)" in agent.log())
         assert not os.path.lexists(link) and not os.path.exists(rule)
         assert loop.path and os.path.exists(loop.path)
         with agent.client() as c:

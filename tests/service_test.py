@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import stat
+import threading
 from time import monotonic as time_now
 from time import sleep as time_sleep
 
@@ -735,6 +736,47 @@ def test_a_record_of_another_boot_whose_detach_fails_stays_attachable(
     assert (entry["action"], entry["result"]) == (
         "detach-stale", "forgotten: Managed volume helper failed: map in use")
     assert records(svc) == []
+
+
+def test_start_leaves_the_records_of_an_earlier_boot_to_a_thread(
+        host_cfg, inproc_brick):
+    # After a fence, each such record's detach is a privsep call that
+    # unreachable storage may hold for [privsep] timeout: the agent (and
+    # vdsm's first call) must answer meanwhile (agent.py, api.py).
+    svc = service.Service(host_cfg, brick=inproc_brick)
+    svc.start()
+    vol_id, ci = new_id(), iscsi_connection(host_cfg)
+    svc.attach_volume(vol_id, ci, SD)
+    svc.close()
+    new_boot(host_cfg, empty_run_dir=True)
+    release, entered = threading.Event(), threading.Event()
+    disconnect = inproc_brick.disconnect
+
+    def slow(*args):
+        entered.set()
+        assert release.wait(30)
+        return disconnect(*args)
+
+    inproc_brick.disconnect = slow
+    svc = service.Service(host_cfg, brick=inproc_brick)
+    try:
+        svc.start(defer_detach_stale=True)
+        assert not entered.is_set()
+        info, = svc.volumes_info([vol_id])
+        assert (info["stale"], info["stale_reason"]) == (
+            True, "made in another boot")
+        t = svc.detach_stale_later()
+        assert entered.wait(30)
+        assert svc.volumes_info([vol_id])[0]["stale"] is True  # answers
+        release.set()
+        t.join(30)
+        assert not t.is_alive()
+        assert records(svc) == []
+        assert fakebrick.connected() == []
+    finally:
+        release.set()
+        inproc_brick.disconnect = disconnect
+        svc.close()
 
 
 def test_start_after_a_reboot_does_not_recreate_links_of_the_old_boot(

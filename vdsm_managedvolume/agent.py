@@ -316,14 +316,17 @@ def _serve(cfg, insecure):
     # One bound for the whole stop: what the server's drain left of
     # shutdown_timeout is the service's (and its daemon's) to close.
     stop_began = []
-    # Reconcile the journal before the first request can arrive.
-    service.start()
+    # Reconcile the journal before the first request can arrive; the
+    # records of an earlier boot are detached once we serve (a privsep
+    # call each, which storage trouble can hold: Service.start).
+    service.start(defer_detach_stale=True)
     try:
         dispatcher = jsonrpc.Dispatcher(service)
         server = stompserver.Server(cfg, dispatcher, ssl_context)
         address = server.listen(bind(cfg.listen, cfg.port))
         ControlSocket(cfg.socket_path, lambda: service.connector_info(
             stale_ok=True)).serve_in(server)
+        service.detach_stale_later()
 
         def terminate(signo, frame):
             log.info("Received %s", signal.Signals(signo).name)

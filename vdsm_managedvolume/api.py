@@ -116,7 +116,10 @@ def get_service():
             from . import config
             from . import service as service_module
             svc = service_module.Service(config.load())
-            svc.start()
+            # Records of an earlier boot are detached in a thread: this
+            # first call (maybe getCapabilities) must not wait for them.
+            svc.start(defer_detach_stale=True)
+            svc.detach_stale_later()
             _service = svc
         return _service
 

@@ -115,6 +115,8 @@ class Service:
         # Calls using the journal now, and whether close() was asked.
         self._calls = 0
         self._closing = False
+        # start(): records of an earlier boot are detached later.
+        self._defer_detach_stale = False
         self._calls_cond = threading.Condition()
         self._connector = connectorinfo.Cache(
             brick, cfg.connector_info_ttl, cfg.connector_info_cache)
@@ -146,10 +148,44 @@ class Service:
         log.info("udev rules are written by the %s", "privsep daemon"
                  if self.udev_writer == "daemon" else "service")
 
-    def start(self):
-        """Open (create, migrate) the journal and reconcile the host."""
+    def start(self, defer_detach_stale=False):
+        """Open (create, migrate) the journal and reconcile the host.
+
+        ``defer_detach_stale``: the attached records of an earlier boot
+        are kept now (stale; their links and rules removed) and detached
+        by ``detach_stale_later``.  Each such detach is a privsep call
+        that unreachable storage may hold for ``[privsep] timeout``; after
+        a fence there may be dozens, and a host whose agent (or vdsm's
+        first call) does not answer meanwhile looks dead to the engine.
+        """
         self.open()
-        for entry in self.reconcile(apply=True):
+        self._defer_detach_stale = defer_detach_stale
+        try:
+            self._log_reconcile(self.reconcile(apply=True))
+        finally:
+            self._defer_detach_stale = False
+
+    def detach_stale_later(self):
+        """Reconcile again in a thread of its own, which detaches the
+        records of an earlier boot that ``start`` kept; return the thread.
+        A volume whose lock an operation holds is skipped ("busy"), never
+        waited for: an attach arriving meanwhile goes first (a first
+        attach over such a record), and a record still there is detached
+        at the next reconcile."""
+        def run():
+            try:
+                self._log_reconcile(self.reconcile(apply=True))
+            except Exception:
+                log.exception("Reconciling the records of an earlier "
+                              "boot failed")
+
+        t = threading.Thread(target=run, name="reconcile-stale",
+                             daemon=True)
+        t.start()
+        return t
+
+    def _log_reconcile(self, entries):
+        for entry in entries:
             log.info("Reconcile %s (%s): %s -> %s%s", entry["vol_id"],
                      entry["state"], entry["action"], entry["result"],
                      " ({})".format(entry["reason"]) if entry.get("reason")
@@ -1054,7 +1090,8 @@ class Service:
             if apply and rec["extending"] is not None:
                 # Nothing to measure: the last size seen stays recorded.
                 self._db().update_volume(vol_id, extending=None)
-            if rec["boot_id"] and rec["boot_id"] != boot_id:
+            if (rec["boot_id"] and rec["boot_id"] != boot_id
+                    and not self._defer_detach_stale):
                 return self._forget_if_forced(
                     self._detach_of_another_boot(rec, reason, apply,
                                                  keep=not force), force)

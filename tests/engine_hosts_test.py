@@ -18,6 +18,7 @@ import uuid
 
 import pytest
 
+from .agentutil import wait_for
 from .engine_fixtures import loop_devices_under
 from .engine_fixtures import new_id
 
@@ -337,9 +338,10 @@ def test_a_rebooted_hosts_leftover_connection_is_ended(
     dst = e.attach("host-b")
     _reboot(hosts["host-a"])
     e.reach(hosts)
-    # host-a's agent detached its record of the previous boot at start
-    # (os-brick's local connector leaves the shared loop device alone).
-    assert e.volumes_info("host-a") == []
+    # host-a's agent detaches its record of the previous boot once it
+    # serves (os-brick's local connector leaves the shared loop device
+    # alone).
+    wait_for(lambda: e.volumes_info("host-a") == [])
 
     # The next disconnect_volume of the disk asks both hosts: host-a no
     # longer has the volume, its connection ends; host-b runs the VM and

@@ -4,6 +4,7 @@ First against a stub transport (parsing, help, formatting), then end to end
 against a real ``managedvolume-agent`` started with ``--state-dir``.
 """
 
+import argparse
 import io
 import json
 import os
@@ -656,3 +657,16 @@ def test_version_names_the_program_and_package_version(capsys):
     assert e.value.code == 0
     assert capsys.readouterr().out.strip() == \
         "managedvolume-client " + __version__
+
+
+def test_a_connection_closed_during_the_handshake_names_a_full_server():
+    # The agent closes a newcomer at once when all its places are taken:
+    # the hint must not send the admin to --insecure alone.
+    import ssl
+    from vdsm_managedvolume import client
+    opts = argparse.Namespace(use_tls=True)
+    for error in (ssl.SSLEOFError(8, "EOF occurred"),
+                  ConnectionResetError(104, "reset")):
+        assert "too many connections" in client._hint(opts, error)
+    assert "--insecure" in client._hint(
+        opts, ssl.SSLError(1, "CERTIFICATE_VERIFY_FAILED"))

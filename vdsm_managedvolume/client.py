@@ -427,6 +427,13 @@ def _hint(opts, error):
     if not opts.use_tls and isinstance(error, (ConnectionResetError,
                                                BrokenPipeError)):
         return " (the server requires TLS? drop --insecure)"
+    if opts.use_tls and isinstance(error, (ssl.SSLEOFError,
+                                           ConnectionResetError)):
+        # The agent closes a connection at once when all its places are
+        # taken (stompserver.MAX_CONNECTIONS): its log says so.
+        return (" (the server closed the connection: it may have too "
+                "many connections open (see its log), serve without TLS "
+                "(then use --insecure), or not trust our certificate)")
     if opts.use_tls and isinstance(error, ssl.SSLError):
         return (" (a server without TLS needs --insecure; a TLS server "
                 "must trust our certificate and we its CA)")

@@ -284,8 +284,8 @@ class Brick:
                 try:
                     result = daemon.call(
                         privsep.ENTRYPOINTS + name, args + (deadline, flow),
-                        deadline - time.monotonic() + KILL_GRACE, flow=flow,
-                        deadline=deadline)
+                        deadline - time.monotonic() + KILL_GRACE, deadline,
+                        flow=flow)
                     break
                 except _Unsent:
                     # It ended while idle, seen by this send (nothing is
@@ -552,24 +552,22 @@ class _Daemon:
                  pid, time.monotonic() - started, info.get("os_brick"))
         return daemon
 
-    def call(self, name, args, wait, flow="-", deadline=None):
+    def call(self, name, args, wait, deadline, flow="-"):
         """The call's reply (see _Channel.call).  ``deadline``: the one the
         daemon's watchdog keeps for it (monotonic time, the same clock in
         both processes), known here while it runs, and kept when the
         daemon dies or no answer comes, for ``deadline_passed``."""
-        if deadline is None:
-            return self.channel.call(name, args, wait, flow=flow)
         key = object()
         with self._deadlines_lock:
             self._deadlines[key] = (deadline, name.rpartition(".")[2])
         try:
             reply = self.channel.call(name, args, wait, flow=flow)
-        except (_Timeout, _Died) as e:
-            if isinstance(e, _Unsent):
+        except BaseException as e:
+            # Kept when the call reached the daemon and got no answer;
+            # forgotten when nothing was sent or the daemon answered.
+            if not isinstance(e, (_Timeout, _Died)) or \
+                    isinstance(e, _Unsent):
                 self._forget(key)
-            raise
-        except BaseException:
-            self._forget(key)
             raise
         self._forget(key)
         return reply

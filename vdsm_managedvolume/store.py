@@ -412,18 +412,16 @@ class Store:
                 self._commit([job])
             finally:
                 self._lock.release()
-            if job.error is not None:
-                raise job.error
-            return job.count
-        with self._pending_lock:
-            self._pending.append(job)
-        # The lock wait and the commit (an fsync) without a run slot:
-        # others run meanwhile, and the group committer needs none.
-        with gate.released(), self._lock:
-            if not job.done:
-                with self._pending_lock:
-                    batch, self._pending = self._pending, []
-                self._commit(batch)
+        else:
+            with self._pending_lock:
+                self._pending.append(job)
+            # The lock wait and the commit (an fsync) without a run slot:
+            # others run meanwhile, and the group committer needs none.
+            with gate.released(), self._lock:
+                if not job.done:
+                    with self._pending_lock:
+                        batch, self._pending = self._pending, []
+                    self._commit(batch)
         if job.error is not None:
             raise job.error
         return job.count

@@ -26,12 +26,12 @@ are vdsm's (README, "Verbs"); what differs is how they get there:
 - every record carries the boot it was made in (``boot``).  A record from
   another boot is never a live attachment, even when a device of the same
   name came back at boot (oVirt/vdsm#433: DRBD, StorPool, FC LUNs, local
-  disks): volumes_info says ``stale``, reconcile (at every start)
-  detaches it as detach_volume would (ovirt-engine never will when the
-  VM was restarted on another host), a re-attach before that starts
-  afresh as a first attach (connect, link, rule, this boot), a detach
-  disconnects.  Within one boot (agent or vdsmd restarted) links are
-  kept and a second attach is 927, as in vdsm;
+  disks): volumes_info says ``stale``, reconcile (in a thread after
+  every start) detaches it as detach_volume would (ovirt-engine never
+  will when the VM was restarted on another host), a re-attach before
+  that starts afresh as a first attach (connect, link, rule, this
+  boot), a detach disconnects.  Within one boot (agent or vdsmd
+  restarted) links are kept and a second attach is 927, as in vdsm;
 - before disconnecting, or attaching over a record of this boot, the
   device at the recorded path must still be the one recorded (the
   transport's ``identity``: WWN, serial, loop backing file, MAJ:MIN +
@@ -115,8 +115,6 @@ class Service:
         # Calls using the journal now, and whether close() was asked.
         self._calls = 0
         self._closing = False
-        # start(): records of an earlier boot are detached later.
-        self._defer_detach_stale = False
         self._calls_cond = threading.Condition()
         self._connector = connectorinfo.Cache(
             brick, cfg.connector_info_ttl, cfg.connector_info_cache)
@@ -159,11 +157,8 @@ class Service:
         first call) does not answer meanwhile looks dead to the engine.
         """
         self.open()
-        self._defer_detach_stale = defer_detach_stale
-        try:
-            self._log_reconcile(self.reconcile(apply=True))
-        finally:
-            self._defer_detach_stale = False
+        self._log_reconcile(self.reconcile(
+            apply=True, detach_stale=not defer_detach_stale))
 
     def detach_stale_later(self):
         """Reconcile again in a thread of its own, which detaches the
@@ -542,7 +537,7 @@ class Service:
         """Seconds since connector_info was fetched (None: never)."""
         return self._connector.age()
 
-    def reconcile(self, apply=True, force=False):
+    def reconcile(self, apply=True, force=False, detach_stale=True):
         """Make the host agree with the journal; return what was found.
 
         Returns [{"vol_id", "state", "action", "result"}] for every volume
@@ -581,13 +576,15 @@ class Service:
         forgotten with a warning (result "forgotten: <why>"), whatever
         may be left on the host is the admin's to check.  Without it such
         a record stays and every reconcile retries it.
+        ``detach_stale=False``: the records of another boot are kept, as
+        "stale" ones are (``start``).
         """
         results = []
         with self._call() as db:
             for rec in db.volumes():
                 entry = self._with_lock_now(
-                    rec, lambda: self._reconcile_volume(rec["vol_id"], apply,
-                                                        force), apply)
+                    rec, lambda: self._reconcile_volume(
+                        rec["vol_id"], apply, force, detach_stale), apply)
                 if entry:
                     results.append(entry)
             results.extend(self._reconcile_links(apply))
@@ -1072,7 +1069,8 @@ class Service:
             return {"vol_id": rec["vol_id"], "state": rec.get("state"),
                     "action": "skip", "result": "busy"}
 
-    def _reconcile_volume(self, vol_id, apply, force=False):
+    def _reconcile_volume(self, vol_id, apply, force=False,
+                          detach_stale=True):
         rec = self._find(vol_id)   # again, now under the lock
         if rec is None:
             return None
@@ -1090,8 +1088,8 @@ class Service:
             if apply and rec["extending"] is not None:
                 # Nothing to measure: the last size seen stays recorded.
                 self._db().update_volume(vol_id, extending=None)
-            if (rec["boot_id"] and rec["boot_id"] != boot_id
-                    and not self._defer_detach_stale):
+            if (detach_stale and rec["boot_id"]
+                    and rec["boot_id"] != boot_id):
                 return self._forget_if_forced(
                     self._detach_of_another_boot(rec, reason, apply,
                                                  keep=not force), force)

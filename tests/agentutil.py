@@ -2,6 +2,7 @@
 running in-process server (with the agent's control socket).  (Not a
 fixtures file: the wire tests import what they need.)"""
 
+import contextlib
 import json
 import logging
 import socket
@@ -367,3 +368,24 @@ class ConnectionOwner:
 
     def proven(self, conn):
         pass
+
+
+@contextlib.contextmanager
+def held_elsewhere(lock):
+    """Hold ``lock`` in another thread for the block (a commit in
+    progress, a connection being written by another thread)."""
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with lock:
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        assert held.wait(30)
+        yield
+    finally:
+        release.set()
+        thread.join(30)

@@ -259,21 +259,8 @@ def test_a_worker_finding_the_connection_lock_taken_leaves_it_to_the_loop(
     taken = []
 
     def lock_held(conn, data):
-        held, release = threading.Event(), threading.Event()
-
-        def holder():
-            with conn._lock:
-                held.set()
-                release.wait(30)
-
-        thread = threading.Thread(target=holder)
-        thread.start()
-        assert held.wait(30)
-        try:
+        with agentutil.held_elsewhere(conn._lock):
             taken.append(write(conn, data))
-        finally:
-            release.set()
-            thread.join()
         return taken[-1]
 
     with running.raw() as c:

@@ -1,4 +1,3 @@
-import contextlib
 import json
 import multiprocessing
 import os
@@ -12,6 +11,8 @@ import pytest
 
 from vdsm_managedvolume import errors
 from vdsm_managedvolume import store
+
+from .agentutil import held_elsewhere
 
 VOL = "0d4b0fe1-6a69-4a2e-9f63-4c8f3bd6f0a1"
 VOL2 = "1d4b0fe1-6a69-4a2e-9f63-4c8f3bd6f0a1"
@@ -473,27 +474,6 @@ def test_only_a_final_write_commits_without_fsync(db):
     assert db.volumes() == []
 
 
-@contextlib.contextmanager
-def _commit_in_progress(db):
-    """Hold the store's write lock in another thread for the block, as a
-    commit in progress does."""
-    held, release = threading.Event(), threading.Event()
-
-    def commit():
-        with db._lock:
-            held.set()
-            release.wait(30)
-
-    t = threading.Thread(target=commit)
-    t.start()
-    try:
-        assert held.wait(30)
-        yield
-    finally:
-        release.set()
-        t.join(30)
-
-
 def test_a_final_write_keeps_the_run_slot_unless_it_must_wait(db):
     # A write without fsync finding the write lock free commits holding
     # the caller's run slot (gate): giving it back and taking it again
@@ -526,7 +506,7 @@ def test_a_final_write_keeps_the_run_slot_unless_it_must_wait(db):
 
     writer = threading.Thread(target=final_write)
     try:
-        with _commit_in_progress(db):
+        with held_elsewhere(db._lock):
             writer.start()
             from .agentutil import wait_for
             wait_for(lambda: db._pending)
@@ -559,6 +539,6 @@ def test_a_read_uses_the_free_writer_and_never_waits_for_a_commit(db):
     assert db.get_volume(VOL)["vol_id"] == VOL
     assert [s.split()[0] for s in seen] == ["SELECT"]
     del seen[:]
-    with _commit_in_progress(db):
+    with held_elsewhere(db._lock):
         assert db.get_volume(VOL)["vol_id"] == VOL      # the reader's
         assert seen == []

@@ -323,7 +323,10 @@ class Service:
                     # A record inserted by this attach has none yet: not
                     # setting it spares SQLite a rewrite of its index.
                     found["multipath_id"] = multipath_id
-                db.update_volume(vol_id, **found)
+                # No fsync: the intent, synced, already announces the
+                # rule and the link (named by the ids), and a host crash
+                # ends the connection (store.py, "Commits and fsyncs").
+                db.update_volume(vol_id, durable=False, **found)
                 faults.crash_point("attach.after_attachment")
                 self._add_udev_rule(sd_id, vol_id, path,
                                     devices.block_number(st))
@@ -843,7 +846,11 @@ class Service:
             raise errors.CorruptRecord(vol_id=vol_id, reason=rec["corrupt"])
         db = self._db()
         if rec["state"] != "detaching":
-            db.update_volume(vol_id, state="detaching")
+            # Synced only for a record of an unknown boot: any other
+            # already synced says what a host crash leaves to tear down
+            # (store.py, "Commits and fsyncs").
+            db.update_volume(vol_id, state="detaching",
+                             durable=rec["boot_id"] is None)
         faults.crash_point("detach.after_record")
         fileutil.rm_file(self._link_path(sd_id, vol_id))
         faults.crash_point("detach.after_unlink")

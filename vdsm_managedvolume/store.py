@@ -29,16 +29,37 @@ asked at every attach and detach, and must not decode every record.
 
 Commits and fsyncs
 ------------------
-A journal write that announces a side effect is committed with an fsync
-(``durable=True``, the default) before the caller takes that step.  Two
-kinds of write need less and say so (``durable=False``): the last write of
-an operation, recording an effect already complete with no further step
-after it (attach's 'attached', detach's delete).  Such a commit survives
-a crash of the process (the kernel has it) and the next durable commit
-syncs it too (the WAL is written in order); only a crash of the whole host
-can lose it, and then reconcile redoes, idempotently, what the record
-still announces, on a host whose connections and run links the reboot
-cleared anyway.  An attach+detach costs three fsyncs instead of five.
+A commit with an fsync (``durable=True``, the default) survives anything;
+one without (``durable=False``) survives a crash of the process (the
+kernel has it, and the next fsync, the WAL being written in order, syncs
+it too) but not a crash of the host.  What a host crash (power loss,
+panic, fence) leaves is what decides which writes need the fsync:
+
+- it ends the boot: after it, every record is of another boot, and
+  ``service.reconcile`` tears down whatever such a record may have left,
+  whatever its state ('attaching': rolled back, 'detaching': finished,
+  'attached': detach-stale), through the same ``_detach``;
+- it ends the connections and empties /run (the managed links); what may
+  stay is the udev rule (removed by name, from the record's ids: see
+  ``udev``) and, at worst, a connection the boot makes again (iscsid
+  logs in again to the nodes os-brick's
+  ``ISCSIConnector._connect_to_iscsi_portal`` set to ``node.startup
+  automatic``), which the teardown disconnects.
+
+So one record synced before the first side effect of a volume is enough:
+the attach's intent (the insert, or the update of a record found, to
+'attaching' with this boot) is the one write of an attach+detach with an
+fsync.  The others need none: the attach's record of the connection
+(attachment, path, device) before the rule and the link, which the
+intent already announces by name; 'attached'; the detach's 'detaching'
+(synced only for a record of an unknown boot, written before boots were
+recorded, which reconcile would keep instead of detaching); the detach's
+delete (after a host crash a record that comes back is detached again,
+idempotently).  Within a boot they are as good as synced.  An
+attach+detach costs one fsync, not five; ``tests/crash_test.py`` cuts the
+power at every crash point (the journal as of its last fsync, a new
+boot, the rule and the connection kept) and checks that the next start
+leaves nothing.
 
 Writers that arrive while another one commits share its next commit
 (group commit): the first to take the write lock commits every write
@@ -74,7 +95,7 @@ from many threads: one writes, and reads too when no commit holds it
 reads, when the writer is busy, so that a read never waits behind a
 commit.  WAL plus ``busy_timeout`` makes several processes safe.
 
-What an attach+detach costs here (one caller): five writes (three with
+What an attach+detach costs here (one caller): five writes (one with
 an fsync), two reads (detach's record, and which records hold its
 device), no read before the attach's intent (``add_volume(exist_ok=
 True)``).  ``PRAGMA synchronous`` is switched between FULL and NORMAL

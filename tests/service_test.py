@@ -1844,3 +1844,49 @@ def test_a_corrupt_record_is_stale_refused_clearly_and_start_goes_on(
         svc.detach_volume(bad, SD)       # nothing recorded: done
     finally:
         svc.close()
+
+
+# Fsyncs: one per attach+detach (store.py, "Commits and fsyncs"); what a
+# power loss at each step leaves is tests/crash_test.py's.
+
+def _synced_commits(svc, monkeypatch):
+    """The commits of ``svc``'s journal made with an fsync, each a list
+    of the statements' first words."""
+    synced = []
+    db = svc._db()
+    commit = db._commit
+
+    def counting(batch):
+        if any(job.durable for job in batch):
+            synced.append([job.sql.split()[0] for job in batch])
+        return commit(batch)
+
+    monkeypatch.setattr(db, "_commit", counting)
+    return synced
+
+
+@pytest.mark.root
+def test_an_attach_and_detach_sync_only_the_intent(inproc_service, loop,
+                                                    monkeypatch):
+    svc = inproc_service
+    vol_id = new_id()
+    synced = _synced_commits(svc, monkeypatch)
+    svc.attach_volume(vol_id, loop_iscsi(svc.cfg, loop))
+    svc.detach_volume(vol_id)
+    assert synced == [["INSERT"]]
+    assert records(svc) == []
+
+
+@pytest.mark.root
+def test_a_detach_syncs_its_intent_for_a_record_of_an_unknown_boot(
+        inproc_service, loop, monkeypatch):
+    # Reconcile keeps such a record ('attached', no boot) instead of
+    # detaching it after a host crash: its 'detaching' must be synced.
+    svc = inproc_service
+    vol_id = new_id()
+    svc.attach_volume(vol_id, loop_iscsi(svc.cfg, loop))
+    svc._db().update_volume(vol_id, boot_id=None)
+    synced = _synced_commits(svc, monkeypatch)
+    svc.detach_volume(vol_id)
+    assert synced == [["UPDATE"]]
+    assert records(svc) == []

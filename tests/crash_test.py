@@ -333,6 +333,107 @@ def test_daemon_killed_mid_connect_rolls_back_and_restarts(
         brick.stop()
 
 
+def _commands(arg):
+    """Pids of the processes running ``sleep ARG`` (fakebrick's fake_hang:
+    ``arg`` is unique to a test)."""
+    pids = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open("/proc/{}/cmdline".format(pid), "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if argv[:2] == [b"sleep", arg.encode()]:
+            pids.append(int(pid))
+    return pids
+
+
+@pytest.mark.parametrize("retry", [False, True])
+def test_a_hung_command_is_killed_at_the_deadline_and_the_daemon_lives(
+        retry, tmp_path, real_fakebrick_dir):
+    # A connect hung in a command (iscsiadm on a dead portal): the command
+    # is killed at the deadline, and so is the retry os-brick would start
+    # after it; the connect fails as a timeout, the attach is undone, and
+    # the daemon (with whatever else runs in it) goes on.
+    cfg, brick = _private_brick(str(tmp_path), timeout=1.0)
+    svc = service.Service(cfg, brick=brick)
+    svc.start()
+    try:
+        brick.connector_properties()          # the daemon is up
+        pid = brick.daemon_pid()
+        hang = "3600.{}".format(int(retry) + 17)
+        ci = iscsi_connection(cfg, fake_hang=hang, fake_hang_retry=retry)
+        key = ci["data"]["fake_key"]
+        with pytest.raises(errors.HelperTimeout) as e:
+            svc.attach_volume(new_id(), ci)
+        assert e.value.code == 931
+        assert svc._db().volumes() == []
+        assert "connect " + key not in fakebrick.calls()
+        assert key not in fakebrick.connected()
+        assert _commands(str(float(hang))) == []
+        assert brick.daemon_pid() == pid
+        # It still serves.
+        vol_id = new_id()
+        svc.attach_volume(vol_id, iscsi_connection(cfg))
+        svc.detach_volume(vol_id)
+        assert brick.daemon_pid() == pid
+    finally:
+        svc.close()
+        brick.stop()
+
+
+def test_a_hung_command_cuts_no_attach_beside_it(tmp_path,
+                                                  real_fakebrick_dir):
+    # A mass start with one hung LUN: the attaches in flight in the same
+    # daemon when its deadline passes are not cut (before, the daemon was
+    # killed at that deadline and they failed with 926).
+    cfg, brick = _private_brick(str(tmp_path), timeout=3.0)
+    svc = service.Service(cfg, brick=brick)
+    svc.start()
+    release = str(tmp_path / "release")
+    results = {}
+
+    def attach(name, ci):
+        try:
+            results[name] = svc.attach_volume(new_id(), ci)
+        except errors.Error as e:
+            results[name] = e
+
+    try:
+        brick.connector_properties()
+        pid = brick.daemon_pid()
+        hung = iscsi_connection(cfg, fake_hang="3600.31")
+        hung_thread = threading.Thread(target=attach, args=("hung", hung))
+        hung_thread.start()
+        _wait_call("connect-start " + hung["data"]["fake_key"])
+        # Started a second later: its deadline comes a second after the
+        # hung one's, and it waits in the connector until that passed.
+        time.sleep(1)
+        other = iscsi_connection(cfg, fake_wait=release)
+        other_thread = threading.Thread(target=attach, args=("other", other))
+        other_thread.start()
+        _wait_call("connect-start " + other["data"]["fake_key"])
+        hung_thread.join(60)
+        assert isinstance(results["hung"], errors.HelperTimeout)
+        open(release, "w").close()
+        other_thread.join(60)
+        assert not isinstance(results["other"], Exception), results["other"]
+        assert other["data"]["fake_key"] in fakebrick.connected()
+        assert brick.daemon_pid() == pid
+        assert _commands("3600.31") == []
+    finally:
+        open(release, "a").close()
+        svc.close()
+        brick.stop()
+
+
+def _wait_call(entry, bound=30):
+    deadline = time.monotonic() + bound
+    while entry not in fakebrick.calls():
+        assert time.monotonic() < deadline, "no {!r}".format(entry)
+        time.sleep(0.02)
+
+
 def test_connect_timeout_rolls_back_and_leaves_nothing(
         tmp_path, real_fakebrick_dir):
     cfg, brick = _private_brick(str(tmp_path), timeout=1.0)

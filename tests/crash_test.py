@@ -24,6 +24,7 @@ from vdsm_managedvolume import errors
 from vdsm_managedvolume import faults
 from vdsm_managedvolume import privileged  # noqa: F401 (daemon points)
 from vdsm_managedvolume import service
+from vdsm_managedvolume import store
 from vdsm_managedvolume import udev
 
 from . import fakebrick
@@ -44,8 +45,9 @@ svc.start()
 try:
     if mode == "extend":
         fakebrick.set_array_size(ci["data"]["fake_key"], %(small)d)
-    res = svc.attach_volume(vol_id, ci)
-    if mode == "detach":
+    if mode != "detach_only":
+        res = svc.attach_volume(vol_id, ci)
+    if mode in ("detach", "detach_only"):
         svc.detach_volume(vol_id)
     if mode == "extend":
         fakebrick.set_array_size(ci["data"]["fake_key"], %(large)d)
@@ -155,28 +157,18 @@ def test_crash_at_point_converges_on_next_start(point, tmp_path, real_brick,
     assert_converged(cfg, real_brick, key)
 
 
-@pytest.mark.parametrize("mode,point", [
-    (mode, point)
-    for mode, points in (("attach", ATTACH_POINTS), ("detach", DETACH_POINTS))
-    for point in [""] + points])
-def test_power_loss_at_point_converges_after_reboot(
-        mode, point, tmp_path, real_brick, real_fakebrick_dir):
-    """The host loses power at ``point`` (none: after the call returned).
+def power_loss(base, cfg, mode, vol_id, ci, point=""):
+    """Run ``mode`` in a child, the host losing power at ``point`` (none:
+    after the calls returned).
 
     What survives: the journal as of its last fsync (the writes committed
     without one are lost: store.py, "Commits and fsyncs"), the udev rule
     files (written to disk, never removed by the boot), and, at worst,
-    the volume's connection (iSCSI logs in again at boot: os-brick sets
-    node.startup automatic).  What does not: the run links (tmpfs).  The
-    next boot's start must leave nothing: every side effect was announced
-    by a record synced before it was taken.
+    the volume's connection (iscsid logs in again at boot: os-brick sets
+    node.startup automatic).  What does not: the run links (tmpfs).
     """
-    base = str(tmp_path)
-    cfg = make_cfg(base)
-    ci = iscsi_connection(cfg)
-    key = ci["data"]["fake_key"]
     snapshot = os.path.join(base, "synced.db")
-    res = run_child(base, mode, new_id(), ci, point, snapshot=snapshot)
+    res = run_child(base, mode, vol_id, ci, point, snapshot=snapshot)
     assert res.returncode in (0, 3, -signal.SIGKILL), \
         res.stderr.decode()[-2000:]
     for suffix in ("", "-wal", "-shm"):
@@ -184,7 +176,85 @@ def test_power_loss_at_point_converges_after_reboot(
             os.unlink(cfg.db_path + suffix)
     os.rename(snapshot, cfg.db_path)
     new_boot(cfg, empty_run_dir=True)
-    assert_converged(cfg, real_brick, key)
+
+
+def prior_record(cfg, brick, vol_id, ci, prior):
+    """Leave a record of ``vol_id`` made in an earlier boot ("another
+    boot"), or without a boot ("unknown boot": vdsm's own rows, or this
+    package's before version 4), then reboot."""
+    svc = service.Service(cfg, brick=brick)
+    svc.start()
+    try:
+        svc.attach_volume(vol_id, ci)
+        if prior == "unknown boot":
+            svc._db().update_volume(vol_id, boot_id=None)
+    finally:
+        svc.close()
+    new_boot(cfg, empty_run_dir=True)
+
+
+@pytest.mark.parametrize("mode,point", [
+    (mode, point)
+    for mode, points in (("attach", ATTACH_POINTS), ("detach", DETACH_POINTS))
+    for point in [""] + points])
+def test_power_loss_at_point_converges_after_reboot(
+        mode, point, tmp_path, real_brick, real_fakebrick_dir):
+    # The next boot's start must leave nothing: every side effect was
+    # announced by a record synced before it was taken.
+    base = str(tmp_path)
+    cfg = make_cfg(base)
+    ci = iscsi_connection(cfg)
+    power_loss(base, cfg, mode, new_id(), ci, point)
+    assert_converged(cfg, real_brick, ci["data"]["fake_key"])
+
+
+@pytest.mark.parametrize("prior", ["unknown boot", "another boot"])
+@pytest.mark.parametrize("point", ["", "attach.after_record",
+                                   "attach.after_connect",
+                                   "attach.after_link"])
+def test_power_loss_in_an_attach_over_an_old_record_converges(
+        prior, point, tmp_path, real_brick, real_fakebrick_dir):
+    # The attach's intent is an update of the record found: synced, or
+    # the connection it makes could be left to nobody.
+    base = str(tmp_path)
+    cfg = make_cfg(base)
+    ci = iscsi_connection(cfg)
+    vol_id = new_id()
+    prior_record(cfg, real_brick, vol_id, ci, prior)
+    power_loss(base, cfg, "attach", vol_id, ci, point)
+    assert_converged(cfg, real_brick, ci["data"]["fake_key"])
+
+
+@pytest.mark.parametrize("point", [""] + DETACH_POINTS)
+def test_power_loss_in_a_detach_of_an_unknown_boot_record_converges(
+        point, tmp_path, real_brick, real_fakebrick_dir):
+    # Reconcile keeps an 'attached' record of an unknown boot (it cannot
+    # tell whether its connection is live): its 'detaching' is synced.
+    base = str(tmp_path)
+    cfg = make_cfg(base)
+    ci = iscsi_connection(cfg)
+    vol_id = new_id()
+    prior_record(cfg, real_brick, vol_id, ci, "unknown boot")
+    power_loss(base, cfg, "detach_only", vol_id, ci, point)
+    assert_converged(cfg, real_brick, ci["data"]["fake_key"])
+
+
+def test_power_loss_after_an_attach_keeps_its_map_hidden_from_vdsm(
+        tmp_path, real_brick, real_fakebrick_dir):
+    # The boot logs in again and brings the volume's multipath map back;
+    # until reconcile, vdsm must not list it as a free LUN: its
+    # multipath.getMPDevsIter skips a map whose multipath_id a record of
+    # ours holds (store.owns_multipath, read before any start).
+    base = str(tmp_path)
+    cfg = make_cfg(base)
+    ci = iscsi_connection(cfg)
+    vol_id = new_id()
+    power_loss(base, cfg, "attach", vol_id, ci)
+    assert ci["data"]["fake_key"] in fakebrick.connected()
+    with store.open(cfg.db_path) as db:
+        multipath_id = db.get_volume(vol_id)["multipath_id"]
+        assert multipath_id and db.owns_multipath(multipath_id)
+    assert_converged(cfg, real_brick, ci["data"]["fake_key"])
 
 
 @pytest.mark.parametrize("point", EXTEND_POINTS)

@@ -738,15 +738,18 @@ def test_a_record_of_another_boot_whose_detach_fails_stays_attachable(
     assert records(svc) == []
 
 
+@pytest.mark.parametrize("state", ["attached", "attaching", "detaching"])
 def test_start_leaves_the_records_of_an_earlier_boot_to_a_thread(
-        host_cfg, inproc_brick):
+        state, host_cfg, inproc_brick):
     # After a fence, each such record's detach is a privsep call that
     # unreachable storage may hold for [privsep] timeout: the agent (and
-    # vdsm's first call) must answer meanwhile (agent.py, api.py).
+    # vdsm's first call) must answer meanwhile (agent.py, api.py).  So
+    # too for an attach or a detach the fence cut.
     svc = service.Service(host_cfg, brick=inproc_brick)
     svc.start()
     vol_id, ci = new_id(), iscsi_connection(host_cfg)
     svc.attach_volume(vol_id, ci, SD)
+    svc._db().update_volume(vol_id, state=state)
     svc.close()
     new_boot(host_cfg, empty_run_dir=True)
     release, entered = threading.Event(), threading.Event()
@@ -1866,14 +1869,29 @@ def _synced_commits(svc, monkeypatch):
 
 
 @pytest.mark.root
-def test_an_attach_and_detach_sync_only_the_intent(inproc_service, loop,
-                                                    monkeypatch):
+def test_a_local_attach_and_detach_sync_only_the_intent(
+        inproc_service, loop, monkeypatch):
+    svc = inproc_service
+    vol_id = new_id()
+    synced = _synced_commits(svc, monkeypatch)
+    svc.attach_volume(vol_id, {"driver_volume_type": "local",
+                               "data": {"device_path": loop.path}})
+    svc.detach_volume(vol_id)
+    assert synced == [["INSERT"]]
+    assert records(svc) == []
+
+
+@pytest.mark.root
+def test_a_connection_is_synced_before_its_rule_and_link(
+        inproc_service, loop, monkeypatch):
+    # What a power loss must not take from its record: the attachment
+    # disconnect needs, the multipath_id vdsm hides (transports.base).
     svc = inproc_service
     vol_id = new_id()
     synced = _synced_commits(svc, monkeypatch)
     svc.attach_volume(vol_id, loop_iscsi(svc.cfg, loop))
     svc.detach_volume(vol_id)
-    assert synced == [["INSERT"]]
+    assert synced == [["INSERT"], ["UPDATE"]]
     assert records(svc) == []
 
 

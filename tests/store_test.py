@@ -474,6 +474,20 @@ def test_only_a_final_write_commits_without_fsync(db):
     assert db.volumes() == []
 
 
+def test_every_write_is_synced_without_wal(db):
+    # synchronous=NORMAL may corrupt a rollback-journal database on a
+    # power loss: a journal SQLite could not put in WAL mode (_connect
+    # warns) syncs every commit.
+    assert db._wal is True
+    db._wal = False
+    seen = _statements(db)
+    db.add_volume(VOL, SD, CI)
+    db.update_volume(VOL, state="attached", durable=False)
+    db.remove_volume(VOL, durable=False)
+    assert not any(s == "PRAGMA synchronous = NORMAL" for s in seen)
+    assert db.volumes() == []
+
+
 def test_a_final_write_keeps_the_run_slot_unless_it_must_wait(db):
     # A write without fsync finding the write lock free commits holding
     # the caller's run slot (gate): giving it back and taking it again

@@ -149,9 +149,10 @@ class Service:
     def start(self, defer_detach_stale=False):
         """Open (create, migrate) the journal and reconcile the host.
 
-        ``defer_detach_stale``: the attached records of an earlier boot
-        are kept now (stale; their links and rules removed) and detached
-        by ``detach_stale_later``.  Each such detach is a privsep call
+        ``defer_detach_stale``: the records of an earlier boot (attached,
+        or an attach or detach a crash cut) are kept now (stale; their
+        links and rules removed) and detached by ``detach_stale_later``.
+        Each such detach is a privsep call
         that unreachable storage may hold for ``[privsep] timeout``; after
         a fence there may be dozens, and a host whose agent (or vdsm's
         first call) does not answer meanwhile looks dead to the engine.
@@ -323,10 +324,13 @@ class Service:
                     # A record inserted by this attach has none yet: not
                     # setting it spares SQLite a rewrite of its index.
                     found["multipath_id"] = multipath_id
-                # No fsync: the intent, synced, already announces the
-                # rule and the link (named by the ids), and a host crash
-                # ends the connection (store.py, "Commits and fsyncs").
-                db.update_volume(vol_id, durable=False, **found)
+                # Synced unless the transport needs nothing of it after
+                # a power loss (a local device: the intent, synced,
+                # announces the rule and the link, named by the ids;
+                # store.py, "Commits and fsyncs").
+                db.update_volume(
+                    vol_id, durable=transport.sync_connection
+                    or bool(connection_info.get("adapter")), **found)
                 faults.crash_point("attach.after_attachment")
                 self._add_udev_rule(sd_id, vol_id, path,
                                     devices.block_number(st))
@@ -1084,12 +1088,20 @@ class Service:
         if rec.get("corrupt"):
             return self._reconcile_corrupt(rec, apply, force)
         state = rec["state"]
+        boot_id = self._boot()
         if state in ("attaching", "detaching"):
+            if (not detach_stale and rec["boot_id"]
+                    and rec["boot_id"] != boot_id):
+                # An attach or detach a crash of another boot cut: torn
+                # down later (detach_stale_later), as the attached
+                # records of another boot are, and for the same reason
+                # (``start``).
+                return self._reconcile_stale(rec, "made in another boot",
+                                             boot_id, apply)
             action = "rollback" if state == "attaching" else "detach"
             entry = self._reconcile_action(rec, action, apply,
                                            lambda: self._detach(rec))
             return self._forget_if_forced(entry, force)
-        boot_id = self._boot()
         reason = self._stale_reason(rec, boot_id)
         if reason is not None:
             if apply and rec["extending"] is not None:

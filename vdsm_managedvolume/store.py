@@ -46,20 +46,30 @@ panic, fence) leaves is what decides which writes need the fsync:
   ``ISCSIConnector._connect_to_iscsi_portal`` set to ``node.startup
   automatic``), which the teardown disconnects.
 
-So one record synced before the first side effect of a volume is enough:
-the attach's intent (the insert, or the update of a record found, to
-'attaching' with this boot) is the one write of an attach+detach with an
-fsync.  The others need none: the attach's record of the connection
-(attachment, path, device) before the rule and the link, which the
-intent already announces by name; 'attached'; the detach's 'detaching'
-(synced only for a record of an unknown boot, written before boots were
-recorded, which reconcile would keep instead of detaching); the detach's
-delete (after a host crash a record that comes back is detached again,
-idempotently).  Within a boot they are as good as synced.  An
-attach+detach costs one fsync, not five; ``tests/crash_test.py`` cuts the
-power at every crash point (the journal as of its last fsync, a new
-boot, the rule and the connection kept) and checks that the next start
-leaves nothing.
+So the record synced before the first side effect of a volume (the
+attach's intent: the insert, or the update of a record found, to
+'attaching' with this boot) is what reconcile needs to tear the volume
+down after a host crash.  The others need no fsync: 'attached'; the
+detach's 'detaching' (synced only for a record of an unknown boot,
+written before boots were recorded, which reconcile would keep instead
+of detaching); the detach's delete (after a host crash a record that
+comes back is detached again, idempotently).  Within a boot they are as
+good as synced.  The attach's record of what connect made (attachment,
+path, multipath_id, device identity), written before the udev rule and
+the link, is synced too, except for a local device
+(``transports.base.Transport.sync_connection`` says what needs it:
+disconnect's attachment, vdsm hiding the multipath map the record
+names, the identity a re-attach compares).  An attach+detach of a
+local device (a loop device in the benchmarks) costs one fsync, of any
+other transport two; until 2026-12-01 both cost three.
+``tests/crash_test.py`` cuts the power at every crash point (the
+journal as of its last fsync, a new boot, the rule and the connection
+kept), over no record, a record of an unknown boot and one of another
+boot, and checks that the next start leaves nothing.
+
+A commit without fsync is made in WAL mode only: with a rollback
+journal (a file system where SQLite cannot use WAL; ``_connect`` warns)
+every commit is synced.
 
 Writers that arrive while another one commits share its next commit
 (group commit): the first to take the write lock commits every write
@@ -96,11 +106,12 @@ reads, when the writer is busy, so that a read never waits behind a
 commit.  WAL plus ``busy_timeout`` makes several processes safe.
 
 What an attach+detach costs here (one caller): five writes (one with
-an fsync), two reads (detach's record, and which records hold its
-device), no read before the attach's intent (``add_volume(exist_ok=
-True)``).  ``PRAGMA synchronous`` is switched between FULL and NORMAL
-as writes need it (four times per pair): SQLite has no per-transaction
-setting, and the switch is a no-I/O statement of about a microsecond.
+an fsync for a local device, two for any other), two reads (detach's
+record, and which records hold its device), no read before the
+attach's intent (``add_volume(exist_ok=True)``).  ``PRAGMA
+synchronous`` is switched between FULL and NORMAL as writes need it
+(two or four times per pair): SQLite has no per-transaction setting,
+and the switch is a no-I/O statement of about a microsecond.
 """
 
 import datetime
@@ -242,6 +253,12 @@ class Store:
         self._pending = []
         self._pending_lock = threading.Lock()
         self._synchronous = "FULL"
+        # A commit without fsync is safe in WAL mode only: in a rollback
+        # journal, synchronous=NORMAL may corrupt the database on a power
+        # loss, not just lose the last commits (SQLite's "PRAGMA
+        # synchronous").  _connect asks for WAL and warns if refused.
+        self._wal = self._conn.execute(
+            "PRAGMA journal_mode").fetchone()[0].lower() == "wal"
 
     def close(self):
         with self._lock, self._read_lock:
@@ -451,7 +468,7 @@ class Store:
         """Commit ``batch`` in one transaction; set each job's outcome."""
         try:
             conn = self._checked()
-            self._set_synchronous(conn, "FULL" if any(
+            self._set_synchronous(conn, "FULL" if not self._wal or any(
                 job.durable for job in batch) else "NORMAL")
             if len(batch) == 1:
                 # A lone write is its own transaction (autocommit: one

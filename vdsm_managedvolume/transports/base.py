@@ -29,6 +29,18 @@ class Transport:
     # use_multipath and device_scan_attempts (daemon side).
     connector_kwargs = {}
 
+    # Whether the record of what connect made (attachment, path,
+    # multipath_id, device identity) is synced before the udev rule and
+    # the managed link (store.py, "Commits and fsyncs").  After a power
+    # loss, disconnect needs that attachment (RBD's keyring file is
+    # removed only when it is given back; a vendor's handle), vdsm hides
+    # the multipath map a record names from its own LUN list (its
+    # multipath.getMPDevsIter asks our journal) while the boot's iSCSI
+    # login brings that map back, and a re-attach compares the device it
+    # gets with the recorded identity.  A connect of a real transport
+    # takes network round trips: one fsync more is noise there.
+    sync_connection = True
+
     def check(self, cfg, connection_info):
         """Raise InvalidParams, naming the field, if ``connection_info``
         cannot be attached on this host; nothing has happened yet.

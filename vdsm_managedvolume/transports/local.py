@@ -23,6 +23,12 @@ FIELD = base.field_name("device_path")
 class Local(base.Transport):
     name = "local"
 
+    # os-brick's local connector connects and disconnects nothing and
+    # returns no multipath_id: after a power loss the intent's record is
+    # all reconcile needs (a vendor adapter may differ: service.py syncs
+    # the connection of any adapter's volume).
+    sync_connection = False
+
     def check(self, cfg, connection_info):
         path = validate.device_path(
             FIELD, connection_info["data"].get("device_path"))

@@ -20,7 +20,14 @@ attaches as ``data.device_path`` without looking further:
 - ``file_volume_use_loop = true`` (root): a loop device backed by the file,
   a real block device.  Every connection of a volume shares its one device
   (on one machine both ends of a live migration are the same host); extend
-  resizes it online; the last terminate_connection, or delete, detaches it.
+  resizes it online; remove_export, or delete, detaches it.
+
+The loop device is the volume's one export, as an LVM volume's iSCSI
+target is: ``terminate_connection`` only answers whether another host's
+connection still shares it (True/False, cinder's contract), and
+``remove_export`` takes it away.  A caller that removes the export while
+another connection is left (cinderlib's ``Connection.disconnect()`` does)
+cuts that host's device, as it would with LVM.
 
 Options, in the backend's driver JSON beside ``volume_driver``::
 
@@ -140,7 +147,10 @@ class FileDriver(driver.VolumeDriver):
         pass
 
     def remove_export(self, context, volume):
-        pass
+        if not self._use_loop:
+            return
+        for dev in volumefile.loop_devices(self._volume_path(volume)):
+            _call(volumefile.loop_detach, dev)
 
     def initialize_connection(self, volume, connector, **kwargs):
         path = self._volume_path(volume)
@@ -157,14 +167,10 @@ class FileDriver(driver.VolumeDriver):
                 "data": {"device_path": device_path}}
 
     def terminate_connection(self, volume, connector, **kwargs):
-        if not self._use_loop:
-            return
-        if connector is not None and _other_hosts(volume, connector):
-            log.info("Keeping the loop device of volume %s: still "
-                     "connected to another host", volume.id)
-            return
-        for dev in volumefile.loop_devices(self._volume_path(volume)):
-            _call(volumefile.loop_detach, dev)
+        """Whether the export stays shared with another host's connection:
+        nothing else to end per host (the ``local`` protocol has no
+        per-host mapping), the export goes with ``remove_export``."""
+        return connector is not None and _other_hosts(volume, connector)
 
     # Stats
 
@@ -204,8 +210,9 @@ class FileDriver(driver.VolumeDriver):
 def _other_hosts(volume, connector):
     """Whether ``volume`` stays connected to a host other than ``connector``'s.
 
-    cinderlib calls terminate_connection before it deletes the connection's
-    record, so the attachment being removed is still in the list.
+    terminate_connection is called before the connection's record is
+    deleted (by cinderlib, and by the shim's ``ops._end``), so the
+    attachment being removed is still in the list.
     """
     host = connector.get("host")
     try:

@@ -27,6 +27,13 @@ Where upstream is wrong we differ, and say so here:
   connections of hosts that say they no longer have the volume
   (``hosts``); upstream ended the first (oldest) one, cutting the disk of
   the source still running the VM after a failed migration.
+- A connection is ended as cinder's volume manager ends an attachment,
+  not with cinderlib's ``Connection.disconnect()`` (see ``_end``): the
+  volume's export is removed only when the driver says no other
+  connection shares it and no other connection is left.  cinderlib
+  removed it at every disconnect, so with a driver that exports each
+  volume once (LVM's iSCSI target, nvmet) ending the source's connection
+  after a migration deleted the target the destination was using.
 - create_volume of an existing id with the same size succeeds when that
   volume is available or in use (the engine retries after a timeout); with
   another size, or still "creating" (an abandoned run), it fails.
@@ -67,7 +74,7 @@ def delete_volume(backend, args):
     for conn in list(vol.connections):
         log.info("Disconnecting volume %s from host %s before deleting it",
                  vol.id, _host(conn))
-        conn.disconnect()
+        _end(vol, conn)
     log.info("Deleting volume %s", vol.id)
     vol.delete()
     return None
@@ -112,7 +119,7 @@ def disconnect_volume(backend, args):
         conns = _released(vol, conns, args)
     for conn in conns:
         log.info("Disconnecting volume %s from host %s", vol.id, _host(conn))
-        conn.disconnect()
+        _end(vol, conn)
     return None
 
 
@@ -210,6 +217,51 @@ def _find_volume(backend, vol_id, required=True):
             raise errors.EngineNotFound(kind="Volume", id=vol_id)
         return None
     return vols[0]
+
+
+def _end(vol, conn):
+    """End ``conn``, removing ``vol``'s export only when nothing shares it.
+
+    What cinder's volume manager does when an attachment is deleted
+    (``VolumeManager.attachment_delete`` with ``_connection_terminate``,
+    cinder/volume/manager.py): the driver's ``terminate_connection``
+    answers whether other attachments still share the volume's export (a
+    bool; anything else means "not shared"), and ``remove_export`` runs
+    only when it is not shared; a failing ``remove_export`` is logged and
+    does not fail the detach.  cinderlib's ``Connection.disconnect()``
+    drops that answer and always removes the export.  We also keep the
+    export while any other connection of ours is left (one the driver may
+    not count, kept because its host could not be asked): a leaked export
+    is recoverable, a removed one cuts a running VM's disk.
+
+    The records are kept as cinderlib keeps them: the connection row is
+    deleted once the driver has terminated it (a failure keeps it, to be
+    ended again), and the volume is "available" again when it has no
+    connection left.
+    """
+    driver = vol.backend.driver
+    shared = driver.terminate_connection(vol._ovo, conn.connector_info,
+                                         force=False)
+    shared = shared if isinstance(shared, bool) else False
+    # cinderlib's Connection._disconnect, without the export removal.
+    conn.conn_info = None
+    conn._ovo.status = "detached"
+    conn.persistence.delete_connection(conn)
+    vol._connection_removed(conn)
+    others = list(vol.connections)
+    if shared or others:
+        log.info("Keeping the export of volume %s: %s", vol.id,
+                 "the driver says it is shared" if shared else
+                 "{} other connection(s) left".format(len(others)))
+    else:
+        try:
+            driver.remove_export(vol._context, vol._ovo)
+        except Exception as e:
+            log.warning("Could not remove the export of volume %s, "
+                        "ignored as cinder does: %s", vol.id, e)
+    if not others:
+        vol._ovo.status = "available"
+        vol.save()
 
 
 def _released(vol, conns, args):

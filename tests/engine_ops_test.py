@@ -14,6 +14,7 @@ import sqlite3
 
 import pytest
 
+from .engine_fixtures import files_in
 from .engine_fixtures import new_id
 
 
@@ -21,8 +22,9 @@ def __getattr__(name):
     """Test drivers, built on first use (inside the shim's processes, which
     import ``tests.engine_ops_test.RecordingDriver`` by name); collecting
     this module does not import cinder into pytest."""
-    if name != "RecordingDriver":
+    if name not in ("RecordingDriver", "FailingDriver"):
         raise AttributeError(name)
+    from cinder import exception
     from vdsm_managedvolume.engine.filedriver import FileDriver
 
     class RecordingDriver(FileDriver):
@@ -40,6 +42,35 @@ def __getattr__(name):
             with open(os.path.join(self._dir, "calls.jsonl"), "a") as f:
                 f.write(json.dumps(call) + "\n")
 
+    class FailingDriver(RecordingDriver):
+        # Each create fails after doing its work (a partial backend object
+        # to clean up) while fail-<method> exists in its volume directory;
+        # delete_snapshot fails before doing anything.
+        def create_volume(self, volume):
+            super().create_volume(volume)
+            self._maybe_fail("create_volume")
+
+        def create_cloned_volume(self, volume, src_vref):
+            super().create_cloned_volume(volume, src_vref)
+            self._maybe_fail("create_cloned_volume")
+
+        def create_snapshot(self, snapshot):
+            super().create_snapshot(snapshot)
+            self._maybe_fail("create_snapshot")
+
+        def create_volume_from_snapshot(self, volume, snapshot):
+            super().create_volume_from_snapshot(volume, snapshot)
+            self._maybe_fail("create_volume_from_snapshot")
+
+        def delete_snapshot(self, snapshot):
+            self._maybe_fail("delete_snapshot")
+            super().delete_snapshot(snapshot)
+
+        def _maybe_fail(self, method):
+            if os.path.exists(os.path.join(self._dir, "fail-" + method)):
+                raise exception.VolumeBackendAPIException(
+                    data="{} failed (simulated)".format(method))
+
     return locals()[name]
 
 
@@ -52,9 +83,18 @@ class Backend:
         self.dir = str(tmp_path / "vols")
         self.db = str(tmp_path / "cinderlib.db")
         self.driver = {"volume_driver":
-                       "tests.engine_ops_test.RecordingDriver",
+                       "tests.engine_ops_test.FailingDriver",
                        "volume_backend_name": "recording",
                        "file_volume_dir": self.dir}
+        os.makedirs(self.dir)
+
+    def failing(self, *methods):
+        """Make the driver's ``methods`` fail (none: none fails)."""
+        for name in files_in(self.dir):
+            if name.startswith("fail-"):
+                os.unlink(os.path.join(self.dir, name))
+        for method in methods:
+            open(os.path.join(self.dir, "fail-" + method), "w").close()
 
     def run(self, *args, code=0):
         r = self.shim.run(*args, driver=self.driver,
@@ -80,6 +120,14 @@ class Backend:
     def volume_status(self, vol):
         return self.sql("SELECT status FROM volumes WHERE id = ? AND "
                         "NOT deleted", vol)[0][0]
+
+    def snapshots(self, vol):
+        return self.sql("SELECT id, status FROM snapshots WHERE "
+                        "volume_id = ? AND NOT deleted", vol)
+
+    def volume_ids(self):
+        return sorted(i for i, in self.sql(
+            "SELECT id FROM volumes WHERE NOT deleted"))
 
     def connected_hosts(self, vol):
         rows = self.sql("SELECT connection_info FROM volume_attachment "
@@ -136,3 +184,87 @@ def test_deleting_a_volume_ends_its_connections_and_then_its_export(
                                ["remove_export", vol]]
     assert backend.sql("SELECT count(*) FROM volumes WHERE id = ? AND "
                        "NOT deleted", vol) == [(0,)]
+
+
+def test_a_failed_snapshot_is_discarded_and_its_volume_can_be_deleted(
+        backend):
+    vol = new_id()
+    backend.run("create_volume", vol, 1)
+    backend.run("connect_volume", vol, json.dumps({"host": "h"}))
+    backend.failing("create_snapshot")
+    r = backend.run("create_snapshot", vol, code=1)
+    assert r.error().endswith("create_snapshot failed (simulated)")
+    # cinderlib saved it in "error"; the engine never learns its id.
+    assert backend.snapshots(vol) == []
+    assert [n for n in files_in(backend.dir) if n.startswith("snapshot-")] \
+        == []
+    backend.failing()
+    backend.run("delete_volume", vol)
+    assert backend.volume_ids() == []
+
+
+def test_a_snapshot_left_in_error_is_deleted_with_its_volume(
+        engine_service, backend):
+    vol = new_id()
+    backend.run("create_volume", vol, 1)
+    # The failed snapshot cannot be deleted either: it stays in "error",
+    # logged with its id.
+    backend.failing("create_snapshot", "delete_snapshot")
+    backend.run("create_snapshot", vol, code=1)
+    [(snap, status)] = backend.snapshots(vol)
+    assert status == "error"
+    assert "Could not delete snapshot {} that the failed create left in " \
+        "error".format(snap) in engine_service.log()
+    backend.failing()
+    backend.run("delete_volume", vol)
+    assert backend.snapshots(vol) == []
+    assert backend.volume_ids() == []
+    assert files_in(backend.dir) == []
+
+
+def test_a_volume_with_snapshots_is_refused_before_its_connections_end(
+        backend):
+    vol = new_id()
+    backend.run("create_volume", vol, 1)
+    backend.run("connect_volume", vol, json.dumps({"host": "h"}))
+    snap = backend.run("create_snapshot", vol).payload("c")
+    r = backend.run("delete_volume", vol, code=1)
+    assert r.error() == "delete_volume failed: Volume {} has snapshots " \
+                        "{}; remove them first".format(vol, snap)
+    assert backend.calls() == []
+    assert backend.connected_hosts(vol) == ["h"]
+    backend.run("remove_snapshot", snap, vol)
+    backend.run("delete_volume", vol)
+    assert backend.calls() == [["terminate_connection", "h", False],
+                               ["remove_export", vol]]
+
+
+def test_failed_creates_leave_no_volume_behind(backend):
+    vol = new_id()
+    backend.failing("create_volume")
+    backend.run("create_volume", vol, 1, code=1)
+    assert backend.volume_ids() == []
+    # The volume's file the driver made is gone with it: a retry works.
+    assert files_in(backend.dir) == ["fail-create_volume"]
+    backend.failing()
+    backend.run("create_volume", vol, 1)
+    snap = backend.run("create_snapshot", vol).payload("c")
+
+    clone = new_id()
+    backend.failing("create_cloned_volume", "create_volume_from_snapshot")
+    r = backend.run("clone_volume", vol, clone, code=1)
+    assert r.error().endswith("create_cloned_volume failed (simulated)")
+    r = backend.run("create_volume_from_snapshot", vol, snap, code=1)
+    assert r.error().endswith(
+        "create_volume_from_snapshot failed (simulated)")
+    assert backend.volume_ids() == [vol]
+    assert sorted(n for n in files_in(backend.dir)
+                  if n.startswith("volume-")) == ["volume-" + vol]
+
+    # An existing volume is never the target of a clone.
+    backend.failing()
+    r = backend.run("clone_volume", vol, vol, code=1)
+    assert r.error() == "clone_volume failed: Volume {} already " \
+                        "exists".format(vol)
+    backend.run("clone_volume", vol, clone)
+    assert backend.volume_ids() == sorted([vol, clone])

@@ -284,6 +284,11 @@ class EngineTimeout(EngineError):
     msg = "{self.operation} did not finish within {self.timeout} seconds"
 
 
+class EngineHasSnapshots(EngineError):
+    msg = ("Volume {self.id} has snapshots {self.snapshots}; remove them "
+           "first")
+
+
 def to_error(exc):
     """Return ``exc`` as an ``Error`` (unknown exceptions are internal)."""
     if isinstance(exc, Error):

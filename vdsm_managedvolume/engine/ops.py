@@ -38,10 +38,18 @@ Where upstream is wrong we differ, and say so here:
   volume is available or in use (the engine retries after a timeout); with
   another size, or still "creating" (an abandoned run), it fails.
 - storage_stats parses ``refresh`` ("false" was a true string upstream).
+- A create that fails (volume, clone, volume from snapshot, snapshot)
+  deletes what cinderlib saved of it in "error" (``_discard``): the engine
+  got an error and never learns that id, and an "error" snapshot made
+  its volume impossible to delete (cinderlib refuses a volume with
+  snapshots).  delete_volume also deletes "error" snapshots an older
+  version left, and refuses a volume with other snapshots before it ends
+  any connection.
 """
 
 import json
 import logging
+import uuid
 
 from vdsm_managedvolume import errors
 
@@ -62,12 +70,28 @@ def create_volume(backend, args):
             "Volume {} already exists (size {} GiB, status {})".format(
                 vol.id, vol.size, vol.status))
     log.info("Creating volume %s of %s GiB", args["volume_id"], args["size"])
-    backend.create_volume(args["size"], id=args["volume_id"])
+    try:
+        backend.create_volume(args["size"], id=args["volume_id"])
+    except Exception:
+        _discard(_find_volume(backend, args["volume_id"], required=False),
+                 "volume")
+        raise
     return None
 
 
 def delete_volume(backend, args):
     vol = _find_volume(backend, args["volume_id"])
+    for snap in [s for s in vol.snapshots if s.status == "error"]:
+        # A failed create_snapshot of a version that did not discard it:
+        # the engine never learned its id, nobody else would delete it.
+        log.info("Deleting snapshot %s of volume %s, left in error by a "
+                 "failed create_snapshot", snap.id, vol.id)
+        snap.delete()
+    if vol.snapshots:
+        # cinderlib would refuse too, but only after the connections
+        # below were ended.
+        raise errors.EngineHasSnapshots(
+            id=vol.id, snapshots=", ".join(s.id for s in vol.snapshots))
     # The engine deletes only disks no VM uses: a connection still here is
     # one a disconnect kept because its host could not be asked.  Ended
     # first (cinder refuses to delete a volume with attachments).
@@ -160,15 +184,31 @@ def get_connection_info(backend, args):
 
 def clone_volume(backend, args):
     vol = _find_volume(backend, args["volume_id"])
-    log.info("Cloning volume %s to %s", vol.id, args["cloned_vol_id"])
-    vol.clone(id=args["cloned_vol_id"])
+    new_id = args["cloned_vol_id"]
+    if _find_volume(backend, new_id, required=False) is not None:
+        # Never discarded below: it is not this run's.
+        raise errors.EngineError("Volume {} already exists".format(new_id))
+    log.info("Cloning volume %s to %s", vol.id, new_id)
+    try:
+        vol.clone(id=new_id)
+    except Exception:
+        _discard(_find_volume(backend, new_id, required=False), "clone")
+        raise
     return None
 
 
 def create_snapshot(backend, args):
     vol = _find_volume(backend, args["volume_id"])
     log.info("Creating snapshot of volume %s", vol.id)
-    snap = vol.create_snapshot()
+    # Loaded first, so that cinderlib adds the new snapshot to the list
+    # even when its create fails.
+    before = {s.id for s in vol.snapshots}
+    try:
+        snap = vol.create_snapshot()
+    except Exception:
+        for failed in [s for s in vol.snapshots if s.id not in before]:
+            _discard(failed, "snapshot")
+        raise
     log.info("Created snapshot %s of volume %s", snap.id, vol.id)
     return snap.id
 
@@ -191,8 +231,16 @@ def create_volume_from_snapshot(backend, args):
                 "Volume from snapshot {} needs at least {} GiB, got {}".format(
                     snap.id, snap.volume_size, args["size"]))
         params["size"] = args["size"]
-    log.info("Creating volume from snapshot %s of volume %s", snap.id, vol.id)
-    new = snap.create_volume(**params)
+    # Our id, not one cinderlib makes up: a failed create is found by it.
+    params["id"] = str(uuid.uuid4())
+    log.info("Creating volume %s from snapshot %s of volume %s",
+             params["id"], snap.id, vol.id)
+    try:
+        new = snap.create_volume(**params)
+    except Exception:
+        _discard(_find_volume(backend, params["id"], required=False),
+                 "volume from snapshot")
+        raise
     log.info("Created volume %s from snapshot %s", new.id, snap.id)
     return new.id
 
@@ -285,6 +333,31 @@ def _released(vol, conns, args):
             log.info("%s no longer has volume %s", answer.where(), vol.id)
             released.append(conn)
     return released
+
+
+def _discard(obj, kind):
+    """Delete ``obj`` (a volume or snapshot) that a failed create left in
+    "error", best effort: the engine got an error line and never learns
+    its id.  The operation's own error is the one reported; a failing
+    delete is logged with the id and leaves the object in "error" (not
+    cinderlib's "error_deleting"), where delete_volume still finds a
+    snapshot."""
+    if obj is None or obj.status != "error":
+        return
+    try:
+        obj.delete()
+    except Exception as e:
+        log.warning("Could not delete %s %s that the failed create left in "
+                    "error: %s", kind, obj.id, e)
+        try:
+            obj._ovo.status = "error"
+            obj.save()
+        except Exception as e:
+            log.warning("Could not mark %s %s as error again: %s", kind,
+                        obj.id, e)
+    else:
+        log.info("Deleted %s %s that the failed create left in error",
+                 kind, obj.id)
 
 
 def _find_snapshot(vol, snap_id):

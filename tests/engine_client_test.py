@@ -883,22 +883,45 @@ def test_a_driver_config_without_a_driver_that_imports_is_an_error(
     assert files_in(str(vols)) == ["volume-" + vol]
 
 
-def test_no_timeout_by_default_and_an_abandoned_operation_never_succeeds(
+def test_a_timeout_by_default_and_an_abandoned_operation_never_succeeds(
         engine_service, engine_shim, tmp_path):
     from vdsm_managedvolume.engine import args
-    base = ["storage_stats", FILE_JSON, "sqlite://", "c", "true"]
-    assert args.parse(base, environ={})[1].timeout is None
-    assert args.parse(["--timeout", "0"] + base, environ={})[1].timeout \
-        is None
-    assert args.parse(base, environ={args.ENV_TIMEOUT: "7"})[1].timeout == 7
+
+    def timeout(command, *rest, options=(), environ=None):
+        argv = list(options) + [command, FILE_JSON, "sqlite://", "c"]
+        return args.parse(argv + list(rest), environ=environ or {})[
+            1].timeout
+
+    # A hung command would hold an engine thread (and the VM's lock in
+    # RunVm/MigrateVm) for ever: minutes for a VM's start, stop and
+    # migration, hours for provisioning, which may copy a volume.
+    vol, conn = new_id(), '{"host": "h"}'
+    assert timeout("connect_volume", vol, conn) == 300
+    assert timeout("disconnect_volume", vol) == 300
+    assert timeout("save_device", vol, "{}") == 300
+    assert timeout("get_connection_info", vol) == 300
+    assert timeout("storage_stats", "true") == 300
+    assert timeout("clone_volume", vol, new_id()) == 6 * 3600
+    assert timeout("create_volume", vol, "1") == 6 * 3600
+    assert set(args.DEFAULT_TIMEOUTS) == set(args.COMMANDS)
+    # Set, one limit for every sub-command; 0: none.
+    for command, rest in (("storage_stats", ["true"]),
+                          ("clone_volume", [vol, new_id()])):
+        assert timeout(command, *rest, options=["--timeout", "0"]) is None
+        assert timeout(command, *rest, environ={args.ENV_TIMEOUT: "0"}) \
+            is None
+        assert timeout(command, *rest, environ={args.ENV_TIMEOUT: "7"}) == 7
+        assert timeout(command, *rest, options=["--timeout", "9"],
+                       environ={args.ENV_TIMEOUT: "7"}) == 9
 
     db_url = "sqlite:///{}".format(tmp_path / "db.sqlite")
     pausing = {"volume_driver": "tests.engine_client_test.PausingDriver",
                "volume_backend_name": "slow",
                "file_volume_dir": str(tmp_path / "vols")}
-    for warm in (True, False):
+    for warm, options in ((True, []), (False, []), (True, ["--timeout", "0"]),
+                          (False, ["--timeout", "0"])):
         r = engine_shim.run("create_volume", new_id(), 1, driver=pausing,
-                            db_url=db_url, warm=warm)
+                            db_url=db_url, warm=warm, options=options)
         assert (r.code, r.stdout) == (0, b""), r.describe()
 
     # A run that gives up says so (exit 1), and the operation it abandoned

@@ -63,11 +63,41 @@ ENV_ENGINE_TMP = "ENGINE_TMP"
 ENV_ENGINE_LOG = "ENGINE_LOG"
 ENGINE_LOG_DIR = "/var/log/ovirt-engine"
 
-# No timeout unless configured: ovirt-engine reads the command's output
-# until its answer line or EOF without a limit (ManagedBlockExecutor; its
-# ManagedBlockCommandTimeoutInMinutes applies only after that), so a slow
-# clone upstream finishes must not be abandoned half done here.
-DEFAULT_TIMEOUT = None
+# How long a sub-command may run when --timeout is not set.  ovirt-engine
+# reads the command's output until its answer line or EOF without a limit
+# (ManagedBlockExecutor.getOutput; its ManagedBlockCommandTimeoutInMinutes
+# starts only after that), so a command that hangs (a storage API that
+# never answers, a database connection stalled mid-query, a driver lock
+# held by a dead process) would hold an engine thread, and in RunVm and
+# MigrateVm the VM's lock, until the engine restarts.  Given up, a command
+# answers "error:... did not finish within N seconds", exit 1, which the
+# engine treats as any failed command (RunVm tries another host, a
+# migration rolls back), and its operation ends with it.
+# - The commands of a VM's start, stop and migration take well under a
+#   second (cinderlib's import and setup: a few seconds on a busy machine;
+#   disconnect_volume asks the hosts at once, --host-timeout each): 5
+#   minutes is generous.
+# - Provisioning may move a whole volume (a clone or a volume from a
+#   snapshot on a backend without copy offload, a delete that wipes):
+#   6 hours, so that none a backend finishes is abandoned half done.
+VM_TIMEOUT = 300
+PROVISION_TIMEOUT = 6 * 3600
+DEFAULT_TIMEOUTS = {
+    "connect_volume": VM_TIMEOUT,
+    "disconnect_volume": VM_TIMEOUT,
+    "save_device": VM_TIMEOUT,
+    "get_connection_info": VM_TIMEOUT,
+    "storage_stats": VM_TIMEOUT,
+    "create_volume": PROVISION_TIMEOUT,
+    "delete_volume": PROVISION_TIMEOUT,
+    "extend_volume": PROVISION_TIMEOUT,
+    "clone_volume": PROVISION_TIMEOUT,
+    "create_snapshot": PROVISION_TIMEOUT,
+    "remove_snapshot": PROVISION_TIMEOUT,
+    "create_volume_from_snapshot": PROVISION_TIMEOUT,
+}
+# --timeout 0: no limit at all (Options.timeout None: not set).
+NO_TIMEOUT = 0
 
 # --log-file value meaning "stderr" (asked for; never the default: the
 # engine merges stderr into the output it parses).
@@ -144,8 +174,10 @@ persistence (sqlite:///FILE or postgresql://...); each inline, @FILE,
 - (stdin) or env:[NAME], the way to keep secrets off the command line.
 
 options (before the sub-command; each also an environment variable):
-  --timeout SEC        give up after SEC seconds, at most 604800 (default
-                       0: no limit)
+  --timeout SEC        give up on any sub-command after SEC seconds, at most
+                       604800, 0: no limit (default {vm_timeout}: connect,
+                       disconnect, save_device, get_connection_info,
+                       storage_stats; {provision_timeout}: the others)
   --log-file PATH|-    log file, - for stderr (default
                        $ENGINE_LOG/managedblock/managedvolume.log)
   --log-level LEVEL    DEBUG, INFO (default), WARNING, ERROR, CRITICAL
@@ -179,14 +211,15 @@ See managedvolume-cinderlib-client(1) and docs/engine.md.
             list(req) + ["[{}]".format(o) for o in opt]))
         for name, (req, opt) in COMMANDS.items()),
     port=DEFAULT_HOST_PORT, host_timeout=DEFAULT_HOST_TIMEOUT,
-    file_driver=FILE_DRIVER)
+    file_driver=FILE_DRIVER, vm_timeout=VM_TIMEOUT,
+    provision_timeout=PROVISION_TIMEOUT)
 
 
 class Options:
     """Settings of one invocation (command line over environment)."""
 
     def __init__(self):
-        self.timeout = DEFAULT_TIMEOUT
+        self.timeout = None     # not set: the sub-command's default
         self.log_file = ""
         self.log_level = "INFO"
         self.locks_dir = ""
@@ -207,7 +240,7 @@ class Request:
               "timeout", "log_file", "log_level", "locks_dir", "hosts")
 
     def __init__(self, command, driver, db_url, correlation_id, args,
-                 timeout=DEFAULT_TIMEOUT, log_file="", log_level="INFO",
+                 timeout=None, log_file="", log_level="INFO",
                  locks_dir="", hosts=None):
         self.command = command
         self.driver = driver
@@ -290,7 +323,7 @@ def parse(argv, environ=None, stdin=None):
     _check_volume_driver(driver)
     request = Request(command=command, driver=driver, db_url=db_url,
                       correlation_id=correlation_id, args=args,
-                      timeout=opts.timeout,
+                      timeout=request_timeout(command, opts.timeout),
                       log_file=resolve_log_file(opts.log_file, environ),
                       log_level=opts.log_level,
                       locks_dir=opts.locks_dir or default_locks_dir(),
@@ -453,6 +486,16 @@ def parse_addresses(text):
     return addresses
 
 
+def request_timeout(command, timeout):
+    """Seconds ``command`` may run (None: no limit), given the --timeout
+    set (None: not set, ``NO_TIMEOUT``: no limit)."""
+    if timeout is None:
+        return DEFAULT_TIMEOUTS[command]
+    if timeout == NO_TIMEOUT:
+        return None
+    return timeout
+
+
 # Private helpers
 
 def _options_from_env(environ):
@@ -535,9 +578,10 @@ def _parse_option(opts, argv):
 
 
 def _timeout(value, name, zero_means_none=False):
-    """Seconds > 0; with ``zero_means_none``, 0 or "none" is no timeout."""
+    """Seconds > 0; with ``zero_means_none``, 0 or "none" is no timeout
+    (``NO_TIMEOUT``)."""
     if zero_means_none and value.strip().lower() in ("0", "none"):
-        return None
+        return NO_TIMEOUT
     try:
         t = float(value)
     except ValueError:

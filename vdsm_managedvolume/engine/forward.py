@@ -44,8 +44,9 @@ def forward(request, socket_path):
         except OSError:
             # Stale socket file, or a service going away: nothing was run.
             return None
-        # No timeout, no limit: the service answers when the operation ends
-        # (or kills the child of a timed request and closes the socket).
+        # No timeout (--timeout 0), no limit: the service answers when the
+        # operation ends (or kills the child of a timed request and closes
+        # the socket).
         sock.settimeout(None if request.timeout is None else
                         request.timeout + KILL_GRACE + 5)
         try:

@@ -11,9 +11,10 @@ The log is a file (the engine's log directory by default, see
 ``args.resolve_log_file``); stderr only when asked (``--log-file -``):
 ovirt-engine merges stderr into the output it parses.  The whole
 operation, cinderlib's import and setup included, runs in a worker thread;
-with a timeout configured (none by default), on expiry the caller gets
-``error:... did not finish within N seconds``, exit 1, and the process
-exits, abandoning the operation: never reported as success.
+when its timeout expires (the sub-command's ``args.DEFAULT_TIMEOUTS`` unless
+--timeout says otherwise), the caller gets ``error:... did not finish
+within N seconds``, exit 1, and the process exits, abandoning the
+operation: never reported as success.
 
 cinderlib pitfalls handled here (docs/dependencies.md, "cinderlib"):
 

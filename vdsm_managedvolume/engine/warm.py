@@ -423,7 +423,7 @@ class Server:
         self._started(pid, request, "forked")
 
     def _started(self, pid, request, how):
-        # No timeout (the default): the child runs as long as its
+        # No timeout (--timeout 0): the child runs as long as its
         # operation does, as a cold run would.
         self.children[pid] = (time.monotonic() + (
             float("inf") if request.timeout is None else request.timeout) +

@@ -11,9 +11,11 @@ answer ("still shared").
 import json
 import os
 import sqlite3
+import time
 
 import pytest
 
+from .agentutil import wait_for
 from .engine_fixtures import files_in
 from .engine_fixtures import new_id
 
@@ -29,6 +31,7 @@ def __getattr__(name):
 
     class RecordingDriver(FileDriver):
         def terminate_connection(self, volume, connector, **kwargs):
+            self._maybe_hold("terminate_connection")
             shared = super().terminate_connection(volume, connector,
                                                   **kwargs)
             self._record("terminate_connection", connector["host"], shared)
@@ -37,6 +40,18 @@ def __getattr__(name):
         def remove_export(self, context, volume):
             self._record("remove_export", volume.id)
             return super().remove_export(context, volume)
+
+        def _maybe_hold(self, method):
+            # While hold-<method> exists: say so (held-<method>) and wait
+            # for "release".
+            if not os.path.exists(os.path.join(self._dir, "hold-" + method)):
+                return
+            open(os.path.join(self._dir, "held-" + method), "w").close()
+            deadline = time.monotonic() + 60
+            while not os.path.exists(os.path.join(self._dir, "release")):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("never released")
+                time.sleep(0.05)
 
         def _record(self, *call):
             with open(os.path.join(self._dir, "calls.jsonl"), "a") as f:
@@ -96,11 +111,25 @@ class Backend:
         for method in methods:
             open(os.path.join(self.dir, "fail-" + method), "w").close()
 
-    def run(self, *args, code=0):
+    def run(self, *args, code=0, cid="c", options=()):
         r = self.shim.run(*args, driver=self.driver,
-                          db_url="sqlite:///" + self.db, cid="c")
+                          db_url="sqlite:///" + self.db, cid=cid,
+                          options=options)
         assert r.code == code, r.describe()
         return r
+
+    def popen(self, *args, cid):
+        return self.shim.popen(*args, driver=self.driver,
+                               db_url="sqlite:///" + self.db, cid=cid)
+
+    def hold(self, method):
+        """Hold the driver's next ``method`` calls until ``release``;
+        return the file that says one is held."""
+        open(os.path.join(self.dir, "hold-" + method), "w").close()
+        return os.path.join(self.dir, "held-" + method)
+
+    def release(self):
+        open(os.path.join(self.dir, "release"), "w").close()
 
     def calls(self):
         """The calls recorded since the last time they were read."""
@@ -268,3 +297,47 @@ def test_failed_creates_leave_no_volume_behind(backend):
                         "exists".format(vol)
     backend.run("clone_volume", vol, clone)
     assert backend.volume_ids() == sorted([vol, clone])
+
+
+def test_a_connect_waits_until_a_disconnect_of_the_volume_is_done(
+        engine_service, backend):
+    # ProcessDownVm's disconnect_volume (no VM lock) and a new RunVm's
+    # connect_volume of the same host: the connect used to reuse the
+    # connection the disconnect was ending, and the host got a LUN whose
+    # mapping was gone.
+    vol = new_id()
+    backend.run("create_volume", vol, 1)
+    backend.run("connect_volume", vol, json.dumps({"host": "h"}))
+    held = backend.hold("terminate_connection")
+    disconnect = backend.popen("disconnect_volume", vol, "h", cid="c-dis")
+    connect = None
+    try:
+        wait_for(lambda: os.path.exists(held))
+        connect = backend.popen("connect_volume", vol,
+                                json.dumps({"host": "h"}), cid="c-con")
+        wait_for(lambda: "[flow=c-con] Waiting for volume {}: "
+                 "disconnect_volume (flow c-dis) (pid ".format(vol)
+                 in engine_service.log())
+        # One that cannot wait that long says who has the volume.
+        r = backend.run("save_device", vol, "{}", code=1,
+                        options=["--lock-timeout", "0.5"])
+        assert r.error().startswith(
+            "save_device failed: Volume {} is busy: disconnect_volume "
+            "(flow c-dis) (pid ".format(vol))
+        assert r.error().endswith("holds it; gave up after 0.5 seconds")
+    finally:
+        backend.release()
+        out = disconnect.communicate(timeout=120)
+        assert disconnect.returncode == 0, out
+        if connect is not None:
+            out = connect.communicate(timeout=120)
+            assert connect.returncode == 0, out
+
+    # The connect ran after the disconnect: a new connection, not the
+    # ended one.
+    assert out[0].startswith(b"c-con:{")
+    assert backend.connected_hosts(vol) == ["h"]
+    assert backend.calls() == [["terminate_connection", "h", False],
+                               ["remove_export", vol]]
+    backend.run("save_device", vol, json.dumps({"path": "/dev/x"}))
+    assert "Got volume {}".format(vol) in engine_service.log()

@@ -284,6 +284,11 @@ class EngineTimeout(EngineError):
     msg = "{self.operation} did not finish within {self.timeout} seconds"
 
 
+class EngineBusy(EngineError):
+    msg = ("Volume {self.id} is busy: {self.holder} holds it; gave up "
+           "after {self.timeout} seconds")
+
+
 class EngineHasSnapshots(EngineError):
     msg = ("Volume {self.id} has snapshots {self.snapshots}; remove them "
            "first")

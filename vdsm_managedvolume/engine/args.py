@@ -9,8 +9,9 @@ arguments, upstream's names and order, plus our optional extras at the end).
 Everything we add goes *before* the sub-command, as ``--options``, so the
 engine's argv keeps its meaning::
 
-    managedvolume-cinderlib-client [--timeout SEC] [--log-file PATH]
-        [--log-level LEVEL] [--locks-dir DIR] [--socket PATH] [--cold]
+    managedvolume-cinderlib-client [--timeout SEC] [--lock-timeout SEC]
+        [--log-file PATH] [--log-level LEVEL] [--locks-dir DIR]
+        [--socket PATH] [--cold]
         [--host-port N] [--host-cert PATH] [--host-key PATH]
         [--host-ca PATH] [--host-timeout SEC] [--host-tls BOOL]
         [--host-addresses HOST=ADDRESS[:PORT],...]
@@ -45,6 +46,7 @@ ENV_DRIVER = "MANAGEDVOLUME_DRIVER_JSON"
 ENV_DB_URL = "MANAGEDVOLUME_DB_URL"
 ENV_DB_PASSWORD = "MANAGEDVOLUME_DB_PASSWORD"
 ENV_TIMEOUT = "MANAGEDVOLUME_ENGINE_TIMEOUT"
+ENV_LOCK_TIMEOUT = "MANAGEDVOLUME_ENGINE_LOCK_TIMEOUT"
 ENV_LOG_FILE = "MANAGEDVOLUME_ENGINE_LOG_FILE"
 ENV_LOG_LEVEL = "MANAGEDVOLUME_ENGINE_LOG_LEVEL"
 ENV_LOCKS_DIR = "MANAGEDVOLUME_ENGINE_LOCKS_DIR"
@@ -98,6 +100,9 @@ DEFAULT_TIMEOUTS = {
 }
 # --timeout 0: no limit at all (Options.timeout None: not set).
 NO_TIMEOUT = 0
+# How long a command waits for another one on the same volume
+# (volumelock.py: a disconnect holds it while asking the hosts).
+DEFAULT_LOCK_TIMEOUT = 120.0
 
 # --log-file value meaning "stderr" (asked for; never the default: the
 # engine merges stderr into the output it parses).
@@ -178,6 +183,8 @@ options (before the sub-command; each also an environment variable):
                        604800, 0: no limit (default {vm_timeout}: connect,
                        disconnect, save_device, get_connection_info,
                        storage_stats; {provision_timeout}: the others)
+  --lock-timeout SEC   how long to wait while another command works on the
+                       same volume (default {lock_timeout:g})
   --log-file PATH|-    log file, - for stderr (default
                        $ENGINE_LOG/managedblock/managedvolume.log)
   --log-level LEVEL    DEBUG, INFO (default), WARNING, ERROR, CRITICAL
@@ -212,7 +219,7 @@ See managedvolume-cinderlib-client(1) and docs/engine.md.
         for name, (req, opt) in COMMANDS.items()),
     port=DEFAULT_HOST_PORT, host_timeout=DEFAULT_HOST_TIMEOUT,
     file_driver=FILE_DRIVER, vm_timeout=VM_TIMEOUT,
-    provision_timeout=PROVISION_TIMEOUT)
+    provision_timeout=PROVISION_TIMEOUT, lock_timeout=DEFAULT_LOCK_TIMEOUT)
 
 
 class Options:
@@ -220,6 +227,7 @@ class Options:
 
     def __init__(self):
         self.timeout = None     # not set: the sub-command's default
+        self.lock_timeout = DEFAULT_LOCK_TIMEOUT
         self.log_file = ""
         self.log_level = "INFO"
         self.locks_dir = ""
@@ -237,11 +245,13 @@ class Request:
     """
 
     FIELDS = ("command", "driver", "db_url", "correlation_id", "args",
-              "timeout", "log_file", "log_level", "locks_dir", "hosts")
+              "timeout", "log_file", "log_level", "locks_dir", "hosts",
+              "lock_timeout")
 
     def __init__(self, command, driver, db_url, correlation_id, args,
                  timeout=None, log_file="", log_level="INFO",
-                 locks_dir="", hosts=None):
+                 locks_dir="", hosts=None,
+                 lock_timeout=DEFAULT_LOCK_TIMEOUT):
         self.command = command
         self.driver = driver
         self.db_url = db_url
@@ -253,6 +263,7 @@ class Request:
         self.locks_dir = locks_dir
         # How disconnect_volume reaches the hosts (hosts.Settings fields).
         self.hosts = dict(hosts or {})
+        self.lock_timeout = lock_timeout
 
     def __repr__(self):
         # Imported here, as in secrets(): a command forwarding a request
@@ -327,7 +338,7 @@ def parse(argv, environ=None, stdin=None):
                       log_file=resolve_log_file(opts.log_file, environ),
                       log_level=opts.log_level,
                       locks_dir=opts.locks_dir or default_locks_dir(),
-                      hosts=opts.hosts)
+                      hosts=opts.hosts, lock_timeout=opts.lock_timeout)
     return opts, request
 
 
@@ -503,6 +514,9 @@ def _options_from_env(environ):
     if environ.get(ENV_TIMEOUT):
         opts.timeout = _timeout(environ[ENV_TIMEOUT], ENV_TIMEOUT,
                                 zero_means_none=True)
+    if environ.get(ENV_LOCK_TIMEOUT):
+        opts.lock_timeout = _timeout(environ[ENV_LOCK_TIMEOUT],
+                                     ENV_LOCK_TIMEOUT)
     opts.log_file = environ.get(ENV_LOG_FILE, "")
     opts.log_level = log_level(environ.get(ENV_LOG_LEVEL, ""), ENV_LOG_LEVEL)
     opts.locks_dir = environ.get(ENV_LOCKS_DIR, "")
@@ -549,8 +563,8 @@ def _host_option(opts, option, value, name):
         opts.hosts[option[len("--host-"):] + "_file"] = value
 
 
-_VALUED = {"--timeout", "--log-file", "--log-level", "--locks-dir",
-           "--socket"} | set(_HOST_OPTIONS)
+_VALUED = {"--timeout", "--lock-timeout", "--log-file", "--log-level",
+           "--locks-dir", "--socket"} | set(_HOST_OPTIONS)
 
 
 def _parse_option(opts, argv):
@@ -569,6 +583,8 @@ def _parse_option(opts, argv):
         value = argv.pop(0)
     if name == "--timeout":
         opts.timeout = _timeout(value, name, zero_means_none=True)
+    elif name == "--lock-timeout":
+        opts.lock_timeout = _timeout(value, name)
     elif name in _HOST_OPTIONS:
         _host_option(opts, name, value, name)
     elif name == "--log-level":

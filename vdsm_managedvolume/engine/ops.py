@@ -245,6 +245,24 @@ def create_volume_from_snapshot(backend, args):
     return new.id
 
 
+# The volume ids each operation locks for its whole run (``volumelock``):
+# those whose connections it reads, decides on and writes, or whose
+# existence it changes.  Not get_connection_info and storage_stats (they
+# write nothing), nor the source of a clone (cinder clones a volume in
+# use; a long clone must not hold a VM's start).
+LOCKS = {
+    "create_volume": ("volume_id",),
+    "delete_volume": ("volume_id",),
+    "connect_volume": ("volume_id",),
+    "disconnect_volume": ("volume_id",),
+    "extend_volume": ("volume_id",),
+    "save_device": ("volume_id",),
+    "clone_volume": ("cloned_vol_id",),
+    "create_snapshot": ("volume_id",),
+    "remove_snapshot": ("volume_id",),
+    "create_volume_from_snapshot": ("volume_id",),
+}
+
 # Removals: when the volume or snapshot is gone, the goal is reached.
 IDEMPOTENT = frozenset(("delete_volume", "remove_snapshot",
                         "disconnect_volume"))

@@ -38,6 +38,7 @@ from vdsm_managedvolume import log as logutil
 from vdsm_managedvolume import mask
 
 from . import args as argsmod
+from . import volumelock
 from .outcome import EXIT_FAILED
 from .outcome import EXIT_OK
 from .outcome import EXIT_USAGE
@@ -416,7 +417,13 @@ def _execute(request, scrub):
         # What disconnect_volume needs to ask the hosts.
         op_args = dict(request.args, hosts=request.hosts,
                        correlation_id=request.correlation_id)
-        payload = ops.OPERATIONS[request.command](be, op_args)
+        ids = [request.args[name]
+               for name in ops.LOCKS.get(request.command, ())]
+        with volumelock.held(_state["locks_dir"] or request.locks_dir, ids,
+                             "{} (flow {})".format(request.command,
+                                                   request.correlation_id),
+                             timeout=request.lock_timeout):
+            payload = ops.OPERATIONS[request.command](be, op_args)
     except errors.EngineNotFound as e:
         log.warning("%s: %s", request.command, e)
         code = EXIT_OK if request.command in ops.IDEMPOTENT else EXIT_FAILED

@@ -1,0 +1,136 @@
+"""One shim command at a time per volume, across processes.
+
+ovirt-engine runs one process per operation, and runs some of them at once
+on the same volume: ``ProcessDownVmCommand`` takes no VM lock, so a VM's
+stop (``disconnect_volume``) overlaps a new start of the same VM on the
+same host (``connect_volume``), an HA restart or a user's Run.  Each of
+those reads the volume's connections, decides, and writes:
+
+    disconnect_volume   read H's connection, ask H (up to --host-timeout),
+                        terminate it, delete its record
+    connect_volume      read H's connection, reuse it (clear its device)
+                        or create one
+    save_device         read the connections, write one's device
+
+Interleaved, connect_volume handed the engine the connection a running
+disconnect was ending (the host attached a LUN whose mapping was gone),
+and two connects of one host made two connections.  cinderlib's file
+locks (``file_locks_path``) only serialise what drivers lock themselves.
+
+So each operation that reads-decides-writes a volume's records, or
+changes what exists under a volume id, holds an exclusive lock on
+``<locks dir>/volume-<id>.lock`` (``ops.LOCKS`` says which ids) for its
+whole run:
+
+- ``flock``: the kernel releases it when the holding process ends, however
+  it ends (a command given up at its timeout exits, a warm child is
+  killed): a lock is never left behind.  It is the shim's processes that
+  must agree, all on the engine's machine, whatever the database (SQLite
+  or PostgreSQL).  The locks directory is the one cinderlib's own locks
+  use: every process on a backend shares it (docs/engine.md).
+- Waiting is bounded (``--lock-timeout``, 120 s by default: a disconnect
+  holds the lock while it asks the hosts, 10 s each at once).  A command
+  that cannot get the lock in time fails, naming the volume and the
+  command holding it (its holder writes what it is into the file).
+- The files stay (a few dozen bytes each): removing one while another
+  process has it open, waiting, would let a third lock a new file of the
+  same name at the same time.
+"""
+
+import errno
+import fcntl
+import logging
+import os
+import time
+from contextlib import contextmanager
+
+from vdsm_managedvolume import errors
+
+from . import args as argsmod
+
+log = logging.getLogger(__name__)
+
+# Polling interval while waiting (flock has no timeout of its own).
+_POLL = 0.05
+
+
+@contextmanager
+def held(locks_dir, vol_ids, holder, timeout):
+    """Hold the lock of every id in ``vol_ids`` (sorted, so that two
+    commands locking the same ids never deadlock) for the block.
+
+    ``holder`` says what holds it (command and flow), for the error of a
+    command that waits in vain.  Raises ``errors.EngineBusy`` after
+    ``timeout`` seconds.
+    """
+    fds = []
+    try:
+        deadline = time.monotonic() + timeout
+        for vol_id in sorted(set(vol_ids)):
+            fds.append(_acquire(locks_dir, vol_id, holder, deadline,
+                                timeout))
+        yield
+    finally:
+        for fd in reversed(fds):
+            try:
+                # A command waiting next reads its holder, not ours.
+                os.ftruncate(fd, 0)
+            finally:
+                os.close(fd)        # releases the flock
+
+
+def path(locks_dir, vol_id):
+    return os.path.join(locks_dir, "volume-{}.lock".format(vol_id))
+
+
+# Private helpers
+
+def _acquire(locks_dir, vol_id, holder, deadline, timeout):
+    lock_path = path(locks_dir, vol_id)
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+    try:
+        fd = os.open(lock_path, flags, 0o600)
+    except FileNotFoundError:
+        # Made at setup, but a warm service outlives it when it is under
+        # ENGINE_TMP, which ovirt-engine re-creates at every start.
+        argsmod.private_dirs(locks_dir)
+        fd = os.open(lock_path, flags, 0o600)
+    try:
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+            if not waiting:
+                log.info("Waiting for volume %s: %s holds it", vol_id,
+                         _holder(fd))
+                waiting = True
+            if time.monotonic() >= deadline:
+                raise errors.EngineBusy(id=vol_id, holder=_holder(fd),
+                                        timeout=_seconds(timeout))
+            time.sleep(_POLL)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, "{} (pid {})\n".format(holder, os.getpid()).encode(
+            "utf-8", "replace"), 0)
+        if waiting:
+            log.info("Got volume %s", vol_id)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _holder(fd):
+    """What the file says holds it (the holder may be just starting)."""
+    try:
+        text = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
+    except OSError:
+        text = ""
+    return text or "another command"
+
+
+def _seconds(value):
+    return "{:g}".format(value)

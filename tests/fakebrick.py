@@ -65,12 +65,6 @@ Knobs in ``connection_info["data"]`` (all optional):
     fake_fail_disconnect  the same at disconnect
     fake_sleep          seconds to sleep in connect before connecting
                         (-> HelperTimeout with a short cfg.timeout)
-    fake_hang           seconds: connect runs the command "sleep" that
-                        long through oslo_concurrency.processutils, as
-                        os-brick runs iscsiadm (a command hung on a
-                        dead portal); only inside the daemon
-    fake_hang_retry     true: when that command fails, connect runs it
-                        again once, as os-brick retries a login
     fake_sleep_disconnect  the same for disconnect
     fake_fail_extend    the same as fake_fail, at extend
     fake_sleep_extend   the same as fake_sleep, at extend
@@ -168,8 +162,6 @@ class FakeConnector:
         _record("connect-start", key)
         _wait_for_file(data.get("fake_wait"))
         _sleep(data.get("fake_sleep"))
-        if data.get("fake_hang"):
-            _hang(data["fake_hang"], data.get("fake_hang_retry"))
         if data.get("fake_log_thread"):
             _log_from_brick_thread(key)
         if data.get("fake_brick_lock"):
@@ -364,16 +356,6 @@ def _rescan(device, key):
     with open(device, "r+b") as f:
         f.truncate(size)
     return size
-
-
-def _hang(seconds, retry):
-    from oslo_concurrency import processutils
-    try:
-        processutils.execute("sleep", str(float(seconds)))
-    except processutils.ProcessExecutionError:
-        if not retry:
-            raise
-        processutils.execute("sleep", str(float(seconds)))
 
 
 def _sleep(seconds):

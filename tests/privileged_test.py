@@ -316,9 +316,7 @@ def test_timeout_kills_the_operation_and_next_call_works(
     brick.connector_properties()
     old_pid = brick.daemon_pid()
     monkeypatch.setattr(cfg, "timeout", 1.0)
-    # Hung in Python (no command to kill): the daemon ends brick.END_GRACE
-    # after the deadline, before the sleep does.
-    info = iscsi("slow", tmp_path, fake_sleep=3)
+    info = iscsi("slow", tmp_path, fake_sleep=2)
     with pytest.raises(errors.HelperTimeout) as e:
         brick.connect(info)
     assert e.value.code == 931

@@ -45,27 +45,13 @@ deadline.  What was cut instead: the watchdog no longer wakes up per
 call (watchdog.py), and a call's request context draws no uuid4.
 
 Deadlines: every entrypoint gets the caller's deadline (time.monotonic(),
-CLOCK_MONOTONIC, the same clock in both processes), and one watchdog
-thread (``watchdog.Watchdog``) watches every call's.  When a call's
-deadline passes, the commands it runs (os-brick runs every command
-through ``oslo_concurrency.processutils.execute``, which ``_setup``
-wraps to know which call started which process) are killed with SIGKILL,
-and so is any command it starts afterwards; the call then usually ends
-at once, and its caller gets HelperTimeout (a "timeout" RemoteError,
-whatever the call returned: os-brick makes the best of failed commands)
-while the daemon and the other calls in it go on.  That is the common
-hang: a command waiting on a dead path or portal (iscsiadm, multipath,
-rbd map, nvme connect).  A call that has
-not ended ``END_GRACE`` seconds later (hung in Python or in the kernel:
-a sleep in a retry loop, a write to a dead device) cannot be stopped
-alone: the watchdog kills the whole daemon with SIGKILL, so that a
-"ghost" connect cannot complete after the caller was told it failed.
-The calls running in it fail then (the client reruns the idempotent
-ones: privileged.RERUN_AFTER_KILL), and the next call starts a fresh
-daemon.  (oslo.privsep's own entrypoint_with_timeout only stops waiting
-and leaves the call running.)  Before 2026-12-01 every deadline killed
-the daemon: one hung LUN in a mass start failed every attach in flight
-beside it.
+CLOCK_MONOTONIC, the same clock in both processes).  A watchdog kills the
+whole daemon with SIGKILL when the deadline passes (one thread watches
+every call's deadline, ``watchdog.Watchdog``): the operation truly
+stops, a "ghost" connect cannot complete after the caller was told it
+failed.  The caller sees EOF after its deadline and reports HelperTimeout;
+the next call starts a fresh daemon.  (oslo.privsep's own
+entrypoint_with_timeout only stops waiting and leaves the call running.)
 
 udev rules for an unprivileged service: inside vdsm the service runs as
 user vdsm and cannot write ``/etc/udev/rules.d`` nor a device's sysfs
@@ -117,7 +103,6 @@ import signal
 import stat
 import sys
 import threading
-import time
 
 from oslo_config import cfg as oslo_cfg
 from oslo_privsep import capabilities as caps
@@ -464,7 +449,6 @@ def _setup():
         for ctx in (os_brick.privileged.default,
                     os_brick.privileged.brick_privsep_hide_output):
             ctx.set_client_mode(False)
-        _track_commands()
         os_brick.setup(oslo_cfg.CONF)
 
         from importlib import metadata
@@ -495,8 +479,7 @@ class _operation:
         self.connection_info = connection_info
 
     def __enter__(self):
-        self._call = _Call(self.name, self.flow_id)
-        _set_thread_flow(self.flow_id, self._call)
+        _set_thread_flow(self.flow_id)
         self._flow = log.flow(self.flow_id)
         self._flow.__enter__()
         try:
@@ -504,23 +487,11 @@ class _operation:
         except BaseException:
             self._flow.__exit__(None, None, None)
             raise
-        self._call.arm(self.deadline)
+        self._token = _watchdog.arm(self.deadline, self.name, self.flow_id)
 
     def __exit__(self, t, e, tb):
-        expired = self._call.end()
+        _watchdog.disarm(self._token)
         try:
-            if expired:
-                # Its commands were killed at the deadline (_expire): it
-                # failed, whatever it returned (os-brick makes the best
-                # of many failed commands: connector_properties without
-                # an NQN, say), and whatever the connector made of the
-                # killed command.  The caller undoes it (a connect is
-                # disconnected), as after any timeout.
-                message = ("returned" if e is None else _scrub(
-                    "{}: {}".format(t.__name__, e), self.connection_info))
-                LOG.error("%s ended after its deadline, its commands "
-                          "killed: %s", self.name, message)
-                raise privsep.RemoteError("timeout", message) from None
             if e is None or isinstance(e, privsep.RemoteError):
                 return False
             if isinstance(e, errors.UnknownAdapter):
@@ -538,11 +509,9 @@ class _operation:
             self._flow.__exit__(None, None, None)
 
 
-def _set_thread_flow(flow_id, call=None):
+def _set_thread_flow(flow_id):
     """Remember ``flow_id`` as this thread's, for lines logged outside the
-    call's context (see _ThreadFlowFilter), and ``call`` (a ``_Call``)
-    as the call whose commands this thread and the threads os-brick
-    spawns from it run (``_thread_call``).
+    call's context (see _ThreadFlowFilter).
 
     Kept in oslo.context's per-thread request context because
     os_brick.executor.Thread hands that one to the threads os-brick
@@ -560,16 +529,6 @@ def _set_thread_flow(flow_id, call=None):
     ctx = oslo_context.RequestContext(overwrite=True,
                                       request_id="req-" + flow_id)
     ctx.managedvolume_flow = flow_id
-    ctx.managedvolume_call = call
-
-
-def _thread_call():
-    """The ``_Call`` this thread runs for, or None."""
-    try:
-        from oslo_context import context as oslo_context
-    except ImportError:
-        return None
-    return getattr(oslo_context.get_current(), "managedvolume_call", None)
 
 
 def _thread_flow():
@@ -591,143 +550,22 @@ class _ThreadFlowFilter(logging.Filter):
         return True
 
 
-class _Call:
-    """One entrypoint call under its deadline: the commands it runs, and
-    whether its deadline passed (see the module docstring)."""
-
-    __slots__ = ("name", "flow_id", "procs", "expired", "ended", "token")
-
-    def __init__(self, name, flow_id):
-        self.name = name
-        self.flow_id = flow_id
-        self.procs = set()      # subprocess.Popen objects running
-        self.expired = False
-        self.ended = False
-        self.token = None       # the watchdog's, for what comes next
-
-    def arm(self, deadline):
-        with _calls_lock:
-            self.token = _watchdog.arm(deadline, _expire, self)
-
-    def end(self):
-        """The call returned: stop watching it; whether its deadline had
-        passed."""
-        with _calls_lock:
-            self.ended = True
-            _watchdog.disarm(self.token)
-            return self.expired
-
-    def started(self, proc):
-        with _calls_lock:
-            expired = self.expired
-            if not expired:
-                self.procs.add(proc)
-        if expired:
-            # A command started after the deadline (a retry) dies too.
-            _kill_command(proc)
-
-    def finished(self, proc):
-        with _calls_lock:
-            self.procs.discard(proc)
-
-
-# Seconds a call past its deadline, its commands killed, has to end before
-# the daemon ends itself; less than privileged.KILL_GRACE, the client's
-# own wait after the deadline.
-END_GRACE = 1.0
-
-_calls_lock = threading.Lock()
-
-
-def _expire(call):
-    """The watchdog at ``call``'s deadline: kill its commands; the daemon
-    ends END_GRACE seconds later unless the call ended by then."""
-    with _calls_lock:
-        if call.ended:
-            return
-        call.expired = True
-        procs = list(call.procs)
-        call.token = _watchdog.arm(time.monotonic() + END_GRACE, _die,
-                                   call.name, call.flow_id)
-    try:
-        with log.flow(call.flow_id):
-            LOG.error("%s exceeded its deadline: killing its commands "
-                      "(pids %s); privsep daemon %s ends in %.1f s unless "
-                      "the call returns", call.name,
-                      ", ".join(str(p.pid) for p in procs) or "none",
-                      os.getpid(), END_GRACE)
-    finally:
-        for proc in procs:
-            _kill_command(proc)
-
-
-def _kill_command(proc):
-    try:
-        # Popen.send_signal polls first: a command already reaped (its pid
-        # maybe reused) is not signalled.
-        proc.send_signal(signal.SIGKILL)
-    except OSError:
-        pass
-
-
-def _track_commands():
-    """Make every command os-brick runs known to the call that runs it
-    (``_Call.started``), through processutils.execute's own callbacks."""
-    from oslo_concurrency import processutils
-    execute = processutils.execute
-    if getattr(execute, "managedvolume_tracked", False):
-        return
-
-    def tracked_execute(*cmd, **kwargs):
-        call = _thread_call()
-        if call is None:
-            return execute(*cmd, **kwargs)
-        on_execute = kwargs.pop("on_execute", None)
-        on_completion = kwargs.pop("on_completion", None)
-
-        def started(proc):
-            call.started(proc)
-            if on_execute is not None:
-                on_execute(proc)
-
-        def finished(proc):
-            call.finished(proc)
-            if on_completion is not None:
-                on_completion(proc)
-
-        return execute(*cmd, on_execute=started, on_completion=finished,
-                       **kwargs)
-
-    tracked_execute.managedvolume_tracked = True
-    processutils.execute = tracked_execute
-
-
 def _die(operation, flow_id):
-    # The call did not end after its commands were killed (_expire): the
-    # operation must stop, or it could complete behind its caller's back
-    # (a leaked device).  There is no way to stop one thread: end the
-    # process.  Concurrent calls fail with HelperFailed (the idempotent
-    # ones are run again), the next call starts a fresh daemon.
-    try:
-        with log.flow(flow_id):
-            LOG.error("%s did not end %.1f s after its deadline: killing "
-                      "privsep daemon %s", operation, END_GRACE,
-                      os.getpid())
-    finally:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _fire(action, *args):
+    # The caller stops waiting at its deadline; the operation must stop
+    # too, or it could complete behind its back (a leaked device).  There
+    # is no way to stop one thread: end the process.  Concurrent calls
+    # fail with HelperFailed, the next call starts a fresh daemon.
     # The kill must happen whatever logging does: an error here would end
     # the one watchdog thread, and no later deadline would be kept.
     try:
-        action(*args)
-    except BaseException:
+        with log.flow(flow_id):
+            LOG.error("%s exceeded its deadline: killing privsep daemon %s",
+                      operation, os.getpid())
+    finally:
         os.kill(os.getpid(), signal.SIGKILL)
-        raise
 
 
-_watchdog = watchdog.Watchdog(_fire)
+_watchdog = watchdog.Watchdog(_die)
 
 
 def _conf():

@@ -66,17 +66,12 @@ Timeouts
 --------
 Every call carries a deadline: ``cfg.timeout`` (connect, disconnect,
 extend) or ``cfg.properties_timeout`` (connector properties), counted
-after the daemon is up.  When a deadline passes the daemon kills the
-call's commands (see brick.py); the call ends, with a "timeout" error
-that we raise as HelperTimeout (931), and the daemon and the calls
-beside it go on.  A call still running ``brick.END_GRACE`` seconds
-later (hung in Python or in the kernel, not in a command) makes the
-daemon kill itself, so that a timed-out connect cannot complete later
-and leak a device; the next call starts a new daemon.  Should the
-daemon's watchdog fail, we kill it ourselves ``KILL_GRACE`` seconds
-after the deadline (root can; with sudo we cannot and only log).  Such
-a kill, or a crash, ends the calls running concurrently for other
-volumes too.  After
+after the daemon is up.  The daemon kills itself when a deadline passes (see
+brick.py), so a timed-out connect cannot complete later and leak a device;
+we then raise HelperTimeout (931) and the next call starts a new daemon.
+Should the daemon's watchdog fail, we kill it ourselves ``KILL_GRACE``
+seconds later (root can; with sudo we cannot and only log).  A timeout
+or crash kills calls running concurrently for other volumes too.  After
 a kill at another call's deadline, a disconnect, extend, connector
 properties or udev rule call whose own deadline has not passed runs
 again on a new daemon, within that deadline (``RERUN_AFTER_KILL`` says
@@ -153,8 +148,7 @@ LOG = logging.getLogger(__name__)
 # machine, much more on a loaded one.
 START_TIMEOUT = 60.0
 
-# How long after a deadline we wait for the call's answer, or the end of
-# the daemon (its watchdog: brick.END_GRACE, less than this), before
+# How long after a deadline we wait for the daemon's own watchdog before
 # killing it from here.
 KILL_GRACE = 2.0
 
@@ -349,14 +343,6 @@ class Brick:
                 "privsep daemon {} died during {} ({}); the next call "
                 "starts a new one".format(daemon.pid, operation, e))
         except privsep.RemoteError as e:
-            if e.args[0] == "timeout":
-                # Its commands were killed at the deadline and it ended:
-                # the daemon and the calls beside it go on (brick.py).
-                LOG.warning("%s: past its deadline, its commands killed, "
-                            "it ended: %s", operation,
-                            mask.mask_text(_remote_message(e)))
-                raise errors.HelperTimeout(
-                    operation=operation, timeout=timeout) from None
             raise _local_error(e) from None
         return privsep.plain(result)
 

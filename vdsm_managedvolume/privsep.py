@@ -76,8 +76,7 @@ class RemoteError(Exception):
     Crosses the socket by class name (``REMOTE_ERROR``), so both sides
     import this module, never os-brick's exception classes.  Kinds:
     "failed" (message), "unsupported" (message), "unknown_adapter"
-    (adapter, installed), "invalid" (parameter name, reason), "timeout"
-    (message: the call failed after its deadline, its commands killed).
+    (adapter, installed), "invalid" (parameter name, reason).
     """
 
 

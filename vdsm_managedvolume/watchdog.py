@@ -1,8 +1,7 @@
 """One thread that calls a function when a deadline passes.
 
-The privsep daemon (``brick``) arms one deadline per call; when one
-passes it kills the call's commands, and ends itself with SIGKILL if the
-call has not ended soon after, so that an operation past its deadline
+The privsep daemon (``brick``) arms one deadline per call and ends itself
+with SIGKILL when one passes, so that an operation past its deadline
 cannot complete behind its caller's back.  A thread per call
 (threading.Timer) cost a thread start and, at the end of the call, waking
 that thread to cancel it: a third of the daemon's CPU for a fast call.
@@ -30,8 +29,8 @@ import time
 
 
 class Watchdog:
-    """One thread calling ``fire(*args)`` when a deadline (time.monotonic())
-    armed with ``args`` passes; started by the first ``arm``."""
+    """One thread calling ``fire(name, flow_id)`` when an armed deadline
+    (time.monotonic()) passes; started by the first ``arm``."""
 
     def __init__(self, fire):
         self._fire = fire
@@ -42,12 +41,11 @@ class Watchdog:
         self._thread = None
         self._wake_at = None    # when the thread wakes (None: notified)
 
-    def arm(self, deadline, *args):
-        """Watch ``deadline`` (``fire(*args)`` when it passes); return the
-        token that disarms it."""
+    def arm(self, deadline, name, flow_id):
+        """Watch ``deadline``; return the token that disarms it."""
         with self._cond:
             token = next(self._tokens)
-            self._armed[token] = args
+            self._armed[token] = (name, flow_id)
             heapq.heappush(self._heap, (deadline, token))
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -70,7 +68,7 @@ class Watchdog:
             self._fire(*expired)
 
     def _wait_expired(self):
-        """The args of the next armed deadline once it passed."""
+        """(name, flow_id) of the next armed deadline once it passed."""
         while True:
             now = time.monotonic()
             if self._heap and self._heap[0][0] <= now:

@@ -47,11 +47,16 @@ call (watchdog.py), and a call's request context draws no uuid4.
 Deadlines: every entrypoint gets the caller's deadline (time.monotonic(),
 CLOCK_MONOTONIC, the same clock in both processes).  A watchdog kills the
 whole daemon with SIGKILL when the deadline passes (one thread watches
-every call's deadline, ``watchdog.Watchdog``): the operation truly
-stops, a "ghost" connect cannot complete after the caller was told it
-failed.  The caller sees EOF after its deadline and reports HelperTimeout;
-the next call starts a fresh daemon.  (oslo.privsep's own
-entrypoint_with_timeout only stops waiting and leaves the call running.)
+every call's deadline, ``watchdog.Watchdog``): the daemon's own work
+for the call stops, so os-brick cannot go on to finish a "ghost" connect
+after the caller was told it failed.  Not stopped: the commands it
+started, which outlive it, and what runs outside it (iscsid retries a
+login on its own), so a late session may still appear after the
+caller's rollback disconnect; docs/operations.md, "A hung LUN in a mass
+start", says why killing those commands was rejected.  The caller sees
+EOF after its deadline and reports HelperTimeout; the next call starts
+a fresh daemon.  (oslo.privsep's own entrypoint_with_timeout only stops
+waiting and leaves the call running.)
 
 udev rules for an unprivileged service: inside vdsm the service runs as
 user vdsm and cannot write ``/etc/udev/rules.d`` nor a device's sysfs

@@ -67,8 +67,10 @@ Timeouts
 Every call carries a deadline: ``cfg.timeout`` (connect, disconnect,
 extend) or ``cfg.properties_timeout`` (connector properties), counted
 after the daemon is up.  The daemon kills itself when a deadline passes (see
-brick.py), so a timed-out connect cannot complete later and leak a device;
-we then raise HelperTimeout (931) and the next call starts a new daemon.
+brick.py), so that os-brick cannot finish a timed-out connect later (the
+commands it started, and iscsid's own login retries, are not stopped:
+brick.py); we then raise HelperTimeout (931) and the next call starts a
+new daemon.
 Should the daemon's watchdog fail, we kill it ourselves ``KILL_GRACE``
 seconds later (root can; with sudo we cannot and only log).  A timeout
 or crash kills calls running concurrently for other volumes too.  After

@@ -647,6 +647,84 @@ def test_invalid_listen_is_a_usage_error(tmp_path):
     assert "brackets" in p.stderr
 
 
+def _start_refused(tmp_path, conf_text, *argv):
+    conf = tmp_path / "mv.conf"
+    conf.write_text(conf_text)
+    state = tmp_path / "state"
+    # Relative, as an admin types it: the message names it so.
+    p = subprocess.run([AGENT, "--config", "mv.conf", "--state-dir",
+                        str(state), *argv], capture_output=True, text=True,
+                       timeout=60, cwd=str(tmp_path))
+    return p, state
+
+
+@pytest.mark.parametrize("conf_text, argv, message", [
+    ("", ["--listen", "nosuchhost.invalid:5000"],
+     "--listen nosuchhost.invalid:5000: listen = 'nosuchhost.invalid' "
+     "cannot be resolved"),
+    ("[agent]\nlisten = nosuchhost.invalid\n", [],
+     "mv.conf [agent]: listen = 'nosuchhost.invalid' cannot be resolved"),
+    ("[agent]\nlisten = 127.0.0.1\nport = 70000\n", [],
+     "mv.conf [agent]: port = 70000 is out of range (0-65535)"),
+    ("[logging]\nlog_file = /dev/null/x/agent.log\n",
+     ["--listen", "127.0.0.1:0"],
+     "mv.conf [logging]: log_file = '/dev/null/x/agent.log': its "
+     "directory cannot be created"),
+    ("[logging]\nlog_config = /nonexistent/logger.conf\n",
+     ["--listen", "127.0.0.1:0"],
+     "mv.conf [logging]: log_config = '/nonexistent/logger.conf' cannot "
+     "be read"),
+    ("[logging]\nlog_config = /etc/hostname\n",
+     ["--listen", "127.0.0.1:0"],
+     "mv.conf [logging]: log_config = '/etc/hostname' cannot be read"),
+    ("[logging]\nlog_config = logger.ini\n", ["--listen", "127.0.0.1:0"],
+     "mv.conf [logging]: log_config = 'logger.ini': cannot set up "
+     "logging: ModuleNotFoundError"),
+])
+def test_a_configuration_mistake_is_one_line_and_touches_no_state(
+        tmp_path, conf_text, argv, message):
+    # A handler class that does not exist: found only by logging itself.
+    (tmp_path / "logger.ini").write_text(
+        "[loggers]\nkeys = root\n[handlers]\nkeys = h\n"
+        "[formatters]\nkeys =\n[logger_root]\nhandlers = h\n"
+        "[handler_h]\nclass = NoSuchHandler\nargs = ()\n")
+    p, state = _start_refused(tmp_path, conf_text, *argv)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.startswith(
+        "managedvolume-agent: Configuration error: " + message), p.stderr
+    assert len(p.stderr.splitlines()) == 1, p.stderr
+    assert not state.exists()
+
+
+def test_a_state_dir_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    p = subprocess.run([AGENT, "--state-dir", str(tmp_path / "file" / "s"),
+                        "--listen", "127.0.0.1:0"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 2
+    assert p.stderr.startswith(
+        "managedvolume-agent: Configuration error: --state-dir ")
+    assert "is not a directory" in p.stderr
+    assert len(p.stderr.splitlines()) == 1, p.stderr
+
+
+def test_a_port_in_use_is_found_before_the_journal_is_opened(tmp_path):
+    # vdsmd holds the port: the agent must refuse before it creates,
+    # migrates or reconciles the journal.
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        p, state = _start_refused(
+            tmp_path, "", "--listen", "127.0.0.1:{}".format(port))
+    assert p.returncode != 0
+    assert "cannot listen on 127.0.0.1:{}".format(port) in p.stderr
+    assert "Traceback" not in p.stderr
+    cfg = agentutil.make_config(str(state))
+    assert not os.path.exists(cfg.db_path)
+    assert not os.path.exists(os.path.join(str(state), "pki"))
+
+
 def test_version():
     from vdsm_managedvolume import __version__
     p = subprocess.run([AGENT, "--version"], capture_output=True,

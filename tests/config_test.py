@@ -1,4 +1,5 @@
 import os
+import re
 
 import pytest
 
@@ -71,3 +72,63 @@ def test_log_level_names_logging_took_still_start_the_agent(name, level):
 def test_log_level_is_taken_in_any_case():
     cfg = config.load(path=os.devnull, overrides={"log_level": " debug"})
     assert cfg.log_level == "DEBUG"
+
+
+@pytest.mark.parametrize("value", ["65536", "70000"])
+def test_a_port_out_of_range_is_refused_not_wrapped(tmp_path, value):
+    # getaddrinfo took 70000 as 4464: the agent listened there.
+    path = tmp_path / "mv.conf"
+    path.write_text("[agent]\nport = {}\n".format(value))
+    with pytest.raises(errors.ConfigError,
+                       match=r"mv.conf \[agent\]: port = {} is out of "
+                             r"range \(0-65535\)".format(value)):
+        config.load(path=str(path))
+
+
+def _problems(tmp_path, text):
+    path = tmp_path / "mv.conf"
+    path.write_text(text)
+    cfg = config.load(path=str(path))
+    return [str(e) for e in config.environment_problems(cfg)]
+
+
+def test_a_sound_configuration_has_no_environment_problems(tmp_path):
+    good = tmp_path / "logger.ini"
+    good.write_text("[loggers]\nkeys = root\n[handlers]\nkeys = h\n"
+                    "[formatters]\nkeys =\n[logger_root]\nhandlers = h\n"
+                    "[handler_h]\nclass = StreamHandler\nargs = ()\n")
+    assert _problems(tmp_path, "[agent]\nlisten = localhost\n"
+                               "[logging]\nlog_file = {}\n".format(
+                                   tmp_path / "new" / "dir" / "a.log")) == []
+    assert _problems(tmp_path, "[logging]\nlog_config = {}\n".format(
+        good)) == []
+    assert config.environment_problems(config.Config()) == []
+
+
+@pytest.mark.parametrize("text, match", [
+    ("[agent]\nlisten = nosuchhost.invalid\n",
+     r"mv.conf \[agent\]: listen = 'nosuchhost.invalid' cannot be "
+     r"resolved: "),
+    ("[logging]\nlog_file = /dev/null/x/agent.log\n",
+     r"mv.conf \[logging\]: log_file = '/dev/null/x/agent.log': its "
+     r"directory cannot be created: /dev/null is not a directory"),
+    ("[logging]\nlog_file = /\n", r"log_file = '/' is a directory"),
+    ("[logging]\nlog_config = /nonexistent/logger.conf\n",
+     r"mv.conf \[logging\]: log_config = '/nonexistent/logger.conf' "
+     r"cannot be read: No such file or directory"),
+    ("[logging]\nlog_config = {here}\n",
+     r"log_config = '.*mv.conf' is not a logging configuration file "
+     r"\(logging.config.fileConfig format\): no \[loggers\] keys, "
+     r"\[handlers\] keys, \[formatters\] keys, \[logger_root\] handlers"),
+])
+def test_environment_problems_name_the_key_and_value(tmp_path, text, match):
+    text = text.format(here=tmp_path / "mv.conf")
+    problems = _problems(tmp_path, text)
+    assert len(problems) == 1, problems
+    assert re.search(match, problems[0]), problems[0]
+
+
+def test_environment_problems_create_nothing(tmp_path):
+    _problems(tmp_path, "[logging]\nlog_file = {}\n".format(
+        tmp_path / "a" / "b" / "agent.log"))
+    assert not (tmp_path / "a").exists()

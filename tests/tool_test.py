@@ -768,6 +768,35 @@ def test_an_invalid_log_level_is_a_configuration_error(tmp_path, command):
     assert "Traceback" not in p.stderr
 
 
+@pytest.mark.parametrize("text, message", [
+    ("[agent]\nlisten = nosuchhost.invalid\n",
+     "listen = 'nosuchhost.invalid' cannot be resolved"),
+    ("[logging]\nlog_config = /nonexistent/logger.conf\n",
+     "log_config = '/nonexistent/logger.conf' cannot be read"),
+    ("[logging]\nlog_file = /dev/null/x/agent.log\n",
+     "log_file = '/dev/null/x/agent.log': its directory cannot be created"),
+])
+def test_check_fails_on_what_would_stop_the_agent(tmp_path, text, message):
+    # check said "ok config" and the agent died of a traceback.
+    conf = tmp_path / "c.conf"
+    conf.write_text(text)
+    p = run("--config", str(conf), "--state-dir", str(tmp_path / "s"),
+            "--json", "check", "--skip-privsep", check=1)
+    found = _checks(p)["config"]
+    assert found["status"] == "fail"
+    assert message in found["message"]
+    assert "c.conf [" in found["message"]
+
+
+def test_a_port_out_of_range_is_a_configuration_error_for_the_tool(
+        tmp_path):
+    conf = tmp_path / "c.conf"
+    conf.write_text("[agent]\nport = 70000\n")
+    for command in ("check", "dump-config"):
+        p = run("--config", str(conf), command, check=2)
+        assert "port = 70000 is out of range (0-65535)" in p.stderr
+
+
 def test_filesystem_finds_the_mount_holding_a_path():
     assert tool._filesystem("/proc/self")[0] == "proc"
     assert tool._filesystem("/")[1] == "/"
@@ -808,7 +837,7 @@ def test_dump_config_reads_back_to_the_same_configuration(state, tmp_path):
     want = config.load(str(conf), state_dir=state)
     got = config.load(str(out))
     for key in config.FIELDS:
-        if key not in ("source", "state_dir"):
+        if key not in config.NOT_KEYS:
             assert getattr(got, key) == getattr(want, key), key
 
 

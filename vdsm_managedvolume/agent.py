@@ -6,6 +6,7 @@ to it unchanged.  The process holds the layers together, each in a module
 of its own::
 
     main: configuration, the agent lock, logging, signals
+      -> bind()                 the port, before the journal is touched
       -> service.Service        reconciles the journal before serving
       -> jsonrpc.Dispatcher     the protocol, calling api.py
       -> stompserver.Server     the wire: frames, connections, heart-beats,
@@ -18,6 +19,11 @@ Besides the port, the agent serves a local control socket
 after_get_caps hook adds to vdsm's capabilities.  The socket is
 world-writable (the hook runs as vdsm): MAX_CONTROL_CLIENTS are served at
 once, more are closed at once.
+
+A mistake of the configuration or the command line (a key's value, a
+``listen`` host that does not resolve, a log file that cannot be made, the
+port held by another process) stops the agent before it opens the
+journal, with one line naming the key or option and the value.
 
 Signals: SIGTERM/SIGINT stop accepting, let in-flight calls finish (up to
 ``shutdown_timeout``) and exit 0; SIGHUP reopens the log file.  Under
@@ -60,22 +66,13 @@ CONTROL_TIMEOUT = 1.0
 def main(argv=None):
     """The ``managedvolume-agent`` console script."""
     args = _parse_args(argv)
+    # Every mistake of the file or the command line is found here, before
+    # the journal is opened: one line naming the key, exit 2.
     try:
-        cfg = config.load(args.config, state_dir=args.state_dir)
-        if args.listen:
-            cfg.listen, cfg.port = parse_listen(args.listen)
+        cfg = _configure(args)
     except (errors.ConfigError, ValueError) as e:
         print("managedvolume-agent: {}".format(e), file=sys.stderr)
         return 2
-    if args.insecure and not is_loopback(cfg.listen):
-        print("managedvolume-agent: --insecure serves plain TCP without "
-              "authentication and is refused on {!r}: only a loopback "
-              "address (127.0.0.1, ::1, localhost) may be used with it"
-              .format(cfg.listen), file=sys.stderr)
-        return 2
-    if cfg.state_dir and not cfg.log_file and not cfg.log_config:
-        cfg.log_file = os.path.join(cfg.log_dir, "agent.log")
-    logmod.setup(cfg)
     privileged.become_subreaper()
     log.info("vdsm-managedvolume agent %s starting (config %s, state dir "
              "%s)", __version__, cfg.source or "defaults",
@@ -188,8 +185,14 @@ def bind(host, port):
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         addr = ("::" if family == socket.AF_INET6 else "0.0.0.0", port)
     else:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        except (socket.gaierror, UnicodeError) as e:
+            raise errors.ConfigError("cannot listen on {}: cannot resolve "
+                                     "{!r}: {}".format(
+                                         stompserver.format_address(
+                                             (host, port)), host, e))
         family, _, _, _, addr = infos[0]
         sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -197,10 +200,10 @@ def bind(host, port):
         sock.bind(addr)
         sock.listen(128)
         sock.setblocking(False)
-    except OSError as e:
+    except (OSError, OverflowError) as e:
         sock.close()
         hint = ""
-        if e.errno == errno.EADDRINUSE:
+        if getattr(e, "errno", None) == errno.EADDRINUSE:
             hint = (" (another managedvolume-agent, or vdsmd, holds the "
                     "port; choose another with --listen HOST:PORT)")
         raise errors.ConfigError("cannot listen on {}: {}{}".format(
@@ -285,6 +288,38 @@ def _parse_args(argv):
     return parser.parse_args(argv)
 
 
+def _configure(args):
+    """The configuration of ``args``, checked, with logging set up;
+    ConfigError (or ValueError from --listen) naming what is wrong."""
+    cfg = config.load(args.config, state_dir=args.state_dir)
+    if args.listen:
+        cfg.listen, cfg.port = parse_listen(args.listen)
+        cfg.origins["listen"] = cfg.origins["port"] = \
+            "--listen {}".format(args.listen)
+    if args.insecure and not is_loopback(cfg.listen):
+        raise errors.ConfigError(
+            "--insecure serves plain TCP without authentication and is "
+            "refused on {!r}: only a loopback address (127.0.0.1, ::1, "
+            "localhost) may be used with it".format(cfg.listen))
+    if cfg.state_dir and not cfg.log_file and not cfg.log_config:
+        cfg.log_file = os.path.join(cfg.log_dir, "agent.log")
+        cfg.origins["log_file"] = "--state-dir {}".format(args.state_dir)
+    problems = config.environment_problems(cfg)
+    if problems:
+        raise problems[0]
+    try:
+        logmod.setup(cfg)
+    except Exception as e:
+        # fileConfig raises whatever its sections make it (KeyError,
+        # ImportError of a handler class, OSError of a handler's file).
+        key = "log_config" if cfg.log_config else "log_file"
+        raise errors.ConfigError("{}: {} = {!r}: cannot set up logging: "
+                                 "{}: {}".format(
+                                     config.where(cfg, key), key,
+                                     getattr(cfg, key), type(e).__name__, e))
+    return cfg
+
+
 def _run(cfg, insecure):
     # Held until the agent stopped: a second agent on this state would
     # reconcile under the first one's calls and, on exit, remove its
@@ -302,28 +337,40 @@ def _serve(cfg, insecure):
     from . import jsonrpc
     from . import service as service_module
 
-    ssl_context = None
-    if not insecure:
-        if cfg.state_dir:
-            pki.ensure_dev_pki(cfg)
-        try:
-            ssl_context = pki.server_context(cfg)
-        except (OSError, ssl.SSLError) as e:
-            raise errors.ConfigError(
-                "cannot load TLS files (cert {}, key {}, CA {}): {}".format(
-                    cfg.cert_file, cfg.key_file, cfg.ca_file, e))
-    service = service_module.Service(cfg)
+    # Bound first: an address in use (vdsmd's port) is found before the
+    # journal is opened, migrated or reconciled.  Clients connecting
+    # before we serve wait in the backlog.
+    listener = bind(cfg.listen, cfg.port)
+    try:
+        ssl_context = None
+        if not insecure:
+            if cfg.state_dir:
+                pki.ensure_dev_pki(cfg)
+            try:
+                ssl_context = pki.server_context(cfg)
+            except (OSError, ssl.SSLError) as e:
+                raise errors.ConfigError(
+                    "cannot load TLS files (cert {}, key {}, CA {}): {}"
+                    .format(cfg.cert_file, cfg.key_file, cfg.ca_file, e))
+        service = service_module.Service(cfg)
+    except BaseException:
+        listener.close()
+        raise
     # One bound for the whole stop: what the server's drain left of
     # shutdown_timeout is the service's (and its daemon's) to close.
     stop_began = []
     # Reconcile the journal before the first request can arrive; the
     # records of an earlier boot are detached once we serve (a privsep
     # call each, which storage trouble can hold: Service.start).
-    service.start(defer_detach_stale=True)
+    try:
+        service.start(defer_detach_stale=True)
+    except BaseException:
+        listener.close()
+        raise
     try:
         dispatcher = jsonrpc.Dispatcher(service)
         server = stompserver.Server(cfg, dispatcher, ssl_context)
-        address = server.listen(bind(cfg.listen, cfg.port))
+        address = server.listen(listener)
         ControlSocket(cfg.socket_path, lambda: service.connector_info(
             stale_ok=True)).serve_in(server)
         service.detach_stale_later()

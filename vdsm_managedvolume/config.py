@@ -25,6 +25,7 @@ import configparser
 import dataclasses
 import fcntl
 import os
+import socket
 import sys
 
 from . import errors
@@ -100,9 +101,13 @@ class Config:
     log_file: str = ""
     log_config: str = ""
 
-    # Where this configuration came from (not a key of the file).
+    # Where this configuration came from (not keys of the file).
     source: str = ""
     state_dir: str = ""
+    # key -> where its value was set ("FILE [section]", "--listen"), for
+    # messages naming it; keys absent here hold their default.
+    origins: dict = dataclasses.field(default_factory=dict, repr=False,
+                                      compare=False)
 
     @property
     def socket_path(self):
@@ -174,6 +179,16 @@ SECTIONS = {
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
+# Fields of Config that are not keys of the file.
+NOT_KEYS = ("source", "state_dir", "origins")
+
+# Port numbers: 0 lets the kernel choose a free one (tests; the agent
+# prints and logs the port it got).
+MAX_PORT = 65535
+
+# [agent] listen values meaning every address.
+ANY_ADDRESS = ("", "::", "0.0.0.0", "*")
+
 
 def load(path=None, state_dir=None, overrides=None):
     """Load the configuration.
@@ -199,6 +214,36 @@ def load(path=None, state_dir=None, overrides=None):
     for key, value in (overrides or {}).items():
         _set(cfg, key, value, "override")
     return cfg
+
+
+def where(cfg, key):
+    """Where ``key``'s value came from, for a message: "FILE [section]",
+    a command-line option, or "[section] (default)"."""
+    origin = cfg.origins.get(key)
+    if origin:
+        return origin
+    for section, keys in SECTIONS.items():
+        if key in keys:
+            return "[{}] (default)".format(section)
+    return "(default)"
+
+
+def environment_problems(cfg):
+    """What the file's syntax cannot show but would stop the agent at
+    start, each a ConfigError naming the key and its value: a ``listen``
+    host that does not resolve, a ``log_file`` whose directory cannot be
+    made, a ``log_config`` that is missing or not logging's INI format.
+
+    Reads only (the tool's check runs it; the agent runs it before it
+    touches the journal).  A list, empty when all is well.
+    """
+    problems = []
+    for check in (_check_listen, _check_log_file, _check_log_config):
+        try:
+            check(cfg)
+        except errors.ConfigError as e:
+            problems.append(e)
+    return problems
 
 
 def with_state_dir(cfg, state_dir):
@@ -319,7 +364,7 @@ def _read_file(cfg, path):
 
 def _set(cfg, key, value, where):
     field = FIELDS.get(key)
-    if field is None or key in ("source", "state_dir"):
+    if field is None or key in NOT_KEYS:
         raise errors.ConfigError("{}: unknown key {!r}".format(where, key))
     default = getattr(Config, key, None)
     if default is None:
@@ -343,9 +388,84 @@ def _set(cfg, key, value, where):
         if value < 0:
             raise errors.ConfigError(
                 "{}: {} = {!r} must not be negative".format(where, key, value))
+    if key == "port" and value > MAX_PORT:
+        # Never wrapped: getaddrinfo took 70000 as 4464.
+        raise errors.ConfigError(
+            "{}: port = {!r} is out of range (0-{})".format(
+                where, value, MAX_PORT))
     if key == "log_level":
         value = _log_level(value, where)
     setattr(cfg, key, value)
+    cfg.origins[key] = where
+
+
+def _check_listen(cfg):
+    if cfg.listen in ANY_ADDRESS:
+        return
+    try:
+        socket.getaddrinfo(cfg.listen, cfg.port, type=socket.SOCK_STREAM,
+                           flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise errors.ConfigError(
+            "{}: listen = {!r} cannot be resolved: {}".format(
+                where(cfg, "listen"), cfg.listen, _reason(e)))
+
+
+def _check_log_file(cfg):
+    if not cfg.log_file or cfg.log_config:
+        return
+    path = os.path.abspath(cfg.log_file)
+    if os.path.isdir(path):
+        raise errors.ConfigError(
+            "{}: log_file = {!r} is a directory".format(
+                where(cfg, "log_file"), cfg.log_file))
+    # The nearest existing ancestor must be a directory we may create
+    # the rest in (the agent makes the missing levels).
+    parent = os.path.dirname(path)
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        reason = "{} is not a directory".format(parent)
+    elif not os.access(parent, os.W_OK | os.X_OK):
+        reason = "{} is not writable".format(parent)
+    else:
+        return
+    raise errors.ConfigError(
+        "{}: log_file = {!r}: its directory cannot be created: {}".format(
+            where(cfg, "log_file"), cfg.log_file, reason))
+
+
+# What logging.config.fileConfig reads without a default.
+_LOG_CONFIG_SECTIONS = (("loggers", "keys"), ("handlers", "keys"),
+                        ("formatters", "keys"), ("logger_root", "handlers"))
+
+
+def _check_log_config(cfg):
+    if not cfg.log_config:
+        return
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(cfg.log_config, encoding="utf-8") as f:
+            parser.read_file(f)
+    except (OSError, UnicodeDecodeError, configparser.Error) as e:
+        raise errors.ConfigError(
+            "{}: log_config = {!r} cannot be read: {}".format(
+                where(cfg, "log_config"), cfg.log_config, _reason(e)))
+    missing = ["[{}] {}".format(s, k) for s, k in _LOG_CONFIG_SECTIONS
+               if not parser.has_option(s, k)]
+    if missing:
+        raise errors.ConfigError(
+            "{}: log_config = {!r} is not a logging configuration file "
+            "(logging.config.fileConfig format): no {}".format(
+                where(cfg, "log_config"), cfg.log_config,
+                ", ".join(missing)))
+
+
+def _reason(e):
+    # The system's sentence without Python's "[Errno N]" prefix.
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 # The other names logging's setLevel takes (logging._nameToLevel), which

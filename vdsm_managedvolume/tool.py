@@ -372,11 +372,17 @@ def dump_config(cfg, args):
 # ok, warn, fail, skip.
 
 def _check_config(cfg, args):
+    problems = config.environment_problems(cfg)
     if cfg.source:
-        yield "config", "ok", "loaded {}".format(cfg.source)
+        loaded = "loaded {}".format(cfg.source)
     else:
-        yield "config", "ok", "no file ({} absent): defaults".format(
+        loaded = "no file ({} absent): defaults".format(
             config.DEFAULT_CONFIG_FILE)
+    if problems:
+        yield "config", "fail", "{}, but the agent would not start: {}" \
+            .format(loaded, "; ".join(p.reason for p in problems))
+    else:
+        yield "config", "ok", loaded
     if cfg.state_dir:
         yield "state-dir", "ok", "every written path under {}".format(
             cfg.state_dir)

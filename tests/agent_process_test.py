@@ -696,6 +696,16 @@ def test_a_configuration_mistake_is_one_line_and_touches_no_state(
     assert not state.exists()
 
 
+def test_a_config_file_that_is_not_utf8_is_one_line_naming_it(tmp_path):
+    (tmp_path / "mv.conf").write_bytes(b"# modifi\xe9\n")
+    p = subprocess.run([AGENT, "--config", "mv.conf", "--state-dir",
+                        str(tmp_path / "state")], capture_output=True,
+                       text=True, timeout=60, cwd=str(tmp_path))
+    assert p.returncode == 2
+    assert p.stderr == ("managedvolume-agent: Configuration error: cannot "
+                        "read mv.conf: not UTF-8 (byte 0xe9 on line 1)\n")
+
+
 def test_a_state_dir_under_a_file_is_one_line(tmp_path):
     (tmp_path / "file").write_text("")
     p = subprocess.run([AGENT, "--state-dir", str(tmp_path / "file" / "s"),

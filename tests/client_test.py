@@ -59,7 +59,10 @@ def run(args, transport=None, stdin=None, monkeypatch=None):
     old = sys.stdout, sys.stderr, sys.stdin
     sys.stdout, sys.stderr = out, err
     if stdin is not None:
-        sys.stdin = io.StringIO(stdin)
+        # Bytes beneath, as a real standard input has (-f - reads them).
+        if isinstance(stdin, str):
+            stdin = stdin.encode("utf-8")
+        sys.stdin = io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8")
     try:
         client.main(args, connect=transport or StubTransport())
         code = 0
@@ -248,7 +251,10 @@ def test_flow_id_is_sent():
     (["ManagedVolume", "detach_volume", "-f", "-", "vol_id=x"], "{}",
      "Conflicting command line parameters"),
     (["ManagedVolume", "detach_volume", "-f", "-"], "", "File is empty"),
-    (["ManagedVolume", "detach_volume", "-f", "-"], "{", "Expecting"),
+    (["ManagedVolume", "detach_volume", "-f", "-"], "{",
+     "standard input is not JSON: Expecting"),
+    (["ManagedVolume", "detach_volume", "-f", "-"], b"\xff\xfe",
+     "standard input is not UTF-8 JSON: byte 0xff at position 0"),
     (["ManagedVolume", "detach_volume", "-f", "-"], "[1]", "JSON object"),
     (["ManagedVolume", "detach_volume", "-f", "/nonexistent"], None,
      "No such file"),
@@ -262,6 +268,25 @@ def test_usage_errors_exit_2(args, stdin, message):
     code, out, err = run(["--insecure"] + args, transport, stdin=stdin)
     assert code == 2
     assert message in err
+    assert transport.calls == []
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfe", "is not UTF-8 JSON: byte 0xff at position 0"),
+    (b'{"vol_id": "caf\xe9"}', "is not UTF-8 JSON: byte 0xe9 at position "
+                                "15"),
+    (b"{'vol_id': 1}", "is not JSON: Expecting property name"),
+])
+def test_a_params_file_that_is_not_utf8_json_is_a_usage_error_naming_it(
+        tmp_path, content, message):
+    path = tmp_path / "params.json"
+    path.write_bytes(content)
+    transport = StubTransport()
+    code, out, err = run(["--insecure", "-f", str(path), "ManagedVolume",
+                          "detach_volume"], transport)
+    assert code == 2
+    assert "error: {} {}".format(path, message) in err
+    assert "Traceback" not in err
     assert transport.calls == []
 
 

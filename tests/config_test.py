@@ -132,3 +132,15 @@ def test_environment_problems_create_nothing(tmp_path):
     _problems(tmp_path, "[logging]\nlog_file = {}\n".format(
         tmp_path / "a" / "b" / "agent.log"))
     assert not (tmp_path / "a").exists()
+
+
+def test_a_file_that_is_not_utf8_is_an_error_naming_it_and_the_line(
+        tmp_path):
+    # A Latin-1 comment is enough; open() used the locale's encoding.
+    path = tmp_path / "mv.conf"
+    path.write_bytes(b"# modifi\xe9\n[agent]\nport = 5\n")
+    with pytest.raises(errors.ConfigError,
+                       match=r"cannot read .*mv.conf: not UTF-8 \(byte "
+                             r"0xe9 on line 1\)"):
+        config.load(path=str(path))
+

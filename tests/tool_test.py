@@ -797,6 +797,18 @@ def test_a_port_out_of_range_is_a_configuration_error_for_the_tool(
         assert "port = 70000 is out of range (0-65535)" in p.stderr
 
 
+@pytest.mark.parametrize("command", ["check", "dump-config", "list"])
+def test_a_config_file_that_is_not_utf8_is_one_line_naming_it(
+        tmp_path, command):
+    conf = tmp_path / "u.conf"
+    conf.write_bytes(b"[agent]\nport = 5\xff\n")
+    p = run("--config", str(conf), "--state-dir", str(tmp_path / "s"),
+            command, check=2)
+    assert p.stderr == ("managedvolume-tool: Configuration error: cannot "
+                        "read {}: not UTF-8 (byte 0xff on line 2)\n"
+                        .format(conf))
+
+
 def test_filesystem_finds_the_mount_holding_a_path():
     assert tool._filesystem("/proc/self")[0] == "proc"
     assert tool._filesystem("/")[1] == "/"

@@ -262,20 +262,27 @@ def parse_params(method, args):
 
 
 def parse_file(filename):
-    if filename == "-":
-        data = sys.stdin.read()
-    else:
-        try:
-            with open(filename) as f:
-                data = f.read()
-        except OSError as e:
-            raise UsageError(str(e))
+    """The params object in ``filename`` ("-": standard input), UTF-8
+    JSON as the engine writes it; UsageError naming the file."""
+    shown = "standard input" if filename == "-" else filename
+    try:
+        if filename == "-":
+            raw = sys.stdin.buffer.read()
+        else:
+            with open(filename, "rb") as f:
+                raw = f.read()
+        data = raw.decode("utf-8")
+    except OSError as e:
+        raise UsageError(str(e))
+    except UnicodeDecodeError as e:
+        raise UsageError("{} is not UTF-8 JSON: byte 0x{:02x} at position "
+                         "{}".format(shown, e.object[e.start], e.start))
     if not data.strip():
         raise UsageError("File is empty")
     try:
         params = _json(data, filename)
     except ValueError as e:
-        raise UsageError(str(e))
+        raise UsageError("{} is not JSON: {}".format(shown, e))
     if not isinstance(params, dict):
         raise UsageError("The file must hold a JSON object of params")
     return params

@@ -345,8 +345,15 @@ def _cwd():
 def _read_file(cfg, path):
     parser = configparser.ConfigParser(interpolation=None)
     try:
-        with open(path) as f:
-            parser.read_file(f)
+        with open(path, "rb") as f:
+            raw = f.read()
+        # UTF-8 whatever the locale, and a bad byte named with its line.
+        text = raw.decode("utf-8")
+        parser.read_string(text, source=path)
+    except UnicodeDecodeError as e:
+        raise errors.ConfigError(
+            "cannot read {}: not UTF-8 (byte 0x{:02x} on line {})".format(
+                path, raw[e.start], raw.count(b"\n", 0, e.start) + 1))
     except (OSError, configparser.Error) as e:
         raise errors.ConfigError("cannot read {}: {}".format(path, e))
     for section in parser.sections():

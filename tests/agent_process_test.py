@@ -677,6 +677,13 @@ def _start_refused(tmp_path, conf_text, *argv):
     ("[logging]\nlog_config = /etc/hostname\n",
      ["--listen", "127.0.0.1:0"],
      "mv.conf [logging]: log_config = '/etc/hostname' cannot be read"),
+    ("[volumes]\nudev_writer = bogus\n", ["--listen", "127.0.0.1:0"],
+     "mv.conf [volumes]: udev_writer = 'bogus' is not one of auto, "
+     "service, daemon"),
+    ("[volumes]\nallowed_types = iscsi, fibre-channel\n",
+     ["--listen", "127.0.0.1:0"],
+     "mv.conf [volumes]: allowed_types = 'iscsi, fibre-channel': "
+     "'fibre-channel' (did you mean 'fibre_channel'?) is not"),
     ("[logging]\nlog_config = logger.ini\n", ["--listen", "127.0.0.1:0"],
      "mv.conf [logging]: log_config = 'logger.ini': cannot set up "
      "logging: ModuleNotFoundError"),

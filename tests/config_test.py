@@ -1,5 +1,8 @@
+import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -144,3 +147,84 @@ def test_a_file_that_is_not_utf8_is_an_error_naming_it_and_the_line(
                              r"0xe9 on line 1\)"):
         config.load(path=str(path))
 
+
+
+@pytest.mark.parametrize("text, match", [
+    ("[volumes]\nshared_devices = ture\n",
+     r"mv.conf \[volumes\]: shared_devices = 'ture' is not a boolean "
+     r"\(allowed: 1, yes, true, on, 0, no, false, off, in any case\)"),
+    ("[volumes]\nshared_devices =\n", r"shared_devices = '' is not a "
+                                      r"boolean"),
+    ("[volumes]\nallowed_types = bogus, iscsi\n",
+     r"mv.conf \[volumes\]: allowed_types = 'bogus, iscsi': 'bogus' is not "
+     r"a driver_volume_type os-brick connects \(fibre_channel, .*\) nor an "
+     r"installed adapter"),
+    ("[volumes]\nallowed_types = iscsi, fibre-channel\n",
+     r"'fibre-channel' \(did you mean 'fibre_channel'\?\) is not"),
+    ("[volumes]\nallowed_types = ISCSI\n",
+     r"'ISCSI' \(did you mean 'iscsi'\?\) is not"),
+    ("[volumes]\nudev_writer = bogus\n",
+     r"mv.conf \[volumes\]: udev_writer = 'bogus' is not one of auto, "
+     r"service, daemon"),
+    ("[volumes]\nlock_timeout = nan\n",
+     r"mv.conf \[volumes\]: lock_timeout = nan is not a finite number"),
+    ("[privsep]\ntimeout = inf\n", r"timeout = inf is not a finite number"),
+    ("[agent]\nidle_timeout = -inf\n",
+     r"idle_timeout = -inf is not a finite number"),
+])
+def test_a_typo_is_refused_naming_the_key_never_a_silent_default(
+        tmp_path, text, match):
+    path = tmp_path / "mv.conf"
+    path.write_text(text)
+    with pytest.raises(errors.ConfigError, match=match):
+        config.load(path=str(path))
+
+
+@pytest.mark.parametrize("text, key, value", [
+    ("[volumes]\nshared_devices = false\n", "shared_devices", False),
+    ("[volumes]\nshared_devices = Yes\n", "shared_devices", True),
+    ("[volumes]\nshared_devices = on\n", "shared_devices", True),
+    ("[volumes]\nshared_devices = 0\n", "shared_devices", False),
+    ("[volumes]\nudev_writer = Daemon\n", "udev_writer", "daemon"),
+    ("[volumes]\nallowed_types = nfs, scaleio\n", "allowed_types",
+     ("nfs", "scaleio")),
+])
+def test_what_the_documentation_spells_is_taken(tmp_path, text, key, value):
+    path = tmp_path / "mv.conf"
+    path.write_text(text)
+    assert getattr(config.load(path=str(path)), key) == value
+
+
+def test_the_shipped_configuration_and_the_defaults_are_taken():
+    shipped = os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "data", "managedvolume.conf")
+    cfg = config.load(path=shipped)
+    for key in config.FIELDS:
+        if key not in config.NOT_KEYS:
+            assert getattr(cfg, key) == getattr(config.Config, key), key
+
+
+def test_an_installed_adapter_may_be_an_allowed_type(tmp_path, monkeypatch):
+    from vdsm_managedvolume import adapters
+    monkeypatch.setattr(adapters, "installed", lambda: ["acme"])
+    path = tmp_path / "mv.conf"
+    path.write_text("[volumes]\nallowed_types = iscsi, acme\n")
+    assert config.load(path=str(path)).allowed_types == ("iscsi", "acme")
+
+
+def test_every_transport_and_os_brick_connector_is_a_known_type():
+    # OS_BRICK_TYPES is os-brick's mapping, copied: importing os-brick
+    # costs seconds and replaces time.sleep, so ask another process.
+    from vdsm_managedvolume import transports
+    assert set(transports.names()) <= set(config.OS_BRICK_TYPES)
+    assert set(config.DEFAULT_ALLOWED_TYPES) <= set(config.OS_BRICK_TYPES)
+    p = subprocess.run(
+        [sys.executable, "-c",
+         "import json\n"
+         "from os_brick.initiator import connector\n"
+         "print(json.dumps(sorted(connector.get_connector_mapping("
+         "'x86_64'))))"], capture_output=True, text=True, timeout=120)
+    if p.returncode != 0:
+        pytest.skip("os-brick not importable: {}".format(p.stderr[-200:]))
+    assert sorted(t.lower() for t in json.loads(p.stdout)) == \
+        sorted(config.OS_BRICK_TYPES)

@@ -809,6 +809,26 @@ def test_a_config_file_that_is_not_utf8_is_one_line_naming_it(
                         .format(conf))
 
 
+@pytest.mark.parametrize("command", ["check", "dump-config"])
+@pytest.mark.parametrize("text, message", [
+    ("[volumes]\nshared_devices = ture\n",
+     "shared_devices = 'ture' is not a boolean"),
+    ("[volumes]\nudev_writer = bogus\n",
+     "udev_writer = 'bogus' is not one of auto, service, daemon"),
+    ("[volumes]\nlock_timeout = nan\n",
+     "lock_timeout = nan is not a finite number"),
+    ("[volumes]\nallowed_types = bogus\n",
+     "allowed_types = 'bogus': 'bogus' is not a driver_volume_type"),
+])
+def test_a_config_typo_is_refused_by_check_and_dump_config(
+        tmp_path, command, text, message):
+    conf = tmp_path / "c.conf"
+    conf.write_text(text)
+    p = run("--config", str(conf), command, check=2)
+    assert "c.conf [volumes]: " + message in p.stderr
+    assert len(p.stderr.splitlines()) == 1
+
+
 def test_filesystem_finds_the_mount_holding_a_path():
     assert tool._filesystem("/proc/self")[0] == "proc"
     assert tool._filesystem("/")[1] == "/"

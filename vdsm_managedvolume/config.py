@@ -15,15 +15,23 @@ concern; every key is optional::
     [volumes]
     allowed_types = iscsi, fibre_channel, rbd, nvmeof, lightos, local, storpool
 
-Unknown sections or keys are an error naming them: a typo must not silently
-fall back to a default.  ``FIELDS`` below is the one list of keys; the
+Unknown sections or keys are an error naming them, and so is a value the
+key cannot take (a boolean spelt ``ture``, a ``nan`` timeout, a port
+above 65535, an ``allowed_types`` name os-brick does not know, a
+``udev_writer`` that is none of its three): a typo must not silently fall
+back to a default.  Checked as the file is read, so the agent, ``tool
+check`` and ``dump-config`` refuse the same files.  What only the host can
+tell (does ``listen`` resolve, can the log file be made) is
+``environment_problems``.  ``FIELDS`` below is the one list of keys; the
 shipped ``managedvolume.conf`` and the docs are made from it
 (``managedvolume-tool dump-config``).
 """
 
 import configparser
 import dataclasses
+import difflib
 import fcntl
+import math
 import os
 import socket
 import sys
@@ -47,6 +55,23 @@ DEFAULT_LOCAL_DEVICES = ("/dev/drbd/by-res/*", "/dev/drbd/by-disk/*",
 
 # Added in --state-dir mode (make run, tests): loop devices.
 STATE_DIR_LOCAL_DEVICES = ("/dev/loop[0-9]*",)
+
+# [volumes] allowed_types may name: the driver_volume_types os-brick
+# connects on Linux (os-brick 7.1.1, connector._connector_mapping_linux,
+# as cinder spells them), and the name of an installed vendor adapter
+# (adapters.py).  Anything else is a typo: a misspelt fibre_channel
+# quietly refused every FC attach with 930.
+OS_BRICK_TYPES = ("fibre_channel", "glusterfs", "gpfs", "huaweisdshypervisor",
+                  "iscsi", "iser", "lightos", "local", "nfs", "nvme",
+                  "nvmeof", "quobyte", "rbd", "scaleio", "scality",
+                  "storpool", "vmdk", "vzstorage")
+
+# [volumes] udev_writer (udevwriter.choose).
+UDEV_WRITERS = ("auto", "service", "daemon")
+
+# Booleans as configparser's getboolean takes them, in any case.
+_BOOLEANS = {"1": True, "yes": True, "true": True, "on": True,
+             "0": False, "no": False, "false": False, "off": False}
 
 
 @dataclasses.dataclass
@@ -382,16 +407,24 @@ def _set(cfg, key, value, where):
                 value = tuple(v.strip() for v in value.split(",")
                               if v.strip())
             elif isinstance(default, bool):
-                value = value.strip().lower() in ("1", "true", "yes", "on")
+                value = _BOOLEANS[value.strip().lower()]
             elif isinstance(default, int):
                 value = int(value)
             elif isinstance(default, float):
                 value = float(value)
+    except KeyError:
+        raise errors.ConfigError(
+            "{}: {} = {!r} is not a boolean (allowed: {}, in any case)"
+            .format(where, key, value, ", ".join(_BOOLEANS)))
     except ValueError:
         raise errors.ConfigError(
             "{}: {} = {!r} is not a valid {}".format(
                 where, key, value, type(default).__name__))
     if isinstance(default, (int, float)) and not isinstance(default, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise errors.ConfigError(
+                "{}: {} = {!r} is not a finite number".format(
+                    where, key, value))
         if value < 0:
             raise errors.ConfigError(
                 "{}: {} = {!r} must not be negative".format(where, key, value))
@@ -402,8 +435,41 @@ def _set(cfg, key, value, where):
                 where, value, MAX_PORT))
     if key == "log_level":
         value = _log_level(value, where)
+    elif key == "allowed_types":
+        _check_types(value, where)
+    elif key == "udev_writer":
+        value = value.strip().lower()
+        if value not in UDEV_WRITERS:
+            raise errors.ConfigError(
+                "{}: udev_writer = {!r} is not one of {}".format(
+                    where, value, ", ".join(UDEV_WRITERS)))
     setattr(cfg, key, value)
     cfg.origins[key] = where
+
+
+def _check_types(types, where):
+    unknown = [t for t in types if t not in OS_BRICK_TYPES]
+    if not unknown:
+        return
+    # Only now: reading the entry points costs milliseconds.
+    from . import adapters
+    installed = adapters.installed()
+    unknown = [t for t in unknown if t not in installed]
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name.lower().replace("-", "_"),
+                                          OS_BRICK_TYPES + tuple(installed),
+                                          n=1)
+        hints.append("{!r}{}".format(
+            name, " (did you mean {!r}?)".format(close[0]) if close else ""))
+    raise errors.ConfigError(
+        "{}: allowed_types = {!r}: {} {} not a driver_volume_type os-brick "
+        "connects ({}) nor an installed adapter ({})".format(
+            where, ", ".join(types), ", ".join(hints),
+            "is" if len(hints) == 1 else "are", ", ".join(OS_BRICK_TYPES),
+            ", ".join(installed) or "none"))
 
 
 def _check_listen(cfg):

@@ -14,11 +14,12 @@ writer then triggers it without another stat).
 
 import os
 
+from . import config
 from . import errors
 from . import fileutil
 from . import udev
 
-WRITERS = ("auto", "service", "daemon")
+WRITERS = config.UDEV_WRITERS
 
 
 def choose(cfg):

@@ -23,6 +23,7 @@ import uuid
 
 import pytest
 
+from vdsm_managedvolume import agent
 from vdsm_managedvolume import errors
 from vdsm_managedvolume import pki
 from vdsm_managedvolume import stompclient
@@ -476,7 +477,7 @@ def test_second_agent_on_the_same_state_refuses_naming_the_first(
          agent_proc.state_dir, "--listen", "127.0.0.1:0"],
         capture_output=True, text=True, timeout=60,
         env=dict(os.environ, PYTHONPATH=REPO))
-    assert p.returncode == 1
+    assert p.returncode == 2    # a configuration error: not restarted
     assert "another managedvolume-agent (pid {}) is running".format(
         agent_proc.proc.pid) in p.stderr
     # It never got far enough to touch the first one's socket.
@@ -734,12 +735,24 @@ def test_a_port_in_use_is_found_before_the_journal_is_opened(tmp_path):
         port = holder.getsockname()[1]
         p, state = _start_refused(
             tmp_path, "", "--listen", "127.0.0.1:{}".format(port))
-    assert p.returncode != 0
+    assert p.returncode == 2    # a configuration error: not restarted
     assert "cannot listen on 127.0.0.1:{}".format(port) in p.stderr
     assert "Traceback" not in p.stderr
     cfg = agentutil.make_config(str(state))
     assert not os.path.exists(cfg.db_path)
     assert not os.path.exists(os.path.join(str(state), "pki"))
+
+
+def test_help_documents_the_exit_statuses_and_files():
+    p = subprocess.run([AGENT, "--help"], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0
+    assert "\nexit status:\n" in p.stdout
+    for code in (agent.EXIT_OK, agent.EXIT_FAILED, agent.EXIT_CONFIG):
+        assert "\n  {}  ".format(code) in p.stdout
+    assert "RestartPreventExitStatus={}".format(agent.EXIT_CONFIG) in \
+        p.stdout
+    assert "/etc/vdsm/managedvolume.conf" in p.stdout.split("files:")[1]
 
 
 def test_version():

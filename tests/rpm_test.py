@@ -22,6 +22,7 @@ import tarfile
 import pytest
 
 import vdsm_managedvolume
+from vdsm_managedvolume import agent
 from vdsm_managedvolume import config
 from vdsm_managedvolume import privileged
 from vdsm_managedvolume import tool
@@ -96,6 +97,16 @@ def test_unit_is_notify_and_stops_the_agent_before_its_daemon():
     timeout = config.Config().shutdown_timeout
     assert float(service["TimeoutStopSec"]) > timeout
     assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_unit_does_not_restart_an_agent_with_a_configuration_error():
+    # Restart=on-failure alone restarted a bad file every 5 s forever.
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
+    unit.read(data("managedvolume-agent.service"))
+    service = unit["Service"]
+    assert service["Restart"] == "on-failure"
+    assert service["RestartPreventExitStatus"].split() == [
+        str(agent.EXIT_CONFIG)]
 
 
 def test_warm_unit_serves_the_engine_user_on_the_adapter_confs_socket():

@@ -56,6 +56,13 @@ from . import stompserver
 
 log = logging.getLogger("managedvolume.agent")
 
+# Exit statuses.  A configuration error will not go away by itself: the
+# unit's RestartPreventExitStatus= names EXIT_CONFIG, so systemd does not
+# restart a bad file every RestartSec forever.
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+
 # Control socket clients served at once (each is a thread).
 MAX_CONTROL_CLIENTS = 16
 # Bound of the connector_info call made for the control socket; the hook
@@ -72,7 +79,7 @@ def main(argv=None):
         cfg = _configure(args)
     except (errors.ConfigError, ValueError) as e:
         print("managedvolume-agent: {}".format(e), file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     privileged.become_subreaper()
     log.info("vdsm-managedvolume agent %s starting (config %s, state dir "
              "%s)", __version__, cfg.source or "defaults",
@@ -80,9 +87,14 @@ def main(argv=None):
     try:
         return _run(cfg, args.insecure)
     except errors.Error as e:
+        # Found at start by what the configuration names (the port held
+        # by vdsmd, TLS files, another agent on this state): the same
+        # status as a mistake of the file.
         log.error("Cannot start: %s", e)
         print("managedvolume-agent: {}".format(e), file=sys.stderr)
-        return 1
+        if isinstance(e, errors.ConfigError):
+            return EXIT_CONFIG
+        return EXIT_FAILED
 
 
 class ControlSocket:
@@ -255,6 +267,19 @@ examples:
   managedvolume-agent --state-dir .state       # what make run starts
   managedvolume-agent --state-dir /tmp/mv --listen 127.0.0.1:54329 --insecure
   managedvolume-agent --config /etc/vdsm/managedvolume.conf   # the service
+
+exit status:
+  0  stopped by SIGTERM or SIGINT
+  1  failed while starting or serving (the journal, the privsep daemon)
+  2  configuration or command-line error, found before the journal is
+     touched: one line names the key or option (a bad value, the port in
+     use, TLS files, another agent on this state); systemd does not
+     restart it (RestartPreventExitStatus=2)
+
+files:
+  /etc/vdsm/managedvolume.conf                  configuration
+  /var/lib/vdsm/storage/managedvolume.db        the journal
+  /run/vdsm/managedvolume/agent.lock, agent.sock
 
 See managedvolume-agent(8) and managedvolume.conf(5)."""
 

@@ -754,6 +754,52 @@ def test_check_starts_the_privsep_daemon(configured, state):
     privsep = _checks(p)["privsep"]
     assert privsep["status"] == "ok"
     assert "daemon started" in privsep["message"]
+    assert _checks(p)["privsep-config"]["status"] == "ok"
+
+
+@pytest.mark.root
+def test_check_before_configure_reports_what_is_missing_and_makes_nothing(
+        state):
+    # A monitoring probe run before configure went green: starting the
+    # daemon made the lock directories and its configuration.
+    p = run("--state-dir", state, "--json", "check", check=1)
+    checks = _checks(p)
+    for name in ("lock-dir", "lock-path", "privsep-config", "privsep"):
+        assert checks[name]["status"] == "fail", checks[name]
+        assert "run 'managedvolume-tool configure'" in \
+            checks[name]["message"]
+    assert "daemon not started" in checks["privsep"]["message"]
+    assert not os.path.exists(state)
+
+
+@pytest.mark.root
+def test_check_with_lock_path_open_to_others_does_not_tighten_it(
+        configured, state):
+    os.chmod(configured.brick_lock_dir, 0o755)
+    p = run("--state-dir", state, "--json", "check", check=1)
+    checks = _checks(p)
+    assert checks["lock-files"]["status"] == "fail"
+    assert checks["privsep"]["status"] == "fail"
+    assert "daemon not started" in checks["privsep"]["message"]
+    assert os.stat(configured.brick_lock_dir).st_mode & 0o777 == 0o755
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_check_reports_a_stale_privsep_config_and_leaves_it(
+        configured, state):
+    pki.ensure_dev_pki(configured)
+    with open(configured.privsep_config, "a") as f:
+        f.write("# edited\n")
+    with open(configured.privsep_config) as f:
+        before = f.read()
+    p = run("--state-dir", state, "--json", "check", check=0)
+    checks = _checks(p)
+    assert checks["privsep-config"]["status"] == "warn"
+    assert "does not match" in checks["privsep-config"]["message"]
+    assert checks["privsep"]["status"] == "ok"     # on a private copy
+    with open(configured.privsep_config) as f:
+        assert f.read() == before
 
 
 @pytest.mark.parametrize("command", ["check", "dump-config"])

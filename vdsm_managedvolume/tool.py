@@ -31,6 +31,7 @@ upgrade, so it must be idempotent and quiet about what is already right.
 """
 
 import argparse
+import dataclasses
 import datetime
 import grp
 import importlib.util
@@ -310,10 +311,11 @@ def reconcile(cfg, args):
 
 def check(cfg, args):
     """Run every check; each yields (name, status, message)."""
+    # Read-only checks first; the privsep daemon's start, last, makes its
+    # socket and lock file and nothing else (_check_privsep).
     checks = [
         _check_config,
         _check_os_brick,
-        _check_privsep,
         _check_lock_path,
         _check_database,
         _check_certificates,
@@ -321,6 +323,7 @@ def check(cfg, args):
         _check_host_tools,
         _check_udev_owner,
         _check_run_dir,
+        _check_privsep,
     ]
     results = []
     for func in checks:
@@ -338,7 +341,7 @@ def check(cfg, args):
             {"name": n, "status": s, "message": m} for n, s, m in results]})
     else:
         for name, status, message in results:
-            print("{:<5} {:<13} {}".format(
+            print("{:<5} {:<14} {}".format(
                 {"ok": "ok", "warn": "WARN", "fail": "FAIL",
                  "skip": "skip"}[status], name, message))
         print()
@@ -404,12 +407,84 @@ def _check_os_brick(cfg, args):
 
 
 def _check_privsep(cfg, args):
+    """The privsep daemon's configuration (read only), then the daemon:
+    started only where ``configure`` made what a start would otherwise
+    create or repair (the lock directories, lock_path's mode 0700, the
+    configuration file), so that the doctor reports them missing instead
+    of making them and calling them ok.  As root, the daemon reads a
+    private copy of its configuration: a start as root rewrites the file
+    it is given, and the installed one is configure's to write."""
     if args.skip_privsep:
         yield "privsep", "skip", "skipped (--skip-privsep)"
         return
     if importlib.util.find_spec("os_brick") is None:
         yield "privsep", "skip", "os-brick missing"
         return
+    config_ok = True
+    for name, status, message in _check_privsep_config(cfg):
+        config_ok = config_ok and status != "fail"
+        yield name, status, message
+    missing = [p for p in (cfg.state_run_dir, cfg.lock_dir,
+                           cfg.brick_lock_dir) if not os.path.isdir(p)]
+    if missing or not config_ok:
+        yield "privsep", "fail", (
+            "daemon not started: {}; run 'managedvolume-tool configure' "
+            "first".format("{} missing".format(", ".join(missing))
+                           if missing else "its configuration is not "
+                           "usable"))
+        return
+    if stat.S_IMODE(os.stat(cfg.brick_lock_dir).st_mode) & 0o077:
+        yield "privsep", "fail", (
+            "daemon not started: it would make {} mode 0700 (see "
+            "lock-files); run 'managedvolume-tool configure' first".format(
+                cfg.brick_lock_dir))
+        return
+    if os.geteuid() == 0:
+        with tempfile.TemporaryDirectory(prefix="mv-check-") as tmp:
+            copy = dataclasses.replace(
+                cfg, privsep_config=os.path.join(tmp, "privsep.conf"))
+            props, pid = _start_daemon(copy, args)
+    else:
+        # Read only (privsepconfig.prepare_config): the daemon is started
+        # through sudo with the installed file.
+        props, pid = _start_daemon(cfg, args)
+    found = ", ".join("{} {}".format(k, props[k])
+                      for k in ("host", "initiator", "nqn") if props.get(k))
+    yield "privsep", "ok", "daemon started (pid {}), connector: {}".format(
+        pid, found or "{} properties".format(len(props)))
+
+
+def _check_privsep_config(cfg):
+    from . import privsepconfig
+    path = cfg.privsep_config
+    try:
+        with open(path) as f:
+            current = f.read()
+    except FileNotFoundError:
+        yield "privsep-config", "fail", (
+            "{} does not exist; run 'managedvolume-tool configure' as "
+            "root".format(path))
+        return
+    except OSError as e:
+        yield "privsep-config", "fail", "cannot read {}: {}".format(
+            path, e.strerror)
+        return
+    reason = privsepconfig.unsafe_config(path)
+    if reason:
+        yield "privsep-config", "fail", (
+            "{} {}: root must not read it; run 'managedvolume-tool "
+            "configure' as root".format(path, reason))
+    elif current != privsepconfig.config_text(cfg):
+        yield "privsep-config", "warn", (
+            "{} does not match {}; run 'managedvolume-tool configure' as "
+            "root".format(path, cfg.source or "the configuration"))
+    else:
+        yield "privsep-config", "ok", path
+
+
+def _start_daemon(cfg, args):
+    """Start a privsep daemon, ask it for the connector properties, stop
+    it; (properties, its pid)."""
     from . import privileged
     from . import privsep
     # os-brick's warnings about what this host lacks (no iSCSI initiator
@@ -419,15 +494,10 @@ def _check_privsep(cfg, args):
         daemon_log.setLevel(logging.ERROR)
     brick = privileged.Brick(cfg)
     try:
-        props = brick.connector_properties()
-        pid = brick.daemon_pid()
+        return brick.connector_properties(), brick.daemon_pid()
     finally:
         brick.stop()
         daemon_log.setLevel(logging.NOTSET)
-    found = ", ".join("{} {}".format(k, props[k])
-                      for k in ("host", "initiator", "nqn") if props.get(k))
-    yield "privsep", "ok", "daemon started (pid {}), connector: {}".format(
-        pid, found or "{} properties".format(len(props)))
 
 
 def _check_lock_path(cfg, args):

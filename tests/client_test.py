@@ -695,3 +695,15 @@ def test_a_connection_closed_during_the_handshake_names_a_full_server():
         assert "too many connections" in client._hint(opts, error)
     assert "--insecure" in client._hint(
         opts, ssl.SSLError(1, "CERTIFICATE_VERIFY_FAILED"))
+
+
+def test_a_handshake_timeout_names_a_plain_tcp_server():
+    # An agent that does not answer TLS clients on its plain port.
+    import socket
+    from vdsm_managedvolume import client
+    opts = argparse.Namespace(use_tls=True)
+    hint = client._hint(opts, socket.timeout(
+        "_ssl.c:989: The handshake operation timed out"))
+    assert "serve plain TCP (then use --insecure)" in hint
+    assert client._hint(argparse.Namespace(use_tls=False), socket.timeout(
+        "_ssl.c:989: The handshake operation timed out")) == ""

@@ -6,6 +6,7 @@ The dispatcher is a stub here (tests/agentutil.py); the real service is
 driven through the ``managedvolume-agent`` process in agent_process_test.py.
 """
 
+import argparse
 import json
 import socket
 import ssl
@@ -94,6 +95,34 @@ def test_stomp_command_works_like_connect(tcp):
         frame = c.frame()
         assert frame.command == "CONNECTED"
         assert frame.headers["heart-beat"] == "0,0"
+
+
+def test_a_tls_client_on_the_plain_port_gets_an_error_frame_at_once(
+        pki_dir, tmp_path):
+    # It waited idle_timeout for a frame that never came, and the client
+    # its whole --timeout for a ServerHello.
+    run = _start("tcp", pki_dir, tmp_path, idle_timeout=3600.0)
+    try:
+        with run.raw(timeout=30) as c:
+            c.send(b"\x16\x03\x01\x00\x05hello")
+            frames = c.eof()
+        assert [f.command for f in frames] == ["ERROR"]
+        assert frames[0].headers["message"] == (
+            "TLS handshake on a plain TCP port: this agent serves without "
+            "TLS (a client needs --insecure)")
+
+        # What a real TLS client makes of it, and what the admin reads.
+        context = pki.dev_client_context(agentutil.make_config(pki_dir))
+        with socket.create_connection(run.address, timeout=30) as sock:
+            with pytest.raises(ssl.SSLError) as e:
+                context.wrap_socket(sock, server_hostname="localhost")
+        assert e.value.reason == "WRONG_VERSION_NUMBER"
+        from vdsm_managedvolume import client
+        hint = client._hint(argparse.Namespace(use_tls=True), e.value)
+        assert hint == (" (the server serves plain TCP, without TLS: use "
+                        "--insecure)")
+    finally:
+        run.stop()
 
 
 def test_client_heartbeat_offer_is_accepted(tcp):

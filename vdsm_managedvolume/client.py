@@ -49,6 +49,7 @@ vdsm's files are missing, the error names the ``.state`` of a running
 import argparse
 import json
 import os
+import socket
 import ssl
 import sys
 import textwrap
@@ -434,6 +435,17 @@ def _hint(opts, error):
     if not opts.use_tls and isinstance(error, (ConnectionResetError,
                                                BrokenPipeError)):
         return " (the server requires TLS? drop --insecure)"
+    if opts.use_tls and getattr(error, "reason", None) == \
+            "WRONG_VERSION_NUMBER":
+        # What a TLS client reads from a plain TCP server: the agent
+        # answers a ClientHello on its plain port in plain text.
+        return " (the server serves plain TCP, without TLS: use --insecure)"
+    if opts.use_tls and isinstance(error, socket.timeout) and \
+            "handshake" in str(error):
+        # An agent before it answered TLS clients on its plain port kept
+        # them waiting.
+        return (" (no TLS handshake within --timeout: the server may "
+                "serve plain TCP (then use --insecure), or be overloaded)")
     if opts.use_tls and isinstance(error, (ssl.SSLEOFError,
                                            ConnectionResetError)):
         # The agent closes a connection at once when all its places are

@@ -66,6 +66,9 @@ client needs (docs/interop.md).
 A malformed frame, an unknown or unsupported command, a frame larger than
 ``max_frame``: the connection gets an ERROR frame saying precisely what was
 wrong and is closed, as STOMP asks; other connections are not affected.
+So does a TLS client on a plain TCP port (``--insecure``), at its first
+byte: its TLS library takes our plain-text answer for a bad record and
+fails at once, instead of waiting its timeout for a ServerHello.
 
 What one peer can cost us is bounded (tests/security_test.py attacks each):
 a TLS handshake must end within ``handshake_timeout`` of the accept,
@@ -162,6 +165,11 @@ HANDOFF_AFTER = 0.001
 # The most plaintext one TLS record holds (RFC 8446 5.1): a TLS recv
 # returns one record at most.
 TLS_RECORD = 16384
+
+# The first byte of a TLS connection (a handshake record: ClientHello).
+# No STOMP frame starts with it; on a plain TCP port it is a TLS client,
+# which would otherwise wait its whole timeout for a ServerHello.
+TLS_HANDSHAKE = b"\x16"
 
 
 class Server:
@@ -975,6 +983,14 @@ class Connection:
             # fails (and an exception) to learn it.  A TLS recv returns
             # one record at most: a full one says more may follow.
             drained = len(data) < (TLS_RECORD if self.tls else CHUNK)
+            if (not self.tls and not self.proven
+                    and not self.parser.buffered
+                    and data[:1] == TLS_HANDSHAKE):
+                # Our ERROR frame, plain text, fails the client's
+                # handshake at once ("wrong version number").
+                self.fail("TLS handshake on a plain TCP port: this agent "
+                          "serves without TLS (a client needs --insecure)")
+                return
             try:
                 frames = self.parser.feed(data)
             except stompframe.FrameError as e:

@@ -60,9 +60,24 @@ def man_pages():
 
 def test_shipped_config_is_what_config_renders():
     with open(data("managedvolume.conf")) as f:
-        assert f.read() == config.render(), \
-            "regenerate: managedvolume-tool dump-config --defaults > " \
-            "data/managedvolume.conf"
+        assert f.read() == config.render(commented=True), \
+            "regenerate: managedvolume-tool dump-config --defaults " \
+            "--commented > data/managedvolume.conf"
+
+
+def test_shipped_config_sets_no_key_so_upgrades_bring_new_defaults():
+    # %config(noreplace): a shipped file setting every key kept each
+    # host on the defaults of the version first installed.
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(data("managedvolume.conf"))
+    assert parser.sections() == list(config.SECTIONS)
+    assert [dict(parser.items(s)) for s in parser.sections()] == \
+        [{}] * len(config.SECTIONS)
+    with open(data("managedvolume.conf")) as f:
+        text = f.read()
+    for section, keys in config.SECTIONS.items():
+        for key in keys:
+            assert "\n#{} = ".format(key) in text, key
 
 
 def test_shipped_config_loads_to_the_defaults():
@@ -740,7 +755,7 @@ def test_packaged_tool_runs_and_ships_its_own_default_config(unpacked):
                        capture_output=True, text=True, check=True)
     assert p.stdout.strip() == "managedvolume-tool " + VERSION
     p = subprocess.run([sys.executable, tool_script, "dump-config",
-                        "--defaults"], env=env, cwd="/",
+                        "--defaults", "--commented"], env=env, cwd="/",
                        capture_output=True, text=True, check=True)
     with open(unpacked / "etc" / "vdsm" / "managedvolume.conf") as f:
         assert p.stdout == f.read()

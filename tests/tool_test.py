@@ -903,6 +903,15 @@ def test_dump_config_defaults_is_what_config_renders():
     assert p.stdout == config.render()
 
 
+def test_dump_config_commented_reads_back_to_the_defaults(tmp_path):
+    p = run("dump-config", "--defaults", "--commented", check=0)
+    assert p.stdout == config.render(commented=True)
+    conf = tmp_path / "c.conf"
+    conf.write_text(p.stdout)
+    cfg = config.load(str(conf))
+    assert cfg.origins == {}        # no key set: every one a default
+
+
 def test_dump_config_reads_back_to_the_same_configuration(state, tmp_path):
     conf = tmp_path / "in.conf"
     conf.write_text("[volumes]\nallowed_types = iscsi, rbd\n"

@@ -345,15 +345,34 @@ def state_dir_hint(program):
             "'{1} --state-dir {0} ...'?".format(shown, program))
 
 
-def render(cfg=None):
-    """The INI text of ``cfg`` (defaults when None), every key present."""
+# The head of the shipped file (render(commented=True)).
+COMMENTED_HEADER = """\
+# vdsm-managedvolume configuration; see managedvolume.conf(5).
+# Every key is optional.  The values below, commented out, are this
+# version's defaults: a key left commented takes the installed version's
+# default, also once you edited this file (upgrades then keep it as it
+# is).  A key you set keeps its value across upgrades."""
+
+
+def render(cfg=None, commented=False):
+    """The INI text of ``cfg`` (defaults when None), every key present.
+
+    ``commented``: every key commented out (``#key = value``), as the
+    package ships the file: it is %config(noreplace), so once an admin
+    edited one key a file setting every key kept all the others at the
+    defaults of that version forever.
+    """
     cfg = cfg or Config()
-    lines = ["# vdsm-managedvolume configuration; every key is optional."]
+    if commented:
+        lines = [COMMENTED_HEADER]
+    else:
+        lines = ["# vdsm-managedvolume configuration; every key is optional."]
     for section, keys in SECTIONS.items():
         lines.append("")
         lines.append("[{}]".format(section))
         for key in keys:
-            lines.append("{} = {}".format(key, _format(getattr(cfg, key))))
+            lines.append("{}{} = {}".format("#" if commented else "", key,
+                                            _format(getattr(cfg, key))))
     return "\n".join(lines) + "\n"
 
 

@@ -367,7 +367,7 @@ def dump_config(cfg, args):
                                for key in keys}
                      for section, keys in config.SECTIONS.items()})
     else:
-        sys.stdout.write(config.render(cfg))
+        sys.stdout.write(config.render(cfg, commented=args.commented))
     return EXIT_OK
 
 
@@ -787,9 +787,12 @@ def _parser():
             "Print the effective configuration as an INI file that "
             "config.load() reads back: the file, --state-dir and defaults "
             "applied.  The shipped /etc/vdsm/managedvolume.conf is the "
-            "output of --defaults.")
+            "output of --defaults --commented.")
     p.add_argument("--defaults", action="store_true",
                    help="print the built-in defaults instead")
+    p.add_argument("--commented", action="store_true",
+                   help="every key commented out, as the package ships "
+                        "the file")
     return parser
 
 

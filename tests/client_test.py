@@ -306,6 +306,17 @@ def test_a_timeout_that_is_no_sane_number_of_seconds_is_a_usage_error(
     assert transport.calls == []
 
 
+@pytest.mark.parametrize("port", ["70000", "65536", "0", "-1", "http"])
+def test_a_port_out_of_range_is_a_usage_error_not_wrapped(port):
+    # -p 70000 connected to port 4464; -p -1 failed with exit 1.
+    transport = StubTransport()
+    code, out, err = run(["--insecure", "-p", port, "ManagedVolume",
+                          "volumes_info"], transport)
+    assert code == 2
+    assert "invalid port {!r}: a number from 1 to 65535".format(port) in err
+    assert transport.calls == []
+
+
 def test_a_timeout_up_to_a_day_is_taken():
     transport = StubTransport()
     code, out, err = run(["--insecure", "--timeout", "86400",

@@ -113,6 +113,15 @@ def timeout_arg(text):
     return value
 
 
+def port_arg(text):
+    """argparse type of -p (a usage error otherwise: exit 2); never
+    wrapped (getaddrinfo took 70000 as 4464)."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(
+            "invalid port {!r}: a number from 1 to 65535".format(text))
+    return int(text)
+
+
 @cli.entry_point
 def main(args=None, connect=None):
     """Run the client; returns nothing, exits with vdsm-client's codes.
@@ -161,7 +170,7 @@ def option_parser(schema):
     parser.add_argument("-a", "--host", dest="host", default="localhost",
                         help="host address (default localhost)")
     parser.add_argument("-p", "--port", dest="port", default=54321,
-                        type=int, help="port (default 54321)")
+                        type=port_arg, help="port (default 54321)")
     parser.add_argument("--insecure", "--unsecure", dest="use_tls",
                         action="store_false",
                         help="plain TCP, no TLS")

@@ -174,8 +174,17 @@ def test_configure_with_unknown_owner_fails_before_touching_anything(
         state, cfg):
     p = run("--state-dir", state, "configure", "--owner",
             "no-such-user-xyz:no-such-group", check=2)
-    assert "no-such-user-xyz" in p.stderr
+    # Not KeyError's garbled text nor the internal code 100.
+    assert p.stderr == (
+        "managedvolume-tool: Configuration error: --owner "
+        "no-such-user-xyz:no-such-group: no user 'no-such-user-xyz'\n")
     assert not os.path.exists(cfg.db_path)
+    p = run("--state-dir", state, "configure", "--owner",
+            "root:no-such-group", check=2)
+    assert p.stderr == (
+        "managedvolume-tool: Configuration error: --owner "
+        "root:no-such-group: no group 'no-such-group'\n")
+    assert not os.path.exists(state)
 
 
 # list
@@ -938,10 +947,20 @@ def test_dump_config_json_is_grouped_by_section():
 
 # usage and exit codes
 
-def test_version_prints_the_package_version():
-    p = run("--version", check=0)
+@pytest.mark.parametrize("args", [["--version"], ["list", "--version"],
+                                  ["check", "--version"]])
+def test_version_prints_the_package_version(args):
+    # tool(8): global options before or after the command.
+    p = run(*args, check=0)
     assert p.stdout.strip() == "managedvolume-tool " + \
         vdsm_managedvolume.__version__
+
+
+def test_reconcile_force_without_apply_is_a_usage_error(state):
+    # It was a silent dry run: the admin believed the record forgotten.
+    p = run("--state-dir", state, "reconcile", "--force", check=2)
+    assert "--force needs --apply" in p.stderr
+    assert not os.path.exists(state)
 
 
 def test_help_documents_the_exit_codes():

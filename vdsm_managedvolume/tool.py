@@ -98,6 +98,9 @@ def main(argv=None):
         print("managedvolume-tool: error: a sub-command is required",
               file=sys.stderr)
         return EXIT_USAGE
+    if getattr(args, "force", False) and not args.apply:
+        # Silently a dry run before: the admin believed it forced.
+        parser.error("reconcile: --force needs --apply")
     mvlog.setup(level="DEBUG" if args.verbose else "WARNING",
                 stream=sys.stderr)
     try:
@@ -693,6 +696,10 @@ def _parser():
     common = argparse.ArgumentParser(add_help=False,
                                      argument_default=argparse.SUPPRESS)
     _add_globals(common)
+    # tool(8): --version too, before or after the command.
+    common.add_argument(
+        "--version", action="version",
+        version="managedvolume-tool " + vdsm_managedvolume.__version__)
 
     parser = argparse.ArgumentParser(
         prog="managedvolume-tool",
@@ -830,10 +837,14 @@ def _owner(cfg, spec):
     user, _, group = spec.partition(":")
     try:
         pw = pwd.getpwnam(user)
+    except KeyError:
+        raise errors.ConfigError("--owner {}: no user {!r}".format(
+            spec, user))
+    try:
         gid = grp.getgrnam(group).gr_gid if group else pw.pw_gid
-    except KeyError as e:
-        raise errors.ConfigError("--owner {}: unknown {}".format(
-            spec, e.args[0]))
+    except KeyError:
+        raise errors.ConfigError("--owner {}: no group {!r}".format(
+            spec, group))
     group = group or grp.getgrgid(gid).gr_name
     return pw.pw_uid, gid, user, group
 
@@ -1078,6 +1089,11 @@ def _fail(args, error):
     if args.json:
         _print_json({"ok": False, "error": {"code": error.code,
                                             "message": message}})
+    if isinstance(error, errors.ConfigError):
+        # A usage error (exit 2), said as a bad config file is: code 100
+        # is no wire code and means nothing to an admin.
+        print("managedvolume-tool: {}".format(message), file=sys.stderr)
+        return
     print("managedvolume-tool: {} failed: (code={}, message={})".format(
         args.command, error.code, message), file=sys.stderr)
 

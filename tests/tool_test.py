@@ -601,6 +601,15 @@ def test_check_flags_os_brick_lock_files_others_could_lock(
     assert _checks(p)["lock-files"]["status"] == "ok"
 
 
+def test_check_help_names_every_check_it_runs(configured, state):
+    pki.ensure_dev_pki(configured)
+    p = run("--state-dir", state, "--json", "check", "--skip-privsep",
+            check=0)
+    names = set(_checks(p)) | {"privsep", "privsep-config"}
+    text = " ".join(run("check", "--help", check=0).stdout.split())
+    assert [n for n in sorted(names) if n not in text] == []
+
+
 def test_check_human_output_has_one_line_per_check_and_a_summary(
         configured, state):
     pki.ensure_dev_pki(configured)

@@ -776,18 +776,27 @@ def _parser():
 
     p = add("check", check,
             "diagnose the host: os-brick, privsep, locks, database, PKI",
-            "Check every prerequisite of attach and detach: os-brick and "
-            "oslo.privsep importable, the privsep daemon starts and answers "
-            "(bounded by properties_timeout), lock directories writable, "
-            "database schema version, certificates (key matches cert, cert "
-            "signed by the CA, none expired), udevadm and chown present, "
-            "run dir on tmpfs.  Exit 1 when a check fails.")
+            "Check every prerequisite of attach and detach, one line "
+            "each: config (what would stop the agent: listen, log_file, "
+            "log_config), state-dir, os-brick and oslo.privsep importable, "
+            "lock-dir, lock-path and lock-files (os-brick's lock path "
+            "0700, no lock file others may write), database (schema "
+            "version, mode), certificates, key-mode, cert-key, cert-ca, "
+            "cert-expiry and ca-expiry, udevadm and chown present, tools "
+            "(each allowed type's initiator commands), udev-owner known, "
+            "run-dir on tmpfs, privsep-config (present, root's, current), "
+            "and last privsep: the daemon starts and answers (bounded by "
+            "properties_timeout), started only where 'configure' made what "
+            "it needs.  Exit 1 when a check fails.")
     p.add_argument("--skip-privsep", action="store_true",
                    help="do not start the privsep daemon (needs root or "
                         "the sudoers rule)")
 
     add("dump-schema", dump_schema,
-        "print the API schema YAML (--json: as JSON)")
+        "print the API schema YAML (--json: as JSON)",
+        "Print the API schema YAML in vdsm's vdsm-api.yml format: the one "
+        "source of the verbs' names, parameters, defaults, types and "
+        "error codes.  --json: the parsed schema as JSON.")
 
     p = add("dump-config", dump_config,
             "print the effective configuration (--json: as JSON)",

@@ -317,6 +317,16 @@ def test_a_port_out_of_range_is_a_usage_error_not_wrapped(port):
     assert transport.calls == []
 
 
+def test_help_documents_the_exit_statuses(capsys):
+    # They were only in the man page.
+    with pytest.raises(SystemExit):
+        client.main(["--help"])
+    out = capsys.readouterr().out
+    assert "\nexit status:\n" in out
+    for code in ("0", "1", "2", "130"):
+        assert "\n  {} ".format(code) in out
+
+
 def test_a_timeout_up_to_a_day_is_taken():
     transport = StubTransport()
     code, out, err = run(["--insecure", "--timeout", "86400",

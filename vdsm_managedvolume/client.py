@@ -82,7 +82,13 @@ examples:
   {0} -f attach.json ManagedVolume attach_volume
   {0} ManagedVolume detach_volume vol_id=<vol_id>
   {0} --flow-id flow-1 -p 54323 ManagedVolume volumes_info
-  {0} --state-dir .state Host getCapabilities   # make run's""".format(
+  {0} --state-dir .state Host getCapabilities   # make run's
+
+exit status:
+  0    the call succeeded; the result is on standard output
+  1    the call failed (the error, as vdsm-client prints it)
+  2    usage error
+  130  interrupted while waiting: the call may still complete""".format(
     PROG)
 
 

@@ -233,13 +233,18 @@ def test_without_hook_json_exits_0(host):
     assert "_hook_json" in err
 
 
-def test_unreadable_config_falls_back_to_default(host):
-    with open(host.config_file, "w") as f:
-        f.write("this is [not ini")
+@pytest.mark.parametrize("content", [
+    b"this is [not ini",
+    b"# modifi\xe9 (Latin-1: not UTF-8)\n[paths]\n",
+])
+def test_unreadable_config_falls_back_to_default(host, content):
+    with open(host.config_file, "wb") as f:
+        f.write(content)
     rc, _, err = host.run()
     assert rc == 0
     assert host.read_caps() == CAPS
     assert "cannot read" in err
+    assert "Traceback" not in err
 
 
 def test_default_config_missing_means_vdsm_paths(host):

@@ -341,3 +341,27 @@ def test_a_connect_waits_until_a_disconnect_of_the_volume_is_done(
                                ["remove_export", vol]]
     backend.run("save_device", vol, json.dumps({"path": "/dev/x"}))
     assert "Got volume {}".format(vol) in engine_service.log()
+
+
+def test_connection_info_has_a_null_device_until_one_is_saved(backend):
+    # cinderlib leaves "device" out of its dict until save_device, and
+    # drops it again when connect_volume forgets a host's old device: the
+    # documented shape is {conn, connector, device} whatever the state.
+    vol = new_id()
+    backend.run("create_volume", vol, 1)
+    conn = backend.run("connect_volume", vol,
+                       json.dumps({"host": "h"})).json("c")
+    info = backend.run("get_connection_info", vol).json("c")
+    assert info == {"conn": conn, "connector": {"host": "h"},
+                    "device": None}
+
+    device = {"path": "/dev/x", "attachment": {"type": "local"}}
+    backend.run("save_device", vol, json.dumps(device))
+    assert backend.run("get_connection_info", vol).json("c")["device"] \
+        == device
+
+    # The next attach on that host: its old device is forgotten.
+    backend.run("connect_volume", vol, json.dumps({"host": "h"}))
+    info = backend.run("get_connection_info", vol).json("c")
+    assert info == {"conn": conn, "connector": {"host": "h"},
+                    "device": None}

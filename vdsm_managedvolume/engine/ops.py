@@ -8,7 +8,8 @@ What the engine does with the payload decides its shape:
     connect_volume        conn dict {driver_volume_type, data}: sent to the
                           host's ManagedVolume.attach_volume
     storage_stats         the backend's stats dict
-    get_connection_info   {conn, connector, device} of one connection
+    get_connection_info   {conn, connector, device} of one connection,
+                          device null until save_device
     create_snapshot       the new snapshot's id (bare, not JSON)
     create_volume_from_snapshot   the new volume's id (bare)
 
@@ -179,7 +180,12 @@ def get_connection_info(backend, args):
     conn = _pick_connection(vol, args.get("connector"))
     log.info("Fetching connection of volume %s on host %s", vol.id,
              _host(conn))
-    return _dumps(conn.connection_info)
+    # cinderlib drops "device" from its dict until save_device (and again
+    # when connect_volume forgets it): always the three keys, null when
+    # none is saved (the engine's Jackson map reads null as Java null).
+    return _dumps({"conn": conn.conn_info,
+                   "connector": conn.connector_info,
+                   "device": conn.device or None})
 
 
 def clone_volume(backend, args):

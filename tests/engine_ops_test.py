@@ -41,6 +41,15 @@ def __getattr__(name):
             self._record("remove_export", volume.id)
             return super().remove_export(context, volume)
 
+        def _update_volume_stats(self):
+            # stats.json in its volume directory (Python's JSON, which
+            # carries Infinity and NaN) replaces the FileDriver's stats.
+            super()._update_volume_stats()
+            path = os.path.join(self._dir, "stats.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    self._stats = json.load(f)
+
         def _maybe_hold(self, method):
             # While hold-<method> exists: say so (held-<method>) and wait
             # for "release".
@@ -130,6 +139,11 @@ class Backend:
 
     def release(self):
         open(os.path.join(self.dir, "release"), "w").close()
+
+    def reporting(self, stats):
+        """Make the driver report ``stats`` (floats may be inf and nan)."""
+        with open(os.path.join(self.dir, "stats.json"), "w") as f:
+            json.dump(stats, f)
 
     def calls(self):
         """The calls recorded since the last time they were read."""
@@ -365,3 +379,52 @@ def test_connection_info_has_a_null_device_until_one_is_saved(backend):
     info = backend.run("get_connection_info", vol).json("c")
     assert info == {"conn": conn, "connector": {"host": "h"},
                     "device": None}
+
+
+def _strict_json(text):
+    # What Jackson accepts: no Infinity, -Infinity or NaN.
+    def refuse(constant):
+        raise AssertionError("{} in {}".format(constant, text))
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_stats_are_finite_and_capacity_per_pool_is_summed(backend):
+    inf, nan = float("inf"), float("nan")
+    backend.reporting({
+        "volume_backend_name": "recording",
+        "pools": [
+            {"pool_name": "a", "total_capacity_gb": 100,
+             "free_capacity_gb": inf, "max_over_subscription_ratio": nan},
+            {"pool_name": "b", "total_capacity_gb": "50.5",
+             "free_capacity_gb": 20.25},
+        ]})
+    stats = _strict_json(backend.run("storage_stats", "true").payload("c"))
+    # The engine reads only these two (ManagedBlockStorageDomainStats-
+    # Refresher): a number, a numeric string, "infinite" or "unknown".
+    assert stats["total_capacity_gb"] == 150.5
+    assert stats["free_capacity_gb"] == "infinite"
+    assert stats["pools"][0]["free_capacity_gb"] == "infinite"
+    assert stats["pools"][0]["max_over_subscription_ratio"] == "unknown"
+    assert stats["pools"][1]["free_capacity_gb"] == 20.25
+
+    # A pool without a number makes the sum unknown; what the driver
+    # reports at the top level is its own answer, kept.
+    backend.reporting({
+        "volume_backend_name": "recording",
+        "total_capacity_gb": -inf,
+        "free_capacity_gb": 7,
+        "pools": [{"pool_name": "a", "total_capacity_gb": 1,
+                   "free_capacity_gb": 1},
+                  {"pool_name": "b", "total_capacity_gb": "unknown"}]})
+    stats = _strict_json(backend.run("storage_stats", "true").payload("c"))
+    assert stats["total_capacity_gb"] == "unknown"
+    assert stats["free_capacity_gb"] == 7
+
+    backend.reporting({
+        "volume_backend_name": "recording",
+        "pools": [{"pool_name": "a", "total_capacity_gb": 10,
+                   "free_capacity_gb": 4},
+                  {"pool_name": "b", "total_capacity_gb": 6}]})
+    stats = _strict_json(backend.run("storage_stats", "true").payload("c"))
+    assert (stats["total_capacity_gb"], stats["free_capacity_gb"]) == \
+        (16, "unknown")

@@ -7,7 +7,8 @@ What the engine does with the payload decides its shape:
 
     connect_volume        conn dict {driver_volume_type, data}: sent to the
                           host's ManagedVolume.attach_volume
-    storage_stats         the backend's stats dict
+    storage_stats         the backend's stats dict, finite, with the
+                          top-level capacity the engine reads
     get_connection_info   {conn, connector, device} of one connection,
                           device null until save_device
     create_snapshot       the new snapshot's id (bare, not JSON)
@@ -163,8 +164,31 @@ def extend_volume(backend, args):
 
 
 def storage_stats(backend, args):
+    """The backend's stats as cinder reports them, made readable by the
+    engine.
+
+    ovirt-engine (``ManagedBlockStorageDomainStatsRefresher``) reads only
+    the top-level ``total_capacity_gb`` and ``free_capacity_gb``: a number,
+    a numeric string, or cinder's sentinels "infinite" / "unknown" (the
+    last sizes it saved are kept).  So:
+
+    - a float infinity is printed "infinite", NaN and -inf "unknown",
+      wherever they are: Jackson refuses JSON's ``Infinity``/``NaN``, and
+      the whole answer failed (and with it adding the storage domain);
+    - a driver that reports its capacity only per pool gets the sums of
+      its pools at the top level (a key the driver sets is left as it
+      is): "infinite" if a pool is, "unknown" if a pool has no number.
+    """
     log.info("Fetching backend stats (refresh=%s)", args["refresh"])
-    return _dumps(backend.stats(refresh=args["refresh"]))
+    stats = _finite(backend.stats(refresh=args["refresh"]))
+    pools = stats.get("pools")
+    if isinstance(pools, list) and pools:
+        for key in _CAPACITY:
+            if stats.get(key) is None:
+                stats[key] = _pools_sum(pools, key)
+                log.info("Backend reports %s only per pool: %s over %d "
+                         "pool(s)", key, stats[key], len(pools))
+    return json.dumps(stats, allow_nan=False)
 
 
 def save_device(backend, args):
@@ -357,6 +381,54 @@ def _released(vol, conns, args):
             log.info("%s no longer has volume %s", answer.where(), vol.id)
             released.append(conn)
     return released
+
+
+_CAPACITY = ("total_capacity_gb", "free_capacity_gb")
+
+
+def _finite(obj):
+    """A copy of ``obj`` with cinder's capacity sentinels for the floats
+    JSON cannot carry."""
+    if isinstance(obj, float):
+        if obj != obj or obj == float("-inf"):
+            return "unknown"
+        return "infinite" if obj == float("inf") else obj
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _pools_sum(pools, key):
+    total = 0
+    unknown = False
+    for pool in pools:
+        value = pool.get(key) if isinstance(pool, dict) else None
+        if isinstance(value, str) and value.strip().lower() == "infinite":
+            return "infinite"
+        number = _capacity(value)
+        if number is None:
+            unknown = True
+        else:
+            total += number
+    return "unknown" if unknown else round(total, 2)
+
+
+def _capacity(value):
+    """A finite number of GiB from a number or a numeric string, or
+    None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if not isinstance(value, (int, float)) or value != value or \
+            value in (float("inf"), float("-inf")):
+        return None
+    return value
 
 
 def _discard(obj, kind):

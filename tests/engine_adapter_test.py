@@ -11,6 +11,7 @@ runs this tree's command.
 
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -93,6 +94,59 @@ def test_the_shipped_settings_file_sets_nothing_and_parses(adapter,
                        timeout=240)
     assert p.returncode == 2
     assert p.stdout.startswith(b"error:expected SUB-COMMAND")
+
+
+def engine_reads(output, cid):
+    """What ManagedBlockExecutor.getOutput makes of the merged output:
+    the first line starting with "error" or the correlation id, without
+    that prefix and the character after it; "" when there is none."""
+    for line in output.decode("utf-8", "replace").splitlines():
+        for prefix in ("error", cid):
+            if line.startswith(prefix):
+                return line[len(prefix) + 1:]
+    return ""
+
+
+@pytest.mark.parametrize("text", [
+    'MANAGEDVOLUME_ENGINE_COLD="1\n',
+    "MANAGEDVOLUME_ENGINE_COLD=1\nif then\n",
+    "MANAGEDVOLUME_ENGINE_TIMEOUT=${NOT_SET:?set it}\n",
+    "MANAGEDVOLUME_ENGINE_COLD=1\n[ -n \"$NOT_SET\" ] && X=1\n",
+], ids=["unterminated-quote", "syntax-error", "unset-expansion",
+        "failing-last-line"])
+def test_a_broken_settings_file_is_an_error_line_for_the_engine(
+        adapter, tmp_path, text):
+    # The shell's own message went to the engine, which drops every line
+    # not starting with "error": it logged an empty failure.
+    conf = tmp_path / "managedvolume-adapter.conf"
+    conf.write_text(text)
+    p = subprocess.run([str(adapter), "storage_stats", "{}", "sqlite://",
+                        "cid", "true"], cwd=str(adapter.parent),
+                       env=engine_env(tmp_path, conf),
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       timeout=240)
+    assert p.returncode == 1, p.stdout
+    assert engine_reads(p.stdout, "cid") == (
+        "managedvolume-adapter: {} is not valid sh (a syntax error, or a "
+        "line that failed; check it with: sh -n {})".format(conf, conf)), \
+        p.stdout
+
+
+def test_a_missing_client_is_an_error_line_for_the_engine(adapter,
+                                                         tmp_path):
+    missing = str(tmp_path / "no-such-client")
+    adapter.write_text(re.sub(r"\nclient=\S+\n",
+                              "\nclient={}\n".format(missing),
+                              adapter.read_text()))
+    p = subprocess.run([str(adapter), "storage_stats", "{}", "sqlite://",
+                        "cid", "true"], cwd=str(adapter.parent),
+                       env=engine_env(tmp_path, tmp_path / "none.conf"),
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       timeout=240)
+    assert p.returncode == 1, p.stdout
+    assert engine_reads(p.stdout, "cid") == (
+        "managedvolume-adapter: {} is not installed or not "
+        "executable".format(missing))
 
 
 def test_every_setting_is_in_the_man_page_and_host_ones_in_the_file():

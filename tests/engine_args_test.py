@@ -112,7 +112,36 @@ def test_a_raw_at_in_the_db_urls_user_or_password_is_refused():
                 "sqlite:////var/lib/a@b/x@y.db"):
         _, request = args.parse(["storage_stats", FILE_JSON, url, "c",
                                  "true"], environ={})
+        assert request.db_url.split("?")[0] == url
+
+
+@pytest.mark.parametrize("url,query", [
+    # The engine's URL: libpq's connect timeout and keepalives added.
+    ("postgresql+psycopg2://engine:pw@db.example:5432/ovirt_cinderlib",
+     "connect_timeout=10&keepalives=1&keepalives_idle=30&"
+     "keepalives_interval=10&keepalives_count=3"),
+    # What the URL sets is kept, the rest added after it.
+    ("postgresql://engine@/ovirt?host=/run/postgresql&connect_timeout=3&"
+     "keepalives_idle=5",
+     "host=/run/postgresql&connect_timeout=3&keepalives_idle=5&"
+     "keepalives=1&keepalives_interval=10&keepalives_count=3"),
+    ("postgresql://h/db?connect_timeout=1&keepalives=0&keepalives_idle=1&"
+     "keepalives_interval=1&keepalives_count=1",
+     "connect_timeout=1&keepalives=0&keepalives_idle=1&"
+     "keepalives_interval=1&keepalives_count=1"),
+    # Not psycopg2: its arguments would be unknown there.
+    ("postgresql+pg8000://engine@h/db", None),
+    ("sqlite:////var/lib/x.db", None),
+])
+def test_a_postgresql_url_gets_a_connect_timeout_and_keepalives(url,
+                                                                 query):
+    from vdsm_managedvolume.engine import args
+    _, request = args.parse(["storage_stats", FILE_JSON, url, "c", "true"],
+                            environ={})
+    if query is None:
         assert request.db_url == url
+    else:
+        assert request.db_url == url.split("?")[0] + "?" + query
 
 
 def test_a_missing_sub_command_never_echoes_the_driver_json():

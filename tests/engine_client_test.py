@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import time
 import uuid
 
@@ -430,6 +431,27 @@ def test_timeout_gives_a_clear_error_cold_and_warm(
         # nothing finishes later behind the engine's back.
         pid, started = (int(v) for v in pid_file.read_text().split())
         wait_until_ended(pid, started)
+
+
+def test_a_postgresql_server_that_never_answers_fails_the_command(
+        engine_shim, tmp_path):
+    # A server gone without a reset (a powered-off host): the connection
+    # is made (here: a listening socket nobody serves), then nothing.
+    # libpq waited for ever, and the command until the shim's timeout.
+    # Cold: a warm service must not set up on a database that hangs.
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        url = "postgresql+psycopg2://engine:{}@127.0.0.1:{}/db".format(
+            SECRET, server.getsockname()[1])
+        r = engine_shim.run(
+            "storage_stats", "true", driver=FILE_JSON,
+            db_url=url, warm=False, options=["--timeout", "100"])
+    assert r.code == 1, r.describe()
+    error = r.error()
+    assert error.startswith("storage_stats failed: OperationalError: "), \
+        r.describe()
+    assert "timeout expired" in error and SECRET not in error
 
 
 def test_logs_carry_the_correlation_id_and_survive_cinderlib_setup(

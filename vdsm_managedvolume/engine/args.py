@@ -30,8 +30,10 @@ Secrets need not travel on argv (where any local user can read them in
 
 A DB_URL naming a user but no password takes it from
 ``MANAGEDVOLUME_DB_PASSWORD`` (or libpq's ``PGPASSWORD``), so the URL itself
-may stay on argv.  Every option has an environment variable (``ENV_*``
-below), so a wrapper can set them once.
+may stay on argv.  A PostgreSQL DB_URL (psycopg2) gets libpq's connect
+timeout and TCP keepalives (``PG_DEFAULTS``) unless it sets them itself.
+Every option has an environment variable (``ENV_*`` below), so a wrapper
+can set them once.
 """
 
 import json
@@ -64,6 +66,24 @@ ENV_HOST_ADDRESSES = "MANAGEDVOLUME_ENGINE_HOST_ADDRESSES"
 ENV_ENGINE_TMP = "ENGINE_TMP"
 ENV_ENGINE_LOG = "ENGINE_LOG"
 ENGINE_LOG_DIR = "/var/log/ovirt-engine"
+
+# libpq connection settings a PostgreSQL DB_URL gets unless its query
+# string sets them (SQLAlchemy passes them to psycopg2, psycopg2 to
+# libpq).  Without them a database server that went away (a powered-off
+# host: no reset, no answer) held a command until the shim's own timeout
+# (300 s on a VM's start or migration): connecting, libpq waits for ever;
+# in a query, the kernel's keepalive starts after two hours.  With them a
+# connect gives up after 10 s, and an idle or waiting connection is found
+# dead within about a minute (30 s idle, then 3 probes 10 s apart); the
+# command then fails with the driver's error, as for any database error.
+PG_DEFAULTS = (
+    ("connect_timeout", "10"),
+    ("keepalives", "1"),
+    ("keepalives_idle", "30"),
+    ("keepalives_interval", "10"),
+    ("keepalives_count", "3"),
+)
+PG_SCHEMES = ("postgresql", "postgresql+psycopg2")
 
 # How long a sub-command may run when --timeout is not set.  ovirt-engine
 # reads the command's output until its answer line or EOF without a limit
@@ -329,7 +349,7 @@ def parse(argv, environ=None, stdin=None):
     if not db_url:
         raise errors.EngineUsage("DB_URL is empty")
     _check_url_userinfo(db_url)
-    db_url = _with_password(db_url, environ)
+    db_url = _with_pg_defaults(_with_password(db_url, environ))
     args = _command_args(command, rest)
     _check_volume_driver(driver)
     request = Request(command=command, driver=driver, db_url=db_url,
@@ -831,6 +851,29 @@ def _with_password(url, environ):
     from urllib.parse import quote
     return "{}://{}:{}@{}".format(scheme, creds, quote(password, safe=""),
                                   hostpart)
+
+
+def _with_pg_defaults(url):
+    """``url`` with the ``PG_DEFAULTS`` its query string does not set.
+
+    Only for psycopg2 (the engine's ``postgresql+psycopg2://``, and
+    SQLAlchemy's default for ``postgresql://``): other drivers take other
+    arguments.  The query starts at the first '?' after the user part, as
+    SQLAlchemy reads it.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in PG_SCHEMES:
+        return url
+    creds, at, hostpart = rest.rpartition("@")
+    base, _, query = hostpart.partition("?")
+    from urllib.parse import parse_qsl
+    from urllib.parse import urlencode
+    given = {k for k, _ in parse_qsl(query, keep_blank_values=True)}
+    missing = [(k, v) for k, v in PG_DEFAULTS if k not in given]
+    if not missing:
+        return url
+    query = "&".join(q for q in (query, urlencode(missing)) if q)
+    return "{}://{}{}{}?{}".format(scheme, creds, at, base, query)
 
 
 def _collect_secrets(obj, found):

@@ -428,3 +428,51 @@ def test_stats_are_finite_and_capacity_per_pool_is_summed(backend):
     stats = _strict_json(backend.run("storage_stats", "true").payload("c"))
     assert (stats["total_capacity_gb"], stats["free_capacity_gb"]) == \
         (16, "unknown")
+
+
+def test_a_snapshot_is_found_when_the_engine_names_the_disk_not_its_volume(
+        backend):
+    # ovirt-engine snapshots a disk's active volume (disk.getImageId())
+    # but previews and removes snapshots under the disk id
+    # (TryBackToAllSnapshotsOfVm, RemoveSnapshot, RestoreAllManagedBlock-
+    # Snapshots).  After a committed preview the active volume is the one
+    # made from the snapshot, with its own id.
+    disk = new_id()
+    backend.run("create_volume", disk, 1)
+    first = backend.run("create_snapshot", disk).payload("c")
+    active = backend.run("create_volume_from_snapshot", disk,
+                         first).payload("c")
+    snap = backend.run("create_snapshot", active).payload("c")
+
+    # A preview of it, named under the disk.
+    preview = backend.run("create_volume_from_snapshot", disk,
+                          snap).payload("c")
+    assert preview in backend.volume_ids()
+    backend.run("delete_volume", preview)
+
+    # Its removal, named under the disk: removed for real (it was "not
+    # found", exit 0, and stayed on the backend for ever).
+    r = backend.run("remove_snapshot", snap, disk)
+    assert r.stdout == b"", r.describe()
+    assert backend.snapshots(active) == []
+    assert "snapshot-" + snap not in files_in(backend.dir)
+    backend.run("delete_volume", active)
+
+    # Nowhere: still the success of a removal, and still the disk's own.
+    r = backend.run("remove_snapshot", snap, disk)
+    assert r.error() == "Snapshot {} not found".format(snap)
+    assert [s for s, _ in backend.snapshots(disk)] == [first]
+
+
+def test_another_backends_snapshot_is_not_found(backend, engine_shim):
+    vol = new_id()
+    backend.run("create_volume", vol, 1)
+    snap = backend.run("create_snapshot", vol).payload("c")
+    # Same database, another storage domain's backend.
+    other = dict(backend.driver, volume_backend_name="other")
+    elsewhere = new_id()
+    r = engine_shim.run("remove_snapshot", snap, elsewhere, driver=other,
+                        db_url="sqlite:///" + backend.db)
+    assert r.code == 0, r.describe()
+    assert r.error() == "Volume {} not found".format(elsewhere)
+    assert backend.snapshots(vol) == [(snap, "available")]

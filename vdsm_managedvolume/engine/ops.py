@@ -40,6 +40,9 @@ Where upstream is wrong we differ, and say so here:
   volume is available or in use (the engine retries after a timeout); with
   another size, or still "creating" (an abandoned run), it fails.
 - storage_stats parses ``refresh`` ("false" was a true string upstream).
+- remove_snapshot and create_volume_from_snapshot find the snapshot
+  under whichever volume of the backend holds it (``_find_snapshot_of``):
+  the engine names the disk, not the volume it snapshotted.
 - A create that fails (volume, clone, volume from snapshot, snapshot)
   deletes what cinderlib saved of it in "error" (``_discard``): the engine
   got an error and never learns that id, and an "error" snapshot made
@@ -244,16 +247,16 @@ def create_snapshot(backend, args):
 
 
 def remove_snapshot(backend, args):
-    vol = _find_volume(backend, args["volume_id"])
-    snap = _find_snapshot(vol, args["snapshot_id"])
+    vol, snap = _find_snapshot_of(backend, args["volume_id"],
+                                  args["snapshot_id"])
     log.info("Removing snapshot %s of volume %s", snap.id, vol.id)
     snap.delete()
     return None
 
 
 def create_volume_from_snapshot(backend, args):
-    vol = _find_volume(backend, args["volume_id"])
-    snap = _find_snapshot(vol, args["snapshot_id"])
+    vol, snap = _find_snapshot_of(backend, args["volume_id"],
+                                  args["snapshot_id"])
     params = {}
     if args.get("size"):
         if args["size"] < snap.volume_size:
@@ -454,6 +457,49 @@ def _discard(obj, kind):
     else:
         log.info("Deleted %s %s that the failed create left in error",
                  kind, obj.id)
+
+
+def _find_snapshot_of(backend, vol_id, snap_id):
+    """(volume, snapshot): snapshot ``snap_id`` of volume ``vol_id`` or,
+    when it is not there, of whichever volume of this backend holds it.
+
+    ovirt-engine names the *disk* (its first volume's id) where it should
+    name the volume holding the snapshot: RemoveSnapshotCommand,
+    RestoreAllManagedBlockSnapshotsCommand (``setImageGroupID(disk.getId())``)
+    and TryBackToAllSnapshotsOfVmCommand (``setVolumeId(image.getId())``),
+    while CreateSnapshotDiskCommand snapshots the disk's active volume
+    (``disk.getImageId()``).  After a snapshot preview is committed that
+    is a volume made from the snapshot, with another id: its snapshots
+    were "not found" under the disk, so a removal succeeded without
+    removing anything (and the volume could never be deleted), and a
+    preview of one failed.  Another backend's snapshot is not found.
+    """
+    vol = _find_volume(backend, vol_id, required=False)
+    if vol is not None:
+        for snap in vol.snapshots:
+            if snap.id == snap_id:
+                return vol, snap
+    for owner_id in _snapshot_volume_ids(snap_id):
+        owner = _find_volume(backend, owner_id, required=False)
+        if owner is not None:
+            log.info("Snapshot %s is of volume %s, not of volume %s (the "
+                     "engine names the disk)", snap_id, owner.id, vol_id)
+            return owner, _find_snapshot(owner, snap_id)
+    if vol is None:
+        raise errors.EngineNotFound(kind="Volume", id=vol_id)
+    raise errors.EngineNotFound(kind="Snapshot", id=snap_id)
+
+
+def _snapshot_volume_ids(snap_id):
+    """The ids of the volumes holding a snapshot ``snap_id``, of any
+    backend.  From cinder's records: cinderlib's ``get_snapshots`` builds
+    objects that need the snapshot's backend loaded in this process
+    (KeyError for another storage domain's)."""
+    from cinder import objects as cinder_objs
+    from cinderlib import objects as cl_objs
+    snaps = cinder_objs.SnapshotList.get_all(cl_objs.CONTEXT,
+                                             filters={"id": snap_id})
+    return [s.volume_id for s in snaps.objects]
 
 
 def _find_snapshot(vol, snap_id):

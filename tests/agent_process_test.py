@@ -477,7 +477,8 @@ def test_second_agent_on_the_same_state_refuses_naming_the_first(
          agent_proc.state_dir, "--listen", "127.0.0.1:0"],
         capture_output=True, text=True, timeout=60,
         env=dict(os.environ, PYTHONPATH=REPO))
-    assert p.returncode == 2    # a configuration error: not restarted
+    # Exit 1: the unit restarts it (the first may be stopping).
+    assert p.returncode == 1
     assert "another managedvolume-agent (pid {}) is running".format(
         agent_proc.proc.pid) in p.stderr
     # It never got far enough to touch the first one's socket.
@@ -681,10 +682,6 @@ def _start_refused(tmp_path, conf_text, *argv):
     ("[volumes]\nudev_writer = bogus\n", ["--listen", "127.0.0.1:0"],
      "mv.conf [volumes]: udev_writer = 'bogus' is not one of auto, "
      "service, daemon"),
-    ("[volumes]\nallowed_types = iscsi, fibre-channel\n",
-     ["--listen", "127.0.0.1:0"],
-     "mv.conf [volumes]: allowed_types = 'iscsi, fibre-channel': "
-     "'fibre-channel' (did you mean 'fibre_channel'?) is not"),
     ("[logging]\nlog_config = logger.ini\n", ["--listen", "127.0.0.1:0"],
      "mv.conf [logging]: log_config = 'logger.ini': cannot set up "
      "logging: ModuleNotFoundError"),
@@ -735,7 +732,9 @@ def test_a_port_in_use_is_found_before_the_journal_is_opened(tmp_path):
         port = holder.getsockname()[1]
         p, state = _start_refused(
             tmp_path, "", "--listen", "127.0.0.1:{}".format(port))
-    assert p.returncode == 2    # a configuration error: not restarted
+    # Exit 1, restarted: a port may be held for a while only (an
+    # outgoing connection's ephemeral port; vdsmd stopping).
+    assert p.returncode == 1
     assert "cannot listen on 127.0.0.1:{}".format(port) in p.stderr
     assert "Traceback" not in p.stderr
     cfg = agentutil.make_config(str(state))

@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import re
 import subprocess
@@ -155,14 +156,6 @@ def test_a_file_that_is_not_utf8_is_an_error_naming_it_and_the_line(
      r"\(allowed: 1, yes, true, on, 0, no, false, off, in any case\)"),
     ("[volumes]\nshared_devices =\n", r"shared_devices = '' is not a "
                                       r"boolean"),
-    ("[volumes]\nallowed_types = bogus, iscsi\n",
-     r"mv.conf \[volumes\]: allowed_types = 'bogus, iscsi': 'bogus' is not "
-     r"a driver_volume_type os-brick connects \(fibre_channel, .*\) nor an "
-     r"installed adapter"),
-    ("[volumes]\nallowed_types = iscsi, fibre-channel\n",
-     r"'fibre-channel' \(did you mean 'fibre_channel'\?\) is not"),
-    ("[volumes]\nallowed_types = ISCSI\n",
-     r"'ISCSI' \(did you mean 'iscsi'\?\) is not"),
     ("[volumes]\nudev_writer = bogus\n",
      r"mv.conf \[volumes\]: udev_writer = 'bogus' is not one of auto, "
      r"service, daemon"),
@@ -204,6 +197,28 @@ def test_the_shipped_configuration_and_the_defaults_are_taken():
             assert getattr(cfg, key) == getattr(config.Config, key), key
 
 
+@pytest.mark.parametrize("text, types, match", [
+    ("[volumes]\nallowed_types = bogus, iscsi\n", ("bogus", "iscsi"),
+     r"mv.conf \[volumes\]: allowed_types = 'bogus, iscsi': 'bogus' is not "
+     r"a driver_volume_type os-brick connects \(fibre_channel, .*\) nor an "
+     r"installed adapter"),
+    ("[volumes]\nallowed_types = iscsi, fibre-channel\n",
+     ("iscsi", "fibre-channel"),
+     r"'fibre-channel' \(did you mean 'fibre_channel'\?\) is not"),
+    ("[volumes]\nallowed_types = ISCSI\n", ("ISCSI",),
+     r"'ISCSI' \(did you mean 'iscsi'\?\) is not"),
+])
+def test_an_unknown_allowed_type_is_taken_with_a_warning(
+        tmp_path, caplog, text, types, match):
+    # Refused, it stopped the agent of an upgraded host whose vendor type
+    # (or drbd, which os-brick 7 dropped) worked before, detaches included.
+    path = tmp_path / "mv.conf"
+    path.write_text(text)
+    with caplog.at_level(logging.WARNING, logger="managedvolume.config"):
+        assert config.load(path=str(path)).allowed_types == types
+    assert re.search(match, caplog.text)
+
+
 def test_an_installed_adapter_may_be_an_allowed_type(tmp_path, monkeypatch):
     from vdsm_managedvolume import adapters
     monkeypatch.setattr(adapters, "installed", lambda: ["acme"])
@@ -228,3 +243,26 @@ def test_every_transport_and_os_brick_connector_is_a_known_type():
         pytest.skip("os-brick not importable: {}".format(p.stderr[-200:]))
     assert sorted(t.lower() for t in json.loads(p.stdout)) == \
         sorted(config.OS_BRICK_TYPES)
+
+
+def test_a_name_server_not_answering_is_no_mistake_of_the_file(
+        monkeypatch):
+    # At boot the name server may not be up yet: the agent's bind fails
+    # then (exit 1, restarted), never exit 2 for a file that is right.
+    import socket
+
+    def getaddrinfo(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_AGAIN,
+                              "Temporary failure in name resolution")
+
+    cfg = config.Config()
+    cfg.listen = "agent.example.org"
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    assert config.environment_problems(cfg) == []
+
+    def unknown(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unknown)
+    problem, = config.environment_problems(cfg)
+    assert "listen = 'agent.example.org' cannot be resolved" in str(problem)

@@ -881,8 +881,6 @@ def test_a_config_file_that_is_not_utf8_is_one_line_naming_it(
      "udev_writer = 'bogus' is not one of auto, service, daemon"),
     ("[volumes]\nlock_timeout = nan\n",
      "lock_timeout = nan is not a finite number"),
-    ("[volumes]\nallowed_types = bogus\n",
-     "allowed_types = 'bogus': 'bogus' is not a driver_volume_type"),
 ])
 def test_a_config_typo_is_refused_by_check_and_dump_config(
         tmp_path, command, text, message):

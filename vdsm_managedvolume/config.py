@@ -31,12 +31,15 @@ import configparser
 import dataclasses
 import difflib
 import fcntl
+import logging
 import math
 import os
 import socket
 import sys
 
 from . import errors
+
+log = logging.getLogger("managedvolume.config")
 
 DEFAULT_CONFIG_FILE = "/etc/vdsm/managedvolume.conf"
 
@@ -483,12 +486,16 @@ def _check_types(types, where):
                                           n=1)
         hints.append("{!r}{}".format(
             name, " (did you mean {!r}?)".format(close[0]) if close else ""))
-    raise errors.ConfigError(
-        "{}: allowed_types = {!r}: {} {} not a driver_volume_type os-brick "
-        "connects ({}) nor an installed adapter ({})".format(
-            where, ", ".join(types), ", ".join(hints),
-            "is" if len(hints) == 1 else "are", ", ".join(OS_BRICK_TYPES),
-            ", ".join(installed) or "none"))
+    # A warning, not a refusal: such a name may be the type of a vendor's
+    # driver whose adapter is installed later, or one an older os-brick
+    # connected (drbd); refusing it stopped an upgraded host's agent,
+    # detaches included.  Attaches of such a type fail with 930 or 934.
+    log.warning(
+        "%s: allowed_types = %r: %s %s not a driver_volume_type os-brick "
+        "connects (%s) nor an installed adapter (%s)", where,
+        ", ".join(types), ", ".join(hints),
+        "is" if len(hints) == 1 else "are", ", ".join(OS_BRICK_TYPES),
+        ", ".join(installed) or "none")
 
 
 def _check_listen(cfg):
@@ -498,6 +505,11 @@ def _check_listen(cfg):
         socket.getaddrinfo(cfg.listen, cfg.port, type=socket.SOCK_STREAM,
                            flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as e:
+        if getattr(e, "errno", None) == socket.EAI_AGAIN:
+            # The name server did not answer (not up yet at boot): not a
+            # mistake of the file; the agent's bind fails, exit 1, and
+            # systemd tries again.
+            return
         raise errors.ConfigError(
             "{}: listen = {!r} cannot be resolved: {}".format(
                 where(cfg, "listen"), cfg.listen, _reason(e)))

@@ -87,13 +87,12 @@ def main(argv=None):
     try:
         return _run(cfg, args.insecure)
     except errors.Error as e:
-        # Found at start by what the configuration names (the port held
-        # by vdsmd, TLS files, another agent on this state): the same
-        # status as a mistake of the file.
+        # Found while starting (the port held by another process, TLS
+        # files not written yet at host deploy, another agent still
+        # stopping on this state, a name server not up yet): any of them
+        # may go away, so systemd retries (exit 1, not 2).
         log.error("Cannot start: %s", e)
         print("managedvolume-agent: {}".format(e), file=sys.stderr)
-        if isinstance(e, errors.ConfigError):
-            return EXIT_CONFIG
         return EXIT_FAILED
 
 
@@ -270,11 +269,12 @@ examples:
 
 exit status:
   0  stopped by SIGTERM or SIGINT
-  1  failed while starting or serving (the journal, the privsep daemon)
-  2  configuration or command-line error, found before the journal is
-     touched: one line names the key or option (a bad value, the port in
-     use, TLS files, another agent on this state); systemd does not
-     restart it (RestartPreventExitStatus=2)
+  1  failed while starting or serving, maybe for a while only (the port
+     in use, TLS files, another agent still on this state, the journal,
+     the privsep daemon): systemd restarts it after 5 s
+  2  a mistake in the configuration file or the command line, found
+     before anything starts: one line names the key or option and the
+     value; systemd does not restart it (RestartPreventExitStatus=2)
 
 files:
   /etc/vdsm/managedvolume.conf                  configuration

@@ -90,6 +90,11 @@ def __getattr__(name):
             self._maybe_fail("delete_snapshot")
             super().delete_snapshot(snapshot)
 
+        def initialize_connection(self, volume, connector, **kwargs):
+            self._maybe_fail("initialize_connection")
+            return super().initialize_connection(volume, connector,
+                                                 **kwargs)
+
         def _maybe_fail(self, method):
             if os.path.exists(os.path.join(self._dir, "fail-" + method)):
                 raise exception.VolumeBackendAPIException(
@@ -213,6 +218,34 @@ def test_ending_one_hosts_connection_keeps_the_export_the_other_uses(
     assert backend.volume_status(vol) == "available"
     backend.run("delete_volume", vol)
     assert backend.calls() == []
+
+
+def test_a_failed_connect_keeps_the_export_another_host_uses(backend):
+    # A migration's destination fails to connect: the source still runs
+    # the VM on the volume's export (cinderlib's Volume.connect removed it
+    # after any failure).
+    vol = new_id()
+    backend.run("create_volume", vol, 1)
+    backend.run("connect_volume", vol, json.dumps({"host": "src"}))
+    backend.failing("initialize_connection")
+    r = backend.run("connect_volume", vol, json.dumps({"host": "dst"}),
+                    code=1)
+    assert r.error().endswith("initialize_connection failed (simulated)")
+    assert backend.calls() == []
+    assert backend.connected_hosts(vol) == ["src"]
+    assert backend.volume_status(vol) == "in-use"
+
+    # With no other connection, the failed connect's export goes.
+    backend.failing()
+    backend.run("disconnect_volume", vol, "src")
+    assert backend.calls() == [["terminate_connection", "src", False],
+                               ["remove_export", vol]]
+    backend.failing("initialize_connection")
+    backend.run("connect_volume", vol, json.dumps({"host": "dst"}), code=1)
+    assert backend.calls() == [["remove_export", vol]]
+    assert backend.connected_hosts(vol) == []
+    backend.failing()
+    backend.run("delete_volume", vol)
 
 
 def test_deleting_a_volume_ends_its_connections_and_then_its_export(

@@ -124,7 +124,7 @@ def connect_volume(backend, args):
                 conn.device_attached(None)
             return _dumps(conn.conn_info)
     log.info("Connecting volume %s to host %s", vol.id, host)
-    conn = vol.connect(connector)
+    conn = _connect(vol, connector)
     return _dumps(conn.connection_info["conn"])
 
 
@@ -316,6 +316,46 @@ def _find_volume(backend, vol_id, required=True):
             raise errors.EngineNotFound(kind="Volume", id=vol_id)
         return None
     return vols[0]
+
+
+def _connect(vol, connector):
+    """cinderlib's ``Volume.connect``, except after a failure: the
+    volume's export is removed only when no other connection uses it.
+
+    cinderlib removes it after any failure of the connect.  With a driver
+    exporting each volume (LVM's tgt/LIO target, nvmet), a migration's
+    destination failing to connect then cut the disk of the VM still
+    running on the source.  A leaked export is recoverable (``_end``
+    removes it with the last connection), a removed one is not.
+    """
+    from cinderlib import objects
+    others = list(vol.connections)
+    driver = vol.backend.driver
+    model_update = driver.create_export(vol.CONTEXT, vol._ovo, connector)
+    if model_update:
+        vol._ovo.update(model_update)
+        vol.save()
+    try:
+        conn = objects.Connection.connect(vol, connector)
+        # The rest of Volume.connect: the volume's records.
+        vol._connections.append(conn)
+        getattr(vol._ovo, objects.CONNECTIONS_OVO_FIELD).objects.append(
+            conn._ovo)
+        vol._ovo.status = "in-use"
+        vol.save()
+    except Exception:
+        if others:
+            log.warning("Connecting volume %s to host %s failed; keeping "
+                        "its export: %d other connection(s) use it",
+                        vol.id, connector.get("host"), len(others))
+        else:
+            try:
+                driver.remove_export(vol._context, vol._ovo)
+            except Exception as e:
+                log.warning("Could not remove the export of volume %s "
+                            "after its failed connect: %s", vol.id, e)
+        raise
+    return conn
 
 
 def _end(vol, conn):

@@ -129,6 +129,11 @@ def test_a_raw_at_in_the_db_urls_user_or_password_is_refused():
      "keepalives_interval=1&keepalives_count=1",
      "connect_timeout=1&keepalives=0&keepalives_idle=1&"
      "keepalives_interval=1&keepalives_count=1"),
+    # An '@' in the query string is not the end of a user part (with a
+    # user, a second '@' is refused: DB_URL's check above).
+    ("postgresql://h/db?sslrootcert=/etc/pki/a@b.pem",
+     "sslrootcert=/etc/pki/a@b.pem&connect_timeout=10&keepalives=1&"
+     "keepalives_idle=30&keepalives_interval=10&keepalives_count=3"),
     # Not psycopg2: its arguments would be unknown there.
     ("postgresql+pg8000://engine@h/db", None),
     ("sqlite:////var/lib/x.db", None),

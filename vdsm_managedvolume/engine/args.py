@@ -864,8 +864,12 @@ def _with_pg_defaults(url):
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.lower() not in PG_SCHEMES:
         return url
-    creds, at, hostpart = rest.rpartition("@")
-    base, _, query = hostpart.partition("?")
+    # The user part as SQLAlchemy's URL pattern reads it (a user without
+    # ':' or '/', a password without '@'): an '@' in the query string
+    # (application_name=a@b, a certificate path) is not its end.
+    creds = re.match(r"(?:[^:/]*(?::[^@]*)?@)?", rest).group(0)
+    creds, at = creds[:-1], creds[-1:]
+    base, _, query = rest[len(creds) + len(at):].partition("?")
     from urllib.parse import parse_qsl
     from urllib.parse import urlencode
     given = {k for k, _ in parse_qsl(query, keep_blank_values=True)}

@@ -349,11 +349,7 @@ def _connect(vol, connector):
                         "its export: %d other connection(s) use it",
                         vol.id, connector.get("host"), len(others))
         else:
-            try:
-                driver.remove_export(vol._context, vol._ovo)
-            except Exception as e:
-                log.warning("Could not remove the export of volume %s "
-                            "after its failed connect: %s", vol.id, e)
+            _remove_export(vol, "after its failed connect")
         raise
     return conn
 
@@ -393,14 +389,20 @@ def _end(vol, conn):
                  "the driver says it is shared" if shared else
                  "{} other connection(s) left".format(len(others)))
     else:
-        try:
-            driver.remove_export(vol._context, vol._ovo)
-        except Exception as e:
-            log.warning("Could not remove the export of volume %s, "
-                        "ignored as cinder does: %s", vol.id, e)
+        _remove_export(vol, "ignored as cinder does")
     if not others:
         vol._ovo.status = "available"
         vol.save()
+
+
+def _remove_export(vol, context):
+    """The driver's ``remove_export`` of ``vol``; a failure is logged
+    (with ``context``), never raised: a leaked export is recoverable."""
+    try:
+        vol.backend.driver.remove_export(vol._context, vol._ovo)
+    except Exception as e:
+        log.warning("Could not remove the export of volume %s (%s): %s",
+                    vol.id, context, e)
 
 
 def _released(vol, conns, args):

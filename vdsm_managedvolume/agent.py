@@ -21,9 +21,10 @@ world-writable (the hook runs as vdsm): MAX_CONTROL_CLIENTS are served at
 once, more are closed at once.
 
 A mistake of the configuration or the command line (a key's value, a
-``listen`` host that does not resolve, a log file that cannot be made, the
-port held by another process) stops the agent before it opens the
-journal, with one line naming the key or option and the value.
+``listen`` host that does not exist, a log file that cannot be made)
+stops the agent before it opens the journal, with one line naming the
+key or option and the value (exit 2).  So does, with exit 1 (it may go
+away: systemd retries), the port held by another process.
 
 Signals: SIGTERM/SIGINT stop accepting, let in-flight calls finish (up to
 ``shutdown_timeout``) and exit 0; SIGHUP reopens the log file.  Under
@@ -181,7 +182,7 @@ def is_loopback(host):
 def bind(host, port):
     """A listening TCP socket on ``host:port`` (non-blocking); '::' is
     dual stack.  ConfigError when the address cannot be bound."""
-    if host in ("", "::", "0.0.0.0", "*"):
+    if host in config.ANY_ADDRESS:
         family = socket.AF_INET if host == "0.0.0.0" else socket.AF_INET6
         if family == socket.AF_INET6 and not socket.has_ipv6:
             family = socket.AF_INET
@@ -378,20 +379,17 @@ def _serve(cfg, insecure):
                     "cannot load TLS files (cert {}, key {}, CA {}): {}"
                     .format(cfg.cert_file, cfg.key_file, cfg.ca_file, e))
         service = service_module.Service(cfg)
+        # Reconcile the journal before the first request can arrive; the
+        # records of an earlier boot are detached once we serve (a
+        # privsep call each, which storage trouble can hold:
+        # Service.start).
+        service.start(defer_detach_stale=True)
     except BaseException:
         listener.close()
         raise
     # One bound for the whole stop: what the server's drain left of
     # shutdown_timeout is the service's (and its daemon's) to close.
     stop_began = []
-    # Reconcile the journal before the first request can arrive; the
-    # records of an earlier boot are detached once we serve (a privsep
-    # call each, which storage trouble can hold: Service.start).
-    try:
-        service.start(defer_detach_stale=True)
-    except BaseException:
-        listener.close()
-        raise
     try:
         dispatcher = jsonrpc.Dispatcher(service)
         server = stompserver.Server(cfg, dispatcher, ssl_context)

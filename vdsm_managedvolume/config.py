@@ -17,10 +17,12 @@ concern; every key is optional::
 
 Unknown sections or keys are an error naming them, and so is a value the
 key cannot take (a boolean spelt ``ture``, a ``nan`` timeout, a port
-above 65535, an ``allowed_types`` name os-brick does not know, a
-``udev_writer`` that is none of its three): a typo must not silently fall
-back to a default.  Checked as the file is read, so the agent, ``tool
-check`` and ``dump-config`` refuse the same files.  What only the host can
+above 65535, a ``udev_writer`` that is none of its three): a typo must
+not silently fall back to a default.  An ``allowed_types`` name that
+neither os-brick nor an installed adapter knows is taken with a warning
+naming the closest known one (``_check_types``).  Checked as the file
+is read, so the agent, ``tool check`` and ``dump-config`` refuse the
+same files.  What only the host can
 tell (does ``listen`` resolve, can the log file be made) is
 ``environment_problems``.  ``FIELDS`` below is the one list of keys; the
 shipped ``managedvolume.conf`` and the docs are made from it
@@ -62,8 +64,9 @@ STATE_DIR_LOCAL_DEVICES = ("/dev/loop[0-9]*",)
 # [volumes] allowed_types may name: the driver_volume_types os-brick
 # connects on Linux (os-brick 7.1.1, connector._connector_mapping_linux,
 # as cinder spells them), and the name of an installed vendor adapter
-# (adapters.py).  Anything else is a typo: a misspelt fibre_channel
-# quietly refused every FC attach with 930.
+# (adapters.py).  Anything else is warned about (a misspelt fibre_channel
+# quietly refused every FC attach with 930), not refused: it may be a
+# vendor's type whose adapter comes later (_check_types).
 OS_BRICK_TYPES = ("fibre_channel", "glusterfs", "gpfs", "huaweisdshypervisor",
                   "iscsi", "iser", "lightos", "local", "nfs", "nvme",
                   "nvmeof", "quobyte", "rbd", "scaleio", "scality",

@@ -1089,15 +1089,16 @@ class Service:
             return self._reconcile_corrupt(rec, apply, force)
         state = rec["state"]
         boot_id = self._boot()
+        # Made in an earlier boot, that boot recorded (not an unknown one).
+        earlier = bool(rec["boot_id"]) and rec["boot_id"] != boot_id
         if state in ("attaching", "detaching"):
-            if (not detach_stale and rec["boot_id"]
-                    and rec["boot_id"] != boot_id):
+            if earlier and not detach_stale:
                 # An attach or detach a crash of another boot cut: torn
                 # down later (detach_stale_later), as the attached
                 # records of another boot are, and for the same reason
                 # (``start``).
-                return self._reconcile_stale(rec, "made in another boot",
-                                             boot_id, apply)
+                return self._reconcile_stale(
+                    rec, self._stale_reason(rec, boot_id), boot_id, apply)
             action = "rollback" if state == "attaching" else "detach"
             entry = self._reconcile_action(rec, action, apply,
                                            lambda: self._detach(rec))
@@ -1107,8 +1108,7 @@ class Service:
             if apply and rec["extending"] is not None:
                 # Nothing to measure: the last size seen stays recorded.
                 self._db().update_volume(vol_id, extending=None)
-            if (detach_stale and rec["boot_id"]
-                    and rec["boot_id"] != boot_id):
+            if earlier and detach_stale:
                 return self._forget_if_forced(
                     self._detach_of_another_boot(rec, reason, apply,
                                                  keep=not force), force)

@@ -110,7 +110,7 @@ an fsync for a local device, two for any other), two reads (detach's
 record, and which records hold its device), no read before the
 attach's intent (``add_volume(exist_ok=True)``).  ``PRAGMA
 synchronous`` is switched between FULL and NORMAL as writes need it
-(two or four times per pair): SQLite has no per-transaction setting,
+(twice per pair): SQLite has no per-transaction setting,
 and the switch is a no-I/O statement of about a microsecond.
 """
 

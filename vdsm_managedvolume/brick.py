@@ -17,7 +17,9 @@ Inside the daemon::
       connects to the client's socket and the daemon forks away from it
     oslo.privsep's Daemon.run(): chdir /, umask 0 (!), drop capabilities
     getpid()                first call: umask 022 (UMASK), pid
-    hello()                 umask 022 again, configure os-brick (below);
+    hello()                 umask 022 again, move to the CPUs the client
+                            names (privileged.daemon_cpus), configure
+                            os-brick (below);
                             any other call does both first if it comes
                             first (_setup)
     connector_properties()  \
@@ -235,13 +237,63 @@ CONNECTOR_KWARGS = {"use_multipath": True, "device_scan_attempts": 3}
 
 
 @context.entrypoint
-def hello(flow_id=None):
-    """Configure os-brick; return what the client wants to know."""
+def hello(flow_id=None, cpus=None):
+    """Configure os-brick; return what the client wants to know.
+
+    ``cpus``: the CPUs every thread of the daemon runs on from now on
+    (``privileged.daemon_cpus``), None to keep the caller's; set before
+    any other call runs a command, so each command inherits them."""
     _set_thread_flow(flow_id)
     with log.flow(flow_id):
+        _set_cpus(cpus)
         info = _setup()
     info["pid"] = os.getpid()
     return info
+
+
+def _set_cpus(cpus):
+    """Move every thread of this process to ``cpus`` (threads made later
+    inherit it from the main thread, which makes the pool's).  A CPU the
+    kernel does not let us use is left out by the kernel; none usable,
+    or any other refusal, is a warning: where the daemon runs is never a
+    reason for it not to serve."""
+    if cpus is None:
+        return
+    if not (isinstance(cpus, (list, tuple)) and cpus and all(
+            type(c) is int and 0 <= c for c in cpus)):
+        LOG.warning("CPU list %r is not a list of CPU numbers: the daemon "
+                    "keeps its CPUs", cpus)
+        return
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError as e:
+        LOG.warning("Cannot list this daemon's threads (%s): it keeps its "
+                    "CPUs", e)
+        return
+    for tid in tids:
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except ProcessLookupError:
+            continue        # a thread that ended meanwhile
+        except OSError as e:
+            LOG.warning("Cannot move the daemon to CPUs %s (%s): it keeps "
+                        "its CPUs %s", _cpu_text(cpus), e,
+                        _cpu_text(sorted(os.sched_getaffinity(0))))
+            return
+    LOG.info("privsep daemon pid %s runs on CPUs %s", os.getpid(),
+             _cpu_text(sorted(os.sched_getaffinity(0))))
+
+
+def _cpu_text(cpus):
+    """``[0, 1, 2, 5]`` as the kernel writes it: ``0-2,5``."""
+    ranges = []
+    for c in cpus:
+        if ranges and ranges[-1][1] == c - 1:
+            ranges[-1][1] = c
+        else:
+            ranges.append([c, c])
+    return ",".join(str(a) if a == b else "{}-{}".format(a, b)
+                    for a, b in ranges)
 
 
 @context.entrypoint

@@ -1,0 +1,211 @@
+"""Where the privsep daemon runs: ``[privsep] cpu_affinity``.
+
+vdsm pins itself to one core by default and runs its commands on every
+CPU; a daemon started from inside vdsm must not inherit vdsm's core
+(privileged.daemon_cpus).  The daemon tests start a real privsep daemon
+from a thread pinned to one CPU, as vdsm's threads are.
+"""
+
+import importlib.machinery
+import importlib.util
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+
+from vdsm_managedvolume import config
+from vdsm_managedvolume import errors
+from vdsm_managedvolume import privileged
+
+from tests import fakebrick
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _vdsm_config(cpu_affinity):
+    """A stand-in for vdsm.common.config holding ``[vars] cpu_affinity``."""
+    module = types.ModuleType("vdsm.common.config")
+    module.config = types.SimpleNamespace(
+        get=lambda section, key: {("vars", "cpu_affinity"): cpu_affinity}[
+            (section, key)])
+    return module
+
+
+def _cfg(cpu_affinity):
+    cfg = config.Config()
+    cfg.cpu_affinity = cpu_affinity
+    return cfg
+
+
+ALL = list(range(os.sysconf("SC_NPROCESSORS_CONF")))
+
+
+@pytest.mark.parametrize("vdsm, setting, expected", [
+    # Standalone: auto leaves the daemon on the agent's CPUs.
+    (None, "auto", None),
+    # Inside a vdsm that pins itself (its default, "auto", or a list):
+    # every CPU, as vdsm runs its own commands.
+    ("auto", "auto", ALL),
+    ("1", "auto", ALL),
+    # Inside a vdsm that does not pin itself: the daemon keeps vdsm's.
+    ("", "auto", None),
+    # Said in our file: wins, inside vdsm or not.
+    ("auto", "", None),
+    (None, "0", [0]),
+    ("auto", "0-1,3", [0, 1, 3]),
+])
+def test_daemon_cpus(monkeypatch, vdsm, setting, expected):
+    if vdsm is None:
+        monkeypatch.delitem(sys.modules, "vdsm.common.config", raising=False)
+    else:
+        monkeypatch.setitem(sys.modules, "vdsm.common.config",
+                            _vdsm_config(vdsm))
+    assert privileged.daemon_cpus(_cfg(setting)) == expected
+
+
+def test_a_vdsm_without_the_option_leaves_the_daemon_on_its_cpus(
+        monkeypatch):
+    module = types.ModuleType("vdsm.common.config")
+
+    def get(section, key):
+        raise KeyError(key)     # configparser.NoOptionError, in vdsm < 4.20
+
+    module.config = types.SimpleNamespace(get=get)
+    monkeypatch.setitem(sys.modules, "vdsm.common.config", module)
+    assert privileged.daemon_cpus(_cfg("auto")) is None
+
+
+def _find_vdsm():
+    loader = importlib.machinery.SourceFileLoader(
+        "vdsm_client_script", os.path.join(REPO, "scripts", "vdsm-client"))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    script = importlib.util.module_from_spec(spec)
+    loader.exec_module(script)
+    return script.find_vdsm()
+
+
+def test_inside_vdsm_with_its_own_configuration_module():
+    # vdsm's real vdsm.common.config (../shared/vdsm), with its defaults
+    # (no /etc/vdsm/vdsm.conf here): cpu_affinity "auto", vdsm pinned.
+    vdsm = _find_vdsm()
+    if vdsm is None:
+        pytest.skip("vdsm's lib not found (../shared/vdsm or "
+                    "$MANAGEDVOLUME_VDSM)")
+    if os.path.exists("/etc/vdsm/vdsm.conf"):
+        pytest.skip("a vdsm configuration here may set cpu_affinity")
+    code = ("import vdsm.common.config\n"
+            "from vdsm_managedvolume import config, privileged\n"
+            "print(privileged.daemon_cpus(config.Config()))\n")
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, stdout=subprocess.PIPE,
+        universal_newlines=True, timeout=120,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [os.path.join(vdsm, "lib"), REPO]))).stdout
+    assert out.strip() == str(ALL)
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("auto", "auto"), (" AUTO ", "auto"), ("", ""), ("0-3,8", "0-3,8"),
+])
+def test_config_takes_auto_empty_or_a_cpu_list(tmp_path, value, expected):
+    path = tmp_path / "managedvolume.conf"
+    path.write_text("[privsep]\ncpu_affinity = {}\n".format(value))
+    assert config.load(str(path)).cpu_affinity == expected
+
+
+@pytest.mark.parametrize("value", ["all", "1_0", "3-1", "0,,1", "-1",
+                                   "0-8192", "0x1"])
+def test_config_refuses_what_is_no_cpu_list(tmp_path, value):
+    path = tmp_path / "managedvolume.conf"
+    path.write_text("[privsep]\ncpu_affinity = {}\n".format(value))
+    with pytest.raises(errors.ConfigError) as e:
+        config.load(str(path))
+    assert "cpu_affinity = {!r}".format(value) in str(e.value)
+    assert str(path) in str(e.value)
+
+
+# A real daemon, started from a pinned thread
+
+def _thread_cpus(pid):
+    """{tid: (CPU, ...)} of every thread of ``pid``, from the kernel's
+    Cpus_allowed_list."""
+    cpus = {}
+    for tid in os.listdir("/proc/{}/task".format(pid)):
+        with open("/proc/{}/task/{}/status".format(pid, tid)) as f:
+            for line in f:
+                if line.startswith("Cpus_allowed_list:"):
+                    cpus[tid] = tuple(config.cpu_list(
+                        line.split(":", 1)[1]))
+    return cpus
+
+
+@pytest.fixture
+def pinned(monkeypatch, tmp_path):
+    """This thread pinned to its first CPU (as vdsm's threads are to
+    theirs) while the test starts a daemon: (that CPU, every CPU it may
+    use), tuples."""
+    if os.geteuid() != 0:
+        pytest.skip("the privsep daemon needs root")
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("needs two CPUs to tell them apart")
+    monkeypatch.setenv(fakebrick.ENV_DIR, str(tmp_path / "fakebrick"))
+    os.sched_setaffinity(0, allowed[:1])
+    try:
+        yield tuple(allowed[:1]), tuple(allowed)
+    finally:
+        os.sched_setaffinity(0, allowed)
+
+
+def _started_daemon(tmp_path, cpu_affinity):
+    cfg = config.with_state_dir(config.Config(), str(tmp_path / "state"))
+    cfg.connector_override = "tests.fakebrick"
+    cfg.cpu_affinity = cpu_affinity
+    brick = privileged.Brick(cfg)
+    brick.connector_properties()
+    return brick
+
+
+@pytest.mark.root
+def test_a_daemon_told_its_cpus_leaves_its_callers_core(pinned, tmp_path):
+    one, every = pinned
+    brick = _started_daemon(tmp_path, ",".join(map(str, every)))
+    try:
+        threads = _thread_cpus(brick.daemon_pid())
+        # The pool's threads too: each call below runs in one, and a
+        # command it starts inherits its CPUs.
+        for _ in range(3):
+            brick.connector_properties()
+        threads.update(_thread_cpus(brick.daemon_pid()))
+        assert len(threads) > 1
+        assert set(threads.values()) == {every}
+    finally:
+        brick.stop()
+
+
+@pytest.mark.root
+def test_a_daemon_told_nothing_keeps_its_callers_cpus(pinned, tmp_path):
+    one, every = pinned
+    brick = _started_daemon(tmp_path, "")
+    try:
+        brick.connector_properties()
+        assert set(_thread_cpus(brick.daemon_pid()).values()) == {one}
+    finally:
+        brick.stop()
+
+
+@pytest.mark.root
+def test_cpus_the_kernel_refuses_leave_the_daemon_serving(pinned, tmp_path):
+    # CPU 8191 exists on no machine here: the kernel refuses the set,
+    # the daemon says so and serves on its caller's CPU.
+    one, every = pinned
+    if 8191 in every:
+        pytest.skip("this machine has a CPU 8191")
+    brick = _started_daemon(tmp_path, "8191")
+    try:
+        assert brick.connector_properties()
+        assert set(_thread_cpus(brick.daemon_pid()).values()) == {one}
+    finally:
+        brick.stop()

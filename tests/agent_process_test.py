@@ -511,7 +511,9 @@ def test_restart_reconciles_before_serving(tmp_path):
     agent = AgentProcess(tmp_path, env={
         "MANAGEDVOLUME_CRASH_AT": "attach.after_connect"}).start()
     vol_id = new_id()
-    conn = iscsi(agent)
+    # What the connect returned dies with the agent: the reconcile can
+    # only disconnect without it.
+    conn = iscsi(agent, fake_blind_disconnect=True)
     key = conn["data"]["fake_key"]
     try:
         with pytest.raises((OSError, stompclient.ClientError)):

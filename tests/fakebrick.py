@@ -28,13 +28,17 @@ State (so that tests can see what is "connected") lives under
 ``$MANAGEDVOLUME_FAKEBRICK_DIR`` (required):
 
     connected/<key>     JSON of the attachment while connected
+    earlier/<key>       connected in an earlier boot (``reboot()``)
     devices/<key>       a file standing in for the block device (empty
                         unless array/<key> gives a size)
     array/<key>         the size the storage gives the volume (bytes)
+    conf/brickrbd_<key> an RBD connection's ceph conf (see below)
     calls.log           one line per event: "connect-start <key>" (before
                         any sleep or failure), "connect <key>",
                         "connect-failed <key>", "disconnect <key>",
-                        "disconnect-failed <key>", "extend-start <key>",
+                        "disconnect-failed <key>", "disconnect-wrong
+                        <key>", "disconnect-blind <key>" (below),
+                        "extend-start <key>",
                         "extend <key>", "extend-failed <key>"
 
 ``<key>`` is ``data["fake_key"]`` when given, else derived from the target
@@ -80,10 +84,28 @@ Knobs in ``connection_info["data"]`` (all optional):
     fake_brick_lock     true: connect takes os-brick's external lock
                         "connect_volume" as its iSCSI connector does
                         (os-brick-connect_volume in lock_path)
+    fake_blind_disconnect  true: a disconnect without device_info is
+                        taken (the test kills the caller between the
+                        connect and its record; see below)
     fake_key            the state key (see above)
 
 Disconnect is idempotent: disconnecting what is not connected succeeds,
-as os-brick's connectors mostly do.
+as os-brick's connectors mostly do.  Disconnecting what is connected
+needs the ``device_info`` its connect returned, equal in every field
+(``_check_device_info`` says which field each os-brick connector uses):
+anything else fails ("disconnect-wrong <key>" in calls.log, the
+connection kept), so that a caller losing or mixing up its attachment
+record shows.  A disconnect with no device_info at all is what a caller
+that died between the connect and its record can do: taken only with
+``fake_blind_disconnect`` ("disconnect-blind <key>"), and then, as
+os-brick's RBD connector, the conf it wrote stays (``confs()``).  After
+``reboot()`` (host_fixtures.new_boot) a connection of the earlier boot is
+disconnected with its device_info or none.
+
+RBD with a ``keyring`` (as cinderlib gives it outside OpenStack): connect
+writes a ceph conf holding it, ``conf/brickrbd_<key>``, and returns its
+path as ``attachment["conf"]``, as os-brick does with /tmp/brickrbd_*;
+disconnect deletes it only when device_info names it.
 """
 
 import hashlib
@@ -133,6 +155,27 @@ def connected(directory=None):
         return sorted(os.listdir(d))
     except FileNotFoundError:
         return []
+
+
+def confs(directory=None):
+    """The RBD ceph confs connect wrote and no disconnect removed."""
+    d = os.path.join(directory or state_dir(), "conf")
+    try:
+        return sorted(os.listdir(d))
+    except FileNotFoundError:
+        return []
+
+
+def reboot(directory=None):
+    """The host rebooted (for tests): what is connected stays (iscsid
+    logs in again at boot, os-brick sets node.startup automatic) but was
+    connected in an earlier boot: no connect of this boot returned its
+    device_info, and a disconnect may go without it (os-brick then works
+    from connection_info) or with the earlier boot's."""
+    d = directory or state_dir()
+    os.makedirs(os.path.join(d, "earlier"), exist_ok=True)
+    for key in connected(d):
+        open(os.path.join(d, "earlier", key), "a").close()
 
 
 def set_array_size(key, size, directory=None):
@@ -185,6 +228,7 @@ class FakeConnector:
             os.symlink(data.get("fake_device") or device, link)
         with open(os.path.join(d, "connected", key), "w") as f:
             json.dump(attachment, f)
+        _silent_remove(os.path.join(d, "earlier", key))
         _record("connect", key)
         return attachment
 
@@ -203,11 +247,24 @@ class FakeConnector:
             with open(path) as f:
                 attachment = json.load(f)
         except FileNotFoundError:
+            attachment = None
+        earlier = os.path.join(d, "earlier", key)
+        if attachment is not None and not (
+                os.path.exists(earlier)
+                and device_info in (None, {}, attachment)):
+            _check_device_info(data, key, attachment, device_info)
+        else:
             attachment = device_info or {}
         link = self.link(data, attachment)
         if link:
             _silent_remove(link)
+        # As os-brick's RBD connector: the ceph conf (with the keyring)
+        # goes only when device_info names it.
+        conf = (device_info or {}).get("conf")
+        if conf and os.path.dirname(conf) == os.path.join(d, "conf"):
+            _silent_remove(conf)
         _silent_remove(path)
+        _silent_remove(earlier)
         _silent_remove(os.path.join(d, "devices", key))
         _record("disconnect", key)
 
@@ -284,8 +341,19 @@ class FakeRBDConnector(FakeConnector):
         return "rbd-" + str(data.get("name", ""))
 
     def attachment(self, data, key):
-        return {"type": "block",
-                "path": "/dev/rbd/{}".format(data.get("name", ""))}
+        att = {"type": "block",
+               "path": "/dev/rbd/{}".format(data.get("name", ""))}
+        if data.get("keyring"):
+            # os-brick's _local_attach_volume outside OpenStack: a ceph
+            # conf holding the keyring (its /tmp/brickrbd_*), returned as
+            # "conf" and deleted by a disconnect given it.
+            conf_dir = os.path.join(state_dir(), "conf")
+            os.makedirs(conf_dir, exist_ok=True)
+            att["conf"] = os.path.join(conf_dir, "brickrbd_" + key)
+            with open(att["conf"], "w") as f:
+                f.write("[global]\nmon_host = {}\n{}\n".format(
+                    ",".join(data.get("hosts") or ()), data["keyring"]))
+        return att
 
     def link(self, data, attachment):
         dev_dir = data.get("fake_dev_dir")
@@ -321,6 +389,39 @@ class FakeNVMeConnector(FakeConnector):
 
 
 # Private helpers
+
+def _check_device_info(data, key, attachment, device_info):
+    """Refuse a disconnect not given what connect returned, as os-brick's
+    connectors need it: iSCSI and FC take ``path`` for the device the
+    I/O went through (``utils.get_dev_path``: whether it was a multipath,
+    which single path to flush; without it nothing is flushed), NVMe-oF
+    ``path`` for the namespace to flush (without it, searched from the
+    target: "assuming it's not there"), RBD ``conf`` for the ceph conf
+    it wrote with the keyring (``rbd unmap`` needs it; deleted only when
+    given) and, without a local attach, ``path`` for the handle to
+    close; every connector's ``connect_volume_undo_prepare_result``
+    ``path`` (an encrypted volume's link).
+
+    Without device_info (the connect's answer never reached the caller:
+    it died, or lost power, between the connect and its record) os-brick
+    does what it can from connection_info alone: allowed only with the
+    knob ``fake_blind_disconnect`` (the test crashes the caller there).
+    """
+    if not device_info:
+        if data.get("fake_blind_disconnect"):
+            _record("disconnect-blind", key)
+            return
+        _record("disconnect-wrong", key)
+        raise FakeConnectorError(
+            "disconnect of {} got no device_info; connect returned {!r}"
+            .format(key, attachment))
+    given = dict(device_info)
+    if given != attachment:
+        _record("disconnect-wrong", key)
+        raise FakeConnectorError(
+            "disconnect of {} got device_info {!r}; connect returned {!r}"
+            .format(key, given, attachment))
+
 
 def _flat(value):
     if isinstance(value, (list, tuple)):

@@ -59,7 +59,8 @@ def make_cfg(base, **overrides):
 
 def new_boot(cfg, empty_run_dir=False):
     """"Reboot" the host of ``cfg``: a new boot id; ``empty_run_dir``: the
-    tmpfs run dir (managed links) is emptied, as a real boot does.
+    tmpfs run dir (managed links) is emptied, as a real boot does; the
+    fake connections stay, as an earlier boot's (``fakebrick.reboot``).
     Returns the new boot id."""
     boot_id = str(uuid.uuid4())
     with open(cfg.boot_id_file, "w") as f:
@@ -67,6 +68,8 @@ def new_boot(cfg, empty_run_dir=False):
     if empty_run_dir and os.path.isdir(cfg.run_dir):
         for name in os.listdir(cfg.run_dir):
             os.unlink(os.path.join(cfg.run_dir, name))
+    if os.environ.get(fakebrick.ENV_DIR):
+        fakebrick.reboot()
     return boot_id
 
 

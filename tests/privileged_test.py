@@ -211,10 +211,15 @@ def test_fake_rbd_returns_dev_rbd_path(brick, tmp_path):
             "data": {"name": "volumes/volume-1", "keyring": SECRET,
                      "fake_dev_dir": str(tmp_path)}}
     att = brick.connect(info)
+    # With a keyring, os-brick writes a ceph conf holding it; only a
+    # disconnect given that attachment deletes it.
+    conf = att.pop("conf")
     assert att == {"type": "block", "path": "/dev/rbd/volumes/volume-1"}
     assert os.path.islink(tmp_path / "volumes" / "volume-1")
-    brick.disconnect(info, att)
+    assert os.path.exists(conf)
+    brick.disconnect(info, dict(att, conf=conf))
     assert not os.path.lexists(tmp_path / "volumes" / "volume-1")
+    assert not os.path.exists(conf)
 
 
 def test_fake_iscsi_without_multipath_has_no_multipath_id(brick, tmp_path):
@@ -227,6 +232,57 @@ def test_fake_iscsi_without_multipath_has_no_multipath_id(brick, tmp_path):
 
 def test_disconnect_of_unknown_device_succeeds(brick, tmp_path):
     brick.disconnect(iscsi("never-connected", tmp_path), None)
+
+
+def test_fake_disconnect_needs_the_device_info_its_connect_returned(
+        brick, fake_dir, tmp_path):
+    # As os-brick's connectors (fakebrick._check_device_info): a caller
+    # that lost or mixed up its attachment record fails loudly and the
+    # connection stays.
+    info = iscsi("device-info", tmp_path)
+    att = brick.connect(info)
+    for wrong in (None, {}, dict(att, path="/dev/dm-0"),
+                  {k: v for k, v in att.items() if k != "multipath_id"}):
+        with pytest.raises(errors.ConnectorFailed) as e:
+            brick.disconnect(info, wrong)
+        assert "connect returned" in str(e.value)
+        assert "device-info" in fakebrick.connected(str(fake_dir))
+    assert fakebrick.calls(str(fake_dir)).count(
+        "disconnect-wrong device-info") == 4
+    brick.disconnect(info, att)
+    assert "device-info" not in fakebrick.connected(str(fake_dir))
+
+
+def test_fake_rbd_disconnect_without_device_info_leaves_its_conf(
+        brick, fake_dir, tmp_path):
+    # os-brick deletes the ceph conf holding the keyring only when
+    # device_info names it.
+    info = {"driver_volume_type": "rbd",
+            "data": {"name": "volumes/blind", "keyring": SECRET,
+                     "fake_dev_dir": str(tmp_path),
+                     "fake_blind_disconnect": True}}
+    att = brick.connect(info)
+    conf = os.path.basename(att["conf"])
+    assert conf in fakebrick.confs(str(fake_dir))
+    brick.disconnect(info, None)
+    assert "rbd-volumes_blind" not in fakebrick.connected(str(fake_dir))
+    assert "disconnect-blind rbd-volumes_blind" in fakebrick.calls(
+        str(fake_dir))
+    assert conf in fakebrick.confs(str(fake_dir))
+    os.unlink(att["conf"])
+
+
+@pytest.mark.parametrize("given", ["none", "earlier"])
+def test_fake_disconnect_after_reboot_takes_the_earlier_boot_or_none(
+        brick, fake_dir, tmp_path, given):
+    info = iscsi("rebooted-" + given, tmp_path)
+    att = brick.connect(info)
+    fakebrick.reboot(str(fake_dir))
+    with pytest.raises(errors.ConnectorFailed):
+        brick.disconnect(info, dict(att, path="/dev/dm-0"))
+    brick.disconnect(info, None if given == "none" else att)
+    assert info["data"]["fake_key"] not in fakebrick.connected(
+        str(fake_dir))
 
 
 def test_lists_in_connection_info_reach_the_connector_as_lists(
@@ -758,7 +814,9 @@ def test_helper_output_is_quoted_in_the_error(fresh_cfg):
 def test_crash_point_in_connect_kills_the_daemon(
         fresh_cfg, fake_dir, tmp_path, monkeypatch, point, connected):
     key = "crash-" + point.replace(".", "-")
-    info = iscsi(key, tmp_path)
+    # The connect's answer is lost with the daemon: the disconnect goes
+    # without device_info.
+    info = iscsi(key, tmp_path, fake_blind_disconnect=True)
     monkeypatch.setenv(faults.ENV, point)
     b = privileged.Brick(fresh_cfg)
     try:

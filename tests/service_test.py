@@ -226,7 +226,7 @@ def test_reattach_after_device_vanished_reconnects(inproc_service):
     first = svc.attach_volume(vol_id, ci)
     # A reboot: the device and the connection are gone, the row stays.
     fakebrick.get_connector("iscsi", ci, None).disconnect_volume(
-        ci["data"], None)
+        ci["data"], first["attachment"])
     assert not os.path.exists(first["path"])
     assert svc.reconcile(apply=False) == [
         {"vol_id": vol_id, "state": "attached", "action": "stale",
@@ -246,9 +246,9 @@ def test_stale_record_with_other_connection_info_is_replaced(
         inproc_service):
     svc = inproc_service
     vol_id, old = new_id(), iscsi_connection(svc.cfg)
-    svc.attach_volume(vol_id, old)
+    first = svc.attach_volume(vol_id, old)
     fakebrick.get_connector("iscsi", old, None).disconnect_volume(
-        old["data"], None)
+        old["data"], first["attachment"])
     new = iscsi_connection(svc.cfg)
     svc.attach_volume(vol_id, new)
     rec, = records(svc)
@@ -1464,9 +1464,11 @@ def test_close_gives_up_waiting_after_its_timeout(host_cfg, inproc_brick):
 def test_detach_of_an_attaching_record_disconnects_and_forgets_it(
         inproc_service):
     # A crash between connect and the journal update: the record has no
-    # path, but the device may be connected (vdsm leaked it).
+    # path, but the device may be connected (vdsm leaked it).  What the
+    # connect returned is lost: the disconnect goes without device_info.
     svc = inproc_service
-    vol_id, ci = new_id(), iscsi_connection(svc.cfg)
+    vol_id = new_id()
+    ci = iscsi_connection(svc.cfg, fake_blind_disconnect=True)
     fakebrick.get_connector("iscsi", ci, None).connect_volume(ci["data"])
     svc._db().add_volume(vol_id, SD, ci)
     assert records(svc)[0]["state"] == "attaching"

@@ -242,6 +242,31 @@ def test_reattach_after_device_vanished_reconnects(inproc_service):
     assert svc.volumes_info([vol_id])[0]["exists"] is True
 
 
+def test_a_failed_reattach_disconnects_with_the_attachment_recorded(
+        inproc_service, inproc_brick, monkeypatch):
+    # Attached in this boot, its managed link gone: a re-attach connects
+    # again.  When that connect fails, the rollback ends the connection
+    # the first attach made, and os-brick needs what that connect
+    # returned (fakebrick refuses anything else).  It got None: the fake
+    # refused, the record was forgotten ("its connect failed and so does
+    # its disconnect") and the connection leaked; os-brick would have
+    # torn it down without flushing the path the I/O went through.
+    svc = inproc_service
+    vol_id, ci = new_id(), iscsi_connection(svc.cfg)
+    first = svc.attach_volume(vol_id, ci)
+    os.unlink(first["managed_path"])
+
+    def portal_down(connection_info):
+        raise errors.ConnectorFailed("portal down")
+
+    monkeypatch.setattr(inproc_brick, "connect", portal_down)
+    with pytest.raises(errors.ConnectorFailed):
+        svc.attach_volume(vol_id, ci)
+    assert inproc_brick.calls[-1] == ("disconnect", ci, first["attachment"])
+    assert ci["data"]["fake_key"] not in fakebrick.connected()
+    assert records(svc) == []
+
+
 def test_stale_record_with_other_connection_info_is_replaced(
         inproc_service):
     svc = inproc_service

@@ -296,6 +296,12 @@ class Service:
                                  boot_id=boot_id, managed_path=None,
                                  size=None, extending=None)
             faults.crash_point("attach.after_record")
+            # Over a record of this boot, the connection its attach made
+            # may still be there: a rollback after a connect that did not
+            # return ends that one, with what its connect returned
+            # (os-brick's disconnect needs it: which path the I/O went
+            # through, RBD's conf holding the keyring).
+            earlier = None if fresh or rec is None else rec["attachment"]
             attachment = None
             try:
                 attachment = self._brick.connect(connection_info)
@@ -350,7 +356,8 @@ class Service:
                     if missing:
                         e.reason = "{} ({})".format(e.reason, missing)
                 log.error("Attaching volume %s failed: %s", vol_id, e)
-                self._rollback(vol_id, sd_id, connection_info, attachment,
+                self._rollback(vol_id, sd_id, connection_info,
+                               earlier if attachment is None else attachment,
                                e)
                 raise
 

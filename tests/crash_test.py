@@ -74,6 +74,24 @@ def snapshot(conn):
 
 
 if SNAPSHOT:
+    # Removed rule files, kept aside: an unlink is not synced either.
+    from vdsm_managedvolume import udev
+    remove_rule = udev.remove_rule
+
+    def keeping_remove_rule(cfg, sd_id, vol_id, temp=False):
+        if not temp:
+            src = udev.rule_path(cfg.udev_rules_dir, sd_id, vol_id)
+            try:
+                with open(src) as f:
+                    text = f.read()
+                with open(SNAPSHOT + ".rule." + os.path.basename(src),
+                          "w") as f:
+                    f.write(text)
+            except FileNotFoundError:
+                pass
+        return remove_rule(cfg, sd_id, vol_id, temp=temp)
+
+    udev.remove_rule = keeping_remove_rule
     commit = store.Store._commit
 
     def synced_commit(self, batch):
@@ -167,15 +185,20 @@ def test_crash_at_point_converges_on_next_start(point, tmp_path, real_brick,
     assert_converged(cfg, real_brick, key)
 
 
-def power_loss(base, cfg, mode, vol_id, ci, point=""):
+def power_loss(base, cfg, mode, vol_id, ci, point="", back=()):
     """Run ``mode`` in a child, the host losing power at ``point`` (none:
-    after the calls returned).
+    after the calls returned); return what came back of ``back``.
 
     What survives: the journal as of its last fsync (the writes committed
     without one are lost: store.py, "Commits and fsyncs"), the udev rule
     files (written to disk, never removed by the boot), and, at worst,
     the volume's connection (iscsid logs in again at boot: os-brick sets
     node.startup automatic).  What does not: the run links (tmpfs).
+
+    ``back`` names what the run removed and the power loss brings back,
+    none of it synced: "rule" (the unlink of a udev rule file), "session"
+    (os-brick's iSCSI disconnect: the node record it deleted is back and
+    iscsid logs in at boot, ``fakebrick.come_back``).
     """
     snapshot = os.path.join(base, "synced.db")
     res = run_child(base, mode, vol_id, ci, point, snapshot=snapshot)
@@ -185,7 +208,22 @@ def power_loss(base, cfg, mode, vol_id, ci, point=""):
         if os.path.exists(cfg.db_path + suffix):
             os.unlink(cfg.db_path + suffix)
     os.rename(snapshot, cfg.db_path)
+    came_back = []
+    kept = snapshot + ".rule."
+    for name in os.listdir(base):
+        path = os.path.join(base, name)
+        if not path.startswith(kept):
+            continue
+        rule = os.path.join(cfg.udev_rules_dir, path[len(kept):])
+        if "rule" in back and not os.path.exists(rule):
+            os.rename(path, rule)
+            came_back.append("rule")
+        else:
+            os.unlink(path)
+    if "session" in back and fakebrick.come_back(ci["data"]["fake_key"]):
+        came_back.append("session")
     new_boot(cfg, empty_run_dir=True)
+    return came_back
 
 
 def prior_record(cfg, brick, vol_id, ci, prior):
@@ -219,6 +257,31 @@ def test_power_loss_at_point_converges_after_reboot(
     # teardown in a thread once serving); after an attach cut, plainly.
     assert_converged(cfg, real_brick, ci["data"]["fake_key"],
                      deferred=mode == "detach")
+
+
+# Where the detach has removed the rule, and ended the session.
+RULE_GONE = ("", "detach.after_rule", "detach.after_disconnect",
+             "privsep.disconnect.before", "privsep.disconnect.after")
+SESSION_GONE = ("", "detach.after_disconnect", "privsep.disconnect.after")
+
+
+@pytest.mark.parametrize("back", ["rule", "session"])
+@pytest.mark.parametrize("point", [""] + DETACH_POINTS)
+def test_power_loss_in_a_detach_converges_when_its_removals_come_back(
+        back, point, tmp_path, real_brick, real_fakebrick_dir):
+    # The removal of a rule file and os-brick's deletion of the iSCSI
+    # node record are not synced: after the power loss they may be back
+    # (the session logged in again by iscsid at boot).  What the journal
+    # kept of the volume (its synced records) must still lead to them.
+    base = str(tmp_path)
+    cfg = make_cfg(base)
+    ci = iscsi_connection(cfg)
+    came_back = power_loss(base, cfg, "detach", new_id(), ci, point,
+                           back=(back,))
+    gone = RULE_GONE if back == "rule" else SESSION_GONE
+    assert came_back == ([back] if point in gone else [])
+    assert_converged(cfg, real_brick, ci["data"]["fake_key"],
+                     deferred=True)
 
 
 @pytest.mark.parametrize("prior", ["unknown boot", "another boot"])

@@ -29,6 +29,8 @@ State (so that tests can see what is "connected") lives under
 
     connected/<key>     JSON of the attachment while connected
     earlier/<key>       connected in an earlier boot (``reboot()``)
+    disconnected/<key>  what the last disconnect of <key> ended
+                        (``come_back()``)
     devices/<key>       a file standing in for the block device (empty
                         unless array/<key> gives a size)
     array/<key>         the size the storage gives the volume (bytes)
@@ -178,6 +180,32 @@ def reboot(directory=None):
         open(os.path.join(d, "earlier", key), "a").close()
 
 
+def come_back(key, directory=None):
+    """Bring back the connection ``key`` that a disconnect ended (for
+    tests): os-brick's iSCSI disconnect deletes the node record
+    (``iscsiadm -o delete``) without syncing it, so after a power loss
+    the record may be back and iscsid logs in at boot (node.startup
+    automatic), device and multipath map included.  Then ``reboot()``.
+    Returns whether there was such a connection."""
+    d = directory or state_dir()
+    try:
+        with open(os.path.join(d, "disconnected", key)) as f:
+            gone = json.load(f)
+    except FileNotFoundError:
+        return False
+    device = os.path.join(d, "devices", key)
+    open(device, "a").close()
+    if gone["link"]:
+        os.makedirs(os.path.dirname(gone["link"]), exist_ok=True)
+        _silent_remove(gone["link"])
+        os.symlink(gone["target"] or device, gone["link"])
+    os.makedirs(os.path.join(d, "connected"), exist_ok=True)
+    with open(os.path.join(d, "connected", key), "w") as f:
+        json.dump(gone["attachment"], f)
+    os.unlink(os.path.join(d, "disconnected", key))
+    return True
+
+
 def set_array_size(key, size, directory=None):
     """Grow (or set) the storage's size of volume ``key`` (for tests): the
     host sees it after its next connect or extend."""
@@ -229,6 +257,7 @@ class FakeConnector:
         with open(os.path.join(d, "connected", key), "w") as f:
             json.dump(attachment, f)
         _silent_remove(os.path.join(d, "earlier", key))
+        _silent_remove(os.path.join(d, "disconnected", key))
         _record("connect", key)
         return attachment
 
@@ -258,6 +287,12 @@ class FakeConnector:
         link = self.link(data, attachment)
         if link:
             _silent_remove(link)
+        if os.path.exists(path):
+            # What a power loss may bring back (come_back).
+            os.makedirs(os.path.join(d, "disconnected"), exist_ok=True)
+            with open(os.path.join(d, "disconnected", key), "w") as f:
+                json.dump({"attachment": attachment, "link": link,
+                           "target": data.get("fake_device")}, f)
         # As os-brick's RBD connector: the ceph conf (with the keyring)
         # goes only when device_info names it.
         conf = (device_info or {}).get("conf")

@@ -18,11 +18,14 @@ concern; every key is optional::
 Unknown sections or keys are an error naming them, and so is a value the
 key cannot take (a boolean spelt ``ture``, a ``nan`` timeout, a port
 above 65535, a ``udev_writer`` that is none of its three): a typo must
-not silently fall back to a default.  An ``allowed_types`` name that
-neither os-brick nor an installed adapter knows is taken with a warning
-naming the closest known one (``_check_types``).  Checked as the file
-is read, so the agent, ``tool check`` and ``dump-config`` refuse the
-same files.  What only the host can
+not silently fall back to a default.  An empty boolean (``key =``) is
+not a typo: it is the key's default, as a commented-out line is
+(configparser's getboolean and oslo.config refuse it, but a file that
+loaded before must not stop the agent after an upgrade).  An
+``allowed_types`` name that neither os-brick nor an installed adapter
+knows is taken with a warning naming the closest known one
+(``_check_types``).  Checked as the file is read, so the agent, ``tool
+check`` and ``dump-config`` refuse the same files.  What only the host can
 tell (does ``listen`` resolve, can the log file be made) is
 ``environment_problems``.  ``FIELDS`` below is the one list of keys; the
 shipped ``managedvolume.conf`` and the docs are made from it
@@ -441,7 +444,13 @@ def _set(cfg, key, value, where):
                 value = tuple(v.strip() for v in value.split(",")
                               if v.strip())
             elif isinstance(default, bool):
-                value = _BOOLEANS[value.strip().lower()]
+                # Empty is the key's default, as a commented-out line:
+                # "key =" loaded as false up to 252e3d5 (the only boolean
+                # defaults to false), and refusing it stopped a host's
+                # agent on upgrade for a line that never meant anything
+                # else.  A misspelt value is still refused.
+                value = (default if not value.strip()
+                         else _BOOLEANS[value.strip().lower()])
             elif isinstance(default, int):
                 value = int(value)
             elif isinstance(default, float):

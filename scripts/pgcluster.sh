@@ -4,6 +4,19 @@
 #   pgcluster.sh start [PORT]   print PGCLUSTER_DIR=..., PGCLUSTER_PORT=...,
 #                               PGCLUSTER_USER=..., PGCLUSTER_DB=...
 #   pgcluster.sh stop DIR       stop it and remove DIR
+#   pgcluster.sh run [PORT]     start, print as start does and then
+#                               PGCLUSTER_READY, keep the cluster until
+#                               stdin ends, then stop it
+#
+# run is for a caller that may be killed (the test fixtures): the caller
+# holds the write end of run's stdin, and whenever it ends, SIGKILL
+# included, the kernel closes it and run stops the cluster.  (A parent
+# death signal cannot do this: pg_ctl forks the server away from its
+# parent, and both the fork and runuser's change of user clear it.)  Give
+# run a session of its own, so that a signal to the caller's process
+# group does not end run before it has stopped the cluster.  run writes
+# the caller's pid in DIR/owner (tests/leftovers.py: the next test run
+# stops a cluster whose owner is gone, should run have been killed too).
 #
 # The cluster listens on 127.0.0.1 only, at PORT or a free port, with its
 # unix socket in a directory of its own (never /var/run/postgresql), and
@@ -68,6 +81,9 @@ synchronous_commit = off
 full_page_writes = off
 max_connections = 100
 shared_buffers = 16MB
+# Dynamic shared memory in DIR/data/pg_dynshmem, not /dev/shm: a server
+# killed with SIGKILL leaves nothing outside DIR.
+dynamic_shared_memory_type = mmap
 EOF
     as_owner "$bin/pg_ctl" -D "$dir/data" -l "$dir/data/server.log" -w \
         -t 60 start >/dev/null \
@@ -99,9 +115,27 @@ stop() {
     rm -rf "$dir"
 }
 
+run() {
+    local owner=$PPID out dir
+    out=$(start "$@") || exit 1
+    dir=$(sed -n 's/^PGCLUSTER_DIR=//p' <<<"$out")
+    echo "$owner" >"$dir/owner"
+    # The caller may be gone before it reads what we print.
+    trap '' PIPE
+    { echo "$out"; echo PGCLUSTER_READY; } 2>/dev/null || true
+    exec >/dev/null 2>&1
+    # In the background, so that a signal's trap runs at once.
+    cat <&0 >/dev/null &
+    trap 'kill $! 2>/dev/null; stop "$dir"; exit 1' TERM INT
+    wait $! || true
+    stop "$dir"
+}
+
 case "${1:-}" in
     start) shift; start "$@" ;;
     stop) shift; stop "$@" ;;
+    run) shift; run "$@" ;;
     bindir) bindir ;;
-    *) echo "usage: $0 start [PORT] | stop DIR | bindir" >&2; exit 2 ;;
+    *) echo "usage: $0 start [PORT] | run [PORT] | stop DIR | bindir" >&2
+       exit 2 ;;
 esac

@@ -26,6 +26,12 @@ def pytest_configure(config):
     # ones the tests kill are reaped here, not left as zombies.
     from vdsm_managedvolume import privileged
     privileged.become_subreaper()
+    if IS_ROOT:
+        # The loop devices of runs killed before their finalizers ran.
+        from . import leftovers
+        for device, backing in leftovers.detach_stale_loop_devices():
+            print("detached {} of a test run that is over ({})".format(
+                device, backing))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -17,6 +17,7 @@ idle machine, several under load), so:
 import json
 import os
 import secrets
+import select
 import signal
 import subprocess
 import sys
@@ -28,6 +29,8 @@ from urllib.parse import quote
 import pytest
 
 from vdsm_managedvolume.engine import warm as warm_service
+
+from . import leftovers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(os.path.dirname(sys.executable),
@@ -344,17 +347,50 @@ def pg_cluster(tmp_path_factory):
                     "(scripts/install-sysdeps.sh installs them)")
     # Characters that need quoting in a URL and in SQL, to prove both.
     password = "pw'{}@:/% x".format(secrets.token_hex(6))
+    # Those of runs killed together with their watchdog.
+    for stale in leftovers.stale_pg_clusters():
+        subprocess.run(["bash", PGCLUSTER, "stop", stale], timeout=60)
     # The cluster lives in /tmp/pgcluster.*: user postgres cannot enter
-    # pytest's 0700 temp dirs.  stop removes it.
+    # pytest's 0700 temp dirs.  It lasts while we hold run's stdin: a
+    # session killed with SIGKILL does not leave it running (pgcluster.sh,
+    # "run").
     env = dict(os.environ, PGCLUSTER_PASSWORD=password)
     env.pop("TMPDIR", None)
-    proc = subprocess.run(["bash", PGCLUSTER, "start"], env=env,
-                          capture_output=True, text=True, timeout=120)
-    if proc.returncode != 0:
-        pytest.fail("pgcluster.sh start failed:\n" + proc.stderr)
-    cluster = PgCluster(proc.stdout, password)
-    yield cluster
-    subprocess.run(["bash", PGCLUSTER, "stop", cluster.dir], timeout=60)
+    proc = subprocess.Popen(["bash", PGCLUSTER, "run"], env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, ready = _read_until(proc.stdout, "PGCLUSTER_READY", 120)
+        if not ready:
+            proc.stdin.close()
+            pytest.fail("pgcluster.sh run failed:\n" + out
+                        + proc.stderr.read())
+        proc.stderr.close()
+        cluster = PgCluster(out, password)
+        yield cluster
+    finally:
+        proc.stdin.close()      # run stops the cluster
+        proc.wait(60)
+
+
+def _read_until(stream, last, timeout):
+    """The lines of ``stream`` before ``last``, and whether ``last``
+    came (False: end of stream or ``timeout`` seconds)."""
+    lines = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([stream], [], [],
+                                    deadline - time.monotonic())
+        if not ready:
+            break
+        line = stream.readline()
+        if not line:
+            break
+        if line.strip() == last:
+            return "".join(lines), True
+        lines.append(line)
+    return "".join(lines), False
 
 
 def new_id():

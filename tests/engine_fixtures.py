@@ -455,19 +455,8 @@ def children_of(pid):
     return [p for p in pids if process_state(p) not in (None, "Z")]
 
 
-def start_time(pid):
-    """The start time of process ``pid`` (clock ticks after boot), or None
-    when there is no such process (or only its zombie)."""
-    try:
-        with open("/proc/{}/stat".format(pid)) as f:
-            stat = f.read()
-    except FileNotFoundError:
-        return None
-    # The command name (field 2) may hold spaces: split after it.
-    fields = stat[stat.rindex(")") + 2:].split()
-    if fields[0] == "Z":
-        return None
-    return int(fields[19])
+# The start time of a process (clock ticks after boot), None when gone.
+start_time = leftovers.start_ticks
 
 
 def wait_until_ended(pid, started):

@@ -152,20 +152,12 @@ def state_dir():
 
 def connected(directory=None):
     """The keys currently "connected" (for tests, in the test process)."""
-    d = os.path.join(directory or state_dir(), "connected")
-    try:
-        return sorted(os.listdir(d))
-    except FileNotFoundError:
-        return []
+    return _names(directory, "connected")
 
 
 def confs(directory=None):
     """The RBD ceph confs connect wrote and no disconnect removed."""
-    d = os.path.join(directory or state_dir(), "conf")
-    try:
-        return sorted(os.listdir(d))
-    except FileNotFoundError:
-        return []
+    return _names(directory, "conf")
 
 
 def reboot(directory=None):
@@ -456,6 +448,14 @@ def _check_device_info(data, key, attachment, device_info):
         raise FakeConnectorError(
             "disconnect of {} got device_info {!r}; connect returned {!r}"
             .format(key, given, attachment))
+
+
+def _names(directory, kind):
+    try:
+        return sorted(os.listdir(os.path.join(directory or state_dir(),
+                                              kind)))
+    except FileNotFoundError:
+        return []
 
 
 def _flat(value):

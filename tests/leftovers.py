@@ -82,11 +82,9 @@ def stale_pg_clusters():
             and owner_gone(os.path.join(d, "owner"))]
 
 
-# Private helpers
-
-def _start_time(pid):
-    """When process ``pid`` started (seconds since the epoch), None when
-    there is none (or only its zombie)."""
+def start_ticks(pid):
+    """The start time of process ``pid`` (clock ticks after boot), or None
+    when there is no such process (or only its zombie)."""
     try:
         with open("/proc/{}/stat".format(pid)) as f:
             stat = f.read()
@@ -96,7 +94,18 @@ def _start_time(pid):
     fields = stat[stat.rindex(")") + 2:].split()
     if fields[0] == "Z":
         return None
-    return _boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return int(fields[19])
+
+
+# Private helpers
+
+def _start_time(pid):
+    """When process ``pid`` started (seconds since the epoch), None when
+    there is none (or only its zombie)."""
+    ticks = start_ticks(pid)
+    if ticks is None:
+        return None
+    return _boot_time() + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _boot_time():

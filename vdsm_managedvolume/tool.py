@@ -436,7 +436,7 @@ def _check_privsep(cfg, args):
                            if missing else "its configuration is not "
                            "usable"))
         return
-    if stat.S_IMODE(os.stat(cfg.brick_lock_dir).st_mode) & 0o077:
+    if _open_mode(os.stat(cfg.brick_lock_dir)):
         yield "privsep", "fail", (
             "daemon not started: it would make {} mode 0700 (see "
             "lock-files); run 'managedvolume-tool configure' first".format(
@@ -529,10 +529,10 @@ def _check_lock_files(cfg):
             path, e.strerror)
         return
     problems = []
-    open_dir = stat.S_IMODE(st.st_mode) & 0o077
+    open_dir = _open_mode(st)
     if open_dir:
         problems.append("{} has mode {:04o} (expected 0700)".format(
-            path, stat.S_IMODE(st.st_mode)))
+            path, open_dir))
     loose = []
     for name in names:
         try:
@@ -562,6 +562,14 @@ def _check_lock_files(cfg):
     else:
         yield "lock-files", "ok", "{}: mode 0700, {} lock file(s), none " \
             "writable by group or others".format(path, len(names))
+
+
+def _open_mode(st):
+    """lock_path's mode (``st``: its stat) when group or others have any
+    bit of it, else 0: such a lock_path is what lock-files fails, and
+    what a privsep daemon's start would quietly make 0700."""
+    mode = stat.S_IMODE(st.st_mode)
+    return mode if mode & 0o077 else 0
 
 
 def _check_database(cfg, args):

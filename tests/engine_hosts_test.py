@@ -396,3 +396,36 @@ def test_a_host_whose_device_blinked_keeps_its_connection(
     assert _write_and_read(src["managed_path"]) == DATA
     assert "Keeping the connection of volume {} to host host-a".format(
         e.vol) in engine_service.log()
+
+
+def test_a_volume_a_host_still_has_attached_is_not_deleted(
+        engine, engine_service, hosts):
+    """ovirt-engine removes a disk unplugged from a running VM
+    (RemoveDiskCommand.validateAllVmsForDiskAreDown looks at plugged
+    devices only), and a hot plug whose VM step failed leaves it attached
+    on the VM's host: delete_volume asks the connected hosts and refuses
+    while one still has the volume; the connection of a host that no
+    longer has it (ovirt-engine's leak of a failed attach) is no reason
+    to refuse."""
+    e = engine()
+    src = e.attach("host-a")
+    e.run("connect_volume", e.vol, json.dumps(e.connector("host-b")))
+
+    r = e.shim.run("delete_volume", e.vol, driver=e.driver,
+                   db_url=e.db_url, cid="d", options=e.options)
+
+    assert r.code == 1, r.describe()
+    assert r.error() == (
+        "delete_volume failed: Volume {} is attached on host host-a "
+        "(127.0.0.1:{}); detach it there first (stop the VM, or "
+        "ManagedVolume.detach_volume on the host)".format(
+            e.vol, hosts["host-a"].port))
+    assert set(e.connections()) == {"host-a", "host-b"}
+    assert e.attached_on("host-a") == [e.vol]
+    assert _write_and_read(src["managed_path"]) == DATA
+
+    # Detached (the VM stopped): the delete ends both connections.
+    e.detach("host-a")
+    e.run("delete_volume", e.vol)
+    assert e.connections() == {}
+    assert loop_devices_under(e.vols) == []

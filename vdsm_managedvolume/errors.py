@@ -294,6 +294,11 @@ class EngineHasSnapshots(EngineError):
            "first")
 
 
+class EngineInUse(EngineError):
+    msg = ("Volume {self.id} is attached on {self.hosts}; detach it there "
+           "first (stop the VM, or ManagedVolume.detach_volume on the host)")
+
+
 def to_error(exc):
     """Return ``exc`` as an ``Error`` (unknown exceptions are internal)."""
     if isinstance(exc, Error):

@@ -50,6 +50,11 @@ Where upstream is wrong we differ, and say so here:
   snapshots).  delete_volume also deletes "error" snapshots an older
   version left, and refuses a volume with other snapshots before it ends
   any connection.
+- delete_volume refuses a volume a connected host still has attached
+  (``hosts``, as disconnect_volume asks): ovirt-engine removes a disk
+  that is unplugged from a running VM, and a failed hot plug leaves it
+  attached on the VM's host (docs/flows.md).  Upstream (cinderlib's
+  Volume.delete) deleted it under the host.
 """
 
 import json
@@ -97,10 +102,29 @@ def delete_volume(backend, args):
         # below were ended.
         raise errors.EngineHasSnapshots(
             id=vol.id, snapshots=", ".join(s.id for s in vol.snapshots))
-    # The engine deletes only disks no VM uses: a connection still here is
-    # one a disconnect kept because its host could not be asked.  Ended
-    # first (cinder refuses to delete a volume with attachments).
-    for conn in list(vol.connections):
+    # ovirt-engine refuses to remove a disk plugged into a VM that is not
+    # down (RemoveDiskCommand.validateAllVmsForDiskAreDown), but not an
+    # unplugged one: a hot plug whose VM step failed leaves the disk
+    # attached on the VM's host, unplugged, until the VM stops.  Every
+    # connected host is asked, as disconnect_volume asks; one that still
+    # has the volume keeps it (cinder refuses to delete an attached
+    # volume too).  The other connections (ovirt-engine's own leaks, a
+    # host a disconnect could not ask) are ended first.
+    conns = list(vol.connections)
+    if conns:
+        answers = _ask(vol, conns, args)
+        holders = [a for a in answers if a.attached]
+        if holders:
+            raise errors.EngineInUse(
+                id=vol.id, hosts=", ".join(a.where() for a in holders))
+        for conn, answer in zip(conns, answers):
+            if answer.attached is None:
+                log.warning("Ending the connection of volume %s to %s "
+                            "though the host cannot be asked (%s): the "
+                            "engine deletes no disk a running VM has "
+                            "plugged", vol.id, answer.where(),
+                            answer.reason)
+    for conn in conns:
         log.info("Disconnecting volume %s from host %s before deleting it",
                  vol.id, _host(conn))
         _end(vol, conn)
@@ -405,14 +429,18 @@ def _remove_export(vol, context):
                     vol.id, context, e)
 
 
-def _released(vol, conns, args):
-    """The connections whose hosts said they no longer have ``vol``."""
+def _ask(vol, conns, args):
+    """One ``hosts.Answer`` per connection: does its host have ``vol``?"""
     from . import hosts
     settings = hosts.Settings.from_dict(args.get("hosts"))
-    answers = hosts.ask(settings, vol.id, [c.connector_info for c in conns],
-                        flow_id=args.get("correlation_id"))
+    return hosts.ask(settings, vol.id, [c.connector_info for c in conns],
+                     flow_id=args.get("correlation_id"))
+
+
+def _released(vol, conns, args):
+    """The connections whose hosts said they no longer have ``vol``."""
     released = []
-    for conn, answer in zip(conns, answers):
+    for conn, answer in zip(conns, _ask(vol, conns, args)):
         if answer.attached is None:
             log.warning("Keeping the connection of volume %s to %s: the "
                         "host cannot be asked whether it still uses it "

@@ -34,9 +34,32 @@ This module replays those orders against real parts (no mock of ours):
   alone (never a host); only when both succeeded are the spec params
   saved (ATTACHED := DEST after a completed migration, DEST removed).
 
-  RunVmCommand.runVm: attach the disks, then create the VM.
+  RunVmCommand.runVm: attach the disks (all of them, plugged or not:
+  VmHandler.updateDisksFromDb loads DiskDao.getAllForVm), then create
+  the VM.  A failed attach (an EngineException) reruns the command on
+  another host (RunVmCommandBase.rerun -> reexecuteCommand, no
+  ProcessDownVmCommand between: the spec params the first host got are
+  overwritten by the next host's); only when no host is left
+  (runningFailed -> processVmOnDown) does ProcessDownVmCommand
+  disconnect the disks.  A VDS_NETWORK_ERROR (the host's vdsm died
+  under the call) neither reruns nor disconnects: the VM is set Unknown
+  on that host (setVmUnknown), and once the host answers again and does
+  not report it, VmAnalyzer.proceedDisappearedVm sets it Down, which
+  runs ProcessDownVmCommand.
   ProcessDownVmCommand (a VM went down: stopped, crashed, or its host
   fenced): disconnect the disks.
+  HotPlugDiskToVmCommand (a running VM): AbstractDiskVmCommand
+  .performPlugCommand runs saveDevices on the VM's host (its false
+  return ignored; a failed attach_volume throws and ends the command),
+  then vdsm's VM.hotplugDisk; when that fails nothing is undone: the
+  disk stays attached, ATTACHED_VDS_ID set, the device unplugged.
+  HotUnPlugDiskFromVmCommand: VM.hotunplugDisk, the device unplugged,
+  then disconnectManagedBlockStorageDisk (its result ignored).  Both
+  are refused while the VM migrates (isVmStatusIn Up, Paused, Down).
+  RemoveDiskCommand: refused while a VM that is not down has the disk
+  plugged (validateAllVmsForDiskAreDown), an unplugged one is removed
+  (RemoveManagedBlockStorageDiskCommand: ``delete_volume``; a failure
+  keeps the disk).
   MigrateVmCommand.perform: attach the disks to the destination
   (isLiveMigration), then migrate; any failure -> runningFailed, which
   disconnects the disks with removeDest.  reportCompleted (the migration
@@ -59,6 +82,7 @@ import threading
 import time
 import uuid
 
+from vdsm_managedvolume import faults
 from vdsm_managedvolume import pki
 from vdsm_managedvolume import stompclient
 
@@ -69,7 +93,19 @@ FILE_DRIVER = "vdsm_managedvolume.engine.filedriver.FileDriver"
 
 
 class StepFailed(Exception):
-    """A call of a flow failed, the way the engine sees it."""
+    """A call of a flow failed, the way the engine sees it.
+
+    ``host``: the host whose verb failed (a VDS command: the engine's
+    EngineException), None for a shim command; ``network``: that host's
+    vdsm did not answer (the connection dropped or never came up: the
+    engine's VDS_NETWORK_ERROR) rather than answering with an error."""
+
+    def __init__(self, message, network=False, host=None, done=False):
+        super().__init__(message)
+        self.network = network
+        self.host = host
+        # The host did it all the same (the engine gave up waiting).
+        self.done = done
 
 
 # Hosts
@@ -143,10 +179,36 @@ class Host:
             self.agent.stop()
             self.up = False
 
+    def restart(self):
+        """systemctl restart (vdsm restarted, an upgrade): the agent stops
+        cleanly and starts again in the same boot."""
+        self.stop()
+        return self.start()
+
+    def arm(self, point):
+        """Restart the agent so that it SIGKILLs itself at the crash point
+        ``point`` (``faults``: MANAGEDVOLUME_CRASH_AT) of its next call."""
+        self.stop()
+        self.agent.extra_env[faults.ENV] = point
+        return self.start()
+
+    def crashed(self):
+        """The agent killed itself (``arm``): systemd kills what is left
+        of the service (its privsep daemon) and restarts it, same boot."""
+        self.agent.extra_env.pop(faults.ENV, None)
+        self.agent.proc.wait(60)
+        assert self.agent.proc.returncode == -signal.SIGKILL, \
+            self.agent.stderr()
+        self.crash()
+        return self.start()
+
     def crash(self):
-        """kill -9 the agent and its privsep daemon (power cut, fence)."""
+        """kill -9 the agent and its privsep daemon (power cut, fence;
+        ``start`` after it is a SIGKILLed service restarted in the same
+        boot, ``boot`` a host powered on again)."""
         daemons = self.daemon_pids()
-        self.agent.proc.send_signal(signal.SIGKILL)
+        if self.agent.proc.poll() is None:
+            self.agent.proc.send_signal(signal.SIGKILL)
         for pid in daemons:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -192,7 +254,8 @@ class Host:
 
     def call(self, method, params=None, flow_id=None):
         if not self.up:
-            raise StepFailed("{} is not reachable".format(self.name))
+            raise StepFailed("{} is not reachable".format(self.name),
+                             network=True)
         with stompclient.Client("localhost", self.agent.port,
                                 self.cluster.context(),
                                 timeout=120) as client:
@@ -318,6 +381,8 @@ class Vm:
     def __init__(self, name, disks):
         self.name = name
         self.disks = disks
+        # The disks whose VM device is plugged (vm_device.is_plugged).
+        self.plugged = {d.label for d in disks}
         self.status = "down"
         self.run_on = None
 
@@ -341,7 +406,15 @@ class Engine:
         # shim (ovirt-engine behaviour, see docs/flows.md): expected, and
         # cleaned by the next disconnect_volume of that volume.
         self.leaked = set()
+        # (vol_id, host, boot id) attachments a host keeps in this boot
+        # that the engine forgot (a rerun overwrote ATTACHED_VDS_ID): it
+        # never detaches them, the shim keeps their connections (the host
+        # says it has the volume); an admin's detach, or the host's next
+        # boot (its agent detaches the records of an earlier boot), ends
+        # them.
+        self.forgotten = set()
         self.faults = {}        # (where, step) -> calls to let pass
+        self.lost_replies = set()   # (host, verb): answered too late
         self._lock = threading.Lock()
 
     # Plumbing
@@ -388,9 +461,22 @@ class Engine:
                 "data": {"device_path": "/dev/flows-missing-device"}})
         try:
             result = self.hosts[host].call(verb, params)
+        except StepFailed as e:
+            self.note("engine", host, what, "FAILED {}".format(e)[:70])
+            e.host = host
+            raise
         except Exception as e:
             self.note("engine", host, what, "FAILED {}".format(e)[:70])
-            raise StepFailed("{} on {}: {}".format(verb, host, e))
+            raise StepFailed("{} on {}: {}".format(verb, host, e),
+                             network=isinstance(e, (stompclient.ClientError,
+                                                    OSError)),
+                             host=host)
+        if (host, verb) in self.lost_replies:
+            self.lost_replies.discard((host, verb))
+            self.note("engine", host, what, "done, answered too late: "
+                      "VDS_NETWORK_ERROR")
+            raise StepFailed("{} on {}: no answer in time".format(
+                verb, host), network=True, host=host, done=True)
         self.note("engine", host, what, "ok")
         return result
 
@@ -398,6 +484,13 @@ class Engine:
         """Make a ``step`` (a sub-command when ``where`` is "shim", else a
         verb of that host) fail for real, after ``skip`` calls passed."""
         self.faults[(where, step)] = skip
+
+    def lose_next_reply(self, host, verb):
+        """The next ``verb`` on ``host`` succeeds there, but its answer
+        comes after the engine gave up (vdsTimeout, 180 s: an os-brick
+        connect waiting for a path, a host under load): the engine sees
+        VDS_NETWORK_ERROR."""
+        self.lost_replies.add((host, verb))
 
     def _fault(self, where, step):
         with self._lock:
@@ -419,9 +512,25 @@ class Engine:
         return disk
 
     def remove_disk(self, label):
-        disk = self.disks.pop(label)
-        assert not disk.hosts(), "remove an attached disk"
+        """RemoveDiskCommand: refused while a VM that is not down has the
+        disk plugged (validateAllVmsForDiskAreDown); else
+        RemoveManagedBlockStorageDiskCommand runs ``delete_volume`` and,
+        only when it succeeded, removes the disk (and its VM devices)."""
+        disk = self.disks[label]
+        for vm in self.vms.values():
+            if disk in vm.disks and vm.status != "down" and \
+                    label in vm.plugged:
+                self.note("engine", "engine", "remove " + label,
+                          "refused: {} is not down".format(vm.name))
+                raise StepFailed("ACTION_TYPE_FAILED_VM_IS_NOT_DOWN")
         self.shim("delete_volume", disk.vol_id, label=label)
+        # The shim ended every connection of the volume.
+        self.leaked = {(v, h) for v, h in self.leaked if v != disk.vol_id}
+        del self.disks[label]
+        for vm in self.vms.values():
+            if disk in vm.disks:
+                vm.disks.remove(disk)
+                vm.plugged.discard(label)
 
     def extend_disk(self, label, size):
         """ExtendManagedBlockStorageDiskSizeCommand: extend_volume; then
@@ -462,19 +571,113 @@ class Engine:
         self.vms[name] = vm
         return vm
 
-    def run_vm(self, name, host):
-        """RunVmCommand.runVm: attach the disks, then create the VM; a
-        failure ends in ProcessDownVmCommand on that host."""
+    def run_vm(self, name, host, rerun_on=()):
+        """RunVmCommand.runVm: attach the disks, then create the VM.
+
+        A failed attach reruns the command on the next host of
+        ``rerun_on`` (RunVmCommandBase.rerun: no ProcessDownVmCommand
+        between); with none left (runningFailed) ProcessDownVmCommand
+        disconnects the disks and StepFailed is raised.  A
+        VDS_NETWORK_ERROR ends the command with the VM Unknown on that
+        host (``vm_disappeared`` once the host answers again).  The host
+        the VM runs on."""
         vm = self.vms[name]
+        hosts = [host] + list(rerun_on)
+        for i, host in enumerate(hosts):
+            try:
+                self._attach_disks(vm, host, live_migration=False)
+            except StepFailed as e:
+                if e.network:
+                    self.note("engine", "engine", "run {} on {}".format(
+                        name, host), "VDS_NETWORK_ERROR: VM Unknown")
+                    vm.status = "unknown"
+                    vm.run_on = host
+                    raise
+                if i + 1 < len(hosts):
+                    self.note("engine", "engine", "run {} on {} failed"
+                              .format(name, host), "rerun")
+                    continue
+                self.note("engine", "engine", "run {} on {} failed".format(
+                    name, host), "VM down")
+                self._process_down(vm)
+                raise
+            vm.status = "up"
+            vm.run_on = host
+            return host
+
+    def vm_disappeared(self, name):
+        """VmAnalyzer.proceedDisappearedVm: the VM's host answers again
+        and does not report it: Down, ProcessDownVmCommand."""
+        vm = self.vms[name]
+        self.note("engine", vm.run_on, "{} not reported".format(name),
+                  "VM down")
+        vm.status = "down"
+        vm.run_on = None
+        return self._process_down(vm)
+
+    def add_disk_to_vm(self, name, label):
+        """AttachDiskToVmCommand without activation: the VM gets the
+        disk's device, unplugged."""
+        self.vms[name].disks.append(self.disks[label])
+
+    def hot_plug(self, name, label, fail_vm_step=False):
+        """HotPlugDiskToVmCommand on a running VM.
+
+        validate: the VM is Up, Paused or Down (never migrating) and the
+        device unplugged (HOT_PLUG_DISK_IS_NOT_UNPLUGGED).
+        AbstractDiskVmCommand.performPlugCommand: ManagedBlockStorage-
+        CommandUtil.saveDevices on the VM's host (its false return, a
+        failed connect_volume or save_device, is ignored; a failed
+        attach_volume throws, which ends the command), then vdsm's
+        VM.hotplugDisk (``fail_vm_step``: it fails), which throws on
+        failure: nothing is undone, the disk stays attached on the host
+        with ATTACHED_VDS_ID set, the device unplugged.
+        """
+        vm = self.vms[name]
+        disk = self.disks[label]
+        assert vm.status == "up" and label not in vm.plugged
         try:
-            self._attach_disks(vm, host, live_migration=False)
-        except StepFailed:
-            self.note("engine", "engine", "run {} on {} failed".format(
-                name, host), "VM down")
-            self._process_down(vm)
-            raise
-        vm.status = "up"
-        vm.run_on = host
+            self._save_devices(disk, vm.run_on, live_migration=False)
+        except StepFailed as e:
+            if e.host is not None:
+                raise       # AttachManagedBlockStorageVolume threw
+            # A shim command failed: saveDevices returned false, ignored.
+        if fail_vm_step:
+            self.note("engine", vm.run_on, "hotplugDisk {} {}".format(
+                name, label), "FAILED (vdsm)")
+            raise StepFailed("VM.hotplugDisk failed")
+        self.note("engine", vm.run_on, "hotplugDisk {} {}".format(
+            name, label), "ok")
+        vm.plugged.add(label)
+
+    def hot_unplug(self, name, label):
+        """HotUnPlugDiskFromVmCommand: validate: the VM is Up, Paused or
+        Down and the device plugged (HOT_UNPLUG_DISK_IS_NOT_PLUGGED).
+        executeVmCommand: vdsm's VM.hotunplugDisk (a running VM), the
+        device unplugged, then disconnectManagedBlockStorageDisk(vm,
+        disk, false), whose result is ignored."""
+        vm = self.vms[name]
+        if vm.status not in ("up", "down") or label not in vm.plugged:
+            self.note("engine", "engine", "hot unplug " + label,
+                      "refused: VM {}".format(vm.status))
+            raise StepFailed("HotUnPlugDiskFromVm validation")
+        if vm.status == "up":
+            self.note("engine", vm.run_on, "hotunplugDisk {} {}".format(
+                name, label), "ok")
+        vm.plugged.discard(label)
+        self._disconnect_disk(self.disks[label], remove_dest=False)
+
+    def admin_detach(self, host, label):
+        """An admin detaches a volume the engine forgot (vdsm-client
+        ManagedVolume detach_volume on the host); the shim ends its
+        connection at the next disconnect_volume of the volume."""
+        disk = self.disks[label]
+        self.host_call(host, "ManagedVolume.detach_volume",
+                       {"vol_id": disk.vol_id, "sd_id": self.sd_id},
+                       label=label)
+        self.forgotten = {f for f in self.forgotten
+                          if f[:2] != (disk.vol_id, host)}
+        self.leaked.add((disk.vol_id, host))
 
     def stop_vm(self, name):
         """StopVmCommand, then the VM's down event: ProcessDownVmCommand
@@ -553,14 +756,27 @@ class Engine:
                 host, "ManagedVolume.attach_volume",
                 {"vol_id": disk.vol_id, "connection_info": conn,
                  "sd_id": self.sd_id}, label=disk.label)
-        except StepFailed:
-            # Nothing records the host: the connection the shim just made
-            # is left for the next disconnect_volume of this volume.
-            self.leaked.add((disk.vol_id, host))
+        except StepFailed as e:
+            if e.done:
+                # The host attached it; nothing records the host, so the
+                # engine never detaches it there.
+                self.forgotten.add((disk.vol_id, host,
+                                    self.hosts[host].boot_id))
+            else:
+                # Nothing records the host: the connection the shim just
+                # made is left for the next disconnect_volume of this
+                # volume.
+                self.leaked.add((disk.vol_id, host))
             raise
         if live_migration:
             disk.dest = host
         else:
+            if disk.attached not in (None, host) and \
+                    self.hosts[disk.attached].up:
+                # saveAttachedHost overwrites ATTACHED_VDS_ID: the engine
+                # forgets the attachment on the other host.
+                self.forgotten.add((disk.vol_id, disk.attached,
+                                    self.hosts[disk.attached].boot_id))
             disk.attached = host
         self.shim("save_device", disk.vol_id, json.dumps(device),
                   label=disk.label)
@@ -601,17 +817,23 @@ class Engine:
     # What the engine believes
 
     def expected(self):
-        """{host: {vol_id}} of the disks the engine has on each host."""
+        """{host: {vol_id}} of the disks the engine has on each host, and
+        of those it forgot there in the host's current boot."""
         found = {name: set() for name in self.hosts}
         for disk in self.disks.values():
             for host in disk.hosts():
                 found[host].add(disk.vol_id)
+        for vol_id, host, boot_id in self.forgotten:
+            if self.hosts[host].boot_id == boot_id:
+                found[host].add(vol_id)
         return found
 
     def cleanup(self):
         """Stop every VM and delete every disk (the end of a flow)."""
         for name, vm in self.vms.items():
-            if vm.status != "down":
+            if vm.status == "unknown":
+                self.vm_disappeared(name)
+            elif vm.status != "down":
                 self.stop_vm(name)
         for label in list(self.disks):
             self.remove_disk(label)

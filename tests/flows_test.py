@@ -124,6 +124,254 @@ def test_a_failed_run_detaches_what_was_attached(engine):
     check(engine)
 
 
+def test_a_run_whose_second_attach_fails_reruns_on_another_host(engine):
+    """RunVmCommandBase.rerun runs the command again on the next host
+    without ProcessDownVmCommand: the first disk's ATTACHED_VDS_ID is
+    overwritten by the second host's, and ovirt-engine never detaches it
+    on the first (an ovirt-engine leak).  The host keeps the record of
+    this boot, the shim its connection (the host says it has the
+    volume); a later run on that host gets 927 for that disk, until an
+    admin detaches it there (or the host reboots)."""
+    engine.add_disk("os")
+    engine.add_disk("data")
+    engine.add_vm("vm1", "os", "data")
+    engine.fail_next("host-a", "ManagedVolume.attach_volume", skip=1)
+
+    assert engine.run_vm("vm1", "host-a", rerun_on=["host-b"]) == "host-b"
+    assert flowengine.journals(engine) == {
+        "host-a": [("os", False)], "host-b": sorted(
+            [("os", False), ("data", False)],
+            key=lambda j: engine.disks[j[0]].vol_id),
+        "host-c": []}
+    check(engine)
+    engine.stop_vm("vm1")
+    assert flowengine.journals(engine)["host-a"] == [("os", False)]
+    check(engine)
+
+    with pytest.raises(StepFailed, match="is already attached"):
+        engine.run_vm("vm1", "host-a")
+    engine.admin_detach("host-a", "os")
+    engine.run_vm("vm1", "host-a")
+    engine.stop_vm("vm1")
+    assert engine.backend.connections() == set()
+    check(engine)
+
+
+def test_a_run_whose_attach_answers_too_late_leaves_the_disk_on_the_host(
+        engine):
+    """The host attached the disk but the engine gave up waiting
+    (VDS_NETWORK_ERROR): RunVmCommand.runVm sets the VM Unknown on that
+    host, VmAnalyzer.proceedDisappearedVm sets it Down once the host
+    reports no such VM, and ProcessDownVmCommand finds no
+    ATTACHED_VDS_ID: nothing detaches the disk there.  The next run
+    elsewhere works; on that host it gets 927 until an admin detaches."""
+    engine.add_disk("os")
+    engine.add_vm("vm1", "os")
+    engine.lose_next_reply("host-a", "ManagedVolume.attach_volume")
+    with pytest.raises(StepFailed, match="no answer in time"):
+        engine.run_vm("vm1", "host-a")
+    assert engine.vms["vm1"].status == "unknown"
+    engine.vm_disappeared("vm1")
+    assert flowengine.journals(engine)["host-a"] == [("os", False)]
+    check(engine)
+
+    assert engine.run_vm("vm1", "host-a", rerun_on=["host-b"]) == "host-b"
+    engine.stop_vm("vm1")
+    check(engine)
+    engine.admin_detach("host-a", "os")
+    engine.run_vm("vm1", "host-a")
+    engine.stop_vm("vm1")
+    assert engine.backend.connections() == set()
+    check(engine)
+
+
+# Hot plug, hot unplug
+
+def test_hot_plug_and_hot_unplug_of_a_disk_of_a_running_vm(engine):
+    engine.add_disk("os")
+    engine.add_disk("data")
+    engine.add_vm("vm1", "os")
+    engine.run_vm("vm1", "host-a")
+    a = engine.hosts["host-a"]
+
+    engine.add_disk_to_vm("vm1", "data")
+    engine.hot_plug("vm1", "data")
+    check(engine)
+    assert flowengine.write_through(a, engine, "data", DATA) == DATA
+    # Plugged into a running VM: RemoveDiskCommand refuses, no shim call.
+    with pytest.raises(StepFailed, match="VM_IS_NOT_DOWN"):
+        engine.remove_disk("data")
+
+    engine.hot_unplug("vm1", "data")
+    assert [label for label, _ in flowengine.journals(engine)["host-a"]] \
+        == ["os"]
+    check(engine)
+    # Unplugged, it may be removed while the VM runs.
+    engine.remove_disk("data")
+    check(engine)
+    engine.stop_vm("vm1")
+    check(engine)
+
+
+def test_a_hot_plug_whose_vm_step_fails_keeps_the_disk_until_the_vm_stops(
+        engine):
+    """vdsm's VM.hotplugDisk fails after saveDevices attached the disk:
+    HotPlugDiskToVmCommand undoes nothing.  The disk stays attached on
+    the VM's host (ATTACHED_VDS_ID set, the device unplugged); a retry
+    gets 927 (ovirt-engine attaches again), the engine lets the disk be
+    removed (it is unplugged) and the shim refuses while the host has it;
+    stopping the VM detaches it (ProcessDownVmCommand walks unplugged
+    disks too), then it is removed."""
+    engine.add_disk("os")
+    engine.add_disk("data")
+    engine.add_vm("vm1", "os")
+    engine.run_vm("vm1", "host-a")
+    engine.add_disk_to_vm("vm1", "data")
+
+    with pytest.raises(StepFailed, match="hotplugDisk"):
+        engine.hot_plug("vm1", "data", fail_vm_step=True)
+    assert engine.disks["data"].attached == "host-a"
+    assert "data" not in engine.vms["vm1"].plugged
+    check(engine)
+
+    with pytest.raises(StepFailed, match="is already attached"):
+        engine.hot_plug("vm1", "data")
+    check(engine)
+
+    with pytest.raises(StepFailed, match="is attached on host host-a"):
+        engine.remove_disk("data")
+    a = engine.hosts["host-a"]
+    assert flowengine.write_through(a, engine, "data", DATA) == DATA
+    check(engine)
+
+    engine.stop_vm("vm1")
+    check(engine)
+    engine.remove_disk("data")
+    check(engine)
+
+
+def test_a_hot_plug_whose_attach_fails_leaves_the_vm_as_it_was(engine):
+    engine.add_disk("os")
+    engine.add_disk("data")
+    engine.add_vm("vm1", "os")
+    engine.run_vm("vm1", "host-a")
+    engine.add_disk_to_vm("vm1", "data")
+    engine.fail_next("host-a", "ManagedVolume.attach_volume")
+
+    with pytest.raises(StepFailed, match="attach_volume"):
+        engine.hot_plug("vm1", "data")
+    check(engine)
+    engine.hot_plug("vm1", "data")
+    check(engine)
+    engine.stop_vm("vm1")
+    check(engine)
+
+
+@pytest.mark.parametrize("first", ["plugged", "unplugged"])
+def test_hot_unplug_then_migrate_leaves_the_unplugged_disk_attached(
+        engine, first):
+    """A hot unplug is refused while the VM migrates (isVmStatusIn Up,
+    Paused, Down), so the order users hit is unplug, then migrate.
+    MigrateVmCommand attaches *every* disk of the VM to the destination,
+    the unplugged one included (updateDisksFromDb loads them all), but
+    reportCompleted's disconnectManagedBlockStorageDisks stops its
+    allMatch walk at that disk (no ATTACHED_VDS_ID: "attach has likely
+    failed").  ovirt-engine's bug: the unplugged disk stays on the
+    destination (DEST_VDS_ID), and when it comes first in the VM's disk
+    map (a HashMap: any order) the source keeps the plugged disk too.
+    The hosts and the shim agree with what the engine believes; nothing
+    of ours can tell that nobody uses those attachments."""
+    engine.add_disk("os")
+    engine.add_disk("data")
+    engine.add_vm("vm1", *(("os", "data") if first == "plugged"
+                           else ("data", "os")))
+    engine.run_vm("vm1", "host-a")
+    engine.hot_unplug("vm1", "data")
+    check(engine)
+
+    assert engine.migrate("vm1", "host-b")
+    b_has = ["data", "os"]
+    a_has = [] if first == "plugged" else ["os"]
+    held = {h: sorted(label for label, _ in j)
+            for h, j in flowengine.journals(engine).items()}
+    assert held == {"host-a": a_has, "host-b": b_has, "host-c": []}
+    check(engine)
+
+    engine.stop_vm("vm1")
+    held = {h: sorted(label for label, _ in j)
+            for h, j in flowengine.journals(engine).items()}
+    assert held == {"host-a": a_has,
+                    "host-b": ["data"] if first == "plugged" else b_has,
+                    "host-c": []}
+    check(engine)
+
+
+# An agent restarted or killed
+
+@pytest.mark.parametrize("how", ["restart", "kill -9"])
+def test_an_agent_restarted_under_a_running_vm_keeps_its_disks(engine, how):
+    """vdsm restarted (systemctl restart) or killed and restarted by
+    systemd while a VM runs: same boot, so the journal's replay keeps
+    both attachments (links, rules, devices), and the VM's stop then
+    leaves nothing."""
+    engine.add_disk("os")
+    engine.add_disk("data")
+    engine.add_vm("vm1", "os", "data")
+    engine.run_vm("vm1", "host-a")
+    a = engine.hosts["host-a"]
+    flowengine.write_through(a, engine, "data", DATA)
+    before = flowengine.journals(engine)
+
+    if how == "restart":
+        a.restart()
+    else:
+        a.crash()
+        a.start()
+    assert flowengine.journals(engine) == before
+    check(engine)
+    assert flowengine.write_through(a, engine, "data", None)[:len(DATA)] \
+        == DATA
+
+    engine.stop_vm("vm1")
+    check(engine)
+
+
+@pytest.mark.parametrize("point,again_on", [
+    ("attach.after_connect", "host-b"),
+    ("attach.after_link", "host-a"),
+])
+def test_an_agent_killed_in_a_run_vms_attach(engine, point, again_on):
+    """The agent dies (SIGKILL) inside a RunVmCommand's attach, while
+    another VM runs on the host: the engine gets VDS_NETWORK_ERROR (the
+    VM Unknown, no rerun), systemd restarts the service (same boot) and
+    its journal replay rolls the cut attach back and keeps the other
+    VM's disk; the host reports no such VM (proceedDisappearedVm:
+    ProcessDownVmCommand, nothing recorded to detach), and the VM is
+    run again, there or elsewhere."""
+    engine.add_disk("other")
+    engine.add_vm("vm0", "other")
+    engine.run_vm("vm0", "host-a")
+    engine.add_disk("os")
+    engine.add_vm("vm1", "os")
+    a = engine.hosts["host-a"]
+    a.arm(point)
+
+    with pytest.raises(StepFailed) as e:
+        engine.run_vm("vm1", "host-a")
+    assert e.value.network
+    a.crashed()
+    assert flowengine.journals(engine)["host-a"] == [("other", False)]
+    engine.vm_disappeared("vm1")
+    check(engine)
+
+    engine.run_vm("vm1", again_on)
+    check(engine)
+    engine.stop_vm("vm1")
+    engine.stop_vm("vm0")
+    assert engine.backend.connections() == set()
+    check(engine)
+
+
 # Live migration
 
 @both_databases

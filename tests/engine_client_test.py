@@ -1019,6 +1019,34 @@ def test_host_addresses_take_ports_and_ipv6_and_the_connector_decides_order():
     assert s.endpoints({}) == []
 
 
+def test_a_host_is_the_connections_host_by_every_identity_it_had():
+    from vdsm_managedvolume.engine import hosts
+    stored = {"host": "h1", "initiator": "iqn.a", "uuid": "u1",
+              "wwpns": ["50014380186af83c", "50014380186af83e"],
+              "ip": "10.0.0.1", "multipath": True}
+    same = dict(stored, ip="10.0.0.2", multipath=False)
+    assert hosts.identity_difference(stored, same) == ""
+    # What came since (an NVMe NQN, another FC port) is no difference.
+    assert hosts.identity_difference(stored, dict(
+        same, nqn="nqn.x", wwpns=["50014380186AF83E", "50014380186af83c",
+                                  "5001438018600000"])) == ""
+    assert hosts.identity_difference(stored, dict(same, host="h2")) == \
+        "host 'h2' (not 'h1')"
+    assert hosts.identity_difference(stored, dict(same, uuid="u2")) == \
+        "uuid 'u2' (not 'u1')"
+    assert hosts.identity_difference(stored, dict(
+        same, wwpns=["50014380186af83c"])) == \
+        "wwpns 50014380186af83c (not 50014380186af83c,50014380186af83e)"
+    # What went away is one: unsure, the connection stays.
+    no_initiator = dict(same)
+    del no_initiator["initiator"]
+    assert hosts.identity_difference(stored, no_initiator) == \
+        "initiator missing (not 'iqn.a')"
+    assert hosts.identity_difference(stored, None) == "no connector_info"
+    assert hosts.identity_difference({"initiator": "iqn.a"}, same) == \
+        "the connection's connector names no host"
+
+
 def test_a_host_holds_a_volume_unless_its_records_are_of_an_earlier_boot():
     from vdsm_managedvolume.engine import hosts
     vol = new_id()

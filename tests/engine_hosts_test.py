@@ -4,10 +4,11 @@ ovirt-engine never names a host in ``disconnect_volume``: after a
 completed migration it means the source, after a failed one the
 destination (docs/engine.md, "How ovirt-engine drives the shim").  Here
 two real managedvolume-agents (own state dirs, one CA as an engine's
-hosts share) attach the same volume of the embedded FileDriver (a real
-loop device), the shim (warm service) is driven in the engine's order, and
-it asks the hosts over vdsm's protocol with the engine's certificate which
-connection to end.
+hosts share, each its own hostname in a UTS namespace, so that its
+connector_info names it) attach the same volume of the embedded FileDriver
+(a real loop device), the shim (warm service) is driven in the engine's
+order, and it asks the hosts over vdsm's protocol with the engine's
+certificate which connection to end.
 """
 
 import json
@@ -29,7 +30,7 @@ DATA = b"still readable on the host that runs the VM"
 
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory):
-    a = _agent(str(tmp_path_factory.mktemp("host-a"))).start()
+    a = _agent(str(tmp_path_factory.mktemp("host-a")), "host-a").start()
     b = None
     try:
         # One CA for both hosts and the engine, as in an oVirt setup: B
@@ -37,7 +38,7 @@ def hosts(tmp_path_factory):
         b_base = str(tmp_path_factory.mktemp("host-b"))
         shutil.copytree(os.path.join(a.state_dir, "pki"),
                         os.path.join(b_base, "state", "pki"))
-        b = _agent(b_base).start()
+        b = _agent(b_base, "host-b").start()
         yield {"host-a": a, "host-b": b}
     finally:
         for agent in (a, b):
@@ -45,13 +46,16 @@ def hosts(tmp_path_factory):
                 agent.stop()
 
 
-def _agent(base):
-    """An agent whose boot id is a file of its own (see _reboot)."""
+def _agent(base, name):
+    """An agent whose boot id is a file of its own (see _reboot) and
+    whose hostname is ``name`` (as flowengine's hosts)."""
     from .agent_process_test import AgentProcess
     boot_id_file = os.path.join(base, "boot_id")
     _new_boot_id(boot_id_file)
     agent = AgentProcess(base, env={"MANAGEDVOLUME_BOOT_ID_FILE":
-                                    boot_id_file})
+                                    boot_id_file},
+                         argv_prefix=["unshare", "--uts", "sh", "-c",
+                                      'hostname "$0" && exec "$@"', name])
     agent.boot_id_file = boot_id_file
     return agent
 
@@ -108,8 +112,8 @@ class Engine:
     def connector(self, name, **extra):
         with self.hosts[name].client() as client:
             connector = client.call("Host.getCapabilities")["connector_info"]
-        # Both agents run on this machine: give each its own host name.
-        connector.update(host=name, **extra)
+        assert connector["host"] == name, connector
+        connector.update(extra)
         return connector
 
     def attach(self, name, **extra):
@@ -283,6 +287,31 @@ def test_a_host_that_cannot_be_asked_keeps_its_connection(
     assert "Keeping the connection of volume {} to host host-b: the host " \
         "cannot be asked".format(e.vol) in engine_service.log()
     assert "127.0.0.1:{}".format(closed) in engine_service.log()
+
+
+def test_an_answer_from_another_host_keeps_the_connection(
+        engine, engine_service, hosts):
+    """host-a's address now leads to host-b (a DHCP address given to
+    another host, two clones of one name): host-b has no record of the
+    volume for host-a, and the shim ended the connection the VM on host-a
+    was using."""
+    e = engine()
+    src = e.attach("host-a")
+    e.attach("host-b")
+    e.options[e.options.index("--host-addresses") + 1] = \
+        "host-a=127.0.0.1:{0},host-b=127.0.0.1:{0}".format(
+            hosts["host-b"].port)
+
+    # MigrateVmCommand.runningFailed: host-b detaches.
+    e.detach("host-b")
+    e.run("disconnect_volume", e.vol)
+
+    assert e.connections() == {"host-a": src["managed_path"]}
+    assert _write_and_read(src["managed_path"]) == DATA
+    assert "Keeping the connection of volume {} to host host-a: the host " \
+        "cannot be asked whether it still uses it (127.0.0.1:{} is not " \
+        "that host: host 'host-b' (not 'host-a'))".format(
+            e.vol, hosts["host-b"].port) in engine_service.log()
 
 
 def test_without_the_engines_certificate_no_connection_ends(

@@ -390,6 +390,38 @@ def test_a_connect_waits_until_a_disconnect_of_the_volume_is_done(
     assert "Got volume {}".format(vol) in engine_service.log()
 
 
+def test_a_connection_is_reused_only_by_the_host_it_was_made_for(
+        engine_service, backend):
+    # Two hosts cloned from one image, both "localhost.localdomain" (or a
+    # host reinstalled): the second must not get the first's connection,
+    # made for the first's initiator (upstream matched the name only).
+    vol = new_id()
+    backend.run("create_volume", vol, 1)
+    first = {"host": "localhost.localdomain", "initiator": "iqn.h1",
+             "uuid": "u1"}
+    second = dict(first, initiator="iqn.h2", uuid="u2")
+    backend.run("connect_volume", vol, json.dumps(first))
+    backend.run("save_device", vol, json.dumps({"path": "/dev/first"}))
+    backend.run("connect_volume", vol, json.dumps(second))
+    assert backend.connected_hosts(vol) == ["localhost.localdomain"] * 2
+    assert "Volume {} has a connection to another host named " \
+        "localhost.localdomain (this one's initiator 'iqn.h2' (not " \
+        "'iqn.h1')): not reusing it".format(vol) in engine_service.log()
+
+    # The first host again, now with an NVMe host NQN (os-brick writes
+    # one at its first NVMe call) and its ip changed: its own connection,
+    # whose old device is forgotten.
+    backend.run("connect_volume", vol,
+                json.dumps(dict(first, nqn="nqn.h1", ip="10.0.0.9")))
+    assert backend.connected_hosts(vol) == ["localhost.localdomain"] * 2
+    devices = sorted(json.loads(info).get("device") is not None
+                     for info, in backend.sql(
+                         "SELECT connection_info FROM volume_attachment "
+                         "WHERE volume_id = ? AND NOT deleted", vol))
+    assert devices == [False, False]
+    backend.run("delete_volume", vol)
+
+
 def test_connection_info_has_a_null_device_until_one_is_saved(backend):
     # cinderlib leaves "device" out of its dict until save_device, and
     # drops it again when connect_volume forgets a host's old device: the

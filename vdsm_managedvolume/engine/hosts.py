@@ -22,11 +22,45 @@ logged: a leaked export is recoverable (a later disconnect asks again,
 ``disconnect_volume VOL HOST`` ends it at once), a cut disk pauses a
 running VM.
 
+That holds for a volume's only connection too, which upstream ended
+(it ended the first one, asking nobody).  Usually that host has just
+detached, but not always: ProcessDownVmCommand runs unlocked beside a
+new RunVmCommand of the same VM on the same host, so its
+``disconnect_volume`` can come after the new start's ``connect_volume``
+(which reused that very connection) and ``attach_volume``: the only
+connection is then the running VM's.  And since another host's answer
+now counts as none, the hosts that cannot be asked are also those whose
+address is misconfigured, which an error should show, not a guess hide.
+The leak is bounded: ``connect_volume`` reuses a host's connection, so
+there is at most one per host and volume, and ``delete_volume`` ends
+what is left.  Hosts whose name does not resolve to them from the
+engine need ``addresses`` (``MANAGEDVOLUME_ENGINE_HOST_ADDRESSES``).
+
 Where a host is reached: the address configured for its connector's
 ``host`` name (``addresses``), else the connector's ``ip``, then its
 ``host``, each on ``port``.  The certificate chain is checked against the
 CA; the name is not (the connector's address need not be the name the
 host was registered with, which is what its certificate carries).
+
+So whatever engine-managed host answers at that address is asked, and an
+address can belong to another host than the connection's: a DHCP address
+given to another host, two cloned hosts both called
+``localhost.localdomain``.  vdsm's connector has no ``ip``
+(managedvolume-helper calls ``get_connector_properties(my_ip=None)``), so
+its ``host``, ``socket.gethostname()``, is often the only address.  A
+host that answered "no such volume" for another one ended a connection
+a VM was using.  So before its ``volumes_info`` is trusted, a host is
+asked ``Host.getCapabilities`` on the same connection, and its
+``connector_info`` must be the connection's host (``identity_difference``:
+``host``, ``initiator``, ``nqn``, ``uuid``, ``wwpns``, each as the
+connection's connector has it).  ovirt-engine passes ``connect_volume``
+exactly what the host's getCapabilities said
+(``VdsBrokerObjectsBuilder``: ``vds.setConnectorInfo(struct.get(
+VdsProperties.CONNECTOR_INFO))``, passed on by
+``ManagedBlockStorageCommandUtil.getConnectionInfo``), so the same host
+answers the same.  Another host, or a host that reports no connector_info
+(no os-brick), is a host that cannot be asked: its connection stays.
+The next address of the connector is tried, if any.
 """
 
 import logging
@@ -47,6 +81,14 @@ DEFAULT_PORT = argsmod.DEFAULT_HOST_PORT
 DEFAULT_TIMEOUT = argsmod.DEFAULT_HOST_TIMEOUT
 
 VOLUMES_INFO = "ManagedVolume.volumes_info"
+CAPABILITIES = "Host.getCapabilities"
+
+# The connector properties that tell one host from another: its name and
+# the storage identities os-brick reads from the host (iSCSI initiator
+# name, NVMe host NQN, system UUID, FC port WWNs).  Not ``ip`` (a host
+# has several, and the engine may reach it at none of them), not
+# ``multipath``, ``platform``... (settings, shared by every host).
+IDENTITY = ("host", "initiator", "nqn", "uuid", "wwpns")
 
 
 class Settings:
@@ -141,6 +183,38 @@ def ask(settings, vol_id, connectors, flow_id=None):
     return answers
 
 
+def identity_difference(connector, reported):
+    """How ``reported`` (a connector_info) is not the host of
+    ``connector`` (the one a connection was made for), or "" when it is
+    that host.
+
+    ``connector`` must name a ``host``; every identity (``IDENTITY``) it
+    has must be the same in ``reported`` (its ``wwpns`` all among
+    ``reported``'s).  One ``reported`` has and ``connector`` has not is
+    no difference: it came since (os-brick writes an NVMe host NQN at its
+    first NVMe call, an FC card was added).  An identity ``connector``
+    has that ``reported`` lacks is one: leaving a connection alone is the
+    safe side when unsure.
+    """
+    connector = connector if isinstance(connector, dict) else {}
+    if not connector.get("host"):
+        return "the connection's connector names no host"
+    if not isinstance(reported, dict):
+        return "no connector_info"
+    for key in IDENTITY:
+        want = connector.get(key)
+        if not want:
+            continue
+        got = reported.get(key)
+        if key == "wwpns":
+            same = set(_strings(want)) <= set(_strings(got))
+        else:
+            same = got == want
+        if not same:
+            return "{} {} (not {})".format(key, _show(got), _show(want))
+    return ""
+
+
 # Private helpers
 
 def _ask_one(settings, ctx, vol_id, answer, flow_id):
@@ -154,6 +228,15 @@ def _ask_one(settings, ctx, vol_id, answer, flow_id):
         try:
             with stompclient.Client(address, port, ctx,
                                     timeout=settings.timeout) as client:
+                caps = client.call(CAPABILITIES, flow_id=flow_id)
+                other = identity_difference(
+                    answer.connector,
+                    caps.get("connector_info")
+                    if isinstance(caps, dict) else None)
+                if other:
+                    reasons.append("{}:{} is not that host: {}".format(
+                        address, port, other))
+                    continue
                 infos = client.call(VOLUMES_INFO, {"vol_ids": [vol_id]},
                                     flow_id=flow_id)
         except Exception as e:
@@ -164,6 +247,20 @@ def _ask_one(settings, ctx, vol_id, answer, flow_id):
         answer.attached = holds(infos, vol_id)
         return
     answer.reason = "; ".join(reasons)
+
+
+def _strings(value):
+    if isinstance(value, (list, tuple)):
+        return [str(v).lower() for v in value]
+    return [] if value is None else [str(value).lower()]
+
+
+def _show(value):
+    if value is None or value == [] or value == "":
+        return "missing"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 def holds(infos, vol_id):

@@ -20,15 +20,22 @@ Where upstream is wrong we differ, and say so here:
   prints it as ``error:...`` and exits 0 only for the removals (delete,
   remove_snapshot, disconnect: the goal is already reached); upstream also
   exited 0 for extend, clone, connect..., which the engine took as success.
-- connect_volume reuses the connection of the same connector host (as
-  upstream, forgetting its old device), disconnect/save_device/
+- connect_volume reuses the connection of the same host (forgetting its
+  old device) when the connector is that host's by every identity the
+  connection's connector has (``hosts.identity_difference``: host name,
+  initiator, nqn, uuid, wwpns); upstream compared the host name only, so
+  of two hosts with one name (cloned, ``localhost.localdomain``) the
+  second got the first's connection (its initiator's ACL).
+  disconnect/save_device/
   get_connection_info take an optional connector host and act on that
   connection only: during a live migration the volume is connected to two
   hosts, and upstream always used the first connection.
 - disconnect_volume without a host (the engine's only form) ends only the
   connections of hosts that say they no longer have the volume
-  (``hosts``); upstream ended the first (oldest) one, cutting the disk of
-  the source still running the VM after a failed migration.
+  (``hosts``: a host that cannot be asked, or whose getCapabilities says
+  it is another host, keeps its connection, the only one too);
+  upstream ended the first (oldest) one, cutting the disk of the source
+  still running the VM after a failed migration.
 - A connection is ended as cinder's volume manager ends an attachment,
   not with cinderlib's ``Connection.disconnect()`` (see ``_end``): the
   volume's export is removed only when the driver says no other
@@ -134,19 +141,28 @@ def delete_volume(backend, args):
 
 
 def connect_volume(backend, args):
+    from . import hosts
     vol = _find_volume(backend, args["volume_id"])
     connector = args["connector_info"]
     host = connector.get("host")
     for conn in vol.connections:
-        if host is not None and _host(conn) == host:
-            log.info("Volume %s already connected to host %s", vol.id, host)
-            if conn.device:
-                # The engine connects before every attach: the device
-                # saved for this host's earlier attach is gone or about to
-                # be replaced, and save_device must find this connection
-                # again as the one without a device.
-                conn.device_attached(None)
-            return _dumps(conn.conn_info)
+        # The connection's connector must be this host by all it says,
+        # not only by name.
+        other = hosts.identity_difference(conn.connector_info, connector)
+        if other:
+            if host is not None and _host(conn) == host:
+                log.info("Volume %s has a connection to another host "
+                         "named %s (this one's %s): not reusing it",
+                         vol.id, host, other)
+            continue
+        log.info("Volume %s already connected to host %s", vol.id, host)
+        if conn.device:
+            # The engine connects before every attach: the device saved
+            # for this host's earlier attach is gone or about to be
+            # replaced, and save_device must find this connection again
+            # as the one without a device.
+            conn.device_attached(None)
+        return _dumps(conn.conn_info)
     log.info("Connecting volume %s to host %s", vol.id, host)
     conn = _connect(vol, connector)
     return _dumps(conn.connection_info["conn"])
@@ -445,8 +461,10 @@ def _released(vol, conns, args):
             log.warning("Keeping the connection of volume %s to %s: the "
                         "host cannot be asked whether it still uses it "
                         "(%s); disconnect_volume %s %s ends it once you "
-                        "know it does not", vol.id, answer.where(),
-                        answer.reason, vol.id, answer.host)
+                        "know it does not (a host the engine cannot reach "
+                        "at its connector's ip or host name needs "
+                        "MANAGEDVOLUME_ENGINE_HOST_ADDRESSES)", vol.id,
+                        answer.where(), answer.reason, vol.id, answer.host)
         elif answer.attached:
             log.info("Keeping the connection of volume %s to %s: the "
                      "volume is attached there", vol.id, answer.where())

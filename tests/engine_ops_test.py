@@ -422,6 +422,23 @@ def test_a_connection_is_reused_only_by_the_host_it_was_made_for(
     backend.run("delete_volume", vol)
 
 
+def test_a_warm_child_locks_in_its_requests_locks_directory(
+        engine_service, backend, tmp_path):
+    # The session's warm service was set up by an earlier request, with
+    # that one's locks directory; the engine's cold runs lock in theirs
+    # (ENGINE_TMP's, say, where the service's first request came from an
+    # admin's shell): every process must lock a volume in the same place.
+    from vdsm_managedvolume.engine import volumelock
+    backend.run("storage_stats", "false")     # the service is set up
+    vol = new_id()
+    locks = str(tmp_path / "engine-tmp" / "locks")
+    backend.run("create_volume", vol, 1, cid="c-locks",
+                options=["--locks-dir", locks])
+    assert "[flow=c-locks] Running create_volume" in engine_service.log()
+    assert os.path.exists(volumelock.path(locks, vol))
+    backend.run("delete_volume", vol)
+
+
 def test_connection_info_has_a_null_device_until_one_is_saved(backend):
     # cinderlib leaves "device" out of its dict until save_device, and
     # drops it again when connect_volume forgets a host's old device: the

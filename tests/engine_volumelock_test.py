@@ -2,13 +2,17 @@
 flock conflicts between two open files of one process as between two
 processes; tests/engine_ops_test.py runs it across real commands)."""
 
+import logging
 import os
 import stat
+import threading
 
 import pytest
 
 from vdsm_managedvolume import errors
 from vdsm_managedvolume.engine import volumelock
+
+from .agentutil import wait_for
 
 
 def test_a_locks_directory_removed_since_setup_is_made_again(tmp_path):
@@ -41,3 +45,45 @@ def test_a_command_waits_in_vain_and_names_the_holder(tmp_path):
             pass
     with volumelock.held(locks, ["v1"], "connect_volume (flow c)", 0.2):
         pass
+
+
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+def test_a_waiter_whose_lock_file_went_away_locks_the_one_at_the_path(
+        tmp_path, caplog, how):
+    """A command waiting on a lock file that is removed (ENGINE_TMP
+    emptied at an engine restart) or replaced: once the holder is done,
+    its lock on that file would exclude nobody, beside whoever locks the
+    file now at the path."""
+    caplog.set_level(logging.INFO, logger=volumelock.__name__)
+    locks = str(tmp_path)
+    lock_path = volumelock.path(locks, "v1")
+    got = threading.Event()
+    done = threading.Event()
+
+    def waiter():
+        with volumelock.held(locks, ["v1"], "connect_volume (flow w)", 30):
+            got.set()
+            done.wait(30)
+
+    t = threading.Thread(target=waiter)
+    try:
+        with volumelock.held(locks, ["v1"], "disconnect_volume (flow d)",
+                             1):
+            t.start()
+            wait_for(lambda: "Waiting for volume v1" in caplog.text)
+            os.unlink(lock_path)
+            if how == "replaced":
+                open(lock_path, "w").close()
+        assert got.wait(30)
+        with open(lock_path) as f:
+            assert f.read() == "connect_volume (flow w) (pid {})\n".format(
+                os.getpid())
+        # The waiter holds the volume: nobody else gets it.
+        with pytest.raises(errors.EngineBusy):
+            with volumelock.held(locks, ["v1"], "save_device (flow s)",
+                                 0.2):
+                pass
+    finally:
+        done.set()
+        if t.ident is not None:
+            t.join(30)

@@ -207,7 +207,9 @@ def setup_cinderlib(db_url, locks_dir):
     """Import cinderlib and point it at ``db_url`` (idempotent).
 
     The first call runs ``cl.setup``; a later call with another URL only
-    switches the persistence.  The locks directory is the first call's.
+    switches the persistence.  cinderlib's ``file_locks_path`` is the
+    first call's locks directory (the volume locks are each request's:
+    ``volumelock``).
     """
     select_threading_backend()
     import cinderlib as cl
@@ -419,7 +421,10 @@ def _execute(request, scrub):
                        correlation_id=request.correlation_id)
         ids = [request.args[name]
                for name in ops.LOCKS.get(request.command, ())]
-        with volumelock.held(_state["locks_dir"] or request.locks_dir, ids,
+        # The request's locks directory, not the one cinderlib was set
+        # up with (a warm service's first request's): every process
+        # working on a volume must lock in the same place.
+        with volumelock.held(request.locks_dir, ids,
                              "{} (flow {})".format(request.command,
                                                    request.correlation_id),
                              timeout=request.lock_timeout):

@@ -32,9 +32,26 @@ whole run:
   holds the lock while it asks the hosts, 10 s each at once).  A command
   that cannot get the lock in time fails, naming the volume and the
   command holding it (its holder writes what it is into the file).
-- The files stay (a few dozen bytes each): removing one while another
-  process has it open, waiting, would let a third lock a new file of the
-  same name at the same time.
+- A lock is a lock on the file *at the path*: after ``flock`` succeeds,
+  the file it holds must still be the one at ``volume-<id>.lock`` (same
+  device and inode), else it is closed and the path opened again.  A
+  process waiting on a file that was removed (or replaced) meanwhile
+  would otherwise get a lock nobody else takes any more, beside the
+  process that created the new file and locked that.
+- The files stay (a few dozen bytes each).
+- What the check cannot help: a holder whose file someone *else* removes
+  while it runs.  ovirt-engine empties ENGINE_TMP, where the default
+  locks directory is, at every start and stop (``ovirt-engine.py.in``
+  via ``ovirt_engine.service.TempDir.create``, an ``rmtree`` first), and
+  a warm service's children outlive the engine: one still running a
+  command from before an engine restart holds a file gone from the
+  path, and the new engine's command on the same volume locks a new
+  one.  Cold commands die with the engine (its unit's cgroup).  With a
+  warm service, set ``MANAGEDVOLUME_ENGINE_LOCKS_DIR`` outside
+  ENGINE_TMP (data/managedvolume-adapter.conf).
+- The locks directory is the request's (a warm child locks where the
+  command that forwarded it would have): cinderlib's ``file_locks_path``
+  stays the first request's, as cinderlib is set up once per process.
 """
 
 import errno
@@ -87,40 +104,60 @@ def path(locks_dir, vol_id):
 
 def _acquire(locks_dir, vol_id, holder, deadline, timeout):
     lock_path = path(locks_dir, vol_id)
+    waiting = False
+    while True:
+        fd = _open(locks_dir, lock_path)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                if not waiting:
+                    log.info("Waiting for volume %s: %s holds it", vol_id,
+                             _holder(fd))
+                    waiting = True
+                if time.monotonic() >= deadline:
+                    raise errors.EngineBusy(id=vol_id, holder=_holder(fd),
+                                            timeout=_seconds(timeout))
+                time.sleep(_POLL)
+            if _at_path(fd, lock_path):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, "{} (pid {})\n".format(
+                    holder, os.getpid()).encode("utf-8", "replace"), 0)
+                if waiting:
+                    log.info("Got volume %s", vol_id)
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        # Removed or replaced while we waited: this lock excludes nobody.
+        os.close(fd)
+        log.debug("The lock file of volume %s was removed or replaced "
+                  "while waiting; opening it again", vol_id)
+
+
+def _open(locks_dir, lock_path):
     flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
     try:
-        fd = os.open(lock_path, flags, 0o600)
+        return os.open(lock_path, flags, 0o600)
     except FileNotFoundError:
         # Made at setup, but a warm service outlives it when it is under
         # ENGINE_TMP, which ovirt-engine re-creates at every start.
         argsmod.private_dirs(locks_dir)
-        fd = os.open(lock_path, flags, 0o600)
+        return os.open(lock_path, flags, 0o600)
+
+
+def _at_path(fd, lock_path):
+    """Whether the open file ``fd`` is the one at ``lock_path`` now."""
+    mine = os.fstat(fd)
     try:
-        waiting = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-            if not waiting:
-                log.info("Waiting for volume %s: %s holds it", vol_id,
-                         _holder(fd))
-                waiting = True
-            if time.monotonic() >= deadline:
-                raise errors.EngineBusy(id=vol_id, holder=_holder(fd),
-                                        timeout=_seconds(timeout))
-            time.sleep(_POLL)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, "{} (pid {})\n".format(holder, os.getpid()).encode(
-            "utf-8", "replace"), 0)
-        if waiting:
-            log.info("Got volume %s", vol_id)
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
+        there = os.stat(lock_path)
+    except FileNotFoundError:
+        return False
+    return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _holder(fd):

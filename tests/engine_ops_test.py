@@ -546,6 +546,45 @@ def test_a_snapshot_is_found_when_the_engine_names_the_disk_not_its_volume(
     assert [s for s, _ in backend.snapshots(disk)] == [first]
 
 
+def test_the_snapshot_commands_lock_the_volume_holding_the_snapshot(
+        backend, engine_shim):
+    # The engine names the disk; the snapshot is of its active volume,
+    # which a create_snapshot or delete_volume of that volume locks.
+    from vdsm_managedvolume.engine import volumelock
+    disk = new_id()
+    backend.run("create_volume", disk, 1)
+    first = backend.run("create_snapshot", disk).payload("c")
+    active = backend.run("create_volume_from_snapshot", disk,
+                         first).payload("c")
+    snap = backend.run("create_snapshot", active).payload("c")
+    locks = engine_shim.env["MANAGEDVOLUME_ENGINE_LOCKS_DIR"]
+    with volumelock.held(locks, [active], "create_snapshot (flow x)", 1):
+        for args in (("create_volume_from_snapshot", disk, snap),
+                     ("remove_snapshot", snap, disk)):
+            r = backend.run(*args, code=1, options=["--lock-timeout", "0.3"])
+            assert r.error() == (
+                "{} failed: Volume {} is busy: create_snapshot (flow x) "
+                "(pid {}) holds it; gave up after 0.3 seconds".format(
+                    args[0], active, os.getpid()))
+    assert backend.snapshots(active) == [(snap, "available")]
+
+    # The disk is locked too (and first, when its id sorts first).
+    with volumelock.held(locks, [disk], "extend_volume (flow y)", 1):
+        r = backend.run("remove_snapshot", snap, disk, code=1,
+                        options=["--lock-timeout", "0.3"])
+        assert "Volume {} is busy: extend_volume (flow y)".format(disk) \
+            in r.error()
+
+    preview = backend.run("create_volume_from_snapshot", disk,
+                          snap).payload("c")
+    backend.run("remove_snapshot", snap, disk)
+    assert backend.snapshots(active) == []
+    for vol in (preview, active):
+        backend.run("delete_volume", vol)
+    backend.run("remove_snapshot", first, disk)
+    backend.run("delete_volume", disk)
+
+
 def test_another_backends_snapshot_is_not_found(backend, engine_shim):
     vol = new_id()
     backend.run("create_volume", vol, 1)

@@ -49,7 +49,8 @@ Where upstream is wrong we differ, and say so here:
 - storage_stats parses ``refresh`` ("false" was a true string upstream).
 - remove_snapshot and create_volume_from_snapshot find the snapshot
   under whichever volume of the backend holds it (``_find_snapshot_of``):
-  the engine names the disk, not the volume it snapshotted.
+  the engine names the disk, not the volume it snapshotted.  They lock
+  that volume too (``lock_ids``), not only the one named.
 - A create that fails (volume, clone, volume from snapshot, snapshot)
   deletes what cinderlib saved of it in "error" (``_discard``): the engine
   got an error and never learns that id, and an "error" snapshot made
@@ -289,6 +290,7 @@ def create_snapshot(backend, args):
 def remove_snapshot(backend, args):
     vol, snap = _find_snapshot_of(backend, args["volume_id"],
                                   args["snapshot_id"])
+    _check_locked(args, vol, snap)
     log.info("Removing snapshot %s of volume %s", snap.id, vol.id)
     snap.delete()
     return None
@@ -297,6 +299,7 @@ def remove_snapshot(backend, args):
 def create_volume_from_snapshot(backend, args):
     vol, snap = _find_snapshot_of(backend, args["volume_id"],
                                   args["snapshot_id"])
+    _check_locked(args, vol, snap)
     params = {}
     if args.get("size"):
         if args["size"] < snap.volume_size:
@@ -322,7 +325,8 @@ def create_volume_from_snapshot(backend, args):
 # those whose connections it reads, decides on and writes, or whose
 # existence it changes.  Not get_connection_info and storage_stats (they
 # write nothing), nor the source of a clone (cinder clones a volume in
-# use; a long clone must not hold a VM's start).
+# use; a long clone must not hold a VM's start).  See ``lock_ids`` for the
+# snapshot commands.
 LOCKS = {
     "create_volume": ("volume_id",),
     "delete_volume": ("volume_id",),
@@ -335,6 +339,29 @@ LOCKS = {
     "remove_snapshot": ("volume_id",),
     "create_volume_from_snapshot": ("volume_id",),
 }
+
+
+def lock_ids(command, args):
+    """The volume ids ``command`` locks for its whole run: ``LOCKS``, and
+    for remove_snapshot and create_volume_from_snapshot the volume
+    holding the snapshot, when it is not the one the engine named
+    (``_find_snapshot_of``): a create_snapshot or delete_volume of that
+    volume must not run beside them.
+
+    Read before locking, from cinder's records (a snapshot's volume never
+    changes); the operation checks under the lock that the volume it acts
+    on is one of these (``_check_locked``).  Several ids are locked in
+    sorted order (``volumelock.held``), as every command locks them, so
+    two commands never wait for each other's second lock.
+    """
+    ids = [args[name] for name in LOCKS.get(command, ())]
+    if command in _SNAPSHOT_OWNER_LOCKED:
+        ids += [i for i in _snapshot_volume_ids(args["snapshot_id"])
+                if i not in ids]
+    return ids
+
+
+_SNAPSHOT_OWNER_LOCKED = ("remove_snapshot", "create_volume_from_snapshot")
 
 # Removals: when the volume or snapshot is gone, the goal is reached.
 IDEMPOTENT = frozenset(("delete_volume", "remove_snapshot",
@@ -576,6 +603,17 @@ def _find_snapshot_of(backend, vol_id, snap_id):
     if vol is None:
         raise errors.EngineNotFound(kind="Volume", id=vol_id)
     raise errors.EngineNotFound(kind="Snapshot", id=snap_id)
+
+
+def _check_locked(args, vol, snap):
+    """Refuse to act on ``snap`` of ``vol`` when ``vol`` is not locked:
+    the snapshot was not in the records when the locks were chosen
+    (``lock_ids``), and appeared before they were held."""
+    locked = args.get("locked")
+    if locked is not None and vol.id not in locked:
+        raise errors.EngineError(
+            "Snapshot {} of volume {} appeared while this command waited "
+            "for its locks; run it again".format(snap.id, vol.id))
 
 
 def _snapshot_volume_ids(snap_id):

@@ -416,11 +416,11 @@ def _execute(request, scrub):
                               request.correlation_id, scrub)
         check_driver(request.driver)
         be = backend(cl, request.driver)
-        # What disconnect_volume needs to ask the hosts.
+        ids = ops.lock_ids(request.command, request.args)
+        # What disconnect_volume needs to ask the hosts, and what is
+        # locked.
         op_args = dict(request.args, hosts=request.hosts,
-                       correlation_id=request.correlation_id)
-        ids = [request.args[name]
-               for name in ops.LOCKS.get(request.command, ())]
+                       correlation_id=request.correlation_id, locked=ids)
         # The request's locks directory, not the one cinderlib was set
         # up with (a warm service's first request's): every process
         # working on a volume must lock in the same place.

@@ -436,7 +436,11 @@ def test_a_warm_child_locks_in_its_requests_locks_directory(
                 options=["--locks-dir", locks])
     assert "[flow=c-locks] Running create_volume" in engine_service.log()
     assert os.path.exists(volumelock.path(locks, vol))
-    backend.run("delete_volume", vol)
+    # delete_volume takes its volume's lock file with it.
+    backend.run("delete_volume", vol, options=["--locks-dir", locks])
+    assert not os.path.exists(volumelock.path(locks, vol))
+    backend.run("delete_volume", vol, options=["--locks-dir", locks])
+    assert not os.path.exists(volumelock.path(locks, vol))
 
 
 def test_connection_info_has_a_null_device_until_one_is_saved(backend):

@@ -87,3 +87,41 @@ def test_a_waiter_whose_lock_file_went_away_locks_the_one_at_the_path(
         done.set()
         if t.ident is not None:
             t.join(30)
+
+
+def test_a_holder_removes_its_lock_file_and_its_waiter_locks_a_new_one(
+        tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger=volumelock.__name__)
+    locks = str(tmp_path)
+    lock_path = volumelock.path(locks, "v1")
+    got = threading.Event()
+    done = threading.Event()
+
+    def waiter():
+        with volumelock.held(locks, ["v1"], "connect_volume (flow w)", 30):
+            got.set()
+            done.wait(30)
+
+    t = threading.Thread(target=waiter)
+    try:
+        with volumelock.held(locks, ["v1", "v2"], "delete_volume (flow d)",
+                             1, discard=["v1"]):
+            t.start()
+            wait_for(lambda: "Waiting for volume v1" in caplog.text)
+        # The holder's own file is gone; v2's (not discarded) stays.
+        assert os.path.exists(volumelock.path(locks, "v2"))
+        assert got.wait(30)
+        # The waiter holds the new file: nobody else gets the volume.
+        with pytest.raises(errors.EngineBusy):
+            with volumelock.held(locks, ["v1"], "save_device (flow s)",
+                                 0.2):
+                pass
+    finally:
+        done.set()
+        if t.ident is not None:
+            t.join(30)
+    # Nobody waiting: removed for good.
+    with volumelock.held(locks, ["v1"], "delete_volume (flow e)", 1,
+                         discard=["v1"]):
+        pass
+    assert not os.path.exists(lock_path)

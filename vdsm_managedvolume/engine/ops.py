@@ -363,6 +363,14 @@ def lock_ids(command, args):
 
 _SNAPSHOT_OWNER_LOCKED = ("remove_snapshot", "create_volume_from_snapshot")
 
+# The lock files a command removes when it lets go of them
+# (``volumelock.held``'s discard): the volume delete_volume deleted, or
+# found gone.  Also after a failed delete: a waiter then locks a new file,
+# and the next command on the volume makes it again.
+DISCARDS = {
+    "delete_volume": ("volume_id",),
+}
+
 # Removals: when the volume or snapshot is gone, the goal is reached.
 IDEMPOTENT = frozenset(("delete_volume", "remove_snapshot",
                         "disconnect_volume"))

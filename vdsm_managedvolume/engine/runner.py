@@ -427,7 +427,10 @@ def _execute(request, scrub):
         with volumelock.held(request.locks_dir, ids,
                              "{} (flow {})".format(request.command,
                                                    request.correlation_id),
-                             timeout=request.lock_timeout):
+                             timeout=request.lock_timeout,
+                             discard=[request.args[name] for name in
+                                      ops.DISCARDS.get(request.command,
+                                                       ())]):
             payload = ops.OPERATIONS[request.command](be, op_args)
     except errors.EngineNotFound as e:
         log.warning("%s: %s", request.command, e)

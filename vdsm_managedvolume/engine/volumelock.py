@@ -38,7 +38,14 @@ whole run:
   process waiting on a file that was removed (or replaced) meanwhile
   would otherwise get a lock nobody else takes any more, beside the
   process that created the new file and locked that.
-- The files stay (a few dozen bytes each).
+- So a holder may remove its file before it lets go (``held(discard=)``):
+  its waiters then find their file gone and lock the new one.
+  ``delete_volume`` removes its volume's (``ops.DISCARDS``), so that the
+  directory does not keep a file for every volume ever made.  The files
+  of volumes deleted otherwise stay (a few dozen bytes each).  A
+  process of a version without the check (a warm service not restarted
+  since an upgrade) waiting on a removed file would still take it for
+  the volume's lock.
 - What the check cannot help: a holder whose file someone *else* removes
   while it runs.  ovirt-engine empties ENGINE_TMP, where the default
   locks directory is, at every start and stop (``ovirt-engine.py.in``
@@ -72,26 +79,31 @@ _POLL = 0.05
 
 
 @contextmanager
-def held(locks_dir, vol_ids, holder, timeout):
+def held(locks_dir, vol_ids, holder, timeout, discard=()):
     """Hold the lock of every id in ``vol_ids`` (sorted, so that two
     commands locking the same ids never deadlock) for the block.
 
     ``holder`` says what holds it (command and flow), for the error of a
     command that waits in vain.  Raises ``errors.EngineBusy`` after
-    ``timeout`` seconds.
+    ``timeout`` seconds.  The files of the ids in ``discard`` are
+    removed before their locks are released, however the block ended
+    (removing one is always safe: a waiter then locks a new file).
     """
-    fds = []
+    locked = []
     try:
         deadline = time.monotonic() + timeout
         for vol_id in sorted(set(vol_ids)):
-            fds.append(_acquire(locks_dir, vol_id, holder, deadline,
-                                timeout))
+            locked.append((vol_id, _acquire(locks_dir, vol_id, holder,
+                                            deadline, timeout)))
         yield
     finally:
-        for fd in reversed(fds):
+        for vol_id, fd in reversed(locked):
             try:
-                # A command waiting next reads its holder, not ours.
-                os.ftruncate(fd, 0)
+                if vol_id in discard:
+                    _remove(locks_dir, vol_id, fd)
+                else:
+                    # A command waiting next reads its holder, not ours.
+                    os.ftruncate(fd, 0)
             finally:
                 os.close(fd)        # releases the flock
 
@@ -158,6 +170,18 @@ def _at_path(fd, lock_path):
     except FileNotFoundError:
         return False
     return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _remove(locks_dir, vol_id, fd):
+    """Remove the lock file of ``vol_id``, held through ``fd``.  Only a
+    holder removes one, so the file at the path is ours, unless someone
+    else emptied the directory: then there is nothing to remove."""
+    lock_path = path(locks_dir, vol_id)
+    try:
+        if _at_path(fd, lock_path):
+            os.unlink(lock_path)
+    except OSError as e:
+        log.warning("Could not remove the lock file %s: %s", lock_path, e)
 
 
 def _holder(fd):

@@ -1,9 +1,10 @@
-"""Where the privsep daemon runs: ``[privsep] cpu_affinity``.
+"""Where the agent and the privsep daemon run (affinity.py).
 
 vdsm pins itself to one core by default and runs its commands on every
-CPU; a daemon started from inside vdsm must not inherit vdsm's core
-(privileged.daemon_cpus).  The daemon tests start a real privsep daemon
-from a thread pinned to one CPU, as vdsm's threads are.
+CPU; the agent does the same, and a daemon started from a pinned agent or
+from inside vdsm must not inherit that core.  The daemon tests start a
+real privsep daemon from a thread pinned to one CPU, as vdsm's threads
+are; the agent test starts the real agent.
 """
 
 import importlib.machinery
@@ -15,11 +16,13 @@ import types
 
 import pytest
 
+from vdsm_managedvolume import affinity
 from vdsm_managedvolume import config
 from vdsm_managedvolume import errors
 from vdsm_managedvolume import privileged
 
 from tests import fakebrick
+from tests.agent_process_test import AgentProcess
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,12 +34,6 @@ def _vdsm_config(cpu_affinity):
         get=lambda section, key: {("vars", "cpu_affinity"): cpu_affinity}[
             (section, key)])
     return module
-
-
-def _cfg(cpu_affinity):
-    cfg = config.Config()
-    cfg.cpu_affinity = cpu_affinity
-    return cfg
 
 
 ALL = list(range(os.sysconf("SC_NPROCESSORS_CONF")))
@@ -62,7 +59,28 @@ def test_daemon_cpus(monkeypatch, vdsm, setting, expected):
     else:
         monkeypatch.setitem(sys.modules, "vdsm.common.config",
                             _vdsm_config(vdsm))
-    assert privileged.daemon_cpus(_cfg(setting)) == expected
+    assert affinity.daemon_cpus(setting) == expected
+
+
+def test_a_daemon_of_a_pinned_agent_gets_the_cpus_the_agent_had(
+        monkeypatch):
+    monkeypatch.delitem(sys.modules, "vdsm.common.config", raising=False)
+    monkeypatch.setattr(affinity, "_before_pin", [2, 3, 4])
+    assert affinity.daemon_cpus("auto") == [2, 3, 4]
+    assert affinity.daemon_cpus("") is None
+    assert affinity.daemon_cpus("7") == [7]
+
+
+@pytest.mark.parametrize("setting, allowed, expected", [
+    # vdsm's pick: the second CPU, the first when there is one.
+    ("auto", [0, 1, 2, 3], [1]),
+    ("auto", [4, 6, 9], [6]),
+    ("auto", [3], None),
+    ("", [0, 1], None),
+    ("0,2-3", [0, 1], [0, 2, 3]),
+])
+def test_agent_cpus(setting, allowed, expected):
+    assert affinity.agent_cpus(setting, allowed) == expected
 
 
 def test_a_vdsm_without_the_option_leaves_the_daemon_on_its_cpus(
@@ -74,7 +92,7 @@ def test_a_vdsm_without_the_option_leaves_the_daemon_on_its_cpus(
 
     module.config = types.SimpleNamespace(get=get)
     monkeypatch.setitem(sys.modules, "vdsm.common.config", module)
-    assert privileged.daemon_cpus(_cfg("auto")) is None
+    assert affinity.daemon_cpus("auto") is None
 
 
 def _find_vdsm():
@@ -96,8 +114,9 @@ def test_inside_vdsm_with_its_own_configuration_module():
     if os.path.exists("/etc/vdsm/vdsm.conf"):
         pytest.skip("a vdsm configuration here may set cpu_affinity")
     code = ("import vdsm.common.config\n"
-            "from vdsm_managedvolume import config, privileged\n"
-            "print(privileged.daemon_cpus(config.Config()))\n")
+            "from vdsm_managedvolume import affinity, config\n"
+            "print(affinity.daemon_cpus(config.Config()"
+            ".daemon_cpu_affinity))\n")
     out = subprocess.run(
         [sys.executable, "-c", code], check=True, stdout=subprocess.PIPE,
         universal_newlines=True, timeout=120,
@@ -106,24 +125,30 @@ def test_inside_vdsm_with_its_own_configuration_module():
     assert out.strip() == str(ALL)
 
 
+KEYS = [("agent", "cpu_affinity"), ("privsep", "daemon_cpu_affinity")]
+
+
+@pytest.mark.parametrize("section, key", KEYS)
 @pytest.mark.parametrize("value, expected", [
     ("auto", "auto"), (" AUTO ", "auto"), ("", ""), ("0-3,8", "0-3,8"),
 ])
-def test_config_takes_auto_empty_or_a_cpu_list(tmp_path, value, expected):
+def test_config_takes_auto_empty_or_a_cpu_list(tmp_path, section, key, value,
+                                               expected):
     path = tmp_path / "managedvolume.conf"
-    path.write_text("[privsep]\ncpu_affinity = {}\n".format(value))
-    assert config.load(str(path)).cpu_affinity == expected
+    path.write_text("[{}]\n{} = {}\n".format(section, key, value))
+    assert getattr(config.load(str(path)), key) == expected
 
 
+@pytest.mark.parametrize("section, key", KEYS)
 @pytest.mark.parametrize("value", ["all", "1_0", "3-1", "0,,1", "-1",
                                    "0-8192", "0x1"])
-def test_config_refuses_what_is_no_cpu_list(tmp_path, value):
+def test_config_refuses_what_is_no_cpu_list(tmp_path, section, key, value):
     path = tmp_path / "managedvolume.conf"
-    path.write_text("[privsep]\ncpu_affinity = {}\n".format(value))
+    path.write_text("[{}]\n{} = {}\n".format(section, key, value))
     with pytest.raises(errors.ConfigError) as e:
         config.load(str(path))
-    assert "cpu_affinity = {!r}".format(value) in str(e.value)
-    assert str(path) in str(e.value)
+    assert "{} = {!r}".format(key, value) in str(e.value)
+    assert "{} [{}]".format(path, section) in str(e.value)
 
 
 # A real daemon, started from a pinned thread
@@ -136,7 +161,7 @@ def _thread_cpus(pid):
         with open("/proc/{}/task/{}/status".format(pid, tid)) as f:
             for line in f:
                 if line.startswith("Cpus_allowed_list:"):
-                    cpus[tid] = tuple(config.cpu_list(
+                    cpus[tid] = tuple(affinity.cpu_list(
                         line.split(":", 1)[1]))
     return cpus
 
@@ -162,7 +187,7 @@ def pinned(monkeypatch, tmp_path):
 def _started_daemon(tmp_path, cpu_affinity):
     cfg = config.with_state_dir(config.Config(), str(tmp_path / "state"))
     cfg.connector_override = "tests.fakebrick"
-    cfg.cpu_affinity = cpu_affinity
+    cfg.daemon_cpu_affinity = cpu_affinity
     brick = privileged.Brick(cfg)
     brick.connector_properties()
     return brick
@@ -209,3 +234,37 @@ def test_cpus_the_kernel_refuses_leave_the_daemon_serving(pinned, tmp_path):
         assert set(_thread_cpus(brick.daemon_pid()).values()) == {one}
     finally:
         brick.stop()
+
+
+@pytest.mark.root
+def test_the_agent_pins_itself_as_vdsm_does_and_its_daemon_does_not(
+        tmp_path):
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("needs two CPUs to tell them apart")
+    agent = AgentProcess(tmp_path, insecure=True).start()
+    try:
+        with agent.client() as c:
+            assert "connector_info" in c.call("Host.getCapabilities", {})
+        # Every thread of the agent (its workers, its I/O loop) on the
+        # second CPU ([agent] cpu_affinity = auto)...
+        assert set(_thread_cpus(agent.proc.pid).values()) == \
+            {tuple(allowed[1:2])}
+        # ...its privsep daemon, on every CPU the agent had.
+        marker = agent.state_dir + "/run/managedvolume/privsep"
+        daemons = [int(p) for p in os.listdir("/proc") if p.isdigit()
+                   and marker in _cmdline(p)]
+        assert len(daemons) == 1
+        assert set(_thread_cpus(daemons[0]).values()) == {tuple(allowed)}
+        assert "Running on CPUs {} ([agent] cpu_affinity = auto)".format(
+            allowed[1]) in agent.log()
+    finally:
+        agent.stop()
+
+
+def _cmdline(pid):
+    try:
+        with open("/proc/{}/cmdline".format(pid), "rb") as f:
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""

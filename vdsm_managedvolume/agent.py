@@ -47,6 +47,7 @@ import threading
 import time
 
 from . import __version__
+from . import affinity
 from . import config
 from . import errors
 from . import fileutil
@@ -351,6 +352,10 @@ def _run(cfg, insecure):
     # reconcile under the first one's calls and, on exit, remove its
     # control socket.
     lock_fd = _lock_agent(cfg)
+    # Before any thread starts (each inherits it), as vdsm pins itself.
+    cpus = affinity.pin_agent(cfg.cpu_affinity)
+    log.info("Running on CPUs %s ([agent] cpu_affinity = %s)",
+             affinity.text(cpus), cfg.cpu_affinity or "(empty)")
     try:
         return _serve(cfg, insecure)
     finally:

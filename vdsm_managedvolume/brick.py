@@ -116,6 +116,7 @@ from oslo_privsep import capabilities as caps
 from oslo_privsep import priv_context
 
 from . import adapters
+from . import affinity
 from . import config
 from . import errors
 from . import faults
@@ -253,10 +254,10 @@ def hello(flow_id=None, cpus=None):
 
 def _set_cpus(cpus):
     """Move every thread of this process to ``cpus`` (threads made later
-    inherit it from the main thread, which makes the pool's).  A CPU the
-    kernel does not let us use is left out by the kernel; none usable,
-    or any other refusal, is a warning: where the daemon runs is never a
-    reason for it not to serve."""
+    inherit it from the main thread, which makes the pool's).  A list
+    the kernel refuses, or one that is no list of CPU numbers, is a
+    warning: where the daemon runs is never a reason for it not to
+    serve."""
     if cpus is None:
         return
     if not (isinstance(cpus, (list, tuple)) and cpus and all(
@@ -264,36 +265,9 @@ def _set_cpus(cpus):
         LOG.warning("CPU list %r is not a list of CPU numbers: the daemon "
                     "keeps its CPUs", cpus)
         return
-    try:
-        tids = [int(t) for t in os.listdir("/proc/self/task")]
-    except OSError as e:
-        LOG.warning("Cannot list this daemon's threads (%s): it keeps its "
-                    "CPUs", e)
-        return
-    for tid in tids:
-        try:
-            os.sched_setaffinity(tid, cpus)
-        except ProcessLookupError:
-            continue        # a thread that ended meanwhile
-        except OSError as e:
-            LOG.warning("Cannot move the daemon to CPUs %s (%s): it keeps "
-                        "its CPUs %s", _cpu_text(cpus), e,
-                        _cpu_text(sorted(os.sched_getaffinity(0))))
-            return
-    LOG.info("privsep daemon pid %s runs on CPUs %s", os.getpid(),
-             _cpu_text(sorted(os.sched_getaffinity(0))))
-
-
-def _cpu_text(cpus):
-    """``[0, 1, 2, 5]`` as the kernel writes it: ``0-2,5``."""
-    ranges = []
-    for c in cpus:
-        if ranges and ranges[-1][1] == c - 1:
-            ranges[-1][1] = c
-        else:
-            ranges.append([c, c])
-    return ",".join(str(a) if a == b else "{}-{}".format(a, b)
-                    for a, b in ranges)
+    if affinity.set_threads(cpus, "the privsep daemon"):
+        LOG.info("privsep daemon pid %s runs on CPUs %s", os.getpid(),
+                 affinity.text(os.sched_getaffinity(0)))
 
 
 @context.entrypoint

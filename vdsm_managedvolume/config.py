@@ -39,10 +39,10 @@ import fcntl
 import logging
 import math
 import os
-import re
 import socket
 import sys
 
+from . import affinity
 from . import errors
 
 log = logging.getLogger("managedvolume.config")
@@ -79,12 +79,6 @@ OS_BRICK_TYPES = ("fibre_channel", "glusterfs", "gpfs", "huaweisdshypervisor",
 # [volumes] udev_writer (udevwriter.choose).
 UDEV_WRITERS = ("auto", "service", "daemon")
 
-# [privsep] cpu_affinity: "auto", "" or a CPU list (privileged.daemon_cpus).
-CPU_AFFINITY_AUTO = "auto"
-_CPU_RANGE = re.compile(r"([0-9]+)(?:-([0-9]+))?\Z")
-# The kernel's largest NR_CPUS (Kconfig: 8192): a CPU number beyond is a
-# typo, and a range to it would be a set of millions.
-MAX_CPUS = 8192
 
 # Booleans as configparser's getboolean takes them, in any case.
 _BOOLEANS = {"1": True, "yes": True, "true": True, "on": True,
@@ -123,7 +117,7 @@ class Config:
     root_helper: str = "sudo"
     connector_override: str = ""
     my_ip: str = ""
-    cpu_affinity: str = "auto"
+    daemon_cpu_affinity: str = "auto"
 
     # [agent]
     listen: str = "::"
@@ -138,6 +132,7 @@ class Config:
     handshake_timeout: float = 10.0
     idle_timeout: float = 120.0
     shutdown_timeout: float = 30.0
+    cpu_affinity: str = "auto"
 
     # [logging]
     log_level: str = "INFO"
@@ -213,10 +208,11 @@ SECTIONS = {
                 "chown", "udev_writer", "local_devices", "shared_devices"),
     "privsep": ("timeout", "properties_timeout", "connector_info_ttl",
                 "helper_command", "root_helper", "connector_override",
-                "my_ip", "cpu_affinity"),
+                "my_ip", "daemon_cpu_affinity"),
     "agent": ("listen", "port", "key_file", "cert_file", "ca_file", "workers",
               "max_queue", "max_operations", "max_frame",
-              "handshake_timeout", "idle_timeout", "shutdown_timeout"),
+              "handshake_timeout", "idle_timeout", "shutdown_timeout",
+              "cpu_affinity"),
     "logging": ("log_level", "log_file", "log_config"),
 }
 
@@ -480,10 +476,8 @@ def _set(cfg, key, value, where):
         value = _log_level(value, where)
     elif key == "allowed_types":
         _check_types(value, where)
-    elif key == "cpu_affinity":
-        value = value.strip().lower()
-        if value != CPU_AFFINITY_AUTO:
-            cpu_list(value, where)
+    elif key in ("cpu_affinity", "daemon_cpu_affinity"):
+        value = affinity.check(value, key, where)
     elif key == "udev_writer":
         value = value.strip().lower()
         if value not in UDEV_WRITERS:
@@ -492,29 +486,6 @@ def _set(cfg, key, value, where):
                     where, value, ", ".join(UDEV_WRITERS)))
     setattr(cfg, key, value)
     cfg.origins[key] = where
-
-
-def cpu_list(text, where="[privsep]"):
-    """The CPUs of a list in the kernel's syntax (``0-3,8``), a sorted
-    list of ints; [] for an empty text.  ConfigError naming ``where``
-    for anything else (a range running backwards, a CPU number the
-    kernel cannot have: MAX_CPUS)."""
-    cpus = set()
-    if not text.strip():
-        return []
-    for part in text.split(","):
-        m = _CPU_RANGE.match(part.strip())
-        first = last = None
-        if m:
-            first = int(m.group(1))
-            last = int(m.group(2)) if m.group(2) else first
-        if m is None or last < first or last >= MAX_CPUS:
-            raise errors.ConfigError(
-                "{}: cpu_affinity = {!r} is not 'auto', empty nor a CPU "
-                "list such as 0-3,8 (at {!r})".format(where, text,
-                                                      part.strip()))
-        cpus.update(range(first, last + 1))
-    return sorted(cpus)
 
 
 def _check_types(types, where):

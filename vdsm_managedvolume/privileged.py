@@ -118,9 +118,10 @@ bound": ``cmdutils.wrap_command``'s ``reset_cpu_affinity``, through
 taskset).  A daemon started from inside vdsm would inherit that one core,
 and so would every command os-brick runs (iscsiadm, multipath, rbd,
 nvme): in a mass start, all of the host's attach work on the core vdsm
-answers the engine's polls from.  So the daemon moves its threads to the
-CPUs ``daemon_cpus`` names (``[privsep] cpu_affinity``) at its ``hello``,
-before it runs anything, and its commands inherit them.
+answers the engine's polls from; the same for the agent, which pins
+itself as vdsm does.  So the daemon moves its threads to the CPUs
+``affinity.daemon_cpus`` names (``[privsep] daemon_cpu_affinity``) at
+its ``hello``, before it runs anything, and its commands inherit them.
 
 os-brick is never imported in this process: ``check_supported`` uses
 importlib's find_spec; importing os_brick.utils would replace time.sleep
@@ -147,7 +148,7 @@ import threading
 import time
 
 from . import adapters
-from . import config
+from . import affinity
 from . import errors
 from . import fileutil
 from . import gate
@@ -451,37 +452,6 @@ def default_ip():
     return None
 
 
-def daemon_cpus(cfg):
-    """The CPUs the daemon (and every command it starts) runs on, a
-    sorted list, or None: those of the process starting it.
-
-    ``[privsep] cpu_affinity``: a CPU list (``0-3,8``) names them; empty
-    means None; "auto" (the default) means every CPU when this process
-    runs inside a vdsm that pins itself (vdsm's ``[vars] cpu_affinity``
-    not empty, its default being "auto"), as vdsm does for its own
-    commands (``cmdutils._ANY_CPU``: 0 to the number of configured CPUs
-    less one; the kernel keeps only those online and allowed by the
-    cgroup's cpuset), else None: the standalone agent leaves the
-    daemon on its own CPUs, whatever pinned it (systemd's CPUAffinity=,
-    taskset), as vdsm does when its cpu_affinity is empty.
-
-    Inside vdsm is known by vdsm's configuration module
-    (``vdsm.common.config``) being loaded: vdsm loads it before anything
-    else, and nothing of ours imports it.
-    """
-    setting = cfg.cpu_affinity
-    if setting != config.CPU_AFFINITY_AUTO:
-        return config.cpu_list(setting) or None
-    vdsm_config = sys.modules.get("vdsm.common.config")
-    try:
-        pinned = vdsm_config.config.get("vars", "cpu_affinity") != ""
-    except Exception:
-        # Not inside vdsm, or a vdsm without the option (older than 4.20).
-        return None
-    return list(range(os.sysconf("SC_NPROCESSORS_CONF"))) if pinned \
-        else None
-
-
 def helper_command(cfg, sock_path=None):
     """The argv starting the daemon (see the module docstring).
 
@@ -576,7 +546,8 @@ class _Daemon:
                                _remaining(deadline), flow=flow)
             daemon = cls(channel, sock, pid, _pidfd(pid), output)
             info = channel.call(privsep.ENTRYPOINTS + "hello",
-                                (flow, daemon_cpus(cfg)),
+                                (flow, affinity.daemon_cpus(
+                                    cfg.daemon_cpu_affinity)),
                                 _remaining(deadline), flow=flow)
         except (_Timeout, _Died, privsep.RemoteError) as e:
             if daemon is not None:

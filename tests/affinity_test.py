@@ -7,6 +7,7 @@ real privsep daemon from a thread pinned to one CPU, as vdsm's threads
 are; the agent test starts the real agent.
 """
 
+import concurrent.futures
 import importlib.machinery
 import importlib.util
 import os
@@ -36,7 +37,9 @@ def _vdsm_config(cpu_affinity):
     return module
 
 
-ALL = list(range(os.sysconf("SC_NPROCESSORS_CONF")))
+# Every CPU the host's init may use: where a daemon started inside a
+# pinned vdsm goes.
+HOST = sorted(os.sched_getaffinity(1))
 
 
 @pytest.mark.parametrize("vdsm, setting, expected", [
@@ -44,8 +47,8 @@ ALL = list(range(os.sysconf("SC_NPROCESSORS_CONF")))
     (None, "auto", None),
     # Inside a vdsm that pins itself (its default, "auto", or a list):
     # every CPU, as vdsm runs its own commands.
-    ("auto", "auto", ALL),
-    ("1", "auto", ALL),
+    ("auto", "auto", HOST),
+    ("1", "auto", HOST),
     # Inside a vdsm that does not pin itself: the daemon keeps vdsm's.
     ("", "auto", None),
     # Said in our file: wins, inside vdsm or not.
@@ -122,7 +125,7 @@ def test_inside_vdsm_with_its_own_configuration_module():
         universal_newlines=True, timeout=120,
         env=dict(os.environ, PYTHONPATH=os.pathsep.join(
             [os.path.join(vdsm, "lib"), REPO]))).stdout
-    assert out.strip() == str(ALL)
+    assert out.strip() == str(HOST)
 
 
 KEYS = [("agent", "cpu_affinity"), ("privsep", "daemon_cpu_affinity")]
@@ -184,28 +187,27 @@ def pinned(monkeypatch, tmp_path):
         os.sched_setaffinity(0, allowed)
 
 
-def _started_daemon(tmp_path, cpu_affinity):
+def _brick(tmp_path, cpu_affinity):
     cfg = config.with_state_dir(config.Config(), str(tmp_path / "state"))
     cfg.connector_override = "tests.fakebrick"
     cfg.daemon_cpu_affinity = cpu_affinity
-    brick = privileged.Brick(cfg)
-    brick.connector_properties()
-    return brick
+    return privileged.Brick(cfg)
 
 
 @pytest.mark.root
 def test_a_daemon_told_its_cpus_leaves_its_callers_core(pinned, tmp_path):
     one, every = pinned
-    brick = _started_daemon(tmp_path, ",".join(map(str, every)))
+    brick = _brick(tmp_path, ",".join(map(str, every)))
     try:
+        # Calls at once: the pool makes threads; each inherits the CPUs,
+        # and so does a command one of them starts.
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda _: brick.connector_properties(), range(8)))
         threads = _thread_cpus(brick.daemon_pid())
-        # The pool's threads too: each call below runs in one, and a
-        # command it starts inherits its CPUs.
-        for _ in range(3):
-            brick.connector_properties()
-        threads.update(_thread_cpus(brick.daemon_pid()))
-        assert len(threads) > 1
+        assert len(threads) > 2
         assert set(threads.values()) == {every}
+        # ...and the thread that started it is back on its one CPU.
+        assert tuple(sorted(os.sched_getaffinity(0))) == one
     finally:
         brick.stop()
 
@@ -213,7 +215,7 @@ def test_a_daemon_told_its_cpus_leaves_its_callers_core(pinned, tmp_path):
 @pytest.mark.root
 def test_a_daemon_told_nothing_keeps_its_callers_cpus(pinned, tmp_path):
     one, every = pinned
-    brick = _started_daemon(tmp_path, "")
+    brick = _brick(tmp_path, "")
     try:
         brick.connector_properties()
         assert set(_thread_cpus(brick.daemon_pid()).values()) == {one}
@@ -228,7 +230,7 @@ def test_cpus_the_kernel_refuses_leave_the_daemon_serving(pinned, tmp_path):
     one, every = pinned
     if 8191 in every:
         pytest.skip("this machine has a CPU 8191")
-    brick = _started_daemon(tmp_path, "8191")
+    brick = _brick(tmp_path, "8191")
     try:
         assert brick.connector_properties()
         assert set(_thread_cpus(brick.daemon_pid()).values()) == {one}

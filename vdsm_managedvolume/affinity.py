@@ -15,33 +15,35 @@ vdsm's practice, followed here (oVirt/vdsm: ``vdsmd.__set_cpu_affinity``,
 So:
 
 ``[agent] cpu_affinity`` (``agent_cpus``, applied by ``pin_agent`` before
-the agent starts a thread): the same values and default as vdsm's, "auto"
-taking the second of the CPUs the agent may use when it starts (vdsm takes
-the second online one even if systemd's CPUAffinity= excludes it), empty
-for no pinning, or a CPU list in the kernel's syntax (``0-3,8``).  Inside
-vdsm this package pins nothing: vdsm did.
+the agent starts a thread): "auto" (the default, as vdsm's) takes the
+second of the CPUs the agent may use when it starts (vdsm takes the
+second online one even if systemd's CPUAffinity= excludes it), empty
+means no pinning, a list in the kernel's syntax (``0-3,8``; vdsm's own
+option takes commas only) names the CPUs.  Beside a vdsmd that pins
+itself the agent lands on vdsm's core, the one ovirt-engine keeps
+dedicated-CPU VMs off (it excludes vdsm's CPUs only).  Inside vdsm this
+package pins nothing: vdsm did.
 
-``[privsep] cpu_affinity`` (``daemon_cpus``, applied by the daemon to its
-threads at its ``hello``, before it runs anything: brick.py): "auto" means
-every CPU when the process starting the daemon pinned itself (the agent,
-through ``pin_agent``: the CPUs it had before; vdsm, through its own
-``[vars] cpu_affinity``: 0 to the number of configured CPUs less one, as
-vdsm's ``cmdutils._ANY_CPU``), else the starter's own; empty means the
-starter's own; a CPU list names them.  The daemon, and every command
-os-brick runs from it (iscsiadm, multipath, rbd, nvme), would otherwise
-share the agent's one core, or vdsm's.
+``[privsep] daemon_cpu_affinity`` (``daemon_cpus``): where the daemon,
+and every command os-brick runs from it (iscsiadm, multipath, rbd,
+nvme), runs; otherwise they would share the agent's one core, or vdsm's.
+"auto" means, when the process starting the daemon pinned itself, the
+CPUs it had before (the agent, through ``pin_agent``) or every CPU the
+host's init may use (vdsm, through its own ``[vars] cpu_affinity``: the
+CPUs of pid 1, which systemd's CPUAffinity= in system.conf and tuned's
+cpu-partitioning restrict; vdsm's own commands take every configured CPU,
+``cmdutils._ANY_CPU``, whatever that says); else the starter's own.
+Empty means the starter's own; a list names them.  The daemon is born on
+them: the thread starting it widens its own CPUs around the spawn
+(``spawning_on``), so sudo, privsep-helper, the daemon's start-up and
+every thread it makes inherit them.
 
 The kernel keeps only the CPUs of a set that are online and allowed by
 the process's cpuset; a set it refuses entirely (EINVAL) is logged, and
 the process keeps running where it was: where it runs is never a reason
 not to serve.
 
-Measured (2026-12-01, 2-core VM, load average 6-8 from other jobs, one
-agent alternating between free and pinned to CPU 1, six rounds each):
-32 callers 402-479 vs 254-377 attach+detach pairs per second; the
-agent's CPU per pair with 32 callers 1.79-2.08 vs 2.13-2.83 ms; one
-caller's p50 2.37-4.65 vs 3.01-14.36 ms (docs/operations.md, "Under
-load").
+Measured: docs/operations.md, "CPU placement".
 """
 
 import logging
@@ -94,7 +96,8 @@ def cpu_list(text, key="cpu_affinity", where="managedvolume.conf"):
         if m is None or last < first or last >= MAX_CPUS:
             raise errors.ConfigError(
                 "{}: {} = {!r} is not 'auto', empty nor a CPU list such as "
-                "0-3,8 (at {!r})".format(where, key, text, part.strip()))
+                "0-3,8 of CPUs 0 to {} (at {!r})".format(
+                    where, key, text, MAX_CPUS - 1, part.strip()))
         cpus.update(range(first, last + 1))
     return sorted(cpus)
 
@@ -154,8 +157,48 @@ def daemon_cpus(setting):
     except Exception:
         # Not inside vdsm, or a vdsm without the option.
         return None
-    return list(range(os.sysconf("SC_NPROCESSORS_CONF"))) if pinned \
-        else None
+    return host_cpus() if pinned else None
+
+
+def host_cpus():
+    """Every CPU the host's init (pid 1) may use, a sorted list: what
+    systemd's CPUAffinity= (system.conf) leaves to services; all
+    configured CPUs if it cannot be read."""
+    try:
+        return sorted(os.sched_getaffinity(1))
+    except OSError:
+        return list(range(os.sysconf("SC_NPROCESSORS_CONF")))
+
+
+class spawning_on:
+    """Context manager: run the block (a spawn) with this thread on
+    ``cpus`` (None: as it is), so that the child is born on them; the
+    thread's CPUs are restored after it.  A list the kernel refuses is a
+    warning: the child is then born on this thread's CPUs."""
+
+    def __init__(self, cpus, what):
+        self._cpus = cpus
+        self._what = what
+        self._before = None
+
+    def __enter__(self):
+        if self._cpus is None:
+            return
+        before = os.sched_getaffinity(0)
+        try:
+            os.sched_setaffinity(0, self._cpus)
+        except OSError as e:
+            log.warning("Cannot start %s on CPUs %s (%s): it starts on %s",
+                        self._what, text(self._cpus), e, text(before))
+            return
+        self._before = before
+        log.info("Starting %s on CPUs %s", self._what,
+                 text(os.sched_getaffinity(0)))
+
+    def __exit__(self, *exc):
+        if self._before is not None:
+            os.sched_setaffinity(0, self._before)
+        return False
 
 
 def set_threads(cpus, who):

@@ -17,9 +17,7 @@ Inside the daemon::
       connects to the client's socket and the daemon forks away from it
     oslo.privsep's Daemon.run(): chdir /, umask 0 (!), drop capabilities
     getpid()                first call: umask 022 (UMASK), pid
-    hello()                 umask 022 again, move to the CPUs the client
-                            names (privileged.daemon_cpus), configure
-                            os-brick (below);
+    hello()                 umask 022 again, configure os-brick (below);
                             any other call does both first if it comes
                             first (_setup)
     connector_properties()  \
@@ -116,7 +114,6 @@ from oslo_privsep import capabilities as caps
 from oslo_privsep import priv_context
 
 from . import adapters
-from . import affinity
 from . import config
 from . import errors
 from . import faults
@@ -238,36 +235,13 @@ CONNECTOR_KWARGS = {"use_multipath": True, "device_scan_attempts": 3}
 
 
 @context.entrypoint
-def hello(flow_id=None, cpus=None):
-    """Configure os-brick; return what the client wants to know.
-
-    ``cpus``: the CPUs every thread of the daemon runs on from now on
-    (``privileged.daemon_cpus``), None to keep the caller's; set before
-    any other call runs a command, so each command inherits them."""
+def hello(flow_id=None):
+    """Configure os-brick; return what the client wants to know."""
     _set_thread_flow(flow_id)
     with log.flow(flow_id):
-        _set_cpus(cpus)
         info = _setup()
     info["pid"] = os.getpid()
     return info
-
-
-def _set_cpus(cpus):
-    """Move every thread of this process to ``cpus`` (threads made later
-    inherit it from the main thread, which makes the pool's).  A list
-    the kernel refuses, or one that is no list of CPU numbers, is a
-    warning: where the daemon runs is never a reason for it not to
-    serve."""
-    if cpus is None:
-        return
-    if not (isinstance(cpus, (list, tuple)) and cpus and all(
-            type(c) is int and 0 <= c for c in cpus)):
-        LOG.warning("CPU list %r is not a list of CPU numbers: the daemon "
-                    "keeps its CPUs", cpus)
-        return
-    if affinity.set_threads(cpus, "the privsep daemon"):
-        LOG.info("privsep daemon pid %s runs on CPUs %s", os.getpid(),
-                 affinity.text(os.sched_getaffinity(0)))
 
 
 @context.entrypoint

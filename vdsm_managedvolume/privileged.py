@@ -119,9 +119,10 @@ taskset).  A daemon started from inside vdsm would inherit that one core,
 and so would every command os-brick runs (iscsiadm, multipath, rbd,
 nvme): in a mass start, all of the host's attach work on the core vdsm
 answers the engine's polls from; the same for the agent, which pins
-itself as vdsm does.  So the daemon moves its threads to the CPUs
-``affinity.daemon_cpus`` names (``[privsep] daemon_cpu_affinity``) at
-its ``hello``, before it runs anything, and its commands inherit them.
+itself as vdsm does.  So the daemon is started on the CPUs
+``affinity.daemon_cpus`` names (``[privsep] daemon_cpu_affinity``): the
+starting thread widens its own around the spawn (``affinity.spawning_on``),
+and the daemon, its threads and its commands inherit them.
 
 os-brick is never imported in this process: ``check_supported`` uses
 importlib's find_spec; importing os_brick.utils would replace time.sleep
@@ -511,6 +512,7 @@ class _Daemon:
         flow = log.current_flow()
         privsepconfig.prepare_config(cfg)
         cmd = helper_command(cfg)
+        cpus = affinity.daemon_cpus(cfg.daemon_cpu_affinity)
         proc = None
         output = None
         with _SocketPlace(cfg, deadline) as place:
@@ -522,11 +524,13 @@ class _Daemon:
                     # ``make run`` signals our process group, and the
                     # daemon would die of it with a CRITICAL traceback
                     # before we stop it cleanly.
-                    proc = subprocess.Popen(
-                        cmd, stdin=subprocess.DEVNULL,
-                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                        env=_daemon_env(cfg), close_fds=True,
-                        start_new_session=True)
+                    with affinity.spawning_on(cpus, "the privsep daemon"):
+                        proc = subprocess.Popen(
+                            cmd, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT,
+                            env=_daemon_env(cfg), close_fds=True,
+                            start_new_session=True)
                 except OSError as e:
                     raise errors.HelperFailed(
                         "cannot run privsep helper {}: {}".format(cmd[0], e))
@@ -545,9 +549,7 @@ class _Daemon:
             pid = channel.call(privsep.ENTRYPOINTS + "getpid", (),
                                _remaining(deadline), flow=flow)
             daemon = cls(channel, sock, pid, _pidfd(pid), output)
-            info = channel.call(privsep.ENTRYPOINTS + "hello",
-                                (flow, affinity.daemon_cpus(
-                                    cfg.daemon_cpu_affinity)),
+            info = channel.call(privsep.ENTRYPOINTS + "hello", (flow,),
                                 _remaining(deadline), flow=flow)
         except (_Timeout, _Died, privsep.RemoteError) as e:
             if daemon is not None:

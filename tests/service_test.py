@@ -242,29 +242,65 @@ def test_reattach_after_device_vanished_reconnects(inproc_service):
     assert svc.volumes_info([vol_id])[0]["exists"] is True
 
 
-def test_a_failed_reattach_disconnects_with_the_attachment_recorded(
+def test_a_failed_reattach_leaves_a_device_in_use_as_it_was(
         inproc_service, inproc_brick, monkeypatch):
-    # Attached in this boot, its managed link gone: a re-attach connects
-    # again.  When that connect fails, the rollback ends the connection
-    # the first attach made, and os-brick needs what that connect
-    # returned (fakebrick refuses anything else).  It got None: the fake
-    # refused, the record was forgotten ("its connect failed and so does
-    # its disconnect") and the connection leaked; os-brick would have
-    # torn it down without flushing the path the I/O went through.
+    # Attached in this boot, its managed link gone, its device there: a
+    # re-attach connects again.  When that connect fails, a VM may still
+    # be using the device (qemu opened it before the link went): nothing
+    # is disconnected, its udev rule stays (qemu's ownership), and the
+    # record is 'attached' as before.  It used to roll back: a disconnect
+    # (multipath flush, iSCSI logout) under the running VM.
     svc = inproc_service
     vol_id, ci = new_id(), iscsi_connection(svc.cfg)
     first = svc.attach_volume(vol_id, ci)
+    before = records(svc)
+    rules = os.listdir(svc.cfg.udev_rules_dir)
     os.unlink(first["managed_path"])
 
     def portal_down(connection_info):
         raise errors.ConnectorFailed("portal down")
 
+    connect = inproc_brick.connect
     monkeypatch.setattr(inproc_brick, "connect", portal_down)
+    calls = len(inproc_brick.calls)
     with pytest.raises(errors.ConnectorFailed):
         svc.attach_volume(vol_id, ci)
+    assert inproc_brick.calls[calls:] == []
+    assert ci["data"]["fake_key"] in fakebrick.connected()
+    assert os.listdir(svc.cfg.udev_rules_dir) == rules
+    after = records(svc)
+    for rec in before + after:
+        rec.pop("updated", None)
+    assert after == before
+    # A detach then ends it, with what its connect returned.
+    monkeypatch.setattr(inproc_brick, "connect", connect)
+    svc.detach_volume(vol_id)
     assert inproc_brick.calls[-1] == ("disconnect", ci, first["attachment"])
     assert ci["data"]["fake_key"] not in fakebrick.connected()
     assert records(svc) == []
+
+
+def test_a_failed_reattach_after_a_late_step_leaves_the_device_too(
+        inproc_service, inproc_brick, monkeypatch):
+    # The connect worked again, the managed link cannot be made: the
+    # same (the connection is the one the VM uses).
+    svc = inproc_service
+    vol_id, ci = new_id(), iscsi_connection(svc.cfg)
+    first = svc.attach_volume(vol_id, ci)
+    os.unlink(first["managed_path"])
+
+    def no_link(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(svc, "_add_link", no_link)
+    calls = len(inproc_brick.calls)
+    with pytest.raises(OSError):
+        svc.attach_volume(vol_id, ci)
+    assert [c[0] for c in inproc_brick.calls[calls:]] == ["connect"]
+    assert ci["data"]["fake_key"] in fakebrick.connected()
+    [rec] = records(svc)
+    assert rec["state"] == "attached"
+    assert rec["attachment"] == first["attachment"]
 
 
 def test_stale_record_with_other_connection_info_is_replaced(

@@ -242,7 +242,11 @@ class Service:
         disconnected nor given to qemu's user.
         On failure everything done is undone and nothing
         stays recorded (unless the undo itself failed: then the record
-        stays 'attaching' for reconcile).
+        stays 'attaching' for reconcile), except over a record of this
+        boot whose device is there (attached, only its managed link
+        missing): a VM may be using that device, so nothing is
+        disconnected nor removed, and the record is 'attached' as it was
+        (``_keep_attached``).
         """
         vol_id = validate.uuid("vol_id", vol_id)
         sd_id = validate.uuid("sd_id", sd_id)
@@ -302,6 +306,12 @@ class Service:
             # (os-brick's disconnect needs it: which path the I/O went
             # through, RBD's conf holding the keyring).
             earlier = None if fresh or rec is None else rec["attachment"]
+            # Attached in this boot, its device there (only its managed
+            # link was missing): a VM may be using that device.  A failed
+            # attach again leaves it as it was (_keep_attached).
+            live = (not fresh and rec is not None
+                    and rec["state"] == "attached" and rec["sd_id"] == sd_id
+                    and _exists(rec["path"]))
             attachment = None
             try:
                 attachment = self._brick.connect(connection_info)
@@ -356,9 +366,12 @@ class Service:
                     if missing:
                         e.reason = "{} ({})".format(e.reason, missing)
                 log.error("Attaching volume %s failed: %s", vol_id, e)
-                self._rollback(vol_id, sd_id, connection_info,
-                               earlier if attachment is None else attachment,
-                               e)
+                if live:
+                    self._keep_attached(rec, e)
+                else:
+                    self._rollback(
+                        vol_id, sd_id, connection_info,
+                        earlier if attachment is None else attachment, e)
                 raise
 
         log.info("Attached volume %s path=%s managed_path=%s", vol_id,
@@ -907,6 +920,30 @@ class Service:
         # 'detaching' is detached again, idempotently.
         db.remove_volume(vol_id, durable=False)
 
+    def _keep_attached(self, rec, error):
+        """After a failed attach over ``rec`` (attached in this boot, its
+        device there, only its managed link missing): leave the volume
+        as it was.  A VM may be using the device, through the link or a
+        file descriptor opened before the link went: a disconnect (a
+        multipath flush, an iSCSI logout) or the removal of its udev rule
+        (qemu's ownership at the next uevent) would cut its disk.  The
+        record gets its fields back as they were, 'attached'; a connect
+        made again over the same connection_info adds nothing a detach
+        of the record does not end.  Logged, not raised: the caller
+        raises ``error``."""
+        vol_id = rec["vol_id"]
+        log.warning("Volume %s stays attached at %s as it was: attaching it "
+                    "again failed (%s), and a VM may be using its device; "
+                    "detach it to end its connection", vol_id, rec["path"],
+                    error)
+        try:
+            self._db().update_volume(
+                vol_id, **{k: rec[k] for k in _KEPT_ON_FAILED_REATTACH})
+        except errors.Error as e:
+            log.error("Cannot record volume %s as attached again: %s; its "
+                      "record stays 'attaching' (detach it, or a restart's "
+                      "reconcile will)", vol_id, e)
+
     def _rollback(self, vol_id, sd_id, connection_info, attachment,
                   error=None):
         """Undo a failed attach (``error``: why it failed), logging (not
@@ -1385,6 +1422,12 @@ def _split_link_name(name):
         return (validate.uuid("sd_id", sd_id), validate.uuid("vol_id", vol_id))
     except errors.InvalidParams:
         return None
+
+
+# What a failed attach over a live record of this boot puts back
+# (Service._keep_attached): every field the attach's steps write.
+_KEPT_ON_FAILED_REATTACH = ("state", "attachment", "path", "multipath_id",
+                            "identity", "managed_path", "size", "extending")
 
 
 def _exists(path):

@@ -100,10 +100,15 @@ class StepFailed(Exception):
     vdsm did not answer (the connection dropped or never came up: the
     engine's VDS_NETWORK_ERROR) rather than answering with an error."""
 
-    def __init__(self, message, network=False, host=None, done=False):
+    def __init__(self, message, network=False, host=None, done=False,
+                 cut=False):
         super().__init__(message)
         self.network = network
         self.host = host
+        # The host's vdsm died under the call (the connection closed
+        # after the request went out): what it did is its journal's to
+        # finish or undo when it starts again.
+        self.cut = cut
         # The host did it all the same (the engine gave up waiting).
         self.done = done
 
@@ -413,6 +418,10 @@ class Engine:
         # boot (its agent detaches the records of an earlier boot), ends
         # them.
         self.forgotten = set()
+        # (vol_id, host) whose detach the host's death cut: the engine
+        # still has it there (the spec params were not saved), the host's
+        # journal replay finished the detach when it started again.
+        self.cut = set()
         self.faults = {}        # (where, step) -> calls to let pass
         self.lost_replies = set()   # (host, verb): answered too late
         self._lock = threading.Lock()
@@ -470,7 +479,8 @@ class Engine:
             raise StepFailed("{} on {}: {}".format(verb, host, e),
                              network=isinstance(e, (stompclient.ClientError,
                                                     OSError)),
-                             host=host)
+                             host=host,
+                             cut=isinstance(e, stompclient.ClientError))
         if (host, verb) in self.lost_replies:
             self.lost_replies.discard((host, verb))
             self.note("engine", host, what, "done, answered too late: "
@@ -768,15 +778,18 @@ class Engine:
                 # volume.
                 self.leaked.add((disk.vol_id, host))
             raise
+        self.cut.discard((disk.vol_id, host))
         if live_migration:
             disk.dest = host
         else:
             if disk.attached not in (None, host) and \
-                    self.hosts[disk.attached].up:
+                    self.hosts[disk.attached].up and \
+                    (disk.vol_id, disk.attached) not in self.cut:
                 # saveAttachedHost overwrites ATTACHED_VDS_ID: the engine
                 # forgets the attachment on the other host.
                 self.forgotten.add((disk.vol_id, disk.attached,
                                     self.hosts[disk.attached].boot_id))
+            self.cut.discard((disk.vol_id, disk.attached))
             disk.attached = host
         self.shim("save_device", disk.vol_id, json.dumps(device),
                   label=disk.label)
@@ -796,10 +809,12 @@ class Engine:
                            {"vol_id": disk.vol_id, "sd_id": self.sd_id},
                            label=disk.label)
             self.shim("disconnect_volume", disk.vol_id, label=disk.label)
-        except StepFailed:
+        except StepFailed as e:
             # The spec params are not saved: a later attach elsewhere
             # overwrites them and this host's connection is forgotten.
             self.leaked.add((disk.vol_id, host))
+            if e.cut and e.host == host:
+                self.cut.add((disk.vol_id, host))
             return False
         if disk.dest is None:
             disk.attached = None
@@ -818,7 +833,8 @@ class Engine:
 
     def expected(self):
         """{host: {vol_id}} of the disks the engine has on each host, and
-        of those it forgot there in the host's current boot."""
+        of those it forgot there in the host's current boot, less those
+        whose cut detach the host's journal finished."""
         found = {name: set() for name in self.hosts}
         for disk in self.disks.values():
             for host in disk.hosts():
@@ -826,6 +842,8 @@ class Engine:
         for vol_id, host, boot_id in self.forgotten:
             if self.hosts[host].boot_id == boot_id:
                 found[host].add(vol_id)
+        for vol_id, host in self.cut:
+            found[host].discard(vol_id)
         return found
 
     def cleanup(self):

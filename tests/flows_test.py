@@ -372,6 +372,34 @@ def test_an_agent_killed_in_a_run_vms_attach(engine, point, again_on):
     check(engine)
 
 
+@pytest.mark.parametrize("again_on", ["host-a", "host-b"])
+def test_an_agent_killed_in_a_stop_vms_detach(engine, again_on):
+    """The agent dies (SIGKILL) inside ProcessDownVmCommand's detach:
+    DisconnectManagedBlockStorageDeviceCommand fails, so no
+    disconnect_volume runs and the spec params are not saved (the engine
+    still has the disk on A, the shim keeps A's connection).  systemd
+    restarts the agent (same boot) and its journal replay finishes the
+    detach.  The next run, on A (a first attach, no 927) or elsewhere
+    (ATTACHED_VDS_ID overwritten), works, and its stop leaves nothing."""
+    engine.add_disk("os")
+    engine.add_vm("vm1", "os")
+    engine.run_vm("vm1", "host-a")
+    a = engine.hosts["host-a"]
+    a.arm("detach.after_unlink")
+
+    assert not engine.stop_vm("vm1")
+    a.crashed()
+    assert flowengine.journals(engine)["host-a"] == []
+    assert engine.disks["os"].attached == "host-a"
+    check(engine)
+
+    engine.run_vm("vm1", again_on)
+    check(engine)
+    engine.stop_vm("vm1")
+    assert engine.backend.connections() == set()
+    check(engine)
+
+
 # Live migration
 
 @both_databases

@@ -89,6 +89,17 @@ Knobs in ``connection_info["data"]`` (all optional):
     fake_blind_disconnect  true: a disconnect without device_info is
                         taken (the test kills the caller between the
                         connect and its record; see below)
+    fake_command_wait   a path: connect (after any fake_sleep) runs a
+                        command that waits until that file exists,
+                        through os-brick's rootwrap.execute as os-brick
+                        runs iscsiadm (a command hung on a dead
+                        portal; its argv ends with "fakebrick-command
+                        <key>"), then the command "true", then records
+                        "connect-after-command <key>": only inside the
+                        daemon
+    fake_os_brick       true: no fake, os-brick's own connector for the
+                        protocol (with a fake iscsiadm on the daemon's
+                        PATH: real os-brick code paths)
     fake_key            the state key (see above)
 
 Disconnect is idempotent: disconnecting what is not connected succeeds,
@@ -132,6 +143,8 @@ class FakeConnectorError(Exception):
 def get_connector(protocol, connection_info, root_helper, **kw):
     """Return a fake connector for ``protocol``, or None to use os-brick."""
     protocol = (protocol or "").lower()
+    if ((connection_info or {}).get("data") or {}).get("fake_os_brick"):
+        return None
     if protocol in ("iscsi", "fibre_channel"):
         return FakeSCSIConnector(protocol)
     if protocol == "rbd":
@@ -225,6 +238,8 @@ class FakeConnector:
         _record("connect-start", key)
         _wait_for_file(data.get("fake_wait"))
         _sleep(data.get("fake_sleep"))
+        if data.get("fake_command_wait"):
+            _command_wait(data["fake_command_wait"], key)
         if data.get("fake_log_thread"):
             _log_from_brick_thread(key)
         if data.get("fake_brick_lock"):
@@ -492,6 +507,15 @@ def _rescan(device, key):
     with open(device, "r+b") as f:
         f.truncate(size)
     return size
+
+
+def _command_wait(path, key):
+    from os_brick.privileged import rootwrap
+    rootwrap.execute(
+        "sh", "-c", 'while [ ! -e "$0" ]; do sleep 0.05; done', path,
+        "fakebrick-command", key, run_as_root=True)
+    rootwrap.execute("true", run_as_root=True)
+    _record("connect-after-command", key)
 
 
 def _sleep(seconds):

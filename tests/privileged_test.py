@@ -367,39 +367,235 @@ def test_missing_driver_volume_type_is_helper_failed(brick):
 
 
 @pytest.mark.slow
-def test_timeout_kills_the_operation_and_next_call_works(
+def test_a_late_call_polling_in_python_is_cancelled_and_the_daemon_goes_on(
         brick, cfg, fake_dir, tmp_path, monkeypatch):
+    # os-brick polls and retries with sleeps: past the deadline the next
+    # one raises in the daemon, the call ends with 931 and nothing else
+    # is touched.  Before, the daemon was killed at every deadline.
     brick.connector_properties()
     old_pid = brick.daemon_pid()
     monkeypatch.setattr(cfg, "timeout", 1.0)
-    info = iscsi("slow", tmp_path, fake_sleep=2)
+    info = iscsi("slow", tmp_path, fake_sleep=60)
     with pytest.raises(errors.HelperTimeout) as e:
         brick.connect(info)
     assert e.value.code == 931
-    assert gone(old_pid)
-
-    # The connect was stopped, not abandoned: it never completes.
-    time.sleep(2.5)
+    assert str(e.value) == ("Privileged connect did not finish within 1.0 "
+                            "seconds")
+    # It ended in the daemon before the answer came: it never completes.
+    assert "connect slow" not in fakebrick.calls(str(fake_dir))
     assert "slow" not in fakebrick.connected(str(fake_dir))
+    assert brick.daemon_pid() == old_pid
 
     monkeypatch.setattr(cfg, "timeout", 120.0)
     att = brick.connect(iscsi("after-timeout", tmp_path))
-    assert brick.daemon_pid() != old_pid
+    assert brick.daemon_pid() == old_pid
     brick.disconnect(iscsi("after-timeout", tmp_path), att)
+
+
+def command_pids(key):
+    """Pids of fakebrick's ``fake_command_wait`` command for ``key``."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/{}/cmdline".format(name), "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if argv[-3:-1] == [b"fakebrick-command", key.encode()]:
+            pids.append(int(name))
+    return pids
+
+
+@pytest.mark.slow
+def test_a_late_call_inside_a_command_starts_no_other_and_the_daemon_goes_on(
+        brick, cfg, fake_dir, tmp_path, monkeypatch, caplog):
+    # Past the deadline the command running is left alone; once it ends
+    # on its own (within privsep.END_GRACE), the call starts no further
+    # command and ends with 931 while the daemon goes on.
+    brick.connector_properties()
+    old_pid = brick.daemon_pid()
+    monkeypatch.setattr(cfg, "timeout", 1.0)
+    release = str(tmp_path / "release")
+    result = {}
+
+    def connect():
+        try:
+            brick.connect(iscsi("in-command", tmp_path,
+                                fake_command_wait=release))
+        except Exception as e:
+            result["error"] = e
+
+    t = threading.Thread(target=connect)
+    t.start()
+    try:
+        wait_for(lambda: any("connect exceeded its deadline: cancelled"
+                             in r.getMessage() for r in caplog.records))
+        [pid] = command_pids("in-command")
+    finally:
+        with open(release, "w"):
+            pass
+    t.join(60)
+    assert isinstance(result.get("error"), errors.HelperTimeout)
+    calls = fakebrick.calls(str(fake_dir))
+    assert "connect-start in-command" in calls
+    assert "connect-after-command in-command" not in calls
+    assert "in-command" not in fakebrick.connected(str(fake_dir))
+    assert brick.daemon_pid() == old_pid
+
+
+@pytest.mark.slow
+def test_a_late_call_stuck_in_one_command_ends_the_daemon_not_the_command(
+        brick, cfg, fake_dir, tmp_path, monkeypatch, caplog):
+    # A command that does not return: cancelling cannot end the call, so
+    # privsep.END_GRACE after its deadline the daemon is killed (what
+    # every deadline did before), and the command is left running.
+    brick.connector_properties()
+    old_pid = brick.daemon_pid()
+    monkeypatch.setattr(cfg, "timeout", 1.0)
+    release = str(tmp_path / "release")
+    try:
+        with pytest.raises(errors.HelperTimeout) as e:
+            brick.connect(iscsi("stuck", tmp_path,
+                                fake_command_wait=release))
+        assert e.value.code == 931
+        wait_for(lambda: gone(old_pid))
+        # Cancelled first; the kill came only after the grace.
+        messages = [r.getMessage() for r in caplog.records]
+        cancelled = [i for i, m in enumerate(messages)
+                     if "connect exceeded its deadline: cancelled" in m]
+        killed = [i for i, m in enumerate(messages)
+                  if "connect did not return" in m
+                  and "after its deadline" in m and "killing" in m]
+        assert cancelled and killed and cancelled[0] < killed[0]
+        # Not killed by us: it ends when its own condition is met.
+        [pid] = command_pids("stuck")
+        assert not gone(pid)
+    finally:
+        with open(release, "w"):
+            pass
+    wait_for(lambda: gone(pid))
+    assert "connect-after-command stuck" not in fakebrick.calls(
+        str(fake_dir))
+    monkeypatch.setattr(cfg, "timeout", 120.0)
+    assert brick.connector_properties()["multipath"] is True
+    assert brick.daemon_pid() not in (None, old_pid)
+
+
+FAKE_ISCSIADM = """#!/bin/sh
+echo "$*" >> {log}
+case "$*" in
+  *--login*)
+    while [ ! -e {release} ]; do sleep 0.05; done
+    echo "login-end $*" >> {log}
+    exit 0 ;;
+  *"-m session"*) echo "iscsiadm: No active sessions." >&2; exit 21 ;;
+esac
+exit 0
+"""
+
+
+@pytest.mark.slow
+def test_a_hung_iscsi_multipath_connect_fails_alone_beside_another_call(
+        fresh_cfg, fake_dir, tmp_path, monkeypatch, caplog):
+    # The hung LUN of a mass start, through os-brick's own multipath
+    # iSCSI connect: its portal threads hang in "iscsiadm --login" while
+    # its main thread polls (time.sleep(1)).  At the deadline that sleep
+    # raises: the connect fails with 931, the call in flight beside it
+    # succeeds, the daemon stays.  The logins are left to finish; when
+    # they do, their threads start no further command (os-brick would
+    # set node.startup next).  Before, the daemon was killed at the
+    # deadline, and the call beside it with it.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    iscsiadm_log = tmp_path / "iscsiadm.log"
+    logins_release = tmp_path / "logins-release"
+    (bin_dir / "iscsiadm").write_text(FAKE_ISCSIADM.format(
+        log=iscsiadm_log, release=logins_release))
+    (bin_dir / "iscsiadm").chmod(0o755)
+    monkeypatch.setenv("PATH", "{}:{}".format(bin_dir, os.environ["PATH"]))
+    b = privileged.Brick(fresh_cfg)
+    results = {}
+
+    def run(name, info):
+        try:
+            results[name] = b.connect(info)
+        except Exception as e:
+            results[name] = e
+
+    try:
+        b.connector_properties()
+        pid = b.daemon_pid()
+        beside_release = str(tmp_path / "beside-release")
+        fresh_cfg.timeout = 60.0
+        beside = threading.Thread(target=run, args=("beside", iscsi(
+            "beside", tmp_path, fake_wait=beside_release)))
+        beside.start()
+        wait_for(lambda: "connect-start beside" in fakebrick.calls(
+            str(fake_dir)))
+
+        fresh_cfg.timeout = 2.0
+        portals = ["192.0.2.1:3260", "192.0.2.2:3260"]
+        iqn = "iqn.2003-01.org.example:hung-lun"
+        hung_info = {
+            "driver_volume_type": "iscsi",
+            "data": {"target_portal": portals[0], "target_iqn": iqn,
+                     "target_lun": 1, "target_portals": portals,
+                     "target_iqns": [iqn, iqn], "target_luns": [1, 1],
+                     "fake_os_brick": True}}
+        hung = threading.Thread(target=run, args=("hung", hung_info))
+        hung.start()
+        hung.join(60)
+        assert isinstance(results["hung"], errors.HelperTimeout)
+        assert results["hung"].code == 931
+        assert "beside" not in results
+        # The service's rollback: os-brick's disconnect, in the same
+        # daemon, while the logins still hang (it takes none of their
+        # per-portal locks).
+        fresh_cfg.timeout = 60.0
+        assert b.disconnect(hung_info, None) is None
+
+        with open(beside_release, "w"):
+            pass
+        beside.join(60)
+        assert results["beside"]["path"].startswith("/dev/dm-")
+        assert b.daemon_pid() == pid
+
+        logins = [line for line in iscsiadm_log.read_text().splitlines()
+                  if "--login" in line]
+        assert len(logins) == 2
+        logins_release.touch()
+
+        def stopped():
+            b.daemon_pid()      # reads the daemon's records
+            return sum("of the cancelled connect stopped at its next sleep "
+                       "or command" in r.getMessage()
+                       for r in caplog.records) == 2
+        wait_for(stopped)
+        lines = iscsiadm_log.read_text().splitlines()
+        assert sum(line.startswith("login-end") for line in lines) == 2
+        assert not any("node.startup" in line for line in lines)
+        assert b.daemon_pid() == pid
+        b.disconnect(iscsi("beside", tmp_path), results["beside"])
+    finally:
+        logins_release.touch()
+        b.stop()
 
 
 @pytest.mark.slow
 def test_calls_cut_by_another_calls_deadline(
         brick, cfg, fake_dir, tmp_path, monkeypatch, caplog):
-    # One LUN hangs past the timeout while other volumes' calls run: the
-    # daemon is killed at its deadline (brick._die).  A disconnect cut
-    # there runs again on a new daemon and succeeds; a connect cut there
-    # fails, saying why, and is not run again (RERUN_AFTER_KILL).
+    # One LUN hangs in a command past the timeout while other volumes'
+    # calls run: the daemon is killed privsep.END_GRACE after its
+    # deadline (brick._die).  A disconnect cut there runs again on a new
+    # daemon and succeeds; a connect cut there fails, saying why, and is
+    # not run again (RERUN_AFTER_KILL).
     brick.connector_properties()
     old_pid = brick.daemon_pid()
     timeout = 6.0
     monkeypatch.setattr(cfg, "timeout", timeout)
-    bystander = iscsi("cut-disconnect", tmp_path, fake_sleep_disconnect=3)
+    bystander = iscsi("cut-disconnect", tmp_path, fake_sleep_disconnect=6)
     att = brick.connect(bystander)
     results = {}
 
@@ -409,25 +605,33 @@ def test_calls_cut_by_another_calls_deadline(
         except Exception as e:
             results[name] = e
 
+    release = str(tmp_path / "release")
     hung = threading.Thread(target=run, args=(
-        "hung", brick.connect, iscsi("hung", tmp_path, fake_sleep=60)))
+        "hung", brick.connect, iscsi("hung", tmp_path,
+                                     fake_command_wait=release)))
     hung.start()
     wait_for(lambda: "connect-start hung" in fakebrick.calls(str(fake_dir)))
     started = time.monotonic()
-    # Each starts 4.5 s into the hung call's 6 s and takes 3 s: cut at
-    # its deadline with 4.5 s of its own left, more than it needs.
-    time.sleep(4.5)
+    # The daemon is killed END_GRACE (5 s) after the hung call's 6 s.
+    # Each of the others starts 8 s in and takes 6 s, with 30 s of its
+    # own: cut with more than 20 s left, more than it needs.
+    time.sleep(8)
+    monkeypatch.setattr(cfg, "timeout", 30.0)
     others = [
         threading.Thread(target=run, args=(
             "disconnect", brick.disconnect, bystander, att)),
         threading.Thread(target=run, args=(
             "connect", brick.connect,
-            iscsi("cut-connect", tmp_path, fake_sleep=3)))]
+            iscsi("cut-connect", tmp_path, fake_sleep=6)))]
     for t in others:
         t.start()
-    for t in [hung] + others:
-        t.join(60)
-    assert time.monotonic() - started < 30
+    try:
+        for t in [hung] + others:
+            t.join(60)
+    finally:
+        with open(release, "w"):
+            pass
+    assert time.monotonic() - started < 40
 
     assert isinstance(results["hung"], errors.HelperTimeout)
     assert gone(old_pid)
@@ -449,13 +653,17 @@ def test_calls_cut_by_another_calls_deadline(
 
 @pytest.mark.slow
 def test_properties_timeout_is_helper_timeout(brick, cfg, monkeypatch):
+    # A call whose deadline passed before the daemon took it up is not
+    # started at all, and the daemon goes on.
     brick.connector_properties()
+    pid = brick.daemon_pid()
     monkeypatch.setattr(cfg, "properties_timeout", 0.0)
     with pytest.raises(errors.HelperTimeout) as e:
         brick.connector_properties()
     assert e.value.operation == "connector_properties"
     monkeypatch.undo()
     assert brick.connector_properties()["multipath"] is True
+    assert brick.daemon_pid() == pid
 
 
 @pytest.mark.slow

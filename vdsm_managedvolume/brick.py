@@ -45,18 +45,71 @@ deadline.  What was cut instead: the watchdog no longer wakes up per
 call (watchdog.py), and a call's request context draws no uuid4.
 
 Deadlines: every entrypoint gets the caller's deadline (time.monotonic(),
-CLOCK_MONOTONIC, the same clock in both processes).  A watchdog kills the
-whole daemon with SIGKILL when the deadline passes (one thread watches
-every call's deadline, ``watchdog.Watchdog``): the daemon's own work
-for the call stops, so os-brick cannot go on to finish a "ghost" connect
-after the caller was told it failed.  Not stopped: the commands it
-started, which outlive it, and what runs outside it (iscsid retries a
-login on its own), so a late session may still appear after the
-caller's rollback disconnect; docs/operations.md, "A hung LUN in a mass
-start", says why killing those commands was rejected.  The caller sees
-EOF after its deadline and reports HelperTimeout; the next call starts
-a fresh daemon.  (oslo.privsep's own entrypoint_with_timeout only stops
-waiting and leaves the call running.)
+CLOCK_MONOTONIC, the same clock in both processes), and one watchdog
+thread (``watchdog.Watchdog``) watches every call's.  When a call's
+deadline passes it is cancelled, here, cooperatively (``_Call``): from
+then on, in the call's thread and in the threads os-brick spawned for it
+(``os_brick.executor.Thread`` hands them oslo.context's per-thread
+context, where ``_set_thread_flow`` keeps the call):
+
+- a sleep raises ``_Cancelled`` at once, however long it was to last.
+  os-brick's polling and retries all sleep through ``time.sleep``,
+  which importing ``os_brick.utils`` replaced process-wide by
+  ``os_brick.utils._sleep``; that calls the module global
+  ``os_brick.utils._time_sleep``, which ``_install_cancellation``
+  replaces: tenacity's waits (``utils.retry``), the multipath iSCSI
+  connect's wait for its portal threads and device, the per-portal scan
+  loop, NVMe-oF's polls, processutils' retry delays, and the
+  ``time.sleep(0)`` processutils runs after every attempt of a command
+  (what ends its own retry loop).
+- starting a command raises ``_Cancelled`` before its Popen: os-brick
+  runs every command through ``oslo_concurrency.processutils.execute``
+  (``rootwrap.custom_execute``, the privileged ``execute_root``), which
+  is replaced by a wrapper that also tells which thread is inside a
+  command.
+- a command already running is never signalled: it is left to finish on
+  its own (os-brick's own timeouts).  A sleep taken while the thread is
+  inside a command (``custom_execute`` sleeps its retry backoff between
+  Popen and communicate) is cut short instead of raising, so that the
+  command is waited for and its pipes read, not abandoned.
+
+``_Cancelled`` is a BaseException: it goes past os-brick's ``except
+Exception`` (cleanups that would run commands, retries) up to the
+entrypoint, through ``finally`` and ``with`` (os-brick's locks are
+released).  The call then fails with a "timeout" RemoteError, whatever
+it returned (a call taken from the pool after its deadline is not
+started at all), and its caller reports HelperTimeout and undoes it
+(the service disconnects a timed-out connect) while the daemon and the
+other calls in it go on.  Before 2026-12-01 every deadline killed the
+daemon, and with it every call in flight beside the late one: in a
+mass start one hung LUN failed every attach beside it.  Killing the late
+call's commands instead was tried and reverted: SIGKILL can leave
+iscsiadm's database lock (/run/lock/iscsi/lock.write) or a suspended
+multipath map behind (docs/operations.md, "A hung LUN in a mass start").
+
+What cancelling does not stop:
+- a call stuck inside one command (iscsiadm, multipath, rbd, nvme) or
+  a wait that is not a sleep (os-brick's per-host ``connect_volume``
+  lock held by such a call; FC's device discovery, an oslo.service
+  looping call in a thread of its own; a write to a dead device): if the
+  call has not returned ``privsep.END_GRACE`` seconds after its
+  deadline, the watchdog kills the whole daemon with SIGKILL, as it did
+  at every deadline before, so that os-brick cannot go on to finish a
+  "ghost" connect after the caller was told it failed.  The other calls
+  in it fail (the client reruns the idempotent ones:
+  privileged.RERUN_AFTER_KILL), the next call starts a fresh daemon.
+- the late call's commands: those running in the threads os-brick
+  spawned for it (a multipath connect's per-portal ``iscsiadm
+  --login``) go on after the call returned, holding os-brick's lock
+  for that portal and target in this daemon; each such thread stops at
+  its next sleep or command.  A command that never returns keeps that
+  lock until the daemon ends.
+- what runs outside the daemon: iscsid retries a login on its own
+  (``node.session.initial_login_retry_max``), so a late session may
+  still appear after the caller's rollback disconnect, as before.
+
+(oslo.privsep's own entrypoint_with_timeout only stops waiting and
+leaves the call running.)
 
 udev rules for an unprivileged service: inside vdsm the service runs as
 user vdsm and cannot write ``/etc/udev/rules.d`` nor a device's sysfs
@@ -108,6 +161,7 @@ import signal
 import stat
 import sys
 import threading
+import time
 
 from oslo_config import cfg as oslo_cfg
 from oslo_privsep import capabilities as caps
@@ -454,6 +508,7 @@ def _setup():
         for ctx in (os_brick.privileged.default,
                     os_brick.privileged.brick_privsep_hide_output):
             ctx.set_client_mode(False)
+        _install_cancellation()
         os_brick.setup(oslo_cfg.CONF)
 
         from importlib import metadata
@@ -473,8 +528,10 @@ def _setup():
 class _operation:
     """Run one privileged operation under its deadline.
 
-    Sets the flow id for the daemon's log lines, arms the watchdog, and
-    turns every exception into a RemoteError with a masked message.
+    Sets the flow id for the daemon's log lines, watches the deadline
+    (``_Call``), and turns every exception into a RemoteError with a
+    masked message: "timeout" for a call cancelled at its deadline,
+    whatever it did.
     """
 
     def __init__(self, name, deadline, flow_id, connection_info):
@@ -484,19 +541,39 @@ class _operation:
         self.connection_info = connection_info
 
     def __enter__(self):
-        _set_thread_flow(self.flow_id)
+        self._call = _Call(self.name, self.flow_id)
+        _set_thread_flow(self.flow_id, self._call)
         self._flow = log.flow(self.flow_id)
         self._flow.__enter__()
         try:
             _setup()
+            if time.monotonic() >= self.deadline:
+                # Taken from the pool (or set up) too late: nothing of
+                # it runs, not even what needs no sleep nor command.
+                LOG.error("%s not started: its deadline had passed",
+                          self.name)
+                raise privsep.RemoteError(
+                    "timeout", "not started: its deadline had passed")
         except BaseException:
             self._flow.__exit__(None, None, None)
             raise
-        self._token = _watchdog.arm(self.deadline, self.name, self.flow_id)
+        self._call.arm(self.deadline)
 
     def __exit__(self, t, e, tb):
-        _watchdog.disarm(self._token)
+        cancelled = self._call.end()
         try:
+            if cancelled:
+                # It failed, whatever it returned or raised: the caller
+                # was (or is about to be) told so, and undoes it.
+                if e is None:
+                    how = "returned after its deadline"
+                elif isinstance(e, _Cancelled):
+                    how = "stopped at its next sleep or command"
+                else:
+                    how = "failed after its deadline: " + _scrub(
+                        "{}: {}".format(t.__name__, e), self.connection_info)
+                LOG.error("%s cancelled at its deadline: %s", self.name, how)
+                raise privsep.RemoteError("timeout", how) from None
             if e is None or isinstance(e, privsep.RemoteError):
                 return False
             if isinstance(e, errors.UnknownAdapter):
@@ -514,14 +591,17 @@ class _operation:
             self._flow.__exit__(None, None, None)
 
 
-def _set_thread_flow(flow_id):
+def _set_thread_flow(flow_id, call=None):
     """Remember ``flow_id`` as this thread's, for lines logged outside the
-    call's context (see _ThreadFlowFilter).
+    call's context (see _ThreadFlowFilter), and ``call`` (a ``_Call``) as
+    the call this thread, and the threads os-brick spawns from it, run
+    for (``_thread_call``).
 
     Kept in oslo.context's per-thread request context because
     os_brick.executor.Thread hands that one to the threads os-brick
     spawns.  Not cleared when the call ends: oslo.privsep logs its reply
-    in this thread after the entrypoint returned.
+    in this thread after the entrypoint returned, and a thread os-brick
+    spawned for a cancelled call must stay cancelled.
     """
     try:
         from oslo_context import context as oslo_context
@@ -534,6 +614,7 @@ def _set_thread_flow(flow_id):
     ctx = oslo_context.RequestContext(overwrite=True,
                                       request_id="req-" + flow_id)
     ctx.managedvolume_flow = flow_id
+    ctx.managedvolume_call = call
 
 
 def _thread_flow():
@@ -542,6 +623,15 @@ def _thread_flow():
     except ImportError:
         return "-"
     return getattr(oslo_context.get_current(), "managedvolume_flow", "-")
+
+
+def _thread_call():
+    """The ``_Call`` this thread runs for, or None."""
+    try:
+        from oslo_context import context as oslo_context
+    except ImportError:
+        return None
+    return getattr(oslo_context.get_current(), "managedvolume_call", None)
 
 
 class _ThreadFlowFilter(logging.Filter):
@@ -555,22 +645,190 @@ class _ThreadFlowFilter(logging.Filter):
         return True
 
 
-def _die(operation, flow_id):
-    # The caller stops waiting at its deadline; the operation must stop
-    # too, or it could complete behind its back (a leaked device).  There
-    # is no way to stop one thread: end the process.  Concurrent calls
-    # fail with HelperFailed, the next call starts a fresh daemon.
+class _Cancelled(BaseException):
+    """Raised in a cancelled call's threads at their next sleep or
+    command (see the module docstring, "Deadlines").  A BaseException so
+    that os-brick's ``except Exception`` neither retries nor runs a
+    cleanup (its commands would be refused anyway) on it."""
+
+    def __init__(self, operation):
+        super().__init__(operation)
+        self.operation = operation
+
+
+class _Call:
+    """One entrypoint call under its deadline (module docstring,
+    "Deadlines"): whether it was cancelled, whether it ended, and how
+    many commands its threads run."""
+
+    __slots__ = ("name", "flow_id", "cancelled", "ended", "commands",
+                 "token")
+
+    def __init__(self, name, flow_id):
+        self.name = name
+        self.flow_id = flow_id
+        self.cancelled = threading.Event()
+        self.ended = False
+        self.commands = 0       # running, in any of its threads
+        self.token = None       # the watchdog's, for what comes next
+
+    def arm(self, deadline):
+        with _calls_lock:
+            self.token = _watchdog.arm(deadline, _expire, self)
+
+    def end(self):
+        """The entrypoint returned: stop watching it; whether it was
+        cancelled."""
+        with _calls_lock:
+            self.ended = True
+            _watchdog.disarm(self.token)
+            return self.cancelled.is_set()
+
+    def command_started(self):
+        with _calls_lock:
+            self.commands += 1
+
+    def command_finished(self):
+        with _calls_lock:
+            self.commands -= 1
+
+
+_calls_lock = threading.Lock()
+
+# Per thread: whether it is inside a command (between its Popen and the
+# end of its communicate), where a sleep must not raise.
+_in_command = threading.local()
+
+
+def _expire(call):
+    """The watchdog at ``call``'s deadline: cancel it; the daemon ends
+    privsep.END_GRACE seconds later unless the call returned by then."""
+    with _calls_lock:
+        if call.ended:
+            return
+        call.cancelled.set()
+        commands = call.commands
+        call.token = _watchdog.arm(time.monotonic() + privsep.END_GRACE,
+                                   _die, call)
+    with log.flow(call.flow_id):
+        LOG.error("%s exceeded its deadline: cancelled (its sleeps and new "
+                  "commands raise; %d command(s) running are left to "
+                  "finish); privsep daemon %s ends in %.1f s unless it "
+                  "returns", call.name, commands, os.getpid(),
+                  privsep.END_GRACE)
+
+
+def _die(call):
+    # The cancelled call did not return: it is stuck in a command or in
+    # a wait that is not a sleep.  It must stop, or it could complete
+    # behind its caller's back (a leaked device); there is no way to
+    # stop one thread: end the process.  Concurrent calls fail with
+    # HelperFailed (the idempotent ones are run again), the next call
+    # starts a fresh daemon.  Checked and killed under the lock, so that
+    # a call returning meanwhile is either reported or cut, never
+    # answered and then cut (its caller would blame no one).
+    with _calls_lock:
+        if call.ended:
+            return
+        try:
+            with log.flow(call.flow_id):
+                LOG.error("%s did not return %.1f s after its deadline "
+                          "(stuck in a command or a lock): killing privsep "
+                          "daemon %s", call.name, privsep.END_GRACE,
+                          os.getpid())
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fire(action, *args):
     # The kill must happen whatever logging does: an error here would end
     # the one watchdog thread, and no later deadline would be kept.
     try:
-        with log.flow(flow_id):
-            LOG.error("%s exceeded its deadline: killing privsep daemon %s",
-                      operation, os.getpid())
-    finally:
+        action(*args)
+    except BaseException:
         os.kill(os.getpid(), signal.SIGKILL)
+        raise
 
 
-_watchdog = watchdog.Watchdog(_die)
+_watchdog = watchdog.Watchdog(_fire)
+
+
+def _install_cancellation():
+    """Make sleeps and new commands raise in cancelled calls' threads
+    (module docstring, "Deadlines"); once, after os_brick.utils was
+    imported."""
+    import os_brick.utils
+    from oslo_concurrency import processutils
+
+    sleep = os_brick.utils._time_sleep
+    if not getattr(sleep, "managedvolume", False):
+        def cancellable_sleep(secs):
+            call = _thread_call()
+            if call is None or secs < 0:
+                return sleep(secs)
+            if call.cancelled.wait(secs) and not getattr(
+                    _in_command, "running", False):
+                raise _Cancelled(call.name)
+            # Else slept, or cut short inside a command: its end is
+            # waited for (communicate), and the next sleep raises.
+            return None
+
+        cancellable_sleep.managedvolume = True
+        os_brick.utils._time_sleep = cancellable_sleep
+
+    execute = processutils.execute
+    if not getattr(execute, "managedvolume", False):
+        def cancellable_execute(*cmd, **kwargs):
+            call = _thread_call()
+            if call is None:
+                return execute(*cmd, **kwargs)
+            if call.cancelled.is_set():
+                raise _Cancelled(call.name)
+            on_execute = kwargs.pop("on_execute", None)
+            on_completion = kwargs.pop("on_completion", None)
+            running = []
+
+            def started(proc):
+                call.command_started()
+                running.append(proc)
+                _in_command.running = True
+                if on_execute is not None:
+                    on_execute(proc)
+
+            def finished(proc):
+                _in_command.running = False
+                running.remove(proc)
+                call.command_finished()
+                if on_completion is not None:
+                    on_completion(proc)
+
+            try:
+                return execute(*cmd, on_execute=started,
+                               on_completion=finished, **kwargs)
+            finally:
+                if running:     # on_execute raised: no on_completion
+                    _in_command.running = False
+                    running.clear()
+                    call.command_finished()
+
+        cancellable_execute.managedvolume = True
+        processutils.execute = cancellable_execute
+
+    hook = threading.excepthook
+    if not getattr(hook, "managedvolume", False):
+        def excepthook(args):
+            # A thread os-brick spawned for a cancelled call (a
+            # per-portal login) stopped as meant: one line, no traceback.
+            if isinstance(args.exc_value, _Cancelled):
+                LOG.warning("thread %s of the cancelled %s stopped at its "
+                            "next sleep or command",
+                            getattr(args.thread, "name", "?"),
+                            args.exc_value.operation)
+                return
+            hook(args)
+
+        excepthook.managedvolume = True
+        threading.excepthook = excepthook
 
 
 def _conf():

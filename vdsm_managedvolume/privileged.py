@@ -66,14 +66,21 @@ Timeouts
 --------
 Every call carries a deadline: ``cfg.timeout`` (connect, disconnect,
 extend) or ``cfg.properties_timeout`` (connector properties), counted
-after the daemon is up.  The daemon kills itself when a deadline passes (see
-brick.py), so that os-brick cannot finish a timed-out connect later (the
-commands it started, and iscsid's own login retries, are not stopped:
-brick.py); we then raise HelperTimeout (931) and the next call starts a
-new daemon.
+after the daemon is up.  When a deadline passes the daemon cancels the
+call (see brick.py, "Deadlines"): its sleeps and the commands it would
+start next raise, a command it is inside is left to finish.  The call
+then returns a "timeout" error, which we raise as HelperTimeout (931),
+and the daemon and the calls beside it go on.  A call that has not
+returned ``privsep.END_GRACE`` seconds after its deadline (stuck inside
+one command, or waiting for os-brick's lock behind such a call) makes
+the daemon kill itself, as every deadline did before 2026-12-01, so that
+os-brick cannot finish a timed-out connect later (the commands it
+started, and iscsid's own login retries, are not stopped: brick.py); we
+then raise HelperTimeout too and the next call starts a new daemon.
 Should the daemon's watchdog fail, we kill it ourselves ``KILL_GRACE``
-seconds later (root can; with sudo we cannot and only log).  A timeout
-or crash kills calls running concurrently for other volumes too.  After
+seconds after the deadline (root can; with sudo we cannot and only
+log).  Such a kill, or a crash, kills calls running concurrently for
+other volumes too.  After
 a kill at another call's deadline, a disconnect, extend, connector
 properties or udev rule call whose own deadline has not passed runs
 again on a new daemon, within that deadline (``RERUN_AFTER_KILL`` says
@@ -164,9 +171,10 @@ LOG = logging.getLogger(__name__)
 # machine, much more on a loaded one.
 START_TIMEOUT = 60.0
 
-# How long after a deadline we wait for the daemon's own watchdog before
+# How long after a deadline we wait for the call's answer, or the end of
+# the daemon (its watchdog: privsep.END_GRACE, less than this), before
 # killing it from here.
-KILL_GRACE = 2.0
+KILL_GRACE = privsep.END_GRACE + 3.0
 
 # The operations run again on a new daemon when the daemon was killed at
 # another call's deadline (brick._die) while they ran, their own deadline
@@ -235,8 +243,9 @@ class Brick:
         so this host sees the size the storage now gives it; return
         os-brick's new size in bytes, or None when it reports none.
 
-        Bounded like connect (``cfg.timeout``): a rescan stuck on a dead
-        path is killed with the daemon at its deadline (HelperTimeout).
+        Bounded like connect (``cfg.timeout``): a rescan past its
+        deadline is cancelled, a command stuck on a dead path ends the
+        daemon (HelperTimeout either way; module docstring, "Timeouts").
         """
         return self._call("extend_volume", (connection_info,),
                           self._cfg.timeout, operation="extend")
@@ -359,6 +368,14 @@ class Brick:
                 "privsep daemon {} died during {} ({}); the next call "
                 "starts a new one".format(daemon.pid, operation, e))
         except privsep.RemoteError as e:
+            if e.args[0] == "timeout":
+                # Cancelled at its deadline and returned: the daemon and
+                # the calls beside it go on (brick.py, "Deadlines").
+                LOG.error("%s: cancelled at its deadline in privsep "
+                          "daemon %s: %s", operation, daemon.pid,
+                          mask.mask_text(_remote_message(e)))
+                raise errors.HelperTimeout(
+                    operation=operation, timeout=timeout) from None
             raise _local_error(e) from None
         return privsep.plain(result)
 

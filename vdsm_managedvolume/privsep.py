@@ -50,6 +50,14 @@ HELPER_OPTIONS = ("--config-file", "--privsep_context",
 # Exit code of a daemon refusing an unsafe start (sysexits' EX_CONFIG).
 EXIT_REFUSED = 78
 
+# Seconds a call cancelled at its deadline has to return before the
+# daemon kills itself (brick.py, "Deadlines"): time for the command it
+# is inside to finish (a ``multipath -f``, an ``iscsiadm --op``: they
+# take milliseconds when they are not hung), and for the calls queued
+# behind it on os-brick's per-host lock to get it and stop in turn.
+# The client waits longer than this for the answer (privileged.KILL_GRACE).
+END_GRACE = 5.0
+
 CRASH_POINTS = (
     "privsep.connect.before",
     "privsep.connect.after",
@@ -76,7 +84,8 @@ class RemoteError(Exception):
     Crosses the socket by class name (``REMOTE_ERROR``), so both sides
     import this module, never os-brick's exception classes.  Kinds:
     "failed" (message), "unsupported" (message), "unknown_adapter"
-    (adapter, installed), "invalid" (parameter name, reason).
+    (adapter, installed), "invalid" (parameter name, reason), "timeout"
+    (message: the call was cancelled at its deadline and returned).
     """
 
 

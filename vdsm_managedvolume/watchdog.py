@@ -1,10 +1,12 @@
 """One thread that calls a function when a deadline passes.
 
-The privsep daemon (``brick``) arms one deadline per call and ends itself
-with SIGKILL when one passes, so that an operation past its deadline
-cannot complete behind its caller's back.  A thread per call
-(threading.Timer) cost a thread start and, at the end of the call, waking
-that thread to cancel it: a third of the daemon's CPU for a fast call.
+The privsep daemon (``brick``) arms one deadline per call; when one
+passes it cancels that call, and ends itself with SIGKILL if the call
+has not ended a grace period later (brick.py, "Deadlines"), so that an
+operation past its deadline cannot complete behind its caller's back.
+A thread per call (threading.Timer) cost a thread start and, at the end
+of the call, waking that thread to cancel it: a third of the daemon's
+CPU for a fast call.
 Here arming adds a heap entry and wakes the watching thread only when the
 new deadline comes before the time the thread sleeps until; disarming
 forgets the call, and its entry is dropped when the thread meets it (or
@@ -29,23 +31,24 @@ import time
 
 
 class Watchdog:
-    """One thread calling ``fire(name, flow_id)`` when an armed deadline
-    (time.monotonic()) passes; started by the first ``arm``."""
+    """One thread calling ``fire(*args)`` when a deadline (time.monotonic())
+    armed with ``args`` passes; started by the first ``arm``."""
 
     def __init__(self, fire):
         self._fire = fire
         self._cond = threading.Condition(threading.Lock())
         self._heap = []         # (deadline, token), disarmed ones included
-        self._armed = {}        # token -> (name, flow_id)
+        self._armed = {}        # token -> args
         self._tokens = itertools.count()
         self._thread = None
         self._wake_at = None    # when the thread wakes (None: notified)
 
-    def arm(self, deadline, name, flow_id):
-        """Watch ``deadline``; return the token that disarms it."""
+    def arm(self, deadline, *args):
+        """Watch ``deadline`` (``fire(*args)`` when it passes); return the
+        token that disarms it."""
         with self._cond:
             token = next(self._tokens)
-            self._armed[token] = (name, flow_id)
+            self._armed[token] = args
             heapq.heappush(self._heap, (deadline, token))
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -68,7 +71,7 @@ class Watchdog:
             self._fire(*expired)
 
     def _wait_expired(self):
-        """(name, flow_id) of the next armed deadline once it passed."""
+        """The args of the next armed deadline once it passed."""
         while True:
             now = time.monotonic()
             if self._heap and self._heap[0][0] <= now:

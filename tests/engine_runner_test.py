@@ -4,10 +4,15 @@ Here what is about the run itself rather than the command line
 (engine_client_test.py) or the service (engine_warm_test.py).
 """
 
+import os
 import sqlite3
 import subprocess
 
+import pytest
+
 from .engine_fixtures import new_id
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Longer than pysqlite's default busy timeout (5 s): an operation that
 # would give up after that default fails here too.
@@ -45,3 +50,48 @@ def test_an_operation_waits_for_another_sqlite_writer_instead_of_failing(
     r = engine_shim.run("extend_volume", second, 2, driver=be["driver"],
                         db_url=be["db_url"])
     assert r.code == 0, r.describe()
+
+
+def _python39():
+    """A Python 3.9 interpreter (EL9's, the oldest this package runs on),
+    or None."""
+    import glob
+    import shutil
+    for candidate in sorted(glob.glob(os.path.expanduser(
+            "~/.pyenv/versions/3.9*/bin/python"))) + [
+                shutil.which("python3.9")]:
+        if candidate and subprocess.run(
+                [candidate, "-c", "import sys; assert sys.version_info[:2]"
+                 " == (3, 9)"], stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL).returncode == 0:
+            return candidate
+    return None
+
+
+def test_a_failure_reaches_the_engine_on_python_3_9():
+    # traceback.format_exception(exc) takes one argument only from 3.10:
+    # on EL9's Python 3.9 every failed operation raised TypeError while
+    # logging its traceback, and the engine got "internal error: the
+    # operation ended without a result" instead of the reason.
+    python = _python39()
+    if python is None:
+        pytest.skip("no Python 3.9 here")
+    code = (
+        "import logging, types\n"
+        "logging.basicConfig(level=logging.DEBUG)\n"
+        "from vdsm_managedvolume.engine import runner\n"
+        "try:\n"
+        "    raise ValueError('the backend said no')\n"
+        "except ValueError as e:\n"
+        "    exc = e\n"
+        "out = runner.failure(types.SimpleNamespace(command='delete_volume'),"
+        " runner.Scrubber([]), exc)\n"
+        "print(out.exit_code, out.output.decode())\n")
+    p = subprocess.run([python, "-c", code], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, universal_newlines=True,
+                       timeout=120, cwd=REPO,
+                       env=dict(os.environ, PYTHONPATH=REPO))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("1 ")
+    assert "delete_volume failed: the backend said no" in p.stdout
+    assert "Traceback" in p.stderr

@@ -456,7 +456,8 @@ def failure(request, scrub, exc):
                   "logged at DEBUG)", request.command,
                   type(exc).__name__, reason)
     log.debug("%s failed:\n%s", request.command, scrub.text(
-        "".join(traceback.format_exception(exc))))
+        "".join(traceback.format_exception(type(exc), exc,
+                                           exc.__traceback__))))
     return error("{} failed: {}".format(request.command,
                                         scrub.text(_reason(exc))))
 

@@ -45,6 +45,10 @@ svc.start()
 try:
     if mode == "extend":
         fakebrick.set_array_size(ci["data"]["fake_key"], %(small)d)
+    if mode == "reattach":
+        # Attached in this boot; start() made its link again: gone now.
+        import os
+        os.unlink(svc.volumes_info([vol_id])[0]["managed_path"])
     if mode != "detach_only":
         res = svc.attach_volume(vol_id, ci)
     if mode in ("detach", "detach_only"):
@@ -183,6 +187,48 @@ def test_crash_at_point_converges_on_next_start(point, tmp_path, real_brick,
             # Died holding a connection: something to converge.
             assert key in fakebrick.connected()
     assert_converged(cfg, real_brick, key)
+
+
+@pytest.mark.parametrize("point", ATTACH_POINTS)
+def test_crash_in_an_attach_again_over_a_device_in_use_keeps_it(
+        point, tmp_path, real_brick, real_fakebrick_dir):
+    # Attached in this boot, its managed link gone, its device there (a
+    # VM may be using it): an attach again dies at ``point``.  The next
+    # start (the same boot) keeps the volume attached and its device
+    # connected, and makes its link again; it rolled it back, a
+    # disconnect under the running VM, when the attach had written its
+    # intent ('attaching') over the record.
+    base = str(tmp_path)
+    cfg = make_cfg(base)
+    ci = iscsi_connection(cfg)
+    key = ci["data"]["fake_key"]
+    vol_id = new_id()
+    svc = service.Service(cfg, brick=real_brick)
+    svc.start()
+    try:
+        first = svc.attach_volume(vol_id, ci)
+    finally:
+        svc.close()
+    res = run_child(base, "reattach", vol_id, ci, point)
+    # Killed at the point, or (the daemon killed under it) its error.
+    assert res.returncode in (-signal.SIGKILL, 3), \
+        res.stderr.decode()[-2000:]
+    if res.returncode == 3:
+        assert json.loads(res.stdout) == {"error": 926}
+    svc = service.Service(cfg, brick=real_brick)
+    svc.start()
+    try:
+        assert key in fakebrick.connected()
+        [rec] = svc._db().volumes()
+        assert rec["state"] == "attached"
+        assert rec["attachment"] == first["attachment"]
+        assert os.path.realpath(first["managed_path"]) == \
+            os.path.realpath(first["path"])
+        assert len(udev.list_rules(cfg)) == 1
+        svc.detach_volume(vol_id)
+        assert key not in fakebrick.connected()
+    finally:
+        svc.close()
 
 
 def power_loss(base, cfg, mode, vol_id, ci, point="", back=()):

@@ -280,6 +280,28 @@ def test_a_failed_reattach_leaves_a_device_in_use_as_it_was(
     assert records(svc) == []
 
 
+def test_a_failed_reattach_over_a_device_gone_ends_the_earlier_connection(
+        inproc_service, inproc_brick, monkeypatch):
+    # Attached in this boot, its device gone (not its connection: the
+    # fake's record of it stays): no VM can be using it.  A failed
+    # re-attach rolls back, ending the connection the first attach made
+    # with what that connect returned (os-brick's disconnect needs it).
+    svc = inproc_service
+    vol_id, ci = new_id(), iscsi_connection(svc.cfg)
+    first = svc.attach_volume(vol_id, ci)
+    os.unlink(first["path"])
+
+    def portal_down(connection_info):
+        raise errors.ConnectorFailed("portal down")
+
+    monkeypatch.setattr(inproc_brick, "connect", portal_down)
+    with pytest.raises(errors.ConnectorFailed):
+        svc.attach_volume(vol_id, ci)
+    assert inproc_brick.calls[-1] == ("disconnect", ci, first["attachment"])
+    assert ci["data"]["fake_key"] not in fakebrick.connected()
+    assert records(svc) == []
+
+
 def test_a_failed_reattach_after_a_late_step_leaves_the_device_too(
         inproc_service, inproc_brick, monkeypatch):
     # The connect worked again, the managed link cannot be made: the

@@ -283,6 +283,15 @@ class Service:
             # progress is DEBUG, as in vdsm (storage/managedvolume.py:
             # attach_volume and detach_volume log their start at DEBUG).
             log.debug("Attaching volume %s sd_id=%s", vol_id, sd_id)
+            # Attached in this boot, its device there (only its managed
+            # link was missing): a VM may be using that device.  Its
+            # record stays 'attached' throughout: a crash or a stop from
+            # here leaves a record reconcile keeps (making the link
+            # again), never one it rolls back, and a failure leaves the
+            # volume as it was (_keep_attached).
+            live = (not fresh and rec is not None
+                    and rec["state"] == "attached" and rec["sd_id"] == sd_id
+                    and _exists(rec["path"]))
             if rec is None:
                 if not added:   # _reuse removed the record it found
                     db.add_volume(vol_id, sd_id, connection_info,
@@ -295,7 +304,7 @@ class Service:
                                  attachment=None, path=None,
                                  multipath_id=None, identity=None,
                                  size=None, extending=None)
-            else:
+            elif not live:
                 db.update_volume(vol_id, state="attaching", sd_id=sd_id,
                                  boot_id=boot_id, managed_path=None,
                                  size=None, extending=None)
@@ -306,12 +315,6 @@ class Service:
             # (os-brick's disconnect needs it: which path the I/O went
             # through, RBD's conf holding the keyring).
             earlier = None if fresh or rec is None else rec["attachment"]
-            # Attached in this boot, its device there (only its managed
-            # link was missing): a VM may be using that device.  A failed
-            # attach again leaves it as it was (_keep_attached).
-            live = (not fresh and rec is not None
-                    and rec["state"] == "attached" and rec["sd_id"] == sd_id
-                    and _exists(rec["path"]))
             attachment = None
             try:
                 attachment = self._brick.connect(connection_info)
@@ -927,10 +930,11 @@ class Service:
         file descriptor opened before the link went: a disconnect (a
         multipath flush, an iSCSI logout) or the removal of its udev rule
         (qemu's ownership at the next uevent) would cut its disk.  The
-        record gets its fields back as they were, 'attached'; a connect
-        made again over the same connection_info adds nothing a detach
-        of the record does not end.  Logged, not raised: the caller
-        raises ``error``."""
+        record stayed 'attached' (attach_volume never wrote its intent
+        over it) and gets back the fields the attach's steps may have
+        written; a connect made again over the same connection_info adds
+        nothing a detach of the record does not end.  Logged, not
+        raised: the caller raises ``error``."""
         vol_id = rec["vol_id"]
         log.warning("Volume %s stays attached at %s as it was: attaching it "
                     "again failed (%s), and a VM may be using its device; "
@@ -940,9 +944,9 @@ class Service:
             self._db().update_volume(
                 vol_id, **{k: rec[k] for k in _KEPT_ON_FAILED_REATTACH})
         except errors.Error as e:
-            log.error("Cannot record volume %s as attached again: %s; its "
-                      "record stays 'attaching' (detach it, or a restart's "
-                      "reconcile will)", vol_id, e)
+            log.error("Cannot put back volume %s's record as it was: %s; "
+                      "it stays 'attached' with what the failed attach "
+                      "found (the same connection)", vol_id, e)
 
     def _rollback(self, vol_id, sd_id, connection_info, attachment,
                   error=None):
@@ -1425,9 +1429,9 @@ def _split_link_name(name):
 
 
 # What a failed attach over a live record of this boot puts back
-# (Service._keep_attached): every field the attach's steps write.
-_KEPT_ON_FAILED_REATTACH = ("state", "attachment", "path", "multipath_id",
-                            "identity", "managed_path", "size", "extending")
+# (Service._keep_attached): every field the attach's steps may write.
+_KEPT_ON_FAILED_REATTACH = ("attachment", "path", "multipath_id",
+                            "identity", "managed_path", "size")
 
 
 def _exists(path):

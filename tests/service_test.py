@@ -302,6 +302,53 @@ def test_a_failed_reattach_over_a_device_gone_ends_the_earlier_connection(
     assert records(svc) == []
 
 
+@pytest.mark.parametrize("cut", [
+    errors.HelperTimeout(operation="disconnect", timeout=120),
+    errors.HelperFailed("privsep daemon 42 died during disconnect"),
+])
+def test_a_detach_cut_after_its_device_went_keeps_the_record(
+        inproc_service, inproc_brick, monkeypatch, cut):
+    # The disconnect flushed the multipath map (the device is gone) and
+    # was cut at its deadline, or by the daemon's death, before the
+    # paths and sessions went: the record stays 'detaching' for the next
+    # detach to finish.  It was forgotten ("its device is gone").
+    svc = inproc_service
+    vol_id, ci = new_id(), iscsi_connection(svc.cfg)
+    first = svc.attach_volume(vol_id, ci)
+
+    def flushed_then_cut(connection_info, attachment):
+        os.unlink(first["path"])
+        raise cut
+
+    disconnect = inproc_brick.disconnect
+    monkeypatch.setattr(inproc_brick, "disconnect", flushed_then_cut)
+    with pytest.raises(type(cut)):
+        svc.detach_volume(vol_id)
+    [rec] = records(svc)
+    assert rec["state"] == "detaching"
+    monkeypatch.setattr(inproc_brick, "disconnect", disconnect)
+    svc.detach_volume(vol_id)
+    assert ci["data"]["fake_key"] not in fakebrick.connected()
+    assert records(svc) == []
+
+
+def test_a_disconnect_that_answers_after_its_device_went_forgets_it(
+        inproc_service, inproc_brick, monkeypatch):
+    # The connector ended with its error and the device is gone: nothing
+    # left to end, the record goes (as before).
+    svc = inproc_service
+    vol_id, ci = new_id(), iscsi_connection(svc.cfg)
+    first = svc.attach_volume(vol_id, ci)
+
+    def gone(connection_info, attachment):
+        os.unlink(first["path"])
+        raise errors.ConnectorFailed("no such device")
+
+    monkeypatch.setattr(inproc_brick, "disconnect", gone)
+    svc.detach_volume(vol_id)
+    assert records(svc) == []
+
+
 def test_a_failed_reattach_after_a_late_step_leaves_the_device_too(
         inproc_service, inproc_brick, monkeypatch):
     # The connect worked again, the managed link cannot be made: the

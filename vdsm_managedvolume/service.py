@@ -912,7 +912,17 @@ class Service:
                         "sent either, so nothing is connected: forgetting "
                         "it", vol_id, e)
         except errors.Error as e:
-            if rec["path"] and not _exists(rec["path"]):
+            # A device gone tells the connection is over only when the
+            # disconnect itself ended with an answer.  One cut at its
+            # deadline or by the daemon's death may have got that far
+            # and no further (a multipath map flushed, its paths and
+            # sessions still there, iscsid logging in again at boot):
+            # the record stays 'detaching' for the next detach or
+            # reconcile to finish.
+            cut = isinstance(e, errors.HelperTimeout) or (
+                isinstance(e, errors.HelperFailed)
+                and not isinstance(e, errors.ConnectorFailed))
+            if rec["path"] and not _exists(rec["path"]) and not cut:
                 log.warning("Disconnecting volume %s failed (%s), but its "
                             "device %s is gone; forgetting it", vol_id, e,
                             rec["path"])

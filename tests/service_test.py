@@ -242,6 +242,20 @@ def test_reattach_after_device_vanished_reconnects(inproc_service):
     assert svc.volumes_info([vol_id])[0]["exists"] is True
 
 
+def attached_iscsi(svc):
+    """(vol_id, connection_info, attach's result) of a new iSCSI volume
+    attached on ``svc``."""
+    vol_id, ci = new_id(), iscsi_connection(svc.cfg)
+    return vol_id, ci, svc.attach_volume(vol_id, ci)
+
+
+def raising(error):
+    """A stand-in for a brick or service call that raises ``error``."""
+    def call(*args, **kwargs):
+        raise error
+    return call
+
+
 def test_a_failed_reattach_leaves_a_device_in_use_as_it_was(
         inproc_service, inproc_brick, monkeypatch):
     # Attached in this boot, its managed link gone, its device there: a
@@ -251,15 +265,11 @@ def test_a_failed_reattach_leaves_a_device_in_use_as_it_was(
     # record is 'attached' as before.  It used to roll back: a disconnect
     # (multipath flush, iSCSI logout) under the running VM.
     svc = inproc_service
-    vol_id, ci = new_id(), iscsi_connection(svc.cfg)
-    first = svc.attach_volume(vol_id, ci)
+    vol_id, ci, first = attached_iscsi(svc)
     before = records(svc)
     rules = os.listdir(svc.cfg.udev_rules_dir)
     os.unlink(first["managed_path"])
-
-    def portal_down(connection_info):
-        raise errors.ConnectorFailed("portal down")
-
+    portal_down = raising(errors.ConnectorFailed("portal down"))
     connect = inproc_brick.connect
     monkeypatch.setattr(inproc_brick, "connect", portal_down)
     calls = len(inproc_brick.calls)
@@ -287,13 +297,9 @@ def test_a_failed_reattach_over_a_device_gone_ends_the_earlier_connection(
     # re-attach rolls back, ending the connection the first attach made
     # with what that connect returned (os-brick's disconnect needs it).
     svc = inproc_service
-    vol_id, ci = new_id(), iscsi_connection(svc.cfg)
-    first = svc.attach_volume(vol_id, ci)
+    vol_id, ci, first = attached_iscsi(svc)
     os.unlink(first["path"])
-
-    def portal_down(connection_info):
-        raise errors.ConnectorFailed("portal down")
-
+    portal_down = raising(errors.ConnectorFailed("portal down"))
     monkeypatch.setattr(inproc_brick, "connect", portal_down)
     with pytest.raises(errors.ConnectorFailed):
         svc.attach_volume(vol_id, ci)
@@ -313,8 +319,7 @@ def test_a_detach_cut_after_its_device_went_keeps_the_record(
     # paths and sessions went: the record stays 'detaching' for the next
     # detach to finish.  It was forgotten ("its device is gone").
     svc = inproc_service
-    vol_id, ci = new_id(), iscsi_connection(svc.cfg)
-    first = svc.attach_volume(vol_id, ci)
+    vol_id, ci, first = attached_iscsi(svc)
 
     def flushed_then_cut(connection_info, attachment):
         os.unlink(first["path"])
@@ -337,8 +342,7 @@ def test_a_disconnect_that_answers_after_its_device_went_forgets_it(
     # The connector ended with its error and the device is gone: nothing
     # left to end, the record goes (as before).
     svc = inproc_service
-    vol_id, ci = new_id(), iscsi_connection(svc.cfg)
-    first = svc.attach_volume(vol_id, ci)
+    vol_id, ci, first = attached_iscsi(svc)
 
     def gone(connection_info, attachment):
         os.unlink(first["path"])
@@ -354,13 +358,9 @@ def test_a_failed_reattach_after_a_late_step_leaves_the_device_too(
     # The connect worked again, the managed link cannot be made: the
     # same (the connection is the one the VM uses).
     svc = inproc_service
-    vol_id, ci = new_id(), iscsi_connection(svc.cfg)
-    first = svc.attach_volume(vol_id, ci)
+    vol_id, ci, first = attached_iscsi(svc)
     os.unlink(first["managed_path"])
-
-    def no_link(*args):
-        raise OSError(28, "No space left on device")
-
+    no_link = raising(OSError(28, "No space left on device"))
     monkeypatch.setattr(svc, "_add_link", no_link)
     calls = len(inproc_brick.calls)
     with pytest.raises(OSError):

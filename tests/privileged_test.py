@@ -611,7 +611,6 @@ def test_calls_cut_by_another_calls_deadline(
                                      fake_command_wait=release)))
     hung.start()
     wait_for(lambda: "connect-start hung" in fakebrick.calls(str(fake_dir)))
-    started = time.monotonic()
     # The daemon is killed END_GRACE (5 s) after the hung call's 6 s.
     # Each of the others starts 8 s in and takes 6 s, with 30 s of its
     # own: cut with more than 20 s left, more than it needs.
@@ -631,7 +630,8 @@ def test_calls_cut_by_another_calls_deadline(
     finally:
         with open(release, "w"):
             pass
-    assert time.monotonic() - started < 40
+    # Each ended by itself, none left waiting (no time is asserted).
+    assert not any(t.is_alive() for t in [hung] + others)
 
     assert isinstance(results["hung"], errors.HelperTimeout)
     assert gone(old_pid)

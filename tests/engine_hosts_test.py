@@ -208,6 +208,13 @@ def _write_and_read(path):
         return f.read(len(DATA))
 
 
+def _calls(agent, flow):
+    """The verbs ``agent`` was called with in flow ``flow``, in order."""
+    return [line.split("START ", 1)[1].split("(", 1)[0]
+            for line in agent.log().splitlines()
+            if "[flow={}]".format(flow) in line and " START " in line]
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -215,7 +222,7 @@ def _free_port():
 
 
 def test_completed_migration_ends_the_source_connection_only(
-        engine, engine_service):
+        engine, engine_service, hosts):
     e = engine()
     src = e.attach("host-a")
     dst = e.attach("host-b")
@@ -225,7 +232,15 @@ def test_completed_migration_ends_the_source_connection_only(
     # MigrateVmCommand.reportCompleted: the source detaches, then
     # disconnect_volume without a host.
     e.detach("host-a")
-    e.run("disconnect_volume", e.vol)
+    flow = "dis-" + uuid.uuid4().hex[:8]
+    e.run("disconnect_volume", e.vol, cid=flow)
+
+    # Only the answer that ends a connection has its host's identity
+    # checked: getCapabilities starts os-brick's helper inside vdsm
+    # (seconds), and host-b, running the VM, is asked volumes_info only.
+    assert _calls(hosts["host-a"], flow) == [
+        "ManagedVolume.volumes_info", "Host.getCapabilities"]
+    assert _calls(hosts["host-b"], flow) == ["ManagedVolume.volumes_info"]
 
     assert e.connections() == {"host-b": dst["managed_path"]}
     assert e.attached_on("host-b") == [e.vol]
@@ -445,9 +460,10 @@ def test_a_volume_a_host_still_has_attached_is_not_deleted(
 
     assert r.code == 1, r.describe()
     assert r.error() == (
-        "delete_volume failed: Volume {} is attached on host host-a "
-        "(127.0.0.1:{}); detach it there first (stop the VM, or "
-        "ManagedVolume.detach_volume on the host)".format(
+        "delete_volume failed: Volume {0} is still attached on host "
+        "host-a (127.0.0.1:{1}). Once no VM there uses it, detach it "
+        "there (vdsm-client -a 127.0.0.1 -p {1} ManagedVolume "
+        "detach_volume vol_id={0}), then remove the disk again".format(
             e.vol, hosts["host-a"].port))
     assert set(e.connections()) == {"host-a", "host-b"}
     assert e.attached_on("host-a") == [e.vol]

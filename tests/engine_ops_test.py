@@ -422,6 +422,59 @@ def test_a_connection_is_reused_only_by_the_host_it_was_made_for(
     backend.run("delete_volume", vol)
 
 
+def test_a_host_name_two_connections_have_ends_neither_of_them(
+        engine_service, backend):
+    """Cloned hosts both named "localhost.localdomain" have a connection
+    each (connect_volume keeps one per identity).  The admin's
+    ``disconnect_volume VOL NAME`` (what the WARNING of a kept connection
+    advised) ended both, the live one of the twin too: a name several
+    connections have is refused, and a connector object names one."""
+    vol = new_id()
+    backend.run("create_volume", vol, 1)
+    name = "localhost.localdomain"
+    first = {"host": name, "initiator": "iqn.h1", "uuid": "u1"}
+    second = {"host": name, "initiator": "iqn.h2", "uuid": "u2"}
+    backend.run("connect_volume", vol, json.dumps(first))
+    backend.run("connect_volume", vol, json.dumps(second))
+    backend.calls()
+
+    for command in ("disconnect_volume", "get_connection_info"):
+        r = backend.run(command, vol, name, code=1)
+        assert r.error() == (
+            "{} failed: Volume {} has 2 connections to host {}: {}, {}; "
+            "nothing was done. Name one by its connector JSON (one of "
+            "these objects)".format(command, vol, name, json.dumps(first),
+                                    json.dumps(second)))
+    # A connector object with the host name only is no better.
+    backend.run("save_device", vol, json.dumps({"path": "/dev/x"}),
+                json.dumps({"host": name}), code=1)
+    assert backend.connected_hosts(vol) == [name, name]
+    assert backend.calls() == []
+
+    # The second host's connector, as getCapabilities says it (with
+    # settings and an identity the connection lacks: its NQN came
+    # since), or just the identity that differs, names its connection.
+    backend.run("save_device", vol, json.dumps({"path": "/dev/second"}),
+                json.dumps(dict(second, nqn="nqn.h2", multipath=False)))
+    info = backend.run("get_connection_info", vol, json.dumps(
+        {"host": name, "initiator": "iqn.h2"})).json("c")
+    assert (info["connector"], info["device"]) == \
+        (second, {"path": "/dev/second"})
+    backend.run("disconnect_volume", vol, json.dumps(second))
+    assert backend.calls() == [["terminate_connection", name, False]]
+    info = backend.run("get_connection_info", vol, name).json("c")
+    assert info["connector"] == first
+    # Nothing of a third identity is ended.
+    backend.run("disconnect_volume", vol,
+                json.dumps(dict(first, initiator="iqn.h3")))
+    assert backend.connected_hosts(vol) == [name]
+    assert "Volume {} has no connection to host {}".format(
+        vol, json.dumps({"host": name, "initiator": "iqn.h3",
+                         "uuid": "u1"})) in engine_service.log()
+    backend.run("disconnect_volume", vol, name)
+    assert backend.connected_hosts(vol) == []
+
+
 def test_a_warm_child_locks_in_its_requests_locks_directory(
         engine_service, backend, tmp_path):
     # The session's warm service was set up by an earlier request, with

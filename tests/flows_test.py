@@ -238,7 +238,7 @@ def test_a_hot_plug_whose_vm_step_fails_keeps_the_disk_until_the_vm_stops(
         engine.hot_plug("vm1", "data")
     check(engine)
 
-    with pytest.raises(StepFailed, match="is attached on host host-a"):
+    with pytest.raises(StepFailed, match="is still attached on host host-a"):
         engine.remove_disk("data")
     a = engine.hosts["host-a"]
     assert flowengine.write_through(a, engine, "data", DATA) == DATA

@@ -295,8 +295,15 @@ class EngineHasSnapshots(EngineError):
 
 
 class EngineInUse(EngineError):
-    msg = ("Volume {self.id} is attached on {self.hosts}; detach it there "
-           "first (stop the VM, or ManagedVolume.detach_volume on the host)")
+    msg = ("Volume {self.id} is still attached on {self.hosts}. Once no VM "
+           "there uses it, detach it there ({self.commands}), then remove "
+           "the disk again")
+
+
+class EngineAmbiguousHost(EngineError):
+    msg = ("Volume {self.id} has {self.count} connections to {self.named}: "
+           "{self.identities}; nothing was done. Name one by its connector "
+           "JSON (one of these objects)")
 
 
 def to_error(exc):

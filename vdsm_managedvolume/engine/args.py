@@ -708,7 +708,7 @@ def _command_args(command, values):
         # without it could never be named again.
         _check_host(args["connector_info"].get("host"), "connector_info")
     if "connector" in args:
-        args["connector"] = _connector_host(args["connector"])
+        args["connector"] = _connector(args["connector"])
     return args
 
 
@@ -759,12 +759,13 @@ def _json_arg(name, value, want):
     return obj
 
 
-def _connector_host(value):
-    """A connector JSON object (its "host") or a plain host name."""
+def _connector(value):
+    """A connector JSON object (a dict naming a "host"), or a plain host
+    name (a str)."""
     if value.lstrip().startswith(("{", "@")):
         connector = _json_arg("connector", value, want=dict)
         _check_host(connector.get("host"), "connector")
-        return connector["host"]
+        return connector
     if not value:
         raise errors.EngineUsage("connector host is empty")
     return value

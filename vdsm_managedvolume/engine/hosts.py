@@ -49,8 +49,9 @@ given to another host, two cloned hosts both called
 (managedvolume-helper calls ``get_connector_properties(my_ip=None)``), so
 its ``host``, ``socket.gethostname()``, is often the only address.  A
 host that answered "no such volume" for another one ended a connection
-a VM was using.  So before its ``volumes_info`` is trusted, a host is
-asked ``Host.getCapabilities`` on the same connection, and its
+a VM was using.  So before a ``volumes_info`` answer that ends a
+connection is trusted (the volume is not held there), the host is asked
+``Host.getCapabilities`` on the same connection, and its
 ``connector_info`` must be the connection's host (``identity_difference``:
 ``host``, ``initiator``, ``nqn``, ``uuid``, ``wwpns``, each as the
 connection's connector has it).  ovirt-engine passes ``connect_volume``
@@ -61,8 +62,17 @@ VdsProperties.CONNECTOR_INFO))``, passed on by
 answers the same.  Another host, or a host that reports no connector_info
 (no os-brick), is a host that cannot be asked: its connection stays.
 The next address of the connector is tried, if any.
+
+``volumes_info`` comes first and getCapabilities only after an answer
+"not held": inside vdsm getCapabilities runs a fresh os-brick helper
+(about 3 s of a host's CPU per call), and an answer "held" keeps the
+connection (or refuses a delete) whoever gave it, the safe side.  An
+impostor saying "held" can only keep a connection that could have been
+ended (a leak, ended by a later disconnect or delete_volume); the host
+still running the VM costs one call, not two.
 """
 
+import json
 import logging
 import ssl
 import threading
@@ -215,6 +225,30 @@ def identity_difference(connector, reported):
     return ""
 
 
+def identity(connector):
+    """The JSON object of ``connector``'s identities (``IDENTITY``): what
+    names one connection among several to hosts of the same name (give
+    it to disconnect_volume, save_device, get_connection_info)."""
+    connector = connector if isinstance(connector, dict) else {}
+    return json.dumps({k: connector[k] for k in IDENTITY
+                       if connector.get(k)})
+
+
+def names(connector, given):
+    """Whether ``given`` (a host name, or a connector object as the admin
+    or the engine passes it) names the host of ``connector`` (a
+    connection's): the same ``host``, and for a connector object the
+    same host by ``identity_difference`` one way or the other (the
+    object may carry fewer identities than the connection's connector,
+    or more: ones the host gained since)."""
+    connector = connector if isinstance(connector, dict) else {}
+    if not isinstance(given, dict):
+        return connector.get("host") == given
+    return connector.get("host") == given.get("host") and (
+        identity_difference(connector, given) == "" or
+        identity_difference(given, connector) == "")
+
+
 # Private helpers
 
 def _ask_one(settings, ctx, vol_id, answer, flow_id):
@@ -228,23 +262,28 @@ def _ask_one(settings, ctx, vol_id, answer, flow_id):
         try:
             with stompclient.Client(address, port, ctx,
                                     timeout=settings.timeout) as client:
-                caps = client.call(CAPABILITIES, flow_id=flow_id)
-                other = identity_difference(
-                    answer.connector,
-                    caps.get("connector_info")
-                    if isinstance(caps, dict) else None)
-                if other:
-                    reasons.append("{}:{} is not that host: {}".format(
-                        address, port, other))
-                    continue
                 infos = client.call(VOLUMES_INFO, {"vol_ids": [vol_id]},
                                     flow_id=flow_id)
+                attached = holds(infos, vol_id)
+                if not attached:
+                    # Only this answer ends a connection: the host must
+                    # be the connection's (getCapabilities may take
+                    # seconds on vdsm, so "I have it" is not checked).
+                    caps = client.call(CAPABILITIES, flow_id=flow_id)
+                    other = identity_difference(
+                        answer.connector,
+                        caps.get("connector_info")
+                        if isinstance(caps, dict) else None)
+                    if other:
+                        reasons.append("{}:{} is not that host: {}".format(
+                            address, port, other))
+                        continue
         except Exception as e:
             reasons.append("{}:{}: {}".format(
                 address, port, str(e) or type(e).__name__))
             continue
         answer.endpoint = (address, port)
-        answer.attached = holds(infos, vol_id)
+        answer.attached = attached
         return
     answer.reason = "; ".join(reasons)
 

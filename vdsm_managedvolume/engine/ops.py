@@ -124,7 +124,9 @@ def delete_volume(backend, args):
         holders = [a for a in answers if a.attached]
         if holders:
             raise errors.EngineInUse(
-                id=vol.id, hosts=", ".join(a.where() for a in holders))
+                id=vol.id, hosts=", ".join(a.where() for a in holders),
+                commands="; ".join(_detach_command(vol.id, a)
+                                   for a in holders))
         for conn, answer in zip(conns, answers):
             if answer.attached is None:
                 log.warning("Ending the connection of volume %s to %s "
@@ -172,19 +174,24 @@ def connect_volume(backend, args):
 def disconnect_volume(backend, args):
     """End the connections of the hosts that no longer use the volume.
 
-    With a host: that host's connection.  Without (how ovirt-engine always
-    calls it, after the host's detach_volume): every connected host is
-    asked (``hosts``) and only those that answered that they no longer have
-    the volume lose their connection; a host that cannot be asked keeps
-    its connection (logged).
+    With a host (an admin's command; ``_named``): that host's connection,
+    ended without asking; a host name several connections have (cloned
+    hosts, a reinstalled one: connect_volume keeps one per identity) is
+    refused, ending none of them, and a connector object names one.
+    Without (how ovirt-engine always calls it, after the host's
+    detach_volume): every connected host is asked (``hosts``) and only
+    those that answered that they no longer have the volume lose their
+    connection; a host that cannot be asked keeps its connection
+    (logged).
     """
     vol = _find_volume(backend, args["volume_id"])
     host = args.get("connector")
     conns = list(vol.connections)
     if host is not None:
-        conns = [c for c in conns if _host(c) == host]
+        conns = _named(vol, conns, host)
         if not conns:
-            log.info("Volume %s has no connection to host %s", vol.id, host)
+            log.info("Volume %s has no connection to host %s", vol.id,
+                     _show_host(host))
     elif conns:
         conns = _released(vol, conns, args)
     for conn in conns:
@@ -490,16 +497,18 @@ def _ask(vol, conns, args):
 
 def _released(vol, conns, args):
     """The connections whose hosts said they no longer have ``vol``."""
+    from . import hosts
     released = []
     for conn, answer in zip(conns, _ask(vol, conns, args)):
         if answer.attached is None:
             log.warning("Keeping the connection of volume %s to %s: the "
                         "host cannot be asked whether it still uses it "
-                        "(%s); disconnect_volume %s %s ends it once you "
-                        "know it does not (a host the engine cannot reach "
-                        "at its connector's ip or host name needs "
+                        "(%s); disconnect_volume %s '%s' ends it once "
+                        "you know it does not (a host the engine cannot "
+                        "reach at its connector's ip or host name needs "
                         "MANAGEDVOLUME_ENGINE_HOST_ADDRESSES)", vol.id,
-                        answer.where(), answer.reason, vol.id, answer.host)
+                        answer.where(), answer.reason, vol.id,
+                        hosts.identity(answer.connector))
         elif answer.attached:
             log.info("Keeping the connection of volume %s to %s: the "
                      "volume is attached there", vol.id, answer.where())
@@ -650,19 +659,21 @@ def _host(conn):
 def _pick_connection(vol, host, for_device=False):
     """The connection an operation without a connection id means.
 
-    With ``host``: that host's connection.  Without: the only one; with
-    several (a live migration), for save_device the one that has no device
-    yet (the host that just attached), else the newest.
+    With ``host`` (a name or a connector object, ``_named``): that host's
+    connection.  Without: the only one; with several (a live migration),
+    for save_device the one that has no device yet (the host that just
+    attached), else the newest.
     """
     conns = list(vol.connections)
     if not conns:
         raise errors.EngineNotFound(kind="Connection of volume", id=vol.id)
     if host is not None:
-        for conn in conns:
-            if _host(conn) == host:
-                return conn
+        named = _named(vol, conns, host)
+        if named:
+            return named[0]
         raise errors.EngineNotFound(
-            kind="Connection of volume {} to host".format(vol.id), id=host)
+            kind="Connection of volume {} to host".format(vol.id),
+            id=_show_host(host))
     if len(conns) == 1:
         return conns[0]
     if for_device:
@@ -670,6 +681,42 @@ def _pick_connection(vol, host, for_device=False):
         if len(fresh) == 1:
             return fresh[0]
     return max(conns, key=_created)
+
+
+def _named(vol, conns, host):
+    """The connections of ``conns`` to ``host`` (a name or a connector
+    object, ``hosts.names``): none or one.  Several (hosts of one name
+    with other identities: connect_volume keeps a connection each) are
+    refused with their identities, so that the admin names one:
+    ending all of them cuts the other hosts' disks."""
+    from . import hosts
+    named = [c for c in conns if hosts.names(c.connector_info, host)]
+    if len(named) > 1:
+        raise errors.EngineAmbiguousHost(
+            id=vol.id, count=len(named),
+            named="host {}".format(_show_host(host)),
+            identities=", ".join(hosts.identity(c.connector_info)
+                                 for c in named))
+    return named
+
+
+def _show_host(host):
+    """``host`` (a name or a connector object) for a message."""
+    if isinstance(host, dict):
+        from . import hosts
+        return hosts.identity(host)
+    return host
+
+
+def _detach_command(vol_id, answer):
+    """The command that detaches ``vol_id`` on the host that gave
+    ``answer`` (vdsm-client, as on the host or anywhere with its TLS
+    setup)."""
+    from . import hosts
+    address, port = answer.endpoint
+    return "vdsm-client -a {}{} ManagedVolume detach_volume vol_id={}".format(
+        address, "" if port == hosts.DEFAULT_PORT else " -p {}".format(port),
+        vol_id)
 
 
 def _created(conn):

@@ -7,7 +7,11 @@ Figures, each printed beside its baselines in one run:
     mass start      N concurrent attaches (N = 32, 64), each held 2 s in the
                     connector (the fake iSCSI connector's ``fake_sleep``:
                     a slow array), one connection per attach: wall time
-                    from the first request to the last answer
+                    from the first request to the last answer.  The fake
+                    takes no os-brick lock: os-brick's real iSCSI, FC and
+                    NVMe-oF connectors serialise their connects per host
+                    (docs/operations.md, "Data plane"), RBD and local do
+                    not; this measures what the agent adds
     control plane   Host.getCapabilities, polled from another connection
                     during the 64-attach mass start: p50 and p99
     one caller      attach+detach over the wire, os-brick's real ``local``

@@ -271,13 +271,14 @@ class Service:
                                   boot_id=boot_id, exist_ok=True)
             rec = None if added else self._find(vol_id)
             fresh = True
+            live = False
             # What the volume's device was at its last attach: the device
             # this connect returns must be it (``_check_recorded``).
             recorded = None
             if rec is not None:
                 recorded = rec["identity"]
-                rec, fresh = self._reuse(rec, sd_id, connection_info,
-                                         boot_id)
+                rec, fresh, live = self._reuse(rec, sd_id, connection_info,
+                                               boot_id)
             # At INFO, the call's START line (api.py) says this (with
             # connection_info, masked) and the Attached line the outcome;
             # progress is DEBUG, as in vdsm (storage/managedvolume.py:
@@ -288,10 +289,9 @@ class Service:
             # record stays 'attached' throughout: a crash or a stop from
             # here leaves a record reconcile keeps (making the link
             # again), never one it rolls back, and a failure leaves the
-            # volume as it was (_keep_attached).
-            live = (not fresh and rec is not None
-                    and rec["state"] == "attached" and rec["sd_id"] == sd_id
-                    and _exists(rec["path"]))
+            # volume as it was (_keep_attached).  Not under another sd_id:
+            # _reuse removed the link and rule named with the old one.
+            live = live and rec["sd_id"] == sd_id
             if rec is None:
                 if not added:   # _reuse removed the record it found
                     db.add_volume(vol_id, sd_id, connection_info,
@@ -660,7 +660,9 @@ class Service:
 
         Returns (record to attach over or None when it was removed,
         whether the attach starts afresh: the record is from another
-        boot, so nothing it says about a connection holds any more).
+        boot, so nothing it says about a connection holds any more,
+        whether it is live: attached in this boot, its device there and
+        the one recorded, only its managed link missing).
         """
         vol_id = rec["vol_id"]
         if rec.get("corrupt"):
@@ -677,12 +679,12 @@ class Service:
                      "it first", vol_id, rec["state"],
                      self._stale_reason(rec, boot_id) or "no device")
             self._detach(rec)
-            return None, True
+            return None, True, False
         if rec["state"] == "detaching":
             log.info("Volume %s was being detached; finishing that first",
                      vol_id)
             self._detach(rec)
-            return None, True
+            return None, True, False
         if changed and same_boot:
             log.error("Not attaching volume %s: the device at %s is not "
                       "the one recorded at its attach: %s. It may belong "
@@ -707,7 +709,7 @@ class Service:
             # Its rule names a device, and names are reused across boots.
             self._silent_remove_link(rec["sd_id"], vol_id)
             self._silent_remove_rule(rec["sd_id"], vol_id)
-            return rec, True
+            return rec, True, False
         if live and self._link_ok(rec["sd_id"], vol_id, rec["path"]):
             raise errors.AlreadyAttached(vol_id=vol_id, path=rec["path"])
         log.info("Volume %s has a %s record but %s; attaching it again",
@@ -716,7 +718,7 @@ class Service:
         if rec["sd_id"] != sd_id:
             self._silent_remove_link(rec["sd_id"], vol_id)
             self._silent_remove_rule(rec["sd_id"], vol_id)
-        return rec, False
+        return rec, False, live
 
     def _boot(self):
         return boot.current(self.cfg)

@@ -47,6 +47,31 @@ def test_a_command_waits_in_vain_and_names_the_holder(tmp_path):
         pass
 
 
+class _Waiter:
+    """A connect_volume in a thread of its own, waiting for ``vol_id``'s
+    lock once started and holding it until ``close()``; ``got`` is set
+    once it holds it."""
+
+    def __init__(self, locks, vol_id):
+        self.got = threading.Event()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run,
+                                        args=(locks, vol_id))
+
+    def _run(self, locks, vol_id):
+        with volumelock.held(locks, [vol_id], "connect_volume (flow w)", 30):
+            self.got.set()
+            self._done.wait(30)
+
+    def start(self):
+        self._thread.start()
+
+    def close(self):
+        self._done.set()
+        if self._thread.ident is not None:
+            self._thread.join(30)
+
+
 @pytest.mark.parametrize("how", ["removed", "replaced"])
 def test_a_waiter_whose_lock_file_went_away_locks_the_one_at_the_path(
         tmp_path, caplog, how):
@@ -57,24 +82,16 @@ def test_a_waiter_whose_lock_file_went_away_locks_the_one_at_the_path(
     caplog.set_level(logging.INFO, logger=volumelock.__name__)
     locks = str(tmp_path)
     lock_path = volumelock.path(locks, "v1")
-    got = threading.Event()
-    done = threading.Event()
-
-    def waiter():
-        with volumelock.held(locks, ["v1"], "connect_volume (flow w)", 30):
-            got.set()
-            done.wait(30)
-
-    t = threading.Thread(target=waiter)
+    waiter = _Waiter(locks, "v1")
     try:
         with volumelock.held(locks, ["v1"], "disconnect_volume (flow d)",
                              1):
-            t.start()
+            waiter.start()
             wait_for(lambda: "Waiting for volume v1" in caplog.text)
             os.unlink(lock_path)
             if how == "replaced":
                 open(lock_path, "w").close()
-        assert got.wait(30)
+        assert waiter.got.wait(30)
         with open(lock_path) as f:
             assert f.read() == "connect_volume (flow w) (pid {})\n".format(
                 os.getpid())
@@ -84,9 +101,7 @@ def test_a_waiter_whose_lock_file_went_away_locks_the_one_at_the_path(
                                  0.2):
                 pass
     finally:
-        done.set()
-        if t.ident is not None:
-            t.join(30)
+        waiter.close()
 
 
 def test_a_holder_removes_its_lock_file_and_its_waiter_locks_a_new_one(
@@ -94,32 +109,22 @@ def test_a_holder_removes_its_lock_file_and_its_waiter_locks_a_new_one(
     caplog.set_level(logging.INFO, logger=volumelock.__name__)
     locks = str(tmp_path)
     lock_path = volumelock.path(locks, "v1")
-    got = threading.Event()
-    done = threading.Event()
-
-    def waiter():
-        with volumelock.held(locks, ["v1"], "connect_volume (flow w)", 30):
-            got.set()
-            done.wait(30)
-
-    t = threading.Thread(target=waiter)
+    waiter = _Waiter(locks, "v1")
     try:
         with volumelock.held(locks, ["v1", "v2"], "delete_volume (flow d)",
                              1, discard=["v1"]):
-            t.start()
+            waiter.start()
             wait_for(lambda: "Waiting for volume v1" in caplog.text)
         # The holder's own file is gone; v2's (not discarded) stays.
         assert os.path.exists(volumelock.path(locks, "v2"))
-        assert got.wait(30)
+        assert waiter.got.wait(30)
         # The waiter holds the new file: nobody else gets the volume.
         with pytest.raises(errors.EngineBusy):
             with volumelock.held(locks, ["v1"], "save_device (flow s)",
                                  0.2):
                 pass
     finally:
-        done.set()
-        if t.ident is not None:
-            t.join(30)
+        waiter.close()
     # Nobody waiting: removed for good.
     with volumelock.held(locks, ["v1"], "delete_volume (flow e)", 1,
                          discard=["v1"]):

@@ -16,7 +16,9 @@
 # run a session of its own, so that a signal to the caller's process
 # group does not end run before it has stopped the cluster.  run writes
 # the caller's pid in DIR/owner (tests/leftovers.py: the next test run
-# stops a cluster whose owner is gone, should run have been killed too).
+# stops a cluster whose owner is gone, should run have been killed too)
+# as it makes DIR, before the cluster starts: a run killed while starting
+# it leaves no cluster without an owner.
 #
 # The cluster listens on 127.0.0.1 only, at PORT or a free port, with its
 # unix socket in a directory of its own (never /var/run/postgresql), and
@@ -61,6 +63,11 @@ start() {
     [ -n "${PGCLUSTER_PASSWORD:-}" ] || die "set PGCLUSTER_PASSWORD"
     local bin; bin=$(bindir)
     local dir; dir=$(mktemp -d "${TMPDIR:-/tmp}/pgcluster.XXXXXX")
+    # run's caller, before anything runs: a run killed from here on
+    # leaves a directory the next test run recognises and stops.
+    if [ -n "${PGCLUSTER_OWNER:-}" ]; then
+        echo "$PGCLUSTER_OWNER" >"$dir/owner"
+    fi
     chmod 0755 "$dir"
     mkdir -m 0700 "$dir/data"
     mkdir -m 0755 "$dir/socket"
@@ -116,10 +123,9 @@ stop() {
 }
 
 run() {
-    local owner=$PPID out dir
-    out=$(start "$@") || exit 1
+    local out dir
+    out=$(PGCLUSTER_OWNER=$PPID start "$@") || exit 1
     dir=$(sed -n 's/^PGCLUSTER_DIR=//p' <<<"$out")
-    echo "$owner" >"$dir/owner"
     # The caller may be gone before it reads what we print.
     trap '' PIPE
     { echo "$out"; echo PGCLUSTER_READY; } 2>/dev/null || true

@@ -30,6 +30,7 @@ from vdsm_managedvolume import stompclient
 
 from . import agentutil
 from . import fakebrick
+from . import lifeline
 from .agentutil import Raw, send_bytes
 from .host_fixtures import iscsi_connection
 
@@ -90,6 +91,7 @@ class AgentProcess:
         self.notify_path = os.path.join(self.base, "notify")
         self.log_file = os.path.join(self.state_dir, "log", "agent.log")
         self.proc = None
+        self._lifeline = None
         self.port = None
 
     def start(self, timeout=90):
@@ -110,9 +112,11 @@ class AgentProcess:
                                   "--listen", "127.0.0.1:0"]
         if self.insecure:
             cmd.append("--insecure")
+        self._cut_lifeline()
         self.proc = subprocess.Popen(cmd, env=env, cwd=REPO,
                                      stderr=subprocess.PIPE,
                                      start_new_session=self.new_session)
+        self._lifeline = lifeline.watch(self.proc, self.state_dir)
         message = self.wait_notify("READY=1", timeout)
         status = [line for line in message.splitlines()
                   if line.startswith("STATUS=Listening on ")][0]
@@ -169,7 +173,16 @@ class AgentProcess:
             rc = self.proc.wait()
         self.notify.close()
         self.proc.stderr.close()
+        self._cut_lifeline()
         return rc
+
+    def _cut_lifeline(self):
+        """The agent ended: its lifeline ends what it left (its privsep
+        daemons), and is waited for, so that it cannot take the daemon
+        of an agent started next on the same state dir for one."""
+        watcher, self._lifeline = self._lifeline, None
+        if watcher is not None:
+            lifeline.cut(watcher)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from vdsm_managedvolume import config
 from vdsm_managedvolume import mask
 from vdsm_managedvolume import stompclient
 
+from tests import lifeline
 from tests.rpc_fixtures import ISCSI_CONNECTION, SECRET, VOL_ID
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -531,6 +532,7 @@ def agent(tmp_path_factory):
          str(state), "--listen", "127.0.0.1:{}".format(port)],
         env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE)
+    watcher = lifeline.watch(proc, str(state))
     try:
         _wait_for_port(proc, port)
         yield Agent(str(state), port, str(dev), env)
@@ -541,6 +543,8 @@ def agent(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if watcher is not None:
+            lifeline.cut(watcher)
 
 
 class Agent:

@@ -27,8 +27,13 @@ def pytest_configure(config):
     from vdsm_managedvolume import privileged
     privileged.become_subreaper()
     if IS_ROOT:
-        # The loop devices of runs killed before their finalizers ran.
+        # What runs killed before their finalizers ran left.
         from . import leftovers
+        # Agents and privsep daemons whose lifelines were killed too
+        # (first: they may hold the loop devices open).
+        for pid, cmdline in leftovers.stop_stale_agents():
+            print("killed {} of a test run that is over ({})".format(
+                pid, cmdline[:200]))
         for device, backing in leftovers.detach_stale_loop_devices():
             print("detached {} of a test run that is over ({})".format(
                 device, backing))

@@ -86,6 +86,7 @@ from vdsm_managedvolume import faults
 from vdsm_managedvolume import pki
 from vdsm_managedvolume import stompclient
 
+from . import leftovers
 from .agent_process_test import AgentProcess
 from .engine_fixtures import loop_devices_under
 
@@ -241,19 +242,8 @@ class Host:
             f.write(self.boot_id + "\n")
 
     def daemon_pids(self):
-        marker = self.agent.state_dir + "/run/managedvolume/privsep"
-        pids = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open("/proc/{}/cmdline".format(entry), "rb") as f:
-                    cmdline = f.read().decode("utf-8", "replace")
-            except OSError:
-                continue
-            if "privsep-helper" in cmdline and marker in cmdline:
-                pids.append(int(entry))
-        return pids
+        return leftovers.privsep_daemons(
+            self.agent.state_dir + "/run/managedvolume/privsep")
 
     # Calls, as the engine makes them (mutual TLS, the engine's cert)
 

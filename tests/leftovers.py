@@ -1,12 +1,14 @@
 """What a killed test run leaves behind, found and cleaned by the next run.
 
 A pytest run killed with SIGKILL (a CI timeout, the OOM killer, kill -9)
-runs no finalizer: its loop devices stay attached and its PostgreSQL
-cluster runs on.  The cluster has a watchdog of its own
-(``scripts/pgcluster.sh run``: it stops the cluster when the run's end of
-a pipe closes, however the run ended); loop devices cannot have one (a
-loop device is a kernel object, not a process), so the next run detaches
-them at its start (``conftest.pytest_configure``).
+runs no finalizer: its loop devices stay attached, its agents and their
+privsep daemons and its PostgreSQL cluster run on.  The processes have
+watchdogs of their own that end them when the run's end of a pipe
+closes, however the run ended (``tests/lifeline.py`` for each agent,
+``scripts/pgcluster.sh run`` for the cluster); loop devices cannot have
+one (a loop device is a kernel object, not a process), so the next run
+detaches them at its start (``conftest.pytest_configure``), and stops
+the agents a killed watchdog left.
 
 Only what is clearly a dead run's is touched, never another run's that
 is still going (several run at once on this machine):
@@ -17,7 +19,11 @@ is still going (several run at once on this machine):
   pytest writes its pid into ``pytest-<N>/.lock`` as it starts and
   removes the file as it exits, so no ``.lock``, or one naming a process
   that is gone (or started after the file was written: the pid was
-  reused), is a run that ended;
+  reused), is a run that ended.  Only base temp dirs right under the
+  temp root pytest uses count: a test's own fake one further down (under
+  its ``tmp_path``, in a run still going) is never another run's;
+- an agent or privsep daemon whose command line names a path under such
+  a base temp dir (its config, its state dir);
 - a cluster of ``pgcluster.sh run`` whose ``owner`` file names a run
   that is over in the same sense (its watchdog was killed too).
 """
@@ -25,10 +31,9 @@ is still going (several run at once on this machine):
 import glob
 import os
 import re
+import signal
 import subprocess
-
-# <tmp>/pytest-of-<user>/pytest-<N>/..., as _pytest.tmpdir names them.
-_BASETEMP = re.compile(r"^(/.+/pytest-of-[^/]+/pytest-\d+)/")
+import tempfile
 
 PGCLUSTER_GLOB = "/tmp/pgcluster.*"
 
@@ -47,9 +52,10 @@ def owner_gone(owner_file):
     return started is None or started > written + 1
 
 
-def stale_loop_devices():
+def stale_loop_devices(root=None):
     """[(device, backing file)] of loop devices of test runs that are
-    over."""
+    over (base temp dirs under ``root``, default pytest's temp root)."""
+    over = _RunsOver(root)
     found = []
     for backing_file in glob.glob("/sys/block/loop*/loop/backing_file"):
         try:
@@ -59,16 +65,15 @@ def stale_loop_devices():
             continue            # detached meanwhile
         if backing.endswith(" (deleted)"):
             backing = backing[:-len(" (deleted)")]
-        m = _BASETEMP.match(backing)
-        if m and owner_gone(os.path.join(m.group(1), ".lock")):
+        if over.holds(backing):
             name = backing_file.split("/")[3]
             found.append(("/dev/" + name, backing))
     return found
 
 
-def detach_stale_loop_devices():
+def detach_stale_loop_devices(root=None):
     """Detach the loop devices of test runs that are over; return them."""
-    stale = stale_loop_devices()
+    stale = stale_loop_devices(root)
     for device, _ in stale:
         subprocess.run(["losetup", "-d", device], stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, check=False)
@@ -80,6 +85,41 @@ def stale_pg_clusters():
     return [d for d in sorted(glob.glob(PGCLUSTER_GLOB))
             if os.path.exists(os.path.join(d, "owner"))
             and owner_gone(os.path.join(d, "owner"))]
+
+
+def stale_agents(root=None):
+    """[(pid, command line)] of the agents and privsep daemons of test
+    runs that are over (base temp dirs under ``root``, default pytest's
+    temp root): their lifelines (tests/lifeline.py) were killed too."""
+    over = _RunsOver(root)
+    found = []
+    for pid, args in _processes():
+        if pid == os.getpid() or not any(
+                os.path.basename(a) in _AGENT_PROGRAMS for a in args[:2]):
+            continue
+        if any(over.holds(a.partition("=")[2] or a) for a in args[1:]):
+            found.append((pid, " ".join(args)))
+    return found
+
+
+def stop_stale_agents(root=None):
+    """SIGKILL the agents and privsep daemons of test runs that are over
+    (as systemd ends a service); return them."""
+    stale = stale_agents(root)
+    for pid, _ in stale:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return stale
+
+
+def privsep_daemons(marker):
+    """The pids of the privsep daemons (and helpers) whose command line
+    holds ``marker`` (an agent's state dir: its privsep.conf is there)."""
+    return [pid for pid, args in _processes()
+            if any(os.path.basename(a) == "privsep-helper" for a in args[:2])
+            and any(marker in a for a in args)]
 
 
 def start_ticks(pid):
@@ -98,6 +138,53 @@ def start_ticks(pid):
 
 
 # Private helpers
+
+# argv[0] (a console script) or argv[1] (its interpreter's script).
+_AGENT_PROGRAMS = {"managedvolume-agent", "privsep-helper"}
+
+
+class _RunsOver:
+    """Which paths lie under the base temp dir of a test run that is
+    over: <root>/pytest-of-<user>/pytest-<N>/..., as _pytest.tmpdir names
+    them, right under ``root`` (default: the temp root pytest uses)."""
+
+    def __init__(self, root=None):
+        root = os.path.realpath(root or _pytest_temproot())
+        self._basetemp = re.compile("^(" + re.escape(root.rstrip("/"))
+                                    + r"/pytest-of-[^/]+/pytest-\d+)/")
+        self._over = {}
+
+    def holds(self, path):
+        m = self._basetemp.match(path)
+        if not m:
+            return False
+        basetemp = m.group(1)
+        if basetemp not in self._over:
+            self._over[basetemp] = owner_gone(os.path.join(basetemp, ".lock"))
+        return self._over[basetemp]
+
+
+def _pytest_temproot():
+    # _pytest.tmpdir.TempPathFactory.getbasetemp's choice.
+    return os.environ.get("PYTEST_DEBUG_TEMPROOT") or tempfile.gettempdir()
+
+
+def _processes():
+    """(pid, argv) of every process we can read."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/{}/cmdline".format(entry), "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        args = raw.decode("utf-8", "replace").split("\0")
+        if args and args[-1] == "":
+            args.pop()
+        if args:
+            yield int(entry), args
+
 
 def _start_time(pid):
     """When process ``pid`` started (seconds since the epoch), None when

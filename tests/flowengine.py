@@ -64,8 +64,19 @@ This module replays those orders against real parts (no mock of ours):
   (isLiveMigration), then migrate; any failure -> runningFailed, which
   disconnects the disks with removeDest.  reportCompleted (the migration
   succeeded): disconnect the disks (the source).
+  MigrateVmCommand.rerun (the migration failed after it started and the
+  VM runs on the source): perform again to another host, no
+  runningFailed between; DEST_VDS_ID is overwritten.
   ExtendManagedBlockStorageDiskSizeCommand, CreateManagedBlockStorage-
   DiskSnapshotCommand, CloneSingleManagedBlockDiskCommand: one shim call.
+  TryBackToManagedBlockSnapshotCommand (a preview): a volume made from
+  the snapshot becomes the disk's active image, which every later attach
+  names; RestoreAllManagedBlockSnapshotsCommand UNDO deletes it.
+  CopyManagedBlockDiskCommand (a disk copy): attach the new disk and the
+  source on one host with no VM (attachManagedBlockStorageDisk: no
+  save_device, nothing records the host), copy, detach both
+  (disconnectManagedBlockStorageDeviceFromHost); on failure the same
+  detaches and the new disk's removal.
 
 ``check(engine)`` is the one check every flow ends with: each host's
 journal (``volumes_info``), managed_path links, udev rules, the loop
@@ -256,6 +267,14 @@ class Host:
                                 timeout=120) as client:
             return client.call(method, params or {}, flow_id=flow_id)
 
+    def copy(self, source, target, size):
+        """CopyData on this host: the first ``size`` bytes of the device
+        at ``source`` to the one at ``target`` (qemu-img convert)."""
+        with open(source, "rb") as src, open(target, "r+b") as dst:
+            dst.write(src.read(size))
+            dst.flush()
+            os.fsync(dst.fileno())
+
     # What the host holds
 
     @property
@@ -362,13 +381,23 @@ class Disk:
 
     def __init__(self, label, vol_id, size):
         self.label = label
+        # The disk's id, and the volume of its active image, the one
+        # every attach names (disk.getImageId()): another after a
+        # snapshot preview.
+        self.disk_id = vol_id
         self.vol_id = vol_id
+        # Volumes of the disk's other images (the one before a preview).
+        self.others = set()
+        self.previewed_from = None
         self.size = size
         self.attached = None     # ATTACHED_VDS_ID
         self.dest = None         # DEST_VDS_ID
 
     def hosts(self):
         return {h for h in (self.attached, self.dest) if h}
+
+    def volumes(self):
+        return {self.vol_id} | self.others
 
 
 class Vm:
@@ -412,6 +441,8 @@ class Engine:
         # still has it there (the spec params were not saved), the host's
         # journal replay finished the detach when it started again.
         self.cut = set()
+        # {snapshot id: label of the disk}: the backend's snapshots.
+        self.snapshots = {}
         self.faults = {}        # (where, step) -> calls to let pass
         self.lost_replies = set()   # (host, verb): answered too late
         self._lock = threading.Lock()
@@ -547,13 +578,104 @@ class Engine:
             for host in sorted(disk.hosts())}
 
     def snapshot_disk(self, label):
-        """CreateManagedBlockStorageDiskSnapshotCommand: the snapshot id."""
-        return self.shim("create_snapshot", self.disks[label].vol_id,
-                         label=label)
+        """CreateManagedBlockStorageDiskSnapshotCommand (of the disk's
+        active volume): the snapshot id."""
+        snap_id = self.shim("create_snapshot", self.disks[label].vol_id,
+                            label=label)
+        self.snapshots[snap_id] = label
+        return snap_id
 
     def remove_snapshot(self, label, snap_id):
-        self.shim("remove_snapshot", snap_id, self.disks[label].vol_id,
+        """RemoveManagedBlockStorageSnapshotCommand: remove_snapshot
+        naming the snapshot and the disk (its id, not its active
+        volume's: RemoveSnapshotCommand.removeManagedBlockSnapshot)."""
+        self.shim("remove_snapshot", snap_id, self.disks[label].disk_id,
                   label=label)
+        del self.snapshots[snap_id]
+
+    def snapshot_vm(self, name):
+        """CreateSnapshotForVmCommand, live or not: for each Managed
+        Block Storage disk of the VM, CreateSnapshotDiskCommand runs
+        CreateManagedBlockStorageDiskSnapshotCommand (create_snapshot of
+        the disk's active volume; no host call, no freeze of these
+        disks).  {label: snapshot id}."""
+        return {disk.label: self.snapshot_disk(disk.label)
+                for disk in self.vms[name].disks}
+
+    def preview_snapshot(self, name, snaps):
+        """TryBackToAllSnapshotsOfVmCommand (the VM is down): for each
+        disk, TryBackToManagedBlockSnapshotCommand runs
+        create_volume_from_snapshot naming the disk (image.getId()) and
+        the snapshot; the new volume becomes the disk's active image
+        (initNewVolume: imageId := the new volume), the earlier one
+        inactive.  Every attach from now on names the new volume."""
+        vm = self.vms[name]
+        assert vm.status == "down"
+        for disk in vm.disks:
+            new = self.shim("create_volume_from_snapshot", disk.disk_id,
+                            snaps[disk.label], label=disk.label)
+            disk.previewed_from = disk.vol_id
+            disk.others.add(disk.vol_id)
+            disk.vol_id = new
+
+    def undo_preview(self, name):
+        """RestoreAllSnapshotsCommand, UNDO (the VM is down): the images
+        to restore are the active (previewed) ones;
+        RestoreAllManagedBlockSnapshotsCommand.handleUndo marks the
+        earlier image active again and runs
+        RemoveManagedBlockStorageDiskCommand on the previewed volume
+        (delete_volume)."""
+        vm = self.vms[name]
+        assert vm.status == "down"
+        for disk in vm.disks:
+            self.shim("delete_volume", disk.vol_id, label=disk.label)
+            self.leaked = {(v, h) for v, h in self.leaked
+                           if v != disk.vol_id}
+            disk.vol_id, disk.previewed_from = disk.previewed_from, None
+            disk.others.discard(disk.vol_id)
+
+    def copy_disk(self, label, new_label, host):
+        """MoveOrCopyDiskCommand (copy) of a disk no running VM has
+        plugged, to a new Managed Block Storage disk:
+        CopyImageGroupCommand -> CopyManagedBlockDiskCommand on a host
+        of the pool (VdsCommandsHelper.getHostForExecution: ``host``).
+
+        createVolumes: AddManagedBlockStorageDiskCommand
+        (create_volume), then attachVolume of the target, then of the
+        source: ManagedBlockStorageCommandUtil
+        .attachManagedBlockStorageDisk, connect_volume and the host's
+        attach_volume only (no save_device, no VM device records the
+        host); a failed attach throws.  CopyData: the host copies from
+        the source's ``path`` to the target's (qemu-img convert; here the
+        first 2 MiB).  DETACH_VOLUME:
+        disconnectManagedBlockStorageDeviceFromHost of the source, then
+        of the target (DisconnectManagedBlockStorageDeviceCommand:
+        detach_volume on the host, then disconnect_volume; results
+        ignored).  A failure anywhere: endWithFailure detaches both the
+        same way and runs RemoveManagedBlockStorageDiskCommand on the
+        target (delete_volume); StepFailed is raised."""
+        src = self.disks[label]
+        dst = Disk(new_label, str(uuid.uuid4()), src.size)
+        self.shim("create_volume", dst.vol_id, dst.size, label=new_label)
+        self.disks[new_label] = dst
+        try:
+            target = self._attach_volume(dst, host)["path"]
+            source = self._attach_volume(src, host)["path"]
+            self.note("engine", host, "copy_data {} -> {}".format(
+                label, new_label), "ok")
+            self.hosts[host].copy(source, target, 2 * 1024**2)
+        except StepFailed:
+            self.note("engine", "engine", "copy " + label, "endWithFailure")
+            self._detach_volume(src, host)
+            self._detach_volume(dst, host)
+            self.shim("delete_volume", dst.vol_id, label=new_label)
+            self.leaked = {(v, h) for v, h in self.leaked
+                           if v != dst.vol_id}
+            del self.disks[new_label]
+            raise
+        self._detach_volume(src, host)
+        self._detach_volume(dst, host)
+        return dst
 
     def clone_disk(self, label, new_label):
         """CloneSingleManagedBlockDiskCommand: clone_volume."""
@@ -698,12 +820,22 @@ class Engine:
                 vm.run_on = None
                 self._process_down(vm)
 
-    def migrate(self, name, dest, fail_at=None):
+    def migrate(self, name, dest, fail_at=None, rerun_on=()):
         """MigrateVmCommand: perform, then reportCompleted or runningFailed.
 
         ``fail_at``: None (success), ``connect_volume``, ``attach_volume``,
         ``save_device`` (the real call fails) or ``migrate`` (vdsm's
         migration itself fails, before or after it started).
+
+        ``rerun_on``: the hosts the scheduler picks next when the
+        migration to ``dest`` fails after it started (``migrate``): vdsm
+        reports the VM running on the source again, VmAnalyzer sets the
+        rerun flag and MigrateVmCommand.rerun (the VM is Up) runs
+        RunVmCommandBase.rerun -> reexecuteCommand: perform again, to the
+        next host, with no runningFailed between.  The earlier
+        destination's attachments stay and its DEST_VDS_ID is
+        overwritten (saveAttachedHost): the engine forgets them.  With
+        no host left, runningFailed detaches from the last destination.
         """
         vm = self.vms[name]
         src = vm.run_on
@@ -712,18 +844,25 @@ class Engine:
         elif fail_at == "attach_volume":
             self.fail_next(dest, "ManagedVolume.attach_volume")
         vm.status = "migrating"
-        try:
-            self._attach_disks(vm, dest, live_migration=True)
-            if fail_at == "migrate":
+        hosts = [dest] + list(rerun_on)
+        for i, dest in enumerate(hosts):
+            try:
+                self._attach_disks(vm, dest, live_migration=True)
+                if fail_at == "migrate" and i == 0:
+                    self.note("engine", src, "migrate {} to {}".format(
+                        name, dest), "FAILED (vdsm)")
+                    raise StepFailed("migration failed")
                 self.note("engine", src, "migrate {} to {}".format(
-                    name, dest), "FAILED (vdsm)")
-                raise StepFailed("migration failed")
-            self.note("engine", src, "migrate {} to {}".format(name, dest),
-                      "ok")
-        except StepFailed:
-            self._running_failed(vm)
-            vm.status = "up"
-            return False
+                    name, dest), "ok")
+                break
+            except StepFailed:
+                if fail_at == "migrate" and i + 1 < len(hosts):
+                    self.note("engine", "engine", "migrate {}".format(name),
+                              "rerun")
+                    continue
+                self._running_failed(vm)
+                vm.status = "up"
+                return False
         # reportCompleted: the VM runs on dest; disconnect the source.
         vm.run_on = dest
         vm.status = "up"
@@ -745,7 +884,9 @@ class Engine:
         for disk in vm.disks:                     # allMatch: stop at first
             self._save_devices(disk, host, live_migration)
 
-    def _save_devices(self, disk, host, live_migration):
+    def _attach_volume(self, disk, host):
+        """attachManagedBlockStorageDisk: connect_volume with the host's
+        connector_info, then the host's attach_volume; what it returned."""
         connector = self.hosts[host].connector
         conn = json.loads(self.shim("connect_volume", disk.vol_id,
                                     json.dumps(connector),
@@ -769,7 +910,39 @@ class Engine:
                 self.leaked.add((disk.vol_id, host))
             raise
         self.cut.discard((disk.vol_id, host))
+        return device
+
+    def _detach_volume(self, disk, host):
+        """disconnectManagedBlockStorageDeviceFromHost (no VM device):
+        the host's detach_volume, then disconnect_volume; whether both
+        succeeded."""
+        try:
+            self.host_call(host, "ManagedVolume.detach_volume",
+                           {"vol_id": disk.vol_id, "sd_id": self.sd_id},
+                           label=disk.label)
+        except StepFailed:
+            # Nothing records the host: the engine never comes back.
+            self.forgotten.add((disk.vol_id, host,
+                                self.hosts[host].boot_id))
+            return False
+        try:
+            self.shim("disconnect_volume", disk.vol_id, label=disk.label)
+        except StepFailed:
+            self.leaked.add((disk.vol_id, host))
+            return False
+        self.leaked = {(v, h) for v, h in self.leaked
+                       if v != disk.vol_id or not self.hosts[h].up}
+        return True
+
+    def _save_devices(self, disk, host, live_migration):
+        device = self._attach_volume(disk, host)
         if live_migration:
+            if disk.dest not in (None, host) and self.hosts[disk.dest].up:
+                # saveAttachedHost overwrites DEST_VDS_ID (a migration
+                # rerun to another host): the engine forgets the
+                # attachment on the earlier destination.
+                self.forgotten.add((disk.vol_id, disk.dest,
+                                    self.hosts[disk.dest].boot_id))
             disk.dest = host
         else:
             if disk.attached not in (None, host) and \
@@ -843,6 +1016,8 @@ class Engine:
                 self.vm_disappeared(name)
             elif vm.status != "down":
                 self.stop_vm(name)
+        for snap_id, label in list(self.snapshots.items()):
+            self.remove_snapshot(label, snap_id)
         for label in list(self.disks):
             self.remove_disk(label)
 
@@ -863,7 +1038,7 @@ def check(engine):
     """
     problems = []
     expected = engine.expected()
-    volumes = {d.vol_id: d for d in engine.disks.values()}
+    volumes = {v: d for d in engine.disks.values() for v in d.volumes()}
     loops = engine.backend.loop_devices()
     for name, host in engine.hosts.items():
         if not host.up:
@@ -932,6 +1107,11 @@ def check(engine):
                    if n.startswith("volume-"))
     if files != sorted("volume-" + v for v in volumes):
         problems.append("volume files {}".format(files))
+    snapshots = sorted(n for n in _listdir(engine.backend.dir)
+                       if n.startswith("snapshot-"))
+    if snapshots != sorted("snapshot-" + s for s in engine.snapshots):
+        problems.append("snapshot files {}, engine has {}".format(
+            snapshots, sorted(engine.snapshots)))
     assert not problems, "\n".join(problems)
 
 

@@ -439,6 +439,42 @@ def test_a_failed_live_migration_leaves_the_vm_running_on_the_source(
     check(engine)
 
 
+def test_a_migration_that_fails_after_it_started_is_rerun_to_another_host(
+        engine):
+    """vdsm reports the VM running on the source again: VmAnalyzer sets
+    the rerun flag and MigrateVmCommand.rerun (the VM is Up) runs the
+    command again to the next host the scheduler picks, with no
+    runningFailed between.  The first destination keeps the disk (its
+    DEST_VDS_ID was overwritten: the engine forgot it) and the shim its
+    connection (the host says it has the volume); a later run there gets
+    927 until an admin detaches it (or the host reboots)."""
+    engine.add_disk("os")
+    engine.add_vm("vm1", "os")
+    engine.run_vm("vm1", "host-a")
+    flowengine.write_through(engine.hosts["host-a"], engine, "os", DATA)
+
+    assert engine.migrate("vm1", "host-b", fail_at="migrate",
+                          rerun_on=["host-c"])
+    assert engine.vms["vm1"].run_on == "host-c"
+    assert flowengine.journals(engine) == {
+        "host-a": [], "host-b": [("os", False)], "host-c": [("os", False)]}
+    check(engine)
+    c = engine.hosts["host-c"]
+    assert flowengine.write_through(c, engine, "os", None)[:len(DATA)] == DATA
+
+    engine.stop_vm("vm1")
+    vol = engine.disks["os"].vol_id
+    assert engine.backend.connections() == {(vol, "host-b")}
+    check(engine)
+    with pytest.raises(StepFailed, match="is already attached"):
+        engine.run_vm("vm1", "host-b")
+    engine.admin_detach("host-b", "os")
+    engine.run_vm("vm1", "host-b")
+    engine.stop_vm("vm1")
+    assert engine.backend.connections() == set()
+    check(engine)
+
+
 def test_a_host_the_shim_cannot_ask_keeps_its_connection_until_asked(
         engine):
     engine.add_disk("os")
@@ -560,6 +596,100 @@ def test_clone_snapshot_and_extend_while_attached(engine):
     engine.remove_snapshot("os", snap)
     engine.stop_vm("vm2")
     engine.stop_vm("vm1")
+    check(engine)
+
+
+def test_a_snapshot_previewed_then_undone(engine):
+    """A live snapshot is one create_snapshot per disk (no host call).
+    TryBackToAllSnapshotsOfVm (the VM down) makes a volume of each
+    snapshot and attaches *that* from then on; RestoreAllSnapshots UNDO
+    deletes it (the VM down again) and the disk's own volume is the one
+    attached.  Each run reads what its volume holds."""
+    engine.add_disk("os")
+    engine.add_vm("vm1", "os")
+    engine.run_vm("vm1", "host-a")
+    a = engine.hosts["host-a"]
+    flowengine.write_through(a, engine, "os", b"before the snapshot")
+    snaps = engine.snapshot_vm("vm1")
+    flowengine.write_through(a, engine, "os", b"after the snapshot!")
+    check(engine)
+    engine.stop_vm("vm1")
+    own = engine.disks["os"].vol_id
+
+    engine.preview_snapshot("vm1", snaps)
+    preview = engine.disks["os"].vol_id
+    assert preview != own
+    check(engine)
+    engine.run_vm("vm1", "host-b")
+    b = engine.hosts["host-b"]
+    assert flowengine.journals(engine)["host-b"] == [("os", False)]
+    assert b.volumes_info()[0]["vol_id"] == preview
+    assert flowengine.write_through(b, engine, "os", None)[:19] == \
+        b"before the snapshot"
+    check(engine)
+    engine.stop_vm("vm1")
+    check(engine)
+
+    engine.undo_preview("vm1")
+    assert engine.disks["os"].vol_id == own
+    assert preview not in engine.backend.live_volumes()
+    check(engine)
+    engine.run_vm("vm1", "host-a")
+    assert flowengine.write_through(a, engine, "os", None)[:19] == \
+        b"after the snapshot!"
+    engine.stop_vm("vm1")
+    engine.remove_snapshot("os", snaps["os"])
+    check(engine)
+
+
+# Disk copy through a host
+
+def test_a_disk_copied_through_a_host_leaves_nothing_attached(engine):
+    """CopyManagedBlockDiskCommand attaches the new disk and the source
+    on one host of the pool with no VM (connect_volume and attach_volume
+    only: no save_device, no VM device records the host), the host
+    copies from path to path, then both are detached (detach_volume,
+    disconnect_volume naming the disk only).  The copy is a disk of its
+    own: a VM runs it elsewhere and reads what the source held."""
+    engine.add_disk("os")
+    engine.add_vm("vm1", "os")
+    engine.run_vm("vm1", "host-a")
+    flowengine.write_through(engine.hosts["host-a"], engine, "os", DATA)
+    engine.stop_vm("vm1")
+
+    engine.copy_disk("os", "os-copy", "host-b")
+    assert flowengine.journals(engine)["host-b"] == []
+    check(engine)
+
+    engine.add_vm("vm2", "os-copy")
+    engine.run_vm("vm2", "host-c")
+    c = engine.hosts["host-c"]
+    assert flowengine.write_through(c, engine, "os-copy", None)[
+        :len(DATA)] == DATA
+    engine.run_vm("vm1", "host-b")
+    check(engine)
+    engine.stop_vm("vm1")
+    engine.stop_vm("vm2")
+    assert engine.backend.connections() == set()
+    check(engine)
+
+
+def test_a_disk_copy_whose_source_attach_fails_removes_the_new_disk(engine):
+    """The target is made and attached, the source's attach fails on the
+    host: CopyManagedBlockDiskCommand.endWithFailure detaches both (the
+    source's detach is of a volume the host does not hold: success, and
+    disconnect_volume ends the connection its connect_volume made) and
+    removes the target (delete_volume).  Nothing is left, and the copy
+    done again works."""
+    engine.add_disk("os")
+    engine.fail_next("host-b", "ManagedVolume.attach_volume", skip=1)
+    with pytest.raises(StepFailed, match="attach_volume"):
+        engine.copy_disk("os", "os-copy", "host-b")
+    assert "os-copy" not in engine.disks
+    assert engine.backend.connections() == set()
+    check(engine)
+
+    engine.copy_disk("os", "os-copy", "host-b")
     check(engine)
 
 

@@ -64,6 +64,8 @@ This module replays those orders against real parts (no mock of ours):
   (isLiveMigration), then migrate; any failure -> runningFailed, which
   disconnects the disks with removeDest.  reportCompleted (the migration
   succeeded): disconnect the disks (the source).
+  MaintenanceVdsCommand -> MigrateMultipleVmsCommand: MigrateVmToServer
+  for each VM of the host in turn, each reportCompleted on its own.
   MigrateVmCommand.rerun (the migration failed after it started and the
   VM runs on the source): perform again to another host, no
   runningFailed between; DEST_VDS_ID is overwritten.
@@ -84,6 +86,7 @@ devices and the shim's connections agree with what the engine believes,
 and nothing else exists.  docs/flows.md draws each flow.
 """
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -868,6 +871,34 @@ class Engine:
         vm.status = "up"
         self._disconnect_disks(vm, remove_dest=False)
         return True
+
+    def maintenance(self, host, dests):
+        """The host to maintenance with its VMs running:
+        MaintenanceNumberOfVdssCommand -> MaintenanceVdsCommand ->
+        MigrateMultipleVmsCommand, which schedules every VM of the host
+        (here: to ``dests`` in turn) and runs MigrateVmToServer for each,
+        one after the other: each perform attaches the VM's disks on its
+        destination and starts the migration.  Each reportCompleted comes
+        back from the monitoring of its own VM, in any order, several at
+        once: here all at once, in threads.  {VM name: its host}."""
+        vms = sorted((vm for vm in self.vms.values() if vm.run_on == host),
+                     key=lambda vm: vm.name)
+        moves = list(zip(vms, (dests * len(vms))[:len(vms)]))
+        for vm, dest in moves:
+            vm.status = "migrating"
+            self._attach_disks(vm, dest, live_migration=True)
+            self.note("engine", host, "migrate {} to {}".format(
+                vm.name, dest), "ok")
+
+        def completed(move):
+            vm, dest = move
+            vm.run_on = dest
+            vm.status = "up"
+            return self._disconnect_disks(vm, remove_dest=False)
+
+        with concurrent.futures.ThreadPoolExecutor(len(moves)) as pool:
+            assert all(pool.map(completed, reversed(moves)))
+        return {vm.name: vm.run_on for vm, _ in moves}
 
     def _running_failed(self, vm):
         """MigrateVmCommand.runningFailed: disconnect from the dest."""

@@ -475,6 +475,40 @@ def test_a_migration_that_fails_after_it_started_is_rerun_to_another_host(
     check(engine)
 
 
+def test_a_host_to_maintenance_migrates_its_vms_away(engine):
+    """MaintenanceVdsCommand migrates every VM of the host
+    (MigrateMultipleVmsCommand: MigrateVmToServer one after the other,
+    each attaching on its destination); the reportCompleted of each
+    comes back on its own, here all at once: each detaches on the
+    source and disconnect_volume ends the source's connection only."""
+    a = engine.hosts["host-a"]
+    for i in range(3):
+        engine.add_disk("os{}".format(i))
+        engine.add_vm("vm{}".format(i), "os{}".format(i))
+        engine.run_vm("vm{}".format(i), "host-a")
+        flowengine.write_through(a, engine, "os{}".format(i), DATA)
+    engine.add_disk("os3")
+    engine.add_disk("data")
+    engine.add_vm("vm3", "os3", "data")
+    engine.run_vm("vm3", "host-a")
+    check(engine)
+
+    placed = engine.maintenance("host-a", ["host-b", "host-c"])
+    assert placed == {"vm0": "host-b", "vm1": "host-c", "vm2": "host-b",
+                      "vm3": "host-c"}
+    assert flowengine.journals(engine)["host-a"] == []
+    check(engine)
+    for i in range(3):
+        host = engine.hosts[placed["vm{}".format(i)]]
+        assert flowengine.write_through(host, engine, "os{}".format(i),
+                                        None)[:len(DATA)] == DATA
+
+    for name in placed:
+        engine.stop_vm(name)
+    assert engine.backend.connections() == set()
+    check(engine)
+
+
 def test_a_host_the_shim_cannot_ask_keeps_its_connection_until_asked(
         engine):
     engine.add_disk("os")

@@ -28,7 +28,8 @@ from vdsm_managedvolume import store
 from vdsm_managedvolume import udev
 
 from . import fakebrick
-from .host_fixtures import REPO, iscsi_connection, make_cfg, new_boot, new_id
+from .host_fixtures import (REPO, hung_iscsi_info, hung_iscsiadm,
+                            iscsi_connection, make_cfg, new_boot, new_id)
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -524,9 +525,11 @@ def test_connect_timeout_rolls_back_and_leaves_nothing(
         assert svc._db().volumes() == []
         # The connect started in that daemon and was cancelled at the
         # deadline (its sleep raised): it had ended before the answer,
-        # so it can never complete behind our back ("connect <key>" is
-        # what the fake records after its sleep), and the rollback's
-        # disconnect ran in the same daemon, which goes on.
+        # and started no thread, so it can never complete behind our
+        # back ("connect <key>" is what the fake records after its
+        # sleep), and the rollback's disconnect ran in the same daemon,
+        # which goes on.  (One whose threads still run: see
+        # test_connect_timeout_with_its_logins_running_keeps_the_...)
         calls = fakebrick.calls()
         assert "connect-start " + key in calls
         assert "connect " + key not in calls
@@ -535,5 +538,46 @@ def test_connect_timeout_rolls_back_and_leaves_nothing(
         assert key not in fakebrick.connected()
         assert brick.daemon_pid() == old_pid
     finally:
+        svc.close()
+        brick.stop()
+
+
+def test_connect_timeout_with_its_logins_running_keeps_the_record_for_a_detach(
+        tmp_path, real_fakebrick_dir, monkeypatch):
+    # os-brick's own multipath iSCSI connect, its portal logins hung: cut
+    # at its deadline, it returns while its portal threads are still
+    # inside "iscsiadm --login" (StillRunning).  A login may still
+    # complete: the record stays 'attaching' (nothing disconnected yet),
+    # and the detach, once the logins ended, disconnects after them.
+    # Before, the rollback's disconnect found no session, "worked", and
+    # the record was forgotten: a session logging in later had none.
+    iscsiadm_log, logins_release = hung_iscsiadm(tmp_path, monkeypatch)
+    cfg, brick = _private_brick(str(tmp_path), timeout=2.0)
+    svc = service.Service(cfg, brick=brick)
+    svc.start()
+    try:
+        brick.connector_properties()          # the daemon is up
+        pid = brick.daemon_pid()
+        vol_id = new_id()
+        ci = hung_iscsi_info()
+        with pytest.raises(errors.StillRunning) as e:
+            svc.attach_volume(vol_id, ci)
+        assert e.value.code == 931
+        [rec] = svc._db().volumes([vol_id])
+        assert rec["state"] == "attaching"
+        assert brick.daemon_pid() == pid
+
+        logins_release.touch()
+        cfg.timeout = 60.0
+        svc.detach_volume(vol_id)
+        assert svc._db().volumes([vol_id]) == []
+        lines = iscsiadm_log.read_text().splitlines()
+        ended = [i for i, line in enumerate(lines)
+                 if line.startswith("login-end")]
+        assert len(ended) == 2
+        assert any("-m session" in line for line in lines[max(ended):])
+        assert brick.daemon_pid() == pid
+    finally:
+        logins_release.touch()
         svc.close()
         brick.stop()

@@ -17,6 +17,7 @@ in-process connectors see it.
 """
 
 import os
+import pathlib
 import stat
 import subprocess
 import sys
@@ -108,6 +109,48 @@ def iscsi_connection(cfg, key=None, **knobs):
     }
     data.update(knobs)
     return {"driver_volume_type": "iscsi", "data": data}
+
+
+FAKE_ISCSIADM = """#!/bin/sh
+echo "$*" >> {log}
+case "$*" in
+  *--login*)
+    while [ ! -e {release} ]; do sleep 0.05; done
+    echo "login-end $*" >> {log}
+    exit 0 ;;
+  *"-m session"*) echo "iscsiadm: No active sessions." >&2; exit 21 ;;
+esac
+exit 0
+"""
+
+
+def hung_iscsiadm(base, monkeypatch):
+    """Put an ``iscsiadm`` whose logins hang first on the PATH (the
+    daemon, started as root, inherits it); return the file it logs its
+    argv to and the file that, once it exists, ends the logins."""
+    bin_dir = os.path.join(str(base), "bin")
+    os.makedirs(bin_dir, exist_ok=True)
+    log = os.path.join(str(base), "iscsiadm.log")
+    release = os.path.join(str(base), "logins-release")
+    path = os.path.join(bin_dir, "iscsiadm")
+    with open(path, "w") as f:
+        f.write(FAKE_ISCSIADM.format(log=log, release=release))
+    os.chmod(path, 0o755)
+    monkeypatch.setenv("PATH", "{}:{}".format(bin_dir, os.environ["PATH"]))
+    return pathlib.Path(log), pathlib.Path(release)
+
+
+def hung_iscsi_info(key="hung-lun"):
+    """A multipath iSCSI volume on two portals, for os-brick's own
+    connector (``fakebrick``'s ``fake_os_brick``), whose logins hang
+    under ``hung_iscsiadm``."""
+    portals = ["192.0.2.1:3260", "192.0.2.2:3260"]
+    iqn = "iqn.2003-01.org.example:" + key
+    return {"driver_volume_type": "iscsi",
+            "data": {"target_portal": portals[0], "target_iqn": iqn,
+                     "target_lun": 1, "target_portals": portals,
+                     "target_iqns": [iqn, iqn], "target_luns": [1, 1],
+                     "fake_os_brick": True}}
 
 
 def rbd_connection(cfg, name=None, **knobs):

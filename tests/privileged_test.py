@@ -27,6 +27,7 @@ from vdsm_managedvolume import privileged
 from vdsm_managedvolume import privsep
 
 from tests import fakebrick
+from tests.host_fixtures import hung_iscsi_info, hung_iscsiadm
 
 pytestmark = pytest.mark.root
 
@@ -483,19 +484,6 @@ def test_a_late_call_stuck_in_one_command_ends_the_daemon_not_the_command(
     assert brick.daemon_pid() not in (None, old_pid)
 
 
-FAKE_ISCSIADM = """#!/bin/sh
-echo "$*" >> {log}
-case "$*" in
-  *--login*)
-    while [ ! -e {release} ]; do sleep 0.05; done
-    echo "login-end $*" >> {log}
-    exit 0 ;;
-  *"-m session"*) echo "iscsiadm: No active sessions." >&2; exit 21 ;;
-esac
-exit 0
-"""
-
-
 @pytest.mark.slow
 def test_a_hung_iscsi_multipath_connect_fails_alone_beside_another_call(
         fresh_cfg, fake_dir, tmp_path, monkeypatch, caplog):
@@ -507,20 +495,20 @@ def test_a_hung_iscsi_multipath_connect_fails_alone_beside_another_call(
     # they do, their threads start no further command (os-brick would
     # set node.startup next).  Before, the daemon was killed at the
     # deadline, and the call beside it with it.
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    iscsiadm_log = tmp_path / "iscsiadm.log"
-    logins_release = tmp_path / "logins-release"
-    (bin_dir / "iscsiadm").write_text(FAKE_ISCSIADM.format(
-        log=iscsiadm_log, release=logins_release))
-    (bin_dir / "iscsiadm").chmod(0o755)
-    monkeypatch.setenv("PATH", "{}:{}".format(bin_dir, os.environ["PATH"]))
+    #
+    # The 931 says that threads it started still run (StillRunning): a
+    # login may still complete.  A disconnect of that connection (the
+    # service's, later) waits for them, so that it sees the session
+    # they log in; past its own deadline it fails with 931 in turn.
+    # Before, the 931 said nothing of them and the disconnect ran at
+    # once, found no session, and "succeeded" while the logins went on.
+    iscsiadm_log, logins_release = hung_iscsiadm(tmp_path, monkeypatch)
     b = privileged.Brick(fresh_cfg)
     results = {}
 
-    def run(name, info):
+    def run(name, func, *args):
         try:
-            results[name] = b.connect(info)
+            results[name] = func(*args)
         except Exception as e:
             results[name] = e
 
@@ -529,32 +517,30 @@ def test_a_hung_iscsi_multipath_connect_fails_alone_beside_another_call(
         pid = b.daemon_pid()
         beside_release = str(tmp_path / "beside-release")
         fresh_cfg.timeout = 60.0
-        beside = threading.Thread(target=run, args=("beside", iscsi(
+        beside = threading.Thread(target=run, args=("beside", b.connect, iscsi(
             "beside", tmp_path, fake_wait=beside_release)))
         beside.start()
         wait_for(lambda: "connect-start beside" in fakebrick.calls(
             str(fake_dir)))
 
         fresh_cfg.timeout = 2.0
-        portals = ["192.0.2.1:3260", "192.0.2.2:3260"]
-        iqn = "iqn.2003-01.org.example:hung-lun"
-        hung_info = {
-            "driver_volume_type": "iscsi",
-            "data": {"target_portal": portals[0], "target_iqn": iqn,
-                     "target_lun": 1, "target_portals": portals,
-                     "target_iqns": [iqn, iqn], "target_luns": [1, 1],
-                     "fake_os_brick": True}}
-        hung = threading.Thread(target=run, args=("hung", hung_info))
+        hung_info = hung_iscsi_info()
+        hung = threading.Thread(target=run, args=(
+            "hung", b.connect, hung_info))
         hung.start()
         hung.join(60)
-        assert isinstance(results["hung"], errors.HelperTimeout)
+        assert type(results["hung"]) is errors.StillRunning
         assert results["hung"].code == 931
+        assert str(results["hung"]) == (
+            "Privileged connect did not finish within 2.0 seconds, and "
+            "threads it started are still inside a command (an iSCSI "
+            "login may still complete)")
         assert "beside" not in results
-        # The service's rollback: os-brick's disconnect, in the same
-        # daemon, while the logins still hang (it takes none of their
-        # per-portal locks).
-        fresh_cfg.timeout = 60.0
-        assert b.disconnect(hung_info, None) is None
+        # A disconnect while the logins still hang waits for them, and
+        # is cancelled at its own deadline, the daemon going on.
+        with pytest.raises(errors.HelperTimeout):
+            b.disconnect(hung_info, None)
+        assert b.daemon_pid() == pid
 
         with open(beside_release, "w"):
             pass
@@ -562,19 +548,39 @@ def test_a_hung_iscsi_multipath_connect_fails_alone_beside_another_call(
         assert results["beside"]["path"].startswith("/dev/dm-")
         assert b.daemon_pid() == pid
 
-        logins = [line for line in iscsiadm_log.read_text().splitlines()
-                  if "--login" in line]
-        assert len(logins) == 2
+        lines = iscsiadm_log.read_text().splitlines()
+        assert sum("--login" in line for line in lines) == 2
+        assert not any(line.startswith("login-end") for line in lines)
+        # Another disconnect waits for the logins, and runs once they
+        # ended.
+        fresh_cfg.timeout = 60.0
+        disconnect = threading.Thread(target=run, args=(
+            "disconnect", b.disconnect, hung_info, None))
+        disconnect.start()
+
+        def waiting():
+            b.daemon_pid()      # reads the daemon's records
+            return any("an earlier connect of this connection started "
+                       "still run" in r.getMessage()
+                       for r in caplog.records)
+        wait_for(waiting)
         logins_release.touch()
+        disconnect.join(60)
+        assert results["disconnect"] is None
 
         def stopped():
-            b.daemon_pid()      # reads the daemon's records
+            b.daemon_pid()
             return sum("of the cancelled connect stopped at its next sleep "
                        "or command" in r.getMessage()
                        for r in caplog.records) == 2
         wait_for(stopped)
+        # Its "iscsiadm -m session" (looking for what to log out) came
+        # after both logins had ended.
         lines = iscsiadm_log.read_text().splitlines()
-        assert sum(line.startswith("login-end") for line in lines) == 2
+        ended = [i for i, line in enumerate(lines)
+                 if line.startswith("login-end")]
+        assert len(ended) == 2
+        assert any("-m session" in line for line in lines[max(ended):])
         assert not any("node.startup" in line for line in lines)
         assert b.daemon_pid() == pid
         b.disconnect(iscsi("beside", tmp_path), results["beside"])

@@ -98,12 +98,26 @@ What cancelling does not stop:
   "ghost" connect after the caller was told it failed.  The other calls
   in it fail (the client reruns the idempotent ones:
   privileged.RERUN_AFTER_KILL), the next call starts a fresh daemon.
+  (The call's own thread then cannot finish a connect; a command it or
+  its threads started still runs, outside any daemon.)
 - the late call's commands: those running in the threads os-brick
   spawned for it (a multipath connect's per-portal ``iscsiadm
-  --login``) go on after the call returned, holding os-brick's lock
-  for that portal and target in this daemon; each such thread stops at
-  its next sleep or command.  A command that never returns keeps that
-  lock until the daemon ends.
+  --login``) go on after the call's own thread returned, holding
+  os-brick's lock for that portal and target in this daemon; each such
+  thread stops at its next sleep or command.  A command that never
+  returns keeps that lock until the daemon ends.  So what the kill
+  above prevents (a ghost connect) holds for the call's own thread, not
+  for those: they are counted (``os_brick.executor.Thread``'s start and
+  run, ``_Call.threads``), the answer waits for them up to
+  ``privsep.END_GRACE`` after the deadline (no kill: they are not the
+  call's own thread), and when some still run it says so
+  (``privsep.THREADS_LEFT``: the service keeps the record, it does not
+  take the failure for "nothing done").  The call is then "lingering"
+  (``_lingering``), and a disconnect of the same connection_info waits
+  for its threads before it starts (``_wait_lingering``, cancellable at
+  its own deadline), so that it sees the session a late login made.
+  The same holds for threads left by a call that ended with an error
+  (they are cancelled then).
 - what runs outside the daemon: iscsid retries a login on its own
   (``node.session.initial_login_retry_max``), so a late session may
   still appear after the caller's rollback disconnect, as before.
@@ -155,6 +169,7 @@ never has to import os-brick's exception classes.
 
 import importlib
 import ipaddress
+import json
 import logging
 import os
 import signal
@@ -335,6 +350,7 @@ def disconnect_volume(connection_info, attachment, deadline, flow_id):
     connection_info = privsep.plain(connection_info)
     attachment = privsep.plain(attachment)
     with _operation("disconnect", deadline, flow_id, connection_info):
+        _wait_lingering(connection_info)
         conn = _connector(connection_info)
         data = _data(connection_info, attachment)
         faults.crash_point("privsep.disconnect.before")
@@ -541,7 +557,7 @@ class _operation:
         self.connection_info = connection_info
 
     def __enter__(self):
-        self._call = _Call(self.name, self.flow_id)
+        self._call = _Call(self.name, self.flow_id, self.connection_info)
         _set_thread_flow(self.flow_id, self._call)
         self._flow = log.flow(self.flow_id)
         self._flow.__enter__()
@@ -572,7 +588,21 @@ class _operation:
                 else:
                     how = "failed after its deadline: " + _scrub(
                         "{}: {}".format(t.__name__, e), self.connection_info)
+                # Its own thread is out; the threads os-brick started
+                # for it (a multipath connect's portal logins) stop at
+                # their next sleep or command, and get the time a
+                # command of its own would have had to end.
+                left = self._call.threads and self._call.wait_threads(
+                    self.deadline + privsep.END_GRACE)
+                if left:
+                    how += ("; {} thread(s) it started still run inside a "
+                            "command (a login may still complete: a "
+                            "disconnect of this connection waits for "
+                            "them)".format(left))
                 LOG.error("%s cancelled at its deadline: %s", self.name, how)
+                if left:
+                    raise privsep.RemoteError(
+                        "timeout", how, privsep.THREADS_LEFT) from None
                 raise privsep.RemoteError("timeout", how) from None
             if e is None or isinstance(e, privsep.RemoteError):
                 return False
@@ -658,19 +688,23 @@ class _Cancelled(BaseException):
 
 class _Call:
     """One entrypoint call under its deadline (module docstring,
-    "Deadlines"): whether it was cancelled, whether it ended, and how
-    many commands its threads run."""
+    "Deadlines"): whether it was cancelled, whether it ended, how many
+    commands its threads run and how many threads os-brick started for
+    it still run."""
 
     __slots__ = ("name", "flow_id", "cancelled", "ended", "commands",
-                 "token")
+                 "token", "threads", "connection_info", "key")
 
-    def __init__(self, name, flow_id):
+    def __init__(self, name, flow_id, connection_info=None):
         self.name = name
         self.flow_id = flow_id
         self.cancelled = threading.Event()
         self.ended = False
         self.commands = 0       # running, in any of its threads
         self.token = None       # the watchdog's, for what comes next
+        self.threads = 0        # os_brick.executor.Thread started, running
+        self.connection_info = connection_info
+        self.key = None         # _connection_key, once it is lingering
 
     def arm(self, deadline):
         with _calls_lock:
@@ -678,11 +712,43 @@ class _Call:
 
     def end(self):
         """The entrypoint returned: stop watching it; whether it was
-        cancelled."""
+        cancelled.  Threads os-brick started for it that still run are
+        cancelled too (they stop at their next sleep or command: what
+        they would do is for a call that is over), and the call is
+        lingering until they end (``_wait_lingering``)."""
         with _calls_lock:
             self.ended = True
             _watchdog.disarm(self.token)
-            return self.cancelled.is_set()
+            cancelled = self.cancelled.is_set()
+            if self.threads:
+                self.cancelled.set()
+                self.key = _connection_key(self.connection_info)
+                _lingering.setdefault(self.key, set()).add(self)
+            return cancelled
+
+    def wait_threads(self, until):
+        """Wait until the threads os-brick started for this call ended, at
+        most until ``until`` (time.monotonic()); how many still run."""
+        with _calls_lock:
+            _calls_changed.wait_for(
+                lambda: not self.threads,
+                max(0.0, until - time.monotonic()))
+            return self.threads
+
+    def thread_started(self):
+        with _calls_lock:
+            self.threads += 1
+
+    def thread_finished(self):
+        with _calls_lock:
+            self.threads -= 1
+            if not self.threads and self.ended:
+                calls = _lingering.get(self.key)
+                if calls is not None:
+                    calls.discard(self)
+                    if not calls:
+                        del _lingering[self.key]
+                _calls_changed.notify_all()
 
     def command_started(self):
         with _calls_lock:
@@ -694,10 +760,51 @@ class _Call:
 
 
 _calls_lock = threading.Lock()
+# Notified when a call is cancelled and when the last thread os-brick
+# started for an ended call ends.
+_calls_changed = threading.Condition(_calls_lock)
+
+# Ended calls whose threads still run, by their connection's key: a
+# disconnect of that connection waits for them (``_wait_lingering``).
+_lingering = {}
 
 # Per thread: whether it is inside a command (between its Popen and the
 # end of its communicate), where a sleep must not raise.
 _in_command = threading.local()
+
+
+def _connection_key(connection_info):
+    """What tells two calls for the same connection (its
+    connection_info, as the service records it), or None."""
+    if connection_info is None:
+        return None
+    return json.dumps(connection_info, sort_keys=True, default=str)
+
+
+def _wait_lingering(connection_info):
+    """Wait until no thread os-brick started for an earlier call for
+    ``connection_info`` runs (module docstring, "Deadlines"): a
+    multipath iSCSI connect cancelled at its deadline may have left a
+    portal thread inside ``iscsiadm --login``, whose session would come
+    up after a disconnect that found nothing to end.  Cancellable: past
+    this call's own deadline it raises ``_Cancelled``."""
+    if not _lingering:      # under no lock: ours, if any, is there now
+        return
+    key = _connection_key(connection_info)
+    call = _thread_call()
+    with _calls_lock:
+        calls = _lingering.get(key)
+        if not calls:
+            return
+        threads = sum(c.threads for c in calls)
+    LOG.warning("%d thread(s) an earlier %s of this connection started "
+                "still run (inside a command): waiting for them to end "
+                "first", threads, "/".join(sorted({c.name for c in calls})))
+    with _calls_lock:
+        _calls_changed.wait_for(
+            lambda: not _lingering.get(key) or call.cancelled.is_set())
+        if _lingering.get(key):
+            raise _Cancelled(call.name)
 
 
 def _expire(call):
@@ -707,6 +814,7 @@ def _expire(call):
         if call.ended:
             return
         call.cancelled.set()
+        _calls_changed.notify_all()
         commands = call.commands
         call.token = _watchdog.arm(time.monotonic() + privsep.END_GRACE,
                                    _die, call)
@@ -813,6 +921,37 @@ def _install_cancellation():
 
         cancellable_execute.managedvolume = True
         processutils.execute = cancellable_execute
+
+    from os_brick import executor
+    thread_class = executor.Thread
+    if not getattr(thread_class.start, "managedvolume", False):
+        start, run = thread_class.start, thread_class.run
+
+        # Counted from start(), not run(): a thread started just before
+        # its call ends has not run yet, and must count.
+        def tracked_start(self):
+            call = getattr(self.__context__, "managedvolume_call", None)
+            self._managedvolume_call = call
+            if call is None:
+                return start(self)
+            call.thread_started()
+            try:
+                return start(self)
+            except BaseException:
+                call.thread_finished()
+                raise
+
+        def tracked_run(self):
+            try:
+                return run(self)
+            finally:
+                call = getattr(self, "_managedvolume_call", None)
+                if call is not None:
+                    call.thread_finished()
+
+        tracked_start.managedvolume = True
+        thread_class.start = tracked_start
+        thread_class.run = tracked_run
 
     hook = threading.excepthook
     if not getattr(hook, "managedvolume", False):

@@ -20,6 +20,7 @@ their meaning; 930-935 are ours (documented in the schema YAML too):
          (DeviceChanged: or its device is no longer the one attached)
     930  UnsupportedDriverType driver_volume_type not on the allow-list
     931  HelperTimeout         the privileged call did not finish in time
+         StillRunning          (931) and part of it may still run
     932  VolumeBusy            another operation holds the volume's lock
     933  AgentBusy             every worker of the agent is in use, or
                                max_operations attaches/detaches run
@@ -197,6 +198,22 @@ class HelperTimeout(Error):
     code = 931
     msg = ("Privileged {self.operation} did not finish within "
            "{self.timeout} seconds")
+
+
+class StillRunning(HelperTimeout):
+    """Past its deadline, and part of the call may still run: what it
+    does may still take effect, so its failure is not "nothing done"
+    (the service keeps the volume's record for a later disconnect).
+    ``running`` says what: threads os-brick started for it still inside
+    a command (a multipath iSCSI connect's portal logins; a disconnect
+    of that connection waits for them in the daemon), or a daemon that
+    could not be ended."""
+
+    msg = ("Privileged {self.operation} did not finish within "
+           "{self.timeout} seconds, and {self.running}")
+
+    THREADS = ("threads it started are still inside a command (an iSCSI "
+               "login may still complete)")
 
 
 class VolumeBusy(Error):

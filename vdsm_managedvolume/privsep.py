@@ -85,9 +85,17 @@ class RemoteError(Exception):
     import this module, never os-brick's exception classes.  Kinds:
     "failed" (message), "unsupported" (message), "unknown_adapter"
     (adapter, installed), "invalid" (parameter name, reason), "timeout"
-    (message: the call was cancelled at its deadline and returned).
+    (message, and ``THREADS_LEFT`` when threads os-brick started for
+    it still run: the call was cancelled at its deadline and returned).
     """
 
+
+# The last detail of a "timeout" RemoteError whose call returned while
+# threads os-brick started for it (a multipath iSCSI connect's portal
+# logins) still run inside a command: what they do may still take
+# effect (a session logging in), so its caller must not take the
+# call's failure for "nothing done" (brick.py, "Deadlines").
+THREADS_LEFT = "threads-left"
 
 # The name oslo.privsep sends a RemoteError by (module and class).
 REMOTE_ERROR = "{}.{}".format(RemoteError.__module__, RemoteError.__name__)

@@ -974,6 +974,10 @@ class Service:
         initiator fails both, forever).  Otherwise (a connect that timed
         out or whose daemon died may have connected) the record stays
         'attaching' and reconcile (or the next attach/detach) retries.
+        A connect cut while part of it may still run (StillRunning:
+        threads it started) is not disconnected now: its record stays
+        'attaching' (the daemon makes a later disconnect wait for those
+        threads).
         A connect that returned a device other than the one recorded
         (DeviceChanged) is not disconnected either, and its record stays
         as ``_check_recorded`` wrote it.
@@ -991,6 +995,16 @@ class Service:
             log.warning("Not disconnecting volume %s: its device belongs "
                         "to volume %s", vol_id, error.other)
             self._silent_remove(vol_id)
+            return
+        if isinstance(error, errors.StillRunning):
+            # Cut at its deadline while part of its connect still runs
+            # (a portal login): a disconnect now finds nothing of what
+            # it may still log in (the daemon makes it wait for those
+            # threads).  Kept as a cut detach keeps 'detaching'.
+            log.warning("Keeping the 'attaching' record of volume %s, not "
+                        "disconnecting it now: part of its connect still "
+                        "runs; detach it, or reconcile, to disconnect it "
+                        "once that ended", vol_id)
             return
         failure = self._silent_disconnect(vol_id, connection_info,
                                           attachment)

@@ -86,6 +86,10 @@ Knobs in ``connection_info["data"]`` (all optional):
     fake_brick_lock     true: connect takes os-brick's external lock
                         "connect_volume" as its iSCSI connector does
                         (os-brick-connect_volume in lock_path)
+    fake_brick_lock_wait  a path: the same, and connect holds that lock
+                        (recording "connect-locked <key>") until the
+                        file exists (at most WAIT_LIMIT s): a slow,
+                        healthy holder
     fake_blind_disconnect  true: a disconnect without device_info is
                         taken (the test kills the caller between the
                         connect and its record; see below)
@@ -242,10 +246,10 @@ class FakeConnector:
             _command_wait(data["fake_command_wait"], key)
         if data.get("fake_log_thread"):
             _log_from_brick_thread(key)
-        if data.get("fake_brick_lock"):
+        if data.get("fake_brick_lock") or data.get("fake_brick_lock_wait"):
             from os_brick.initiator.connectors import base
             base.synchronized("connect_volume", external=True)(
-                lambda: None)()
+                _hold_lock)(key, data.get("fake_brick_lock_wait"))
         if data.get("fake_fail"):
             _record("connect-failed", key)
             raise FakeConnectorError(_failure(data, "fake_fail", "Login"))
@@ -494,6 +498,12 @@ def _log_from_brick_thread(key):
     t = executor.Thread(target=log.info, args=("fake thread %s", key))
     t.start()
     t.join()
+
+
+def _hold_lock(key, release):
+    if release:
+        _record("connect-locked", key)
+        _wait_for_file(release)
 
 
 def _rescan(device, key):

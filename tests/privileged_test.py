@@ -485,6 +485,53 @@ def test_a_late_call_stuck_in_one_command_ends_the_daemon_not_the_command(
 
 
 @pytest.mark.slow
+def test_a_call_waiting_for_os_bricks_lock_fails_at_its_deadline_alone(
+        brick, cfg, fake_dir, tmp_path, monkeypatch):
+    # A slow, healthy holder of os-brick's per-host "connect_volume"
+    # lock (a disconnect retrying multipath -f holds it for a minute)
+    # and a connect queued behind it: at the waiter's deadline its wait
+    # for the lock raises, it fails with 931 without having started,
+    # and the holder goes on in the same daemon.  Before, the wait
+    # could not be cancelled: END_GRACE later the daemon was killed,
+    # and the holder with it.
+    brick.connector_properties()
+    pid = brick.daemon_pid()
+    release = str(tmp_path / "release")
+    monkeypatch.setattr(cfg, "timeout", 120.0)
+    results = {}
+
+    def hold():
+        try:
+            results["holder"] = brick.connect(iscsi(
+                "lock-holder", tmp_path, fake_brick_lock_wait=release))
+        except Exception as e:
+            results["holder"] = e
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        wait_for(lambda: "connect-locked lock-holder" in fakebrick.calls(
+            str(fake_dir)))
+        monkeypatch.setattr(cfg, "timeout", 1.0)
+        with pytest.raises(errors.HelperTimeout) as e:
+            brick.connect(iscsi("lock-waiter", tmp_path,
+                                fake_brick_lock=True))
+        assert e.value.code == 931
+        assert brick.daemon_pid() == pid
+    finally:
+        with open(release, "w"):
+            pass
+    holder.join(60)
+    assert results["holder"]["multipath_id"]
+    calls = fakebrick.calls(str(fake_dir))
+    assert "connect-start lock-waiter" in calls
+    assert "connect lock-waiter" not in calls
+    assert brick.daemon_pid() == pid
+    monkeypatch.setattr(cfg, "timeout", 120.0)
+    brick.disconnect(iscsi("lock-holder", tmp_path), results["holder"])
+
+
+@pytest.mark.slow
 def test_a_hung_iscsi_multipath_connect_fails_alone_beside_another_call(
         fresh_cfg, fake_dir, tmp_path, monkeypatch, caplog):
     # The hung LUN of a mass start, through os-brick's own multipath

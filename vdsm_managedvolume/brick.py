@@ -67,6 +67,18 @@ context, where ``_set_thread_flow`` keeps the call):
   (``rootwrap.custom_execute``, the privileged ``execute_root``), which
   is replaced by a wrapper that also tells which thread is inside a
   command.
+- waiting for a lock raises ``_Cancelled`` (polled every
+  ``_CancellableSemaphore.POLL`` s): os-brick takes its locks through
+  ``oslo_concurrency.lockutils.lock``, whose in-process part (taken
+  before the lock file) is a semaphore from ``lockutils._semaphores``,
+  which ``_install_cancellation`` replaces by ``_CancellableSemaphores``:
+  the per-host ``connect_volume`` lock of every iSCSI, FC and NVMe-oF
+  connect and disconnect, ``extend_volume``'s, and a multipath iSCSI
+  connect's per-portal login lock.  A call queued behind a slow holder
+  (a disconnect retrying ``multipath -f`` for a minute) fails at its
+  own deadline and the holder goes on; before, it could not stop, and
+  END_GRACE later the daemon was killed, holder included.  The lock
+  file's wait (another process holding it) sleeps, so it raises too.
 - a command already running is never signalled: it is left to finish on
   its own (os-brick's own timeouts).  A sleep taken while the thread is
   inside a command (``custom_execute`` sleeps its retry backoff between
@@ -89,9 +101,9 @@ multipath map behind (docs/operations.md, "A hung LUN in a mass start").
 
 What cancelling does not stop:
 - a call stuck inside one command (iscsiadm, multipath, rbd, nvme) or
-  a wait that is not a sleep (os-brick's per-host ``connect_volume``
-  lock held by such a call; FC's device discovery, an oslo.service
-  looping call in a thread of its own; a write to a dead device): if the
+  a wait that is neither a sleep nor a lock (FC's device discovery, an
+  oslo.service looping call in a thread of its own; a write to a dead
+  device; an adapter's or librados' own waits): if the
   call has not returned ``privsep.END_GRACE`` seconds after its
   deadline, the watchdog kills the whole daemon with SIGKILL, as it did
   at every deadline before, so that os-brick cannot go on to finish a
@@ -177,6 +189,7 @@ import stat
 import sys
 import threading
 import time
+import weakref
 
 from oslo_config import cfg as oslo_cfg
 from oslo_privsep import capabilities as caps
@@ -819,10 +832,10 @@ def _expire(call):
         call.token = _watchdog.arm(time.monotonic() + privsep.END_GRACE,
                                    _die, call)
     with log.flow(call.flow_id):
-        LOG.error("%s exceeded its deadline: cancelled (its sleeps and new "
-                  "commands raise; %d command(s) running are left to "
-                  "finish); privsep daemon %s ends in %.1f s unless it "
-                  "returns", call.name, commands, os.getpid(),
+        LOG.error("%s exceeded its deadline: cancelled (its sleeps, lock "
+                  "waits and new commands raise; %d command(s) running are "
+                  "left to finish); privsep daemon %s ends in %.1f s unless "
+                  "it returns", call.name, commands, os.getpid(),
                   privsep.END_GRACE)
 
 
@@ -953,6 +966,11 @@ def _install_cancellation():
         thread_class.start = tracked_start
         thread_class.run = tracked_run
 
+    from oslo_concurrency import lockutils
+    if not isinstance(lockutils._semaphores, _CancellableSemaphores):
+        # Before any connector ran: no lock is held yet.
+        lockutils._semaphores = _CancellableSemaphores()
+
     hook = threading.excepthook
     if not getattr(hook, "managedvolume", False):
         def excepthook(args):
@@ -968,6 +986,57 @@ def _install_cancellation():
 
         excepthook.managedvolume = True
         threading.excepthook = excepthook
+
+
+class _CancellableSemaphore(threading.Semaphore):
+    """oslo.concurrency's in-process lock (what ``lockutils.lock`` takes
+    before the lock file): a wait for it raises ``_Cancelled`` once the
+    waiting call is cancelled, as a sleep does.  os-brick takes its
+    per-host ``connect_volume`` lock (iSCSI, FC, NVMe-oF connect and
+    disconnect) and its per-portal login lock through it: a call queued
+    behind a slow holder fails at its deadline instead of ending the
+    daemon END_GRACE later."""
+
+    # How often a waiter looks at its call's cancellation.
+    POLL = 0.1
+
+    def acquire(self, blocking=True, timeout=None):
+        call = _thread_call() if blocking else None
+        if call is None:
+            return super().acquire(blocking, timeout)
+        until = None if timeout is None else time.monotonic() + timeout
+        while not call.cancelled.is_set():
+            wait = self.POLL
+            if until is not None:
+                wait = min(wait, until - time.monotonic())
+                if wait <= 0:
+                    return super().acquire(blocking=False)
+            if super().acquire(timeout=wait):
+                return True
+        raise _Cancelled(call.name)
+
+    __enter__ = acquire
+
+
+class _CancellableSemaphores:
+    """In place of ``lockutils._semaphores`` (a ``lockutils.Semaphores``,
+    which ``lockutils.internal_lock`` asks for a lock by name): the same,
+    making ``_CancellableSemaphore``s."""
+
+    def __init__(self):
+        self._semaphores = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+
+    def get(self, name):
+        with self._lock:
+            sem = self._semaphores.get(name)
+            if sem is None:
+                sem = _CancellableSemaphore()
+                self._semaphores[name] = sem
+            return sem
+
+    def __len__(self):
+        return len(self._semaphores)
 
 
 def _conf():

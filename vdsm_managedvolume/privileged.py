@@ -74,21 +74,20 @@ and the daemon and the calls beside it go on; as StillRunning (931 too)
 when threads os-brick started for it (portal logins) were still inside a
 command when it answered: what they do may still take effect.  A call
 that has not returned ``privsep.END_GRACE`` seconds after its deadline
-(stuck inside one command, or waiting for os-brick's lock behind such a
-call) makes the daemon kill itself, as every deadline did before
-2026-12-01, so that os-brick cannot finish a timed-out connect later
-(the commands it started, and iscsid's own login retries, are not
-stopped: brick.py); we then raise HelperTimeout too and the next call
-starts a new daemon.  Should the daemon's watchdog fail, we kill it
-ourselves ``KILL_GRACE`` seconds after the deadline (root can; with sudo
-we cannot and only log).  Such a kill, or a crash, kills calls running
-concurrently for other volumes too.  After a kill at another call's
-deadline, a disconnect, extend, connector properties or udev rule call
-whose own deadline has not passed runs again on a new daemon, within
-that deadline (``RERUN_AFTER_KILL`` says why those and not connect);
-other cut calls, and every call cut by a crash, get HelperFailed, and
-the service treats a failed connect as "maybe connected" (its journal
-does).
+(stuck inside one command) makes the daemon kill itself, as every
+deadline did before 2026-12-01, so that os-brick cannot finish a
+timed-out connect later (the commands it started, and iscsid's own login
+retries, are not stopped: brick.py); we then raise HelperTimeout too and
+the next call starts a new daemon.  Should the daemon's watchdog fail,
+we kill it ourselves ``KILL_GRACE`` seconds after the deadline (root
+can; with sudo we cannot and only log).  Such a kill, or a crash, kills
+calls running concurrently for other volumes too.  After a kill at
+another call's deadline, a disconnect, extend, connector properties or
+udev rule call whose own deadline has not passed runs again on a new
+daemon, within that deadline (``RERUN_AFTER_KILL`` says why those and
+not connect); other cut calls, and every call cut by a crash, get
+HelperFailed, and the service treats a failed connect as "maybe
+connected" (its journal does).
 
 Besides os-brick, the daemon writes udev rules for a service that is not
 root (``add_udev_rule``, ``remove_udev_rule``; see brick.py for what it

@@ -53,9 +53,9 @@ EXIT_REFUSED = 78
 # Seconds a call cancelled at its deadline has to return before the
 # daemon kills itself (brick.py, "Deadlines"): time for the command it
 # is inside to finish (a ``multipath -f``, an ``iscsiadm --op``: they
-# take milliseconds when they are not hung), and for the calls queued
-# behind it on os-brick's per-host lock to get it and stop in turn.
-# The client waits longer than this for the answer (privileged.KILL_GRACE).
+# take milliseconds when they are not hung); also how long its answer
+# waits for the threads os-brick started for it to stop.  The client
+# waits longer than this for the answer (privileged.KILL_GRACE).
 END_GRACE = 5.0
 
 CRASH_POINTS = (

@@ -847,18 +847,23 @@ def _die(call):
     # HelperFailed (the idempotent ones are run again), the next call
     # starts a fresh daemon.  Checked and killed under the lock, so that
     # a call returning meanwhile is either reported or cut, never
-    # answered and then cut (its caller would blame no one).
+    # answered and then cut (its caller would blame no one).  Logged
+    # before, outside the lock: the line is a write on the channel to
+    # the client, and every call's end and command start take that lock.
     with _calls_lock:
         if call.ended:
             return
-        try:
-            with log.flow(call.flow_id):
-                LOG.error("%s did not return %.1f s after its deadline "
-                          "(stuck in a command or a lock): killing privsep "
-                          "daemon %s", call.name, privsep.END_GRACE,
-                          os.getpid())
-        finally:
-            os.kill(os.getpid(), signal.SIGKILL)
+    try:
+        with log.flow(call.flow_id):
+            LOG.error("%s did not return %.1f s after its deadline (stuck "
+                      "in a command or another wait that cannot be "
+                      "cancelled): killing privsep daemon %s unless it "
+                      "returns now", call.name, privsep.END_GRACE,
+                      os.getpid())
+    finally:
+        with _calls_lock:
+            if not call.ended:
+                os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fire(action, *args):

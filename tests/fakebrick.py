@@ -72,6 +72,7 @@ Knobs in ``connection_info["data"]`` (all optional):
     fake_sleep          seconds to sleep in connect before connecting
                         (-> HelperTimeout with a short cfg.timeout)
     fake_sleep_disconnect  the same for disconnect
+    fake_wait_disconnect  the same as fake_wait, at disconnect
     fake_fail_extend    the same as fake_fail, at extend
     fake_sleep_extend   the same as fake_sleep, at extend
     fake_wait           a path: connect, after "connect-start", waits
@@ -276,6 +277,7 @@ class FakeConnector:
                           ignore_errors=False):
         key = self.key(data)
         _record("disconnect-start", key)
+        _wait_for_file(data.get("fake_wait_disconnect"))
         _sleep(data.get("fake_sleep_disconnect"))
         if data.get("fake_fail_disconnect"):
             _record("disconnect-failed", key)

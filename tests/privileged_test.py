@@ -643,12 +643,15 @@ def test_calls_cut_by_another_calls_deadline(
     # calls run: the daemon is killed privsep.END_GRACE after its
     # deadline (brick._die).  A disconnect cut there runs again on a new
     # daemon and succeeds; a connect cut there fails, saying why, and is
-    # not run again (RERUN_AFTER_KILL).
+    # not run again (RERUN_AFTER_KILL).  Ordered by events, not by time:
+    # the others are inside the daemon, each waiting for a file, before
+    # the hung call starts, and the files appear once the daemon is gone.
     brick.connector_properties()
     old_pid = brick.daemon_pid()
-    timeout = 6.0
-    monkeypatch.setattr(cfg, "timeout", timeout)
-    bystander = iscsi("cut-disconnect", tmp_path, fake_sleep_disconnect=6)
+    monkeypatch.setattr(cfg, "timeout", 60.0)
+    others_release = str(tmp_path / "others-release")
+    bystander = iscsi("cut-disconnect", tmp_path,
+                      fake_wait_disconnect=others_release)
     att = brick.connect(bystander)
     results = {}
 
@@ -658,36 +661,37 @@ def test_calls_cut_by_another_calls_deadline(
         except Exception as e:
             results[name] = e
 
-    release = str(tmp_path / "release")
-    hung = threading.Thread(target=run, args=(
-        "hung", brick.connect, iscsi("hung", tmp_path,
-                                     fake_command_wait=release)))
-    hung.start()
-    wait_for(lambda: "connect-start hung" in fakebrick.calls(str(fake_dir)))
-    # The daemon is killed END_GRACE (5 s) after the hung call's 6 s.
-    # Each of the others starts 8 s in and takes 6 s, with 30 s of its
-    # own: cut with more than 20 s left, more than it needs.
-    time.sleep(8)
-    monkeypatch.setattr(cfg, "timeout", 30.0)
     others = [
         threading.Thread(target=run, args=(
             "disconnect", brick.disconnect, bystander, att)),
         threading.Thread(target=run, args=(
             "connect", brick.connect,
-            iscsi("cut-connect", tmp_path, fake_sleep=6)))]
+            iscsi("cut-connect", tmp_path, fake_wait=others_release)))]
     for t in others:
         t.start()
+    release = str(tmp_path / "release")
     try:
-        for t in [hung] + others:
-            t.join(60)
+        wait_for(lambda: {"disconnect-start cut-disconnect",
+                          "connect-start cut-connect"} <= set(
+                              fakebrick.calls(str(fake_dir))))
+        monkeypatch.setattr(cfg, "timeout", 1.0)
+        hung = threading.Thread(target=run, args=(
+            "hung", brick.connect, iscsi("hung", tmp_path,
+                                         fake_command_wait=release)))
+        hung.start()
+        hung.join(60)
+        wait_for(lambda: gone(old_pid))
     finally:
+        with open(others_release, "w"):
+            pass
+        for t in others:
+            t.join(60)
         with open(release, "w"):
             pass
     # Each ended by itself, none left waiting (no time is asserted).
     assert not any(t.is_alive() for t in [hung] + others)
 
     assert isinstance(results["hung"], errors.HelperTimeout)
-    assert gone(old_pid)
     calls = fakebrick.calls(str(fake_dir))
     assert results["disconnect"] is None
     assert calls.count("disconnect-start cut-disconnect") == 2

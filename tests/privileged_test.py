@@ -708,6 +708,47 @@ def test_calls_cut_by_another_calls_deadline(
     assert brick.daemon_pid() not in (None, old_pid)
 
 
+class UnkillableDaemon:
+    """A daemon that never answers and that we may not kill: one whose own
+    watchdog failed, under sudo."""
+
+    pid = 4242
+
+    def usable(self):
+        return True
+
+    def call(self, name, args, wait, deadline, flow=None):
+        raise privileged._Timeout("no reply within {:.1f} s".format(wait))
+
+    def deadline_passed(self, now):
+        return None
+
+    def kill(self):
+        return False        # as _Daemon.kill when not allowed
+
+    def close(self):
+        pass
+
+
+def test_a_late_call_whose_daemon_cannot_be_killed_may_still_run(fresh_cfg):
+    # KILL_GRACE after its deadline, no answer, and the kill is refused
+    # (not root): that daemon may still run the call beside the new one
+    # the next call starts.  Not a plain 931 ("nothing done" to the
+    # service, which would disconnect on the new daemon at once) but
+    # StillRunning: its record is kept.
+    fresh_cfg.timeout = 0.0
+    b = privileged.Brick(fresh_cfg)
+    b._daemon = UnkillableDaemon()
+    with pytest.raises(errors.StillRunning) as e:
+        b.connect(iscsi("unkillable", "/nonexistent"))
+    assert e.value.code == 931
+    assert str(e.value) == (
+        "Privileged connect did not finish within 0.0 seconds, and "
+        "privsep daemon 4242, which could not be ended, may still be "
+        "running it")
+    assert b._daemon is None
+
+
 @pytest.mark.slow
 def test_properties_timeout_is_helper_timeout(brick, cfg, monkeypatch):
     # A call whose deadline passed before the daemon took it up is not

@@ -80,14 +80,17 @@ timed-out connect later (the commands it started, and iscsid's own login
 retries, are not stopped: brick.py); we then raise HelperTimeout too and
 the next call starts a new daemon.  Should the daemon's watchdog fail,
 we kill it ourselves ``KILL_GRACE`` seconds after the deadline (root
-can; with sudo we cannot and only log).  Such a kill, or a crash, kills
-calls running concurrently for other volumes too.  After a kill at
-another call's deadline, a disconnect, extend, connector properties or
-udev rule call whose own deadline has not passed runs again on a new
-daemon, within that deadline (``RERUN_AFTER_KILL`` says why those and
-not connect); other cut calls, and every call cut by a crash, get
-HelperFailed, and the service treats a failed connect as "maybe
-connected" (its journal does).
+can; with sudo we cannot: that daemon may then still be running the
+call, beside the new daemon the next call starts, and we raise
+StillRunning, so that the service keeps the record and disconnects
+nothing yet; a later disconnect, on the new daemon, does not wait for
+it).  Such a kill, or a crash, kills calls running concurrently for
+other volumes too.  After a kill at another call's deadline, a
+disconnect, extend, connector properties or udev rule call whose own
+deadline has not passed runs again on a new daemon, within that deadline
+(``RERUN_AFTER_KILL`` says why those and not connect); other cut calls,
+and every call cut by a crash, get HelperFailed, and the service treats
+a failed connect as "maybe connected" (its journal does).
 
 Besides os-brick, the daemon writes udev rules for a service that is not
 root (``add_udev_rule``, ``remove_udev_rule``; see brick.py for what it
@@ -345,7 +348,14 @@ class Brick:
         except _Timeout:
             LOG.error("%s: no answer %.1f s after its deadline: killing "
                       "privsep daemon %s", operation, KILL_GRACE, daemon.pid)
-            self._discard(daemon, kill=True)
+            if not self._discard(daemon, kill=True):
+                # Not root (sudo): that daemon may still be running the
+                # call while the next one starts a new daemon.  Its
+                # caller must not take the failure for "nothing done".
+                raise errors.StillRunning(
+                    operation=operation, timeout=timeout,
+                    running="privsep daemon {}, which could not be "
+                    "ended, may still be running it".format(daemon.pid))
             raise errors.HelperTimeout(operation=operation, timeout=timeout)
         except _Stopping:
             raise errors.HelperFailed(
@@ -399,12 +409,14 @@ class Brick:
             return self._daemon
 
     def _discard(self, daemon, kill=False):
+        """Let go of ``daemon`` (``kill``: killing it first); whether it
+        is known to be gone when killed."""
         with self._lock:
             if self._daemon is daemon:
                 self._daemon = None
-        if kill:
-            daemon.kill()
+        gone = daemon.kill() if kill else True
         daemon.close()
+        return gone
 
 
 def check_sendable(operation, args):
@@ -636,19 +648,20 @@ class _Daemon:
         return self.channel.open
 
     def kill(self):
-        """SIGKILL the daemon and wait (bounded) until it is gone."""
+        """SIGKILL the daemon and wait (bounded) until it is gone; whether
+        it is (False: not allowed, or still there)."""
         with self._close_lock:
             if self._pidfd is None:
-                return
+                return True
             try:
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
             except ProcessLookupError:
-                return
+                return True
             except PermissionError:
                 LOG.error("Not allowed to kill privsep daemon %s (not "
                           "root); its own watchdog must end it", self.pid)
-                return
-            select.select([self._pidfd], [], [], 10)
+                return False
+            return bool(select.select([self._pidfd], [], [], 10)[0])
 
     def stop(self, wait=STOP_WAIT):
         """Close the channel: the daemon ends after its running calls,

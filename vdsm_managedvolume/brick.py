@@ -880,9 +880,10 @@ _watchdog = watchdog.Watchdog(_fire)
 
 
 def _install_cancellation():
-    """Make sleeps and new commands raise in cancelled calls' threads
-    (module docstring, "Deadlines"); once, after os_brick.utils was
-    imported."""
+    """Make sleeps, lock waits and new commands raise in cancelled calls'
+    threads, and count the threads os-brick starts for a call (module
+    docstring, "Deadlines"); once, after os_brick.utils was imported and
+    before any connector ran."""
     import os_brick.utils
     from oslo_concurrency import processutils
 

@@ -101,6 +101,7 @@ class Engine:
                 "{}={}".format(h, a) for h, a in addresses.items())]
         if port is not None:
             self.options += ["--host-port", str(port)]
+        self.base_options = list(self.options)
         self.vol = new_id()
 
     def run(self, *args, cid="flow"):
@@ -164,6 +165,11 @@ class Engine:
         return found
 
     def cleanup(self):
+        # Every host reachable with the engine's certificate again: the
+        # delete refuses a volume whose host cannot be asked.
+        self.options = list(self.base_options)
+        if "--host-addresses" in self.options:
+            self.reach(self.hosts)
         for name in self.hosts:
             if self.attached_on(name):
                 self.detach(name)
@@ -474,3 +480,52 @@ def test_a_volume_a_host_still_has_attached_is_not_deleted(
     e.run("delete_volume", e.vol)
     assert e.connections() == {}
     assert loop_devices_under(e.vols) == []
+
+
+def test_a_volume_attached_on_a_host_that_cannot_be_asked_is_not_deleted(
+        engine, engine_service, hosts):
+    """host-a attached the volume (its device saved) and then cannot be
+    asked (down, unreachable, slow, its agent restarting): the shim
+    deleted the volume under it.  The delete is refused, naming the host
+    and the command that ends its connection once the admin knows no VM
+    there uses it; a connection no attach completed through (no device
+    saved: host-b's connect whose attach failed) is no reason to
+    refuse."""
+    from vdsm_managedvolume.engine import hosts as hostsmod
+    e = engine()
+    src = e.attach("host-a")
+    e.run("connect_volume", e.vol, json.dumps(e.connector("host-b")))
+    closed = _free_port()
+    e.options[e.options.index("--host-addresses") + 1] = \
+        "host-a=127.0.0.1:{},host-b=127.0.0.1:{}".format(
+            closed, _free_port())
+
+    r = e.shim.run("delete_volume", e.vol, driver=e.driver,
+                   db_url=e.db_url, cid="d", options=e.options)
+
+    assert r.code == 1, r.describe()
+    identity = hostsmod.identity(e.connector("host-a"))
+    assert r.error().startswith(
+        "delete_volume failed: Volume {} was attached on host host-a, "
+        "which cannot be asked whether it still has it (127.0.0.1:{}: "
+        .format(e.vol, closed))
+    assert r.error().endswith(
+        "); nothing was done. Make the host reachable and remove the disk "
+        "again, or, once no VM there uses the volume (the host is gone "
+        "for good, or the volume was detached there), end that connection "
+        "as user ovirt (/usr/share/ovirt-engine/managedblock/"
+        "managedvolume-adapter disconnect_volume DRIVER_JSON DB_URL "
+        "FLOW_ID {} '{}': the storage domain's driver options, the "
+        "engine's managed block DB URL, any flow id) and remove the disk "
+        "again".format(e.vol, identity))
+    assert set(e.connections()) == {"host-a", "host-b"}
+    assert _write_and_read(src["managed_path"]) == DATA
+
+    # The admin's override, as the error line gives it; host-a keeps
+    # its device (the admin detaches it there, or the host is gone).
+    e.run("disconnect_volume", e.vol, identity)
+    e.run("delete_volume", e.vol)
+    assert e.connections() == {}
+    assert "Ending the connection of volume {} to host host-b though the " \
+        "host cannot be asked".format(e.vol) in engine_service.log()
+    e.detach("host-a")

@@ -317,6 +317,16 @@ class EngineInUse(EngineError):
            "the disk again")
 
 
+class EngineCannotAsk(EngineError):
+    msg = ("Volume {self.id} was attached on {self.hosts}; nothing was "
+           "done. Make the host reachable and remove the disk again, or, "
+           "once no VM there uses the volume (the host is gone for good, "
+           "or the volume was detached there), end that connection as "
+           "user ovirt ({self.commands}: the storage domain's driver "
+           "options, the engine's managed block DB URL, any flow id) and "
+           "remove the disk again")
+
+
 class EngineAmbiguousHost(EngineError):
     msg = ("Volume {self.id} has {self.count} connections to {self.named}: "
            "{self.identities}; nothing was done. Name one by its connector "

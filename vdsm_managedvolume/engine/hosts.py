@@ -33,8 +33,10 @@ now counts as none, the hosts that cannot be asked are also those whose
 address is misconfigured, which an error should show, not a guess hide.
 The leak is bounded: ``connect_volume`` reuses a host's connection, so
 there is at most one per host and volume, and ``delete_volume`` ends
-what is left.  Hosts whose name does not resolve to them from the
-engine need ``addresses`` (``MANAGEDVOLUME_ENGINE_HOST_ADDRESSES``).
+what is left (it refuses while a host that cannot be asked has a saved
+device on its connection: an admin ends that one).  Hosts whose name
+does not resolve to them from the engine need ``addresses``
+(``MANAGEDVOLUME_ENGINE_HOST_ADDRESSES``).
 
 Where a host is reached: the address configured for its connector's
 ``host`` name (``addresses``), else the connector's ``ip``, then its

@@ -62,7 +62,10 @@ Where upstream is wrong we differ, and say so here:
   (``hosts``, as disconnect_volume asks): ovirt-engine removes a disk
   that is unplugged from a running VM, and a failed hot plug leaves it
   attached on the VM's host (docs/flows.md).  Upstream (cinderlib's
-  Volume.delete) deleted it under the host.
+  Volume.delete) deleted it under the host.  A host that cannot be
+  asked refuses the delete too when an attach through its connection
+  completed (a device saved), naming the override: the by-identity
+  disconnect_volume of that connection.
 """
 
 import json
@@ -118,6 +121,20 @@ def delete_volume(backend, args):
     # has the volume keeps it (cinder refuses to delete an attached
     # volume too).  The other connections (ovirt-engine's own leaks, a
     # host a disconnect could not ask) are ended first.
+    #
+    # A host that cannot be asked (down, unreachable, slow, its agent
+    # restarting, another host at its address) is no answer either way.
+    # Its connection is ended only when no attach through it completed
+    # (no device saved: ovirt-engine's saveDevices runs save_device right
+    # after the host's attach_volume, so no VM was given the device);
+    # with a device the delete is refused and names the override, the
+    # by-identity disconnect_volume of that connection.  Refusing costs
+    # the engine nothing it cannot retry: RemoveManagedBlockStorageDisk-
+    # Command returns before removeDiskFromDb on any non-zero exit
+    # (ManagedBlockReturnValue.getSucceed: exit 0) and its endWithFailure
+    # unlocks the disk, which stays and can be removed again;
+    # RemoveAllManagedBlockStorageDisksCommand (removing a VM with its
+    # disks) logs the failure and leaves the disk floating.
     conns = list(vol.connections)
     if conns:
         answers = _ask(vol, conns, args)
@@ -127,12 +144,26 @@ def delete_volume(backend, args):
                 id=vol.id, hosts=", ".join(a.where() for a in holders),
                 commands="; ".join(_detach_command(vol.id, a)
                                    for a in holders))
+        unasked = [(c, a) for c, a in zip(conns, answers)
+                   if a.attached is None and c.device]
+        if unasked:
+            raise errors.EngineCannotAsk(
+                id=vol.id,
+                hosts="; ".join("{}, which cannot be asked whether it "
+                                "still has it ({})".format(a.where(),
+                                                           a.reason)
+                                for _, a in unasked),
+                commands="; ".join(
+                    "{} disconnect_volume DRIVER_JSON DB_URL FLOW_ID {} "
+                    "'{}'".format(ADAPTER,
+                        vol.id, _show_host(c.connector_info))
+                    for c, _ in unasked))
         for conn, answer in zip(conns, answers):
             if answer.attached is None:
                 log.warning("Ending the connection of volume %s to %s "
-                            "though the host cannot be asked (%s): the "
-                            "engine deletes no disk a running VM has "
-                            "plugged", vol.id, answer.where(),
+                            "though the host cannot be asked (%s): no "
+                            "attach through it completed (no device "
+                            "saved)", vol.id, answer.where(),
                             answer.reason)
     for conn in conns:
         log.info("Disconnecting volume %s from host %s before deleting it",
@@ -327,6 +358,11 @@ def create_volume_from_snapshot(backend, args):
     log.info("Created volume %s from snapshot %s", new.id, snap.id)
     return new.id
 
+
+# What ovirt-engine runs for this shim (ManagedBlockExecutor), which
+# reads the adapter's settings as the engine's commands do: the command
+# an admin runs.
+ADAPTER = "/usr/share/ovirt-engine/managedblock/managedvolume-adapter"
 
 # The volume ids each operation locks for its whole run (``volumelock``):
 # those whose connections it reads, decides on and writes, or whose

@@ -1032,8 +1032,6 @@ def test_a_host_is_the_connections_host_by_every_identity_it_had():
                                   "5001438018600000"])) == ""
     assert hosts.identity_difference(stored, dict(same, host="h2")) == \
         "host 'h2' (not 'h1')"
-    assert hosts.identity_difference(stored, dict(same, uuid="u2")) == \
-        "uuid 'u2' (not 'u1')"
     assert hosts.identity_difference(stored, dict(
         same, wwpns=["50014380186af83c"])) == \
         "wwpns 50014380186af83c (not 50014380186af83c,50014380186af83e)"
@@ -1045,6 +1043,50 @@ def test_a_host_is_the_connections_host_by_every_identity_it_had():
     assert hosts.identity_difference(stored, None) == "no connector_info"
     assert hosts.identity_difference({"initiator": "iqn.a"}, same) == \
         "the connection's connector names no host"
+
+
+def test_a_host_keeps_its_identity_through_a_rename_and_a_new_root_fs():
+    """os-brick's ``uuid`` is the root filesystem's UUID (a reinstall, a
+    restore, an oVirt Node upgrade change it) and ``host`` the hostname
+    (hostnamectl, DHCP): a connection's host is told by what its export
+    was granted to, per transport."""
+    from vdsm_managedvolume.engine import hosts
+    stored = {"host": "h1", "initiator": "iqn.a", "nqn": "nqn.a",
+              "uuid": "u1", "wwpns": ["50014380186af83c"]}
+    renewed = dict(stored, host="h1.example.com", uuid="u2")
+    # The root filesystem's UUID is no identity, for any transport.
+    for transport in (None, "rbd", "iscsi", "fibre_channel", "nvmeof"):
+        assert hosts.identity_difference(
+            stored, dict(stored, uuid="u2"), transport) == ""
+        assert hosts.identity_difference(
+            stored, dict(stored, uuid=None), transport) == ""
+    # A rename keeps the host its export was granted to ...
+    for transport in ("iscsi", "iser", "fibre_channel", "nvmeof"):
+        assert hosts.identity_difference(stored, renewed, transport) == ""
+    # ... and only that identity counts for it.
+    assert hosts.identity_difference(
+        stored, dict(renewed, initiator="iqn.b"), "iscsi") == \
+        "initiator 'iqn.b' (not 'iqn.a')"
+    assert hosts.identity_difference(
+        stored, dict(renewed, initiator="iqn.b"), "nvmeof") == ""
+    assert hosts.identity_difference(
+        stored, dict(renewed, nqn="nqn.b"), "nvmeof") == \
+        "nqn 'nqn.b' (not 'nqn.a')"
+    assert hosts.identity_difference(
+        stored, dict(renewed, wwpns=["5001438018600000"]),
+        "fibre_channel") == \
+        "wwpns 5001438018600000 (not 50014380186af83c)"
+    # No per-host export (RBD), or the connector lacks its transport's
+    # identity: the name and every storage identity.
+    assert hosts.identity_difference(stored, renewed, "rbd") == \
+        "host 'h1.example.com' (not 'h1')"
+    no_initiator = {"host": "h1", "nqn": "nqn.a"}
+    assert hosts.identity_difference(
+        no_initiator, dict(no_initiator, host="h2"), "iscsi") == \
+        "host 'h2' (not 'h1')"
+    assert hosts.identity(stored) == json.dumps(
+        {"host": "h1", "initiator": "iqn.a", "nqn": "nqn.a",
+         "wwpns": ["50014380186af83c"]})
 
 
 def test_a_host_holds_a_volume_unless_its_records_are_of_an_earlier_boot():

@@ -529,3 +529,48 @@ def test_a_volume_attached_on_a_host_that_cannot_be_asked_is_not_deleted(
     assert "Ending the connection of volume {} to host host-b though the " \
         "host cannot be asked".format(e.vol) in engine_service.log()
     e.detach("host-a")
+
+
+def test_a_host_whose_root_filesystem_changed_is_still_that_host(
+        engine, engine_service, hosts):
+    """os-brick's ``uuid`` is the root filesystem's UUID: a restore, a
+    reinstall keeping the initiator, an image-based (oVirt Node) upgrade
+    change it.  The host is still the connection's, its detach ends the
+    connection (it was one that cannot be asked, kept for good)."""
+    e = engine()
+    e.attach("host-a", uuid="2f0e5b1c-root-fs-before-the-upgrade")
+    e.detach("host-a")
+
+    e.run("disconnect_volume", e.vol)
+
+    assert e.connections() == {}
+    assert "host host-a (127.0.0.1:{}) no longer has volume {}".format(
+        hosts["host-a"].port, e.vol) in engine_service.log()
+
+
+def test_a_host_of_that_name_with_another_identity_is_told_apart(
+        engine, engine_service, hosts):
+    """The connection was made for host-a's earlier initiator (a
+    reinstall makes a new one, a clone of that name has its own): the
+    host answering at host-a's address is not the one the export was
+    granted to, and says so apart from another host answering.  Its
+    connection stays; the delete names the admin's override."""
+    from vdsm_managedvolume.engine import hosts as hostsmod
+    e = engine()
+    earlier = e.connector("host-a", initiator="iqn.1994-05.com.redhat:old")
+    e.attach("host-a", initiator="iqn.1994-05.com.redhat:old")
+    e.detach("host-a")
+
+    e.run("disconnect_volume", e.vol)
+
+    assert list(e.connections()) == ["host-a"]
+    assert "127.0.0.1:{} is host host-a but not the identity the " \
+        "connection was made for: initiator ".format(
+            hosts["host-a"].port) in engine_service.log()
+    r = e.shim.run("delete_volume", e.vol, driver=e.driver,
+                   db_url=e.db_url, cid="d", options=e.options)
+    assert r.code == 1, r.describe()
+    assert "disconnect_volume DRIVER_JSON DB_URL FLOW_ID {} '{}'".format(
+        e.vol, hostsmod.identity(earlier)) in r.error()
+    e.run("disconnect_volume", e.vol, hostsmod.identity(earlier))
+    assert e.connections() == {}

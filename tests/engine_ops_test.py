@@ -24,7 +24,7 @@ def __getattr__(name):
     """Test drivers, built on first use (inside the shim's processes, which
     import ``tests.engine_ops_test.RecordingDriver`` by name); collecting
     this module does not import cinder into pytest."""
-    if name not in ("RecordingDriver", "FailingDriver"):
+    if name not in ("RecordingDriver", "FailingDriver", "IscsiDriver"):
         raise AttributeError(name)
     from cinder import exception
     from vdsm_managedvolume.engine.filedriver import FileDriver
@@ -99,6 +99,17 @@ def __getattr__(name):
             if os.path.exists(os.path.join(self._dir, "fail-" + method)):
                 raise exception.VolumeBackendAPIException(
                     data="{} failed (simulated)".format(method))
+
+    class IscsiDriver(FailingDriver):
+        # The FileDriver's volumes behind an LVM-like iSCSI export: one
+        # target per volume, granted to each connector's initiator.
+        def initialize_connection(self, volume, connector, **kwargs):
+            super().initialize_connection(volume, connector, **kwargs)
+            return {"driver_volume_type": "iscsi",
+                    "data": {"target_discovered": False,
+                             "target_portal": "192.0.2.1:3260",
+                             "target_iqn": "iqn.2026-12.test:" + volume.id,
+                             "target_lun": 0}}
 
     return locals()[name]
 
@@ -422,6 +433,39 @@ def test_a_connection_is_reused_only_by_the_host_it_was_made_for(
     backend.run("delete_volume", vol)
 
 
+def test_a_renamed_host_gets_its_iscsi_connection_back(
+        engine_service, backend):
+    """os-brick's ``host`` is the hostname (hostnamectl, a DHCP name) and
+    its ``uuid`` the root filesystem's (a restore, an oVirt Node
+    upgrade): an iSCSI connection is the export granted to an initiator,
+    and the host with that initiator gets it back whatever its name and
+    root filesystem are now; it got a second connection (and export
+    grant) for the same initiator.  A clone of the same name with
+    another initiator still gets its own."""
+    backend.driver["volume_driver"] = "tests.engine_ops_test.IscsiDriver"
+    vol = new_id()
+    backend.run("create_volume", vol, 1)
+    before = {"host": "h1", "initiator": "iqn.h1", "uuid": "u1"}
+    conn = backend.run("connect_volume", vol, json.dumps(before)).json("c")
+    assert conn["driver_volume_type"] == "iscsi"
+    backend.run("save_device", vol, json.dumps({"path": "/dev/dm-3"}))
+
+    after = dict(before, host="h1-renamed", uuid="u2")
+    assert backend.run("connect_volume", vol,
+                       json.dumps(after)).json("c") == conn
+    assert backend.connected_hosts(vol) == ["h1"]
+    assert "Volume {} is connected to host h1, now named h1-renamed".format(
+        vol) in engine_service.log()
+    info = backend.run("get_connection_info", vol).json("c")
+    assert (info["connector"], info["device"]) == (before, None)
+
+    backend.run("connect_volume", vol,
+                json.dumps(dict(after, initiator="iqn.h2")))
+    assert backend.connected_hosts(vol) == ["h1", "h1-renamed"]
+    backend.run("delete_volume", vol)
+    assert backend.volume_ids() == []
+
+
 def test_a_host_name_two_connections_have_ends_neither_of_them(
         engine_service, backend):
     """Cloned hosts both named "localhost.localdomain" have a connection
@@ -432,8 +476,8 @@ def test_a_host_name_two_connections_have_ends_neither_of_them(
     vol = new_id()
     backend.run("create_volume", vol, 1)
     name = "localhost.localdomain"
-    first = {"host": name, "initiator": "iqn.h1", "uuid": "u1"}
-    second = {"host": name, "initiator": "iqn.h2", "uuid": "u2"}
+    first = {"host": name, "initiator": "iqn.h1"}
+    second = {"host": name, "initiator": "iqn.h2"}
     backend.run("connect_volume", vol, json.dumps(first))
     backend.run("connect_volume", vol, json.dumps(second))
     backend.calls()
@@ -469,8 +513,8 @@ def test_a_host_name_two_connections_have_ends_neither_of_them(
                 json.dumps(dict(first, initiator="iqn.h3")))
     assert backend.connected_hosts(vol) == [name]
     assert "Volume {} has no connection to host {}".format(
-        vol, json.dumps({"host": name, "initiator": "iqn.h3",
-                         "uuid": "u1"})) in engine_service.log()
+        vol, json.dumps({"host": name, "initiator": "iqn.h3"})) in \
+        engine_service.log()
     backend.run("disconnect_volume", vol, name)
     assert backend.connected_hosts(vol) == []
 

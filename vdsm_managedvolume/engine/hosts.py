@@ -55,9 +55,9 @@ a VM was using.  So before a ``volumes_info`` answer that ends a
 connection is trusted (the volume is not held there), the host is asked
 ``Host.getCapabilities`` on the same connection, and its
 ``connector_info`` must be the connection's host (``identity_difference``:
-``host``, ``initiator``, ``nqn``, ``uuid``, ``wwpns``, each as the
-connection's connector has it).  ovirt-engine passes ``connect_volume``
-exactly what the host's getCapabilities said
+the identity of the connection's transport, ``EXPORT_IDENTITY``, else
+``IDENTITY``, each as the connection's connector has it).  ovirt-engine
+passes ``connect_volume`` exactly what the host's getCapabilities said
 (``VdsBrokerObjectsBuilder``: ``vds.setConnectorInfo(struct.get(
 VdsProperties.CONNECTOR_INFO))``, passed on by
 ``ManagedBlockStorageCommandUtil.getConnectionInfo``), so the same host
@@ -95,12 +95,38 @@ DEFAULT_TIMEOUT = argsmod.DEFAULT_HOST_TIMEOUT
 VOLUMES_INFO = "ManagedVolume.volumes_info"
 CAPABILITIES = "Host.getCapabilities"
 
-# The connector properties that tell one host from another: its name and
-# the storage identities os-brick reads from the host (iSCSI initiator
-# name, NVMe host NQN, system UUID, FC port WWNs).  Not ``ip`` (a host
-# has several, and the engine may reach it at none of them), not
+# Which connector properties tell the host a connection was made for
+# from another host (``identity_keys``).  A host's identity is what the
+# backend granted the connection's export to, read by os-brick from the
+# host, per transport (the connection's driver_volume_type): the iSCSI
+# initiator name (/etc/iscsi/initiatorname.iscsi), the FC port WWNs (the
+# HBAs'), the NVMe host NQN (/etc/nvme/hostnqn).  For those the host name
+# is not compared: ``hostnamectl`` or a DHCP-assigned name changes it
+# (os-brick's ``host`` is ``socket.gethostname()``) while the export, and
+# the host using it, stay.
+EXPORT_IDENTITY = {
+    "iscsi": "initiator",
+    "iser": "initiator",
+    "fibre_channel": "wwpns",
+    "nvmeof": "nqn",
+}
+
+# Any other transport (RBD, whose export is not per host, local, the
+# vendors'), or a connector without its transport's identity: the host
+# name and every storage identity the connection's connector has.
+# Never ``uuid``: os-brick's NVMe connector reports the root
+# filesystem's UUID (findmnt / and blkid) there, which a reinstall, a
+# restore or an image-based upgrade (oVirt Node) changes and a host with
+# an overlay root lacks, and no export depends on it.  Never ``ip`` (a
+# host has several; the engine may reach it at none of them) nor
 # ``multipath``, ``platform``... (settings, shared by every host).
-IDENTITY = ("host", "initiator", "nqn", "uuid", "wwpns")
+#
+# A reinstall usually changes the initiator name and host NQN too (their
+# packages make new ones): the old connection's export is then granted
+# to a host that no longer exists, nobody can tell it from a clone that
+# kept them, and the connection stays (``delete_volume`` ends it, or an
+# admin with the identity ``identity`` prints).
+IDENTITY = ("host", "initiator", "nqn", "wwpns")
 
 
 class Settings:
@@ -155,8 +181,10 @@ class Settings:
 class Answer:
     """What one host said about the volume."""
 
-    def __init__(self, connector, attached=None, endpoint=None, reason=""):
+    def __init__(self, connector, attached=None, endpoint=None, reason="",
+                 transport=None):
         self.connector = connector
+        self.transport = transport
         self.attached = attached      # True, False, or None: not asked
         self.endpoint = endpoint
         self.reason = reason
@@ -171,9 +199,13 @@ class Answer:
         return "host {} ({}:{})".format(self.host, *self.endpoint)
 
 
-def ask(settings, vol_id, connectors, flow_id=None):
-    """One ``Answer`` per connector, asking every host at once."""
-    answers = [Answer(c) for c in connectors]
+def ask(settings, vol_id, connectors, flow_id=None, transports=None):
+    """One ``Answer`` per connector, asking every host at once;
+    ``transports``: each connection's driver_volume_type, for
+    ``identity_difference``."""
+    transports = transports or [None] * len(connectors)
+    answers = [Answer(c, transport=t)
+               for c, t in zip(connectors, transports)]
     try:
         ctx = settings.ssl_context()
     except (OSError, ssl.SSLError) as e:
@@ -195,25 +227,25 @@ def ask(settings, vol_id, connectors, flow_id=None):
     return answers
 
 
-def identity_difference(connector, reported):
+def identity_difference(connector, reported, transport=None):
     """How ``reported`` (a connector_info) is not the host of
-    ``connector`` (the one a connection was made for), or "" when it is
-    that host.
+    ``connector`` (the one a connection of ``transport``, its
+    driver_volume_type, was made for), or "" when it is that host.
 
-    ``connector`` must name a ``host``; every identity (``IDENTITY``) it
-    has must be the same in ``reported`` (its ``wwpns`` all among
-    ``reported``'s).  One ``reported`` has and ``connector`` has not is
-    no difference: it came since (os-brick writes an NVMe host NQN at its
-    first NVMe call, an FC card was added).  An identity ``connector``
-    has that ``reported`` lacks is one: leaving a connection alone is the
-    safe side when unsure.
+    ``connector`` must name a ``host``; every identity
+    (``identity_keys``) it has must be the same in ``reported`` (its
+    ``wwpns`` all among ``reported``'s).  One ``reported`` has and
+    ``connector`` has not is no difference: it came since (os-brick
+    writes an NVMe host NQN at its first NVMe call, an FC card was
+    added).  An identity ``connector`` has that ``reported`` lacks is
+    one: leaving a connection alone is the safe side when unsure.
     """
     connector = connector if isinstance(connector, dict) else {}
     if not connector.get("host"):
         return "the connection's connector names no host"
     if not isinstance(reported, dict):
         return "no connector_info"
-    for key in IDENTITY:
+    for key in identity_keys(connector, transport):
         want = connector.get(key)
         if not want:
             continue
@@ -225,6 +257,23 @@ def identity_difference(connector, reported):
         if not same:
             return "{} {} (not {})".format(key, _show(got), _show(want))
     return ""
+
+
+def identity_keys(connector, transport):
+    """The keys ``identity_difference`` compares for a connection of
+    ``transport`` made for ``connector``: its transport's own identity
+    when the connector has it (``EXPORT_IDENTITY``), else ``IDENTITY``."""
+    key = EXPORT_IDENTITY.get(transport)
+    if key and isinstance(connector, dict) and connector.get(key):
+        return (key,)
+    return IDENTITY
+
+
+def transport(conn_info):
+    """A connection's driver_volume_type, from its conn_info (or None)."""
+    if isinstance(conn_info, dict):
+        return conn_info.get("driver_volume_type")
+    return None
 
 
 def identity(connector):
@@ -272,13 +321,14 @@ def _ask_one(settings, ctx, vol_id, answer, flow_id):
                     # be the connection's (getCapabilities may take
                     # seconds on vdsm, so "I have it" is not checked).
                     caps = client.call(CAPABILITIES, flow_id=flow_id)
+                    reported = caps.get("connector_info") \
+                        if isinstance(caps, dict) else None
                     other = identity_difference(
-                        answer.connector,
-                        caps.get("connector_info")
-                        if isinstance(caps, dict) else None)
+                        answer.connector, reported, answer.transport)
                     if other:
-                        reasons.append("{}:{} is not that host: {}".format(
-                            address, port, other))
+                        reasons.append(_not_that_host(
+                            address, port, answer.connector, reported,
+                            other))
                         continue
         except Exception as e:
             reasons.append("{}:{}: {}".format(
@@ -288,6 +338,19 @@ def _ask_one(settings, ctx, vol_id, answer, flow_id):
         answer.attached = attached
         return
     answer.reason = "; ".join(reasons)
+
+
+def _not_that_host(address, port, connector, reported, difference):
+    """Why the host at ``address``:``port`` is not the connection's:
+    another host, or one of its name whose identity is not the one the
+    connection was made for (it changed since, as a reinstall changes
+    the initiator name, or a clone of that name answered)."""
+    name = reported.get("host") if isinstance(reported, dict) else None
+    if name and name == connector.get("host"):
+        return ("{}:{} is host {} but not the identity the connection was "
+                "made for: {} (changed since, or another host of that "
+                "name)".format(address, port, name, difference))
+    return "{}:{} is not that host: {}".format(address, port, difference)
 
 
 def _strings(value):

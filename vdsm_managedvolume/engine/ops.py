@@ -21,9 +21,11 @@ Where upstream is wrong we differ, and say so here:
   remove_snapshot, disconnect: the goal is already reached); upstream also
   exited 0 for extend, clone, connect..., which the engine took as success.
 - connect_volume reuses the connection of the same host (forgetting its
-  old device) when the connector is that host's by every identity the
-  connection's connector has (``hosts.identity_difference``: host name,
-  initiator, nqn, uuid, wwpns); upstream compared the host name only, so
+  old device) when the connector is that host's by the identity the
+  connection's export was granted to (``hosts.identity_difference``:
+  the initiator of an iSCSI connection, the wwpns of an FC one, the nqn
+  of an NVMe-oF one, else host name, initiator, nqn, wwpns); upstream
+  compared the host name only, so
   of two hosts with one name (cloned, ``localhost.localdomain``) the
   second got the first's connection (its initiator's ACL).
   disconnect/save_device/
@@ -180,15 +182,22 @@ def connect_volume(backend, args):
     connector = args["connector_info"]
     host = connector.get("host")
     for conn in vol.connections:
-        # The connection's connector must be this host by all it says,
-        # not only by name.
-        other = hosts.identity_difference(conn.connector_info, connector)
+        # The connection's connector must be this host by its identity
+        # (``hosts.identity_keys``), not only by name.
+        other = hosts.identity_difference(conn.connector_info, connector,
+                                          hosts.transport(conn.conn_info))
         if other:
             if host is not None and _host(conn) == host:
                 log.info("Volume %s has a connection to another host "
                          "named %s (this one's %s): not reusing it",
                          vol.id, host, other)
             continue
+        if _host(conn) != host:
+            # Same identity, another name (hostnamectl, a DHCP name): the
+            # connection keeps the connector it was made for, which the
+            # driver's terminate_connection gets.
+            log.info("Volume %s is connected to host %s, now named %s",
+                     vol.id, _host(conn), host)
         log.info("Volume %s already connected to host %s", vol.id, host)
         if conn.device:
             # The engine connects before every attach: the device saved
@@ -528,7 +537,9 @@ def _ask(vol, conns, args):
     from . import hosts
     settings = hosts.Settings.from_dict(args.get("hosts"))
     return hosts.ask(settings, vol.id, [c.connector_info for c in conns],
-                     flow_id=args.get("correlation_id"))
+                     flow_id=args.get("correlation_id"),
+                     transports=[hosts.transport(c.conn_info)
+                                 for c in conns])
 
 
 def _released(vol, conns, args):

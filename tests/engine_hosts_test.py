@@ -30,6 +30,9 @@ DATA = b"still readable on the host that runs the VM"
 
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory):
+    why = _cannot_name_hosts()
+    if why:
+        pytest.skip(why)
     a = _agent(str(tmp_path_factory.mktemp("host-a")), "host-a").start()
     b = None
     try:
@@ -44,6 +47,22 @@ def hosts(tmp_path_factory):
         for agent in (a, b):
             if agent is not None:
                 agent.stop()
+
+
+def _cannot_name_hosts():
+    """Why each agent cannot get a hostname of its own (``unshare
+    --uts`` needs CAP_SYS_ADMIN: root in a container may lack it), or
+    ""."""
+    import subprocess
+    try:
+        p = subprocess.run(["unshare", "--uts", "true"],
+                           capture_output=True, text=True, timeout=30)
+    except OSError as e:
+        return "cannot run unshare: {}".format(e)
+    if p.returncode != 0:
+        return "unshare --uts fails (needs CAP_SYS_ADMIN): {}".format(
+            p.stderr.strip())
+    return ""
 
 
 def _agent(base, name):

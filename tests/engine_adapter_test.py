@@ -50,6 +50,8 @@ def engine_env(tmp_path, conf):
            if not k.startswith("MANAGEDVOLUME_")}
     env.update(PYTHONPATH=ROOT, MANAGEDVOLUME_ADAPTER_CONF=str(conf),
                ENGINE_TMP=str(tmp_path / "engine-tmp"),
+               # Not the machine's default (/run/... for root).
+               MANAGEDVOLUME_ENGINE_LOCKS_DIR=str(tmp_path / "locks"),
                ENGINE_LOG=str(tmp_path / "engine-log"))
     return env
 

@@ -405,6 +405,66 @@ def test_a_default_run_dir_of_another_uid_is_refused(run_dir):
     assert not (run_dir / "cinderlib.sock").exists()
 
 
+def test_every_command_on_a_machine_locks_in_one_place(tmp_path,
+                                                      monkeypatch):
+    """ENGINE_TMP is only in the environment of the engine's own
+    commands (and ovirt-engine empties it at every start and stop): an
+    admin's command, or one run by hand, locked a volume somewhere else
+    than the engine's concurrent command on it."""
+    from vdsm_managedvolume.engine import volumelock
+    monkeypatch.delenv("ENGINE_TMP", raising=False)
+    by_hand = argsmod.default_locks_dir()
+    monkeypatch.setenv("ENGINE_TMP", str(tmp_path / "engine-tmp"))
+    assert argsmod.default_locks_dir() == by_hand
+    assert not by_hand.startswith(str(tmp_path))
+
+    # On an engine machine: in ovirt-engine's state directory.
+    state = tmp_path / "var-lib-ovirt-engine"
+    state.mkdir()
+    monkeypatch.setattr(argsmod, "ENGINE_STATE_DIR", str(state))
+    locks = argsmod.default_locks_dir()
+    assert locks == str(state / "managedvolume-engine" / "locks")
+    monkeypatch.delenv("ENGINE_TMP")
+    assert argsmod.default_locks_dir() == locks
+    vol = "9f3c1e0a-55b1-4f07-9d6c-2f2f4a9e8f10"
+    with volumelock.held(locks, [vol], "test", timeout=1):
+        assert os.path.exists(volumelock.path(locks, vol))
+    assert _mode(state / "managedvolume-engine") == 0o700
+
+
+@pytest.mark.root
+def test_root_makes_no_lock_file_in_another_users_locks_directory(
+        tmp_path):
+    """Lock files are 0600: one root made in the engine's (ovirt's)
+    locks directory, by an admin's command run as root, locked the
+    engine's commands out of that volume."""
+    from vdsm_managedvolume import errors
+    from vdsm_managedvolume.engine import volumelock
+    if os.geteuid() != 0:
+        pytest.skip("needs root to chown")
+    theirs = tmp_path / "ovirt-engine"
+    theirs.mkdir(mode=0o750)
+    os.chown(theirs, 4242, 4242)
+    vol = "9f3c1e0a-55b1-4f07-9d6c-2f2f4a9e8f10"
+    # Not made yet: root would make it, root's, in their directory.
+    missing = theirs / "managedvolume-engine" / "locks"
+    with pytest.raises(errors.EngineError, match=(
+            "The locks directory {} would be made in {}, which belongs to "
+            "4242 \\(uid 4242\\), not to uid 0: run this command as "
+            "4242".format(missing, theirs))):
+        with volumelock.held(str(missing), [vol], "test", timeout=1):
+            pass
+    assert os.listdir(theirs) == []
+    # Made by them: root makes no file in it.
+    locks = theirs / "locks"
+    locks.mkdir(mode=0o700)
+    os.chown(locks, 4242, 4242)
+    with pytest.raises(errors.EngineError, match="belongs to 4242"):
+        with volumelock.held(str(locks), [vol], "test", timeout=1):
+            pass
+    assert os.listdir(locks) == []
+
+
 def test_the_parent_forks_only_once_its_setup_thread_has_ended(
         monkeypatch, tmp_path):
     # The setup thread says "done" and then lingers (here on a gate; in

@@ -66,6 +66,10 @@ ENV_HOST_ADDRESSES = "MANAGEDVOLUME_ENGINE_HOST_ADDRESSES"
 ENV_ENGINE_TMP = "ENGINE_TMP"
 ENV_ENGINE_LOG = "ENGINE_LOG"
 ENGINE_LOG_DIR = "/var/log/ovirt-engine"
+# ovirt-engine's state directory (ENGINE_VAR, owned by its user, ovirt):
+# on a machine that has it, the volume locks are there, one place for
+# every command whoever runs it (``default_locks_dir``).
+ENGINE_STATE_DIR = "/var/lib/ovirt-engine"
 
 # libpq connection settings a PostgreSQL DB_URL gets unless its query
 # string sets them (SQLAlchemy passes them to psycopg2, psycopg2 to
@@ -363,17 +367,23 @@ def parse(argv, environ=None, stdin=None):
 
 
 def default_run_dir():
-    """Where the socket and the locks live unless configured.
+    """Where the socket and the fallback log live unless configured.
 
     Under ``$ENGINE_TMP`` when set (ovirt-engine gives the commands it runs
-    its private temp dir there); else root gets /run, anyone else a
-    directory in the temp dir.  Whoever made it, it must be a directory of
-    our uid (``private_dirs``): one another user pre-created is refused.
+    its private temp dir there); else ``uid_run_dir``.  Whoever made it,
+    it must be a directory of our uid (``private_dirs``): one another user
+    pre-created is refused.
     """
     engine_tmp = os.environ.get(ENV_ENGINE_TMP)
     if engine_tmp:
         return os.path.join(os.path.abspath(engine_tmp),
                             "managedvolume-engine")
+    return uid_run_dir()
+
+
+def uid_run_dir():
+    """The run directory of this uid without ovirt-engine's environment:
+    root gets /run, anyone else a directory in the temp dir."""
     if os.getuid() == 0:
         return "/run/managedvolume-engine"
     return os.path.join(os.environ.get("TMPDIR") or "/tmp",
@@ -412,8 +422,9 @@ def private_dirs(path):
     was changed, for the caller to log.
     """
     target = os.path.abspath(path)
-    run_dir = default_run_dir()
-    mine = os.path.commonpath([target, run_dir]) == run_dir
+    run_dir = next((d for d in (default_run_dir(), uid_run_dir())
+                    if os.path.commonpath([target, d]) == d), None)
+    mine = run_dir is not None
     if mine and os.path.lexists(run_dir):
         # Checked before anything is created in it.
         _check_run_dir(run_dir)
@@ -449,7 +460,53 @@ def _check_run_dir(run_dir):
 
 
 def default_locks_dir():
-    return os.path.join(default_run_dir(), "locks")
+    """Where every command on this machine locks its volumes, whatever
+    its environment (never under ENGINE_TMP, which only the engine's
+    commands have, and which ovirt-engine empties at every start and
+    stop): ovirt-engine's state directory's
+    ``managedvolume-engine/locks`` on an engine machine, else (no
+    ovirt-engine: development, tests) ``uid_run_dir``'s ``locks``."""
+    if os.path.isdir(ENGINE_STATE_DIR):
+        return os.path.join(ENGINE_STATE_DIR, "managedvolume-engine",
+                            "locks")
+    return os.path.join(uid_run_dir(), "locks")
+
+
+def locks_dir(path):
+    """Make sure ``path`` is a locks directory this process may lock in
+    beside every other command (``private_dirs`` for what is missing).
+
+    Lock files are made 0600 by whoever locks a volume first: the
+    directory must be ours, and root does not make one (or a file in
+    one) under another user's directory, such as the engine's
+    ``/var/lib/ovirt-engine`` (ovirt): ovirt-engine's own commands,
+    run as ovirt, could then not open the volume's lock and failed.
+    """
+    target = os.path.abspath(path)
+    found = target
+    while not os.path.lexists(found) and found != os.path.dirname(found):
+        found = os.path.dirname(found)
+    st = os.stat(found)
+    uid = os.getuid()
+    if st.st_uid != uid and (found == target or uid == 0):
+        owner = _user_name(st.st_uid)
+        raise errors.EngineError(
+            "The locks directory {} {} {} (uid {}), not to uid {}: run "
+            "this command as {} (sudo -u {} ...), as ovirt-engine runs "
+            "it, so that its commands can open the lock files it "
+            "makes".format(target, "belongs to" if found == target else
+                           "would be made in {}, which belongs to".format(
+                               found), owner, st.st_uid, uid, owner,
+                           owner))
+    return private_dirs(target)
+
+
+def _user_name(uid):
+    import pwd
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def default_socket():

@@ -47,9 +47,11 @@ host was registered with, which is what its certificate carries).
 So whatever engine-managed host answers at that address is asked, and an
 address can belong to another host than the connection's: a DHCP address
 given to another host, two cloned hosts both called
-``localhost.localdomain``.  vdsm's connector has no ``ip``
+``localhost.localdomain``.  vdsm's own connector has no ``ip``
 (managedvolume-helper calls ``get_connector_properties(my_ip=None)``), so
-its ``host``, ``socket.gethostname()``, is often the only address.  A
+its ``host``, ``socket.gethostname()``, is often the only address (this
+package's, the agent's or the hook's, has one: ``[privsep] my_ip``, else
+the default route's source address).  A
 host that answered "no such volume" for another one ended a connection
 a VM was using.  So before a ``volumes_info`` answer that ends a
 connection is trusted (the volume is not held there), the host is asked

@@ -219,7 +219,7 @@ def setup_cinderlib(db_url, locks_dir):
         _queue_sqlite_writers()
         # 0700 at every level we create (and the default run directory,
         # shared with the warm service's socket, 0700 even if it exists).
-        argsmod.private_dirs(locks_dir)
+        argsmod.locks_dir(locks_dir)
         persistence = {"storage": "db", "connection": db_url}
         venv = os.environ.pop("VIRTUAL_ENV", None)
         try:

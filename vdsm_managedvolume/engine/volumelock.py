@@ -47,15 +47,19 @@ whole run:
   since an upgrade) waiting on a removed file would still take it for
   the volume's lock.
 - What the check cannot help: a holder whose file someone *else* removes
-  while it runs.  ovirt-engine empties ENGINE_TMP, where the default
-  locks directory is, at every start and stop (``ovirt-engine.py.in``
-  via ``ovirt_engine.service.TempDir.create``, an ``rmtree`` first), and
-  a warm service's children outlive the engine: one still running a
-  command from before an engine restart holds a file gone from the
-  path, and the new engine's command on the same volume locks a new
-  one.  Cold commands die with the engine (its unit's cgroup).  With a
-  warm service, set ``MANAGEDVOLUME_ENGINE_LOCKS_DIR`` outside
-  ENGINE_TMP (data/managedvolume-adapter.conf).
+  while it runs.  So the locks are never under ENGINE_TMP, which
+  ovirt-engine empties at every start and stop (``ovirt-engine.py.in``
+  via ``ovirt_engine.service.TempDir.create``, an ``rmtree`` first)
+  while a warm service's children outlive the engine; and ENGINE_TMP is
+  only in the environment of the engine's own commands, so an admin's
+  command locked elsewhere.  The default is one place per machine
+  (``args.default_locks_dir``: ``/var/lib/ovirt-engine/managedvolume-
+  engine/locks`` on an engine), ``MANAGEDVOLUME_ENGINE_LOCKS_DIR`` in
+  the adapter's settings another, which an admin's command gets by
+  running the adapter.
+- The directory must be the running user's (``args.locks_dir``): a
+  lock file root made in the engine's (ovirt's) directory would lock
+  the engine's commands out of that volume.
 - The locks directory is the request's (a warm child locks where the
   command that forwarded it would have): cinderlib's ``file_locks_path``
   stays the first request's, as cinderlib is set up once per process.
@@ -90,6 +94,10 @@ def held(locks_dir, vol_ids, holder, timeout, discard=()):
     (removing one is always safe: a waiter then locks a new file).
     """
     locked = []
+    if vol_ids:
+        # A warm child's request may name a directory its service was
+        # not set up with: checked for every command.
+        argsmod.locks_dir(locks_dir)
     try:
         deadline = time.monotonic() + timeout
         for vol_id in sorted(set(vol_ids)):
@@ -156,9 +164,8 @@ def _open(locks_dir, lock_path):
     try:
         return os.open(lock_path, flags, 0o600)
     except FileNotFoundError:
-        # Made at setup, but a warm service outlives it when it is under
-        # ENGINE_TMP, which ovirt-engine re-creates at every start.
-        argsmod.private_dirs(locks_dir)
+        # Made before locking, but someone may have removed it since.
+        argsmod.locks_dir(locks_dir)
         return os.open(lock_path, flags, 0o600)
 
 

@@ -43,3 +43,58 @@ def test_the_kill_at_end_grace_is_logged_outside_the_calls_lock():
     result = json.loads(out.decode().splitlines()[-1])
     assert result["locked"] == [False]
     assert result["kills"] == [result["sigkill"]]
+
+
+FIFO = """
+import json, threading, time
+from vdsm_managedvolume import brick
+
+sem = brick._CancellableSemaphore()
+sem.acquire()                       # the holder (a slow connect)
+order, outcomes = [], {}
+
+
+def waiter(i, call=None):
+    if call is not None:
+        brick._set_thread_flow("flow-%d" % i, call)
+    try:
+        with sem:
+            order.append(i)
+        outcomes[i] = "got it"
+    except brick._Cancelled:
+        outcomes[i] = "cancelled"
+
+
+cancelled = brick._Call("connect", "flow-c")
+threads = []
+for i in range(12):
+    t = threading.Thread(target=waiter,
+                         args=(i, cancelled if i == 5 else None))
+    t.start()
+    threads.append(t)
+    while len(sem._queue) < i + 1:      # queued in this order
+        time.sleep(0.001)
+cancelled.cancelled.set()               # its deadline, while queued
+threads[5].join()
+queued = len(sem._queue)
+sem.release()
+for t in threads:
+    t.join()
+print(json.dumps({"order": order, "outcomes": outcomes, "queued": queued,
+                  "free": sem.acquire(blocking=False)}))
+"""
+
+
+def test_waiters_for_os_bricks_lock_get_it_in_arrival_order():
+    # As with the threading.Semaphore it replaces: in a mass start the
+    # connects queued on os-brick's per-host lock run first come, first
+    # served, so none waits past its deadline while later ones go first.
+    # A waiter whose call is cancelled leaves the queue; the rest keep
+    # their order.
+    out = subprocess.run([sys.executable, "-c", FIFO], cwd=REPO, check=True,
+                         stdout=subprocess.PIPE, timeout=120).stdout
+    result = json.loads(out.decode().splitlines()[-1])
+    assert result["order"] == [i for i in range(12) if i != 5]
+    assert result["outcomes"]["5"] == "cancelled"
+    assert result["queued"] == 11
+    assert result["free"] is True

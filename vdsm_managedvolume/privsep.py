@@ -53,10 +53,17 @@ EXIT_REFUSED = 78
 # Seconds a call cancelled at its deadline has to return before the
 # daemon kills itself (brick.py, "Deadlines"): time for the command it
 # is inside to finish (a ``multipath -f``, an ``iscsiadm --op``: they
-# take milliseconds when they are not hung); also how long its answer
-# waits for the threads os-brick started for it to stop.  The client
-# waits longer than this for the answer (privileged.KILL_GRACE).
+# take milliseconds when they are not hung).  The client waits longer
+# than this for the answer (privileged.KILL_GRACE).
 END_GRACE = 5.0
+
+# Seconds after its deadline a cancelled call's answer waits for the
+# threads os-brick started for it (a multipath connect's portal logins)
+# to stop.  Well before KILL_GRACE: an answer that came after the
+# client gave up and killed the daemon would be lost, and the plain
+# timeout in its place would have the service disconnect beside a login
+# still running (review-privsepfix9 L-1).
+THREADS_GRACE = 3.0
 
 CRASH_POINTS = (
     "privsep.connect.before",

@@ -1002,9 +1002,9 @@ class Service:
             # it may still log in (the daemon makes it wait for those
             # threads).  Kept as a cut detach keeps 'detaching'.
             log.warning("Keeping the 'attaching' record of volume %s, not "
-                        "disconnecting it now: part of its connect still "
-                        "runs; detach it, or reconcile, to disconnect it "
-                        "once that ended", vol_id)
+                        "disconnecting it now (%s); detach it, or "
+                        "reconcile, to disconnect it once that ended",
+                        vol_id, error.running)
             return
         failure = self._silent_disconnect(vol_id, connection_info,
                                           attachment)

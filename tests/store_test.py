@@ -430,12 +430,15 @@ def test_writers_arriving_during_a_commit_share_the_next_one(db):
         vol_id: lambda vol_id=vol_id: db.add_volume(vol_id, SD, CI)
         for vol_id in ids})
     assert outcome == {vol_id: None for vol_id in ids}
-    assert seen.count("COMMIT") == 1
+    # One statement per write between BEGIN and COMMIT: no savepoints.
+    assert [s.split()[0] for s in seen if not s.startswith("PRAGMA")] == \
+        ["BEGIN"] + ["INSERT"] * len(ids) + ["COMMIT"]
     assert [r["vol_id"] for r in db.volumes()] == ids
 
 
 def test_a_failing_write_in_a_shared_commit_fails_alone(db):
     db.add_volume(VOL, SD, CI)
+    seen = _statements(db)
     outcome = _queued_writers(db, {
         "duplicate": lambda: db.add_volume(VOL, SD, CI),
         "new": lambda: db.add_volume(VOL2, SD, CI),
@@ -444,6 +447,11 @@ def test_a_failing_write_in_a_shared_commit_fails_alone(db):
     assert isinstance(outcome["duplicate"], errors.StoreError)
     assert "already has a record" in str(outcome["duplicate"])
     assert outcome["new"] is None and outcome["update"] is None
+    # SQLite backed out the failed statement alone; the transaction
+    # went on and committed the others.
+    kinds = [s.split()[0] for s in seen if not s.startswith("PRAGMA")]
+    assert (kinds[0], kinds[-1]) == ("BEGIN", "COMMIT")
+    assert sorted(kinds[1:-1]) == ["INSERT", "INSERT", "UPDATE"]
     assert [(r["vol_id"], r["state"]) for r in db.volumes()] == [
         (VOL, "attached"), (VOL2, "attaching")]
 

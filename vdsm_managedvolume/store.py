@@ -73,9 +73,10 @@ every commit is synced.
 
 Writers that arrive while another one commits share its next commit
 (group commit): the first to take the write lock commits every write
-queued so far in one transaction, each in its own savepoint so that one
-write's IntegrityError fails that write only, with a single fsync when any
-of them is durable; each caller returns only after the commit holding its
+queued so far in one transaction, one statement each (a statement that
+breaks a constraint is backed out alone by SQLite and fails that write
+only: no savepoint is needed), with a single fsync when any of them is
+durable; each caller returns only after the commit holding its
 write is done.  Thirty-two callers attaching at once wait for a few fsyncs,
 not for thirty-two in a row.  The wait for the write lock and the commit
 are made without the caller's run slot (``gate``), except for a write
@@ -480,7 +481,13 @@ class Store:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 for job in batch:
-                    self._execute_alone(conn, job)
+                    try:
+                        job.count = conn.execute(job.sql, job.args).rowcount
+                    except sqlite3.IntegrityError as e:
+                        # SQLite backs out the failed statement alone
+                        # (its ABORT conflict resolution) and the
+                        # transaction goes on: the others still commit.
+                        job.error = e
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -502,17 +509,6 @@ class Store:
                     job.error = errors.StoreError(
                         "{}: the commit was interrupted".format(self.path))
                 job.done = True
-
-    def _execute_alone(self, conn, job):
-        """One write of a batch in its own savepoint: an IntegrityError
-        undoes and fails this write only."""
-        conn.execute("SAVEPOINT job")
-        try:
-            job.count = conn.execute(job.sql, job.args).rowcount
-        except sqlite3.IntegrityError as e:
-            conn.execute("ROLLBACK TO job")
-            job.error = e
-        conn.execute("RELEASE job")
 
     def _set_synchronous(self, conn, mode):
         if mode != self._synchronous:

@@ -14,6 +14,8 @@ from vdsm_managedvolume import mask
     ("a\nb", "a\\nb"),
     ("a\r\nb", "a\\r\\nb"),
     ("nul\x00", "nul\\x00"),
+    ("del\x7f", "del\\x7f"),
+    ("plain ascii: ok [1] (x)", "plain ascii: ok [1] (x)"),
     ("tab\tesc\x1b[31m", "tab\\tesc\\x1b[31m"),
     ("rtl\u202eevil\u2066", "rtl\\u202eevil\\u2066"),
     ("sep\u2028nel\x85", "sep\\u2028nel\\x85"),

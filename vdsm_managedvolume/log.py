@@ -75,7 +75,12 @@ def printable(text):
 
     The one sanitiser for values from the wire that reach a log line;
     the log filter applies it to every string argument."""
-    if not isinstance(text, str) or not _UNPRINTABLE.search(text):
+    if not isinstance(text, str):
+        return text
+    # Printable ASCII, nearly every value, holds none of them: two tests
+    # in C instead of the regular expression's scan.
+    if (text.isascii() and text.isprintable()) or \
+            not _UNPRINTABLE.search(text):
         return text
     return _UNPRINTABLE.sub(_escape, text)
 
@@ -223,7 +228,9 @@ def _plain_line(record):
         line = record.getMessage()
     except Exception:
         return None
-    if not mask.plainly_clean(line) or _UNPRINTABLE.search(line):
+    # plainly_clean: the line is ASCII, where the characters printable()
+    # escapes are exactly those isprintable() refuses.
+    if not mask.plainly_clean(line) or not line.isprintable():
         return None
     return line
 

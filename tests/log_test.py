@@ -2,6 +2,7 @@
 
 import logging
 import os
+import sys
 
 import pytest
 
@@ -219,6 +220,54 @@ def test_formatter_shows_the_time_as_logging_does(created, datefmt):
         record.msecs = int((t - int(t)) * 1000) + 0.0
         assert ours.formatTime(record, datefmt) == \
             stdlib.formatTime(record, datefmt)
+
+
+def _record(exc_info=None, sinfo=None):
+    record = logging.LogRecord("managedvolume.x", logging.INFO, __file__, 1,
+                               "Attached volume %s path=%s", ("v", "/dev/x"),
+                               exc_info, sinfo=sinfo)
+    record.flow_id = "f1"
+    return record
+
+
+@pytest.mark.parametrize("fmt", [log.FORMAT, log.JOURNAL_FORMAT,
+                                 "%(message)s (%(module)s:%(lineno)d)"])
+def test_formatter_writes_what_logging_formatter_writes(fmt):
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        exc_info = sys.exc_info()
+    for kw in ({}, {"exc_info": exc_info}, {"sinfo": "Stack (most recent "
+                                                     "call last): here"}):
+        ours, stdlib = _record(**kw), _record(**kw)
+        stdlib.created, stdlib.msecs = ours.created, ours.msecs
+        assert log.Formatter(fmt).format(ours) == \
+            logging.Formatter(fmt).format(stdlib)
+
+
+@pytest.mark.parametrize("handler", ["stream", "file"])
+def test_handlers_write_and_flush_each_line_and_reopen_after_close(
+        tmp_path, handler):
+    path = tmp_path / "agent.log"
+    if handler == "stream":
+        f = open(path, "w")
+        h = log.StreamHandler(f)
+    else:
+        h = log.ReopenableFileHandler(str(path))
+    h.setFormatter(log.Formatter("%(message)s"))
+    log.install_filter(h)
+    try:
+        h.handle(_record())
+        # Flushed with the line: visible to another reader at once.
+        assert path.read_text() == "Attached volume v path=/dev/x\n"
+        if handler == "file":
+            h.close()
+            h.handle(_record())     # opened again, as logging does
+            assert path.read_text().count("Attached volume") == 2
+    finally:
+        h.close()
+        if handler == "stream":
+            f.close()
 
 
 def test_setup_keeps_the_stack_and_the_caller_of_every_record(tmp_path):

@@ -318,7 +318,7 @@ def setup(cfg=None, level=None, stream=None, filename=None):
         handler = ReopenableFileHandler(filename)
         handler.setFormatter(Formatter(FORMAT))
     else:
-        handler = logging.StreamHandler(stream or sys.stderr)
+        handler = StreamHandler(stream or sys.stderr)
         fmt = JOURNAL_FORMAT if os.environ.get("JOURNAL_STREAM") else FORMAT
         handler.setFormatter(Formatter(fmt))
     install_filter(handler)
@@ -337,9 +337,24 @@ def setup(cfg=None, level=None, stream=None, filename=None):
 class Formatter(logging.Formatter):
     """logging.Formatter, with the time of day formatted once a second
     (localtime and strftime for every line, for the same text, cost more
-    than the rest of the line's formatting)."""
+    than the rest of the line's formatting), and whether the format shows
+    it found once, not at every line."""
 
     _second = (None, None, None)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._uses_time = self.usesTime()
+
+    def format(self, record):
+        if record.exc_info or record.exc_text or record.stack_info:
+            return super().format(record)
+        # What logging.Formatter.format does for a line without a
+        # traceback or a stack, in three calls fewer.
+        record.message = record.getMessage()
+        if self._uses_time:
+            record.asctime = self.formatTime(record, self.datefmt)
+        return self._style.format(record)
 
     def formatTime(self, record, datefmt=None):
         second = int(record.created)
@@ -366,9 +381,38 @@ def reopen():
             handler.reopen()
 
 
-class ReopenableFileHandler(logging.FileHandler):
+class _Emit:
+    """``emit`` of logging.StreamHandler in fewer calls: the stream is
+    flushed directly, ``handle`` already holding the lock that
+    ``flush()`` would take again."""
+
+    def emit(self, record):
+        try:
+            msg = self.format(record)
+            stream = self.stream
+            stream.write(msg + self.terminator)
+            stream.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
+class StreamHandler(_Emit, logging.StreamHandler):
+    """logging.StreamHandler (stderr, the journal), ``_Emit``'s way."""
+
+
+class ReopenableFileHandler(_Emit, logging.FileHandler):
     """A log file created 0640 (masked content still describes the host's
     storage), reopened on SIGHUP after logrotate moved it."""
+
+    def emit(self, record):
+        if self.stream is None:
+            # Closed: logging.FileHandler's emit decides whether to open
+            # it again (Python 3.9 and later ones differ).
+            logging.FileHandler.emit(self, record)
+        else:
+            _Emit.emit(self, record)
 
     def _open(self):
         fd = os.open(self.baseFilename,

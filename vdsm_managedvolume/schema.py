@@ -68,6 +68,10 @@ ANY_KEY = "any_string"
 MAX_PARAM_DEPTH = 24
 
 
+# Defaults of these types are returned as they are: nobody can change them.
+_IMMUTABLE = frozenset((str, int, float, bool, type(None)))
+
+
 class Param:
     """One parameter of a method (or property of an object type)."""
 
@@ -85,6 +89,8 @@ class Param:
         value = self._default
         if isinstance(value, str) and value in DEFAULT_VALUES:
             value = DEFAULT_VALUES[value]
+        if type(value) in _IMMUTABLE:
+            return value    # sd_id's blank UUID in every attach and detach
         return copy.deepcopy(value)
 
     @property

@@ -62,7 +62,6 @@ runs it as user vdsm) or cannot write ``udev_rules_dir`` asks the daemon
 entrypoints rebuild each rule from the ids and the device path.
 """
 
-import contextlib
 import logging
 import os
 import re
@@ -629,20 +628,10 @@ class Service:
             raise errors.StoreClosed()
         return db
 
-    @contextlib.contextmanager
     def _call(self):
-        """Count a call using the journal (close() waits for it)."""
-        with self._calls_cond:
-            if self._store is None or self._closing:
-                raise errors.StoreClosed()
-            self._calls += 1
-            db = self._store
-        try:
-            yield db
-        finally:
-            with self._calls_cond:
-                self._calls -= 1
-                self._calls_cond.notify_all()
+        """Count a call using the journal (close() waits for it): a
+        context manager giving the journal."""
+        return _Counted(self)
 
     def _locked(self, vol_id, timeout=None):
         if timeout is None:
@@ -1458,6 +1447,32 @@ def _split_link_name(name):
 # (Service._keep_attached): every field the attach's steps may write.
 _KEPT_ON_FAILED_REATTACH = ("attachment", "path", "multipath_id",
                             "identity", "managed_path", "size")
+
+
+class _Counted:
+    """``Service._call``: a class, not a generator's context manager
+    (entered twice per attach+detach, at a few times the cost)."""
+
+    __slots__ = ("_service",)
+
+    def __init__(self, service):
+        self._service = service
+
+    def __enter__(self):
+        svc = self._service
+        with svc._calls_cond:
+            if svc._store is None or svc._closing:
+                raise errors.StoreClosed()
+            svc._calls += 1
+            return svc._store
+
+    def __exit__(self, *exc):
+        svc = self._service
+        with svc._calls_cond:
+            svc._calls -= 1
+            if svc._closing:
+                svc._calls_cond.notify_all()     # close() waits for 0
+        return False
 
 
 def _exists(path):

@@ -116,6 +116,7 @@ and the switch is a no-I/O statement of about a microsecond.
 """
 
 import datetime
+import functools
 import json
 import logging
 import os
@@ -140,6 +141,8 @@ BUSY_TIMEOUT = 30.0
 _SELECT = ("SELECT vol_id, sd_id, state, connection_info, attachment, "
            "path, multipath_id, managed_path, size, extending, boot_id, "
            "identity, created, updated FROM volumes")
+
+_SELECT_ONE = _SELECT + " WHERE vol_id = ?"
 
 log = logging.getLogger("managedvolume.store")
 
@@ -280,9 +283,10 @@ class Store:
 
     def get_volume(self, vol_id):
         """Return the record of ``vol_id``; raise StoreNotFound."""
-        for vol in self.volumes([vol_id]):
-            return vol
-        raise errors.StoreNotFound(vol_id=vol_id)
+        rows = self._read(_SELECT_ONE, (vol_id,))
+        if not rows:
+            raise errors.StoreNotFound(vol_id=vol_id)
+        return _record(rows[0])
 
     def volumes(self, vol_ids=()):
         """Records of ``vol_ids`` (all when empty), sorted by vol_id.
@@ -385,8 +389,7 @@ class Store:
         if "identity" in fields:
             names.append("dev")
             values.append(_dev(fields["identity"]))
-        sql = "UPDATE volumes SET {}, updated = ? WHERE vol_id = ?".format(
-            ", ".join("{} = ?".format(n) for n in names))
+        sql = _update_sql(tuple(names))
         try:
             count = self._write(sql, values + [_now(), vol_id],
                                 durable=durable)
@@ -755,10 +758,14 @@ _JSON_TYPES = {"connection_info": _connection_type,
                "identity": _object_type}
 
 
+# json.dumps(value, sort_keys=True), without making an encoder per call.
+_ENCODER = json.JSONEncoder(sort_keys=True)
+
+
 def _dumps(value):
     if value is None:
         return None
-    return json.dumps(value, sort_keys=True)
+    return _ENCODER.encode(value)
 
 
 def _loads(text):
@@ -800,6 +807,14 @@ def _fill_dev(conn):
 # What a migration computes beyond its SQL: version -> function(conn), run
 # in the same transaction after that version's script.
 _MIGRATION_STEPS = {5: _fill_dev}
+
+
+@functools.lru_cache(maxsize=64)
+def _update_sql(names):
+    """The UPDATE setting these columns (known ones: a few dozen sets at
+    most), made once per set."""
+    return "UPDATE volumes SET {}, updated = ? WHERE vol_id = ?".format(
+        ", ".join("{} = ?".format(n) for n in names))
 
 
 def _check_state(state):

@@ -34,6 +34,9 @@ _UUID_RE = re.compile(
 # journal stores it and every volumes_info returns it.
 MAX_CONNECTION_INFO = 64 * 1024
 
+# json.dumps(value, allow_nan=False), without making an encoder per call.
+_ENCODER = json.JSONEncoder(allow_nan=False)
+
 _RBD_NAME_RE = re.compile(
     r"[A-Za-z0-9_.:+@=,-]+(/[A-Za-z0-9_.:+@=,-]+){1,2}\Z")
 
@@ -129,7 +132,7 @@ def connection_info(name, value):
     # transportable() refuses, naming the field, everything json.dumps
     # would (types that are not JSON, NaN and infinities) and more.
     transportable(name, value)
-    text = json.dumps(value, allow_nan=False)
+    text = _ENCODER.encode(value)
     size = len(text.encode("utf-8"))
     if size > MAX_CONNECTION_INFO:
         raise errors.InvalidParams(

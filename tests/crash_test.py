@@ -26,6 +26,7 @@ from vdsm_managedvolume import privileged  # noqa: F401 (daemon points)
 from vdsm_managedvolume import service
 from vdsm_managedvolume import store
 from vdsm_managedvolume import udev
+from vdsm_managedvolume.validate import BLANK_UUID
 
 from . import fakebrick
 from .host_fixtures import (REPO, hung_iscsi_info, hung_iscsiadm,
@@ -108,8 +109,11 @@ if SNAPSHOT:
     snapshot(svc._db()._conn)   # start() committed with fsyncs only
 """}
 
+# Reached only by an attach again moving a live record to another sd_id.
+MOVE_POINTS = ["attach.after_move"]
 ATTACH_POINTS = sorted(p for p in faults.POINTS
-                       if p.startswith(("attach.", "privsep.connect.")))
+                       if p.startswith(("attach.", "privsep.connect."))
+                       and p not in MOVE_POINTS)
 DETACH_POINTS = sorted(p for p in faults.POINTS
                        if p.startswith(("detach.", "privsep.disconnect.")))
 EXTEND_POINTS = sorted(p for p in faults.POINTS
@@ -120,8 +124,8 @@ BLIND_POINTS = ("attach.after_connect", "privsep.connect.after")
 
 
 def test_every_crash_point_is_covered():
-    assert set(ATTACH_POINTS) | set(DETACH_POINTS) | set(EXTEND_POINTS) \
-        == faults.POINTS
+    assert set(ATTACH_POINTS) | set(MOVE_POINTS) | set(DETACH_POINTS) \
+        | set(EXTEND_POINTS) == faults.POINTS
     for name in ("attach.after_record", "attach.after_connect",
                  "attach.after_attachment", "attach.after_udev",
                  "attach.after_link", "detach.after_record",
@@ -190,15 +194,28 @@ def test_crash_at_point_converges_on_next_start(point, tmp_path, real_brick,
     assert_converged(cfg, real_brick, key)
 
 
-@pytest.mark.parametrize("point", ATTACH_POINTS)
+# The storage domain of the first attach; the attach again names the
+# default one.
+OTHER_SD = "2d4b0fe1-6a69-4a2e-9f63-4c8f3bd6f0a1"
+
+
+@pytest.mark.parametrize("point,first_sd", [
+    pytest.param(point, first_sd, id="{}-{}".format(point, name))
+    for first_sd, name, points in (
+        (BLANK_UUID, "same-sd", ATTACH_POINTS),
+        (OTHER_SD, "other-sd", ATTACH_POINTS + MOVE_POINTS))
+    for point in points])
 def test_crash_in_an_attach_again_over_a_device_in_use_keeps_it(
-        point, tmp_path, real_brick, real_fakebrick_dir):
+        point, first_sd, tmp_path, real_brick, real_fakebrick_dir):
     # Attached in this boot, its managed link gone, its device there (a
     # VM may be using it): an attach again dies at ``point``.  The next
     # start (the same boot) keeps the volume attached and its device
     # connected, and makes its link again; it rolled it back, a
     # disconnect under the running VM, when the attach had written its
-    # intent ('attaching') over the record.
+    # intent ('attaching') over the record.  Under another sd_id, too:
+    # the record keeps its own (its link and rule), and what the attach
+    # made under the new one is nobody's and goes; once the record names
+    # the new one (MOVE_POINTS), the old link and rule are nobody's.
     base = str(tmp_path)
     cfg = make_cfg(base)
     ci = iscsi_connection(cfg)
@@ -207,7 +224,7 @@ def test_crash_in_an_attach_again_over_a_device_in_use_keeps_it(
     svc = service.Service(cfg, brick=real_brick)
     svc.start()
     try:
-        first = svc.attach_volume(vol_id, ci)
+        first = svc.attach_volume(vol_id, ci, first_sd)
     finally:
         svc.close()
     res = run_child(base, "reattach", vol_id, ci, point)
@@ -223,10 +240,15 @@ def test_crash_in_an_attach_again_over_a_device_in_use_keeps_it(
         [rec] = svc._db().volumes()
         assert rec["state"] == "attached"
         assert rec["attachment"] == first["attachment"]
-        assert os.path.realpath(first["managed_path"]) == \
+        sd_id = BLANK_UUID if point in MOVE_POINTS else first_sd
+        assert rec["sd_id"] == sd_id
+        link = "{}_{}".format(sd_id, vol_id)
+        assert os.listdir(cfg.run_dir) == [link]
+        assert os.path.realpath(os.path.join(cfg.run_dir, link)) == \
             os.path.realpath(first["path"])
-        assert len(udev.list_rules(cfg)) == 1
-        svc.detach_volume(vol_id)
+        assert [r[:2] for r in udev.list_rules(cfg)] == [(sd_id, vol_id)]
+        assert svc.reconcile() == []
+        svc.detach_volume(vol_id, sd_id)
         assert key not in fakebrick.connected()
     finally:
         svc.close()

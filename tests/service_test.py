@@ -372,6 +372,75 @@ def test_a_failed_reattach_after_a_late_step_leaves_the_device_too(
     assert rec["attachment"] == first["attachment"]
 
 
+def test_a_failed_reattach_under_another_sd_id_leaves_the_device_too(
+        inproc_service, inproc_brick, monkeypatch):
+    # The same, the attach again naming another storage domain: the
+    # record keeps its sd_id, its udev rule (qemu's ownership) and its
+    # connection.  It used to lose its rule before the connect and be
+    # rolled back after it: a disconnect under the running VM.
+    svc = inproc_service
+    vol_id, ci = new_id(), iscsi_connection(svc.cfg)
+    first = svc.attach_volume(vol_id, ci, SD)
+    before = records(svc)
+    os.unlink(first["managed_path"])
+    monkeypatch.setattr(inproc_brick, "connect",
+                        raising(errors.ConnectorFailed("portal down")))
+    calls = len(inproc_brick.calls)
+    with pytest.raises(errors.ConnectorFailed):
+        svc.attach_volume(vol_id, ci)
+    assert inproc_brick.calls[calls:] == []
+    assert ci["data"]["fake_key"] in fakebrick.connected()
+    assert os.listdir(svc.cfg.udev_rules_dir) == [
+        os.path.basename(rule_of(svc, vol_id, SD))]
+    after = records(svc)
+    for rec in before + after:
+        rec.pop("updated", None)
+    assert after == before
+
+
+def test_a_reattach_under_another_sd_id_failing_late_keeps_the_old_rule(
+        inproc_service, inproc_brick, monkeypatch):
+    # The connect and the new rule worked, the new link cannot be made:
+    # the new rule goes, the old one (the record's) stays.
+    svc = inproc_service
+    vol_id, ci = new_id(), iscsi_connection(svc.cfg)
+    first = svc.attach_volume(vol_id, ci, SD)
+    os.unlink(first["managed_path"])
+    monkeypatch.setattr(svc, "_add_link",
+                        raising(OSError(28, "No space left on device")))
+    with pytest.raises(OSError):
+        svc.attach_volume(vol_id, ci)
+    assert ci["data"]["fake_key"] in fakebrick.connected()
+    assert os.listdir(svc.cfg.udev_rules_dir) == [
+        os.path.basename(rule_of(svc, vol_id, SD))]
+    [rec] = records(svc)
+    assert (rec["state"], rec["sd_id"]) == ("attached", SD)
+    assert rec["attachment"] == first["attachment"]
+    # The next start makes its link again, under its sd_id.
+    monkeypatch.undo()
+    assert [(e["action"], e["result"]) for e in svc.reconcile()] == [
+        ("recreate-link", "done")]
+    assert os.readlink(link_of(svc, vol_id, SD)) == first["path"]
+
+
+def test_a_failed_attach_over_an_interrupted_rollback_ends_its_connection(
+        inproc_service, inproc_brick, monkeypatch):
+    # A record of this boot left 'attaching' with its attachment (a
+    # rollback whose disconnect failed): a failed attach again ends that
+    # connection with what its connect returned (fdb4cb5).
+    svc = inproc_service
+    vol_id, ci, first = attached_iscsi(svc)
+    svc._db().update_volume(vol_id, state="attaching", managed_path=None)
+    os.unlink(first["managed_path"])
+    monkeypatch.setattr(inproc_brick, "connect",
+                        raising(errors.ConnectorFailed("portal down")))
+    with pytest.raises(errors.ConnectorFailed):
+        svc.attach_volume(vol_id, ci)
+    assert inproc_brick.calls[-1] == ("disconnect", ci, first["attachment"])
+    assert ci["data"]["fake_key"] not in fakebrick.connected()
+    assert records(svc) == []
+
+
 def test_stale_record_with_other_connection_info_is_replaced(
         inproc_service):
     svc = inproc_service
@@ -386,15 +455,32 @@ def test_stale_record_with_other_connection_info_is_replaced(
     assert fakebrick.connected() == [new["data"]["fake_key"]]
 
 
-def test_reattach_with_another_sd_moves_link_and_rule(inproc_service):
+def test_reattach_with_another_sd_moves_link_and_rule(
+        inproc_service, monkeypatch):
+    # The old rule (qemu's ownership of a device a VM may use) goes only
+    # once the new rule and link exist.
     svc = inproc_service
     vol_id, ci = new_id(), iscsi_connection(svc.cfg)
     first = svc.attach_volume(vol_id, ci, SD)
     os.unlink(first["managed_path"])
+    add_link = svc._add_link
+    rules_then = []
+
+    def add_link_seeing_rules(*args):
+        rules_then.append(sorted(os.listdir(svc.cfg.udev_rules_dir)))
+        return add_link(*args)
+
+    monkeypatch.setattr(svc, "_add_link", add_link_seeing_rules)
     second = svc.attach_volume(vol_id, ci)
+    assert rules_then == [sorted(os.path.basename(rule_of(svc, vol_id, sd))
+                                 for sd in (SD, validate.BLANK_UUID))]
     assert second["managed_path"] == link_of(svc, vol_id)
     assert not os.path.exists(rule_of(svc, vol_id, SD))
     assert os.path.exists(rule_of(svc, vol_id))
+    assert not os.path.lexists(link_of(svc, vol_id, SD))
+    [rec] = records(svc)
+    assert (rec["state"], rec["sd_id"]) == ("attached", validate.BLANK_UUID)
+    assert svc.reconcile() == []
 
 
 def test_a_link_pointing_elsewhere_is_replaced_and_a_lost_run_dir_made_again(
@@ -1106,6 +1192,61 @@ def test_reattach_over_a_changed_device_is_929_and_touches_nothing(
     svc.detach_volume(vol_id, SD)
     assert calls_named(inproc_brick, "disconnect") == []
     assert svc.attach_volume(vol_id, ci, SD)["path"] == res["path"]
+
+
+@pytest.mark.root
+def test_reattach_over_a_device_in_use_returning_another_is_929_keeping_it(
+        inproc_service, inproc_brick, loop, tmp_path, monkeypatch, caplog):
+    # Attached in this boot, its device there (only its managed link
+    # gone), and the connect made again returns another device: 929.
+    # The volume stays attached as it was (a VM may be using its
+    # device); the returned device is left connected and not recorded,
+    # and the log says so and names it: it may be another's.
+    svc = inproc_service
+    vol_id = new_id()
+    ci = {"driver_volume_type": "local", "data": {"device_path": loop.path}}
+    first = svc.attach_volume(vol_id, ci, SD)
+    before = records(svc)
+    rules = os.listdir(svc.cfg.udev_rules_dir)
+    os.unlink(first["managed_path"])
+    other = LoopDevice(str(tmp_path / "other.img"))
+    try:
+        def returns_other(connection_info):
+            inproc_brick.calls.append(("connect", connection_info))
+            return {"type": "local", "path": other.path}
+
+        monkeypatch.setattr(inproc_brick, "connect", returns_other)
+        writes = []
+        update = svc._db().update_volume
+
+        def seen_update(vol_id, **fields):
+            writes.append(fields.get("path"))
+            return update(vol_id, **fields)
+
+        monkeypatch.setattr(svc._db(), "update_volume", seen_update)
+        with caplog.at_level(logging.WARNING, logger="managedvolume.service"):
+            with pytest.raises(errors.DeviceChanged) as e:
+                svc.attach_volume(vol_id, ci, SD)
+        assert e.value.code == 929
+        assert other.path not in writes         # never recorded
+        after = records(svc)
+        for rec in before + after:
+            rec.pop("updated", None)
+        assert after == before
+        assert os.listdir(svc.cfg.udev_rules_dir) == rules
+        assert calls_named(inproc_brick, "disconnect") == []
+        assert other.current_backing() == other.backing
+        left, = [r.getMessage() for r in caplog.records
+                 if "left connected" in r.getMessage()]
+        assert other.path in left and "not recorded" in left
+        assert loop.path in left
+        # The volume's own connection is the record's: a detach ends it.
+        monkeypatch.undo()
+        svc.detach_volume(vol_id, SD)
+        assert inproc_brick.calls[-1] == (
+            "disconnect", ci, first["attachment"])
+    finally:
+        other.detach()
 
 
 @pytest.mark.root

@@ -90,6 +90,7 @@ faults.register(
     "attach.after_attachment",
     "attach.after_udev",
     "attach.after_link",
+    "attach.after_move",
     "detach.after_record",
     "detach.after_unlink",
     "detach.after_rule",
@@ -243,9 +244,13 @@ class Service:
         stays recorded (unless the undo itself failed: then the record
         stays 'attaching' for reconcile), except over a record of this
         boot whose device is there (attached, only its managed link
-        missing): a VM may be using that device, so nothing is
-        disconnected nor removed, and the record is 'attached' as it was
-        (``_keep_attached``).
+        missing; under any sd_id): a VM may be using that device, so
+        nothing is disconnected nor removed, and the record is 'attached'
+        as it was, its sd_id included (``_keep_attached``); a device its
+        connect returned that is not the recorded one (DeviceChanged) is
+        left connected and not recorded.  A successful attach there under
+        another sd_id removes the link and rule named with the old one
+        only once the new ones exist.
         """
         vol_id = validate.uuid("vol_id", vol_id)
         sd_id = validate.uuid("sd_id", sd_id)
@@ -285,12 +290,13 @@ class Service:
             log.debug("Attaching volume %s sd_id=%s", vol_id, sd_id)
             # Attached in this boot, its device there (only its managed
             # link was missing): a VM may be using that device.  Its
-            # record stays 'attached' throughout: a crash or a stop from
-            # here leaves a record reconcile keeps (making the link
-            # again), never one it rolls back, and a failure leaves the
-            # volume as it was (_keep_attached).  Not under another sd_id:
-            # _reuse removed the link and rule named with the old one.
-            live = live and rec["sd_id"] == sd_id
+            # record stays 'attached' throughout, under its sd_id until
+            # the last step: a crash or a stop from here leaves a record
+            # reconcile keeps (making its link again; the link and rule
+            # named with another sd_id are then nobody's and go), never
+            # one it rolls back, and a failure leaves the volume as it
+            # was (_keep_attached).
+            moved = live and rec["sd_id"] != sd_id
             if rec is None:
                 if not added:   # _reuse removed the record it found
                     db.add_volume(vol_id, sd_id, connection_info,
@@ -333,7 +339,7 @@ class Service:
                 self._check_not_shared(vol_id, path, identity, boot_id)
                 if rec is not None:
                     self._check_recorded(vol_id, path, attachment,
-                                         identity, recorded)
+                                         identity, recorded, live)
                 found = {"attachment": attachment, "path": path,
                          "size": devices.size(path, st),
                          "identity": identity}
@@ -355,10 +361,14 @@ class Service:
                 faults.crash_point("attach.after_udev")
                 managed_path = self._add_link(sd_id, vol_id, path)
                 faults.crash_point("attach.after_link")
-                # The last step: no side effect follows, so no fsync
-                # (see store.py; the next durable commit syncs it).
+                # The last step: no side effect follows that a power
+                # loss could leave unannounced, so no fsync (see store.py;
+                # the next durable commit syncs it).  Moved to another
+                # sd_id: the old link and rule go once the new ones exist
+                # (the device is owned throughout).
                 db.update_volume(vol_id, state="attached",
-                                 managed_path=managed_path, durable=False)
+                                 managed_path=managed_path, durable=False,
+                                 **({"sd_id": sd_id} if moved else {}))
             except Exception as e:
                 if isinstance(e, errors.ConnectorFailed):
                     # The cause may be a missing initiator command, far
@@ -369,12 +379,20 @@ class Service:
                         e.reason = "{} ({})".format(e.reason, missing)
                 log.error("Attaching volume %s failed: %s", vol_id, e)
                 if live:
-                    self._keep_attached(rec, e)
+                    self._keep_attached(rec, sd_id, e)
                 else:
                     self._rollback(
                         vol_id, sd_id, connection_info,
                         earlier if attachment is None else attachment, e)
                 raise
+            if moved:
+                # A crash from here leaves the old link and rule to
+                # reconcile: nobody's (the record names the new sd_id).
+                faults.crash_point("attach.after_move")
+                log.info("Volume %s moved from sd_id %s to %s", vol_id,
+                         rec["sd_id"], sd_id)
+                self._silent_remove_link(rec["sd_id"], vol_id)
+                self._silent_remove_rule(rec["sd_id"], vol_id)
 
         log.info("Attached volume %s path=%s managed_path=%s", vol_id,
                  path, managed_path)
@@ -704,7 +722,9 @@ class Service:
         log.info("Volume %s has a %s record but %s; attaching it again",
                  vol_id, rec["state"],
                  "no managed link" if live else "no device")
-        if rec["sd_id"] != sd_id:
+        if rec["sd_id"] != sd_id and not live:
+            # A live record keeps them until the new ones exist (a VM may
+            # be using its device: the rule is qemu's ownership).
             self._silent_remove_link(rec["sd_id"], vol_id)
             self._silent_remove_rule(rec["sd_id"], vol_id)
         return rec, False, live
@@ -924,23 +944,40 @@ class Service:
         # 'detaching' is detached again, idempotently.
         db.remove_volume(vol_id, durable=False)
 
-    def _keep_attached(self, rec, error):
+    def _keep_attached(self, rec, sd_id, error):
         """After a failed attach over ``rec`` (attached in this boot, its
-        device there, only its managed link missing): leave the volume
-        as it was.  A VM may be using the device, through the link or a
-        file descriptor opened before the link went: a disconnect (a
-        multipath flush, an iSCSI logout) or the removal of its udev rule
-        (qemu's ownership at the next uevent) would cut its disk.  The
-        record stayed 'attached' (attach_volume never wrote its intent
-        over it) and gets back the fields the attach's steps may have
-        written; a connect made again over the same connection_info adds
-        nothing a detach of the record does not end.  Logged, not
+        device there, only its managed link missing) under ``sd_id``:
+        leave the volume as it was.  A VM may be using the device, through
+        the link or a file descriptor opened before the link went: a
+        disconnect (a multipath flush, an iSCSI logout) or the removal of
+        its udev rule (qemu's ownership at the next uevent) would cut its
+        disk.  The record stayed 'attached' (attach_volume never wrote its
+        intent over it) and gets back the fields the attach's steps may
+        have written, its sd_id included; a link and rule the attach made
+        under another sd_id are removed (the record's own stay).  A
+        connect made again over the same connection_info returns the
+        connection the record holds (a detach of the record ends it),
+        except a connect that returned another device (DeviceChanged,
+        ``_check_recorded``): that one is left connected and not
+        recorded, it is not known to be the volume's.  Logged, not
         raised: the caller raises ``error``."""
         vol_id = rec["vol_id"]
         log.warning("Volume %s stays attached at %s as it was: attaching it "
                     "again failed (%s), and a VM may be using its device; "
                     "detach it to end its connection", vol_id, rec["path"],
                     error)
+        if isinstance(error, errors.DeviceChanged):
+            log.error("Volume %s: the device %s its connect returned is "
+                      "left connected and is not recorded: it is not the "
+                      "one recorded (%s) and may belong to something else. "
+                      "Check what it holds and end it by hand (iscsiadm, "
+                      "multipath -f, rbd unmap, losetup -d) if nothing "
+                      "uses it; a detach of the volume ends the volume's "
+                      "own connection (its device %s), not that one",
+                      vol_id, error.path, error.reason, rec["path"])
+        if sd_id != rec["sd_id"]:
+            self._silent_remove_link(sd_id, vol_id)
+            self._silent_remove_rule(sd_id, vol_id)
         try:
             self._db().update_volume(
                 vol_id, **{k: rec[k] for k in _KEPT_ON_FAILED_REATTACH})
@@ -1034,24 +1071,31 @@ class Service:
                 vol_id=vol_id)
 
     def _check_recorded(self, vol_id, path, attachment, identity,
-                        recorded):
+                        recorded, live=False):
         """Raise DeviceChanged (929) when the device a re-attach's connect
         returned (at ``path``, ``identity``) is not the device recorded
         at the volume's last attach (``recorded``), by the facts that
         hold in every boot (WWN, serial, loop backing file: a reconnect
         in this boot may change MAJ:MIN and diskseq too).
 
-        Before that, the record is made the one a device changed in this
-        boot leaves: attached here, at ``path``, with the ``recorded``
-        identity.  So, as for that one (``_reuse``, ``_detach``), the
-        device is never disconnected, linked or chowned for this volume
-        (the rollback leaves it: ``_rollback``), every re-attach is 929
-        until the admin's detach forgets the record, and volumes_info
-        and reconcile report it "device changed".
+        Before that, unless the record is ``live`` (attached in this
+        boot, its recorded device there: it stays as it was, and the
+        returned device is left connected, not recorded, see
+        ``_keep_attached``), the record is made the one a device changed
+        in this boot leaves: attached here, at ``path``, with the
+        ``recorded`` identity.  So, as for that one (``_reuse``,
+        ``_detach``), the device is never disconnected, linked or
+        chowned for this volume (the rollback leaves it: ``_rollback``),
+        every re-attach is 929 until the admin's detach forgets the
+        record, and volumes_info and reconcile report it "device
+        changed".
         """
         changed = devices.changed(recorded, identity, same_boot=False)
         if not changed:
             return
+        if live:
+            raise errors.DeviceChanged(vol_id=vol_id, path=path,
+                                       reason=changed)
         log.error("Not attaching volume %s: the device its connect "
                   "returned at %s is not the one recorded at its last "
                   "attach: %s. It may belong to something else; it was "
@@ -1445,7 +1489,7 @@ def _split_link_name(name):
 
 # What a failed attach over a live record of this boot puts back
 # (Service._keep_attached): every field the attach's steps may write.
-_KEPT_ON_FAILED_REATTACH = ("attachment", "path", "multipath_id",
+_KEPT_ON_FAILED_REATTACH = ("sd_id", "attachment", "path", "multipath_id",
                             "identity", "managed_path", "size")
 
 

@@ -34,7 +34,8 @@ State (so that tests can see what is "connected") lives under
     devices/<key>       a file standing in for the block device (empty
                         unless array/<key> gives a size)
     array/<key>         the size the storage gives the volume (bytes)
-    conf/brickrbd_<key> an RBD connection's ceph conf (see below)
+    conf/brickrbd_<x>   an RBD connection's ceph conf, written where
+                        os-brick writes it (see below): {"path", "key"}
     calls.log           one line per event: "connect-start <key>" (before
                         any sleep or failure), "connect <key>",
                         "connect-failed <key>", "disconnect <key>",
@@ -120,16 +121,23 @@ os-brick's RBD connector, the conf it wrote stays (``confs()``).  After
 ``reboot()`` (host_fixtures.new_boot) a connection of the earlier boot is
 disconnected with its device_info or none.
 
-RBD with a ``keyring`` (as cinderlib gives it outside OpenStack): connect
-writes a ceph conf holding it, ``conf/brickrbd_<key>``, and returns its
-path as ``attachment["conf"]``, as os-brick does with /tmp/brickrbd_*;
-disconnect deletes it only when device_info names it.
+RBD with a ``keyring`` (as cinderlib gives it outside OpenStack): every
+connect writes a new ceph conf holding it, as os-brick does
+(``tempfile.mkstemp(prefix="brickrbd_")``: /tmp/brickrbd_*, where the
+daemon's ``delete_rbd_conf`` deletes), noted in ``conf/<its name>``, and
+returns its path as ``attachment["conf"]``; disconnect deletes it only
+when device_info names it.  A disconnect takes a device_info whose conf
+is another of the volume's confs, still there (``rbd unmap`` needs a
+conf with the keyring, any of them); one whose conf is gone fails.
+``confs()`` lists those still there, ``remove_confs()`` deletes them
+(fixtures, at teardown).
 """
 
 import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 
 ENV_DIR = "MANAGEDVOLUME_FAKEBRICK_DIR"
@@ -174,8 +182,17 @@ def connected(directory=None):
 
 
 def confs(directory=None):
-    """The RBD ceph confs connect wrote and no disconnect removed."""
-    return _names(directory, "conf")
+    """The names of the RBD ceph confs connect wrote that are still
+    there."""
+    return sorted(name for name, note in _conf_notes(directory)
+                  if os.path.exists(note["path"]))
+
+
+def remove_confs(directory=None):
+    """Delete the ceph confs connect wrote (for fixtures: they are in the
+    temp dir, as os-brick's)."""
+    for name, note in _conf_notes(directory):
+        _silent_remove(note["path"])
 
 
 def reboot(directory=None):
@@ -238,6 +255,9 @@ class FakeConnector:
 
     protocol = None
 
+    def check_device_info(self, data, key, attachment, device_info):
+        _check_device_info(data, key, attachment, device_info)
+
     def connect_volume(self, data):
         key = self.key(data)
         _record("connect-start", key)
@@ -294,7 +314,7 @@ class FakeConnector:
         if attachment is not None and not (
                 os.path.exists(earlier)
                 and device_info in (None, {}, attachment)):
-            _check_device_info(data, key, attachment, device_info)
+            self.check_device_info(data, key, attachment, device_info)
         else:
             attachment = device_info or {}
         link = self.link(data, attachment)
@@ -309,7 +329,8 @@ class FakeConnector:
         # As os-brick's RBD connector: the ceph conf (with the keyring)
         # goes only when device_info names it.
         conf = (device_info or {}).get("conf")
-        if conf and os.path.dirname(conf) == os.path.join(d, "conf"):
+        if conf and any(note["path"] == conf
+                        for _, note in _conf_notes(d)):
             _silent_remove(conf)
         _silent_remove(path)
         _silent_remove(earlier)
@@ -392,16 +413,36 @@ class FakeRBDConnector(FakeConnector):
         att = {"type": "block",
                "path": "/dev/rbd/{}".format(data.get("name", ""))}
         if data.get("keyring"):
-            # os-brick's _local_attach_volume outside OpenStack: a ceph
-            # conf holding the keyring (its /tmp/brickrbd_*), returned as
-            # "conf" and deleted by a disconnect given it.
-            conf_dir = os.path.join(state_dir(), "conf")
-            os.makedirs(conf_dir, exist_ok=True)
-            att["conf"] = os.path.join(conf_dir, "brickrbd_" + key)
-            with open(att["conf"], "w") as f:
+            # os-brick's _local_attach_volume outside OpenStack: at every
+            # connect a new ceph conf holding the keyring (its
+            # _create_ceph_conf), returned as "conf" and deleted by a
+            # disconnect given it.
+            fd, att["conf"] = tempfile.mkstemp(prefix="brickrbd_")
+            with os.fdopen(fd, "w") as f:
                 f.write("[global]\nmon_host = {}\n{}\n".format(
                     ",".join(data.get("hosts") or ()), data["keyring"]))
+            notes = os.path.join(state_dir(), "conf")
+            os.makedirs(notes, exist_ok=True)
+            with open(os.path.join(notes, os.path.basename(att["conf"])),
+                      "w") as f:
+                json.dump({"path": att["conf"], "key": key}, f)
         return att
+
+    def check_device_info(self, data, key, attachment, device_info):
+        """As os-brick's: ``rbd unmap`` (and ``rbd showmapped``) take
+        the conf given, whichever connect wrote it, as long as it is
+        there (it holds the keyring)."""
+        conf = (device_info or {}).get("conf")
+        if conf and conf != attachment.get("conf") and any(
+                note["path"] == conf and note["key"] == key
+                for _, note in _conf_notes(None)):
+            if not os.path.exists(conf):
+                _record("disconnect-wrong", key)
+                raise FakeConnectorError(
+                    "disconnect of {}: its ceph conf {} is gone".format(
+                        key, conf))
+            device_info = dict(device_info, conf=attachment.get("conf"))
+        _check_device_info(data, key, attachment, device_info)
 
     def link(self, data, attachment):
         dev_dir = data.get("fake_dev_dir")
@@ -469,6 +510,19 @@ def _check_device_info(data, key, attachment, device_info):
         raise FakeConnectorError(
             "disconnect of {} got device_info {!r}; connect returned {!r}"
             .format(key, given, attachment))
+
+
+def _conf_notes(directory):
+    """[(name, {"path", "key"})] of the ceph confs connect wrote."""
+    d = os.path.join(directory or state_dir(), "conf")
+    notes = []
+    for name in _names(directory, "conf"):
+        try:
+            with open(os.path.join(d, name)) as f:
+                notes.append((name, json.load(f)))
+        except (OSError, ValueError):
+            continue
+    return notes
 
 
 def _names(directory, kind):

@@ -21,6 +21,7 @@ import pathlib
 import stat
 import subprocess
 import sys
+import tempfile
 import uuid
 
 import pytest
@@ -251,6 +252,22 @@ class InProcessBrick:
         self.calls.append(("remove_udev_rule", sd_id, vol_id, temp))
         return udev.remove_rule(self.cfg, sd_id, vol_id, temp=temp)
 
+    def delete_rbd_conf(self, path):
+        """brick.delete_rbd_conf, checking what the daemon checks."""
+        from vdsm_managedvolume.transports import rbd
+        self.calls.append(("delete_rbd_conf", path))
+        problem = rbd.conf_problem(path, tempfile.gettempdir())
+        if problem is None and os.path.lexists(path) \
+                and not os.path.isfile(path):
+            problem = "not a regular file"
+        if problem:
+            raise errors.InvalidParams(name="path", reason=problem)
+        try:
+            os.unlink(path)
+            return True
+        except FileNotFoundError:
+            return False
+
     def stop(self):
         pass
 
@@ -268,7 +285,8 @@ def fakebrick_dir(tmp_path, monkeypatch):
     d = tmp_path / "fakebrick"
     d.mkdir()
     monkeypatch.setenv(fakebrick.ENV_DIR, str(d))
-    return str(d)
+    yield str(d)
+    fakebrick.remove_confs(str(d))
 
 
 @pytest.fixture
@@ -299,6 +317,7 @@ def session_fakebrick_dir(tmp_path_factory):
     old = os.environ.get(fakebrick.ENV_DIR)
     os.environ[fakebrick.ENV_DIR] = d
     yield d
+    fakebrick.remove_confs(d)
     if old is None:
         os.environ.pop(fakebrick.ENV_DIR, None)
     else:

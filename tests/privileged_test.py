@@ -13,6 +13,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -221,6 +222,31 @@ def test_fake_rbd_returns_dev_rbd_path(brick, tmp_path):
     brick.disconnect(info, dict(att, conf=conf))
     assert not os.path.lexists(tmp_path / "volumes" / "volume-1")
     assert not os.path.exists(conf)
+
+
+def test_daemon_deletes_only_a_ceph_conf_os_brick_writes(brick, tmp_path):
+    # A regular file named as os-brick names them, right in the daemon's
+    # temp dir (where os-brick writes them): nothing else.
+    fd, conf = tempfile.mkstemp(prefix="brickrbd_")
+    os.close(fd)
+    assert brick.delete_rbd_conf(conf) is True
+    assert not os.path.exists(conf)
+    assert brick.delete_rbd_conf(conf) is False
+    elsewhere = tmp_path / "brickrbd_abc"
+    elsewhere.write_text("kept")
+    other = tempfile.NamedTemporaryFile(prefix="notbrick_")
+    folder = tempfile.mkdtemp(prefix="brickrbd_")
+    try:
+        for path in (str(elsewhere), other.name, folder,
+                     os.path.join(tempfile.gettempdir(), "brickrbd_/x"),
+                     os.path.join(tempfile.gettempdir(), "brickrbd_..")):
+            with pytest.raises(errors.InvalidParams):
+                brick.delete_rbd_conf(path)
+        assert elsewhere.read_text() == "kept"
+        assert os.path.exists(other.name) and os.path.isdir(folder)
+    finally:
+        other.close()
+        os.rmdir(folder)
 
 
 def test_fake_iscsi_without_multipath_has_no_multipath_id(brick, tmp_path):

@@ -441,6 +441,48 @@ def test_a_failed_attach_over_an_interrupted_rollback_ends_its_connection(
     assert records(svc) == []
 
 
+@pytest.mark.root
+def test_an_rbd_reattach_deletes_the_ceph_conf_no_record_names(
+        real_service):
+    # os-brick writes a ceph conf holding the keyring at every connect
+    # and deletes only the one a disconnect is given: the earlier
+    # attachment's, which the record no longer names, is deleted by the
+    # daemon.  It stayed in /tmp, one per re-attach.
+    svc = real_service
+    vol_id, ci = new_id(), rbd_connection(svc.cfg)
+    first = svc.attach_volume(vol_id, ci)
+    os.unlink(first["managed_path"])
+    second = svc.attach_volume(vol_id, ci)
+    assert second["attachment"]["conf"] != first["attachment"]["conf"]
+    assert fakebrick.confs() == [
+        os.path.basename(second["attachment"]["conf"])]
+    svc.detach_volume(vol_id)
+    assert fakebrick.confs() == []
+
+
+def test_an_rbd_reattach_keeping_the_volume_deletes_its_new_ceph_conf(
+        inproc_service, inproc_brick, monkeypatch):
+    # The volume stays attached as it was: the conf the connect made
+    # again wrote is nobody's; the record's own stays, and the detach
+    # (rbd unmap) takes it.
+    svc = inproc_service
+    vol_id, ci = new_id(), rbd_connection(svc.cfg)
+    first = svc.attach_volume(vol_id, ci)
+    os.unlink(first["managed_path"])
+    monkeypatch.setattr(svc, "_add_link",
+                        raising(OSError(28, "No space left on device")))
+    with pytest.raises(OSError):
+        svc.attach_volume(vol_id, ci)
+    [rec] = records(svc)
+    assert rec["attachment"] == first["attachment"]
+    assert fakebrick.confs() == [
+        os.path.basename(first["attachment"]["conf"])]
+    monkeypatch.undo()
+    svc.detach_volume(vol_id)
+    assert fakebrick.confs() == []
+    assert fakebrick.connected() == []
+
+
 def test_stale_record_with_other_connection_info_is_replaced(
         inproc_service):
     svc = inproc_service

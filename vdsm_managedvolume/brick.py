@@ -25,7 +25,8 @@ Inside the daemon::
     disconnect_volume()      > each in a thread of the daemon's pool
     extend_volume()          |
     add_udev_rule()          |
-    remove_udev_rule()      /
+    remove_udev_rule()       |
+    delete_rbd_conf()       /
 
 os-brick outside OpenStack needs, once, before any connector runs:
 oslo.service's threading backend selected before os_brick is imported
@@ -188,6 +189,7 @@ import os
 import signal
 import stat
 import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -208,6 +210,7 @@ from . import transports
 from . import udev
 from . import validate
 from . import watchdog
+from .transports import rbd
 
 LOG = logging.getLogger(__name__)
 
@@ -421,6 +424,32 @@ def remove_udev_rule(sd_id, vol_id, temp, deadline, flow_id):
             LOG.info("Removed udev %s of volume %s",
                      "temp file" if temp else "rule", vol_id)
         return removed
+
+
+@context.entrypoint
+def delete_rbd_conf(path, deadline, flow_id):
+    """Delete a ceph conf os-brick's RBD connector wrote at a connect (it
+    holds the keyring) that no record names any more: a connect made
+    again over the record wrote another (``transports.rbd``).  Only a
+    regular file named as os-brick names them, right in this daemon's
+    temp dir where it writes them (``rbd.conf_problem``); deleted as
+    os-brick's disconnect deletes its conf.  Returns whether there was
+    one."""
+    with _operation("delete_rbd_conf", deadline, flow_id, None):
+        problem = rbd.conf_problem(path, tempfile.gettempdir())
+        if problem is None:
+            try:
+                if not stat.S_ISREG(os.lstat(path).st_mode):
+                    problem = "not a regular file"
+            except FileNotFoundError:
+                return False
+        if problem:
+            raise errors.InvalidParams(
+                name="path", reason="{!r}: {}".format(path, problem))
+        from os_brick.privileged import rbd as rbd_privsep
+        rbd_privsep.delete_if_exists(path)
+        LOG.info("Deleted ceph conf %s", path)
+        return True
 
 
 # Private helpers

@@ -190,7 +190,8 @@ KILL_GRACE = privsep.END_GRACE + 3.0
 # racing it could map the volume twice; it fails, the service undoes it
 # (a disconnect, which runs again if cut) and the engine may retry.
 RERUN_AFTER_KILL = frozenset(("disconnect", "extend", "connector_properties",
-                              "add_udev_rule", "remove_udev_rule"))
+                              "add_udev_rule", "remove_udev_rule",
+                              "delete_rbd_conf"))
 
 # How long stopping waits for the daemon's running calls before killing it.
 STOP_WAIT = 10.0
@@ -272,6 +273,15 @@ class Brick:
         was one."""
         return self._call("remove_udev_rule", (sd_id, vol_id, bool(temp)),
                           self._cfg.timeout, operation="remove_udev_rule")
+
+    def delete_rbd_conf(self, path):
+        """Have the daemon delete a ceph conf os-brick's RBD connector
+        wrote (``attachment["conf"]``, holding the keyring) that no
+        record names any more; return whether there was one.  Only one
+        os-brick could have written (brick.delete_rbd_conf): InvalidParams
+        otherwise."""
+        return self._call("delete_rbd_conf", (path,), self._cfg.timeout,
+                          operation="delete_rbd_conf")
 
     def check_supported(self):
         """Raise NotSupported (925) when os-brick is not installed."""

@@ -379,7 +379,7 @@ class Service:
                         e.reason = "{} ({})".format(e.reason, missing)
                 log.error("Attaching volume %s failed: %s", vol_id, e)
                 if live:
-                    self._keep_attached(rec, sd_id, e)
+                    self._keep_attached(rec, sd_id, e, attachment)
                 else:
                     self._rollback(
                         vol_id, sd_id, connection_info,
@@ -393,6 +393,10 @@ class Service:
                          rec["sd_id"], sd_id)
                 self._silent_remove_link(rec["sd_id"], vol_id)
                 self._silent_remove_rule(rec["sd_id"], vol_id)
+            if earlier is not None:
+                # Over a record of this boot: the RBD conf of the
+                # attachment it named is nobody's now.
+                self._drop_conf(vol_id, earlier, attachment)
 
         log.info("Attached volume %s path=%s managed_path=%s", vol_id,
                  path, managed_path)
@@ -944,7 +948,7 @@ class Service:
         # 'detaching' is detached again, idempotently.
         db.remove_volume(vol_id, durable=False)
 
-    def _keep_attached(self, rec, sd_id, error):
+    def _keep_attached(self, rec, sd_id, error, attachment=None):
         """After a failed attach over ``rec`` (attached in this boot, its
         device there, only its managed link missing) under ``sd_id``:
         leave the volume as it was.  A VM may be using the device, through
@@ -959,8 +963,11 @@ class Service:
         connection the record holds (a detach of the record ends it),
         except a connect that returned another device (DeviceChanged,
         ``_check_recorded``): that one is left connected and not
-        recorded, it is not known to be the volume's.  Logged, not
-        raised: the caller raises ``error``."""
+        recorded, it is not known to be the volume's.  What that connect
+        returned (``attachment``) may name a new RBD conf holding the
+        keyring (os-brick writes one per connect): deleted, the record
+        keeps its own (``_drop_conf``).  Logged, not raised: the caller
+        raises ``error``."""
         vol_id = rec["vol_id"]
         log.warning("Volume %s stays attached at %s as it was: attaching it "
                     "again failed (%s), and a VM may be using its device; "
@@ -978,6 +985,7 @@ class Service:
         if sd_id != rec["sd_id"]:
             self._silent_remove_link(sd_id, vol_id)
             self._silent_remove_rule(sd_id, vol_id)
+        self._drop_conf(vol_id, attachment, rec["attachment"])
         try:
             self._db().update_volume(
                 vol_id, **{k: rec[k] for k in _KEPT_ON_FAILED_REATTACH})
@@ -985,6 +993,23 @@ class Service:
             log.error("Cannot put back volume %s's record as it was: %s; "
                       "it stays 'attached' with what the failed attach "
                       "found (the same connection)", vol_id, e)
+
+    def _drop_conf(self, vol_id, attachment, kept):
+        """Have the daemon delete the RBD ceph conf ``attachment`` names
+        (os-brick writes one, holding the keyring, at every connect;
+        ``transports.rbd``) when ``kept``, the attachment the record
+        keeps, names another: no disconnect would be given it, and
+        os-brick deletes a conf only at the disconnect given it.  Logged,
+        not raised."""
+        conf = attachment.get("conf") if isinstance(attachment, dict) \
+            else None
+        if not conf or conf == (kept or {}).get("conf"):
+            return
+        try:
+            self._brick.delete_rbd_conf(conf)
+        except Exception as e:
+            log.warning("Volume %s: cannot delete the ceph conf %s, which "
+                        "no record names any more: %s", vol_id, conf, e)
 
     def _rollback(self, vol_id, sd_id, connection_info, attachment,
                   error=None):

@@ -19,6 +19,18 @@ Special cases, all here:
   an adapter only "pool/image": os-brick 7's connector splits the name
   into exactly two parts.
 
+- outside OpenStack (a ``keyring`` in the data, as cinderlib gives it)
+  os-brick writes a ceph conf holding the keyring at every connect, in
+  the privsep daemon's temp dir (``tempfile.mkstemp(prefix=
+  "brickrbd_")``, readable by root only), returns it as
+  ``attachment["conf"]``, and deletes the one its disconnect is given
+  (``rbd_privsep.delete_if_exists``, once ``rbd unmap`` worked).  A
+  connect made again over a record of this boot writes another: the one
+  the record no longer names (the old one after a successful re-attach,
+  the new one when the volume stays attached as it was) is deleted by
+  the daemon the same way (``brick.delete_rbd_conf``, only a file named
+  as os-brick names them, right in its temp dir: ``conf_problem``).
+
 Host command: rbd (``rbd map``, ``rbd showmapped``, ``rbd unmap``).
 
 Size refresh (os-brick's ``extend_volume``): nothing to rescan, the
@@ -26,10 +38,27 @@ kernel refreshes a mapped image's size itself; the connector reads it.
 """
 
 import os
+import re
 
 from .. import errors
 from .. import validate
 from . import base
+
+# A ceph conf os-brick's connector writes: tempfile.mkstemp's name, its
+# prefix and mkstemp's letters (tempfile._RandomNameSequence).
+_CONF_NAME = re.compile(r"brickrbd_[a-z0-9_]+\Z")
+
+
+def conf_problem(path, temp_dir):
+    """Why ``path`` is not a ceph conf os-brick's RBD connector writes in
+    ``temp_dir`` (the privsep daemon's), or None."""
+    if not isinstance(path, str) or "\0" in path:
+        return "not a path"
+    if os.path.dirname(path) != temp_dir:
+        return "not in {}".format(temp_dir)
+    if not _CONF_NAME.match(os.path.basename(path)):
+        return "not named as os-brick names its ceph confs (brickrbd_*)"
+    return None
 
 
 class RBD(base.Transport):

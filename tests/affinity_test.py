@@ -187,6 +187,33 @@ def pinned(monkeypatch, tmp_path):
         os.sched_setaffinity(0, allowed)
 
 
+def test_the_agents_udevadm_runs_where_the_daemon_runs(monkeypatch,
+                                                       tmp_path):
+    # vdsm runs every command it starts on every CPU, never on its own
+    # pinned core; the agent's udevadm trigger (where sysfs cannot be
+    # written: not a device here) runs where its daemon and the daemon's
+    # commands run, the CPUs the agent had before pinning itself.
+    from vdsm_managedvolume import udev
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("needs two CPUs to tell them apart")
+    seen = tmp_path / "cpus"
+    udevadm = tmp_path / "udevadm"
+    udevadm.write_text("#!/bin/sh\ngrep Cpus_allowed_list /proc/self/status"
+                       " >'{}'\n".format(seen))
+    udevadm.chmod(0o755)
+    cfg = config.Config()
+    cfg.udevadm = str(udevadm)
+    monkeypatch.setattr(affinity, "_before_pin", allowed)
+    os.sched_setaffinity(0, allowed[:1])
+    try:
+        assert udev.trigger(cfg, str(udevadm)) is True
+        assert sorted(os.sched_getaffinity(0)) == allowed[:1]
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert seen.read_text().split(":")[1].strip() == affinity.text(allowed)
+
+
 def _brick(tmp_path, cpu_affinity):
     cfg = config.with_state_dir(config.Config(), str(tmp_path / "state"))
     cfg.connector_override = "tests.fakebrick"

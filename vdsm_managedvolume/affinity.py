@@ -26,7 +26,9 @@ package pins nothing: vdsm did.
 
 ``[privsep] daemon_cpu_affinity`` (``daemon_cpus``): where the daemon,
 and every command os-brick runs from it (iscsiadm, multipath, rbd,
-nvme), runs; otherwise they would share the agent's one core, or vdsm's.
+nvme), runs, and the agent's own commands (``udevadm trigger`` where
+sysfs cannot be written: ``udev.trigger``); otherwise they would share
+the agent's one core, or vdsm's.
 "auto" means, when the process starting the daemon pinned itself, the
 CPUs it had before (the agent, through ``pin_agent``) or every CPU the
 host's init may use (vdsm, through its own ``[vars] cpu_affinity``: the
@@ -174,11 +176,14 @@ class spawning_on:
     """Context manager: run the block (a spawn) with this thread on
     ``cpus`` (None: as it is), so that the child is born on them; the
     thread's CPUs are restored after it.  A list the kernel refuses is a
-    warning: the child is then born on this thread's CPUs."""
+    warning: the child is then born on this thread's CPUs.  ``quiet``:
+    the start on them is logged at DEBUG, not INFO (a command run
+    often)."""
 
-    def __init__(self, cpus, what):
+    def __init__(self, cpus, what, quiet=False):
         self._cpus = cpus
         self._what = what
+        self._quiet = quiet
         self._before = None
 
     def __enter__(self):
@@ -192,8 +197,9 @@ class spawning_on:
                         self._what, text(self._cpus), e, text(before))
             return
         self._before = before
-        log.info("Starting %s on CPUs %s", self._what,
-                 text(os.sched_getaffinity(0)))
+        log.log(logging.DEBUG if self._quiet else logging.INFO,
+                "Starting %s on CPUs %s", self._what,
+                text(os.sched_getaffinity(0)))
 
     def __exit__(self, *exc):
         if self._before is not None:

@@ -58,7 +58,9 @@ it now.  For a block device we write ``change`` to its
 ``/sys/dev/block/MAJ:MIN/uevent`` ourselves: that is exactly what
 ``udevadm trigger --action=change <path>`` does for one device, without
 the ~2 ms fork and exec (it was 40% of an attach).  Anything else (no
-sysfs entry, not a block device) falls back to running udevadm.  The
+sysfs entry, not a block device) falls back to running udevadm, on the
+CPUs the privsep daemon runs its commands on, not on the agent's one
+core (``[privsep] daemon_cpu_affinity``, ``affinity``).  The
 trigger is bounded by a timeout, and a missing udevadm or a failing
 trigger is a warning, not a failure: the device is connected and
 correct, only its owner may lag until the next event.
@@ -94,6 +96,7 @@ import os
 import re
 import subprocess
 
+from . import affinity
 from . import devices
 from . import fileutil
 from . import gate
@@ -338,8 +341,14 @@ def _write_uevent(uevent):
 
 def _udevadm_trigger(cfg, path, timeout):
     cmd = [cfg.udevadm, "trigger", "--action=change", path]
+    # Not on the agent's one core: where the privsep daemon runs its
+    # commands, as vdsm runs every command it starts on every CPU
+    # (``affinity``; in the daemon, and in an agent not pinned, nothing
+    # changes).
+    cpus = affinity.daemon_cpus(cfg.daemon_cpu_affinity)
     try:
-        with gate.released():
+        with gate.released(), affinity.spawning_on(cpus, "udevadm",
+                                                   quiet=True):
             res = subprocess.run(cmd, stdin=subprocess.DEVNULL,
                                  stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, timeout=timeout)

@@ -224,6 +224,39 @@ def test_fake_rbd_returns_dev_rbd_path(brick, tmp_path):
     assert not os.path.exists(conf)
 
 
+def test_daemon_refuses_an_rbd_disconnect_naming_a_conf_it_did_not_write(
+        brick, tmp_path):
+    # os-brick gives the attachment's conf to rbd as root (--conf) and
+    # deletes it after the unmap: a caller of the daemon must not get
+    # any file read or deleted as root that way.  Refused before
+    # anything is done; the volume stays connected, the files stay.
+    info = {"driver_volume_type": "rbd",
+            "data": {"name": "volumes/volume-2", "keyring": SECRET,
+                     "fake_dev_dir": str(tmp_path)}}
+    att = brick.connect(info)
+    elsewhere = tmp_path / "brickrbd_abc"
+    elsewhere.write_text("kept")
+    fd, foreign = tempfile.mkstemp(prefix="brickrbd_")
+    os.close(fd)
+    os.chown(foreign, 65534, 65534)         # made by another user
+    link = os.path.join(tempfile.gettempdir(),
+                        "brickrbd_link%d" % os.getpid())
+    os.symlink(str(elsewhere), link)
+    try:
+        for conf in (str(elsewhere), foreign, link, "/etc/hostname"):
+            with pytest.raises(errors.InvalidParams, match="attachment.conf"):
+                brick.disconnect(info, dict(att, conf=conf))
+            assert os.path.lexists(conf)
+        assert elsewhere.read_text() == "kept"
+        assert os.path.islink(tmp_path / "volumes" / "volume-2")
+        brick.disconnect(info, att)
+        assert not os.path.lexists(tmp_path / "volumes" / "volume-2")
+        assert not os.path.exists(att["conf"])
+    finally:
+        os.unlink(foreign)
+        os.unlink(link)
+
+
 def test_daemon_deletes_only_a_ceph_conf_os_brick_writes(brick, tmp_path):
     # A regular file named as os-brick names them, right in the daemon's
     # temp dir (where os-brick writes them): nothing else.
@@ -236,17 +269,22 @@ def test_daemon_deletes_only_a_ceph_conf_os_brick_writes(brick, tmp_path):
     elsewhere.write_text("kept")
     other = tempfile.NamedTemporaryFile(prefix="notbrick_")
     folder = tempfile.mkdtemp(prefix="brickrbd_")
+    fd, foreign = tempfile.mkstemp(prefix="brickrbd_")
+    os.close(fd)
+    os.chown(foreign, 65534, 65534)         # made by another user
     try:
-        for path in (str(elsewhere), other.name, folder,
+        for path in (str(elsewhere), other.name, folder, foreign,
                      os.path.join(tempfile.gettempdir(), "brickrbd_/x"),
                      os.path.join(tempfile.gettempdir(), "brickrbd_..")):
             with pytest.raises(errors.InvalidParams):
                 brick.delete_rbd_conf(path)
         assert elsewhere.read_text() == "kept"
         assert os.path.exists(other.name) and os.path.isdir(folder)
+        assert os.path.exists(foreign)
     finally:
         other.close()
         os.rmdir(folder)
+        os.unlink(foreign)
 
 
 def test_fake_iscsi_without_multipath_has_no_multipath_id(brick, tmp_path):

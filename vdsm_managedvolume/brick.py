@@ -367,6 +367,7 @@ def disconnect_volume(connection_info, attachment, deadline, flow_id):
     connection_info = privsep.plain(connection_info)
     attachment = privsep.plain(attachment)
     with _operation("disconnect", deadline, flow_id, connection_info):
+        _check_rbd_conf(connection_info, attachment)
         _wait_lingering(connection_info)
         conn = _connector(connection_info)
         data = _data(connection_info, attachment)
@@ -436,16 +437,12 @@ def delete_rbd_conf(path, deadline, flow_id):
     os-brick's disconnect deletes its conf.  Returns whether there was
     one."""
     with _operation("delete_rbd_conf", deadline, flow_id, None):
-        problem = rbd.conf_problem(path, tempfile.gettempdir())
-        if problem is None:
-            try:
-                if not stat.S_ISREG(os.lstat(path).st_mode):
-                    problem = "not a regular file"
-            except FileNotFoundError:
-                return False
+        problem = rbd.conf_file_problem(path, tempfile.gettempdir())
         if problem:
             raise errors.InvalidParams(
                 name="path", reason="{!r}: {}".format(path, problem))
+        if not os.path.lexists(path):
+            return False
         from os_brick.privileged import rbd as rbd_privsep
         rbd_privsep.delete_if_exists(path)
         LOG.info("Deleted ceph conf %s", path)
@@ -1146,6 +1143,24 @@ def _connector(connection_info):
     from os_brick.initiator import connector
     return connector.InitiatorConnector.factory(protocol, root_helper,
                                                 **kwargs)
+
+
+def _check_rbd_conf(connection_info, attachment):
+    """Refuse an RBD disconnect whose attachment names a ceph conf that
+    is not one os-brick wrote here (``rbd.conf_file_problem``): os-brick
+    hands it to ``rbd`` as root (``--conf``) and then deletes it, so a
+    caller of this daemon could otherwise have root read and delete any
+    file.  A conf os-brick wrote always passes; one that is gone passes
+    too (nothing to read or delete; its record must stay clearable)."""
+    if connection_info.get("driver_volume_type") != "rbd":
+        return
+    conf = attachment.get("conf") if isinstance(attachment, dict) else None
+    if conf is None:
+        return
+    problem = rbd.conf_file_problem(conf, tempfile.gettempdir())
+    if problem:
+        raise errors.InvalidParams(
+            name="attachment.conf", reason="{!r}: {}".format(conf, problem))
 
 
 def _data(connection_info, attachment=None):

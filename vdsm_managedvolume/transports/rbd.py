@@ -30,6 +30,11 @@ Special cases, all here:
   the new one when the volume stays attached as it was) is deleted by
   the daemon the same way (``brick.delete_rbd_conf``, only a file named
   as os-brick names them, right in its temp dir: ``conf_problem``).
+  os-brick gives a disconnect's conf to ``rbd`` as root and deletes it,
+  so the daemon refuses a disconnect whose attachment names any conf
+  but one of those, a regular file of its own user or gone
+  (``conf_file_problem``, ``brick._check_rbd_conf``): a caller of the
+  daemon cannot have root read or delete another file that way.
 
 Host command: rbd (``rbd map``, ``rbd showmapped``, ``rbd unmap``).
 
@@ -39,6 +44,7 @@ kernel refreshes a mapped image's size itself; the connector reads it.
 
 import os
 import re
+import stat
 
 from .. import errors
 from .. import validate
@@ -58,6 +64,27 @@ def conf_problem(path, temp_dir):
         return "not in {}".format(temp_dir)
     if not _CONF_NAME.match(os.path.basename(path)):
         return "not named as os-brick names its ceph confs (brickrbd_*)"
+    return None
+
+
+def conf_file_problem(path, temp_dir):
+    """``conf_problem``, and for a file there: why it is not one os-brick
+    wrote in this process (``mkstemp``: a regular file of this process's
+    user), or None; None too for a file that is not there (os-brick's
+    delete does nothing then).  A ceph conf given as root to ``rbd``
+    (``--conf``) and deleted afterwards must be one of os-brick's own:
+    not a link, not a file another user made under that name."""
+    problem = conf_problem(path, temp_dir)
+    if problem is not None:
+        return problem
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if st.st_uid != os.geteuid():
+        return "owned by uid {}, not {}".format(st.st_uid, os.geteuid())
     return None
 
 

@@ -1267,9 +1267,12 @@ def test_reattach_over_a_device_in_use_returning_another_is_929_keeping_it(
 
         monkeypatch.setattr(svc._db(), "update_volume", seen_update)
         with caplog.at_level(logging.WARNING, logger="managedvolume.service"):
-            with pytest.raises(errors.DeviceChanged) as e:
+            with pytest.raises(errors.OtherDeviceReturned) as e:
                 svc.attach_volume(vol_id, ci, SD)
         assert e.value.code == 929
+        # Not "detach the volume": that would end the device in use.
+        assert "stays attached as it was" in str(e.value)
+        assert "Detach" not in str(e.value)
         assert other.path not in writes         # never recorded
         after = records(svc)
         for rec in before + after:
@@ -1279,7 +1282,7 @@ def test_reattach_over_a_device_in_use_returning_another_is_929_keeping_it(
         assert calls_named(inproc_brick, "disconnect") == []
         assert other.current_backing() == other.backing
         left, = [r.getMessage() for r in caplog.records
-                 if "left connected" in r.getMessage()]
+                 if "by hand" in r.getMessage()]
         assert other.path in left and "not recorded" in left
         assert loop.path in left
         # The volume's own connection is the record's: a detach ends it.

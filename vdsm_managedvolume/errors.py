@@ -17,7 +17,8 @@ their meaning; 930-935 are ours (documented in the schema YAML too):
     927  AlreadyAttached       same connection_info, device present
     928  UnsupportedDevice     iscsi/FC attachment without multipath_id
     929  ConnectionMismatch    record exists with another connection_info
-         (DeviceChanged: or its device is no longer the one attached)
+         (DeviceChanged: or its device is no longer the one attached;
+         OtherDeviceReturned: an attach again returned another device)
     930  UnsupportedDriverType driver_volume_type not on the allow-list
     931  HelperTimeout         the privileged call did not finish in time
          StillRunning          (931) and part of it may still run
@@ -184,6 +185,18 @@ class DeviceChanged(ConnectionMismatch):
            "something else now and was not touched. Detach the volume "
            "(this forgets the record and leaves the device alone), then "
            "attach it again")
+
+
+class OtherDeviceReturned(DeviceChanged):
+    """An attach again over a volume attached in this boot, its device
+    there: the connect returned another device.  The volume stays
+    attached at its own device, which a VM may use, so a detach is not
+    the remedy here (it would end that device's connection)."""
+    msg = ("Volume {self.vol_id}: attaching it again returned the device "
+           "at {self.path}, which is not the one it is attached with "
+           "({self.reason}); that device was left connected and not "
+           "recorded (it may belong to something else), and the volume "
+           "stays attached as it was. Check what {self.path} holds")
 
 
 # Ours (930-935)

@@ -1119,8 +1119,8 @@ class Service:
         if not changed:
             return
         if live:
-            raise errors.DeviceChanged(vol_id=vol_id, path=path,
-                                       reason=changed)
+            raise errors.OtherDeviceReturned(vol_id=vol_id, path=path,
+                                             reason=changed)
         log.error("Not attaching volume %s: the device its connect "
                   "returned at %s is not the one recorded at its last "
                   "attach: %s. It may belong to something else; it was "

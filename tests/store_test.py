@@ -409,7 +409,7 @@ def _queued_writers(db, jobs):
         try:
             job()
             outcome[name] = None
-        except Exception as e:
+        except BaseException as e:
             outcome[name] = e
 
     threads = [threading.Thread(target=run, args=item)
@@ -454,6 +454,43 @@ def test_a_failing_write_in_a_shared_commit_fails_alone(db):
     assert sorted(kinds[1:-1]) == ["INSERT", "INSERT", "UPDATE"]
     assert [(r["vol_id"], r["state"]) for r in db.volumes()] == [
         (VOL, "attached"), (VOL2, "attaching")]
+
+
+def test_a_shared_commit_interrupted_tells_no_writer_it_succeeded(db):
+    # An interrupt (KeyboardInterrupt, SystemExit) at COMMIT: the writes
+    # whose statements ran are not committed, and their callers are told
+    # so (review-cpudiet9 M1: they were told the write succeeded).
+    db.add_volume(VOL, SD, CI)
+    real = db._checked
+
+    class Interrupted:
+        def __init__(self, conn):
+            self._conn = conn
+
+        def execute(self, sql, *args):
+            if sql == "COMMIT":
+                raise KeyboardInterrupt
+            return self._conn.execute(sql, *args)
+
+        def __getattr__(self, name):
+            return getattr(self._conn, name)
+
+    db._checked = lambda: Interrupted(real())
+    outcome = _queued_writers(db, {
+        "new": lambda: db.add_volume(VOL2, SD, CI),
+        "update": lambda: db.update_volume(VOL, state="attached"),
+        "remove": lambda: db.remove_volume(VOL),
+    })
+    del db._checked
+    assert all(e is not None for e in outcome.values()), outcome
+    assert sum(isinstance(e, KeyboardInterrupt)
+               for e in outcome.values()) == 1
+    assert all("interrupted" in str(e) for e in outcome.values()
+               if not isinstance(e, KeyboardInterrupt))
+    assert [(r["vol_id"], r["state"]) for r in db.volumes()] == [
+        (VOL, "attaching")]
+    db.add_volume(VOL2, SD, CI)             # no transaction left open
+    assert len(db.volumes()) == 2
 
 
 def test_a_lone_write_is_one_statement_and_fails_whole(db):

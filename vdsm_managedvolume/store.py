@@ -493,7 +493,13 @@ class Store:
                         job.error = e
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                # Nothing of the batch is committed (or known to be: an
+                # interrupt may come at COMMIT): no write may be told
+                # it succeeded; the finally below tells them.
+                for job in batch:
+                    job.count = job.error = None
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
         except sqlite3.IntegrityError as e:
             for job in batch:

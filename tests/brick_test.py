@@ -98,3 +98,60 @@ def test_waiters_for_os_bricks_lock_get_it_in_arrival_order():
     assert result["outcomes"]["5"] == "cancelled"
     assert result["queued"] == 11
     assert result["free"] is True
+
+
+SEMAPHORE = """
+import json, threading, time
+from vdsm_managedvolume import brick
+
+out = {}
+sem = brick._CancellableSemaphore()
+for args, kwargs in (((False,), {"timeout": 1}), ((), {"n": 0})):
+    try:
+        (sem.acquire if "timeout" in kwargs else sem.release)(*args, **kwargs)
+    except ValueError:
+        out.setdefault("refused", []).append(sorted(kwargs))
+# A call cancelled while it waits at the head of the queue, the lock
+# free: it does not take it.
+cancelled = brick._Call("connect", "flow-c")
+
+
+def head():
+    brick._set_thread_flow("flow-c", cancelled)
+    try:
+        sem.acquire()
+        out["head"] = "took it"
+    except brick._Cancelled:
+        out["head"] = "cancelled"
+
+
+sem.acquire()
+t = threading.Thread(target=head)
+t.start()
+while not sem._queue:
+    time.sleep(0.001)
+with sem._cond:                 # both before it wakes: a release
+    cancelled.cancelled.set()
+    sem._value += 1
+    sem._cond.notify_all()
+t.join()
+out["free"] = sem.acquire(blocking=False)
+try:                            # and a cancelled call finding it free
+    head()
+finally:
+    out["again"] = out["head"]
+print(json.dumps(out))
+"""
+
+
+def test_the_cancellable_lock_refuses_what_threading_semaphore_refuses():
+    # The same checks as threading.Semaphore, and a cancelled call never
+    # takes the lock, not even a free one.
+    out = subprocess.run([sys.executable, "-c", SEMAPHORE], cwd=REPO,
+                         check=True, stdout=subprocess.PIPE,
+                         timeout=120).stdout
+    result = json.loads(out.decode().splitlines()[-1])
+    assert result["refused"] == [["timeout"], ["n"]]
+    assert result["head"] == "cancelled"
+    assert result["free"] is True
+    assert result["again"] == "cancelled"

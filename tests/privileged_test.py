@@ -26,6 +26,7 @@ from vdsm_managedvolume import log
 from vdsm_managedvolume import mask
 from vdsm_managedvolume import privileged
 from vdsm_managedvolume import privsep
+from vdsm_managedvolume.transports import rbd
 
 from tests import fakebrick
 from tests.host_fixtures import hung_iscsi_info, hung_iscsiadm
@@ -242,19 +243,31 @@ def test_daemon_refuses_an_rbd_disconnect_naming_a_conf_it_did_not_write(
     link = os.path.join(tempfile.gettempdir(),
                         "brickrbd_link%d" % os.getpid())
     os.symlink(str(elsewhere), link)
+    hard = os.path.join(tempfile.gettempdir(),
+                        "brickrbd_hard%d" % os.getpid())
+    fd, target = tempfile.mkstemp(prefix="notbrick_")
+    os.close(fd)
+    os.link(target, hard)                   # a root file linked in
     try:
-        for conf in (str(elsewhere), foreign, link, "/etc/hostname"):
+        for conf in (foreign, link, hard, "/etc/hostname", "brickrbd_x"):
             with pytest.raises(errors.InvalidParams, match="attachment.conf"):
                 brick.disconnect(info, dict(att, conf=conf))
-            assert os.path.lexists(conf)
+            assert os.path.lexists(conf) or not os.path.isabs(conf)
         assert elsewhere.read_text() == "kept"
         assert os.path.islink(tmp_path / "volumes" / "volume-2")
         brick.disconnect(info, att)
         assert not os.path.lexists(tmp_path / "volumes" / "volume-2")
         assert not os.path.exists(att["conf"])
+        # One os-brick wrote in another temp dir (a daemon started with
+        # another TMPDIR, or that fell back to /var/tmp), or one gone:
+        # accepted, so that its record can always be detached.
+        fd, moved = tempfile.mkstemp(prefix="brickrbd_", dir=str(tmp_path))
+        os.close(fd)
+        assert rbd.conf_file_problem(moved) is None
+        assert rbd.conf_file_problem(str(tmp_path / "brickrbd_gone")) is None
     finally:
-        os.unlink(foreign)
-        os.unlink(link)
+        for path in (foreign, link, hard, target):
+            os.unlink(path)
 
 
 def test_daemon_deletes_only_a_ceph_conf_os_brick_writes(brick, tmp_path):

@@ -122,7 +122,7 @@ What cancelling does not stop:
   above prevents (a ghost connect) holds for the call's own thread, not
   for those: they are counted (``os_brick.executor.Thread``'s start and
   run, ``_Call.threads``), the answer waits for them up to
-  ``privsep.END_GRACE`` after the deadline (no kill: they are not the
+  ``privsep.THREADS_GRACE`` after the deadline (no kill: they are not the
   call's own thread), and when some still run it says so
   (``privsep.THREADS_LEFT``: the service keeps the record, it does not
   take the failure for "nothing done").  The call is then "lingering"
@@ -437,7 +437,8 @@ def delete_rbd_conf(path, deadline, flow_id):
     os-brick's disconnect deletes its conf.  Returns whether there was
     one."""
     with _operation("delete_rbd_conf", deadline, flow_id, None):
-        problem = rbd.conf_file_problem(path, tempfile.gettempdir())
+        problem = (rbd.conf_problem(path, tempfile.gettempdir())
+                   or rbd.conf_file_problem(path))
         if problem:
             raise errors.InvalidParams(
                 name="path", reason="{!r}: {}".format(path, problem))
@@ -1049,23 +1050,27 @@ class _CancellableSemaphore:
         self._queue = collections.deque()
 
     def acquire(self, blocking=True, timeout=None):
+        if not blocking and timeout is not None:
+            raise ValueError("can't specify timeout for non-blocking acquire")
+        call = _thread_call() if blocking else None
         with self._cond:
+            if call is not None and call.cancelled.is_set():
+                raise _Cancelled(call.name)
             if self._value > 0 and not self._queue:
                 self._value -= 1
                 return True
             if not blocking:
                 return False
-            call = _thread_call()
             until = None if timeout is None else time.monotonic() + timeout
             me = object()
             self._queue.append(me)
             try:
                 while True:
+                    if call is not None and call.cancelled.is_set():
+                        raise _Cancelled(call.name)
                     if self._value > 0 and self._queue[0] is me:
                         self._value -= 1
                         return True
-                    if call is not None and call.cancelled.is_set():
-                        raise _Cancelled(call.name)
                     wait = self.POLL if call is not None else None
                     if until is not None:
                         left = until - time.monotonic()
@@ -1079,6 +1084,8 @@ class _CancellableSemaphore:
                 self._cond.notify_all()
 
     def release(self, n=1):
+        if n < 1:
+            raise ValueError("n must be one or more")
         with self._cond:
             self._value += n
             self._cond.notify_all()
@@ -1147,17 +1154,18 @@ def _connector(connection_info):
 
 def _check_rbd_conf(connection_info, attachment):
     """Refuse an RBD disconnect whose attachment names a ceph conf that
-    is not one os-brick wrote here (``rbd.conf_file_problem``): os-brick
+    os-brick could not have written (``rbd.conf_file_problem``): os-brick
     hands it to ``rbd`` as root (``--conf``) and then deletes it, so a
     caller of this daemon could otherwise have root read and delete any
-    file.  A conf os-brick wrote always passes; one that is gone passes
-    too (nothing to read or delete; its record must stay clearable)."""
+    file.  A conf os-brick wrote always passes, wherever its temp dir
+    was; one that is gone passes too (nothing to read or delete; its
+    record must stay clearable)."""
     if connection_info.get("driver_volume_type") != "rbd":
         return
     conf = attachment.get("conf") if isinstance(attachment, dict) else None
     if conf is None:
         return
-    problem = rbd.conf_file_problem(conf, tempfile.gettempdir())
+    problem = rbd.conf_file_problem(conf)
     if problem:
         raise errors.InvalidParams(
             name="attachment.conf", reason="{!r}: {}".format(conf, problem))

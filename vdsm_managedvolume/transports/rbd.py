@@ -32,9 +32,10 @@ Special cases, all here:
   as os-brick names them, right in its temp dir: ``conf_problem``).
   os-brick gives a disconnect's conf to ``rbd`` as root and deletes it,
   so the daemon refuses a disconnect whose attachment names any conf
-  but one of those, a regular file of its own user or gone
-  (``conf_file_problem``, ``brick._check_rbd_conf``): a caller of the
-  daemon cannot have root read or delete another file that way.
+  but one os-brick could have written (named so, a regular file of its
+  own user with one link, or gone: ``conf_file_problem``,
+  ``brick._check_rbd_conf``): a caller of the daemon cannot have root
+  read or delete another file that way.
 
 Host command: rbd (``rbd map``, ``rbd showmapped``, ``rbd unmap``).
 
@@ -67,24 +68,34 @@ def conf_problem(path, temp_dir):
     return None
 
 
-def conf_file_problem(path, temp_dir):
-    """``conf_problem``, and for a file there: why it is not one os-brick
-    wrote in this process (``mkstemp``: a regular file of this process's
-    user), or None; None too for a file that is not there (os-brick's
-    delete does nothing then).  A ceph conf given as root to ``rbd``
-    (``--conf``) and deleted afterwards must be one of os-brick's own:
-    not a link, not a file another user made under that name."""
-    problem = conf_problem(path, temp_dir)
-    if problem is not None:
-        return problem
+def conf_file_problem(path):
+    """Why ``path`` is not a ceph conf os-brick's RBD connector wrote in
+    this process (``mkstemp("brickrbd_")``: named so, a regular file of
+    this process's user with no other link), or None; None too for a
+    path where nothing is (os-brick's delete does nothing then, and
+    ``rbd`` reads no conf).  A conf given as root to ``rbd`` (``--conf``)
+    and deleted afterwards must be one of os-brick's own: not a link,
+    not a file another user made or linked under that name.  Not tied
+    to the temp dir: a daemon started with another TMPDIR (or that fell
+    back to /var/tmp) must still detach what an earlier one attached."""
+    if not isinstance(path, str) or "\0" in path:
+        return "not a path"
+    if not os.path.isabs(path):
+        return "not an absolute path"
+    if not _CONF_NAME.match(os.path.basename(path)):
+        return "not named as os-brick names its ceph confs (brickrbd_*)"
     try:
         st = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as e:
+        return "cannot be checked: {}".format(e.strerror)
     if not stat.S_ISREG(st.st_mode):
         return "not a regular file"
     if st.st_uid != os.geteuid():
         return "owned by uid {}, not {}".format(st.st_uid, os.geteuid())
+    if st.st_nlink != 1:
+        return "has {} links".format(st.st_nlink)
     return None
 
 

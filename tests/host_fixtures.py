@@ -257,9 +257,6 @@ class InProcessBrick:
         from vdsm_managedvolume.transports import rbd
         self.calls.append(("delete_rbd_conf", path))
         problem = rbd.conf_problem(path, tempfile.gettempdir())
-        if problem is None and os.path.lexists(path) \
-                and not os.path.isfile(path):
-            problem = "not a regular file"
         if problem:
             raise errors.InvalidParams(name="path", reason=problem)
         try:

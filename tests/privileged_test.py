@@ -263,8 +263,8 @@ def test_daemon_refuses_an_rbd_disconnect_naming_a_conf_it_did_not_write(
         # accepted, so that its record can always be detached.
         fd, moved = tempfile.mkstemp(prefix="brickrbd_", dir=str(tmp_path))
         os.close(fd)
-        assert rbd.conf_file_problem(moved) is None
-        assert rbd.conf_file_problem(str(tmp_path / "brickrbd_gone")) is None
+        assert rbd.conf_problem(moved) is None
+        assert rbd.conf_problem(str(tmp_path / "brickrbd_gone")) is None
     finally:
         for path in (foreign, link, hard, target):
             os.unlink(path)

@@ -437,8 +437,7 @@ def delete_rbd_conf(path, deadline, flow_id):
     os-brick's disconnect deletes its conf.  Returns whether there was
     one."""
     with _operation("delete_rbd_conf", deadline, flow_id, None):
-        problem = (rbd.conf_problem(path, tempfile.gettempdir())
-                   or rbd.conf_file_problem(path))
+        problem = rbd.conf_problem(path, tempfile.gettempdir())
         if problem:
             raise errors.InvalidParams(
                 name="path", reason="{!r}: {}".format(path, problem))
@@ -1154,7 +1153,7 @@ def _connector(connection_info):
 
 def _check_rbd_conf(connection_info, attachment):
     """Refuse an RBD disconnect whose attachment names a ceph conf that
-    os-brick could not have written (``rbd.conf_file_problem``): os-brick
+    os-brick could not have written (``rbd.conf_problem``): os-brick
     hands it to ``rbd`` as root (``--conf``) and then deletes it, so a
     caller of this daemon could otherwise have root read and delete any
     file.  A conf os-brick wrote always passes, wherever its temp dir
@@ -1165,7 +1164,7 @@ def _check_rbd_conf(connection_info, attachment):
     conf = attachment.get("conf") if isinstance(attachment, dict) else None
     if conf is None:
         return
-    problem = rbd.conf_file_problem(conf)
+    problem = rbd.conf_problem(conf)
     if problem:
         raise errors.InvalidParams(
             name="attachment.conf", reason="{!r}: {}".format(conf, problem))

@@ -29,11 +29,12 @@ Special cases, all here:
   the record no longer names (the old one after a successful re-attach,
   the new one when the volume stays attached as it was) is deleted by
   the daemon the same way (``brick.delete_rbd_conf``, only a file named
-  as os-brick names them, right in its temp dir: ``conf_problem``).
+  as os-brick names them, right in its temp dir: ``conf_problem``
+  given the temp dir).
   os-brick gives a disconnect's conf to ``rbd`` as root and deletes it,
   so the daemon refuses a disconnect whose attachment names any conf
   but one os-brick could have written (named so, a regular file of its
-  own user with one link, or gone: ``conf_file_problem``,
+  own user with one link, or gone: ``conf_problem``,
   ``brick._check_rbd_conf``): a caller of the daemon cannot have root
   read or delete another file that way.
 
@@ -56,19 +57,7 @@ from . import base
 _CONF_NAME = re.compile(r"brickrbd_[a-z0-9_]+\Z")
 
 
-def conf_problem(path, temp_dir):
-    """Why ``path`` is not a ceph conf os-brick's RBD connector writes in
-    ``temp_dir`` (the privsep daemon's), or None."""
-    if not isinstance(path, str) or "\0" in path:
-        return "not a path"
-    if os.path.dirname(path) != temp_dir:
-        return "not in {}".format(temp_dir)
-    if not _CONF_NAME.match(os.path.basename(path)):
-        return "not named as os-brick names its ceph confs (brickrbd_*)"
-    return None
-
-
-def conf_file_problem(path):
+def conf_problem(path, temp_dir=None):
     """Why ``path`` is not a ceph conf os-brick's RBD connector wrote in
     this process (``mkstemp("brickrbd_")``: named so, a regular file of
     this process's user with no other link), or None; None too for a
@@ -76,10 +65,14 @@ def conf_file_problem(path):
     ``rbd`` reads no conf).  A conf given as root to ``rbd`` (``--conf``)
     and deleted afterwards must be one of os-brick's own: not a link,
     not a file another user made or linked under that name.  Not tied
-    to the temp dir: a daemon started with another TMPDIR (or that fell
-    back to /var/tmp) must still detach what an earlier one attached."""
+    to a temp dir unless ``temp_dir`` is given (what the daemon deletes
+    on its own: right in its temp dir): a daemon started with another
+    TMPDIR (or that fell back to /var/tmp) must still detach what an
+    earlier one attached."""
     if not isinstance(path, str) or "\0" in path:
         return "not a path"
+    if temp_dir is not None and os.path.dirname(path) != temp_dir:
+        return "not in {}".format(temp_dir)
     if not os.path.isabs(path):
         return "not an absolute path"
     if not _CONF_NAME.match(os.path.basename(path)):

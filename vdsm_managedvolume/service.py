@@ -391,8 +391,7 @@ class Service:
                 faults.crash_point("attach.after_move")
                 log.info("Volume %s moved from sd_id %s to %s", vol_id,
                          rec["sd_id"], sd_id)
-                self._silent_remove_link(rec["sd_id"], vol_id)
-                self._silent_remove_rule(rec["sd_id"], vol_id)
+                self._silent_remove_link_and_rule(rec["sd_id"], vol_id)
             if earlier is not None:
                 # Over a record of this boot: the RBD conf of the
                 # attachment it named is nobody's now.
@@ -437,8 +436,7 @@ class Service:
                 log.warning("Volume %s was attached with sd_id %s, "
                             "detach asked for %s; using the recorded one",
                             vol_id, rec["sd_id"], sd_id)
-                self._silent_remove_link(sd_id, vol_id)
-                self._silent_remove_rule(sd_id, vol_id)
+                self._silent_remove_link_and_rule(sd_id, vol_id)
             log.debug("Detaching volume %s (%s)", vol_id, rec["state"])
             self._detach(rec)
         log.info("Detached volume %s path=%s (was %s)", vol_id, rec["path"],
@@ -718,8 +716,7 @@ class Service:
                         "another boot" if rec["boot_id"]
                         else "an unknown boot")
             # Its rule names a device, and names are reused across boots.
-            self._silent_remove_link(rec["sd_id"], vol_id)
-            self._silent_remove_rule(rec["sd_id"], vol_id)
+            self._silent_remove_link_and_rule(rec["sd_id"], vol_id)
             return rec, True, False
         if live and self._link_ok(rec["sd_id"], vol_id, rec["path"]):
             raise errors.AlreadyAttached(vol_id=vol_id, path=rec["path"])
@@ -729,8 +726,7 @@ class Service:
         if rec["sd_id"] != sd_id and not live:
             # A live record keeps them until the new ones exist (a VM may
             # be using its device: the rule is qemu's ownership).
-            self._silent_remove_link(rec["sd_id"], vol_id)
-            self._silent_remove_rule(rec["sd_id"], vol_id)
+            self._silent_remove_link_and_rule(rec["sd_id"], vol_id)
         return rec, False, live
 
     def _boot(self):
@@ -983,8 +979,7 @@ class Service:
                       "own connection (its device %s), not that one",
                       vol_id, error.path, error.reason, rec["path"])
         if sd_id != rec["sd_id"]:
-            self._silent_remove_link(sd_id, vol_id)
-            self._silent_remove_rule(sd_id, vol_id)
+            self._silent_remove_link_and_rule(sd_id, vol_id)
         self._drop_conf(vol_id, attachment, rec["attachment"])
         try:
             self._db().update_volume(
@@ -1033,8 +1028,7 @@ class Service:
         (DeviceChanged) is not disconnected either, and its record stays
         as ``_check_recorded`` wrote it.
         """
-        self._silent_remove_link(sd_id, vol_id)
-        self._silent_remove_rule(sd_id, vol_id)
+        self._silent_remove_link_and_rule(sd_id, vol_id)
         if isinstance(error, errors.DeviceChanged):
             # Raised after the connect by _check_recorded only, which
             # kept the record.
@@ -1144,6 +1138,12 @@ class Service:
         except Exception:
             log.exception("Failed to remove volume %s from the journal",
                           vol_id)
+
+    def _silent_remove_link_and_rule(self, sd_id, vol_id):
+        """The managed link, then the udev rule, named with ``sd_id``;
+        logged, not raised."""
+        self._silent_remove_link(sd_id, vol_id)
+        self._silent_remove_rule(sd_id, vol_id)
 
     def _silent_remove_link(self, sd_id, vol_id):
         try:

@@ -23,6 +23,7 @@ import pytest
 from vdsm_managedvolume import errors
 from vdsm_managedvolume import faults
 from vdsm_managedvolume import privileged  # noqa: F401 (daemon points)
+from vdsm_managedvolume import procs
 from vdsm_managedvolume import service
 from vdsm_managedvolume import store
 from vdsm_managedvolume import udev
@@ -603,3 +604,86 @@ def test_connect_timeout_with_its_logins_running_keeps_the_record_for_a_detach(
         logins_release.touch()
         svc.close()
         brick.stop()
+
+
+def test_a_login_left_running_by_a_stopped_daemon_keeps_the_record(
+        tmp_path, real_fakebrick_dir, monkeypatch):
+    # As above, but the agent stops (its daemon killed) while the logins
+    # still run: they outlive it.  The next start's reconcile, on a new
+    # daemon that knows nothing of them, must not disconnect beside them
+    # and forget the record (a session they log in later would have
+    # none): the host's processes tell, whichever daemon started them.
+    # Before, the rollback "worked" (no session yet) and the record went
+    # (review-privsepfix9 M-B).
+    iscsiadm_log, logins_release = hung_iscsiadm(tmp_path, monkeypatch)
+    cfg, brick = _private_brick(str(tmp_path), timeout=2.0)
+    svc = service.Service(cfg, brick=brick)
+    svc.start()
+    vol_id = new_id()
+    ci = hung_iscsi_info()
+    iqn = ci["data"]["target_iqn"]
+    try:
+        with pytest.raises(errors.StillRunning):
+            svc.attach_volume(vol_id, ci)
+        old_pid = brick.daemon_pid()
+    finally:
+        svc.close()
+        brick.stop(0.5)             # the daemon is killed, not the logins
+    assert brick.daemon_pid() is None
+
+    def logins():
+        return [p for p in _pids_running(iqn) if p != old_pid]
+
+    assert len(logins()) == 2
+    again = service.Service(cfg)
+    try:
+        again.start()
+        [rec] = again._db().volumes([vol_id])
+        assert rec["state"] in ("attaching", "detaching")
+        [entry] = again.reconcile()
+        assert entry["result"].startswith("failed")
+        assert "iscsiadm --login pid" in entry["result"]
+        # Those logins have now run longer than a disconnect may wait
+        # (2 s): stuck, answered at once (review-privsepfix9 L-3).
+        with pytest.raises(errors.EarlierConnectRunning,
+                           match="longer than this disconnect could wait"):
+            again.detach_volume(vol_id)
+        assert again._db().volumes([vol_id])
+        # One that may wait longer than they have run waits up to its
+        # deadline, and is not run either.
+        ages = [age for _, _, age in procs.matching(
+            lambda argv: "login" if iqn in argv else None)]
+        cfg.timeout = 2.0 + max(ages)
+        with pytest.raises(errors.EarlierConnectRunning,
+                           match="at this disconnect's deadline"):
+            again.detach_volume(vol_id)
+        assert again._db().volumes([vol_id])
+
+        logins_release.touch()
+        deadline = time.monotonic() + 30
+        while logins():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        again.detach_volume(vol_id)
+        assert again._db().volumes([vol_id]) == []
+        lines = iscsiadm_log.read_text().splitlines()
+        ended = [i for i, line in enumerate(lines)
+                 if line.startswith("login-end")]
+        assert len(ended) == 2
+        assert any("-m session" in line for line in lines[max(ended):])
+    finally:
+        logins_release.touch()
+        again.close()
+
+
+def _pids_running(text):
+    pids = []
+    for name in os.listdir("/proc"):
+        try:
+            with open("/proc/{}/cmdline".format(name), "rb") as f:
+                argv = f.read().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if text.encode() in argv and b"--login" in argv:
+            pids.append(int(name))
+    return pids

@@ -141,10 +141,13 @@ def hung_iscsiadm(base, monkeypatch):
     return pathlib.Path(log), pathlib.Path(release)
 
 
-def hung_iscsi_info(key="hung-lun"):
+def hung_iscsi_info(key=None):
     """A multipath iSCSI volume on two portals, for os-brick's own
     connector (``fakebrick``'s ``fake_os_brick``), whose logins hang
-    under ``hung_iscsiadm``."""
+    under ``hung_iscsiadm``.  Its target IQN is the test's own: a
+    disconnect waits for any live ``iscsiadm --login`` of its targets
+    (brick._wait_earlier), those of a test running beside it too."""
+    key = key or "hung-" + uuid.uuid4().hex[:12]
     portals = ["192.0.2.1:3260", "192.0.2.2:3260"]
     iqn = "iqn.2003-01.org.example:" + key
     return {"driver_volume_type": "iscsi",

@@ -661,9 +661,20 @@ def test_a_hung_iscsi_multipath_connect_fails_alone_beside_another_call(
             "login may still complete)")
         assert "beside" not in results
         # A disconnect while the logins still hang waits for them, and
-        # is cancelled at its own deadline, the daemon going on.
-        with pytest.raises(errors.HelperTimeout):
+        # is not run, the daemon going on; it says what it waited for
+        # and for how long that has run (review-privsepfix9 L-3): here
+        # longer than its 2 s could wait, so at once.
+        with pytest.raises(errors.EarlierConnectRunning) as e:
             b.disconnect(hung_info, None)
+        assert e.value.code == 931
+        message = str(e.value)
+        assert message.startswith("Privileged disconnect not run: an "
+                                  "earlier connect of this connection "
+                                  "still runs (")
+        assert "2 thread(s) of an earlier connect of this daemon, inside " \
+            "a command for " in message
+        assert message.count("iscsiadm --login pid ") == 2
+        assert "longer than this disconnect could wait" in message
         assert b.daemon_pid() == pid
 
         with open(beside_release, "w"):
@@ -684,8 +695,8 @@ def test_a_hung_iscsi_multipath_connect_fails_alone_beside_another_call(
 
         def waiting():
             b.daemon_pid()      # reads the daemon's records
-            return any("an earlier connect of this connection started "
-                       "still run" in r.getMessage()
+            return any("Waiting for what an earlier connect of this "
+                       "connection still runs" in r.getMessage()
                        for r in caplog.records)
         wait_for(waiting)
         logins_release.touch()

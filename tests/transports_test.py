@@ -306,3 +306,57 @@ def test_host_commands_each_connector_runs():
     for name in transports.names():
         for cmd, package in transports.get(name).host_tools:
             assert package
+
+
+def test_an_iscsi_login_of_the_connections_targets_is_its_connect_command():
+    # What a disconnect waits for (brick._wait_earlier): os-brick's
+    # "iscsiadm -m node -T <iqn> -p <portal> --login" of one of its
+    # targets, under any portal; not another target's, not another
+    # iscsiadm command of its target, not a single-path login either.
+    ci = {"driver_volume_type": "iscsi",
+          "data": {"target_portal": "192.0.2.1:3260",
+                   "target_iqn": "iqn.2026-12.org.example:a",
+                   "target_lun": 1,
+                   "target_portals": ["192.0.2.1:3260", "192.0.2.2:3260"],
+                   "target_iqns": ["iqn.2026-12.org.example:a",
+                                   "iqn.2026-12.org.example:b"]}}
+    match = transports.get("iscsi").connect_command(ci)
+
+    def login(iqn, *more):
+        return ["iscsiadm", "-m", "node", "-T", iqn, "-p",
+                "192.0.2.9:3260"] + list(more)
+
+    assert match(login("iqn.2026-12.org.example:b", "--login")) \
+        == "iscsiadm --login"
+    assert match(["/bin/sh", "/usr/sbin/iscsiadm"] + login(
+        "iqn.2026-12.org.example:a", "--login")[1:]) == "iscsiadm --login"
+    assert match(login("iqn.2026-12.org.example:c", "--login")) is None
+    assert match(login("iqn.2026-12.org.example:a", "--op", "update", "-n",
+                       "node.session.auth.password", "-v", "x")) is None
+    assert match(["echo", "-T", "iqn.2026-12.org.example:a",
+                  "--login"]) is None
+    single = {"driver_volume_type": "iscsi",
+              "data": {"target_portal": "192.0.2.1:3260",
+                       "target_iqn": "iqn.2026-12.org.example:s",
+                       "target_lun": 0}}
+    assert transports.get("iscsi").connect_command(single)(
+        login("iqn.2026-12.org.example:s", "--login")) == "iscsiadm --login"
+
+
+def test_an_rbd_map_of_the_image_is_its_connect_command():
+    ci = {"driver_volume_type": "rbd", "data": {"name": "pool/vol-1"}}
+    match = transports.get("rbd").connect_command(ci)
+    assert match(["rbd", "map", "vol-1", "--pool", "pool", "--id",
+                  "admin"]) == "rbd map"
+    assert match(["/usr/bin/rbd", "device", "map", "pool/vol-1"]) \
+        == "rbd map"
+    assert match(["rbd", "map", "vol-2", "--pool", "pool"]) is None
+    assert match(["rbd", "map", "vol-1", "--pool", "other"]) is None
+    assert match(["rbd", "unmap", "/dev/rbd0"]) is None
+
+
+def test_types_without_a_lasting_connect_command_have_none():
+    for name, data in (("fibre_channel", {"target_wwn": "50"}),
+                       ("local", {"device_path": "/dev/loop0"})):
+        ci = {"driver_volume_type": name, "data": data}
+        assert transports.get(name).connect_command(ci) is None

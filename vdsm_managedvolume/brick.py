@@ -126,11 +126,26 @@ What cancelling does not stop:
   call's own thread), and when some still run it says so
   (``privsep.THREADS_LEFT``: the service keeps the record, it does not
   take the failure for "nothing done").  The call is then "lingering"
-  (``_lingering``), and a disconnect of the same connection_info waits
-  for its threads before it starts (``_wait_lingering``, cancellable at
-  its own deadline), so that it sees the session a late login made.
-  The same holds for threads left by a call that ended with an error
-  (they are cancelled then).
+  (``_lingering``).  The same holds for threads left by a call that
+  ended with an error (they are cancelled then).
+- so a disconnect first waits for what an earlier connect of the same
+  connection still runs (``_wait_earlier``), so that it sees the
+  session a late login made: the lingering threads of this daemon, and
+  the host's processes running that connect's command (``procs``:
+  ``iscsiadm -T <iqn> --login`` of one of its targets, ``rbd map`` of
+  its image; ``transports``' ``connect_command``), which outlive the
+  daemon that started them: one killed at a deadline (the call's own
+  thread inside its login or map), stopped with the agent, or whose
+  agent restarted.  It relies on the kernel's process table alone: no
+  state of ours survives a daemon.  While they run (up to the
+  disconnect's deadline, or not at all when each has already run
+  longer than the disconnect could wait: stuck) the disconnect is not
+  run and says so ("still_running": ``errors.EarlierConnectRunning``,
+  931), and the service keeps the record (detach, reconcile, the
+  rollback of a cut connect) for a later disconnect.  Not recognised:
+  a login to a target os-brick discovered under another IQN (sendtargets
+  discovery without target_iqns), NVMe-oF's ``nvme connect``, FC's and
+  iSCSI's SCSI scans (``tee .../scan``, which name no target).
 - what runs outside the daemon: iscsid retries a login on its own
   (``node.session.initial_login_retry_max``), so a late session may
   still appear after the caller's rollback disconnect, as before.
@@ -206,6 +221,7 @@ from . import log
 from . import mask
 from . import privsep
 from . import privsepconfig
+from . import procs
 from . import transports
 from . import udev
 from . import validate
@@ -368,7 +384,7 @@ def disconnect_volume(connection_info, attachment, deadline, flow_id):
     attachment = privsep.plain(attachment)
     with _operation("disconnect", deadline, flow_id, connection_info):
         _check_rbd_conf(connection_info, attachment)
-        _wait_lingering(connection_info)
+        _wait_earlier(connection_info)
         conn = _connector(connection_info)
         data = _data(connection_info, attachment)
         faults.crash_point("privsep.disconnect.before")
@@ -618,6 +634,11 @@ class _operation:
     def __exit__(self, t, e, tb):
         cancelled = self._call.end()
         try:
+            if isinstance(e, _EarlierRunning):
+                # Nothing was done: said as such, whether it waited up
+                # to its deadline or answered at once.
+                LOG.error("%s not run: %s", self.name, e)
+                raise privsep.RemoteError("still_running", str(e)) from None
             if cancelled:
                 # It failed, whatever it returned or raised: the caller
                 # was (or is about to be) told so, and undoes it.
@@ -715,6 +736,11 @@ class _ThreadFlowFilter(logging.Filter):
         return True
 
 
+class _EarlierRunning(Exception):
+    """A disconnect not run: what an earlier connect of its connection
+    started still runs (``_wait_earlier``)."""
+
+
 class _Cancelled(BaseException):
     """Raised in a cancelled call's threads at their next sleep or
     command (see the module docstring, "Deadlines").  A BaseException so
@@ -733,7 +759,8 @@ class _Call:
     it still run."""
 
     __slots__ = ("name", "flow_id", "cancelled", "ended", "commands",
-                 "token", "threads", "connection_info", "key")
+                 "token", "threads", "connection_info", "key", "deadline",
+                 "since")
 
     def __init__(self, name, flow_id, connection_info=None):
         self.name = name
@@ -745,9 +772,12 @@ class _Call:
         self.threads = 0        # os_brick.executor.Thread started, running
         self.connection_info = connection_info
         self.key = None         # _connection_key, once it is lingering
+        self.deadline = None
+        self.since = {}         # thread ident: when its command started
 
     def arm(self, deadline):
         with _calls_lock:
+            self.deadline = deadline
             self.token = _watchdog.arm(deadline, _expire, self)
 
     def end(self):
@@ -755,7 +785,7 @@ class _Call:
         cancelled.  Threads os-brick started for it that still run are
         cancelled too (they stop at their next sleep or command: what
         they would do is for a call that is over), and the call is
-        lingering until they end (``_wait_lingering``)."""
+        lingering until they end (``_wait_earlier``)."""
         with _calls_lock:
             self.ended = True
             _watchdog.disarm(self.token)
@@ -793,10 +823,12 @@ class _Call:
     def command_started(self):
         with _calls_lock:
             self.commands += 1
+            self.since[threading.get_ident()] = time.monotonic()
 
     def command_finished(self):
         with _calls_lock:
             self.commands -= 1
+            self.since.pop(threading.get_ident(), None)
 
 
 _calls_lock = threading.Lock()
@@ -805,7 +837,7 @@ _calls_lock = threading.Lock()
 _calls_changed = threading.Condition(_calls_lock)
 
 # Ended calls whose threads still run, by their connection's key: a
-# disconnect of that connection waits for them (``_wait_lingering``).
+# disconnect of that connection waits for them (``_wait_earlier``).
 _lingering = {}
 
 # Per thread: whether it is inside a command (between its Popen and the
@@ -821,30 +853,85 @@ def _connection_key(connection_info):
     return json.dumps(connection_info, sort_keys=True, default=str)
 
 
-def _wait_lingering(connection_info):
-    """Wait until no thread os-brick started for an earlier call for
-    ``connection_info`` runs (module docstring, "Deadlines"): a
-    multipath iSCSI connect cancelled at its deadline may have left a
-    portal thread inside ``iscsiadm --login``, whose session would come
-    up after a disconnect that found nothing to end.  Cancellable: past
-    this call's own deadline it raises ``_Cancelled``."""
-    if not _lingering:      # under no lock: ours, if any, is there now
-        return
-    key = _connection_key(connection_info)
+def _wait_earlier(connection_info):
+    """Wait until nothing an earlier connect of ``connection_info``
+    started still runs (module docstring, "Deadlines"), so that this
+    disconnect sees what it made: a multipath iSCSI connect cut at its
+    deadline may have left a portal thread inside ``iscsiadm --login``,
+    a connect cut by the daemon's death its ``rbd map``, whose session
+    or map would come up after a disconnect that found nothing to end.
+    What is looked for: the threads os-brick started for an earlier
+    call of this daemon (``_lingering``), and the host's processes
+    running such a command of the connection, whichever daemon started
+    them (``procs``, the transport's ``connect_command``): those
+    outlive a daemon killed at a deadline or stopped with the agent.
+
+    Raises ``_EarlierRunning`` (the disconnect is not run, its caller
+    keeps the record) when they still run at this call's deadline, or
+    at once when each of them has already run longer than this call
+    could wait (stuck: a command in D state, a login retried for
+    minutes; waiting for the deadline again would only hold the
+    volume's lock).  One WARNING per call says what it waits for and for
+    how long it has run."""
     call = _thread_call()
-    with _calls_lock:
-        calls = _lingering.get(key)
-        if not calls:
+    key = _connection_key(connection_info)
+    transport = transports.get(connection_info.get("driver_volume_type"))
+    match = transport.connect_command(connection_info)
+    warned = False
+    while True:
+        running = _earlier(key, match)
+        if not running:
+            if warned:
+                LOG.info("What an earlier connect of this connection ran "
+                         "has ended: disconnecting")
             return
-        threads = sum(c.threads for c in calls)
-    LOG.warning("%d thread(s) an earlier %s of this connection started "
-                "still run (inside a command): waiting for them to end "
-                "first", threads, "/".join(sorted({c.name for c in calls})))
-    with _calls_lock:
-        _calls_changed.wait_for(
-            lambda: not _lingering.get(key) or call.cancelled.is_set())
-        if _lingering.get(key):
-            raise _Cancelled(call.name)
+        what = "; ".join(d for d, _ in running)
+        if not warned:
+            # Judged once, at the first look: what has run longer than
+            # this call could wait is stuck (logged once: the error).
+            left = call.deadline - time.monotonic()
+            if min(age for _, age in running) > left:
+                raise _EarlierRunning(
+                    "an earlier connect of this connection still runs "
+                    "({}), longer than this disconnect could wait ({:.0f} "
+                    "s): not disconnected, the volume stays recorded; "
+                    "detach again once it ended".format(
+                        what, max(0.0, left)))
+            LOG.warning("Waiting for what an earlier connect of this "
+                        "connection still runs before disconnecting: %s",
+                        what)
+            warned = True
+        if call.cancelled.wait(_EARLIER_POLL):
+            raise _EarlierRunning(
+                "an earlier connect of this connection still runs ({}) "
+                "at this disconnect's deadline: not disconnected, the "
+                "volume stays recorded; detach again once it "
+                "ended".format(what))
+
+
+# How often a disconnect looks again at what an earlier connect runs.
+_EARLIER_POLL = 0.25
+
+
+def _earlier(key, match):
+    """``[(description, age)]`` of what an earlier connect of the
+    connection (``key``, ``match``: see ``_wait_earlier``) still runs:
+    this daemon's lingering threads (age: how long the oldest has been
+    inside its command, 0 when none is), the host's processes."""
+    found = []
+    if _lingering:          # under no lock: ours, if any, is there now
+        now = time.monotonic()
+        with _calls_lock:
+            for c in _lingering.get(key, ()):
+                age = now - min(c.since.values()) if c.since else 0.0
+                found.append(("{} thread(s) of an earlier {} of this "
+                              "daemon, inside a command for {:.0f} s"
+                              .format(c.threads, c.name, age), age))
+    if match is not None:
+        for pid, name, age in procs.matching(match):
+            found.append(("{} pid {}, running for {:.0f} s".format(
+                name, pid, age), age))
+    return found
 
 
 def _expire(call):

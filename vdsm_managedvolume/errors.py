@@ -22,6 +22,8 @@ their meaning; 930-935 are ours (documented in the schema YAML too):
     930  UnsupportedDriverType driver_volume_type not on the allow-list
     931  HelperTimeout         the privileged call did not finish in time
          StillRunning          (931) and part of it may still run
+         EarlierConnectRunning (931) a disconnect not run: an earlier
+                               connect's login or map still runs
     932  VolumeBusy            another operation holds the volume's lock
     933  AgentBusy             every worker of the agent is in use, or
                                max_operations attaches/detaches run
@@ -227,6 +229,16 @@ class StillRunning(HelperTimeout):
 
     THREADS = ("threads it started are still inside a command (an iSCSI "
                "login may still complete)")
+
+
+class EarlierConnectRunning(StillRunning):
+    """A disconnect not run: what an earlier connect of the same
+    connection started still runs (an ``iscsiadm --login`` or ``rbd
+    map``, whichever daemon started it; brick._wait_earlier), and would
+    take effect after it.  The caller keeps the volume's record for a
+    later disconnect."""
+
+    msg = "Privileged {self.operation} not run: {self.running}"
 
 
 class VolumeBusy(Error):

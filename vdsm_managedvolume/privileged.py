@@ -72,7 +72,10 @@ start next raise, a command it is inside is left to finish.  The call
 then returns a "timeout" error, which we raise as HelperTimeout (931),
 and the daemon and the calls beside it go on; as StillRunning (931 too)
 when threads os-brick started for it (portal logins) were still inside a
-command when it answered: what they do may still take effect.  A call
+command when it answered: what they do may still take effect; as
+EarlierConnectRunning (931) a disconnect not run because a login or map
+an earlier connect of its connection started still runs (whichever
+daemon started it: brick._wait_earlier).  A call
 that has not returned ``privsep.END_GRACE`` seconds after its deadline
 (stuck inside one command) makes the daemon kill itself, as every
 deadline did before 2026-12-01, so that os-brick cannot finish a
@@ -83,9 +86,10 @@ we kill it ourselves ``KILL_GRACE`` seconds after the deadline (root
 can; with sudo we cannot: that daemon may then still be running the
 call, beside the new daemon the next call starts, and we raise
 StillRunning, so that the service keeps the record and disconnects
-nothing yet; a later disconnect, on the new daemon, does not wait for
-it).  Such a kill, or a crash, kills calls running concurrently for
-other volumes too.  After a kill at another call's deadline, a
+nothing yet; a later disconnect, on the new daemon, waits only for the
+logins and maps of it that /proc shows, brick._wait_earlier).  Such a
+kill, or a crash, kills calls running concurrently for other volumes
+too.  After a kill at another call's deadline, a
 disconnect, extend, connector properties or udev rule call whose own
 deadline has not passed runs again on a new daemon, within that deadline
 (``RERUN_AFTER_KILL`` says why those and not connect); other cut calls,
@@ -401,6 +405,10 @@ class Brick:
                         running=errors.StillRunning.THREADS) from None
                 raise errors.HelperTimeout(
                     operation=operation, timeout=timeout) from None
+            if e.args[0] == "still_running":
+                raise errors.EarlierConnectRunning(
+                    operation=operation, timeout=timeout,
+                    running=mask.mask_text(_remote_message(e))) from None
             raise _local_error(e) from None
         return privsep.plain(result)
 

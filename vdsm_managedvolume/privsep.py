@@ -93,7 +93,9 @@ class RemoteError(Exception):
     "failed" (message), "unsupported" (message), "unknown_adapter"
     (adapter, installed), "invalid" (parameter name, reason), "timeout"
     (message, and ``THREADS_LEFT`` when threads os-brick started for
-    it still run: the call was cancelled at its deadline and returned).
+    it still run: the call was cancelled at its deadline and returned),
+    "still_running" (message: a disconnect not run, what an earlier
+    connect of its connection started still runs; brick._wait_earlier).
     """
 
 

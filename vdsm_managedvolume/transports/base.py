@@ -79,6 +79,17 @@ class Transport:
         when the caller has it)."""
         return devices.identity(path, st)
 
+    def connect_command(self, connection_info):
+        """What tells a command os-brick's connect of ``connection_info``
+        runs whose effect a disconnect that ran before it ended would
+        miss (an iSCSI login, an ``rbd map``): a function of a process's
+        argv giving a short name for logs (never the argv: it may hold
+        a password), or None for a process that is not one; None when
+        this type has no such command.  A disconnect waits for these
+        (``procs``, ``brick._wait_earlier``): they outlive the daemon
+        that started them."""
+        return None
+
 
 # Helpers for fields(): each raises InvalidParams naming the field.
 

@@ -123,3 +123,28 @@ class RBD(base.Transport):
 
     def path(self, cfg, vol_id, connection_info, attachment):
         return os.path.join(cfg.rbd_dir, connection_info["data"]["name"])
+
+    def connect_command(self, connection_info):
+        """An ``rbd map`` of the connection's image: os-brick's
+        ``RBDConnector._local_attach_volume`` runs ``rbd map <image>
+        --pool <pool> ...`` (``rbd device map <pool>/<image>`` is the
+        newer spelling), in the connect's own thread."""
+        name = (connection_info.get("data") or {}).get("name")
+        if not isinstance(name, str) or name.count("/") != 1:
+            return None
+        pool, image = name.split("/")
+
+        def match(argv):
+            if "rbd" not in (os.path.basename(a) for a in argv[:2]):
+                return None
+            if "map" not in argv:
+                return None
+            if name in argv:
+                return "rbd map"
+            for i, arg in enumerate(argv[:-1]):
+                if (arg in ("--pool", "-p") and argv[i + 1] == pool
+                        and image in argv):
+                    return "rbd map"
+            return None
+
+        return match

@@ -72,6 +72,36 @@ class ISCSI(_Multipath):
         else:
             base.required(data, "target_lun")
 
+    def connect_command(self, connection_info):
+        """An ``iscsiadm ... -T <iqn> ... --login`` for one of the
+        connection's targets (target_iqn, target_iqns): os-brick's
+        ``ISCSIConnector._connect_to_iscsi_portal_unsafe`` runs it
+        through ``_run_iscsiadm`` (``iscsiadm -m node -T <iqn> -p
+        <portal> --login``), in a thread per portal for a multipath
+        connect.  Matched by the IQN alone: a portal is shared by every
+        volume of the storage, and a login to a target os-brick
+        discovered under another IQN (sendtargets discovery, without
+        target_iqns) is not recognised."""
+        data = connection_info.get("data") or {}
+        iqns = set(data.get("target_iqns") or ())
+        if data.get("target_iqn"):
+            iqns.add(data["target_iqn"])
+        iqns = {i for i in iqns if isinstance(i, str)}
+        if not iqns:
+            return None
+
+        def match(argv):
+            if "iscsiadm" not in (os.path.basename(a) for a in argv[:2]):
+                return None
+            if "--login" not in argv and "-l" not in argv:
+                return None
+            for i, arg in enumerate(argv[:-1]):
+                if arg in ("-T", "--targetname") and argv[i + 1] in iqns:
+                    return "iscsiadm --login"
+            return None
+
+        return match
+
 
 class FibreChannel(_Multipath):
     name = "fibre_channel"

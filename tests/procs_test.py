@@ -1,0 +1,48 @@
+"""procs: the host's processes that run a given command."""
+
+import subprocess
+import sys
+import time
+
+from vdsm_managedvolume import procs
+
+
+def test_a_running_process_is_found_by_its_argv_with_its_age():
+    marker = "procs-test-%d" % time.monotonic_ns()
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import time; time.sleep(60)", marker])
+    try:
+        def match(argv):
+            return "sleeper" if marker in argv else None
+
+        deadline = time.monotonic() + 30
+        while True:
+            found = procs.matching(match)
+            if found or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        [(pid, name, age)] = found
+        assert (pid, name) == (child.pid, "sleeper")
+        assert age >= 0
+    finally:
+        child.kill()
+        child.wait()
+    assert procs.matching(match) == []
+
+
+def test_a_command_name_with_spaces_and_parentheses_is_read(tmp_path):
+    # /proc/PID/stat's second field is the command's name in
+    # parentheses; it may hold both.
+    proc = tmp_path / "proc"
+    (proc / "42").mkdir(parents=True)
+    (proc / "42" / "cmdline").write_bytes(b"iscsiadm\0-T\0x\0")
+    fields = ["S"] + ["0"] * 18 + ["500"] + ["0"] * 10
+    (proc / "42" / "stat").write_text(
+        "42 (a) b (c) " + " ".join(fields) + "\n")
+    (proc / "uptime").write_text("100.00 50.00\n")
+    (proc / "7").mkdir()        # a kernel thread: no argv
+    (proc / "7" / "cmdline").write_bytes(b"")
+    [(pid, name, age)] = procs.matching(
+        lambda argv: "it" if argv[0] == "iscsiadm" else None, str(proc))
+    assert (pid, name) == (42, "it")
+    assert abs(age - (100 - 500 / procs._TICKS)) < 1e-6

@@ -1,0 +1,89 @@
+"""The host's running processes, as /proc shows them: which still run a
+command an earlier connect started.
+
+A connect cut at its deadline, or by the death of the privsep daemon
+running it, may leave a command of its own running: a multipath iSCSI
+connect's per-portal ``iscsiadm --login``, an ``rbd map``.  The daemon's
+children outlive it (nothing kills them: SIGKILL on iscsiadm can leave
+its database lock behind, brick.py "Deadlines"), and what they do still
+takes effect (a session logs in, an image is mapped) after a disconnect
+that ran before they ended and found nothing.  The daemon remembers the
+threads it started only while it lives; the kernel remembers the
+processes whoever started them, across daemon and agent restarts.  So a
+disconnect first looks here for such a command (``transports``'
+``connect_command`` tells one of its connection's by its argv) and
+waits for it (``brick._wait_earlier``).
+
+Read as root in the daemon (any user may read /proc/PID/cmdline unless
+/proc is mounted with hidepid).  A process that ends while it is read is
+skipped.  Argument vectors are never logged nor returned: os-brick puts
+a CHAP password on iscsiadm's (``--op update -n
+node.session.auth.password -v ...``).
+"""
+
+import os
+
+PROC = "/proc"
+
+# Clock ticks per second of /proc/PID/stat's times.
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def matching(match, proc=PROC):
+    """``[(pid, name, age)]`` of the processes whose argv ``match``
+    (argv -> a short name for logs, or None) names, ``age`` the seconds
+    since each started; this process excluded."""
+    found = []
+    uptime = None
+    me = os.getpid()
+    try:
+        pids = [int(n) for n in os.listdir(proc) if n.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        if pid == me:
+            continue
+        argv = _argv(proc, pid)
+        if not argv:
+            continue        # gone, or a kernel thread or a zombie
+        name = match(argv)
+        if name is None:
+            continue
+        if uptime is None:
+            uptime = _uptime(proc)
+        started = _start_time(proc, pid)
+        if started is None:
+            continue        # ended meanwhile
+        found.append((pid, name, max(0.0, uptime - started)))
+    return found
+
+
+def _argv(proc, pid):
+    try:
+        with open("{}/{}/cmdline".format(proc, pid), "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    return [a.decode("utf-8", "replace") for a in raw.split(b"\0")[:-1]]
+
+
+def _start_time(proc, pid):
+    """Seconds after boot ``pid`` started (/proc/PID/stat field 22), or
+    None."""
+    try:
+        with open("{}/{}/stat".format(proc, pid), "rb") as f:
+            stat = f.read()
+        # The command name (field 2) is in parentheses and may hold
+        # spaces and parentheses: fields are counted after the last ")".
+        fields = stat[stat.rindex(b")") + 2:].split()
+        return int(fields[19]) / _TICKS
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _uptime(proc):
+    try:
+        with open(proc + "/uptime") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0

@@ -297,3 +297,31 @@ def _cmdline(pid):
             return f.read().decode("utf-8", "replace")
     except OSError:
         return ""
+
+
+def test_a_refused_cpu_list_for_udevadm_warns_once_per_process(
+        monkeypatch, tmp_path, caplog):
+    # The udevadm fallback runs at every trigger: a CPU list the kernel
+    # refuses (outside the agent's cpuset since a cgroup change) is a
+    # WARNING once, then DEBUG (review-fix9 hostfix-L3); the command
+    # still runs, on the thread's own CPUs.
+    import logging
+    from vdsm_managedvolume import udev
+    if 8191 in os.sched_getaffinity(0):
+        pytest.skip("this machine has a CPU 8191")
+    ran = tmp_path / "ran"
+    udevadm = tmp_path / "udevadm"
+    udevadm.write_text("#!/bin/sh\necho x >>'{}'\n".format(ran))
+    udevadm.chmod(0o755)
+    cfg = config.Config()
+    cfg.udevadm = str(udevadm)
+    cfg.daemon_cpu_affinity = "8191"
+    monkeypatch.setattr(affinity, "_refused", set())
+    caplog.set_level(logging.DEBUG, logger=affinity.log.name)
+    for _ in range(3):
+        assert udev.trigger(cfg, str(udevadm)) is True
+    refused = [r for r in caplog.records
+               if r.getMessage().startswith("Cannot start udevadm on CPUs")]
+    assert [r.levelno for r in refused] == [
+        logging.WARNING, logging.DEBUG, logging.DEBUG]
+    assert ran.read_text().count("x") == 3

@@ -52,6 +52,7 @@ import logging
 import os
 import re
 import sys
+import threading
 
 from . import errors
 
@@ -172,13 +173,20 @@ def host_cpus():
         return list(range(os.sysconf("SC_NPROCESSORS_CONF")))
 
 
+# What a quiet spawning_on was refused, (what, cpus): warned once.
+_refused = set()
+_refused_lock = threading.Lock()
+
+
 class spawning_on:
     """Context manager: run the block (a spawn) with this thread on
     ``cpus`` (None: as it is), so that the child is born on them; the
     thread's CPUs are restored after it.  A list the kernel refuses is a
-    warning: the child is then born on this thread's CPUs.  ``quiet``:
-    the start on them is logged at DEBUG, not INFO (a command run
-    often)."""
+    warning: the child is then born on this thread's CPUs.  ``quiet``
+    (a command run often: the udevadm fallback at every trigger): the
+    start on them is logged at DEBUG, not INFO, and a refused list is a
+    warning once per process for each ``what`` and list, then DEBUG
+    (review-fix9 hostfix-L3)."""
 
     def __init__(self, cpus, what, quiet=False):
         self._cpus = cpus
@@ -193,8 +201,17 @@ class spawning_on:
         try:
             os.sched_setaffinity(0, self._cpus)
         except OSError as e:
-            log.warning("Cannot start %s on CPUs %s (%s): it starts on %s",
-                        self._what, text(self._cpus), e, text(before))
+            level = logging.WARNING
+            if self._quiet:
+                key = (self._what, tuple(self._cpus))
+                with _refused_lock:
+                    if key in _refused:
+                        level = logging.DEBUG
+                    _refused.add(key)
+            log.log(level, "Cannot start %s on CPUs %s (%s): it starts on "
+                    "%s%s", self._what, text(self._cpus), e, text(before),
+                    "; said once, then at DEBUG" if self._quiet
+                    and level == logging.WARNING else "")
             return
         self._before = before
         log.log(logging.DEBUG if self._quiet else logging.INFO,

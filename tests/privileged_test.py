@@ -285,8 +285,15 @@ def test_daemon_deletes_only_a_ceph_conf_os_brick_writes(brick, tmp_path):
     fd, foreign = tempfile.mkstemp(prefix="brickrbd_")
     os.close(fd)
     os.chown(foreign, 65534, 65534)         # made by another user
+    # A link named as os-brick names them, to a root file: neither is
+    # deleted (review-fix9 hostfix-L2).
+    link = os.path.join(tempfile.gettempdir(),
+                        "brickrbd_link%d" % os.getpid())
+    fd, target = tempfile.mkstemp(prefix="notbrick_")
+    os.close(fd)
+    os.symlink(target, link)
     try:
-        for path in (str(elsewhere), other.name, folder, foreign,
+        for path in (str(elsewhere), other.name, folder, foreign, link,
                      os.path.join(tempfile.gettempdir(), "brickrbd_/x"),
                      os.path.join(tempfile.gettempdir(), "brickrbd_..")):
             with pytest.raises(errors.InvalidParams):
@@ -294,10 +301,13 @@ def test_daemon_deletes_only_a_ceph_conf_os_brick_writes(brick, tmp_path):
         assert elsewhere.read_text() == "kept"
         assert os.path.exists(other.name) and os.path.isdir(folder)
         assert os.path.exists(foreign)
+        assert os.path.islink(link) and os.path.exists(target)
     finally:
         other.close()
         os.rmdir(folder)
         os.unlink(foreign)
+        os.unlink(link)
+        os.unlink(target)
 
 
 def test_fake_iscsi_without_multipath_has_no_multipath_id(brick, tmp_path):

@@ -15,8 +15,10 @@ disconnect first looks here for such a command (``transports``'
 waits for it (``brick._wait_earlier``).
 
 Read as root in the daemon (any user may read /proc/PID/cmdline unless
-/proc is mounted with hidepid).  A process that ends while it is read is
-skipped.  Argument vectors are never logged nor returned: os-brick puts
+/proc is mounted with hidepid; hidepid=2 does not hide root's commands
+from the daemon's reduced capability set: checked on Linux 6.18 with
+CAP_SYS_ADMIN, CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH alone).  A
+process that ends while it is read is skipped.  Argument vectors are never logged nor returned: os-brick puts
 a CHAP password on iscsiadm's (``--op update -n
 node.session.auth.password -v ...``).
 """

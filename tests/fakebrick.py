@@ -126,8 +126,10 @@ connect writes a new ceph conf holding it, as os-brick does
 (``tempfile.mkstemp(prefix="brickrbd_")``: /tmp/brickrbd_*, where the
 daemon's ``delete_rbd_conf`` deletes), noted in ``conf/<its name>``, and
 returns its path as ``attachment["conf"]``; disconnect deletes it only
-when device_info names it.  A disconnect takes a device_info whose conf
-is another of the volume's confs, still there (``rbd unmap`` needs a
+when device_info names it and the device was there (os-brick's
+``disconnect_volume`` deletes it after ``rbd unmap`` only).  A
+disconnect takes a device_info whose conf is another of the volume's
+confs, still there (``rbd unmap`` needs a
 conf with the keyring, any of them); one whose conf is gone fails.
 ``confs()`` lists those still there, ``remove_confs()`` deletes them
 (fixtures, at teardown).
@@ -318,6 +320,9 @@ class FakeConnector:
         else:
             attachment = device_info or {}
         link = self.link(data, attachment)
+        # os-brick's RBD disconnect unmaps, and deletes its conf, only
+        # when "rbd showmapped" lists the image (_find_root_device).
+        mapped = not link or os.path.lexists(link)
         if link:
             _silent_remove(link)
         if os.path.exists(path):
@@ -327,10 +332,10 @@ class FakeConnector:
                 json.dump({"attachment": attachment, "link": link,
                            "target": data.get("fake_device")}, f)
         # As os-brick's RBD connector: the ceph conf (with the keyring)
-        # goes only when device_info names it.
+        # goes only when device_info names it and the device was there.
         conf = (device_info or {}).get("conf")
-        if conf and any(note["path"] == conf
-                        for _, note in _conf_notes(d)):
+        if conf and mapped and any(note["path"] == conf
+                                   for _, note in _conf_notes(d)):
             _silent_remove(conf)
         _silent_remove(path)
         _silent_remove(earlier)

@@ -255,13 +255,21 @@ class InProcessBrick:
         self.calls.append(("remove_udev_rule", sd_id, vol_id, temp))
         return udev.remove_rule(self.cfg, sd_id, vol_id, temp=temp)
 
-    def delete_rbd_conf(self, path):
+    def delete_rbd_conf(self, path, holding=None):
         """brick.delete_rbd_conf, checking what the daemon checks."""
         from vdsm_managedvolume.transports import rbd
         self.calls.append(("delete_rbd_conf", path))
         problem = rbd.conf_problem(path, tempfile.gettempdir())
         if problem:
             raise errors.InvalidParams(name="path", reason=problem)
+        if holding is not None:
+            try:
+                with open(path) as f:
+                    text = f.read()
+            except FileNotFoundError:
+                return False
+            if not any(k in text for k in holding):
+                return False
         try:
             os.unlink(path)
             return True

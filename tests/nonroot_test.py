@@ -204,7 +204,8 @@ def test_daemon_entrypoints_take_no_file_name_or_text():
         "sd_id", "vol_id", "temp", "deadline", "flow_id"]
     # The one path taken: a ceph conf to delete, only one os-brick could
     # have written (rbd.conf_problem; privileged_test).
-    assert params["delete_rbd_conf"] == ["path", "deadline", "flow_id"]
+    assert params["delete_rbd_conf"] == ["path", "holding", "deadline",
+                                         "flow_id"]
 
 
 def test_daemon_removes_the_temp_file_only_when_asked(daemon_brick,

@@ -7,6 +7,7 @@ import os
 import re
 import stat
 import threading
+import time
 from time import monotonic as time_now
 from time import sleep as time_sleep
 
@@ -458,6 +459,89 @@ def test_an_rbd_reattach_deletes_the_ceph_conf_no_record_names(
         os.path.basename(second["attachment"]["conf"])]
     svc.detach_volume(vol_id)
     assert fakebrick.confs() == []
+
+
+@pytest.mark.root
+def test_an_rbd_detach_finding_its_device_gone_deletes_its_ceph_conf(
+        real_service):
+    # os-brick's disconnect deletes the conf it is given only after it
+    # unmapped the device ("rbd showmapped" found it): a device already
+    # gone left the keyring in /tmp (review-fix9 hostfix-L1).
+    svc = real_service
+    vol_id, ci = new_id(), rbd_connection(svc.cfg)
+    first = svc.attach_volume(vol_id, ci)
+    os.unlink(first["path"])                 # the device is gone
+    svc.detach_volume(vol_id)
+    assert records(svc) == []
+    assert not os.path.exists(first["attachment"]["conf"])
+    assert fakebrick.confs() == []
+
+
+@pytest.mark.root
+def test_a_failed_rbd_reattach_over_a_gone_device_deletes_both_confs(
+        real_service, monkeypatch):
+    # Attached in this boot, its device gone: attached again, the
+    # connect writes a new conf and the attach then fails.  The rollback
+    # disconnects with the new one (os-brick deletes it) and forgets the
+    # record: the earlier one, named by nobody now, is deleted too
+    # (review-fix9 hostfix-L1 (1)).
+    svc = real_service
+    vol_id, ci = new_id(), rbd_connection(svc.cfg)
+    first = svc.attach_volume(vol_id, ci)
+    os.unlink(first["path"])
+    monkeypatch.setattr(svc, "_add_link",
+                        raising(OSError(28, "No space left on device")))
+    with pytest.raises(OSError):
+        svc.attach_volume(vol_id, ci)
+    assert records(svc) == []
+    assert fakebrick.confs() == []
+    assert not os.path.exists(first["attachment"]["conf"])
+
+
+@pytest.mark.root
+def test_the_start_deletes_old_ceph_confs_holding_its_keyrings_named_by_none(
+        real_service, real_brick):
+    # What no follow-up of the service could delete (a crash between a
+    # re-attach's record update and its delete, a connect cut after
+    # os-brick wrote its conf): the next start deletes the confs in the
+    # temp dir that hold a keyring of one of its records, that no record
+    # names, and that are older than any connect in flight could be;
+    # another program's (another keyring), a young one and the record's
+    # own stay (review-fix9 hostfix-L1).
+    import tempfile
+    svc = real_service
+    keyring = "[client.sweep]\n\tkey = AQB{}==".format(new_id())
+    vol_id = new_id()
+    ci = rbd_connection(svc.cfg, keyring=keyring)
+    first = svc.attach_volume(vol_id, ci)
+    old = time.time() - svc.cfg.timeout - service.CONF_SWEEP_MARGIN - 60
+
+    def conf(text, mtime):
+        fd, path = tempfile.mkstemp(prefix="brickrbd_")
+        with os.fdopen(fd, "w") as f:
+            f.write("[global]\nmon_host = 192.0.2.2:6789\n" + text + "\n")
+        os.utime(path, (mtime, mtime))
+        return path
+
+    orphan = conf(keyring, old)
+    young = conf(keyring, time.time())
+    other = conf("[client.other]\n\tkey = AQBother{}==".format(new_id()),
+                 old)
+    named = first["attachment"]["conf"]
+    os.utime(named, (old, old))
+    try:
+        again = service.Service(svc.cfg, brick=real_brick)
+        again.start()
+        again.close()
+        assert not os.path.exists(orphan)
+        assert os.path.exists(young) and os.path.exists(other)
+        assert os.path.exists(named)
+        svc.detach_volume(vol_id)
+        assert not os.path.exists(named)
+    finally:
+        for path in (orphan, young, other):
+            if os.path.exists(path):
+                os.unlink(path)
 
 
 def test_an_rbd_reattach_keeping_the_volume_deletes_its_new_ceph_conf(

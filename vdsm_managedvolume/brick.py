@@ -444,20 +444,26 @@ def remove_udev_rule(sd_id, vol_id, temp, deadline, flow_id):
 
 
 @context.entrypoint
-def delete_rbd_conf(path, deadline, flow_id):
+def delete_rbd_conf(path, holding, deadline, flow_id):
     """Delete a ceph conf os-brick's RBD connector wrote at a connect (it
     holds the keyring) that no record names any more: a connect made
-    again over the record wrote another (``transports.rbd``).  Only a
+    again over the record wrote another (``transports.rbd``), a
+    disconnect found the device gone and left it, or the service's start
+    found it named by no record (``service._sweep_confs``).  Only a
     regular file named as os-brick names them, right in this daemon's
-    temp dir where it writes them (``rbd.conf_problem``); deleted as
-    os-brick's disconnect deletes its conf.  Returns whether there was
-    one."""
+    temp dir where it writes them, made by this daemon's user
+    (``rbd.conf_problem``); with ``holding`` (keyrings), only one
+    holding one of them (another program's conf is left alone); deleted
+    as os-brick's disconnect deletes its conf.  Returns whether it was
+    deleted."""
     with _operation("delete_rbd_conf", deadline, flow_id, None):
         problem = rbd.conf_problem(path, tempfile.gettempdir())
         if problem:
             raise errors.InvalidParams(
                 name="path", reason="{!r}: {}".format(path, problem))
         if not os.path.lexists(path):
+            return False
+        if holding is not None and not _holds_one_of(path, holding):
             return False
         from os_brick.privileged import rbd as rbd_privsep
         rbd_privsep.delete_if_exists(path)
@@ -466,6 +472,21 @@ def delete_rbd_conf(path, deadline, flow_id):
 
 
 # Private helpers
+
+def _holds_one_of(path, keyrings):
+    """Whether the file at ``path`` (checked by rbd.conf_problem: a
+    regular file, not a link) holds one of ``keyrings`` (strings), as
+    os-brick's ``RBDConnector._create_ceph_conf`` writes it."""
+    keyrings = [k for k in keyrings if isinstance(k, str) and k]
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as f:
+        # A conf is a few lines; a larger file is no conf of os-brick's.
+        text = f.read(1 << 16).decode("utf-8", "replace")
+    return any(k in text for k in keyrings)
+
 
 def _helper_args(argv):
     """``{option: value}`` of privsep-helper's argv, or a problem: each

@@ -278,14 +278,15 @@ class Brick:
         return self._call("remove_udev_rule", (sd_id, vol_id, bool(temp)),
                           self._cfg.timeout, operation="remove_udev_rule")
 
-    def delete_rbd_conf(self, path):
+    def delete_rbd_conf(self, path, holding=None):
         """Have the daemon delete a ceph conf os-brick's RBD connector
         wrote (``attachment["conf"]``, holding the keyring) that no
-        record names any more; return whether there was one.  Only one
+        record names any more; return whether it was deleted.  Only one
         os-brick could have written (brick.delete_rbd_conf): InvalidParams
-        otherwise."""
-        return self._call("delete_rbd_conf", (path,), self._cfg.timeout,
-                          operation="delete_rbd_conf")
+        otherwise; with ``holding`` (keyrings) only one holding one of
+        them."""
+        return self._call("delete_rbd_conf", (path, holding),
+                          self._cfg.timeout, operation="delete_rbd_conf")
 
     def check_supported(self):
         """Raise NotSupported (925) when os-brick is not installed."""

@@ -65,6 +65,7 @@ entrypoints rebuild each rule from the ids and the device path.
 import logging
 import os
 import re
+import tempfile
 import threading
 import time
 
@@ -158,6 +159,7 @@ class Service:
         first call) does not answer meanwhile looks dead to the engine.
         """
         self.open()
+        self._sweep_confs()
         self._log_reconcile(self.reconcile(
             apply=True, detach_stale=not defer_detach_stale))
 
@@ -384,6 +386,9 @@ class Service:
                     self._rollback(
                         vol_id, sd_id, connection_info,
                         earlier if attachment is None else attachment, e)
+                # The RBD confs of both connects that the record, if any
+                # is left, no longer names (review-fix9 hostfix-L1).
+                self._drop_unnamed_confs(vol_id, earlier, attachment)
                 raise
             if moved:
                 # A crash from here leaves the old link and rule to
@@ -912,6 +917,7 @@ class Service:
                           "device it is", vol_id, rec["path"], reason)
             faults.crash_point("detach.after_disconnect")
             db.remove_volume(vol_id)
+            self._drop_conf(vol_id, rec["attachment"], None)
             return
         try:
             self._brick.disconnect(rec["connection_info"], rec["attachment"])
@@ -943,6 +949,9 @@ class Service:
         # The last step (see store.py): after a host crash a record still
         # 'detaching' is detached again, idempotently.
         db.remove_volume(vol_id, durable=False)
+        # os-brick deletes the conf it is given only when it unmapped a
+        # device: one found gone leaves it (review-fix9 hostfix-L1).
+        self._drop_conf(vol_id, rec["attachment"], None)
 
     def _keep_attached(self, rec, sd_id, error, attachment=None):
         """After a failed attach over ``rec`` (attached in this boot, its
@@ -1000,11 +1009,87 @@ class Service:
             else None
         if not conf or conf == (kept or {}).get("conf"):
             return
+        if not os.path.lexists(conf):
+            return      # os-brick's disconnect deleted it
         try:
             self._brick.delete_rbd_conf(conf)
         except Exception as e:
             log.warning("Volume %s: cannot delete the ceph conf %s, which "
                         "no record names any more: %s", vol_id, conf, e)
+
+    def _drop_unnamed_confs(self, vol_id, *attachments):
+        """After a failed attach: delete the RBD confs ``attachments``
+        name (the record's earlier one, the one the connect wrote) that
+        the volume's record, if one is left, does not name
+        (``_drop_conf``): a rollback that disconnected a device already
+        gone, or forgot the record, leaves them to nobody.  Logged, not
+        raised."""
+        try:
+            rec = self._find(vol_id)
+        except errors.Error as e:
+            log.warning("Volume %s: cannot read its record (%s); its ceph "
+                        "confs are left for the next start", vol_id, e)
+            return
+        kept = rec["attachment"] if rec is not None else None
+        for attachment in attachments:
+            self._drop_conf(vol_id, attachment, kept)
+
+    def _sweep_confs(self):
+        """At start, before reconcile: delete the RBD ceph confs
+        (os-brick's ``brickrbd_*``, holding the keyring) in the temp dir
+        that no record names, left by what this service could not follow
+        up: a crash between a live re-attach's record update and its
+        ``_drop_conf``, or between a detach's last update and its own, a
+        connect cut after os-brick wrote one (its name never came back).
+        Only files that cannot belong to a connect in flight (older than
+        ``[privsep] timeout`` + CONF_SWEEP_MARGIN), made by root, holding
+        a keyring of one of this journal's RBD records (another agent's
+        or program's confs on this host are left alone): the daemon
+        checks the name, the owner and the content, and deletes through
+        its narrow entrypoint (``brick.delete_rbd_conf``).  Nothing when
+        no record has a keyring.  Logged, not raised."""
+        keyrings, named = set(), set()
+        for rec in self._db().volumes():
+            info = rec.get("connection_info")
+            data = info.get("data") if isinstance(info, dict) else None
+            if (isinstance(info, dict)
+                    and info.get("driver_volume_type") == "rbd"
+                    and isinstance(data, dict)
+                    and isinstance(data.get("keyring"), str)
+                    and data["keyring"]):
+                keyrings.add(data["keyring"])
+            attachment = rec.get("attachment")
+            if isinstance(attachment, dict) and attachment.get("conf"):
+                named.add(attachment["conf"])
+        if not keyrings:
+            return
+        temp = tempfile.gettempdir()
+        old = time.time() - self.cfg.timeout - CONF_SWEEP_MARGIN
+        try:
+            names = sorted(n for n in os.listdir(temp)
+                           if n.startswith("brickrbd_"))
+        except OSError as e:
+            log.warning("Cannot list %s for leftover ceph confs: %s", temp,
+                        e)
+            return
+        for name in names:
+            path = os.path.join(temp, name)
+            if path in named:
+                continue
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if st.st_uid != 0 or st.st_mtime > old:
+                continue
+            try:
+                if self._brick.delete_rbd_conf(path, holding=sorted(
+                        keyrings)):
+                    log.info("Deleted ceph conf %s: no record names it",
+                             path)
+            except Exception as e:
+                log.warning("Cannot delete the leftover ceph conf %s: %s",
+                            path, e)
 
     def _rollback(self, vol_id, sd_id, connection_info, attachment,
                   error=None):
@@ -1514,6 +1599,11 @@ def _split_link_name(name):
 
 # What a failed attach over a live record of this boot puts back
 # (Service._keep_attached): every field the attach's steps may write.
+# How much older than ``[privsep] timeout`` a ceph conf no record names
+# must be for the start's sweep (``_sweep_confs``): a connect that wrote
+# it has returned or was cut by then, and its record updated.
+CONF_SWEEP_MARGIN = 60.0
+
 _KEPT_ON_FAILED_REATTACH = ("sd_id", "attachment", "path", "multipath_id",
                             "identity", "managed_path", "size")
 

@@ -28,11 +28,12 @@ is still going (several run at once on this machine):
   that is over in the same sense (its watchdog was killed too).
 """
 
+import fcntl
 import glob
 import os
 import re
 import signal
-import subprocess
+import struct
 import tempfile
 
 PGCLUSTER_GLOB = "/tmp/pgcluster.*"
@@ -73,11 +74,76 @@ def stale_loop_devices(root=None):
 
 def detach_stale_loop_devices(root=None):
     """Detach the loop devices of test runs that are over; return them."""
-    stale = stale_loop_devices(root)
-    for device, _ in stale:
-        subprocess.run(["losetup", "-d", device], stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, check=False)
-    return stale
+    return detach_loop_devices(stale_loop_devices(root))
+
+
+def detach_loop_devices(found):
+    """Detach each ``(device, backing file)`` of ``found`` that is still
+    bound to that file; return those detached.
+
+    Between the look at a device's backing file and its detach, another
+    run may detach it and a third attach its own file to the same minor
+    (several runs at once on this machine): ``losetup -d`` would then
+    end that run's device.  So, as ``losetup -d`` does, the device is
+    opened and cleared with LOOP_CLR_FD (losetup's
+    ``loopcxt_delete_device``), but only after looking again, on the
+    open device, that it is still bound to the same file: its sysfs
+    backing file is the one found, and the backing file's device and
+    inode (LOOP_GET_STATUS64) are the same before and after that look.
+    What is left is the window between the last look and the clear (two
+    system calls), not the whole listing."""
+    done = []
+    for device, backing in found:
+        try:
+            fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            before = _loop_file(fd)
+            if (before is None or _sysfs_backing(device) != backing
+                    or _loop_file(fd) != before):
+                continue
+            fcntl.ioctl(fd, LOOP_CLR_FD)
+            done.append((device, backing))
+        except OSError:
+            continue            # detached meanwhile, or busy
+        finally:
+            os.close(fd)
+    return done
+
+
+# linux/loop.h
+LOOP_CLR_FD = 0x4C01
+LOOP_GET_STATUS64 = 0x4C05
+# struct loop_info64: lo_device, lo_inode, lo_rdevice, lo_offset,
+# lo_sizelimit, lo_number, lo_encrypt_type, lo_encrypt_key_size,
+# lo_flags, lo_file_name[64], lo_crypt_name[64], lo_encrypt_key[32],
+# lo_init[2].
+_LOOP_INFO64 = struct.Struct("=QQQQQIIII64s64s32s2Q")
+
+
+def _loop_file(fd):
+    """(device, inode) of the file the open loop device ``fd`` is bound
+    to, None when it is bound to none."""
+    buf = bytearray(_LOOP_INFO64.size)
+    try:
+        fcntl.ioctl(fd, LOOP_GET_STATUS64, buf)
+    except OSError:
+        return None             # ENXIO: not bound
+    info = _LOOP_INFO64.unpack(bytes(buf))
+    return info[0], info[1]
+
+
+def _sysfs_backing(device):
+    try:
+        with open("/sys/block/{}/loop/backing_file".format(
+                os.path.basename(device))) as f:
+            backing = f.read().strip()
+    except OSError:
+        return None
+    if backing.endswith(" (deleted)"):
+        backing = backing[:-len(" (deleted)")]
+    return backing
 
 
 def stale_pg_clusters():

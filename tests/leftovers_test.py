@@ -57,6 +57,34 @@ def test_a_loop_device_is_stale_when_the_run_of_its_base_temp_is_over(
 
 
 @pytest.mark.root
+def test_a_stale_loop_device_bound_again_meanwhile_is_not_detached(
+        tmp_path):
+    # Found stale, then detached by another run and bound by a third to
+    # its own file on the same minor before this run's detach: that
+    # device is the third run's, and stays.  A stale one still bound to
+    # its file is detached.
+    basetemp = tmp_path / "pytest-of-someone" / "pytest-7"
+    (basetemp / "test_x0").mkdir(parents=True)
+    dev = LoopDevice(str(basetemp / "test_x0" / "backing"))
+    other = LoopDevice(str(basetemp / "test_x0" / "other"))
+    try:
+        stale = leftovers.stale_loop_devices(root=str(tmp_path))
+        assert (dev.path, dev.backing) in stale
+        assert (other.path, other.backing) in stale
+        live = tmp_path / "live"
+        dev.reattach(str(live))
+        done = leftovers.detach_loop_devices(
+            [(dev.path, str(basetemp / "test_x0" / "backing")),
+             (other.path, other.backing)])
+        assert done == [(other.path, other.backing)]
+        assert dev.current_backing() == str(live)
+        assert other.current_backing() != other.backing
+    finally:
+        dev.detach()
+        other.detach()
+
+
+@pytest.mark.root
 def test_a_loop_device_outside_a_pytest_base_temp_is_never_stale(tmp_path):
     (tmp_path / "enginejava-x").mkdir()
     dev = LoopDevice(str(tmp_path / "enginejava-x" / "volume.img"))

@@ -1,5 +1,6 @@
 """procs: the host's processes that run a given command."""
 
+import os
 import subprocess
 import sys
 import time
@@ -24,6 +25,8 @@ def test_a_running_process_is_found_by_its_argv_with_its_age():
         [(pid, name, age)] = found
         assert (pid, name) == (child.pid, "sleeper")
         assert age >= 0
+        # Not as a child of its parent (the daemon's own calls'):
+        assert procs.matching(match, parent=os.getpid()) == []
     finally:
         child.kill()
         child.wait()
@@ -36,7 +39,7 @@ def test_a_command_name_with_spaces_and_parentheses_is_read(tmp_path):
     proc = tmp_path / "proc"
     (proc / "42").mkdir(parents=True)
     (proc / "42" / "cmdline").write_bytes(b"iscsiadm\0-T\0x\0")
-    fields = ["S"] + ["0"] * 18 + ["500"] + ["0"] * 10
+    fields = ["S", "1"] + ["0"] * 17 + ["500"] + ["0"] * 10
     (proc / "42" / "stat").write_text(
         "42 (a) b (c) " + " ".join(fields) + "\n")
     (proc / "uptime").write_text("100.00 50.00\n")
@@ -46,3 +49,4 @@ def test_a_command_name_with_spaces_and_parentheses_is_read(tmp_path):
         lambda argv: "it" if argv[0] == "iscsiadm" else None, str(proc))
     assert (pid, name) == (42, "it")
     assert abs(age - (100 - 500 / procs._TICKS)) < 1e-6
+    assert procs.matching(lambda argv: "it", str(proc), parent=1) == []

@@ -131,13 +131,15 @@ What cancelling does not stop:
 - so a disconnect first waits for what an earlier connect of the same
   connection still runs (``_wait_earlier``), so that it sees the
   session a late login made: the lingering threads of this daemon, and
-  the host's processes running that connect's command (``procs``:
-  ``iscsiadm -T <iqn> --login`` of one of its targets, ``rbd map`` of
-  its image; ``transports``' ``connect_command``), which outlive the
-  daemon that started them: one killed at a deadline (the call's own
-  thread inside its login or map), stopped with the agent, or whose
-  agent restarted.  It relies on the kernel's process table alone: no
-  state of ours survives a daemon.  While they run (up to the
+  the host's processes running that connect's command that an earlier
+  daemon started (``procs``: ``iscsiadm -T <iqn> --login`` of one of
+  its targets, ``rbd map`` of its image; ``transports``'
+  ``connect_command``; not this daemon's own children, which are its
+  calls', lingering ones included), which outlive the daemon that
+  started them: one killed at a deadline (the call's own thread inside
+  its login or map), stopped with the agent, or whose agent restarted.
+  For those it relies on the kernel's process table alone: no state of
+  ours survives a daemon.  While they run (up to the
   disconnect's deadline, or not at all when each has already run
   longer than the disconnect could wait: stuck) the disconnect is not
   run and says so ("still_running": ``errors.EarlierConnectRunning``,
@@ -883,9 +885,12 @@ def _wait_earlier(connection_info):
     or map would come up after a disconnect that found nothing to end.
     What is looked for: the threads os-brick started for an earlier
     call of this daemon (``_lingering``), and the host's processes
-    running such a command of the connection, whichever daemon started
-    them (``procs``, the transport's ``connect_command``): those
-    outlive a daemon killed at a deadline or stopped with the agent.
+    running such a command of the connection that an earlier daemon
+    started (``procs``, the transport's ``connect_command``; not this
+    daemon's children): those outlive a daemon killed at a deadline or
+    stopped with the agent.  An earlier daemon's login of a target
+    another volume shares (same IQN) is waited for too: its argv does
+    not tell the volume; it ends on its own (iscsid's login retries).
 
     Raises ``_EarlierRunning`` (the disconnect is not run, its caller
     keeps the record) when they still run at this call's deadline, or
@@ -949,9 +954,16 @@ def _earlier(key, match):
                               "daemon, inside a command for {:.0f} s"
                               .format(c.threads, c.name, age), age))
     if match is not None:
-        for pid, name, age in procs.matching(match):
-            found.append(("{} pid {}, running for {:.0f} s".format(
-                name, pid, age), age))
+        # This daemon's own children are its calls' (those of an earlier
+        # connect of this connection: its lingering threads, above); a
+        # login another volume's connect runs now on a shared target
+        # (same IQN) is not this volume's and is not waited for.  A
+        # daemon that is gone left its children to init (or the agent,
+        # a subreaper): those are waited for, whoever's they were.
+        for pid, name, age in procs.matching(match, parent=os.getpid()):
+            found.append(("{} pid {}, running for {:.0f} s (left by an "
+                          "earlier privsep daemon)".format(name, pid, age),
+                          age))
     return found
 
 

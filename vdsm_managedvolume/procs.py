@@ -18,9 +18,12 @@ Read as root in the daemon (any user may read /proc/PID/cmdline unless
 /proc is mounted with hidepid; hidepid=2 does not hide root's commands
 from the daemon's reduced capability set: checked on Linux 6.18 with
 CAP_SYS_ADMIN, CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH alone).  A
-process that ends while it is read is skipped.  Argument vectors are never logged nor returned: os-brick puts
-a CHAP password on iscsiadm's (``--op update -n
-node.session.auth.password -v ...``).
+process that ends while it is read is skipped.  The daemon leaves out
+its own children (``parent``): those are its calls', which it knows
+better (a login another volume's connect runs now on a target shared
+with this one is not this volume's).  Argument vectors are never
+logged nor returned: os-brick puts a CHAP password on iscsiadm's
+(``--op update -n node.session.auth.password -v ...``).
 """
 
 import os
@@ -31,10 +34,11 @@ PROC = "/proc"
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def matching(match, proc=PROC):
+def matching(match, proc=PROC, parent=None):
     """``[(pid, name, age)]`` of the processes whose argv ``match``
     (argv -> a short name for logs, or None) names, ``age`` the seconds
-    since each started; this process excluded."""
+    since each started; this process excluded, and the children of
+    ``parent`` (a pid) when given."""
     found = []
     uptime = None
     me = os.getpid()
@@ -51,11 +55,14 @@ def matching(match, proc=PROC):
         name = match(argv)
         if name is None:
             continue
+        stat = _stat(proc, pid)
+        if stat is None:
+            continue        # ended meanwhile
+        ppid, started = stat
+        if parent is not None and ppid == parent:
+            continue
         if uptime is None:
             uptime = _uptime(proc)
-        started = _start_time(proc, pid)
-        if started is None:
-            continue        # ended meanwhile
         found.append((pid, name, max(0.0, uptime - started)))
     return found
 
@@ -69,16 +76,16 @@ def _argv(proc, pid):
     return [a.decode("utf-8", "replace") for a in raw.split(b"\0")[:-1]]
 
 
-def _start_time(proc, pid):
-    """Seconds after boot ``pid`` started (/proc/PID/stat field 22), or
-    None."""
+def _stat(proc, pid):
+    """(parent pid, seconds after boot it started) of ``pid``
+    (/proc/PID/stat fields 4 and 22), or None."""
     try:
         with open("{}/{}/stat".format(proc, pid), "rb") as f:
             stat = f.read()
         # The command name (field 2) is in parentheses and may hold
         # spaces and parentheses: fields are counted after the last ")".
         fields = stat[stat.rindex(b")") + 2:].split()
-        return int(fields[19]) / _TICKS
+        return int(fields[1]), int(fields[19]) / _TICKS
     except (OSError, ValueError, IndexError):
         return None
 

@@ -1597,13 +1597,13 @@ def _split_link_name(name):
         return None
 
 
-# What a failed attach over a live record of this boot puts back
-# (Service._keep_attached): every field the attach's steps may write.
 # How much older than ``[privsep] timeout`` a ceph conf no record names
 # must be for the start's sweep (``_sweep_confs``): a connect that wrote
 # it has returned or was cut by then, and its record updated.
 CONF_SWEEP_MARGIN = 60.0
 
+# What a failed attach over a live record of this boot puts back
+# (Service._keep_attached): every field the attach's steps may write.
 _KEPT_ON_FAILED_REATTACH = ("sd_id", "attachment", "path", "multipath_id",
                             "identity", "managed_path", "size")
 

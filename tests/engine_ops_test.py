@@ -227,8 +227,10 @@ def test_ending_one_hosts_connection_keeps_the_export_the_other_uses(
                                ["remove_export", vol]]
     assert backend.connected_hosts(vol) == []
     assert backend.volume_status(vol) == "available"
+    # Before the delete, as cinder's volume manager (a connect killed
+    # after create_export left an export no connection records).
     backend.run("delete_volume", vol)
-    assert backend.calls() == []
+    assert backend.calls() == [["remove_export", vol]]
 
 
 def test_a_failed_connect_keeps_the_export_another_host_uses(backend):
@@ -304,6 +306,7 @@ def test_a_snapshot_left_in_error_is_deleted_with_its_volume(
         "error".format(snap) in engine_service.log()
     backend.failing()
     backend.run("delete_volume", vol)
+    assert backend.calls() == [["remove_export", vol]]
     assert backend.snapshots(vol) == []
     assert backend.volume_ids() == []
     assert files_in(backend.dir) == []
@@ -430,6 +433,34 @@ def test_a_connection_is_reused_only_by_the_host_it_was_made_for(
                          "SELECT connection_info FROM volume_attachment "
                          "WHERE volume_id = ? AND NOT deleted", vol))
     assert devices == [False, False]
+    backend.run("delete_volume", vol)
+
+
+def test_save_device_saves_on_the_connection_connected_last(backend):
+    """ovirt-engine names no host in save_device; it runs it right after
+    its connect_volume and that host's attach.  Of several connections
+    without a device (one leaked by an attach that failed on another
+    host, one whose device connect_volume forgot as it reused it) it is
+    the one connected last: a reused connection kept its first time, so
+    the device went on the leaked connection, and the connection of the
+    host running the VM had none (a delete then found no device to
+    refuse on when that host could not be asked)."""
+    vol = new_id()
+    backend.run("create_volume", vol, 1)
+    backend.run("connect_volume", vol, json.dumps({"host": "d"}))
+    backend.run("save_device", vol, json.dumps({"path": "/dev/d1"}))
+    # c's attach failed after its connect (saveDevices: no disconnect).
+    backend.run("connect_volume", vol, json.dumps({"host": "c"}))
+    # The VM starts on d again.
+    backend.run("connect_volume", vol, json.dumps({"host": "d"}))
+    backend.run("save_device", vol, json.dumps({"path": "/dev/d2"}))
+    devices = {h: backend.run("get_connection_info", vol, h).json(
+        "c")["device"] for h in ("c", "d")}
+    assert devices == {"c": None, "d": {"path": "/dev/d2"}}
+    # So the delete is refused while d cannot be asked.
+    r = backend.run("delete_volume", vol, code=1)
+    assert "was attached on host d, which cannot be asked" in r.error()
+    backend.run("disconnect_volume", vol, "d")
     backend.run("delete_volume", vol)
 
 

@@ -20,6 +20,13 @@ Where upstream is wrong we differ, and say so here:
   prints it as ``error:...`` and exits 0 only for the removals (delete,
   remove_snapshot, disconnect: the goal is already reached); upstream also
   exited 0 for extend, clone, connect..., which the engine took as success.
+- A command killed half-way leaves nothing the next one cannot find
+  (``_connect``, ``_end``; docs/engine.md, "Killed mid-command"): a
+  connection is recorded before the driver grants it to its host and
+  deleted only after the driver ended it and removed the export, marked
+  unfinished in between (``_unfinished``); cinderlib records it after
+  the grant and deletes it before the export's removal.  delete_volume
+  removes the export before the driver's delete, as cinder does.
 - connect_volume reuses the connection of the same host (forgetting its
   old device) when the connector is that host's by the identity the
   connection's export was granted to (``hosts.identity_difference``:
@@ -147,7 +154,8 @@ def delete_volume(backend, args):
                 commands="; ".join(_detach_command(vol.id, a)
                                    for a in holders))
         unasked = [(c, a) for c, a in zip(conns, answers)
-                   if a.attached is None and c.device]
+                   if a.attached is None and c.device and
+                   not _unfinished(c)]
         if unasked:
             raise errors.EngineCannotAsk(
                 id=vol.id,
@@ -161,16 +169,28 @@ def delete_volume(backend, args):
                         vol.id, _show_host(c.connector_info))
                     for c, _ in unasked))
         for conn, answer in zip(conns, answers):
-            if answer.attached is None:
+            if answer.attached is None and _unfinished(conn):
+                log.info("Ending the connection of volume %s to %s left "
+                         "unfinished by a command that did not end (%s); "
+                         "the host cannot be asked (%s)", vol.id,
+                         answer.where(), _attach_status(conn),
+                         answer.reason)
+            elif answer.attached is None:
                 log.warning("Ending the connection of volume %s to %s "
                             "though the host cannot be asked (%s): no "
                             "attach through it completed (no device "
                             "saved)", vol.id, answer.where(),
                             answer.reason)
+    exported = True
     for conn in conns:
         log.info("Disconnecting volume %s from host %s before deleting it",
                  vol.id, _host(conn))
-        _end(vol, conn)
+        exported = not _end(vol, conn)
+    if exported:
+        # As cinder's VolumeManager.delete_volume does before the
+        # driver's delete_volume: a connect killed after create_export
+        # left an export no connection records.
+        _remove_export(vol, "before deleting it")
     log.info("Deleting volume %s", vol.id)
     vol.delete()
     return None
@@ -198,17 +218,31 @@ def connect_volume(backend, args):
             # driver's terminate_connection gets.
             log.info("Volume %s is connected to host %s, now named %s",
                      vol.id, _host(conn), host)
+        if _unfinished(conn):
+            # A command killed while it connected or ended it: the
+            # driver's grant to this host may or may not exist.
+            log.info("Volume %s: the connection to host %s was left "
+                     "unfinished by a command that did not end (%s); "
+                     "connecting it again", vol.id, _host(conn),
+                     _attach_status(conn))
+            conn = _connect(vol, connector, conn)
+            return _dumps(conn.conn_info)
         log.info("Volume %s already connected to host %s", vol.id, host)
-        if conn.device:
-            # The engine connects before every attach: the device saved
-            # for this host's earlier attach is gone or about to be
-            # replaced, and save_device must find this connection again
-            # as the one without a device.
-            conn.device_attached(None)
+        # The engine connects before every attach: the device saved for
+        # this host's earlier attach is gone or about to be replaced, and
+        # save_device must find this connection again as the one without
+        # a device, the last connected (``_pick_connection``).
+        conn.device = None
+        conn._ovo.attach_time = _now()
+        conn.save()
+        if vol.status != "in-use":
+            # A connect killed after its connection's record.
+            vol._ovo.status = "in-use"
+            vol.save()
         return _dumps(conn.conn_info)
     log.info("Connecting volume %s to host %s", vol.id, host)
     conn = _connect(vol, connector)
-    return _dumps(conn.connection_info["conn"])
+    return _dumps(conn.conn_info)
 
 
 def disconnect_volume(backend, args):
@@ -237,6 +271,10 @@ def disconnect_volume(backend, args):
     for conn in conns:
         log.info("Disconnecting volume %s from host %s", vol.id, _host(conn))
         _end(vol, conn)
+    if not vol.connections and vol.status == "in-use":
+        # An end killed after its connection's record was deleted.
+        vol._ovo.status = "available"
+        vol.save()
     return None
 
 
@@ -445,44 +483,89 @@ def _find_volume(backend, vol_id, required=True):
     return vols[0]
 
 
-def _connect(vol, connector):
-    """cinderlib's ``Volume.connect``, except after a failure: the
-    volume's export is removed only when no other connection uses it.
+def _connect(vol, connector, conn=None):
+    """Connect ``vol`` to ``connector``'s host: a new connection, or
+    ``conn``, one a killed command left unfinished (``_unfinished``).
 
-    cinderlib removes it after any failure of the connect.  With a driver
-    exporting each volume (LVM's tgt/LIO target, nvmet), a migration's
-    destination failing to connect then cut the disk of the VM still
-    running on the source.  A leaked export is recoverable (``_end``
-    removes it with the last connection), a removed one is not.
+    cinderlib's ``Volume.connect`` records the connection only once the
+    driver's ``initialize_connection`` has granted the volume to the
+    host (an LVM target's ACL, a SAN's host mapping): a command killed
+    in between left a grant no record names, which nothing ended and
+    which made the backend refuse to delete the volume.  So the
+    connection is recorded first, ``CONNECTING`` (cinder's attachment
+    "attaching"), then granted, then completed with its conn_info; a
+    record left ``CONNECTING`` or ``ENDING`` is connected again by its
+    host's next connect_volume (the drivers' initialize_connection is
+    idempotent for a connector: nova calls it at every start) and ended
+    by disconnect_volume or delete_volume even when its host cannot be
+    asked: its conn_info was never printed since, so no attach went
+    through it.
+
+    After a failure the volume's export is removed only when no other
+    connection uses it; cinderlib removes it after any failure of the
+    connect.  With a driver exporting each volume (LVM's tgt/LIO target,
+    nvmet), a migration's destination failing to connect then cut the
+    disk of the VM still running on the source.  A leaked export is
+    recoverable (``_end`` removes it with the last connection), a
+    removed one is not.
     """
     from cinderlib import objects
-    others = list(vol.connections)
+    others = [c for c in vol.connections if conn is None or c.id != conn.id]
     driver = vol.backend.driver
     model_update = driver.create_export(vol.CONTEXT, vol._ovo, connector)
     if model_update:
         vol._ovo.update(model_update)
         vol.save()
-    try:
-        conn = objects.Connection.connect(vol, connector)
-        # The rest of Volume.connect: the volume's records.
-        vol._connections.append(conn)
+    new = conn is None
+    if new:
+        # cinderlib's Connection.connect, in two steps.
+        conn = objects.Connection(vol.backend, connector=connector,
+                                  volume=vol, status="attached",
+                                  attach_status=CONNECTING,
+                                  connection_info={"conn": {}})
+        conn.connector_info = connector
+        conn.save()
+        vol.connections.append(conn)
         getattr(vol._ovo, objects.CONNECTIONS_OVO_FIELD).objects.append(
             conn._ovo)
-        vol._ovo.status = "in-use"
-        vol.save()
+    else:
+        # The grant is made for the connector the host has now (a
+        # renamed host's), which is what its end must name.
+        conn.connector_info = connector
+        conn.device = None
+        conn._ovo.attach_status = CONNECTING
+        conn.save()
+    try:
+        conn_info = driver.initialize_connection(vol._ovo, connector)
     except Exception:
-        if others:
-            log.warning("Connecting volume %s to host %s failed; keeping "
-                        "its export: %d other connection(s) use it",
-                        vol.id, connector.get("host"), len(others))
+        if not new:
+            log.warning("Connecting volume %s to host %s failed; its "
+                        "connection stays unfinished, to be ended or "
+                        "connected again", vol.id, connector.get("host"))
         else:
-            _remove_export(vol, "after its failed connect")
+            conn.persistence.delete_connection(conn)
+            vol._connection_removed(conn)
+            if others:
+                log.warning("Connecting volume %s to host %s failed; "
+                            "keeping its export: %d other connection(s) "
+                            "use it", vol.id, connector.get("host"),
+                            len(others))
+            else:
+                _remove_export(vol, "after its failed connect")
         raise
+    conn.conn_info = conn_info
+    conn._ovo._changed_fields.add("connection_info")
+    conn._ovo.attach_status = "attached"
+    conn._ovo.attach_time = _now()
+    conn.save()
+    vol._ovo.status = "in-use"
+    vol.save()
     return conn
 
 
 def _end(vol, conn):
-    """End ``conn``, removing ``vol``'s export only when nothing shares it.
+    """End ``conn``, removing ``vol``'s export only when nothing shares
+    it; return whether it was removed.
 
     What cinder's volume manager does when an attachment is deleted
     (``VolumeManager.attachment_delete`` with ``_connection_terminate``,
@@ -496,30 +579,42 @@ def _end(vol, conn):
     not count, kept because its host could not be asked): a leaked export
     is recoverable, a removed one cuts a running VM's disk.
 
-    The records are kept as cinderlib keeps them: the connection row is
-    deleted once the driver has terminated it (a failure keeps it, to be
-    ended again), and the volume is "available" again when it has no
-    connection left.
+    The connection is marked ``ENDING`` before the driver is called, and
+    its record is deleted last, after the export's removal: a command
+    killed anywhere in between leaves the record, which the next
+    disconnect_volume or delete_volume ends again (terminate_connection
+    and remove_export are idempotent in cinder drivers) and its host's
+    next connect_volume connects again (``_connect``).  cinderlib
+    deleted the record before removing the export (a kill there leaked
+    an export that made the backend refuse the delete), and the
+    connection of a command killed after terminate_connection was reused
+    as it was, handing the host a connection whose grant was gone.  The
+    volume is "available" again when it has no connection left.
     """
     driver = vol.backend.driver
+    others = [c for c in vol.connections if c.id != conn.id]
+    if _attach_status(conn) != ENDING:
+        conn._ovo.attach_status = ENDING
+        conn.save()
     shared = driver.terminate_connection(vol._ovo, conn.connector_info,
                                          force=False)
     shared = shared if isinstance(shared, bool) else False
-    # cinderlib's Connection._disconnect, without the export removal.
+    removed = not (shared or others)
+    if removed:
+        _remove_export(vol, "ignored as cinder does")
+    else:
+        log.info("Keeping the export of volume %s: %s", vol.id,
+                 "the driver says it is shared" if shared else
+                 "{} other connection(s) left".format(len(others)))
+    # cinderlib's Connection._disconnect.
     conn.conn_info = None
     conn._ovo.status = "detached"
     conn.persistence.delete_connection(conn)
     vol._connection_removed(conn)
-    others = list(vol.connections)
-    if shared or others:
-        log.info("Keeping the export of volume %s: %s", vol.id,
-                 "the driver says it is shared" if shared else
-                 "{} other connection(s) left".format(len(others)))
-    else:
-        _remove_export(vol, "ignored as cinder does")
     if not others:
         vol._ovo.status = "available"
         vol.save()
+    return removed
 
 
 def _remove_export(vol, context):
@@ -547,7 +642,14 @@ def _released(vol, conns, args):
     from . import hosts
     released = []
     for conn, answer in zip(conns, _ask(vol, conns, args)):
-        if answer.attached is None:
+        if answer.attached is None and _unfinished(conn):
+            log.info("Ending the connection of volume %s to %s left "
+                     "unfinished by a command that did not end (%s): no "
+                     "attach went through it since; the host cannot be "
+                     "asked (%s)", vol.id, answer.where(),
+                     _attach_status(conn), answer.reason)
+            released.append(conn)
+        elif answer.attached is None:
             log.warning("Keeping the connection of volume %s to %s: the "
                         "host cannot be asked whether it still uses it "
                         "(%s); disconnect_volume %s '%s' ends it once "
@@ -709,9 +811,15 @@ def _pick_connection(vol, host, for_device=False):
     With ``host`` (a name or a connector object, ``_named``): that host's
     connection.  Without: the only one; with several (a live migration),
     for save_device the one that has no device yet (the host that just
-    attached), else the newest.
+    attached), else the newest.  Newest is the last connected by
+    connect_volume, which stamps a connection it reuses too: the engine
+    runs save_device right after its connect_volume and the host's
+    attach, so of several connections without a device (one leaked by a
+    failed attach elsewhere) the last connected is that host's.
     """
-    conns = list(vol.connections)
+    # One a killed command left unfinished has no conn_info to give, nor
+    # an attach to save a device for.
+    conns = [c for c in vol.connections if not _unfinished(c)]
     if not conns:
         raise errors.EngineNotFound(kind="Connection of volume", id=vol.id)
     if host is not None:
@@ -725,9 +833,9 @@ def _pick_connection(vol, host, for_device=False):
         return conns[0]
     if for_device:
         fresh = [c for c in conns if not c.device]
-        if len(fresh) == 1:
-            return fresh[0]
-    return max(conns, key=_created)
+        if fresh:
+            return max(fresh, key=_connected_at)
+    return max(conns, key=_connected_at)
 
 
 def _named(vol, conns, host):
@@ -766,8 +874,41 @@ def _detach_command(vol_id, answer):
         vol_id)
 
 
-def _created(conn):
-    return (conn.created_at is not None, conn.created_at or 0)
+def _connected_at(conn):
+    """When ``conn`` was last connected (attach_time, stamped by
+    connect_volume; a connection of an older version has only its
+    created_at)."""
+    ovo = conn._ovo
+    when = ovo.attach_time if ovo.obj_attr_is_set("attach_time") else None
+    when = when or conn.created_at
+    return (when is not None, when or 0)
+
+
+def _now():
+    from oslo_utils import timeutils
+    return timeutils.utcnow()
+
+
+# The attach_status (cinder's VolumeAttachStatus) of a connection a
+# command is changing, which it keeps if that command is killed:
+# CONNECTING from its record until its conn_info is recorded (the
+# driver's grant may exist), ENDING from before terminate_connection
+# until its record is deleted (the grant may be gone).  A complete one
+# is "attached", or None when made by an older version.
+CONNECTING = "attaching"
+ENDING = "detached"
+
+
+def _attach_status(conn):
+    ovo = conn._ovo
+    return ovo.attach_status if ovo.obj_attr_is_set("attach_status") \
+        else None
+
+
+def _unfinished(conn):
+    """Whether a killed command left ``conn`` half connected or half
+    ended (``_connect``, ``_end``)."""
+    return _attach_status(conn) in (CONNECTING, ENDING)
 
 
 def _dumps(obj):

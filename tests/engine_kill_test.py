@@ -1,0 +1,437 @@
+"""The shim killed at every step of connect_volume, disconnect_volume
+and delete_volume: what the next command must converge.
+
+A backend with per-host exports (an LVM target's ACL, a SAN's host
+mapping) is changed by the driver before cinderlib's database says so.
+The FileDriver has none, so ``ExportingDriver`` keeps them visible in
+``exports.json`` in its volume directory: per volume, whether its export
+exists (create_export, remove_export) and the hosts it is granted to
+(initialize_connection, terminate_connection); its delete_volume refuses
+a volume still exported, as such backends do.
+
+Every driver call and every write cinderlib makes to its database is a
+step (``steps.jsonl``, before and after each).  A first run of a command
+lists its steps; then, for each, a fresh volume gets the same command
+killed there (SIGKILL of the warm service's child running it:
+``kill-at`` names the step's number) and the engine's next command
+(docs/engine.md, "Killed mid-command": the same command again, or the
+next flow's) must leave cinderlib's database, the driver's exports and
+the shim's locks agreeing, with nothing left once the volume is deleted.
+"""
+
+import json
+import os
+import re
+import signal
+import sqlite3
+
+import pytest
+
+from .engine_fixtures import files_in
+from .engine_fixtures import new_id
+
+pytestmark = pytest.mark.slow
+
+
+def __getattr__(name):
+    """The test driver, built in the shim's processes that import it by
+    name; collecting this module does not import cinder into pytest."""
+    if name != "ExportingDriver":
+        raise AttributeError(name)
+    from cinder import exception
+    from vdsm_managedvolume.engine.filedriver import FileDriver
+
+    class ExportingDriver(FileDriver):
+        def do_setup(self, context):
+            super().do_setup(context)
+            _trace_database(self._dir)
+
+        def create_export(self, context, volume, connector):
+            with _step(self._dir, "create_export"):
+                self._change(volume.id, export=True)
+
+        def remove_export(self, context, volume):
+            with _step(self._dir, "remove_export"):
+                self._change(volume.id, export=False)
+
+        def initialize_connection(self, volume, connector, **kwargs):
+            with _step(self._dir, "initialize_connection"):
+                if not self._exports().get(volume.id, {}).get("export"):
+                    raise exception.VolumeBackendAPIException(
+                        data="volume {} is not exported".format(volume.id))
+                info = super().initialize_connection(volume, connector,
+                                                     **kwargs)
+                self._change(volume.id, grant=connector["host"])
+                return info
+
+        def terminate_connection(self, volume, connector, **kwargs):
+            with _step(self._dir, "terminate_connection"):
+                shared = super().terminate_connection(volume, connector,
+                                                      **kwargs)
+                self._change(volume.id, revoke=connector["host"])
+                return shared
+
+        def delete_volume(self, volume):
+            with _step(self._dir, "delete_volume"):
+                found = self._exports().get(volume.id)
+                if found and (found["export"] or found["hosts"]):
+                    raise exception.VolumeBackendAPIException(
+                        data="volume {} is still exported: {}".format(
+                            volume.id, found))
+                super().delete_volume(volume)
+                self._change(volume.id, forget=True)
+
+        def _exports(self):
+            try:
+                with open(os.path.join(self._dir, "exports.json")) as f:
+                    return json.load(f)
+            except FileNotFoundError:
+                return {}
+
+        def _change(self, vol_id, export=None, grant=None, revoke=None,
+                    forget=False):
+            exports = self._exports()
+            entry = exports.setdefault(vol_id, {"export": False,
+                                                "hosts": []})
+            if export is not None:
+                entry["export"] = export
+            hosts = set(entry["hosts"])
+            if grant:
+                hosts.add(grant)
+            if revoke:
+                hosts.discard(revoke)
+            entry["hosts"] = sorted(hosts)
+            if forget:
+                del exports[vol_id]
+            path = os.path.join(self._dir, "exports.json")
+            with open(path + ".tmp", "w") as f:
+                json.dump(exports, f)
+            os.rename(path + ".tmp", path)
+
+    return ExportingDriver
+
+
+# In the shim's process: the steps it took (pid, count).
+_taken = {"pid": None, "count": 0}
+
+
+class _step:
+    """A step of the running command, before and after its body: recorded
+    in ``steps.jsonl``; the process kills itself (SIGKILL) at the step
+    whose number ``kill-at`` holds."""
+
+    def __init__(self, directory, name):
+        self.directory = directory
+        self.name = name
+
+    def __enter__(self):
+        _reached(self.directory, self.name + ":before")
+
+    def __exit__(self, kind, value, tb):
+        if kind is None:
+            _reached(self.directory, self.name + ":after")
+
+
+def _reached(directory, name):
+    if _taken["pid"] != os.getpid():
+        _taken.update(pid=os.getpid(), count=0)
+    number = _taken["count"]
+    _taken["count"] += 1
+    with open(os.path.join(directory, "steps.jsonl"), "a") as f:
+        f.write(json.dumps(name) + "\n")
+    try:
+        with open(os.path.join(directory, "kill-at")) as f:
+            kill_at = int(f.read())
+    except FileNotFoundError:
+        return
+    if number == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _trace_database(directory):
+    """Make every write of cinderlib's persistence a step."""
+    from cinderlib import objects
+    persistence = objects.Object.persistence
+    if getattr(persistence, "_traced", False):
+        return
+    for name in ("set_volume", "set_connection", "delete_connection",
+                 "delete_volume"):
+        setattr(persistence, name, _traced(directory, "db." + name,
+                                           getattr(persistence, name)))
+    persistence._traced = True
+
+
+def _traced(directory, name, method):
+    def traced(*args, **kwargs):
+        with _step(directory, name):
+            return method(*args, **kwargs)
+    return traced
+
+
+class Backend:
+    """An ExportingDriver backend and its database (SQLite in
+    ``tmp_path``, or a new database of ``pg_cluster``), driven through
+    the shim (the session's warm service)."""
+
+    def __init__(self, shim, service, tmp_path, pg_cluster=None):
+        self.shim = shim
+        self.service = service
+        self.pg = pg_cluster
+        self.dir = str(tmp_path / "vols")
+        if pg_cluster is None:
+            self.db = str(tmp_path / "cinderlib.db")
+            self.db_url = "sqlite:///" + self.db
+        else:
+            self.db = pg_cluster.new_database()
+            # The password never on argv: the URL from a file.
+            url_file = tmp_path / "db_url"
+            url_file.write_text(pg_cluster.url(db=self.db))
+            url_file.chmod(0o600)
+            self.db_url = "@" + str(url_file)
+        self.driver = {"volume_driver":
+                       "tests.engine_kill_test.ExportingDriver",
+                       "volume_backend_name": "exporting",
+                       "file_volume_dir": self.dir}
+        os.makedirs(self.dir)
+
+    def run(self, *args, code=0, cid="c"):
+        """Run a command; its exit code must be ``code`` (None: any)."""
+        r = self.shim.run(*args, driver=self.driver, db_url=self.db_url,
+                          cid=cid)
+        assert code is None or r.code == code, r.describe()
+        return r
+
+    def killed(self, step, *args):
+        """Run a command killed at its step number ``step``."""
+        path = os.path.join(self.dir, "kill-at")
+        with open(path, "w") as f:
+            f.write(str(step))
+        try:
+            r = self.shim.run(*args, driver=self.driver,
+                              db_url=self.db_url, cid="c")
+        finally:
+            os.unlink(path)
+        assert r.code != 0, r.describe()
+        assert "lost the request" in r.error(), r.describe()
+        return r
+
+    def steps(self, *args):
+        """The steps a command takes (it runs)."""
+        path = os.path.join(self.dir, "steps.jsonl")
+        if os.path.exists(path):
+            os.unlink(path)
+        self.run(*args)
+        with open(path) as f:
+            return [json.loads(line) for line in f]
+
+    def exports(self, vol):
+        try:
+            with open(os.path.join(self.dir, "exports.json")) as f:
+                return json.load(f).get(vol)
+        except FileNotFoundError:
+            return None
+
+    def sql(self, query, *params):
+        """The rows of ``query`` (``?``: ``params``, volume ids), each a
+        tuple of strings."""
+        if self.pg is None:
+            with sqlite3.connect(self.db) as db:
+                return [tuple(str(v) for v in row)
+                        for row in db.execute(query, params).fetchall()]
+        for param in params:
+            assert "'" not in param
+            query = query.replace("?", "'{}'".format(param), 1)
+        out = self.pg.psql(query, db=self.db)
+        return [tuple(line.split("|")) for line in out.splitlines()]
+
+    def connections(self, vol):
+        """[(host, whether its conn_info is recorded)] of ``vol``."""
+        rows = self.sql("SELECT connection_info FROM volume_attachment "
+                        "WHERE volume_id = ? AND NOT deleted", vol)
+        return sorted((info["connector"]["host"], bool(info.get("conn")))
+                      for info in (json.loads(i) for i, in rows))
+
+    def volume_status(self, vol):
+        rows = self.sql("SELECT status FROM volumes WHERE id = ? AND NOT "
+                        "deleted", vol)
+        return rows[0][0] if rows else None
+
+    def check_agrees(self, vol, hosts, step):
+        """cinderlib's records and the driver's exports say ``vol`` is
+        connected to exactly ``hosts``, each connection complete (killed
+        at ``step``)."""
+        state = (self.connections(vol), self.exports(vol),
+                 self.volume_status(vol))
+        assert state == ([(h, True) for h in sorted(hosts)],
+                         {"export": bool(hosts), "hosts": sorted(hosts)},
+                         "in-use" if hosts else "available"), step
+
+    def check_gone(self, vol, step):
+        """Nothing of ``vol`` is left: records, exports, file, lock."""
+        locks = self.shim.env["MANAGEDVOLUME_ENGINE_LOCKS_DIR"]
+        state = (self.sql("SELECT count(*) FROM volume_attachment WHERE "
+                          "volume_id = ? AND NOT deleted", vol),
+                 self.volume_status(vol), self.exports(vol),
+                 "volume-" + vol in files_in(self.dir),
+                 [n for n in files_in(locks) if vol in n])
+        assert state == ([("0",)], None, None, False, []), step
+        assert self.service.proc.poll() is None
+
+
+@pytest.fixture
+def backend(engine_service, engine_shim, tmp_path):
+    return Backend(engine_shim, engine_service, tmp_path)
+
+
+@pytest.fixture
+def pg_backend(engine_service, engine_shim, tmp_path, pg_cluster):
+    return Backend(engine_shim, engine_service, tmp_path, pg_cluster)
+
+
+def _connector(host):
+    return json.dumps({"host": host,
+                       "initiator": "iqn.1994-05.com.redhat:" + host})
+
+
+def _steps(backend, *args, setup=()):
+    """[(number, name)] of the steps of ``args`` on a volume prepared by
+    ``setup`` (commands whose first argument after the name is the
+    volume) at which to kill it: before the first, and after each (what
+    runs between one step's end and the next one's start changes nothing
+    outside the process)."""
+    vol = new_id()
+    backend.run("create_volume", vol, 1)
+    for command in setup:
+        backend.run(command[0], vol, *command[1:])
+    steps = backend.steps(args[0], vol, *args[1:])
+    assert steps, "no step taken"
+    return [(n, "{} {}".format(n, name)) for n, name in enumerate(steps)
+            if n == 0 or name.endswith(":after")]
+
+
+def test_a_connect_killed_at_any_step_is_finished_by_the_next_connect(
+        backend):
+    # The engine runs connect_volume again for that host when the VM is
+    # started there again (a user's Run, an HA restart).
+    for number, step in _steps(backend, "connect_volume", _connector("h")):
+        vol = new_id()
+        backend.run("create_volume", vol, 1)
+        backend.killed(number, "connect_volume", vol, _connector("h"))
+        conn = backend.run("connect_volume", vol, _connector("h")).json("c")
+        assert conn["driver_volume_type"] == "local", step
+        backend.check_agrees(vol, ["h"], step)
+        backend.run("disconnect_volume", vol, "h")
+        backend.check_agrees(vol, [], step)
+        backend.run("delete_volume", vol)
+        backend.check_gone(vol, step)
+
+
+@pytest.mark.parametrize("database", [
+    "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_a_connect_killed_at_any_step_leaves_nothing_once_run_elsewhere(
+        request, database):
+    backend = request.getfixturevalue(
+        "backend" if database == "sqlite" else "pg_backend")
+    # RunVmCommand.runVm: a failed attachManagedBlockStorageDisks makes
+    # no status and rerun() tries another host: connect_volume for
+    # that host's connector, then its stop's disconnect_volume (no host
+    # named: neither host can be asked here), then the disk's removal.
+    for number, step in _steps(backend, "connect_volume", _connector("h")):
+        vol = new_id()
+        backend.run("create_volume", vol, 1)
+        backend.killed(number, "connect_volume", vol, _connector("h"))
+        backend.run("connect_volume", vol, _connector("g"))
+        backend.run("disconnect_volume", vol)
+        # h's connection is gone, or complete (killed after its record:
+        # as any host whose attach failed, it is kept until the delete).
+        hosts = [h for h, _ in backend.connections(vol)]
+        assert hosts in (["g"], ["g", "h"]), step
+        backend.check_agrees(vol, hosts, step)
+        backend.run("delete_volume", vol)
+        backend.check_gone(vol, step)
+
+
+@pytest.mark.parametrize("others", [[], ["g"]], ids=["only", "shared"])
+def test_a_disconnect_killed_at_any_step_converges(backend, others):
+    # The VM ran on h (its device saved), h detached, then its stop's
+    # disconnect_volume was killed.
+    setup = [("connect_volume", _connector(h)) for h in ["h"] + others]
+    setup.insert(1, ("save_device", json.dumps({"path": "/dev/h"}), "h"))
+    for number, step in _steps(backend, "disconnect_volume", "h",
+                               setup=setup):
+        # ProcessDownVmCommand does not run it again: its failure keeps
+        # the disk's ATTACHED_VDS_ID, and the VM's next start connects
+        # that host again (the same connection)...
+        vol = new_id()
+        backend.run("create_volume", vol, 1)
+        for command in setup:
+            backend.run(command[0], vol, *command[1:])
+        backend.killed(number, "disconnect_volume", vol, "h")
+        backend.run("connect_volume", vol, _connector("h"))
+        backend.check_agrees(vol, ["h"] + others, step)
+        # ... and the next stop disconnects it again.
+        backend.run("disconnect_volume", vol, "h")
+        backend.check_agrees(vol, others, step)
+        for host in others:
+            backend.run("disconnect_volume", vol, host)
+        backend.run("delete_volume", vol)
+        backend.check_gone(vol, step)
+
+        # Or the disk is removed: delete_volume ends what is left.
+        vol = new_id()
+        backend.run("create_volume", vol, 1)
+        for command in setup:
+            backend.run(command[0], vol, *command[1:])
+        backend.killed(number, "disconnect_volume", vol, "h")
+        r = backend.run("delete_volume", vol, code=None)
+        # Killed before it marked h's connection, the disconnect changed
+        # nothing: h is a host whose attach completed and that cannot be
+        # asked, and the admin's override ends it.  Once marked, nothing
+        # can have attached through it since.
+        assert bool(r.code) == (number == 0), (step, r.describe())
+        if r.code:
+            override = re.search(r"FLOW_ID {} '([^']*)'".format(vol),
+                                 r.error()).group(1)
+            backend.run("disconnect_volume", vol, override)
+            backend.run("delete_volume", vol)
+        backend.check_gone(vol, step)
+
+
+def test_a_delete_killed_at_any_step_is_finished_by_the_next_delete(
+        backend):
+    # RemoveManagedBlockStorageDiskCommand: a failed delete_volume keeps
+    # the disk (unlocked); the admin removes it again.
+    setup = [("connect_volume", _connector("h")),
+             ("connect_volume", _connector("g"))]
+    for number, step in _steps(backend, "delete_volume", setup=setup):
+        vol = new_id()
+        backend.run("create_volume", vol, 1)
+        for command in setup:
+            backend.run(command[0], vol, *command[1:])
+        backend.killed(number, "delete_volume", vol)
+        r = backend.run("delete_volume", vol)
+        assert r.stdout == b"" or b"not found" in r.stdout, (step,
+                                                             r.describe())
+        backend.check_gone(vol, step)
+
+
+def test_a_connection_left_unfinished_is_never_picked(backend):
+    # Its conn_info is not recorded (or its grant may be gone): the
+    # connection without a host named is the one complete.
+    [number] = [n for n, name in _steps(backend, "connect_volume",
+                                        _connector("h"))
+                if name.endswith(" initialize_connection:after")]
+    vol = new_id()
+    backend.run("create_volume", vol, 1)
+    backend.run("connect_volume", vol, _connector("g"))
+    backend.killed(number, "connect_volume", vol, _connector("h"))
+    assert backend.connections(vol) == [("g", True), ("h", False)]
+    info = backend.run("get_connection_info", vol).json("c")
+    assert info["connector"]["host"] == "g"
+    backend.run("save_device", vol, json.dumps({"path": "/dev/g"}))
+    info = backend.run("get_connection_info", vol, "g").json("c")
+    assert info["device"] == {"path": "/dev/g"}
+    backend.run("disconnect_volume", vol, "h")
+    backend.run("disconnect_volume", vol, "g")
+    backend.run("delete_volume", vol)
+    backend.check_gone(vol, "initialize_connection:after")

@@ -210,6 +210,14 @@ def test_a_connector_needs_a_host_name(connector):
     assert message.startswith("connector has no host")
 
 
+@pytest.mark.parametrize("conn_id", ['""', "5", "null", '["x"]'])
+def test_a_connectors_connection_id_is_a_non_empty_string(conn_id):
+    connector = '{{"host": "h", "connection_id": {}}}'.format(conn_id)
+    message = _usage_error(["disconnect_volume", FILE_JSON, "sqlite://",
+                            "c", new_id(), connector])
+    assert message == "connector's connection_id must be a non-empty string"
+
+
 def test_sizes_are_at_most_what_the_size_column_holds():
     from vdsm_managedvolume.engine import args
     for value in (str(2 ** 31), "99999999999999999999999", "9" * 5000,

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import socket
+import sqlite3
 import uuid
 
 import pytest
@@ -181,6 +182,17 @@ class Engine:
             if r.code == 0:
                 found[name] = (r.json("i")["device"] or {}).get(
                     "managed_path")
+        return found
+
+    def connection_id(self, name):
+        """The id of the volume's connection to host ``name``."""
+        path = self.db_url[len("sqlite:///"):]
+        with sqlite3.connect(path) as db:
+            rows = db.execute("SELECT id, connection_info FROM "
+                              "volume_attachment WHERE volume_id = ? AND "
+                              "NOT deleted", (self.vol,)).fetchall()
+        [found] = [i for i, info in rows
+                   if json.loads(info)["connector"]["host"] == name]
         return found
 
     def cleanup(self):
@@ -523,7 +535,8 @@ def test_a_volume_attached_on_a_host_that_cannot_be_asked_is_not_deleted(
                    db_url=e.db_url, cid="d", options=e.options)
 
     assert r.code == 1, r.describe()
-    identity = hostsmod.identity(e.connector("host-a"))
+    identity = hostsmod.identity(e.connector("host-a"),
+                                 e.connection_id("host-a"))
     assert r.error().startswith(
         "delete_volume failed: Volume {} was attached on host host-a, "
         "which cannot be asked whether it still has it (127.0.0.1:{}: "
@@ -589,7 +602,8 @@ def test_a_host_of_that_name_with_another_identity_is_told_apart(
     r = e.shim.run("delete_volume", e.vol, driver=e.driver,
                    db_url=e.db_url, cid="d", options=e.options)
     assert r.code == 1, r.describe()
+    override = hostsmod.identity(earlier, e.connection_id("host-a"))
     assert "disconnect_volume DRIVER_JSON DB_URL FLOW_ID {} '{}'".format(
-        e.vol, hostsmod.identity(earlier)) in r.error()
-    e.run("disconnect_volume", e.vol, hostsmod.identity(earlier))
+        e.vol, override) in r.error()
+    e.run("disconnect_volume", e.vol, override)
     assert e.connections() == {}

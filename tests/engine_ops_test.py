@@ -188,6 +188,23 @@ class Backend:
         return sorted(i for i, in self.sql(
             "SELECT id FROM volumes WHERE NOT deleted"))
 
+    def connection_ids(self, vol):
+        """The ids of ``vol``'s connections, oldest first."""
+        return [i for i, in self.sql(
+            "SELECT id FROM volume_attachment WHERE volume_id = ? AND NOT "
+            "deleted ORDER BY created_at", vol)]
+
+    def copy_connection(self, conn_id):
+        """A second record of connection ``conn_id`` (what an earlier
+        version could make); its id."""
+        columns = [c[1] for c in self.sql(
+            "PRAGMA table_info(volume_attachment)") if c[1] != "id"]
+        new = new_id()
+        self.sql("INSERT INTO volume_attachment (id, {0}) SELECT ?, {0} "
+                 "FROM volume_attachment WHERE id = ?".format(
+                     ", ".join(columns)), new, conn_id)
+        return new
+
     def connected_hosts(self, vol):
         rows = self.sql("SELECT connection_info FROM volume_attachment "
                         "WHERE volume_id = ? AND NOT deleted", vol)
@@ -512,14 +529,17 @@ def test_a_host_name_two_connections_have_ends_neither_of_them(
     backend.run("connect_volume", vol, json.dumps(first))
     backend.run("connect_volume", vol, json.dumps(second))
     backend.calls()
+    ids = backend.connection_ids(vol)
 
     for command in ("disconnect_volume", "get_connection_info"):
         r = backend.run(command, vol, name, code=1)
         assert r.error() == (
             "{} failed: Volume {} has 2 connections to host {}: {}, {}; "
             "nothing was done. Name one by its connector JSON (one of "
-            "these objects)".format(command, vol, name, json.dumps(first),
-                                    json.dumps(second)))
+            "these objects)".format(
+                command, vol, name,
+                json.dumps(dict(first, connection_id=ids[0])),
+                json.dumps(dict(second, connection_id=ids[1]))))
     # A connector object with the host name only is no better.
     backend.run("save_device", vol, json.dumps({"path": "/dev/x"}),
                 json.dumps({"host": name}), code=1)
@@ -548,6 +568,47 @@ def test_a_host_name_two_connections_have_ends_neither_of_them(
         engine_service.log()
     backend.run("disconnect_volume", vol, name)
     assert backend.connected_hosts(vol) == []
+
+
+def test_two_connections_of_one_identity_are_named_by_their_ids(
+        engine_service, backend):
+    """An earlier version compared os-brick's ``uuid`` in connect_volume:
+    a host whose root filesystem changed got a second connection with
+    the same host name and identities.  Nothing named one of them (the
+    identity named both, and was refused as ambiguous): once its host
+    was gone with a device saved on each, its volume could never be
+    deleted.  Each printed object now carries its connection's id, which
+    names that one."""
+    vol = new_id()
+    backend.run("create_volume", vol, 1)
+    host = {"host": "h", "initiator": "iqn.h"}
+    backend.run("connect_volume", vol, json.dumps(host))
+    [first] = backend.connection_ids(vol)
+    second = backend.copy_connection(first)
+    named = [json.dumps(dict(host, connection_id=i))
+             for i in (first, second)]
+    for i, name in enumerate(named):
+        backend.run("save_device", vol, json.dumps({"path": str(i)}),
+                    name)
+    backend.calls()
+
+    r = backend.run("delete_volume", vol, code=1)
+    for name in named:
+        assert "disconnect_volume DRIVER_JSON DB_URL FLOW_ID {} '{}'".format(
+            vol, name) in r.error()
+    r = backend.run("disconnect_volume", vol, json.dumps(host), code=1)
+    assert "{}, {}; nothing was done".format(*named) in r.error()
+    assert backend.calls() == []
+
+    backend.run("disconnect_volume", vol, named[1])
+    assert backend.connection_ids(vol) == [first]
+    assert backend.calls() == [["terminate_connection", "h", False]]
+    info = backend.run("get_connection_info", vol, "h").json("c")
+    assert info["device"] == {"path": "0"}
+    backend.run("disconnect_volume", vol, named[0])
+    assert backend.connection_ids(vol) == []
+    backend.run("delete_volume", vol)
+    assert backend.volume_ids() == []
 
 
 def test_a_warm_child_locks_in_its_requests_locks_directory(

@@ -822,6 +822,10 @@ def _connector(value):
     if value.lstrip().startswith(("{", "@")):
         connector = _json_arg("connector", value, want=dict)
         _check_host(connector.get("host"), "connector")
+        conn_id = connector.get("connection_id", "-")
+        if not (isinstance(conn_id, str) and conn_id):
+            raise errors.EngineUsage(
+                "connector's connection_id must be a non-empty string")
         return connector
     if not value:
         raise errors.EngineUsage("connector host is empty")

@@ -278,13 +278,24 @@ def transport(conn_info):
     return None
 
 
-def identity(connector):
-    """The JSON object of ``connector``'s identities (``IDENTITY``): what
-    names one connection among several to hosts of the same name (give
-    it to disconnect_volume, save_device, get_connection_info)."""
+def identity(connector, connection_id=None):
+    """The JSON object of ``connector``'s identities (``IDENTITY``), and
+    of ``connection_id`` when given: what names one connection among
+    several to hosts of the same name (give it to disconnect_volume,
+    save_device, get_connection_info).  The connection id tells apart
+    connections whose identities are the same: an earlier version
+    compared ``uuid`` in connect_volume, and made a second connection
+    for a host whose root filesystem changed."""
     connector = connector if isinstance(connector, dict) else {}
-    return json.dumps({k: connector[k] for k in IDENTITY
-                       if connector.get(k)})
+    shown = {k: connector[k] for k in IDENTITY if connector.get(k)}
+    if connection_id is not None:
+        shown[CONNECTION_ID] = connection_id
+    return json.dumps(shown)
+
+
+# The key of a connector object (the admin's) naming one connection by
+# its id (cinderlib's Connection.id, the volume_attachment row's).
+CONNECTION_ID = "connection_id"
 
 
 def names(connector, given):

@@ -165,8 +165,7 @@ def delete_volume(backend, args):
                                 for _, a in unasked),
                 commands="; ".join(
                     "{} disconnect_volume DRIVER_JSON DB_URL FLOW_ID {} "
-                    "'{}'".format(ADAPTER,
-                        vol.id, _show_host(c.connector_info))
+                    "'{}'".format(ADAPTER, vol.id, _override(c))
                     for c, _ in unasked))
         for conn, answer in zip(conns, answers):
             if answer.attached is None and _unfinished(conn):
@@ -639,7 +638,6 @@ def _ask(vol, conns, args):
 
 def _released(vol, conns, args):
     """The connections whose hosts said they no longer have ``vol``."""
-    from . import hosts
     released = []
     for conn, answer in zip(conns, _ask(vol, conns, args)):
         if answer.attached is None and _unfinished(conn):
@@ -657,7 +655,7 @@ def _released(vol, conns, args):
                         "reach at its connector's ip or host name needs "
                         "MANAGEDVOLUME_ENGINE_HOST_ADDRESSES)", vol.id,
                         answer.where(), answer.reason, vol.id,
-                        hosts.identity(answer.connector))
+                        _override(conn))
         elif answer.attached:
             log.info("Keeping the connection of volume %s to %s: the "
                      "volume is attached there", vol.id, answer.where())
@@ -840,19 +838,31 @@ def _pick_connection(vol, host, for_device=False):
 
 def _named(vol, conns, host):
     """The connections of ``conns`` to ``host`` (a name or a connector
-    object, ``hosts.names``): none or one.  Several (hosts of one name
-    with other identities: connect_volume keeps a connection each) are
-    refused with their identities, so that the admin names one:
+    object, ``hosts.names``, with its ``connection_id`` if it has one):
+    none or one.  Several (hosts of one name with other identities:
+    connect_volume keeps a connection each; or one identity an earlier
+    version connected twice) are refused with the connector object of
+    each, its connection id included, so that the admin names one:
     ending all of them cuts the other hosts' disks."""
     from . import hosts
     named = [c for c in conns if hosts.names(c.connector_info, host)]
+    conn_id = host.get(hosts.CONNECTION_ID) if isinstance(host, dict) \
+        else None
+    if conn_id is not None:
+        named = [c for c in named if c.id == conn_id]
     if len(named) > 1:
         raise errors.EngineAmbiguousHost(
             id=vol.id, count=len(named),
             named="host {}".format(_show_host(host)),
-            identities=", ".join(hosts.identity(c.connector_info)
-                                 for c in named))
+            identities=", ".join(_override(c) for c in named))
     return named
+
+
+def _override(conn):
+    """The connector object naming ``conn`` alone, for the admin's
+    command (``_named``): its host's identities and its id."""
+    from . import hosts
+    return hosts.identity(conn.connector_info, conn.id)
 
 
 def _show_host(host):

@@ -1092,6 +1092,36 @@ def test_a_host_keeps_its_identity_through_a_rename_and_a_new_root_fs():
          "wwpns": ["50014380186af83c"]})
 
 
+def test_a_renamed_rbd_host_is_said_to_be_known_by_its_name_only():
+    """An RBD connection's host can be told only by its name (os-brick's
+    RBDConnector reports nothing of its own; the initiator name and NVMe
+    NQN of an RBD-only host need not be unique): a renamed host is one
+    that cannot be asked, and the reason says why and what to do."""
+    from vdsm_managedvolume.engine import hosts
+    stored = {"host": "h1", "initiator": "iqn.a"}
+    renamed = dict(stored, host="h1.example.com")
+    for transport in ("rbd", "vendor", None):
+        difference = hosts.identity_difference(stored, renamed, transport)
+        assert difference == "host 'h1.example.com' (not 'h1')"
+        why = hosts._not_that_host("192.0.2.1", 54321, stored, renamed,
+                                   difference, transport)
+        assert why == (
+            "192.0.2.1:54321 is not that host: {} (a connection of "
+            "transport {} is known by its host's name only: os-brick "
+            "reports no identity of its own for it, so a renamed host is "
+            "taken for another; if this is that host renamed, end its "
+            "connection by the override once no VM there uses the "
+            "volume)".format(difference, transport or "unknown"))
+    # Another identity is no question of names.
+    other = dict(stored, initiator="iqn.b")
+    difference = hosts.identity_difference(stored, other, "iscsi")
+    assert hosts._not_that_host("192.0.2.1", 54321, stored, other,
+                                difference, "iscsi") == \
+        "192.0.2.1:54321 is host h1 but not the identity the connection " \
+        "was made for: initiator 'iqn.b' (not 'iqn.a') (changed since, " \
+        "or another host of that name)"
+
+
 def test_a_host_holds_a_volume_unless_its_records_are_of_an_earlier_boot():
     from vdsm_managedvolume.engine import hosts
     vol = new_id()

@@ -362,7 +362,8 @@ def test_an_answer_from_another_host_keeps_the_connection(
     assert _write_and_read(src["managed_path"]) == DATA
     assert "Keeping the connection of volume {} to host host-a: the host " \
         "cannot be asked whether it still uses it (127.0.0.1:{} is not " \
-        "that host: host 'host-b' (not 'host-a'))".format(
+        "that host: host 'host-b' (not 'host-a') (a connection of " \
+        "transport local is known by its host's name only: ".format(
             e.vol, hosts["host-b"].port) in engine_service.log()
 
 

@@ -341,7 +341,7 @@ def _ask_one(settings, ctx, vol_id, answer, flow_id):
                     if other:
                         reasons.append(_not_that_host(
                             address, port, answer.connector, reported,
-                            other))
+                            other, answer.transport))
                         continue
         except Exception as e:
             reasons.append("{}:{}: {}".format(
@@ -353,17 +353,41 @@ def _ask_one(settings, ctx, vol_id, answer, flow_id):
     answer.reason = "; ".join(reasons)
 
 
-def _not_that_host(address, port, connector, reported, difference):
+def _not_that_host(address, port, connector, reported, difference,
+                   transport=None):
     """Why the host at ``address``:``port`` is not the connection's:
     another host, or one of its name whose identity is not the one the
     connection was made for (it changed since, as a reinstall changes
-    the initiator name, or a clone of that name answered)."""
+    the initiator name, or a clone of that name answered).  A connection
+    told by its host's name (``BY_NAME_ONLY``) says so: a renamed host
+    is that host, and only the admin can know."""
     name = reported.get("host") if isinstance(reported, dict) else None
     if name and name == connector.get("host"):
         return ("{}:{} is host {} but not the identity the connection was "
                 "made for: {} (changed since, or another host of that "
                 "name)".format(address, port, name, difference))
-    return "{}:{} is not that host: {}".format(address, port, difference)
+    why = "{}:{} is not that host: {}".format(address, port, difference)
+    if difference.startswith("host ") and \
+            identity_keys(connector, transport) == IDENTITY:
+        why += " ({})".format(BY_NAME_ONLY.format(
+            transport=transport or "unknown"))
+    return why
+
+
+# Said when a host is told apart by its name: nothing better exists for
+# RBD.  os-brick's RBDConnector.get_connector_properties returns only
+# do_local_attach; the rest of a connector is get_connector_properties'
+# platform, os_type, ip and host (socket.gethostname()) and the other
+# transports' identities, which an RBD-only host need not keep unique
+# (cloned images share an initiator name; os-brick derives the NVMe
+# host NQN and hostid from the DMI system UUID, which some boards and
+# clones share).  Taking another host for the connection's would let a
+# delete_volume proceed while that host still uses the volume.
+BY_NAME_ONLY = ("a connection of transport {transport} is known by its "
+                "host's name only: os-brick reports no identity of its "
+                "own for it, so a renamed host is taken for another; if "
+                "this is that host renamed, end its connection by the "
+                "override once no VM there uses the volume")
 
 
 def _strings(value):

@@ -39,6 +39,7 @@ def test_a_command_name_with_spaces_and_parentheses_is_read(tmp_path):
     proc = tmp_path / "proc"
     (proc / "42").mkdir(parents=True)
     (proc / "42" / "cmdline").write_bytes(b"iscsiadm\0-T\0x\0")
+    (proc / "42" / "status").write_bytes(b"Name:\ta\nUid:\t0\t0\t0\t0\n")
     fields = ["S", "1"] + ["0"] * 17 + ["500"] + ["0"] * 10
     (proc / "42" / "stat").write_text(
         "42 (a) b (c) " + " ".join(fields) + "\n")
@@ -50,3 +51,52 @@ def test_a_command_name_with_spaces_and_parentheses_is_read(tmp_path):
     assert (pid, name) == (42, "it")
     assert abs(age - (100 - 500 / procs._TICKS)) < 1e-6
     assert procs.matching(lambda argv: "it", str(proc), parent=1) == []
+
+
+def _fake_proc(tmp_path, uids):
+    proc = tmp_path / "proc"
+    (proc / "42").mkdir(parents=True)
+    (proc / "42" / "cmdline").write_bytes(b"iscsiadm\0-T\0x\0--login\0")
+    (proc / "42" / "status").write_text(
+        "Name:\tiscsiadm\nUmask:\t0022\nUid:\t{}\nGid:\t0\t0\t0\t0\n"
+        .format("\t".join(uids)))
+    fields = ["S", "1"] + ["0"] * 17 + ["500"] + ["0"] * 10
+    (proc / "42" / "stat").write_text(
+        "42 (iscsiadm) " + " ".join(fields) + "\n")
+    (proc / "uptime").write_text("100.00 50.00\n")
+    return str(proc)
+
+
+def test_only_a_process_of_real_and_effective_uid_root_counts(tmp_path):
+    # Any user may run a program named iscsiadm with a volume's target
+    # on its command line; counted, it would hold that volume's
+    # disconnects off (review-safety10 M-1).  /proc/PID of a process
+    # that made itself non-dumpable shows root as its owner (as this
+    # fake directory does): its status's Uid line tells.
+    def match(argv):
+        return "login" if "--login" in argv else None
+
+    assert procs.matching(match, _fake_proc(tmp_path / "a", ["0"] * 4))
+    for uids in (["65534"] * 4, ["65534", "0", "0", "0"],
+                 ["0", "65534", "0", "0"]):
+        assert procs.matching(
+            match, _fake_proc(tmp_path / uids[0] / uids[1], uids)) == []
+
+
+def test_another_users_process_with_a_matching_argv_is_not_found(tmp_path):
+    marker = "procs-test-user-%d" % time.monotonic_ns()
+    child = subprocess.Popen(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+         sys.executable, "-c", "import time; time.sleep(60)", marker])
+    try:
+        def match(argv):
+            return "it" if marker in argv else None
+
+        deadline = time.monotonic() + 30
+        while marker not in (procs._argv(procs.PROC, child.pid) or ()):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert procs.matching(match) == []
+    finally:
+        child.kill()
+        child.wait()

@@ -14,6 +14,17 @@ disconnect first looks here for such a command (``transports``'
 ``connect_command`` tells one of its connection's by its argv) and
 waits for it (``brick._wait_earlier``).
 
+Only root's processes count (real and effective uid 0, read from
+/proc/PID/status, whose ``Uid:`` line shows them even for a process
+that made itself non-dumpable and so shows root as the owner of its
+/proc directory): os-brick runs iscsiadm and rbd as root, while any
+user may run a program named ``iscsiadm`` with a volume's target on
+its command line (target and image names are world-readable in /sys)
+and, were it counted, hold that volume's disconnects off for as long
+as it likes (review-safety10 M-1).  The owner of /proc/PID is looked
+at first, so most processes of a hypervisor (qemu's, vdsm's) cost one
+stat, not a read of their argv.
+
 Read as root in the daemon (any user may read /proc/PID/cmdline unless
 /proc is mounted with hidepid; hidepid=2 does not hide root's commands
 from the daemon's reduced capability set: checked on Linux 6.18 with
@@ -49,11 +60,16 @@ def matching(match, proc=PROC, parent=None):
     for pid in pids:
         if pid == me:
             continue
+        try:
+            if os.stat("{}/{}".format(proc, pid)).st_uid != 0:
+                continue    # not root's (a non-dumpable one shows 0)
+        except OSError:
+            continue        # ended meanwhile
         argv = _argv(proc, pid)
         if not argv:
             continue        # gone, or a kernel thread or a zombie
         name = match(argv)
-        if name is None:
+        if name is None or not _roots(proc, pid):
             continue
         stat = _stat(proc, pid)
         if stat is None:
@@ -74,6 +90,20 @@ def _argv(proc, pid):
     except OSError:
         return None
     return [a.decode("utf-8", "replace") for a in raw.split(b"\0")[:-1]]
+
+
+def _roots(proc, pid):
+    """Whether ``pid`` runs with real and effective uid 0 (the first two
+    numbers of /proc/PID/status's ``Uid:`` line); False when it ended."""
+    try:
+        with open("{}/{}/status".format(proc, pid), "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    real, effective = line.split()[1:3]
+                    return real == effective == b"0"
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 def _stat(proc, pid):

@@ -355,6 +355,30 @@ def test_an_rbd_map_of_the_image_is_its_connect_command():
     assert match(["rbd", "unmap", "/dev/rbd0"]) is None
 
 
+def test_an_nvme_connect_of_its_subsystem_is_its_connect_command():
+    match = transports.get("nvmeof").connect_command(
+        {"driver_volume_type": "nvmeof",
+         "data": {"target_nqn": "nqn.2026-12.org.example:s1",
+                  "portals": [["192.0.2.7", "4420", "tcp"]]}})
+    argv = ["nvme", "connect", "-a", "192.0.2.7", "-s", "4420", "-t", "tcp",
+            "-n", "nqn.2026-12.org.example:s1", "-Q", "128", "-l", "-1"]
+    assert match(argv) == "nvme connect"
+    assert match(["/usr/sbin/nvme", "connect",
+                  "--nqn=nqn.2026-12.org.example:s1"]) == "nvme connect"
+    assert match(argv[:-5] + ["nqn.2026-12.org.example:s2"]) is None
+    assert match(["nvme", "disconnect", "-n",
+                  "nqn.2026-12.org.example:s1"]) is None
+    replicated = transports.get("nvmeof").connect_command(
+        {"driver_volume_type": "nvmeof",
+         "data": {"vol_uuid": "c20aba21-6ef6-446b-b374-45733b4883ba",
+                  "replica_count": 2,
+                  "volume_replicas": [
+                      {"target_nqn": "nqn.2026-12.org.example:r1"},
+                      {"target_nqn": "nqn.2026-12.org.example:r2"}]}})
+    assert replicated(["nvme", "connect", "-n",
+                       "nqn.2026-12.org.example:r2"]) == "nvme connect"
+
+
 def test_types_without_a_lasting_connect_command_have_none():
     for name, data in (("fibre_channel", {"target_wwn": "50"}),
                        ("local", {"device_path": "/dev/loop0"})):

@@ -133,21 +133,22 @@ What cancelling does not stop:
   session a late login made: the lingering threads of this daemon, and
   the host's processes running that connect's command that an earlier
   daemon started (``procs``: ``iscsiadm -T <iqn> --login`` of one of
-  its targets, ``rbd map`` of its image; ``transports``'
-  ``connect_command``; not this daemon's own children, which are its
-  calls', lingering ones included), which outlive the daemon that
-  started them: one killed at a deadline (the call's own thread inside
-  its login or map), stopped with the agent, or whose agent restarted.
-  For those it relies on the kernel's process table alone: no state of
-  ours survives a daemon.  While they run (up to the
-  disconnect's deadline, or not at all when each has already run
+  its targets, ``rbd map`` of its image, ``nvme connect -n <nqn>`` of
+  its subsystem; ``transports``' ``connect_command``; not this daemon's
+  own children, which are its calls', lingering ones included), which
+  outlive the daemon that started them: one killed at a deadline (the
+  call's own thread inside its login or map), stopped with the agent,
+  or whose agent restarted.  For those it relies on the kernel's
+  process table alone: no state of ours survives a daemon.  While they
+  run (up to the disconnect's deadline, or not at all when each has
+  already run
   longer than the disconnect could wait: stuck) the disconnect is not
   run and says so ("still_running": ``errors.EarlierConnectRunning``,
   931), and the service keeps the record (detach, reconcile, the
   rollback of a cut connect) for a later disconnect.  Not recognised:
   a login to a target os-brick discovered under another IQN (sendtargets
-  discovery without target_iqns), NVMe-oF's ``nvme connect``, FC's and
-  iSCSI's SCSI scans (``tee .../scan``, which name no target).
+  discovery without target_iqns), FC's and iSCSI's SCSI scans (``tee
+  .../scan``, which name no target).
 - what runs outside the daemon: iscsid retries a login on its own
   (``node.session.initial_login_retry_max``), so a late session may
   still appear after the caller's rollback disconnect, as before.

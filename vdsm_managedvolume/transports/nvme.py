@@ -5,6 +5,8 @@ matched in the udev rule by its kernel name: vdsm's rule for every type
 without a stable link of its own.
 
 Host command: nvme (nvmeof; LightOS needs no command known here).
+A disconnect waits for an ``nvme connect`` of its subsystem that an
+earlier privsep daemon left running (``connect_command``).
 
 Size refresh (os-brick's ``extend_volume``): nvmeof rescans the
 subsystem's namespaces (``nvme ns-rescan``) unless the target already
@@ -24,6 +26,7 @@ Fields, as os-brick 7's connectors read them (``NVMeOFConnProps``,
              nodes.
 """
 
+import os
 import uuid as _uuid
 
 from .. import errors
@@ -62,6 +65,36 @@ class NVMeOF(base.Transport):
             for key in ("nqn", "target_portal", "target_port",
                         "transport_type"):
                 base.required(data, key)
+
+    def connect_command(self, connection_info):
+        """An ``nvme connect ... -n <nqn>`` of one of the connection's
+        targets (target_nqn, each replica's, the old nqn): os-brick's
+        ``Target.connect`` (nvmeof.py, ``run_nvme_cli(['connect', '-a',
+        address, '-s', port, '-t', transport, '-n', nqn, ...])``).  A
+        subsystem may hold other volumes' namespaces: a connect of one
+        of those is recognised too."""
+        data = connection_info.get("data") or {}
+        targets = [data] + [r for r in data.get("volume_replicas") or ()
+                            if isinstance(r, dict)]
+        nqns = {t.get(k) for t in targets for k in ("target_nqn", "nqn")}
+        nqns = {n for n in nqns if isinstance(n, str) and n}
+        if not nqns:
+            return None
+
+        def match(argv):
+            if "nvme" not in (os.path.basename(a) for a in argv[:2]):
+                return None
+            if "connect" not in argv:
+                return None
+            for i, arg in enumerate(argv):
+                if ((arg in ("-n", "--nqn") and i + 1 < len(argv)
+                        and argv[i + 1] in nqns)
+                        or (arg.startswith("--nqn=")
+                            and arg[len("--nqn="):] in nqns)):
+                    return "nvme connect"
+            return None
+
+        return match
 
     def _target(self, target, prefix):
         base.required(target, "target_nqn", str, prefix=prefix)

@@ -250,6 +250,93 @@ def test_pool_queues_at_most_max_queue_behind_its_workers():
         pool.stop()
 
 
+def test_pool_wakes_no_thread_but_the_one_that_runs_a_job():
+    # A pool keeps its threads: after a mass start dozens wait.  A job
+    # must wake one of them, the one that runs it, and the one that ran
+    # the last job first (queue.SimpleQueue woke them in turn, and a
+    # second one for nothing at every job).
+    pool = stompserver.Pool(8, 0, name="wake-pool")
+    barrier = threading.Barrier(9)
+    done = threading.Event()
+    runners = []
+
+    def job():
+        runners.append(threading.get_native_id())
+        done.set()
+
+    def run(jobs):
+        for _ in range(jobs):
+            done.clear()
+            assert pool.submit(job)
+            assert done.wait(30)
+        agentutil.wait_for(lambda: pool.pending == 0)
+
+    try:
+        for _ in range(8):      # eight threads
+            assert pool.submit(lambda: barrier.wait(30))
+        barrier.wait(30)
+        run(10)                 # all of them waiting by now
+        threads = [t.native_id for t in threading.enumerate()
+                   if t.name.startswith("wake-pool-")]
+        assert len(threads) == 8
+        before = {tid: _switches(tid) for tid in threads}
+        del runners[:]
+        run(50)
+        assert len(set(runners)) <= 3, set(runners)
+        woken = [tid for tid in threads if tid not in runners
+                 and _switches(tid) != before[tid]]
+        assert woken == []
+    finally:
+        pool.stop()
+
+
+@pytest.mark.filterwarnings(
+    "ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_pool_runs_jobs_after_a_job_ended_its_thread():
+    # A BaseException ends a pool thread (as SimpleQueue's did): the job
+    # it would have come back for goes to another thread.
+    pool = stompserver.Pool(3, 0, name="gone-pool")
+    barrier = threading.Barrier(4)
+    ran = threading.Event()
+
+    def end_thread():
+        raise SystemExit
+
+    try:
+        for _ in range(3):
+            assert pool.submit(lambda: barrier.wait(30))
+        barrier.wait(30)
+        agentutil.wait_for(lambda: pool.pending == 0)
+        assert pool.submit(end_thread)
+        agentutil.wait_for(lambda: _threads("gone-pool") == 2)
+        for _ in range(3):
+            ran.clear()
+            assert pool.submit(ran.set)
+            assert ran.wait(30)
+    finally:
+        pool.stop()
+
+
+def test_pool_runs_every_job_of_a_burst_once():
+    pool = stompserver.Pool(4, 100, name="burst-pool")
+    ran = []
+    lock = threading.Lock()
+
+    def job(n):
+        with lock:
+            ran.append(n)
+
+    try:
+        for n in range(100):
+            assert pool.submit(lambda n=n: job(n))
+        agentutil.wait_for(lambda: len(ran) == 100)
+        assert sorted(ran) == list(range(100))
+        assert _threads("burst-pool") <= 4
+    finally:
+        pool.stop()
+    agentutil.wait_for(lambda: _threads("burst-pool") == 0)
+
+
 # Private helpers
 
 def _threads(name):
@@ -274,3 +361,12 @@ def _release_and_check(volumes, release):
         client.close()
         assert key not in fakebrick.connected()
     os.unlink(release)
+
+
+def _switches(tid):
+    """Voluntary context switches of this process's thread ``tid``."""
+    with open("/proc/self/task/{}/status".format(tid)) as f:
+        for line in f:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches for {}".format(tid))

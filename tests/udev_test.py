@@ -50,6 +50,30 @@ def test_kernel_name_rule_is_guarded_by_the_first_attribute_it_can_hold(
         'KERNEL=="nvme0n3", ' + guard + RUN[1:]
 
 
+def test_kernel_name_rule_guard_takes_the_backing_file_just_read(
+        tmp_path, monkeypatch):
+    # An attach has just read its loop device's backing file (identity):
+    # the rule's guard is that value, not read again; the same text.
+    monkeypatch.setattr(devices, "SYS_DEV_BLOCK", str(tmp_path))
+    (tmp_path / "7:3" / "loop").mkdir(parents=True)
+    (tmp_path / "7:3" / "loop" / "backing_file").write_text("/var/a.img\n")
+    (tmp_path / "7:3" / "diskseq").write_text("9\n")
+    read = udev.rule_text("/dev/loop3", "vdsm:qemu", "/usr/bin/chown",
+                          number=(7, 3))
+    assert 'ATTR{loop/backing_file}=="/var/a.img", ' in read
+    reads = []
+    real = udev._read_attr
+    monkeypatch.setattr(udev, "_read_attr",
+                        lambda path: reads.append(path) or real(path))
+    assert udev.rule_text("/dev/loop3", "vdsm:qemu", "/usr/bin/chown",
+                          number=(7, 3), backing="/var/a.img") == read
+    assert reads == []
+    # Not a loop device: nothing given, the attributes are read.
+    assert udev.rule_text("/dev/loop3", "vdsm:qemu", "/usr/bin/chown",
+                          number=(7, 3), backing=None) == read
+    assert reads
+
+
 def udev_applies(rule_file, path):
     """Whether udev (``udevadm test``, no daemon needed) applies the rule
     in ``rule_file`` to the device at ``path`` on a change event.  The

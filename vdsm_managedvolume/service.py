@@ -359,7 +359,8 @@ class Service:
                     or bool(connection_info.get("adapter")), **found)
                 faults.crash_point("attach.after_attachment")
                 self._add_udev_rule(sd_id, vol_id, path,
-                                    devices.block_number(st))
+                                    devices.block_number(st),
+                                    (identity or {}).get("backing"))
                 faults.crash_point("attach.after_udev")
                 managed_path = self._add_link(sd_id, vol_id, path)
                 faults.crash_point("attach.after_link")
@@ -1244,10 +1245,12 @@ class Service:
             log.exception("Failed to remove the udev rule of volume %s",
                           vol_id)
 
-    def _add_udev_rule(self, sd_id, vol_id, path, number=None):
-        """``number``: the device's (major, minor) when the caller has
-        just read it (``devices.block_number``), else None."""
-        self._rules.add(sd_id, vol_id, path, number)
+    def _add_udev_rule(self, sd_id, vol_id, path, number=None,
+                       backing=None):
+        """``number``: the device's (major, minor), ``backing``: a loop
+        device's backing file, when the caller has just read them
+        (``devices.block_number``, ``devices.identity``), else None."""
+        self._rules.add(sd_id, vol_id, path, number, backing)
 
     def _link_path(self, sd_id, vol_id):
         return os.path.join(self.cfg.run_dir, "{}_{}".format(sd_id, vol_id))

@@ -134,14 +134,14 @@ def rule_path(rules_dir, sd_id, vol_id):
         PREFIX, sd_id, vol_id, SUFFIX))
 
 
-def rule_text(path, owner, chown, cfg=None, number=None):
+def rule_text(path, owner, chown, cfg=None, number=None, backing=None):
     """The rule line matching ``path`` and chown-ing it to ``owner``.
 
     How the device is matched is ``transports.udev_match`` (``cfg``'s
     multipath and rbd directories; None: the defaults under /dev); a
     ``KERNEL==`` match is guarded by an attribute of the device now at
-    ``path`` (``guard``; ``number``: its (major, minor) when the caller
-    has just read it).
+    ``path`` (``guard``; ``number``: its (major, minor), ``backing``: a
+    loop device's backing file, when the caller has just read them).
     """
     key, device = transports.udev_match(path, cfg)
     for value, what in ((device, "device path"), (owner, "owner"),
@@ -150,21 +150,27 @@ def rule_text(path, owner, chown, cfg=None, number=None):
             raise UnsafePath("unsafe {} for a udev rule: {!r}".format(
                 what, value))
     return '{}=="{}", {}RUN+="{} {} $env{{DEVNAME}}"\n'.format(
-        key, device, guard(path, number) if key == "KERNEL" else "",
+        key, device, guard(path, number, backing) if key == "KERNEL"
+        else "",
         chown, owner)
 
 
-def guard(path, number=None):
+def guard(path, number=None, backing=None):
     """``ATTR{name}=="value", `` of the first of ``GUARDS`` the block
     device at ``path`` has in a value a rule can hold; "" when there is
-    no block device or none of them (``number``: its (major, minor)
-    when the caller has just read it)."""
+    no block device or none of them (``number``: its (major, minor),
+    ``backing``: its ``loop/backing_file``, when the caller has just
+    read them: an attach has, for its device's identity, and the
+    attribute is not read again)."""
     if number is None:
         number = devices.device_number(path)
         if number is None:
             return ""
     for name in GUARDS:
-        value = _read_attr(devices.sysfs_path(*number, name))
+        if backing and name == "loop/backing_file":
+            value = backing
+        else:
+            value = _read_attr(devices.sysfs_path(*number, name))
         if value and _SAFE_DEVICE_RE.match(value):
             return 'ATTR{{{}}}=="{}", '.format(name, value)
     return ""
@@ -201,16 +207,17 @@ def check_device_path(path, device_dirs=("/dev",)):
     return path
 
 
-def add_rule(cfg, sd_id, vol_id, path, number=None):
+def add_rule(cfg, sd_id, vol_id, path, number=None, backing=None):
     """Write the rule of a volume atomically (mode 0644); return its path.
 
     Five system calls: open the temp file, fchmod (the umask must not
     decide the mode), one write, close, rename (and, for a ``KERNEL==``
     rule, the reads of its guard).  The rules directory is made only
     when it is missing.  ``number``: the device's (major, minor) when
-    the caller has just read it.
+    the caller has just read it, ``backing`` a loop device's backing
+    file (``guard``).
     """
-    text = rule_text(path, cfg.udev_owner, cfg.chown, cfg, number)
+    text = rule_text(path, cfg.udev_owner, cfg.chown, cfg, number, backing)
     dst = rule_path(cfg.udev_rules_dir, sd_id, vol_id)
     tmp = temp_path(cfg.udev_rules_dir, sd_id, vol_id)
     # O_NOFOLLOW: a symlink planted under the temp name must not make us

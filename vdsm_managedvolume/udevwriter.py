@@ -48,9 +48,9 @@ class ServiceRules:
     def __init__(self, cfg):
         self._cfg = cfg
 
-    def add(self, sd_id, vol_id, path, number=None):
+    def add(self, sd_id, vol_id, path, number=None, backing=None):
         try:
-            udev.add_rule(self._cfg, sd_id, vol_id, path, number)
+            udev.add_rule(self._cfg, sd_id, vol_id, path, number, backing)
         except udev.UnsafePath as e:
             raise errors.HelperFailed(str(e))
         udev.trigger(self._cfg, path, number=number)
@@ -73,8 +73,8 @@ class DaemonRules:
     def __init__(self, brick):
         self._brick = brick
 
-    def add(self, sd_id, vol_id, path, number=None):
-        # The daemon finds the device's number itself.
+    def add(self, sd_id, vol_id, path, number=None, backing=None):
+        # The daemon reads the device's number and attributes itself.
         self._brick.add_udev_rule(sd_id, vol_id, path)
 
     def remove(self, sd_id, vol_id):

@@ -15,6 +15,9 @@ Faked protocols and what ``connect_volume`` returns (os-brick's shapes):
     nvmeof (data.target_nqn)
         {"type": "block", "path": "<fake_dev_dir>/nvme-<key>"} (or
         "/dev/nvme0n1" without fake_dev_dir)
+    local, only with ``fake_wait`` or ``fake_sleep`` (``SlowLocalConnector``)
+        os-brick's own answer, {"type": "local", "path": device_path},
+        after the wait
 
 ``extend_volume`` (os-brick's rescan) makes the device what the storage
 holds: the test grows the "LUN" with ``set_array_size(key, size)``
@@ -166,6 +169,10 @@ def get_connector(protocol, connection_info, root_helper, **kw):
         return FakeRBDConnector()
     if protocol == "nvmeof":
         return FakeNVMeConnector()
+    if protocol == "local" and any(
+            ((connection_info or {}).get("data") or {}).get(knob)
+            for knob in SlowLocalConnector.KNOBS):
+        return SlowLocalConnector(root_helper, **kw)
     return None
 
 
@@ -483,6 +490,36 @@ class FakeNVMeConnector(FakeConnector):
 
 
 # Private helpers
+
+class SlowLocalConnector:
+    """os-brick's own ``local`` connector, slowed down: its connect first
+    records "connect-start <key>", then waits for ``fake_wait`` and
+    sleeps ``fake_sleep``, then runs os-brick's connect and records
+    "connect <key>".  A storage that takes its time (the flow tests'
+    loop devices, which os-brick's local connector returns at once);
+    everything else is os-brick's.  ``<key>``: ``fake_key``, else
+    "local-" and the device's name."""
+
+    KNOBS = ("fake_wait", "fake_sleep")
+
+    def __init__(self, root_helper, **kw):
+        from os_brick.initiator import connector
+        self._brick = connector.InitiatorConnector.factory(
+            "local", root_helper, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._brick, name)
+
+    def connect_volume(self, data):
+        key = data.get("fake_key") or "local-" + os.path.basename(
+            str(data.get("device_path")))
+        _record("connect-start", key)
+        _wait_for_file(data.get("fake_wait"))
+        _sleep(data.get("fake_sleep"))
+        attachment = self._brick.connect_volume(data)
+        _record("connect", key)
+        return attachment
+
 
 def _check_device_info(data, key, attachment, device_info):
     """Refuse a disconnect not given what connect returned, as os-brick's

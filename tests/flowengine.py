@@ -100,6 +100,7 @@ from vdsm_managedvolume import faults
 from vdsm_managedvolume import pki
 from vdsm_managedvolume import stompclient
 
+from . import fakebrick
 from . import leftovers
 from .agent_process_test import AgentProcess
 from .engine_fixtures import loop_devices_under
@@ -295,6 +296,12 @@ class Host:
             return {}
         return {n: os.path.realpath(os.path.join(d, n)) for n in names}
 
+    def connects(self, mark=0):
+        """What reached this host's connector since ``mark`` (a length
+        of the list): "connect-start <key>" and "connect <key>" lines of
+        tests.fakebrick's SlowLocalConnector (``Engine.hold_attaches``)."""
+        return fakebrick.calls(self.agent.fakebrick_dir)[mark:]
+
     def rules(self):
         d = os.path.join(self.agent.state_dir, "udev", "rules.d")
         try:
@@ -448,6 +455,9 @@ class Engine:
         self.snapshots = {}
         self.faults = {}        # (where, step) -> calls to let pass
         self.lost_replies = set()   # (host, verb): answered too late
+        # {host: connection_info data knobs}: that host's storage is
+        # slow (tests.fakebrick.SlowLocalConnector), ``hold_attaches``.
+        self.slow_storage = {}
         self._lock = threading.Lock()
 
     # Plumbing
@@ -526,6 +536,20 @@ class Engine:
         VDS_NETWORK_ERROR."""
         self.lost_replies.add((host, verb))
 
+    def hold_attaches(self, host, barrier):
+        """From now on every attach on ``host`` waits in its connector
+        (its privsep daemon, os-brick's connect) until the file
+        ``barrier`` exists: a storage slow to answer, so that a test
+        knows attaches are in flight without guessing how long they take
+        (``Host.connects`` says which reached the connector)."""
+        self.slow_storage[host] = {"fake_wait": barrier}
+
+    def refresh_caps(self, host):
+        """Host.getCapabilities, as ovirt-engine's host monitoring asks it
+        (VdsManager.refreshCapabilities: at activation, after a fence and
+        whenever it refreshes the host) while commands run: the answer."""
+        return self.host_call(host, "Host.getCapabilities", {})
+
     def _fault(self, where, step):
         with self._lock:
             skip = self.faults.get((where, step))
@@ -536,6 +560,19 @@ class Engine:
                 return False
             del self.faults[(where, step)]
             return True
+
+    def _leak(self, vol_id, host):
+        with self._lock:
+            self.leaked.add((vol_id, host))
+
+    def _end_leaks(self, vol_id, asked_only=False):
+        """The shim ended the volume's connections no host uses (with
+        ``asked_only``: those of the hosts it could ask).  Flows run in
+        threads (many VMs at once): under the lock."""
+        with self._lock:
+            self.leaked = {(v, h) for v, h in self.leaked
+                           if v != vol_id
+                           or (asked_only and not self.hosts[h].up)}
 
     # Disks
 
@@ -559,7 +596,7 @@ class Engine:
                 raise StepFailed("ACTION_TYPE_FAILED_VM_IS_NOT_DOWN")
         self.shim("delete_volume", disk.vol_id, label=label)
         # The shim ended every connection of the volume.
-        self.leaked = {(v, h) for v, h in self.leaked if v != disk.vol_id}
+        self._end_leaks(disk.vol_id)
         del self.disks[label]
         for vm in self.vms.values():
             if disk in vm.disks:
@@ -632,8 +669,7 @@ class Engine:
         assert vm.status == "down"
         for disk in vm.disks:
             self.shim("delete_volume", disk.vol_id, label=disk.label)
-            self.leaked = {(v, h) for v, h in self.leaked
-                           if v != disk.vol_id}
+            self._end_leaks(disk.vol_id)
             disk.vol_id, disk.previewed_from = disk.previewed_from, None
             disk.others.discard(disk.vol_id)
 
@@ -672,8 +708,7 @@ class Engine:
             self._detach_volume(src, host)
             self._detach_volume(dst, host)
             self.shim("delete_volume", dst.vol_id, label=new_label)
-            self.leaked = {(v, h) for v, h in self.leaked
-                           if v != dst.vol_id}
+            self._end_leaks(dst.vol_id)
             del self.disks[new_label]
             raise
         self._detach_volume(src, host)
@@ -802,7 +837,7 @@ class Engine:
                        label=label)
         self.forgotten = {f for f in self.forgotten
                           if f[:2] != (disk.vol_id, host)}
-        self.leaked.add((disk.vol_id, host))
+        self._leak(disk.vol_id, host)
 
     def stop_vm(self, name):
         """StopVmCommand, then the VM's down event: ProcessDownVmCommand
@@ -923,6 +958,9 @@ class Engine:
                                     json.dumps(connector),
                                     label="{} for {}".format(disk.label,
                                                              host)))
+        if host in self.slow_storage:
+            conn = dict(conn, data=dict(conn["data"],
+                                        **self.slow_storage[host]))
         try:
             device = self.host_call(
                 host, "ManagedVolume.attach_volume",
@@ -938,7 +976,7 @@ class Engine:
                 # Nothing records the host: the connection the shim just
                 # made is left for the next disconnect_volume of this
                 # volume.
-                self.leaked.add((disk.vol_id, host))
+                self._leak(disk.vol_id, host)
             raise
         self.cut.discard((disk.vol_id, host))
         return device
@@ -959,10 +997,9 @@ class Engine:
         try:
             self.shim("disconnect_volume", disk.vol_id, label=disk.label)
         except StepFailed:
-            self.leaked.add((disk.vol_id, host))
+            self._leak(disk.vol_id, host)
             return False
-        self.leaked = {(v, h) for v, h in self.leaked
-                       if v != disk.vol_id or not self.hosts[h].up}
+        self._end_leaks(disk.vol_id, asked_only=True)
         return True
 
     def _save_devices(self, disk, host, live_migration):
@@ -1006,7 +1043,7 @@ class Engine:
         except StepFailed as e:
             # The spec params are not saved: a later attach elsewhere
             # overwrites them and this host's connection is forgotten.
-            self.leaked.add((disk.vol_id, host))
+            self._leak(disk.vol_id, host)
             if e.cut and e.host == host:
                 self.cut.add((disk.vol_id, host))
             return False
@@ -1019,8 +1056,7 @@ class Engine:
         # The shim ended every connection no host uses any more, except
         # those of hosts it could not ask (it keeps them: a leaked export
         # is recoverable, a cut disk is not).
-        self.leaked = {(v, h) for v, h in self.leaked
-                       if v != disk.vol_id or not self.hosts[h].up}
+        self._end_leaks(disk.vol_id, asked_only=True)
         return True
 
     # What the engine believes

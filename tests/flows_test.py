@@ -19,6 +19,7 @@ import subprocess
 
 import pytest
 
+from . import agentutil
 from . import flowengine
 from .flowengine import StepFailed, check
 
@@ -750,4 +751,72 @@ def test_32_vms_started_at_once_on_one_host(engine):
 
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         list(pool.map(lambda d: engine.stop_vm("vm-" + d), labels))
+    check(engine)
+
+
+@pytest.mark.slow
+def test_50_ha_vms_restarted_at_once_on_one_host_after_a_fence(
+        engine, tmp_path):
+    """A host with 50 highly available VMs is fenced: every VM goes down
+    (RestartVdsVmsOperation -> ProcessDownVmCommand: the detach on the
+    fenced host fails, its connections stay in the shim) and
+    ovirt-engine's HA restart runs 50 RunVmCommands on the other host at
+    once (each connect_volume, attach_volume, save_device).  Meanwhile
+    the engine keeps asking that host Host.getCapabilities, which must
+    answer while the attaches wait on a slow storage (held in the
+    connector until the test lets them go: an order, not a time).  The
+    fenced host boots (new boot id; its agent's start detaches the 50
+    records of the earlier boot), 10 VMs migrate back to it, and every
+    host, link, rule, loop device and the shim's connections agree."""
+    labels = ["ha{:02d}".format(i) for i in range(50)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(engine.add_disk, labels))
+    for label in labels:
+        engine.add_vm("vm-" + label, label)
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        list(pool.map(lambda d: engine.run_vm("vm-" + d, "host-a"), labels))
+    a = engine.hosts["host-a"]
+    b = engine.hosts["host-b"]
+    assert len(a.volumes_info()) == 50
+
+    a.crash()                          # fenced: power off
+    engine.host_down("host-a")         # 50 ProcessDownVmCommands
+    barrier = str(tmp_path / "storage-answers")
+    engine.hold_attaches("host-b", barrier)
+    mark = len(b.connects())
+    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+        runs = [pool.submit(engine.run_vm, "vm-" + d, "host-b")
+                for d in labels]
+        try:
+            agentutil.wait_for(lambda: sum(
+                line.startswith("connect-start ")
+                for line in b.connects(mark)) >= 8)
+            for _ in range(3):
+                caps = engine.refresh_caps("host-b")
+                assert caps["connector_info"]["host"] == "host-b"
+            # Every getCapabilities answered before any attach got past
+            # the storage.
+            assert not any(line.startswith("connect ")
+                           for line in b.connects(mark))
+            assert not any(run.done() for run in runs)
+        finally:
+            open(barrier, "w").close()
+        assert [run.result() for run in runs] == ["host-b"] * 50
+    assert len(b.volumes_info()) == 50
+    check(engine)
+
+    a.boot()                           # new boot id, devices back
+    agentutil.wait_for(lambda: a.volumes_info() == [])
+    check(engine)
+
+    back = ["vm-" + d for d in labels[:10]]
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        assert all(pool.map(lambda vm: engine.migrate(vm, "host-a"), back))
+    held = {h: len(j) for h, j in flowengine.journals(engine).items()}
+    assert held == {"host-a": 10, "host-b": 40, "host-c": 0}
+    check(engine)
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        assert all(pool.map(engine.stop_vm, ["vm-" + d for d in labels]))
+    assert engine.backend.connections() == set()
     check(engine)

@@ -758,16 +758,20 @@ def test_32_vms_started_at_once_on_one_host(engine):
 def test_50_ha_vms_restarted_at_once_on_one_host_after_a_fence(
         engine, tmp_path):
     """A host with 50 highly available VMs is fenced: every VM goes down
-    (RestartVdsVmsOperation -> ProcessDownVmCommand: the detach on the
-    fenced host fails, its connections stay in the shim) and
-    ovirt-engine's HA restart runs 50 RunVmCommands on the other host at
-    once (each connect_volume, attach_volume, save_device).  Meanwhile
-    the engine keeps asking that host Host.getCapabilities, which must
+    (RestartVdsVmsOperation.restartVms -> ProcessDownVmCommand: the
+    detach on the fenced host fails, its connections stay in the shim)
+    and the VMs are restarted on the other host, 50 RunVmCommands at
+    once (each connect_volume, attach_volume, save_device).
+    HaAutoStartVmsRunner itself runs them one after the other from its
+    thread; at once is what API clients starting VMs in parallel make,
+    the harder case.  Meanwhile the engine asks that host
+    Host.getCapabilities (VdsManager.refreshCapabilities), which must
     answer while the attaches wait on a slow storage (held in the
     connector until the test lets them go: an order, not a time).  The
     fenced host boots (new boot id; its agent's start detaches the 50
-    records of the earlier boot), 10 VMs migrate back to it, and every
-    host, link, rule, loop device and the shim's connections agree."""
+    records of the earlier boot), 10 VMs migrate back to it at once,
+    and every host, link, rule, loop device and the shim's connections
+    agree."""
     labels = ["ha{:02d}".format(i) for i in range(50)]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         list(pool.map(engine.add_disk, labels))

@@ -399,6 +399,7 @@ class Disk:
         # Volumes of the disk's other images (the one before a preview).
         self.others = set()
         self.previewed_from = None
+        self.previewed_snapshot = None
         self.size = size
         self.attached = None     # ATTACHED_VDS_ID
         self.dest = None         # DEST_VDS_ID
@@ -453,6 +454,9 @@ class Engine:
         self.cut = set()
         # {snapshot id: label of the disk}: the backend's snapshots.
         self.snapshots = {}
+        # Volume ids the backend keeps that the engine forgot (its own
+        # flows drop them from its database): expected on the backend.
+        self.orphans = set()
         self.faults = {}        # (where, step) -> calls to let pass
         self.lost_replies = set()   # (host, verb): answered too late
         # {host: connection_info data knobs}: that host's storage is
@@ -585,8 +589,7 @@ class Engine:
     def remove_disk(self, label):
         """RemoveDiskCommand: refused while a VM that is not down has the
         disk plugged (validateAllVmsForDiskAreDown); else
-        RemoveManagedBlockStorageDiskCommand runs ``delete_volume`` and,
-        only when it succeeded, removes the disk (and its VM devices)."""
+        RemoveManagedBlockStorageDiskCommand (``_delete_disk``)."""
         disk = self.disks[label]
         for vm in self.vms.values():
             if disk in vm.disks and vm.status != "down" and \
@@ -594,9 +597,22 @@ class Engine:
                 self.note("engine", "engine", "remove " + label,
                           "refused: {} is not down".format(vm.name))
                 raise StepFailed("ACTION_TYPE_FAILED_VM_IS_NOT_DOWN")
-        self.shim("delete_volume", disk.vol_id, label=label)
+        self._delete_disk(label)
+
+    def _delete_disk(self, label):
+        """RemoveManagedBlockStorageDiskCommand: ``delete_volume`` naming
+        the disk's id (RemoveDiskParameters.getDiskId: the disk's first
+        volume, which is not its active one after a committed preview)
+        and, only when it succeeded, the disk leaves the engine's
+        database (removeDiskFromDb: the image whose id is the disk's,
+        and the disk), with its VM devices.  The images of its other
+        volumes stay behind: those volumes stay on the backend,
+        forgotten (``orphans``)."""
+        disk = self.disks[label]
+        self.shim("delete_volume", disk.disk_id, label=label)
         # The shim ended every connection of the volume.
-        self._end_leaks(disk.vol_id)
+        self._end_leaks(disk.disk_id)
+        self.orphans |= disk.volumes() - {disk.disk_id}
         del self.disks[label]
         for vm in self.vms.values():
             if disk in vm.disks:
@@ -625,13 +641,35 @@ class Engine:
         self.snapshots[snap_id] = label
         return snap_id
 
-    def remove_snapshot(self, label, snap_id):
+    def remove_snapshot(self, label, snap_id, volume=None):
         """RemoveManagedBlockStorageSnapshotCommand: remove_snapshot
-        naming the snapshot and the disk (its id, not its active
-        volume's: RemoveSnapshotCommand.removeManagedBlockSnapshot)."""
-        self.shim("remove_snapshot", snap_id, self.disks[label].disk_id,
-                  label=label)
+        naming the snapshot and, by default, the disk (its id, not its
+        active volume's: RemoveSnapshotCommand.removeManagedBlockSnapshot,
+        RestoreAllManagedBlockSnapshotsCommand.removeSnapshot); ``volume``
+        names another (CreateManagedBlockStorageDiskSnapshotCommand
+        .revertSnapshot names the volume it snapshotted)."""
+        self.shim("remove_snapshot", snap_id,
+                  volume or self.disks[label].disk_id, label=label)
         del self.snapshots[snap_id]
+
+    def snapshot_failed(self, name, snaps):
+        """The VM's snapshot fails after its Managed Block Storage disks'
+        snapshots were made (CreateSnapshotForVmCommand.endVmCommand
+        without TaskGroupSuccess: an image disk's snapshot task or the
+        live snapshot failed; overrideChildCommandSuccess ends every
+        child with failure): for each disk,
+        CreateManagedBlockStorageDiskSnapshotCommand.endWithFailure ->
+        revertSnapshot -> RemoveManagedBlockStorageSnapshotCommand:
+        remove_snapshot of the new snapshot, naming the volume it
+        snapshotted (getVolumeId: the disk's active image), and, when
+        that succeeded, the disk's earlier image active again.  No host
+        call: a running VM keeps its disks as they were."""
+        vm = self.vms[name]
+        self.note("engine", "engine", "snapshot of " + name,
+                  "failed later: endWithFailure")
+        for disk in vm.disks:
+            self.remove_snapshot(disk.label, snaps[disk.label],
+                                 volume=disk.vol_id)
 
     def snapshot_vm(self, name):
         """CreateSnapshotForVmCommand, live or not: for each Managed
@@ -655,6 +693,7 @@ class Engine:
             new = self.shim("create_volume_from_snapshot", disk.disk_id,
                             snaps[disk.label], label=disk.label)
             disk.previewed_from = disk.vol_id
+            disk.previewed_snapshot = snaps[disk.label]
             disk.others.add(disk.vol_id)
             disk.vol_id = new
 
@@ -671,7 +710,32 @@ class Engine:
             self.shim("delete_volume", disk.vol_id, label=disk.label)
             self._end_leaks(disk.vol_id)
             disk.vol_id, disk.previewed_from = disk.previewed_from, None
+            disk.previewed_snapshot = None
             disk.others.discard(disk.vol_id)
+
+    def commit_preview(self, name):
+        """RestoreAllSnapshotsCommand, commit (the VM is down):
+        RestoreAllManagedBlockSnapshotsCommand.handleCommit keeps the
+        previewed volume P as the disk's active image and removes, from
+        the backend, the images whose parent is P's parent other than P
+        (getAllSnapshotsForParent).  P's parent is the previewed
+        snapshot S (TryBackToManagedBlockSnapshotCommand.initNewVolume);
+        a snapshot's parent is the disk's snapshot leaf when it was
+        taken (CreateManagedBlockStorageDiskSnapshotCommand
+        .createNewDiskImageForSnapshot: getSnapshotLeaf), so the images
+        under S are P and the snapshot taken right after S, if any: that
+        one is removed (remove_snapshot naming the disk), nothing else.
+        The disk's earlier volume stays on the backend, inactive, with S
+        and the snapshots before S."""
+        vm = self.vms[name]
+        assert vm.status == "down"
+        for disk in vm.disks:
+            mine = [s for s, label in self.snapshots.items()
+                    if label == disk.label]
+            later = mine[mine.index(disk.previewed_snapshot) + 1:]
+            if later:
+                self.remove_snapshot(disk.label, later[0])
+            disk.previewed_from = disk.previewed_snapshot = None
 
     def copy_disk(self, label, new_label, host):
         """MoveOrCopyDiskCommand (copy) of a disk no running VM has
@@ -693,27 +757,60 @@ class Engine:
         ignored).  A failure anywhere: endWithFailure detaches both the
         same way and runs RemoveManagedBlockStorageDiskCommand on the
         target (delete_volume); StepFailed is raised."""
-        src = self.disks[label]
-        dst = Disk(new_label, str(uuid.uuid4()), src.size)
-        self.shim("create_volume", dst.vol_id, dst.size, label=new_label)
-        self.disks[new_label] = dst
+        return self._copy(host, source=self.disks[label],
+                          new_label=new_label)
+
+    def copy_disk_to_image(self, label, image, host):
+        """MoveOrCopyDiskCommand of a Managed Block Storage disk to an
+        image storage domain (vdsm's volume, here the file ``image``):
+        CopyManagedBlockDiskCommand.createVolumes makes the target the
+        image way (super.createVolumes, no shim call) and attaches the
+        source only; DETACH_VOLUME detaches the source only; a failure:
+        endWithFailure detaches the source, no
+        RemoveManagedBlockStorageDisk (the target is vdsm's)."""
+        self._copy(host, source=self.disks[label], image=image)
+
+    def copy_image_to_disk(self, image, new_label, host):
+        """MoveOrCopyDiskCommand of an image disk (the file ``image``) to
+        a new Managed Block Storage disk: create_volume and the attach of
+        the target only; DETACH_VOLUME detaches the target only; a
+        failure: endWithFailure detaches it and removes it."""
+        return self._copy(host, image=image, new_label=new_label)
+
+    def _copy(self, host, source=None, new_label=None, image=None):
+        dst = None
+        if new_label is not None:
+            size = source.size if source else 1
+            dst = Disk(new_label, str(uuid.uuid4()), size)
+            self.shim("create_volume", dst.vol_id, dst.size,
+                      label=new_label)
+            self.disks[new_label] = dst
+        what = "{} -> {}".format(source.label if source else "image",
+                                 new_label or "image")
         try:
-            target = self._attach_volume(dst, host)["path"]
-            source = self._attach_volume(src, host)["path"]
-            self.note("engine", host, "copy_data {} -> {}".format(
-                label, new_label), "ok")
-            self.hosts[host].copy(source, target, 2 * 1024**2)
+            target = self._attach_volume(dst, host)["path"] if dst \
+                else image
+            path = self._attach_volume(source, host)["path"] if source \
+                else image
+            self.note("engine", host, "copy_data " + what, "ok")
+            self.hosts[host].copy(path, target, 2 * 1024**2)
         except StepFailed:
-            self.note("engine", "engine", "copy " + label, "endWithFailure")
-            self._detach_volume(src, host)
-            self._detach_volume(dst, host)
-            self.shim("delete_volume", dst.vol_id, label=new_label)
-            self._end_leaks(dst.vol_id)
-            del self.disks[new_label]
+            self.note("engine", "engine", "copy " + what, "endWithFailure")
+            self._detach_copied(host, source, dst)
+            if dst is not None:
+                self.shim("delete_volume", dst.vol_id, label=new_label)
+                self._end_leaks(dst.vol_id)
+                del self.disks[new_label]
             raise
-        self._detach_volume(src, host)
-        self._detach_volume(dst, host)
+        self._detach_copied(host, source, dst)
         return dst
+
+    def _detach_copied(self, host, source, target):
+        """CopyManagedBlockDiskCommand.detachVolume: the source, then the
+        target, those of Managed Block Storage."""
+        for disk in (source, target):
+            if disk is not None:
+                self._detach_volume(disk, host)
 
     def clone_disk(self, label, new_label):
         """CloneSingleManagedBlockDiskCommand: clone_volume."""
@@ -730,6 +827,29 @@ class Engine:
         vm = Vm(name, [self.disks[d] for d in disk_labels])
         self.vms[name] = vm
         return vm
+
+    def remove_vm(self, name):
+        """RemoveVmCommand with its disks (the VM down): the VM leaves
+        the engine's database first, with its snapshots' records
+        (removeVmFromDb -> removeVmSnapshots: the snapshot rows only),
+        then RemoveAllManagedBlockStorageDisksCommand runs
+        RemoveManagedBlockStorageDiskCommand for each active disk, one
+        after the other, with no remove_snapshot before.  A disk whose
+        delete_volume fails stays, with no VM (the event names it:
+        processUnremovedDisks).  The labels of those disks."""
+        vm = self.vms[name]
+        assert vm.status == "down"
+        del self.vms[name]
+        failed = []
+        for disk in list(vm.disks):
+            try:
+                self._delete_disk(disk.label)
+            except StepFailed:
+                failed.append(disk.label)
+        if failed:
+            self.note("engine", "engine", "remove " + name,
+                      "VM removed, disks left: " + ", ".join(failed))
+        return failed
 
     def run_vm(self, name, host, rerun_on=()):
         """RunVmCommand.runVm: attach the disks, then create the VM.
@@ -1087,6 +1207,15 @@ class Engine:
             self.remove_snapshot(label, snap_id)
         for label in list(self.disks):
             self.remove_disk(label)
+        for vol_id in sorted(self.orphans):
+            self.admin_delete_volume(vol_id)
+
+    def admin_delete_volume(self, vol_id):
+        """An admin deletes a volume the engine forgot, with the shim's
+        own command line (managedvolume-cinderlib-client delete_volume,
+        as ovirt-engine would run it)."""
+        self.shim("delete_volume", vol_id, label="forgotten")
+        self.orphans.discard(vol_id)
 
 
 # The check every flow ends with
@@ -1167,12 +1296,13 @@ def check(engine):
         problems.append("loop devices {} for {} connected volumes".format(
             loops, len(connected)))
     live = engine.backend.live_volumes()
-    if live != set(volumes):
-        problems.append("shim volumes {}, engine has {}".format(
-            sorted(live), sorted(volumes)))
+    if live != set(volumes) | engine.orphans:
+        problems.append("shim volumes {}, engine has {} (+ forgotten "
+                        "{})".format(sorted(live), sorted(volumes),
+                                     sorted(engine.orphans)))
     files = sorted(n for n in _listdir(engine.backend.dir)
                    if n.startswith("volume-"))
-    if files != sorted("volume-" + v for v in volumes):
+    if files != sorted("volume-" + v for v in set(volumes) | engine.orphans):
         problems.append("volume files {}".format(files))
     snapshots = sorted(n for n in _listdir(engine.backend.dir)
                        if n.startswith("snapshot-"))

@@ -677,6 +677,129 @@ def test_a_snapshot_previewed_then_undone(engine):
     check(engine)
 
 
+def test_a_snapshot_whose_creation_fails_later_is_removed(engine):
+    """The VM's snapshot fails after its Managed Block Storage disks'
+    snapshots were made (an image disk's snapshot task, or the live
+    snapshot, failed): CreateSnapshotForVmCommand.endVmCommand ends its
+    children with failure, and CreateManagedBlockStorageDiskSnapshot-
+    Command.endWithFailure runs RemoveManagedBlockStorageSnapshotCommand
+    (remove_snapshot naming the volume it snapshotted).  No host call:
+    the running VM keeps its disks and what it wrote; nothing is left on
+    the backend, and the next snapshot works."""
+    engine.add_disk("os")
+    engine.add_disk("data")
+    engine.add_vm("vm1", "os", "data")
+    engine.run_vm("vm1", "host-a")
+    a = engine.hosts["host-a"]
+    flowengine.write_through(a, engine, "data", DATA)
+    before = flowengine.journals(engine)
+
+    snaps = engine.snapshot_vm("vm1")
+    assert len(engine.snapshots) == 2
+    engine.snapshot_failed("vm1", snaps)
+    assert engine.snapshots == {}
+    assert flowengine.journals(engine) == before
+    assert flowengine.write_through(a, engine, "data", None)[:len(DATA)] \
+        == DATA
+    check(engine)
+
+    snap = engine.snapshot_disk("data")
+    engine.remove_snapshot("data", snap)
+    engine.stop_vm("vm1")
+    check(engine)
+
+
+def test_a_snapshot_previewed_then_committed(engine):
+    """RestoreAllSnapshotsCommand commit: RestoreAllManagedBlockSnapshots-
+    Command.handleCommit keeps the previewed volume P as the disk's
+    active image and removes the images whose parent is P's parent (the
+    previewed snapshot S1) other than P: the snapshot taken right after
+    S1 (remove_snapshot naming the disk).  The disk's earlier volume V
+    stays on the backend with S1.  RemoveDiskCommand names the disk's
+    id, V: refused while V has S1; once the user removed S1
+    (RemoveSnapshotCommand), V is deleted and the active volume P stays
+    on the backend, forgotten by the engine (removeDiskFromDb drops the
+    image whose id is the disk's only): an ovirt-engine leak an admin
+    deletes with the shim's command line."""
+    engine.add_disk("os")
+    engine.add_vm("vm1", "os")
+    engine.run_vm("vm1", "host-a")
+    a = engine.hosts["host-a"]
+    flowengine.write_through(a, engine, "os", b"at the first snapshot")
+    s1 = engine.snapshot_vm("vm1")
+    flowengine.write_through(a, engine, "os", b"at the second snapshot")
+    s2 = engine.snapshot_vm("vm1")
+    engine.stop_vm("vm1")
+    own = engine.disks["os"].vol_id
+
+    engine.preview_snapshot("vm1", s1)
+    engine.commit_preview("vm1")
+    preview = engine.disks["os"].vol_id
+    assert list(engine.snapshots) == [s1["os"]]
+    assert s2["os"] not in engine.snapshots
+    assert {own, preview} <= engine.backend.live_volumes()
+    check(engine)
+    engine.run_vm("vm1", "host-b")
+    b = engine.hosts["host-b"]
+    assert b.volumes_info()[0]["vol_id"] == preview
+    assert flowengine.write_through(b, engine, "os", None)[:21] == \
+        b"at the first snapshot"
+    engine.stop_vm("vm1")
+    check(engine)
+
+    with pytest.raises(StepFailed, match="has snapshots"):
+        engine.remove_disk("os")
+    check(engine)
+    engine.remove_snapshot("os", s1["os"])
+    engine.remove_disk("os")
+    assert engine.orphans == {preview}
+    assert engine.backend.live_volumes() == {preview}
+    check(engine)
+    engine.admin_delete_volume(preview)
+    check(engine)
+
+
+# Remove a VM
+
+def test_remove_a_vm_whose_disk_has_snapshots(engine):
+    """RemoveVmCommand drops the VM and its snapshots' records, then
+    RemoveAllManagedBlockStorageDisksCommand runs delete_volume of each
+    disk with no remove_snapshot before: the shim refuses the disk with
+    a snapshot (before it ends any connection) and the other is deleted.
+    The user sees the VM removed and the disk left (the event names it);
+    nothing is half-deleted: the disk, its volume and its snapshot are
+    whole, and removing the disk again is refused the same way, naming
+    the snapshot.  The engine no longer lists that snapshot (its VM is
+    gone): an admin removes it with the shim's command line, then the
+    disk goes."""
+    engine.add_disk("os")
+    engine.add_disk("data")
+    engine.add_vm("vm1", "os", "data")
+    engine.run_vm("vm1", "host-a")
+    flowengine.write_through(engine.hosts["host-a"], engine, "os", DATA)
+    snap = engine.snapshot_disk("os")
+    engine.stop_vm("vm1")
+
+    assert engine.remove_vm("vm1") == ["os"]
+    assert "vm1" not in engine.vms and "data" not in engine.disks
+    assert engine.backend.live_volumes() == {engine.disks["os"].vol_id}
+    check(engine)
+    with pytest.raises(StepFailed, match="has snapshots " + snap):
+        engine.remove_disk("os")
+    check(engine)
+
+    # The disk is whole: a new VM runs it and reads what the old wrote.
+    engine.add_vm("vm2", "os")
+    engine.run_vm("vm2", "host-b")
+    assert flowengine.write_through(engine.hosts["host-b"], engine, "os",
+                                    None)[:len(DATA)] == DATA
+    engine.stop_vm("vm2")
+    assert engine.remove_vm("vm2") == ["os"]
+    engine.remove_snapshot("os", snap)
+    engine.remove_disk("os")
+    check(engine)
+
+
 # Disk copy through a host
 
 def test_a_disk_copied_through_a_host_leaves_nothing_attached(engine):
@@ -725,6 +848,72 @@ def test_a_disk_copy_whose_source_attach_fails_removes_the_new_disk(engine):
     check(engine)
 
     engine.copy_disk("os", "os-copy", "host-b")
+    check(engine)
+
+
+def test_a_disk_copied_to_and_from_an_image_domain(engine, tmp_path):
+    """CopyManagedBlockDiskCommand with one side vdsm's: to an image
+    domain, the host attaches the source only (the target is made the
+    image way) and detaches it after the copy; from an image domain, the
+    shim makes the new disk and the host attaches that one only.  No VM
+    device records the host; nothing stays attached; the copies read
+    what the source held."""
+    engine.add_disk("os")
+    engine.add_vm("vm1", "os")
+    engine.run_vm("vm1", "host-a")
+    flowengine.write_through(engine.hosts["host-a"], engine, "os", DATA)
+    engine.stop_vm("vm1")
+    image = str(tmp_path / "image")
+    with open(image, "wb") as f:
+        f.truncate(1024**3)
+
+    engine.copy_disk_to_image("os", image, "host-b")
+    assert flowengine.journals(engine)["host-b"] == []
+    with open(image, "rb") as f:
+        f.seek(1024 * 1024)
+        assert f.read(len(DATA)) == DATA
+    check(engine)
+
+    engine.copy_image_to_disk(image, "os-back", "host-c")
+    assert flowengine.journals(engine)["host-c"] == []
+    check(engine)
+    engine.add_vm("vm2", "os-back")
+    engine.run_vm("vm2", "host-a")
+    assert flowengine.write_through(engine.hosts["host-a"], engine,
+                                    "os-back", None)[:len(DATA)] == DATA
+    engine.stop_vm("vm2")
+    assert engine.backend.connections() == set()
+    check(engine)
+
+
+@pytest.mark.parametrize("direction", ["to image", "from image"])
+def test_a_copy_with_an_image_domain_whose_attach_fails(engine, tmp_path,
+                                                        direction):
+    """The one attach of the copy fails on the host:
+    CopyManagedBlockDiskCommand.endWithFailure detaches that volume (a
+    detach of a volume the host does not hold: success, and
+    disconnect_volume ends the connection connect_volume made) and, from
+    an image domain, removes the new disk.  Nothing is left and the copy
+    done again works."""
+    engine.add_disk("os")
+    image = str(tmp_path / "image")
+    with open(image, "wb") as f:
+        f.truncate(1024**3)
+    engine.fail_next("host-b", "ManagedVolume.attach_volume")
+    if direction == "to image":
+        with pytest.raises(StepFailed, match="attach_volume"):
+            engine.copy_disk_to_image("os", image, "host-b")
+    else:
+        with pytest.raises(StepFailed, match="attach_volume"):
+            engine.copy_image_to_disk(image, "copy", "host-b")
+        assert "copy" not in engine.disks
+    assert engine.backend.connections() == set()
+    check(engine)
+
+    if direction == "to image":
+        engine.copy_disk_to_image("os", image, "host-b")
+    else:
+        engine.copy_image_to_disk(image, "copy", "host-b")
     check(engine)
 
 

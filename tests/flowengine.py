@@ -78,7 +78,17 @@ This module replays those orders against real parts (no mock of ours):
   source on one host with no VM (attachManagedBlockStorageDisk: no
   save_device, nothing records the host), copy, detach both
   (disconnectManagedBlockStorageDeviceFromHost); on failure the same
-  detaches and the new disk's removal.
+  detaches and the new disk's removal.  With one side an image domain,
+  only the Managed Block Storage side is made, attached and detached.
+  CreateManagedBlockStorageDiskSnapshotCommand.endWithFailure (the VM's
+  snapshot failed later): remove_snapshot.  RestoreAllManagedBlock-
+  SnapshotsCommand commit: remove_snapshot of the snapshot taken right
+  after the previewed one.  RemoveVmCommand ->
+  RemoveAllManagedBlockStorageDisksCommand: delete_volume of each disk,
+  no snapshot removed first.  RestartVdsVmsOperation.restartVms (a
+  fenced host): each VM down (ProcessDownVmCommand), the HA ones to
+  HaAutoStartVmsRunner, which runs them on another host one after the
+  other.
 
 ``check(engine)`` is the one check every flow ends with: each host's
 journal (``volumes_info``), managed_path links, udev rules, the loop

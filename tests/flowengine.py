@@ -988,7 +988,7 @@ class Engine:
                 vm.run_on = None
                 self._process_down(vm)
 
-    def migrate(self, name, dest, fail_at=None, rerun_on=()):
+    def migrate(self, name, dest, fail_at=None, rerun_on=(), during=None):
         """MigrateVmCommand: perform, then reportCompleted or runningFailed.
 
         ``fail_at``: None (success), ``connect_volume``, ``attach_volume``,
@@ -1004,6 +1004,9 @@ class Engine:
         destination's attachments stay and its DEST_VDS_ID is
         overwritten (saveAttachedHost): the engine forgets them.  With
         no host left, runningFailed detaches from the last destination.
+
+        ``during``: called once the disks are attached on the
+        destination (DEST_VDS_ID set), while the memory moves.
         """
         vm = self.vms[name]
         src = vm.run_on
@@ -1016,6 +1019,8 @@ class Engine:
         for i, dest in enumerate(hosts):
             try:
                 self._attach_disks(vm, dest, live_migration=True)
+                if during is not None:
+                    during()
                 if fail_at == "migrate" and i == 0:
                     self.note("engine", src, "migrate {} to {}".format(
                         name, dest), "FAILED (vdsm)")

@@ -15,6 +15,7 @@ flows went through that).
 
 import concurrent.futures
 import os
+import signal
 import subprocess
 
 import pytest
@@ -436,6 +437,36 @@ def test_a_failed_live_migration_leaves_the_vm_running_on_the_source(
     assert flowengine.write_through(a, engine, "data", None)[:len(DATA)] \
         == DATA
 
+    engine.stop_vm("vm1")
+    check(engine)
+
+
+def test_a_disk_grown_while_its_vm_migrates_is_grown_on_both_hosts(engine):
+    """ovirt-engine refuses to extend a disk of a migrating VM
+    (UpdateDiskCommand: ActionUtils.canExecute(ExtendImageSize) is false
+    for MigratingFrom), but an extend validated while the VM was Up runs
+    on: ExtendManagedBlockStorageDiskSizeCommand (extend_volume) lands
+    while MigrateVmCommand has attached the disk on the destination.
+    The host step (ManagedVolume.extend_volume) then runs on both hosts
+    that hold the disk, the source (ATTACHED_VDS_ID) and the destination
+    (DEST_VDS_ID): after reportCompleted the destination has the new
+    size recorded and its device shows it, and the VM's data is there."""
+    engine.add_disk("os")
+    engine.add_vm("vm1", "os")
+    engine.run_vm("vm1", "host-a")
+    flowengine.write_through(engine.hosts["host-a"], engine, "os", DATA)
+    grown = {}
+
+    def extend():
+        grown.update(engine.extend_disk("os", 2))
+
+    assert engine.migrate("vm1", "host-b", during=extend)
+    assert grown == {"host-a": 2 * 1024**3, "host-b": 2 * 1024**3}
+    b = engine.hosts["host-b"]
+    assert flowengine.device_size(b, engine, "os") == 2 * 1024**3
+    assert [i["size"] for i in b.volumes_info()] == [2 * 1024**3]
+    assert flowengine.write_through(b, engine, "os", None)[:len(DATA)] == DATA
+    check(engine)
     engine.stop_vm("vm1")
     check(engine)
 
@@ -1009,6 +1040,82 @@ def test_50_ha_vms_restarted_at_once_on_one_host_after_a_fence(
     assert held == {"host-a": 10, "host-b": 40, "host-c": 0}
     check(engine)
 
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        assert all(pool.map(engine.stop_vm, ["vm-" + d for d in labels]))
+    assert engine.backend.connections() == set()
+    check(engine)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["restart", "kill -9"])
+def test_an_agent_restarted_while_32_attaches_are_in_flight(
+        engine, tmp_path, how):
+    """32 RunVmCommands at once on C (each may rerun on B), and C's
+    agent goes down while at least 8 of their attaches wait in its
+    connector: a restart (systemctl restart: SIGTERM) lets the attaches
+    in flight finish and answer, and refuses new ones (935, the engine
+    reruns those on B, or no answer: the VM Unknown); a kill -9 of the
+    agent and its daemon cuts them (VDS_NETWORK_ERROR: the VM Unknown,
+    no rerun).  The agent starts again (same boot) and its journal's
+    replay rolls back every cut attach: C holds exactly the disks of the
+    VMs that came up there.  The VMs left Unknown go Down
+    (VmAnalyzer.proceedDisappearedVm) and run again on C; every stop
+    leaves nothing."""
+    labels = ["r{:02d}".format(i) for i in range(32)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(engine.add_disk, labels))
+    for label in labels:
+        engine.add_vm("vm-" + label, label)
+    c = engine.hosts["host-c"]
+    barrier = str(tmp_path / "storage-answers")
+    engine.hold_attaches("host-c", barrier)
+    mark = len(c.connects())
+
+    def run(label):
+        try:
+            return engine.run_vm("vm-" + label, "host-c",
+                                 rerun_on=["host-b"])
+        except StepFailed as e:
+            assert e.network, e
+            return "unknown"
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        runs = [pool.submit(run, label) for label in labels]
+        try:
+            agentutil.wait_for(lambda: sum(
+                line.startswith("connect-start ")
+                for line in c.connects(mark)) >= 8)
+            if how == "restart":
+                c.agent.proc.send_signal(signal.SIGTERM)
+                c.agent.wait_notify("STOPPING=1")
+            else:
+                c.crash()
+        finally:
+            open(barrier, "w").close()
+        if how == "restart":
+            c.stop()
+        c.start()
+        outcomes = [r.result() for r in runs]
+    if how == "restart":
+        # The held attaches finished: their VMs run on C.
+        assert outcomes.count("host-c") >= 8, outcomes
+    else:
+        assert outcomes.count("unknown") >= 8, outcomes
+    assert set(outcomes) <= {"host-c", "host-b", "unknown"}
+    assert sorted(i["vol_id"] for i in c.volumes_info()) == sorted(
+        engine.disks[label].vol_id
+        for label, where in zip(labels, outcomes) if where == "host-c")
+    check(engine)
+
+    def again(label):
+        engine.vm_disappeared("vm-" + label)
+        return engine.run_vm("vm-" + label, "host-c")
+
+    unknown = [label for label, where in zip(labels, outcomes)
+               if where == "unknown"]
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        assert set(pool.map(again, unknown)) <= {"host-c"}
+    assert len(c.volumes_info()) == outcomes.count("host-c") + len(unknown)
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         assert all(pool.map(engine.stop_vm, ["vm-" + d for d in labels]))
     assert engine.backend.connections() == set()

@@ -5,9 +5,13 @@ A backend with per-host exports (an LVM target's ACL, a SAN's host
 mapping) is changed by the driver before cinderlib's database says so.
 The FileDriver has none, so ``ExportingDriver`` keeps them visible in
 ``exports.json`` in its volume directory: per volume, whether its export
-exists (create_export, remove_export) and the hosts it is granted to
-(initialize_connection, terminate_connection); its delete_volume refuses
-a volume still exported, as such backends do.
+exists (create_export, remove_export) and the initiators it is granted
+to (initialize_connection, terminate_connection: to the connector's
+``initiator``, as an LVM target's ACL, not to its host name); its
+terminate_connection fails once the export is gone, as LIO's does
+(cinder's ``LioAdm.terminate_connection``: ``cinder-rtstool
+delete-initiator`` finds no target), and its delete_volume refuses a
+volume still exported, as such backends do.
 
 Every driver call and every write cinderlib makes to its database is a
 step (``steps.jsonl``, before and after each).  A first run of a command
@@ -61,14 +65,17 @@ def __getattr__(name):
                         data="volume {} is not exported".format(volume.id))
                 info = super().initialize_connection(volume, connector,
                                                      **kwargs)
-                self._change(volume.id, grant=connector["host"])
+                self._change(volume.id, grant=_grantee(connector))
                 return info
 
         def terminate_connection(self, volume, connector, **kwargs):
             with _step(self._dir, "terminate_connection"):
+                if not self._exports().get(volume.id, {}).get("export"):
+                    raise exception.ISCSITargetDetachFailed(
+                        volume_id=volume.id)
                 shared = super().terminate_connection(volume, connector,
                                                       **kwargs)
-                self._change(volume.id, revoke=connector["host"])
+                self._change(volume.id, revoke=_grantee(connector))
                 return shared
 
         def delete_volume(self, volume):
@@ -109,6 +116,12 @@ def __getattr__(name):
             os.rename(path + ".tmp", path)
 
     return ExportingDriver
+
+
+def _grantee(connector):
+    """What ExportingDriver grants an export to: the connector's iSCSI
+    initiator (its host name when it has none)."""
+    return connector.get("initiator") or connector["host"]
 
 
 # In the shim's process: the steps it took (pid, count).
@@ -263,7 +276,8 @@ class Backend:
         state = (self.connections(vol), self.exports(vol),
                  self.volume_status(vol))
         assert state == ([(h, True) for h in sorted(hosts)],
-                         {"export": bool(hosts), "hosts": sorted(hosts)},
+                         {"export": bool(hosts),
+                          "hosts": sorted(_initiator(h) for h in hosts)},
                          "in-use" if hosts else "available"), step
 
     def check_gone(self, vol, step):
@@ -288,9 +302,13 @@ def pg_backend(engine_service, engine_shim, tmp_path, pg_cluster):
     return Backend(engine_shim, engine_service, tmp_path, pg_cluster)
 
 
-def _connector(host):
+def _initiator(host):
+    return "iqn.1994-05.com.redhat:" + host
+
+
+def _connector(host, initiator=None):
     return json.dumps({"host": host,
-                       "initiator": "iqn.1994-05.com.redhat:" + host})
+                       "initiator": initiator or _initiator(host)})
 
 
 def _steps(backend, *args, setup=()):
@@ -433,5 +451,33 @@ def test_a_connection_left_unfinished_is_never_picked(backend):
     assert info["device"] == {"path": "/dev/g"}
     backend.run("disconnect_volume", vol, "h")
     backend.run("disconnect_volume", vol, "g")
+    backend.run("delete_volume", vol)
+    backend.check_gone(vol, "initialize_connection:after")
+
+
+def test_a_renamed_hosts_unfinished_connection_ends_without_its_grant(
+        backend):
+    # h's connect was killed once its record existed; the host, renamed
+    # g since (hostnamectl, DHCP), connects with the same initiator: a
+    # second connection, complete, whose device a VM uses.  The engine's
+    # next disconnect_volume (no host) cannot ask "h" and ends the
+    # unfinished one unasked: the initiator's grant stays, g uses it
+    # (review-engfix6 M1).
+    [number] = [n for n, name in _steps(backend, "connect_volume",
+                                        _connector("h"))
+                if name.endswith(" initialize_connection:after")]
+    vol = new_id()
+    backend.run("create_volume", vol, 1)
+    backend.killed(number, "connect_volume", vol, _connector("h"))
+    backend.run("connect_volume", vol, _connector("g", _initiator("h")))
+    assert backend.connections(vol) == [("g", True), ("h", False)]
+    backend.run("save_device", vol, json.dumps({"path": "/dev/g"}), "g")
+    backend.run("disconnect_volume", vol)
+    assert backend.connections(vol) == [("g", True)]
+    assert backend.exports(vol) == {"export": True,
+                                    "hosts": [_initiator("h")]}
+    # The last connection of that identity ends the grant.
+    backend.run("disconnect_volume", vol, "g")
+    assert backend.exports(vol) == {"export": False, "hosts": []}
     backend.run("delete_volume", vol)
     backend.check_gone(vol, "initialize_connection:after")

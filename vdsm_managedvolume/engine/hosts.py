@@ -271,6 +271,20 @@ def identity_keys(connector, transport):
     return IDENTITY
 
 
+def same_grant(a, b):
+    """Whether connectors ``a`` and ``b`` share what a backend grants an
+    export to (``EXPORT_IDENTITY``): the same iSCSI initiator, the same
+    NVMe host NQN, or a port WWN in common; the host name is not such a
+    thing (a renamed host keeps its grants)."""
+    a = a if isinstance(a, dict) else {}
+    b = b if isinstance(b, dict) else {}
+    for key in ("initiator", "nqn"):
+        if a.get(key) and a.get(key) == b.get(key):
+            return True
+    return bool(set(_strings(a.get("wwpns"))) &
+                set(_strings(b.get("wwpns"))))
+
+
 def transport(conn_info):
     """A connection's driver_volume_type, from its conn_info (or None)."""
     if isinstance(conn_info, dict):

@@ -579,37 +579,61 @@ def _end(vol, conn):
     is recoverable, a removed one cuts a running VM's disk.
 
     The connection is marked ``ENDING`` before the driver is called, and
-    its record is deleted last, after the export's removal: a command
-    killed anywhere in between leaves the record, which the next
-    disconnect_volume or delete_volume ends again (terminate_connection
-    and remove_export are idempotent in cinder drivers) and its host's
-    next connect_volume connects again (``_connect``).  cinderlib
-    deleted the record before removing the export (a kill there leaked
-    an export that made the backend refuse the delete), and the
-    connection of a command killed after terminate_connection was reused
-    as it was, handing the host a connection whose grant was gone.  The
-    volume is "available" again when it has no connection left.
+    its record is deleted after ``terminate_connection``, before the
+    export's removal (cinderlib's order, ``Connection._disconnect``): a
+    command killed before the deletion leaves the record, which the next
+    disconnect_volume or delete_volume ends again and its host's next
+    connect_volume connects again (``_connect``); the connection of a
+    command killed after terminate_connection was reused as it was by
+    cinderlib, handing the host a connection whose grant was gone.
+    terminate_connection must find the export when it runs again: LIO's
+    (cinder's ``LioAdm.terminate_connection``, ``cinder-rtstool
+    delete-initiator``) fails once the target is gone, so a record
+    outliving its export would never end (review-engfix6 M2).  A command
+    killed after the deletion leaves an export no record names:
+    delete_volume removes it before the driver's delete, a later connect
+    reuses it.  The volume is "available" again when it has no
+    connection left.
+
+    A grant is made to the host's identity (``hosts.same_grant``: the
+    initiator, NQN or port WWNs), not to the record: when another
+    connection of ``vol`` has the same identity (a host renamed after a
+    connect of its was killed made a second one; cloned hosts),
+    terminate_connection would revoke what that connection still uses,
+    the disk of a VM running there.  The record is then deleted without
+    calling the driver, and the grant ends with the last of them
+    (review-engfix6 M1).
     """
+    from . import hosts
     driver = vol.backend.driver
     others = [c for c in vol.connections if c.id != conn.id]
     if _attach_status(conn) != ENDING:
         conn._ovo.attach_status = ENDING
         conn.save()
-    shared = driver.terminate_connection(vol._ovo, conn.connector_info,
-                                         force=False)
-    shared = shared if isinstance(shared, bool) else False
-    removed = not (shared or others)
-    if removed:
-        _remove_export(vol, "ignored as cinder does")
+    sharing = [c for c in others
+               if hosts.same_grant(c.connector_info, conn.connector_info)]
+    if sharing:
+        log.info("Not ending the grant of volume %s to host %s: %d other "
+                 "connection(s) of the same identity (%s) use it",
+                 vol.id, _host(conn), len(sharing),
+                 ", ".join(_host(c) or "?" for c in sharing))
+        shared = True
     else:
-        log.info("Keeping the export of volume %s: %s", vol.id,
-                 "the driver says it is shared" if shared else
-                 "{} other connection(s) left".format(len(others)))
+        shared = driver.terminate_connection(vol._ovo, conn.connector_info,
+                                             force=False)
+        shared = shared if isinstance(shared, bool) else False
+    removed = not (shared or others)
     # cinderlib's Connection._disconnect.
     conn.conn_info = None
     conn._ovo.status = "detached"
     conn.persistence.delete_connection(conn)
     vol._connection_removed(conn)
+    if removed:
+        _remove_export(vol, "ignored as cinder does")
+    else:
+        log.info("Keeping the export of volume %s: %s", vol.id,
+                 "the driver says it is shared" if shared and not sharing
+                 else "{} other connection(s) left".format(len(others)))
     if not others:
         vol._ovo.status = "available"
         vol.save()

@@ -615,6 +615,30 @@ def test_two_connections_of_one_identity_are_named_by_their_ids(
     assert backend.volume_ids() == []
 
 
+def test_a_connection_id_naming_nothing_is_said_so(engine_service,
+                                                   backend):
+    # An admin's mistyped override (review-engfix6 L2): nothing ended,
+    # and the command says so with the connections there are, rather
+    # than an INFO line that looks like a done job.
+    vol = new_id()
+    backend.run("create_volume", vol, 1)
+    host = {"host": "h", "initiator": "iqn.h"}
+    backend.run("connect_volume", vol, json.dumps(host))
+    [first] = backend.connection_ids(vol)
+    wrong = json.dumps(dict(host, connection_id="nope"))
+    backend.run("disconnect_volume", vol, wrong)
+    assert backend.connection_ids(vol) == [first]
+    assert 'has no connection {{"host": "h", "initiator": "iqn.h", ' \
+        '"connection_id": "nope"}}: nothing was disconnected; its ' \
+        'connections: {{"host": "h", "initiator": "iqn.h", ' \
+        '"connection_id": "{}"}}'.format(first) in engine_service.log()
+    r = backend.run("save_device", vol, json.dumps({"path": "/dev/x"}),
+                    wrong, code=1)
+    assert '"connection_id": "nope"} not found' in r.error()
+    backend.run("disconnect_volume", vol, "h")
+    backend.run("delete_volume", vol)
+
+
 def test_a_warm_child_locks_in_its_requests_locks_directory(
         engine_service, backend, tmp_path):
     # The session's warm service was set up by an earlier request, with

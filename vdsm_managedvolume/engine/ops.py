@@ -257,12 +257,22 @@ def disconnect_volume(backend, args):
     connection; a host that cannot be asked keeps its connection
     (logged).
     """
+    from . import hosts
     vol = _find_volume(backend, args["volume_id"])
     host = args.get("connector")
     conns = list(vol.connections)
     if host is not None:
         conns = _named(vol, conns, host)
-        if not conns:
+        if not conns and isinstance(host, dict) and host.get(
+                hosts.CONNECTION_ID) is not None:
+            # The admin's override naming one connection: a mistyped id
+            # must not look like a done job (review-engfix6 L2).
+            log.warning("Volume %s has no connection %s: nothing was "
+                        "disconnected; its connections: %s", vol.id,
+                        _show_host(host),
+                        ", ".join(_override(c) for c in vol.connections)
+                        or "none")
+        elif not conns:
             log.info("Volume %s has no connection to host %s", vol.id,
                      _show_host(host))
     elif conns:
@@ -893,7 +903,7 @@ def _show_host(host):
     """``host`` (a name or a connector object) for a message."""
     if isinstance(host, dict):
         from . import hosts
-        return hosts.identity(host)
+        return hosts.identity(host, host.get(hosts.CONNECTION_ID))
     return host
 
 

@@ -379,6 +379,29 @@ def test_an_nvme_connect_of_its_subsystem_is_its_connect_command():
                        "nqn.2026-12.org.example:r2"]) == "nvme connect"
 
 
+@pytest.mark.parametrize("name, data", [
+    ("iscsi", {"target_iqn": "iqn.2026-12.org.example:a",
+               "target_portal": "192.0.2.1:3260", "target_lun": 1,
+               "target_iqns": [["nested"], {"a": 1}, 7]}),
+    ("iscsi", {"target_iqn": "iqn.2026-12.org.example:a",
+               "target_portal": "192.0.2.1:3260", "target_lun": 1,
+               "target_iqns": 7}),
+    ("nvmeof", {"target_nqn": ["nested"], "nqn": {"a": 1},
+                "volume_replicas": [{"target_nqn": ["x"]}, 7]}),
+    ("nvmeof", {"target_nqn": "nqn.2026-12.org.example:s1",
+                "volume_replicas": 7}),
+])
+def test_odd_values_validation_lets_through_do_not_break_a_disconnect(
+        name, data):
+    # A disconnect asks for the matcher before anything (brick.
+    # _wait_earlier): a value validation accepts (target_iqns is checked
+    # only with target_portals) must not raise there, or the volume
+    # could never be detached (review-safety10 L-2).
+    match = transports.get(name).connect_command(
+        {"driver_volume_type": name, "data": data})
+    assert match is None or match(["true"]) is None
+
+
 def test_types_without_a_lasting_connect_command_have_none():
     for name, data in (("fibre_channel", {"target_wwn": "50"}),
                        ("local", {"device_path": "/dev/loop0"})):

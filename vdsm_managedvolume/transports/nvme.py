@@ -74,10 +74,12 @@ class NVMeOF(base.Transport):
         subsystem may hold other volumes' namespaces: a connect of one
         of those is recognised too."""
         data = connection_info.get("data") or {}
-        targets = [data] + [r for r in data.get("volume_replicas") or ()
-                            if isinstance(r, dict)]
-        nqns = {t.get(k) for t in targets for k in ("target_nqn", "nqn")}
-        nqns = {n for n in nqns if isinstance(n, str) and n}
+        replicas = data.get("volume_replicas")
+        replicas = replicas if isinstance(replicas, list) else []
+        targets = [data] + [r for r in replicas if isinstance(r, dict)]
+        nqns = {n for t in targets
+                for n in (t.get("target_nqn"), t.get("nqn"))
+                if isinstance(n, str) and n}
         if not nqns:
             return None
 

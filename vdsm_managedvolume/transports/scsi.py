@@ -83,10 +83,12 @@ class ISCSI(_Multipath):
         discovered under another IQN (sendtargets discovery, without
         target_iqns) is not recognised."""
         data = connection_info.get("data") or {}
-        iqns = set(data.get("target_iqns") or ())
-        if data.get("target_iqn"):
-            iqns.add(data["target_iqn"])
-        iqns = {i for i in iqns if isinstance(i, str)}
+        # Only strings: os-brick ignores target_iqns without
+        # target_portals, and fields() checks it only with them.
+        listed = data.get("target_iqns")
+        listed = listed if isinstance(listed, list) else []
+        iqns = {i for i in listed + [data.get("target_iqn")]
+                if isinstance(i, str) and i}
         if not iqns:
             return None
 

@@ -155,3 +155,36 @@ def test_the_cancellable_lock_refuses_what_threading_semaphore_refuses():
     assert result["head"] == "cancelled"
     assert result["free"] is True
     assert result["again"] == "cancelled"
+
+
+HOLDS = """
+import json, os, sys
+from vdsm_managedvolume import brick
+d = sys.argv[1]
+fifo = os.path.join(d, "brickrbd_fifo")
+os.mkfifo(fifo)
+conf = os.path.join(d, "brickrbd_conf")
+with open(conf, "w") as f:
+    f.write("[global]\\nmon_host = 192.0.2.2:6789\\nKEYRING\\n")
+other = os.path.join(d, "other")
+with open(other, "w") as f:
+    f.write("KEYRING\\n")
+linked = os.path.join(d, "brickrbd_linked")
+os.link(other, linked)
+print(json.dumps([brick._holds_one_of(fifo, ["KEYRING"]),
+                  brick._holds_one_of(linked, ["KEYRING"]),
+                  brick._holds_one_of(conf, ["KEYRING"]),
+                  brick._holds_one_of(conf, ["OTHER"])]))
+"""
+
+
+def test_a_conf_read_is_only_of_the_regular_file_checked(tmp_path):
+    # The sweep reads a conf's content as root after rbd.conf_problem's
+    # lstat: a FIFO swapped in since must not hang the daemon's thread
+    # in open() (it could not be cancelled), and what is read must be a
+    # regular file with one link, as checked (review-safety10 L-4).
+    out = subprocess.run([sys.executable, "-c", HOLDS, str(tmp_path)],
+                         cwd=REPO, check=True, timeout=60,
+                         stdout=subprocess.PIPE).stdout
+    assert json.loads(out.decode().splitlines()[-1]) == [
+        False, False, True, False]

@@ -482,10 +482,19 @@ def _holds_one_of(path, keyrings):
     os-brick's ``RBDConnector._create_ceph_conf`` writes it."""
     keyrings = [k for k in keyrings if isinstance(k, str) and k]
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # Non-blocking: a FIFO put there since the check must not hang
+        # this thread in open() (review-safety10 L-4).
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC)
     except OSError:
         return False
     with os.fdopen(fd, "rb") as f:
+        # What was opened is what was checked: a regular file of ours
+        # with one link, not one swapped in since.
+        st = os.fstat(fd)
+        if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid()
+                or st.st_nlink != 1):
+            return False
         # A conf is a few lines; a larger file is no conf of os-brick's.
         text = f.read(1 << 16).decode("utf-8", "replace")
     return any(k in text for k in keyrings)

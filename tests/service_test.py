@@ -461,6 +461,32 @@ def test_an_rbd_reattach_deletes_the_ceph_conf_no_record_names(
     assert fakebrick.confs() == []
 
 
+def test_a_rollback_kept_by_an_earlier_login_says_so_without_traceback(
+        inproc_service, inproc_brick, monkeypatch, caplog):
+    # The rollback's disconnect is not run while a login an earlier
+    # connect left still runs (EarlierConnectRunning): the record stays
+    # 'attaching', and the log says why in one WARNING line, not a
+    # traceback at ERROR (review-safety10 L-5).
+    svc = inproc_service
+    vol_id, ci = new_id(), iscsi_connection(svc.cfg)
+    monkeypatch.setattr(inproc_brick, "connect", raising(
+        errors.HelperFailed("privsep daemon 1 died during connect")))
+    monkeypatch.setattr(inproc_brick, "disconnect", raising(
+        errors.EarlierConnectRunning(
+            operation="disconnect", timeout=1.0,
+            running="an earlier connect of this connection still runs "
+            "(iscsiadm --login pid 7, running for 9 s)")))
+    with pytest.raises(errors.HelperFailed):
+        svc.attach_volume(vol_id, ci)
+    [rec] = records(svc)
+    assert rec["state"] == "attaching"
+    [line] = [r for r in caplog.records
+              if "during cleanup" in r.getMessage()]
+    assert line.levelno == logging.WARNING
+    assert line.exc_info is None
+    assert "iscsiadm --login pid 7" in line.getMessage()
+
+
 @pytest.mark.root
 def test_an_rbd_detach_finding_its_device_gone_deletes_its_ceph_conf(
         real_service):

@@ -608,3 +608,28 @@ def test_a_host_of_that_name_with_another_identity_is_told_apart(
         e.vol, override) in r.error()
     e.run("disconnect_volume", e.vol, override)
     assert e.connections() == {}
+
+
+def test_same_grant_compares_the_identities_a_backend_grants_to():
+    from vdsm_managedvolume.engine.hosts import same_grant
+    a = {"host": "a", "initiator": "iqn.a", "nqn": "nqn.x"}
+    b = {"host": "b", "initiator": "iqn.b", "nqn": "nqn.x"}
+    renamed = {"host": "a2", "initiator": "iqn.a"}
+    # Every identity both have must agree, without a transport ...
+    assert not same_grant(a, b)
+    assert same_grant(a, renamed)
+    # ... the transport's own alone with one.
+    assert same_grant(a, b, "nvmeof")
+    assert not same_grant(a, b, "iscsi")
+    assert same_grant(a, dict(renamed, nqn="nqn.y"), "iscsi")
+    # Port WWNs: one in common, any case; empty or odd entries are none.
+    fc1 = {"host": "f", "wwpns": ["50014380242B9750", "x1"]}
+    fc2 = {"host": "g", "wwpns": ["50014380242b9750"]}
+    assert same_grant(fc1, fc2, "fibre_channel")
+    for odd in ("", [""], [None], [], None):
+        assert not same_grant({"wwpns": odd}, {"wwpns": odd})
+        assert not same_grant({"wwpns": odd}, {"wwpns": odd},
+                              "fibre_channel")
+    # Nothing in common is no grant shared; the name is never compared.
+    assert not same_grant({"host": "a"}, {"host": "a"})
+    assert not same_grant(None, a)

@@ -481,3 +481,57 @@ def test_a_renamed_hosts_unfinished_connection_ends_without_its_grant(
     assert backend.exports(vol) == {"export": False, "hosts": []}
     backend.run("delete_volume", vol)
     backend.check_gone(vol, "initialize_connection:after")
+
+
+def test_hosts_sharing_only_an_nqn_are_two_grantees(backend):
+    # Another initiator each and one NVMe host NQN (a DMI UUID several
+    # boards share, a cloned /etc/nvme/hostnqn): ending a's connection
+    # ends a's grant (review-final10 M1).
+    nqn = "nqn.2014-08.org.nvmexpress:uuid:03000200-0400-0500-0006-0007"
+    vol = new_id()
+    backend.run("create_volume", vol, 1)
+    for host in ("a", "b"):
+        backend.run("connect_volume", vol, json.dumps(
+            {"host": host, "initiator": _initiator(host), "nqn": nqn}))
+    backend.run("disconnect_volume", vol, "a")
+    assert backend.exports(vol) == {"export": True,
+                                    "hosts": [_initiator("b")]}
+    backend.run("disconnect_volume", vol, "b")
+    backend.run("delete_volume", vol)
+    backend.check_gone(vol, "-")
+
+
+def test_a_disconnect_killed_after_the_record_then_the_engines_next(
+        backend):
+    # Killed after the record's deletion, before remove_export: the
+    # engine's next disconnect_volume finds no connection and removes
+    # the export no host uses (review-final10 L1; an nvmet subsystem may
+    # let any host in).
+    setup = [("connect_volume", _connector("h"))]
+    [number] = [n for n, name in _steps(backend, "disconnect_volume", "h",
+                                        setup=setup)
+                if name.endswith(" db.delete_connection:after")]
+    vol = new_id()
+    backend.run("create_volume", vol, 1)
+    backend.run("connect_volume", vol, _connector("h"))
+    backend.killed(number, "disconnect_volume", vol, "h")
+    assert backend.connections(vol) == []
+    assert backend.exports(vol)["export"] is True
+    backend.run("disconnect_volume", vol)
+    backend.check_agrees(vol, [], "db.delete_connection:after")
+    backend.run("delete_volume", vol)
+    backend.check_gone(vol, "db.delete_connection:after")
+
+
+def test_one_delete_ends_both_connections_of_one_initiator(backend):
+    # The renamed host's unfinished and complete connections, both ended
+    # by one delete_volume: the last one ends the grant.
+    [number] = [n for n, name in _steps(backend, "connect_volume",
+                                        _connector("h"))
+                if name.endswith(" initialize_connection:after")]
+    vol = new_id()
+    backend.run("create_volume", vol, 1)
+    backend.killed(number, "connect_volume", vol, _connector("h"))
+    backend.run("connect_volume", vol, _connector("g", _initiator("h")))
+    backend.run("delete_volume", vol)
+    backend.check_gone(vol, "initialize_connection:after")

@@ -271,18 +271,35 @@ def identity_keys(connector, transport):
     return IDENTITY
 
 
-def same_grant(a, b):
-    """Whether connectors ``a`` and ``b`` share what a backend grants an
-    export to (``EXPORT_IDENTITY``): the same iSCSI initiator, the same
-    NVMe host NQN, or a port WWN in common; the host name is not such a
-    thing (a renamed host keeps its grants)."""
+def same_grant(a, b, transport=None):
+    """Whether connectors ``a`` and ``b`` are one grantee of an export:
+    what a backend grants to (``EXPORT_IDENTITY``) is the same in both.
+    For a connection of ``transport`` that has one, that key alone (a
+    host may have gained another identity since); otherwise every one of
+    the iSCSI initiator, the NVMe host NQN and the FC port WWNs (one in
+    common) that both have must agree, and they must have one in common:
+    two hosts with another initiator each and one NQN (a DMI UUID
+    several boards share, a cloned /etc/nvme/hostnqn) are two grantees.
+    The host name is never compared (a renamed host keeps its grants)."""
     a = a if isinstance(a, dict) else {}
     b = b if isinstance(b, dict) else {}
-    for key in ("initiator", "nqn"):
-        if a.get(key) and a.get(key) == b.get(key):
-            return True
-    return bool(set(_strings(a.get("wwpns"))) &
-                set(_strings(b.get("wwpns"))))
+    key = EXPORT_IDENTITY.get(transport)
+    common = False
+    for k in (key,) if key else ("initiator", "nqn", "wwpns"):
+        mine, theirs = _grantees(a.get(k)), _grantees(b.get(k))
+        if not mine or not theirs:
+            continue
+        if not (mine & theirs if k == "wwpns" else mine == theirs):
+            return False
+        common = True
+    return common
+
+
+def _grantees(value):
+    """The non-empty strings of an identity (a WWN list or one name),
+    lower case."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return {v.lower() for v in values if isinstance(v, str) and v}
 
 
 def transport(conn_info):

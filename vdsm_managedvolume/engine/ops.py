@@ -281,7 +281,10 @@ def disconnect_volume(backend, args):
         log.info("Disconnecting volume %s from host %s", vol.id, _host(conn))
         _end(vol, conn)
     if not vol.connections and vol.status == "in-use":
-        # An end killed after its connection's record was deleted.
+        # An end killed after its connection's record was deleted, before
+        # the export's removal: no host uses it (and an export may grant
+        # any host, as cinder's nvmet subsystems do; review-final10 L1).
+        _remove_export(vol, "left by a disconnect that did not end")
         vol._ovo.status = "available"
         vol.save()
     return None
@@ -620,8 +623,11 @@ def _end(vol, conn):
     if _attach_status(conn) != ENDING:
         conn._ovo.attach_status = ENDING
         conn.save()
+    kind = next((t for t in (hosts.transport(c.conn_info)
+                             for c in vol.connections) if t), None)
     sharing = [c for c in others
-               if hosts.same_grant(c.connector_info, conn.connector_info)]
+               if hosts.same_grant(c.connector_info, conn.connector_info,
+                                   kind)]
     if sharing:
         log.info("Not ending the grant of volume %s to host %s: %d other "
                  "connection(s) of the same identity (%s) use it",

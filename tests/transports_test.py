@@ -330,6 +330,8 @@ def test_an_iscsi_login_of_the_connections_targets_is_its_connect_command():
         == "iscsiadm --login"
     assert match(["/bin/sh", "/usr/sbin/iscsiadm"] + login(
         "iqn.2026-12.org.example:a", "--login")[1:]) == "iscsiadm --login"
+    assert match(["iscsiadm", "-m", "node", "--targetname="
+                  "iqn.2026-12.org.example:a", "-l"]) == "iscsiadm --login"
     assert match(login("iqn.2026-12.org.example:c", "--login")) is None
     assert match(login("iqn.2026-12.org.example:a", "--op", "update", "-n",
                        "node.session.auth.password", "-v", "x")) is None

@@ -1,5 +1,7 @@
 """What every transport does unless it says otherwise."""
 
+import os
+
 from .. import devices
 from .. import errors
 
@@ -89,6 +91,29 @@ class Transport:
         (``procs``, ``brick._wait_earlier``): they outlive the daemon
         that started them."""
         return None
+
+
+def command_matcher(program, verbs, options, values, name):
+    """A ``connect_command`` match function: a process runs ``program``
+    (the base name of argv[0], or of argv[1] for a script run by its
+    interpreter), has one of ``verbs`` among its arguments, and one of
+    ``options`` followed by one of ``values`` (``-T <iqn>``) or joined
+    to it by "=" (``--nqn=<nqn>``); it answers ``name``."""
+    def match(argv):
+        if program not in (os.path.basename(a) for a in argv[:2]):
+            return None
+        if not any(verb in argv for verb in verbs):
+            return None
+        for i, arg in enumerate(argv):
+            if arg in options and i + 1 < len(argv) and \
+                    argv[i + 1] in values:
+                return name
+            option, joined, value = arg.partition("=")
+            if joined and option in options and value in values:
+                return name
+        return None
+
+    return match
 
 
 # Helpers for fields(): each raises InvalidParams naming the field.

@@ -26,7 +26,6 @@ Fields, as os-brick 7's connectors read them (``NVMeOFConnProps``,
              nodes.
 """
 
-import os
 import uuid as _uuid
 
 from .. import errors
@@ -83,20 +82,8 @@ class NVMeOF(base.Transport):
         if not nqns:
             return None
 
-        def match(argv):
-            if "nvme" not in (os.path.basename(a) for a in argv[:2]):
-                return None
-            if "connect" not in argv:
-                return None
-            for i, arg in enumerate(argv):
-                if ((arg in ("-n", "--nqn") and i + 1 < len(argv)
-                        and argv[i + 1] in nqns)
-                        or (arg.startswith("--nqn=")
-                            and arg[len("--nqn="):] in nqns)):
-                    return "nvme connect"
-            return None
-
-        return match
+        return base.command_matcher("nvme", ("connect",), ("-n", "--nqn"),
+                                    nqns, "nvme connect")
 
     def _target(self, target, prefix):
         base.required(target, "target_nqn", str, prefix=prefix)

@@ -92,17 +92,9 @@ class ISCSI(_Multipath):
         if not iqns:
             return None
 
-        def match(argv):
-            if "iscsiadm" not in (os.path.basename(a) for a in argv[:2]):
-                return None
-            if "--login" not in argv and "-l" not in argv:
-                return None
-            for i, arg in enumerate(argv[:-1]):
-                if arg in ("-T", "--targetname") and argv[i + 1] in iqns:
-                    return "iscsiadm --login"
-            return None
-
-        return match
+        return base.command_matcher("iscsiadm", ("--login", "-l"),
+                                    ("-T", "--targetname"), iqns,
+                                    "iscsiadm --login")
 
 
 class FibreChannel(_Multipath):

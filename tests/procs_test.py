@@ -92,8 +92,11 @@ def test_another_users_process_with_a_matching_argv_is_not_found(tmp_path):
         def match(argv):
             return "it" if marker in argv else None
 
+        # Until setpriv (root, the marker on its own argv too) has
+        # dropped to that user and run Python.
         deadline = time.monotonic() + 30
-        while marker not in (procs._argv(procs.PROC, child.pid) or ()):
+        while (procs._argv(procs.PROC, child.pid) or [None])[0] != \
+                sys.executable:
             assert time.monotonic() < deadline
             time.sleep(0.01)
         assert procs.matching(match) == []

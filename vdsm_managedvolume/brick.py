@@ -491,9 +491,7 @@ def _holds_one_of(path, keyrings):
     with os.fdopen(fd, "rb") as f:
         # What was opened is what was checked: a regular file of ours
         # with one link, not one swapped in since.
-        st = os.fstat(fd)
-        if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid()
-                or st.st_nlink != 1):
+        if rbd.conf_stat_problem(os.fstat(fd)):
             return False
         # A conf is a few lines; a larger file is no conf of os-brick's.
         text = f.read(1 << 16).decode("utf-8", "replace")

@@ -90,6 +90,13 @@ def conf_problem(path, temp_dir=None):
         return None
     except OSError as e:
         return "cannot be checked: {}".format(e.strerror)
+    return conf_stat_problem(st)
+
+
+def conf_stat_problem(st):
+    """Why a file of stat result ``st`` (lstat of the path, or fstat of
+    it once opened) is not what os-brick's mkstemp made: a regular file
+    of this process's user with no other link; or None."""
     if not stat.S_ISREG(st.st_mode):
         return "not a regular file"
     if st.st_uid != os.geteuid():

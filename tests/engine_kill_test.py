@@ -327,6 +327,13 @@ def _steps(backend, *args, setup=()):
             if n == 0 or name.endswith(":after")]
 
 
+def _step_number(backend, name, *args, setup=()):
+    """The number of the step ``name`` of ``args`` (``_steps``)."""
+    [number] = [n for n, step in _steps(backend, *args, setup=setup)
+                if step.endswith(" " + name)]
+    return number
+
+
 def test_a_connect_killed_at_any_step_is_finished_by_the_next_connect(
         backend):
     # The engine runs connect_volume again for that host when the VM is
@@ -436,9 +443,8 @@ def test_a_delete_killed_at_any_step_is_finished_by_the_next_delete(
 def test_a_connection_left_unfinished_is_never_picked(backend):
     # Its conn_info is not recorded (or its grant may be gone): the
     # connection without a host named is the one complete.
-    [number] = [n for n, name in _steps(backend, "connect_volume",
-                                        _connector("h"))
-                if name.endswith(" initialize_connection:after")]
+    number = _step_number(backend, "initialize_connection:after",
+                          "connect_volume", _connector("h"))
     vol = new_id()
     backend.run("create_volume", vol, 1)
     backend.run("connect_volume", vol, _connector("g"))
@@ -463,9 +469,8 @@ def test_a_renamed_hosts_unfinished_connection_ends_without_its_grant(
     # next disconnect_volume (no host) cannot ask "h" and ends the
     # unfinished one unasked: the initiator's grant stays, g uses it
     # (review-engfix6 M1).
-    [number] = [n for n, name in _steps(backend, "connect_volume",
-                                        _connector("h"))
-                if name.endswith(" initialize_connection:after")]
+    number = _step_number(backend, "initialize_connection:after",
+                          "connect_volume", _connector("h"))
     vol = new_id()
     backend.run("create_volume", vol, 1)
     backend.killed(number, "connect_volume", vol, _connector("h"))
@@ -508,9 +513,8 @@ def test_a_disconnect_killed_after_the_record_then_the_engines_next(
     # the export no host uses (review-final10 L1; an nvmet subsystem may
     # let any host in).
     setup = [("connect_volume", _connector("h"))]
-    [number] = [n for n, name in _steps(backend, "disconnect_volume", "h",
-                                        setup=setup)
-                if name.endswith(" db.delete_connection:after")]
+    number = _step_number(backend, "db.delete_connection:after",
+                          "disconnect_volume", "h", setup=setup)
     vol = new_id()
     backend.run("create_volume", vol, 1)
     backend.run("connect_volume", vol, _connector("h"))
@@ -526,9 +530,8 @@ def test_a_disconnect_killed_after_the_record_then_the_engines_next(
 def test_one_delete_ends_both_connections_of_one_initiator(backend):
     # The renamed host's unfinished and complete connections, both ended
     # by one delete_volume: the last one ends the grant.
-    [number] = [n for n, name in _steps(backend, "connect_volume",
-                                        _connector("h"))
-                if name.endswith(" initialize_connection:after")]
+    number = _step_number(backend, "initialize_connection:after",
+                          "connect_volume", _connector("h"))
     vol = new_id()
     backend.run("create_volume", vol, 1)
     backend.killed(number, "connect_volume", vol, _connector("h"))

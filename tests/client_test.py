@@ -259,6 +259,15 @@ def test_flow_id_is_sent():
     (["ManagedVolume", "detach_volume", "-f", "-"], "[1]", "JSON object"),
     (["ManagedVolume", "detach_volume", "-f", "/nonexistent"], None,
      "No such file"),
+    # Python's json reads these as infinity/NaN and would send the
+    # non-JSON word Infinity: refused here, naming where they were.
+    (["ManagedVolume", "attach_volume", "-f", "-"],
+     '{"vol_id": "x", "connection_info": {"data": {"x": 1e400}}}',
+     "standard input: 1e400 is not a finite number"),
+    (["ManagedVolume", "detach_volume", "-f", "-"], '{"vol_id": NaN}',
+     "standard input: NaN is not a finite number"),
+    (["ManagedVolume", "volumes_info", "vol_ids=[-Infinity]"], None,
+     "vol_ids: -Infinity is not a finite number"),
     (["ManagedVolume", "nope"], None, "invalid choice"),
     (["Nope", "verb"], None, "invalid choice"),
     (["ManagedVolume"], None, "required"),
@@ -652,8 +661,10 @@ def test_e2e_attach_info_detach_cycle(agent):
     assert vol["connection_info"]["data"]["auth_password"] == mask.MASK
     rc, out, err = agent.client("ManagedVolume", "volumes_info",
                                 "include_secrets=true")
-    [vol] = json.loads(out)
-    assert vol["connection_info"]["data"]["auth_password"] == SECRET
+    assert rc == 1
+    assert "(code=-32602, message=Invalid parameter include_secrets: " \
+        "secrets are not sent over the API" in err
+    assert SECRET not in out + err
 
     rc, out, err = agent.client("ManagedVolume", "attach_volume", "-f", "-",
                                 stdin=json.dumps({
@@ -732,3 +743,15 @@ def test_a_handshake_timeout_names_a_plain_tcp_server():
     assert "serve plain TCP (then use --insecure)" in hint
     assert client._hint(argparse.Namespace(use_tls=False), socket.timeout(
         "_ssl.c:989: The handshake operation timed out")) == ""
+
+
+def test_the_stomp_client_never_sends_a_non_finite_number():
+    # json.dumps would write the non-JSON word Infinity, refused by the
+    # agent as -32700 naming a word the caller never wrote.
+    sent = []
+    c = stompclient.Client.__new__(stompclient.Client)
+    c.reply_to = "r"
+    c._send = lambda *args, **kwargs: sent.append(args)
+    with pytest.raises(ValueError):
+        c.call("ManagedVolume.volumes_info", {"x": float("inf")})
+    assert sent == []

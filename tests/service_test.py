@@ -980,6 +980,11 @@ def test_volumes_info_masks_secrets_unless_asked(inproc_service):
     assert info[1]["exists"] is True
     assert info[1]["stale"] is False
     assert info[1]["this_boot"] is True
+    with pytest.raises(errors.InvalidParams) as e:
+        svc.volumes_info([b], include_secrets=True)
+    assert e.value.name == "include_secrets"
+    assert "[volumes] remote_secrets" in str(e.value)
+    svc.cfg.remote_secrets = True
     full = svc.volumes_info([b], include_secrets=True)
     assert full[0]["connection_info"] == ci
     assert svc.volumes_info([new_id()]) == []

@@ -248,6 +248,19 @@ def test_list_json_is_masked_and_filterable(configured, state, tmp_path):
     assert SECRET not in p.stdout
 
 
+def test_list_secrets_shows_them_to_root_on_the_host(configured, state,
+                                                     tmp_path):
+    # The agent refuses include_secrets ([volumes] remote_secrets): this
+    # is where an admin reads them.
+    _add_records(configured, tmp_path)
+
+    p = run("list", "--json", "--secrets", "--state-dir", state, check=0)
+    records = {r["vol_id"]: r for r in json.loads(p.stdout)}
+    assert records[VOL_ID2]["connection_info"]["data"]["keyring"] == SECRET
+    p = run("list", "-l", "--secrets", "--state-dir", state, check=0)
+    assert SECRET in p.stdout
+
+
 def test_list_shows_which_records_are_stale_and_why(configured, state,
                                                     tmp_path):
     device = tmp_path / "device"

@@ -48,6 +48,7 @@ vdsm's files are missing, the error names the ``.state`` of a running
 
 import argparse
 import json
+import math
 import os
 import socket
 import ssl
@@ -296,7 +297,7 @@ def parse_file(filename):
     if not data.strip():
         raise UsageError("File is empty")
     try:
-        params = _json(data, filename)
+        params = _json(data, shown)
     except ValueError as e:
         raise UsageError("{} is not JSON: {}".format(shown, e))
     if not isinstance(params, dict):
@@ -357,9 +358,21 @@ def tls_files(opts):
 
 def _json(text, where):
     """``json.loads(text)``; UsageError when nested deeper than
-    MAX_NESTING (ValueError when it is no JSON)."""
+    MAX_NESTING or holding a number no JSON peer reads (NaN, Infinity, or
+    one too large for a float, ``1e400``: Python's json would read it as
+    infinity and send ``Infinity``); ValueError when it is no JSON."""
+    def refuse(number):
+        raise UsageError("{}: {} is not a finite number".format(
+            where, number))
+
+    def finite(number):
+        value = float(number)
+        if not math.isfinite(value):
+            refuse(number)
+        return value
+
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_float=finite, parse_constant=refuse)
     except RecursionError:
         value = None
         too_deep = True

@@ -108,6 +108,7 @@ class Config:
     udev_writer: str = "auto"
     local_devices: tuple = DEFAULT_LOCAL_DEVICES
     shared_devices: bool = False
+    remote_secrets: bool = False
 
     # [privsep]
     timeout: float = 120.0
@@ -205,7 +206,8 @@ SECTIONS = {
               "state_run_dir", "log_dir", "multipath_dir", "rbd_dir",
               "privsep_config", "boot_id_file"),
     "volumes": ("allowed_types", "lock_timeout", "udev_owner", "udevadm",
-                "chown", "udev_writer", "local_devices", "shared_devices"),
+                "chown", "udev_writer", "local_devices", "shared_devices",
+                "remote_secrets"),
     "privsep": ("timeout", "properties_timeout", "connector_info_ttl",
                 "helper_command", "root_helper", "connector_override",
                 "my_ip", "daemon_cpu_affinity"),

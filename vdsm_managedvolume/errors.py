@@ -26,7 +26,8 @@ their meaning; 930-935 are ours (documented in the schema YAML too):
                                connect's login or map still runs
     932  VolumeBusy            another operation holds the volume's lock
     933  AgentBusy             every worker of the agent is in use, or
-                               max_operations attaches/detaches run
+                               max_operations attaches/detaches/
+                               extends run
     934  UnknownAdapter        connection_info.adapter: no installed plug-in
     935  StoreError            the local journal cannot be read or written
 

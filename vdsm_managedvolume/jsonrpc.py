@@ -267,9 +267,9 @@ def parse(data):
     """The JSON message in ``data`` (bytes or str), to run.
 
     Raises ParseError (-32700) for anything that is not strict JSON in
-    UTF-8 (other encodings, invalid UTF-8, NaN/Infinity, nesting beyond
-    the parser's recursion limit) and InvalidRequest (-32600) for nesting
-    beyond MAX_DEPTH.
+    UTF-8 (other encodings, invalid UTF-8, NaN/Infinity) and
+    InvalidRequest (-32600) for nesting beyond MAX_DEPTH, the same words
+    whether the walk or the parser's recursion limit found it.
     """
     return _parse(data)[0]
 
@@ -289,9 +289,13 @@ def _parse(data):
     else:
         openers = data.count(b"[") + data.count(b"{")
     if openers > MAX_DEPTH and schema_module.too_deep(message, MAX_DEPTH):
-        raise errors.InvalidRequest("nested deeper than {} levels".format(
-            MAX_DEPTH))
+        raise _too_deep()
     return message, openers <= schema_module.MAX_PARAM_DEPTH
+
+
+def _too_deep():
+    return errors.InvalidRequest("nested deeper than {} levels".format(
+        MAX_DEPTH))
 
 
 def decode(data):
@@ -299,7 +303,8 @@ def decode(data):
     bounded beyond the parser's own recursion limit (``parse`` bounds it).
 
     Raises ParseError (-32700) for anything that is not strict JSON in
-    UTF-8.
+    UTF-8, InvalidRequest (-32600) for nesting beyond the parser's
+    recursion limit (valid JSON, refused as ``parse`` refuses MAX_DEPTH).
     """
     try:
         if isinstance(data, (bytes, bytearray)):
@@ -311,8 +316,7 @@ def decode(data):
             json.loads(data)
         message = _DECODER.decode(data)
     except RecursionError:
-        raise errors.ParseError("nested too deeply (more than {} levels "
-                                "are refused)".format(MAX_DEPTH))
+        raise _too_deep() from None
     except (ValueError, UnicodeDecodeError) as e:
         raise errors.ParseError(str(e))
     return message

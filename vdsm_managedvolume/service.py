@@ -527,6 +527,16 @@ class Service:
         vol_ids = validate.uuid_list("vol_ids", vol_ids)
         include_secrets = validate.boolean("include_secrets",
                                            include_secrets)
+        if include_secrets and not self.cfg.remote_secrets:
+            # Any peer the CA signed may call: on oVirt that CA signed
+            # every host's certificate, so one host (or its stolen key)
+            # would read every other host's CHAP passwords and keyrings.
+            # Root on the host reads them from the journal instead.
+            raise errors.InvalidParams(
+                name="include_secrets", reason="secrets are not sent "
+                "over the API (read them on the host: managedvolume-tool "
+                "list --secrets; [volumes] remote_secrets = true allows "
+                "it)")
         result = []
         with self._call() as db:
             records = db.volumes(vol_ids)

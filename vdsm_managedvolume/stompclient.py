@@ -104,7 +104,9 @@ class Client:
         request = {"jsonrpc": "2.0", "method": method,
                    "params": params if params is not None else {},
                    "id": request_id}
-        body = json.dumps([request]).encode("utf-8")
+        # allow_nan=False: a non-finite float raises here, not as a
+        # -32700 from the agent naming a word the caller never wrote.
+        body = json.dumps([request], allow_nan=False).encode("utf-8")
         headers = {"destination": REQUESTS,
                    "content-type": "application/json",
                    "reply-to": self.reply_to}

@@ -6,7 +6,7 @@ One console script, one sub-command per question an admin asks::
                  migrated to this version's schema), ownership, the
                  privsep daemon's root-owned configuration
     list         what the journal holds: state, path, age, stale (secrets
-                 masked; read-only)
+                 masked unless --secrets; read-only)
     reconcile    what a crash or a reboot left behind, and (--apply) fix it
     check        a doctor: every prerequisite of attach/detach, one line each
     dump-schema  the API schema YAML (the one source of the verbs)
@@ -217,7 +217,8 @@ def list_volumes(cfg, args):
     now = datetime.datetime.now(datetime.timezone.utc)
     rows = []
     for rec, fields in zip(records, stale):
-        rec = mask.mask(rec)
+        if not args.secrets:
+            rec = mask.mask(rec)
         rec.update(fields)
         rec["age"] = _age_seconds(rec.get("created"), now)
         rec["exists"] = (os.path.exists(rec["path"]) if rec.get("path")
@@ -754,13 +755,19 @@ def _parser():
             "stale (made in another boot, device gone or changed), as "
             "volumes_info says.  Read-only: the journal is never migrated "
             "(a schema of another version is an error).  Secrets in "
-            "connection_info are masked.")
+            "connection_info are masked unless --secrets.")
     p.add_argument("vol_ids", nargs="*", metavar="VOL_ID",
                    help="only these volumes (default: all)")
     p.add_argument("-l", "--long", dest="verbose_records",
                    action="store_true",
                    help="also show sd_id, managed_path, multipath_id, "
                         "timestamps, connection_info and attachment")
+    p.add_argument("--secrets", action="store_true",
+                   help="show connection_info and attachment unmasked "
+                        "(CHAP passwords, keyrings: with -l or --json). "
+                        "The one way to read them: the agent does not "
+                        "send them (volumes_info include_secrets is "
+                        "refused unless [volumes] remote_secrets)")
 
     p = add("reconcile", reconcile,
             "find (and with --apply fix) what a crash or reboot left",

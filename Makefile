@@ -23,8 +23,11 @@ AGENT_ARGS ?=
 
 venv: $(STAMP)
 
+# A venv without pip (python3 -m venv without Debian's python3-venv leaves
+# one) is made again, not kept for ever.
 $(STAMP): setup.cfg pyproject.toml requirements/constraints.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip --version >/dev/null 2>&1 || \
+	    { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
 	$(PY) -m pip install -q -c requirements/constraints.txt -e '.[host,engine,test]'
 	touch $@

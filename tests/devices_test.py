@@ -246,6 +246,26 @@ def test_local_attach_of_a_mounted_device_is_refused_and_nothing_changes(
     assert sorted(os.listdir(svc.cfg.run_dir)) == before
 
 
+def test_local_attach_of_an_unbound_loop_device_is_refused(
+        loop_device, inproc_service):
+    svc = inproc_service
+    loop_device.detach()
+    if loop_device.current_backing() is not None:
+        pytest.skip("another process took {}".format(loop_device.path))
+    vol_id = new_id()
+    ci = {"driver_volume_type": "local",
+          "data": {"device_path": loop_device.path}}
+
+    with pytest.raises(errors.InvalidParams) as e:
+        svc.attach_volume(vol_id, ci, SD)
+
+    assert str(e.value) == (
+        "Invalid parameter connection_info.data.device_path: {} has no "
+        "media (0 bytes: an unbound loop device, a DRBD minor not set "
+        "up)".format(loop_device.path))
+    assert svc.volumes_info([vol_id]) == []
+
+
 # Identity: what the device at a path is
 
 def test_identity_of_a_loop_device_names_its_dev_diskseq_and_backing_file(

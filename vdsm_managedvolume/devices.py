@@ -15,6 +15,8 @@ when:
   configured patterns (``[volumes] local_devices``; by default what
   LINSTOR/DRBD hands out, ``/dev/drbd/by-res/...`` and ``/dev/drbdN``;
   loop devices too in ``--state-dir`` mode);
+- it has media (its size is not 0: an unbound loop device, a DRBD
+  minor not set up, would give the VM a 0-byte disk);
 - the host does not use it (``in_use``).
 
 A device is in use when it, or any of its partitions:
@@ -136,6 +138,12 @@ def check_local(name, path, patterns):
             name=name, reason="{} is not an allowed local device: "
             "[volumes] local_devices allows {}".format(
                 _named(path, real), ", ".join(patterns) or "none"))
+    if size(real, st) == 0:
+        # A VM would get a 0-byte disk, and the next ``losetup -f`` on
+        # the host binds exactly this loop device.
+        raise errors.InvalidParams(
+            name=name, reason="{} has no media (0 bytes: an unbound loop "
+            "device, a DRBD minor not set up)".format(_named(path, real)))
     reason = _in_use((os.major(st.st_rdev), os.minor(st.st_rdev)))
     if reason:
         raise errors.InvalidParams(

@@ -66,11 +66,14 @@ class ISCSI(_Multipath):
         else:
             base.required(data, "target_portal", str)
             base.required(data, "target_iqn", str)
+        # Integers: os-brick compares a LUN with numbers
+        # (LinuxSCSI.process_lun_id), a string fails there with a
+        # TypeError after the login.
         if data.get("target_luns"):
-            base.of_kind(field_name("target_luns"), data["target_luns"],
-                         list)
+            base.list_of(field_name("target_luns"), data["target_luns"],
+                         int)
         else:
-            base.required(data, "target_lun")
+            base.required(data, "target_lun", int)
 
     def connect_command(self, connection_info):
         """An ``iscsiadm ... -T <iqn> ... --login`` for one of the

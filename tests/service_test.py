@@ -14,6 +14,7 @@ from time import sleep as time_sleep
 import pytest
 
 from vdsm_managedvolume import errors
+from vdsm_managedvolume import locking
 from vdsm_managedvolume import log as mvlog
 from vdsm_managedvolume import mask
 from vdsm_managedvolume import service
@@ -709,8 +710,26 @@ def test_detach_removes_link_rule_connection_and_record(inproc_service):
 
 
 def test_detach_of_unknown_volume_is_success(inproc_service, inproc_brick):
-    inproc_service.detach_volume(new_id())
+    before = sorted(os.listdir(inproc_service.cfg.lock_dir))
+    for _ in range(3):
+        inproc_service.detach_volume(new_id())
     assert inproc_brick.calls == []
+    # No lock file for ids never seen here: lock files are never removed.
+    assert sorted(os.listdir(inproc_service.cfg.lock_dir)) == before
+
+
+def test_detach_of_a_record_of_another_boot_takes_its_lock(inproc_service):
+    # tmpfs lost the lock file at the reboot; the record still counts.
+    svc = inproc_service
+    vol_id = new_id()
+    svc.attach_volume(vol_id, iscsi_connection(svc.cfg), SD)
+    os.unlink(locking.lock_path(svc.cfg.lock_dir, vol_id))
+    svc.cfg.lock_timeout = 0.05
+    with locking.volume_lock(svc.cfg.lock_dir, vol_id, 1):
+        with pytest.raises(errors.VolumeBusy):
+            svc.detach_volume(vol_id)
+    svc.detach_volume(vol_id)
+    assert records(svc) == []
 
 
 def test_detach_uses_the_recorded_sd_id(inproc_service):

@@ -15,7 +15,10 @@ Here every operation on a volume runs under ``volume_lock(vol_id)``:
 
 Lock files are never unlinked: unlinking a lock file someone else is
 about to lock is the classic flock race (two holders of two different
-inodes).  One empty file per volume ever seen is the price.
+inodes).  One empty file per volume operated on in this boot (lock_dir
+is on tmpfs) is the price; a detach of a volume without a record or a
+lock file makes none (``Service._unknown``), so ids a client merely
+names do not accumulate.
 
 The wait is bounded (``cfg.lock_timeout``): an operation stuck on a hung
 device must not make every later call on that volume hang with it; they

@@ -432,21 +432,43 @@ class Service:
         """
         vol_id = validate.uuid("vol_id", vol_id)
         sd_id = validate.uuid("sd_id", sd_id)
-        with self._call(), self._locked(vol_id):
-            rec = self._find(vol_id)
-            if rec is None:
-                log.info("Volume %s is not attached, nothing to detach",
-                         vol_id)
-                return
-            if rec["sd_id"] != sd_id:
-                log.warning("Volume %s was attached with sd_id %s, "
-                            "detach asked for %s; using the recorded one",
-                            vol_id, rec["sd_id"], sd_id)
-                self._silent_remove_link_and_rule(sd_id, vol_id)
-            log.debug("Detaching volume %s (%s)", vol_id, rec["state"])
-            self._detach(rec)
+        with self._call():
+            rec = None
+            if not self._unknown(vol_id):
+                with self._locked(vol_id):
+                    rec = self._find(vol_id)
+                    if rec is not None:
+                        self._detach_named(rec, sd_id)
+        if rec is None:
+            log.info("Volume %s is not attached, nothing to detach", vol_id)
+            return
         log.info("Detached volume %s path=%s (was %s)", vol_id, rec["path"],
                  rec["state"])
+
+    def _detach_named(self, rec, sd_id):
+        vol_id = rec["vol_id"]
+        if rec["sd_id"] != sd_id:
+            log.warning("Volume %s was attached with sd_id %s, detach asked "
+                        "for %s; using the recorded one", vol_id,
+                        rec["sd_id"], sd_id)
+            self._silent_remove_link_and_rule(sd_id, vol_id)
+        log.debug("Detaching volume %s (%s)", vol_id, rec["state"])
+        self._detach(rec)
+
+    def _unknown(self, vol_id):
+        """Whether nothing was done to ``vol_id`` in this boot (it has no
+        lock file: they are never removed) and nothing is recorded of it.
+
+        A detach of such a volume succeeds without making its lock file:
+        a client detaching ids never attached here (a buggy script, a
+        scanner holding a certificate) would otherwise fill lock_dir
+        with a file per id for the rest of the boot.  An attach that
+        records it after this look simply comes after the detach.  A
+        volume known here pays one stat (the lock file exists).
+        """
+        return (not os.path.exists(locking.lock_path(self.cfg.lock_dir,
+                                                     vol_id))
+                and self._find(vol_id) is None)
 
     def extend_volume(self, vol_id, sd_id=validate.BLANK_UUID, new_size=None):
         """Make this host see the size the storage now gives an attached

@@ -897,6 +897,17 @@ def test_a_driver_config_without_a_driver_that_imports_is_an_error(
             assert r.code == 1, r.describe()
             assert message in r.error()
     assert files_in(str(vols)) == []
+    # A relative file_volume_dir would be another directory for a cold
+    # command (the engine's cwd) than for the warm service (/).
+    for warm in (True, False):
+        r = engine_shim.run("create_volume", vol, 1, db_url=db_url,
+                            warm=warm, driver={
+                                "file_volume_dir": "relative/vols",
+                                "volume_driver": "vdsm_managedvolume."
+                                "engine.filedriver.FileDriver"})
+        assert r.code == 1, r.describe()
+        assert "file_volume_dir 'relative/vols' is not an absolute path" \
+            in r.error()
     # The engine's "adapter" key is ovirt-engine's, not the driver's.
     r = engine_shim.run("create_volume", vol, 1, db_url=db_url, driver={
         "adapter": "managedvolume", "file_volume_dir": str(vols),

@@ -56,7 +56,8 @@ GiB = 1024**3
 file_opts = [
     cfg.StrOpt("file_volume_dir",
                default="/var/lib/managedvolume-file",
-               help="Directory holding one sparse file per volume."),
+               help="Directory holding one sparse file per volume "
+                    "(an absolute path)."),
     cfg.BoolOpt("file_volume_use_loop",
                 default=False,
                 help="Expose volumes as loop devices (needs root) instead "
@@ -81,7 +82,14 @@ class FileDriver(driver.VolumeDriver):
     # Setup
 
     def do_setup(self, context):
-        self._dir = os.path.abspath(self.configuration.file_volume_dir)
+        path = self.configuration.file_volume_dir
+        if not os.path.isabs(path or ""):
+            # Resolved against the working directory, a cold command and
+            # the warm service (whose cwd is /) would use two directories.
+            raise exception.VolumeBackendAPIException(
+                data="file_volume_dir {!r} is not an absolute path".format(
+                    path))
+        self._dir = os.path.abspath(path)
         self._use_loop = bool(self.configuration.file_volume_use_loop)
         os.makedirs(self._dir, exist_ok=True)
 

@@ -85,10 +85,14 @@ This module replays those orders against real parts (no mock of ours):
   SnapshotsCommand commit: remove_snapshot of the snapshot taken right
   after the previewed one.  RemoveVmCommand ->
   RemoveAllManagedBlockStorageDisksCommand: delete_volume of each disk,
-  no snapshot removed first.  RestartVdsVmsOperation.restartVms (a
-  fenced host): each VM down (ProcessDownVmCommand), the HA ones to
-  HaAutoStartVmsRunner, which runs them on another host one after the
-  other.
+  no snapshot removed first.  AddVmTemplateCommand
+  (CreateAllTemplateDisksCommand), AddVmCommand from a template and
+  CloneVmCommand: CloneSingleManagedBlockDiskCommand (clone_volume) of
+  each disk, the VM down; RemoveVmTemplateCommand: refused while a VM
+  is based on the template, else delete_volume of its disks.
+  RestartVdsVmsOperation.restartVms (a fenced host): each VM down
+  (ProcessDownVmCommand), the HA ones to HaAutoStartVmsRunner, which
+  runs them on another host one after the other.
 
 ``check(engine)`` is the one check every flow ends with: each host's
 journal (``volumes_info``), managed_path links, udev rules, the loop
@@ -116,6 +120,7 @@ from .agent_process_test import AgentProcess
 from .engine_fixtures import loop_devices_under
 
 FILE_DRIVER = "vdsm_managedvolume.engine.filedriver.FileDriver"
+EXPORTING_DRIVER = "tests.flowexports.ExportingDriver"
 
 
 class StepFailed(Exception):
@@ -340,26 +345,44 @@ def _wait_gone(pids, timeout=30):
 class Backend:
     """A FileDriver backend with loop devices and its database."""
 
-    def __init__(self, base, db_url, live_rows):
+    def __init__(self, base, db_url, live_rows, driver=FILE_DRIVER):
         self.dir = os.path.join(str(base), "volumes")
-        self.driver = {"volume_driver": FILE_DRIVER,
+        self.driver = {"volume_driver": driver,
                        "volume_backend_name": "flows",
                        "file_volume_dir": self.dir,
                        "file_volume_use_loop": True}
         self.db_url = db_url
         # live_rows(sql) -> rows of the shim's database
         self.live_rows = live_rows
+        # The driver keeps its exports and grants in exports.json
+        # (tests.flowexports): ``check`` compares them too.
+        self.exporting = driver == EXPORTING_DRIVER
 
     def connections(self):
         """{(volume_id, connector host)} of the live connections."""
+        return set(self.connection_states())
+
+    def connection_states(self):
+        """{(volume_id, connector host): whether its conn_info is
+        recorded} (False: left unfinished by a killed command)."""
         rows = self.live_rows(
             "SELECT volume_id, connection_info FROM volume_attachment "
             "WHERE deleted = {}".format(self.false))
-        found = set()
+        found = {}
         for vol_id, info in rows:
             info = json.loads(info or "{}")
-            found.add((vol_id, (info.get("connector") or {}).get("host")))
+            host = (info.get("connector") or {}).get("host")
+            found[(vol_id, host)] = bool(info.get("conn"))
         return found
+
+    def exports(self):
+        """{volume id: {"export": bool, "hosts": [grantee]}} of an
+        exporting driver, {} for the FileDriver."""
+        try:
+            with open(os.path.join(self.dir, "exports.json")) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return {}
 
     def live_volumes(self):
         rows = self.live_rows("SELECT id FROM volumes WHERE deleted = "
@@ -382,6 +405,14 @@ def sqlite_backend(base):
         with sqlite3.connect(path) as db:
             return db.execute(sql).fetchall()
     return Backend(base, "sqlite:///" + path, rows)
+
+
+def exporting_backend(base):
+    """SQLite, and a driver whose exports and per-host grants are
+    visible and whose steps can be killed (tests.flowexports)."""
+    backend = sqlite_backend(base)
+    return Backend(base, backend.db_url, backend.live_rows,
+                   driver=EXPORTING_DRIVER)
 
 
 def postgres_backend(base, pg):
@@ -430,6 +461,8 @@ class Vm:
         self.plugged = {d.label for d in disks}
         self.status = "down"
         self.run_on = None
+        # The template it was made from (vm_static.vmt_guid), if any.
+        self.template = None
 
 
 class Engine:
@@ -472,6 +505,8 @@ class Engine:
         # {host: connection_info data knobs}: that host's storage is
         # slow (tests.fakebrick.SlowLocalConnector), ``hold_attaches``.
         self.slow_storage = {}
+        # {template name: [labels of its disks]}
+        self.templates = {}
         self._lock = threading.Lock()
 
     # Plumbing
@@ -502,9 +537,15 @@ class Engine:
         r = self.shim_runner.run(command, *args, driver=driver,
                                  db_url=db_url, cid=cid, env=env)
         line = r.stdout.decode("utf-8", "replace")
-        if r.code != 0 or line.startswith("error"):
+        # ManagedBlockExecutor: success is exit status 0, whatever the
+        # output (the removals print "error:" and exit 0 when the volume
+        # or snapshot is already gone).
+        if r.code != 0:
             self.note("engine", "shim", what, "FAILED " + line.strip()[:60])
             raise StepFailed("{}: {}".format(command, r.describe()))
+        if line.startswith("error"):
+            self.note("engine", "shim", what, "ok: " + line.strip()[:60])
+            return ""
         payload = line[len(cid) + 1:].rstrip("\n") if line else ""
         self.note("engine", "shim", what, "ok")
         return payload
@@ -830,6 +871,99 @@ class Engine:
                   label="{} -> {}".format(label, new_label))
         self.disks[new_label] = disk
         return disk
+
+    # Templates and clones (no host call: clone_volume only)
+
+    def add_template(self, name, vm_name):
+        """AddVmTemplateCommand of a VM that is down (isVmStatusValid:
+        Down, else refused) -> CreateAllTemplateDisksCommand
+        .addVmTemplateManagedBlockDisks: for each Managed Block Storage
+        disk of the VM (getVmDisksFromDb: plugged or not),
+        CloneSingleManagedBlockDiskCommand: clone_volume of the disk's
+        active volume (getImageId) to a new id, the template disk's id
+        and image.  The first failure ends the command.  The labels of
+        the template's disks ("<template>-<disk>")."""
+        vm = self.vms[vm_name]
+        if vm.status != "down":
+            self.note("engine", "engine", "template of " + vm_name,
+                      "refused: VM {}".format(vm.status))
+            raise StepFailed("ACTION_TYPE_FAILED_VM_IS_NOT_DOWN")
+        labels = [self.clone_disk(disk.label,
+                                  "{}-{}".format(name, disk.label)).label
+                  for disk in vm.disks]
+        self.templates[name] = labels
+        return labels
+
+    def add_vm_from_template(self, name, template):
+        """AddVmCommand from a template: addVmImages ->
+        addManagedBlockDisks, CloneSingleManagedBlockDiskCommand of each
+        of the template's Managed Block Storage disks (clone_volume: a
+        Managed Block Storage disk is always a full clone, never a thin
+        one on the template's).  The VM is based on the template
+        (vmt_guid)."""
+        labels = [self.clone_disk(label, "{}-{}".format(
+            name, label.split("-", 1)[1])).label
+            for label in self.templates[template]]
+        vm = self.add_vm(name, *labels)
+        vm.template = template
+        return vm
+
+    def clone_vm(self, source, name):
+        """CloneVmCommand: refused while the source runs with Managed
+        Block Storage disks (validate:
+        ACTION_TYPE_FAILED_CANNOT_CLONE_RUNNING_VM_WITH_MBS_DISKS); else
+        no VM snapshot is taken (getVmSnapshotToClone: not every disk
+        supports it) and AddVmAndCloneImageCommand.addVmImages clones
+        the source's *plugged* Managed Block Storage disks
+        (getSourceDisks: ONLY_PLUGGED) with
+        CloneSingleManagedBlockDiskCommand.  The clone keeps the
+        source's template (updateOriginalTemplate)."""
+        src = self.vms[source]
+        if src.status != "down":
+            self.note("engine", "engine", "clone " + source,
+                      "refused: VM {}".format(src.status))
+            raise StepFailed(
+                "ACTION_TYPE_FAILED_CANNOT_CLONE_RUNNING_VM_WITH_MBS_DISKS")
+        labels = [self.clone_disk(disk.label, "{}-{}".format(
+            name, disk.label.split("-", 1)[-1])).label
+            for disk in src.disks if disk.label in src.plugged]
+        vm = self.add_vm(name, *labels)
+        vm.template = src.template
+        return vm
+
+    def detach_disk_from_vm(self, name, label):
+        """DetachDiskFromVmCommand of a VM that is down (or of an
+        unplugged disk): the VM device goes, the disk stays, floating;
+        no shim or host call for a disk nothing has attached."""
+        vm = self.vms[name]
+        disk = self.disks[label]
+        assert vm.status == "down" or label not in vm.plugged
+        assert not disk.hosts()
+        vm.disks.remove(disk)
+        vm.plugged.discard(label)
+
+    def remove_template(self, name):
+        """RemoveVmTemplateCommand: refused while a VM is based on the
+        template (validate: vmDao.getAllWithTemplate,
+        VMT_CANNOT_REMOVE_DETECTED_DERIVED_VM), before any shim call;
+        else RemoveAllManagedBlockStorageDisksCommand: delete_volume of
+        each template disk, one after the other; the template goes
+        whatever they answered (removeManagedBlockDisks ignores the
+        result), a disk that failed stays, floating.  The labels of
+        those disks."""
+        derived = sorted(vm.name for vm in self.vms.values()
+                         if vm.template == name)
+        if derived:
+            self.note("engine", "engine", "remove template " + name,
+                      "refused: VMs " + ", ".join(derived))
+            raise StepFailed("VMT_CANNOT_REMOVE_DETECTED_DERIVED_VM")
+        failed = []
+        for label in self.templates.pop(name):
+            try:
+                self._delete_disk(label)
+            except StepFailed:
+                failed.append(label)
+        return failed
 
     # VMs
 
@@ -1332,7 +1466,42 @@ def check(engine):
     if snapshots != sorted("snapshot-" + s for s in engine.snapshots):
         problems.append("snapshot files {}, engine has {}".format(
             snapshots, sorted(engine.snapshots)))
+    if engine.backend.exporting:
+        problems += _export_problems(engine, live)
     assert not problems, "\n".join(problems)
+
+
+def _export_problems(engine, live):
+    """An exporting driver's exports and grants (tests.flowexports) agree
+    with the shim's connections: a volume is exported exactly while it
+    has a connection, granted to the hosts of its complete connections
+    and to none but its connections' (one left unfinished by a killed
+    connect may or may not have been granted yet), and a deleted volume
+    has nothing left."""
+    problems = []
+    states = engine.backend.connection_states()
+    exports = engine.backend.exports()
+    for vol_id in sorted(set(exports) | live):
+        entry = exports.get(vol_id, {"export": False, "hosts": []})
+        if vol_id not in live:
+            problems.append("backend: deleted volume {} still has {}".format(
+                vol_id, entry))
+            continue
+        conns = {h: done for (v, h), done in states.items() if v == vol_id}
+        grants = set(entry["hosts"])
+        least = {grantee(engine, h) for h, done in conns.items() if done}
+        most = {grantee(engine, h) for h in conns}
+        if entry["export"] != bool(conns) or not least <= grants <= most:
+            problems.append("backend: volume {} has {}, its connections "
+                            "{}".format(vol_id, entry, conns))
+    return problems
+
+
+def grantee(engine, host):
+    """What the exporting driver grants ``host``'s connections to
+    (engine_kill_test._grantee)."""
+    connector = engine.hosts[host].connector
+    return connector.get("initiator") or connector["host"]
 
 
 def journals(engine):

@@ -45,9 +45,12 @@ def cluster(tmp_path_factory):
 
 
 def _backend(request, tmp_path):
-    if getattr(request, "param", "sqlite") == "postgresql":
+    kind = getattr(request, "param", "sqlite")
+    if kind == "postgresql":
         return flowengine.postgres_backend(
             tmp_path, request.getfixturevalue("pg_cluster"))
+    if kind == "exporting":
+        return flowengine.exporting_backend(tmp_path)
     return flowengine.sqlite_backend(tmp_path)
 
 
@@ -82,6 +85,10 @@ def _clean_up(eng, cluster, backend):
     for dev in backend.loop_devices():
         subprocess.run(["losetup", "-d", dev], check=False)
 
+
+# The driver whose exports and per-host grants are visible and whose
+# steps can be killed (tests.flowexports, tests.engine_kill_test).
+exporting = pytest.mark.parametrize("backend", ["exporting"], indirect=True)
 
 both_databases = pytest.mark.parametrize(
     "backend", ["sqlite", pytest.param("postgresql",
@@ -662,6 +669,88 @@ def test_clone_snapshot_and_extend_while_attached(engine):
     engine.remove_snapshot("os", snap)
     engine.stop_vm("vm2")
     engine.stop_vm("vm1")
+    check(engine)
+
+
+@exporting
+def test_a_template_its_vms_and_their_clones_then_removed(engine):
+    """AddVmTemplateCommand of a VM that is down (a running one is
+    refused): CreateAllTemplateDisksCommand clones each of its disks
+    (CloneSingleManagedBlockDiskCommand: clone_volume, no host call).
+    AddVmCommand from the template clones the template's disks again
+    (addManagedBlockDisks: a full clone, never thin), CloneVmCommand
+    clones a VM that is down (refused while it runs: no snapshot of
+    Managed Block Storage disks).  Each VM runs on its own disks,
+    reading what the template's source held, migrates and stops like any
+    other.  RemoveVmTemplateCommand is refused while a VM is based on
+    the template (VMT_CANNOT_REMOVE_DETECTED_DERIVED_VM, no shim call);
+    a VM's disk detached first (DetachDiskFromVm, floating) does not
+    count, so the template's volume is deleted while a clone of it
+    lives: the backend's clones are volumes of their own, the delete is
+    clean and the clone still runs.  Nothing is left on the hosts nor
+    on the backend, grants and exports included."""
+    engine.add_disk("os")
+    engine.add_vm("vm1", "os")
+    engine.run_vm("vm1", "host-a")
+    a = engine.hosts["host-a"]
+    flowengine.write_through(a, engine, "os", DATA)
+    with pytest.raises(StepFailed, match="VM_IS_NOT_DOWN"):
+        engine.add_template("tpl", "vm1")
+    with pytest.raises(StepFailed, match="CLONE_RUNNING_VM_WITH_MBS"):
+        engine.clone_vm("vm1", "vm3")
+    engine.stop_vm("vm1")
+
+    assert engine.add_template("tpl", "vm1") == ["tpl-os"]
+    engine.add_vm_from_template("vm2", "tpl")
+    engine.clone_vm("vm1", "vm3")
+    check(engine)
+    assert len(engine.backend.live_volumes()) == 4
+
+    # A VM from the template: runs, migrates, stops.
+    engine.run_vm("vm2", "host-b")
+    b, c = engine.hosts["host-b"], engine.hosts["host-c"]
+    assert flowengine.write_through(b, engine, "vm2-os", None)[
+        :len(DATA)] == DATA
+    flowengine.write_through(b, engine, "vm2-os", b"vm2 was here")
+    # The clone of the VM runs beside its source.
+    engine.run_vm("vm3", "host-a")
+    engine.run_vm("vm1", "host-c")
+    check(engine)
+    assert engine.migrate("vm2", "host-c")
+    assert flowengine.write_through(c, engine, "vm2-os", None)[:12] == \
+        b"vm2 was here"
+    assert engine.backend.exports()[engine.disks["vm2-os"].vol_id] == {
+        "export": True, "hosts": [flowengine.grantee(engine, "host-c")]}
+    assert flowengine.write_through(a, engine, "vm3-os", None)[
+        :len(DATA)] == DATA
+    check(engine)
+
+    # The template is refused while vm2 is based on it (no shim call).
+    calls = len(engine.trace)
+    with pytest.raises(StepFailed, match="DETECTED_DERIVED_VM"):
+        engine.remove_template("tpl")
+    assert [t[1] for t in engine.trace[calls:]] == ["engine"]
+    for name in ("vm1", "vm2", "vm3"):
+        engine.stop_vm(name)
+    # vm2's disk detached, vm2 removed: the template is no longer in
+    # use for the engine, and its volume has a living clone.
+    engine.detach_disk_from_vm("vm2", "vm2-os")
+    assert engine.remove_vm("vm2") == []
+    assert engine.remove_template("tpl") == []
+    assert "tpl-os" not in engine.disks
+    check(engine)
+
+    engine.add_vm("vm4", "vm2-os")
+    engine.run_vm("vm4", "host-a")
+    assert flowengine.write_through(a, engine, "vm2-os", None)[:12] == \
+        b"vm2 was here"
+    engine.stop_vm("vm4")
+    assert engine.remove_vm("vm4") == []
+    check(engine)
+    assert engine.remove_vm("vm3") == []
+    assert engine.remove_vm("vm1") == []
+    assert engine.backend.live_volumes() == set()
+    assert engine.backend.exports() == {}
     check(engine)
 
 

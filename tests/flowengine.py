@@ -132,10 +132,12 @@ class StepFailed(Exception):
     engine's VDS_NETWORK_ERROR) rather than answering with an error."""
 
     def __init__(self, message, network=False, host=None, done=False,
-                 cut=False):
+                 cut=False, killed=False):
         super().__init__(message)
         self.network = network
         self.host = host
+        # The shim's process was SIGKILLed in the middle (``kill_next``).
+        self.killed = killed
         # The host's vdsm died under the call (the connection closed
         # after the request went out): what it did is its journal's to
         # finish or undo when it starts again.
@@ -505,6 +507,8 @@ class Engine:
         # {host: connection_info data knobs}: that host's storage is
         # slow (tests.fakebrick.SlowLocalConnector), ``hold_attaches``.
         self.slow_storage = {}
+        # {shim command: the step number its next run is killed at}
+        self.kills = {}
         # {template name: [labels of its disks]}
         self.templates = {}
         self._lock = threading.Lock()
@@ -534,9 +538,30 @@ class Engine:
         env = self.shim_env
         if callable(env):
             env = env()
-        r = self.shim_runner.run(command, *args, driver=driver,
-                                 db_url=db_url, cid=cid, env=env)
+        with self._lock:
+            kill_at = self.kills.pop(command, None)
+        if kill_at is not None:
+            kill_file = os.path.join(self.backend.dir, "kill-at")
+            with open(kill_file, "w") as f:
+                f.write(str(kill_at))
+        try:
+            r = self.shim_runner.run(command, *args, driver=driver,
+                                     db_url=db_url, cid=cid, env=env)
+        finally:
+            if kill_at is not None:
+                os.unlink(kill_file)
         line = r.stdout.decode("utf-8", "replace")
+        if kill_at is not None:
+            # The warm service's child running it died: the client says
+            # so and exits non-zero, what ManagedBlockExecutor sees of a
+            # killed cinderlib-client.
+            assert r.code != 0 and "lost the request" in line, \
+                r.describe()
+            self.note("engine", "shim", what,
+                      "KILLED at step {}".format(kill_at))
+            raise StepFailed("{}: killed: {}".format(command,
+                                                     r.describe()),
+                             killed=True)
         # ManagedBlockExecutor: success is exit status 0, whatever the
         # output (the removals print "error:" and exit 0 when the volume
         # or snapshot is already gone).
@@ -549,6 +574,49 @@ class Engine:
         payload = line[len(cid) + 1:].rstrip("\n") if line else ""
         self.note("engine", "shim", what, "ok")
         return payload
+
+    def kill_next(self, command, step):
+        """SIGKILL the next run of the shim's ``command`` at its step
+        number ``step`` (``steps``): the backend must be an exporting
+        one (tests.flowexports: the driver kills itself there)."""
+        assert self.backend.exporting
+        with self._lock:
+            self.kills[command] = step
+
+    def steps(self, command, *args, host=None, connected=False):
+        """[step names] ``command`` takes on a volume made for it (its
+        volume id first, then ``args``; with ``host``, that host's
+        connector_info after them), connected to nobody or, with
+        ``connected``, to ``host``: the numbers ``kill_next`` takes.
+        The volume is removed again; the flow's trace does not show
+        it."""
+        assert self.backend.exporting
+        vol = str(uuid.uuid4())
+        path = os.path.join(self.backend.dir, "steps.jsonl")
+        connector = json.dumps(self.hosts[host].connector) if host else None
+
+        def run(*argv):
+            r = self.shim_runner.run(*argv, driver=self.backend.driver,
+                                     db_url=self.backend.db_url,
+                                     cid="steps")
+            assert r.code == 0, r.describe()
+
+        run("create_volume", vol, 1)
+        if connected:
+            run("connect_volume", vol, connector)
+        if os.path.exists(path):
+            os.unlink(path)
+        if host is not None and not connected:
+            args += (connector,)
+        run(command, vol, *args)
+        with open(path) as f:
+            steps = [json.loads(line) for line in f]
+        os.unlink(path)
+        if host is not None:
+            run("disconnect_volume", vol, host)
+        if command != "delete_volume":
+            run("delete_volume", vol)
+        return steps
 
     def host_call(self, host, verb, params, label=""):
         what = "{} {}".format(verb.split(".")[1], label).strip()

@@ -14,6 +14,7 @@ flows went through that).
 """
 
 import concurrent.futures
+import json
 import os
 import signal
 import subprocess
@@ -407,6 +408,164 @@ def test_an_agent_killed_in_a_stop_vms_detach(engine, again_on):
     engine.stop_vm("vm1")
     assert engine.backend.connections() == set()
     check(engine)
+
+
+# The engine shim killed mid-command
+
+def _kill_point(steps, where):
+    """The step number ``Engine.kill_next`` takes: "start" (before the
+    first step), or the step after which ``where`` (``name`` or
+    ``(name, nth)`` for a name the command takes several times)
+    ended."""
+    if where == "start":
+        return 0
+    name, nth = where if isinstance(where, tuple) else (where, 0)
+    return [i for i, step in enumerate(steps) if step == name][nth]
+
+
+# Where connect_volume (a new connection) and save_device can be killed:
+# before anything, after the export (create_export), after the
+# connection's record (CONNECTING), after the grant
+# (initialize_connection), after its conn_info, after the volume's
+# status; save_device after its write.  The record exists from the
+# third on.
+CONNECT_KILLS = {
+    "start": "start",
+    "exported": "create_export:after",
+    "recorded": ("db.set_connection:after", 0),
+    "granted": "initialize_connection:after",
+    "completed": ("db.set_connection:after", 1),
+    "in-use": "db.set_volume:after",
+}
+
+
+SAVE_KILLS = {"start": "start", "saved": "db.set_connection:after"}
+
+
+@pytest.mark.slow
+@exporting
+@pytest.mark.parametrize("command,where", [
+    ("connect_volume", name) for name in CONNECT_KILLS] + [
+    ("save_device", name) for name in SAVE_KILLS])
+def test_a_run_whose_shim_is_killed_reruns_on_another_host(
+        engine, command, where):
+    """The engine's shim is SIGKILLed inside a RunVmCommand's
+    connect_volume (or save_device, after the host attached): a non-zero
+    exit for ManagedBlockExecutor, so attachManagedBlockStorageDisks
+    returns false and RunVmCommand.runVm reruns the command on another
+    host (RunVmCommandBase.rerun, no ProcessDownVmCommand between).
+    What the kill left, a connection record to the first host with or
+    without its grant, an export, is ended by the stop's
+    disconnect_volume (the first host, asked, does not have the volume:
+    only a killed save_device leaves it attached there, forgotten by the
+    engine as any rerun's first host, until an admin detaches it).  The
+    backend's grants and exports follow the connections at every step;
+    after the disk's removal nothing is left: no record, no grant, no
+    export, no lock, no loop device, no journal record."""
+    engine.add_disk("os")
+    engine.add_vm("vm1", "os")
+    vol = engine.disks["os"].vol_id
+    if command == "connect_volume":
+        steps = engine.steps("connect_volume", host="host-a")
+        at = CONNECT_KILLS[where]
+    else:
+        steps = engine.steps("save_device", json.dumps({"path": "/dev/x"}),
+                             host="host-a", connected=True)
+        at = SAVE_KILLS[where]
+    engine.kill_next(command, _kill_point(steps, at))
+
+    assert engine.run_vm("vm1", "host-a", rerun_on=["host-b"]) == "host-b"
+    states = engine.backend.connection_states()
+    if command == "save_device":
+        # The host attached: the rerun forgot it there (as a run rerun).
+        assert flowengine.journals(engine)["host-a"] == [("os", False)]
+        assert states == {(vol, "host-a"): True, (vol, "host-b"): True}
+    else:
+        assert flowengine.journals(engine)["host-a"] == []
+        recorded = list(CONNECT_KILLS).index(where) >= 2
+        assert ((vol, "host-a") in states) == recorded
+        if recorded:
+            # Nothing records A: ended by the next disconnect_volume.
+            engine._leak(vol, "host-a")
+    check(engine)
+    flowengine.write_through(engine.hosts["host-b"], engine, "os", DATA)
+
+    engine.stop_vm("vm1")
+    if command == "save_device":
+        assert engine.backend.connections() == {(vol, "host-a")}
+        check(engine)
+        engine.admin_detach("host-a", "os")
+        engine.run_vm("vm1", "host-a")
+        assert flowengine.write_through(engine.hosts["host-a"], engine,
+                                        "os", None)[:len(DATA)] == DATA
+        engine.stop_vm("vm1")
+    assert engine.backend.connections() == set()
+    assert engine.backend.exports() == {vol: {"export": False,
+                                              "hosts": []}}
+    check(engine)
+    assert engine.remove_vm("vm1") == []
+    assert engine.backend.exports() == {}
+    assert _locks_of(engine, vol) == []
+    check(engine)
+
+
+# Where delete_volume (no connection left) can be killed: before
+# anything, after the export's removal, after the driver's delete (the
+# file gone, the record not), after the record's deletion (nothing
+# printed).
+DELETE_KILLS = ["start", "remove_export:after", "delete_volume:after",
+                "db.delete_volume:after"]
+
+
+@pytest.mark.slow
+@exporting
+@pytest.mark.parametrize("where", DELETE_KILLS)
+def test_a_disk_removal_whose_shim_is_killed_is_removed_again(engine,
+                                                              where):
+    """The shim is SIGKILLed inside RemoveManagedBlockStorageDiskCommand's
+    delete_volume (RemoveDiskCommand, its VM down): a non-zero exit, so
+    the command returns before removeDiskFromDb and the disk stays in
+    the engine, unlocked (endWithFailure); the user removes it again,
+    and that delete_volume finishes what the first left (or finds the
+    volume gone: "error:", exit 0, a success for the engine).  Nothing
+    is left: no record, no export, no file, no lock.  Killed after the
+    driver's delete, the disk the engine still lists has no data: its
+    VM's run fails at connect_volume and leaves nothing."""
+    engine.add_disk("os")
+    engine.add_vm("vm1", "os")
+    engine.run_vm("vm1", "host-a")
+    engine.stop_vm("vm1")
+    vol = engine.disks["os"].vol_id
+    steps = engine.steps("delete_volume")
+    engine.kill_next("delete_volume", _kill_point(steps, where))
+
+    with pytest.raises(StepFailed) as e:
+        engine.remove_disk("os")
+    assert e.value.killed
+    assert "os" in engine.disks
+    n = DELETE_KILLS.index(where)
+    assert (vol in engine.backend.live_volumes()) == (n < 3)
+    assert os.path.exists(os.path.join(engine.backend.dir,
+                                       "volume-" + vol)) == (n < 2)
+    assert flowengine.journals(engine) == {h: [] for h in HOSTS}
+    if where == "delete_volume:after":
+        # The engine still lists the disk, its data gone: a run fails at
+        # connect_volume, and leaves nothing (runningFailed).
+        with pytest.raises(StepFailed, match="connect_volume"):
+            engine.run_vm("vm1", "host-a")
+        assert engine.backend.connections() == set()
+        assert engine.backend.loop_devices() == []
+
+    engine.remove_disk("os")
+    assert engine.vms["vm1"].disks == []
+    assert engine.backend.exports() == {}
+    assert _locks_of(engine, vol) == []
+    check(engine)
+
+
+def _locks_of(engine, vol_id):
+    locks = engine.shim_runner.env["MANAGEDVOLUME_ENGINE_LOCKS_DIR"]
+    return [n for n in os.listdir(locks) if vol_id in n]
 
 
 # Live migration

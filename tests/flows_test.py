@@ -1038,6 +1038,79 @@ def test_a_snapshot_previewed_then_committed(engine):
     check(engine)
 
 
+@pytest.mark.parametrize("previewed", [0, 1], ids=["oldest", "middle"])
+def test_a_commit_with_three_snapshots(engine, previewed):
+    """Three snapshots S1, S2, S3 of the disk's volume V, the VM down;
+    TryBackToAllSnapshotsOfVm of an older one (S1 or S2) makes P from
+    it, and RestoreAllSnapshots commit (handleCommit) removes the images
+    whose parent is P's parent other than P: the one snapshot taken
+    right after the previewed one (S2, or S3).  The other later one (S3
+    when S1 is committed) stays, on the backend and in the engine's
+    list (its VM configuration marked broken), as does the earlier one
+    and V, inactive: handleCommit never removes a volume.  The hosts
+    only ever attach the active volume: P runs, migrates and stops
+    reading what V held at the committed snapshot, and nothing of V or
+    of the snapshots reaches a host.  A snapshot taken after the commit
+    is P's; RemoveSnapshotCommand names the disk (V's id) for every one
+    of them and the shim finds each under its volume.  The disk's
+    removal deletes V (refused while it has snapshots) and leaves P on
+    the backend, forgotten (the ovirt-engine leak of the one-snapshot
+    commit above); an admin deletes it."""
+    engine.add_disk("os")
+    engine.add_vm("vm1", "os")
+    engine.run_vm("vm1", "host-a")
+    a = engine.hosts["host-a"]
+    snaps = []
+    for i in range(3):
+        flowengine.write_through(a, engine, "os",
+                                 "at snapshot {}".format(i + 1).encode())
+        snaps.append(engine.snapshot_vm("vm1"))
+    flowengine.write_through(a, engine, "os", b"after all three")
+    engine.stop_vm("vm1")
+    own = engine.disks["os"].vol_id
+    ids = [s["os"] for s in snaps]
+    check(engine)
+
+    engine.preview_snapshot("vm1", snaps[previewed])
+    preview = engine.disks["os"].vol_id
+    engine.run_vm("vm1", "host-b")
+    b, c = engine.hosts["host-b"], engine.hosts["host-c"]
+    want = "at snapshot {}".format(previewed + 1).encode()
+    assert flowengine.write_through(b, engine, "os", None)[:len(want)] \
+        == want
+    engine.stop_vm("vm1")
+
+    engine.commit_preview("vm1")
+    kept = [s for i, s in enumerate(ids) if i != previewed + 1]
+    assert list(engine.snapshots) == kept
+    assert engine.backend.live_volumes() == {own, preview}
+    check(engine)
+
+    # The committed disk runs, migrates and stops like any other.
+    engine.run_vm("vm1", "host-b")
+    assert engine.migrate("vm1", "host-c")
+    assert [i["vol_id"] for i in c.volumes_info()] == [preview]
+    assert flowengine.write_through(c, engine, "os", None)[:len(want)] \
+        == want
+    flowengine.write_through(c, engine, "os", b"after the commit")
+    new = engine.snapshot_disk("os")
+    check(engine)
+    engine.stop_vm("vm1")
+    assert flowengine.journals(engine) == {h: [] for h in HOSTS}
+    assert engine.backend.connections() == set()
+
+    with pytest.raises(StepFailed, match="has snapshots"):
+        engine.remove_disk("os")
+    for snap in kept + [new]:
+        engine.remove_snapshot("os", snap)
+    engine.remove_disk("os")
+    assert engine.orphans == {preview}
+    assert engine.backend.live_volumes() == {preview}
+    check(engine)
+    engine.admin_delete_volume(preview)
+    check(engine)
+
+
 # Remove a VM
 
 def test_remove_a_vm_whose_disk_has_snapshots(engine):

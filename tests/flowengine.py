@@ -509,6 +509,8 @@ class Engine:
         self.slow_storage = {}
         # {shim command: the step number its next run is killed at}
         self.kills = {}
+        # {(host, vol_id)} whose attaches fail (``fail_attaches``)
+        self.failing_attaches = set()
         # {template name: [labels of its disks]}
         self.templates = {}
         self._lock = threading.Lock()
@@ -620,7 +622,9 @@ class Engine:
 
     def host_call(self, host, verb, params, label=""):
         what = "{} {}".format(verb.split(".")[1], label).strip()
-        if self._fault(host, verb):
+        if self._fault(host, verb) or (
+                (host, params.get("vol_id")) in self.failing_attaches
+                and verb == "ManagedVolume.attach_volume"):
             # A device the host cannot attach: the agent refuses for real.
             params = dict(params, connection_info={
                 "driver_volume_type": "local",
@@ -651,6 +655,12 @@ class Engine:
         """Make a ``step`` (a sub-command when ``where`` is "shim", else a
         verb of that host) fail for real, after ``skip`` calls passed."""
         self.faults[(where, step)] = skip
+
+    def fail_attaches(self, host, label):
+        """From now on every attach of the disk ``label`` on ``host``
+        fails for real (a LUN that host cannot reach), whichever thread
+        runs it."""
+        self.failing_attaches.add((host, self.disks[label].vol_id))
 
     def lose_next_reply(self, host, verb):
         """The next ``verb`` on ``host`` succeeds there, but its answer
@@ -1271,6 +1281,42 @@ class Engine:
         with concurrent.futures.ThreadPoolExecutor(len(moves)) as pool:
             assert all(pool.map(completed, reversed(moves)))
         return {vm.name: vm.run_on for vm, _ in moves}
+
+    def migrate_many(self, names, dest):
+        """Several VMs selected, Migrate: MigrateVMActionRunner
+        (SortedMultipleActionsRunnerBase.runCommands: the commands
+        sorted by priority, here ``names``' order, then
+        PrevalidatingMultipleActionsRunner.runCommands, one after the
+        other in one thread): each MigrateVmCommand.perform attaches the
+        VM's disks on ``dest`` and starts the migration; one whose
+        attach fails runs runningFailed there and then (detaching from
+        the destination with removeDest), while the migrations started
+        before it are in flight.  Their reportCompleted come back later
+        from the monitoring of each VM, here all at once.  {VM name: the
+        host it runs on}."""
+        started = []
+        for name in names:
+            vm = self.vms[name]
+            vm.status = "migrating"
+            try:
+                self._attach_disks(vm, dest, live_migration=True)
+            except StepFailed:
+                self._running_failed(vm)
+                vm.status = "up"
+                continue
+            self.note("engine", vm.run_on, "migrate {} to {}".format(
+                name, dest), "ok")
+            started.append(vm)
+
+        def completed(vm):
+            vm.run_on = dest
+            vm.status = "up"
+            return self._disconnect_disks(vm, remove_dest=False)
+
+        if started:
+            with concurrent.futures.ThreadPoolExecutor(len(started)) as pool:
+                assert all(pool.map(completed, started))
+        return {name: self.vms[name].run_on for name in names}
 
     def _running_failed(self, vm):
         """MigrateVmCommand.runningFailed: disconnect from the dest."""

@@ -1368,6 +1368,56 @@ def test_50_ha_vms_restarted_at_once_on_one_host_after_a_fence(
 
 
 @pytest.mark.slow
+def test_migrations_rolled_back_beside_completed_ones_under_50_vms(engine):
+    """50 VMs run on A; 20 of them are selected and migrated to B
+    (MigrateVMActionRunner: each MigrateVmCommand.perform in turn
+    attaches the VM's disks on B and starts its migration).  Of the ten
+    with two disks, five fail on B at their second disk, after the first
+    was attached there: runningFailed detaches from B what has
+    DEST_VDS_ID (the first disk; the second's walk stops, its connection
+    to B stays for the next disconnect_volume), while the migrations
+    started before are in flight; two more fail at their first disk.
+    The 13 others complete at once (reportCompleted: detach on A,
+    disconnect_volume).  The shim must end B's connection only for the
+    rolled-back disks (A still runs those VMs) and A's only for the
+    migrated ones.  Each VM reads what it wrote where it runs; after the
+    50 stops (at once) nothing is left."""
+    labels = ["m{:02d}".format(i) for i in range(50)]
+    data = ["d{:02d}".format(i) for i in range(10)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(engine.add_disk, labels + data))
+    for i, label in enumerate(labels):
+        engine.add_vm("vm-" + label, label, *data[i:i + 1])
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        list(pool.map(lambda d: engine.run_vm("vm-" + d, "host-a"), labels))
+    a, b = engine.hosts["host-a"], engine.hosts["host-b"]
+    for label in data:
+        flowengine.write_through(a, engine, label, label.encode())
+    for label in data[:5] + labels[10:12]:
+        engine.fail_attaches("host-b", label)
+    check(engine)
+
+    moving = ["vm-" + d for d in labels[:20]]
+    placed = engine.migrate_many(moving, "host-b")
+    stayed = {"vm-" + d for d in labels[:5] + labels[10:12]}
+    assert placed == {name: "host-a" if name in stayed else "host-b"
+                      for name in moving}
+    # Migrated: five VMs of two disks, eight of one.
+    held = {h: len(j) for h, j in flowengine.journals(engine).items()}
+    assert held == {"host-a": 60 - 18, "host-b": 18, "host-c": 0}
+    check(engine)
+    for i, label in enumerate(data):
+        host = a if i < 5 else b
+        assert flowengine.write_through(host, engine, label, None)[:3] \
+            == label.encode()
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        assert all(pool.map(engine.stop_vm, ["vm-" + d for d in labels]))
+    assert engine.backend.connections() == set()
+    check(engine)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["restart", "kill -9"])
 def test_an_agent_restarted_while_32_attaches_are_in_flight(
         engine, tmp_path, how):

@@ -365,16 +365,19 @@ class Backend:
         return set(self.connection_states())
 
     def connection_states(self):
-        """{(volume_id, connector host): whether its conn_info is
-        recorded} (False: left unfinished by a killed command)."""
+        """{(volume_id, connector host): whether it is complete: its
+        conn_info recorded, not marked connecting or ending (False: left
+        unfinished by a killed command)}."""
         rows = self.live_rows(
-            "SELECT volume_id, connection_info FROM volume_attachment "
-            "WHERE deleted = {}".format(self.false))
+            "SELECT volume_id, attach_status, connection_info FROM "
+            "volume_attachment WHERE deleted = {}".format(self.false))
         found = {}
-        for vol_id, info in rows:
+        for vol_id, status, info in rows:
             info = json.loads(info or "{}")
             host = (info.get("connector") or {}).get("host")
-            found[(vol_id, host)] = bool(info.get("conn"))
+            # ops.CONNECTING, ops.ENDING: a connect or an end cut short.
+            found[(vol_id, host)] = bool(info.get("conn")) and \
+                status not in ("attaching", "detached")
         return found
 
     def exports(self):
@@ -422,8 +425,10 @@ def postgres_backend(base, pg):
 
     def rows(sql):
         out = pg.psql(sql, db=db)
-        return [tuple(line.split("|", 1)) for line in out.splitlines()
-                if line]
+        # connection_info (JSON, last) may hold "|"
+        columns = sql.split("FROM")[0].count(",") + 1
+        return [tuple(line.split("|", columns - 1))
+                for line in out.splitlines() if line]
     backend = Backend(base, pg.url(db=db), rows)
     backend.false = "false"
     return backend
@@ -493,9 +498,11 @@ class Engine:
         # boot (its agent detaches the records of an earlier boot), ends
         # them.
         self.forgotten = set()
-        # (vol_id, host) whose detach the host's death cut: the engine
-        # still has it there (the spec params were not saved), the host's
-        # journal replay finished the detach when it started again.
+        # (vol_id, host) the engine still has there (the spec params were
+        # not saved) though the host detached it: its detach was cut by
+        # the host's death (the journal's replay finished it when the
+        # agent started again), or done before a disconnect_volume that
+        # failed.
         self.cut = set()
         # {snapshot id: label of the disk}: the backend's snapshots.
         self.snapshots = {}
@@ -597,10 +604,12 @@ class Engine:
         path = os.path.join(self.backend.dir, "steps.jsonl")
         connector = json.dumps(self.hosts[host].connector) if host else None
 
+        env = self.shim_env() if callable(self.shim_env) else self.shim_env
+
         def run(*argv):
             r = self.shim_runner.run(*argv, driver=self.backend.driver,
                                      db_url=self.backend.db_url,
-                                     cid="steps")
+                                     cid="steps", env=env)
             assert r.code == 0, r.describe()
 
         run("create_volume", vol, 1)
@@ -1427,7 +1436,9 @@ class Engine:
             # The spec params are not saved: a later attach elsewhere
             # overwrites them and this host's connection is forgotten.
             self._leak(disk.vol_id, host)
-            if e.cut and e.host == host:
+            if (e.cut and e.host == host) or e.host is None:
+                # The detach was cut (the host's journal finishes it), or
+                # done: disconnect_volume failed after it.
                 self.cut.add((disk.vol_id, host))
             return False
         if disk.dest is None:

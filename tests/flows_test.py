@@ -509,6 +509,76 @@ def test_a_run_whose_shim_is_killed_reruns_on_another_host(
     check(engine)
 
 
+# Where disconnect_volume (the engine's form: no host, the only
+# connection's host asked) can be killed: before anything, after the
+# connection is marked ending, after its grant's end
+# (terminate_connection), after its record's deletion, after the
+# export's removal, after the volume's status.  The record is left by
+# the first three.
+DISCONNECT_KILLS = {
+    "start": "start",
+    "ending": "db.set_connection:after",
+    "revoked": "terminate_connection:after",
+    "deleted": "db.delete_connection:after",
+    "unexported": "remove_export:after",
+    "available": "db.set_volume:after",
+}
+
+
+@pytest.mark.slow
+@exporting
+@pytest.mark.parametrize("again_on", ["host-a", "host-b"])
+@pytest.mark.parametrize("where", list(DISCONNECT_KILLS))
+def test_a_stop_whose_shim_is_killed_in_disconnect_runs_again(
+        engine, where, again_on):
+    """The shim is SIGKILLed inside a stop's disconnect_volume, after
+    the host detached: DisconnectManagedBlockStorageDeviceCommand fails,
+    the spec params are not saved (the engine still has the disk on A)
+    and the connection, or what the kill left of it, stays.  The VM's
+    next run, on A (connect_volume reuses or connects again what is
+    left; a first attach there) or on B (ATTACHED_VDS_ID overwritten),
+    works, and its stop's disconnect_volume ends everything: no record,
+    grant or export left, then the disk's removal leaves nothing.
+    Killed after the record's deletion, the export (its loop device) is
+    left with no record until then."""
+    engine.add_disk("os")
+    engine.add_vm("vm1", "os")
+    engine.run_vm("vm1", "host-a")
+    vol = engine.disks["os"].vol_id
+    steps = engine.steps("disconnect_volume", host="host-a", connected=True)
+    engine.kill_next("disconnect_volume", _kill_point(
+        steps, DISCONNECT_KILLS[where]))
+
+    assert not engine.stop_vm("vm1")
+    assert engine.disks["os"].attached == "host-a"
+    assert flowengine.journals(engine)["host-a"] == []
+    left = list(DISCONNECT_KILLS).index(where) < 3
+    assert set(engine.backend.connections()) == (
+        {(vol, "host-a")} if left else set())
+    if not left:
+        engine.leaked.discard((vol, "host-a"))
+    if where == "deleted":
+        # An export (and its loop device) no record names, until the
+        # volume's next connect reuses it or its next disconnect_volume
+        # or delete_volume removes it.
+        assert engine.backend.exports() == {vol: {"export": True,
+                                                  "hosts": []}}
+        assert len(engine.backend.loop_devices()) == 1
+    else:
+        check(engine)
+
+    engine.run_vm("vm1", again_on)
+    check(engine)
+    engine.stop_vm("vm1")
+    assert engine.backend.connections() == set()
+    assert engine.backend.exports() == {vol: {"export": False,
+                                              "hosts": []}}
+    check(engine)
+    assert engine.remove_vm("vm1") == []
+    assert engine.backend.exports() == {}
+    check(engine)
+
+
 # Where delete_volume (no connection left) can be killed: before
 # anything, after the export's removal, after the driver's delete (the
 # file gone, the record not), after the record's deletion (nothing

@@ -53,18 +53,60 @@ def test_a_command_name_with_spaces_and_parentheses_is_read(tmp_path):
     assert procs.matching(lambda argv: "it", str(proc), parent=1) == []
 
 
-def _fake_proc(tmp_path, uids):
+def _fake_proc(tmp_path, uids, pid=42, comm="iscsiadm"):
     proc = tmp_path / "proc"
-    (proc / "42").mkdir(parents=True)
-    (proc / "42" / "cmdline").write_bytes(b"iscsiadm\0-T\0x\0--login\0")
-    (proc / "42" / "status").write_text(
-        "Name:\tiscsiadm\nUmask:\t0022\nUid:\t{}\nGid:\t0\t0\t0\t0\n"
-        .format("\t".join(uids)))
+    (proc / str(pid)).mkdir(parents=True)
+    (proc / str(pid) / "cmdline").write_bytes(
+        b"iscsiadm\0-T\0x\0--login\0")
+    (proc / str(pid) / "comm").write_text(comm + "\n")
+    (proc / str(pid) / "status").write_text(
+        "Name:\t{}\nUmask:\t0022\nUid:\t{}\nGid:\t0\t0\t0\t0\n"
+        .format(comm, "\t".join(uids)))
     fields = ["S", "1"] + ["0"] * 17 + ["500"] + ["0"] * 10
-    (proc / "42" / "stat").write_text(
-        "42 (iscsiadm) " + " ".join(fields) + "\n")
+    (proc / str(pid) / "stat").write_text(
+        "{} ({}) ".format(pid, comm) + " ".join(fields) + "\n")
     (proc / "uptime").write_text("100.00 50.00\n")
     return str(proc)
+
+
+def test_only_the_argv_of_a_command_the_matcher_names_is_read(
+        tmp_path, monkeypatch):
+    # Reading /proc/PID/cmdline takes the process's memory map lock: a
+    # process faulting on a hung mount would hold the scan (and the
+    # disconnect) past its deadline.  comm takes no such lock: only the
+    # processes named as the matcher's programs have their argv read
+    # (review-safety10 L-1).
+    proc = _fake_proc(tmp_path, ["0"] * 4, pid=42, comm="iscsiadm")
+    _fake_proc(tmp_path, ["0"] * 4, pid=43, comm="qemu-kvm")
+    read = []
+    argv = procs._argv
+    monkeypatch.setattr(procs, "_argv",
+                        lambda proc, pid: read.append(pid) or argv(proc, pid))
+
+    def match(argv):
+        return "login" if "--login" in argv else None
+
+    match.programs = frozenset(["iscsiadm"])
+    assert [pid for pid, _, _ in procs.matching(match, proc)] == [42]
+    assert read == [42]
+    # Without programs, every root process's argv is read.
+    read.clear()
+    assert sorted(pid for pid, _, _ in procs.matching(
+        lambda argv: match(argv), proc)) == [42, 43]
+    assert sorted(read) == [42, 43]
+
+
+def test_the_transports_matchers_name_their_programs():
+    from vdsm_managedvolume import transports
+    from tests.host_fixtures import hung_iscsi_info
+    iscsi = transports.get("iscsi").connect_command(hung_iscsi_info())
+    assert iscsi.programs == {"iscsiadm"}
+    rbd = transports.get("rbd").connect_command(
+        {"driver_volume_type": "rbd", "data": {"name": "pool/image"}})
+    assert rbd.programs == {"rbd"}
+    nvme = transports.get("nvmeof").connect_command(
+        {"driver_volume_type": "nvmeof", "data": {"target_nqn": "nqn.x"}})
+    assert nvme.programs == {"nvme"}
 
 
 def test_only_a_process_of_real_and_effective_uid_root_counts(tmp_path):

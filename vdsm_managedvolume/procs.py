@@ -23,7 +23,15 @@ its command line (target and image names are world-readable in /sys)
 and, were it counted, hold that volume's disconnects off for as long
 as it likes (review-safety10 M-1).  The owner of /proc/PID is looked
 at first, so most processes of a hypervisor (qemu's, vdsm's) cost one
-stat, not a read of their argv.
+stat, not a read of their argv.  Then the command's name
+(/proc/PID/comm, the base name of the program file the kernel ran,
+a script's own for a script run by its ``#!`` line) must be one the
+matcher names (its ``programs``): reading comm takes no lock of the
+process, while reading its argv takes its memory map's lock, which a
+process faulting on dead storage (a hung NFS or FUSE mount) may hold
+for as long as that lasts, and the read would wait with it, past the
+disconnect's deadline (review-safety10 L-1).  So only root's
+``iscsiadm``, ``rbd`` and ``nvme`` have their argv read.
 
 Read as root in the daemon (any user may read /proc/PID/cmdline unless
 /proc is mounted with hidepid; hidepid=2 does not hide root's commands
@@ -44,15 +52,24 @@ PROC = "/proc"
 # Clock ticks per second of /proc/PID/stat's times.
 _TICKS = os.sysconf("SC_CLK_TCK")
 
+# How much of a command's name /proc/PID/comm shows (TASK_COMM_LEN - 1).
+_COMM_LEN = 15
+
 
 def matching(match, proc=PROC, parent=None):
     """``[(pid, name, age)]`` of the processes whose argv ``match``
     (argv -> a short name for logs, or None) names, ``age`` the seconds
     since each started; this process excluded, and the children of
-    ``parent`` (a pid) when given."""
+    ``parent`` (a pid) when given.  When ``match`` has ``programs`` (a
+    set of command names), only processes whose comm is one of those
+    are looked at further."""
     found = []
     uptime = None
     me = os.getpid()
+    programs = getattr(match, "programs", None)
+    if programs is not None:
+        # The kernel keeps TASK_COMM_LEN - 1 bytes of the name.
+        programs = {p.encode()[:_COMM_LEN] for p in programs}
     try:
         pids = [int(n) for n in os.listdir(proc) if n.isdigit()]
     except OSError:
@@ -65,11 +82,15 @@ def matching(match, proc=PROC, parent=None):
                 continue    # not root's (a non-dumpable one shows 0)
         except OSError:
             continue        # ended meanwhile
+        if programs is not None and _comm(proc, pid) not in programs:
+            continue
+        if not _roots(proc, pid):
+            continue
         argv = _argv(proc, pid)
         if not argv:
             continue        # gone, or a kernel thread or a zombie
         name = match(argv)
-        if name is None or not _roots(proc, pid):
+        if name is None:
             continue
         stat = _stat(proc, pid)
         if stat is None:
@@ -81,6 +102,15 @@ def matching(match, proc=PROC, parent=None):
             uptime = _uptime(proc)
         found.append((pid, name, max(0.0, uptime - started)))
     return found
+
+
+def _comm(proc, pid):
+    """The command's name (/proc/PID/comm, bytes), None when it ended."""
+    try:
+        with open("{}/{}/comm".format(proc, pid), "rb") as f:
+            return f.read().rstrip(b"\n")
+    except OSError:
+        return None
 
 
 def _argv(proc, pid):

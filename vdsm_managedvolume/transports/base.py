@@ -87,9 +87,11 @@ class Transport:
         miss (an iSCSI login, an ``rbd map``): a function of a process's
         argv giving a short name for logs (never the argv: it may hold
         a password), or None for a process that is not one; None when
-        this type has no such command.  A disconnect waits for these
-        (``procs``, ``brick._wait_earlier``): they outlive the daemon
-        that started them."""
+        this type has no such command; its ``programs`` attribute, a
+        set of command names (/proc/PID/comm), lets ``procs`` skip every
+        other process without reading its argv.  A disconnect waits for
+        these (``procs``, ``brick._wait_earlier``): they outlive the
+        daemon that started them."""
         return None
 
 
@@ -98,7 +100,9 @@ def command_matcher(program, verbs, options, values, name):
     (the base name of argv[0], or of argv[1] for a script run by its
     interpreter), has one of ``verbs`` among its arguments, and one of
     ``options`` followed by one of ``values`` (``-T <iqn>``) or joined
-    to it by "=" (``--nqn=<nqn>``); it answers ``name``."""
+    to it by "=" (``--nqn=<nqn>``); it answers ``name``.  Its
+    ``programs`` tell ``procs`` which command names to read the argv
+    of."""
     def match(argv):
         if program not in (os.path.basename(a) for a in argv[:2]):
             return None
@@ -113,6 +117,7 @@ def command_matcher(program, verbs, options, values, name):
                 return name
         return None
 
+    match.programs = frozenset([program])
     return match
 
 

@@ -161,4 +161,5 @@ class RBD(base.Transport):
                     return "rbd map"
             return None
 
+        match.programs = frozenset(["rbd"])
         return match

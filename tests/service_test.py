@@ -594,6 +594,39 @@ def test_an_rbd_reattach_keeping_the_volume_deletes_its_new_ceph_conf(
     assert fakebrick.connected() == []
 
 
+def test_an_rbd_reattach_whose_record_cannot_be_put_back_keeps_its_conf(
+        inproc_service, inproc_brick, monkeypatch):
+    # The volume stays attached; putting its record back as it was
+    # fails, so the record may name the conf the connect made again
+    # wrote: that one stays (the conf the record does not name goes).
+    # Before, it was deleted before the record was put back, and a
+    # record naming a deleted conf was left.
+    svc = inproc_service
+    vol_id, ci = new_id(), rbd_connection(svc.cfg)
+    first = svc.attach_volume(vol_id, ci)
+    os.unlink(first["managed_path"])
+    monkeypatch.setattr(svc, "_add_link",
+                        raising(OSError(28, "No space left on device")))
+    db = svc._db()
+    update = db.update_volume
+
+    def failing_put_back(vol_id, durable=True, **fields):
+        if fields.get("attachment") == first["attachment"]:
+            raise errors.StoreError("disk I/O error")
+        return update(vol_id, durable=durable, **fields)
+
+    monkeypatch.setattr(db, "update_volume", failing_put_back)
+    with pytest.raises(OSError):
+        svc.attach_volume(vol_id, ci)
+    [rec] = records(svc)
+    assert rec["attachment"] != first["attachment"]
+    assert fakebrick.confs() == [os.path.basename(rec["attachment"]["conf"])]
+    monkeypatch.undo()
+    svc.detach_volume(vol_id)
+    assert fakebrick.confs() == []
+    assert fakebrick.connected() == []
+
+
 def test_stale_record_with_other_connection_info_is_replaced(
         inproc_service):
     svc = inproc_service

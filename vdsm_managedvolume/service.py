@@ -382,7 +382,7 @@ class Service:
                         e.reason = "{} ({})".format(e.reason, missing)
                 log.error("Attaching volume %s failed: %s", vol_id, e)
                 if live:
-                    self._keep_attached(rec, sd_id, e, attachment)
+                    self._keep_attached(rec, sd_id, e)
                 else:
                     self._rollback(
                         vol_id, sd_id, connection_info,
@@ -986,7 +986,7 @@ class Service:
         # device: one found gone leaves it (review-fix9 hostfix-L1).
         self._drop_conf(vol_id, rec["attachment"], None)
 
-    def _keep_attached(self, rec, sd_id, error, attachment=None):
+    def _keep_attached(self, rec, sd_id, error):
         """After a failed attach over ``rec`` (attached in this boot, its
         device there, only its managed link missing) under ``sd_id``:
         leave the volume as it was.  A VM may be using the device, through
@@ -1002,9 +1002,11 @@ class Service:
         except a connect that returned another device (DeviceChanged,
         ``_check_recorded``): that one is left connected and not
         recorded, it is not known to be the volume's.  What that connect
-        returned (``attachment``) may name a new RBD conf holding the
-        keyring (os-brick writes one per connect): deleted, the record
-        keeps its own (``_drop_conf``).  Logged, not raised: the caller
+        returned may name a new RBD conf holding the keyring (os-brick
+        writes one per connect): the caller deletes it once the record
+        is put back (``_drop_unnamed_confs`` reads which conf the record
+        names: if putting it back failed, the record may still name the
+        new one, which then stays).  Logged, not raised: the caller
         raises ``error``."""
         vol_id = rec["vol_id"]
         log.warning("Volume %s stays attached at %s as it was: attaching it "
@@ -1022,7 +1024,6 @@ class Service:
                       vol_id, error.path, error.reason, rec["path"])
         if sd_id != rec["sd_id"]:
             self._silent_remove_link_and_rule(sd_id, vol_id)
-        self._drop_conf(vol_id, attachment, rec["attachment"])
         try:
             self._db().update_volume(
                 vol_id, **{k: rec[k] for k in _KEPT_ON_FAILED_REATTACH})

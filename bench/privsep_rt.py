@@ -135,7 +135,7 @@ class Oslo:
         att = self.brick.connect_volume(
             ci, time.monotonic() + CALL_TIMEOUT, "-")
         self.brick.disconnect_volume(
-            ci, att, time.monotonic() + CALL_TIMEOUT, "-")
+            ci, att, True, time.monotonic() + CALL_TIMEOUT, "-")
 
     def stop(self):
         self.brick.context.stop()

@@ -678,6 +678,75 @@ def test_a_login_left_running_by_a_stopped_daemon_keeps_the_record(
         again.close()
 
 
+def _earlier_login(tmp_path, iqn):
+    """A root ``iscsiadm ... -T <iqn> ... --login`` (``hung_iscsiadm``'s,
+    hung until its release) that no privsep daemon of this test started,
+    as one a killed daemon left; return it once /proc shows it."""
+    login = subprocess.Popen(
+        [str(tmp_path / "bin" / "iscsiadm"), "-m", "node", "-T", iqn, "-p",
+         "192.0.2.9:3260", "--login"])
+    deadline = time.monotonic() + 30
+    while login.pid not in _pids_running(iqn):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return login
+
+
+def test_an_earlier_daemons_login_holds_off_only_records_still_connecting(
+        tmp_path, real_fakebrick_dir, monkeypatch):
+    # One target for every LUN of an array (shared targets): a login an
+    # earlier daemon left for one volume (a connect cut at its deadline,
+    # then the daemon killed) names that target only.  The detach of a
+    # volume whose connect completed long ago is not held off by it: no
+    # login of its own can run.  Before, every detach on that target
+    # waited to its deadline and failed 931, for as long as iscsid
+    # retried that login (review-safety10 M-2).  A record whose connect
+    # was cut still waits for it, and a detach of it that is not run
+    # keeps that.
+    iscsiadm_log, logins_release = hung_iscsiadm(tmp_path, monkeypatch)
+    cfg, brick = _private_brick(str(tmp_path), timeout=10.0)
+    svc = service.Service(cfg, brick=brick)
+    svc.start()
+    iqn = "iqn.2003-01.org.example:shared-" + new_id()
+    login = None
+    try:
+        brick.connector_properties()          # the daemon is up
+        attached = new_id()
+        svc.attach_volume(attached, iscsi_connection(cfg, target_iqn=iqn))
+        [rec] = svc._db().volumes([attached])
+        assert not rec["connecting"]
+        login = _earlier_login(tmp_path, iqn)
+
+        svc.detach_volume(attached)
+        assert svc._db().volumes([attached]) == []
+
+        cut = new_id()
+        cfg.timeout = 2.0
+        with pytest.raises(errors.HelperTimeout):
+            svc.attach_volume(cut, iscsi_connection(
+                cfg, target_iqn=iqn,
+                fake_wait=str(tmp_path / "never-released")))
+        [rec] = svc._db().volumes([cut])
+        assert (rec["state"], rec["connecting"]) == ("attaching", True)
+        with pytest.raises(errors.EarlierConnectRunning,
+                           match="iscsiadm --login pid {}".format(login.pid)):
+            svc.detach_volume(cut)
+        [rec] = svc._db().volumes([cut])
+        assert (rec["state"], rec["connecting"]) == ("detaching", True)
+
+        logins_release.touch()
+        assert login.wait(30) == 0
+        svc.detach_volume(cut)
+        assert svc._db().volumes([cut]) == []
+    finally:
+        logins_release.touch()
+        if login is not None and login.poll() is None:
+            login.kill()
+            login.wait()
+        svc.close()
+        brick.stop()
+
+
 def _pids_running(text):
     pids = []
     for name in os.listdir("/proc"):

@@ -213,7 +213,9 @@ class InProcessBrick:
         except fakebrick.FakeConnectorError as e:
             raise errors.ConnectorFailed(str(e))
 
-    def disconnect(self, connection_info, attachment):
+    def disconnect(self, connection_info, attachment, connecting=True):
+        # connecting (the daemon's wait for earlier daemons' logins): no
+        # daemon here, nothing to wait for.
         self.calls.append(("disconnect", connection_info, attachment))
         privileged.check_sendable("disconnect", (connection_info, attachment))
         conn = self._connector(connection_info)

@@ -292,6 +292,43 @@ def test_a_failed_reattach_leaves_a_device_in_use_as_it_was(
     assert records(svc) == []
 
 
+def test_a_cut_reattach_of_a_live_volume_makes_its_detach_wait_for_logins(
+        inproc_service, inproc_brick, monkeypatch):
+    # The record stays 'attached', but the connect cut at its deadline
+    # may have left a login running (store.py, connecting): its detach,
+    # and that of a later successful re-attach (which does not tell that
+    # the earlier login ended), asks the daemon to wait for the logins
+    # an earlier daemon left.  One whose connect completed does not
+    # (review-safety10 M-2).
+    svc = inproc_service
+    vol_id, ci, first = attached_iscsi(svc)
+    assert records(svc)[0]["connecting"] is False
+    asked = []
+    disconnect = inproc_brick.disconnect
+
+    def recording(connection_info, attachment, connecting=True):
+        asked.append(connecting)
+        return disconnect(connection_info, attachment, connecting)
+
+    monkeypatch.setattr(inproc_brick, "disconnect", recording)
+    os.unlink(first["managed_path"])
+    connect = inproc_brick.connect
+    monkeypatch.setattr(inproc_brick, "connect", raising(
+        errors.HelperTimeout(operation="connect", timeout=1.0)))
+    with pytest.raises(errors.HelperTimeout):
+        svc.attach_volume(vol_id, ci)
+    [rec] = records(svc)
+    assert (rec["state"], rec["connecting"]) == ("attached", True)
+    monkeypatch.setattr(inproc_brick, "connect", connect)
+    svc.attach_volume(vol_id, ci)
+    assert records(svc)[0]["connecting"] is True
+    svc.detach_volume(vol_id)
+    assert asked == [True]
+    svc.attach_volume(vol_id, ci)
+    svc.detach_volume(vol_id)
+    assert asked == [True, False]
+
+
 def test_a_failed_reattach_over_a_device_gone_ends_the_earlier_connection(
         inproc_service, inproc_brick, monkeypatch):
     # Attached in this boot, its device gone (not its connection: the
@@ -323,7 +360,7 @@ def test_a_detach_cut_after_its_device_went_keeps_the_record(
     svc = inproc_service
     vol_id, ci, first = attached_iscsi(svc)
 
-    def flushed_then_cut(connection_info, attachment):
+    def flushed_then_cut(connection_info, attachment, connecting=True):
         os.unlink(first["path"])
         raise cut
 
@@ -346,7 +383,7 @@ def test_a_disconnect_that_answers_after_its_device_went_forgets_it(
     svc = inproc_service
     vol_id, ci, first = attached_iscsi(svc)
 
-    def gone(connection_info, attachment):
+    def gone(connection_info, attachment, connecting=True):
         os.unlink(first["path"])
         raise errors.ConnectorFailed("no such device")
 

@@ -364,6 +364,59 @@ def test_version_4_rows_get_their_device_indexed(tmp_path):
         assert list(s.volumes_on_device("7:4")) == []
 
 
+def test_version_5_rows_not_known_to_have_connected_are_connecting(
+        tmp_path):
+    # A record whose connect completed ('attached' with what it
+    # returned) is not connecting; any other may be (an 'attaching' one,
+    # a 'detaching' one that may have come from one): their disconnect
+    # waits for an earlier daemon's logins, as every disconnect did.
+    path = str(tmp_path / "mv.db")
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE versions (version INTEGER PRIMARY KEY, "
+                 "description TEXT, updated datetime)")
+    for version, description, script in store.MIGRATIONS[:5]:
+        conn.executescript(script)
+        conn.execute("INSERT INTO versions VALUES (?, ?, 'now')",
+                     (version, description))
+    third = "3d4b0fe1-6a69-4a2e-9f63-4c8f3bd6f0a1"
+    fourth = "4d4b0fe1-6a69-4a2e-9f63-4c8f3bd6f0a1"
+    for vol_id, state, attachment in (
+            (VOL, "attached", {"path": "/dev/dm-1"}),
+            (VOL2, "attaching", None), (third, "detaching", {"path": "x"}),
+            (fourth, "attached", None)):
+        conn.execute("INSERT INTO volumes (vol_id, connection_info, state, "
+                     "attachment) VALUES (?, ?, ?, ?)",
+                     (vol_id, json.dumps(CI), state,
+                      json.dumps(attachment) if attachment else None))
+    conn.commit()
+    conn.close()
+    with store.open(path) as s:
+        assert {r["vol_id"]: r["connecting"] for r in s.volumes()} == {
+            VOL: False, VOL2: True, third: True, fourth: True}
+    # An agent of before it, still running after the migration (the
+    # RPM migrates before the restart), writes intents that do not name
+    # the column: they may not have completed either.
+    fifth = "5d4b0fe1-6a69-4a2e-9f63-4c8f3bd6f0a1"
+    conn = sqlite3.connect(path)
+    conn.execute("INSERT INTO volumes (vol_id, connection_info, state) "
+                 "VALUES (?, ?, 'attaching')", (fifth, json.dumps(CI)))
+    conn.commit()
+    conn.close()
+    with store.open(path) as s:
+        assert s.get_volume(fifth)["connecting"] is True
+
+
+def test_an_attaching_record_is_connecting_until_told(db):
+    db.add_volume(VOL, SD, CI)
+    assert db.get_volume(VOL)["connecting"] is True
+    db.update_volume(VOL, attachment={"path": "/dev/dm-1"},
+                     connecting=False)
+    db.update_volume(VOL, state="detaching")
+    assert db.get_volume(VOL)["connecting"] is False
+    db.add_volume(VOL2, SD, CI, state="attached")
+    assert db.get_volume(VOL2)["connecting"] is False
+
+
 def test_volumes_on_device_follows_the_recorded_identity(db):
     third = "3d4b0fe1-6a69-4a2e-9f63-4c8f3bd6f0a1"
     for vol_id in (VOL, VOL2, third):

@@ -130,11 +130,15 @@ What cancelling does not stop:
   ended with an error (they are cancelled then).
 - so a disconnect first waits for what an earlier connect of the same
   connection still runs (``_wait_earlier``), so that it sees the
-  session a late login made: the lingering threads of this daemon, and
-  the host's processes running that connect's command that an earlier
-  daemon started (``procs``: ``iscsiadm -T <iqn> --login`` of one of
-  its targets, ``rbd map`` of its image, ``nvme connect -n <nqn>`` of
-  its subsystem; ``transports``' ``connect_command``; not this daemon's
+  session a late login made: the lingering threads of this daemon, and,
+  when the service's record says a connect of it may not have
+  completed (store.py, ``connecting``: not for a volume attached long
+  ago, whose detach another volume's late login on a target they share
+  must not hold off), the host's processes running that connect's
+  command that an earlier daemon started (``procs``: ``iscsiadm -T
+  <iqn> --login`` of one of its targets, ``rbd map`` of its image,
+  ``nvme connect -n <nqn>`` of its subsystem; ``transports``'
+  ``connect_command``; not this daemon's
   own children, which are its calls', lingering ones included), which
   outlive the daemon that started them: one killed at a deadline (the
   call's own thread inside its login or map), stopped with the agent,
@@ -382,12 +386,13 @@ def connect_volume(connection_info, deadline, flow_id):
 
 
 @context.entrypoint
-def disconnect_volume(connection_info, attachment, deadline, flow_id):
+def disconnect_volume(connection_info, attachment, connecting, deadline,
+                      flow_id):
     connection_info = privsep.plain(connection_info)
     attachment = privsep.plain(attachment)
     with _operation("disconnect", deadline, flow_id, connection_info):
         _check_rbd_conf(connection_info, attachment)
-        _wait_earlier(connection_info)
+        _wait_earlier(connection_info, processes=bool(connecting))
         conn = _connector(connection_info)
         data = _data(connection_info, attachment)
         faults.crash_point("privsep.disconnect.before")
@@ -884,7 +889,7 @@ def _connection_key(connection_info):
     return json.dumps(connection_info, sort_keys=True, default=str)
 
 
-def _wait_earlier(connection_info):
+def _wait_earlier(connection_info, processes=True):
     """Wait until nothing an earlier connect of ``connection_info``
     started still runs (module docstring, "Deadlines"), so that this
     disconnect sees what it made: a multipath iSCSI connect cut at its
@@ -892,13 +897,18 @@ def _wait_earlier(connection_info):
     a connect cut by the daemon's death its ``rbd map``, whose session
     or map would come up after a disconnect that found nothing to end.
     What is looked for: the threads os-brick started for an earlier
-    call of this daemon (``_lingering``), and the host's processes
-    running such a command of the connection that an earlier daemon
-    started (``procs``, the transport's ``connect_command``; not this
-    daemon's children): those outlive a daemon killed at a deadline or
-    stopped with the agent.  An earlier daemon's login of a target
-    another volume shares (same IQN) is waited for too: its argv does
-    not tell the volume; it ends on its own (iscsid's login retries).
+    call of this daemon (``_lingering``), and, with ``processes`` (the
+    service's record says a connect of it may not have completed:
+    store.py, ``connecting``), the host's processes running such a
+    command of the connection that an earlier daemon started
+    (``procs``, the transport's ``connect_command``; not this daemon's
+    children): those outlive a daemon killed at a deadline or stopped
+    with the agent.  An earlier daemon's login of a target another
+    volume shares (same IQN) is waited for too: its argv does not tell
+    the volume; it ends on its own (iscsid's login retries).  A record
+    whose connect completed does not look: on an array with one target
+    for every LUN, a login another volume's cut connect left would
+    hold off the detach of every volume there (review-safety10 M-2).
 
     Raises ``_EarlierRunning`` (the disconnect is not run, its caller
     keeps the record) when they still run at this call's deadline, or
@@ -909,8 +919,11 @@ def _wait_earlier(connection_info):
     how long it has run."""
     call = _thread_call()
     key = _connection_key(connection_info)
-    transport = transports.get(connection_info.get("driver_volume_type"))
-    match = transport.connect_command(connection_info)
+    match = None
+    if processes:
+        transport = transports.get(
+            connection_info.get("driver_volume_type"))
+        match = transport.connect_command(connection_info)
     warned = False
     while True:
         running = _earlier(key, match)

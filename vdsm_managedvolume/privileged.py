@@ -241,10 +241,15 @@ class Brick:
         return self._call("connect_volume", (connection_info,),
                           self._cfg.timeout, operation="connect")
 
-    def disconnect(self, connection_info, attachment):
+    def disconnect(self, connection_info, attachment, connecting=True):
         """Disconnect the volume (``attachment``: what connect returned, or
-        None when unknown)."""
-        self._call("disconnect_volume", (connection_info, attachment),
+        None when unknown).  ``connecting``: a connect of it may not have
+        completed (the record's, store.py): the daemon then also waits
+        for the logins and maps of its connection that earlier daemons
+        left running (brick._wait_earlier); its own calls' threads are
+        waited for either way."""
+        self._call("disconnect_volume",
+                   (connection_info, attachment, bool(connecting)),
                    self._cfg.timeout, operation="disconnect")
 
     def extend(self, connection_info):

@@ -310,11 +310,20 @@ class Service:
                                  boot_id=boot_id, managed_path=None,
                                  attachment=None, path=None,
                                  multipath_id=None, identity=None,
-                                 size=None, extending=None)
+                                 size=None, extending=None, connecting=True)
             elif not live:
                 db.update_volume(vol_id, state="attaching", sd_id=sd_id,
                                  boot_id=boot_id, managed_path=None,
-                                 size=None, extending=None)
+                                 size=None, extending=None, connecting=True)
+            elif not rec["connecting"]:
+                # A connect cut now may leave a login running beside the
+                # live connection (store.py, ``connecting``); within
+                # this boot only, so no fsync.
+                db.update_volume(vol_id, connecting=True, durable=False)
+            # Whether a connect of this record earlier in this boot may
+            # not have completed: what this one returns does not tell
+            # that those commands ended.
+            unfinished = rec is not None and not fresh and rec["connecting"]
             faults.crash_point("attach.after_record")
             # Over a record of this boot, the connection its attach made
             # may still be there: a rollback after a connect that did not
@@ -345,6 +354,8 @@ class Service:
                 found = {"attachment": attachment, "path": path,
                          "size": devices.size(path, st),
                          "identity": identity}
+                if not unfinished:
+                    found["connecting"] = False
                 multipath_id = attachment.get("multipath_id")
                 if multipath_id is not None or not added:
                     # A record inserted by this attach has none yet: not
@@ -386,7 +397,9 @@ class Service:
                 else:
                     self._rollback(
                         vol_id, sd_id, connection_info,
-                        earlier if attachment is None else attachment, e)
+                        earlier if attachment is None else attachment, e,
+                        connecting=unfinished or (
+                            attachment is None and _cut(e)))
                 # The RBD confs of both connects that the record, if any
                 # is left, no longer names (review-fix9 hostfix-L1).
                 self._drop_unnamed_confs(vol_id, earlier, attachment)
@@ -953,7 +966,13 @@ class Service:
             self._drop_conf(vol_id, rec["attachment"], None)
             return
         try:
-            self._brick.disconnect(rec["connection_info"], rec["attachment"])
+            # Only a record whose connect may not have completed waits for
+            # the logins and maps an earlier daemon left: on a target all
+            # an array's volumes share, another volume's late login must
+            # not hold off the detach of one attached long ago
+            # (review-safety10 M-2).
+            self._brick.disconnect(rec["connection_info"], rec["attachment"],
+                                   rec["connecting"])
         except errors.CannotSend as e:
             # The same arguments could not have reached the daemon for the
             # connect either (a record journaled before validation refused
@@ -969,10 +988,7 @@ class Service:
             # sessions still there, iscsid logging in again at boot):
             # the record stays 'detaching' for the next detach or
             # reconcile to finish.
-            cut = isinstance(e, errors.HelperTimeout) or (
-                isinstance(e, errors.HelperFailed)
-                and not isinstance(e, errors.ConnectorFailed))
-            if rec["path"] and not _exists(rec["path"]) and not cut:
+            if rec["path"] and not _exists(rec["path"]) and not _cut(e):
                 log.warning("Disconnecting volume %s failed (%s), but its "
                             "device %s is gone; forgetting it", vol_id, e,
                             rec["path"])
@@ -1024,9 +1040,13 @@ class Service:
                       vol_id, error.path, error.reason, rec["path"])
         if sd_id != rec["sd_id"]:
             self._silent_remove_link_and_rule(sd_id, vol_id)
+        kept = {k: rec[k] for k in _KEPT_ON_FAILED_REATTACH}
+        if not _cut(error):
+            # Its connect ended with an answer (or before a later step):
+            # nothing of it runs (store.py, ``connecting``).
+            kept["connecting"] = rec["connecting"]
         try:
-            self._db().update_volume(
-                vol_id, **{k: rec[k] for k in _KEPT_ON_FAILED_REATTACH})
+            self._db().update_volume(vol_id, **kept)
         except errors.Error as e:
             log.error("Cannot put back volume %s's record as it was: %s; "
                       "it stays 'attached' with what the failed attach "
@@ -1126,9 +1146,11 @@ class Service:
                             path, e)
 
     def _rollback(self, vol_id, sd_id, connection_info, attachment,
-                  error=None):
+                  error=None, connecting=True):
         """Undo a failed attach (``error``: why it failed), logging (not
-        raising) cleanup errors.
+        raising) cleanup errors.  ``connecting``: a connect of it may not
+        have completed (store.py): the disconnect waits for the commands
+        an earlier daemon left.
 
         The record goes if the disconnect worked, or when nothing can be
         connected: the device was another volume's (DeviceAttached: not
@@ -1171,7 +1193,7 @@ class Service:
                         vol_id, error.running)
             return
         failure = self._silent_disconnect(vol_id, connection_info,
-                                          attachment)
+                                          attachment, connecting)
         if failure is None:
             self._silent_remove(vol_id)
         elif (isinstance(error, errors.ConnectorFailed)
@@ -1184,10 +1206,11 @@ class Service:
             log.warning("Keeping the 'attaching' record of volume %s: "
                         "reconcile will disconnect it", vol_id)
 
-    def _silent_disconnect(self, vol_id, connection_info, attachment):
+    def _silent_disconnect(self, vol_id, connection_info, attachment,
+                           connecting=True):
         """None when the disconnect worked, else its error."""
         try:
-            self._brick.disconnect(connection_info, attachment)
+            self._brick.disconnect(connection_info, attachment, connecting)
             return None
         except errors.EarlierConnectRunning as e:
             # Expected and explained (a login an earlier connect left
@@ -1674,6 +1697,19 @@ class _Counted:
             if svc._closing:
                 svc._calls_cond.notify_all()     # close() waits for 0
         return False
+
+
+def _cut(error):
+    """Whether the privileged call that raised ``error`` may not have
+    ended: cut at its deadline (HelperTimeout, StillRunning) or by the
+    daemon's death (HelperFailed but not the connector's own error); any
+    other error is an answer (the call ended), or came from a step after
+    it."""
+    if not isinstance(error, errors.Error):
+        return True
+    return isinstance(error, errors.HelperTimeout) or (
+        isinstance(error, errors.HelperFailed)
+        and not isinstance(error, errors.ConnectorFailed))
 
 
 def _exists(path):

@@ -27,6 +27,21 @@ also kept in an indexed column of its own (``dev``, written with
 ``identity``): which records hold a device (``volumes_on_device``) is
 asked at every attach and detach, and must not decode every record.
 
+``connecting`` is set while a connect of the record may not have
+completed, so that a command it started may still run (an ``iscsiadm
+--login`` an earlier privsep daemon left, see ``procs``): set by the
+write announcing the connect (the intent 'attaching'; for a re-attach
+over a live record, a write of its own), cleared by the write recording
+what a connect returned (unless an earlier connect of the record, in
+this boot, had not completed either), kept by the detach.  A disconnect
+waits for such commands only for a record that is ``connecting``
+(``service._detach``): another volume's late login on a target both
+share (one IQN for every LUN of an array) must not hold off the detach
+of a volume whose connect completed long ago (review-safety10 M-2).  It
+matters within a boot only (a host crash ends every command), so it
+takes the durability of the write it rides on and needs no fsync of
+its own.
+
 Commits and fsyncs
 ------------------
 A commit with an fsync (``durable=True``, the default) survives anything;
@@ -133,14 +148,14 @@ STATES = ("attaching", "attached", "detaching")
 _JSON_COLUMNS = ("connection_info", "attachment", "identity")
 _COLUMNS = ("sd_id", "state", "connection_info", "attachment", "path",
             "multipath_id", "managed_path", "size", "extending",
-            "boot_id", "identity")
+            "boot_id", "identity", "connecting")
 
 BUSY_TIMEOUT = 30.0
 
 # A record: every column but dev (identity holds it too).
 _SELECT = ("SELECT vol_id, sd_id, state, connection_info, attachment, "
            "path, multipath_id, managed_path, size, extending, boot_id, "
-           "identity, created, updated FROM volumes")
+           "identity, connecting, created, updated FROM volumes")
 
 _SELECT_ONE = _SELECT + " WHERE vol_id = ?"
 
@@ -185,6 +200,18 @@ MIGRATIONS = (
     (5, "Device number of each record, indexed", """
         ALTER TABLE volumes ADD COLUMN dev TEXT;
         CREATE INDEX volumes_dev ON volumes (dev);
+    """),
+    # connecting: 1 while a connect of the record may not have completed
+    # (see the module docstring).  A row of before it that is not
+    # 'attached' with an attachment is not known to have one that did;
+    # nor is a row an older agent, still running after the migration
+    # (the RPM migrates before it restarts the agent), writes without
+    # naming the column: hence the default.
+    (6, "Connect not known to have completed", """
+        ALTER TABLE volumes ADD COLUMN connecting INTEGER NOT NULL
+            DEFAULT 1;
+        UPDATE volumes SET connecting = 0
+            WHERE state = 'attached' AND attachment IS NOT NULL;
     """),
 )
 
@@ -345,6 +372,7 @@ class Store:
     def add_volume(self, vol_id, sd_id, connection_info, state="attaching",
                    boot_id=None, exist_ok=False):
         """Insert a new record; StoreError if ``vol_id`` already has one.
+        An 'attaching' one is ``connecting`` (its connect comes next).
 
         ``exist_ok``: a record already there is left as it is and False
         is returned (True: inserted).  One statement either way, so an
@@ -354,7 +382,8 @@ class Store:
         _check_state(state)
         now = _now()
         sql = ("INSERT INTO volumes (vol_id, sd_id, state, connection_info, "
-               "boot_id, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?)")
+               "boot_id, connecting, created, updated) "
+               "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
         if exist_ok:
             # Only a record of the same vol_id is let be: any other
             # constraint still fails (SQLite 3.24+: EL8 has 3.26).
@@ -362,7 +391,7 @@ class Store:
         try:
             count = self._write(
                 sql, (vol_id, sd_id, state, _dumps(connection_info), boot_id,
-                      now, now),
+                      state == "attaching", now, now),
                 durable=True)
         except sqlite3.IntegrityError:
             raise errors.StoreError(
@@ -693,7 +722,7 @@ def _statements(script):
 
 def _record(row):
     (vol_id, sd_id, state, connection_info, attachment, path, multipath_id,
-     managed_path, size, extending, boot_id, identity, created,
+     managed_path, size, extending, boot_id, identity, connecting, created,
      updated) = row
     return _decoded({
         "vol_id": vol_id,
@@ -705,6 +734,7 @@ def _record(row):
         "size": size,
         "extending": extending,
         "boot_id": boot_id,
+        "connecting": bool(connecting),
         "created": created,
         "updated": updated,
     }, (("connection_info", connection_info), ("attachment", attachment),

@@ -542,6 +542,32 @@ def test_an_rbd_detach_finding_its_device_gone_deletes_its_ceph_conf(
 
 
 @pytest.mark.root
+def test_an_rbd_detach_cut_before_its_record_went_leaves_no_ceph_conf(
+        real_service, monkeypatch):
+    # The conf a detach finding the device gone deletes goes before the
+    # record: cut between them (a crash, a journal error), the record
+    # stays for the next detach, which clears it; not a conf no record
+    # names, which the start's sweep finds only while another record
+    # holds its keyring (none when it was the host's last RBD volume;
+    # review-safety10 L-3).
+    svc = real_service
+    vol_id, ci = new_id(), rbd_connection(svc.cfg)
+    first = svc.attach_volume(vol_id, ci)
+    os.unlink(first["path"])                 # the device is gone
+    monkeypatch.setattr(svc._db(), "remove_volume", raising(
+        errors.StoreError("disk I/O error")))
+    with pytest.raises(errors.StoreError):
+        svc.detach_volume(vol_id)
+    assert not os.path.exists(first["attachment"]["conf"])
+    [rec] = records(svc)
+    assert rec["state"] == "detaching"
+    monkeypatch.undo()
+    svc.detach_volume(vol_id)
+    assert records(svc) == []
+    assert fakebrick.confs() == []
+
+
+@pytest.mark.root
 def test_a_failed_rbd_reattach_over_a_gone_device_deletes_both_confs(
         real_service, monkeypatch):
     # Attached in this boot, its device gone: attached again, the

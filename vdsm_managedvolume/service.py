@@ -962,8 +962,8 @@ class Service:
                           "rbd unmap, losetup -d) after checking which "
                           "device it is", vol_id, rec["path"], reason)
             faults.crash_point("detach.after_disconnect")
-            db.remove_volume(vol_id)
             self._drop_conf(vol_id, rec["attachment"], None)
+            db.remove_volume(vol_id)
             return
         try:
             # Only a record whose connect may not have completed waits for
@@ -995,12 +995,18 @@ class Service:
             else:
                 raise
         faults.crash_point("detach.after_disconnect")
+        # os-brick deletes the conf it is given only when it unmapped a
+        # device: one found gone leaves it (review-fix9 hostfix-L1).
+        # Deleted before the record goes, so that a crash between them
+        # leaves a record, which the next detach or reconcile clears
+        # (a conf that is gone is no error, its device is gone), not a
+        # conf that no record names: the start's sweep finds one only
+        # while another record holds its keyring, and none when this
+        # was the host's last RBD volume (review-safety10 L-3).
+        self._drop_conf(vol_id, rec["attachment"], None)
         # The last step (see store.py): after a host crash a record still
         # 'detaching' is detached again, idempotently.
         db.remove_volume(vol_id, durable=False)
-        # os-brick deletes the conf it is given only when it unmapped a
-        # device: one found gone leaves it (review-fix9 hostfix-L1).
-        self._drop_conf(vol_id, rec["attachment"], None)
 
     def _keep_attached(self, rec, sd_id, error):
         """After a failed attach over ``rec`` (attached in this boot, its
@@ -1092,16 +1098,24 @@ class Service:
         """At start, before reconcile: delete the RBD ceph confs
         (os-brick's ``brickrbd_*``, holding the keyring) in the temp dir
         that no record names, left by what this service could not follow
-        up: a crash between a live re-attach's record update and its
-        ``_drop_conf``, or between a detach's last update and its own, a
-        connect cut after os-brick wrote one (its name never came back).
+        up: a crash between a re-attach's record update and its
+        ``_drop_conf`` (failed: its ``_drop_unnamed_confs``), or between
+        a rollback's forget and its own, a connect cut after os-brick
+        wrote one (its name never came back).
         Only files that cannot belong to a connect in flight (older than
         ``[privsep] timeout`` + CONF_SWEEP_MARGIN), made by root, holding
         a keyring of one of this journal's RBD records (another agent's
         or program's confs on this host are left alone): the daemon
         checks the name, the owner and the content, and deletes through
         its narrow entrypoint (``brick.delete_rbd_conf``).  Nothing when
-        no record has a keyring.  Logged, not raised."""
+        no record has a keyring.  Not those of a record without
+        ``keyring`` (os-brick copies the host's /etc/ceph keyring into
+        them): any ceph client of the host may hold that one, so it does
+        not tell our conf from another os-brick user's, whose mapping
+        needs it until its disconnect (docs/operations.md, "Ceph
+        keyrings in the temp dir").  A detach deletes its conf before
+        its record goes (``_detach``): a crash there leaves no conf
+        that no record names.  Logged, not raised."""
         keyrings, named = set(), set()
         for rec in self._db().volumes():
             info = rec.get("connection_info")

@@ -11,6 +11,7 @@ no link, no rule, and that reconcile() has nothing more to do.
 """
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -574,6 +575,9 @@ def test_connect_timeout_with_its_logins_running_keeps_the_record_for_a_detach(
     # and the detach, once the logins ended, disconnects after them.
     # Before, the rollback's disconnect found no session, "worked", and
     # the record was forgotten: a session logging in later had none.
+    # The service tries a record kept for them again later (a test
+    # below): not while this test detaches by hand.
+    monkeypatch.setattr(service, "RETRY_KEPT", 3600.0)
     iscsiadm_log, logins_release = hung_iscsiadm(tmp_path, monkeypatch)
     cfg, brick = _private_brick(str(tmp_path), timeout=2.0)
     svc = service.Service(cfg, brick=brick)
@@ -615,6 +619,9 @@ def test_a_login_left_running_by_a_stopped_daemon_keeps_the_record(
     # none): the host's processes tell, whichever daemon started them.
     # Before, the rollback "worked" (no session yet) and the record went
     # (review-privsepfix9 M-B).
+    # The service tries a record kept for them again later (a test
+    # below): not while this test detaches by hand.
+    monkeypatch.setattr(service, "RETRY_KEPT", 3600.0)
     iscsiadm_log, logins_release = hung_iscsiadm(tmp_path, monkeypatch)
     cfg, brick = _private_brick(str(tmp_path), timeout=2.0)
     svc = service.Service(cfg, brick=brick)
@@ -703,6 +710,9 @@ def test_an_earlier_daemons_login_holds_off_only_records_still_connecting(
     # retried that login (review-safety10 M-2).  A record whose connect
     # was cut still waits for it, and a detach of it that is not run
     # keeps that.
+    # The service tries a record kept for them again later (a test
+    # below): not while this test detaches by hand.
+    monkeypatch.setattr(service, "RETRY_KEPT", 3600.0)
     iscsiadm_log, logins_release = hung_iscsiadm(tmp_path, monkeypatch)
     cfg, brick = _private_brick(str(tmp_path), timeout=10.0)
     svc = service.Service(cfg, brick=brick)
@@ -744,6 +754,73 @@ def test_an_earlier_daemons_login_holds_off_only_records_still_connecting(
             login.kill()
             login.wait()
         svc.close()
+        brick.stop()
+
+
+def test_a_record_kept_for_an_earlier_daemons_login_is_tried_again(
+        tmp_path, real_fakebrick_dir, monkeypatch, caplog):
+    # After an agent restart, a login an earlier daemon left has run
+    # longer than a disconnect may wait: the start's reconcile keeps the
+    # record at once (stuck).  Nothing came back to it: the engine does
+    # not retry, reconcile ran at the start only, and the session the
+    # login made stayed up with a record nobody finished
+    # (review-safety10 L-5).  Now the service reconciles it again every
+    # RETRY_KEPT seconds until it goes, and the log says what to do.
+    iscsiadm_log, logins_release = hung_iscsiadm(tmp_path, monkeypatch)
+    cfg, brick = _private_brick(str(tmp_path), timeout=2.0)
+    iqn = "iqn.2003-01.org.example:kept-" + new_id()
+    login = _earlier_login(tmp_path, iqn)
+    vol_id = new_id()
+    svc = service.Service(cfg, brick=brick)
+    svc.start()
+    try:
+        with pytest.raises(errors.HelperTimeout):
+            svc.attach_volume(vol_id, iscsi_connection(
+                cfg, target_iqn=iqn,
+                fake_wait=str(tmp_path / "never-released")))
+    finally:
+        svc.close()
+    monkeypatch.setattr(service, "RETRY_KEPT", 0.2)
+    caplog.set_level(logging.DEBUG, logger="managedvolume.service")
+    again = service.Service(cfg, brick=brick)
+    try:
+        caplog.clear()
+        again.start()
+        [rec] = again._db().volumes([vol_id])
+        assert rec["state"] in ("attaching", "detaching")
+        [line] = [r.getMessage() for r in caplog.records
+                  if "stays recorded" in r.getMessage()
+                  and vol_id in r.getMessage()][:1]
+        assert "iscsiadm --login pid {}".format(login.pid) in line
+        assert "tried again every 0.2 s" in line
+        assert "'managedvolume-tool reconcile --apply'" in line
+
+        # Tried again while the login runs: said once, at WARNING (a
+        # login stuck on a dead portal may run for hours).
+        def said(level):
+            return [r for r in caplog.records if r.levelno == level
+                    and "stays recorded" in r.getMessage()
+                    and vol_id in r.getMessage()]
+
+        deadline = time.monotonic() + 30
+        while not said(logging.DEBUG):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert len(said(logging.WARNING)) == 1
+        assert again._db().volumes([vol_id])
+
+        logins_release.touch()
+        assert login.wait(30) == 0
+        deadline = time.monotonic() + 30
+        while again._db().volumes([vol_id]):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        logins_release.touch()
+        if login.poll() is None:
+            login.kill()
+            login.wait()
+        again.close()
         brick.stop()
 
 

@@ -525,6 +525,44 @@ def test_a_rollback_kept_by_an_earlier_login_says_so_without_traceback(
     assert "iscsiadm --login pid 7" in line.getMessage()
 
 
+def test_a_kept_record_whose_retried_disconnect_fails_otherwise_is_left(
+        inproc_service, inproc_brick, monkeypatch, caplog):
+    # A record kept while an earlier connect's login runs is tried
+    # again (service.RETRY_KEPT) only while its disconnect answers that
+    # (nothing run, cheap).  Once the disconnect runs and fails
+    # otherwise (a command hung on the sick storage: the daemon holds
+    # os-brick's host-wide lock until it is killed), it is not repeated
+    # on its own; a WARNING says what to do (review-safety11 M-1).
+    svc = inproc_service
+    monkeypatch.setattr(service, "RETRY_KEPT", 0.05)
+    vol_id, ci, first = attached_iscsi(svc)
+    tried = []
+
+    def disconnect(connection_info, attachment, connecting=True):
+        tried.append(connecting)
+        if len(tried) <= 2:
+            raise errors.EarlierConnectRunning(
+                operation="disconnect", timeout=1.0,
+                running="an earlier connect of this connection still runs "
+                "(iscsiadm --login pid 7, running for 9 s)")
+        raise errors.HelperTimeout(operation="disconnect", timeout=1.0)
+
+    monkeypatch.setattr(inproc_brick, "disconnect", disconnect)
+    with pytest.raises(errors.EarlierConnectRunning):
+        svc.detach_volume(vol_id)
+    deadline = time.monotonic() + 30
+    while not any("is not tried again on its own" in r.getMessage()
+                  for r in caplog.records):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    while svc._kept_thread is not None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert len(tried) == 3
+    [rec] = records(svc)
+    assert rec["state"] == "detaching"
+
+
 @pytest.mark.root
 def test_an_rbd_detach_finding_its_device_gone_deletes_its_ceph_conf(
         real_service):

@@ -117,6 +117,13 @@ class Service:
         self._calls = 0
         self._closing = False
         self._calls_cond = threading.Condition()
+        # Records kept because what an earlier connect started still ran
+        # (``_retry_later``), the thread trying them again, what stops
+        # it; None: not started (a tool's service), never tried again.
+        self._kept = set()
+        self._kept_said = set()     # those whose WARNING was logged
+        self._kept_thread = None
+        self._kept_stop = None
         self._connector = connectorinfo.Cache(
             brick, cfg.connector_info_ttl, cfg.connector_info_cache)
         self.udev_writer = udevwriter.choose(cfg)
@@ -159,6 +166,8 @@ class Service:
         first call) does not answer meanwhile looks dead to the engine.
         """
         self.open()
+        with self._calls_cond:
+            self._kept_stop = threading.Event()
         self._sweep_confs()
         self._log_reconcile(self.reconcile(
             apply=True, detach_stale=not defer_detach_stale))
@@ -206,6 +215,8 @@ class Service:
         deadline = time.monotonic() + timeout
         with self._calls_cond:
             self._closing = True
+            if self._kept_stop is not None:
+                self._kept_stop.set()
             while self._calls:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -466,7 +477,11 @@ class Service:
                         rec["sd_id"], sd_id)
             self._silent_remove_link_and_rule(sd_id, vol_id)
         log.debug("Detaching volume %s (%s)", vol_id, rec["state"])
-        self._detach(rec)
+        try:
+            self._detach(rec)
+        except errors.StillRunning as e:
+            self._retry_later(vol_id, e)
+            raise
 
     def _unknown(self, vol_id):
         """Whether nothing was done to ``vol_id`` in this boot (it has no
@@ -1205,6 +1220,7 @@ class Service:
                         "disconnecting it now (%s); detach it, or "
                         "reconcile, to disconnect it once that ended",
                         vol_id, error.running)
+            self._retry_later(vol_id, error)
             return
         failure = self._silent_disconnect(vol_id, connection_info,
                                           attachment, connecting)
@@ -1219,6 +1235,8 @@ class Service:
         else:
             log.warning("Keeping the 'attaching' record of volume %s: "
                         "reconcile will disconnect it", vol_id)
+            if isinstance(failure, errors.StillRunning):
+                self._retry_later(vol_id, failure)
 
     def _silent_disconnect(self, vol_id, connection_info, attachment,
                            connecting=True):
@@ -1573,11 +1591,116 @@ class Service:
             try:
                 func()
                 entry["result"] = "done"
+            except errors.StillRunning as e:
+                # Expected and explained: no traceback.
+                self._retry_later(rec["vol_id"], e)
+                entry["result"] = "failed: {}".format(mask.mask_text(str(e)))
             except Exception as e:
                 log.exception("Reconcile of volume %s failed",
                               rec["vol_id"])
                 entry["result"] = "failed: {}".format(mask.mask_text(str(e)))
         return entry
+
+    def _retry_later(self, vol_id, error):
+        """The record of ``vol_id`` stays because what an earlier connect
+        (or disconnect) of it started still runs (``error``, a
+        StillRunning: a login an earlier daemon left, a thread of the
+        daemon); nothing else would come back to it (the engine does
+        not retry a failed detach, reconcile runs at a start), and such
+        a login, after an agent restart, is always older than a
+        disconnect may wait: each disconnect is refused at once
+        (review-safety10 L-5).  A started service reconciles it again
+        every RETRY_KEPT seconds, until it is no longer kept; a tool's
+        logs what to do."""
+        stop = self._kept_stop
+        if stop is None:
+            log.warning("Volume %s stays recorded: %s. Once that ended, "
+                        "'managedvolume-tool reconcile --apply' (or a "
+                        "detach of the volume) finishes it", vol_id,
+                        error)
+            return
+        with self._calls_cond:
+            known = vol_id in self._kept_said
+            self._kept_said.add(vol_id)
+            self._kept.add(vol_id)
+            if self._kept_thread is None and not stop.is_set():
+                self._kept_thread = threading.Thread(
+                    target=self._retry_kept, args=(stop,),
+                    name="retry-kept", daemon=True)
+                self._kept_thread.start()
+        # Once per record kept, not at every pass (a login stuck on a
+        # dead portal may run for hours).
+        log.log(logging.DEBUG if known else logging.WARNING,
+                "Volume %s stays recorded: %s. It is tried again every "
+                "%g s while this service runs; once that ended, "
+                "'managedvolume-tool reconcile --apply' (or a detach of "
+                "the volume) finishes it at once", vol_id, error,
+                RETRY_KEPT)
+
+    def _retry_kept(self, stop):
+        """``_retry_later``'s thread: every RETRY_KEPT seconds, reconcile
+        the kept records, each under its lock taken without waiting (one
+        an operation holds is tried at the next pass).  A record stays
+        in the set only while its retry answers the same (StillRunning:
+        the daemon ran nothing, cheap), or could not be tried (busy, a
+        journal error); any other failure of a disconnect that ran (a
+        command hung on the sick storage, holding os-brick's host-wide
+        lock until the daemon is killed) is not repeated on its own: a
+        WARNING says what to do.  The thread ends when none is left or
+        the service closes."""
+        while not stop.wait(RETRY_KEPT):
+            with self._calls_cond:
+                vol_ids = sorted(self._kept)
+                self._kept.difference_update(vol_ids)
+            entries = []
+            for vol_id in vol_ids:
+                entry = None
+                try:
+                    with self._call():
+                        rec = self._find(vol_id)
+                        if rec is not None:
+                            entry = self._with_lock_now(
+                                rec, lambda vol_id=vol_id:
+                                self._reconcile_volume(vol_id, True), True)
+                            rec = self._find(vol_id)
+                except errors.StoreClosed:
+                    with self._calls_cond:
+                        self._kept.update(vol_ids)
+                    return self._retry_ended()
+                except Exception:
+                    log.exception("Trying volume %s again failed", vol_id)
+                    rec = None
+                    entry = {"result": "busy"}      # tried next time
+                if entry is not None:
+                    if entry["result"] == "busy":
+                        with self._calls_cond:
+                            self._kept.add(vol_id)
+                    elif "vol_id" in entry:
+                        entries.append(entry)
+                with self._calls_cond:
+                    if vol_id in self._kept:
+                        continue
+                    self._kept_said.discard(vol_id)
+                if rec is not None and rec["state"] != "attached":
+                    log.warning("Volume %s stays recorded (%s) and is not "
+                                "tried again on its own: %s. Once its "
+                                "storage is back, 'managedvolume-tool "
+                                "reconcile --apply' (or a detach of the "
+                                "volume) finishes it", vol_id,
+                                rec["state"], (entry or {}).get("result"))
+            self._log_reconcile(entries)
+            with self._calls_cond:
+                if not self._kept:
+                    # Under the lock _retry_later adds under: a record
+                    # kept from now on starts a thread of its own.
+                    self._kept_thread = None
+                    return
+        self._retry_ended()
+
+    def _retry_ended(self):
+        with self._calls_cond:
+            if self._kept_thread is threading.current_thread():
+                self._kept_thread = None
 
     def _reconcile_links(self, apply):
         try:
@@ -1675,6 +1798,10 @@ def _split_link_name(name):
     except errors.InvalidParams:
         return None
 
+
+# How often a record kept because what an earlier connect started still
+# runs is reconciled again (``Service._retry_later``).
+RETRY_KEPT = 60.0
 
 # How much older than ``[privsep] timeout`` a ceph conf no record names
 # must be for the start's sweep (``_sweep_confs``): a connect that wrote

@@ -23,7 +23,7 @@ from vdsm_managedvolume import gate
 from vdsm_managedvolume import jsonrpc
 from vdsm_managedvolume import locking
 from vdsm_managedvolume import service
-from vdsm_managedvolume import stompserver
+from vdsm_managedvolume import workers
 
 from . import agentutil
 from . import fakebrick
@@ -186,7 +186,7 @@ def test_a_slot_holder_that_raises_gives_its_slot_back():
 
 def test_pool_jobs_hold_a_slot_and_a_failing_job_gives_it_back():
     g = gate.Gate(1)
-    pool = stompserver.Pool(2, 0, name="gated-pool", gate=g)
+    pool = workers.Pool(2, 0, name="gated-pool", gate=g)
     seen = []
     done = threading.Event()
 
@@ -213,7 +213,7 @@ def test_pool_delivers_an_answer_holding_the_slot_its_job_held():
     # Given back before, the operation it woke and this thread writing
     # the answer would pass the interpreter lock to each other.
     g = gate.Gate(1)
-    pool = stompserver.Pool(2, 0, name="gated-pool", gate=g)
+    pool = workers.Pool(2, 0, name="gated-pool", gate=g)
     seen = []
     done = threading.Event()
 

@@ -121,6 +121,20 @@ def wait_for(predicate, timeout=30):
         time.sleep(0.05)
 
 
+def thread_switches(pid):
+    """{thread id: voluntary context switches} of process ``pid``."""
+    out = {}
+    for tid in os.listdir("/proc/{}/task".format(pid)):
+        try:
+            with open("/proc/{}/task/{}/status".format(pid, tid)) as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        out[tid] = int(line.split()[1])
+        except FileNotFoundError:
+            pass
+    return out
+
+
 # Connector properties
 
 def test_connector_properties_enforce_multipath_as_plain_lists(brick):
@@ -1160,6 +1174,79 @@ def test_distinct_volumes_connect_in_parallel(brick, fake_dir, tmp_path):
         brick.disconnect(iscsi(key, tmp_path), results[key])
 
 
+def test_daemon_wakes_one_thread_per_call_after_a_burst(
+        fresh_cfg, fake_dir, tmp_path):
+    # A burst leaves the daemon's pool with a thread per call it ran at
+    # once; from then on a call must wake the thread that runs it, not
+    # others for nothing (oslo.privsep's ThreadPoolExecutor woke a
+    # second waiter at every call, the waiting threads in turn).
+    b = privileged.Brick(fresh_cfg)
+    release = str(tmp_path / "release")
+    keys = ["burst-{}".format(i) for i in range(8)]
+    results = {}
+
+    def connect(key):
+        results[key] = b.connect(iscsi(key, tmp_path, fake_wait=release))
+
+    try:
+        threads = [threading.Thread(target=connect, args=(k,))
+                   for k in keys]
+        for t in threads:
+            t.start()
+        wait_for(lambda: sum(
+            line.split()[0] == "connect-start" and line.split()[1] in keys
+            for line in fakebrick.calls(str(fake_dir))) == 8)
+        with open(release, "w"):
+            pass
+        for t in threads:
+            t.join(60)
+        assert sorted(results) == keys
+        for key in keys:
+            b.disconnect(iscsi(key, tmp_path), results[key])
+        pid = b.daemon_pid()
+        info = iscsi("burst-single", tmp_path)
+        b.disconnect(info, b.connect(info))     # all of them waiting now
+        before = thread_switches(pid)
+        assert len(before) >= 8 + 1     # the pool's threads, the reader
+        for _ in range(20):
+            b.disconnect(info, b.connect(info))
+        after = thread_switches(pid)
+        woken = [tid for tid in before if after.get(tid) != before[tid]]
+        # The reader and the thread that ran the calls; the watchdog may
+        # have woken once.
+        assert len(woken) <= 3, woken
+    finally:
+        b.stop()
+
+
+def test_a_stopped_daemon_answers_the_calls_it_runs_then_exits(
+        fresh_cfg, fake_dir, tmp_path):
+    b = privileged.Brick(fresh_cfg)
+    release = str(tmp_path / "release")
+    results = []
+    try:
+        b.connector_properties()
+        pid = b.daemon_pid()
+        running = threading.Thread(target=lambda: results.append(
+            b.connect(iscsi("stop-running", tmp_path, fake_wait=release))))
+        running.start()
+        wait_for(lambda: "connect-start stop-running" in
+                 fakebrick.calls(str(fake_dir)))
+        stopping = threading.Thread(target=b.stop)
+        stopping.start()
+        time.sleep(0.2)
+        assert not gone(pid)        # it waits for the call it runs
+        with open(release, "w"):
+            pass
+        running.join(60)
+        stopping.join(60)
+        assert results and results[0]["path"]
+        wait_for(lambda: gone(pid))
+        b.disconnect(iscsi("stop-running", tmp_path), results[0])
+    finally:
+        b.stop()
+
+
 # Starting the daemon
 
 def test_missing_os_brick_is_not_supported_without_a_daemon(
@@ -1417,3 +1504,4 @@ def test_connector_properties_carry_my_ip(brick, cfg, monkeypatch):
     assert brick.connector_properties()["ip"] == privileged.default_ip()
     monkeypatch.setattr(cfg, "my_ip", "192.0.2.55")
     assert brick.connector_properties()["ip"] == "192.0.2.55"
+

@@ -1,0 +1,179 @@
+"""workers.Pool: threads started when needed, bounded, one woken per job."""
+
+import threading
+
+import pytest
+
+from vdsm_managedvolume import workers
+
+from . import agentutil
+
+
+def test_pool_starts_threads_when_needed_and_refuses_beyond_its_bound():
+    pool = workers.Pool(4, 0, name="lazy-pool")
+    release = threading.Event()
+    started = threading.Semaphore(0)
+
+    def job():
+        started.release()
+        release.wait(30)
+
+    try:
+        assert _threads("lazy-pool") == 0
+        for _ in range(4):
+            assert pool.submit(job)
+        for _ in range(4):      # all four run at once
+            assert started.acquire(timeout=30)
+        assert _threads("lazy-pool") == 4
+        assert not pool.submit(job)     # refused, not queued
+        release.set()
+        agentutil.wait_for(lambda: pool.pending == 0)
+        release.clear()
+        assert pool.submit(job)
+        assert started.acquire(timeout=30)
+        assert _threads("lazy-pool") == 4   # an idle thread took it
+    finally:
+        release.set()
+        pool.stop()
+
+
+def test_pool_job_handed_off_later_runs_only_once_handed():
+    # The I/O thread wakes a worker at the end of its round, not while it
+    # still holds the interpreter lock (Server._hand_off).
+    pool = workers.Pool(2, 0, name="handoff-pool")
+    ran = threading.Event()
+    handoff = []
+    try:
+        assert pool.submit(ran.set, handoff)
+        assert pool.pending == 1        # accepted: counted at once
+        assert not ran.wait(0.2)
+        [(put, job)] = handoff
+        put(job)
+        assert ran.wait(30)
+        agentutil.wait_for(lambda: pool.pending == 0)
+    finally:
+        pool.stop()
+
+
+def test_pool_queues_at_most_max_queue_behind_its_workers():
+    pool = workers.Pool(1, 2, name="queue-pool")
+    release = threading.Event()
+    ran = []
+
+    def job():
+        release.wait(30)
+        ran.append(1)
+
+    try:
+        assert [pool.submit(job) for _ in range(4)] == [True, True, True,
+                                                        False]
+        release.set()
+        agentutil.wait_for(lambda: len(ran) == 3)
+        assert _threads("queue-pool") == 1
+    finally:
+        release.set()
+        pool.stop()
+
+
+def test_pool_wakes_no_thread_but_the_one_that_runs_a_job():
+    # A pool keeps its threads: after a mass start dozens wait.  A job
+    # must wake one of them, the one that runs it, and the one that ran
+    # the last job first (queue.SimpleQueue woke them in turn, and a
+    # second one for nothing at every job).
+    pool = workers.Pool(8, 0, name="wake-pool")
+    barrier = threading.Barrier(9)
+    done = threading.Event()
+    runners = []
+
+    def job():
+        runners.append(threading.get_native_id())
+        done.set()
+
+    def run(jobs):
+        for _ in range(jobs):
+            done.clear()
+            assert pool.submit(job)
+            assert done.wait(30)
+        agentutil.wait_for(lambda: pool.pending == 0)
+
+    try:
+        for _ in range(8):      # eight threads
+            assert pool.submit(lambda: barrier.wait(30))
+        barrier.wait(30)
+        run(10)                 # all of them waiting by now
+        threads = [t.native_id for t in threading.enumerate()
+                   if t.name.startswith("wake-pool-")]
+        assert len(threads) == 8
+        before = {tid: _switches(tid) for tid in threads}
+        del runners[:]
+        run(50)
+        assert len(set(runners)) <= 3, set(runners)
+        woken = [tid for tid in threads if tid not in runners
+                 and _switches(tid) != before[tid]]
+        assert woken == []
+    finally:
+        pool.stop()
+
+
+@pytest.mark.filterwarnings(
+    "ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_pool_runs_jobs_after_a_job_ended_its_thread():
+    # A BaseException ends a pool thread (as SimpleQueue's did): the job
+    # it would have come back for goes to another thread.
+    pool = workers.Pool(3, 0, name="gone-pool")
+    barrier = threading.Barrier(4)
+    ran = threading.Event()
+
+    def end_thread():
+        raise SystemExit
+
+    try:
+        for _ in range(3):
+            assert pool.submit(lambda: barrier.wait(30))
+        barrier.wait(30)
+        agentutil.wait_for(lambda: pool.pending == 0)
+        assert pool.submit(end_thread)
+        agentutil.wait_for(lambda: _threads("gone-pool") == 2)
+        for _ in range(3):
+            ran.clear()
+            assert pool.submit(ran.set)
+            assert ran.wait(30)
+    finally:
+        pool.stop()
+
+
+def test_pool_runs_every_job_of_a_burst_once():
+    pool = workers.Pool(4, 100, name="burst-pool")
+    ran = []
+    lock = threading.Lock()
+
+    def job(n):
+        with lock:
+            ran.append(n)
+
+    try:
+        for n in range(100):
+            assert pool.submit(lambda n=n: job(n))
+        agentutil.wait_for(lambda: len(ran) == 100)
+        assert sorted(ran) == list(range(100))
+        assert _threads("burst-pool") <= 4
+    finally:
+        pool.stop()
+    agentutil.wait_for(lambda: _threads("burst-pool") == 0)
+
+
+# Private helpers
+
+def _threads(name):
+    """The live threads of the pool named ``name``."""
+    return len([t for t in threading.enumerate()
+                if t.name.startswith(name + "-") and t.is_alive()])
+
+
+def _switches(tid):
+    """Voluntary context switches of this process's thread ``tid``."""
+    with open("/proc/self/task/{}/status".format(tid)) as f:
+        for line in f:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches for {}".format(tid))

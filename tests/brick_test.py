@@ -188,3 +188,50 @@ def test_a_conf_read_is_only_of_the_regular_file_checked(tmp_path):
                          stdout=subprocess.PIPE).stdout
     assert json.loads(out.decode().splitlines()[-1]) == [
         False, False, True, False]
+
+
+CONNECTORS = """
+import json
+from oslo_config import cfg
+from vdsm_managedvolume import brick, privsepconfig
+cfg.CONF([], project="brick-test", default_config_files=[])
+cfg.CONF.set_override("connector_override", "tests.fakebrick",
+                      group=privsepconfig.SECTION)
+from oslo_service import backend
+backend.init_backend(backend.BackendType.THREADING)
+
+
+def info(protocol, **data):
+    return {"driver_volume_type": protocol, "data": data}
+
+
+local = brick._connector(info("local", device_path="/dev/loop7"))
+slow = brick._connector(info("local", device_path="/dev/loop7",
+                             fake_sleep=1))
+fc = info("fibre_channel", fake_os_brick=True)
+print(json.dumps({
+    "local": type(local).__name__,
+    "local_reused": brick._connector(info("local")) is local,
+    "override_asked_first": type(slow).__name__,
+    "fc_per_call": brick._connector(fc) is not brick._connector(fc),
+    "iscsi_per_call": brick._connector(info("iscsi", fake_os_brick=True))
+    is not brick._connector(info("iscsi", fake_os_brick=True)),
+}))
+"""
+
+
+def test_only_connectors_that_keep_nothing_of_a_call_are_reused():
+    # os-brick's LocalConnector holds nothing of a call: one serves them
+    # all.  FC's connect keeps the device it found on the connector (safe
+    # only under os-brick's lock): made per call, as every transport
+    # that does not say otherwise; the test's override is still asked
+    # first.
+    out = subprocess.run([sys.executable, "-c", CONNECTORS], cwd=REPO,
+                         check=True, stdout=subprocess.PIPE).stdout
+    assert json.loads(out.decode().splitlines()[-1]) == {
+        "local": "LocalConnector",
+        "local_reused": True,
+        "override_asked_first": "SlowLocalConnector",
+        "fc_per_call": True,
+        "iscsi_per_call": True,
+    }

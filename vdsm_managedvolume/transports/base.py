@@ -31,6 +31,14 @@ class Transport:
     # use_multipath and device_scan_attempts (daemon side).
     connector_kwargs = {}
 
+    # Whether the privsep daemon may make os-brick's connector of this
+    # type once and use it for every call, several at once (brick.py,
+    # ``_connector``): only where the connector keeps nothing of a call
+    # on itself.  Not by default: FC's connect keeps the device it
+    # found on the connector (``self.host_device``), safe only under
+    # os-brick's per-host lock.
+    reuse_connector = False
+
     # Whether the record of what connect made (attachment, path,
     # multipath_id, device identity) is synced before the udev rule and
     # the managed link (store.py, "Commits and fsyncs").  After a power

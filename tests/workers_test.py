@@ -177,3 +177,26 @@ def _switches(tid):
             if line.startswith("voluntary_ctxt_switches:"):
                 return int(line.split()[1])
     raise AssertionError("no voluntary_ctxt_switches for {}".format(tid))
+
+
+def test_pool_threads_are_daemon_threads_unless_asked_otherwise():
+    # The privsep daemon's pool: the interpreter waits at exit for its
+    # threads and for the threads they start (they inherit it), as it did
+    # for oslo.privsep's executor.
+    seen = {}
+    done = threading.Event()
+
+    def job(name):
+        child = threading.Thread(target=lambda: None)
+        seen[name] = (threading.current_thread().daemon, child.daemon)
+        done.set()
+
+    for name, daemon in (("daemon-pool", True), ("kept-pool", False)):
+        pool = workers.Pool(1, 0, name=name, daemon=daemon)
+        done.clear()
+        assert pool.submit(lambda name=name: job(name))
+        assert done.wait(30)
+        pool.stop()
+        pool.join()
+    assert seen == {"daemon-pool": (True, True),
+                    "kept-pool": (False, False)}

@@ -219,11 +219,13 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import types
 import weakref
 
 from oslo_config import cfg as oslo_cfg
 from oslo_privsep import capabilities as caps
+from oslo_privsep import comm
 from oslo_privsep import daemon as oslo_daemon
 from oslo_privsep import priv_context
 
@@ -603,11 +605,16 @@ class _Daemon(oslo_daemon.Daemon):
     ``_process_cmd`` and the same callback (whose reply, logging and
     ``communication_error`` are oslo's), run by a pool of
     ``thread_pool_size`` threads (``privsep-N``) where the thread that has
-    just answered takes the next call.  As oslo's queue, the pool's is
-    not bounded: the client sends at most ``max_operations`` calls and
-    the control plane's few (``privsepconfig.thread_pool_size``).  At the
-    channel's end the daemon exits once the calls it took have run, as
-    the executor's exit did (``Pool.stop``, ``join``).
+    just answered takes the next call (the reply is sent once the pool
+    counts the thread as coming back: ``_Request``).  As oslo's queue,
+    the pool's is not bounded: the client sends at most
+    ``max_operations`` calls and the control plane's few
+    (``privsepconfig.thread_pool_size``).  At the channel's end the
+    daemon exits once the calls it took have run (``Pool.stop``,
+    ``join``) and, as the executor's threads are no daemon threads, once
+    the threads os-brick started from them have ended too.  A call ended
+    by a BaseException that is no Exception gets an ERR reply (oslo's
+    executor sent none: its caller waited for its deadline).
 
     Installed by ``check_start`` in privsep-helper only (``helper_main``
     builds ``Daemon(channel, context)`` after importing this module).
@@ -616,8 +623,11 @@ class _Daemon(oslo_daemon.Daemon):
     def __init__(self, channel, context):
         super().__init__(channel, context)
         self.thread_pool = None     # oslo's executor: never started
+        # Threads that are not daemons, as the executor's: at the exit
+        # the interpreter waits for the threads os-brick started from
+        # them (they inherit it), a portal login left running included.
         self.calls = workers.Pool(context.conf.thread_pool_size,
-                                  sys.maxsize, name="privsep")
+                                  sys.maxsize, name="privsep", daemon=False)
 
     def loop(self):
         # oslo_privsep.daemon.Daemon.loop, submitting to self.calls.
@@ -651,11 +661,27 @@ class _Request:
         self.error = None
 
     def run(self):
+        """Run the call; return what sends its reply.  The pool runs that
+        once it counts this thread as coming back for the next call: sent
+        from inside the job, the reply could bring the next call before
+        that, and the pool would wake another thread for it."""
         try:
             self.reply = self.daemon._process_cmd(self.msgid, *self.msg)
-        except BaseException as e:
-            # As the executor's future held it: the callback raises it.
+        except Exception as e:
             self.error = e
+        except BaseException as e:
+            # What oslo's executor did not answer at all (its thread died
+            # and the caller waited for its deadline): answered as an
+            # Exception is (``_process_cmd``), and this thread goes on.
+            oslo_daemon.LOG.critical("privsep call %s ended by %r",
+                                     self.msgid, e, exc_info=True)
+            cls = type(e)
+            self.reply = (comm.Message.ERR.value,
+                          "{}.{}".format(cls.__module__, cls.__name__),
+                          e.args, traceback.format_exc())
+        return self.answer
+
+    def answer(self):
         self.daemon._create_done_callback(self.msgid)(self)
 
     def result(self):

@@ -31,7 +31,9 @@ class Pool:
     is refused).  A job may return a callable: it runs after the job's
     slot was given back (delivering the answer).  With a ``gate``
     (``gate.Gate``), each job and its callable run holding one of its
-    slots.
+    slots.  ``daemon``: whether the threads are daemon threads (those
+    the interpreter does not wait for at exit; threads they start
+    inherit it).
 
     A job wakes one thread at most, the one that runs it: it is left to
     a thread that has just finished a job and is coming back for another
@@ -48,10 +50,12 @@ class Pool:
     queue's slot, which that one holds until its answer is written.
     """
 
-    def __init__(self, workers, max_queue, name="worker", gate=None):
+    def __init__(self, workers, max_queue, name="worker", gate=None,
+                 daemon=True):
         self.workers = max(1, workers)
         self.max_queue = max(0, max_queue)
         self.name = name
+        self.daemon = daemon
         self._gate = gate
         self._lock = threading.Lock()
         self._pending = 0
@@ -79,7 +83,7 @@ class Pool:
                 self._idle -= 1     # that thread takes this job
             elif len(self._threads) < self.workers:
                 thread = threading.Thread(
-                    target=self._run, daemon=True,
+                    target=self._run, daemon=self.daemon,
                     name="{}-{}".format(self.name, len(self._threads)))
                 self._threads.append(thread)
                 thread.start()

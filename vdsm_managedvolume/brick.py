@@ -303,7 +303,12 @@ def check_start(argv=None, environ=None, conf=None):
                             conf)
     if problem is None:
         # privsep-helper builds its Daemon once this import returns.
-        oslo_daemon.Daemon = _Daemon
+        if _fits(oslo_daemon.Daemon):
+            oslo_daemon.Daemon = _Daemon
+        else:
+            LOG.warning("oslo.privsep's Daemon is not the one this daemon's "
+                        "pool was written for: its own executor runs the "
+                        "calls")
         return
     message = ("vdsm-managedvolume privsep daemon refuses to start: "
                + mask.mask_text(problem))
@@ -617,7 +622,12 @@ class _Daemon(oslo_daemon.Daemon):
     executor sent none: its caller waited for its deadline).
 
     Installed by ``check_start`` in privsep-helper only (``helper_main``
-    builds ``Daemon(channel, context)`` after importing this module).
+    builds ``Daemon(channel, context)`` after importing this module), and
+    only over an oslo.privsep Daemon whose methods it calls have the
+    parameters it was written against (``_fits``): another keeps its own
+    executor.  tests/brick_test.py pins the hash of the ``loop`` copied
+    here (oslo.privsep 3.12.0): read another version's before trusting
+    it.
     """
 
     def __init__(self, channel, context):
@@ -646,6 +656,28 @@ class _Daemon(oslo_daemon.Daemon):
             self.calls.stop()
             self.calls.join()
         oslo_daemon.LOG.debug("Socket closed, shutting down privsep daemon")
+
+
+def _fits(daemon_class):
+    """Whether ``_Daemon`` may replace oslo.privsep's ``daemon_class``: it
+    calls its ``_process_cmd(msgid, cmd, *args)`` and
+    ``_create_done_callback(msgid)`` (private, the same since oslo.privsep
+    added its executor) and is built as it is; else oslo's own runs
+    (setup.cfg takes any oslo.privsep >= 3.0)."""
+    import inspect
+    expected = {"__init__": ["self", "channel", "context"],
+                "_process_cmd": ["self", "msgid", "cmd", "args"],
+                "_create_done_callback": ["self", "msgid"],
+                "loop": ["self"]}
+    for name, params in expected.items():
+        try:
+            found = list(inspect.signature(
+                getattr(daemon_class, name)).parameters)
+        except (AttributeError, TypeError, ValueError):
+            return False
+        if found != params:
+            return False
+    return True
 
 
 class _Request:

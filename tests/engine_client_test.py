@@ -433,6 +433,53 @@ def test_timeout_gives_a_clear_error_cold_and_warm(
         wait_until_ended(pid, started)
 
 
+# Imported first by a cold run whose PYTHONPATH starts with its directory
+# (site's sitecustomize): the operation's thread stops for good just after
+# cl.setup's oslo.log put its handlers (and formatter) on the root logger,
+# before the shim puts its own back.
+_STOP_IN_OSLO_LOGGING = """
+import logging, os, time
+_set = logging.Handler.setFormatter
+def setFormatter(self, fmt):
+    _set(self, fmt)
+    if type(fmt).__module__.startswith("oslo_log"):
+        open(os.environ["STOPPED_MARK"], "w").close()
+        time.sleep(600)
+logging.Handler.setFormatter = setFormatter
+"""
+
+
+def test_a_command_given_up_inside_cinderlib_setup_says_where(
+        engine_shim, tmp_path):
+    # Given up while oslo.log's handlers held the root logger (a cold run
+    # on a loaded machine): its formatter failed on the shim's records,
+    # and the log had "--- Logging error ---" with the stack as a tuple's
+    # repr instead of what was given up and where.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_STOP_IN_OSLO_LOGGING)
+    mark = tmp_path / "stopped"
+    env = {"PYTHONPATH": str(site) + os.pathsep +
+           engine_shim.env["PYTHONPATH"], "STOPPED_MARK": str(mark)}
+    db_url = "sqlite:///{}".format(tmp_path / "db.sqlite")
+    # Long enough to reach the stop: importing cinderlib takes 1-6 s.
+    for timeout in (5, 10, 20, 40, 80):
+        r = engine_shim.run("create_volume", new_id(), 1, driver=FILE_JSON,
+                            db_url=db_url, warm=False, env=env,
+                            options=["--timeout", str(timeout)])
+        assert r.code == 1, r.describe()
+        if mark.exists():
+            break
+    assert mark.exists(), r.describe()
+    assert r.stdout == "error:create_volume did not finish within {} " \
+                       "seconds\n".format(timeout).encode()
+    assert "create_volume did not finish within {} seconds; giving " \
+           "up".format(timeout) in r.stderr, r.describe()
+    assert "create_volume was given up at:\n" in r.stderr, r.describe()
+    assert "time.sleep(600)" in r.stderr
+    assert "Logging error" not in r.stderr, r.describe()
+
+
 def test_a_postgresql_server_that_never_answers_fails_the_command(
         engine_shim, tmp_path):
     # A server gone without a reset (a powered-off host): the connection

@@ -68,6 +68,9 @@ def run(request):
     scrub = Scrubber(request.secrets())
     configure_logging(request.log_level, request.log_file,
                       request.correlation_id, scrub)
+    # The give-up below writes through these, whoever holds the root
+    # logger by then (``give_up``).
+    ours = list(logging.getLogger().handlers)
     box = []
     done = threading.Event()
 
@@ -85,13 +88,7 @@ def run(request):
     worker = threading.Thread(target=work, name="operation", daemon=True)
     worker.start()
     if not done.wait(request.timeout):
-        with logutil.flow(request.correlation_id):
-            log.error("%s did not finish within %s seconds; giving up",
-                      request.command, seconds(request.timeout))
-            # Where it hung (a database connect, a driver call, a lock):
-            # the one thing a rerun will not show.
-            log.warning("%s was given up at:\n%s", request.command,
-                        stack_of(worker))
+        give_up(ours, request, worker)
         return error(errors.EngineTimeout(
             operation=request.command, timeout=seconds(request.timeout)))
     if not box:
@@ -99,12 +96,47 @@ def run(request):
     return box[0]
 
 
+def give_up(handlers, request, worker):
+    """Log that ``request``, run by ``worker``, was given up, and where
+    it was (a database connect, a driver call, a lock: the one thing a
+    rerun will not show), through ``handlers``: ours, as
+    ``configure_logging`` installed them.
+
+    Not through the root logger: a worker given up inside ``cl.setup``
+    (a cold run's, under load) may have left oslo.log's handlers there,
+    before ``_execute`` put ours back, and oslo.log's formatter fails on
+    our records (its format shows the process id, which ``log.setup``
+    turns off): the log then had "--- Logging error ---" and the stack
+    as a tuple's repr instead of these two lines.
+    """
+    with logutil.flow(request.correlation_id):
+        say(handlers, logging.ERROR,
+            "%s did not finish within %s seconds; giving up",
+            request.command, seconds(request.timeout))
+        say(handlers, logging.WARNING, "%s was given up at:\n%s",
+            request.command, stack_of(worker))
+
+
+def say(handlers, level, msg, *args):
+    """Log ``msg % args`` as ``log`` would, through ``handlers`` only
+    (their filters mask, add the flow id and scrub, as on any line)."""
+    record = log.makeRecord(log.name, level, __file__, 0, msg, args, None)
+    for handler in handlers:
+        if level >= handler.level:
+            handler.handle(record)
+
+
 def stack_of(thread):
     """The Python stack of a running ``thread``, innermost call last."""
-    frame = sys._current_frames().get(thread.ident)
-    if frame is None:
-        return "(ended)"
-    return "".join(traceback.format_stack(frame)).rstrip()
+    try:
+        frame = sys._current_frames().get(thread.ident)
+        if frame is None:
+            return "(ended)"
+        return "".join(traceback.format_stack(frame)).rstrip()
+    except Exception as e:
+        # Frames change under us while the thread runs on: say so
+        # rather than lose the line.
+        return "(not readable: {}: {})".format(type(e).__name__, e)
 
 
 def configure_logging(level="INFO", filename="", flow_id=None, scrub=None):

@@ -592,14 +592,17 @@ class Server:
             finished = _wait_ended(worker, deadline)
         # oslo.log replaced the root handlers during cl.setup.
         runner.configure_logging(self.log_level, self.log_file)
+        # A setup still running may replace them again (runner.give_up).
+        ours = list(logging.getLogger().handlers)
         with logutil.flow(request.correlation_id):
             if not finished:
-                log.error("cinderlib setup did not finish within %s "
-                          "seconds; stopping (commands run cold meanwhile)",
-                          _setup_limit(request))
+                runner.say(ours, logging.ERROR,
+                           "cinderlib setup did not finish within %s "
+                           "seconds; stopping (commands run cold "
+                           "meanwhile)", _setup_limit(request))
                 if worker.is_alive():
-                    log.error("The setup was at:\n%s",
-                              runner.stack_of(worker))
+                    runner.say(ours, logging.ERROR, "The setup was at:\n%s",
+                               runner.stack_of(worker))
                 self.stopping = True
                 self.exit_code = 1
                 return False

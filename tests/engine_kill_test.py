@@ -538,3 +538,22 @@ def test_one_delete_ends_both_connections_of_one_initiator(backend):
     backend.run("connect_volume", vol, _connector("g", _initiator("h")))
     backend.run("delete_volume", vol)
     backend.check_gone(vol, "initialize_connection:after")
+
+
+@pytest.mark.parametrize("named", [(), ("h",)], ids=["engine", "host"])
+def test_a_connect_killed_after_create_export_then_a_disconnect(
+        backend, named):
+    # Killed before its record: an export no connection names.  A
+    # disconnect_volume of the volume, finding no connection, removes it
+    # (it was left until the volume's delete).
+    number = _step_number(backend, "create_export:after",
+                          "connect_volume", _connector("h"))
+    vol = new_id()
+    backend.run("create_volume", vol, 1)
+    backend.killed(number, "connect_volume", vol, _connector("h"))
+    assert backend.connections(vol) == []
+    assert backend.exports(vol)["export"] is True
+    backend.run("disconnect_volume", vol, *named)
+    backend.check_agrees(vol, [], "create_export:after")
+    backend.run("delete_volume", vol)
+    backend.check_gone(vol, "create_export:after")

@@ -277,16 +277,24 @@ def disconnect_volume(backend, args):
                      _show_host(host))
     elif conns:
         conns = _released(vol, conns, args)
+    connected = bool(vol.connections)
     for conn in conns:
         log.info("Disconnecting volume %s from host %s", vol.id, _host(conn))
         _end(vol, conn)
-    if not vol.connections and vol.status == "in-use":
-        # An end killed after its connection's record was deleted, before
-        # the export's removal: no host uses it (and an export may grant
-        # any host, as cinder's nvmet subsystems do; review-final10 L1).
-        _remove_export(vol, "left by a disconnect that did not end")
-        vol._ovo.status = "available"
-        vol.save()
+    if not vol.connections and (vol.status == "in-use" or not connected):
+        # No connection, so no host uses an export of the volume (and an
+        # export may grant any host, as cinder's nvmet subsystems do;
+        # review-final10 L1).  One may be left by an end killed after its
+        # connection's record was deleted, before the export's removal
+        # (the volume still "in-use"), or by a connect killed after
+        # create_export, before its record (still "available").  Ending
+        # the last connection above removed it already.
+        log.info("Volume %s has no connection: removing any export left "
+                 "by a command that did not end", vol.id)
+        _remove_export(vol, "left by a command that did not end")
+        if vol.status == "in-use":
+            vol._ovo.status = "available"
+            vol.save()
     return None
 
 

@@ -7,8 +7,14 @@ The FileDriver has none, so ``ExportingDriver`` keeps them visible in
 ``exports.json`` in its volume directory: per volume, whether its export
 exists (create_export, remove_export) and the initiators it is granted
 to (initialize_connection, terminate_connection: to the connector's
-``initiator``, as an LVM target's ACL, not to its host name); its
-terminate_connection fails once the export is gone, as LIO's does
+``initiator``, as an LVM target's ACL, not to its host name); with
+``fail-after-grant`` in that directory its initialize_connection grants,
+then fails (a SAN call timing out after it mapped the host), with
+``fail-terminate`` its terminate_connection fails (the backend does not
+answer), with ``unmap-all`` its terminate_connection of a connector it
+never granted revokes every grant (Dell SC iSCSI's, for an initiator
+with no server on the array); its terminate_connection fails once the
+export is gone, as LIO's does
 (cinder's ``LioAdm.terminate_connection``: ``cinder-rtstool
 delete-initiator`` finds no target), and its delete_volume refuses a
 volume still exported, as such backends do.
@@ -66,13 +72,30 @@ def __getattr__(name):
                 info = super().initialize_connection(volume, connector,
                                                      **kwargs)
                 self._change(volume.id, grant=_grantee(connector))
+                if os.path.exists(os.path.join(self._dir,
+                                               "fail-after-grant")):
+                    # A SAN call timing out after it mapped the host.
+                    raise exception.VolumeBackendAPIException(
+                        data="timed out mapping volume {}".format(
+                            volume.id))
                 return info
 
         def terminate_connection(self, volume, connector, **kwargs):
             with _step(self._dir, "terminate_connection"):
-                if not self._exports().get(volume.id, {}).get("export"):
+                if os.path.exists(os.path.join(self._dir,
+                                               "fail-terminate")):
+                    raise exception.VolumeBackendAPIException(
+                        data="the backend does not answer")
+                found = self._exports().get(volume.id, {})
+                if not found.get("export"):
                     raise exception.ISCSITargetDetachFailed(
                         volume_id=volume.id)
+                if os.path.exists(os.path.join(self._dir, "unmap-all")) \
+                        and _grantee(connector) not in found["hosts"]:
+                    # Dell SC iSCSI: no server for that initiator on the
+                    # array, so it unmaps the volume from every host.
+                    for host in found["hosts"]:
+                        self._change(volume.id, revoke=host)
                 shared = super().terminate_connection(volume, connector,
                                                       **kwargs)
                 self._change(volume.id, revoke=_grantee(connector))
@@ -557,3 +580,63 @@ def test_a_connect_killed_after_create_export_then_a_disconnect(
     backend.check_agrees(vol, [], "create_export:after")
     backend.run("delete_volume", vol)
     backend.check_gone(vol, "create_export:after")
+
+
+@pytest.mark.parametrize("answers", [True, False],
+                         ids=["answers", "does-not-answer"])
+def test_a_connect_failing_after_its_grant_takes_it_back(backend, answers):
+    # initialize_connection granted, then failed, on a volume with no
+    # other connection: terminate_connection takes the grant back, then
+    # the export goes (cinderlib deleted the record only: the grant, no
+    # record naming it, was never ended and the backend then refused to
+    # delete the volume; review-engfix6 L3).  A backend that does not
+    # answer keeps it, as cinder leaves it; nothing is left that a later
+    # command would fail on.
+    vol = new_id()
+    backend.run("create_volume", vol, 1)
+    fails = ["fail-after-grant"] + ([] if answers else ["fail-terminate"])
+    with _modes(backend, *fails):
+        r = backend.run("connect_volume", vol, _connector("h"), code=1)
+    assert "timed out mapping volume" in r.error()
+    assert backend.connections(vol) == []
+    assert backend.exports(vol) == {
+        "export": False, "hosts": [] if answers else [_initiator("h")]}
+    backend.run("disconnect_volume", vol)
+    backend.run("connect_volume", vol, _connector("h"))
+    backend.check_agrees(vol, ["h"], "-")
+    # (h's next connection and its end take back the grant left.)
+    backend.run("disconnect_volume", vol, "h")
+    backend.run("delete_volume", vol)
+    backend.check_gone(vol, "-")
+
+
+def test_a_connect_failing_beside_another_host_never_terminates_it(
+        backend):
+    # A migration's destination h fails to connect while the VM runs on
+    # g: terminate_connection for h, a connector the driver never
+    # completed, is not called (cinder never calls it; Dell SC's unmaps
+    # the volume from every host then, g included); the export stays.
+    vol = new_id()
+    backend.run("create_volume", vol, 1)
+    backend.run("connect_volume", vol, _connector("g"))
+    backend.run("save_device", vol, json.dumps({"path": "/dev/g"}))
+    with _modes(backend, "fail-after-grant", "unmap-all"):
+        backend.run("connect_volume", vol, _connector("h"), code=1)
+        assert backend.connections(vol) == [("g", True)]
+        assert backend.exports(vol) == {
+            "export": True, "hosts": [_initiator("g"), _initiator("h")]}
+
+
+class _modes:
+    """The driver's failure modes ``names`` on, for a ``with`` block."""
+
+    def __init__(self, backend, *names):
+        self.paths = [os.path.join(backend.dir, n) for n in names]
+
+    def __enter__(self):
+        for path in self.paths:
+            open(path, "w").close()
+
+    def __exit__(self, *exc):
+        for path in self.paths:
+            os.unlink(path)

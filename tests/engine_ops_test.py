@@ -261,6 +261,8 @@ def test_a_failed_connect_keeps_the_export_another_host_uses(backend):
     r = backend.run("connect_volume", vol, json.dumps({"host": "dst"}),
                     code=1)
     assert r.error().endswith("initialize_connection failed (simulated)")
+    # Not terminated: a connector the driver never completed, beside
+    # another host's connection.
     assert backend.calls() == []
     assert backend.connected_hosts(vol) == ["src"]
     assert backend.volume_status(vol) == "in-use"
@@ -272,8 +274,10 @@ def test_a_failed_connect_keeps_the_export_another_host_uses(backend):
                                ["remove_export", vol]]
     backend.failing("initialize_connection")
     backend.run("connect_volume", vol, json.dumps({"host": "dst"}), code=1)
-    assert backend.calls() == [["remove_export", vol]]
+    assert backend.calls() == [["terminate_connection", "dst", False],
+                               ["remove_export", vol]]
     assert backend.connected_hosts(vol) == []
+    assert backend.volume_status(vol) == "available"
     backend.failing()
     backend.run("delete_volume", vol)
 

@@ -521,16 +521,23 @@ def _connect(vol, connector, conn=None):
     asked: its conn_info was never printed since, so no attach went
     through it.
 
-    After a failure the volume's export is removed only when no other
-    connection uses it; cinderlib removes it after any failure of the
-    connect.  With a driver exporting each volume (LVM's tgt/LIO target,
-    nvmet), a migration's destination failing to connect then cut the
-    disk of the VM still running on the source.  A leaked export is
-    recoverable (``_end`` removes it with the last connection), a
-    removed one is not.
+    A new connection whose initialize_connection fails is forgotten
+    (``_abandon``), as cinder's volume manager forgets it
+    (``_connection_create``).  The driver may have granted before it
+    failed (a SAN call timing out after the mapping): when no other
+    connection of the volume is left, terminate_connection takes that
+    back first (cinderlib only deleted the record: review-engfix6 L3).
+    With another connection left it is never called: drivers are
+    written for cinder, which never terminates a connector whose
+    initialize_connection failed, and some end more than that
+    connector's grant then (Dell SC iSCSI unmaps the volume from every
+    host when the initiator has no server on the array), which would
+    cut the disk of a VM running elsewhere.  The export is removed only
+    when no other connection uses it; cinderlib removed it after any
+    failure, which cut a migration's source when its destination failed
+    to connect.
     """
     from cinderlib import objects
-    others = [c for c in vol.connections if conn is None or c.id != conn.id]
     driver = vol.backend.driver
     model_update = driver.create_export(vol.CONTEXT, vol._ovo, connector)
     if model_update:
@@ -558,20 +565,12 @@ def _connect(vol, connector, conn=None):
     try:
         conn_info = driver.initialize_connection(vol._ovo, connector)
     except Exception:
-        if not new:
+        if new:
+            _abandon(vol, conn, connector)
+        else:
             log.warning("Connecting volume %s to host %s failed; its "
                         "connection stays unfinished, to be ended or "
                         "connected again", vol.id, connector.get("host"))
-        else:
-            conn.persistence.delete_connection(conn)
-            vol._connection_removed(conn)
-            if others:
-                log.warning("Connecting volume %s to host %s failed; "
-                            "keeping its export: %d other connection(s) "
-                            "use it", vol.id, connector.get("host"),
-                            len(others))
-            else:
-                _remove_export(vol, "after its failed connect")
         raise
     conn.conn_info = conn_info
     conn._ovo._changed_fields.add("connection_info")
@@ -581,6 +580,32 @@ def _connect(vol, connector, conn=None):
     vol._ovo.status = "in-use"
     vol.save()
     return conn
+
+
+def _abandon(vol, conn, connector):
+    """Forget ``conn``, the new connection of ``vol`` whose
+    initialize_connection for ``connector`` just failed (``_connect``):
+    with no other connection left, terminate_connection first (a
+    failure is logged: the grant the driver may have made stays, as
+    cinder leaves it), then the record, then the export unless another
+    connection uses it."""
+    others = [c for c in vol.connections if c.id != conn.id]
+    if not others:
+        try:
+            vol.backend.driver.terminate_connection(vol._ovo, connector,
+                                                    force=False)
+        except Exception as e:
+            log.warning("Connecting volume %s to host %s failed, and so "
+                        "did taking back what the driver may have granted "
+                        "(%s)", vol.id, connector.get("host"), e)
+    conn.persistence.delete_connection(conn)
+    vol._connection_removed(conn)
+    if others:
+        log.warning("Connecting volume %s to host %s failed; keeping its "
+                    "export: %d other connection(s) use it", vol.id,
+                    connector.get("host"), len(others))
+    else:
+        _remove_export(vol, "after its failed connect")
 
 
 def _end(vol, conn):

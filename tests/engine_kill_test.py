@@ -29,6 +29,7 @@ next flow's) must leave cinderlib's database, the driver's exports and
 the shim's locks agreeing, with nothing left once the volume is deleted.
 """
 
+import datetime
 import json
 import os
 import re
@@ -482,6 +483,70 @@ def test_a_connection_left_unfinished_is_never_picked(backend):
     backend.run("disconnect_volume", vol, "g")
     backend.run("delete_volume", vol)
     backend.check_gone(vol, "initialize_connection:after")
+
+
+def _set_zone(backend, zone):
+    """The PostgreSQL server's time zone for the next sessions of the
+    backend's database (what postgresql.conf's timezone sets)."""
+    backend.pg.psql("ALTER DATABASE {} SET timezone TO '{}'".format(
+        backend.db, zone), db=backend.db)
+
+
+@pytest.mark.postgres
+def test_save_device_picks_the_host_connected_last_across_a_dst_change(
+        pg_backend):
+    # g connected (its attach failed: the engine never disconnects it),
+    # then the clocks went back an hour (EDT to EST), then h connected
+    # and attached.  attach_time was stored in the server's zone: h's
+    # looked an hour older than g's, and its device was saved on g's
+    # connection (review-engfix6 L1).
+    backend = pg_backend
+    _set_zone(backend, "Etc/GMT+4")
+    vol = new_id()
+    backend.run("create_volume", vol, 1)
+    backend.run("connect_volume", vol, _connector("g"))
+    _set_zone(backend, "Etc/GMT+5")
+    backend.run("connect_volume", vol, _connector("h"))
+    backend.run("save_device", vol, json.dumps({"path": "/dev/h"}))
+    info = backend.run("get_connection_info", vol, "h").json("c")
+    assert info["device"] == {"path": "/dev/h"}
+    # Stored in UTC, as cinder's own naive stamps (updated_at).
+    for updated, attached in backend.sql(
+            "SELECT updated_at, attach_time FROM volume_attachment WHERE "
+            "volume_id = ?", vol):
+        stamps = [datetime.datetime.fromisoformat(t[:19])
+                  for t in (updated, attached)]
+        assert abs(stamps[1] - stamps[0]) < datetime.timedelta(
+            minutes=10), (updated, attached)
+
+
+@pytest.mark.parametrize("database", [
+    "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_an_older_versions_connection_never_outranks_a_stamped_one(
+        request, database):
+    # g's deviceless connection was made by a version that stamped no
+    # attach_time, its created_at in the server's zone (east of UTC
+    # here: ahead of the UTC stamps this version writes; on SQLite a
+    # clock stepped back since).  h connects now and attaches: the
+    # device is h's.
+    backend = request.getfixturevalue(
+        "backend" if database == "sqlite" else "pg_backend")
+    if backend.pg is not None:
+        _set_zone(backend, "Etc/GMT-3")
+    vol = new_id()
+    backend.run("create_volume", vol, 1)
+    backend.run("connect_volume", vol, _connector("g"))
+    later = (datetime.datetime.now(datetime.timezone.utc) +
+             datetime.timedelta(hours=3 if backend.pg else 0,
+                                minutes=1)).strftime("%Y-%m-%d %H:%M:%S")
+    backend.sql("UPDATE volume_attachment SET attach_time = NULL, "
+                "created_at = '{}' WHERE volume_id = ?".format(later), vol)
+    backend.run("connect_volume", vol, _connector("h"))
+    backend.run("save_device", vol, json.dumps({"path": "/dev/h"}))
+    info = backend.run("get_connection_info", vol, "h").json("c")
+    assert info["device"] == {"path": "/dev/h"}
+    info = backend.run("get_connection_info", vol, "g").json("c")
+    assert info["device"] is None
 
 
 def test_a_renamed_hosts_unfinished_connection_ends_without_its_grant(

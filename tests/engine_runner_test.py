@@ -95,3 +95,34 @@ def test_a_failure_reaches_the_engine_on_python_3_9():
     assert p.stdout.startswith("1 ")
     assert "delete_volume failed: the backend said no" in p.stdout
     assert "Traceback" in p.stderr
+
+
+@pytest.mark.parametrize("given,env,expected", [
+    ({}, None, "-c timezone=UTC"),
+    ({"options": "-c search_path=cl"}, None,
+     "-c search_path=cl -c timezone=UTC"),
+    ({}, "-c statement_timeout=5000", "-c statement_timeout=5000 -c "
+                                      "timezone=UTC"),
+    # The URL's options replace PGOPTIONS in libpq: so here too.
+    ({"options": "-c timezone=EST5EDT"}, "-c work_mem=1MB",
+     "-c timezone=EST5EDT -c timezone=UTC"),
+])
+def test_postgresql_sessions_run_in_utc_after_the_options_given(
+        monkeypatch, given, env, expected):
+    from vdsm_managedvolume.engine import runner
+
+    class Dialect:
+        name, driver = "postgresql", "psycopg2"
+
+    if env is None:
+        monkeypatch.delenv("PGOPTIONS", raising=False)
+    else:
+        monkeypatch.setenv("PGOPTIONS", env)
+    cparams = dict(given, host="db")
+    runner._pg_connecting(Dialect, None, [], cparams)
+    assert cparams == {"host": "db", "options": expected}
+    # Other databases are left alone.
+    Dialect.name, Dialect.driver = "sqlite", "pysqlite"
+    cparams = dict(given)
+    runner._pg_connecting(Dialect, None, [], cparams)
+    assert cparams == given

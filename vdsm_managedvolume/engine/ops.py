@@ -958,13 +958,23 @@ def _detach_command(vol_id, answer):
 
 
 def _connected_at(conn):
-    """When ``conn`` was last connected (attach_time, stamped by
-    connect_volume; a connection of an older version has only its
-    created_at)."""
+    """A key ordering connections by when they were last connected:
+    attach_time, stamped by connect_volume (in UTC,
+    ``runner._utc_postgresql_sessions``); a connection of an older
+    version has only its created_at, and ranks before every stamped one.
+
+    The two are never compared: the rows an older version wrote on
+    PostgreSQL hold stamps in the server's time zone (cinderlib's
+    created_at is an aware stamp, as attach_time, which PostgreSQL
+    converts to the session's zone), hours ahead of this version's UTC
+    ones east of UTC (review-engfix6 L1)."""
     ovo = conn._ovo
     when = ovo.attach_time if ovo.obj_attr_is_set("attach_time") else None
-    when = when or conn.created_at
-    return (when is not None, when or 0)
+    if when is not None:
+        return (2, when)
+    if conn.created_at is not None:
+        return (1, conn.created_at)
+    return (0, 0)
 
 
 def _now():

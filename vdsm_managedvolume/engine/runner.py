@@ -249,6 +249,7 @@ def setup_cinderlib(db_url, locks_dir):
         private_sqlite_file(db_url)
     if not cl.Backend.global_initialization:
         _queue_sqlite_writers()
+        _utc_postgresql_sessions()
         # 0700 at every level we create (and the default run directory,
         # shared with the warm service's socket, 0700 even if it exists).
         argsmod.locks_dir(locks_dir)
@@ -374,6 +375,42 @@ def _queue_sqlite_writers():
                             _sqlite_connected)
     sqlalchemy.event.listen(sqlalchemy.engine.Engine, "begin",
                             _sqlite_begin)
+
+
+def _utc_postgresql_sessions():
+    """Make every PostgreSQL session of this process run in UTC.
+
+    cinder's naive stamps (updated_at, oslo.db's defaults) are UTC, but
+    those its versioned objects set are aware (a connection's created_at,
+    the ``attach_time`` connect_volume stamps, ``ops._connected_at``),
+    which psycopg2 sends as ``timestamptz``: PostgreSQL stores them in
+    the *session's* time zone, the server's unless set, in cinder's
+    ``timestamp without time zone`` columns.  So their order depended on
+    the server's zone: when it changed (daylight saving time ending, a
+    server set to another zone) a connection connected later could look
+    connected earlier, and save_device saved the device on another
+    host's connection (review-engfix6 L1).  In UTC they are all UTC.
+
+    In the connection's start-up options (libpq's ``options``, added to
+    those the URL or ``PGOPTIONS`` give, later ``-c`` winning): no round
+    trip more.  Registered on the class, once per process, before
+    cinderlib creates its engine; other databases are left alone.
+    """
+    import sqlalchemy
+    if not sqlalchemy.event.contains(sqlalchemy.engine.Engine, "do_connect",
+                                     _pg_connecting):
+        sqlalchemy.event.listen(sqlalchemy.engine.Engine, "do_connect",
+                                _pg_connecting)
+
+
+PG_SESSION_OPTIONS = "-c timezone=UTC"
+
+
+def _pg_connecting(dialect, connection_record, cargs, cparams):
+    if dialect.name == "postgresql" and dialect.driver == "psycopg2":
+        given = cparams.get("options", os.environ.get("PGOPTIONS", ""))
+        cparams["options"] = " ".join(
+            o for o in (given, PG_SESSION_OPTIONS) if o)
 
 
 def _sqlite_connected(dbapi_connection, connection_record):

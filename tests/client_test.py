@@ -663,7 +663,9 @@ def test_e2e_attach_info_detach_cycle(agent):
                                 "include_secrets=true")
     assert rc == 1
     assert "(code=-32602, message=Invalid parameter include_secrets: " \
-        "secrets are not sent over the API" in err
+        "secrets are not sent over the API (read them on the host: " \
+        "managedvolume-tool list --secrets; the host's [volumes] " \
+        "remote_secrets allows it))" in err
     assert SECRET not in out + err
 
     rc, out, err = agent.client("ManagedVolume", "attach_volume", "-f", "-",

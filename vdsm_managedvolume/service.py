@@ -585,8 +585,8 @@ class Service:
             raise errors.InvalidParams(
                 name="include_secrets", reason="secrets are not sent "
                 "over the API (read them on the host: managedvolume-tool "
-                "list --secrets; [volumes] remote_secrets = true allows "
-                "it)")
+                "list --secrets; the host's [volumes] remote_secrets "
+                "allows it)")
         result = []
         with self._call() as db:
             records = db.volumes(vol_ids)

@@ -289,9 +289,10 @@ def disconnect_volume(backend, args):
         # (the volume still "in-use"), or by a connect killed after
         # create_export, before its record (still "available").  Ending
         # the last connection above removed it already.
-        log.info("Volume %s has no connection: removing any export left "
-                 "by a command that did not end", vol.id)
-        _remove_export(vol, "left by a command that did not end")
+        log.info("Volume %s has no connection: removing its export, if "
+                 "any (a command killed half-way may have left one)",
+                 vol.id)
+        _remove_export(vol, "the volume has no connection")
         if vol.status == "in-use":
             vol._ovo.status = "available"
             vol.save()

@@ -208,6 +208,7 @@ never has to import os-brick's exception classes.
 
 import collections
 import errno
+import functools
 import importlib
 import ipaddress
 import json
@@ -563,12 +564,10 @@ def _sock_problem(path, sudo_uid):
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def _udev_config():
     """The udev settings of the daemon's configuration (``_conf``), as a
-    Config, made once (16 us)."""
-    global _udev_config_made
-    if _udev_config_made is not None:
-        return _udev_config_made
+    Config, made once (16 us; a refusal is not kept: raised each time)."""
     conf = _conf()
     rules_dir = conf.udev_rules_dir
     if not rules_dir or not os.path.isabs(rules_dir):
@@ -577,11 +576,7 @@ def _udev_config():
             "not an absolute path".format(rules_dir))
     values = {key: getattr(conf, key) for key in privsepconfig.UDEV_KEYS}
     values["udev_rules_dir"] = os.path.normpath(rules_dir)
-    _udev_config_made = config.Config(**values)
-    return _udev_config_made
-
-
-_udev_config_made = None
+    return config.Config(**values)
 
 
 def _volume_ids(sd_id, vol_id):
@@ -1412,19 +1407,14 @@ class _CancellableSemaphores:
         return len(self._semaphores)
 
 
+@functools.lru_cache(maxsize=None)
 def _conf():
     """Our section of the daemon's configuration, read once: the daemon
     reads its file when it starts and never again, and an option read
     through oslo.config costs 2-6 us (two per call before)."""
-    global _conf_values
-    if _conf_values is None:
-        section = oslo_cfg.CONF[privsepconfig.SECTION]
-        _conf_values = types.SimpleNamespace(
-            **{opt.dest: section[opt.dest] for opt in OPTS})
-    return _conf_values
-
-
-_conf_values = None
+    section = oslo_cfg.CONF[privsepconfig.SECTION]
+    return types.SimpleNamespace(
+        **{opt.dest: section[opt.dest] for opt in OPTS})
 
 
 # os-brick's connectors of the transports that say they may be reused

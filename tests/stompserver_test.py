@@ -167,8 +167,14 @@ def test_send_without_reply_to_is_handled_without_response(tcp):
                b"content-type:application/json\n\n" +
                request("echo", {}, "silent").encode() + b"\0")
         frame, response = c.call(request("echo", {}, "loud"))
-    assert response["id"] == "loud"
-    assert len(tcp.dispatcher.bodies) == 2
+        assert response["id"] == "loud"
+        # The two SENDs run on different pool threads: "silent" may be
+        # handled after "loud" has been answered (CI, stop 23). Wait for
+        # it, then check no answer to it came before the next one.
+        agentutil.wait_for(lambda: len(tcp.dispatcher.bodies) == 2)
+        frame, response = c.call(request("echo", {}, "after"))
+        assert response["id"] == "after"
+    assert len(tcp.dispatcher.bodies) == 3
 
 
 def test_request_to_a_sub_destination_is_served(tcp):

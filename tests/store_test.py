@@ -559,17 +559,170 @@ def test_a_lone_write_is_one_statement_and_fails_whole(db):
     assert len(db.volumes()) == 2
 
 
-def test_only_a_final_write_commits_without_fsync(db):
+def _syncs(monkeypatch):
+    """The fdatasync calls made from now on, each whether its caller
+    held a run slot (``gate``) then."""
+    from vdsm_managedvolume import gate
+    calls = []
+    real = os.fdatasync
+
+    def fdatasync(fd):
+        calls.append(gate.holding())
+        return real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    return calls
+
+
+def test_only_a_durable_write_is_synced_after_its_commit(db, monkeypatch):
+    # WAL mode: every commit is made with synchronous=NORMAL (no switch
+    # per write) and a durable write syncs the WAL after it.
+    syncs = _syncs(monkeypatch)
     seen = _statements(db)
     db.add_volume(VOL, SD, CI)
+    assert len(syncs) == 1
     db.update_volume(VOL, state="attached", durable=False)
+    assert len(syncs) == 1
     db.update_volume(VOL, state="detaching")
+    assert len(syncs) == 2
     db.remove_volume(VOL, durable=False)
+    assert len(syncs) == 2
     pragmas = [s for s in seen if s.startswith("PRAGMA synchronous")]
-    assert pragmas == ["PRAGMA synchronous = NORMAL",
-                       "PRAGMA synchronous = FULL",
-                       "PRAGMA synchronous = NORMAL"]
+    assert pragmas == ["PRAGMA synchronous = NORMAL"]
     assert db.volumes() == []
+
+
+def test_a_sync_serves_every_commit_made_before_it(db, monkeypatch):
+    syncs = _syncs(monkeypatch)
+    db.add_volume(VOL, SD, CI)
+    db.update_volume(VOL, state="attached", durable=False)
+    first = db._commits
+    db.update_volume(VOL, state="detaching")    # syncs both
+    assert len(syncs) == 2
+    db._sync(first)
+    assert len(syncs) == 2
+
+
+def test_a_journal_behind_a_symlink_syncs_the_wal_sqlite_writes(tmp_path):
+    # SQLite names the WAL after the database file, symbolic links
+    # resolved: the sync must reach that file, not one beside the link.
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").mkdir()
+    link = tmp_path / "link" / "mv.db"
+    os.symlink(str(real / "mv.db"), str(link))
+    (real / "mv.db").touch()
+    with store.open(str(link)) as s:
+        s.add_volume(VOL, SD, CI)
+        assert os.fstat(s._wal_fd).st_ino == \
+            os.stat(str(real / "mv.db-wal")).st_ino
+    assert os.listdir(str(tmp_path / "link")) == ["mv.db"]
+
+
+def test_a_failed_sync_fails_every_durable_write_after_it(db, monkeypatch):
+    # The kernel reports a writeback error once: a later fdatasync may
+    # succeed although the pages it failed to write never reach the disk,
+    # and WAL frames written after them are lost with them.  Nothing
+    # durable is made after a failed sync; writes without fsync go on.
+    import errno
+    real = os.fdatasync
+    calls = []
+
+    def fdatasync(fd):
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    with pytest.raises(errors.StoreError, match="could not be synced"):
+        db.add_volume(VOL, SD, CI)
+    with pytest.raises(errors.StoreError, match="restart the agent"):
+        db.add_volume(VOL2, SD, CI)
+    assert len(calls) == 1
+    # Refused before its commit.
+    assert [r["vol_id"] for r in db.volumes()] == [VOL]
+    db.update_volume(VOL, state="attached", durable=False)
+    assert db.get_volume(VOL)["state"] == "attached"
+
+
+def test_a_write_committed_during_a_sync_waits_for_the_next(db,
+                                                            monkeypatch):
+    # Group sync serves only the commits made before a sync started.
+    from .agentutil import wait_for
+    real = os.fdatasync
+    sizes = []
+    in_first = threading.Event()
+    go_on = threading.Event()
+
+    def fdatasync(fd):
+        sizes.append(os.fstat(fd).st_size)
+        if len(sizes) == 1:
+            in_first.set()
+            assert go_on.wait(30)
+        return real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    out = []
+    first = threading.Thread(
+        target=lambda: out.append(("first", db.add_volume(VOL, SD, CI))))
+    second = threading.Thread(
+        target=lambda: out.append(("second", db.add_volume(VOL2, SD, CI))))
+    first.start()
+    try:
+        wait_for(in_first.is_set)
+        second.start()
+        wait_for(lambda: db._commits >= 2)
+        second.join(0.5)
+        assert out == []
+    finally:
+        go_on.set()
+        first.join(30)
+        second.join(30)
+    assert sorted(out) == [("first", True), ("second", True)]
+    # A second sync, of a WAL holding the second write's frames.
+    assert len(sizes) == 2 and sizes[1] > sizes[0]
+
+
+def test_a_read_only_store_opens_and_closes(tmp_path):
+    path = str(tmp_path / "mv.db")
+    with store.open(path) as s:
+        s.add_volume(VOL, SD, CI)
+    with store.open_read_only(path) as s:
+        assert [r["vol_id"] for r in s.volumes()] == [VOL]
+
+
+def test_writes_commit_while_a_durable_write_syncs(db, monkeypatch):
+    # The fsync of a durable write is made after its commit, outside the
+    # write lock: another write (without fsync), and a read on the
+    # writer's connection, do not wait for it.
+    from .agentutil import wait_for
+    syncing = threading.Event()
+    go_on = threading.Event()
+    real = os.fdatasync
+
+    def slow_fdatasync(fd):
+        syncing.set()
+        assert go_on.wait(30)
+        return real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", slow_fdatasync)
+    outcome = []
+    writer = threading.Thread(
+        target=lambda: outcome.append(db.add_volume(VOL, SD, CI)))
+    writer.start()
+    try:
+        wait_for(syncing.is_set)
+        seen = _statements(db)
+        db.update_volume(VOL, state="attached", durable=False)
+        assert db.get_volume(VOL)["state"] == "attached"
+        # On the writer's connection, not queued behind the sync.
+        assert [s.split()[0] for s in seen] == ["UPDATE", "SELECT"]
+        assert outcome == []
+    finally:
+        go_on.set()
+        writer.join(30)
+    assert outcome == [True]
 
 
 def test_every_write_is_synced_without_wal(db):
@@ -586,15 +739,17 @@ def test_every_write_is_synced_without_wal(db):
     assert db.volumes() == []
 
 
-def test_a_final_write_keeps_the_run_slot_unless_it_must_wait(db):
-    # A write without fsync finding the write lock free commits holding
-    # the caller's run slot (gate): giving it back and taking it again
-    # cost more.  A durable write gives it back for its fsync, and so
-    # does any write that must wait for the lock (another commit).
+def test_a_write_keeps_the_run_slot_unless_it_must_wait(db, monkeypatch):
+    # A write finding the write lock free commits holding the caller's
+    # run slot (gate): giving it back and taking it again cost more.  A
+    # durable write gives it back for its fsync, made after the commit;
+    # any write that must wait for the lock (another commit) gives it
+    # back for the wait.
     from vdsm_managedvolume import gate
     g = gate.Gate(1)
     db.add_volume(VOL, SD, CI)
     slot_free = []
+    syncs = _syncs(monkeypatch)
     real_commit = db._commit
 
     def commit(batch):
@@ -605,7 +760,8 @@ def test_a_final_write_keeps_the_run_slot_unless_it_must_wait(db):
     with g.hold():
         db.update_volume(VOL, state="attached", durable=False)
         db.update_volume(VOL, state="detaching")
-    assert slot_free == [False, True]
+    assert slot_free == [False, False]
+    assert syncs == [False]
     assert db.get_volume(VOL)["state"] == "detaching"
 
     del slot_free[:]

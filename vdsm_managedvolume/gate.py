@@ -17,8 +17,9 @@ to a wait that can be long or that depends on another thread::
 
     operation thread:  hold() .. validate, journal reads, log ..
                          released(): privsep call (round trip, daemon
-                                     start), journal commit (lock, fsync),
-                                     volume lock wait, udevadm
+                                     start), journal commit (lock wait),
+                                     journal fsync, volume lock wait,
+                                     udevadm
                        .. takes a slot again .. released() ... end
 
 The other operations sleep on the gate, not on the GIL: when the thread
@@ -54,7 +55,8 @@ let it go.  Two rules make that so:
 1. A wait on a lock another operation thread may hold is in a
    ``released()`` block: the volume locks (``locking``: the threading
    lock and the flock), the journal's write lock (``store._write``: the
-   whole of it, so the group committer commits without a slot), the
+   whole of it, so the group committer commits without a slot) and its
+   sync lock (``store._sync``, the fsync of a durable write), the
    privsep client's lock and the daemon start under it, the start's
    flock and the wait for the reply (``privileged.Brick._call``: the
    whole of it).
@@ -66,11 +68,12 @@ let it go.  Two rules make that so:
 The locks an operation thread takes while holding a slot, and why each
 is safe:
 
-- ``store``'s read lock, and its write lock when a read, or a write
-  without fsync, finds it free (``store._read`` and such a
-  ``store._write`` try it, never wait for it): held for one SELECT or
-  one commit with no fsync by a slot holder or a control-plane thread,
-  neither of which needs a slot to finish it.
+- ``store``'s read lock, and its write lock when a read or a write
+  finds it free (``store._read`` and ``store._write`` try it, never
+  wait for it holding a slot): held for one SELECT or one commit
+  (without fsync in WAL mode; without WAL, only a write without fsync
+  tries it) by a slot holder or a control-plane thread, neither of
+  which needs a slot to finish it.
 - ``Service``'s call counter (a Condition): held for a counter update
   only; ``Service.close()`` waits on it from the agent's main thread.
 - the locks of ``logging``'s handlers, ``locking``'s registry, the

@@ -1,7 +1,7 @@
 """The journal: one SQLite database recording every managed volume.
 
 The store is what makes attach and detach crash safe.  A row is written
-*before* the side effect it announces, durably (``synchronous=FULL``), so
+*before* the side effect it announces, durably (its WAL synced), so
 that after a crash at any point the next start finds out what may exist on
 the host and finishes or undoes it (see ``service.reconcile``)::
 
@@ -84,20 +84,41 @@ boot, and checks that the next start leaves nothing.
 
 A commit without fsync is made in WAL mode only: with a rollback
 journal (a file system where SQLite cannot use WAL; ``_connect`` warns)
-every commit is synced.
+every commit is synced (``synchronous=FULL``).
+
+In WAL mode every commit is made with ``synchronous=NORMAL``, and a
+durable write then syncs the WAL itself (``_sync``: one ``fdatasync`` of
+the ``-wal`` file, what FULL makes SQLite do at the end of each commit;
+its directory is synced once, as SQLite does at a new WAL's first
+sync), after its commit and outside the write lock.  Its caller returns
+only after that sync, so the record is still durable before the side
+effect it announces; but the write lock is free during the fsync, and
+the writes of other operations (most have no fsync) commit meanwhile
+instead of queueing behind it.  A sync covers every commit made before
+it started: a durable write committed before another's sync started
+returns with that one (group sync).  The WAL is written in order, and
+a checkpoint (which copies it into the database) syncs the WAL before
+and the database after, so a later restart of the WAL never takes a
+synced commit back (as long as nobody checkpoints this journal with
+``synchronous=OFF``).  A failed sync fails every durable write after it
+until the journal is opened again (``_sync`` says why).  With 32
+callers, syncing inside the commit made
+nearly every write wait for the lock (each giving its run slot back and
+taking it again): context switches in the agent per attach+detach 61-64
+-> 38-40.
 
 Writers that arrive while another one commits share its next commit
 (group commit): the first to take the write lock commits every write
 queued so far in one transaction, one statement each (a statement that
 breaks a constraint is backed out alone by SQLite and fails that write
-only: no savepoint is needed), with a single fsync when any of them is
-durable; each caller returns only after the commit holding its
-write is done.  Thirty-two callers attaching at once wait for a few fsyncs,
-not for thirty-two in a row.  The wait for the write lock and the commit
-are made without the caller's run slot (``gate``), except for a write
-without fsync that finds nothing queued and the lock free: it commits at
-once, holding its slot (a few page writes; giving the slot back and
-taking it again cost more: with 32 callers, py-spy saw a third of the
+only: no savepoint is needed); each caller returns only after the commit
+holding its write is done (and, for a durable one, synced).  Thirty-two
+callers attaching at once wait for a few fsyncs, not for thirty-two in
+a row.  The wait for the write lock, the commit and the sync are made
+without the caller's run slot (``gate``), except that a write finding
+nothing queued and the lock free commits at once, holding its slot (a
+few page writes; giving the slot back and taking it again cost more:
+with 32 callers, py-spy saw a third of the
 agent's interpreter time in the slot releases of ``_write``).
 
 A record whose JSON column cannot be decoded, or decodes to the wrong
@@ -125,9 +146,8 @@ What an attach+detach costs here (one caller): five writes (one with
 an fsync for a local device, two for any other), two reads (detach's
 record, and which records hold its device), no read before the
 attach's intent (``add_volume(exist_ok=True)``).  ``PRAGMA
-synchronous`` is switched between FULL and NORMAL as writes need it
-(twice per pair): SQLite has no per-transaction setting,
-and the switch is a no-I/O statement of about a microsecond.
+synchronous`` is set once (NORMAL in WAL mode, see above), not switched
+as writes need it (SQLite has no per-transaction setting).
 """
 
 import datetime
@@ -290,6 +310,16 @@ class Store:
         # synchronous").  _connect asks for WAL and warns if refused.
         self._wal = self._conn.execute(
             "PRAGMA journal_mode").fetchone()[0].lower() == "wal"
+        # In WAL mode a durable write is synced after its commit, outside
+        # the write lock (_sync): commits counted, the last count synced,
+        # the WAL (SQLite's own name of it; its descriptor opened at the
+        # first sync), the first sync error (it stays: see _sync).
+        self._commits = 0
+        self._synced = 0
+        self._sync_lock = threading.Lock()
+        self._wal_path = _wal_path(self._conn, path) if self._wal else None
+        self._wal_fd = None
+        self._sync_error = None
 
     def close(self):
         with self._lock, self._read_lock:
@@ -299,6 +329,11 @@ class Store:
             if self._reader is not None:
                 self._reader.close()
                 self._reader = None
+        with self._sync_lock:
+            # After SQLite's own descriptors (it holds no lock on the WAL).
+            if self._wal_fd is not None:
+                os.close(self._wal_fd)
+                self._wal_fd = None
 
     def __enter__(self):
         return self
@@ -473,9 +508,14 @@ class Store:
         Group commit: the write is queued; whoever holds the write lock
         commits everything queued (see ``_commit``), so a caller that
         waited for the lock usually finds its write already committed.
+        In WAL mode no commit waits for an fsync: a durable write is
+        synced after its commit, outside the write lock (``_sync``).
         """
+        if durable and self._sync_error is not None:
+            # Nothing durable is written after a failed sync (see _sync).
+            raise self._unsynced()
         job = _Job(sql, args, durable)
-        if (not durable and not self._pending
+        if ((self._wal or not durable) and not self._pending
                 and self._lock.acquire(blocking=False)):
             # No fsync and no wait: committed here, keeping the run slot
             # (giving it back and taking it again costs more than this).
@@ -486,8 +526,8 @@ class Store:
         else:
             with self._pending_lock:
                 self._pending.append(job)
-            # The lock wait and the commit (an fsync) without a run slot:
-            # others run meanwhile, and the group committer needs none.
+            # The lock wait and the commit without a run slot: others
+            # run meanwhile, and the group committer needs none.
             with gate.released(), self._lock:
                 if not job.done:
                     with self._pending_lock:
@@ -495,14 +535,16 @@ class Store:
                     self._commit(batch)
         if job.error is not None:
             raise job.error
+        if durable and self._wal:
+            self._sync(job.seq)
         return job.count
 
     def _commit(self, batch):
-        """Commit ``batch`` in one transaction; set each job's outcome."""
+        """Commit ``batch`` in one transaction; set each job's outcome.
+        Synced (synchronous=FULL) without WAL only."""
         try:
             conn = self._checked()
-            self._set_synchronous(conn, "FULL" if not self._wal or any(
-                job.durable for job in batch) else "NORMAL")
+            self._set_synchronous(conn, "NORMAL" if self._wal else "FULL")
             if len(batch) == 1:
                 # A lone write is its own transaction (autocommit: one
                 # statement instead of BEGIN, the write, COMMIT); it
@@ -541,12 +583,61 @@ class Store:
             for job in batch:
                 job.error = e
         finally:
+            # Counted once in the WAL (page cache): the next fdatasync of
+            # the WAL that starts after this syncs it (_sync).
+            self._commits += 1
             for job in batch:
                 if job.count is None and job.error is None:
                     # Interrupted (BaseException): not known committed.
                     job.error = errors.StoreError(
                         "{}: the commit was interrupted".format(self.path))
+                job.seq = self._commits
                 job.done = True
+
+    def _sync(self, seq):
+        """Make the commits up to number ``seq`` durable: one fdatasync of
+        the WAL, SQLite's own sync of synchronous=FULL, made after the
+        commit and the write lock, so that other writes commit meanwhile;
+        a sync already made after commit ``seq`` serves (group sync).
+        Without a run slot: an fsync may take milliseconds.
+
+        A failed sync is a StoreError, and so is every durable write
+        after it until the journal is opened again (the agent's
+        restart): the kernel reports a writeback error once, and the
+        pages it failed to write may never reach the disk, whatever a
+        later fsync says; the WAL frames written after them chain their
+        checksums from them, so a recovery that finds them lost drops
+        the later ones too.  Unlike synchronous=FULL (whose failed sync
+        failed the commit), the write whose sync failed stays committed
+        and visible until then; its caller takes no side effect on it,
+        and nothing durable is built after it."""
+        with gate.released(), self._sync_lock:
+            if self._synced >= seq:
+                return
+            if self._sync_error is not None:
+                raise self._unsynced()
+            if self._conn is None:
+                raise errors.StoreClosed()
+            # Every commit counted so far is in the WAL: this sync covers
+            # it.
+            target = self._commits
+            try:
+                if self._wal_fd is None:
+                    self._wal_fd = _open_wal(self._wal_path)
+                os.fdatasync(self._wal_fd)
+            except OSError as e:
+                self._sync_error = e
+                log.error("%s: its WAL could not be synced (%s): no "
+                          "durable write is made until the journal is "
+                          "opened again (restart the agent)", self.path, e)
+                raise self._unsynced() from None
+            self._synced = target
+
+    def _unsynced(self):
+        return errors.StoreError(
+            "{}: its WAL could not be synced ({}); the journal is no "
+            "longer known durable: restart the agent".format(
+                self.path, self._sync_error))
 
     def _set_synchronous(self, conn, mode):
         if mode != self._synchronous:
@@ -597,6 +688,8 @@ class _ReadOnlyStore(Store):
         self.path = path
         self._lock = threading.RLock()
         self._read_lock = threading.Lock()
+        self._sync_lock = threading.Lock()
+        self._wal_fd = None
         self._conn = None
         self._reader = _connect_read_only(path, busy_timeout)
         try:
@@ -621,7 +714,7 @@ class _ReadOnlyStore(Store):
 class _Job:
     """One write waiting for its commit."""
 
-    __slots__ = ("sql", "args", "durable", "count", "error", "done")
+    __slots__ = ("sql", "args", "durable", "count", "error", "done", "seq")
 
     def __init__(self, sql, args, durable):
         self.sql = sql
@@ -630,6 +723,7 @@ class _Job:
         self.count = None
         self.error = None
         self.done = False
+        self.seq = 0
 
 
 def _connect(path, busy_timeout):
@@ -672,6 +766,34 @@ def _connect(path, busy_timeout):
         raise errors.StoreError(
             "{} is not a usable database: {}".format(path, e))
     return conn
+
+
+def _wal_path(conn, path):
+    """The WAL SQLite writes for ``conn``: its name of the database file
+    (symbolic links resolved as its version does), "-wal" appended."""
+    for _, name, file in conn.execute("PRAGMA database_list"):
+        if name == "main" and file:
+            return file + "-wal"
+    return os.path.realpath(path) + "-wal"
+
+
+def _open_wal(wal_path):
+    """A descriptor of the WAL at ``wal_path``, to sync it, its directory
+    entry synced once (SQLite's first sync of a new WAL does so): SQLite
+    made it for the commit just done, and keeps it while a connection is
+    open (the last to close deletes it)."""
+    fd = os.open(wal_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        dir_fd = os.open(os.path.dirname(wal_path),
+                         os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _connect_read_only(path, busy_timeout=BUSY_TIMEOUT):

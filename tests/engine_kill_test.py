@@ -10,9 +10,11 @@ to (initialize_connection, terminate_connection: to the connector's
 ``initiator``, as an LVM target's ACL, not to its host name); with
 ``fail-after-grant`` in that directory its initialize_connection grants,
 then fails (a SAN call timing out after it mapped the host), with
+``fail-before-grant`` it fails before granting, with
 ``fail-terminate`` its terminate_connection fails (the backend does not
-answer), with ``unmap-all`` its terminate_connection of a connector it
-never granted revokes every grant (Dell SC iSCSI's, for an initiator
+answer; only for the grantees the file names, one a line, if any),
+with ``unmap-all`` its terminate_connection of a connector it never
+granted revokes every grant (Dell SC iSCSI's, for an initiator
 with no server on the array); its terminate_connection fails once the
 export is gone, as LIO's does
 (cinder's ``LioAdm.terminate_connection``: ``cinder-rtstool
@@ -67,6 +69,13 @@ def __getattr__(name):
 
         def initialize_connection(self, volume, connector, **kwargs):
             with _step(self._dir, "initialize_connection"):
+                if os.path.exists(os.path.join(self._dir,
+                                               "fail-before-grant")):
+                    # Dell SC iSCSI's API failing before it made the
+                    # host's server.
+                    raise exception.VolumeBackendAPIException(
+                        data="timed out creating a server for {}".format(
+                            connector.get("host")))
                 if not self._exports().get(volume.id, {}).get("export"):
                     raise exception.VolumeBackendAPIException(
                         data="volume {} is not exported".format(volume.id))
@@ -83,8 +92,8 @@ def __getattr__(name):
 
         def terminate_connection(self, volume, connector, **kwargs):
             with _step(self._dir, "terminate_connection"):
-                if os.path.exists(os.path.join(self._dir,
-                                               "fail-terminate")):
+                if _fails_for(os.path.join(self._dir, "fail-terminate"),
+                              _grantee(connector)):
                     raise exception.VolumeBackendAPIException(
                         data="the backend does not answer")
                 found = self._exports().get(volume.id, {})
@@ -140,6 +149,17 @@ def __getattr__(name):
             os.rename(path + ".tmp", path)
 
     return ExportingDriver
+
+
+def _fails_for(path, grantee):
+    """Whether the failure mode at ``path`` is on for ``grantee``: the
+    file exists, empty (every grantee) or naming it on a line."""
+    try:
+        with open(path) as f:
+            named = f.read().split()
+    except FileNotFoundError:
+        return False
+    return not named or grantee in named
 
 
 def _grantee(connector):
@@ -392,10 +412,20 @@ def test_a_connect_killed_at_any_step_leaves_nothing_once_run_elsewhere(
         backend.run("connect_volume", vol, _connector("g"))
         backend.run("disconnect_volume", vol)
         # h's connection is gone, or complete (killed after its record:
-        # as any host whose attach failed, it is kept until the delete).
-        hosts = [h for h, _ in backend.connections(vol)]
-        assert hosts in (["g"], ["g", "h"]), step
-        backend.check_agrees(vol, hosts, step)
+        # as any host whose attach failed, it is kept until the delete),
+        # or unfinished, never granted by the driver, kept while g's is
+        # complete (ending it could end g's grant too).
+        conns = backend.connections(vol)
+        if ("h", False) in conns:
+            assert conns == [("g", True), ("h", False)], step
+            assert backend.exports(vol) in (
+                {"export": True, "hosts": [_initiator("g")]},
+                {"export": True, "hosts": [_initiator("g"),
+                                           _initiator("h")]}), step
+        else:
+            hosts = [h for h, _ in conns]
+            assert hosts in (["g"], ["g", "h"]), step
+            backend.check_agrees(vol, hosts, step)
         backend.run("delete_volume", vol)
         backend.check_gone(vol, step)
 
@@ -705,3 +735,127 @@ class _modes:
     def __exit__(self, *exc):
         for path in self.paths:
             os.unlink(path)
+
+
+def _first_step(backend, name, *args, setup=()):
+    """The number of the first step ``name`` of ``args`` (``_steps``)."""
+    return [n for n, step in _steps(backend, *args, setup=setup)
+            if step.endswith(" " + name)][0]
+
+
+def _leave_never_granted(backend, vol, how):
+    """Leave ``vol`` a connection to h that the driver never granted
+    (as Dell SC iSCSI, which then has no server for h's initiator),
+    unfinished, ``how``: a connect killed after its record; that, then
+    h's next connect failing before the grant; or a connect failing
+    after its grant, the volume's only connection, killed once
+    terminate_connection took the grant back, before it deleted the
+    record."""
+    if how == "forgetting-killed":
+        probe = new_id()
+        backend.run("create_volume", probe, 1)
+        path = os.path.join(backend.dir, "steps.jsonl")
+        os.unlink(path)
+        with _modes(backend, "fail-after-grant"):
+            backend.run("connect_volume", probe, _connector("h"), code=1)
+            with open(path) as f:
+                steps = [json.loads(line) for line in f]
+            backend.killed(steps.index("terminate_connection:after"),
+                           "connect_volume", vol, _connector("h"))
+        backend.run("disconnect_volume", probe)
+        backend.run("delete_volume", probe)
+    else:
+        number = _first_step(backend, "db.set_connection:after",
+                             "connect_volume", _connector("h"))
+        backend.killed(number, "connect_volume", vol, _connector("h"))
+    if how == "reconnect-failed":
+        with _modes(backend, "fail-before-grant"):
+            r = backend.run("connect_volume", vol, _connector("h"), code=1)
+        assert "timed out creating a server for h" in r.error()
+    assert backend.connections(vol) == [("h", False)]
+    assert backend.exports(vol) == {"export": True, "hosts": []}
+
+
+@pytest.mark.parametrize("how", ["killed", "reconnect-failed",
+                                 "forgetting-killed"])
+def test_a_connection_never_granted_is_not_ended_beside_a_running_host(
+        backend, how):
+    # h's connect left a record the driver never granted; the VM reruns
+    # on g (RunVmCommand.rerun) and runs there.  The engine's next
+    # disconnect_volume of the volume (another host's stop or migration)
+    # and an admin's by-name one ended h's record with
+    # terminate_connection, which on Dell SC iSCSI, for an initiator
+    # without a server, unmaps the volume from every host: g's VM lost
+    # its disk (review-engfix7 M3).  It waits until it is the volume's
+    # last connection.
+    vol = new_id()
+    backend.run("create_volume", vol, 1)
+    _leave_never_granted(backend, vol, how)
+    backend.run("connect_volume", vol, _connector("g"))
+    backend.run("save_device", vol, json.dumps({"path": "/dev/g"}), "g")
+    running = ([("g", True), ("h", False)],
+               {"export": True, "hosts": [_initiator("g")]})
+    with _modes(backend, "unmap-all"):
+        backend.run("disconnect_volume", vol)
+        assert (backend.connections(vol), backend.exports(vol)) == running
+        backend.run("disconnect_volume", vol, "h")
+        assert (backend.connections(vol), backend.exports(vol)) == running
+        assert "the connection to host h was not ended" in \
+            backend.service.log()
+        # The VM stops on g (its host asked: here by name).
+        backend.run("disconnect_volume", vol, "g")
+        assert backend.connections(vol) == [("h", False)]
+        assert backend.exports(vol) == {"export": True, "hosts": []}
+        # The last one ends, with the driver: a grant made before the
+        # kill would go with it.
+        backend.run("disconnect_volume", vol)
+        backend.check_agrees(vol, [], how)
+    backend.run("delete_volume", vol)
+    backend.check_gone(vol, how)
+
+
+def test_a_delete_ends_a_connection_never_granted_after_the_others(
+        backend):
+    # delete_volume ends every connection (no host had the volume
+    # attached): the one the driver never granted last, so that no
+    # complete one is left when it is ended.
+    vol = new_id()
+    backend.run("create_volume", vol, 1)
+    _leave_never_granted(backend, vol, "killed")
+    backend.run("connect_volume", vol, _connector("g"))
+    with _modes(backend, "unmap-all"):
+        backend.run("delete_volume", vol)
+    backend.check_gone(vol, "killed")
+
+
+def test_a_disconnect_ends_the_others_when_one_end_fails(backend):
+    # The stops of h1 and h2 were killed after they marked their
+    # connections ending (their hosts had detached): the engine's next
+    # disconnect_volume ends both, unasked.  h1's terminate_connection
+    # fails: h2's was not tried in that run.  Now it is ended, and the
+    # command fails naming h1, whose connection the next one ends.
+    setup = [("connect_volume", _connector("h1")),
+             ("connect_volume", _connector("h2"))]
+    number = _first_step(backend, "db.set_connection:after",
+                         "disconnect_volume", "h1", setup=setup)
+    vol = new_id()
+    backend.run("create_volume", vol, 1)
+    for command in setup:
+        backend.run(command[0], vol, *command[1:])
+    for host in ("h1", "h2"):
+        backend.killed(number, "disconnect_volume", vol, host)
+    with open(os.path.join(backend.dir, "fail-terminate"), "w") as f:
+        f.write(_initiator("h1") + "\n")
+    try:
+        r = backend.run("disconnect_volume", vol, code=1)
+    finally:
+        os.unlink(os.path.join(backend.dir, "fail-terminate"))
+    assert "Could not end 1 connection(s) of volume {} (host h1: ".format(
+        vol) in r.error()
+    assert backend.connections(vol) == [("h1", True)]
+    assert backend.exports(vol) == {"export": True,
+                                    "hosts": [_initiator("h1")]}
+    backend.run("disconnect_volume", vol)
+    backend.check_agrees(vol, [], "-")
+    backend.run("delete_volume", vol)
+    backend.check_gone(vol, "-")

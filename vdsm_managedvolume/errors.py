@@ -353,6 +353,12 @@ class EngineCannotAsk(EngineError):
            "remove the disk again")
 
 
+class EngineNotEnded(EngineError):
+    msg = ("Could not end {self.count} connection(s) of volume {self.id} "
+           "({self.failures}); the next disconnect_volume or "
+           "delete_volume ends them again")
+
+
 class EngineAmbiguousHost(EngineError):
     msg = ("Volume {self.id} has {self.count} connections to {self.named}: "
            "{self.identities}; nothing was done. Name one by its connector "

@@ -181,7 +181,7 @@ def delete_volume(backend, args):
                             "saved)", vol.id, answer.where(),
                             answer.reason)
     exported = True
-    for conn in conns:
+    for conn in _granted_first(conns):
         log.info("Disconnecting volume %s from host %s before deleting it",
                  vol.id, _host(conn))
         exported = not _end(vol, conn)
@@ -278,9 +278,26 @@ def disconnect_volume(backend, args):
     elif conns:
         conns = _released(vol, conns, args)
     connected = bool(vol.connections)
-    for conn in conns:
+    failed = []
+    for conn in _granted_first(conns):
         log.info("Disconnecting volume %s from host %s", vol.id, _host(conn))
-        _end(vol, conn)
+        try:
+            ended = _end(vol, conn)
+        except Exception as e:
+            # Its record stays, unfinished, for the next disconnect or
+            # delete to end; the others are not left to wait for it.
+            log.warning("Could not end the connection of volume %s to "
+                        "host %s: %s", vol.id, _host(conn), e)
+            failed.append("host {}: {}".format(_host(conn), e))
+            continue
+        if ended is None and host is not None:
+            log.warning("Volume %s: the connection to host %s was not "
+                        "ended: the driver never granted it, and another "
+                        "host's connection is left; it ends with the "
+                        "volume's last connection", vol.id, _host(conn))
+    if failed:
+        raise errors.EngineNotEnded(id=vol.id, count=len(failed),
+                                    failures="; ".join(failed))
     if not vol.connections and (vol.status == "in-use" or not connected):
         # No connection, so no host uses an export of the volume (and an
         # export may grant any host, as cinder's nvmet subsystems do;
@@ -520,7 +537,8 @@ def _connect(vol, connector, conn=None):
     idempotent for a connector: nova calls it at every start) and ended
     by disconnect_volume or delete_volume even when its host cannot be
     asked: its conn_info was never printed since, so no attach went
-    through it.
+    through it (one the driver never granted only once no complete
+    connection is left: ``_end``).
 
     A new connection whose initialize_connection fails is forgotten
     (``_abandon``), as cinder's volume manager forgets it
@@ -611,7 +629,8 @@ def _abandon(vol, conn, connector):
 
 def _end(vol, conn):
     """End ``conn``, removing ``vol``'s export only when nothing shares
-    it; return whether it was removed.
+    it; return whether it was removed, or None when ``conn`` was kept
+    (below: one the driver never granted, beside a complete one).
 
     What cinder's volume manager does when an attachment is deleted
     (``VolumeManager.attachment_delete`` with ``_connection_terminate``,
@@ -650,18 +669,46 @@ def _end(vol, conn):
     the disk of a VM running there.  The record is then deleted without
     calling the driver, and the grant ends with the last of them
     (review-engfix6 M1).
+
+    A connection the driver never granted (``_granted``: no conn_info
+    recorded; a connect killed before initialize_connection returned,
+    or one whose reconnect failed, or a failed connect's forgetting
+    killed half-way) is kept, unfinished, while another connection of
+    ``vol`` is complete (a host may use it): drivers are written for
+    cinder, which calls terminate_connection only for an attachment
+    whose initialize_connection succeeded (``_connection_terminate``
+    skips one without a connector), and some end more than that
+    connector's grant for one they do not know (Dell SC iSCSI unmaps
+    the volume from every host when the initiator has no server on the
+    array), cutting the disk of a VM running elsewhere.  It is ended
+    with terminate_connection once no complete connection is left:
+    whatever the driver ends then, no host uses, and a grant made before
+    the kill is taken back (deleting the record alone left that grant,
+    which made such backends refuse the volume's delete).  Callers end
+    the granted connections first (``_granted_first``) so that one run
+    ends both.
     """
     from . import hosts
     driver = vol.backend.driver
     others = [c for c in vol.connections if c.id != conn.id]
-    if _attach_status(conn) != ENDING:
-        conn._ovo.attach_status = ENDING
-        conn.save()
     kind = next((t for t in (hosts.transport(c.conn_info)
                              for c in vol.connections) if t), None)
     sharing = [c for c in others
                if hosts.same_grant(c.connector_info, conn.connector_info,
                                    kind)]
+    complete = [c for c in others if not _unfinished(c)]
+    if not sharing and complete and not _granted(conn):
+        log.info("Keeping the connection of volume %s to host %s, left "
+                 "unfinished (%s) before the driver ever granted it, "
+                 "until it is the volume's last: terminate_connection "
+                 "for a connector the driver never granted may end the "
+                 "access of every host (%d other connection(s): %s)",
+                 vol.id, _host(conn), _attach_status(conn), len(complete),
+                 ", ".join(_host(c) or "?" for c in complete))
+        return None
+    if _attach_status(conn) != ENDING:
+        conn._ovo.attach_status = ENDING
+        conn.save()
     if sharing:
         log.info("Not ending the grant of volume %s to host %s: %d other "
                  "connection(s) of the same identity (%s) use it",
@@ -715,11 +762,11 @@ def _released(vol, conns, args):
     released = []
     for conn, answer in zip(conns, _ask(vol, conns, args)):
         if answer.attached is None and _unfinished(conn):
-            log.info("Ending the connection of volume %s to %s left "
+            log.info("The connection of volume %s to %s was left "
                      "unfinished by a command that did not end (%s): no "
-                     "attach went through it since; the host cannot be "
-                     "asked (%s)", vol.id, answer.where(),
-                     _attach_status(conn), answer.reason)
+                     "attach went through it since, so it is released "
+                     "though the host cannot be asked (%s)", vol.id,
+                     answer.where(), _attach_status(conn), answer.reason)
             released.append(conn)
         elif answer.attached is None:
             log.warning("Keeping the connection of volume %s to %s: the "
@@ -991,6 +1038,21 @@ def _now():
 # is "attached", or None when made by an older version.
 CONNECTING = "attaching"
 ENDING = "detached"
+
+
+def _granted(conn):
+    """Whether the driver's initialize_connection ever returned for
+    ``conn``: its conn_info is recorded (``_connect``), as cinder writes
+    an attachment's connector only then (``_connection_create``); ending
+    a connection forgets it only with its record (``_end``)."""
+    return bool(conn.conn_info)
+
+
+def _granted_first(conns):
+    """``conns`` in the order to end them: those the driver granted
+    first (``_end`` keeps one it never granted while a complete one is
+    left)."""
+    return sorted(conns, key=lambda c: not _granted(c))
 
 
 def _attach_status(conn):

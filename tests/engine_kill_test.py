@@ -579,6 +579,44 @@ def test_an_older_versions_connection_never_outranks_a_stamped_one(
     assert info["device"] is None
 
 
+@pytest.mark.parametrize("database", [
+    "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_an_older_versions_stamp_never_outranks_one_stamped_since(
+        request, database):
+    # g's deviceless connection (its attach failed) was stamped by the
+    # previous version, which on PostgreSQL wrote attach_time in the
+    # server's zone: east of UTC, hours ahead of the UTC stamps written
+    # since the upgrade (on SQLite: a clock stepped back since).  h
+    # connects after the upgrade and attaches: the device is h's
+    # (review-engfix7 L1).
+    backend = request.getfixturevalue(
+        "backend" if database == "sqlite" else "pg_backend")
+    vol = new_id()
+    backend.run("create_volume", vol, 1)
+    backend.run("connect_volume", vol, _connector("g"))
+    [(info,)] = backend.sql("SELECT connection_info FROM volume_attachment "
+                            "WHERE volume_id = ?", vol)
+    info = json.loads(info)
+    info.pop("attach_time_zone", None)
+    local = (datetime.datetime.now(datetime.timezone.utc) +
+             datetime.timedelta(hours=3)).strftime("%Y-%m-%d %H:%M:%S")
+    backend.sql("UPDATE volume_attachment SET attach_time = '{}', "
+                "connection_info = '{}' WHERE volume_id = ?".format(
+                    local, json.dumps(info)), vol)
+    backend.run("connect_volume", vol, _connector("h"))
+    backend.run("save_device", vol, json.dumps({"path": "/dev/h"}))
+    info = backend.run("get_connection_info", vol, "h").json("c")
+    assert info["device"] == {"path": "/dev/h"}
+    assert "attach_time_zone" not in info
+    info = backend.run("get_connection_info", vol, "g").json("c")
+    assert info["device"] is None
+    # g's next connect (after the upgrade) stamps it anew: g is the
+    # last connected, the connection without a device.
+    backend.run("connect_volume", vol, _connector("g"))
+    info = backend.run("get_connection_info", vol).json("c")
+    assert info["connector"]["host"] == "g"
+
+
 def test_a_renamed_hosts_unfinished_connection_ends_without_its_grant(
         backend):
     # h's connect was killed once its record existed; the host, renamed

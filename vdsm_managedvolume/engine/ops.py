@@ -232,7 +232,7 @@ def connect_volume(backend, args):
         # save_device must find this connection again as the one without
         # a device, the last connected (``_pick_connection``).
         conn.device = None
-        conn._ovo.attach_time = _now()
+        _stamp(conn)
         conn.save()
         if vol.status != "in-use":
             # A connect killed after its connection's record.
@@ -594,7 +594,7 @@ def _connect(vol, connector, conn=None):
     conn.conn_info = conn_info
     conn._ovo._changed_fields.add("connection_info")
     conn._ovo.attach_status = "attached"
-    conn._ovo.attach_time = _now()
+    _stamp(conn)
     conn.save()
     vol._ovo.status = "in-use"
     vol.save()
@@ -1008,21 +1008,43 @@ def _detach_command(vol_id, answer):
 def _connected_at(conn):
     """A key ordering connections by when they were last connected:
     attach_time, stamped by connect_volume (in UTC,
-    ``runner._utc_postgresql_sessions``); a connection of an older
-    version has only its created_at, and ranks before every stamped one.
+    ``runner._utc_postgresql_sessions``, and marked so: ``_stamp``); a
+    connection an older version stamped ranks before every marked one,
+    and one of a version that stamped nothing (only its created_at)
+    before those.
 
-    The two are never compared: the rows an older version wrote on
-    PostgreSQL hold stamps in the server's time zone (cinderlib's
-    created_at is an aware stamp, as attach_time, which PostgreSQL
-    converts to the session's zone), hours ahead of this version's UTC
-    ones east of UTC (review-engfix6 L1)."""
+    Stamps of different versions are never compared: the rows an older
+    version wrote on PostgreSQL hold stamps in the server's time zone
+    (cinderlib's created_at is an aware stamp, as attach_time, which
+    PostgreSQL converted to the session's zone), hours ahead of this
+    version's UTC ones east of UTC (review-engfix6 L1), so an older
+    version's deviceless connection (a failed attach's) outranked a host
+    connected after the upgrade (review-engfix7 L1).  Every connection
+    stamped since the upgrade is marked, and was connected after every
+    one that is not."""
     ovo = conn._ovo
     when = ovo.attach_time if ovo.obj_attr_is_set("attach_time") else None
     if when is not None:
-        return (2, when)
+        info = ovo.connection_info or {}
+        return (3 if info.get(STAMP_ZONE) == "UTC" else 2, when)
     if conn.created_at is not None:
         return (1, conn.created_at)
     return (0, 0)
+
+
+# The key of a connection's connection_info (beside cinderlib's conn,
+# connector and device) marking its attach_time as stamped in UTC by
+# this version (``_connected_at``).
+STAMP_ZONE = "attach_time_zone"
+
+
+def _stamp(conn):
+    """Stamp ``conn`` as connected now (attach_time, in UTC, marked)."""
+    conn._ovo.attach_time = _now()
+    if conn._ovo.connection_info is None:
+        conn._ovo.connection_info = {}
+    conn._ovo.connection_info[STAMP_ZONE] = "UTC"
+    conn._ovo._changed_fields.add("connection_info")
 
 
 def _now():

@@ -1,7 +1,11 @@
 """The shim on a real PostgreSQL server (a private cluster on loopback,
 started by scripts/pgcluster.sh), with a password-protected role."""
 
+import datetime
 import json
+import socket
+import struct
+import threading
 import time
 
 import pytest
@@ -142,3 +146,130 @@ def test_the_warm_service_holds_no_connection_its_children_would_share(
         assert "Forking with other threads alive" not in service.log()
     finally:
         service.stop()
+
+
+class _PgBouncerLike:
+    """A TCP proxy to the cluster refusing a start-up packet that carries
+    libpq's ``options``, as PgBouncer does unless its
+    ``ignore_startup_parameters`` lists it ("unsupported startup
+    parameter: options"); it refuses SSL and GSS encryption, then relays
+    the bytes both ways."""
+
+    SSL_REQUEST = 80877103
+    GSSENC_REQUEST = 80877104
+
+    def __init__(self, port):
+        self.upstream = port
+        self.refused = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self):
+        self.sock.close()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,),
+                             daemon=True).start()
+
+    def _serve(self, client):
+        with client:
+            while True:
+                packet = self._packet(client)
+                if packet is None:
+                    return
+                code = struct.unpack("!I", packet[4:8])[0]
+                if code not in (self.SSL_REQUEST, self.GSSENC_REQUEST):
+                    break
+                client.sendall(b"N")
+            fields = packet[8:].split(b"\0")
+            names = fields[0:-2:2]
+            if b"options" in names:
+                self.refused.append(names)
+                text = b"unsupported startup parameter: options"
+                body = (b"SFATAL\0VFATAL\0C08P01\0M" + text + b"\0\0")
+                client.sendall(b"E" + struct.pack("!I", len(body) + 4) +
+                               body)
+                return
+            with socket.create_connection(("127.0.0.1",
+                                           self.upstream)) as server:
+                server.sendall(packet)
+                threading.Thread(target=self._relay, args=(server, client),
+                                 daemon=True).start()
+                self._relay(client, server)
+
+    @staticmethod
+    def _packet(sock):
+        head = _read(sock, 4)
+        if head is None:
+            return None
+        size = struct.unpack("!I", head)[0]
+        rest = _read(sock, size - 4)
+        return None if rest is None else head + rest
+
+    @staticmethod
+    def _relay(source, target):
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, target):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def _read(sock, size):
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def test_behind_pgbouncer_the_sessions_still_run_in_utc(
+        engine_shim, pg_cluster, pg_backend, tmp_path):
+    # PgBouncer refuses libpq's start-up options: '-c timezone=UTC' there
+    # failed every command (review-engfix7 L2).  A database east of UTC:
+    # the stamps a connect writes are UTC all the same.
+    be = pg_backend
+    pg_cluster.psql("ALTER DATABASE {} SET timezone TO 'Etc/GMT-3'".format(
+        be["db"]), db=be["db"])
+    proxy = _PgBouncerLike(pg_cluster.port)
+    try:
+        url_file = tmp_path / "db_url"
+        url_file.write_text(be["url"].replace(
+            "@127.0.0.1:{}/".format(pg_cluster.port),
+            "@127.0.0.1:{}/".format(proxy.port)))
+        url_file.chmod(0o600)
+        vol = new_id()
+        for warm, command in ((False, ("create_volume", vol, 1)),
+                              (True, ("connect_volume", vol,
+                                      json.dumps({"host": "h"})))):
+            r = engine_shim.run(*command, driver=be["driver"],
+                                db_url="@" + str(url_file), warm=warm)
+            assert r.code == 0, r.describe()
+        assert proxy.refused == []
+    finally:
+        proxy.close()
+    [row] = pg_cluster.psql(
+        "SELECT updated_at, attach_time FROM volume_attachment WHERE "
+        "volume_id = '{}'".format(vol), db=be["db"]).splitlines()
+    updated, attached = [datetime.datetime.fromisoformat(t[:19])
+                         for t in row.split("|")]
+    assert abs(attached - updated) < datetime.timedelta(minutes=10), row

@@ -97,32 +97,39 @@ def test_a_failure_reaches_the_engine_on_python_3_9():
     assert "Traceback" in p.stderr
 
 
-@pytest.mark.parametrize("given,env,expected", [
-    ({}, None, "-c timezone=UTC"),
-    ({"options": "-c search_path=cl"}, None,
-     "-c search_path=cl -c timezone=UTC"),
-    ({}, "-c statement_timeout=5000", "-c statement_timeout=5000 -c "
-                                      "timezone=UTC"),
-    # The URL's options replace PGOPTIONS in libpq: so here too.
-    ({"options": "-c timezone=EST5EDT"}, "-c work_mem=1MB",
-     "-c timezone=EST5EDT -c timezone=UTC"),
-])
-def test_postgresql_sessions_run_in_utc_after_the_options_given(
-        monkeypatch, given, env, expected):
+@pytest.mark.postgres
+@pytest.mark.parametrize("zone,pgoptions", [
+    ("Etc/GMT-3", None),
+    # The server's zone is UTC, the session's not: reported, and set.
+    ("UTC", "-c timezone=EST5EDT")])
+def test_postgresql_sessions_run_in_utc_whatever_the_options_given(
+        monkeypatch, pg_cluster, zone, pgoptions):
+    import sqlalchemy
     from vdsm_managedvolume.engine import runner
-
-    class Dialect:
-        name, driver = "postgresql", "psycopg2"
-
-    if env is None:
+    db = pg_cluster.new_database()
+    pg_cluster.psql("ALTER DATABASE {} SET timezone TO '{}'".format(
+        db, zone), db=db)
+    if pgoptions is None:
         monkeypatch.delenv("PGOPTIONS", raising=False)
     else:
-        monkeypatch.setenv("PGOPTIONS", env)
-    cparams = dict(given, host="db")
-    runner._pg_connecting(Dialect, None, [], cparams)
-    assert cparams == {"host": "db", "options": expected}
-    # Other databases are left alone.
-    Dialect.name, Dialect.driver = "sqlite", "pysqlite"
-    cparams = dict(given)
-    runner._pg_connecting(Dialect, None, [], cparams)
-    assert cparams == given
+        monkeypatch.setenv("PGOPTIONS", pgoptions)
+    registered = sqlalchemy.event.contains(
+        sqlalchemy.engine.Engine, "connect", runner._pg_connected)
+    runner._utc_postgresql_sessions()
+    # The URL's options are the user's, kept.
+    engine = sqlalchemy.create_engine(
+        pg_cluster.url(db=db) + "?options=-c%20statement_timeout%3D5000",
+        pool_size=1)
+    try:
+        # The second from the pool, after the rollback at its return.
+        for _ in range(2):
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql("SHOW timezone").scalar() == \
+                    "UTC"
+                assert conn.exec_driver_sql(
+                    "SHOW statement_timeout").scalar() == "5s"
+    finally:
+        engine.dispose()
+        if not registered:
+            sqlalchemy.event.remove(sqlalchemy.engine.Engine, "connect",
+                                    runner._pg_connected)

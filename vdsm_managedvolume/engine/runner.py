@@ -391,26 +391,44 @@ def _utc_postgresql_sessions():
     connected earlier, and save_device saved the device on another
     host's connection (review-engfix6 L1).  In UTC they are all UTC.
 
-    In the connection's start-up options (libpq's ``options``, added to
-    those the URL or ``PGOPTIONS`` give, later ``-c`` winning): no round
-    trip more.  Registered on the class, once per process, before
-    cinderlib creates its engine; other databases are left alone.
+    ``SET TIME ZONE 'UTC'`` once per new database connection (cinderlib
+    pools them: a few per process), in its own transaction, and none
+    when the server's zone, which it reports at start-up, is UTC
+    already.  Not in libpq's start-up ``options`` (``-c timezone=UTC``,
+    no round trip at all), which PgBouncer refuses ("unsupported startup
+    parameter: options") unless its ``ignore_startup_parameters`` lists
+    it, failing every command (review-engfix7 L2); PgBouncer keeps a
+    client's TimeZone across the server connections it hands it, as it
+    keeps its client_encoding.  Registered on the class, once per
+    process, before cinderlib creates its engine; other databases are
+    left alone.
     """
     import sqlalchemy
-    if not sqlalchemy.event.contains(sqlalchemy.engine.Engine, "do_connect",
-                                     _pg_connecting):
-        sqlalchemy.event.listen(sqlalchemy.engine.Engine, "do_connect",
-                                _pg_connecting)
+    if not sqlalchemy.event.contains(sqlalchemy.engine.Engine, "connect",
+                                     _pg_connected):
+        sqlalchemy.event.listen(sqlalchemy.engine.Engine, "connect",
+                                _pg_connected)
 
 
-PG_SESSION_OPTIONS = "-c timezone=UTC"
+# What PostgreSQL reports as its TimeZone when it is UTC (its default
+# zone is the one initdb found, "Etc/UTC" on a host in UTC).
+PG_UTC_ZONES = ("UTC", "Etc/UTC")
 
 
-def _pg_connecting(dialect, connection_record, cargs, cparams):
-    if dialect.name == "postgresql" and dialect.driver == "psycopg2":
-        given = cparams.get("options", os.environ.get("PGOPTIONS", ""))
-        cparams["options"] = " ".join(
-            o for o in (given, PG_SESSION_OPTIONS) if o)
+def _pg_connected(dbapi_connection, connection_record):
+    if not type(dbapi_connection).__module__.startswith("psycopg2"):
+        return
+    if dbapi_connection.get_parameter_status("TimeZone") in PG_UTC_ZONES:
+        return
+    # Committed at once: the pool rolls back what a checkout leaves open,
+    # and a rolled back SET is undone.
+    autocommit = dbapi_connection.autocommit
+    dbapi_connection.autocommit = True
+    try:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SET TIME ZONE 'UTC'")
+    finally:
+        dbapi_connection.autocommit = autocommit
 
 
 def _sqlite_connected(dbapi_connection, connection_record):

@@ -218,6 +218,15 @@ def test_a_connectors_connection_id_is_a_non_empty_string(conn_id):
     assert message == "connector's connection_id must be a non-empty string"
 
 
+@pytest.mark.parametrize("force", ['"true"', "1", "null"])
+def test_a_connectors_force_is_a_boolean(force):
+    # "true" as a string must not force: nothing is done instead.
+    connector = '{{"host": "h", "force": {}}}'.format(force)
+    message = _usage_error(["disconnect_volume", FILE_JSON, "sqlite://",
+                            "c", new_id(), connector])
+    assert message == "connector's force must be true or false"
+
+
 def test_sizes_are_at_most_what_the_size_column_holds():
     from vdsm_managedvolume.engine import args
     for value in (str(2 ** 31), "99999999999999999999999", "9" * 5000,

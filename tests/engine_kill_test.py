@@ -13,12 +13,13 @@ then fails (a SAN call timing out after it mapped the host), with
 ``fail-before-grant`` it fails before granting, with
 ``fail-terminate`` its terminate_connection fails (the backend does not
 answer; only for the grantees the file names, one a line, if any),
-with ``unmap-all`` its terminate_connection of a connector it never
-granted revokes every grant (Dell SC iSCSI's, for an initiator
-with no server on the array); its terminate_connection fails once the
-export is gone, as LIO's does
-(cinder's ``LioAdm.terminate_connection``: ``cinder-rtstool
-delete-initiator`` finds no target), and its delete_volume refuses a
+with ``unmap-all`` its terminate_connection of a connector it does not
+grant revokes every grant (Dell SC iSCSI's, for an initiator with no
+server on the array), with ``strict`` it raises then (IBM Storwize/SVC,
+HPE 3PAR: no host object for the connector); its terminate_connection
+fails once the export is gone, as LIO's does (cinder's
+``LioAdm.terminate_connection``: ``cinder-rtstool delete-initiator``
+finds no target), and its delete_volume refuses a
 volume still exported, as such backends do.
 
 Every driver call and every write cinderlib makes to its database is a
@@ -100,6 +101,12 @@ def __getattr__(name):
                 if not found.get("export"):
                     raise exception.ISCSITargetDetachFailed(
                         volume_id=volume.id)
+                if os.path.exists(os.path.join(self._dir, "strict")) \
+                        and _grantee(connector) not in found["hosts"]:
+                    # IBM Storwize/SVC, HPE 3PAR: no host object on the
+                    # array for that connector.
+                    raise exception.VolumeDriverException(
+                        message="Failed to get host name from connector")
                 if os.path.exists(os.path.join(self._dir, "unmap-all")) \
                         and _grantee(connector) not in found["hosts"]:
                     # Dell SC iSCSI: no server for that initiator on the
@@ -897,3 +904,75 @@ def test_a_disconnect_ends_the_others_when_one_end_fails(backend):
     backend.check_agrees(vol, [], "-")
     backend.run("delete_volume", vol)
     backend.check_gone(vol, "-")
+
+
+def test_a_connection_never_granted_ends_on_a_driver_that_refuses_it(
+        backend):
+    # On IBM Storwize/SVC or HPE 3PAR terminate_connection raises for a
+    # connector the array has no host for: h's connect killed after its
+    # record, the VM run and stopped on g, the stop's disconnect_volume
+    # failed for ever, and so did the disk's removal (review-engfix8
+    # M1).  cinder would not have called the driver: the record goes,
+    # with a WARNING.
+    vol = new_id()
+    backend.run("create_volume", vol, 1)
+    _leave_never_granted(backend, vol, "killed")
+    backend.run("connect_volume", vol, _connector("g"))
+    backend.run("save_device", vol, json.dumps({"path": "/dev/g"}), "g")
+    with _modes(backend, "strict"):
+        backend.run("disconnect_volume", vol, "g")
+        backend.run("disconnect_volume", vol)
+    backend.check_agrees(vol, [], "killed")
+    assert "though the driver could not end it (it never granted it)" in \
+        backend.service.log()
+    backend.run("delete_volume", vol)
+    backend.check_gone(vol, "killed")
+
+
+def test_an_end_the_driver_refuses_is_forced_by_the_admins_override(
+        backend):
+    # h's stop was killed after terminate_connection took h's last
+    # mapping (Storwize then deletes the host object): every later
+    # terminate_connection for h raises.  The disconnect and the delete
+    # fail, naming the override: h's connector object with "force":
+    # true, which ends the record without the driver (review-engfix8
+    # M1).
+    setup = [("connect_volume", _connector("h"))]
+    number = _step_number(backend, "terminate_connection:after",
+                          "disconnect_volume", "h", setup=setup)
+    vol = new_id()
+    backend.run("create_volume", vol, 1)
+    backend.run("connect_volume", vol, _connector("h"))
+    backend.killed(number, "disconnect_volume", vol, "h")
+    with _modes(backend, "strict"):
+        for command in ("disconnect_volume", "delete_volume"):
+            r = backend.run(command, vol, code=1)
+            assert "Could not end 1 connection(s) of volume {} (host " \
+                   "h: ".format(vol) in r.error()
+            assert "Failed to get host name from connector" in r.error()
+        override = re.search(r"FLOW_ID {} '([^']*)'".format(vol),
+                             r.error()).group(1)
+        assert json.loads(override)["force"] is True
+        assert backend.connections(vol) == [("h", True)]
+        backend.run("disconnect_volume", vol, override)
+    backend.check_agrees(vol, [], "terminate_connection:after")
+    backend.run("delete_volume", vol)
+    backend.check_gone(vol, "terminate_connection:after")
+
+
+def test_a_connect_failing_beside_only_unfinished_ones_takes_its_grant(
+        backend):
+    # h's connect was killed after its record; the rerun on k granted k,
+    # then failed: no complete connection is left, so k's grant is
+    # taken back (kept beside h's record, it was named by no record and
+    # the backend refused the volume's delete for ever: review-engfix8
+    # L1).
+    vol = new_id()
+    backend.run("create_volume", vol, 1)
+    _leave_never_granted(backend, vol, "killed")
+    with _modes(backend, "fail-after-grant"):
+        backend.run("connect_volume", vol, _connector("k"), code=1)
+    assert backend.connections(vol) == [("h", False)]
+    assert backend.exports(vol) == {"export": True, "hosts": []}
+    backend.run("delete_volume", vol)
+    backend.check_gone(vol, "killed")

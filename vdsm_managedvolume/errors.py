@@ -356,7 +356,13 @@ class EngineCannotAsk(EngineError):
 class EngineNotEnded(EngineError):
     msg = ("Could not end {self.count} connection(s) of volume {self.id} "
            "({self.failures}); the next disconnect_volume or "
-           "delete_volume ends them again")
+           "delete_volume tries again. If the storage can no longer end "
+           "it (the host is gone from it), end the record without it, as "
+           "user ovirt, once no VM there uses the volume "
+           "({self.commands}: the storage domain's driver options, the "
+           "engine's managed block DB URL, any flow id); what the storage "
+           "still grants that host is then for its administrator to "
+           "remove")
 
 
 class EngineAmbiguousHost(EngineError):

@@ -826,6 +826,9 @@ def _connector(value):
         if not (isinstance(conn_id, str) and conn_id):
             raise errors.EngineUsage(
                 "connector's connection_id must be a non-empty string")
+        if not isinstance(connector.get("force", False), bool):
+            raise errors.EngineUsage("connector's force must be true or "
+                                     "false")
         return connector
     if not value:
         raise errors.EngineUsage("connector host is empty")

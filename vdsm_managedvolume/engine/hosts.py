@@ -328,6 +328,10 @@ def identity(connector, connection_id=None):
 # its id (cinderlib's Connection.id, the volume_attachment row's).
 CONNECTION_ID = "connection_id"
 
+# The key of the admin's connector object for disconnect_volume that ends
+# the connection even when the driver cannot (``ops._end``).
+FORCE = "force"
+
 
 def names(connector, given):
     """Whether ``given`` (a host name, or a connector object as the admin

@@ -180,12 +180,8 @@ def delete_volume(backend, args):
                             "attach through it completed (no device "
                             "saved)", vol.id, answer.where(),
                             answer.reason)
-    exported = True
-    for conn in _granted_first(conns):
-        log.info("Disconnecting volume %s from host %s before deleting it",
-                 vol.id, _host(conn))
-        exported = not _end(vol, conn)
-    if exported:
+    ended = _end_all(vol, conns, " before deleting it")
+    if not ended or not ended[-1][1]:
         # As cinder's VolumeManager.delete_volume does before the
         # driver's delete_volume: a connect killed after create_export
         # left an export no connection records.
@@ -251,6 +247,8 @@ def disconnect_volume(backend, args):
     ended without asking; a host name several connections have (cloned
     hosts, a reinstalled one: connect_volume keeps one per identity) is
     refused, ending none of them, and a connector object names one.
+    With ``"force": true`` in that object a failing terminate_connection
+    is logged and the record deleted all the same (``_end_all``).
     Without (how ovirt-engine always calls it, after the host's
     detach_volume): every connected host is asked (``hosts``) and only
     those that answered that they no longer have the volume lose their
@@ -278,26 +276,13 @@ def disconnect_volume(backend, args):
     elif conns:
         conns = _released(vol, conns, args)
     connected = bool(vol.connections)
-    failed = []
-    for conn in _granted_first(conns):
-        log.info("Disconnecting volume %s from host %s", vol.id, _host(conn))
-        try:
-            ended = _end(vol, conn)
-        except Exception as e:
-            # Its record stays, unfinished, for the next disconnect or
-            # delete to end; the others are not left to wait for it.
-            log.warning("Could not end the connection of volume %s to "
-                        "host %s: %s", vol.id, _host(conn), e)
-            failed.append("host {}: {}".format(_host(conn), e))
-            continue
+    force = isinstance(host, dict) and host.get(hosts.FORCE) is True
+    for conn, ended in _end_all(vol, conns, "", force=force):
         if ended is None and host is not None:
             log.warning("Volume %s: the connection to host %s was not "
                         "ended: the driver never granted it, and another "
                         "host's connection is left; it ends with the "
                         "volume's last connection", vol.id, _host(conn))
-    if failed:
-        raise errors.EngineNotEnded(id=vol.id, count=len(failed),
-                                    failures="; ".join(failed))
     if not vol.connections and (vol.status == "in-use" or not connected):
         # No connection, so no host uses an export of the volume (and an
         # export may grant any host, as cinder's nvmet subsystems do;
@@ -601,15 +586,55 @@ def _connect(vol, connector, conn=None):
     return conn
 
 
+def _end_all(vol, conns, context, force=False):
+    """End each of ``conns`` (``_end``, with ``force``), those the driver
+    granted first; [(connection, what ``_end`` returned)].
+
+    One that fails (the driver's terminate_connection raising) is
+    logged, its record kept, unfinished, and the others are still ended;
+    then ``EngineNotEnded`` names the failures and the admin's override
+    for a backend that can no longer end one (its host gone from the
+    array: IBM Storwize/SVC and HPE 3PAR raise then): the connection's
+    connector object with ``"force": true``.
+    """
+    from . import hosts
+    ended = []
+    failed = []
+    for conn in _granted_first(conns):
+        log.info("Disconnecting volume %s from host %s%s", vol.id,
+                 _host(conn), context)
+        try:
+            ended.append((conn, _end(vol, conn, force=force)))
+        except Exception as e:
+            log.warning("Could not end the connection of volume %s to "
+                        "host %s: %s", vol.id, _host(conn), e)
+            failed.append((conn, e))
+    if failed:
+        forced = [dict(json.loads(_override(c)), **{hosts.FORCE: True})
+                  for c, _ in failed]
+        raise errors.EngineNotEnded(
+            id=vol.id, count=len(failed),
+            failures="; ".join("host {}: {}".format(_host(c), e)
+                               for c, e in failed),
+            commands="; ".join(
+                "{} disconnect_volume DRIVER_JSON DB_URL FLOW_ID {} "
+                "'{}'".format(ADAPTER, vol.id, json.dumps(f))
+                for f in forced))
+    return ended
+
+
 def _abandon(vol, conn, connector):
     """Forget ``conn``, the new connection of ``vol`` whose
     initialize_connection for ``connector`` just failed (``_connect``):
-    with no other connection left, terminate_connection first (a
+    with no other complete connection left, terminate_connection first (a
     failure is logged: the grant the driver may have made stays, as
     cinder leaves it), then the record, then the export unless another
     connection uses it."""
     others = [c for c in vol.connections if c.id != conn.id]
-    if not others:
+    # One left unfinished (a killed command's) is no host's: ending what
+    # the driver granted then cuts nobody (``_end``); kept, the grant
+    # was left with no record naming it (review-engfix8 L1).
+    if not [c for c in others if not _unfinished(c)]:
         try:
             vol.backend.driver.terminate_connection(vol._ovo, connector,
                                                     force=False)
@@ -627,10 +652,14 @@ def _abandon(vol, conn, connector):
         _remove_export(vol, "after its failed connect")
 
 
-def _end(vol, conn):
+def _end(vol, conn, force=False):
     """End ``conn``, removing ``vol``'s export only when nothing shares
     it; return whether it was removed, or None when ``conn`` was kept
     (below: one the driver never granted, beside a complete one).
+    A failing terminate_connection is raised, the record kept "detached"
+    (below), unless the driver never granted ``conn`` or ``force``
+    (the admin's): then it is logged and the record deleted all the
+    same, leaving whatever the backend still grants that host.
 
     What cinder's volume manager does when an attachment is deleted
     (``VolumeManager.attachment_delete`` with ``_connection_terminate``,
@@ -716,8 +745,24 @@ def _end(vol, conn):
                  ", ".join(_host(c) or "?" for c in sharing))
         shared = True
     else:
-        shared = driver.terminate_connection(vol._ovo, conn.connector_info,
-                                             force=False)
+        try:
+            shared = driver.terminate_connection(
+                vol._ovo, conn.connector_info, force=False)
+        except Exception as e:
+            if _granted(conn) and not force:
+                raise
+            # cinder never asks a driver to end a connector it never
+            # granted, and some raise for one they have no host for
+            # (IBM Storwize/SVC, HPE 3PAR): raising, the record could
+            # never end (review-engfix8 M1).  A driver that did grant
+            # before the kill knows the connector.
+            log.warning("Ending the connection of volume %s to host %s "
+                        "though the driver could not end it (%s): %s; "
+                        "whatever the backend still grants that host is "
+                        "left to the host's next connection or the "
+                        "backend's administrator", vol.id, _host(conn),
+                        "forced" if force else "it never granted it", e)
+            shared = False
         shared = shared if isinstance(shared, bool) else False
     removed = not (shared or others)
     # cinderlib's Connection._disconnect.

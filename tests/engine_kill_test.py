@@ -877,8 +877,11 @@ def test_a_disconnect_ends_the_others_when_one_end_fails(backend):
     # The stops of h1 and h2 were killed after they marked their
     # connections ending (their hosts had detached): the engine's next
     # disconnect_volume ends both, unasked.  h1's terminate_connection
-    # fails: h2's was not tried in that run.  Now it is ended, and the
-    # command fails naming h1, whose connection the next one ends.
+    # fails: h2's was not tried in that run, and the command failed,
+    # which ovirt-engine cannot retry and which keeps its record of the
+    # disk's hosts stale (review-engfix8 M2).  Now h2's is ended, h1's
+    # failure is an ERROR, and the next disconnect ends h1's; an
+    # admin's by-name disconnect of h1 fails.
     setup = [("connect_volume", _connector("h1")),
              ("connect_volume", _connector("h2"))]
     number = _first_step(backend, "db.set_connection:after",
@@ -889,17 +892,22 @@ def test_a_disconnect_ends_the_others_when_one_end_fails(backend):
         backend.run(command[0], vol, *command[1:])
     for host in ("h1", "h2"):
         backend.killed(number, "disconnect_volume", vol, host)
+    failure = "Could not end 1 connection(s) of volume {} (host h1: " \
+              "".format(vol)
     with open(os.path.join(backend.dir, "fail-terminate"), "w") as f:
         f.write(_initiator("h1") + "\n")
     try:
-        r = backend.run("disconnect_volume", vol, code=1)
+        backend.run("disconnect_volume", vol)
+        assert backend.connections(vol) == [("h1", True)]
+        assert backend.exports(vol) == {"export": True,
+                                        "hosts": [_initiator("h1")]}
+        assert "ERROR" in [line for line in
+                           backend.service.log().splitlines()
+                           if failure in line][0]
+        r = backend.run("disconnect_volume", vol, "h1", code=1)
+        assert failure in r.error()
     finally:
         os.unlink(os.path.join(backend.dir, "fail-terminate"))
-    assert "Could not end 1 connection(s) of volume {} (host h1: ".format(
-        vol) in r.error()
-    assert backend.connections(vol) == [("h1", True)]
-    assert backend.exports(vol) == {"export": True,
-                                    "hosts": [_initiator("h1")]}
     backend.run("disconnect_volume", vol)
     backend.check_agrees(vol, [], "-")
     backend.run("delete_volume", vol)
@@ -933,10 +941,10 @@ def test_an_end_the_driver_refuses_is_forced_by_the_admins_override(
         backend):
     # h's stop was killed after terminate_connection took h's last
     # mapping (Storwize then deletes the host object): every later
-    # terminate_connection for h raises.  The disconnect and the delete
-    # fail, naming the override: h's connector object with "force":
-    # true, which ends the record without the driver (review-engfix8
-    # M1).
+    # terminate_connection for h raises.  The engine's disconnect logs
+    # it, the delete and the admin's by-name disconnect fail, naming the
+    # override: h's connector object with "force": true, which ends the
+    # record without the driver (review-engfix8 M1).
     setup = [("connect_volume", _connector("h"))]
     number = _step_number(backend, "terminate_connection:after",
                           "disconnect_volume", "h", setup=setup)
@@ -945,8 +953,10 @@ def test_an_end_the_driver_refuses_is_forced_by_the_admins_override(
     backend.run("connect_volume", vol, _connector("h"))
     backend.killed(number, "disconnect_volume", vol, "h")
     with _modes(backend, "strict"):
-        for command in ("disconnect_volume", "delete_volume"):
-            r = backend.run(command, vol, code=1)
+        backend.run("disconnect_volume", vol)
+        for command in (("disconnect_volume", vol, "h"),
+                        ("delete_volume", vol)):
+            r = backend.run(*command, code=1)
             assert "Could not end 1 connection(s) of volume {} (host " \
                    "h: ".format(vol) in r.error()
             assert "Failed to get host name from connector" in r.error()

@@ -253,7 +253,9 @@ def disconnect_volume(backend, args):
     detach_volume): every connected host is asked (``hosts``) and only
     those that answered that they no longer have the volume lose their
     connection; a host that cannot be asked keeps its connection
-    (logged).
+    (logged).  A connection the driver fails to end is then logged as an
+    ERROR, not failed (see below), and kept "detached" for the next
+    disconnect or delete.
     """
     from . import hosts
     vol = _find_volume(backend, args["volume_id"])
@@ -277,7 +279,23 @@ def disconnect_volume(backend, args):
         conns = _released(vol, conns, args)
     connected = bool(vol.connections)
     force = isinstance(host, dict) and host.get(hosts.FORCE) is True
-    for conn, ended in _end_all(vol, conns, "", force=force):
+    try:
+        results = _end_all(vol, conns, "", force=force)
+    except errors.EngineNotEnded as e:
+        if host is not None:
+            raise
+        # The engine's form: every host released said it no longer has
+        # the volume, and the records not ended stay "detached" for the
+        # next disconnect or delete.  A failure tells ovirt-engine
+        # nothing it can act on (it never retries) and keeps its
+        # bookkeeping stale: disconnectManagedBlockStorageDisk saves the
+        # disk's hosts (ATTACHED_VDS_ID := DEST_VDS_ID after a
+        # migration) only on success, so the next migration back
+        # detached the disk on the host running the VM (review-engfix8
+        # M2).
+        log.error("%s", e)
+        return None
+    for conn, ended in results:
         if ended is None and host is not None:
             log.warning("Volume %s: the connection to host %s was not "
                         "ended: the driver never granted it, and another "

@@ -101,6 +101,7 @@ and nothing else exists.  docs/flows.md draws each flow.
 """
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import shutil
@@ -122,6 +123,10 @@ from .engine_fixtures import loop_devices_under
 FILE_DRIVER = "vdsm_managedvolume.engine.filedriver.FileDriver"
 EXPORTING_DRIVER = "tests.flowexports.ExportingDriver"
 
+# {(driver, command, number of args, with a host, connected): the names
+# of the steps the command takes} (``Engine.steps``).
+_STEPS = {}
+
 
 class StepFailed(Exception):
     """A call of a flow failed, the way the engine sees it.
@@ -132,12 +137,15 @@ class StepFailed(Exception):
     engine's VDS_NETWORK_ERROR) rather than answering with an error."""
 
     def __init__(self, message, network=False, host=None, done=False,
-                 cut=False, killed=False):
+                 cut=False, killed=False, left=frozenset()):
         super().__init__(message)
         self.network = network
         self.host = host
-        # The shim's process was SIGKILLed in the middle (``kill_next``).
+        # The shim's process was SIGKILLed in the middle (``kill_next``);
+        # ``left``: the (volume, host) connections of its volume the
+        # backend holds after it.
         self.killed = killed
+        self.left = left
         # The host's vdsm died under the call (the connection closed
         # after the request went out): what it did is its journal's to
         # finish or undo when it starts again.
@@ -354,7 +362,7 @@ class Backend:
                        "file_volume_dir": self.dir,
                        "file_volume_use_loop": True}
         self.db_url = db_url
-        # live_rows(sql, columns=1) -> rows of the shim's database
+        # live_rows(sql) -> rows (tuples) of the shim's database
         self.live_rows = live_rows
         # The driver keeps its exports and grants in exports.json
         # (tests.flowexports): ``check`` compares them too.
@@ -370,8 +378,7 @@ class Backend:
         unfinished by a killed command)}."""
         rows = self.live_rows(
             "SELECT volume_id, attach_status, connection_info FROM "
-            "volume_attachment WHERE deleted = {}".format(self.false),
-            columns=3)
+            "volume_attachment WHERE deleted = {}".format(self.false))
         found = {}
         for vol_id, status, info in rows:
             info = json.loads(info or "{}")
@@ -405,7 +412,7 @@ def sqlite_backend(base):
     os.makedirs(str(base), exist_ok=True)
     path = os.path.join(str(base), "cinderlib.db")
 
-    def rows(sql, columns=1):
+    def rows(sql):
         if not os.path.exists(path):
             return []
         with sqlite3.connect(path) as db:
@@ -424,11 +431,19 @@ def exporting_backend(base):
 def postgres_backend(base, pg):
     db = pg.new_database()
 
-    def rows(sql, columns=1):
-        out = pg.psql(sql, db=db)
-        # The last column (connection_info, JSON) may hold "|".
-        return [tuple(line.split("|", columns - 1))
-                for line in out.splitlines() if line]
+    def rows(sql):
+        # Through libpq, as the shim reads them: typed columns, no text
+        # output of psql to split (a JSON value holds any separator).
+        import psycopg2
+        conn = psycopg2.connect(host="127.0.0.1", port=pg.port,
+                                user=pg.user, password=pg.password,
+                                dbname=db)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql)
+                return [tuple(row) for row in cur.fetchall()]
+        finally:
+            conn.close()
     backend = Backend(base, pg.url(db=db), rows)
     backend.false = "false"
     return backend
@@ -489,8 +504,10 @@ class Engine:
         self.trace = []
         # (vol_id, host) connections the engine's own flow leaves in the
         # shim (ovirt-engine behaviour, see docs/flows.md): expected, and
-        # cleaned by the next disconnect_volume of that volume.
-        self.leaked = set()
+        # cleaned by the next disconnect_volume of that volume.  Only the
+        # engine's steps change it (``leaked``), from its order or, after
+        # a killed shim command, from what the backend then holds.
+        self._leaked = set()
         # (vol_id, host, boot id) attachments a host keeps in this boot
         # that the engine forgot (a rerun overwrote ATTACHED_VDS_ID): it
         # never detaches them, the shim keeps their connections (the host
@@ -522,6 +539,10 @@ class Engine:
         self.templates = {}
         self._lock = threading.Lock()
 
+    @property
+    def leaked(self):
+        return frozenset(self._leaked)
+
     # Plumbing
 
     def note(self, actor, target, what, outcome):
@@ -550,6 +571,7 @@ class Engine:
         with self._lock:
             kill_at = self.kills.pop(command, None)
         if kill_at is not None:
+            before = self.backend.connections()
             kill_file = os.path.join(self.backend.dir, "kill-at")
             with open(kill_file, "w") as f:
                 f.write(str(kill_at))
@@ -568,9 +590,10 @@ class Engine:
                 r.describe()
             self.note("engine", "shim", what,
                       "KILLED at step {}".format(kill_at))
+            left = self._left_by_kill(command, args, before)
             raise StepFailed("{}: killed: {}".format(command,
                                                      r.describe()),
-                             killed=True)
+                             killed=True, left=left)
         # ManagedBlockExecutor: success is exit status 0, whatever the
         # output (the removals print "error:" and exit 0 when the volume
         # or snapshot is already gone).
@@ -587,10 +610,50 @@ class Engine:
     def kill_next(self, command, step):
         """SIGKILL the next run of the shim's ``command`` at its step
         number ``step`` (``steps``): the backend must be an exporting
-        one (tests.flowexports: the driver kills itself there)."""
+        one (tests.flowexports: the driver kills itself there).
+        ``check`` fails while it is unused; ``killing`` bounds it to a
+        block."""
         assert self.backend.exporting
         with self._lock:
             self.kills[command] = step
+
+    @contextlib.contextmanager
+    def killing(self, command, step):
+        """``kill_next`` for the block, which must run ``command``: a
+        block that ends without it (the engine refused earlier) fails
+        there, not at a later step that the kill would hit."""
+        self.kill_next(command, step)
+        try:
+            yield
+        finally:
+            with self._lock:
+                unused = self.kills.pop(command, None)
+        assert unused is None, "{} never ran: its kill at step {} " \
+            "was not used".format(command, unused)
+
+    def _left_by_kill(self, command, args, before):
+        """A shim command was SIGKILLed: ovirt-engine sees a failure and
+        learns nothing of what it left, so the connections it made are
+        leaks until the volume's next disconnect_volume ends them, and
+        the ones it ended are no leaks any more.  The backend is the one
+        thing that knows which step it reached: read it, and refuse what
+        no run of that command can do (a connect making another host's
+        connection, anything else making one).  The volume's connections
+        now."""
+        now = self.backend.connections()
+        vol_id = args[0]
+        made, ended = now - before, before - now
+        allowed = set()
+        if command == "connect_volume":
+            allowed = {(vol_id, json.loads(args[1])["host"])}
+        assert made <= allowed, "killed {} made connections {}".format(
+            command, sorted(made))
+        assert {v for v, _ in ended} <= {vol_id}, \
+            "killed {} of {} ended {}".format(command, vol_id,
+                                              sorted(ended))
+        with self._lock:
+            self._leaked = (self._leaked - ended) | made
+        return frozenset(p for p in now if p[0] == vol_id)
 
     def steps(self, command, *args, host=None, connected=False):
         """[step names] ``command`` takes on a volume made for it (its
@@ -598,8 +661,17 @@ class Engine:
         connector_info after them), connected to nobody or, with
         ``connected``, to ``host``: the numbers ``kill_next`` takes.
         The volume is removed again; the flow's trace does not show
-        it."""
+        it.  A command's steps do not depend on the volume nor on which
+        host: each kind is run once per session (``_STEPS``)."""
         assert self.backend.exporting
+        kind = (self.backend.driver["volume_driver"], command, len(args),
+                host is not None, connected)
+        if kind not in _STEPS:
+            _STEPS[kind] = self._run_steps(command, *args, host=host,
+                                           connected=connected)
+        return list(_STEPS[kind])
+
+    def _run_steps(self, command, *args, host, connected):
         vol = str(uuid.uuid4())
         path = os.path.join(self.backend.dir, "steps.jsonl")
         connector = json.dumps(self.hosts[host].connector) if host else None
@@ -705,16 +777,16 @@ class Engine:
 
     def _leak(self, vol_id, host):
         with self._lock:
-            self.leaked.add((vol_id, host))
+            self._leaked.add((vol_id, host))
 
     def _end_leaks(self, vol_id, asked_only=False):
         """The shim ended the volume's connections no host uses (with
         ``asked_only``: those of the hosts it could ask).  Flows run in
         threads (many VMs at once): under the lock."""
         with self._lock:
-            self.leaked = {(v, h) for v, h in self.leaked
-                           if v != vol_id
-                           or (asked_only and not self.hosts[h].up)}
+            self._leaked = {(v, h) for v, h in self._leaked
+                            if v != vol_id
+                            or (asked_only and not self.hosts[h].up)}
 
     # Disks
 
@@ -1388,11 +1460,20 @@ class Engine:
             return False
         try:
             self.shim("disconnect_volume", disk.vol_id, label=disk.label)
-        except StepFailed:
-            self._leak(disk.vol_id, host)
+        except StepFailed as e:
+            self._disconnect_failed(disk.vol_id, host, e)
             return False
         self._end_leaks(disk.vol_id, asked_only=True)
         return True
+
+    def _disconnect_failed(self, vol_id, host, e):
+        """DisconnectManagedBlockStorageDeviceCommand failed after
+        ``host`` detached (or its detach failed): nothing records that
+        the host let go, so the host's connection is a leak, ended by
+        the volume's next disconnect_volume; a killed disconnect_volume
+        may have ended it already (``_left_by_kill``)."""
+        if not e.killed or (vol_id, host) in e.left:
+            self._leak(vol_id, host)
 
     def _save_devices(self, disk, host, live_migration):
         device = self._attach_volume(disk, host)
@@ -1435,7 +1516,7 @@ class Engine:
         except StepFailed as e:
             # The spec params are not saved: a later attach elsewhere
             # overwrites them and this host's connection is forgotten.
-            self._leak(disk.vol_id, host)
+            self._disconnect_failed(disk.vol_id, host, e)
             if (e.cut and e.host == host) or e.host is None:
                 # The detach was cut (the host's journal finishes it), or
                 # done: disconnect_volume failed after it.

@@ -473,9 +473,9 @@ def test_a_run_whose_shim_is_killed_reruns_on_another_host(
         steps = engine.steps("save_device", json.dumps({"path": "/dev/x"}),
                              host="host-a", connected=True)
         at = SAVE_KILLS[where]
-    engine.kill_next(command, _kill_point(steps, at))
-
-    assert engine.run_vm("vm1", "host-a", rerun_on=["host-b"]) == "host-b"
+    with engine.killing(command, _kill_point(steps, at)):
+        assert engine.run_vm("vm1", "host-a",
+                             rerun_on=["host-b"]) == "host-b"
     states = engine.backend.connection_states()
     if command == "save_device":
         # The host attached: the rerun forgot it there (as a run rerun).
@@ -483,11 +483,11 @@ def test_a_run_whose_shim_is_killed_reruns_on_another_host(
         assert states == {(vol, "host-a"): True, (vol, "host-b"): True}
     else:
         assert flowengine.journals(engine)["host-a"] == []
+        # Nothing records A: a record the kill left is ended by the next
+        # disconnect_volume (the engine reads it as a leak).
         recorded = list(CONNECT_KILLS).index(where) >= 2
         assert ((vol, "host-a") in states) == recorded
-        if recorded:
-            # Nothing records A: ended by the next disconnect_volume.
-            engine._leak(vol, "host-a")
+        assert engine.leaked == ({(vol, "host-a")} if recorded else set())
     check(engine)
     flowengine.write_through(engine.hosts["host-b"], engine, "os", DATA)
 
@@ -548,17 +548,15 @@ def test_a_stop_whose_shim_is_killed_in_disconnect_runs_again(
     engine.run_vm("vm1", "host-a")
     vol = engine.disks["os"].vol_id
     steps = engine.steps("disconnect_volume", host="host-a", connected=True)
-    engine.kill_next("disconnect_volume", _kill_point(
-        steps, DISCONNECT_KILLS[where]))
-
-    assert not engine.stop_vm("vm1")
+    with engine.killing("disconnect_volume", _kill_point(
+            steps, DISCONNECT_KILLS[where])):
+        assert not engine.stop_vm("vm1")
     assert engine.disks["os"].attached == "host-a"
     assert flowengine.journals(engine)["host-a"] == []
     left = list(DISCONNECT_KILLS).index(where) < 3
     assert set(engine.backend.connections()) == (
         {(vol, "host-a")} if left else set())
-    if not left:
-        engine.leaked.discard((vol, "host-a"))
+    assert engine.leaked == ({(vol, "host-a")} if left else set())
     if where == "deleted":
         # An export (and its loop device) no record names, until the
         # volume's next connect reuses it or its next disconnect_volume
@@ -609,9 +607,8 @@ def test_a_disk_removal_whose_shim_is_killed_is_removed_again(engine,
     engine.stop_vm("vm1")
     vol = engine.disks["os"].vol_id
     steps = engine.steps("delete_volume")
-    engine.kill_next("delete_volume", _kill_point(steps, where))
-
-    with pytest.raises(StepFailed) as e:
+    with engine.killing("delete_volume", _kill_point(steps, where)), \
+            pytest.raises(StepFailed) as e:
         engine.remove_disk("os")
     assert e.value.killed
     assert "os" in engine.disks

@@ -15,7 +15,8 @@ Faked protocols and what ``connect_volume`` returns (os-brick's shapes):
     nvmeof (data.target_nqn)
         {"type": "block", "path": "<fake_dev_dir>/nvme-<key>"} (or
         "/dev/nvme0n1" without fake_dev_dir)
-    local, only with ``fake_wait`` or ``fake_sleep`` (``SlowLocalConnector``)
+    local, only with ``fake_wait``, ``fake_sleep``, ``fake_wait_extend``
+    or ``fake_wait_disconnect`` (``SlowLocalConnector``)
         os-brick's own answer, {"type": "local", "path": device_path},
         after the wait
 
@@ -76,7 +77,10 @@ Knobs in ``connection_info["data"]`` (all optional):
     fake_sleep          seconds to sleep in connect before connecting
                         (-> HelperTimeout with a short cfg.timeout)
     fake_sleep_disconnect  the same for disconnect
-    fake_wait_disconnect  the same as fake_wait, at disconnect
+    fake_wait_disconnect  the same as fake_wait, at disconnect (after
+                        "disconnect-start <key>")
+    fake_wait_extend    the same as fake_wait, at extend (after
+                        "extend-start <key>"; local only)
     fake_fail_extend    the same as fake_fail, at extend
     fake_sleep_extend   the same as fake_sleep, at extend
     fake_wait           a path: connect, after "connect-start", waits
@@ -495,12 +499,17 @@ class SlowLocalConnector:
     """os-brick's own ``local`` connector, slowed down: its connect first
     records "connect-start <key>", then waits for ``fake_wait`` and
     sleeps ``fake_sleep``, then runs os-brick's connect and records
-    "connect <key>".  A storage that takes its time (the flow tests'
-    loop devices, which os-brick's local connector returns at once);
-    everything else is os-brick's.  ``<key>``: ``fake_key``, else
-    "local-" and the device's name."""
+    "connect <key>"; its disconnect and extend likewise record
+    "disconnect-start"/"extend-start", wait for ``fake_wait_disconnect``/
+    ``fake_wait_extend``, run os-brick's, and record "disconnect"/
+    "extend".  A storage that takes its time (the flow tests' loop
+    devices, which os-brick's local connector returns at once), or a
+    call a test holds in the connector, under the volume's lock, while
+    another call of the volume comes in; everything else is os-brick's.
+    ``<key>``: ``fake_key``, else "local-" and the device's name."""
 
-    KNOBS = ("fake_wait", "fake_sleep")
+    KNOBS = ("fake_wait", "fake_sleep", "fake_wait_disconnect",
+             "fake_wait_extend")
 
     def __init__(self, root_helper, **kw):
         from os_brick.initiator import connector
@@ -511,14 +520,33 @@ class SlowLocalConnector:
         return getattr(self._brick, name)
 
     def connect_volume(self, data):
-        key = data.get("fake_key") or "local-" + os.path.basename(
-            str(data.get("device_path")))
+        key = self._key(data)
         _record("connect-start", key)
         _wait_for_file(data.get("fake_wait"))
         _sleep(data.get("fake_sleep"))
         attachment = self._brick.connect_volume(data)
         _record("connect", key)
         return attachment
+
+    def disconnect_volume(self, data, device_info, *args, **kwargs):
+        key = self._key(data)
+        _record("disconnect-start", key)
+        _wait_for_file(data.get("fake_wait_disconnect"))
+        self._brick.disconnect_volume(data, device_info, *args, **kwargs)
+        _record("disconnect", key)
+
+    def extend_volume(self, data, *args, **kwargs):
+        key = self._key(data)
+        _record("extend-start", key)
+        _wait_for_file(data.get("fake_wait_extend"))
+        size = self._brick.extend_volume(data, *args, **kwargs)
+        _record("extend", key)
+        return size
+
+    @staticmethod
+    def _key(data):
+        return data.get("fake_key") or "local-" + os.path.basename(
+            str(data.get("device_path")))
 
 
 def _check_device_info(data, key, attachment, device_info):

@@ -327,6 +327,18 @@ class Host:
         tests.fakebrick's SlowLocalConnector (``Engine.hold_attaches``)."""
         return fakebrick.calls(self.agent.fakebrick_dir)[mark:]
 
+    def started(self, verb, vol_id):
+        """How many calls of ``verb`` on ``vol_id`` this agent began (its
+        log's START lines: written before the call waits for the
+        volume's lock)."""
+        try:
+            with open(self.agent.log_file) as f:
+                text = f.read()
+        except FileNotFoundError:
+            return 0
+        return sum(1 for line in text.splitlines()
+                   if "START {}(".format(verb) in line and vol_id in line)
+
     def rules(self):
         d = os.path.join(self.agent.state_dir, "udev", "rules.d")
         try:
@@ -523,6 +535,9 @@ class Engine:
         self.cut = set()
         # {snapshot id: label of the disk}: the backend's snapshots.
         self.snapshots = {}
+        # {snapshot id: whether its disk was plugged in its VM when the
+        # VM's snapshot (its configuration) was taken}.
+        self.snapshot_plugged = {}
         # Volume ids the backend keeps that the engine forgot (its own
         # flows drop them from its database): expected on the backend.
         self.orphans = set()
@@ -756,7 +771,16 @@ class Engine:
         ``barrier`` exists: a storage slow to answer, so that a test
         knows attaches are in flight without guessing how long they take
         (``Host.connects`` says which reached the connector)."""
-        self.slow_storage[host] = {"fake_wait": barrier}
+        self.slow_storage.setdefault(host, {})["fake_wait"] = barrier
+
+    def hold_in_connector(self, host, step, barrier):
+        """From now on the volumes attached on ``host`` are slow to
+        answer ``step`` ("extend" or "disconnect"): the host's extend or
+        detach of such a volume waits in its connector (holding the
+        volume's lock) until the file ``barrier`` exists, after
+        "<step>-start <key>" (``Host.connects``)."""
+        self.slow_storage.setdefault(host, {})[
+            "fake_wait_" + step] = barrier
 
     def refresh_caps(self, host):
         """Host.getCapabilities, as ovirt-engine's host monitoring asks it
@@ -837,11 +861,17 @@ class Engine:
         disk = self.disks[label]
         self.shim("extend_volume", disk.vol_id, size, label=label)
         disk.size = size
-        return {host: self.host_call(
+        return {host: self.grow_on(host, label)
+                for host in sorted(disk.hosts())}
+
+    def grow_on(self, host, label):
+        """The host step of an extend (ManagedVolume.extend_volume to the
+        disk's size): the size in bytes the host sees now."""
+        disk = self.disks[label]
+        return self.host_call(
             host, "ManagedVolume.extend_volume",
             {"vol_id": disk.vol_id, "sd_id": self.sd_id,
-             "new_size": size * 1024**3}, label=label)["size"]
-            for host in sorted(disk.hosts())}
+             "new_size": disk.size * 1024**3}, label=label)["size"]
 
     def snapshot_disk(self, label):
         """CreateManagedBlockStorageDiskSnapshotCommand (of the disk's
@@ -887,8 +917,12 @@ class Engine:
         CreateManagedBlockStorageDiskSnapshotCommand (create_snapshot of
         the disk's active volume; no host call, no freeze of these
         disks).  {label: snapshot id}."""
-        return {disk.label: self.snapshot_disk(disk.label)
-                for disk in self.vms[name].disks}
+        vm = self.vms[name]
+        snaps = {disk.label: self.snapshot_disk(disk.label)
+                 for disk in vm.disks}
+        for label, snap_id in snaps.items():
+            self.snapshot_plugged[snap_id] = label in vm.plugged
+        return snaps
 
     def preview_snapshot(self, name, snaps):
         """TryBackToAllSnapshotsOfVmCommand (the VM is down): for each
@@ -1053,6 +1087,35 @@ class Engine:
         self.templates[name] = labels
         return labels
 
+    def add_template_from_snapshot(self, name, vm_name, snaps):
+        """AddVmTemplateFromSnapshotCommand of the VM's snapshot whose
+        disks' snapshots are ``snaps`` (what ``snapshot_vm`` returned).
+        Any VM status passes for a regular snapshot (isVmStatusValid).
+        Its disks are the snapshot's configuration's: the Managed Block
+        Storage ones plugged there (getVmDisksFromDB: ONLY_PLUGGED), and
+        when there is one, validateImages refuses: AddVmTemplateFromSnapshot
+        is not among the operations a Managed Block Storage domain
+        supports (ManagedBlockStorageDomainValidator
+        .allowedStorageOperations), before any shim call.  Without one,
+        CreateAllTemplateDisksFromSnapshotCommand.getVmDisksFromDb adds
+        the Managed Block Storage disks of ``getVm().getDiskMap()``,
+        plugged, but that VM is the child command's own, read by
+        vmDao.get, whose disk map nothing fills (only
+        VmHandler.updateDisksFromDb does): none, no clone_volume, even of
+        a disk the VM has now.  The labels of the template's disks."""
+        plugged = sorted(label for label, snap_id in snaps.items()
+                         if self.snapshot_plugged[snap_id])
+        if plugged:
+            self.note("engine", "engine", "template {} from a snapshot of "
+                      "{}".format(name, vm_name), "refused: disks " +
+                      ", ".join(plugged))
+            raise StepFailed("ACTION_TYPE_FAILED_UNSUPPORTED_ACTION_FOR_"
+                             "MANAGED_BLOCK_STORAGE_TYPE")
+        self.note("engine", "engine", "template {} from a snapshot of {}"
+                  .format(name, vm_name), "ok, no disk cloned")
+        self.templates[name] = []
+        return []
+
     def add_vm_from_template(self, name, template):
         """AddVmCommand from a template: addVmImages ->
         addManagedBlockDisks, CloneSingleManagedBlockDiskCommand of each
@@ -1198,10 +1261,15 @@ class Engine:
         vm.run_on = None
         return self._process_down(vm)
 
-    def add_disk_to_vm(self, name, label):
-        """AttachDiskToVmCommand without activation: the VM gets the
-        disk's device, unplugged."""
-        self.vms[name].disks.append(self.disks[label])
+    def add_disk_to_vm(self, name, label, activate=False):
+        """AttachDiskToVmCommand: the VM gets the disk's device,
+        unplugged; with ``activate``, of a VM that is down: plugged (no
+        host call: the next run attaches it)."""
+        vm = self.vms[name]
+        vm.disks.append(self.disks[label])
+        if activate:
+            assert vm.status == "down"
+            vm.plugged.add(label)
 
     def hot_plug(self, name, label, fail_vm_step=False):
         """HotPlugDiskToVmCommand on a running VM.

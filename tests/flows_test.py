@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 
 import pytest
 
@@ -706,6 +707,103 @@ def test_a_disk_grown_while_its_vm_migrates_is_grown_on_both_hosts(engine):
     check(engine)
 
 
+@pytest.mark.parametrize("first", ["extend", "detach"])
+def test_a_disk_grown_on_a_migrations_source_while_it_is_detached_there(
+        engine, tmp_path, first):
+    """The extend lands while the VM migrates (as above); its host step
+    on the source (ManagedVolume.extend_volume on ATTACHED_VDS_ID) runs
+    at the same time as reportCompleted's detach there.  The volume's
+    lock on the source orders the two, whichever comes in first: the
+    first is held in the connector, under the lock, until the other
+    call has come in (its START line), then the storage answers.
+    Extend first: the source rescans and answers the new size, then the
+    detach leaves nothing.  Detach first: the extend then finds nothing
+    attached, NotAttached (-32602) with nothing rescanned.  Either way
+    the source holds nothing, the destination the disk at its new size
+    with the VM's data, the shim one connection (B)."""
+    engine.add_disk("os")
+    engine.add_vm("vm1", "os")
+    a, b = engine.hosts["host-a"], engine.hosts["host-b"]
+    answers = str(tmp_path / "storage-answers")
+    engine.hold_in_connector(
+        "host-a", "extend" if first == "extend" else "disconnect", answers)
+    engine.run_vm("vm1", "host-a")
+    flowengine.write_through(a, engine, "os", DATA)
+    vol = engine.disks["os"].vol_id
+    key = "local-" + os.path.basename(a.volumes_info()[0]["path"])
+    mark = len(a.connects())
+    source = {}
+
+    def grow_source():
+        try:
+            source["size"] = engine.grow_on("host-a", "os")
+        except StepFailed as e:
+            source["error"] = e.__context__
+
+    def held(step):
+        return "{}-start {}".format(step, key) in a.connects(mark)
+
+    def answer_once(verb):
+        agentutil.wait_for(lambda: a.started(verb, vol) == 1)
+        with open(answers, "w"):
+            pass
+
+    grow = threading.Thread(target=grow_source)
+    if first == "extend":
+        # The extend holds the lock in the connector; reportCompleted's
+        # detach comes in (migrate, after ``during``) and waits.
+        side = threading.Thread(target=answer_once,
+                                args=("ManagedVolume.detach_volume",))
+    else:
+        # reportCompleted's detach holds the lock in the connector's
+        # disconnect; the extend comes in and waits.
+        def extend_while_detached():
+            agentutil.wait_for(lambda: held("disconnect"))
+            grow.start()
+            answer_once("ManagedVolume.extend_volume")
+        side = threading.Thread(target=extend_while_detached)
+
+    def during():
+        # ExtendManagedBlockStorageDiskSize: the backend grows the
+        # volume; the host step on the destination, then on the source.
+        engine.shim("extend_volume", vol, 2, label="os")
+        engine.disks["os"].size = 2
+        assert engine.grow_on("host-b", "os") == 2 * 1024**3
+        if first == "extend":
+            grow.start()
+            agentutil.wait_for(lambda: held("extend"))
+        side.start()
+
+    try:
+        assert engine.migrate("vm1", "host-b", during=during)
+    finally:
+        with open(answers, "w"):
+            pass
+        side.join(120)
+        if grow.ident is not None:
+            grow.join(120)
+    assert not side.is_alive() and not grow.is_alive()
+
+    calls = [c.split()[0] for c in a.connects(mark) if c.endswith(key)]
+    if first == "extend":
+        assert source == {"size": 2 * 1024**3}
+        assert calls == ["extend-start", "extend", "disconnect-start",
+                         "disconnect"]
+    else:
+        error = source["error"]
+        assert error.code == -32602 and vol in str(error), error
+        assert calls == ["disconnect-start", "disconnect"]
+    assert flowengine.journals(engine) == {
+        "host-a": [], "host-b": [("os", False)], "host-c": []}
+    assert [i["size"] for i in b.volumes_info()] == [2 * 1024**3]
+    assert flowengine.device_size(b, engine, "os") == 2 * 1024**3
+    assert flowengine.write_through(b, engine, "os", None)[:len(DATA)] == DATA
+    assert engine.backend.connections() == {(vol, "host-b")}
+    check(engine)
+    engine.stop_vm("vm1")
+    check(engine)
+
+
 def test_a_migration_that_fails_after_it_started_is_rerun_to_another_host(
         engine):
     """vdsm reports the VM running on the source again: VmAnalyzer sets
@@ -979,6 +1077,61 @@ def test_a_template_its_vms_and_their_clones_then_removed(engine):
     assert engine.remove_vm("vm1") == []
     assert engine.backend.live_volumes() == set()
     assert engine.backend.exports() == {}
+    check(engine)
+
+
+def test_a_template_from_a_snapshot_clones_no_managed_block_disk(engine):
+    """AddVmTemplateFromSnapshotCommand: a snapshot whose configuration
+    has a plugged Managed Block Storage disk is refused at validation
+    (the operation is not one a Managed Block Storage domain supports),
+    the VM running or down, before any shim call: the VM, its disks and
+    their snapshots are as they were.  A snapshot taken before the VM
+    had its disk makes a template, and CreateAllTemplateDisksFromSnapshot
+    clones none of the VM's disks (its VM's disk map is empty): no shim
+    call either.  The hosts and the backend never see either."""
+    engine.add_disk("os")
+    engine.add_vm("vm1", "os")
+    engine.run_vm("vm1", "host-a")
+    a = engine.hosts["host-a"]
+    flowengine.write_through(a, engine, "os", DATA)
+    snaps = engine.snapshot_vm("vm1")
+
+    def calls_since(mark):
+        return [t for t in engine.trace[mark:] if t[1] != "engine"]
+
+    for status in ("up", "down"):
+        assert engine.vms["vm1"].status == status
+        mark = len(engine.trace)
+        with pytest.raises(StepFailed, match="UNSUPPORTED_ACTION_FOR_"
+                           "MANAGED_BLOCK_STORAGE"):
+            engine.add_template_from_snapshot("tpl", "vm1", snaps)
+        assert calls_since(mark) == []
+        assert "tpl" not in engine.templates
+        check(engine)
+        if status == "up":
+            engine.stop_vm("vm1")
+
+    # vm2's snapshot has no disk; the disk it has now is not cloned.
+    engine.add_vm("vm2")
+    assert engine.snapshot_vm("vm2") == {}
+    engine.add_disk("late")
+    engine.add_disk_to_vm("vm2", "late", activate=True)
+    mark = len(engine.trace)
+    assert engine.add_template_from_snapshot("tpl2", "vm2", {}) == []
+    assert calls_since(mark) == []
+    assert engine.backend.live_volumes() == {
+        engine.disks["os"].vol_id, engine.disks["late"].vol_id}
+    engine.run_vm("vm2", "host-b")
+    engine.run_vm("vm1", "host-a")
+    assert flowengine.write_through(a, engine, "os", None)[:len(DATA)] == DATA
+    check(engine)
+    engine.stop_vm("vm1")
+    engine.stop_vm("vm2")
+    assert engine.remove_template("tpl2") == []
+    engine.remove_snapshot("os", snaps["os"])
+    assert engine.remove_vm("vm1") == []
+    assert engine.remove_vm("vm2") == []
+    assert engine.backend.live_volumes() == set()
     check(engine)
 
 

@@ -550,6 +550,9 @@ class Engine:
         self.kills = {}
         # {(host, vol_id)} whose attaches fail (``fail_attaches``)
         self.failing_attaches = set()
+        # {host: what happens there between the next connect_volume for
+        # it and its attach_volume} (``between_connect_and_attach``)
+        self.before_attach = {}
         # {template name: [labels of its disks]}
         self.templates = {}
         self._lock = threading.Lock()
@@ -781,6 +784,12 @@ class Engine:
         "<step>-start <key>" (``Host.connects``)."""
         self.slow_storage.setdefault(host, {})[
             "fake_wait_" + step] = barrier
+
+    def between_connect_and_attach(self, host, event):
+        """Run ``event()`` (the host's agent restarted, killed, stopped)
+        once, after the next connect_volume for ``host`` answered and
+        before the host's attach_volume is sent."""
+        self.before_attach[host] = event
 
     def refresh_caps(self, host):
         """Host.getCapabilities, as ovirt-engine's host monitoring asks it
@@ -1493,6 +1502,9 @@ class Engine:
         if host in self.slow_storage:
             conn = dict(conn, data=dict(conn["data"],
                                         **self.slow_storage[host]))
+        event = self.before_attach.pop(host, None)
+        if event is not None:
+            event()
         try:
             device = self.host_call(
                 host, "ManagedVolume.attach_volume",

@@ -411,6 +411,60 @@ def test_an_agent_killed_in_a_stop_vms_detach(engine, again_on):
     check(engine)
 
 
+@pytest.mark.parametrize("event", ["restart", "kill", "down"])
+def test_an_agent_restarted_between_connect_volume_and_attach(engine,
+                                                              event):
+    """RunVmCommand on A: connect_volume for A answered, then A's agent
+    restarts (systemctl restart), or is killed (kill -9 of the agent and
+    its daemon, systemd's restart), before the engine's attach_volume
+    reaches it; or the attach comes while it is still down.  Up again,
+    the agent knows nothing of the volume and attaches it as a first
+    attach with the connection_info the shim gave before: the VM runs
+    on A.  Down: the engine gets no answer (VDS_NETWORK_ERROR), the VM
+    is Unknown on A with no rerun, then Down once A answers and does
+    not report it; nothing records A, so the connection the shim made
+    stays (a leak the next disconnect_volume ends) and the run again on
+    A reuses it.  Either way the stop leaves nothing; other's VM on A
+    keeps its disk throughout."""
+    engine.add_disk("os")
+    engine.add_disk("other")
+    engine.add_vm("vm0", "other")
+    engine.add_vm("vm1", "os")
+    engine.run_vm("vm0", "host-a")
+    a = engine.hosts["host-a"]
+    flowengine.write_through(a, engine, "other", DATA)
+    vol = engine.disks["os"].vol_id
+    engine.between_connect_and_attach("host-a", {
+        "restart": a.restart,
+        "kill": lambda: (a.crash(), a.start()),
+        "down": a.stop}[event])
+
+    if event == "down":
+        with pytest.raises(StepFailed) as e:
+            engine.run_vm("vm1", "host-a", rerun_on=["host-b"])
+        assert e.value.network
+        assert engine.vms["vm1"].status == "unknown"
+        a.start()
+        engine.vm_disappeared("vm1")
+        assert engine.leaked == {(vol, "host-a")}
+        assert flowengine.journals(engine)["host-a"] == [("other", False)]
+        check(engine)
+        engine.run_vm("vm1", "host-a")
+    else:
+        assert engine.run_vm("vm1", "host-a",
+                             rerun_on=["host-b"]) == "host-a"
+    assert flowengine.journals(engine)["host-a"] == sorted(
+        [("os", False), ("other", False)],
+        key=lambda j: engine.disks[j[0]].vol_id)
+    assert flowengine.write_through(a, engine, "other", None)[:len(DATA)] \
+        == DATA
+    check(engine)
+    engine.stop_vm("vm1")
+    engine.stop_vm("vm0")
+    assert engine.backend.connections() == set()
+    check(engine)
+
+
 # The engine shim killed mid-command
 
 def _kill_point(steps, where):

@@ -393,18 +393,23 @@ class Backend:
     def records(self):
         """{(volume_id, connector host): (complete, cinderlib's
         connection_info: {conn, connector, device?})} of the live
-        connections."""
+        connections (the last, when a pair has several: ``rows``)."""
+        return {(v, h): (done, info) for v, h, done, info in self.rows()}
+
+    def rows(self):
+        """[(volume_id, connector host, complete, connection_info)]: one
+        per live connection record, a pair's every record."""
         rows = self.live_rows(
             "SELECT volume_id, attach_status, connection_info FROM "
             "volume_attachment WHERE deleted = {}".format(self.false))
-        found = {}
+        found = []
         for vol_id, status, info in rows:
             info = json.loads(info or "{}")
             host = (info.get("connector") or {}).get("host")
             # ops.CONNECTING, ops.ENDING: a connect or an end cut short.
             done = bool(info.get("conn")) and \
                 status not in ("attaching", "detached")
-            found[(vol_id, host)] = (done, info)
+            found.append((vol_id, host, done, info))
         return found
 
     def exports(self):
@@ -540,6 +545,10 @@ class Engine:
         # agent started again), or done before a disconnect_volume that
         # failed.
         self.cut = set()
+        # (vol_id, host) whose device the engine saved (save_device
+        # succeeded) since its last connect_volume for that host (which
+        # forgets the device of the connection it reuses).
+        self.saved = set()
         # {snapshot id: label of the disk}: the backend's snapshots.
         self.snapshots = {}
         # {snapshot id: whether its disk was plugged in its VM when the
@@ -1507,6 +1516,8 @@ class Engine:
                                     json.dumps(connector),
                                     label="{} for {}".format(disk.label,
                                                              host)))
+        with self._lock:
+            self.saved.discard((disk.vol_id, host))
         if host in self.slow_storage:
             conn = dict(conn, data=dict(conn["data"],
                                         **self.slow_storage[host]))
@@ -1585,6 +1596,8 @@ class Engine:
             disk.attached = host
         self.shim("save_device", disk.vol_id, json.dumps(device),
                   label=disk.label)
+        with self._lock:
+            self.saved.add((disk.vol_id, host))
 
     def _disconnect_disks(self, vm, remove_dest):
         for disk in vm.disks:
@@ -1673,9 +1686,11 @@ def check(engine):
     managed_path links exist, each pointing at the recorded path; exactly
     those udev rules exist.  The shim holds exactly one connection per
     (disk, host) the engine believes in (plus the connections ovirt-engine
-    itself is known to leave, ``Engine.leaked``), each one's device (when
-    saved) is that host's; a loop device exists exactly for the volumes
-    with a connection, and it is the path every host uses.
+    itself is known to leave, ``Engine.leaked``) and no pair has two
+    records; each one's device, when saved, is that host's attach result
+    (its managed_path), and is there wherever the engine saved it since
+    its last connect; a loop device exists exactly for the volumes with
+    a connection, and it is the path every host uses.
     """
     problems = []
     if engine.kills:
@@ -1739,7 +1754,13 @@ def check(engine):
     # too: one shim process each, a few at once, as the engine runs its
     # commands (a shim process per connection cost the flows with 50
     # VMs minutes).
-    records = engine.backend.records()
+    rows = engine.backend.rows()
+    records = {(v, h): (done, info) for v, h, done, info in rows}
+    for pair in sorted(records):
+        count = sum(1 for v, h, _, _ in rows if (v, h) == pair)
+        if count > 1:
+            problems.append("shim: {} connections of {} to {}".format(
+                count, *pair))
     pairs_checked = sorted(pairs & connections)
     shared = {v for v, _ in connections
               if sum(1 for w, _ in connections if w == v) > 1}
@@ -1762,6 +1783,17 @@ def check(engine):
         if conn_path not in loops:
             problems.append("shim: connection of {} to {} names {}, not a "
                             "loop device".format(vol_id, host, conn_path))
+        # Every host sees the same loop device: the attach result's
+        # managed_path (a link of that host's) tells whose device it is.
+        mine = os.path.join(engine.hosts[host].agent.state_dir, "run",
+                            "managedvolumes", "{}_{}".format(engine.sd_id,
+                                                             vol_id))
+        if not device and (vol_id, host) in engine.saved:
+            problems.append("shim: no device saved for {} on {}".format(
+                vol_id, host))
+        elif device and device.get("managed_path") != mine:
+            problems.append("shim: saved device of {} on {} is another "
+                            "host's: {}".format(vol_id, host, device))
         if device and device.get("path") != conn_path:
             problems.append("shim: saved device of {} on {} is {}".format(
                 vol_id, host, device.get("path")))

@@ -1696,6 +1696,10 @@ def check(engine):
     if engine.kills:
         # A kill asked for and never used would hit a later step.
         problems.append("shim kills never used: {}".format(engine.kills))
+    if engine.before_attach:
+        # Likewise an event whose connect_volume never answered.
+        problems.append("events before an attach never run: {}".format(
+            sorted(engine.before_attach)))
     expected = engine.expected()
     volumes = {v: d for d in engine.disks.values() for v in d.volumes()}
     loops = engine.backend.loop_devices()

@@ -484,10 +484,10 @@ def _kill_point(steps, where):
 # (initialize_connection), after its conn_info (the volume's status
 # after it changes nothing the engine sees); save_device after its
 # write (killed before it, the engine sees the same failure and the
-# shim holds the same, less a device no flow reads).  The record exists
-# from the third on.  engine_kill_test kills the shim at every step of
-# connect, disconnect and delete; the flows, where what the engine or
-# the next command finds differs.
+# shim holds the device-less complete connection "completed" leaves).
+# The record exists from the third on.  engine_kill_test kills the
+# shim at every step of connect, disconnect and delete; the flows,
+# where what the engine or the next command finds differs.
 CONNECT_KILLS = {
     "start": "start",
     "exported": "create_export:after",

@@ -61,9 +61,12 @@ def test_new_database_is_private_wal_and_latest_version(tmp_path):
     conn.close()
 
 
-def test_connection_uses_full_sync_and_busy_timeout(db):
-    assert db._read("PRAGMA synchronous")[0][0] == 2  # FULL
-    assert db._read("PRAGMA busy_timeout")[0][0] == 30000
+def test_writer_commits_at_normal_in_wal_mode_with_a_busy_timeout(db):
+    # NORMAL: a durable write syncs the WAL itself (Store._sync).
+    assert db._conn.execute("PRAGMA synchronous").fetchone()[0] == 1
+    assert db._reader.execute("PRAGMA synchronous").fetchone()[0] == 2
+    for conn in (db._conn, db._reader):
+        assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 30000
 
 
 def test_add_get_update_remove_round_trip(db):
@@ -575,8 +578,9 @@ def _syncs(monkeypatch):
 
 
 def test_only_a_durable_write_is_synced_after_its_commit(db, monkeypatch):
-    # WAL mode: every commit is made with synchronous=NORMAL (no switch
-    # per write) and a durable write syncs the WAL after it.
+    # WAL mode: every commit is made with synchronous=NORMAL, set when
+    # the store was opened (no PRAGMA at a commit), and a durable write
+    # syncs the WAL after it.
     syncs = _syncs(monkeypatch)
     seen = _statements(db)
     db.add_volume(VOL, SD, CI)
@@ -587,8 +591,8 @@ def test_only_a_durable_write_is_synced_after_its_commit(db, monkeypatch):
     assert len(syncs) == 2
     db.remove_volume(VOL, durable=False)
     assert len(syncs) == 2
-    pragmas = [s for s in seen if s.startswith("PRAGMA synchronous")]
-    assert pragmas == ["PRAGMA synchronous = NORMAL"]
+    assert not [s for s in seen if s.startswith("PRAGMA")]
+    assert db._conn.execute("PRAGMA synchronous").fetchone()[0] == 1
     assert db.volumes() == []
 
 
@@ -725,18 +729,29 @@ def test_writes_commit_while_a_durable_write_syncs(db, monkeypatch):
     assert outcome == [True]
 
 
-def test_every_write_is_synced_without_wal(db):
+def test_every_write_is_synced_without_wal(tmp_path, monkeypatch):
     # synchronous=NORMAL may corrupt a rollback-journal database on a
     # power loss: a journal SQLite could not put in WAL mode (_connect
-    # warns) syncs every commit.
-    assert db._wal is True
-    db._wal = False
-    seen = _statements(db)
-    db.add_volume(VOL, SD, CI)
-    db.update_volume(VOL, state="attached", durable=False)
-    db.remove_volume(VOL, durable=False)
-    assert not any(s == "PRAGMA synchronous = NORMAL" for s in seen)
-    assert db.volumes() == []
+    # warns) syncs every commit (FULL), and no write syncs the WAL.
+    real = store._connect
+
+    def connect(path, busy_timeout):
+        conn = real(path, busy_timeout)
+        conn.execute("PRAGMA journal_mode = DELETE")
+        return conn
+
+    monkeypatch.setattr(store, "_connect", connect)
+    syncs = _syncs(monkeypatch)
+    with store.open(str(tmp_path / "mv.db")) as db:
+        assert db._wal is False
+        seen = _statements(db)
+        db.add_volume(VOL, SD, CI)
+        db.update_volume(VOL, state="attached", durable=False)
+        db.remove_volume(VOL, durable=False)
+        assert not [s for s in seen if s.startswith("PRAGMA")]
+        assert db._conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+        assert db.volumes() == []
+    assert syncs == []
 
 
 def test_a_write_keeps_the_run_slot_unless_it_must_wait(db, monkeypatch):

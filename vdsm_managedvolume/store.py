@@ -145,9 +145,10 @@ commit.  WAL plus ``busy_timeout`` makes several processes safe.
 What an attach+detach costs here (one caller): five writes (one with
 an fsync for a local device, two for any other), two reads (detach's
 record, and which records hold its device), no read before the
-attach's intent (``add_volume(exist_ok=True)``).  ``PRAGMA
-synchronous`` is set once (NORMAL in WAL mode, see above), not switched
-as writes need it (SQLite has no per-transaction setting).
+attach's intent (``add_volume(exist_ok=True)``).  The writer's ``PRAGMA
+synchronous`` is set once, when the store is opened (NORMAL in WAL mode,
+FULL without, see above), never at a commit (SQLite has no
+per-transaction setting).
 """
 
 import datetime
@@ -299,17 +300,20 @@ class Store:
             self._conn.close()
             raise
         self._read_lock = threading.Lock()
-        # Writes waiting for a commit (see _write), and the connection's
-        # current synchronous setting.
+        # Writes waiting for a commit (see _write).
         self._pending = []
         self._pending_lock = threading.Lock()
-        self._synchronous = "FULL"
         # A commit without fsync is safe in WAL mode only: in a rollback
         # journal, synchronous=NORMAL may corrupt the database on a power
         # loss, not just lose the last commits (SQLite's "PRAGMA
-        # synchronous").  _connect asks for WAL and warns if refused.
+        # synchronous").  _connect asks for WAL (warning if refused) and
+        # sets FULL: the writer's commits are made at NORMAL in WAL mode,
+        # for the life of the store (a durable write syncs the WAL
+        # itself: _sync).
         self._wal = self._conn.execute(
             "PRAGMA journal_mode").fetchone()[0].lower() == "wal"
+        if self._wal:
+            self._conn.execute("PRAGMA synchronous = NORMAL")
         # In WAL mode a durable write is synced after its commit, outside
         # the write lock (_sync): commits counted, the last count synced,
         # the WAL (SQLite's own name of it; its descriptor opened at the
@@ -544,7 +548,6 @@ class Store:
         Synced (synchronous=FULL) without WAL only."""
         try:
             conn = self._checked()
-            self._set_synchronous(conn, "NORMAL" if self._wal else "FULL")
             if len(batch) == 1:
                 # A lone write is its own transaction (autocommit: one
                 # statement instead of BEGIN, the write, COMMIT); it
@@ -638,11 +641,6 @@ class Store:
             "{}: its WAL could not be synced ({}); the journal is no "
             "longer known durable: restart the agent".format(
                 self.path, self._sync_error))
-
-    def _set_synchronous(self, conn, mode):
-        if mode != self._synchronous:
-            conn.execute("PRAGMA synchronous = " + mode)
-            self._synchronous = mode
 
     def _checked(self):
         if self._conn is None:

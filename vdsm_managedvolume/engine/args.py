@@ -820,15 +820,18 @@ def _connector(value):
     """A connector JSON object (a dict naming a "host"), or a plain host
     name (a str)."""
     if value.lstrip().startswith(("{", "@")):
+        # Here only: hosts imports this module (and ssl), and a host
+        # name, what the engine passes, needs none of it.
+        from . import hosts
         connector = _json_arg("connector", value, want=dict)
         _check_host(connector.get("host"), "connector")
-        conn_id = connector.get("connection_id", "-")
+        conn_id = connector.get(hosts.CONNECTION_ID, "-")
         if not (isinstance(conn_id, str) and conn_id):
-            raise errors.EngineUsage(
-                "connector's connection_id must be a non-empty string")
-        if not isinstance(connector.get("force", False), bool):
-            raise errors.EngineUsage("connector's force must be true or "
-                                     "false")
+            raise errors.EngineUsage("connector's {} must be a non-empty "
+                                     "string".format(hosts.CONNECTION_ID))
+        if not isinstance(connector.get(hosts.FORCE, False), bool):
+            raise errors.EngineUsage("connector's {} must be true or "
+                                     "false".format(hosts.FORCE))
         return connector
     if not value:
         raise errors.EngineUsage("connector host is empty")

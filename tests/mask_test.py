@@ -413,3 +413,24 @@ def test_cinders_other_secret_options_are_masked_by_key():
     for key in ("zadara_access_key", "synology_one_time_pass"):
         assert mask.is_secret_key(key)
         assert not mask.plainly_clean(key)
+
+
+@pytest.mark.parametrize("obj, secret", [
+    (CONN, True),
+    ({"driver_volume_type": "iscsi",
+      "data": {"options": [["auth_password", "pw"]]}}, True),
+    ({"data": {"conf": "[client.admin]\n\tkey = AQBsecret3=="}}, True),
+    ({"data": {"url": "postgresql://u:dbpw@127.0.0.1/db"}}, True),
+    ({"driver_volume_type": "iscsi",
+      "data": {"auth_method": "CHAP", "auth_username": "u",
+               "auth_password": "", "target_lun": 1,
+               "pair": ["target_lun", 1]}}, False),
+    ({"driver_volume_type": "rbd",
+      "data": {"secret_type": "ceph", "secret_uuid": "x"}}, False),
+    (None, False),
+])
+def test_holds_secret_is_whether_mask_hides_anything(obj, secret):
+    # What the journal asks of a record's values before it is deleted
+    # (store: a record that held a secret is scrubbed from its files).
+    assert mask.holds_secret(obj) is secret
+    assert (mask.mask(obj) != obj) is secret

@@ -825,3 +825,232 @@ def test_a_read_uses_the_free_writer_and_never_waits_for_a_commit(db):
     with held_elsewhere(db._lock):
         assert db.get_volume(VOL)["vol_id"] == VOL      # the reader's
         assert seen == []
+
+
+# Secrets in the journal's files
+
+SECRET = "Chap-S3cret-4c8f3bd6"
+CEPH_KEY = "AQBa1pVnAAAAABAAwG5jdW5yb3Vuc2VjcmV0MQ=="
+SECRET_CI = {"driver_volume_type": "iscsi",
+             "data": {"target_lun": 1, "auth_method": "CHAP",
+                      "auth_username": "admin", "auth_password": SECRET}}
+
+
+def _files_holding(path, secret=SECRET):
+    """Which of the journal's files hold ``secret``'s bytes."""
+    return sorted(suffix or "db" for suffix in ("", "-wal", "-shm")
+                  if os.path.exists(path + suffix)
+                  and secret.encode() in open(path + suffix, "rb").read())
+
+
+@pytest.fixture
+def scrub_db(tmp_path, monkeypatch):
+    """A store whose scrubs run only when the test calls ``_scrub``
+    (its timer never fires), with another connection open: SQLite's own
+    checkpoint at the last close, which also deletes the WAL, is not
+    what cleans the files (vdsm or a tool may have it open)."""
+    monkeypatch.setattr(store, "SCRUB_DELAY", 3600.0)
+    path = str(tmp_path / "mv.db")
+    s = store.open(path)
+    other = sqlite3.connect(path)
+    other.execute("SELECT count(*) FROM volumes").fetchone()
+    yield s
+    s.close()
+    other.close()
+
+
+def _secret_everywhere(db, ci=SECRET_CI):
+    """A record holding a secret in the database file (checkpointed) and
+    in WAL frames of several commits."""
+    db.add_volume(VOL, SD, ci)
+    db._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    db.update_volume(VOL, state="attached", attachment={"path": "/dev/x"})
+    db.update_volume(VOL, state="detaching", durable=False)
+    assert _files_holding(db.path) == ["-wal", "db"]
+
+
+def test_a_deleted_secret_leaves_the_journal_files_by_itself(tmp_path,
+                                                              monkeypatch):
+    from .agentutil import wait_for
+    monkeypatch.setattr(store, "SCRUB_DELAY", 0.05)
+    path = str(tmp_path / "mv.db")
+    other = sqlite3.connect(path)
+    try:
+        with store.open(path) as db:
+            _secret_everywhere(db)
+            db.add_volume(VOL2, SD, CI)
+            db.remove_volume(VOL)
+            wait_for(lambda: not db._scrub_due)
+            assert _files_holding(path) == []
+            # What is still recorded is still there.
+            assert [r["vol_id"] for r in db.volumes()] == [VOL2]
+            rows = other.execute("SELECT vol_id FROM volumes").fetchall()
+            assert rows == [(VOL2,)]
+    finally:
+        other.close()
+
+
+def test_the_delete_itself_does_not_scrub_and_one_scrub_serves_many(
+        scrub_db):
+    db = scrub_db
+    _secret_everywhere(db)
+    ids = [VOL2, "3d4b0fe1-6a69-4a2e-9f63-4c8f3bd6f0a1"]
+    for vol_id in ids:
+        db.add_volume(vol_id, SD, SECRET_CI)
+    seen = _statements(db)
+    db.remove_volume(VOL)
+    assert db._scrub_due and db._scrub_wanted
+    for vol_id in ids:
+        db.remove_volume(vol_id, durable=False)
+    assert not [s for s in seen if "wal_checkpoint" in s]
+    # What the scrub's thread does at the end of its delay: one scrub
+    # for the deletes of that delay.
+    db._scrub()
+    assert [s for s in seen if "wal_checkpoint" in s] == [
+        "PRAGMA wal_checkpoint(TRUNCATE)"]
+    assert not db._scrub_due
+    assert _files_holding(db.path) == []
+    assert os.path.getsize(db.path + "-wal") == 0
+
+
+def test_a_secret_carried_as_a_key_value_pair_is_scrubbed(scrub_db):
+    # mask.py masks a pair's value (["auth_password", "..."]): such a
+    # record held a secret too.
+    db = scrub_db
+    ci = {"driver_volume_type": "iscsi",
+          "data": {"target_lun": 1,
+                   "options": [["auth_password", SECRET]]}}
+    _secret_everywhere(db, ci)
+    db.remove_volume(VOL)
+    assert db._scrub_due
+    db._scrub()
+    assert _files_holding(db.path) == []
+
+
+def test_only_a_write_dropping_a_secret_schedules_a_scrub(scrub_db):
+    db = scrub_db
+    db.add_volume(VOL, SD, CI)
+    db.remove_volume(VOL)                   # no secret
+    db.add_volume(VOL, SD, SECRET_CI)
+    db.update_volume(VOL, state="attached", attachment={"path": "/dev/x"},
+                     path="/dev/x")         # the secret stays recorded
+    db.update_volume(VOL, connection_info=SECRET_CI)     # the same value
+    assert not db._scrub_due and not db._scrub_wanted
+    # An attachment holding a secret (RBD's conf, a Ceph key), replaced.
+    db.update_volume(VOL, attachment={
+        "conf": "[client.admin]\n\tkey = {}\n".format(CEPH_KEY)})
+    db.update_volume(VOL, attachment={"path": "/dev/x"})
+    assert db._scrub_due
+    db._scrub()
+    assert _files_holding(db.path, CEPH_KEY) == []
+    # The connection_info holding one, replaced.
+    db.update_volume(VOL, connection_info=CI)
+    assert db._scrub_due
+    db._scrub()
+    assert _files_holding(db.path) == []
+
+
+def test_close_scrubs_a_secret_deleted_just_before(scrub_db):
+    db = scrub_db
+    _secret_everywhere(db)
+    db.remove_volume(VOL)
+    assert db._scrub_due
+    db.close()
+    assert not db._scrub_due and not db._scrubber.is_alive()
+    # The other connection keeps the WAL: emptied, not deleted.
+    assert os.path.getsize(db.path + "-wal") == 0
+    assert _files_holding(db.path) == []
+
+
+KILLED_AFTER_DELETE = """
+import json, os, sys
+from vdsm_managedvolume import store
+store.SCRUB_DELAY = 3600.0
+db = store.open(sys.argv[1])
+db.add_volume(sys.argv[2], "sd", json.loads(sys.argv[3]))
+db._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+db.update_volume(sys.argv[2], state="attached", attachment={"path": "/x"})
+db.remove_volume(sys.argv[2])
+os._exit(0)     # killed before its scrub: no close
+"""
+
+
+def test_open_scrubs_what_a_process_killed_before_its_scrub_left(tmp_path):
+    path = str(tmp_path / "mv.db")
+    store.open(path).close()
+    subprocess.run([sys.executable, "-c", KILLED_AFTER_DELETE, path, VOL,
+                    json.dumps(SECRET_CI)], check=True, timeout=60)
+    assert _files_holding(path) == ["-wal", "db"]
+    with store.open(path) as db:
+        assert _files_holding(path) == []
+        assert not db._scrub_due and db.volumes() == []
+
+
+def test_a_scrub_a_reader_holds_off_is_made_again_later(scrub_db):
+    # A TRUNCATE checkpoint cannot restart the WAL under a reader: the
+    # scrub waits SCRUB_BUSY_MS for it, not the busy timeout (holding the
+    # write lock), and tries again later.
+    db = scrub_db
+    _secret_everywhere(db)
+    reader = sqlite3.connect(db.path, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM volumes").fetchone()
+        db.remove_volume(VOL)
+        db._scrub()
+        assert db._scrub_due and db._scrub_wanted
+        # The next attempt after a longer delay.
+        assert db._scrub_delay == min(2 * store.SCRUB_DELAY,
+                                      store.SCRUB_DELAY_MAX)
+        # Writes go on meanwhile.
+        db.add_volume(VOL2, SD, CI)
+        reader.execute("COMMIT")
+    finally:
+        reader.close()
+    db._scrub()
+    assert not db._scrub_due and db._scrub_delay == store.SCRUB_DELAY
+    assert _files_holding(db.path) == []
+    assert db._conn.execute("PRAGMA busy_timeout").fetchone()[0] == 30000
+
+
+def test_a_scrub_during_a_sync_keeps_the_durable_writes_wal(scrub_db,
+                                                             monkeypatch):
+    # The scrub truncates the WAL while a durable write's fdatasync runs
+    # outside the write lock: neither waits for the other, and the
+    # descriptor _sync holds still names the WAL SQLite writes next.
+    from .agentutil import wait_for
+    db = scrub_db
+    _secret_everywhere(db)
+    db.remove_volume(VOL, durable=False)
+    syncing = threading.Event()
+    go_on = threading.Event()
+    real = os.fdatasync
+
+    def slow_fdatasync(fd):
+        syncing.set()
+        assert go_on.wait(30)
+        return real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", slow_fdatasync)
+    outcome = []
+    writer = threading.Thread(
+        target=lambda: outcome.append(db.add_volume(VOL2, SD, CI)))
+    writer.start()
+    try:
+        wait_for(syncing.is_set)
+        db._scrub()
+        assert not db._scrub_due
+        assert os.path.getsize(db.path + "-wal") == 0
+        assert outcome == []
+    finally:
+        go_on.set()
+        writer.join(30)
+    assert outcome == [True]
+    monkeypatch.setattr(os, "fdatasync", real)
+    db.update_volume(VOL2, state="attached")
+    wal = os.stat(db.path + "-wal")
+    assert os.fstat(db._wal_fd).st_ino == wal.st_ino and wal.st_size > 0
+    assert _files_holding(db.path) == []
+    with store.open_read_only(db.path) as ro:
+        assert [(r["vol_id"], r["state"]) for r in ro.volumes()] == [
+            (VOL2, "attached")]

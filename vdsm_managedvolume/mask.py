@@ -183,6 +183,27 @@ def mask(obj, _depth=0):
     return obj
 
 
+def holds_secret(obj, _depth=0):
+    """Whether ``mask(obj)`` would hide anything in ``obj``: a value
+    under a secret key, a secret named by a ``[key, value]`` pair or an
+    argv's ``-v``, a secret's shape in a string, or nesting deeper than
+    MAX_DEPTH (which mask replaces unseen).  ``mask``'s walk, stopping
+    at the first secret, copying nothing.  The journal asks it of what
+    a record held (``store``): a record that held a secret is scrubbed
+    from the journal's files once deleted."""
+    if isinstance(obj, str):
+        return not plainly_clean(obj) and mask_text(obj) != obj
+    if isinstance(obj, (dict, list, tuple)) and _depth > MAX_DEPTH:
+        return True
+    if isinstance(obj, dict):
+        return any((is_secret_key(k) and _is_value(v))
+                   or holds_secret(v, _depth + 1) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return bool(_secret_items(obj)) or any(
+            holds_secret(v, _depth + 1) for v in obj)
+    return False
+
+
 def mask_text(text):
     """Mask ``password=...``-like shapes and URL passwords in free text."""
     if not text or not isinstance(text, str):

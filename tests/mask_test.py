@@ -434,3 +434,56 @@ def test_holds_secret_is_whether_mask_hides_anything(obj, secret):
     # (store: a record that held a secret is scrubbed from its files).
     assert mask.holds_secret(obj) is secret
     assert (mask.mask(obj) != obj) is secret
+
+
+def _invalid(data):
+    from vdsm_managedvolume import errors, validate
+    with pytest.raises(errors.InvalidParams) as e:
+        validate.transportable("connection_info.data", data)
+    return e.value
+
+
+@pytest.mark.parametrize("data, reason", [
+    ({"auth_password": 2**70}, "integer is outside the signed 64-bit"),
+    ({"auth_password": float("inf")}, "value is not a finite number"),
+    ({"auth_password": "pw\0"}, "value holds a NUL character"),
+    ({"discovery_auth_password": "\ud800"}, "value holds a lone UTF-16"),
+    ({"keyring": object()}, "object is not a JSON type"),
+])
+def test_a_masked_error_keeps_every_word_of_its_reason(log_lines, data,
+                                                       reason):
+    # "Invalid parameter connection_info.data.auth_password: <reason>":
+    # the parameter's name ends in a secret's key, and its colon was
+    # taken for the one before a value: the reason's first word was
+    # masked ("auth_password: ******** is outside the signed 64-bit
+    # range").  Only a secret's value is replaced; validate shows none.
+    error = _invalid(data)
+    text = str(error)
+    assert reason in text
+    assert mask.mask_text(text) == text
+    # As vdsm-client prints the answer (and masks it again).
+    shown = "(code={}, message={})".format(error.code, text)
+    assert mask.mask_text(shown) == shown
+    logger, lines = log_lines
+    logger.warning("Refused: %s", error)
+    assert lines[-1].endswith("Refused: " + text)
+
+
+def test_a_secret_in_an_invalid_parameters_reason_is_still_masked():
+    from vdsm_managedvolume import errors
+    error = errors.InvalidParams(
+        name="connection_info.data.auth_password",
+        reason="expected a string, got auth_password=hunter22 (see "
+               "postgresql://u:dbpw@db/engine)")
+    text = mask.mask_text(str(error))
+    assert "hunter22" not in text and "dbpw" not in text
+    assert text.startswith("Invalid parameter connection_info.data."
+                           "auth_password: expected a string, got ")
+    # Another message than InvalidParams': the value is masked.
+    for other in ("auth_password: hunter22",
+                  "Invalid parameter auth_password=hunter22",
+                  "NotInvalid parameter auth_password: hunter22",
+                  "Invalid parameter 'auth_password': 'hunter22'",
+                  "Invalid parameter auth_password: 'hunter22'",
+                  "Invalid parameter auth_password: b'hunter22'"):
+        assert "hunter22" not in mask.mask_text(other), other

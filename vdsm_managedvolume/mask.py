@@ -30,6 +30,16 @@ shapes in which such a key meets its value::
     admin:s3cret@10.0.0.1:3260      (user:password@host, no scheme)
     key = AQB...==  /  AQ<38 base64 chars>==      (a Ceph keyring)
 
+Only the values are replaced: every other word of the text stays.  In an
+error naming a parameter, ``Invalid parameter <name>: <reason>``
+(``errors.InvalidParams``), the name is a parameter's path, which may end
+in a secret's key (``connection_info.data.auth_password``), and the colon
+after it introduces the reason, not the parameter's value (``validate``
+never shows a secret's value there): the reason is scanned as any text,
+and its first word stays (it was masked as the "value" until
+2026-12-02: "auth_password: ******** is outside the signed 64-bit
+range").
+
 The text scan runs in linear time: the agent masks every request it logs,
 and a regular expression that backtracks quadratically on a 1 MB string of
 letters froze the whole agent for hours (the ``re`` module holds the GIL).
@@ -40,6 +50,8 @@ backtracking.
 
 import functools
 import re
+
+from . import errors
 
 MASK = "********"
 
@@ -334,6 +346,11 @@ def _mask_keys(text):
         if m is None:
             break
         start = m.end()
+        if _names_parameter(text, m):
+            # The reason follows: scanned from there, as any text.
+            out.append(text[pos:start])
+            pos = start
+            continue
         end, quote = _value_end(text, start, brackets)
         if end == start or (m.group("pairsep") is not None
                             and not _closes_pair(text, start, end, quote)):
@@ -348,6 +365,29 @@ def _mask_keys(text):
         pos = end
     out.append(text[pos:])
     return "".join(out)
+
+
+# What errors.InvalidParams' message puts before a parameter's name.
+_PARAM_PREFIX = errors.InvalidParams.msg.partition("{")[0]
+
+
+def _names_parameter(text, m):
+    """Whether the key ``m`` matched is the name of an InvalidParams
+    message (``Invalid parameter <name>: <reason>``), its colon the one
+    before the reason.  The name as validate writes it: a bare path
+    (``connection_info.data.auth_password``), never quoted; the reason
+    as it writes it: a word, then a space (a quoted text, a number
+    after the colon is taken for a value, as anywhere else)."""
+    at = m.start() - len(_PARAM_PREFIX)
+    return (at >= 0 and text.startswith(_PARAM_PREFIX, at)
+            and (at == 0 or not (text[at - 1].isalnum()
+                                 or text[at - 1] == "_"))
+            and (text[m.start()].isalnum() or text[m.start()] == "_")
+            and text[m.start():m.end()].rstrip().endswith(":")
+            and _REASON_START.match(text, m.end()) is not None)
+
+
+_REASON_START = re.compile(r"[A-Za-z]{1,32} ")
 
 
 def _closes_pair(text, start, end, quote):

@@ -222,6 +222,11 @@ def test_connection_info_leaves_the_fields_of_a_type_to_its_transport():
     ({"keyring": {"AQBsecretkeyname==": 1e400}}, "data.keyring[...]"),
     ({"discovery_auth_password": [float("nan")]},
      "data.discovery_auth_password[0]"),
+    # A secret a list names by the item before it, as mask hides it.
+    ({"options": [["auth_password", 99999999999999999999999]]},
+     "data.options[0][1]"),
+    ({"argv": ["-n", "node.session.auth.password", "-v",
+               99999999999999999999999]}, "data.argv[3]"),
 ])
 def test_a_value_under_a_secret_key_is_never_shown_in_the_error(data, name):
     # The error reaches the caller and the log (which masked only the

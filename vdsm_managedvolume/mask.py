@@ -187,7 +187,7 @@ def mask(obj, _depth=0):
                 for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         items = [mask(v, _depth + 1) for v in obj]
-        for i in _secret_items(obj):
+        for i in secret_items(obj):
             items[i] = MASK
         return items if isinstance(obj, list) else tuple(items)
     if isinstance(obj, str):
@@ -211,7 +211,7 @@ def holds_secret(obj, _depth=0):
         return any((is_secret_key(k) and _is_value(v))
                    or holds_secret(v, _depth + 1) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):
-        return bool(_secret_items(obj)) or any(
+        return bool(secret_items(obj)) or any(
             holds_secret(v, _depth + 1) for v in obj)
     return False
 
@@ -313,7 +313,7 @@ def plainly_clean(text):
     return True
 
 
-def _secret_items(seq):
+def secret_items(seq):
     """Indexes of the items of a list or tuple that are secrets named by
     a key before them: a (key, value) pair, or an argv naming the key
     and giving the value after ``-v`` (iscsiadm's ``-n

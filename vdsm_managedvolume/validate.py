@@ -156,8 +156,9 @@ def transportable(name, value):
     reason to hit Python's recursion limit here.
 
     Nothing under a secret key (``mask.is_secret_key``: auth_password,
-    keyring...) is ever shown in the error, neither a value nor a key:
-    the error reaches the caller and the log.
+    keyring...) nor a value a list names as a secret (``["auth_password",
+    value]``, ``mask.secret_items``) is ever shown in the error, neither
+    a value nor a key: the error reaches the caller and the log.
     """
     stack = [(name, value, mask.is_secret_key(name.rpartition(".")[2]))]
     while stack:
@@ -174,8 +175,12 @@ def transportable(name, value):
                               else path + "[...]", item,
                               secret or mask.is_secret_key(k)))
         elif isinstance(v, (list, tuple)):
+            # A secret named by the item before it (a [key, value] pair,
+            # an argv's "-v"), as mask hides it.
+            named = () if secret else mask.secret_items(v)
             for i, item in enumerate(v):
-                stack.append(("{}[{}]".format(path, i), item, secret))
+                stack.append(("{}[{}]".format(path, i), item,
+                              secret or i in named))
         elif isinstance(v, str):
             _check_text(path, v, "value")
         elif isinstance(v, bool) or v is None:

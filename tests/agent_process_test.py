@@ -492,6 +492,12 @@ def test_second_agent_on_the_same_state_refuses_naming_the_first(
         env=dict(os.environ, PYTHONPATH=REPO))
     # Exit 1: the unit restarts it (the first may be stopping).
     assert p.returncode == 1
+    # On its own stderr only: the first one's log file (the same file,
+    # for the same state) has none of the refused one's lines.
+    text = agent_proc.log()
+    assert "Cannot start" not in text
+    assert text.count("vdsm-managedvolume agent") == 1
+    assert "managedvolume-agent: Cannot start: " in p.stderr
     assert "another managedvolume-agent (pid {}) is running".format(
         agent_proc.proc.pid) in p.stderr
     # It never got far enough to touch the first one's socket.

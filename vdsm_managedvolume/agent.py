@@ -83,19 +83,33 @@ def main(argv=None):
         print("managedvolume-agent: {}".format(e), file=sys.stderr)
         return EXIT_CONFIG
     privileged.become_subreaper()
-    log.info("vdsm-managedvolume agent %s starting (config %s, state dir "
-             "%s)", __version__, cfg.source or "defaults",
-             cfg.state_dir or "-")
+    # Held until the agent stopped: a second agent on this state would
+    # reconcile under the first one's calls and, on exit, remove its
+    # control socket.  Taken before this agent logs anything: a second
+    # one, refused here, says so on its own stderr only, not in the log
+    # file of the agent holding the lock (the same file, for the same
+    # state).  That one may be stopping: systemd retries (exit 1).
     try:
+        lock_fd = _lock_agent(cfg)
+    except errors.Error as e:
+        print("managedvolume-agent: Cannot start: {}".format(e),
+              file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        log.info("vdsm-managedvolume agent %s starting (config %s, state "
+                 "dir %s)", __version__, cfg.source or "defaults",
+                 cfg.state_dir or "-")
         return _run(cfg, args.insecure)
     except errors.Error as e:
         # Found while starting (the port held by another process, TLS
-        # files not written yet at host deploy, another agent still
-        # stopping on this state, a name server not up yet): any of them
-        # may go away, so systemd retries (exit 1, not 2).
+        # files not written yet at host deploy, a name server not up
+        # yet): any of them may go away, so systemd retries (exit 1,
+        # not 2).
         log.error("Cannot start: %s", e)
         print("managedvolume-agent: {}".format(e), file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        os.close(lock_fd)
 
 
 class ControlSocket:
@@ -348,18 +362,11 @@ def _configure(args):
 
 
 def _run(cfg, insecure):
-    # Held until the agent stopped: a second agent on this state would
-    # reconcile under the first one's calls and, on exit, remove its
-    # control socket.
-    lock_fd = _lock_agent(cfg)
     # Before any thread starts (each inherits it), as vdsm pins itself.
     cpus = affinity.pin_agent(cfg.cpu_affinity)
     log.info("Running on CPUs %s ([agent] cpu_affinity = %s)",
              affinity.text(cpus), cfg.cpu_affinity or "(empty)")
-    try:
-        return _serve(cfg, insecure)
-    finally:
-        os.close(lock_fd)
+    return _serve(cfg, insecure)
 
 
 def _serve(cfg, insecure):

@@ -10,6 +10,7 @@ loop device.
 import json
 import os
 import select
+import shlex
 import signal
 import subprocess
 import sys
@@ -1393,6 +1394,46 @@ def test_helper_command_option_replaces_the_command(fresh_cfg):
     cmd = privileged.helper_command(fresh_cfg, "/tmp/x.sock")
     assert cmd[:3] == ["/usr/bin/my-helper", "--config-file", "/etc/x"]
     assert cmd[3] == "--privsep_context"
+
+
+# A daemon on another oslo.privsep
+
+# privsep-helper on an oslo.privsep whose Daemon.loop takes other
+# parameters: brick._fits refuses it, oslo's own executor serves.
+OTHER_OSLO_HELPER = """
+from oslo_privsep import daemon
+
+
+class Reshaped(daemon.Daemon):
+    def loop(self, *args):
+        return super().loop()
+
+
+daemon.Daemon = Reshaped
+daemon.helper_main()
+"""
+
+
+def test_oslo_privseps_own_executor_is_a_warning_in_the_services_log(
+        fresh_cfg, flow_records):
+    # Said when check_start found it, the line went to privsep-helper's
+    # output, which reaches the service's log at DEBUG ("privsep
+    # output: ..."): lost at the default level.
+    fresh_cfg.helper_command = " ".join(shlex.quote(arg) for arg in (
+        sys.executable, "-c", OTHER_OSLO_HELPER, "--config-file",
+        fresh_cfg.privsep_config))
+    b = privileged.Brick(fresh_cfg)
+    try:
+        with log.flow("flow-other-oslo"):
+            assert b.connector_properties()["multipath"] is True
+    finally:
+        b.stop()
+    said = [r for r in flow_records.records
+            if "its own executor runs the calls" in r.getMessage()]
+    assert [(r.levelname, r.flow_id) for r in said] == [
+        ("WARNING", "flow-other-oslo")]
+    assert "oslo.privsep 3.12.0's Daemon is not the one" in \
+        said[0].getMessage()
 
 
 # Flow ids on the daemon's lines

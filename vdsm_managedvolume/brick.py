@@ -307,9 +307,14 @@ def check_start(argv=None, environ=None, conf=None):
         if _fits(oslo_daemon.Daemon):
             oslo_daemon.Daemon = _Daemon
         else:
-            LOG.warning("oslo.privsep's Daemon is not the one this daemon's "
-                        "pool was written for: its own executor runs the "
-                        "calls")
+            # Said at the first call (_setup): logged now, the line would
+            # go to privsep-helper's output, which the service logs at
+            # DEBUG only, as "privsep output".
+            global _fallback
+            _fallback = ("oslo.privsep {}'s Daemon is not the one this "
+                         "daemon's pool was written for (oslo.privsep "
+                         "{}): its own executor runs the calls".format(
+                             _version("oslo.privsep"), OSLO_PRIVSEP_READ))
         return
     message = ("vdsm-managedvolume privsep daemon refuses to start: "
                + mask.mask_text(problem))
@@ -620,9 +625,10 @@ class _Daemon(oslo_daemon.Daemon):
     builds ``Daemon(channel, context)`` after importing this module), and
     only over an oslo.privsep Daemon whose methods it calls have the
     parameters it was written against (``_fits``): another keeps its own
-    executor.  tests/brick_test.py pins the hash of the ``loop`` copied
-    here (oslo.privsep 3.12.0): read another version's before trusting
-    it.
+    executor, and the daemon's first call says so at WARNING in the
+    service's log (``_setup``).  tests/brick_test.py pins the hash of
+    the ``loop`` copied here (oslo.privsep 3.12.0, ``OSLO_PRIVSEP_READ``):
+    read another version's before trusting it.
     """
 
     def __init__(self, channel, context):
@@ -651,6 +657,24 @@ class _Daemon(oslo_daemon.Daemon):
             self.calls.stop()
             self.calls.join()
         oslo_daemon.LOG.debug("Socket closed, shutting down privsep daemon")
+
+
+# The oslo.privsep whose Daemon ``_Daemon`` was read against (its loop's
+# hash is pinned in tests/brick_test.py).
+OSLO_PRIVSEP_READ = "3.12.0"
+
+# Why oslo.privsep's own Daemon serves instead of ``_Daemon`` (None: it
+# does not), for ``_setup`` to say once the daemon's lines reach the
+# service's log.
+_fallback = None
+
+
+def _version(dist):
+    from importlib import metadata
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _fits(daemon_class):
@@ -745,6 +769,9 @@ def _setup():
                        for f in handler.filters):
                 handler.filters.insert(0, _ThreadFlowFilter())
             log.install_filter(handler)
+        if _fallback is not None:
+            # In the service's log at WARNING (the channel carries it).
+            LOG.warning("%s", _fallback)
 
         from oslo_service import backend
         try:
@@ -767,11 +794,7 @@ def _setup():
         _install_cancellation()
         os_brick.setup(oslo_cfg.CONF)
 
-        from importlib import metadata
-        try:
-            version = metadata.version("os-brick")
-        except metadata.PackageNotFoundError:
-            version = "unknown"
+        version = _version("os-brick")
         _setup_info = {
             "os_brick": version,
             "lock_path": oslo_cfg.CONF.oslo_concurrency.lock_path,

@@ -2368,6 +2368,49 @@ def test_device_found_by_another_connect_is_not_disconnected(
     assert os.path.exists(svc.volumes_info([first])[0]["path"])
 
 
+def _attach_lines(caplog, vol_id):
+    return [(r.levelname, r.getMessage().split(":")[0])
+            for r in caplog.records
+            if r.getMessage().startswith("Attaching volume " + vol_id)]
+
+
+def test_an_attach_refused_for_the_callers_mistake_is_a_warning(
+        inproc_service, loop_device, monkeypatch, caplog):
+    # 927 (the device attached as another volume) and -32602 (a
+    # parameter the connector refused) are the caller's mistakes, not
+    # the host's failures: WARNING, not ERROR.  A failure stays ERROR.
+    svc = inproc_service
+    first, second = new_id(), new_id()
+    svc.attach_volume(first, iscsi_connection(
+        svc.cfg, fake_device=loop_device.path))
+    with caplog.at_level(logging.INFO, logger="managedvolume.service"):
+        with pytest.raises(errors.DeviceAttached):
+            svc.attach_volume(second, iscsi_connection(
+                svc.cfg, fake_device=loop_device.path))
+        assert _attach_lines(caplog, second) == [
+            ("WARNING", "Attaching volume {} failed".format(second))]
+
+        refused, failed = new_id(), new_id()
+        real = svc._brick.connect
+
+        def refusing(connection_info):
+            raise errors.InvalidParams(name="connection_info.data",
+                                       reason="refused by the connector")
+
+        monkeypatch.setattr(svc._brick, "connect", refusing)
+        with pytest.raises(errors.InvalidParams):
+            svc.attach_volume(refused, iscsi_connection(svc.cfg))
+        assert _attach_lines(caplog, refused) == [
+            ("WARNING", "Attaching volume {} failed".format(refused))]
+
+        monkeypatch.setattr(svc._brick, "connect", real)
+        with pytest.raises(errors.HelperFailed):
+            svc.attach_volume(failed, iscsi_connection(svc.cfg,
+                                                       fake_fail=True))
+        assert _attach_lines(caplog, failed) == [
+            ("ERROR", "Attaching volume {} failed".format(failed))]
+
+
 def test_failed_connect_names_the_missing_initiator_command(
         inproc_service, tmp_path, monkeypatch):
     # os-brick without iscsiadm says "Unable to find target portal"; the

@@ -103,6 +103,12 @@ faults.register(
 log = logging.getLogger("managedvolume.service")
 
 
+# Errors an attach is refused with for the caller's mistake, not the
+# host's failure: logged at WARNING (the call's FINISH line says the
+# code at INFO).
+_REFUSALS = (errors.AlreadyAttached, errors.InvalidParams)
+
+
 class Service:
 
     def __init__(self, cfg, brick=None):
@@ -402,7 +408,12 @@ class Service:
                         connection_info["driver_volume_type"])
                     if missing:
                         e.reason = "{} ({})".format(e.reason, missing)
-                log.error("Attaching volume %s failed: %s", vol_id, e)
+                # Refused for the caller's mistake (the device attached
+                # as another volume, 927; a parameter the connector
+                # refused, -32602): not a failure of this host.
+                log.log(logging.WARNING if isinstance(e, _REFUSALS)
+                        else logging.ERROR,
+                        "Attaching volume %s failed: %s", vol_id, e)
                 if live:
                     self._keep_attached(rec, sd_id, e)
                 else:

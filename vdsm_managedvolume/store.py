@@ -147,10 +147,12 @@ the WAL's frames).  So:
   syncs, and the new WAL header's at the next commit), 2.03 ->
   2.04-2.05 in a burst of 300 (``strace -c``; old and new alternating,
   load 2.6-4).
-- ``close`` makes a scrub still due (SQLite checkpoints at the close
-  of a journal's last connection only, and vdsm or a tool may have it
-  open), and every open of a writable store makes one (a process
-  killed before its scrub left the frames in the WAL).
+- ``close`` makes a scrub still due, once (SQLite checkpoints, without
+  truncating, at the close of a journal's last connection only, and
+  then deletes the WAL; vdsm or a tool may have it open), and every
+  open of a writable store makes one (a process killed before its
+  scrub left the frames in the WAL; a close-time scrub a reader held
+  off).
 - A reader holding the WAL (another connection inside a read) keeps
   the WAL from being truncated: the scrub waits ``SCRUB_BUSY_MS`` for
   it (not the busy timeout: it holds the write lock), and tries again
@@ -161,6 +163,11 @@ the WAL's frames).  So:
   commits a ``_sync`` running meanwhile was to make durable are durable
   either way, and the truncation keeps the file (its inode): the
   descriptor ``_sync`` holds still names the WAL SQLite writes next.
+  No scrub is made after a failed sync (its checkpoint would copy
+  pages that may never have reached the disk, then truncate the WAL
+  that shows the loss), and a scrub whose checkpoint fails with an I/O
+  error (one of its syncs) fails every durable write after it, as a
+  failed sync does (review-safety13b L1).
 
 Not reached: the blocks the file system frees at the truncation (until
 reused), backups and snapshots of the file, and what a version without
@@ -843,6 +850,15 @@ class Store:
         commits an fdatasync running meanwhile was to sync are durable
         either way; the truncation keeps the file (its inode), so the
         descriptor ``_sync`` holds names the WAL SQLite writes next."""
+        if self._sync_error is not None:
+            # No checkpoint of a WAL whose sync failed: it would copy
+            # pages that may never have reached the disk and truncate
+            # the WAL that would show the loss (see _sync).
+            log.warning("%s: deleted secrets are not scrubbed from the "
+                        "journal's files: its WAL could not be synced "
+                        "(%s); restart the agent", self.path,
+                        self._sync_error)
+            return False
         conn = self._conn
         done = False
         try:
@@ -854,6 +870,18 @@ class Store:
                 conn.execute("PRAGMA busy_timeout = {:d}".format(
                     self._busy_ms))
         except sqlite3.Error as e:
+            if _io_error(e):
+                # A sync of the checkpoint failed (SQLite consumed the
+                # kernel's one report): as a failed _sync, nothing
+                # durable is written after it.
+                with self._sync_lock:
+                    if self._sync_error is None:
+                        self._sync_error = e
+                log.error("%s: its WAL could not be checkpointed to scrub "
+                          "deleted secrets (%s): no durable write is made "
+                          "until the journal is opened again (restart the "
+                          "agent)", self.path, e)
+                return False
             log.warning("%s: its WAL could not be checkpointed to scrub "
                         "deleted secrets (%s); trying again later",
                         self.path, e)
@@ -1048,6 +1076,15 @@ def _connect_read_only(path, busy_timeout=BUSY_TIMEOUT):
                                isolation_level=None, check_same_thread=False)
     except sqlite3.Error as e:
         raise errors.StoreError("cannot open {}: {}".format(path, e))
+
+
+def _io_error(e):
+    """Whether the sqlite3 error ``e`` is SQLITE_IOERR (any of its
+    extended codes: a read, a write or a sync failed)."""
+    name = getattr(e, "sqlite_errorname", None)     # Python 3.11+
+    if name is not None:
+        return name.startswith("SQLITE_IOERR")
+    return "disk I/O error" in str(e)
 
 
 def _holds_secret(text):

@@ -216,6 +216,24 @@ def holds_secret(obj, _depth=0):
     return False
 
 
+def secret_items(seq):
+    """Indexes of the items of a list or tuple that are secrets named by
+    a key before them: a (key, value) pair, or an argv naming the key
+    and giving the value after ``-v`` (iscsiadm's ``-n
+    node.session.auth.password -v s3cret``)."""
+    found = []
+    for i, item in enumerate(seq):
+        if not (isinstance(item, str) and is_secret_key(
+                item.rsplit(".", 1)[-1])):
+            continue
+        if (i + 2 < len(seq) and seq[i + 1] in ("-v", "--value")
+                and _is_value(seq[i + 2])):
+            found.append(i + 2)
+        elif len(seq) == 2 and i == 0 and _is_value(seq[1]):
+            found.append(1)
+    return found
+
+
 def mask_text(text):
     """Mask ``password=...``-like shapes and URL passwords in free text."""
     if not text or not isinstance(text, str):
@@ -311,24 +329,6 @@ def plainly_clean(text):
         if marker in lowered:
             return False
     return True
-
-
-def secret_items(seq):
-    """Indexes of the items of a list or tuple that are secrets named by
-    a key before them: a (key, value) pair, or an argv naming the key
-    and giving the value after ``-v`` (iscsiadm's ``-n
-    node.session.auth.password -v s3cret``)."""
-    found = []
-    for i, item in enumerate(seq):
-        if not (isinstance(item, str) and is_secret_key(
-                item.rsplit(".", 1)[-1])):
-            continue
-        if (i + 2 < len(seq) and seq[i + 1] in ("-v", "--value")
-                and _is_value(seq[i + 2])):
-            found.append(i + 2)
-        elif len(seq) == 2 and i == 0 and _is_value(seq[1]):
-            found.append(1)
-    return found
 
 
 def _is_value(v):

@@ -34,11 +34,13 @@ Only the values are replaced: every other word of the text stays.  In an
 error naming a parameter, ``Invalid parameter <name>: <reason>``
 (``errors.InvalidParams``), the name is a parameter's path, which may end
 in a secret's key (``connection_info.data.auth_password``), and the colon
-after it introduces the reason, not the parameter's value (``validate``
-never shows a secret's value there): the reason is scanned as any text,
-and its first word stays (it was masked as the "value" until
-2026-12-02: "auth_password: ******** is outside the signed 64-bit
-range").
+after it introduces the reason, not the parameter's value: ``validate``
+never shows a secret's value there.  Such a reason is scanned as any text
+and keeps its first word (masked as the "value" until 2026-12-02:
+"auth_password: ******** is outside the signed 64-bit range") when that
+word is one this package's reasons start with (``_REASON_WORDS``); in
+other text of that shape (a storage array's "Invalid parameter
+chap_secret: <secret> must be ...") it is masked.
 
 The text scan runs in linear time: the agent masks every request it logs,
 and a regular expression that backtracks quadratically on a 1 MB string of
@@ -376,18 +378,33 @@ def _names_parameter(text, m):
     message (``Invalid parameter <name>: <reason>``), its colon the one
     before the reason.  The name as validate writes it: a bare path
     (``connection_info.data.auth_password``), never quoted; the reason
-    as it writes it: a word, then a space (a quoted text, a number
-    after the colon is taken for a value, as anywhere else)."""
+    as this package writes one: starting with one of ``_REASON_WORDS``.
+    Anything else after the colon (a quoted text, a number, another
+    word: a storage array's "Invalid parameter chap_secret: <secret>
+    must be ...") is taken for a value, as anywhere else."""
     at = m.start() - len(_PARAM_PREFIX)
     return (at >= 0 and text.startswith(_PARAM_PREFIX, at)
             and (at == 0 or not (text[at - 1].isalnum()
                                  or text[at - 1] == "_"))
             and (text[m.start()].isalnum() or text[m.start()] == "_")
             and text[m.start():m.end()].rstrip().endswith(":")
-            and _REASON_START.match(text, m.end()) is not None)
+            and _reason_starts(text, m.end()))
 
 
-_REASON_START = re.compile(r"[A-Za-z]{1,32} ")
+# The words the reasons of this package's InvalidParams start with
+# (validate, schema, the transports): "expected a string, got number",
+# "integer is outside the signed 64-bit range", "value holds a NUL
+# character", "key (not shown) is not a string", "missing", "unknown
+# property of ...", "must be an object ...", "matches none of ...",
+# "nested deeper than ...", "not a UUID".
+_REASON_WORDS = frozenset(("expected", "integer", "value", "key", "missing",
+                           "unknown", "must", "matches", "nested", "not"))
+_REASON_WORD = re.compile(r"[a-z]{1,16}(?![\w])")
+
+
+def _reason_starts(text, at):
+    m = _REASON_WORD.match(text, at)
+    return m is not None and m.group() in _REASON_WORDS
 
 
 def _closes_pair(text, start, end, quote):

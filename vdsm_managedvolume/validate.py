@@ -201,7 +201,7 @@ def transportable(name, value):
                                              _HIDDEN if secret else ""))
         else:
             raise errors.InvalidParams(
-                name=path, reason="{} is not a JSON type".format(
+                name=path, reason="value of type {} is not a JSON type".format(
                     type(v).__name__))
     return value
 

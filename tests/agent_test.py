@@ -125,3 +125,26 @@ def test_help_says_how_to_stop_it_and_shows_examples(capsys):
     assert len(examples) >= 2
     for argv in examples:
         agent._parse_args(argv)     # each example is valid syntax
+
+
+def test_the_agent_lock_held_is_told_from_a_lock_file_that_cannot_open(
+        tmp_path):
+    # Only the first keeps a second agent's lines out of the log (its
+    # 'Cannot start' goes to its own stderr); the second is this agent's
+    # own trouble, logged (review-safety13b L6).
+    cfg = agentutil.make_config(tmp_path / "state")
+    fd = agent._lock_agent(cfg)
+    try:
+        with pytest.raises(errors.AgentRunning) as e:
+            agent._lock_agent(cfg)
+        assert "another managedvolume-agent (pid {}) is running".format(
+            os.getpid()) in str(e.value)
+    finally:
+        os.close(fd)
+    blocked = agentutil.make_config(tmp_path / "other")
+    os.makedirs(os.path.dirname(blocked.state_run_dir), exist_ok=True)
+    with open(blocked.state_run_dir, "w"):
+        pass
+    with pytest.raises(errors.ConfigError) as e:
+        agent._lock_agent(blocked)
+    assert not isinstance(e.value, errors.AgentRunning)

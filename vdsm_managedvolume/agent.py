@@ -91,9 +91,14 @@ def main(argv=None):
     # state).  That one may be stopping: systemd retries (exit 1).
     try:
         lock_fd = _lock_agent(cfg)
-    except errors.Error as e:
+    except errors.AgentRunning as e:
         print("managedvolume-agent: Cannot start: {}".format(e),
               file=sys.stderr)
+        return EXIT_FAILED
+    except errors.Error as e:
+        # The lock file cannot be opened: this agent's own trouble.
+        log.error("Cannot start: %s", e)
+        print("managedvolume-agent: {}".format(e), file=sys.stderr)
         return EXIT_FAILED
     try:
         log.info("vdsm-managedvolume agent %s starting (config %s, state "
@@ -442,8 +447,8 @@ def _serve(cfg, insecure):
 
 def _lock_agent(cfg):
     """Take ``state_run_dir/agent.lock`` for this process's life (the fd
-    is returned and must stay open); ConfigError naming the process that
-    holds it."""
+    is returned and must stay open); AgentRunning naming the process
+    that holds it, ConfigError when the file cannot be opened."""
     path = cfg.agent_lock_file
     try:
         os.makedirs(cfg.state_run_dir, mode=0o755, exist_ok=True)
@@ -459,11 +464,8 @@ def _lock_agent(cfg):
             other = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
         finally:
             os.close(fd)
-        raise errors.ConfigError(
-            "another managedvolume-agent (pid {}) is running on {} (it "
-            "holds {}); stop it first, or give this one another "
-            "--state-dir".format(other or "unknown", cfg.state_run_dir,
-                                 path))
+        raise errors.AgentRunning(pid=other or "unknown",
+                                  run_dir=cfg.state_run_dir, path=path)
     os.ftruncate(fd, 0)
     os.pwrite(fd, "{}\n".format(os.getpid()).encode(), 0)
     return fd

@@ -305,6 +305,15 @@ class ConfigError(Error):
     msg = "Configuration error: {self.reason}"
 
 
+class AgentRunning(ConfigError):
+    """Another agent holds the agent lock of this state directory (its
+    pid in ``pid``, the lock file in ``path``)."""
+
+    msg = ("Configuration error: another managedvolume-agent (pid "
+           "{self.pid}) is running on {self.run_dir} (it holds {self.path}); "
+           "stop it first, or give this one another --state-dir")
+
+
 # Engine shim (the cinderlib client).  ovirt-engine reads only the
 # "error:<text>" line and the exit code, so these carry no wire code of
 # their own; they exist so that the shim, too, raises meaning.

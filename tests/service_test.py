@@ -2532,3 +2532,76 @@ def test_a_detach_syncs_its_intent_for_a_record_of_an_unknown_boot(
     svc.detach_volume(vol_id)
     assert synced == [["UPDATE"]]
     assert records(svc) == []
+
+
+@pytest.mark.parametrize("again", ["other connection", "detach left"])
+def test_an_attach_held_by_an_earlier_records_running_connect_is_931_kept(
+        inproc_service, inproc_brick, monkeypatch, again):
+    # An attach must first detach the volume's earlier record (another
+    # connection_info, or a detach left unfinished) whose cut connect
+    # left a login running: the disconnect is not run.  The attach fails
+    # with DetachFirst (931) saying so, the journal keeps the earlier
+    # record as the refused detach left it and nothing of this attach,
+    # and the record is tried again every RETRY_KEPT until the login
+    # ended.  Before, it failed with "Privileged disconnect not run" and
+    # the record stayed until someone detached it by hand.
+    svc = inproc_service
+    monkeypatch.setattr(service, "RETRY_KEPT", 0.05)
+    vol_id, old = new_id(), iscsi_connection(svc.cfg)
+    connect, disconnect = inproc_brick.connect, inproc_brick.disconnect
+    # Cut at its deadline, and so was its rollback's disconnect (a
+    # daemon killed at the deadline): the record stays 'attaching', not
+    # kept for retries (nothing said a login still runs).
+    monkeypatch.setattr(inproc_brick, "connect", raising(
+        errors.HelperTimeout(operation="connect", timeout=1.0)))
+    monkeypatch.setattr(inproc_brick, "disconnect", raising(
+        errors.HelperTimeout(operation="disconnect", timeout=1.0)))
+    with pytest.raises(errors.HelperTimeout):
+        svc.attach_volume(vol_id, old)
+    monkeypatch.setattr(inproc_brick, "connect", connect)
+    inproc_brick.calls.clear()
+    if again == "detach left":
+        svc._db().update_volume(vol_id, state="detaching")
+    [before] = records(svc)
+    assert before["connecting"] and vol_id not in svc._kept
+    login = threading.Event()
+    tried = []
+
+    def held(connection_info, attachment, connecting=True):
+        tried.append(connection_info)
+        if not login.is_set():
+            raise errors.EarlierConnectRunning(
+                operation="disconnect", timeout=1.0,
+                running="an earlier connect of this connection still runs "
+                "(iscsiadm --login pid 7, running for 9 s)")
+        return disconnect(connection_info, attachment, connecting)
+
+    monkeypatch.setattr(inproc_brick, "disconnect", held)
+    new = old if again == "detach left" else iscsi_connection(svc.cfg)
+    with pytest.raises(errors.DetachFirst) as e:
+        svc.attach_volume(vol_id, new, sd_id=SD)
+    assert e.value.code == 931
+    message = str(e.value)
+    assert vol_id in message
+    assert "'{}', iscsi, sd_id {}, made in this boot".format(
+        before["state"], validate.BLANK_UUID) in message
+    assert "iscsiadm --login pid 7" in message
+    assert "detaches it again every" in message
+    assert "chap-secret" not in message
+    [rec] = records(svc)
+    assert {k: v for k, v in rec.items() if k not in ("state", "updated")} \
+        == {k: v for k, v in before.items() if k not in ("state", "updated")}
+    assert rec["state"] == "detaching"
+    assert [c for c in inproc_brick.calls if c[0] == "connect"] == []
+    assert tried == [old]
+    # Kept: tried again (refused, nothing run) until the login ended.
+    deadline = time.monotonic() + 30
+    while len(tried) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert records(svc)
+    login.set()
+    while records(svc) or svc._kept_thread is not None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert svc.attach_volume(vol_id, new, sd_id=SD)["path"]

@@ -24,6 +24,9 @@ their meaning; 930-935 are ours (documented in the schema YAML too):
          StillRunning          (931) and part of it may still run
          EarlierConnectRunning (931) a disconnect not run: an earlier
                                connect's login or map still runs
+         DetachFirst           (931) an attach not run: the volume's
+                               earlier record must be detached first,
+                               and what its connect started still runs
     932  VolumeBusy            another operation holds the volume's lock
     933  AgentBusy             every worker of the agent is in use, or
                                max_operations attaches/detaches/
@@ -240,6 +243,28 @@ class EarlierConnectRunning(StillRunning):
     later disconnect."""
 
     msg = "Privileged {self.operation} not run: {self.running}"
+
+
+class DetachFirst(HelperTimeout):
+    """An attach not run: the volume has an earlier record (another
+    connection_info, or a detach left unfinished) that must be detached
+    first, and that detach cannot run yet because what an earlier
+    connect of it started still runs (``StillRunning``: a login or map,
+    threads of the daemon).  Nothing of this attach is recorded; the
+    earlier record stays 'detaching' and the service detaches it again
+    every ``every`` seconds (``service.RETRY_KEPT``) until that ended.
+    ``record`` describes the earlier record (state, driver type, sd_id,
+    boot; never its connection_info), ``running`` what still runs."""
+
+    msg = ("Volume {self.vol_id} was not attached: its earlier record "
+           "({self.record}) must be detached first, and that detach "
+           "cannot run yet: {self.running}. Nothing of this attach was "
+           "recorded; the earlier record stays 'detaching' and the "
+           "service detaches it again every {self.every:g} s while it "
+           "runs. Attach again once 'managedvolume-tool list' no longer "
+           "shows the volume (once what runs ended, a detach of the "
+           "volume or 'managedvolume-tool reconcile --apply' finishes "
+           "it at once)")
 
 
 class VolumeBusy(Error):

@@ -259,6 +259,11 @@ class Service:
         not the one recorded (its WWN, serial or loop backing file;
         ``_check_recorded``): it may belong to something else, it is not
         disconnected nor given to qemu's user.
+        DetachFirst (931) when an earlier record of the volume that must
+        be detached first (another connection_info, or a detach left
+        unfinished) cannot be yet: what an earlier connect of it started
+        still runs (``_detach_first``); nothing is connected, the record
+        stays 'detaching' and the service detaches it once that ended.
         On failure everything done is undone and nothing
         stays recorded (unless the undo itself failed: then the record
         stays 'attaching' for reconcile), except over a record of this
@@ -764,12 +769,12 @@ class Service:
                      "connection_info that is not attached (%s); removing "
                      "it first", vol_id, rec["state"],
                      self._stale_reason(rec, boot_id) or "no device")
-            self._detach(rec)
+            self._detach_first(rec, same_boot)
             return None, True, False
         if rec["state"] == "detaching":
             log.info("Volume %s was being detached; finishing that first",
                      vol_id)
-            self._detach(rec)
+            self._detach_first(rec, same_boot)
             return None, True, False
         if changed and same_boot:
             log.error("Not attaching volume %s: the device at %s is not "
@@ -805,6 +810,30 @@ class Service:
             # be using its device: the rule is qemu's ownership).
             self._silent_remove_link_and_rule(rec["sd_id"], vol_id)
         return rec, False, live
+
+    def _detach_first(self, rec, same_boot):
+        """Detach ``rec``, the earlier record an attach must remove before
+        it connects (``_reuse``).  When that detach cannot run yet
+        because what an earlier connect of the record started still runs
+        (StillRunning: a login or map, threads of the daemon; its cut
+        connect's privsep call has not returned), the attach fails with
+        DetachFirst (931) naming the volume, the record and what runs:
+        the journal holds the earlier record as the refused detach left
+        it ('detaching', nothing else changed), nothing of this attach,
+        and the record is kept for the service's retries
+        (``_retry_later``), which detach it once that ended.
+        ``same_boot``: whether ``rec`` was made in this boot."""
+        made = "made in this boot" if same_boot else "made in another boot"
+        try:
+            self._detach(rec)
+        except errors.StillRunning as e:
+            self._retry_later(rec["vol_id"], e)
+            info = rec["connection_info"] or {}
+            raise errors.DetachFirst(
+                vol_id=rec["vol_id"], every=RETRY_KEPT, running=e.running,
+                record="'{}', {}, sd_id {}, {}".format(
+                    rec["state"], info.get("driver_volume_type"),
+                    rec["sd_id"], made)) from None
 
     def _boot(self):
         return boot.current(self.cfg)

@@ -2605,3 +2605,33 @@ def test_an_attach_held_by_an_earlier_records_running_connect_is_931_kept(
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert svc.attach_volume(vol_id, new, sd_id=SD)["path"]
+
+
+def test_a_failed_rbd_reattach_deletes_both_confs_before_forgetting_it(
+        inproc_service, inproc_brick, monkeypatch):
+    # The rollback of a failed attach again over a record whose device
+    # went deletes the ceph confs of both connects (the first attach's,
+    # the one this connect wrote) before it forgets the record: a crash
+    # between the two then leaves a record naming them (the next detach
+    # or reconcile clears it), never confs holding the keyring that no
+    # record names.  Before, they were deleted after the record went.
+    svc = inproc_service
+    vol_id, ci = new_id(), rbd_connection(svc.cfg)
+    first = svc.attach_volume(vol_id, ci)
+    os.unlink(first["path"])
+    monkeypatch.setattr(svc, "_add_link",
+                        raising(OSError(28, "No space left on device")))
+    db = svc._db()
+    remove = db.remove_volume
+    left = []
+
+    def remove_volume(vol_id, durable=True):
+        left.append(fakebrick.confs())
+        return remove(vol_id, durable=durable)
+
+    monkeypatch.setattr(db, "remove_volume", remove_volume)
+    with pytest.raises(OSError):
+        svc.attach_volume(vol_id, ci)
+    assert left == [[]]
+    assert records(svc) == []
+    assert not os.path.exists(first["attachment"]["conf"])

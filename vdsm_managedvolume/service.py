@@ -426,9 +426,11 @@ class Service:
                         vol_id, sd_id, connection_info,
                         earlier if attachment is None else attachment, e,
                         connecting=unfinished or (
-                            attachment is None and _cut(e)))
-                # The RBD confs of both connects that the record, if any
-                # is left, no longer names (review-fix9 hostfix-L1).
+                            attachment is None and _cut(e)),
+                        confs=(earlier, attachment))
+                # The RBD confs of both connects that the record, if one
+                # is left, no longer names (review-fix9 hostfix-L1); a
+                # rollback forgetting the record deleted them first.
                 self._drop_unnamed_confs(vol_id, earlier, attachment)
                 raise
             if moved:
@@ -1215,11 +1217,18 @@ class Service:
                             path, e)
 
     def _rollback(self, vol_id, sd_id, connection_info, attachment,
-                  error=None, connecting=True):
+                  error=None, connecting=True, confs=()):
         """Undo a failed attach (``error``: why it failed), logging (not
         raising) cleanup errors.  ``connecting``: a connect of it may not
         have completed (store.py): the disconnect waits for the commands
-        an earlier daemon left.
+        an earlier daemon left.  ``confs``: the attachments of the
+        attach's connects (the record's earlier one, the one this
+        connect returned; None for one not made or not returned), whose
+        RBD ceph confs (holding the keyring) are deleted before the
+        record is forgotten: a crash in between leaves a record naming
+        them, which the next detach or reconcile clears, not confs no
+        record names, which only a start sweeping for that keyring
+        would find (``_sweep_confs``).
 
         The record goes if the disconnect worked, or when nothing can be
         connected: the device was another volume's (DeviceAttached: not
@@ -1249,7 +1258,7 @@ class Service:
         if isinstance(error, errors.DeviceAttached):
             log.warning("Not disconnecting volume %s: its device belongs "
                         "to volume %s", vol_id, error.other)
-            self._silent_remove(vol_id)
+            self._forget_attach(vol_id, confs)
             return
         if isinstance(error, errors.StillRunning):
             # Cut at its deadline while part of its connect still runs
@@ -1265,18 +1274,26 @@ class Service:
         failure = self._silent_disconnect(vol_id, connection_info,
                                           attachment, connecting)
         if failure is None:
-            self._silent_remove(vol_id)
+            self._forget_attach(vol_id, confs)
         elif (isinstance(error, errors.ConnectorFailed)
               and isinstance(failure, errors.ConnectorFailed)):
             log.warning("Forgetting volume %s: its connect failed (%s) and "
                         "so does its disconnect (%s); nothing is known to "
                         "be connected", vol_id, error, failure)
-            self._silent_remove(vol_id)
+            self._forget_attach(vol_id, confs)
         else:
             log.warning("Keeping the 'attaching' record of volume %s: "
                         "reconcile will disconnect it", vol_id)
             if isinstance(failure, errors.StillRunning):
                 self._retry_later(vol_id, failure)
+
+    def _forget_attach(self, vol_id, confs):
+        """A rolled back attach's last step: delete the RBD confs of its
+        connects (``confs``: attachments, see ``_rollback``), then forget
+        its record.  Logged, not raised."""
+        for attachment in confs:
+            self._drop_conf(vol_id, attachment, None)
+        self._silent_remove(vol_id)
 
     def _silent_disconnect(self, vol_id, connection_info, attachment,
                            connecting=True):

@@ -33,11 +33,13 @@ Special cases, all here:
   given the temp dir).  So is the one a disconnect is given when the
   device was already gone (os-brick deletes it only after ``rbd
   unmap``), and those of a failed attach that no record names
-  (``service._drop_unnamed_confs``).  What a crash or a connect cut
-  after os-brick wrote its conf leaves, the service's next start
-  deletes (``service._sweep_confs``): confs no record names, older than
-  ``[privsep] timeout`` + 60 s, made by root, holding a keyring of one
-  of its records (the daemon reads it: another program's confs stay).
+  (``service._drop_unnamed_confs``; a rollback forgetting the record
+  deletes them before it does: ``service._forget_attach``).  What a
+  crash or a connect cut after os-brick wrote its conf leaves, the
+  service's next start deletes (``service._sweep_confs``): confs no
+  record names, older than ``[privsep] timeout`` + 60 s, made by root,
+  holding a keyring of one of its records (the daemon reads it:
+  another program's confs stay).
   os-brick gives a disconnect's conf to ``rbd`` as root and deletes it,
   so the daemon refuses a disconnect whose attachment names any conf
   but one os-brick could have written (named so, a regular file of its

@@ -2635,3 +2635,154 @@ def test_a_failed_rbd_reattach_deletes_both_confs_before_forgetting_it(
     assert left == [[]]
     assert records(svc) == []
     assert not os.path.exists(first["attachment"]["conf"])
+
+
+def ceph_conf(keyring, mtime):
+    """A ceph conf holding ``keyring`` as os-brick's RBD connector writes
+    it (tempfile.mkstemp("brickrbd_")), last written at ``mtime``."""
+    import tempfile
+    fd, path = tempfile.mkstemp(prefix="brickrbd_")
+    with os.fdopen(fd, "w") as f:
+        f.write("[global]\nmon_host = 192.0.2.2:6789\n" + keyring + "\n")
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def old_enough(svc):
+    """An mtime the sweeps judge: older than any connect in flight."""
+    return time.time() - svc.cfg.timeout - service.CONF_SWEEP_MARGIN - 60
+
+
+def fake_clock(svc):
+    """Put a fake clock (a one-item list: now) in ``svc``'s scheduler."""
+    now = [time_now()]
+    svc._later.clock = lambda: now[0]
+    return now
+
+
+def new_keyring():
+    return "[client.sweep]\n\tkey = AQB{}==".format(new_id())
+
+
+def test_a_ceph_conf_too_young_at_start_is_looked_at_again_once_old(
+        inproc_service, inproc_brick):
+    # The start's sweep cannot judge a conf younger than any connect in
+    # flight could be: it is looked at again once old enough (one
+    # scheduler thread), then deleted if still named by no record.
+    # Before, it was skipped until the next start.
+    svc = inproc_service
+    keyring = new_keyring()
+    vol_id = new_id()
+    svc.attach_volume(vol_id, rbd_connection(svc.cfg, keyring=keyring))
+    young = ceph_conf(keyring, time.time())
+    again = service.Service(svc.cfg, brick=inproc_brick)
+    try:
+        again.start()
+        assert os.path.exists(young)
+        [due] = [d for d, k in again._later.pending()
+                 if k == ("conf", young)]
+        now = fake_clock(again)
+        assert due - now[0] <= svc.cfg.timeout + service.CONF_SWEEP_MARGIN + 1
+        old = old_enough(svc)
+        os.utime(young, (old, old))        # time went by
+        now[0] = due
+        assert again._later.settle(30)
+        assert not os.path.exists(young)
+        assert [k for _, k in again._later.pending()
+                if k == ("conf", young)] == []
+    finally:
+        again.close()
+        if os.path.exists(young):
+            os.unlink(young)
+
+
+def test_the_conf_a_cut_rbd_connect_writes_after_its_record_went_is_swept(
+        inproc_service, inproc_brick, monkeypatch):
+    # A connect cut at its deadline may still write its ceph conf after
+    # the rollback forgot its record, under a name nobody learns: its
+    # keyring is swept [privsep] timeout + 61 s after the record went,
+    # by the one scheduler thread that holds every pending sweep (a
+    # second cut connect of the same keyring pushes it back, adding no
+    # thread).  Before, that conf stayed until a start with a record
+    # holding the keyring.
+    svc = inproc_service
+    now = fake_clock(svc)
+    keyring = new_keyring()
+    monkeypatch.setattr(inproc_brick, "connect", raising(
+        errors.HelperTimeout(operation="connect", timeout=1.0)))
+    vol_id = new_id()
+    ci = rbd_connection(svc.cfg, keyring=keyring)
+    with pytest.raises(errors.HelperTimeout):
+        svc.attach_volume(vol_id, ci)
+    assert records(svc) == []
+    late = ceph_conf(keyring, time.time())
+    try:
+        wait = svc.cfg.timeout + service.CONF_SWEEP_MARGIN + 1
+        assert [d for d, k in svc._later.pending()
+                if k == ("keyring", keyring)] == [now[0] + wait]
+        now[0] += 10
+        with pytest.raises(errors.HelperTimeout):
+            svc.attach_volume(new_id(), rbd_connection(svc.cfg,
+                                                       keyring=keyring))
+        assert [d for d, k in svc._later.pending()
+                if k == ("keyring", keyring)] == [now[0] + wait]
+        assert [t.name for t in threading.enumerate()].count(
+            "conf-sweeps") == 1
+        now[0] += wait - 1
+        assert svc._later.settle(30)
+        assert os.path.exists(late)         # not yet
+        old = old_enough(svc)
+        os.utime(late, (old, old))          # time went by
+        now[0] += 1
+        assert svc._later.settle(30)
+        assert not os.path.exists(late)
+    finally:
+        if os.path.exists(late):
+            os.unlink(late)
+
+
+def test_a_sweep_never_deletes_the_conf_of_an_attach_in_flight(
+        inproc_service, inproc_brick, monkeypatch):
+    # An RBD attach whose connect wrote its conf but whose record does
+    # not name it yet: a sweep running then leaves it alone, whatever
+    # its age says (here a clock stepped forward makes it look older
+    # than any connect), and looks at it again later, when the record
+    # names it.  Before, the sweep deleted it (the keyring a record
+    # holds, named by none) and the attach recorded a conf gone.
+    svc = inproc_service
+    keyring = new_keyring()
+    connected, go, written = threading.Event(), threading.Event(), []
+    connect = inproc_brick.connect
+
+    def held(connection_info):
+        attachment = connect(connection_info)
+        old = old_enough(svc)
+        os.utime(attachment["conf"], (old, old))
+        written.append(attachment["conf"])
+        connected.set()
+        go.wait(30)
+        return attachment
+
+    monkeypatch.setattr(inproc_brick, "connect", held)
+    vol_id = new_id()
+    ci = rbd_connection(svc.cfg, keyring=keyring)
+    result = {}
+    t = threading.Thread(
+        target=lambda: result.update(svc.attach_volume(vol_id, ci)))
+    t.start()
+    try:
+        assert connected.wait(30)
+        svc._sweep_confs()
+        [conf] = written
+        assert os.path.exists(conf)
+        [due] = [d for d, k in svc._later.pending() if k == ("conf", conf)]
+    finally:
+        go.set()
+        t.join(30)
+    assert result["attachment"]["conf"] == conf
+    now = fake_clock(svc)
+    now[0] = due
+    assert svc._later.settle(30)
+    assert os.path.exists(conf)             # named now
+    svc.detach_volume(vol_id)
+    assert not os.path.exists(conf)

@@ -79,6 +79,7 @@ from . import fileutil
 from . import hosttools
 from . import locking
 from . import mask
+from . import scheduler
 from . import store
 from . import transports
 from . import udev
@@ -130,6 +131,16 @@ class Service:
         self._kept_said = set()     # those whose WARNING was logged
         self._kept_thread = None
         self._kept_stop = None
+        # The RBD ceph conf sweeps waiting for their time (one thread for
+        # all; None: not started, a tool's service sweeps nothing later),
+        # the keyrings of the RBD attaches in flight (how many of each),
+        # and the sets of the sweeps running now, each collecting every
+        # keyring whose attach was in flight while it ran
+        # (``_sweep_confs``).
+        self._later = None
+        self._confs_lock = threading.Lock()
+        self._attaching_keyrings = {}
+        self._sweeping = {}
         self._connector = connectorinfo.Cache(
             brick, cfg.connector_info_ttl, cfg.connector_info_cache)
         self.udev_writer = udevwriter.choose(cfg)
@@ -174,6 +185,8 @@ class Service:
         self.open()
         with self._calls_cond:
             self._kept_stop = threading.Event()
+            if self._later is None:
+                self._later = scheduler.Scheduler("conf-sweeps")
         self._sweep_confs()
         self._log_reconcile(self.reconcile(
             apply=True, detach_stale=not defer_detach_stale))
@@ -223,6 +236,9 @@ class Service:
             self._closing = True
             if self._kept_stop is not None:
                 self._kept_stop.set()
+            if self._later is not None:
+                self._later.stop()
+                self._later = None
             while self._calls:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -290,7 +306,8 @@ class Service:
         transport = transports.get(connection_info["driver_volume_type"])
         transport.check(self.cfg, connection_info)
 
-        with self._call() as db, self._locked(vol_id):
+        with self._call() as db, self._locked(vol_id), \
+                _Attaching(self, connection_info):
             boot_id = self._boot()
             # Most attaches find no record: the intent is written at once
             # (an insert that leaves a record already there alone), and
@@ -1021,6 +1038,8 @@ class Service:
             faults.crash_point("detach.after_disconnect")
             self._drop_conf(vol_id, rec["attachment"], None)
             db.remove_volume(vol_id)
+            if rec["connecting"]:
+                self._sweep_after_cut(rec["connection_info"])
             return
         try:
             # Only a record whose connect may not have completed waits for
@@ -1064,6 +1083,8 @@ class Service:
         # The last step (see store.py): after a host crash a record still
         # 'detaching' is detached again, idempotently.
         db.remove_volume(vol_id, durable=False)
+        if rec["connecting"]:
+            self._sweep_after_cut(rec["connection_info"])
 
     def _keep_attached(self, rec, sd_id, error):
         """After a failed attach over ``rec`` (attached in this boot, its
@@ -1151,70 +1172,161 @@ class Service:
         for attachment in attachments:
             self._drop_conf(vol_id, attachment, kept)
 
-    def _sweep_confs(self):
-        """At start, before reconcile: delete the RBD ceph confs
-        (os-brick's ``brickrbd_*``, holding the keyring) in the temp dir
-        that no record names, left by what this service could not follow
-        up: a crash between a re-attach's record update and its
-        ``_drop_conf`` (failed: its ``_drop_unnamed_confs``), or between
-        a rollback's forget and its own, a connect cut after os-brick
-        wrote one (its name never came back).
-        Only files that cannot belong to a connect in flight (older than
-        ``[privsep] timeout`` + CONF_SWEEP_MARGIN), made by root, holding
-        a keyring of one of this journal's RBD records (another agent's
-        or program's confs on this host are left alone): the daemon
-        checks the name, the owner and the content, and deletes through
-        its narrow entrypoint (``brick.delete_rbd_conf``).  Nothing when
-        no record has a keyring.  Not those of a record without
-        ``keyring`` (os-brick copies the host's /etc/ceph keyring into
-        them): any ceph client of the host may hold that one, so it does
-        not tell our conf from another os-brick user's, whose mapping
-        needs it until its disconnect (docs/operations.md, "Ceph
+    def _sweep_confs(self, keyrings=None, paths=None):
+        """Delete the RBD ceph confs (os-brick's ``brickrbd_*``, holding
+        the keyring) in the temp dir that no record names, left by what
+        this service could not follow up: a crash between a re-attach's
+        record update and its ``_drop_conf`` (failed: its
+        ``_drop_unnamed_confs``), a connect cut after os-brick wrote one
+        (its name never came back), even after its record went.
+
+        Run at start, before reconcile, for the keyrings of this
+        journal's RBD records (``keyrings`` None), and later in the
+        scheduler's one thread (``_later``): ``[privsep] timeout`` + 61 s
+        after the record of a connect cut at its deadline went, for its
+        keyring (``_sweep_after_cut``: it may write its conf after its
+        record went), and once old enough for a conf too young to judge
+        (``paths``: that one only).  Only files that cannot belong to a
+        connect in flight: older than ``[privsep] timeout`` +
+        CONF_SWEEP_MARGIN (a younger one is looked at again once it is
+        old enough, never skipped for good), and not holding the keyring
+        of an attach of this service in flight, whatever their age (the
+        clock may have been stepped; ``_Attaching``: from before its
+        connect until its record names what the connect wrote, or its
+        rollback deleted it; one deferred that way is looked at again
+        later); made by root, holding one of ``keyrings`` (another
+        agent's or program's confs on this host are left alone): the
+        daemon checks the name, the owner and the content, and deletes
+        through its narrow entrypoint (``brick.delete_rbd_conf``).
+        Nothing when no record has a keyring.  Not those of a record
+        without ``keyring`` (os-brick copies the host's /etc/ceph keyring
+        into them): any ceph client of the host may hold that one, so it
+        does not tell our conf from another os-brick user's, whose
+        mapping needs it until its disconnect (docs/operations.md, "Ceph
         keyrings in the temp dir").  A detach deletes its conf before
-        its record goes (``_detach``): a crash there leaves no conf
-        that no record names.  Logged, not raised."""
-        keyrings, named = set(), set()
-        for rec in self._db().volumes():
-            info = rec.get("connection_info")
-            data = info.get("data") if isinstance(info, dict) else None
-            if (isinstance(info, dict)
-                    and info.get("driver_volume_type") == "rbd"
-                    and isinstance(data, dict)
-                    and isinstance(data.get("keyring"), str)
-                    and data["keyring"]):
-                keyrings.add(data["keyring"])
+        its record goes (``_detach``), and a rollback those of its
+        connects (``_forget_attach``): a crash there leaves no conf that
+        no record names.  Logged, not raised (the journal's errors are
+        raised).  Never the content of a conf: it holds a secret."""
+        # Every keyring whose attach is in flight from now until the
+        # sweep ends: what such an attach's connect wrote is not named
+        # yet, whatever the records read below say.
+        window = set()
+        with self._confs_lock:
+            window.update(self._attaching_keyrings)
+            self._sweeping[id(window)] = window
+        try:
+            self._sweep_confs_now(window, keyrings, paths)
+        finally:
+            with self._confs_lock:
+                del self._sweeping[id(window)]
+
+    def _sweep_confs_now(self, window, keyrings, paths):
+        named = set()
+        with self._call() as db:
+            records = db.volumes()
+        found = set()
+        for rec in records:
+            keyring = _keyring(rec.get("connection_info"))
+            if keyring is not None:
+                found.add(keyring)
             attachment = rec.get("attachment")
             if isinstance(attachment, dict) and attachment.get("conf"):
                 named.add(attachment["conf"])
+        keyrings = frozenset(found if keyrings is None else keyrings)
         if not keyrings:
             return
         temp = tempfile.gettempdir()
+        if paths is None:
+            try:
+                paths = [os.path.join(temp, n)
+                         for n in sorted(os.listdir(temp))
+                         if n.startswith("brickrbd_")]
+            except OSError as e:
+                log.warning("Cannot list %s for leftover ceph confs: %s",
+                            temp, e)
+                return
+        wait = self._sweep_wait()
         old = time.time() - self.cfg.timeout - CONF_SWEEP_MARGIN
-        try:
-            names = sorted(n for n in os.listdir(temp)
-                           if n.startswith("brickrbd_"))
-        except OSError as e:
-            log.warning("Cannot list %s for leftover ceph confs: %s", temp,
-                        e)
-            return
-        for name in names:
-            path = os.path.join(temp, name)
+        for path in paths:
             if path in named:
                 continue
             try:
                 st = os.lstat(path)
             except OSError:
                 continue
-            if st.st_uid != 0 or st.st_mtime > old:
+            if st.st_uid != 0:
                 continue
-            try:
-                if self._brick.delete_rbd_conf(path, holding=sorted(
-                        keyrings)):
+            if st.st_mtime > old:
+                # At most ``wait``: an mtime ahead of the clock (a clock
+                # stepped back) is judged by the in-flight rule then.
+                self._look_again(path, keyrings,
+                                 min(st.st_mtime - old + 1.0, wait))
+                continue
+            with self._confs_lock:
+                busy = keyrings & window
+            holding = keyrings - busy
+            deleted = False
+            if holding:
+                try:
+                    deleted = self._brick.delete_rbd_conf(
+                        path, holding=sorted(holding))
+                except Exception as e:
+                    log.warning("Cannot delete the leftover ceph conf %s: "
+                                "%s", path, e)
+                    continue
+                if deleted:
                     log.info("Deleted ceph conf %s: no record names it",
                              path)
-            except Exception as e:
-                log.warning("Cannot delete the leftover ceph conf %s: %s",
-                            path, e)
+            if not deleted and busy:
+                # It may be what an attach in flight wrote: looked at
+                # again once that attach recorded it, or undid it.
+                self._look_again(path, keyrings, wait)
+
+    def _look_again(self, path, keyrings, delay):
+        """Sweep the conf at ``path`` again in ``delay`` seconds (one
+        pending look per path: the later one); nothing in a service
+        that was not started (a tool's)."""
+        later = self._later
+        if later is None:
+            return
+        log.debug("Ceph conf %s cannot be judged yet: looked at again in "
+                  "%.0f s", path, delay)
+        later.after(delay, ("conf", path),
+                    lambda: self._scheduled_sweep(keyrings, [path]))
+
+    def _sweep_after_cut(self, connection_info):
+        """The record of ``connection_info``, whose connect may not have
+        completed (``connecting``: cut at its deadline, or by the
+        daemon's death), went: what that connect still runs may write
+        its RBD conf after that, under a name that never reaches the
+        journal.  Its keyring is swept ``_sweep_wait()`` seconds from
+        now (later confs of that connect cannot come: the daemon ends a
+        call END_GRACE after its deadline), in the scheduler's one
+        thread; another cut connect of the same keyring meanwhile
+        pushes that sweep back.  Not across a restart: the start's sweep
+        finds such a conf while a record holds its keyring
+        (docs/operations.md, "Ceph keyrings in the temp dir")."""
+        keyring = _keyring(connection_info)
+        later = self._later
+        if keyring is None or later is None:
+            return
+        keyrings = frozenset([keyring])
+        later.after(self._sweep_wait(), ("keyring", keyring),
+                    lambda: self._scheduled_sweep(keyrings, None))
+
+    def _scheduled_sweep(self, keyrings, paths):
+        try:
+            self._sweep_confs(keyrings, paths)
+        except errors.StoreClosed:
+            pass        # closing: the next start sweeps
+
+    def _sweep_wait(self):
+        """How long after a cut connect's record went its confs are
+        swept (and how long a conf is deferred): ``[privsep] timeout`` +
+        CONF_SWEEP_MARGIN + 1 s, when any conf it wrote is old enough
+        for the sweep."""
+        return self.cfg.timeout + CONF_SWEEP_MARGIN + 1.0
 
     def _rollback(self, vol_id, sd_id, connection_info, attachment,
                   error=None, connecting=True, confs=()):
@@ -1258,7 +1370,8 @@ class Service:
         if isinstance(error, errors.DeviceAttached):
             log.warning("Not disconnecting volume %s: its device belongs "
                         "to volume %s", vol_id, error.other)
-            self._forget_attach(vol_id, confs)
+            self._forget_attach(vol_id, confs, connection_info,
+                                connecting)
             return
         if isinstance(error, errors.StillRunning):
             # Cut at its deadline while part of its connect still runs
@@ -1274,26 +1387,31 @@ class Service:
         failure = self._silent_disconnect(vol_id, connection_info,
                                           attachment, connecting)
         if failure is None:
-            self._forget_attach(vol_id, confs)
+            self._forget_attach(vol_id, confs, connection_info,
+                                connecting)
         elif (isinstance(error, errors.ConnectorFailed)
               and isinstance(failure, errors.ConnectorFailed)):
             log.warning("Forgetting volume %s: its connect failed (%s) and "
                         "so does its disconnect (%s); nothing is known to "
                         "be connected", vol_id, error, failure)
-            self._forget_attach(vol_id, confs)
+            self._forget_attach(vol_id, confs, connection_info,
+                                connecting)
         else:
             log.warning("Keeping the 'attaching' record of volume %s: "
                         "reconcile will disconnect it", vol_id)
             if isinstance(failure, errors.StillRunning):
                 self._retry_later(vol_id, failure)
 
-    def _forget_attach(self, vol_id, confs):
+    def _forget_attach(self, vol_id, confs, connection_info, connecting):
         """A rolled back attach's last step: delete the RBD confs of its
         connects (``confs``: attachments, see ``_rollback``), then forget
-        its record.  Logged, not raised."""
+        its record; a connect of it that may not have completed
+        (``connecting``) may still write one: swept later
+        (``_sweep_after_cut``).  Logged, not raised."""
         for attachment in confs:
             self._drop_conf(vol_id, attachment, None)
-        self._silent_remove(vol_id)
+        if self._silent_remove(vol_id) and connecting:
+            self._sweep_after_cut(connection_info)
 
     def _silent_disconnect(self, vol_id, connection_info, attachment,
                            connecting=True):
@@ -1370,11 +1488,14 @@ class Service:
         raise errors.DeviceChanged(vol_id=vol_id, path=path, reason=changed)
 
     def _silent_remove(self, vol_id):
+        """Forget ``vol_id``'s record; whether that worked."""
         try:
             self._db().remove_volume(vol_id)
+            return True
         except Exception:
             log.exception("Failed to remove volume %s from the journal",
                           vol_id)
+            return False
 
     def _silent_remove_link_and_rule(self, sd_id, vol_id):
         """The managed link, then the udev rule, named with ``sd_id``;
@@ -1554,7 +1675,10 @@ class Service:
             log.warning("Forgetting volume %s although its %s failed "
                         "(--force): whatever it connected may still be "
                         "on the host", entry["vol_id"], entry["action"])
+            rec = self._find(entry["vol_id"])
             self._db().remove_volume(entry["vol_id"])
+            if rec is not None and rec["connecting"]:
+                self._sweep_after_cut(rec["connection_info"])
             entry["result"] = "forgotten: " + entry["result"][
                 len("failed: "):]
         return entry
@@ -1861,8 +1985,8 @@ def _split_link_name(name):
 RETRY_KEPT = 60.0
 
 # How much older than ``[privsep] timeout`` a ceph conf no record names
-# must be for the start's sweep (``_sweep_confs``): a connect that wrote
-# it has returned or was cut by then, and its record updated.
+# must be for a sweep (``_sweep_confs``): a connect that wrote it has
+# returned or was cut by then, and its record updated.
 CONF_SWEEP_MARGIN = 60.0
 
 # What a failed attach over a live record of this boot puts back
@@ -1895,6 +2019,54 @@ class _Counted:
             if svc._closing:
                 svc._calls_cond.notify_all()     # close() waits for 0
         return False
+
+
+class _Attaching:
+    """``Service.attach_volume``: the RBD keyring of an attach in flight
+    (``_keyring``), known to the ceph conf sweeps from before its
+    connect until its record names what the connect wrote, or its
+    rollback deleted it (the attach's end): a sweep never deletes such
+    a conf (``Service._sweep_confs``).  Nothing for other volumes."""
+
+    __slots__ = ("_service", "_keyring")
+
+    def __init__(self, service, connection_info):
+        self._service = service
+        self._keyring = _keyring(connection_info)
+
+    def __enter__(self):
+        keyring = self._keyring
+        if keyring is not None:
+            svc = self._service
+            with svc._confs_lock:
+                svc._attaching_keyrings[keyring] = \
+                    svc._attaching_keyrings.get(keyring, 0) + 1
+                for window in svc._sweeping.values():
+                    window.add(keyring)
+        return self
+
+    def __exit__(self, *exc):
+        keyring = self._keyring
+        if keyring is not None:
+            svc = self._service
+            with svc._confs_lock:
+                left = svc._attaching_keyrings[keyring] - 1
+                if left:
+                    svc._attaching_keyrings[keyring] = left
+                else:
+                    del svc._attaching_keyrings[keyring]
+        return False
+
+
+def _keyring(connection_info):
+    """The keyring an RBD ``connection_info`` gives os-brick (each of its
+    connects writes it into a ceph conf of its own), or None."""
+    if (not isinstance(connection_info, dict)
+            or connection_info.get("driver_volume_type") != "rbd"):
+        return None
+    data = connection_info.get("data")
+    keyring = data.get("keyring") if isinstance(data, dict) else None
+    return keyring if isinstance(keyring, str) and keyring else None
 
 
 def _cut(error):

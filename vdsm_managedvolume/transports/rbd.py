@@ -39,7 +39,11 @@ Special cases, all here:
   service's next start deletes (``service._sweep_confs``): confs no
   record names, older than ``[privsep] timeout`` + 60 s, made by root,
   holding a keyring of one of its records (the daemon reads it:
-  another program's confs stay).
+  another program's confs stay), a younger one once old enough; a
+  connect cut at its deadline may write its conf after its record
+  went: that keyring is swept ``[privsep] timeout`` + 61 s later (one
+  scheduler thread, ``scheduler``).  No sweep deletes the conf of an
+  attach in flight (``service._Attaching``).
   os-brick gives a disconnect's conf to ``rbd`` as root and deletes it,
   so the daemon refuses a disconnect whose attachment names any conf
   but one os-brick could have written (named so, a regular file of its

@@ -2786,3 +2786,32 @@ def test_a_sweep_never_deletes_the_conf_of_an_attach_in_flight(
     assert os.path.exists(conf)             # named now
     svc.detach_volume(vol_id)
     assert not os.path.exists(conf)
+
+
+def test_a_ceph_conf_the_daemon_could_not_delete_at_detach_is_swept_later(
+        inproc_service, inproc_brick, monkeypatch):
+    # A detach finding the device gone deletes its conf through the
+    # daemon; when that fails (the daemon cut or down) the record still
+    # goes, and the conf, named by no record now, is swept with its
+    # keyring later instead of waiting for a start with a record holding
+    # that keyring.
+    svc = inproc_service
+    now = fake_clock(svc)
+    keyring = new_keyring()
+    vol_id = new_id()
+    first = svc.attach_volume(vol_id, rbd_connection(svc.cfg,
+                                                     keyring=keyring))
+    conf = first["attachment"]["conf"]
+    os.unlink(first["path"])                 # the device is gone
+    delete = inproc_brick.delete_rbd_conf
+    monkeypatch.setattr(inproc_brick, "delete_rbd_conf", raising(
+        errors.HelperFailed("privsep daemon 1 died during delete_rbd_conf")))
+    svc.detach_volume(vol_id)
+    assert records(svc) == [] and os.path.exists(conf)
+    [due] = [d for d, k in svc._later.pending() if k == ("keyring", keyring)]
+    monkeypatch.setattr(inproc_brick, "delete_rbd_conf", delete)
+    old = old_enough(svc)
+    os.utime(conf, (old, old))               # time went by
+    now[0] = due
+    assert svc._later.settle(30)
+    assert not os.path.exists(conf)

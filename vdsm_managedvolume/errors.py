@@ -248,7 +248,7 @@ class EarlierConnectRunning(StillRunning):
 class DetachFirst(HelperTimeout):
     """An attach not run: the volume has an earlier record (another
     connection_info, or a detach left unfinished) that must be detached
-    first, and that detach cannot run yet because what an earlier
+    first, and that detach cannot finish yet because what an earlier
     connect of it started still runs (``StillRunning``: a login or map,
     threads of the daemon).  Nothing of this attach is recorded; the
     earlier record stays 'detaching' and the service detaches it again
@@ -258,7 +258,7 @@ class DetachFirst(HelperTimeout):
 
     msg = ("Volume {self.vol_id} was not attached: its earlier record "
            "({self.record}) must be detached first, and that detach "
-           "cannot run yet: {self.running}. Nothing of this attach was "
+           "cannot finish yet: {self.running}. Nothing of this attach was "
            "recorded; the earlier record stays 'detaching' and the "
            "service detaches it again every {self.every:g} s while it "
            "runs. Attach again once 'managedvolume-tool list' no longer "

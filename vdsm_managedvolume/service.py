@@ -832,7 +832,7 @@ class Service:
 
     def _detach_first(self, rec, same_boot):
         """Detach ``rec``, the earlier record an attach must remove before
-        it connects (``_reuse``).  When that detach cannot run yet
+        it connects (``_reuse``).  When that detach cannot finish yet
         because what an earlier connect of the record started still runs
         (StillRunning: a login or map, threads of the daemon; its cut
         connect's privsep call has not returned), the attach fails with
@@ -1036,10 +1036,10 @@ class Service:
                           "rbd unmap, losetup -d) after checking which "
                           "device it is", vol_id, rec["path"], reason)
             faults.crash_point("detach.after_disconnect")
-            self._drop_conf(vol_id, rec["attachment"], None)
+            dropped = self._drop_conf(vol_id, rec["attachment"], None)
             db.remove_volume(vol_id)
-            if rec["connecting"]:
-                self._sweep_after_cut(rec["connection_info"])
+            if rec["connecting"] or not dropped:
+                self._sweep_keyring_later(rec["connection_info"])
             return
         try:
             # Only a record whose connect may not have completed waits for
@@ -1079,12 +1079,14 @@ class Service:
         # conf that no record names: the start's sweep finds one only
         # while another record holds its keyring, and none when this
         # was the host's last RBD volume (review-safety10 L-3).
-        self._drop_conf(vol_id, rec["attachment"], None)
+        dropped = self._drop_conf(vol_id, rec["attachment"], None)
         # The last step (see store.py): after a host crash a record still
         # 'detaching' is detached again, idempotently.
         db.remove_volume(vol_id, durable=False)
-        if rec["connecting"]:
-            self._sweep_after_cut(rec["connection_info"])
+        if rec["connecting"] or not dropped:
+            # What a cut connect of it may still write, or the conf the
+            # daemon could not delete now (``_sweep_keyring_later``).
+            self._sweep_keyring_later(rec["connection_info"])
 
     def _keep_attached(self, rec, sd_id, error):
         """After a failed attach over ``rec`` (attached in this boot, its
@@ -1142,18 +1144,21 @@ class Service:
         ``transports.rbd``) when ``kept``, the attachment the record
         keeps, names another: no disconnect would be given it, and
         os-brick deletes a conf only at the disconnect given it.  Logged,
-        not raised."""
+        not raised: False when the delete failed (the daemon down or
+        cut), else True."""
         conf = attachment.get("conf") if isinstance(attachment, dict) \
             else None
         if not conf or conf == (kept or {}).get("conf"):
-            return
+            return True
         if not os.path.lexists(conf):
-            return      # os-brick's disconnect deleted it
+            return True     # os-brick's disconnect deleted it
         try:
             self._brick.delete_rbd_conf(conf)
         except Exception as e:
             log.warning("Volume %s: cannot delete the ceph conf %s, which "
                         "no record names any more: %s", vol_id, conf, e)
+            return False
+        return True
 
     def _drop_unnamed_confs(self, vol_id, *attachments):
         """After a failed attach: delete the RBD confs ``attachments``
@@ -1184,7 +1189,7 @@ class Service:
         journal's RBD records (``keyrings`` None), and later in the
         scheduler's one thread (``_later``): ``[privsep] timeout`` + 61 s
         after the record of a connect cut at its deadline went, for its
-        keyring (``_sweep_after_cut``: it may write its conf after its
+        keyring (``_sweep_keyring_later``: it may write its conf after its
         record went), and once old enough for a conf too young to judge
         (``paths``: that one only).  Only files that cannot belong to a
         connect in flight: older than ``[privsep] timeout`` +
@@ -1295,17 +1300,20 @@ class Service:
         later.after(delay, ("conf", path),
                     lambda: self._scheduled_sweep(keyrings, [path]))
 
-    def _sweep_after_cut(self, connection_info):
+    def _sweep_keyring_later(self, connection_info):
         """The record of ``connection_info``, whose connect may not have
         completed (``connecting``: cut at its deadline, or by the
         daemon's death), went: what that connect still runs may write
         its RBD conf after that, under a name that never reaches the
-        journal.  Its keyring is swept ``_sweep_wait()`` seconds from
-        now (later confs of that connect cannot come: the daemon ends a
-        call END_GRACE after its deadline), in the scheduler's one
-        thread; another cut connect of the same keyring meanwhile
-        pushes that sweep back.  Not across a restart: the start's sweep
-        finds such a conf while a record holds its keyring
+        journal (or a conf of the record that the daemon could not
+        delete stays, named by no record).  Its keyring is swept
+        ``_sweep_wait()`` seconds from now (later confs of that connect
+        cannot come: the daemon ends a call END_GRACE after its
+        deadline; a call the agent could not end keeps its record,
+        StillRunning), in the scheduler's one thread; another cut
+        connect of the same keyring meanwhile pushes that sweep back.
+        Not across a restart: the start's sweep finds such a conf while
+        a record holds its keyring
         (docs/operations.md, "Ceph keyrings in the temp dir")."""
         keyring = _keyring(connection_info)
         later = self._later
@@ -1406,12 +1414,13 @@ class Service:
         """A rolled back attach's last step: delete the RBD confs of its
         connects (``confs``: attachments, see ``_rollback``), then forget
         its record; a connect of it that may not have completed
-        (``connecting``) may still write one: swept later
-        (``_sweep_after_cut``).  Logged, not raised."""
-        for attachment in confs:
-            self._drop_conf(vol_id, attachment, None)
-        if self._silent_remove(vol_id) and connecting:
-            self._sweep_after_cut(connection_info)
+        (``connecting``) may still write one, and a conf the daemon
+        could not delete now stays: their keyring is swept later
+        (``_sweep_keyring_later``).  Logged, not raised."""
+        dropped = all([self._drop_conf(vol_id, attachment, None)
+                       for attachment in confs])
+        if self._silent_remove(vol_id) and (connecting or not dropped):
+            self._sweep_keyring_later(connection_info)
 
     def _silent_disconnect(self, vol_id, connection_info, attachment,
                            connecting=True):
@@ -1678,7 +1687,7 @@ class Service:
             rec = self._find(entry["vol_id"])
             self._db().remove_volume(entry["vol_id"])
             if rec is not None and rec["connecting"]:
-                self._sweep_after_cut(rec["connection_info"])
+                self._sweep_keyring_later(rec["connection_info"])
             entry["result"] = "forgotten: " + entry["result"][
                 len("failed: "):]
         return entry

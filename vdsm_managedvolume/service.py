@@ -1263,8 +1263,9 @@ class Service:
             if st.st_uid != 0:
                 continue
             if st.st_mtime > old:
-                # At most ``wait``: an mtime ahead of the clock (a clock
-                # stepped back) is judged by the in-flight rule then.
+                # At most ``wait`` ahead: an mtime ahead of the clock (a
+                # clock stepped back) is looked at every ``wait`` until
+                # the clock has passed it by the margin.
                 self._look_again(path, keyrings,
                                  min(st.st_mtime - old + 1.0, wait))
                 continue
@@ -1313,8 +1314,8 @@ class Service:
         StillRunning), in the scheduler's one thread; another cut
         connect of the same keyring meanwhile pushes that sweep back.
         Not across a restart: the start's sweep finds such a conf while
-        a record holds its keyring
-        (docs/operations.md, "Ceph keyrings in the temp dir")."""
+        a record holds its keyring (docs/operations.md, "Ceph keyrings
+        in the temp dir")."""
         keyring = _keyring(connection_info)
         later = self._later
         if keyring is None or later is None:

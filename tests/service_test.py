@@ -2720,14 +2720,15 @@ def test_the_conf_a_cut_rbd_connect_writes_after_its_record_went_is_swept(
         wait = svc.cfg.timeout + service.CONF_SWEEP_MARGIN + 1
         assert [d for d, k in svc._later.pending()
                 if k == ("keyring", keyring)] == [now[0] + wait]
+        thread = svc._later._thread
+        assert thread.is_alive() and thread.name == "conf-sweeps"
         now[0] += 10
         with pytest.raises(errors.HelperTimeout):
             svc.attach_volume(new_id(), rbd_connection(svc.cfg,
                                                        keyring=keyring))
         assert [d for d, k in svc._later.pending()
                 if k == ("keyring", keyring)] == [now[0] + wait]
-        assert [t.name for t in threading.enumerate()].count(
-            "conf-sweeps") == 1
+        assert svc._later._thread is thread
         now[0] += wait - 1
         assert svc._later.settle(30)
         assert os.path.exists(late)         # not yet

@@ -2816,3 +2816,49 @@ def test_a_ceph_conf_the_daemon_could_not_delete_at_detach_is_swept_later(
     now[0] = due
     assert svc._later.settle(30)
     assert not os.path.exists(conf)
+
+
+def test_close_waits_for_a_conf_sweep_which_then_calls_the_daemon_no_more(
+        host_cfg, inproc_brick, monkeypatch):
+    # A conf sweep is a call of the service throughout: close() waits
+    # for the one inside the daemon's delete, and the sweep stops before
+    # its next conf.  Before, it counted only while reading the journal:
+    # close() returned and stopped the brick while the sweep went on
+    # calling the daemon (the real brick would start a new root daemon
+    # after the agent stopped; review-safety13a M1).
+    svc = service.Service(host_cfg, brick=inproc_brick)
+    svc.start()
+    keyring = new_keyring()
+    confs = [ceph_conf(keyring, old_enough(svc)) for _ in range(2)]
+    entered, release, calls = threading.Event(), threading.Event(), []
+    delete = inproc_brick.delete_rbd_conf
+
+    def held(path, holding=None):
+        calls.append(svc._store is not None)
+        entered.set()
+        release.wait(30)
+        return delete(path, holding)
+
+    monkeypatch.setattr(inproc_brick, "delete_rbd_conf", held)
+    sweep = threading.Thread(target=svc._scheduled_sweep,
+                             args=(frozenset([keyring]), sorted(confs)))
+    sweep.start()
+    try:
+        assert entered.wait(30)
+        assert svc._calls == 1          # close() waits for it
+        closer = threading.Thread(target=svc.close)
+        closer.start()
+        deadline = time.monotonic() + 30
+        while not svc._closing:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        release.set()
+        sweep.join(30)
+    closer.join(30)
+    assert svc._store is None
+    assert calls == [True]              # none after close() began
+    assert [os.path.exists(p) for p in sorted(confs)] == [False, True]
+    for path in confs:
+        if os.path.exists(path):
+            os.unlink(path)

@@ -1221,15 +1221,18 @@ class Service:
             window.update(self._attaching_keyrings)
             self._sweeping[id(window)] = window
         try:
-            self._sweep_confs_now(window, keyrings, paths)
+            # A call of its own throughout (close() waits for it, and it
+            # stops at the next conf once close() began): no daemon call
+            # after the brick stopped, which would start a new daemon.
+            with self._call() as db:
+                self._sweep_confs_now(db, window, keyrings, paths)
         finally:
             with self._confs_lock:
                 del self._sweeping[id(window)]
 
-    def _sweep_confs_now(self, window, keyrings, paths):
+    def _sweep_confs_now(self, db, window, keyrings, paths):
         named = set()
-        with self._call() as db:
-            records = db.volumes()
+        records = db.volumes()
         found = set()
         for rec in records:
             keyring = _keyring(rec.get("connection_info"))
@@ -1254,6 +1257,8 @@ class Service:
         wait = self._sweep_wait()
         old = time.time() - self.cfg.timeout - CONF_SWEEP_MARGIN
         for path in paths:
+            if self._closing:
+                return      # the next start sweeps
             if path in named:
                 continue
             try:

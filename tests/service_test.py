@@ -2680,7 +2680,7 @@ def test_a_ceph_conf_too_young_at_start_is_looked_at_again_once_old(
         again.start()
         assert os.path.exists(young)
         [due] = [d for d, k in again._later.pending()
-                 if k == ("conf", young)]
+                 if k[:2] == ("conf", young)]
         now = fake_clock(again)
         assert due - now[0] <= svc.cfg.timeout + service.CONF_SWEEP_MARGIN + 1
         old = old_enough(svc)
@@ -2689,7 +2689,7 @@ def test_a_ceph_conf_too_young_at_start_is_looked_at_again_once_old(
         assert again._later.settle(30)
         assert not os.path.exists(young)
         assert [k for _, k in again._later.pending()
-                if k == ("conf", young)] == []
+                if k[:2] == ("conf", young)] == []
     finally:
         again.close()
         if os.path.exists(young):
@@ -2776,7 +2776,7 @@ def test_a_sweep_never_deletes_the_conf_of_an_attach_in_flight(
         svc._sweep_confs()
         [conf] = written
         assert os.path.exists(conf)
-        [due] = [d for d, k in svc._later.pending() if k == ("conf", conf)]
+        [due] = [d for d, k in svc._later.pending() if k[:2] == ("conf", conf)]
     finally:
         go.set()
         t.join(30)
@@ -2862,3 +2862,84 @@ def test_close_waits_for_a_conf_sweep_which_then_calls_the_daemon_no_more(
     for path in confs:
         if os.path.exists(path):
             os.unlink(path)
+
+
+def test_a_ceph_conf_a_reattach_could_not_delete_is_swept_later(
+        inproc_service, inproc_brick, monkeypatch):
+    # An RBD volume attached again over its record (device gone): the
+    # earlier conf, named by no record now, is deleted through the
+    # daemon; when that fails its keyring is swept later, as for a
+    # detach (review-safety13a L1).
+    svc = inproc_service
+    now = fake_clock(svc)
+    keyring = new_keyring()
+    vol_id = new_id()
+    ci = rbd_connection(svc.cfg, keyring=keyring)
+    first = svc.attach_volume(vol_id, ci)
+    os.unlink(first["path"])                 # the device is gone
+    delete = inproc_brick.delete_rbd_conf
+    monkeypatch.setattr(inproc_brick, "delete_rbd_conf", raising(
+        errors.HelperTimeout(operation="delete_rbd_conf", timeout=1.0)))
+    second = svc.attach_volume(vol_id, ci)
+    earlier = first["attachment"]["conf"]
+    assert os.path.exists(earlier)
+    [due] = [d for d, k in svc._later.pending() if k == ("keyring", keyring)]
+    monkeypatch.setattr(inproc_brick, "delete_rbd_conf", delete)
+    old = old_enough(svc)
+    os.utime(earlier, (old, old))            # time went by
+    os.utime(second["attachment"]["conf"], (old, old))
+    now[0] = due
+    assert svc._later.settle(30)
+    assert not os.path.exists(earlier)
+    assert os.path.exists(second["attachment"]["conf"])     # named
+    svc.detach_volume(vol_id)
+    assert fakebrick.confs() == []
+
+
+def test_looks_again_at_one_conf_for_other_keyrings_do_not_replace_another(
+        inproc_service):
+    # A young conf deferred by one sweep (keyring K1) and by another for
+    # another keyring (K3, a cut connect's): both looks stay pending, so
+    # the conf holding K1 is deleted once old (review-safety13a L2).
+    svc = inproc_service
+    now = fake_clock(svc)
+    k1, k3 = new_keyring(), new_keyring()
+    young = ceph_conf(k1, time.time())
+    try:
+        svc._sweep_confs(keyrings=frozenset([k1]))
+        now[0] += 5
+        svc._sweep_confs(keyrings=frozenset([k3]))
+        old = old_enough(svc)
+        os.utime(young, (old, old))          # time went by
+        now[0] += svc.cfg.timeout + service.CONF_SWEEP_MARGIN + 1
+        assert svc._later.settle(30)
+        assert not os.path.exists(young)
+    finally:
+        if os.path.exists(young):
+            os.unlink(young)
+
+
+def test_a_cut_rbd_extend_is_in_flight_and_its_keyring_swept_later(
+        inproc_service, inproc_brick, monkeypatch):
+    # os-brick's RBD extend writes a ceph conf of its own and deletes it
+    # when it returns: while it runs no sweep deletes it (its keyring is
+    # in flight), and a cut one may leave it, so its keyring is swept
+    # later (review-safety13a L3).
+    svc = inproc_service
+    keyring = new_keyring()
+    vol_id = new_id()
+    ci = rbd_connection(svc.cfg, keyring=keyring)
+    svc.attach_volume(vol_id, ci)
+    seen = []
+
+    def cut(connection_info):
+        seen.append(dict(svc._in_flight_keyrings))
+        raise errors.HelperTimeout(operation="extend", timeout=1.0)
+
+    monkeypatch.setattr(inproc_brick, "extend", cut)
+    with pytest.raises(errors.HelperTimeout):
+        svc.extend_volume(vol_id)
+    assert seen == [{keyring: 1}]
+    assert svc._in_flight_keyrings == {}
+    assert [k for _, k in svc._later.pending()
+            if k == ("keyring", keyring)] == [("keyring", keyring)]

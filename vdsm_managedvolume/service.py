@@ -133,13 +133,13 @@ class Service:
         self._kept_stop = None
         # The RBD ceph conf sweeps waiting for their time (one thread for
         # all; None: not started, a tool's service sweeps nothing later),
-        # the keyrings of the RBD attaches in flight (how many of each),
-        # and the sets of the sweeps running now, each collecting every
-        # keyring whose attach was in flight while it ran
-        # (``_sweep_confs``).
+        # the keyrings of the RBD attaches and extends in flight (how
+        # many of each: ``_InFlight``), and the sets of the sweeps
+        # running now, each collecting every keyring in flight while it
+        # ran (``_sweep_confs``).
         self._later = None
         self._confs_lock = threading.Lock()
-        self._attaching_keyrings = {}
+        self._in_flight_keyrings = {}
         self._sweeping = {}
         self._connector = connectorinfo.Cache(
             brick, cfg.connector_info_ttl, cfg.connector_info_cache)
@@ -307,7 +307,7 @@ class Service:
         transport.check(self.cfg, connection_info)
 
         with self._call() as db, self._locked(vol_id), \
-                _Attaching(self, connection_info):
+                _InFlight(self, connection_info):
             boot_id = self._boot()
             # Most attaches find no record: the intent is written at once
             # (an insert that leaves a record already there alone), and
@@ -448,7 +448,8 @@ class Service:
                 # The RBD confs of both connects that the record, if one
                 # is left, no longer names (review-fix9 hostfix-L1); a
                 # rollback forgetting the record deleted them first.
-                self._drop_unnamed_confs(vol_id, earlier, attachment)
+                self._drop_unnamed_confs(vol_id, connection_info, earlier,
+                                         attachment)
                 raise
             if moved:
                 # A crash from here leaves the old link and rule to
@@ -460,7 +461,8 @@ class Service:
             if earlier is not None:
                 # Over a record of this boot: the RBD conf of the
                 # attachment it named is nobody's now.
-                self._drop_conf(vol_id, earlier, attachment)
+                if not self._drop_conf(vol_id, earlier, attachment):
+                    self._sweep_keyring_later(connection_info)
 
         log.info("Attached volume %s path=%s managed_path=%s", vol_id,
                  path, managed_path)
@@ -572,11 +574,18 @@ class Service:
             db.update_volume(vol_id, extending=new_size or 0)
             faults.crash_point("extend.after_record")
             try:
-                reported = self._brick.extend(rec["connection_info"])
+                # os-brick's RBD extend writes a ceph conf of its own too,
+                # deleted when it returns (_InFlight).
+                with _InFlight(self, rec["connection_info"]):
+                    reported = self._brick.extend(rec["connection_info"])
                 faults.crash_point("extend.after_rescan")
             except Exception as e:
                 log.error("Extending volume %s failed: %s", vol_id, e)
                 self._silent_record_size(vol_id, path)
+                if _cut(e):
+                    # Cut, its conf may stay (or come late): nobody
+                    # learns its name (review-safety13a L3).
+                    self._sweep_keyring_later(rec["connection_info"])
                 raise
             size = devices.size(path)
             if size is None:
@@ -1160,22 +1169,26 @@ class Service:
             return False
         return True
 
-    def _drop_unnamed_confs(self, vol_id, *attachments):
+    def _drop_unnamed_confs(self, vol_id, connection_info, *attachments):
         """After a failed attach: delete the RBD confs ``attachments``
         name (the record's earlier one, the one the connect wrote) that
         the volume's record, if one is left, does not name
         (``_drop_conf``): a rollback that disconnected a device already
-        gone, or forgot the record, leaves them to nobody.  Logged, not
-        raised."""
+        gone, or forgot the record, leaves them to nobody.  One the
+        daemon could not delete now (or all, when the record cannot be
+        read) is swept with the keyring of ``connection_info`` later
+        (``_sweep_keyring_later``).  Logged, not raised."""
         try:
             rec = self._find(vol_id)
         except errors.Error as e:
             log.warning("Volume %s: cannot read its record (%s); its ceph "
-                        "confs are left for the next start", vol_id, e)
+                        "confs are swept later", vol_id, e)
+            self._sweep_keyring_later(connection_info)
             return
         kept = rec["attachment"] if rec is not None else None
-        for attachment in attachments:
-            self._drop_conf(vol_id, attachment, kept)
+        if not all([self._drop_conf(vol_id, attachment, kept)
+                    for attachment in attachments]):
+            self._sweep_keyring_later(connection_info)
 
     def _sweep_confs(self, keyrings=None, paths=None):
         """Delete the RBD ceph confs (os-brick's ``brickrbd_*``, holding
@@ -1195,14 +1208,16 @@ class Service:
         connect in flight: older than ``[privsep] timeout`` +
         CONF_SWEEP_MARGIN (a younger one is looked at again once it is
         old enough, never skipped for good), and not holding the keyring
-        of an attach of this service in flight, whatever their age (the
-        clock may have been stepped; ``_Attaching``: from before its
+        of an attach or extend of this service in flight, whatever their
+        age (the
+        clock may have been stepped; ``_InFlight``: from before its
         connect until its record names what the connect wrote, or its
-        rollback deleted it; one deferred that way is looked at again
-        later); made by root, holding one of ``keyrings`` (another
-        agent's or program's confs on this host are left alone): the
-        daemon checks the name, the owner and the content, and deletes
-        through its narrow entrypoint (``brick.delete_rbd_conf``).
+        rollback deleted it; an extend during its call; one deferred
+        that way is looked at again later); made by root, holding one
+        of ``keyrings`` (another agent's or program's confs on this
+        host are left alone): the daemon checks the name, the owner and
+        the content, and deletes through its narrow entrypoint
+        (``brick.delete_rbd_conf``).
         Nothing when no record has a keyring.  Not those of a record
         without ``keyring`` (os-brick copies the host's /etc/ceph keyring
         into them): any ceph client of the host may hold that one, so it
@@ -1213,12 +1228,12 @@ class Service:
         connects (``_forget_attach``): a crash there leaves no conf that
         no record names.  Logged, not raised (the journal's errors are
         raised).  Never the content of a conf: it holds a secret."""
-        # Every keyring whose attach is in flight from now until the
-        # sweep ends: what such an attach's connect wrote is not named
-        # yet, whatever the records read below say.
+        # Every keyring whose attach or extend is in flight from now
+        # until the sweep ends: what its call wrote is named by no
+        # record yet, whatever the records read below say.
         window = set()
         with self._confs_lock:
-            window.update(self._attaching_keyrings)
+            window.update(self._in_flight_keyrings)
             self._sweeping[id(window)] = window
         try:
             # A call of its own throughout (close() waits for it, and it
@@ -1295,15 +1310,17 @@ class Service:
                 self._look_again(path, keyrings, wait)
 
     def _look_again(self, path, keyrings, delay):
-        """Sweep the conf at ``path`` again in ``delay`` seconds (one
-        pending look per path: the later one); nothing in a service
-        that was not started (a tool's)."""
+        """Sweep the conf at ``path`` again in ``delay`` seconds for
+        ``keyrings`` (one pending look per path and keyrings: the later
+        one); nothing in a service that was not started (a tool's)."""
         later = self._later
         if later is None:
             return
         log.debug("Ceph conf %s cannot be judged yet: looked at again in "
                   "%.0f s", path, delay)
-        later.after(delay, ("conf", path),
+        # Keyed by the keyrings too: a look for other keyrings (a cut
+        # connect's) must not replace this one (review-safety13a L2).
+        later.after(delay, ("conf", path, keyrings),
                     lambda: self._scheduled_sweep(keyrings, [path]))
 
     def _sweep_keyring_later(self, connection_info):
@@ -2036,12 +2053,15 @@ class _Counted:
         return False
 
 
-class _Attaching:
-    """``Service.attach_volume``: the RBD keyring of an attach in flight
-    (``_keyring``), known to the ceph conf sweeps from before its
-    connect until its record names what the connect wrote, or its
-    rollback deleted it (the attach's end): a sweep never deletes such
-    a conf (``Service._sweep_confs``).  Nothing for other volumes."""
+class _InFlight:
+    """The RBD keyring (``_keyring``) of an attach or extend in flight,
+    known to the ceph conf sweeps, whose privileged call may write a
+    conf holding it: an attach from before its connect until its record
+    names what the connect wrote, or its rollback deleted it (the
+    attach's end); an extend during its call (os-brick's RBD extend
+    writes a conf and deletes it when it returns).  A sweep never
+    deletes such a conf (``Service._sweep_confs``).  Nothing for other
+    volumes."""
 
     __slots__ = ("_service", "_keyring")
 
@@ -2054,8 +2074,8 @@ class _Attaching:
         if keyring is not None:
             svc = self._service
             with svc._confs_lock:
-                svc._attaching_keyrings[keyring] = \
-                    svc._attaching_keyrings.get(keyring, 0) + 1
+                svc._in_flight_keyrings[keyring] = \
+                    svc._in_flight_keyrings.get(keyring, 0) + 1
                 for window in svc._sweeping.values():
                     window.add(keyring)
         return self
@@ -2065,11 +2085,11 @@ class _Attaching:
         if keyring is not None:
             svc = self._service
             with svc._confs_lock:
-                left = svc._attaching_keyrings[keyring] - 1
+                left = svc._in_flight_keyrings[keyring] - 1
                 if left:
-                    svc._attaching_keyrings[keyring] = left
+                    svc._in_flight_keyrings[keyring] = left
                 else:
-                    del svc._attaching_keyrings[keyring]
+                    del svc._in_flight_keyrings[keyring]
         return False
 
 

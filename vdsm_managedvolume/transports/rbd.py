@@ -43,7 +43,7 @@ Special cases, all here:
   connect cut at its deadline may write its conf after its record
   went: that keyring is swept ``[privsep] timeout`` + 61 s later (one
   scheduler thread, ``scheduler``).  No sweep deletes the conf of an
-  attach in flight (``service._Attaching``).
+  attach or extend in flight (``service._InFlight``).
   os-brick gives a disconnect's conf to ``rbd`` as root and deletes it,
   so the daemon refuses a disconnect whose attachment names any conf
   but one os-brick could have written (named so, a regular file of its

@@ -18,7 +18,12 @@ Figures, each printed beside its baselines in one run:
                     connector on a loop device, plain TCP (--insecure) and
                     mutual TLS: p50
     many callers    attach+detach throughput of 32 callers on distinct
-                    volumes (one loop device, [volumes] shared_devices) vs
+                    volumes (each caller its own loop device, so each
+                    detach disconnects as one caller's does: with one
+                    device shared, [volumes] shared_devices, nearly every
+                    detach found it attached as another volume, skipped
+                    the privsep call and synced its delete, a different
+                    pair from one caller's) vs
                     one caller's, and the agent's CPU time per pair (user,
                     system) in both runs: what bounds the 32 callers, and
                     a figure that other load on the machine moves less.
@@ -50,7 +55,7 @@ Baselines:
             running get_connector_properties; a mass start of N is
             ceil(N / 8) rounds.
 
-Needs root (loop device, privsep daemon).  Two agents run side by side
+Needs root (loop devices, privsep daemon).  Two agents run side by side
 (``--insecure`` and mutual TLS), each with its own state directory,
 privsep daemon and the fake connector (``tests.fakebrick``) for iSCSI;
 udevadm is /bin/true (no udevd here), everything else is the production
@@ -167,7 +172,8 @@ def main():
                         .format(TMPFS))
     args = parser.parse_args()
     if os.geteuid() != 0:
-        sys.exit("bench/load.py needs root (loop device, privsep daemon)")
+        sys.exit("bench/load.py needs root (loop devices, privsep "
+                 "daemon)")
 
     base = tempfile.mkdtemp(prefix="bench-load-")
     # The fake array's state and its device nodes (a host's /dev is
@@ -178,7 +184,11 @@ def main():
              if os.path.isdir(TMPFS) else base)
     agents = []
     try:
-        with benchutil.loop_device(base) as loop:
+        with contextlib.ExitStack() as stack:
+            # One loop device per caller (set up before anything is
+            # timed): caller i attaches and detaches loops[i] only.
+            loops = [stack.enter_context(benchutil.loop_device(base))
+                     for _ in range(max(1, args.callers))]
             fake_dir = os.path.join(array, "fakebrick")
             os.makedirs(fake_dir)
             plain = _Agent(os.path.join(base, "plain"), fake_dir, tls=False,
@@ -192,7 +202,7 @@ def main():
             agents.append(tls)
             tls.start()
             load_before = os.getloadavg()
-            r = run(plain, tls, loop, args)
+            r = run(plain, tls, loops, args)
             r["load_before"], r["load_after"] = load_before, os.getloadavg()
     finally:
         for agent in agents:
@@ -202,8 +212,10 @@ def main():
     report(r, args)
 
 
-def run(plain, tls, loop, args):
-    local = {"driver_volume_type": "local", "data": {"device_path": loop}}
+def run(plain, tls, loops, args):
+    locals_ = [{"driver_volume_type": "local",
+                "data": {"device_path": loop}} for loop in loops]
+    local = locals_[0]
     r = {}
     for agent in (plain, tls):
         _log("warming up the {} agent (starts its privsep daemon)".format(
@@ -224,15 +236,15 @@ def run(plain, tls, loop, args):
         args.callers))
     # At least --rounds pairs: /proc counts CPU in 10 ms ticks, a step of
     # 125 us per pair over 80 pairs, as large as the differences sought.
-    r["tput1"], r["cpu1"] = _throughput(plain, lambda: local, 1,
+    r["tput1"], r["cpu1"] = _throughput(plain, locals_.__getitem__, 1,
                                         max(args.rounds, args.per_caller * 4))
-    r["tputN"], r["cpuN"] = _throughput(plain, lambda: local, args.callers,
-                                        args.per_caller)
+    r["tputN"], r["cpuN"] = _throughput(plain, locals_.__getitem__,
+                                        args.callers, args.per_caller)
 
     _log("throughput with an array taking {} s per attach (fake iSCSI): "
          "1 caller, then {} callers".format(args.array_sleep, args.callers))
 
-    def slow():
+    def slow(caller):
         return plain.iscsi(args.array_sleep)
 
     # Half as many pairs with --quick: this pair of runs is not the
@@ -264,7 +276,8 @@ def run(plain, tls, loop, args):
 
     if not args.quick:
         _log("vdsm's design: a helper process per call")
-        r["vdsm_pair"] = _timed(3, lambda: attach_bench.baseline_pair(loop))
+        r["vdsm_pair"] = _timed(
+            3, lambda: attach_bench.baseline_pair(loops[0]))
         r["vdsm_props"] = _timed(2, attach_bench.baseline_properties)
         start = time.perf_counter()
         # Their stderr kept (os-brick's import warns that eventlet is
@@ -339,13 +352,15 @@ def _pair(client, connection_info):
 def _throughput(agent, connection_info, callers, pairs):
     """(attach+detach pairs per second of ``callers`` at once, the agent's
     CPU seconds per pair: user, system).  Each pair attaches a new volume
-    with the connection info ``connection_info()`` returns."""
+    with the connection info ``connection_info(i)`` returns for its
+    caller ``i`` (0 to ``callers`` - 1)."""
     clients = [agent.client() for _ in range(callers)]
     try:
         before = agent.cpu()
         elapsed = _together(
-            [lambda c=c: [_pair(c, connection_info()) for _ in range(pairs)]
-             for c in clients])
+            [lambda c=c, i=i: [_pair(c, connection_info(i))
+                               for _ in range(pairs)]
+             for i, c in enumerate(clients)])
         after = agent.cpu()
     finally:
         for c in clients:
@@ -683,7 +698,6 @@ class _Agent:
         with open(self.config_file, "w") as f:
             f.write("[paths]\nmultipath_dir = {}\n"
                     "[volumes]\nudevadm = /bin/true\nlock_timeout = 120\n"
-                    "shared_devices = true\n"
                     "[privsep]\ntimeout = 120\n"
                     "connector_override = tests.fakebrick\n"
                     "[logging]\nlog_level = INFO\n".format(self.dev_dir))

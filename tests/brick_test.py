@@ -294,6 +294,102 @@ def test_the_daemon_replies_once_its_pool_counts_the_thread_as_coming_back():
         ["m2", [5, "builtins.KeyboardInterrupt"]]]
 
 
+LEADERS = """
+import errno, json, threading, types
+from oslo_privsep import comm
+from vdsm_managedvolume import brick
+
+
+class Channel:
+    # Yields the requests of ``msgs``, then ends (StopIteration) or
+    # raises ``end``; records the thread that read each one and each
+    # reply.
+    def __init__(self, msgs, end=None):
+        self.msgs = list(msgs)
+        self.end = end
+        self.lock = threading.Lock()
+        self.read_by = {}
+        self.sent = []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        with self.lock:
+            if not self.msgs:
+                if self.end is not None:
+                    raise self.end
+                raise StopIteration
+            msgid = self.msgs.pop(0)
+            self.read_by[msgid] = threading.get_ident()
+            return msgid, (comm.Message.CALL, "f", (), {})
+
+    def send(self, msg):
+        with self.lock:
+            self.sent.append(msg)
+
+
+class Daemon(brick._Daemon):
+    def _process_cmd(self, msgid, cmd, *args):
+        self.ran_by[msgid] = threading.get_ident()
+        return (comm.Message.RET.value, msgid)
+
+
+def run(channel, communication_error=None):
+    conf = types.SimpleNamespace(user=None, group=None, capabilities=[],
+                                 thread_pool_size=2)
+    context = types.SimpleNamespace(conf=conf,
+                                    set_client_mode=lambda mode: None)
+    d = Daemon(channel, context)
+    d.ran_by = {}
+    d.communication_error = communication_error
+    try:
+        d.loop()
+        error = None
+    except Exception as e:
+        error = type(e).__name__
+    return {"error": error,
+            "same_thread": all(channel.read_by[m] == d.ran_by[m]
+                               for m in d.ran_by),
+            "main_ran": threading.get_ident() in d.ran_by.values(),
+            "replies": sorted(m for m, _ in channel.sent),
+            "threads": len(d.calls._threads)}
+
+
+out = {"ended": run(Channel(["m1", "m2", "m3", "m4"])),
+       "broken": run(Channel(["m1"], end=ConnectionResetError(
+           errno.ECONNRESET, "reset"))),
+       "epipe": run(Channel(["m1"]), BrokenPipeError(errno.EPIPE, "pipe")),
+       "other": run(Channel(["m1"]), OSError(errno.EIO, "io"))}
+print(json.dumps(out))
+"""
+
+
+def test_the_daemon_runs_each_call_in_the_thread_that_read_it():
+    # The pool's threads take turns reading the channel: the one that
+    # read a request runs it and the turn passes on, so no hand-off to
+    # another thread stands between a request and its start.  The
+    # channel's end ends the loop once every call read was answered; an
+    # error reading it is raised from loop, as from oslo's; a broken
+    # write stream (EPIPE) ends it quietly, another error is raised.
+    out = subprocess.run([sys.executable, "-c", LEADERS], cwd=REPO,
+                         check=True, stdout=subprocess.PIPE,
+                         timeout=120).stdout
+    result = json.loads(out.decode().splitlines()[-1])
+    assert result["ended"] == {"error": None, "same_thread": True,
+                               "main_ran": False,
+                               "replies": ["m1", "m2", "m3", "m4"],
+                               "threads": result["ended"]["threads"]}
+    assert 1 <= result["ended"]["threads"] <= 3
+    assert result["broken"]["error"] == "ConnectionResetError"
+    assert result["broken"]["replies"] == ["m1"]
+    assert result["broken"]["same_thread"]
+    assert result["epipe"]["error"] is None
+    assert result["epipe"]["replies"] == []
+    assert result["other"]["error"] == "OSError"
+    assert result["other"]["replies"] == []
+
+
 FITS = """
 import hashlib, inspect, json
 from oslo_privsep import daemon
@@ -318,8 +414,9 @@ print(json.dumps({
 }))
 """
 
-# oslo.privsep 3.12.0's Daemon.loop (requirements/constraints.txt), which
-# brick._Daemon.loop copies with its submit replaced: another version's
+# oslo.privsep 3.12.0's Daemon.loop (requirements/constraints.txt), whose
+# steps brick._Daemon.loop and _lead share, its reading spread over the
+# pool's threads and its submit replaced: another version's
 # loop must be read again (a new message kind, a fix) before it is
 # trusted, then its hash put here.
 OSLO_LOOP_SHA256 = (

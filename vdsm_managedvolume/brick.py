@@ -596,30 +596,44 @@ def _check_inside(cfg, path):
 
 
 class _Daemon(oslo_daemon.Daemon):
-    """oslo.privsep's daemon, its calls run by a ``workers.Pool``.
+    """oslo.privsep's daemon, its calls run by a ``workers.Pool`` whose
+    threads take turns reading the channel.
 
     oslo.privsep 3.12's ``Daemon.__init__`` makes a
     ``concurrent.futures.ThreadPoolExecutor(thread_pool_size)``, and
-    ``Daemon.loop`` submits each request to it (``_process_cmd``) with
+    ``Daemon.loop`` reads each request in the main thread and submits it
+    to that executor (``_process_cmd``) with
     ``_create_done_callback(msgid)`` as the future's callback, which sends
     the reply.  That executor's ``queue.SimpleQueue`` wakes a second
     waiting thread for nothing at every call once two or more wait
     (``workers``), its threads in turn, and each call makes a Future, a
     work item and a Condition: 5-7 context switches in the daemon per
-    call.  Here ``loop`` is oslo's loop with the submit replaced: the same
-    ``_process_cmd`` and the same callback (whose reply, logging and
-    ``communication_error`` are oslo's), run by a pool of
-    ``thread_pool_size`` threads (``privsep-N``) where the thread that has
-    just answered takes the next call (the reply is sent once the pool
-    counts the thread as coming back: ``_Request``).  As oslo's queue,
-    the pool's is not bounded: the client sends at most
-    ``max_operations`` calls and the control plane's few
-    (``privsepconfig.thread_pool_size``).  At the channel's end the
+    call.  Even without them, every call was handed from the thread that
+    read it to the thread that ran it: a wake-up (on this 2-core VM often
+    of an idle vCPU) between the request's arrival and its start.
+
+    Here the threads of one pool (``privsep-N``) take turns at the
+    channel, leader and followers: the thread holding the turn
+    (``_lead``) reads one request, gives the turn to another thread (it
+    wakes one, or leaves it to one that has just answered), and runs
+    the call itself, so the wake-up happens beside the call instead of
+    before it.  The call is oslo's ``_process_cmd`` and its reply oslo's
+    callback (its reply, logging and ``communication_error`` are
+    oslo's), sent once the pool counts the thread as coming back
+    (``_Request``).  The main thread only waits for the channel's end.
+    The pool has ``thread_pool_size`` + 1 threads (one may be reading
+    while ``thread_pool_size`` run calls); when all are running calls,
+    the next request is read once one of them is done, as oslo's
+    executor queued it until then (without bound: the client sends at
+    most ``max_operations`` calls and the control plane's few,
+    ``privsepconfig.thread_pool_size``).  At the channel's end the
     daemon exits once the calls it took have run (``Pool.stop``,
     ``join``) and, as the executor's threads are no daemon threads, once
-    the threads os-brick started from them have ended too.  A call ended
-    by a BaseException that is no Exception gets an ERR reply (oslo's
-    executor sent none: its caller waited for its deadline).
+    the threads os-brick started from them have ended too; an error
+    reading the channel ends it as it ended oslo's loop (raised from
+    ``loop``).  A call ended by a BaseException that is no Exception
+    gets an ERR reply (oslo's executor sent none: its caller waited for
+    its deadline).
 
     Installed by ``check_start`` in privsep-helper only (``helper_main``
     builds ``Daemon(channel, context)`` after importing this module), and
@@ -627,8 +641,9 @@ class _Daemon(oslo_daemon.Daemon):
     parameters it was written against (``_fits``): another keeps its own
     executor, and the daemon's first call says so at WARNING in the
     service's log (``_setup``).  tests/brick_test.py pins the hash of
-    the ``loop`` copied here (oslo.privsep 3.12.0, ``OSLO_PRIVSEP_READ``):
-    read another version's before trusting it.
+    the oslo ``loop`` whose steps ``loop`` and ``_lead`` share
+    (oslo.privsep 3.12.0, ``OSLO_PRIVSEP_READ``): read another
+    version's before trusting it.
     """
 
     def __init__(self, channel, context):
@@ -637,26 +652,48 @@ class _Daemon(oslo_daemon.Daemon):
         # Threads that are not daemons, as the executor's: at the exit
         # the interpreter waits for the threads os-brick started from
         # them (they inherit it), a portal login left running included.
-        self.calls = workers.Pool(context.conf.thread_pool_size,
+        self.calls = workers.Pool(context.conf.thread_pool_size + 1,
                                   sys.maxsize, name="privsep", daemon=False)
+        self._ended = threading.Event()
+        self._error = None
 
     def loop(self):
-        # oslo_privsep.daemon.Daemon.loop, submitting to self.calls.
+        # oslo_privsep.daemon.Daemon.loop, its reading done by the pool's
+        # threads in turn (_lead).
         oslo_daemon.LOG.info("privsep daemon running as pid %s",
                              os.getpid())
         self.context.set_client_mode(False)
         try:
-            for msgid, msg in self.channel:
-                error = self.communication_error
-                if error:
-                    if getattr(error, "errno", None) == errno.EPIPE:
-                        break
-                    raise error
-                self.calls.submit(_Request(self, msgid, msg).run)
+            self.calls.submit(self._lead)
+            self._ended.wait()
         finally:
             self.calls.stop()
             self.calls.join()
+        if self._error is not None:
+            raise self._error
         oslo_daemon.LOG.debug("Socket closed, shutting down privsep daemon")
+
+    def _lead(self):
+        """Holding the channel's turn: read one request, pass the turn on,
+        run the call; return what sends its reply (``_Request.run``)."""
+        try:
+            msgid, msg = next(self.channel)
+        except StopIteration:
+            self._ended.set()
+            return None
+        except BaseException as e:
+            self._error = e
+            self._ended.set()
+            return None
+        error = self.communication_error
+        if error:
+            # The write stream closed (EPIPE): the end, as oslo's loop.
+            if getattr(error, "errno", None) != errno.EPIPE:
+                self._error = error
+            self._ended.set()
+            return None
+        self.calls.submit(self._lead)
+        return _Request(self, msgid, msg).run()
 
 
 # The oslo.privsep whose Daemon ``_Daemon`` was read against (its loop's

@@ -203,3 +203,42 @@ def test_pool_threads_are_daemon_threads_unless_asked_otherwise():
         pool.join()
     assert seen == {"daemon-pool": (True, True),
                     "kept-pool": (False, False)}
+
+
+def test_pool_that_cannot_start_a_thread_raises_and_stays_as_it_was(
+        monkeypatch):
+    # RuntimeError: can't start new thread (a cgroup's pids.max, a
+    # mass start's threads): the job is not queued, nothing counts it,
+    # and stop() and join() end the threads that did start.
+    pool = workers.Pool(2, 0, name="nostart-pool", daemon=False)
+    release = threading.Event()
+    started = threading.Event()
+    real_start = threading.Thread.start
+
+    def start(thread):
+        if thread.name == "nostart-pool-1":
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    def job():
+        started.set()
+        release.wait(30)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    try:
+        assert pool.submit(job)
+        assert started.wait(30)
+        with pytest.raises(RuntimeError):
+            pool.submit(job)
+        assert pool.pending == 1
+        assert _threads("nostart-pool") == 1
+        monkeypatch.setattr(threading.Thread, "start", real_start)
+        started.clear()
+        assert pool.submit(job)     # a thread can be started again
+        assert started.wait(30)
+        assert pool.pending == 2
+    finally:
+        release.set()
+        pool.stop()
+        pool.join()
+    assert pool.pending == 0

@@ -70,6 +70,7 @@ class Pool:
 
     def submit(self, fn, handoff=None):
         """Queue ``fn``; False when every worker is busy and the queue full.
+        Raises what starting a thread raised, ``fn`` not queued.
 
         handoff: a list: ``(put, fn)`` is appended to it instead of
         waking a worker now; the caller calls ``put(fn)`` soon (the I/O
@@ -86,7 +87,15 @@ class Pool:
                     target=self._run, daemon=self.daemon,
                     name="{}-{}".format(self.name, len(self._threads)))
                 self._threads.append(thread)
-                thread.start()
+                try:
+                    thread.start()
+                except BaseException:
+                    # (RuntimeError: can't start new thread.)  Nothing
+                    # was queued: the pool is as before the call, and
+                    # stop() and join() do not count on that thread.
+                    self._threads.pop()
+                    self._pending -= 1
+                    raise
             else:
                 self._waiting += 1
         if handoff is None:

@@ -493,8 +493,9 @@ def report(r, args):
                      _ratio(today, now))
         print(head.format(label, *cells, TARGETS.get(key, "")))
     print()
-    print("pairs per second: 1 caller {:.0f}, {} callers {:.0f}; one "
-          "caller p95 plain {}, TLS {}".format(
+    print("pairs per second: 1 caller {:.0f}, {} callers {:.0f} (each "
+          "attaching a loop device of its own); one caller p95 plain {}, "
+          "TLS {}".format(
               r["tput1"], args.callers, r["tputN"],
               _fmt(benchutil.percentile(r["pair_plain"], 95)),
               _fmt(benchutil.percentile(r["pair_tls"], 95))))

@@ -24,7 +24,9 @@ Figures, each printed beside its baselines in one run:
                     detach found it attached as another volume, skipped
                     the privsep call and synced its delete, a different
                     pair from one caller's) vs
-                    one caller's, and the agent's CPU time per pair (user,
+                    one caller's (--ratio-rounds rounds of each,
+                    alternating: the median ratio and its range), and
+                    the agent's CPU time per pair (user,
                     system) in both runs: what bounds the 32 callers, and
                     a figure that other load on the machine moves less.
                     Beside the ratio, an estimate of its ceiling when the
@@ -150,6 +152,10 @@ def main():
     parser.add_argument("--callers", type=int, default=32)
     parser.add_argument("--per-caller", type=int, default=20,
                         help="pairs per caller in the throughput run")
+    parser.add_argument("--ratio-rounds", type=int, default=3,
+                        help="rounds of the 1-caller and the many-caller "
+                        "throughput runs on the loop devices, alternating "
+                        "(default 3): the ratio printed is their median")
     parser.add_argument("--sleep", type=float, default=2.0,
                         help="seconds the fake array takes per attach")
     parser.add_argument("--array-sleep", type=float, default=0.005,
@@ -232,14 +238,21 @@ def run(plain, tls, loops, args):
         with agent.client() as c:
             r[name] = _timed(args.rounds, lambda: _pair(c, local))
 
-    _log("throughput: 1 caller, then {} callers on distinct volumes".format(
-        args.callers))
+    _log("throughput: 1 caller, then {} callers on distinct volumes, {} "
+         "rounds alternating".format(args.callers, args.ratio_rounds))
     # At least --rounds pairs: /proc counts CPU in 10 ms ticks, a step of
     # 125 us per pair over 80 pairs, as large as the differences sought.
-    r["tput1"], r["cpu1"] = _throughput(plain, locals_.__getitem__, 1,
-                                        max(args.rounds, args.per_caller * 4))
-    r["tputN"], r["cpuN"] = _throughput(plain, locals_.__getitem__,
-                                        args.callers, args.per_caller)
+    # Rounds alternating, so that other load on the machine hits both
+    # sides of the ratio (a single caller slowed by it raises the ratio).
+    ones, manys = [], []
+    for _ in range(max(1, args.ratio_rounds)):
+        ones.append(_throughput(plain, locals_.__getitem__, 1,
+                                max(args.rounds, args.per_caller * 4)))
+        manys.append(_throughput(plain, locals_.__getitem__, args.callers,
+                                 args.per_caller))
+    r["tput1"], r["cpu1"] = _combined(ones)
+    r["tputN"], r["cpuN"] = _combined(manys)
+    r["scales"] = [many[0] / one[0] for one, many in zip(ones, manys)]
 
     _log("throughput with an array taking {} s per attach (fake iSCSI): "
          "1 caller, then {} callers".format(args.array_sleep, args.callers))
@@ -369,6 +382,17 @@ def _throughput(agent, connection_info, callers, pairs):
     return n / elapsed, tuple((a - b) / n for a, b in zip(after, before))
 
 
+def _combined(rounds):
+    """The (pairs per second, (user, system) CPU per pair) of several
+    ``_throughput`` rounds of the same number of pairs, pooled: all their
+    pairs over all their time, all their CPU over all their pairs (so
+    that rate x CPU per pair is the cores the agent kept busy)."""
+    rate = len(rounds) / sum(1 / rate for rate, _ in rounds)
+    cpu = tuple(sum(c[i] for _, c in rounds) / len(rounds)
+                for i in range(2))
+    return rate, cpu
+
+
 def _mass_start(agent, n, sleep, idle):
     """(wall seconds, getCapabilities latencies, peak RSS) of ``n``
     concurrent slow attaches."""
@@ -460,7 +484,8 @@ def report(r, args):
             "pair_plain": p50(r["vdsm_pair"]),
             "pair_tls": p50(r["vdsm_pair"]),
         }
-    scale = r["tputN"] / r["tput1"]
+    scale = (benchutil.percentile(r["scales"], 50) if r.get("scales")
+             else r["tputN"] / r["tput1"])
     rows = [
         ("mass32", "32 attaches at once, {:.0f} s each: wall".format(
             args.sleep), r["mass32"], "s"),
@@ -493,10 +518,11 @@ def report(r, args):
                      _ratio(today, now))
         print(head.format(label, *cells, TARGETS.get(key, "")))
     print()
-    print("pairs per second: 1 caller {:.0f}, {} callers {:.0f} (each "
-          "attaching a loop device of its own); one caller p95 plain {}, "
-          "TLS {}".format(
-              r["tput1"], args.callers, r["tputN"],
+    print("pairs per second ({} alternating rounds pooled): 1 caller "
+          "{:.0f}, {} callers {:.0f} (each attaching a loop device of its "
+          "own); one caller p95 plain {}, TLS {}".format(
+              len(r.get("scales") or [None]), r["tput1"], args.callers,
+              r["tputN"],
               _fmt(benchutil.percentile(r["pair_plain"], 95)),
               _fmt(benchutil.percentile(r["pair_tls"], 95))))
     print("agent CPU per attach+detach (user + system): 1 caller {} + "
@@ -548,8 +574,15 @@ def _scaling(r, args):
         tput1, tputN = r["tput1" + suffix], r["tputN" + suffix]
         cpu1, cpuN = r["cpu1" + suffix], r["cpuN" + suffix]
         ceiling = (1 / tput1) / sum(cpuN) if sum(cpuN) else math.inf
+        scales = r.get("scales" + suffix)
+        measured = tputN / tput1
+        rounds = ""
+        if scales:
+            measured = benchutil.percentile(scales, 50)
+            rounds = "median of {} alternating rounds, {:.1f}-{:.1f}x; " \
+                "all rounds ".format(len(scales), min(scales), max(scales))
         lines.append(
-            "{} callers / 1 caller, {}: {:.1f}x measured ({:.0f} vs {:.0f} "
+            "{} callers / 1 caller, {}: {:.1f}x measured ({}{:.0f} vs {:.0f} "
             "pairs/s), estimated ceiling {:.1f}x with the agent one core "
             "busy (an estimate, not a bound: one caller's {} per pair / "
             "the agent's user + system CPU per pair with {} callers {}, "
@@ -557,7 +590,7 @@ def _scaling(r, args):
             "per pair (user + system) 1 caller {} + "
             "{}, {} callers {} + {}; the agent was {:.2f} cores busy with "
             "1 caller, {:.2f} with {}".format(
-                args.callers, what, tputN / tput1, tputN, tput1, ceiling,
+                args.callers, what, measured, rounds, tputN, tput1, ceiling,
                 _fmt(1 / tput1), args.callers, _fmt(sum(cpuN)),
                 _fmt(cpu1[0]), _fmt(cpu1[1]), args.callers, _fmt(cpuN[0]),
                 _fmt(cpuN[1]), tput1 * sum(cpu1), tputN * sum(cpuN),

@@ -120,3 +120,31 @@ def test_load_prints_the_callers_ceiling_beside_the_measured_ratio(
     assert slow.startswith("32 callers / 1 caller, fake array, 5.00 ms per "
                            "attach: 5.0x measured (250 vs 50 pairs/s), "
                            "estimated ceiling 5.0x ")
+
+
+def test_load_prints_the_median_ratio_of_alternating_rounds(bench_module):
+    load = bench_module("load")
+    # Three rounds of 1 caller and 32 callers, alternating: the ratio
+    # printed is the median of the rounds' ratios, with their range, and
+    # the pairs per second those of all the rounds together.
+    ones = [(100.0, (0.002, 0.001)), (50.0, (0.004, 0.001)),
+            (100.0, (0.002, 0.001))]
+    manys = [(300.0, (0.002, 0.0005)), (250.0, (0.002, 0.0005)),
+             (200.0, (0.002, 0.0005))]
+    r = {"scales": [m[0] / o[0] for o, m in zip(ones, manys)],
+         "tput1_slow": 50.0, "cpu1_slow": (0.002, 0.001),
+         "tputN_slow": 250.0, "cpuN_slow": (0.003, 0.001)}
+    r["tput1"], r["cpu1"] = load._combined(ones)
+    r["tputN"], r["cpuN"] = load._combined(manys)
+    # Pooled: all pairs over all the time (a harmonic mean of the rates),
+    # all the CPU over all the pairs.
+    assert r["tput1"] == pytest.approx(75.0)
+    assert r["tputN"] == pytest.approx(3 / (1 / 300 + 1 / 250 + 1 / 200))
+    assert r["cpu1"] == pytest.approx((0.008 / 3, 0.001))
+    args = argparse.Namespace(callers=32, array_sleep=0.005)
+    loop, slow = load._scaling(r, args)
+    assert loop.startswith("32 callers / 1 caller, loop device: 3.0x "
+                           "measured (median of 3 alternating rounds, "
+                           "2.0-5.0x; all rounds 243 vs 75 pairs/s), ")
+    assert slow.startswith("32 callers / 1 caller, fake array, 5.00 ms per "
+                           "attach: 5.0x measured (250 vs 50 pairs/s), ")

@@ -365,6 +365,53 @@ def run(channel, communication_error=None, blocks=None):
             "unblocked": d.unblocked}
 
 
+class ShutSock:
+    def __init__(self):
+        self.shut = threading.Event()
+
+    def shutdown(self, how):
+        self.shut.set()
+
+
+class Interrupted(threading.Event):
+    # The main thread's wait ends with an exception (SIGINT).
+    def wait(self, timeout=None):
+        raise KeyboardInterrupt()
+
+
+def interrupted():
+    # After its requests, the channel blocks as a socket does until its
+    # read side is shut (then ends), or 30 s pass (then the case fails).
+    channel = Channel(["m1"])
+    channel.reader_iter = types.SimpleNamespace(readsock=ShutSock())
+    plain_next = Channel.__next__
+
+    def next_(self):
+        if self.msgs:
+            return plain_next(self)
+        if not self.reader_iter.readsock.shut.wait(30):
+            raise OSError("still reading after 30 s")
+        raise StopIteration
+    channel.__class__ = type("Blocking", (Channel,), {"__next__": next_})
+    conf = types.SimpleNamespace(user=None, group=None, capabilities=[],
+                                 thread_pool_size=2)
+    context = types.SimpleNamespace(conf=conf,
+                                    set_client_mode=lambda mode: None)
+    d = Daemon(channel, context)
+    d.ran_by = {}
+    d.blocks = {}
+    d.unblocked = {}
+    d._ended = Interrupted()
+    try:
+        d.loop()
+        error = None
+    except BaseException as e:
+        error = type(e).__name__
+    return {"error": error, "shut": channel.reader_iter.readsock.shut.is_set(),
+            "loop_error": repr(d._error), "threads_alive": sum(
+                t.is_alive() for t in d.calls._threads)}
+
+
 real_start = threading.Thread.start
 
 
@@ -383,6 +430,30 @@ out = {"ended": run(Channel(["m1", "m2", "m3", "m4"])),
 threading.Thread.start = no_second_thread
 out["no_thread"] = run(Channel(["m1", "m2", "m3"]))
 threading.Thread.start = real_start
+out["interrupted"] = interrupted()
+
+# oslo's own ServerChannel: _stop_reading ends a read blocked in it.
+import socket
+ours, theirs = socket.socketpair()
+channel = comm.ServerChannel(ours)
+ended = []
+
+
+def read():
+    try:
+        next(channel)
+    except StopIteration:
+        ended.append("StopIteration")
+
+
+reader = threading.Thread(target=read)
+reader.start()
+reader.join(0.2)
+d = Daemon.__new__(Daemon)
+d.channel = channel
+d._stop_reading()
+reader.join(30)
+out["oslo_channel"] = ended
 print(json.dumps(out))
 """
 
@@ -412,6 +483,13 @@ def test_the_daemon_runs_each_call_in_the_thread_that_read_it():
     assert result["blocking"]["replies"] == ["m1", "m2"]
     assert result["no_thread"]["error"] == "RuntimeError"
     assert result["no_thread"]["replies"] == ["m1"]
+    # The main thread leaving on an exception (SIGINT) ends the reading
+    # too, instead of waiting for the client to close the channel
+    # (review-perf13 L8).
+    assert result["interrupted"] == {"error": "KeyboardInterrupt",
+                                     "shut": True, "loop_error": "None",
+                                     "threads_alive": 0}
+    assert result["oslo_channel"] == ["StopIteration"]
     assert result["broken"]["error"] == "ConnectionResetError"
     assert result["broken"]["replies"] == ["m1"]
     assert result["broken"]["same_thread"]

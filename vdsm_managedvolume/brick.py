@@ -220,6 +220,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import stat
 import sys
 import tempfile
@@ -640,7 +641,9 @@ class _Daemon(oslo_daemon.Daemon):
     ``loop``), and so does a turn that cannot be passed on (no thread
     can be started: the request read is still run and answered, and the
     calls in flight end, so that the agent starts a new daemon instead
-    of waiting for a daemon that reads nothing).  A call ended by a
+    of waiting for a daemon that reads nothing); when ``loop`` itself
+    leaves on an exception (SIGINT), the channel is shut for reading so
+    that the turn ends as well (``_stop_reading``).  A call ended by a
     BaseException that is no Exception gets an ERR reply (oslo's
     executor sent none: its caller waited for its deadline).
 
@@ -665,6 +668,10 @@ class _Daemon(oslo_daemon.Daemon):
                                   sys.maxsize, name="privsep", daemon=False)
         self._ended = threading.Event()
         self._error = None
+        # Held to pass the turn on, and to stop that once loop() ends:
+        # Pool.stop() must come after the last job submitted.
+        self._turn_lock = threading.Lock()
+        self._stopping = False
 
     def loop(self):
         # oslo_privsep.daemon.Daemon.loop, its reading done by the pool's
@@ -676,11 +683,33 @@ class _Daemon(oslo_daemon.Daemon):
             self.calls.submit(self._lead)
             self._ended.wait()
         finally:
+            with self._turn_lock:
+                self._stopping = True       # no turn passed on from now
+            if not self._ended.is_set():
+                # Leaving on an exception of its own (SIGINT: the daemon
+                # stays in its client's process group): the thread
+                # holding the turn would read on until the client closes
+                # the channel (review-perf13 L8).
+                self._stop_reading()
             self.calls.stop()
             self.calls.join()
         if self._error is not None:
             raise self._error
         oslo_daemon.LOG.debug("Socket closed, shutting down privsep daemon")
+
+    def _stop_reading(self):
+        """End the reading: the channel's socket (oslo's ``ServerChannel``
+        reads it through its ``Deserializer``) is shut for reading, so the
+        turn's ``next`` ends (StopIteration) while the calls in flight
+        can still answer."""
+        reader = getattr(self.channel, "reader_iter", None)
+        sock = getattr(reader, "readsock", None)
+        if sock is None:
+            return
+        try:
+            sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
 
     def _lead(self):
         """Holding the channel's turn: read one request, pass the turn on,
@@ -701,17 +730,20 @@ class _Daemon(oslo_daemon.Daemon):
                 self._error = error
             self._ended.set()
             return None
-        try:
-            self.calls.submit(self._lead)
-        except BaseException as e:
-            # No thread to take the turn (RuntimeError: can't start new
-            # thread): nobody would read again and the daemon would
-            # hang.  It ends instead, once this call and those in
-            # flight have answered (review-perf13 M1).
-            oslo_daemon.LOG.critical("privsep daemon cannot go on reading "
-                                     "its channel: %r", e)
-            self._error = e
-            self._ended.set()
+        with self._turn_lock:
+            if not self._stopping:
+                try:
+                    self.calls.submit(self._lead)
+                except BaseException as e:
+                    # No thread to take the turn (RuntimeError: can't
+                    # start new thread): nobody would read again and the
+                    # daemon would hang.  It ends instead, once this call
+                    # and those in flight have answered (review-perf13
+                    # M1).
+                    oslo_daemon.LOG.critical("privsep daemon cannot go on "
+                                             "reading its channel: %r", e)
+                    self._error = e
+                    self._ended.set()
         return _Request(self, msgid, msg).run()
 
 

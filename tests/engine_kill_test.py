@@ -20,7 +20,9 @@ HPE 3PAR: no host object for the connector); its terminate_connection
 fails once the export is gone, as LIO's does (cinder's
 ``LioAdm.terminate_connection``: ``cinder-rtstool delete-initiator``
 finds no target), and its delete_volume refuses a
-volume still exported, as such backends do.
+volume still exported, as such backends do.  Each terminate_connection
+is recorded in ``terminations.jsonl`` with the grantees the volume had
+when it came (``Backend.terminations``).
 
 Every driver call and every write cinderlib makes to its database is a
 step (``steps.jsonl``, before and after each).  A first run of a command
@@ -93,6 +95,11 @@ def __getattr__(name):
 
         def terminate_connection(self, volume, connector, **kwargs):
             with _step(self._dir, "terminate_connection"):
+                with open(os.path.join(self._dir, "terminations.jsonl"),
+                          "a") as f:
+                    f.write(json.dumps([volume.id, _grantee(connector),
+                                        self._exports().get(volume.id, {})
+                                        .get("hosts", [])]) + "\n")
                 if _fails_for(os.path.join(self._dir, "fail-terminate"),
                               _grantee(connector)):
                     raise exception.VolumeBackendAPIException(
@@ -287,6 +294,16 @@ class Backend:
         self.run(*args)
         with open(path) as f:
             return [json.loads(line) for line in f]
+
+    def terminations(self, vol):
+        """[(grantee, [the volume's grantees when it came])] of each
+        terminate_connection of ``vol``, in order."""
+        try:
+            with open(os.path.join(self.dir, "terminations.jsonl")) as f:
+                calls = [json.loads(line) for line in f]
+        except FileNotFoundError:
+            return []
+        return [(grantee, hosts) for v, grantee, hosts in calls if v == vol]
 
     def exports(self, vol):
         try:
@@ -859,18 +876,36 @@ def test_a_connection_never_granted_is_not_ended_beside_a_running_host(
     backend.check_gone(vol, how)
 
 
+@pytest.mark.parametrize("granted", [False, True],
+                         ids=["before-the-grant", "after-the-grant"])
 def test_a_delete_ends_a_connection_never_granted_after_the_others(
-        backend):
+        backend, granted):
     # delete_volume ends every connection (no host had the volume
-    # attached): the one the driver never granted last, so that no
-    # complete one is left when it is ended.
+    # attached): the one the driver never granted (h's connect killed
+    # before initialize_connection returned, or after, before its
+    # conn_info was recorded) last, with terminate_connection, once g's
+    # complete one was ended.  Ended first, it would unmap g's grant too
+    # on Dell SC iSCSI (before the grant: no server for h's initiator);
+    # deleted without the driver, it would leave the grant made before
+    # the kill, and the backend would refuse to delete the volume.
     vol = new_id()
     backend.run("create_volume", vol, 1)
-    _leave_never_granted(backend, vol, "killed")
+    if granted:
+        number = _first_step(backend, "initialize_connection:after",
+                             "connect_volume", _connector("h"))
+        backend.killed(number, "connect_volume", vol, _connector("h"))
+        assert backend.connections(vol) == [("h", False)]
+    else:
+        _leave_never_granted(backend, vol, "killed")
+    h = [_initiator("h")] if granted else []
+    assert backend.exports(vol) == {"export": True, "hosts": h}
     backend.run("connect_volume", vol, _connector("g"))
     with _modes(backend, "unmap-all"):
         backend.run("delete_volume", vol)
-    backend.check_gone(vol, "killed")
+    assert backend.terminations(vol) == [
+        (_initiator("g"), sorted([_initiator("g")] + h)),
+        (_initiator("h"), h)]
+    backend.check_gone(vol, granted)
 
 
 def test_a_disconnect_ends_the_others_when_one_end_fails(backend):

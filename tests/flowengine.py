@@ -64,8 +64,15 @@ This module replays those orders against real parts (no mock of ours):
   (isLiveMigration), then migrate; any failure -> runningFailed, which
   disconnects the disks with removeDest.  reportCompleted (the migration
   succeeded): disconnect the disks (the source).
+  MaintenanceNumberOfVdssCommand: the host PreparingForMaintenance first
+  (no RunVm nor migration is scheduled to it from then on:
+  SchedulingManager.fetchHosts takes Up hosts only), then
   MaintenanceVdsCommand -> MigrateMultipleVmsCommand: MigrateVmToServer
-  for each VM of the host in turn, each reportCompleted on its own.
+  for each VM running on the host (run_on_vds) in turn, each
+  reportCompleted on its own.  A VM whose RunVm was scheduled there
+  before and lands later stays, until the monitoring's retry
+  (HostPreparingForMaintenanceIdleTime: MaintenanceNumberOfVdss again)
+  migrates it too.
   MigrateVmCommand.rerun (the migration failed after it started and the
   VM runs on the source): perform again to another host, no
   runningFailed between; DEST_VDS_ID is overwritten.
@@ -92,7 +99,9 @@ This module replays those orders against real parts (no mock of ours):
   is based on the template, else delete_volume of its disks.
   RestartVdsVmsOperation.restartVms (a fenced host): each VM down
   (ProcessDownVmCommand), the HA ones to HaAutoStartVmsRunner, which
-  runs them on another host one after the other.
+  runs them on another host one after the other, each RunVmCommand
+  scheduled among the hosts Up when it starts; with none, it fails
+  validation and the runner tries again later.
 
 ``check(engine)`` is the one check every flow ends with: each host's
 journal (``volumes_info``), managed_path links, udev rules, the loop
@@ -571,6 +580,9 @@ class Engine:
         self.before_attach = {}
         # {template name: [labels of its disks]}
         self.templates = {}
+        # Hosts PreparingForMaintenance or in Maintenance: the scheduler
+        # never picks them (``schedule``).
+        self.maintaining = set()
         self._lock = threading.Lock()
 
     @property
@@ -1277,6 +1289,37 @@ class Engine:
             vm.run_on = host
             return host
 
+    def schedule(self, candidates):
+        """SchedulingManager.schedule for a RunVm (RunVmCommand
+        .getVdsToRunOn) or a migration: the first of ``candidates`` (the
+        policy's order) that is Up (fetchHosts:
+        getAllForClusterWithStatus Up): reachable, and not being moved to
+        maintenance.  None: no host."""
+        return next((h for h in candidates if self.hosts[h].up and
+                     h not in self.maintaining), None)
+
+    def ha_restart(self, names, candidates):
+        """HaAutoStartVmsRunner (AutoStartVmsRunner.processVmDown ->
+        runVmAndUpdateStatus): one RunVmCommand after the other from its
+        thread, each waiting for the one before; each is scheduled when
+        it starts (``schedule``), and reruns on the other hosts Up then
+        (RunVmCommandBase.rerun).  A VM with no host Up fails validation
+        (RunVmValidator.canRunVm: canSchedule) and stays down, for the
+        runner's next try (RetryToRunAutoStartVmShortIntervalInSeconds).
+        {VM name: the host it runs on, or None}."""
+        placed = {}
+        for name in names:
+            host = self.schedule(candidates)
+            if host is None:
+                self.note("engine", "engine", "run " + name,
+                          "refused: no host Up (the runner tries again)")
+                placed[name] = None
+                continue
+            others = [h for h in candidates if h != host and
+                      self.schedule([h]) == h]
+            placed[name] = self.run_vm(name, host, rerun_on=others)
+        return placed
+
     def vm_disappeared(self, name):
         """VmAnalyzer.proceedDisappearedVm: the VM's host answers again
         and does not report it: Down, ProcessDownVmCommand."""
@@ -1431,13 +1474,22 @@ class Engine:
 
     def maintenance(self, host, dests):
         """The host to maintenance with its VMs running:
-        MaintenanceNumberOfVdssCommand -> MaintenanceVdsCommand ->
-        MigrateMultipleVmsCommand, which schedules every VM of the host
-        (here: to ``dests`` in turn) and runs MigrateVmToServer for each,
-        one after the other: each perform attaches the VM's disks on its
-        destination and starts the migration.  Each reportCompleted comes
-        back from the monitoring of its own VM, in any order, several at
-        once: here all at once, in threads.  {VM name: its host}."""
+        MaintenanceNumberOfVdssCommand sets it PreparingForMaintenance
+        (moveVdssToGoingToMaintenanceMode: nothing is scheduled to it
+        any more), then MaintenanceVdsCommand -> MigrateMultipleVmsCommand
+        schedules every VM running on the host (getAllRunningForVds:
+        run_on_vds, which a RunVm sets only once its disks are attached
+        and the VM created) (here: to ``dests`` in turn) and runs
+        MigrateVmToServer for each, one after the other: each perform
+        attaches the VM's disks on its destination and starts the
+        migration.  Each reportCompleted comes back from the monitoring
+        of its own VM, in any order, several at once: here all at once,
+        in threads.  Run again for the VMs that landed since (the
+        monitoring's retry, VdsEventListener.handleVdsMaintenanceTimeout).
+        {VM name: its host}."""
+        self.maintaining.add(host)
+        self.note("engine", host, "maintenance",
+                  "PreparingForMaintenance")
         vms = sorted((vm for vm in self.vms.values() if vm.run_on == host),
                      key=lambda vm: vm.name)
         moves = list(zip(vms, (dests * len(vms))[:len(vms)]))
@@ -1453,8 +1505,9 @@ class Engine:
             vm.status = "up"
             return self._disconnect_disks(vm, remove_dest=False)
 
-        with concurrent.futures.ThreadPoolExecutor(len(moves)) as pool:
-            assert all(pool.map(completed, reversed(moves)))
+        if moves:
+            with concurrent.futures.ThreadPoolExecutor(len(moves)) as pool:
+                assert all(pool.map(completed, reversed(moves)))
         return {vm.name: vm.run_on for vm, _ in moves}
 
     def migrate_many(self, names, dest):

@@ -931,6 +931,85 @@ def test_a_host_to_maintenance_migrates_its_vms_away(engine):
     check(engine)
 
 
+def test_a_host_put_to_maintenance_while_an_ha_restart_lands_on_it(
+        engine, tmp_path):
+    """A is fenced; HaAutoStartVmsRunner runs its HA VMs one after the
+    other, the first scheduled on B (Up then).  While its attach waits
+    in B's storage, an admin moves B to maintenance: B is
+    PreparingForMaintenance (the scheduler skips it from then on) and
+    MigrateMultipleVmsCommand migrates the VMs running on B (run_on_vds)
+    to C, their reportCompleted detaching on B and disconnecting, while
+    the HA VM's attach there is in flight: it is not among them, a RunVm
+    sets run_on_vds only once it created the VM.  That attach then
+    completes and the VM runs on B; the next HA VMs go to C.  B cannot
+    reach Maintenance while a VM runs there: the monitoring's retry
+    (HostPreparingForMaintenanceIdleTime) migrates it to C.  Every VM
+    reads what it wrote; A boots and drops its records of the earlier
+    boot; after the stops nothing is left."""
+    a, b, c = (engine.hosts[h] for h in HOSTS)
+    engine.add_disk("b0")
+    engine.add_vm("vm-b0", "b0")
+    engine.add_disk("b1")
+    engine.add_disk("b1-data")
+    engine.add_vm("vm-b1", "b1", "b1-data")
+    ha = ["vm-ha{}".format(i) for i in range(3)]
+    for name in ha:
+        engine.add_disk(name[3:])
+        engine.add_vm(name, name[3:])
+        engine.run_vm(name, "host-a")
+        flowengine.write_through(a, engine, name[3:], DATA)
+    for name in ("vm-b0", "vm-b1"):
+        engine.run_vm(name, "host-b")
+    for label in ("b0", "b1-data"):
+        flowengine.write_through(b, engine, label, DATA)
+    check(engine)
+
+    a.crash()                          # fenced: power off
+    engine.host_down("host-a")         # its VMs down; detach on A fails
+    barrier = str(tmp_path / "storage-answers")
+    engine.hold_attaches("host-b", barrier)
+    mark = len(b.connects())
+    with concurrent.futures.ThreadPoolExecutor(1) as runner:
+        restart = runner.submit(engine.ha_restart, ha, ["host-b", "host-c"])
+        try:
+            agentutil.wait_for(lambda: any(
+                line.startswith("connect-start ")
+                for line in b.connects(mark)))
+            placed = engine.maintenance("host-b", ["host-c"])
+            # B's VMs left, each disk detached on B and its connection
+            # ended, while the HA VM's attach still waits in B's storage.
+            assert placed == {"vm-b0": "host-c", "vm-b1": "host-c"}
+            assert not any(line.startswith("connect ")
+                           for line in b.connects(mark))
+            assert not restart.done()
+        finally:
+            open(barrier, "w").close()
+        assert restart.result() == {"vm-ha0": "host-b", "vm-ha1": "host-c",
+                                    "vm-ha2": "host-c"}
+    assert flowengine.journals(engine) == {
+        "host-b": [("ha0", False)],
+        "host-c": sorted([(label, False) for label in
+                          ("b0", "b1", "b1-data", "ha1", "ha2")],
+                         key=lambda j: engine.disks[j[0]].vol_id)}
+    check(engine)
+
+    # HostPreparingForMaintenanceIdleTime later, the monitoring's retry.
+    assert engine.maintenance("host-b", ["host-c"]) == {"vm-ha0": "host-c"}
+    assert flowengine.journals(engine)["host-b"] == []
+    for label in ("ha0", "ha1", "ha2", "b0", "b1-data"):
+        assert flowengine.write_through(c, engine, label, None)[
+            :len(DATA)] == DATA, label
+    check(engine)
+
+    a.boot()                           # new boot id, devices back
+    agentutil.wait_for(lambda: a.volumes_info() == [])
+    check(engine)
+    for name in ha + ["vm-b0", "vm-b1"]:
+        engine.stop_vm(name)
+    assert engine.backend.connections() == set()
+    check(engine)
+
+
 def test_a_host_the_shim_cannot_ask_keeps_its_connection_until_asked(
         engine):
     engine.add_disk("os")

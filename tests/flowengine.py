@@ -583,6 +583,13 @@ class Engine:
         # Hosts PreparingForMaintenance or in Maintenance: the scheduler
         # never picks them (``schedule``).
         self.maintaining = set()
+        # {shim command: the host whose grant its next run fails to end}
+        # (``fail_next_terminate``)
+        self.terminate_failures = {}
+        # {vol_id: {(vol_id, host)}} the last disconnect_volume of the
+        # volume could not end (its driver failed), though it exited 0:
+        # leaks once the engine's bookkeeping is done (``_end_leaks``).
+        self._unended = {}
         self._lock = threading.Lock()
 
     @property
@@ -616,17 +623,24 @@ class Engine:
             env = env()
         with self._lock:
             kill_at = self.kills.pop(command, None)
+            failing = self.terminate_failures.pop(command, None)
         if kill_at is not None:
             before = self.backend.connections()
             kill_file = os.path.join(self.backend.dir, "kill-at")
             with open(kill_file, "w") as f:
                 f.write(str(kill_at))
+        if failing is not None:
+            fail_file = os.path.join(self.backend.dir, "fail-terminate")
+            with open(fail_file, "w") as f:
+                f.write(grantee(self, failing) + "\n")
         try:
             r = self.shim_runner.run(command, *args, driver=driver,
                                      db_url=db_url, cid=cid, env=env)
         finally:
             if kill_at is not None:
                 os.unlink(kill_file)
+            if failing is not None:
+                os.unlink(fail_file)
         line = r.stdout.decode("utf-8", "replace")
         if kill_at is not None:
             # The warm service's child running it died: the client says
@@ -646,6 +660,8 @@ class Engine:
         if r.code != 0:
             self.note("engine", "shim", what, "FAILED " + line.strip()[:60])
             raise StepFailed("{}: {}".format(command, r.describe()))
+        if failing is not None:
+            self._left_unended(command, args[0], failing, what)
         if line.startswith("error"):
             self.note("engine", "shim", what, "ok: " + line.strip()[:60])
             return ""
@@ -676,6 +692,39 @@ class Engine:
                 unused = self.kills.pop(command, None)
         assert unused is None, "{} never ran: its kill at step {} " \
             "was not used".format(command, unused)
+
+    def fail_next_terminate(self, command, host):
+        """The driver's terminate_connection of ``host``'s grant fails
+        (the backend does not answer) in the next run of the shim's
+        ``command`` (tests.flowexports' ``fail-terminate``; the backend
+        must be an exporting one, and nothing else may run on it
+        meanwhile).  The engine's disconnect_volume then ends the other
+        connections it released, logs an ERROR and exits 0, the record
+        kept "detached" (docs/engine.md, "Killed mid-command"): a
+        success for the engine, which saves the disk's hosts and never
+        learns of the record, a leak until the volume's next
+        disconnect_volume or delete_volume (``_left_unended``)."""
+        assert self.backend.exporting
+        with self._lock:
+            self.terminate_failures[command] = host
+
+    def _left_unended(self, command, vol_id, host, what):
+        """A run of ``command`` on ``vol_id`` whose terminate_connection
+        of ``host`` failed exited 0: what it kept of ``host``'s
+        connection, read from the shim's database as the engine cannot
+        know, counts as a leak once the engine's bookkeeping of the
+        disconnect is done (``_end_leaks``).  Only an unfinished record
+        may be left: a complete one was not ended at all."""
+        left = {pair: done for pair, done in
+                self.backend.connection_states().items()
+                if pair == (vol_id, host)}
+        assert not any(left.values()), \
+            "{} left {}'s connection complete".format(command, host)
+        self.note("engine", "shim", what, "exit 0, {}'s end failed: "
+                  "kept 'detached'".format(host) if left else
+                  "exit 0, {}'s connection not there".format(host))
+        with self._lock:
+            self._unended[vol_id] = set(left)
 
     def _left_by_kill(self, command, args, before):
         """A shim command was SIGKILLed: ovirt-engine sees a failure and
@@ -848,6 +897,9 @@ class Engine:
             self._leaked = {(v, h) for v, h in self._leaked
                             if v != vol_id
                             or (asked_only and not self.hosts[h].up)}
+            # A record the disconnect could not end, though it exited 0
+            # (``fail_next_terminate``).
+            self._leaked |= self._unended.pop(vol_id, set())
 
     # Disks
 

@@ -1036,6 +1036,53 @@ def test_a_host_the_shim_cannot_ask_keeps_its_connection_until_asked(
     check(engine)
 
 
+@exporting
+@pytest.mark.parametrize("then", ["stop", "remove"])
+def test_a_disconnect_whose_terminate_fails_is_ended_by_the_next_one(
+        engine, engine_service, then):
+    """The driver's terminate_connection of the released host's grant
+    fails (the backend does not answer) in the engine's
+    disconnect_volume: after a migration's reportCompleted (the source
+    A), or a stop.  The shim ends what else it released, logs an ERROR
+    and exits 0, keeping A's record "detached" with its grant: the
+    engine saves the disk's hosts (ATTACHED_VDS_ID := B after the
+    migration) and never learns of it.  The volume's next
+    disconnect_volume (the VM's stop on B) or delete_volume (the disk's
+    removal) ends it; the check counts it as a leak meanwhile."""
+    engine.add_disk("os")
+    engine.add_vm("vm1", "os")
+    engine.run_vm("vm1", "host-a")
+    b = engine.hosts["host-b"]
+    flowengine.write_through(engine.hosts["host-a"], engine, "os", DATA)
+    vol = engine.disks["os"].vol_id
+    engine.fail_next_terminate("disconnect_volume", "host-a")
+    if then == "stop":
+        assert engine.migrate("vm1", "host-b")
+        assert engine.disks["os"].attached == "host-b"
+        kept = {(vol, "host-a"): False, (vol, "host-b"): True}
+    else:
+        engine.stop_vm("vm1")
+        assert engine.disks["os"].attached is None
+        kept = {(vol, "host-a"): False}
+    assert engine.backend.connection_states() == kept
+    assert engine.leaked == {(vol, "host-a")}
+    failure = "Could not end 1 connection(s) of volume {} (host host-a: " \
+              "".format(vol)
+    assert "ERROR" in [line for line in engine_service.log().splitlines()
+                       if failure in line][-1]
+    check(engine)
+
+    if then == "stop":
+        assert flowengine.write_through(b, engine, "os", None)[
+            :len(DATA)] == DATA
+        engine.stop_vm("vm1")
+    else:
+        engine.remove_disk("os")
+    assert engine.backend.connection_states() == {}
+    assert engine.leaked == frozenset()
+    check(engine)
+
+
 # Fence, reboot
 
 @both_databases

@@ -891,11 +891,25 @@ class Engine:
 
     def _end_leaks(self, vol_id, asked_only=False):
         """The shim ended the volume's connections no host uses (with
-        ``asked_only``: those of the hosts it could ask).  Flows run in
+        ``asked_only``: those of the hosts it could ask), but one the
+        driver never granted while a complete one is left (docs/
+        engine.md: it ends with the volume's last complete connection;
+        its record read from the shim's database).  Flows run in
         threads (many VMs at once): under the lock."""
+        waiting = set()
+        if any(v == vol_id for v, _ in self.leaked):
+            records = {h: info for v, h, _, info in self.backend.rows()
+                       if v == vol_id}
+            states = {h: done for (v, h), done in
+                      self.backend.connection_states().items()
+                      if v == vol_id}
+            waiting = {(vol_id, h) for h, info in records.items()
+                       if not info.get("conn") and
+                       any(done for other, done in states.items()
+                           if other != h)}
         with self._lock:
             self._leaked = {(v, h) for v, h in self._leaked
-                            if v != vol_id
+                            if v != vol_id or (v, h) in waiting
                             or (asked_only and not self.hosts[h].up)}
             # A record the disconnect could not end, though it exited 0
             # (``fail_next_terminate``).

@@ -567,6 +567,43 @@ def test_a_run_whose_shim_is_killed_reruns_on_another_host(
     check(engine)
 
 
+@exporting
+def test_a_connection_never_granted_is_asked_about_only_once_it_is_the_last(
+        engine):
+    """connect_volume for A is killed after its record, before the
+    driver's grant: the RunVm reruns on B, and A's record waits,
+    unfinished, for the volume's last complete connection to end (the
+    shim ends it with the driver only then: docs/engine.md).  The
+    migration B -> C's disconnect_volume asks B and C, not A: its answer
+    could not end that record beside C's, and a host that does not
+    answer costs the host timeout at every stop or migration.  The VM's
+    stop on C leaves no complete connection: A is asked then, and its
+    record ended."""
+    engine.add_disk("os")
+    engine.add_vm("vm1", "os")
+    vol = engine.disks["os"].vol_id
+    a = engine.hosts["host-a"]
+    steps = engine.steps("connect_volume", host="host-a")
+    with engine.killing("connect_volume",
+                        _kill_point(steps, CONNECT_KILLS["recorded"])):
+        assert engine.run_vm("vm1", "host-a",
+                             rerun_on=["host-b"]) == "host-b"
+    assert engine.backend.connection_states() == {
+        (vol, "host-a"): False, (vol, "host-b"): True}
+    asked = a.started("ManagedVolume.volumes_info", vol)
+
+    assert engine.migrate("vm1", "host-c")
+    assert a.started("ManagedVolume.volumes_info", vol) == asked
+    assert engine.backend.connection_states() == {
+        (vol, "host-a"): False, (vol, "host-c"): True}
+    check(engine)
+
+    engine.stop_vm("vm1")
+    assert a.started("ManagedVolume.volumes_info", vol) == asked + 1
+    assert engine.backend.connections() == set()
+    check(engine)
+
+
 # Where disconnect_volume (the engine's form: no host, the only
 # connection's host asked) is killed: before anything, after the
 # connection is marked ending, after its grant's end

@@ -735,16 +735,11 @@ def _end(vol, conn, force=False):
     the granted connections first (``_granted_first``) so that one run
     ends both.
     """
-    from . import hosts
     driver = vol.backend.driver
     others = [c for c in vol.connections if c.id != conn.id]
-    kind = next((t for t in (hosts.transport(c.conn_info)
-                             for c in vol.connections) if t), None)
-    sharing = [c for c in others
-               if hosts.same_grant(c.connector_info, conn.connector_info,
-                                   kind)]
+    sharing = _sharing(vol, conn, others)
     complete = [c for c in others if not _unfinished(c)]
-    if not sharing and complete and not _granted(conn):
+    if _waits(vol, conn):
         log.info("Keeping the connection of volume %s to host %s, left "
                  "unfinished (%s) before the driver ever granted it, "
                  "until it is the volume's last: terminate_connection "
@@ -800,6 +795,28 @@ def _end(vol, conn, force=False):
     return removed
 
 
+def _sharing(vol, conn, others):
+    """The connections of ``others`` granted to ``conn``'s identity
+    (``hosts.same_grant``, for the volume's transport)."""
+    from . import hosts
+    kind = next((t for t in (hosts.transport(c.conn_info)
+                             for c in vol.connections) if t), None)
+    return [c for c in others
+            if hosts.same_grant(c.connector_info, conn.connector_info,
+                                kind)]
+
+
+def _waits(vol, conn, ending=()):
+    """Whether ``_end`` keeps ``conn``, once ``ending`` are ended: one
+    the driver never granted, beside a complete connection, sharing no
+    grant with another."""
+    gone = {c.id for c in ending}
+    others = [c for c in vol.connections
+              if c.id != conn.id and c.id not in gone]
+    return not _granted(conn) and not _sharing(vol, conn, others) and \
+        any(not _unfinished(c) for c in others)
+
+
 def _remove_export(vol, context):
     """The driver's ``remove_export`` of ``vol``; a failure is logged
     (with ``context``), never raised: a leaked export is recoverable."""
@@ -821,7 +838,36 @@ def _ask(vol, conns, args):
 
 
 def _released(vol, conns, args):
-    """The connections whose hosts said they no longer have ``vol``."""
+    """The connections whose hosts said they no longer have ``vol``.
+
+    The hosts of the connections the driver granted are asked first,
+    all at once; those of the connections it never granted only when
+    ``_end`` would end them: ``_end`` keeps one beside a complete
+    connection (``_waits``), whatever its host answers, and asking a
+    host that does not answer costs the host timeout (10 s) at every
+    disconnect_volume of the volume, each stop or migration of the VM
+    running elsewhere.  Once no complete connection is left (the VM's
+    stop on its last host) its host is asked: a host that says it has
+    the volume (attached through a connection since ended by hand)
+    keeps it.  The shim keeps nothing between commands, so a host
+    known unreachable is asked again each time.
+    """
+    granted = [c for c in conns if _granted(c)]
+    released = _released_of(vol, granted, args) if granted else []
+    never = [c for c in conns if not _granted(c)]
+    waiting = [c for c in never if _waits(vol, c, ending=released)]
+    for conn in waiting:
+        log.info("Keeping the connection of volume %s to host %s, left "
+                 "unfinished (%s) before the driver ever granted it, "
+                 "without asking its host: it ends once no complete "
+                 "connection is left", vol.id, _host(conn),
+                 _attach_status(conn))
+    asked = [c for c in never if all(c.id != w.id for w in waiting)]
+    return released + (_released_of(vol, asked, args) if asked else [])
+
+
+def _released_of(vol, conns, args):
+    """``_released`` of ``conns``, their hosts asked at once."""
     released = []
     for conn, answer in zip(conns, _ask(vol, conns, args)):
         if answer.attached is None and _unfinished(conn):

@@ -1019,6 +1019,54 @@ def test_extend_of_a_volume_not_live_here_rescans_nothing(
     assert rec["extending"] is None and rec["size"] == GiB
 
 
+def test_an_extend_in_before_a_detach_that_locks_first_rescans_nothing(
+        inproc_service, inproc_brick, monkeypatch):
+    # The host step of an extend on a migration's source and
+    # reportCompleted's detach there (docs/flows.md, "A disk grown on a
+    # migration's source while it is detached there"): the extend comes
+    # in while the volume is attached, and the detach takes the volume's
+    # lock before it.  The extend reads the record under the lock: it
+    # finds nothing attached and never rescans a device the detach
+    # disconnected.  Read before the lock, the record said attached.
+    svc = inproc_service
+    vol_id, _, key, res = attached_at(svc, iscsi_connection, GiB)
+    fakebrick.set_array_size(key, 2 * GiB)
+    at_lock, go = threading.Event(), threading.Event()
+    locked = svc._locked
+
+    def extend_waits_at_the_lock(vol, timeout=None):
+        if threading.current_thread().name == "extend":
+            at_lock.set()
+            assert go.wait(30)
+        return locked(vol, timeout)
+
+    monkeypatch.setattr(svc, "_locked", extend_waits_at_the_lock)
+    outcome = []
+
+    def extend():
+        try:
+            outcome.append(svc.extend_volume(vol_id, SD, 2 * GiB))
+        except errors.Error as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=extend, name="extend")
+    thread.start()
+    try:
+        assert at_lock.wait(30)
+        assert records(svc)[0]["state"] == "attached"
+        del inproc_brick.calls[:]
+        svc.detach_volume(vol_id, SD)
+    finally:
+        go.set()
+        thread.join(30)
+    error, = outcome
+    assert isinstance(error, errors.NotAttached), error
+    assert "no record" in str(error)
+    assert [c[0] for c in inproc_brick.calls] == ["disconnect"]
+    assert "extend-start " + key not in fakebrick.calls()
+    assert records(svc) == []
+
+
 def test_extend_failure_records_the_size_seen_and_clears_the_mark(
         inproc_service):
     svc = inproc_service

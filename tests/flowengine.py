@@ -898,15 +898,11 @@ class Engine:
         threads (many VMs at once): under the lock."""
         waiting = set()
         if any(v == vol_id for v, _ in self.leaked):
-            records = {h: info for v, h, _, info in self.backend.rows()
-                       if v == vol_id}
-            states = {h: done for (v, h), done in
-                      self.backend.connection_states().items()
-                      if v == vol_id}
-            waiting = {(vol_id, h) for h, info in records.items()
+            rows = [(h, done, info) for v, h, done, info
+                    in self.backend.rows() if v == vol_id]
+            waiting = {(vol_id, h) for h, _, info in rows
                        if not info.get("conn") and
-                       any(done for other, done in states.items()
-                           if other != h)}
+                       any(done for other, done, _ in rows if other != h)}
         with self._lock:
             self._leaked = {(v, h) for v, h in self._leaked
                             if v != vol_id or (v, h) in waiting

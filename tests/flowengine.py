@@ -405,12 +405,17 @@ class Backend:
         connections (the last, when a pair has several: ``rows``)."""
         return {(v, h): (done, info) for v, h, done, info in self.rows()}
 
-    def rows(self):
+    def rows(self, vol_id=None):
         """[(volume_id, connector host, complete, connection_info)]: one
-        per live connection record, a pair's every record."""
+        per live connection record, a pair's every record (of
+        ``vol_id`` only, when given)."""
+        where = ""
+        if vol_id is not None:
+            where = " AND volume_id = '{}'".format(uuid.UUID(vol_id))
         rows = self.live_rows(
             "SELECT volume_id, attach_status, connection_info FROM "
-            "volume_attachment WHERE deleted = {}".format(self.false))
+            "volume_attachment WHERE deleted = {}{}".format(self.false,
+                                                            where))
         found = []
         for vol_id, status, info in rows:
             info = json.loads(info or "{}")
@@ -899,7 +904,7 @@ class Engine:
         waiting = set()
         if any(v == vol_id for v, _ in self.leaked):
             rows = [(h, done, info) for v, h, done, info
-                    in self.backend.rows() if v == vol_id]
+                    in self.backend.rows(vol_id)]
             waiting = {(vol_id, h) for h, _, info in rows
                        if not info.get("conn") and
                        any(done for other, done, _ in rows if other != h)}

@@ -66,7 +66,9 @@ This module replays those orders against real parts (no mock of ours):
   succeeded): disconnect the disks (the source).
   MaintenanceNumberOfVdssCommand: the host PreparingForMaintenance first
   (no RunVm nor migration is scheduled to it from then on:
-  SchedulingManager.fetchHosts takes Up hosts only), then
+  SchedulingManager.fetchHosts takes Up hosts only) and the migrations
+  to it cancelled (cancelIncomingMigrations: each reruns elsewhere, as
+  a migration that failed after it started), then
   MaintenanceVdsCommand -> MigrateMultipleVmsCommand: MigrateVmToServer
   for each VM running on the host (run_on_vds) in turn, each
   reportCompleted on its own.  A VM whose RunVm was scheduled there
@@ -1370,10 +1372,13 @@ class Engine:
         runVmAndUpdateStatus): one RunVmCommand after the other from its
         thread, each waiting for the one before; each is scheduled when
         it starts (``schedule``), and reruns on the other hosts Up then
-        (RunVmCommandBase.rerun).  A VM with no host Up fails validation
-        (RunVmValidator.canRunVm: canSchedule) and stays down, for the
-        runner's next try (RetryToRunAutoStartVmShortIntervalInSeconds).
-        {VM name: the host it runs on, or None}."""
+        (RunVmCommandBase.rerun; here the hosts Up when the RunVm
+        started, not when it reruns).  A VM with no host Up fails
+        validation (RunVmValidator.canRunVm: canSchedule) and stays
+        down, for the runner's next try (HaVmToRestart: every
+        RetryToRunAutoStartVmShortIntervalInSeconds ten times, then
+        every RetryToRunAutoStartVmLongIntervalInSeconds).  {VM name:
+        the host it runs on, or None}."""
         placed = {}
         for name in names:
             host = self.schedule(candidates)
@@ -1539,21 +1544,25 @@ class Engine:
         self._disconnect_disks(vm, remove_dest=False)
         return True
 
-    def maintenance(self, host, dests):
+    def maintenance(self, host, dests, performed=None):
         """The host to maintenance with its VMs running:
         MaintenanceNumberOfVdssCommand sets it PreparingForMaintenance
         (moveVdssToGoingToMaintenanceMode: nothing is scheduled to it
-        any more), then MaintenanceVdsCommand -> MigrateMultipleVmsCommand
-        schedules every VM running on the host (getAllRunningForVds:
-        run_on_vds, which a RunVm sets only once its disks are attached
-        and the VM created) (here: to ``dests`` in turn) and runs
-        MigrateVmToServer for each, one after the other: each perform
-        attaches the VM's disks on its destination and starts the
-        migration.  Each reportCompleted comes back from the monitoring
-        of its own VM, in any order, several at once: here all at once,
-        in threads.  Run again for the VMs that landed since (the
-        monitoring's retry, VdsEventListener.handleVdsMaintenanceTimeout).
-        {VM name: its host}."""
+        any more; its cancelIncomingMigrations cancels the migrations
+        to it, which the caller replays as migrations that fail after
+        they started: ``migrate``), then MaintenanceVdsCommand ->
+        MigrateMultipleVmsCommand schedules every VM running on the
+        host (getAllRunningForVds: run_on_vds, which a RunVm sets only
+        once its disks are attached and the VM created) (here: to
+        ``dests`` in turn) and runs MigrateVmToServer for each, one
+        after the other: each perform attaches the VM's disks on its
+        destination and starts the migration; then ``performed()``, if
+        given, while the memory moves.  Each reportCompleted comes back
+        from the monitoring of its own VM, in any order, several at
+        once: here all at once, in threads.  Run again for the VMs that
+        landed since (the monitoring's retry,
+        VdsEventListener.handleVdsMaintenanceTimeout, or an admin's
+        Activate and Maintenance again).  {VM name: its host}."""
         self.maintaining.add(host)
         self.note("engine", host, "maintenance",
                   "PreparingForMaintenance")
@@ -1565,6 +1574,8 @@ class Engine:
             self._attach_disks(vm, dest, live_migration=True)
             self.note("engine", host, "migrate {} to {}".format(
                 vm.name, dest), "ok")
+        if performed is not None:
+            performed()
 
         def completed(move):
             vm, dest = move

@@ -968,21 +968,24 @@ def test_a_host_to_maintenance_migrates_its_vms_away(engine):
     check(engine)
 
 
+@pytest.mark.parametrize("landed", ["first", "last"])
 def test_a_host_put_to_maintenance_while_an_ha_restart_lands_on_it(
-        engine, tmp_path):
+        engine, tmp_path, landed):
     """A is fenced; HaAutoStartVmsRunner runs its HA VMs one after the
     other, the first scheduled on B (Up then).  While its attach waits
     in B's storage, an admin moves B to maintenance: B is
     PreparingForMaintenance (the scheduler skips it from then on) and
-    MigrateMultipleVmsCommand migrates the VMs running on B (run_on_vds)
-    to C, their reportCompleted detaching on B and disconnecting, while
-    the HA VM's attach there is in flight: it is not among them, a RunVm
-    sets run_on_vds only once it created the VM.  That attach then
-    completes and the VM runs on B; the next HA VMs go to C.  B cannot
-    reach Maintenance while a VM runs there: the monitoring's retry
-    (HostPreparingForMaintenanceIdleTime) migrates it to C.  Every VM
-    reads what it wrote; A boots and drops its records of the earlier
-    boot; after the stops nothing is left."""
+    MigrateMultipleVmsCommand migrates the VMs running on B (run_on_vds:
+    not the HA VM, a RunVm sets it only once it created the VM) to C.
+    The HA VM's attach answers and it runs on B either while those
+    migrations are in flight (``first``: B cannot reach Maintenance,
+    the monitoring's retry after HostPreparingForMaintenanceIdleTime
+    migrates it) or after their reportCompleted detached on B and
+    disconnected beside the held attach (``last``: the monitoring may
+    have moved B to Maintenance in between; an admin activates B and
+    moves it again, the same migration).  The next HA VMs go to C.
+    Every VM reads what it wrote; A boots and drops its records of the
+    earlier boot; after the stops nothing is left."""
     a, b, c = (engine.hosts[h] for h in HOSTS)
     engine.add_disk("b0")
     engine.add_vm("vm-b0", "b0")
@@ -1006,19 +1009,30 @@ def test_a_host_put_to_maintenance_while_an_ha_restart_lands_on_it(
     barrier = str(tmp_path / "storage-answers")
     engine.hold_attaches("host-b", barrier)
     mark = len(b.connects())
+
+    def ha0_lands():
+        # B's VMs migrate (their disks attached on C, the memory
+        # moving); the HA VM's attach answers and the VM is created.
+        open(barrier, "w").close()
+        agentutil.wait_for(lambda: engine.vms["vm-ha0"].run_on == "host-b")
+
     with concurrent.futures.ThreadPoolExecutor(1) as runner:
         restart = runner.submit(engine.ha_restart, ha, ["host-b", "host-c"])
         try:
             agentutil.wait_for(lambda: any(
                 line.startswith("connect-start ")
                 for line in b.connects(mark)))
-            placed = engine.maintenance("host-b", ["host-c"])
-            # B's VMs left, each disk detached on B and its connection
-            # ended, while the HA VM's attach still waits in B's storage.
+            placed = engine.maintenance(
+                "host-b", ["host-c"],
+                performed=ha0_lands if landed == "first" else None)
             assert placed == {"vm-b0": "host-c", "vm-b1": "host-c"}
-            assert not any(line.startswith("connect ")
-                           for line in b.connects(mark))
-            assert not restart.done()
+            if landed == "last":
+                # B's VMs left, each disk detached on B and its
+                # connection ended, while the HA VM's attach still waits
+                # in B's storage.
+                assert not any(line.startswith("connect ")
+                               for line in b.connects(mark))
+                assert not restart.done()
         finally:
             open(barrier, "w").close()
         assert restart.result() == {"vm-ha0": "host-b", "vm-ha1": "host-c",
@@ -1030,7 +1044,8 @@ def test_a_host_put_to_maintenance_while_an_ha_restart_lands_on_it(
                          key=lambda j: engine.disks[j[0]].vol_id)}
     check(engine)
 
-    # HostPreparingForMaintenanceIdleTime later, the monitoring's retry.
+    # The monitoring's retry (``first``), or the admin's Activate and
+    # Maintenance again (``last``).
     assert engine.maintenance("host-b", ["host-c"]) == {"vm-ha0": "host-c"}
     assert flowengine.journals(engine)["host-b"] == []
     for label in ("ha0", "ha1", "ha2", "b0", "b1-data"):
@@ -1043,6 +1058,42 @@ def test_a_host_put_to_maintenance_while_an_ha_restart_lands_on_it(
     check(engine)
     for name in ha + ["vm-b0", "vm-b1"]:
         engine.stop_vm(name)
+    assert engine.backend.connections() == set()
+    check(engine)
+
+
+def test_a_migration_to_a_host_put_to_maintenance_is_cancelled_and_rerun(
+        engine):
+    """The VM migrates from A to B (its disk attached on B, DEST_VDS_ID
+    B) when an admin moves B to maintenance:
+    MaintenanceNumberOfVdssCommand.cancelIncomingMigrations cancels the
+    migration (CancelMigrate), the VM runs on A again, VmAnalyzer sets
+    the rerun flag and MigrateVmCommand.rerun performs again to C (B is
+    not Up any more), DEST_VDS_ID overwritten: B keeps the disk
+    attached, forgotten by the engine, and the shim its connection (B
+    says it has the volume) while B goes to Maintenance, until an admin
+    detaches it there (or B reboots)."""
+    engine.add_disk("os")
+    engine.add_vm("vm1", "os")
+    engine.run_vm("vm1", "host-a")
+    flowengine.write_through(engine.hosts["host-a"], engine, "os", DATA)
+
+    def maintenance_of_b():
+        assert engine.maintenance("host-b", ["host-c"]) == {}
+        engine.note("engine", "host-a", "migrate vm1 to host-b",
+                    "CancelMigrate (cancelIncomingMigrations)")
+
+    assert engine.migrate("vm1", "host-b", fail_at="migrate",
+                          rerun_on=["host-c"], during=maintenance_of_b)
+    assert engine.vms["vm1"].run_on == "host-c"
+    assert flowengine.journals(engine) == {
+        "host-a": [], "host-b": [("os", False)], "host-c": [("os", False)]}
+    check(engine)
+    c = engine.hosts["host-c"]
+    assert flowengine.write_through(c, engine, "os", None)[:len(DATA)] == DATA
+
+    engine.admin_detach("host-b", "os")
+    engine.stop_vm("vm1")
     assert engine.backend.connections() == set()
     check(engine)
 

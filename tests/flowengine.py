@@ -597,6 +597,10 @@ class Engine:
         # volume could not end (its driver failed), though it exited 0:
         # leaks once the engine's bookkeeping is done (``_end_leaks``).
         self._unended = {}
+        # (vol_id, host) connections a killed connect_volume left before
+        # the driver's grant returned (no conn_info): the shim keeps
+        # them while a complete connection of the volume is left.
+        self._ungranted = set()
         self._lock = threading.Lock()
 
     @property
@@ -753,8 +757,11 @@ class Engine:
         assert {v for v, _ in ended} <= {vol_id}, \
             "killed {} of {} ended {}".format(command, vol_id,
                                               sorted(ended))
+        records = self.backend.records()
         with self._lock:
             self._leaked = (self._leaked - ended) | made
+            self._ungranted |= {p for p in made
+                                if not records[p][1].get("conn")}
         return frozenset(p for p in now if p[0] == vol_id)
 
     def steps(self, command, *args, host=None, connected=False):
@@ -899,24 +906,29 @@ class Engine:
     def _end_leaks(self, vol_id, asked_only=False):
         """The shim ended the volume's connections no host uses (with
         ``asked_only``: those of the hosts it could ask), but one the
-        driver never granted while a complete one is left (docs/
-        engine.md: it ends with the volume's last complete connection;
-        its record read from the shim's database).  Flows run in
-        threads (many VMs at once): under the lock."""
-        waiting = set()
-        if any(v == vol_id for v, _ in self.leaked):
-            rows = [(h, done, info) for v, h, done, info
-                    in self.backend.rows(vol_id)]
-            waiting = {(vol_id, h) for h, _, info in rows
-                       if not info.get("conn") and
-                       any(done for other, done, _ in rows if other != h)}
+        driver never granted (``_ungranted``) while a complete one is
+        left (docs/engine.md: it ends with the volume's last complete
+        connection).  Flows run in threads (many VMs at once): under
+        the lock."""
+        held = {h for h, vols in self.expected().items() if vol_id in vols}
         with self._lock:
+            # What the engine knows of the shim's complete connections of
+            # the volume: those of the hosts it has the disk on (or
+            # forgot it on), and those the shim kept for a host it could
+            # not ask.  (delete_volume ends every connection.)
+            complete = held | {h for v, h in self._leaked
+                               if v == vol_id and not self.hosts[h].up
+                               and (v, h) not in self._ungranted}
+            waiting = {(v, h) for v, h in self._leaked
+                       if asked_only and v == vol_id
+                       and (v, h) in self._ungranted and complete - {h}}
             self._leaked = {(v, h) for v, h in self._leaked
                             if v != vol_id or (v, h) in waiting
                             or (asked_only and not self.hosts[h].up)}
             # A record the disconnect could not end, though it exited 0
             # (``fail_next_terminate``).
             self._leaked |= self._unended.pop(vol_id, set())
+            self._ungranted &= self._leaked
 
     # Disks
 
@@ -1507,7 +1519,7 @@ class Engine:
         overwritten (saveAttachedHost): the engine forgets them.  With
         no host left, runningFailed detaches from the last destination.
 
-        ``during``: called once the disks are attached on the
+        ``during``: called once the disks are attached on the first
         destination (DEST_VDS_ID set), while the memory moves.
         """
         vm = self.vms[name]
@@ -1521,7 +1533,7 @@ class Engine:
         for i, dest in enumerate(hosts):
             try:
                 self._attach_disks(vm, dest, live_migration=True)
-                if during is not None:
+                if during is not None and i == 0:
                     during()
                 if fail_at == "migrate" and i == 0:
                     self.note("engine", src, "migrate {} to {}".format(
@@ -1649,6 +1661,7 @@ class Engine:
                                                              host)))
         with self._lock:
             self.saved.discard((disk.vol_id, host))
+            self._ungranted.discard((disk.vol_id, host))
         if host in self.slow_storage:
             conn = dict(conn, data=dict(conn["data"],
                                         **self.slow_storage[host]))

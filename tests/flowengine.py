@@ -910,18 +910,24 @@ class Engine:
         left (docs/engine.md: it ends with the volume's last complete
         connection).  Flows run in threads (many VMs at once): under
         the lock."""
-        held = {h for h, vols in self.expected().items() if vol_id in vols}
         with self._lock:
-            # What the engine knows of the shim's complete connections of
-            # the volume: those of the hosts it has the disk on (or
-            # forgot it on), and those the shim kept for a host it could
-            # not ask.  (delete_volume ends every connection.)
-            complete = held | {h for v, h in self._leaked
-                               if v == vol_id and not self.hosts[h].up
-                               and (v, h) not in self._ungranted}
-            waiting = {(v, h) for v, h in self._leaked
-                       if asked_only and v == vol_id
-                       and (v, h) in self._ungranted and complete - {h}}
+            waiting = set()
+            if asked_only and any(v == vol_id for v, _ in self._ungranted):
+                # What the engine knows of the shim's complete
+                # connections of the volume: those of the hosts it has
+                # the disk on (or forgot it on), and those the shim kept
+                # for a host it could not ask.  (delete_volume ends every
+                # connection.)  Only the flows that killed a connect get
+                # here, one call at a time: ``expected`` reads the
+                # engine's disks, which other threads change.
+                complete = {h for h, vols in self.expected().items()
+                            if vol_id in vols}
+                complete |= {h for v, h in self._leaked
+                             if v == vol_id and not self.hosts[h].up
+                             and (v, h) not in self._ungranted}
+                waiting = {(v, h) for v, h in self._ungranted
+                           if v == vol_id and (v, h) in self._leaked
+                           and complete - {h}}
             self._leaked = {(v, h) for v, h in self._leaked
                             if v != vol_id or (v, h) in waiting
                             or (asked_only and not self.hosts[h].up)}

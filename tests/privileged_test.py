@@ -1300,6 +1300,129 @@ def test_helper_output_is_quoted_in_the_error(fresh_cfg):
     assert "hunter22" not in str(e.value)
 
 
+# A daemon of another version: the package's files replaced under us
+
+def other_tree(tmp_path, monkeypatch, edits):
+    """A copy of the package with ``edits`` ({module file: [(old, new)]})
+    made, which the daemons started from now on import (their
+    PYTHONPATH puts it first), as they import an upgrade's files; the
+    test process keeps its own.  Returns its package directory."""
+    import shutil
+    src = os.path.dirname(privsep.__file__)
+    pkg = str(tmp_path / "tree" / "vdsm_managedvolume")
+    shutil.copytree(src, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    for name, changes in edits.items():
+        path = os.path.join(pkg, name)
+        with open(path) as f:
+            text = f.read()
+        for old, new in changes:
+            assert old in text
+            text = text.replace(old, new)
+        with open(path, "w") as f:
+            f.write(text)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [os.path.dirname(pkg)] + [p for p in os.environ.get(
+            "PYTHONPATH", "").split(os.pathsep) if p]))
+    return pkg
+
+
+def started(caplog):
+    return [r for r in caplog.records
+            if r.getMessage().startswith("Starting privsep daemon")]
+
+
+def test_daemon_of_another_protocol_gets_no_call_and_none_is_started_again(
+        fresh_cfg, fake_dir, tmp_path, monkeypatch, caplog):
+    # An upgrade: the agent runs protocol N, the files on disk N+1.
+    ours = privsep.PROTOCOL
+    pkg = other_tree(tmp_path, monkeypatch, {"privsep.py": [(
+        "\nPROTOCOL = {}\n".format(ours),
+        "\nPROTOCOL = {}\n".format(ours + 1))]})
+    caplog.set_level("INFO", logger=privileged.LOG.name)
+    info = iscsi("mismatch", tmp_path)
+    b = privileged.Brick(fresh_cfg)
+    try:
+        with pytest.raises(errors.DaemonMismatch) as e:
+            b.connect(info)
+        assert e.value.code == 926
+        message = str(e.value)
+        assert "privsep daemon {} speaks privsep protocol {} " \
+            "(vdsm-managedvolume".format(e.value.pid, ours + 1) in message
+        assert pkg in message
+        assert "speaks privsep protocol {} (vdsm-managedvolume".format(
+            ours) in message
+        assert "restart" in message
+        # Nothing reached os-brick, and the daemon is gone.
+        assert "mismatch" not in fakebrick.connected(str(fake_dir))
+        wait_for(lambda: gone(e.value.pid))
+        assert b.daemon_pid() is None
+        [error] = [r for r in caplog.records if r.levelname == "ERROR"
+                   and r.name == privileged.LOG.name]
+        assert message in error.getMessage()
+        assert "until it is restarted" in error.getMessage()
+        # Every daemon it could start runs the same files: none is.
+        with pytest.raises(errors.DaemonMismatch) as again:
+            b.disconnect(info, None)
+        assert str(again.value) == message
+        assert len(started(caplog)) == 1
+    finally:
+        b.stop()
+
+
+def test_daemon_from_before_the_handshake_is_a_mismatch(
+        fresh_cfg, fake_dir, tmp_path, monkeypatch):
+    # A downgrade: the files on disk have no handshake entrypoint.
+    other_tree(tmp_path, monkeypatch, {"brick.py": [(
+        "@context.entrypoint\ndef handshake(", "def handshake(")]})
+    b = privileged.Brick(fresh_cfg)
+    try:
+        with pytest.raises(errors.DaemonMismatch) as e:
+            b.connector_properties()
+        assert "speaks no privsep protocol (a version from before the " \
+            "handshake)" in str(e.value)
+        wait_for(lambda: gone(e.value.pid))
+    finally:
+        b.stop()
+
+
+def test_client_from_before_the_handshake_gets_no_call_served(
+        fresh_cfg, fake_dir, tmp_path, monkeypatch):
+    # An agent of a version without the handshake (it calls hello next)
+    # whose files were replaced by this one's.
+    monkeypatch.setattr(privileged, "_handshake", lambda *args: None)
+    b = privileged.Brick(fresh_cfg)
+    try:
+        with pytest.raises(errors.HelperFailed) as e:
+            b.connect(iscsi("old-client", tmp_path))
+        assert not isinstance(e.value, errors.DaemonMismatch)
+        assert "its client no privsep protocol (a version from before " \
+            "the handshake)" in str(e.value)
+        assert "no call is served: restart the client" in str(e.value)
+        assert "old-client" not in fakebrick.connected(str(fake_dir))
+        assert b.daemon_pid() is None
+    finally:
+        b.stop()
+
+
+def test_daemon_serves_no_operation_after_a_handshake_of_another_protocol(
+        fresh_cfg, fake_dir, tmp_path):
+    b = privileged.Brick(fresh_cfg)
+    try:
+        b.connector_properties()
+        daemon = b._daemon
+        theirs = daemon.channel.call(
+            privsep.ENTRYPOINTS + "handshake",
+            ({"protocol": privsep.PROTOCOL - 1, "version": "0.0.9"},), 30)
+        assert theirs == privsep.identity()
+        with pytest.raises(errors.HelperFailed) as e:
+            b.connect(iscsi("late-other", tmp_path))
+        assert "its client privsep protocol {} (vdsm-managedvolume " \
+            "0.0.9 in unknown)".format(privsep.PROTOCOL - 1) in str(e.value)
+        assert "late-other" not in fakebrick.connected(str(fake_dir))
+    finally:
+        b.stop()
+
+
 # Crash points reach the daemon through its environment
 
 @pytest.mark.slow

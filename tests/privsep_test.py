@@ -54,3 +54,61 @@ def test_helper_args_give_each_helper_option_once_in_order():
     assert privsep.helper_args(None, "/run/x.sock") == [
         "--privsep_context", privsep.CONTEXT,
         "--privsep_sock_path", "/run/x.sock"]
+
+
+# The entrypoints of each privsep protocol, as brick.py declares them
+# (name: parameters).  A change to one of them (or to what its arguments
+# or result mean) is a new protocol: bump privsep.PROTOCOL and add its
+# table here; the daemon of one and the client of another refuse each
+# other (privsep.py, "Versions").
+ENTRYPOINTS = {
+    2: {
+        "getpid": [],
+        "handshake": ["client"],
+        "hello": ["flow_id"],
+        "connector_properties": ["my_ip", "deadline", "flow_id"],
+        "connect_volume": ["connection_info", "deadline", "flow_id"],
+        "disconnect_volume": ["connection_info", "attachment",
+                              "connecting", "deadline", "flow_id"],
+        "extend_volume": ["connection_info", "deadline", "flow_id"],
+        "add_udev_rule": ["sd_id", "vol_id", "path", "deadline",
+                          "flow_id"],
+        "remove_udev_rule": ["sd_id", "vol_id", "temp", "deadline",
+                             "flow_id"],
+        "delete_rbd_conf": ["path", "holding", "deadline", "flow_id"],
+    },
+}
+
+
+def declared_entrypoints():
+    # Read from the source: importing brick would drag oslo.privsep's
+    # daemon side into the test process.
+    with open(os.path.join(PACKAGE, "brick.py")) as f:
+        tree = ast.parse(f.read())
+    return {node.name: [a.arg for a in node.args.args]
+            for node in tree.body if isinstance(node, ast.FunctionDef)
+            and any(ast.unparse(d) == "context.entrypoint"
+                    for d in node.decorator_list)}
+
+
+def test_entrypoints_are_those_of_the_protocol_they_state():
+    assert privsep.PROTOCOL in ENTRYPOINTS, (
+        "no entrypoint table for privsep.PROTOCOL {}".format(
+            privsep.PROTOCOL))
+    assert declared_entrypoints() == ENTRYPOINTS[privsep.PROTOCOL], (
+        "an entrypoint changed: bump privsep.PROTOCOL and add its table")
+
+
+def test_identity_tells_protocol_version_and_directory():
+    from vdsm_managedvolume import __version__
+    assert privsep.identity() == {"protocol": privsep.PROTOCOL,
+                                  "version": __version__, "path": PACKAGE}
+    assert privsep.describe(privsep.identity()) == (
+        "privsep protocol {} (vdsm-managedvolume {} in {})".format(
+            privsep.PROTOCOL, __version__, PACKAGE))
+
+
+def test_a_side_that_tells_no_protocol_is_from_before_the_handshake():
+    for info in (None, {}, {"version": "0.1.0"}, "2"):
+        assert privsep.describe(info) == (
+            "no privsep protocol (a version from before the handshake)")

@@ -17,6 +17,9 @@ Inside the daemon::
       connects to the client's socket and the daemon forks away from it
     oslo.privsep's Daemon.run(): chdir /, umask 0 (!), drop capabilities
     getpid()                first call: umask 022 (UMASK), pid
+    handshake()             the client's privsep protocol, ours back
+                            (privsep.py, "Versions"): nothing below is
+                            served before a client of ours said it
     hello()                 umask 022 again, configure os-brick (below);
                             any other call does both first if it comes
                             first (_setup)
@@ -370,6 +373,25 @@ def start_problem(argv, environ, conf):
 
 # Handed to every connector factory, as vdsm's helper does.
 CONNECTOR_KWARGS = {"use_multipath": True, "device_scan_attempts": 3}
+
+
+@context.entrypoint
+def handshake(client):
+    """The client's second call (after getpid): ``client`` is its
+    ``privsep.identity()``; return ours.  Fixed for every protocol to
+    come: one dict each way, so that two versions can always tell each
+    other apart.  Until a client of our ``PROTOCOL`` said so, ``_setup``
+    refuses every call (privsep.py, "Versions")."""
+    global _client
+    _set_thread_flow(None)
+    if not isinstance(client, dict):
+        client = {}
+    client = privsep.plain(client)
+    with _setup_lock:
+        _client = client
+    if client.get("protocol") != privsep.PROTOCOL:
+        LOG.error("%s", _refusal(client))
+    return privsep.identity()
 
 
 @context.entrypoint
@@ -832,6 +854,10 @@ class _Request:
 _setup_lock = threading.Lock()
 _setup_info = None
 
+# The ``privsep.identity()`` the client told at its handshake; None
+# before it (a client from before the handshake never tells).
+_client = None
+
 
 # The daemon's file creation mask.  oslo.privsep's Daemon.run() sets
 # umask 0 after importing this module and before its first call: every
@@ -845,6 +871,9 @@ UMASK = 0o022
 def _setup():
     global _setup_info
     with _setup_lock:
+        if (_client or {}).get("protocol") != privsep.PROTOCOL:
+            # Its arguments may mean something else here: nothing runs.
+            raise privsep.RemoteError("failed", _refusal(_client))
         if _setup_info is not None:
             return dict(_setup_info)
         # First, before anything makes a file or a child: every call
@@ -890,6 +919,18 @@ def _setup():
         LOG.info("privsep daemon pid %s ready: os-brick %s, lock_path %s",
                  os.getpid(), version, _setup_info["lock_path"])
         return dict(_setup_info)
+
+
+def _refusal(client):
+    """Why a call of ``client`` (its identity, None before a handshake)
+    is not served."""
+    return ("privsep daemon {} speaks {}, its client {}: the package's "
+            "files were replaced (an upgrade or a downgrade) while the "
+            "client ran, and this daemon, started by it since, runs the "
+            "ones now on disk; no call is served: restart the client "
+            "(managedvolume-agent, vdsmd)".format(
+                os.getpid(), privsep.describe(privsep.identity()),
+                privsep.describe(client)))
 
 
 class _operation:

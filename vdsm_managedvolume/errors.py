@@ -140,6 +140,18 @@ class CannotSend(HelperFailed):
            "cannot be sent to the privsep daemon: {self.reason}")
 
 
+class DaemonMismatch(HelperFailed):
+    """The privsep daemon this process started speaks another privsep
+    protocol (privsep.py, "Versions"): the package's files were replaced
+    while this process ran.  It was stopped before it got any call, and
+    so is every later one until this process is restarted."""
+
+    msg = ("Managed volume helper failed: privsep daemon {self.pid} speaks "
+           "{self.theirs}, {self.process} (pid {self.process_pid}) speaks "
+           "{self.ours}: the package was replaced while it ran; restart "
+           "{self.process}")
+
+
 class ExtendIncomplete(HelperFailed):
     """The rescan ran, the device is still smaller than asked for.
 

@@ -57,6 +57,13 @@ The daemon is root; everything it acts on must come from root.
   is used relative to it: a root service never creates or unlinks files
   where the directory's owner points it.
 
+Once it connected, the daemon tells its pid (``getpid``), then its
+privsep protocol in answer to ours (``handshake``): a daemon of another
+one runs files an upgrade put there after we started, and is stopped
+before it gets any call; every later call fails with DaemonMismatch
+(926) without starting another (privsep.py, "Versions").  Then
+``hello`` has it set os-brick up.
+
 We do the socket dance ourselves instead of oslo.privsep's
 RootwrapClientChannel because that one waits without a bound for a helper
 that never connects.  A daemon that cannot start is HelperFailed (926)
@@ -219,6 +226,10 @@ class Brick:
         self._cfg = cfg
         self._lock = threading.Lock()
         self._daemon = None
+        # The DaemonMismatch of the first daemon found speaking another
+        # privsep protocol (our files were replaced): no daemon is
+        # started after it.
+        self._mismatch = None
 
     def connector_properties(self):
         """os-brick's connector properties for this host (multipath and
@@ -428,8 +439,21 @@ class Brick:
                             daemon.pid)
                 daemon.close()
                 self._daemon = None
+            if self._mismatch is not None:
+                # Every daemon we could start runs the same files.
+                raise errors.DaemonMismatch(**vars(self._mismatch))
             check_supported()
-            self._daemon = _Daemon.start(self._cfg, self.start_timeout)
+            try:
+                self._daemon = _Daemon.start(self._cfg, self.start_timeout)
+            except errors.DaemonMismatch as e:
+                self._mismatch = e
+                LOG.error("%s. The daemon was stopped before it got any "
+                          "call; every privileged call of this process "
+                          "fails with %s until it is restarted (the RPM "
+                          "restarts managedvolume-agent at the end of an "
+                          "upgrade; vdsmd: systemctl restart vdsmd)",
+                          e, e.code)
+                raise
             return self._daemon
 
     def _discard(self, daemon, kill=False):
@@ -441,6 +465,33 @@ class Brick:
         gone = daemon.kill() if kill else True
         daemon.close()
         return gone
+
+
+def _handshake(channel, pid, deadline, flow):
+    """Tell the daemon just started our ``privsep.identity()`` and compare
+    its with ours (privsep.py, "Versions"): None when they speak the
+    same protocol, else the DaemonMismatch to raise."""
+    ours = privsep.identity()
+    try:
+        theirs = channel.call(privsep.ENTRYPOINTS + "handshake", (ours,),
+                              _remaining(deadline), flow=flow)
+    except privsep.RemoteError as e:
+        # No such entrypoint: a version from before the handshake.
+        LOG.debug("privsep daemon %s: handshake failed: %s", pid,
+                  _remote_message(e))
+        theirs = None
+    if isinstance(theirs, dict) and \
+            theirs.get("protocol") == privsep.PROTOCOL:
+        return None
+    return errors.DaemonMismatch(
+        pid=pid, theirs=privsep.describe(theirs),
+        ours=privsep.describe(ours), process=_process_name(),
+        process_pid=os.getpid())
+
+
+def _process_name():
+    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] \
+        else "python"
 
 
 def check_sendable(operation, args):
@@ -602,13 +653,16 @@ class _Daemon:
 
         channel = _Channel(sock, startup_flow=flow)
         daemon = None
+        mismatch = None
         try:
             channel.ping(_remaining(deadline))
             pid = channel.call(privsep.ENTRYPOINTS + "getpid", (),
                                _remaining(deadline), flow=flow)
             daemon = cls(channel, sock, pid, _pidfd(pid), output)
-            info = channel.call(privsep.ENTRYPOINTS + "hello", (flow,),
-                                _remaining(deadline), flow=flow)
+            mismatch = _handshake(channel, pid, deadline, flow)
+            if mismatch is None:
+                info = channel.call(privsep.ENTRYPOINTS + "hello", (flow,),
+                                    _remaining(deadline), flow=flow)
         except (_Timeout, _Died, privsep.RemoteError) as e:
             if daemon is not None:
                 daemon.kill()
@@ -625,6 +679,10 @@ class _Daemon:
             _reap(proc, deadline)
             channel.startup_flow = None
             output.flow = None
+        if mismatch is not None:
+            # Sent nothing but getpid and handshake: it ends at once.
+            daemon.stop()
+            raise mismatch
         LOG.info("privsep daemon pid %s ready in %.2f s (os-brick %s)",
                  pid, time.monotonic() - started, info.get("os_brick"))
         return daemon

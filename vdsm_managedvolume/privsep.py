@@ -13,6 +13,9 @@ os-brick nor oslo.config's daemon options, the daemon (``brick``) has no
 use for the client's start-up and channel code.  What both must agree on
 lives here:
 
+- the protocol: what the entrypoints are called and take, and what
+  they mean (``PROTOCOL``), told to each other at every daemon start
+  (``identity``; see "Versions" below);
 - the names: the privsep context privsep-helper is told to load
   (``CONTEXT``), the prefix of the entrypoints the client calls
   (``ENTRYPOINTS``), the logger the daemon's records arrive on
@@ -30,9 +33,47 @@ lives here:
 
 The daemon's configuration file (what it may do, from managedvolume.conf)
 is the other shared piece: ``privsepconfig``.
+
+Versions
+--------
+The daemon is a process of its own that imports this package from disk
+when it starts, the client imported it when *it* started.  An RPM
+upgrade replaces the files under a running client (the agent until the
+package's ``%postun`` restarts it; vdsmd until an admin does), and a
+daemon that client starts from then on (its first call, or after its
+daemon died) runs the new files: the same entrypoint names, maybe other
+parameters or meanings (a disconnect that took one more argument).  A
+call with the wrong number of arguments would fail in the daemon with a
+TypeError; one with the right number and another meaning would do the
+wrong thing as root.  So the client's first call after ``getpid`` is
+``handshake(identity())``, and each side compares the other's
+``PROTOCOL`` with its own:
+
+- the client (privileged._Daemon.start) stops a daemon of another
+  protocol, or one without ``handshake`` (a version from before it: a
+  downgrade), before sending it anything else, and fails that call and
+  every later one with DaemonMismatch (926) naming both sides, until
+  the process is restarted;
+- the daemon (brick._setup) serves no call but ``getpid`` and
+  ``handshake`` before a client of its own protocol said so: a client
+  from before the handshake (it calls ``hello`` next) gets an error
+  naming both sides, its HelperFailed (926).
+
+A new client never meets an old daemon otherwise: each process starts
+its own daemon on a socket of its own, and a daemon ends with its
+client's channel.
 """
 
+import os
+
+from . import __version__
 from . import faults
+
+# The version of what the entrypoints (brick.py) are called and take,
+# and of what their arguments and results mean.  Bump it with any such
+# change; tests/privsep_test.py pins each entrypoint's parameters to
+# it.  1: the entrypoints before the handshake (none was told).
+PROTOCOL = 2
 
 # The privsep context privsep-helper loads (``--privsep_context``), and
 # the module path every entrypoint name starts with.
@@ -83,6 +124,24 @@ def helper_args(config_file, sock_path):
     values = (config_file, CONTEXT, sock_path)
     return [arg for option, value in zip(HELPER_OPTIONS, values)
             if value is not None for arg in (option, value)]
+
+
+def identity():
+    """What this side tells the other at the handshake: ``{protocol,
+    version, path}`` (the package's version and directory, for the
+    admin reading the error)."""
+    return {"protocol": PROTOCOL, "version": __version__,
+            "path": os.path.dirname(os.path.abspath(__file__))}
+
+
+def describe(info):
+    """``info`` (``identity()`` of a side, None for a side from before
+    the handshake) in words, for logs and errors."""
+    if not isinstance(info, dict) or "protocol" not in info:
+        return "no privsep protocol (a version from before the handshake)"
+    return "privsep protocol {} (vdsm-managedvolume {} in {})".format(
+        info.get("protocol"), info.get("version", "unknown"),
+        info.get("path", "unknown"))
 
 
 class RemoteError(Exception):

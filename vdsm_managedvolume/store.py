@@ -950,18 +950,12 @@ class Store:
 
 class _ReadOnlyStore(Store):
     """``open_read_only``: one read-only connection, no writer (nothing
-    to sync, nothing to scrub)."""
+    to sync, nothing to scrub: a close of its own)."""
 
     def __init__(self, path, busy_timeout=BUSY_TIMEOUT):
         self.path = path
         self._lock = threading.RLock()
         self._read_lock = threading.Lock()
-        self._sync_lock = threading.Lock()
-        self._wal_fd = None
-        self._scrub_cond = threading.Condition(threading.Lock())
-        self._scrub_due = False
-        self._closing = False
-        self._scrubber = None
         self._conn = None
         self._reader = _connect_read_only(path, busy_timeout)
         try:
@@ -978,6 +972,12 @@ class _ReadOnlyStore(Store):
                     "older than" if version < VERSION else "newer than",
                     VERSION, "; 'managedvolume-tool configure' migrates it"
                     if version < VERSION else ""))
+
+    def close(self):
+        with self._read_lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
 
     def _write(self, sql, args=(), durable=True):
         raise errors.StoreError("{} is open read-only".format(self.path))

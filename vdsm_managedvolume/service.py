@@ -62,6 +62,7 @@ runs it as user vdsm) or cannot write ``udev_rules_dir`` asks the daemon
 entrypoints rebuild each rule from the ids and the device path.
 """
 
+import collections
 import logging
 import os
 import re
@@ -139,7 +140,7 @@ class Service:
         # ran (``_sweep_confs``).
         self._later = None
         self._confs_lock = threading.Lock()
-        self._in_flight_keyrings = {}
+        self._in_flight_keyrings = collections.Counter()
         self._sweeping = {}
         self._connector = connectorinfo.Cache(
             brick, cfg.connector_info_ttl, cfg.connector_info_cache)
@@ -2074,8 +2075,7 @@ class _InFlight:
         if keyring is not None:
             svc = self._service
             with svc._confs_lock:
-                svc._in_flight_keyrings[keyring] = \
-                    svc._in_flight_keyrings.get(keyring, 0) + 1
+                svc._in_flight_keyrings[keyring] += 1
                 for window in svc._sweeping.values():
                     window.add(keyring)
         return self
@@ -2085,11 +2085,8 @@ class _InFlight:
         if keyring is not None:
             svc = self._service
             with svc._confs_lock:
-                left = svc._in_flight_keyrings[keyring] - 1
-                if left:
-                    svc._in_flight_keyrings[keyring] = left
-                else:
-                    del svc._in_flight_keyrings[keyring]
+                # In place, and a keyring at 0 goes (Counter's -=).
+                svc._in_flight_keyrings -= collections.Counter((keyring,))
         return False
 
 

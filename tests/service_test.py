@@ -2712,8 +2712,40 @@ def new_keyring():
     return "[client.sweep]\n\tkey = AQB{}==".format(new_id())
 
 
+@pytest.fixture
+def ceph_confs():
+    """``ceph_conf`` for a test: what the sweeps left is removed after
+    it."""
+    made = []
+
+    def make(keyring, mtime):
+        made.append(ceph_conf(keyring, mtime))
+        return made[-1]
+
+    yield make
+    for path in made:
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+def time_passes(svc, now, until, *confs):
+    """Time goes by until ``until`` on ``svc``'s fake clock (``now``):
+    ``confs`` are old enough to judge then, and the sweeps due by then
+    have run."""
+    old = old_enough(svc)
+    for path in confs:
+        os.utime(path, (old, old))
+    now[0] = until
+    assert svc._later.settle(30)
+
+
+def keyring_sweeps(svc, keyring):
+    """When ``keyring``'s pending sweeps are due."""
+    return [d for d, k in svc._later.pending() if k == ("keyring", keyring)]
+
+
 def test_a_ceph_conf_too_young_at_start_is_looked_at_again_once_old(
-        inproc_service, inproc_brick):
+        inproc_service, inproc_brick, ceph_confs):
     # The start's sweep cannot judge a conf younger than any connect in
     # flight could be: it is looked at again once old enough (one
     # scheduler thread), then deleted if still named by no record.
@@ -2722,7 +2754,7 @@ def test_a_ceph_conf_too_young_at_start_is_looked_at_again_once_old(
     keyring = new_keyring()
     vol_id = new_id()
     svc.attach_volume(vol_id, rbd_connection(svc.cfg, keyring=keyring))
-    young = ceph_conf(keyring, time.time())
+    young = ceph_confs(keyring, time.time())
     again = service.Service(svc.cfg, brick=inproc_brick)
     try:
         again.start()
@@ -2731,21 +2763,16 @@ def test_a_ceph_conf_too_young_at_start_is_looked_at_again_once_old(
                  if k[:2] == ("conf", young)]
         now = fake_clock(again)
         assert due - now[0] <= svc.cfg.timeout + service.CONF_SWEEP_MARGIN + 1
-        old = old_enough(svc)
-        os.utime(young, (old, old))        # time went by
-        now[0] = due
-        assert again._later.settle(30)
+        time_passes(again, now, due, young)
         assert not os.path.exists(young)
         assert [k for _, k in again._later.pending()
                 if k[:2] == ("conf", young)] == []
     finally:
         again.close()
-        if os.path.exists(young):
-            os.unlink(young)
 
 
 def test_the_conf_a_cut_rbd_connect_writes_after_its_record_went_is_swept(
-        inproc_service, inproc_brick, monkeypatch):
+        inproc_service, inproc_brick, monkeypatch, ceph_confs):
     # A connect cut at its deadline may still write its ceph conf after
     # the rollback forgot its record, under a name nobody learns: its
     # keyring is swept [privsep] timeout + 61 s after the record went,
@@ -2763,31 +2790,21 @@ def test_the_conf_a_cut_rbd_connect_writes_after_its_record_went_is_swept(
     with pytest.raises(errors.HelperTimeout):
         svc.attach_volume(vol_id, ci)
     assert records(svc) == []
-    late = ceph_conf(keyring, time.time())
-    try:
-        wait = svc.cfg.timeout + service.CONF_SWEEP_MARGIN + 1
-        assert [d for d, k in svc._later.pending()
-                if k == ("keyring", keyring)] == [now[0] + wait]
-        thread = svc._later._thread
-        assert thread.is_alive() and thread.name == "conf-sweeps"
-        now[0] += 10
-        with pytest.raises(errors.HelperTimeout):
-            svc.attach_volume(new_id(), rbd_connection(svc.cfg,
-                                                       keyring=keyring))
-        assert [d for d, k in svc._later.pending()
-                if k == ("keyring", keyring)] == [now[0] + wait]
-        assert svc._later._thread is thread
-        now[0] += wait - 1
-        assert svc._later.settle(30)
-        assert os.path.exists(late)         # not yet
-        old = old_enough(svc)
-        os.utime(late, (old, old))          # time went by
-        now[0] += 1
-        assert svc._later.settle(30)
-        assert not os.path.exists(late)
-    finally:
-        if os.path.exists(late):
-            os.unlink(late)
+    late = ceph_confs(keyring, time.time())
+    wait = svc.cfg.timeout + service.CONF_SWEEP_MARGIN + 1
+    assert keyring_sweeps(svc, keyring) == [now[0] + wait]
+    thread = svc._later._thread
+    assert thread.is_alive() and thread.name == "conf-sweeps"
+    now[0] += 10
+    with pytest.raises(errors.HelperTimeout):
+        svc.attach_volume(new_id(), rbd_connection(svc.cfg, keyring=keyring))
+    assert keyring_sweeps(svc, keyring) == [now[0] + wait]
+    assert svc._later._thread is thread
+    now[0] += wait - 1
+    assert svc._later.settle(30)
+    assert os.path.exists(late)         # not yet
+    time_passes(svc, now, now[0] + 1, late)
+    assert not os.path.exists(late)
 
 
 def test_a_sweep_never_deletes_the_conf_of_an_attach_in_flight(
@@ -2829,9 +2846,7 @@ def test_a_sweep_never_deletes_the_conf_of_an_attach_in_flight(
         go.set()
         t.join(30)
     assert result["attachment"]["conf"] == conf
-    now = fake_clock(svc)
-    now[0] = due
-    assert svc._later.settle(30)
+    time_passes(svc, fake_clock(svc), due)
     assert os.path.exists(conf)             # named now
     svc.detach_volume(vol_id)
     assert not os.path.exists(conf)
@@ -2857,17 +2872,14 @@ def test_a_ceph_conf_the_daemon_could_not_delete_at_detach_is_swept_later(
         errors.HelperFailed("privsep daemon 1 died during delete_rbd_conf")))
     svc.detach_volume(vol_id)
     assert records(svc) == [] and os.path.exists(conf)
-    [due] = [d for d, k in svc._later.pending() if k == ("keyring", keyring)]
+    [due] = keyring_sweeps(svc, keyring)
     monkeypatch.setattr(inproc_brick, "delete_rbd_conf", delete)
-    old = old_enough(svc)
-    os.utime(conf, (old, old))               # time went by
-    now[0] = due
-    assert svc._later.settle(30)
+    time_passes(svc, now, due, conf)
     assert not os.path.exists(conf)
 
 
 def test_close_waits_for_a_conf_sweep_which_then_calls_the_daemon_no_more(
-        host_cfg, inproc_brick, monkeypatch):
+        host_cfg, inproc_brick, monkeypatch, ceph_confs):
     # A conf sweep is a call of the service throughout: close() waits
     # for the one inside the daemon's delete, and the sweep stops before
     # its next conf.  Before, it counted only while reading the journal:
@@ -2877,7 +2889,7 @@ def test_close_waits_for_a_conf_sweep_which_then_calls_the_daemon_no_more(
     svc = service.Service(host_cfg, brick=inproc_brick)
     svc.start()
     keyring = new_keyring()
-    confs = [ceph_conf(keyring, old_enough(svc)) for _ in range(2)]
+    confs = [ceph_confs(keyring, old_enough(svc)) for _ in range(2)]
     entered, release, calls = threading.Event(), threading.Event(), []
     delete = inproc_brick.delete_rbd_conf
 
@@ -2907,9 +2919,6 @@ def test_close_waits_for_a_conf_sweep_which_then_calls_the_daemon_no_more(
     assert svc._store is None
     assert calls == [True]              # none after close() began
     assert [os.path.exists(p) for p in sorted(confs)] == [False, True]
-    for path in confs:
-        if os.path.exists(path):
-            os.unlink(path)
 
 
 def test_a_ceph_conf_a_reattach_could_not_delete_is_swept_later(
@@ -2931,13 +2940,9 @@ def test_a_ceph_conf_a_reattach_could_not_delete_is_swept_later(
     second = svc.attach_volume(vol_id, ci)
     earlier = first["attachment"]["conf"]
     assert os.path.exists(earlier)
-    [due] = [d for d, k in svc._later.pending() if k == ("keyring", keyring)]
+    [due] = keyring_sweeps(svc, keyring)
     monkeypatch.setattr(inproc_brick, "delete_rbd_conf", delete)
-    old = old_enough(svc)
-    os.utime(earlier, (old, old))            # time went by
-    os.utime(second["attachment"]["conf"], (old, old))
-    now[0] = due
-    assert svc._later.settle(30)
+    time_passes(svc, now, due, earlier, second["attachment"]["conf"])
     assert not os.path.exists(earlier)
     assert os.path.exists(second["attachment"]["conf"])     # named
     svc.detach_volume(vol_id)
@@ -2945,26 +2950,21 @@ def test_a_ceph_conf_a_reattach_could_not_delete_is_swept_later(
 
 
 def test_looks_again_at_one_conf_for_other_keyrings_do_not_replace_another(
-        inproc_service):
+        inproc_service, ceph_confs):
     # A young conf deferred by one sweep (keyring K1) and by another for
     # another keyring (K3, a cut connect's): both looks stay pending, so
     # the conf holding K1 is deleted once old (review-safety13a L2).
     svc = inproc_service
     now = fake_clock(svc)
     k1, k3 = new_keyring(), new_keyring()
-    young = ceph_conf(k1, time.time())
-    try:
-        svc._sweep_confs(keyrings=frozenset([k1]))
-        now[0] += 5
-        svc._sweep_confs(keyrings=frozenset([k3]))
-        old = old_enough(svc)
-        os.utime(young, (old, old))          # time went by
-        now[0] += svc.cfg.timeout + service.CONF_SWEEP_MARGIN + 1
-        assert svc._later.settle(30)
-        assert not os.path.exists(young)
-    finally:
-        if os.path.exists(young):
-            os.unlink(young)
+    young = ceph_confs(k1, time.time())
+    svc._sweep_confs(keyrings=frozenset([k1]))
+    now[0] += 5
+    svc._sweep_confs(keyrings=frozenset([k3]))
+    time_passes(svc, now,
+                now[0] + svc.cfg.timeout + service.CONF_SWEEP_MARGIN + 1,
+                young)
+    assert not os.path.exists(young)
 
 
 def test_a_cut_rbd_extend_is_in_flight_and_its_keyring_swept_later(
@@ -2989,5 +2989,4 @@ def test_a_cut_rbd_extend_is_in_flight_and_its_keyring_swept_later(
         svc.extend_volume(vol_id)
     assert seen == [{keyring: 1}]
     assert svc._in_flight_keyrings == {}
-    assert [k for _, k in svc._later.pending()
-            if k == ("keyring", keyring)] == [("keyring", keyring)]
+    assert len(keyring_sweeps(svc, keyring)) == 1

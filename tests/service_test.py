@@ -2852,30 +2852,43 @@ def test_a_sweep_never_deletes_the_conf_of_an_attach_in_flight(
     assert not os.path.exists(conf)
 
 
-def test_a_ceph_conf_the_daemon_could_not_delete_at_detach_is_swept_later(
-        inproc_service, inproc_brick, monkeypatch):
-    # A detach finding the device gone deletes its conf through the
-    # daemon; when that fails (the daemon cut or down) the record still
-    # goes, and the conf, named by no record now, is swept with its
-    # keyring later instead of waiting for a start with a record holding
-    # that keyring.
+@pytest.mark.parametrize("then, error", [
+    ("detach", errors.HelperFailed(
+        "privsep daemon 1 died during delete_rbd_conf")),
+    ("attach again", errors.HelperTimeout(operation="delete_rbd_conf",
+                                          timeout=1.0)),
+])
+def test_a_ceph_conf_the_daemon_could_not_delete_is_swept_later(
+        inproc_service, inproc_brick, monkeypatch, then, error):
+    # A detach, or an attach again over the record, finding the device
+    # gone deletes the earlier conf through the daemon; when that fails
+    # (the daemon cut or down) the conf, named by no record now, is
+    # swept with its keyring later instead of waiting for a start with a
+    # record holding that keyring (attach again: review-safety13a L1).
     svc = inproc_service
     now = fake_clock(svc)
     keyring = new_keyring()
     vol_id = new_id()
-    first = svc.attach_volume(vol_id, rbd_connection(svc.cfg,
-                                                     keyring=keyring))
+    ci = rbd_connection(svc.cfg, keyring=keyring)
+    first = svc.attach_volume(vol_id, ci)
     conf = first["attachment"]["conf"]
     os.unlink(first["path"])                 # the device is gone
     delete = inproc_brick.delete_rbd_conf
-    monkeypatch.setattr(inproc_brick, "delete_rbd_conf", raising(
-        errors.HelperFailed("privsep daemon 1 died during delete_rbd_conf")))
-    svc.detach_volume(vol_id)
-    assert records(svc) == [] and os.path.exists(conf)
+    monkeypatch.setattr(inproc_brick, "delete_rbd_conf", raising(error))
+    if then == "detach":
+        svc.detach_volume(vol_id)
+        assert records(svc) == []
+        named = []
+    else:
+        named = [svc.attach_volume(vol_id, ci)["attachment"]["conf"]]
+    assert os.path.exists(conf)
     [due] = keyring_sweeps(svc, keyring)
     monkeypatch.setattr(inproc_brick, "delete_rbd_conf", delete)
-    time_passes(svc, now, due, conf)
+    time_passes(svc, now, due, conf, *named)
     assert not os.path.exists(conf)
+    assert all(os.path.exists(path) for path in named)
+    svc.detach_volume(vol_id)
+    assert fakebrick.confs() == []
 
 
 def test_close_waits_for_a_conf_sweep_which_then_calls_the_daemon_no_more(
@@ -2919,34 +2932,6 @@ def test_close_waits_for_a_conf_sweep_which_then_calls_the_daemon_no_more(
     assert svc._store is None
     assert calls == [True]              # none after close() began
     assert [os.path.exists(p) for p in sorted(confs)] == [False, True]
-
-
-def test_a_ceph_conf_a_reattach_could_not_delete_is_swept_later(
-        inproc_service, inproc_brick, monkeypatch):
-    # An RBD volume attached again over its record (device gone): the
-    # earlier conf, named by no record now, is deleted through the
-    # daemon; when that fails its keyring is swept later, as for a
-    # detach (review-safety13a L1).
-    svc = inproc_service
-    now = fake_clock(svc)
-    keyring = new_keyring()
-    vol_id = new_id()
-    ci = rbd_connection(svc.cfg, keyring=keyring)
-    first = svc.attach_volume(vol_id, ci)
-    os.unlink(first["path"])                 # the device is gone
-    delete = inproc_brick.delete_rbd_conf
-    monkeypatch.setattr(inproc_brick, "delete_rbd_conf", raising(
-        errors.HelperTimeout(operation="delete_rbd_conf", timeout=1.0)))
-    second = svc.attach_volume(vol_id, ci)
-    earlier = first["attachment"]["conf"]
-    assert os.path.exists(earlier)
-    [due] = keyring_sweeps(svc, keyring)
-    monkeypatch.setattr(inproc_brick, "delete_rbd_conf", delete)
-    time_passes(svc, now, due, earlier, second["attachment"]["conf"])
-    assert not os.path.exists(earlier)
-    assert os.path.exists(second["attachment"]["conf"])     # named
-    svc.detach_volume(vol_id)
-    assert fakebrick.confs() == []
 
 
 def test_looks_again_at_one_conf_for_other_keyrings_do_not_replace_another(

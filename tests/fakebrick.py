@@ -84,10 +84,11 @@ Knobs in ``connection_info["data"]`` (all optional):
     fake_fail_extend    the same as fake_fail, at extend
     fake_sleep_extend   the same as fake_sleep, at extend
     fake_wait           a path: connect, after "connect-start", waits
-                        until that file exists (at most WAIT_LIMIT s):
-                        a barrier a test opens by creating the file,
-                        so that it knows calls are in the connector
-                        without guessing how long they take
+                        until that file exists (at most WAIT_LIMIT s,
+                        then it records "connect-expired <key>" and
+                        goes on): a barrier a test opens by creating
+                        the file, so that it knows calls are in the
+                        connector without guessing how long they take
     fake_log_thread     log "fake thread <key>" (INFO, logger
                         tests.fakebrick) from a thread spawned the way
                         os-brick spawns them (os_brick.executor.Thread),
@@ -274,7 +275,7 @@ class FakeConnector:
     def connect_volume(self, data):
         key = self.key(data)
         _record("connect-start", key)
-        _wait_for_file(data.get("fake_wait"))
+        _wait_for_file(data.get("fake_wait"), "connect", key)
         _sleep(data.get("fake_sleep"))
         if data.get("fake_command_wait"):
             _command_wait(data["fake_command_wait"], key)
@@ -310,7 +311,7 @@ class FakeConnector:
                           ignore_errors=False):
         key = self.key(data)
         _record("disconnect-start", key)
-        _wait_for_file(data.get("fake_wait_disconnect"))
+        _wait_for_file(data.get("fake_wait_disconnect"), "disconnect", key)
         _sleep(data.get("fake_sleep_disconnect"))
         if data.get("fake_fail_disconnect"):
             _record("disconnect-failed", key)
@@ -522,7 +523,7 @@ class SlowLocalConnector:
     def connect_volume(self, data):
         key = self._key(data)
         _record("connect-start", key)
-        _wait_for_file(data.get("fake_wait"))
+        _wait_for_file(data.get("fake_wait"), "connect", key)
         _sleep(data.get("fake_sleep"))
         attachment = self._brick.connect_volume(data)
         _record("connect", key)
@@ -531,14 +532,14 @@ class SlowLocalConnector:
     def disconnect_volume(self, data, device_info, *args, **kwargs):
         key = self._key(data)
         _record("disconnect-start", key)
-        _wait_for_file(data.get("fake_wait_disconnect"))
+        _wait_for_file(data.get("fake_wait_disconnect"), "disconnect", key)
         self._brick.disconnect_volume(data, device_info, *args, **kwargs)
         _record("disconnect", key)
 
     def extend_volume(self, data, *args, **kwargs):
         key = self._key(data)
         _record("extend-start", key)
-        _wait_for_file(data.get("fake_wait_extend"))
+        _wait_for_file(data.get("fake_wait_extend"), "extend", key)
         size = self._brick.extend_volume(data, *args, **kwargs)
         _record("extend", key)
         return size
@@ -629,7 +630,7 @@ def _log_from_brick_thread(key):
 def _hold_lock(key, release):
     if release:
         _record("connect-locked", key)
-        _wait_for_file(release)
+        _wait_for_file(release, "connect-locked", key)
 
 
 def _rescan(device, key):
@@ -659,12 +660,19 @@ def _sleep(seconds):
         time.sleep(float(seconds))
 
 
-def _wait_for_file(path):
+def _wait_for_file(path, step, key):
+    """Wait for the barrier ``path`` at most WAIT_LIMIT s; when it was
+    not opened by then, record "<step>-expired <key>" (a test's failure
+    then names the barrier it held and how long it held it) and go on."""
     if not path:
         return
     deadline = time.monotonic() + WAIT_LIMIT
     while not os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.01)
+    if not os.path.exists(path):
+        log.warning("%s %s: barrier %s not opened within %s s: going on",
+                    step, key, path, WAIT_LIMIT)
+        _record(step + "-expired", key)
 
 
 def _record(what, key):

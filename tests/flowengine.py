@@ -335,7 +335,9 @@ class Host:
     def connects(self, mark=0):
         """What reached this host's connector since ``mark`` (a length
         of the list): "connect-start <key>" and "connect <key>" lines of
-        tests.fakebrick's SlowLocalConnector (``Engine.hold_attaches``)."""
+        tests.fakebrick's SlowLocalConnector (``Engine.hold_attaches``),
+        "connect-expired <key>" when a held attach stopped waiting
+        (``fakebrick.WAIT_LIMIT``)."""
         return fakebrick.calls(self.agent.fakebrick_dir)[mark:]
 
     def started(self, verb, vol_id):
@@ -407,17 +409,12 @@ class Backend:
         connections (the last, when a pair has several: ``rows``)."""
         return {(v, h): (done, info) for v, h, done, info in self.rows()}
 
-    def rows(self, vol_id=None):
+    def rows(self):
         """[(volume_id, connector host, complete, connection_info)]: one
-        per live connection record, a pair's every record (of
-        ``vol_id`` only, when given)."""
-        where = ""
-        if vol_id is not None:
-            where = " AND volume_id = '{}'".format(uuid.UUID(vol_id))
+        per live connection record, a pair's every record."""
         rows = self.live_rows(
             "SELECT volume_id, attach_status, connection_info FROM "
-            "volume_attachment WHERE deleted = {}{}".format(self.false,
-                                                            where))
+            "volume_attachment WHERE deleted = {}".format(self.false))
         found = []
         for vol_id, status, info in rows:
             info = json.loads(info or "{}")
@@ -864,8 +861,28 @@ class Engine:
         (its privsep daemon, os-brick's connect) until the file
         ``barrier`` exists: a storage slow to answer, so that a test
         knows attaches are in flight without guessing how long they take
-        (``Host.connects`` says which reached the connector)."""
+        (``Host.connects`` says which reached the connector).  They
+        wait ``fakebrick.WAIT_LIMIT`` s at most: ``attaches_held``
+        fails naming the barrier once one stopped waiting."""
         self.slow_storage.setdefault(host, {})["fake_wait"] = barrier
+
+    def attaches_held(self, host, mark):
+        """Whether no attach on ``host`` got past its connector since
+        ``mark`` (``Host.connects``) while ``hold_attaches`` holds them;
+        AssertionError naming the barrier when one stopped waiting for
+        it, rather than a plain False."""
+        lines = self.hosts[host].connects(mark)
+        expired = [line.split()[1] for line in lines
+                   if line.startswith("connect-expired ")]
+        if expired:
+            raise AssertionError(
+                "{} attach(es) on {} stopped waiting for barrier {} after "
+                "fakebrick.WAIT_LIMIT = {} s: the test opened it later "
+                "(connector keys {})".format(
+                    len(expired), host,
+                    self.slow_storage.get(host, {}).get("fake_wait"),
+                    fakebrick.WAIT_LIMIT, ", ".join(expired)))
+        return not any(line.startswith("connect ") for line in lines)
 
     def hold_in_connector(self, host, step, barrier):
         """From now on the volumes attached on ``host`` are slow to

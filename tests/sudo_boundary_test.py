@@ -450,8 +450,12 @@ import json, os, subprocess, sys
 import msgpack, oslo_privsep.comm  # what the child imports lazily
 from vdsm_managedvolume import config, privileged
 
-base, sudoers, device = sys.argv[1:4]
+base, sudoers, device, ours, theirs = sys.argv[1:6]
 subprocess.run(["mount", "--bind", sudoers, "/etc/sudoers"], check=True)
+if ours != theirs:
+    # The package sudo's python imports (sudo resets PYTHONPATH: the
+    # venv's install, another tree's in a clone) becomes this tree's.
+    subprocess.run(["mount", "--bind", ours, theirs], check=True)
 cfg = config.with_state_dir(config.Config(), os.path.join(base, "state"))
 cfg.privsep_config = os.path.join(base, "etc", "privsep.conf")
 cfg.root_helper = "sudo -n"
@@ -511,8 +515,8 @@ print(json.dumps(out))
 
 def package_under_sudo():
     """The package directory privsep-helper imports under sudo, which
-    resets PYTHONPATH: the venv's install, in a worktree whose venv is
-    an editable install of another tree that tree's."""
+    resets PYTHONPATH: the venv's install, in a clone whose venv is an
+    editable install of another tree that tree's."""
     with open(privileged._privsep_helper()) as f:
         python = f.readline()[2:].split()[0]
     return subprocess.check_output(
@@ -528,12 +532,11 @@ def test_nobody_starts_the_daemon_through_real_sudo_with_the_shipped_rule(
     for tool in ("sudo", "unshare", "losetup", "mount"):
         if shutil.which(tool) is None:
             pytest.skip("{} not installed".format(tool))
+    # The daemon must run this tree's code: another tree's would not be
+    # what is tested, and would refuse us if it spoke another privsep
+    # protocol (privsep.py, "Versions").
     ours = os.path.realpath(os.path.join(REPO, "vdsm_managedvolume"))
-    if package_under_sudo() != ours:
-        # Its daemon would run another tree's code, and refuse us if
-        # that speaks another privsep protocol (privsep.py, "Versions").
-        pytest.skip("under sudo the daemon imports {}, not {}".format(
-            package_under_sudo(), ours))
+    theirs = package_under_sudo()
     base = os.path.realpath(subprocess.check_output(
         ["mktemp", "-d", "/tmp/mv-sudo-XXXX"]).decode().strip())
     device = None
@@ -577,7 +580,7 @@ def test_nobody_starts_the_daemon_through_real_sudo_with_the_shipped_rule(
 
         p = subprocess.run(
             ["unshare", "-m", "--propagation", "private", sys.executable,
-             "-c", E2E, base, sudoers, device],
+             "-c", E2E, base, sudoers, device, ours, theirs],
             capture_output=True, text=True, cwd=REPO, timeout=120)
         if p.returncode != 0 and "unshare failed" in p.stderr:
             pytest.skip("no mount namespaces here: " + p.stderr.strip())

@@ -258,6 +258,41 @@ def raising(error):
     return call
 
 
+def test_an_attach_refused_for_a_daemon_of_another_protocol_leaves_no_record(
+        inproc_service, inproc_brick, monkeypatch):
+    # The client refuses a daemon of another privsep protocol before
+    # sending it anything (privileged.Brick): nothing of the attach
+    # reached the host.  Before, the rollback's disconnect was refused
+    # the same way and the record stayed 'attaching' until the process
+    # restarted (review-safety14 M2).  A record that was there before
+    # the attach stays: its earlier connection may still exist.
+    svc = inproc_service
+    mismatch = errors.DaemonMismatch(
+        pid=7, theirs="privsep protocol 3 (...)",
+        ours="privsep protocol 2 (...)", process="vdsmd", process_pid=6)
+    working = inproc_brick.connect, inproc_brick.disconnect
+
+    def refusing(refused):
+        for name, call in zip(("connect", "disconnect"), working):
+            monkeypatch.setattr(inproc_brick, name,
+                                raising(mismatch) if refused else call)
+
+    refusing(True)
+    vol_id = new_id()
+    with pytest.raises(errors.DaemonMismatch) as e:
+        svc.attach_volume(vol_id, iscsi_connection(svc.cfg))
+    assert e.value.code == 926
+    assert records(svc) == []
+    # Over a record of an earlier attach whose device went: kept.
+    refusing(False)
+    first = svc.attach_volume(vol_id, iscsi_connection(svc.cfg))
+    os.unlink(first["path"])
+    refusing(True)
+    with pytest.raises(errors.DaemonMismatch):
+        svc.attach_volume(vol_id, iscsi_connection(svc.cfg))
+    assert [r["vol_id"] for r in records(svc)] == [vol_id]
+
+
 def test_a_failed_reattach_leaves_a_device_in_use_as_it_was(
         inproc_service, inproc_brick, monkeypatch):
     # Attached in this boot, its managed link gone, its device there: a

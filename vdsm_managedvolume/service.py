@@ -445,7 +445,7 @@ class Service:
                         earlier if attachment is None else attachment, e,
                         connecting=unfinished or (
                             attachment is None and _cut(e)),
-                        confs=(earlier, attachment))
+                        confs=(earlier, attachment), own=rec is None)
                 # The RBD confs of both connects that the record, if one
                 # is left, no longer names (review-fix9 hostfix-L1); a
                 # rollback forgetting the record deleted them first.
@@ -1361,7 +1361,7 @@ class Service:
         return self.cfg.timeout + CONF_SWEEP_MARGIN + 1.0
 
     def _rollback(self, vol_id, sd_id, connection_info, attachment,
-                  error=None, connecting=True, confs=()):
+                  error=None, connecting=True, confs=(), own=False):
         """Undo a failed attach (``error``: why it failed), logging (not
         raising) cleanup errors.  ``connecting``: a connect of it may not
         have completed (store.py): the disconnect waits for the commands
@@ -1390,7 +1390,19 @@ class Service:
         A connect that returned a device other than the one recorded
         (DeviceChanged) is not disconnected either, and its record stays
         as ``_check_recorded`` wrote it.
+        A connect refused by the client before anything was sent (the
+        privsep daemon speaks another protocol: DaemonMismatch) over no
+        earlier record (``own``: the attach wrote the record) did
+        nothing on the host: the record goes without a disconnect,
+        which would be refused the same way and leave it 'attaching'
+        until the process restarts.
         """
+        if (own and attachment is None
+                and isinstance(error, errors.DaemonMismatch)):
+            log.warning("Forgetting volume %s: its connect was not sent "
+                        "to any privsep daemon", vol_id)
+            self._forget_attach(vol_id, confs, connection_info, False)
+            return
         self._silent_remove_link_and_rule(sd_id, vol_id)
         if isinstance(error, errors.DeviceChanged):
             # Raised after the connect by _check_recorded only, which

@@ -231,6 +231,29 @@ def test_injected_service_is_used_without_binding():
     assert svc.calls == [("detach_volume", VOL_ID, BLANK_UUID)]
 
 
+def test_register_imports_the_whole_client_but_not_os_brick():
+    # vdsm registers the verbs at its start: an upgrade after it must not
+    # mix the old api with the new service at the first verb.
+    import json
+    import subprocess
+    script = """
+import json, sys, types
+from vdsm_managedvolume import api
+def missing():
+    return [m for m in api.CLIENT_MODULES
+            if "vdsm_managedvolume." + m not in sys.modules]
+before = missing()
+api.register(types.SimpleNamespace())
+print(json.dumps([before, missing(), "os_brick" in sys.modules]))
+"""
+    before, after, os_brick = json.loads(subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True,
+        check=True).stdout)
+    assert "service" in before and "privileged" in before
+    assert after == []
+    assert os_brick is False
+
+
 def test_register_into_vdsm_modules():
     """What the bootstrap does inside vdsm, against stand-ins of vdsm's
     API module, Bridge module and Schema instance."""

@@ -231,6 +231,17 @@ def get_caps(service):
     return caps
 
 
+# What the verbs' first call would import (get_service, Service,
+# config.load): imported when vdsm registers the verbs, at its start, so
+# that all of this package that vdsmd runs is of one version, the one
+# it started with.  Imported lazily, an upgrade between vdsmd's start and
+# its first ManagedVolume verb would run the old api and errors with the
+# new service and privileged (whose privsep handshake then passes).
+# After the upgrade only the privsep daemon runs other files, and the
+# handshake catches that (privsep.py, "Versions").
+CLIENT_MODULES = ("config", "adapters", "schema", "service", "privileged")
+
+
 def register(vdsm_api, bridge=None, vdsm_schema=None, schema=None):
     """Plug the ManagedVolume verbs into a running vdsm, in memory.
 
@@ -246,8 +257,11 @@ def register(vdsm_api, bridge=None, vdsm_schema=None, schema=None):
         its ``_types`` / ``_methods`` (ours win: same names, a superset of
         vdsm's params).  ``Host.getCapabilities`` stays vdsm's.
 
-    See docs/vdsm-integration.md for where vdsm calls this.
+    See docs/vdsm-integration.md for where vdsm calls this.  Imports
+    the rest of the client (``CLIENT_MODULES``), never os-brick.
     """
+    for name in CLIENT_MODULES:
+        importlib.import_module("." + name, __package__)
     vdsm_api.ManagedVolume = ManagedVolume
     if bridge is not None:
         bridge.command_info.update(command_info())

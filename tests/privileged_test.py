@@ -1335,9 +1335,10 @@ def test_daemon_of_another_protocol_gets_no_call_and_none_is_started_again(
         fresh_cfg, fake_dir, tmp_path, monkeypatch, caplog):
     # An upgrade: the agent runs protocol N, the files on disk N+1.
     ours = privsep.PROTOCOL
-    pkg = other_tree(tmp_path, monkeypatch, {"privsep.py": [(
-        "\nPROTOCOL = {}\n".format(ours),
-        "\nPROTOCOL = {}\n".format(ours + 1))]})
+    bump = [("\nPROTOCOL = {}\n".format(ours),
+             "\nPROTOCOL = {}\n".format(ours + 1))]
+    pkg = other_tree(tmp_path, monkeypatch,
+                     {"privsep.py": bump, "brick.py": bump})
     caplog.set_level("INFO", logger=privileged.LOG.name)
     info = iscsi("mismatch", tmp_path)
     b = privileged.Brick(fresh_cfg)
@@ -1365,6 +1366,31 @@ def test_daemon_of_another_protocol_gets_no_call_and_none_is_started_again(
             b.disconnect(info, None)
         assert str(again.value) == message
         assert len(started(caplog)) == 1
+    finally:
+        b.stop()
+
+
+def test_daemon_whose_files_are_of_two_protocols_refuses_to_start(
+        fresh_cfg, fake_dir, tmp_path, monkeypatch):
+    # Started while an upgrade writes the files: privsep.py already new,
+    # brick.py not yet.  Not latched: the next call starts another.
+    ours = privsep.PROTOCOL
+    other_tree(tmp_path, monkeypatch, {"privsep.py": [(
+        "\nPROTOCOL = {}\n".format(ours),
+        "\nPROTOCOL = {}\n".format(ours + 1))]})
+    b = privileged.Brick(fresh_cfg)
+    try:
+        with pytest.raises(errors.HelperFailed) as e:
+            b.connector_properties()
+        assert not isinstance(e.value, errors.DaemonMismatch)
+        assert "refuses to start: its files are of two versions: the " \
+            "entrypoints in " in str(e.value)
+        assert "are of privsep protocol {}, privsep.py's is {}".format(
+            ours, ours + 1) in str(e.value)
+        monkeypatch.delenv("PYTHONPATH")
+        monkeypatch.setenv("PYTHONPATH", os.path.dirname(
+            os.path.dirname(privsep.__file__)))
+        assert b.connector_properties()["multipath"] is True
     finally:
         b.stop()
 

@@ -91,12 +91,24 @@ def declared_entrypoints():
                     for d in node.decorator_list)}
 
 
+def brick_protocol():
+    with open(os.path.join(PACKAGE, "brick.py")) as f:
+        tree = ast.parse(f.read())
+    [value] = [node.value.value for node in tree.body
+               if isinstance(node, ast.Assign)
+               and [ast.unparse(t) for t in node.targets] == ["PROTOCOL"]]
+    return value
+
+
 def test_entrypoints_are_those_of_the_protocol_they_state():
     assert privsep.PROTOCOL in ENTRYPOINTS, (
         "no entrypoint table for privsep.PROTOCOL {}".format(
             privsep.PROTOCOL))
     assert declared_entrypoints() == ENTRYPOINTS[privsep.PROTOCOL], (
-        "an entrypoint changed: bump privsep.PROTOCOL and add its table")
+        "an entrypoint changed: bump privsep.PROTOCOL (and brick.PROTOCOL)"
+        " and add its table")
+    # The daemon refuses to start when the two differ (brick.start_problem).
+    assert brick_protocol() == privsep.PROTOCOL
 
 
 def test_identity_tells_protocol_version_and_directory():

@@ -337,6 +337,11 @@ def check_start(argv=None, environ=None, conf=None):
 
 def start_problem(argv, environ, conf):
     """What makes this start unsafe, or None (see check_start)."""
+    if PROTOCOL != privsep.PROTOCOL:
+        return ("its files are of two versions: the entrypoints in {} are "
+                "of privsep protocol {}, privsep.py's is {} (the package "
+                "is being replaced?)".format(__file__, PROTOCOL,
+                                             privsep.PROTOCOL))
     args, problem = _helper_args(argv)
     if problem:
         return problem
@@ -373,6 +378,13 @@ def start_problem(argv, environ, conf):
 
 # Handed to every connector factory, as vdsm's helper does.
 CONNECTOR_KWARGS = {"use_multipath": True, "device_scan_attempts": 3}
+
+# The privsep protocol of the entrypoints below (privsep.py, "Versions"),
+# the one this daemon tells at the handshake: it must be
+# ``privsep.PROTOCOL``, else this file and privsep.py are of two versions
+# (a daemon started while an upgrade writes the files) and the daemon
+# refuses to start (``start_problem``); the next call starts another.
+PROTOCOL = 2
 
 
 @context.entrypoint

@@ -477,8 +477,9 @@ def _handshake(channel, pid, deadline, flow):
                               _remaining(deadline), flow=flow)
     except privsep.RemoteError as e:
         # No such entrypoint: a version from before the handshake.
-        LOG.debug("privsep daemon %s: handshake failed: %s", pid,
-                  _remote_message(e))
+        LOG.warning("privsep daemon %s did not answer the handshake (%s): "
+                    "taken for a version from before it", pid,
+                    mask.mask_text(_remote_message(e)))
         theirs = None
     if isinstance(theirs, dict) and \
             theirs.get("protocol") == privsep.PROTOCOL:

@@ -70,9 +70,11 @@ from . import __version__
 from . import faults
 
 # The version of what the entrypoints (brick.py) are called and take,
-# and of what their arguments and results mean.  Bump it with any such
-# change; tests/privsep_test.py pins each entrypoint's parameters to
-# it.  1: the entrypoints before the handshake (none was told).
+# and of what their arguments and results mean.  Bump it, and
+# brick.PROTOCOL with it, with any such change; tests/privsep_test.py
+# pins each entrypoint's parameters to it.  A daemon whose brick.py and
+# privsep.py differ (started while an upgrade writes the files) refuses
+# to start.  1: the entrypoints before the handshake (none was told).
 PROTOCOL = 2
 
 # The privsep context privsep-helper loads (``--privsep_context``), and

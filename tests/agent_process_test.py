@@ -781,3 +781,64 @@ def test_version():
                        text=True, timeout=60)
     assert p.returncode == 0
     assert __version__ in p.stdout
+
+
+def test_an_upgrade_under_a_running_agent_is_926_until_its_restart(
+        tmp_path):
+    # The agent runs a copy of the package; "the RPM" then replaces its
+    # privileged calls (another privsep protocol) while it runs, and its
+    # daemon dies: the daemon it starts runs the new files.  Nothing is
+    # called with the old arguments: 926 naming both protocols, until
+    # the agent is restarted on the new files (privsep.py, "Versions").
+    import shutil
+    site = tmp_path / "site"
+    pkg = site / "vdsm_managedvolume"
+    shutil.copytree(os.path.join(REPO, "vdsm_managedvolume"), str(pkg),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    from vdsm_managedvolume import privsep
+    agent = AgentProcess(tmp_path / "agent", env={
+        "PYTHONPATH": os.pathsep.join([str(site), REPO])}).start()
+    try:
+        with agent.client() as c:
+            c.call("ManagedVolume.attach_volume",
+                   {"vol_id": new_id(), "connection_info": iscsi(agent)})
+        [daemon] = set(re.findall(r"privsep daemon pid (\d+) ready in",
+                                  agent.log()))
+        for name in ("privsep.py", "brick.py"):
+            path = pkg / name
+            path.write_text(path.read_text().replace(
+                "\nPROTOCOL = {}\n".format(privsep.PROTOCOL),
+                "\nPROTOCOL = {}\n".format(privsep.PROTOCOL + 1)))
+        os.kill(int(daemon), signal.SIGKILL)
+        # Gone before the call (a zombie counts): else the call may be
+        # sent to the dying daemon and fail as cut by its death.
+        agentutil.wait_for(lambda: _gone(int(daemon)))
+        conn = iscsi(agent)
+        with agent.client() as c:
+            with pytest.raises(errors.HelperFailed) as e:
+                c.call("ManagedVolume.attach_volume",
+                       {"vol_id": new_id(), "connection_info": conn})
+        assert e.value.code == 926
+        assert "speaks privsep protocol {} (vdsm-managedvolume".format(
+            privsep.PROTOCOL + 1) in str(e.value)
+        assert "managedvolume-agent (pid {}) speaks privsep protocol " \
+            "{}".format(agent.proc.pid, privsep.PROTOCOL) in str(e.value)
+        assert "restart managedvolume-agent" in str(e.value)
+        assert conn["data"]["fake_key"] not in connected_keys(agent)
+        assert "until it is restarted" in agent.log()
+        assert agent.stop() == 0
+        agent.start()
+        with agent.client() as c:
+            assert c.call("ManagedVolume.attach_volume",
+                          {"vol_id": new_id(),
+                           "connection_info": iscsi(agent)})["path"]
+    finally:
+        agent.stop()
+
+
+def _gone(pid):
+    try:
+        with open("/proc/{}/stat".format(pid)) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True

@@ -127,7 +127,11 @@ class Oslo:
         self.pid = None
 
     def start(self, ci):
-        self.brick.hello()      # starts the daemon, configures os-brick
+        from vdsm_managedvolume import privsep
+        # The first call starts the daemon; it serves nothing before a
+        # client of its protocol said so (privsep.py, "Versions").
+        self.brick.handshake(privsep.identity())
+        self.brick.hello()      # configures os-brick
         self.pid = self.brick.getpid()
         self.pair(ci)
 

@@ -10,6 +10,7 @@ import threading
 import pytest
 
 from vdsm_managedvolume import errors
+from vdsm_managedvolume import mask
 from vdsm_managedvolume import store
 
 from .agentutil import held_elsewhere
@@ -976,6 +977,60 @@ def test_only_a_write_dropping_a_secret_schedules_a_scrub(scrub_db):
     assert _files_holding(db.path) == []
 
 
+def test_a_delete_of_a_record_without_a_secret_decodes_nothing(
+        scrub_db, monkeypatch):
+    # Its JSON is plainly clean as written: the delete's trigger does
+    # not decode connection_info and attachment to look for secrets.
+    db = scrub_db
+    db.add_volume(VOL, SD, {"driver_volume_type": "local",
+                            "data": {"device_path": "/dev/loop3"}})
+    db.update_volume(VOL, state="attached",
+                     attachment={"path": "/dev/loop3", "type": "local"})
+    decoded = []
+    real = store._loads
+    monkeypatch.setattr(store, "_loads",
+                        lambda text: decoded.append(text) or real(text))
+    db.remove_volume(VOL, durable=False)
+    assert decoded == []
+    assert not db._scrub_due
+
+
+@pytest.mark.parametrize("text", [
+    # A marker behind a JSON escape: decoded, then found.
+    '{"pass\\u0077ord": "x"}',
+    '{"data": {"options": [["auth_p\\u0061ssword", "x"]]}}',
+    # Secrets mask sees in clean-looking ASCII.
+    '{"k": "admin:pw@10.0.0.1"}',
+    '{"conf": "key = ' + CEPH_KEY + '"}',
+    # Nested deeper than mask looks: it hides it whole.
+    "[" * (mask.MAX_DEPTH + 2) + "]" * (mask.MAX_DEPTH + 2),
+])
+def test_a_dropped_value_holding_a_secret_is_found_however_written(text):
+    assert store._holds_secret(text)
+
+
+def test_an_attachs_first_attachment_calls_nothing_from_sqlite(
+        tmp_path, monkeypatch):
+    calls = []
+    real = store.Store._note_dropped
+
+    def note(self, *args):
+        calls.append(args)
+        return real(self, *args)
+
+    monkeypatch.setattr(store.Store, "_note_dropped", note)
+    with store.open(str(tmp_path / "mv.db")) as db:
+        db.add_volume(VOL, SD, CI)
+        db.update_volume(VOL, attachment={"path": "/dev/x"}, path="/dev/x")
+        db.update_volume(VOL, state="attached", durable=False)
+        assert calls == []
+        # A value dropped is still looked at.
+        db.update_volume(VOL, attachment={"path": "/dev/y"})
+        assert calls == [(None, '{"path": "/dev/x"}')]
+        db.remove_volume(VOL)
+        assert calls[1:] == [(store._dumps(CI), '{"path": "/dev/y"}')]
+
+
 def test_close_scrubs_a_secret_deleted_just_before(scrub_db):
     db = scrub_db
     _secret_everywhere(db)
@@ -1133,3 +1188,25 @@ def test_a_scrub_whose_sync_fails_fails_the_durable_writes_after_it(
     assert store._io_error(sqlite3.OperationalError("disk I/O error"))
     assert not store._io_error(sqlite3.OperationalError("database is "
                                                         "locked"))
+
+
+def test_timestamps_are_utc_in_isoformat_with_microseconds(monkeypatch):
+    import datetime
+    utc = datetime.timezone.utc
+
+    def at(ns):
+        monkeypatch.setattr(store.time, "time_ns", lambda: ns)
+        return store._now()
+
+    base = 1764680000 * 10**9
+    # The second is formatted once and reused; the next one is new.
+    for ns in (base + 999999999, base + 10**9, base + 10**9 + 1500,
+               base - 1000):
+        expected = datetime.datetime.fromtimestamp(
+            ns // 1000 / 10**6, utc).replace(tzinfo=None)
+        assert at(ns) == expected.isoformat(" ", "microseconds")
+    monkeypatch.undo()
+    before = datetime.datetime.now(utc).replace(tzinfo=None)
+    now = datetime.datetime.fromisoformat(store._now())
+    after = datetime.datetime.now(utc).replace(tzinfo=None)
+    assert before <= now <= after

@@ -465,12 +465,8 @@ class Service:
                 if not self._drop_conf(vol_id, earlier, attachment):
                     self._sweep_keyring_later(connection_info)
 
-        # DEBUG, as vdsm's storage/managedvolume.py logs it: at INFO the
-        # call's START and FINISH lines (api.py) say that it ran and how
-        # it ended; volumes_info and ``managedvolume-tool list`` give the
-        # path (docs/operations.md, "Per attach+detach").
-        log.debug("Attached volume %s path=%s managed_path=%s", vol_id,
-                  path, managed_path)
+        log.info("Attached volume %s path=%s managed_path=%s", vol_id,
+                 path, managed_path)
         return {"vol_id": vol_id, "path": path, "attachment": attachment,
                 "managed_path": managed_path}
 
@@ -508,12 +504,8 @@ class Service:
         if rec is None:
             log.info("Volume %s is not attached, nothing to detach", vol_id)
             return
-        # A record that was not 'attached' (an attach or detach cut or
-        # failed before) is worth an INFO line; the usual one is DEBUG,
-        # as in vdsm (see attach_volume).
-        log.log(logging.DEBUG if rec["state"] == "attached" else logging.INFO,
-                "Detached volume %s path=%s (was %s)", vol_id, rec["path"],
-                rec["state"])
+        log.info("Detached volume %s path=%s (was %s)", vol_id, rec["path"],
+                 rec["state"])
 
     def _detach_named(self, rec, sd_id):
         vol_id = rec["vol_id"]

@@ -239,3 +239,48 @@ def test_a_value_under_a_secret_key_is_never_shown_in_the_error(data, name):
     for shown in ("99999", "inf ", "nan", "AQBsecretkeyname"):
         assert shown not in reason
     assert "not shown" in reason
+
+
+def test_a_valid_connection_info_makes_no_field_names(monkeypatch):
+    # Names (connection_info.data.target_portals[1]...) are for errors:
+    # a valid value, every attach's, is walked without making them.
+    made = []
+    real = validate._child
+    monkeypatch.setattr(validate, "_child",
+                        lambda path, key: made.append(key) or real(path, key))
+    ci = {"driver_volume_type": "iscsi", "data": {
+        "target_portals": ["10.0.0.1:3260", "10.0.0.2:3260"],
+        "target_lun": 1, "auth_password": "s3cret",
+        "nested": {"a": [{"b": None, "c": True, "d": 1.5}]}}}
+    assert validate.connection_info("connection_info", ci) == ci
+    assert made == []
+
+
+@pytest.mark.parametrize("data, name", [
+    ({"nested": {"a-b": [0, {"x y": "\0"}]}},
+     "connection_info.data.nested.a-b[1]['x y']"),
+    ({"list": [["k\ud800", 1]]}, "connection_info.data.list[0][0]"),
+    # A bad key is named by the mapping holding it, hidden under a
+    # secret's.
+    ({"keyring": {"inner": {"k\0": 1}}}, "connection_info.data.keyring[...]"),
+    ({"keyring": {"inner": {"k": [1e400]}}},
+     "connection_info.data.keyring[...][...][0]"),
+])
+def test_a_bad_value_deep_inside_is_named_by_its_whole_path(data, name):
+    with pytest.raises(errors.InvalidParams) as e:
+        validate.connection_info(
+            "connection_info", {"driver_volume_type": "iscsi", "data": data})
+    assert e.value.name == name
+
+
+def test_a_bad_value_nested_deeper_than_the_recursion_limit_is_named():
+    import sys
+    depth = sys.getrecursionlimit() + 100
+    inner = value = {}
+    for _ in range(depth):
+        inner["a"] = {}
+        inner = inner["a"]
+    inner["b"] = float("inf")
+    with pytest.raises(errors.InvalidParams) as e:
+        validate.transportable("ci", value)
+    assert e.value.name == "ci" + ".a" * depth + ".b"

@@ -160,49 +160,53 @@ def transportable(name, value):
     value]``, ``mask.secret_items``) is ever shown in the error, neither
     a value nor a key: the error reaches the caller and the log.
     """
+    # A node's path is made only for an error (``_path``): (parent, key)
+    # under a mapping, (parent, index) in a list, (parent, None) under a
+    # secret key (its keys are not shown).
     stack = [(name, value, mask.is_secret_key(name.rpartition(".")[2]))]
     while stack:
         path, v, secret = stack.pop()
         if isinstance(v, dict):
             for k, item in v.items():
-                shown = "(not shown)" if secret else _shown(k)
-                if not isinstance(k, str):
-                    raise errors.InvalidParams(
-                        name=path, reason="key {} is not a string".format(
-                            shown))
-                _check_text(path, k, "key " + shown)
-                stack.append((_child(path, k) if not secret
-                              else path + "[...]", item,
+                if not isinstance(k, str) or "\0" in k or \
+                        _SURROGATE_RE.search(k):
+                    shown = "(not shown)" if secret else _shown(k)
+                    if not isinstance(k, str):
+                        raise errors.InvalidParams(
+                            name=_path(path), reason="key {} is not a "
+                            "string".format(shown))
+                    _check_text(_path(path), k, "key " + shown)
+                stack.append(((path, None if secret else k), item,
                               secret or mask.is_secret_key(k)))
         elif isinstance(v, (list, tuple)):
             # A secret named by the item before it (a [key, value] pair,
             # an argv's "-v"), as mask hides it.
             named = () if secret else mask.secret_items(v)
             for i, item in enumerate(v):
-                stack.append(("{}[{}]".format(path, i), item,
-                              secret or i in named))
+                stack.append(((path, i), item, secret or i in named))
         elif isinstance(v, str):
-            _check_text(path, v, "value")
+            if "\0" in v or _SURROGATE_RE.search(v):
+                _check_text(_path(path), v, "value")
         elif isinstance(v, bool) or v is None:
             pass
         elif isinstance(v, int):
             if not MIN_INT <= v <= MAX_INT:
                 raise errors.InvalidParams(
-                    name=path, reason="integer {}is outside the signed "
-                    "64-bit range{}".format(
+                    name=_path(path), reason="integer {}is outside the "
+                    "signed 64-bit range{}".format(
                         "" if secret else _shown(v) + " ",
                         _HIDDEN if secret else ""))
         elif isinstance(v, float):
             if not math.isfinite(v):
                 raise errors.InvalidParams(
-                    name=path, reason="{} is not a finite number (a JSON "
-                    "number too large for a double, such as 1e400, reads "
-                    "as infinity){}".format("value" if secret else v,
-                                             _HIDDEN if secret else ""))
+                    name=_path(path), reason="{} is not a finite number (a "
+                    "JSON number too large for a double, such as 1e400, "
+                    "reads as infinity){}".format(
+                        "value" if secret else v, _HIDDEN if secret else ""))
         else:
             raise errors.InvalidParams(
-                name=path, reason="value of type {} is not a JSON type".format(
-                    type(v).__name__))
+                name=_path(path), reason="value of type {} is not a JSON "
+                "type".format(type(v).__name__))
     return value
 
 
@@ -282,6 +286,25 @@ def _check_text(path, text, what):
             name=path, reason="{} holds a lone UTF-16 surrogate "
             "(\\u{:04x}), which is not a Unicode character".format(
                 what, ord(m.group())))
+
+
+def _path(node):
+    """The name of a node ``transportable`` walked: a string, or
+    (parent node, key under a mapping, index in a list, or None under
+    a secret key, whose keys are not shown)."""
+    steps = []
+    while not isinstance(node, str):    # iterative: any depth
+        node, step = node
+        steps.append(step)
+    path = node
+    for step in reversed(steps):
+        if step is None:
+            path += "[...]"
+        elif isinstance(step, int):
+            path = "{}[{}]".format(path, step)
+        else:
+            path = _child(path, step)
+    return path
 
 
 def _child(path, key):

@@ -319,3 +319,103 @@ def test_setup_keeps_the_stack_and_the_caller_of_every_record(tmp_path):
     assert all(line > 0 for _, line in other)
     custom = (tmp_path / "custom.log").read_text()
     assert custom.startswith(name + ":")
+
+
+@pytest.fixture
+def agent_logging(tmp_path):
+    """log.setup() writing to a file, as the agent does; logging's
+    handlers, level and logger class put back after."""
+    class Cfg:
+        log_config = ""
+        log_level = "INFO"
+        log_file = str(tmp_path / "agent.log")
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, logging.getLoggerClass()
+    try:
+        log.setup(Cfg())
+        yield tmp_path / "agent.log"
+    finally:
+        for h in root.handlers:
+            h.close()
+        root.handlers[:], level, logger_class = saved
+        root.setLevel(level)
+        logging.setLoggerClass(logger_class)
+
+
+def _lines_of_a_call(logger):
+    import threading
+    with log.flow("flow-7"):
+        logger.info("Attached volume %s path=%s", "v-1", "/dev/loop7")
+        logger.info("FINISH %s ok (%.3f s)", "ManagedVolume.attach", 0.0012)
+        logger.info("START %s(%s)", "x", mask.Masked(
+            {"data": {"device_path": "/dev/x"}}, params=True))
+        logger.warning("no args 100%")
+        logger.info("with a secret %s", "auth_password=s3cret")
+        logger.info("with a line break %s", "a\nb")
+        logger.info("a mapping %(a)s", {"a": "b"})
+        logger.info("an object %s", ValueError("boom"))
+    done = []
+    t = threading.Thread(target=lambda: done.append(
+        logger.info("from thread %s", "t")), name="operation-3")
+    t.start()
+    t.join()
+
+
+def test_a_plain_line_is_written_as_logging_writes_it_without_a_record(
+        agent_logging, monkeypatch):
+    made = []
+    make = logging.Logger.makeRecord
+
+    def counted(self, *args, **kwargs):
+        record = make(self, *args, **kwargs)
+        made.append(record.getMessage())
+        return record
+
+    monkeypatch.setattr(logging.Logger, "makeRecord", counted)
+    logger = logging.getLogger("managedvolume.tests.fast")
+    # The agent's one handler alone (pytest captures through its own).
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [
+        h for h in root.handlers if isinstance(h, log.ReopenableFileHandler)])
+    _lines_of_a_call(logger)
+    fast = agent_logging.read_text().splitlines()
+    # Only the lines that need masking, escaping or a mapping's keys
+    # made a record: logging's path.
+    assert sorted(made) == sorted([
+        "with a secret auth_password=s3cret", "with a line break a\nb",
+        "a mapping b", "an object boom"])
+    agent_logging.write_text("")
+
+    # Another handler beside the agent's: every line takes logging's
+    # path, and writes the same text (time of day aside).
+    seen = []
+
+    class Caller(logging.Handler):
+        def emit(self, record):
+            seen.append((record.funcName, record.lineno))
+
+    caller = Caller()
+    logging.getLogger().addHandler(caller)
+    try:
+        _lines_of_a_call(logger)
+    finally:
+        logging.getLogger().removeHandler(caller)
+    slow = agent_logging.read_text().splitlines()
+    assert len(fast) == len(slow) == 9
+    assert [line[24:] for line in fast] == [line[24:] for line in slow]
+    assert "[managedvolume.tests.fast] [flow=flow-7] Attached volume v-1 " \
+        "path=/dev/loop7" in fast[0]
+    assert "(operation-3)" in fast[-1]
+    assert "auth_password=" + mask.MASK in fast[4]
+    assert "a\\nb" in fast[5]
+    # logging's path through this package's loggers still finds the
+    # caller, one frame past the logger's own.
+    assert {f for f, _ in seen} == {"_lines_of_a_call", "<lambda>"}
+
+
+def test_setup_gives_the_short_path_to_loggers_made_before_and_after(
+        agent_logging):
+    before = logging.getLogger("managedvolume.jsonrpc")
+    after = logging.getLogger("managedvolume.tests.later")
+    assert type(before) is type(after) is log._Logger

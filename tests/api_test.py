@@ -415,3 +415,37 @@ def test_vdsm_starts_even_if_registration_fails(fake_vdsm, monkeypatch):
     from vdsm.rpc import Bridge
     bridge = Bridge.DynamicBridge()
     assert "Host.getCapabilities" in bridge._schema._methods
+
+
+_LONG = "x" * (mask.MAX_LOGGED_ARG - 20)
+
+
+@pytest.mark.parametrize("value", [
+    {"driver_volume_type": "local", "data": {"device_path": "/dev/loop7"}},
+    ISCSI_CONNECTION,
+    {"driver_volume_type": "rbd", "data": {"keyring": ["a", "b"]}},
+    {"driver_volume_type": "x", "data": {"url": "iscsi://u:s3cret@h/x"}},
+    ["auth_password", "s3cret"],
+    ["-n", "node.session.auth.password", "-v", "s3cret"],
+    # A password whose marker (the "@") comes after the cut.
+    {"d": {"a": _LONG + " admin:s3cret" + "y" * 40 + "@10.0.0.1"}},
+    {"d": {"ſecret": "plain", "k": "AQ" + "B" * 36 + "=="}},
+    {"d": [1, 2.5, True, None, "tab\there", "\u202e"]},
+])
+def test_start_line_of_a_json_request_shows_what_masking_shows(value):
+    args = {"vol_id": VOL_ID, "connection_info": value}
+    assert str(api._Args(args, json=True)) == str(api._Args(args))
+    assert "s3cret" not in str(api._Args(args, json=True))
+
+
+def test_start_line_of_a_plain_json_request_masks_nothing(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("masked")
+
+    monkeypatch.setattr(mask, "mask", refuse)
+    monkeypatch.setattr(mask, "mask_params", refuse)
+    args = {"vol_id": VOL_ID, "connection_info": {
+        "driver_volume_type": "local", "data": {"device_path": "/dev/x"}}}
+    assert str(api._Args(args, json=True)) == (
+        "vol_id='{}', connection_info={{'driver_volume_type': 'local', "
+        "'data': {{'device_path': '/dev/x'}}}}".format(VOL_ID))

@@ -419,3 +419,25 @@ def test_setup_gives_the_short_path_to_loggers_made_before_and_after(
     before = logging.getLogger("managedvolume.jsonrpc")
     after = logging.getLogger("managedvolume.tests.later")
     assert type(before) is type(after) is log._Logger
+
+
+def test_a_flow_id_from_the_wire_is_cleaned_once(monkeypatch):
+    # Cleaned when its frame is read; the worker's flow() and the
+    # dispatcher's inside it take it as it is.
+    seen = []
+    real = mask.plainly_clean
+
+    def counted(text):
+        if text == "flow-from-the-wire":
+            seen.append(text)
+        return real(text)
+
+    monkeypatch.setattr(mask, "plainly_clean", counted)
+    flow_id = log.clean_flow_id("flow-from-the-wire")
+    with log.flow(flow_id):
+        with log.flow(flow_id):
+            assert log.current_flow() == "flow-from-the-wire"
+        assert log.current_flow() == "flow-from-the-wire"
+    assert log.current_flow() == "-"
+    assert len(seen) == 1
+    assert log.clean_flow_id(flow_id) is flow_id

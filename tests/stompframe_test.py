@@ -245,3 +245,19 @@ def test_parse_heartbeat(value, expected):
 def test_parse_heartbeat_refuses_garbage(value):
     with pytest.raises(FrameError, match="invalid heart-beat"):
         stompframe.parse_heartbeat(value)
+
+
+@pytest.mark.parametrize("destination, subscription, message_id, body", [
+    ("reply-1", "sub-1", "1", b'{"jsonrpc": "2.0", "id": 1}'),
+    ("a:b\nc\\d\re", "s:1", 17, '{"x": "\u00e9"}'),
+    ("\u00e9t\u00e9", "sub", "2", b"\0 in a body"),
+    ("d", "s", "3", b""),
+])
+def test_json_message_is_the_frame_encode_makes(destination, subscription,
+                                                message_id, body):
+    assert stompframe.json_message(destination, subscription, message_id,
+                                   body) == stompframe.encode(
+        stompframe.MESSAGE, {"destination": destination,
+                             "content-type": "application/json",
+                             "subscription": subscription,
+                             "message-id": message_id}, body)

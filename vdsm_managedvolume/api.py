@@ -353,10 +353,11 @@ def _call(name, fn, key, args, masked=True, masks=True):
     ``masks``: it is masked here (False: the service returned it masked).
     """
     start = time.monotonic()
-    log.info("START %s(%s)", name, _Args(args))
+    bound = _current.get()
+    checked = bound is not None and bound[1]
+    log.info("START %s(%s)", name, _Args(args, checked))
     try:
-        bound = _current.get()
-        if bound is None or not bound[1]:
+        if not checked:
             # vdsm parses and type-checks requests with its own schema
             # code: bound the nesting here too, before anything walks the
             # values.
@@ -389,10 +390,31 @@ def _call(name, fn, key, args, masked=True, masks=True):
 
 class _Args(mask.Masked):
     """The arguments of a START line, masked and formatted only when the
-    line is written (not at all when INFO is off)."""
+    line is written (not at all when INFO is off).
 
-    __slots__ = ()
+    json: the arguments are what the schema bound from a JSON request
+    (``using(checked=True)``): only JSON's types (dict, list, str,
+    numbers, booleans, None), nested at most schema.MAX_PARAM_DEPTH
+    levels.  Then their plain reprs are the line's text when that text
+    holds no secret's marker (``mask.plainly_clean``): masking them
+    first would change nothing that shows (a secret's key, a string of
+    a secret's shape, a secret named in a list all show one in their
+    repr), so the values are not walked and copied for it.
+    """
+
+    __slots__ = ("json",)
+
+    def __init__(self, value, json=False):
+        super().__init__(value)
+        self.json = json
 
     def _format(self):
+        if self.json:
+            texts = [(k, repr(v)) for k, v in self.value.items()]
+            # The whole text, before any cut: a password's marker may
+            # come after it ("user:s3cret@host").
+            if mask.plainly_clean("".join(t for _, t in texts)):
+                return ", ".join("{}={}".format(k, mask.shorten(t))
+                                 for k, t in texts)
         return ", ".join("{}={}".format(k, mask.shorten(repr(v)))
                          for k, v in mask.mask_params(self.value).items())

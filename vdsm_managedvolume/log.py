@@ -109,8 +109,8 @@ def clean_flow_id(value):
     an admin greps for, so it stays one plain word.  Every flow id that
     reaches a line passes here: merely escaped, ``password\\n=s3cret``
     would be written as no shape mask_text knows."""
-    if value is None:
-        return None
+    if value is None or type(value) is _CleanFlowId:
+        return value
     value = value[:MAX_FLOW_ID]
     if not (value.isprintable() and "[" not in value and "]" not in value):
         value = "".join(c if c.isprintable() and c not in "[]" else "_"
@@ -119,7 +119,16 @@ def clean_flow_id(value):
     # secret's shape once the line break is a '_'.
     if not mask.plainly_clean(value):
         value = mask.mask_text(value)[:MAX_FLOW_ID]
-    return value or None        # nearly every flow id: as it came
+    # Nearly every flow id: as it came.
+    return _CleanFlowId(value) if value else None
+
+
+class _CleanFlowId(str):
+    """A flow id as ``clean_flow_id`` returned it: not cleaned again (a
+    request's id is cleaned when its frame is read, then its worker
+    and the dispatcher each run in ``flow()``)."""
+
+    __slots__ = ()
 
 
 def _escape(m):
@@ -150,10 +159,16 @@ class flow:
         self._value = flow_id or "-"
 
     def __enter__(self):
-        self._token = _flow_id.set(self._value)
+        # Inside a flow() of the same id (the dispatcher's, inside the
+        # worker's): nothing to set.
+        if _flow_id.get() is self._value:
+            self._token = None
+        else:
+            self._token = _flow_id.set(self._value)
 
     def __exit__(self, *exc):
-        _flow_id.reset(self._token)
+        if self._token is not None:
+            _flow_id.reset(self._token)
         return False
 
 

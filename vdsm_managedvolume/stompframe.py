@@ -138,6 +138,25 @@ def encode(command, headers=None, body=b""):
     return b"".join((head, body, b"\0"))     # the body copied once
 
 
+def json_message(destination, subscription, message_id, body):
+    """The bytes of ``encode(MESSAGE, {"destination": destination,
+    "content-type": "application/json", "subscription": subscription,
+    "message-id": message_id}, body)``, made in one format: the frame of
+    every JSON-RPC response."""
+    if not body:
+        return encode(MESSAGE, {"destination": destination,
+                                "content-type": "application/json",
+                                "subscription": subscription,
+                                "message-id": message_id}, body)
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    head = ("MESSAGE\ndestination:%s\ncontent-type:application/json\n"
+            "subscription:%s\nmessage-id:%s\ncontent-length:%d\n\n" % (
+                _escape(str(destination)), _escape(str(subscription)),
+                _escape(str(message_id)), len(body)))
+    return b"".join((head.encode("utf-8"), body, b"\0"))
+
+
 def parse_heartbeat(value):
     """Parse a ``heart-beat`` header: ``"cx,cy"`` -> (cx, cy) milliseconds.
 

@@ -1307,9 +1307,8 @@ def _message(target, sub_id, headers, body):
 
 def _response(target, sub_id, destination, response):
     """The MESSAGE frame of a JSON-RPC response sent to ``destination``."""
-    return _message(target, sub_id, {"destination": destination,
-                                     "content-type": "application/json"},
-                    response)
+    return stompframe.json_message(destination, sub_id,
+                                   target.next_message_id(), response)
 
 
 def _required(frame, name):

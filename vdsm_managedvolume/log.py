@@ -28,13 +28,15 @@ needs (``mask.plainly_clean``), the line is written as formatted.  Any
 other line has each argument masked and escaped, then the whole line
 masked.
 
-Such a plain line, logged by a logger of this package in a process whose
-only handler is the one ``setup`` installed, is written without a
-``LogRecord`` (``_Logger``): what logging would do with it (make the
-record, look up the caller's frame, walk the loggers for handlers, run
-the filter, format, write) comes to the same text, which is made and
-written directly.  The agent writes six lines per attach+detach; this
-takes a plain line from ~87k to ~46k instructions.  Any other line, or any
+Such a plain line, logged by a logger of this package (and, once
+``setup`` ran, by any logger the process makes after it, third-party
+ones included: ``speed_up_loggers``) in a process whose only handler is
+the one ``setup`` installed, is written without a ``LogRecord``
+(``_Logger``): what logging would do with it (make the record, look up
+the caller's frame, walk the loggers for handlers, run the filter,
+format, write) comes to the same text, which is made and written
+directly.  The agent writes several lines per attach+detach; this takes
+a plain line from ~87k to ~46k instructions.  Any other line, or any
 other configuration (a ``log_config`` file, vdsm's handlers, a test's
 capture handler), takes logging's own path.
 """

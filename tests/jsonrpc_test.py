@@ -574,3 +574,37 @@ def test_a_param_one_level_too_deep_is_refused_however_few_its_brackets(
     assert res["error"]["code"] in (-32600, -32602)
     assert "nested deeper than" in res["error"]["message"]
     assert fake_service.calls == []
+
+
+def test_a_result_is_masked_on_its_json_only_when_it_may_show_a_secret(
+        dispatcher, fake_service, monkeypatch):
+    walked = []
+    real = mask.mask
+
+    def counted(obj, _depth=0):
+        if _depth == 0:
+            walked.append(obj)
+        return real(obj, _depth)
+
+    monkeypatch.setattr(mask, "mask", counted)
+    res = call(dispatcher, "ManagedVolume.attach_volume",
+               {"vol_id": VOL_ID, "connection_info": ISCSI_CONNECTION})
+    assert res["result"]["vol_id"] == VOL_ID
+    assert walked == []     # encoded once: nothing in it to hide
+
+    real_attach = fake_service.attach_volume
+
+    def leaky(*args):
+        info = real_attach(*args)
+        info["attachment"]["auth_password"] = SECRET
+        return info
+
+    monkeypatch.setattr(fake_service, "attach_volume", leaky)
+    data = json.dumps([{"jsonrpc": "2.0", "id": "2", "params": {
+        "vol_id": VOL_ID2, "connection_info": ISCSI_CONNECTION},
+        "method": "ManagedVolume.attach_volume"}]).encode()
+    text = dispatcher.handle(data, None)
+    assert SECRET.encode() not in text
+    assert json.loads(text)["result"]["attachment"]["auth_password"] == \
+        mask.MASK
+    assert len(walked) == 1

@@ -509,3 +509,44 @@ def test_a_secret_in_an_invalid_parameters_reason_is_still_masked():
                   "Invalid parameter auth_password: swordfish rejected"):
         masked = mask.mask_text(other)
         assert "wordfish" not in masked and mask.MASK in masked, other
+
+
+def _deep(n):
+    value = "leaf"
+    for _ in range(n):
+        value = [value]
+    return value
+
+
+class _Opaque:
+    pass
+
+
+@pytest.mark.parametrize("result", [
+    {"vol_id": "v", "path": "/dev/loop7",
+     "attachment": {"type": "local", "path": "/dev/loop7"}},
+    {"attachment": {"auth_password": "s3cret", "path": "/dev/x"}},
+    {"url": "iscsi://u:s3cret@h/x"}, ["auth_password", "s3cret"],
+    ("-n", "node.session.auth.password", "-v", "s3cret"),
+    {"d": "pa\u017f\u017fword=s3cret"}, {"d": "\u00e9t\u00e9"},
+    {"k": "AQ" + "B" * 36 + "=="}, _deep(mask.MAX_DEPTH + 5),
+    _deep(mask.MAX_DEPTH - 5), True, None, {"x": _Opaque()},
+    {"x": float("nan")},
+])
+def test_masked_json_is_the_json_of_the_masked_result(result):
+    encoder = json.JSONEncoder(allow_nan=False)
+
+    def expected():
+        return encoder.encode({"id": "1", "result": mask.mask(result)})
+
+    try:
+        want = expected()
+    except (TypeError, ValueError) as e:
+        with pytest.raises(type(e)):
+            mask.masked_json({"id": "1", "result": result}, encoder.encode,
+                             "result")
+        return
+    got = mask.masked_json({"id": "1", "result": result}, encoder.encode,
+                           "result")
+    assert got == want
+    assert "s3cret" not in got

@@ -63,7 +63,7 @@ OPERATIONS = ("ManagedVolume.attach_volume", "ManagedVolume.detach_volume",
 
 _service = None
 _service_lock = threading.Lock()
-# (service, checked) bound by ``using`` for this call, or None.
+# The ``using`` of this call, or None.
 _current = contextvars.ContextVar("managedvolume_service", default=None)
 
 
@@ -83,15 +83,23 @@ class using:
     (``schema.Schema.bind``, which bounds their nesting): the API layer
     does not walk them again.  Inside vdsm, whose own code parses the
     request, nobody says so and every call is checked here.
+
+    mask_later: the caller masks the block's results itself, on their
+    JSON text (``jsonrpc``: ``mask.masked_json``): a result this layer
+    would have masked is returned as it is and ``unmasked`` is set
+    (except at DEBUG, whose line shows the result: masked here then).
     """
 
-    __slots__ = ("_value", "_token")
+    __slots__ = ("service", "checked", "mask_later", "unmasked", "_token")
 
-    def __init__(self, service, checked=False):
-        self._value = (service, checked)
+    def __init__(self, service, checked=False, mask_later=False):
+        self.service = service
+        self.checked = checked
+        self.mask_later = mask_later
+        self.unmasked = False
 
     def __enter__(self):
-        self._token = _current.set(self._value)
+        self._token = _current.set(self)
         return self
 
     def __exit__(self, *exc):
@@ -110,7 +118,7 @@ def get_service():
     global _service
     bound = _current.get()
     if bound is not None:
-        return bound[0]
+        return bound.service
     with _service_lock:
         if _service is None:
             from . import config
@@ -354,7 +362,7 @@ def _call(name, fn, key, args, masked=True, masks=True):
     """
     start = time.monotonic()
     bound = _current.get()
-    checked = bound is not None and bound[1]
+    checked = bound is not None and bound.checked
     log.info("START %s(%s)", name, _Args(args, checked))
     try:
         if not checked:
@@ -379,7 +387,11 @@ def _call(name, fn, key, args, masked=True, masks=True):
         return {"status": {"code": err.code,
                            "message": mask.mask_text(str(err))}}
     if masked and masks:
-        value = mask.mask(value)
+        if bound is not None and bound.mask_later and \
+                not log.isEnabledFor(logging.DEBUG):
+            bound.unmasked = True
+        else:
+            value = mask.mask(value)
     log.info("FINISH %s ok (%.3f s)", name, time.monotonic() - start)
     log.debug("%s returned %s", name, value if masked else "<unmasked>")
     response = {"status": dict(DONE)}

@@ -62,6 +62,8 @@ class Dispatcher:
     def __init__(self, service, schema=None):
         self.service = service
         self.schema = schema or schema_module.load()
+        # Verb name -> (method, API class, return key), as found.
+        self._verbs = {}
 
     def handle(self, data, flow_id=None):
         """Answer one message; return the response bytes, or None when
@@ -118,10 +120,14 @@ class Dispatcher:
         notification = "id" not in request
         start = time.monotonic()
         try:
-            result = self._call(method, params, shallow)
-            response = _ENCODER.encode({
-                "jsonrpc": VERSION, "id": request_id,
-                "result": True if result is None else result})
+            result, unmasked = self._call(method, params, shallow)
+            response = {"jsonrpc": VERSION, "id": request_id,
+                        "result": True if result is None else result}
+            if unmasked:
+                response = mask.masked_json(response, _ENCODER.encode,
+                                            "result")
+            else:
+                response = _ENCODER.encode(response)
         except errors.Error as e:
             log.info("RPC call %s failed (error %s) in %.2f seconds",
                      method, e.code, time.monotonic() - start)
@@ -143,23 +149,37 @@ class Dispatcher:
         return response
 
     def _call(self, name, params, shallow=False):
-        """Bind params, call the API class, unwrap vdsm's response dict."""
-        method = self.schema.method(name)
-        cls = api.NAMESPACES.get(method.namespace)
-        if cls is None or not hasattr(cls, method.verb):
-            raise errors.MethodNotFound(method=name)
+        """Bind params, call the API class, unwrap vdsm's response dict:
+        (result, whether it is still to be masked)."""
+        verb = self._verbs.get(name)
+        if verb is None:
+            verb = self._verb(name)
+        method, cls, key = verb
         if log.isEnabledFor(logging.DEBUG):
             log.debug("Calling %s with %s", name,
                       mask.Masked(params, params=True, short=True))
         args = self.schema.args(name, params, shallow=shallow)
         obj = cls(*[None] * len(cls.ctorArgs))
-        with api.using(self.service, checked=True):
+        with api.using(self.service, checked=True,
+                       mask_later=True) as bound:
             response = getattr(obj, method.verb)(*args)
         status = response.get("status", {})
         if status.get("code"):
             raise _StatusError(status["code"], status.get("message", ""))
-        key = api.return_key(method.namespace, method.verb)
-        return None if key is None else response.get(key)
+        if key is None:
+            return None, False
+        return response.get(key), bound.unmasked
+
+    def _verb(self, name):
+        """(schema method, API class, return key) of the verb ``name``,
+        found once per verb; errors.MethodNotFound for another name."""
+        method = self.schema.method(name)
+        cls = api.NAMESPACES.get(method.namespace)
+        if cls is None or not hasattr(cls, method.verb):
+            raise errors.MethodNotFound(method=name)
+        verb = (method, cls, api.return_key(method.namespace, method.verb))
+        self._verbs[name] = verb
+        return verb
 
 
 # A method name is ASCII; JSON can spell its letters only as themselves or

@@ -248,6 +248,31 @@ def mask_text(text):
     return text
 
 
+def masked_json(obj, encode, key):
+    """``encode(obj)`` with ``obj[key]`` masked (``mask``): the JSON text
+    of a response whose result may hold secrets.
+
+    The result is masked only when the text encoded as it is might show
+    one: text without a secret's marker (``plainly_clean``), without a
+    ``\\u`` escape (a non-ASCII character, which may spell a marker the
+    patterns' case folding knows) and with fewer brackets than MAX_DEPTH
+    (mask would cut what nests deeper) is the text of the masked result
+    too: a secret's key, a string of a secret's shape and a secret named
+    in a list all show a marker in JSON.  So nearly every result is
+    encoded once and never walked for masking.  ``obj`` is changed when
+    the result is masked.
+    """
+    try:
+        text = encode(obj)
+    except (TypeError, ValueError, RecursionError):
+        text = None     # encoded masked below: raises as it did before
+    if text is not None and "\\u" not in text and plainly_clean(text) \
+            and text.count("[") + text.count("{") <= MAX_DEPTH:
+        return text
+    obj[key] = mask(obj[key])
+    return encode(obj)
+
+
 def mask_params(params):
     """``params`` of a call for a log line or an error: values masked,
     param names kept (no param is a secret by its name)."""

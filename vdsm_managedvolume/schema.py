@@ -140,6 +140,8 @@ class Schema:
         # made on first use, not on every request.  The entry holds the
         # type, so its id is never reused for another while it is there.
         self._objects = {}
+        # id(type) -> (the type, its predicate): see _predicate.
+        self._predicates = {}
         self.methods = {}
         for name, spec in data.items():
             if not isinstance(name, str) or "." not in name:
@@ -211,7 +213,10 @@ class Schema:
                                                reason="missing")
                 value = p.default
             else:
-                self.check(p.type, value, p.name)
+                valid = self._predicate(p.type)
+                if valid is None or not valid(value):
+                    # Names what is wrong, as it always did.
+                    self.check(p.type, value, p.name)
             bound[p.name] = value
         return bound
 
@@ -262,6 +267,85 @@ class Schema:
                 "schema: unknown type kind {!r} of {}".format(kind, name))
 
     # Private helpers
+
+    def _predicate(self, type_):
+        """A function telling whether a value is of ``type_`` (True only
+        where ``check`` accepts it), made once per type: the bound params
+        of every request are tested by it, and only a value it refuses
+        is walked by ``check``, which names what is wrong.  None for a
+        type it does not know (``check`` decides)."""
+        entry = self._predicates.get(id(type_))
+        if entry is None:
+            cell = []
+            # Placed first: a type nesting itself (a YAML anchor used
+            # inside its own definition) finds its own entry.
+            entry = (type_, lambda v: cell[0](v) if cell[0] else False)
+            self._predicates[id(type_)] = entry
+            try:
+                made = self._make_predicate(type_)
+            except (KeyError, TypeError, AttributeError, IndexError):
+                made = None
+            cell.append(made)
+            entry = (type_, made)
+            self._predicates[id(type_)] = entry
+        return entry[1]
+
+    def _make_predicate(self, type_):
+        if isinstance(type_, str):
+            return PRIMITIVES.get(type_)
+        if isinstance(type_, list):
+            item = self._predicate(type_[0])
+            if item is None:
+                return None
+            return lambda v: isinstance(v, list) and all(map(item, v))
+        kind = type_.get("type")
+        if kind == "alias":
+            return PRIMITIVES.get(type_["sourcetype"])
+        if kind == "enum":
+            values = type_["values"]
+            return lambda v: v in values
+        if kind == "map":
+            key = self._predicate(type_.get("key-type", "string"))
+            value = self._predicate(type_["value-type"]) \
+                if "value-type" in type_ else (lambda v: True)
+            if key is None or value is None:
+                return None
+            return lambda v: isinstance(v, dict) and all(map(key, v)) \
+                and all(map(value, v.values()))
+        if kind == "union":
+            members = [self._predicate(m) for m in type_.get("values") or ()]
+            if not members or any(m is None for m in members):
+                return None
+            return lambda v: any(m(v) for m in members)
+        if kind == "object":
+            props, known = self._properties(type_)
+            fields = []
+            for p in props:
+                if p.name == ANY_KEY:
+                    continue
+                valid = self._predicate(p.type)
+                if valid is None:
+                    return None
+                fields.append((p.name, p.required, valid))
+            open_ = ANY_KEY in known
+
+            def valid_object(v):
+                if not isinstance(v, dict):
+                    return False
+                if not open_:
+                    for k in v:
+                        if k not in known:
+                            return False
+                for name, required, valid in fields:
+                    x = v.get(name)
+                    if x is None:
+                        if required:
+                            return False
+                    elif not valid(x):
+                        return False
+                return True
+            return valid_object
+        return None
 
     def _check_object(self, type_, value, name):
         if not isinstance(value, dict):

@@ -335,3 +335,14 @@ def test_a_type_that_nests_itself_is_checked():
     with pytest.raises(errors.InvalidParams) as e:
         s.bind("A.b", {"n": {"value": 1, "next": {"value": "x"}}})
     assert "n.next.value" in str(e.value)
+
+
+def test_a_closed_object_refuses_an_unknown_key_without_the_walk_too():
+    closed = {"type": "object", "name": "Closed", "properties": [
+        {"name": "a", "type": "int"}]}
+    s = schema.Schema({"A.b": {"params": [{"name": "o", "type": closed}]}})
+    assert s._predicate(closed)({"a": 1})
+    assert not s._predicate(closed)({"a": 1, "x": 2})
+    with pytest.raises(errors.InvalidParams) as e:
+        s.bind("A.b", {"o": {"a": 1, "x": 2}})
+    assert "o.x" in str(e.value) and "unknown property" in str(e.value)

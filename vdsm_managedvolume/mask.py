@@ -253,24 +253,37 @@ def masked_json(obj, encode, key):
     of a response whose result may hold secrets.
 
     The result is masked only when the text encoded as it is might show
-    one: text without a secret's marker (``plainly_clean``), without a
-    ``\\u`` escape (a non-ASCII character, which may spell a marker the
-    patterns' case folding knows) and with fewer brackets than MAX_DEPTH
-    (mask would cut what nests deeper) is the text of the masked result
-    too: a secret's key, a string of a secret's shape and a secret named
-    in a list all show a marker in JSON.  So nearly every result is
-    encoded once and never walked for masking.  ``obj`` is changed when
-    the result is masked.
+    one (``json_plainly_clean``): otherwise it is the text of the masked
+    result too.  So nearly every result is encoded once and never walked
+    for masking.  ``obj`` is changed when the result is masked.
     """
     try:
         text = encode(obj)
     except (TypeError, ValueError, RecursionError):
         text = None     # encoded masked below: raises as it did before
-    if text is not None and "\\u" not in text and plainly_clean(text) \
-            and text.count("[") + text.count("{") <= MAX_DEPTH:
+    if text is not None and json_plainly_clean(text):
         return text
     obj[key] = mask(obj[key])
     return encode(obj)
+
+
+def json_plainly_clean(text):
+    """Whether the JSON ``text`` surely shows no secret as ``mask`` sees
+    one, so that its value needs no decoding or masking (False says
+    nothing: it may).
+
+    Text plainly clean as written (``plainly_clean``: ASCII, none of
+    the markers) and without a backslash (no escape to hide a marker
+    in: ``"pass\\u0077ord"``, a non-ASCII character the patterns' case
+    folding knows) holds each key and string of its value as written,
+    so none holds a marker, which every secret's key, every string of a
+    secret's shape and every secret named in a list does; and it nests
+    no deeper than MAX_DEPTH (where mask cuts) when it has no more
+    brackets than that.  Shared by the journal's scrub (store.py) and
+    the responses (``masked_json``)."""
+    return isinstance(text, str) and "\\" not in text \
+        and text.count("{") + text.count("[") <= MAX_DEPTH \
+        and plainly_clean(text)
 
 
 def mask_params(params):

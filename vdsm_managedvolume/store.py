@@ -1098,20 +1098,10 @@ def _holds_secret(text):
     """Whether a JSON column's ``text`` holds a secret, as ``mask``
     sees one (undecodable text: it may).
 
-    Text that is plainly clean as it stands (``mask.plainly_clean``:
-    ASCII, none of mask's markers) and holds no backslash is not
-    decoded: each key and string of its value is then a piece of the
-    text as written (no escape to hide a marker in: ``"pass\\u0077ord"``
-    is decoded), so none holds a marker, which every secret key and
-    every secret's shape in a string does; and it cannot nest deeper
-    than mask's MAX_DEPTH when it has no more brackets than that.  A
+    Text that ``mask.json_plainly_clean`` clears is not decoded: a
     delete of a record without a secret then costs no decode of its
     connection_info and attachment."""
-    if text is None:
-        return False
-    if (isinstance(text, str) and "\\" not in text
-            and text.count("{") + text.count("[") <= mask.MAX_DEPTH
-            and mask.plainly_clean(text)):
+    if text is None or mask.json_plainly_clean(text):
         return False
     try:
         value = _loads(text)

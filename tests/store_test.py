@@ -1,3 +1,4 @@
+import contextlib
 import json
 import multiprocessing
 import os
@@ -161,17 +162,10 @@ def test_vdsm_database_is_migrated_in_place(tmp_path):
 
 def test_version_2_database_gains_size_and_extending(tmp_path):
     path = str(tmp_path / "mv.db")
-    conn = sqlite3.connect(path)
-    conn.execute("CREATE TABLE versions (version INTEGER PRIMARY KEY, "
-                 "description TEXT, updated datetime)")
-    for version, description, script in store.MIGRATIONS[:2]:
-        conn.executescript(script)
-        conn.execute("INSERT INTO versions VALUES (?, ?, 'now')",
-                     (version, description))
-    conn.execute("INSERT INTO volumes (vol_id, path, connection_info) "
-                 "VALUES (?, '/dev/mapper/3600a', ?)", (VOL, json.dumps(CI)))
-    conn.commit()
-    conn.close()
+    with _journal_of_version(path, 2) as conn:
+        conn.execute("INSERT INTO volumes (vol_id, path, connection_info) "
+                     "VALUES (?, '/dev/mapper/3600a', ?)",
+                     (VOL, json.dumps(CI)))
 
     with store.open(path) as s:
         assert s.version_info()["version"] == store.VERSION
@@ -181,6 +175,23 @@ def test_version_2_database_gains_size_and_extending(tmp_path):
         s.update_volume(VOL, size=2 * 1024**3, extending=0)
         rec = s.get_volume(VOL)
         assert (rec["size"], rec["extending"]) == (2 * 1024**3, 0)
+
+
+@contextlib.contextmanager
+def _journal_of_version(path, version):
+    """A journal at ``path`` as an agent of store version ``version``
+    left it, its connection given to the ``with`` for the rows a test
+    puts in (committed and closed after)."""
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE versions (version INTEGER PRIMARY KEY, "
+                 "description TEXT, updated datetime)")
+    for number, description, script in store.MIGRATIONS[:version]:
+        conn.executescript(script)
+        conn.execute("INSERT INTO versions VALUES (?, ?, 'now')",
+                     (number, description))
+    yield conn
+    conn.commit()
+    conn.close()
 
 
 def test_newer_database_is_refused(tmp_path):
@@ -325,18 +336,10 @@ def test_inspect_of_a_missing_file_creates_nothing(tmp_path):
 
 def test_version_3_rows_migrate_to_an_unknown_boot(tmp_path):
     path = str(tmp_path / "mv.db")
-    conn = sqlite3.connect(path)
-    conn.execute("CREATE TABLE versions (version INTEGER PRIMARY KEY, "
-                 "description TEXT, updated datetime)")
-    for version, description, script in store.MIGRATIONS[:3]:
-        conn.executescript(script)
-        conn.execute("INSERT INTO versions VALUES (?, ?, 'now')",
-                     (version, description))
-    conn.execute("INSERT INTO volumes (vol_id, path, connection_info, "
-                 "state) VALUES (?, '/dev/loop3', ?, 'attached')",
-                 (VOL, json.dumps(CI)))
-    conn.commit()
-    conn.close()
+    with _journal_of_version(path, 3) as conn:
+        conn.execute("INSERT INTO volumes (vol_id, path, connection_info, "
+                     "state) VALUES (?, '/dev/loop3', ?, 'attached')",
+                     (VOL, json.dumps(CI)))
     with store.open(path) as s:
         rec = s.get_volume(VOL)
         assert (rec["path"], rec["boot_id"], rec["identity"]) == (
@@ -348,21 +351,13 @@ def test_version_3_rows_migrate_to_an_unknown_boot(tmp_path):
 
 def test_version_4_rows_get_their_device_indexed(tmp_path):
     path = str(tmp_path / "mv.db")
-    conn = sqlite3.connect(path)
-    conn.execute("CREATE TABLE versions (version INTEGER PRIMARY KEY, "
-                 "description TEXT, updated datetime)")
-    for version, description, script in store.MIGRATIONS[:4]:
-        conn.executescript(script)
-        conn.execute("INSERT INTO versions VALUES (?, ?, 'now')",
-                     (version, description))
-    conn.execute("INSERT INTO volumes (vol_id, path, connection_info, "
-                 "state, boot_id, identity) VALUES (?, '/dev/loop3', ?, "
-                 "'attached', 'b1', ?)",
-                 (VOL, json.dumps(CI), json.dumps({"dev": "7:3"})))
-    conn.execute("INSERT INTO volumes (vol_id, connection_info, state) "
-                 "VALUES (?, ?, 'attaching')", (VOL2, json.dumps(CI)))
-    conn.commit()
-    conn.close()
+    with _journal_of_version(path, 4) as conn:
+        conn.execute("INSERT INTO volumes (vol_id, path, connection_info, "
+                     "state, boot_id, identity) VALUES (?, '/dev/loop3', "
+                     "?, 'attached', 'b1', ?)",
+                     (VOL, json.dumps(CI), json.dumps({"dev": "7:3"})))
+        conn.execute("INSERT INTO volumes (vol_id, connection_info, state) "
+                     "VALUES (?, ?, 'attaching')", (VOL2, json.dumps(CI)))
     with store.open(path) as s:
         assert [r["vol_id"] for r in s.volumes_on_device("7:3")] == [VOL]
         assert list(s.volumes_on_device("7:4")) == []
@@ -375,25 +370,18 @@ def test_version_5_rows_not_known_to_have_connected_are_connecting(
     # a 'detaching' one that may have come from one): their disconnect
     # waits for an earlier daemon's logins, as every disconnect did.
     path = str(tmp_path / "mv.db")
-    conn = sqlite3.connect(path)
-    conn.execute("CREATE TABLE versions (version INTEGER PRIMARY KEY, "
-                 "description TEXT, updated datetime)")
-    for version, description, script in store.MIGRATIONS[:5]:
-        conn.executescript(script)
-        conn.execute("INSERT INTO versions VALUES (?, ?, 'now')",
-                     (version, description))
     third = "3d4b0fe1-6a69-4a2e-9f63-4c8f3bd6f0a1"
     fourth = "4d4b0fe1-6a69-4a2e-9f63-4c8f3bd6f0a1"
-    for vol_id, state, attachment in (
-            (VOL, "attached", {"path": "/dev/dm-1"}),
-            (VOL2, "attaching", None), (third, "detaching", {"path": "x"}),
-            (fourth, "attached", None)):
-        conn.execute("INSERT INTO volumes (vol_id, connection_info, state, "
-                     "attachment) VALUES (?, ?, ?, ?)",
-                     (vol_id, json.dumps(CI), state,
-                      json.dumps(attachment) if attachment else None))
-    conn.commit()
-    conn.close()
+    with _journal_of_version(path, 5) as conn:
+        for vol_id, state, attachment in (
+                (VOL, "attached", {"path": "/dev/dm-1"}),
+                (VOL2, "attaching", None),
+                (third, "detaching", {"path": "x"}),
+                (fourth, "attached", None)):
+            conn.execute("INSERT INTO volumes (vol_id, connection_info, "
+                         "state, attachment) VALUES (?, ?, ?, ?)",
+                         (vol_id, json.dumps(CI), state,
+                          json.dumps(attachment) if attachment else None))
     with store.open(path) as s:
         assert {r["vol_id"]: r["connecting"] for r in s.volumes()} == {
             VOL: False, VOL2: True, third: True, fourth: True}
@@ -701,6 +689,21 @@ def test_writes_commit_while_a_durable_write_syncs(db, monkeypatch):
     # The fsync of a durable write is made after its commit, outside the
     # write lock: another write (without fsync), and a read on the
     # writer's connection, do not wait for it.
+    with _held_in_its_sync(db, monkeypatch, VOL) as outcome:
+        seen = _statements(db)
+        db.update_volume(VOL, state="attached", durable=False)
+        assert db.get_volume(VOL)["state"] == "attached"
+        # On the writer's connection, not queued behind the sync.
+        assert [s.split()[0] for s in seen] == ["UPDATE", "SELECT"]
+        assert outcome == []
+    assert outcome == [True]
+
+
+@contextlib.contextmanager
+def _held_in_its_sync(db, monkeypatch, vol_id):
+    """A durable ``add_volume(vol_id)`` in another thread, held in its
+    fdatasync (after its commit) for the body of the ``with``; yields the
+    list its outcome goes to (``[True]`` once it finished)."""
     from .agentutil import wait_for
     syncing = threading.Event()
     go_on = threading.Event()
@@ -714,20 +717,15 @@ def test_writes_commit_while_a_durable_write_syncs(db, monkeypatch):
     monkeypatch.setattr(os, "fdatasync", slow_fdatasync)
     outcome = []
     writer = threading.Thread(
-        target=lambda: outcome.append(db.add_volume(VOL, SD, CI)))
+        target=lambda: outcome.append(db.add_volume(vol_id, SD, CI)))
     writer.start()
     try:
         wait_for(syncing.is_set)
-        seen = _statements(db)
-        db.update_volume(VOL, state="attached", durable=False)
-        assert db.get_volume(VOL)["state"] == "attached"
-        # On the writer's connection, not queued behind the sync.
-        assert [s.split()[0] for s in seen] == ["UPDATE", "SELECT"]
-        assert outcome == []
+        yield outcome
     finally:
         go_on.set()
         writer.join(30)
-    assert outcome == [True]
+        monkeypatch.setattr(os, "fdatasync", real)
 
 
 def test_every_write_is_synced_without_wal(tmp_path, monkeypatch):
@@ -1099,35 +1097,15 @@ def test_a_scrub_during_a_sync_keeps_the_durable_writes_wal(scrub_db,
     # The scrub truncates the WAL while a durable write's fdatasync runs
     # outside the write lock: neither waits for the other, and the
     # descriptor _sync holds still names the WAL SQLite writes next.
-    from .agentutil import wait_for
     db = scrub_db
     _secret_everywhere(db)
     db.remove_volume(VOL, durable=False)
-    syncing = threading.Event()
-    go_on = threading.Event()
-    real = os.fdatasync
-
-    def slow_fdatasync(fd):
-        syncing.set()
-        assert go_on.wait(30)
-        return real(fd)
-
-    monkeypatch.setattr(os, "fdatasync", slow_fdatasync)
-    outcome = []
-    writer = threading.Thread(
-        target=lambda: outcome.append(db.add_volume(VOL2, SD, CI)))
-    writer.start()
-    try:
-        wait_for(syncing.is_set)
+    with _held_in_its_sync(db, monkeypatch, VOL2) as outcome:
         db._scrub()
         assert not db._scrub_due
         assert os.path.getsize(db.path + "-wal") == 0
         assert outcome == []
-    finally:
-        go_on.set()
-        writer.join(30)
     assert outcome == [True]
-    monkeypatch.setattr(os, "fdatasync", real)
     db.update_volume(VOL2, state="attached")
     wal = os.stat(db.path + "-wal")
     assert os.fstat(db._wal_fd).st_ino == wal.st_ino and wal.st_size > 0

@@ -251,11 +251,24 @@ def attached_iscsi(svc):
     return vol_id, ci, svc.attach_volume(vol_id, ci)
 
 
+def attached_rbd(svc):
+    """(vol_id, connection_info, attach's result) of a new RBD volume
+    attached on ``svc``."""
+    vol_id, ci = new_id(), rbd_connection(svc.cfg)
+    return vol_id, ci, svc.attach_volume(vol_id, ci)
+
+
 def raising(error):
     """A stand-in for a brick or service call that raises ``error``."""
     def call(*args, **kwargs):
         raise error
     return call
+
+
+def links_fail(svc, monkeypatch):
+    """The run link of any attach from now on cannot be made (ENOSPC)."""
+    monkeypatch.setattr(svc, "_add_link",
+                        raising(OSError(28, "No space left on device")))
 
 
 def test_an_attach_refused_for_a_daemon_of_another_protocol_leaves_no_record(
@@ -480,8 +493,7 @@ def test_a_reattach_under_another_sd_id_failing_late_keeps_the_old_rule(
     vol_id, ci = new_id(), iscsi_connection(svc.cfg)
     first = svc.attach_volume(vol_id, ci, SD)
     os.unlink(first["managed_path"])
-    monkeypatch.setattr(svc, "_add_link",
-                        raising(OSError(28, "No space left on device")))
+    links_fail(svc, monkeypatch)
     with pytest.raises(OSError):
         svc.attach_volume(vol_id, ci)
     assert ci["data"]["fake_key"] in fakebrick.connected()
@@ -523,8 +535,7 @@ def test_an_rbd_reattach_deletes_the_ceph_conf_no_record_names(
     # attachment's, which the record no longer names, is deleted by the
     # daemon.  It stayed in /tmp, one per re-attach.
     svc = real_service
-    vol_id, ci = new_id(), rbd_connection(svc.cfg)
-    first = svc.attach_volume(vol_id, ci)
+    vol_id, ci, first = attached_rbd(svc)
     os.unlink(first["managed_path"])
     second = svc.attach_volume(vol_id, ci)
     assert second["attachment"]["conf"] != first["attachment"]["conf"]
@@ -605,8 +616,7 @@ def test_an_rbd_detach_finding_its_device_gone_deletes_its_ceph_conf(
     # unmapped the device ("rbd showmapped" found it): a device already
     # gone left the keyring in /tmp (review-fix9 hostfix-L1).
     svc = real_service
-    vol_id, ci = new_id(), rbd_connection(svc.cfg)
-    first = svc.attach_volume(vol_id, ci)
+    vol_id, ci, first = attached_rbd(svc)
     os.unlink(first["path"])                 # the device is gone
     svc.detach_volume(vol_id)
     assert records(svc) == []
@@ -624,8 +634,7 @@ def test_an_rbd_detach_cut_before_its_record_went_leaves_no_ceph_conf(
     # holds its keyring (none when it was the host's last RBD volume;
     # review-safety10 L-3).
     svc = real_service
-    vol_id, ci = new_id(), rbd_connection(svc.cfg)
-    first = svc.attach_volume(vol_id, ci)
+    vol_id, ci, first = attached_rbd(svc)
     os.unlink(first["path"])                 # the device is gone
     monkeypatch.setattr(svc._db(), "remove_volume", raising(
         errors.StoreError("disk I/O error")))
@@ -649,11 +658,9 @@ def test_a_failed_rbd_reattach_over_a_gone_device_deletes_both_confs(
     # record: the earlier one, named by nobody now, is deleted too
     # (review-fix9 hostfix-L1 (1)).
     svc = real_service
-    vol_id, ci = new_id(), rbd_connection(svc.cfg)
-    first = svc.attach_volume(vol_id, ci)
+    vol_id, ci, first = attached_rbd(svc)
     os.unlink(first["path"])
-    monkeypatch.setattr(svc, "_add_link",
-                        raising(OSError(28, "No space left on device")))
+    links_fail(svc, monkeypatch)
     with pytest.raises(OSError):
         svc.attach_volume(vol_id, ci)
     assert records(svc) == []
@@ -713,11 +720,9 @@ def test_an_rbd_reattach_keeping_the_volume_deletes_its_new_ceph_conf(
     # again wrote is nobody's; the record's own stays, and the detach
     # (rbd unmap) takes it.
     svc = inproc_service
-    vol_id, ci = new_id(), rbd_connection(svc.cfg)
-    first = svc.attach_volume(vol_id, ci)
+    vol_id, ci, first = attached_rbd(svc)
     os.unlink(first["managed_path"])
-    monkeypatch.setattr(svc, "_add_link",
-                        raising(OSError(28, "No space left on device")))
+    links_fail(svc, monkeypatch)
     with pytest.raises(OSError):
         svc.attach_volume(vol_id, ci)
     [rec] = records(svc)
@@ -738,11 +743,9 @@ def test_an_rbd_reattach_whose_record_cannot_be_put_back_keeps_its_conf(
     # Before, it was deleted before the record was put back, and a
     # record naming a deleted conf was left.
     svc = inproc_service
-    vol_id, ci = new_id(), rbd_connection(svc.cfg)
-    first = svc.attach_volume(vol_id, ci)
+    vol_id, ci, first = attached_rbd(svc)
     os.unlink(first["managed_path"])
-    monkeypatch.setattr(svc, "_add_link",
-                        raising(OSError(28, "No space left on device")))
+    links_fail(svc, monkeypatch)
     db = svc._db()
     update = db.update_volume
 
@@ -2699,11 +2702,9 @@ def test_a_failed_rbd_reattach_deletes_both_confs_before_forgetting_it(
     # or reconcile clears it), never confs holding the keyring that no
     # record names.  Before, they were deleted after the record went.
     svc = inproc_service
-    vol_id, ci = new_id(), rbd_connection(svc.cfg)
-    first = svc.attach_volume(vol_id, ci)
+    vol_id, ci, first = attached_rbd(svc)
     os.unlink(first["path"])
-    monkeypatch.setattr(svc, "_add_link",
-                        raising(OSError(28, "No space left on device")))
+    links_fail(svc, monkeypatch)
     db = svc._db()
     remove = db.remove_volume
     left = []

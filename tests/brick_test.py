@@ -8,6 +8,17 @@ import sys
 
 from .host_fixtures import REPO
 
+
+def script_result(script, *args, timeout=120):
+    """What ``script`` (each case below) printed last, as JSON: run by a
+    fresh interpreter, so that nothing of brick's module state is shared
+    with the tests or with another case."""
+    out = subprocess.run([sys.executable, "-c", script] + list(args),
+                         cwd=REPO, check=True, stdout=subprocess.PIPE,
+                         timeout=timeout).stdout
+    return json.loads(out.decode().splitlines()[-1])
+
+
 DIE = """
 import json, logging, os, signal
 from vdsm_managedvolume import brick
@@ -38,9 +49,7 @@ def test_the_kill_at_end_grace_is_logged_outside_the_calls_lock():
     # a blocked write would hold up every call's end and command start,
     # and the kill itself.  A call that ended is neither logged nor
     # killed.
-    out = subprocess.run([sys.executable, "-c", DIE], cwd=REPO, check=True,
-                         stdout=subprocess.PIPE).stdout
-    result = json.loads(out.decode().splitlines()[-1])
+    result = script_result(DIE)
     assert result["locked"] == [False]
     assert result["kills"] == [result["sigkill"]]
 
@@ -91,9 +100,7 @@ def test_waiters_for_os_bricks_lock_get_it_in_arrival_order():
     # served, so none waits past its deadline while later ones go first.
     # A waiter whose call is cancelled leaves the queue; the rest keep
     # their order.
-    out = subprocess.run([sys.executable, "-c", FIFO], cwd=REPO, check=True,
-                         stdout=subprocess.PIPE, timeout=120).stdout
-    result = json.loads(out.decode().splitlines()[-1])
+    result = script_result(FIFO)
     assert result["order"] == [i for i in range(12) if i != 5]
     assert result["outcomes"]["5"] == "cancelled"
     assert result["queued"] == 11
@@ -147,10 +154,7 @@ print(json.dumps(out))
 def test_the_cancellable_lock_refuses_what_threading_semaphore_refuses():
     # The same checks as threading.Semaphore, and a cancelled call never
     # takes the lock, not even a free one.
-    out = subprocess.run([sys.executable, "-c", SEMAPHORE], cwd=REPO,
-                         check=True, stdout=subprocess.PIPE,
-                         timeout=120).stdout
-    result = json.loads(out.decode().splitlines()[-1])
+    result = script_result(SEMAPHORE)
     assert result["refused"] == [["timeout"], ["n"]]
     assert result["head"] == "cancelled"
     assert result["free"] is True
@@ -183,10 +187,7 @@ def test_a_conf_read_is_only_of_the_regular_file_checked(tmp_path):
     # lstat: a FIFO swapped in since must not hang the daemon's thread
     # in open() (it could not be cancelled), and what is read must be a
     # regular file with one link, as checked (review-safety10 L-4).
-    out = subprocess.run([sys.executable, "-c", HOLDS, str(tmp_path)],
-                         cwd=REPO, check=True, timeout=60,
-                         stdout=subprocess.PIPE).stdout
-    assert json.loads(out.decode().splitlines()[-1]) == [
+    assert script_result(HOLDS, str(tmp_path)) == [
         False, False, True, False]
 
 
@@ -226,9 +227,7 @@ def test_only_connectors_that_keep_nothing_of_a_call_are_reused():
     # only under os-brick's lock): made per call, as every transport
     # that does not say otherwise; the test's override is still asked
     # first.
-    out = subprocess.run([sys.executable, "-c", CONNECTORS], cwd=REPO,
-                         check=True, stdout=subprocess.PIPE).stdout
-    assert json.loads(out.decode().splitlines()[-1]) == {
+    assert script_result(CONNECTORS) == {
         "local": "LocalConnector",
         "local_reused": True,
         "override_asked_first": "SlowLocalConnector",
@@ -285,9 +284,7 @@ def test_the_daemon_replies_once_its_pool_counts_the_thread_as_coming_back():
     # would wake another thread (review-perf11 M1).  A BaseException out
     # of a call is answered as an error, not left to the caller's
     # deadline.
-    out = subprocess.run([sys.executable, "-c", REQUEST], cwd=REPO,
-                         check=True, stdout=subprocess.PIPE).stdout
-    result = json.loads(out.decode().splitlines()[-1])
+    result = script_result(REQUEST)
     assert result["before_answer"] == []
     assert result["after_answer"] == [["m1", [4, "ok"]]]
     assert result["base_exception"] == [
@@ -341,7 +338,9 @@ class Daemon(brick._Daemon):
         return (comm.Message.RET.value, msgid)
 
 
-def run(channel, communication_error=None, blocks=None):
+def daemon(channel, blocks=None):
+    # A daemon of two threads reading ``channel``; a call whose msgid is
+    # in ``blocks`` waits until that request was read.
     conf = types.SimpleNamespace(user=None, group=None, capabilities=[],
                                  thread_pool_size=2)
     context = types.SimpleNamespace(conf=conf,
@@ -350,6 +349,11 @@ def run(channel, communication_error=None, blocks=None):
     d.ran_by = {}
     d.blocks = blocks or {}
     d.unblocked = {}
+    return d
+
+
+def run(channel, communication_error=None, blocks=None):
+    d = daemon(channel, blocks)
     d.communication_error = communication_error
     try:
         d.loop()
@@ -393,14 +397,7 @@ def interrupted():
             raise OSError("still reading after 30 s")
         raise StopIteration
     channel.__class__ = type("Blocking", (Channel,), {"__next__": next_})
-    conf = types.SimpleNamespace(user=None, group=None, capabilities=[],
-                                 thread_pool_size=2)
-    context = types.SimpleNamespace(conf=conf,
-                                    set_client_mode=lambda mode: None)
-    d = Daemon(channel, context)
-    d.ran_by = {}
-    d.blocks = {}
-    d.unblocked = {}
+    d = daemon(channel)
     d._ended = Interrupted()
     try:
         d.loop()
@@ -469,10 +466,7 @@ def test_the_daemon_runs_each_call_in_the_thread_that_read_it():
     # before the call runs.  A turn that cannot be passed (no thread can
     # be started) ends the daemon, its request still answered, instead
     # of leaving nobody reading (review-perf13 M1, L4).
-    out = subprocess.run([sys.executable, "-c", LEADERS], cwd=REPO,
-                         check=True, stdout=subprocess.PIPE,
-                         timeout=120).stdout
-    result = json.loads(out.decode().splitlines()[-1])
+    result = script_result(LEADERS)
     assert result["ended"] == {"error": None, "same_thread": True,
                                "main_ran": False,
                                "replies": ["m1", "m2", "m3", "m4"],
@@ -535,8 +529,6 @@ OSLO_LOOP_SHA256 = (
 def test_our_daemon_replaces_only_the_oslo_daemon_it_was_read_against():
     # Another oslo.privsep whose private methods differ keeps its own
     # executor instead of failing every call (review-perf11 L4).
-    out = subprocess.run([sys.executable, "-c", FITS], cwd=REPO, check=True,
-                         stdout=subprocess.PIPE).stdout
-    result = json.loads(out.decode().splitlines()[-1])
+    result = script_result(FITS)
     assert result == {"installed": True, "renamed": False,
                       "reshaped": False, "loop": OSLO_LOOP_SHA256}

@@ -88,6 +88,15 @@ def _clean_up(eng, cluster, backend):
         subprocess.run(["losetup", "-d", dev], check=False)
 
 
+@pytest.fixture
+def vm1_on_a(engine):
+    """The opening most flows share: a disk "os", a VM "vm1" with it,
+    run on host-a."""
+    engine.add_disk("os")
+    engine.add_vm("vm1", "os")
+    engine.run_vm("vm1", "host-a")
+
+
 # The driver whose exports and per-host grants are visible and whose
 # steps can be killed (tests.flowexports, tests.engine_kill_test).
 exporting = pytest.mark.parametrize("backend", ["exporting"], indirect=True)
@@ -159,13 +168,7 @@ def test_a_run_whose_second_attach_fails_reruns_on_another_host(engine):
     assert flowengine.journals(engine)["host-a"] == [("os", False)]
     check(engine)
 
-    with pytest.raises(StepFailed, match="is already attached"):
-        engine.run_vm("vm1", "host-a")
-    engine.admin_detach("host-a", "os")
-    engine.run_vm("vm1", "host-a")
-    engine.stop_vm("vm1")
-    assert engine.backend.connections() == set()
-    check(engine)
+    _runs_there_once_an_admin_detached(engine, "host-a")
 
 
 def test_a_run_whose_attach_answers_too_late_leaves_the_disk_on_the_host(
@@ -189,8 +192,17 @@ def test_a_run_whose_attach_answers_too_late_leaves_the_disk_on_the_host(
     assert engine.run_vm("vm1", "host-a", rerun_on=["host-b"]) == "host-b"
     engine.stop_vm("vm1")
     check(engine)
-    engine.admin_detach("host-a", "os")
-    engine.run_vm("vm1", "host-a")
+    _runs_there_once_an_admin_detached(engine, "host-a")
+
+
+def _runs_there_once_an_admin_detached(engine, host):
+    """vm1's disk "os", left attached on ``host`` where the engine
+    forgot it: vm1 cannot run there (the attach's 927) until an admin
+    detaches it; then it runs, and stopped it leaves no connection."""
+    with pytest.raises(StepFailed, match="is already attached"):
+        engine.run_vm("vm1", host)
+    engine.admin_detach(host, "os")
+    engine.run_vm("vm1", host)
     engine.stop_vm("vm1")
     assert engine.backend.connections() == set()
     check(engine)
@@ -384,7 +396,7 @@ def test_an_agent_killed_in_a_run_vms_attach(engine, point, again_on):
 
 
 @pytest.mark.parametrize("again_on", ["host-a", "host-b"])
-def test_an_agent_killed_in_a_stop_vms_detach(engine, again_on):
+def test_an_agent_killed_in_a_stop_vms_detach(engine, vm1_on_a, again_on):
     """The agent dies (SIGKILL) inside ProcessDownVmCommand's detach:
     DisconnectManagedBlockStorageDeviceCommand fails, so no
     disconnect_volume runs and the spec params are not saved (the engine
@@ -392,9 +404,6 @@ def test_an_agent_killed_in_a_stop_vms_detach(engine, again_on):
     restarts the agent (same boot) and its journal replay finishes the
     detach.  The next run, on A (a first attach, no 927) or elsewhere
     (ATTACHED_VDS_ID overwritten), works, and its stop leaves nothing."""
-    engine.add_disk("os")
-    engine.add_vm("vm1", "os")
-    engine.run_vm("vm1", "host-a")
     a = engine.hosts["host-a"]
     a.arm("detach.after_unlink")
 
@@ -631,7 +640,7 @@ DISCONNECT_KILLS = {
     ("start", "host-b"), ("ending", "host-a"), ("revoked", "host-a"),
     ("deleted", "host-b")])
 def test_a_stop_whose_shim_is_killed_in_disconnect_runs_again(
-        engine, where, again_on):
+        engine, vm1_on_a, where, again_on):
     """The shim is SIGKILLed inside a stop's disconnect_volume, after
     the host detached: DisconnectManagedBlockStorageDeviceCommand fails,
     the spec params are not saved (the engine still has the disk on A)
@@ -642,9 +651,6 @@ def test_a_stop_whose_shim_is_killed_in_disconnect_runs_again(
     grant or export left, then the disk's removal leaves nothing.
     Killed after the record's deletion, the export (its loop device) is
     left with no record until then."""
-    engine.add_disk("os")
-    engine.add_vm("vm1", "os")
-    engine.run_vm("vm1", "host-a")
     vol = engine.disks["os"].vol_id
     steps = engine.steps("disconnect_volume", host="host-a", connected=True)
     with engine.killing("disconnect_volume", _kill_point(
@@ -689,8 +695,8 @@ DELETE_KILLS = ["start", "delete_volume:after", "db.delete_volume:after"]
 @pytest.mark.slow
 @exporting
 @pytest.mark.parametrize("where", DELETE_KILLS)
-def test_a_disk_removal_whose_shim_is_killed_is_removed_again(engine,
-                                                              where):
+def test_a_disk_removal_whose_shim_is_killed_is_removed_again(
+        engine, vm1_on_a, where):
     """The shim is SIGKILLed inside RemoveManagedBlockStorageDiskCommand's
     delete_volume (RemoveDiskCommand, its VM down): a non-zero exit, so
     the command returns before removeDiskFromDb and the disk stays in
@@ -700,9 +706,6 @@ def test_a_disk_removal_whose_shim_is_killed_is_removed_again(engine,
     is left: no record, no export, no file, no lock.  Killed after the
     driver's delete, the disk the engine still lists has no data: its
     VM's run fails at connect_volume and leaves nothing."""
-    engine.add_disk("os")
-    engine.add_vm("vm1", "os")
-    engine.run_vm("vm1", "host-a")
     engine.stop_vm("vm1")
     vol = engine.disks["os"].vol_id
     steps = engine.steps("delete_volume")
@@ -739,10 +742,7 @@ def _locks_of(engine, vol_id):
 # Live migration
 
 @both_databases
-def test_live_migration_keeps_the_disk_on_the_destination(engine):
-    engine.add_disk("os")
-    engine.add_vm("vm1", "os")
-    engine.run_vm("vm1", "host-a")
+def test_live_migration_keeps_the_disk_on_the_destination(engine, vm1_on_a):
     flowengine.write_through(engine.hosts["host-a"], engine, "os", DATA)
 
     assert engine.migrate("vm1", "host-b")
@@ -775,7 +775,8 @@ def test_a_failed_live_migration_leaves_the_vm_running_on_the_source(
     check(engine)
 
 
-def test_a_disk_grown_while_its_vm_migrates_is_grown_on_both_hosts(engine):
+def test_a_disk_grown_while_its_vm_migrates_is_grown_on_both_hosts(
+        engine, vm1_on_a):
     """ovirt-engine refuses to extend a disk of a migrating VM
     (UpdateDiskCommand: ActionUtils.canExecute(ExtendImageSize) is false
     for MigratingFrom), but an extend validated while the VM was Up runs
@@ -785,9 +786,6 @@ def test_a_disk_grown_while_its_vm_migrates_is_grown_on_both_hosts(engine):
     that hold the disk, the source (ATTACHED_VDS_ID) and the destination
     (DEST_VDS_ID): after reportCompleted the destination has the new
     size recorded and its device shows it, and the VM's data is there."""
-    engine.add_disk("os")
-    engine.add_vm("vm1", "os")
-    engine.run_vm("vm1", "host-a")
     flowengine.write_through(engine.hosts["host-a"], engine, "os", DATA)
     grown = {}
 
@@ -903,7 +901,7 @@ def test_a_disk_grown_on_a_migrations_source_while_it_is_detached_there(
 
 
 def test_a_migration_that_fails_after_it_started_is_rerun_to_another_host(
-        engine):
+        engine, vm1_on_a):
     """vdsm reports the VM running on the source again: VmAnalyzer sets
     the rerun flag and MigrateVmCommand.rerun (the VM is Up) runs the
     command again to the next host the scheduler picks, with no
@@ -911,9 +909,6 @@ def test_a_migration_that_fails_after_it_started_is_rerun_to_another_host(
     DEST_VDS_ID was overwritten: the engine forgot it) and the shim its
     connection (the host says it has the volume); a later run there gets
     927 until an admin detaches it (or the host reboots)."""
-    engine.add_disk("os")
-    engine.add_vm("vm1", "os")
-    engine.run_vm("vm1", "host-a")
     flowengine.write_through(engine.hosts["host-a"], engine, "os", DATA)
 
     assert engine.migrate("vm1", "host-b", fail_at="migrate",
@@ -929,13 +924,7 @@ def test_a_migration_that_fails_after_it_started_is_rerun_to_another_host(
     vol = engine.disks["os"].vol_id
     assert engine.backend.connections() == {(vol, "host-b")}
     check(engine)
-    with pytest.raises(StepFailed, match="is already attached"):
-        engine.run_vm("vm1", "host-b")
-    engine.admin_detach("host-b", "os")
-    engine.run_vm("vm1", "host-b")
-    engine.stop_vm("vm1")
-    assert engine.backend.connections() == set()
-    check(engine)
+    _runs_there_once_an_admin_detached(engine, "host-b")
 
 
 def test_a_host_to_maintenance_migrates_its_vms_away(engine):
@@ -1069,7 +1058,7 @@ def test_a_host_put_to_maintenance_while_an_ha_restart_lands_on_it(
 
 
 def test_a_migration_to_a_host_put_to_maintenance_is_cancelled_and_rerun(
-        engine):
+        engine, vm1_on_a):
     """The VM migrates from A to B (its disk attached on B, DEST_VDS_ID
     B) when an admin moves B to maintenance:
     MaintenanceNumberOfVdssCommand.cancelIncomingMigrations cancels the
@@ -1079,9 +1068,6 @@ def test_a_migration_to_a_host_put_to_maintenance_is_cancelled_and_rerun(
     attached, forgotten by the engine, and the shim its connection (B
     says it has the volume) while B goes to Maintenance, until an admin
     detaches it there (or B reboots)."""
-    engine.add_disk("os")
-    engine.add_vm("vm1", "os")
-    engine.run_vm("vm1", "host-a")
     flowengine.write_through(engine.hosts["host-a"], engine, "os", DATA)
 
     def maintenance_of_b():
@@ -1105,10 +1091,7 @@ def test_a_migration_to_a_host_put_to_maintenance_is_cancelled_and_rerun(
 
 
 def test_a_host_the_shim_cannot_ask_keeps_its_connection_until_asked(
-        engine):
-    engine.add_disk("os")
-    engine.add_vm("vm1", "os")
-    engine.run_vm("vm1", "host-a")
+        engine, vm1_on_a):
     # A migration whose attach fails on B leaves B's connection (nothing
     # records B), then B goes down.
     assert not engine.migrate("vm1", "host-b", fail_at="attach_volume")
@@ -1133,7 +1116,7 @@ def test_a_host_the_shim_cannot_ask_keeps_its_connection_until_asked(
 @exporting
 @pytest.mark.parametrize("then", ["stop", "remove"])
 def test_a_disconnect_whose_terminate_fails_is_ended_by_the_next_one(
-        engine, engine_service, then):
+        engine, vm1_on_a, engine_service, then):
     """The driver's terminate_connection of the released host's grant
     fails (the backend does not answer) in the engine's
     disconnect_volume: after a migration's reportCompleted (the source
@@ -1143,9 +1126,6 @@ def test_a_disconnect_whose_terminate_fails_is_ended_by_the_next_one(
     migration) and never learns of it.  The volume's next
     disconnect_volume (the VM's stop on B) or delete_volume (the disk's
     removal) ends it; the check counts it as a leak meanwhile."""
-    engine.add_disk("os")
-    engine.add_vm("vm1", "os")
-    engine.run_vm("vm1", "host-a")
     b = engine.hosts["host-b"]
     flowengine.write_through(engine.hosts["host-a"], engine, "os", DATA)
     vol = engine.disks["os"].vol_id
@@ -1180,10 +1160,7 @@ def test_a_disconnect_whose_terminate_fails_is_ended_by_the_next_one(
 # Fence, reboot
 
 @both_databases
-def test_fence_a_restart_on_b_then_migrate_back_to_a(engine):
-    engine.add_disk("os")
-    engine.add_vm("vm1", "os")
-    engine.run_vm("vm1", "host-a")
+def test_fence_a_restart_on_b_then_migrate_back_to_a(engine, vm1_on_a):
     a = engine.hosts["host-a"]
 
     a.crash()                          # fenced: power off
@@ -1200,13 +1177,10 @@ def test_fence_a_restart_on_b_then_migrate_back_to_a(engine):
     check(engine)
 
 
-def test_fence_a_restart_on_b_then_stop_on_b(engine):
+def test_fence_a_restart_on_b_then_stop_on_b(engine, vm1_on_a):
     """The VM never goes back to A: ovirt-engine detaches only on the
     host the VM device names (B now), so A's agent must drop its record
     of the fenced boot by itself, and the shim ends A's connection."""
-    engine.add_disk("os")
-    engine.add_vm("vm1", "os")
-    engine.run_vm("vm1", "host-a")
     a = engine.hosts["host-a"]
     a.crash()
     engine.host_down("host-a")
@@ -1246,10 +1220,7 @@ def test_a_host_rebooted_with_its_vms_down_runs_them_again(engine):
 
 # Disk operations while attached
 
-def test_clone_snapshot_and_extend_while_attached(engine):
-    engine.add_disk("os")
-    engine.add_vm("vm1", "os")
-    engine.run_vm("vm1", "host-a")
+def test_clone_snapshot_and_extend_while_attached(engine, vm1_on_a):
     a = engine.hosts["host-a"]
     flowengine.write_through(a, engine, "os", DATA)
 
@@ -1276,7 +1247,7 @@ def test_clone_snapshot_and_extend_while_attached(engine):
 
 
 @exporting
-def test_a_template_its_vms_and_their_clones_then_removed(engine):
+def test_a_template_its_vms_and_their_clones_then_removed(engine, vm1_on_a):
     """AddVmTemplateCommand of a VM that is down (a running one is
     refused): CreateAllTemplateDisksCommand clones each of its disks
     (CloneSingleManagedBlockDiskCommand: clone_volume, no host call).
@@ -1292,9 +1263,6 @@ def test_a_template_its_vms_and_their_clones_then_removed(engine):
     lives: the backend's clones are volumes of their own, the delete is
     clean and the clone still runs.  Nothing is left on the hosts nor
     on the backend, grants and exports included."""
-    engine.add_disk("os")
-    engine.add_vm("vm1", "os")
-    engine.run_vm("vm1", "host-a")
     a = engine.hosts["host-a"]
     flowengine.write_through(a, engine, "os", DATA)
     with pytest.raises(StepFailed, match="VM_IS_NOT_DOWN"):
@@ -1357,7 +1325,8 @@ def test_a_template_its_vms_and_their_clones_then_removed(engine):
     check(engine)
 
 
-def test_a_template_from_a_snapshot_clones_no_managed_block_disk(engine):
+def test_a_template_from_a_snapshot_clones_no_managed_block_disk(
+        engine, vm1_on_a):
     """AddVmTemplateFromSnapshotCommand: a snapshot whose configuration
     has a plugged Managed Block Storage disk is refused at validation
     (the operation is not one a Managed Block Storage domain supports),
@@ -1366,9 +1335,6 @@ def test_a_template_from_a_snapshot_clones_no_managed_block_disk(engine):
     had its disk makes a template, and CreateAllTemplateDisksFromSnapshot
     clones none of the VM's disks (its VM's disk map is empty): no shim
     call either.  The hosts and the backend never see either."""
-    engine.add_disk("os")
-    engine.add_vm("vm1", "os")
-    engine.run_vm("vm1", "host-a")
     a = engine.hosts["host-a"]
     flowengine.write_through(a, engine, "os", DATA)
     snaps = engine.snapshot_vm("vm1")
@@ -1412,15 +1378,12 @@ def test_a_template_from_a_snapshot_clones_no_managed_block_disk(engine):
     check(engine)
 
 
-def test_a_snapshot_previewed_then_undone(engine):
+def test_a_snapshot_previewed_then_undone(engine, vm1_on_a):
     """A live snapshot is one create_snapshot per disk (no host call).
     TryBackToAllSnapshotsOfVm (the VM down) makes a volume of each
     snapshot and attaches *that* from then on; RestoreAllSnapshots UNDO
     deletes it (the VM down again) and the disk's own volume is the one
     attached.  Each run reads what its volume holds."""
-    engine.add_disk("os")
-    engine.add_vm("vm1", "os")
-    engine.run_vm("vm1", "host-a")
     a = engine.hosts["host-a"]
     flowengine.write_through(a, engine, "os", b"before the snapshot")
     snaps = engine.snapshot_vm("vm1")
@@ -1487,7 +1450,7 @@ def test_a_snapshot_whose_creation_fails_later_is_removed(engine):
     check(engine)
 
 
-def test_a_snapshot_previewed_then_committed(engine):
+def test_a_snapshot_previewed_then_committed(engine, vm1_on_a):
     """RestoreAllSnapshotsCommand commit: RestoreAllManagedBlockSnapshots-
     Command.handleCommit keeps the previewed volume P as the disk's
     active image and removes the images whose parent is P's parent (the
@@ -1499,9 +1462,6 @@ def test_a_snapshot_previewed_then_committed(engine):
     on the backend, forgotten by the engine (removeDiskFromDb drops the
     image whose id is the disk's only): an ovirt-engine leak an admin
     deletes with the shim's command line."""
-    engine.add_disk("os")
-    engine.add_vm("vm1", "os")
-    engine.run_vm("vm1", "host-a")
     a = engine.hosts["host-a"]
     flowengine.write_through(a, engine, "os", b"at the first snapshot")
     s1 = engine.snapshot_vm("vm1")
@@ -1538,7 +1498,7 @@ def test_a_snapshot_previewed_then_committed(engine):
 
 
 @pytest.mark.parametrize("previewed", [0, 1], ids=["oldest", "middle"])
-def test_a_commit_with_three_snapshots(engine, previewed):
+def test_a_commit_with_three_snapshots(engine, vm1_on_a, previewed):
     """Three snapshots S1, S2, S3 of the disk's volume V, the VM down;
     TryBackToAllSnapshotsOfVm of an older one (S1 or S2) makes P from
     it, and RestoreAllSnapshots commit (handleCommit) removes the images
@@ -1555,9 +1515,6 @@ def test_a_commit_with_three_snapshots(engine, previewed):
     removal deletes V (refused while it has snapshots) and leaves P on
     the backend, forgotten (the ovirt-engine leak of the one-snapshot
     commit above); an admin deletes it."""
-    engine.add_disk("os")
-    engine.add_vm("vm1", "os")
-    engine.run_vm("vm1", "host-a")
     a = engine.hosts["host-a"]
     snaps = []
     for i in range(3):
@@ -1653,16 +1610,14 @@ def test_remove_a_vm_whose_disk_has_snapshots(engine):
 
 # Disk copy through a host
 
-def test_a_disk_copied_through_a_host_leaves_nothing_attached(engine):
+def test_a_disk_copied_through_a_host_leaves_nothing_attached(
+        engine, vm1_on_a):
     """CopyManagedBlockDiskCommand attaches the new disk and the source
     on one host of the pool with no VM (connect_volume and attach_volume
     only: no save_device, no VM device records the host), the host
     copies from path to path, then both are detached (detach_volume,
     disconnect_volume naming the disk only).  The copy is a disk of its
     own: a VM runs it elsewhere and reads what the source held."""
-    engine.add_disk("os")
-    engine.add_vm("vm1", "os")
-    engine.run_vm("vm1", "host-a")
     flowengine.write_through(engine.hosts["host-a"], engine, "os", DATA)
     engine.stop_vm("vm1")
 
@@ -1702,16 +1657,13 @@ def test_a_disk_copy_whose_source_attach_fails_removes_the_new_disk(engine):
     check(engine)
 
 
-def test_a_disk_copied_to_and_from_an_image_domain(engine, tmp_path):
+def test_a_disk_copied_to_and_from_an_image_domain(engine, vm1_on_a, tmp_path):
     """CopyManagedBlockDiskCommand with one side vdsm's: to an image
     domain, the host attaches the source only (the target is made the
     image way) and detaches it after the copy; from an image domain, the
     shim makes the new disk and the host attaches that one only.  No VM
     device records the host; nothing stays attached; the copies read
     what the source held."""
-    engine.add_disk("os")
-    engine.add_vm("vm1", "os")
-    engine.run_vm("vm1", "host-a")
     flowengine.write_through(engine.hosts["host-a"], engine, "os", DATA)
     engine.stop_vm("vm1")
     image = str(tmp_path / "image")

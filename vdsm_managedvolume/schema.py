@@ -46,15 +46,17 @@ SCHEMA_FILE = os.path.join(os.path.dirname(__file__), "schema",
 # vdsm's spelling of container defaults (vdsmapi.DEFAULT_VALUES).
 DEFAULT_VALUES = {"[]": [], "{}": {}, "()": []}
 
+# A primitive type: (the classes of its values, whether a bool is refused
+# (an int to Python), whether a negative number is).
 PRIMITIVES = {
-    "boolean": lambda v: isinstance(v, bool),
-    "string": lambda v: isinstance(v, str),
-    "int": lambda v: _is_int(v),
-    "long": lambda v: _is_int(v),
-    "uint": lambda v: _is_int(v) and v >= 0,
-    "ulong": lambda v: _is_int(v) and v >= 0,
+    "boolean": (bool, False, False),
+    "string": (str, False, False),
+    "int": (int, True, False),
+    "long": (int, True, False),
+    "uint": (int, True, True),
+    "ulong": (int, True, True),
     # JSON does not tell 1 from 1.0.
-    "float": lambda v: _is_int(v) or isinstance(v, float),
+    "float": ((int, float), True, False),
 }
 
 # An open object: vdsm's marker property.
@@ -112,6 +114,8 @@ class Method:
         self.params = [Param(p) for p in spec.get("params") or ()]
         self.ret = spec.get("return")
         self._names = frozenset(p.name for p in self.params)
+        # [(param, its type's checker)]: made by the Schema's first bind.
+        self._checks = None
 
     @property
     def summary(self):
@@ -136,12 +140,10 @@ class Schema:
         data = dict(data)
         self.path = path
         self.types = data.pop("types", None) or {}
-        # id(object type) -> (the type, its properties, their names):
-        # made on first use, not on every request.  The entry holds the
-        # type, so its id is never reused for another while it is there.
-        self._objects = {}
-        # id(type) -> (the type, its predicate): see _predicate.
-        self._predicates = {}
+        # id(type) -> (the type, its checker): made on first use, not on
+        # every request.  The entry holds the type, so its id is never
+        # reused for another while it is there.
+        self._checkers = {}
         self.methods = {}
         for name, spec in data.items():
             if not isinstance(name, str) or "." not in name:
@@ -204,8 +206,12 @@ class Schema:
         if not shallow:
             for key, value in params.items():
                 check_depth(key, value)
+        checks = method._checks
+        if checks is None:
+            checks = method._checks = [(p, self._checker(p.type))
+                                       for p in method.params]
         bound = {}
-        for p in method.params:
+        for p, check in checks:
             value = params.get(p.name)
             if value is None:
                 if p.required:
@@ -213,10 +219,9 @@ class Schema:
                                                reason="missing")
                 value = p.default
             else:
-                valid = self._predicate(p.type)
-                if valid is None or not valid(value):
-                    # Names what is wrong, as it always did.
-                    self.check(p.type, value, p.name)
+                refused = check(value)
+                if refused is not None:
+                    raise refused.error(p.name)
             bound[p.name] = value
         return bound
 
@@ -225,171 +230,143 @@ class Schema:
         return list(self.bind(name, params, shallow).values())
 
     def check(self, type_, value, name):
-        """Check that ``value`` is of ``type_``; InvalidParams naming it."""
-        if isinstance(type_, str):
-            check = PRIMITIVES.get(type_)
-            if check is None:
-                raise errors.InternalError(
-                    "schema: unknown type {!r} of {}".format(type_, name))
-            if not check(value):
-                _wrong(name, type_, value)
-            return
-        if isinstance(type_, list):
-            if not isinstance(value, list):
-                _wrong(name, type_name(type_), value)
-            for i, item in enumerate(value):
-                self.check(type_[0], item, "{}[{}]".format(name, i))
-            return
-        kind = type_.get("type")
-        if kind == "alias":
-            if not PRIMITIVES[type_["sourcetype"]](value):
-                _wrong(name, "{} ({})".format(type_name(type_),
-                                              type_["sourcetype"]), value)
-        elif kind == "enum":
-            if value not in type_["values"]:
-                raise errors.InvalidParams(
-                    name=name, reason="{!r} is not one of {}".format(
-                        value, ", ".join(str(v) for v in type_["values"])))
-        elif kind == "map":
-            if not isinstance(value, dict):
-                _wrong(name, type_name(type_), value)
-            for k, v in value.items():
-                self.check(type_.get("key-type", "string"), k, name)
-                if "value-type" in type_:
-                    self.check(type_["value-type"], v,
-                               "{}.{}".format(name, k))
-        elif kind == "union":
-            self._check_union(type_, value, name)
-        elif kind == "object":
-            self._check_object(type_, value, name)
-        else:
-            raise errors.InternalError(
-                "schema: unknown type kind {!r} of {}".format(kind, name))
+        """Check that ``value`` is of ``type_``; InvalidParams naming it
+        (``name``, or the path below it: ``name.data``, ``name[2]``)."""
+        refused = self._checker(type_)(value)
+        if refused is not None:
+            raise refused.error(name)
 
     # Private helpers
 
-    def _predicate(self, type_):
-        """A function telling whether a value is of ``type_`` (True only
-        where ``check`` accepts it), made once per type: the bound params
-        of every request are tested by it, and only a value it refuses
-        is walked by ``check``, which names what is wrong.  None for a
-        type it does not know (``check`` decides)."""
-        entry = self._predicates.get(id(type_))
+    def _checker(self, type_):
+        """The checker of ``type_``, made once per type: a function of a
+        value returning None when the value is of the type, else a
+        _Refusal saying where below the value and why.  The path is
+        spelled only on the way out of a refused value, so an accepted
+        one (every bound param of a request) costs no names."""
+        entry = self._checkers.get(id(type_))
         if entry is None:
-            cell = []
+            made = []
             # Placed first: a type nesting itself (a YAML anchor used
             # inside its own definition) finds its own entry.
-            entry = (type_, lambda v: cell[0](v) if cell[0] else False)
-            self._predicates[id(type_)] = entry
+            self._checkers[id(type_)] = (type_, lambda v: made[0](v))
             try:
-                made = self._make_predicate(type_)
-            except (KeyError, TypeError, AttributeError, IndexError):
-                made = None
-            cell.append(made)
-            entry = (type_, made)
-            self._predicates[id(type_)] = entry
+                checker = self._compile(type_)
+            except (KeyError, TypeError, AttributeError, IndexError) as e:
+                # A malformed type fails where a value reaches it.
+                checker = _failing(e)
+            made.append(checker)
+            entry = (type_, checker)
+            self._checkers[id(type_)] = entry
         return entry[1]
 
-    def _make_predicate(self, type_):
+    def _compile(self, type_):
         if isinstance(type_, str):
-            return PRIMITIVES.get(type_)
+            if type_ not in PRIMITIVES:
+                return _unknown("schema: unknown type {!r} of {}", type_)
+            return _primitive(type_, type_)
         if isinstance(type_, list):
-            item = self._predicate(type_[0])
-            if item is None:
-                return None
-            return lambda v: isinstance(v, list) and all(map(item, v))
+            return self._compile_list(type_)
         kind = type_.get("type")
         if kind == "alias":
-            return PRIMITIVES.get(type_["sourcetype"])
+            source = type_["sourcetype"]
+            return _primitive(source, "{} ({})".format(type_name(type_),
+                                                       source))
         if kind == "enum":
-            values = type_["values"]
-            return lambda v: v in values
+            return _enum(type_["values"])
         if kind == "map":
-            key = self._predicate(type_.get("key-type", "string"))
-            value = self._predicate(type_["value-type"]) \
-                if "value-type" in type_ else (lambda v: True)
-            if key is None or value is None:
-                return None
-            return lambda v: isinstance(v, dict) and all(map(key, v)) \
-                and all(map(value, v.values()))
+            return self._compile_map(type_)
         if kind == "union":
-            members = [self._predicate(m) for m in type_.get("values") or ()]
-            if not members or any(m is None for m in members):
-                return None
-            return lambda v: any(m(v) for m in members)
+            return self._compile_union(type_)
         if kind == "object":
-            props, known = self._properties(type_)
-            fields = []
-            for p in props:
-                if p.name == ANY_KEY:
-                    continue
-                valid = self._predicate(p.type)
-                if valid is None:
+            return self._compile_object(type_)
+        return _unknown("schema: unknown type kind {!r} of {}", kind)
+
+    def _compile_list(self, type_):
+        item = self._checker(type_[0])
+        expected = type_name(type_)
+
+        def check_list(value):
+            if not isinstance(value, list):
+                return _wrong(expected, value)
+            if any(map(item, value)):
+                for i, x in enumerate(value):
+                    refused = item(x)
+                    if refused is not None:
+                        return refused.under("[{}]".format(i))
+            return None
+        return check_list
+
+    def _compile_map(self, type_):
+        key = self._checker(type_.get("key-type", "string"))
+        item = self._checker(type_["value-type"]) \
+            if "value-type" in type_ else None
+        expected = type_name(type_)
+
+        def check_map(value):
+            if not isinstance(value, dict):
+                return _wrong(expected, value)
+            if any(map(key, value)) or (
+                    item is not None and any(map(item, value.values()))):
+                # The first item refused names the map (a key) or the
+                # key's value, as the items come.
+                for k, v in value.items():
+                    refused = key(k)
+                    if refused is not None:
+                        return refused
+                    if item is not None:
+                        refused = item(v)
+                        if refused is not None:
+                            return refused.under(".{}".format(k))
+            return None
+        return check_map
+
+    def _compile_union(self, type_):
+        members = [self._checker(m) for m in type_.get("values") or ()]
+        expected = type_name(type_)
+
+        def check_union(value):
+            first = None
+            for member in members:
+                refused = member(value)
+                if refused is None:
                     return None
-                fields.append((p.name, p.required, valid))
-            open_ = ANY_KEY in known
+                if refused.internal:
+                    return refused
+                first = first or refused
+            return _Refusal("matches none of {} ({})".format(
+                expected, first.reason if first else "no members"))
+        return check_union
 
-            def valid_object(v):
-                if not isinstance(v, dict):
-                    return False
-                if not open_:
-                    for k in v:
-                        if k not in known:
-                            return False
-                for name, required, valid in fields:
-                    x = v.get(name)
-                    if x is None:
-                        if required:
-                            return False
-                    elif not valid(x):
-                        return False
-                return True
-            return valid_object
-        return None
+    def _compile_object(self, type_):
+        props = [Param(p) for p in type_.get("properties") or ()]
+        known = frozenset(p.name for p in props)
+        closed = ANY_KEY not in known
+        fields = [(p.name, p.required, self._checker(p.type))
+                  for p in props if p.name != ANY_KEY]
+        expected = type_name(type_)
 
-    def _check_object(self, type_, value, name):
-        if not isinstance(value, dict):
-            _wrong(name, type_name(type_), value)
-        props, known = self._properties(type_)
-        if ANY_KEY not in known:
-            for key in value:
-                if key not in known:
-                    raise errors.InvalidParams(
-                        name="{}.{}".format(name, key),
-                        reason="unknown property of {} (known: {})".format(
-                            type_name(type_), ", ".join(sorted(known))))
-        for p in props:
-            if p.name == ANY_KEY:
-                continue
-            path = "{}.{}".format(name, p.name)
-            v = value.get(p.name)
-            if v is None:
-                if p.required:
-                    raise errors.InvalidParams(name=path, reason="missing")
-                continue
-            self.check(p.type, v, path)
-
-    def _properties(self, type_):
-        """The properties of the object type ``type_`` ([Param]) and the
-        set of their names."""
-        entry = self._objects.get(id(type_))
-        if entry is None:
-            props = [Param(p) for p in type_.get("properties") or ()]
-            entry = (type_, props, frozenset(p.name for p in props))
-            self._objects[id(type_)] = entry
-        return entry[1], entry[2]
-
-    def _check_union(self, type_, value, name):
-        first = None
-        for member in type_.get("values") or ():
-            try:
-                self.check(member, value, name)
-                return
-            except errors.InvalidParams as e:
-                first = first or e
-        raise errors.InvalidParams(
-            name=name, reason="matches none of {} ({})".format(
-                type_name(type_), first.reason if first else "no members"))
+        def check_object(value):
+            if not isinstance(value, dict):
+                return _wrong(expected, value)
+            if closed:
+                for key in value:
+                    if key not in known:
+                        return _Refusal(
+                            "unknown property of {} (known: {})".format(
+                                expected, ", ".join(sorted(known))),
+                            ".{}".format(key))
+            for name, required, check in fields:
+                x = value.get(name)
+                if x is None:
+                    if required:
+                        return _Refusal("missing", "." + name)
+                else:
+                    refused = check(x)
+                    if refused is not None:
+                        return refused.under("." + name)
+            return None
+        return check_object
 
 
 def too_deep(value, limit):
@@ -451,10 +428,6 @@ def type_name(type_):
 
 # Private helpers
 
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _json_type(value):
     if value is None:
         return "null"
@@ -471,11 +444,69 @@ def _json_type(value):
     return type(value).__name__
 
 
-def _wrong(name, expected, value):
-    expected = type_name(expected)
-    raise errors.InvalidParams(
-        name=name, reason="expected {}, got {}".format(
-            expected, _json_type(value)))
+class _Refusal:
+    """Why a checker refused a value: ``reason``, and ``path``, where
+    below the checked value (``.data``, ``[2].a``), grown by each
+    enclosing checker on the way out.  ``internal``: the schema's own
+    fault (a format taking the type and the path), not the value's."""
+
+    __slots__ = ("reason", "path", "internal")
+
+    def __init__(self, reason, path="", internal=None):
+        self.reason = reason
+        self.path = path
+        self.internal = internal
+
+    def under(self, step):
+        self.path = step + self.path
+        return self
+
+    def error(self, name):
+        name += self.path
+        if self.internal:
+            return errors.InternalError(self.internal.format(self.reason,
+                                                             name))
+        return errors.InvalidParams(name=name, reason=self.reason)
+
+
+def _wrong(expected, value):
+    return _Refusal("expected {}, got {}".format(expected,
+                                                  _json_type(value)))
+
+
+def _primitive(kind, expected):
+    classes, not_bool, unsigned = PRIMITIVES[kind]
+    if not (not_bool or unsigned):
+        def check_primitive(value):
+            if isinstance(value, classes):
+                return None
+            return _wrong(expected, value)
+    else:
+        def check_primitive(value):
+            if isinstance(value, classes) and not isinstance(value, bool) \
+                    and (not unsigned or value >= 0):
+                return None
+            return _wrong(expected, value)
+    return check_primitive
+
+
+def _enum(values):
+    def check_enum(value):
+        if value in values:
+            return None
+        return _Refusal("{!r} is not one of {}".format(
+            value, ", ".join(str(v) for v in values)))
+    return check_enum
+
+
+def _unknown(message, what):
+    return lambda value: _Refusal(what, internal=message)
+
+
+def _failing(error):
+    def check_failing(value):
+        raise error.with_traceback(None)
+    return check_failing
 
 
 def _text(text):

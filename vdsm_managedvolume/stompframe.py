@@ -116,44 +116,25 @@ def encode(command, headers=None, body=b""):
     """
     if isinstance(body, str):
         body = body.encode("utf-8")
-    literal = command in LITERAL_COMMANDS
-    lines = [command]
-    for name, value in (headers or {}).items():
-        if name == "content-length":
-            continue
-        name, value = str(name), str(value)
-        if literal:
-            if any(c in s for s in (name, value) for c in "\r\n") or \
-                    ":" in name:
-                raise ValueError("header {!r} cannot be sent in {} "
-                                 "(no escaping there)".format(name, command))
-        else:
-            name = _escape(name)
-            value = _escape(value)
-        lines.append(name + ":" + value)
-    if body:
-        lines.append("content-length:" + str(len(body)))
-    lines.append("\n")
-    head = "\n".join(lines).encode("utf-8")
-    return b"".join((head, body, b"\0"))     # the body copied once
+    head = _head(command, headers, len(body))
+    return b"".join((head.encode("utf-8"), body, b"\0"))     # body copied once
 
 
 def json_message(destination, subscription, message_id, body):
     """The bytes of ``encode(MESSAGE, {"destination": destination,
     "content-type": "application/json", "subscription": subscription,
-    "message-id": message_id}, body)``, made in one format: the frame of
-    every JSON-RPC response."""
+    "message-id": message_id}, body)``, the frame of every JSON-RPC
+    response: ``_JSON_MESSAGE`` filled in."""
+    if isinstance(body, str):
+        body = body.encode("utf-8")
     if not body:
         return encode(MESSAGE, {"destination": destination,
                                 "content-type": "application/json",
                                 "subscription": subscription,
                                 "message-id": message_id}, body)
-    if isinstance(body, str):
-        body = body.encode("utf-8")
-    head = ("MESSAGE\ndestination:%s\ncontent-type:application/json\n"
-            "subscription:%s\nmessage-id:%s\ncontent-length:%d\n\n" % (
-                _escape(str(destination)), _escape(str(subscription)),
-                _escape(str(message_id)), len(body)))
+    head = _JSON_MESSAGE % (_escape(str(destination)),
+                            _escape(str(subscription)),
+                            _escape(str(message_id)), len(body))
     return b"".join((head.encode("utf-8"), body, b"\0"))
 
 
@@ -398,6 +379,32 @@ class Parser:
                           .format(self.max_frame, size))
 
 
+def _head(command, headers, length):
+    """The head of a frame (``encode``): the command, a ``name:value``
+    line for each header (escaped, but in CONNECT and CONNECTED), a
+    ``content-length`` line last when the body has a ``length``, and the
+    blank line before the body."""
+    literal = command in LITERAL_COMMANDS
+    lines = [command]
+    for name, value in (headers or {}).items():
+        if name == "content-length":
+            continue
+        name, value = str(name), str(value)
+        if literal:
+            if any(c in s for s in (name, value) for c in "\r\n") or \
+                    ":" in name:
+                raise ValueError("header {!r} cannot be sent in {} "
+                                 "(no escaping there)".format(name, command))
+        else:
+            name = _escape(name)
+            value = _escape(value)
+        lines.append(name + ":" + value)
+    if length:
+        lines.append("content-length:" + str(length))
+    lines.append("\n")
+    return "\n".join(lines)
+
+
 def _escape(text):
     # Most values (ids, destinations, numbers) hold nothing to escape:
     # four searches cost less than a translate() walking every character.
@@ -421,3 +428,12 @@ def _unescape(s):
                              "{!r}".format("\\" + (nxt or ""), s[:80]))
         out.append(_ESCAPES[ord(nxt)])
     return "".join(out)
+
+
+# The head of every JSON-RPC response, made by ``_head`` with a %-slot for
+# each value that changes (escaped by json_message); the length's slot
+# stands for the body a response always has.
+_JSON_MESSAGE = _head(MESSAGE, {"destination": "%s",
+                                "content-type": "application/json",
+                                "subscription": "%s",
+                                "message-id": "%s"}, "%d")

@@ -12,7 +12,8 @@ to (initialize_connection, terminate_connection: to the connector's
 then fails (a SAN call timing out after it mapped the host), with
 ``fail-before-grant`` it fails before granting, with
 ``fail-terminate`` its terminate_connection fails (the backend does not
-answer; only for the grantees the file names, one a line, if any),
+answer; only for the grantees the file names, if any, one a line,
+each alone or followed by a volume id: only that volume's),
 with ``unmap-all`` its terminate_connection of a connector it does not
 grant revokes every grant (Dell SC iSCSI's, for an initiator with no
 server on the array), with ``strict`` it raises then (IBM Storwize/SVC,
@@ -101,7 +102,7 @@ def __getattr__(name):
                                         self._exports().get(volume.id, {})
                                         .get("hosts", [])]) + "\n")
                 if _fails_for(os.path.join(self._dir, "fail-terminate"),
-                              _grantee(connector)):
+                              _grantee(connector), volume.id):
                     raise exception.VolumeBackendAPIException(
                         data="the backend does not answer")
                 found = self._exports().get(volume.id, {})
@@ -165,15 +166,16 @@ def __getattr__(name):
     return ExportingDriver
 
 
-def _fails_for(path, grantee):
-    """Whether the failure mode at ``path`` is on for ``grantee``: the
-    file exists, empty (every grantee) or naming it on a line."""
+def _fails_for(path, grantee, volume_id):
+    """Whether the failure mode at ``path`` is on for ``grantee``'s
+    connection of ``volume_id``: the file exists, empty (every one), or
+    a line names the grantee, alone (any volume) or before the volume."""
     try:
         with open(path) as f:
-            named = f.read().split()
+            lines = [line.split() for line in f if line.strip()]
     except FileNotFoundError:
         return False
-    return not named or grantee in named
+    return not lines or [grantee] in lines or [grantee, volume_id] in lines
 
 
 def _grantee(connector):

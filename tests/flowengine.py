@@ -587,9 +587,12 @@ class Engine:
         # Hosts PreparingForMaintenance or in Maintenance: the scheduler
         # never picks them (``schedule``).
         self.maintaining = set()
-        # {shim command: the host whose grant its next run fails to end}
-        # (``fail_next_terminate``)
+        # {(shim command, vol_id): the host whose grant the command's next
+        # run on that volume fails to end} (``fail_next_terminate``)
         self.terminate_failures = {}
+        # ["<grantee> <vol_id>"]: the lines of the exporting driver's
+        # ``fail-terminate`` while runs that fail are in flight.
+        self._failing_terminates = []
         # {vol_id: {(vol_id, host)}} the last disconnect_volume of the
         # volume could not end (its driver failed), though it exited 0:
         # leaks once the engine's bookkeeping is done (``_end_leaks``).
@@ -598,6 +601,12 @@ class Engine:
         # the driver's grant returned (no conn_info): the shim keeps
         # them while a complete connection of the volume is left.
         self._ungranted = set()
+        # (vol_id, host) leaks whose record the shim left unfinished
+        # (ops.CONNECTING, ops.ENDING: a killed command's, or one kept
+        # "detached" by a failed terminate; ``_ungranted`` among them):
+        # no complete connection, and released at a disconnect_volume
+        # though their host cannot be asked (ops._released_of).
+        self._unfinished = set()
         self._lock = threading.Lock()
 
     @property
@@ -631,16 +640,16 @@ class Engine:
             env = env()
         with self._lock:
             kill_at = self.kills.pop(command, None)
-            failing = self.terminate_failures.pop(command, None)
+            failing = self.terminate_failures.pop(
+                (command, args[0] if args else None), None)
         if kill_at is not None:
             before = self.backend.connections()
             kill_file = os.path.join(self.backend.dir, "kill-at")
             with open(kill_file, "w") as f:
                 f.write(str(kill_at))
         if failing is not None:
-            fail_file = os.path.join(self.backend.dir, "fail-terminate")
-            with open(fail_file, "w") as f:
-                f.write(grantee(self, failing) + "\n")
+            fails = "{} {}".format(grantee(self, failing), args[0])
+            self._fail_terminates(add=fails)
         try:
             r = self.shim_runner.run(command, *args, driver=driver,
                                      db_url=db_url, cid=cid, env=env)
@@ -648,7 +657,7 @@ class Engine:
             if kill_at is not None:
                 os.unlink(kill_file)
             if failing is not None:
-                os.unlink(fail_file)
+                self._fail_terminates(remove=fails)
         line = r.stdout.decode("utf-8", "replace")
         if kill_at is not None:
             # The warm service's child running it died: the client says
@@ -701,20 +710,41 @@ class Engine:
         assert unused is None, "{} never ran: its kill at step {} " \
             "was not used".format(command, unused)
 
-    def fail_next_terminate(self, command, host):
-        """The driver's terminate_connection of ``host``'s grant fails
-        (the backend does not answer) in the next run of the shim's
-        ``command`` (tests.flowexports' ``fail-terminate``; the backend
-        must be an exporting one, and nothing else may run on it
-        meanwhile).  The engine's disconnect_volume then ends the other
-        connections it released, logs an ERROR and exits 0, the record
-        kept "detached" (docs/engine.md, "Killed mid-command"): a
-        success for the engine, which saves the disk's hosts and never
-        learns of the record, a leak until the volume's next
-        disconnect_volume or delete_volume (``_left_unended``)."""
+    def fail_next_terminate(self, command, host, label):
+        """The driver's terminate_connection of ``host``'s grant of the
+        disk ``label`` fails (the backend does not answer) in the next
+        run of the shim's ``command`` on that disk
+        (tests.engine_kill_test's ``fail-terminate``, naming the grantee
+        and the volume: other volumes' runs meanwhile are not touched;
+        the backend must be an exporting one).  The engine's
+        disconnect_volume then ends the other connections it released,
+        logs an ERROR and exits 0, the record kept "detached"
+        (docs/engine.md, "Killed mid-command"): a success for the
+        engine, which saves the disk's hosts and never learns of the
+        record, a leak until the volume's next disconnect_volume or
+        delete_volume (``_left_unended``)."""
         assert self.backend.exporting
         with self._lock:
-            self.terminate_failures[command] = host
+            self.terminate_failures[(command,
+                                     self.disks[label].vol_id)] = host
+
+    def _fail_terminates(self, add=None, remove=None):
+        """The exporting driver's ``fail-terminate``: the lines of the
+        runs in flight that fail, no file while none does (an empty one
+        fails every terminate_connection)."""
+        path = os.path.join(self.backend.dir, "fail-terminate")
+        with self._lock:
+            if add is not None:
+                self._failing_terminates.append(add)
+            if remove is not None:
+                self._failing_terminates.remove(remove)
+            if self._failing_terminates:
+                with open(path + ".tmp", "w") as f:
+                    f.write("".join(line + "\n"
+                                    for line in self._failing_terminates))
+                os.rename(path + ".tmp", path)
+            else:
+                os.unlink(path)
 
     def _left_unended(self, command, vol_id, host, what):
         """A run of ``command`` on ``vol_id`` whose terminate_connection
@@ -759,6 +789,8 @@ class Engine:
             self._leaked = (self._leaked - ended) | made
             self._ungranted |= {p for p in made
                                 if not records[p][1].get("conn")}
+            self._unfinished |= {p for p in now
+                                 if p[0] == vol_id and not records[p][0]}
         return frozenset(p for p in now if p[0] == vol_id)
 
     def steps(self, command, *args, host=None, connected=False):
@@ -922,7 +954,8 @@ class Engine:
 
     def _end_leaks(self, vol_id, asked_only=False):
         """The shim ended the volume's connections no host uses (with
-        ``asked_only``: those of the hosts it could ask), but one the
+        ``asked_only``: those of the hosts it could ask, and those of
+        the others left unfinished, ``_unfinished``), but one the
         driver never granted (``_ungranted``) while a complete one is
         left (docs/engine.md: it ends with the volume's last complete
         connection).  Flows run in threads (many VMs at once): under
@@ -941,17 +974,23 @@ class Engine:
                             if vol_id in vols}
                 complete |= {h for v, h in self._leaked
                              if v == vol_id and not self.hosts[h].up
-                             and (v, h) not in self._ungranted}
+                             and (v, h) not in self._unfinished}
                 waiting = {(v, h) for v, h in self._ungranted
                            if v == vol_id and (v, h) in self._leaked
                            and complete - {h}}
+            # Kept: one waiting, and one complete of a host the shim
+            # could not ask; an unfinished one it releases all the same.
             self._leaked = {(v, h) for v, h in self._leaked
                             if v != vol_id or (v, h) in waiting
-                            or (asked_only and not self.hosts[h].up)}
+                            or (asked_only and not self.hosts[h].up
+                                and (v, h) not in self._unfinished)}
             # A record the disconnect could not end, though it exited 0
-            # (``fail_next_terminate``).
-            self._leaked |= self._unended.pop(vol_id, set())
+            # (``fail_next_terminate``): kept "detached", unfinished.
+            unended = self._unended.pop(vol_id, set())
+            self._leaked |= unended
+            self._unfinished |= unended
             self._ungranted &= self._leaked
+            self._unfinished &= self._leaked
 
     # Disks
 
@@ -1685,6 +1724,7 @@ class Engine:
         with self._lock:
             self.saved.discard((disk.vol_id, host))
             self._ungranted.discard((disk.vol_id, host))
+            self._unfinished.discard((disk.vol_id, host))
         if host in self.slow_storage:
             conn = dict(conn, data=dict(conn["data"],
                                         **self.slow_storage[host]))

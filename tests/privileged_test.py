@@ -901,6 +901,8 @@ def test_daemon_killed_mid_call_is_helper_failed_and_next_call_works(
     t.join(30)
     assert isinstance(result.get("error"), errors.HelperFailed)
     assert "died" in str(result["error"])
+    # It reached the daemon: it may have connected.
+    assert not result["error"].unsent
 
     att = brick.connect(iscsi("after-kill", tmp_path))
     assert brick.daemon_pid() not in (None, pid)
@@ -1298,6 +1300,71 @@ def test_helper_output_is_quoted_in_the_error(fresh_cfg):
         b.connector_properties()
     assert "helper broken" in str(e.value)
     assert "hunter22" not in str(e.value)
+    # No daemon got the call: the service knows nothing of it ran.
+    assert e.value.unsent
+
+
+def test_a_call_sent_after_the_daemon_was_told_to_stop_is_unsent(
+        fresh_cfg, tmp_path):
+    # Chosen just before Brick.stop closed the channel: refused before
+    # the send (_Stopping), nothing of it reached the daemon.
+    b = privileged.Brick(fresh_cfg)
+    try:
+        b.connector_properties()
+        b._daemon.channel.shutdown()
+        with pytest.raises(errors.HelperFailed) as e:
+            b.connect(iscsi("stopping", tmp_path))
+        assert "is stopping: connect was not sent" in str(e.value)
+        assert e.value.unsent
+    finally:
+        b.stop()
+
+
+@pytest.mark.slow
+def test_a_call_cut_then_not_run_again_for_want_of_a_daemon_is_not_unsent(
+        fresh_cfg, fake_dir, tmp_path):
+    # A disconnect cut when the daemon was killed at another call's
+    # deadline runs again on a new daemon (RERUN_AFTER_KILL); when none
+    # can start, its failure is the start's, but its first send may
+    # have run: not unsent.
+    fresh_cfg.timeout = 60.0
+    b = privileged.Brick(fresh_cfg)
+    release = str(tmp_path / "release")
+    others_release = str(tmp_path / "others-release")
+    result = {}
+
+    def disconnect():
+        try:
+            b.disconnect(iscsi("cut-rerun", tmp_path,
+                               fake_wait_disconnect=others_release), None)
+        except Exception as e:
+            result["error"] = e
+
+    t = threading.Thread(target=disconnect)
+    try:
+        b.connector_properties()
+        pid = b.daemon_pid()
+        t.start()
+        wait_for(lambda: "disconnect-start cut-rerun" in
+                 fakebrick.calls(str(fake_dir)))
+        fresh_cfg.helper_command = "sh -c 'exit 1' --"
+        fresh_cfg.timeout = 1.0
+        with pytest.raises(errors.HelperTimeout):
+            b.connect(iscsi("cut-rerun-hung", tmp_path,
+                            fake_command_wait=release))
+        wait_for(lambda: gone(pid))
+        t.join(60)
+        error = result["error"]
+        assert type(error) is errors.HelperFailed
+        assert "exited with code 1 without starting the daemon" in str(
+            error)
+        assert not error.unsent
+    finally:
+        for path in (release, others_release):
+            with open(path, "w"):
+                pass
+        t.join(60)
+        b.stop()
 
 
 # A daemon of another version: the package's files replaced under us
@@ -1346,6 +1413,7 @@ def test_daemon_of_another_protocol_gets_no_call_and_none_is_started_again(
         with pytest.raises(errors.DaemonMismatch) as e:
             b.connect(info)
         assert e.value.code == 926
+        assert e.value.unsent
         message = str(e.value)
         assert "privsep daemon {} speaks privsep protocol {} " \
             "(vdsm-managedvolume".format(e.value.pid, ours + 1) in message

@@ -306,6 +306,156 @@ def test_an_attach_refused_for_a_daemon_of_another_protocol_leaves_no_record(
     assert [r["vol_id"] for r in records(svc)] == [vol_id]
 
 
+# A privsep daemon that cannot start (real helper, real daemon)
+
+# A privsep helper that exits at once without starting a daemon: what a
+# host shows when sudo refuses the rule or privsep-helper is broken.
+BROKEN_HELPER = "sh -c 'echo sudo: a password is required >&2; exit 1' --"
+
+
+@pytest.fixture
+def own_daemon_service(tmp_path, real_fakebrick_dir):
+    """A started Service over a privileged.Brick of its own (the session's
+    daemon is shared): its tests change how its daemon starts."""
+    if os.geteuid() != 0:
+        pytest.skip("the privsep daemon needs root")
+    from vdsm_managedvolume import privileged
+    cfg = make_cfg(tmp_path)
+    brick = privileged.Brick(cfg)
+    svc = service.Service(cfg, brick=brick)
+    svc.start()
+    yield svc
+    svc.close()
+    brick.stop()
+
+
+def fake_calls(key):
+    return [c for c in fakebrick.calls() if c.endswith(" " + key)]
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("helper", ["exits", "refused", "hangs"])
+def test_an_attach_no_privsep_daemon_could_start_for_leaves_no_record(
+        own_daemon_service, tmp_path, monkeypatch, helper):
+    # No daemon got the connect: the helper exited at once (sudo's
+    # refusal, a broken privsep-helper), the daemon refused to start
+    # (its files of two versions, mid-upgrade), or the helper never
+    # connected within the start bound.  Nothing reached the host: the
+    # record the attach wrote goes, without a disconnect.  Before, the
+    # rollback took it for a connect that may have connected, its
+    # disconnect failed the same way, and the record stayed 'attaching'
+    # until a later detach or reconcile (safety14's note).
+    svc = own_daemon_service
+    brick = svc._brick
+    if helper == "exits":
+        svc.cfg.helper_command = BROKEN_HELPER
+        reason = "exited with code 1 without starting the daemon"
+    elif helper == "refused":
+        from vdsm_managedvolume import privsep
+        pkg = tmp_path / "tree" / "vdsm_managedvolume"
+        import shutil
+        shutil.copytree(os.path.dirname(privsep.__file__), str(pkg),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        path = pkg / "privsep.py"
+        path.write_text(path.read_text().replace(
+            "\nPROTOCOL = {}\n".format(privsep.PROTOCOL),
+            "\nPROTOCOL = {}\n".format(privsep.PROTOCOL + 1)))
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+            [str(pkg.parent)] + [p for p in os.environ.get(
+                "PYTHONPATH", "").split(os.pathsep) if p]))
+        reason = "its files are of two versions"
+    else:
+        svc.cfg.helper_command = "sh -c 'exec sleep 60' --"
+        monkeypatch.setattr(brick, "start_timeout", 1.0)
+        reason = "did not start the daemon within the start bound"
+    vol_id, ci = new_id(), iscsi_connection(svc.cfg)
+    with pytest.raises(errors.HelperFailed) as e:
+        svc.attach_volume(vol_id, ci)
+    assert e.value.code == 926
+    assert reason in str(e.value)
+    assert e.value.unsent
+    assert records(svc) == []
+    assert fake_calls(ci["data"]["fake_key"]) == []
+    assert brick.daemon_pid() is None
+
+
+@pytest.mark.root
+def test_a_record_there_before_an_attach_no_daemon_started_for_stays(
+        own_daemon_service):
+    # Its earlier connection may exist: the record stays for a detach,
+    # and that detach, not sent either, keeps it though its device is
+    # gone (it did not answer that the connection is over).
+    svc = own_daemon_service
+    brick = svc._brick
+    vol_id, ci = new_id(), iscsi_connection(svc.cfg)
+    first = svc.attach_volume(vol_id, ci)
+    brick.stop()
+    os.unlink(first["path"])
+    svc.cfg.helper_command = BROKEN_HELPER
+    with pytest.raises(errors.HelperFailed):
+        svc.attach_volume(vol_id, ci)
+    [rec] = records(svc)
+    assert rec["state"] == "attaching"
+    with pytest.raises(errors.HelperFailed):
+        svc.detach_volume(vol_id)
+    [rec] = records(svc)
+    assert rec["state"] == "detaching"
+    svc.cfg.helper_command = ""
+    svc.detach_volume(vol_id)
+    assert records(svc) == []
+    assert ci["data"]["fake_key"] not in fakebrick.connected()
+
+
+@pytest.mark.root
+def test_a_connect_whose_daemon_died_keeps_its_record_when_none_starts(
+        own_daemon_service):
+    # The connect reached the daemon, which was killed inside it: it may
+    # have connected.  The rollback's disconnect finds no daemon that
+    # can start (the helper now exits at once): the record stays
+    # 'attaching', connecting, for a detach or reconcile, which
+    # disconnects it once a daemon starts again.
+    import signal
+    svc = own_daemon_service
+    brick = svc._brick
+    up = new_id()
+    svc.attach_volume(up, iscsi_connection(svc.cfg))    # a daemon up
+    svc.detach_volume(up)
+    pid = brick.daemon_pid()
+    vol_id = new_id()
+    ci = iscsi_connection(svc.cfg, fake_sleep=60)
+    key = ci["data"]["fake_key"]
+    result = {}
+
+    def attach():
+        try:
+            svc.attach_volume(vol_id, ci)
+        except Exception as e:
+            result["error"] = e
+
+    t = threading.Thread(target=attach)
+    t.start()
+    try:
+        deadline = time_now() + 30
+        while "connect-start " + key not in fakebrick.calls():
+            assert time_now() < deadline
+            time_sleep(0.05)
+        svc.cfg.helper_command = BROKEN_HELPER
+        os.kill(pid, signal.SIGKILL)
+    finally:
+        t.join(60)
+    error = result["error"]
+    assert type(error) is errors.HelperFailed
+    assert "privsep daemon {} died during connect".format(pid) in str(error)
+    assert not error.unsent
+    [rec] = records(svc)
+    assert (rec["state"], rec["connecting"]) == ("attaching", True)
+    assert fake_calls(key) == ["connect-start " + key]
+    svc.cfg.helper_command = ""
+    svc.detach_volume(vol_id)
+    assert records(svc) == []
+    assert "disconnect-start " + key in fakebrick.calls()
+
+
 def test_a_failed_reattach_leaves_a_device_in_use_as_it_was(
         inproc_service, inproc_brick, monkeypatch):
     # Attached in this boot, its managed link gone, its device there: a

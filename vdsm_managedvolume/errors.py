@@ -48,6 +48,10 @@ class Error(Exception):
 
     code = 100
     msg = "{self.reason}"
+    # True on the error of a privileged call known never to have been
+    # written to any privsep daemon's channel (privileged.Brick marks it):
+    # nothing of that call ran on the host.
+    unsent = False
 
     def __init__(self, reason="", **kwargs):
         self.reason = reason
@@ -136,6 +140,8 @@ class CannotSend(HelperFailed):
     """The call's arguments cannot be encoded for the privsep channel, so
     the daemon never saw them (nothing was done)."""
 
+    unsent = True
+
     msg = ("Managed volume helper failed: the {self.operation} arguments "
            "cannot be sent to the privsep daemon: {self.reason}")
 
@@ -145,6 +151,8 @@ class DaemonMismatch(HelperFailed):
     protocol (privsep.py, "Versions"): the package's files were replaced
     while this process ran.  It was stopped before it got any call, and
     so is every later one until this process is restarted."""
+
+    unsent = True
 
     msg = ("Managed volume helper failed: privsep daemon {self.pid} speaks "
            "{self.theirs}, {self.process} (pid {self.process_pid}) speaks "

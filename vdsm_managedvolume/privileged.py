@@ -125,7 +125,13 @@ channel ends with EOF or with a reset (``_Channel``); the next call starts
 a new daemon.  A daemon that ended while no call was in flight is seen
 by the next call's send, which then cannot have reached it: that call
 goes to a new daemon.  Arguments the channel cannot encode are
-CannotSend (926), raised before anything is sent.
+CannotSend (926), raised before anything is sent.  Every error raised
+before any send of the call may have reached a daemon (none could be
+started for it, or the send found its daemon ended or stopping) is
+marked ``unsent`` (errors.Error): the service then knows nothing of it
+ran (a connect left nothing to disconnect).  One after a send, or
+after a call cut and not run again because no new daemon started, is
+not: the daemon may have acted on it.
 
 The channel has no thread of its own: the calling threads read the
 socket in turn (``_Channel``), so a call with no other in flight is one
@@ -336,8 +342,18 @@ class Brick:
         operation = operation or name
         check_sendable(operation, args)
         flow = log.current_flow()
-        daemon = self._running_daemon()
-        unsent = rerun = False
+        # An error ending the call before any send of it may have reached
+        # a daemon (``rerun``: one was cut there) is marked ``unsent``: no
+        # daemon could be started for it (the helper failed or refused,
+        # no handshake or hello), or the send found its daemon ended or
+        # stopping (_Unsent, _Stopping).  The service then knows that
+        # nothing of it ran: a connect left nothing to disconnect.
+        replaced = rerun = False
+        try:
+            daemon = self._running_daemon()
+        except errors.Error as e:
+            e.unsent = True
+            raise
         deadline = time.monotonic() + timeout
         try:
             while True:
@@ -351,9 +367,9 @@ class Brick:
                     # It ended while idle, seen by this send (nothing is
                     # polled before a call): nothing reached it, so a new
                     # daemon gets the call, with the whole timeout.
-                    if unsent:
+                    if replaced:
                         raise
-                    unsent = True
+                    replaced = True
                     daemon = self._running_daemon()
                     deadline = time.monotonic() + timeout
                 except _Died:
@@ -391,9 +407,15 @@ class Brick:
         except _Stopping:
             raise errors.HelperFailed(
                 "privsep daemon {} is stopping: {} was not sent".format(
-                    daemon.pid, operation)) from None
+                    daemon.pid, operation), unsent=not rerun) from None
         except _Died as e:
             self._discard(daemon)
+            if isinstance(e, _Unsent) and not rerun:
+                # The new daemon, too, had ended before the send.
+                raise errors.HelperFailed(
+                    "privsep daemon {} ended before {} was sent ({}); the "
+                    "next call starts a new one".format(
+                        daemon.pid, operation, e), unsent=True) from None
             now = time.monotonic()
             if now >= deadline:
                 raise errors.HelperTimeout(operation=operation,
@@ -427,6 +449,13 @@ class Brick:
                     operation=operation, timeout=timeout,
                     running=mask.mask_text(_remote_message(e))) from None
             raise _local_error(e) from None
+        except errors.Error as e:
+            # No daemon could be started to take the call again: after
+            # an _Unsent nothing of it was sent; after a cut (``rerun``)
+            # the first send may have run.
+            if not rerun:
+                e.unsent = True
+            raise
         return privsep.plain(result)
 
     def _running_daemon(self):

@@ -1073,8 +1073,10 @@ class Service:
             # and no further (a multipath map flushed, its paths and
             # sessions still there, iscsid logging in again at boot):
             # the record stays 'detaching' for the next detach or
-            # reconcile to finish.
-            if rec["path"] and not _exists(rec["path"]) and not _cut(e):
+            # reconcile to finish.  So does one never sent (no daemon
+            # could be started): it did not answer either.
+            if (rec["path"] and not _exists(rec["path"]) and not _cut(e)
+                    and not _unsent(e)):
                 log.warning("Disconnecting volume %s failed (%s), but its "
                             "device %s is gone; forgetting it", vol_id, e,
                             rec["path"])
@@ -1390,17 +1392,19 @@ class Service:
         A connect that returned a device other than the one recorded
         (DeviceChanged) is not disconnected either, and its record stays
         as ``_check_recorded`` wrote it.
-        A connect refused by the client before anything was sent (the
-        privsep daemon speaks another protocol: DaemonMismatch) over no
-        earlier record (``own``: the attach wrote the record) did
-        nothing on the host: the record goes without a disconnect,
-        which would be refused the same way and leave it 'attaching'
-        until the process restarts.
+        A connect that was never sent to a privsep daemon (``unsent``,
+        privileged.Brick: no daemon could be started, the helper exited
+        or refused, sudo refused it, the daemon speaks another protocol
+        (DaemonMismatch), or it was stopping) over no earlier record
+        (``own``: the attach wrote the record) did nothing on the host:
+        the record goes without a disconnect, which would most likely
+        fail the same way and leave it 'attaching' until a later detach
+        or reconcile.  A record that was there before the attach stays
+        as the normal path leaves it (its earlier connection may exist).
         """
-        if (own and attachment is None
-                and isinstance(error, errors.DaemonMismatch)):
+        if own and attachment is None and _unsent(error):
             log.warning("Forgetting volume %s: its connect was not sent "
-                        "to any privsep daemon", vol_id)
+                        "to any privsep daemon (%s)", vol_id, error)
             self._forget_attach(vol_id, confs, connection_info, False)
             return
         self._silent_remove_link_and_rule(sd_id, vol_id)
@@ -2117,13 +2121,22 @@ def _cut(error):
     """Whether the privileged call that raised ``error`` may not have
     ended: cut at its deadline (HelperTimeout, StillRunning) or by the
     daemon's death (HelperFailed but not the connector's own error); any
-    other error is an answer (the call ended), or came from a step after
-    it."""
+    other error is an answer (the call ended), came from a step after
+    it, or ended a call never sent (``_unsent``: nothing of it runs)."""
     if not isinstance(error, errors.Error):
         return True
+    if error.unsent:
+        return False
     return isinstance(error, errors.HelperTimeout) or (
         isinstance(error, errors.HelperFailed)
         and not isinstance(error, errors.ConnectorFailed))
+
+
+def _unsent(error):
+    """Whether ``error`` ended a privileged call before any of it was
+    written to a privsep daemon's channel (errors.Error.unsent): nothing
+    of it ran on the host, and it did not answer either."""
+    return isinstance(error, errors.Error) and error.unsent
 
 
 def _exists(path):

@@ -1463,6 +1463,37 @@ def test_daemon_whose_files_are_of_two_protocols_refuses_to_start(
         b.stop()
 
 
+@pytest.mark.parametrize("stamped", ["__init__.py", "brick.py"])
+def test_daemon_whose_files_are_of_two_builds_refuses_to_start(
+        fresh_cfg, fake_dir, tmp_path, monkeypatch, stamped):
+    # One privsep protocol, two builds: -common (__init__.py) replaced,
+    # the host package (privsep.py, brick.py) not yet, in one RPM
+    # transaction; or brick.py beside another build's privsep.py.  Not
+    # latched: the next call starts another.
+    pkg = other_tree(tmp_path, monkeypatch, {stamped: [(
+        '\nBUILD = "source"\n', '\nBUILD = "0.2.0-1.0123456789ab"\n')]})
+    b = privileged.Brick(fresh_cfg)
+    try:
+        with pytest.raises(errors.HelperFailed) as e:
+            b.connect(iscsi("two-builds", tmp_path))
+        assert not isinstance(e.value, errors.DaemonMismatch)
+        assert e.value.unsent
+        builds = {"__init__.py": "source", "privsep.py": "source",
+                  "brick.py": "source", stamped: "0.2.0-1.0123456789ab"}
+        assert "refuses to start: its files are of two builds: in {}, " \
+            "{} (the package is being replaced?".format(pkg, ", ".join(
+                "{} is of build {}".format(name, builds[name])
+                for name in ("__init__.py", "privsep.py", "brick.py"))) \
+            in str(e.value)
+        assert not [c for c in fakebrick.calls(str(fake_dir))
+                    if c.endswith(" two-builds")]
+        monkeypatch.setenv("PYTHONPATH", os.path.dirname(
+            os.path.dirname(privsep.__file__)))
+        assert b.connector_properties()["multipath"] is True
+    finally:
+        b.stop()
+
+
 def test_daemon_from_before_the_handshake_is_a_mismatch(
         fresh_cfg, fake_dir, tmp_path, monkeypatch):
     # A downgrade: the files on disk have no handshake entrypoint.

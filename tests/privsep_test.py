@@ -2,6 +2,7 @@
 
 import ast
 import os
+import re
 
 from vdsm_managedvolume import faults
 from vdsm_managedvolume import privsep
@@ -111,13 +112,41 @@ def test_entrypoints_are_those_of_the_protocol_they_state():
     assert brick_protocol() == privsep.PROTOCOL
 
 
-def test_identity_tells_protocol_version_and_directory():
+def module_build(name):
+    with open(os.path.join(PACKAGE, name)) as f:
+        tree = ast.parse(f.read())
+    [value] = [node.value.value for node in tree.body
+               if isinstance(node, ast.Assign)
+               and [ast.unparse(t) for t in node.targets] == ["BUILD"]]
+    return value
+
+
+def test_a_source_tree_is_one_build_in_every_stamped_file():
+    # scripts/stamp-build writes the RPM build's id into these; the
+    # daemon compares them (brick.file_builds, start_problem).
+    with open(os.path.join(os.path.dirname(PACKAGE), "scripts",
+                           "stamp-build")) as f:
+        script = f.read()
+    stamped = re.search(r"^stamped=\((.*)\)$", script, re.M).group(1)
+    names = [os.path.basename(n.strip('"')) for n in stamped.split()]
+    assert names == ["__init__.py", "privsep.py", "brick.py"]
+    assert {name: module_build(name) for name in names} == dict.fromkeys(
+        names, "source")
+    assert privsep.BUILD == "source"
+
+
+def test_identity_tells_protocol_version_build_and_directory():
     from vdsm_managedvolume import __version__
     assert privsep.identity() == {"protocol": privsep.PROTOCOL,
-                                  "version": __version__, "path": PACKAGE}
+                                  "version": __version__,
+                                  "build": privsep.BUILD, "path": PACKAGE}
     assert privsep.describe(privsep.identity()) == (
-        "privsep protocol {} (vdsm-managedvolume {} in {})".format(
-            privsep.PROTOCOL, __version__, PACKAGE))
+        "privsep protocol {} (vdsm-managedvolume {}, build source in {})"
+        .format(privsep.PROTOCOL, __version__, PACKAGE))
+    # A daemon of a version from before the stamp tells no build.
+    assert privsep.describe({"protocol": 2, "version": "0.1.0",
+                             "path": "/x"}) == (
+        "privsep protocol 2 (vdsm-managedvolume 0.1.0 in /x)")
 
 
 def test_a_side_that_tells_no_protocol_is_from_before_the_handshake():

@@ -770,6 +770,104 @@ def test_packaged_tool_runs_and_ships_its_own_default_config(unpacked):
     assert "ManagedVolume.attach_volume" in schema
 
 
+STAMPED = ("__init__.py", "privsep.py", "brick.py")
+
+
+def _builds(package_dir):
+    """{file: its BUILD} for the files stamp-build stamps."""
+    out = {}
+    for name in STAMPED:
+        with open(os.path.join(package_dir, name)) as f:
+            [out[name]] = re.findall(r'^BUILD = "([^"]*)"$', f.read(), re.M)
+    return out
+
+
+@pytest.mark.slow
+def test_common_and_host_packages_carry_one_build_id(rpms, unpacked):
+    # __init__.py is -common's, privsep.py and brick.py the host
+    # package's: one id, not the source tree's, of this version-release.
+    lib = sitelib(files(rpms, COMMON))
+    assert lib + "/vdsm_managedvolume/__init__.py" in files(rpms, COMMON)
+    assert lib + "/vdsm_managedvolume/privsep.py" in files(rpms, HOST)
+    [build] = set(_builds(str(unpacked) + lib + "/vdsm_managedvolume")
+                  .values())
+    assert re.fullmatch(re.escape(VERSION) + r"-1\.[0-9a-f]{12}", build)
+
+
+def test_stamp_build_ids_differ_with_the_sources_only(tmp_path):
+    def stamped(name, edit=None):
+        tree = tmp_path / name
+        shutil.copytree(os.path.join(REPO, "vdsm_managedvolume"),
+                        str(tree / "vdsm_managedvolume"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        if edit:
+            with open(tree / "vdsm_managedvolume" / "mask.py", "a") as f:
+                f.write(edit)
+        p = subprocess.run(
+            ["bash", os.path.join(REPO, "scripts", "stamp-build"), "9.9-1",
+             str(tree)], capture_output=True, text=True, check=True)
+        builds = _builds(str(tree / "vdsm_managedvolume"))
+        assert set(builds.values()) == {p.stdout.strip()}
+        return p.stdout.strip()
+
+    one = stamped("one")
+    assert one.startswith("9.9-1.")
+    assert stamped("same") == one
+    assert stamped("other", "# another build\n") != one
+    # A tree stamped already (or whose line changed) is refused.
+    p = subprocess.run(
+        ["bash", os.path.join(REPO, "scripts", "stamp-build"), "9.9-1",
+         str(tmp_path / "one")], capture_output=True, text=True)
+    assert p.returncode != 0
+    assert "does not hold one" in p.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_packaged_daemon_refuses_to_start_beside_another_builds_common(
+        rpms, unpacked, tmp_path, monkeypatch):
+    # A privsep daemon runs the packaged files; then one whose -common
+    # (__init__.py) is of another build, as between the two packages'
+    # steps of one RPM transaction: it refuses to start, and the call
+    # fails with 926 naming both builds, sent to no daemon.
+    if os.geteuid() != 0:
+        pytest.skip("the privsep daemon needs root")
+    from vdsm_managedvolume import errors
+    from vdsm_managedvolume import privsep
+    lib = sitelib(files(rpms, COMMON))
+    copy = tmp_path / "root"
+    shutil.copytree(str(unpacked) + lib, str(copy))
+    pkg = copy / "vdsm_managedvolume"
+    [build] = set(_builds(str(pkg)).values())
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(copy)] + [p for p in os.environ.get("PYTHONPATH", "").split(
+            os.pathsep) if p]))
+    cfg = config.with_state_dir(config.Config(), str(tmp_path / "state"))
+    b = privileged.Brick(cfg)
+    try:
+        assert b.connector_properties()["multipath"] is True
+        theirs = b._daemon.channel.call(
+            privsep.ENTRYPOINTS + "handshake", (privsep.identity(),), 30)
+        assert (theirs["build"], theirs["path"]) == (build, str(pkg))
+        b.stop()
+        init = pkg / "__init__.py"
+        init.write_text(init.read_text().replace(
+            'BUILD = "{}"'.format(build), 'BUILD = "{}-1.0123456789ab"'
+            .format(VERSION)))
+        with pytest.raises(errors.HelperFailed) as e:
+            b.connector_properties()
+        assert e.value.code == 926
+        assert e.value.unsent
+        assert "exited with code {}".format(privsep.EXIT_REFUSED) in str(
+            e.value)
+        assert ("its files are of two builds: in {}, __init__.py is of "
+                "build {}-1.0123456789ab, privsep.py is of build {}, "
+                "brick.py is of build {}".format(pkg, VERSION, build, build)
+                ) in str(e.value)
+    finally:
+        b.stop()
+
+
 @pytest.mark.slow
 def test_rpms_install_together_into_an_empty_root(rpms, tmp_path):
     root = tmp_path / "root"

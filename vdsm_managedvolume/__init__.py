@@ -15,3 +15,11 @@ The engine shim (``engine/``) lives beside them and shares only ``errors``.
 """
 
 __version__ = "0.1.0"
+
+# Which build these files are of.  scripts/stamp-build (run by the RPM
+# spec's %prep) writes one id per build here, in -common, and into
+# privsep.py and brick.py, in the host package: a privsep daemon started
+# between the two packages' steps of one RPM transaction, whose files are
+# of two builds, refuses to start (brick.start_problem).  "source" in a
+# source tree, in all three.
+BUILD = "source"

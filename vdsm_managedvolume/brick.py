@@ -199,7 +199,10 @@ directory), F a regular file owned by root and not writable by group or
 others, in a directory of the same kind; under sudo (``SUDO_UID`` set)
 also every directory above it, no ``OS_<GROUP>__<OPT>`` variable (oslo's
 environment source), no ``connector_override`` (test-only: it makes root
-import a module), and the socket must be the caller's.  Otherwise we log
+import a module), and the socket must be the caller's; and its files
+must be of one version: one ``PROTOCOL`` here and in privsep.py, one
+``BUILD`` here, in privsep.py and in the package's __init__.py
+(``file_builds``; privsep.py, "Versions").  Otherwise we log
 why, print it on stderr (the client quotes it in its HelperFailed) and
 exit with ``privsep.EXIT_REFUSED``: the daemon never serves.  This is
 defence in depth: oslo.privsep parsed the arguments and set up logging
@@ -342,6 +345,14 @@ def start_problem(argv, environ, conf):
                 "of privsep protocol {}, privsep.py's is {} (the package "
                 "is being replaced?)".format(__file__, PROTOCOL,
                                              privsep.PROTOCOL))
+    builds = file_builds()
+    if len(set(builds.values())) > 1:
+        return ("its files are of two builds: in {}, {} (the package is "
+                "being replaced? vdsm-managedvolume-common holds "
+                "__init__.py, the host package privsep.py and brick.py)"
+                .format(os.path.dirname(os.path.abspath(__file__)),
+                        ", ".join("{} is of build {}".format(name, build)
+                                  for name, build in builds.items())))
     args, problem = _helper_args(argv)
     if problem:
         return problem
@@ -376,6 +387,17 @@ def start_problem(argv, environ, conf):
     return _sock_problem(args["--privsep_sock_path"], environ["SUDO_UID"])
 
 
+def file_builds():
+    """{file name: the build it is of} for the files stamped with one
+    build id (scripts/stamp-build); None for one from before the
+    stamp."""
+    return collections.OrderedDict(
+        (name, getattr(module, "BUILD", None))
+        for name, module in (("__init__.py", sys.modules[__package__]),
+                             ("privsep.py", privsep),
+                             ("brick.py", sys.modules[__name__])))
+
+
 # Handed to every connector factory, as vdsm's helper does.
 CONNECTOR_KWARGS = {"use_multipath": True, "device_scan_attempts": 3}
 
@@ -385,6 +407,12 @@ CONNECTOR_KWARGS = {"use_multipath": True, "device_scan_attempts": 3}
 # (a daemon started while an upgrade writes the files) and the daemon
 # refuses to start (``start_problem``); the next call starts another.
 PROTOCOL = 2
+
+# The build this file is of (privsep.BUILD, stamped by scripts/stamp-build
+# with it and the package's __init__.py): another build's privsep.py or
+# __init__.py beside it (vdsm-managedvolume-common is replaced in a step
+# of its own) makes the daemon refuse to start, as another PROTOCOL does.
+BUILD = "source"
 
 
 @context.entrypoint

@@ -62,6 +62,16 @@ wrong thing as root.  So the client's first call after ``getpid`` is
 A new client never meets an old daemon otherwise: each process starts
 its own daemon on a socket of its own, and a daemon ends with its
 client's channel.
+
+A daemon started while an upgrade replaces the files may import some
+of each version.  It refuses to start (brick.start_problem, exit
+``EXIT_REFUSED``: the client's call fails with 926 quoting why, and the
+next call starts another daemon) when its files tell two versions
+apart: brick.py's and this module's ``PROTOCOL``, or the ``BUILD`` of
+brick.py, this module (the host package) and the package's
+``__init__.py`` (vdsm-managedvolume-common, which also holds errors.py,
+log.py and mask.py, replaced in a step of its own).  The protocol does
+not change with every release; the build does (scripts/stamp-build).
 """
 
 import os
@@ -76,6 +86,11 @@ from . import faults
 # privsep.py differ (started while an upgrade writes the files) refuses
 # to start.  1: the entrypoints before the handshake (none was told).
 PROTOCOL = 2
+
+# The build these files are of (the package's ``BUILD``, which the
+# -common package holds): stamped by scripts/stamp-build into this file,
+# brick.py and __init__.py alike.
+BUILD = "source"
 
 # The privsep context privsep-helper loads (``--privsep_context``), and
 # the module path every entrypoint name starts with.
@@ -132,7 +147,7 @@ def identity():
     """What this side tells the other at the handshake: ``{protocol,
     version, path}`` (the package's version and directory, for the
     admin reading the error)."""
-    return {"protocol": PROTOCOL, "version": __version__,
+    return {"protocol": PROTOCOL, "version": __version__, "build": BUILD,
             "path": os.path.dirname(os.path.abspath(__file__))}
 
 
@@ -141,8 +156,10 @@ def describe(info):
     the handshake) in words, for logs and errors."""
     if not isinstance(info, dict) or "protocol" not in info:
         return "no privsep protocol (a version from before the handshake)"
-    return "privsep protocol {} (vdsm-managedvolume {} in {})".format(
+    build = info.get("build")
+    return "privsep protocol {} (vdsm-managedvolume {}{} in {})".format(
         info.get("protocol"), info.get("version", "unknown"),
+        ", build {}".format(build) if build else "",
         info.get("path", "unknown"))
 
 

@@ -845,6 +845,44 @@ class UnkillableDaemon:
         pass
 
 
+class EndedDaemon:
+    """A daemon that had ended before the send found it (_Unsent)."""
+
+    def __init__(self, pid):
+        self.pid = pid
+
+    def usable(self):
+        return True
+
+    def call(self, name, args, wait, deadline, flow=None):
+        raise privileged._Unsent("privsep daemon gone (EPIPE)")
+
+    def deadline_passed(self, now):
+        return None
+
+    def kill(self):
+        return True
+
+    def close(self):
+        pass
+
+
+def test_a_call_whose_new_daemon_had_ended_too_is_unsent(
+        fresh_cfg, monkeypatch):
+    # The send found its daemon ended, and so did the send to the daemon
+    # started in its place: nothing of the call reached either (review-
+    # safety15 L1).  Before, "died during connect": maybe connected.
+    daemons = iter([EndedDaemon(4243), EndedDaemon(4244)])
+    b = privileged.Brick(fresh_cfg)
+    monkeypatch.setattr(b, "_running_daemon", lambda: next(daemons))
+    with pytest.raises(errors.HelperFailed) as e:
+        b.connect(iscsi("ended-twice", "/nonexistent"))
+    assert type(e.value) is errors.HelperFailed
+    assert e.value.unsent
+    assert "privsep daemon 4244 ended before connect was sent" in str(
+        e.value)
+
+
 def test_a_late_call_whose_daemon_cannot_be_killed_may_still_run(fresh_cfg):
     # KILL_GRACE after its deadline, no answer, and the kill is refused
     # (not root): that daemon may still run the call beside the new one

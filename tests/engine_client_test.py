@@ -623,7 +623,9 @@ def test_only_arguments_that_may_hold_a_secret_load_the_masker():
                "key = AQBw5ExlAAAAABAAm0IySNT0tDMWb6IAN+Wksw==",
                "AQBw5ExlAAAAABAAm0IySNT0tDMWb6IAN+Wksw==",
                "iscsiadm -n node.session.auth.password -v v4lue",
-               "PASSWORD%3Dv4lue"]
+               "PASSWORD%3Dv4lue",
+               # Case-folding forms: a long s, a Kelvin sign.
+               "\u017fecret=v4lue", '{"to\u212aen": "v4lue"}']
     for text in shapes:
         assert mask.mask_text(text) != text, text
         assert client._may_hold_secret(text), text

@@ -373,6 +373,73 @@ def test_is_secret_key_the_same_however_often_and_however_long(key, secret):
     assert [mask.is_secret_key(key) for _ in range(3)] == [secret] * 3
 
 
+# The non-ASCII letters re.IGNORECASE matches to an ASCII one (the text
+# patterns' folding): a long s, a Kelvin sign, the two Turkish i's.
+FOLDED = {"s": "\u017f", "k": "\u212a", "i": "\u0130\u0131"}
+
+
+def folded_spellings(word):
+    """``word`` with each letter FOLDED knows replaced, one at a time."""
+    return [word[:i] + other + word[i + 1:]
+            for i, c in enumerate(word) for other in FOLDED.get(c, "")]
+
+
+@pytest.mark.parametrize("key", sorted({
+    key for word in mask._SECRET_WORDS + ("auth_password",)
+    for key in folded_spellings(word)}))
+def test_a_key_the_text_patterns_take_for_a_secret_is_one_in_a_mapping(key):
+    # "\u017fecret" (a long s) was masked in text ("\u017fecret=x")
+    # and shown in a mapping ({"\u017fecret": "x"}): is_secret_key
+    # lower-cased the key, the patterns fold case as re.IGNORECASE does.
+    assert mask.mask_text("{}=v4lue".format(key)) == key + "=" + mask.MASK
+    assert mask.is_secret_key(key)
+    assert mask.mask({key: "v4lue"}) == {key: mask.MASK}
+    assert mask.mask([key, "v4lue"]) == [key, mask.MASK]
+    assert mask.holds_secret({"data": {key: "v4lue"}})
+
+
+@pytest.mark.parametrize("key", [
+    "pa\u00dfword", "PA\u00dfWORD", "\u017fECRET", "s\u0131gning_secret"])
+def test_a_key_whose_case_folding_names_a_secret_is_one(key):
+    # str.casefold: the German sharp s folds to "ss" as well.
+    assert mask.is_secret_key(key)
+    assert mask.mask({key: "v4lue"}) == {key: mask.MASK}
+
+
+@pytest.mark.parametrize("key", [
+    "auth_u\u017fername", "\u017fecret_type", "AUTH_METHOD",
+    "di\u017fcovery_auth_method"])
+def test_a_folded_spelling_of_a_name_that_is_no_secret_is_none(key):
+    assert not mask.is_secret_key(key)
+    assert mask.mask_text("{}=v4lue".format(key)).endswith("=v4lue")
+
+
+@pytest.mark.parametrize("text, masked", [
+    # A sentence's punctuation glued to a bare secret stays, the secret
+    # alone is masked (it ate the full stop, the semicolon, the colon).
+    ("login failed: password=s3cret.", "login failed: password=********."),
+    ("password=s3cret; retrying", "password=********; retrying"),
+    ("auth_password=s3cret: access denied",
+     "auth_password=********: access denied"),
+    ("password=s3cret...", "password=********..."),
+    ("password=s3cret.\nnext line", "password=********.\nnext line"),
+    ("-n node.session.auth.password -v s3cret.",
+     "-n node.session.auth.password -v ********."),
+    ("password%3Ds3cret.", "password%3D********."),
+    # A value is never all punctuation shown; more than three is the
+    # secret's; punctuation inside the value is the secret's.
+    ("password=.", "password=********"),
+    ("password=s3cret....", "password=********..."),
+    ("password=s3.cr;et", "password=********"),
+    ("password=s3cret;user=admin", "password=********"),
+    # "!" and "?" end passwords more often than messages: masked.
+    ("password=Summer2024!", "password=********"),
+    ("password=s3cret?", "password=********"),
+])
+def test_punctuation_glued_to_a_bare_secret_is_kept(text, masked):
+    assert mask.mask_text(text) == masked
+
+
 @pytest.mark.parametrize("value", [
     {"items": [("auth_password", "a long secret " * 6 + "TAILSECRET")]},
     {"auth_password": "a long secret " * 6 + "TAILSECRET"},

@@ -9,10 +9,11 @@ explicitly, so no caller has to remember.  Connection data logged as an
 argument is wrapped in ``Masked``: masked once, and only when the line is
 written, also by handlers without that filter (vdsm's).
 
-A key is secret when its lower-cased name contains ``password``, ``secret``,
-``keyring``, ``token``, ``credential``, ``private_key``, ``access_key`` or
-``one_time_pass``, or starts with ``auth_`` / ``discovery_auth_`` and is not
-the auth method or user name.
+A key is secret when its case-folded name (``_fold``: as the text
+patterns fold it, "\u017fecret" is "secret") contains ``password``,
+``secret``, ``keyring``, ``token``, ``credential``, ``private_key``,
+``access_key`` or ``one_time_pass``, or starts with ``auth_`` /
+``discovery_auth_`` and is not the auth method or user name.
 
 Free text (exception messages, command lines, reprs) is scanned for the
 shapes in which such a key meets its value::
@@ -30,7 +31,9 @@ shapes in which such a key meets its value::
     admin:s3cret@10.0.0.1:3260      (user:password@host, no scheme)
     key = AQB...==  /  AQ<38 base64 chars>==      (a Ceph keyring)
 
-Only the values are replaced: every other word of the text stays.  In an
+Only the values are replaced: every other word of the text stays, and
+so does a sentence's full stop, semicolon or colon glued to a bare value
+(``password=s3cret.`` becomes ``password=********.``).  In an
 error naming a parameter, ``Invalid parameter <name>: <reason>``
 (``errors.InvalidParams``), the name is a parameter's path, which may end
 in a secret's key (``connection_info.data.auth_password``), and the colon
@@ -150,13 +153,22 @@ def is_secret_key(key):
 
 
 def _is_secret_name(key):
-    k = key.lower()
+    k = _fold(key)
     if k in _NOT_SECRET:
         return False
     for word in _SECRET_WORDS:
         if word in k:
             return True
     return k.startswith(("auth_", "discovery_auth_"))
+
+
+def _fold(name):
+    """``name`` case-folded as the text patterns fold it (re.IGNORECASE):
+    a key spelled with a long s ("\u017fecret"), a Kelvin sign or
+    "\u0130"/"\u0131" for an i names the same secret as in ASCII, in a
+    mapping as in text.  str.casefold, which also folds "\u00df" to
+    "ss", and the two Turkish i's, which casefold leaves apart."""
+    return name.casefold().replace("i\u0307", "i").replace("\u0131", "i")
 
 
 # Every response and logged value is walked key by key, and its keys are
@@ -509,7 +521,27 @@ def _value_end(text, start, brackets):
     m = _BARE.match(text, start)
     if m is None:
         return start, ("", "")
-    return m.end(), ("", "")
+    return _without_end_punctuation(text, start, m.end()), ("", "")
+
+
+# Sentence punctuation that may end a bare value: the text's, not the
+# secret's ("login failed: password=s3cret." "password=s3cret; retrying"
+# "password=s3cret: access denied").  Not "!" nor "?": passwords end
+# with them far more often than error messages put them there.
+_END_PUNCTUATION = ".;:"
+_END_PUNCTUATION_MAX = 3
+
+
+def _without_end_punctuation(text, start, end):
+    """The end of the bare value ``text[start:end]`` before the sentence
+    punctuation glued to it (at most _END_PUNCTUATION_MAX characters, and
+    never all of it): kept in the text, the secret masked without it.
+    (A secret that does end so shows that character: "s3cret." and
+    "s3cret" followed by a full stop read the same.)"""
+    stop = max(start + 1, end - _END_PUNCTUATION_MAX)
+    while end > stop and text[end - 1] in _END_PUNCTUATION:
+        end -= 1
+    return end
 
 
 _CALL = re.compile(r"[A-Za-z_][\w.]{0,%d}(?=\()" % _NAME_MAX)

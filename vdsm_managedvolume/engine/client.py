@@ -146,7 +146,12 @@ def _dump_stacks_on_signal():
 
 
 def _may_hold_secret(text):
-    """False only when ``mask.mask_text(text)`` would change nothing."""
+    """False only when ``mask.mask_text(text)`` would change nothing.
+    Text that is not ASCII may: the masker's patterns fold case the
+    Unicode way ("\u017fecret" is a secret's key), lower() does not
+    (as ``mask.plainly_clean``)."""
+    if not text.isascii():
+        return True
     lowered = text.lower()
     return any(hint in lowered for hint in SECRET_HINTS)
 

@@ -435,6 +435,11 @@ def test_a_folded_spelling_of_a_name_that_is_no_secret_is_none(key):
     # "!" and "?" end passwords more often than messages: masked.
     ("password=Summer2024!", "password=********"),
     ("password=s3cret?", "password=********"),
+    # A pair's value is masked whole when it closes the pair: what ends
+    # it is the pair's, not a sentence's.
+    ("('auth_password', 12345678.)", "('auth_password', ********)"),
+    ("[('auth_password', 12345678.), ('lun', 1)]",
+     "[('auth_password', ********), ('lun', 1)]"),
 ])
 def test_punctuation_glued_to_a_bare_secret_is_kept(text, masked):
     assert mask.mask_text(text) == masked

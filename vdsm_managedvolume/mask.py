@@ -404,8 +404,13 @@ def _mask_keys(text):
             pos = start
             continue
         end, quote = _value_end(text, start, brackets)
-        if end == start or (m.group("pairsep") is not None
-                            and not _closes_pair(text, start, end, quote)):
+        pair = m.group("pairsep") is not None
+        if not pair and quote == ("", ""):
+            # A bare value (or a bracketed one: ends with its bracket).
+            # Not in a pair: it is masked whole only when it closes it.
+            end = _without_end_punctuation(text, start, end)
+        if end == start or (pair and not _closes_pair(text, start, end,
+                                                      quote)):
             # A key without a value (or a quoted name and the item after
             # it, not a pair: more follow, or no value): keep it, look
             # further.
@@ -521,7 +526,7 @@ def _value_end(text, start, brackets):
     m = _BARE.match(text, start)
     if m is None:
         return start, ("", "")
-    return _without_end_punctuation(text, start, m.end()), ("", "")
+    return m.end(), ("", "")
 
 
 # Sentence punctuation that may end a bare value: the text's, not the

@@ -2,11 +2,12 @@
 ``log.setup`` installs (a log file, the masking filter, the formatter),
 against vdsm's logging of the same line.
 
-An attach+detach writes six INFO lines (each call's START and FINISH,
-the service's Attached and Detached).  Kinds of line measured:
+An attach+detach writes four INFO lines (each call's START and FINISH;
+FINISH names the outcome: ids, paths, states).  Kinds of line measured:
 
-    plain       ids, paths, states ("Attached volume ... path=..."): the
-                filter's fast path (no argument masked one by one)
+    plain       ids, paths, states (an attach's "FINISH ... ok vol_id=...
+                path=... managed_path=..."): the filter's fast path (no
+                argument masked one by one)
     start       a call's START line with connection_info (``api._Args``:
                 the parameters masked by key, then formatted)
     secret      a START line whose connection_info holds a CHAP password:
@@ -85,9 +86,9 @@ def lines(args_type):
     path = "/dev/loop7"
     managed = "/run/vdsm/managedvolumes/{}_{}".format(SD_ID, VOL_ID)
     return [
-        ("plain", lambda: service.info(
-            "Attached volume %s path=%s managed_path=%s", VOL_ID, path,
-            managed)),
+        ("plain", lambda: calls.info(
+            "FINISH %s ok vol_id=%s path=%s managed_path=%s (%.3f s)",
+            "ManagedVolume.attach_volume", VOL_ID, path, managed, 0.0042)),
         ("start", lambda: calls.info(
             "START %s(%s)", "ManagedVolume.attach_volume",
             args_type({"vol_id": VOL_ID, "connection_info": LOCAL,

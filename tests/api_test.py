@@ -170,6 +170,70 @@ def test_call_log_masks_params(service, caplog):
     assert SECRET not in text
 
 
+def finish_lines(caplog):
+    return [r.getMessage() for r in caplog.records
+            if r.getMessage().startswith("FINISH ")]
+
+
+def test_finish_lines_name_what_attach_and_detach_did(service, caplog):
+    # As vdsm's FINISH return=: at INFO, where the device is and what a
+    # detach found (the service says it at DEBUG only).
+    service.detach_volume = lambda vol_id, sd_id: {
+        "vol_id": vol_id, "path": "/dev/mapper/fake", "was": "attached"}
+    with caplog.at_level(logging.INFO, logger="managedvolume.api"):
+        res = api.ManagedVolume().attach_volume(VOL_ID, ISCSI_CONNECTION)
+        det = api.ManagedVolume().detach_volume(VOL_ID)
+    assert det == {"status": api.DONE}
+    attached, detached = finish_lines(caplog)
+    assert attached.startswith(
+        "FINISH ManagedVolume.attach_volume ok vol_id={} path={} "
+        "managed_path={} (".format(VOL_ID, res["result"]["path"],
+                                   res["result"]["managed_path"]))
+    assert detached.startswith(
+        "FINISH ManagedVolume.detach_volume ok vol_id={} "
+        "path=/dev/mapper/fake was=attached (".format(VOL_ID))
+
+
+def test_finish_line_of_a_detach_of_nothing_says_so(service, caplog):
+    service.detach_volume = lambda vol_id, sd_id: {
+        "vol_id": vol_id, "path": None, "was": None}
+    with caplog.at_level(logging.INFO, logger="managedvolume.api"):
+        api.ManagedVolume().detach_volume(VOL_ID)
+    line, = finish_lines(caplog)
+    assert line.startswith("FINISH ManagedVolume.detach_volume ok "
+                           "vol_id={} not attached (".format(VOL_ID))
+
+
+def test_finish_line_of_an_outcome_it_cannot_read_says_ok(service, caplog):
+    service.detach_volume = lambda vol_id, sd_id: None
+    service.attach_volume = lambda *a: "odd"
+    with caplog.at_level(logging.INFO, logger="managedvolume.api"):
+        api.ManagedVolume().attach_volume(VOL_ID, ISCSI_CONNECTION)
+        api.ManagedVolume().detach_volume(VOL_ID)
+    assert [line.split(" (")[0] for line in finish_lines(caplog)] == [
+        "FINISH ManagedVolume.attach_volume ok",
+        "FINISH ManagedVolume.detach_volume ok"]
+
+
+def test_finish_line_masks_what_it_shows(caplog):
+    # The outcome reaches the line unmasked when the dispatcher masks
+    # the result later (mask_later): the log filter masks it, as every
+    # line's arguments.
+    from vdsm_managedvolume import log as logmod
+    svc = FakeService()
+    svc.attach_volume = lambda *a: {
+        "vol_id": VOL_ID, "path": "/dev/x?auth_password=" + SECRET,
+        "attachment": {"keyring": SECRET}, "managed_path": "/run/x"}
+    logmod.install_filter(caplog.handler)
+    with caplog.at_level(logging.INFO, logger="managedvolume.api"), \
+            api.using(svc, checked=True, mask_later=True) as bound:
+        res = api.ManagedVolume().attach_volume(VOL_ID, ISCSI_CONNECTION)
+    assert bound.unmasked and res["result"]["attachment"]["keyring"] == SECRET
+    assert "FINISH ManagedVolume.attach_volume ok vol_id={} " \
+        "path=/dev/x?auth_password=".format(VOL_ID) in caplog.text
+    assert SECRET not in caplog.text
+
+
 def test_start_line_masks_connection_info_once_and_only_when_written(
         service, monkeypatch, caplog):
     calls = []

@@ -1024,7 +1024,8 @@ def test_detach_removes_link_rule_connection_and_record(inproc_service):
     svc = inproc_service
     vol_id, ci = new_id(), iscsi_connection(svc.cfg)
     res = svc.attach_volume(vol_id, ci, SD)
-    assert svc.detach_volume(vol_id, SD) is None
+    assert svc.detach_volume(vol_id, SD) == {
+        "vol_id": vol_id, "path": res["path"], "was": "attached"}
     assert not is_symlink(res["managed_path"])
     assert not os.path.exists(rule_of(svc, vol_id, SD))
     assert fakebrick.connected() == []
@@ -2140,10 +2141,10 @@ def test_attach_and_detach_outcomes_name_volume_and_path_not_connection_info(
     assert lines == [
         ("DEBUG", "Attaching volume {} sd_id={}".format(
             vol_id, validate.BLANK_UUID)),
-        ("INFO", "Attached volume {} path={} managed_path={}".format(
+        ("DEBUG", "Attached volume {} path={} managed_path={}".format(
             vol_id, res["path"], res["managed_path"])),
         ("DEBUG", "Detaching volume {} (attached)".format(vol_id)),
-        ("INFO", "Detached volume {} path={} (was attached)".format(
+        ("DEBUG", "Detached volume {} path={} (was attached)".format(
             vol_id, res["path"])),
     ]
     assert ci["data"]["target_iqn"] not in caplog.text

@@ -166,13 +166,15 @@ class ManagedVolume(APIBase):
                      key="result",
                      args={"vol_id": vol_id,
                            "connection_info": connection_info,
-                           "sd_id": sd_id})
+                           "sd_id": sd_id},
+                     shown=_attached)
 
     def detach_volume(self, vol_id, sd_id=validate.BLANK_UUID):
         return _call("ManagedVolume.detach_volume",
                      lambda s: s.detach_volume(vol_id, sd_id),
                      key=None,
-                     args={"vol_id": vol_id, "sd_id": sd_id})
+                     args={"vol_id": vol_id, "sd_id": sd_id},
+                     shown=_detached)
 
     def extend_volume(self, vol_id, sd_id=validate.BLANK_UUID, new_size=None):
         return _call("ManagedVolume.extend_volume",
@@ -354,11 +356,14 @@ class _BridgeFinder:
         return spec
 
 
-def _call(name, fn, key, args, masked=True, masks=True):
+def _call(name, fn, key, args, masked=True, masks=True, shown=None):
     """Run ``fn(service)`` and return vdsm's response dict.
 
     ``masked``: the result may be logged (False: it holds secrets);
-    ``masks``: it is masked here (False: the service returned it masked).
+    ``masks``: it is masked here (False: the service returned it masked);
+    ``shown``: what the FINISH line shows of the outcome (``_attached``,
+    ``_detached``), else only "ok".  key None: the value is the outcome
+    only, never returned (true on the wire).
     """
     start = time.monotonic()
     bound = _current.get()
@@ -386,18 +391,48 @@ def _call(name, fn, key, args, masked=True, masks=True):
                   time.monotonic() - start, exc_info=True)
         return {"status": {"code": err.code,
                            "message": mask.mask_text(str(err))}}
-    if masked and masks:
+    if key is not None and masked and masks:
         if bound is not None and bound.mask_later and \
                 not log.isEnabledFor(logging.DEBUG):
             bound.unmasked = True
         else:
             value = mask.mask(value)
-    log.info("FINISH %s ok (%.3f s)", name, time.monotonic() - start)
+    # As vdsm's FINISH line logs return= (common/api.py, ``logged``):
+    # INFO names what the call did, masked by the log filter like any
+    # line's arguments (the value itself may still be unmasked here).
+    if shown is None:
+        log.info("FINISH %s ok (%.3f s)", name, time.monotonic() - start)
+    else:
+        text, shown_args = shown(value)
+        log.info(text, name, *shown_args, time.monotonic() - start)
     log.debug("%s returned %s", name, value if masked else "<unmasked>")
     response = {"status": dict(DONE)}
     if key is not None:
         response[key] = value
     return response
+
+
+def _attached(value):
+    """An attach's FINISH line: where its device is (the service logs
+    the same at DEBUG only)."""
+    if not isinstance(value, dict):
+        return "FINISH %s ok (%.3f s)", ()
+    return ("FINISH %s ok vol_id=%s path=%s managed_path=%s (%.3f s)",
+            (value.get("vol_id"), value.get("path"),
+             value.get("managed_path")))
+
+
+def _detached(value):
+    """A detach's FINISH line: what it detached (the device's path and
+    the state its record was in), or that nothing was attached
+    (``Service.detach_volume``'s outcome)."""
+    if not isinstance(value, dict):
+        return "FINISH %s ok (%.3f s)", ()
+    if value.get("was") is None:
+        return ("FINISH %s ok vol_id=%s not attached (%.3f s)",
+                (value.get("vol_id"),))
+    return ("FINISH %s ok vol_id=%s path=%s was=%s (%.3f s)",
+            (value.get("vol_id"), value.get("path"), value["was"]))
 
 
 class _Args(mask.Masked):

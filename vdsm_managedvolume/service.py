@@ -326,7 +326,7 @@ class Service:
                 rec, fresh, live = self._reuse(rec, sd_id, connection_info,
                                                boot_id)
             # At INFO, the call's START line (api.py) says this (with
-            # connection_info, masked) and the Attached line the outcome;
+            # connection_info, masked) and its FINISH line the outcome;
             # progress is DEBUG, as in vdsm (storage/managedvolume.py:
             # attach_volume and detach_volume log their start at DEBUG).
             log.debug("Attaching volume %s sd_id=%s", vol_id, sd_id)
@@ -465,13 +465,21 @@ class Service:
                 if not self._drop_conf(vol_id, earlier, attachment):
                     self._sweep_keyring_later(connection_info)
 
-        log.info("Attached volume %s path=%s managed_path=%s", vol_id,
-                 path, managed_path)
+        # DEBUG: the call's FINISH line (api.py) names the device at
+        # INFO, as vdsm's FINISH return= does (storage/managedvolume.py
+        # logs its "Attached volume" at DEBUG too).
+        log.debug("Attached volume %s path=%s managed_path=%s", vol_id,
+                  path, managed_path)
         return {"vol_id": vol_id, "path": path, "attachment": attachment,
                 "managed_path": managed_path}
 
     def detach_volume(self, vol_id, sd_id=validate.BLANK_UUID):
         """Disconnect a volume and forget it.  Idempotent.
+
+        Returns what was done, for the call's log line (the API returns
+        none of it: detach's result is true): {vol_id, path, was}, was
+        the state the record was in (path: its device's, None when none
+        was recorded), None when nothing was recorded (already detached).
 
         A volume without a record is already detached: success.  If the
         disconnect fails while the device is still present, the error is
@@ -501,11 +509,14 @@ class Service:
                     rec = self._find(vol_id)
                     if rec is not None:
                         self._detach_named(rec, sd_id)
+        # DEBUG: the call's FINISH line (api.py) says the same at INFO,
+        # from what this returns.
         if rec is None:
-            log.info("Volume %s is not attached, nothing to detach", vol_id)
-            return
-        log.info("Detached volume %s path=%s (was %s)", vol_id, rec["path"],
-                 rec["state"])
+            log.debug("Volume %s is not attached, nothing to detach", vol_id)
+            return {"vol_id": vol_id, "path": None, "was": None}
+        log.debug("Detached volume %s path=%s (was %s)", vol_id,
+                  rec["path"], rec["state"])
+        return {"vol_id": vol_id, "path": rec["path"], "was": rec["state"]}
 
     def _detach_named(self, rec, sd_id):
         vol_id = rec["vol_id"]

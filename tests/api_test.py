@@ -217,20 +217,28 @@ def test_finish_line_of_an_outcome_it_cannot_read_says_ok(service, caplog):
 
 def test_finish_line_masks_what_it_shows(caplog):
     # The outcome reaches the line unmasked when the dispatcher masks
-    # the result later (mask_later): the log filter masks it, as every
-    # line's arguments.
-    from vdsm_managedvolume import log as logmod
+    # the result later (mask_later), and inside vdsm no filter of ours
+    # is on the handlers (none here either): the line masks it itself.
     svc = FakeService()
     svc.attach_volume = lambda *a: {
         "vol_id": VOL_ID, "path": "/dev/x?auth_password=" + SECRET,
-        "attachment": {"keyring": SECRET}, "managed_path": "/run/x"}
-    logmod.install_filter(caplog.handler)
+        "attachment": {"keyring": SECRET},
+        "managed_path": "/run/x@user:" + SECRET + "@host"}
+    svc.detach_volume = lambda *a: {
+        "vol_id": VOL_ID, "path": "/dev/x?auth_password=" + SECRET,
+        "was": "attached"}
     with caplog.at_level(logging.INFO, logger="managedvolume.api"), \
             api.using(svc, checked=True, mask_later=True) as bound:
         res = api.ManagedVolume().attach_volume(VOL_ID, ISCSI_CONNECTION)
+        api.ManagedVolume().detach_volume(VOL_ID)
     assert bound.unmasked and res["result"]["attachment"]["keyring"] == SECRET
-    assert "FINISH ManagedVolume.attach_volume ok vol_id={} " \
-        "path=/dev/x?auth_password=".format(VOL_ID) in caplog.text
+    attached, detached = finish_lines(caplog)
+    assert attached.startswith(
+        "FINISH ManagedVolume.attach_volume ok vol_id={} "
+        "path=/dev/x?auth_password=".format(VOL_ID))
+    assert detached.startswith(
+        "FINISH ManagedVolume.detach_volume ok vol_id={} "
+        "path=/dev/x?auth_password=".format(VOL_ID))
     assert SECRET not in caplog.text
 
 

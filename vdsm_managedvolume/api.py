@@ -418,8 +418,7 @@ def _attached(value):
     if not isinstance(value, dict):
         return "FINISH %s ok (%.3f s)", ()
     return ("FINISH %s ok vol_id=%s path=%s managed_path=%s (%.3f s)",
-            (value.get("vol_id"), value.get("path"),
-             value.get("managed_path")))
+            _masked(value, "vol_id", "path", "managed_path"))
 
 
 def _detached(value):
@@ -430,9 +429,18 @@ def _detached(value):
         return "FINISH %s ok (%.3f s)", ()
     if value.get("was") is None:
         return ("FINISH %s ok vol_id=%s not attached (%.3f s)",
-                (value.get("vol_id"),))
+                _masked(value, "vol_id"))
     return ("FINISH %s ok vol_id=%s path=%s was=%s (%.3f s)",
-            (value.get("vol_id"), value.get("path"), value["was"]))
+            _masked(value, "vol_id", "path", "was"))
+
+
+def _masked(value, *keys):
+    """``value``'s ``keys`` as a FINISH line shows them, masked here:
+    inside vdsm no filter of ours masks its log lines' arguments (a
+    path an adapter returned may hold a password's shape).  Nearly
+    every value is plainly clean: ``mask_text`` returns it as it is."""
+    return tuple(mask.mask_text(v) if isinstance(v, str) else v
+                 for v in map(value.get, keys))
 
 
 class _Args(mask.Masked):

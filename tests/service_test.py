@@ -86,23 +86,31 @@ def test_attach_local_uses_the_attachment_path(inproc_service, loop_device):
 
 def test_attach_stats_the_device_once_after_connect(
         inproc_service, loop_device, monkeypatch):
-    # One stat before anything (the local in-use check), one after the
-    # connect for its existence, identity, size and the udev trigger.
+    # One look before anything (the local in-use check: the lstat that
+    # finds the path is no link is its stat too), one stat after the
+    # connect for its existence, identity, size and the udev trigger,
+    # and the lstat of the udev rule's match (a link or a kernel name).
     svc = inproc_service
     ci = {"driver_volume_type": "local",
           "data": {"device_path": loop_device.path}}
     stats = []
-    real_stat = os.stat
+    real_stat, real_lstat = os.stat, os.lstat
 
     def stat(path, *args, **kw):
         if path == loop_device.path:
-            stats.append(path)
+            stats.append("stat")
         return real_stat(path, *args, **kw)
 
+    def lstat(path, *args, **kw):
+        if path == loop_device.path:
+            stats.append("lstat")
+        return real_lstat(path, *args, **kw)
+
     monkeypatch.setattr(os, "stat", stat)
+    monkeypatch.setattr(os, "lstat", lstat)
     vol_id = new_id()
     svc.attach_volume(vol_id, ci)
-    assert len(stats) == 2
+    assert stats == ["lstat", "stat", "lstat"]
     rec = svc._db().get_volume(vol_id)
     st = real_stat(loop_device.path)
     assert rec["identity"]["dev"] == "{}:{}".format(

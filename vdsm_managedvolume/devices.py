@@ -88,6 +88,7 @@ without persistent facts cannot be compared, and is not claimed to differ.
 
 import errno
 import fnmatch
+import functools
 import os
 import re
 import select
@@ -119,21 +120,22 @@ def check_local(name, path, patterns):
     ``path`` was checked by ``validate.device_path`` (absolute,
     normalised, no NUL).
     """
-    real = os.path.realpath(path)
-    try:
-        st = os.stat(real)
-    except OSError as e:
-        raise errors.InvalidParams(
-            name=name, reason="{} {}".format(
-                _named(path, real), "does not exist"
-                if e.errno == errno.ENOENT else "cannot be examined ({})"
-                .format(e.strerror)))
+    real, st = _real_path(path)
+    if st is None:
+        try:
+            st = os.stat(real)
+        except OSError as e:
+            raise errors.InvalidParams(
+                name=name, reason="{} {}".format(
+                    _named(path, real), "does not exist"
+                    if e.errno == errno.ENOENT else "cannot be examined ({})"
+                    .format(e.strerror)))
     if not stat.S_ISBLK(st.st_mode):
         raise errors.InvalidParams(
             name=name, reason="{} is not a block device".format(
                 _named(path, real)))
-    if not any(fnmatch.fnmatchcase(p, pattern)
-               for pattern in patterns for p in (path, real)):
+    allowed = _matcher(tuple(patterns))
+    if not (allowed(path) or real != path and allowed(real)):
         raise errors.InvalidParams(
             name=name, reason="{} is not an allowed local device: "
             "[volumes] local_devices allows {}".format(
@@ -299,6 +301,47 @@ def _in_use(number):
         if holders:
             return "{} is held by {}".format(name, ", ".join(holders))
     return None
+
+
+def _real_path(path):
+    """(``os.path.realpath(path)``, its ``os.stat`` or None).
+
+    A normalised absolute path none of whose components is a symbolic
+    link is its own real path: then one ``os.lstat`` of each component
+    (what realpath makes, without its bookkeeping) tells it, and the
+    last one is the device's stat (not a link: the same as ``os.stat``).
+    Any other path, and any error, is realpath's (the stat None).
+    """
+    if path[:1] == "/" and "//" not in path and "/." not in path \
+            and path[-1:] != "/":
+        end = 0
+        try:
+            while True:
+                end = path.find("/", end + 1)
+                st = os.lstat(path if end < 0 else path[:end])
+                if stat.S_ISLNK(st.st_mode):
+                    break
+                if end < 0:
+                    return path, st
+        except (OSError, ValueError):
+            pass
+    return os.path.realpath(path), None
+
+
+@functools.lru_cache(maxsize=16)
+def _matcher(patterns):
+    """A function telling whether a path matches one of the shell
+    ``patterns`` (``fnmatch.fnmatchcase``): one regular expression for
+    all of them, compiled once per tuple of patterns."""
+    if not patterns:
+        return lambda path: False
+    try:
+        match = re.compile("|".join(
+            "(?:{})".format(fnmatch.translate(p)) for p in patterns)).match
+    except re.error:
+        return lambda path: any(fnmatch.fnmatchcase(path, p)
+                                for p in patterns)
+    return lambda path: match(path) is not None
 
 
 def _named(path, real):

@@ -524,15 +524,27 @@ def _process_name():
         else "python"
 
 
+# check_sendable's packer (msgpack.packb made one per call, with its
+# 1 MiB buffer), used under its lock.
+_sendable_lock = threading.Lock()
+_sendable_packer = None
+
+
 def check_sendable(operation, args):
     """Raise CannotSend when ``args`` cannot cross the channel (a lone
     surrogate, an integer beyond 64 bits: msgpack refuses them), before
     any daemon is started or anything is sent.  Encoded as the channel
     encodes (oslo_privsep.comm.Serializer)."""
-    import msgpack
+    global _sendable_packer
     try:
-        msgpack.packb(args, use_bin_type=True,
-                      unicode_errors="surrogateescape")
+        with _sendable_lock:
+            if _sendable_packer is None:
+                import msgpack
+                _sendable_packer = msgpack.Packer(
+                    use_bin_type=True, unicode_errors="surrogateescape")
+            # A failed pack leaves the packer empty (msgpack resets its
+            # buffer), a packed one is reset by pack itself.
+            _sendable_packer.pack(args)
     except (ValueError, TypeError, OverflowError) as e:
         raise errors.CannotSend(operation=operation, reason=mask.mask_text(
             "{}: {}".format(type(e).__name__, e)))

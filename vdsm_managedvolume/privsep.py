@@ -188,10 +188,17 @@ THREADS_LEFT = "threads-left"
 REMOTE_ERROR = "{}.{}".format(RemoteError.__module__, RemoteError.__name__)
 
 
+# The types ``plain`` returns as they are (exactly these: a subclass of
+# one takes the checks below), looked up first: nearly every value.
+_LEAVES = frozenset((str, int, float, bool, type(None)))
+
+
 def plain(obj):
     """``obj`` as plain JSON types: tuples and sets become lists (msgpack
     turns lists into tuples and cannot carry sets), dict keys strings,
     anything else its str()."""
+    if type(obj) in _LEAVES:
+        return obj
     if isinstance(obj, dict):
         return {k if isinstance(k, str) else str(k): plain(v)
                 for k, v in obj.items()}

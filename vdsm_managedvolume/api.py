@@ -439,8 +439,15 @@ def _masked(value, *keys):
     inside vdsm no filter of ours masks its log lines' arguments (a
     path an adapter returned may hold a password's shape).  Nearly
     every value is plainly clean: ``mask_text`` returns it as it is."""
+    values = tuple(map(value.get, keys))
+    texts = [v for v in values if isinstance(v, str)]
+    # Joined by a newline, which no secret's marker holds: the whole is
+    # plainly clean only when each value is (then mask_text returns each
+    # as it is), one scan instead of one per value.
+    if mask.plainly_clean("\n".join(texts)):
+        return values
     return tuple(mask.mask_text(v) if isinstance(v, str) else v
-                 for v in map(value.get, keys))
+                 for v in values)
 
 
 class _Args(mask.Masked):

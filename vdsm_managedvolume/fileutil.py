@@ -21,6 +21,20 @@ def rm_file(path, dir_fd=None, log=None):
         log.warning("Cannot remove %s: %s", path, e)
 
 
+def join(directory, name):
+    """``os.path.join(directory, name)``: the same path, made directly
+    for two strings when ``name`` is not absolute (the journal's volume
+    paths: lock files, udev rules, managed links, several per call),
+    without os.path.join's generic checks (bytes, path-like objects,
+    more parts); any other arguments are os.path.join's."""
+    if type(directory) is not str or type(name) is not str or \
+            name.startswith("/"):
+        return os.path.join(directory, name)
+    if not directory or directory.endswith("/"):
+        return directory + name
+    return directory + "/" + name
+
+
 def is_under(path, directory):
     """Whether ``path`` names something inside ``directory`` (by name,
     normalised, no symlink resolved; ``directory`` itself is not)."""

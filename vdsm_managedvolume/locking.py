@@ -32,6 +32,7 @@ import threading
 import time
 
 from . import errors
+from . import fileutil
 from . import gate
 
 # Polling bounds for the flock part (another process holds the lock).
@@ -65,7 +66,7 @@ def volume_lock(lock_dir, vol_id, timeout):
 
 
 def lock_path(lock_dir, vol_id):
-    return os.path.join(lock_dir, vol_id + ".lock")
+    return fileutil.join(lock_dir, vol_id + ".lock")
 
 
 # Private helpers

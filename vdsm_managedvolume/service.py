@@ -1585,7 +1585,7 @@ class Service:
         self._rules.add(sd_id, vol_id, path, number, backing)
 
     def _link_path(self, sd_id, vol_id):
-        return os.path.join(self.cfg.run_dir, "{}_{}".format(sd_id, vol_id))
+        return fileutil.join(self.cfg.run_dir, "{}_{}".format(sd_id, vol_id))
 
     def _add_link(self, sd_id, vol_id, path):
         """Point <run_dir>/<sd_id>_<vol_id> at ``path`` atomically.

@@ -130,7 +130,7 @@ class UnsafePath(ValueError):
 
 
 def rule_path(rules_dir, sd_id, vol_id):
-    return os.path.join(rules_dir, "{}{}_{}{}".format(
+    return fileutil.join(rules_dir, "{}{}_{}{}".format(
         PREFIX, sd_id, vol_id, SUFFIX))
 
 
@@ -178,8 +178,8 @@ def guard(path, number=None, backing=None):
 
 def temp_path(rules_dir, sd_id, vol_id):
     """Where ``add_rule`` writes the rule before renaming it."""
-    return os.path.join(rules_dir, ".{}.tmp".format(
-        os.path.basename(rule_path(rules_dir, sd_id, vol_id))))
+    return fileutil.join(rules_dir, ".{}.tmp".format(
+        rule_path(rules_dir, sd_id, vol_id).rpartition("/")[2]))
 
 
 def parse_temp_name(name):

@@ -911,6 +911,9 @@ class _Channel:
             use_list=False, raw=False, strict_map_key=False,
             unicode_errors="surrogateescape",
             max_buffer_size=100 * 1024 * 1024)
+        # Whether data was fed since the unpacker last ran out of whole
+        # messages (the reader's, as the unpacker is).
+        self._fed = False
         self._poll = select.poll()
         self._poll.register(sock.fileno(), select.POLLIN)
         # The socket's receive timeout (SO_RCVTIMEO): how long a reader's
@@ -1171,8 +1174,14 @@ class _Channel:
             self._fail("privsep daemon gone (end of file)")
             return
         self._unpacker.feed(data)
+        self._fed = True
 
     def _handle_buffered(self):
+        if not self._fed:
+            # Every whole message fed so far was handled: the unpacker
+            # would only raise StopIteration (msgpack adds a traceback
+            # to it: the reader's first look, before each recv).
+            return
         for msgid, msg in self._unpacker:
             if msgid is None:
                 self._log_record(msg)
@@ -1183,6 +1192,7 @@ class _Channel:
                     continue    # its caller stopped waiting (deadline)
                 waiter.reply = msg
                 self._wake(waiter)
+        self._fed = False
 
     def _fail(self, reason):
         with self._lock:

@@ -34,6 +34,7 @@ import time
 
 from . import api
 from . import errors
+from . import jsontext
 from . import log as logmod
 from . import mask
 from . import schema as schema_module
@@ -353,7 +354,7 @@ def _no_constant(name):
 # Made once: json.loads and json.dumps build one per call when given any
 # option.
 _DECODER = json.JSONDecoder(parse_constant=_no_constant)
-_ENCODER = json.JSONEncoder(allow_nan=False)
+_ENCODER = jsontext.Encoder(allow_nan=False)
 
 
 class _BadRequest(Exception):

@@ -234,6 +234,7 @@ import urllib.parse
 
 from . import errors
 from . import gate
+from . import jsontext
 from . import mask
 
 STATES = ("attaching", "attached", "detaching")
@@ -1221,7 +1222,7 @@ _JSON_TYPES = {"connection_info": _connection_type,
 
 
 # json.dumps(value, sort_keys=True), without making an encoder per call.
-_ENCODER = json.JSONEncoder(sort_keys=True)
+_ENCODER = jsontext.Encoder(sort_keys=True)
 
 
 def _dumps(value):

@@ -20,6 +20,7 @@ import os
 import re
 
 from . import errors
+from . import jsontext
 from . import mask
 
 # The sd_id of a volume that belongs to no storage domain: vdsm's default
@@ -35,7 +36,7 @@ _UUID_RE = re.compile(
 MAX_CONNECTION_INFO = 64 * 1024
 
 # json.dumps(value, allow_nan=False), without making an encoder per call.
-_ENCODER = json.JSONEncoder(allow_nan=False)
+_ENCODER = jsontext.Encoder(allow_nan=False)
 
 _RBD_NAME_RE = re.compile(
     r"[A-Za-z0-9_.:+@=,-]+(/[A-Za-z0-9_.:+@=,-]+){1,2}\Z")

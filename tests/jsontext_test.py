@@ -82,3 +82,32 @@ def test_threads_encoding_one_object_at_once():
     for t in threads:
         t.join()
     assert failed == []
+
+
+DOCUMENTS = ['{"a": 1}', ' [1, 2.5, "x", null, true] \n', '', ' ', '{',
+             '{"a": 1} x', '\ufeff{}', 'NaN', '[-Infinity]', '"\\ud800"',
+             '1e400', '{"a":1,}', "'x'", '01', '-', '"\x00"',
+             '[' * 100000 + ']' * 100000, b'{"a": 1}', b'\xef\xbb\xbf{}',
+             bytearray(b'[1]'), None, 5]
+
+
+def _read(decode, document):
+    try:
+        return "value", decode(document)
+    except (ValueError, TypeError, RecursionError) as e:
+        return type(e), str(e)
+
+
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_loads_reads_as_json_loads(document):
+    assert _read(jsontext.loads, document) == _read(json.loads, document)
+
+
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_decoder_reads_as_json_decoder(document):
+    def refuse(name):
+        raise ValueError("no " + name)
+
+    ours = jsontext.Decoder(parse_constant=refuse)
+    theirs = json.JSONDecoder(parse_constant=refuse)
+    assert _read(ours.decode, document) == _read(theirs.decode, document)

@@ -353,7 +353,7 @@ def _no_constant(name):
 
 # Made once: json.loads and json.dumps build one per call when given any
 # option.
-_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+_DECODER = jsontext.Decoder(parse_constant=_no_constant)
 _ENCODER = jsontext.Encoder(allow_nan=False)
 
 

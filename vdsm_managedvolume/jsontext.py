@@ -1,5 +1,7 @@
 """JSON text the way ``json.JSONEncoder(**options).encode`` writes it,
-without building the encoder's C half at every call.
+without building the encoder's C half at every call, and JSON read the
+way ``json.loads`` and ``JSONDecoder.decode`` read it, calling the
+decoder's C scanner directly.
 
 ``JSONEncoder.encode`` runs ``iterencode``, which makes a new
 ``_json.make_encoder`` (and its circular-reference dict) for each
@@ -67,3 +69,35 @@ class Encoder:
                 self._json.encode(sample)
         except Exception:
             return False
+
+
+class Decoder:
+    """``json.JSONDecoder(**options)``'s ``decode``: the same values and
+    errors, its scanner called directly (decode and raw_decode are two
+    Python calls more per document)."""
+
+    def __init__(self, **options):
+        self._scan = json.JSONDecoder(**options).scan_once
+
+    def decode(self, s, _w=json.decoder.WHITESPACE.match):
+        # JSONDecoder.decode and raw_decode, in one.
+        try:
+            obj, end = self._scan(s, _w(s, 0).end())
+        except StopIteration as err:
+            raise json.JSONDecodeError("Expecting value", s,
+                                       err.value) from None
+        end = _w(s, end).end()
+        if end != len(s):
+            raise json.JSONDecodeError("Extra data", s, end)
+        return obj
+
+
+_DECODER = Decoder()
+
+
+def loads(s):
+    """``json.loads(s)``: the same values and errors (a str starts at
+    ``Decoder.decode``; a BOM, bytes and anything else take json.loads)."""
+    if type(s) is not str or s.startswith("\ufeff"):
+        return json.loads(s)
+    return _DECODER.decode(s)

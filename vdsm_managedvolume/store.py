@@ -224,7 +224,6 @@ per-transaction setting).
 """
 
 import functools
-import json
 import logging
 import os
 import sqlite3
@@ -1241,7 +1240,7 @@ def _loads(text):
         except UnicodeDecodeError as e:
             raise errors.StoreError("not UTF-8 ({})".format(e.reason))
     try:
-        return json.loads(text)
+        return jsontext.loads(text)
     except (ValueError, RecursionError) as e:
         raise errors.StoreError("undecodable JSON ({})".format(
             type(e).__name__ if isinstance(e, RecursionError) else e))

@@ -14,7 +14,6 @@ canonical 36-character hyphenated form is accepted (no braces, no urn:,
 no bare hex), because that is what vdsm and the engine send.
 """
 
-import json
 import math
 import os
 import re
@@ -139,7 +138,7 @@ def connection_info(name, value):
         raise errors.InvalidParams(
             name=name, reason="{} bytes as JSON, more than the {} "
             "allowed".format(size, MAX_CONNECTION_INFO))
-    normalised = json.loads(text)
+    normalised = jsontext.loads(text)
     if normalised.get("adapter", "") is None:
         del normalised["adapter"]
     return normalised

@@ -472,11 +472,11 @@ class _Args(mask.Masked):
 
     def _format(self):
         if self.json:
-            texts = [(k, repr(v)) for k, v in self.value.items()]
+            texts = list(map(repr, self.value.values()))
             # The whole text, before any cut: a password's marker may
             # come after it ("user:s3cret@host").
-            if mask.plainly_clean("".join(t for _, t in texts)):
-                return ", ".join("{}={}".format(k, mask.shorten(t))
-                                 for k, t in texts)
+            if mask.plainly_clean("".join(texts)):
+                return ", ".join(map("{}={}".format, self.value,
+                                     map(mask.shorten, texts)))
         return ", ".join("{}={}".format(k, mask.shorten(repr(v)))
                          for k, v in mask.mask_params(self.value).items())

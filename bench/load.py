@@ -163,6 +163,13 @@ def main():
                         "the second throughput run (default 0.005)")
     parser.add_argument("--idle", type=int, default=200,
                         help="idle connections held during the mass start")
+    parser.add_argument("--front-cpus", default="", metavar="LIST",
+                        help="[agent] front_cpu_affinity of both agents "
+                        "(default: empty, the front end on the agent's "
+                        "CPUs)")
+    parser.add_argument("--processes", type=int, default=0,
+                        help="[agent] processes of both agents (default: "
+                        "the agent's default)")
     parser.add_argument("--quick", action="store_true",
                         help="skip the vdsm-design measurements and halve "
                         "the slow-array throughput run (~20 s)")
@@ -177,6 +184,8 @@ def main():
                         "they are not on this machine's disk by default"
                         .format(TMPFS))
     args = parser.parse_args()
+    AGENT_OPTIONS.update(front_cpu_affinity=args.front_cpus,
+                         processes=args.processes)
     if os.geteuid() != 0:
         sys.exit("bench/load.py needs root (loop devices, privsep "
                  "daemon)")
@@ -218,6 +227,10 @@ def main():
     report(r, args)
 
 
+# [agent] keys of the agents' configuration (the command line's).
+AGENT_OPTIONS = {}
+
+
 def run(plain, tls, loops, args):
     locals_ = [{"driver_volume_type": "local",
                 "data": {"device_path": loop}} for loop in loops]
@@ -250,8 +263,8 @@ def run(plain, tls, loops, args):
                                 max(args.rounds, args.per_caller * 4)))
         manys.append(_throughput(plain, locals_.__getitem__, args.callers,
                                  args.per_caller))
-    r["tput1"], r["cpu1"] = _combined(ones)
-    r["tputN"], r["cpuN"] = _combined(manys)
+    r["tput1"], r["cpu1"], r["busy1"], r["each1"] = _combined(ones)
+    r["tputN"], r["cpuN"], r["busyN"], r["eachN"] = _combined(manys)
     r["scales"] = [many[0] / one[0] for one, many in zip(ones, manys)]
 
     _log("throughput with an array taking {} s per attach (fake iSCSI): "
@@ -264,10 +277,10 @@ def run(plain, tls, loops, args):
     # issue's figure, only how it behaves with a slow array.
     per_caller = max(1, args.per_caller // 2) if args.quick \
         else args.per_caller
-    r["tput1_slow"], r["cpu1_slow"] = _throughput(plain, slow, 1,
-                                                  per_caller * 4)
-    r["tputN_slow"], r["cpuN_slow"] = _throughput(plain, slow, args.callers,
-                                                  per_caller)
+    (r["tput1_slow"], r["cpu1_slow"], r["busy1_slow"],
+     r["each1_slow"]) = _throughput(plain, slow, 1, per_caller * 4)
+    (r["tputN_slow"], r["cpuN_slow"], r["busyN_slow"],
+     r["eachN_slow"]) = _throughput(plain, slow, args.callers, per_caller)
 
     for n, agent, suffix in ((32, plain, ""), (64, plain, ""),
                              (64, tls, "_tls")):
@@ -369,17 +382,22 @@ def _throughput(agent, connection_info, callers, pairs):
     caller ``i`` (0 to ``callers`` - 1)."""
     clients = [agent.client() for _ in range(callers)]
     try:
-        before = agent.cpu()
+        before = agent.cpu_each()
         elapsed = _together(
             [lambda c=c, i=i: [_pair(c, connection_info(i))
                                for _ in range(pairs)]
              for i, c in enumerate(clients)])
-        after = agent.cpu()
+        after = agent.cpu_each()
     finally:
         for c in clients:
             c.close()
     n = callers * pairs
-    return n / elapsed, tuple((a - b) / n for a, b in zip(after, before))
+    used = [tuple((a - b) / n for a, b in zip(x, y))
+            for x, y in zip(after, before)]
+    cpu = tuple(sum(u[i] for u in used) for i in range(2))
+    # The busier process's user + system CPU per pair: what bounds the
+    # agent in two processes (in one, all of it).
+    return n / elapsed, cpu, max(sum(u) for u in used), used
 
 
 def _combined(rounds):
@@ -387,10 +405,13 @@ def _combined(rounds):
     ``_throughput`` rounds of the same number of pairs, pooled: all their
     pairs over all their time, all their CPU over all their pairs (so
     that rate x CPU per pair is the cores the agent kept busy)."""
-    rate = len(rounds) / sum(1 / rate for rate, _ in rounds)
-    cpu = tuple(sum(c[i] for _, c in rounds) / len(rounds)
+    rate = len(rounds) / sum(1 / r[0] for r in rounds)
+    cpu = tuple(sum(r[1][i] for r in rounds) / len(rounds)
                 for i in range(2))
-    return rate, cpu
+    busiest = sum(r[2] for r in rounds) / len(rounds)
+    each = [tuple(sum(r[3][p][i] for r in rounds) / len(rounds)
+                  for i in range(2)) for p in range(len(rounds[0][3]))]
+    return rate, cpu, busiest, each
 
 
 def _mass_start(agent, n, sleep, idle):
@@ -573,7 +594,8 @@ def _scaling(r, args):
                              _fmt(args.array_sleep)))):
         tput1, tputN = r["tput1" + suffix], r["tputN" + suffix]
         cpu1, cpuN = r["cpu1" + suffix], r["cpuN" + suffix]
-        ceiling = (1 / tput1) / sum(cpuN) if sum(cpuN) else math.inf
+        busyN = r["busyN" + suffix]
+        ceiling = (1 / tput1) / busyN if busyN else math.inf
         scales = r.get("scales" + suffix)
         measured = tputN / tput1
         rounds = ""
@@ -591,10 +613,19 @@ def _scaling(r, args):
             "{}, {} callers {} + {}; the agent was {:.2f} cores busy with "
             "1 caller, {:.2f} with {}".format(
                 args.callers, what, measured, rounds, tputN, tput1, ceiling,
-                _fmt(1 / tput1), args.callers, _fmt(sum(cpuN)),
+                _fmt(1 / tput1), args.callers, _fmt(busyN),
                 _fmt(cpu1[0]), _fmt(cpu1[1]), args.callers, _fmt(cpuN[0]),
                 _fmt(cpuN[1]), tput1 * sum(cpu1), tputN * sum(cpuN),
                 args.callers))
+        each = r["eachN" + suffix]
+        if len(each) > 1:
+            lines.append(
+                "  in two processes, {} callers: front {} + {}, back {} + "
+                "{} per pair (the ceiling above is the busier one's); 1 "
+                "caller: front {} + {}, back {} + {}".format(
+                    args.callers, *[_fmt(v) for v in each[0] + each[1]],
+                    *[_fmt(v) for v in r["each1" + suffix][0]
+                      + r["each1" + suffix][1]]))
     return lines
 
 
@@ -735,6 +766,15 @@ class _Agent:
                     "[privsep]\ntimeout = 120\n"
                     "connector_override = tests.fakebrick\n"
                     "[logging]\nlog_level = INFO\n".format(self.dev_dir))
+            agent = []
+            if AGENT_OPTIONS.get("front_cpu_affinity"):
+                agent.append("front_cpu_affinity = {}".format(
+                    AGENT_OPTIONS["front_cpu_affinity"]))
+            if AGENT_OPTIONS.get("processes"):
+                agent.append("processes = {}".format(
+                    AGENT_OPTIONS["processes"]))
+            if agent:
+                f.write("[agent]\n" + "\n".join(agent) + "\n")
 
     def start(self):
         argv = ["--config", self.config_file, "--state-dir", self.state_dir]
@@ -763,20 +803,54 @@ class _Agent:
             "target_lun": 1, "fake_key": key, "fake_sleep": sleep,
             "fake_dev_dir": self.dev_dir}}
 
-    def cpu(self):
-        """The agent's (user, system) CPU seconds so far."""
-        with open("/proc/{}/stat".format(self.proc.pid)) as f:
-            fields = f.read().rpartition(")")[2].split()
+    def pids(self):
+        """The agent's processes: its pid, and its back end's when it
+        runs in two (its child running the same program; the privsep
+        daemon, the back's child, is not counted)."""
+        pids = [self.proc.pid]
+        try:
+            with open("/proc/{0}/task/{0}/children".format(
+                    self.proc.pid)) as f:
+                children = f.read().split()
+            with open("/proc/{}/cmdline".format(self.proc.pid), "rb") as f:
+                cmdline = f.read()
+            for child in children:
+                with open("/proc/{}/cmdline".format(child), "rb") as f:
+                    if f.read() == cmdline:
+                        pids.append(int(child))
+        except OSError:
+            pass
+        return pids
+
+    def cpu_each(self):
+        """Each of the agent's processes' (user, system) CPU seconds so
+        far, front first."""
         tick = os.sysconf("SC_CLK_TCK")
-        return int(fields[11]) / tick, int(fields[12]) / tick
+        each = []
+        for pid in self.pids():
+            with open("/proc/{}/stat".format(pid)) as f:
+                fields = f.read().rpartition(")")[2].split()
+            each.append((int(fields[11]) / tick, int(fields[12]) / tick))
+        return each
+
+    def cpu(self):
+        """The agent's (user, system) CPU seconds so far, both its
+        processes."""
+        each = self.cpu_each()
+        return sum(c[0] for c in each), sum(c[1] for c in each)
 
     def rss(self, field="VmRSS"):
-        """The agent's ``field`` from /proc/PID/status, KiB."""
-        with open("/proc/{}/status".format(self.proc.pid)) as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-        return 0
+        """The agent's ``field`` from /proc/PID/status, KiB: the sum over
+        its processes (what the pages shared since the fork count twice
+        in: a bound, not the pages in use)."""
+        total = 0
+        for pid in self.pids():
+            with open("/proc/{}/status".format(pid)) as f:
+                for line in f:
+                    if line.startswith(field + ":"):
+                        total += int(line.split()[1])
+                        break
+        return total
 
     def stop(self):
         try:

@@ -51,6 +51,7 @@ from . import affinity
 from . import config
 from . import errors
 from . import fileutil
+from . import hop
 from . import log as logmod
 from . import pki
 from . import privileged
@@ -70,6 +71,9 @@ MAX_CONTROL_CLIENTS = 16
 # Bound of the connector_info call made for the control socket; the hook
 # reading it gives up after 2 seconds.
 CONTROL_TIMEOUT = 1.0
+# Seconds a starting agent waits for the lock of an agent that is gone
+# while its back end (hop.py) still holds it.
+LOCK_RETRY = 2.0
 
 
 def main(argv=None):
@@ -378,12 +382,20 @@ def _serve(cfg, insecure):
     # Imported here: the service pulls in the privileged layer, which the
     # codec and the client never need.
     from . import jsonrpc
-    from . import service as service_module
 
     # Bound first: an address in use (vdsmd's port) is found before the
     # journal is opened, migrated or reconciled.  Clients connecting
     # before we serve wait in the backlog.
     listener = bind(cfg.listen, cfg.port)
+    back = None
+    lost = []
+    server_box = []
+
+    def back_lost():
+        lost.append(True)
+        if server_box:
+            server_box[0].shutdown()
+
     try:
         ssl_context = None
         if not insecure:
@@ -395,14 +407,30 @@ def _serve(cfg, insecure):
                 raise errors.ConfigError(
                     "cannot load TLS files (cert {}, key {}, CA {}): {}"
                     .format(cfg.cert_file, cfg.key_file, cfg.ca_file, e))
-        service = service_module.Service(cfg)
-        # Reconcile the journal before the first request can arrive; the
-        # records of an earlier boot are detached once we serve (a
-        # privsep call each, which storage trouble can hold:
-        # Service.start).
-        service.start(defer_detach_stale=True)
+        if cfg.processes == 2:
+            # The back end (hop.py) opens the journal and reconciles; we
+            # serve once it says it is ready.
+            back = hop.start_back(cfg, close_in_back=(listener,),
+                                  on_lost=back_lost)
+            if not back.wait_ready():
+                listener.close()
+                code = back.exit_code()
+                log.error("The back end (pid %d) failed to start (%s)",
+                          back.pid, "exit status {}".format(code))
+                return code if code else EXIT_FAILED
+            service = hop.Proxy(back.client, cfg)
+        else:
+            from . import service as service_module
+            service = service_module.Service(cfg)
+            # Reconcile the journal before the first request can arrive;
+            # the records of an earlier boot are detached once we serve
+            # (a privsep call each, which storage trouble can hold:
+            # Service.start).
+            service.start(defer_detach_stale=True)
     except BaseException:
         listener.close()
+        if back is not None:
+            back.stop(cfg.shutdown_timeout)
         raise
     # One bound for the whole stop: what the server's drain left of
     # shutdown_timeout is the service's (and its daemon's) to close.
@@ -410,10 +438,14 @@ def _serve(cfg, insecure):
     try:
         dispatcher = jsonrpc.Dispatcher(service)
         server = stompserver.Server(cfg, dispatcher, ssl_context)
+        server_box.append(server)
+        if lost:
+            server.shutdown()
         address = server.listen(listener)
         ControlSocket(cfg.socket_path, lambda: service.connector_info(
             stale_ok=True)).serve_in(server)
-        service.detach_stale_later()
+        if back is None:
+            service.detach_stale_later()
 
         def terminate(signo, frame):
             log.info("Received %s", signal.Signals(signo).name)
@@ -422,10 +454,14 @@ def _serve(cfg, insecure):
         def reopen(signo, frame):
             logmod.reopen()
             log.info("Log file reopened (SIGHUP)")
+            if back is not None:
+                back.signal(signal.SIGHUP)
 
         signal.signal(signal.SIGTERM, terminate)
         signal.signal(signal.SIGINT, terminate)
         signal.signal(signal.SIGHUP, reopen)
+        # A signal may land in any thread: the I/O loop wakes for it.
+        server.wake_on_signals()
         server.on_stopping(lambda: sd_notify("STOPPING=1"))
         server.on_stopping(lambda: stop_began.append(time.monotonic()))
         sd_notify("READY=1\nSTATUS=Listening on {}".format(
@@ -438,9 +474,16 @@ def _serve(cfg, insecure):
             timeout = max(0.0, stop_began[0] + cfg.shutdown_timeout
                           - time.monotonic())
         try:
-            service.close(timeout)
+            if back is not None:
+                back.stop(cfg.shutdown_timeout if timeout is None
+                          else timeout)
+            else:
+                service.close(timeout)
         except Exception:
             log.exception("Closing the service failed")
+    if lost:
+        log.error("Agent stopped: its back end ended")
+        return EXIT_FAILED
     log.info("Agent stopped")
     return 0
 
@@ -457,18 +500,38 @@ def _lock_agent(cfg):
     except OSError as e:
         raise errors.ConfigError("cannot open {}: {}".format(
             path, e.strerror))
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    deadline = time.monotonic() + LOCK_RETRY
+    while True:
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
             other = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
-        finally:
+            # The agent written there is gone, its back end still holds
+            # the lock: it dies with it (a restart right after a kill -9
+            # of the agent), in milliseconds.
+            if not _alive(other) and time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
             os.close(fd)
-        raise errors.AgentRunning(pid=other or "unknown",
-                                  run_dir=cfg.state_run_dir, path=path)
+            raise errors.AgentRunning(pid=other or "unknown",
+                                      run_dir=cfg.state_run_dir, path=path)
     os.ftruncate(fd, 0)
     os.pwrite(fd, "{}\n".format(os.getpid()).encode(), 0)
     return fd
+
+
+def _alive(pid):
+    """Whether the process ``pid`` (text) exists."""
+    if not pid.isdigit():
+        return True     # Unknown: assume it does.
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
 
 
 def _announce(cfg, address, insecure):

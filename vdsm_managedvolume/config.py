@@ -134,6 +134,8 @@ class Config:
     idle_timeout: float = 120.0
     shutdown_timeout: float = 30.0
     cpu_affinity: str = "auto"
+    processes: int = 2
+    front_cpu_affinity: str = ""
 
     # [logging]
     log_level: str = "INFO"
@@ -214,7 +216,7 @@ SECTIONS = {
     "agent": ("listen", "port", "key_file", "cert_file", "ca_file", "workers",
               "max_queue", "max_operations", "max_frame",
               "handshake_timeout", "idle_timeout", "shutdown_timeout",
-              "cpu_affinity"),
+              "cpu_affinity", "processes", "front_cpu_affinity"),
     "logging": ("log_level", "log_file", "log_config"),
 }
 
@@ -480,6 +482,12 @@ def _set(cfg, key, value, where):
         _check_types(value, where)
     elif key in ("cpu_affinity", "daemon_cpu_affinity"):
         value = affinity.check(value, key, where)
+    elif key == "front_cpu_affinity":
+        value = value.strip()
+        affinity.cpu_list(value, key, where)
+    elif key == "processes" and value not in (1, 2):
+        raise errors.ConfigError(
+            "{}: processes = {!r} is not 1 or 2".format(where, value))
     elif key == "udev_writer":
         value = value.strip().lower()
         if value not in UDEV_WRITERS:

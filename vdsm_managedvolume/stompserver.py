@@ -103,6 +103,7 @@ import collections
 import itertools
 import logging
 import selectors
+import signal
 import socket
 import ssl
 import threading
@@ -228,6 +229,7 @@ class Server:
         self._wake_w.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._on_stopping = []
+        self._wakes_on_signals = False
 
     def listen(self, sock):
         """Serve STOMP clients on the listening socket ``sock`` (bound,
@@ -260,6 +262,14 @@ class Server:
         """Begin a graceful stop; safe in a signal handler."""
         self._stopping.set()
         self._wake()
+
+    def wake_on_signals(self):
+        """Wake the I/O loop on every signal (call from the main thread,
+        which runs ``serve()``): a signal may land in any thread, and its
+        Python handler runs only once the main thread runs again."""
+        signal.set_wakeup_fd(self._wake_w.fileno(),
+                             warn_on_full_buffer=False)
+        self._wakes_on_signals = True
 
     def on_stopping(self, callback):
         """Call ``callback()`` (in the I/O thread) when the stop begins."""
@@ -380,6 +390,9 @@ class Server:
         self._pool.stop()
         self._operations.stop()
         self._selector.close()
+        if self._wakes_on_signals:
+            signal.set_wakeup_fd(-1)
+            self._wakes_on_signals = False
         self._wake_r.close()
         self._wake_w.close()
 

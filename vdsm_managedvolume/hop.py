@@ -191,9 +191,17 @@ def _error_class(module, name, code):
         cls = type(name.rpartition(".")[2], (errors.Error,),
                    {"__module__": module})
     else:
-        # Named as the original: api.py's internal error shows the name.
-        cls = type(name.rpartition(".")[2], (_Remote,),
-                   {"__module__": module})
+        # Named as the original (api.py's internal error shows the name),
+        # and one of its class when it can be (a builtin).
+        bases = (_Remote,)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            bases = (_Remote, obj)
+        try:
+            cls = type(name.rpartition(".")[2], bases,
+                       {"__module__": module})
+        except TypeError:
+            cls = type(name.rpartition(".")[2], (_Remote,),
+                       {"__module__": module})
     _classes[key] = cls
     return cls
 
@@ -272,6 +280,11 @@ class Client:
         with self._lock:
             self._broken = True
             pending, self._pending = self._pending, {}
+        # Wakes the caller reading, if any.
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         for waiter in pending.values():
             waiter.ok = False
             waiter.value = None

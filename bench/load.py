@@ -165,8 +165,7 @@ def main():
                         help="idle connections held during the mass start")
     parser.add_argument("--front-cpus", default="", metavar="LIST",
                         help="[agent] front_cpu_affinity of both agents "
-                        "(default: empty, the front end on the agent's "
-                        "CPUs)")
+                        "(default: the agent's default, auto)")
     parser.add_argument("--processes", type=int, default=0,
                         help="[agent] processes of both agents (default: "
                         "the agent's default)")

@@ -275,10 +275,17 @@ def test_the_agent_pins_itself_as_vdsm_does_and_its_daemon_does_not(
     try:
         with agent.client() as c:
             assert "connector_info" in c.call("Host.getCapabilities", {})
-        # Every thread of the agent (its workers, its I/O loop) on the
-        # second CPU ([agent] cpu_affinity = auto)...
-        assert set(_thread_cpus(agent.proc.pid).values()) == \
+        # Every thread of the agent's back end (the service) on the
+        # second CPU ([agent] cpu_affinity = auto), of its front end (the
+        # wire: workers, I/O loop) on the first one the host's init may
+        # use ([agent] front_cpu_affinity = auto)...
+        from .agent_process_test import back_pid
+        assert set(_thread_cpus(back_pid(agent)).values()) == \
             {tuple(allowed[1:2])}
+        front = [c for c in affinity.host_cpus() if c in allowed
+                 and c != allowed[1]][:1]
+        assert set(_thread_cpus(agent.proc.pid).values()) == \
+            {tuple(front)}
         # ...its privsep daemon, on every CPU the agent had.
         marker = agent.state_dir + "/run/managedvolume/privsep"
         daemons = [int(p) for p in os.listdir("/proc") if p.isdigit()
@@ -287,6 +294,9 @@ def test_the_agent_pins_itself_as_vdsm_does_and_its_daemon_does_not(
         assert set(_thread_cpus(daemons[0]).values()) == {tuple(allowed)}
         assert "Running on CPUs {} ([agent] cpu_affinity = auto)".format(
             allowed[1]) in agent.log()
+        assert "Front end on CPUs {}, back end on CPUs {} ([agent] " \
+            "front_cpu_affinity = auto)".format(front[0], allowed[1]) \
+            in agent.log()
     finally:
         agent.stop()
 

@@ -163,6 +163,27 @@ def daemon_cpus(setting):
     return host_cpus() if pinned else None
 
 
+def front_cpus(setting):
+    """The CPUs of the agent's front end (``hop``: the wire) as ``[agent]
+    front_cpu_affinity`` says, a sorted list, or None: the agent's own
+    (the back end's).  "auto": the first CPU the host's init may use
+    (``host_cpus``: what systemd's CPUAffinity= or tuned's
+    cpu-partitioning leave to services) that the agent could use before
+    it pinned itself and that is not the back end's; None when there is
+    none (one CPU, or an agent not pinned).  Empty: None.  Call it in
+    the front, after the fork, before pinning it."""
+    if not setting:
+        return None
+    if setting != AUTO:
+        return cpu_list(setting, "front_cpu_affinity") or None
+    back = os.sched_getaffinity(0)
+    could = set(_before_pin) if _before_pin is not None else None
+    for cpu in host_cpus():
+        if cpu not in back and (could is None or cpu in could):
+            return [cpu]
+    return None
+
+
 def host_cpus():
     """Every CPU the host's init (pid 1) may use, a sorted list: what
     systemd's CPUAffinity= (system.conf) leaves to services; all

@@ -135,7 +135,7 @@ class Config:
     shutdown_timeout: float = 30.0
     cpu_affinity: str = "auto"
     processes: int = 2
-    front_cpu_affinity: str = ""
+    front_cpu_affinity: str = "auto"
 
     # [logging]
     log_level: str = "INFO"
@@ -480,11 +480,9 @@ def _set(cfg, key, value, where):
         value = _log_level(value, where)
     elif key == "allowed_types":
         _check_types(value, where)
-    elif key in ("cpu_affinity", "daemon_cpu_affinity"):
+    elif key in ("cpu_affinity", "daemon_cpu_affinity",
+                 "front_cpu_affinity"):
         value = affinity.check(value, key, where)
-    elif key == "front_cpu_affinity":
-        value = value.strip()
-        affinity.cpu_list(value, key, where)
     elif key == "processes" and value not in (1, 2):
         raise errors.ConfigError(
             "{}: processes = {!r} is not 1 or 2".format(where, value))

@@ -527,12 +527,13 @@ def start_back(cfg, close_in_back=(), on_lost=None):
     signal.pthread_sigmask(signal.SIG_SETMASK, before)
     back.close()
     log.info("Back end started (pid %d)", pid)
-    if cfg.front_cpu_affinity:
-        cpus = affinity.cpu_list(cfg.front_cpu_affinity,
-                                 "front_cpu_affinity")
-        if affinity.set_threads(cpus, "the agent's front end"):
-            log.info("Front end on CPUs %s ([agent] front_cpu_affinity)",
-                     affinity.text(cpus))
+    back_cpus = os.sched_getaffinity(0)
+    cpus = affinity.front_cpus(cfg.front_cpu_affinity)
+    if cpus is not None and affinity.set_threads(cpus,
+                                                 "the agent's front end"):
+        log.info("Front end on CPUs %s, back end on CPUs %s ([agent] "
+                 "front_cpu_affinity = %s)", affinity.text(cpus),
+                 affinity.text(back_cpus), cfg.front_cpu_affinity or "")
     return BackProcess(pid, front, on_lost)
 
 

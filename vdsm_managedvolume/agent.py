@@ -7,11 +7,20 @@ of its own::
 
     main: configuration, the agent lock, logging, signals
       -> bind()                 the port, before the journal is touched
-      -> service.Service        reconciles the journal before serving
+      -> hop.start_back()       forks the back end (``[agent] processes
+                                = 2``, the default), which runs
+                                service.Service: reconciles the journal
+                                before it says it is ready
+      -> hop.Proxy              the service's calls, forwarded to it
       -> jsonrpc.Dispatcher     the protocol, calling api.py
       -> stompserver.Server     the wire: frames, connections, heart-beats,
                                 worker pools; on the port bound here
       -> ControlSocket          the hook's socket, in the server's loop
+
+This process, systemd's main pid, is the front end: the wire, the
+protocol, the API's log lines; its back end, the service (hop.py says
+why two, and how they live and die as one).  With ``processes = 1`` the
+service runs here, as before.
 
 Besides the port, the agent serves a local control socket
 (``cfg.socket_path``): a client connecting there reads one JSON line,
@@ -27,8 +36,10 @@ key or option and the value (exit 2).  So does, with exit 1 (it may go
 away: systemd retries), the port held by another process.
 
 Signals: SIGTERM/SIGINT stop accepting, let in-flight calls finish (up to
-``shutdown_timeout``) and exit 0; SIGHUP reopens the log file.  Under
-systemd (``NOTIFY_SOCKET``) the agent reports READY=1 and STOPPING=1.
+``shutdown_timeout``), close the back end and exit 0; SIGHUP reopens the
+log file, here and in the back end.  Under systemd (``NOTIFY_SOCKET``)
+the agent reports READY=1 (once the back end is ready) and STOPPING=1.
+When the back end ends unasked the agent exits 1.
 """
 
 import argparse
@@ -296,7 +307,8 @@ exit status:
   0  stopped by SIGTERM or SIGINT
   1  failed while starting or serving, maybe for a while only (the port
      in use, TLS files, another agent still on this state, the journal,
-     the privsep daemon): systemd restarts it after 5 s
+     the privsep daemon, its back end ended): systemd restarts it after
+     5 s
   2  a mistake in the configuration file or the command line, found
      before anything starts: one line names the key or option and the
      value; systemd does not restart it (RestartPreventExitStatus=2)

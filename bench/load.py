@@ -593,7 +593,7 @@ def _scaling(r, args):
                              _fmt(args.array_sleep)))):
         tput1, tputN = r["tput1" + suffix], r["tputN" + suffix]
         cpu1, cpuN = r["cpu1" + suffix], r["cpuN" + suffix]
-        busyN = r["busyN" + suffix]
+        busyN = r.get("busyN" + suffix, sum(cpuN))
         ceiling = (1 / tput1) / busyN if busyN else math.inf
         scales = r.get("scales" + suffix)
         measured = tputN / tput1
@@ -616,7 +616,7 @@ def _scaling(r, args):
                 _fmt(cpu1[0]), _fmt(cpu1[1]), args.callers, _fmt(cpuN[0]),
                 _fmt(cpuN[1]), tput1 * sum(cpu1), tputN * sum(cpuN),
                 args.callers))
-        each = r["eachN" + suffix]
+        each = r.get("eachN" + suffix, ())
         if len(each) > 1:
             lines.append(
                 "  in two processes, {} callers: front {} + {}, back {} + "

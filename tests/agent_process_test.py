@@ -538,13 +538,13 @@ def test_restart_reconciles_before_serving(tmp_path):
     conn = iscsi(agent, fake_blind_disconnect=True)
     key = conn["data"]["fake_key"]
     try:
-        # The service runs in the agent's back end (hop.py), which the
-        # crash kills: the agent answers the call it lost (-32603, its
-        # outcome unknown) and exits 1 (systemd restarts it).
-        with pytest.raises(errors.InternalError, match="back end"):
+        with pytest.raises((OSError, stompclient.ClientError)):
             with agent.client(timeout=60) as c:
                 c.call("ManagedVolume.attach_volume",
                        {"vol_id": vol_id, "connection_info": conn})
+        # The service runs in the agent's back end (hop.py), which the
+        # crash kills: the agent exits 1 as if it had crashed (its
+        # connections closed without answers; systemd restarts it).
         assert agent.proc.wait(60) == 1
         assert "ended unasked (killed by SIGKILL)" in agent.log()
     finally:

@@ -134,8 +134,12 @@ def test_load_prints_the_median_ratio_of_alternating_rounds(bench_module):
     r = {"scales": [m[0] / o[0] for o, m in zip(ones, manys)],
          "tput1_slow": 50.0, "cpu1_slow": (0.002, 0.001),
          "tputN_slow": 250.0, "cpuN_slow": (0.003, 0.001)}
-    r["tput1"], r["cpu1"] = load._combined(ones)
-    r["tputN"], r["cpuN"] = load._combined(manys)
+    # Each round as _throughput returns it: rate, CPU per pair, the
+    # busier process's, each process's (one here).
+    ones = [(t, c, sum(c), [c]) for t, c in ones]
+    manys = [(t, c, sum(c), [c]) for t, c in manys]
+    r["tput1"], r["cpu1"], r["busy1"], r["each1"] = load._combined(ones)
+    r["tputN"], r["cpuN"], r["busyN"], r["eachN"] = load._combined(manys)
     # Pooled: all pairs over all the time (a harmonic mean of the rates),
     # all the CPU over all the pairs.
     assert r["tput1"] == pytest.approx(75.0)

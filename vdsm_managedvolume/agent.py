@@ -400,13 +400,20 @@ def _serve(cfg, insecure):
     # before we serve wait in the backlog.
     listener = bind(cfg.listen, cfg.port)
     back = None
-    lost = []
-    server_box = []
 
     def back_lost():
-        lost.append(True)
-        if server_box:
-            server_box[0].shutdown()
+        # As if the agent had crashed (what one process does when the
+        # service dies): its connections close without answers, so the
+        # engine sees its calls cut, as it sees a dead vdsm's
+        # (VDS_NETWORK_ERROR), never an answer for a call whose outcome
+        # is unknown; systemd restarts the agent, whose start reconciles.
+        fileutil.rm_file(cfg.socket_path, log=log)
+        for handler in logging.getLogger().handlers:
+            try:
+                handler.flush()
+            except Exception:
+                pass
+        os._exit(EXIT_FAILED)
 
     try:
         ssl_context = None
@@ -450,9 +457,6 @@ def _serve(cfg, insecure):
     try:
         dispatcher = jsonrpc.Dispatcher(service)
         server = stompserver.Server(cfg, dispatcher, ssl_context)
-        server_box.append(server)
-        if lost:
-            server.shutdown()
         address = server.listen(listener)
         ControlSocket(cfg.socket_path, lambda: service.connector_info(
             stale_ok=True)).serve_in(server)
@@ -493,9 +497,6 @@ def _serve(cfg, insecure):
                 service.close(timeout)
         except Exception:
             log.exception("Closing the service failed")
-    if lost:
-        log.error("Agent stopped: its back end ended")
-        return EXIT_FAILED
     log.info("Agent stopped")
     return 0
 

@@ -54,9 +54,11 @@ The two live and die as one.  The back ignores SIGINT and SIGTERM: the
 front stops it (a close frame) once its own drain is done, within
 ``shutdown_timeout``; the front forwards SIGHUP (the back reopens its
 log).  The kernel kills the back when the front dies
-(PR_SET_PDEATHSIG); the front's reaper stops the front (exit 1) when the
-back ends unasked: calls in flight then fail with -32603 (their outcome
-unknown; the journal's reconcile at the next start repairs the host).
+(PR_SET_PDEATHSIG); the front's reaper ends the front (exit 1) when the
+back ends unasked, as if the agent had crashed: its connections close
+without answers (the engine sees a dead vdsm's VDS_NETWORK_ERROR, as
+for a crash of one process), systemd restarts it and the journal's
+reconcile at the start repairs what the calls cut left.
 The agent lock's fd is shared: held until both ended.
 """
 
@@ -395,6 +397,8 @@ class BackProcess:
         except (AttributeError, OSError):
             self._pidfd = None      # Signals go by pid then.
         self._asked = False
+        self._serving = False
+        self._state = threading.Lock()
         self._ended = threading.Event()
         self.status = None
         self._on_lost = on_lost
@@ -405,9 +409,12 @@ class BackProcess:
     def wait_ready(self):
         """True once the back reconciled and serves; False when it ended
         before (its exit status is ``exit_code()``)."""
-        if self.client.read_ready() is not None:
-            return True
-        self._asked = True      # Its failure was logged by itself.
+        ready = self.client.read_ready() is not None
+        with self._state:
+            if ready and not self._ended.is_set():
+                self._serving = True
+                return True
+            self._asked = True      # Its failure was logged by itself.
         self._ended.wait()
         return False
 
@@ -467,12 +474,13 @@ class BackProcess:
             except ChildProcessError:
                 status = 0
                 break
-        self.status = status
-        self._ended.set()
-        if self._asked:
-            return
-        log.error("The back end (pid %d) ended unasked (%s): stopping the "
-                  "agent", self.pid, _describe(status))
+        with self._state:
+            self.status = status
+            self._ended.set()
+            if self._asked or not self._serving:
+                return      # Stopped, or wait_ready() tells.
+        log.error("The back end (pid %d) ended unasked (%s): the agent "
+                  "exits, as if it had crashed", self.pid, _describe(status))
         self.client.broken()
         if self._on_lost is not None:
             self._on_lost()

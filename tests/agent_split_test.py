@@ -508,3 +508,24 @@ def test_processes_is_1_or_2(tmp_path):
     with pytest.raises(errors.ConfigError, match="processes = 3 is not 1 "
                        "or 2"):
         config.load(str(path))
+
+
+@pytest.mark.root
+def test_a_back_end_that_cannot_start_stops_the_agent_at_once(tmp_path):
+    # The journal cannot be opened (a directory where the file goes): the
+    # back end says why and exits 1; the agent exits with it, without
+    # waiting for anything, and never says READY=1.
+    agent = AgentProcess(tmp_path, insecure=True)
+    os.makedirs(os.path.join(agent.state_dir, "lib", "managedvolume.db"))
+    with pytest.raises(AssertionError, match="did not notify READY=1; "
+                       "rc=1") as e:
+        agent.start(timeout=60)
+    try:
+        # One line on stderr, the back end's.
+        assert str(e.value).count("managedvolume-agent: ") == 1
+        text = agent.log()
+        assert "(back) [managedvolume.hop] [flow=-] Cannot start: " in text
+        assert "failed to start (exit status 1)" in text
+        assert "Listening on" not in text
+    finally:
+        agent.stop()

@@ -26,8 +26,10 @@ value)``.  marshal, not msgpack: it is the interpreter's own (both ends
 are one interpreter: forked), and it carries exactly what a call carries
 in one process: str with lone surrogates, ints of any size, tuples as
 tuples, float as float.  Values of another type (a str or dict
-subclass) go as their plain base type.  Frames are never logged: an
-attach's connection_info holds CHAP passwords and keyrings.
+subclass) go as their plain base type.  marshal trusts what it reads:
+both ends are this program, and the socketpair has no name and is in no
+other process.  Frames are never logged: an attach's connection_info
+holds CHAP passwords and keyrings.
 
 Many calls are in flight at once, matched by id.  The front has no
 reader thread: a caller waiting for its answer reads frames itself when

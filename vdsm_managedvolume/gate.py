@@ -37,7 +37,11 @@ opened (``devices``), so a hung device holds up its own operation, in
 its privsep call, not the others.
 
 Only the data plane's threads hold a slot (``stompserver`` wraps each of
-their jobs, and the delivery of its answer, in ``hold()``).
+their jobs, and the delivery of its answer, in ``hold()``).  In the
+agent's two processes (``hop``) each has a gate of its own: the back
+end's threads running attaches, detaches and extends hold its slot as
+here, and the front end's operation threads give theirs back while they
+wait for the back end's answer.
 ``released()`` is a no-op for a thread that holds none: the control
 plane (getCapabilities, volumes_info, the hook's control socket) never
 waits for the gate, and neither does vdsm calling the API in its own

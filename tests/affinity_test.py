@@ -335,3 +335,21 @@ def test_a_refused_cpu_list_for_udevadm_warns_once_per_process(
     assert [r.levelno for r in refused] == [
         logging.WARNING, logging.DEBUG, logging.DEBUG]
     assert ran.read_text().count("x") == 3
+
+
+def test_the_front_end_runs_on_a_cpu_of_its_own(monkeypatch):
+    # [agent] front_cpu_affinity: auto = the first CPU pid 1 may use that
+    # the agent could use and its back end (this process, pinned) does
+    # not; empty = the back end's own (None); a list = those CPUs.
+    monkeypatch.setattr(affinity, "host_cpus", lambda: [0, 1, 2, 3])
+    monkeypatch.setattr(affinity, "_before_pin", [1, 2, 3])
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1})
+    assert affinity.front_cpus("auto") == [2]
+    assert affinity.front_cpus("") is None
+    assert affinity.front_cpus("0,3") == [0, 3]
+    # One CPU, or an agent not pinned: nowhere else to go.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert affinity.front_cpus("auto") is None
+    monkeypatch.setattr(affinity, "_before_pin", None)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1})
+    assert affinity.front_cpus("auto") == [0]

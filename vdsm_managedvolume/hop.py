@@ -502,6 +502,9 @@ def start_back(cfg, close_in_back=(), on_lost=None):
     """Fork the back end; return its ``BackProcess``.  ``close_in_back``:
     sockets of the front (the listener) the back closes.  ``on_lost()``
     is called (in the reaper's thread) when the back ends unasked."""
+    # No thread of ours runs yet (the fork copies only this one; Python
+    # 3.12 warns about a fork beside others).
+    log.debug("Forking the back end (%d threads)", threading.active_count())
     front, back = socket.socketpair()
     blocked = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
     for stream in (sys.stdout, sys.stderr):

@@ -234,6 +234,9 @@ class Client:
         self._pending = {}
         self._ids = itertools.count(1)
         self._broken = False
+        # Called by a caller whose call the back's end cut, before it
+        # raises BackEnded (BackProcess: to wait for the process's end).
+        self.on_cut = None
 
     def read_ready(self):
         """Wait for the back's ready message (before any call); its value,
@@ -270,6 +273,8 @@ class Client:
         if waiter.ok:
             return waiter.value
         if waiter.value is None:
+            if self.on_cut is not None:
+                self.on_cut()
             raise BackEnded(pid=self.pid)
         raise_error(waiter.value)
 
@@ -404,6 +409,7 @@ class BackProcess:
         self._ended = threading.Event()
         self.status = None
         self._on_lost = on_lost
+        self.client.on_cut = self._cut
         self._reaper = threading.Thread(target=self._reap, name="reaper",
                                         daemon=True)
         self._reaper.start()
@@ -419,6 +425,16 @@ class BackProcess:
             self._asked = True      # Its failure was logged by itself.
         self._ended.wait()
         return False
+
+    def _cut(self):
+        # The hop ended under a call.  Unless we stopped the back end,
+        # the reaper is about to end this process as if it had crashed
+        # (``on_lost``): no answer may leave for the call meanwhile.
+        self._ended.wait(STOP_MARGIN)
+        with self._state:
+            lost = self._serving and not self._asked
+        if lost and self._on_lost is not None:
+            threading.Event().wait()    # until the process ends
 
     def exit_code(self):
         status = self.status

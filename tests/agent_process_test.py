@@ -853,15 +853,27 @@ def test_an_upgrade_under_a_running_agent_is_926_until_its_restart(
 def back_pid(agent):
     """The pid of ``agent``'s back end (hop.py): its child running the
     same program."""
+    pids = back_pids(agent)
+    if not pids:
+        raise AssertionError("no back end among {}'s children".format(
+            agent.proc.pid))
+    return pids[0]
+
+
+def back_pids(agent):
+    """``agent``'s children running the same program as it: its back end
+    when it runs in two processes, none in one (the privsep daemon is
+    the back's child, not the agent's)."""
     with open("/proc/{0}/task/{0}/children".format(agent.proc.pid)) as f:
         children = [int(p) for p in f.read().split()]
     with open("/proc/{}/cmdline".format(agent.proc.pid), "rb") as f:
         cmdline = f.read()
+    pids = []
     for pid in children:
         with open("/proc/{}/cmdline".format(pid), "rb") as f:
             if f.read() == cmdline:
-                return pid
-    raise AssertionError("no back end among {}".format(children))
+                pids.append(pid)
+    return pids
 
 
 def _gone(pid):

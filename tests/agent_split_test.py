@@ -26,8 +26,8 @@ from vdsm_managedvolume import jsonrpc
 
 from . import agentutil
 from . import fakebrick
-from .agent_process_test import (AgentProcess, back_pid, connected_keys,
-                                 iscsi, new_id)
+from .agent_process_test import (AgentProcess, back_pid, back_pids,
+                                 connected_keys, iscsi, new_id)
 
 
 # The hop, both ends here
@@ -487,14 +487,7 @@ def test_one_process_on_request(tmp_path):
     agent = AgentProcess(tmp_path, insecure=True,
                          agent_config="processes = 1\n").start()
     try:
-        with open("/proc/{0}/task/{0}/children".format(
-                agent.proc.pid)) as f:
-            children = f.read().split()
-        with open("/proc/{}/cmdline".format(agent.proc.pid), "rb") as f:
-            cmdline = f.read()
-        for pid in children:
-            with open("/proc/{}/cmdline".format(pid), "rb") as f:
-                assert f.read() != cmdline
+        assert back_pids(agent) == []
         with agent.client() as c:
             assert "managedvolume" in c.call("Host.getCapabilities", {})
         assert "Back end started" not in agent.log()

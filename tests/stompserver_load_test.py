@@ -115,6 +115,41 @@ def test_an_operation_beyond_max_operations_is_refused_at_once(
 
 
 @pytest.mark.root
+def test_a_request_no_thread_can_run_is_refused_933_and_the_server_goes_on(
+        serve, real_service, monkeypatch):
+    # Pool.submit raises when the system refuses a thread (TasksMax): the
+    # I/O thread answers that request and goes on serving.
+    run = serve(workers=2, max_operations=4)
+    pool = run.server._operations
+    real_submit = pool.submit
+
+    def no_thread(fn, handoff=None):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(pool, "submit", no_thread)
+    with run.raw() as client:
+        client.connect()
+        client.subscribe()
+        vol_id = new_id()
+        attach = agentutil.request(
+            "ManagedVolume.attach_volume",
+            {"vol_id": vol_id,
+             "connection_info": iscsi_connection(real_service.cfg)})
+        _, refused = client.call(attach)
+        assert refused["error"]["code"] == errors.NoThread.code == 933
+        assert "cannot start a worker thread" in refused["error"]["message"]
+        _, info = client.call(agentutil.request(
+            "ManagedVolume.volumes_info", {"vol_ids": [vol_id]}))
+        assert info["result"] == []
+        monkeypatch.setattr(pool, "submit", real_submit)
+        _, attached = client.call(attach)
+        assert attached["result"]["vol_id"] == vol_id
+        _, detached = client.call(agentutil.request(
+            "ManagedVolume.detach_volume", {"vol_id": vol_id}))
+        assert detached["result"] is True
+
+
+@pytest.mark.root
 def test_a_second_operation_on_one_volume_waits_for_its_lock(
         serve, real_service, tmp_path):
     run = serve(max_operations=8)

@@ -30,7 +30,8 @@ their meaning; 930-935 are ours (documented in the schema YAML too):
     932  VolumeBusy            another operation holds the volume's lock
     933  AgentBusy             every worker of the agent is in use, or
                                max_operations attaches/detaches/
-                               extends run
+                               extends run, or (NoThread) the system
+                               refused a new thread
     934  UnknownAdapter        connection_info.adapter: no installed plug-in
     935  StoreError            the local journal cannot be read or written
 
@@ -305,6 +306,16 @@ class TooManyOperations(AgentBusy):
 
     msg = ("Agent busy: {self.running} attach/detach/extend operations are "
            "running, the limit ([agent] max_operations); retry later")
+
+
+class NoThread(AgentBusy):
+    """A worker thread could not be started (``RuntimeError: can't start
+    new thread``: the unit's TasksMax, ``ulimit -u`` or memory): that
+    request is refused; the agent goes on serving with the threads it
+    has."""
+
+    msg = ("Agent busy: cannot start a worker thread ({self.reason}); "
+           "retry later")
 
 
 class ShuttingDown(AgentBusy):

@@ -172,8 +172,14 @@ def raise_error(info):
         if code is not None:
             e.code = code
         Exception.__init__(e, message)
-    else:
-        e = cls(message)
+        raise e
+    try:
+        # Not cls(message): a builtin's constructor may want more
+        # (UnicodeDecodeError five arguments, CalledProcessError two).
+        e = cls.__new__(cls)
+        BaseException.__init__(e, message)
+    except Exception:
+        e = _Remote(message)
     raise e
 
 
@@ -250,11 +256,19 @@ class Client:
     def call(self, method, args):
         waiter = _Waiter()
         cid = next(self._ids)
-        with self._lock:
-            if self._broken:
-                raise BackEnded(pid=self.pid)
-            self._pending[cid] = waiter
+        # Framed before the waiter is registered: a failure here leaves
+        # nothing behind.
         data = frame((cid, method, args, logmod.current_flow()))
+        with self._lock:
+            broken = self._broken
+            if not broken:
+                self._pending[cid] = waiter
+        if broken:
+            # The back ended: as for a call it cut, nothing may answer
+            # while the agent is ending (``on_cut``).
+            if self.on_cut is not None:
+                self.on_cut()
+            raise BackEnded(pid=self.pid)
         try:
             with self._send_lock:
                 self._sock.sendall(data)
@@ -305,6 +319,7 @@ class Client:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        self._rfile.close()
         self._sock.close()
 
     def _read_until(self, waiter):
@@ -315,6 +330,13 @@ class Client:
             try:
                 cid, ok, value = read_frame(rfile)
             except (EOFError, OSError, ValueError):
+                self.broken()
+                return
+            except Exception:
+                # Not a frame of ours (marshal: TypeError...): the hop is
+                # unusable.  broken() shuts the socket: the back reads its
+                # end and stops, and the reaper ends this process.
+                log.exception("Unreadable answer from the back end")
                 self.broken()
                 return
             with lock:
@@ -531,6 +553,7 @@ def start_back(cfg, close_in_back=(), on_lost=None):
     # Blocked across the fork: the back must not die of a SIGTERM sent to
     # the group before it ignores it.
     before = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    parent = os.getpid()
     try:
         pid = os.fork()
     except BaseException:
@@ -544,7 +567,7 @@ def start_back(cfg, close_in_back=(), on_lost=None):
             front.close()
             for s in close_in_back:
                 s.close()
-            code = _back_main(cfg, back, before)
+            code = _back_main(cfg, back, before, parent)
         except BaseException:
             try:
                 log.exception("The back end failed")
@@ -580,12 +603,12 @@ def _set_pdeathsig(signo):
         return False
 
 
-def _back_main(cfg, sock, mask):
-    parent = os.getppid()
+def _back_main(cfg, sock, mask, parent):
     threading.current_thread().name = "back"
     _set_pdeathsig(signal.SIGKILL)
     if os.getppid() != parent:
-        return 1        # The front died before prctl.
+        return 1        # The front died before prctl (or before the fork
+                        # returned here).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
@@ -676,27 +699,55 @@ class Back:
                 if method == "close":
                     timeout = args[0]
                     break
-                pool = self._data if method in DATA_CALLS else self._control
-                pool.submit(lambda c=cid, m=method, a=args, f=flow_id:
-                            self._run(c, m, a, f))
+                self._submit(cid, method, args, flow_id)
         except (EOFError, OSError, ValueError):
             log.warning("The front end went away: stopping")
             self.exit_code = 1
+        except BaseException:
+            # Nothing would read the front's calls any more while this
+            # process lives on: end it (the front's reaper then ends the
+            # agent, and systemd restarts it).
+            log.exception("The back end's reader failed: stopping")
+            self.exit_code = 1
         self._stop(timeout)
+
+    def _submit(self, cid, method, args, flow_id):
+        pool = self._data if method in DATA_CALLS else self._control
+        try:
+            pool.submit(lambda: self._run(cid, method, args, flow_id))
+        except RuntimeError as e:
+            # No thread could be started: this call is refused (933),
+            # the next ones may find one.
+            with logmod.flow(flow_id):
+                log.warning("Refusing %s: cannot start a thread: %s",
+                            method, e)
+            self._answer(cid, False,
+                         error_info(errors.NoThread(reason=str(e))))
 
     def _run(self, cid, method, args, flow_id):
         with logmod.flow(flow_id):
             try:
                 fn = self._calls[method]
-                reply = (cid, True, fn(*args))
+                ok, value = True, fn(*args)
             except errors.Error as e:
-                reply = (cid, False, error_info(e))
-            except Exception as e:
+                ok, value = False, error_info(e)
+            except BaseException as e:
                 # api.py (in the front) makes it an internal error; the
-                # traceback is here.
+                # traceback is here.  (BaseException: a caller waits for
+                # every call's answer.)
                 log.error("%s failed", method, exc_info=True)
-                reply = (cid, False, error_info(e))
-        data = frame(reply)
+                ok, value = False, error_info(e)
+            self._answer(cid, ok, value)
+
+    def _answer(self, cid, ok, value):
+        """Send a call's answer; one that cannot be framed goes as the
+        error that framing raised (the front's caller waits for it)."""
+        try:
+            data = frame((cid, ok, value))
+        except Exception as e:
+            log.error("Cannot frame the answer to call %d", cid,
+                      exc_info=True)
+            data = frame((cid, False, error_info(e)))
         with self._send_lock:
             try:
                 self._sock.sendall(data)

@@ -556,13 +556,18 @@ class Server:
         operation = self._is_operation is not None and \
             self._is_operation(body)
         pool = self._operations if operation else self._pool
-        if pool.submit(lambda: self._handle(job), self._handoff):
-            return
-        if operation:
-            error = errors.TooManyOperations(running=pool.workers)
-        else:
-            error = errors.AgentBusy(workers=pool.workers,
-                                     queued=pool.max_queue)
+        try:
+            if pool.submit(lambda: self._handle(job), self._handoff):
+                return
+            if operation:
+                error = errors.TooManyOperations(running=pool.workers)
+            else:
+                error = errors.AgentBusy(workers=pool.workers,
+                                         queued=pool.max_queue)
+        except RuntimeError as e:
+            # No thread could be started: this request is refused, the
+            # I/O thread (which calls this) goes on.
+            error = errors.NoThread(reason=str(e))
         with logmod.flow(flow_id):
             log.warning("Refusing a request from %s: %s", conn.peer, error)
         self._route(conn, reply_to, flow_id,

@@ -14,6 +14,7 @@ import marshal
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 
@@ -188,6 +189,10 @@ ERRORS = [
     errors.InvalidParams("vol_id {!r}: not a UUID".format("x\udc80y")),
     KeyError("auth_password=s3cr3tpassw0rd"),
     ValueError("a value\nover lines"),
+    # Builtins whose constructors want more than a message.
+    UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"),
+    subprocess.CalledProcessError(5, ["iscsiadm", "-m", "node"]),
+    json.JSONDecodeError("Expecting value", "x", 0),
 ]
 
 

@@ -16,7 +16,6 @@ import pytest
 
 from vdsm_managedvolume import errors
 from vdsm_managedvolume import hop
-from vdsm_managedvolume import jsonrpc
 
 from .agent_split_test import FakeService, Hop
 
@@ -34,6 +33,22 @@ def nested(depth):
     for _ in range(depth):
         value = [value]
     return value
+
+
+def cut_call(h):
+    """volumes_info in a thread of its own; the list of the BackEnded it
+    raised."""
+    failed = []
+
+    def call():
+        try:
+            h.proxy.volumes_info([])
+        except hop.BackEnded as e:
+            failed.append(e)
+
+    t = threading.Thread(target=call)
+    t.start()
+    return t, failed
 
 
 def test_a_call_no_thread_can_run_is_refused_933_and_the_hop_goes_on(
@@ -81,16 +96,7 @@ def test_any_exception_of_a_call_is_answered(make_hop, exc):
 def test_a_back_whose_reader_fails_stops(make_hop, monkeypatch, caplog):
     h = make_hop(FakeService(volumes_info=lambda ids, s: []))
     monkeypatch.setattr(h.back, "_submit", lambda *a: 1 / 0)
-    failed = []
-
-    def call():
-        try:
-            h.proxy.volumes_info([])
-        except hop.BackEnded as e:
-            failed.append(e)
-
-    t = threading.Thread(target=call)
-    t.start()
+    t, failed = cut_call(h)
     assert h.back.done.wait(10)
     assert h.back.exit_code == 1
     assert "The back end's reader failed" in caplog.text
@@ -110,16 +116,7 @@ def test_an_unreadable_answer_breaks_the_hop(make_hop):
         return []
 
     h = make_hop(FakeService(volumes_info=slow))
-    failed = []
-
-    def call():
-        try:
-            h.proxy.volumes_info([])
-        except hop.BackEnded as e:
-            failed.append(e)
-
-    t = threading.Thread(target=call)
-    t.start()
+    t, failed = cut_call(h)
     assert started.wait(10)
     # A well-formed frame that is not an answer (marshal reads an int).
     h.back._sock.sendall(hop.frame(5))
@@ -148,6 +145,7 @@ def test_a_call_after_the_back_ended_waits_as_a_cut_one(make_hop):
     assert cut == [1]
 
 
+# (agent_split_test's ERRORS has them too: the wire bytes of one process.)
 BUILTIN_ERRORS = [
     UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"),
     subprocess.CalledProcessError(5, ["iscsiadm", "-m", "node"]),
@@ -159,23 +157,8 @@ BUILTIN_ERRORS = [
 
 @pytest.mark.parametrize("error", BUILTIN_ERRORS,
                          ids=[type(e).__name__ for e in BUILTIN_ERRORS])
-def test_builtin_errors_cross_as_their_class_and_message(make_hop, error):
+def test_builtin_errors_cross_as_their_class_and_message(error):
     with pytest.raises(type(error)) as e:
         hop.raise_error(hop.error_info(error))
     assert str(e.value) == str(error)
     assert type(e.value).__name__ == type(error).__name__
-
-    def fail(*args):
-        raise error
-
-    service = FakeService(attach_volume=fail)
-    h = make_hop(service)
-    request = json.dumps({
-        "jsonrpc": "2.0", "id": "r1", "method":
-        "ManagedVolume.attach_volume", "params": {
-            "vol_id": "6c6e8a5e-7d3b-4b59-9b7a-2f8d3c3e1a01",
-            "connection_info": {"driver_volume_type": "iscsi",
-                                "data": {}}}}).encode()
-    one = jsonrpc.Dispatcher(service).handle(request)
-    two = jsonrpc.Dispatcher(h.proxy).handle(request)
-    assert two == one

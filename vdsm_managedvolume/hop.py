@@ -50,6 +50,17 @@ Errors cross as (class, code, message) and are raised in the front as
 that class, with that message: the JSON-RPC error a client reads is the
 one of one process, byte for byte.
 
+Every call gets an answer, or the agent ends: in one process a call ran
+in a front pool's thread, whose failure ``api._call`` answers; here one
+lost answer would hold its caller (and its operation slot) for good,
+and one dead reader every call after it while the agent looks READY.
+So the back answers a call it cannot start a thread for with 933
+(``errors.NoThread``), a result it cannot frame with the framing's
+error, any exception of a call with itself; a back whose reader fails
+stops (and the front's reaper ends the agent); a front that reads
+something that is not an answer shuts the hop (the back reads its end
+and stops).
+
 Life
 ----
 The two live and die as one.  The back ignores SIGINT and SIGTERM: the

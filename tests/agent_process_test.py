@@ -469,6 +469,11 @@ def test_sigterm_with_a_stuck_call_exits_within_shutdown_timeout(tmp_path):
         agentutil.wait_for(lambda: "connect-start " + conn["data"][
             "fake_key"] in fakebrick.calls(agent.fakebrick_dir))
         agent.proc.send_signal(signal.SIGTERM)
+        # systemd is told to wait for the whole stop: shutdown_timeout, the
+        # last flush (1 s), a late back end's margin and kill (2 x 5 s),
+        # the exit (4 s); beyond the unit's TimeoutStopSec= it extends it.
+        assert "EXTEND_TIMEOUT_USEC=18000000" in agent.wait_notify(
+            "STOPPING=1").splitlines()
         # Liveness, not a measurement: before, this took 3 + 3 + 10 s.
         assert agent.proc.wait(12) == 0
         text = agent.log()

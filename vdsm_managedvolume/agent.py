@@ -38,7 +38,9 @@ away: systemd retries), the port held by another process.
 Signals: SIGTERM/SIGINT stop accepting, let in-flight calls finish (up to
 ``shutdown_timeout``), close the back end and exit 0; SIGHUP reopens the
 log file, here and in the back end.  Under systemd (``NOTIFY_SOCKET``)
-the agent reports READY=1 (once the back end is ready) and STOPPING=1.
+the agent reports READY=1 (once the back end is ready) and STOPPING=1,
+with how long its stop may take (``stop_bound``: a ``shutdown_timeout``
+beyond the unit's TimeoutStopSec= extends it, never meets its SIGKILL).
 When the back end ends unasked the agent exits 1.
 """
 
@@ -85,6 +87,10 @@ CONTROL_TIMEOUT = 1.0
 # Seconds a starting agent waits for the lock of an agent that is gone
 # while its back end (hop.py) still holds it.
 LOCK_RETRY = 2.0
+
+# Seconds an interpreter may take to exit once the agent's stop is done
+# (threads joined, handlers flushed), beyond ``stop_bound``.
+EXIT_SLACK = 4.0
 
 
 def main(argv=None):
@@ -275,6 +281,26 @@ def bind_unix(path):
         sock.close()
         raise errors.ConfigError("cannot listen on {}: {}".format(path, e))
     return sock
+
+
+def stop_bound(cfg):
+    """Seconds from SIGTERM until the agent's stop is done, at most:
+    ``shutdown_timeout`` for the drain and the service's close, the last
+    responses' flush (``stompserver.FINAL_FLUSH``), and with two
+    processes a back end late to close gets ``hop.STOP_MARGIN``, then
+    SIGKILL and ``hop.STOP_MARGIN`` more.  STOPPING=1 tells systemd to
+    wait that long and ``EXIT_SLACK`` (EXTEND_TIMEOUT_USEC; the unit's
+    TimeoutStopSec= stays the least it waits)."""
+    bound = cfg.shutdown_timeout + stompserver.FINAL_FLUSH
+    if cfg.processes == 2:
+        bound += 2 * hop.STOP_MARGIN
+    return bound
+
+
+def stopping_message(cfg):
+    """What the agent tells systemd when its stop begins."""
+    return "STOPPING=1\nEXTEND_TIMEOUT_USEC={}".format(
+        int((stop_bound(cfg) + EXIT_SLACK) * 1000000))
 
 
 def sd_notify(message):
@@ -478,7 +504,7 @@ def _serve(cfg, insecure):
         signal.signal(signal.SIGHUP, reopen)
         # A signal may land in any thread: the I/O loop wakes for it.
         server.wake_on_signals()
-        server.on_stopping(lambda: sd_notify("STOPPING=1"))
+        server.on_stopping(lambda: sd_notify(stopping_message(cfg)))
         server.on_stopping(lambda: stop_began.append(time.monotonic()))
         sd_notify("READY=1\nSTATUS=Listening on {}".format(
             stompserver.format_address(address)))

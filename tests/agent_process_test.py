@@ -38,6 +38,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT = os.path.join(os.path.dirname(sys.executable), "managedvolume-agent")
 BLANK = "00000000-0000-0000-0000-000000000000"
 
+_benchutil = agentutil.bench_module("benchutil")
+
 # The agent's privsep daemon runs as root, without sudo.
 pytestmark = pytest.mark.root
 
@@ -867,18 +869,8 @@ def back_pid(agent):
 
 def back_pids(agent):
     """``agent``'s children running the same program as it: its back end
-    when it runs in two processes, none in one (the privsep daemon is
-    the back's child, not the agent's)."""
-    with open("/proc/{0}/task/{0}/children".format(agent.proc.pid)) as f:
-        children = [int(p) for p in f.read().split()]
-    with open("/proc/{}/cmdline".format(agent.proc.pid), "rb") as f:
-        cmdline = f.read()
-    pids = []
-    for pid in children:
-        with open("/proc/{}/cmdline".format(pid), "rb") as f:
-            if f.read() == cmdline:
-                pids.append(pid)
-    return pids
+    when it runs in two processes, none in one."""
+    return _benchutil.same_program_children(agent.proc.pid)
 
 
 def _gone(pid):

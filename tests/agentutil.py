@@ -1,10 +1,13 @@
 """Helpers for the wire tests: a raw STOMP peer, a stub dispatcher, a
-running in-process server (with the agent's control socket).  (Not a
+running in-process server (with the agent's control socket), bench/'s
+shared helpers (``bench_module``).  (Not a
 fixtures file: the wire tests import what they need.)"""
 
 import contextlib
+import importlib.util
 import json
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -20,6 +23,8 @@ from vdsm_managedvolume import stompserver
 
 from . import fakebrick
 from .host_fixtures import iscsi_connection, new_id
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The bytes vdsm-client sends (docs/dependencies.md, "vdsm's wire").
 VDSM_CONNECT = b"CONNECT\naccept-version:1.2\nheart-beat:0,24000\n\n\0"
@@ -324,6 +329,17 @@ def wait_for(predicate, timeout=60):
             raise AssertionError("condition not met within {}s".format(
                 timeout))
         time.sleep(0.05)
+
+
+def bench_module(name):
+    """``bench/<name>.py`` as a module of its own (``bench_<name>``, not
+    in sys.modules): for what the benchmarks and the tests share, from a
+    script that imports none of its neighbours (benchutil)."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_" + name, os.path.join(REPO, "bench", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def blocked_attaches(run, service, release, count, timeout=60):

@@ -205,6 +205,16 @@ def iscsi(agent, **knobs):
     return iscsi_connection(agent.dev, **knobs)
 
 
+def attach_held(agent, vol_id, conn):
+    """An attach over ``agent``'s wire in a thread of its own
+    (``agentutil.Held``): one the fake array holds, or a stop cuts."""
+    def attach():
+        with agent.client(timeout=120) as c:
+            return c.call("ManagedVolume.attach_volume",
+                          {"vol_id": vol_id, "connection_info": conn})
+    return agentutil.Held(attach)
+
+
 def connected_keys(agent):
     d = os.path.join(agent.fakebrick_dir, "connected")
     return set(os.listdir(d)) if os.path.isdir(d) else set()
@@ -422,26 +432,14 @@ def test_sigterm_waits_for_in_flight_attach_then_exits_0(tmp_path):
     agent = AgentProcess(tmp_path, insecure=True).start()
     vol_id = new_id()
     conn = iscsi(agent, fake_sleep=3)
-    result = {}
-
-    def attach():
-        try:
-            with agent.client(timeout=120) as c:
-                result["ok"] = c.call(
-                    "ManagedVolume.attach_volume",
-                    {"vol_id": vol_id, "connection_info": conn})
-        except Exception as e:
-            result["error"] = e
-
-    t = threading.Thread(target=attach)
-    t.start()
+    attach = attach_held(agent, vol_id, conn)
     try:
         agentutil.wait_for(lambda: "connect-start " + conn["data"][
             "fake_key"] in fakebrick.calls(agent.fakebrick_dir))
         agent.proc.send_signal(signal.SIGTERM)
         agent.wait_notify("STOPPING=1")
-        t.join(120)
-        assert result.get("ok", {}).get("vol_id") == vol_id, result
+        attach.join(120)
+        assert (attach.result or {}).get("vol_id") == vol_id, attach.error
         assert agent.proc.wait(60) == 0
         assert not os.path.exists(agent.cfg.socket_path)
     finally:
@@ -456,17 +454,7 @@ def test_sigterm_with_a_stuck_call_exits_within_shutdown_timeout(tmp_path):
     agent.start()
     vol_id = new_id()
     conn = iscsi(agent, fake_sleep=120)
-
-    def attach():
-        try:
-            with agent.client(timeout=120) as c:
-                c.call("ManagedVolume.attach_volume",
-                       {"vol_id": vol_id, "connection_info": conn})
-        except Exception:
-            pass
-
-    t = threading.Thread(target=attach, daemon=True)
-    t.start()
+    attach_held(agent, vol_id, conn)
     try:
         agentutil.wait_for(lambda: "connect-start " + conn["data"][
             "fake_key"] in fakebrick.calls(agent.fakebrick_dir))

@@ -1,6 +1,6 @@
 """Helpers for the wire tests: a raw STOMP peer, a stub dispatcher, a
-running in-process server (with the agent's control socket), bench/'s
-shared helpers (``bench_module``).  (Not a
+running in-process server (with the agent's control socket), a call held
+in a thread (``Held``), bench/'s shared helpers (``bench_module``).  (Not a
 fixtures file: the wire tests import what they need.)"""
 
 import contextlib
@@ -329,6 +329,30 @@ def wait_for(predicate, timeout=60):
             raise AssertionError("condition not met within {}s".format(
                 timeout))
         time.sleep(0.05)
+
+
+class Held:
+    """``fn(*args)`` in a thread of its own (a daemon: a call the test
+    holds at the fake array, or one a stop cuts, never keeps pytest
+    alive): ``result`` or ``error`` (the exception) once it ended."""
+
+    def __init__(self, fn, *args):
+        self.result = None
+        self.error = None
+        self.thread = threading.Thread(target=self._run, args=(fn, args),
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self, fn, args):
+        try:
+            self.result = fn(*args)
+        except Exception as e:
+            self.error = e
+
+    def join(self, timeout):
+        """Wait ``timeout`` seconds at most for the end; self."""
+        self.thread.join(timeout)
+        return self
 
 
 def bench_module(name):

@@ -99,7 +99,9 @@ class AgentProcess:
         self._lifeline = None
         self.port = None
 
-    def start(self, timeout=90):
+    def start(self, timeout=90, ready=True):
+        """Start the agent; unless ``ready`` is false, wait for its
+        READY=1 (its port then in ``self.port``)."""
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         if os.path.exists(self.notify_path):
             os.unlink(self.notify_path)
@@ -122,6 +124,8 @@ class AgentProcess:
                                      stderr=subprocess.PIPE,
                                      start_new_session=self.new_session)
         self._lifeline = lifeline.watch(self.proc, self.state_dir)
+        if not ready:
+            return self
         message = self.wait_notify("READY=1", timeout)
         status = [line for line in message.splitlines()
                   if line.startswith("STATUS=Listening on ")][0]

@@ -406,6 +406,55 @@ def test_sighup_reopens_the_log_in_both_processes_at_every_start(
 
 
 @pytest.mark.root
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_signals_while_the_back_end_starts(tmp_path, stop):
+    # The back end's start reconciles; storage trouble can hold it.
+    # Meanwhile SIGHUP reopens the log in both processes (it killed the
+    # agent: its default action), and SIGTERM or SIGINT stops the agent:
+    # the back end closes once its start ended, exit 0, never READY=1
+    # (review16 L5).
+    barrier = str(tmp_path / "barrier")
+    agent = AgentProcess(tmp_path, insecure=True).start()
+    vol_id = new_id()
+    conn = iscsi(agent, fake_sleep=60, fake_blind_disconnect=True,
+                 fake_wait_disconnect=barrier)
+    key = conn["data"]["fake_key"]
+    attach_held(agent, vol_id, conn)
+    try:
+        agentutil.wait_for(lambda: "connect-start " + key in
+                           fakebrick.calls(agent.fakebrick_dir))
+    finally:
+        agent.stop(signal.SIGKILL)
+    # Its reconcile rolls the attach back: the disconnect waits for the
+    # barrier.
+    agent = AgentProcess(tmp_path, insecure=True).start(ready=False)
+    try:
+        agentutil.wait_for(lambda: "disconnect-start " + key in
+                           fakebrick.calls(agent.fakebrick_dir))
+        os.rename(agent.log_file, agent.log_file + ".1")
+        agent.proc.send_signal(signal.SIGHUP)
+        agentutil.wait_for(lambda: os.path.exists(agent.log_file) and
+                           "Log file reopened (SIGHUP)" in agent.log())
+        agent.proc.send_signal(stop)
+        message = agent.wait_notify("STOPPING=1")
+        assert "READY=1" not in message.splitlines()
+        assert "Received {} before serving: stopping".format(
+            stop.name) in agent.log()
+        assert agent.proc.poll() is None    # until the start ends
+        with open(barrier, "w"):
+            pass
+        assert agent.proc.wait(60) == 0
+        text = agent.log()
+        assert "Reconcile {} (attaching): rollback".format(vol_id) in text
+        assert "Agent stopped before serving" in text
+        assert "Listening on" not in text
+        assert text.count("Log file reopened (SIGHUP)") == 2
+        assert key not in connected_keys(agent)
+    finally:
+        agent.stop(signal.SIGKILL)
+
+
+@pytest.mark.root
 def test_the_busy_code_at_the_limit(tmp_path):
     agent = AgentProcess(tmp_path, insecure=True,
                          agent_config="max_operations = 2\n")

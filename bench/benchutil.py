@@ -16,6 +16,26 @@ AGENT = os.path.join(os.path.dirname(sys.executable), "managedvolume-agent")
 START_TIMEOUT = 120
 
 
+def same_program_children(pid):
+    """The children of ``pid`` running the same program as it (same
+    command line), a list of pids: an agent's back end when it runs in
+    two processes (hop.py), none in one (its privsep daemon is the back
+    end's child, not the agent's).  OSError when ``pid`` is gone."""
+    with open("/proc/{0}/task/{0}/children".format(pid)) as f:
+        children = [int(p) for p in f.read().split()]
+    with open("/proc/{}/cmdline".format(pid), "rb") as f:
+        cmdline = f.read()
+    pids = []
+    for child in children:
+        try:
+            with open("/proc/{}/cmdline".format(child), "rb") as f:
+                if f.read() == cmdline:
+                    pids.append(child)
+        except FileNotFoundError:
+            pass    # ended meanwhile
+    return pids
+
+
 @contextlib.contextmanager
 def loop_device(directory, size=16 * 1024 * 1024):
     """A loop device over a sparse file in ``directory``; detached after."""

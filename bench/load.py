@@ -804,22 +804,12 @@ class _Agent:
 
     def pids(self):
         """The agent's processes: its pid, and its back end's when it
-        runs in two (its child running the same program; the privsep
-        daemon, the back's child, is not counted)."""
-        pids = [self.proc.pid]
+        runs in two (``benchutil.same_program_children``)."""
         try:
-            with open("/proc/{0}/task/{0}/children".format(
-                    self.proc.pid)) as f:
-                children = f.read().split()
-            with open("/proc/{}/cmdline".format(self.proc.pid), "rb") as f:
-                cmdline = f.read()
-            for child in children:
-                with open("/proc/{}/cmdline".format(child), "rb") as f:
-                    if f.read() == cmdline:
-                        pids.append(int(child))
+            return [self.proc.pid] + benchutil.same_program_children(
+                self.proc.pid)
         except OSError:
-            pass
-        return pids
+            return [self.proc.pid]
 
     def cpu_each(self):
         """Each of the agent's processes' (user, system) CPU seconds so

@@ -277,13 +277,17 @@ def test_the_agent_pins_itself_as_vdsm_does_and_its_daemon_does_not(
             assert "connector_info" in c.call("Host.getCapabilities", {})
         # Every thread of the agent's back end (the service) on the
         # second CPU ([agent] cpu_affinity = auto), of its front end (the
-        # wire: workers, I/O loop) on the first one the host's init may
-        # use ([agent] front_cpu_affinity = auto)...
+        # wire: workers, I/O loop) on the CPUs the host's init may use
+        # but the back end's: all of them, or the first where the host
+        # set CPUs aside ([agent] front_cpu_affinity = auto)...
         from .agent_process_test import back_pid
         assert set(_thread_cpus(back_pid(agent)).values()) == \
             {tuple(allowed[1:2])}
         front = [c for c in affinity.host_cpus() if c in allowed
-                 and c != allowed[1]][:1]
+                 and c != allowed[1]]
+        set_aside = set(affinity.online_cpus()) - set(affinity.host_cpus())
+        if set_aside:
+            front = front[:1]
         assert set(_thread_cpus(agent.proc.pid).values()) == \
             {tuple(front)}
         # ...its privsep daemon, on every CPU the agent had.
@@ -295,8 +299,10 @@ def test_the_agent_pins_itself_as_vdsm_does_and_its_daemon_does_not(
         assert "Running on CPUs {} ([agent] cpu_affinity = auto)".format(
             allowed[1]) in agent.log()
         assert "Front end on CPUs {}, back end on CPUs {} ([agent] " \
-            "front_cpu_affinity = auto)".format(front[0], allowed[1]) \
-            in agent.log()
+            "front_cpu_affinity = auto)".format(
+                affinity.text(front), allowed[1]) in agent.log()
+        assert ("the front end takes the first of them" if set_aside
+                else "the front end is not pinned to one") in agent.log()
     finally:
         agent.stop()
 
@@ -338,13 +344,13 @@ def test_a_refused_cpu_list_for_udevadm_warns_once_per_process(
 
 
 def test_the_front_end_runs_on_a_cpu_of_its_own(monkeypatch):
-    # [agent] front_cpu_affinity: auto = the first CPU pid 1 may use that
-    # the agent could use and its back end (this process, pinned) does
-    # not; empty = the back end's own (None); a list = those CPUs.
+    # [agent] front_cpu_affinity: empty = the back end's own (None); a
+    # list = those CPUs; auto (below) = CPUs the back end (this process,
+    # pinned) does not use.
     monkeypatch.setattr(affinity, "host_cpus", lambda: [0, 1, 2, 3])
-    monkeypatch.setattr(affinity, "_before_pin", [1, 2, 3])
+    monkeypatch.setattr(affinity, "online_cpus", lambda: [0, 1, 2, 3])
+    monkeypatch.setattr(affinity, "_before_pin", [0, 1, 2, 3])
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1})
-    assert affinity.front_cpus("auto") == [2]
     assert affinity.front_cpus("") is None
     assert affinity.front_cpus("0,3") == [0, 3]
     # One CPU, or an agent not pinned: nowhere else to go.
@@ -352,4 +358,45 @@ def test_the_front_end_runs_on_a_cpu_of_its_own(monkeypatch):
     assert affinity.front_cpus("auto") is None
     monkeypatch.setattr(affinity, "_before_pin", None)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1})
+    assert affinity.front_cpus("auto") is None
+
+
+def test_auto_pins_the_front_end_to_a_housekeeping_cpu_only(monkeypatch):
+    # pid 1 may not use every online CPU (systemd's CPUAffinity=, tuned's
+    # cpu-partitioning): the admin set CPUs 0-1 aside for the host; the
+    # front end takes the first the back end (on 1) does not use.
+    monkeypatch.setattr(affinity, "online_cpus", lambda: list(range(8)))
+    monkeypatch.setattr(affinity, "host_cpus", lambda: [0, 1])
+    monkeypatch.setattr(affinity, "_before_pin", [0, 1])
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1})
     assert affinity.front_cpus("auto") == [0]
+    # ...never one the agent could not use before it pinned itself.
+    monkeypatch.setattr(affinity, "host_cpus", lambda: [0, 1, 2, 3])
+    monkeypatch.setattr(affinity, "_before_pin", [1, 2, 3])
+    assert affinity.front_cpus("auto") == [2]
+    # Every online CPU is pid 1's: ovirt-engine may give any of them but
+    # vdsm's to a dedicated-CPU VM (CPU 0 first), so the front end is
+    # pinned to none, it runs on every CPU but the back end's.
+    monkeypatch.setattr(affinity, "online_cpus", lambda: list(range(8)))
+    monkeypatch.setattr(affinity, "host_cpus", lambda: list(range(8)))
+    monkeypatch.setattr(affinity, "_before_pin", list(range(8)))
+    assert affinity.front_cpus("auto") == [0, 2, 3, 4, 5, 6, 7]
+    # A unit's CPUAffinity= bounds it.
+    monkeypatch.setattr(affinity, "_before_pin", [4, 5, 6])
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5})
+    assert affinity.front_cpus("auto") == [4, 6]
+    # Two CPUs, none set aside (this machine): the other one.
+    monkeypatch.setattr(affinity, "online_cpus", lambda: [0, 1])
+    monkeypatch.setattr(affinity, "host_cpus", lambda: [0, 1])
+    monkeypatch.setattr(affinity, "_before_pin", [0, 1])
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1})
+    assert affinity.front_cpus("auto") == [0]
+
+
+def test_online_cpus_are_the_kernels(monkeypatch, tmp_path):
+    with open(affinity.ONLINE) as f:
+        assert affinity.text(affinity.online_cpus()) == f.read().strip()
+    assert set(affinity.host_cpus()) <= set(affinity.online_cpus())
+    # Unreadable: pid 1's (auto then pins the front end to no CPU).
+    monkeypatch.setattr(affinity, "ONLINE", str(tmp_path / "missing"))
+    assert affinity.online_cpus() == affinity.host_cpus()

@@ -38,6 +38,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT = os.path.join(os.path.dirname(sys.executable), "managedvolume-agent")
 BLANK = "00000000-0000-0000-0000-000000000000"
 
+_benchutil = agentutil.bench_module("benchutil")
+
 # The agent's privsep daemon runs as root, without sudo.
 pytestmark = pytest.mark.root
 
@@ -97,7 +99,9 @@ class AgentProcess:
         self._lifeline = None
         self.port = None
 
-    def start(self, timeout=90):
+    def start(self, timeout=90, ready=True):
+        """Start the agent; unless ``ready`` is false, wait for its
+        READY=1 (its port then in ``self.port``)."""
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         if os.path.exists(self.notify_path):
             os.unlink(self.notify_path)
@@ -120,6 +124,8 @@ class AgentProcess:
                                      stderr=subprocess.PIPE,
                                      start_new_session=self.new_session)
         self._lifeline = lifeline.watch(self.proc, self.state_dir)
+        if not ready:
+            return self
         message = self.wait_notify("READY=1", timeout)
         status = [line for line in message.splitlines()
                   if line.startswith("STATUS=Listening on ")][0]
@@ -201,6 +207,16 @@ def new_id():
 
 def iscsi(agent, **knobs):
     return iscsi_connection(agent.dev, **knobs)
+
+
+def attach_held(agent, vol_id, conn):
+    """An attach over ``agent``'s wire in a thread of its own
+    (``agentutil.Held``): one the fake array holds, or a stop cuts."""
+    def attach():
+        with agent.client(timeout=120) as c:
+            return c.call("ManagedVolume.attach_volume",
+                          {"vol_id": vol_id, "connection_info": conn})
+    return agentutil.Held(attach)
 
 
 def connected_keys(agent):
@@ -420,26 +436,14 @@ def test_sigterm_waits_for_in_flight_attach_then_exits_0(tmp_path):
     agent = AgentProcess(tmp_path, insecure=True).start()
     vol_id = new_id()
     conn = iscsi(agent, fake_sleep=3)
-    result = {}
-
-    def attach():
-        try:
-            with agent.client(timeout=120) as c:
-                result["ok"] = c.call(
-                    "ManagedVolume.attach_volume",
-                    {"vol_id": vol_id, "connection_info": conn})
-        except Exception as e:
-            result["error"] = e
-
-    t = threading.Thread(target=attach)
-    t.start()
+    attach = attach_held(agent, vol_id, conn)
     try:
         agentutil.wait_for(lambda: "connect-start " + conn["data"][
             "fake_key"] in fakebrick.calls(agent.fakebrick_dir))
         agent.proc.send_signal(signal.SIGTERM)
         agent.wait_notify("STOPPING=1")
-        t.join(120)
-        assert result.get("ok", {}).get("vol_id") == vol_id, result
+        attach.join(120)
+        assert (attach.result or {}).get("vol_id") == vol_id, attach.error
         assert agent.proc.wait(60) == 0
         assert not os.path.exists(agent.cfg.socket_path)
     finally:
@@ -454,21 +458,16 @@ def test_sigterm_with_a_stuck_call_exits_within_shutdown_timeout(tmp_path):
     agent.start()
     vol_id = new_id()
     conn = iscsi(agent, fake_sleep=120)
-
-    def attach():
-        try:
-            with agent.client(timeout=120) as c:
-                c.call("ManagedVolume.attach_volume",
-                       {"vol_id": vol_id, "connection_info": conn})
-        except Exception:
-            pass
-
-    t = threading.Thread(target=attach, daemon=True)
-    t.start()
+    attach_held(agent, vol_id, conn)
     try:
         agentutil.wait_for(lambda: "connect-start " + conn["data"][
             "fake_key"] in fakebrick.calls(agent.fakebrick_dir))
         agent.proc.send_signal(signal.SIGTERM)
+        # systemd is told to wait for the whole stop: shutdown_timeout, the
+        # last flush (1 s), a late back end's margin and kill (2 x 5 s),
+        # the exit (4 s); beyond the unit's TimeoutStopSec= it extends it.
+        assert "EXTEND_TIMEOUT_USEC=18000000" in agent.wait_notify(
+            "STOPPING=1").splitlines()
         # Liveness, not a measurement: before, this took 3 + 3 + 10 s.
         assert agent.proc.wait(12) == 0
         text = agent.log()
@@ -862,18 +861,8 @@ def back_pid(agent):
 
 def back_pids(agent):
     """``agent``'s children running the same program as it: its back end
-    when it runs in two processes, none in one (the privsep daemon is
-    the back's child, not the agent's)."""
-    with open("/proc/{0}/task/{0}/children".format(agent.proc.pid)) as f:
-        children = [int(p) for p in f.read().split()]
-    with open("/proc/{}/cmdline".format(agent.proc.pid), "rb") as f:
-        cmdline = f.read()
-    pids = []
-    for pid in children:
-        with open("/proc/{}/cmdline".format(pid), "rb") as f:
-            if f.read() == cmdline:
-                pids.append(pid)
-    return pids
+    when it runs in two processes, none in one."""
+    return _benchutil.same_program_children(agent.proc.pid)
 
 
 def _gone(pid):

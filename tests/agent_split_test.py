@@ -27,8 +27,8 @@ from vdsm_managedvolume import jsonrpc
 
 from . import agentutil
 from . import fakebrick
-from .agent_process_test import (AgentProcess, back_pid, back_pids,
-                                 connected_keys, iscsi, new_id)
+from .agent_process_test import (AgentProcess, attach_held, back_pid,
+                                 back_pids, connected_keys, iscsi, new_id)
 
 
 # The hop, both ends here
@@ -329,29 +329,17 @@ def test_control_plane_answers_while_32_attaches_wait_at_the_array(
     agent = AgentProcess(tmp_path, insecure=True).start()
     try:
         conns = [iscsi(agent, fake_sleep=5) for _ in range(32)]
-        results = []
-
-        def attach(conn):
-            with agent.client(timeout=120) as c:
-                results.append(c.call(
-                    "ManagedVolume.attach_volume",
-                    {"vol_id": new_id(), "connection_info": conn}))
-
-        threads = [threading.Thread(target=attach, args=(c,))
-                   for c in conns]
-        for t in threads:
-            t.start()
+        attaches = [attach_held(agent, new_id(), c) for c in conns]
         agentutil.wait_for(lambda: started(agent) >= 32)
         with agent.client() as c:
             caps = c.call("Host.getCapabilities", {})
             infos = c.call("ManagedVolume.volumes_info", {})
         # Answered while every attach still waits at the array.
-        assert not results
+        assert all(a.thread.is_alive() for a in attaches)
         assert "connector_info" in caps
         assert len(infos) == 32
-        for t in threads:
-            t.join(120)
-        assert len(results) == 32
+        for a in attaches:
+            assert a.join(120).result, a.error
     finally:
         assert agent.stop() == 0
 
@@ -378,17 +366,7 @@ def test_a_killed_agent_takes_its_back_end_and_the_restart_reconciles(
     vol_id = new_id()
     conn = iscsi(agent, fake_sleep=60, fake_blind_disconnect=True)
     key = conn["data"]["fake_key"]
-
-    def attach():
-        try:
-            with agent.client(timeout=120) as c:
-                c.call("ManagedVolume.attach_volume",
-                       {"vol_id": vol_id, "connection_info": conn})
-        except Exception:
-            pass
-
-    t = threading.Thread(target=attach, daemon=True)
-    t.start()
+    attach_held(agent, vol_id, conn)
     try:
         agentutil.wait_for(lambda: "connect-start " + key in
                            fakebrick.calls(agent.fakebrick_dir))
@@ -433,19 +411,62 @@ def test_sighup_reopens_the_log_in_both_processes_at_every_start(
 
 
 @pytest.mark.root
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_signals_while_the_back_end_starts(tmp_path, stop):
+    # The back end's start reconciles; storage trouble can hold it.
+    # Meanwhile SIGHUP reopens the log in both processes (it killed the
+    # agent: its default action), and SIGTERM or SIGINT stops the agent:
+    # the back end closes once its start ended, exit 0, never READY=1
+    # (review16 L5).
+    barrier = str(tmp_path / "barrier")
+    agent = AgentProcess(tmp_path, insecure=True).start()
+    vol_id = new_id()
+    conn = iscsi(agent, fake_sleep=60, fake_blind_disconnect=True,
+                 fake_wait_disconnect=barrier)
+    key = conn["data"]["fake_key"]
+    attach_held(agent, vol_id, conn)
+    try:
+        agentutil.wait_for(lambda: "connect-start " + key in
+                           fakebrick.calls(agent.fakebrick_dir))
+    finally:
+        agent.stop(signal.SIGKILL)
+    # Its reconcile rolls the attach back: the disconnect waits for the
+    # barrier.
+    agent = AgentProcess(tmp_path, insecure=True).start(ready=False)
+    try:
+        agentutil.wait_for(lambda: "disconnect-start " + key in
+                           fakebrick.calls(agent.fakebrick_dir))
+        os.rename(agent.log_file, agent.log_file + ".1")
+        agent.proc.send_signal(signal.SIGHUP)
+        agentutil.wait_for(lambda: os.path.exists(agent.log_file) and
+                           "Log file reopened (SIGHUP)" in agent.log())
+        agent.proc.send_signal(stop)
+        message = agent.wait_notify("STOPPING=1")
+        assert "READY=1" not in message.splitlines()
+        assert "Received {} before serving: stopping".format(
+            stop.name) in agent.log()
+        assert agent.proc.poll() is None    # until the start ends
+        with open(barrier, "w"):
+            pass
+        assert agent.proc.wait(60) == 0
+        text = agent.log()
+        assert "Reconcile {} (attaching): rollback".format(vol_id) in text
+        assert "Agent stopped before serving" in text
+        assert "Listening on" not in text
+        assert text.count("Log file reopened (SIGHUP)") == 2
+        assert key not in connected_keys(agent)
+    finally:
+        agent.stop(signal.SIGKILL)
+
+
+@pytest.mark.root
 def test_the_busy_code_at_the_limit(tmp_path):
     agent = AgentProcess(tmp_path, insecure=True,
                          agent_config="max_operations = 2\n")
     agent.start()
     try:
         conns = [iscsi(agent, fake_sleep=3) for _ in range(2)]
-        threads = [threading.Thread(target=lambda c=c: agent.client(
-            timeout=60).__enter__().call(
-                "ManagedVolume.attach_volume",
-                {"vol_id": new_id(), "connection_info": c}))
-            for c in conns]
-        for t in threads:
-            t.start()
+        attaches = [attach_held(agent, new_id(), c) for c in conns]
         agentutil.wait_for(lambda: started(agent) >= 2)
         with agent.client() as c:
             with pytest.raises(errors.AgentBusy) as e:
@@ -453,8 +474,8 @@ def test_the_busy_code_at_the_limit(tmp_path):
                        {"vol_id": new_id(),
                         "connection_info": iscsi(agent)})
             assert e.value.code == 933
-        for t in threads:
-            t.join(60)
+        for a in attaches:
+            a.join(60)
     finally:
         assert agent.stop() == 0
 
@@ -464,16 +485,7 @@ def test_sigterm_stops_both_within_shutdown_timeout(tmp_path):
     agent = AgentProcess(tmp_path, insecure=True, shutdown_timeout=3)
     agent.start()
     conn = iscsi(agent, fake_sleep=120)
-
-    def attach():
-        try:
-            with agent.client(timeout=120) as c:
-                c.call("ManagedVolume.attach_volume",
-                       {"vol_id": new_id(), "connection_info": conn})
-        except Exception:
-            pass    # cut by the stop
-
-    threading.Thread(target=attach, daemon=True).start()
+    attach_held(agent, new_id(), conn)     # cut by the stop
     try:
         agentutil.wait_for(lambda: "connect-start " + conn["data"][
             "fake_key"] in fakebrick.calls(agent.fakebrick_dir))

@@ -1,10 +1,13 @@
 """Helpers for the wire tests: a raw STOMP peer, a stub dispatcher, a
-running in-process server (with the agent's control socket).  (Not a
+running in-process server (with the agent's control socket), a call held
+in a thread (``Held``), bench/'s shared helpers (``bench_module``).  (Not a
 fixtures file: the wire tests import what they need.)"""
 
 import contextlib
+import importlib.util
 import json
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -20,6 +23,8 @@ from vdsm_managedvolume import stompserver
 
 from . import fakebrick
 from .host_fixtures import iscsi_connection, new_id
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The bytes vdsm-client sends (docs/dependencies.md, "vdsm's wire").
 VDSM_CONNECT = b"CONNECT\naccept-version:1.2\nheart-beat:0,24000\n\n\0"
@@ -324,6 +329,41 @@ def wait_for(predicate, timeout=60):
             raise AssertionError("condition not met within {}s".format(
                 timeout))
         time.sleep(0.05)
+
+
+class Held:
+    """``fn(*args)`` in a thread of its own (a daemon: a call the test
+    holds at the fake array, or one a stop cuts, never keeps pytest
+    alive): ``result`` or ``error`` (the exception) once it ended."""
+
+    def __init__(self, fn, *args):
+        self.result = None
+        self.error = None
+        self.thread = threading.Thread(target=self._run, args=(fn, args),
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self, fn, args):
+        try:
+            self.result = fn(*args)
+        except Exception as e:
+            self.error = e
+
+    def join(self, timeout):
+        """Wait ``timeout`` seconds at most for the end; self."""
+        self.thread.join(timeout)
+        return self
+
+
+def bench_module(name):
+    """``bench/<name>.py`` as a module of its own (``bench_<name>``, not
+    in sys.modules): for what the benchmarks and the tests share, from a
+    script that imports none of its neighbours (benchutil)."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_" + name, os.path.join(REPO, "bench", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def blocked_attaches(run, service, release, count, timeout=60):

@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -30,6 +29,7 @@ from vdsm_managedvolume import store
 from vdsm_managedvolume import udev
 from vdsm_managedvolume.validate import BLANK_UUID
 
+from . import agentutil
 from . import fakebrick
 from .host_fixtures import (REPO, hung_iscsi_info, hung_iscsiadm,
                             iscsi_connection, make_cfg, new_boot, new_id)
@@ -507,25 +507,16 @@ def test_daemon_killed_mid_connect_rolls_back_and_restarts(
         old_pid = brick.daemon_pid()
         vol_id = new_id()
         ci = iscsi_connection(cfg, fake_sleep=60)
-        outcome = {}
-
-        def attach():
-            try:
-                svc.attach_volume(vol_id, ci)
-            except Exception as e:
-                outcome["error"] = e
-
-        t = threading.Thread(target=attach)
-        t.start()
+        attach = agentutil.Held(svc.attach_volume, vol_id, ci)
         deadline = time.monotonic() + 30
         while not svc._db().volumes([vol_id]):
             assert time.monotonic() < deadline
             time.sleep(0.01)
         time.sleep(0.3)                        # inside the fake's sleep
         os.kill(old_pid, signal.SIGKILL)
-        t.join(60)
-        assert isinstance(outcome.get("error"), errors.HelperFailed)
-        assert "died" in str(outcome["error"])
+        attach.join(60)
+        assert isinstance(attach.error, errors.HelperFailed)
+        assert "died" in str(attach.error)
         assert svc._db().volumes() == []
         assert ci["data"]["fake_key"] not in fakebrick.connected()
         # The rollback's disconnect started a new daemon.

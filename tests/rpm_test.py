@@ -109,8 +109,17 @@ def test_unit_is_notify_and_stops_the_agent_before_its_daemon():
     assert service["ExecStart"].split()[0] == "/usr/bin/managedvolume-agent"
     assert service["KillMode"] == "mixed"
     assert "HUP" in service["ExecReload"]
-    timeout = config.Config().shutdown_timeout
-    assert float(service["TimeoutStopSec"]) > timeout
+    # The default configuration's stop fits; a longer one extends it
+    # (STOPPING=1's EXTEND_TIMEOUT_USEC, agent_process_test).
+    cfg = config.Config()
+    assert float(service["TimeoutStopSec"]) >= \
+        agent.stop_bound(cfg) + agent.EXIT_SLACK
+    with open(data("managedvolume-agent.service")) as f:
+        comment = " ".join(f.read().replace("#", "").split())
+    assert "shutdown_timeout + {:g} s at most".format(
+        agent.stop_bound(cfg) - cfg.shutdown_timeout) in comment
+    assert "{:g} s by default, and {:g} s to exit".format(
+        agent.stop_bound(cfg), agent.EXIT_SLACK) in comment
     assert unit["Install"]["WantedBy"] == "multi-user.target"
 
 

@@ -21,6 +21,7 @@ from vdsm_managedvolume import service
 from vdsm_managedvolume import udev
 from vdsm_managedvolume import validate
 
+from . import agentutil
 from . import fakebrick
 from .host_fixtures import (LoopDevice, iscsi_connection, is_symlink,
                             make_cfg, new_boot, new_id, rbd_connection,
@@ -432,16 +433,7 @@ def test_a_connect_whose_daemon_died_keeps_its_record_when_none_starts(
     vol_id = new_id()
     ci = iscsi_connection(svc.cfg, fake_sleep=60)
     key = ci["data"]["fake_key"]
-    result = {}
-
-    def attach():
-        try:
-            svc.attach_volume(vol_id, ci)
-        except Exception as e:
-            result["error"] = e
-
-    t = threading.Thread(target=attach)
-    t.start()
+    attach = agentutil.Held(svc.attach_volume, vol_id, ci)
     try:
         deadline = time_now() + 30
         while "connect-start " + key not in fakebrick.calls():
@@ -450,8 +442,8 @@ def test_a_connect_whose_daemon_died_keeps_its_record_when_none_starts(
         svc.cfg.helper_command = BROKEN_HELPER
         os.kill(pid, signal.SIGKILL)
     finally:
-        t.join(60)
-    error = result["error"]
+        attach.join(60)
+    error = attach.error
     assert type(error) is errors.HelperFailed
     assert "privsep daemon {} died during connect".format(pid) in str(error)
     assert not error.unsent
@@ -2217,30 +2209,20 @@ def test_secrets_never_in_logs_of_attach_extend_and_their_failures(
 
 def test_close_waits_for_a_running_attach_and_refuses_new_calls(
         host_cfg, inproc_brick):
-    import threading
     svc = service.Service(host_cfg, brick=inproc_brick)
     svc.start()
     vol_id = new_id()
     ci = iscsi_connection(host_cfg, fake_sleep=0.5)
-    outcome = {}
-
-    def attach():
-        try:
-            outcome["result"] = svc.attach_volume(vol_id, ci)
-        except Exception as e:
-            outcome["error"] = e
-
-    t = threading.Thread(target=attach)
-    t.start()
+    attach = agentutil.Held(svc.attach_volume, vol_id, ci)
     deadline = time_now() + 10
     while "connect-start " + ci["data"]["fake_key"] not in fakebrick.calls():
         assert time_now() < deadline
         time_sleep(0.01)
     svc.close()
-    t.join(10)
+    attach.join(10)
     # The attach finished and was recorded before the journal closed.
-    assert "error" not in outcome
-    assert outcome["result"]["vol_id"] == vol_id
+    assert attach.error is None
+    assert attach.result["vol_id"] == vol_id
     for call in (lambda: svc.attach_volume(new_id(), ci),
                  lambda: svc.detach_volume(vol_id),
                  lambda: svc.volumes_info(),
@@ -2257,30 +2239,20 @@ def test_close_waits_for_a_running_attach_and_refuses_new_calls(
 
 
 def test_close_gives_up_waiting_after_its_timeout(host_cfg, inproc_brick):
-    import threading
     svc = service.Service(host_cfg, brick=inproc_brick)
     svc.start()
     ci = iscsi_connection(host_cfg, fake_sleep=1.0)
     vol_id = new_id()
-    errors_seen = []
-
-    def attach():
-        try:
-            svc.attach_volume(vol_id, ci)
-        except Exception as e:
-            errors_seen.append(e)
-
-    t = threading.Thread(target=attach)
-    t.start()
+    attach = agentutil.Held(svc.attach_volume, vol_id, ci)
     deadline = time_now() + 10
     while "connect-start " + ci["data"]["fake_key"] not in fakebrick.calls():
         assert time_now() < deadline
         time_sleep(0.01)
     svc.close(timeout=0.1)
-    t.join(10)
+    attach.join(10)
     # Cut between connect and journal: it failed and its record stays
     # 'attaching' for reconcile, which disconnects it.
-    assert isinstance(errors_seen[0], errors.StoreClosed)
+    assert isinstance(attach.error, errors.StoreClosed)
     svc = service.Service(host_cfg, brick=inproc_brick)
     svc.start()
     try:

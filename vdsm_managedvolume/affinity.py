@@ -5,7 +5,11 @@ vdsm's practice, followed here (oVirt/vdsm: ``vdsmd.__set_cpu_affinity``,
 
 - vdsm pins itself, every thread, to one CPU: its ``[vars]
   cpu_affinity``, by default "auto", the second online CPU (the first
-  when only one is online).  A Python process runs Python in one thread
+  when only one is online).  Its history gives no reason for the second
+  but continuity: the first default was CPU 1, fixed, which kept vdsm
+  from starting where CPU 1 was offline, so "auto" takes the second
+  online one.  It reports its CPUs to the engine in its capabilities
+  (``vdsmToCpusAffinity``).  A Python process runs Python in one thread
   at a time (the interpreter lock); threads spread over several cores
   hand that lock from core to core at every system call, and wake idle
   cores to do it.
@@ -40,6 +44,21 @@ them: the thread starting it widens its own CPUs around the spawn
 (``spawning_on``), so sudo, privsep-helper, the daemon's start-up and
 every thread it makes inherit them.
 
+``[agent] front_cpu_affinity`` (``front_cpus``, two processes): the
+front end, the wire, runs beside the back end, not on its core (one core
+for both was slower than one process).  Which CPU is safe follows
+ovirt-engine (``VdsManager.updateCpuTopology``,
+``VdsCpuUnitPinningHelper``, ``CpuPinningPolicyUnit``): of a host's
+CPUs it keeps only vdsm's from dedicated and isolate-threads VMs (it
+reads the one CPU vdsm reports in its capabilities, and a host reporting
+more or none gets no such VM at all); it gives them CPUs of the socket
+with the most free ones, cores from the lowest up, so CPU 0 is the first
+on a one-socket host; manual pinning is what the admin wrote, never
+exclusive; pid 1's CPUs it does not know.  So "auto" pins the front end
+to a CPU only where the admin set housekeeping CPUs aside (pid 1 may not
+use every online CPU), and elsewhere lets it run on every CPU but the
+back end's, as every other process of the host does.
+
 The kernel keeps only the CPUs of a set that are online and allowed by
 the process's cpuset; a set it refuses entirely (EINVAL) is logged, and
 the process keeps running where it was: where it runs is never a reason
@@ -63,6 +82,8 @@ AUTO = "auto"
 # The kernel's largest NR_CPUS (Kconfig: 8192): a CPU number beyond is a
 # typo, and a range to it would be a set of millions.
 MAX_CPUS = 8192
+
+ONLINE = "/sys/devices/system/cpu/online"
 
 _RANGE = re.compile(r"([0-9]+)(?:-([0-9]+))?\Z")
 
@@ -166,22 +187,54 @@ def daemon_cpus(setting):
 def front_cpus(setting):
     """The CPUs of the agent's front end (``hop``: the wire) as ``[agent]
     front_cpu_affinity`` says, a sorted list, or None: the agent's own
-    (the back end's).  "auto": the first CPU the host's init may use
-    (``host_cpus``: what systemd's CPUAffinity= or tuned's
-    cpu-partitioning leave to services) that the agent could use before
-    it pinned itself and that is not the back end's; None when there is
-    none (one CPU, or an agent not pinned).  Empty: None.  Call it in
-    the front, after the fork, before pinning it."""
+    (the back end's).  Empty: None.  A list: those CPUs.  Call it in the
+    front, after the fork, before pinning it.
+
+    "auto": among the CPUs the host's init may use (``host_cpus``) that
+    the agent could use before it pinned itself (its own when it did not)
+    and that are not the back end's:
+
+    - when init may not use every online CPU (systemd's CPUAffinity=,
+      tuned's cpu-partitioning, isolcpus=: the admin set CPUs aside),
+      the first of them, a housekeeping CPU: one core, as the back end;
+    - else all of them, unpinned: no CPU but vdsm's is known to be kept
+      from dedicated-CPU VMs (ovirt-engine hands them CPUs from the
+      lowest core up, CPU 0 first on a one-socket host), and a process
+      free to move leaves a core a vCPU keeps busy;
+
+    None when there is none (one CPU, or an agent not pinned)."""
     if not setting:
         return None
     if setting != AUTO:
         return cpu_list(setting, "front_cpu_affinity") or None
     back = os.sched_getaffinity(0)
-    could = set(_before_pin) if _before_pin is not None else None
-    for cpu in host_cpus():
-        if cpu not in back and (could is None or cpu in could):
-            return [cpu]
-    return None
+    could = set(_before_pin) if _before_pin is not None else back
+    host = host_cpus()
+    free = [cpu for cpu in host if cpu in could and cpu not in back]
+    if not free:
+        return None
+    online = online_cpus()
+    if set(online) - set(host):
+        log.info("The host's init may use CPUs %s of %s online: the front "
+                 "end takes the first of them the back end does not use",
+                 text(host), text(online))
+        return free[:1]
+    log.info("The host's init may use every online CPU (%s): none is known "
+             "to be kept from dedicated-CPU VMs but the back end's, so the "
+             "front end is not pinned to one, it may use %s", text(online),
+             text(free))
+    return free
+
+
+def online_cpus():
+    """The online CPUs, a sorted list (the kernel's
+    /sys/devices/system/cpu/online); ``host_cpus`` if it cannot be
+    read."""
+    try:
+        with open(ONLINE) as f:
+            return cpu_list(f.read(), "online", ONLINE)
+    except (OSError, errors.ConfigError):
+        return host_cpus()
 
 
 def host_cpus():

@@ -36,9 +36,13 @@ key or option and the value (exit 2).  So does, with exit 1 (it may go
 away: systemd retries), the port held by another process.
 
 Signals: SIGTERM/SIGINT stop accepting, let in-flight calls finish (up to
-``shutdown_timeout``), close the back end and exit 0; SIGHUP reopens the
-log file, here and in the back end.  Under systemd (``NOTIFY_SOCKET``)
-the agent reports READY=1 (once the back end is ready) and STOPPING=1.
+``shutdown_timeout``), close the back end and exit 0 (before the agent
+serves: the back end, once its start ended); SIGHUP reopens the log
+file, here and in the back end, from the start.  Under systemd
+(``NOTIFY_SOCKET``) the agent reports READY=1 (once the back end is
+ready) and STOPPING=1, with how long its stop may take (``stop_bound``:
+a ``shutdown_timeout`` beyond the unit's TimeoutStopSec= extends it,
+never meets its SIGKILL).
 When the back end ends unasked the agent exits 1.
 """
 
@@ -85,6 +89,10 @@ CONTROL_TIMEOUT = 1.0
 # Seconds a starting agent waits for the lock of an agent that is gone
 # while its back end (hop.py) still holds it.
 LOCK_RETRY = 2.0
+
+# Seconds an interpreter may take to exit once the agent's stop is done
+# (threads joined, handlers flushed), beyond ``stop_bound``.
+EXIT_SLACK = 4.0
 
 
 def main(argv=None):
@@ -277,6 +285,26 @@ def bind_unix(path):
     return sock
 
 
+def stop_bound(cfg):
+    """Seconds from SIGTERM until the agent's stop is done, at most:
+    ``shutdown_timeout`` for the drain and the service's close, the last
+    responses' flush (``stompserver.FINAL_FLUSH``), and with two
+    processes a back end late to close gets ``hop.STOP_MARGIN``, then
+    SIGKILL and ``hop.STOP_MARGIN`` more.  STOPPING=1 tells systemd to
+    wait that long and ``EXIT_SLACK`` (EXTEND_TIMEOUT_USEC; the unit's
+    TimeoutStopSec= stays the least it waits)."""
+    bound = cfg.shutdown_timeout + stompserver.FINAL_FLUSH
+    if cfg.processes == 2:
+        bound += 2 * hop.STOP_MARGIN
+    return bound
+
+
+def stopping_message(cfg):
+    """What the agent tells systemd when its stop begins."""
+    return "STOPPING=1\nEXTEND_TIMEOUT_USEC={}".format(
+        int((stop_bound(cfg) + EXIT_SLACK) * 1000000))
+
+
 def sd_notify(message):
     """Tell systemd ``message`` when NOTIFY_SOCKET is set; never raises."""
     address = os.environ.get("NOTIFY_SOCKET")
@@ -400,6 +428,33 @@ def _serve(cfg, insecure):
     # before we serve wait in the backlog.
     listener = bind(cfg.listen, cfg.port)
     back = None
+    # Signals before we serve (the back end's start reconciles, which
+    # storage trouble can hold for long): SIGHUP reopens the log as it
+    # will later; with two processes SIGTERM and SIGINT stop the back end
+    # (once its start ended: it reads then) and the agent exits 0.
+    stop_asked = []
+    waiting = []
+    hup_early = []
+
+    def reopen(signo, frame):
+        logmod.reopen()
+        log.info("Log file reopened (SIGHUP)")
+        if back is not None:
+            back.signal(signal.SIGHUP)
+        else:
+            hup_early.append(signo)     # forked meanwhile: passed on below
+
+    def stop_starting(signo, frame):
+        log.info("Received %s before serving: stopping",
+                 signal.Signals(signo).name)
+        stop_asked.append(signo)
+        if waiting:
+            raise _StopStarting()
+
+    signal.signal(signal.SIGHUP, reopen)
+    if cfg.processes == 2:
+        signal.signal(signal.SIGTERM, stop_starting)
+        signal.signal(signal.SIGINT, stop_starting)
 
     def back_lost():
         # As if the agent had crashed (what one process does when the
@@ -431,12 +486,25 @@ def _serve(cfg, insecure):
             # serve once it says it is ready.
             back = hop.start_back(cfg, close_in_back=(listener,),
                                   on_lost=back_lost)
-            if not back.wait_ready():
+            if hup_early:
+                back.signal(signal.SIGHUP)
+            ready = None    # not known: a signal came first
+            try:
+                waiting.append(True)
+                if not stop_asked:
+                    ready = back.wait_ready()
+            except _StopStarting:
+                pass
+            finally:
+                waiting.clear()
+            if ready is False:      # ended by itself: its code, not ours
                 listener.close()
                 code = back.exit_code()
                 log.error("The back end (pid %d) failed to start (%s)",
                           back.pid, "exit status {}".format(code))
                 return code if code else EXIT_FAILED
+            if stop_asked:
+                return _stop_starting(cfg, listener, back)
             service = hop.Proxy(back.client, cfg)
         else:
             from . import service as service_module
@@ -467,18 +535,13 @@ def _serve(cfg, insecure):
             log.info("Received %s", signal.Signals(signo).name)
             server.shutdown()
 
-        def reopen(signo, frame):
-            logmod.reopen()
-            log.info("Log file reopened (SIGHUP)")
-            if back is not None:
-                back.signal(signal.SIGHUP)
-
         signal.signal(signal.SIGTERM, terminate)
         signal.signal(signal.SIGINT, terminate)
-        signal.signal(signal.SIGHUP, reopen)
         # A signal may land in any thread: the I/O loop wakes for it.
         server.wake_on_signals()
-        server.on_stopping(lambda: sd_notify("STOPPING=1"))
+        if stop_asked:
+            server.shutdown()   # asked between the back's start and here
+        server.on_stopping(lambda: sd_notify(stopping_message(cfg)))
         server.on_stopping(lambda: stop_began.append(time.monotonic()))
         sd_notify("READY=1\nSTATUS=Listening on {}".format(
             stompserver.format_address(address)))
@@ -499,6 +562,20 @@ def _serve(cfg, insecure):
             log.exception("Closing the service failed")
     log.info("Agent stopped")
     return 0
+
+
+class _StopStarting(Exception):
+    """SIGTERM or SIGINT while the front end waits for its back end."""
+
+
+def _stop_starting(cfg, listener, back):
+    """Stop a back end still starting, asked by a signal: it closes once
+    its start ended (killed when late: ``BackProcess.stop``); 0."""
+    sd_notify(stopping_message(cfg))
+    listener.close()
+    back.stop(cfg.shutdown_timeout)
+    log.info("Agent stopped before serving")
+    return EXIT_OK
 
 
 def _lock_agent(cfg):

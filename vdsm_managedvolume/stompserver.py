@@ -132,6 +132,10 @@ HEARTBEAT_GRACE = 3
 # After an ERROR frame: how long we keep reading (and discarding) so that
 # closing does not reset the connection before the peer read the error.
 LINGER = 2.0
+
+# Seconds the I/O loop keeps flushing the last responses once the drain of
+# a stop ended (in-flight calls done, or shutdown_timeout spent).
+FINAL_FLUSH = 1.0
 # Output a connection may have pending.  Above READ_PAUSE we stop reading
 # (and so stop running) its requests until it reads its responses; above
 # MAX_OUTPUT, or when it takes no byte for idle_timeout seconds while
@@ -294,7 +298,7 @@ class Server:
                         log.warning("%d operations still running after %s "
                                     "seconds; exiting anyway", pending,
                                     self.cfg.shutdown_timeout)
-                    final_deadline = now + 1.0
+                    final_deadline = now + FINAL_FLUSH
                     for conn in list(self._connections):
                         conn.close_after_flush(linger=False)
             if final_deadline is not None and (

@@ -68,6 +68,24 @@ def test_control_socket_answers_empty_when_info_is_slow(tmp_path):
         run.stop()
 
 
+def test_connector_info_without_a_thread_gives_the_last_value_and_retries(
+        monkeypatch):
+    # A thread the system refuses (TasksMax) must not leave a fetch
+    # "running" for good: every later call would wait its timeout for it.
+    values = iter([{"n": 1}, {"n": 2}])
+    info = agent._ConnectorInfo(lambda: next(values))
+    assert info.get(10) == {"n": 1}
+    real_start = threading.Thread.start
+
+    def refused(thread):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refused)
+    assert info.get(10) == {"n": 1}
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    assert info.get(10) == {"n": 2}
+
+
 def test_control_socket_answers_empty_without_os_brick(tmp_path):
     def unsupported():
         raise errors.NotSupported("no os_brick")

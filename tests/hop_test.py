@@ -162,3 +162,17 @@ def test_builtin_errors_cross_as_their_class_and_message(error):
         hop.raise_error(hop.error_info(error))
     assert str(e.value) == str(error)
     assert type(e.value).__name__ == type(error).__name__
+
+
+def test_a_builtin_error_that_cannot_be_built_keeps_its_name(monkeypatch):
+    class Picky(Exception):
+        def __new__(cls, *args):
+            if len(args) != 2:
+                raise TypeError("two arguments")
+            return super().__new__(cls, *args)
+
+    monkeypatch.setattr(hop, "_error_class", lambda *a: Picky)
+    with pytest.raises(hop._Remote) as e:
+        hop.raise_error(("somewhere", "Picky", None, "went wrong"))
+    assert type(e.value).__name__ == "Picky"
+    assert str(e.value) == "went wrong"

@@ -219,10 +219,15 @@ def front_cpus(setting):
                  "end takes the first of them the back end does not use",
                  text(host), text(online))
         return free[:1]
-    log.info("The host's init may use every online CPU (%s): none is known "
-             "to be kept from dedicated-CPU VMs but the back end's, so the "
-             "front end is not pinned to one, it may use %s", text(online),
-             text(free))
+    if len(free) == 1:
+        log.info("The host's init may use every online CPU (%s): the "
+                 "front end takes the one the back end does not use, %s",
+                 text(online), text(free))
+    else:
+        log.info("The host's init may use every online CPU (%s): none is "
+                 "known to be kept from dedicated-CPU VMs but the back "
+                 "end's, so the front end is not pinned to one, it may use "
+                 "%s", text(online), text(free))
     return free
 
 

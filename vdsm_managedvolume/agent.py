@@ -431,9 +431,11 @@ def _serve(cfg, insecure):
     # Signals before we serve (the back end's start reconciles, which
     # storage trouble can hold for long): SIGHUP reopens the log as it
     # will later; with two processes SIGTERM and SIGINT stop the back end
-    # (once its start ended: it reads then) and the agent exits 0.
+    # (once its start ended: it reads then) and the agent exits 0.  The
+    # handlers only note the signal: the wait for the back end wakes on
+    # the wakeup fd and looks (an exception raised from a handler could
+    # land in a log write or a lock's wait).
     stop_asked = []
-    waiting = []
     hup_early = []
 
     def reopen(signo, frame):
@@ -445,11 +447,7 @@ def _serve(cfg, insecure):
             hup_early.append(signo)     # forked meanwhile: passed on below
 
     def stop_starting(signo, frame):
-        log.info("Received %s before serving: stopping",
-                 signal.Signals(signo).name)
         stop_asked.append(signo)
-        if waiting:
-            raise _StopStarting()
 
     signal.signal(signal.SIGHUP, reopen)
     if cfg.processes == 2:
@@ -482,21 +480,28 @@ def _serve(cfg, insecure):
                     "cannot load TLS files (cert {}, key {}, CA {}): {}"
                     .format(cfg.cert_file, cfg.key_file, cfg.ca_file, e))
         if cfg.processes == 2:
+            if stop_asked:
+                # Not even forked: nothing to reconcile for nothing.
+                _log_stop_asked(stop_asked)
+                listener.close()
+                return EXIT_OK
             # The back end (hop.py) opens the journal and reconciles; we
             # serve once it says it is ready.
             back = hop.start_back(cfg, close_in_back=(listener,),
                                   on_lost=back_lost)
             if hup_early:
                 back.signal(signal.SIGHUP)
-            ready = None    # not known: a signal came first
+            wake_r, wake_w = socket.socketpair()
             try:
-                waiting.append(True)
-                if not stop_asked:
-                    ready = back.wait_ready()
-            except _StopStarting:
-                pass
+                wake_r.setblocking(False)
+                wake_w.setblocking(False)
+                signal.set_wakeup_fd(wake_w.fileno(),
+                                     warn_on_full_buffer=False)
+                ready = back.wait_ready(wake_r, lambda: bool(stop_asked))
             finally:
-                waiting.clear()
+                signal.set_wakeup_fd(-1)
+                wake_r.close()
+                wake_w.close()
             if ready is False:      # ended by itself: its code, not ours
                 listener.close()
                 code = back.exit_code()
@@ -504,6 +509,7 @@ def _serve(cfg, insecure):
                           back.pid, "exit status {}".format(code))
                 return code if code else EXIT_FAILED
             if stop_asked:
+                _log_stop_asked(stop_asked)
                 return _stop_starting(cfg, listener, back)
             service = hop.Proxy(back.client, cfg)
         else:
@@ -564,8 +570,9 @@ def _serve(cfg, insecure):
     return 0
 
 
-class _StopStarting(Exception):
-    """SIGTERM or SIGINT while the front end waits for its back end."""
+def _log_stop_asked(signals):
+    log.info("Received %s before serving: stopping",
+             signal.Signals(signals[0]).name)
 
 
 def _stop_starting(cfg, listener, back):
@@ -677,9 +684,20 @@ class _ConnectorInfo:
     def _start(self):
         with self._lock:
             if self._running is None:
-                self._running = threading.Event()
-                threading.Thread(target=self._run, args=(self._running,),
-                                 name="connector-info", daemon=True).start()
+                running = threading.Event()
+                try:
+                    threading.Thread(target=self._run, args=(running,),
+                                     name="connector-info",
+                                     daemon=True).start()
+                except RuntimeError as e:
+                    # No thread now (TasksMax...): the last value, and
+                    # the next call tries again (not a fetch "running"
+                    # for good).
+                    log.warning("Cannot start a connector info fetch: %s",
+                                e)
+                    running.set()
+                    return running
+                self._running = running
             return self._running
 
     def _run(self, done):

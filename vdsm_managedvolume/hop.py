@@ -190,7 +190,7 @@ def raise_error(info):
         e = cls.__new__(cls)
         BaseException.__init__(e, message)
     except Exception:
-        e = _Remote(message)
+        e = type(cls.__name__, (_Remote,), {"__module__": module})(message)
     raise e
 
 
@@ -254,6 +254,9 @@ class Client:
         # Called by a caller whose call the back's end cut, before it
         # raises BackEnded (BackProcess: to wait for the process's end).
         self.on_cut = None
+
+    def fileno(self):
+        return self._sock.fileno()
 
     def read_ready(self):
         """Wait for the back's ready message (before any call); its value,
@@ -447,9 +450,28 @@ class BackProcess:
                                         daemon=True)
         self._reaper.start()
 
-    def wait_ready(self):
+    def wait_ready(self, wake=None, stopped=None):
         """True once the back reconciled and serves; False when it ended
-        before (its exit status is ``exit_code()``)."""
+        before (its exit status is ``exit_code()``); None when
+        ``stopped()`` became true first: it is asked before the wait and
+        whenever the socket ``wake`` (a signal's wakeup fd) is readable.
+        """
+        if wake is not None:
+            hop = self.client.fileno()
+            while True:
+                if stopped():
+                    return None
+                try:
+                    readable, _, _ = select.select([hop, wake], [], [])
+                except InterruptedError:
+                    continue
+                if hop in readable:
+                    break
+                try:
+                    while wake.recv(256):
+                        pass
+                except OSError:
+                    pass
         ready = self.client.read_ready() is not None
         with self._state:
             if ready and not self._ended.is_set():

@@ -10,6 +10,7 @@ import pytest
 from vdsm_managedvolume import __version__
 from vdsm_managedvolume import api
 from vdsm_managedvolume import errors
+from vdsm_managedvolume import log
 from vdsm_managedvolume import mask
 from vdsm_managedvolume import schema
 
@@ -508,6 +509,71 @@ def test_start_line_of_a_json_request_shows_what_masking_shows(value):
     args = {"vol_id": VOL_ID, "connection_info": value}
     assert str(api._Args(args, json=True)) == str(api._Args(args))
     assert "s3cret" not in str(api._Args(args, json=True))
+
+
+@pytest.mark.parametrize("value", [
+    {"driver_volume_type": "local", "data": {"device_path": "/dev/loop7"}},
+    ISCSI_CONNECTION,
+    {"driver_volume_type": "x", "data": {"url": "iscsi://u:s3cret@h/x"}},
+    ["auth_password", "s3cret"],
+    {"d": {"a": _LONG + " admin:s3cret" + "y" * 40 + "@10.0.0.1"}},
+    {"d": {"a": "y" * (mask.MAX_LOGGED_ARG + 1)}},
+    {"d": {"ſecret": "plain", "k": "AQ" + "B" * 36 + "=="}},
+    {"d": [1, 2.5, True, None, "tab\there", "\u202e"]},
+])
+def test_start_line_made_whole_is_the_one_args_shows_or_none(value):
+    # A line made whole (one scan) is what _Args's line would be,
+    # written as it is; anything to mask, escape or cut is left to it.
+    args = {"vol_id": VOL_ID, "connection_info": value, "sd_id": SD_ID}
+    line = api._start_line("ManagedVolume.attach_volume", args)
+    shown = "START ManagedVolume.attach_volume({})".format(
+        api._Args(args, json=True))
+    if line is None:
+        assert log.clean_line(shown) is None or any(
+            len(repr(v)) > mask.MAX_LOGGED_ARG for v in args.values())
+    else:
+        assert type(line) is log.Line and line == shown
+    if value is ISCSI_CONNECTION or "s3cret" in repr(value):
+        assert line is None
+
+
+def test_start_line_of_a_local_attach_is_made_whole():
+    args = {"vol_id": VOL_ID, "connection_info": {
+        "driver_volume_type": "local", "data": {"device_path": "/dev/x"}},
+        "sd_id": SD_ID}
+    assert api._start_line("ManagedVolume.attach_volume", args) == (
+        "START ManagedVolume.attach_volume(vol_id='{}', connection_info="
+        "{{'driver_volume_type': 'local', 'data': {{'device_path': "
+        "'/dev/x'}}}}, sd_id='{}')".format(VOL_ID, SD_ID))
+
+
+_EDGES = [True, False, None, 0, -1, 2.5, float("nan"), float("inf"),
+          float("-inf"), "", "x", "it's", 'say "hi"', {}, [], {"a": 1},
+          ["b"], "secre", "toke", "passw", "auth", "ke", "A", "one_ti",
+          "crede", "Q", "ey", "word", "ret", "en", "ntial", "_pass", "y"]
+
+
+def test_two_reprs_side_by_side_hold_no_marker_neither_holds():
+    # _start_line's one scan of the line stands for _Args's scan of the
+    # reprs joined without separators (and the line's).
+    for a in _EDGES:
+        for b in _EDGES:
+            ra, rb = repr(a), repr(b)
+            assert mask.plainly_clean(ra + rb) == (
+                mask.plainly_clean(ra) and mask.plainly_clean(rb)), (ra, rb)
+
+
+def test_finish_line_made_whole_only_of_plain_clean_values():
+    text = "FINISH %s ok vol_id=%s path=%s (%.3f s)"
+    line = api._finish_line(text, ("X.y", VOL_ID, "/dev/loop0", 0.0012))
+    assert type(line) is log.Line
+    assert line == "FINISH X.y ok vol_id={} path=/dev/loop0 (0.001 s)".format(
+        VOL_ID)
+    assert api._finish_line(text, ("X.y", VOL_ID, None, 1.0)) == (
+        "FINISH X.y ok vol_id={} path=None (1.000 s)".format(VOL_ID))
+    for odd in ("/dev/x?auth_password=s3cret", "/dev/\x1b", b"/dev/x",
+                ["/dev/x"]):
+        assert api._finish_line(text, ("X.y", VOL_ID, odd, 1.0)) is None
 
 
 def test_start_line_of_a_plain_json_request_masks_nothing(monkeypatch):

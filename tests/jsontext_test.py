@@ -88,7 +88,10 @@ DOCUMENTS = ['{"a": 1}', ' [1, 2.5, "x", null, true] \n', '', ' ', '{',
              '{"a": 1} x', '\ufeff{}', 'NaN', '[-Infinity]', '"\\ud800"',
              '1e400', '{"a":1,}', "'x'", '01', '-', '"\x00"',
              '[' * 100000 + ']' * 100000, b'{"a": 1}', b'\xef\xbb\xbf{}',
-             bytearray(b'[1]'), None, 5]
+             bytearray(b'[1]'), None, 5,
+             # Whitespace around a value, and what is not JSON's.
+             '\t{"a": 1}', '{"a": 1}\r\n', '\n[1]\t ', '[1]  x', ' x',
+             '\n', '1 2', '\u00a0{}', '{}\u00a0', '\x0b1', '"a" ']
 
 
 def _read(decode, document):

@@ -355,6 +355,7 @@ def _lines_of_a_call(logger):
         logger.info("with a line break %s", "a\nb")
         logger.info("a mapping %(a)s", {"a": "b"})
         logger.info("an object %s", ValueError("boom"))
+        logger.info(log.clean_line("made whole by its caller 100% (s)"))
     done = []
     t = threading.Thread(target=lambda: done.append(
         logger.info("from thread %s", "t")), name="operation-3")
@@ -402,13 +403,14 @@ def test_a_plain_line_is_written_as_logging_writes_it_without_a_record(
     finally:
         logging.getLogger().removeHandler(caller)
     slow = agent_logging.read_text().splitlines()
-    assert len(fast) == len(slow) == 9
+    assert len(fast) == len(slow) == 10
     assert [line[24:] for line in fast] == [line[24:] for line in slow]
     assert "[managedvolume.tests.fast] [flow=flow-7] Attached volume v-1 " \
         "path=/dev/loop7" in fast[0]
     assert "(operation-3)" in fast[-1]
     assert "auth_password=" + mask.MASK in fast[4]
     assert "a\\nb" in fast[5]
+    assert fast[8].endswith("[flow=flow-7] made whole by its caller 100% (s)")
     # logging's path through this package's loggers still finds the
     # caller, one frame past the logger's own.
     assert {f for f, _ in seen} == {"_lines_of_a_call", "<lambda>"}

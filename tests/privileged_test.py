@@ -1834,3 +1834,35 @@ def test_connector_properties_carry_my_ip(brick, cfg, monkeypatch):
     monkeypatch.setattr(cfg, "my_ip", "192.0.2.55")
     assert brick.connector_properties()["ip"] == "192.0.2.55"
 
+
+
+@pytest.mark.parametrize("value", [
+    ("1f", (1, "connect_volume", ({"driver_volume_type": "local", "data": {
+        "device_path": "/dev/loop0"}},), {})),
+    ("é", "\u202e", "日本", b"bytes", 2 ** 63, -2 ** 63, 1.5, None, True,
+     [], {}, {"k": ["v", {"n": "\U0001f600"}]}),
+    ("lone \udc80 surrogate", {"\udcff": "x"}),
+])
+def test_packer_packs_what_the_channel_packs(value):
+    import msgpack
+    channel = msgpack.Packer(use_bin_type=True,
+                             unicode_errors="surrogateescape")
+    packer = privileged._Packer()
+    assert packer.pack(value) == channel.pack(value)
+    # Again: a failed plain pack left nothing behind.
+    assert packer.pack(value) == channel.pack(value)
+
+
+@pytest.mark.parametrize("value", [
+    ("\ud800 not escapable",), (2 ** 64,), (object(),)])
+def test_packer_refuses_what_the_channel_refuses(value):
+    import msgpack
+    channel = msgpack.Packer(use_bin_type=True,
+                             unicode_errors="surrogateescape")
+    with pytest.raises(Exception) as expected:
+        channel.pack(value)
+    with pytest.raises(type(expected.value)):
+        privileged._Packer().pack(value)
+    with pytest.raises(errors.CannotSend):
+        privileged.check_sendable("connect", value)
+    privileged.check_sendable("connect", ("fine",))

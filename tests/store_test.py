@@ -115,6 +115,24 @@ def test_invalid_state_or_column_is_refused(db):
         db.update_volume(VOL, state="bogus")
     with pytest.raises(ValueError):
         db.update_volume(VOL, created="x")
+    assert db.get_volume(VOL)["state"] == "attaching"
+
+
+def test_the_schema_still_checks_states_for_other_writers(db):
+    # The store's writer does not evaluate the CHECK (it checks every
+    # state itself); the schema keeps it for vdsm, the tool, sqlite3.
+    db.add_volume(VOL, SD, CI)
+    db.update_volume(VOL, state="attached")
+    conn = sqlite3.connect(db.path)
+    try:
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            conn.execute("UPDATE volumes SET state = 'bogus'")
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            conn.execute("INSERT INTO volumes (vol_id, state) "
+                         "VALUES ('x', 'bogus')")
+    finally:
+        conn.close()
+    assert db.get_volume(VOL)["state"] == "attached"
 
 
 def test_volumes_are_sorted_and_filtered(db):

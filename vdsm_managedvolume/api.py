@@ -38,6 +38,7 @@ import time
 
 from . import __version__
 from . import errors
+from . import log as log_lines
 from . import mask
 from . import validate
 
@@ -368,7 +369,12 @@ def _call(name, fn, key, args, masked=True, masks=True, shown=None):
     start = time.monotonic()
     bound = _current.get()
     checked = bound is not None and bound.checked
-    log.info("START %s(%s)", name, _Args(args, checked))
+    if log.isEnabledFor(logging.INFO):
+        line = _start_line(name, args) if checked else None
+        if line is not None:
+            log.info(line)
+        else:
+            log.info("START %s(%s)", name, _Args(args, checked))
     try:
         if not checked:
             # vdsm parses and type-checks requests with its own schema
@@ -402,9 +408,15 @@ def _call(name, fn, key, args, masked=True, masks=True, shown=None):
     # line's arguments (the value itself may still be unmasked here).
     if shown is None:
         log.info("FINISH %s ok (%.3f s)", name, time.monotonic() - start)
-    else:
-        text, shown_args = shown(value)
-        log.info(text, name, *shown_args, time.monotonic() - start)
+    elif log.isEnabledFor(logging.INFO):
+        text, values = shown(value)
+        args = (name,) + values + (time.monotonic() - start,)
+        line = _finish_line(text, args)
+        if line is not None:
+            log.info(line)
+        else:
+            log.info(text, name, *_masked(values),
+                     time.monotonic() - start)
     log.debug("%s returned %s", name, value if masked else "<unmasked>")
     response = {"status": dict(DONE)}
     if key is not None:
@@ -412,34 +424,74 @@ def _call(name, fn, key, args, masked=True, masks=True, shown=None):
     return response
 
 
+def _start_line(name, args):
+    """A START line of arguments the schema bound (``_Args`` with
+    json), made here as ``_Args`` would show them when it can be
+    written as it is (``log.clean_line``): one scan of the whole line
+    (it holds each argument's repr whole: none longer than
+    mask.MAX_LOGGED_ARG, which would be cut), not one of the reprs and
+    then one of the line.  None otherwise: ``_Args`` decides, as
+    before.  Two reprs side by side hold no marker that neither holds
+    (a repr of a JSON value begins with a quote, a bracket, a digit,
+    "-", "T", "F", "N", "i" or "n" and no marker goes on with one of
+    those after a character such a repr ends with), so this line is
+    clean exactly when ``_Args``'s scan of the joined reprs and the
+    scan of its line both are."""
+    try:
+        texts = list(map(repr, args.values()))
+    except Exception:
+        return None     # _Args's line says what logging makes of it
+    for text in texts:
+        if len(text) > mask.MAX_LOGGED_ARG:
+            return None
+    return log_lines.clean_line("START {}({})".format(
+        name, ", ".join(map("{}={}".format, args, texts))))
+
+
+# The values a FINISH line made whole here may show: those the log's
+# short path writes as their text (log._PLAIN_TYPES).
+_PLAIN = frozenset((str, int, float, bool, type(None)))
+
+
+def _finish_line(text, args):
+    """The FINISH line ``text % args`` when every argument is a plain
+    value and the line can be written as it is (``log.clean_line``):
+    it holds each value's text whole, so none holds a marker and
+    ``_masked`` would return them as they are.  None otherwise."""
+    for arg in args:
+        if type(arg) not in _PLAIN:
+            return None
+    return log_lines.clean_line(text % args)
+
+
 def _attached(value):
     """An attach's FINISH line: where its device is (the service logs
-    the same at DEBUG only)."""
+    the same at DEBUG only); its values, as they are."""
     if not isinstance(value, dict):
         return "FINISH %s ok (%.3f s)", ()
     return ("FINISH %s ok vol_id=%s path=%s managed_path=%s (%.3f s)",
-            _masked(value, "vol_id", "path", "managed_path"))
+            (value.get("vol_id"), value.get("path"),
+             value.get("managed_path")))
 
 
 def _detached(value):
     """A detach's FINISH line: what it detached (the device's path and
     the state its record was in), or that nothing was attached
-    (``Service.detach_volume``'s outcome)."""
+    (``Service.detach_volume``'s outcome); its values, as they are."""
     if not isinstance(value, dict):
         return "FINISH %s ok (%.3f s)", ()
     if value.get("was") is None:
         return ("FINISH %s ok vol_id=%s not attached (%.3f s)",
-                _masked(value, "vol_id"))
+                (value.get("vol_id"),))
     return ("FINISH %s ok vol_id=%s path=%s was=%s (%.3f s)",
-            _masked(value, "vol_id", "path", "was"))
+            (value.get("vol_id"), value.get("path"), value.get("was")))
 
 
-def _masked(value, *keys):
-    """``value``'s ``keys`` as a FINISH line shows them, masked here:
+def _masked(values):
+    """A FINISH line's ``values`` as it shows them, masked here:
     inside vdsm no filter of ours masks its log lines' arguments (a
     path an adapter returned may hold a password's shape).  Nearly
     every value is plainly clean: ``mask_text`` returns it as it is."""
-    values = tuple(map(value.get, keys))
     texts = [v for v in values if isinstance(v, str)]
     # Joined by a newline, which no secret's marker holds: the whole is
     # plainly clean only when each value is (then mask_text returns each

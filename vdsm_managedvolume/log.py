@@ -227,6 +227,28 @@ class ContextFilter(logging.Filter):
 _PLAIN_TYPES = frozenset((str, int, float, bool, type(None)))
 
 
+class Line(str):
+    """A log line made whole by its caller and found plainly clean and
+    printable by ``clean_line``: logged alone (no arguments), it is
+    written as it is, neither the short path nor the filter scans it
+    again.  Made by ``clean_line`` only."""
+
+    __slots__ = ()
+
+
+def clean_line(text):
+    """``text`` as a ``Line`` when the filter would write it as it is
+    (ASCII, printable, no secret's marker: ``mask.plainly_clean``),
+    else None: the caller then logs it the usual way (a template and
+    its arguments, masked as each needs).  For a line whose arguments
+    its caller formats anyway (api.py's START and FINISH lines): one
+    scan of the whole line instead of one of the arguments, then one of
+    the line."""
+    if mask.plainly_clean(text) and text.isprintable():
+        return Line(text)
+    return None
+
+
 def _plain_line(record):
     """The record's line, when it is its final text already: the fast
     path taken by nearly every line (ids, paths, states, timings).
@@ -239,6 +261,8 @@ def _plain_line(record):
     (``mask.plainly_clean``), neither does any argument, so masking and
     escaping each argument, then the line, would change nothing.  None
     otherwise: the filter's full path decides."""
+    if type(record.msg) is Line and not record.args:
+        return str(record.msg)
     if type(record.msg) is not str:
         return None
     args = record.args
@@ -540,9 +564,13 @@ def _write_plain(logger, level, msg, args):
     ``_plain_line``) and that handler the only one; return whether it
     was written (False: nothing was done)."""
     handler = _handler_of(logger, level)
-    if handler is None or type(msg) is not str:
+    if handler is None:
         return False
-    if args:
+    if type(msg) is Line and not args:
+        line = msg      # clean_line scanned it
+    elif type(msg) is not str:
+        return False
+    elif args:
         for value in args:
             if type(value) not in _PLAIN_TYPES and \
                     not isinstance(value, mask.Masked):
@@ -551,10 +579,12 @@ def _write_plain(logger, level, msg, args):
             line = msg % args
         except Exception:
             return False
+        if not mask.plainly_clean(line) or not line.isprintable():
+            return False
     else:
         line = msg
-    if not mask.plainly_clean(line) or not line.isprintable():
-        return False
+        if not mask.plainly_clean(line) or not line.isprintable():
+            return False
     formatter = handler.formatter
     template, timed = _FAST_FORMATS[formatter._style._fmt]
     flow_id = printable(_flow_id.get())

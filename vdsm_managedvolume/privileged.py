@@ -524,6 +524,32 @@ def _process_name():
         else "python"
 
 
+class _Packer:
+    """msgpack as the channel packs (oslo_privsep.comm.Serializer: bin
+    type, str encoded as UTF-8 with surrogateescape), the common case
+    packed without the error handler.  Given one, msgpack encodes each
+    str through Python's codec call (a bytes object made per string);
+    without, by its own UTF-8 path: the same bytes for every str but
+    one holding a lone surrogate, which fails there (a ValueError) and
+    is packed again with it.  A failed pack leaves a packer empty
+    (msgpack resets its buffer), a packed one is reset by pack itself."""
+
+    __slots__ = ("_plain", "_escaping")
+
+    def __init__(self):
+        import msgpack
+        self._plain = msgpack.Packer(use_bin_type=True)
+        self._escaping = msgpack.Packer(use_bin_type=True,
+                                        unicode_errors="surrogateescape")
+
+    def pack(self, obj):
+        try:
+            return self._plain.pack(obj)
+        except Exception:
+            # The channel's packing decides (and raises as it would).
+            return self._escaping.pack(obj)
+
+
 # check_sendable's packer (msgpack.packb made one per call, with its
 # 1 MiB buffer), used under its lock.
 _sendable_lock = threading.Lock()
@@ -539,11 +565,7 @@ def check_sendable(operation, args):
     try:
         with _sendable_lock:
             if _sendable_packer is None:
-                import msgpack
-                _sendable_packer = msgpack.Packer(
-                    use_bin_type=True, unicode_errors="surrogateescape")
-            # A failed pack leaves the packer empty (msgpack resets its
-            # buffer), a packed one is reset by pack itself.
+                _sendable_packer = _Packer()
             _sendable_packer.pack(args)
     except (ValueError, TypeError, OverflowError) as e:
         raise errors.CannotSend(operation=operation, reason=mask.mask_text(
@@ -905,8 +927,7 @@ class _Channel:
         # Set by shutdown() (under _send_lock): nothing more is sent, and
         # a send's EPIPE can then only mean the daemon died.
         self._shut = False
-        self._packer = msgpack.Packer(use_bin_type=True,
-                                      unicode_errors="surrogateescape")
+        self._packer = _Packer()
         self._unpacker = msgpack.Unpacker(
             use_list=False, raw=False, strict_map_key=False,
             unicode_errors="surrogateescape",

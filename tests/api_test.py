@@ -587,3 +587,10 @@ def test_start_line_of_a_plain_json_request_masks_nothing(monkeypatch):
     assert str(api._Args(args, json=True)) == (
         "vol_id='{}', connection_info={{'driver_volume_type': 'local', "
         "'data': {{'device_path': '/dev/x'}}}}".format(VOL_ID))
+
+
+def test_a_finish_line_that_cannot_be_formatted_goes_the_old_way():
+    # (A value whose formatting raises: logging's own handling decides,
+    # as before the one-scan line, instead of the call failing.)
+    assert api._finish_line("FINISH %s ok n=%d (%.3f s)",
+                            ("attach_volume", "not a number", 0.1)) is None

@@ -461,7 +461,11 @@ def _finish_line(text, args):
     for arg in args:
         if type(arg) not in _PLAIN:
             return None
-    return log_lines.clean_line(text % args)
+    try:
+        line = text % args
+    except Exception:
+        return None     # logging's own handling decides, as before
+    return log_lines.clean_line(line)
 
 
 def _attached(value):

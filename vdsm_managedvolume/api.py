@@ -448,18 +448,14 @@ def _start_line(name, args):
         name, ", ".join(map("{}={}".format, args, texts))))
 
 
-# The values a FINISH line made whole here may show: those the log's
-# short path writes as their text (log._PLAIN_TYPES).
-_PLAIN = frozenset((str, int, float, bool, type(None)))
-
-
 def _finish_line(text, args):
     """The FINISH line ``text % args`` when every argument is a plain
     value and the line can be written as it is (``log.clean_line``):
     it holds each value's text whole, so none holds a marker and
     ``_masked`` would return them as they are.  None otherwise."""
     for arg in args:
-        if type(arg) not in _PLAIN:
+        # (Those the log's short path writes as their text.)
+        if type(arg) not in log_lines.PLAIN_TYPES:
             return None
     try:
         line = text % args

@@ -224,7 +224,14 @@ class ContextFilter(logging.Filter):
 # can only be in that text.  Exact types: a subclass may print something
 # else than its value (a dict subclass hiding its keys would keep its
 # secret values from the key check that mask.mask does on dicts).
-_PLAIN_TYPES = frozenset((str, int, float, bool, type(None)))
+PLAIN_TYPES = frozenset((str, int, float, bool, type(None)))
+
+
+def _as_is(text):
+    """Whether the filter would write ``text`` as it is: ASCII (where the
+    characters printable() escapes are exactly those isprintable()
+    refuses), printable, no secret's marker (``mask.plainly_clean``)."""
+    return mask.plainly_clean(text) and text.isprintable()
 
 
 class Line(str):
@@ -244,9 +251,7 @@ def clean_line(text):
     its caller formats anyway (api.py's START and FINISH lines): one
     scan of the whole line instead of one of the arguments, then one of
     the line."""
-    if mask.plainly_clean(text) and text.isprintable():
-        return Line(text)
-    return None
+    return Line(text) if _as_is(text) else None
 
 
 def _plain_line(record):
@@ -273,18 +278,14 @@ def _plain_line(record):
         if type(args) is not tuple:
             return None
         for value in args:
-            if type(value) not in _PLAIN_TYPES and \
+            if type(value) not in PLAIN_TYPES and \
                     not isinstance(value, mask.Masked):
                 return None
     try:
         line = record.getMessage()
     except Exception:
         return None
-    # plainly_clean: the line is ASCII, where the characters printable()
-    # escapes are exactly those isprintable() refuses.
-    if not mask.plainly_clean(line) or not line.isprintable():
-        return None
-    return line
+    return line if _as_is(line) else None
 
 
 def _masked_message(record):
@@ -568,22 +569,20 @@ def _write_plain(logger, level, msg, args):
         return False
     if type(msg) is Line and not args:
         line = msg      # clean_line scanned it
-    elif type(msg) is not str:
-        return False
-    elif args:
-        for value in args:
-            if type(value) not in _PLAIN_TYPES and \
-                    not isinstance(value, mask.Masked):
-                return False
-        try:
-            line = msg % args
-        except Exception:
-            return False
-        if not mask.plainly_clean(line) or not line.isprintable():
-            return False
     else:
+        if type(msg) is not str:
+            return False
         line = msg
-        if not mask.plainly_clean(line) or not line.isprintable():
+        if args:
+            for value in args:
+                if type(value) not in PLAIN_TYPES and \
+                        not isinstance(value, mask.Masked):
+                    return False
+            try:
+                line = msg % args
+            except Exception:
+                return False
+        if not _as_is(line):
             return False
     formatter = handler.formatter
     template, timed = _FAST_FORMATS[formatter._style._fmt]

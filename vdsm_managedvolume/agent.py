@@ -491,12 +491,8 @@ def _serve(cfg, insecure):
                                   on_lost=back_lost)
             if hup_early:
                 back.signal(signal.SIGHUP)
-            wake_r, wake_w = socket.socketpair()
+            wake_r, wake_w = hop.signal_wakeup()
             try:
-                wake_r.setblocking(False)
-                wake_w.setblocking(False)
-                signal.set_wakeup_fd(wake_w.fileno(),
-                                     warn_on_full_buffer=False)
                 ready = back.wait_ready(wake_r, lambda: bool(stop_asked))
             finally:
                 signal.set_wakeup_fd(-1)

@@ -467,11 +467,7 @@ class BackProcess:
                     continue
                 if hop in readable:
                     break
-                try:
-                    while wake.recv(256):
-                        pass
-                except OSError:
-                    pass
+                drain(wake)
         ready = self.client.read_ready() is not None
         with self._state:
             if ready and not self._ended.is_set():
@@ -557,6 +553,27 @@ class BackProcess:
         self.client.broken()
         if self._on_lost is not None:
             self._on_lost()
+
+
+def signal_wakeup():
+    """A socketpair whose write end is now the signals' wakeup fd
+    (``signal.set_wakeup_fd``), both ends non-blocking: a thread waiting
+    in select() on the read end wakes for every signal, wherever it
+    landed.  Returns (read end, write end)."""
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    return wake_r, wake_w
+
+
+def drain(wake_r):
+    """Read what the wakeup fd wrote (the read end is non-blocking)."""
+    try:
+        while wake_r.recv(256):
+            pass
+    except OSError:     # BlockingIOError: nothing more
+        pass
 
 
 def _describe(status):
@@ -653,10 +670,7 @@ def _back_main(cfg, sock, mask, parent):
     # A signal may land in any thread; the main thread, which runs the
     # handler, wakes on this socket (it would otherwise wait in a lock
     # that no signal interrupts).
-    wake_r, wake_w = socket.socketpair()
-    wake_r.setblocking(False)
-    wake_w.setblocking(False)
-    signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    wake_r, wake_w = signal_wakeup()
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     # PR_SET_CHILD_SUBREAPER is not inherited: the privsep daemon is ours.
     from . import privileged
@@ -675,10 +689,9 @@ def _back_main(cfg, sock, mask, parent):
     while not back.done.is_set():
         try:
             select.select([wake_r], [], [], 1.0)
-            while wake_r.recv(256):
-                pass
-        except (BlockingIOError, InterruptedError):
+        except InterruptedError:
             pass
+        drain(wake_r)
     return back.exit_code
 
 
